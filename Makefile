@@ -1,0 +1,28 @@
+# forage: the two quickstart commands are `make demo` and `make test` (see README.md).
+# Both install what is missing (apt), build, and run.
+
+GUEST_TARGET := x86_64-unknown-linux-gnu
+GUEST_OUT    := target/guest
+
+.PHONY: demo test deps build guest clean-data
+
+demo: deps build guest
+	bash scripts/demo.sh
+
+test: deps guest
+	bash scripts/test.sh
+
+deps:
+	bash scripts/deps.sh
+
+build:
+	cargo build --release --locked -p forage
+
+# Static guest binaries (agent, sample app) for the initramfs and app packages.
+guest:
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+	  cargo build --release --locked --target $(GUEST_TARGET) -p forage-agent -p hashsearch
+	mkdir -p $(GUEST_OUT)/apps/hashsearch
+	cp target/$(GUEST_TARGET)/release/forage-agent $(GUEST_OUT)/forage-agent
+	cp target/$(GUEST_TARGET)/release/hashsearch $(GUEST_OUT)/apps/hashsearch/hashsearch
+	cp apps/hashsearch/pkg/app.json $(GUEST_OUT)/apps/hashsearch/app.json

@@ -1,0 +1,166 @@
+//! The forage data directory: one root holding every artifact forage builds or keeps.
+//!
+//! The root is, in order of precedence: an explicit path (`--data-dir`), `$FORAGE_HOME`,
+//! `$XDG_DATA_HOME/forage`, `$HOME/.local/share/forage`. Layout (see `docs/data-dir.md`):
+//!
+//! ```text
+//! ROOT/
+//!   cache/debs/          Debian packages fetched with `apt-get download` (reused)
+//!   cache/extract/       their unpacked trees, one folder per package file
+//!   images/NAME/         guest images: image.json, vmlinuz, initrd.img, disk.raw
+//!   vms/NAME/            VMs run with `forage vm`: vm.json, run/ (live files), snapshot/
+//! ```
+//!
+//! Unix sockets (QMP) do not live here: their path length is limited to 107 bytes, so they
+//! go to a short per-user runtime directory (see [`DataDir::runtime_dir`]).
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("cannot find a data directory: set --data-dir, FORAGE_HOME or HOME")]
+    NoHome,
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid name {name:?}: use letters, digits, '-', '_' and '.', not starting with '.'")]
+    BadName { name: String },
+}
+
+/// The root of everything forage stores on this host.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// Resolve the data directory from an explicit path or the environment.
+    pub fn resolve(explicit: Option<&Path>) -> Result<Self, DataDirError> {
+        let root = if let Some(p) = explicit {
+            p.to_path_buf()
+        } else if let Some(p) = non_empty_env("FORAGE_HOME") {
+            PathBuf::from(p)
+        } else if let Some(p) = non_empty_env("XDG_DATA_HOME") {
+            PathBuf::from(p).join("forage")
+        } else if let Some(p) = non_empty_env("HOME") {
+            PathBuf::from(p).join(".local/share/forage")
+        } else {
+            return Err(DataDirError::NoHome);
+        };
+        Ok(Self { root })
+    }
+
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn deb_cache(&self) -> PathBuf {
+        self.root.join("cache/debs")
+    }
+
+    pub fn extract_cache(&self) -> PathBuf {
+        self.root.join("cache/extract")
+    }
+
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn image(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        Ok(self.images().join(checked_name(name)?))
+    }
+
+    pub fn vms(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    pub fn vm(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        Ok(self.vms().join(checked_name(name)?))
+    }
+
+    /// A short directory for unix sockets belonging to this data directory:
+    /// `$XDG_RUNTIME_DIR/forage/<hash of root>` or `/tmp/forage-<uid>/<hash of root>`.
+    pub fn runtime_dir(&self) -> PathBuf {
+        let base = match non_empty_env("XDG_RUNTIME_DIR") {
+            Some(d) => PathBuf::from(d).join("forage"),
+            None => std::env::temp_dir().join(format!("forage-{}", current_uid())),
+        };
+        let digest = Sha256::digest(self.root.as_os_str().as_encoded_bytes());
+        base.join(hex::encode(&digest[..6]))
+    }
+
+    /// Create `path` and its parents, naming it in the error.
+    pub fn ensure(path: &Path) -> Result<(), DataDirError> {
+        std::fs::create_dir_all(path).map_err(|source| DataDirError::Create {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Names of images and VMs become folder names: keep them plain.
+pub fn checked_name(name: &str) -> Result<&str, DataDirError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(DataDirError::BadName {
+            name: name.to_string(),
+        })
+    }
+}
+
+fn non_empty_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+fn current_uid() -> u32 {
+    // /proc/self is owned by the process's uid; avoids a libc dependency for one call.
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_plain() {
+        assert!(checked_name("tiny").is_ok());
+        assert!(checked_name("demo-1.2_x").is_ok());
+        for bad in ["", ".hidden", "a/b", "../x", "sp ace", &"x".repeat(65)] {
+            assert!(checked_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn layout_is_under_root() {
+        let d = DataDir::at("/srv/forage");
+        assert_eq!(d.image("tiny").unwrap(), Path::new("/srv/forage/images/tiny"));
+        assert_eq!(d.vm("a").unwrap(), Path::new("/srv/forage/vms/a"));
+        assert!(d.vm("../etc").is_err());
+    }
+
+    #[test]
+    fn runtime_dir_is_short_and_stable() {
+        let long = DataDir::at(format!("/tmp/{}", "x".repeat(200)));
+        let rt = long.runtime_dir();
+        assert!(rt.as_os_str().len() < 80, "{rt:?}");
+        assert_eq!(rt, long.runtime_dir());
+        assert_ne!(rt, DataDir::at("/other").runtime_dir());
+    }
+}

@@ -1,0 +1,28 @@
+#!/bin/busybox sh
+# forage tiny guest: PID 1. Mounts the basics, loads the virtio modules, brings up the
+# user-mode network, mounts the data disk, starts the agent and any installed apps,
+# prints a heartbeat, and announces readiness on the serial console.
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /data
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin HOME=/root
+for m in $(cat /etc/forage/modules); do
+  insmod "/lib/modules/$m.ko" || echo "forage-init: cannot load module $m"
+done
+ip link set lo up
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+mount -t ext4 -o discard /dev/vda /data || echo "forage-init: no data disk on /dev/vda"
+mkdir -p /data/apps
+/sbin/forage-agent 7000 >/run/agent.log 2>&1 &
+for start in /data/apps/*/start; do
+  [ -x "$start" ] || continue
+  app=${start%/start}
+  (cd "$app" && ./start >>"$app/log" 2>&1 &)
+done
+(n=0; while true; do n=$((n + 1)); echo "forage-tick $n"; sleep 1; done) &
+echo "FORAGE-READY"
+while true; do wait; sleep 60; done

@@ -1,0 +1,259 @@
+//! A small asynchronous QMP client (QEMU Machine Protocol) over a unix socket.
+//!
+//! ```text
+//! client                          QEMU
+//!   |<------------- {"QMP":{version,capabilities}}   greeting
+//!   | {"execute":"qmp_capabilities","id":0} ------->|
+//!   |<------------------------ {"return":{},"id":0} |
+//!   | {"execute":CMD,"arguments":{..},"id":N} ----->|
+//!   |<------ {"return":..,"id":N} | {"error":{class,desc},"id":N}
+//!   |<------ {"event":NAME,"data":{..},"timestamp":{..}}   at any time
+//! ```
+//!
+//! Written by hand (serde_json) rather than with the `qapi` crate: that crate's schema is
+//! newer than QEMU 7.2 and only passively maintained; forage needs a dozen commands.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, oneshot};
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum QmpError {
+    #[error("QMP socket {path} did not accept a connection within {waited:?}: {reason}")]
+    Connect {
+        path: PathBuf,
+        waited: Duration,
+        reason: String,
+    },
+    #[error("QMP socket {path}: QEMU closed the connection")]
+    Disconnected { path: PathBuf },
+    #[error("QMP socket {path}: {detail}")]
+    Protocol { path: PathBuf, detail: String },
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+}
+
+/// An asynchronous event sent by QEMU.
+#[derive(Debug, Clone)]
+pub struct QmpEvent {
+    pub name: String,
+    pub data: Value,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+
+pub struct Qmp {
+    path: PathBuf,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: broadcast::Sender<QmpEvent>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Qmp {
+    /// Connect to `path`, retrying until `wait` has passed (QEMU creates the socket shortly
+    /// after it starts), read the greeting and enter command mode.
+    pub async fn connect(path: &Path, wait: Duration) -> Result<Self, QmpError> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() >= wait => {
+                    return Err(QmpError::Connect {
+                        path: path.to_path_buf(),
+                        waited: start.elapsed(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let greeting = lines.next_line().await.map_err(|e| QmpError::Protocol {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        match greeting.as_deref().map(serde_json::from_str::<Value>) {
+            Some(Ok(v)) if v.get("QMP").is_some() => {}
+            other => {
+                return Err(QmpError::Protocol {
+                    path: path.to_path_buf(),
+                    detail: format!("expected a QMP greeting, got {other:?}"),
+                })
+            }
+        }
+        let pending: Pending = Arc::default();
+        let (events, _) = broadcast::channel(256);
+        let reader = tokio::spawn(read_loop(lines, pending.clone(), events.clone(), path.to_path_buf()));
+        let qmp = Self {
+            path: path.to_path_buf(),
+            writer: tokio::sync::Mutex::new(write),
+            pending,
+            next_id: AtomicU64::new(0),
+            events,
+            reader,
+        };
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Subscribe to events sent from now on.
+    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
+        self.events.subscribe()
+    }
+
+    /// Run one command and return its `return` value.
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending map").insert(id, tx);
+        let mut line = msg.to_string();
+        line.push('\n');
+        let sent = self.writer.lock().await.write_all(line.as_bytes()).await;
+        if sent.is_err() {
+            self.pending.lock().expect("pending map").remove(&id);
+            return Err(self.disconnected());
+        }
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
+                command: command.to_string(),
+                class,
+                desc,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.disconnected()),
+        }
+    }
+
+    fn disconnected(&self) -> QmpError {
+        QmpError::Disconnected {
+            path: self.path.clone(),
+        }
+    }
+}
+
+async fn read_loop(
+    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    pending: Pending,
+    events: broadcast::Sender<QmpEvent>,
+    path: PathBuf,
+) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            tracing::warn!(socket = %path.display(), %line, "unreadable QMP message");
+            continue;
+        };
+        if let Some(name) = v.get("event").and_then(Value::as_str) {
+            tracing::debug!(event = name, data = %v["data"], "QMP event");
+            let _ = events.send(QmpEvent {
+                name: name.to_string(),
+                data: v.get("data").cloned().unwrap_or(Value::Null),
+            });
+            continue;
+        }
+        let Some(id) = v.get("id").and_then(Value::as_u64) else {
+            continue;
+        };
+        let Some(tx) = pending.lock().expect("pending map").remove(&id) else {
+            continue;
+        };
+        let result = if let Some(r) = v.get("return") {
+            Ok(r.clone())
+        } else {
+            let err = &v["error"];
+            Err(QmpError::Command {
+                command: String::new(),
+                class: err["class"].as_str().unwrap_or("?").to_string(),
+                desc: err["desc"].as_str().unwrap_or("?").to_string(),
+            })
+        };
+        let _ = tx.send(result);
+    }
+    // Connection gone: fail whatever still waits.
+    for (_, tx) in pending.lock().expect("pending map").drain() {
+        let _ = tx.send(Err(QmpError::Disconnected { path: path.clone() }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU that greets, answers each command by name, and emits one event.
+    async fn fake_qemu(listener: UnixListener) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (r, mut w) = stream.into_split();
+        w.write_all(b"{\"QMP\":{\"version\":{},\"capabilities\":[]}}\n").await.unwrap();
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let id = v["id"].clone();
+            let reply = match v["execute"].as_str().unwrap() {
+                "query-status" => {
+                    w.write_all(b"{\"event\":\"STOP\",\"data\":{},\"timestamp\":{}}\n").await.unwrap();
+                    json!({"return": {"status": "paused"}, "id": id})
+                }
+                "bogus" => json!({"error": {"class": "CommandNotFound", "desc": "no bogus"}, "id": id}),
+                "quit" => return,
+                _ => json!({"return": {}, "id": id}),
+            };
+            w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_errors_events_and_disconnect() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(fake_qemu(listener));
+        let qmp = Qmp::connect(&sock, Duration::from_secs(2)).await.unwrap();
+        let mut events = qmp.events();
+        let status = qmp.execute("query-status", None).await.unwrap();
+        assert_eq!(status["status"], "paused");
+        assert_eq!(events.recv().await.unwrap().name, "STOP");
+        match qmp.execute("bogus", None).await {
+            Err(QmpError::Command { command, class, .. }) => {
+                assert_eq!(command, "bogus");
+                assert_eq!(class, "CommandNotFound");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(qmp.execute("quit", None).await, Err(QmpError::Disconnected { .. })));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_times_out_with_its_path() {
+        let err = Qmp::connect(Path::new("/nonexistent/q.sock"), Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/q.sock"));
+    }
+}

@@ -1,0 +1,239 @@
+//! A saved VM on disk: guest RAM as a plain file, the disks, QEMU's device-state stream,
+//! and `snapshot.json` describing them. Format documented in `docs/vm-snapshot.md`.
+//!
+//! `snapshot.json` is written last (through a temporary name), so a folder without it is
+//! an interrupted save and is never taken for a snapshot.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::accel::Accel;
+use crate::spec::{PortForward, VmSpec};
+
+pub const SNAPSHOT_KIND: &str = "forage-vm-snapshot";
+/// Version of the snapshot layout written by this forage.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const MANIFEST_FILE: &str = "snapshot.json";
+pub const MEMORY_FILE: &str = "memory.raw";
+pub const STATE_FILE: &str = "state";
+
+/// QEMU migration stream header: "QEVM", version 3.
+const QEMU_STREAM_MAGIC: [u8; 8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotManifest {
+    pub kind: String,
+    pub format: u32,
+    /// The spec of the VM that was saved (its paths are those of that run).
+    pub spec: VmSpec,
+    pub hardware_fingerprint: String,
+    pub accel: Accel,
+    pub memory: FileRecord,
+    pub disks: Vec<FileRecord>,
+    pub state: StateRecord,
+    pub saved_at_unix: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRecord {
+    pub file: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateRecord {
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{dir} is not a saved VM (no {MANIFEST_FILE}; an interrupted save leaves none)")]
+    Missing { dir: PathBuf },
+    #[error("{path}: unreadable snapshot description: {detail}")]
+    BadManifest { path: PathBuf, detail: String },
+    #[error("{path}: snapshot format {found} is newer than this forage understands ({SNAPSHOT_FORMAT})")]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error("{path}: missing")]
+    FileMissing { path: PathBuf },
+    #[error("{path}: size is {found} bytes, the snapshot says {expected} (truncated or replaced)")]
+    WrongSize { path: PathBuf, found: u64, expected: u64 },
+    #[error("{path}: not a QEMU device-state stream (bad header)")]
+    NotAStateStream { path: PathBuf },
+    #[error("{path}: checksum does not match the snapshot (corrupted or from another VM)")]
+    StateChecksum { path: PathBuf },
+    #[error("{dir}: saved VM hardware ({saved}) differs from the VM to restore into ({wanted})")]
+    HardwareMismatch {
+        dir: PathBuf,
+        saved: String,
+        wanted: String,
+    },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A validated snapshot folder.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    dir: PathBuf,
+    manifest: SnapshotManifest,
+}
+
+impl Snapshot {
+    /// Open and check a snapshot: description, format version, file sizes, and the
+    /// device-state stream's header and checksum. Nothing is started.
+    pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
+        let mpath = dir.join(MANIFEST_FILE);
+        let text = match std::fs::read(&mpath) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SnapshotError::Missing { dir: dir.to_path_buf() })
+            }
+            Err(source) => return Err(SnapshotError::Io { path: mpath, source }),
+        };
+        let bad = |detail: String| SnapshotError::BadManifest {
+            path: mpath.clone(),
+            detail,
+        };
+        let raw: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        if raw["kind"] != SNAPSHOT_KIND {
+            return Err(bad(format!("kind is {}, expected {SNAPSHOT_KIND}", raw["kind"])));
+        }
+        let found = raw["format"].as_u64().unwrap_or(0) as u32;
+        if found > SNAPSHOT_FORMAT {
+            return Err(SnapshotError::NewerFormat { path: mpath, found });
+        }
+        let manifest: SnapshotManifest = serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
+        let snap = Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        };
+        snap.check_files()?;
+        Ok(snap)
+    }
+
+    fn check_files(&self) -> Result<(), SnapshotError> {
+        let m = &self.manifest;
+        if m.memory.size != m.spec.memory_bytes() {
+            return Err(SnapshotError::BadManifest {
+                path: self.dir.join(MANIFEST_FILE),
+                detail: format!(
+                    "memory file size {} does not match {} MiB of guest RAM",
+                    m.memory.size, m.spec.memory_mib
+                ),
+            });
+        }
+        for rec in std::iter::once(&m.memory).chain(&m.disks) {
+            check_size(&self.dir.join(&rec.file), rec.size)?;
+        }
+        let state = self.state_path();
+        check_size(&state, m.state.size)?;
+        let io = |source| SnapshotError::Io {
+            path: state.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&state).map_err(io)?;
+        let mut head = [0u8; 8];
+        if file.read_exact(&mut head).is_err() || head != QEMU_STREAM_MAGIC {
+            return Err(SnapshotError::NotAStateStream { path: state });
+        }
+        let mut hasher = Sha256::new_with_prefix(head);
+        std::io::copy(&mut file, &mut hasher).map_err(io)?;
+        if hex::encode(hasher.finalize()) != m.state.sha256 {
+            return Err(SnapshotError::StateChecksum { path: state });
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &SnapshotManifest {
+        &self.manifest
+    }
+
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.memory.file)
+    }
+
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        self.manifest.disks.iter().map(|d| self.dir.join(&d.file)).collect()
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.state.file)
+    }
+
+    /// The saved VM's spec moved to a new run: memory and disks in `run_dir`, the given
+    /// QMP socket, and host ports re-chosen by the caller (`forwards`, same guest ports).
+    pub fn relocated_spec(&self, run_dir: &Path, qmp_socket: &Path, forwards: Option<Vec<PortForward>>) -> VmSpec {
+        let mut spec = self.manifest.spec.clone();
+        spec.memory_file = run_dir.join(MEMORY_FILE);
+        for (i, disk) in spec.disks.iter_mut().enumerate() {
+            disk.path = run_dir.join(format!("disk{i}.raw"));
+        }
+        spec.serial_log = run_dir.join("serial.log");
+        spec.qmp_socket = qmp_socket.to_path_buf();
+        if let (Some(nic), Some(fw)) = (spec.nic.as_mut(), forwards) {
+            nic.forwards = fw;
+        }
+        spec
+    }
+
+    /// Refuse to restore into hardware different from what was saved.
+    pub fn check_hardware(&self, spec: &VmSpec) -> Result<(), SnapshotError> {
+        let wanted = spec.hardware_fingerprint();
+        if wanted != self.manifest.hardware_fingerprint {
+            return Err(SnapshotError::HardwareMismatch {
+                dir: self.dir.clone(),
+                saved: describe(&self.manifest.spec),
+                wanted: describe(spec),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn describe(spec: &VmSpec) -> String {
+    format!(
+        "{} {} vCPU {} MiB, {} disk(s)",
+        spec.machine,
+        spec.vcpus,
+        spec.memory_mib,
+        spec.disks.len()
+    )
+}
+
+fn check_size(path: &Path, expected: u64) -> Result<(), SnapshotError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == expected => Ok(()),
+        Ok(m) => Err(SnapshotError::WrongSize {
+            path: path.to_path_buf(),
+            found: m.len(),
+            expected,
+        }),
+        Err(_) => Err(SnapshotError::FileMissing {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}

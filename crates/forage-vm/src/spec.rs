@@ -1,0 +1,307 @@
+//! `VmSpec`: everything that describes one QEMU VM, and its QEMU command line.
+//!
+//! Guest RAM always lives in a plain file (`memory-backend-file`, `share=on`, RAMBlock id
+//! `ram0`) so that a save writes memory to that file and only a small device-state stream
+//! to a separate file (QEMU's `x-ignore-shared` capability).
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::accel::Accel;
+
+/// The RAMBlock id of guest memory; both sides of a save/restore must use it.
+pub const RAM_ID: &str = "ram0";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Used in logs and error messages.
+    pub name: String,
+    /// QEMU machine type, e.g. `pc`.
+    pub machine: String,
+    /// QEMU CPU model; `None` keeps QEMU's default, which migrates anywhere.
+    #[serde(default)]
+    pub cpu_model: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The file that holds guest RAM.
+    pub memory_file: PathBuf,
+    #[serde(default)]
+    pub boot: Option<DirectBoot>,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nic: Option<NicSpec>,
+    #[serde(default)]
+    pub balloon: Option<BalloonSpec>,
+    /// Where the guest's serial console is written.
+    pub serial_log: PathBuf,
+    /// QMP unix socket (at most 107 bytes of path).
+    pub qmp_socket: PathBuf,
+}
+
+/// Kernel + initramfs booted directly by QEMU (`-kernel`, `-initrd`, `-append`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// A raw image file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Pass guest discards (TRIM) down as holes in the file.
+    #[serde(default = "yes")]
+    pub discard: bool,
+}
+
+/// User-mode networking with TCP ports of the guest forwarded to the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub host_addr: Ipv4Addr,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonSpec {
+    /// The guest reports free pages, which QEMU punches out of the memory file.
+    pub free_page_reporting: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl VmSpec {
+    /// The full QEMU argument list (without the program name).
+    /// `incoming` adds `-S -incoming defer` for a restore.
+    pub fn qemu_args(&self, accel: Accel, incoming: bool) -> Vec<OsString> {
+        let mut a = Args::default();
+        a.pair("-name", format!("{},debug-threads=on", self.name));
+        a.flag("-nodefaults");
+        a.flag("-no-user-config");
+        a.pair("-display", "none");
+        a.pair(
+            "-machine",
+            format!("{},accel={},memory-backend={RAM_ID}", self.machine, accel),
+        );
+        if let Some(cpu) = &self.cpu_model {
+            a.pair("-cpu", cpu);
+        }
+        a.pair("-smp", self.vcpus.to_string());
+        a.pair("-m", format!("{}M", self.memory_mib));
+        let mut ram = OsString::from(format!(
+            "memory-backend-file,id={RAM_ID},size={}M,share=on,mem-path=",
+            self.memory_mib
+        ));
+        ram.push(escape_commas(self.memory_file.as_os_str()));
+        a.pair("-object", ram);
+        if let Some(boot) = &self.boot {
+            a.pair("-kernel", &boot.kernel);
+            a.pair("-initrd", &boot.initrd);
+            a.pair("-append", &boot.cmdline);
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            let discard = if disk.discard { "unmap" } else { "ignore" };
+            let mut file = OsString::from(format!(
+                "driver=file,node-name=disk{i}-file,discard={discard},read-only={},filename=",
+                on_off(disk.read_only)
+            ));
+            file.push(escape_commas(disk.path.as_os_str()));
+            a.pair("-blockdev", file);
+            a.pair(
+                "-blockdev",
+                format!(
+                    "driver=raw,node-name=disk{i},file=disk{i}-file,discard={discard},read-only={}",
+                    on_off(disk.read_only)
+                ),
+            );
+            a.pair(
+                "-device",
+                format!("virtio-blk-pci,drive=disk{i},id=vd{i},discard={}", on_off(disk.discard)),
+            );
+        }
+        if let Some(nic) = &self.nic {
+            let mut netdev = String::from("user,id=net0,restrict=off");
+            for f in &nic.forwards {
+                netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", f.host_addr, f.host_port, f.guest_port));
+            }
+            a.pair("-netdev", netdev);
+            a.pair("-device", "virtio-net-pci,netdev=net0,id=nic0,romfile=");
+        }
+        if let Some(b) = &self.balloon {
+            a.pair(
+                "-device",
+                format!(
+                    "virtio-balloon-pci,id=balloon0,free-page-reporting={}",
+                    on_off(b.free_page_reporting)
+                ),
+            );
+        }
+        let mut serial = OsString::from("file,id=serial0,path=");
+        serial.push(escape_commas(self.serial_log.as_os_str()));
+        a.pair("-chardev", serial);
+        a.pair("-serial", "chardev:serial0");
+        let mut qmp = OsString::from("socket,id=qmp0,server=on,wait=off,path=");
+        qmp.push(escape_commas(self.qmp_socket.as_os_str()));
+        a.pair("-chardev", qmp);
+        a.pair("-mon", "chardev=qmp0,mode=control");
+        if incoming {
+            a.flag("-S");
+            a.pair("-incoming", "defer");
+        }
+        a.0
+    }
+
+    /// A digest of what the guest can see of this VM: machine, CPU, memory size, devices.
+    /// A saved state only restores into a VM with the same hardware fingerprint; file
+    /// paths and host port numbers do not count.
+    pub fn hardware_fingerprint(&self) -> String {
+        let hw = serde_json::json!({
+            "machine": self.machine,
+            "cpu": self.cpu_model,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "direct_boot": self.boot.as_ref().map(|b| &b.cmdline),
+            "disks": self.disks.iter().map(|d| (d.read_only, d.discard)).collect::<Vec<_>>(),
+            "nic": self.nic.as_ref().map(|n| n.forwards.iter().map(|f| f.guest_port).collect::<Vec<_>>()),
+            "balloon": self.balloon.map(|b| b.free_page_reporting),
+        });
+        hex::encode(Sha256::digest(hw.to_string().as_bytes()))
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib * 1024 * 1024
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// QEMU option values separate keys with commas; a literal comma is written twice.
+fn escape_commas(s: &std::ffi::OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn flag(&mut self, f: &str) {
+        self.0.push(f.into());
+    }
+    fn pair(&mut self, k: &str, v: impl Into<OsString>) {
+        self.0.push(k.into());
+        self.0.push(v.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> VmSpec {
+        VmSpec {
+            name: "t".into(),
+            machine: "pc".into(),
+            cpu_model: None,
+            vcpus: 1,
+            memory_mib: 256,
+            memory_file: "/d/mem,ory.raw".into(),
+            boot: Some(DirectBoot {
+                kernel: "/i/vmlinuz".into(),
+                initrd: "/i/initrd.img".into(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            disks: vec![DiskSpec {
+                path: "/d/disk.raw".into(),
+                read_only: false,
+                discard: true,
+            }],
+            nic: Some(NicSpec {
+                forwards: vec![PortForward {
+                    host_addr: Ipv4Addr::LOCALHOST,
+                    host_port: 40000,
+                    guest_port: 8080,
+                }],
+            }),
+            balloon: Some(BalloonSpec {
+                free_page_reporting: true,
+            }),
+            serial_log: "/d/serial.log".into(),
+            qmp_socket: "/r/qmp.sock".into(),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn command_line_has_file_backed_ram_and_devices() {
+        let s = joined(&sample().qemu_args(Accel::Tcg, false));
+        assert!(s.contains("-machine pc,accel=tcg,memory-backend=ram0"));
+        assert!(s.contains("memory-backend-file,id=ram0,size=256M,share=on,mem-path=/d/mem,,ory.raw"));
+        assert!(s.contains("virtio-blk-pci,drive=disk0,id=vd0,discard=on"));
+        assert!(s.contains("discard=unmap"));
+        assert!(s.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));
+        assert!(s.contains("free-page-reporting=on"));
+        assert!(s.contains("-mon chardev=qmp0,mode=control"));
+        assert!(!s.contains("-incoming"));
+        let r = joined(&sample().qemu_args(Accel::Kvm, true));
+        assert!(r.contains("accel=kvm") && r.ends_with("-S -incoming defer"));
+    }
+
+    #[test]
+    fn fingerprint_ignores_paths_and_host_ports_but_not_hardware() {
+        let a = sample();
+        let mut b = sample();
+        b.memory_file = "/elsewhere/m".into();
+        b.nic.as_mut().unwrap().forwards[0].host_port = 41000;
+        assert_eq!(a.hardware_fingerprint(), b.hardware_fingerprint());
+        let mut c = sample();
+        c.memory_mib = 512;
+        assert_ne!(a.hardware_fingerprint(), c.hardware_fingerprint());
+    }
+
+    #[test]
+    fn spec_json_refuses_unknown_fields() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        assert_eq!(serde_json::from_value::<VmSpec>(v.clone()).unwrap(), sample());
+        v["memroy_mib"] = 3.into();
+        assert!(serde_json::from_value::<VmSpec>(v).is_err());
+    }
+}

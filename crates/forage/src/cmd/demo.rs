@@ -1,0 +1,145 @@
+//! `forage demo`: the quickstart. Builds (or reuses) the tiny guest, boots it, installs the
+//! sample service through the guest agent, asks it for a result, saves the VM (memory file
+//! + device state), kills QEMU, restores into a new QEMU, and shows that the guest carried
+//! on: the service's request counter and the serial heartbeat continue where they stopped.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use forage_agent::app::AppPackage;
+use forage_datadir::DataDir;
+use serde_json::json;
+
+use super::vm::{install, report_snapshot, restore_snapshot, VmPaths};
+use crate::cli::DemoArgs;
+use crate::service::{field, request};
+
+const VM_NAME: &str = "demo";
+
+pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
+    let say = |s: String| {
+        if !args.json {
+            println!("{s}");
+        }
+    };
+    let image = {
+        let data = data.clone();
+        let json = args.json;
+        tokio::task::spawn_blocking(move || super::ensure_image(&data, forage_image::TINY, json)).await??.image
+    };
+    let app_dir = match &args.app {
+        Some(d) => d.clone(),
+        None => forage_image::locate_guest_binary("apps/hashsearch")?,
+    };
+    let app = AppPackage::open(&app_dir)?;
+    let paths = VmPaths::new(data, VM_NAME)?;
+    let _ = std::fs::remove_dir_all(&paths.dir);
+    let accel = super::accel();
+
+    // 1. Boot.
+    let ready = image
+        .boot(VM_NAME, &paths.run, &[app.manifest().port], accel, Duration::from_secs(args.wait.ready_timeout_s))
+        .await
+        .context("booting the demo VM")?;
+    say(format!("1. booted the tiny guest ({accel}) in {:.2} s: ready marker on its serial console", ready.boot_time.as_secs_f64()));
+
+    // 2. Install the service and use it.
+    let t = Instant::now();
+    install(ready.agent_port, app.clone()).await?;
+    let install_s = t.elapsed().as_secs_f64();
+    let service = SocketAddr::from((Ipv4Addr::LOCALHOST, ready.ports[0]));
+    let t = Instant::now();
+    let first = blocking_request(service, "search forage-demo 16").await?;
+    let first_response_s = t.elapsed().as_secs_f64();
+    say(format!("2. installed {} through the guest agent in {install_s:.2} s; first answer in {first_response_s:.2} s:\n   {first}", app.manifest().name));
+    let served_before: u64 = field(&first, "served").unwrap_or("0").parse()?;
+
+    // 3. Let the heartbeat tick, then save.
+    let serial = ready.vm.spec().serial_log.clone();
+    wait_for_tick(&serial, 3, Duration::from_secs(60)).await?;
+    let mut vm = ready.vm;
+    let t = Instant::now();
+    let snap = vm.save(&paths.snapshot).await.context("saving the demo VM")?;
+    let save_s = t.elapsed().as_secs_f64();
+    let last_tick_before = last_tick(&serial).context("no heartbeat before the save")?;
+    if !args.json {
+        print!("3. ");
+        report_snapshot(VM_NAME, &snap, t.elapsed(), false);
+        println!("   QEMU has exited; the guest's last heartbeat was forage-tick {last_tick_before}");
+    }
+    drop(vm);
+
+    // 4. Restore into a new QEMU.
+    let t = Instant::now();
+    let vm = restore_snapshot(&snap, VM_NAME, &paths.run, accel).await?;
+    let restore_s = t.elapsed().as_secs_f64();
+    let ports = vm.spec().nic.as_ref().map(|n| n.forwards.clone()).unwrap_or_default();
+    let new_service = ports
+        .iter()
+        .find(|f| f.guest_port == app.manifest().port)
+        .map(|f| SocketAddr::from((Ipv4Addr::LOCALHOST, f.host_port)))
+        .context("restored VM has no service port")?;
+    let t = Instant::now();
+    let again = blocking_request(new_service, "search forage-demo-2 16").await?;
+    let restored_response_s = t.elapsed().as_secs_f64();
+    let served_after: u64 = field(&again, "served").unwrap_or("0").parse()?;
+    let first_tick_after = wait_for_tick(&vm.spec().serial_log, 1, Duration::from_secs(60)).await?;
+    say(format!(
+        "4. restored into a new QEMU (pid {}) in {restore_s:.2} s; service answered in {restored_response_s:.2} s:\n   {again}",
+        vm.pid()
+    ));
+
+    // 5. Proof.
+    let counter_ok = served_after == served_before + 1;
+    let tick_ok = first_tick_after > last_tick_before && first_tick_after <= last_tick_before + 2;
+    vm.shutdown().await?;
+    if args.json {
+        super::print_json(&json!({
+            "accel": accel, "boot_s": ready.boot_time.as_secs_f64(), "install_s": install_s,
+            "first_response_s": first_response_s, "save_s": save_s, "restore_s": restore_s,
+            "restored_response_s": restored_response_s, "served_before": served_before,
+            "served_after": served_after, "last_tick_before": last_tick_before,
+            "first_tick_after": first_tick_after, "state_survived": counter_ok && tick_ok,
+            "state_bytes": snap.manifest().state.size,
+        }));
+    } else {
+        println!("5. state survived: service counter {served_before} -> {served_after}, heartbeat forage-tick {last_tick_before} -> {first_tick_after} (a fresh boot would restart both at 1)");
+        println!("\n   boot {:.2} s | save {save_s:.2} s | restore {restore_s:.2} s | first response after restore {restored_response_s:.2} s", ready.boot_time.as_secs_f64());
+    }
+    if !(counter_ok && tick_ok) {
+        bail!("the restored guest did not carry on: counter {served_before} -> {served_after}, tick {last_tick_before} -> {first_tick_after}");
+    }
+    Ok(())
+}
+
+async fn blocking_request(addr: SocketAddr, line: &'static str) -> anyhow::Result<String> {
+    let answer = tokio::task::spawn_blocking(move || request(addr, line, Duration::from_secs(60))).await??;
+    if !answer.starts_with("ok") {
+        bail!("service at {addr} answered: {answer}");
+    }
+    Ok(answer)
+}
+
+/// The highest `forage-tick N` on the serial console.
+fn last_tick(serial: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(serial).ok()?;
+    text.lines().filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok()).max()
+}
+
+/// Wait until the heartbeat reaches at least `n`; returns the first tick seen.
+async fn wait_for_tick(serial: &Path, n: u64, wait: Duration) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        let ticks: Vec<u64> = text.lines().filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok()).collect();
+        if ticks.len() as u64 >= n {
+            return Ok(ticks[0]);
+        }
+        if start.elapsed() > wait {
+            bail!("no heartbeat on {} after {wait:?}", serial.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,55 @@
+//! Subcommand implementations.
+
+mod demo;
+mod image;
+mod vm;
+
+use anyhow::Context;
+use forage_datadir::DataDir;
+use forage_vm::Accel;
+
+use crate::cli::{Cli, Command};
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data = DataDir::resolve(cli.data_dir.as_deref())?;
+    match cli.command {
+        Command::Image(c) => image::run(&data, c).await,
+        Command::Vm(c) => vm::run(&data, c).await,
+        Command::Demo(a) => demo::run(&data, a).await,
+    }
+}
+
+/// The accelerator to use, with one warning line when it is TCG.
+pub fn accel() -> Accel {
+    let choice = forage_vm::accel::detect();
+    if let Some(why) = &choice.why_not_kvm {
+        eprintln!("warning: using TCG software emulation (slow), not KVM: {why}");
+    }
+    choice.accel
+}
+
+/// Build the tiny image if needed, printing what happened.
+pub fn ensure_image(data: &DataDir, name: &str, quiet: bool) -> anyhow::Result<forage_image::BuildOutcome> {
+    let agent = forage_image::locate_guest_binary("forage-agent")?;
+    let opts = forage_image::BuildOptions {
+        agent_binary: agent,
+        disk_mib: 64,
+        memory_mib: 256,
+        force: false,
+    };
+    let out = forage_image::build(data, name, &opts).with_context(|| format!("building image {name}"))?;
+    if !quiet {
+        eprintln!(
+            "image {name}: {} in {:.1} s ({})",
+            if out.cached { "cached" } else { "built" },
+            out.took.as_secs_f64(),
+            out.image.dir().display()
+        );
+    }
+    Ok(out)
+}
+
+/// Print `value` as one line of JSON.
+pub fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string(value).expect("serializable"));
+}
