@@ -191,6 +191,7 @@ impl GuestImage {
             }),
             serial_log: run.dir.join("serial.log"),
             qmp_socket: run.qmp_socket.clone(),
+            control_socket: Some(run.qmp_socket.with_extension("ctl")),
         };
         // The memory file must not exist yet: QEMU creates it at the configured size.
         let _ = std::fs::remove_file(&spec.memory_file);
@@ -307,7 +308,7 @@ pub fn build(data: &DataDir, name: &str, opts: &BuildOptions) -> Result<BuildOut
 
 /// The initramfs has no dynamic loader: refuse binaries that need one.
 fn check_static(path: &Path, data: &[u8]) -> Result<(), ImageError> {
-    use object::{Object, ObjectSection};
+    use object::Object;
     let file = object::File::parse(data).map_err(|e| ImageError::NotStatic {
         path: path.to_path_buf(),
         detail: format!("not an ELF executable: {e}"),

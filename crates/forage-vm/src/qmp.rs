@@ -52,6 +52,8 @@ pub struct QmpEvent {
     pub data: Value,
 }
 
+const GREETING_WAIT: Duration = Duration::from_secs(5);
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
 
 pub struct Qmp {
@@ -89,10 +91,17 @@ impl Qmp {
         };
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
-        let greeting = lines.next_line().await.map_err(|e| QmpError::Protocol {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        // QEMU greets one client at a time; others wait silently in the backlog.
+        let greeting = tokio::time::timeout(GREETING_WAIT, lines.next_line())
+            .await
+            .map_err(|_| QmpError::Protocol {
+                path: path.to_path_buf(),
+                detail: format!("no greeting within {GREETING_WAIT:?} (another client holds the socket?)"),
+            })?
+            .map_err(|e| QmpError::Protocol {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
         match greeting.as_deref().map(serde_json::from_str::<Value>) {
             Some(Ok(v)) if v.get("QMP").is_some() => {}
             other => {

@@ -186,6 +186,7 @@ impl Snapshot {
         }
         spec.serial_log = run_dir.join("serial.log");
         spec.qmp_socket = qmp_socket.to_path_buf();
+        spec.control_socket = Some(qmp_socket.with_extension("ctl"));
         if let (Some(nic), Some(fw)) = (spec.nic.as_mut(), forwards) {
             nic.forwards = fw;
         }

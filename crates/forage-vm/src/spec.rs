@@ -40,8 +40,12 @@ pub struct VmSpec {
     pub balloon: Option<BalloonSpec>,
     /// Where the guest's serial console is written.
     pub serial_log: PathBuf,
-    /// QMP unix socket (at most 107 bytes of path).
+    /// QMP unix socket of the process that supervises QEMU (at most 107 bytes of path).
     pub qmp_socket: PathBuf,
+    /// A second QMP socket for other processes (`forage vm save` from another terminal):
+    /// a QMP socket serves one client at a time.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Kernel + initramfs booted directly by QEMU (`-kernel`, `-initrd`, `-append`).
@@ -166,6 +170,12 @@ impl VmSpec {
         qmp.push(escape_commas(self.qmp_socket.as_os_str()));
         a.pair("-chardev", qmp);
         a.pair("-mon", "chardev=qmp0,mode=control");
+        if let Some(ctl) = &self.control_socket {
+            let mut c = OsString::from("socket,id=qmp1,server=on,wait=off,path=");
+            c.push(escape_commas(ctl.as_os_str()));
+            a.pair("-chardev", c);
+            a.pair("-mon", "chardev=qmp1,mode=control");
+        }
         if incoming {
             a.flag("-S");
             a.pair("-incoming", "defer");
@@ -263,6 +273,7 @@ mod tests {
             }),
             serial_log: "/d/serial.log".into(),
             qmp_socket: "/r/qmp.sock".into(),
+            control_socket: Some("/r/ctl.sock".into()),
         }
     }
 
@@ -280,6 +291,7 @@ mod tests {
         assert!(s.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));
         assert!(s.contains("free-page-reporting=on"));
         assert!(s.contains("-mon chardev=qmp0,mode=control"));
+        assert!(s.contains("path=/r/ctl.sock -mon chardev=qmp1,mode=control"));
         assert!(!s.contains("-incoming"));
         let r = joined(&sample().qemu_args(Accel::Kvm, true));
         assert!(r.contains("accel=kvm") && r.ends_with("-S -incoming defer"));

@@ -55,6 +55,9 @@ impl Vm {
         check_inputs(&spec)?;
         // A stale socket would let us talk to nobody; a stale serial log would show old output.
         let _ = std::fs::remove_file(&spec.qmp_socket);
+        if let Some(ctl) = &spec.control_socket {
+            let _ = std::fs::remove_file(ctl);
+        }
         if let Some(dir) = spec.qmp_socket.parent() {
             std::fs::create_dir_all(dir).map_err(|source| VmError::Io {
                 path: dir.to_path_buf(),
@@ -86,15 +89,16 @@ impl Vm {
         })
     }
 
-    /// Take control of a VM that another process started and supervises (its QMP socket
-    /// is in `spec`). Dropping the result leaves QEMU running.
+    /// Take control of a VM that another process started and supervises, through the
+    /// spec's control socket. Dropping the result leaves QEMU running.
     pub async fn attach(spec: VmSpec, accel: Accel, pid: u32, qemu_log: &Path) -> Result<Self, VmError> {
         let process = QemuProcess::attach(pid, qemu_log).ok_or_else(|| VmError::Exited {
             vm: spec.name.clone(),
             status: format!("pid {pid} is gone"),
             qemu_said: tail_lines(qemu_log, 5),
         })?;
-        let qmp = Qmp::connect(&spec.qmp_socket, Duration::from_secs(2)).await?;
+        let socket = spec.control_socket.clone().ok_or_else(|| VmError::NoControlSocket { vm: spec.name.clone() })?;
+        let qmp = Qmp::connect(&socket, Duration::from_secs(2)).await?;
         Ok(Self {
             spec,
             accel,
@@ -383,10 +387,10 @@ fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
     if let Some(missing) = needed.into_iter().find(|p| !p.exists()) {
         return Err(VmError::MissingInput { path: missing.clone() });
     }
-    if spec.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(VmError::SocketPathTooLong {
-            path: spec.qmp_socket.clone(),
-        });
+    for socket in std::iter::once(&spec.qmp_socket).chain(&spec.control_socket) {
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::SocketPathTooLong { path: socket.clone() });
+        }
     }
     Ok(())
 }

@@ -193,11 +193,14 @@ fn announce(r: &VmRecord, took: Duration, json: bool) {
 /// to stop (Ctrl-C, SIGTERM), in which case the VM is stopped.
 async fn supervise(vm: Vm, name: &str, paths: &VmPaths, json: bool) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let since = std::time::SystemTime::now();
     tokio::select! {
         status = vm.wait_exit() => {
             // A save writes the snapshot description just after QEMU exits.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let saved = paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE).exists();
+            let saved = std::fs::metadata(paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE))
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since);
             if json {
                 super::print_json(&json!({"event": "exited", "name": name, "saved": saved}));
             } else if saved {

@@ -1,0 +1,145 @@
+//! Shared by the integration tests: one tiny image per test binary, built from Debian
+//! packages into `target/tmp/forage-test-data` (cached across runs), and helpers to boot it.
+//!
+//! Set `FORAGE_SKIP_VM_TESTS=1` for a quick run without QEMU: the VM tests then return
+//! early and say so.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use forage_datadir::DataDir;
+use forage_image::{GuestImage, ReadyGuest, RunPaths};
+
+pub const READY: Duration = Duration::from_secs(180);
+
+pub fn skip_vm_tests() -> bool {
+    let skip = std::env::var("FORAGE_SKIP_VM_TESTS").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("FORAGE_SKIP_VM_TESTS=1: not booting a VM");
+    }
+    skip
+}
+
+pub fn data_dir() -> DataDir {
+    DataDir::at(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("forage-test-data"))
+}
+
+/// The tiny image, built once per test binary.
+pub fn image() -> GuestImage {
+    static IMAGE: OnceLock<GuestImage> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let opts = forage_image::BuildOptions {
+                agent_binary: forage_image::locate_guest_binary("forage-agent").expect("run `make guest` first"),
+                disk_mib: 64,
+                memory_mib: 256,
+                force: false,
+            };
+            forage_image::build(&data_dir(), forage_image::TINY, &opts).expect("image builds").image
+        })
+        .clone()
+}
+
+pub fn sample_app() -> forage_agent::app::AppPackage {
+    let dir = forage_image::locate_guest_binary("apps/hashsearch").expect("run `make guest` first");
+    forage_agent::app::AppPackage::open(&dir).unwrap()
+}
+
+/// A run folder for one test, with a short socket path.
+pub fn run_paths(test: &str) -> RunPaths {
+    let dir = data_dir().vms().join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    RunPaths {
+        dir: dir.join("run"),
+        qmp_socket: data_dir().runtime_dir().join(format!("{test}.qmp")),
+    }
+}
+
+pub async fn boot(test: &str, guest_ports: &[u16]) -> (ReadyGuest, RunPaths) {
+    let run = run_paths(test);
+    let accel = forage_vm::accel::detect().accel;
+    let g = image().boot(test, &run, guest_ports, accel, READY).await.expect("guest boots");
+    (g, run)
+}
+
+/// One request line to a service, retried until it answers.
+pub fn request(port: u16, line: &str) -> String {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let start = Instant::now();
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            s.write_all(format!("{line}\n").as_bytes())?;
+            let mut a = String::new();
+            BufReader::new(s).read_line(&mut a)?;
+            if a.is_empty() {
+                return Err(std::io::Error::other("closed"));
+            }
+            Ok(a.trim().to_string())
+        })();
+        match attempt {
+            Ok(a) => return a,
+            Err(e) if start.elapsed() > Duration::from_secs(60) => panic!("service on port {port}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+pub fn field(answer: &str, key: &str) -> u64 {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {answer:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// The heartbeat numbers on a serial console.
+pub fn ticks(serial: &Path) -> Vec<u64> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok())
+        .collect()
+}
+
+pub async fn wait_ticks(serial: &Path, n: usize) -> Vec<u64> {
+    let start = Instant::now();
+    loop {
+        let t = ticks(serial);
+        if t.len() >= n {
+            return t;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no heartbeat on {}", serial.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Is any QEMU process running whose command line mentions `needle`?
+pub fn qemu_running_with(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+        let cmd = String::from_utf8_lossy(&cmd);
+        !zombie && cmd.contains("qemu-system") && cmd.contains(needle)
+    })
+}
+
+/// Wait (briefly) for QEMU processes mentioning `needle` to be gone.
+pub async fn assert_no_qemu_with(needle: &str) {
+    for _ in 0..50 {
+        if !qemu_running_with(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("a QEMU for {needle} is still running");
+}
