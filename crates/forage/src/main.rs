@@ -9,13 +9,15 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    let default = if cli.verbose { "forage=debug,info" } else { "warn,forage=info,forage_vm=info,forage_image=info" };
+    // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
+    let default = if cli.verbose { "debug" } else { "warn,forage_image=info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
+        .without_time()
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(cmd::run(cli)) {

@@ -79,3 +79,25 @@ fn boot_save_restore_stop_from_the_command_line() {
     assert!(restored.wait().unwrap().success());
     assert!(forage(&["vm", "rm", "cli"]).status().unwrap().success());
 }
+
+#[test]
+fn qemu_dies_with_its_supervisor() {
+    if skip_vm_tests() {
+        return;
+    }
+    image();
+    let _ = forage(&["vm", "rm", "orphan"]).output();
+    let (mut boot, ev, _out) = start_supervised(&["vm", "boot", "orphan", "--json"]);
+    assert_eq!(ev["event"], "running", "{ev}");
+    let qemu_pid = ev["pid"].as_u64().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{qemu_pid}")).exists());
+    boot.kill().unwrap(); // SIGKILL: no cleanup code runs in forage
+    boot.wait().unwrap();
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let stat = std::fs::read_to_string(format!("/proc/{qemu_pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
+    });
+    assert!(gone, "QEMU {qemu_pid} outlived its supervisor");
+    let _ = forage(&["vm", "rm", "orphan"]).output();
+}
