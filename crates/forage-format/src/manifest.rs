@@ -1,0 +1,304 @@
+//! The overlay manifest: what base it applies to, the chunk map, the blob and segment
+//! tables, and statistics. Encoded as CBOR (self-describing: fields can be added without
+//! breaking older readers, which ignore them) and compressed with zstd.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkEntry, Space, CHUNK_SIZE};
+use crate::codec::{DeltaCodec, SegmentCodec};
+use crate::{FormatError, FORMAT_VERSION};
+
+/// Largest decompressed manifest accepted (about 10 million chunk entries).
+pub const MAX_MANIFEST_RAW: u64 = 256 << 20;
+/// Largest decompressed segment accepted.
+pub const MAX_SEGMENT_RAW: u64 = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub base: BaseRef,
+    pub disk_size: u64,
+    pub memory_size: u64,
+    pub chunk_size: u32,
+    /// Modified chunks of the launch VM, sorted by (space, index), each once.
+    pub chunks: Vec<ChunkEntry>,
+    pub blobs: Vec<Blob>,
+    pub segments: Vec<Segment>,
+    pub order: Order,
+    /// The launch VM's QEMU device state lives in this segment.
+    pub device_state: DeviceState,
+    /// The launch VM's description (a forage-vm `VmSpec`, opaque here).
+    pub vm: serde_json::Value,
+    #[serde(default)]
+    pub service: Option<Service>,
+    pub stats: Stats,
+    #[serde(default)]
+    pub created_unix: u64,
+    #[serde(default)]
+    pub creator: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    /// The base VM's digest: names it everywhere.
+    pub digest: String,
+    /// Its name where the overlay was built (informative).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub port: u16,
+    /// A request line whose answer shows the service works.
+    #[serde(default)]
+    pub probe: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    pub segment: u32,
+    pub offset: u32,
+    pub len: u32,
+    pub encoding: BlobEncoding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "as", rename_all = "lowercase")]
+pub enum BlobEncoding {
+    /// The chunk's 4096 bytes.
+    Raw,
+    /// A delta against base chunk `index` of `space`.
+    Delta { codec: DeltaCodec, space: Space, index: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentKind {
+    Chunks,
+    DeviceState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub kind: SegmentKind,
+    pub codec: SegmentCodec,
+    pub compressed_len: u64,
+    pub raw_len: u64,
+    /// SHA-256 of the compressed bytes, as they travel.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub segment: u32,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "lowercase")]
+pub enum Order {
+    /// Blobs in chunk order (memory, then disk).
+    Offset,
+    /// Blobs of chunks touched by a profiling resume before the first response come first.
+    Access { profiled_chunks: u64 },
+}
+
+/// What creation saw and produced, per stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub modified_disk_chunks: u64,
+    pub modified_memory_chunks: u64,
+    /// Chunks per reference kind (`zero`, `free`, `base_disk`, ...).
+    pub refs: BTreeMap<String, u64>,
+    /// Free chunks by where the knowledge came from (`trim`, `ext4`, `reported`).
+    #[serde(default)]
+    pub free_by_source: BTreeMap<String, u64>,
+    pub blobs_raw: u64,
+    pub blobs_delta: u64,
+    /// Bytes of modified state (modified chunks x 4 KiB).
+    pub modified_bytes: u64,
+    /// Bytes of unique blobs before deltas (blobs x 4 KiB).
+    pub dedup_bytes: u64,
+    /// Bytes of blob payloads after deltas.
+    pub delta_bytes: u64,
+    /// Bytes of segments after compression (chunk segments only).
+    pub compressed_bytes: u64,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut cbor = Vec::new();
+        ciborium::into_writer(self, &mut cbor).expect("manifest encodes");
+        zstd::bulk::compress(&cbor, 9).expect("zstd compresses in memory")
+    }
+
+    /// Decode and check a manifest (untrusted bytes).
+    pub fn decode(compressed: &[u8]) -> Result<Self, FormatError> {
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(compressed)
+            .and_then(|d| d.take(MAX_MANIFEST_RAW + 1).read_to_end(&mut raw))
+            .map_err(|e| FormatError::corrupt(format!("manifest compression: {e}")))?;
+        if raw.len() as u64 > MAX_MANIFEST_RAW {
+            return Err(FormatError::TooLarge {
+                what: "manifest".into(),
+                limit: MAX_MANIFEST_RAW,
+            });
+        }
+        let m: Manifest = ciborium::from_reader(&raw[..]).map_err(|e| FormatError::corrupt(format!("manifest: {e}")))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Every reference points inside its table, every blob inside its segment.
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let bad = |s: String| Err(FormatError::corrupt(format!("manifest: {s}")));
+        if self.format > FORMAT_VERSION {
+            return Err(FormatError::NewerFormat { found: self.format });
+        }
+        if self.chunk_size as usize != CHUNK_SIZE {
+            return bad(format!("chunk size {} (only {CHUNK_SIZE} is supported)", self.chunk_size));
+        }
+        let chunks_in = |space: Space| match space {
+            Space::Disk => self.disk_size.div_ceil(CHUNK_SIZE as u64),
+            Space::Memory => self.memory_size.div_ceil(CHUNK_SIZE as u64),
+        };
+        let mut last: Option<(Space, u64)> = None;
+        for c in &self.chunks {
+            if c.index >= chunks_in(c.space) {
+                return bad(format!("{} chunk {} is past the end", c.space.name(), c.index));
+            }
+            if last.is_some_and(|l| l >= (c.space, c.index)) {
+                return bad("chunk map is not sorted or repeats a chunk".into());
+            }
+            last = Some((c.space, c.index));
+            match c.reference {
+                crate::ChunkRef::BaseDisk(i) if i >= chunks_in(Space::Disk) => return bad(format!("base disk chunk {i} is past the end")),
+                crate::ChunkRef::BaseMemory(i) if i >= chunks_in(Space::Memory) => return bad(format!("base memory chunk {i} is past the end")),
+                r => {
+                    if let Some(b) = r.blob() {
+                        if b as usize >= self.blobs.len() {
+                            return bad(format!("blob {b} does not exist"));
+                        }
+                    }
+                }
+            }
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.raw_len > MAX_SEGMENT_RAW {
+                return Err(FormatError::TooLarge {
+                    what: format!("segment {i}"),
+                    limit: MAX_SEGMENT_RAW,
+                });
+            }
+            if s.compressed_len > MAX_SEGMENT_RAW * 2 {
+                return Err(FormatError::TooLarge {
+                    what: format!("compressed segment {i}"),
+                    limit: MAX_SEGMENT_RAW * 2,
+                });
+            }
+        }
+        for (i, b) in self.blobs.iter().enumerate() {
+            let Some(seg) = self.segments.get(b.segment as usize) else {
+                return bad(format!("blob {i} is in missing segment {}", b.segment));
+            };
+            if seg.kind != SegmentKind::Chunks || b.offset as u64 + b.len as u64 > seg.raw_len {
+                return bad(format!("blob {i} lies outside segment {}", b.segment));
+            }
+            match b.encoding {
+                BlobEncoding::Raw if b.len as usize != CHUNK_SIZE => return bad(format!("raw blob {i} is {} bytes", b.len)),
+                BlobEncoding::Delta { space, index, .. } if index >= chunks_in(space) => {
+                    return bad(format!("blob {i} deltas against a chunk past the end"))
+                }
+                _ => {}
+            }
+        }
+        match self.segments.get(self.device_state.segment as usize) {
+            Some(s) if s.kind == SegmentKind::DeviceState && s.raw_len == self.device_state.size => Ok(()),
+            _ => bad("device state segment is missing or the wrong size".into()),
+        }
+    }
+
+    /// Count of chunks per reference kind, from the chunk map itself.
+    pub fn ref_counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut m = BTreeMap::new();
+        for c in &self.chunks {
+            *m.entry(c.reference.kind()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Total bytes of segments (what travels after the manifest).
+    pub fn segments_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.compressed_len).sum()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ChunkRef;
+
+    pub fn sample() -> Manifest {
+        Manifest {
+            format: FORMAT_VERSION,
+            base: BaseRef {
+                digest: "ab".repeat(32),
+                name: "b".into(),
+            },
+            disk_size: 64 << 20,
+            memory_size: 256 << 20,
+            chunk_size: CHUNK_SIZE as u32,
+            chunks: vec![
+                ChunkEntry { space: Space::Disk, index: 1, reference: ChunkRef::New(0) },
+                ChunkEntry { space: Space::Disk, index: 5, reference: ChunkRef::Zero },
+                ChunkEntry { space: Space::Memory, index: 2, reference: ChunkRef::CrossSpace(0) },
+                ChunkEntry { space: Space::Memory, index: 3, reference: ChunkRef::BaseDisk(9) },
+            ],
+            blobs: vec![Blob { segment: 0, offset: 0, len: CHUNK_SIZE as u32, encoding: BlobEncoding::Raw }],
+            segments: vec![
+                Segment { kind: SegmentKind::Chunks, codec: SegmentCodec::Zstd { level: 3 }, compressed_len: 10, raw_len: CHUNK_SIZE as u64, sha256: String::new() },
+                Segment { kind: SegmentKind::DeviceState, codec: SegmentCodec::None, compressed_len: 4, raw_len: 4, sha256: String::new() },
+            ],
+            order: Order::Offset,
+            device_state: DeviceState { segment: 1, size: 4, sha256: String::new() },
+            vm: serde_json::json!({"memory_mib": 256}),
+            service: Some(Service { name: "s".into(), port: 8080, probe: None }),
+            stats: Stats::default(),
+            created_unix: 1,
+            creator: "test".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert_eq!(m.ref_counts()["cross_space"], 1);
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_refused() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+            ("past the end", Box::new(|m| m.chunks[0].index = 1 << 40)),
+            ("not sorted", Box::new(|m| m.chunks.swap(0, 1))),
+            ("blob 7", Box::new(|m| m.chunks[0].reference = ChunkRef::New(7))),
+            ("outside segment", Box::new(|m| m.blobs[0].offset = 1)),
+            ("device state", Box::new(|m| m.device_state.segment = 0)),
+            ("newer", Box::new(|m| m.format = 9)),
+            ("base disk chunk", Box::new(|m| m.chunks[3].reference = ChunkRef::BaseDisk(1 << 40))),
+        ];
+        for (want, edit) in cases {
+            let mut m = sample();
+            edit(&mut m);
+            let err = Manifest::decode(&m.encode()).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert!(Manifest::decode(b"not zstd").is_err());
+        assert!(Manifest::decode(&zstd::bulk::compress(b"\xa1\x61x", 1).unwrap()).is_err());
+    }
+}
