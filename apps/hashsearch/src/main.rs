@@ -8,7 +8,7 @@
 //! Protocol, one line each way:
 //! ```text
 //! search <text> <bits>   ->  ok nonce=<n> hash=<hex> served=<count> ms=<elapsed>
-//! count                  ->  ok served=<count>
+//! count                  ->  ok served=<count> preloaded=<bytes>
 //! anything else          ->  error <reason>
 //! ```
 
@@ -21,10 +21,22 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 const MAX_BITS: u32 = 28;
+static PRELOADED: AtomicU64 = AtomicU64::new(0);
 const MAX_LINE: u64 = 4096;
 
 fn main() {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let args: Vec<String> = std::env::args().collect();
+    let port: u16 = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(8080);
+    // `--preload FILE`: keep a data set in memory (as a real backend keeps its model).
+    let preloaded = match args.iter().position(|a| a == "--preload").and_then(|i| args.get(i + 1)) {
+        Some(path) => std::fs::read(path).unwrap_or_else(|e| {
+            eprintln!("hashsearch: cannot preload {path}: {e}");
+            std::process::exit(1);
+        }),
+        None => Vec::new(),
+    };
+    let preloaded: &'static [u8] = Box::leak(preloaded.into_boxed_slice());
+    PRELOADED.store(preloaded.len() as u64, Ordering::SeqCst);
     let listener = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
         eprintln!("hashsearch: cannot listen on port {port}: {e}");
         std::process::exit(1);
@@ -55,7 +67,7 @@ fn serve(conn: TcpStream, served: &AtomicU64) -> std::io::Result<()> {
 fn answer(line: &str, served: &AtomicU64) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["count"] => format!("ok served={}", served.load(Ordering::SeqCst)),
+        ["count"] => format!("ok served={} preloaded={}", served.load(Ordering::SeqCst), PRELOADED.load(Ordering::SeqCst)),
         ["search", text, bits] => match bits.parse::<u32>() {
             Ok(bits) if bits <= MAX_BITS => {
                 let start = Instant::now();
@@ -118,9 +130,9 @@ mod tests {
     fn answers_count_requests_and_refuse_nonsense() {
         let served = AtomicU64::new(0);
         assert!(answer("search abc 4", &served).contains("served=1"));
-        assert_eq!(answer("count", &served), "ok served=1");
+        assert_eq!(answer("count", &served), "ok served=1 preloaded=0");
         assert!(answer("search abc 99", &served).starts_with("error"));
         assert!(answer("frobnicate", &served).starts_with("error"));
-        assert_eq!(answer("count", &served), "ok served=1");
+        assert!(answer("count", &served).starts_with("ok served=1 "));
     }
 }

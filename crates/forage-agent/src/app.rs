@@ -4,7 +4,8 @@
 //! ```json
 //! { "format": 1, "name": "hashsearch", "port": 8080, "start": ["./hashsearch", "8080"] }
 //! ```
-//! Optional `"install": ["./setup.sh"]` runs once, in the app folder, before the start.
+//! Optional `"install": ["./setup.sh"]` runs once, in the app folder, before the start;
+//! optional `"probe": "count"` is a request line whose answer shows the service works.
 //! Files land in `/data/apps/NAME/`; a generated `start` script there runs the `start`
 //! command (the guest's init starts it again at every cold boot); output goes to `log`.
 
@@ -31,6 +32,9 @@ pub struct AppManifest {
     pub start: Vec<String>,
     #[serde(default)]
     pub install: Option<Vec<String>>,
+    /// A request line whose one-line answer shows the service works (first response).
+    #[serde(default)]
+    pub probe: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,8 @@
 //!   cache/debs/          Debian packages fetched with `apt-get download` (reused)
 //!   cache/extract/       their unpacked trees, one folder per package file
 //!   images/NAME/         guest images: image.json, vmlinuz, initrd.img, disk.raw
+//!   bases/NAME/          base VMs: base.json, snapshot/, index.bin
+//!   work/                scratch for launch VMs and profiling runs
 //!   vms/NAME/            VMs run with `forage vm`: vm.json, run/ (live files), snapshot/
 //! ```
 //!
@@ -77,6 +79,19 @@ impl DataDir {
 
     pub fn image(&self, name: &str) -> Result<PathBuf, DataDirError> {
         Ok(self.images().join(checked_name(name)?))
+    }
+
+    pub fn bases(&self) -> PathBuf {
+        self.root.join("bases")
+    }
+
+    pub fn base(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        Ok(self.bases().join(checked_name(name)?))
+    }
+
+    /// Scratch space for work in progress (launch VMs, profiling runs).
+    pub fn work(&self) -> PathBuf {
+        self.root.join("work")
     }
 
     pub fn vms(&self) -> PathBuf {

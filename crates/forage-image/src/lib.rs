@@ -182,6 +182,7 @@ impl GuestImage {
             }),
             disks: vec![DiskSpec {
                 path: disk,
+                format: forage_vm::DiskFormat::Raw,
                 read_only: false,
                 discard: true,
             }],

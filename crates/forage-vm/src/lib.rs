@@ -19,7 +19,8 @@ use std::path::PathBuf;
 
 pub use accel::{Accel, AccelChoice};
 pub use snapshot::{Snapshot, SnapshotError};
-pub use spec::{BalloonSpec, DirectBoot, DiskSpec, NicSpec, PortForward, VmSpec};
+pub use spec::{BalloonSpec, DirectBoot, DiskFormat, DiskSpec, NicSpec, PortForward, VmSpec};
+pub use vm::RestoreOptions;
 pub use vm::Vm;
 
 /// Errors of starting and driving a VM.

@@ -193,6 +193,30 @@ impl Snapshot {
         spec
     }
 
+    /// Replace disk `i` with the raw image `raw` (moved into the folder), e.g. a qcow2
+    /// layer flattened with `qemu-img convert`; the description is rewritten.
+    pub fn replace_disk_with_raw(&mut self, i: usize, raw: &Path) -> Result<(), SnapshotError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        let name = format!("disk{i}.raw");
+        let target = self.dir.join(&name);
+        let old = self.dir.join(&self.manifest.disks[i].file);
+        std::fs::rename(raw, &target).map_err(io(raw))?;
+        if old != target {
+            let _ = std::fs::remove_file(&old);
+        }
+        let size = std::fs::metadata(&target).map_err(io(&target))?.len();
+        self.manifest.disks[i] = FileRecord { file: name, size };
+        self.manifest.spec.disks[i].format = crate::spec::DiskFormat::Raw;
+        self.manifest.spec.disks[i].path = target.clone();
+        let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.manifest).expect("serializes")).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, self.dir.join(MANIFEST_FILE)).map_err(io(&tmp))?;
+        Ok(())
+    }
+
     /// Refuse to restore into hardware different from what was saved.
     pub fn check_hardware(&self, spec: &VmSpec) -> Result<(), SnapshotError> {
         let wanted = spec.hardware_fingerprint();

@@ -50,6 +50,52 @@ pub fn data_ranges(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(ranges)
 }
 
+/// Write `path` back and drop it from the page cache (`posix_fadvise DONTNEED`).
+pub fn evict_from_page_cache(path: &Path) -> io::Result<()> {
+    let f = File::open(path)?;
+    f.sync_all()?;
+    rustix::fs::fadvise(&f, 0, 0, rustix::fs::Advice::DontNeed)?; // length 0: to the end
+    Ok(())
+}
+
+/// Which 4 KiB pages of `path` are in the host page cache now (`mincore` on a read-only
+/// mapping). A page read by anyone since the last eviction is resident (read-ahead may
+/// bring in neighbours too).
+pub fn resident_pages(path: &Path) -> io::Result<Vec<bool>> {
+    let f = File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: a private read-only mapping of a file we opened; it is only passed to
+    // mincore, never dereferenced, and unmapped before returning.
+    unsafe {
+        let addr = rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ,
+            rustix::mm::MapFlags::SHARED,
+            &f,
+            0,
+        )?;
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        let r = libc_mincore(addr, len, &mut vec);
+        let _ = rustix::mm::munmap(addr, len);
+        r?;
+        Ok(vec.into_iter().map(|b| b & 1 == 1).collect())
+    }
+}
+
+unsafe fn libc_mincore(addr: *mut std::ffi::c_void, len: usize, vec: &mut [u8]) -> io::Result<()> {
+    extern "C" {
+        fn mincore(addr: *mut std::ffi::c_void, length: usize, vec: *mut u8) -> i32;
+    }
+    if mincore(addr, len, vec.as_mut_ptr()) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes of `path` that are allocated (not holes).
 pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -59,6 +105,20 @@ pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eviction_and_residency() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, vec![1u8; 64 * 4096]).unwrap();
+        evict_from_page_cache(&a).unwrap();
+        let f = File::open(&a).unwrap();
+        let mut buf = [0u8; 10];
+        f.read_exact_at(&mut buf, 40 * 4096).unwrap();
+        let res = resident_pages(&a).unwrap();
+        assert_eq!(res.len(), 64);
+        assert!(res[40], "the page just read is resident");
+    }
 
     #[test]
     fn holes_survive_and_data_is_identical() {

@@ -60,13 +60,33 @@ pub struct DirectBoot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// A raw image file.
+    /// The image file.
     pub path: PathBuf,
+    #[serde(default)]
+    pub format: DiskFormat,
     #[serde(default)]
     pub read_only: bool,
     /// Pass guest discards (TRIM) down as holes in the file.
     #[serde(default = "yes")]
     pub discard: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    /// A qcow2 layer (e.g. over a read-only raw base: the layer records every write).
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn driver(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// User-mode networking with TCP ports of the guest forwarded to the host.
@@ -136,7 +156,8 @@ impl VmSpec {
             a.pair(
                 "-blockdev",
                 format!(
-                    "driver=raw,node-name=disk{i},file=disk{i}-file,discard={discard},read-only={}",
+                    "driver={},node-name=disk{i},file=disk{i}-file,discard={discard},read-only={}",
+                    disk.format.driver(),
                     on_off(disk.read_only)
                 ),
             );
@@ -194,7 +215,8 @@ impl VmSpec {
             "memory_mib": self.memory_mib,
             "direct_boot": self.boot.as_ref().map(|b| &b.cmdline),
             "disks": self.disks.iter().map(|d| (d.read_only, d.discard)).collect::<Vec<_>>(),
-            "nic": self.nic.as_ref().map(|n| n.forwards.iter().map(|f| f.guest_port).collect::<Vec<_>>()),
+            // Port forwards live in the host's user-network stack, not in the guest.
+            "nic": self.nic.is_some(),
             "balloon": self.balloon.map(|b| b.free_page_reporting),
         });
         hex::encode(Sha256::digest(hw.to_string().as_bytes()))
@@ -258,6 +280,7 @@ mod tests {
             }),
             disks: vec![DiskSpec {
                 path: "/d/disk.raw".into(),
+                format: DiskFormat::Raw,
                 read_only: false,
                 discard: true,
             }],

@@ -35,6 +35,26 @@ const MIGRATION_WAIT: Duration = Duration::from_secs(300);
 /// Longest unix socket path (sun_path is 108 bytes including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// How to restore.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions {
+    /// Copy the snapshot's disks to the spec's disk paths (otherwise the caller prepared
+    /// them, e.g. a qcow2 layer over the snapshot's disk).
+    pub copy_disks: bool,
+    /// Drop the copied files from the host page cache before QEMU starts, so that what the
+    /// guest touches can be seen afterwards (access profiling with `mincore`).
+    pub evict_cache: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self {
+            copy_disks: true,
+            evict_cache: false,
+        }
+    }
+}
+
 /// A running QEMU VM.
 pub struct Vm {
     spec: VmSpec,
@@ -111,6 +131,17 @@ impl Vm {
     /// disks are copied from the snapshot, so the snapshot stays as it was. On any error
     /// QEMU is killed and the copies removed.
     pub async fn restore(snapshot: &Snapshot, spec: VmSpec, accel: Accel, qemu_log: &Path) -> Result<Self, RestoreError> {
+        Self::restore_with(snapshot, spec, accel, qemu_log, RestoreOptions::default()).await
+    }
+
+    /// [`restore`](Self::restore) with options.
+    pub async fn restore_with(
+        snapshot: &Snapshot,
+        spec: VmSpec,
+        accel: Accel,
+        qemu_log: &Path,
+        opts: RestoreOptions,
+    ) -> Result<Self, RestoreError> {
         snapshot.check_hardware(&spec)?;
         let saved_accel = snapshot.manifest().accel;
         if saved_accel != accel {
@@ -118,16 +149,21 @@ impl Vm {
         }
         let mut copies = Vec::new();
         let result = async {
-            let sources = std::iter::once(snapshot.memory_path()).chain(snapshot.disk_paths());
+            let disk_sources = if opts.copy_disks { snapshot.disk_paths() } else { Vec::new() };
+            let sources = std::iter::once(snapshot.memory_path()).chain(disk_sources);
             let targets = std::iter::once(spec.memory_file.clone()).chain(spec.disks.iter().map(|d| d.path.clone()));
             for (from, to) in sources.zip(targets) {
                 if from != to {
                     copies.push(to.clone());
-                    copy_sparse(&from, &to).map_err(|source| RestoreError::Copy {
+                    let copy_err = |source| RestoreError::Copy {
                         from: from.clone(),
                         to: to.clone(),
                         source,
-                    })?;
+                    };
+                    copy_sparse(&from, &to).map_err(copy_err)?;
+                    if opts.evict_cache {
+                        crate::sparse::evict_from_page_cache(&to).map_err(copy_err)?;
+                    }
                 }
             }
             let vm = Self::start(spec, accel, qemu_log, true).await?;
@@ -314,7 +350,7 @@ impl Vm {
         let memory = move_into(&self.spec.memory_file, &dir.join(MEMORY_FILE)).map_err(io(&self.spec.memory_file))?;
         let mut disks = Vec::new();
         for (i, disk) in self.spec.disks.iter().enumerate() {
-            let name = format!("disk{i}.raw");
+            let name = format!("disk{i}.{}", disk.format.driver());
             let size = move_into(&disk.path, &dir.join(&name)).map_err(io(&disk.path))?;
             disks.push(FileRecord { file: name, size });
         }

@@ -25,6 +25,12 @@ pub enum Command {
     /// Boot, save and restore VMs by hand
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Base VMs: the state a cloudlet already holds
+    #[command(subcommand)]
+    Base(BaseCommand),
+    /// VM overlays: a launch VM as a small difference against a base
+    #[command(subcommand)]
+    Overlay(OverlayCommand),
     /// The quickstart demo: build the tiny guest, boot it, install the sample service,
     /// save, restore, and show that the guest carried on
     Demo(DemoArgs),
@@ -56,6 +62,111 @@ pub enum ImageCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum BaseCommand {
+    /// Boot an image, let it settle, save it, and index its chunks
+    Create {
+        name: String,
+        #[arg(long, default_value = "tiny")]
+        image: String,
+        /// Seconds to let the guest settle before the save
+        #[arg(long, default_value_t = 5)]
+        settle_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List base VMs
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one base VM
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a base VM
+    Rm { name: String },
+    /// Write a base VM to a versioned, checksummed package
+    Export { name: String, file: PathBuf },
+    /// Import a base VM package (checked completely before it is used)
+    Import {
+        file: PathBuf,
+        /// Import under another name
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OverlayCommand {
+    /// Build a launch VM (base + app, running) and write its overlay
+    Create(OverlayCreateArgs),
+    /// Describe an overlay: base, reference kinds, bytes per stage, order
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an overlay end to end: manifest, every segment's checksum and compression
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the launch VM from an overlay and its base (resume it with `forage vm restore --from`)
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        base: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OverlayCreateArgs {
+    #[arg(long)]
+    pub base: String,
+    /// App folder (app.json + files) to install in the launch VM
+    #[arg(long, value_name = "DIR")]
+    pub app: PathBuf,
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub reduce: ReduceArgs,
+    /// Chunk order in the overlay: offset, or access (profiled resume up to the first response)
+    #[arg(long, default_value = "access", value_parser = ["offset", "access"])]
+    pub order: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReduceArgs {
+    /// Segment compression
+    #[arg(long, default_value = "lzma", value_parser = ["lzma", "zstd", "none"])]
+    pub codec: String,
+    /// Compression level (lzma 0-9, default 6; zstd 1-22, default 19)
+    #[arg(long)]
+    pub level: Option<i32>,
+    /// Per-chunk delta against the same-position base chunk
+    #[arg(long, default_value = "bsdiff", value_parser = ["bsdiff", "xor", "none"])]
+    pub delta: String,
+    /// Turn off deduplication (all five rules)
+    #[arg(long)]
+    pub no_dedup: bool,
+    /// Turn off the disk semantic gap (TRIM and ext4 free blocks)
+    #[arg(long)]
+    pub no_semantic_disk: bool,
+    /// Turn off the memory semantic gap (free page reporting)
+    #[arg(long)]
+    pub no_semantic_memory: bool,
+}
+
+#[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Boot a VM from an image and supervise it in the foreground (Ctrl-C stops it)
     Boot {
@@ -82,6 +193,9 @@ pub enum VmCommand {
     /// Restore a saved VM and supervise it in the foreground; the save is kept
     Restore {
         name: String,
+        /// Restore this snapshot folder (e.g. `forage overlay apply --out DIR`) as VM NAME
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
         #[command(flatten)]
         wait: WaitArgs,
         #[arg(long)]

@@ -1,7 +1,9 @@
 //! Subcommand implementations.
 
+mod base;
 mod demo;
 mod image;
+mod overlay;
 mod vm;
 
 use anyhow::Context;
@@ -15,6 +17,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Image(c) => image::run(&data, c).await,
         Command::Vm(c) => vm::run(&data, c).await,
+        Command::Base(c) => base::run(&data, c).await,
+        Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Demo(a) => demo::run(&data, a).await,
     }
 }

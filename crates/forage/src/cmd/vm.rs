@@ -102,7 +102,7 @@ pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
         VmCommand::Boot { name, image, app, wait, json } => boot(data, &name, &image, app.as_deref(), wait.ready_timeout_s, json).await,
         VmCommand::Save { name, force, json } => save(data, &name, force, json).await,
-        VmCommand::Restore { name, wait, json } => restore(data, &name, wait.ready_timeout_s, json).await,
+        VmCommand::Restore { name, from, wait, json } => restore(data, &name, from.as_deref(), wait.ready_timeout_s, json).await,
         VmCommand::Pause { name } => attached(data, &name).await?.pause().await.map_err(Into::into),
         VmCommand::Resume { name } => attached(data, &name).await?.resume().await.map_err(Into::into),
         VmCommand::Stop { name } => attached(data, &name).await?.shutdown().await.map_err(Into::into),
@@ -259,13 +259,27 @@ pub fn report_snapshot(name: &str, snap: &Snapshot, took: Duration, json: bool) 
     }
 }
 
-async fn restore(data: &DataDir, name: &str, ready_s: u64, json: bool) -> anyhow::Result<()> {
+async fn restore(data: &DataDir, name: &str, from: Option<&Path>, ready_s: u64, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
-    let mut record = paths.load()?;
+    let snap = Snapshot::open(from.unwrap_or(&paths.snapshot))?;
+    let mut record = match (paths.load(), from) {
+        (Ok(r), _) => r,
+        (Err(_), Some(_)) => {
+            // A VM new to this data directory: describe it from the snapshot.
+            std::fs::create_dir_all(&paths.dir).with_context(|| paths.dir.display().to_string())?;
+            let spec = snap.manifest().spec.clone();
+            let app = spec.nic.as_ref().and_then(|n| n.forwards.iter().find(|f| f.guest_port != forage_agent::AGENT_PORT)).map(|f| AppForward {
+                name: "service".into(),
+                guest_port: f.guest_port,
+                host_port: 0,
+            });
+            VmRecord { name: name.to_string(), image: "snapshot".into(), accel: snap.manifest().accel, pid: None, spec, agent_port: 0, app }
+        }
+        (Err(e), None) => return Err(e),
+    };
     if qemu_alive(record.pid) {
         bail!("VM {name} is running (pid {}); save or stop it first", record.pid.unwrap_or(0));
     }
-    let snap = Snapshot::open(&paths.snapshot)?;
     let t = Instant::now();
     let vm = restore_snapshot(&snap, name, &paths.run, super::accel()).await?;
     let took = t.elapsed();

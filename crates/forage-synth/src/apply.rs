@@ -1,0 +1,194 @@
+//! Applying an overlay to its base: rebuilds the launch VM as a forage-vm snapshot folder
+//! (memory.raw, disk0.raw, state, snapshot.json) that `forage vm restore` resumes.
+//!
+//! Streaming: the manifest first, then one segment at a time; the output folder is built
+//! as `.NAME.partial-PID` and renamed into place only when every segment checked out, so a
+//! truncated or corrupted overlay leaves nothing that looks complete.
+
+use std::fs::{File, OpenOptions};
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use forage_format::{BlobEncoding, ChunkRef, OverlayReader, SegmentKind, Space, CHUNK_SIZE};
+use forage_vm::snapshot::{FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE};
+use forage_vm::{Accel, Snapshot, VmSpec};
+use rustix::fs::FallocateFlags;
+use sha2::{Digest, Sha256};
+
+use crate::base::BaseVm;
+use crate::create::read_chunk;
+use crate::package::short;
+use crate::SynthError;
+
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    pub took: Duration,
+    /// Of which copying the base's files (synthesis with early start does not copy).
+    pub base_copy: Duration,
+    /// Bytes of launch VM state rebuilt (modified chunks x 4 KiB).
+    pub rebuilt_bytes: u64,
+    pub segments: usize,
+    pub free_chunks: u64,
+}
+
+/// Apply the overlay at `path` to `base`, creating the snapshot folder `out`.
+pub fn apply(path: &Path, base: &BaseVm, out: &Path, accel: Accel) -> Result<(Snapshot, ApplyReport), SynthError> {
+    if out.join(MANIFEST_FILE).exists() {
+        return Err(SynthError::Exists { what: "a launch VM".into(), path: out.to_path_buf() });
+    }
+    let file = File::open(path).map_err(|source| SynthError::Io { path: path.to_path_buf(), source })?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    let result = apply_into(BufReader::with_capacity(1 << 20, file), path, base, &partial, accel);
+    match result {
+        Ok(report) => {
+            let _ = std::fs::remove_dir_all(out);
+            std::fs::rename(&partial, out).map_err(|source| SynthError::Io { path: out.to_path_buf(), source })?;
+            Ok((Snapshot::open(out)?, report))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            Err(e)
+        }
+    }
+}
+
+/// Apply from any reader (a file, or bytes arriving over the network) into `dir`.
+pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &Path, accel: Accel) -> Result<ApplyReport, SynthError> {
+    let start = Instant::now();
+    let ov = |source| SynthError::Overlay { path: path.to_path_buf(), source };
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SynthError::Io { path: p, source }
+    };
+    let mut r = OverlayReader::open(reader).map_err(ov)?;
+    let m = r.manifest().clone();
+    if m.base.digest != base.digest() {
+        return Err(SynthError::WrongBase {
+            path: path.to_path_buf(),
+            wanted: short(&m.base.digest).into(),
+            wanted_name: m.base.name.clone(),
+            have: short(base.digest()).into(),
+            have_name: base.manifest().name.clone(),
+        });
+    }
+    if m.memory_size != base.manifest().memory_size || m.disk_size != base.manifest().disk_size {
+        return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "sizes differ from the base's".into() });
+    }
+    let mut spec: VmSpec = serde_json::from_value(m.vm["spec"].clone())
+        .map_err(|e| SynthError::BadFile { path: path.to_path_buf(), detail: format!("launch VM description: {e}") })?;
+    if spec.disks.len() != 1 {
+        return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "launch VM must have one disk".into() });
+    }
+    crate::DataDir::ensure(dir)?;
+    let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
+    forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;
+    forage_vm::sparse::copy_sparse(&base.disk_path(), &disk_out).map_err(io(&disk_out))?;
+    let base_copy = start.elapsed();
+    let outs = [open_rw(&mem_out)?, open_rw(&disk_out)?];
+    let bases = [File::open(base.memory_path()).map_err(io(&base.memory_path()))?, File::open(base.disk_path()).map_err(io(&base.disk_path()))?];
+    let slot = |s: Space| if s == Space::Memory { 0 } else { 1 };
+
+    // Chunks that need no segment; blob positions for the rest.
+    let mut positions: Vec<Vec<(Space, u64)>> = vec![Vec::new(); m.blobs.len()];
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut free_chunks = 0;
+    for c in &m.chunks {
+        let off = c.index * CHUNK_SIZE as u64;
+        let out = &outs[slot(c.space)];
+        match c.reference {
+            ChunkRef::Zero | ChunkRef::Free => {
+                free_chunks += (c.reference == ChunkRef::Free) as u64;
+                rustix::fs::fallocate(out, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, CHUNK_SIZE as u64)
+                    .map_err(|e| SynthError::Io { path: dir.to_path_buf(), source: e.into() })?;
+            }
+            ChunkRef::BaseDisk(i) | ChunkRef::BaseMemory(i) => {
+                let from = if matches!(c.reference, ChunkRef::BaseDisk(_)) { &bases[1] } else { &bases[0] };
+                read_chunk(from, i, &mut buf).map_err(io(base.dir()))?;
+                out.write_all_at(&buf, off).map_err(io(dir))?;
+            }
+            r => positions[r.blob().expect("blob ref") as usize].push((c.space, c.index)),
+        }
+    }
+    let mut by_segment: Vec<Vec<u32>> = vec![Vec::new(); m.segments.len()];
+    for (id, b) in m.blobs.iter().enumerate() {
+        by_segment[b.segment as usize].push(id as u32);
+    }
+
+    // Segments, as they come.
+    let mut state_written = false;
+    let mut segments = 0;
+    while let Some(seg) = r.next_segment().map_err(ov)? {
+        segments += 1;
+        if m.segments[seg.index].kind == SegmentKind::DeviceState {
+            if seg.index as u32 == m.device_state.segment {
+                if hex::encode(Sha256::digest(&seg.data)) != m.device_state.sha256 {
+                    return Err(ov(forage_format::FormatError::corrupt("device state fails its checksum")));
+                }
+                let p = dir.join(STATE_FILE);
+                std::fs::write(&p, &seg.data).map_err(io(&p))?;
+                state_written = true;
+            }
+            continue;
+        }
+        for &id in &by_segment[seg.index] {
+            let blob = &m.blobs[id as usize];
+            let payload = seg.blob(blob).map_err(ov)?;
+            let content: Vec<u8> = match blob.encoding {
+                BlobEncoding::Raw => payload.to_vec(),
+                BlobEncoding::Delta { codec, space, index } => {
+                    read_chunk(&bases[slot(space)], index, &mut buf).map_err(io(base.dir()))?;
+                    codec.decode(&buf, payload).map_err(ov)?
+                }
+            };
+            for &(space, index) in &positions[id as usize] {
+                outs[slot(space)].write_all_at(&content, index * CHUNK_SIZE as u64).map_err(io(dir))?;
+            }
+        }
+    }
+    r.finish().map_err(ov)?;
+    if !state_written {
+        return Err(ov(forage_format::FormatError::corrupt("no device state segment")));
+    }
+    for f in &outs {
+        f.sync_all().map_err(io(dir))?;
+    }
+
+    // Describe the result as a forage-vm snapshot.
+    spec.memory_file = mem_out.clone();
+    spec.disks[0].path = disk_out.clone();
+    spec.disks[0].format = forage_vm::DiskFormat::Raw;
+    let state = dir.join(STATE_FILE);
+    let saved_accel = serde_json::from_value(m.vm["accel"].clone()).unwrap_or(accel);
+    let manifest = SnapshotManifest {
+        kind: SNAPSHOT_KIND.into(),
+        format: SNAPSHOT_FORMAT,
+        hardware_fingerprint: spec.hardware_fingerprint(),
+        spec,
+        accel: saved_accel,
+        memory: FileRecord { file: MEMORY_FILE.into(), size: m.memory_size },
+        disks: vec![FileRecord { file: "disk0.raw".into(), size: m.disk_size }],
+        state: StateRecord {
+            file: STATE_FILE.into(),
+            size: m.device_state.size,
+            sha256: forage_vm::snapshot::sha256_file(&state).map_err(io(&state))?,
+        },
+        saved_at_unix: m.created_unix,
+    };
+    let p = dir.join(MANIFEST_FILE);
+    std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(&p))?;
+    Ok(ApplyReport {
+        took: start.elapsed(),
+        base_copy,
+        rebuilt_bytes: m.chunks.len() as u64 * CHUNK_SIZE as u64,
+        segments,
+        free_chunks,
+    })
+}
+
+fn open_rw(p: &PathBuf) -> Result<File, SynthError> {
+    OpenOptions::new().read(true).write(true).open(p).map_err(|source| SynthError::Io { path: p.clone(), source })
+}

@@ -1,0 +1,184 @@
+//! Base VMs: a guest image booted, settled and saved, with a hash index of its chunks and a
+//! digest that names it everywhere. Folder `DATA/bases/NAME/`:
+//! `base.json`, `snapshot/` (a forage-vm snapshot), `index.bin` (see `index.rs`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use forage_datadir::DataDir;
+use forage_image::{GuestImage, RunPaths};
+use forage_vm::{Accel, Snapshot};
+use serde::{Deserialize, Serialize};
+
+use crate::index::ChunkIndex;
+use crate::SynthError;
+
+pub const BASE_KIND: &str = "forage-base";
+pub const BASE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BaseManifest {
+    pub kind: String,
+    pub format: u32,
+    pub name: String,
+    pub digest: String,
+    pub image: String,
+    pub created_unix: u64,
+    pub memory_size: u64,
+    pub disk_size: u64,
+    pub indexed_chunks: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BaseVm {
+    dir: PathBuf,
+    manifest: BaseManifest,
+    snapshot: Snapshot,
+}
+
+impl BaseVm {
+    pub fn open(data: &DataDir, name: &str) -> Result<Self, SynthError> {
+        let dir = data.base(name)?;
+        Self::open_dir(&dir).map_err(|e| match e {
+            SynthError::Io { .. } if !dir.join("base.json").exists() => SynthError::NoBase { name: name.to_string() },
+            e => e,
+        })
+    }
+
+    fn open_dir(dir: &Path) -> Result<Self, SynthError> {
+        let path = dir.join("base.json");
+        let text = std::fs::read(&path).map_err(|source| SynthError::Io { path: path.clone(), source })?;
+        let manifest: BaseManifest = serde_json::from_slice(&text).map_err(|e| SynthError::BadFile {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        if manifest.kind != BASE_KIND || manifest.format > BASE_FORMAT {
+            return Err(SynthError::BadFile {
+                path,
+                detail: format!("{} format {} is not a base this forage reads", manifest.kind, manifest.format),
+            });
+        }
+        let snapshot = Snapshot::open(&dir.join("snapshot"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            snapshot,
+        })
+    }
+
+    /// All bases in the data directory (broken ones as errors).
+    pub fn list(data: &DataDir) -> Vec<(String, Result<Self, SynthError>)> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(data.bases()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') {
+                    out.push((name.clone(), Self::open(data, &name)));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Boot `image`, let it settle (free pages get reported and punched out), save it, index it.
+    pub async fn create(data: &DataDir, name: &str, image: &GuestImage, accel: Accel, settle: Duration) -> Result<Self, SynthError> {
+        let final_dir = data.base(name)?;
+        if final_dir.exists() {
+            return Err(SynthError::Exists { what: format!("base {name}"), path: final_dir });
+        }
+        let work = data.bases().join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let result = async {
+            let run = RunPaths {
+                dir: work.join("run"),
+                qmp_socket: data.runtime_dir().join(format!("base-{name}.qmp")),
+            };
+            let ready = image
+                .boot(&format!("base-{name}"), &run, &[], accel, Duration::from_secs(180))
+                .await?;
+            tokio::time::sleep(settle).await;
+            let mut vm = ready.vm;
+            let snapshot = vm.save(&work.join("snapshot")).await?;
+            drop(vm);
+            let _ = std::fs::remove_dir_all(&run.dir);
+            let index = finish(&work, name, &image.manifest().name, &snapshot)?;
+            Ok::<_, SynthError>(index)
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e);
+        }
+        std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io { path: final_dir.clone(), source })?;
+        Self::open(data, name)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &BaseManifest {
+        &self.manifest
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.manifest.digest
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    pub fn memory_path(&self) -> PathBuf {
+        self.snapshot.memory_path()
+    }
+
+    pub fn disk_path(&self) -> PathBuf {
+        self.snapshot.disk_paths()[0].clone()
+    }
+
+    pub fn index(&self) -> Result<ChunkIndex, SynthError> {
+        let p = self.dir.join("index.bin");
+        ChunkIndex::load(&p).map_err(|source| SynthError::Io { path: p, source })
+    }
+
+    pub fn remove(data: &DataDir, name: &str) -> Result<(), SynthError> {
+        let dir = data.base(name)?;
+        if !dir.join("base.json").exists() {
+            return Err(SynthError::NoBase { name: name.to_string() });
+        }
+        std::fs::remove_dir_all(&dir).map_err(|source| SynthError::Io { path: dir, source })
+    }
+}
+
+/// Index a saved base in `dir` and write its `base.json`.
+pub(crate) fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Result<BaseManifest, SynthError> {
+    let m = snapshot.manifest();
+    if m.disks.len() != 1 {
+        return Err(SynthError::BadFile {
+            path: snapshot.dir().to_path_buf(),
+            detail: format!("a base has exactly one disk, this one has {}", m.disks.len()),
+        });
+    }
+    let io = |path: PathBuf| move |source| SynthError::Io { path, source };
+    let (index, digest) = ChunkIndex::build(&snapshot.memory_path(), &snapshot.disk_paths()[0], &m.state.sha256)
+        .map_err(io(snapshot.dir().to_path_buf()))?;
+    let ipath = dir.join("index.bin");
+    index.save(&ipath).map_err(io(ipath.clone()))?;
+    let manifest = BaseManifest {
+        kind: BASE_KIND.into(),
+        format: BASE_FORMAT,
+        name: name.into(),
+        digest,
+        image: image.into(),
+        created_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        memory_size: m.memory.size,
+        disk_size: m.disks[0].size,
+        indexed_chunks: index.len() as u64,
+    };
+    let p = dir.join("base.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(p.clone()))?;
+    Ok(manifest)
+}

@@ -1,0 +1,291 @@
+//! Launch VMs: a base VM resumed, an application installed and started inside it, the
+//! service answering, then suspended. The disk runs on a qcow2 layer (4 KiB clusters) over
+//! the read-only base disk, so every write of the VM is recorded in the layer; memory is
+//! compared with the base after the save.
+//!
+//! Semantic gap, both switchable: disk: `fstrim` in the guest (discards become zero
+//! clusters in the layer), and a freeze/thaw so the on-disk ext4 bitmaps are current for
+//! introspection; memory: the guest's free page reporting (virtio-balloon) punches freed
+//! pages out of the memory file; switched off, the balloon driver is unloaded first.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use forage_agent::app::AppPackage;
+use forage_agent::AgentClient;
+use forage_datadir::DataDir;
+use forage_format::CHUNK_SIZE;
+use forage_vm::{Accel, DiskFormat, RestoreOptions, Snapshot, Vm};
+
+use crate::base::BaseVm;
+use crate::{run_tool, SynthError};
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub semantic_disk: bool,
+    pub semantic_memory: bool,
+    /// Longest wait for free page reporting to settle.
+    pub settle: Duration,
+    pub app_ready: Duration,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        Self {
+            semantic_disk: true,
+            semantic_memory: true,
+            settle: Duration::from_secs(10),
+            app_ready: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A suspended launch VM and what the disk layer recorded.
+#[derive(Debug)]
+pub struct LaunchVm {
+    pub snapshot: Snapshot,
+    /// Disk chunks the VM wrote (sorted).
+    pub written_disk_chunks: Vec<u64>,
+    /// Disk chunks the VM discarded (zero clusters in the layer; sorted).
+    pub discarded_disk_chunks: Vec<u64>,
+    pub app: forage_agent::app::AppManifest,
+    pub install_time: Duration,
+}
+
+/// Build a launch VM from `base` and `app` in `work` (created; the caller removes it).
+pub async fn build(
+    data: &DataDir,
+    base: &BaseVm,
+    app: &AppPackage,
+    accel: Accel,
+    opts: &LaunchOptions,
+    work: &Path,
+) -> Result<LaunchVm, SynthError> {
+    let run = work.join("run");
+    DataDir::ensure(&run)?;
+    let layer = run.join("disk0.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-F", "raw", "-b"])
+            .arg(base.disk_path())
+            .arg(&layer),
+    )?;
+    let qmp = data.runtime_dir().join(format!("launch-{}.qmp", std::process::id()));
+    let guest_ports = [forage_agent::AGENT_PORT, app.manifest().port];
+    let forwards = forage_image::loopback_forwards(guest_ports).map_err(|source| SynthError::Io {
+        path: "127.0.0.1".into(),
+        source,
+    })?;
+    let (agent_port, app_port) = (forwards[0].host_port, forwards[1].host_port);
+    let mut spec = base.snapshot().relocated_spec(&run, &qmp, Some(forwards));
+    spec.name = format!("launch-{}", app.manifest().name);
+    spec.disks[0].path = layer.clone();
+    spec.disks[0].format = DiskFormat::Qcow2;
+    let opts_restore = RestoreOptions {
+        copy_disks: false,
+        evict_cache: false,
+    };
+    let start = Instant::now();
+    let mut vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;
+
+    let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
+    let app2 = app.clone();
+    let (semantic_disk, semantic_memory, ready) = (opts.semantic_disk, opts.semantic_memory, opts.app_ready);
+    tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
+        let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
+        let t = Duration::from_secs(60);
+        if !semantic_memory {
+            // Without the driver the guest reports nothing: freed pages keep their contents.
+            agent.exec_ok(&["rmmod", "virtio_balloon"], t)?;
+        }
+        app2.install(&mut agent)?;
+        wait_for_service(&mut agent, app2.manifest(), app_port, ready)?;
+        if semantic_disk {
+            agent.exec_ok(&["fstrim", "/data"], t)?;
+        }
+        // Flush the file system completely so its on-disk bitmaps are current.
+        agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], t)?;
+        Ok(())
+    })
+    .await
+    .expect("launch steps do not panic")?;
+    if opts.semantic_memory {
+        settle_reporting(&vm.spec().memory_file, opts.settle).await;
+    }
+    let install_time = start.elapsed();
+    let mut snapshot = vm.save(&work.join("snapshot")).await?;
+    drop(vm);
+
+    let saved_layer = snapshot.disk_paths()[0].clone();
+    let (written, discarded) = layer_chunks(&saved_layer)?;
+    let flat = work.join("disk0.raw");
+    run_tool(Command::new("qemu-img").args(["convert", "-q", "-f", "qcow2", "-O", "raw"]).arg(&saved_layer).arg(&flat))?;
+    snapshot.replace_disk_with_raw(0, &flat)?;
+    let _ = std::fs::remove_dir_all(&run);
+    Ok(LaunchVm {
+        snapshot: Snapshot::open(&work.join("snapshot"))?,
+        written_disk_chunks: written,
+        discarded_disk_chunks: discarded,
+        app: app.manifest().clone(),
+        install_time,
+    })
+}
+
+/// Until the service answers: its probe through the forwarded port, or else a TCP connect
+/// from inside the guest.
+fn wait_for_service(
+    agent: &mut AgentClient,
+    app: &forage_agent::app::AppManifest,
+    host_port: u16,
+    wait: Duration,
+) -> Result<(), SynthError> {
+    let start = Instant::now();
+    while start.elapsed() < wait {
+        let up = match &app.probe {
+            Some(line) => probe(SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)), line).is_ok(),
+            None => agent
+                .exec(&["nc", "-z", "127.0.0.1", &app.port.to_string()], Duration::from_secs(5))
+                .is_ok_and(|o| o.code == 0),
+        };
+        if up {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(SynthError::AppNotReady {
+        app: app.name.clone(),
+        port: app.port,
+        waited: wait,
+    })
+}
+
+/// Send one request line and read one answer line.
+pub fn probe(addr: SocketAddr, line: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::other("closed without an answer"));
+    }
+    Ok(answer.trim_end().to_string())
+}
+
+/// Wait until the memory file's allocated size stops shrinking (reported pages punched).
+async fn settle_reporting(memory: &Path, max: Duration) {
+    let start = Instant::now();
+    let mut last = forage_vm::sparse::allocated_bytes(memory).unwrap_or(0);
+    let mut stable_since = Instant::now();
+    // The kernel reports free pages about 2 s after they are freed.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    while start.elapsed() < max {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = forage_vm::sparse::allocated_bytes(memory).unwrap_or(0);
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(1500) {
+            return;
+        }
+    }
+}
+
+/// Chunks written and chunks discarded in a qcow2 layer (`qemu-img map`, depth 0).
+fn layer_chunks(layer: &PathBuf) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
+    let out = run_tool(Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(layer))?;
+    let ranges: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).map_err(|e| SynthError::Tool {
+        tool: "qemu-img map".into(),
+        detail: e.to_string(),
+    })?;
+    let mut written = Vec::new();
+    let mut discarded = Vec::new();
+    for r in ranges {
+        if r["depth"].as_u64() != Some(0) {
+            continue;
+        }
+        let (start, len) = (r["start"].as_u64().unwrap_or(0), r["length"].as_u64().unwrap_or(0));
+        let zero = r["zero"].as_bool().unwrap_or(false) && !r["data"].as_bool().unwrap_or(false);
+        let target = if zero { &mut discarded } else { &mut written };
+        let cs = CHUNK_SIZE as u64;
+        target.extend(start / cs..(start + len).div_ceil(cs));
+    }
+    written.sort_unstable();
+    discarded.sort_unstable();
+    Ok((written, discarded))
+}
+
+/// Chunks of the launch VM's memory and disk touched by a resume up to the service's first
+/// response: the launch VM is restored with its files evicted from the page cache, the probe
+/// is answered, and `mincore` tells which pages were read or written (with the kernel's
+/// read-ahead, a superset at up to 128 KiB granularity).
+pub async fn profile_access(
+    data: &DataDir,
+    launch: &Snapshot,
+    app: &forage_agent::app::AppManifest,
+    accel: Accel,
+    work: &Path,
+) -> Result<AccessProfile, SynthError> {
+    let run = work.join("profile");
+    let _ = std::fs::remove_dir_all(&run);
+    DataDir::ensure(&run)?;
+    let qmp = data.runtime_dir().join(format!("profile-{}.qmp", std::process::id()));
+    let forwards = forage_image::loopback_forwards([forage_agent::AGENT_PORT, app.port]).map_err(|source| SynthError::Io {
+        path: "127.0.0.1".into(),
+        source,
+    })?;
+    let app_port = forwards[1].host_port;
+    let spec = launch.relocated_spec(&run, &qmp, Some(forwards));
+    let opts = RestoreOptions {
+        copy_disks: true,
+        evict_cache: true,
+    };
+    let start = Instant::now();
+    let vm = Vm::restore_with(launch, spec, accel, &run.join("qemu.log"), opts).await?;
+    let line = app.probe.clone().unwrap_or_else(|| "\n".to_string());
+    let answer = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        loop {
+            match probe(SocketAddr::from((Ipv4Addr::LOCALHOST, app_port)), &line) {
+                Ok(a) => return Ok(a),
+                Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    })
+    .await
+    .expect("probe does not panic")
+    .map_err(|source| SynthError::Io { path: "profiling probe".into(), source })?;
+    let first_response = start.elapsed();
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SynthError::Io { path: p, source }
+    };
+    let memory = touched(&forage_vm::sparse::resident_pages(&vm.spec().memory_file).map_err(io(&vm.spec().memory_file))?);
+    let disk_path = vm.spec().disks[0].path.clone();
+    let disk = touched(&forage_vm::sparse::resident_pages(&disk_path).map_err(io(&disk_path))?);
+    vm.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&run);
+    Ok(AccessProfile {
+        memory,
+        disk,
+        first_response,
+        answer,
+    })
+}
+
+fn touched(resident: &[bool]) -> Vec<u64> {
+    resident.iter().enumerate().filter(|(_, r)| **r).map(|(i, _)| i as u64).collect()
+}
+
+/// What a profiling resume touched.
+#[derive(Debug, Clone, Default)]
+pub struct AccessProfile {
+    pub memory: Vec<u64>,
+    pub disk: Vec<u64>,
+    pub first_response: Duration,
+    pub answer: String,
+}

@@ -1,0 +1,83 @@
+//! forage-synth: VM synthesis, offline half. Base VMs and their chunk index, launch VMs
+//! (base + installed application), overlay creation (semantic gap, five-rule dedup, delta,
+//! compressed segments in offset or access order) and overlay application.
+
+pub mod apply;
+pub mod base;
+pub mod create;
+pub mod ext4;
+pub mod index;
+pub mod launch;
+pub mod package;
+
+use std::path::PathBuf;
+
+pub(crate) use forage_datadir::DataDir;
+
+pub use base::BaseVm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    #[error("no base VM named {name}: create one with `forage base create {name} --image tiny`")]
+    NoBase { name: String },
+    #[error("{what} already exists at {path}")]
+    Exists { what: String, path: PathBuf },
+    #[error("{path}: {detail}")]
+    BadFile { path: PathBuf, detail: String },
+    #[error("overlay {path}: {source}")]
+    Overlay {
+        path: PathBuf,
+        #[source]
+        source: forage_format::FormatError,
+    },
+    #[error("overlay {path} is for base {wanted} ({wanted_name}), but base {have_name} is {have}")]
+    WrongBase {
+        path: PathBuf,
+        wanted: String,
+        wanted_name: String,
+        have: String,
+        have_name: String,
+    },
+    #[error("{tool} failed: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("the application {app} did not answer on guest port {port} within {waited:?}")]
+    AppNotReady { app: String, port: u16, waited: std::time::Duration },
+    #[error(transparent)]
+    Agent(#[from] forage_agent::AgentError),
+    #[error(transparent)]
+    App(#[from] forage_agent::app::AppError),
+    #[error(transparent)]
+    Boot(#[from] forage_image::BootError),
+    #[error(transparent)]
+    Vm(#[from] forage_vm::VmError),
+    #[error(transparent)]
+    Save(#[from] forage_vm::SaveError),
+    #[error(transparent)]
+    Restore(#[from] forage_vm::RestoreError),
+    #[error(transparent)]
+    Snapshot(#[from] forage_vm::SnapshotError),
+    #[error(transparent)]
+    DataDir(#[from] forage_datadir::DataDirError),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Run a command, turning failure into an error carrying its stderr.
+pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<std::process::Output, SynthError> {
+    let tool = format!("{:?}", cmd.get_program());
+    let out = cmd.output().map_err(|e| SynthError::Tool {
+        tool: tool.clone(),
+        detail: format!("cannot run it: {e}"),
+    })?;
+    if !out.status.success() {
+        return Err(SynthError::Tool {
+            tool,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,194 @@
+//! Base VM packages: `forage base export` / `import`. A zstd-compressed tar whose first
+//! entry, `package.json`, lists every file with its size and SHA-256, and the base's
+//! description; then `snapshot/...` files. Import checks every file, rebuilds the index,
+//! recomputes the digest, and only then moves the base into place. Streaming both ways;
+//! holes are recreated on import (all-zero 4 KiB blocks are skipped).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use forage_datadir::DataDir;
+use forage_vm::Snapshot;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::base::{BaseManifest, BaseVm};
+use crate::SynthError;
+
+pub const PACKAGE_KIND: &str = "forage-base-package";
+pub const PACKAGE_FORMAT: u32 = 1;
+const MAX_PACKAGE_JSON: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageManifest {
+    kind: String,
+    format: u32,
+    base: BaseManifest,
+    files: Vec<PackageFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageFile {
+    name: String,
+    size: u64,
+    sha256: String,
+}
+
+/// Write `base` to `out` (through `out.partial`, renamed when complete). Returns its size.
+pub fn export(base: &BaseVm, out: &Path) -> Result<u64, SynthError> {
+    let snap = base.snapshot();
+    let mut paths = vec![snap.dir().join(forage_vm::snapshot::MANIFEST_FILE), snap.memory_path(), snap.state_path()];
+    paths.extend(snap.disk_paths());
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SynthError::Io { path, source }
+    };
+    let mut files = Vec::new();
+    for p in &paths {
+        let mut f = File::open(p).map_err(io(p))?;
+        let mut h = Sha256::new();
+        let size = std::io::copy(&mut f, &mut h).map_err(io(p))?;
+        files.push(PackageFile {
+            name: format!("snapshot/{}", p.file_name().unwrap().to_string_lossy()),
+            size,
+            sha256: hex::encode(h.finalize()),
+        });
+    }
+    let pkg = PackageManifest {
+        kind: PACKAGE_KIND.into(),
+        format: PACKAGE_FORMAT,
+        base: base.manifest().clone(),
+        files,
+    };
+    let partial = out.with_extension("partial");
+    let result = (|| -> std::io::Result<u64> {
+        let enc = zstd::stream::write::Encoder::new(File::create(&partial)?, 3)?;
+        let mut tar = tar::Builder::new(enc);
+        let json = serde_json::to_vec_pretty(&pkg)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(json.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "package.json", &json[..])?;
+        for (p, f) in paths.iter().zip(&pkg.files) {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(f.size);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, &f.name, File::open(p)?)?;
+        }
+        let file = tar.into_inner()?.finish()?;
+        file.sync_all()?;
+        Ok(file.metadata()?.len())
+    })();
+    match result {
+        Ok(size) => {
+            std::fs::rename(&partial, out).map_err(io(out))?;
+            Ok(size)
+        }
+        Err(source) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(SynthError::Io { path: out.to_path_buf(), source })
+        }
+    }
+}
+
+/// Import a package into the data directory under the name it carries (or `rename`).
+pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseVm, SynthError> {
+    let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
+    let f = File::open(file).map_err(|source| SynthError::Io { path: file.to_path_buf(), source })?;
+    let dec = zstd::stream::read::Decoder::new(f).map_err(|e| bad(e.to_string()))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
+    let first = entries.next().ok_or_else(|| bad("empty package".into()))?.map_err(|e| bad(e.to_string()))?;
+    if first.path().map(|p| p.as_os_str() != "package.json").unwrap_or(true) || first.size() > MAX_PACKAGE_JSON {
+        return Err(bad("package.json is not the first entry".into()));
+    }
+    let mut json = Vec::new();
+    first.take(MAX_PACKAGE_JSON).read_to_end(&mut json).map_err(|e| bad(e.to_string()))?;
+    let pkg: PackageManifest = serde_json::from_slice(&json).map_err(|e| bad(format!("package.json: {e}")))?;
+    if pkg.kind != PACKAGE_KIND || pkg.format > PACKAGE_FORMAT {
+        return Err(bad(format!("{} format {} is not a base package this forage reads", pkg.kind, pkg.format)));
+    }
+    let name = rename.unwrap_or(&pkg.base.name).to_string();
+    let final_dir = data.base(&name)?;
+    if final_dir.exists() {
+        return Err(SynthError::Exists { what: format!("base {name}"), path: final_dir });
+    }
+    let work = data.bases().join(format!(".{name}.import-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let result = (|| -> Result<(), SynthError> {
+        DataDir::ensure(&work.join("snapshot"))?;
+        let mut seen = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| bad(format!("cut or corrupted: {e}")))?;
+            let ename = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
+            let listed = pkg.files.iter().find(|f| f.name == ename).ok_or_else(|| bad(format!("unlisted entry {ename}")))?;
+            if seen.contains(&ename) {
+                return Err(bad(format!("{ename} appears twice")));
+            }
+            let target = work.join(&listed.name);
+            let (size, sha) = write_sparse(entry, &target).map_err(|e| bad(format!("{ename}: {e}")))?;
+            if size != listed.size || sha != listed.sha256 {
+                return Err(bad(format!("{ename} does not match its checksum (corrupted)")));
+            }
+            seen.push(ename);
+        }
+        if let Some(missing) = pkg.files.iter().find(|f| !seen.contains(&f.name)) {
+            return Err(bad(format!("{} is missing (package cut short?)", missing.name)));
+        }
+        let snapshot = Snapshot::open(&work.join("snapshot"))?;
+        let manifest = crate::base::finish(&work, &name, &pkg.base.image, &snapshot)?;
+        if manifest.digest != pkg.base.digest {
+            return Err(bad(format!("contents give digest {}, the package claims {}", short(&manifest.digest), short(&pkg.base.digest))));
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(e);
+    }
+    std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io { path: final_dir, source })?;
+    BaseVm::open(data, &name)
+}
+
+pub fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+/// Copy `r` into `target`, leaving all-zero 4 KiB blocks as holes; returns size and SHA-256.
+fn write_sparse(mut r: impl Read, target: &PathBuf) -> std::io::Result<(u64, String)> {
+    let f = File::create(target)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let k = r.read(&mut buf[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        for (i, block) in buf[..n].chunks(4096).enumerate() {
+            if !forage_format::chunk::is_zero(block) {
+                f.write_all_at(block, off + (i * 4096) as u64)?;
+            }
+        }
+        off += n as u64;
+    }
+    f.set_len(off)?;
+    let mut f = f;
+    f.flush()?;
+    f.sync_all()?;
+    Ok((off, hex::encode(h.finalize())))
+}

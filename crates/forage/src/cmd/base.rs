@@ -1,0 +1,93 @@
+//! `forage base ...`
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use forage_datadir::DataDir;
+use forage_image::GuestImage;
+use forage_synth::{package, BaseVm};
+use serde_json::json;
+
+use crate::cli::BaseCommand;
+
+fn describe(b: &BaseVm) -> serde_json::Value {
+    let m = b.manifest();
+    json!({
+        "name": m.name, "digest": m.digest, "image": m.image, "memory_bytes": m.memory_size,
+        "disk_bytes": m.disk_size, "indexed_chunks": m.indexed_chunks, "created_unix": m.created_unix,
+        "dir": b.dir(),
+    })
+}
+
+pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
+    match cmd {
+        BaseCommand::Create { name, image, settle_s, json } => {
+            let img = GuestImage::open(data, &image)?;
+            let t = Instant::now();
+            if !json {
+                eprintln!("creating base {name} from image {image}: boot, settle {settle_s} s, save, index ...");
+            }
+            let base = BaseVm::create(data, &name, &img, super::accel(), Duration::from_secs(settle_s))
+                .await
+                .with_context(|| format!("creating base {name}"))?;
+            if json {
+                super::print_json(&describe(&base));
+            } else {
+                println!("base {name} created in {:.1} s, digest {}", t.elapsed().as_secs_f64(), base.digest());
+            }
+        }
+        BaseCommand::List { json } => {
+            let rows: Vec<_> = BaseVm::list(data)
+                .into_iter()
+                .map(|(name, b)| match b {
+                    Ok(b) => describe(&b),
+                    Err(e) => json!({"name": name, "error": e.to_string()}),
+                })
+                .collect();
+            if json {
+                super::print_json(&rows);
+            } else if rows.is_empty() {
+                println!("no base VMs (create one: forage base create NAME --image tiny)");
+            } else {
+                for r in rows {
+                    match r.get("error") {
+                        Some(e) => println!("{:<16} broken: {e}", r["name"].as_str().unwrap_or("")),
+                        None => println!(
+                            "{:<16} {}  image {}  {} MiB RAM  {} MiB disk",
+                            r["name"].as_str().unwrap_or(""),
+                            package::short(r["digest"].as_str().unwrap_or("")),
+                            r["image"].as_str().unwrap_or(""),
+                            r["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                            r["disk_bytes"].as_u64().unwrap_or(0) >> 20
+                        ),
+                    }
+                }
+            }
+        }
+        BaseCommand::Info { name, json } => {
+            let b = BaseVm::open(data, &name)?;
+            let d = describe(&b);
+            if json {
+                super::print_json(&d);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            }
+        }
+        BaseCommand::Rm { name } => {
+            BaseVm::remove(data, &name)?;
+            println!("base {name} removed");
+        }
+        BaseCommand::Export { name, file } => {
+            let b = BaseVm::open(data, &name)?;
+            let t = Instant::now();
+            let size = tokio::task::spawn_blocking(move || package::export(&b, &file)).await??;
+            println!("base {name} exported: {} MiB in {:.1} s", size >> 20, t.elapsed().as_secs_f64());
+        }
+        BaseCommand::Import { file, name } => {
+            let data2 = data.clone();
+            let b = tokio::task::spawn_blocking(move || package::import(&data2, &file, name.as_deref())).await??;
+            println!("base {} imported, digest {} (checked)", b.manifest().name, b.digest());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! `forage overlay ...`
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use forage_agent::app::AppPackage;
+use forage_datadir::DataDir;
+use forage_format::{DeltaCodec, Manifest, OverlayReader, SegmentCodec};
+use forage_synth::create::{CreateOptions, LaunchInput};
+use forage_synth::launch::{self, LaunchOptions, LaunchVm};
+use forage_synth::BaseVm;
+use serde_json::json;
+
+use crate::cli::{OverlayCommand, OverlayCreateArgs, ReduceArgs};
+
+impl ReduceArgs {
+    pub fn create_options(&self) -> anyhow::Result<CreateOptions> {
+        let codec = match self.codec.as_str() {
+            "lzma" => SegmentCodec::Lzma { level: self.level.unwrap_or(6).clamp(0, 9) as u32 },
+            "zstd" => SegmentCodec::Zstd { level: self.level.unwrap_or(19).clamp(1, 22) },
+            "none" => SegmentCodec::None,
+            other => bail!("unknown codec {other}"),
+        };
+        let delta = match self.delta.as_str() {
+            "bsdiff" => Some(DeltaCodec::Bsdiff),
+            "xor" => Some(DeltaCodec::Xor),
+            _ => None,
+        };
+        Ok(CreateOptions {
+            dedup: !self.no_dedup,
+            semantic_disk: !self.no_semantic_disk,
+            semantic_memory: !self.no_semantic_memory,
+            delta,
+            codec,
+            ..CreateOptions::default()
+        })
+    }
+}
+
+pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
+    match cmd {
+        OverlayCommand::Create(args) => create(data, args).await,
+        OverlayCommand::Inspect { file, json } => inspect(&file, json),
+        OverlayCommand::Verify { file, json } => verify(&file, json),
+        OverlayCommand::Apply { file, base, out, json } => {
+            let b = BaseVm::open(data, &base)?;
+            let accel = forage_vm::accel::detect().accel;
+            let f2 = file.clone();
+            let (snap, report) = tokio::task::spawn_blocking(move || forage_synth::apply::apply(&f2, &b, &out, accel)).await??;
+            let mbps = report.rebuilt_bytes as f64 / 1e6 / (report.took - report.base_copy).as_secs_f64().max(1e-6);
+            if json {
+                super::print_json(&json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks}));
+            } else {
+                println!(
+                    "applied {} to base {base} in {:.2} s ({:.2} s copying the base, then {:.0} MB/s of modified state over {} segments) -> {}\nresume it: forage vm restore NAME --from {}",
+                    file.display(), report.took.as_secs_f64(), report.base_copy.as_secs_f64(), mbps, report.segments, snap.dir().display(), snap.dir().display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Build the launch VM for `app` on `base` in a scratch folder.
+pub async fn build_launch(data: &DataDir, base: &BaseVm, app: &AppPackage, opts: &LaunchOptions, work: &Path) -> anyhow::Result<LaunchVm> {
+    let accel = super::accel();
+    launch::build(data, base, app, accel, opts, work)
+        .await
+        .with_context(|| format!("building the launch VM of {} on base {}", app.manifest().name, base.manifest().name))
+}
+
+async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
+    let base = BaseVm::open(data, &args.base)?;
+    let app = AppPackage::open(&args.app)?;
+    let opts = args.reduce.create_options()?;
+    let work = data.work().join(format!("overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let result = async {
+        let t = Instant::now();
+        let lopts = LaunchOptions {
+            semantic_disk: opts.semantic_disk,
+            semantic_memory: opts.semantic_memory,
+            ..LaunchOptions::default()
+        };
+        if !args.json {
+            eprintln!("launch VM: resuming base {}, installing {} ...", args.base, app.manifest().name);
+        }
+        let launch = build_launch(data, &base, &app, &lopts, &work).await?;
+        let profile = if args.order == "access" {
+            if !args.json {
+                eprintln!("profiling a resume of the launch VM up to its first response ...");
+            }
+            Some(launch::profile_access(data, &launch.snapshot, &launch.app, forage_vm::accel::detect().accel, &work).await?)
+        } else {
+            None
+        };
+        let launch_s = t.elapsed().as_secs_f64();
+        let input = LaunchInput {
+            snapshot: &launch.snapshot,
+            written_disk_chunks: &launch.written_disk_chunks,
+            discarded_disk_chunks: &launch.discarded_disk_chunks,
+            service: Some(forage_format::manifest::Service {
+                name: launch.app.name.clone(),
+                port: launch.app.port,
+                probe: launch.app.probe.clone(),
+            }),
+            accessed: profile.as_ref().map(|p| (&p.memory[..], &p.disk[..])),
+        };
+        if !args.json {
+            eprintln!("writing the overlay ...");
+        }
+        let report = forage_synth::create::create(&base, &input, &opts, &args.output)?;
+        let s = &report.manifest.stats;
+        let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
+        if args.json {
+            super::print_json(&json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}));
+        } else {
+            println!(
+                "overlay {}: {} KiB for {} MiB of modified state ({:.1}%), created in {:.1} s ({mbps:.1} MB/s) after {launch_s:.1} s building the launch VM",
+                args.output.display(),
+                report.bytes >> 10,
+                s.modified_bytes >> 20,
+                100.0 * report.bytes as f64 / s.modified_bytes.max(1) as f64,
+                report.took.as_secs_f64()
+            );
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn open(file: &Path) -> anyhow::Result<OverlayReader<std::io::BufReader<std::fs::File>>> {
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open overlay {}", file.display()))?;
+    OverlayReader::open(std::io::BufReader::new(f)).with_context(|| format!("overlay {}", file.display()))
+}
+
+pub fn describe(m: &Manifest, file_bytes: u64) -> serde_json::Value {
+    let s = &m.stats;
+    json!({
+        "format": m.format, "base_digest": m.base.digest, "base_name": m.base.name,
+        "disk_bytes": m.disk_size, "memory_bytes": m.memory_size, "bytes": file_bytes,
+        "modified_disk_chunks": s.modified_disk_chunks, "modified_memory_chunks": s.modified_memory_chunks,
+        "refs": m.ref_counts(), "free_by_source": s.free_by_source,
+        "blobs": m.blobs.len(), "blobs_raw": s.blobs_raw, "blobs_delta": s.blobs_delta,
+        "stages": {"modified_bytes": s.modified_bytes, "dedup_bytes": s.dedup_bytes, "delta_bytes": s.delta_bytes, "compressed_bytes": s.compressed_bytes},
+        "segments": m.segments.len(), "codec": m.segments.first().map(|s| s.codec.name()),
+        "order": m.order, "service": m.service, "created_unix": m.created_unix, "creator": m.creator,
+    })
+}
+
+fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
+    let r = open(file)?;
+    let size = std::fs::metadata(file)?.len();
+    let d = describe(r.manifest(), size);
+    if json {
+        super::print_json(&d);
+        return Ok(());
+    }
+    let m = r.manifest();
+    let s = &m.stats;
+    println!("overlay {} (format {}), {} KiB", file.display(), m.format, size >> 10);
+    println!("  base      {} ({})", m.base.digest, m.base.name);
+    println!("  modified  {} memory + {} disk chunks = {} MiB", s.modified_memory_chunks, s.modified_disk_chunks, s.modified_bytes >> 20);
+    println!("  refs      {}", m.ref_counts().iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    if !s.free_by_source.is_empty() {
+        println!("  free      {}", s.free_by_source.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    }
+    println!("  blobs     {} ({} raw, {} delta)", m.blobs.len(), s.blobs_raw, s.blobs_delta);
+    println!(
+        "  bytes     modified {} -> dedup {} -> delta {} -> compressed {}",
+        s.modified_bytes, s.dedup_bytes, s.delta_bytes, s.compressed_bytes
+    );
+    println!("  segments  {} ({})", m.segments.len(), m.segments.first().map(|s| s.codec.name()).unwrap_or_default());
+    println!("  order     {}", serde_json::to_string(&m.order)?);
+    if let Some(svc) = &m.service {
+        println!("  service   {} on guest port {}", svc.name, svc.port);
+    }
+    Ok(())
+}
+
+fn verify(file: &Path, json: bool) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut r = open(file)?;
+    let mut n = 0;
+    while r.next_segment().with_context(|| format!("overlay {}", file.display()))?.is_some() {
+        n += 1;
+    }
+    r.finish().with_context(|| format!("overlay {}", file.display()))?;
+    if json {
+        super::print_json(&json!({"file": file, "ok": true, "segments": n, "seconds": t.elapsed().as_secs_f64()}));
+    } else {
+        println!("overlay {} is intact: manifest and {n} segments check out", file.display());
+    }
+    Ok(())
+}
