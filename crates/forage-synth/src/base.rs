@@ -153,8 +153,8 @@ impl BaseVm {
     }
 }
 
-/// Index a saved base in `dir` and write its `base.json`.
-pub(crate) fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Result<BaseManifest, SynthError> {
+/// Index a saved base in `dir` (its `snapshot/`) and write its `base.json`.
+pub fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Result<BaseManifest, SynthError> {
     let m = snapshot.manifest();
     if m.disks.len() != 1 {
         return Err(SynthError::BadFile {

@@ -123,8 +123,9 @@ mod tests {
         assert!(ok.success());
         let free = free_chunks(&img, 4096).unwrap().expect("ext4 understood");
         let free_count = free.iter().filter(|f| **f).count() as u64;
-        // 32 MiB fs with a 3 MiB file and metadata: most, not all, is free.
-        assert!(free_count * 4096 > 20 << 20 && free_count * 4096 < 29 << 20, "{free_count} free chunks");
+        // 32 MiB, 1 KiB blocks, 4 groups; dumpe2fs counts 22.2 MiB free, of which 7.7 MiB in
+        // a BLOCK_UNINIT group that this reader conservatively leaves out: 14.5 MiB.
+        assert!(free_count * 4096 > 12 << 20 && free_count * 4096 < 23 << 20, "{free_count} free chunks");
         // The file's data chunks are not free.
         let data = std::fs::read(&img).unwrap();
         for (c, f) in free.iter().enumerate() {
