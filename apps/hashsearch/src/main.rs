@@ -28,15 +28,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let port: u16 = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(8080);
     // `--preload FILE`: keep a data set in memory (as a real backend keeps its model).
-    let preloaded = match args.iter().position(|a| a == "--preload").and_then(|i| args.get(i + 1)) {
-        Some(path) => std::fs::read(path).unwrap_or_else(|e| {
+    if let Some(path) = args.iter().position(|a| a == "--preload").and_then(|i| args.get(i + 1)) {
+        let n = preload(path).unwrap_or_else(|e| {
             eprintln!("hashsearch: cannot preload {path}: {e}");
             std::process::exit(1);
-        }),
-        None => Vec::new(),
-    };
-    let preloaded: &'static [u8] = Box::leak(preloaded.into_boxed_slice());
-    PRELOADED.store(preloaded.len() as u64, Ordering::SeqCst);
+        });
+        PRELOADED.store(n as u64, Ordering::SeqCst);
+    }
     let listener = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| {
         eprintln!("hashsearch: cannot listen on port {port}: {e}");
         std::process::exit(1);
@@ -49,6 +47,26 @@ fn main() {
             let _ = serve(conn, &served);
         });
     }
+}
+
+/// Read a data set into a page-aligned buffer kept for the life of the process (as a
+/// backend keeps a model in memory; aligned as numerical libraries align their buffers).
+fn preload(path: &str) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).map_err(std::io::Error::other)?;
+    // SAFETY: the layout has non-zero size; the buffer is leaked on purpose (it lives as
+    // long as the process) and only written through this exclusive slice.
+    let buf = unsafe {
+        let p = std::alloc::alloc_zeroed(layout);
+        if p.is_null() {
+            return Err(std::io::Error::other("out of memory"));
+        }
+        std::slice::from_raw_parts_mut(p, len)
+    };
+    f.read_exact(buf)?;
+    Ok(len)
 }
 
 fn serve(conn: TcpStream, served: &AtomicU64) -> std::io::Result<()> {

@@ -412,6 +412,9 @@ fn assemble(
     Ok(("vmlinuz".into(), mods.into_iter().map(|m| m.name).collect()))
 }
 
+/// 4 KiB file system blocks, so that file data lines up with 4 KiB chunks and guest pages
+/// (mkfs would pick 1 KiB blocks for a small disk, and no file page would ever match a
+/// disk chunk).
 fn make_data_disk(path: &Path, mib: u64) -> Result<(), ImageError> {
     let staging = path.with_extension("staging");
     let _ = std::fs::remove_dir_all(&staging);
@@ -420,7 +423,7 @@ fn make_data_disk(path: &Path, mib: u64) -> Result<(), ImageError> {
         source,
     })?;
     let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "forage-data", "-E", "root_owner=0:0,nodiscard", "-d"])
+        .args(["-q", "-F", "-L", "forage-data", "-b", "4096", "-E", "root_owner=0:0,nodiscard", "-d"])
         .arg(&staging)
         .arg(path)
         .arg(format!("{mib}M"))

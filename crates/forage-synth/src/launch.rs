@@ -100,6 +100,10 @@ pub async fn build(
             // Without the driver the guest reports nothing: freed pages keep their contents.
             agent.exec_ok(&["rmmod", "virtio_balloon"], t)?;
         }
+        if !semantic_disk {
+            // The image mounts /data with online discard; without it deleted blocks keep theirs.
+            agent.exec_ok(&["mount", "-o", "remount,nodiscard", "/data"], t)?;
+        }
         app2.install(&mut agent)?;
         wait_for_service(&mut agent, app2.manifest(), app_port, ready)?;
         if semantic_disk {

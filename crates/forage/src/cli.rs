@@ -31,6 +31,9 @@ pub enum Command {
     /// VM overlays: a launch VM as a small difference against a base
     #[command(subcommand)]
     Overlay(OverlayCommand),
+    /// Reproduce the papers' measurements on this machine
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// The quickstart demo: build the tiny guest, boot it, install the sample service,
     /// save, restore, and show that the guest carried on
     Demo(DemoArgs),
@@ -164,6 +167,27 @@ pub struct ReduceArgs {
     /// Turn off the memory semantic gap (free page reporting)
     #[arg(long)]
     pub no_semantic_memory: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Overlay size against xdelta3+LZMA and zstd --patch-from (the paper's Figure 6),
+    /// creation and apply throughput, peak memory
+    Overlay(BenchOverlayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchOverlayArgs {
+    /// Base VM to use (created as `bench` if absent)
+    #[arg(long, default_value = "bench")]
+    pub base: String,
+    /// Size of the data set the bench app installs and preloads
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub data_mib: u64,
+    #[command(flatten)]
+    pub reduce: ReduceArgs,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]

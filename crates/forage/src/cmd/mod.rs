@@ -1,6 +1,7 @@
 //! Subcommand implementations.
 
 mod base;
+mod bench;
 mod demo;
 mod image;
 mod overlay;
@@ -19,6 +20,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => vm::run(&data, c).await,
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
+        Command::Bench(c) => bench::run(&data, c).await,
         Command::Demo(a) => demo::run(&data, a).await,
     }
 }
