@@ -67,7 +67,7 @@ fn describe_snapshot(dir: &Path) -> Snapshot {
         spec,
         accel: Accel::Tcg,
         memory: FileRecord { file: "memory.raw".into(), size: MEM_CHUNKS * CHUNK_SIZE as u64 },
-        disks: vec![FileRecord { file: "disk0.raw".into(), size: DISK_CHUNKS * CHUNK_SIZE as u64 }],
+        disks: vec![FileRecord { file: "disk0.raw".into(), size: std::fs::metadata(dir.join("disk0.raw")).unwrap().len() }],
         state: StateRecord {
             file: "state".into(),
             size: std::fs::metadata(&state).unwrap().len(),
@@ -264,4 +264,46 @@ fn base_packages_round_trip_and_refuse_tampering() {
     let err = forage_synth::package::import(&data, &pkg, Some("tampered")).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
     assert!(!data.base("cut").unwrap().exists() && !data.base("tampered").unwrap().exists());
+}
+
+#[test]
+fn ext4_free_blocks_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = DataDir::at(tmp.path());
+    // A base whose disk is a real 4 MiB ext4 with one small file.
+    let content = tmp.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("f"), pattern(7)).unwrap();
+    let fs = tmp.path().join("fs.img");
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"])
+        .arg(&content)
+        .arg(&fs)
+        .arg("4M")
+        .status();
+    let Ok(ok) = ok else { return }; // no e2fsprogs here: nothing to check against
+    assert!(ok.success());
+    let free = forage_synth::ext4::free_chunks(&fs, CHUNK_SIZE as u64).unwrap().unwrap();
+    let garbage_at = (free.len() - 10) as u64; // near the end: free
+    assert!(free[garbage_at as usize]);
+
+    let bdir = data.base("e").unwrap().join("snapshot");
+    snapshot_dir(&bdir, b"QEVM\0\0\0\x03base-state");
+    std::fs::copy(&fs, bdir.join("disk0.raw")).unwrap();
+    let snap = describe_snapshot(&bdir);
+    forage_synth::base::finish(&bdir.parent().unwrap().to_path_buf(), "e", "synthetic", &snap).unwrap();
+    let base = BaseVm::open(&data, "e").unwrap();
+
+    // The launch VM left garbage in a block the file system has free (a deleted file).
+    let ldir = tmp.path().join("launch");
+    snapshot_dir(&ldir, b"QEVM\0\0\0\x03launch-state");
+    std::fs::copy(&fs, ldir.join("disk0.raw")).unwrap();
+    put(&ldir.join("disk0.raw"), garbage_at, &pattern(9));
+    let launch = Launch { snap: describe_snapshot(&ldir), written: vec![garbage_at], discarded: vec![] };
+    let out = tmp.path().join("o.ovl");
+    let m = forage_synth::create::create(&base, &input(&launch), &opts(), &out).unwrap().manifest;
+    assert_eq!(m.stats.free_by_source.get("ext4"), Some(&1), "{:?}", m.stats);
+    let off = CreateOptions { semantic_disk: false, ..opts() };
+    let m = forage_synth::create::create(&base, &input(&launch), &off, &out).unwrap().manifest;
+    assert_eq!(m.ref_counts().get("new"), Some(&1), "without the semantic gap it is carried");
 }
