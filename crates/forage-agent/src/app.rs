@@ -147,6 +147,21 @@ impl AppPackage {
     }
 }
 
+/// Send one request line to an app's service and read its one-line answer (how forage
+/// probes services and takes first responses).
+pub fn request_line(addr: std::net::SocketAddr, line: &str, read_timeout: Duration) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::other("connection closed without an answer"));
+    }
+    Ok(answer.trim_end().to_string())
+}
+
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }

@@ -167,16 +167,7 @@ fn wait_for_service(
 
 /// Send one request line and read one answer line.
 pub fn probe(addr: SocketAddr, line: &str) -> std::io::Result<String> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
-    if answer.is_empty() {
-        return Err(std::io::Error::other("closed without an answer"));
-    }
-    Ok(answer.trim_end().to_string())
+    forage_agent::app::request_line(addr, line, Duration::from_secs(60))
 }
 
 /// Wait until the memory file's allocated size stops shrinking (reported pages punched).

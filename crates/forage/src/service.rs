@@ -1,10 +1,7 @@
 //! Talking to a guest's service over its forwarded port: one request line, one answer line.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-use anyhow::{bail, Context};
 
 /// Send `line` to the service at `addr` and return its answer. Retries the connection
 /// until `wait` has passed: after a boot or restore the forward accepts before the guest
@@ -21,15 +18,7 @@ pub fn request(addr: SocketAddr, line: &str, wait: Duration) -> anyhow::Result<S
 }
 
 fn try_request(addr: SocketAddr, line: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).context("reading the answer")?;
-    if answer.is_empty() {
-        bail!("connection closed without an answer");
-    }
-    Ok(answer.trim_end().to_string())
+    Ok(forage_agent::app::request_line(addr, line, Duration::from_secs(120))?)
 }
 
 /// The value of `key=` in an answer like `ok nonce=1 served=2`.

@@ -6,8 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -73,18 +72,7 @@ pub fn request(port: u16, line: &str) -> String {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let start = Instant::now();
     loop {
-        let attempt = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(60)))?;
-            s.write_all(format!("{line}\n").as_bytes())?;
-            let mut a = String::new();
-            BufReader::new(s).read_line(&mut a)?;
-            if a.is_empty() {
-                return Err(std::io::Error::other("closed"));
-            }
-            Ok(a.trim().to_string())
-        })();
-        match attempt {
+        match forage_agent::app::request_line(addr, line, Duration::from_secs(60)) {
             Ok(a) => return a,
             Err(e) if start.elapsed() > Duration::from_secs(60) => panic!("service on port {port}: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
