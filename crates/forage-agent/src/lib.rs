@@ -127,8 +127,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`{command}` failed in the guest with code {code}: {stderr}")]
+    #[error("`{command}` failed in the guest at {addr} with code {code}: {stderr}")]
     CommandFailed {
+        addr: SocketAddr,
         command: String,
         code: i32,
         stderr: String,
@@ -181,8 +182,8 @@ impl AgentClient {
             writer,
         };
         client.ping()?;
-        // Commands may run long; their own timeout bounds them.
-        client.reader.get_ref().set_read_timeout(None).map_err(io)?;
+        // Long enough for big puts; exec sets its own from the command's timeout.
+        client.reader.get_ref().set_read_timeout(Some(Duration::from_secs(600))).map_err(io)?;
         Ok(client)
     }
 
@@ -217,7 +218,12 @@ impl AgentClient {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             timeout_s: timeout.as_secs().max(1),
         };
-        let r = self.call(op, "exec", &[])?;
+        // The agent answers by the command's timeout; a silent guest must not hang us.
+        let wait = timeout.max(Duration::from_secs(1)) + Duration::from_secs(30);
+        let _ = self.reader.get_ref().set_read_timeout(Some(wait));
+        let r = self.call(op, "exec", &[]);
+        let _ = self.reader.get_ref().set_read_timeout(Some(Duration::from_secs(600)));
+        let r = r?;
         Ok(ExecOutput {
             code: r.code.unwrap_or(-1),
             stdout: r.stdout.unwrap_or_default(),
@@ -231,6 +237,7 @@ impl AgentClient {
         let out = self.exec(argv, timeout)?;
         if out.code != 0 || out.timed_out {
             return Err(AgentError::CommandFailed {
+                addr: self.addr,
                 command: argv.join(" "),
                 code: out.code,
                 stderr: if out.timed_out {

@@ -95,21 +95,29 @@ fn write_response(w: &mut TcpStream, r: &Response) -> std::io::Result<()> {
 /// half-written file under the final name.
 fn put(reader: &mut impl Read, path: &str, mode: u32, size: u64) -> std::io::Result<()> {
     let target = Path::new(path);
-    if !target.is_absolute() {
-        // Still consume the payload so the connection stays in step.
-        std::io::copy(&mut reader.take(size), &mut std::io::sink())?;
-        return Err(std::io::Error::other("path must be absolute"));
-    }
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent)?;
-    }
+    let opened = (|| {
+        if !target.is_absolute() {
+            return Err(std::io::Error::other("path must be absolute"));
+        }
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode & 0o7777)
+            .open(format!("{path}.forage-partial"))
+    })();
     let tmp = format!("{path}.forage-partial");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode & 0o7777)
-        .open(&tmp)?;
+    let mut file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            // Consume the payload so the next request is read from the right place.
+            std::io::copy(&mut reader.take(size), &mut std::io::sink())?;
+            return Err(e);
+        }
+    };
     let copied = std::io::copy(&mut reader.take(size), &mut file)?;
     if copied != size {
         let _ = fs::remove_file(&tmp);
@@ -120,7 +128,14 @@ fn put(reader: &mut impl Read, path: &str, mode: u32, size: u64) -> std::io::Res
     fs::rename(&tmp, target)
 }
 
+/// Longest command timeout accepted (a day).
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// How long output is still collected after the command ended: a program it left running
+/// in the background may hold the pipes open for ever.
+const OUTPUT_GRACE: Duration = Duration::from_millis(300);
+
 fn exec(argv: &[String], timeout: Duration) -> Response {
+    use std::os::unix::process::CommandExt;
     let Some((prog, args)) = argv.split_first() else {
         return Response::failure("exec needs a program");
     };
@@ -129,46 +144,84 @@ fn exec(argv: &[String], timeout: Duration) -> Response {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0) // so a timeout can kill everything it started
         .spawn()
     {
         Ok(c) => c,
         Err(e) => return Response::failure(format!("cannot start {prog}: {e}")),
     };
-    let out = collect(child.stdout.take().expect("piped"));
-    let err = collect(child.stderr.take().expect("piped"));
-    let deadline = Instant::now() + timeout;
+    let out = Collected::start(child.stdout.take().expect("piped"));
+    let err = Collected::start(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + timeout.min(MAX_TIMEOUT);
     let mut timed_out = false;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
             Ok(None) if Instant::now() >= deadline => {
                 timed_out = true;
-                let _ = child.kill();
+                kill_group(child.id());
                 break child.wait().ok();
             }
             Ok(None) => thread::sleep(Duration::from_millis(20)),
             Err(_) => break None,
         }
     };
+    let until = Instant::now() + OUTPUT_GRACE;
     Response {
         ok: true,
         code: Some(status.and_then(|s| s.code()).unwrap_or(-1)),
-        stdout: Some(out.join().unwrap_or_default()),
-        stderr: Some(err.join().unwrap_or_default()),
+        stdout: Some(out.take(until)),
+        stderr: Some(err.take(until)),
         timed_out: Some(timed_out),
         ..Response::default()
     }
 }
 
-/// Read a child's stream to its end in a thread, keeping at most MAX_OUTPUT bytes.
-fn collect(stream: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut stream = stream;
-        let _ = (&mut stream).take(MAX_OUTPUT as u64).read_to_end(&mut kept);
-        let _ = std::io::copy(&mut stream, &mut std::io::sink());
-        String::from_utf8_lossy(&kept).into_owned()
-    })
+fn kill_group(pid: u32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: plain syscall; a negative pid names the process group the child leads.
+    unsafe {
+        kill(-(pid as i32), 9);
+    }
+}
+
+/// A child's stream read in a thread into a shared buffer (at most MAX_OUTPUT bytes).
+struct Collected {
+    buf: std::sync::Arc<std::sync::Mutex<(Vec<u8>, bool)>>,
+}
+
+impl Collected {
+    fn start(stream: impl Read + Send + 'static) -> Self {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), false)));
+        let b = buf.clone();
+        thread::spawn(move || {
+            let mut stream = stream;
+            let mut chunk = [0u8; 8192];
+            loop {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut g = b.lock().expect("output buffer");
+                        let room = MAX_OUTPUT.saturating_sub(g.0.len());
+                        g.0.extend_from_slice(&chunk[..n.min(room)]);
+                    }
+                }
+            }
+            b.lock().expect("output buffer").1 = true;
+        });
+        Self { buf }
+    }
+
+    /// What was read, once the stream ended or `until` passed.
+    fn take(self, until: Instant) -> String {
+        while Instant::now() < until && !self.buf.lock().expect("output buffer").1 {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let g = self.buf.lock().expect("output buffer");
+        String::from_utf8_lossy(&g.0).into_owned()
+    }
 }
 
 fn spawn(argv: &[String], log: &str) -> Response {

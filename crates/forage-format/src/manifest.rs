@@ -105,7 +105,12 @@ pub enum Order {
     /// Blobs in chunk order (memory, then disk).
     Offset,
     /// Blobs of chunks touched by a profiling resume before the first response come first.
-    Access { profiled_chunks: u64 },
+    Access {
+        profiled_chunks: u64,
+        /// How many blobs (from the start) were touched.
+        #[serde(default)]
+        accessed_blobs: u64,
+    },
 }
 
 /// What creation saw and produced, per stage.

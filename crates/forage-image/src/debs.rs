@@ -69,8 +69,9 @@ pub fn fetch_and_unpack(package: &str, cache: &Path, extract: &Path) -> Result<U
             })?
         }
     };
-    let root = extract.join(file.trim_end_matches(".deb"));
-    let done = root.with_extension("unpacked");
+    let stem = file.trim_end_matches(".deb");
+    let root = extract.join(stem);
+    let done = extract.join(format!("{stem}.unpacked"));
     if !done.exists() {
         let _ = std::fs::remove_dir_all(&root);
         mkdir(&root)?;

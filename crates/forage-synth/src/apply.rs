@@ -34,18 +34,25 @@ pub struct ApplyReport {
 }
 
 /// Apply the overlay at `path` to `base`, creating the snapshot folder `out`.
+/// `out` must not exist (or be an empty folder): nothing the user has is replaced.
 pub fn apply(path: &Path, base: &BaseVm, out: &Path, accel: Accel) -> Result<(Snapshot, ApplyReport), SynthError> {
-    if out.join(MANIFEST_FILE).exists() {
-        return Err(SynthError::Exists { what: "a launch VM".into(), path: out.to_path_buf() });
-    }
+    let occupied = match std::fs::read_dir(out) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(_) => true, // a file, or unreadable
+    };
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
+    let (Some(name), false) = (name, occupied) else {
+        return Err(SynthError::Exists { what: "something (give a new folder for the launch VM)".into(), path: out.to_path_buf() });
+    };
     let file = File::open(path).map_err(|source| SynthError::Io { path: path.to_path_buf(), source })?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
-    let result = apply_into(BufReader::with_capacity(1 << 20, file), path, base, &partial, accel);
+    let result = apply_into(BufReader::with_capacity(1 << 20, file), path, base, &partial, accel)
+        .and_then(|report| Ok((Snapshot::open(&partial)?, report)));
     match result {
-        Ok(report) => {
-            let _ = std::fs::remove_dir_all(out);
+        Ok((_, report)) => {
+            let _ = std::fs::remove_dir(out); // only if it is an empty folder
             std::fs::rename(&partial, out).map_err(|source| SynthError::Io { path: out.to_path_buf(), source })?;
             Ok((Snapshot::open(out)?, report))
         }
@@ -78,11 +85,25 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
     if m.memory_size != base.manifest().memory_size || m.disk_size != base.manifest().disk_size {
         return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "sizes differ from the base's".into() });
     }
-    let mut spec: VmSpec = serde_json::from_value(m.vm["spec"].clone())
+    // The launch VM is the base's hardware: take the spec from the local base (its boot
+    // files are this host's), and only check that the overlay's agrees with it.
+    let claimed: VmSpec = serde_json::from_value(m.vm["spec"].clone())
         .map_err(|e| SynthError::BadFile { path: path.to_path_buf(), detail: format!("launch VM description: {e}") })?;
-    if spec.disks.len() != 1 {
-        return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "launch VM must have one disk".into() });
+    let mut spec = base.snapshot().manifest().spec.clone();
+    if claimed.hardware_fingerprint() != spec.hardware_fingerprint() {
+        return Err(SynthError::BadFile {
+            path: path.to_path_buf(),
+            detail: format!("its launch VM's hardware differs from base {}'s", base.manifest().name),
+        });
     }
+    spec.name = claimed.name;
+    // Guest ports come from the overlay; host sides are chosen at restore, on loopback.
+    spec.nic = claimed.nic.filter(|_| spec.nic.is_some()).map(|mut n| {
+        for f in &mut n.forwards {
+            f.host_addr = std::net::Ipv4Addr::LOCALHOST;
+        }
+        n
+    });
     crate::DataDir::ensure(dir)?;
     let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
     forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;

@@ -180,6 +180,7 @@ pub fn create(base: &BaseVm, launch: &LaunchInput, opts: &CreateOptions, out: &P
     chunks.sort_unstable_by_key(|c| (c.space, c.index));
 
     // Order.
+    let mut accessed_blobs = 0u64;
     let order_ids: Vec<u32> = match launch.accessed {
         None => (0..pending.len() as u32).collect(),
         Some((mem, disk)) => {
@@ -194,13 +195,17 @@ pub fn create(base: &BaseVm, launch: &LaunchInput, opts: &CreateOptions, out: &P
                 }
             }
             first.sort_unstable();
+            accessed_blobs = first.len() as u64;
             let rest = (0..pending.len() as u32).filter(|b| !first_set.contains(b));
             first.iter().copied().chain(rest).collect()
         }
     };
     let order = match launch.accessed {
         None => Order::Offset,
-        Some((m, d)) => Order::Access { profiled_chunks: (m.len() + d.len()) as u64 },
+        Some((m, d)) => Order::Access {
+            profiled_chunks: (m.len() + d.len()) as u64,
+            accessed_blobs,
+        },
     };
 
     // Encode and pack.

@@ -109,8 +109,6 @@ pub async fn build(
         if semantic_disk {
             agent.exec_ok(&["fstrim", "/data"], t)?;
         }
-        // Flush the file system completely so its on-disk bitmaps are current.
-        agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], t)?;
         Ok(())
     })
     .await
@@ -118,6 +116,15 @@ pub async fn build(
     if opts.semantic_memory {
         settle_reporting(&vm.spec().memory_file, opts.settle).await;
     }
+    // Last step before the save: flush the file system completely so its on-disk bitmaps
+    // are current (ext4 introspection reads them); the save follows at once.
+    tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
+        let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
+        agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], Duration::from_secs(60))?;
+        Ok(())
+    })
+    .await
+    .expect("flush does not panic")?;
     let install_time = start.elapsed();
     let mut snapshot = vm.save(&work.join("snapshot")).await?;
     drop(vm);

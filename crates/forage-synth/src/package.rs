@@ -20,6 +20,8 @@ use crate::SynthError;
 pub const PACKAGE_KIND: &str = "forage-base-package";
 pub const PACKAGE_FORMAT: u32 = 1;
 const MAX_PACKAGE_JSON: u64 = 1 << 20;
+/// The entries a package may hold after package.json.
+const ALLOWED: &[&str] = &["snapshot/snapshot.json", "snapshot/memory.raw", "snapshot/state", "snapshot/disk0.raw"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,14 +127,21 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
         DataDir::ensure(&work.join("snapshot"))?;
         let mut seen = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| bad(format!("cut or corrupted: {e}")))?;
+            let mut entry = entry.map_err(|e| bad(format!("cut or corrupted: {e}")))?;
             let ename = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
+            // Only the listed plain files under snapshot/: nothing may land elsewhere.
+            if !ALLOWED.contains(&ename.as_str()) || entry.header().entry_type() != tar::EntryType::Regular {
+                return Err(bad(format!("unexpected entry {ename:?}")));
+            }
             let listed = pkg.files.iter().find(|f| f.name == ename).ok_or_else(|| bad(format!("unlisted entry {ename}")))?;
             if seen.contains(&ename) {
                 return Err(bad(format!("{ename} appears twice")));
             }
+            if entry.size() != listed.size {
+                return Err(bad(format!("{ename} is {} bytes, package.json says {}", entry.size(), listed.size)));
+            }
             let target = work.join(&listed.name);
-            let (size, sha) = write_sparse(entry, &target).map_err(|e| bad(format!("{ename}: {e}")))?;
+            let (size, sha) = write_sparse((&mut entry).take(listed.size), &target).map_err(|e| bad(format!("{ename}: {e}")))?;
             if size != listed.size || sha != listed.sha256 {
                 return Err(bad(format!("{ename} does not match its checksum (corrupted)")));
             }
@@ -141,7 +150,11 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
         if let Some(missing) = pkg.files.iter().find(|f| !seen.contains(&f.name)) {
             return Err(bad(format!("{} is missing (package cut short?)", missing.name)));
         }
-        let snapshot = Snapshot::open(&work.join("snapshot"))?;
+        let mut snapshot = Snapshot::open(&work.join("snapshot"))?;
+        // The creator's image paths mean nothing here: boot from the local image of that name.
+        if let Ok(image) = forage_image::GuestImage::open(data, &pkg.base.image) {
+            snapshot.set_direct_boot(image.dir().join(&image.manifest().kernel), image.dir().join(&image.manifest().initrd))?;
+        }
         let manifest = crate::base::finish(&work, &name, &pkg.base.image, &snapshot)?;
         if manifest.digest != pkg.base.digest {
             return Err(bad(format!("contents give digest {}, the package claims {}", short(&manifest.digest), short(&pkg.base.digest))));
@@ -156,8 +169,9 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
     BaseVm::open(data, &name)
 }
 
+/// The first 12 characters of a digest (any string: digests in files are untrusted).
 pub fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
+    digest.char_indices().nth(12).map(|(i, _)| &digest[..i]).unwrap_or(digest)
 }
 
 /// Copy `r` into `target`, leaving all-zero 4 KiB blocks as holes; returns size and SHA-256.

@@ -237,6 +237,13 @@ fn bad_overlays_are_refused_and_leave_nothing() {
         assert_nothing_left(&outdir, &out);
     }
 
+    // A folder the user already has is never replaced.
+    let mine = outdir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), b"keep me").unwrap();
+    assert!(matches!(forage_synth::apply::apply(&good, &base, &mine, Accel::Tcg), Err(SynthError::Exists { .. })));
+    assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep me");
+
     // The good one still applies; applying over an existing result is refused.
     forage_synth::apply::apply(&good, &base, &out, Accel::Tcg).unwrap();
     assert!(matches!(forage_synth::apply::apply(&good, &base, &out, Accel::Tcg), Err(SynthError::Exists { .. })));
@@ -280,8 +287,8 @@ fn ext4_free_blocks_are_dropped() {
         .arg(&content)
         .arg(&fs)
         .arg("4M")
-        .status();
-    let Ok(ok) = ok else { return }; // no e2fsprogs here: nothing to check against
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs, installed by scripts/deps.sh) is needed by this test");
     assert!(ok.success());
     let free = forage_synth::ext4::free_chunks(&fs, CHUNK_SIZE as u64).unwrap().unwrap();
     let garbage_at = (free.len() - 10) as u64; // near the end: free
@@ -306,4 +313,38 @@ fn ext4_free_blocks_are_dropped() {
     let off = CreateOptions { semantic_disk: false, ..opts() };
     let m = forage_synth::create::create(&base, &input(&launch), &off, &out).unwrap().manifest;
     assert_eq!(m.ref_counts().get("new"), Some(&1), "without the semantic gap it is carried");
+}
+
+#[test]
+fn package_entries_cannot_escape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = DataDir::at(tmp.path().join("data"));
+    let base = make_base(&data, "b", 0);
+    let pkg = tmp.path().join("b.fbase");
+    forage_synth::package::export(&base, &pkg).unwrap();
+    // Rewrite the package with one entry renamed to climb out of the import folder.
+    let tar_bytes = zstd::decode_all(&std::fs::read(&pkg).unwrap()[..]).unwrap();
+    let mut out = tar::Builder::new(Vec::new());
+    for e in tar::Archive::new(&tar_bytes[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut name = e.path().unwrap().to_string_lossy().into_owned();
+        if name == "snapshot/state" {
+            name = "snapshot/../../../../escaped".into();
+        }
+        let mut h = e.header().clone();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut body).unwrap();
+        h.set_size(body.len() as u64);
+        // set_path refuses "..": write the name bytes directly, as an attacker would.
+        let raw = h.as_old_mut();
+        raw.name = [0; 100];
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        out.append(&h, &body[..]).unwrap();
+    }
+    std::fs::write(&pkg, zstd::encode_all(&out.into_inner().unwrap()[..], 1).unwrap()).unwrap();
+    let err = forage_synth::package::import(&data, &pkg, Some("evil")).unwrap_err().to_string();
+    assert!(err.contains("unexpected entry"), "{err}");
+    assert!(!tmp.path().join("escaped").exists() && !data.root().join("escaped").exists());
+    assert!(!data.base("evil").unwrap().exists());
 }

@@ -37,8 +37,9 @@ pub enum QmpError {
     Disconnected { path: PathBuf },
     #[error("QMP socket {path}: {detail}")]
     Protocol { path: PathBuf, detail: String },
-    #[error("QEMU refused {command}: {class}: {desc}")]
+    #[error("QEMU ({socket}) refused {command}: {class}: {desc}")]
     Command {
+        socket: PathBuf,
         command: String,
         class: String,
         desc: String,
@@ -150,6 +151,7 @@ impl Qmp {
         match rx.await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
+                socket: self.path.clone(),
                 command: command.to_string(),
                 class,
                 desc,
@@ -196,6 +198,7 @@ async fn read_loop(
         } else {
             let err = &v["error"];
             Err(QmpError::Command {
+                socket: PathBuf::new(),
                 command: String::new(),
                 class: err["class"].as_str().unwrap_or("?").to_string(),
                 desc: err["desc"].as_str().unwrap_or("?").to_string(),

@@ -125,6 +125,20 @@ impl Snapshot {
 
     fn check_files(&self) -> Result<(), SnapshotError> {
         let m = &self.manifest;
+        let bad = |detail: String| SnapshotError::BadManifest {
+            path: self.dir.join(MANIFEST_FILE),
+            detail,
+        };
+        // Files are named inside the folder, never elsewhere.
+        for name in std::iter::once(&m.memory.file).chain(m.disks.iter().map(|d| &d.file)).chain([&m.state.file]) {
+            if !plain_file_name(name) {
+                return Err(bad(format!("file name {name:?} is not a plain name inside the folder")));
+            }
+        }
+        crate::spec::check_words(&m.spec).map_err(bad)?;
+        if m.spec.memory_mib.checked_mul(1 << 20).is_none() {
+            return Err(bad(format!("{} MiB of memory is not a size", m.spec.memory_mib)));
+        }
         if m.memory.size != m.spec.memory_bytes() {
             return Err(SnapshotError::BadManifest {
                 path: self.dir.join(MANIFEST_FILE),
@@ -211,10 +225,24 @@ impl Snapshot {
         self.manifest.disks[i] = FileRecord { file: name, size };
         self.manifest.spec.disks[i].format = crate::spec::DiskFormat::Raw;
         self.manifest.spec.disks[i].path = target.clone();
-        let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.manifest).expect("serializes")).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, self.dir.join(MANIFEST_FILE)).map_err(io(&tmp))?;
+        self.write_manifest()
+    }
+
+    /// Boot files of the saved VM (direct kernel boot), e.g. the local copy of its image.
+    pub fn set_direct_boot(&mut self, kernel: PathBuf, initrd: PathBuf) -> Result<(), SnapshotError> {
+        if let Some(boot) = self.manifest.spec.boot.as_mut() {
+            boot.kernel = kernel;
+            boot.initrd = initrd;
+            self.write_manifest()?;
+        }
         Ok(())
+    }
+
+    fn write_manifest(&self) -> Result<(), SnapshotError> {
+        let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let io = |source| SnapshotError::Io { path: tmp.clone(), source };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.manifest).expect("serializes")).map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join(MANIFEST_FILE)).map_err(io)
     }
 
     /// Refuse to restore into hardware different from what was saved.
@@ -229,6 +257,10 @@ impl Snapshot {
         }
         Ok(())
     }
+}
+
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
 fn describe(spec: &VmSpec) -> String {

@@ -223,8 +223,23 @@ impl VmSpec {
     }
 
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_mib * 1024 * 1024
+        self.memory_mib.saturating_mul(1024 * 1024)
     }
+}
+
+/// Words that go into QEMU option strings unescaped (machine type, CPU model) must be
+/// plain: a comma would add options.
+pub fn check_words(spec: &VmSpec) -> Result<(), String> {
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !plain(&spec.machine) {
+        return Err(format!("machine type {:?} is not a plain name", spec.machine));
+    }
+    if let Some(cpu) = &spec.cpu_model {
+        if !plain(cpu) {
+            return Err(format!("CPU model {cpu:?} is not a plain name"));
+        }
+    }
+    Ok(())
 }
 
 fn on_off(b: bool) -> &'static str {

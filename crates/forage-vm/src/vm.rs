@@ -200,8 +200,10 @@ impl Vm {
                 Ok(s) if s["status"] != "inmigrate" => return Ok(()),
                 Ok(_) => {}
                 // QEMU exits when the stream is bad: report that, not the socket.
-                Err(_) => {
-                    self.process.wait().await;
+                Err(e) => {
+                    if tokio::time::timeout(Duration::from_secs(10), self.process.wait()).await.is_err() {
+                        return Err(VmError::from(e).into());
+                    }
                     continue;
                 }
             }
@@ -415,6 +417,7 @@ fn exited(spec: &VmSpec, process: &QemuProcess) -> VmError {
 
 /// Check, before QEMU starts, the inputs whose absence QEMU reports obscurely.
 fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
+    crate::spec::check_words(spec).map_err(|detail| VmError::BadSpec { vm: spec.name.clone(), detail })?;
     let mut needed: Vec<&PathBuf> = spec.disks.iter().map(|d| &d.path).collect();
     if let Some(b) = &spec.boot {
         needed.push(&b.kernel);

@@ -41,6 +41,16 @@ async fn boot_save_restore_guest_carries_on() {
         let before = agent.exec(&["ls", "/data/apps"], Duration::from_secs(10)).unwrap();
         assert!(!before.stdout.contains("hashsearch"), "app baked into the image");
         app2.install(&mut agent).unwrap();
+        // A command that leaves a program running in the background answers at once...
+        let t = std::time::Instant::now();
+        let out = agent.exec(&["sh", "-c", "sleep 1000 & echo started"], Duration::from_secs(30)).unwrap();
+        assert_eq!(out.stdout.trim(), "started");
+        assert!(t.elapsed() < Duration::from_secs(10), "exec waited {:?}", t.elapsed());
+        // ...and a timeout kills everything the command started.
+        let out = agent.exec(&["sh", "-c", "sleep 300 & sleep 300"], Duration::from_secs(2)).unwrap();
+        assert!(out.timed_out);
+        let left = agent.exec(&["sh", "-c", "ps | grep -c '[s]leep 300'"], Duration::from_secs(10)).unwrap();
+        assert_eq!(left.stdout.trim(), "0", "timed-out command's children still run");
     })
     .await
     .unwrap();

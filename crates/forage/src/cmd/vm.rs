@@ -227,14 +227,21 @@ async fn attached(data: &DataDir, name: &str) -> anyhow::Result<Vm> {
 async fn save(data: &DataDir, name: &str, force: bool, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     let mut vm = attached(data, name).await?;
+    let had_save = paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE).exists();
+    if had_save && !force {
+        bail!("VM {name} already has a save at {}: pass --force to replace it", paths.snapshot.display());
+    }
+    // Save next to the old one and swap only when the new one is complete: a failed save
+    // keeps both the running VM and the previous save.
+    let fresh = paths.dir.join("snapshot.new");
+    let _ = std::fs::remove_dir_all(&fresh);
+    let t = Instant::now();
+    vm.save(&fresh).await.with_context(|| format!("saving VM {name}"))?;
     if paths.snapshot.exists() {
-        if !force && paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE).exists() {
-            bail!("VM {name} already has a save at {}: pass --force to replace it", paths.snapshot.display());
-        }
         std::fs::remove_dir_all(&paths.snapshot).with_context(|| paths.snapshot.display().to_string())?;
     }
-    let t = Instant::now();
-    let snap = vm.save(&paths.snapshot).await.with_context(|| format!("saving VM {name}"))?;
+    std::fs::rename(&fresh, &paths.snapshot).with_context(|| paths.snapshot.display().to_string())?;
+    let snap = Snapshot::open(&paths.snapshot)?;
     report_snapshot(name, &snap, t.elapsed(), json);
     Ok(())
 }
