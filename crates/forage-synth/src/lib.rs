@@ -40,7 +40,7 @@ pub enum SynthError {
     },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
-    #[error("the application {app} did not answer on guest port {port} within {waited:?}")]
+    #[error("the application {app} did not answer on guest port {port} of the launch VM within {waited:?}")]
     AppNotReady { app: String, port: u16, waited: std::time::Duration },
     #[error(transparent)]
     Agent(#[from] forage_agent::AgentError),
