@@ -44,7 +44,7 @@ impl SegmentCodec {
         let mut out = Vec::with_capacity(expected);
         let limit = expected as u64 + 1;
         let r = match self {
-            SegmentCodec::None => (&data[..]).take(limit).read_to_end(&mut out),
+            SegmentCodec::None => data.take(limit).read_to_end(&mut out),
             SegmentCodec::Zstd { .. } => zstd::stream::read::Decoder::new(data)
                 .and_then(|d| d.take(limit).read_to_end(&mut out)),
             SegmentCodec::Lzma { .. } => liblzma::read::XzDecoder::new(data).take(limit).read_to_end(&mut out),

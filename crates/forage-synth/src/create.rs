@@ -10,7 +10,7 @@
 //! Memory: the base index, one map entry per unique blob (hash -> id), the chunk map, and
 //! one segment buffer. Chunk data streams from the files.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -384,10 +384,5 @@ fn hole_chunks(f: &File, len: u64) -> std::io::Result<HashSet<u64>> {
         pos = end;
     }
     Ok(holes)
-}
-
-/// Counts per kind, for reports.
-pub fn summarize(m: &Manifest) -> BTreeMap<&'static str, u64> {
-    m.ref_counts()
 }
 

@@ -49,7 +49,7 @@ fn describe_snapshot(dir: &Path) -> Snapshot {
         machine: "pc".into(),
         cpu_model: None,
         vcpus: 1,
-        memory_mib: MEM_CHUNKS * CHUNK_SIZE as u64 >> 20,
+        memory_mib: (MEM_CHUNKS * CHUNK_SIZE as u64) >> 20,
         memory_file: dir.join("memory.raw"),
         boot: None,
         disks: vec![DiskSpec { path: dir.join("disk0.raw"), format: forage_vm::DiskFormat::Raw, read_only: false, discard: true }],
@@ -298,7 +298,7 @@ fn ext4_free_blocks_are_dropped() {
     snapshot_dir(&bdir, b"QEVM\0\0\0\x03base-state");
     std::fs::copy(&fs, bdir.join("disk0.raw")).unwrap();
     let snap = describe_snapshot(&bdir);
-    forage_synth::base::finish(&bdir.parent().unwrap().to_path_buf(), "e", "synthetic", &snap).unwrap();
+    forage_synth::base::finish(bdir.parent().unwrap(), "e", "synthetic", &snap).unwrap();
     let base = BaseVm::open(&data, "e").unwrap();
 
     // The launch VM left garbage in a block the file system has free (a deleted file).

@@ -220,8 +220,6 @@ pub enum VmCommand {
         /// Restore this snapshot folder (e.g. `forage overlay apply --out DIR`) as VM NAME
         #[arg(long, value_name = "DIR")]
         from: Option<PathBuf>,
-        #[command(flatten)]
-        wait: WaitArgs,
         #[arg(long)]
         json: bool,
     },

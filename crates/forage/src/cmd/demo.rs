@@ -1,7 +1,7 @@
 //! `forage demo`: the quickstart. Builds (or reuses) the tiny guest, boots it, installs the
 //! sample service through the guest agent, asks it for a result, saves the VM (memory file
 //! + device state), kills QEMU, restores into a new QEMU, and shows that the guest carried
-//! on: the service's request counter and the serial heartbeat continue where they stopped.
+//!   on: the service's request counter and the serial heartbeat continue where they stopped.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;

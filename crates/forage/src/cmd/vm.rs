@@ -102,7 +102,7 @@ pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
         VmCommand::Boot { name, image, app, wait, json } => boot(data, &name, &image, app.as_deref(), wait.ready_timeout_s, json).await,
         VmCommand::Save { name, force, json } => save(data, &name, force, json).await,
-        VmCommand::Restore { name, from, wait, json } => restore(data, &name, from.as_deref(), wait.ready_timeout_s, json).await,
+        VmCommand::Restore { name, from, json } => restore(data, &name, from.as_deref(), json).await,
         VmCommand::Pause { name } => attached(data, &name).await?.pause().await.map_err(Into::into),
         VmCommand::Resume { name } => attached(data, &name).await?.resume().await.map_err(Into::into),
         VmCommand::Stop { name } => attached(data, &name).await?.shutdown().await.map_err(Into::into),
@@ -266,7 +266,7 @@ pub fn report_snapshot(name: &str, snap: &Snapshot, took: Duration, json: bool) 
     }
 }
 
-async fn restore(data: &DataDir, name: &str, from: Option<&Path>, ready_s: u64, json: bool) -> anyhow::Result<()> {
+async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     let snap = Snapshot::open(from.unwrap_or(&paths.snapshot))?;
     let mut record = match (paths.load(), from) {
@@ -303,7 +303,6 @@ async fn restore(data: &DataDir, name: &str, from: Option<&Path>, ready_s: u64, 
     if !json {
         eprintln!("VM {name} restored in {:.2} s", took.as_secs_f64());
     }
-    let _ = ready_s; // a restored guest is already past its ready marker
     announce(&record, took, json);
     supervise(vm, name, &paths, json).await
 }
@@ -322,9 +321,9 @@ pub async fn restore_snapshot(snap: &Snapshot, name: &str, run: &RunPaths, accel
     std::fs::create_dir_all(&run.dir).with_context(|| run.dir.display().to_string())?;
     let mut spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(forwards));
     spec.name = name.to_string();
-    Ok(Vm::restore(snap, spec, accel, &run.dir.join("qemu.log"))
+    Vm::restore(snap, spec, accel, &run.dir.join("qemu.log"))
         .await
-        .with_context(|| format!("restoring VM {name} from {}", snap.dir().display()))?)
+        .with_context(|| format!("restoring VM {name} from {}", snap.dir().display()))
 }
 
 async fn exec(data: &DataDir, name: &str, timeout_s: u64, command: &[String]) -> anyhow::Result<()> {
