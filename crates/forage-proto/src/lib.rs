@@ -1,0 +1,319 @@
+//! forage-proto: the device <-> cloudlet synthesis protocol, version 1.
+//!
+//! Every message is one frame: `u32 LE length | u8 kind | payload`, where `length` counts
+//! the kind byte and the payload (at most [`MAX_FRAME`]), and the payload is the message
+//! encoded as CBOR (byte strings for overlay bytes). The first message of each side says
+//! which versions it speaks; both then use the highest common one ("accept N and N-1").
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant D as device
+//!     participant C as cloudlet
+//!     D->>C: Hello {versions 1..=1, device, offers: [base digest, sizes]...}
+//!     C->>D: Welcome {version, chosen base} | Welcome {no base, missing digests}
+//!     D->>C: Manifest {overlay header + manifest bytes}
+//!     Note over C: checks it; with early start, resumes the VM now
+//!     C-->>D: Fetch {segment}   (a VM read needs a segment not yet here)
+//!     D->>C: Segment {index, bytes}   (fetched ones overtake the bulk stream)
+//!     D->>C: Segment ... in overlay order, until all are sent
+//!     C->>D: Ready {endpoint, resumed after ms}   (VM running; before Complete with early start)
+//!     C->>D: Complete {segments, bytes}   (every segment applied)
+//!     D->>C: Bye
+//!     Note over D,C: either side may send Error {code, message} and close
+//! ```
+//!
+//! Documented in `docs/synthesis-protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// Versions this build speaks.
+pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MAX: u16 = 1;
+/// Largest frame (kind + payload): a segment is at most 32 MiB compressed.
+pub const MAX_FRAME: u32 = 33 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// Digest of the base VM the overlay applies to.
+    pub base_digest: String,
+    pub manifest_bytes: u64,
+    pub overlay_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No common protocol version.
+    Version,
+    /// The cloudlet holds none of the offered bases.
+    NoBase,
+    /// The overlay failed a check (checksum, truncation, format).
+    BadOverlay,
+    /// The peer broke the message sequence.
+    Protocol,
+    /// Something failed on the cloudlet (disk full, QEMU...).
+    Internal,
+    /// The peer did not answer in time.
+    Timeout,
+}
+
+/// Every message of version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "m", rename_all = "snake_case")]
+pub enum Message {
+    Hello {
+        versions: (u16, u16),
+        device: String,
+        offers: Vec<Offer>,
+        /// Resume the VM as soon as the manifest is there.
+        early_start: bool,
+    },
+    Welcome {
+        version: u16,
+        cloudlet: String,
+        /// The base chosen among the offers, or none.
+        chosen: Option<String>,
+        /// Offered bases this cloudlet does not hold.
+        missing: Vec<String>,
+    },
+    Manifest {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    Segment {
+        index: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    Fetch {
+        index: u32,
+    },
+    Ready {
+        endpoint: String,
+        resumed_after_ms: u64,
+    },
+    Complete {
+        segments: u32,
+        bytes: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Bye,
+}
+
+impl Message {
+    /// The frame's kind byte (also lets a reader skip a payload it will not decode).
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Welcome { .. } => 2,
+            Message::Manifest { .. } => 3,
+            Message::Segment { .. } => 4,
+            Message::Fetch { .. } => 5,
+            Message::Ready { .. } => 6,
+            Message::Complete { .. } => 7,
+            Message::Error { .. } => 8,
+            Message::Bye => 9,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Manifest { .. } => "Manifest",
+            Message::Segment { .. } => "Segment",
+            Message::Fetch { .. } => "Fetch",
+            Message::Ready { .. } => "Ready",
+            Message::Complete { .. } => "Complete",
+            Message::Error { .. } => "Error",
+            Message::Bye => "Bye",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME}")]
+    TooLarge(u64),
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("message kind {kind} does not match its payload ({payload})")]
+    KindMismatch { kind: u8, payload: &'static str },
+    #[error("unreadable {kind} message: {detail}")]
+    Payload { kind: u8, detail: String },
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encode a message as one frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut payload = Vec::new();
+    ciborium::into_writer(msg, &mut payload).expect("messages encode");
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.extend_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
+    frame.push(msg.kind());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Check a frame length read off the wire.
+pub fn check_len(len: u32) -> Result<(), ProtoError> {
+    match len {
+        0 => Err(ProtoError::Empty),
+        l if l > MAX_FRAME => Err(ProtoError::TooLarge(l as u64)),
+        _ => Ok(()),
+    }
+}
+
+/// Decode the body of a frame (kind byte + payload; untrusted bytes).
+pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
+    let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
+    if !(1..=9).contains(&kind) {
+        return Err(ProtoError::UnknownKind(kind));
+    }
+    let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
+    if msg.kind() != kind {
+        return Err(ProtoError::KindMismatch { kind, payload: msg.name() });
+    }
+    Ok(msg)
+}
+
+/// The version two sides agree on, if any.
+pub fn negotiate(theirs: (u16, u16)) -> Option<u16> {
+    let hi = theirs.1.min(VERSION_MAX);
+    (hi >= theirs.0.max(VERSION_MIN)).then_some(hi)
+}
+
+/// Blocking I/O.
+pub mod blocking {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    pub fn write(w: &mut impl Write, msg: &Message) -> Result<(), ProtoError> {
+        w.write_all(&encode(msg))?;
+        Ok(())
+    }
+
+    pub fn read(r: &mut impl Read) -> Result<Message, ProtoError> {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
+            other => other?,
+        }
+        let len = u32::from_le_bytes(len);
+        check_len(len)?;
+        let mut body = Vec::new();
+        r.take(len as u64).read_to_end(&mut body)?;
+        if body.len() != len as usize {
+            return Err(ProtoError::Closed);
+        }
+        decode_body(&body)
+    }
+}
+
+/// Asynchronous I/O (tokio).
+#[cfg(feature = "tokio")]
+pub mod asynchronous {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    use super::*;
+
+    pub async fn write(w: &mut (impl AsyncWrite + Unpin), msg: &Message) -> Result<(), ProtoError> {
+        w.write_all(&encode(msg)).await?;
+        Ok(())
+    }
+
+    pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<Message, ProtoError> {
+        let len = match r.read_u32_le().await {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
+            other => other?,
+        };
+        check_len(len)?;
+        let mut body = Vec::new();
+        r.take(len as u64).read_to_end(&mut body).await?;
+        if body.len() != len as usize {
+            return Err(ProtoError::Closed);
+        }
+        decode_body(&body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                versions: (1, 1),
+                device: "phone".into(),
+                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99 }],
+                early_start: true,
+            },
+            Message::Welcome { version: 1, cloudlet: "c".into(), chosen: Some("ab".into()), missing: vec![] },
+            Message::Manifest { bytes: b"FORAGEOV".to_vec() },
+            Message::Segment { index: 3, bytes: vec![7; 1000] },
+            Message::Fetch { index: 9 },
+            Message::Ready { endpoint: "127.0.0.1:4000".into(), resumed_after_ms: 1500 },
+            Message::Complete { segments: 10, bytes: 12345 },
+            Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
+            Message::Bye,
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_both_io_flavours() {
+        let mut wire = Vec::new();
+        for m in all() {
+            blocking::write(&mut wire, &m).unwrap();
+        }
+        let mut r = &wire[..];
+        for m in all() {
+            assert_eq!(blocking::read(&mut r).unwrap(), m);
+        }
+        assert!(matches!(blocking::read(&mut r), Err(ProtoError::Closed)));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut r = &wire[..];
+            for m in all() {
+                assert_eq!(asynchronous::read(&mut r).await.unwrap(), m);
+            }
+        });
+    }
+
+    #[test]
+    fn segment_bytes_are_carried_as_bytes() {
+        let frame = encode(&Message::Segment { index: 0, bytes: vec![0xab; 100_000] });
+        assert!(frame.len() < 100_100, "{} bytes on the wire for 100000", frame.len());
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert!(matches!(check_len(0), Err(ProtoError::Empty)));
+        assert!(matches!(check_len(MAX_FRAME + 1), Err(ProtoError::TooLarge(_))));
+        assert!(matches!(decode_body(&[0]), Err(ProtoError::UnknownKind(0))));
+        assert!(matches!(decode_body(&[4, 0xff]), Err(ProtoError::Payload { .. })));
+        // A Fetch payload under the Segment kind byte.
+        let mut f = encode(&Message::Fetch { index: 1 });
+        f[4] = 4;
+        assert!(matches!(decode_body(&f[4..]), Err(ProtoError::KindMismatch { .. })));
+        // Cut mid-frame.
+        let f = encode(&Message::Bye);
+        assert!(matches!(blocking::read(&mut &f[..f.len() - 1]), Err(ProtoError::Closed)));
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(negotiate((1, 3)), Some(1));
+        assert_eq!(negotiate((2, 3)), None);
+        assert_eq!(negotiate((0, 1)), Some(1));
+    }
+}
