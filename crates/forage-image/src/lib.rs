@@ -203,12 +203,17 @@ impl GuestImage {
 /// Forwards from free loopback ports to the given guest ports. The kernel picks each free
 /// port; QEMU binds it moments later.
 pub fn loopback_forwards(guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
+    forwards_on(std::net::Ipv4Addr::LOCALHOST, guest_ports)
+}
+
+/// Forwards from free ports of `host_addr` to the given guest ports.
+pub fn forwards_on(host_addr: std::net::Ipv4Addr, guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
     let mut held = Vec::new();
     let mut out = Vec::new();
     for guest_port in guest_ports {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let l = std::net::TcpListener::bind((host_addr, 0))?;
         out.push(PortForward {
-            host_addr: std::net::Ipv4Addr::LOCALHOST,
+            host_addr,
             host_port: l.local_addr()?.port(),
             guest_port,
         });

@@ -95,6 +95,8 @@ pub enum Message {
     Complete {
         segments: u32,
         bytes: u64,
+        /// From the manifest's arrival to the last segment applied.
+        apply_ms: u64,
     },
     Error {
         code: ErrorCode,
@@ -263,7 +265,7 @@ mod tests {
             Message::Segment { index: 3, bytes: vec![7; 1000] },
             Message::Fetch { index: 9 },
             Message::Ready { endpoint: "127.0.0.1:4000".into(), resumed_after_ms: 1500 },
-            Message::Complete { segments: 10, bytes: 12345 },
+            Message::Complete { segments: 10, bytes: 12345, apply_ms: 80 },
             Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
             Message::Bye,
         ]

@@ -31,6 +31,29 @@ pub enum Command {
     /// VM overlays: a launch VM as a small difference against a base
     #[command(subcommand)]
     Overlay(OverlayCommand),
+    /// Run a cloudlet: accept devices and synthesize their overlays (pipelined; no early start yet)
+    Serve {
+        /// Address devices connect to
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: std::net::SocketAddr,
+        /// Address service ports are forwarded on [default: the listen address]
+        #[arg(long)]
+        service_addr: Option<std::net::Ipv4Addr>,
+        /// Name announced to devices
+        #[arg(long, default_value = "cloudlet")]
+        name: String,
+    },
+    /// Synthesize an overlay on a cloudlet and print the first response with its breakdown
+    Synthesize {
+        file: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        cloudlet: std::net::SocketAddr,
+        /// Keep the instance until Ctrl-C (otherwise it is released after the first response)
+        #[arg(long)]
+        hold: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Reproduce the papers' measurements on this machine
     #[command(subcommand)]
     Bench(BenchCommand),

@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod image;
 mod overlay;
+mod synthesis;
 mod vm;
 
 use anyhow::Context;
@@ -21,6 +22,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
+        Command::Serve { listen, service_addr, name } => synthesis::serve(&data, listen, service_addr, name).await,
+        Command::Synthesize { file, cloudlet, hold, json } => synthesis::synthesize(&file, cloudlet, hold, json).await,
         Command::Demo(a) => demo::run(&data, a).await,
     }
 }
