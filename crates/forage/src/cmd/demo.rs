@@ -1,7 +1,13 @@
-//! `forage demo`: the quickstart. Builds (or reuses) the tiny guest, boots it, installs the
-//! sample service through the guest agent, asks it for a result, saves the VM (memory file
-//! + device state), kills QEMU, restores into a new QEMU, and shows that the guest carried
-//!   on: the service's request counter and the serial heartbeat continue where they stopped.
+//! `forage demo`: the quickstart.
+//!
+//! Part 1, the VM lifecycle: builds (or reuses) the tiny guest, boots it, installs the
+//! sample service through the guest agent, asks it for a result, saves the VM (memory
+//! file + device state), kills QEMU, restores into a new QEMU, and shows that the guest
+//! carried on: the service's request counter and the serial heartbeat continue.
+//!
+//! Part 2, a cloudlet: creates (or reuses) a base VM and the sample app's overlay, starts
+//! a cloudlet on loopback, synthesizes the overlay on it as a device would, and prints the
+//! first response with its breakdown.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -111,7 +117,70 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     if !(counter_ok && tick_ok) {
         bail!("the restored guest did not carry on: counter {served_before} -> {served_after}, tick {last_tick_before} -> {first_tick_after}");
     }
+    cloudlet_part(data, &image, &app, accel, args.json).await
+}
+
+/// Part 2: base, overlay, cloudlet, synthesis, first response.
+async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &AppPackage, accel: forage_vm::Accel, json: bool) -> anyhow::Result<()> {
+    use forage_synth::BaseVm;
+    let say = |s: String| {
+        if !json {
+            println!("{s}");
+        }
+    };
+    say(String::new());
+    let base = match BaseVm::open(data, "demo-base") {
+        Ok(b) => b,
+        Err(_) => {
+            let t = Instant::now();
+            let b = BaseVm::create(data, "demo-base", image, accel, Duration::from_secs(3)).await?;
+            say(format!("6. base VM demo-base created in {:.1} s (digest {})", t.elapsed().as_secs_f64(), forage_synth::package::short(b.digest())));
+            b
+        }
+    };
+    let ovl = data.root().join("overlays").join(format!("{}.ovl", app.manifest().name));
+    let current = std::fs::File::open(&ovl)
+        .ok()
+        .and_then(|f| forage_format::OverlayReader::open(std::io::BufReader::new(f)).ok())
+        .is_some_and(|r| r.manifest().base.digest == base.digest());
+    if !current {
+        std::fs::create_dir_all(ovl.parent().expect("has a parent"))?;
+        let t = Instant::now();
+        let args = crate::cli::OverlayCreateArgs {
+            base: "demo-base".into(),
+            app: app_dir(app)?,
+            output: ovl.clone(),
+            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false },
+            order: "access".into(),
+            json: true,
+        };
+        super::overlay::build_overlay(data, &args, true).await?;
+        say(format!("7. overlay of {} created in {:.1} s: {} KiB", app.manifest().name, t.elapsed().as_secs_f64(), std::fs::metadata(&ovl)?.len() >> 10));
+    }
+    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet {
+        name: "demo-cloudlet".into(),
+        data: data.clone(),
+        accel,
+        service_addr: Ipv4Addr::LOCALHOST,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet));
+    say(format!("8. cloudlet demo-cloudlet listening on {addr}, holding base demo-base; a device synthesizes {}:", ovl.display()));
+    let (report, session) = forage_client::synthesize(&ovl, addr, "demo-device").await.context("synthesizing the demo overlay")?;
+    if json {
+        super::print_json(&report);
+    } else {
+        super::synthesis::print_report(&report);
+    }
+    session.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the cloudlet stop the instance
+    server.abort();
     Ok(())
+}
+
+fn app_dir(app: &AppPackage) -> anyhow::Result<std::path::PathBuf> {
+    Ok(forage_image::locate_guest_binary(&format!("apps/{}", app.manifest().name))?)
 }
 
 async fn blocking_request(addr: SocketAddr, line: &'static str) -> anyhow::Result<String> {

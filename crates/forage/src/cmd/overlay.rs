@@ -70,7 +70,14 @@ pub async fn build_launch(data: &DataDir, base: &BaseVm, app: &AppPackage, opts:
         .with_context(|| format!("building the launch VM of {} on base {}", app.manifest().name, base.manifest().name))
 }
 
-async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
+/// Build the launch VM, profile it (access order), write the overlay. Progress goes to
+/// stderr unless `quiet`; returns the report and the seconds spent on the launch VM.
+pub async fn build_overlay(data: &DataDir, args: &OverlayCreateArgs, quiet: bool) -> anyhow::Result<(forage_synth::create::CreateReport, f64)> {
+    let say = |s: &str| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
     let base = BaseVm::open(data, &args.base)?;
     let app = AppPackage::open(&args.app)?;
     let opts = args.reduce.create_options()?;
@@ -83,14 +90,10 @@ async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
             semantic_memory: opts.semantic_memory,
             ..LaunchOptions::default()
         };
-        if !args.json {
-            eprintln!("launch VM: resuming base {}, installing {} ...", args.base, app.manifest().name);
-        }
+        say(&format!("launch VM: resuming base {}, installing {} ...", args.base, app.manifest().name));
         let launch = build_launch(data, &base, &app, &lopts, &work).await?;
         let profile = if args.order == "access" {
-            if !args.json {
-                eprintln!("profiling a resume of the launch VM up to its first response ...");
-            }
+            say("profiling a resume of the launch VM up to its first response ...");
             Some(launch::profile_access(data, &launch.snapshot, &launch.app, forage_vm::accel::detect().accel, &work).await?)
         } else {
             None
@@ -107,29 +110,32 @@ async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
             }),
             accessed: profile.as_ref().map(|p| (&p.memory[..], &p.disk[..])),
         };
-        if !args.json {
-            eprintln!("writing the overlay ...");
-        }
+        say("writing the overlay ...");
         let report = forage_synth::create::create(&base, &input, &opts, &args.output)?;
-        let s = &report.manifest.stats;
-        let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
-        if args.json {
-            super::print_json(&json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}));
-        } else {
-            println!(
-                "overlay {}: {} KiB for {} MiB of modified state ({:.1}%), created in {:.1} s ({mbps:.1} MB/s) after {launch_s:.1} s building the launch VM",
-                args.output.display(),
-                report.bytes >> 10,
-                s.modified_bytes >> 20,
-                100.0 * report.bytes as f64 / s.modified_bytes.max(1) as f64,
-                report.took.as_secs_f64()
-            );
-        }
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>((report, launch_s))
     }
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
+    let (report, launch_s) = build_overlay(data, &args, args.json).await?;
+    let s = &report.manifest.stats;
+    let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
+    if args.json {
+        super::print_json(&json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}));
+    } else {
+        println!(
+            "overlay {}: {} KiB for {} MiB of modified state ({:.1}%), created in {:.1} s ({mbps:.1} MB/s) after {launch_s:.1} s building the launch VM",
+            args.output.display(),
+            report.bytes >> 10,
+            s.modified_bytes >> 20,
+            100.0 * report.bytes as f64 / s.modified_bytes.max(1) as f64,
+            report.took.as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 fn open(file: &Path) -> anyhow::Result<OverlayReader<std::io::BufReader<std::fs::File>>> {
