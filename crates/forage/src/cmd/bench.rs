@@ -39,6 +39,7 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
             eprintln!("{s}");
         }
     };
+    let accel = super::accel();
     let image = {
         let d = data.clone();
         tokio::task::spawn_blocking(move || super::ensure_image(&d, forage_image::TINY, true)).await??.image
@@ -47,7 +48,7 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
         Ok(b) => b,
         Err(_) => {
             say(&format!("creating base {} ...", args.base));
-            BaseVm::create(data, &args.base, &image, super::accel(), std::time::Duration::from_secs(5)).await?
+            BaseVm::create(data, &args.base, &image, accel, std::time::Duration::from_secs(5)).await?
         }
     };
     let work = data.work().join(format!("bench-{}", std::process::id()));

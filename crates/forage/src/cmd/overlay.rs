@@ -64,7 +64,8 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
 
 /// Build the launch VM for `app` on `base` in a scratch folder.
 pub async fn build_launch(data: &DataDir, base: &BaseVm, app: &AppPackage, opts: &LaunchOptions, work: &Path) -> anyhow::Result<LaunchVm> {
-    let accel = super::accel();
+    // Quiet detection: the command's entry already warned about TCG if it had to.
+    let accel = forage_vm::accel::detect().accel;
     launch::build(data, base, app, accel, opts, work)
         .await
         .with_context(|| format!("building the launch VM of {} on base {}", app.manifest().name, base.manifest().name))
@@ -120,6 +121,7 @@ pub async fn build_overlay(data: &DataDir, args: &OverlayCreateArgs, quiet: bool
 }
 
 async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
+    super::accel(); // one warning line if this is TCG
     let (report, launch_s) = build_overlay(data, &args, args.json).await?;
     let s = &report.manifest.stats;
     let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
