@@ -117,7 +117,10 @@ pub async fn build(
         settle_reporting(&vm.spec().memory_file, opts.settle).await;
     }
     // Last step before the save: flush the file system completely so its on-disk bitmaps
-    // are current (ext4 introspection reads them); the save follows at once.
+    // are current (ext4 introspection reads them); the save follows at once. Residual risk:
+    // a block the app allocates and writes back in the few milliseconds between the thaw
+    // and the QMP stop has its bitmap update only in the journal, and would be dropped as
+    // free. Keeping the file system frozen across the stop (thawed after resume) closes it.
     tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
         agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], Duration::from_secs(60))?;

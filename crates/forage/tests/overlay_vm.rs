@@ -94,6 +94,23 @@ async fn overlay_create_apply_resume() {
     assert!(report.first_response_s >= report.ready_s && report.ready_s > 0.0, "{report:?}");
     session.close().await;
 
+    // Four devices at once, each with its own instance.
+    let runs = (0..4).map(|i| {
+        let ovl = svc_ovl.clone();
+        tokio::spawn(async move { forage_client::synthesize(&ovl, addr, &format!("device-{i}")).await })
+    });
+    let mut sessions = Vec::new();
+    for r in futures_join(runs.collect()).await {
+        let (report, session) = r.expect("concurrent synthesis");
+        assert!(report.answer.starts_with("ok "), "{}", report.answer);
+        sessions.push((report.endpoint, session));
+    }
+    let endpoints: std::collections::HashSet<_> = sessions.iter().map(|(e, _)| e.clone()).collect();
+    assert_eq!(endpoints.len(), 4, "each device has its own instance");
+    for (_, s) in sessions {
+        s.close().await;
+    }
+
     // A corrupted segment: refused with the reason, nothing left on the cloudlet.
     let mut bytes = std::fs::read(&svc_ovl).unwrap();
     let n = bytes.len();
@@ -110,4 +127,12 @@ async fn overlay_create_apply_resume() {
 
     let _ = std::fs::remove_dir_all(&work);
     BaseVm::remove(&data, "ovtest").unwrap();
+}
+
+async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
 }
