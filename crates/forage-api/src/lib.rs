@@ -1,0 +1,176 @@
+//! The cloudlet's HTTP management API: JSON routes over the daemon's state, Prometheus
+//! metrics, and the OpenAPI 3 document that describes them (see `docs/http-api.md`).
+//!
+//! ```text
+//! GET    /v1/status           name, version, accel, uptime, counts
+//! GET    /v1/bases            base VMs held here                    (Control::bases)
+//! GET    /v1/sessions?limit=N synthesis sessions, newest first
+//! GET    /v1/instances?all=B  launch VMs (running only unless all=true)
+//! DELETE /v1/instances/{id}   stop one                              (Control::stop_instance)
+//! GET    /v1/cache            launch cache, least recently used first
+//! DELETE /v1/cache/{digest}   evict one                             (Control::evict_cache)
+//! GET    /metrics             OpenMetrics text
+//! GET    /openapi.json        the document generated from this crate
+//! ```
+//!
+//! Reads come from [`forage_state::State`]; actions go to the daemon through the
+//! [`Control`] trait, and the API records their outcome in the state. Every error answers
+//! `{"error": "..."}` with a status code saying whose fault it is (4xx the caller's,
+//! 5xx the cloudlet's). `docs/openapi.json` is this crate's [`openapi`] output, checked
+//! byte for byte by a test (`FORAGE_BLESS=1` rewrites it).
+
+mod error;
+mod metrics;
+mod routes;
+mod views;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get};
+use axum::Router;
+use utoipa::OpenApi;
+
+pub use error::ApiError;
+pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
+pub use views::{
+    BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
+    InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
+    SessionsQuery, StatusView,
+};
+
+/// What the API asks of the daemon. Calls are synchronous; the API runs them on a
+/// blocking thread.
+pub trait Control: Send + Sync + 'static {
+    /// Stops a running instance (its QEMU, its forwarding) and removes what it leaves.
+    /// The API then records the stop with `State::instance_stopped`, which is idempotent,
+    /// so the daemon may record it as well.
+    fn stop_instance(&self, id: &str) -> Result<(), String>;
+    /// The base VMs held here.
+    fn bases(&self) -> Vec<BaseInfo>;
+    /// Removes a launch-cache entry's files, refusing if a running instance still uses
+    /// them. The API then forgets the entry with `State::cache_remove`.
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String>;
+}
+
+/// What every route can reach.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub state: forage_state::State,
+    /// The cloudlet's name.
+    pub name: String,
+    /// The daemon's version.
+    pub version: String,
+    /// "kvm" or "tcg".
+    pub accel: String,
+    /// When the daemon started, for uptime.
+    pub started: Instant,
+    pub control: Arc<dyn Control>,
+}
+
+impl ApiContext {
+    /// A context whose uptime counts from now.
+    pub fn new(
+        state: forage_state::State,
+        name: impl Into<String>,
+        version: impl Into<String>,
+        accel: impl Into<String>,
+        control: Arc<dyn Control>,
+    ) -> ApiContext {
+        ApiContext {
+            state,
+            name: name.into(),
+            version: version.into(),
+            accel: accel.into(),
+            started: Instant::now(),
+            control,
+        }
+    }
+}
+
+/// The OpenAPI description, generated from the route handlers and body types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "forage cloudlet API",
+        version = "1.0.0",
+        description = "Management API of a forage cloudlet: status, base VMs, synthesis \
+                       sessions, launch VMs, launch cache, metrics."
+    ),
+    paths(
+        routes::status,
+        routes::bases,
+        routes::sessions,
+        routes::instances,
+        routes::stop_instance,
+        routes::cache,
+        routes::evict_cache,
+        routes::metrics,
+        routes::openapi_json,
+    ),
+    tags(
+        (name = "cloudlet", description = "The cloudlet itself"),
+        (name = "sessions", description = "Synthesis sessions"),
+        (name = "instances", description = "Launch VMs"),
+        (name = "cache", description = "The launch cache"),
+    )
+)]
+struct ApiDoc;
+
+/// This API's OpenAPI 3 document (the one `GET /openapi.json` serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The API's routes over `ctx`.
+pub fn router(ctx: ApiContext) -> Router {
+    Router::new()
+        .route("/v1/status", get(routes::status))
+        .route("/v1/bases", get(routes::bases))
+        .route("/v1/sessions", get(routes::sessions))
+        .route("/v1/instances", get(routes::instances))
+        .route("/v1/instances/{id}", delete(routes::stop_instance))
+        .route("/v1/cache", get(routes::cache))
+        .route("/v1/cache/{digest}", delete(routes::evict_cache))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi_json))
+        .fallback(routes::no_route)
+        .method_not_allowed_fallback(routes::wrong_method)
+        .layer(middleware::from_fn(log_request))
+        .with_state(ctx)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: ApiContext,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, cloudlet = %ctx.name, "management API listening");
+    }
+    axum::serve(listener, router(ctx))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// One debug line per request: method, path, status, time taken.
+async fn log_request(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        ms = start.elapsed().as_millis() as u64,
+        "api request"
+    );
+    response
+}

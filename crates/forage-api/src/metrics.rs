@@ -1,0 +1,108 @@
+//! `GET /metrics`: the state's totals in the OpenMetrics text format, which Prometheus
+//! scrapes.
+//!
+//! The registry is built afresh from [`State::totals`](forage_state::State::totals) on
+//! every scrape: the database is the one source of truth, so the numbers survive a daemon
+//! restart and no code path has to remember to bump a gauge.
+//!
+//! ```text
+//! forage_sessions_total{status="running|done|failed"}  counter
+//! forage_instances_running                               gauge
+//! forage_cache_entries                                   gauge
+//! forage_cache_bytes                                     gauge
+//! forage_cache_hits_total                                counter
+//! forage_uptime_seconds                                  gauge
+//! ```
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use forage_state::{SessionStatus, Totals};
+use prometheus_client::encoding::text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of the metrics text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metrics text for `totals` and the daemon's uptime.
+pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("forage");
+
+    let sessions = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+    for status in SessionStatus::ALL {
+        sessions
+            .get_or_create(&vec![("status", status.as_str())])
+            .inc_by(totals.sessions(*status));
+    }
+    registry.register("sessions", "Synthesis sessions by status", sessions);
+
+    let gauge = |v: u64| {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        g
+    };
+    registry.register(
+        "instances_running",
+        "Launch VMs running",
+        gauge(totals.instances_running),
+    );
+    registry.register(
+        "cache_entries",
+        "Launch cache entries",
+        gauge(totals.cache_entries),
+    );
+    registry.register(
+        "cache_bytes",
+        "Bytes held by the launch cache",
+        gauge(totals.cache_bytes),
+    );
+    let hits = Counter::<u64>::default();
+    hits.inc_by(totals.cache_hits);
+    registry.register("cache_hits", "Launches served from the launch cache", hits);
+    let up = Gauge::<f64, AtomicU64>::default();
+    up.set(uptime.as_secs_f64());
+    registry.register("uptime_seconds", "Seconds since the daemon started", up);
+
+    let mut out = String::new();
+    text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_carries_its_total() {
+        let totals = Totals {
+            sessions_running: 1,
+            sessions_done: 7,
+            sessions_failed: 2,
+            instances_running: 3,
+            cache_entries: 4,
+            cache_bytes: 5_000,
+            cache_hits: 6,
+        };
+        let text = encode(&totals, Duration::from_millis(12_500)).unwrap();
+        for line in [
+            "forage_sessions_total{status=\"running\"} 1",
+            "forage_sessions_total{status=\"done\"} 7",
+            "forage_sessions_total{status=\"failed\"} 2",
+            "forage_instances_running 3",
+            "forage_cache_entries 4",
+            "forage_cache_bytes 5000",
+            "forage_cache_hits_total 6",
+            "forage_uptime_seconds 12.5",
+            "# TYPE forage_sessions counter",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+    }
+}

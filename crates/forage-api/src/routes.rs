@@ -1,0 +1,238 @@
+//! The route handlers, each with the OpenAPI description it is documented by.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State as Ctx};
+use axum::http::{header, Method, Uri};
+use axum::response::IntoResponse;
+use axum::Json;
+
+use crate::error::ApiError;
+use crate::views::{
+    BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
+    SessionList, SessionsQuery, StatusView,
+};
+use crate::{metrics, ApiContext};
+
+/// Sessions listed when the query gives no limit.
+pub const DEFAULT_SESSION_LIMIT: u32 = 50;
+/// The most sessions one listing returns.
+pub const MAX_SESSION_LIMIT: u32 = 1000;
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The cloudlet's name, version, accelerator, uptime and counts.
+#[utoipa::path(
+    get, path = "/v1/status", tag = "cloudlet",
+    responses(
+        (status = 200, description = "The cloudlet at a glance", body = StatusView),
+        (status = 500, description = "The state file failed", body = ErrorBody),
+    )
+)]
+pub async fn status(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<StatusView> {
+    let totals = ctx.state.totals()?;
+    Ok(Json(StatusView {
+        name: ctx.name.clone(),
+        version: ctx.version.clone(),
+        accel: ctx.accel.clone(),
+        uptime_s: ctx.started.elapsed().as_secs(),
+        sessions_running: totals.sessions_running,
+        instances_running: totals.instances_running,
+        cache_entries: totals.cache_entries,
+    }))
+}
+
+/// The base VMs this cloudlet holds.
+#[utoipa::path(
+    get, path = "/v1/bases", tag = "cloudlet",
+    responses((status = 200, description = "Bases held here", body = BaseList))
+)]
+pub async fn bases(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<BaseList> {
+    let control = ctx.control.clone();
+    let bases = blocking(move || control.bases()).await?;
+    Ok(Json(BaseList { bases }))
+}
+
+/// The most recent synthesis sessions, newest first.
+#[utoipa::path(
+    get, path = "/v1/sessions", tag = "sessions", params(SessionsQuery),
+    responses(
+        (status = 200, description = "Sessions, newest first", body = SessionList),
+        (status = 400, description = "Limit not in 1..=1000", body = ErrorBody),
+        (status = 500, description = "The state file failed", body = ErrorBody),
+    )
+)]
+pub async fn sessions(
+    Ctx(ctx): Ctx<ApiContext>,
+    query: Result<Query<SessionsQuery>, QueryRejection>,
+) -> ApiResult<SessionList> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_SESSION_LIMIT);
+    if !(1..=MAX_SESSION_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_SESSION_LIMIT}, not {limit}"
+        )));
+    }
+    let sessions = ctx.state.list_sessions(limit as usize)?;
+    Ok(Json(SessionList {
+        sessions: sessions.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Launch VMs, newest first: running ones, or all with `all=true`.
+#[utoipa::path(
+    get, path = "/v1/instances", tag = "instances", params(InstancesQuery),
+    responses(
+        (status = 200, description = "Instances, newest first", body = InstanceList),
+        (status = 400, description = "`all` is not a boolean", body = ErrorBody),
+        (status = 500, description = "The state file failed", body = ErrorBody),
+    )
+)]
+pub async fn instances(
+    Ctx(ctx): Ctx<ApiContext>,
+    query: Result<Query<InstancesQuery>, QueryRejection>,
+) -> ApiResult<InstanceList> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let instances = ctx.state.list_instances(!query.all.unwrap_or(false))?;
+    Ok(Json(InstanceList {
+        instances: instances.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Stops a running instance and returns it, now "stopped".
+#[utoipa::path(
+    delete, path = "/v1/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 200, description = "Stopped", body = InstanceView),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "The instance is not running", body = ErrorBody),
+        (status = 500, description = "The daemon could not stop it", body = ErrorBody),
+    )
+)]
+pub async fn stop_instance(
+    Ctx(ctx): Ctx<ApiContext>,
+    Path(id): Path<String>,
+) -> ApiResult<InstanceView> {
+    let record = ctx.state.instance(&id)?.ok_or_else(|| ApiError::NotFound {
+        kind: "instance",
+        id: id.clone(),
+    })?;
+    if record.status != forage_state::InstanceStatus::Running {
+        return Err(ApiError::Conflict(format!(
+            "instance {id:?} is {}, not running",
+            record.status
+        )));
+    }
+    let control = ctx.control.clone();
+    let target = id.clone();
+    blocking(move || control.stop_instance(&target))
+        .await?
+        .map_err(|message| ApiError::Control {
+            action: "stop instance",
+            id: id.clone(),
+            message,
+        })?;
+    let record = ctx.state.instance_stopped(&id)?;
+    tracing::info!(instance = %id, "instance stopped through the API");
+    Ok(Json(record.into()))
+}
+
+/// The launch cache, least recently used first.
+#[utoipa::path(
+    get, path = "/v1/cache", tag = "cache",
+    responses(
+        (status = 200, description = "Launch cache entries", body = CacheList),
+        (status = 500, description = "The state file failed", body = ErrorBody),
+    )
+)]
+pub async fn cache(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<CacheList> {
+    let entries = ctx.state.cache_list()?;
+    Ok(Json(CacheList {
+        entries: entries.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Evicts a launch-cache entry (the daemon removes its files) and returns it.
+#[utoipa::path(
+    delete, path = "/v1/cache/{digest}", tag = "cache",
+    params(("digest" = String, Path, description = "Overlay digest")),
+    responses(
+        (status = 200, description = "Evicted", body = CacheEntryView),
+        (status = 404, description = "No such entry", body = ErrorBody),
+        (status = 500, description = "The daemon could not evict it", body = ErrorBody),
+    )
+)]
+pub async fn evict_cache(
+    Ctx(ctx): Ctx<ApiContext>,
+    Path(digest): Path<String>,
+) -> ApiResult<CacheEntryView> {
+    if ctx.state.cache_entry(&digest)?.is_none() {
+        return Err(ApiError::NotFound {
+            kind: "cache entry",
+            id: digest,
+        });
+    }
+    let control = ctx.control.clone();
+    let target = digest.clone();
+    blocking(move || control.evict_cache(&target))
+        .await?
+        .map_err(|message| ApiError::Control {
+            action: "evict cache entry",
+            id: digest.clone(),
+            message,
+        })?;
+    // Gone meanwhile (a concurrent eviction): the files are gone either way.
+    let entry = ctx
+        .state
+        .cache_remove(&digest)?
+        .ok_or_else(|| ApiError::NotFound {
+            kind: "cache entry",
+            id: digest.clone(),
+        })?;
+    tracing::info!(overlay = %digest, "cache entry evicted through the API");
+    Ok(Json(entry.into()))
+}
+
+/// Counters and gauges in the Prometheus (OpenMetrics) text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "cloudlet",
+    responses(
+        (status = 200, description = "Metrics", body = String, content_type = "application/openmetrics-text"),
+        (status = 500, description = "The state file failed", body = ErrorBody),
+    )
+)]
+pub async fn metrics(Ctx(ctx): Ctx<ApiContext>) -> Result<impl IntoResponse, ApiError> {
+    let totals = ctx.state.totals()?;
+    let text = metrics::encode(&totals, ctx.started.elapsed())?;
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
+}
+
+/// This API's OpenAPI 3 document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "cloudlet",
+    responses((status = 200, description = "The OpenAPI document", body = Object))
+)]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(crate::openapi())
+}
+
+/// Answers a path no route has.
+pub async fn no_route(uri: Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_string())
+}
+
+/// Answers a known path asked with the wrong method.
+pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+/// Runs a [`Control`](crate::Control) call off the async threads: stopping a VM may wait
+/// for QEMU to exit.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f).await?)
+}

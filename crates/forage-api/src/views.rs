@@ -1,0 +1,245 @@
+//! The JSON bodies of the API: what a client sends and receives.
+//!
+//! They derive `Deserialize` as well as `Serialize` so that a client (the CLI) reuses
+//! these types instead of redefining them. Lists come wrapped in an object, so that a
+//! field can be added later without breaking old readers.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use forage_state::{CacheEntry, InstanceRecord, SessionRecord};
+
+/// An error: every non-2xx answer carries this body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    #[schema(example = "no instance with id \"vm-7\"")]
+    pub error: String,
+}
+
+/// The cloudlet at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StatusView {
+    /// The cloudlet's name.
+    #[schema(example = "demo-cloudlet")]
+    pub name: String,
+    /// The daemon's version.
+    #[schema(example = "0.1.0")]
+    pub version: String,
+    /// How VMs run here: "kvm" or "tcg".
+    #[schema(example = "tcg")]
+    pub accel: String,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    pub sessions_running: u64,
+    pub instances_running: u64,
+    pub cache_entries: u64,
+}
+
+/// A base VM this cloudlet holds, which overlays can be applied to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BaseInfo {
+    #[schema(example = "demo-base")]
+    pub name: String,
+    /// SHA-256 of the base, hex.
+    pub digest: String,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Disk image size.
+    pub disk_bytes: u64,
+}
+
+/// The bases this cloudlet holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BaseList {
+    pub bases: Vec<BaseInfo>,
+}
+
+/// How a session brought its launch VM up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    Pipelined,
+    EarlyStart,
+    Cached,
+}
+
+/// Where a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    Running,
+    Done,
+    Failed,
+}
+
+/// Where an instance is; "lost" means its QEMU was gone when the daemon restarted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    Running,
+    Stopped,
+    Lost,
+}
+
+/// A synthesis session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    pub id: String,
+    /// The device that asked for it.
+    pub device: String,
+    pub base_digest: String,
+    pub overlay_digest: String,
+    pub mode: SessionMode,
+    pub started_unix_ms: i64,
+    pub ended_unix_ms: Option<i64>,
+    pub status: SessionStatus,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    pub bytes_received: u64,
+    /// From the session's start to its VM being ready.
+    pub first_ready_ms: Option<u64>,
+}
+
+/// Sessions, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+}
+
+/// A launch VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceView {
+    pub id: String,
+    pub session_id: String,
+    pub name: String,
+    pub qemu_pid: u32,
+    /// Its directory on the cloudlet.
+    pub dir: String,
+    /// Where its service answers, `host:port`.
+    pub endpoint: String,
+    pub started_unix_ms: i64,
+    pub stopped_unix_ms: Option<i64>,
+    pub status: InstanceStatus,
+}
+
+/// Instances, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceList {
+    pub instances: Vec<InstanceView>,
+}
+
+/// An overlay already applied to a base, ready to launch without a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CacheEntryView {
+    pub overlay_digest: String,
+    pub base_digest: String,
+    pub dir: String,
+    /// What its launch files take on disk.
+    pub bytes: u64,
+    pub created_unix_ms: i64,
+    pub last_used_unix_ms: i64,
+    /// Launches served from it.
+    pub hits: u64,
+}
+
+/// The launch cache, least recently used first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CacheList {
+    pub entries: Vec<CacheEntryView>,
+}
+
+/// Query of `GET /v1/sessions`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SessionsQuery {
+    /// How many sessions at most (1 to 1000, default 50).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
+/// Query of `GET /v1/instances`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct InstancesQuery {
+    /// Also list stopped and lost instances (default: running ones only).
+    pub all: Option<bool>,
+}
+
+impl From<forage_state::SessionMode> for SessionMode {
+    fn from(m: forage_state::SessionMode) -> Self {
+        match m {
+            forage_state::SessionMode::Pipelined => SessionMode::Pipelined,
+            forage_state::SessionMode::EarlyStart => SessionMode::EarlyStart,
+            forage_state::SessionMode::Cached => SessionMode::Cached,
+        }
+    }
+}
+
+impl From<forage_state::SessionStatus> for SessionStatus {
+    fn from(s: forage_state::SessionStatus) -> Self {
+        match s {
+            forage_state::SessionStatus::Running => SessionStatus::Running,
+            forage_state::SessionStatus::Done => SessionStatus::Done,
+            forage_state::SessionStatus::Failed => SessionStatus::Failed,
+        }
+    }
+}
+
+impl From<forage_state::InstanceStatus> for InstanceStatus {
+    fn from(s: forage_state::InstanceStatus) -> Self {
+        match s {
+            forage_state::InstanceStatus::Running => InstanceStatus::Running,
+            forage_state::InstanceStatus::Stopped => InstanceStatus::Stopped,
+            forage_state::InstanceStatus::Lost => InstanceStatus::Lost,
+        }
+    }
+}
+
+impl From<SessionRecord> for SessionView {
+    fn from(r: SessionRecord) -> Self {
+        SessionView {
+            id: r.id,
+            device: r.device,
+            base_digest: r.base_digest,
+            overlay_digest: r.overlay_digest,
+            mode: r.mode.into(),
+            started_unix_ms: r.started_unix_ms,
+            ended_unix_ms: r.ended_unix_ms,
+            status: r.status.into(),
+            error: r.error,
+            bytes_received: r.bytes_received,
+            first_ready_ms: r.first_ready_ms,
+        }
+    }
+}
+
+impl From<InstanceRecord> for InstanceView {
+    fn from(r: InstanceRecord) -> Self {
+        InstanceView {
+            id: r.id,
+            session_id: r.session_id,
+            name: r.name,
+            qemu_pid: r.qemu_pid,
+            dir: r.dir.display().to_string(),
+            endpoint: r.endpoint,
+            started_unix_ms: r.started_unix_ms,
+            stopped_unix_ms: r.stopped_unix_ms,
+            status: r.status.into(),
+        }
+    }
+}
+
+impl From<CacheEntry> for CacheEntryView {
+    fn from(e: CacheEntry) -> Self {
+        CacheEntryView {
+            overlay_digest: e.overlay_digest,
+            base_digest: e.base_digest,
+            dir: e.dir.display().to_string(),
+            bytes: e.bytes,
+            created_unix_ms: e.created_unix_ms,
+            last_used_unix_ms: e.last_used_unix_ms,
+            hits: e.hits,
+        }
+    }
+}

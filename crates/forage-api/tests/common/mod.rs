@@ -1,0 +1,159 @@
+//! A router over a temporary state with known contents and a fake daemon.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use forage_api::{ApiContext, BaseInfo, Control};
+use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
+use tower::ServiceExt;
+
+/// Records what it was asked; refuses ids starting with "stuck" or "busy".
+#[derive(Default)]
+pub struct FakeControl {
+    pub calls: Mutex<Vec<String>>,
+}
+
+impl Control for FakeControl {
+    fn stop_instance(&self, id: &str) -> Result<(), String> {
+        self.calls.lock().unwrap().push(format!("stop {id}"));
+        if id.starts_with("stuck") {
+            return Err("QEMU did not exit".into());
+        }
+        Ok(())
+    }
+    fn bases(&self) -> Vec<BaseInfo> {
+        vec![BaseInfo {
+            name: "demo-base".into(),
+            digest: "3253eaf611ee".into(),
+            memory_bytes: 256 << 20,
+            disk_bytes: 1 << 30,
+        }]
+    }
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("evict {overlay_digest}"));
+        if overlay_digest.starts_with("busy") {
+            return Err("in use by a running instance".into());
+        }
+        Ok(())
+    }
+}
+
+pub struct Fixture {
+    pub router: Router,
+    pub state: State,
+    pub control: Arc<FakeControl>,
+    _dir: tempfile::TempDir,
+}
+
+/// Sessions s-old (done) then s-new (running); instances vm-1 and stuck-1 (running),
+/// vm-old (stopped); cache entries d1 and busy-1, with one hit on d1.
+pub fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path().join("state.db")).unwrap();
+    for id in ["s-old", "s-new"] {
+        state
+            .session_started(&NewSession {
+                id: id.into(),
+                device: "10.0.0.7".into(),
+                base_digest: "3253eaf611ee".into(),
+                overlay_digest: "d1".into(),
+                mode: SessionMode::Pipelined,
+            })
+            .unwrap();
+        // Distinct start times, so that "newest first" is well defined.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    state.session_ready("s-old", 410).unwrap();
+    state.session_ended("s-old", Ok(985_000)).unwrap();
+    for id in ["vm-1", "stuck-1", "vm-old"] {
+        state
+            .instance_started(&NewInstance {
+                id: id.into(),
+                session_id: "s-new".into(),
+                name: id.into(),
+                qemu_pid: 4242,
+                dir: PathBuf::from(format!("/srv/forage/work/{id}")),
+                endpoint: "127.0.0.1:42061".into(),
+            })
+            .unwrap();
+    }
+    state.instance_stopped("vm-old").unwrap();
+    for digest in ["d1", "busy-1"] {
+        state
+            .cache_put(&NewCacheEntry {
+                overlay_digest: digest.into(),
+                base_digest: "3253eaf611ee".into(),
+                dir: PathBuf::from(format!("/srv/forage/cache/{digest}")),
+                bytes: 1000,
+            })
+            .unwrap();
+    }
+    state.cache_get("d1").unwrap();
+    let control = Arc::new(FakeControl::default());
+    let ctx = ApiContext::new(
+        state.clone(),
+        "test-cloudlet",
+        "9.9.9",
+        "tcg",
+        control.clone(),
+    );
+    Fixture {
+        router: forage_api::router(ctx),
+        state,
+        control,
+        _dir: dir,
+    }
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).unwrap()
+    }
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+pub async fn call(router: &Router, method: Method, uri: &str) -> Answer {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap()
+        .to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}

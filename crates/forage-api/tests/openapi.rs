@@ -1,0 +1,195 @@
+//! The OpenAPI document: it matches `docs/openapi.json`, and every operation it lists
+//! answers on a real router as documented.
+
+mod common;
+
+use std::path::PathBuf;
+
+use axum::http::{Method, StatusCode};
+use common::{call, fixture};
+use utoipa::openapi::path::Operation;
+
+fn docs_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json")
+}
+
+fn generated() -> String {
+    serde_json::to_string_pretty(&forage_api::openapi()).unwrap() + "\n"
+}
+
+#[test]
+fn docs_openapi_json_is_the_generated_document() {
+    let path = docs_file();
+    let want = generated();
+    if std::env::var_os("FORAGE_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&path, &want).unwrap();
+        eprintln!("rewrote {}", path.display());
+        return;
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}): FORAGE_BLESS=1 writes it",
+            path.display()
+        )
+    });
+    if have != want {
+        let line = have
+            .lines()
+            .zip(want.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or_else(|| have.lines().count().min(want.lines().count()));
+        panic!(
+            "{} differs from the generated document from line {}: \
+             rerun with FORAGE_BLESS=1 if the API change is intended",
+            path.display(),
+            line + 1
+        );
+    }
+}
+
+/// Every operation in the document: method, path template, operation.
+fn operations() -> Vec<(Method, String, Operation)> {
+    let doc = forage_api::openapi();
+    let mut ops = Vec::new();
+    for (path, item) in doc.paths.paths {
+        for (method, op) in [
+            (Method::GET, item.get),
+            (Method::PUT, item.put),
+            (Method::POST, item.post),
+            (Method::DELETE, item.delete),
+            (Method::PATCH, item.patch),
+            (Method::HEAD, item.head),
+            (Method::OPTIONS, item.options),
+        ] {
+            if let Some(op) = op {
+                ops.push((method, path.clone(), op));
+            }
+        }
+    }
+    ops
+}
+
+/// The concrete request this test makes for a path template, on the fixture's data.
+fn concrete(template: &str) -> String {
+    template.replace("{id}", "vm-1").replace("{digest}", "d1")
+}
+
+#[tokio::test]
+async fn every_documented_operation_answers_as_documented() {
+    let mut seen: Vec<String> = Vec::new();
+    for (method, template, op) in operations() {
+        // A fresh state for each: DELETEs change it.
+        let fx = fixture();
+        let uri = concrete(&template);
+        let answer = call(&fx.router, method.clone(), &uri).await;
+        let id = format!("{method} {template}");
+        assert_eq!(answer.status, StatusCode::OK, "{id}: {}", answer.text());
+        assert!(
+            op.responses.responses.contains_key("200"),
+            "{id} answers 200, which the document does not list"
+        );
+        let want_type = if template == "/metrics" {
+            "application/openmetrics-text"
+        } else {
+            "application/json"
+        };
+        assert!(
+            answer.content_type().starts_with(want_type),
+            "{id}: content type {:?}",
+            answer.content_type()
+        );
+        if want_type == "application/json" {
+            answer.json();
+        }
+        seen.push(id);
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "DELETE /v1/cache/{digest}",
+            "DELETE /v1/instances/{id}",
+            "GET /metrics",
+            "GET /openapi.json",
+            "GET /v1/bases",
+            "GET /v1/cache",
+            "GET /v1/instances",
+            "GET /v1/sessions",
+            "GET /v1/status",
+        ],
+        "the document's operations changed: update this test and docs/http-api.md"
+    );
+}
+
+#[tokio::test]
+async fn openapi_route_serves_the_generated_document() {
+    let fx = fixture();
+    let answer = call(&fx.router, Method::GET, "/openapi.json").await;
+    assert_eq!(
+        answer.json(),
+        serde_json::to_value(forage_api::openapi()).unwrap()
+    );
+}
+
+/// Every error status a route answers with is one its document lists.
+#[tokio::test]
+async fn error_answers_are_documented() {
+    let cases = [
+        (
+            Method::DELETE,
+            "/v1/instances/{id}",
+            "/v1/instances/no-such-vm",
+            404,
+        ),
+        (
+            Method::DELETE,
+            "/v1/instances/{id}",
+            "/v1/instances/vm-old",
+            409,
+        ),
+        (
+            Method::DELETE,
+            "/v1/instances/{id}",
+            "/v1/instances/stuck-1",
+            500,
+        ),
+        (
+            Method::DELETE,
+            "/v1/cache/{digest}",
+            "/v1/cache/no-such-digest",
+            404,
+        ),
+        (
+            Method::DELETE,
+            "/v1/cache/{digest}",
+            "/v1/cache/busy-1",
+            500,
+        ),
+        (Method::GET, "/v1/sessions", "/v1/sessions?limit=0", 400),
+        (Method::GET, "/v1/instances", "/v1/instances?all=maybe", 400),
+    ];
+    let ops = operations();
+    for (method, template, uri, status) in cases {
+        let fx = fixture();
+        let answer = call(&fx.router, method.clone(), uri).await;
+        assert_eq!(
+            answer.status.as_u16(),
+            status,
+            "{method} {uri}: {}",
+            answer.text()
+        );
+        let (_, _, op) = ops
+            .iter()
+            .find(|(m, t, _)| *m == method && t == template)
+            .unwrap_or_else(|| panic!("{method} {template} is not in the document"));
+        assert!(
+            op.responses.responses.contains_key(&status.to_string()),
+            "{method} {uri} answered {status}, which the document does not list"
+        );
+        let error = answer.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!error.is_empty(), "{method} {uri}: no error message");
+    }
+}

@@ -1,0 +1,216 @@
+//! What each route answers, on a router over a temporary state and a fake daemon.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::{call, fixture};
+use forage_state::InstanceStatus;
+
+#[tokio::test]
+async fn status_reports_the_cloudlet_and_its_counts() {
+    let fx = fixture();
+    let a = call(&fx.router, Method::GET, "/v1/status").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let v = a.json();
+    assert_eq!(v["name"], "test-cloudlet");
+    assert_eq!(v["version"], "9.9.9");
+    assert_eq!(v["accel"], "tcg");
+    assert_eq!(v["sessions_running"], 1);
+    assert_eq!(v["instances_running"], 2);
+    assert_eq!(v["cache_entries"], 2);
+    assert!(v["uptime_s"].is_u64());
+}
+
+#[tokio::test]
+async fn bases_come_from_the_daemon() {
+    let fx = fixture();
+    let v = call(&fx.router, Method::GET, "/v1/bases").await.json();
+    let bases: forage_api::BaseList = serde_json::from_value(v).unwrap();
+    assert_eq!(bases.bases.len(), 1);
+    assert_eq!(bases.bases[0].name, "demo-base");
+    assert_eq!(bases.bases[0].memory_bytes, 256 << 20);
+}
+
+#[tokio::test]
+async fn sessions_are_listed_newest_first_up_to_the_limit() {
+    let fx = fixture();
+    let all: forage_api::SessionList =
+        serde_json::from_value(call(&fx.router, Method::GET, "/v1/sessions").await.json()).unwrap();
+    let ids: Vec<_> = all.sessions.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["s-new", "s-old"]);
+    let old = &all.sessions[1];
+    assert_eq!(old.status, forage_api::SessionStatus::Done);
+    assert_eq!(old.mode, forage_api::SessionMode::Pipelined);
+    assert_eq!(
+        (old.first_ready_ms, old.bytes_received),
+        (Some(410), 985_000)
+    );
+
+    let one = call(&fx.router, Method::GET, "/v1/sessions?limit=1")
+        .await
+        .json();
+    assert_eq!(one["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(one["sessions"][0]["id"], "s-new");
+    assert_eq!(one["sessions"][0]["status"], "running");
+
+    for bad in ["0", "1001", "abc", "-1"] {
+        let a = call(
+            &fx.router,
+            Method::GET,
+            &format!("/v1/sessions?limit={bad}"),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "limit={bad}");
+        assert!(a.json()["error"].is_string(), "limit={bad}: {}", a.text());
+    }
+}
+
+#[tokio::test]
+async fn instances_are_running_ones_unless_all() {
+    let fx = fixture();
+    let ids = |v: serde_json::Value| -> Vec<String> {
+        let mut ids: Vec<String> = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let running = call(&fx.router, Method::GET, "/v1/instances").await.json();
+    assert_eq!(ids(running), ["stuck-1", "vm-1"]);
+    let explicit = call(&fx.router, Method::GET, "/v1/instances?all=false")
+        .await
+        .json();
+    assert_eq!(ids(explicit), ["stuck-1", "vm-1"]);
+    let all = call(&fx.router, Method::GET, "/v1/instances?all=true")
+        .await
+        .json();
+    assert_eq!(ids(all), ["stuck-1", "vm-1", "vm-old"]);
+}
+
+#[tokio::test]
+async fn deleting_an_instance_stops_it_through_the_daemon() {
+    let fx = fixture();
+    let a = call(&fx.router, Method::DELETE, "/v1/instances/vm-1").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let v: forage_api::InstanceView = serde_json::from_value(a.json()).unwrap();
+    assert_eq!(v.status, forage_api::InstanceStatus::Stopped);
+    assert!(v.stopped_unix_ms.is_some());
+    assert_eq!(*fx.control.calls.lock().unwrap(), ["stop vm-1"]);
+    assert_eq!(
+        fx.state.instance("vm-1").unwrap().unwrap().status,
+        InstanceStatus::Stopped
+    );
+
+    // Again: it is no longer running, and the daemon is not asked twice.
+    let again = call(&fx.router, Method::DELETE, "/v1/instances/vm-1").await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(
+        again.json()["error"],
+        "instance \"vm-1\" is stopped, not running"
+    );
+    assert_eq!(fx.control.calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn deleting_an_unknown_instance_is_404() {
+    let fx = fixture();
+    let a = call(&fx.router, Method::DELETE, "/v1/instances/vm-404").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["error"], "no instance with id \"vm-404\"");
+    assert!(
+        fx.control.calls.lock().unwrap().is_empty(),
+        "the daemon was not asked"
+    );
+}
+
+#[tokio::test]
+async fn a_stop_the_daemon_refuses_leaves_the_instance_running() {
+    let fx = fixture();
+    let a = call(&fx.router, Method::DELETE, "/v1/instances/stuck-1").await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        a.json()["error"],
+        "cannot stop instance \"stuck-1\": QEMU did not exit"
+    );
+    assert_eq!(
+        fx.state.instance("stuck-1").unwrap().unwrap().status,
+        InstanceStatus::Running
+    );
+}
+
+#[tokio::test]
+async fn cache_is_listed_and_evicted_through_the_daemon() {
+    let fx = fixture();
+    let list: forage_api::CacheList =
+        serde_json::from_value(call(&fx.router, Method::GET, "/v1/cache").await.json()).unwrap();
+    let d1 = list
+        .entries
+        .iter()
+        .find(|e| e.overlay_digest == "d1")
+        .unwrap();
+    assert_eq!((d1.hits, d1.bytes), (1, 1000));
+    assert_eq!(list.entries.len(), 2);
+
+    let a = call(&fx.router, Method::DELETE, "/v1/cache/d1").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["overlay_digest"], "d1");
+    assert_eq!(*fx.control.calls.lock().unwrap(), ["evict d1"]);
+    assert_eq!(fx.state.cache_entry("d1").unwrap(), None);
+    let gone = call(&fx.router, Method::DELETE, "/v1/cache/d1").await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    assert_eq!(gone.json()["error"], "no cache entry with id \"d1\"");
+
+    let busy = call(&fx.router, Method::DELETE, "/v1/cache/busy-1").await;
+    assert_eq!(busy.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        fx.state.cache_entry("busy-1").unwrap().is_some(),
+        "a refused eviction keeps the entry"
+    );
+}
+
+#[tokio::test]
+async fn metrics_follow_the_state() {
+    let fx = fixture();
+    let a = call(&fx.router, Method::GET, "/metrics").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.content_type(), forage_api::METRICS_CONTENT_TYPE);
+    let text = a.text();
+    for line in [
+        "forage_sessions_total{status=\"running\"} 1",
+        "forage_sessions_total{status=\"done\"} 1",
+        "forage_sessions_total{status=\"failed\"} 0",
+        "forage_instances_running 2",
+        "forage_cache_entries 2",
+        "forage_cache_bytes 2000",
+        "forage_cache_hits_total 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("forage_uptime_seconds ")),
+        "{text}"
+    );
+
+    // A stop through the API shows on the next scrape.
+    call(&fx.router, Method::DELETE, "/v1/instances/vm-1").await;
+    let text = call(&fx.router, Method::GET, "/metrics").await.text();
+    assert!(
+        text.lines().any(|l| l == "forage_instances_running 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json_errors() {
+    let fx = fixture();
+    let a = call(&fx.router, Method::GET, "/v1/nothing").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["error"], "no route /v1/nothing");
+    let b = call(&fx.router, Method::POST, "/v1/status").await;
+    assert_eq!(b.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(b.json()["error"], "method POST not allowed on /v1/status");
+}

@@ -1,0 +1,87 @@
+//! The schema and its migrations, versioned with `PRAGMA user_version`.
+//!
+//! `MIGRATIONS[i]` takes a file from version `i` to `i + 1`; version 0 is an empty file.
+//! A change to the schema is a new entry at the end, never an edit of an old one.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::OpenError;
+
+/// The schema version this forage writes and understands.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: sessions, instances, launch cache.
+    "CREATE TABLE sessions (
+        id              TEXT PRIMARY KEY NOT NULL,
+        device          TEXT NOT NULL,
+        base_digest     TEXT NOT NULL,
+        overlay_digest  TEXT NOT NULL,
+        mode            TEXT NOT NULL CHECK (mode IN ('pipelined', 'early_start', 'cached')),
+        started_unix_ms INTEGER NOT NULL,
+        ended_unix_ms   INTEGER,
+        status          TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        error           TEXT,
+        bytes_received  INTEGER NOT NULL DEFAULT 0,
+        first_ready_ms  INTEGER
+    );
+    CREATE INDEX sessions_started ON sessions (started_unix_ms);
+    CREATE INDEX sessions_status ON sessions (status);
+    CREATE TABLE instances (
+        id              TEXT PRIMARY KEY NOT NULL,
+        session_id      TEXT NOT NULL,
+        name            TEXT NOT NULL,
+        qemu_pid        INTEGER NOT NULL,
+        dir             TEXT NOT NULL,
+        endpoint        TEXT NOT NULL,
+        started_unix_ms INTEGER NOT NULL,
+        stopped_unix_ms INTEGER,
+        status          TEXT NOT NULL CHECK (status IN ('running', 'stopped', 'lost'))
+    );
+    CREATE INDEX instances_status ON instances (status);
+    CREATE INDEX instances_session ON instances (session_id);
+    CREATE TABLE launch_cache (
+        overlay_digest    TEXT PRIMARY KEY NOT NULL,
+        base_digest       TEXT NOT NULL,
+        dir               TEXT NOT NULL,
+        bytes             INTEGER NOT NULL,
+        created_unix_ms   INTEGER NOT NULL,
+        last_used_unix_ms INTEGER NOT NULL,
+        hits              INTEGER NOT NULL DEFAULT 0
+    );",
+];
+
+/// Brings the file to [`SCHEMA_VERSION`], one transaction per step; refuses a newer file.
+pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
+    let found: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|source| OpenError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(OpenError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let from = from as u32;
+        let to = from + 1;
+        let err = |source| OpenError::Migrate {
+            path: path.to_path_buf(),
+            from,
+            to,
+            source,
+        };
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", to).map_err(err)?;
+        tx.commit().map_err(err)?;
+        tracing::info!(path = %path.display(), from, to, "state schema migrated");
+    }
+    Ok(())
+}
