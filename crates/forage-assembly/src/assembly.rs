@@ -288,13 +288,18 @@ impl Assembly {
         self.changed.notify_all();
     }
 
+    /// Why the assembly stopped, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
     pub fn stats(&self) -> AssemblyStats {
         self.lock().stats.clone()
     }
 
     /// Segments the chunks of `[off, off+len)` still wait for (empty: readable now).
-    /// Asks for each of them once.
-    fn missing(&self, inner: &mut Inner, space: Space, off: u64, len: u64) -> Vec<u32> {
+    /// With `fetch`, asks for each of them (once).
+    fn missing(&self, inner: &mut Inner, space: Space, off: u64, len: u64, fetch: bool) -> Vec<u32> {
         let mut segs = Vec::new();
         for i in off / CHUNK..(off + len).div_ceil(CHUNK) {
             if let Some(ChunkState::Pending(b)) = inner.chunks[slot(space)].get(i as usize) {
@@ -304,7 +309,7 @@ impl Assembly {
                 }
             }
         }
-        for &s in &segs {
+        for &s in segs.iter().filter(|_| fetch) {
             if !inner.fetched[s as usize] && !inner.arrived[s as usize] {
                 inner.fetched[s as usize] = true;
                 inner.stats.demand_fetches += 1;
@@ -333,7 +338,7 @@ impl Assembly {
             if let Some(why) = &inner.failed {
                 return Err(AssemblyError::Failed(why.clone()));
             }
-            if self.missing(&mut inner, space, off, len).is_empty() {
+            if self.missing(&mut inner, space, off, len, true).is_empty() {
                 if waited {
                     inner.stats.reads_waited += 1;
                     inner.stats.wait_ms += started.elapsed().as_millis() as u64;
@@ -349,10 +354,10 @@ impl Assembly {
         }
     }
 
-    /// Is `[off, off+len)` readable without waiting? (Asks for missing segments.)
+    /// Is `[off, off+len)` readable without waiting? (Asks for nothing.)
     pub fn ready(&self, space: Space, off: u64, len: u64) -> bool {
         let mut inner = self.lock();
-        inner.failed.is_some() || self.missing(&mut inner, space, off, len).is_empty()
+        inner.failed.is_some() || self.missing(&mut inner, space, off, len, false).is_empty()
     }
 
     /// Read `len` bytes at `off`, waiting up to `wait` for missing segments.

@@ -22,6 +22,7 @@ pub const DISK_FILE: &str = "disk0.raw";
 const ROOT: u64 = 1;
 const MEMORY_INO: u64 = 2;
 const DISK_INO: u64 = 3;
+const CHUNK: u64 = forage_format::CHUNK_SIZE as u64;
 const TTL: Duration = Duration::from_secs(3600);
 /// How long a read may wait for its segment before it fails (the session normally fails
 /// it much sooner, through [`Assembly::fail`], when the device stops answering).
@@ -29,6 +30,8 @@ const READ_WAIT: Duration = Duration::from_secs(600);
 
 struct AssemblyFs {
     assembly: Arc<Assembly>,
+    /// Read-ahead requests declined once (space, offset).
+    declined: std::collections::HashSet<(Space, u64)>,
     readahead: u32,
     uid: u32,
     gid: u32,
@@ -131,9 +134,10 @@ impl Filesystem for AssemblyFs {
         }
     }
 
-    fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
+    fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, flags: i32, _lock: Option<u64>, reply: ReplyData) {
         let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         let (off, len) = (offset as u64, size as u64);
+        tracing::trace!(space = space.name(), off, len, "read");
         let answer = move |a: &Assembly, reply: ReplyData| match a.read(space, off, len, READ_WAIT) {
             Ok(data) => reply.data(&data),
             Err(e) => {
@@ -143,6 +147,14 @@ impl Filesystem for AssemblyFs {
         };
         if self.assembly.ready(space, off, len) {
             answer(&self.assembly, reply);
+        } else if len > CHUNK && flags & libc::O_DIRECT == 0 && self.declined.insert((space, off)) {
+            // A page-cache read of more than a page that needs missing chunks is the
+            // kernel reading ahead (for QEMU's guest RAM, 2 MiB around every fault, since
+            // QEMU marks it MADV_HUGEPAGE). Fetching for it would pull in most of the
+            // overlay, so it is declined: the kernel then reads the page actually needed
+            // on its own, and that read waits for its segment. A repeated request is
+            // served, so nothing is ever refused twice.
+            reply.error(libc::EIO);
         } else {
             let a = self.assembly.clone();
             std::thread::spawn(move || answer(&a, reply));
@@ -216,7 +228,7 @@ impl Mount {
     /// Mount `assembly` on the (existing, empty) folder `dir`. `readahead` bounds how much
     /// the kernel asks for around a read: the granularity of demand fetching.
     pub fn new(assembly: Arc<Assembly>, dir: &Path, readahead: u32) -> Result<Self, AssemblyError> {
-        let fs = AssemblyFs { assembly, readahead, uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
+        let fs = AssemblyFs { assembly, declined: Default::default(), readahead, uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
         let options = [MountOption::FSName("forage-assembly".into()), MountOption::AllowOther, MountOption::NoExec, MountOption::NoSuid, MountOption::NoDev];
         let session = fuser::spawn_mount2(fs, dir, &options).map_err(|source| AssemblyError::Mount { path: dir.to_path_buf(), source })?;
         Ok(Self { session: Some(session), dir: dir.to_path_buf() })
@@ -232,9 +244,19 @@ impl Mount {
 }
 
 impl Drop for Mount {
+    /// Detach the mount lazily (a QEMU that is still exiting may hold the files; a plain
+    /// unmount would fail as busy and waiting for the session thread would hang). The
+    /// session thread ends by itself once the last user of the files is gone.
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            s.join(); // unmounts and waits for the session thread
+        let detached = std::process::Command::new("fusermount3")
+            .arg("-uzq")
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !detached {
+            tracing::warn!("could not detach {}", self.dir.display());
         }
+        drop(self.session.take());
     }
 }

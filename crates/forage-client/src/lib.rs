@@ -1,12 +1,19 @@
 //! forage-client: the device's side of VM synthesis (protocol in `forage-proto`).
 //!
-//! [`synthesize`] offers the overlay's base, sends the manifest and every segment in
-//! order, waits for Ready, sends the service's probe request to the endpoint it got, and
-//! reports the breakdown. The session (and the VM on the cloudlet) lives until
-//! [`Session::close`] or until the returned value is dropped.
+//! [`synthesize`] offers the overlay's base and digest; unless the cloudlet has the launch
+//! VM cached it sends the manifest and then every segment in the overlay's order, except
+//! that segments the cloudlet asks for (Fetch, early start) go out before the next bulk
+//! one. As soon as Ready comes it sends the service's request to the endpoint (with early
+//! start, while segments are still streaming), asks the cloudlet what the VM used of the
+//! overlay until then (Checkpoint/Usage), waits for Complete and reports the breakdown.
+//! The session (and the VM on the cloudlet) lives until [`Session::close`] or drop.
+
+mod sender;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forage_format::container::HEADER_LEN;
@@ -15,6 +22,7 @@ use forage_proto::{Message, Offer, ProtoError, VERSION_MAX, VERSION_MIN};
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -32,118 +40,255 @@ pub enum ClientError {
     NoBase { addr: SocketAddr, missing: Vec<String> },
     #[error("cloudlet {addr} sent {got} where {expected} was due")]
     Sequence { addr: SocketAddr, expected: &'static str, got: &'static str },
+    #[error("cloudlet {addr} closed the session before {what}")]
+    Closed { addr: SocketAddr, what: &'static str },
     #[error("the service at {endpoint} did not answer: {detail}")]
     Service { endpoint: String, detail: String },
+}
+
+/// How to synthesize.
+#[derive(Debug, Clone, Default)]
+pub struct SynthesisOptions {
+    /// Names the device in the cloudlet's records.
+    pub device: String,
+    /// Resume the VM as soon as the manifest is there (demand fetch for the rest).
+    pub early_start: bool,
+    /// The first request to send (default: the overlay's probe, else `ping`).
+    pub request: Option<String>,
+    /// Bytes of segments handed to the network so far (for a progress bar).
+    pub sent: Option<Arc<AtomicU64>>,
+}
+
+/// What the VM used of the overlay before the first response (early start).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OverlayUsage {
+    pub blobs_accessed: u64,
+    pub blobs: u64,
+    pub demand_fetches: u32,
+    pub segments_arrived: u32,
+    pub segments: u32,
 }
 
 /// What a synthesis took, from the first byte sent.
 #[derive(Debug, Clone, Serialize)]
 pub struct SynthesisReport {
+    /// `pipelined`, `early_start` or `cached`.
+    pub mode: String,
     pub cloudlet: String,
     pub overlay_bytes: u64,
+    /// Bytes of segments sent (0 when the cloudlet had the launch VM cached).
+    pub bytes_sent: u64,
     /// Until the last segment was handed to the network.
     pub transfer_s: f64,
     /// The cloudlet's time from the manifest to the last segment applied.
     pub apply_s: f64,
+    /// Of which checking and decompressing segments.
+    pub decompress_s: f64,
     /// The cloudlet's time to resume the VM.
     pub resume_s: f64,
     pub ready_s: f64,
     /// Until the first answer of the service arrived: the figure of merit.
     pub first_response_s: f64,
+    /// Until the cloudlet had every segment applied.
+    pub complete_s: f64,
     pub endpoint: String,
     pub answer: String,
+    /// At the first response (early start).
+    pub usage: Option<OverlayUsage>,
+    /// Fraction of the overlay's blobs the VM had read at its first response.
+    pub accessed_fraction: Option<f64>,
 }
 
 /// An open session: the VM runs on the cloudlet until this is closed or dropped.
 pub struct Session {
-    stream: TcpStream,
+    control: mpsc::UnboundedSender<Message>,
+    sender: tokio::task::JoinHandle<()>,
 }
 
 impl Session {
-    pub async fn close(mut self) {
-        let _ = write(&mut self.stream, &Message::Bye).await;
+    pub async fn close(self) {
+        let _ = self.control.send(Message::Bye);
+        drop(self.control);
+        let _ = self.sender.await;
     }
 }
 
-pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, device: &str) -> Result<(SynthesisReport, Session), ClientError> {
-    let bad = |detail: String| ClientError::Overlay { path: overlay.to_path_buf(), detail };
+/// The overlay's header and manifest, read from its file.
+pub struct OverlayFile {
+    pub path: PathBuf,
+    pub prefix: Vec<u8>,
+    pub manifest: forage_format::Manifest,
+    pub bytes: u64,
+    /// Header's manifest SHA-256: the overlay's name for the cloudlet cache.
+    pub digest: String,
+}
+
+impl OverlayFile {
+    pub async fn open(path: &Path) -> Result<Self, ClientError> {
+        let bad = |detail: String| ClientError::Overlay { path: path.to_path_buf(), detail };
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| bad(e.to_string()))?;
+        let bytes = file.metadata().await.map_err(|e| bad(e.to_string()))?.len();
+        let mut head = [0u8; HEADER_LEN];
+        file.read_exact(&mut head).await.map_err(|e| bad(format!("header: {e}")))?;
+        let header = forage_format::read_header(&head).map_err(|e| bad(e.to_string()))?;
+        let mut prefix = head.to_vec();
+        let mut manifest_bytes = vec![0u8; header.manifest_len as usize];
+        file.read_exact(&mut manifest_bytes).await.map_err(|e| bad(format!("manifest: {e}")))?;
+        prefix.extend_from_slice(&manifest_bytes);
+        let manifest = forage_format::OverlayReader::open(&prefix[..]).map_err(|e| bad(e.to_string()))?.manifest().clone();
+        Ok(Self { path: path.to_path_buf(), prefix, manifest, bytes, digest: hex_digest(&header.manifest_sha256) })
+    }
+}
+
+fn hex_digest(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
     let proto = |source| ClientError::Proto { addr: cloudlet, source };
-    let mut file = tokio::fs::File::open(overlay).await.map_err(|e| bad(e.to_string()))?;
-    let overlay_bytes = file.metadata().await.map_err(|e| bad(e.to_string()))?.len();
-    let mut head = [0u8; HEADER_LEN];
-    file.read_exact(&mut head).await.map_err(|e| bad(format!("header: {e}")))?;
-    let header = forage_format::read_header(&head).map_err(|e| bad(e.to_string()))?;
-    let mut prefix = head.to_vec();
-    let mut manifest_bytes = vec![0u8; header.manifest_len as usize];
-    file.read_exact(&mut manifest_bytes).await.map_err(|e| bad(format!("manifest: {e}")))?;
-    prefix.extend_from_slice(&manifest_bytes);
-    let manifest = forage_format::OverlayReader::open(&prefix[..]).map_err(|e| bad(e.to_string()))?.manifest().clone();
-    let probe = manifest.service.as_ref().and_then(|s| s.probe.clone());
+    let ov = OverlayFile::open(overlay).await?;
+    let probe = ov.manifest.service.as_ref().and_then(|s| s.probe.clone());
 
     let start = Instant::now();
     let mut stream = TcpStream::connect(cloudlet).await.map_err(|e| proto(e.into()))?;
     stream.set_nodelay(true).ok();
-    let offer = Offer { base_digest: manifest.base.digest.clone(), manifest_bytes: prefix.len() as u64, overlay_bytes };
-    write(&mut stream, &Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: device.into(), offers: vec![offer], early_start: false })
-        .await
-        .map_err(proto)?;
-    let name = match read(&mut stream).await.map_err(proto)? {
-        Message::Welcome { chosen: Some(_), cloudlet: name, .. } => name,
+    if opts.early_start {
+        // A small send buffer keeps fetched segments from queueing behind much bulk data.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(128 << 10);
+    }
+    let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone() };
+    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: opts.device.clone(), offers: vec![offer], early_start: opts.early_start };
+    write(&mut stream, &hello).await.map_err(proto)?;
+    let (name, cached) = match read(&mut stream).await.map_err(proto)? {
+        Message::Welcome { chosen: Some(_), cloudlet: name, cached, .. } => (name, cached),
         Message::Welcome { chosen: None, missing, .. } => return Err(ClientError::NoBase { addr: cloudlet, missing }),
         Message::Error { code, message } => return Err(ClientError::Refused { addr: cloudlet, code, message }),
         other => return Err(ClientError::Sequence { addr: cloudlet, expected: "Welcome", got: other.name() }),
     };
-    write(&mut stream, &Message::Manifest { bytes: prefix }).await.map_err(proto)?;
-    // Segments go out while the cloudlet may already answer (an error, early): a reader
-    // task collects its messages.
-    let (mut rd, mut wr) = stream.into_split();
-    let replies = tokio::spawn(async move {
-        let mut got = Vec::new();
+    if !cached {
+        write(&mut stream, &Message::Manifest { bytes: ov.prefix.clone() }).await.map_err(proto)?;
+    }
+    let mode = match (cached, opts.early_start) {
+        (true, _) => "cached",
+        (false, true) => "early_start",
+        (false, false) => "pipelined",
+    };
+
+    // A reader task turns the cloudlet's messages into fetches and events; the sender
+    // task streams segments and control messages.
+    let (mut rd, wr) = stream.into_split();
+    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u32>();
+    let (event_tx, mut events) = mpsc::unbounded_channel::<(Message, Instant)>();
+    tokio::spawn(async move {
         loop {
             match read(&mut rd).await {
+                Ok(Message::Fetch { index }) => {
+                    let _ = fetch_tx.send(index);
+                }
                 Ok(m) => {
-                    let done = matches!(m, Message::Complete { .. } | Message::Error { .. });
-                    let ready_at = Instant::now();
-                    got.push((m, ready_at));
-                    if done {
-                        return (rd, got, None);
+                    if event_tx.send((m, Instant::now())).is_err() {
+                        return;
                     }
                 }
-                Err(e) => return (rd, got, Some(e)),
+                Err(_) => return, // closed: the events channel ends
             }
         }
     });
-    for (i, seg) in manifest.segments.iter().enumerate() {
-        let mut data = vec![0u8; seg.compressed_len as usize];
-        file.read_exact(&mut data).await.map_err(|e| bad(format!("segment {i}: {e}")))?;
-        if write(&mut wr, &Message::Segment { index: i as u32, bytes: data }).await.is_err() {
-            break; // the cloudlet hung up; its reason arrives through the reader
-        }
-    }
-    let transfer_s = start.elapsed().as_secs_f64();
-    let (rd, got, err) = replies.await.expect("reader does not panic");
-    let (mut endpoint, mut ready_s, mut resume_s, mut apply_s) = (String::new(), 0.0, 0.0, 0.0);
-    for (m, at) in &got {
-        match m {
-            Message::Ready { endpoint: e, resumed_after_ms } => {
-                endpoint = e.clone();
-                resume_s = *resumed_after_ms as f64 / 1000.0;
-                ready_s = at.duration_since(start).as_secs_f64();
-            }
-            Message::Complete { apply_ms, .. } => apply_s = *apply_ms as f64 / 1000.0,
-            Message::Error { code, message } => return Err(ClientError::Refused { addr: cloudlet, code: *code, message: message.clone() }),
-            _ => {}
-        }
-    }
-    if let Some(e) = err {
-        return Err(proto(e));
-    }
-    let stream = rd.reunite(wr).expect("halves of one stream");
+    let (control, control_rx) = mpsc::unbounded_channel::<Message>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let plan = sender::Plan { overlay: ov.path.clone(), prefix_len: ov.prefix.len() as u64, manifest: ov.manifest.clone(), skip_all: cached, sent: opts.sent.clone() };
+    let sender = tokio::spawn(sender::run(plan, wr, fetch_rx, control_rx, done_tx, start));
+    let session = Session { control, sender };
 
-    // First response.
-    let addr: SocketAddr = endpoint.parse().map_err(|_| ClientError::Service { endpoint: endpoint.clone(), detail: "no usable endpoint".into() })?;
-    let line = probe.unwrap_or_else(|| "ping".into());
-    let answer = tokio::task::spawn_blocking(move || {
+    let mut report = SynthesisReport {
+        mode: mode.into(),
+        cloudlet: name,
+        overlay_bytes: ov.bytes,
+        bytes_sent: 0,
+        transfer_s: 0.0,
+        apply_s: 0.0,
+        decompress_s: 0.0,
+        resume_s: 0.0,
+        ready_s: 0.0,
+        first_response_s: 0.0,
+        complete_s: 0.0,
+        endpoint: String::new(),
+        answer: String::new(),
+        usage: None,
+        accessed_fraction: None,
+    };
+    let mut complete = false;
+    loop {
+        match next_event(&mut events, cloudlet).await? {
+            (Message::Ready { endpoint, resumed_after_ms }, at) => {
+                report.endpoint = endpoint;
+                report.resume_s = resumed_after_ms as f64 / 1000.0;
+                report.ready_s = at.duration_since(start).as_secs_f64();
+                break;
+            }
+            (Message::Complete { .. }, _) => complete = true,
+            (other, _) => return Err(ClientError::Sequence { addr: cloudlet, expected: "Ready", got: other.name() }),
+        }
+    }
+
+    // First response, while the rest of the overlay may still be on its way.
+    // The cloudlet may fail the session meanwhile (a corrupted segment): its reason wins.
+    let line = opts.request.clone().or(probe).unwrap_or_else(|| "ping".into());
+    let answer = first_response(report.endpoint.clone(), line);
+    tokio::pin!(answer);
+    let mut pending = Vec::new();
+    report.answer = loop {
+        tokio::select! {
+            a = &mut answer => break a?,
+            e = next_event(&mut events, cloudlet) => pending.push(e?),
+        }
+    };
+    report.first_response_s = start.elapsed().as_secs_f64();
+    let _ = session.control.send(Message::Checkpoint { label: "first-response".into() });
+    let mut usage_seen = false;
+    let mut pending = pending.into_iter();
+    while !(complete && usage_seen) {
+        let event = match pending.next() {
+            Some(e) => e,
+            None => next_event(&mut events, cloudlet).await?,
+        };
+        match event {
+            (Message::Complete { apply_ms, decompress_ms, .. }, at) => {
+                complete = true;
+                report.apply_s = apply_ms as f64 / 1000.0;
+                report.decompress_s = decompress_ms as f64 / 1000.0;
+                report.complete_s = at.duration_since(start).as_secs_f64();
+            }
+            (Message::Usage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments, .. }, _) => {
+                usage_seen = true;
+                if mode == "early_start" {
+                    report.accessed_fraction = Some(if blobs == 0 { 0.0 } else { blobs_accessed as f64 / blobs as f64 });
+                    report.usage = Some(OverlayUsage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments });
+                }
+            }
+            (other, _) => return Err(ClientError::Sequence { addr: cloudlet, expected: "Complete or Usage", got: other.name() }),
+        }
+    }
+    if let Ok((transfer_s, bytes)) = done_rx.await {
+        report.transfer_s = transfer_s;
+        report.bytes_sent = bytes;
+    }
+    Ok((report, session))
+}
+
+async fn next_event(events: &mut mpsc::UnboundedReceiver<(Message, Instant)>, addr: SocketAddr) -> Result<(Message, Instant), ClientError> {
+    match events.recv().await {
+        Some((Message::Error { code, message }, _)) => Err(ClientError::Refused { addr, code, message }),
+        Some(e) => Ok(e),
+        None => Err(ClientError::Closed { addr, what: "the end of the session" }),
+    }
+}
+
+/// Send `line` to the service, retrying the connection while the guest's service comes up.
+async fn first_response(endpoint: String, line: String) -> Result<String, ClientError> {
+    let endpoint = endpoint.as_str();
+    let addr: SocketAddr = endpoint.parse().map_err(|_| ClientError::Service { endpoint: endpoint.into(), detail: "no usable endpoint".into() })?;
+    tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         loop {
             match forage_agent::app::request_line(addr, &line, Duration::from_secs(120)) {
@@ -155,17 +300,5 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, device: &str) -> R
     })
     .await
     .expect("request does not panic")
-    .map_err(|detail| ClientError::Service { endpoint: endpoint.clone(), detail })?;
-    let report = SynthesisReport {
-        cloudlet: name,
-        overlay_bytes,
-        transfer_s,
-        apply_s,
-        resume_s,
-        ready_s,
-        first_response_s: start.elapsed().as_secs_f64(),
-        endpoint,
-        answer,
-    };
-    Ok((report, Session { stream }))
+    .map_err(|detail| ClientError::Service { endpoint: endpoint.into(), detail })
 }

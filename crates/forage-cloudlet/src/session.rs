@@ -1,21 +1,23 @@
-//! One synthesis session (see the crate doc for the sequence).
+//! One synthesis session (see the crate doc for the modes and `forage-proto` for the
+//! message sequence): Hello/Welcome and the manifest here, then the mode's own module.
 
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use forage_format::OverlayReader;
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{negotiate, ErrorCode, Message, ProtoError, VERSION_MAX, VERSION_MIN};
+use forage_state::{NewInstance, NewSession, SessionMode};
 use forage_synth::BaseVm;
-use forage_vm::{Snapshot, Vm};
+use forage_vm::{PortForward, RestoreOptions, Snapshot, Vm, VmSpec};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
-use crate::pipe::SegmentPipe;
 use crate::Cloudlet;
 
-/// How long the device may stay silent mid-transfer.
-const PEER_WAIT: Duration = Duration::from_secs(60);
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
@@ -30,22 +32,41 @@ pub enum SessionError {
     Refused { code: ErrorCode, message: String },
 }
 
-fn refused(code: ErrorCode, message: impl Into<String>) -> SessionError {
+pub(crate) fn refused(code: ErrorCode, message: impl Into<String>) -> SessionError {
     SessionError::Refused { code, message: message.into() }
 }
 
-async fn next(stream: &mut TcpStream) -> Result<Message, SessionError> {
-    match tokio::time::timeout(PEER_WAIT, read(stream)).await {
+pub(crate) fn internal(e: impl std::fmt::Display) -> SessionError {
+    refused(ErrorCode::Internal, e.to_string())
+}
+
+pub(crate) async fn next(stream: &mut (impl AsyncRead + Unpin), wait: Duration) -> Result<Message, SessionError> {
+    match tokio::time::timeout(wait, read(stream)).await {
         Ok(m) => Ok(m?),
-        Err(_) => Err(SessionError::Timeout(PEER_WAIT)),
+        Err(_) => Err(SessionError::Timeout(wait)),
     }
+}
+
+/// What a mode hands back for the records.
+pub(crate) struct Outcome {
+    pub bytes: u64,
+}
+
+/// Everything a mode needs about its session.
+pub(crate) struct Ctx<'a> {
+    pub cloudlet: &'a Cloudlet,
+    pub id: String,
+    pub dir: std::path::PathBuf,
+    pub base: BaseVm,
+    pub started: Instant,
 }
 
 /// Run one session on `stream`. On any failure the device is told why (if it still
 /// listens), and nothing of the session is left: no VM, no files.
 pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), SessionError> {
-    let dir = cloudlet.data.work().join(format!("session-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-    let result = run(&mut stream, cloudlet, &dir).await;
+    let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let dir = cloudlet.data.work().join(format!("session-{id}"));
+    let result = run(&mut stream, cloudlet, &id, &dir).await;
     if let Err(e) = &result {
         let (code, message) = match e {
             SessionError::Refused { code, message } => (*code, message.clone()),
@@ -54,99 +75,158 @@ pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), S
         };
         let _ = write(&mut stream, &Message::Error { code, message }).await;
     }
+    cloudlet.unregister(&id);
+    let _ = cloudlet.state.instance_stopped(&id);
+    let recorded = match &result {
+        Ok(o) => cloudlet.state.session_ended(&id, Ok(o.bytes)),
+        Err(e) => cloudlet.state.session_ended(&id, Err(&e.to_string())),
+    };
+    if let Err(e) = recorded {
+        tracing::debug!("session {id} not recorded: {e}");
+    }
+    unmount_stale(&dir.join("mnt"));
     let _ = std::fs::remove_dir_all(&dir);
-    result
+    result.map(|_| ())
 }
 
-async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, dir: &Path) -> Result<(), SessionError> {
-    // Hello -> Welcome: pick a base we hold.
-    let Message::Hello { versions, device, offers, early_start } = next(stream).await? else {
+async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Outcome, SessionError> {
+    // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
+    let Message::Hello { versions, device, offers, early_start } = next(stream, cloudlet.peer_wait).await? else {
         return Err(SessionError::Sequence { expected: "Hello", got: "another message" });
     };
     let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
     let held: Vec<BaseVm> = BaseVm::list(&cloudlet.data).into_iter().filter_map(|(_, b)| b.ok()).collect();
-    let chosen = offers.iter().find_map(|o| held.iter().find(|b| b.digest() == o.base_digest));
+    let chosen = offers.iter().find_map(|o| held.iter().find(|b| b.digest() == o.base_digest).map(|b| (o, b)));
     let missing = offers.iter().filter(|o| !held.iter().any(|b| b.digest() == o.base_digest)).map(|o| o.base_digest.clone()).collect();
-    write(stream, &Message::Welcome { version, cloudlet: cloudlet.name.clone(), chosen: chosen.map(|b| b.digest().to_string()), missing }).await?;
-    let Some(base) = chosen.cloned() else {
+    let cached = chosen.and_then(|(o, _)| cloudlet.cache.lookup(&o.overlay_digest));
+    write(
+        stream,
+        &Message::Welcome { version, cloudlet: cloudlet.name.clone(), chosen: chosen.map(|(_, b)| b.digest().to_string()), missing, cached: cached.is_some() },
+    )
+    .await?;
+    let Some((offer, base)) = chosen else {
         return Err(refused(ErrorCode::NoBase, "none of the offered bases is held here"));
     };
-    tracing::info!(device, base = %base.manifest().name, early_start, "synthesis session");
+    let mode = match (&cached, early_start) {
+        (Some(_), _) => SessionMode::Cached,
+        (None, true) => SessionMode::EarlyStart,
+        (None, false) => SessionMode::Pipelined,
+    };
+    tracing::info!(session = id, device, base = %base.manifest().name, mode = mode.as_str(), "synthesis session");
+    let record = NewSession { id: id.into(), device: device.clone(), base_digest: base.digest().into(), overlay_digest: offer.overlay_digest.clone(), mode };
+    if let Err(e) = cloudlet.state.session_started(&record) {
+        tracing::warn!("session {id} not recorded: {e}");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+    let ctx = Ctx { cloudlet, id: id.into(), dir: dir.to_path_buf(), base: base.clone(), started: Instant::now() };
+    if let Some(snapshot) = cached {
+        return crate::cache::run_cached(stream, &ctx, snapshot).await;
+    }
 
     // Manifest: check it before anything is written.
-    let Message::Manifest { bytes: prefix } = next(stream).await? else {
+    let Message::Manifest { bytes: prefix } = next(stream, cloudlet.peer_wait).await? else {
         return Err(SessionError::Sequence { expected: "Manifest", got: "another message" });
     };
-    let start = Instant::now();
     let manifest = OverlayReader::open(&prefix[..]).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
     if manifest.base.digest != base.digest() {
         return Err(refused(ErrorCode::BadOverlay, "the manifest names another base than the one agreed"));
     }
-    let service = manifest.service.clone();
-
-    // Segments stream into the apply thread through a bounded pipe.
-    std::fs::create_dir_all(dir).map_err(|e| refused(ErrorCode::Internal, format!("{}: {e}", dir.display())))?;
-    let applied = dir.join("launch");
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    tx.send(prefix).await.expect("pipe open");
-    let (base2, applied2, accel) = (base.clone(), applied.clone(), cloudlet.accel);
-    let apply = tokio::task::spawn_blocking(move || {
-        let label = PathBuf::from("from the device");
-        forage_synth::apply::apply_into(SegmentPipe::new(rx), &label, &base2, &applied2, accel)
-    });
-    let received = async {
-        let mut bytes = 0u64;
-        for (i, seg) in manifest.segments.iter().enumerate() {
-            let Message::Segment { index, bytes: data } = next(stream).await? else {
-                return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
-            };
-            if index as usize != i || data.len() as u64 != seg.compressed_len {
-                return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
-            }
-            bytes += data.len() as u64;
-            if tx.send(data).await.is_err() {
-                break; // the apply thread stopped: its error is reported below
-            }
-        }
-        Ok(bytes)
+    if early_start {
+        crate::early::run(stream, &ctx, manifest, prefix).await
+    } else {
+        crate::pipelined::run(stream, &ctx, manifest, prefix).await
     }
-    .await;
-    // Whatever happened, the apply thread ends before the session's files are removed.
-    drop(tx);
-    let applied_result = apply.await.expect("apply does not panic");
-    let bytes = received?;
-    let report = applied_result.map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
-    let apply_ms = start.elapsed().as_millis() as u64;
-    tracing::debug!(?report, "overlay applied");
+}
 
-    // Resume the launch VM with its service forwarded.
-    let snap = Snapshot::open(&applied).map_err(|e| refused(ErrorCode::Internal, e.to_string()))?;
-    let run = dir.join("run");
-    std::fs::create_dir_all(&run).map_err(|e| refused(ErrorCode::Internal, e.to_string()))?;
+/// The digest naming an overlay: SHA-256 of its manifest, as its header records it
+/// (checked against the manifest by `OverlayReader::open`).
+pub(crate) fn overlay_digest(prefix: &[u8]) -> String {
+    hex::encode(&prefix[24..56])
+}
+
+/// A resumed launch VM and where its service answers.
+pub(crate) struct Instance {
+    pub vm: Vm,
+    pub endpoint: String,
+    pub resumed_after_ms: u64,
+    pub stop: std::sync::Arc<Notify>,
+}
+
+/// Resume `snap` with the service forwarded. `spec` overrides where memory and disk are
+/// (early start: the assembly's files, used in place); otherwise they are copied into
+/// the session's run folder.
+pub(crate) async fn resume(ctx: &Ctx<'_>, snap: &Snapshot, service: Option<&forage_format::manifest::Service>, in_place: bool) -> Result<Instance, SessionError> {
+    let cloudlet = ctx.cloudlet;
+    let run = ctx.dir.join("run");
+    std::fs::create_dir_all(&run).map_err(internal)?;
     let guest_ports: Vec<u16> = snap.manifest().spec.nic.iter().flat_map(|n| n.forwards.iter().map(|f| f.guest_port)).collect();
-    let forwards = forage_image::forwards_on(cloudlet.service_addr, guest_ports).map_err(|e| refused(ErrorCode::Internal, e.to_string()))?;
-    let qmp = cloudlet.data.runtime_dir().join(format!("{}.qmp", dir.file_name().unwrap_or_default().to_string_lossy()));
-    let spec = snap.relocated_spec(&run, &qmp, Some(forwards.clone()));
+    let forwards = forage_image::forwards_on(cloudlet.service_addr, guest_ports).map_err(internal)?;
+    let qmp = cloudlet.data.runtime_dir().join(format!("session-{}.qmp", ctx.id));
+    let mut spec: VmSpec = snap.relocated_spec(&run, &qmp, Some(forwards.clone()));
+    if in_place {
+        spec.memory_file = snap.memory_path();
+        spec.disks[0].path = snap.disk_paths()[0].clone();
+    }
     let t = Instant::now();
-    let vm = Vm::restore(&snap, spec, cloudlet.accel, &run.join("qemu.log")).await.map_err(|e| refused(ErrorCode::Internal, e.to_string()))?;
+    let opts = RestoreOptions { copy_disks: !in_place, ..Default::default() };
+    let vm = Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
     let resumed_after_ms = t.elapsed().as_millis() as u64;
-    let endpoint = service
-        .as_ref()
+    let endpoint = endpoint(service, &forwards);
+    let record = NewInstance { id: ctx.id.clone(), session_id: ctx.id.clone(), name: vm.spec().name.clone(), qemu_pid: vm.pid(), dir: ctx.dir.clone(), endpoint: endpoint.clone() };
+    if let Err(e) = cloudlet.state.instance_started(&record) {
+        tracing::warn!("instance {} not recorded: {e}", ctx.id);
+    }
+    if let Err(e) = cloudlet.state.session_ready(&ctx.id, ctx.started.elapsed().as_millis() as u64) {
+        tracing::debug!("{e}");
+    }
+    Ok(Instance { vm, endpoint, resumed_after_ms, stop: cloudlet.register(&ctx.id) })
+}
+
+fn endpoint(service: Option<&forage_format::manifest::Service>, forwards: &[PortForward]) -> String {
+    service
         .and_then(|s| forwards.iter().find(|f| f.guest_port == s.port))
-        .map(|f| format!("{}:{}", f.host_addr, f.host_port))
-        .unwrap_or_default();
-    let served = async {
-        write(stream, &Message::Ready { endpoint, resumed_after_ms }).await?;
-        write(stream, &Message::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms }).await?;
-        // The instance lives until the device says Bye or goes away.
-        loop {
-            match read(stream).await {
-                Ok(Message::Bye) | Err(_) => return Ok::<_, SessionError>(()),
-                Ok(_) => continue,
-            }
+        .map(|f| SocketAddr::from((f.host_addr, f.host_port)).to_string())
+        .unwrap_or_default()
+}
+
+/// After Ready and Complete: the instance lives until the device says Bye or goes away,
+/// or an operator stops it. Checkpoints are answered with `usage`.
+pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), stop: &Notify, usage: impl Fn(String) -> Message) -> Result<(), SessionError> {
+    loop {
+        tokio::select! {
+            m = read(stream) => match m {
+                Ok(Message::Bye) | Err(ProtoError::Closed) => return Ok(()),
+                Ok(Message::Checkpoint { label }) => write(stream, &usage(label)).await?,
+                Ok(other) => return Err(SessionError::Sequence { expected: "Bye or Checkpoint", got: other.name() }),
+                Err(e) => return Err(e.into()),
+            },
+            _ = stop.notified() => return Err(refused(ErrorCode::Internal, "the cloudlet's operator stopped this instance")),
         }
     }
-    .await;
-    let _ = vm.shutdown().await;
-    served
+}
+
+pub(crate) fn no_usage(label: String) -> Message {
+    Message::Usage { label, blobs_accessed: 0, blobs: 0, demand_fetches: 0, segments_arrived: 0, segments: 0 }
+}
+
+/// Detach a FUSE mount left behind (a crash, or a VM that kept its files open).
+pub(crate) fn unmount_stale(mnt: &Path) {
+    // No `exists()` check: a mount whose server died fails every stat (ENOTCONN).
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&*mnt.to_string_lossy())));
+    if mounted {
+        let _ = std::process::Command::new("fusermount3").arg("-uzq").arg(mnt).stderr(std::process::Stdio::null()).status();
+    }
+}
+
+/// Session folders of daemons that are gone (crashed or killed): their mounts and files.
+pub(crate) fn sweep_dead_sessions(work: &Path) {
+    for entry in std::fs::read_dir(work).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("session-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {} left by a daemon that is gone", entry.path().display());
+            unmount_stale(&entry.path().join("mnt"));
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }

@@ -11,6 +11,8 @@
 //!   bases/NAME/          base VMs: base.json, snapshot/, index.bin
 //!   work/                scratch for launch VMs and profiling runs
 //!   vms/NAME/            VMs run with `forage vm`: vm.json, run/ (live files), snapshot/
+//!   cache/launch/DIGEST/ the cloudlet's launch-VM cache, one snapshot per overlay
+//!   cloudlet/state.db    the cloudlet daemon's state (SQLite)
 //! ```
 //!
 //! Unix sockets (QMP) do not live here: their path length is limited to 107 bytes, so they
@@ -92,6 +94,16 @@ impl DataDir {
     /// Scratch space for work in progress (launch VMs, profiling runs).
     pub fn work(&self) -> PathBuf {
         self.root.join("work")
+    }
+
+    /// The cloudlet's cache of launch VMs, one snapshot folder per overlay digest.
+    pub fn launch_cache(&self) -> PathBuf {
+        self.root.join("cache").join("launch")
+    }
+
+    /// The cloudlet daemon's state database.
+    pub fn cloudlet_state(&self) -> PathBuf {
+        self.root.join("cloudlet").join("state.db")
     }
 
     pub fn vms(&self) -> PathBuf {

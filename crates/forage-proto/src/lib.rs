@@ -10,7 +10,8 @@
 //!     participant D as device
 //!     participant C as cloudlet
 //!     D->>C: Hello {versions 1..=1, device, offers: [base digest, sizes]...}
-//!     C->>D: Welcome {version, chosen base} | Welcome {no base, missing digests}
+//!     C->>D: Welcome {version, chosen base, cached} | Welcome {no base, missing digests}
+//!     Note over D,C: cached: the launch VM is in the cloudlet's cache, skip to Ready
 //!     D->>C: Manifest {overlay header + manifest bytes}
 //!     Note over C: checks it; with early start, resumes the VM now
 //!     C-->>D: Fetch {segment}   (a VM read needs a segment not yet here)
@@ -18,6 +19,8 @@
 //!     D->>C: Segment ... in overlay order, until all are sent
 //!     C->>D: Ready {endpoint, resumed after ms}   (VM running; before Complete with early start)
 //!     C->>D: Complete {segments, bytes}   (every segment applied)
+//!     D->>C: Checkpoint {label}   (optional, e.g. at the first response)
+//!     C->>D: Usage {blobs accessed, fetches}
 //!     D->>C: Bye
 //!     Note over D,C: either side may send Error {code, message} and close
 //! ```
@@ -38,6 +41,10 @@ pub struct Offer {
     pub base_digest: String,
     pub manifest_bytes: u64,
     pub overlay_bytes: u64,
+    /// SHA-256 of the overlay's manifest (which holds every segment's hash): names the
+    /// overlay for the cloudlet's launch-VM cache.
+    #[serde(default)]
+    pub overlay_digest: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +82,10 @@ pub enum Message {
         chosen: Option<String>,
         /// Offered bases this cloudlet does not hold.
         missing: Vec<String>,
+        /// The cloudlet has the chosen offer's launch VM cached: send no manifest or
+        /// segments, wait for Ready.
+        #[serde(default)]
+        cached: bool,
     },
     Manifest {
         #[serde(with = "serde_bytes")]
@@ -97,6 +108,25 @@ pub enum Message {
         bytes: u64,
         /// From the manifest's arrival to the last segment applied.
         apply_ms: u64,
+        /// Of which checking and decompressing segments.
+        #[serde(default)]
+        decompress_ms: u64,
+    },
+    /// The device marks a moment (e.g. its first response arrived) and asks what the VM
+    /// has used of the overlay so far.
+    Checkpoint {
+        label: String,
+    },
+    /// Answer to Checkpoint (early start only; zeros otherwise).
+    Usage {
+        label: String,
+        /// Overlay blobs (chunks of new data) the VM has read, of all blobs.
+        blobs_accessed: u64,
+        blobs: u64,
+        /// Segments asked for out of order, and segments there at this moment.
+        demand_fetches: u32,
+        segments_arrived: u32,
+        segments: u32,
     },
     Error {
         code: ErrorCode,
@@ -118,6 +148,8 @@ impl Message {
             Message::Complete { .. } => 7,
             Message::Error { .. } => 8,
             Message::Bye => 9,
+            Message::Checkpoint { .. } => 10,
+            Message::Usage { .. } => 11,
         }
     }
 
@@ -132,6 +164,8 @@ impl Message {
             Message::Complete { .. } => "Complete",
             Message::Error { .. } => "Error",
             Message::Bye => "Bye",
+            Message::Checkpoint { .. } => "Checkpoint",
+            Message::Usage { .. } => "Usage",
         }
     }
 }
@@ -177,7 +211,7 @@ pub fn check_len(len: u32) -> Result<(), ProtoError> {
 /// Decode the body of a frame (kind byte + payload; untrusted bytes).
 pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
-    if !(1..=9).contains(&kind) {
+    if !(1..=11).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
     let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;

@@ -31,6 +31,9 @@ pub struct ApplyReport {
     pub rebuilt_bytes: u64,
     pub segments: usize,
     pub free_chunks: u64,
+    /// Of `took`, checking and decompressing segments (includes waiting for them when
+    /// they come over a network).
+    pub decompress: Duration,
 }
 
 /// Apply the overlay at `path` to `base`, creating the snapshot folder `out`.
@@ -85,25 +88,7 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
     if m.memory_size != base.manifest().memory_size || m.disk_size != base.manifest().disk_size {
         return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "sizes differ from the base's".into() });
     }
-    // The launch VM is the base's hardware: take the spec from the local base (its boot
-    // files are this host's), and only check that the overlay's agrees with it.
-    let claimed: VmSpec = serde_json::from_value(m.vm["spec"].clone())
-        .map_err(|e| SynthError::BadFile { path: path.to_path_buf(), detail: format!("launch VM description: {e}") })?;
-    let mut spec = base.snapshot().manifest().spec.clone();
-    if claimed.hardware_fingerprint() != spec.hardware_fingerprint() {
-        return Err(SynthError::BadFile {
-            path: path.to_path_buf(),
-            detail: format!("its launch VM's hardware differs from base {}'s", base.manifest().name),
-        });
-    }
-    spec.name = claimed.name;
-    // Guest ports come from the overlay; host sides are chosen at restore, on loopback.
-    spec.nic = claimed.nic.filter(|_| spec.nic.is_some()).map(|mut n| {
-        for f in &mut n.forwards {
-            f.host_addr = std::net::Ipv4Addr::LOCALHOST;
-        }
-        n
-    });
+    let spec = launch_spec(&m, base, path)?;
     crate::DataDir::ensure(dir)?;
     let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
     forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;
@@ -142,7 +127,12 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
     // Segments, as they come.
     let mut state_written = false;
     let mut segments = 0;
-    while let Some(seg) = r.next_segment().map_err(ov)? {
+    let mut decompress = Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        let next = r.next_segment().map_err(ov)?;
+        decompress += t.elapsed();
+        let Some(seg) = next else { break };
         segments += 1;
         if m.segments[seg.index].kind == SegmentKind::DeviceState {
             if seg.index as u32 == m.device_state.segment {
@@ -178,11 +168,56 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
         f.sync_all().map_err(io(dir))?;
     }
 
-    // Describe the result as a forage-vm snapshot.
-    spec.memory_file = mem_out.clone();
-    spec.disks[0].path = disk_out.clone();
-    spec.disks[0].format = forage_vm::DiskFormat::Raw;
     let state = dir.join(STATE_FILE);
+    write_launch_snapshot(dir, &m, spec, &mem_out, &disk_out, &state, accel)?;
+    Ok(ApplyReport {
+        took: start.elapsed(),
+        base_copy,
+        rebuilt_bytes: m.chunks.len() as u64 * CHUNK_SIZE as u64,
+        segments,
+        free_chunks,
+        decompress,
+    })
+}
+
+/// The launch VM's spec: the base's hardware (its boot files are this host's), with the
+/// overlay's name and guest ports; the overlay's own description must agree with it.
+pub fn launch_spec(m: &forage_format::Manifest, base: &BaseVm, path: &Path) -> Result<VmSpec, SynthError> {
+    let claimed: VmSpec = serde_json::from_value(m.vm["spec"].clone())
+        .map_err(|e| SynthError::BadFile { path: path.to_path_buf(), detail: format!("launch VM description: {e}") })?;
+    let mut spec = base.snapshot().manifest().spec.clone();
+    if claimed.hardware_fingerprint() != spec.hardware_fingerprint() {
+        return Err(SynthError::BadFile {
+            path: path.to_path_buf(),
+            detail: format!("its launch VM's hardware differs from base {}'s", base.manifest().name),
+        });
+    }
+    spec.name = claimed.name;
+    // Guest ports come from the overlay; host sides are chosen at restore, on loopback.
+    spec.nic = claimed.nic.filter(|_| spec.nic.is_some()).map(|mut n| {
+        for f in &mut n.forwards {
+            f.host_addr = std::net::Ipv4Addr::LOCALHOST;
+        }
+        n
+    });
+    Ok(spec)
+}
+
+/// Describe a rebuilt launch VM as a forage-vm snapshot in `dir`: memory and disk may be
+/// anywhere (absolute paths are kept, e.g. files of an early-start assembly), the device
+/// state is `state`.
+pub fn write_launch_snapshot(dir: &Path, m: &forage_format::Manifest, mut spec: VmSpec, memory: &Path, disk: &Path, state: &Path, accel: Accel) -> Result<(), SynthError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SynthError::Io { path: p, source }
+    };
+    let relative = |p: &Path| match p.parent() == Some(dir) {
+        true => PathBuf::from(p.file_name().expect("a file")),
+        false => p.to_path_buf(),
+    };
+    spec.memory_file = memory.to_path_buf();
+    spec.disks[0].path = disk.to_path_buf();
+    spec.disks[0].format = forage_vm::DiskFormat::Raw;
     let saved_accel = serde_json::from_value(m.vm["accel"].clone()).unwrap_or(accel);
     let manifest = SnapshotManifest {
         kind: SNAPSHOT_KIND.into(),
@@ -190,24 +225,18 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
         hardware_fingerprint: spec.hardware_fingerprint(),
         spec,
         accel: saved_accel,
-        memory: FileRecord { file: MEMORY_FILE.into(), size: m.memory_size },
-        disks: vec![FileRecord { file: "disk0.raw".into(), size: m.disk_size }],
+        memory: FileRecord { file: relative(memory).to_string_lossy().into_owned(), size: m.memory_size },
+        disks: vec![FileRecord { file: relative(disk).to_string_lossy().into_owned(), size: m.disk_size }],
         state: StateRecord {
-            file: STATE_FILE.into(),
+            file: relative(state).to_string_lossy().into_owned(),
             size: m.device_state.size,
-            sha256: forage_vm::snapshot::sha256_file(&state).map_err(io(&state))?,
+            sha256: forage_vm::snapshot::sha256_file(state).map_err(io(state))?,
         },
         saved_at_unix: m.created_unix,
     };
     let p = dir.join(MANIFEST_FILE);
     std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(&p))?;
-    Ok(ApplyReport {
-        took: start.elapsed(),
-        base_copy,
-        rebuilt_bytes: m.chunks.len() as u64 * CHUNK_SIZE as u64,
-        segments,
-        free_chunks,
-    })
+    Ok(())
 }
 
 fn open_rw(p: &PathBuf) -> Result<File, SynthError> {

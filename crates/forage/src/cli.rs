@@ -42,6 +42,13 @@ pub enum Command {
         /// Name announced to devices
         #[arg(long, default_value = "cloudlet")]
         name: String,
+        /// Address of the HTTP management API (status, sessions, instances, cache,
+        /// /metrics, /openapi.json); keep it on loopback or a management network
+        #[arg(long, default_value = "127.0.0.1:7879")]
+        api: std::net::SocketAddr,
+        /// Do not serve the HTTP API
+        #[arg(long)]
+        no_api: bool,
     },
     /// Synthesize an overlay on a cloudlet and print the first response with its breakdown
     Synthesize {
@@ -51,6 +58,12 @@ pub enum Command {
         /// Keep the instance until Ctrl-C (otherwise it is released after the first response)
         #[arg(long)]
         hold: bool,
+        /// Wait for the whole overlay before resuming (pipelined synthesis only)
+        #[arg(long)]
+        no_early_start: bool,
+        /// Send the first line of FILE as the first request (default: the overlay's probe)
+        #[arg(long, value_name = "FILE")]
+        request: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },

@@ -75,64 +75,6 @@ async fn overlay_create_apply_resume() {
     assert!(field(&answer, "served") >= 1, "the launch VM's probe was counted: {answer}");
     vm.shutdown().await.unwrap();
 
-    // Synthesis over the network: a cloudlet on loopback holding the base.
-    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet {
-        name: "test-cloudlet".into(),
-        data: data.clone(),
-        accel,
-        service_addr: std::net::Ipv4Addr::LOCALHOST,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet));
-    let mut with_service = input;
-    with_service.service = Some(forage_format::manifest::Service { name: "hashsearch".into(), port: app.manifest().port, probe: app.manifest().probe.clone() });
-    let svc_ovl = work.join("svc.ovl");
-    forage_synth::create::create(&base, &with_service, &CreateOptions::default(), &svc_ovl).unwrap();
-    let (report, session) = forage_client::synthesize(&svc_ovl, addr, "test-device").await.expect("synthesis");
-    assert!(report.answer.starts_with("ok "), "{}", report.answer);
-    assert!(report.first_response_s >= report.ready_s && report.ready_s > 0.0, "{report:?}");
-    session.close().await;
-
-    // Four devices at once, each with its own instance.
-    let runs = (0..4).map(|i| {
-        let ovl = svc_ovl.clone();
-        tokio::spawn(async move { forage_client::synthesize(&ovl, addr, &format!("device-{i}")).await })
-    });
-    let mut sessions = Vec::new();
-    for r in futures_join(runs.collect()).await {
-        let (report, session) = r.expect("concurrent synthesis");
-        assert!(report.answer.starts_with("ok "), "{}", report.answer);
-        sessions.push((report.endpoint, session));
-    }
-    let endpoints: std::collections::HashSet<_> = sessions.iter().map(|(e, _)| e.clone()).collect();
-    assert_eq!(endpoints.len(), 4, "each device has its own instance");
-    for (_, s) in sessions {
-        s.close().await;
-    }
-
-    // A corrupted segment: refused with the reason, nothing left on the cloudlet.
-    let mut bytes = std::fs::read(&svc_ovl).unwrap();
-    let n = bytes.len();
-    bytes[n - 50] ^= 1;
-    let bad = work.join("bad.ovl");
-    std::fs::write(&bad, &bytes).unwrap();
-    let err = forage_client::synthesize(&bad, addr, "test-device").await.err().expect("refused").to_string();
-    assert!(err.contains("checksum"), "{err}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let sessions = std::fs::read_dir(data.work()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count();
-    assert_eq!(sessions, 0, "session files left on the cloudlet");
-    assert_no_qemu_with("session-").await;
-    server.abort();
-
     let _ = std::fs::remove_dir_all(&work);
     BaseVm::remove(&data, "ovtest").unwrap();
-}
-
-async fn futures_join<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.expect("task"));
-    }
-    out
 }

@@ -157,23 +157,37 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
         super::overlay::build_overlay(data, &args, true).await?;
         say(format!("7. overlay of {} created in {:.1} s: {} KiB", app.manifest().name, t.elapsed().as_secs_f64(), std::fs::metadata(&ovl)?.len() >> 10));
     }
-    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet {
-        name: "demo-cloudlet".into(),
-        data: data.clone(),
-        accel,
-        service_addr: Ipv4Addr::LOCALHOST,
-    });
+    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet::open("demo-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST)?);
+    // Start from an empty launch-VM cache so that the first synthesis shows early start.
+    let digest = forage_client::OverlayFile::open(&ovl).await?.digest;
+    cloudlet.cache.evict(&digest);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet));
-    say(format!("8. cloudlet demo-cloudlet listening on {addr}, holding base demo-base; a device synthesizes {}:", ovl.display()));
-    let (report, session) = forage_client::synthesize(&ovl, addr, "demo-device").await.context("synthesizing the demo overlay")?;
-    if json {
-        super::print_json(&report);
-    } else {
+    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
+    say(format!("8. cloudlet demo-cloudlet listening on {addr}, holding base demo-base; a device synthesizes {} with early start:", ovl.display()));
+    let mut reports = Vec::new();
+    let opts = forage_client::SynthesisOptions { device: "demo-device".into(), early_start: true, ..Default::default() };
+    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts.clone(), !json).await.context("synthesizing the demo overlay")?;
+    if !json {
         super::synthesis::print_report(&report);
     }
+    reports.push(report);
     session.close().await;
+    // The cloudlet keeps the launch VM: a second synthesis starts from its cache.
+    let t = Instant::now();
+    while cloudlet.cache.lookup(&digest).is_none() && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say("9. the same overlay again: the cloudlet has its launch VM cached".into());
+    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts, !json).await.context("synthesizing from the cache")?;
+    if !json {
+        super::synthesis::print_report(&report);
+    }
+    reports.push(report);
+    session.close().await;
+    if json {
+        super::print_json(&reports);
+    }
     tokio::time::sleep(Duration::from_millis(300)).await; // let the cloudlet stop the instance
     server.abort();
     Ok(())

@@ -22,8 +22,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
-        Command::Serve { listen, service_addr, name } => synthesis::serve(&data, listen, service_addr, name).await,
-        Command::Synthesize { file, cloudlet, hold, json } => synthesis::synthesize(&file, cloudlet, hold, json).await,
+        Command::Serve { listen, service_addr, name, api, no_api } => synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api)).await,
+        Command::Synthesize { file, cloudlet, hold, no_early_start, request, json } => synthesis::synthesize(&file, cloudlet, hold, !no_early_start, request.as_deref(), json).await,
         Command::Demo(a) => demo::run(&data, a).await,
     }
 }

@@ -1,23 +1,64 @@
 //! `forage serve` and `forage synthesize`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use forage_cloudlet::Cloudlet;
 use forage_datadir::DataDir;
 
-pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<Ipv4Addr>, name: String) -> anyhow::Result<()> {
+/// What the HTTP API may do to the daemon.
+struct DaemonControl {
+    cloudlet: Arc<Cloudlet>,
+}
+
+impl forage_api::Control for DaemonControl {
+    fn stop_instance(&self, id: &str) -> Result<(), String> {
+        match self.cloudlet.stop_instance(id) {
+            true => Ok(()),
+            false => Err(format!("instance {id} is not running in this daemon")),
+        }
+    }
+
+    fn bases(&self) -> Vec<forage_api::BaseInfo> {
+        forage_synth::BaseVm::list(&self.cloudlet.data)
+            .into_iter()
+            .filter_map(|(name, b)| b.ok().map(|b| (name, b)))
+            .map(|(name, b)| forage_api::BaseInfo { name, digest: b.digest().into(), memory_bytes: b.manifest().memory_size, disk_bytes: b.manifest().disk_size })
+            .collect()
+    }
+
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String> {
+        self.cloudlet.cache.evict(overlay_digest);
+        Ok(())
+    }
+}
+
+pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>) -> anyhow::Result<()> {
     let service_addr = match (service_addr, listen.ip()) {
         (Some(a), _) => a,
         (None, IpAddr::V4(a)) if !a.is_unspecified() => a,
         (None, _) => bail!("listening on {listen}: say which address services are forwarded on with --service-addr"),
     };
-    let cloudlet = Arc::new(Cloudlet { name, data: data.clone(), accel: super::accel(), service_addr });
+    let accel = super::accel();
+    let cloudlet = Arc::new(Cloudlet::open(name, data.clone(), accel, service_addr)?);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let bases: Vec<String> = forage_synth::BaseVm::list(data).into_iter().filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))).collect();
     eprintln!("cloudlet {} listening on {listen}; bases: {}", cloudlet.name, if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") });
+    if let Some(api) = api {
+        let l = tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot serve the HTTP API on {api}"))?;
+        let control = Arc::new(DaemonControl { cloudlet: cloudlet.clone() });
+        let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control);
+        eprintln!("HTTP API on http://{api}/v1/status (metrics on /metrics, OpenAPI on /openapi.json)");
+        tokio::spawn(async move {
+            if let Err(e) = forage_api::serve(l, ctx, std::future::pending()).await {
+                tracing::error!("HTTP API stopped: {e}");
+            }
+        });
+    }
     tokio::select! {
         r = forage_cloudlet::serve(listener, cloudlet) => r.context("accepting devices")?,
         _ = tokio::signal::ctrl_c() => eprintln!("cloudlet stopping"),
@@ -25,8 +66,16 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<Ipv4
     Ok(())
 }
 
-pub async fn synthesize(file: &Path, cloudlet: SocketAddr, hold: bool, json: bool) -> anyhow::Result<()> {
-    let (report, session) = forage_client::synthesize(file, cloudlet, "forage-cli").await?;
+pub async fn synthesize(file: &Path, cloudlet: SocketAddr, hold: bool, early_start: bool, request: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let request = match request {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("request file {}", p.display()))?;
+            Some(text.lines().next().unwrap_or_default().to_string())
+        }
+        None => None,
+    };
+    let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start, request, sent: None };
+    let (report, session) = synthesize_with_progress(file, cloudlet, opts, !json).await?;
     if json {
         super::print_json(&report);
     } else {
@@ -40,11 +89,53 @@ pub async fn synthesize(file: &Path, cloudlet: SocketAddr, hold: bool, json: boo
     Ok(())
 }
 
+/// Synthesize with a progress bar on stderr (hidden when stderr is not a terminal).
+pub async fn synthesize_with_progress(
+    file: &Path,
+    cloudlet: SocketAddr,
+    mut opts: forage_client::SynthesisOptions,
+    progress: bool,
+) -> anyhow::Result<(forage_client::SynthesisReport, forage_client::Session)> {
+    let total = std::fs::metadata(file).with_context(|| format!("overlay {}", file.display()))?.len();
+    let sent = Arc::new(AtomicU64::new(0));
+    opts.sent = Some(sent.clone());
+    let bar = indicatif::ProgressBar::new(total);
+    if !progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}").expect("valid template").progress_chars("=> "));
+    bar.set_message("sending overlay");
+    let ticker = {
+        let (bar, sent) = (bar.clone(), sent.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(sent.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let result = forage_client::synthesize(file, cloudlet, &opts).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
 pub fn print_report(r: &forage_client::SynthesisReport) {
-    println!("synthesized on cloudlet {} ({} KiB overlay, pipelined):", r.cloudlet, r.overlay_bytes >> 10);
+    println!("synthesized on cloudlet {} ({} KiB overlay, {}):", r.cloudlet, r.overlay_bytes >> 10, r.mode.replace('_', " "));
     println!(
-        "  transfer {:.2} s | apply (cloudlet) {:.2} s | resume {:.2} s | ready {:.2} s | first response {:.2} s",
-        r.transfer_s, r.apply_s, r.resume_s, r.ready_s, r.first_response_s
+        "  transfer {:.2} s | decompress {:.2} s | apply {:.2} s | resume {:.2} s | first response {:.2} s | all applied {:.2} s",
+        r.transfer_s, r.decompress_s, r.apply_s, r.resume_s, r.first_response_s, r.complete_s
     );
+    if let Some(u) = &r.usage {
+        println!(
+            "  at the first response the VM had read {} of {} overlay blobs ({:.0}%); {} segments fetched on demand, {} of {} there",
+            u.blobs_accessed,
+            u.blobs,
+            r.accessed_fraction.unwrap_or(0.0) * 100.0,
+            u.demand_fetches,
+            u.segments_arrived,
+            u.segments
+        );
+    }
     println!("  service at {} answered: {}", r.endpoint, r.answer);
 }

@@ -1,0 +1,65 @@
+//! Pipelined synthesis: segments stream into the apply thread through a bounded pipe while
+//! they arrive; the launch VM resumes once every segment is applied.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use forage_format::Manifest;
+use forage_proto::asynchronous::write;
+use forage_proto::{ErrorCode, Message};
+use forage_vm::Snapshot;
+use tokio::net::TcpStream;
+
+use crate::pipe::SegmentPipe;
+use crate::session::{hold, internal, next, no_usage, overlay_digest, refused, resume, Ctx, Outcome, SessionError};
+
+pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
+    let start = Instant::now();
+    let digest = overlay_digest(&prefix);
+    let applied = ctx.dir.join("launch");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    tx.send(prefix).await.expect("pipe open");
+    let (base, applied2, accel) = (ctx.base.clone(), applied.clone(), ctx.cloudlet.accel);
+    let apply = tokio::task::spawn_blocking(move || {
+        let label = PathBuf::from("from the device");
+        forage_synth::apply::apply_into(SegmentPipe::new(rx), &label, &base, &applied2, accel)
+    });
+    let received = async {
+        let mut bytes = 0u64;
+        for (i, seg) in manifest.segments.iter().enumerate() {
+            let Message::Segment { index, bytes: data } = next(stream, ctx.cloudlet.peer_wait).await? else {
+                return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
+            };
+            if index as usize != i || data.len() as u64 != seg.compressed_len {
+                return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
+            }
+            bytes += data.len() as u64;
+            if tx.send(data).await.is_err() {
+                break; // the apply thread stopped: its error is reported below
+            }
+        }
+        Ok(bytes)
+    }
+    .await;
+    // Whatever happened, the apply thread ends before the session's files are removed.
+    drop(tx);
+    let applied_result = apply.await.expect("apply does not panic");
+    let bytes = received?;
+    let report = applied_result.map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+    let apply_ms = start.elapsed().as_millis() as u64;
+    tracing::debug!(?report, "overlay applied");
+
+    let snap = Snapshot::open(&applied).map_err(internal)?;
+    let instance = resume(ctx, &snap, manifest.service.as_ref(), false).await?;
+    // The VM runs from copies: the launch VM goes to the cache as it is.
+    ctx.cloudlet.cache.store_dir(&digest, &ctx.base, &applied, manifest.service.as_ref());
+    let served = async {
+        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
+        let decompress_ms = report.decompress.as_millis() as u64;
+        write(stream, &Message::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
+        hold(stream, &instance.stop, no_usage).await
+    }
+    .await;
+    let _ = instance.vm.shutdown().await;
+    served.map(|_| Outcome { bytes })
+}

@@ -1,0 +1,316 @@
+//! VM synthesis with real guests against a cloudlet on loopback: pipelined, early start
+//! with demand fetch (a device that sends nothing but what the VM asks for), the
+//! launch-VM cache, concurrent sessions, and the faults: corrupted segment, unknown base,
+//! a device that hangs up mid-stream, a device that stops answering demand fetches.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use forage_client::{OverlayFile, SynthesisOptions};
+use forage_proto::asynchronous::{read, write};
+use forage_proto::{ErrorCode, Message, Offer};
+use forage_synth::create::{CreateOptions, LaunchInput};
+use forage_synth::launch::{self, LaunchOptions};
+use forage_synth::BaseVm;
+use tokio::net::TcpStream;
+
+fn opts(device: &str, early_start: bool) -> SynthesisOptions {
+    SynthesisOptions { device: device.into(), early_start, ..Default::default() }
+}
+
+/// A hand-driven device speaking the protocol, to control what is sent when.
+struct RawDevice {
+    stream: TcpStream,
+    ov: OverlayFile,
+}
+
+impl RawDevice {
+    async fn start(addr: SocketAddr, ovl: &Path, base_digest: Option<&str>) -> (Self, Message) {
+        let ov = OverlayFile::open(ovl).await.unwrap();
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let offer = Offer {
+            base_digest: base_digest.unwrap_or(&ov.manifest.base.digest).into(),
+            manifest_bytes: ov.prefix.len() as u64,
+            overlay_bytes: ov.bytes,
+            overlay_digest: ov.digest.clone(),
+        };
+        write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: true }).await.unwrap();
+        let welcome = read(&mut stream).await.unwrap();
+        (Self { stream, ov }, welcome)
+    }
+
+    async fn send_manifest(&mut self) {
+        write(&mut self.stream, &Message::Manifest { bytes: self.ov.prefix.clone() }).await.unwrap();
+    }
+
+    fn segment(&self, i: u32) -> Message {
+        use std::os::unix::fs::FileExt;
+        let mut at = self.ov.prefix.len() as u64;
+        for s in &self.ov.manifest.segments[..i as usize] {
+            at += s.compressed_len;
+        }
+        let mut data = vec![0u8; self.ov.manifest.segments[i as usize].compressed_len as usize];
+        std::fs::File::open(&self.ov.path).unwrap().read_exact_at(&mut data, at).unwrap();
+        Message::Segment { index: i, bytes: data }
+    }
+
+    async fn send_segment(&mut self, i: u32) {
+        let m = self.segment(i);
+        write(&mut self.stream, &m).await.unwrap();
+    }
+}
+
+struct Fixture {
+    data: forage_datadir::DataDir,
+    ovl: PathBuf,
+    work: PathBuf,
+}
+
+async fn fixture() -> Fixture {
+    let data = data_dir();
+    let accel = forage_vm::accel::detect().accel;
+    let _ = BaseVm::remove(&data, "syntest");
+    let base = BaseVm::create(&data, "syntest", &image(), accel, Duration::from_secs(3)).await.expect("base");
+    let app = sample_app();
+    let work = data.work().join("synthesis-test");
+    let _ = std::fs::remove_dir_all(&work);
+    let lv = launch::build(&data, &base, &app, accel, &LaunchOptions::default(), &work).await.expect("launch VM");
+    let profile = launch::profile_access(&data, &lv.snapshot, &lv.app, accel, &work).await.expect("profiling");
+    let input = LaunchInput {
+        snapshot: &lv.snapshot,
+        written_disk_chunks: &lv.written_disk_chunks,
+        discarded_disk_chunks: &lv.discarded_disk_chunks,
+        service: Some(forage_format::manifest::Service { name: "hashsearch".into(), port: app.manifest().port, probe: app.manifest().probe.clone() }),
+        accessed: Some((&profile.memory, &profile.disk)),
+    };
+    let ovl = work.join("svc.ovl");
+    // Small segments, so that the VM's first reads need only some of them.
+    let create = CreateOptions { segment_bytes: 256 << 10, ..Default::default() };
+    forage_synth::create::create(&base, &input, &create, &ovl).expect("overlay");
+    Fixture { data, ovl, work }
+}
+
+fn session_dirs(data: &forage_datadir::DataDir) -> usize {
+    std::fs::read_dir(data.work()).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count()).unwrap_or(0)
+}
+
+async fn assert_cleaned_up(data: &forage_datadir::DataDir) {
+    let t = Instant::now();
+    while session_dirs(data) > 0 && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
+    assert_no_qemu_with("session-").await;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&data.work().to_string_lossy().to_string()), "a FUSE mount is left: {mounts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthesis_modes_cache_and_faults() {
+    if skip_vm_tests() {
+        return;
+    }
+    let f = fixture().await;
+    let accel = forage_vm::accel::detect().accel;
+    let mut c = forage_cloudlet::Cloudlet::open("test-cloudlet".into(), f.data.clone(), accel, std::net::Ipv4Addr::LOCALHOST).expect("cloudlet");
+    c.peer_wait = Duration::from_secs(5);
+    let cloudlet = Arc::new(c);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
+    let digest = OverlayFile::open(&f.ovl).await.unwrap().digest;
+    cloudlet.cache.evict(&digest);
+    cloudlet.cache.set_enabled(false);
+
+    // Pipelined.
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("pipelined", false)).await.expect("pipelined synthesis");
+    assert!(report.answer.starts_with("ok "), "{}", report.answer);
+    assert_eq!(report.mode, "pipelined");
+    assert!(report.first_response_s >= report.ready_s && report.ready_s > 0.0, "{report:?}");
+    assert!(report.bytes_sent > 0 && report.usage.is_none());
+    session.close().await;
+
+    // Early start with demand fetch: the device sends the device state and then only the
+    // segments the cloudlet asks for. The VM resumes, its reads block and fetch, and the
+    // service answers before the overlay is complete.
+    let (mut dev, welcome) = RawDevice::start(addr, &f.ovl, None).await;
+    assert!(matches!(welcome, Message::Welcome { chosen: Some(_), cached: false, .. }), "{welcome:?}");
+    dev.send_manifest().await;
+    let state_seg = dev.ov.manifest.device_state.segment;
+    dev.send_segment(state_seg).await;
+    let n = dev.ov.manifest.segments.len() as u32;
+    let mut fetched = std::collections::BTreeSet::new();
+    let endpoint = loop {
+        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream)).await.expect("cloudlet answers").unwrap() {
+            Message::Fetch { index } => {
+                if index != state_seg && fetched.insert(index) {
+                    dev.send_segment(index).await;
+                }
+            }
+            Message::Ready { endpoint, .. } => break endpoint,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // Serve fetches while the service is asked for its first answer.
+    let ep: SocketAddr = endpoint.parse().unwrap();
+    let answer = tokio::task::spawn_blocking(move || forage_agent::app::request_line(ep, "search abc 8", Duration::from_secs(120)));
+    tokio::pin!(answer);
+    let answer = loop {
+        tokio::select! {
+            a = &mut answer => break a.unwrap().expect("the service answers"),
+            m = read(&mut dev.stream) => match m.unwrap() {
+                Message::Fetch { index } => {
+                    if fetched.insert(index) {
+                        dev.send_segment(index).await;
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    };
+    assert!(answer.starts_with("ok "), "{answer}");
+    assert!(!fetched.is_empty(), "the resumed VM fetched segments on demand");
+    assert!((fetched.len() as u32) < n - 1, "the VM answered with {} of {n} segments", fetched.len() + 1);
+    write(&mut dev.stream, &Message::Checkpoint { label: "first".into() }).await.unwrap();
+    let usage = loop {
+        match read(&mut dev.stream).await.unwrap() {
+            Message::Fetch { index } => {
+                if fetched.insert(index) {
+                    dev.send_segment(index).await;
+                }
+            }
+            m @ Message::Usage { .. } => break m,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let Message::Usage { blobs_accessed, blobs, demand_fetches, .. } = usage else { unreachable!() };
+    assert!(blobs_accessed > 0 && blobs_accessed < blobs, "{usage:?}");
+    assert!(demand_fetches as usize >= fetched.len(), "{usage:?}");
+    // The rest in bulk: Complete follows.
+    for i in 0..n {
+        if i != state_seg && !fetched.contains(&i) {
+            dev.send_segment(i).await;
+        }
+    }
+    loop {
+        match read(&mut dev.stream).await.unwrap() {
+            Message::Complete { segments, .. } => {
+                assert_eq!(segments, n);
+                break;
+            }
+            Message::Fetch { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    write(&mut dev.stream, &Message::Bye).await.unwrap();
+    drop(dev);
+    assert_cleaned_up(&f.data).await;
+
+    // With the cache on, a complete early-start session leaves its launch VM there: the
+    // next synthesis sends nothing.
+    cloudlet.cache.set_enabled(true);
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("first", true)).await.expect("early start");
+    assert_eq!(report.mode, "early_start");
+    session.close().await;
+    let t = Instant::now();
+    while cloudlet.cache.lookup(&digest).is_none() && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("again", true)).await.expect("cached synthesis");
+    assert_eq!((report.mode.as_str(), report.bytes_sent), ("cached", 0));
+    assert!(report.answer.starts_with("ok "), "{}", report.answer);
+    session.close().await;
+    cloudlet.cache.evict(&digest);
+    cloudlet.cache.set_enabled(false);
+
+    // Four devices at once with early start (the full client), each with its own instance.
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let ovl = f.ovl.clone();
+            tokio::spawn(async move { forage_client::synthesize(&ovl, addr, &opts(&format!("device-{i}"), true)).await })
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for r in runs {
+        let (report, session) = r.await.unwrap().expect("concurrent early-start synthesis");
+        assert!(report.answer.starts_with("ok "), "{}", report.answer);
+        assert_eq!(report.mode, "early_start");
+        assert!(report.accessed_fraction.is_some_and(|a| a > 0.0 && a <= 1.0), "{report:?}");
+        sessions.push((report.endpoint, session));
+    }
+    let endpoints: std::collections::HashSet<_> = sessions.iter().map(|(e, _)| e.clone()).collect();
+    assert_eq!(endpoints.len(), 4, "each device has its own instance");
+    for (_, s) in sessions {
+        s.close().await;
+    }
+    assert_cleaned_up(&f.data).await;
+
+    // A corrupted segment, with early start and pipelined: refused with the reason.
+    let mut bytes = std::fs::read(&f.ovl).unwrap();
+    let len = bytes.len();
+    bytes[len - 50] ^= 1;
+    let bad = f.work.join("bad.ovl");
+    std::fs::write(&bad, &bytes).unwrap();
+    for early in [true, false] {
+        let err = forage_client::synthesize(&bad, addr, &opts("corrupt", early)).await.err().expect("refused").to_string();
+        assert!(err.contains("checksum"), "{err}");
+    }
+    assert_cleaned_up(&f.data).await;
+
+    // A base the cloudlet does not hold: Welcome names it missing.
+    let (_dev, welcome) = RawDevice::start(addr, &f.ovl, Some(&"ab".repeat(32))).await;
+    assert!(matches!(&welcome, Message::Welcome { chosen: None, missing, .. } if missing == &vec!["ab".repeat(32)]), "{welcome:?}");
+
+    // A device that hangs up mid-stream (pipelined and early start).
+    for early in [false, true] {
+        let (mut dev, _) = RawDevice::start(addr, &f.ovl, None).await;
+        if !early {
+            // Re-say Hello without early start: a fresh connection.
+            drop(dev);
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let ov = OverlayFile::open(&f.ovl).await.unwrap();
+            let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone() };
+            write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false }).await.unwrap();
+            read(&mut stream).await.unwrap();
+            dev = RawDevice { stream, ov };
+        }
+        dev.send_manifest().await;
+        dev.send_segment(0).await;
+        dev.send_segment(1).await;
+        drop(dev);
+        assert_cleaned_up(&f.data).await;
+    }
+
+    // A device that stops answering demand fetches: the session fails within peer_wait,
+    // the VM is stopped, everything removed.
+    let (mut dev, _) = RawDevice::start(addr, &f.ovl, None).await;
+    dev.send_manifest().await;
+    dev.send_segment(state_seg).await;
+    let t = Instant::now();
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream)).await.expect("the cloudlet gives up").unwrap() {
+            Message::Error { code, message } => break (code, message),
+            Message::Fetch { .. } | Message::Ready { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(err.0, ErrorCode::Timeout, "{err:?}");
+    assert!(t.elapsed() < Duration::from_secs(30), "gave up after {:?}", t.elapsed());
+    drop(dev);
+    assert_cleaned_up(&f.data).await;
+
+    // The daemon recorded it all and keeps serving.
+    let recorded = cloudlet.state.list_sessions(100).unwrap();
+    assert!(recorded.iter().any(|s| s.error.as_deref().is_some_and(|e| e.contains("silent"))), "{recorded:?}");
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("after", true)).await.expect("still serving");
+    assert!(report.answer.starts_with("ok "));
+    session.close().await;
+    server.abort();
+    let _ = std::fs::remove_dir_all(&f.work);
+    BaseVm::remove(&f.data, "syntest").unwrap();
+}
