@@ -116,6 +116,10 @@ impl Assembly {
     /// Start assembling the launch VM described by `manifest` (already validated) over
     /// the base's memory and disk files. `work` receives the local files; it must exist.
     pub fn new(manifest: Manifest, base_memory: &Path, base_disk: &Path, work: &Path, fetch: FetchFn) -> Result<Self, AssemblyError> {
+        if let Some(parent) = &manifest.parent {
+            // A residue only makes sense on top of its parent overlay's launch VM.
+            return Err(AssemblyError::Overlay(format!("this is a residue of overlay {parent}: merge it first")));
+        }
         let open_space = |base: &Path, name: &str, size: u64| -> Result<SpaceFiles, AssemblyError> {
             let local_path = work.join(name);
             let local = OpenOptions::new().read(true).write(true).create_new(true).open(&local_path).map_err(io(&local_path))?;

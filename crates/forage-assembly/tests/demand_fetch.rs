@@ -40,6 +40,7 @@ fn fixture(dir: &Path) -> (Manifest, Vec<Vec<u8>>) {
     let m = Manifest {
         format: 1,
         base: BaseRef { digest: "d".into(), name: "b".into() },
+        parent: None,
         disk_size: 8 * C as u64,
         memory_size: 8 * C as u64,
         chunk_size: C as u32,

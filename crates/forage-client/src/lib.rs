@@ -53,6 +53,9 @@ pub struct SynthesisOptions {
     pub device: String,
     /// Resume the VM as soon as the manifest is there (demand fetch for the rest).
     pub early_start: bool,
+    /// Ask the cloudlet to receive everything before applying anything (the unpipelined
+    /// baseline; overrides early start).
+    pub store_and_forward: bool,
     /// The first request to send (default: the overlay's probe, else `ping`).
     pub request: Option<String>,
     /// Bytes of segments handed to the network so far (for a progress bar).
@@ -72,7 +75,7 @@ pub struct OverlayUsage {
 /// What a synthesis took, from the first byte sent.
 #[derive(Debug, Clone, Serialize)]
 pub struct SynthesisReport {
-    /// `pipelined`, `early_start` or `cached`.
+    /// `baseline` (store and forward), `pipelined`, `early_start` or `cached`.
     pub mode: String,
     pub cloudlet: String,
     pub overlay_bytes: u64,
@@ -103,6 +106,8 @@ pub struct SynthesisReport {
 pub struct Session {
     control: mpsc::UnboundedSender<Message>,
     sender: tokio::task::JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<(Message, Instant)>,
+    addr: SocketAddr,
 }
 
 impl Session {
@@ -110,6 +115,56 @@ impl Session {
         let _ = self.control.send(Message::Bye);
         drop(self.control);
         let _ = self.sender.await;
+    }
+
+    /// End the session asking for the instance's residue (its changes against the launch
+    /// VM), written to `out` (checked, and renamed into place only when complete).
+    /// Returns its size; `forage overlay merge` folds it into the overlay.
+    pub async fn close_with_residue(mut self, out: &Path) -> Result<u64, ClientError> {
+        let bad = |detail: String| ClientError::Overlay { path: out.to_path_buf(), detail };
+        let partial = out.with_extension(format!("partial-{}", std::process::id()));
+        let result = async {
+            let _ = self.control.send(Message::WantResidue);
+            let mut file = tokio::fs::File::create(&partial).await.map_err(|e| bad(e.to_string()))?;
+            let mut written = 0u64;
+            loop {
+                match next_event(&mut self.events, self.addr).await? {
+                    (Message::Residue { offset, bytes, last }, _) => {
+                        if offset != written {
+                            return Err(ClientError::Sequence { addr: self.addr, expected: "the next residue piece", got: "a piece out of order" });
+                        }
+                        tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await.map_err(|e| bad(e.to_string()))?;
+                        written += bytes.len() as u64;
+                        if last {
+                            break;
+                        }
+                    }
+                    (Message::Usage { .. } | Message::Complete { .. }, _) => {}
+                    (other, _) => return Err(ClientError::Sequence { addr: self.addr, expected: "Residue", got: other.name() }),
+                }
+            }
+            tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| bad(e.to_string()))?;
+            // Every checksum, before it counts as a residue.
+            let p = partial.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
+                let mut r = forage_format::OverlayReader::open(std::io::BufReader::new(f)).map_err(|e| e.to_string())?;
+                while r.next_segment().map_err(|e| e.to_string())?.is_some() {}
+                r.finish().map_err(|e| e.to_string())
+            })
+            .await
+            .expect("no panic")
+            .map_err(|e| bad(format!("the residue received is damaged: {e}")))?;
+            tokio::fs::rename(&partial, out).await.map_err(|e| bad(e.to_string()))?;
+            Ok(written)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        drop(self.control);
+        let _ = self.sender.await;
+        result
     }
 }
 
@@ -136,6 +191,9 @@ impl OverlayFile {
         file.read_exact(&mut manifest_bytes).await.map_err(|e| bad(format!("manifest: {e}")))?;
         prefix.extend_from_slice(&manifest_bytes);
         let manifest = forage_format::OverlayReader::open(&prefix[..]).map_err(|e| bad(e.to_string()))?.manifest().clone();
+        if let Some(parent) = &manifest.parent {
+            return Err(bad(format!("this is a residue of overlay {parent}: merge it into that overlay first (forage overlay merge)")));
+        }
         Ok(Self { path: path.to_path_buf(), prefix, manifest, bytes, digest: hex_digest(&header.manifest_sha256) })
     }
 }
@@ -152,12 +210,19 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     let start = Instant::now();
     let mut stream = TcpStream::connect(cloudlet).await.map_err(|e| proto(e.into()))?;
     stream.set_nodelay(true).ok();
-    if opts.early_start {
+    if opts.early_start && !opts.store_and_forward {
         // A small send buffer keeps fetched segments from queueing behind much bulk data.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(128 << 10);
     }
     let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone() };
-    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: opts.device.clone(), offers: vec![offer], early_start: opts.early_start };
+    let early_start = opts.early_start && !opts.store_and_forward;
+    let hello = Message::Hello {
+        versions: (VERSION_MIN, VERSION_MAX),
+        device: opts.device.clone(),
+        offers: vec![offer],
+        early_start,
+        store_and_forward: opts.store_and_forward,
+    };
     write(&mut stream, &hello).await.map_err(proto)?;
     let (name, cached) = match read(&mut stream).await.map_err(proto)? {
         Message::Welcome { chosen: Some(_), cloudlet: name, cached, .. } => (name, cached),
@@ -168,17 +233,18 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     if !cached {
         write(&mut stream, &Message::Manifest { bytes: ov.prefix.clone() }).await.map_err(proto)?;
     }
-    let mode = match (cached, opts.early_start) {
-        (true, _) => "cached",
-        (false, true) => "early_start",
-        (false, false) => "pipelined",
+    let mode = match (cached, early_start, opts.store_and_forward) {
+        (true, _, _) => "cached",
+        (false, true, _) => "early_start",
+        (false, false, false) => "pipelined",
+        (false, false, true) => "baseline",
     };
 
     // A reader task turns the cloudlet's messages into fetches and events; the sender
     // task streams segments and control messages.
     let (mut rd, wr) = stream.into_split();
     let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u32>();
-    let (event_tx, mut events) = mpsc::unbounded_channel::<(Message, Instant)>();
+    let (event_tx, events) = mpsc::unbounded_channel::<(Message, Instant)>();
     tokio::spawn(async move {
         loop {
             match read(&mut rd).await {
@@ -198,7 +264,7 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let plan = sender::Plan { overlay: ov.path.clone(), prefix_len: ov.prefix.len() as u64, manifest: ov.manifest.clone(), skip_all: cached, sent: opts.sent.clone() };
     let sender = tokio::spawn(sender::run(plan, wr, fetch_rx, control_rx, done_tx, start));
-    let session = Session { control, sender };
+    let mut session = Session { control, sender, events, addr: cloudlet };
 
     let mut report = SynthesisReport {
         mode: mode.into(),
@@ -219,7 +285,7 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     };
     let mut complete = false;
     loop {
-        match next_event(&mut events, cloudlet).await? {
+        match next_event(&mut session.events, cloudlet).await? {
             (Message::Ready { endpoint, resumed_after_ms }, at) => {
                 report.endpoint = endpoint;
                 report.resume_s = resumed_after_ms as f64 / 1000.0;
@@ -240,7 +306,7 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     report.answer = loop {
         tokio::select! {
             a = &mut answer => break a?,
-            e = next_event(&mut events, cloudlet) => pending.push(e?),
+            e = next_event(&mut session.events, cloudlet) => pending.push(e?),
         }
     };
     report.first_response_s = start.elapsed().as_secs_f64();
@@ -250,7 +316,7 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     while !(complete && usage_seen) {
         let event = match pending.next() {
             Some(e) => e,
-            None => next_event(&mut events, cloudlet).await?,
+            None => next_event(&mut session.events, cloudlet).await?,
         };
         match event {
             (Message::Complete { apply_ms, decompress_ms, .. }, at) => {

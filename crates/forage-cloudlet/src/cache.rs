@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use forage_format::manifest::Service;
+use forage_format::Manifest;
 use forage_proto::asynchronous::write;
 use forage_proto::Message;
 use forage_state::{NewCacheEntry, State};
@@ -17,9 +18,12 @@ use forage_synth::BaseVm;
 use forage_vm::Snapshot;
 use tokio::net::TcpStream;
 
-use crate::session::{hold, no_usage, resume, Ctx, Outcome, SessionError};
+use crate::residue::{send_residue, Ending, LaunchRef};
+use crate::session::{hold, no_usage, refused, resume, Ctx, Outcome, SessionError};
 
-const SERVICE_FILE: &str = "service.json";
+/// The overlay's manifest (zstd CBOR, as in the overlay): service, and the parent of
+/// residues made from this launch VM.
+const MANIFEST_FILE: &str = "overlay-manifest.zst";
 
 pub struct LaunchCache {
     dir: PathBuf,
@@ -31,7 +35,14 @@ pub struct LaunchCache {
 /// A cached launch VM.
 pub struct CachedLaunch {
     pub snapshot: Snapshot,
-    pub service: Option<Service>,
+    pub manifest: Option<Manifest>,
+    pub digest: String,
+}
+
+impl CachedLaunch {
+    pub fn service(&self) -> Option<&Service> {
+        self.manifest.as_ref().and_then(|m| m.service.as_ref())
+    }
 }
 
 impl LaunchCache {
@@ -62,8 +73,8 @@ impl LaunchCache {
         match Snapshot::open(&dir.join("snapshot")) {
             Ok(snapshot) => {
                 let _ = self.state.cache_get(digest); // counts the hit
-                let service = std::fs::read(dir.join(SERVICE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-                Some(CachedLaunch { snapshot, service })
+                let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok().and_then(|b| Manifest::decode(&b).ok());
+                Some(CachedLaunch { snapshot, manifest, digest: digest.into() })
             }
             Err(e) => {
                 tracing::warn!("dropping damaged cache entry {digest}: {e}");
@@ -82,18 +93,18 @@ impl LaunchCache {
     }
 
     /// Keep the finished launch VM folder `launch` (moved, not copied).
-    pub fn store_dir(&self, digest: &str, base: &BaseVm, launch: &Path, service: Option<&Service>) {
-        if let Err(e) = self.try_store(digest, base, service, |snapshot| std::fs::rename(launch, snapshot).map_err(|e| e.to_string())) {
+    pub fn store_dir(&self, digest: &str, base: &BaseVm, launch: &Path, manifest: &Manifest) {
+        if let Err(e) = self.try_store(digest, base, manifest, |snapshot| std::fs::rename(launch, snapshot).map_err(|e| e.to_string())) {
             tracing::warn!("launch VM {digest} not cached: {e}");
         }
     }
 
     /// Build the launch VM from a complete overlay file (an early-start session's copy of
     /// what arrived) in the background, then keep it; the overlay file is removed.
-    pub fn store_overlay(self: &std::sync::Arc<Self>, digest: String, base: BaseVm, overlay: PathBuf, service: Option<Service>, accel: forage_vm::Accel) {
+    pub fn store_overlay(self: &std::sync::Arc<Self>, digest: String, base: BaseVm, overlay: PathBuf, manifest: Manifest, accel: forage_vm::Accel) {
         let cache = self.clone();
         tokio::task::spawn_blocking(move || {
-            let result = cache.try_store(&digest, &base, service.as_ref(), |snapshot| {
+            let result = cache.try_store(&digest, &base, &manifest, |snapshot| {
                 forage_synth::apply::apply(&overlay, &base, snapshot, accel).map(|_| ()).map_err(|e| e.to_string())
             });
             if let Err(e) = result {
@@ -103,7 +114,7 @@ impl LaunchCache {
         });
     }
 
-    fn try_store(&self, digest: &str, base: &BaseVm, service: Option<&Service>, build: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+    fn try_store(&self, digest: &str, base: &BaseVm, manifest: &Manifest, build: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
         if !self.enabled() {
             return Ok(());
         }
@@ -115,9 +126,7 @@ impl LaunchCache {
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         let built = build(&partial.join("snapshot")).and_then(|()| {
-            if let Some(s) = service {
-                std::fs::write(partial.join(SERVICE_FILE), serde_json::to_vec(s).expect("serializes")).map_err(|e| e.to_string())?;
-            }
+            std::fs::write(partial.join(MANIFEST_FILE), manifest.encode()).map_err(|e| e.to_string())?;
             std::fs::rename(&partial, &target).map_err(|e| e.to_string())
         });
         if let Err(e) = built {
@@ -157,13 +166,22 @@ fn allocated_bytes(dir: &Path) -> u64 {
 
 /// A session whose launch VM is cached: resume a copy of it.
 pub(crate) async fn run_cached(stream: &mut TcpStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
-    let instance = resume(ctx, &cached.snapshot, cached.service.as_ref(), false).await?;
+    let instance = resume(ctx, &cached.snapshot, cached.service(), false).await?;
     let served = async {
         write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
         write(stream, &Message::Complete { segments: 0, bytes: 0, apply_ms: 0, decompress_ms: 0 }).await?;
         hold(stream, &instance.stop, no_usage).await
     }
     .await;
-    let _ = instance.vm.shutdown().await;
-    served.map(|_| Outcome { bytes: 0 })
+    match served {
+        Ok(Ending::Residue) => {
+            let parent = cached.manifest.as_ref().ok_or_else(|| refused(forage_proto::ErrorCode::Internal, "this cache entry predates residues"))?;
+            send_residue(stream, ctx, instance.vm, parent, &cached.digest, LaunchRef::Files(&cached.snapshot)).await?;
+        }
+        other => {
+            let _ = instance.vm.shutdown().await;
+            other?;
+        }
+    }
+    Ok(Outcome { bytes: 0 })
 }

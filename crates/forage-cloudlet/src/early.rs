@@ -28,6 +28,7 @@ use forage_vm::Snapshot;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::residue::{send_residue, Ending, LaunchRef};
 use crate::session::{internal, refused, resume, Ctx, Instance, Outcome, SessionError};
 
 /// The overlay as it arrives, each segment written at its place: a complete copy feeds
@@ -148,7 +149,8 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
                     Ok(Message::Checkpoint { label }) => {
                         let _ = out_tx.send(usage(&assembly, label));
                     }
-                    Ok(Message::Bye) | Err(ProtoError::Closed) if count == n => return Ok(bytes),
+                    Ok(Message::Bye) | Err(ProtoError::Closed) if count == n => return Ok((bytes, Ending::Bye)),
+                    Ok(Message::WantResidue) if count == n => return Ok((bytes, Ending::Residue)),
                     Err(ProtoError::Closed) => return Err(refused(ErrorCode::Protocol, format!("device hung up with {} of {n} segments sent", count))),
                     Ok(other) => return Err(SessionError::Sequence { expected: "Segment, Checkpoint or Bye", got: other.name() }),
                     Err(e) => return Err(e.into()),
@@ -232,14 +234,25 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     if let Err(e) = &result {
         assembly.fail(e.to_string());
     }
+    let mut result = result;
     if let Some(i) = instance {
-        let _ = i.vm.shutdown().await;
+        match result {
+            // The VM's writes reach the assembly when QEMU exits: save it, then diff.
+            Ok((_, Ending::Residue)) => {
+                if let Err(e) = send_residue(stream, ctx, i.vm, &manifest, &digest, LaunchRef::Assembly(&assembly)).await {
+                    result = Err(e);
+                }
+            }
+            _ => {
+                let _ = i.vm.shutdown().await;
+            }
+        }
     }
     assembly.fail("session ended");
     let _ = tokio::task::spawn_blocking(move || drop(mount)).await;
     let applied = applier.await.expect("applier does not panic");
     let busy = applied.map_err(|e| refused(ErrorCode::BadOverlay, e))?;
-    let bytes = result?;
+    let (bytes, _) = result?;
     if let Err(e) = written {
         tracing::debug!("writing to the device: {e}");
     }
@@ -247,7 +260,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     if assembly.is_complete() {
         let kept = ctx.cloudlet.data.launch_cache().join(format!(".overlay-{}", ctx.id));
         if std::fs::create_dir_all(ctx.cloudlet.data.launch_cache()).is_ok() && std::fs::rename(ctx.dir.join("overlay"), &kept).is_ok() {
-            cloudlet.cache.store_overlay(digest, ctx.base.clone(), kept, manifest.service.clone(), cloudlet.accel);
+            cloudlet.cache.store_overlay(digest.clone(), ctx.base.clone(), kept, manifest.clone(), cloudlet.accel);
         }
     }
     Ok(Outcome { bytes })

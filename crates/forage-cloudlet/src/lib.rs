@@ -19,6 +19,7 @@ mod cache;
 mod early;
 mod pipe;
 mod pipelined;
+mod residue;
 mod session;
 
 use std::collections::HashMap;

@@ -1,5 +1,7 @@
 //! Pipelined synthesis: segments stream into the apply thread through a bounded pipe while
-//! they arrive; the launch VM resumes once every segment is applied.
+//! they arrive; the launch VM resumes once every segment is applied. Without pipelining
+//! (the bench's baseline, "store and forward"), the whole overlay is received into a file
+//! first and applied from it afterwards.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,9 +13,13 @@ use forage_vm::Snapshot;
 use tokio::net::TcpStream;
 
 use crate::pipe::SegmentPipe;
+use crate::residue::{send_residue, Ending, LaunchRef};
 use crate::session::{hold, internal, next, no_usage, overlay_digest, refused, resume, Ctx, Outcome, SessionError};
 
-pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, pipelined: bool) -> Result<Outcome, SessionError> {
+    if !pipelined {
+        return store_and_forward(stream, ctx, manifest, prefix).await;
+    }
     let start = Instant::now();
     let digest = overlay_digest(&prefix);
     let applied = ctx.dir.join("launch");
@@ -49,17 +55,76 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     let apply_ms = start.elapsed().as_millis() as u64;
     tracing::debug!(?report, "overlay applied");
 
-    let snap = Snapshot::open(&applied).map_err(internal)?;
+    finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
+}
+
+/// Receive every segment into a file, then apply it: nothing overlaps.
+async fn store_and_forward(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
+    use tokio::io::AsyncWriteExt;
+    let start = Instant::now();
+    let digest = overlay_digest(&prefix);
+    let file = ctx.dir.join("overlay");
+    let mut out = tokio::fs::File::create(&file).await.map_err(internal)?;
+    out.write_all(&prefix).await.map_err(internal)?;
+    let mut bytes = 0u64;
+    for (i, seg) in manifest.segments.iter().enumerate() {
+        let Message::Segment { index, bytes: data } = next(stream, ctx.cloudlet.peer_wait).await? else {
+            return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
+        };
+        if index as usize != i || data.len() as u64 != seg.compressed_len {
+            return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
+        }
+        bytes += data.len() as u64;
+        out.write_all(&data).await.map_err(internal)?;
+    }
+    out.flush().await.map_err(internal)?;
+    drop(out);
+    let applied = ctx.dir.join("launch");
+    let (base, applied2, accel, file2) = (ctx.base.clone(), applied.clone(), ctx.cloudlet.accel, file.clone());
+    let report = tokio::task::spawn_blocking(move || forage_synth::apply::apply(&file2, &base, &applied2, accel))
+        .await
+        .expect("apply does not panic")
+        .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?
+        .1;
+    let _ = std::fs::remove_file(&file);
+    let apply_ms = start.elapsed().as_millis() as u64;
+    finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
+}
+
+/// Resume the applied launch VM, keep it in the cache, say Ready and Complete, and hold
+/// the instance until the device is done.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    stream: &mut TcpStream,
+    ctx: &Ctx<'_>,
+    manifest: &Manifest,
+    digest: &str,
+    applied: &std::path::Path,
+    bytes: u64,
+    apply_ms: u64,
+    decompress: std::time::Duration,
+) -> Result<Outcome, SessionError> {
+    let snap = Snapshot::open(applied).map_err(internal)?;
     let instance = resume(ctx, &snap, manifest.service.as_ref(), false).await?;
-    // The VM runs from copies: the launch VM goes to the cache as it is.
-    ctx.cloudlet.cache.store_dir(&digest, &ctx.base, &applied, manifest.service.as_ref());
     let served = async {
         write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
-        let decompress_ms = report.decompress.as_millis() as u64;
+        let decompress_ms = decompress.as_millis() as u64;
         write(stream, &Message::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
         hold(stream, &instance.stop, no_usage).await
     }
     .await;
-    let _ = instance.vm.shutdown().await;
-    served.map(|_| Outcome { bytes })
+    let result = match served {
+        Ok(Ending::Residue) => send_residue(stream, ctx, instance.vm, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ()),
+        Ok(Ending::Bye) => {
+            let _ = instance.vm.shutdown().await;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = instance.vm.shutdown().await;
+            Err(e)
+        }
+    };
+    // The VM ran from copies: the launch VM goes to the cache as it is.
+    ctx.cloudlet.cache.store_dir(digest, &ctx.base, applied, manifest);
+    result.map(|_| Outcome { bytes })
 }

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::residue::Ending;
 use crate::Cloudlet;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -91,7 +92,7 @@ pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), S
 
 async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Outcome, SessionError> {
     // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
-    let Message::Hello { versions, device, offers, early_start } = next(stream, cloudlet.peer_wait).await? else {
+    let Message::Hello { versions, device, offers, early_start, store_and_forward } = next(stream, cloudlet.peer_wait).await? else {
         return Err(SessionError::Sequence { expected: "Hello", got: "another message" });
     };
     let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
@@ -107,6 +108,7 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
     let Some((offer, base)) = chosen else {
         return Err(refused(ErrorCode::NoBase, "none of the offered bases is held here"));
     };
+    let early_start = early_start && !store_and_forward;
     let mode = match (&cached, early_start) {
         (Some(_), _) => SessionMode::Cached,
         (None, true) => SessionMode::EarlyStart,
@@ -131,10 +133,13 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
     if manifest.base.digest != base.digest() {
         return Err(refused(ErrorCode::BadOverlay, "the manifest names another base than the one agreed"));
     }
+    if let Some(parent) = &manifest.parent {
+        return Err(refused(ErrorCode::BadOverlay, format!("this is a residue of overlay {parent}: merge it into its overlay first")));
+    }
     if early_start {
         crate::early::run(stream, &ctx, manifest, prefix).await
     } else {
-        crate::pipelined::run(stream, &ctx, manifest, prefix).await
+        crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await
     }
 }
 
@@ -189,15 +194,17 @@ fn endpoint(service: Option<&forage_format::manifest::Service>, forwards: &[Port
         .unwrap_or_default()
 }
 
-/// After Ready and Complete: the instance lives until the device says Bye or goes away,
-/// or an operator stops it. Checkpoints are answered with `usage`.
-pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), stop: &Notify, usage: impl Fn(String) -> Message) -> Result<(), SessionError> {
+/// After Ready and Complete: the instance lives until the device says Bye (or asks for
+/// its residue) or goes away, or an operator stops it. Checkpoints are answered with
+/// `usage`.
+pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), stop: &Notify, usage: impl Fn(String) -> Message) -> Result<Ending, SessionError> {
     loop {
         tokio::select! {
             m = read(stream) => match m {
-                Ok(Message::Bye) | Err(ProtoError::Closed) => return Ok(()),
+                Ok(Message::Bye) | Err(ProtoError::Closed) => return Ok(Ending::Bye),
+                Ok(Message::WantResidue) => return Ok(Ending::Residue),
                 Ok(Message::Checkpoint { label }) => write(stream, &usage(label)).await?,
-                Ok(other) => return Err(SessionError::Sequence { expected: "Bye or Checkpoint", got: other.name() }),
+                Ok(other) => return Err(SessionError::Sequence { expected: "Bye, WantResidue or Checkpoint", got: other.name() }),
                 Err(e) => return Err(e.into()),
             },
             _ = stop.notified() => return Err(refused(ErrorCode::Internal, "the cloudlet's operator stopped this instance")),

@@ -21,12 +21,21 @@ pub struct Header {
     pub manifest_sha256: [u8; 32],
 }
 
-/// Header and encoded manifest: the first bytes of an overlay file.
+impl Header {
+    /// The overlay's name: hex of its manifest's SHA-256. The cloudlet caches launch VMs
+    /// by it, and a residue's `parent` is it.
+    pub fn digest(&self) -> String {
+        hex::encode(self.manifest_sha256)
+    }
+}
+
+/// Header and encoded manifest: the first bytes of an overlay file. The header carries the
+/// manifest's format (1 for overlays, 2 for residues).
 pub fn encode_prefix(manifest: &Manifest) -> Vec<u8> {
     let body = manifest.encode();
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&manifest.format.to_le_bytes());
     out.extend_from_slice(&MANIFEST_ZSTD_CBOR.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&body));
@@ -91,6 +100,7 @@ impl SegmentData {
 /// Streaming reader of an overlay.
 pub struct OverlayReader<R> {
     r: R,
+    header: Header,
     manifest: Manifest,
     next: usize,
     buf: Vec<u8>,
@@ -113,8 +123,15 @@ impl<R: Read> OverlayReader<R> {
             return Err(FormatError::corrupt("manifest fails its checksum"));
         }
         let manifest = Manifest::decode(&body)?;
+        if manifest.format != header.format {
+            return Err(FormatError::corrupt(format!(
+                "header says format {} but the manifest says {}",
+                header.format, manifest.format
+            )));
+        }
         Ok(Self {
             r,
+            header,
             manifest,
             next: 0,
             buf: Vec::new(),
@@ -123,6 +140,10 @@ impl<R: Read> OverlayReader<R> {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
     }
 
     /// The next segment, verified and decompressed; `None` after the last.
@@ -230,7 +251,29 @@ mod tests {
             assert!(res.is_err(), "flip at {pos} accepted");
         }
         let mut newer = file.clone();
-        newer[8] = 2;
-        assert!(matches!(OverlayReader::open(&newer[..]), Err(FormatError::NewerFormat { found: 2 })));
+        newer[8] = 3;
+        assert!(matches!(OverlayReader::open(&newer[..]), Err(FormatError::NewerFormat { found: 3 })));
+        // A format-1 manifest behind a format-2 (residue) header, and the reverse.
+        let mut mixed = file.clone();
+        mixed[8] = 2;
+        let err = OverlayReader::open(&mixed[..]).err().expect("refused").to_string();
+        assert!(err.contains("header says format 2"), "{err}");
+    }
+
+    #[test]
+    fn residues_carry_their_format_and_parent() {
+        let mut m = sample();
+        m.format = crate::RESIDUE_FORMAT;
+        m.parent = Some("12".repeat(32));
+        let prefix = encode_prefix(&m);
+        let header = read_header(prefix[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(header.format, 2);
+        assert_eq!(header.digest(), hex::encode(Sha256::digest(&prefix[HEADER_LEN..])));
+        // The manifest alone opens (segments are not read here).
+        let r = OverlayReader::open(&prefix[..]).unwrap();
+        assert_eq!(r.manifest().parent.as_deref(), Some(&"12".repeat(32)[..]));
+        assert_eq!(r.header(), &header);
+        // An older reader (format 1 only) would stop at the header.
+        assert!(header.format > crate::OVERLAY_FORMAT);
     }
 }

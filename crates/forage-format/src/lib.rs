@@ -1,4 +1,5 @@
-//! forage-format: the VM overlay format, version 1. Pure: no QEMU, no file policy.
+//! forage-format: the VM overlay format, versions 1 (overlays) and 2 (residues). Pure: no
+//! QEMU, no file policy.
 //!
 //! An overlay turns a base VM (which the cloudlet has) into a launch VM (base + installed,
 //! running application). Disk and memory are cut in 4 KiB chunks; each modified chunk of
@@ -14,6 +15,11 @@
 //! segment 0 | segment 1 | ...        (lengths and sha256 in the manifest's segment table)
 //! ```
 //! Readable as a stream: the manifest comes first, then segments in order.
+//!
+//! A *residue* has the same layout: the changes of a running instance against its launch
+//! VM, as chunk references against the same base. Its manifest names the overlay it
+//! continues (`parent`, that overlay's [`Header::digest`]) and it is written as format 2,
+//! so a reader that predates residues refuses it instead of applying it as an overlay.
 
 pub mod chunk;
 pub mod codec;
@@ -22,11 +28,15 @@ pub mod manifest;
 
 pub use chunk::{ChunkEntry, ChunkRef, Space, CHUNK_SIZE};
 pub use codec::{DeltaCodec, SegmentCodec};
-pub use container::{read_header, OverlayReader, SegmentData, HEADER_LEN, MAGIC};
+pub use container::{read_header, Header, OverlayReader, SegmentData, HEADER_LEN, MAGIC};
 pub use manifest::{Blob, BlobEncoding, Manifest, Order, Segment, SegmentKind, Stats};
 
-/// Version of the overlay format written by this crate; readers accept this and older.
-pub const FORMAT_VERSION: u32 = 1;
+/// Newest overlay format this crate understands; readers accept this and older.
+pub const FORMAT_VERSION: u32 = 2;
+/// Format written for plain overlays (a launch VM against its base).
+pub const OVERLAY_FORMAT: u32 = 1;
+/// Format written for residues (an instance's changes since launch; `parent` is set).
+pub const RESIDUE_FORMAT: u32 = 2;
 
 /// Errors reading or checking overlay bytes. Every message says what is wrong and where.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkEntry, Space, CHUNK_SIZE};
 use crate::codec::{DeltaCodec, SegmentCodec};
-use crate::{FormatError, FORMAT_VERSION};
+use crate::{FormatError, FORMAT_VERSION, RESIDUE_FORMAT};
 
 /// Largest decompressed manifest accepted (about 10 million chunk entries).
 pub const MAX_MANIFEST_RAW: u64 = 256 << 20;
@@ -18,12 +18,19 @@ pub const MAX_SEGMENT_RAW: u64 = 16 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// [`crate::OVERLAY_FORMAT`], or [`crate::RESIDUE_FORMAT`] for a residue.
     pub format: u32,
     pub base: BaseRef,
+    /// Residues only: the digest of the overlay this residue continues (hex of that
+    /// overlay's header manifest SHA-256, [`crate::Header::digest`]). Not written when
+    /// absent, so plain overlays encode exactly as before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub disk_size: u64,
     pub memory_size: u64,
     pub chunk_size: u32,
-    /// Modified chunks of the launch VM, sorted by (space, index), each once.
+    /// Modified chunks of the launch VM, sorted by (space, index), each once. In a residue:
+    /// the chunks the instance changed since launch (still referenced against the base).
     pub chunks: Vec<ChunkEntry>,
     pub blobs: Vec<Blob>,
     pub segments: Vec<Segment>,
@@ -165,6 +172,13 @@ impl Manifest {
         if self.format > FORMAT_VERSION {
             return Err(FormatError::NewerFormat { found: self.format });
         }
+        match (self.format, &self.parent) {
+            (0, _) => return bad("format 0".into()),
+            (RESIDUE_FORMAT, None) => return bad("a residue (format 2) without its parent overlay's digest".into()),
+            (RESIDUE_FORMAT, Some(p)) if !is_digest(p) => return bad("parent overlay digest is not 64 lowercase hex digits".into()),
+            (f, Some(_)) if f != RESIDUE_FORMAT => return bad(format!("format {f} overlay names a parent overlay (only residues, format 2, do)")),
+            _ => {}
+        }
         if self.chunk_size as usize != CHUNK_SIZE {
             return bad(format!("chunk size {} (only {CHUNK_SIZE} is supported)", self.chunk_size));
         }
@@ -228,6 +242,11 @@ impl Manifest {
         }
     }
 
+    /// A residue: changes against the overlay named by `parent`, not applicable alone.
+    pub fn is_residue(&self) -> bool {
+        self.parent.is_some()
+    }
+
     /// Count of chunks per reference kind, from the chunk map itself.
     pub fn ref_counts(&self) -> BTreeMap<&'static str, u64> {
         let mut m = BTreeMap::new();
@@ -243,18 +262,26 @@ impl Manifest {
     }
 }
 
+/// SHA-256 in lowercase hex.
+fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::ChunkRef;
 
+    type Edit = Box<dyn Fn(&mut Manifest)>;
+
     pub fn sample() -> Manifest {
         Manifest {
-            format: FORMAT_VERSION,
+            format: crate::OVERLAY_FORMAT,
             base: BaseRef {
                 digest: "ab".repeat(32),
                 name: "b".into(),
             },
+            parent: None,
             disk_size: 64 << 20,
             memory_size: 256 << 20,
             chunk_size: CHUNK_SIZE as u32,
@@ -288,7 +315,7 @@ pub(crate) mod tests {
 
     #[test]
     fn inconsistent_manifests_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+        let cases: Vec<(&str, Edit)> = vec![
             ("past the end", Box::new(|m| m.chunks[0].index = 1 << 40)),
             ("not sorted", Box::new(|m| m.chunks.swap(0, 1))),
             ("blob 7", Box::new(|m| m.chunks[0].reference = ChunkRef::New(7))),
@@ -305,5 +332,34 @@ pub(crate) mod tests {
         }
         assert!(Manifest::decode(b"not zstd").is_err());
         assert!(Manifest::decode(&zstd::bulk::compress(b"\xa1\x61x", 1).unwrap()).is_err());
+    }
+
+    #[test]
+    fn parent_iff_residue() {
+        // A plain overlay does not carry the field at all.
+        let cbor = |m: &Manifest| {
+            let mut v = Vec::new();
+            ciborium::into_writer(m, &mut v).unwrap();
+            v
+        };
+        assert!(!cbor(&sample()).windows(6).any(|w| w == b"parent"));
+        let mut r = sample();
+        r.format = RESIDUE_FORMAT;
+        r.parent = Some("0f".repeat(32));
+        assert!(r.is_residue());
+        assert_eq!(Manifest::decode(&r.encode()).unwrap(), r);
+        let cases: Vec<(&str, Edit)> = vec![
+            ("without its parent", Box::new(|m| m.parent = None)),
+            ("64 lowercase hex", Box::new(|m| m.parent = Some("zz".into()))),
+            ("64 lowercase hex", Box::new(|m| m.parent = Some("0F".repeat(32)))),
+            ("names a parent", Box::new(|m| m.format = crate::OVERLAY_FORMAT)),
+            ("format 0", Box::new(|m| m.format = 0)),
+        ];
+        for (want, edit) in cases {
+            let mut m = r.clone();
+            edit(&mut m);
+            let err = Manifest::decode(&m.encode()).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 }

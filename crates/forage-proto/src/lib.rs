@@ -21,7 +21,8 @@
 //!     C->>D: Complete {segments, bytes}   (every segment applied)
 //!     D->>C: Checkpoint {label}   (optional, e.g. at the first response)
 //!     C->>D: Usage {blobs accessed, fetches}
-//!     D->>C: Bye
+//!     D->>C: Bye | WantResidue
+//!     C->>D: Residue {offset, bytes, last}...   (after WantResidue: the instance's changes)
 //!     Note over D,C: either side may send Error {code, message} and close
 //! ```
 //!
@@ -74,6 +75,10 @@ pub enum Message {
         offers: Vec<Offer>,
         /// Resume the VM as soon as the manifest is there.
         early_start: bool,
+        /// Receive the whole overlay before applying any of it (the unpipelined baseline
+        /// of the bench; implies no early start).
+        #[serde(default)]
+        store_and_forward: bool,
     },
     Welcome {
         version: u16,
@@ -128,6 +133,16 @@ pub enum Message {
         segments_arrived: u32,
         segments: u32,
     },
+    /// The device ends the session asking for the instance's residue: its changes against
+    /// the launch VM, as an overlay to merge into its own (`forage overlay merge`).
+    WantResidue,
+    /// A piece of the residue file, in order; `last` ends it (then the cloudlet closes).
+    Residue {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        last: bool,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -150,6 +165,8 @@ impl Message {
             Message::Bye => 9,
             Message::Checkpoint { .. } => 10,
             Message::Usage { .. } => 11,
+            Message::WantResidue => 12,
+            Message::Residue { .. } => 13,
         }
     }
 
@@ -166,6 +183,8 @@ impl Message {
             Message::Bye => "Bye",
             Message::Checkpoint { .. } => "Checkpoint",
             Message::Usage { .. } => "Usage",
+            Message::WantResidue => "WantResidue",
+            Message::Residue { .. } => "Residue",
         }
     }
 }
@@ -211,7 +230,7 @@ pub fn check_len(len: u32) -> Result<(), ProtoError> {
 /// Decode the body of a frame (kind byte + payload; untrusted bytes).
 pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
-    if !(1..=11).contains(&kind) {
+    if !(1..=13).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
     let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
@@ -291,15 +310,20 @@ mod tests {
             Message::Hello {
                 versions: (1, 1),
                 device: "phone".into(),
-                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99 }],
+                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99, overlay_digest: "cd".repeat(32) }],
                 early_start: true,
+                store_and_forward: false,
             },
-            Message::Welcome { version: 1, cloudlet: "c".into(), chosen: Some("ab".into()), missing: vec![] },
+            Message::Welcome { version: 1, cloudlet: "c".into(), chosen: Some("ab".into()), missing: vec![], cached: true },
+            Message::Checkpoint { label: "first-response".into() },
+            Message::WantResidue,
+            Message::Residue { offset: 4096, bytes: vec![1; 100], last: true },
+            Message::Usage { label: "first-response".into(), blobs_accessed: 3, blobs: 10, demand_fetches: 2, segments_arrived: 4, segments: 9 },
             Message::Manifest { bytes: b"FORAGEOV".to_vec() },
             Message::Segment { index: 3, bytes: vec![7; 1000] },
             Message::Fetch { index: 9 },
             Message::Ready { endpoint: "127.0.0.1:4000".into(), resumed_after_ms: 1500 },
-            Message::Complete { segments: 10, bytes: 12345, apply_ms: 80 },
+            Message::Complete { segments: 10, bytes: 12345, apply_ms: 80, decompress_ms: 20 },
             Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
             Message::Bye,
         ]

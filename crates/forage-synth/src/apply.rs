@@ -4,6 +4,9 @@
 //! Streaming: the manifest first, then one segment at a time; the output folder is built
 //! as `.NAME.partial-PID` and renamed into place only when every segment checked out, so a
 //! truncated or corrupted overlay leaves nothing that looks complete.
+//!
+//! A residue (`Manifest::parent` set) is refused here: it only makes sense on top of its
+//! parent's launch VM; `residue::merge` folds it into its parent overlay.
 
 use std::fs::{File, OpenOptions};
 use std::io::BufReader;
@@ -11,14 +14,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use forage_format::{BlobEncoding, ChunkRef, OverlayReader, SegmentKind, Space, CHUNK_SIZE};
+use forage_format::{BlobEncoding, ChunkRef, Manifest, OverlayReader, SegmentKind, Space, CHUNK_SIZE};
 use forage_vm::snapshot::{FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE};
 use forage_vm::{Accel, Snapshot, VmSpec};
 use rustix::fs::FallocateFlags;
 use sha2::{Digest, Sha256};
 
 use crate::base::BaseVm;
-use crate::create::read_chunk;
+use crate::pack::{read_chunk, slot};
 use crate::package::short;
 use crate::SynthError;
 
@@ -74,8 +77,38 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }
     };
-    let mut r = OverlayReader::open(reader).map_err(ov)?;
-    let m = r.manifest().clone();
+    let r = OverlayReader::open(reader).map_err(ov)?;
+    if let Some(parent) = &r.manifest().parent {
+        return Err(SynthError::Residue { path: path.to_path_buf(), parent: short(parent).into() });
+    }
+    check_base(r.manifest(), path, base)?;
+    let spec = launch_spec(r.manifest(), base, path)?;
+    crate::DataDir::ensure(dir)?;
+    let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
+    forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;
+    forage_vm::sparse::copy_sparse(&base.disk_path(), &disk_out).map_err(io(&disk_out))?;
+    let base_copy = start.elapsed();
+    let outs = [open_rw(&mem_out)?, open_rw(&disk_out)?];
+    let written = write_chunks(r, path, base, &outs, dir)?;
+    for f in &outs {
+        f.sync_all().map_err(io(dir))?;
+    }
+
+    let m = &written.manifest;
+    let state = dir.join(STATE_FILE);
+    write_launch_snapshot(dir, m, spec, &mem_out, &disk_out, &state, accel)?;
+    Ok(ApplyReport {
+        took: start.elapsed(),
+        base_copy,
+        rebuilt_bytes: m.chunks.len() as u64 * CHUNK_SIZE as u64,
+        segments: written.segments,
+        free_chunks: written.free_chunks,
+        decompress: written.decompress,
+    })
+}
+
+/// The overlay (or residue) at `path` is for `base`: same digest, same sizes.
+pub(crate) fn check_base(m: &Manifest, path: &Path, base: &BaseVm) -> Result<(), SynthError> {
     if m.base.digest != base.digest() {
         return Err(SynthError::WrongBase {
             path: path.to_path_buf(),
@@ -88,15 +121,29 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
     if m.memory_size != base.manifest().memory_size || m.disk_size != base.manifest().disk_size {
         return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "sizes differ from the base's".into() });
     }
-    let spec = launch_spec(&m, base, path)?;
-    crate::DataDir::ensure(dir)?;
-    let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
-    forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;
-    forage_vm::sparse::copy_sparse(&base.disk_path(), &disk_out).map_err(io(&disk_out))?;
-    let base_copy = start.elapsed();
-    let outs = [open_rw(&mem_out)?, open_rw(&disk_out)?];
+    Ok(())
+}
+
+/// What [`write_chunks`] did.
+pub(crate) struct Written {
+    pub manifest: Manifest,
+    pub segments: usize,
+    pub free_chunks: u64,
+    pub decompress: Duration,
+}
+
+/// Write the chunks of the overlay (or residue) being read by `r` into `outs` (memory,
+/// disk; any previous content of those chunks is replaced) and its device state as
+/// `dir/state`, streaming its segments; then check that nothing follows. The base and
+/// sizes must have been checked.
+pub(crate) fn write_chunks<R: std::io::Read>(mut r: OverlayReader<R>, path: &Path, base: &BaseVm, outs: &[File; 2], dir: &Path) -> Result<Written, SynthError> {
+    let ov = |source| SynthError::Overlay { path: path.to_path_buf(), source };
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| SynthError::Io { path: p, source }
+    };
+    let m = r.manifest().clone();
     let bases = [File::open(base.memory_path()).map_err(io(&base.memory_path()))?, File::open(base.disk_path()).map_err(io(&base.disk_path()))?];
-    let slot = |s: Space| if s == Space::Memory { 0 } else { 1 };
 
     // Chunks that need no segment; blob positions for the rest.
     let mut positions: Vec<Vec<(Space, u64)>> = vec![Vec::new(); m.blobs.len()];
@@ -164,20 +211,7 @@ pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &
     if !state_written {
         return Err(ov(forage_format::FormatError::corrupt("no device state segment")));
     }
-    for f in &outs {
-        f.sync_all().map_err(io(dir))?;
-    }
-
-    let state = dir.join(STATE_FILE);
-    write_launch_snapshot(dir, &m, spec, &mem_out, &disk_out, &state, accel)?;
-    Ok(ApplyReport {
-        took: start.elapsed(),
-        base_copy,
-        rebuilt_bytes: m.chunks.len() as u64 * CHUNK_SIZE as u64,
-        segments,
-        free_chunks,
-        decompress,
-    })
+    Ok(Written { manifest: m, segments, free_chunks, decompress })
 }
 
 /// The launch VM's spec: the base's hardware (its boot files are this host's), with the

@@ -1,6 +1,7 @@
 //! forage-synth: VM synthesis, offline half. Base VMs and their chunk index, launch VMs
 //! (base + installed application), overlay creation (semantic gap, five-rule dedup, delta,
-//! compressed segments in offset or access order) and overlay application.
+//! compressed segments in offset or access order) and overlay application; residues (an
+//! instance's changes since launch) and merging them into their overlay.
 
 pub mod apply;
 pub mod base;
@@ -9,6 +10,8 @@ pub mod ext4;
 pub mod index;
 pub mod launch;
 pub mod package;
+mod pack;
+pub mod residue;
 
 use std::path::PathBuf;
 
@@ -37,6 +40,15 @@ pub enum SynthError {
         wanted_name: String,
         have: String,
         have_name: String,
+    },
+    #[error("overlay {path} is a residue of overlay {parent}: merge it first (`forage overlay merge PARENT {path} -o OUT`)")]
+    Residue { path: PathBuf, parent: String },
+    #[error("residue {residue} continues overlay {wanted}, but {parent} is overlay {have}: give the overlay the residue was made from")]
+    NotParent {
+        residue: PathBuf,
+        parent: PathBuf,
+        wanted: String,
+        have: String,
     },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },

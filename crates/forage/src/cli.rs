@@ -31,7 +31,8 @@ pub enum Command {
     /// VM overlays: a launch VM as a small difference against a base
     #[command(subcommand)]
     Overlay(OverlayCommand),
-    /// Run a cloudlet: accept devices and synthesize their overlays (pipelined; no early start yet)
+    /// Run a cloudlet: accept devices and synthesize their overlays (early start, pipelined
+    /// or from the launch-VM cache), with an HTTP management API
     Serve {
         /// Address devices connect to
         #[arg(long, default_value = "127.0.0.1:7878")]
@@ -49,6 +50,9 @@ pub enum Command {
         /// Do not serve the HTTP API
         #[arg(long)]
         no_api: bool,
+        /// Do not keep launch VMs for later syntheses of the same overlay
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Synthesize an overlay on a cloudlet and print the first response with its breakdown
     Synthesize {
@@ -61,9 +65,17 @@ pub enum Command {
         /// Wait for the whole overlay before resuming (pipelined synthesis only)
         #[arg(long)]
         no_early_start: bool,
+        /// Let the cloudlet receive everything before applying anything (the unpipelined
+        /// baseline; implies --no-early-start)
+        #[arg(long)]
+        no_pipelining: bool,
         /// Send the first line of FILE as the first request (default: the overlay's probe)
         #[arg(long, value_name = "FILE")]
         request: Option<PathBuf>,
+        /// At the end, get the instance's residue (its changes) into FILE, to merge into
+        /// the overlay with `forage overlay merge`
+        #[arg(long, value_name = "FILE")]
+        residue: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -163,6 +175,22 @@ pub enum OverlayCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Fold a residue (an instance's changes, sent back by a cloudlet) into the overlay it
+    /// was made from: writes an ordinary overlay that rebuilds the instance
+    Merge {
+        /// The overlay the residue was made from
+        parent: PathBuf,
+        residue: PathBuf,
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Base VM [default: the local base whose digest the parent names]
+        #[arg(long)]
+        base: Option<String>,
+        #[command(flatten)]
+        reduce: ReduceArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -210,6 +238,43 @@ pub enum BenchCommand {
     /// Overlay size against xdelta3+LZMA and zstd --patch-from (the paper's Figure 6),
     /// creation and apply throughput, peak memory
     Overlay(BenchOverlayArgs),
+    /// Synthesis over an emulated WAN (two network namespaces, tc tbf): baseline,
+    /// pipelined and early start; first-response times and the share of the overlay used
+    /// before the first response (the paper's Tables 3 and 4)
+    Synthesis(BenchSynthesisArgs),
+    /// (internal) receive one connection's bytes and acknowledge them
+    #[command(hide = true)]
+    Sink {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// (internal) send N bytes and print the seconds until the sink acknowledged them
+    #[command(hide = true)]
+    Blast {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchSynthesisArgs {
+    /// Base VM to use (created as `bench` if absent)
+    #[arg(long, default_value = "bench")]
+    pub base: String,
+    /// Link rate in Mbit/s (the paper's WiFi: 38); repeat for several rates
+    #[arg(long, default_values_t = vec![38.0])]
+    pub mbps: Vec<f64>,
+    /// Size of the data set the bench app installs and preloads (its first response does
+    /// not touch it)
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub data_mib: u64,
+    /// Runs per mode (the median is reported)
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

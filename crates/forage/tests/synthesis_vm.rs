@@ -39,7 +39,7 @@ impl RawDevice {
             overlay_bytes: ov.bytes,
             overlay_digest: ov.digest.clone(),
         };
-        write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: true }).await.unwrap();
+        write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: true, store_and_forward: false }).await.unwrap();
         let welcome = read(&mut stream).await.unwrap();
         (Self { stream, ov }, welcome)
     }
@@ -250,6 +250,30 @@ async fn synthesis_modes_cache_and_faults() {
     }
     assert_cleaned_up(&f.data).await;
 
+    // Residue: the instance's changes come back as a residue; merged into the overlay, the
+    // next synthesis starts where the last one ended (the service's counter carries on).
+    for early in [true, false] {
+        let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("residue", early)).await.expect("synthesis");
+        let served = field(&report.answer, "served");
+        let ep: SocketAddr = report.endpoint.parse().unwrap();
+        for _ in 0..3 {
+            let a = tokio::task::spawn_blocking(move || forage_agent::app::request_line(ep, "search more 8", Duration::from_secs(60))).await.unwrap().unwrap();
+            assert!(a.starts_with("ok "), "{a}");
+        }
+        let residue = f.work.join(format!("residue-{early}.ovl"));
+        let bytes = session.close_with_residue(&residue).await.expect("residue");
+        assert!(bytes > 0 && std::fs::metadata(&residue).unwrap().len() == bytes);
+        let err = forage_client::synthesize(&residue, addr, &opts("residue-alone", true)).await.err().expect("a residue alone is refused").to_string();
+        assert!(err.contains("residue"), "{err}");
+        let merged = f.work.join(format!("merged-{early}.ovl"));
+        let base = BaseVm::open(&f.data, "syntest").unwrap();
+        forage_synth::residue::merge(&base, &f.ovl, &residue, &CreateOptions::default(), &merged, accel).expect("merge");
+        let (report, session) = forage_client::synthesize(&merged, addr, &opts("merged", true)).await.expect("synthesis of the merged overlay");
+        assert_eq!(field(&report.answer, "served"), served + 4, "the counter carried on: {} then {}", served, report.answer);
+        session.close().await;
+    }
+    assert_cleaned_up(&f.data).await;
+
     // A corrupted segment, with early start and pipelined: refused with the reason.
     let mut bytes = std::fs::read(&f.ovl).unwrap();
     let len = bytes.len();
@@ -275,7 +299,7 @@ async fn synthesis_modes_cache_and_faults() {
             let mut stream = TcpStream::connect(addr).await.unwrap();
             let ov = OverlayFile::open(&f.ovl).await.unwrap();
             let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone() };
-            write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false }).await.unwrap();
+            write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();
             read(&mut stream).await.unwrap();
             dev = RawDevice { stream, ov };
         }

@@ -25,6 +25,9 @@ use crate::cli::{BenchCommand, BenchOverlayArgs};
 pub async fn run(data: &DataDir, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Overlay(a) => overlay(data, a).await,
+        BenchCommand::Synthesis(a) => super::bench_synthesis::run(data, a).await,
+        BenchCommand::Sink { listen } => super::bench_synthesis::sink(listen),
+        BenchCommand::Blast { to, bytes } => super::bench_synthesis::blast(to, bytes),
     }
 }
 
@@ -39,18 +42,7 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
             eprintln!("{s}");
         }
     };
-    let accel = super::accel();
-    let image = {
-        let d = data.clone();
-        tokio::task::spawn_blocking(move || super::ensure_image(&d, forage_image::TINY, true)).await??.image
-    };
-    let base = match BaseVm::open(data, &args.base) {
-        Ok(b) => b,
-        Err(_) => {
-            say(&format!("creating base {} ...", args.base));
-            BaseVm::create(data, &args.base, &image, accel, std::time::Duration::from_secs(5)).await?
-        }
-    };
+    let base = bench_base(data, &args.base, &say).await?;
     let work = data.work().join(format!("bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -110,6 +102,19 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// The bench's base VM, created from the tiny image when absent.
+pub(super) async fn bench_base(data: &DataDir, name: &str, say: &dyn Fn(&str)) -> anyhow::Result<BaseVm> {
+    if let Ok(b) = BaseVm::open(data, name) {
+        return Ok(b);
+    }
+    let image = {
+        let d = data.clone();
+        tokio::task::spawn_blocking(move || super::ensure_image(&d, forage_image::TINY, true)).await??.image
+    };
+    say(&format!("creating base {name} ..."));
+    Ok(BaseVm::create(data, name, &image, super::accel(), std::time::Duration::from_secs(5)).await?)
 }
 
 fn input(l: &LaunchVm) -> LaunchInput<'_> {
@@ -178,7 +183,7 @@ fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// The bench app: hashsearch shipped with a data set in a tarball that the install step
 /// unpacks and deletes, and that the service preloads into memory.
-fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
+pub(super) fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
     let sample = forage_image::locate_guest_binary("apps/hashsearch")?;
     let dir = work.join("app");
     let stage = work.join("payload");

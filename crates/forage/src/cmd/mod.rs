@@ -2,6 +2,7 @@
 
 mod base;
 mod bench;
+mod bench_synthesis;
 mod demo;
 mod image;
 mod overlay;
@@ -22,8 +23,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
-        Command::Serve { listen, service_addr, name, api, no_api } => synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api)).await,
-        Command::Synthesize { file, cloudlet, hold, no_early_start, request, json } => synthesis::synthesize(&file, cloudlet, hold, !no_early_start, request.as_deref(), json).await,
+        Command::Serve { listen, service_addr, name, api, no_api, no_cache } => synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache).await,
+        Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
+            let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, ..Default::default() };
+            synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
+        }
         Command::Demo(a) => demo::run(&data, a).await,
     }
 }

@@ -43,6 +43,7 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
         OverlayCommand::Create(args) => create(data, args).await,
         OverlayCommand::Inspect { file, json } => inspect(&file, json),
         OverlayCommand::Verify { file, json } => verify(&file, json),
+        OverlayCommand::Merge { parent, residue, output, base, reduce, json } => merge(data, &parent, &residue, &output, base.as_deref(), &reduce, json).await,
         OverlayCommand::Apply { file, base, out, json } => {
             let b = BaseVm::open(data, &base)?;
             let accel = forage_vm::accel::detect().accel;
@@ -140,6 +141,50 @@ async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The base named, or else the local base the parent overlay was made for.
+fn base_for(data: &DataDir, parent: &Path, name: Option<&str>) -> anyhow::Result<BaseVm> {
+    if let Some(name) = name {
+        return Ok(BaseVm::open(data, name)?);
+    }
+    let m = open(parent)?.manifest().clone();
+    BaseVm::list(data)
+        .into_iter()
+        .filter_map(|(_, b)| b.ok())
+        .find(|b| b.digest() == m.base.digest)
+        .with_context(|| {
+            format!(
+                "no local base VM has digest {} (base {} where {} was made): import it with `forage base import`, or name one with --base",
+                forage_synth::package::short(&m.base.digest),
+                m.base.name,
+                parent.display()
+            )
+        })
+}
+
+async fn merge(data: &DataDir, parent: &Path, residue: &Path, output: &Path, base: Option<&str>, reduce: &ReduceArgs, json: bool) -> anyhow::Result<()> {
+    let b = base_for(data, parent, base)?;
+    let opts = reduce.create_options()?;
+    let accel = forage_vm::accel::detect().accel;
+    let (p, r, o) = (parent.to_path_buf(), residue.to_path_buf(), output.to_path_buf());
+    let base_name = b.manifest().name.clone();
+    let report = tokio::task::spawn_blocking(move || forage_synth::residue::merge(&b, &p, &r, &opts, &o, accel)).await??;
+    let m = &report.manifest;
+    if json {
+        super::print_json(&json!({"file": output, "parent": parent, "residue": residue, "base": base_name, "bytes": report.bytes, "seconds": report.took.as_secs_f64(), "modified_bytes": m.stats.modified_bytes, "refs": m.ref_counts()}));
+    } else {
+        println!(
+            "merged residue {} into {} -> {}: {} KiB for {} MiB of modified state, in {:.1} s on base {base_name}",
+            residue.display(),
+            parent.display(),
+            output.display(),
+            report.bytes >> 10,
+            m.stats.modified_bytes >> 20,
+            report.took.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 fn open(file: &Path) -> anyhow::Result<OverlayReader<std::io::BufReader<std::fs::File>>> {
     let f = std::fs::File::open(file).with_context(|| format!("cannot open overlay {}", file.display()))?;
     OverlayReader::open(std::io::BufReader::new(f)).with_context(|| format!("overlay {}", file.display()))
@@ -148,7 +193,7 @@ fn open(file: &Path) -> anyhow::Result<OverlayReader<std::io::BufReader<std::fs:
 pub fn describe(m: &Manifest, file_bytes: u64) -> serde_json::Value {
     let s = &m.stats;
     json!({
-        "format": m.format, "base_digest": m.base.digest, "base_name": m.base.name,
+        "format": m.format, "base_digest": m.base.digest, "base_name": m.base.name, "parent": m.parent,
         "disk_bytes": m.disk_size, "memory_bytes": m.memory_size, "bytes": file_bytes,
         "modified_disk_chunks": s.modified_disk_chunks, "modified_memory_chunks": s.modified_memory_chunks,
         "refs": m.ref_counts(), "free_by_source": s.free_by_source,
@@ -169,9 +214,13 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
     }
     let m = r.manifest();
     let s = &m.stats;
-    println!("overlay {} (format {}), {} KiB", file.display(), m.format, size >> 10);
+    let what = if m.is_residue() { "residue" } else { "overlay" };
+    println!("{what} {} (format {}), {} KiB", file.display(), m.format, size >> 10);
     println!("  base      {} ({})", m.base.digest, m.base.name);
-    println!("  modified  {} memory + {} disk chunks = {} MiB", s.modified_memory_chunks, s.modified_disk_chunks, s.modified_bytes >> 20);
+    if let Some(parent) = &m.parent {
+        println!("  parent    {parent} (changes since that overlay's launch VM: `forage overlay merge PARENT {}`)", file.display());
+    }
+    println!("  {}  {} memory + {} disk chunks = {} MiB", if m.is_residue() { "changed " } else { "modified" }, s.modified_memory_chunks, s.modified_disk_chunks, s.modified_bytes >> 20);
     println!("  refs      {}", m.ref_counts().iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     if !s.free_by_source.is_empty() {
         println!("  free      {}", s.free_by_source.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));

@@ -37,7 +37,7 @@ impl forage_api::Control for DaemonControl {
     }
 }
 
-pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>) -> anyhow::Result<()> {
+pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool) -> anyhow::Result<()> {
     let service_addr = match (service_addr, listen.ip()) {
         (Some(a), _) => a,
         (None, IpAddr::V4(a)) if !a.is_unspecified() => a,
@@ -45,6 +45,7 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
     };
     let accel = super::accel();
     let cloudlet = Arc::new(Cloudlet::open(name, data.clone(), accel, service_addr)?);
+    cloudlet.cache.set_enabled(cache);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let bases: Vec<String> = forage_synth::BaseVm::list(data).into_iter().filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))).collect();
     eprintln!("cloudlet {} listening on {listen}; bases: {}", cloudlet.name, if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") });
@@ -66,7 +67,15 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
     Ok(())
 }
 
-pub async fn synthesize(file: &Path, cloudlet: SocketAddr, hold: bool, early_start: bool, request: Option<&Path>, json: bool) -> anyhow::Result<()> {
+pub async fn synthesize(
+    file: &Path,
+    cloudlet: SocketAddr,
+    hold: bool,
+    mut opts: forage_client::SynthesisOptions,
+    request: Option<&Path>,
+    residue: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     let request = match request {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("request file {}", p.display()))?;
@@ -74,7 +83,7 @@ pub async fn synthesize(file: &Path, cloudlet: SocketAddr, hold: bool, early_sta
         }
         None => None,
     };
-    let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start, request, sent: None };
+    opts.request = request;
     let (report, session) = synthesize_with_progress(file, cloudlet, opts, !json).await?;
     if json {
         super::print_json(&report);
@@ -85,7 +94,13 @@ pub async fn synthesize(file: &Path, cloudlet: SocketAddr, hold: bool, early_sta
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
         tokio::signal::ctrl_c().await?;
     }
-    session.close().await;
+    match residue {
+        Some(out) => {
+            let bytes = session.close_with_residue(out).await?;
+            eprintln!("residue: {} ({} KiB); fold it in with: forage overlay merge {} {} -o NEW.ovl", out.display(), bytes >> 10, file.display(), out.display());
+        }
+        None => session.close().await,
+    }
     Ok(())
 }
 

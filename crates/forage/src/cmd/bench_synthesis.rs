@@ -1,0 +1,233 @@
+//! `forage bench synthesis`: the paper's synthesis measurements (Tables 3 and 4) on an
+//! emulated WAN. The device and the cloudlet are separate forage processes in two network
+//! namespaces joined by a veth pair shaped with `tc tbf` (forage-wan); for every rate:
+//! - transfer only: the overlay's bytes sent once over the same link (`bench blast` to
+//!   `bench sink`), the floor every mode is compared with;
+//! - baseline: the cloudlet receives the whole overlay, then applies it, then resumes;
+//! - pipelined: receive, decompress and apply overlap; resume when all is applied;
+//! - early start: resume once the manifest and device state are there, demand fetch.
+//!
+//! The bench app's first response (`search bench 12`) does not touch its data set, so
+//! it uses a small part of the overlay: what early start is for.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use forage_datadir::DataDir;
+use serde_json::{json, Value};
+
+use crate::cli::BenchSynthesisArgs;
+
+const CLOUDLET_PORT: u16 = 7878;
+const SINK_PORT: u16 = 7999;
+const MODES: [(&str, &[&str]); 3] = [("baseline", &["--no-pipelining"]), ("pipelined", &["--no-early-start"]), ("early_start", &[])];
+
+/// A child process killed when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()> {
+    let say = |s: &str| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    let base = super::bench::bench_base(data, &args.base, &say).await?;
+    let work = data.work().join(format!("bench-synthesis-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = async {
+        let app = super::bench::bench_app(&work, args.data_mib)?;
+        let ovl = work.join("bench.ovl");
+        say("building the bench app's launch VM and its overlay (access order) ...");
+        let create = crate::cli::OverlayCreateArgs {
+            base: args.base.clone(),
+            app,
+            output: ovl.clone(),
+            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false },
+            order: "access".into(),
+            json: true,
+        };
+        super::overlay::build_overlay(data, &create, true).await?;
+        let bytes = std::fs::metadata(&ovl)?.len();
+        say(&format!("overlay: {} KiB against base {}", bytes >> 10, base.manifest().name));
+        let mut rows = Vec::new();
+        for &mbps in &args.mbps {
+            rows.extend(at_rate(data, &ovl, bytes, mbps, args.runs.max(1), &say)?);
+        }
+        if args.json {
+            super::print_json(&rows);
+        } else {
+            print_table(&rows);
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: &dyn Fn(&str)) -> anyhow::Result<Vec<Value>> {
+    let link = forage_wan::WanLink::create(mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
+    let exe = std::env::current_exe()?;
+    let root = data.root().to_path_buf();
+    let (device, cloudlet) = (&link.a, &link.b);
+    let cloudlet_addr = SocketAddr::from((cloudlet.addr, CLOUDLET_PORT));
+
+    // Transfer only: the floor.
+    let mut transfer = Vec::new();
+    for _ in 0..runs {
+        let _sink = Guard(cloudlet.command(&exe).args(["bench", "sink", "--listen", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string()]).spawn()?);
+        std::thread::sleep(Duration::from_millis(300));
+        let out = device.command(&exe).args(["bench", "blast", "--to", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(), "--bytes", &bytes.to_string()]).output()?;
+        if !out.status.success() {
+            bail!("transfer-only run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("transfer-only output")?;
+        transfer.push(v["seconds"].as_f64().unwrap_or(0.0));
+    }
+    let transfer_only_s = median(&mut transfer);
+    say(&format!("{mbps} Mbit/s: {bytes} bytes take {transfer_only_s:.2} s to transfer"));
+
+    // The cloudlet, in its namespace, without a cache (every run synthesizes for real).
+    let log = data.work().join(format!("bench-cloudlet-{}.log", std::process::id()));
+    let mut serve = cloudlet.command(&exe);
+    serve.arg("--data-dir").arg(&root).args(["serve", "--listen", &cloudlet_addr.to_string(), "--no-api", "--no-cache", "--name", "bench-cloudlet"]);
+    let _cloudlet = Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
+    wait_for_line(&log, "listening", Duration::from_secs(30))?;
+
+    let mut rows = Vec::new();
+    for (mode, flags) in MODES {
+        let mut reports = Vec::new();
+        for run in 0..runs {
+            let out = device
+                .command(&exe)
+                .arg("--data-dir")
+                .arg(&root)
+                .arg("synthesize")
+                .arg(ovl)
+                .args(["--cloudlet", &cloudlet_addr.to_string(), "--json"])
+                .args(flags)
+                .output()?;
+            if !out.status.success() {
+                bail!("{mode} synthesis (run {run}) failed: {}\ncloudlet log: {}", String::from_utf8_lossy(&out.stderr).trim(), log.display());
+            }
+            let r: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{mode} synthesis output"))?;
+            say(&format!("  {mode}: first response {:.2} s", r["first_response_s"].as_f64().unwrap_or(0.0)));
+            reports.push(r);
+            std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
+        }
+        reports.sort_by(|a, b| a["first_response_s"].as_f64().partial_cmp(&b["first_response_s"].as_f64()).expect("numbers"));
+        let r = &reports[reports.len() / 2];
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let total_s = f("complete_s").max(f("ready_s"));
+        rows.push(json!({
+            "mode": mode, "mbps": mbps, "runs": runs,
+            "total_s": total_s, "first_response_s": f("first_response_s"), "resume_s": f("resume_s"),
+            "ready_s": f("ready_s"), "transfer_s": f("transfer_s"), "apply_s": f("apply_s"),
+            "bytes": r["bytes_sent"], "overlay_bytes": bytes, "transfer_only_s": transfer_only_s,
+            "synthesis_vs_transfer": total_s / transfer_only_s.max(1e-9),
+            "accessed_fraction": r["accessed_fraction"], "usage": r["usage"],
+        }));
+    }
+    let _ = std::fs::remove_file(&log);
+    Ok(rows)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("numbers"));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if t.elapsed() > wait {
+            bail!("the bench cloudlet did not start: {}", text.trim());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn print_table(rows: &[Value]) {
+    println!("VM synthesis over an emulated WAN (tc tbf), bench app, overlay in access order:");
+    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9} {:>9}", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer", "accessed");
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let accessed = r["accessed_fraction"].as_f64().map(|a| format!("{:.1}%", a * 100.0)).unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<12} {:>6} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10.2} {:>9.2}x {:>9}",
+            r["mode"].as_str().unwrap_or(""),
+            f("mbps"),
+            f("total_s"),
+            f("first_response_s"),
+            f("resume_s"),
+            r["bytes"],
+            f("transfer_only_s"),
+            f("synthesis_vs_transfer"),
+            accessed
+        );
+    }
+    for mbps in rows.iter().filter_map(|r| r["mbps"].as_f64()).fold(Vec::<f64>::new(), |mut v, m| {
+        if !v.contains(&m) {
+            v.push(m);
+        }
+        v
+    }) {
+        let get = |mode: &str| rows.iter().find(|r| r["mode"] == mode && r["mbps"].as_f64() == Some(mbps));
+        let (Some(p), Some(e)) = (get("pipelined"), get("early_start")) else { continue };
+        let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+        let bound = 1.1 * f(p, "transfer_only_s") + f(p, "resume_s");
+        println!(
+            "  at {mbps} Mbit/s: pipelined total {:.2} s vs 1.1 x transfer + resume = {:.2} s ({}); early start first response {:.2} s = {:.0}% less than pipelined (target >= 40%)",
+            f(p, "total_s"),
+            bound,
+            if f(p, "total_s") <= bound { "met" } else { "missed" },
+            f(e, "first_response_s"),
+            100.0 * (1.0 - f(e, "first_response_s") / f(p, "first_response_s").max(1e-9))
+        );
+    }
+}
+
+/// `bench sink`: receive one connection's bytes, acknowledge with one byte.
+pub fn sink(listen: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let (mut s, _) = l.accept()?;
+    let mut buf = vec![0u8; 1 << 16];
+    while s.read(&mut buf)? > 0 {}
+    s.write_all(b"k")?;
+    Ok(())
+}
+
+/// `bench blast`: send `bytes` bytes and print how long until the sink had them all.
+pub fn blast(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    s.set_nodelay(true).ok();
+    let buf = vec![0x5au8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)?;
+    println!("{}", json!({ "seconds": start.elapsed().as_secs_f64(), "bytes": bytes }));
+    Ok(())
+}
