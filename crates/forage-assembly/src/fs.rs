@@ -23,6 +23,8 @@ const ROOT: u64 = 1;
 const MEMORY_INO: u64 = 2;
 const DISK_INO: u64 = 3;
 const CHUNK: u64 = forage_format::CHUNK_SIZE as u64;
+/// A declined read repeated within this is a retry.
+const RETRY_WINDOW: Duration = Duration::from_millis(50);
 const TTL: Duration = Duration::from_secs(3600);
 /// How long a read may wait for its segment before it fails (the session normally fails
 /// it much sooner, through [`Assembly::fail`], when the device stops answering).
@@ -30,8 +32,8 @@ const READ_WAIT: Duration = Duration::from_secs(600);
 
 struct AssemblyFs {
     assembly: Arc<Assembly>,
-    /// Read-ahead requests declined once (space, offset).
-    declined: std::collections::HashSet<(Space, u64)>,
+    /// Read-ahead requests declined in the last moment, and when.
+    declined: std::collections::HashMap<(Space, u64, u64), std::time::Instant>,
     readahead: u32,
     uid: u32,
     gid: u32,
@@ -53,6 +55,18 @@ fn errno(e: &AssemblyError) -> i32 {
 }
 
 impl AssemblyFs {
+    /// Was this exact request declined a moment ago? (Then it is a retry: serve it.)
+    fn is_retry(&mut self, space: Space, off: u64, len: u64) -> bool {
+        self.declined.retain(|_, at| at.elapsed() < RETRY_WINDOW);
+        match self.declined.remove(&(space, off, len)) {
+            Some(_) => true,
+            None => {
+                self.declined.insert((space, off, len), std::time::Instant::now());
+                false
+            }
+        }
+    }
+
     fn attr(&self, ino: u64) -> FileAttr {
         let (kind, size, perm, nlink) = match space_of(ino) {
             Some(space) => (FileType::RegularFile, self.assembly.size(space), 0o600, 1),
@@ -147,13 +161,13 @@ impl Filesystem for AssemblyFs {
         };
         if self.assembly.ready(space, off, len) {
             answer(&self.assembly, reply);
-        } else if len > CHUNK && flags & libc::O_DIRECT == 0 && self.declined.insert((space, off)) {
+        } else if len > CHUNK && flags & libc::O_DIRECT == 0 && !self.is_retry(space, off, len) {
             // A page-cache read of more than a page that needs missing chunks is the
             // kernel reading ahead (for QEMU's guest RAM, 2 MiB around every fault, since
             // QEMU marks it MADV_HUGEPAGE). Fetching for it would pull in most of the
             // overlay, so it is declined: the kernel then reads the page actually needed
-            // on its own, and that read waits for its segment. A repeated request is
-            // served, so nothing is ever refused twice.
+            // on its own, and that read waits for its segment. The same request repeated
+            // at once is served (a retry that needs exactly this range).
             reply.error(libc::EIO);
         } else {
             let a = self.assembly.clone();

@@ -115,7 +115,9 @@ fn check_rate(mbps: f64) -> Result<(), WanError> {
 fn tbf(mbps: f64) -> Vec<String> {
     let kbit = (mbps * 1000.0).round() as u64;
     let burst = (kbit * 1000 / 8 / 100).max(32 * 1024);
-    ["tbf", "rate", &format!("{kbit}kbit"), "burst", &burst.to_string(), "latency", "400ms"]
+    // A 50 ms queue, as a WiFi access point or a WAN router holds: a longer one (tc's
+    // examples use 400 ms) makes every connection sit behind its own standing queue.
+    ["tbf", "rate", &format!("{kbit}kbit"), "burst", &burst.to_string(), "latency", "50ms"]
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -139,7 +141,7 @@ mod tests {
 
     #[test]
     fn tbf_arguments() {
-        assert_eq!(tbf(38.0), ["tbf", "rate", "38000kbit", "burst", "47500", "latency", "400ms"]);
+        assert_eq!(tbf(38.0), ["tbf", "rate", "38000kbit", "burst", "47500", "latency", "50ms"]);
         assert_eq!(tbf(5.0)[4], "32768");
         assert!(check_rate(0.0).is_err() && check_rate(f64::NAN).is_err() && check_rate(25.0).is_ok());
     }

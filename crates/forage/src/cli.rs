@@ -231,6 +231,10 @@ pub struct ReduceArgs {
     /// Turn off the memory semantic gap (free page reporting)
     #[arg(long)]
     pub no_semantic_memory: bool,
+    /// Segment size before compression: smaller segments make demand fetches (early
+    /// start) quicker, larger ones compress a little better
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    pub segment_kib: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -270,6 +274,9 @@ pub struct BenchSynthesisArgs {
     /// not touch it)
     #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub data_mib: u64,
+    /// Segment size of the bench overlay before compression
+    #[arg(long, default_value_t = 256, value_name = "KIB")]
+    pub segment_kib: usize,
     /// Runs per mode (the median is reported)
     #[arg(long, default_value_t = 1)]
     pub runs: usize,

@@ -10,7 +10,9 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
-    let default = if cli.verbose { "debug" } else { "warn,forage_image=info" };
+    // fuser reports its own unmount failing after forage-assembly detached the mount
+    // lazily (on purpose): not worth a line.
+    let default = if cli.verbose { "debug,fuser=warn" } else { "warn,forage_image=info,fuser=off" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),

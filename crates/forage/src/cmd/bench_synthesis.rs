@@ -54,7 +54,7 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
             base: args.base.clone(),
             app,
             output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false },
+            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: args.segment_kib },
             order: "access".into(),
             json: true,
         };
@@ -165,12 +165,15 @@ fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<
 
 fn print_table(rows: &[Value]) {
     println!("VM synthesis over an emulated WAN (tc tbf), bench app, overlay in access order:");
-    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9} {:>9}", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer", "accessed");
+    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   {}", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer", "accessed at 1st response");
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        let accessed = r["accessed_fraction"].as_f64().map(|a| format!("{:.1}%", a * 100.0)).unwrap_or_else(|| "-".into());
+        let accessed = match (r["accessed_fraction"].as_f64(), r["usage"]["demand_fetches"].as_u64()) {
+            (Some(a), Some(n)) => format!("{:.1}% ({n} fetched)", a * 100.0),
+            _ => "-".into(),
+        };
         println!(
-            "  {:<12} {:>6} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10.2} {:>9.2}x {:>9}",
+            "  {:<12} {:>6} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10.2} {:>9.2}x  {}",
             r["mode"].as_str().unwrap_or(""),
             f("mbps"),
             f("total_s"),

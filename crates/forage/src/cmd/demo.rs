@@ -150,7 +150,7 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
             base: "demo-base".into(),
             app: app_dir(app)?,
             output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false },
+            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: 1024 },
             order: "access".into(),
             json: true,
         };

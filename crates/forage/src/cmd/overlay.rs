@@ -33,7 +33,7 @@ impl ReduceArgs {
             semantic_memory: !self.no_semantic_memory,
             delta,
             codec,
-            ..CreateOptions::default()
+            segment_bytes: self.segment_kib.clamp(4, 16 << 10) << 10,
         })
     }
 }
