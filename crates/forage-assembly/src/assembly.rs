@@ -75,6 +75,8 @@ struct Inner {
     device_state: Option<PathBuf>,
     failed: Option<String>,
     stats: AssemblyStats,
+    /// Profiling: chunks in the order the VM first read them.
+    access_log: Option<(Vec<(Space, u64)>, [Vec<bool>; 2])>,
 }
 
 pub struct Assembly {
@@ -166,6 +168,7 @@ impl Assembly {
             device_state: None,
             failed: None,
             stats,
+            access_log: None,
         };
         Ok(Self { manifest, files, positions, work: work.to_path_buf(), fetch, inner: Mutex::new(inner), changed: Condvar::new() })
     }
@@ -292,6 +295,25 @@ impl Assembly {
         self.changed.notify_all();
     }
 
+    /// Serve the files of a complete VM (`base_memory`, `base_disk` given to [`new`] with
+    /// an overlay manifest that changes nothing) and record which chunks the VM reads, in
+    /// first-read order: the access profile of a launch VM. The FUSE layer then declines
+    /// every read-ahead, so only pages really read are recorded.
+    pub fn start_profiling(&self) {
+        let mut inner = self.lock();
+        let sizes = [inner.chunks[0].len(), inner.chunks[1].len()];
+        inner.access_log = Some((Vec::new(), [vec![false; sizes[0]], vec![false; sizes[1]]]));
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.lock().access_log.is_some()
+    }
+
+    /// The chunks read so far, in first-read order.
+    pub fn access_log(&self) -> Vec<(Space, u64)> {
+        self.lock().access_log.as_ref().map(|(log, _)| log.clone()).unwrap_or_default()
+    }
+
     /// Why the assembly stopped, if it did.
     pub fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
@@ -385,6 +407,11 @@ impl Assembly {
 
     /// A chunk's current content (its state must not be `Pending`).
     fn chunk_content(&self, inner: &mut Inner, space: Space, i: u64, buf: &mut [u8]) -> Result<(), AssemblyError> {
+        if let Some((log, seen)) = inner.access_log.as_mut() {
+            if !std::mem::replace(&mut seen[slot(space)][i as usize], true) {
+                log.push((space, i));
+            }
+        }
         let state = inner.chunks[slot(space)][i as usize];
         match state {
             ChunkState::Zero => buf.fill(0),

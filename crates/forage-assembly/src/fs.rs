@@ -159,7 +159,8 @@ impl Filesystem for AssemblyFs {
                 reply.error(errno(&e))
             }
         };
-        if self.assembly.ready(space, off, len) {
+        let profiling = self.assembly.profiling();
+        if !profiling && self.assembly.ready(space, off, len) {
             answer(&self.assembly, reply);
         } else if len > CHUNK && flags & libc::O_DIRECT == 0 && !self.is_retry(space, off, len) {
             // A page-cache read of more than a page that needs missing chunks is the

@@ -223,10 +223,8 @@ fn layer_chunks(layer: &PathBuf) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
     Ok((written, discarded))
 }
 
-/// Chunks of the launch VM's memory and disk touched by a resume up to the service's first
-/// response: the launch VM is restored with its files evicted from the page cache, the probe
-/// is answered, and `mincore` tells which pages were read or written (with the kernel's
-/// read-ahead, a superset at up to 128 KiB granularity).
+/// Chunks of the launch VM's memory and disk read by a resume up to the service's first
+/// response, in first-read order (see [`crate::profile`]).
 pub async fn profile_access(
     data: &DataDir,
     launch: &Snapshot,
@@ -234,56 +232,7 @@ pub async fn profile_access(
     accel: Accel,
     work: &Path,
 ) -> Result<AccessProfile, SynthError> {
-    let run = work.join("profile");
-    let _ = std::fs::remove_dir_all(&run);
-    DataDir::ensure(&run)?;
-    let qmp = data.runtime_dir().join(format!("profile-{}.qmp", std::process::id()));
-    let forwards = forage_image::loopback_forwards([forage_agent::AGENT_PORT, app.port]).map_err(|source| SynthError::Io {
-        path: "127.0.0.1".into(),
-        source,
-    })?;
-    let app_port = forwards[1].host_port;
-    let spec = launch.relocated_spec(&run, &qmp, Some(forwards));
-    let opts = RestoreOptions {
-        copy_disks: true,
-        evict_cache: true,
-    };
-    let start = Instant::now();
-    let vm = Vm::restore_with(launch, spec, accel, &run.join("qemu.log"), opts).await?;
-    let line = app.probe.clone().unwrap_or_else(|| "\n".to_string());
-    let answer = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        loop {
-            match probe(SocketAddr::from((Ipv4Addr::LOCALHOST, app_port)), &line) {
-                Ok(a) => return Ok(a),
-                Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    })
-    .await
-    .expect("probe does not panic")
-    .map_err(|source| SynthError::Io { path: "profiling probe".into(), source })?;
-    let first_response = start.elapsed();
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| SynthError::Io { path: p, source }
-    };
-    let memory = touched(&forage_vm::sparse::resident_pages(&vm.spec().memory_file).map_err(io(&vm.spec().memory_file))?);
-    let disk_path = vm.spec().disks[0].path.clone();
-    let disk = touched(&forage_vm::sparse::resident_pages(&disk_path).map_err(io(&disk_path))?);
-    vm.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&run);
-    Ok(AccessProfile {
-        memory,
-        disk,
-        first_response,
-        answer,
-    })
-}
-
-fn touched(resident: &[bool]) -> Vec<u64> {
-    resident.iter().enumerate().filter(|(_, r)| **r).map(|(i, _)| i as u64).collect()
+    crate::profile::profile_access(data, launch, app, accel, work).await
 }
 
 /// What a profiling resume touched.

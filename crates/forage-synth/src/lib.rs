@@ -11,6 +11,7 @@ pub mod index;
 pub mod launch;
 pub mod package;
 mod pack;
+pub mod profile;
 pub mod residue;
 
 use std::path::PathBuf;
