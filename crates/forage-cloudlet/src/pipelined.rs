@@ -32,19 +32,14 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     });
     let received = async {
         let mut bytes = 0u64;
-        for (i, seg) in manifest.segments.iter().enumerate() {
-            let Message::Segment { index, bytes: data } = next(stream, ctx.cloudlet.peer_wait).await? else {
-                return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
-            };
-            if index as usize != i || data.len() as u64 != seg.compressed_len {
-                return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
-            }
+        for i in 0..manifest.segments.len() {
+            let data = next_segment(stream, ctx, &manifest, i).await?;
             bytes += data.len() as u64;
             if tx.send(data).await.is_err() {
                 break; // the apply thread stopped: its error is reported below
             }
         }
-        Ok(bytes)
+        Ok::<_, SessionError>(bytes)
     }
     .await;
     // Whatever happened, the apply thread ends before the session's files are removed.
@@ -58,6 +53,17 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
 }
 
+/// Segment `i`, which must come next and be of the manifest's size.
+async fn next_segment(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: &Manifest, i: usize) -> Result<Vec<u8>, SessionError> {
+    let Message::Segment { index, bytes } = next(stream, ctx.cloudlet.peer_wait).await? else {
+        return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
+    };
+    if index as usize != i || bytes.len() as u64 != manifest.segments[i].compressed_len {
+        return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
+    }
+    Ok(bytes)
+}
+
 /// Receive every segment into a file, then apply it: nothing overlaps.
 async fn store_and_forward(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
     use tokio::io::AsyncWriteExt;
@@ -67,13 +73,8 @@ async fn store_and_forward(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Mani
     let mut out = tokio::fs::File::create(&file).await.map_err(internal)?;
     out.write_all(&prefix).await.map_err(internal)?;
     let mut bytes = 0u64;
-    for (i, seg) in manifest.segments.iter().enumerate() {
-        let Message::Segment { index, bytes: data } = next(stream, ctx.cloudlet.peer_wait).await? else {
-            return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
-        };
-        if index as usize != i || data.len() as u64 != seg.compressed_len {
-            return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
-        }
+    for i in 0..manifest.segments.len() {
+        let data = next_segment(stream, ctx, &manifest, i).await?;
         bytes += data.len() as u64;
         out.write_all(&data).await.map_err(internal)?;
     }
