@@ -202,9 +202,30 @@ fn hex_digest(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Synthesize the overlay in file `overlay` on `cloudlet`.
 pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
-    let proto = |source| ClientError::Proto { addr: cloudlet, source };
     let ov = OverlayFile::open(overlay).await?;
+    run(ov, None, cloudlet, opts).await
+}
+
+/// Synthesize the overlay at `url`: the cloudlet fetches it itself (range requests), the
+/// device only reads its header and manifest (to offer its base and know its probe).
+pub async fn synthesize_url(url: &str, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
+    let u = url.to_string();
+    let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&u))
+        .await
+        .expect("no panic")
+        .map_err(|e| ClientError::Overlay { path: url.into(), detail: e.to_string() })?;
+    if let Some(parent) = &remote.manifest.parent {
+        return Err(ClientError::Overlay { path: url.into(), detail: format!("this is a residue of overlay {parent}: merge it into that overlay first") });
+    }
+    let bytes = remote.prefix.len() as u64 + remote.manifest.segments.iter().map(|s| s.compressed_len).sum::<u64>();
+    let ov = OverlayFile { path: url.into(), digest: remote.digest(), prefix: remote.prefix, manifest: remote.manifest, bytes };
+    run(ov, Some(url.to_string()), cloudlet, opts).await
+}
+
+async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
+    let proto = |source| ClientError::Proto { addr: cloudlet, source };
     let probe = ov.manifest.service.as_ref().and_then(|s| s.probe.clone());
 
     let start = Instant::now();
@@ -230,8 +251,10 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
         Message::Error { code, message } => return Err(ClientError::Refused { addr: cloudlet, code, message }),
         other => return Err(ClientError::Sequence { addr: cloudlet, expected: "Welcome", got: other.name() }),
     };
-    if !cached {
-        write(&mut stream, &Message::Manifest { bytes: ov.prefix.clone() }).await.map_err(proto)?;
+    match (&url, cached) {
+        (_, true) => {}
+        (Some(url), false) => write(&mut stream, &Message::OverlayUrl { url: url.clone() }).await.map_err(proto)?,
+        (None, false) => write(&mut stream, &Message::Manifest { bytes: ov.prefix.clone() }).await.map_err(proto)?,
     }
     let mode = match (cached, early_start, opts.store_and_forward) {
         (true, _, _) => "cached",
@@ -262,7 +285,7 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
     });
     let (control, control_rx) = mpsc::unbounded_channel::<Message>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let plan = sender::Plan { overlay: ov.path.clone(), prefix_len: ov.prefix.len() as u64, manifest: ov.manifest.clone(), skip_all: cached, sent: opts.sent.clone() };
+    let plan = sender::Plan { overlay: ov.path.clone(), prefix_len: ov.prefix.len() as u64, manifest: ov.manifest.clone(), skip_all: cached || url.is_some(), sent: opts.sent.clone() };
     let sender = tokio::spawn(sender::run(plan, wr, fetch_rx, control_rx, done_tx, start));
     let mut session = Session { control, sender, events, addr: cloudlet };
 

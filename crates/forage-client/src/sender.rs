@@ -42,12 +42,16 @@ pub(crate) async fn run(
         at += s.compressed_len;
     }
     let mut sent = vec![plan.skip_all; n];
-    let mut file = match tokio::fs::File::open(&plan.overlay).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!("{}: {e}", plan.overlay.display());
-            return;
-        }
+    // Nothing to read when nothing is to be sent (cached, or fetched by the cloudlet).
+    let mut file = match plan.skip_all {
+        true => None,
+        false => match tokio::fs::File::open(&plan.overlay).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("{}: {e}", plan.overlay.display());
+                return;
+            }
+        },
     };
     let mut bytes = 0u64;
     let mut next_bulk = 0;
@@ -57,7 +61,7 @@ pub(crate) async fn run(
         let msg = if let Ok(m) = control.try_recv() {
             m
         } else if let Some(i) = std::iter::from_fn(|| fetches.try_recv().ok()).find(|&i| (i as usize) < n && !sent[i as usize]) {
-            match read_segment(&mut file, i as usize, offsets[i as usize], plan.manifest.segments[i as usize].compressed_len).await {
+            match read_segment(file.as_mut().expect("segments to send come from the file"), i as usize, offsets[i as usize], plan.manifest.segments[i as usize].compressed_len).await {
                 Ok(m) => m,
                 Err(e) => return tracing::warn!("reading segment {i}: {e}"),
             }
@@ -67,7 +71,7 @@ pub(crate) async fn run(
             if sent[i] {
                 continue;
             }
-            match read_segment(&mut file, i, offsets[i], plan.manifest.segments[i].compressed_len).await {
+            match read_segment(file.as_mut().expect("segments to send come from the file"), i, offsets[i], plan.manifest.segments[i].compressed_len).await {
                 Ok(m) => m,
                 Err(e) => return tracing::warn!("reading segment {i}: {e}"),
             }

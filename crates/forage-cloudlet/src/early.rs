@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use forage_assembly::{Assembly, Mount};
 use forage_format::Manifest;
+use forage_remote::RemoteOverlay;
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{ErrorCode, Message, ProtoError};
 use forage_vm::Snapshot;
@@ -66,7 +67,7 @@ fn usage(assembly: &Assembly, label: String) -> Message {
     }
 }
 
-pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, remote: Option<Arc<RemoteOverlay>>) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let cloudlet = ctx.cloudlet;
     let digest = crate::session::overlay_digest(&prefix);
@@ -75,20 +76,31 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         std::fs::create_dir_all(d).map_err(internal)?;
     }
     let copy = OverlayCopy::create(ctx.dir.join("overlay"), &prefix, &manifest).map_err(internal)?;
-    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel::<u32>();
+    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u32>();
     let fetch = Box::new(move |s: u32| {
         let _ = fetch_tx.send(s);
     });
     let assembly = Arc::new(Assembly::new(manifest.clone(), &ctx.base.memory_path(), &ctx.base.disk_path(), &work, fetch).map_err(internal)?);
     let mount = Mount::new(assembly.clone(), &mnt, cloudlet.readahead).map_err(internal)?;
 
+    // Fetches go to the device, or (overlay by URL) to the cloudlet's own fetcher.
+    let (mut device_fetches, url_fetches) = match &remote {
+        None => (Some(fetch_rx), None),
+        Some(_) => (None, Some(fetch_rx)),
+    };
     let (mut rd, mut wr) = stream.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let writer = async {
         loop {
+            let device_fetch = async {
+                match device_fetches.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let m = tokio::select! {
                 biased;
-                Some(s) = fetch_rx.recv() => Message::Fetch { index: s },
+                Some(s) = device_fetch => Message::Fetch { index: s },
                 m = out_rx.recv() => match m { Some(m) => m, None => return Ok::<_, ProtoError>(()) },
             };
             write(&mut wr, &m).await?;
@@ -114,12 +126,17 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         })
     };
     let n = manifest.segments.len();
+    if let (Some(remote), Some(fetches)) = (remote.clone(), url_fetches) {
+        tokio::spawn(fetch_from_url(remote, fetches, seg_tx.clone(), assembly.clone()));
+    }
+    let device_sends = remote.is_none();
     let receiver = {
         let (assembly, out_tx) = (assembly.clone(), out_tx.clone());
         let manifest = &manifest;
         async move {
             let mut got = vec![false; n];
-            let (mut count, mut bytes) = (0usize, 0u64);
+            // With the overlay by URL the device sends no segments: it may say Bye at once.
+            let (mut count, mut bytes) = (if device_sends { 0usize } else { n }, 0u64);
             loop {
                 let m = if count < n {
                     match tokio::time::timeout(cloudlet.peer_wait, read(&mut rd)).await {
@@ -130,6 +147,9 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
                     read(&mut rd).await
                 };
                 match m {
+                    Ok(Message::Segment { .. }) if !device_sends => {
+                        return Err(refused(ErrorCode::Protocol, "segments sent for an overlay the cloudlet fetches itself"));
+                    }
                     Ok(Message::Segment { index, bytes: data }) => {
                         let Some(seg) = manifest.segments.get(index as usize) else {
                             return Err(refused(ErrorCode::Protocol, format!("segment {index} does not exist")));
@@ -253,6 +273,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     let applied = applier.await.expect("applier does not panic");
     let busy = applied.map_err(|e| refused(ErrorCode::BadOverlay, e))?;
     let (bytes, _) = result?;
+    let bytes = if device_sends { bytes } else { assembly.stats().bytes_arrived };
     if let Err(e) = written {
         tracing::debug!("writing to the device: {e}");
     }
@@ -264,4 +285,35 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         }
     }
     Ok(Outcome { bytes })
+}
+
+/// Overlay by URL: the cloudlet fetches segments itself, demand fetches first, then the
+/// bulk in overlay order, one range request each. A failure fails the assembly (and with
+/// it the session).
+async fn fetch_from_url(remote: Arc<RemoteOverlay>, mut fetches: mpsc::UnboundedReceiver<u32>, segments: mpsc::Sender<(u32, Vec<u8>)>, assembly: Arc<Assembly>) {
+    let n = remote.manifest.segments.len();
+    let mut done = vec![false; n];
+    let mut next_bulk = 0;
+    loop {
+        let i = match fetches.try_recv() {
+            Ok(i) => i as usize,
+            Err(_) if next_bulk < n => {
+                next_bulk += 1;
+                next_bulk - 1
+            }
+            Err(_) => return,
+        };
+        if i >= n || std::mem::replace(&mut done[i], true) {
+            continue;
+        }
+        let r = remote.clone();
+        match tokio::task::spawn_blocking(move || r.segment(i)).await.expect("no panic") {
+            Ok(data) => {
+                if segments.send((i as u32, data)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => return assembly.fail(format!("fetching the overlay: {e}")),
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! (the bench's baseline, "store and forward"), the whole overlay is received into a file
 //! first and applied from it afterwards.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -51,6 +52,41 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
     tracing::debug!(?report, "overlay applied");
 
     finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
+}
+
+/// The overlay fetched from its URL by the cloudlet: applied while it downloads.
+pub(crate) async fn run_remote(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, remote: std::sync::Arc<forage_remote::RemoteOverlay>) -> Result<Outcome, SessionError> {
+    let start = Instant::now();
+    let digest = overlay_digest(&remote.prefix);
+    let applied = ctx.dir.join("launch");
+    let (base, applied2, accel) = (ctx.base.clone(), applied.clone(), ctx.cloudlet.accel);
+    let report = tokio::task::spawn_blocking(move || {
+        let body = remote.segments_stream().map_err(|e| e.to_string())?;
+        let counted = CountingReader { inner: std::io::Cursor::new(remote.prefix.clone()).chain(body), bytes: 0 };
+        let label = PathBuf::from(&remote.url);
+        let mut reader = counted;
+        let report = forage_synth::apply::apply_into(&mut reader, &label, &base, &applied2, accel).map_err(|e| e.to_string())?;
+        Ok::<_, String>((report, reader.bytes.saturating_sub(remote.prefix.len() as u64)))
+    })
+    .await
+    .expect("apply does not panic");
+    let (report, bytes) = report.map_err(|e| refused(ErrorCode::BadOverlay, e))?;
+    let apply_ms = start.elapsed().as_millis() as u64;
+    finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
+}
+
+/// Counts what passes through.
+struct CountingReader<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
 }
 
 /// Segment `i`, which must come next and be of the manifest's size.

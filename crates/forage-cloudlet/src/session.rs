@@ -125,9 +125,20 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
         return crate::cache::run_cached(stream, &ctx, snapshot).await;
     }
 
-    // Manifest: check it before anything is written.
-    let Message::Manifest { bytes: prefix } = next(stream, cloudlet.peer_wait).await? else {
-        return Err(SessionError::Sequence { expected: "Manifest", got: "another message" });
+    // Manifest (or where to fetch the overlay): check it before anything is written.
+    let (prefix, remote) = match next(stream, cloudlet.peer_wait).await? {
+        Message::Manifest { bytes } => (bytes, None),
+        Message::OverlayUrl { url } => {
+            let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url))
+                .await
+                .expect("no panic")
+                .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+            if !offer.overlay_digest.is_empty() && remote.digest() != offer.overlay_digest {
+                return Err(refused(ErrorCode::BadOverlay, format!("the overlay at {} is not the one offered (digest {})", remote.url, remote.digest())));
+            }
+            (remote.prefix.clone(), Some(std::sync::Arc::new(remote)))
+        }
+        other => return Err(SessionError::Sequence { expected: "Manifest or OverlayUrl", got: other.name() }),
     };
     let manifest = OverlayReader::open(&prefix[..]).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
     if manifest.base.digest != base.digest() {
@@ -136,10 +147,10 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
     if let Some(parent) = &manifest.parent {
         return Err(refused(ErrorCode::BadOverlay, format!("this is a residue of overlay {parent}: merge it into its overlay first")));
     }
-    if early_start {
-        crate::early::run(stream, &ctx, manifest, prefix).await
-    } else {
-        crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await
+    match (early_start, remote) {
+        (true, remote) => crate::early::run(stream, &ctx, manifest, prefix, remote).await,
+        (false, Some(remote)) => crate::pipelined::run_remote(stream, &ctx, manifest, remote).await,
+        (false, None) => crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await,
     }
 }
 

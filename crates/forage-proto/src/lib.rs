@@ -133,6 +133,11 @@ pub enum Message {
         segments_arrived: u32,
         segments: u32,
     },
+    /// Instead of Manifest and segments: the cloudlet fetches the overlay itself from this
+    /// HTTP(S) URL (range requests; demand fetches become out-of-order ranges).
+    OverlayUrl {
+        url: String,
+    },
     /// The device ends the session asking for the instance's residue: its changes against
     /// the launch VM, as an overlay to merge into its own (`forage overlay merge`).
     WantResidue,
@@ -167,6 +172,7 @@ impl Message {
             Message::Usage { .. } => 11,
             Message::WantResidue => 12,
             Message::Residue { .. } => 13,
+            Message::OverlayUrl { .. } => 14,
         }
     }
 
@@ -185,6 +191,7 @@ impl Message {
             Message::Usage { .. } => "Usage",
             Message::WantResidue => "WantResidue",
             Message::Residue { .. } => "Residue",
+            Message::OverlayUrl { .. } => "OverlayUrl",
         }
     }
 }
@@ -230,7 +237,7 @@ pub fn check_len(len: u32) -> Result<(), ProtoError> {
 /// Decode the body of a frame (kind byte + payload; untrusted bytes).
 pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
-    if !(1..=13).contains(&kind) {
+    if !(1..=14).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
     let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
@@ -317,6 +324,7 @@ mod tests {
             Message::Welcome { version: 1, cloudlet: "c".into(), chosen: Some("ab".into()), missing: vec![], cached: true },
             Message::Checkpoint { label: "first-response".into() },
             Message::WantResidue,
+            Message::OverlayUrl { url: "https://example.org/app.ovl".into() },
             Message::Residue { offset: 4096, bytes: vec![1; 100], last: true },
             Message::Usage { label: "first-response".into(), blobs_accessed: 3, blobs: 10, demand_fetches: 2, segments_arrived: 4, segments: 9 },
             Message::Manifest { bytes: b"FORAGEOV".to_vec() },

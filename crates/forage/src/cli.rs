@@ -56,6 +56,8 @@ pub enum Command {
     },
     /// Synthesize an overlay on a cloudlet and print the first response with its breakdown
     Synthesize {
+        /// The overlay: a file, or an http(s):// URL the cloudlet fetches itself (range
+        /// requests; the device only reads the header and manifest)
         file: PathBuf,
         #[arg(long, default_value = "127.0.0.1:7878")]
         cloudlet: std::net::SocketAddr,

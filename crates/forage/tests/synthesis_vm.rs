@@ -65,6 +65,53 @@ impl RawDevice {
     }
 }
 
+/// A minimal HTTP/1.1 server of one file, with byte ranges or without.
+fn serve_file(path: PathBuf, ranges: bool) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let p = path.clone();
+            std::thread::spawn(move || serve_conn(conn, &p, ranges));
+        }
+    });
+    addr
+}
+
+fn serve_conn(mut c: std::net::TcpStream, path: &Path, ranges: bool) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut range = None;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                range = Some(v.trim().to_string());
+            }
+        }
+        let data = std::fs::read(path).unwrap();
+        let (status, body) = match range.filter(|_| ranges) {
+            Some(rg) => {
+                let (a, b) = rg.split_once('-').unwrap();
+                let a: usize = a.parse().unwrap();
+                let b: usize = if b.is_empty() { data.len() - 1 } else { b.parse::<usize>().unwrap().min(data.len() - 1) };
+                ("206 Partial Content", data[a..=b].to_vec())
+            }
+            None => ("200 OK", data),
+        };
+        if write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", body.len()).is_err() || c.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
 struct Fixture {
     data: forage_datadir::DataDir,
     ovl: PathBuf,
@@ -272,6 +319,20 @@ async fn synthesis_modes_cache_and_faults() {
         assert_eq!(field(&report.answer, "served"), served + 4, "the counter carried on: {} then {}", served, report.answer);
         session.close().await;
     }
+    assert_cleaned_up(&f.data).await;
+
+    // Overlay by URL: the cloudlet fetches it itself with range requests.
+    let ranged = serve_file(f.ovl.clone(), true);
+    for early in [true, false] {
+        let url = format!("http://{ranged}/svc.ovl");
+        let (report, session) = forage_client::synthesize_url(&url, addr, &opts("by-url", early)).await.expect("synthesis by URL");
+        assert!(report.answer.starts_with("ok "), "{}", report.answer);
+        assert_eq!(report.bytes_sent, 0, "the device sent no segment");
+        session.close().await;
+    }
+    let plain = serve_file(f.ovl.clone(), false);
+    let err = forage_client::synthesize_url(&format!("http://{plain}/svc.ovl"), addr, &opts("no-ranges", true)).await.err().expect("refused").to_string();
+    assert!(err.contains("does not serve byte ranges"), "{err}");
     assert_cleaned_up(&f.data).await;
 
     // A corrupted segment, with early start and pipelined: refused with the reason.

@@ -111,7 +111,11 @@ pub async fn synthesize_with_progress(
     mut opts: forage_client::SynthesisOptions,
     progress: bool,
 ) -> anyhow::Result<(forage_client::SynthesisReport, forage_client::Session)> {
-    let total = std::fs::metadata(file).with_context(|| format!("overlay {}", file.display()))?.len();
+    let url = file.to_str().filter(|f| f.starts_with("http://") || f.starts_with("https://")).map(str::to_string);
+    let total = match &url {
+        Some(_) => 0, // the cloudlet fetches it: the device sends nothing
+        None => std::fs::metadata(file).with_context(|| format!("overlay {}", file.display()))?.len(),
+    };
     let sent = Arc::new(AtomicU64::new(0));
     opts.sent = Some(sent.clone());
     let bar = indicatif::ProgressBar::new(total);
@@ -129,7 +133,10 @@ pub async fn synthesize_with_progress(
             }
         })
     };
-    let result = forage_client::synthesize(file, cloudlet, &opts).await;
+    let result = match &url {
+        Some(url) => forage_client::synthesize_url(url, cloudlet, &opts).await,
+        None => forage_client::synthesize(file, cloudlet, &opts).await,
+    };
     ticker.abort();
     bar.finish_and_clear();
     Ok(result?)
