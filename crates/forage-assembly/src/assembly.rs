@@ -66,6 +66,9 @@ struct SpaceFiles {
     size: u64,
 }
 
+/// Chunks in first-read order, and which were seen (per space).
+type AccessLog = (Vec<(Space, u64)>, [Vec<bool>; 2]);
+
 struct Inner {
     chunks: [Vec<ChunkState>; 2],
     arrived: Vec<bool>,
@@ -76,7 +79,7 @@ struct Inner {
     failed: Option<String>,
     stats: AssemblyStats,
     /// Profiling: chunks in the order the VM first read them.
-    access_log: Option<(Vec<(Space, u64)>, [Vec<bool>; 2])>,
+    access_log: Option<AccessLog>,
 }
 
 pub struct Assembly {

@@ -187,14 +187,14 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         let state = tokio::task::spawn_blocking(move || a.wait_device_state(Duration::from_secs(3600))).await.expect("no panic").map_err(internal)?;
         let launch = ctx.dir.join("launch");
         std::fs::create_dir_all(&launch).map_err(internal)?;
-        let spec = forage_synth::apply::launch_spec(&manifest, &ctx.base, &PathBuf::from("from the device")).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+        let spec = forage_synth::apply::launch_spec(manifest, &ctx.base, &PathBuf::from("from the device")).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
         // The snapshot names its files inside its folder: links to the mount's files.
         let (memory, disk) = (launch.join(forage_assembly::MEMORY_FILE), launch.join(forage_assembly::DISK_FILE));
         std::os::unix::fs::symlink(mount.memory_path(), &memory).map_err(internal)?;
         std::os::unix::fs::symlink(mount.disk_path(), &disk).map_err(internal)?;
         let state_copy = launch.join(forage_vm::snapshot::STATE_FILE);
         std::fs::copy(&state, &state_copy).map_err(internal)?;
-        forage_synth::apply::write_launch_snapshot(&launch, &manifest, spec, &memory, &disk, &state_copy, cloudlet.accel).map_err(internal)?;
+        forage_synth::apply::write_launch_snapshot(&launch, manifest, spec, &memory, &disk, &state_copy, cloudlet.accel).map_err(internal)?;
         let snap = Snapshot::open(&launch).map_err(internal)?;
         let instance = resume(ctx, &snap, manifest.service.as_ref(), true).await?;
         let _ = ready_tx.send(Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms });

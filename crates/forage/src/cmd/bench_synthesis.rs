@@ -165,7 +165,7 @@ fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<
 
 fn print_table(rows: &[Value]) {
     println!("VM synthesis over an emulated WAN (tc tbf), bench app, overlay in access order:");
-    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   {}", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer", "accessed at 1st response");
+    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   accessed at 1st response", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer");
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         let accessed = match (r["accessed_fraction"].as_f64(), r["usage"]["demand_fetches"].as_u64()) {
