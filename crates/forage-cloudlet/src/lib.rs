@@ -118,6 +118,7 @@ pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::R
         tokio::spawn(async move {
             match session(stream, &c).await {
                 Ok(()) => tracing::info!(%peer, "session ended"),
+                Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
                 Err(e) => tracing::warn!(%peer, "session failed: {e}"),
             }
         });

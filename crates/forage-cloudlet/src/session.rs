@@ -27,6 +27,8 @@ pub enum SessionError {
     Proto(#[from] ProtoError),
     #[error("device broke the sequence: expected {expected}, got {got}")]
     Sequence { expected: &'static str, got: &'static str },
+    #[error("connection closed before Hello (a reachability probe)")]
+    NoHello,
     #[error("device went silent for {0:?}")]
     Timeout(Duration),
     #[error("{code:?}: {message}")]
@@ -92,7 +94,11 @@ pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), S
 
 async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Outcome, SessionError> {
     // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
-    let Message::Hello { versions, device, offers, early_start, store_and_forward } = next(stream, cloudlet.peer_wait).await? else {
+    let hello = match next(stream, cloudlet.peer_wait).await {
+        Err(SessionError::Proto(ProtoError::Closed)) => return Err(SessionError::NoHello),
+        other => other?,
+    };
+    let Message::Hello { versions, device, offers, early_start, store_and_forward } = hello else {
         return Err(SessionError::Sequence { expected: "Hello", got: "another message" });
     };
     let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;

@@ -53,14 +53,27 @@ pub enum Command {
         /// Do not keep launch VMs for later syntheses of the same overlay
         #[arg(long)]
         no_cache: bool,
+        /// Do not announce the cloudlet on the local network (mDNS, `_cloudlet._tcp`)
+        #[arg(long)]
+        no_advertise: bool,
+    },
+    /// List the cloudlets announcing themselves on the local network (mDNS `_cloudlet._tcp`)
+    Discover {
+        /// How long to listen for answers
+        #[arg(long, default_value_t = 3.0, value_name = "S")]
+        timeout: f64,
+        #[arg(long)]
+        json: bool,
     },
     /// Synthesize an overlay on a cloudlet and print the first response with its breakdown
     Synthesize {
         /// The overlay: a file, or an http(s):// URL the cloudlet fetches itself (range
         /// requests; the device only reads the header and manifest)
         file: PathBuf,
+        /// Cloudlet address, or `auto`: the best one announcing itself on the local network
+        /// (holds the overlay's base; fewest instances per core; shortest round trip)
         #[arg(long, default_value = "127.0.0.1:7878")]
-        cloudlet: std::net::SocketAddr,
+        cloudlet: String,
         /// Keep the instance until Ctrl-C (otherwise it is released after the first response)
         #[arg(long)]
         hold: bool,

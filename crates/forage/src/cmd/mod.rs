@@ -23,9 +23,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
-        Command::Serve { listen, service_addr, name, api, no_api, no_cache } => synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache).await,
+        Command::Serve { listen, service_addr, name, api, no_api, no_cache, no_advertise } => {
+            synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache, !no_advertise).await
+        }
+        Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
             let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, ..Default::default() };
+            let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
         Command::Demo(a) => demo::run(&data, a).await,

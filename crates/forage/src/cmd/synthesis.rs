@@ -37,7 +37,8 @@ impl forage_api::Control for DaemonControl {
     }
 }
 
-pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool) -> anyhow::Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool, advertise: bool) -> anyhow::Result<()> {
     let service_addr = match (service_addr, listen.ip()) {
         (Some(a), _) => a,
         (None, IpAddr::V4(a)) if !a.is_unspecified() => a,
@@ -60,6 +61,29 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
             }
         });
     }
+    let _advertiser = match advertise {
+        true => {
+            let bases = forage_synth::BaseVm::list(data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect();
+            let ad = forage_discovery::Advertisement {
+                name: cloudlet.name.clone(),
+                addr: SocketAddr::new(IpAddr::V4(service_addr), listen.port()),
+                http_port: api.map(|a| a.port()),
+                bases,
+                services: Vec::new(),
+                load: cloudlet.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
+                free_mem_mib: free_memory_mib(),
+                cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            };
+            match forage_discovery::advertise(&ad) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("not announced on the local network: {e}");
+                    None
+                }
+            }
+        }
+        false => None,
+    };
     tokio::select! {
         r = forage_cloudlet::serve(listener, cloudlet) => r.context("accepting devices")?,
         _ = tokio::signal::ctrl_c() => eprintln!("cloudlet stopping"),
@@ -164,4 +188,58 @@ pub fn print_report(r: &forage_client::SynthesisReport) {
         );
     }
     println!("  service at {} answered: {}", r.endpoint, r.answer);
+}
+
+fn free_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+/// `forage discover`.
+pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
+    let wait = Duration::from_secs_f64(timeout.clamp(0.1, 600.0));
+    let found = tokio::task::spawn_blocking(move || forage_discovery::discover(wait)).await??;
+    if json {
+        super::print_json(&found);
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("no cloudlet answered within {timeout} s");
+    }
+    for f in &found {
+        let rtt = f.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "unreachable".into());
+        println!(
+            "{:<20} {:<22} rtt {:<11} load {} | {} cores, {} MiB free | bases {} | http {}",
+            f.ad.name,
+            f.ad.addr,
+            rtt,
+            f.ad.load,
+            f.ad.cores,
+            f.ad.free_mem_mib,
+            if f.ad.bases.is_empty() { "-".into() } else { f.ad.bases.join(",") },
+            f.ad.http_port.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}
+
+/// `--cloudlet ADDR|auto`: with `auto`, discover for 2 s and pick by the default utility
+/// (the overlay's base held, load, round trip).
+pub async fn resolve_cloudlet(arg: &str, overlay: &Path) -> anyhow::Result<SocketAddr> {
+    if arg != "auto" {
+        return arg.parse().with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
+    }
+    let base = match overlay.to_str().filter(|f| f.starts_with("http://") || f.starts_with("https://")) {
+        Some(_) => None, // read by the cloudlet; any cloudlet may be asked
+        None => Some(forage_client::OverlayFile::open(overlay).await?.manifest.base.digest),
+    };
+    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2))).await??;
+    let need = forage_discovery::Need { base: base.map(|d| forage_synth::package::short(&d).to_string()), service: None };
+    let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility)
+        .with_context(|| format!("--cloudlet auto: none of the {} cloudlets that answered holds the overlay's base and is reachable", found.len()))?;
+    eprintln!("cloudlet auto: {} at {} (of {} found)", best.ad.name, best.ad.addr, found.len());
+    Ok(best.ad.addr)
 }
