@@ -124,6 +124,10 @@ impl VmSpec {
         a.pair("-name", format!("{},debug-threads=on", self.name));
         a.flag("-nodefaults");
         a.flag("-no-user-config");
+        // Least privilege: seccomp denies obsolete system calls, privilege changes and
+        // resource control. Spawning stays allowed: saves and restores run `cat` through
+        // QEMU's `exec:` migration URI.
+        a.pair("-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny");
         a.pair("-display", "none");
         a.pair(
             "-machine",
