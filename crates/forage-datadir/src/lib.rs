@@ -91,6 +91,11 @@ impl DataDir {
         Ok(self.bases().join(checked_name(name)?))
     }
 
+    /// The service VM repository (`forage service`), one folder per service id.
+    pub fn services(&self) -> PathBuf {
+        self.root.join("services")
+    }
+
     /// Scratch space for work in progress (launch VMs, profiling runs).
     pub fn work(&self) -> PathBuf {
         self.root.join("work")

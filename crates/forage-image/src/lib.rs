@@ -32,6 +32,9 @@ pub const READY_MARKER: &str = "FORAGE-READY";
 pub const AGENT_PORT: u16 = forage_agent::AGENT_PORT;
 /// The only image recipe so far.
 pub const TINY: &str = "tiny";
+/// The operating system forage guest images run (Debian's kernel, busybox, x86-64): what
+/// service VMs and packed applications name to be matched.
+pub const GUEST_OS: &str = "linux-x86_64";
 
 const INIT_SCRIPT: &str = include_str!("../guest/init.sh");
 const KERNEL_META: &str = "linux-image-cloud-amd64";

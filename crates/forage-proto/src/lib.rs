@@ -24,6 +24,9 @@
 //!     D->>C: Bye | WantResidue
 //!     C->>D: Residue {offset, bytes, last}...   (after WantResidue: the instance's changes)
 //!     Note over D,C: either side may send Error {code, message} and close
+//!     Note over D,C: other mechanisms: Hello without offers, Welcome, then
+//!     D->>C: Provision {cached VM | push | script | app package}
+//!     C->>D: Ready {endpoint}   (then the same Checkpoint/Bye lifecycle)
 //! ```
 //!
 //! Documented in `docs/synthesis-protocol.md`.
@@ -63,6 +66,58 @@ pub enum ErrorCode {
     Internal,
     /// The peer did not answer in time.
     Timeout,
+    /// The service, app or guest OS asked for is not held by this cloudlet.
+    NotFound,
+    /// Provisioning failed: the script failed or ran over its limit, the app package is
+    /// incomplete or for another OS.
+    Provision,
+    /// The instance was stopped for want of use (no traffic for the idle timeout).
+    Idle,
+}
+
+/// How a device asks for a service without an overlay (the other four mechanisms of
+/// tactical cloudlets). Every one yields a transient instance with the same lifecycle as
+/// a synthesized one: it stops when the device closes the session or after an idle timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum Provision {
+    /// Cached VM: start a copy-on-write instance of a service VM the cloudlet holds;
+    /// `join` shares a running instance of it if there is one.
+    CachedVm {
+        service: String,
+        #[serde(default)]
+        join: bool,
+    },
+    /// Cloudlet push: the device took client app `app` from the cloudlet's app store;
+    /// start the app's service.
+    Push { app: String },
+    /// On-demand provisioning: run `script` (sh) inside a transient copy of the baseline
+    /// VM of `os`, at most `timeout_s` seconds; the service then listens on `port`.
+    Script {
+        os: String,
+        port: u16,
+        #[serde(with = "serde_bytes")]
+        script: Vec<u8>,
+        timeout_s: u32,
+    },
+    /// Application virtualization: deploy a packed application (`forage app pack`) into a
+    /// transient copy of a VM whose OS matches the package's.
+    App {
+        #[serde(with = "serde_bytes")]
+        package: Vec<u8>,
+    },
+}
+
+impl Provision {
+    /// The mechanism's name in records, logs and the bench.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            Provision::CachedVm { .. } => "cached_vm",
+            Provision::Push { .. } => "cloudlet_push",
+            Provision::Script { .. } => "on_demand",
+            Provision::App { .. } => "app_virtualization",
+        }
+    }
 }
 
 /// Every message of version 1.
@@ -138,6 +193,10 @@ pub enum Message {
     OverlayUrl {
         url: String,
     },
+    /// After a Hello without offers: what to provision instead of synthesizing.
+    Provision {
+        request: Provision,
+    },
     /// The device ends the session asking for the instance's residue: its changes against
     /// the launch VM, as an overlay to merge into its own (`forage overlay merge`).
     WantResidue,
@@ -173,6 +232,7 @@ impl Message {
             Message::WantResidue => 12,
             Message::Residue { .. } => 13,
             Message::OverlayUrl { .. } => 14,
+            Message::Provision { .. } => 15,
         }
     }
 
@@ -192,6 +252,7 @@ impl Message {
             Message::WantResidue => "WantResidue",
             Message::Residue { .. } => "Residue",
             Message::OverlayUrl { .. } => "OverlayUrl",
+            Message::Provision { .. } => "Provision",
         }
     }
 }
@@ -237,7 +298,7 @@ pub fn check_len(len: u32) -> Result<(), ProtoError> {
 /// Decode the body of a frame (kind byte + payload; untrusted bytes).
 pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
-    if !(1..=14).contains(&kind) {
+    if !(1..=15).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
     let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
@@ -333,6 +394,11 @@ mod tests {
             Message::Ready { endpoint: "127.0.0.1:4000".into(), resumed_after_ms: 1500 },
             Message::Complete { segments: 10, bytes: 12345, apply_ms: 80, decompress_ms: 20 },
             Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
+            Message::Provision { request: Provision::CachedVm { service: "hashsearch".into(), join: true } },
+            Message::Provision { request: Provision::Push { app: "hashsearch-client".into() } },
+            Message::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30 } },
+            Message::Provision { request: Provision::App { package: vec![0x28, 0xb5, 0x2f, 0xfd] } },
+            Message::Error { code: ErrorCode::Idle, message: "idle".into() },
             Message::Bye,
         ]
     }

@@ -11,15 +11,13 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forage_assembly::{Assembly, Mount};
 use forage_datadir::DataDir;
-use forage_format::manifest::{BaseRef, DeviceState, Stats};
-use forage_format::{Manifest, Order, Space, CHUNK_SIZE};
+use forage_format::Space;
 use forage_vm::{Accel, RestoreOptions, Snapshot, Vm};
 
+use crate::cow::CowView;
 use crate::launch::AccessProfile;
 use crate::SynthError;
 
@@ -27,52 +25,16 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
     move |source| SynthError::Io { path: p.to_path_buf(), source }
 }
 
-/// A manifest that changes nothing: the assembly then serves `launch`'s own files.
-fn identity_manifest(launch: &Snapshot) -> Manifest {
-    let m = launch.manifest();
-    Manifest {
-        format: forage_format::OVERLAY_FORMAT,
-        base: BaseRef { digest: String::new(), name: "launch VM".into() },
-        parent: None,
-        disk_size: m.disks[0].size,
-        memory_size: m.memory.size,
-        chunk_size: CHUNK_SIZE as u32,
-        chunks: Vec::new(),
-        blobs: Vec::new(),
-        segments: Vec::new(),
-        order: Order::Offset,
-        device_state: DeviceState { segment: 0, size: 0, sha256: String::new() },
-        vm: serde_json::Value::Null,
-        service: None,
-        stats: Stats::default(),
-        created_unix: 0,
-        creator: String::new(),
-    }
-}
-
 pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agent::app::AppManifest, accel: Accel, work: &Path) -> Result<AccessProfile, SynthError> {
     let dir = work.join("profile");
     let _ = std::fs::remove_dir_all(&dir);
-    let (files, mnt, snap_dir, run) = (dir.join("assembly"), dir.join("mnt"), dir.join("launch"), dir.join("run"));
-    for d in [&files, &mnt, &snap_dir, &run] {
-        DataDir::ensure(d)?;
-    }
-    let assembly = Arc::new(
-        Assembly::new(identity_manifest(launch), &launch.memory_path(), &launch.disk_paths()[0], &files, Box::new(|_| {}))
-            .map_err(|e| SynthError::BadFile { path: launch.dir().to_path_buf(), detail: e.to_string() })?,
-    );
+    let run = dir.join("run");
+    DataDir::ensure(&run)?;
+    let view = CowView::mount(launch, &dir.join("view"), 4096)?;
+    let assembly = view.assembly.clone();
     assembly.start_profiling();
-    let mount = Mount::new(assembly.clone(), &mnt, 4096).map_err(|e| SynthError::BadFile { path: mnt.clone(), detail: e.to_string() })?;
     let result = async {
-        // The launch snapshot, with its memory and disk replaced by links to the mount.
-        let m = launch.manifest();
-        for (name, target) in [(&m.memory.file, mount.memory_path()), (&m.disks[0].file, mount.disk_path())] {
-            std::os::unix::fs::symlink(&target, snap_dir.join(name)).map_err(io(&snap_dir))?;
-        }
-        for name in [&m.state.file, &forage_vm::snapshot::MANIFEST_FILE.to_string()] {
-            std::fs::copy(launch.dir().join(name), snap_dir.join(name)).map_err(io(&snap_dir))?;
-        }
-        let snap = Snapshot::open(&snap_dir)?;
+        let snap = &view.snapshot;
         let qmp = data.runtime_dir().join(format!("profile-{}.qmp", std::process::id()));
         let forwards = forage_image::loopback_forwards([forage_agent::AGENT_PORT, app.port]).map_err(io(Path::new("127.0.0.1")))?;
         let app_port = forwards[1].host_port;
@@ -81,7 +43,7 @@ pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agen
         spec.disks[0].path = snap.disk_paths()[0].clone();
         let start = Instant::now();
         let opts = RestoreOptions { copy_disks: false, evict_cache: false };
-        let vm = Vm::restore_with(&snap, spec, accel, &run.join("qemu.log"), opts).await?;
+        let vm = Vm::restore_with(snap, spec, accel, &run.join("qemu.log"), opts).await?;
         let line = app.probe.clone().unwrap_or_else(|| "\n".to_string());
         let answer = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
@@ -105,8 +67,7 @@ pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agen
         Ok(AccessProfile { memory: pick(Space::Memory), disk: pick(Space::Disk), first_response, answer })
     }
     .await;
-    assembly.fail("profiling done");
-    drop(mount);
+    drop(view);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
