@@ -26,3 +26,7 @@ guest:
 	cp target/$(GUEST_TARGET)/release/forage-agent $(GUEST_OUT)/forage-agent
 	cp target/$(GUEST_TARGET)/release/hashsearch $(GUEST_OUT)/apps/hashsearch/hashsearch
 	cp apps/hashsearch/pkg/app.json $(GUEST_OUT)/apps/hashsearch/app.json
+	# The same service linked dynamically (glibc): the sample for `forage app pack`.
+	cargo build --release --locked -p hashsearch
+	mkdir -p $(GUEST_OUT)/apps/hashsearch-dynamic
+	cp target/release/hashsearch $(GUEST_OUT)/apps/hashsearch-dynamic/hashsearch

@@ -39,7 +39,7 @@ pub use error::ApiError;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
-    BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
+    AppInfo, AppList, ServiceInfo, ServiceList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
     InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
     SessionsQuery, StatusView,
 };
@@ -56,6 +56,12 @@ pub trait Control: Send + Sync + 'static {
     /// Removes a launch-cache entry's files, refusing if a running instance still uses
     /// them. The API then forgets the entry with `State::cache_remove`.
     fn evict_cache(&self, overlay_digest: &str) -> Result<(), String>;
+    /// The service VMs held here.
+    fn services(&self) -> Vec<ServiceInfo>;
+    /// The app store, for one device platform (and `any`) or all.
+    fn apps(&self, platform: Option<&str>) -> Vec<AppInfo>;
+    /// A client app's description and file contents; `None` if there is no such app.
+    fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)>;
 }
 
 /// What every route can reach.
@@ -100,11 +106,14 @@ impl ApiContext {
         title = "forage cloudlet API",
         version = "1.0.0",
         description = "Management API of a forage cloudlet: status, base VMs, synthesis \
-                       sessions, launch VMs, launch cache, metrics."
+                       sessions, launch VMs, launch cache, service VMs, app store, metrics."
     ),
     paths(
         routes::status,
         routes::bases,
+        routes::services,
+        routes::apps,
+        routes::app_file,
         routes::sessions,
         routes::instances,
         routes::stop_instance,
@@ -118,6 +127,7 @@ impl ApiContext {
         (name = "sessions", description = "Synthesis sessions"),
         (name = "instances", description = "Launch VMs"),
         (name = "cache", description = "The launch cache"),
+        (name = "apps", description = "The app store: client apps for the services held here"),
     )
 )]
 struct ApiDoc;
@@ -132,6 +142,9 @@ pub fn router(ctx: ApiContext) -> Router {
     Router::new()
         .route("/v1/status", get(routes::status))
         .route("/v1/bases", get(routes::bases))
+        .route("/v1/services", get(routes::services))
+        .route("/v1/apps", get(routes::apps))
+        .route("/v1/apps/{id}", get(routes::app_file))
         .route("/v1/sessions", get(routes::sessions))
         .route("/v1/instances", get(routes::instances))
         .route("/v1/instances/{id}", delete(routes::stop_instance))

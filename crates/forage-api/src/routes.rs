@@ -8,7 +8,7 @@ use axum::Json;
 
 use crate::error::ApiError;
 use crate::views::{
-    BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
+    AppInfo, AppList, AppsQuery, BaseList, ServiceList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
     SessionList, SessionsQuery, StatusView,
 };
 use crate::{metrics, ApiContext};
@@ -50,6 +50,49 @@ pub async fn bases(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<BaseList> {
     let control = ctx.control.clone();
     let bases = blocking(move || control.bases()).await?;
     Ok(Json(BaseList { bases }))
+}
+
+/// The service VMs this cloudlet holds (cached-VM offload, app store, baselines).
+#[utoipa::path(
+    get, path = "/v1/services", tag = "cloudlet",
+    responses((status = 200, description = "Services held here", body = ServiceList))
+)]
+pub async fn services(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<ServiceList> {
+    let control = ctx.control.clone();
+    let services = blocking(move || control.services()).await?;
+    Ok(Json(ServiceList { services }))
+}
+
+/// The app store: client apps for the services held here.
+#[utoipa::path(
+    get, path = "/v1/apps", tag = "apps", params(AppsQuery),
+    responses((status = 200, description = "Client apps", body = AppList))
+)]
+pub async fn apps(Ctx(ctx): Ctx<ApiContext>, query: Result<Query<AppsQuery>, QueryRejection>) -> ApiResult<AppList> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let control = ctx.control.clone();
+    let apps = blocking(move || control.apps(q.platform.as_deref())).await?;
+    Ok(Json(AppList { apps }))
+}
+
+/// Download a client app's file (its SHA-256 is in the listing and in a header).
+#[utoipa::path(
+    get, path = "/v1/apps/{id}", tag = "apps",
+    params(("id" = String, Path, description = "App id")),
+    responses(
+        (status = 200, description = "The app's file", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 404, description = "No such app", body = ErrorBody),
+    )
+)]
+pub async fn app_file(Ctx(ctx): Ctx<ApiContext>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    let control = ctx.control.clone();
+    let wanted = id.clone();
+    let (info, bytes): (AppInfo, Vec<u8>) = blocking(move || control.app_file(&wanted)).await?.ok_or(ApiError::NotFound { kind: "app", id })?;
+    let disposition = format!("attachment; filename=\"{}\"", info.file);
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_DISPOSITION, disposition), (header::HeaderName::from_static("x-forage-sha256"), info.sha256)],
+        bytes,
+    ))
 }
 
 /// The most recent synthesis sessions, newest first.

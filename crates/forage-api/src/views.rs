@@ -62,6 +62,59 @@ pub enum SessionMode {
     Pipelined,
     EarlyStart,
     Cached,
+    CachedVm,
+    CloudletPush,
+    OnDemand,
+    AppVirtualization,
+}
+
+/// A service VM held here (a baseline VM has no port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceInfo {
+    #[schema(example = "hashsearch")]
+    pub id: String,
+    #[schema(example = "linux-x86_64")]
+    pub os: String,
+    /// Guest port of the service; none for a baseline VM.
+    pub port: Option<u16>,
+    pub description: String,
+    /// Ids of its client apps in the app store.
+    pub client_apps: Vec<String>,
+}
+
+/// The service VMs this cloudlet holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceList {
+    pub services: Vec<ServiceInfo>,
+}
+
+/// A client app in the cloudlet's app store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AppInfo {
+    #[schema(example = "hashsearch-client")]
+    pub id: String,
+    /// The service it uses.
+    pub service: String,
+    /// Device platform (`linux-x86_64`...) or `any`.
+    pub platform: String,
+    pub file: String,
+    pub size: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+}
+
+/// The app store, filtered by platform if asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AppList {
+    pub apps: Vec<AppInfo>,
+}
+
+/// Query of `GET /v1/apps`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AppsQuery {
+    /// Only apps for this device platform (and those for `any`).
+    pub platform: Option<String>,
 }
 
 /// Where a session is.
@@ -172,6 +225,10 @@ impl From<forage_state::SessionMode> for SessionMode {
             forage_state::SessionMode::Pipelined => SessionMode::Pipelined,
             forage_state::SessionMode::EarlyStart => SessionMode::EarlyStart,
             forage_state::SessionMode::Cached => SessionMode::Cached,
+            forage_state::SessionMode::CachedVm => SessionMode::CachedVm,
+            forage_state::SessionMode::CloudletPush => SessionMode::CloudletPush,
+            forage_state::SessionMode::OnDemand => SessionMode::OnDemand,
+            forage_state::SessionMode::AppVirtualization => SessionMode::AppVirtualization,
         }
     }
 }

@@ -32,6 +32,19 @@ async fn bases_come_from_the_daemon() {
 }
 
 #[tokio::test]
+async fn the_app_store_lists_and_serves_client_apps() {
+    let fx = fixture();
+    let v: forage_api::ServiceList = serde_json::from_value(call(&fx.router, Method::GET, "/v1/services").await.json()).unwrap();
+    assert_eq!(v.services[0].client_apps, ["hs-client"]);
+    let apps: forage_api::AppList = serde_json::from_value(call(&fx.router, Method::GET, "/v1/apps?platform=linux-x86_64").await.json()).unwrap();
+    assert_eq!(apps.apps[0].id, "hs-client");
+    let file = call(&fx.router, Method::GET, "/v1/apps/hs-client").await;
+    assert_eq!(file.text(), "hello");
+    let missing = call(&fx.router, Method::GET, "/v1/apps/nope").await;
+    assert_eq!(missing.status, axum::http::StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn sessions_are_listed_newest_first_up_to_the_limit() {
     let fx = fixture();
     let all: forage_api::SessionList =

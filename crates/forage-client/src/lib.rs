@@ -8,7 +8,10 @@
 //! overlay until then (Checkpoint/Usage), waits for Complete and reports the breakdown.
 //! The session (and the VM on the cloudlet) lives until [`Session::close`] or drop.
 
+mod provision;
 mod sender;
+
+pub use provision::{provision, ProvisionReport, Provisioned};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -374,7 +377,7 @@ async fn next_event(events: &mut mpsc::UnboundedReceiver<(Message, Instant)>, ad
 }
 
 /// Send `line` to the service, retrying the connection while the guest's service comes up.
-async fn first_response(endpoint: String, line: String) -> Result<String, ClientError> {
+pub(crate) async fn first_response(endpoint: String, line: String) -> Result<String, ClientError> {
     let endpoint = endpoint.as_str();
     let addr: SocketAddr = endpoint.parse().map_err(|_| ClientError::Service { endpoint: endpoint.into(), detail: "no usable endpoint".into() })?;
     tokio::task::spawn_blocking(move || {

@@ -196,7 +196,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         std::fs::copy(&state, &state_copy).map_err(internal)?;
         forage_synth::apply::write_launch_snapshot(&launch, manifest, spec, &memory, &disk, &state_copy, cloudlet.accel).map_err(internal)?;
         let snap = Snapshot::open(&launch).map_err(internal)?;
-        let instance = resume(ctx, &snap, manifest.service.as_ref(), true).await?;
+        let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], true).await?;
         let _ = ready_tx.send(Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms });
         tracing::info!(session = %ctx.id, after_ms = start.elapsed().as_millis() as u64, stats = ?assembly.stats(), "early start: VM resumed");
         Ok::<Instance, SessionError>(instance)
@@ -244,7 +244,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
                     let _ = out_tx.send(Message::Complete { segments: s.segments, bytes: s.bytes_arrived, apply_ms, decompress_ms: 0 });
                     tracing::info!(session = %ctx.id, apply_ms, stats = ?s, "early start: every segment applied");
                 }
-                _ = instance.stop.notified() => break Err(refused(ErrorCode::Internal, "the cloudlet's operator stopped this instance")),
+                _ = instance.stop.notified() => break Err(instance.stop.error()),
             }
         };
         drop(out_tx);

@@ -10,15 +10,24 @@
 //!   files assembled on demand over FUSE (`forage-assembly`); reads of chunks not yet here
 //!   fetch their segment out of order while the bulk stream goes on.
 //!
-//! The launch VM resumes with its service port forwarded and the device gets the endpoint.
-//! The instance lives until the device says Bye or goes away (or an operator stops it);
-//! then the VM is stopped, its files removed, and the launch VM kept in the cache.
+//! A device that offers no overlay asks for one of the other four mechanisms of tactical
+//! cloudlets instead ([`provision`]): a cached service VM, a service behind a client app
+//! of the app store, an on-demand provisioning script, or a packed application. They all
+//! run as copy-on-write instances of VMs the cloudlet holds.
+//!
+//! Every instance, whatever the mechanism, resumes with its service port relayed on the
+//! cloudlet's service address and the device gets that endpoint. It lives until the
+//! device says Bye or goes away, an operator stops it, or its service sees no traffic for
+//! the idle timeout; then the VM is stopped and its files removed (a synthesized launch VM
+//! is kept in the cache).
 //! Sessions and instances are recorded in the daemon's SQLite state (`forage-state`).
 
 mod cache;
 mod early;
 mod pipe;
 mod pipelined;
+mod provision;
+mod proxy;
 mod residue;
 mod session;
 
@@ -30,6 +39,7 @@ use std::time::Duration;
 use forage_datadir::DataDir;
 use forage_vm::Accel;
 use tokio::net::TcpListener;
+use forage_proto::ErrorCode;
 use tokio::sync::Notify;
 
 pub use cache::LaunchCache;
@@ -49,8 +59,44 @@ pub struct Cloudlet {
     pub peer_wait: Duration,
     /// Kernel readahead on early-start files: the granularity of demand fetching.
     pub readahead: u32,
-    /// Running instances by session id: notified to stop one.
-    instances: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Service VMs, baseline VMs and the app store (the other provisioning mechanisms).
+    pub services: forage_service::Repository,
+    /// An instance whose service saw no traffic this long is stopped (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Longest an on-demand provisioning script may ask for.
+    pub max_script_time: Duration,
+    /// Running instances by session id: asked to stop one.
+    instances: Mutex<HashMap<String, Arc<Stop>>>,
+    /// Joinable cached-VM instances by service id.
+    pub(crate) shared: Mutex<HashMap<String, Arc<provision::SharedInstance>>>,
+}
+
+/// Asks a running instance to end, with the reason its device is given.
+pub(crate) struct Stop {
+    notify: Notify,
+    why: Mutex<Option<(ErrorCode, String)>>,
+}
+
+impl Stop {
+    fn new() -> Self {
+        Self { notify: Notify::new(), why: Mutex::new(None) }
+    }
+
+    /// The first reason wins.
+    pub fn request(&self, code: ErrorCode, why: impl Into<String>) {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((code, why.into()));
+        self.notify.notify_one();
+    }
+
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    pub fn error(&self) -> SessionError {
+        let (code, message) = self.why.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or((ErrorCode::Internal, "instance stopped".into()));
+        tracing::info!("instance stopped: {message}");
+        SessionError::Refused { code, message }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +120,7 @@ impl Cloudlet {
         }
         session::sweep_dead_sessions(&data.work());
         let cache = Arc::new(LaunchCache::new(data.launch_cache(), state.clone()));
+        let services = forage_service::Repository::new(&data);
         Ok(Self {
             name,
             data,
@@ -83,23 +130,27 @@ impl Cloudlet {
             cache,
             peer_wait: Duration::from_secs(30),
             readahead: 16 << 10,
+            services,
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_script_time: Duration::from_secs(600),
             instances: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
         })
     }
 
     /// Ask the running instance of session `id` to stop; false if there is none.
     pub fn stop_instance(&self, id: &str) -> bool {
         match self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            Some(n) => {
-                n.notify_one();
+            Some(s) => {
+                s.request(ErrorCode::Internal, "the cloudlet's operator stopped this instance");
                 true
             }
             None => false,
         }
     }
 
-    fn register(&self, id: &str) -> Arc<Notify> {
-        let n = Arc::new(Notify::new());
+    fn register(&self, id: &str) -> Arc<Stop> {
+        let n = Arc::new(Stop::new());
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), n.clone());
         n
     }

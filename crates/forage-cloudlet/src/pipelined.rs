@@ -142,7 +142,7 @@ async fn finish(
     decompress: std::time::Duration,
 ) -> Result<Outcome, SessionError> {
     let snap = Snapshot::open(applied).map_err(internal)?;
-    let instance = resume(ctx, &snap, manifest.service.as_ref(), false).await?;
+    let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], false).await?;
     let served = async {
         write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
         let decompress_ms = decompress.as_millis() as u64;

@@ -12,9 +12,10 @@ use forage_proto::{negotiate, ErrorCode, Message, ProtoError, VERSION_MAX, VERSI
 use forage_state::{NewInstance, NewSession, SessionMode};
 use forage_synth::BaseVm;
 use forage_vm::{PortForward, RestoreOptions, Snapshot, Vm, VmSpec};
+
+use crate::proxy::ServiceProxy;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use crate::residue::Ending;
 use crate::Cloudlet;
@@ -111,6 +112,16 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
         &Message::Welcome { version, cloudlet: cloudlet.name.clone(), chosen: chosen.map(|(_, b)| b.digest().to_string()), missing, cached: cached.is_some() },
     )
     .await?;
+    if offers.is_empty() {
+        // No overlay: one of the other provisioning mechanisms.
+        let request = match next(stream, cloudlet.peer_wait).await? {
+            Message::Provision { request } => request,
+            other => return Err(SessionError::Sequence { expected: "Provision", got: other.name() }),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+        let place = Place { cloudlet, id, dir, started: Instant::now() };
+        return crate::provision::run(stream, place, &device, request).await;
+    }
     let Some((offer, base)) = chosen else {
         return Err(refused(ErrorCode::NoBase, "none of the offered bases is held here"));
     };
@@ -166,24 +177,54 @@ pub(crate) fn overlay_digest(prefix: &[u8]) -> String {
     hex::encode(&prefix[24..56])
 }
 
-/// A resumed launch VM and where its service answers.
-pub(crate) struct Instance {
-    pub vm: Vm,
-    pub endpoint: String,
-    pub resumed_after_ms: u64,
-    pub stop: std::sync::Arc<Notify>,
+/// Where an instance lives: what [`resume`] needs of its session.
+#[derive(Clone, Copy)]
+pub(crate) struct Place<'a> {
+    pub cloudlet: &'a Cloudlet,
+    pub id: &'a str,
+    pub dir: &'a Path,
+    pub started: Instant,
 }
 
-/// Resume `snap` with the service forwarded. `spec` overrides where memory and disk are
-/// (early start: the assembly's files, used in place); otherwise they are copied into
-/// the session's run folder.
-pub(crate) async fn resume(ctx: &Ctx<'_>, snap: &Snapshot, service: Option<&forage_format::manifest::Service>, in_place: bool) -> Result<Instance, SessionError> {
-    let cloudlet = ctx.cloudlet;
-    let run = ctx.dir.join("run");
+impl Ctx<'_> {
+    pub fn place(&self) -> Place<'_> {
+        Place { cloudlet: self.cloudlet, id: &self.id, dir: &self.dir, started: self.started }
+    }
+}
+
+/// A resumed VM and where its service answers.
+pub(crate) struct Instance {
+    pub vm: Vm,
+    /// The service proxy's address on the cloudlet's service address (empty without one).
+    pub endpoint: String,
+    pub resumed_after_ms: u64,
+    pub stop: std::sync::Arc<crate::Stop>,
+    /// Every guest port's loopback forward (the agent's included, if asked for).
+    pub forwards: Vec<PortForward>,
+    pub proxy: Option<ServiceProxy>,
+}
+
+impl Instance {
+    /// The loopback address of guest port `guest_port`.
+    pub fn local(&self, guest_port: u16) -> Option<SocketAddr> {
+        self.forwards.iter().find(|f| f.guest_port == guest_port).map(|f| SocketAddr::from((f.host_addr, f.host_port)))
+    }
+}
+
+/// Resume `snap` with its guest ports and `extra_ports` forwarded to loopback, and
+/// `service_port` relayed on the service address. `in_place`: the spec's memory and disk
+/// are the snapshot's own files (early start, copy-on-write views); otherwise they are
+/// copied into the session's run folder.
+pub(crate) async fn resume(place: Place<'_>, snap: &Snapshot, service_port: Option<u16>, extra_ports: &[u16], in_place: bool) -> Result<Instance, SessionError> {
+    let cloudlet = place.cloudlet;
+    let run = place.dir.join("run");
     std::fs::create_dir_all(&run).map_err(internal)?;
-    let guest_ports: Vec<u16> = snap.manifest().spec.nic.iter().flat_map(|n| n.forwards.iter().map(|f| f.guest_port)).collect();
-    let forwards = forage_image::forwards_on(cloudlet.service_addr, guest_ports).map_err(internal)?;
-    let qmp = cloudlet.data.runtime_dir().join(format!("session-{}.qmp", ctx.id));
+    let mut guest_ports: Vec<u16> = snap.manifest().spec.nic.iter().flat_map(|n| n.forwards.iter().map(|f| f.guest_port)).collect();
+    guest_ports.extend(extra_ports.iter().chain(service_port.iter()).copied());
+    guest_ports.sort_unstable();
+    guest_ports.dedup();
+    let forwards = forage_image::loopback_forwards(guest_ports).map_err(internal)?;
+    let qmp = cloudlet.data.runtime_dir().join(format!("session-{}.qmp", place.id));
     let mut spec: VmSpec = snap.relocated_spec(&run, &qmp, Some(forwards.clone()));
     if in_place {
         spec.memory_file = snap.memory_path();
@@ -193,28 +234,33 @@ pub(crate) async fn resume(ctx: &Ctx<'_>, snap: &Snapshot, service: Option<&fora
     let opts = RestoreOptions { copy_disks: !in_place, ..Default::default() };
     let vm = Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
     let resumed_after_ms = t.elapsed().as_millis() as u64;
-    let endpoint = endpoint(service, &forwards);
-    let record = NewInstance { id: ctx.id.clone(), session_id: ctx.id.clone(), name: vm.spec().name.clone(), qemu_pid: vm.pid(), dir: ctx.dir.clone(), endpoint: endpoint.clone() };
+    let stop = cloudlet.register(place.id);
+    let target = service_port.and_then(|p| forwards.iter().find(|f| f.guest_port == p)).map(|f| SocketAddr::from((f.host_addr, f.host_port)));
+    let proxy = match target {
+        Some(target) => {
+            let mut p = ServiceProxy::start(cloudlet.service_addr, target).await.map_err(|e| internal(format!("service proxy on {}: {e}", cloudlet.service_addr)))?;
+            if let Some(t) = cloudlet.idle_timeout {
+                p.watch_idle(t, stop.clone());
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    let endpoint = proxy.as_ref().map(|p| p.addr.to_string()).unwrap_or_default();
+    let record = NewInstance { id: place.id.to_string(), session_id: place.id.to_string(), name: vm.spec().name.clone(), qemu_pid: vm.pid(), dir: place.dir.to_path_buf(), endpoint: endpoint.clone() };
     if let Err(e) = cloudlet.state.instance_started(&record) {
-        tracing::warn!("instance {} not recorded: {e}", ctx.id);
+        tracing::warn!("instance {} not recorded: {e}", place.id);
     }
-    if let Err(e) = cloudlet.state.session_ready(&ctx.id, ctx.started.elapsed().as_millis() as u64) {
+    if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
         tracing::debug!("{e}");
     }
-    Ok(Instance { vm, endpoint, resumed_after_ms, stop: cloudlet.register(&ctx.id) })
-}
-
-fn endpoint(service: Option<&forage_format::manifest::Service>, forwards: &[PortForward]) -> String {
-    service
-        .and_then(|s| forwards.iter().find(|f| f.guest_port == s.port))
-        .map(|f| SocketAddr::from((f.host_addr, f.host_port)).to_string())
-        .unwrap_or_default()
+    Ok(Instance { vm, endpoint, resumed_after_ms, stop, forwards, proxy })
 }
 
 /// After Ready and Complete: the instance lives until the device says Bye (or asks for
-/// its residue) or goes away, or an operator stops it. Checkpoints are answered with
-/// `usage`.
-pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), stop: &Notify, usage: impl Fn(String) -> Message) -> Result<Ending, SessionError> {
+/// its residue) or goes away, or the instance is asked to stop (operator, idle timeout).
+/// Checkpoints are answered with `usage`.
+pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), stop: &crate::Stop, usage: impl Fn(String) -> Message) -> Result<Ending, SessionError> {
     loop {
         tokio::select! {
             m = read(stream) => match m {
@@ -224,7 +270,7 @@ pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), sto
                 Ok(other) => return Err(SessionError::Sequence { expected: "Bye, WantResidue or Checkpoint", got: other.name() }),
                 Err(e) => return Err(e.into()),
             },
-            _ = stop.notified() => return Err(refused(ErrorCode::Internal, "the cloudlet's operator stopped this instance")),
+            _ = stop.notified() => return Err(stop.error()),
         }
     }
 }

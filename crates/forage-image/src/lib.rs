@@ -496,8 +496,26 @@ impl GuestImage {
         accel: forage_vm::Accel,
         timeout: Duration,
     ) -> Result<ReadyGuest, BootError> {
+        self.boot_from(name, run, None, guest_ports, accel, timeout).await
+    }
+
+    /// [`boot`](Self::boot) with `disk` (raw, used in place) as the data disk instead of a
+    /// copy of the image's: a cold boot of a disk brought from elsewhere.
+    pub async fn boot_from(
+        &self,
+        name: &str,
+        run: &RunPaths,
+        disk: Option<&Path>,
+        guest_ports: &[u16],
+        accel: forage_vm::Accel,
+        timeout: Duration,
+    ) -> Result<ReadyGuest, BootError> {
         let start = Instant::now();
-        let (spec, mut ports) = self.fresh_run(name, run, guest_ports)?;
+        let (mut spec, mut ports) = self.fresh_run(name, run, guest_ports)?;
+        if let Some(disk) = disk {
+            let _ = std::fs::remove_file(&spec.disks[0].path);
+            spec.disks[0].path = disk.to_path_buf();
+        }
         let vm = forage_vm::Vm::boot(spec, accel, &run.dir.join("qemu.log")).await?;
         vm.wait_for_serial(&self.manifest.ready_marker, timeout).await?;
         let agent_port = ports.remove(0);

@@ -92,13 +92,17 @@ pub enum Provision {
     /// start the app's service.
     Push { app: String },
     /// On-demand provisioning: run `script` (sh) inside a transient copy of the baseline
-    /// VM of `os`, at most `timeout_s` seconds; the service then listens on `port`.
+    /// VM of `os`, at most `timeout_s` seconds; the service then listens on `port`. The
+    /// cloudlet's server code `components` named are put in the guest first, under
+    /// `/opt/components/NAME`.
     Script {
         os: String,
         port: u16,
         #[serde(with = "serde_bytes")]
         script: Vec<u8>,
         timeout_s: u32,
+        #[serde(default)]
+        components: Vec<String>,
     },
     /// Application virtualization: deploy a packed application (`forage app pack`) into a
     /// transient copy of a VM whose OS matches the package's.
@@ -396,7 +400,7 @@ mod tests {
             Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
             Message::Provision { request: Provision::CachedVm { service: "hashsearch".into(), join: true } },
             Message::Provision { request: Provision::Push { app: "hashsearch-client".into() } },
-            Message::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30 } },
+            Message::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30, components: vec!["hashsearch".into()] } },
             Message::Provision { request: Provision::App { package: vec![0x28, 0xb5, 0x2f, 0xfd] } },
             Message::Error { code: ErrorCode::Idle, message: "idle".into() },
             Message::Bye,

@@ -125,6 +125,8 @@ pub enum ServiceError {
     NoApp { id: String },
     #[error("no baseline VM for OS {os} on this cloudlet (create one: `forage service create baseline-{os} --base NAME`)")]
     NoBaseline { os: String },
+    #[error("no server code component {name} on this cloudlet (see `forage service component`)")]
+    NoComponent { name: String },
     #[error("service {id} already exists at {}", path.display())]
     Exists { id: String, path: PathBuf },
     #[error("{}: {detail}", path.display())]
@@ -240,6 +242,30 @@ impl Repository {
         std::fs::remove_dir_all(&gone).map_err(io(&gone))
     }
 
+    /// Server code components on-demand provisioning scripts may ask for: a file or a
+    /// folder under `DATA/components/NAME` (beside the service folders).
+    pub fn component(&self, name: &str) -> Result<PathBuf, ServiceError> {
+        let path = self.root.parent().unwrap_or(&self.root).join("components").join(name);
+        if !plain(name) || !path.exists() {
+            return Err(ServiceError::NoComponent { name: name.to_string() });
+        }
+        Ok(path)
+    }
+
+    /// Add a component (copied).
+    pub fn add_component(&self, name: &str, from: &Path) -> Result<PathBuf, ServiceError> {
+        let dir = self.root.parent().unwrap_or(&self.root).join("components");
+        DataDir::ensure(&dir)?;
+        if !plain(name) {
+            return Err(ServiceError::Bad { path: from.to_path_buf(), detail: format!("component name {name:?} must be letters, digits, '-', '_', '.'") });
+        }
+        let target = dir.join(name);
+        let _ = std::fs::remove_dir_all(&target);
+        let _ = std::fs::remove_file(&target);
+        copy_tree(from, &target)?;
+        Ok(target)
+    }
+
     /// The baseline VM of `os` (a service without a port), by id order.
     pub fn baseline(&self, os: &str) -> Result<ServiceVm, ServiceError> {
         self.list().into_iter().find(|s| s.manifest.is_baseline() && s.manifest.os == os).ok_or_else(|| ServiceError::NoBaseline { os: os.to_string() })
@@ -307,6 +333,40 @@ impl Repository {
         }
         result
     }
+}
+
+/// Files under `path` (itself if a file), as (path, path relative to `path`).
+pub fn files_under(path: &Path) -> Vec<(PathBuf, PathBuf)> {
+    if path.is_file() {
+        return vec![(path.to_path_buf(), PathBuf::from(path.file_name().unwrap_or_default()))];
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(path.join(&rel)).into_iter().flatten().flatten() {
+            let r = rel.join(e.file_name());
+            if e.path().is_dir() {
+                stack.push(r);
+            } else {
+                out.push((e.path(), r));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), ServiceError> {
+    if from.is_file() {
+        std::fs::copy(from, to).map_err(io(from))?;
+        return Ok(());
+    }
+    for (abs, rel) in files_under(from) {
+        let target = to.join(rel);
+        DataDir::ensure(target.parent().expect("joined"))?;
+        std::fs::copy(&abs, &target).map_err(io(&abs))?;
+    }
+    Ok(())
 }
 
 /// Size and SHA-256 of a file.

@@ -60,7 +60,8 @@ macro_rules! text_enum {
 }
 
 text_enum!(
-    /// How a synthesis session brought its launch VM up.
+    /// How a session brought its instance up: synthesis modes, then the other
+    /// provisioning mechanisms.
     SessionMode {
         /// Segments applied while they arrive; resume once all are applied.
         Pipelined = "pipelined",
@@ -68,6 +69,14 @@ text_enum!(
         EarlyStart = "early_start",
         /// The overlay was already in the launch cache: no transfer.
         Cached = "cached",
+        /// A copy-on-write instance of a service VM held here.
+        CachedVm = "cached_vm",
+        /// The service of a client app from the cloudlet's app store.
+        CloudletPush = "cloudlet_push",
+        /// A provisioning script run in a copy of a baseline VM.
+        OnDemand = "on_demand",
+        /// A packed application deployed into a copy of a baseline VM.
+        AppVirtualization = "app_virtualization",
     }
 );
 

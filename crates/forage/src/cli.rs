@@ -56,6 +56,9 @@ pub enum Command {
         /// Do not announce the cloudlet on the local network (mDNS, `_cloudlet._tcp`)
         #[arg(long)]
         no_advertise: bool,
+        /// Stop an instance whose service saw no traffic for this long (0: never)
+        #[arg(long, default_value_t = 600, value_name = "S")]
+        idle_timeout: u64,
     },
     /// List the cloudlets announcing themselves on the local network (mDNS `_cloudlet._tcp`)
     Discover {
@@ -94,6 +97,47 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Service VMs held by this cloudlet (cached-VM offload, app store, baseline VMs per OS)
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Cached VM: start a transient copy-on-write instance of a service VM the cloudlet
+    /// holds and print its endpoint
+    Offload {
+        /// Service id (see `forage service list` on the cloudlet, or GET /v1/services)
+        #[arg(long)]
+        service: String,
+        /// Share a running instance of the service if there is one
+        #[arg(long)]
+        join: bool,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// The cloudlet's app store: client apps for its services
+    Apps(AppsArgs),
+    /// On-demand provisioning: run a shell script inside a transient copy of the
+    /// cloudlet's baseline VM (never on the host), then use the service it starts
+    Provision {
+        /// The provisioning script (sh); it must leave the service listening on --port
+        script: PathBuf,
+        /// Guest port the script's service listens on
+        #[arg(long)]
+        port: u16,
+        /// Guest OS the script is written for
+        #[arg(long, default_value = forage_image::GUEST_OS)]
+        os: String,
+        /// Kill the script after this long
+        #[arg(long, default_value_t = 120, value_name = "S")]
+        timeout: u32,
+        /// Server code component of the cloudlet the script needs (put in the guest under
+        /// /opt/components/NAME before it runs); repeatable
+        #[arg(long = "component", value_name = "NAME")]
+        components: Vec<String>,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Application virtualization: pack a program with its library closure, run it on a cloudlet
+    #[command(subcommand)]
+    App(AppCommand),
     /// Reproduce the papers' measurements on this machine
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -252,6 +296,150 @@ pub struct ReduceArgs {
     pub segment_kib: usize,
 }
 
+/// How a device holds a provisioned instance (offload, apps get, provision, app run).
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
+    /// Cloudlet address, or `auto`: the best one announcing itself on the local network
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub cloudlet: String,
+    /// Send this line to the service once it is up and print its answer
+    #[arg(long, value_name = "LINE")]
+    pub request: Option<String>,
+    /// Keep the instance until Ctrl-C (otherwise it is released after the first answer)
+    #[arg(long)]
+    pub hold: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Build a service VM from a base and an app folder (the app installed, answering,
+    /// saved); without --app, the baseline VM of the base's OS
+    Create {
+        id: String,
+        #[arg(long)]
+        base: String,
+        /// App folder with app.json (see docs/guest-agent.md)
+        #[arg(long, value_name = "DIR")]
+        app: Option<PathBuf>,
+        /// A client app for the app store: ID=PLATFORM:FILE (platform `linux-x86_64`,
+        /// `android-aarch64`..., or `any`); repeatable
+        #[arg(long = "client-app", value_name = "ID=PLATFORM:FILE")]
+        client_apps: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a service package (`forage service export`), or cold-boot a service disk
+    /// (qcow2 or raw, with its app under /data/apps) and save it as a service VM
+    Import {
+        /// A service package
+        package: Option<PathBuf>,
+        /// Instead of a package: a disk to cold-boot with the guest image's kernel
+        #[arg(long, conflicts_with = "package", requires_all = ["id", "port"])]
+        disk: Option<PathBuf>,
+        /// Service id (a package's own id by default)
+        #[arg(long)]
+        id: Option<String>,
+        /// Guest port of the disk's service
+        #[arg(long)]
+        port: Option<u16>,
+        /// A request line whose answer shows the disk's service works
+        #[arg(long)]
+        probe: Option<String>,
+        /// Guest image whose kernel boots the disk
+        #[arg(long, default_value = "tiny")]
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a service VM as a versioned package
+    Export {
+        id: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List the service VMs held here
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a service VM
+    Rm { id: String },
+    /// Add a server code component (file or folder) that on-demand provisioning scripts
+    /// may ask for
+    Component { name: String, path: PathBuf },
+}
+
+#[derive(Args, Debug)]
+pub struct AppsArgs {
+    #[command(subcommand)]
+    pub command: Option<AppsCommand>,
+    /// The cloudlet's HTTP API, or `auto` (discovered)
+    #[arg(long, global = true, default_value = "http://127.0.0.1:7879")]
+    pub api: String,
+    /// List apps for every platform, not only this device's
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppsCommand {
+    /// Cloudlet push: download a client app, then start its service on the cloudlet
+    Get {
+        id: String,
+        /// Folder to save the app in
+        #[arg(short, long, default_value = ".")]
+        output: PathBuf,
+        /// Only download the app
+        #[arg(long)]
+        no_start: bool,
+        /// Cloudlet address for the service, or `auto`
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        cloudlet: String,
+        /// Send this line to the service once it is up and print its answer
+        #[arg(long, value_name = "LINE")]
+        request: Option<String>,
+        /// Keep the instance until Ctrl-C
+        #[arg(long)]
+        hold: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCommand {
+    /// Pack a program with its loader, the closure of its shared libraries and data files
+    Pack {
+        /// The program and its arguments
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+        /// App name [default: the program's file name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Guest port the program listens on
+        #[arg(long)]
+        port: u16,
+        /// A request line whose answer shows the program works
+        #[arg(long)]
+        probe: Option<String>,
+        /// Data files or folders to include (at their paths); repeatable
+        #[arg(long, value_name = "PATH")]
+        data: Vec<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Run a packed application in a transient VM of the same OS on a cloudlet
+    Run {
+        bundle: PathBuf,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Overlay size against xdelta3+LZMA and zstd --patch-from (the paper's Figure 6),
@@ -261,6 +449,9 @@ pub enum BenchCommand {
     /// pipelined and early start; first-response times and the share of the overlay used
     /// before the first response (the paper's Tables 3 and 4)
     Synthesis(BenchSynthesisArgs),
+    /// Application-ready time and payload of the five provisioning mechanisms over an
+    /// emulated WAN (the tactical-cloudlet paper's Table I)
+    Provision(BenchProvisionArgs),
     /// (internal) receive one connection's bytes and acknowledge them
     #[command(hide = true)]
     Sink {
@@ -293,6 +484,21 @@ pub struct BenchSynthesisArgs {
     #[arg(long, default_value_t = 256, value_name = "KIB")]
     pub segment_kib: usize,
     /// Runs per mode (the median is reported)
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchProvisionArgs {
+    /// Base VM to use (created as `bench` if absent)
+    #[arg(long, default_value = "bench")]
+    pub base: String,
+    /// Link rate in Mbit/s
+    #[arg(long, default_value_t = 38.0)]
+    pub mbps: f64,
+    /// Runs per mechanism (the median is reported)
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
     #[arg(long)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use forage_api::{ApiContext, BaseInfo, Control};
+use forage_api::{AppInfo, ApiContext, BaseInfo, Control, ServiceInfo};
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
 
@@ -42,6 +42,30 @@ impl Control for FakeControl {
             return Err("in use by a running instance".into());
         }
         Ok(())
+    }
+    fn services(&self) -> Vec<ServiceInfo> {
+        vec![ServiceInfo {
+            id: "hashsearch".into(),
+            os: "linux-x86_64".into(),
+            port: Some(8080),
+            description: "hash search".into(),
+            client_apps: vec!["hs-client".into()],
+        }]
+    }
+    fn apps(&self, platform: Option<&str>) -> Vec<AppInfo> {
+        let app = AppInfo {
+            id: "hs-client".into(),
+            service: "hashsearch".into(),
+            platform: "any".into(),
+            file: "hs-client.sh".into(),
+            size: 5,
+            sha256: "ab".repeat(32),
+        };
+        let _ = platform;
+        vec![app]
+    }
+    fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)> {
+        (id == "hs-client").then(|| (self.apps(None).remove(0), b"hello".to_vec()))
     }
 }
 

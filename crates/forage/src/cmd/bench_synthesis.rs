@@ -27,7 +27,7 @@ const SINK_PORT: u16 = 7999;
 const MODES: [(&str, &[&str]); 3] = [("baseline", &["--no-pipelining"]), ("pipelined", &["--no-early-start"]), ("early_start", &[])];
 
 /// A child process killed when dropped.
-struct Guard(Child);
+pub(super) struct Guard(pub Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -149,7 +149,7 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<()> {
+pub(super) fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<()> {
     let t = Instant::now();
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();

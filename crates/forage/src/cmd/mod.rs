@@ -2,10 +2,13 @@
 
 mod base;
 mod bench;
+mod bench_provision;
 mod bench_synthesis;
 mod demo;
 mod image;
 mod overlay;
+mod service;
+mod tactical;
 mod synthesis;
 mod vm;
 
@@ -23,8 +26,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
-        Command::Serve { listen, service_addr, name, api, no_api, no_cache, no_advertise } => {
-            synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache, !no_advertise).await
+        Command::Serve { listen, service_addr, name, api, no_api, no_cache, no_advertise, idle_timeout } => {
+            let idle = (idle_timeout > 0).then(|| std::time::Duration::from_secs(idle_timeout));
+            synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache, !no_advertise, idle).await
         }
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
@@ -33,6 +37,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
         Command::Demo(a) => demo::run(&data, a).await,
+        Command::Service(c) => service::run(&data, c).await,
+        Command::Offload { service, join, session } => tactical::provision(forage_proto::Provision::CachedVm { service: service.clone(), join }, Some(&service), &session).await,
+        Command::Apps(a) => tactical::apps(a).await,
+        Command::Provision { script, port, os, timeout, components, session } => {
+            let bytes = std::fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
+            tactical::provision(forage_proto::Provision::Script { os, port, script: bytes, timeout_s: timeout, components }, None, &session).await
+        }
+        Command::App(c) => tactical::app(c).await,
     }
 }
 

@@ -35,17 +35,40 @@ impl forage_api::Control for DaemonControl {
         self.cloudlet.cache.evict(overlay_digest);
         Ok(())
     }
+
+    fn services(&self) -> Vec<forage_api::ServiceInfo> {
+        self.cloudlet.services.list().into_iter().map(|s| {
+            let m = s.manifest();
+            forage_api::ServiceInfo { id: m.id.clone(), os: m.os.clone(), port: m.port, description: m.description.clone(), client_apps: m.client_apps.iter().map(|a| a.id.clone()).collect() }
+        }).collect()
+    }
+
+    fn apps(&self, platform: Option<&str>) -> Vec<forage_api::AppInfo> {
+        self.cloudlet.services.apps(platform).into_iter().map(|(s, a)| app_info(&s, &a)).collect()
+    }
+
+    fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
+        let (s, a) = self.cloudlet.services.app(id).ok()?;
+        let bytes = std::fs::read(s.app_path(&a)).ok()?;
+        Some((app_info(&s, &a), bytes))
+    }
+}
+
+fn app_info(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_api::AppInfo {
+    forage_api::AppInfo { id: a.id.clone(), service: s.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool, advertise: bool) -> anyhow::Result<()> {
+pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool, advertise: bool, idle_timeout: Option<Duration>) -> anyhow::Result<()> {
     let service_addr = match (service_addr, listen.ip()) {
         (Some(a), _) => a,
         (None, IpAddr::V4(a)) if !a.is_unspecified() => a,
         (None, _) => bail!("listening on {listen}: say which address services are forwarded on with --service-addr"),
     };
     let accel = super::accel();
-    let cloudlet = Arc::new(Cloudlet::open(name, data.clone(), accel, service_addr)?);
+    let mut cloudlet = Cloudlet::open(name, data.clone(), accel, service_addr)?;
+    cloudlet.idle_timeout = idle_timeout;
+    let cloudlet = Arc::new(cloudlet);
     cloudlet.cache.set_enabled(cache);
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let bases: Vec<String> = forage_synth::BaseVm::list(data).into_iter().filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))).collect();
@@ -69,7 +92,7 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
                 addr: SocketAddr::new(IpAddr::V4(service_addr), listen.port()),
                 http_port: api.map(|a| a.port()),
                 bases,
-                services: Vec::new(),
+                services: cloudlet.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
                 load: cloudlet.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
                 free_mem_mib: free_memory_mib(),
                 cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),

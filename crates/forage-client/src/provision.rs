@@ -1,0 +1,86 @@
+//! The device's side of the four other provisioning mechanisms: Hello without offers,
+//! Welcome, Provision, then Ready with the endpoint (or Error), the first request to the
+//! service, and a session that keeps the instance alive until [`Provisioned::close`]
+//! (or drop, or the cloudlet's idle timeout).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use forage_proto::asynchronous::{read, write};
+use forage_proto::{Message, Provision, ProtoError, VERSION_MAX, VERSION_MIN};
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::{first_response, ClientError};
+
+/// What a provisioning took, from the connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProvisionReport {
+    /// `cached_vm`, `cloudlet_push`, `on_demand` or `app_virtualization`.
+    pub mechanism: String,
+    pub cloudlet: String,
+    /// Bytes the device sent to provision (its Hello and Provision frames).
+    pub payload_bytes: u64,
+    /// Until the cloudlet said the service is up (Ready).
+    pub ready_s: f64,
+    /// Until the service's first answer arrived (application ready), if a request was given.
+    pub first_response_s: Option<f64>,
+    pub endpoint: String,
+    pub answer: Option<String>,
+}
+
+/// An instance provisioned for this device: it runs until this is closed or dropped.
+pub struct Provisioned {
+    stream: TcpStream,
+    addr: SocketAddr,
+}
+
+impl Provisioned {
+    /// Say Bye: the cloudlet stops the instance.
+    pub async fn close(mut self) {
+        let _ = write(&mut self.stream, &Message::Bye).await;
+    }
+
+    /// Wait until the cloudlet ends the instance (idle timeout, operator): its reason.
+    pub async fn ended(&mut self) -> ClientError {
+        match read(&mut self.stream).await {
+            Ok(Message::Error { code, message }) => ClientError::Refused { addr: self.addr, code, message },
+            Ok(other) => ClientError::Sequence { addr: self.addr, expected: "Error", got: other.name() },
+            Err(source) => ClientError::Proto { addr: self.addr, source },
+        }
+    }
+}
+
+/// Ask the cloudlet at `addr` for `request`; with `line`, send it to the service and wait
+/// for its answer (the application is ready when it answers).
+pub async fn provision(addr: SocketAddr, device: &str, request: Provision, line: Option<String>) -> Result<(ProvisionReport, Provisioned), ClientError> {
+    let proto = |source: ProtoError| ClientError::Proto { addr, source };
+    let start = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| proto(e.into()))?;
+    stream.set_nodelay(true).map_err(|e| proto(e.into()))?;
+    let mechanism = request.mechanism().to_string();
+    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: device.into(), offers: Vec::new(), early_start: false, store_and_forward: false };
+    let provision = Message::Provision { request };
+    let payload_bytes = (forage_proto::encode(&hello).len() + forage_proto::encode(&provision).len()) as u64;
+    write(&mut stream, &hello).await.map_err(proto)?;
+    let cloudlet = match read(&mut stream).await.map_err(proto)? {
+        Message::Welcome { cloudlet, .. } => cloudlet,
+        Message::Error { code, message } => return Err(ClientError::Refused { addr, code, message }),
+        other => return Err(ClientError::Sequence { addr, expected: "Welcome", got: other.name() }),
+    };
+    write(&mut stream, &provision).await.map_err(proto)?;
+    let endpoint = match read(&mut stream).await {
+        Ok(Message::Ready { endpoint, .. }) => endpoint,
+        Ok(Message::Error { code, message }) => return Err(ClientError::Refused { addr, code, message }),
+        Ok(other) => return Err(ClientError::Sequence { addr, expected: "Ready", got: other.name() }),
+        Err(ProtoError::Closed) => return Err(ClientError::Closed { addr, what: "the instance was ready" }),
+        Err(e) => return Err(proto(e)),
+    };
+    let ready_s = start.elapsed().as_secs_f64();
+    let (answer, first_response_s) = match line {
+        Some(line) => (Some(first_response(endpoint.clone(), line).await?), Some(start.elapsed().as_secs_f64())),
+        None => (None, None),
+    };
+    let report = ProvisionReport { mechanism, cloudlet, payload_bytes, ready_s, first_response_s, endpoint, answer };
+    Ok((report, Provisioned { stream, addr }))
+}
