@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{Message, Provision, ProtoError, VERSION_MAX, VERSION_MIN};
+use forage_proto::{Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
@@ -44,43 +44,108 @@ impl Provisioned {
     /// Wait until the cloudlet ends the instance (idle timeout, operator): its reason.
     pub async fn ended(&mut self) -> ClientError {
         match read(&mut self.stream).await {
-            Ok(Message::Error { code, message }) => ClientError::Refused { addr: self.addr, code, message },
-            Ok(other) => ClientError::Sequence { addr: self.addr, expected: "Error", got: other.name() },
-            Err(source) => ClientError::Proto { addr: self.addr, source },
+            Ok(Message::Error { code, message }) => ClientError::Refused {
+                addr: self.addr,
+                code,
+                message,
+            },
+            Ok(other) => ClientError::Sequence {
+                addr: self.addr,
+                expected: "Error",
+                got: other.name(),
+            },
+            Err(source) => ClientError::Proto {
+                addr: self.addr,
+                source,
+            },
         }
     }
 }
 
 /// Ask the cloudlet at `addr` for `request`; with `line`, send it to the service and wait
 /// for its answer (the application is ready when it answers).
-pub async fn provision(addr: SocketAddr, device: &str, request: Provision, line: Option<String>) -> Result<(ProvisionReport, Provisioned), ClientError> {
+pub async fn provision(
+    addr: SocketAddr,
+    device: &str,
+    request: Provision,
+    line: Option<String>,
+) -> Result<(ProvisionReport, Provisioned), ClientError> {
     let proto = |source: ProtoError| ClientError::Proto { addr, source };
     let start = Instant::now();
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| proto(e.into()))?;
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| proto(e.into()))?;
     stream.set_nodelay(true).map_err(|e| proto(e.into()))?;
     let mechanism = request.mechanism().to_string();
-    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: device.into(), offers: Vec::new(), early_start: false, store_and_forward: false };
+    let hello = Message::Hello {
+        versions: (VERSION_MIN, VERSION_MAX),
+        device: device.into(),
+        offers: Vec::new(),
+        early_start: false,
+        store_and_forward: false,
+    };
     let provision = Message::Provision { request };
-    let payload_bytes = (forage_proto::encode(&hello).len() + forage_proto::encode(&provision).len()) as u64;
+    let payload_bytes =
+        (forage_proto::encode(&hello).len() + forage_proto::encode(&provision).len()) as u64;
     write(&mut stream, &hello).await.map_err(proto)?;
     let cloudlet = match read(&mut stream).await.map_err(proto)? {
         Message::Welcome { cloudlet, .. } => cloudlet,
-        Message::Error { code, message } => return Err(ClientError::Refused { addr, code, message }),
-        other => return Err(ClientError::Sequence { addr, expected: "Welcome", got: other.name() }),
+        Message::Error { code, message } => {
+            return Err(ClientError::Refused {
+                addr,
+                code,
+                message,
+            })
+        }
+        other => {
+            return Err(ClientError::Sequence {
+                addr,
+                expected: "Welcome",
+                got: other.name(),
+            })
+        }
     };
     write(&mut stream, &provision).await.map_err(proto)?;
     let endpoint = match read(&mut stream).await {
         Ok(Message::Ready { endpoint, .. }) => endpoint,
-        Ok(Message::Error { code, message }) => return Err(ClientError::Refused { addr, code, message }),
-        Ok(other) => return Err(ClientError::Sequence { addr, expected: "Ready", got: other.name() }),
-        Err(ProtoError::Closed) => return Err(ClientError::Closed { addr, what: "the instance was ready" }),
+        Ok(Message::Error { code, message }) => {
+            return Err(ClientError::Refused {
+                addr,
+                code,
+                message,
+            })
+        }
+        Ok(other) => {
+            return Err(ClientError::Sequence {
+                addr,
+                expected: "Ready",
+                got: other.name(),
+            })
+        }
+        Err(ProtoError::Closed) => {
+            return Err(ClientError::Closed {
+                addr,
+                what: "the instance was ready",
+            })
+        }
         Err(e) => return Err(proto(e)),
     };
     let ready_s = start.elapsed().as_secs_f64();
     let (answer, first_response_s) = match line {
-        Some(line) => (Some(first_response(endpoint.clone(), line).await?), Some(start.elapsed().as_secs_f64())),
+        Some(line) => (
+            Some(first_response(endpoint.clone(), line).await?),
+            Some(start.elapsed().as_secs_f64()),
+        ),
         None => (None, None),
     };
-    let report = ProvisionReport { mechanism, cloudlet, payload_bytes, ready_s, first_response_s, endpoint, answer };
+    let report = ProvisionReport {
+        mechanism,
+        cloudlet,
+        payload_bytes,
+        ready_s,
+        first_response_s,
+        endpoint,
+        answer,
+    };
     Ok((report, Provisioned { stream, addr }))
 }

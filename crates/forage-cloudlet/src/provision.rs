@@ -31,7 +31,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::residue::Ending;
-use crate::session::{hold, internal, no_usage, refused, resume, Instance, Outcome, Place, SessionError};
+use crate::session::{
+    hold, internal, no_usage, refused, resume, Instance, Outcome, Place, SessionError,
+};
 use crate::Stop;
 
 /// A cached-VM instance that later devices may join.
@@ -49,7 +51,12 @@ fn not_found(e: ServiceError) -> SessionError {
     refused(ErrorCode::NotFound, e.to_string())
 }
 
-pub(crate) async fn run(stream: &mut TcpStream, place: Place<'_>, device: &str, request: Provision) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(
+    stream: &mut TcpStream,
+    place: Place<'_>,
+    device: &str,
+    request: Provision,
+) -> Result<Outcome, SessionError> {
     let cloudlet = place.cloudlet;
     let mode = match &request {
         Provision::CachedVm { .. } => SessionMode::CachedVm,
@@ -57,14 +64,25 @@ pub(crate) async fn run(stream: &mut TcpStream, place: Place<'_>, device: &str, 
         Provision::Script { .. } => SessionMode::OnDemand,
         Provision::App { .. } => SessionMode::AppVirtualization,
     };
-    tracing::info!(session = place.id, device, mechanism = request.mechanism(), "provisioning session");
+    tracing::info!(
+        session = place.id,
+        device,
+        mechanism = request.mechanism(),
+        "provisioning session"
+    );
     let what = match &request {
         Provision::CachedVm { service, .. } => service.clone(),
         Provision::Push { app } => app.clone(),
         Provision::Script { os, .. } => os.clone(),
         Provision::App { .. } => "app bundle".into(),
     };
-    let record = NewSession { id: place.id.into(), device: device.into(), base_digest: String::new(), overlay_digest: what, mode };
+    let record = NewSession {
+        id: place.id.into(),
+        device: device.into(),
+        base_digest: String::new(),
+        overlay_digest: what,
+        mode,
+    };
     if let Err(e) = cloudlet.state.session_started(&record) {
         tracing::warn!("session {} not recorded: {e}", place.id);
     }
@@ -77,17 +95,35 @@ pub(crate) async fn run(stream: &mut TcpStream, place: Place<'_>, device: &str, 
             let (svc, _) = cloudlet.services.app(&app).map_err(not_found)?;
             cached_vm(stream, place, &svc, false).await
         }
-        Provision::Script { os, port, script, timeout_s, components } => {
+        Provision::Script {
+            os,
+            port,
+            script,
+            timeout_s,
+            components,
+        } => {
             let limit = Duration::from_secs(timeout_s as u64);
             if limit > cloudlet.max_script_time || timeout_s == 0 {
-                return Err(refused(ErrorCode::Provision, format!("a script time limit of {timeout_s}s is outside 1..={}s", cloudlet.max_script_time.as_secs())));
+                return Err(refused(
+                    ErrorCode::Provision,
+                    format!(
+                        "a script time limit of {timeout_s}s is outside 1..={}s",
+                        cloudlet.max_script_time.as_secs()
+                    ),
+                ));
             }
             let baseline = cloudlet.services.baseline(&os).map_err(not_found)?;
-            let parts = components.iter().map(|c| cloudlet.services.component(c).map(|p| (c.clone(), p))).collect::<Result<Vec<_>, _>>().map_err(not_found)?;
+            let parts = components
+                .iter()
+                .map(|c| cloudlet.services.component(c).map(|p| (c.clone(), p)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(not_found)?;
             let setup = move |agent: &mut AgentClient| {
                 for (name, path) in &parts {
                     for (abs, rel) in forage_service::files_under(path) {
-                        agent.put_file(&abs, &format!("/opt/components/{name}/{}", rel.display())).map_err(|e| format!("copying component {name} into the guest: {e}"))?;
+                        agent
+                            .put_file(&abs, &format!("/opt/components/{name}/{}", rel.display()))
+                            .map_err(|e| format!("copying component {name} into the guest: {e}"))?;
                     }
                 }
                 run_script(agent, &script, limit, port)
@@ -95,21 +131,43 @@ pub(crate) async fn run(stream: &mut TcpStream, place: Place<'_>, device: &str, 
             provisioned(stream, place, &baseline, port, setup).await
         }
         Provision::App { package } => {
-            let bundle = AppBundle::open(&package).map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
+            let bundle = AppBundle::open(&package)
+                .map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
             let baseline = match cloudlet.services.baseline(&bundle.manifest.os) {
                 Ok(b) => b,
                 Err(_) => {
-                    let held: Vec<String> = cloudlet.services.list().into_iter().filter(|s| s.manifest().is_baseline()).map(|s| s.manifest().os.clone()).collect();
-                    return Err(refused(ErrorCode::Provision, format!("the app was packed on {} and this cloudlet has VMs of {} only", bundle.manifest.os, if held.is_empty() { "no OS".into() } else { held.join(", ") })));
+                    let held: Vec<String> = cloudlet
+                        .services
+                        .list()
+                        .into_iter()
+                        .filter(|s| s.manifest().is_baseline())
+                        .map(|s| s.manifest().os.clone())
+                        .collect();
+                    return Err(refused(
+                        ErrorCode::Provision,
+                        format!(
+                            "the app was packed on {} and this cloudlet has VMs of {} only",
+                            bundle.manifest.os,
+                            if held.is_empty() {
+                                "no OS".into()
+                            } else {
+                                held.join(", ")
+                            }
+                        ),
+                    ));
                 }
             };
-            bundle.check_os(&baseline.manifest().os).map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
+            bundle
+                .check_os(&baseline.manifest().os)
+                .map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
             let app_dir = place.dir.join("app");
             bundle.unpack_as_app(&app_dir).map_err(internal)?;
-            let app = AppPackage::open(&app_dir).map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
+            let app = AppPackage::open(&app_dir)
+                .map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
             let port = bundle.manifest.port;
             let setup = move |agent: &mut AgentClient| {
-                app.install(agent).map_err(|e| format!("deploying the app: {e}"))?;
+                app.install(agent)
+                    .map_err(|e| format!("deploying the app: {e}"))?;
                 wait_listening(agent, port, SERVICE_WAIT)
             };
             provisioned(stream, place, &baseline, port, setup).await
@@ -118,11 +176,19 @@ pub(crate) async fn run(stream: &mut TcpStream, place: Place<'_>, device: &str, 
 }
 
 /// Start a copy-on-write instance of `snapshot`'s VM in the session folder.
-async fn start_view(place: Place<'_>, svc: &ServiceVm, service_port: Option<u16>, extra: &[u16]) -> Result<(CowView, Instance), SessionError> {
+async fn start_view(
+    place: Place<'_>,
+    svc: &ServiceVm,
+    service_port: Option<u16>,
+    extra: &[u16],
+) -> Result<(CowView, Instance), SessionError> {
     let saved = svc.snapshot().map_err(internal)?;
     let view_dir = place.dir.join("view");
     let readahead = place.cloudlet.readahead;
-    let view = tokio::task::spawn_blocking(move || CowView::mount(&saved, &view_dir, readahead)).await.expect("no panic").map_err(internal)?;
+    let view = tokio::task::spawn_blocking(move || CowView::mount(&saved, &view_dir, readahead))
+        .await
+        .expect("no panic")
+        .map_err(internal)?;
     match resume(place, &view.snapshot, service_port, extra, true).await {
         Ok(i) => Ok((view, i)),
         Err(e) => {
@@ -140,16 +206,43 @@ async fn finish(view: CowView, instance: Instance) {
     let _ = tokio::task::spawn_blocking(move || drop(view)).await;
 }
 
-async fn cached_vm(stream: &mut TcpStream, place: Place<'_>, svc: &ServiceVm, join: bool) -> Result<Outcome, SessionError> {
+async fn cached_vm(
+    stream: &mut TcpStream,
+    place: Place<'_>,
+    svc: &ServiceVm,
+    join: bool,
+) -> Result<Outcome, SessionError> {
     let cloudlet = place.cloudlet;
-    let port = svc.manifest().port.ok_or_else(|| refused(ErrorCode::NotFound, format!("{} is a baseline VM without a service", svc.id())))?;
+    let port = svc.manifest().port.ok_or_else(|| {
+        refused(
+            ErrorCode::NotFound,
+            format!("{} is a baseline VM without a service", svc.id()),
+        )
+    })?;
     if join {
-        let existing = cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).get(svc.id()).cloned();
+        let existing = cloudlet
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(svc.id())
+            .cloned();
         if let Some(shared) = existing {
             shared.users.fetch_add(1, Ordering::SeqCst);
-            tracing::info!(session = place.id, service = svc.id(), endpoint = shared.endpoint, "joining the running instance");
+            tracing::info!(
+                session = place.id,
+                service = svc.id(),
+                endpoint = shared.endpoint,
+                "joining the running instance"
+            );
             let result = async {
-                write(stream, &Message::Ready { endpoint: shared.endpoint.clone(), resumed_after_ms: 0 }).await?;
+                write(
+                    stream,
+                    &Message::Ready {
+                        endpoint: shared.endpoint.clone(),
+                        resumed_after_ms: 0,
+                    },
+                )
+                .await?;
                 hold(stream, &shared.stop, no_usage).await
             }
             .await;
@@ -161,26 +254,51 @@ async fn cached_vm(stream: &mut TcpStream, place: Place<'_>, svc: &ServiceVm, jo
     }
     let (view, instance) = start_view(place, svc, Some(port), &[]).await?;
     let shared = join.then(|| {
-        let s = Arc::new(SharedInstance { endpoint: instance.endpoint.clone(), users: AtomicUsize::new(1), released: Notify::new(), stop: instance.stop.clone() });
-        cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).insert(svc.id().to_string(), s.clone());
+        let s = Arc::new(SharedInstance {
+            endpoint: instance.endpoint.clone(),
+            users: AtomicUsize::new(1),
+            released: Notify::new(),
+            stop: instance.stop.clone(),
+        });
+        cloudlet
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(svc.id().to_string(), s.clone());
         s
     });
     let result = async {
-        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
+        write(
+            stream,
+            &Message::Ready {
+                endpoint: instance.endpoint.clone(),
+                resumed_after_ms: instance.resumed_after_ms,
+            },
+        )
+        .await?;
         hold(stream, &instance.stop, no_usage).await
     }
     .await;
     if let Some(shared) = shared {
         // The instance lives on while devices that joined it are still there.
         if shared.users.fetch_sub(1, Ordering::SeqCst) > 1 && result.is_ok() {
-            tracing::info!(session = place.id, "devices still use the shared instance: keeping it");
+            tracing::info!(
+                session = place.id,
+                "devices still use the shared instance: keeping it"
+            );
             tokio::select! {
                 _ = shared.released.notified() => {}
                 _ = instance.stop.notified() => {}
             }
         }
-        cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).remove(svc.id());
-        shared.stop.request(ErrorCode::Internal, "the shared instance ended");
+        cloudlet
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(svc.id());
+        shared
+            .stop
+            .request(ErrorCode::Internal, "the shared instance ended");
     }
     finish(view, instance).await;
     result.map(|_: Ending| Outcome { bytes: 0 })
@@ -200,15 +318,30 @@ async fn provisioned(
     let result = async {
         let t = Instant::now();
         let setup = tokio::task::spawn_blocking(move || {
-            let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(30)).map_err(|e| format!("guest agent: {e}"))?;
+            let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(30))
+                .map_err(|e| format!("guest agent: {e}"))?;
             setup(&mut agent)
         });
         tokio::select! {
             r = setup => r.expect("no panic").map_err(|e| refused(ErrorCode::Provision, e))?,
             _ = instance.stop.notified() => return Err(instance.stop.error()),
         }
-        tracing::info!(session = place.id, took_ms = t.elapsed().as_millis() as u64, "provisioned");
-        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
+        tracing::info!(
+            session = place.id,
+            took_ms = t.elapsed().as_millis() as u64,
+            "provisioned"
+        );
+        if let Some(p) = &instance.proxy {
+            p.touch(); // idle from now on, not from the resume
+        }
+        write(
+            stream,
+            &Message::Ready {
+                endpoint: instance.endpoint.clone(),
+                resumed_after_ms: instance.resumed_after_ms,
+            },
+        )
+        .await?;
         hold(stream, &instance.stop, no_usage).await
     }
     .await;
@@ -218,29 +351,61 @@ async fn provisioned(
 
 /// Copy the script into the guest and run it there with `limit`; then wait (in what is
 /// left of the limit, at least 5 s) until something listens on `port`.
-fn run_script(agent: &mut AgentClient, script: &[u8], limit: Duration, port: u16) -> Result<(), String> {
+fn run_script(
+    agent: &mut AgentClient,
+    script: &[u8],
+    limit: Duration,
+    port: u16,
+) -> Result<(), String> {
     let t = Instant::now();
-    agent.put_bytes(script, "/tmp/forage-provision.sh", 0o755).map_err(|e| format!("copying the script into the guest: {e}"))?;
-    let out = agent.exec(&["sh", "/tmp/forage-provision.sh"], limit).map_err(|e| format!("running the script: {e}"))?;
+    agent
+        .put_bytes(script, "/tmp/forage-provision.sh", 0o755)
+        .map_err(|e| format!("copying the script into the guest: {e}"))?;
+    let out = agent
+        .exec(&["sh", "/tmp/forage-provision.sh"], limit)
+        .map_err(|e| format!("running the script: {e}"))?;
     if out.timed_out {
-        return Err(format!("the provisioning script ran over its time limit of {}s and was killed", limit.as_secs()));
+        return Err(format!(
+            "the provisioning script ran over its time limit of {}s and was killed",
+            limit.as_secs()
+        ));
     }
     if out.code != 0 {
-        let tail: String = out.stderr.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
-        return Err(format!("the provisioning script exited with {}: {tail}", out.code));
+        let tail: String = out
+            .stderr
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join(" | ");
+        return Err(format!(
+            "the provisioning script exited with {}: {tail}",
+            out.code
+        ));
     }
-    wait_listening(agent, port, limit.saturating_sub(t.elapsed()).max(Duration::from_secs(5)))
+    wait_listening(
+        agent,
+        port,
+        limit
+            .saturating_sub(t.elapsed())
+            .max(Duration::from_secs(5)),
+    )
 }
 
 /// Until a TCP connect to `port` inside the guest succeeds.
 fn wait_listening(agent: &mut AgentClient, port: u16, wait: Duration) -> Result<(), String> {
     let t = Instant::now();
-    let port_s = port.to_string();
     while t.elapsed() < wait {
-        if agent.exec(&["nc", "-z", "127.0.0.1", &port_s], Duration::from_secs(5)).is_ok_and(|o| o.code == 0) {
+        if agent.listening(port).unwrap_or(false) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("nothing listens on guest port {port} after {}s", wait.as_secs()))
+    Err(format!(
+        "nothing listens on guest port {port} after {}s",
+        wait.as_secs()
+    ))
 }

@@ -52,7 +52,18 @@ impl ServiceProxy {
                 }
             }
         });
-        Ok(Self { addr, epoch, last, tasks: vec![accept] })
+        Ok(Self {
+            addr,
+            epoch,
+            last,
+            tasks: vec![accept],
+        })
+    }
+
+    /// Count from now (the instance is handed to its device).
+    pub fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Ask `stop` to end the instance once no byte went through for `timeout`.
@@ -60,9 +71,17 @@ impl ServiceProxy {
         let (epoch, last) = (self.epoch, self.last.clone());
         self.tasks.push(tokio::spawn(async move {
             loop {
-                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                let idle = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
                 if idle >= timeout {
-                    stop.request(forage_proto::ErrorCode::Idle, format!("the instance was idle for {}s (no traffic to its service)", timeout.as_secs()));
+                    stop.request(
+                        forage_proto::ErrorCode::Idle,
+                        format!(
+                            "the instance was idle for {}s (no traffic to its service)",
+                            timeout.as_secs()
+                        ),
+                    );
                     return;
                 }
                 tokio::time::sleep((timeout - idle).max(Duration::from_millis(200))).await;
@@ -86,7 +105,12 @@ async fn relay(client: TcpStream, guest: TcpStream, epoch: Instant, last: Arc<At
 }
 
 /// Copy one direction until EOF or an error, noting the time of every piece.
-async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, epoch: Instant, last: Arc<AtomicU64>) {
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    epoch: Instant,
+    last: Arc<AtomicU64>,
+) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf).await {

@@ -25,7 +25,15 @@ pub const MAX_UNPACKED: u64 = 256 << 20;
 const MAX_MANIFEST: u64 = 1 << 20;
 /// Where libraries are looked for when packing, after RPATH/RUNPATH and LD_LIBRARY_PATH
 /// (Debian's multiarch layout first).
-const SYSTEM_LIB_DIRS: &[&str] = &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib"];
+const SYSTEM_LIB_DIRS: &[&str] = &[
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+    "/usr/local/lib",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,7 +72,11 @@ pub enum AppVirtError {
     #[error("{program}: {detail}")]
     Pack { program: String, detail: String },
     #[error("{program} needs {library}, which is not in {searched}")]
-    MissingLibrary { program: String, library: String, searched: String },
+    MissingLibrary {
+        program: String,
+        library: String,
+        searched: String,
+    },
     #[error("app bundle: {0}")]
     Bad(String),
     #[error("app bundle is for {bundle}, this VM runs {vm}")]
@@ -78,7 +90,10 @@ pub enum AppVirtError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppVirtError + '_ {
-    move |source| AppVirtError::Io { path: path.to_path_buf(), source }
+    move |source| AppVirtError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What an ELF file asks of the dynamic loader.
@@ -95,23 +110,35 @@ pub fn elf_deps(data: &[u8]) -> Result<Option<ElfDeps>, String> {
     if !data.starts_with(b"\x7fELF") {
         return Ok(None);
     }
-    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let header =
+        object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(|e| e.to_string())?;
     let endian = header.endian().map_err(|e| e.to_string())?;
     let mut deps = ElfDeps::default();
-    for ph in header.program_headers(endian, data).map_err(|e| e.to_string())? {
+    for ph in header
+        .program_headers(endian, data)
+        .map_err(|e| e.to_string())?
+    {
         if let Some(interp) = ph.interpreter(endian, data).map_err(|e| e.to_string())? {
             deps.interpreter = Some(String::from_utf8_lossy(interp).into_owned());
         }
     }
     let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
     if let Some((dyns, link)) = sections.dynamic(endian, data).map_err(|e| e.to_string())? {
-        let strings = sections.strings(endian, data, link).map_err(|e| e.to_string())?;
+        let strings = sections
+            .strings(endian, data, link)
+            .map_err(|e| e.to_string())?;
         for d in dyns {
             let tag = d.tag32(endian);
-            let text = || d.string(endian, strings).map(|s| String::from_utf8_lossy(s).into_owned()).map_err(|e| e.to_string());
+            let text = || {
+                d.string(endian, strings)
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .map_err(|e| e.to_string())
+            };
             match tag {
                 Some(object::elf::DT_NEEDED) => deps.needed.push(text()?),
-                Some(object::elf::DT_RPATH) | Some(object::elf::DT_RUNPATH) => deps.search.extend(text()?.split(':').map(str::to_string)),
+                Some(object::elf::DT_RPATH) | Some(object::elf::DT_RUNPATH) => {
+                    deps.search.extend(text()?.split(':').map(str::to_string))
+                }
                 _ => {}
             }
         }
@@ -120,9 +147,21 @@ pub fn elf_deps(data: &[u8]) -> Result<Option<ElfDeps>, String> {
 }
 
 /// Pack `argv[0]` (found on PATH if it has no '/') with its closure and `data` files.
-pub fn pack(argv: &[String], name: &str, port: u16, probe: Option<String>, data: &[PathBuf]) -> Result<Vec<u8>, AppVirtError> {
-    let program = argv.first().ok_or_else(|| AppVirtError::Pack { program: String::new(), detail: "no program given".into() })?;
-    let exe = find_program(program).ok_or_else(|| AppVirtError::Pack { program: program.clone(), detail: "not found (give a path or a program on PATH)".into() })?;
+pub fn pack(
+    argv: &[String],
+    name: &str,
+    port: u16,
+    probe: Option<String>,
+    data: &[PathBuf],
+) -> Result<Vec<u8>, AppVirtError> {
+    let program = argv.first().ok_or_else(|| AppVirtError::Pack {
+        program: String::new(),
+        detail: "no program given".into(),
+    })?;
+    let exe = find_program(program).ok_or_else(|| AppVirtError::Pack {
+        program: program.clone(),
+        detail: "not found (give a path or a program on PATH)".into(),
+    })?;
     let exe = std::fs::canonicalize(&exe).map_err(io(&exe))?;
     // Bundle path -> host file. BTreeMap: a stable order, each path once.
     let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -135,23 +174,51 @@ pub fn pack(argv: &[String], name: &str, port: u16, probe: Option<String>, data:
         }
         let bytes = std::fs::read(&host).map_err(io(&host))?;
         files.insert(rel(&at).to_string(), host.clone());
-        let Some(deps) = elf_deps(&bytes).map_err(|detail| AppVirtError::Pack { program: host.display().to_string(), detail })? else { continue };
+        let Some(deps) = elf_deps(&bytes).map_err(|detail| AppVirtError::Pack {
+            program: host.display().to_string(),
+            detail,
+        })?
+        else {
+            continue;
+        };
         if let Some(i) = deps.interpreter {
             let real = std::fs::canonicalize(&i).map_err(io(Path::new(&i)))?;
             interpreter.get_or_insert_with(|| rel(&i).to_string());
             queue.push_back((real, i));
         }
-        let origin = host.parent().unwrap_or(Path::new("/")).to_string_lossy().into_owned();
-        let mut dirs: Vec<String> = deps.search.iter().map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin)).collect();
-        dirs.extend(std::env::var("LD_LIBRARY_PATH").unwrap_or_default().split(':').filter(|d| !d.is_empty()).map(str::to_string));
+        let origin = host
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .to_string_lossy()
+            .into_owned();
+        let mut dirs: Vec<String> = deps
+            .search
+            .iter()
+            .map(|d| d.replace("$ORIGIN", &origin).replace("${ORIGIN}", &origin))
+            .collect();
+        dirs.extend(
+            std::env::var("LD_LIBRARY_PATH")
+                .unwrap_or_default()
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(str::to_string),
+        );
         dirs.extend(SYSTEM_LIB_DIRS.iter().map(|d| d.to_string()));
         for lib in deps.needed {
-            let found = dirs.iter().map(|d| Path::new(d).join(&lib)).find(|p| p.is_file()).ok_or_else(|| AppVirtError::MissingLibrary {
-                program: host.display().to_string(),
-                library: lib.clone(),
-                searched: dirs.join(":"),
-            })?;
-            let dir = found.parent().expect("joined").to_string_lossy().into_owned();
+            let found = dirs
+                .iter()
+                .map(|d| Path::new(d).join(&lib))
+                .find(|p| p.is_file())
+                .ok_or_else(|| AppVirtError::MissingLibrary {
+                    program: host.display().to_string(),
+                    library: lib.clone(),
+                    searched: dirs.join(":"),
+                })?;
+            let dir = found
+                .parent()
+                .expect("joined")
+                .to_string_lossy()
+                .into_owned();
             if !lib_dirs.contains(&rel(&dir).to_string()) {
                 lib_dirs.push(rel(&dir).to_string());
             }
@@ -167,7 +234,12 @@ pub fn pack(argv: &[String], name: &str, port: u16, probe: Option<String>, data:
         use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::metadata(host).map_err(io(host))?;
         let bytes = std::fs::read(host).map_err(io(host))?;
-        listed.push(BundleFile { path: path.clone(), size: bytes.len() as u64, mode: meta.permissions().mode() & 0o777, sha256: hex::encode(Sha256::digest(&bytes)) });
+        listed.push(BundleFile {
+            path: path.clone(),
+            size: bytes.len() as u64,
+            mode: meta.permissions().mode() & 0o777,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+        });
     }
     let mut run = argv.to_vec();
     run[0] = rel(&exe.to_string_lossy()).to_string();
@@ -183,14 +255,29 @@ pub fn pack(argv: &[String], name: &str, port: u16, probe: Option<String>, data:
         argv: run,
         files: listed,
     };
-    let out = write_bundle(&manifest, &files).map_err(|source| AppVirtError::Io { path: "app bundle".into(), source })?;
+    let out = write_bundle(&manifest, |f| std::fs::read(&files[&f.path])).map_err(|source| {
+        AppVirtError::Io {
+            path: "app bundle".into(),
+            source,
+        }
+    })?;
     if out.len() > MAX_BUNDLE {
-        return Err(AppVirtError::Pack { program: program.clone(), detail: format!("bundle is {} MiB, over the limit of {} MiB", out.len() >> 20, MAX_BUNDLE >> 20) });
+        return Err(AppVirtError::Pack {
+            program: program.clone(),
+            detail: format!(
+                "bundle is {} MiB, over the limit of {} MiB",
+                out.len() >> 20,
+                MAX_BUNDLE >> 20
+            ),
+        });
     }
     Ok(out)
 }
 
-fn write_bundle(manifest: &BundleManifest, files: &BTreeMap<String, PathBuf>) -> std::io::Result<Vec<u8>> {
+fn write_bundle(
+    manifest: &BundleManifest,
+    read: impl Fn(&BundleFile) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<Vec<u8>> {
     let mut tar = tar::Builder::new(zstd::stream::write::Encoder::new(Vec::new(), 19)?);
     let json = serde_json::to_vec_pretty(manifest)?;
     let mut header = tar::Header::new_gnu();
@@ -199,7 +286,7 @@ fn write_bundle(manifest: &BundleManifest, files: &BTreeMap<String, PathBuf>) ->
     header.set_cksum();
     tar.append_data(&mut header, "app.json", &json[..])?;
     for f in &manifest.files {
-        let bytes = std::fs::read(&files[&f.path])?;
+        let bytes = read(f)?;
         let mut header = tar::Header::new_gnu();
         header.set_size(bytes.len() as u64);
         header.set_mode(f.mode);
@@ -217,7 +304,11 @@ fn find_program(p: &str) -> Option<PathBuf> {
     if p.contains('/') {
         return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
-    std::env::var("PATH").ok()?.split(':').map(|d| Path::new(d).join(p)).find(|c| c.is_file())
+    std::env::var("PATH")
+        .ok()?
+        .split(':')
+        .map(|d| Path::new(d).join(p))
+        .find(|c| c.is_file())
 }
 
 fn add_tree(path: &Path, files: &mut BTreeMap<String, PathBuf>) -> Result<(), AppVirtError> {
@@ -245,51 +336,100 @@ impl AppBundle {
     pub fn open(bytes: &[u8]) -> Result<Self, AppVirtError> {
         let bad = |d: String| AppVirtError::Bad(d);
         if bytes.len() > MAX_BUNDLE {
-            return Err(bad(format!("{} bytes, over the limit of {MAX_BUNDLE}", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes, over the limit of {MAX_BUNDLE}",
+                bytes.len()
+            )));
         }
         let dec = zstd::stream::read::Decoder::new(bytes).map_err(|e| bad(e.to_string()))?;
         let mut tar = tar::Archive::new(dec.take(MAX_UNPACKED + MAX_MANIFEST + (1 << 20)));
         let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
-        let first = entries.next().ok_or_else(|| bad("empty".into()))?.map_err(|e| bad(e.to_string()))?;
-        if first.path().map(|p| p.as_os_str() != "app.json").unwrap_or(true) || first.size() > MAX_MANIFEST {
+        let first = entries
+            .next()
+            .ok_or_else(|| bad("empty".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        if first
+            .path()
+            .map(|p| p.as_os_str() != "app.json")
+            .unwrap_or(true)
+            || first.size() > MAX_MANIFEST
+        {
             return Err(bad("app.json is not the first entry".into()));
         }
         let mut json = Vec::new();
-        first.take(MAX_MANIFEST).read_to_end(&mut json).map_err(|e| bad(e.to_string()))?;
-        let manifest: BundleManifest = serde_json::from_slice(&json).map_err(|e| bad(format!("app.json: {e}")))?;
+        first
+            .take(MAX_MANIFEST)
+            .read_to_end(&mut json)
+            .map_err(|e| bad(e.to_string()))?;
+        let manifest: BundleManifest =
+            serde_json::from_slice(&json).map_err(|e| bad(format!("app.json: {e}")))?;
         if manifest.kind != BUNDLE_KIND || manifest.format == 0 || manifest.format > BUNDLE_FORMAT {
-            return Err(bad(format!("{:?} format {} is not an app bundle this forage reads", manifest.kind, manifest.format)));
+            return Err(bad(format!(
+                "{:?} format {} is not an app bundle this forage reads",
+                manifest.kind, manifest.format
+            )));
         }
         if !crate::plain(&manifest.name) {
-            return Err(bad(format!("app name {:?} must be letters, digits, '-', '_', '.'", manifest.name)));
+            return Err(bad(format!(
+                "app name {:?} must be letters, digits, '-', '_', '.'",
+                manifest.name
+            )));
         }
         let mut total = 0u64;
         for f in &manifest.files {
             if !relative_plain(&f.path) {
-                return Err(bad(format!("file path {:?} is not a plain relative path", f.path)));
+                return Err(bad(format!(
+                    "file path {:?} is not a plain relative path",
+                    f.path
+                )));
             }
             total = total.saturating_add(f.size);
         }
         if total > MAX_UNPACKED {
-            return Err(bad(format!("unpacks to {total} bytes, over the limit of {MAX_UNPACKED}")));
+            return Err(bad(format!(
+                "unpacks to {total} bytes, over the limit of {MAX_UNPACKED}"
+            )));
         }
         let mut files: Vec<Option<Vec<u8>>> = vec![None; manifest.files.len()];
         for entry in entries {
             let mut entry = entry.map_err(|e| bad(format!("cut or corrupted: {e}")))?;
-            let path = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
-            let i = manifest.files.iter().position(|f| f.path == path).ok_or_else(|| bad(format!("unlisted entry {path:?}")))?;
+            let path = entry
+                .path()
+                .map_err(|e| bad(e.to_string()))?
+                .to_string_lossy()
+                .into_owned();
+            let i = manifest
+                .files
+                .iter()
+                .position(|f| f.path == path)
+                .ok_or_else(|| bad(format!("unlisted entry {path:?}")))?;
             let f = &manifest.files[i];
-            if files[i].is_some() || entry.header().entry_type() != tar::EntryType::Regular || entry.size() != f.size {
-                return Err(bad(format!("entry {path:?} is repeated, not a plain file, or not {} bytes", f.size)));
+            if files[i].is_some()
+                || entry.header().entry_type() != tar::EntryType::Regular
+                || entry.size() != f.size
+            {
+                return Err(bad(format!(
+                    "entry {path:?} is repeated, not a plain file, or not {} bytes",
+                    f.size
+                )));
             }
             let mut data = Vec::with_capacity(f.size as usize);
-            (&mut entry).take(f.size).read_to_end(&mut data).map_err(|e| bad(format!("{path}: {e}")))?;
+            (&mut entry)
+                .take(f.size)
+                .read_to_end(&mut data)
+                .map_err(|e| bad(format!("{path}: {e}")))?;
             if hex::encode(Sha256::digest(&data)) != f.sha256 {
-                return Err(bad(format!("{path} does not match its checksum (corrupted)")));
+                return Err(bad(format!(
+                    "{path} does not match its checksum (corrupted)"
+                )));
             }
             files[i] = Some(data);
         }
-        let files: Vec<Vec<u8>> = files.into_iter().zip(&manifest.files).map(|(d, f)| d.ok_or_else(|| bad(format!("{} is missing (cut short?)", f.path)))).collect::<Result<_, _>>()?;
+        let files: Vec<Vec<u8>> = files
+            .into_iter()
+            .zip(&manifest.files)
+            .map(|(d, f)| d.ok_or_else(|| bad(format!("{} is missing (cut short?)", f.path))))
+            .collect::<Result<_, _>>()?;
         let bundle = Self { manifest, files };
         bundle.check_closure()?;
         Ok(bundle)
@@ -302,33 +442,71 @@ impl AppBundle {
     /// The program, the loader and every library any ELF file needs are in the bundle.
     fn check_closure(&self) -> Result<(), AppVirtError> {
         let m = &self.manifest;
-        let program = m.argv.first().ok_or_else(|| AppVirtError::Bad("argv is empty".into()))?;
+        let program = m
+            .argv
+            .first()
+            .ok_or_else(|| AppVirtError::Bad("argv is empty".into()))?;
         if !self.has(program) {
-            return Err(AppVirtError::Bad(format!("the program {program} is not in the bundle")));
+            return Err(AppVirtError::Bad(format!(
+                "the program {program} is not in the bundle"
+            )));
         }
         if let Some(i) = &m.interpreter {
             if !self.has(i) {
-                return Err(AppVirtError::Bad(format!("the loader {i} is not in the bundle")));
+                return Err(AppVirtError::Bad(format!(
+                    "the loader {i} is not in the bundle"
+                )));
             }
         }
         for (f, data) in m.files.iter().zip(&self.files) {
-            let Some(deps) = elf_deps(data).map_err(|e| AppVirtError::Bad(format!("{}: {e}", f.path)))? else { continue };
+            let Some(deps) =
+                elf_deps(data).map_err(|e| AppVirtError::Bad(format!("{}: {e}", f.path)))?
+            else {
+                continue;
+            };
             if deps.interpreter.is_some() && m.interpreter.is_none() {
-                return Err(AppVirtError::Bad(format!("{} needs a loader and the bundle names none", f.path)));
+                return Err(AppVirtError::Bad(format!(
+                    "{} needs a loader and the bundle names none",
+                    f.path
+                )));
             }
             for lib in deps.needed {
-                if !m.library_path.iter().any(|d| self.has(&format!("{d}/{lib}"))) {
-                    return Err(AppVirtError::MissingLibrary { program: f.path.clone(), library: lib, searched: format!("the bundle ({})", m.library_path.join(":")) });
+                if !m
+                    .library_path
+                    .iter()
+                    .any(|d| self.has(&format!("{d}/{lib}")))
+                {
+                    return Err(AppVirtError::MissingLibrary {
+                        program: f.path.clone(),
+                        library: lib,
+                        searched: format!("the bundle ({})", m.library_path.join(":")),
+                    });
                 }
             }
         }
         Ok(())
     }
 
+    /// The bundle as bytes again (e.g. after changing it: tests of refusals).
+    pub fn to_bytes(&self) -> std::io::Result<Vec<u8>> {
+        write_bundle(&self.manifest, |f| {
+            let i = self
+                .manifest
+                .files
+                .iter()
+                .position(|g| g.path == f.path)
+                .expect("listed");
+            Ok(self.files.get(i).cloned().unwrap_or_default())
+        })
+    }
+
     /// Refuse a VM of another OS.
     pub fn check_os(&self, vm_os: &str) -> Result<(), AppVirtError> {
         if self.manifest.os != vm_os {
-            return Err(AppVirtError::WrongOs { bundle: self.manifest.os.clone(), vm: vm_os.to_string() });
+            return Err(AppVirtError::WrongOs {
+                bundle: self.manifest.os.clone(),
+                vm: vm_os.to_string(),
+            });
         }
         Ok(())
     }
@@ -343,13 +521,18 @@ impl AppBundle {
             let parent = target.parent().expect("joined");
             std::fs::create_dir_all(parent).map_err(io(parent))?;
             std::fs::write(&target, data).map_err(io(&target))?;
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(f.mode & 0o777)).map_err(io(&target))?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(f.mode & 0o777))
+                .map_err(io(&target))?;
         }
         let m = &self.manifest;
         let mut start: Vec<String> = Vec::new();
         if let Some(i) = &m.interpreter {
             let libs: Vec<String> = m.library_path.iter().map(|d| format!("root/{d}")).collect();
-            start.extend([format!("./root/{i}"), "--library-path".into(), libs.join(":")]);
+            start.extend([
+                format!("./root/{i}"),
+                "--library-path".into(),
+                libs.join(":"),
+            ]);
         }
         start.push(format!("./root/{}", m.argv[0]));
         start.extend(m.argv[1..].iter().cloned());
@@ -360,7 +543,11 @@ impl AppBundle {
 }
 
 fn relative_plain(p: &str) -> bool {
-    !p.is_empty() && p.len() < 4096 && Path::new(p).components().all(|c| matches!(c, Component::Normal(_)))
+    !p.is_empty()
+        && p.len() < 4096
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
 }
 
 #[cfg(test)]
@@ -369,7 +556,9 @@ mod tests {
 
     #[test]
     fn elf_deps_of_a_dynamic_program() {
-        let deps = elf_deps(&std::fs::read("/bin/ls").unwrap()).unwrap().unwrap();
+        let deps = elf_deps(&std::fs::read("/bin/ls").unwrap())
+            .unwrap()
+            .unwrap();
         assert!(deps.interpreter.unwrap().contains("ld-linux"));
         assert!(deps.needed.iter().any(|n| n.starts_with("libc.so")));
         assert!(elf_deps(b"#!/bin/sh\n").unwrap().is_none());
@@ -381,20 +570,36 @@ mod tests {
         let bytes = pack(&["ls".into(), "-l".into()], "ls", 8080, None, &[]).unwrap();
         let b = AppBundle::open(&bytes).unwrap();
         assert_eq!(b.manifest.argv[1], "-l");
-        assert!(b.manifest.files.iter().any(|f| f.path.ends_with("libc.so.6")));
+        assert!(b
+            .manifest
+            .files
+            .iter()
+            .any(|f| f.path.ends_with("libc.so.6")));
         b.check_os(&crate::this_platform()).unwrap();
-        assert!(matches!(b.check_os("android-aarch64"), Err(AppVirtError::WrongOs { .. })));
+        assert!(matches!(
+            b.check_os("android-aarch64"),
+            Err(AppVirtError::WrongOs { .. })
+        ));
         let dir = tempfile::tempdir().unwrap();
         b.unpack_as_app(dir.path()).unwrap();
-        let app: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("app.json")).unwrap()).unwrap();
+        let app: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("app.json")).unwrap()).unwrap();
         assert_eq!(app["start"][1], "--library-path");
 
         // The same bundle without libc: refused, naming the library.
-        let mut m = b.manifest.clone();
-        let keep: Vec<usize> = (0..m.files.len()).filter(|&i| !m.files[i].path.ends_with("libc.so.6")).collect();
-        let files: BTreeMap<String, PathBuf> = keep.iter().map(|&i| (m.files[i].path.clone(), dir.path().join("root").join(&m.files[i].path))).collect();
-        m.files = keep.iter().map(|&i| m.files[i].clone()).collect();
-        let cut = write_bundle(&m, &files).unwrap();
+        let libc = b
+            .manifest
+            .files
+            .iter()
+            .position(|f| f.path.ends_with("libc.so.6"))
+            .unwrap();
+        let mut cut = AppBundle {
+            manifest: b.manifest.clone(),
+            files: b.files.clone(),
+        };
+        cut.manifest.files.remove(libc);
+        cut.files.remove(libc);
+        let cut = cut.to_bytes().unwrap();
         let err = AppBundle::open(&cut).unwrap_err().to_string();
         assert!(err.contains("libc.so.6"), "{err}");
 
@@ -408,7 +613,11 @@ mod tests {
 
     #[test]
     fn a_missing_library_fails_the_pack() {
-        let e = AppVirtError::MissingLibrary { program: "p".into(), library: "libx.so.1".into(), searched: "/lib".into() };
+        let e = AppVirtError::MissingLibrary {
+            program: "p".into(),
+            library: "libx.so.1".into(),
+            searched: "/lib".into(),
+        };
         assert_eq!(e.to_string(), "p needs libx.so.1, which is not in /lib");
         assert!(pack(&["no-such-program-here".into()], "x", 1, None, &[]).is_err());
     }

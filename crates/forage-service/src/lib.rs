@@ -91,16 +91,26 @@ impl ServiceManifest {
             return Err(format!("kind {:?} is not {SERVICE_KIND}", m.kind));
         }
         if m.format == 0 || m.format > SERVICE_FORMAT {
-            return Err(format!("service format {} is not one this forage reads (1..={SERVICE_FORMAT})", m.format));
+            return Err(format!(
+                "service format {} is not one this forage reads (1..={SERVICE_FORMAT})",
+                m.format
+            ));
         }
-        for (what, name) in std::iter::once(("service id", &m.id)).chain(std::iter::once(("os", &m.os))) {
+        for (what, name) in
+            std::iter::once(("service id", &m.id)).chain(std::iter::once(("os", &m.os)))
+        {
             if !plain(name) {
-                return Err(format!("{what} {name:?} must be letters, digits, '-', '_', '.'"));
+                return Err(format!(
+                    "{what} {name:?} must be letters, digits, '-', '_', '.'"
+                ));
             }
         }
         for a in &m.client_apps {
             if !plain(&a.id) || !plain(&a.file) || !plain(&a.platform) {
-                return Err(format!("client app {:?}: id, file and platform must be plain names", a.id));
+                return Err(format!(
+                    "client app {:?}: id, file and platform must be plain names",
+                    a.id
+                ));
             }
         }
         Ok(m)
@@ -109,7 +119,11 @@ impl ServiceManifest {
 
 /// Names that become file names or match keys.
 pub fn plain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// The platform of this machine, as client apps name it.
@@ -146,7 +160,10 @@ pub enum ServiceError {
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError + '_ {
-    move |source| ServiceError::Io { path: path.to_path_buf(), source }
+    move |source| ServiceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A service VM in the repository.
@@ -160,8 +177,12 @@ impl ServiceVm {
     pub fn open(dir: &Path) -> Result<Self, ServiceError> {
         let path = dir.join(SERVICE_FILE);
         let json = std::fs::read(&path).map_err(io(&path))?;
-        let manifest = ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad { path, detail })?;
-        Ok(Self { dir: dir.to_path_buf(), manifest })
+        let manifest =
+            ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad { path, detail })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
     }
 
     pub fn manifest(&self) -> &ServiceManifest {
@@ -197,7 +218,9 @@ pub struct Repository {
 
 impl Repository {
     pub fn new(data: &DataDir) -> Self {
-        Self { root: data.services() }
+        Self {
+            root: data.services(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -237,7 +260,9 @@ impl Repository {
     pub fn remove(&self, id: &str) -> Result<(), ServiceError> {
         let s = self.open(id)?;
         // Rename first so that a half-removed folder is never listed.
-        let gone = self.root.join(format!(".{id}.removing-{}", std::process::id()));
+        let gone = self
+            .root
+            .join(format!(".{id}.removing-{}", std::process::id()));
         std::fs::rename(s.dir(), &gone).map_err(io(s.dir()))?;
         std::fs::remove_dir_all(&gone).map_err(io(&gone))
     }
@@ -245,9 +270,16 @@ impl Repository {
     /// Server code components on-demand provisioning scripts may ask for: a file or a
     /// folder under `DATA/components/NAME` (beside the service folders).
     pub fn component(&self, name: &str) -> Result<PathBuf, ServiceError> {
-        let path = self.root.parent().unwrap_or(&self.root).join("components").join(name);
+        let path = self
+            .root
+            .parent()
+            .unwrap_or(&self.root)
+            .join("components")
+            .join(name);
         if !plain(name) || !path.exists() {
-            return Err(ServiceError::NoComponent { name: name.to_string() });
+            return Err(ServiceError::NoComponent {
+                name: name.to_string(),
+            });
         }
         Ok(path)
     }
@@ -257,18 +289,32 @@ impl Repository {
         let dir = self.root.parent().unwrap_or(&self.root).join("components");
         DataDir::ensure(&dir)?;
         if !plain(name) {
-            return Err(ServiceError::Bad { path: from.to_path_buf(), detail: format!("component name {name:?} must be letters, digits, '-', '_', '.'") });
+            return Err(ServiceError::Bad {
+                path: from.to_path_buf(),
+                detail: format!("component name {name:?} must be letters, digits, '-', '_', '.'"),
+            });
         }
         let target = dir.join(name);
         let _ = std::fs::remove_dir_all(&target);
         let _ = std::fs::remove_file(&target);
-        copy_tree(from, &target)?;
+        // A single file lands inside the component's folder, under its own name.
+        let into = match from.is_file() {
+            true => target.join(from.file_name().unwrap_or_default()),
+            false => target.clone(),
+        };
+        if from.is_file() {
+            DataDir::ensure(&target)?;
+        }
+        copy_tree(from, &into)?;
         Ok(target)
     }
 
     /// The baseline VM of `os` (a service without a port), by id order.
     pub fn baseline(&self, os: &str) -> Result<ServiceVm, ServiceError> {
-        self.list().into_iter().find(|s| s.manifest.is_baseline() && s.manifest.os == os).ok_or_else(|| ServiceError::NoBaseline { os: os.to_string() })
+        self.list()
+            .into_iter()
+            .find(|s| s.manifest.is_baseline() && s.manifest.os == os)
+            .ok_or_else(|| ServiceError::NoBaseline { os: os.to_string() })
     }
 
     /// The app store: client apps for `platform` (all with `None`), with their service.
@@ -285,12 +331,17 @@ impl Repository {
     }
 
     pub fn app(&self, id: &str) -> Result<(ServiceVm, ClientApp), ServiceError> {
-        self.apps(None).into_iter().find(|(_, a)| a.id == id).ok_or_else(|| ServiceError::NoApp { id: id.to_string() })
+        self.apps(None)
+            .into_iter()
+            .find(|(_, a)| a.id == id)
+            .ok_or_else(|| ServiceError::NoApp { id: id.to_string() })
     }
 
     /// A fresh staging folder for a service being built or imported.
     pub fn staging(&self, id: &str) -> Result<PathBuf, ServiceError> {
-        let dir = self.root.join(format!(".{id}.staging-{}", std::process::id()));
+        let dir = self
+            .root
+            .join(format!(".{id}.staging-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         DataDir::ensure(&dir)?;
         Ok(dir)
@@ -299,31 +350,65 @@ impl Repository {
     /// Move a staged service (with `snapshot/` and `apps/` in place) into the repository:
     /// client app files are checked and recorded, `service.json` written, and the folder
     /// renamed. On error the staging folder is removed.
-    pub fn install(&self, staging: &Path, mut manifest: ServiceManifest, apps: &[(String, String, PathBuf)]) -> Result<ServiceVm, ServiceError> {
+    pub fn install(
+        &self,
+        staging: &Path,
+        mut manifest: ServiceManifest,
+        apps: &[(String, String, PathBuf)],
+    ) -> Result<ServiceVm, ServiceError> {
         let result = (|| {
             let final_dir = self.root.join(&manifest.id);
             if !plain(&manifest.id) {
-                return Err(ServiceError::Bad { path: final_dir, detail: "service id must be letters, digits, '-', '_', '.'".into() });
+                return Err(ServiceError::Bad {
+                    path: final_dir,
+                    detail: "service id must be letters, digits, '-', '_', '.'".into(),
+                });
             }
             if final_dir.exists() {
-                return Err(ServiceError::Exists { id: manifest.id.clone(), path: final_dir });
+                return Err(ServiceError::Exists {
+                    id: manifest.id.clone(),
+                    path: final_dir,
+                });
             }
             Snapshot::open(&staging.join("snapshot"))?;
             let taken: Vec<String> = self.apps(None).into_iter().map(|(_, a)| a.id).collect();
             let app_dir = staging.join("apps");
             DataDir::ensure(&app_dir)?;
             for (id, platform, file) in apps {
-                if !plain(id) || !plain(platform) || taken.contains(id) || manifest.client_apps.iter().any(|a| &a.id == id) {
-                    return Err(ServiceError::Bad { path: file.clone(), detail: format!("client app id {id:?} is taken or not a plain name") });
+                if !plain(id)
+                    || !plain(platform)
+                    || taken.contains(id)
+                    || manifest.client_apps.iter().any(|a| &a.id == id)
+                {
+                    return Err(ServiceError::Bad {
+                        path: file.clone(),
+                        detail: format!("client app id {id:?} is taken or not a plain name"),
+                    });
                 }
-                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| plain(n)).ok_or_else(|| ServiceError::Bad { path: file.clone(), detail: "not a plain file name".into() })?;
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .filter(|n| plain(n))
+                    .ok_or_else(|| ServiceError::Bad {
+                        path: file.clone(),
+                        detail: "not a plain file name".into(),
+                    })?;
                 let target = app_dir.join(&name);
                 std::fs::copy(file, &target).map_err(io(file))?;
                 let (size, sha256) = file_digest(&target)?;
-                manifest.client_apps.push(ClientApp { id: id.clone(), platform: platform.clone(), file: name, size, sha256 });
+                manifest.client_apps.push(ClientApp {
+                    id: id.clone(),
+                    platform: platform.clone(),
+                    file: name,
+                    size,
+                    sha256,
+                });
             }
             let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-            ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad { path: staging.join(SERVICE_FILE), detail })?;
+            ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad {
+                path: staging.join(SERVICE_FILE),
+                detail,
+            })?;
             std::fs::write(staging.join(SERVICE_FILE), json).map_err(io(staging))?;
             std::fs::rename(staging, &final_dir).map_err(io(&final_dir))?;
             ServiceVm::open(&final_dir)
@@ -338,12 +423,19 @@ impl Repository {
 /// Files under `path` (itself if a file), as (path, path relative to `path`).
 pub fn files_under(path: &Path) -> Vec<(PathBuf, PathBuf)> {
     if path.is_file() {
-        return vec![(path.to_path_buf(), PathBuf::from(path.file_name().unwrap_or_default()))];
+        return vec![(
+            path.to_path_buf(),
+            PathBuf::from(path.file_name().unwrap_or_default()),
+        )];
     }
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        for e in std::fs::read_dir(path.join(&rel)).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(path.join(&rel))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let r = rel.join(e.file_name());
             if e.path().is_dir() {
                 stack.push(r);
@@ -379,7 +471,10 @@ pub fn file_digest(path: &Path) -> Result<(u64, String), ServiceError> {
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -398,11 +493,16 @@ mod tests {
         for (field, value) in [("id", "../x"), ("os", "a b"), ("kind", "other")] {
             let mut m = manifest();
             m[field] = value.into();
-            assert!(ServiceManifest::parse(m.to_string().as_bytes()).is_err(), "{field}={value} accepted");
+            assert!(
+                ServiceManifest::parse(m.to_string().as_bytes()).is_err(),
+                "{field}={value} accepted"
+            );
         }
         let mut m = manifest();
         m["format"] = 2.into();
-        assert!(ServiceManifest::parse(m.to_string().as_bytes()).unwrap_err().contains("format 2"));
+        assert!(ServiceManifest::parse(m.to_string().as_bytes())
+            .unwrap_err()
+            .contains("format 2"));
         let mut m = manifest();
         m["client_apps"][0]["file"] = "../../etc/passwd".into();
         assert!(ServiceManifest::parse(m.to_string().as_bytes()).is_err());

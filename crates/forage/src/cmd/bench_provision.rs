@@ -52,7 +52,9 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
         }
     };
     let base = super::bench::bench_base(data, &args.base, &say).await?;
-    let work = data.work().join(format!("bench-provision-{}", std::process::id()));
+    let work = data
+        .work()
+        .join(format!("bench-provision-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
@@ -110,45 +112,162 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
     result
 }
 
-fn measure(data: &DataDir, work: &Path, ovl: &Path, bundle: &Path, _base: &str, args: &BenchProvisionArgs, say: &dyn Fn(&str)) -> anyhow::Result<Vec<Value>> {
-    let link = forage_wan::WanLink::create(args.mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
+fn measure(
+    data: &DataDir,
+    work: &Path,
+    ovl: &Path,
+    bundle: &Path,
+    _base: &str,
+    args: &BenchProvisionArgs,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Vec<Value>> {
+    let link = forage_wan::WanLink::create(args.mbps)
+        .context("emulating the WAN link (needs root, iproute2 and tc)")?;
     let exe = std::env::current_exe()?;
     let (device, cloudlet) = (&link.a, &link.b);
     let addr = SocketAddr::from((cloudlet.addr, CLOUDLET_PORT)).to_string();
     let api = format!("http://{}", SocketAddr::from((cloudlet.addr, API_PORT)));
     let log = work.join("cloudlet.log");
     let mut serve = cloudlet.command(&exe);
-    serve.arg("--data-dir").arg(data.root()).args(["serve", "--listen", &addr, "--api", &SocketAddr::from((cloudlet.addr, API_PORT)).to_string(), "--no-cache", "--no-advertise", "--name", "bench-cloudlet"]);
-    let _cloudlet = super::bench_synthesis::Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
-    super::bench_synthesis::wait_for_line(&log.to_path_buf(), "listening", Duration::from_secs(30))?;
-    let (ovl_s, bundle_s, script_s, dl) = (ovl.to_string_lossy().into_owned(), bundle.to_string_lossy().into_owned(), work.join("provision.sh").to_string_lossy().into_owned(), work.join("dl").to_string_lossy().into_owned());
+    serve.arg("--data-dir").arg(data.root()).args([
+        "serve",
+        "--listen",
+        &addr,
+        "--api",
+        &SocketAddr::from((cloudlet.addr, API_PORT)).to_string(),
+        "--no-cache",
+        "--no-advertise",
+        "--name",
+        "bench-cloudlet",
+    ]);
+    let _cloudlet = super::bench_synthesis::Guard(
+        serve
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    super::bench_synthesis::wait_for_line(
+        &log.to_path_buf(),
+        "listening",
+        Duration::from_secs(30),
+    )?;
+    let (ovl_s, bundle_s, script_s, dl) = (
+        ovl.to_string_lossy().into_owned(),
+        bundle.to_string_lossy().into_owned(),
+        work.join("provision.sh").to_string_lossy().into_owned(),
+        work.join("dl").to_string_lossy().into_owned(),
+    );
     let mechanisms: Vec<(&str, Vec<&str>)> = vec![
-        ("vm_synthesis", vec!["synthesize", &ovl_s, "--cloudlet", &addr]),
-        ("app_virtualization", vec!["app", "run", &bundle_s, "--cloudlet", &addr, "--request", REQUEST]),
-        ("cached_vm", vec!["offload", "--service", SERVICE, "--cloudlet", &addr, "--request", REQUEST]),
-        ("cloudlet_push", vec!["apps", "get", CLIENT_APP, "-o", &dl, "--api", &api, "--cloudlet", &addr, "--request", REQUEST]),
-        ("on_demand", vec!["provision", &script_s, "--port", "8080", "--component", COMPONENT, "--cloudlet", &addr, "--request", REQUEST]),
+        (
+            "vm_synthesis",
+            vec!["synthesize", &ovl_s, "--cloudlet", &addr],
+        ),
+        (
+            "app_virtualization",
+            vec![
+                "app",
+                "run",
+                &bundle_s,
+                "--cloudlet",
+                &addr,
+                "--request",
+                REQUEST,
+            ],
+        ),
+        (
+            "cached_vm",
+            vec![
+                "offload",
+                "--service",
+                SERVICE,
+                "--cloudlet",
+                &addr,
+                "--request",
+                REQUEST,
+            ],
+        ),
+        (
+            "cloudlet_push",
+            vec![
+                "apps",
+                "get",
+                CLIENT_APP,
+                "-o",
+                &dl,
+                "--api",
+                &api,
+                "--cloudlet",
+                &addr,
+                "--request",
+                REQUEST,
+            ],
+        ),
+        (
+            "on_demand",
+            vec![
+                "provision",
+                &script_s,
+                "--port",
+                "8080",
+                "--component",
+                COMPONENT,
+                "--cloudlet",
+                &addr,
+                "--request",
+                REQUEST,
+            ],
+        ),
     ];
     let mut rows = Vec::new();
     for (mechanism, argv) in mechanisms {
         let mut runs = Vec::new();
         for run in 0..args.runs.max(1) {
             let t = std::time::Instant::now();
-            let out = device.command(&exe).arg("--data-dir").arg(data.root()).args(&argv).arg("--json").output()?;
+            let out = device
+                .command(&exe)
+                .arg("--data-dir")
+                .arg(data.root())
+                .args(&argv)
+                .arg("--json")
+                .output()?;
             let wall = t.elapsed().as_secs_f64();
             if !out.status.success() {
-                bail!("{mechanism} (run {run}) failed: {}\ncloudlet log: {}", String::from_utf8_lossy(&out.stderr).trim(), std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+                bail!(
+                    "{mechanism} (run {run}) failed: {}\ncloudlet log: {}",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .lines()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                );
             }
-            let r: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{mechanism} output"))?;
+            let r: Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("{mechanism} output"))?;
             let row = match mechanism {
-                "vm_synthesis" => json!({"payload_bytes": r["overlay_bytes"], "ready_s": r["first_response_s"], "cloudlet_ready_s": r["ready_s"], "answer": r["answer"]}),
-                _ => json!({"payload_bytes": r["payload_bytes"], "ready_s": r["first_response_s"], "cloudlet_ready_s": r["ready_s"], "answer": r["answer"]}),
+                "vm_synthesis" => {
+                    json!({"payload_bytes": r["overlay_bytes"], "ready_s": r["first_response_s"], "cloudlet_ready_s": r["ready_s"], "answer": r["answer"]})
+                }
+                _ => {
+                    json!({"payload_bytes": r["payload_bytes"], "ready_s": r["first_response_s"], "cloudlet_ready_s": r["ready_s"], "answer": r["answer"]})
+                }
             };
-            say(&format!("  {mechanism}: ready {:.2} s (command {wall:.2} s), {} bytes sent", row["ready_s"].as_f64().unwrap_or(0.0), row["payload_bytes"]));
+            say(&format!(
+                "  {mechanism}: ready {:.2} s (command {wall:.2} s), {} bytes sent",
+                row["ready_s"].as_f64().unwrap_or(0.0),
+                row["payload_bytes"]
+            ));
             runs.push(row);
             std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
         }
-        runs.sort_by(|a, b| a["ready_s"].as_f64().partial_cmp(&b["ready_s"].as_f64()).expect("numbers"));
+        runs.sort_by(|a, b| {
+            a["ready_s"]
+                .as_f64()
+                .partial_cmp(&b["ready_s"].as_f64())
+                .expect("numbers")
+        });
         let mut r = runs[runs.len() / 2].clone();
         r["mechanism"] = mechanism.into();
         r["mbps"] = args.mbps.into();
@@ -160,7 +279,10 @@ fn measure(data: &DataDir, work: &Path, ovl: &Path, bundle: &Path, _base: &str, 
 
 fn print_table(rows: &[Value], mbps: f64) {
     println!("Provisioning mechanisms over an emulated WAN of {mbps} Mbit/s (tc tbf); the same hashsearch service, first request `{REQUEST}`:");
-    println!("  {:<20} {:>14} {:>10} {:>18}", "mechanism", "payload bytes", "ready s", "cloudlet ready s");
+    println!(
+        "  {:<20} {:>14} {:>10} {:>18}",
+        "mechanism", "payload bytes", "ready s", "cloudlet ready s"
+    );
     for r in rows {
         println!(
             "  {:<20} {:>14} {:>10.2} {:>18.2}",

@@ -17,12 +17,21 @@ use crate::cli::{AppCommand, AppsArgs, AppsCommand, SessionArgs};
 /// `--cloudlet ADDR|auto`; with `auto` and a service, only cloudlets holding it qualify.
 pub async fn resolve(arg: &str, service: Option<&str>) -> anyhow::Result<SocketAddr> {
     if arg != "auto" {
-        return arg.parse().with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
+        return arg
+            .parse()
+            .with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
     }
-    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2))).await??;
-    let need = forage_discovery::Need { base: None, service: service.map(str::to_string) };
+    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2)))
+        .await??;
+    let need = forage_discovery::Need {
+        base: None,
+        service: service.map(str::to_string),
+    };
     let utility = |f: &forage_discovery::Found, n: &forage_discovery::Need| {
-        if n.service.as_ref().is_some_and(|s| !f.ad.services.contains(s)) {
+        if n.service
+            .as_ref()
+            .is_some_and(|s| !f.ad.services.contains(s))
+        {
             return None;
         }
         forage_discovery::default_utility(f, n)
@@ -31,15 +40,27 @@ pub async fn resolve(arg: &str, service: Option<&str>) -> anyhow::Result<SocketA
         Some(s) => format!("--cloudlet auto: none of the {} cloudlets that answered holds service {s} and is reachable", found.len()),
         None => format!("--cloudlet auto: none of the {} cloudlets that answered is reachable", found.len()),
     })?;
-    eprintln!("cloudlet auto: {} at {} (of {} found)", best.ad.name, best.ad.addr, found.len());
+    eprintln!(
+        "cloudlet auto: {} at {} (of {} found)",
+        best.ad.name,
+        best.ad.addr,
+        found.len()
+    );
     Ok(best.ad.addr)
 }
 
 /// Provision `request` on the cloudlet and hold it as `args` say.
-pub async fn provision(request: Provision, service: Option<&str>, args: &SessionArgs) -> anyhow::Result<()> {
+pub async fn provision(
+    request: Provision,
+    service: Option<&str>,
+    args: &SessionArgs,
+) -> anyhow::Result<()> {
     let addr = resolve(&args.cloudlet, service).await?;
     let mechanism = request.mechanism();
-    let (report, mut session) = forage_client::provision(addr, "forage-cli", request, args.request.clone()).await.with_context(|| format!("{mechanism} on cloudlet {addr}"))?;
+    let (report, mut session) =
+        forage_client::provision(addr, "forage-cli", request, args.request.clone())
+            .await
+            .with_context(|| format!("{mechanism} on cloudlet {addr}"))?;
     print_report(&report, args.json);
     if args.hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
@@ -62,7 +83,10 @@ fn print_report(r: &ProvisionReport, json: bool) {
         super::print_json(r);
         return;
     }
-    println!("{} on cloudlet {}: {} bytes sent, ready {:.2} s, service at {}", r.mechanism, r.cloudlet, r.payload_bytes, r.ready_s, r.endpoint);
+    println!(
+        "{} on cloudlet {}: {} bytes sent, ready {:.2} s, service at {}",
+        r.mechanism, r.cloudlet, r.payload_bytes, r.ready_s, r.endpoint
+    );
     if let (Some(a), Some(t)) = (&r.answer, r.first_response_s) {
         println!("  first answer after {t:.2} s: {a}");
     }
@@ -73,10 +97,15 @@ async fn api_url(arg: &str) -> anyhow::Result<String> {
     if arg != "auto" {
         return Ok(arg.trim_end_matches('/').to_string());
     }
-    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2))).await??;
+    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2)))
+        .await??;
     let need = forage_discovery::Need::default();
-    let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility).context("--api auto: no reachable cloudlet answered")?;
-    let port = best.ad.http_port.context("--api auto: the best cloudlet announces no HTTP API")?;
+    let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility)
+        .context("--api auto: no reachable cloudlet answered")?;
+    let port = best
+        .ad
+        .http_port
+        .context("--api auto: the best cloudlet announces no HTTP API")?;
     Ok(format!("http://{}:{port}", best.ad.addr.ip()))
 }
 
@@ -96,7 +125,10 @@ struct AppList {
 }
 
 fn http() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).timeout_read(Duration::from_secs(60)).build()
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout_read(Duration::from_secs(60))
+        .build()
 }
 
 fn list_apps(api: &str, platform: Option<&str>) -> anyhow::Result<Vec<AppInfo>> {
@@ -104,8 +136,13 @@ fn list_apps(api: &str, platform: Option<&str>) -> anyhow::Result<Vec<AppInfo>> 
     if let Some(p) = platform {
         req = req.query("platform", p);
     }
-    let text = req.call().with_context(|| format!("app store at {api}"))?.into_string().with_context(|| format!("app store at {api}"))?;
-    let list: AppList = serde_json::from_str(&text).with_context(|| format!("app store at {api}: not a list of apps"))?;
+    let text = req
+        .call()
+        .with_context(|| format!("app store at {api}"))?
+        .into_string()
+        .with_context(|| format!("app store at {api}"))?;
+    let list: AppList = serde_json::from_str(&text)
+        .with_context(|| format!("app store at {api}: not a list of apps"))?;
     Ok(list.apps)
 }
 
@@ -115,25 +152,52 @@ pub async fn apps(args: AppsArgs) -> anyhow::Result<()> {
     match args.command {
         None => {
             let (api2, p) = (api.clone(), (!args.all).then(|| platform.clone()));
-            let apps = tokio::task::spawn_blocking(move || list_apps(&api2, p.as_deref())).await??;
+            let apps =
+                tokio::task::spawn_blocking(move || list_apps(&api2, p.as_deref())).await??;
             if args.json {
                 super::print_json(&apps);
             } else if apps.is_empty() {
-                println!("no client apps for {} at {api}", if args.all { "any platform" } else { &platform });
+                println!(
+                    "no client apps for {} at {api}",
+                    if args.all { "any platform" } else { &platform }
+                );
             } else {
                 for a in apps {
-                    println!("{:<24} {:<16} service {:<16} {} ({} bytes)", a.id, a.platform, a.service, a.file, a.size);
+                    println!(
+                        "{:<24} {:<16} service {:<16} {} ({} bytes)",
+                        a.id, a.platform, a.service, a.file, a.size
+                    );
                 }
             }
         }
-        Some(AppsCommand::Get { id, output, no_start, cloudlet, request, hold }) => {
+        Some(AppsCommand::Get {
+            id,
+            output,
+            no_start,
+            cloudlet,
+            request,
+            hold,
+        }) => {
             let (api2, id2, out2) = (api.clone(), id.clone(), output.clone());
-            let (info, path) = tokio::task::spawn_blocking(move || download(&api2, &id2, &out2)).await??;
+            let (info, path) =
+                tokio::task::spawn_blocking(move || download(&api2, &id2, &out2)).await??;
             if !args.json {
-                println!("app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}", info.id, info.platform, path.display(), info.size, info.service);
+                println!(
+                    "app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}",
+                    info.id,
+                    info.platform,
+                    path.display(),
+                    info.size,
+                    info.service
+                );
             }
             if !no_start {
-                let session = SessionArgs { cloudlet, request, hold, json: args.json };
+                let session = SessionArgs {
+                    cloudlet,
+                    request,
+                    hold,
+                    json: args.json,
+                };
                 return provision(Provision::Push { app: id }, Some(&info.service), &session).await;
             }
         }
@@ -145,15 +209,34 @@ pub async fn apps(args: AppsArgs) -> anyhow::Result<()> {
 /// file appears only when complete.
 fn download(api: &str, id: &str, dir: &Path) -> anyhow::Result<(AppInfo, std::path::PathBuf)> {
     use sha2::Digest;
-    let info = list_apps(api, None)?.into_iter().find(|a| a.id == id).with_context(|| format!("no client app {id} in the app store at {api} (see `forage apps --all`)"))?;
+    let info = list_apps(api, None)?
+        .into_iter()
+        .find(|a| a.id == id)
+        .with_context(|| {
+            format!("no client app {id} in the app store at {api} (see `forage apps --all`)")
+        })?;
     if !forage_service::plain(&info.file) {
-        bail!("the app store names a file {:?} that is not a plain name", info.file);
+        bail!(
+            "the app store names a file {:?} that is not a plain name",
+            info.file
+        );
     }
-    let resp = http().get(&format!("{api}/v1/apps/{id}")).call().with_context(|| format!("downloading app {id}"))?;
+    let resp = http()
+        .get(&format!("{api}/v1/apps/{id}"))
+        .call()
+        .with_context(|| format!("downloading app {id}"))?;
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(resp.into_reader(), info.size + 1), &mut bytes).with_context(|| format!("downloading app {id}"))?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(resp.into_reader(), info.size + 1),
+        &mut bytes,
+    )
+    .with_context(|| format!("downloading app {id}"))?;
     if bytes.len() as u64 != info.size || hex::encode(sha2::Sha256::digest(&bytes)) != info.sha256 {
-        bail!("app {id} arrived damaged ({} bytes, listed {}; or its checksum differs)", bytes.len(), info.size);
+        bail!(
+            "app {id} arrived damaged ({} bytes, listed {}; or its checksum differs)",
+            bytes.len(),
+            info.size
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(&info.file);
@@ -165,19 +248,45 @@ fn download(api: &str, id: &str, dir: &Path) -> anyhow::Result<(AppInfo, std::pa
 
 pub async fn app(cmd: AppCommand) -> anyhow::Result<()> {
     match cmd {
-        AppCommand::Pack { command, name, port, probe, data, output } => {
-            let name = name.unwrap_or_else(|| Path::new(&command[0]).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        AppCommand::Pack {
+            command,
+            name,
+            port,
+            probe,
+            data,
+            output,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                Path::new(&command[0])
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
             let bytes = appvirt::pack(&command, &name, port, probe, &data)?;
             let b = appvirt::AppBundle::open(&bytes).context("checking the bundle just packed")?;
             let partial = output.with_extension("partial");
-            std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
-            std::fs::rename(&partial, &output).with_context(|| format!("writing {}", output.display()))?;
-            let libs = b.manifest.files.iter().filter(|f| f.path.contains(".so")).count();
-            println!("packed {name} for {}: {} files ({libs} libraries), {} KiB -> {}", b.manifest.os, b.manifest.files.len(), bytes.len() >> 10, output.display());
+            std::fs::write(&partial, &bytes)
+                .with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, &output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let libs = b
+                .manifest
+                .files
+                .iter()
+                .filter(|f| f.path.contains(".so"))
+                .count();
+            println!(
+                "packed {name} for {}: {} files ({libs} libraries), {} KiB -> {}",
+                b.manifest.os,
+                b.manifest.files.len(),
+                bytes.len() >> 10,
+                output.display()
+            );
             Ok(())
         }
         AppCommand::Run { bundle, session } => {
-            let package = std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let package =
+                std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
             appvirt::AppBundle::open(&package).with_context(|| format!("{}", bundle.display()))?;
             provision(Provision::App { package }, None, &session).await
         }
