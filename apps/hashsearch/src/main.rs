@@ -28,11 +28,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let port: u16 = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(8080);
     // `--preload FILE`: keep a data set in memory (as a real backend keeps its model).
-    if let Some(path) = args
-        .iter()
-        .position(|a| a == "--preload")
-        .and_then(|i| args.get(i + 1))
-    {
+    if let Some(path) = args.iter().position(|a| a == "--preload").and_then(|i| args.get(i + 1)) {
         let n = preload(path).unwrap_or_else(|e| {
             eprintln!("hashsearch: cannot preload {path}: {e}");
             std::process::exit(1);
@@ -59,8 +55,7 @@ fn preload(path: &str) -> std::io::Result<usize> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len() as usize;
-    let layout =
-        std::alloc::Layout::from_size_align(len.max(1), 4096).map_err(std::io::Error::other)?;
+    let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).map_err(std::io::Error::other)?;
     // SAFETY: the layout has non-zero size; the buffer is leaked on purpose (it lives as
     // long as the process) and only written through this exclusive slice.
     let buf = unsafe {
@@ -90,11 +85,7 @@ fn serve(conn: TcpStream, served: &AtomicU64) -> std::io::Result<()> {
 fn answer(line: &str, served: &AtomicU64) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["count"] => format!(
-            "ok served={} preloaded={}",
-            served.load(Ordering::SeqCst),
-            PRELOADED.load(Ordering::SeqCst)
-        ),
+        ["count"] => format!("ok served={} preloaded={}", served.load(Ordering::SeqCst), PRELOADED.load(Ordering::SeqCst)),
         ["search", text, bits] => match bits.parse::<u32>() {
             Ok(bits) if bits <= MAX_BITS => {
                 let start = Instant::now();
@@ -116,11 +107,7 @@ fn answer(line: &str, served: &AtomicU64) -> String {
 fn search(text: &[u8], bits: u32) -> (u64, [u8; 32]) {
     let prefix = Sha256::new_with_prefix(text);
     for nonce in 0u64.. {
-        let hash: [u8; 32] = prefix
-            .clone()
-            .chain_update(nonce.to_string())
-            .finalize()
-            .into();
+        let hash: [u8; 32] = prefix.clone().chain_update(nonce.to_string()).finalize().into();
         if leading_zero_bits(&hash) >= bits {
             return (nonce, hash);
         }

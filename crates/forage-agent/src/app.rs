@@ -73,25 +73,13 @@ impl AppPackage {
             path: path.clone(),
             detail,
         };
-        let manifest: AppManifest =
-            serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        let manifest: AppManifest = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if manifest.format != APP_FORMAT {
-            return Err(bad(format!(
-                "app format {} is not {APP_FORMAT}",
-                manifest.format
-            )));
+            return Err(bad(format!("app format {} is not {APP_FORMAT}", manifest.format)));
         }
-        let plain = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !s.starts_with('.')
-        };
+        let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !s.starts_with('.');
         if !plain(&manifest.name) {
-            return Err(bad(format!(
-                "app name {:?} must be letters, digits, '-', '_', '.'",
-                manifest.name
-            )));
+            return Err(bad(format!("app name {:?} must be letters, digits, '-', '_', '.'", manifest.name)));
         }
         if manifest.start.is_empty() {
             return Err(bad("start command is empty".into()));
@@ -116,10 +104,7 @@ impl AppPackage {
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
             let abs = self.dir.join(&rel);
-            let entries = std::fs::read_dir(&abs).map_err(|source| AppError::Io {
-                path: abs.clone(),
-                source,
-            })?;
+            let entries = std::fs::read_dir(&abs).map_err(|source| AppError::Io { path: abs.clone(), source })?;
             for e in entries.flatten() {
                 let r = rel.join(e.file_name());
                 if e.path().is_dir() {
@@ -136,10 +121,7 @@ impl AppPackage {
     /// Copy the app into the guest, run its install step, and start it.
     pub fn install(&self, agent: &mut AgentClient) -> Result<(), AppError> {
         let name = self.manifest.name.clone();
-        let err = |source| AppError::Agent {
-            app: name.clone(),
-            source,
-        };
+        let err = |source| AppError::Agent { app: name.clone(), source };
         let gdir = self.guest_dir();
         for rel in self.files()? {
             agent
@@ -152,11 +134,7 @@ impl AppPackage {
                 .exec_ok(&["sh", "-c", &script], Duration::from_secs(300))
                 .map_err(err)?;
         }
-        let start = format!(
-            "#!/bin/sh\ncd {} && exec {}\n",
-            sh_quote(&gdir),
-            sh_join(&self.manifest.start)
-        );
+        let start = format!("#!/bin/sh\ncd {} && exec {}\n", sh_quote(&gdir), sh_join(&self.manifest.start));
         agent
             .put_bytes(start.as_bytes(), &format!("{gdir}/start"), 0o755)
             .map_err(err)?;
@@ -164,20 +142,14 @@ impl AppPackage {
             .spawn(&[&format!("{gdir}/start")], &format!("{gdir}/log"))
             .map_err(err)?;
         // Make the files durable before anyone saves the VM.
-        agent
-            .exec_ok(&["sync"], Duration::from_secs(60))
-            .map_err(err)?;
+        agent.exec_ok(&["sync"], Duration::from_secs(60)).map_err(err)?;
         Ok(())
     }
 }
 
 /// Send one request line to an app's service and read its one-line answer (how forage
 /// probes services and takes first responses).
-pub fn request_line(
-    addr: std::net::SocketAddr,
-    line: &str,
-    read_timeout: Duration,
-) -> std::io::Result<String> {
+pub fn request_line(addr: std::net::SocketAddr, line: &str, read_timeout: Duration) -> std::io::Result<String> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(read_timeout))?;
@@ -195,10 +167,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 fn sh_join(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| sh_quote(a))
-        .collect::<Vec<_>>()
-        .join(" ")
+    argv.iter().map(|a| sh_quote(a)).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -210,20 +179,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("forage-app-test-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         std::fs::write(dir.join("sub/f"), b"x").unwrap();
-        let write =
-            |v: serde_json::Value| std::fs::write(dir.join(APP_MANIFEST), v.to_string()).unwrap();
+        let write = |v: serde_json::Value| std::fs::write(dir.join(APP_MANIFEST), v.to_string()).unwrap();
         write(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"]}));
         let app = AppPackage::open(&dir).unwrap();
         assert_eq!(app.guest_dir(), "/data/apps/a");
-        assert_eq!(
-            app.files().unwrap(),
-            [PathBuf::from("app.json"), PathBuf::from("sub/f")]
-        );
+        assert_eq!(app.files().unwrap(), [PathBuf::from("app.json"), PathBuf::from("sub/f")]);
         write(serde_json::json!({"format":1,"name":"../x","port":80,"start":["./a"]}));
-        assert!(AppPackage::open(&dir)
-            .unwrap_err()
-            .to_string()
-            .contains("app name"));
+        assert!(AppPackage::open(&dir).unwrap_err().to_string().contains("app name"));
         write(serde_json::json!({"format":2,"name":"a","port":80,"start":["./a"]}));
         assert!(AppPackage::open(&dir).is_err());
         write(serde_json::json!({"format":1,"name":"a","port":80,"start":[]}));
@@ -233,9 +195,6 @@ mod tests {
 
     #[test]
     fn quoting() {
-        assert_eq!(
-            sh_join(&["./a b".into(), "it's".into()]),
-            r"'./a b' 'it'\''s'"
-        );
+        assert_eq!(sh_join(&["./a b".into(), "it's".into()]), r"'./a b' 'it'\''s'");
     }
 }

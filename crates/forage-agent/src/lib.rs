@@ -174,9 +174,7 @@ impl AgentClient {
     fn try_connect(addr: SocketAddr) -> Result<Self, AgentError> {
         let io = |source| AgentError::Io { addr, source };
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(io)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let mut client = Self {
             addr,
@@ -185,11 +183,7 @@ impl AgentClient {
         };
         client.ping()?;
         // Long enough for big puts; exec sets its own from the command's timeout.
-        client
-            .reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(600)))
-            .map_err(io)?;
+        client.reader.get_ref().set_read_timeout(Some(Duration::from_secs(600))).map_err(io)?;
         Ok(client)
     }
 
@@ -205,20 +199,11 @@ impl AgentClient {
             source,
         };
         let data = std::fs::read(local).map_err(local_err)?;
-        let mode = std::fs::metadata(local)
-            .map_err(local_err)?
-            .permissions()
-            .mode()
-            & 0o7777;
+        let mode = std::fs::metadata(local).map_err(local_err)?.permissions().mode() & 0o7777;
         self.put_bytes(&data, guest_path, mode)
     }
 
-    pub fn put_bytes(
-        &mut self,
-        data: &[u8],
-        guest_path: &str,
-        mode: u32,
-    ) -> Result<(), AgentError> {
+    pub fn put_bytes(&mut self, data: &[u8], guest_path: &str, mode: u32) -> Result<(), AgentError> {
         let op = Op::Put {
             path: guest_path.to_string(),
             mode,
@@ -237,10 +222,7 @@ impl AgentClient {
         let wait = timeout.max(Duration::from_secs(1)) + Duration::from_secs(30);
         let _ = self.reader.get_ref().set_read_timeout(Some(wait));
         let r = self.call(op, "exec", &[]);
-        let _ = self
-            .reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(600)));
+        let _ = self.reader.get_ref().set_read_timeout(Some(Duration::from_secs(600)));
         let r = r?;
         Ok(ExecOutput {
             code: r.code.unwrap_or(-1),
@@ -271,10 +253,7 @@ impl AgentClient {
     /// Whether something in the guest listens on TCP `port` (from `/proc/net/tcp*`: the
     /// guest's busybox `nc` has no `-z`).
     pub fn listening(&mut self, port: u16) -> Result<bool, AgentError> {
-        let out = self.exec(
-            &["cat", "/proc/net/tcp", "/proc/net/tcp6"],
-            Duration::from_secs(5),
-        )?;
+        let out = self.exec(&["cat", "/proc/net/tcp", "/proc/net/tcp6"], Duration::from_secs(5))?;
         Ok(listens_in(&out.stdout, port))
     }
 
@@ -328,13 +307,10 @@ impl AgentClient {
 /// Whether `/proc/net/tcp` text shows a socket listening (state 0A) on local `port`.
 pub fn listens_in(proc_net_tcp: &str, port: u16) -> bool {
     let want = format!(":{port:04X}");
-    proc_net_tcp
-        .lines()
-        .skip_while(|l| !l.contains("local_address"))
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
-        })
+    proc_net_tcp.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+    })
 }
 
 #[cfg(test)]
@@ -345,10 +321,7 @@ mod tests {
     fn listening_sockets_are_found_in_proc_net_tcp() {
         let text = "  sl  local_address rem_address   st tx_queue rx_queue\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000\n   1: 0100007F:1B58 0100007F:9C40 01 00000000:00000000\n";
         assert!(listens_in(text, 8080));
-        assert!(
-            !listens_in(text, 7000),
-            "an established connection is not a listener"
-        );
+        assert!(!listens_in(text, 7000), "an established connection is not a listener");
         assert!(!listens_in(text, 80));
     }
 
@@ -379,15 +352,9 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_with_a_reason() {
-        assert!(parse_request(b"{\"v\":2,\"op\":\"ping\"}")
-            .unwrap_err()
-            .contains("version 2"));
-        assert!(parse_request(b"{\"v\":1,\"op\":\"reboot\"}")
-            .unwrap_err()
-            .contains("bad request"));
+        assert!(parse_request(b"{\"v\":2,\"op\":\"ping\"}").unwrap_err().contains("version 2"));
+        assert!(parse_request(b"{\"v\":1,\"op\":\"reboot\"}").unwrap_err().contains("bad request"));
         assert!(parse_request(b"\xff\xfe").is_err());
-        assert!(parse_request(&vec![b' '; MAX_LINE + 1])
-            .unwrap_err()
-            .contains("over"));
+        assert!(parse_request(&vec![b' '; MAX_LINE + 1]).unwrap_err().contains("over"));
     }
 }

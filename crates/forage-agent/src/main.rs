@@ -10,9 +10,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use forage_agent::{
-    parse_request, Op, Response, AGENT_PORT, MAX_LINE, MAX_OUTPUT, MAX_PUT, PROTOCOL_VERSION,
-};
+use forage_agent::{parse_request, Op, Response, AGENT_PORT, MAX_LINE, MAX_OUTPUT, MAX_PUT, PROTOCOL_VERSION};
 
 fn main() {
     let port = std::env::args()
@@ -42,9 +40,7 @@ fn serve(conn: TcpStream, started: Instant) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn);
     loop {
         let mut line = Vec::new();
-        let n = (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)?;
+        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
@@ -66,10 +62,7 @@ fn serve(conn: TcpStream, started: Instant) -> std::io::Result<()> {
                 },
                 Op::Put { path, mode, size } => {
                     if size > MAX_PUT {
-                        write_response(
-                            &mut writer,
-                            &Response::failure(format!("file over {MAX_PUT} bytes")),
-                        )?;
+                        write_response(&mut writer, &Response::failure(format!("file over {MAX_PUT} bytes")))?;
                         return Ok(());
                     }
                     match put(&mut reader, &path, mode, size) {
@@ -128,9 +121,7 @@ fn put(reader: &mut impl Read, path: &str, mode: u32, size: u64) -> std::io::Res
     let copied = std::io::copy(&mut reader.take(size), &mut file)?;
     if copied != size {
         let _ = fs::remove_file(&tmp);
-        return Err(std::io::Error::other(format!(
-            "connection ended after {copied} of {size} bytes"
-        )));
+        return Err(std::io::Error::other(format!("connection ended after {copied} of {size} bytes")));
     }
     file.sync_all()?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777))?;
@@ -250,11 +241,7 @@ fn spawn(argv: &[String], log: &str) -> Response {
     };
     match Command::new(prog)
         .args(args)
-        .stdin(
-            File::open("/dev/null")
-                .map(Stdio::from)
-                .unwrap_or(Stdio::null()),
-        )
+        .stdin(File::open("/dev/null").map(Stdio::from).unwrap_or(Stdio::null()))
         .stdout(log_file)
         .stderr(log_err)
         .spawn()

@@ -39,9 +39,9 @@ pub use error::ApiError;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
-    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList,
-    InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList,
-    SessionMode, SessionStatus, SessionView, SessionsQuery, StatusView,
+    AppInfo, AppList, ServiceInfo, ServiceList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
+    InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
+    SessionsQuery, StatusView,
 };
 
 /// What the API asks of the daemon. Calls are synchronous; the API runs them on a

@@ -8,8 +8,8 @@ use axum::Json;
 
 use crate::error::ApiError;
 use crate::views::{
-    AppInfo, AppList, AppsQuery, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList,
-    InstanceView, InstancesQuery, ServiceList, SessionList, SessionsQuery, StatusView,
+    AppInfo, AppList, AppsQuery, BaseList, ServiceList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
+    SessionList, SessionsQuery, StatusView,
 };
 use crate::{metrics, ApiContext};
 
@@ -68,10 +68,7 @@ pub async fn services(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<ServiceList> {
     get, path = "/v1/apps", tag = "apps", params(AppsQuery),
     responses((status = 200, description = "Client apps", body = AppList))
 )]
-pub async fn apps(
-    Ctx(ctx): Ctx<ApiContext>,
-    query: Result<Query<AppsQuery>, QueryRejection>,
-) -> ApiResult<AppList> {
+pub async fn apps(Ctx(ctx): Ctx<ApiContext>, query: Result<Query<AppsQuery>, QueryRejection>) -> ApiResult<AppList> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let control = ctx.control.clone();
     let apps = blocking(move || control.apps(q.platform.as_deref())).await?;
@@ -87,25 +84,13 @@ pub async fn apps(
         (status = 404, description = "No such app", body = ErrorBody),
     )
 )]
-pub async fn app_file(
-    Ctx(ctx): Ctx<ApiContext>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
+pub async fn app_file(Ctx(ctx): Ctx<ApiContext>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let control = ctx.control.clone();
     let wanted = id.clone();
-    let (info, bytes): (AppInfo, Vec<u8>) = blocking(move || control.app_file(&wanted))
-        .await?
-        .ok_or(ApiError::NotFound { kind: "app", id })?;
+    let (info, bytes): (AppInfo, Vec<u8>) = blocking(move || control.app_file(&wanted)).await?.ok_or(ApiError::NotFound { kind: "app", id })?;
     let disposition = format!("attachment; filename=\"{}\"", info.file);
     Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_DISPOSITION, disposition),
-            (
-                header::HeaderName::from_static("x-forage-sha256"),
-                info.sha256,
-            ),
-        ],
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_DISPOSITION, disposition), (header::HeaderName::from_static("x-forage-sha256"), info.sha256)],
         bytes,
     ))
 }

@@ -34,15 +34,9 @@ async fn bases_come_from_the_daemon() {
 #[tokio::test]
 async fn the_app_store_lists_and_serves_client_apps() {
     let fx = fixture();
-    let v: forage_api::ServiceList =
-        serde_json::from_value(call(&fx.router, Method::GET, "/v1/services").await.json()).unwrap();
+    let v: forage_api::ServiceList = serde_json::from_value(call(&fx.router, Method::GET, "/v1/services").await.json()).unwrap();
     assert_eq!(v.services[0].client_apps, ["hs-client"]);
-    let apps: forage_api::AppList = serde_json::from_value(
-        call(&fx.router, Method::GET, "/v1/apps?platform=linux-x86_64")
-            .await
-            .json(),
-    )
-    .unwrap();
+    let apps: forage_api::AppList = serde_json::from_value(call(&fx.router, Method::GET, "/v1/apps?platform=linux-x86_64").await.json()).unwrap();
     assert_eq!(apps.apps[0].id, "hs-client");
     let file = call(&fx.router, Method::GET, "/v1/apps/hs-client").await;
     assert_eq!(file.text(), "hello");

@@ -101,10 +101,7 @@ fn slot(s: Space) -> usize {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssemblyError + '_ {
-    move |source| AssemblyError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| AssemblyError::Io { path: path.to_path_buf(), source }
 }
 
 fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
@@ -123,44 +120,22 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 impl Assembly {
     /// Start assembling the launch VM described by `manifest` (already validated) over
     /// the base's memory and disk files. `work` receives the local files; it must exist.
-    pub fn new(
-        manifest: Manifest,
-        base_memory: &Path,
-        base_disk: &Path,
-        work: &Path,
-        fetch: FetchFn,
-    ) -> Result<Self, AssemblyError> {
+    pub fn new(manifest: Manifest, base_memory: &Path, base_disk: &Path, work: &Path, fetch: FetchFn) -> Result<Self, AssemblyError> {
         if let Some(parent) = &manifest.parent {
             // A residue only makes sense on top of its parent overlay's launch VM.
-            return Err(AssemblyError::Overlay(format!(
-                "this is a residue of overlay {parent}: merge it first"
-            )));
+            return Err(AssemblyError::Overlay(format!("this is a residue of overlay {parent}: merge it first")));
         }
-        let open_space =
-            |base: &Path, name: &str, size: u64| -> Result<SpaceFiles, AssemblyError> {
-                let local_path = work.join(name);
-                let local = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&local_path)
-                    .map_err(io(&local_path))?;
-                local.set_len(size).map_err(io(&local_path))?;
-                let base_file = File::open(base).map_err(io(base))?;
-                let have = base_file.metadata().map_err(io(base))?.len();
-                if have != size {
-                    return Err(AssemblyError::Mismatch(format!(
-                        "{} is {have} bytes, the overlay expects {size}",
-                        base.display()
-                    )));
-                }
-                Ok(SpaceFiles {
-                    base: base_file,
-                    local,
-                    local_path,
-                    size,
-                })
-            };
+        let open_space = |base: &Path, name: &str, size: u64| -> Result<SpaceFiles, AssemblyError> {
+            let local_path = work.join(name);
+            let local = OpenOptions::new().read(true).write(true).create_new(true).open(&local_path).map_err(io(&local_path))?;
+            local.set_len(size).map_err(io(&local_path))?;
+            let base_file = File::open(base).map_err(io(base))?;
+            let have = base_file.metadata().map_err(io(base))?.len();
+            if have != size {
+                return Err(AssemblyError::Mismatch(format!("{} is {have} bytes, the overlay expects {size}", base.display())));
+            }
+            Ok(SpaceFiles { base: base_file, local, local_path, size })
+        };
         let files = [
             open_space(base_memory, "memory.local", manifest.memory_size)?,
             open_space(base_disk, "disk.local", manifest.disk_size)?,
@@ -186,11 +161,7 @@ impl Assembly {
         }
         let n = manifest.segments.len();
         let written = [vec![false; chunks[0].len()], vec![false; chunks[1].len()]];
-        let stats = AssemblyStats {
-            segments: n as u32,
-            blobs: manifest.blobs.len() as u64,
-            ..Default::default()
-        };
+        let stats = AssemblyStats { segments: n as u32, blobs: manifest.blobs.len() as u64, ..Default::default() };
         let inner = Inner {
             chunks,
             arrived: vec![false; n],
@@ -202,15 +173,7 @@ impl Assembly {
             stats,
             access_log: None,
         };
-        Ok(Self {
-            manifest,
-            files,
-            positions,
-            work: work.to_path_buf(),
-            fetch,
-            inner: Mutex::new(inner),
-            changed: Condvar::new(),
-        })
+        Ok(Self { manifest, files, positions, work: work.to_path_buf(), fetch, inner: Mutex::new(inner), changed: Condvar::new() })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -236,15 +199,12 @@ impl Assembly {
         if self.lock().arrived[index as usize] {
             return Ok(false);
         }
-        let data = forage_format::container::open_segment(index as usize, seg, compressed)
-            .map_err(|e| AssemblyError::Overlay(e.to_string()))?;
+        let data = forage_format::container::open_segment(index as usize, seg, compressed).map_err(|e| AssemblyError::Overlay(e.to_string()))?;
         if seg.kind == SegmentKind::DeviceState {
             if index == self.manifest.device_state.segment {
                 use sha2::Digest;
                 if hex::encode(sha2::Sha256::digest(&data)) != self.manifest.device_state.sha256 {
-                    return Err(AssemblyError::Overlay(
-                        "device state fails its checksum".into(),
-                    ));
+                    return Err(AssemblyError::Overlay("device state fails its checksum".into()));
                 }
                 let p = self.work.join("state");
                 std::fs::write(&p, &data).map_err(io(&p))?;
@@ -256,41 +216,20 @@ impl Assembly {
             return Ok(true);
         }
         // Decode the blobs outside the lock (deltas need base chunks: read-only files).
-        let segment = forage_format::SegmentData {
-            index: index as usize,
-            data,
-        };
+        let segment = forage_format::SegmentData { index: index as usize, data };
         let mut base = vec![0u8; CHUNK_SIZE];
         let mut decoded = Vec::new();
-        for (id, blob) in self
-            .manifest
-            .blobs
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.segment == index)
-        {
-            let payload = segment
-                .blob(blob)
-                .map_err(|e| AssemblyError::Overlay(e.to_string()))?;
+        for (id, blob) in self.manifest.blobs.iter().enumerate().filter(|(_, b)| b.segment == index) {
+            let payload = segment.blob(blob).map_err(|e| AssemblyError::Overlay(e.to_string()))?;
             let content = match blob.encoding {
                 BlobEncoding::Raw => payload.to_vec(),
-                BlobEncoding::Delta {
-                    codec,
-                    space,
-                    index: at,
-                } => {
-                    read_full(&self.files[slot(space)].base, &mut base, at * CHUNK)
-                        .map_err(io(&self.work))?;
-                    codec
-                        .decode(&base, payload)
-                        .map_err(|e| AssemblyError::Overlay(e.to_string()))?
+                BlobEncoding::Delta { codec, space, index: at } => {
+                    read_full(&self.files[slot(space)].base, &mut base, at * CHUNK).map_err(io(&self.work))?;
+                    codec.decode(&base, payload).map_err(|e| AssemblyError::Overlay(e.to_string()))?
                 }
             };
             if content.len() != CHUNK_SIZE {
-                return Err(AssemblyError::Overlay(format!(
-                    "blob {id} decodes to {} bytes",
-                    content.len()
-                )));
+                return Err(AssemblyError::Overlay(format!("blob {id} decodes to {} bytes", content.len())));
             }
             decoded.push((id as u32, content));
         }
@@ -300,9 +239,7 @@ impl Assembly {
                 let state = &mut inner.chunks[slot(space)][i as usize];
                 if *state == ChunkState::Pending(id) {
                     let f = &self.files[slot(space)];
-                    f.local
-                        .write_all_at(&content, i * CHUNK)
-                        .map_err(io(&f.local_path))?;
+                    f.local.write_all_at(&content, i * CHUNK).map_err(io(&f.local_path))?;
                     *state = ChunkState::Local;
                 }
             }
@@ -320,11 +257,7 @@ impl Assembly {
     }
 
     pub fn has_segment(&self, index: u32) -> bool {
-        self.lock()
-            .arrived
-            .get(index as usize)
-            .copied()
-            .unwrap_or(false)
+        self.lock().arrived.get(index as usize).copied().unwrap_or(false)
     }
 
     /// Every segment has arrived.
@@ -353,11 +286,7 @@ impl Assembly {
             if left.is_zero() {
                 return Err(AssemblyError::Timeout("the device state segment".into()));
             }
-            inner = self
-                .changed
-                .wait_timeout(inner, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            inner = self.changed.wait_timeout(inner, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -385,11 +314,7 @@ impl Assembly {
 
     /// The chunks read so far, in first-read order.
     pub fn access_log(&self) -> Vec<(Space, u64)> {
-        self.lock()
-            .access_log
-            .as_ref()
-            .map(|(log, _)| log.clone())
-            .unwrap_or_default()
+        self.lock().access_log.as_ref().map(|(log, _)| log.clone()).unwrap_or_default()
     }
 
     /// Why the assembly stopped, if it did.
@@ -403,14 +328,7 @@ impl Assembly {
 
     /// Segments the chunks of `[off, off+len)` still wait for (empty: readable now).
     /// With `fetch`, asks for each of them (once).
-    fn missing(
-        &self,
-        inner: &mut Inner,
-        space: Space,
-        off: u64,
-        len: u64,
-        fetch: bool,
-    ) -> Vec<u32> {
+    fn missing(&self, inner: &mut Inner, space: Space, off: u64, len: u64, fetch: bool) -> Vec<u32> {
         let mut segs = Vec::new();
         for i in off / CHUNK..(off + len).div_ceil(CHUNK) {
             if let Some(ChunkState::Pending(b)) = inner.chunks[slot(space)].get(i as usize) {
@@ -434,23 +352,14 @@ impl Assembly {
     fn check_range(&self, space: Space, off: u64, len: u64) -> Result<u64, AssemblyError> {
         let size = self.size(space);
         if off > size {
-            return Err(AssemblyError::OutOfRange {
-                space: space.name(),
-                off,
-            });
+            return Err(AssemblyError::OutOfRange { space: space.name(), off });
         }
         Ok(len.min(size - off))
     }
 
     /// Wait until the range's chunks are all there (or the assembly failed). Returns the
     /// guard so the caller acts on a consistent state.
-    fn wait_for(
-        &self,
-        space: Space,
-        off: u64,
-        len: u64,
-        wait: Duration,
-    ) -> Result<MutexGuard<'_, Inner>, AssemblyError> {
+    fn wait_for(&self, space: Space, off: u64, len: u64, wait: Duration) -> Result<MutexGuard<'_, Inner>, AssemblyError> {
         let mut inner = self.lock();
         let started = Instant::now();
         let mut waited = false;
@@ -467,18 +376,10 @@ impl Assembly {
             }
             let left = wait.saturating_sub(started.elapsed());
             if left.is_zero() {
-                return Err(AssemblyError::Timeout(format!(
-                    "{} bytes {off}..{}",
-                    space.name(),
-                    off + len
-                )));
+                return Err(AssemblyError::Timeout(format!("{} bytes {off}..{}", space.name(), off + len)));
             }
             waited = true;
-            inner = self
-                .changed
-                .wait_timeout(inner, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            inner = self.changed.wait_timeout(inner, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -489,13 +390,7 @@ impl Assembly {
     }
 
     /// Read `len` bytes at `off`, waiting up to `wait` for missing segments.
-    pub fn read(
-        &self,
-        space: Space,
-        off: u64,
-        len: u64,
-        wait: Duration,
-    ) -> Result<Vec<u8>, AssemblyError> {
+    pub fn read(&self, space: Space, off: u64, len: u64, wait: Duration) -> Result<Vec<u8>, AssemblyError> {
         let len = self.check_range(space, off, len)?;
         let mut inner = self.wait_for(space, off, len, wait)?;
         let mut out = vec![0u8; len as usize];
@@ -514,13 +409,7 @@ impl Assembly {
     }
 
     /// A chunk's current content (its state must not be `Pending`).
-    fn chunk_content(
-        &self,
-        inner: &mut Inner,
-        space: Space,
-        i: u64,
-        buf: &mut [u8],
-    ) -> Result<(), AssemblyError> {
+    fn chunk_content(&self, inner: &mut Inner, space: Space, i: u64, buf: &mut [u8]) -> Result<(), AssemblyError> {
         if let Some((log, seen)) = inner.access_log.as_mut() {
             if !std::mem::replace(&mut seen[slot(space)][i as usize], true) {
                 log.push((space, i));
@@ -551,27 +440,15 @@ impl Assembly {
     /// The overlay blob chunk `i` comes from, if any.
     fn blob_of(&self, space: Space, i: u64) -> Option<u32> {
         let chunks = &self.manifest.chunks;
-        chunks
-            .binary_search_by(|c| (c.space, c.index).cmp(&(space, i)))
-            .ok()
-            .and_then(|k| chunks[k].reference.blob())
+        chunks.binary_search_by(|c| (c.space, c.index).cmp(&(space, i))).ok().and_then(|k| chunks[k].reference.blob())
     }
 
     /// Write `data` at `off` (copy-on-write: into the local file, never the base).
     /// A write that covers part of a chunk still waiting for its segment waits for it.
-    pub fn write(
-        &self,
-        space: Space,
-        off: u64,
-        data: &[u8],
-        wait: Duration,
-    ) -> Result<(), AssemblyError> {
+    pub fn write(&self, space: Space, off: u64, data: &[u8], wait: Duration) -> Result<(), AssemblyError> {
         let len = self.check_range(space, off, data.len() as u64)?;
         if len < data.len() as u64 {
-            return Err(AssemblyError::OutOfRange {
-                space: space.name(),
-                off: off + len,
-            });
+            return Err(AssemblyError::OutOfRange { space: space.name(), off: off + len });
         }
         // Only partly covered chunks need their old content: the first and the last.
         let partial = |i: u64| off > i * CHUNK || off + len < (i + 1) * CHUNK;
@@ -592,18 +469,14 @@ impl Assembly {
         for i in first..=last {
             if partial(i) && inner.chunks[slot(space)][i as usize] != ChunkState::Local {
                 self.chunk_content(&mut inner, space, i, &mut chunk)?;
-                f.local
-                    .write_all_at(&chunk, i * CHUNK)
-                    .map_err(io(&f.local_path))?;
+                f.local.write_all_at(&chunk, i * CHUNK).map_err(io(&f.local_path))?;
             }
             inner.chunks[slot(space)][i as usize] = ChunkState::Local;
             if !std::mem::replace(&mut inner.written[slot(space)][i as usize], true) {
                 inner.stats.chunks_written += 1;
             }
         }
-        f.local
-            .write_all_at(&data[..len as usize], off)
-            .map_err(io(&f.local_path))?;
+        f.local.write_all_at(&data[..len as usize], off).map_err(io(&f.local_path))?;
         drop(inner);
         self.changed.notify_all();
         Ok(())
@@ -611,33 +484,17 @@ impl Assembly {
 
     /// The guest gave `[off, off+len)` back (a punched hole): whole chunks become zero,
     /// partly covered ones get zeros written.
-    pub fn punch(
-        &self,
-        space: Space,
-        off: u64,
-        len: u64,
-        wait: Duration,
-    ) -> Result<(), AssemblyError> {
+    pub fn punch(&self, space: Space, off: u64, len: u64, wait: Duration) -> Result<(), AssemblyError> {
         let len = self.check_range(space, off, len)?;
         let (first_whole, end_whole) = (off.div_ceil(CHUNK), (off + len) / CHUNK);
         if first_whole >= end_whole {
             return self.write(space, off, &vec![0u8; len as usize], wait);
         }
         if off < first_whole * CHUNK {
-            self.write(
-                space,
-                off,
-                &vec![0u8; (first_whole * CHUNK - off) as usize],
-                wait,
-            )?;
+            self.write(space, off, &vec![0u8; (first_whole * CHUNK - off) as usize], wait)?;
         }
         if off + len > end_whole * CHUNK {
-            self.write(
-                space,
-                end_whole * CHUNK,
-                &vec![0u8; (off + len - end_whole * CHUNK) as usize],
-                wait,
-            )?;
+            self.write(space, end_whole * CHUNK, &vec![0u8; (off + len - end_whole * CHUNK) as usize], wait)?;
         }
         let mut inner = self.lock();
         for i in first_whole..end_whole {
@@ -652,11 +509,6 @@ impl Assembly {
     /// Chunks of `space` the VM has changed (written or punched) since the launch.
     pub fn written_chunks(&self, space: Space) -> Vec<u64> {
         let inner = self.lock();
-        inner.written[slot(space)]
-            .iter()
-            .enumerate()
-            .filter(|(_, &w)| w)
-            .map(|(i, _)| i as u64)
-            .collect()
+        inner.written[slot(space)].iter().enumerate().filter(|(_, &w)| w).map(|(i, _)| i as u64).collect()
     }
 }

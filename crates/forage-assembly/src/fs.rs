@@ -13,10 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forage_format::Space;
-use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
-};
+use fuser::{FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request};
 
 use crate::{Assembly, AssemblyError};
 
@@ -64,8 +61,7 @@ impl AssemblyFs {
         match self.declined.remove(&(space, off, len)) {
             Some(_) => true,
             None => {
-                self.declined
-                    .insert((space, off, len), std::time::Instant::now());
+                self.declined.insert((space, off, len), std::time::Instant::now());
                 false
             }
         }
@@ -152,24 +148,11 @@ impl Filesystem for AssemblyFs {
         }
     }
 
-    fn read(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        size: u32,
-        flags: i32,
-        _lock: Option<u64>,
-        reply: ReplyData,
-    ) {
-        let Some(space) = space_of(ino) else {
-            return reply.error(libc::EISDIR);
-        };
+    fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, flags: i32, _lock: Option<u64>, reply: ReplyData) {
+        let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         let (off, len) = (offset as u64, size as u64);
         tracing::trace!(space = space.name(), off, len, "read");
-        let answer = move |a: &Assembly, reply: ReplyData| match a.read(space, off, len, READ_WAIT)
-        {
+        let answer = move |a: &Assembly, reply: ReplyData| match a.read(space, off, len, READ_WAIT) {
             Ok(data) => reply.data(&data),
             Err(e) => {
                 tracing::warn!("read of {} at {off}: {e}", space.name());
@@ -194,25 +177,10 @@ impl Filesystem for AssemblyFs {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn write(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        data: &[u8],
-        _wf: u32,
-        _flags: i32,
-        _lock: Option<u64>,
-        reply: ReplyWrite,
-    ) {
-        let Some(space) = space_of(ino) else {
-            return reply.error(libc::EISDIR);
-        };
+    fn write(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, data: &[u8], _wf: u32, _flags: i32, _lock: Option<u64>, reply: ReplyWrite) {
+        let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         let off = offset as u64;
-        let answer = move |a: &Assembly, data: &[u8], reply: ReplyWrite| match a
-            .write(space, off, data, READ_WAIT)
-        {
+        let answer = move |a: &Assembly, data: &[u8], reply: ReplyWrite| match a.write(space, off, data, READ_WAIT) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
                 tracing::warn!("write of {} at {off}: {e}", space.name());
@@ -227,19 +195,8 @@ impl Filesystem for AssemblyFs {
         }
     }
 
-    fn fallocate(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        length: i64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        let Some(space) = space_of(ino) else {
-            return reply.error(libc::EISDIR);
-        };
+    fn fallocate(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+        let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         if mode == 0 {
             return reply.ok(); // allocation: the files are always "allocated"
         }
@@ -258,34 +215,15 @@ impl Filesystem for AssemblyFs {
         reply.ok();
     }
 
-    fn fsync(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        _fh: u64,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
         reply.ok(); // a session's instance is transient: nothing to make durable
     }
 
-    fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
         if ino != ROOT {
             return reply.error(libc::ENOTDIR);
         }
-        let entries = [
-            (ROOT, FileType::Directory, "."),
-            (ROOT, FileType::Directory, ".."),
-            (MEMORY_INO, FileType::RegularFile, MEMORY_FILE),
-            (DISK_INO, FileType::RegularFile, DISK_FILE),
-        ];
+        let entries = [(ROOT, FileType::Directory, "."), (ROOT, FileType::Directory, ".."), (MEMORY_INO, FileType::RegularFile, MEMORY_FILE), (DISK_INO, FileType::RegularFile, DISK_FILE)];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as i64, *kind, name) {
                 break;
@@ -305,29 +243,10 @@ impl Mount {
     /// Mount `assembly` on the (existing, empty) folder `dir`. `readahead` bounds how much
     /// the kernel asks for around a read: the granularity of demand fetching.
     pub fn new(assembly: Arc<Assembly>, dir: &Path, readahead: u32) -> Result<Self, AssemblyError> {
-        let fs = AssemblyFs {
-            assembly,
-            declined: Default::default(),
-            readahead,
-            uid: rustix::process::getuid().as_raw(),
-            gid: rustix::process::getgid().as_raw(),
-        };
-        let options = [
-            MountOption::FSName("forage-assembly".into()),
-            MountOption::AllowOther,
-            MountOption::NoExec,
-            MountOption::NoSuid,
-            MountOption::NoDev,
-        ];
-        let session =
-            fuser::spawn_mount2(fs, dir, &options).map_err(|source| AssemblyError::Mount {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        Ok(Self {
-            session: Some(session),
-            dir: dir.to_path_buf(),
-        })
+        let fs = AssemblyFs { assembly, declined: Default::default(), readahead, uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
+        let options = [MountOption::FSName("forage-assembly".into()), MountOption::AllowOther, MountOption::NoExec, MountOption::NoSuid, MountOption::NoDev];
+        let session = fuser::spawn_mount2(fs, dir, &options).map_err(|source| AssemblyError::Mount { path: dir.to_path_buf(), source })?;
+        Ok(Self { session: Some(session), dir: dir.to_path_buf() })
     }
 
     pub fn memory_path(&self) -> PathBuf {

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use forage_assembly::{Assembly, Mount};
 use forage_format::manifest::{BaseRef, DeviceState, Order, Segment, SegmentKind, Stats};
-use forage_format::{
-    Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, SegmentCodec, Space, CHUNK_SIZE,
-};
+use forage_format::{Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, SegmentCodec, Space, CHUNK_SIZE};
 use sha2::Digest;
 
 const C: usize = CHUNK_SIZE;
@@ -23,13 +21,7 @@ fn chunk(fill: u8) -> Vec<u8> {
 fn segment(kind: SegmentKind, raw: &[u8]) -> (Segment, Vec<u8>) {
     let codec = SegmentCodec::Zstd { level: 3 };
     let bytes = codec.compress(raw);
-    let seg = Segment {
-        kind,
-        codec,
-        compressed_len: bytes.len() as u64,
-        raw_len: raw.len() as u64,
-        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-    };
+    let seg = Segment { kind, codec, compressed_len: bytes.len() as u64, raw_len: raw.len() as u64, sha256: hex::encode(sha2::Sha256::digest(&bytes)) };
     (seg, bytes)
 }
 
@@ -47,62 +39,25 @@ fn fixture(dir: &Path) -> (Manifest, Vec<Vec<u8>>) {
     let (s2, b2) = segment(SegmentKind::Chunks, &chunk(0xB5));
     let m = Manifest {
         format: 1,
-        base: BaseRef {
-            digest: "d".into(),
-            name: "b".into(),
-        },
+        base: BaseRef { digest: "d".into(), name: "b".into() },
         parent: None,
         disk_size: 8 * C as u64,
         memory_size: 8 * C as u64,
         chunk_size: C as u32,
         chunks: vec![
-            ChunkEntry {
-                space: Space::Disk,
-                index: 5,
-                reference: ChunkRef::New(1),
-            },
-            ChunkEntry {
-                space: Space::Disk,
-                index: 6,
-                reference: ChunkRef::CrossSpace(0),
-            },
-            ChunkEntry {
-                space: Space::Memory,
-                index: 1,
-                reference: ChunkRef::New(0),
-            },
-            ChunkEntry {
-                space: Space::Memory,
-                index: 2,
-                reference: ChunkRef::BaseDisk(3),
-            },
-            ChunkEntry {
-                space: Space::Memory,
-                index: 3,
-                reference: ChunkRef::Zero,
-            },
+            ChunkEntry { space: Space::Disk, index: 5, reference: ChunkRef::New(1) },
+            ChunkEntry { space: Space::Disk, index: 6, reference: ChunkRef::CrossSpace(0) },
+            ChunkEntry { space: Space::Memory, index: 1, reference: ChunkRef::New(0) },
+            ChunkEntry { space: Space::Memory, index: 2, reference: ChunkRef::BaseDisk(3) },
+            ChunkEntry { space: Space::Memory, index: 3, reference: ChunkRef::Zero },
         ],
         blobs: vec![
-            Blob {
-                segment: 1,
-                offset: 0,
-                len: C as u32,
-                encoding: BlobEncoding::Raw,
-            },
-            Blob {
-                segment: 2,
-                offset: 0,
-                len: C as u32,
-                encoding: BlobEncoding::Raw,
-            },
+            Blob { segment: 1, offset: 0, len: C as u32, encoding: BlobEncoding::Raw },
+            Blob { segment: 2, offset: 0, len: C as u32, encoding: BlobEncoding::Raw },
         ],
         segments: vec![s0, s1, s2],
         order: Order::Offset,
-        device_state: DeviceState {
-            segment: 0,
-            size: state.len() as u64,
-            sha256: hex::encode(sha2::Sha256::digest(&state)),
-        },
+        device_state: DeviceState { segment: 0, size: state.len() as u64, sha256: hex::encode(sha2::Sha256::digest(&state)) },
         vm: serde_json::Value::Null,
         service: None,
         stats: Stats::default(),
@@ -120,14 +75,7 @@ fn assembly(dir: &Path) -> (Arc<Assembly>, Vec<Vec<u8>>, mpsc::Receiver<u32>) {
     let work = dir.join("work");
     std::fs::create_dir(&work).unwrap();
     let fetch = Box::new(move |s: u32| tx.lock().unwrap().send(s).unwrap());
-    let a = Assembly::new(
-        m,
-        &dir.join("base-memory"),
-        &dir.join("base-disk"),
-        &work,
-        fetch,
-    )
-    .unwrap();
+    let a = Assembly::new(m, &dir.join("base-memory"), &dir.join("base-disk"), &work, fetch).unwrap();
     (Arc::new(a), segs, rx)
 }
 
@@ -135,23 +83,10 @@ fn assembly(dir: &Path) -> (Arc<Assembly>, Vec<Vec<u8>>, mpsc::Receiver<u32>) {
 fn chunks_that_need_no_segment_read_at_once() {
     let t = tempfile::tempdir().unwrap();
     let (a, _, fetches) = assembly(t.path());
-    assert_eq!(
-        a.read(Space::Memory, 0, C as u64, WAIT).unwrap(),
-        chunk(0x10)
-    );
-    assert_eq!(
-        a.read(Space::Memory, 2 * C as u64, C as u64, WAIT).unwrap(),
-        chunk(0x23),
-        "base disk reference"
-    );
-    assert_eq!(
-        a.read(Space::Memory, 3 * C as u64, C as u64, WAIT).unwrap(),
-        chunk(0)
-    );
-    assert_eq!(
-        a.read(Space::Disk, 7 * C as u64 + 100, 10, WAIT).unwrap(),
-        vec![0x27; 10]
-    );
+    assert_eq!(a.read(Space::Memory, 0, C as u64, WAIT).unwrap(), chunk(0x10));
+    assert_eq!(a.read(Space::Memory, 2 * C as u64, C as u64, WAIT).unwrap(), chunk(0x23), "base disk reference");
+    assert_eq!(a.read(Space::Memory, 3 * C as u64, C as u64, WAIT).unwrap(), chunk(0));
+    assert_eq!(a.read(Space::Disk, 7 * C as u64 + 100, 10, WAIT).unwrap(), vec![0x27; 10]);
     assert!(fetches.try_recv().is_err(), "nothing was fetched");
 }
 
@@ -162,20 +97,9 @@ fn a_read_blocks_until_its_segment_comes_and_fetches_it_first() {
     let (done_tx, done) = mpsc::channel();
     let reader = a.clone();
     // Spans memory chunks 0..2: chunk 1 waits for segment 1.
-    std::thread::spawn(move || {
-        done_tx
-            .send(reader.read(Space::Memory, 2048, C as u64, WAIT))
-            .unwrap()
-    });
-    assert_eq!(
-        fetches.recv_timeout(WAIT).unwrap(),
-        1,
-        "the read asked for segment 1"
-    );
-    assert!(
-        done.recv_timeout(Duration::from_millis(300)).is_err(),
-        "the read waits for its segment"
-    );
+    std::thread::spawn(move || done_tx.send(reader.read(Space::Memory, 2048, C as u64, WAIT)).unwrap());
+    assert_eq!(fetches.recv_timeout(WAIT).unwrap(), 1, "the read asked for segment 1");
+    assert!(done.recv_timeout(Duration::from_millis(300)).is_err(), "the read waits for its segment");
     // The bulk stream's segment 2 does not release it.
     assert!(a.add_segment(2, &segs[2]).unwrap());
     assert!(done.recv_timeout(Duration::from_millis(200)).is_err());
@@ -184,20 +108,10 @@ fn a_read_blocks_until_its_segment_comes_and_fetches_it_first() {
     assert_eq!(&got[..2048], &chunk(0x10)[..2048]);
     assert_eq!(&got[2048..], &chunk(0xA1)[..2048]);
     assert!(fetches.try_recv().is_err(), "segment 1 was asked for once");
-    assert!(
-        !a.add_segment(1, &segs[1]).unwrap(),
-        "a repeated segment is ignored"
-    );
-    assert_eq!(
-        a.read(Space::Disk, 6 * C as u64, C as u64, WAIT).unwrap(),
-        chunk(0xA1),
-        "cross-space duplicate"
-    );
+    assert!(!a.add_segment(1, &segs[1]).unwrap(), "a repeated segment is ignored");
+    assert_eq!(a.read(Space::Disk, 6 * C as u64, C as u64, WAIT).unwrap(), chunk(0xA1), "cross-space duplicate");
     let s = a.stats();
-    assert_eq!(
-        (s.demand_fetches, s.reads_waited, s.blobs_accessed),
-        (1, 1, 1)
-    );
+    assert_eq!((s.demand_fetches, s.reads_waited, s.blobs_accessed), (1, 1, 1));
 }
 
 #[test]
@@ -206,27 +120,16 @@ fn writes_are_copy_on_write_and_win_over_late_segments() {
     let (a, segs, _fetches) = assembly(t.path());
     let before = std::fs::read(t.path().join("base-disk")).unwrap();
     // A whole-chunk write to a pending chunk needs no segment.
-    a.write(Space::Disk, 5 * C as u64, &chunk(0xEE), WAIT)
-        .unwrap();
+    a.write(Space::Disk, 5 * C as u64, &chunk(0xEE), WAIT).unwrap();
     a.write(Space::Disk, 0, b"hello", WAIT).unwrap();
     a.add_segment(2, &segs[2]).unwrap();
-    assert_eq!(
-        a.read(Space::Disk, 5 * C as u64, C as u64, WAIT).unwrap(),
-        chunk(0xEE)
-    );
+    assert_eq!(a.read(Space::Disk, 5 * C as u64, C as u64, WAIT).unwrap(), chunk(0xEE));
     let head = a.read(Space::Disk, 0, C as u64, WAIT).unwrap();
     assert_eq!(&head[..5], b"hello");
     assert_eq!(&head[5..], &chunk(0x20)[5..]);
     a.punch(Space::Disk, 7 * C as u64, C as u64, WAIT).unwrap();
-    assert_eq!(
-        a.read(Space::Disk, 7 * C as u64, C as u64, WAIT).unwrap(),
-        chunk(0)
-    );
-    assert_eq!(
-        std::fs::read(t.path().join("base-disk")).unwrap(),
-        before,
-        "the base is never written"
-    );
+    assert_eq!(a.read(Space::Disk, 7 * C as u64, C as u64, WAIT).unwrap(), chunk(0));
+    assert_eq!(std::fs::read(t.path().join("base-disk")).unwrap(), before, "the base is never written");
     assert_eq!(a.written_chunks(Space::Disk), vec![0, 5, 7]);
 }
 
@@ -238,15 +141,8 @@ fn bad_segments_are_refused_and_failure_wakes_readers() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     let e = a.add_segment(1, &bad).unwrap_err();
-    assert!(
-        e.to_string().contains("segment 1 fails its checksum"),
-        "{e}"
-    );
-    assert!(a
-        .add_segment(9, &segs[1])
-        .unwrap_err()
-        .to_string()
-        .contains("segment 9 does not exist"));
+    assert!(e.to_string().contains("segment 1 fails its checksum"), "{e}");
+    assert!(a.add_segment(9, &segs[1]).unwrap_err().to_string().contains("segment 9 does not exist"));
     let reader = a.clone();
     let h = std::thread::spawn(move || reader.read(Space::Memory, C as u64, 16, WAIT));
     std::thread::sleep(Duration::from_millis(100));
@@ -291,28 +187,16 @@ fn fuse_reads_block_until_the_segment_comes() {
         done_tx.send(buf).unwrap();
     });
     assert_eq!(fetches.recv_timeout(WAIT).unwrap(), 1);
-    assert!(
-        done.recv_timeout(Duration::from_millis(300)).is_err(),
-        "read(2) waits"
-    );
+    assert!(done.recv_timeout(Duration::from_millis(300)).is_err(), "read(2) waits");
     a.add_segment(1, &segs[1]).unwrap();
     assert_eq!(done.recv_timeout(WAIT).unwrap(), chunk(0xA1));
     // Writes through the mount land in the assembly, not the base.
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(mount.disk_path())
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(mount.disk_path()).unwrap();
         f.write_all_at(&chunk(0x77), 2 * C as u64).unwrap();
     }
-    assert_eq!(
-        a.read(Space::Disk, 2 * C as u64, C as u64, WAIT).unwrap(),
-        chunk(0x77)
-    );
-    assert_eq!(
-        std::fs::read(t.path().join("base-disk")).unwrap()[2 * C],
-        0x22
-    );
+    assert_eq!(a.read(Space::Disk, 2 * C as u64, C as u64, WAIT).unwrap(), chunk(0x77));
+    assert_eq!(std::fs::read(t.path().join("base-disk")).unwrap()[2 * C], 0x22);
     drop(mount);
 }

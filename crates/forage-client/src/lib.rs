@@ -38,27 +38,13 @@ pub enum ClientError {
         source: ProtoError,
     },
     #[error("cloudlet {addr} refused: {code:?}: {message}")]
-    Refused {
-        addr: SocketAddr,
-        code: forage_proto::ErrorCode,
-        message: String,
-    },
+    Refused { addr: SocketAddr, code: forage_proto::ErrorCode, message: String },
     #[error("cloudlet {addr} holds none of the overlay's bases (missing {missing:?})")]
-    NoBase {
-        addr: SocketAddr,
-        missing: Vec<String>,
-    },
+    NoBase { addr: SocketAddr, missing: Vec<String> },
     #[error("cloudlet {addr} sent {got} where {expected} was due")]
-    Sequence {
-        addr: SocketAddr,
-        expected: &'static str,
-        got: &'static str,
-    },
+    Sequence { addr: SocketAddr, expected: &'static str, got: &'static str },
     #[error("cloudlet {addr} closed the session before {what}")]
-    Closed {
-        addr: SocketAddr,
-        what: &'static str,
-    },
+    Closed { addr: SocketAddr, what: &'static str },
     #[error("the service at {endpoint} did not answer: {detail}")]
     Service { endpoint: String, detail: String },
 }
@@ -138,70 +124,41 @@ impl Session {
     /// VM), written to `out` (checked, and renamed into place only when complete).
     /// Returns its size; `forage overlay merge` folds it into the overlay.
     pub async fn close_with_residue(mut self, out: &Path) -> Result<u64, ClientError> {
-        let bad = |detail: String| ClientError::Overlay {
-            path: out.to_path_buf(),
-            detail,
-        };
+        let bad = |detail: String| ClientError::Overlay { path: out.to_path_buf(), detail };
         let partial = out.with_extension(format!("partial-{}", std::process::id()));
         let result = async {
             let _ = self.control.send(Message::WantResidue);
-            let mut file = tokio::fs::File::create(&partial)
-                .await
-                .map_err(|e| bad(e.to_string()))?;
+            let mut file = tokio::fs::File::create(&partial).await.map_err(|e| bad(e.to_string()))?;
             let mut written = 0u64;
             loop {
                 match next_event(&mut self.events, self.addr).await? {
-                    (
-                        Message::Residue {
-                            offset,
-                            bytes,
-                            last,
-                        },
-                        _,
-                    ) => {
+                    (Message::Residue { offset, bytes, last }, _) => {
                         if offset != written {
-                            return Err(ClientError::Sequence {
-                                addr: self.addr,
-                                expected: "the next residue piece",
-                                got: "a piece out of order",
-                            });
+                            return Err(ClientError::Sequence { addr: self.addr, expected: "the next residue piece", got: "a piece out of order" });
                         }
-                        tokio::io::AsyncWriteExt::write_all(&mut file, &bytes)
-                            .await
-                            .map_err(|e| bad(e.to_string()))?;
+                        tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await.map_err(|e| bad(e.to_string()))?;
                         written += bytes.len() as u64;
                         if last {
                             break;
                         }
                     }
                     (Message::Usage { .. } | Message::Complete { .. }, _) => {}
-                    (other, _) => {
-                        return Err(ClientError::Sequence {
-                            addr: self.addr,
-                            expected: "Residue",
-                            got: other.name(),
-                        })
-                    }
+                    (other, _) => return Err(ClientError::Sequence { addr: self.addr, expected: "Residue", got: other.name() }),
                 }
             }
-            tokio::io::AsyncWriteExt::flush(&mut file)
-                .await
-                .map_err(|e| bad(e.to_string()))?;
+            tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| bad(e.to_string()))?;
             // Every checksum, before it counts as a residue.
             let p = partial.clone();
             tokio::task::spawn_blocking(move || -> Result<(), String> {
                 let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
-                let mut r = forage_format::OverlayReader::open(std::io::BufReader::new(f))
-                    .map_err(|e| e.to_string())?;
+                let mut r = forage_format::OverlayReader::open(std::io::BufReader::new(f)).map_err(|e| e.to_string())?;
                 while r.next_segment().map_err(|e| e.to_string())?.is_some() {}
                 r.finish().map_err(|e| e.to_string())
             })
             .await
             .expect("no panic")
             .map_err(|e| bad(format!("the residue received is damaged: {e}")))?;
-            tokio::fs::rename(&partial, out)
-                .await
-                .map_err(|e| bad(e.to_string()))?;
+            tokio::fs::rename(&partial, out).await.map_err(|e| bad(e.to_string()))?;
             Ok(written)
         }
         .await;
@@ -226,39 +183,21 @@ pub struct OverlayFile {
 
 impl OverlayFile {
     pub async fn open(path: &Path) -> Result<Self, ClientError> {
-        let bad = |detail: String| ClientError::Overlay {
-            path: path.to_path_buf(),
-            detail,
-        };
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| bad(e.to_string()))?;
+        let bad = |detail: String| ClientError::Overlay { path: path.to_path_buf(), detail };
+        let mut file = tokio::fs::File::open(path).await.map_err(|e| bad(e.to_string()))?;
         let bytes = file.metadata().await.map_err(|e| bad(e.to_string()))?.len();
         let mut head = [0u8; HEADER_LEN];
-        file.read_exact(&mut head)
-            .await
-            .map_err(|e| bad(format!("header: {e}")))?;
+        file.read_exact(&mut head).await.map_err(|e| bad(format!("header: {e}")))?;
         let header = forage_format::read_header(&head).map_err(|e| bad(e.to_string()))?;
         let mut prefix = head.to_vec();
         let mut manifest_bytes = vec![0u8; header.manifest_len as usize];
-        file.read_exact(&mut manifest_bytes)
-            .await
-            .map_err(|e| bad(format!("manifest: {e}")))?;
+        file.read_exact(&mut manifest_bytes).await.map_err(|e| bad(format!("manifest: {e}")))?;
         prefix.extend_from_slice(&manifest_bytes);
-        let manifest = forage_format::OverlayReader::open(&prefix[..])
-            .map_err(|e| bad(e.to_string()))?
-            .manifest()
-            .clone();
+        let manifest = forage_format::OverlayReader::open(&prefix[..]).map_err(|e| bad(e.to_string()))?.manifest().clone();
         if let Some(parent) = &manifest.parent {
             return Err(bad(format!("this is a residue of overlay {parent}: merge it into that overlay first (forage overlay merge)")));
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            prefix,
-            manifest,
-            bytes,
-            digest: hex_digest(&header.manifest_sha256),
-        })
+        Ok(Self { path: path.to_path_buf(), prefix, manifest, bytes, digest: hex_digest(&header.manifest_sha256) })
     }
 }
 
@@ -267,82 +206,39 @@ fn hex_digest(b: &[u8]) -> String {
 }
 
 /// Synthesize the overlay in file `overlay` on `cloudlet`.
-pub async fn synthesize(
-    overlay: &Path,
-    cloudlet: SocketAddr,
-    opts: &SynthesisOptions,
-) -> Result<(SynthesisReport, Session), ClientError> {
+pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
     let ov = OverlayFile::open(overlay).await?;
     run(ov, None, cloudlet, opts).await
 }
 
 /// Synthesize the overlay at `url`: the cloudlet fetches it itself (range requests), the
 /// device only reads its header and manifest (to offer its base and know its probe).
-pub async fn synthesize_url(
-    url: &str,
-    cloudlet: SocketAddr,
-    opts: &SynthesisOptions,
-) -> Result<(SynthesisReport, Session), ClientError> {
+pub async fn synthesize_url(url: &str, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
     let u = url.to_string();
     let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&u))
         .await
         .expect("no panic")
-        .map_err(|e| ClientError::Overlay {
-            path: url.into(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| ClientError::Overlay { path: url.into(), detail: e.to_string() })?;
     if let Some(parent) = &remote.manifest.parent {
-        return Err(ClientError::Overlay {
-            path: url.into(),
-            detail: format!(
-                "this is a residue of overlay {parent}: merge it into that overlay first"
-            ),
-        });
+        return Err(ClientError::Overlay { path: url.into(), detail: format!("this is a residue of overlay {parent}: merge it into that overlay first") });
     }
-    let bytes = remote.prefix.len() as u64
-        + remote
-            .manifest
-            .segments
-            .iter()
-            .map(|s| s.compressed_len)
-            .sum::<u64>();
-    let ov = OverlayFile {
-        path: url.into(),
-        digest: remote.digest(),
-        prefix: remote.prefix,
-        manifest: remote.manifest,
-        bytes,
-    };
+    let bytes = remote.prefix.len() as u64 + remote.manifest.segments.iter().map(|s| s.compressed_len).sum::<u64>();
+    let ov = OverlayFile { path: url.into(), digest: remote.digest(), prefix: remote.prefix, manifest: remote.manifest, bytes };
     run(ov, Some(url.to_string()), cloudlet, opts).await
 }
 
-async fn run(
-    ov: OverlayFile,
-    url: Option<String>,
-    cloudlet: SocketAddr,
-    opts: &SynthesisOptions,
-) -> Result<(SynthesisReport, Session), ClientError> {
-    let proto = |source| ClientError::Proto {
-        addr: cloudlet,
-        source,
-    };
+async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
+    let proto = |source| ClientError::Proto { addr: cloudlet, source };
     let probe = ov.manifest.service.as_ref().and_then(|s| s.probe.clone());
 
     let start = Instant::now();
-    let mut stream = TcpStream::connect(cloudlet)
-        .await
-        .map_err(|e| proto(e.into()))?;
+    let mut stream = TcpStream::connect(cloudlet).await.map_err(|e| proto(e.into()))?;
     stream.set_nodelay(true).ok();
     if opts.early_start && !opts.store_and_forward {
         // A small send buffer keeps fetched segments from queueing behind much bulk data.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(128 << 10);
     }
-    let offer = Offer {
-        base_digest: ov.manifest.base.digest.clone(),
-        manifest_bytes: ov.prefix.len() as u64,
-        overlay_bytes: ov.bytes,
-        overlay_digest: ov.digest.clone(),
-    };
+    let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone() };
     let early_start = opts.early_start && !opts.store_and_forward;
     let hello = Message::Hello {
         versions: (VERSION_MIN, VERSION_MAX),
@@ -353,50 +249,15 @@ async fn run(
     };
     write(&mut stream, &hello).await.map_err(proto)?;
     let (name, cached) = match read(&mut stream).await.map_err(proto)? {
-        Message::Welcome {
-            chosen: Some(_),
-            cloudlet: name,
-            cached,
-            ..
-        } => (name, cached),
-        Message::Welcome {
-            chosen: None,
-            missing,
-            ..
-        } => {
-            return Err(ClientError::NoBase {
-                addr: cloudlet,
-                missing,
-            })
-        }
-        Message::Error { code, message } => {
-            return Err(ClientError::Refused {
-                addr: cloudlet,
-                code,
-                message,
-            })
-        }
-        other => {
-            return Err(ClientError::Sequence {
-                addr: cloudlet,
-                expected: "Welcome",
-                got: other.name(),
-            })
-        }
+        Message::Welcome { chosen: Some(_), cloudlet: name, cached, .. } => (name, cached),
+        Message::Welcome { chosen: None, missing, .. } => return Err(ClientError::NoBase { addr: cloudlet, missing }),
+        Message::Error { code, message } => return Err(ClientError::Refused { addr: cloudlet, code, message }),
+        other => return Err(ClientError::Sequence { addr: cloudlet, expected: "Welcome", got: other.name() }),
     };
     match (&url, cached) {
         (_, true) => {}
-        (Some(url), false) => write(&mut stream, &Message::OverlayUrl { url: url.clone() })
-            .await
-            .map_err(proto)?,
-        (None, false) => write(
-            &mut stream,
-            &Message::Manifest {
-                bytes: ov.prefix.clone(),
-            },
-        )
-        .await
-        .map_err(proto)?,
+        (Some(url), false) => write(&mut stream, &Message::OverlayUrl { url: url.clone() }).await.map_err(proto)?,
+        (None, false) => write(&mut stream, &Message::Manifest { bytes: ov.prefix.clone() }).await.map_err(proto)?,
     }
     let mode = match (cached, early_start, opts.store_and_forward) {
         (true, _, _) => "cached",
@@ -427,20 +288,9 @@ async fn run(
     });
     let (control, control_rx) = mpsc::unbounded_channel::<Message>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let plan = sender::Plan {
-        overlay: ov.path.clone(),
-        prefix_len: ov.prefix.len() as u64,
-        manifest: ov.manifest.clone(),
-        skip_all: cached || url.is_some(),
-        sent: opts.sent.clone(),
-    };
+    let plan = sender::Plan { overlay: ov.path.clone(), prefix_len: ov.prefix.len() as u64, manifest: ov.manifest.clone(), skip_all: cached || url.is_some(), sent: opts.sent.clone() };
     let sender = tokio::spawn(sender::run(plan, wr, fetch_rx, control_rx, done_tx, start));
-    let mut session = Session {
-        control,
-        sender,
-        events,
-        addr: cloudlet,
-    };
+    let mut session = Session { control, sender, events, addr: cloudlet };
 
     let mut report = SynthesisReport {
         mode: mode.into(),
@@ -462,36 +312,20 @@ async fn run(
     let mut complete = false;
     loop {
         match next_event(&mut session.events, cloudlet).await? {
-            (
-                Message::Ready {
-                    endpoint,
-                    resumed_after_ms,
-                },
-                at,
-            ) => {
+            (Message::Ready { endpoint, resumed_after_ms }, at) => {
                 report.endpoint = endpoint;
                 report.resume_s = resumed_after_ms as f64 / 1000.0;
                 report.ready_s = at.duration_since(start).as_secs_f64();
                 break;
             }
             (Message::Complete { .. }, _) => complete = true,
-            (other, _) => {
-                return Err(ClientError::Sequence {
-                    addr: cloudlet,
-                    expected: "Ready",
-                    got: other.name(),
-                })
-            }
+            (other, _) => return Err(ClientError::Sequence { addr: cloudlet, expected: "Ready", got: other.name() }),
         }
     }
 
     // First response, while the rest of the overlay may still be on its way.
     // The cloudlet may fail the session meanwhile (a corrupted segment): its reason wins.
-    let line = opts
-        .request
-        .clone()
-        .or(probe)
-        .unwrap_or_else(|| "ping".into());
+    let line = opts.request.clone().or(probe).unwrap_or_else(|| "ping".into());
     let answer = first_response(report.endpoint.clone(), line);
     tokio::pin!(answer);
     let mut pending = Vec::new();
@@ -502,9 +336,7 @@ async fn run(
         }
     };
     report.first_response_s = start.elapsed().as_secs_f64();
-    let _ = session.control.send(Message::Checkpoint {
-        label: "first-response".into(),
-    });
+    let _ = session.control.send(Message::Checkpoint { label: "first-response".into() });
     let mut usage_seen = false;
     let mut pending = pending.into_iter();
     while !(complete && usage_seen) {
@@ -513,53 +345,20 @@ async fn run(
             None => next_event(&mut session.events, cloudlet).await?,
         };
         match event {
-            (
-                Message::Complete {
-                    apply_ms,
-                    decompress_ms,
-                    ..
-                },
-                at,
-            ) => {
+            (Message::Complete { apply_ms, decompress_ms, .. }, at) => {
                 complete = true;
                 report.apply_s = apply_ms as f64 / 1000.0;
                 report.decompress_s = decompress_ms as f64 / 1000.0;
                 report.complete_s = at.duration_since(start).as_secs_f64();
             }
-            (
-                Message::Usage {
-                    blobs_accessed,
-                    blobs,
-                    demand_fetches,
-                    segments_arrived,
-                    segments,
-                    ..
-                },
-                _,
-            ) => {
+            (Message::Usage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments, .. }, _) => {
                 usage_seen = true;
                 if mode == "early_start" {
-                    report.accessed_fraction = Some(if blobs == 0 {
-                        0.0
-                    } else {
-                        blobs_accessed as f64 / blobs as f64
-                    });
-                    report.usage = Some(OverlayUsage {
-                        blobs_accessed,
-                        blobs,
-                        demand_fetches,
-                        segments_arrived,
-                        segments,
-                    });
+                    report.accessed_fraction = Some(if blobs == 0 { 0.0 } else { blobs_accessed as f64 / blobs as f64 });
+                    report.usage = Some(OverlayUsage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments });
                 }
             }
-            (other, _) => {
-                return Err(ClientError::Sequence {
-                    addr: cloudlet,
-                    expected: "Complete or Usage",
-                    got: other.name(),
-                })
-            }
+            (other, _) => return Err(ClientError::Sequence { addr: cloudlet, expected: "Complete or Usage", got: other.name() }),
         }
     }
     if let Ok((transfer_s, bytes)) = done_rx.await {
@@ -569,31 +368,18 @@ async fn run(
     Ok((report, session))
 }
 
-async fn next_event(
-    events: &mut mpsc::UnboundedReceiver<(Message, Instant)>,
-    addr: SocketAddr,
-) -> Result<(Message, Instant), ClientError> {
+async fn next_event(events: &mut mpsc::UnboundedReceiver<(Message, Instant)>, addr: SocketAddr) -> Result<(Message, Instant), ClientError> {
     match events.recv().await {
-        Some((Message::Error { code, message }, _)) => Err(ClientError::Refused {
-            addr,
-            code,
-            message,
-        }),
+        Some((Message::Error { code, message }, _)) => Err(ClientError::Refused { addr, code, message }),
         Some(e) => Ok(e),
-        None => Err(ClientError::Closed {
-            addr,
-            what: "the end of the session",
-        }),
+        None => Err(ClientError::Closed { addr, what: "the end of the session" }),
     }
 }
 
 /// Send `line` to the service, retrying the connection while the guest's service comes up.
 pub(crate) async fn first_response(endpoint: String, line: String) -> Result<String, ClientError> {
     let endpoint = endpoint.as_str();
-    let addr: SocketAddr = endpoint.parse().map_err(|_| ClientError::Service {
-        endpoint: endpoint.into(),
-        detail: "no usable endpoint".into(),
-    })?;
+    let addr: SocketAddr = endpoint.parse().map_err(|_| ClientError::Service { endpoint: endpoint.into(), detail: "no usable endpoint".into() })?;
     tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         loop {
@@ -606,8 +392,5 @@ pub(crate) async fn first_response(endpoint: String, line: String) -> Result<Str
     })
     .await
     .expect("request does not panic")
-    .map_err(|detail| ClientError::Service {
-        endpoint: endpoint.into(),
-        detail,
-    })
+    .map_err(|detail| ClientError::Service { endpoint: endpoint.into(), detail })
 }

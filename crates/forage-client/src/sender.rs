@@ -60,17 +60,8 @@ pub(crate) async fn run(
         // Control first, then fetched segments, then the next bulk segment.
         let msg = if let Ok(m) = control.try_recv() {
             m
-        } else if let Some(i) = std::iter::from_fn(|| fetches.try_recv().ok())
-            .find(|&i| (i as usize) < n && !sent[i as usize])
-        {
-            match read_segment(
-                file.as_mut().expect("segments to send come from the file"),
-                i as usize,
-                offsets[i as usize],
-                plan.manifest.segments[i as usize].compressed_len,
-            )
-            .await
-            {
+        } else if let Some(i) = std::iter::from_fn(|| fetches.try_recv().ok()).find(|&i| (i as usize) < n && !sent[i as usize]) {
+            match read_segment(file.as_mut().expect("segments to send come from the file"), i as usize, offsets[i as usize], plan.manifest.segments[i as usize].compressed_len).await {
                 Ok(m) => m,
                 Err(e) => return tracing::warn!("reading segment {i}: {e}"),
             }
@@ -80,14 +71,7 @@ pub(crate) async fn run(
             if sent[i] {
                 continue;
             }
-            match read_segment(
-                file.as_mut().expect("segments to send come from the file"),
-                i,
-                offsets[i],
-                plan.manifest.segments[i].compressed_len,
-            )
-            .await
-            {
+            match read_segment(file.as_mut().expect("segments to send come from the file"), i, offsets[i], plan.manifest.segments[i].compressed_len).await {
                 Ok(m) => m,
                 Err(e) => return tracing::warn!("reading segment {i}: {e}"),
             }
@@ -117,17 +101,9 @@ pub(crate) async fn run(
     }
 }
 
-async fn read_segment(
-    file: &mut tokio::fs::File,
-    i: usize,
-    at: u64,
-    len: u64,
-) -> std::io::Result<Message> {
+async fn read_segment(file: &mut tokio::fs::File, i: usize, at: u64, len: u64) -> std::io::Result<Message> {
     let mut data = vec![0u8; len as usize];
     file.seek(std::io::SeekFrom::Start(at)).await?;
     file.read_exact(&mut data).await?;
-    Ok(Message::Segment {
-        index: i as u32,
-        bytes: data,
-    })
+    Ok(Message::Segment { index: i as u32, bytes: data })
 }

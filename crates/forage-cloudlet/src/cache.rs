@@ -47,12 +47,7 @@ impl CachedLaunch {
 
 impl LaunchCache {
     pub fn new(dir: PathBuf, state: State) -> Self {
-        Self {
-            dir,
-            state,
-            max_entries: 16,
-            enabled: AtomicBool::new(true),
-        }
+        Self { dir, state, max_entries: 16, enabled: AtomicBool::new(true) }
     }
 
     /// Turn the cache on or off (off: no lookups, nothing stored; entries are kept).
@@ -65,8 +60,7 @@ impl LaunchCache {
     }
 
     fn entry_dir(&self, digest: &str) -> Option<PathBuf> {
-        (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| self.dir.join(digest))
+        (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())).then(|| self.dir.join(digest))
     }
 
     /// The launch VM of overlay `digest`, if cached and intact (a damaged entry is dropped).
@@ -79,14 +73,8 @@ impl LaunchCache {
         match Snapshot::open(&dir.join("snapshot")) {
             Ok(snapshot) => {
                 let _ = self.state.cache_get(digest); // counts the hit
-                let manifest = std::fs::read(dir.join(MANIFEST_FILE))
-                    .ok()
-                    .and_then(|b| Manifest::decode(&b).ok());
-                Some(CachedLaunch {
-                    snapshot,
-                    manifest,
-                    digest: digest.into(),
-                })
+                let manifest = std::fs::read(dir.join(MANIFEST_FILE)).ok().and_then(|b| Manifest::decode(&b).ok());
+                Some(CachedLaunch { snapshot, manifest, digest: digest.into() })
             }
             Err(e) => {
                 tracing::warn!("dropping damaged cache entry {digest}: {e}");
@@ -106,29 +94,18 @@ impl LaunchCache {
 
     /// Keep the finished launch VM folder `launch` (moved, not copied).
     pub fn store_dir(&self, digest: &str, base: &BaseVm, launch: &Path, manifest: &Manifest) {
-        if let Err(e) = self.try_store(digest, base, manifest, |snapshot| {
-            std::fs::rename(launch, snapshot).map_err(|e| e.to_string())
-        }) {
+        if let Err(e) = self.try_store(digest, base, manifest, |snapshot| std::fs::rename(launch, snapshot).map_err(|e| e.to_string())) {
             tracing::warn!("launch VM {digest} not cached: {e}");
         }
     }
 
     /// Build the launch VM from a complete overlay file (an early-start session's copy of
     /// what arrived) in the background, then keep it; the overlay file is removed.
-    pub fn store_overlay(
-        self: &std::sync::Arc<Self>,
-        digest: String,
-        base: BaseVm,
-        overlay: PathBuf,
-        manifest: Manifest,
-        accel: forage_vm::Accel,
-    ) {
+    pub fn store_overlay(self: &std::sync::Arc<Self>, digest: String, base: BaseVm, overlay: PathBuf, manifest: Manifest, accel: forage_vm::Accel) {
         let cache = self.clone();
         tokio::task::spawn_blocking(move || {
             let result = cache.try_store(&digest, &base, &manifest, |snapshot| {
-                forage_synth::apply::apply(&overlay, &base, snapshot, accel)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                forage_synth::apply::apply(&overlay, &base, snapshot, accel).map(|_| ()).map_err(|e| e.to_string())
             });
             if let Err(e) = result {
                 tracing::warn!("launch VM {digest} not cached: {e}");
@@ -137,30 +114,19 @@ impl LaunchCache {
         });
     }
 
-    fn try_store(
-        &self,
-        digest: &str,
-        base: &BaseVm,
-        manifest: &Manifest,
-        build: impl FnOnce(&Path) -> Result<(), String>,
-    ) -> Result<(), String> {
+    fn try_store(&self, digest: &str, base: &BaseVm, manifest: &Manifest, build: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
         if !self.enabled() {
             return Ok(());
         }
-        let Some(target) = self.entry_dir(digest) else {
-            return Err("no overlay digest".into());
-        };
+        let Some(target) = self.entry_dir(digest) else { return Err("no overlay digest".into()) };
         if target.exists() {
             return Ok(());
         }
-        let partial = self
-            .dir
-            .join(format!(".{digest}.partial-{}", std::process::id()));
+        let partial = self.dir.join(format!(".{digest}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
         let built = build(&partial.join("snapshot")).and_then(|()| {
-            std::fs::write(partial.join(MANIFEST_FILE), manifest.encode())
-                .map_err(|e| e.to_string())?;
+            std::fs::write(partial.join(MANIFEST_FILE), manifest.encode()).map_err(|e| e.to_string())?;
             std::fs::rename(&partial, &target).map_err(|e| e.to_string())
         });
         if let Err(e) = built {
@@ -169,12 +135,7 @@ impl LaunchCache {
         }
         let bytes = allocated_bytes(&target);
         self.state
-            .cache_put(&NewCacheEntry {
-                overlay_digest: digest.into(),
-                base_digest: base.digest().into(),
-                dir: target,
-                bytes,
-            })
+            .cache_put(&NewCacheEntry { overlay_digest: digest.into(), base_digest: base.digest().into(), dir: target, bytes })
             .map_err(|e| e.to_string())?;
         tracing::info!(digest, bytes, "launch VM cached");
         self.trim();
@@ -183,13 +144,8 @@ impl LaunchCache {
 
     /// Drop the least recently used entries beyond `max_entries`.
     fn trim(&self) {
-        let Ok(entries) = self.state.cache_list() else {
-            return;
-        };
-        for e in entries
-            .iter()
-            .take(entries.len().saturating_sub(self.max_entries))
-        {
+        let Ok(entries) = self.state.cache_list() else { return };
+        for e in entries.iter().take(entries.len().saturating_sub(self.max_entries)) {
             self.evict(&e.overlay_digest);
         }
     }
@@ -209,58 +165,18 @@ fn allocated_bytes(dir: &Path) -> u64 {
 }
 
 /// A session whose launch VM is cached: resume a copy of it.
-pub(crate) async fn run_cached(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    cached: CachedLaunch,
-) -> Result<Outcome, SessionError> {
-    let instance = resume(
-        ctx.place(),
-        &cached.snapshot,
-        cached.service().map(|s| s.port),
-        &[],
-        false,
-    )
-    .await?;
+pub(crate) async fn run_cached(stream: &mut TcpStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
+    let instance = resume(ctx.place(), &cached.snapshot, cached.service().map(|s| s.port), &[], false).await?;
     let served = async {
-        write(
-            stream,
-            &Message::Ready {
-                endpoint: instance.endpoint.clone(),
-                resumed_after_ms: instance.resumed_after_ms,
-            },
-        )
-        .await?;
-        write(
-            stream,
-            &Message::Complete {
-                segments: 0,
-                bytes: 0,
-                apply_ms: 0,
-                decompress_ms: 0,
-            },
-        )
-        .await?;
+        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
+        write(stream, &Message::Complete { segments: 0, bytes: 0, apply_ms: 0, decompress_ms: 0 }).await?;
         hold(stream, &instance.stop, no_usage).await
     }
     .await;
     match served {
         Ok(Ending::Residue) => {
-            let parent = cached.manifest.as_ref().ok_or_else(|| {
-                refused(
-                    forage_proto::ErrorCode::Internal,
-                    "this cache entry predates residues",
-                )
-            })?;
-            send_residue(
-                stream,
-                ctx,
-                instance.vm,
-                parent,
-                &cached.digest,
-                LaunchRef::Files(&cached.snapshot),
-            )
-            .await?;
+            let parent = cached.manifest.as_ref().ok_or_else(|| refused(forage_proto::ErrorCode::Internal, "this cache entry predates residues"))?;
+            send_residue(stream, ctx, instance.vm, parent, &cached.digest, LaunchRef::Files(&cached.snapshot)).await?;
         }
         other => {
             let _ = instance.vm.shutdown().await;

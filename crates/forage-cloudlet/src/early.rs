@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use forage_assembly::{Assembly, Mount};
 use forage_format::Manifest;
+use forage_remote::RemoteOverlay;
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{ErrorCode, Message, ProtoError};
-use forage_remote::RemoteOverlay;
 use forage_vm::Snapshot;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -51,11 +51,7 @@ impl OverlayCopy {
             at += s.compressed_len;
         }
         file.set_len(at)?;
-        Ok(Self {
-            file,
-            path,
-            offsets,
-        })
+        Ok(Self { file, path, offsets })
     }
 }
 
@@ -71,13 +67,7 @@ fn usage(assembly: &Assembly, label: String) -> Message {
     }
 }
 
-pub(crate) async fn run(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    manifest: Manifest,
-    prefix: Vec<u8>,
-    remote: Option<Arc<RemoteOverlay>>,
-) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, remote: Option<Arc<RemoteOverlay>>) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let cloudlet = ctx.cloudlet;
     let digest = crate::session::overlay_digest(&prefix);
@@ -85,22 +75,12 @@ pub(crate) async fn run(
     for d in [&work, &mnt] {
         std::fs::create_dir_all(d).map_err(internal)?;
     }
-    let copy =
-        OverlayCopy::create(ctx.dir.join("overlay"), &prefix, &manifest).map_err(internal)?;
+    let copy = OverlayCopy::create(ctx.dir.join("overlay"), &prefix, &manifest).map_err(internal)?;
     let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u32>();
     let fetch = Box::new(move |s: u32| {
         let _ = fetch_tx.send(s);
     });
-    let assembly = Arc::new(
-        Assembly::new(
-            manifest.clone(),
-            &ctx.base.memory_path(),
-            &ctx.base.disk_path(),
-            &work,
-            fetch,
-        )
-        .map_err(internal)?,
-    );
+    let assembly = Arc::new(Assembly::new(manifest.clone(), &ctx.base.memory_path(), &ctx.base.disk_path(), &work, fetch).map_err(internal)?);
     let mount = Mount::new(assembly.clone(), &mnt, cloudlet.readahead).map_err(internal)?;
 
     // Fetches go to the device, or (overlay by URL) to the cloudlet's own fetcher.
@@ -140,21 +120,14 @@ pub(crate) async fn run(
                     return Err(e.to_string());
                 }
                 busy += t.elapsed();
-                copy.file
-                    .write_all_at(&data, copy.offsets[index as usize])
-                    .map_err(|e| format!("{}: {e}", copy.path.display()))?;
+                copy.file.write_all_at(&data, copy.offsets[index as usize]).map_err(|e| format!("{}: {e}", copy.path.display()))?;
             }
             Ok(busy)
         })
     };
     let n = manifest.segments.len();
     if let (Some(remote), Some(fetches)) = (remote.clone(), url_fetches) {
-        tokio::spawn(fetch_from_url(
-            remote,
-            fetches,
-            seg_tx.clone(),
-            assembly.clone(),
-        ));
+        tokio::spawn(fetch_from_url(remote, fetches, seg_tx.clone(), assembly.clone()));
     }
     let device_sends = remote.is_none();
     let receiver = {
@@ -175,27 +148,14 @@ pub(crate) async fn run(
                 };
                 match m {
                     Ok(Message::Segment { .. }) if !device_sends => {
-                        return Err(refused(
-                            ErrorCode::Protocol,
-                            "segments sent for an overlay the cloudlet fetches itself",
-                        ));
+                        return Err(refused(ErrorCode::Protocol, "segments sent for an overlay the cloudlet fetches itself"));
                     }
                     Ok(Message::Segment { index, bytes: data }) => {
                         let Some(seg) = manifest.segments.get(index as usize) else {
-                            return Err(refused(
-                                ErrorCode::Protocol,
-                                format!("segment {index} does not exist"),
-                            ));
+                            return Err(refused(ErrorCode::Protocol, format!("segment {index} does not exist")));
                         };
                         if data.len() as u64 != seg.compressed_len {
-                            return Err(refused(
-                                ErrorCode::Protocol,
-                                format!(
-                                    "segment {index} has {} bytes, the manifest says {}",
-                                    data.len(),
-                                    seg.compressed_len
-                                ),
-                            ));
+                            return Err(refused(ErrorCode::Protocol, format!("segment {index} has {} bytes, the manifest says {}", data.len(), seg.compressed_len)));
                         }
                         if !std::mem::replace(&mut got[index as usize], true) {
                             count += 1;
@@ -209,22 +169,10 @@ pub(crate) async fn run(
                     Ok(Message::Checkpoint { label }) => {
                         let _ = out_tx.send(usage(&assembly, label));
                     }
-                    Ok(Message::Bye) | Err(ProtoError::Closed) if count == n => {
-                        return Ok((bytes, Ending::Bye))
-                    }
+                    Ok(Message::Bye) | Err(ProtoError::Closed) if count == n => return Ok((bytes, Ending::Bye)),
                     Ok(Message::WantResidue) if count == n => return Ok((bytes, Ending::Residue)),
-                    Err(ProtoError::Closed) => {
-                        return Err(refused(
-                            ErrorCode::Protocol,
-                            format!("device hung up with {} of {n} segments sent", count),
-                        ))
-                    }
-                    Ok(other) => {
-                        return Err(SessionError::Sequence {
-                            expected: "Segment, Checkpoint or Bye",
-                            got: other.name(),
-                        })
-                    }
+                    Err(ProtoError::Closed) => return Err(refused(ErrorCode::Protocol, format!("device hung up with {} of {n} segments sent", count))),
+                    Ok(other) => return Err(SessionError::Sequence { expected: "Segment, Checkpoint or Bye", got: other.name() }),
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -236,51 +184,20 @@ pub(crate) async fn run(
     let launcher = async move {
         let (mount, manifest, assembly) = (mount_ref, manifest_ref, assembly_ref);
         let a = assembly.clone();
-        let state =
-            tokio::task::spawn_blocking(move || a.wait_device_state(Duration::from_secs(3600)))
-                .await
-                .expect("no panic")
-                .map_err(internal)?;
+        let state = tokio::task::spawn_blocking(move || a.wait_device_state(Duration::from_secs(3600))).await.expect("no panic").map_err(internal)?;
         let launch = ctx.dir.join("launch");
         std::fs::create_dir_all(&launch).map_err(internal)?;
-        let spec = forage_synth::apply::launch_spec(
-            manifest,
-            &ctx.base,
-            &PathBuf::from("from the device"),
-        )
-        .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+        let spec = forage_synth::apply::launch_spec(manifest, &ctx.base, &PathBuf::from("from the device")).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
         // The snapshot names its files inside its folder: links to the mount's files.
-        let (memory, disk) = (
-            launch.join(forage_assembly::MEMORY_FILE),
-            launch.join(forage_assembly::DISK_FILE),
-        );
+        let (memory, disk) = (launch.join(forage_assembly::MEMORY_FILE), launch.join(forage_assembly::DISK_FILE));
         std::os::unix::fs::symlink(mount.memory_path(), &memory).map_err(internal)?;
         std::os::unix::fs::symlink(mount.disk_path(), &disk).map_err(internal)?;
         let state_copy = launch.join(forage_vm::snapshot::STATE_FILE);
         std::fs::copy(&state, &state_copy).map_err(internal)?;
-        forage_synth::apply::write_launch_snapshot(
-            &launch,
-            manifest,
-            spec,
-            &memory,
-            &disk,
-            &state_copy,
-            cloudlet.accel,
-        )
-        .map_err(internal)?;
+        forage_synth::apply::write_launch_snapshot(&launch, manifest, spec, &memory, &disk, &state_copy, cloudlet.accel).map_err(internal)?;
         let snap = Snapshot::open(&launch).map_err(internal)?;
-        let instance = resume(
-            ctx.place(),
-            &snap,
-            manifest.service.as_ref().map(|s| s.port),
-            &[],
-            true,
-        )
-        .await?;
-        let _ = ready_tx.send(Message::Ready {
-            endpoint: instance.endpoint.clone(),
-            resumed_after_ms: instance.resumed_after_ms,
-        });
+        let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], true).await?;
+        let _ = ready_tx.send(Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms });
         tracing::info!(session = %ctx.id, after_ms = start.elapsed().as_millis() as u64, stats = ?assembly.stats(), "early start: VM resumed");
         Ok::<Instance, SessionError>(instance)
     };
@@ -342,16 +259,7 @@ pub(crate) async fn run(
         match result {
             // The VM's writes reach the assembly when QEMU exits: save it, then diff.
             Ok((_, Ending::Residue)) => {
-                if let Err(e) = send_residue(
-                    stream,
-                    ctx,
-                    i.vm,
-                    &manifest,
-                    &digest,
-                    LaunchRef::Assembly(&assembly),
-                )
-                .await
-                {
+                if let Err(e) = send_residue(stream, ctx, i.vm, &manifest, &digest, LaunchRef::Assembly(&assembly)).await {
                     result = Err(e);
                 }
             }
@@ -365,31 +273,15 @@ pub(crate) async fn run(
     let applied = applier.await.expect("applier does not panic");
     let busy = applied.map_err(|e| refused(ErrorCode::BadOverlay, e))?;
     let (bytes, _) = result?;
-    let bytes = if device_sends {
-        bytes
-    } else {
-        assembly.stats().bytes_arrived
-    };
+    let bytes = if device_sends { bytes } else { assembly.stats().bytes_arrived };
     if let Err(e) = written {
         tracing::debug!("writing to the device: {e}");
     }
     tracing::debug!(?busy, "applier time");
     if assembly.is_complete() {
-        let kept = ctx
-            .cloudlet
-            .data
-            .launch_cache()
-            .join(format!(".overlay-{}", ctx.id));
-        if std::fs::create_dir_all(ctx.cloudlet.data.launch_cache()).is_ok()
-            && std::fs::rename(ctx.dir.join("overlay"), &kept).is_ok()
-        {
-            cloudlet.cache.store_overlay(
-                digest.clone(),
-                ctx.base.clone(),
-                kept,
-                manifest.clone(),
-                cloudlet.accel,
-            );
+        let kept = ctx.cloudlet.data.launch_cache().join(format!(".overlay-{}", ctx.id));
+        if std::fs::create_dir_all(ctx.cloudlet.data.launch_cache()).is_ok() && std::fs::rename(ctx.dir.join("overlay"), &kept).is_ok() {
+            cloudlet.cache.store_overlay(digest.clone(), ctx.base.clone(), kept, manifest.clone(), cloudlet.accel);
         }
     }
     Ok(Outcome { bytes })
@@ -398,12 +290,7 @@ pub(crate) async fn run(
 /// Overlay by URL: the cloudlet fetches segments itself, demand fetches first, then the
 /// bulk in overlay order, one range request each. A failure fails the assembly (and with
 /// it the session).
-async fn fetch_from_url(
-    remote: Arc<RemoteOverlay>,
-    mut fetches: mpsc::UnboundedReceiver<u32>,
-    segments: mpsc::Sender<(u32, Vec<u8>)>,
-    assembly: Arc<Assembly>,
-) {
+async fn fetch_from_url(remote: Arc<RemoteOverlay>, mut fetches: mpsc::UnboundedReceiver<u32>, segments: mpsc::Sender<(u32, Vec<u8>)>, assembly: Arc<Assembly>) {
     let n = remote.manifest.segments.len();
     let mut done = vec![false; n];
     let mut next_bulk = 0;
@@ -420,10 +307,7 @@ async fn fetch_from_url(
             continue;
         }
         let r = remote.clone();
-        match tokio::task::spawn_blocking(move || r.segment(i))
-            .await
-            .expect("no panic")
-        {
+        match tokio::task::spawn_blocking(move || r.segment(i)).await.expect("no panic") {
             Ok(data) => {
                 if segments.send((i as u32, data)).await.is_err() {
                     return;

@@ -37,9 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use forage_datadir::DataDir;
-use forage_proto::ErrorCode;
 use forage_vm::Accel;
 use tokio::net::TcpListener;
+use forage_proto::ErrorCode;
 use tokio::sync::Notify;
 
 pub use cache::LaunchCache;
@@ -79,18 +79,12 @@ pub(crate) struct Stop {
 
 impl Stop {
     fn new() -> Self {
-        Self {
-            notify: Notify::new(),
-            why: Mutex::new(None),
-        }
+        Self { notify: Notify::new(), why: Mutex::new(None) }
     }
 
     /// The first reason wins.
     pub fn request(&self, code: ErrorCode, why: impl Into<String>) {
-        self.why
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert((code, why.into()));
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((code, why.into()));
         self.notify.notify_one();
     }
 
@@ -99,12 +93,7 @@ impl Stop {
     }
 
     pub fn error(&self) -> SessionError {
-        let (code, message) = self
-            .why
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or((ErrorCode::Internal, "instance stopped".into()));
+        let (code, message) = self.why.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or((ErrorCode::Internal, "instance stopped".into()));
         tracing::info!("instance stopped: {message}");
         SessionError::Refused { code, message }
     }
@@ -122,12 +111,7 @@ impl Cloudlet {
     /// Open the cloudlet's state in `data` and clean up after a previous run: instances
     /// whose QEMU is gone are marked lost and their files removed (QEMU dies with the
     /// daemon: early-start instances depend on its FUSE server).
-    pub fn open(
-        name: String,
-        data: DataDir,
-        accel: Accel,
-        service_addr: Ipv4Addr,
-    ) -> Result<Self, CloudletError> {
+    pub fn open(name: String, data: DataDir, accel: Accel, service_addr: Ipv4Addr) -> Result<Self, CloudletError> {
         let state = forage_state::State::open(data.cloudlet_state())?;
         for lost in state.recover_after_restart()? {
             tracing::warn!(instance = %lost.id, dir = %lost.dir.display(), "instance lost in a restart; removing its files");
@@ -156,17 +140,9 @@ impl Cloudlet {
 
     /// Ask the running instance of session `id` to stop; false if there is none.
     pub fn stop_instance(&self, id: &str) -> bool {
-        match self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
+        match self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             Some(s) => {
-                s.request(
-                    ErrorCode::Internal,
-                    "the cloudlet's operator stopped this instance",
-                );
+                s.request(ErrorCode::Internal, "the cloudlet's operator stopped this instance");
                 true
             }
             None => false,
@@ -175,18 +151,12 @@ impl Cloudlet {
 
     fn register(&self, id: &str) -> Arc<Stop> {
         let n = Arc::new(Stop::new());
-        self.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), n.clone());
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), n.clone());
         n
     }
 
     fn unregister(&self, id: &str) {
-        self.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 }
 
@@ -199,9 +169,7 @@ pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::R
         tokio::spawn(async move {
             match session(stream, &c).await {
                 Ok(()) => tracing::info!(%peer, "session ended"),
-                Err(SessionError::NoHello) => {
-                    tracing::debug!(%peer, "connection closed before Hello")
-                }
+                Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
                 Err(e) => tracing::warn!(%peer, "session failed: {e}"),
             }
         });

@@ -14,11 +14,7 @@ pub struct SegmentPipe {
 
 impl SegmentPipe {
     pub fn new(rx: Receiver<Vec<u8>>) -> Self {
-        Self {
-            rx,
-            cur: Vec::new(),
-            pos: 0,
-        }
+        Self { rx, cur: Vec::new(), pos: 0 }
     }
 }
 

@@ -15,17 +15,9 @@ use tokio::net::TcpStream;
 
 use crate::pipe::SegmentPipe;
 use crate::residue::{send_residue, Ending, LaunchRef};
-use crate::session::{
-    hold, internal, next, no_usage, overlay_digest, refused, resume, Ctx, Outcome, SessionError,
-};
+use crate::session::{hold, internal, next, no_usage, overlay_digest, refused, resume, Ctx, Outcome, SessionError};
 
-pub(crate) async fn run(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    manifest: Manifest,
-    prefix: Vec<u8>,
-    pipelined: bool,
-) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, pipelined: bool) -> Result<Outcome, SessionError> {
     if !pipelined {
         return store_and_forward(stream, ctx, manifest, prefix).await;
     }
@@ -59,60 +51,28 @@ pub(crate) async fn run(
     let apply_ms = start.elapsed().as_millis() as u64;
     tracing::debug!(?report, "overlay applied");
 
-    finish(
-        stream,
-        ctx,
-        &manifest,
-        &digest,
-        &applied,
-        bytes,
-        apply_ms,
-        report.decompress,
-    )
-    .await
+    finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
 }
 
 /// The overlay fetched from its URL by the cloudlet: applied while it downloads.
-pub(crate) async fn run_remote(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    manifest: Manifest,
-    remote: std::sync::Arc<forage_remote::RemoteOverlay>,
-) -> Result<Outcome, SessionError> {
+pub(crate) async fn run_remote(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, remote: std::sync::Arc<forage_remote::RemoteOverlay>) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let digest = overlay_digest(&remote.prefix);
     let applied = ctx.dir.join("launch");
     let (base, applied2, accel) = (ctx.base.clone(), applied.clone(), ctx.cloudlet.accel);
     let report = tokio::task::spawn_blocking(move || {
         let body = remote.segments_stream().map_err(|e| e.to_string())?;
-        let counted = CountingReader {
-            inner: std::io::Cursor::new(remote.prefix.clone()).chain(body),
-            bytes: 0,
-        };
+        let counted = CountingReader { inner: std::io::Cursor::new(remote.prefix.clone()).chain(body), bytes: 0 };
         let label = PathBuf::from(&remote.url);
         let mut reader = counted;
-        let report = forage_synth::apply::apply_into(&mut reader, &label, &base, &applied2, accel)
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((
-            report,
-            reader.bytes.saturating_sub(remote.prefix.len() as u64),
-        ))
+        let report = forage_synth::apply::apply_into(&mut reader, &label, &base, &applied2, accel).map_err(|e| e.to_string())?;
+        Ok::<_, String>((report, reader.bytes.saturating_sub(remote.prefix.len() as u64)))
     })
     .await
     .expect("apply does not panic");
     let (report, bytes) = report.map_err(|e| refused(ErrorCode::BadOverlay, e))?;
     let apply_ms = start.elapsed().as_millis() as u64;
-    finish(
-        stream,
-        ctx,
-        &manifest,
-        &digest,
-        &applied,
-        bytes,
-        apply_ms,
-        report.decompress,
-    )
-    .await
+    finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
 }
 
 /// Counts what passes through.
@@ -130,34 +90,18 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
 }
 
 /// Segment `i`, which must come next and be of the manifest's size.
-async fn next_segment(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    manifest: &Manifest,
-    i: usize,
-) -> Result<Vec<u8>, SessionError> {
+async fn next_segment(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: &Manifest, i: usize) -> Result<Vec<u8>, SessionError> {
     let Message::Segment { index, bytes } = next(stream, ctx.cloudlet.peer_wait).await? else {
-        return Err(SessionError::Sequence {
-            expected: "Segment",
-            got: "another message",
-        });
+        return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
     };
     if index as usize != i || bytes.len() as u64 != manifest.segments[i].compressed_len {
-        return Err(refused(
-            ErrorCode::Protocol,
-            format!("segment {index} out of order or of the wrong size (expected {i})"),
-        ));
+        return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
     }
     Ok(bytes)
 }
 
 /// Receive every segment into a file, then apply it: nothing overlaps.
-async fn store_and_forward(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    manifest: Manifest,
-    prefix: Vec<u8>,
-) -> Result<Outcome, SessionError> {
+async fn store_and_forward(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
     use tokio::io::AsyncWriteExt;
     let start = Instant::now();
     let digest = overlay_digest(&prefix);
@@ -173,32 +117,15 @@ async fn store_and_forward(
     out.flush().await.map_err(internal)?;
     drop(out);
     let applied = ctx.dir.join("launch");
-    let (base, applied2, accel, file2) = (
-        ctx.base.clone(),
-        applied.clone(),
-        ctx.cloudlet.accel,
-        file.clone(),
-    );
-    let report = tokio::task::spawn_blocking(move || {
-        forage_synth::apply::apply(&file2, &base, &applied2, accel)
-    })
-    .await
-    .expect("apply does not panic")
-    .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?
-    .1;
+    let (base, applied2, accel, file2) = (ctx.base.clone(), applied.clone(), ctx.cloudlet.accel, file.clone());
+    let report = tokio::task::spawn_blocking(move || forage_synth::apply::apply(&file2, &base, &applied2, accel))
+        .await
+        .expect("apply does not panic")
+        .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?
+        .1;
     let _ = std::fs::remove_file(&file);
     let apply_ms = start.elapsed().as_millis() as u64;
-    finish(
-        stream,
-        ctx,
-        &manifest,
-        &digest,
-        &applied,
-        bytes,
-        apply_ms,
-        report.decompress,
-    )
-    .await
+    finish(stream, ctx, &manifest, &digest, &applied, bytes, apply_ms, report.decompress).await
 }
 
 /// Resume the applied launch VM, keep it in the cache, say Ready and Complete, and hold
@@ -215,48 +142,16 @@ async fn finish(
     decompress: std::time::Duration,
 ) -> Result<Outcome, SessionError> {
     let snap = Snapshot::open(applied).map_err(internal)?;
-    let instance = resume(
-        ctx.place(),
-        &snap,
-        manifest.service.as_ref().map(|s| s.port),
-        &[],
-        false,
-    )
-    .await?;
+    let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], false).await?;
     let served = async {
-        write(
-            stream,
-            &Message::Ready {
-                endpoint: instance.endpoint.clone(),
-                resumed_after_ms: instance.resumed_after_ms,
-            },
-        )
-        .await?;
+        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
         let decompress_ms = decompress.as_millis() as u64;
-        write(
-            stream,
-            &Message::Complete {
-                segments: manifest.segments.len() as u32,
-                bytes,
-                apply_ms,
-                decompress_ms,
-            },
-        )
-        .await?;
+        write(stream, &Message::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
         hold(stream, &instance.stop, no_usage).await
     }
     .await;
     let result = match served {
-        Ok(Ending::Residue) => send_residue(
-            stream,
-            ctx,
-            instance.vm,
-            manifest,
-            digest,
-            LaunchRef::Files(&snap),
-        )
-        .await
-        .map(|_| ()),
+        Ok(Ending::Residue) => send_residue(stream, ctx, instance.vm, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ()),
         Ok(Ending::Bye) => {
             let _ = instance.vm.shutdown().await;
             Ok(())
@@ -267,8 +162,6 @@ async fn finish(
         }
     };
     // The VM ran from copies: the launch VM goes to the cache as it is.
-    ctx.cloudlet
-        .cache
-        .store_dir(digest, &ctx.base, applied, manifest);
+    ctx.cloudlet.cache.store_dir(digest, &ctx.base, applied, manifest);
     result.map(|_| Outcome { bytes })
 }

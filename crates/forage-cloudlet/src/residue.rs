@@ -39,56 +39,22 @@ pub(crate) enum LaunchRef<'a> {
 
 const PIECE: usize = 1 << 20;
 
-pub(crate) async fn send_residue(
-    stream: &mut TcpStream,
-    ctx: &Ctx<'_>,
-    mut vm: Vm,
-    parent: &Manifest,
-    parent_digest: &str,
-    launch: LaunchRef<'_>,
-) -> Result<u64, SessionError> {
+pub(crate) async fn send_residue(stream: &mut TcpStream, ctx: &Ctx<'_>, mut vm: Vm, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
     let instance_dir = ctx.dir.join("instance");
     let instance = vm.save(&instance_dir).await.map_err(internal)?;
     let (memory, disk) = match launch {
-        LaunchRef::Assembly(a) => (
-            a.written_chunks(Space::Memory),
-            a.written_chunks(Space::Disk),
-        ),
+        LaunchRef::Assembly(a) => (a.written_chunks(Space::Memory), a.written_chunks(Space::Disk)),
         LaunchRef::Files(launch) => {
-            let pairs = [
-                (launch.memory_path(), instance.memory_path()),
-                (
-                    launch.disk_paths()[0].clone(),
-                    instance.disk_paths()[0].clone(),
-                ),
-            ];
-            let [m, d] =
-                pairs.map(|(a, b)| tokio::task::spawn_blocking(move || changed_chunks(&a, &b)));
-            (
-                m.await.expect("no panic").map_err(internal)?,
-                d.await.expect("no panic").map_err(internal)?,
-            )
+            let pairs = [(launch.memory_path(), instance.memory_path()), (launch.disk_paths()[0].clone(), instance.disk_paths()[0].clone())];
+            let [m, d] = pairs.map(|(a, b)| tokio::task::spawn_blocking(move || changed_chunks(&a, &b)));
+            (m.await.expect("no panic").map_err(internal)?, d.await.expect("no panic").map_err(internal)?)
         }
     };
     tracing::info!(session = %ctx.id, memory = memory.len(), disk = disk.len(), "residue: changed chunks");
     let out = ctx.dir.join("residue.ovl");
-    let (base, parent, digest, out2) = (
-        ctx.base.clone(),
-        parent.clone(),
-        parent_digest.to_string(),
-        out.clone(),
-    );
+    let (base, parent, digest, out2) = (ctx.base.clone(), parent.clone(), parent_digest.to_string(), out.clone());
     tokio::task::spawn_blocking(move || {
-        forage_synth::residue::create_residue(
-            &base,
-            &parent,
-            &digest,
-            &instance,
-            &memory,
-            &disk,
-            &forage_synth::create::CreateOptions::default(),
-            &out2,
-        )
+        forage_synth::residue::create_residue(&base, &parent, &digest, &instance, &memory, &disk, &forage_synth::create::CreateOptions::default(), &out2)
     })
     .await
     .expect("no panic")
@@ -102,15 +68,7 @@ pub(crate) async fn send_residue(
         let n = read_full(&mut file, &mut buf).map_err(internal)?;
         buf.truncate(n);
         let last = offset + n as u64 >= total;
-        write(
-            stream,
-            &Message::Residue {
-                offset,
-                bytes: buf,
-                last,
-            },
-        )
-        .await?;
+        write(stream, &Message::Residue { offset, bytes: buf, last }).await?;
         offset += n as u64;
         if last {
             return Ok(total);
@@ -164,9 +122,6 @@ mod tests {
         a[0] = 0;
         std::fs::write(t.path().join("a"), &a).unwrap();
         std::fs::write(t.path().join("b"), &b).unwrap();
-        assert_eq!(
-            super::changed_chunks(&t.path().join("a"), &t.path().join("b")).unwrap(),
-            vec![1, 3]
-        );
+        assert_eq!(super::changed_chunks(&t.path().join("a"), &t.path().join("b")).unwrap(), vec![1, 3]);
     }
 }

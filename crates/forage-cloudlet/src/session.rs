@@ -27,10 +27,7 @@ pub enum SessionError {
     #[error("device: {0}")]
     Proto(#[from] ProtoError),
     #[error("device broke the sequence: expected {expected}, got {got}")]
-    Sequence {
-        expected: &'static str,
-        got: &'static str,
-    },
+    Sequence { expected: &'static str, got: &'static str },
     #[error("connection closed before Hello (a reachability probe)")]
     NoHello,
     #[error("device went silent for {0:?}")]
@@ -40,20 +37,14 @@ pub enum SessionError {
 }
 
 pub(crate) fn refused(code: ErrorCode, message: impl Into<String>) -> SessionError {
-    SessionError::Refused {
-        code,
-        message: message.into(),
-    }
+    SessionError::Refused { code, message: message.into() }
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> SessionError {
     refused(ErrorCode::Internal, e.to_string())
 }
 
-pub(crate) async fn next(
-    stream: &mut (impl AsyncRead + Unpin),
-    wait: Duration,
-) -> Result<Message, SessionError> {
+pub(crate) async fn next(stream: &mut (impl AsyncRead + Unpin), wait: Duration) -> Result<Message, SessionError> {
     match tokio::time::timeout(wait, read(stream)).await {
         Ok(m) => Ok(m?),
         Err(_) => Err(SessionError::Timeout(wait)),
@@ -77,11 +68,7 @@ pub(crate) struct Ctx<'a> {
 /// Run one session on `stream`. On any failure the device is told why (if it still
 /// listens), and nothing of the session is left: no VM, no files.
 pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), SessionError> {
-    let id = format!(
-        "{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
     let dir = cloudlet.data.work().join(format!("session-{id}"));
     let result = run(&mut stream, cloudlet, &id, &dir).await;
     if let Err(e) = &result {
@@ -106,87 +93,37 @@ pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), S
     result.map(|_| ())
 }
 
-async fn run(
-    stream: &mut TcpStream,
-    cloudlet: &Cloudlet,
-    id: &str,
-    dir: &Path,
-) -> Result<Outcome, SessionError> {
+async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Outcome, SessionError> {
     // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
     let hello = match next(stream, cloudlet.peer_wait).await {
         Err(SessionError::Proto(ProtoError::Closed)) => return Err(SessionError::NoHello),
         other => other?,
     };
-    let Message::Hello {
-        versions,
-        device,
-        offers,
-        early_start,
-        store_and_forward,
-    } = hello
-    else {
-        return Err(SessionError::Sequence {
-            expected: "Hello",
-            got: "another message",
-        });
+    let Message::Hello { versions, device, offers, early_start, store_and_forward } = hello else {
+        return Err(SessionError::Sequence { expected: "Hello", got: "another message" });
     };
-    let version = negotiate(versions).ok_or_else(|| {
-        refused(
-            ErrorCode::Version,
-            format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}"),
-        )
-    })?;
-    let held: Vec<BaseVm> = BaseVm::list(&cloudlet.data)
-        .into_iter()
-        .filter_map(|(_, b)| b.ok())
-        .collect();
-    let chosen = offers.iter().find_map(|o| {
-        held.iter()
-            .find(|b| b.digest() == o.base_digest)
-            .map(|b| (o, b))
-    });
-    let missing = offers
-        .iter()
-        .filter(|o| !held.iter().any(|b| b.digest() == o.base_digest))
-        .map(|o| o.base_digest.clone())
-        .collect();
+    let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
+    let held: Vec<BaseVm> = BaseVm::list(&cloudlet.data).into_iter().filter_map(|(_, b)| b.ok()).collect();
+    let chosen = offers.iter().find_map(|o| held.iter().find(|b| b.digest() == o.base_digest).map(|b| (o, b)));
+    let missing = offers.iter().filter(|o| !held.iter().any(|b| b.digest() == o.base_digest)).map(|o| o.base_digest.clone()).collect();
     let cached = chosen.and_then(|(o, _)| cloudlet.cache.lookup(&o.overlay_digest));
     write(
         stream,
-        &Message::Welcome {
-            version,
-            cloudlet: cloudlet.name.clone(),
-            chosen: chosen.map(|(_, b)| b.digest().to_string()),
-            missing,
-            cached: cached.is_some(),
-        },
+        &Message::Welcome { version, cloudlet: cloudlet.name.clone(), chosen: chosen.map(|(_, b)| b.digest().to_string()), missing, cached: cached.is_some() },
     )
     .await?;
     if offers.is_empty() {
         // No overlay: one of the other provisioning mechanisms.
         let request = match next(stream, cloudlet.peer_wait).await? {
             Message::Provision { request } => request,
-            other => {
-                return Err(SessionError::Sequence {
-                    expected: "Provision",
-                    got: other.name(),
-                })
-            }
+            other => return Err(SessionError::Sequence { expected: "Provision", got: other.name() }),
         };
         std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
-        let place = Place {
-            cloudlet,
-            id,
-            dir,
-            started: Instant::now(),
-        };
+        let place = Place { cloudlet, id, dir, started: Instant::now() };
         return crate::provision::run(stream, place, &device, request).await;
     }
     let Some((offer, base)) = chosen else {
-        return Err(refused(
-            ErrorCode::NoBase,
-            "none of the offered bases is held here",
-        ));
+        return Err(refused(ErrorCode::NoBase, "none of the offered bases is held here"));
     };
     let early_start = early_start && !store_and_forward;
     let mode = match (&cached, early_start) {
@@ -195,24 +132,12 @@ async fn run(
         (None, false) => SessionMode::Pipelined,
     };
     tracing::info!(session = id, device, base = %base.manifest().name, mode = mode.as_str(), "synthesis session");
-    let record = NewSession {
-        id: id.into(),
-        device: device.clone(),
-        base_digest: base.digest().into(),
-        overlay_digest: offer.overlay_digest.clone(),
-        mode,
-    };
+    let record = NewSession { id: id.into(), device: device.clone(), base_digest: base.digest().into(), overlay_digest: offer.overlay_digest.clone(), mode };
     if let Err(e) = cloudlet.state.session_started(&record) {
         tracing::warn!("session {id} not recorded: {e}");
     }
     std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
-    let ctx = Ctx {
-        cloudlet,
-        id: id.into(),
-        dir: dir.to_path_buf(),
-        base: base.clone(),
-        started: Instant::now(),
-    };
+    let ctx = Ctx { cloudlet, id: id.into(), dir: dir.to_path_buf(), base: base.clone(), started: Instant::now() };
     if let Some(snapshot) = cached {
         return crate::cache::run_cached(stream, &ctx, snapshot).await;
     }
@@ -221,52 +146,28 @@ async fn run(
     let (prefix, remote) = match next(stream, cloudlet.peer_wait).await? {
         Message::Manifest { bytes } => (bytes, None),
         Message::OverlayUrl { url } => {
-            let remote =
-                tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url))
-                    .await
-                    .expect("no panic")
-                    .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+            let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url))
+                .await
+                .expect("no panic")
+                .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
             if !offer.overlay_digest.is_empty() && remote.digest() != offer.overlay_digest {
-                return Err(refused(
-                    ErrorCode::BadOverlay,
-                    format!(
-                        "the overlay at {} is not the one offered (digest {})",
-                        remote.url,
-                        remote.digest()
-                    ),
-                ));
+                return Err(refused(ErrorCode::BadOverlay, format!("the overlay at {} is not the one offered (digest {})", remote.url, remote.digest())));
             }
             (remote.prefix.clone(), Some(std::sync::Arc::new(remote)))
         }
-        other => {
-            return Err(SessionError::Sequence {
-                expected: "Manifest or OverlayUrl",
-                got: other.name(),
-            })
-        }
+        other => return Err(SessionError::Sequence { expected: "Manifest or OverlayUrl", got: other.name() }),
     };
-    let manifest = OverlayReader::open(&prefix[..])
-        .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?
-        .manifest()
-        .clone();
+    let manifest = OverlayReader::open(&prefix[..]).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
     if manifest.base.digest != base.digest() {
-        return Err(refused(
-            ErrorCode::BadOverlay,
-            "the manifest names another base than the one agreed",
-        ));
+        return Err(refused(ErrorCode::BadOverlay, "the manifest names another base than the one agreed"));
     }
     if let Some(parent) = &manifest.parent {
-        return Err(refused(
-            ErrorCode::BadOverlay,
-            format!("this is a residue of overlay {parent}: merge it into its overlay first"),
-        ));
+        return Err(refused(ErrorCode::BadOverlay, format!("this is a residue of overlay {parent}: merge it into its overlay first")));
     }
     match (early_start, remote) {
         (true, remote) => crate::early::run(stream, &ctx, manifest, prefix, remote).await,
         (false, Some(remote)) => crate::pipelined::run_remote(stream, &ctx, manifest, remote).await,
-        (false, None) => {
-            crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await
-        }
+        (false, None) => crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await,
     }
 }
 
@@ -287,12 +188,7 @@ pub(crate) struct Place<'a> {
 
 impl Ctx<'_> {
     pub fn place(&self) -> Place<'_> {
-        Place {
-            cloudlet: self.cloudlet,
-            id: &self.id,
-            dir: &self.dir,
-            started: self.started,
-        }
+        Place { cloudlet: self.cloudlet, id: &self.id, dir: &self.dir, started: self.started }
     }
 }
 
@@ -311,10 +207,7 @@ pub(crate) struct Instance {
 impl Instance {
     /// The loopback address of guest port `guest_port`.
     pub fn local(&self, guest_port: u16) -> Option<SocketAddr> {
-        self.forwards
-            .iter()
-            .find(|f| f.guest_port == guest_port)
-            .map(|f| SocketAddr::from((f.host_addr, f.host_port)))
+        self.forwards.iter().find(|f| f.guest_port == guest_port).map(|f| SocketAddr::from((f.host_addr, f.host_port)))
     }
 }
 
@@ -322,56 +215,30 @@ impl Instance {
 /// `service_port` relayed on the service address. `in_place`: the spec's memory and disk
 /// are the snapshot's own files (early start, copy-on-write views); otherwise they are
 /// copied into the session's run folder.
-pub(crate) async fn resume(
-    place: Place<'_>,
-    snap: &Snapshot,
-    service_port: Option<u16>,
-    extra_ports: &[u16],
-    in_place: bool,
-) -> Result<Instance, SessionError> {
+pub(crate) async fn resume(place: Place<'_>, snap: &Snapshot, service_port: Option<u16>, extra_ports: &[u16], in_place: bool) -> Result<Instance, SessionError> {
     let cloudlet = place.cloudlet;
     let run = place.dir.join("run");
     std::fs::create_dir_all(&run).map_err(internal)?;
-    let mut guest_ports: Vec<u16> = snap
-        .manifest()
-        .spec
-        .nic
-        .iter()
-        .flat_map(|n| n.forwards.iter().map(|f| f.guest_port))
-        .collect();
+    let mut guest_ports: Vec<u16> = snap.manifest().spec.nic.iter().flat_map(|n| n.forwards.iter().map(|f| f.guest_port)).collect();
     guest_ports.extend(extra_ports.iter().chain(service_port.iter()).copied());
     guest_ports.sort_unstable();
     guest_ports.dedup();
     let forwards = forage_image::loopback_forwards(guest_ports).map_err(internal)?;
-    let qmp = cloudlet
-        .data
-        .runtime_dir()
-        .join(format!("session-{}.qmp", place.id));
+    let qmp = cloudlet.data.runtime_dir().join(format!("session-{}.qmp", place.id));
     let mut spec: VmSpec = snap.relocated_spec(&run, &qmp, Some(forwards.clone()));
     if in_place {
         spec.memory_file = snap.memory_path();
         spec.disks[0].path = snap.disk_paths()[0].clone();
     }
     let t = Instant::now();
-    let opts = RestoreOptions {
-        copy_disks: !in_place,
-        ..Default::default()
-    };
-    let vm = Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts)
-        .await
-        .map_err(internal)?;
+    let opts = RestoreOptions { copy_disks: !in_place, ..Default::default() };
+    let vm = Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
     let resumed_after_ms = t.elapsed().as_millis() as u64;
     let stop = cloudlet.register(place.id);
-    let target = service_port
-        .and_then(|p| forwards.iter().find(|f| f.guest_port == p))
-        .map(|f| SocketAddr::from((f.host_addr, f.host_port)));
+    let target = service_port.and_then(|p| forwards.iter().find(|f| f.guest_port == p)).map(|f| SocketAddr::from((f.host_addr, f.host_port)));
     let proxy = match target {
         Some(target) => {
-            let mut p = ServiceProxy::start(cloudlet.service_addr, target)
-                .await
-                .map_err(|e| {
-                    internal(format!("service proxy on {}: {e}", cloudlet.service_addr))
-                })?;
+            let mut p = ServiceProxy::start(cloudlet.service_addr, target).await.map_err(|e| internal(format!("service proxy on {}: {e}", cloudlet.service_addr)))?;
             if let Some(t) = cloudlet.idle_timeout {
                 p.watch_idle(t, stop.clone());
             }
@@ -379,45 +246,21 @@ pub(crate) async fn resume(
         }
         None => None,
     };
-    let endpoint = proxy
-        .as_ref()
-        .map(|p| p.addr.to_string())
-        .unwrap_or_default();
-    let record = NewInstance {
-        id: place.id.to_string(),
-        session_id: place.id.to_string(),
-        name: vm.spec().name.clone(),
-        qemu_pid: vm.pid(),
-        dir: place.dir.to_path_buf(),
-        endpoint: endpoint.clone(),
-    };
+    let endpoint = proxy.as_ref().map(|p| p.addr.to_string()).unwrap_or_default();
+    let record = NewInstance { id: place.id.to_string(), session_id: place.id.to_string(), name: vm.spec().name.clone(), qemu_pid: vm.pid(), dir: place.dir.to_path_buf(), endpoint: endpoint.clone() };
     if let Err(e) = cloudlet.state.instance_started(&record) {
         tracing::warn!("instance {} not recorded: {e}", place.id);
     }
-    if let Err(e) = cloudlet
-        .state
-        .session_ready(place.id, place.started.elapsed().as_millis() as u64)
-    {
+    if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
         tracing::debug!("{e}");
     }
-    Ok(Instance {
-        vm,
-        endpoint,
-        resumed_after_ms,
-        stop,
-        forwards,
-        proxy,
-    })
+    Ok(Instance { vm, endpoint, resumed_after_ms, stop, forwards, proxy })
 }
 
 /// After Ready and Complete: the instance lives until the device says Bye (or asks for
 /// its residue) or goes away, or the instance is asked to stop (operator, idle timeout).
 /// Checkpoints are answered with `usage`.
-pub(crate) async fn hold(
-    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
-    stop: &crate::Stop,
-    usage: impl Fn(String) -> Message,
-) -> Result<Ending, SessionError> {
+pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), stop: &crate::Stop, usage: impl Fn(String) -> Message) -> Result<Ending, SessionError> {
     loop {
         tokio::select! {
             m = read(stream) => match m {
@@ -433,29 +276,15 @@ pub(crate) async fn hold(
 }
 
 pub(crate) fn no_usage(label: String) -> Message {
-    Message::Usage {
-        label,
-        blobs_accessed: 0,
-        blobs: 0,
-        demand_fetches: 0,
-        segments_arrived: 0,
-        segments: 0,
-    }
+    Message::Usage { label, blobs_accessed: 0, blobs: 0, demand_fetches: 0, segments_arrived: 0, segments: 0 }
 }
 
 /// Detach a FUSE mount left behind (a crash, or a VM that kept its files open).
 pub(crate) fn unmount_stale(mnt: &Path) {
     // No `exists()` check: a mount whose server died fails every stat (ENOTCONN).
-    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines()
-            .any(|l| l.split(' ').nth(1) == Some(&*mnt.to_string_lossy()))
-    });
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&*mnt.to_string_lossy())));
     if mounted {
-        let _ = std::process::Command::new("fusermount3")
-            .arg("-uzq")
-            .arg(mnt)
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = std::process::Command::new("fusermount3").arg("-uzq").arg(mnt).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -463,18 +292,9 @@ pub(crate) fn unmount_stale(mnt: &Path) {
 pub(crate) fn sweep_dead_sessions(work: &Path) {
     for entry in std::fs::read_dir(work).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("session-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
+        let Some(pid) = name.strip_prefix("session-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            tracing::info!(
-                "removing {} left by a daemon that is gone",
-                entry.path().display()
-            );
+            tracing::info!("removing {} left by a daemon that is gone", entry.path().display());
             unmount_stale(&entry.path().join("mnt"));
             let _ = std::fs::remove_dir_all(entry.path());
         }

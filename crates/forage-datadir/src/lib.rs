@@ -163,9 +163,7 @@ fn non_empty_env(key: &str) -> Option<String> {
 fn current_uid() -> u32 {
     // /proc/self is owned by the process's uid; avoids a libc dependency for one call.
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -184,10 +182,7 @@ mod tests {
     #[test]
     fn layout_is_under_root() {
         let d = DataDir::at("/srv/forage");
-        assert_eq!(
-            d.image("tiny").unwrap(),
-            Path::new("/srv/forage/images/tiny")
-        );
+        assert_eq!(d.image("tiny").unwrap(), Path::new("/srv/forage/images/tiny"));
         assert_eq!(d.vm("a").unwrap(), Path::new("/srv/forage/vms/a"));
         assert!(d.vm("../etc").is_err());
     }

@@ -67,23 +67,10 @@ impl Advertisement {
     }
 
     fn from_info(info: &ServiceInfo) -> Option<Self> {
-        let name = info
-            .get_fullname()
-            .strip_suffix(&format!(".{SERVICE_TYPE}"))?
-            .to_string();
-        let ip = info
-            .get_addresses()
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or_else(|| info.get_addresses().iter().next())?;
+        let name = info.get_fullname().strip_suffix(&format!(".{SERVICE_TYPE}"))?.to_string();
+        let ip = info.get_addresses().iter().find(|a| a.is_ipv4()).or_else(|| info.get_addresses().iter().next())?;
         let val = |k: &str| info.get_property_val_str(k).unwrap_or_default().to_string();
-        let list = |k: &str| {
-            val(k)
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        };
+        let list = |k: &str| val(k).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
         Some(Self {
             name,
             addr: SocketAddr::new(*ip, info.get_port()),
@@ -107,14 +94,7 @@ pub struct Advertiser {
 pub fn advertise(adv: &Advertisement) -> Result<Advertiser, DiscoveryError> {
     let daemon = ServiceDaemon::new()?;
     let host = format!("{}.local.", adv.name);
-    let info = ServiceInfo::new(
-        SERVICE_TYPE,
-        &adv.name,
-        &host,
-        adv.addr.ip(),
-        adv.addr.port(),
-        adv.properties(),
-    )?;
+    let info = ServiceInfo::new(SERVICE_TYPE, &adv.name, &host, adv.addr.ip(), adv.addr.port(), adv.properties())?;
     let fullname = info.get_fullname().to_string();
     daemon.register(info)?;
     tracing::info!(name = %adv.name, addr = %adv.addr, "advertised as {SERVICE_TYPE}");
@@ -157,13 +137,7 @@ pub fn discover(timeout: Duration) -> Result<Vec<Found>, DiscoveryError> {
         }
     }
     let _ = daemon.shutdown();
-    let mut out: Vec<Found> = found
-        .into_values()
-        .map(|ad| Found {
-            rtt_ms: rtt(ad.addr),
-            ad,
-        })
-        .collect();
+    let mut out: Vec<Found> = found.into_values().map(|ad| Found { rtt_ms: rtt(ad.addr), ad }).collect();
     out.sort_by(|a, b| a.ad.name.cmp(&b.ad.name));
     Ok(out)
 }
@@ -190,19 +164,11 @@ pub type Utility = dyn Fn(&Found, &Need) -> Option<f64>;
 pub fn default_utility(f: &Found, need: &Need) -> Option<f64> {
     let rtt = f.rtt_ms?;
     if let Some(b) = &need.base {
-        if !f
-            .ad
-            .bases
-            .iter()
-            .any(|h| b.starts_with(h.as_str()) || h.starts_with(b.as_str()))
-        {
+        if !f.ad.bases.iter().any(|h| b.starts_with(h.as_str()) || h.starts_with(b.as_str())) {
             return None;
         }
     }
-    let cached = need
-        .service
-        .as_ref()
-        .is_some_and(|s| f.ad.services.contains(s));
+    let cached = need.service.as_ref().is_some_and(|s| f.ad.services.contains(s));
     let load = f.ad.load as f64 / f.ad.cores.max(1) as f64;
     Some(if cached { 100.0 } else { 0.0 } - 10.0 * load - rtt / 10.0)
 }
@@ -238,49 +204,18 @@ mod tests {
 
     #[test]
     fn selection_prefers_the_base_then_load_then_rtt() {
-        let all = vec![
-            found("far", &["aaaaaaaaaaaa"], 0, Some(50.0)),
-            found("busy", &["aaaaaaaaaaaa"], 8, Some(1.0)),
-            found("idle", &["aaaaaaaaaaaa"], 0, Some(1.0)),
-            found("other", &["bbbbbbbbbbbb"], 0, Some(0.5)),
-            found("gone", &["aaaaaaaaaaaa"], 0, None),
-        ];
-        let need = Need {
-            base: Some("aaaaaaaaaaaa1234".into()),
-            service: None,
-        };
-        assert_eq!(
-            select(&all, &need, &default_utility).unwrap().ad.name,
-            "idle"
-        );
+        let all = vec![found("far", &["aaaaaaaaaaaa"], 0, Some(50.0)), found("busy", &["aaaaaaaaaaaa"], 8, Some(1.0)), found("idle", &["aaaaaaaaaaaa"], 0, Some(1.0)), found("other", &["bbbbbbbbbbbb"], 0, Some(0.5)), found("gone", &["aaaaaaaaaaaa"], 0, None)];
+        let need = Need { base: Some("aaaaaaaaaaaa1234".into()), service: None };
+        assert_eq!(select(&all, &need, &default_utility).unwrap().ad.name, "idle");
         let custom = |f: &Found, _: &Need| f.rtt_ms.map(|r| -r);
-        assert_eq!(
-            select(&all, &Need::default(), &custom).unwrap().ad.name,
-            "other"
-        );
-        assert!(select(
-            &all,
-            &Need {
-                base: Some("cccccccccccc".into()),
-                service: None
-            },
-            &default_utility
-        )
-        .is_none());
+        assert_eq!(select(&all, &Need::default(), &custom).unwrap().ad.name, "other");
+        assert!(select(&all, &Need { base: Some("cccccccccccc".into()), service: None }, &default_utility).is_none());
     }
 
     #[test]
     fn txt_round_trip() {
         let ad = found("c1", &["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 3, None).ad;
-        let info = ServiceInfo::new(
-            SERVICE_TYPE,
-            &ad.name,
-            "c1.local.",
-            ad.addr.ip(),
-            ad.addr.port(),
-            ad.properties(),
-        )
-        .unwrap();
+        let info = ServiceInfo::new(SERVICE_TYPE, &ad.name, "c1.local.", ad.addr.ip(), ad.addr.port(), ad.properties()).unwrap();
         assert_eq!(Advertisement::from_info(&info).unwrap(), ad);
     }
 }

@@ -76,9 +76,7 @@ pub struct ChunkEntry {
 
 pub fn is_zero(chunk: &[u8]) -> bool {
     // Compare in u64 words; the compiler vectorizes this.
-    chunk
-        .chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+    chunk.chunks_exact(8).all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
         && chunk.chunks_exact(8).remainder().iter().all(|&b| b == 0)
 }
 

@@ -11,13 +11,9 @@ use crate::{FormatError, CHUNK_SIZE};
 #[serde(tag = "codec", rename_all = "lowercase")]
 pub enum SegmentCodec {
     None,
-    Zstd {
-        level: i32,
-    },
+    Zstd { level: i32 },
     /// xz container around LZMA2, as the paper's LZMA.
-    Lzma {
-        level: u32,
-    },
+    Lzma { level: u32 },
 }
 
 impl SegmentCodec {
@@ -32,9 +28,7 @@ impl SegmentCodec {
     pub fn compress(self, data: &[u8]) -> Vec<u8> {
         match self {
             SegmentCodec::None => data.to_vec(),
-            SegmentCodec::Zstd { level } => {
-                zstd::bulk::compress(data, level).expect("zstd compresses in memory")
-            }
+            SegmentCodec::Zstd { level } => zstd::bulk::compress(data, level).expect("zstd compresses in memory"),
             SegmentCodec::Lzma { level } => {
                 let mut out = Vec::new();
                 liblzma::read::XzEncoder::new(data, level.min(9))
@@ -53,9 +47,7 @@ impl SegmentCodec {
             SegmentCodec::None => data.take(limit).read_to_end(&mut out),
             SegmentCodec::Zstd { .. } => zstd::stream::read::Decoder::new(data)
                 .and_then(|d| d.take(limit).read_to_end(&mut out)),
-            SegmentCodec::Lzma { .. } => liblzma::read::XzDecoder::new(data)
-                .take(limit)
-                .read_to_end(&mut out),
+            SegmentCodec::Lzma { .. } => liblzma::read::XzDecoder::new(data).take(limit).read_to_end(&mut out),
         };
         r.map_err(|e| FormatError::corrupt(format!("{} stream: {e}", self.name())))?;
         if out.len() != expected {
@@ -85,9 +77,7 @@ pub enum DeltaCodec {
 /// Bytes a payload costs once compressed: the measure for "keep the delta only when it is
 /// smaller" (a bsdiff patch carries mostly-zero diff bytes that compression removes).
 pub fn packed_size(payload: &[u8]) -> usize {
-    zstd::bulk::compress(payload, 1)
-        .map(|c| c.len())
-        .unwrap_or(payload.len())
+    zstd::bulk::compress(payload, 1).map(|c| c.len()).unwrap_or(payload.len())
 }
 
 impl DeltaCodec {
@@ -116,10 +106,7 @@ impl DeltaCodec {
             }
         };
         if out.len() != CHUNK_SIZE {
-            return Err(FormatError::corrupt(format!(
-                "delta rebuilds {} bytes, not a {CHUNK_SIZE}-byte chunk",
-                out.len()
-            )));
+            return Err(FormatError::corrupt(format!("delta rebuilds {} bytes, not a {CHUNK_SIZE}-byte chunk", out.len())));
         }
         Ok(out)
     }
@@ -143,12 +130,7 @@ fn xor_encode(base: &[u8], new: &[u8]) -> Vec<u8> {
         }
         out.extend_from_slice(&(skip as u16).to_le_bytes());
         out.extend_from_slice(&((pos - run) as u16).to_le_bytes());
-        out.extend(
-            new[run..pos]
-                .iter()
-                .zip(&base[run..pos])
-                .map(|(n, b)| n ^ b),
-        );
+        out.extend(new[run..pos].iter().zip(&base[run..pos]).map(|(n, b)| n ^ b));
     }
     out
 }
@@ -166,9 +148,7 @@ fn xor_decode(base: &[u8], delta: &[u8]) -> Result<Vec<u8>, FormatError> {
         d = &d[4..];
         pos += skip;
         if len > d.len() || pos + len > out.len() {
-            return Err(FormatError::corrupt(
-                "xor delta: record runs past the chunk or the data",
-            ));
+            return Err(FormatError::corrupt("xor delta: record runs past the chunk or the data"));
         }
         for (o, x) in out[pos..pos + len].iter_mut().zip(&d[..len]) {
             *o ^= x;
@@ -207,12 +187,7 @@ mod tests {
     #[test]
     fn bad_deltas_are_errors_not_panics() {
         let (base, _) = chunks();
-        for junk in [
-            &[0xffu8; 3][..],
-            &[0xff; 40],
-            &[1, 0, 0xff, 0xff, 1],
-            &[0u8; 24],
-        ] {
+        for junk in [&[0xffu8; 3][..], &[0xff; 40], &[1, 0, 0xff, 0xff, 1], &[0u8; 24]] {
             for codec in [DeltaCodec::Xor, DeltaCodec::Bsdiff] {
                 let _ = codec.decode(&base, junk);
             }
@@ -222,14 +197,8 @@ mod tests {
 
     #[test]
     fn segment_codecs_round_trip_and_check_length() {
-        let data: Vec<u8> = (0..100_000u32)
-            .flat_map(|i| (i % 1000).to_le_bytes())
-            .collect();
-        for codec in [
-            SegmentCodec::None,
-            SegmentCodec::Zstd { level: 3 },
-            SegmentCodec::Lzma { level: 1 },
-        ] {
+        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect();
+        for codec in [SegmentCodec::None, SegmentCodec::Zstd { level: 3 }, SegmentCodec::Lzma { level: 1 }] {
             let c = codec.compress(&data);
             assert_eq!(codec.decompress(&c, data.len()).unwrap(), data);
             assert!(codec.decompress(&c, data.len() - 1).is_err());

@@ -54,9 +54,7 @@ pub fn read_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
     }
     let codec = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
     if codec != MANIFEST_ZSTD_CBOR {
-        return Err(FormatError::corrupt(format!(
-            "unknown manifest encoding {codec}"
-        )));
+        return Err(FormatError::corrupt(format!("unknown manifest encoding {codec}")));
     }
     let manifest_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     if manifest_len > MAX_MANIFEST_RAW {
@@ -73,15 +71,9 @@ pub fn read_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
 }
 
 /// Check and decompress one segment's bytes as they arrived.
-pub fn open_segment(
-    index: usize,
-    seg: &Segment,
-    compressed: &[u8],
-) -> Result<Vec<u8>, FormatError> {
+pub fn open_segment(index: usize, seg: &Segment, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
     if hex::encode(Sha256::digest(compressed)) != seg.sha256 {
-        return Err(FormatError::corrupt(format!(
-            "segment {index} fails its checksum"
-        )));
+        return Err(FormatError::corrupt(format!("segment {index} fails its checksum")));
     }
     seg.codec
         .decompress(compressed, seg.raw_len as usize)
@@ -124,11 +116,7 @@ impl<R: Read> OverlayReader<R> {
         (&mut r).take(header.manifest_len).read_to_end(&mut body)?;
         if body.len() as u64 != header.manifest_len {
             return Err(FormatError::Truncated {
-                what: format!(
-                    "manifest has {} of {} bytes",
-                    body.len(),
-                    header.manifest_len
-                ),
+                what: format!("manifest has {} of {} bytes", body.len(), header.manifest_len),
             });
         }
         if Sha256::digest(&body)[..] != header.manifest_sha256 {
@@ -165,16 +153,10 @@ impl<R: Read> OverlayReader<R> {
         };
         let index = self.next;
         self.buf.clear();
-        (&mut self.r)
-            .take(seg.compressed_len)
-            .read_to_end(&mut self.buf)?;
+        (&mut self.r).take(seg.compressed_len).read_to_end(&mut self.buf)?;
         if self.buf.len() as u64 != seg.compressed_len {
             return Err(FormatError::Truncated {
-                what: format!(
-                    "segment {index} has {} of {} bytes",
-                    self.buf.len(),
-                    seg.compressed_len
-                ),
+                what: format!("segment {index} has {} of {} bytes", self.buf.len(), seg.compressed_len),
             });
         }
         let data = open_segment(index, seg, &self.buf)?;
@@ -186,11 +168,7 @@ impl<R: Read> OverlayReader<R> {
     pub fn finish(mut self) -> Result<(), FormatError> {
         if self.next < self.manifest.segments.len() {
             return Err(FormatError::Truncated {
-                what: format!(
-                    "only {} of {} segments read",
-                    self.next,
-                    self.manifest.segments.len()
-                ),
+                what: format!("only {} of {} segments read", self.next, self.manifest.segments.len()),
             });
         }
         let mut extra = [0u8; 1];
@@ -203,26 +181,18 @@ impl<R: Read> OverlayReader<R> {
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), FormatError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FormatError::Truncated {
-            what: format!("{what} is cut short"),
-        },
+        std::io::ErrorKind::UnexpectedEof => FormatError::Truncated { what: format!("{what} is cut short") },
         _ => FormatError::Io(e),
     })
 }
 
 /// Write header + manifest, then the segments' compressed bytes from `segments` in order.
-pub fn write_overlay(
-    out: &mut impl Write,
-    manifest: &Manifest,
-    segments: &mut impl Read,
-) -> std::io::Result<u64> {
+pub fn write_overlay(out: &mut impl Write, manifest: &Manifest, segments: &mut impl Read) -> std::io::Result<u64> {
     let prefix = encode_prefix(manifest);
     out.write_all(&prefix)?;
     let copied = std::io::copy(&mut segments.take(manifest.segments_bytes()), out)?;
     if copied != manifest.segments_bytes() {
-        return Err(std::io::Error::other(
-            "segment data is shorter than the segment table",
-        ));
+        return Err(std::io::Error::other("segment data is shorter than the segment table"));
     }
     Ok(prefix.len() as u64 + copied)
 }
@@ -262,14 +232,7 @@ mod tests {
     #[test]
     fn every_truncation_and_flip_is_an_error() {
         let file = sample_file();
-        for cut in [
-            0,
-            7,
-            HEADER_LEN - 1,
-            HEADER_LEN + 3,
-            file.len() - 5,
-            file.len() - 1,
-        ] {
+        for cut in [0, 7, HEADER_LEN - 1, HEADER_LEN + 3, file.len() - 5, file.len() - 1] {
             let res = (|| {
                 let mut r = OverlayReader::open(&file[..cut])?;
                 while r.next_segment()?.is_some() {}
@@ -289,17 +252,11 @@ mod tests {
         }
         let mut newer = file.clone();
         newer[8] = 3;
-        assert!(matches!(
-            OverlayReader::open(&newer[..]),
-            Err(FormatError::NewerFormat { found: 3 })
-        ));
+        assert!(matches!(OverlayReader::open(&newer[..]), Err(FormatError::NewerFormat { found: 3 })));
         // A format-1 manifest behind a format-2 (residue) header, and the reverse.
         let mut mixed = file.clone();
         mixed[8] = 2;
-        let err = OverlayReader::open(&mixed[..])
-            .err()
-            .expect("refused")
-            .to_string();
+        let err = OverlayReader::open(&mixed[..]).err().expect("refused").to_string();
         assert!(err.contains("header says format 2"), "{err}");
     }
 
@@ -311,10 +268,7 @@ mod tests {
         let prefix = encode_prefix(&m);
         let header = read_header(prefix[..HEADER_LEN].try_into().unwrap()).unwrap();
         assert_eq!(header.format, 2);
-        assert_eq!(
-            header.digest(),
-            hex::encode(Sha256::digest(&prefix[HEADER_LEN..]))
-        );
+        assert_eq!(header.digest(), hex::encode(Sha256::digest(&prefix[HEADER_LEN..])));
         // The manifest alone opens (segments are not read here).
         let r = OverlayReader::open(&prefix[..]).unwrap();
         assert_eq!(r.manifest().parent.as_deref(), Some(&"12".repeat(32)[..]));

@@ -79,11 +79,7 @@ pub enum BlobEncoding {
     /// The chunk's 4096 bytes.
     Raw,
     /// A delta against base chunk `index` of `space`.
-    Delta {
-        codec: DeltaCodec,
-        space: Space,
-        index: u64,
-    },
+    Delta { codec: DeltaCodec, space: Space, index: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,8 +161,7 @@ impl Manifest {
                 limit: MAX_MANIFEST_RAW,
             });
         }
-        let m: Manifest = ciborium::from_reader(&raw[..])
-            .map_err(|e| FormatError::corrupt(format!("manifest: {e}")))?;
+        let m: Manifest = ciborium::from_reader(&raw[..]).map_err(|e| FormatError::corrupt(format!("manifest: {e}")))?;
         m.validate()?;
         Ok(m)
     }
@@ -179,24 +174,13 @@ impl Manifest {
         }
         match (self.format, &self.parent) {
             (0, _) => return bad("format 0".into()),
-            (RESIDUE_FORMAT, None) => {
-                return bad("a residue (format 2) without its parent overlay's digest".into())
-            }
-            (RESIDUE_FORMAT, Some(p)) if !is_digest(p) => {
-                return bad("parent overlay digest is not 64 lowercase hex digits".into())
-            }
-            (f, Some(_)) if f != RESIDUE_FORMAT => {
-                return bad(format!(
-                    "format {f} overlay names a parent overlay (only residues, format 2, do)"
-                ))
-            }
+            (RESIDUE_FORMAT, None) => return bad("a residue (format 2) without its parent overlay's digest".into()),
+            (RESIDUE_FORMAT, Some(p)) if !is_digest(p) => return bad("parent overlay digest is not 64 lowercase hex digits".into()),
+            (f, Some(_)) if f != RESIDUE_FORMAT => return bad(format!("format {f} overlay names a parent overlay (only residues, format 2, do)")),
             _ => {}
         }
         if self.chunk_size as usize != CHUNK_SIZE {
-            return bad(format!(
-                "chunk size {} (only {CHUNK_SIZE} is supported)",
-                self.chunk_size
-            ));
+            return bad(format!("chunk size {} (only {CHUNK_SIZE} is supported)", self.chunk_size));
         }
         let chunks_in = |space: Space| match space {
             Space::Disk => self.disk_size.div_ceil(CHUNK_SIZE as u64),
@@ -205,23 +189,15 @@ impl Manifest {
         let mut last: Option<(Space, u64)> = None;
         for c in &self.chunks {
             if c.index >= chunks_in(c.space) {
-                return bad(format!(
-                    "{} chunk {} is past the end",
-                    c.space.name(),
-                    c.index
-                ));
+                return bad(format!("{} chunk {} is past the end", c.space.name(), c.index));
             }
             if last.is_some_and(|l| l >= (c.space, c.index)) {
                 return bad("chunk map is not sorted or repeats a chunk".into());
             }
             last = Some((c.space, c.index));
             match c.reference {
-                crate::ChunkRef::BaseDisk(i) if i >= chunks_in(Space::Disk) => {
-                    return bad(format!("base disk chunk {i} is past the end"))
-                }
-                crate::ChunkRef::BaseMemory(i) if i >= chunks_in(Space::Memory) => {
-                    return bad(format!("base memory chunk {i} is past the end"))
-                }
+                crate::ChunkRef::BaseDisk(i) if i >= chunks_in(Space::Disk) => return bad(format!("base disk chunk {i} is past the end")),
+                crate::ChunkRef::BaseMemory(i) if i >= chunks_in(Space::Memory) => return bad(format!("base memory chunk {i} is past the end")),
                 r => {
                     if let Some(b) = r.blob() {
                         if b as usize >= self.blobs.len() {
@@ -253,9 +229,7 @@ impl Manifest {
                 return bad(format!("blob {i} lies outside segment {}", b.segment));
             }
             match b.encoding {
-                BlobEncoding::Raw if b.len as usize != CHUNK_SIZE => {
-                    return bad(format!("raw blob {i} is {} bytes", b.len))
-                }
+                BlobEncoding::Raw if b.len as usize != CHUNK_SIZE => return bad(format!("raw blob {i} is {} bytes", b.len)),
                 BlobEncoding::Delta { space, index, .. } if index >= chunks_in(space) => {
                     return bad(format!("blob {i} deltas against a chunk past the end"))
                 }
@@ -263,11 +237,7 @@ impl Manifest {
             }
         }
         match self.segments.get(self.device_state.segment as usize) {
-            Some(s)
-                if s.kind == SegmentKind::DeviceState && s.raw_len == self.device_state.size =>
-            {
-                Ok(())
-            }
+            Some(s) if s.kind == SegmentKind::DeviceState && s.raw_len == self.device_state.size => Ok(()),
             _ => bad("device state segment is missing or the wrong size".into()),
         }
     }
@@ -294,9 +264,7 @@ impl Manifest {
 
 /// SHA-256 in lowercase hex.
 fn is_digest(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -318,61 +286,20 @@ pub(crate) mod tests {
             memory_size: 256 << 20,
             chunk_size: CHUNK_SIZE as u32,
             chunks: vec![
-                ChunkEntry {
-                    space: Space::Disk,
-                    index: 1,
-                    reference: ChunkRef::New(0),
-                },
-                ChunkEntry {
-                    space: Space::Disk,
-                    index: 5,
-                    reference: ChunkRef::Zero,
-                },
-                ChunkEntry {
-                    space: Space::Memory,
-                    index: 2,
-                    reference: ChunkRef::CrossSpace(0),
-                },
-                ChunkEntry {
-                    space: Space::Memory,
-                    index: 3,
-                    reference: ChunkRef::BaseDisk(9),
-                },
+                ChunkEntry { space: Space::Disk, index: 1, reference: ChunkRef::New(0) },
+                ChunkEntry { space: Space::Disk, index: 5, reference: ChunkRef::Zero },
+                ChunkEntry { space: Space::Memory, index: 2, reference: ChunkRef::CrossSpace(0) },
+                ChunkEntry { space: Space::Memory, index: 3, reference: ChunkRef::BaseDisk(9) },
             ],
-            blobs: vec![Blob {
-                segment: 0,
-                offset: 0,
-                len: CHUNK_SIZE as u32,
-                encoding: BlobEncoding::Raw,
-            }],
+            blobs: vec![Blob { segment: 0, offset: 0, len: CHUNK_SIZE as u32, encoding: BlobEncoding::Raw }],
             segments: vec![
-                Segment {
-                    kind: SegmentKind::Chunks,
-                    codec: SegmentCodec::Zstd { level: 3 },
-                    compressed_len: 10,
-                    raw_len: CHUNK_SIZE as u64,
-                    sha256: String::new(),
-                },
-                Segment {
-                    kind: SegmentKind::DeviceState,
-                    codec: SegmentCodec::None,
-                    compressed_len: 4,
-                    raw_len: 4,
-                    sha256: String::new(),
-                },
+                Segment { kind: SegmentKind::Chunks, codec: SegmentCodec::Zstd { level: 3 }, compressed_len: 10, raw_len: CHUNK_SIZE as u64, sha256: String::new() },
+                Segment { kind: SegmentKind::DeviceState, codec: SegmentCodec::None, compressed_len: 4, raw_len: 4, sha256: String::new() },
             ],
             order: Order::Offset,
-            device_state: DeviceState {
-                segment: 1,
-                size: 4,
-                sha256: String::new(),
-            },
+            device_state: DeviceState { segment: 1, size: 4, sha256: String::new() },
             vm: serde_json::json!({"memory_mib": 256}),
-            service: Some(Service {
-                name: "s".into(),
-                port: 8080,
-                probe: None,
-            }),
+            service: Some(Service { name: "s".into(), port: 8080, probe: None }),
             stats: Stats::default(),
             created_unix: 1,
             creator: "test".into(),
@@ -391,17 +318,11 @@ pub(crate) mod tests {
         let cases: Vec<(&str, Edit)> = vec![
             ("past the end", Box::new(|m| m.chunks[0].index = 1 << 40)),
             ("not sorted", Box::new(|m| m.chunks.swap(0, 1))),
-            (
-                "blob 7",
-                Box::new(|m| m.chunks[0].reference = ChunkRef::New(7)),
-            ),
+            ("blob 7", Box::new(|m| m.chunks[0].reference = ChunkRef::New(7))),
             ("outside segment", Box::new(|m| m.blobs[0].offset = 1)),
             ("device state", Box::new(|m| m.device_state.segment = 0)),
             ("newer", Box::new(|m| m.format = 9)),
-            (
-                "base disk chunk",
-                Box::new(|m| m.chunks[3].reference = ChunkRef::BaseDisk(1 << 40)),
-            ),
+            ("base disk chunk", Box::new(|m| m.chunks[3].reference = ChunkRef::BaseDisk(1 << 40))),
         ];
         for (want, edit) in cases {
             let mut m = sample();
@@ -429,18 +350,9 @@ pub(crate) mod tests {
         assert_eq!(Manifest::decode(&r.encode()).unwrap(), r);
         let cases: Vec<(&str, Edit)> = vec![
             ("without its parent", Box::new(|m| m.parent = None)),
-            (
-                "64 lowercase hex",
-                Box::new(|m| m.parent = Some("zz".into())),
-            ),
-            (
-                "64 lowercase hex",
-                Box::new(|m| m.parent = Some("0F".repeat(32))),
-            ),
-            (
-                "names a parent",
-                Box::new(|m| m.format = crate::OVERLAY_FORMAT),
-            ),
+            ("64 lowercase hex", Box::new(|m| m.parent = Some("zz".into()))),
+            ("64 lowercase hex", Box::new(|m| m.parent = Some("0F".repeat(32)))),
+            ("names a parent", Box::new(|m| m.format = crate::OVERLAY_FORMAT)),
             ("format 0", Box::new(|m| m.format = 0)),
         ];
         for (want, edit) in cases {

@@ -20,9 +20,7 @@ pub struct UnpackedDeb {
 /// `linux-image-6.1.0-56-cloud-amd64`. Falls back to a cached `.deb` when apt knows nothing
 /// (no `apt-get update` yet) but an earlier build fetched one.
 pub fn resolve_meta(meta: &str, prefix: &str, cache: &Path) -> Result<String, ImageError> {
-    let out = Command::new("apt-cache")
-        .args(["depends", "--important", meta])
-        .output();
+    let out = Command::new("apt-cache").args(["depends", "--important", meta]).output();
     if let Ok(out) = out {
         let text = String::from_utf8_lossy(&out.stdout);
         for line in text.lines() {
@@ -44,11 +42,7 @@ pub fn resolve_meta(meta: &str, prefix: &str, cache: &Path) -> Result<String, Im
 
 /// Fetch `package` into `cache` (unless a `.deb` of it is there) and unpack it under
 /// `extract`.
-pub fn fetch_and_unpack(
-    package: &str,
-    cache: &Path,
-    extract: &Path,
-) -> Result<UnpackedDeb, ImageError> {
+pub fn fetch_and_unpack(package: &str, cache: &Path, extract: &Path) -> Result<UnpackedDeb, ImageError> {
     mkdir(cache)?;
     mkdir(extract)?;
     let file = match cached(cache, &format!("{package}_"))? {

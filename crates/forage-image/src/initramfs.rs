@@ -10,20 +10,9 @@ use crate::ImageError;
 /// One entry of the archive.
 pub enum Entry<'a> {
     Dir(&'a str),
-    File {
-        path: &'a str,
-        mode: u32,
-        data: &'a [u8],
-    },
-    Symlink {
-        path: &'a str,
-        target: &'a str,
-    },
-    CharDev {
-        path: &'a str,
-        major: u32,
-        minor: u32,
-    },
+    File { path: &'a str, mode: u32, data: &'a [u8] },
+    Symlink { path: &'a str, target: &'a str },
+    CharDev { path: &'a str, major: u32, minor: u32 },
 }
 
 /// Write `entries` (parents before children) as a newc archive owned by root.
@@ -49,19 +38,14 @@ pub fn write(out: &Path, entries: &[Entry<'_>]) -> Result<(), ImageError> {
         if let Some((major, minor)) = rdev {
             b = b.rdev_major(major).rdev_minor(minor);
         }
-        let size = u32::try_from(data.len()).map_err(|_| ImageError::TooLarge {
-            what: name.to_string(),
-        })?;
+        let size = u32::try_from(data.len()).map_err(|_| ImageError::TooLarge { what: name.to_string() })?;
         let mut writer = b.write(&mut w, size);
         writer.write_all(data).map_err(io)?;
         writer.finish().map_err(io)?;
     }
     cpio::newc::trailer(&mut w).map_err(io)?;
     w.flush().map_err(io)?;
-    w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)
+    w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)
 }
 
 #[cfg(test)]
@@ -77,20 +61,9 @@ mod tests {
             &out,
             &[
                 Entry::Dir("dev"),
-                Entry::CharDev {
-                    path: "dev/console",
-                    major: 5,
-                    minor: 1,
-                },
-                Entry::File {
-                    path: "init",
-                    mode: 0o755,
-                    data: b"#!/bin/sh\n",
-                },
-                Entry::Symlink {
-                    path: "sh",
-                    target: "busybox",
-                },
+                Entry::CharDev { path: "dev/console", major: 5, minor: 1 },
+                Entry::File { path: "init", mode: 0o755, data: b"#!/bin/sh\n" },
+                Entry::Symlink { path: "sh", target: "busybox" },
             ],
         )
         .unwrap();
@@ -101,11 +74,7 @@ mod tests {
             if r.entry().is_trailer() {
                 break;
             }
-            names.push((
-                r.entry().name().to_string(),
-                r.entry().mode(),
-                r.entry().rdev_major(),
-            ));
+            names.push((r.entry().name().to_string(), r.entry().mode(), r.entry().rdev_major()));
             let mut data = Vec::new();
             r.read_to_end(&mut data).unwrap();
             if names.last().unwrap().0 == "init" {

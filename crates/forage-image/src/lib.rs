@@ -41,8 +41,7 @@ const KERNEL_META: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "busybox-static";
 /// What the init script loads: block, network and balloon over virtio-pci.
 const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "virtio_balloon"];
-const KERNEL_CMDLINE: &str =
-    "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off 8250.nr_uarts=1";
+const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off 8250.nr_uarts=1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -66,9 +65,7 @@ pub enum ImageError {
     ModuleMissing { module: String },
     #[error("{path}: not a readable kernel module: {detail}")]
     BadModule { path: PathBuf, detail: String },
-    #[error(
-        "the guest binary {name} was not found (looked in {looked}); build it with `make guest`"
-    )]
+    #[error("the guest binary {name} was not found (looked in {looked}); build it with `make guest`")]
     GuestBinaryMissing { name: String, looked: String },
     #[error("{path} cannot run in the guest: {detail}")]
     NotStatic { path: PathBuf, detail: String },
@@ -136,13 +133,9 @@ impl GuestImage {
             path: path.clone(),
             detail,
         };
-        let manifest: ImageManifest =
-            serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        let manifest: ImageManifest = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if manifest.kind != IMAGE_KIND || manifest.format > IMAGE_FORMAT {
-            return Err(bad(format!(
-                "{} format {} is not one this forage reads",
-                manifest.kind, manifest.format
-            )));
+            return Err(bad(format!("{} format {} is not one this forage reads", manifest.kind, manifest.format)));
         }
         Ok(Self { dir, manifest })
     }
@@ -162,12 +155,7 @@ impl GuestImage {
     /// A VM spec that boots this image in `run`, with a fresh copy of the data disk
     /// (made here, holes kept) and the given extra guest ports forwarded to loopback.
     /// Returns the spec and the host port of the agent, then of each extra port.
-    pub fn fresh_run(
-        &self,
-        name: &str,
-        run: &RunPaths,
-        guest_ports: &[u16],
-    ) -> Result<(VmSpec, Vec<u16>), ImageError> {
+    pub fn fresh_run(&self, name: &str, run: &RunPaths, guest_ports: &[u16]) -> Result<(VmSpec, Vec<u16>), ImageError> {
         std::fs::create_dir_all(&run.dir).map_err(|source| ImageError::Io {
             path: run.dir.clone(),
             source,
@@ -177,13 +165,11 @@ impl GuestImage {
             path: disk.clone(),
             source,
         })?;
-        let forwards = loopback_forwards(
-            std::iter::once(self.manifest.agent_port).chain(guest_ports.iter().copied()),
-        )
-        .map_err(|source| ImageError::Io {
-            path: "127.0.0.1".into(),
-            source,
-        })?;
+        let forwards = loopback_forwards(std::iter::once(self.manifest.agent_port).chain(guest_ports.iter().copied()))
+            .map_err(|source| ImageError::Io {
+                path: "127.0.0.1".into(),
+                source,
+            })?;
         let host_ports = forwards.iter().map(|f| f.host_port).collect();
         let spec = VmSpec {
             name: name.to_string(),
@@ -219,17 +205,12 @@ impl GuestImage {
 
 /// Forwards from free loopback ports to the given guest ports. The kernel picks each free
 /// port; QEMU binds it moments later.
-pub fn loopback_forwards(
-    guest_ports: impl IntoIterator<Item = u16>,
-) -> std::io::Result<Vec<PortForward>> {
+pub fn loopback_forwards(guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
     forwards_on(std::net::Ipv4Addr::LOCALHOST, guest_ports)
 }
 
 /// Forwards from free ports of `host_addr` to the given guest ports.
-pub fn forwards_on(
-    host_addr: std::net::Ipv4Addr,
-    guest_ports: impl IntoIterator<Item = u16>,
-) -> std::io::Result<Vec<PortForward>> {
+pub fn forwards_on(host_addr: std::net::Ipv4Addr, guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
     let mut held = Vec::new();
     let mut out = Vec::new();
     for guest_port in guest_ports {
@@ -265,9 +246,7 @@ pub struct BuildOutcome {
 /// Build (or find cached) the image `name`.
 pub fn build(data: &DataDir, name: &str, opts: &BuildOptions) -> Result<BuildOutcome, ImageError> {
     if name != TINY {
-        return Err(ImageError::UnknownRecipe {
-            name: name.to_string(),
-        });
+        return Err(ImageError::UnknownRecipe { name: name.to_string() });
     }
     let start = Instant::now();
     let agent = std::fs::read(&opts.agent_binary).map_err(|source| ImageError::Io {
@@ -289,37 +268,31 @@ pub fn build(data: &DataDir, name: &str, opts: &BuildOptions) -> Result<BuildOut
             }
         }
     }
-    let kernel_deb =
-        debs::fetch_and_unpack(&kernel_package, &data.deb_cache(), &data.extract_cache())?;
+    let kernel_deb = debs::fetch_and_unpack(&kernel_package, &data.deb_cache(), &data.extract_cache())?;
     let busybox_deb = debs::fetch_and_unpack(BUSYBOX, &data.deb_cache(), &data.extract_cache())?;
 
     let final_dir = data.image(name)?;
-    let work = data
-        .images()
-        .join(format!(".{name}.partial-{}", std::process::id()));
+    let work = data.images().join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     DataDir::ensure(&work)?;
-    let result =
-        assemble(&work, &kernel_deb, &busybox_deb, &agent, opts).map(|(kernel_file, modules)| {
-            ImageManifest {
-                kind: IMAGE_KIND.into(),
-                format: IMAGE_FORMAT,
-                name: name.into(),
-                recipe_digest: recipe,
-                kernel_package: kernel_deb.file.clone(),
-                busybox_package: busybox_deb.file.clone(),
-                agent_sha256,
-                modules,
-                kernel: kernel_file,
-                initrd: "initrd.img".into(),
-                disk: "disk.raw".into(),
-                disk_mib: opts.disk_mib,
-                cmdline: KERNEL_CMDLINE.into(),
-                memory_mib: opts.memory_mib,
-                ready_marker: READY_MARKER.into(),
-                agent_port: AGENT_PORT,
-            }
-        });
+    let result = assemble(&work, &kernel_deb, &busybox_deb, &agent, opts).map(|(kernel_file, modules)| ImageManifest {
+        kind: IMAGE_KIND.into(),
+        format: IMAGE_FORMAT,
+        name: name.into(),
+        recipe_digest: recipe,
+        kernel_package: kernel_deb.file.clone(),
+        busybox_package: busybox_deb.file.clone(),
+        agent_sha256,
+        modules,
+        kernel: kernel_file,
+        initrd: "initrd.img".into(),
+        disk: "disk.raw".into(),
+        disk_mib: opts.disk_mib,
+        cmdline: KERNEL_CMDLINE.into(),
+        memory_mib: opts.memory_mib,
+        ready_marker: READY_MARKER.into(),
+        agent_port: AGENT_PORT,
+    });
     let manifest = match result {
         Ok(m) => m,
         Err(e) => {
@@ -332,11 +305,7 @@ pub fn build(data: &DataDir, name: &str, opts: &BuildOptions) -> Result<BuildOut
         move |source| ImageError::Io { path, source }
     };
     let mpath = work.join("image.json");
-    std::fs::write(
-        &mpath,
-        serde_json::to_vec_pretty(&manifest).expect("serializes"),
-    )
-    .map_err(io(&mpath))?;
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(&mpath))?;
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&work, &final_dir).map_err(io(&final_dir))?;
     Ok(BuildOutcome {
@@ -404,29 +373,16 @@ fn assemble(
         .map_err(io(&boot))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
         .ok_or_else(|| not_in("boot/vmlinuz-*", kernel_deb))?;
-    let kernel_version = vmlinuz
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
+    let kernel_version = vmlinuz.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
     std::fs::copy(&vmlinuz, work.join("vmlinuz")).map_err(io(&vmlinuz))?;
     // Modules
     let mod_dir = kernel_deb.root.join("lib/modules").join(&kernel_version);
     let mods = modules::closure(&mod_dir, WANTED_MODULES)?;
     let mod_data: Vec<(String, Vec<u8>)> = mods
         .iter()
-        .map(|m| {
-            std::fs::read(&m.path)
-                .map(|d| (format!("lib/modules/{}.ko", m.name), d))
-                .map_err(io(&m.path))
-        })
+        .map(|m| std::fs::read(&m.path).map(|d| (format!("lib/modules/{}.ko", m.name), d)).map_err(io(&m.path)))
         .collect::<Result<_, _>>()?;
     let mod_list: String = mods.iter().map(|m| format!("{}\n", m.name)).collect();
     // Busybox
@@ -437,16 +393,8 @@ fn assemble(
         Entry::Dir("bin"),
         Entry::Dir("sbin"),
         Entry::Dir("dev"),
-        Entry::CharDev {
-            path: "dev/console",
-            major: 5,
-            minor: 1,
-        },
-        Entry::CharDev {
-            path: "dev/null",
-            major: 1,
-            minor: 3,
-        },
+        Entry::CharDev { path: "dev/console", major: 5, minor: 1 },
+        Entry::CharDev { path: "dev/null", major: 1, minor: 3 },
         Entry::Dir("etc"),
         Entry::Dir("etc/forage"),
         Entry::Dir("lib"),
@@ -457,37 +405,14 @@ fn assemble(
         Entry::Dir("run"),
         Entry::Dir("data"),
         Entry::Dir("root"),
-        Entry::File {
-            path: "bin/busybox",
-            mode: 0o755,
-            data: &busybox,
-        },
-        Entry::Symlink {
-            path: "bin/sh",
-            target: "busybox",
-        },
-        Entry::File {
-            path: "sbin/forage-agent",
-            mode: 0o755,
-            data: agent,
-        },
-        Entry::File {
-            path: "init",
-            mode: 0o755,
-            data: INIT_SCRIPT.as_bytes(),
-        },
-        Entry::File {
-            path: "etc/forage/modules",
-            mode: 0o644,
-            data: mod_list.as_bytes(),
-        },
+        Entry::File { path: "bin/busybox", mode: 0o755, data: &busybox },
+        Entry::Symlink { path: "bin/sh", target: "busybox" },
+        Entry::File { path: "sbin/forage-agent", mode: 0o755, data: agent },
+        Entry::File { path: "init", mode: 0o755, data: INIT_SCRIPT.as_bytes() },
+        Entry::File { path: "etc/forage/modules", mode: 0o644, data: mod_list.as_bytes() },
     ];
     for (path, data) in &mod_data {
-        entries.push(Entry::File {
-            path,
-            mode: 0o644,
-            data,
-        });
+        entries.push(Entry::File { path, mode: 0o644, data });
     }
     initramfs::write(&work.join("initrd.img"), &entries)?;
     // Data disk
@@ -506,17 +431,7 @@ fn make_data_disk(path: &Path, mib: u64) -> Result<(), ImageError> {
         source,
     })?;
     let out = std::process::Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            "forage-data",
-            "-b",
-            "4096",
-            "-E",
-            "root_owner=0:0,nodiscard",
-            "-d",
-        ])
+        .args(["-q", "-F", "-L", "forage-data", "-b", "4096", "-E", "root_owner=0:0,nodiscard", "-d"])
         .arg(&staging)
         .arg(path)
         .arg(format!("{mib}M"))
@@ -545,10 +460,7 @@ pub fn locate_guest_binary(name: &str) -> Result<PathBuf, ImageError> {
     if let Some(d) = std::env::var_os("FORAGE_GUEST_DIR").filter(|d| !d.is_empty()) {
         dirs.push(PathBuf::from(d));
     }
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         dirs.push(exe_dir.join("../guest"));
         dirs.push(exe_dir.join("../../guest"));
         dirs.push(exe_dir.join("../lib/forage/guest"));
@@ -558,11 +470,7 @@ pub fn locate_guest_binary(name: &str) -> Result<PathBuf, ImageError> {
         .find(|p| p.exists())
         .ok_or_else(|| ImageError::GuestBinaryMissing {
             name: name.to_string(),
-            looked: dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            looked: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
         })
 }
 
@@ -588,8 +496,7 @@ impl GuestImage {
         accel: forage_vm::Accel,
         timeout: Duration,
     ) -> Result<ReadyGuest, BootError> {
-        self.boot_from(name, run, None, guest_ports, accel, timeout)
-            .await
+        self.boot_from(name, run, None, guest_ports, accel, timeout).await
     }
 
     /// [`boot`](Self::boot) with `disk` (raw, used in place) as the data disk instead of a
@@ -610,8 +517,7 @@ impl GuestImage {
             spec.disks[0].path = disk.to_path_buf();
         }
         let vm = forage_vm::Vm::boot(spec, accel, &run.dir.join("qemu.log")).await?;
-        vm.wait_for_serial(&self.manifest.ready_marker, timeout)
-            .await?;
+        vm.wait_for_serial(&self.manifest.ready_marker, timeout).await?;
         let agent_port = ports.remove(0);
         Ok(ReadyGuest {
             vm,

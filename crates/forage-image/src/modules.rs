@@ -40,9 +40,7 @@ fn visit(
     if depth > 32 || !seen.insert(name.to_string()) || builtin.contains(name) {
         return Ok(());
     }
-    let path = index.get(name).ok_or_else(|| ImageError::ModuleMissing {
-        module: name.to_string(),
-    })?;
+    let path = index.get(name).ok_or_else(|| ImageError::ModuleMissing { module: name.to_string() })?;
     for dep in depends(path)? {
         visit(&dep, index, builtin, seen, order, depth + 1)?;
     }
@@ -62,19 +60,12 @@ fn index(dir: &Path) -> Result<BTreeMap<String, PathBuf>, ImageError> {
     let mut map = BTreeMap::new();
     let mut stack = vec![dir.join("kernel")];
     while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|source| ImageError::Io {
-            path: d.clone(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(&d).map_err(|source| ImageError::Io { path: d.clone(), source })?;
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if let Some(stem) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
+            } else if let Some(stem) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
                 map.insert(normalize(stem), p);
             }
         }
@@ -114,12 +105,7 @@ fn parse_depends(modinfo: &[u8]) -> Vec<String> {
     modinfo
         .split(|&b| b == 0)
         .filter_map(|field| field.strip_prefix(b"depends="))
-        .flat_map(|deps| {
-            String::from_utf8_lossy(deps)
-                .split(',')
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|deps| String::from_utf8_lossy(deps).split(',').map(str::to_string).collect::<Vec<_>>())
         .filter(|d| !d.is_empty())
         .map(|d| normalize(&d))
         .collect()
@@ -132,10 +118,7 @@ mod tests {
     #[test]
     fn depends_field_is_split_and_normalized() {
         let info = b"license=GPL\0depends=virtio_ring,virtio,net-failover\0intree=Y\0";
-        assert_eq!(
-            parse_depends(info),
-            ["virtio_ring", "virtio", "net_failover"]
-        );
+        assert_eq!(parse_depends(info), ["virtio_ring", "virtio", "net_failover"]);
         assert!(parse_depends(b"depends=\0").is_empty());
         assert!(parse_depends(b"").is_empty());
     }

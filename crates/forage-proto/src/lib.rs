@@ -305,15 +305,9 @@ pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     if !(1..=15).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
-    let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload {
-        kind,
-        detail: e.to_string(),
-    })?;
+    let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
     if msg.kind() != kind {
-        return Err(ProtoError::KindMismatch {
-            kind,
-            payload: msg.name(),
-        });
+        return Err(ProtoError::KindMismatch { kind, payload: msg.name() });
     }
     Ok(msg)
 }
@@ -338,9 +332,7 @@ pub mod blocking {
     pub fn read(r: &mut impl Read) -> Result<Message, ProtoError> {
         let mut len = [0u8; 4];
         match r.read_exact(&mut len) {
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ProtoError::Closed)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
             other => other?,
         }
         let len = u32::from_le_bytes(len);
@@ -368,9 +360,7 @@ pub mod asynchronous {
 
     pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<Message, ProtoError> {
         let len = match r.read_u32_le().await {
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ProtoError::Closed)
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtoError::Closed),
             other => other?,
         };
         check_len(len)?;
@@ -392,93 +382,27 @@ mod tests {
             Message::Hello {
                 versions: (1, 1),
                 device: "phone".into(),
-                offers: vec![Offer {
-                    base_digest: "ab".repeat(32),
-                    manifest_bytes: 10,
-                    overlay_bytes: 99,
-                    overlay_digest: "cd".repeat(32),
-                }],
+                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99, overlay_digest: "cd".repeat(32) }],
                 early_start: true,
                 store_and_forward: false,
             },
-            Message::Welcome {
-                version: 1,
-                cloudlet: "c".into(),
-                chosen: Some("ab".into()),
-                missing: vec![],
-                cached: true,
-            },
-            Message::Checkpoint {
-                label: "first-response".into(),
-            },
+            Message::Welcome { version: 1, cloudlet: "c".into(), chosen: Some("ab".into()), missing: vec![], cached: true },
+            Message::Checkpoint { label: "first-response".into() },
             Message::WantResidue,
-            Message::OverlayUrl {
-                url: "https://example.org/app.ovl".into(),
-            },
-            Message::Residue {
-                offset: 4096,
-                bytes: vec![1; 100],
-                last: true,
-            },
-            Message::Usage {
-                label: "first-response".into(),
-                blobs_accessed: 3,
-                blobs: 10,
-                demand_fetches: 2,
-                segments_arrived: 4,
-                segments: 9,
-            },
-            Message::Manifest {
-                bytes: b"FORAGEOV".to_vec(),
-            },
-            Message::Segment {
-                index: 3,
-                bytes: vec![7; 1000],
-            },
+            Message::OverlayUrl { url: "https://example.org/app.ovl".into() },
+            Message::Residue { offset: 4096, bytes: vec![1; 100], last: true },
+            Message::Usage { label: "first-response".into(), blobs_accessed: 3, blobs: 10, demand_fetches: 2, segments_arrived: 4, segments: 9 },
+            Message::Manifest { bytes: b"FORAGEOV".to_vec() },
+            Message::Segment { index: 3, bytes: vec![7; 1000] },
             Message::Fetch { index: 9 },
-            Message::Ready {
-                endpoint: "127.0.0.1:4000".into(),
-                resumed_after_ms: 1500,
-            },
-            Message::Complete {
-                segments: 10,
-                bytes: 12345,
-                apply_ms: 80,
-                decompress_ms: 20,
-            },
-            Message::Error {
-                code: ErrorCode::NoBase,
-                message: "no base".into(),
-            },
-            Message::Provision {
-                request: Provision::CachedVm {
-                    service: "hashsearch".into(),
-                    join: true,
-                },
-            },
-            Message::Provision {
-                request: Provision::Push {
-                    app: "hashsearch-client".into(),
-                },
-            },
-            Message::Provision {
-                request: Provision::Script {
-                    os: "linux-x86_64".into(),
-                    port: 8080,
-                    script: b"echo hi".to_vec(),
-                    timeout_s: 30,
-                    components: vec!["hashsearch".into()],
-                },
-            },
-            Message::Provision {
-                request: Provision::App {
-                    package: vec![0x28, 0xb5, 0x2f, 0xfd],
-                },
-            },
-            Message::Error {
-                code: ErrorCode::Idle,
-                message: "idle".into(),
-            },
+            Message::Ready { endpoint: "127.0.0.1:4000".into(), resumed_after_ms: 1500 },
+            Message::Complete { segments: 10, bytes: 12345, apply_ms: 80, decompress_ms: 20 },
+            Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
+            Message::Provision { request: Provision::CachedVm { service: "hashsearch".into(), join: true } },
+            Message::Provision { request: Provision::Push { app: "hashsearch-client".into() } },
+            Message::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30, components: vec!["hashsearch".into()] } },
+            Message::Provision { request: Provision::App { package: vec![0x28, 0xb5, 0x2f, 0xfd] } },
+            Message::Error { code: ErrorCode::Idle, message: "idle".into() },
             Message::Bye,
         ]
     }
@@ -494,9 +418,7 @@ mod tests {
             assert_eq!(blocking::read(&mut r).unwrap(), m);
         }
         assert!(matches!(blocking::read(&mut r), Err(ProtoError::Closed)));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(async {
             let mut r = &wire[..];
             for m in all() {
@@ -507,42 +429,23 @@ mod tests {
 
     #[test]
     fn segment_bytes_are_carried_as_bytes() {
-        let frame = encode(&Message::Segment {
-            index: 0,
-            bytes: vec![0xab; 100_000],
-        });
-        assert!(
-            frame.len() < 100_100,
-            "{} bytes on the wire for 100000",
-            frame.len()
-        );
+        let frame = encode(&Message::Segment { index: 0, bytes: vec![0xab; 100_000] });
+        assert!(frame.len() < 100_100, "{} bytes on the wire for 100000", frame.len());
     }
 
     #[test]
     fn bad_frames_are_errors() {
         assert!(matches!(check_len(0), Err(ProtoError::Empty)));
-        assert!(matches!(
-            check_len(MAX_FRAME + 1),
-            Err(ProtoError::TooLarge(_))
-        ));
+        assert!(matches!(check_len(MAX_FRAME + 1), Err(ProtoError::TooLarge(_))));
         assert!(matches!(decode_body(&[0]), Err(ProtoError::UnknownKind(0))));
-        assert!(matches!(
-            decode_body(&[4, 0xff]),
-            Err(ProtoError::Payload { .. })
-        ));
+        assert!(matches!(decode_body(&[4, 0xff]), Err(ProtoError::Payload { .. })));
         // A Fetch payload under the Segment kind byte.
         let mut f = encode(&Message::Fetch { index: 1 });
         f[4] = 4;
-        assert!(matches!(
-            decode_body(&f[4..]),
-            Err(ProtoError::KindMismatch { .. })
-        ));
+        assert!(matches!(decode_body(&f[4..]), Err(ProtoError::KindMismatch { .. })));
         // Cut mid-frame.
         let f = encode(&Message::Bye);
-        assert!(matches!(
-            blocking::read(&mut &f[..f.len() - 1]),
-            Err(ProtoError::Closed)
-        ));
+        assert!(matches!(blocking::read(&mut &f[..f.len() - 1]), Err(ProtoError::Closed)));
     }
 
     #[test]

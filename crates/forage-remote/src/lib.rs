@@ -39,18 +39,12 @@ pub struct RemoteOverlay {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(10))
-        .timeout_read(Duration::from_secs(30))
-        .build()
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).timeout_read(Duration::from_secs(30)).build()
 }
 
 /// Bytes `start..start+len` of `url`.
 pub fn read_range(url: &str, start: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
-    let http = |detail: String| RemoteError::Http {
-        url: url.into(),
-        detail,
-    };
+    let http = |detail: String| RemoteError::Http { url: url.into(), detail };
     if len == 0 {
         return Ok(Vec::new());
     }
@@ -60,21 +54,12 @@ pub fn read_range(url: &str, start: u64, len: u64) -> Result<Vec<u8>, RemoteErro
         .call()
         .map_err(|e| http(e.to_string()))?;
     if resp.status() != 206 {
-        return Err(RemoteError::NoRanges {
-            url: url.into(),
-            status: resp.status(),
-        });
+        return Err(RemoteError::NoRanges { url: url.into(), status: resp.status() });
     }
     let mut out = Vec::with_capacity(len as usize);
-    resp.into_reader()
-        .take(len + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| http(e.to_string()))?;
+    resp.into_reader().take(len + 1).read_to_end(&mut out).map_err(|e| http(e.to_string()))?;
     if out.len() as u64 != len {
-        return Err(http(format!(
-            "asked for {len} bytes at {start}, got {}",
-            out.len()
-        )));
+        return Err(http(format!("asked for {len} bytes at {start}, got {}", out.len())));
     }
     Ok(out)
 }
@@ -82,31 +67,19 @@ pub fn read_range(url: &str, start: u64, len: u64) -> Result<Vec<u8>, RemoteErro
 impl RemoteOverlay {
     /// Read and check the header and manifest.
     pub fn open(url: &str) -> Result<Self, RemoteError> {
-        let ov = |source| RemoteError::Overlay {
-            url: url.into(),
-            source,
-        };
+        let ov = |source| RemoteError::Overlay { url: url.into(), source };
         let head = read_range(url, 0, HEADER_LEN as u64)?;
-        let header =
-            forage_format::read_header(&head[..].try_into().expect("header length")).map_err(ov)?;
+        let header = forage_format::read_header(&head[..].try_into().expect("header length")).map_err(ov)?;
         let mut prefix = head;
         prefix.extend(read_range(url, HEADER_LEN as u64, header.manifest_len)?);
-        let manifest = OverlayReader::open(&prefix[..])
-            .map_err(ov)?
-            .manifest()
-            .clone();
+        let manifest = OverlayReader::open(&prefix[..]).map_err(ov)?.manifest().clone();
         let mut offsets = Vec::with_capacity(manifest.segments.len());
         let mut at = prefix.len() as u64;
         for s in &manifest.segments {
             offsets.push(at);
             at += s.compressed_len;
         }
-        Ok(Self {
-            url: url.into(),
-            prefix,
-            manifest,
-            offsets,
-        })
+        Ok(Self { url: url.into(), prefix, manifest, offsets })
     }
 
     /// The manifest's SHA-256 (hex): the overlay's name.
@@ -116,14 +89,7 @@ impl RemoteOverlay {
 
     /// Segment `i`'s bytes as stored (checked later, against the manifest).
     pub fn segment(&self, i: usize) -> Result<Vec<u8>, RemoteError> {
-        let s = self
-            .manifest
-            .segments
-            .get(i)
-            .ok_or_else(|| RemoteError::Http {
-                url: self.url.clone(),
-                detail: format!("segment {i} does not exist"),
-            })?;
+        let s = self.manifest.segments.get(i).ok_or_else(|| RemoteError::Http { url: self.url.clone(), detail: format!("segment {i} does not exist") })?;
         read_range(&self.url, self.offsets[i], s.compressed_len)
     }
 }
@@ -132,20 +98,10 @@ impl RemoteOverlay {
     /// The overlay from the end of the manifest to its end, as one stream (pipelined
     /// synthesis applies it while it downloads).
     pub fn segments_stream(&self) -> Result<Box<dyn Read + Send>, RemoteError> {
-        let http = |detail: String| RemoteError::Http {
-            url: self.url.clone(),
-            detail,
-        };
-        let resp = agent()
-            .get(&self.url)
-            .set("Range", &format!("bytes={}-", self.prefix.len()))
-            .call()
-            .map_err(|e| http(e.to_string()))?;
+        let http = |detail: String| RemoteError::Http { url: self.url.clone(), detail };
+        let resp = agent().get(&self.url).set("Range", &format!("bytes={}-", self.prefix.len())).call().map_err(|e| http(e.to_string()))?;
         if resp.status() != 206 {
-            return Err(RemoteError::NoRanges {
-                url: self.url.clone(),
-                status: resp.status(),
-            });
+            return Err(RemoteError::NoRanges { url: self.url.clone(), status: resp.status() });
         }
         Ok(Box::new(resp.into_reader()))
     }

@@ -14,13 +14,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use forage_format::{
-    BlobEncoding, ChunkRef, Manifest, OverlayReader, SegmentKind, Space, CHUNK_SIZE,
-};
-use forage_vm::snapshot::{
-    FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT,
-    SNAPSHOT_KIND, STATE_FILE,
-};
+use forage_format::{BlobEncoding, ChunkRef, Manifest, OverlayReader, SegmentKind, Space, CHUNK_SIZE};
+use forage_vm::snapshot::{FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE};
 use forage_vm::{Accel, Snapshot, VmSpec};
 use rustix::fs::FallocateFlags;
 use sha2::{Digest, Sha256};
@@ -46,12 +41,7 @@ pub struct ApplyReport {
 
 /// Apply the overlay at `path` to `base`, creating the snapshot folder `out`.
 /// `out` must not exist (or be an empty folder): nothing the user has is replaced.
-pub fn apply(
-    path: &Path,
-    base: &BaseVm,
-    out: &Path,
-    accel: Accel,
-) -> Result<(Snapshot, ApplyReport), SynthError> {
+pub fn apply(path: &Path, base: &BaseVm, out: &Path, accel: Accel) -> Result<(Snapshot, ApplyReport), SynthError> {
     let occupied = match std::fs::read_dir(out) {
         Ok(mut entries) => entries.next().is_some(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -59,32 +49,17 @@ pub fn apply(
     };
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
     let (Some(name), false) = (name, occupied) else {
-        return Err(SynthError::Exists {
-            what: "something (give a new folder for the launch VM)".into(),
-            path: out.to_path_buf(),
-        });
+        return Err(SynthError::Exists { what: "something (give a new folder for the launch VM)".into(), path: out.to_path_buf() });
     };
-    let file = File::open(path).map_err(|source| SynthError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| SynthError::Io { path: path.to_path_buf(), source })?;
     let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
-    let result = apply_into(
-        BufReader::with_capacity(1 << 20, file),
-        path,
-        base,
-        &partial,
-        accel,
-    )
-    .and_then(|report| Ok((Snapshot::open(&partial)?, report)));
+    let result = apply_into(BufReader::with_capacity(1 << 20, file), path, base, &partial, accel)
+        .and_then(|report| Ok((Snapshot::open(&partial)?, report)));
     match result {
         Ok((_, report)) => {
             let _ = std::fs::remove_dir(out); // only if it is an empty folder
-            std::fs::rename(&partial, out).map_err(|source| SynthError::Io {
-                path: out.to_path_buf(),
-                source,
-            })?;
+            std::fs::rename(&partial, out).map_err(|source| SynthError::Io { path: out.to_path_buf(), source })?;
             Ok((Snapshot::open(out)?, report))
         }
         Err(e) => {
@@ -95,28 +70,16 @@ pub fn apply(
 }
 
 /// Apply from any reader (a file, or bytes arriving over the network) into `dir`.
-pub fn apply_into(
-    reader: impl std::io::Read,
-    path: &Path,
-    base: &BaseVm,
-    dir: &Path,
-    accel: Accel,
-) -> Result<ApplyReport, SynthError> {
+pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &Path, accel: Accel) -> Result<ApplyReport, SynthError> {
     let start = Instant::now();
-    let ov = |source| SynthError::Overlay {
-        path: path.to_path_buf(),
-        source,
-    };
+    let ov = |source| SynthError::Overlay { path: path.to_path_buf(), source };
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }
     };
     let r = OverlayReader::open(reader).map_err(ov)?;
     if let Some(parent) = &r.manifest().parent {
-        return Err(SynthError::Residue {
-            path: path.to_path_buf(),
-            parent: short(parent).into(),
-        });
+        return Err(SynthError::Residue { path: path.to_path_buf(), parent: short(parent).into() });
     }
     check_base(r.manifest(), path, base)?;
     let spec = launch_spec(r.manifest(), base, path)?;
@@ -156,10 +119,7 @@ pub(crate) fn check_base(m: &Manifest, path: &Path, base: &BaseVm) -> Result<(),
         });
     }
     if m.memory_size != base.manifest().memory_size || m.disk_size != base.manifest().disk_size {
-        return Err(SynthError::BadFile {
-            path: path.to_path_buf(),
-            detail: "sizes differ from the base's".into(),
-        });
+        return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "sizes differ from the base's".into() });
     }
     Ok(())
 }
@@ -176,26 +136,14 @@ pub(crate) struct Written {
 /// disk; any previous content of those chunks is replaced) and its device state as
 /// `dir/state`, streaming its segments; then check that nothing follows. The base and
 /// sizes must have been checked.
-pub(crate) fn write_chunks<R: std::io::Read>(
-    mut r: OverlayReader<R>,
-    path: &Path,
-    base: &BaseVm,
-    outs: &[File; 2],
-    dir: &Path,
-) -> Result<Written, SynthError> {
-    let ov = |source| SynthError::Overlay {
-        path: path.to_path_buf(),
-        source,
-    };
+pub(crate) fn write_chunks<R: std::io::Read>(mut r: OverlayReader<R>, path: &Path, base: &BaseVm, outs: &[File; 2], dir: &Path) -> Result<Written, SynthError> {
+    let ov = |source| SynthError::Overlay { path: path.to_path_buf(), source };
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }
     };
     let m = r.manifest().clone();
-    let bases = [
-        File::open(base.memory_path()).map_err(io(&base.memory_path()))?,
-        File::open(base.disk_path()).map_err(io(&base.disk_path()))?,
-    ];
+    let bases = [File::open(base.memory_path()).map_err(io(&base.memory_path()))?, File::open(base.disk_path()).map_err(io(&base.disk_path()))?];
 
     // Chunks that need no segment; blob positions for the rest.
     let mut positions: Vec<Vec<(Space, u64)>> = vec![Vec::new(); m.blobs.len()];
@@ -207,23 +155,11 @@ pub(crate) fn write_chunks<R: std::io::Read>(
         match c.reference {
             ChunkRef::Zero | ChunkRef::Free => {
                 free_chunks += (c.reference == ChunkRef::Free) as u64;
-                rustix::fs::fallocate(
-                    out,
-                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-                    off,
-                    CHUNK_SIZE as u64,
-                )
-                .map_err(|e| SynthError::Io {
-                    path: dir.to_path_buf(),
-                    source: e.into(),
-                })?;
+                rustix::fs::fallocate(out, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, CHUNK_SIZE as u64)
+                    .map_err(|e| SynthError::Io { path: dir.to_path_buf(), source: e.into() })?;
             }
             ChunkRef::BaseDisk(i) | ChunkRef::BaseMemory(i) => {
-                let from = if matches!(c.reference, ChunkRef::BaseDisk(_)) {
-                    &bases[1]
-                } else {
-                    &bases[0]
-                };
+                let from = if matches!(c.reference, ChunkRef::BaseDisk(_)) { &bases[1] } else { &bases[0] };
                 read_chunk(from, i, &mut buf).map_err(io(base.dir()))?;
                 out.write_all_at(&buf, off).map_err(io(dir))?;
             }
@@ -248,9 +184,7 @@ pub(crate) fn write_chunks<R: std::io::Read>(
         if m.segments[seg.index].kind == SegmentKind::DeviceState {
             if seg.index as u32 == m.device_state.segment {
                 if hex::encode(Sha256::digest(&seg.data)) != m.device_state.sha256 {
-                    return Err(ov(forage_format::FormatError::corrupt(
-                        "device state fails its checksum",
-                    )));
+                    return Err(ov(forage_format::FormatError::corrupt("device state fails its checksum")));
                 }
                 let p = dir.join(STATE_FILE);
                 std::fs::write(&p, &seg.data).map_err(io(&p))?;
@@ -263,56 +197,33 @@ pub(crate) fn write_chunks<R: std::io::Read>(
             let payload = seg.blob(blob).map_err(ov)?;
             let content: Vec<u8> = match blob.encoding {
                 BlobEncoding::Raw => payload.to_vec(),
-                BlobEncoding::Delta {
-                    codec,
-                    space,
-                    index,
-                } => {
+                BlobEncoding::Delta { codec, space, index } => {
                     read_chunk(&bases[slot(space)], index, &mut buf).map_err(io(base.dir()))?;
                     codec.decode(&buf, payload).map_err(ov)?
                 }
             };
             for &(space, index) in &positions[id as usize] {
-                outs[slot(space)]
-                    .write_all_at(&content, index * CHUNK_SIZE as u64)
-                    .map_err(io(dir))?;
+                outs[slot(space)].write_all_at(&content, index * CHUNK_SIZE as u64).map_err(io(dir))?;
             }
         }
     }
     r.finish().map_err(ov)?;
     if !state_written {
-        return Err(ov(forage_format::FormatError::corrupt(
-            "no device state segment",
-        )));
+        return Err(ov(forage_format::FormatError::corrupt("no device state segment")));
     }
-    Ok(Written {
-        manifest: m,
-        segments,
-        free_chunks,
-        decompress,
-    })
+    Ok(Written { manifest: m, segments, free_chunks, decompress })
 }
 
 /// The launch VM's spec: the base's hardware (its boot files are this host's), with the
 /// overlay's name and guest ports; the overlay's own description must agree with it.
-pub fn launch_spec(
-    m: &forage_format::Manifest,
-    base: &BaseVm,
-    path: &Path,
-) -> Result<VmSpec, SynthError> {
-    let claimed: VmSpec =
-        serde_json::from_value(m.vm["spec"].clone()).map_err(|e| SynthError::BadFile {
-            path: path.to_path_buf(),
-            detail: format!("launch VM description: {e}"),
-        })?;
+pub fn launch_spec(m: &forage_format::Manifest, base: &BaseVm, path: &Path) -> Result<VmSpec, SynthError> {
+    let claimed: VmSpec = serde_json::from_value(m.vm["spec"].clone())
+        .map_err(|e| SynthError::BadFile { path: path.to_path_buf(), detail: format!("launch VM description: {e}") })?;
     let mut spec = base.snapshot().manifest().spec.clone();
     if claimed.hardware_fingerprint() != spec.hardware_fingerprint() {
         return Err(SynthError::BadFile {
             path: path.to_path_buf(),
-            detail: format!(
-                "its launch VM's hardware differs from base {}'s",
-                base.manifest().name
-            ),
+            detail: format!("its launch VM's hardware differs from base {}'s", base.manifest().name),
         });
     }
     spec.name = claimed.name;
@@ -329,15 +240,7 @@ pub fn launch_spec(
 /// Describe a rebuilt launch VM as a forage-vm snapshot in `dir`: memory and disk may be
 /// anywhere (absolute paths are kept, e.g. files of an early-start assembly), the device
 /// state is `state`.
-pub fn write_launch_snapshot(
-    dir: &Path,
-    m: &forage_format::Manifest,
-    mut spec: VmSpec,
-    memory: &Path,
-    disk: &Path,
-    state: &Path,
-    accel: Accel,
-) -> Result<(), SynthError> {
+pub fn write_launch_snapshot(dir: &Path, m: &forage_format::Manifest, mut spec: VmSpec, memory: &Path, disk: &Path, state: &Path, accel: Accel) -> Result<(), SynthError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }
@@ -356,14 +259,8 @@ pub fn write_launch_snapshot(
         hardware_fingerprint: spec.hardware_fingerprint(),
         spec,
         accel: saved_accel,
-        memory: FileRecord {
-            file: relative(memory).to_string_lossy().into_owned(),
-            size: m.memory_size,
-        },
-        disks: vec![FileRecord {
-            file: relative(disk).to_string_lossy().into_owned(),
-            size: m.disk_size,
-        }],
+        memory: FileRecord { file: relative(memory).to_string_lossy().into_owned(), size: m.memory_size },
+        disks: vec![FileRecord { file: relative(disk).to_string_lossy().into_owned(), size: m.disk_size }],
         state: StateRecord {
             file: relative(state).to_string_lossy().into_owned(),
             size: m.device_state.size,
@@ -372,21 +269,10 @@ pub fn write_launch_snapshot(
         saved_at_unix: m.created_unix,
     };
     let p = dir.join(MANIFEST_FILE);
-    std::fs::write(
-        &p,
-        serde_json::to_vec_pretty(&manifest).expect("serializes"),
-    )
-    .map_err(io(&p))?;
+    std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(&p))?;
     Ok(())
 }
 
 fn open_rw(p: &PathBuf) -> Result<File, SynthError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .map_err(|source| SynthError::Io {
-            path: p.clone(),
-            source,
-        })
+    OpenOptions::new().read(true).write(true).open(p).map_err(|source| SynthError::Io { path: p.clone(), source })
 }

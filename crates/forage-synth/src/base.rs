@@ -41,31 +41,22 @@ impl BaseVm {
     pub fn open(data: &DataDir, name: &str) -> Result<Self, SynthError> {
         let dir = data.base(name)?;
         Self::open_dir(&dir).map_err(|e| match e {
-            SynthError::Io { .. } if !dir.join("base.json").exists() => SynthError::NoBase {
-                name: name.to_string(),
-            },
+            SynthError::Io { .. } if !dir.join("base.json").exists() => SynthError::NoBase { name: name.to_string() },
             e => e,
         })
     }
 
     fn open_dir(dir: &Path) -> Result<Self, SynthError> {
         let path = dir.join("base.json");
-        let text = std::fs::read(&path).map_err(|source| SynthError::Io {
+        let text = std::fs::read(&path).map_err(|source| SynthError::Io { path: path.clone(), source })?;
+        let manifest: BaseManifest = serde_json::from_slice(&text).map_err(|e| SynthError::BadFile {
             path: path.clone(),
-            source,
+            detail: e.to_string(),
         })?;
-        let manifest: BaseManifest =
-            serde_json::from_slice(&text).map_err(|e| SynthError::BadFile {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
         if manifest.kind != BASE_KIND || manifest.format > BASE_FORMAT {
             return Err(SynthError::BadFile {
                 path,
-                detail: format!(
-                    "{} format {} is not a base this forage reads",
-                    manifest.kind, manifest.format
-                ),
+                detail: format!("{} format {} is not a base this forage reads", manifest.kind, manifest.format),
             });
         }
         let snapshot = Snapshot::open(&dir.join("snapshot"))?;
@@ -92,23 +83,12 @@ impl BaseVm {
     }
 
     /// Boot `image`, let it settle (free pages get reported and punched out), save it, index it.
-    pub async fn create(
-        data: &DataDir,
-        name: &str,
-        image: &GuestImage,
-        accel: Accel,
-        settle: Duration,
-    ) -> Result<Self, SynthError> {
+    pub async fn create(data: &DataDir, name: &str, image: &GuestImage, accel: Accel, settle: Duration) -> Result<Self, SynthError> {
         let final_dir = data.base(name)?;
         if final_dir.exists() {
-            return Err(SynthError::Exists {
-                what: format!("base {name}"),
-                path: final_dir,
-            });
+            return Err(SynthError::Exists { what: format!("base {name}"), path: final_dir });
         }
-        let work = data
-            .bases()
-            .join(format!(".{name}.partial-{}", std::process::id()));
+        let work = data.bases().join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         let result = async {
             let run = RunPaths {
@@ -116,13 +96,7 @@ impl BaseVm {
                 qmp_socket: data.runtime_dir().join(format!("base-{name}.qmp")),
             };
             let ready = image
-                .boot(
-                    &format!("base-{name}"),
-                    &run,
-                    &[],
-                    accel,
-                    Duration::from_secs(180),
-                )
+                .boot(&format!("base-{name}"), &run, &[], accel, Duration::from_secs(180))
                 .await?;
             tokio::time::sleep(settle).await;
             let mut vm = ready.vm;
@@ -137,10 +111,7 @@ impl BaseVm {
             let _ = std::fs::remove_dir_all(&work);
             return Err(e);
         }
-        std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io {
-            path: final_dir.clone(),
-            source,
-        })?;
+        std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io { path: final_dir.clone(), source })?;
         Self::open(data, name)
     }
 
@@ -176,38 +147,24 @@ impl BaseVm {
     pub fn remove(data: &DataDir, name: &str) -> Result<(), SynthError> {
         let dir = data.base(name)?;
         if !dir.join("base.json").exists() {
-            return Err(SynthError::NoBase {
-                name: name.to_string(),
-            });
+            return Err(SynthError::NoBase { name: name.to_string() });
         }
         std::fs::remove_dir_all(&dir).map_err(|source| SynthError::Io { path: dir, source })
     }
 }
 
 /// Index a saved base in `dir` (its `snapshot/`) and write its `base.json`.
-pub fn finish(
-    dir: &Path,
-    name: &str,
-    image: &str,
-    snapshot: &Snapshot,
-) -> Result<BaseManifest, SynthError> {
+pub fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Result<BaseManifest, SynthError> {
     let m = snapshot.manifest();
     if m.disks.len() != 1 {
         return Err(SynthError::BadFile {
             path: snapshot.dir().to_path_buf(),
-            detail: format!(
-                "a base has exactly one disk, this one has {}",
-                m.disks.len()
-            ),
+            detail: format!("a base has exactly one disk, this one has {}", m.disks.len()),
         });
     }
     let io = |path: PathBuf| move |source| SynthError::Io { path, source };
-    let (index, digest) = ChunkIndex::build(
-        &snapshot.memory_path(),
-        &snapshot.disk_paths()[0],
-        &m.state.sha256,
-    )
-    .map_err(io(snapshot.dir().to_path_buf()))?;
+    let (index, digest) = ChunkIndex::build(&snapshot.memory_path(), &snapshot.disk_paths()[0], &m.state.sha256)
+        .map_err(io(snapshot.dir().to_path_buf()))?;
     let ipath = dir.join("index.bin");
     index.save(&ipath).map_err(io(ipath.clone()))?;
     let manifest = BaseManifest {
@@ -216,19 +173,12 @@ pub fn finish(
         name: name.into(),
         digest,
         image: image.into(),
-        created_unix: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         memory_size: m.memory.size,
         disk_size: m.disks[0].size,
         indexed_chunks: index.len() as u64,
     };
     let p = dir.join("base.json");
-    std::fs::write(
-        &p,
-        serde_json::to_vec_pretty(&manifest).expect("serializes"),
-    )
-    .map_err(io(p.clone()))?;
+    std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(p.clone()))?;
     Ok(manifest)
 }

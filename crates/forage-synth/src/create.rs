@@ -19,10 +19,7 @@ use forage_format::{DeltaCodec, Manifest, SegmentCodec, Space, OVERLAY_FORMAT};
 use forage_vm::Snapshot;
 
 use crate::base::BaseVm;
-use crate::pack::{
-    self, changed_chunks, differing, io_err, mark_ext4_free, mark_reported_free, FreeMap, Head,
-    Source,
-};
+use crate::pack::{self, changed_chunks, differing, io_err, mark_ext4_free, mark_reported_free, FreeMap, Head, Source};
 use crate::SynthError;
 
 #[derive(Debug, Clone)]
@@ -69,12 +66,7 @@ pub struct CreateReport {
 
 /// Create the overlay of `launch` against `base` at `out` (written as `out.partial` and
 /// renamed when complete).
-pub fn create(
-    base: &BaseVm,
-    launch: &LaunchInput,
-    opts: &CreateOptions,
-    out: &Path,
-) -> Result<CreateReport, SynthError> {
+pub fn create(base: &BaseVm, launch: &LaunchInput, opts: &CreateOptions, out: &Path) -> Result<CreateReport, SynthError> {
     let start = Instant::now();
     let snap = launch.snapshot;
     let (l_mem, l_disk) = (snap.memory_path(), snap.disk_paths()[0].clone());
@@ -92,12 +84,7 @@ pub fn create(
     let modified_memory = changed_chunks(&l_mem, &b_mem).map_err(io_err(&l_mem))?;
     // The layer lists what the VM wrote or discarded; a chunk rewritten with what the base
     // has (e.g. free space trimmed that was never used) is not a modification.
-    let mut modified_disk: Vec<u64> = launch
-        .written_disk_chunks
-        .iter()
-        .chain(launch.discarded_disk_chunks)
-        .copied()
-        .collect();
+    let mut modified_disk: Vec<u64> = launch.written_disk_chunks.iter().chain(launch.discarded_disk_chunks).copied().collect();
     modified_disk.sort_unstable();
     modified_disk.dedup();
     let modified_disk = differing(&l_disk, &b_disk, &modified_disk).map_err(io_err(&l_disk))?;
@@ -115,12 +102,7 @@ pub fn create(
     }
 
     let state = snap.state_path();
-    let src = Source {
-        memory: &l_mem,
-        disk: &l_disk,
-        state: &state,
-        label: snap.dir(),
-    };
+    let src = Source { memory: &l_mem, disk: &l_disk, state: &state, label: snap.dir() };
     let classified = pack::classify(base, &src, &modified_memory, &modified_disk, &free, opts)?;
     let (order_ids, order) = pack::blob_order(&classified, launch.accessed);
     let head = Head {
@@ -131,7 +113,5 @@ pub fn create(
         vm: serde_json::json!({ "spec": snap.manifest().spec, "accel": snap.manifest().accel }),
         service: launch.service.clone(),
     };
-    pack::write(
-        base, &src, classified, order_ids, order, head, opts, out, start,
-    )
+    pack::write(base, &src, classified, order_ids, order, head, opts, out, start)
 }

@@ -57,10 +57,7 @@ pub fn free_chunks_in(
     let first_data_block = u32_at(&sb, 0x14) as u64;
     let per_group = u32_at(&sb, 0x20) as u64;
     let desc_size = if is64 { u16_at(&sb, 0xFE) as u64 } else { 32 };
-    if per_group == 0
-        || per_group > block_size * 8
-        || blocks > dev_len / block_size + 1
-        || first_data_block >= blocks
+    if per_group == 0 || per_group > block_size * 8 || blocks > dev_len / block_size + 1 || first_data_block >= blocks
         || !(32..=1024).contains(&desc_size)
     {
         return Ok(None);
@@ -98,9 +95,7 @@ pub fn free_chunks_in(
     let mut out = vec![false; chunks as usize];
     for (c, slot) in out.iter_mut().enumerate() {
         let first = c as u64 * chunk_size / block_size;
-        let last = ((c as u64 + 1) * chunk_size)
-            .div_ceil(block_size)
-            .min(blocks);
+        let last = ((c as u64 + 1) * chunk_size).div_ceil(block_size).min(blocks);
         *slot = first < last && (first..last).all(|b| free_block[b as usize]);
     }
     Ok(Some(out))
@@ -130,18 +125,12 @@ mod tests {
         let free_count = free.iter().filter(|f| **f).count() as u64;
         // 32 MiB, 1 KiB blocks, 4 groups; dumpe2fs counts 22.2 MiB free, of which 7.7 MiB in
         // a BLOCK_UNINIT group that this reader conservatively leaves out: 14.5 MiB.
-        assert!(
-            free_count * 4096 > 12 << 20 && free_count * 4096 < 23 << 20,
-            "{free_count} free chunks"
-        );
+        assert!(free_count * 4096 > 12 << 20 && free_count * 4096 < 23 << 20, "{free_count} free chunks");
         // The file's data chunks are not free.
         let data = std::fs::read(&img).unwrap();
         for (c, f) in free.iter().enumerate() {
             if *f {
-                assert!(
-                    data[c * 4096..(c + 1) * 4096].iter().all(|b| *b != 0xab),
-                    "chunk {c} holds file data"
-                );
+                assert!(data[c * 4096..(c + 1) * 4096].iter().all(|b| *b != 0xab), "chunk {c} holds file data");
             }
         }
         // Not ext4 at all.

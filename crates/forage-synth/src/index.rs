@@ -55,11 +55,7 @@ impl ChunkIndex {
     /// Hash every chunk of the base's memory and disk; returns the index and the base
     /// digest: SHA-256 over "forage-base-v1", both sizes, every chunk's hash in order (zero
     /// chunks as 32 zero bytes), and the device state's SHA-256.
-    pub fn build(
-        memory: &Path,
-        disk: &Path,
-        state_sha256: &str,
-    ) -> std::io::Result<(Self, String)> {
+    pub fn build(memory: &Path, disk: &Path, state_sha256: &str) -> std::io::Result<(Self, String)> {
         let mut entries = Vec::new();
         let mut digest = Sha256::new_with_prefix(b"forage-base-v1");
         for (space, path) in [(Space::Memory, memory), (Space::Disk, disk)] {
@@ -71,11 +67,7 @@ impl ChunkIndex {
                 } else {
                     let hash = sha256(chunk);
                     digest.update(hash);
-                    entries.push(Entry {
-                        hash,
-                        space: space_byte(space),
-                        index,
-                    });
+                    entries.push(Entry { hash, space: space_byte(space), index });
                 }
             })?;
         }
@@ -89,19 +81,8 @@ impl ChunkIndex {
         let i = self.entries.partition_point(|e| e.hash < *hash);
         let e = self.entries.get(i).filter(|e| e.hash == *hash)?;
         // Entries with equal hashes sort by space byte: disk (0) before memory (1).
-        let best = self.entries[i..]
-            .iter()
-            .take_while(|x| x.hash == *hash)
-            .find(|x| x.space == 1)
-            .unwrap_or(e);
-        Some((
-            if best.space == 1 {
-                Space::Memory
-            } else {
-                Space::Disk
-            },
-            best.index,
-        ))
+        let best = self.entries[i..].iter().take_while(|x| x.hash == *hash).find(|x| x.space == 1).unwrap_or(e);
+        Some((if best.space == 1 { Space::Memory } else { Space::Disk }, best.index))
     }
 
     pub fn len(&self) -> usize {
@@ -126,19 +107,13 @@ impl ChunkIndex {
     }
 
     pub fn load(path: &Path) -> std::io::Result<Self> {
-        let bad = |m: &str| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{}: {m}", path.display()),
-            )
-        };
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {m}", path.display()));
         let file = File::open(path)?;
         let file_len = file.metadata()?.len();
         let mut r = BufReader::new(file);
         let mut head = [0u8; 20];
         r.read_exact(&mut head)?;
-        if &head[..8] != MAGIC || u32::from_le_bytes(head[8..12].try_into().expect("4")) != VERSION
-        {
+        if &head[..8] != MAGIC || u32::from_le_bytes(head[8..12].try_into().expect("4")) != VERSION {
             return Err(bad("not a forage chunk index of version 1"));
         }
         let count = u64::from_le_bytes(head[12..20].try_into().expect("8"));
@@ -188,19 +163,9 @@ mod tests {
         std::fs::write(&disk, &d).unwrap();
         let (idx, digest) = ChunkIndex::build(&mem, &disk, "s").unwrap();
         assert_eq!(idx.len(), 4);
-        assert_eq!(
-            idx.lookup(&sha256(&[1u8; CHUNK_SIZE])),
-            Some((Space::Memory, 1))
-        );
-        assert_eq!(
-            idx.lookup(&sha256(&[2u8; CHUNK_SIZE])),
-            Some((Space::Memory, 5)),
-            "memory preferred"
-        );
-        assert_eq!(
-            idx.lookup(&sha256(&[3u8; CHUNK_SIZE])),
-            Some((Space::Disk, 0))
-        );
+        assert_eq!(idx.lookup(&sha256(&[1u8; CHUNK_SIZE])), Some((Space::Memory, 1)));
+        assert_eq!(idx.lookup(&sha256(&[2u8; CHUNK_SIZE])), Some((Space::Memory, 5)), "memory preferred");
+        assert_eq!(idx.lookup(&sha256(&[3u8; CHUNK_SIZE])), Some((Space::Disk, 0)));
         assert_eq!(idx.lookup(&sha256(&[4u8; CHUNK_SIZE])), None);
         let p = dir.path().join("index.bin");
         idx.save(&p).unwrap();

@@ -68,29 +68,16 @@ pub async fn build(
     let layer = run.join("disk0.qcow2");
     run_tool(
         Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4096",
-                "-F",
-                "raw",
-                "-b",
-            ])
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-F", "raw", "-b"])
             .arg(base.disk_path())
             .arg(&layer),
     )?;
-    let qmp = data
-        .runtime_dir()
-        .join(format!("launch-{}.qmp", std::process::id()));
+    let qmp = data.runtime_dir().join(format!("launch-{}.qmp", std::process::id()));
     let guest_ports = [forage_agent::AGENT_PORT, app.manifest().port];
-    let forwards =
-        forage_image::loopback_forwards(guest_ports).map_err(|source| SynthError::Io {
-            path: "127.0.0.1".into(),
-            source,
-        })?;
+    let forwards = forage_image::loopback_forwards(guest_ports).map_err(|source| SynthError::Io {
+        path: "127.0.0.1".into(),
+        source,
+    })?;
     let (agent_port, app_port) = (forwards[0].host_port, forwards[1].host_port);
     let mut spec = base.snapshot().relocated_spec(&run, &qmp, Some(forwards));
     spec.name = format!("launch-{}", app.manifest().name);
@@ -101,19 +88,11 @@ pub async fn build(
         evict_cache: false,
     };
     let start = Instant::now();
-    let mut vm = Vm::restore_with(
-        base.snapshot(),
-        spec,
-        accel,
-        &run.join("qemu.log"),
-        opts_restore,
-    )
-    .await?;
+    let mut vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;
 
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
     let app2 = app.clone();
-    let (semantic_disk, semantic_memory, ready) =
-        (opts.semantic_disk, opts.semantic_memory, opts.app_ready);
+    let (semantic_disk, semantic_memory, ready) = (opts.semantic_disk, opts.semantic_memory, opts.app_ready);
     tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
         let t = Duration::from_secs(60);
@@ -144,14 +123,7 @@ pub async fn build(
     // free. Keeping the file system frozen across the stop (thawed after resume) closes it.
     tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
-        agent.exec_ok(
-            &[
-                "sh",
-                "-c",
-                "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data",
-            ],
-            Duration::from_secs(60),
-        )?;
+        agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], Duration::from_secs(60))?;
         Ok(())
     })
     .await
@@ -163,12 +135,7 @@ pub async fn build(
     let saved_layer = snapshot.disk_paths()[0].clone();
     let (written, discarded) = layer_chunks(&saved_layer)?;
     let flat = work.join("disk0.raw");
-    run_tool(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-            .arg(&saved_layer)
-            .arg(&flat),
-    )?;
+    run_tool(Command::new("qemu-img").args(["convert", "-q", "-f", "qcow2", "-O", "raw"]).arg(&saved_layer).arg(&flat))?;
     snapshot.replace_disk_with_raw(0, &flat)?;
     let _ = std::fs::remove_dir_all(&run);
     Ok(LaunchVm {
@@ -232,26 +199,18 @@ async fn settle_reporting(memory: &Path, max: Duration) {
 
 /// Chunks written and chunks discarded in a qcow2 layer (`qemu-img map`, depth 0).
 fn layer_chunks(layer: &PathBuf) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
-    let out = run_tool(
-        Command::new("qemu-img")
-            .args(["map", "--output=json", "-f", "qcow2"])
-            .arg(layer),
-    )?;
-    let ranges: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).map_err(|e| SynthError::Tool {
-            tool: "qemu-img map".into(),
-            detail: e.to_string(),
-        })?;
+    let out = run_tool(Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(layer))?;
+    let ranges: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).map_err(|e| SynthError::Tool {
+        tool: "qemu-img map".into(),
+        detail: e.to_string(),
+    })?;
     let mut written = Vec::new();
     let mut discarded = Vec::new();
     for r in ranges {
         if r["depth"].as_u64() != Some(0) {
             continue;
         }
-        let (start, len) = (
-            r["start"].as_u64().unwrap_or(0),
-            r["length"].as_u64().unwrap_or(0),
-        );
+        let (start, len) = (r["start"].as_u64().unwrap_or(0), r["length"].as_u64().unwrap_or(0));
         let zero = r["zero"].as_bool().unwrap_or(false) && !r["data"].as_bool().unwrap_or(false);
         let target = if zero { &mut discarded } else { &mut written };
         let cs = CHUNK_SIZE as u64;

@@ -10,8 +10,8 @@ pub mod create;
 pub mod ext4;
 pub mod index;
 pub mod launch;
-mod pack;
 pub mod package;
+mod pack;
 pub mod profile;
 pub mod residue;
 
@@ -55,11 +55,7 @@ pub enum SynthError {
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error("the application {app} did not answer on guest port {port} of the launch VM within {waited:?}")]
-    AppNotReady {
-        app: String,
-        port: u16,
-        waited: std::time::Duration,
-    },
+    AppNotReady { app: String, port: u16, waited: std::time::Duration },
     #[error(transparent)]
     Agent(#[from] forage_agent::AgentError),
     #[error(transparent)]
@@ -85,9 +81,7 @@ pub enum SynthError {
 }
 
 /// Run a command, turning failure into an error carrying its stderr.
-pub(crate) fn run_tool(
-    cmd: &mut std::process::Command,
-) -> Result<std::process::Output, SynthError> {
+pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<std::process::Output, SynthError> {
     let tool = format!("{:?}", cmd.get_program());
     let out = cmd.output().map_err(|e| SynthError::Tool {
         tool: tool.clone(),

@@ -21,10 +21,7 @@ use std::time::{Instant, SystemTime};
 use forage_format::chunk::is_zero;
 use forage_format::codec::packed_size;
 use forage_format::manifest::{BaseRef, DeviceState, Service};
-use forage_format::{
-    Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, Segment, SegmentCodec, SegmentKind,
-    Space, Stats, CHUNK_SIZE,
-};
+use forage_format::{Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, Segment, SegmentCodec, SegmentKind, Space, Stats, CHUNK_SIZE};
 use sha2::{Digest, Sha256};
 
 use crate::base::BaseVm;
@@ -72,23 +69,9 @@ pub(crate) fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
 }
 
 /// Classify the chunks `memory` and `disk` (sorted, each once) of `src` against `base`.
-pub(crate) fn classify(
-    base: &BaseVm,
-    src: &Source,
-    memory: &[u64],
-    disk: &[u64],
-    free: &FreeMap,
-    opts: &CreateOptions,
-) -> Result<Classified, SynthError> {
-    let index = if opts.dedup {
-        Some(base.index()?)
-    } else {
-        None
-    };
-    let files = [
-        File::open(src.memory).map_err(io_err(src.memory))?,
-        File::open(src.disk).map_err(io_err(src.disk))?,
-    ];
+pub(crate) fn classify(base: &BaseVm, src: &Source, memory: &[u64], disk: &[u64], free: &FreeMap, opts: &CreateOptions) -> Result<Classified, SynthError> {
+    let index = if opts.dedup { Some(base.index()?) } else { None };
+    let files = [File::open(src.memory).map_err(io_err(src.memory))?, File::open(src.disk).map_err(io_err(src.disk))?];
     let mut seen: HashMap<[u8; 32], (u32, Space)> = HashMap::new();
     let mut pending: Vec<PendingBlob> = Vec::new();
     let mut chunks: Vec<ChunkEntry> = Vec::with_capacity(memory.len() + disk.len());
@@ -130,20 +113,12 @@ pub(crate) fn classify(
                 }
             };
             *stats.refs.entry(reference.kind().to_string()).or_insert(0) += 1;
-            chunks.push(ChunkEntry {
-                space,
-                index: i,
-                reference,
-            });
+            chunks.push(ChunkEntry { space, index: i, reference });
         }
     }
     // Classified memory first (its copies are canonical); stored sorted by (space, index).
     chunks.sort_unstable_by_key(|c| (c.space, c.index));
-    Ok(Classified {
-        chunks,
-        pending,
-        stats,
-    })
+    Ok(Classified { chunks, pending, stats })
 }
 
 /// Blob order: blobs of chunks in `accessed` (memory, disk) first, then the rest; without
@@ -153,11 +128,7 @@ pub(crate) fn blob_order(c: &Classified, accessed: Option<(&[u64], &[u64])>) -> 
     let Some((mem, disk)) = accessed else {
         return ((0..n).collect(), Order::Offset);
     };
-    let touched: HashSet<(Space, u64)> = mem
-        .iter()
-        .map(|&i| (Space::Memory, i))
-        .chain(disk.iter().map(|&i| (Space::Disk, i)))
-        .collect();
+    let touched: HashSet<(Space, u64)> = mem.iter().map(|&i| (Space::Memory, i)).chain(disk.iter().map(|&i| (Space::Disk, i))).collect();
     let mut first = Vec::new();
     let mut first_set = HashSet::new();
     for ch in &c.chunks {
@@ -171,42 +142,20 @@ pub(crate) fn blob_order(c: &Classified, accessed: Option<(&[u64], &[u64])>) -> 
     let accessed_blobs = first.len() as u64;
     let rest = (0..n).filter(|b| !first_set.contains(b));
     let ids = first.iter().copied().chain(rest).collect();
-    (
-        ids,
-        Order::Access {
-            profiled_chunks: (mem.len() + disk.len()) as u64,
-            accessed_blobs,
-        },
-    )
+    (ids, Order::Access { profiled_chunks: (mem.len() + disk.len()) as u64, accessed_blobs })
 }
 
 /// Encode, pack and write the overlay at `out` (via `out.partial`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write(
-    base: &BaseVm,
-    src: &Source,
-    c: Classified,
-    order_ids: Vec<u32>,
-    order: Order,
-    head: Head,
-    opts: &CreateOptions,
-    out: &Path,
-    start: Instant,
-) -> Result<CreateReport, SynthError> {
+pub(crate) fn write(base: &BaseVm, src: &Source, c: Classified, order_ids: Vec<u32>, order: Order, head: Head, opts: &CreateOptions, out: &Path, start: Instant) -> Result<CreateReport, SynthError> {
     let partial = out.with_extension("partial");
     let seg_tmp = out.with_extension("segments.partial");
-    let result = write_partial(
-        base, src, c, order_ids, order, head, opts, out, &partial, &seg_tmp,
-    );
+    let result = write_partial(base, src, c, order_ids, order, head, opts, out, &partial, &seg_tmp);
     let _ = std::fs::remove_file(&seg_tmp);
     match result {
         Ok((manifest, bytes)) => {
             std::fs::rename(&partial, out).map_err(io_err(out))?;
-            Ok(CreateReport {
-                manifest,
-                bytes,
-                took: start.elapsed(),
-            })
+            Ok(CreateReport { manifest, bytes, took: start.elapsed() })
         }
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
@@ -228,22 +177,11 @@ fn write_partial(
     partial: &PathBuf,
     seg_tmp: &PathBuf,
 ) -> Result<(Manifest, u64), SynthError> {
-    let Classified {
-        chunks,
-        pending,
-        mut stats,
-    } = c;
+    let Classified { chunks, pending, mut stats } = c;
     let mut seg_file = BufWriter::new(File::create(seg_tmp).map_err(io_err(seg_tmp))?);
     let mut segments = Vec::new();
     let state = std::fs::read(src.state).map_err(io_err(src.state))?;
-    push_segment(
-        &mut seg_file,
-        &mut segments,
-        SegmentKind::DeviceState,
-        opts.codec,
-        &state,
-    )
-    .map_err(io_err(seg_tmp))?;
+    push_segment(&mut seg_file, &mut segments, SegmentKind::DeviceState, opts.codec, &state).map_err(io_err(seg_tmp))?;
     let device_state = DeviceState {
         segment: 0,
         size: state.len() as u64,
@@ -251,23 +189,9 @@ fn write_partial(
     };
     drop(state);
     let (b_mem, b_disk) = (base.memory_path(), base.disk_path());
-    let files = [
-        File::open(src.memory).map_err(io_err(src.memory))?,
-        File::open(src.disk).map_err(io_err(src.disk))?,
-    ];
-    let base_files = [
-        File::open(&b_mem).map_err(io_err(&b_mem))?,
-        File::open(&b_disk).map_err(io_err(&b_disk))?,
-    ];
-    let mut blobs = vec![
-        Blob {
-            segment: 0,
-            offset: 0,
-            len: 0,
-            encoding: BlobEncoding::Raw
-        };
-        pending.len()
-    ];
+    let files = [File::open(src.memory).map_err(io_err(src.memory))?, File::open(src.disk).map_err(io_err(src.disk))?];
+    let base_files = [File::open(&b_mem).map_err(io_err(&b_mem))?, File::open(&b_disk).map_err(io_err(&b_disk))?];
+    let mut blobs = vec![Blob { segment: 0, offset: 0, len: 0, encoding: BlobEncoding::Raw }; pending.len()];
     let mut seg_buf: Vec<u8> = Vec::with_capacity(opts.segment_bytes + CHUNK_SIZE);
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut base_buf = vec![0u8; CHUNK_SIZE];
@@ -280,14 +204,7 @@ fn write_partial(
                 read_chunk(&base_files[si], p.index, &mut base_buf).map_err(io_err(base.dir()))?;
                 let d = codec.encode(&base_buf, &buf);
                 if packed_size(&d) < packed_size(&buf) {
-                    (
-                        d,
-                        BlobEncoding::Delta {
-                            codec,
-                            space: p.space,
-                            index: p.index,
-                        },
-                    )
+                    (d, BlobEncoding::Delta { codec, space: p.space, index: p.index })
                 } else {
                     (buf.clone(), BlobEncoding::Raw)
                 }
@@ -307,37 +224,18 @@ fn write_partial(
         seg_buf.extend_from_slice(&payload);
         stats.delta_bytes += payload.len() as u64;
         if seg_buf.len() >= opts.segment_bytes {
-            push_segment(
-                &mut seg_file,
-                &mut segments,
-                SegmentKind::Chunks,
-                opts.codec,
-                &seg_buf,
-            )
-            .map_err(io_err(seg_tmp))?;
+            push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf).map_err(io_err(seg_tmp))?;
             seg_buf.clear();
         }
     }
     if !seg_buf.is_empty() {
-        push_segment(
-            &mut seg_file,
-            &mut segments,
-            SegmentKind::Chunks,
-            opts.codec,
-            &seg_buf,
-        )
-        .map_err(io_err(seg_tmp))?;
+        push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf).map_err(io_err(seg_tmp))?;
     }
     seg_file.flush().map_err(io_err(seg_tmp))?;
     drop(seg_file);
-    stats.modified_bytes =
-        (stats.modified_memory_chunks + stats.modified_disk_chunks) * CHUNK_SIZE as u64;
+    stats.modified_bytes = (stats.modified_memory_chunks + stats.modified_disk_chunks) * CHUNK_SIZE as u64;
     stats.dedup_bytes = pending.len() as u64 * CHUNK_SIZE as u64;
-    stats.compressed_bytes = segments
-        .iter()
-        .filter(|s| s.kind == SegmentKind::Chunks)
-        .map(|s| s.compressed_len)
-        .sum();
+    stats.compressed_bytes = segments.iter().filter(|s| s.kind == SegmentKind::Chunks).map(|s| s.compressed_len).sum();
     let manifest = Manifest {
         format: head.format,
         base: BaseRef {
@@ -356,37 +254,18 @@ fn write_partial(
         vm: head.vm,
         service: head.service,
         stats,
-        created_unix: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         creator: format!("forage {}", env!("CARGO_PKG_VERSION")),
     };
-    manifest.validate().map_err(|source| SynthError::Overlay {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    manifest.validate().map_err(|source| SynthError::Overlay { path: out.to_path_buf(), source })?;
     let mut w = BufWriter::new(File::create(partial).map_err(io_err(partial))?);
     let mut segs = File::open(seg_tmp).map_err(io_err(seg_tmp))?;
-    let bytes = forage_format::container::write_overlay(&mut w, &manifest, &mut segs)
-        .map_err(io_err(partial))?;
-    w.into_inner()
-        .map_err(|e| SynthError::Io {
-            path: partial.clone(),
-            source: e.into_error(),
-        })?
-        .sync_all()
-        .map_err(io_err(partial))?;
+    let bytes = forage_format::container::write_overlay(&mut w, &manifest, &mut segs).map_err(io_err(partial))?;
+    w.into_inner().map_err(|e| SynthError::Io { path: partial.clone(), source: e.into_error() })?.sync_all().map_err(io_err(partial))?;
     Ok((manifest, bytes))
 }
 
-fn push_segment(
-    out: &mut impl Write,
-    segments: &mut Vec<Segment>,
-    kind: SegmentKind,
-    codec: SegmentCodec,
-    raw: &[u8],
-) -> std::io::Result<()> {
+fn push_segment(out: &mut impl Write, segments: &mut Vec<Segment>, kind: SegmentKind, codec: SegmentCodec, raw: &[u8]) -> std::io::Result<()> {
     let compressed = codec.compress(raw);
     out.write_all(&compressed)?;
     segments.push(Segment {
@@ -461,12 +340,7 @@ pub(crate) fn differing(a: &Path, b: &Path, candidates: &[u64]) -> std::io::Resu
 
 /// Semantic gap, memory: those of `candidates` that are wholly holes in the memory file
 /// (pages the guest reported free, punched out) are free, `reported`.
-pub(crate) fn mark_reported_free(
-    memory: &Path,
-    size: u64,
-    candidates: &[u64],
-    free: &mut FreeMap,
-) -> Result<(), SynthError> {
+pub(crate) fn mark_reported_free(memory: &Path, size: u64, candidates: &[u64], free: &mut FreeMap) -> Result<(), SynthError> {
     let f = File::open(memory).map_err(io_err(memory))?;
     let holes = hole_chunks(&f, size).map_err(io_err(memory))?;
     for &i in candidates {
@@ -479,14 +353,8 @@ pub(crate) fn mark_reported_free(
 
 /// Semantic gap, disk: those of `candidates` in blocks the disk's ext4 file system has
 /// free are free, `ext4` (unless already known free otherwise).
-pub(crate) fn mark_ext4_free(
-    disk: &Path,
-    candidates: &[u64],
-    free: &mut FreeMap,
-) -> Result<(), SynthError> {
-    if let Some(fs_free) =
-        crate::ext4::free_chunks(disk, CHUNK_SIZE as u64).map_err(io_err(disk))?
-    {
+pub(crate) fn mark_ext4_free(disk: &Path, candidates: &[u64], free: &mut FreeMap) -> Result<(), SynthError> {
+    if let Some(fs_free) = crate::ext4::free_chunks(disk, CHUNK_SIZE as u64).map_err(io_err(disk))? {
         for &i in candidates {
             if fs_free.get(i as usize).copied().unwrap_or(false) {
                 free.entry((Space::Disk, i)).or_insert("ext4");

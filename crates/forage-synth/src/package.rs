@@ -21,12 +21,7 @@ pub const PACKAGE_KIND: &str = "forage-base-package";
 pub const PACKAGE_FORMAT: u32 = 1;
 const MAX_PACKAGE_JSON: u64 = 1 << 20;
 /// The entries a base package may hold after package.json.
-const ALLOWED: &[&str] = &[
-    "snapshot/snapshot.json",
-    "snapshot/memory.raw",
-    "snapshot/state",
-    "snapshot/disk0.raw",
-];
+const ALLOWED: &[&str] = &["snapshot/snapshot.json", "snapshot/memory.raw", "snapshot/state", "snapshot/disk0.raw"];
 
 /// One file of a package, as `package.json` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,34 +34,15 @@ pub struct PackageFile {
 
 /// The files of a saved VM, as package entries `snapshot/...`.
 pub fn snapshot_files(snap: &Snapshot) -> Vec<(String, PathBuf)> {
-    let mut paths = vec![
-        snap.dir().join(forage_vm::snapshot::MANIFEST_FILE),
-        snap.memory_path(),
-        snap.state_path(),
-    ];
+    let mut paths = vec![snap.dir().join(forage_vm::snapshot::MANIFEST_FILE), snap.memory_path(), snap.state_path()];
     paths.extend(snap.disk_paths());
-    paths
-        .into_iter()
-        .map(|p| {
-            (
-                format!("snapshot/{}", p.file_name().unwrap().to_string_lossy()),
-                p,
-            )
-        })
-        .collect()
+    paths.into_iter().map(|p| (format!("snapshot/{}", p.file_name().unwrap().to_string_lossy()), p)).collect()
 }
 
 /// Write a package to `out` (through `out.partial`, renamed when complete): a zstd tar
 /// whose first entry `package.json` is `{"kind", "format", <key>: meta, "files": [...]}`
 /// and then `files` (entry name, local path) in order. Returns the package's size.
-pub fn write_package(
-    out: &Path,
-    kind: &str,
-    format: u32,
-    key: &str,
-    meta: serde_json::Value,
-    files: &[(String, PathBuf)],
-) -> Result<u64, SynthError> {
+pub fn write_package(out: &Path, kind: &str, format: u32, key: &str, meta: serde_json::Value, files: &[(String, PathBuf)]) -> Result<u64, SynthError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SynthError::Io { path, source }
@@ -76,11 +52,7 @@ pub fn write_package(
         let mut f = File::open(p).map_err(io(p))?;
         let mut h = Sha256::new();
         let size = std::io::copy(&mut f, &mut h).map_err(io(p))?;
-        listed.push(PackageFile {
-            name: name.clone(),
-            size,
-            sha256: hex::encode(h.finalize()),
-        });
+        listed.push(PackageFile { name: name.clone(), size, sha256: hex::encode(h.finalize()) });
     }
     let pkg = serde_json::json!({ "kind": kind, "format": format, key: meta, "files": listed });
     let partial = out.with_extension("partial");
@@ -111,10 +83,7 @@ pub fn write_package(
         }
         Err(source) => {
             let _ = std::fs::remove_file(&partial);
-            Err(SynthError::Io {
-                path: out.to_path_buf(),
-                source,
-            })
+            Err(SynthError::Io { path: out.to_path_buf(), source })
         }
     }
 }
@@ -123,114 +92,60 @@ pub fn write_package(
 /// exist): every entry must be allowed, listed once, of its listed size and checksum, and
 /// every listed file present; holes are recreated. Returns the `key` part of package.json.
 /// On error `work` may hold partial files: the caller removes it.
-pub fn read_package(
-    file: &Path,
-    kind: &str,
-    format: u32,
-    key: &str,
-    allowed: &dyn Fn(&str) -> bool,
-    work: &Path,
-) -> Result<serde_json::Value, SynthError> {
-    let bad = |detail: String| SynthError::BadFile {
-        path: file.to_path_buf(),
-        detail,
-    };
-    let f = File::open(file).map_err(|source| SynthError::Io {
-        path: file.to_path_buf(),
-        source,
-    })?;
+pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &dyn Fn(&str) -> bool, work: &Path) -> Result<serde_json::Value, SynthError> {
+    let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
+    let f = File::open(file).map_err(|source| SynthError::Io { path: file.to_path_buf(), source })?;
     let dec = zstd::stream::read::Decoder::new(f).map_err(|e| bad(e.to_string()))?;
     let mut tar = tar::Archive::new(dec);
     let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
-    let first = entries
-        .next()
-        .ok_or_else(|| bad("empty package".into()))?
-        .map_err(|e| bad(e.to_string()))?;
-    if first
-        .path()
-        .map(|p| p.as_os_str() != "package.json")
-        .unwrap_or(true)
-        || first.size() > MAX_PACKAGE_JSON
-    {
+    let first = entries.next().ok_or_else(|| bad("empty package".into()))?.map_err(|e| bad(e.to_string()))?;
+    if first.path().map(|p| p.as_os_str() != "package.json").unwrap_or(true) || first.size() > MAX_PACKAGE_JSON {
         return Err(bad("package.json is not the first entry".into()));
     }
     let mut json = Vec::new();
-    first
-        .take(MAX_PACKAGE_JSON)
-        .read_to_end(&mut json)
-        .map_err(|e| bad(e.to_string()))?;
-    let (meta, listed) = parse_package_json(&json, kind, format, key)
-        .map_err(|e| bad(format!("package.json: {e}")))?;
+    first.take(MAX_PACKAGE_JSON).read_to_end(&mut json).map_err(|e| bad(e.to_string()))?;
+    let (meta, listed) = parse_package_json(&json, kind, format, key).map_err(|e| bad(format!("package.json: {e}")))?;
     let mut seen: Vec<String> = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("cut or corrupted: {e}")))?;
-        let ename = entry
-            .path()
-            .map_err(|e| bad(e.to_string()))?
-            .to_string_lossy()
-            .into_owned();
+        let ename = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
         // Only allowed plain files: nothing may land elsewhere.
         if !allowed(&ename) || entry.header().entry_type() != tar::EntryType::Regular {
             return Err(bad(format!("unexpected entry {ename:?}")));
         }
-        let listed = listed
-            .iter()
-            .find(|f| f.name == ename)
-            .ok_or_else(|| bad(format!("unlisted entry {ename}")))?;
+        let listed = listed.iter().find(|f| f.name == ename).ok_or_else(|| bad(format!("unlisted entry {ename}")))?;
         if seen.contains(&ename) {
             return Err(bad(format!("{ename} appears twice")));
         }
         if entry.size() != listed.size {
-            return Err(bad(format!(
-                "{ename} is {} bytes, package.json says {}",
-                entry.size(),
-                listed.size
-            )));
+            return Err(bad(format!("{ename} is {} bytes, package.json says {}", entry.size(), listed.size)));
         }
         let target = work.join(&listed.name);
         if let Some(dir) = target.parent() {
             DataDir::ensure(dir)?;
         }
-        let (size, sha) = write_sparse((&mut entry).take(listed.size), &target)
-            .map_err(|e| bad(format!("{ename}: {e}")))?;
+        let (size, sha) = write_sparse((&mut entry).take(listed.size), &target).map_err(|e| bad(format!("{ename}: {e}")))?;
         if size != listed.size || sha != listed.sha256 {
-            return Err(bad(format!(
-                "{ename} does not match its checksum (corrupted)"
-            )));
+            return Err(bad(format!("{ename} does not match its checksum (corrupted)")));
         }
         seen.push(ename);
     }
     if let Some(missing) = listed.iter().find(|f| !seen.contains(&f.name)) {
-        return Err(bad(format!(
-            "{} is missing (package cut short?)",
-            missing.name
-        )));
+        return Err(bad(format!("{} is missing (package cut short?)", missing.name)));
     }
     Ok(meta)
 }
 
 /// package.json of a package: exactly `kind`, `format`, `key` and `files` (untrusted).
-pub fn parse_package_json(
-    json: &[u8],
-    kind: &str,
-    format: u32,
-    key: &str,
-) -> Result<(serde_json::Value, Vec<PackageFile>), String> {
-    let mut v: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(json).map_err(|e| e.to_string())?;
-    let got_kind = v
-        .remove("kind")
-        .and_then(|k| k.as_str().map(str::to_string))
-        .unwrap_or_default();
+pub fn parse_package_json(json: &[u8], kind: &str, format: u32, key: &str) -> Result<(serde_json::Value, Vec<PackageFile>), String> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let got_kind = v.remove("kind").and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default();
     let got_format = v.remove("format").and_then(|f| f.as_u64()).unwrap_or(0);
     if got_kind != kind || got_format == 0 || got_format > format as u64 {
-        return Err(format!(
-            "{got_kind:?} format {got_format} is not a {kind} this forage reads"
-        ));
+        return Err(format!("{got_kind:?} format {got_format} is not a {kind} this forage reads"));
     }
     let meta = v.remove(key).ok_or_else(|| format!("no {key:?}"))?;
-    let files: Vec<PackageFile> = serde_json::from_value(v.remove("files").ok_or("no \"files\"")?)
-        .map_err(|e| e.to_string())?;
+    let files: Vec<PackageFile> = serde_json::from_value(v.remove("files").ok_or("no \"files\"")?).map_err(|e| e.to_string())?;
     if let Some(extra) = v.keys().next() {
         return Err(format!("unknown field {extra:?}"));
     }
@@ -240,64 +155,33 @@ pub fn parse_package_json(
 /// Write `base` to `out` (through `out.partial`, renamed when complete). Returns its size.
 pub fn export(base: &BaseVm, out: &Path) -> Result<u64, SynthError> {
     let meta = serde_json::to_value(base.manifest()).expect("manifest serializes");
-    write_package(
-        out,
-        PACKAGE_KIND,
-        PACKAGE_FORMAT,
-        "base",
-        meta,
-        &snapshot_files(base.snapshot()),
-    )
+    write_package(out, PACKAGE_KIND, PACKAGE_FORMAT, "base", meta, &snapshot_files(base.snapshot()))
 }
 
 /// Import a package into the data directory under the name it carries (or `rename`).
 pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseVm, SynthError> {
-    let bad = |detail: String| SynthError::BadFile {
-        path: file.to_path_buf(),
-        detail,
-    };
+    let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
     let work = data.bases().join(format!(".import-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let result = (|| -> Result<String, SynthError> {
         DataDir::ensure(&work.join("snapshot"))?;
-        let meta = read_package(
-            file,
-            PACKAGE_KIND,
-            PACKAGE_FORMAT,
-            "base",
-            &|n| ALLOWED.contains(&n),
-            &work,
-        )?;
-        let base: BaseManifest =
-            serde_json::from_value(meta).map_err(|e| bad(format!("package.json: {e}")))?;
+        let meta = read_package(file, PACKAGE_KIND, PACKAGE_FORMAT, "base", &|n| ALLOWED.contains(&n), &work)?;
+        let base: BaseManifest = serde_json::from_value(meta).map_err(|e| bad(format!("package.json: {e}")))?;
         let name = rename.unwrap_or(&base.name).to_string();
         let final_dir = data.base(&name)?;
         if final_dir.exists() {
-            return Err(SynthError::Exists {
-                what: format!("base {name}"),
-                path: final_dir,
-            });
+            return Err(SynthError::Exists { what: format!("base {name}"), path: final_dir });
         }
         let mut snapshot = Snapshot::open(&work.join("snapshot"))?;
         // The creator's image paths mean nothing here: boot from the local image of that name.
         if let Ok(image) = forage_image::GuestImage::open(data, &base.image) {
-            snapshot.set_direct_boot(
-                image.dir().join(&image.manifest().kernel),
-                image.dir().join(&image.manifest().initrd),
-            )?;
+            snapshot.set_direct_boot(image.dir().join(&image.manifest().kernel), image.dir().join(&image.manifest().initrd))?;
         }
         let manifest = crate::base::finish(&work, &name, &base.image, &snapshot)?;
         if manifest.digest != base.digest {
-            return Err(bad(format!(
-                "contents give digest {}, the package claims {}",
-                short(&manifest.digest),
-                short(&base.digest)
-            )));
+            return Err(bad(format!("contents give digest {}, the package claims {}", short(&manifest.digest), short(&base.digest))));
         }
-        std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io {
-            path: final_dir,
-            source,
-        })?;
+        std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io { path: final_dir, source })?;
         Ok(name)
     })();
     match result {
@@ -311,11 +195,7 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
 
 /// The first 12 characters of a digest (any string: digests in files are untrusted).
 pub fn short(digest: &str) -> &str {
-    digest
-        .char_indices()
-        .nth(12)
-        .map(|(i, _)| &digest[..i])
-        .unwrap_or(digest)
+    digest.char_indices().nth(12).map(|(i, _)| &digest[..i]).unwrap_or(digest)
 }
 
 /// Copy `r` into `target`, leaving all-zero 4 KiB blocks as holes; returns size and SHA-256.

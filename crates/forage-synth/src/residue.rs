@@ -20,19 +20,14 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use forage_format::{
-    ChunkRef, Header, Manifest, Order, OverlayReader, Space, CHUNK_SIZE, OVERLAY_FORMAT,
-    RESIDUE_FORMAT,
-};
+use forage_format::{ChunkRef, Header, Manifest, Order, OverlayReader, Space, CHUNK_SIZE, OVERLAY_FORMAT, RESIDUE_FORMAT};
 use forage_vm::snapshot::{MEMORY_FILE, STATE_FILE};
 use forage_vm::{Accel, Snapshot};
 
 use crate::apply::{apply_into, check_base, write_chunks};
 use crate::base::BaseVm;
 use crate::create::{CreateOptions, CreateReport};
-use crate::pack::{
-    self, differing, io_err, mark_ext4_free, mark_reported_free, FreeMap, Head, Source,
-};
+use crate::pack::{self, differing, io_err, mark_ext4_free, mark_reported_free, FreeMap, Head, Source};
 use crate::package::short;
 use crate::SynthError;
 
@@ -58,15 +53,9 @@ pub fn create_residue(
     out: &Path,
 ) -> Result<CreateReport, SynthError> {
     let start = Instant::now();
-    let bad = |detail: String| SynthError::BadFile {
-        path: instance.dir().to_path_buf(),
-        detail,
-    };
+    let bad = |detail: String| SynthError::BadFile { path: instance.dir().to_path_buf(), detail };
     if let Some(pp) = &parent.parent {
-        return Err(bad(format!(
-            "its parent is itself a residue (of overlay {}): merge that first",
-            short(pp)
-        )));
+        return Err(bad(format!("its parent is itself a residue (of overlay {}): merge that first", short(pp))));
     }
     if parent.base.digest != base.digest() {
         return Err(bad(format!(
@@ -77,36 +66,21 @@ pub fn create_residue(
             base.manifest().name
         )));
     }
-    if parent_digest.len() != 64
-        || !parent_digest
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(bad(format!(
-            "parent digest {parent_digest:?} is not 64 lowercase hex digits"
-        )));
+    if parent_digest.len() != 64 || !parent_digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(bad(format!("parent digest {parent_digest:?} is not 64 lowercase hex digits")));
     }
     let (i_mem, i_disk) = (instance.memory_path(), instance.disk_paths()[0].clone());
     let mem_size = std::fs::metadata(&i_mem).map_err(io_err(&i_mem))?.len();
     let disk_size = std::fs::metadata(&i_disk).map_err(io_err(&i_disk))?.len();
-    if mem_size != base.manifest().memory_size
-        || disk_size != base.manifest().disk_size
-        || mem_size != parent.memory_size
-        || disk_size != parent.disk_size
-    {
-        return Err(bad(
-            "instance memory or disk size differs from its base's".into()
-        ));
+    if mem_size != base.manifest().memory_size || disk_size != base.manifest().disk_size || mem_size != parent.memory_size || disk_size != parent.disk_size {
+        return Err(bad("instance memory or disk size differs from its base's".into()));
     }
     let list = |space: Space, given: &[u64], size: u64| -> Result<Vec<u64>, SynthError> {
         let mut v = given.to_vec();
         v.sort_unstable();
         v.dedup();
         match v.last() {
-            Some(&last) if last >= size.div_ceil(CHUNK_SIZE as u64) => Err(bad(format!(
-                "changed {} chunk {last} is past the end",
-                space.name()
-            ))),
+            Some(&last) if last >= size.div_ceil(CHUNK_SIZE as u64) => Err(bad(format!("changed {} chunk {last} is past the end", space.name()))),
             _ => Ok(v),
         }
     };
@@ -121,12 +95,7 @@ pub fn create_residue(
         mark_ext4_free(&i_disk, &disk, &mut free)?;
     }
     let state = instance.state_path();
-    let src = Source {
-        memory: &i_mem,
-        disk: &i_disk,
-        state: &state,
-        label: instance.dir(),
-    };
+    let src = Source { memory: &i_mem, disk: &i_disk, state: &state, label: instance.dir() };
     let classified = pack::classify(base, &src, &memory, &disk, &free, opts)?;
     let (order_ids, order) = pack::blob_order(&classified, None);
     let head = Head {
@@ -137,9 +106,7 @@ pub fn create_residue(
         vm: parent.vm.clone(),
         service: parent.service.clone(),
     };
-    pack::write(
-        base, &src, classified, order_ids, order, head, opts, out, start,
-    )
+    pack::write(base, &src, classified, order_ids, order, head, opts, out, start)
 }
 
 /// Fold `residue` into `parent` (the overlay it was made from): write at `out` an ordinary
@@ -147,22 +114,12 @@ pub fn create_residue(
 /// parent's chunks overridden by the residue's, the residue's device state, the parent's
 /// `vm` and `service`; access order is kept for the parent's profiled blobs. Chunks free in
 /// either stay free (source [`INHERITED_FREE`]) unless that space's semantic gap is off.
-pub fn merge(
-    base: &BaseVm,
-    parent: &Path,
-    residue: &Path,
-    opts: &CreateOptions,
-    out: &Path,
-    accel: Accel,
-) -> Result<CreateReport, SynthError> {
+pub fn merge(base: &BaseVm, parent: &Path, residue: &Path, opts: &CreateOptions, out: &Path, accel: Accel) -> Result<CreateReport, SynthError> {
     let start = Instant::now();
     let (p_header, p) = read_prefix(parent)?;
     let (_, r) = read_prefix(residue)?;
     if let Some(pp) = &p.parent {
-        return Err(SynthError::Residue {
-            path: parent.to_path_buf(),
-            parent: short(pp).into(),
-        });
+        return Err(SynthError::Residue { path: parent.to_path_buf(), parent: short(pp).into() });
     }
     let Some(wanted) = &r.parent else {
         return Err(SynthError::BadFile {
@@ -196,9 +153,7 @@ pub fn merge(
         service: p.service.clone(),
     };
     let profiled = match p.order {
-        Order::Access {
-            profiled_chunks, ..
-        } => profiled_chunks,
+        Order::Access { profiled_chunks, .. } => profiled_chunks,
         Order::Offset => 0,
     };
     drop((p, r));
@@ -206,47 +161,20 @@ pub fn merge(
     let scratch = Scratch::new(out)?;
     let dir = scratch.0.as_path();
     let file = File::open(parent).map_err(io_err(parent))?;
-    apply_into(
-        BufReader::with_capacity(1 << 20, file),
-        parent,
-        base,
-        dir,
-        accel,
-    )?;
-    let (mem, disk, state) = (
-        dir.join(MEMORY_FILE),
-        dir.join("disk0.raw"),
-        dir.join(STATE_FILE),
-    );
+    apply_into(BufReader::with_capacity(1 << 20, file), parent, base, dir, accel)?;
+    let (mem, disk, state) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"), dir.join(STATE_FILE));
     let outs = [open_rw(&mem)?, open_rw(&disk)?];
     let file = File::open(residue).map_err(io_err(residue))?;
-    let reader =
-        OverlayReader::open(BufReader::with_capacity(1 << 20, file)).map_err(|source| {
-            SynthError::Overlay {
-                path: residue.to_path_buf(),
-                source,
-            }
-        })?;
+    let reader = OverlayReader::open(BufReader::with_capacity(1 << 20, file)).map_err(|source| SynthError::Overlay { path: residue.to_path_buf(), source })?;
     write_chunks(reader, residue, base, &outs, dir)?;
     drop(outs);
 
     // Chunks of the union that now equal the base need no entry.
-    let in_space = |s: Space| {
-        effective
-            .keys()
-            .filter(move |k| k.0 == s)
-            .map(|k| k.1)
-            .collect::<Vec<u64>>()
-    };
-    let memory =
-        differing(&mem, &base.memory_path(), &in_space(Space::Memory)).map_err(io_err(&mem))?;
-    let disk_chunks =
-        differing(&disk, &base.disk_path(), &in_space(Space::Disk)).map_err(io_err(&disk))?;
+    let in_space = |s: Space| effective.keys().filter(move |k| k.0 == s).map(|k| k.1).collect::<Vec<u64>>();
+    let memory = differing(&mem, &base.memory_path(), &in_space(Space::Memory)).map_err(io_err(&mem))?;
+    let disk_chunks = differing(&disk, &base.disk_path(), &in_space(Space::Disk)).map_err(io_err(&disk))?;
     let mut free = FreeMap::new();
-    for (space, list, on) in [
-        (Space::Memory, &memory, opts.semantic_memory),
-        (Space::Disk, &disk_chunks, opts.semantic_disk),
-    ] {
+    for (space, list, on) in [(Space::Memory, &memory, opts.semantic_memory), (Space::Disk, &disk_chunks, opts.semantic_disk)] {
         for &i in list.iter().filter(|_| on) {
             if effective.get(&(space, i)) == Some(&true) {
                 free.insert((space, i), INHERITED_FREE);
@@ -254,35 +182,19 @@ pub fn merge(
         }
     }
     drop(effective);
-    let src = Source {
-        memory: &mem,
-        disk: &disk,
-        state: &state,
-        label: dir,
-    };
+    let src = Source { memory: &mem, disk: &disk, state: &state, label: dir };
     let classified = pack::classify(base, &src, &memory, &disk_chunks, &free, opts)?;
-    let (order_ids, mut order) = pack::blob_order(
-        &classified,
-        accessed.as_ref().map(|(m, d)| (&m[..], &d[..])),
-    );
-    if let Order::Access {
-        profiled_chunks, ..
-    } = &mut order
-    {
+    let (order_ids, mut order) = pack::blob_order(&classified, accessed.as_ref().map(|(m, d)| (&m[..], &d[..])));
+    if let Order::Access { profiled_chunks, .. } = &mut order {
         *profiled_chunks = profiled;
     }
-    pack::write(
-        base, &src, classified, order_ids, order, head, opts, out, start,
-    )
+    pack::write(base, &src, classified, order_ids, order, head, opts, out, start)
 }
 
 /// Header and manifest of the overlay file at `path` (segments are not read).
 pub fn read_prefix(path: &Path) -> Result<(Header, Manifest), SynthError> {
     let file = File::open(path).map_err(io_err(path))?;
-    let r = OverlayReader::open(BufReader::new(file)).map_err(|source| SynthError::Overlay {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let r = OverlayReader::open(BufReader::new(file)).map_err(|source| SynthError::Overlay { path: path.to_path_buf(), source })?;
     Ok((r.header().clone(), r.manifest().clone()))
 }
 
@@ -312,13 +224,10 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(out: &Path) -> Result<Self, SynthError> {
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| SynthError::BadFile {
-                path: out.to_path_buf(),
-                detail: "is not a file name".into(),
-            })?;
+        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| SynthError::BadFile {
+            path: out.to_path_buf(),
+            detail: "is not a file name".into(),
+        })?;
         let dir = out.with_file_name(format!(".{name}.merge-{}.partial", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Self(dir))
@@ -336,9 +245,5 @@ impl Drop for Scratch {
 }
 
 fn open_rw(p: &Path) -> Result<File, SynthError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .map_err(io_err(p))
+    OpenOptions::new().read(true).write(true).open(p).map_err(io_err(p))
 }

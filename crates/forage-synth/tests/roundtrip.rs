@@ -23,87 +23,38 @@ fn every_reference_kind_round_trips() {
         (None, SegmentCodec::None),
     ] {
         let out = tmp.path().join("o.ovl");
-        let report = forage_synth::create::create(
-            &base,
-            &input(&launch),
-            &CreateOptions {
-                delta,
-                codec,
-                ..opts()
-            },
-            &out,
-        )
-        .unwrap();
+        let report = forage_synth::create::create(&base, &input(&launch), &CreateOptions { delta, codec, ..opts() }, &out).unwrap();
         let m = &report.manifest;
         let kinds = m.ref_counts();
-        for (k, n) in [
-            ("zero", 1),
-            ("free", 2),
-            ("base_disk", 1),
-            ("base_memory", 1),
-            ("new", 3),
-            ("same_space", 1),
-            ("cross_space", 1),
-        ] {
-            assert_eq!(
-                kinds.get(k).copied().unwrap_or(0),
-                n,
-                "{k} with {delta:?}: {kinds:?}"
-            );
+        for (k, n) in [("zero", 1), ("free", 2), ("base_disk", 1), ("base_memory", 1), ("new", 3), ("same_space", 1), ("cross_space", 1)] {
+            assert_eq!(kinds.get(k).copied().unwrap_or(0), n, "{k} with {delta:?}: {kinds:?}");
         }
         assert_eq!(m.stats.free_by_source["reported"], 1);
         assert_eq!(m.stats.free_by_source["trim"], 1);
-        assert!(
-            !m.chunks
-                .iter()
-                .any(|c| c.space == Space::Disk && c.index == 8),
-            "unchanged chunk listed"
-        );
+        assert!(!m.chunks.iter().any(|c| c.space == Space::Disk && c.index == 8), "unchanged chunk listed");
         if delta.is_some() {
-            assert_eq!(
-                m.stats.blobs_delta, 1,
-                "the slightly changed chunk is a delta"
-            );
+            assert_eq!(m.stats.blobs_delta, 1, "the slightly changed chunk is a delta");
         }
 
         let applied = tmp.path().join("applied");
         let _ = std::fs::remove_dir_all(&applied);
         let (snap, _) = forage_synth::apply::apply(&out, &base, &applied, Accel::Tcg).unwrap();
-        let free: Vec<(Space, u64)> = m
-            .chunks
-            .iter()
-            .filter(|c| c.reference == ChunkRef::Free)
-            .map(|c| (c.space, c.index))
-            .collect();
+        let free: Vec<(Space, u64)> = m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
         for (space, got, want) in [
             (Space::Memory, snap.memory_path(), launch.snap.memory_path()),
-            (
-                Space::Disk,
-                snap.disk_paths()[0].clone(),
-                launch.snap.disk_paths()[0].clone(),
-            ),
+            (Space::Disk, snap.disk_paths()[0].clone(), launch.snap.disk_paths()[0].clone()),
         ] {
             let (got, want) = (read_all(&got), read_all(&want));
             assert_eq!(got.len(), want.len());
-            for (i, (g, w)) in got
-                .chunks(CHUNK_SIZE)
-                .zip(want.chunks(CHUNK_SIZE))
-                .enumerate()
-            {
+            for (i, (g, w)) in got.chunks(CHUNK_SIZE).zip(want.chunks(CHUNK_SIZE)).enumerate() {
                 if free.contains(&(space, i as u64)) {
-                    assert!(
-                        g.iter().all(|b| *b == 0),
-                        "free {space:?} chunk {i} not zero"
-                    );
+                    assert!(g.iter().all(|b| *b == 0), "free {space:?} chunk {i} not zero");
                 } else {
                     assert_eq!(g, w, "{space:?} chunk {i} differs ({delta:?})");
                 }
             }
         }
-        assert_eq!(
-            read_all(&snap.state_path()),
-            read_all(&launch.snap.state_path())
-        );
+        assert_eq!(read_all(&snap.state_path()), read_all(&launch.snap.state_path()));
         std::fs::remove_file(&out).unwrap();
     }
 }
@@ -115,15 +66,8 @@ fn without_dedup_or_semantics_every_modified_chunk_is_carried() {
     let base = make_base(&data, "b", 0);
     let launch = make_launch(&tmp.path().join("launch"));
     let out = tmp.path().join("o.ovl");
-    let o = CreateOptions {
-        dedup: false,
-        semantic_disk: false,
-        semantic_memory: false,
-        ..opts()
-    };
-    let m = forage_synth::create::create(&base, &input(&launch), &o, &out)
-        .unwrap()
-        .manifest;
+    let o = CreateOptions { dedup: false, semantic_disk: false, semantic_memory: false, ..opts() };
+    let m = forage_synth::create::create(&base, &input(&launch), &o, &out).unwrap().manifest;
     assert_eq!(m.ref_counts().keys().copied().collect::<Vec<_>>(), ["new"]);
     assert_eq!(m.chunks.len(), 10);
 }
@@ -151,60 +95,18 @@ fn bad_overlays_are_refused_and_leave_nothing() {
 
     let bad = tmp.path().join("bad.ovl");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "truncated in a segment",
-            bytes[..bytes.len() - 10].to_vec(),
-            "truncated",
-        ),
-        (
-            "truncated in the manifest",
-            bytes[..80].to_vec(),
-            "truncated",
-        ),
-        (
-            "newer format",
-            {
-                let mut b = bytes.clone();
-                b[8] = 7;
-                b
-            },
-            "newer",
-        ),
-        (
-            "flipped byte in the last segment",
-            {
-                let mut b = bytes.clone();
-                let n = b.len();
-                b[n - 20] ^= 1;
-                b
-            },
-            "checksum",
-        ),
-        (
-            "flipped byte in the manifest",
-            {
-                let mut b = bytes.clone();
-                b[70] ^= 1;
-                b
-            },
-            "checksum",
-        ),
+        ("truncated in a segment", bytes[..bytes.len() - 10].to_vec(), "truncated"),
+        ("truncated in the manifest", bytes[..80].to_vec(), "truncated"),
+        ("newer format", { let mut b = bytes.clone(); b[8] = 7; b }, "newer"),
+        ("flipped byte in the last segment", { let mut b = bytes.clone(); let n = b.len(); b[n - 20] ^= 1; b }, "checksum"),
+        ("flipped byte in the manifest", { let mut b = bytes.clone(); b[70] ^= 1; b }, "checksum"),
         ("not an overlay", b"hello".repeat(20), "magic"),
-        (
-            "trailing bytes",
-            [bytes.clone(), b"x".to_vec()].concat(),
-            "after the last segment",
-        ),
+        ("trailing bytes", [bytes.clone(), b"x".to_vec()].concat(), "after the last segment"),
     ];
     for (what, content, want) in cases {
         std::fs::write(&bad, &content).unwrap();
-        let err = forage_synth::apply::apply(&bad, &base, &out, Accel::Tcg)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(want) && err.contains("bad.ovl"),
-            "{what}: {err}"
-        );
+        let err = forage_synth::apply::apply(&bad, &base, &out, Accel::Tcg).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("bad.ovl"), "{what}: {err}");
         assert_nothing_left(&outdir, &out);
     }
 
@@ -212,18 +114,12 @@ fn bad_overlays_are_refused_and_leave_nothing() {
     let mine = outdir.join("mine");
     std::fs::create_dir_all(&mine).unwrap();
     std::fs::write(mine.join("notes.txt"), b"keep me").unwrap();
-    assert!(matches!(
-        forage_synth::apply::apply(&good, &base, &mine, Accel::Tcg),
-        Err(SynthError::Exists { .. })
-    ));
+    assert!(matches!(forage_synth::apply::apply(&good, &base, &mine, Accel::Tcg), Err(SynthError::Exists { .. })));
     assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep me");
 
     // The good one still applies; applying over an existing result is refused.
     forage_synth::apply::apply(&good, &base, &out, Accel::Tcg).unwrap();
-    assert!(matches!(
-        forage_synth::apply::apply(&good, &base, &out, Accel::Tcg),
-        Err(SynthError::Exists { .. })
-    ));
+    assert!(matches!(forage_synth::apply::apply(&good, &base, &out, Accel::Tcg), Err(SynthError::Exists { .. })));
 }
 
 #[test]
@@ -235,10 +131,7 @@ fn base_packages_round_trip_and_refuse_tampering() {
     forage_synth::package::export(&base, &pkg).unwrap();
     let back = forage_synth::package::import(&data, &pkg, Some("copy")).unwrap();
     assert_eq!(back.digest(), base.digest());
-    assert!(
-        forage_synth::package::import(&data, &pkg, Some("copy")).is_err(),
-        "existing name"
-    );
+    assert!(forage_synth::package::import(&data, &pkg, Some("copy")).is_err(), "existing name");
 
     // Cut short, or a changed byte inside (re-compressed so zstd itself is fine).
     let bytes = read_all(&pkg);
@@ -248,9 +141,7 @@ fn base_packages_round_trip_and_refuse_tampering() {
     let pos = tar.windows(4).position(|w| w == b"QEVM").unwrap();
     tar[pos + 9] ^= 1;
     std::fs::write(&pkg, zstd::encode_all(&tar[..], 1).unwrap()).unwrap();
-    let err = forage_synth::package::import(&data, &pkg, Some("tampered"))
-        .unwrap_err()
-        .to_string();
+    let err = forage_synth::package::import(&data, &pkg, Some("tampered")).unwrap_err().to_string();
     assert!(err.contains("checksum"), "{err}");
     assert!(!data.base("cut").unwrap().exists() && !data.base("tampered").unwrap().exists());
 }
@@ -272,9 +163,7 @@ fn ext4_free_blocks_are_dropped() {
         .status()
         .expect("mkfs.ext4 (e2fsprogs, installed by scripts/deps.sh) is needed by this test");
     assert!(ok.success());
-    let free = forage_synth::ext4::free_chunks(&fs, CHUNK_SIZE as u64)
-        .unwrap()
-        .unwrap();
+    let free = forage_synth::ext4::free_chunks(&fs, CHUNK_SIZE as u64).unwrap().unwrap();
     let garbage_at = (free.len() - 10) as u64; // near the end: free
     assert!(free[garbage_at as usize]);
 
@@ -290,33 +179,13 @@ fn ext4_free_blocks_are_dropped() {
     snapshot_dir(&ldir, b"QEVM\0\0\0\x03launch-state");
     std::fs::copy(&fs, ldir.join("disk0.raw")).unwrap();
     put(&ldir.join("disk0.raw"), garbage_at, &pattern(9));
-    let launch = Launch {
-        snap: describe_snapshot(&ldir),
-        written: vec![garbage_at],
-        discarded: vec![],
-    };
+    let launch = Launch { snap: describe_snapshot(&ldir), written: vec![garbage_at], discarded: vec![] };
     let out = tmp.path().join("o.ovl");
-    let m = forage_synth::create::create(&base, &input(&launch), &opts(), &out)
-        .unwrap()
-        .manifest;
-    assert_eq!(
-        m.stats.free_by_source.get("ext4"),
-        Some(&1),
-        "{:?}",
-        m.stats
-    );
-    let off = CreateOptions {
-        semantic_disk: false,
-        ..opts()
-    };
-    let m = forage_synth::create::create(&base, &input(&launch), &off, &out)
-        .unwrap()
-        .manifest;
-    assert_eq!(
-        m.ref_counts().get("new"),
-        Some(&1),
-        "without the semantic gap it is carried"
-    );
+    let m = forage_synth::create::create(&base, &input(&launch), &opts(), &out).unwrap().manifest;
+    assert_eq!(m.stats.free_by_source.get("ext4"), Some(&1), "{:?}", m.stats);
+    let off = CreateOptions { semantic_disk: false, ..opts() };
+    let m = forage_synth::create::create(&base, &input(&launch), &off, &out).unwrap().manifest;
+    assert_eq!(m.ref_counts().get("new"), Some(&1), "without the semantic gap it is carried");
 }
 
 #[test]
@@ -346,14 +215,8 @@ fn package_entries_cannot_escape() {
         h.set_cksum();
         out.append(&h, &body[..]).unwrap();
     }
-    std::fs::write(
-        &pkg,
-        zstd::encode_all(&out.into_inner().unwrap()[..], 1).unwrap(),
-    )
-    .unwrap();
-    let err = forage_synth::package::import(&data, &pkg, Some("evil"))
-        .unwrap_err()
-        .to_string();
+    std::fs::write(&pkg, zstd::encode_all(&out.into_inner().unwrap()[..], 1).unwrap()).unwrap();
+    let err = forage_synth::package::import(&data, &pkg, Some("evil")).unwrap_err().to_string();
     assert!(err.contains("unexpected entry"), "{err}");
     assert!(!tmp.path().join("escaped").exists() && !data.root().join("escaped").exists());
     assert!(!data.base("evil").unwrap().exists());

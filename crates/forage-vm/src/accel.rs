@@ -36,12 +36,7 @@ pub struct AccelChoice {
 /// ordinary guest kernels hang early in boot (see `shared/notes/qemu-7.2.md`).
 pub fn detect() -> AccelChoice {
     match std::env::var("FORAGE_ACCEL").as_deref() {
-        Ok("kvm") => {
-            return AccelChoice {
-                accel: Accel::Kvm,
-                why_not_kvm: None,
-            }
-        }
+        Ok("kvm") => return AccelChoice { accel: Accel::Kvm, why_not_kvm: None },
         Ok("tcg") => {
             return AccelChoice {
                 accel: Accel::Tcg,
@@ -58,11 +53,7 @@ pub fn detect_in(root: &Path) -> AccelChoice {
     let kvm = root.join("dev/kvm");
     let why = if !kvm.exists() {
         Some("/dev/kvm does not exist".to_string())
-    } else if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&kvm)
-    {
+    } else if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(&kvm) {
         Some(format!("/dev/kvm cannot be opened: {e}"))
     } else if root.join("sys/module/kvm_pvm").exists() {
         Some("the host KVM module is kvm_pvm, which cannot run ordinary guests".to_string())
@@ -70,11 +61,7 @@ pub fn detect_in(root: &Path) -> AccelChoice {
         None
     };
     AccelChoice {
-        accel: if why.is_none() {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        },
+        accel: if why.is_none() { Accel::Kvm } else { Accel::Tcg },
         why_not_kvm: why,
     }
 }

@@ -41,11 +41,7 @@ impl QemuProcess {
             path: log.to_path_buf(),
             source,
         };
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(io)?;
+        let out = File::options().create(true).append(true).open(log).map_err(io)?;
         let err = out.try_clone().map_err(io)?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
@@ -147,11 +143,7 @@ impl Drop for QemuProcess {
 
 fn is_zombie(proc_dir: &Path) -> bool {
     std::fs::read_to_string(proc_dir.join("stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
         .unwrap_or(true)
 }
 

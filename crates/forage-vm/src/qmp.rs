@@ -97,9 +97,7 @@ impl Qmp {
             .await
             .map_err(|_| QmpError::Protocol {
                 path: path.to_path_buf(),
-                detail: format!(
-                    "no greeting within {GREETING_WAIT:?} (another client holds the socket?)"
-                ),
+                detail: format!("no greeting within {GREETING_WAIT:?} (another client holds the socket?)"),
             })?
             .map_err(|e| QmpError::Protocol {
                 path: path.to_path_buf(),
@@ -116,12 +114,7 @@ impl Qmp {
         }
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(256);
-        let reader = tokio::spawn(read_loop(
-            lines,
-            pending.clone(),
-            events.clone(),
-            path.to_path_buf(),
-        ));
+        let reader = tokio::spawn(read_loop(lines, pending.clone(), events.clone(), path.to_path_buf()));
         let qmp = Self {
             path: path.to_path_buf(),
             writer: tokio::sync::Mutex::new(write),
@@ -140,11 +133,7 @@ impl Qmp {
     }
 
     /// Run one command and return its `return` value.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -232,23 +221,17 @@ mod tests {
     async fn fake_qemu(listener: UnixListener) {
         let (stream, _) = listener.accept().await.unwrap();
         let (r, mut w) = stream.into_split();
-        w.write_all(b"{\"QMP\":{\"version\":{},\"capabilities\":[]}}\n")
-            .await
-            .unwrap();
+        w.write_all(b"{\"QMP\":{\"version\":{},\"capabilities\":[]}}\n").await.unwrap();
         let mut lines = BufReader::new(r).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let v: Value = serde_json::from_str(&line).unwrap();
             let id = v["id"].clone();
             let reply = match v["execute"].as_str().unwrap() {
                 "query-status" => {
-                    w.write_all(b"{\"event\":\"STOP\",\"data\":{},\"timestamp\":{}}\n")
-                        .await
-                        .unwrap();
+                    w.write_all(b"{\"event\":\"STOP\",\"data\":{},\"timestamp\":{}}\n").await.unwrap();
                     json!({"return": {"status": "paused"}, "id": id})
                 }
-                "bogus" => {
-                    json!({"error": {"class": "CommandNotFound", "desc": "no bogus"}, "id": id})
-                }
+                "bogus" => json!({"error": {"class": "CommandNotFound", "desc": "no bogus"}, "id": id}),
                 "quit" => return,
                 _ => json!({"return": {}, "id": id}),
             };
@@ -274,10 +257,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            qmp.execute("quit", None).await,
-            Err(QmpError::Disconnected { .. })
-        ));
+        assert!(matches!(qmp.execute("quit", None).await, Err(QmpError::Disconnected { .. })));
     }
 
     #[tokio::test]

@@ -59,18 +59,12 @@ pub enum SnapshotError {
     Missing { dir: PathBuf },
     #[error("{path}: unreadable snapshot description: {detail}")]
     BadManifest { path: PathBuf, detail: String },
-    #[error(
-        "{path}: snapshot format {found} is newer than this forage understands ({SNAPSHOT_FORMAT})"
-    )]
+    #[error("{path}: snapshot format {found} is newer than this forage understands ({SNAPSHOT_FORMAT})")]
     NewerFormat { path: PathBuf, found: u32 },
     #[error("{path}: missing")]
     FileMissing { path: PathBuf },
     #[error("{path}: size is {found} bytes, the snapshot says {expected} (truncated or replaced)")]
-    WrongSize {
-        path: PathBuf,
-        found: u64,
-        expected: u64,
-    },
+    WrongSize { path: PathBuf, found: u64, expected: u64 },
     #[error("{path}: not a QEMU device-state stream (bad header)")]
     NotAStateStream { path: PathBuf },
     #[error("{path}: checksum does not match the snapshot (corrupted or from another VM)")]
@@ -104,35 +98,23 @@ impl Snapshot {
         let text = match std::fs::read(&mpath) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SnapshotError::Missing {
-                    dir: dir.to_path_buf(),
-                })
+                return Err(SnapshotError::Missing { dir: dir.to_path_buf() })
             }
-            Err(source) => {
-                return Err(SnapshotError::Io {
-                    path: mpath,
-                    source,
-                })
-            }
+            Err(source) => return Err(SnapshotError::Io { path: mpath, source }),
         };
         let bad = |detail: String| SnapshotError::BadManifest {
             path: mpath.clone(),
             detail,
         };
-        let raw: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if raw["kind"] != SNAPSHOT_KIND {
-            return Err(bad(format!(
-                "kind is {}, expected {SNAPSHOT_KIND}",
-                raw["kind"]
-            )));
+            return Err(bad(format!("kind is {}, expected {SNAPSHOT_KIND}", raw["kind"])));
         }
         let found = raw["format"].as_u64().unwrap_or(0) as u32;
         if found > SNAPSHOT_FORMAT {
             return Err(SnapshotError::NewerFormat { path: mpath, found });
         }
-        let manifest: SnapshotManifest =
-            serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
+        let manifest: SnapshotManifest = serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
         let snap = Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -148,22 +130,14 @@ impl Snapshot {
             detail,
         };
         // Files are named inside the folder, never elsewhere.
-        for name in std::iter::once(&m.memory.file)
-            .chain(m.disks.iter().map(|d| &d.file))
-            .chain([&m.state.file])
-        {
+        for name in std::iter::once(&m.memory.file).chain(m.disks.iter().map(|d| &d.file)).chain([&m.state.file]) {
             if !plain_file_name(name) {
-                return Err(bad(format!(
-                    "file name {name:?} is not a plain name inside the folder"
-                )));
+                return Err(bad(format!("file name {name:?} is not a plain name inside the folder")));
             }
         }
         crate::spec::check_words(&m.spec).map_err(bad)?;
         if m.spec.memory_mib.checked_mul(1 << 20).is_none() {
-            return Err(bad(format!(
-                "{} MiB of memory is not a size",
-                m.spec.memory_mib
-            )));
+            return Err(bad(format!("{} MiB of memory is not a size", m.spec.memory_mib)));
         }
         if m.memory.size != m.spec.memory_bytes() {
             return Err(SnapshotError::BadManifest {
@@ -209,11 +183,7 @@ impl Snapshot {
     }
 
     pub fn disk_paths(&self) -> Vec<PathBuf> {
-        self.manifest
-            .disks
-            .iter()
-            .map(|d| self.dir.join(&d.file))
-            .collect()
+        self.manifest.disks.iter().map(|d| self.dir.join(&d.file)).collect()
     }
 
     pub fn state_path(&self) -> PathBuf {
@@ -222,12 +192,7 @@ impl Snapshot {
 
     /// The saved VM's spec moved to a new run: memory and disks in `run_dir`, the given
     /// QMP socket, and host ports re-chosen by the caller (`forwards`, same guest ports).
-    pub fn relocated_spec(
-        &self,
-        run_dir: &Path,
-        qmp_socket: &Path,
-        forwards: Option<Vec<PortForward>>,
-    ) -> VmSpec {
+    pub fn relocated_spec(&self, run_dir: &Path, qmp_socket: &Path, forwards: Option<Vec<PortForward>>) -> VmSpec {
         let mut spec = self.manifest.spec.clone();
         spec.memory_file = run_dir.join(MEMORY_FILE);
         for (i, disk) in spec.disks.iter_mut().enumerate() {
@@ -264,11 +229,7 @@ impl Snapshot {
     }
 
     /// Boot files of the saved VM (direct kernel boot), e.g. the local copy of its image.
-    pub fn set_direct_boot(
-        &mut self,
-        kernel: PathBuf,
-        initrd: PathBuf,
-    ) -> Result<(), SnapshotError> {
+    pub fn set_direct_boot(&mut self, kernel: PathBuf, initrd: PathBuf) -> Result<(), SnapshotError> {
         if let Some(boot) = self.manifest.spec.boot.as_mut() {
             boot.kernel = kernel;
             boot.initrd = initrd;
@@ -279,15 +240,8 @@ impl Snapshot {
 
     fn write_manifest(&self) -> Result<(), SnapshotError> {
         let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let io = |source| SnapshotError::Io {
-            path: tmp.clone(),
-            source,
-        };
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&self.manifest).expect("serializes"),
-        )
-        .map_err(io)?;
+        let io = |source| SnapshotError::Io { path: tmp.clone(), source };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.manifest).expect("serializes")).map_err(io)?;
         std::fs::rename(&tmp, self.dir.join(MANIFEST_FILE)).map_err(io)
     }
 

@@ -127,10 +127,7 @@ impl VmSpec {
         // Least privilege: seccomp denies obsolete system calls, privilege changes and
         // resource control. Spawning stays allowed: saves and restores run `cat` through
         // QEMU's `exec:` migration URI.
-        a.pair(
-            "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
-        );
+        a.pair("-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny");
         a.pair("-display", "none");
         a.pair(
             "-machine",
@@ -170,19 +167,13 @@ impl VmSpec {
             );
             a.pair(
                 "-device",
-                format!(
-                    "virtio-blk-pci,drive=disk{i},id=vd{i},discard={}",
-                    on_off(disk.discard)
-                ),
+                format!("virtio-blk-pci,drive=disk{i},id=vd{i},discard={}", on_off(disk.discard)),
             );
         }
         if let Some(nic) = &self.nic {
             let mut netdev = String::from("user,id=net0,restrict=off");
             for f in &nic.forwards {
-                netdev.push_str(&format!(
-                    ",hostfwd=tcp:{}:{}-:{}",
-                    f.host_addr, f.host_port, f.guest_port
-                ));
+                netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", f.host_addr, f.host_port, f.guest_port));
             }
             a.pair("-netdev", netdev);
             a.pair("-device", "virtio-net-pci,netdev=net0,id=nic0,romfile=");
@@ -243,16 +234,9 @@ impl VmSpec {
 /// Words that go into QEMU option strings unescaped (machine type, CPU model) must be
 /// plain: a comma would add options.
 pub fn check_words(spec: &VmSpec) -> Result<(), String> {
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    };
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !plain(&spec.machine) {
-        return Err(format!(
-            "machine type {:?} is not a plain name",
-            spec.machine
-        ));
+        return Err(format!("machine type {:?} is not a plain name", spec.machine));
     }
     if let Some(cpu) = &spec.cpu_model {
         if !plain(cpu) {
@@ -336,19 +320,14 @@ mod tests {
     }
 
     fn joined(args: &[OsString]) -> String {
-        args.iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
     }
 
     #[test]
     fn command_line_has_file_backed_ram_and_devices() {
         let s = joined(&sample().qemu_args(Accel::Tcg, false));
         assert!(s.contains("-machine pc,accel=tcg,memory-backend=ram0"));
-        assert!(
-            s.contains("memory-backend-file,id=ram0,size=256M,share=on,mem-path=/d/mem,,ory.raw")
-        );
+        assert!(s.contains("memory-backend-file,id=ram0,size=256M,share=on,mem-path=/d/mem,,ory.raw"));
         assert!(s.contains("virtio-blk-pci,drive=disk0,id=vd0,discard=on"));
         assert!(s.contains("discard=unmap"));
         assert!(s.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));
@@ -375,10 +354,7 @@ mod tests {
     #[test]
     fn spec_json_refuses_unknown_fields() {
         let mut v = serde_json::to_value(sample()).unwrap();
-        assert_eq!(
-            serde_json::from_value::<VmSpec>(v.clone()).unwrap(),
-            sample()
-        );
+        assert_eq!(serde_json::from_value::<VmSpec>(v.clone()).unwrap(), sample());
         v["memroy_mib"] = 3.into();
         assert!(serde_json::from_value::<VmSpec>(v).is_err());
     }

@@ -26,8 +26,8 @@ use crate::snapshot::{
     sha256_file, FileRecord, Snapshot, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE,
     SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE,
 };
-use crate::sparse::copy_sparse;
 use crate::spec::VmSpec;
+use crate::sparse::copy_sparse;
 use crate::{RestoreError, SaveError, VmError};
 
 const QMP_WAIT: Duration = Duration::from_secs(15);
@@ -70,12 +70,7 @@ impl Vm {
         Self::start(spec, accel, qemu_log, false).await
     }
 
-    async fn start(
-        spec: VmSpec,
-        accel: Accel,
-        qemu_log: &Path,
-        incoming: bool,
-    ) -> Result<Self, VmError> {
+    async fn start(spec: VmSpec, accel: Accel, qemu_log: &Path, incoming: bool) -> Result<Self, VmError> {
         let program = qemu_binary()?;
         check_inputs(&spec)?;
         // A stale socket would let us talk to nobody; a stale serial log would show old output.
@@ -116,23 +111,13 @@ impl Vm {
 
     /// Take control of a VM that another process started and supervises, through the
     /// spec's control socket. Dropping the result leaves QEMU running.
-    pub async fn attach(
-        spec: VmSpec,
-        accel: Accel,
-        pid: u32,
-        qemu_log: &Path,
-    ) -> Result<Self, VmError> {
+    pub async fn attach(spec: VmSpec, accel: Accel, pid: u32, qemu_log: &Path) -> Result<Self, VmError> {
         let process = QemuProcess::attach(pid, qemu_log).ok_or_else(|| VmError::Exited {
             vm: spec.name.clone(),
             status: format!("pid {pid} is gone"),
             qemu_said: tail_lines(qemu_log, 5),
         })?;
-        let socket = spec
-            .control_socket
-            .clone()
-            .ok_or_else(|| VmError::NoControlSocket {
-                vm: spec.name.clone(),
-            })?;
+        let socket = spec.control_socket.clone().ok_or_else(|| VmError::NoControlSocket { vm: spec.name.clone() })?;
         let qmp = Qmp::connect(&socket, Duration::from_secs(2)).await?;
         Ok(Self {
             spec,
@@ -145,12 +130,7 @@ impl Vm {
     /// Restore a saved VM into `spec` (normally [`Snapshot::relocated_spec`]). Memory and
     /// disks are copied from the snapshot, so the snapshot stays as it was. On any error
     /// QEMU is killed and the copies removed.
-    pub async fn restore(
-        snapshot: &Snapshot,
-        spec: VmSpec,
-        accel: Accel,
-        qemu_log: &Path,
-    ) -> Result<Self, RestoreError> {
+    pub async fn restore(snapshot: &Snapshot, spec: VmSpec, accel: Accel, qemu_log: &Path) -> Result<Self, RestoreError> {
         Self::restore_with(snapshot, spec, accel, qemu_log, RestoreOptions::default()).await
     }
 
@@ -169,14 +149,9 @@ impl Vm {
         }
         let mut copies = Vec::new();
         let result = async {
-            let disk_sources = if opts.copy_disks {
-                snapshot.disk_paths()
-            } else {
-                Vec::new()
-            };
+            let disk_sources = if opts.copy_disks { snapshot.disk_paths() } else { Vec::new() };
             let sources = std::iter::once(snapshot.memory_path()).chain(disk_sources);
-            let targets = std::iter::once(spec.memory_file.clone())
-                .chain(spec.disks.iter().map(|d| d.path.clone()));
+            let targets = std::iter::once(spec.memory_file.clone()).chain(spec.disks.iter().map(|d| d.path.clone()));
             for (from, to) in sources.zip(targets) {
                 if from != to {
                     copies.push(to.clone());
@@ -226,10 +201,7 @@ impl Vm {
                 Ok(_) => {}
                 // QEMU exits when the stream is bad: report that, not the socket.
                 Err(e) => {
-                    if tokio::time::timeout(Duration::from_secs(10), self.process.wait())
-                        .await
-                        .is_err()
-                    {
+                    if tokio::time::timeout(Duration::from_secs(10), self.process.wait()).await.is_err() {
                         return Err(VmError::from(e).into());
                     }
                     continue;
@@ -250,9 +222,7 @@ impl Vm {
         self.qmp
             .execute(
                 "migrate-set-capabilities",
-                Some(
-                    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] }),
-                ),
+                Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })),
             )
             .await?;
         Ok(())
@@ -292,11 +262,7 @@ impl Vm {
 
     /// Wait until the guest's serial console shows `marker`. On timeout (or if QEMU
     /// exits) the error carries the serial log's last lines, and QEMU is left to the caller.
-    pub async fn wait_for_serial(
-        &self,
-        marker: &str,
-        timeout: Duration,
-    ) -> Result<Duration, VmError> {
+    pub async fn wait_for_serial(&self, marker: &str, timeout: Duration) -> Result<Duration, VmError> {
         let start = Instant::now();
         loop {
             let text = std::fs::read(&self.spec.serial_log).unwrap_or_default();
@@ -323,9 +289,7 @@ impl Vm {
     /// resumes, untouched.
     pub async fn save(&mut self, dir: &Path) -> Result<Snapshot, SaveError> {
         if dir.join(MANIFEST_FILE).exists() {
-            return Err(SaveError::Exists {
-                dir: dir.to_path_buf(),
-            });
+            return Err(SaveError::Exists { dir: dir.to_path_buf() });
         }
         std::fs::create_dir_all(dir).map_err(|source| SaveError::Io {
             path: dir.to_path_buf(),
@@ -333,10 +297,7 @@ impl Vm {
         })?;
         let partial = dir.join(format!("{STATE_FILE}.partial"));
         let was_running = self.status().await? == "running";
-        self.qmp
-            .execute("stop", None)
-            .await
-            .map_err(VmError::from)?;
+        self.qmp.execute("stop", None).await.map_err(VmError::from)?;
         if let Err(e) = self.write_state(&partial).await {
             let _ = std::fs::remove_file(&partial);
             if was_running && self.process.exit_status().is_none() {
@@ -346,10 +307,7 @@ impl Vm {
         }
         // The device state is complete; QEMU may now go. Its memory file stays.
         let _ = self.qmp.execute("quit", None).await;
-        if tokio::time::timeout(Duration::from_secs(10), self.process.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(10), self.process.wait()).await.is_err() {
             self.process.kill();
             self.process.wait().await;
         }
@@ -365,21 +323,13 @@ impl Vm {
             .map_err(VmError::from)?;
         let start = Instant::now();
         loop {
-            let info = self
-                .qmp
-                .execute("query-migrate", None)
-                .await
-                .map_err(VmError::from)?;
+            let info = self.qmp.execute("query-migrate", None).await.map_err(VmError::from)?;
             match info["status"].as_str() {
                 Some("completed") => return Ok(()),
                 Some("failed") | Some("cancelled") => {
                     return Err(SaveError::Migration {
                         vm: self.spec.name.clone(),
-                        detail: info
-                            .get("error-desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("failed")
-                            .to_string(),
+                        detail: info.get("error-desc").and_then(Value::as_str).unwrap_or("failed").to_string(),
                     })
                 }
                 _ if start.elapsed() > MIGRATION_WAIT => {
@@ -399,8 +349,7 @@ impl Vm {
             let path = path.to_path_buf();
             move |source| SaveError::Io { path, source }
         };
-        let memory = move_into(&self.spec.memory_file, &dir.join(MEMORY_FILE))
-            .map_err(io(&self.spec.memory_file))?;
+        let memory = move_into(&self.spec.memory_file, &dir.join(MEMORY_FILE)).map_err(io(&self.spec.memory_file))?;
         let mut disks = Vec::new();
         for (i, disk) in self.spec.disks.iter().enumerate() {
             let name = format!("disk{i}.{}", disk.format.driver());
@@ -441,10 +390,7 @@ impl Vm {
     pub async fn shutdown(self) -> Result<(), VmError> {
         let _ = self.qmp.execute("stop", None).await;
         let _ = self.qmp.execute("quit", None).await;
-        if tokio::time::timeout(Duration::from_secs(10), self.process.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(10), self.process.wait()).await.is_err() {
             self.process.kill();
             self.process.wait().await;
         }
@@ -464,35 +410,25 @@ impl Vm {
 fn exited(spec: &VmSpec, process: &QemuProcess) -> VmError {
     VmError::Exited {
         vm: spec.name.clone(),
-        status: process
-            .exit_status()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "unknown".into()),
+        status: process.exit_status().map(|s| s.to_string()).unwrap_or_else(|| "unknown".into()),
         qemu_said: process.log_tail(5),
     }
 }
 
 /// Check, before QEMU starts, the inputs whose absence QEMU reports obscurely.
 fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
-    crate::spec::check_words(spec).map_err(|detail| VmError::BadSpec {
-        vm: spec.name.clone(),
-        detail,
-    })?;
+    crate::spec::check_words(spec).map_err(|detail| VmError::BadSpec { vm: spec.name.clone(), detail })?;
     let mut needed: Vec<&PathBuf> = spec.disks.iter().map(|d| &d.path).collect();
     if let Some(b) = &spec.boot {
         needed.push(&b.kernel);
         needed.push(&b.initrd);
     }
     if let Some(missing) = needed.into_iter().find(|p| !p.exists()) {
-        return Err(VmError::MissingInput {
-            path: missing.clone(),
-        });
+        return Err(VmError::MissingInput { path: missing.clone() });
     }
     for socket in std::iter::once(&spec.qmp_socket).chain(&spec.control_socket) {
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(VmError::SocketPathTooLong {
-                path: socket.clone(),
-            });
+            return Err(VmError::SocketPathTooLong { path: socket.clone() });
         }
     }
     Ok(())

@@ -53,11 +53,7 @@ impl WanLink {
     /// Create a link shaped to `rate_mbps` in each direction.
     pub fn create(rate_mbps: f64) -> Result<Self, WanError> {
         check_rate(rate_mbps)?;
-        let id = format!(
-            "fw{}x{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("fw{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let side = |s: &str, last: u8| Netns {
             name: format!("{id}{s}"),
             addr: Ipv4Addr::new(10, 213, 0, last),
@@ -72,32 +68,13 @@ impl WanLink {
         for ns in [&link.a, &link.b] {
             run(Command::new("ip").args(["netns", "add", &ns.name]))?;
         }
-        run(Command::new("ip").args([
-            "link",
-            "add",
-            &link.a.device,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &link.b.device,
-        ]))?;
+        run(Command::new("ip").args(["link", "add", &link.a.device, "type", "veth", "peer", "name", &link.b.device]))?;
         for ns in [&link.a, &link.b] {
             run(Command::new("ip").args(["link", "set", &ns.device, "netns", &ns.name]))?;
-            run(Command::new("ip").args([
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{}/30", ns.addr),
-                "dev",
-                &ns.device,
-            ]))?;
+            run(Command::new("ip").args(["-n", &ns.name, "addr", "add", &format!("{}/30", ns.addr), "dev", &ns.device]))?;
             run(Command::new("ip").args(["-n", &ns.name, "link", "set", &ns.device, "up"]))?;
             run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-            run(Command::new("tc")
-                .args(["-n", &ns.name, "qdisc", "add", "dev", &ns.device, "root"])
-                .args(tbf(rate_mbps)))?;
+            run(Command::new("tc").args(["-n", &ns.name, "qdisc", "add", "dev", &ns.device, "root"]).args(tbf(rate_mbps)))?;
         }
         Ok(link)
     }
@@ -110,9 +87,7 @@ impl WanLink {
     pub fn set_rate(&mut self, rate_mbps: f64) -> Result<(), WanError> {
         check_rate(rate_mbps)?;
         for ns in [&self.a, &self.b] {
-            run(Command::new("tc")
-                .args(["-n", &ns.name, "qdisc", "change", "dev", &ns.device, "root"])
-                .args(tbf(rate_mbps)))?;
+            run(Command::new("tc").args(["-n", &ns.name, "qdisc", "change", "dev", &ns.device, "root"]).args(tbf(rate_mbps)))?;
         }
         self.rate_mbps = rate_mbps;
         Ok(())
@@ -142,26 +117,15 @@ fn tbf(mbps: f64) -> Vec<String> {
     let burst = (kbit * 1000 / 8 / 100).max(32 * 1024);
     // A 50 ms queue, as a WiFi access point or a WAN router holds: a longer one (tc's
     // examples use 400 ms) makes every connection sit behind its own standing queue.
-    [
-        "tbf",
-        "rate",
-        &format!("{kbit}kbit"),
-        "burst",
-        &burst.to_string(),
-        "latency",
-        "50ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ["tbf", "rate", &format!("{kbit}kbit"), "burst", &burst.to_string(), "latency", "50ms"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn run(cmd: &mut Command) -> Result<(), WanError> {
     let text = format!("{:?}", cmd).replace('"', "");
-    let out = cmd.output().map_err(|e| WanError::Command {
-        command: text.clone(),
-        detail: e.to_string(),
-    })?;
+    let out = cmd.output().map_err(|e| WanError::Command { command: text.clone(), detail: e.to_string() })?;
     if !out.status.success() {
         return Err(WanError::Command {
             command: text,
@@ -177,21 +141,8 @@ mod tests {
 
     #[test]
     fn tbf_arguments() {
-        assert_eq!(
-            tbf(38.0),
-            [
-                "tbf",
-                "rate",
-                "38000kbit",
-                "burst",
-                "47500",
-                "latency",
-                "50ms"
-            ]
-        );
+        assert_eq!(tbf(38.0), ["tbf", "rate", "38000kbit", "burst", "47500", "latency", "50ms"]);
         assert_eq!(tbf(5.0)[4], "32768");
-        assert!(
-            check_rate(0.0).is_err() && check_rate(f64::NAN).is_err() && check_rate(25.0).is_ok()
-        );
+        assert!(check_rate(0.0).is_err() && check_rate(f64::NAN).is_err() && check_rate(25.0).is_ok());
     }
 }

@@ -12,15 +12,10 @@ fn main() -> std::process::ExitCode {
     // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
     // fuser reports its own unmount failing after forage-assembly detached the mount
     // lazily (on purpose): not worth a line.
-    let default = if cli.verbose {
-        "debug,fuser=warn"
-    } else {
-        "warn,forage_image=info,fuser=off"
-    };
+    let default = if cli.verbose { "debug,fuser=warn" } else { "warn,forage_image=info,fuser=off" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default.into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

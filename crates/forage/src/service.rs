@@ -11,20 +11,14 @@ pub fn request(addr: SocketAddr, line: &str, wait: Duration) -> anyhow::Result<S
     loop {
         match try_request(addr, line) {
             Ok(a) => return Ok(a),
-            Err(e) if start.elapsed() >= wait => {
-                return Err(e.context(format!("service at {addr} did not answer")))
-            }
+            Err(e) if start.elapsed() >= wait => return Err(e.context(format!("service at {addr} did not answer"))),
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
 
 fn try_request(addr: SocketAddr, line: &str) -> anyhow::Result<String> {
-    Ok(forage_agent::app::request_line(
-        addr,
-        line,
-        Duration::from_secs(120),
-    )?)
+    Ok(forage_agent::app::request_line(addr, line, Duration::from_secs(120))?)
 }
 
 /// The value of `key=` in an answer like `ok nonce=1 served=2`.

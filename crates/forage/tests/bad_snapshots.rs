@@ -39,21 +39,13 @@ async fn broken_saves_are_refused() {
     // No snapshot.json: an interrupted save is not a snapshot.
     copy_dir(&good, &work);
     std::fs::remove_file(work.join("snapshot.json")).unwrap();
-    assert!(matches!(
-        Snapshot::open(&work),
-        Err(SnapshotError::Missing { .. })
-    ));
+    assert!(matches!(Snapshot::open(&work), Err(SnapshotError::Missing { .. })));
 
     // Truncated device state.
     copy_dir(&good, &work);
     let state = work.join("state");
     let len = std::fs::metadata(&state).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&state)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&state).unwrap().set_len(len / 2).unwrap();
     let err = Snapshot::open(&work).unwrap_err();
     assert!(matches!(err, SnapshotError::WrongSize { .. }), "{err}");
     assert!(err.to_string().contains("state"), "{err}");
@@ -64,41 +56,24 @@ async fn broken_saves_are_refused() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&state, &bytes).unwrap();
-    assert!(matches!(
-        Snapshot::open(&work),
-        Err(SnapshotError::StateChecksum { .. })
-    ));
+    assert!(matches!(Snapshot::open(&work), Err(SnapshotError::StateChecksum { .. })));
 
     // Not a QEMU stream at all.
     copy_dir(&good, &work);
     let mut bytes = std::fs::read(&state).unwrap();
     bytes[0] = b'X';
     std::fs::write(&state, &bytes).unwrap();
-    assert!(matches!(
-        Snapshot::open(&work),
-        Err(SnapshotError::NotAStateStream { .. })
-    ));
+    assert!(matches!(Snapshot::open(&work), Err(SnapshotError::NotAStateStream { .. })));
 
     // Truncated memory file.
     copy_dir(&good, &work);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(work.join("memory.raw"))
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    assert!(matches!(
-        Snapshot::open(&work),
-        Err(SnapshotError::WrongSize { .. })
-    ));
+    std::fs::OpenOptions::new().write(true).open(work.join("memory.raw")).unwrap().set_len(1 << 20).unwrap();
+    assert!(matches!(Snapshot::open(&work), Err(SnapshotError::WrongSize { .. })));
 
     // A newer format than this forage knows.
     copy_dir(&good, &work);
     edit_manifest(&work, |v| v["format"] = 99.into());
-    assert!(matches!(
-        Snapshot::open(&work),
-        Err(SnapshotError::NewerFormat { found: 99, .. })
-    ));
+    assert!(matches!(Snapshot::open(&work), Err(SnapshotError::NewerFormat { found: 99, .. })));
 
     // A truncated stream whose description was made to match: QEMU itself refuses it, and
     // the failed restore leaves no QEMU and no copied files behind.
@@ -114,10 +89,7 @@ async fn broken_saves_are_refused() {
     let rrun = run_paths("badsnap-restore");
     std::fs::create_dir_all(&rrun.dir).unwrap();
     let spec = snap.relocated_spec(&rrun.dir, &rrun.qmp_socket, None);
-    let err = Vm::restore(&snap, spec.clone(), accel, &rrun.dir.join("qemu.log"))
-        .await
-        .err()
-        .expect("refused");
+    let err = Vm::restore(&snap, spec.clone(), accel, &rrun.dir.join("qemu.log")).await.err().expect("refused");
     assert!(matches!(err, RestoreError::Incoming { .. }), "{err}");
     assert!(err.to_string().contains("state"), "{err}");
     assert_no_qemu_with(rrun.qmp_socket.to_str().unwrap()).await;
@@ -127,25 +99,15 @@ async fn broken_saves_are_refused() {
     let snap = Snapshot::open(&good).unwrap();
     let mut other = snap.relocated_spec(&rrun.dir, &rrun.qmp_socket, None);
     other.memory_mib = 512;
-    let err = Vm::restore(&snap, other, accel, &rrun.dir.join("qemu.log"))
-        .await
-        .err()
-        .expect("refused");
-    assert!(
-        matches!(
-            err,
-            RestoreError::Snapshot(SnapshotError::HardwareMismatch { .. })
-        ),
-        "{err}"
-    );
+    let err = Vm::restore(&snap, other, accel, &rrun.dir.join("qemu.log")).await.err().expect("refused");
+    assert!(matches!(err, RestoreError::Snapshot(SnapshotError::HardwareMismatch { .. })), "{err}");
     assert!(err.to_string().contains("512 MiB"), "{err}");
 }
 
 #[test]
 fn missing_image_says_how_to_build_it() {
     let dir = tempfile::tempdir().unwrap();
-    let err = forage_image::GuestImage::open(&forage_datadir::DataDir::at(dir.path()), "tiny")
-        .unwrap_err();
+    let err = forage_image::GuestImage::open(&forage_datadir::DataDir::at(dir.path()), "tiny").unwrap_err();
     assert!(err.to_string().contains("forage image build tiny"), "{err}");
 }
 

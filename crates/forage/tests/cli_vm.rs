@@ -15,23 +15,12 @@ fn forage(args: &[&str]) -> Command {
 }
 
 /// Start a supervising command and return it with its first JSON event.
-fn start_supervised(
-    args: &[&str],
-) -> (
-    Child,
-    serde_json::Value,
-    BufReader<std::process::ChildStdout>,
-) {
-    let mut child = forage(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+fn start_supervised(args: &[&str]) -> (Child, serde_json::Value, BufReader<std::process::ChildStdout>) {
+    let mut child = forage(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    let event: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
     (child, event, out)
 }
 
@@ -42,14 +31,7 @@ fn next_event(out: &mut BufReader<std::process::ChildStdout>) -> serde_json::Val
 }
 
 fn port_of(endpoint: &serde_json::Value) -> u16 {
-    endpoint
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    endpoint.as_str().unwrap().rsplit(':').next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -61,43 +43,18 @@ fn boot_save_restore_stop_from_the_command_line() {
     let app = forage_image::locate_guest_binary("apps/hashsearch").unwrap();
     let _ = forage(&["vm", "rm", "cli"]).output();
 
-    let (mut boot, ev, mut boot_out) = start_supervised(&[
-        "vm",
-        "boot",
-        "cli",
-        "--app",
-        app.to_str().unwrap(),
-        "--json",
-    ]);
+    let (mut boot, ev, mut boot_out) = start_supervised(&["vm", "boot", "cli", "--app", app.to_str().unwrap(), "--json"]);
     assert_eq!(ev["event"], "running", "{ev}");
-    assert_eq!(
-        field(&request(port_of(&ev["service"]), "search cli 8"), "served"),
-        1
-    );
+    assert_eq!(field(&request(port_of(&ev["service"]), "search cli 8"), "served"), 1);
 
-    let out = forage(&[
-        "vm",
-        "exec",
-        "cli",
-        "--",
-        "cat",
-        "/data/apps/hashsearch/app.json",
-    ])
-    .output()
-    .unwrap();
+    let out = forage(&["vm", "exec", "cli", "--", "cat", "/data/apps/hashsearch/app.json"]).output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hashsearch"));
-    let out = forage(&["vm", "exec", "cli", "--", "sh", "-c", "exit 3"])
-        .output()
-        .unwrap();
+    let out = forage(&["vm", "exec", "cli", "--", "sh", "-c", "exit 3"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("code 3"));
 
     let save = forage(&["vm", "save", "cli", "--json"]).output().unwrap();
-    assert!(
-        save.status.success(),
-        "{}",
-        String::from_utf8_lossy(&save.stderr)
-    );
+    assert!(save.status.success(), "{}", String::from_utf8_lossy(&save.stderr));
     let saved: serde_json::Value = serde_json::from_slice(&save.stdout).unwrap();
     assert_eq!(saved["event"], "saved");
     assert_eq!(next_event(&mut boot_out)["saved"], true);
@@ -108,22 +65,13 @@ fn boot_save_restore_stop_from_the_command_line() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not running"));
 
-    let (mut restored, ev, mut restored_out) =
-        start_supervised(&["vm", "restore", "cli", "--json"]);
+    let (mut restored, ev, mut restored_out) = start_supervised(&["vm", "restore", "cli", "--json"]);
     assert_eq!(ev["event"], "running", "{ev}");
-    assert_eq!(
-        field(&request(port_of(&ev["service"]), "count"), "served"),
-        1
-    );
+    assert_eq!(field(&request(port_of(&ev["service"]), "count"), "served"), 1);
 
     let list = forage(&["vm", "list", "--json"]).output().unwrap();
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    let row = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == "cli")
-        .unwrap();
+    let row = list.as_array().unwrap().iter().find(|r| r["name"] == "cli").unwrap();
     assert_eq!(row["state"], "running");
 
     assert!(forage(&["vm", "stop", "cli"]).status().unwrap().success());
@@ -148,11 +96,7 @@ fn qemu_dies_with_its_supervisor() {
     let gone = (0..50).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let stat = std::fs::read_to_string(format!("/proc/{qemu_pid}/stat")).unwrap_or_default();
-        stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        stat.is_empty() || stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
     });
     assert!(gone, "QEMU {qemu_pid} outlived its supervisor");
     let _ = forage(&["vm", "rm", "orphan"]).output();

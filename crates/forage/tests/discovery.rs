@@ -16,10 +16,7 @@ impl Drop for Kill {
 
 #[test]
 fn two_cloudlets_in_two_namespaces_are_discovered() {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    });
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
     if !root || Command::new("ip").arg("-V").output().is_err() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
@@ -33,14 +30,7 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
             .command(exe)
             .arg("--data-dir")
             .arg(data.path().join(name))
-            .args([
-                "serve",
-                "--listen",
-                &format!("{}:7878", ns.addr),
-                "--no-api",
-                "--name",
-                name,
-            ])
+            .args(["serve", "--listen", &format!("{}:7878", ns.addr), "--no-api", "--name", name])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -49,35 +39,14 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
     }
     std::thread::sleep(Duration::from_secs(1));
     for ns in [&link.a, &link.b] {
-        let out = ns
-            .command(exe)
-            .args(["discover", "--json", "--timeout", "3"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = ns.command(exe).args(["discover", "--json", "--timeout", "3"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let names: Vec<&str> = found
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|f| f["name"].as_str())
-            .collect();
-        assert_eq!(
-            names,
-            ["cloudlet-a", "cloudlet-b"],
-            "from {}: {found}",
-            ns.name
-        );
+        let names: Vec<&str> = found.as_array().unwrap().iter().filter_map(|f| f["name"].as_str()).collect();
+        assert_eq!(names, ["cloudlet-a", "cloudlet-b"], "from {}: {found}", ns.name);
         for f in found.as_array().unwrap() {
             assert_eq!(f["addr"].as_str().unwrap().rsplit(':').next(), Some("7878"));
-            assert!(
-                f["cores"].as_u64().unwrap() >= 1 && f["rtt_ms"].as_f64().is_some(),
-                "{f}"
-            );
+            assert!(f["cores"].as_u64().unwrap() >= 1 && f["rtt_ms"].as_f64().is_some(), "{f}");
         }
     }
 }

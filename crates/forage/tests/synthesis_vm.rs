@@ -20,11 +20,7 @@ use forage_synth::BaseVm;
 use tokio::net::TcpStream;
 
 fn opts(device: &str, early_start: bool) -> SynthesisOptions {
-    SynthesisOptions {
-        device: device.into(),
-        early_start,
-        ..Default::default()
-    }
+    SynthesisOptions { device: device.into(), early_start, ..Default::default() }
 }
 
 /// A hand-driven device speaking the protocol, to control what is sent when.
@@ -43,31 +39,13 @@ impl RawDevice {
             overlay_bytes: ov.bytes,
             overlay_digest: ov.digest.clone(),
         };
-        write(
-            &mut stream,
-            &Message::Hello {
-                versions: (1, 1),
-                device: "raw".into(),
-                offers: vec![offer],
-                early_start: true,
-                store_and_forward: false,
-            },
-        )
-        .await
-        .unwrap();
+        write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: true, store_and_forward: false }).await.unwrap();
         let welcome = read(&mut stream).await.unwrap();
         (Self { stream, ov }, welcome)
     }
 
     async fn send_manifest(&mut self) {
-        write(
-            &mut self.stream,
-            &Message::Manifest {
-                bytes: self.ov.prefix.clone(),
-            },
-        )
-        .await
-        .unwrap();
+        write(&mut self.stream, &Message::Manifest { bytes: self.ov.prefix.clone() }).await.unwrap();
     }
 
     fn segment(&self, i: u32) -> Message {
@@ -77,14 +55,8 @@ impl RawDevice {
             at += s.compressed_len;
         }
         let mut data = vec![0u8; self.ov.manifest.segments[i as usize].compressed_len as usize];
-        std::fs::File::open(&self.ov.path)
-            .unwrap()
-            .read_exact_at(&mut data, at)
-            .unwrap();
-        Message::Segment {
-            index: i,
-            bytes: data,
-        }
+        std::fs::File::open(&self.ov.path).unwrap().read_exact_at(&mut data, at).unwrap();
+        Message::Segment { index: i, bytes: data }
     }
 
     async fn send_segment(&mut self, i: u32) {
@@ -129,23 +101,12 @@ fn serve_conn(mut c: std::net::TcpStream, path: &Path, ranges: bool) {
             Some(rg) => {
                 let (a, b) = rg.split_once('-').unwrap();
                 let a: usize = a.parse().unwrap();
-                let b: usize = if b.is_empty() {
-                    data.len() - 1
-                } else {
-                    b.parse::<usize>().unwrap().min(data.len() - 1)
-                };
+                let b: usize = if b.is_empty() { data.len() - 1 } else { b.parse::<usize>().unwrap().min(data.len() - 1) };
                 ("206 Partial Content", data[a..=b].to_vec())
             }
             None => ("200 OK", data),
         };
-        if write!(
-            c,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .is_err()
-            || c.write_all(&body).is_err()
-        {
+        if write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", body.len()).is_err() || c.write_all(&body).is_err() {
             return;
         }
     }
@@ -161,47 +122,28 @@ async fn fixture() -> Fixture {
     let data = data_dir();
     let accel = forage_vm::accel::detect().accel;
     let _ = BaseVm::remove(&data, "syntest");
-    let base = BaseVm::create(&data, "syntest", &image(), accel, Duration::from_secs(3))
-        .await
-        .expect("base");
+    let base = BaseVm::create(&data, "syntest", &image(), accel, Duration::from_secs(3)).await.expect("base");
     let app = sample_app();
     let work = data.work().join("synthesis-test");
     let _ = std::fs::remove_dir_all(&work);
-    let lv = launch::build(&data, &base, &app, accel, &LaunchOptions::default(), &work)
-        .await
-        .expect("launch VM");
-    let profile = launch::profile_access(&data, &lv.snapshot, &lv.app, accel, &work)
-        .await
-        .expect("profiling");
+    let lv = launch::build(&data, &base, &app, accel, &LaunchOptions::default(), &work).await.expect("launch VM");
+    let profile = launch::profile_access(&data, &lv.snapshot, &lv.app, accel, &work).await.expect("profiling");
     let input = LaunchInput {
         snapshot: &lv.snapshot,
         written_disk_chunks: &lv.written_disk_chunks,
         discarded_disk_chunks: &lv.discarded_disk_chunks,
-        service: Some(forage_format::manifest::Service {
-            name: "hashsearch".into(),
-            port: app.manifest().port,
-            probe: app.manifest().probe.clone(),
-        }),
+        service: Some(forage_format::manifest::Service { name: "hashsearch".into(), port: app.manifest().port, probe: app.manifest().probe.clone() }),
         accessed: Some((&profile.memory, &profile.disk)),
     };
     let ovl = work.join("svc.ovl");
     // Small segments, so that the VM's first reads need only some of them.
-    let create = CreateOptions {
-        segment_bytes: 256 << 10,
-        ..Default::default()
-    };
+    let create = CreateOptions { segment_bytes: 256 << 10, ..Default::default() };
     forage_synth::create::create(&base, &input, &create, &ovl).expect("overlay");
     Fixture { data, ovl, work }
 }
 
 fn session_dirs(data: &forage_datadir::DataDir) -> usize {
-    std::fs::read_dir(data.work())
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
-                .count()
-        })
-        .unwrap_or(0)
+    std::fs::read_dir(data.work()).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count()).unwrap_or(0)
 }
 
 async fn assert_cleaned_up(data: &forage_datadir::DataDir) {
@@ -212,10 +154,7 @@ async fn assert_cleaned_up(data: &forage_datadir::DataDir) {
     assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
     assert_no_qemu_with("session-").await;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(&data.work().to_string_lossy().to_string()),
-        "a FUSE mount is left: {mounts}"
-    );
+    assert!(!mounts.contains(&data.work().to_string_lossy().to_string()), "a FUSE mount is left: {mounts}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,13 +164,7 @@ async fn synthesis_modes_cache_and_faults() {
     }
     let f = fixture().await;
     let accel = forage_vm::accel::detect().accel;
-    let mut c = forage_cloudlet::Cloudlet::open(
-        "test-cloudlet".into(),
-        f.data.clone(),
-        accel,
-        std::net::Ipv4Addr::LOCALHOST,
-    )
-    .expect("cloudlet");
+    let mut c = forage_cloudlet::Cloudlet::open("test-cloudlet".into(), f.data.clone(), accel, std::net::Ipv4Addr::LOCALHOST).expect("cloudlet");
     c.peer_wait = Duration::from_secs(5);
     let cloudlet = Arc::new(c);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -242,15 +175,10 @@ async fn synthesis_modes_cache_and_faults() {
     cloudlet.cache.set_enabled(false);
 
     // Pipelined.
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("pipelined", false))
-        .await
-        .expect("pipelined synthesis");
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("pipelined", false)).await.expect("pipelined synthesis");
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     assert_eq!(report.mode, "pipelined");
-    assert!(
-        report.first_response_s >= report.ready_s && report.ready_s > 0.0,
-        "{report:?}"
-    );
+    assert!(report.first_response_s >= report.ready_s && report.ready_s > 0.0, "{report:?}");
     assert!(report.bytes_sent > 0 && report.usage.is_none());
     session.close().await;
 
@@ -258,28 +186,14 @@ async fn synthesis_modes_cache_and_faults() {
     // segments the cloudlet asks for. The VM resumes, its reads block and fetch, and the
     // service answers before the overlay is complete.
     let (mut dev, welcome) = RawDevice::start(addr, &f.ovl, None).await;
-    assert!(
-        matches!(
-            welcome,
-            Message::Welcome {
-                chosen: Some(_),
-                cached: false,
-                ..
-            }
-        ),
-        "{welcome:?}"
-    );
+    assert!(matches!(welcome, Message::Welcome { chosen: Some(_), cached: false, .. }), "{welcome:?}");
     dev.send_manifest().await;
     let state_seg = dev.ov.manifest.device_state.segment;
     dev.send_segment(state_seg).await;
     let n = dev.ov.manifest.segments.len() as u32;
     let mut fetched = std::collections::BTreeSet::new();
     let endpoint = loop {
-        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream))
-            .await
-            .expect("cloudlet answers")
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream)).await.expect("cloudlet answers").unwrap() {
             Message::Fetch { index } => {
                 if index != state_seg && fetched.insert(index) {
                     dev.send_segment(index).await;
@@ -291,9 +205,7 @@ async fn synthesis_modes_cache_and_faults() {
     };
     // Serve fetches while the service is asked for its first answer.
     let ep: SocketAddr = endpoint.parse().unwrap();
-    let answer = tokio::task::spawn_blocking(move || {
-        forage_agent::app::request_line(ep, "search abc 8", Duration::from_secs(120))
-    });
+    let answer = tokio::task::spawn_blocking(move || forage_agent::app::request_line(ep, "search abc 8", Duration::from_secs(120)));
     tokio::pin!(answer);
     let answer = loop {
         tokio::select! {
@@ -309,23 +221,9 @@ async fn synthesis_modes_cache_and_faults() {
         }
     };
     assert!(answer.starts_with("ok "), "{answer}");
-    assert!(
-        !fetched.is_empty(),
-        "the resumed VM fetched segments on demand"
-    );
-    assert!(
-        (fetched.len() as u32) < n - 1,
-        "the VM answered with {} of {n} segments",
-        fetched.len() + 1
-    );
-    write(
-        &mut dev.stream,
-        &Message::Checkpoint {
-            label: "first".into(),
-        },
-    )
-    .await
-    .unwrap();
+    assert!(!fetched.is_empty(), "the resumed VM fetched segments on demand");
+    assert!((fetched.len() as u32) < n - 1, "the VM answered with {} of {n} segments", fetched.len() + 1);
+    write(&mut dev.stream, &Message::Checkpoint { label: "first".into() }).await.unwrap();
     let usage = loop {
         match read(&mut dev.stream).await.unwrap() {
             Message::Fetch { index } => {
@@ -337,15 +235,7 @@ async fn synthesis_modes_cache_and_faults() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    let Message::Usage {
-        blobs_accessed,
-        blobs,
-        demand_fetches,
-        ..
-    } = usage
-    else {
-        unreachable!()
-    };
+    let Message::Usage { blobs_accessed, blobs, demand_fetches, .. } = usage else { unreachable!() };
     assert!(blobs_accessed > 0 && blobs_accessed < blobs, "{usage:?}");
     assert!(demand_fetches as usize >= fetched.len(), "{usage:?}");
     // The rest in bulk: Complete follows.
@@ -371,18 +261,14 @@ async fn synthesis_modes_cache_and_faults() {
     // With the cache on, a complete early-start session leaves its launch VM there: the
     // next synthesis sends nothing.
     cloudlet.cache.set_enabled(true);
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("first", true))
-        .await
-        .expect("early start");
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("first", true)).await.expect("early start");
     assert_eq!(report.mode, "early_start");
     session.close().await;
     let t = Instant::now();
     while cloudlet.cache.lookup(&digest).is_none() && t.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("again", true))
-        .await
-        .expect("cached synthesis");
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("again", true)).await.expect("cached synthesis");
     assert_eq!((report.mode.as_str(), report.bytes_sent), ("cached", 0));
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     session.close().await;
@@ -393,9 +279,7 @@ async fn synthesis_modes_cache_and_faults() {
     let runs: Vec<_> = (0..4)
         .map(|i| {
             let ovl = f.ovl.clone();
-            tokio::spawn(async move {
-                forage_client::synthesize(&ovl, addr, &opts(&format!("device-{i}"), true)).await
-            })
+            tokio::spawn(async move { forage_client::synthesize(&ovl, addr, &opts(&format!("device-{i}"), true)).await })
         })
         .collect();
     let mut sessions = Vec::new();
@@ -403,12 +287,7 @@ async fn synthesis_modes_cache_and_faults() {
         let (report, session) = r.await.unwrap().expect("concurrent early-start synthesis");
         assert!(report.answer.starts_with("ok "), "{}", report.answer);
         assert_eq!(report.mode, "early_start");
-        assert!(
-            report
-                .accessed_fraction
-                .is_some_and(|a| a > 0.0 && a <= 1.0),
-            "{report:?}"
-        );
+        assert!(report.accessed_fraction.is_some_and(|a| a > 0.0 && a <= 1.0), "{report:?}");
         sessions.push((report.endpoint, session));
     }
     let endpoints: std::collections::HashSet<_> = sessions.iter().map(|(e, _)| e.clone()).collect();
@@ -421,50 +300,23 @@ async fn synthesis_modes_cache_and_faults() {
     // Residue: the instance's changes come back as a residue; merged into the overlay, the
     // next synthesis starts where the last one ended (the service's counter carries on).
     for early in [true, false] {
-        let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("residue", early))
-            .await
-            .expect("synthesis");
+        let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("residue", early)).await.expect("synthesis");
         let served = field(&report.answer, "served");
         let ep: SocketAddr = report.endpoint.parse().unwrap();
         for _ in 0..3 {
-            let a = tokio::task::spawn_blocking(move || {
-                forage_agent::app::request_line(ep, "search more 8", Duration::from_secs(60))
-            })
-            .await
-            .unwrap()
-            .unwrap();
+            let a = tokio::task::spawn_blocking(move || forage_agent::app::request_line(ep, "search more 8", Duration::from_secs(60))).await.unwrap().unwrap();
             assert!(a.starts_with("ok "), "{a}");
         }
         let residue = f.work.join(format!("residue-{early}.ovl"));
         let bytes = session.close_with_residue(&residue).await.expect("residue");
         assert!(bytes > 0 && std::fs::metadata(&residue).unwrap().len() == bytes);
-        let err = forage_client::synthesize(&residue, addr, &opts("residue-alone", true))
-            .await
-            .err()
-            .expect("a residue alone is refused")
-            .to_string();
+        let err = forage_client::synthesize(&residue, addr, &opts("residue-alone", true)).await.err().expect("a residue alone is refused").to_string();
         assert!(err.contains("residue"), "{err}");
         let merged = f.work.join(format!("merged-{early}.ovl"));
         let base = BaseVm::open(&f.data, "syntest").unwrap();
-        forage_synth::residue::merge(
-            &base,
-            &f.ovl,
-            &residue,
-            &CreateOptions::default(),
-            &merged,
-            accel,
-        )
-        .expect("merge");
-        let (report, session) = forage_client::synthesize(&merged, addr, &opts("merged", true))
-            .await
-            .expect("synthesis of the merged overlay");
-        assert_eq!(
-            field(&report.answer, "served"),
-            served + 4,
-            "the counter carried on: {} then {}",
-            served,
-            report.answer
-        );
+        forage_synth::residue::merge(&base, &f.ovl, &residue, &CreateOptions::default(), &merged, accel).expect("merge");
+        let (report, session) = forage_client::synthesize(&merged, addr, &opts("merged", true)).await.expect("synthesis of the merged overlay");
+        assert_eq!(field(&report.answer, "served"), served + 4, "the counter carried on: {} then {}", served, report.answer);
         session.close().await;
     }
     assert_cleaned_up(&f.data).await;
@@ -473,23 +325,13 @@ async fn synthesis_modes_cache_and_faults() {
     let ranged = serve_file(f.ovl.clone(), true);
     for early in [true, false] {
         let url = format!("http://{ranged}/svc.ovl");
-        let (report, session) = forage_client::synthesize_url(&url, addr, &opts("by-url", early))
-            .await
-            .expect("synthesis by URL");
+        let (report, session) = forage_client::synthesize_url(&url, addr, &opts("by-url", early)).await.expect("synthesis by URL");
         assert!(report.answer.starts_with("ok "), "{}", report.answer);
         assert_eq!(report.bytes_sent, 0, "the device sent no segment");
         session.close().await;
     }
     let plain = serve_file(f.ovl.clone(), false);
-    let err = forage_client::synthesize_url(
-        &format!("http://{plain}/svc.ovl"),
-        addr,
-        &opts("no-ranges", true),
-    )
-    .await
-    .err()
-    .expect("refused")
-    .to_string();
+    let err = forage_client::synthesize_url(&format!("http://{plain}/svc.ovl"), addr, &opts("no-ranges", true)).await.err().expect("refused").to_string();
     assert!(err.contains("does not serve byte ranges"), "{err}");
     assert_cleaned_up(&f.data).await;
 
@@ -500,21 +342,14 @@ async fn synthesis_modes_cache_and_faults() {
     let bad = f.work.join("bad.ovl");
     std::fs::write(&bad, &bytes).unwrap();
     for early in [true, false] {
-        let err = forage_client::synthesize(&bad, addr, &opts("corrupt", early))
-            .await
-            .err()
-            .expect("refused")
-            .to_string();
+        let err = forage_client::synthesize(&bad, addr, &opts("corrupt", early)).await.err().expect("refused").to_string();
         assert!(err.contains("checksum"), "{err}");
     }
     assert_cleaned_up(&f.data).await;
 
     // A base the cloudlet does not hold: Welcome names it missing.
     let (_dev, welcome) = RawDevice::start(addr, &f.ovl, Some(&"ab".repeat(32))).await;
-    assert!(
-        matches!(&welcome, Message::Welcome { chosen: None, missing, .. } if missing == &vec!["ab".repeat(32)]),
-        "{welcome:?}"
-    );
+    assert!(matches!(&welcome, Message::Welcome { chosen: None, missing, .. } if missing == &vec!["ab".repeat(32)]), "{welcome:?}");
 
     // A device that hangs up mid-stream (pipelined and early start).
     for early in [false, true] {
@@ -524,24 +359,8 @@ async fn synthesis_modes_cache_and_faults() {
             drop(dev);
             let mut stream = TcpStream::connect(addr).await.unwrap();
             let ov = OverlayFile::open(&f.ovl).await.unwrap();
-            let offer = Offer {
-                base_digest: ov.manifest.base.digest.clone(),
-                manifest_bytes: 0,
-                overlay_bytes: 0,
-                overlay_digest: ov.digest.clone(),
-            };
-            write(
-                &mut stream,
-                &Message::Hello {
-                    versions: (1, 1),
-                    device: "raw".into(),
-                    offers: vec![offer],
-                    early_start: false,
-                    store_and_forward: false,
-                },
-            )
-            .await
-            .unwrap();
+            let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone() };
+            write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();
             read(&mut stream).await.unwrap();
             dev = RawDevice { stream, ov };
         }
@@ -559,36 +378,21 @@ async fn synthesis_modes_cache_and_faults() {
     dev.send_segment(state_seg).await;
     let t = Instant::now();
     let err = loop {
-        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream))
-            .await
-            .expect("the cloudlet gives up")
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream)).await.expect("the cloudlet gives up").unwrap() {
             Message::Error { code, message } => break (code, message),
             Message::Fetch { .. } | Message::Ready { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     };
     assert_eq!(err.0, ErrorCode::Timeout, "{err:?}");
-    assert!(
-        t.elapsed() < Duration::from_secs(30),
-        "gave up after {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(30), "gave up after {:?}", t.elapsed());
     drop(dev);
     assert_cleaned_up(&f.data).await;
 
     // The daemon recorded it all and keeps serving.
     let recorded = cloudlet.state.list_sessions(100).unwrap();
-    assert!(
-        recorded
-            .iter()
-            .any(|s| s.error.as_deref().is_some_and(|e| e.contains("silent"))),
-        "{recorded:?}"
-    );
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("after", true))
-        .await
-        .expect("still serving");
+    assert!(recorded.iter().any(|s| s.error.as_deref().is_some_and(|e| e.contains("silent"))), "{recorded:?}");
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("after", true)).await.expect("still serving");
     assert!(report.answer.starts_with("ok "));
     session.close().await;
     server.abort();

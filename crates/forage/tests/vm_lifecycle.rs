@@ -14,27 +14,12 @@ use forage_vm::{Snapshot, Vm};
 async fn restore(snap: &Snapshot, test: &str, guest_port: u16) -> (Vm, u16) {
     let run = run_paths(test);
     std::fs::create_dir_all(&run.dir).unwrap();
-    let guest_ports: Vec<u16> = snap
-        .manifest()
-        .spec
-        .nic
-        .as_ref()
-        .unwrap()
-        .forwards
-        .iter()
-        .map(|f| f.guest_port)
-        .collect();
+    let guest_ports: Vec<u16> = snap.manifest().spec.nic.as_ref().unwrap().forwards.iter().map(|f| f.guest_port).collect();
     let fw = forage_image::loopback_forwards(guest_ports).unwrap();
     let spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(fw.clone()));
     let accel = forage_vm::accel::detect().accel;
-    let vm = Vm::restore(snap, spec, accel, &run.dir.join("qemu.log"))
-        .await
-        .expect("restore works");
-    let port = fw
-        .iter()
-        .find(|f| f.guest_port == guest_port)
-        .unwrap()
-        .host_port;
+    let vm = Vm::restore(snap, spec, accel, &run.dir.join("qemu.log")).await.expect("restore works");
+    let port = fw.iter().find(|f| f.guest_port == guest_port).unwrap().host_port;
     (vm, port)
 }
 
@@ -53,47 +38,19 @@ async fn boot_save_restore_guest_carries_on() {
     let app2 = app.clone();
     tokio::task::spawn_blocking(move || {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60)).unwrap();
-        let before = agent
-            .exec(&["ls", "/data/apps"], Duration::from_secs(10))
-            .unwrap();
-        assert!(
-            !before.stdout.contains("hashsearch"),
-            "app baked into the image"
-        );
+        let before = agent.exec(&["ls", "/data/apps"], Duration::from_secs(10)).unwrap();
+        assert!(!before.stdout.contains("hashsearch"), "app baked into the image");
         app2.install(&mut agent).unwrap();
         // A command that leaves a program running in the background answers at once...
         let t = std::time::Instant::now();
-        let out = agent
-            .exec(
-                &["sh", "-c", "sleep 1000 & echo started"],
-                Duration::from_secs(30),
-            )
-            .unwrap();
+        let out = agent.exec(&["sh", "-c", "sleep 1000 & echo started"], Duration::from_secs(30)).unwrap();
         assert_eq!(out.stdout.trim(), "started");
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "exec waited {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "exec waited {:?}", t.elapsed());
         // ...and a timeout kills everything the command started.
-        let out = agent
-            .exec(
-                &["sh", "-c", "sleep 300 & sleep 300"],
-                Duration::from_secs(2),
-            )
-            .unwrap();
+        let out = agent.exec(&["sh", "-c", "sleep 300 & sleep 300"], Duration::from_secs(2)).unwrap();
         assert!(out.timed_out);
-        let left = agent
-            .exec(
-                &["sh", "-c", "ps | grep -c '[s]leep 300'"],
-                Duration::from_secs(10),
-            )
-            .unwrap();
-        assert_eq!(
-            left.stdout.trim(),
-            "0",
-            "timed-out command's children still run"
-        );
+        let left = agent.exec(&["sh", "-c", "ps | grep -c '[s]leep 300'"], Duration::from_secs(10)).unwrap();
+        assert_eq!(left.stdout.trim(), "0", "timed-out command's children still run");
     })
     .await
     .unwrap();
@@ -116,11 +73,7 @@ async fn boot_save_restore_guest_carries_on() {
     let last_before = *ticks(&serial).last().unwrap();
     let m = snap.manifest();
     assert_eq!(m.memory.size, 256 << 20);
-    assert!(
-        m.state.size < 4 << 20,
-        "device state is {} bytes",
-        m.state.size
-    );
+    assert!(m.state.size < 4 << 20, "device state is {} bytes", m.state.size);
     drop(vm);
     assert_no_qemu_with(run.qmp_socket.to_str().unwrap()).await;
 
@@ -129,11 +82,7 @@ async fn boot_save_restore_guest_carries_on() {
     let again = request(port2, "search lifecycle-2 12");
     assert_eq!(field(&again, "served"), 2, "{again}");
     let after = wait_ticks(&vm2.spec().serial_log, 1).await;
-    assert!(
-        after[0] > last_before && after[0] <= last_before + 2,
-        "tick {last_before} -> {}",
-        after[0]
-    );
+    assert!(after[0] > last_before && after[0] <= last_before + 2, "tick {last_before} -> {}", after[0]);
     vm2.shutdown().await.unwrap();
 
     // The snapshot was not consumed: restoring it again starts from the same point.
@@ -150,22 +99,10 @@ async fn guest_that_never_gets_ready_times_out_with_its_console() {
     }
     let run = run_paths("never-ready");
     let (spec, _) = image().fresh_run("never-ready", &run, &[]).unwrap();
-    let vm = Vm::boot(
-        spec,
-        forage_vm::accel::detect().accel,
-        &run.dir.join("qemu.log"),
-    )
-    .await
-    .unwrap();
-    let err = vm
-        .wait_for_serial("MARKER-THAT-NEVER-COMES", Duration::from_secs(20))
-        .await
-        .unwrap_err();
+    let vm = Vm::boot(spec, forage_vm::accel::detect().accel, &run.dir.join("qemu.log")).await.unwrap();
+    let err = vm.wait_for_serial("MARKER-THAT-NEVER-COMES", Duration::from_secs(20)).await.unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("MARKER-THAT-NEVER-COMES") && msg.contains("forage-tick"),
-        "{msg}"
-    );
+    assert!(msg.contains("MARKER-THAT-NEVER-COMES") && msg.contains("forage-tick"), "{msg}");
     drop(vm);
     assert_no_qemu_with(run.qmp_socket.to_str().unwrap()).await;
 }

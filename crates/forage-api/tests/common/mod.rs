@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use forage_api::{ApiContext, AppInfo, BaseInfo, Control, ServiceInfo};
+use forage_api::{AppInfo, ApiContext, BaseInfo, Control, ServiceInfo};
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
 

@@ -21,34 +21,19 @@ fn describe(b: &BaseVm) -> serde_json::Value {
 
 pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
     match cmd {
-        BaseCommand::Create {
-            name,
-            image,
-            settle_s,
-            json,
-        } => {
+        BaseCommand::Create { name, image, settle_s, json } => {
             let img = GuestImage::open(data, &image)?;
             let t = Instant::now();
             if !json {
                 eprintln!("creating base {name} from image {image}: boot, settle {settle_s} s, save, index ...");
             }
-            let base = BaseVm::create(
-                data,
-                &name,
-                &img,
-                super::accel(),
-                Duration::from_secs(settle_s),
-            )
-            .await
-            .with_context(|| format!("creating base {name}"))?;
+            let base = BaseVm::create(data, &name, &img, super::accel(), Duration::from_secs(settle_s))
+                .await
+                .with_context(|| format!("creating base {name}"))?;
             if json {
                 super::print_json(&describe(&base));
             } else {
-                println!(
-                    "base {name} created in {:.1} s, digest {}",
-                    t.elapsed().as_secs_f64(),
-                    base.digest()
-                );
+                println!("base {name} created in {:.1} s, digest {}", t.elapsed().as_secs_f64(), base.digest());
             }
         }
         BaseCommand::List { json } => {
@@ -96,23 +81,12 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
             let b = BaseVm::open(data, &name)?;
             let t = Instant::now();
             let size = tokio::task::spawn_blocking(move || package::export(&b, &file)).await??;
-            println!(
-                "base {name} exported: {} MiB in {:.1} s",
-                size >> 20,
-                t.elapsed().as_secs_f64()
-            );
+            println!("base {name} exported: {} MiB in {:.1} s", size >> 20, t.elapsed().as_secs_f64());
         }
         BaseCommand::Import { file, name } => {
             let data2 = data.clone();
-            let b = tokio::task::spawn_blocking(move || {
-                package::import(&data2, &file, name.as_deref())
-            })
-            .await??;
-            println!(
-                "base {} imported, digest {} (checked)",
-                b.manifest().name,
-                b.digest()
-            );
+            let b = tokio::task::spawn_blocking(move || package::import(&data2, &file, name.as_deref())).await??;
+            println!("base {} imported, digest {} (checked)", b.manifest().name, b.digest());
         }
     }
     Ok(())

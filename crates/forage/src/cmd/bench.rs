@@ -106,29 +106,16 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
 }
 
 /// The bench's base VM, created from the tiny image when absent.
-pub(super) async fn bench_base(
-    data: &DataDir,
-    name: &str,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<BaseVm> {
+pub(super) async fn bench_base(data: &DataDir, name: &str, say: &dyn Fn(&str)) -> anyhow::Result<BaseVm> {
     if let Ok(b) = BaseVm::open(data, name) {
         return Ok(b);
     }
     let image = {
         let d = data.clone();
-        tokio::task::spawn_blocking(move || super::ensure_image(&d, forage_image::TINY, true))
-            .await??
-            .image
+        tokio::task::spawn_blocking(move || super::ensure_image(&d, forage_image::TINY, true)).await??.image
     };
     say(&format!("creating base {name} ..."));
-    Ok(BaseVm::create(
-        data,
-        name,
-        &image,
-        super::accel(),
-        std::time::Duration::from_secs(5),
-    )
-    .await?)
+    Ok(BaseVm::create(data, name, &image, super::accel(), std::time::Duration::from_secs(5)).await?)
 }
 
 fn input(l: &LaunchVm) -> LaunchInput<'_> {
@@ -143,14 +130,7 @@ fn input(l: &LaunchVm) -> LaunchInput<'_> {
 
 /// Modified bytes of a launch VM as forage counts them, without dropping anything.
 fn off_modified(base: &BaseVm, l: &LaunchVm) -> anyhow::Result<u64> {
-    let o = CreateOptions {
-        dedup: false,
-        semantic_disk: false,
-        semantic_memory: false,
-        codec: forage_format::SegmentCodec::None,
-        delta: None,
-        ..CreateOptions::default()
-    };
+    let o = CreateOptions { dedup: false, semantic_disk: false, semantic_memory: false, codec: forage_format::SegmentCodec::None, delta: None, ..CreateOptions::default() };
     let p = std::env::temp_dir().join(format!("forage-bench-count-{}.ovl", std::process::id()));
     let r = forage_synth::create::create(base, &input(l), &o, &p)?;
     let _ = std::fs::remove_file(&p);
@@ -165,23 +145,14 @@ enum Tool {
 
 /// Bytes of whole-image deltas of disk and memory made by an external tool.
 fn delta_tool_bytes(base: &BaseVm, l: &LaunchVm, work: &Path, tool: Tool) -> anyhow::Result<u64> {
-    let pairs = [
-        (base.disk_path(), l.snapshot.disk_paths()[0].clone(), "disk"),
-        (base.memory_path(), l.snapshot.memory_path(), "memory"),
-    ];
+    let pairs = [(base.disk_path(), l.snapshot.disk_paths()[0].clone(), "disk"), (base.memory_path(), l.snapshot.memory_path(), "memory")];
     let mut total = 0;
     for (src, target, name) in pairs {
         let out = work.join(format!("{name}.delta"));
         let status = match tool {
             Tool::Xdelta3Lzma => {
                 let vc = work.join(format!("{name}.vcdiff"));
-                run_tool(
-                    Command::new("xdelta3")
-                        .args(["-e", "-9", "-f", "-S", "none", "-B", "536870912", "-s"])
-                        .arg(&src)
-                        .arg(&target)
-                        .arg(&vc),
-                )?;
+                run_tool(Command::new("xdelta3").args(["-e", "-9", "-f", "-S", "none", "-B", "536870912", "-s"]).arg(&src).arg(&target).arg(&vc))?;
                 let st = run_tool(Command::new("xz").args(["-6", "-k", "-f", "-T1"]).arg(&vc));
                 std::fs::rename(vc.with_extension("vcdiff.xz"), &out).ok();
                 let _ = std::fs::remove_file(&vc);
@@ -197,24 +168,16 @@ fn delta_tool_bytes(base: &BaseVm, l: &LaunchVm, work: &Path, tool: Tool) -> any
             ),
         };
         status?;
-        total += std::fs::metadata(&out)
-            .with_context(|| out.display().to_string())?
-            .len();
+        total += std::fs::metadata(&out).with_context(|| out.display().to_string())?.len();
         let _ = std::fs::remove_file(&out);
     }
     Ok(total)
 }
 
 fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
     if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -229,14 +192,7 @@ pub(super) fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&stage)?;
     std::fs::copy(sample.join("hashsearch"), dir.join("hashsearch"))?;
     std::fs::write(stage.join("data.bin"), dataset(data_mib << 20))?;
-    run_tool(
-        Command::new("tar")
-            .arg("czf")
-            .arg(dir.join("payload.tar.gz"))
-            .arg("-C")
-            .arg(&stage)
-            .arg("data.bin"),
-    )?;
+    run_tool(Command::new("tar").arg("czf").arg(dir.join("payload.tar.gz")).arg("-C").arg(&stage).arg("data.bin"))?;
     std::fs::write(
         dir.join("app.json"),
         json!({
@@ -252,25 +208,7 @@ pub(super) fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
 
 /// A deterministic data set that compresses like text (about 3:1).
 fn dataset(len: u64) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "cloudlet",
-        "overlay",
-        "synthesis",
-        "handoff",
-        "edge",
-        "vm",
-        "base",
-        "chunk",
-        "segment",
-        "delta",
-        "mobile",
-        "offload",
-        "latency",
-        "fluid",
-        "object",
-        "speech",
-        "face",
-    ];
+    const WORDS: &[&str] = &["cloudlet", "overlay", "synthesis", "handoff", "edge", "vm", "base", "chunk", "segment", "delta", "mobile", "offload", "latency", "fluid", "object", "speech", "face"];
     let mut out = Vec::with_capacity(len as usize);
     let mut x: u64 = 0x2545F4914F6CDD1D;
     while (out.len() as u64) < len {
@@ -288,10 +226,7 @@ fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmHWM:")
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
+        .find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
         .unwrap_or(0)
 }
 
@@ -299,37 +234,18 @@ fn print_table(r: &serde_json::Value) {
     let b = r["baseline_bytes"].as_u64().unwrap_or(1) as f64;
     let row = |name: &str, key: &str| {
         let v = r[key].as_u64().unwrap_or(0);
-        println!(
-            "  {name:<34} {:>12} bytes  {:>6.1}% of baseline",
-            v,
-            100.0 * v as f64 / b
-        );
+        println!("  {name:<34} {:>12} bytes  {:>6.1}% of baseline", v, 100.0 * v as f64 / b);
     };
-    println!(
-        "overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:",
-        r["app_data_mib"],
-        r["codec"].as_str().unwrap_or(""),
-        r["delta"].as_str().unwrap_or("")
-    );
+    println!("overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:", r["app_data_mib"], r["codec"].as_str().unwrap_or(""), r["delta"].as_str().unwrap_or(""));
     row("baseline: xdelta3 + LZMA", "baseline_bytes");
     row("zstd --patch-from --long -19", "zstd_patch_bytes");
     row("forage, dedup only", "dedup_bytes");
     row("forage, semantic gap only", "semantic_bytes");
     row("forage, combined", "combined_bytes");
-    row(
-        "(xdelta3 + LZMA of the semantic-gap VM)",
-        "baseline_on_semantic_vm_bytes",
-    );
+    row("(xdelta3 + LZMA of the semantic-gap VM)", "baseline_on_semantic_vm_bytes");
     row("(the app's data set alone, LZMA)", "data_set_lzma_bytes");
-    println!(
-        "  modified state: {} bytes ({} without closing the semantic gap)",
-        r["modified_bytes"], r["modified_bytes_without_semantic_gap"]
-    );
-    println!(
-        "  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)",
-        r["combined_vs_baseline"].as_f64().unwrap_or(0.0),
-        r["combined_vs_zstd_patch"].as_f64().unwrap_or(0.0)
-    );
+    println!("  modified state: {} bytes ({} without closing the semantic gap)", r["modified_bytes"], r["modified_bytes_without_semantic_gap"]);
+    println!("  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)", r["combined_vs_baseline"].as_f64().unwrap_or(0.0), r["combined_vs_zstd_patch"].as_f64().unwrap_or(0.0));
     println!(
         "  create {:.1} MB/s, apply {:.1} MB/s of modified state (target >= 100), peak RSS {:.0} MB",
         r["create_mb_s"].as_f64().unwrap_or(0.0),

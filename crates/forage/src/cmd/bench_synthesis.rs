@@ -24,11 +24,7 @@ use crate::cli::BenchSynthesisArgs;
 
 const CLOUDLET_PORT: u16 = 7878;
 const SINK_PORT: u16 = 7999;
-const MODES: [(&str, &[&str]); 3] = [
-    ("baseline", &["--no-pipelining"]),
-    ("pipelined", &["--no-early-start"]),
-    ("early_start", &[]),
-];
+const MODES: [(&str, &[&str]); 3] = [("baseline", &["--no-pipelining"]), ("pipelined", &["--no-early-start"]), ("early_start", &[])];
 
 /// A child process killed when dropped.
 pub(super) struct Guard(pub Child);
@@ -47,9 +43,7 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
         }
     };
     let base = super::bench::bench_base(data, &args.base, &say).await?;
-    let work = data
-        .work()
-        .join(format!("bench-synthesis-{}", std::process::id()));
+    let work = data.work().join(format!("bench-synthesis-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
@@ -60,25 +54,13 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
             base: args.base.clone(),
             app,
             output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs {
-                codec: "lzma".into(),
-                level: None,
-                delta: "bsdiff".into(),
-                no_dedup: false,
-                no_semantic_disk: false,
-                no_semantic_memory: false,
-                segment_kib: args.segment_kib,
-            },
+            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: args.segment_kib },
             order: "access".into(),
             json: true,
         };
         super::overlay::build_overlay(data, &create, true).await?;
         let bytes = std::fs::metadata(&ovl)?.len();
-        say(&format!(
-            "overlay: {} KiB against base {}",
-            bytes >> 10,
-            base.manifest().name
-        ));
+        say(&format!("overlay: {} KiB against base {}", bytes >> 10, base.manifest().name));
         let mut rows = Vec::new();
         for &mbps in &args.mbps {
             rows.extend(at_rate(data, &ovl, bytes, mbps, args.runs.max(1), &say)?);
@@ -95,16 +77,8 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
     result
 }
 
-fn at_rate(
-    data: &DataDir,
-    ovl: &Path,
-    bytes: u64,
-    mbps: f64,
-    runs: usize,
-    say: &dyn Fn(&str),
-) -> anyhow::Result<Vec<Value>> {
-    let link = forage_wan::WanLink::create(mbps)
-        .context("emulating the WAN link (needs root, iproute2 and tc)")?;
+fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: &dyn Fn(&str)) -> anyhow::Result<Vec<Value>> {
+    let link = forage_wan::WanLink::create(mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
     let exe = std::env::current_exe()?;
     let root = data.root().to_path_buf();
     let (device, cloudlet) = (&link.a, &link.b);
@@ -113,63 +87,23 @@ fn at_rate(
     // Transfer only: the floor.
     let mut transfer = Vec::new();
     for _ in 0..runs {
-        let _sink = Guard(
-            cloudlet
-                .command(&exe)
-                .args([
-                    "bench",
-                    "sink",
-                    "--listen",
-                    &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(),
-                ])
-                .spawn()?,
-        );
+        let _sink = Guard(cloudlet.command(&exe).args(["bench", "sink", "--listen", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string()]).spawn()?);
         std::thread::sleep(Duration::from_millis(300));
-        let out = device
-            .command(&exe)
-            .args([
-                "bench",
-                "blast",
-                "--to",
-                &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(),
-                "--bytes",
-                &bytes.to_string(),
-            ])
-            .output()?;
+        let out = device.command(&exe).args(["bench", "blast", "--to", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(), "--bytes", &bytes.to_string()]).output()?;
         if !out.status.success() {
-            bail!(
-                "transfer-only run failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("transfer-only run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         let v: Value = serde_json::from_slice(&out.stdout).context("transfer-only output")?;
         transfer.push(v["seconds"].as_f64().unwrap_or(0.0));
     }
     let transfer_only_s = median(&mut transfer);
-    say(&format!(
-        "{mbps} Mbit/s: {bytes} bytes take {transfer_only_s:.2} s to transfer"
-    ));
+    say(&format!("{mbps} Mbit/s: {bytes} bytes take {transfer_only_s:.2} s to transfer"));
 
     // The cloudlet, in its namespace, without a cache (every run synthesizes for real).
-    let log = data
-        .work()
-        .join(format!("bench-cloudlet-{}.log", std::process::id()));
+    let log = data.work().join(format!("bench-cloudlet-{}.log", std::process::id()));
     let mut serve = cloudlet.command(&exe);
-    serve.arg("--data-dir").arg(&root).args([
-        "serve",
-        "--listen",
-        &cloudlet_addr.to_string(),
-        "--no-api",
-        "--no-cache",
-        "--name",
-        "bench-cloudlet",
-    ]);
-    let _cloudlet = Guard(
-        serve
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
+    serve.arg("--data-dir").arg(&root).args(["serve", "--listen", &cloudlet_addr.to_string(), "--no-api", "--no-cache", "--name", "bench-cloudlet"]);
+    let _cloudlet = Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
     wait_for_line(&log, "listening", Duration::from_secs(30))?;
 
     let mut rows = Vec::new();
@@ -186,27 +120,14 @@ fn at_rate(
                 .args(flags)
                 .output()?;
             if !out.status.success() {
-                bail!(
-                    "{mode} synthesis (run {run}) failed: {}\ncloudlet log: {}",
-                    String::from_utf8_lossy(&out.stderr).trim(),
-                    log.display()
-                );
+                bail!("{mode} synthesis (run {run}) failed: {}\ncloudlet log: {}", String::from_utf8_lossy(&out.stderr).trim(), log.display());
             }
-            let r: Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("{mode} synthesis output"))?;
-            say(&format!(
-                "  {mode}: first response {:.2} s",
-                r["first_response_s"].as_f64().unwrap_or(0.0)
-            ));
+            let r: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{mode} synthesis output"))?;
+            say(&format!("  {mode}: first response {:.2} s", r["first_response_s"].as_f64().unwrap_or(0.0)));
             reports.push(r);
             std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
         }
-        reports.sort_by(|a, b| {
-            a["first_response_s"]
-                .as_f64()
-                .partial_cmp(&b["first_response_s"].as_f64())
-                .expect("numbers")
-        });
+        reports.sort_by(|a, b| a["first_response_s"].as_f64().partial_cmp(&b["first_response_s"].as_f64()).expect("numbers"));
         let r = &reports[reports.len() / 2];
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         let total_s = f("complete_s").max(f("ready_s"));
@@ -244,16 +165,10 @@ pub(super) fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyh
 
 fn print_table(rows: &[Value]) {
     println!("VM synthesis over an emulated WAN (tc tbf), bench app, overlay in access order:");
-    println!(
-        "  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   accessed at 1st response",
-        "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer"
-    );
+    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   accessed at 1st response", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer");
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        let accessed = match (
-            r["accessed_fraction"].as_f64(),
-            r["usage"]["demand_fetches"].as_u64(),
-        ) {
+        let accessed = match (r["accessed_fraction"].as_f64(), r["usage"]["demand_fetches"].as_u64()) {
             (Some(a), Some(n)) => format!("{:.1}% ({n} fetched)", a * 100.0),
             _ => "-".into(),
         };
@@ -270,23 +185,14 @@ fn print_table(rows: &[Value]) {
             accessed
         );
     }
-    for mbps in
-        rows.iter()
-            .filter_map(|r| r["mbps"].as_f64())
-            .fold(Vec::<f64>::new(), |mut v, m| {
-                if !v.contains(&m) {
-                    v.push(m);
-                }
-                v
-            })
-    {
-        let get = |mode: &str| {
-            rows.iter()
-                .find(|r| r["mode"] == mode && r["mbps"].as_f64() == Some(mbps))
-        };
-        let (Some(p), Some(e)) = (get("pipelined"), get("early_start")) else {
-            continue;
-        };
+    for mbps in rows.iter().filter_map(|r| r["mbps"].as_f64()).fold(Vec::<f64>::new(), |mut v, m| {
+        if !v.contains(&m) {
+            v.push(m);
+        }
+        v
+    }) {
+        let get = |mode: &str| rows.iter().find(|r| r["mode"] == mode && r["mbps"].as_f64() == Some(mbps));
+        let (Some(p), Some(e)) = (get("pipelined"), get("early_start")) else { continue };
         let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
         let bound = 1.1 * f(p, "transfer_only_s") + f(p, "resume_s");
         println!(
@@ -325,9 +231,6 @@ pub fn blast(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     s.shutdown(std::net::Shutdown::Write)?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
-    println!(
-        "{}",
-        json!({ "seconds": start.elapsed().as_secs_f64(), "bytes": bytes })
-    );
+    println!("{}", json!({ "seconds": start.elapsed().as_secs_f64(), "bytes": bytes }));
     Ok(())
 }

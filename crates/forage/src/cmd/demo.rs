@@ -33,9 +33,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     let image = {
         let data = data.clone();
         let json = args.json;
-        tokio::task::spawn_blocking(move || super::ensure_image(&data, forage_image::TINY, json))
-            .await??
-            .image
+        tokio::task::spawn_blocking(move || super::ensure_image(&data, forage_image::TINY, json)).await??.image
     };
     let app_dir = match &args.app {
         Some(d) => d.clone(),
@@ -48,19 +46,10 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
 
     // 1. Boot.
     let ready = image
-        .boot(
-            VM_NAME,
-            &paths.run,
-            &[app.manifest().port],
-            accel,
-            Duration::from_secs(args.wait.ready_timeout_s),
-        )
+        .boot(VM_NAME, &paths.run, &[app.manifest().port], accel, Duration::from_secs(args.wait.ready_timeout_s))
         .await
         .context("booting the demo VM")?;
-    say(format!(
-        "1. booted the tiny guest ({accel}) in {:.2} s: ready marker on its serial console",
-        ready.boot_time.as_secs_f64()
-    ));
+    say(format!("1. booted the tiny guest ({accel}) in {:.2} s: ready marker on its serial console", ready.boot_time.as_secs_f64()));
 
     // 2. Install the service and use it.
     let t = Instant::now();
@@ -78,18 +67,13 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     wait_for_tick(&serial, 3, Duration::from_secs(60)).await?;
     let mut vm = ready.vm;
     let t = Instant::now();
-    let snap = vm
-        .save(&paths.snapshot)
-        .await
-        .context("saving the demo VM")?;
+    let snap = vm.save(&paths.snapshot).await.context("saving the demo VM")?;
     let save_s = t.elapsed().as_secs_f64();
     let last_tick_before = last_tick(&serial).context("no heartbeat before the save")?;
     if !args.json {
         print!("3. ");
         report_snapshot(VM_NAME, &snap, t.elapsed(), false);
-        println!(
-            "   QEMU has exited; the guest's last heartbeat was forage-tick {last_tick_before}"
-        );
+        println!("   QEMU has exited; the guest's last heartbeat was forage-tick {last_tick_before}");
     }
     drop(vm);
 
@@ -97,12 +81,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let vm = restore_snapshot(&snap, VM_NAME, &paths.run, accel).await?;
     let restore_s = t.elapsed().as_secs_f64();
-    let ports = vm
-        .spec()
-        .nic
-        .as_ref()
-        .map(|n| n.forwards.clone())
-        .unwrap_or_default();
+    let ports = vm.spec().nic.as_ref().map(|n| n.forwards.clone()).unwrap_or_default();
     let new_service = ports
         .iter()
         .find(|f| f.guest_port == app.manifest().port)
@@ -142,13 +121,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Part 2: base, overlay, cloudlet, synthesis, first response.
-async fn cloudlet_part(
-    data: &DataDir,
-    image: &forage_image::GuestImage,
-    app: &AppPackage,
-    accel: forage_vm::Accel,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &AppPackage, accel: forage_vm::Accel, json: bool) -> anyhow::Result<()> {
     use forage_synth::BaseVm;
     let say = |s: String| {
         if !json {
@@ -161,18 +134,11 @@ async fn cloudlet_part(
         Err(_) => {
             let t = Instant::now();
             let b = BaseVm::create(data, "demo-base", image, accel, Duration::from_secs(3)).await?;
-            say(format!(
-                "6. base VM demo-base created in {:.1} s (digest {})",
-                t.elapsed().as_secs_f64(),
-                forage_synth::package::short(b.digest())
-            ));
+            say(format!("6. base VM demo-base created in {:.1} s (digest {})", t.elapsed().as_secs_f64(), forage_synth::package::short(b.digest())));
             b
         }
     };
-    let ovl = data
-        .root()
-        .join("overlays")
-        .join(format!("{}.ovl", app.manifest().name));
+    let ovl = data.root().join("overlays").join(format!("{}.ovl", app.manifest().name));
     let current = std::fs::File::open(&ovl)
         .ok()
         .and_then(|f| forage_format::OverlayReader::open(std::io::BufReader::new(f)).ok())
@@ -184,32 +150,14 @@ async fn cloudlet_part(
             base: "demo-base".into(),
             app: app_dir(app)?,
             output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs {
-                codec: "lzma".into(),
-                level: None,
-                delta: "bsdiff".into(),
-                no_dedup: false,
-                no_semantic_disk: false,
-                no_semantic_memory: false,
-                segment_kib: 1024,
-            },
+            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: 1024 },
             order: "access".into(),
             json: true,
         };
         super::overlay::build_overlay(data, &args, true).await?;
-        say(format!(
-            "7. overlay of {} created in {:.1} s: {} KiB",
-            app.manifest().name,
-            t.elapsed().as_secs_f64(),
-            std::fs::metadata(&ovl)?.len() >> 10
-        ));
+        say(format!("7. overlay of {} created in {:.1} s: {} KiB", app.manifest().name, t.elapsed().as_secs_f64(), std::fs::metadata(&ovl)?.len() >> 10));
     }
-    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet::open(
-        "demo-cloudlet".into(),
-        data.clone(),
-        accel,
-        Ipv4Addr::LOCALHOST,
-    )?);
+    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet::open("demo-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST)?);
     // Start from an empty launch-VM cache so that the first synthesis shows early start.
     let digest = forage_client::OverlayFile::open(&ovl).await?.digest;
     cloudlet.cache.evict(&digest);
@@ -218,15 +166,8 @@ async fn cloudlet_part(
     let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
     say(format!("8. cloudlet demo-cloudlet listening on {addr}, holding base demo-base; a device synthesizes {} with early start:", ovl.display()));
     let mut reports = Vec::new();
-    let opts = forage_client::SynthesisOptions {
-        device: "demo-device".into(),
-        early_start: true,
-        ..Default::default()
-    };
-    let (report, session) =
-        super::synthesis::synthesize_with_progress(&ovl, addr, opts.clone(), !json)
-            .await
-            .context("synthesizing the demo overlay")?;
+    let opts = forage_client::SynthesisOptions { device: "demo-device".into(), early_start: true, ..Default::default() };
+    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts.clone(), !json).await.context("synthesizing the demo overlay")?;
     if !json {
         super::synthesis::print_report(&report);
     }
@@ -238,9 +179,7 @@ async fn cloudlet_part(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     say("9. the same overlay again: the cloudlet has its launch VM cached".into());
-    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts, !json)
-        .await
-        .context("synthesizing from the cache")?;
+    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts, !json).await.context("synthesizing from the cache")?;
     if !json {
         super::synthesis::print_report(&report);
     }
@@ -255,15 +194,11 @@ async fn cloudlet_part(
 }
 
 fn app_dir(app: &AppPackage) -> anyhow::Result<std::path::PathBuf> {
-    Ok(forage_image::locate_guest_binary(&format!(
-        "apps/{}",
-        app.manifest().name
-    ))?)
+    Ok(forage_image::locate_guest_binary(&format!("apps/{}", app.manifest().name))?)
 }
 
 async fn blocking_request(addr: SocketAddr, line: &'static str) -> anyhow::Result<String> {
-    let answer =
-        tokio::task::spawn_blocking(move || request(addr, line, Duration::from_secs(60))).await??;
+    let answer = tokio::task::spawn_blocking(move || request(addr, line, Duration::from_secs(60))).await??;
     if !answer.starts_with("ok") {
         bail!("service at {addr} answered: {answer}");
     }
@@ -273,9 +208,7 @@ async fn blocking_request(addr: SocketAddr, line: &'static str) -> anyhow::Resul
 /// The highest `forage-tick N` on the serial console.
 fn last_tick(serial: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(serial).ok()?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok())
-        .max()
+    text.lines().filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok()).max()
 }
 
 /// Wait until the heartbeat reaches at least `n`; returns the first tick seen.
@@ -283,10 +216,7 @@ async fn wait_for_tick(serial: &Path, n: u64, wait: Duration) -> anyhow::Result<
     let start = Instant::now();
     loop {
         let text = std::fs::read_to_string(serial).unwrap_or_default();
-        let ticks: Vec<u64> = text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok())
-            .collect();
+        let ticks: Vec<u64> = text.lines().filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok()).collect();
         if ticks.len() as u64 >= n {
             return Ok(ticks[0]);
         }

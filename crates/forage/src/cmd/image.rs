@@ -26,9 +26,7 @@ pub async fn run(data: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
                 eprintln!("building image {name} in {} ...", data.root().display());
             }
             let data2 = data.clone();
-            let out =
-                tokio::task::spawn_blocking(move || forage_image::build(&data2, &name, &opts))
-                    .await??;
+            let out = tokio::task::spawn_blocking(move || forage_image::build(&data2, &name, &opts)).await??;
             let m = out.image.manifest();
             if json {
                 super::print_json(&json!({
@@ -68,10 +66,7 @@ pub async fn run(data: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
             if json {
                 super::print_json(&rows);
             } else if rows.is_empty() {
-                println!(
-                    "no images in {} (build one: forage image build tiny)",
-                    data.images().display()
-                );
+                println!("no images in {} (build one: forage image build tiny)", data.images().display());
             } else {
                 for r in rows {
                     match r.get("error") {

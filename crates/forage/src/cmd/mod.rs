@@ -8,8 +8,8 @@ mod demo;
 mod image;
 mod overlay;
 mod service;
-mod synthesis;
 mod tactical;
+mod synthesis;
 mod vm;
 
 use anyhow::Context;
@@ -26,98 +26,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
-        Command::Serve {
-            listen,
-            service_addr,
-            name,
-            api,
-            no_api,
-            no_cache,
-            no_advertise,
-            idle_timeout,
-        } => {
+        Command::Serve { listen, service_addr, name, api, no_api, no_cache, no_advertise, idle_timeout } => {
             let idle = (idle_timeout > 0).then(|| std::time::Duration::from_secs(idle_timeout));
-            synthesis::serve(
-                &data,
-                listen,
-                service_addr,
-                name,
-                (!no_api).then_some(api),
-                !no_cache,
-                !no_advertise,
-                idle,
-            )
-            .await
+            synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache, !no_advertise, idle).await
         }
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
-        Command::Synthesize {
-            file,
-            cloudlet,
-            hold,
-            no_early_start,
-            no_pipelining,
-            request,
-            residue,
-            json,
-        } => {
-            let opts = forage_client::SynthesisOptions {
-                device: "forage-cli".into(),
-                early_start: !no_early_start,
-                store_and_forward: no_pipelining,
-                ..Default::default()
-            };
+        Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
+            let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, ..Default::default() };
             let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
-            synthesis::synthesize(
-                &file,
-                cloudlet,
-                hold,
-                opts,
-                request.as_deref(),
-                residue.as_deref(),
-                json,
-            )
-            .await
+            synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
         Command::Demo(a) => demo::run(&data, a).await,
         Command::Service(c) => service::run(&data, c).await,
-        Command::Offload {
-            service,
-            join,
-            session,
-        } => {
-            tactical::provision(
-                forage_proto::Provision::CachedVm {
-                    service: service.clone(),
-                    join,
-                },
-                Some(&service),
-                &session,
-            )
-            .await
-        }
+        Command::Offload { service, join, session } => tactical::provision(forage_proto::Provision::CachedVm { service: service.clone(), join }, Some(&service), &session).await,
         Command::Apps(a) => tactical::apps(a).await,
-        Command::Provision {
-            script,
-            port,
-            os,
-            timeout,
-            components,
-            session,
-        } => {
-            let bytes =
-                std::fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
-            tactical::provision(
-                forage_proto::Provision::Script {
-                    os,
-                    port,
-                    script: bytes,
-                    timeout_s: timeout,
-                    components,
-                },
-                None,
-                &session,
-            )
-            .await
+        Command::Provision { script, port, os, timeout, components, session } => {
+            let bytes = std::fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
+            tactical::provision(forage_proto::Provision::Script { os, port, script: bytes, timeout_s: timeout, components }, None, &session).await
         }
         Command::App(c) => tactical::app(c).await,
     }
@@ -133,11 +58,7 @@ pub fn accel() -> Accel {
 }
 
 /// Build the tiny image if needed, printing what happened.
-pub fn ensure_image(
-    data: &DataDir,
-    name: &str,
-    quiet: bool,
-) -> anyhow::Result<forage_image::BuildOutcome> {
+pub fn ensure_image(data: &DataDir, name: &str, quiet: bool) -> anyhow::Result<forage_image::BuildOutcome> {
     let agent = forage_image::locate_guest_binary("forage-agent")?;
     let opts = forage_image::BuildOptions {
         agent_binary: agent,
@@ -145,8 +66,7 @@ pub fn ensure_image(
         memory_mib: 256,
         force: false,
     };
-    let out =
-        forage_image::build(data, name, &opts).with_context(|| format!("building image {name}"))?;
+    let out = forage_image::build(data, name, &opts).with_context(|| format!("building image {name}"))?;
     if !quiet {
         eprintln!(
             "image {name}: {} in {:.1} s ({})",

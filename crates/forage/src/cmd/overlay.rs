@@ -17,12 +17,8 @@ use crate::cli::{OverlayCommand, OverlayCreateArgs, ReduceArgs};
 impl ReduceArgs {
     pub fn create_options(&self) -> anyhow::Result<CreateOptions> {
         let codec = match self.codec.as_str() {
-            "lzma" => SegmentCodec::Lzma {
-                level: self.level.unwrap_or(6).clamp(0, 9) as u32,
-            },
-            "zstd" => SegmentCodec::Zstd {
-                level: self.level.unwrap_or(19).clamp(1, 22),
-            },
+            "lzma" => SegmentCodec::Lzma { level: self.level.unwrap_or(6).clamp(0, 9) as u32 },
+            "zstd" => SegmentCodec::Zstd { level: self.level.unwrap_or(19).clamp(1, 22) },
             "none" => SegmentCodec::None,
             other => bail!("unknown codec {other}"),
         };
@@ -47,45 +43,15 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
         OverlayCommand::Create(args) => create(data, args).await,
         OverlayCommand::Inspect { file, json } => inspect(&file, json),
         OverlayCommand::Verify { file, json } => verify(&file, json),
-        OverlayCommand::Merge {
-            parent,
-            residue,
-            output,
-            base,
-            reduce,
-            json,
-        } => {
-            merge(
-                data,
-                &parent,
-                &residue,
-                &output,
-                base.as_deref(),
-                &reduce,
-                json,
-            )
-            .await
-        }
-        OverlayCommand::Apply {
-            file,
-            base,
-            out,
-            json,
-        } => {
+        OverlayCommand::Merge { parent, residue, output, base, reduce, json } => merge(data, &parent, &residue, &output, base.as_deref(), &reduce, json).await,
+        OverlayCommand::Apply { file, base, out, json } => {
             let b = BaseVm::open(data, &base)?;
             let accel = forage_vm::accel::detect().accel;
             let f2 = file.clone();
-            let (snap, report) = tokio::task::spawn_blocking(move || {
-                forage_synth::apply::apply(&f2, &b, &out, accel)
-            })
-            .await??;
-            let mbps = report.rebuilt_bytes as f64
-                / 1e6
-                / (report.took - report.base_copy).as_secs_f64().max(1e-6);
+            let (snap, report) = tokio::task::spawn_blocking(move || forage_synth::apply::apply(&f2, &b, &out, accel)).await??;
+            let mbps = report.rebuilt_bytes as f64 / 1e6 / (report.took - report.base_copy).as_secs_f64().max(1e-6);
             if json {
-                super::print_json(
-                    &json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks}),
-                );
+                super::print_json(&json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks}));
             } else {
                 println!(
                     "applied {} to base {base} in {:.2} s ({:.2} s copying the base, then {:.0} MB/s of modified state over {} segments) -> {}\nresume it: forage vm restore NAME --from {}",
@@ -98,33 +64,17 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
 }
 
 /// Build the launch VM for `app` on `base` in a scratch folder.
-pub async fn build_launch(
-    data: &DataDir,
-    base: &BaseVm,
-    app: &AppPackage,
-    opts: &LaunchOptions,
-    work: &Path,
-) -> anyhow::Result<LaunchVm> {
+pub async fn build_launch(data: &DataDir, base: &BaseVm, app: &AppPackage, opts: &LaunchOptions, work: &Path) -> anyhow::Result<LaunchVm> {
     // Quiet detection: the command's entry already warned about TCG if it had to.
     let accel = forage_vm::accel::detect().accel;
     launch::build(data, base, app, accel, opts, work)
         .await
-        .with_context(|| {
-            format!(
-                "building the launch VM of {} on base {}",
-                app.manifest().name,
-                base.manifest().name
-            )
-        })
+        .with_context(|| format!("building the launch VM of {} on base {}", app.manifest().name, base.manifest().name))
 }
 
 /// Build the launch VM, profile it (access order), write the overlay. Progress goes to
 /// stderr unless `quiet`; returns the report and the seconds spent on the launch VM.
-pub async fn build_overlay(
-    data: &DataDir,
-    args: &OverlayCreateArgs,
-    quiet: bool,
-) -> anyhow::Result<(forage_synth::create::CreateReport, f64)> {
+pub async fn build_overlay(data: &DataDir, args: &OverlayCreateArgs, quiet: bool) -> anyhow::Result<(forage_synth::create::CreateReport, f64)> {
     let say = |s: &str| {
         if !quiet {
             eprintln!("{s}");
@@ -142,24 +92,11 @@ pub async fn build_overlay(
             semantic_memory: opts.semantic_memory,
             ..LaunchOptions::default()
         };
-        say(&format!(
-            "launch VM: resuming base {}, installing {} ...",
-            args.base,
-            app.manifest().name
-        ));
+        say(&format!("launch VM: resuming base {}, installing {} ...", args.base, app.manifest().name));
         let launch = build_launch(data, &base, &app, &lopts, &work).await?;
         let profile = if args.order == "access" {
             say("profiling a resume of the launch VM up to its first response ...");
-            Some(
-                launch::profile_access(
-                    data,
-                    &launch.snapshot,
-                    &launch.app,
-                    forage_vm::accel::detect().accel,
-                    &work,
-                )
-                .await?,
-            )
+            Some(launch::profile_access(data, &launch.snapshot, &launch.app, forage_vm::accel::detect().accel, &work).await?)
         } else {
             None
         };
@@ -190,9 +127,7 @@ async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
     let s = &report.manifest.stats;
     let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
     if args.json {
-        super::print_json(
-            &json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}),
-        );
+        super::print_json(&json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}));
     } else {
         println!(
             "overlay {}: {} KiB for {} MiB of modified state ({:.1}%), created in {:.1} s ({mbps:.1} MB/s) after {launch_s:.1} s building the launch VM",
@@ -226,33 +161,16 @@ fn base_for(data: &DataDir, parent: &Path, name: Option<&str>) -> anyhow::Result
         })
 }
 
-async fn merge(
-    data: &DataDir,
-    parent: &Path,
-    residue: &Path,
-    output: &Path,
-    base: Option<&str>,
-    reduce: &ReduceArgs,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn merge(data: &DataDir, parent: &Path, residue: &Path, output: &Path, base: Option<&str>, reduce: &ReduceArgs, json: bool) -> anyhow::Result<()> {
     let b = base_for(data, parent, base)?;
     let opts = reduce.create_options()?;
     let accel = forage_vm::accel::detect().accel;
-    let (p, r, o) = (
-        parent.to_path_buf(),
-        residue.to_path_buf(),
-        output.to_path_buf(),
-    );
+    let (p, r, o) = (parent.to_path_buf(), residue.to_path_buf(), output.to_path_buf());
     let base_name = b.manifest().name.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        forage_synth::residue::merge(&b, &p, &r, &opts, &o, accel)
-    })
-    .await??;
+    let report = tokio::task::spawn_blocking(move || forage_synth::residue::merge(&b, &p, &r, &opts, &o, accel)).await??;
     let m = &report.manifest;
     if json {
-        super::print_json(
-            &json!({"file": output, "parent": parent, "residue": residue, "base": base_name, "bytes": report.bytes, "seconds": report.took.as_secs_f64(), "modified_bytes": m.stats.modified_bytes, "refs": m.ref_counts()}),
-        );
+        super::print_json(&json!({"file": output, "parent": parent, "residue": residue, "base": base_name, "bytes": report.bytes, "seconds": report.took.as_secs_f64(), "modified_bytes": m.stats.modified_bytes, "refs": m.ref_counts()}));
     } else {
         println!(
             "merged residue {} into {} -> {}: {} KiB for {} MiB of modified state, in {:.1} s on base {base_name}",
@@ -268,10 +186,8 @@ async fn merge(
 }
 
 fn open(file: &Path) -> anyhow::Result<OverlayReader<std::io::BufReader<std::fs::File>>> {
-    let f = std::fs::File::open(file)
-        .with_context(|| format!("cannot open overlay {}", file.display()))?;
-    OverlayReader::open(std::io::BufReader::new(f))
-        .with_context(|| format!("overlay {}", file.display()))
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open overlay {}", file.display()))?;
+    OverlayReader::open(std::io::BufReader::new(f)).with_context(|| format!("overlay {}", file.display()))
 }
 
 pub fn describe(m: &Manifest, file_bytes: u64) -> serde_json::Value {
@@ -299,63 +215,22 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
     let m = r.manifest();
     let s = &m.stats;
     let what = if m.is_residue() { "residue" } else { "overlay" };
-    println!(
-        "{what} {} (format {}), {} KiB",
-        file.display(),
-        m.format,
-        size >> 10
-    );
+    println!("{what} {} (format {}), {} KiB", file.display(), m.format, size >> 10);
     println!("  base      {} ({})", m.base.digest, m.base.name);
     if let Some(parent) = &m.parent {
         println!("  parent    {parent} (changes since that overlay's launch VM: `forage overlay merge PARENT {}`)", file.display());
     }
-    println!(
-        "  {}  {} memory + {} disk chunks = {} MiB",
-        if m.is_residue() {
-            "changed "
-        } else {
-            "modified"
-        },
-        s.modified_memory_chunks,
-        s.modified_disk_chunks,
-        s.modified_bytes >> 20
-    );
-    println!(
-        "  refs      {}",
-        m.ref_counts()
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("  {}  {} memory + {} disk chunks = {} MiB", if m.is_residue() { "changed " } else { "modified" }, s.modified_memory_chunks, s.modified_disk_chunks, s.modified_bytes >> 20);
+    println!("  refs      {}", m.ref_counts().iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     if !s.free_by_source.is_empty() {
-        println!(
-            "  free      {}",
-            s.free_by_source
-                .iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        println!("  free      {}", s.free_by_source.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     }
-    println!(
-        "  blobs     {} ({} raw, {} delta)",
-        m.blobs.len(),
-        s.blobs_raw,
-        s.blobs_delta
-    );
+    println!("  blobs     {} ({} raw, {} delta)", m.blobs.len(), s.blobs_raw, s.blobs_delta);
     println!(
         "  bytes     modified {} -> dedup {} -> delta {} -> compressed {}",
         s.modified_bytes, s.dedup_bytes, s.delta_bytes, s.compressed_bytes
     );
-    println!(
-        "  segments  {} ({})",
-        m.segments.len(),
-        m.segments
-            .first()
-            .map(|s| s.codec.name())
-            .unwrap_or_default()
-    );
+    println!("  segments  {} ({})", m.segments.len(), m.segments.first().map(|s| s.codec.name()).unwrap_or_default());
     println!("  order     {}", serde_json::to_string(&m.order)?);
     if let Some(svc) = &m.service {
         println!("  service   {} on guest port {}", svc.name, svc.port);
@@ -367,24 +242,14 @@ fn verify(file: &Path, json: bool) -> anyhow::Result<()> {
     let t = Instant::now();
     let mut r = open(file)?;
     let mut n = 0;
-    while r
-        .next_segment()
-        .with_context(|| format!("overlay {}", file.display()))?
-        .is_some()
-    {
+    while r.next_segment().with_context(|| format!("overlay {}", file.display()))?.is_some() {
         n += 1;
     }
-    r.finish()
-        .with_context(|| format!("overlay {}", file.display()))?;
+    r.finish().with_context(|| format!("overlay {}", file.display()))?;
     if json {
-        super::print_json(
-            &json!({"file": file, "ok": true, "segments": n, "seconds": t.elapsed().as_secs_f64()}),
-        );
+        super::print_json(&json!({"file": file, "ok": true, "segments": n, "seconds": t.elapsed().as_secs_f64()}));
     } else {
-        println!(
-            "overlay {} is intact: manifest and {n} segments check out",
-            file.display()
-        );
+        println!("overlay {} is intact: manifest and {n} segments check out", file.display());
     }
     Ok(())
 }

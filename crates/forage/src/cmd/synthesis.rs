@@ -27,12 +27,7 @@ impl forage_api::Control for DaemonControl {
         forage_synth::BaseVm::list(&self.cloudlet.data)
             .into_iter()
             .filter_map(|(name, b)| b.ok().map(|b| (name, b)))
-            .map(|(name, b)| forage_api::BaseInfo {
-                name,
-                digest: b.digest().into(),
-                memory_bytes: b.manifest().memory_size,
-                disk_bytes: b.manifest().disk_size,
-            })
+            .map(|(name, b)| forage_api::BaseInfo { name, digest: b.digest().into(), memory_bytes: b.manifest().memory_size, disk_bytes: b.manifest().disk_size })
             .collect()
     }
 
@@ -42,30 +37,14 @@ impl forage_api::Control for DaemonControl {
     }
 
     fn services(&self) -> Vec<forage_api::ServiceInfo> {
-        self.cloudlet
-            .services
-            .list()
-            .into_iter()
-            .map(|s| {
-                let m = s.manifest();
-                forage_api::ServiceInfo {
-                    id: m.id.clone(),
-                    os: m.os.clone(),
-                    port: m.port,
-                    description: m.description.clone(),
-                    client_apps: m.client_apps.iter().map(|a| a.id.clone()).collect(),
-                }
-            })
-            .collect()
+        self.cloudlet.services.list().into_iter().map(|s| {
+            let m = s.manifest();
+            forage_api::ServiceInfo { id: m.id.clone(), os: m.os.clone(), port: m.port, description: m.description.clone(), client_apps: m.client_apps.iter().map(|a| a.id.clone()).collect() }
+        }).collect()
     }
 
     fn apps(&self, platform: Option<&str>) -> Vec<forage_api::AppInfo> {
-        self.cloudlet
-            .services
-            .apps(platform)
-            .into_iter()
-            .map(|(s, a)| app_info(&s, &a))
-            .collect()
+        self.cloudlet.services.apps(platform).into_iter().map(|(s, a)| app_info(&s, &a)).collect()
     }
 
     fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
@@ -76,27 +55,11 @@ impl forage_api::Control for DaemonControl {
 }
 
 fn app_info(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_api::AppInfo {
-    forage_api::AppInfo {
-        id: a.id.clone(),
-        service: s.id().to_string(),
-        platform: a.platform.clone(),
-        file: a.file.clone(),
-        size: a.size,
-        sha256: a.sha256.clone(),
-    }
+    forage_api::AppInfo { id: a.id.clone(), service: s.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub async fn serve(
-    data: &DataDir,
-    listen: SocketAddr,
-    service_addr: Option<std::net::Ipv4Addr>,
-    name: String,
-    api: Option<SocketAddr>,
-    cache: bool,
-    advertise: bool,
-    idle_timeout: Option<Duration>,
-) -> anyhow::Result<()> {
+pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool, advertise: bool, idle_timeout: Option<Duration>) -> anyhow::Result<()> {
     let service_addr = match (service_addr, listen.ip()) {
         (Some(a), _) => a,
         (None, IpAddr::V4(a)) if !a.is_unspecified() => a,
@@ -107,42 +70,14 @@ pub async fn serve(
     cloudlet.idle_timeout = idle_timeout;
     let cloudlet = Arc::new(cloudlet);
     cloudlet.cache.set_enabled(cache);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let bases: Vec<String> = forage_synth::BaseVm::list(data)
-        .into_iter()
-        .filter_map(|(n, b)| {
-            b.ok()
-                .map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))
-        })
-        .collect();
-    eprintln!(
-        "cloudlet {} listening on {listen}; bases: {}",
-        cloudlet.name,
-        if bases.is_empty() {
-            "none (forage base create ...)".into()
-        } else {
-            bases.join(", ")
-        }
-    );
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let bases: Vec<String> = forage_synth::BaseVm::list(data).into_iter().filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))).collect();
+    eprintln!("cloudlet {} listening on {listen}; bases: {}", cloudlet.name, if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") });
     if let Some(api) = api {
-        let l = tokio::net::TcpListener::bind(api)
-            .await
-            .with_context(|| format!("cannot serve the HTTP API on {api}"))?;
-        let control = Arc::new(DaemonControl {
-            cloudlet: cloudlet.clone(),
-        });
-        let ctx = forage_api::ApiContext::new(
-            cloudlet.state.clone(),
-            cloudlet.name.clone(),
-            env!("CARGO_PKG_VERSION"),
-            accel.to_string(),
-            control,
-        );
-        eprintln!(
-            "HTTP API on http://{api}/v1/status (metrics on /metrics, OpenAPI on /openapi.json)"
-        );
+        let l = tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot serve the HTTP API on {api}"))?;
+        let control = Arc::new(DaemonControl { cloudlet: cloudlet.clone() });
+        let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control);
+        eprintln!("HTTP API on http://{api}/v1/status (metrics on /metrics, OpenAPI on /openapi.json)");
         tokio::spawn(async move {
             if let Err(e) = forage_api::serve(l, ctx, std::future::pending()).await {
                 tracing::error!("HTTP API stopped: {e}");
@@ -151,34 +86,16 @@ pub async fn serve(
     }
     let _advertiser = match advertise {
         true => {
-            let bases = forage_synth::BaseVm::list(data)
-                .into_iter()
-                .filter_map(|(_, b)| {
-                    b.ok()
-                        .map(|b| forage_synth::package::short(b.digest()).to_string())
-                })
-                .collect();
+            let bases = forage_synth::BaseVm::list(data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect();
             let ad = forage_discovery::Advertisement {
                 name: cloudlet.name.clone(),
                 addr: SocketAddr::new(IpAddr::V4(service_addr), listen.port()),
                 http_port: api.map(|a| a.port()),
                 bases,
-                services: cloudlet
-                    .services
-                    .list()
-                    .into_iter()
-                    .filter(|s| !s.manifest().is_baseline())
-                    .map(|s| s.id().to_string())
-                    .collect(),
-                load: cloudlet
-                    .state
-                    .list_instances(true)
-                    .map(|v| v.len() as u32)
-                    .unwrap_or(0),
+                services: cloudlet.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
+                load: cloudlet.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
                 free_mem_mib: free_memory_mib(),
-                cores: std::thread::available_parallelism()
-                    .map(|n| n.get() as u32)
-                    .unwrap_or(1),
+                cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             };
             match forage_discovery::advertise(&ad) {
                 Ok(a) => Some(a),
@@ -208,8 +125,7 @@ pub async fn synthesize(
 ) -> anyhow::Result<()> {
     let request = match request {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("request file {}", p.display()))?;
+            let text = std::fs::read_to_string(p).with_context(|| format!("request file {}", p.display()))?;
             Some(text.lines().next().unwrap_or_default().to_string())
         }
         None => None,
@@ -228,13 +144,7 @@ pub async fn synthesize(
     match residue {
         Some(out) => {
             let bytes = session.close_with_residue(out).await?;
-            eprintln!(
-                "residue: {} ({} KiB); fold it in with: forage overlay merge {} {} -o NEW.ovl",
-                out.display(),
-                bytes >> 10,
-                file.display(),
-                out.display()
-            );
+            eprintln!("residue: {} ({} KiB); fold it in with: forage overlay merge {} {} -o NEW.ovl", out.display(), bytes >> 10, file.display(), out.display());
         }
         None => session.close().await,
     }
@@ -248,15 +158,10 @@ pub async fn synthesize_with_progress(
     mut opts: forage_client::SynthesisOptions,
     progress: bool,
 ) -> anyhow::Result<(forage_client::SynthesisReport, forage_client::Session)> {
-    let url = file
-        .to_str()
-        .filter(|f| f.starts_with("http://") || f.starts_with("https://"))
-        .map(str::to_string);
+    let url = file.to_str().filter(|f| f.starts_with("http://") || f.starts_with("https://")).map(str::to_string);
     let total = match &url {
         Some(_) => 0, // the cloudlet fetches it: the device sends nothing
-        None => std::fs::metadata(file)
-            .with_context(|| format!("overlay {}", file.display()))?
-            .len(),
+        None => std::fs::metadata(file).with_context(|| format!("overlay {}", file.display()))?.len(),
     };
     let sent = Arc::new(AtomicU64::new(0));
     opts.sent = Some(sent.clone());
@@ -264,13 +169,7 @@ pub async fn synthesize_with_progress(
     if !progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}").expect("valid template").progress_chars("=> "));
     bar.set_message("sending overlay");
     let ticker = {
         let (bar, sent) = (bar.clone(), sent.clone());
@@ -291,12 +190,7 @@ pub async fn synthesize_with_progress(
 }
 
 pub fn print_report(r: &forage_client::SynthesisReport) {
-    println!(
-        "synthesized on cloudlet {} ({} KiB overlay, {}):",
-        r.cloudlet,
-        r.overlay_bytes >> 10,
-        r.mode.replace('_', " ")
-    );
+    println!("synthesized on cloudlet {} ({} KiB overlay, {}):", r.cloudlet, r.overlay_bytes >> 10, r.mode.replace('_', " "));
     if r.mode == "cached" {
         println!("  launch VM from the cloudlet's cache: nothing sent | resume {:.2} s | first response {:.2} s", r.resume_s, r.first_response_s);
     } else {
@@ -322,11 +216,7 @@ pub fn print_report(r: &forage_client::SynthesisReport) {
 fn free_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map(|kib| kib / 1024)
         .unwrap_or(0)
 }
@@ -343,10 +233,7 @@ pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
         println!("no cloudlet answered within {timeout} s");
     }
     for f in &found {
-        let rtt = f
-            .rtt_ms
-            .map(|r| format!("{r:.1} ms"))
-            .unwrap_or_else(|| "unreachable".into());
+        let rtt = f.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "unreachable".into());
         println!(
             "{:<20} {:<22} rtt {:<11} load {} | {} cores, {} MiB free | bases {} | http {}",
             f.ad.name,
@@ -355,14 +242,8 @@ pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
             f.ad.load,
             f.ad.cores,
             f.ad.free_mem_mib,
-            if f.ad.bases.is_empty() {
-                "-".into()
-            } else {
-                f.ad.bases.join(",")
-            },
-            f.ad.http_port
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into())
+            if f.ad.bases.is_empty() { "-".into() } else { f.ad.bases.join(",") },
+            f.ad.http_port.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
         );
     }
     Ok(())
@@ -372,36 +253,16 @@ pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
 /// (the overlay's base held, load, round trip).
 pub async fn resolve_cloudlet(arg: &str, overlay: &Path) -> anyhow::Result<SocketAddr> {
     if arg != "auto" {
-        return arg
-            .parse()
-            .with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
+        return arg.parse().with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
     }
-    let base = match overlay
-        .to_str()
-        .filter(|f| f.starts_with("http://") || f.starts_with("https://"))
-    {
+    let base = match overlay.to_str().filter(|f| f.starts_with("http://") || f.starts_with("https://")) {
         Some(_) => None, // read by the cloudlet; any cloudlet may be asked
-        None => Some(
-            forage_client::OverlayFile::open(overlay)
-                .await?
-                .manifest
-                .base
-                .digest,
-        ),
+        None => Some(forage_client::OverlayFile::open(overlay).await?.manifest.base.digest),
     };
-    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2)))
-        .await??;
-    let need = forage_discovery::Need {
-        base: base.map(|d| forage_synth::package::short(&d).to_string()),
-        service: None,
-    };
+    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2))).await??;
+    let need = forage_discovery::Need { base: base.map(|d| forage_synth::package::short(&d).to_string()), service: None };
     let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility)
         .with_context(|| format!("--cloudlet auto: none of the {} cloudlets that answered holds the overlay's base and is reachable", found.len()))?;
-    eprintln!(
-        "cloudlet auto: {} at {} (of {} found)",
-        best.ad.name,
-        best.ad.addr,
-        found.len()
-    );
+    eprintln!("cloudlet auto: {} at {} (of {} found)", best.ad.name, best.ad.addr, found.len());
     Ok(best.ad.addr)
 }

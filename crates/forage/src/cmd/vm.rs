@@ -68,16 +68,13 @@ impl VmPaths {
     }
 
     fn load(&self) -> anyhow::Result<VmRecord> {
-        let text = std::fs::read(&self.record)
-            .with_context(|| format!("no VM at {}", self.dir.display()))?;
-        serde_json::from_slice(&text)
-            .with_context(|| format!("{} is unreadable", self.record.display()))
+        let text = std::fs::read(&self.record).with_context(|| format!("no VM at {}", self.dir.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("{} is unreadable", self.record.display()))
     }
 
     fn store(&self, r: &VmRecord) -> anyhow::Result<()> {
         let tmp = self.record.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r)?)
-            .with_context(|| tmp.display().to_string())?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(r)?).with_context(|| tmp.display().to_string())?;
         std::fs::rename(&tmp, &self.record).with_context(|| self.record.display().to_string())
     }
 }
@@ -86,10 +83,7 @@ impl VmPaths {
 pub fn qemu_alive(pid: Option<u32>) -> bool {
     let Some(pid) = pid else { return false };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .is_some_and(|r| r.trim_start().starts_with('Z'));
+    let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     !zombie && String::from_utf8_lossy(&cmd).contains("qemu-system")
 }
@@ -97,11 +91,7 @@ pub fn qemu_alive(pid: Option<u32>) -> bool {
 fn state(paths: &VmPaths, r: &VmRecord) -> &'static str {
     if qemu_alive(r.pid) {
         "running"
-    } else if paths
-        .snapshot
-        .join(forage_vm::snapshot::MANIFEST_FILE)
-        .exists()
-    {
+    } else if paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE).exists() {
         "saved"
     } else {
         "stopped"
@@ -110,60 +100,19 @@ fn state(paths: &VmPaths, r: &VmRecord) -> &'static str {
 
 pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
-        VmCommand::Boot {
-            name,
-            image,
-            app,
-            wait,
-            json,
-        } => {
-            boot(
-                data,
-                &name,
-                &image,
-                app.as_deref(),
-                wait.ready_timeout_s,
-                json,
-            )
-            .await
-        }
+        VmCommand::Boot { name, image, app, wait, json } => boot(data, &name, &image, app.as_deref(), wait.ready_timeout_s, json).await,
         VmCommand::Save { name, force, json } => save(data, &name, force, json).await,
-        VmCommand::Restore { name, from, json } => {
-            restore(data, &name, from.as_deref(), json).await
-        }
-        VmCommand::Pause { name } => attached(data, &name)
-            .await?
-            .pause()
-            .await
-            .map_err(Into::into),
-        VmCommand::Resume { name } => attached(data, &name)
-            .await?
-            .resume()
-            .await
-            .map_err(Into::into),
-        VmCommand::Stop { name } => attached(data, &name)
-            .await?
-            .shutdown()
-            .await
-            .map_err(Into::into),
-        VmCommand::Exec {
-            name,
-            timeout_s,
-            command,
-        } => exec(data, &name, timeout_s, &command).await,
+        VmCommand::Restore { name, from, json } => restore(data, &name, from.as_deref(), json).await,
+        VmCommand::Pause { name } => attached(data, &name).await?.pause().await.map_err(Into::into),
+        VmCommand::Resume { name } => attached(data, &name).await?.resume().await.map_err(Into::into),
+        VmCommand::Stop { name } => attached(data, &name).await?.shutdown().await.map_err(Into::into),
+        VmCommand::Exec { name, timeout_s, command } => exec(data, &name, timeout_s, &command).await,
         VmCommand::List { json } => list(data, json),
         VmCommand::Rm { name } => rm(data, &name),
     }
 }
 
-async fn boot(
-    data: &DataDir,
-    name: &str,
-    image: &str,
-    app: Option<&Path>,
-    ready_s: u64,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn boot(data: &DataDir, name: &str, image: &str, app: Option<&Path>, ready_s: u64, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     if let Ok(r) = paths.load() {
         if qemu_alive(r.pid) {
@@ -176,32 +125,18 @@ async fn boot(
     let _ = std::fs::remove_dir_all(&paths.run.dir);
     let accel = super::accel();
     let ready = image
-        .boot(
-            name,
-            &paths.run,
-            &guest_ports,
-            accel,
-            Duration::from_secs(ready_s),
-        )
+        .boot(name, &paths.run, &guest_ports, accel, Duration::from_secs(ready_s))
         .await
         .with_context(|| format!("booting VM {name}"))?;
     if !json {
-        eprintln!(
-            "VM {name} ready in {:.1} s ({accel}, pid {})",
-            ready.boot_time.as_secs_f64(),
-            ready.vm.pid()
-        );
+        eprintln!("VM {name} ready in {:.1} s ({accel}, pid {})", ready.boot_time.as_secs_f64(), ready.vm.pid());
     }
     let app_fwd = match app {
         Some(app) => {
             let t = Instant::now();
             install(ready.agent_port, app.clone()).await?;
             if !json {
-                eprintln!(
-                    "app {} installed and started in {:.1} s",
-                    app.manifest().name,
-                    t.elapsed().as_secs_f64()
-                );
+                eprintln!("app {} installed and started in {:.1} s", app.manifest().name, t.elapsed().as_secs_f64());
             }
             Some(AppForward {
                 name: app.manifest().name.clone(),
@@ -245,20 +180,12 @@ fn announce(r: &VmRecord, took: Duration, json: bool) {
             "service": service, "serial_log": r.spec.serial_log,
         }));
     } else {
-        println!(
-            "VM {} running (pid {}), agent 127.0.0.1:{}",
-            r.name,
-            r.pid.unwrap_or(0),
-            r.agent_port
-        );
+        println!("VM {} running (pid {}), agent 127.0.0.1:{}", r.name, r.pid.unwrap_or(0), r.agent_port);
         if let (Some(a), Some(s)) = (&r.app, service) {
             println!("service {} at {s}", a.name);
         }
         println!("serial console: {}", r.spec.serial_log.display());
-        println!(
-            "save it from another terminal: forage vm save {}   (Ctrl-C here stops it)",
-            r.name
-        );
+        println!("save it from another terminal: forage vm save {}   (Ctrl-C here stops it)", r.name);
     }
 }
 
@@ -300,30 +227,20 @@ async fn attached(data: &DataDir, name: &str) -> anyhow::Result<Vm> {
 async fn save(data: &DataDir, name: &str, force: bool, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     let mut vm = attached(data, name).await?;
-    let had_save = paths
-        .snapshot
-        .join(forage_vm::snapshot::MANIFEST_FILE)
-        .exists();
+    let had_save = paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE).exists();
     if had_save && !force {
-        bail!(
-            "VM {name} already has a save at {}: pass --force to replace it",
-            paths.snapshot.display()
-        );
+        bail!("VM {name} already has a save at {}: pass --force to replace it", paths.snapshot.display());
     }
     // Save next to the old one and swap only when the new one is complete: a failed save
     // keeps both the running VM and the previous save.
     let fresh = paths.dir.join("snapshot.new");
     let _ = std::fs::remove_dir_all(&fresh);
     let t = Instant::now();
-    vm.save(&fresh)
-        .await
-        .with_context(|| format!("saving VM {name}"))?;
+    vm.save(&fresh).await.with_context(|| format!("saving VM {name}"))?;
     if paths.snapshot.exists() {
-        std::fs::remove_dir_all(&paths.snapshot)
-            .with_context(|| paths.snapshot.display().to_string())?;
+        std::fs::remove_dir_all(&paths.snapshot).with_context(|| paths.snapshot.display().to_string())?;
     }
-    std::fs::rename(&fresh, &paths.snapshot)
-        .with_context(|| paths.snapshot.display().to_string())?;
+    std::fs::rename(&fresh, &paths.snapshot).with_context(|| paths.snapshot.display().to_string())?;
     let snap = Snapshot::open(&paths.snapshot)?;
     report_snapshot(name, &snap, t.elapsed(), json);
     Ok(())
@@ -349,12 +266,7 @@ pub fn report_snapshot(name: &str, snap: &Snapshot, took: Duration, json: bool) 
     }
 }
 
-async fn restore(
-    data: &DataDir,
-    name: &str,
-    from: Option<&Path>,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     let snap = Snapshot::open(from.unwrap_or(&paths.snapshot))?;
     let mut record = match (paths.load(), from) {
@@ -363,52 +275,24 @@ async fn restore(
             // A VM new to this data directory: describe it from the snapshot.
             std::fs::create_dir_all(&paths.dir).with_context(|| paths.dir.display().to_string())?;
             let spec = snap.manifest().spec.clone();
-            let app = spec
-                .nic
-                .as_ref()
-                .and_then(|n| {
-                    n.forwards
-                        .iter()
-                        .find(|f| f.guest_port != forage_agent::AGENT_PORT)
-                })
-                .map(|f| AppForward {
-                    name: "service".into(),
-                    guest_port: f.guest_port,
-                    host_port: 0,
-                });
-            VmRecord {
-                name: name.to_string(),
-                image: "snapshot".into(),
-                accel: snap.manifest().accel,
-                pid: None,
-                spec,
-                agent_port: 0,
-                app,
-            }
+            let app = spec.nic.as_ref().and_then(|n| n.forwards.iter().find(|f| f.guest_port != forage_agent::AGENT_PORT)).map(|f| AppForward {
+                name: "service".into(),
+                guest_port: f.guest_port,
+                host_port: 0,
+            });
+            VmRecord { name: name.to_string(), image: "snapshot".into(), accel: snap.manifest().accel, pid: None, spec, agent_port: 0, app }
         }
         (Err(e), None) => return Err(e),
     };
     if qemu_alive(record.pid) {
-        bail!(
-            "VM {name} is running (pid {}); save or stop it first",
-            record.pid.unwrap_or(0)
-        );
+        bail!("VM {name} is running (pid {}); save or stop it first", record.pid.unwrap_or(0));
     }
     let t = Instant::now();
     let vm = restore_snapshot(&snap, name, &paths.run, super::accel()).await?;
     let took = t.elapsed();
     // New host ports, same guest ports.
-    let fwd = vm
-        .spec()
-        .nic
-        .as_ref()
-        .map(|n| n.forwards.clone())
-        .unwrap_or_default();
-    let host_port = |guest: u16| {
-        fwd.iter()
-            .find(|f| f.guest_port == guest)
-            .map(|f| f.host_port)
-    };
+    let fwd = vm.spec().nic.as_ref().map(|n| n.forwards.clone()).unwrap_or_default();
+    let host_port = |guest: u16| fwd.iter().find(|f| f.guest_port == guest).map(|f| f.host_port);
     record.agent_port = host_port(forage_agent::AGENT_PORT).unwrap_or(0);
     if let Some(app) = record.app.as_mut() {
         app.host_port = host_port(app.guest_port).unwrap_or(0);
@@ -424,12 +308,7 @@ async fn restore(
 }
 
 /// Restore `snap` into a fresh `run` folder with newly chosen loopback ports.
-pub async fn restore_snapshot(
-    snap: &Snapshot,
-    name: &str,
-    run: &RunPaths,
-    accel: Accel,
-) -> anyhow::Result<Vm> {
+pub async fn restore_snapshot(snap: &Snapshot, name: &str, run: &RunPaths, accel: Accel) -> anyhow::Result<Vm> {
     let guest_ports: Vec<u16> = snap
         .manifest()
         .spec
@@ -447,12 +326,7 @@ pub async fn restore_snapshot(
         .with_context(|| format!("restoring VM {name} from {}", snap.dir().display()))
 }
 
-async fn exec(
-    data: &DataDir,
-    name: &str,
-    timeout_s: u64,
-    command: &[String],
-) -> anyhow::Result<()> {
+async fn exec(data: &DataDir, name: &str, timeout_s: u64, command: &[String]) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     let r = paths.load()?;
     if !qemu_alive(r.pid) {
@@ -482,9 +356,7 @@ fn list(data: &DataDir, json: bool) -> anyhow::Result<()> {
     if let Ok(entries) = std::fs::read_dir(data.vms()) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(paths) = VmPaths::new(data, &name) else {
-                continue;
-            };
+            let Ok(paths) = VmPaths::new(data, &name) else { continue };
             let Ok(r) = paths.load() else { continue };
             rows.push(json!({
                 "name": name, "image": r.image, "state": state(&paths, &r),
@@ -500,13 +372,7 @@ fn list(data: &DataDir, json: bool) -> anyhow::Result<()> {
         println!("no VMs (boot one: forage vm boot NAME)");
     } else {
         for r in rows {
-            println!(
-                "{:<16} {:<8} image {}  service {}",
-                r["name"].as_str().unwrap_or(""),
-                r["state"].as_str().unwrap_or(""),
-                r["image"].as_str().unwrap_or(""),
-                r["service"].as_str().unwrap_or("-")
-            );
+            println!("{:<16} {:<8} image {}  service {}", r["name"].as_str().unwrap_or(""), r["state"].as_str().unwrap_or(""), r["image"].as_str().unwrap_or(""), r["service"].as_str().unwrap_or("-"));
         }
     }
     Ok(())
