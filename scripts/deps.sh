@@ -23,6 +23,10 @@ command -v cc >/dev/null || need+=(gcc)
 command -v xdelta3 >/dev/null || need+=(xdelta3)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
+# The discovery test checks the announcement with the standard tools (avahi-browse,
+# against a private bus and daemon of its own: nothing is started system-wide).
+command -v avahi-browse >/dev/null || need+=(avahi-daemon avahi-utils)
+command -v dbus-daemon >/dev/null || need+=(dbus)
 install "${need[@]}"
 # Installing QEMU 7.2 removes a newer qemu-utils if the image had one: check again.
 command -v qemu-img >/dev/null || install qemu-utils

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use mdns_sd::{ServiceDaemon, ServiceEvent, ServiceInfo};
+use mdns_sd::{ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo};
 use serde::Serialize;
 
 pub const SERVICE_TYPE: &str = "_cloudlet._tcp.local.";
@@ -66,14 +66,14 @@ impl Advertisement {
         p
     }
 
-    fn from_info(info: &ServiceInfo) -> Option<Self> {
+    fn from_info(info: &ResolvedService) -> Option<Self> {
         let name = info.get_fullname().strip_suffix(&format!(".{SERVICE_TYPE}"))?.to_string();
-        let ip = info.get_addresses().iter().find(|a| a.is_ipv4()).or_else(|| info.get_addresses().iter().next())?;
+        let ip = info.get_addresses().iter().find(|a| a.is_ipv4()).or_else(|| info.get_addresses().iter().next())?.to_ip_addr();
         let val = |k: &str| info.get_property_val_str(k).unwrap_or_default().to_string();
         let list = |k: &str| val(k).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
         Some(Self {
             name,
-            addr: SocketAddr::new(*ip, info.get_port()),
+            addr: SocketAddr::new(ip, info.get_port()),
             http_port: val("http").parse().ok(),
             bases: list("bases"),
             services: list("services"),
@@ -216,6 +216,6 @@ mod tests {
     fn txt_round_trip() {
         let ad = found("c1", &["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 3, None).ad;
         let info = ServiceInfo::new(SERVICE_TYPE, &ad.name, "c1.local.", ad.addr.ip(), ad.addr.port(), ad.properties()).unwrap();
-        assert_eq!(Advertisement::from_info(&info).unwrap(), ad);
+        assert_eq!(Advertisement::from_info(&info.as_resolved_service()).unwrap(), ad);
     }
 }

@@ -37,6 +37,20 @@ impl Netns {
         c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
+
+    /// Run `f` on a thread that has entered this namespace (sockets `f` opens live in it).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.name))?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                use std::os::fd::AsFd;
+                rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))?;
+                Ok(f())
+            })
+            .join()
+            .expect("no panic")
+        })
+    }
 }
 
 /// Two namespaces joined by a shaped veth pair.

@@ -12,7 +12,8 @@
 //! - app_virtualization: the app linked dynamically, packed with its library closure.
 //!
 //! `ready_s` is until the service's first answer reached the device (the application is
-//! ready to use); `cloudlet_ready_s` until the cloudlet said the instance is up.
+//! ready to use); `cloudlet_ready_s` until the cloudlet said the instance is up. For
+//! cloudlet push both include the client app's download from the app store.
 
 use std::net::SocketAddr;
 use std::path::Path;

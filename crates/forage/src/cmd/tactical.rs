@@ -55,13 +55,23 @@ pub async fn provision(
     service: Option<&str>,
     args: &SessionArgs,
 ) -> anyhow::Result<()> {
+    provision_after(request, service, args, None).await
+}
+
+/// [`provision`], after the device spent `download_s` getting the client app (push).
+async fn provision_after(
+    request: Provision,
+    service: Option<&str>,
+    args: &SessionArgs,
+    download_s: Option<f64>,
+) -> anyhow::Result<()> {
     let addr = resolve(&args.cloudlet, service).await?;
     let mechanism = request.mechanism();
     let (report, mut session) =
         forage_client::provision(addr, "forage-cli", request, args.request.clone())
             .await
             .with_context(|| format!("{mechanism} on cloudlet {addr}"))?;
-    print_report(&report, args.json);
+    print_report(&report, args.json, download_s);
     if args.hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
         let ended = tokio::select! {
@@ -78,10 +88,15 @@ pub async fn provision(
     Ok(())
 }
 
-fn print_report(r: &ProvisionReport, json: bool) {
+fn print_report(r: &ProvisionReport, json: bool, download_s: Option<f64>) {
     if json {
-        super::print_json(r);
+        let mut v = serde_json::to_value(r).expect("report serializes");
+        v["app_download_s"] = download_s.into();
+        super::print_json(&v);
         return;
+    }
+    if let Some(d) = download_s {
+        println!("client app downloaded in {d:.2} s");
     }
     println!(
         "{} on cloudlet {}: {} bytes sent, ready {:.2} s, service at {}",
@@ -179,8 +194,10 @@ pub async fn apps(args: AppsArgs) -> anyhow::Result<()> {
             hold,
         }) => {
             let (api2, id2, out2) = (api.clone(), id.clone(), output.clone());
+            let t = std::time::Instant::now();
             let (info, path) =
                 tokio::task::spawn_blocking(move || download(&api2, &id2, &out2)).await??;
+            let download_s = t.elapsed().as_secs_f64();
             if !args.json {
                 println!(
                     "app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}",
@@ -198,7 +215,7 @@ pub async fn apps(args: AppsArgs) -> anyhow::Result<()> {
                     hold,
                     json: args.json,
                 };
-                return provision(Provision::Push { app: id }, Some(&info.service), &session).await;
+                return provision_after(Provision::Push { app: id }, Some(&info.service), &session, Some(download_s)).await;
             }
         }
     }
