@@ -101,6 +101,19 @@ pub fn advertise(adv: &Advertisement) -> Result<Advertiser, DiscoveryError> {
     Ok(Advertiser { daemon, fullname })
 }
 
+impl Advertiser {
+    /// Announce changed metadata (load, free memory, services held): registering the same
+    /// name again replaces its records and sends them out at once (cache-flush), so
+    /// browsers see the new TXT without waiting for the old one to expire.
+    pub fn update(&self, adv: &Advertisement) -> Result<(), DiscoveryError> {
+        let host = format!("{}.local.", adv.name);
+        let info = ServiceInfo::new(SERVICE_TYPE, &adv.name, &host, adv.addr.ip(), adv.addr.port(), adv.properties())?;
+        self.daemon.register(info)?;
+        tracing::debug!(name = %adv.name, load = adv.load, "announcement refreshed");
+        Ok(())
+    }
+}
+
 impl Drop for Advertiser {
     fn drop(&mut self) {
         if let Ok(done) = self.daemon.unregister(&self.fullname) {

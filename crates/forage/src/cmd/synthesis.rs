@@ -84,29 +84,44 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
             }
         });
     }
-    let _advertiser = match advertise {
-        true => {
-            let bases = forage_synth::BaseVm::list(data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect();
-            let ad = forage_discovery::Advertisement {
-                name: cloudlet.name.clone(),
-                addr: SocketAddr::new(IpAddr::V4(service_addr), listen.port()),
-                http_port: api.map(|a| a.port()),
-                bases,
-                services: cloudlet.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
-                load: cloudlet.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
-                free_mem_mib: free_memory_mib(),
-                cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
-            };
-            match forage_discovery::advertise(&ad) {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    eprintln!("not announced on the local network: {e}");
-                    None
-                }
+    let advertisement = move |c: &Cloudlet| forage_discovery::Advertisement {
+        name: c.name.clone(),
+        addr: SocketAddr::new(IpAddr::V4(service_addr), listen.port()),
+        http_port: api.map(|a| a.port()),
+        bases: forage_synth::BaseVm::list(&c.data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect(),
+        services: c.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
+        load: c.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
+        free_mem_mib: free_memory_mib(),
+        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+    };
+    let advertiser = match advertise {
+        true => match forage_discovery::advertise(&advertisement(&cloudlet)) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("not announced on the local network: {e}");
+                None
             }
-        }
+        },
         false => None,
     };
+    // Keep the TXT metadata current: load, bases and services change while serving.
+    if let Some(advertiser) = advertiser {
+        let c = cloudlet.clone();
+        tokio::spawn(async move {
+            let mut last = advertisement(&c);
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let now = tokio::task::block_in_place(|| advertisement(&c));
+                let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services) || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
+                if changed {
+                    if let Err(e) = advertiser.update(&now) {
+                        tracing::warn!("announcement not refreshed: {e}");
+                    }
+                    last = now;
+                }
+            }
+        });
+    }
     tokio::select! {
         r = forage_cloudlet::serve(listener, cloudlet) => r.context("accepting devices")?,
         _ = tokio::signal::ctrl_c() => eprintln!("cloudlet stopping"),
@@ -235,7 +250,7 @@ pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
     for f in &found {
         let rtt = f.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "unreachable".into());
         println!(
-            "{:<20} {:<22} rtt {:<11} load {} | {} cores, {} MiB free | bases {} | http {}",
+            "{:<20} {:<22} rtt {:<11} load {} | {} cores, {} MiB free | bases {} | services {} | http {}",
             f.ad.name,
             f.ad.addr,
             rtt,
@@ -243,6 +258,7 @@ pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
             f.ad.cores,
             f.ad.free_mem_mib,
             if f.ad.bases.is_empty() { "-".into() } else { f.ad.bases.join(",") },
+            if f.ad.services.is_empty() { "-".into() } else { f.ad.services.join(",") },
             f.ad.http_port.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
         );
     }
