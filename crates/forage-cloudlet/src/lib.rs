@@ -115,7 +115,7 @@ impl Cloudlet {
         let state = forage_state::State::open(data.cloudlet_state())?;
         for lost in state.recover_after_restart()? {
             tracing::warn!(instance = %lost.id, dir = %lost.dir.display(), "instance lost in a restart; removing its files");
-            session::unmount_stale(&lost.dir.join("mnt"));
+            session::unmount_session(&lost.dir);
             let _ = std::fs::remove_dir_all(&lost.dir);
         }
         session::sweep_dead_sessions(&data.work());

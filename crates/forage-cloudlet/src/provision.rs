@@ -267,18 +267,7 @@ async fn cached_vm(
             .insert(svc.id().to_string(), s.clone());
         s
     });
-    let result = async {
-        write(
-            stream,
-            &Message::Ready {
-                endpoint: instance.endpoint.clone(),
-                resumed_after_ms: instance.resumed_after_ms,
-            },
-        )
-        .await?;
-        hold(stream, &instance.stop, no_usage).await
-    }
-    .await;
+    let result = ready_then_hold(stream, &instance).await;
     if let Some(shared) = shared {
         // The instance lives on while devices that joined it are still there.
         if shared.users.fetch_sub(1, Ordering::SeqCst) > 1 && result.is_ok() {
@@ -334,19 +323,24 @@ async fn provisioned(
         if let Some(p) = &instance.proxy {
             p.touch(); // idle from now on, not from the resume
         }
-        write(
-            stream,
-            &Message::Ready {
-                endpoint: instance.endpoint.clone(),
-                resumed_after_ms: instance.resumed_after_ms,
-            },
-        )
-        .await?;
-        hold(stream, &instance.stop, no_usage).await
+        ready_then_hold(stream, &instance).await
     }
     .await;
     finish(view, instance).await;
     result.map(|_| Outcome { bytes: 0 })
+}
+
+/// Tell the device where its service is, then the instance's life.
+async fn ready_then_hold(
+    stream: &mut TcpStream,
+    instance: &Instance,
+) -> Result<Ending, SessionError> {
+    let ready = Message::Ready {
+        endpoint: instance.endpoint.clone(),
+        resumed_after_ms: instance.resumed_after_ms,
+    };
+    write(stream, &ready).await?;
+    hold(stream, &instance.stop, no_usage).await
 }
 
 /// Copy the script into the guest and run it there with `limit`; then wait (in what is

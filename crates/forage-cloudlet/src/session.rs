@@ -88,7 +88,7 @@ pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), S
     if let Err(e) = recorded {
         tracing::debug!("session {id} not recorded: {e}");
     }
-    unmount_stale(&dir.join("mnt"));
+    unmount_session(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result.map(|_| ())
 }
@@ -279,6 +279,13 @@ pub(crate) fn no_usage(label: String) -> Message {
     Message::Usage { label, blobs_accessed: 0, blobs: 0, demand_fetches: 0, segments_arrived: 0, segments: 0 }
 }
 
+/// Detach the FUSE mounts a session folder may hold: the early-start assembly's, and a
+/// copy-on-write view's (provisioning).
+pub(crate) fn unmount_session(dir: &Path) {
+    unmount_stale(&dir.join("mnt"));
+    unmount_stale(&dir.join("view").join("mnt"));
+}
+
 /// Detach a FUSE mount left behind (a crash, or a VM that kept its files open).
 pub(crate) fn unmount_stale(mnt: &Path) {
     // No `exists()` check: a mount whose server died fails every stat (ENOTCONN).
@@ -295,7 +302,7 @@ pub(crate) fn sweep_dead_sessions(work: &Path) {
         let Some(pid) = name.strip_prefix("session-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             tracing::info!("removing {} left by a daemon that is gone", entry.path().display());
-            unmount_stale(&entry.path().join("mnt"));
+            unmount_session(&entry.path());
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -35,30 +35,6 @@ fn forage(args: &[&str]) -> String {
 
 const SCRIPT: &str = "#!/bin/sh\nset -e\nmkdir -p /data/apps/hs\ncp /opt/components/hs/hashsearch /data/apps/hs/\ncd /data/apps/hs && chmod 755 hashsearch\nsetsid ./hashsearch 8080 >log 2>&1 </dev/null &\n";
 
-fn session_dirs(data: &forage_datadir::DataDir) -> usize {
-    std::fs::read_dir(data.work())
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-async fn assert_cleaned_up(data: &forage_datadir::DataDir) {
-    let t = Instant::now();
-    while session_dirs(data) > 0 && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
-    assert_no_qemu_with("session-").await;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(&data.work().to_string_lossy().to_string()),
-        "a FUSE mount is left: {mounts}"
-    );
-}
-
 fn refused(
     r: Result<(forage_client::ProvisionReport, forage_client::Provisioned), ClientError>,
 ) -> (ErrorCode, String) {
@@ -67,6 +43,10 @@ fn refused(
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok((r, _)) => panic!("expected a refusal, got {r:?}"),
     }
+}
+
+async fn refuse(addr: SocketAddr, request: Provision) -> (ErrorCode, String) {
+    refused(provision(addr, "t", request, None).await)
 }
 
 fn mtime(p: &std::path::Path) -> std::time::SystemTime {
@@ -365,7 +345,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         timeout_s: 2,
         components: vec![],
     };
-    let (code, msg) = refused(provision(addr, "t", looping, None).await);
+    let (code, msg) = refuse(addr, looping).await;
     assert_eq!(code, ErrorCode::Provision);
     assert!(msg.contains("time limit"), "{msg}");
     let bundle = AppBundle::open(&package).unwrap();
@@ -381,17 +361,13 @@ async fn five_mechanisms_share_one_lifecycle() {
         .unwrap();
     no_libc.manifest.files.remove(i);
     no_libc.files.remove(i);
-    let (code, msg) = refused(
-        provision(
-            addr,
-            "t",
-            Provision::App {
-                package: no_libc.to_bytes().unwrap(),
-            },
-            None,
-        )
-        .await,
-    );
+    let (code, msg) = refuse(
+        addr,
+        Provision::App {
+            package: no_libc.to_bytes().unwrap(),
+        },
+    )
+    .await;
     assert_eq!(code, ErrorCode::Provision);
     assert!(msg.contains("libc.so.6"), "{msg}");
     let mut windows = AppBundle {
@@ -399,34 +375,26 @@ async fn five_mechanisms_share_one_lifecycle() {
         files: bundle.files.clone(),
     };
     windows.manifest.os = "windows-x86_64".into();
-    let (code, msg) = refused(
-        provision(
-            addr,
-            "t",
-            Provision::App {
-                package: windows.to_bytes().unwrap(),
-            },
-            None,
-        )
-        .await,
-    );
+    let (code, msg) = refuse(
+        addr,
+        Provision::App {
+            package: windows.to_bytes().unwrap(),
+        },
+    )
+    .await;
     assert_eq!(code, ErrorCode::Provision);
     assert!(
         msg.contains("windows-x86_64") && msg.contains(forage_image::GUEST_OS),
         "{msg}"
     );
-    let (code, msg) = refused(
-        provision(
-            addr,
-            "t",
-            Provision::CachedVm {
-                service: "no-such-service".into(),
-                join: false,
-            },
-            None,
-        )
-        .await,
-    );
+    let (code, msg) = refuse(
+        addr,
+        Provision::CachedVm {
+            service: "no-such-service".into(),
+            join: false,
+        },
+    )
+    .await;
     assert_eq!(code, ErrorCode::NotFound);
     assert!(msg.contains("no-such-service"), "{msg}");
     let other_os = Provision::Script {
@@ -436,10 +404,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         timeout_s: 10,
         components: vec![],
     };
-    assert_eq!(
-        refused(provision(addr, "t", other_os, None).await).0,
-        ErrorCode::NotFound
-    );
+    assert_eq!(refuse(addr, other_os).await.0, ErrorCode::NotFound);
     let no_component = Provision::Script {
         os: forage_image::GUEST_OS.into(),
         port: 8080,
@@ -447,10 +412,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         timeout_s: 10,
         components: vec!["nope".into()],
     };
-    assert_eq!(
-        refused(provision(addr, "t", no_component, None).await).0,
-        ErrorCode::NotFound
-    );
+    assert_eq!(refuse(addr, no_component).await.0, ErrorCode::NotFound);
     // Idle: nobody uses the service for the idle timeout; the device is told.
     let (_, mut s) = provision(
         addr,

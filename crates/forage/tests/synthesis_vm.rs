@@ -142,21 +142,6 @@ async fn fixture() -> Fixture {
     Fixture { data, ovl, work }
 }
 
-fn session_dirs(data: &forage_datadir::DataDir) -> usize {
-    std::fs::read_dir(data.work()).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count()).unwrap_or(0)
-}
-
-async fn assert_cleaned_up(data: &forage_datadir::DataDir) {
-    let t = Instant::now();
-    while session_dirs(data) > 0 && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
-    assert_no_qemu_with("session-").await;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(!mounts.contains(&data.work().to_string_lossy().to_string()), "a FUSE mount is left: {mounts}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthesis_modes_cache_and_faults() {
     if skip_vm_tests() {

@@ -34,12 +34,15 @@ pub fn image() -> GuestImage {
     IMAGE
         .get_or_init(|| {
             let opts = forage_image::BuildOptions {
-                agent_binary: forage_image::locate_guest_binary("forage-agent").expect("run `make guest` first"),
+                agent_binary: forage_image::locate_guest_binary("forage-agent")
+                    .expect("run `make guest` first"),
                 disk_mib: 64,
                 memory_mib: 256,
                 force: false,
             };
-            forage_image::build(&data_dir(), forage_image::TINY, &opts).expect("image builds").image
+            forage_image::build(&data_dir(), forage_image::TINY, &opts)
+                .expect("image builds")
+                .image
         })
         .clone()
 }
@@ -63,7 +66,10 @@ pub fn run_paths(test: &str) -> RunPaths {
 pub async fn boot(test: &str, guest_ports: &[u16]) -> (ReadyGuest, RunPaths) {
     let run = run_paths(test);
     let accel = forage_vm::accel::detect().accel;
-    let g = image().boot(test, &run, guest_ports, accel, READY).await.expect("guest boots");
+    let g = image()
+        .boot(test, &run, guest_ports, accel, READY)
+        .await
+        .expect("guest boots");
     (g, run)
 }
 
@@ -74,7 +80,9 @@ pub fn request(port: u16, line: &str) -> String {
     loop {
         match forage_agent::app::request_line(addr, line, Duration::from_secs(60)) {
             Ok(a) => return a,
-            Err(e) if start.elapsed() > Duration::from_secs(60) => panic!("service on port {port}: {e}"),
+            Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                panic!("service on port {port}: {e}")
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -105,7 +113,11 @@ pub async fn wait_ticks(serial: &Path, n: usize) -> Vec<u64> {
         if t.len() >= n {
             return t;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "no heartbeat on {}", serial.display());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no heartbeat on {}",
+            serial.display()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -115,7 +127,10 @@ pub fn qemu_running_with(needle: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
         let cmd = String::from_utf8_lossy(&cmd);
         !zombie && cmd.contains("qemu-system") && cmd.contains(needle)
     })
@@ -130,4 +145,29 @@ pub async fn assert_no_qemu_with(needle: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("a QEMU for {needle} is still running");
+}
+
+fn session_dirs(data: &DataDir) -> usize {
+    std::fs::read_dir(data.work())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A cloudlet's sessions left nothing behind: no session folder, QEMU or FUSE mount.
+pub async fn assert_cleaned_up(data: &DataDir) {
+    let t = Instant::now();
+    while session_dirs(data) > 0 && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
+    assert_no_qemu_with("session-").await;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&data.work().to_string_lossy().to_string()),
+        "a FUSE mount is left: {mounts}"
+    );
 }
