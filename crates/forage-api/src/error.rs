@@ -22,6 +22,9 @@ pub enum ApiError {
     /// The route exists, not with this method (405).
     #[error("method {method} not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    /// No valid token for a route that needs one (401).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The thing is not in a state the request can apply to (409).
     #[error("{0}")]
     Conflict(String),
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::State(StateError::NotFound { .. }) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Control { .. }
             | ApiError::Task(_)
             | ApiError::State(_)

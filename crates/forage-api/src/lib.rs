@@ -13,6 +13,10 @@
 //! GET    /openapi.json        the document generated from this crate
 //! ```
 //!
+//! Access ([`Access`]): with a token set (the daemon always sets one), every request that
+//! changes state needs `Authorization: Bearer TOKEN`; reads need it too unless the API
+//! listens on loopback only.
+//!
 //! Reads come from [`forage_state::State`]; actions go to the daemon through the
 //! [`Control`] trait, and the API records their outcome in the state. Every error answers
 //! `{"error": "..."}` with a status code saying whose fault it is (4xx the caller's,
@@ -77,9 +81,25 @@ pub struct ApiContext {
     /// When the daemon started, for uptime.
     pub started: Instant,
     pub control: Arc<dyn Control>,
+    pub access: Access,
+}
+
+/// Who may call the API.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The bearer token; `None` lets everyone do everything (tests only).
+    pub token: Option<String>,
+    /// Reads (GET) without the token: only when the API listens on loopback.
+    pub open_reads: bool,
 }
 
 impl ApiContext {
+    /// Require `token` for changes, and for reads unless `open_reads`.
+    pub fn with_access(mut self, token: String, open_reads: bool) -> Self {
+        self.access = Access { token: Some(token), open_reads };
+        self
+    }
+
     /// A context whose uptime counts from now.
     pub fn new(
         state: forage_state::State,
@@ -95,6 +115,7 @@ impl ApiContext {
             accel: accel.into(),
             started: Instant::now(),
             control,
+            access: Access::default(),
         }
     }
 }
@@ -154,6 +175,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/openapi.json", get(routes::openapi_json))
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
+        .layer(middleware::from_fn_with_state(ctx.access.clone(), check_access))
         .layer(middleware::from_fn(log_request))
         .with_state(ctx)
 }
@@ -170,6 +192,25 @@ pub async fn serve(
     axum::serve(listener, router(ctx))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Refuse what the caller's token does not allow (see [`Access`]).
+async fn check_access(axum::extract::State(access): axum::extract::State<Access>, request: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let Some(token) = &access.token else { return next.run(request).await };
+    let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if read && access.open_reads {
+        return next.run(request).await;
+    }
+    let given = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in constant time: the token is a secret.
+    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+    if ok {
+        return next.run(request).await;
+    }
+    tracing::warn!(method = %request.method(), path = %request.uri().path(), "API request refused: no valid token");
+    let what = if read { "reading this API from another host" } else { "changing state" };
+    error::ApiError::Unauthorized(format!("{what} needs `Authorization: Bearer TOKEN` (the token is in the cloudlet's DATA/trust/api-token)")).into_response()
 }
 
 /// One debug line per request: method, path, status, time taken.

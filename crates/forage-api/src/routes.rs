@@ -147,6 +147,7 @@ pub async fn instances(
     params(("id" = String, Path, description = "Instance id")),
     responses(
         (status = 200, description = "Stopped", body = InstanceView),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
         (status = 409, description = "The instance is not running", body = ErrorBody),
         (status = 500, description = "The daemon could not stop it", body = ErrorBody),
@@ -201,6 +202,7 @@ pub async fn cache(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<CacheList> {
     params(("digest" = String, Path, description = "Overlay digest")),
     responses(
         (status = 200, description = "Evicted", body = CacheEntryView),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such entry", body = ErrorBody),
         (status = 500, description = "The daemon could not evict it", body = ErrorBody),
     )

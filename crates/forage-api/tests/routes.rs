@@ -227,3 +227,24 @@ async fn unknown_routes_and_methods_answer_json_errors() {
     assert_eq!(b.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(b.json()["error"], "method POST not allowed on /v1/status");
 }
+
+#[tokio::test]
+async fn changes_need_the_token_and_reads_off_loopback_too() {
+    let fx = fixture();
+    let ctx = forage_api::ApiContext::new(fx.state.clone(), "c", "1", "tcg", fx.control.clone()).with_access("s3cret".into(), true);
+    let router = forage_api::router(ctx);
+    assert_eq!(call(&router, Method::GET, "/v1/status").await.status, StatusCode::OK, "reads are open on loopback");
+    let refused = call(&router, Method::DELETE, "/v1/instances/vm-1").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert!(refused.text().contains("Bearer"), "{}", refused.text());
+    assert!(fx.control.calls.lock().unwrap().is_empty(), "nothing was done");
+    let ok = common::call_with(&router, Method::DELETE, "/v1/instances/vm-1", &[("authorization", "Bearer s3cret")]).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let wrong = common::call_with(&router, Method::DELETE, "/v1/cache/d1", &[("authorization", "Bearer s3cre7")]).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+
+    let ctx = forage_api::ApiContext::new(fx.state.clone(), "c", "1", "tcg", fx.control.clone()).with_access("s3cret".into(), false);
+    let router = forage_api::router(ctx);
+    assert_eq!(call(&router, Method::GET, "/v1/status").await.status, StatusCode::UNAUTHORIZED, "reads need it off loopback");
+    assert_eq!(common::call_with(&router, Method::GET, "/v1/status", &[("authorization", "Bearer s3cret")]).await.status, StatusCode::OK);
+}

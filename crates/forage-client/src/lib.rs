@@ -8,9 +8,13 @@
 //! overlay until then (Checkpoint/Usage), waits for Complete and reports the breakdown.
 //! The session (and the VM on the cloudlet) lives until [`Session::close`] or drop.
 
+mod apps;
+mod pairing;
 mod provision;
 mod sender;
 
+pub use apps::{get_app, list_apps};
+pub use pairing::pair;
 pub use provision::{provision, ProvisionReport, Provisioned};
 
 use std::net::SocketAddr;
@@ -45,6 +49,10 @@ pub enum ClientError {
     Sequence { addr: SocketAddr, expected: &'static str, got: &'static str },
     #[error("cloudlet {addr} closed the session before {what}")]
     Closed { addr: SocketAddr, what: &'static str },
+    #[error("cloudlet {addr} refused the secure connection: {detail}")]
+    Tls { addr: SocketAddr, detail: String },
+    #[error("no credentials for cloudlet {0}: pair with it first (`forage pair`)")]
+    NoCredentials(SocketAddr),
     #[error("the service at {endpoint} did not answer: {detail}")]
     Service { endpoint: String, detail: String },
 }
@@ -63,6 +71,41 @@ pub struct SynthesisOptions {
     pub request: Option<String>,
     /// Bytes of segments handed to the network so far (for a progress bar).
     pub sent: Option<Arc<AtomicU64>>,
+    /// This device's credentials for the cloudlet (`forage-trust`: TLS 1.3 with its
+    /// certificate); required.
+    pub credentials: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A connection to a cloudlet: TLS 1.3, both sides authenticated.
+pub type CloudletStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Connect to the cloudlet at `addr` with `credentials`. `send_buffer` shrinks the socket's
+/// send buffer (early start: fetched segments must not queue behind much bulk data).
+pub async fn connect(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, send_buffer: Option<usize>) -> Result<CloudletStream, ClientError> {
+    let proto = |source| ClientError::Proto { addr, source };
+    let tcp = TcpStream::connect(addr).await.map_err(|e| proto(e.into()))?;
+    tcp.set_nodelay(true).ok();
+    if let Some(b) = send_buffer {
+        let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(b);
+    }
+    let name = rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).expect("a valid name");
+    tokio_rustls::TlsConnector::from(credentials.clone()).connect(name, tcp).await.map_err(|e| ClientError::Tls { addr, detail: tls_detail(&e) })
+}
+
+/// What a failed handshake means, in the operator's words.
+fn tls_detail(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    let t = text.to_lowercase();
+    let hint = if t.contains("expired") {
+        ": this device's credentials expired; pair again"
+    } else if t.contains("revoked") {
+        ": this device's credentials were revoked by the cloudlet"
+    } else if t.contains("unknownca") || t.contains("unknown issuer") || t.contains("unknownissuer") || t.contains("badsignature") || t.contains("decrypterror") {
+        ": the credentials do not match (another cloudlet, or not this device's)"
+    } else {
+        ""
+    };
+    format!("{text}{hint}")
 }
 
 /// What the VM used of the overlay before the first response (early start).
@@ -232,12 +275,10 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     let probe = ov.manifest.service.as_ref().and_then(|s| s.probe.clone());
 
     let start = Instant::now();
-    let mut stream = TcpStream::connect(cloudlet).await.map_err(|e| proto(e.into()))?;
-    stream.set_nodelay(true).ok();
-    if opts.early_start && !opts.store_and_forward {
-        // A small send buffer keeps fetched segments from queueing behind much bulk data.
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(128 << 10);
-    }
+    let credentials = opts.credentials.as_ref().ok_or(ClientError::NoCredentials(cloudlet))?;
+    // A small send buffer keeps fetched segments from queueing behind much bulk data.
+    let send_buffer = (opts.early_start && !opts.store_and_forward).then_some(128 << 10);
+    let mut stream = connect(cloudlet, credentials, send_buffer).await?;
     let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone() };
     let early_start = opts.early_start && !opts.store_and_forward;
     let hello = Message::Hello {
@@ -268,7 +309,7 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
 
     // A reader task turns the cloudlet's messages into fetches and events; the sender
     // task streams segments and control messages.
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = tokio::io::split(stream);
     let (fetch_tx, fetch_rx) = mpsc::unbounded_channel::<u32>();
     let (event_tx, events) = mpsc::unbounded_channel::<(Message, Instant)>();
     tokio::spawn(async move {

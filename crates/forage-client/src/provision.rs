@@ -9,7 +9,6 @@ use std::time::Instant;
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 use crate::{first_response, ClientError};
 
@@ -31,7 +30,7 @@ pub struct ProvisionReport {
 
 /// An instance provisioned for this device: it runs until this is closed or dropped.
 pub struct Provisioned {
-    stream: TcpStream,
+    stream: crate::CloudletStream,
     addr: SocketAddr,
 }
 
@@ -66,16 +65,14 @@ impl Provisioned {
 /// for its answer (the application is ready when it answers).
 pub async fn provision(
     addr: SocketAddr,
+    credentials: &std::sync::Arc<rustls::ClientConfig>,
     device: &str,
     request: Provision,
     line: Option<String>,
 ) -> Result<(ProvisionReport, Provisioned), ClientError> {
     let proto = |source: ProtoError| ClientError::Proto { addr, source };
     let start = Instant::now();
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| proto(e.into()))?;
-    stream.set_nodelay(true).map_err(|e| proto(e.into()))?;
+    let mut stream = crate::connect(addr, credentials, None).await?;
     let mechanism = request.mechanism().to_string();
     let hello = Message::Hello {
         versions: (VERSION_MIN, VERSION_MAX),

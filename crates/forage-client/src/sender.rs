@@ -12,7 +12,6 @@ use forage_format::Manifest;
 use forage_proto::asynchronous::write;
 use forage_proto::Message;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 pub(crate) struct Plan {
@@ -28,7 +27,7 @@ pub(crate) struct Plan {
 /// Reports (transfer seconds, bytes) on `done` once the last segment is on its way.
 pub(crate) async fn run(
     plan: Plan,
-    mut wr: OwnedWriteHalf,
+    mut wr: tokio::io::WriteHalf<crate::CloudletStream>,
     mut fetches: mpsc::UnboundedReceiver<u32>,
     mut control: mpsc::UnboundedReceiver<Message>,
     done: oneshot::Sender<(f64, u64)>,

@@ -16,7 +16,6 @@ use forage_proto::Message;
 use forage_state::{NewCacheEntry, State};
 use forage_synth::BaseVm;
 use forage_vm::Snapshot;
-use tokio::net::TcpStream;
 
 use crate::residue::{send_residue, Ending, LaunchRef};
 use crate::session::{hold, no_usage, refused, resume, Ctx, Outcome, SessionError};
@@ -165,7 +164,7 @@ fn allocated_bytes(dir: &Path) -> u64 {
 }
 
 /// A session whose launch VM is cached: resume a copy of it.
-pub(crate) async fn run_cached(stream: &mut TcpStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
+pub(crate) async fn run_cached(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
     let instance = resume(ctx.place(), &cached.snapshot, cached.service().map(|s| s.port), &[], false).await?;
     let served = async {
         write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;

@@ -26,7 +26,6 @@ use forage_remote::RemoteOverlay;
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{ErrorCode, Message, ProtoError};
 use forage_vm::Snapshot;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::residue::{send_residue, Ending, LaunchRef};
@@ -67,7 +66,7 @@ fn usage(assembly: &Assembly, label: String) -> Message {
     }
 }
 
-pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, remote: Option<Arc<RemoteOverlay>>) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, remote: Option<Arc<RemoteOverlay>>) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let cloudlet = ctx.cloudlet;
     let digest = crate::session::overlay_digest(&prefix);
@@ -88,7 +87,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         None => (Some(fetch_rx), None),
         Some(_) => (None, Some(fetch_rx)),
     };
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = tokio::io::split(&mut *stream);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let writer = async {
         loop {
@@ -251,6 +250,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
         (Some(instance), result)
     };
     let ((instance, result), written) = tokio::join!(session, writer);
+    drop(wr); // the stream is whole again (for the residue; the read half went with the receiver)
     if let Err(e) = &result {
         assembly.fail(e.to_string());
     }

@@ -38,11 +38,15 @@ use std::time::Duration;
 
 use forage_datadir::DataDir;
 use forage_vm::Accel;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use forage_proto::ErrorCode;
 use tokio::sync::Notify;
 
 pub use cache::LaunchCache;
+
+/// A device's connection: TLS 1.3, the device authenticated by its certificate (or not
+/// yet paired).
+pub type DeviceStream = tokio_rustls::server::TlsStream<TcpStream>;
 pub use session::{session, SessionError};
 
 /// What a cloudlet needs to serve sessions.
@@ -53,6 +57,8 @@ pub struct Cloudlet {
     /// Address service ports are forwarded on (what devices connect to).
     pub service_addr: Ipv4Addr,
     pub state: forage_state::State,
+    /// The cloudlet's authority: its certificates, pairing codes, issued credentials.
+    pub trust: forage_trust::CloudletTrust,
     pub cache: Arc<LaunchCache>,
     /// How long a device may stay silent while segments are still due (demand fetches
     /// included).
@@ -105,6 +111,8 @@ pub enum CloudletError {
     State(#[from] forage_state::OpenError),
     #[error("cloudlet state: {0}")]
     Record(#[from] forage_state::StateError),
+    #[error("cloudlet identity: {0}")]
+    Trust(#[from] forage_trust::TrustError),
 }
 
 impl Cloudlet {
@@ -121,12 +129,14 @@ impl Cloudlet {
         session::sweep_dead_sessions(&data.work());
         let cache = Arc::new(LaunchCache::new(data.launch_cache(), state.clone()));
         let services = forage_service::Repository::new(&data);
+        let trust = forage_trust::CloudletTrust::open_or_init(&data.trust_cloudlet(), &name)?;
         Ok(Self {
             name,
             data,
             accel,
             service_addr,
             state,
+            trust,
             cache,
             peer_wait: Duration::from_secs(30),
             readahead: 16 << 10,
@@ -160,18 +170,75 @@ impl Cloudlet {
     }
 }
 
-/// Accept devices until the listener fails; each session runs on its own task, and one
-/// session's failure does not affect the others.
+/// Accept devices until the listener fails; each connection is a TLS 1.3 handshake
+/// (the device's certificate checked against this cloudlet's CA, validity and CRL), then a
+/// session on its own task. One session's failure does not affect the others.
 pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::Result<()> {
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (tcp, peer) = listener.accept().await?;
         let c = cloudlet.clone();
         tokio::spawn(async move {
-            match session(stream, &c).await {
-                Ok(()) => tracing::info!(%peer, "session ended"),
-                Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
-                Err(e) => tracing::warn!(%peer, "session failed: {e}"),
+            let config = match c.trust.server_config() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    tracing::error!("cannot serve TLS: {e}");
+                    return;
+                }
+            };
+            let stream = match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(%peer, "connection closed before TLS (a reachability probe)");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, "refused: TLS handshake failed: {e}");
+                    return;
+                }
+            };
+            let who = stream.get_ref().1.peer_certificates().and_then(|p| p.first()).and_then(forage_trust::peer_identity);
+            match who {
+                None => match pair(stream, &c).await {
+                    Ok(name) => tracing::info!(%peer, name, "paired"),
+                    Err(e) => tracing::warn!(%peer, "pairing refused: {e}"),
+                },
+                Some((name, serial)) => match session(stream, &c, &name).await {
+                    Ok(()) => tracing::info!(%peer, name, serial, "session ended"),
+                    Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
+                    Err(e) => tracing::warn!(%peer, name, "session failed: {e}"),
+                },
             }
         });
+    }
+}
+
+/// A connection without a client certificate: it may pair (PairRequest with a code's
+/// secret), and do nothing else.
+async fn pair(mut stream: DeviceStream, cloudlet: &Cloudlet) -> Result<String, String> {
+    use forage_proto::asynchronous::{read, write};
+    use forage_proto::Message;
+    let refuse = |code: ErrorCode, message: String| Message::Error { code, message };
+    let first = tokio::time::timeout(cloudlet.peer_wait, read(&mut stream)).await.map_err(|_| "silent".to_string())?.map_err(|e| e.to_string())?;
+    let Message::PairRequest { secret, name, kind, csr, valid_s } = first else {
+        let why = format!("this device is not paired with cloudlet {}: pair first (`forage pair --cloudlet ADDR --code CODE`)", cloudlet.name);
+        let _ = write(&mut stream, &refuse(ErrorCode::Unpaired, why.clone())).await;
+        return Err(format!("{} without credentials", first.name()));
+    };
+    let kind = match kind.as_str() {
+        "cloudlet" => forage_trust::PeerKind::Cloudlet,
+        _ => forage_trust::PeerKind::Device,
+    };
+    let valid = Duration::from_secs(valid_s).min(forage_trust::MAX_VALIDITY);
+    let granted = cloudlet.trust.redeem(&secret).and_then(|()| cloudlet.trust.issue_for_csr(&csr, &name, kind, valid));
+    match granted {
+        Ok((cert, issued)) => {
+            let m = Message::PairGranted { cloudlet: cloudlet.name.clone(), ca: cloudlet.trust.ca_der().to_vec(), cert: cert.to_vec(), not_after_unix: issued.not_after_unix };
+            write(&mut stream, &m).await.map_err(|e| e.to_string())?;
+            Ok(name)
+        }
+        Err(e) => {
+            let _ = write(&mut stream, &refuse(ErrorCode::Pairing, e.to_string())).await;
+            Err(e.to_string())
+        }
     }
 }

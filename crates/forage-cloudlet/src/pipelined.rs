@@ -11,13 +11,12 @@ use forage_format::Manifest;
 use forage_proto::asynchronous::write;
 use forage_proto::{ErrorCode, Message};
 use forage_vm::Snapshot;
-use tokio::net::TcpStream;
 
 use crate::pipe::SegmentPipe;
 use crate::residue::{send_residue, Ending, LaunchRef};
 use crate::session::{hold, internal, next, no_usage, overlay_digest, refused, resume, Ctx, Outcome, SessionError};
 
-pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, pipelined: bool) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, pipelined: bool) -> Result<Outcome, SessionError> {
     if !pipelined {
         return store_and_forward(stream, ctx, manifest, prefix).await;
     }
@@ -55,7 +54,7 @@ pub(crate) async fn run(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifes
 }
 
 /// The overlay fetched from its URL by the cloudlet: applied while it downloads.
-pub(crate) async fn run_remote(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, remote: std::sync::Arc<forage_remote::RemoteOverlay>) -> Result<Outcome, SessionError> {
+pub(crate) async fn run_remote(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, remote: std::sync::Arc<forage_remote::RemoteOverlay>) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let digest = overlay_digest(&remote.prefix);
     let applied = ctx.dir.join("launch");
@@ -90,7 +89,7 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
 }
 
 /// Segment `i`, which must come next and be of the manifest's size.
-async fn next_segment(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: &Manifest, i: usize) -> Result<Vec<u8>, SessionError> {
+async fn next_segment(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: &Manifest, i: usize) -> Result<Vec<u8>, SessionError> {
     let Message::Segment { index, bytes } = next(stream, ctx.cloudlet.peer_wait).await? else {
         return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
     };
@@ -101,7 +100,7 @@ async fn next_segment(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: &Manifest
 }
 
 /// Receive every segment into a file, then apply it: nothing overlaps.
-async fn store_and_forward(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
+async fn store_and_forward(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
     use tokio::io::AsyncWriteExt;
     let start = Instant::now();
     let digest = overlay_digest(&prefix);
@@ -132,7 +131,7 @@ async fn store_and_forward(stream: &mut TcpStream, ctx: &Ctx<'_>, manifest: Mani
 /// the instance until the device is done.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
-    stream: &mut TcpStream,
+    stream: &mut crate::DeviceStream,
     ctx: &Ctx<'_>,
     manifest: &Manifest,
     digest: &str,

@@ -27,7 +27,6 @@ use forage_service::appvirt::AppBundle;
 use forage_service::{ServiceError, ServiceVm};
 use forage_state::{NewSession, SessionMode};
 use forage_synth::cow::CowView;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::residue::Ending;
@@ -52,7 +51,7 @@ fn not_found(e: ServiceError) -> SessionError {
 }
 
 pub(crate) async fn run(
-    stream: &mut TcpStream,
+    stream: &mut crate::DeviceStream,
     place: Place<'_>,
     device: &str,
     request: Provision,
@@ -207,7 +206,7 @@ async fn finish(view: CowView, instance: Instance) {
 }
 
 async fn cached_vm(
-    stream: &mut TcpStream,
+    stream: &mut crate::DeviceStream,
     place: Place<'_>,
     svc: &ServiceVm,
     join: bool,
@@ -296,7 +295,7 @@ async fn cached_vm(
 /// Start a view of `baseline` with the agent and `port` forwarded, run `setup` in the
 /// guest, then Ready and the instance's life.
 async fn provisioned(
-    stream: &mut TcpStream,
+    stream: &mut crate::DeviceStream,
     place: Place<'_>,
     baseline: &ServiceVm,
     port: u16,
@@ -332,7 +331,7 @@ async fn provisioned(
 
 /// Tell the device where its service is, then the instance's life.
 async fn ready_then_hold(
-    stream: &mut TcpStream,
+    stream: &mut crate::DeviceStream,
     instance: &Instance,
 ) -> Result<Ending, SessionError> {
     let ready = Message::Ready {

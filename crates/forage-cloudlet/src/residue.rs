@@ -18,7 +18,6 @@ use forage_format::{Manifest, Space, CHUNK_SIZE};
 use forage_proto::asynchronous::write;
 use forage_proto::{ErrorCode, Message};
 use forage_vm::{Snapshot, Vm};
-use tokio::net::TcpStream;
 
 use crate::session::{internal, refused, Ctx, SessionError};
 
@@ -39,7 +38,7 @@ pub(crate) enum LaunchRef<'a> {
 
 const PIECE: usize = 1 << 20;
 
-pub(crate) async fn send_residue(stream: &mut TcpStream, ctx: &Ctx<'_>, mut vm: Vm, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
+pub(crate) async fn send_residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, mut vm: Vm, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
     let instance_dir = ctx.dir.join("instance");
     let instance = vm.save(&instance_dir).await.map_err(internal)?;
     let (memory, disk) = match launch {

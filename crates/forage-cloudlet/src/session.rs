@@ -15,7 +15,6 @@ use forage_vm::{PortForward, RestoreOptions, Snapshot, Vm, VmSpec};
 
 use crate::proxy::ServiceProxy;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use crate::residue::Ending;
 use crate::Cloudlet;
@@ -67,10 +66,10 @@ pub(crate) struct Ctx<'a> {
 
 /// Run one session on `stream`. On any failure the device is told why (if it still
 /// listens), and nothing of the session is left: no VM, no files.
-pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), SessionError> {
+pub async fn session(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, device: &str) -> Result<(), SessionError> {
     let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
     let dir = cloudlet.data.work().join(format!("session-{id}"));
-    let result = run(&mut stream, cloudlet, &id, &dir).await;
+    let result = run(&mut stream, cloudlet, &id, &dir, device).await;
     if let Err(e) = &result {
         let (code, message) = match e {
             SessionError::Refused { code, message } => (*code, message.clone()),
@@ -93,7 +92,7 @@ pub async fn session(mut stream: TcpStream, cloudlet: &Cloudlet) -> Result<(), S
     result.map(|_| ())
 }
 
-async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Outcome, SessionError> {
+async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, dir: &Path, identity: &str) -> Result<Outcome, SessionError> {
     // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
     let hello = match next(stream, cloudlet.peer_wait).await {
         Err(SessionError::Proto(ProtoError::Closed)) => return Err(SessionError::NoHello),
@@ -102,6 +101,8 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
     let Message::Hello { versions, device, offers, early_start, store_and_forward } = hello else {
         return Err(SessionError::Sequence { expected: "Hello", got: "another message" });
     };
+    // Records name the device by its certificate; what it calls itself comes after.
+    let device = format!("{identity} ({device})");
     let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
     let held: Vec<BaseVm> = BaseVm::list(&cloudlet.data).into_iter().filter_map(|(_, b)| b.ok()).collect();
     let chosen = offers.iter().find_map(|o| held.iter().find(|b| b.digest() == o.base_digest).map(|b| (o, b)));
@@ -113,10 +114,23 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
     )
     .await?;
     if offers.is_empty() {
-        // No overlay: one of the other provisioning mechanisms.
-        let request = match next(stream, cloudlet.peer_wait).await? {
-            Message::Provision { request } => request,
-            other => return Err(SessionError::Sequence { expected: "Provision", got: other.name() }),
+        // No overlay: the app store, then one of the other provisioning mechanisms.
+        let request = loop {
+            match next(stream, cloudlet.peer_wait).await? {
+                Message::Provision { request } => break request,
+                Message::ListApps { platform } => {
+                    let apps = cloudlet.services.apps(platform.as_deref()).into_iter().map(|(s, a)| app_entry(&s, &a)).collect();
+                    write(stream, &Message::Apps { apps }).await?;
+                }
+                Message::GetApp { id } => {
+                    let (svc, app) = cloudlet.services.app(&id).map_err(|e| refused(ErrorCode::NotFound, e.to_string()))?;
+                    let bytes = tokio::fs::read(svc.app_path(&app)).await.map_err(internal)?;
+                    write(stream, &Message::AppFile { id, file: app.file.clone(), bytes }).await?;
+                }
+                // The device only looked at the app store.
+                Message::Bye => return Ok(Outcome { bytes: 0 }),
+                other => return Err(SessionError::Sequence { expected: "Provision, ListApps or GetApp", got: other.name() }),
+            }
         };
         std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
         let place = Place { cloudlet, id, dir, started: Instant::now() };
@@ -169,6 +183,10 @@ async fn run(stream: &mut TcpStream, cloudlet: &Cloudlet, id: &str, dir: &Path) 
         (false, Some(remote)) => crate::pipelined::run_remote(stream, &ctx, manifest, remote).await,
         (false, None) => crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await,
     }
+}
+
+fn app_entry(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_proto::AppEntry {
+    forage_proto::AppEntry { id: a.id.clone(), service: s.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
 }
 
 /// The digest naming an overlay: SHA-256 of its manifest, as its header records it

@@ -96,6 +96,16 @@ impl DataDir {
         self.root.join("services")
     }
 
+    /// The cloudlet's authority (CA, server certificate, issued credentials, codes).
+    pub fn trust_cloudlet(&self) -> PathBuf {
+        self.root.join("trust").join("cloudlet")
+    }
+
+    /// This host's pairings with cloudlets (as a device, or as a cloudlet for handoff).
+    pub fn trust_peers(&self) -> PathBuf {
+        self.root.join("trust").join("peers")
+    }
+
     /// Scratch space for work in progress (launch VMs, profiling runs).
     pub fn work(&self) -> PathBuf {
         self.root.join("work")

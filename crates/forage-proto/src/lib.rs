@@ -1,5 +1,8 @@
 //! forage-proto: the device <-> cloudlet synthesis protocol, version 1.
 //!
+//! Every connection is TLS 1.3 with mutual authentication (`forage-trust`); a connection
+//! without a client certificate may only pair (PairRequest -> PairGranted | Error).
+//!
 //! Every message is one frame: `u32 LE length | u8 kind | payload`, where `length` counts
 //! the kind byte and the payload (at most [`MAX_FRAME`]), and the payload is the message
 //! encoded as CBOR (byte strings for overlay bytes). The first message of each side says
@@ -73,6 +76,23 @@ pub enum ErrorCode {
     Provision,
     /// The instance was stopped for want of use (no traffic for the idle timeout).
     Idle,
+    /// The peer presented no credentials: it may pair, nothing else.
+    Unpaired,
+    /// Pairing refused (wrong, used or expired code).
+    Pairing,
+}
+
+/// A client app in the cloudlet's app store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppEntry {
+    pub id: String,
+    /// The service it uses.
+    pub service: String,
+    /// `os-arch` of the device, or `any`.
+    pub platform: String,
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// How a device asks for a service without an overlay (the other four mechanisms of
@@ -201,6 +221,47 @@ pub enum Message {
     Provision {
         request: Provision,
     },
+    /// First message of a connection without a client certificate: pair with the code's
+    /// secret, asking for a certificate for the key of `csr` (DER), named `name`.
+    PairRequest {
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+        name: String,
+        /// `device`, or `cloudlet` (a peer for handoff).
+        kind: String,
+        #[serde(with = "serde_bytes")]
+        csr: Vec<u8>,
+        /// Lifetime asked for, seconds (the cloudlet may give less).
+        valid_s: u64,
+    },
+    /// After a Hello without offers: the cloudlet's app store, for `platform` (and `any`),
+    /// or all.
+    ListApps {
+        #[serde(default)]
+        platform: Option<String>,
+    },
+    Apps {
+        apps: Vec<AppEntry>,
+    },
+    /// After a Hello without offers: one client app's file.
+    GetApp {
+        id: String,
+    },
+    AppFile {
+        id: String,
+        file: String,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The credentials: the cloudlet's CA and the new certificate (DER).
+    PairGranted {
+        cloudlet: String,
+        #[serde(with = "serde_bytes")]
+        ca: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        cert: Vec<u8>,
+        not_after_unix: u64,
+    },
     /// The device ends the session asking for the instance's residue: its changes against
     /// the launch VM, as an overlay to merge into its own (`forage overlay merge`).
     WantResidue,
@@ -237,6 +298,12 @@ impl Message {
             Message::Residue { .. } => 13,
             Message::OverlayUrl { .. } => 14,
             Message::Provision { .. } => 15,
+            Message::PairRequest { .. } => 16,
+            Message::PairGranted { .. } => 17,
+            Message::ListApps { .. } => 18,
+            Message::Apps { .. } => 19,
+            Message::GetApp { .. } => 20,
+            Message::AppFile { .. } => 21,
         }
     }
 
@@ -257,6 +324,12 @@ impl Message {
             Message::Residue { .. } => "Residue",
             Message::OverlayUrl { .. } => "OverlayUrl",
             Message::Provision { .. } => "Provision",
+            Message::PairRequest { .. } => "PairRequest",
+            Message::PairGranted { .. } => "PairGranted",
+            Message::ListApps { .. } => "ListApps",
+            Message::Apps { .. } => "Apps",
+            Message::GetApp { .. } => "GetApp",
+            Message::AppFile { .. } => "AppFile",
         }
     }
 }
@@ -302,7 +375,7 @@ pub fn check_len(len: u32) -> Result<(), ProtoError> {
 /// Decode the body of a frame (kind byte + payload; untrusted bytes).
 pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
-    if !(1..=15).contains(&kind) {
+    if !(1..=21).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
     let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
@@ -403,6 +476,12 @@ mod tests {
             Message::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30, components: vec!["hashsearch".into()] } },
             Message::Provision { request: Provision::App { package: vec![0x28, 0xb5, 0x2f, 0xfd] } },
             Message::Error { code: ErrorCode::Idle, message: "idle".into() },
+            Message::PairRequest { secret: vec![1, 2, 3], name: "phone".into(), kind: "device".into(), csr: vec![0x30, 0x82], valid_s: 3600 },
+            Message::PairGranted { cloudlet: "c".into(), ca: vec![0x30], cert: vec![0x30], not_after_unix: 1 },
+            Message::ListApps { platform: Some("linux-x86_64".into()) },
+            Message::Apps { apps: vec![AppEntry { id: "a".into(), service: "s".into(), platform: "any".into(), file: "a.sh".into(), size: 3, sha256: "00".into() }] },
+            Message::GetApp { id: "a".into() },
+            Message::AppFile { id: "a".into(), file: "a.sh".into(), bytes: b"abc".to_vec() },
             Message::Bye,
         ]
     }

@@ -51,6 +51,27 @@ const MIGRATIONS: &[&str] = &[
         last_used_unix_ms INTEGER NOT NULL,
         hits              INTEGER NOT NULL DEFAULT 0
     );",
+    // 1 -> 2: sessions of the other provisioning mechanisms (tactical cloudlets). SQLite
+    // cannot change a CHECK in place: the table is rebuilt with its rows.
+    "CREATE TABLE sessions_v2 (
+        id              TEXT PRIMARY KEY NOT NULL,
+        device          TEXT NOT NULL,
+        base_digest     TEXT NOT NULL,
+        overlay_digest  TEXT NOT NULL,
+        mode            TEXT NOT NULL CHECK (mode IN ('pipelined', 'early_start', 'cached',
+                            'cached_vm', 'cloudlet_push', 'on_demand', 'app_virtualization')),
+        started_unix_ms INTEGER NOT NULL,
+        ended_unix_ms   INTEGER,
+        status          TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        error           TEXT,
+        bytes_received  INTEGER NOT NULL DEFAULT 0,
+        first_ready_ms  INTEGER
+    );
+    INSERT INTO sessions_v2 SELECT * FROM sessions;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v2 RENAME TO sessions;
+    CREATE INDEX sessions_started ON sessions (started_unix_ms);
+    CREATE INDEX sessions_status ON sessions (status);",
 ];
 
 /// Brings the file to [`SCHEMA_VERSION`], one transaction per step; refuses a newer file.

@@ -280,3 +280,20 @@ fn a_fresh_file_gets_the_current_schema_version() {
         .unwrap();
     assert_eq!(tables, ["instances", "launch_cache", "sessions"]);
 }
+
+#[test]
+fn every_session_mode_is_recorded_and_old_files_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    // A file of schema 1 with a session in it.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE sessions (id TEXT PRIMARY KEY NOT NULL, device TEXT NOT NULL, base_digest TEXT NOT NULL, overlay_digest TEXT NOT NULL, mode TEXT NOT NULL CHECK (mode IN ('pipelined', 'early_start', 'cached')), started_unix_ms INTEGER NOT NULL, ended_unix_ms INTEGER, status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')), error TEXT, bytes_received INTEGER NOT NULL DEFAULT 0, first_ready_ms INTEGER); CREATE INDEX sessions_started ON sessions (started_unix_ms); CREATE INDEX sessions_status ON sessions (status); CREATE TABLE instances (id TEXT PRIMARY KEY NOT NULL, session_id TEXT NOT NULL, name TEXT NOT NULL, qemu_pid INTEGER NOT NULL, dir TEXT NOT NULL, endpoint TEXT NOT NULL, started_unix_ms INTEGER NOT NULL, stopped_unix_ms INTEGER, status TEXT NOT NULL CHECK (status IN ('running', 'stopped', 'lost'))); CREATE TABLE launch_cache (overlay_digest TEXT PRIMARY KEY NOT NULL, base_digest TEXT NOT NULL, dir TEXT NOT NULL, bytes INTEGER NOT NULL, created_unix_ms INTEGER NOT NULL, last_used_unix_ms INTEGER NOT NULL, hits INTEGER NOT NULL DEFAULT 0); INSERT INTO sessions (id, device, base_digest, overlay_digest, mode, started_unix_ms, status) VALUES ('old', 'd', 'b', 'o', 'cached', 1, 'done'); PRAGMA user_version = 1;").unwrap();
+    }
+    let state = State::open(&path).unwrap();
+    assert_eq!(state.list_sessions(10).unwrap()[0].id, "old", "the migration kept the rows");
+    for (i, mode) in SessionMode::ALL.iter().enumerate() {
+        state.session_started(&session(&format!("s{i}"), *mode)).unwrap_or_else(|e| panic!("{mode}: {e}"));
+    }
+    assert_eq!(state.list_sessions(100).unwrap().len(), SessionMode::ALL.len() + 1);
+}

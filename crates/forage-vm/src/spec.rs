@@ -171,7 +171,9 @@ impl VmSpec {
             );
         }
         if let Some(nic) = &self.nic {
-            let mut netdev = String::from("user,id=net0,restrict=off");
+            // restrict=on: the guest reaches nothing (not the host's other ports, not other
+            // guests, not the outside); only the forwarded ports reach it.
+            let mut netdev = String::from("user,id=net0,restrict=on");
             for f in &nic.forwards {
                 netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", f.host_addr, f.host_port, f.guest_port));
             }
@@ -331,6 +333,7 @@ mod tests {
         assert!(s.contains("virtio-blk-pci,drive=disk0,id=vd0,discard=on"));
         assert!(s.contains("discard=unmap"));
         assert!(s.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));
+        assert!(s.contains("user,id=net0,restrict=on"), "guests are isolated: {s}");
         assert!(s.contains("free-page-reporting=on"));
         assert!(s.contains("-mon chardev=qmp0,mode=control"));
         assert!(s.contains("path=/r/ctl.sock -mon chardev=qmp1,mode=control"));

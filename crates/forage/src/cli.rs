@@ -138,6 +138,9 @@ pub enum Command {
     /// Application virtualization: pack a program with its library closure, run it on a cloudlet
     #[command(subcommand)]
     App(AppCommand),
+    /// Pairing: on a cloudlet, show a one-time code (or write a bundle); on a device, pair
+    /// with a cloudlet using its code. Every connection then uses these credentials.
+    Pair(PairArgs),
     /// Reproduce the papers' measurements on this machine
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -296,6 +299,50 @@ pub struct ReduceArgs {
     pub segment_kib: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct PairArgs {
+    #[command(subcommand)]
+    pub command: Option<PairCommand>,
+    /// (device) the cloudlet to pair with
+    #[arg(long, requires = "code")]
+    pub cloudlet: Option<String>,
+    /// (device) the code `forage pair` showed on the cloudlet
+    #[arg(long)]
+    pub code: Option<String>,
+    /// Who the credentials are for [device: this host's name]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// (cloudlet) write credentials for --name to this file, to carry over USB
+    #[arg(long, value_name = "FILE", conflicts_with = "cloudlet")]
+    pub bundle: Option<PathBuf>,
+    /// (cloudlet, with --bundle) the address the device will reach the cloudlet at
+    #[arg(long)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// The credentials are for a cloudlet (handoff), not a device
+    #[arg(long)]
+    pub as_cloudlet: bool,
+    /// Lifetime of the credentials
+    #[arg(long, default_value_t = 7)]
+    pub valid_days: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PairCommand {
+    /// Credentials issued here (cloudlet) and pairings held (device)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// (cloudlet) revoke the credentials of a name or serial
+    Revoke { who: String },
+    /// (device) keep the credentials of a bundle
+    Import { file: PathBuf },
+    /// (device) drop the pairing with a cloudlet
+    Forget { cloudlet: String },
+}
+
 /// How a device holds a provisioned instance (offload, apps get, provision, app run).
 #[derive(Args, Debug, Clone)]
 pub struct SessionArgs {
@@ -377,9 +424,9 @@ pub enum ServiceCommand {
 pub struct AppsArgs {
     #[command(subcommand)]
     pub command: Option<AppsCommand>,
-    /// The cloudlet's HTTP API, or `auto` (discovered)
-    #[arg(long, global = true, default_value = "http://127.0.0.1:7879")]
-    pub api: String,
+    /// Cloudlet address, or `auto` (discovered)
+    #[arg(long, global = true, default_value = "127.0.0.1:7878")]
+    pub cloudlet: String,
     /// List apps for every platform, not only this device's
     #[arg(long)]
     pub all: bool,
@@ -398,9 +445,6 @@ pub enum AppsCommand {
         /// Only download the app
         #[arg(long)]
         no_start: bool,
-        /// Cloudlet address for the service, or `auto`
-        #[arg(long, default_value = "127.0.0.1:7878")]
-        cloudlet: String,
         /// Send this line to the service once it is up and print its answer
         #[arg(long, value_name = "LINE")]
         request: Option<String>,

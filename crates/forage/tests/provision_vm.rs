@@ -46,7 +46,7 @@ fn refused(
 }
 
 async fn refuse(addr: SocketAddr, request: Provision) -> (ErrorCode, String) {
-    refused(provision(addr, "t", request, None).await)
+    refused(provision(addr, credentials(), "t", request, None).await)
 }
 
 fn mtime(p: &std::path::Path) -> std::time::SystemTime {
@@ -182,6 +182,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     .expect("cloudlet");
     c.idle_timeout = Some(Duration::from_secs(4));
     let cloudlet = Arc::new(c);
+    pair_with(&cloudlet, "provision-tester");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
@@ -193,9 +194,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     let before: Vec<_> = svc_files.iter().map(|p| mtime(p)).collect();
 
     // Cached VM: every instance starts from the service VM's state.
-    let (r, s) = provision(
-        addr,
-        "t",
+    let (r, s) = provision(addr, credentials(), "t",
         Provision::CachedVm {
             service: "prov-hs".into(),
             join: false,
@@ -207,9 +206,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     assert!(r.answer.as_deref().unwrap().contains("served=2"), "{r:?}");
     assert!(r.payload_bytes < 1024, "{r:?}");
     s.close().await;
-    let (r, s) = provision(
-        addr,
-        "t",
+    let (r, s) = provision(addr, credentials(), "t",
         Provision::CachedVm {
             service: "prov-hs".into(),
             join: false,
@@ -224,9 +221,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     );
     // Join: a second device gets the same instance.
     s.close().await;
-    let (r1, s1) = provision(
-        addr,
-        "t",
+    let (r1, s1) = provision(addr, credentials(), "t",
         Provision::CachedVm {
             service: "prov-hs".into(),
             join: true,
@@ -235,9 +230,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     )
     .await
     .expect("shared");
-    let (r2, s2) = provision(
-        addr,
-        "t",
+    let (r2, s2) = provision(addr, credentials(), "t",
         Provision::CachedVm {
             service: "prov-hs".into(),
             join: true,
@@ -265,9 +258,7 @@ async fn five_mechanisms_share_one_lifecycle() {
 
     // The imported ones.
     for id in ["prov-hs-copy", "prov-cold"] {
-        let (r, s) = provision(
-            addr,
-            "t",
+        let (r, s) = provision(addr, credentials(), "t",
             Provision::CachedVm {
                 service: id.into(),
                 join: false,
@@ -283,10 +274,15 @@ async fn five_mechanisms_share_one_lifecycle() {
         s.close().await;
     }
 
-    // Cloudlet push.
-    let (r, s) = provision(
-        addr,
-        "t",
+    // Cloudlet push: the client app from the app store (over the paired channel), then its
+    // service.
+    let apps = forage_client::list_apps(addr, credentials(), Some("linux-x86_64")).await.expect("app store");
+    assert!(apps.iter().any(|a| a.id == "prov-hs-client" && a.service == "prov-hs"), "{apps:?}");
+    let (entry, file) = forage_client::get_app(addr, credentials(), "prov-hs-client").await.expect("client app");
+    assert_eq!(file, std::fs::read(&client).unwrap());
+    assert_eq!(entry.file, "hs-client.sh");
+    assert!(forage_client::get_app(addr, credentials(), "no-such-app").await.is_err());
+    let (r, s) = provision(addr, credentials(), "t",
         Provision::Push {
             app: "prov-hs-client".into(),
         },
@@ -305,7 +301,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         timeout_s: 60,
         components: vec!["hs".into()],
     };
-    let (r, s) = provision(addr, "t", script, line("search e 8"))
+    let (r, s) = provision(addr, credentials(), "t", script, line("search e 8"))
         .await
         .expect("on-demand");
     assert!(r.answer.as_deref().unwrap().starts_with("ok "), "{r:?}");
@@ -322,9 +318,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         &[],
     )
     .expect("pack");
-    let (r, s) = provision(
-        addr,
-        "t",
+    let (r, s) = provision(addr, credentials(), "t",
         Provision::App {
             package: package.clone(),
         },
@@ -414,9 +408,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     };
     assert_eq!(refuse(addr, no_component).await.0, ErrorCode::NotFound);
     // Idle: nobody uses the service for the idle timeout; the device is told.
-    let (_, mut s) = provision(
-        addr,
-        "t",
+    let (_, mut s) = provision(addr, credentials(), "t",
         Provision::CachedVm {
             service: "prov-hs".into(),
             join: false,
@@ -449,9 +441,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    match provision(
-        gone,
-        "t",
+    match provision(gone, credentials(), "t",
         Provision::CachedVm {
             service: "prov-hs".into(),
             join: false,

@@ -17,22 +17,21 @@ use forage_proto::{ErrorCode, Message, Offer};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{self, LaunchOptions};
 use forage_synth::BaseVm;
-use tokio::net::TcpStream;
 
 fn opts(device: &str, early_start: bool) -> SynthesisOptions {
-    SynthesisOptions { device: device.into(), early_start, ..Default::default() }
+    SynthesisOptions { device: device.into(), early_start, credentials: Some(credentials().clone()), ..Default::default() }
 }
 
 /// A hand-driven device speaking the protocol, to control what is sent when.
 struct RawDevice {
-    stream: TcpStream,
+    stream: forage_client::CloudletStream,
     ov: OverlayFile,
 }
 
 impl RawDevice {
     async fn start(addr: SocketAddr, ovl: &Path, base_digest: Option<&str>) -> (Self, Message) {
         let ov = OverlayFile::open(ovl).await.unwrap();
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
         let offer = Offer {
             base_digest: base_digest.unwrap_or(&ov.manifest.base.digest).into(),
             manifest_bytes: ov.prefix.len() as u64,
@@ -152,6 +151,7 @@ async fn synthesis_modes_cache_and_faults() {
     let mut c = forage_cloudlet::Cloudlet::open("test-cloudlet".into(), f.data.clone(), accel, std::net::Ipv4Addr::LOCALHOST).expect("cloudlet");
     c.peer_wait = Duration::from_secs(5);
     let cloudlet = Arc::new(c);
+    pair_with(&cloudlet, "synthesis-tester");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
@@ -342,7 +342,7 @@ async fn synthesis_modes_cache_and_faults() {
         if !early {
             // Re-say Hello without early start: a fresh connection.
             drop(dev);
-            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
             let ov = OverlayFile::open(&f.ovl).await.unwrap();
             let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone() };
             write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();

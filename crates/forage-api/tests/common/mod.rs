@@ -163,11 +163,16 @@ impl Answer {
 }
 
 pub async fn call(router: &Router, method: Method, uri: &str) -> Answer {
-    let request = Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(Body::empty())
-        .unwrap();
+    call_with(router, method, uri, &[]).await
+}
+
+/// [`call`] with request headers.
+pub async fn call_with(router: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(Body::empty()).unwrap();
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();

@@ -11,6 +11,8 @@
 //!   components into a copy of the baseline VM and starts it;
 //! - app_virtualization: the app linked dynamically, packed with its library closure.
 //!
+//! The client app of cloudlet push comes from the app store over the paired channel.
+//!
 //! `ready_s` is until the service's first answer reached the device (the application is
 //! ready to use); `cloudlet_ready_s` until the cloudlet said the instance is up. For
 //! cloudlet push both include the client app's download from the app store.
@@ -28,7 +30,6 @@ use serde_json::{json, Value};
 use crate::cli::BenchProvisionArgs;
 
 const CLOUDLET_PORT: u16 = 7878;
-const API_PORT: u16 = 7879;
 const REQUEST: &str = "search bench 12";
 const SERVICE: &str = "bench-hashsearch";
 const CLIENT_APP: &str = "bench-hashsearch-client";
@@ -127,15 +128,14 @@ fn measure(
     let exe = std::env::current_exe()?;
     let (device, cloudlet) = (&link.a, &link.b);
     let addr = SocketAddr::from((cloudlet.addr, CLOUDLET_PORT)).to_string();
-    let api = format!("http://{}", SocketAddr::from((cloudlet.addr, API_PORT)));
+    super::bench_synthesis::pair_bench_device(data, addr.parse()?)?;
     let log = work.join("cloudlet.log");
     let mut serve = cloudlet.command(&exe);
     serve.arg("--data-dir").arg(data.root()).args([
         "serve",
         "--listen",
         &addr,
-        "--api",
-        &SocketAddr::from((cloudlet.addr, API_PORT)).to_string(),
+        "--no-api",
         "--no-cache",
         "--no-advertise",
         "--name",
@@ -195,8 +195,6 @@ fn measure(
                 CLIENT_APP,
                 "-o",
                 &dl,
-                "--api",
-                &api,
                 "--cloudlet",
                 &addr,
                 "--request",
@@ -293,5 +291,5 @@ fn print_table(rows: &[Value], mbps: f64) {
             r["cloudlet_ready_s"].as_f64().unwrap_or(0.0)
         );
     }
-    println!("  payload: bytes the device sent to provision (for cloudlet push, not counting its HTTP GET of the client app); ready: until the service's first answer reached the device");
+    println!("  payload: bytes the device sent to provision (for cloudlet push, not counting its request for the client app); ready: until the service's first answer reached the device");
 }

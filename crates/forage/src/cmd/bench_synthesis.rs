@@ -99,6 +99,7 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
     let transfer_only_s = median(&mut transfer);
     say(&format!("{mbps} Mbit/s: {bytes} bytes take {transfer_only_s:.2} s to transfer"));
 
+    pair_bench_device(data, cloudlet_addr)?;
     // The cloudlet, in its namespace, without a cache (every run synthesizes for real).
     let log = data.work().join(format!("bench-cloudlet-{}.log", std::process::id()));
     let mut serve = cloudlet.command(&exe);
@@ -142,6 +143,25 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
     }
     let _ = std::fs::remove_file(&log);
     Ok(rows)
+}
+
+/// Pair the bench's device with the bench's cloudlet at `addr` (they share a data
+/// directory): a bundle written and imported, as over USB.
+pub(super) fn pair_bench_device(data: &DataDir, addr: SocketAddr) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let bundle = data.work().join(format!("bench-device-{}.fpair", std::process::id()));
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new(&exe).arg("--data-dir").arg(data.root()).args(args).output()?;
+        if !out.status.success() {
+            bail!("forage {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    let path = bundle.to_string_lossy().into_owned();
+    run(&["pair", "--bundle", &path, "--name", "bench-device", "--addr", &addr.to_string(), "--valid-days", "1"])?;
+    let imported = run(&["pair", "import", &path]);
+    let _ = std::fs::remove_file(&bundle);
+    imported
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -164,9 +164,15 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
-    say(format!("8. cloudlet demo-cloudlet listening on {addr}, holding base demo-base; a device synthesizes {} with early start:", ovl.display()));
+    // Pairing, done here for the user on loopback: the cloudlet shows a one-time code, the
+    // device types it; every connection after that is TLS 1.3 with both sides' certificates.
+    let code = cloudlet.trust.new_code()?;
+    let devices = forage_trust::DeviceTrust::new(&data.trust_peers());
+    let peer = forage_client::pair(addr, &code.text, "demo-device", "device", forage_trust::DEFAULT_VALIDITY, &devices).await.context("pairing the demo device")?;
+    say(format!("8. cloudlet demo-cloudlet listening on {addr} (TLS 1.3, mutual authentication), holding base demo-base; the device paired with code {} (credentials until {}) and synthesizes {} with early start:", code.text, super::pair::date(peer.not_after_unix), ovl.display()));
+    let credentials = Some(super::pair::credentials(data, addr, Some(&peer.cloudlet))?);
     let mut reports = Vec::new();
-    let opts = forage_client::SynthesisOptions { device: "demo-device".into(), early_start: true, ..Default::default() };
+    let opts = forage_client::SynthesisOptions { device: "demo-device".into(), early_start: true, credentials, ..Default::default() };
     let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts.clone(), !json).await.context("synthesizing the demo overlay")?;
     if !json {
         super::synthesis::print_report(&report);

@@ -7,6 +7,7 @@ mod bench_synthesis;
 mod demo;
 mod image;
 mod overlay;
+mod pair;
 mod service;
 mod tactical;
 mod synthesis;
@@ -32,19 +33,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
-            let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, ..Default::default() };
             let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
+            let credentials = Some(pair::credentials(&data, cloudlet, None)?);
+            let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, credentials, ..Default::default() };
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
         Command::Demo(a) => demo::run(&data, a).await,
         Command::Service(c) => service::run(&data, c).await,
-        Command::Offload { service, join, session } => tactical::provision(forage_proto::Provision::CachedVm { service: service.clone(), join }, Some(&service), &session).await,
-        Command::Apps(a) => tactical::apps(a).await,
+        Command::Offload { service, join, session } => tactical::provision(&data, forage_proto::Provision::CachedVm { service: service.clone(), join }, Some(&service), &session).await,
+        Command::Apps(a) => tactical::apps(&data, a).await,
         Command::Provision { script, port, os, timeout, components, session } => {
             let bytes = std::fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
-            tactical::provision(forage_proto::Provision::Script { os, port, script: bytes, timeout_s: timeout, components }, None, &session).await
+            tactical::provision(&data, forage_proto::Provision::Script { os, port, script: bytes, timeout_s: timeout, components }, None, &session).await
         }
-        Command::App(c) => tactical::app(c).await,
+        Command::App(c) => tactical::app(&data, c).await,
+        Command::Pair(a) => pair::run(&data, a).await,
     }
 }
 

@@ -54,6 +54,25 @@ impl forage_api::Control for DaemonControl {
     }
 }
 
+/// The API's bearer token, created (random, mode 0600) the first time.
+pub fn api_token(data: &DataDir) -> anyhow::Result<(String, std::path::PathBuf)> {
+    let path = data.root().join("trust").join("api-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok((t.trim().to_string(), path));
+        }
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).context("reading /dev/urandom")?;
+    let token = hex::encode(bytes);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok((token, path))
+}
+
 fn app_info(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_api::AppInfo {
     forage_api::AppInfo { id: a.id.clone(), service: s.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
 }
@@ -76,8 +95,14 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
     if let Some(api) = api {
         let l = tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot serve the HTTP API on {api}"))?;
         let control = Arc::new(DaemonControl { cloudlet: cloudlet.clone() });
-        let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control);
-        eprintln!("HTTP API on http://{api}/v1/status (metrics on /metrics, OpenAPI on /openapi.json)");
+        let (token, token_path) = api_token(data)?;
+        let open_reads = api.ip().is_loopback();
+        let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control).with_access(token, open_reads);
+        eprintln!(
+            "HTTP API on http://{api}/v1/status (metrics on /metrics, OpenAPI on /openapi.json); {} need the bearer token in {}",
+            if open_reads { "changes" } else { "all requests" },
+            token_path.display()
+        );
         tokio::spawn(async move {
             if let Err(e) = forage_api::serve(l, ctx, std::future::pending()).await {
                 tracing::error!("HTTP API stopped: {e}");

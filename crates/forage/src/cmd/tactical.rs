@@ -10,7 +10,6 @@ use anyhow::{bail, Context};
 use forage_client::ProvisionReport;
 use forage_proto::Provision;
 use forage_service::appvirt;
-use serde::Deserialize;
 
 use crate::cli::{AppCommand, AppsArgs, AppsCommand, SessionArgs};
 
@@ -51,15 +50,17 @@ pub async fn resolve(arg: &str, service: Option<&str>) -> anyhow::Result<SocketA
 
 /// Provision `request` on the cloudlet and hold it as `args` say.
 pub async fn provision(
+    data: &forage_datadir::DataDir,
     request: Provision,
     service: Option<&str>,
     args: &SessionArgs,
 ) -> anyhow::Result<()> {
-    provision_after(request, service, args, None).await
+    provision_after(data, request, service, args, None).await
 }
 
 /// [`provision`], after the device spent `download_s` getting the client app (push).
 async fn provision_after(
+    data: &forage_datadir::DataDir,
     request: Provision,
     service: Option<&str>,
     args: &SessionArgs,
@@ -68,7 +69,7 @@ async fn provision_after(
     let addr = resolve(&args.cloudlet, service).await?;
     let mechanism = request.mechanism();
     let (report, mut session) =
-        forage_client::provision(addr, "forage-cli", request, args.request.clone())
+        forage_client::provision(addr, &super::pair::credentials(data, addr, None)?, "forage-cli", request, args.request.clone())
             .await
             .with_context(|| format!("{mechanism} on cloudlet {addr}"))?;
     print_report(&report, args.json, download_s);
@@ -107,163 +108,48 @@ fn print_report(r: &ProvisionReport, json: bool, download_s: Option<f64>) {
     }
 }
 
-/// The HTTP API's base URL: given, or `auto` (discovered cloudlet's announced API).
-async fn api_url(arg: &str) -> anyhow::Result<String> {
-    if arg != "auto" {
-        return Ok(arg.trim_end_matches('/').to_string());
-    }
-    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2)))
-        .await??;
-    let need = forage_discovery::Need::default();
-    let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility)
-        .context("--api auto: no reachable cloudlet answered")?;
-    let port = best
-        .ad
-        .http_port
-        .context("--api auto: the best cloudlet announces no HTTP API")?;
-    Ok(format!("http://{}:{port}", best.ad.addr.ip()))
-}
-
-#[derive(Debug, Deserialize, serde::Serialize)]
-struct AppInfo {
-    id: String,
-    service: String,
-    platform: String,
-    file: String,
-    size: u64,
-    sha256: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct AppList {
-    apps: Vec<AppInfo>,
-}
-
-fn http() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(5))
-        .timeout_read(Duration::from_secs(60))
-        .build()
-}
-
-fn list_apps(api: &str, platform: Option<&str>) -> anyhow::Result<Vec<AppInfo>> {
-    let mut req = http().get(&format!("{api}/v1/apps"));
-    if let Some(p) = platform {
-        req = req.query("platform", p);
-    }
-    let text = req
-        .call()
-        .with_context(|| format!("app store at {api}"))?
-        .into_string()
-        .with_context(|| format!("app store at {api}"))?;
-    let list: AppList = serde_json::from_str(&text)
-        .with_context(|| format!("app store at {api}: not a list of apps"))?;
-    Ok(list.apps)
-}
-
-pub async fn apps(args: AppsArgs) -> anyhow::Result<()> {
-    let api = api_url(&args.api).await?;
+pub async fn apps(data: &forage_datadir::DataDir, args: AppsArgs) -> anyhow::Result<()> {
+    let addr = resolve(&args.cloudlet, None).await?;
+    let credentials = super::pair::credentials(data, addr, None)?;
     let platform = forage_service::this_platform();
     match args.command {
         None => {
-            let (api2, p) = (api.clone(), (!args.all).then(|| platform.clone()));
-            let apps =
-                tokio::task::spawn_blocking(move || list_apps(&api2, p.as_deref())).await??;
+            let apps = forage_client::list_apps(addr, &credentials, (!args.all).then_some(platform.as_str())).await.with_context(|| format!("app store of {addr}"))?;
             if args.json {
-                super::print_json(&apps);
+                super::print_json(&apps.iter().map(|a| serde_json::json!({"id": a.id, "service": a.service, "platform": a.platform, "file": a.file, "size": a.size, "sha256": a.sha256})).collect::<Vec<_>>());
             } else if apps.is_empty() {
-                println!(
-                    "no client apps for {} at {api}",
-                    if args.all { "any platform" } else { &platform }
-                );
+                println!("no client apps for {} at {addr}", if args.all { "any platform" } else { &platform });
             } else {
                 for a in apps {
-                    println!(
-                        "{:<24} {:<16} service {:<16} {} ({} bytes)",
-                        a.id, a.platform, a.service, a.file, a.size
-                    );
+                    println!("{:<24} {:<16} service {:<16} {} ({} bytes)", a.id, a.platform, a.service, a.file, a.size);
                 }
             }
         }
-        Some(AppsCommand::Get {
-            id,
-            output,
-            no_start,
-            cloudlet,
-            request,
-            hold,
-        }) => {
-            let (api2, id2, out2) = (api.clone(), id.clone(), output.clone());
+        Some(AppsCommand::Get { id, output, no_start, request, hold }) => {
             let t = std::time::Instant::now();
-            let (info, path) =
-                tokio::task::spawn_blocking(move || download(&api2, &id2, &out2)).await??;
+            let (info, bytes) = forage_client::get_app(addr, &credentials, &id).await.with_context(|| format!("getting app {id}"))?;
+            if !forage_service::plain(&info.file) {
+                bail!("the app store names a file {:?} that is not a plain name", info.file);
+            }
+            std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
+            let path = output.join(&info.file);
+            let partial = output.join(format!(".{}.partial", info.file));
+            std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))?;
             let download_s = t.elapsed().as_secs_f64();
             if !args.json {
-                println!(
-                    "app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}",
-                    info.id,
-                    info.platform,
-                    path.display(),
-                    info.size,
-                    info.service
-                );
+                println!("app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}", info.id, info.platform, path.display(), info.size, info.service);
             }
             if !no_start {
-                let session = SessionArgs {
-                    cloudlet,
-                    request,
-                    hold,
-                    json: args.json,
-                };
-                return provision_after(Provision::Push { app: id }, Some(&info.service), &session, Some(download_s)).await;
+                let session = SessionArgs { cloudlet: addr.to_string(), request, hold, json: args.json };
+                return provision_after(data, Provision::Push { app: id }, Some(&info.service), &session, Some(download_s)).await;
             }
         }
     }
     Ok(())
 }
 
-/// Download app `id` into `dir`, checking its size and SHA-256 against the listing; the
-/// file appears only when complete.
-fn download(api: &str, id: &str, dir: &Path) -> anyhow::Result<(AppInfo, std::path::PathBuf)> {
-    use sha2::Digest;
-    let info = list_apps(api, None)?
-        .into_iter()
-        .find(|a| a.id == id)
-        .with_context(|| {
-            format!("no client app {id} in the app store at {api} (see `forage apps --all`)")
-        })?;
-    if !forage_service::plain(&info.file) {
-        bail!(
-            "the app store names a file {:?} that is not a plain name",
-            info.file
-        );
-    }
-    let resp = http()
-        .get(&format!("{api}/v1/apps/{id}"))
-        .call()
-        .with_context(|| format!("downloading app {id}"))?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(resp.into_reader(), info.size + 1),
-        &mut bytes,
-    )
-    .with_context(|| format!("downloading app {id}"))?;
-    if bytes.len() as u64 != info.size || hex::encode(sha2::Sha256::digest(&bytes)) != info.sha256 {
-        bail!(
-            "app {id} arrived damaged ({} bytes, listed {}; or its checksum differs)",
-            bytes.len(),
-            info.size
-        );
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(&info.file);
-    let partial = dir.join(format!(".{}.partial", info.file));
-    std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok((info, path))
-}
-
-pub async fn app(cmd: AppCommand) -> anyhow::Result<()> {
+pub async fn app(data: &forage_datadir::DataDir, cmd: AppCommand) -> anyhow::Result<()> {
     match cmd {
         AppCommand::Pack {
             command,
@@ -305,7 +191,7 @@ pub async fn app(cmd: AppCommand) -> anyhow::Result<()> {
             let package =
                 std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
             appvirt::AppBundle::open(&package).with_context(|| format!("{}", bundle.display()))?;
-            provision(Provision::App { package }, None, &session).await
+            provision(data, Provision::App { package }, None, &session).await
         }
     }
 }

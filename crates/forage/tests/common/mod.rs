@@ -171,3 +171,23 @@ pub async fn assert_cleaned_up(data: &DataDir) {
         "a FUSE mount is left: {mounts}"
     );
 }
+
+static CREDENTIALS: OnceLock<std::sync::Arc<rustls::ClientConfig>> = OnceLock::new();
+
+/// Pair this test's device with `cloudlet` (a bundle, as over USB); [`credentials`] then
+/// returns them.
+pub fn pair_with(cloudlet: &forage_cloudlet::Cloudlet, device: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let dir = data_dir().root().join("test-device-trust").join(device);
+    let _ = std::fs::remove_dir_all(&dir);
+    let bundle = cloudlet.trust.issue_bundle(device, forage_trust::PeerKind::Device, forage_trust::DEFAULT_VALIDITY, None).unwrap();
+    let devices = forage_trust::DeviceTrust::new(&dir);
+    devices.import_bundle(&serde_json::to_vec(&bundle).unwrap()).unwrap();
+    let config = devices.for_cloudlet("127.0.0.1:1".parse().unwrap(), Some(&cloudlet.name)).unwrap().client_config().unwrap();
+    let _ = CREDENTIALS.set(config.clone());
+    config
+}
+
+/// The credentials of the first [`pair_with`] of this test binary.
+pub fn credentials() -> &'static std::sync::Arc<rustls::ClientConfig> {
+    CREDENTIALS.get().expect("pair_with first")
+}

@@ -1,0 +1,59 @@
+//! The cloudlet's app store over the paired channel: Hello without offers, then ListApps
+//! or GetApp, then Bye.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use forage_proto::asynchronous::{read, write};
+use forage_proto::{AppEntry, Message, VERSION_MAX, VERSION_MIN};
+use sha2::{Digest, Sha256};
+
+use crate::ClientError;
+
+async fn open(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>) -> Result<crate::CloudletStream, ClientError> {
+    let proto = |source| ClientError::Proto { addr, source };
+    let mut stream = crate::connect(addr, credentials, None).await?;
+    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: "app-store".into(), offers: Vec::new(), early_start: false, store_and_forward: false };
+    write(&mut stream, &hello).await.map_err(proto)?;
+    match read(&mut stream).await.map_err(proto)? {
+        Message::Welcome { .. } => Ok(stream),
+        Message::Error { code, message } => Err(ClientError::Refused { addr, code, message }),
+        other => Err(ClientError::Sequence { addr, expected: "Welcome", got: other.name() }),
+    }
+}
+
+/// The client apps for `platform` (and `any`), or all.
+pub async fn list_apps(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, platform: Option<&str>) -> Result<Vec<AppEntry>, ClientError> {
+    let proto = |source| ClientError::Proto { addr, source };
+    let mut s = open(addr, credentials).await?;
+    write(&mut s, &Message::ListApps { platform: platform.map(str::to_string) }).await.map_err(proto)?;
+    let apps = match read(&mut s).await.map_err(proto)? {
+        Message::Apps { apps } => apps,
+        Message::Error { code, message } => return Err(ClientError::Refused { addr, code, message }),
+        other => return Err(ClientError::Sequence { addr, expected: "Apps", got: other.name() }),
+    };
+    let _ = write(&mut s, &Message::Bye).await;
+    Ok(apps)
+}
+
+/// One client app: its entry and its file, checked against the entry's size and SHA-256.
+pub async fn get_app(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, id: &str) -> Result<(AppEntry, Vec<u8>), ClientError> {
+    let proto = |source| ClientError::Proto { addr, source };
+    let entry = list_apps(addr, credentials, None).await?.into_iter().find(|a| a.id == id).ok_or_else(|| ClientError::Refused {
+        addr,
+        code: forage_proto::ErrorCode::NotFound,
+        message: format!("no client app {id} in the app store (see `forage apps --all`)"),
+    })?;
+    let mut s = open(addr, credentials).await?;
+    write(&mut s, &Message::GetApp { id: id.into() }).await.map_err(proto)?;
+    let bytes = match read(&mut s).await.map_err(proto)? {
+        Message::AppFile { bytes, .. } => bytes,
+        Message::Error { code, message } => return Err(ClientError::Refused { addr, code, message }),
+        other => return Err(ClientError::Sequence { addr, expected: "AppFile", got: other.name() }),
+    };
+    let _ = write(&mut s, &Message::Bye).await;
+    if bytes.len() as u64 != entry.size || hex::encode(Sha256::digest(&bytes)) != entry.sha256 {
+        return Err(ClientError::Refused { addr, code: forage_proto::ErrorCode::Protocol, message: format!("app {id} arrived damaged ({} bytes, listed {})", bytes.len(), entry.size) });
+    }
+    Ok((entry, bytes))
+}

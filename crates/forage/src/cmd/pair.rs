@@ -1,0 +1,140 @@
+//! `forage pair`: offline pairing of devices (and of cloudlets for handoff) with a
+//! cloudlet, and the credentials on both sides.
+//!
+//! On the cloudlet: `forage pair` shows a one-time code; `forage pair --bundle F --name N`
+//! writes credentials to carry over USB; `forage pair list | revoke WHO`.
+//! On the device: `forage pair --cloudlet ADDR --code CODE`, `forage pair import F`,
+//! `forage pair list | forget CLOUDLET`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use forage_datadir::DataDir;
+use forage_trust::{CloudletTrust, DeviceTrust, PeerKind};
+use serde_json::json;
+
+use crate::cli::{PairArgs, PairCommand};
+
+/// The name a cloudlet's authority is created with if `forage pair` runs before `serve`.
+const DEFAULT_CLOUDLET: &str = "cloudlet";
+
+pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
+    let devices = DeviceTrust::new(&data.trust_peers());
+    let valid = Duration::from_secs(args.valid_days.max(1) * 24 * 3600);
+    let kind = if args.as_cloudlet { "cloudlet" } else { "device" };
+    match (args.command, args.cloudlet, args.bundle) {
+        (Some(PairCommand::List { json: as_json }), _, _) => list(data, &devices, as_json || args.json),
+        (Some(PairCommand::Revoke { who }), _, _) => {
+            let n = authority(data)?.revoke(&who)?;
+            println!("revoked {n} credential(s) of {who}: refused from their next connection");
+            Ok(())
+        }
+        (Some(PairCommand::Import { file }), _, _) => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = devices.import_bundle(&bytes).with_context(|| format!("{}", file.display()))?;
+            println!("paired with cloudlet {} (credentials valid until {})", r.cloudlet, date(r.not_after_unix));
+            Ok(())
+        }
+        (Some(PairCommand::Forget { cloudlet }), _, _) => {
+            devices.remove(&cloudlet)?;
+            println!("forgot the pairing with {cloudlet}");
+            Ok(())
+        }
+        (None, Some(addr), _) => {
+            let code = args.code.context("pairing with a cloudlet needs --code (shown by `forage pair` on the cloudlet)")?;
+            let addr: SocketAddr = addr.parse().with_context(|| format!("--cloudlet {addr}: an address like 10.0.0.5:7878"))?;
+            let name = args.name.unwrap_or_else(hostname);
+            let r = forage_client::pair(addr, &code, &name, kind, valid, &devices).await.with_context(|| format!("pairing with {addr}"))?;
+            if args.json {
+                super::print_json(&r);
+            } else {
+                println!("paired with cloudlet {} at {addr} as {name} (credentials valid until {})", r.cloudlet, date(r.not_after_unix));
+            }
+            Ok(())
+        }
+        (None, None, Some(out)) => {
+            let name = args.name.context("a bundle needs --name: who it is for")?;
+            let kind = if args.as_cloudlet { PeerKind::Cloudlet } else { PeerKind::Device };
+            let addr = args.addr;
+            let b = authority(data)?.issue_bundle(&name, kind, valid, addr)?;
+            let partial = out.with_extension("partial");
+            write_secret(&partial, &serde_json::to_vec_pretty(&b)?)?;
+            std::fs::rename(&partial, &out).with_context(|| format!("writing {}", out.display()))?;
+            println!("credentials for {name} written to {} (valid until {}); on the device: forage pair import {}", out.display(), date(b.not_after_unix), out.display());
+            Ok(())
+        }
+        (None, None, None) => {
+            let trust = authority(data)?;
+            let code = trust.new_code()?;
+            if args.json {
+                super::print_json(&json!({"code": code.text, "expires_unix": code.expires_unix, "cloudlet_ca_sha256": trust.ca_fingerprint()}));
+            } else {
+                println!("pairing code: {}", code.text);
+                println!("valid once, for 10 minutes; on the device: forage pair --cloudlet ADDR --code {}", code.text);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn authority(data: &DataDir) -> anyhow::Result<CloudletTrust> {
+    Ok(CloudletTrust::open_or_init(&data.trust_cloudlet(), DEFAULT_CLOUDLET)?)
+}
+
+fn list(data: &DataDir, devices: &DeviceTrust, as_json: bool) -> anyhow::Result<()> {
+    let issued = if data.trust_cloudlet().join("ca.pem").exists() { authority(data)?.issued() } else { Vec::new() };
+    let peers: Vec<_> = devices.peers().into_iter().map(|p| p.record).collect();
+    if as_json {
+        super::print_json(&json!({"issued": issued, "paired_with": peers}));
+        return Ok(());
+    }
+    if issued.is_empty() && peers.is_empty() {
+        println!("no pairings (on a cloudlet: forage pair; on a device: forage pair --cloudlet ADDR --code CODE)");
+    }
+    for i in &issued {
+        let state = match i.revoked_unix {
+            Some(t) => format!("revoked {}", date(t)),
+            None if i.not_after_unix <= now() => "expired".into(),
+            None => format!("valid until {}", date(i.not_after_unix)),
+        };
+        println!("issued  {:<20} {:?} serial {:<4} via {:<6} {state}", i.name, i.kind, i.serial, i.via);
+    }
+    for p in &peers {
+        let state = if p.not_after_unix <= now() { "expired".into() } else { format!("valid until {}", date(p.not_after_unix)) };
+        println!("paired  {:<20} {:<22} {state}", p.cloudlet, p.addr.as_deref().unwrap_or("-"));
+    }
+    Ok(())
+}
+
+/// This device's credentials for the cloudlet at `addr` (or named `name`).
+pub fn credentials(data: &DataDir, addr: SocketAddr, name: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let peer = DeviceTrust::new(&data.trust_peers()).for_cloudlet(addr, name)?;
+    if peer.expired() {
+        bail!("the pairing with cloudlet {} expired on {}: pair again", peer.record.cloudlet, date(peer.record.not_after_unix));
+    }
+    Ok(peer.client_config()?)
+}
+
+fn write_secret(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// `YYYY-MM-DD HH:MM UTC`.
+pub(super) fn date(unix: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}-{:02} {:02}:{:02} UTC", t.year(), t.month() as u8, t.day(), t.hour(), t.minute())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "device".into())
+}
