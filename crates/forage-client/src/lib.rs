@@ -222,6 +222,8 @@ pub struct OverlayFile {
     pub bytes: u64,
     /// Header's manifest SHA-256: the overlay's name for the cloudlet cache.
     pub digest: String,
+    /// The builder's signature (`PATH.sig`), if there is one beside the overlay.
+    pub signature: Vec<u8>,
 }
 
 impl OverlayFile {
@@ -240,7 +242,8 @@ impl OverlayFile {
         if let Some(parent) = &manifest.parent {
             return Err(bad(format!("this is a residue of overlay {parent}: merge it into that overlay first (forage overlay merge)")));
         }
-        Ok(Self { path: path.to_path_buf(), prefix, manifest, bytes, digest: hex_digest(&header.manifest_sha256) })
+        let signature = tokio::fs::read(format!("{}.sig", path.display())).await.unwrap_or_default();
+        Ok(Self { path: path.to_path_buf(), prefix, manifest, bytes, digest: hex_digest(&header.manifest_sha256), signature })
     }
 }
 
@@ -266,7 +269,9 @@ pub async fn synthesize_url(url: &str, cloudlet: SocketAddr, opts: &SynthesisOpt
         return Err(ClientError::Overlay { path: url.into(), detail: format!("this is a residue of overlay {parent}: merge it into that overlay first") });
     }
     let bytes = remote.prefix.len() as u64 + remote.manifest.segments.iter().map(|s| s.compressed_len).sum::<u64>();
-    let ov = OverlayFile { path: url.into(), digest: remote.digest(), prefix: remote.prefix, manifest: remote.manifest, bytes };
+    let u = url.to_string();
+    let signature = tokio::task::spawn_blocking(move || forage_remote::fetch_signature(&u)).await.expect("no panic").unwrap_or_default();
+    let ov = OverlayFile { path: url.into(), digest: remote.digest(), prefix: remote.prefix, manifest: remote.manifest, bytes, signature };
     run(ov, Some(url.to_string()), cloudlet, opts).await
 }
 
@@ -279,7 +284,7 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     // A small send buffer keeps fetched segments from queueing behind much bulk data.
     let send_buffer = (opts.early_start && !opts.store_and_forward).then_some(128 << 10);
     let mut stream = connect(cloudlet, credentials, send_buffer).await?;
-    let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone() };
+    let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone(), signature: ov.signature.clone() };
     let early_start = opts.early_start && !opts.store_and_forward;
     let hello = Message::Hello {
         versions: (VERSION_MIN, VERSION_MAX),

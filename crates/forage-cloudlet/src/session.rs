@@ -139,6 +139,7 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
     let Some((offer, base)) = chosen else {
         return Err(refused(ErrorCode::NoBase, "none of the offered bases is held here"));
     };
+    check_signature(cloudlet, offer)?;
     let early_start = early_start && !store_and_forward;
     let mode = match (&cached, early_start) {
         (Some(_), _) => SessionMode::Cached,
@@ -172,6 +173,11 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
         other => return Err(SessionError::Sequence { expected: "Manifest or OverlayUrl", got: other.name() }),
     };
     let manifest = OverlayReader::open(&prefix[..]).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
+    // The manifest (whose hashes cover every segment) must be the one offered: the cache
+    // entry and the signature are for that digest.
+    if overlay_digest(&prefix) != offer.overlay_digest {
+        return Err(refused(ErrorCode::BadOverlay, "the manifest sent is not the overlay offered (digests differ)"));
+    }
     if manifest.base.digest != base.digest() {
         return Err(refused(ErrorCode::BadOverlay, "the manifest names another base than the one agreed"));
     }
@@ -183,6 +189,21 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
         (false, Some(remote)) => crate::pipelined::run_remote(stream, &ctx, manifest, remote).await,
         (false, None) => crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await,
     }
+}
+
+/// With a signers list (`DATA/trust/signers`), the offered overlay must carry a good
+/// signature by one of them; checked before anything is received or started.
+fn check_signature(cloudlet: &Cloudlet, offer: &forage_proto::Offer) -> Result<(), SessionError> {
+    let path = cloudlet.data.root().join("trust").join("signers");
+    let Some(allowed) = forage_trust::signing::allowed_signers(&path).map_err(internal)? else { return Ok(()) };
+    let short = forage_trust::short(&offer.overlay_digest);
+    if offer.signature.is_empty() {
+        return Err(refused(ErrorCode::BadOverlay, format!("overlay {short} is not signed, and this cloudlet accepts only overlays signed by its listed signers")));
+    }
+    let sig = forage_trust::signing::OverlaySignature::parse(&offer.signature).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: signature: {e}")))?;
+    sig.verify(&offer.overlay_digest, &allowed).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: {e}")))?;
+    tracing::info!(overlay = short, signer = forage_trust::short(&sig.signer), "signature verified");
+    Ok(())
 }
 
 fn app_entry(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_proto::AppEntry {

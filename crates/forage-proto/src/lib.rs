@@ -52,6 +52,10 @@ pub struct Offer {
     /// overlay for the cloudlet's launch-VM cache.
     #[serde(default)]
     pub overlay_digest: String,
+    /// The builder's signature of `overlay_digest` (`APP.ovl.sig`, JSON), if the device
+    /// has one; cloudlets with a signers list refuse overlays without a good one.
+    #[serde(default, with = "serde_bytes")]
+    pub signature: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,8 +401,10 @@ pub mod blocking {
 
     use super::*;
 
+    /// Write one frame and flush it (see the asynchronous `write`).
     pub fn write(w: &mut impl Write, msg: &Message) -> Result<(), ProtoError> {
         w.write_all(&encode(msg))?;
+        w.flush()?;
         Ok(())
     }
 
@@ -426,8 +432,12 @@ pub mod asynchronous {
 
     use super::*;
 
+    /// Write one frame and flush it: over TLS the frame's last record otherwise waits in
+    /// the TLS layer's buffer until the next write, and a peer waiting for it (a demand
+    /// fetch) waits forever.
     pub async fn write(w: &mut (impl AsyncWrite + Unpin), msg: &Message) -> Result<(), ProtoError> {
         w.write_all(&encode(msg)).await?;
+        w.flush().await?;
         Ok(())
     }
 
@@ -455,7 +465,7 @@ mod tests {
             Message::Hello {
                 versions: (1, 1),
                 device: "phone".into(),
-                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99, overlay_digest: "cd".repeat(32) }],
+                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99, overlay_digest: "cd".repeat(32), signature: b"{}".to_vec() }],
                 early_start: true,
                 store_and_forward: false,
             },

@@ -43,6 +43,14 @@ fn agent() -> ureq::Agent {
 }
 
 /// Bytes `start..start+len` of `url`.
+/// The overlay's detached signature (`URL.sig`), if the server has one (at most 64 KiB).
+pub fn fetch_signature(url: &str) -> Option<Vec<u8>> {
+    let resp = agent().get(&format!("{url}.sig")).call().ok()?;
+    let mut out = Vec::new();
+    resp.into_reader().take(64 << 10).read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
 pub fn read_range(url: &str, start: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
     let http = |detail: String| RemoteError::Http { url: url.into(), detail };
     if len == 0 {

@@ -17,6 +17,7 @@
 mod code;
 mod device;
 mod pairing;
+pub mod signing;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,6 +106,11 @@ pub(crate) fn read_key(path: &Path) -> Result<KeyPair, TrustError> {
 
 pub(crate) fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
+}
+
+/// The first 12 characters of a digest or key (any string: it may be untrusted).
+pub fn short(s: &str) -> &str {
+    s.char_indices().nth(12).map(|(i, _)| &s[..i]).unwrap_or(s)
 }
 
 /// SHA-256 of a certificate's DER, hex.

@@ -138,6 +138,9 @@ pub enum Command {
     /// Application virtualization: pack a program with its library closure, run it on a cloudlet
     #[command(subcommand)]
     App(AppCommand),
+    /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
+    #[command(subcommand)]
+    Signer(SignerCommand),
     /// Pairing: on a cloudlet, show a one-time code (or write a bundle); on a device, pair
     /// with a cloudlet using its code. Every connection then uses these credentials.
     Pair(PairArgs),
@@ -213,8 +216,10 @@ pub enum BaseCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum OverlayCommand {
-    /// Build a launch VM (base + app, running) and write its overlay
+    /// Build a launch VM (base + app, running) and write its overlay (signed: OUT.sig)
     Create(OverlayCreateArgs),
+    /// Sign an overlay with this host's key (FILE.sig beside it)
+    Sign { file: PathBuf },
     /// Describe an overlay: base, reference kinds, bytes per stage, order
     Inspect {
         file: PathBuf,
@@ -326,6 +331,24 @@ pub struct PairArgs {
     pub valid_days: u64,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SignerCommand {
+    /// This host's public signing key (what cloudlets list to accept its overlays)
+    Show,
+    /// (cloudlet) accept overlays signed by KEY; once a key is listed, only listed
+    /// signers' overlays are accepted
+    Allow {
+        key: String,
+        /// A note kept beside the key (who it is)
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// (cloudlet) stop accepting KEY
+    Remove { key: String },
+    /// (cloudlet) the accepted keys
+    List,
 }
 
 #[derive(Subcommand, Debug)]

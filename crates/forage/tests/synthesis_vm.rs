@@ -37,6 +37,7 @@ impl RawDevice {
             manifest_bytes: ov.prefix.len() as u64,
             overlay_bytes: ov.bytes,
             overlay_digest: ov.digest.clone(),
+            signature: ov.signature.clone(),
         };
         write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: true, store_and_forward: false }).await.unwrap();
         let welcome = read(&mut stream).await.unwrap();
@@ -166,6 +167,27 @@ async fn synthesis_modes_cache_and_faults() {
     assert!(report.first_response_s >= report.ready_s && report.ready_s > 0.0, "{report:?}");
     assert!(report.bytes_sent > 0 && report.usage.is_none());
     session.close().await;
+
+    // Signed overlays: with a signers list, an unsigned overlay and one signed by another
+    // key are refused before anything is received; the listed signer's synthesizes.
+    let signers = f.data.root().join("trust").join("signers");
+    let builder = forage_trust::signing::Signer::open_or_init(&f.work.join("builder.pk8")).unwrap();
+    let stranger = forage_trust::signing::Signer::open_or_init(&f.work.join("stranger.pk8")).unwrap();
+    std::fs::write(&signers, format!("{} # builder\n", builder.public_hex())).unwrap();
+    let sig_path = format!("{}.sig", f.ovl.display());
+    let _ = std::fs::remove_file(&sig_path);
+    let err = forage_client::synthesize(&f.ovl, addr, &opts("unsigned", false)).await.err().expect("unsigned refused").to_string();
+    assert!(err.contains("not signed"), "{err}");
+    std::fs::write(&sig_path, serde_json::to_vec(&stranger.sign(&digest)).unwrap()).unwrap();
+    let err = forage_client::synthesize(&f.ovl, addr, &opts("stranger", false)).await.err().expect("stranger refused").to_string();
+    assert!(err.contains("not one this cloudlet accepts"), "{err}");
+    std::fs::write(&sig_path, serde_json::to_vec(&builder.sign(&digest)).unwrap()).unwrap();
+    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("signed", false)).await.expect("signed overlay");
+    assert!(report.answer.starts_with("ok "), "{}", report.answer);
+    session.close().await;
+    std::fs::remove_file(&signers).unwrap();
+    std::fs::remove_file(&sig_path).unwrap();
+    assert_cleaned_up(&f.data).await;
 
     // Early start with demand fetch: the device sends the device state and then only the
     // segments the cloudlet asks for. The VM resumes, its reads block and fetch, and the
@@ -344,7 +366,7 @@ async fn synthesis_modes_cache_and_faults() {
             drop(dev);
             let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
             let ov = OverlayFile::open(&f.ovl).await.unwrap();
-            let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone() };
+            let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone(), signature: Vec::new() };
             write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();
             read(&mut stream).await.unwrap();
             dev = RawDevice { stream, ov };

@@ -48,6 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::App(c) => tactical::app(&data, c).await,
         Command::Pair(a) => pair::run(&data, a).await,
+        Command::Signer(c) => pair::signer(&data, c),
     }
 }
 

@@ -43,6 +43,11 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
         OverlayCommand::Create(args) => create(data, args).await,
         OverlayCommand::Inspect { file, json } => inspect(&file, json),
         OverlayCommand::Verify { file, json } => verify(&file, json),
+        OverlayCommand::Sign { file } => {
+            let signer = sign_overlay(data, &file)?;
+            println!("{} signed by {signer} (written to {}.sig)", file.display(), file.display());
+            Ok(())
+        }
         OverlayCommand::Merge { parent, residue, output, base, reduce, json } => merge(data, &parent, &residue, &output, base.as_deref(), &reduce, json).await,
         OverlayCommand::Apply { file, base, out, json } => {
             let b = BaseVm::open(data, &base)?;
@@ -114,11 +119,31 @@ pub async fn build_overlay(data: &DataDir, args: &OverlayCreateArgs, quiet: bool
         };
         say("writing the overlay ...");
         let report = forage_synth::create::create(&base, &input, &opts, &args.output)?;
+        sign_overlay(data, &args.output)?;
         Ok::<_, anyhow::Error>((report, launch_s))
     }
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// Sign `ovl` with this host's signing key (created the first time): `OVL.sig` beside it.
+/// Returns the signer's public key.
+pub fn sign_overlay(data: &DataDir, ovl: &Path) -> anyhow::Result<String> {
+    let signer = forage_trust::signing::Signer::open_or_init(&signing_key(data))?;
+    let mut head = [0u8; forage_format::container::HEADER_LEN];
+    std::io::Read::read_exact(&mut std::fs::File::open(ovl).with_context(|| format!("{}", ovl.display()))?, &mut head).with_context(|| format!("{}: header", ovl.display()))?;
+    let header = forage_format::read_header(&head).with_context(|| format!("{}", ovl.display()))?;
+    let sig = signer.sign(&hex::encode(header.manifest_sha256));
+    let out = std::path::PathBuf::from(format!("{}.sig", ovl.display()));
+    let partial = out.with_extension("sig-partial");
+    std::fs::write(&partial, serde_json::to_vec_pretty(&sig)?).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(sig.signer)
+}
+
+pub fn signing_key(data: &DataDir) -> std::path::PathBuf {
+    data.root().join("trust").join("signing.pk8")
 }
 
 async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ use forage_datadir::DataDir;
 use forage_trust::{CloudletTrust, DeviceTrust, PeerKind};
 use serde_json::json;
 
-use crate::cli::{PairArgs, PairCommand};
+use crate::cli::{PairArgs, PairCommand, SignerCommand};
 
 /// The name a cloudlet's authority is created with if `forage pair` runs before `serve`.
 const DEFAULT_CLOUDLET: &str = "cloudlet";
@@ -137,4 +137,49 @@ pub(super) fn date(unix: u64) -> String {
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "device".into())
+}
+
+/// `forage signer`: the signing key of this host, and the signers file of a cloudlet.
+pub fn signer(data: &DataDir, cmd: SignerCommand) -> anyhow::Result<()> {
+    let list = data.root().join("trust").join("signers");
+    let read = || std::fs::read_to_string(&list).unwrap_or_default();
+    let write = |text: String| -> anyhow::Result<()> {
+        std::fs::create_dir_all(list.parent().expect("has a parent"))?;
+        let partial = list.with_extension("partial");
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, &list).with_context(|| format!("writing {}", list.display()))
+    };
+    match cmd {
+        SignerCommand::Show => {
+            let s = forage_trust::signing::Signer::open_or_init(&super::overlay::signing_key(data))?;
+            println!("{}", s.public_hex());
+        }
+        SignerCommand::Allow { key, note } => {
+            let key = key.trim().to_lowercase();
+            if key.len() != 64 || hex::decode(&key).is_err() {
+                bail!("{key:?} is not an Ed25519 public key in hex (64 digits; `forage signer show` on the builder prints it)");
+            }
+            let mut text = read();
+            if !text.lines().any(|l| l.split_whitespace().next() == Some(key.as_str())) {
+                text.push_str(&format!("{key} # {note}\n"));
+                write(text)?;
+            }
+            println!("overlays signed by {} are accepted; overlays of other signers and unsigned ones are refused", forage_trust::short(&key));
+        }
+        SignerCommand::Remove { key } => {
+            let key = key.trim().to_lowercase();
+            let text: String = read().lines().filter(|l| l.split_whitespace().next() != Some(key.as_str())).map(|l| format!("{l}\n")).collect();
+            write(text)?;
+            println!("signer {} removed (an empty list still refuses every overlay: delete {} to accept any)", forage_trust::short(&key), list.display());
+        }
+        SignerCommand::List => match forage_trust::signing::allowed_signers(&list)? {
+            None => println!("no signers list: any overlay of a paired device is accepted ({} absent)", list.display()),
+            Some(keys) => {
+                for k in keys {
+                    println!("{k}");
+                }
+            }
+        },
+    }
+    Ok(())
 }
