@@ -200,8 +200,8 @@ fn check_signature(cloudlet: &Cloudlet, offer: &forage_proto::Offer) -> Result<(
     if offer.signature.is_empty() {
         return Err(refused(ErrorCode::BadOverlay, format!("overlay {short} is not signed, and this cloudlet accepts only overlays signed by its listed signers")));
     }
-    let sig = forage_trust::signing::OverlaySignature::parse(&offer.signature).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: signature: {e}")))?;
-    sig.verify(&offer.overlay_digest, &allowed).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: {e}")))?;
+    let sig = forage_trust::signing::Signature::parse(&offer.signature).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: signature: {e}")))?;
+    sig.verify(forage_trust::signing::OVERLAY, &offer.overlay_digest, &allowed).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: {e}")))?;
     tracing::info!(overlay = short, signer = forage_trust::short(&sig.signer), "signature verified");
     Ok(())
 }

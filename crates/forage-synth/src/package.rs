@@ -136,6 +136,23 @@ pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &d
     Ok(meta)
 }
 
+/// The SHA-256 (hex) of a package's `package.json`, which lists every file's SHA-256:
+/// what a package's signature signs.
+pub fn package_digest(file: &Path) -> Result<String, SynthError> {
+    let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
+    let f = File::open(file).map_err(|source| SynthError::Io { path: file.to_path_buf(), source })?;
+    let dec = zstd::stream::read::Decoder::new(f).map_err(|e| bad(e.to_string()))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
+    let first = entries.next().ok_or_else(|| bad("empty package".into()))?.map_err(|e| bad(e.to_string()))?;
+    if first.path().map(|p| p.as_os_str() != "package.json").unwrap_or(true) || first.size() > MAX_PACKAGE_JSON {
+        return Err(bad("package.json is not the first entry".into()));
+    }
+    let mut json = Vec::new();
+    first.take(MAX_PACKAGE_JSON).read_to_end(&mut json).map_err(|e| bad(e.to_string()))?;
+    Ok(hex::encode(Sha256::digest(&json)))
+}
+
 /// package.json of a package: exactly `kind`, `format`, `key` and `files` (untrusted).
 pub fn parse_package_json(json: &[u8], kind: &str, format: u32, key: &str) -> Result<(serde_json::Value, Vec<PackageFile>), String> {
     let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json).map_err(|e| e.to_string())?;

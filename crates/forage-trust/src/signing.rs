@@ -1,10 +1,11 @@
-//! Signed overlays. A builder's Ed25519 key (`DATA/trust/signing.pk8`, mode 0600) signs an
-//! overlay's digest (the SHA-256 of its manifest, which holds every segment's SHA-256, so
-//! the signature covers every byte the overlay will place). The signature travels beside
-//! the overlay (`APP.ovl.sig`) and in the device's offer. A cloudlet with a signers file
-//! (`DATA/trust/signers`: one public key in hex per line, `#` comments) accepts only
-//! overlays signed by a listed key, checked before any VM starts; without the file it
-//! accepts any overlay of a paired device.
+//! Signed artifacts. A builder's Ed25519 key (`DATA/trust/signing.pk8`, mode 0600) signs
+//! an artifact's digest: for an overlay the SHA-256 of its manifest (which holds every
+//! segment's SHA-256), for a base or service package the SHA-256 of its `package.json`
+//! (which holds every file's SHA-256), so a signature covers every byte. The signature is
+//! a small JSON file beside the artifact (`FILE.sig`); for overlays it also travels in the
+//! device's offer. A cloudlet with a signers file (`DATA/trust/signers`: one public key in
+//! hex per line, `#` comments) accepts only artifacts signed by a listed key, checked
+//! before any VM starts or anything is imported; without the file it accepts any.
 
 use std::path::Path;
 
@@ -13,46 +14,53 @@ use serde::{Deserialize, Serialize};
 
 use crate::{io, write_file, TrustError};
 
-pub const SIGNATURE_KIND: &str = "forage-overlay-signature";
-/// Domain separation: a signature of an overlay is good for nothing else.
-const CONTEXT: &[u8] = b"forage overlay v1\0";
+pub const SIGNATURE_KIND: &str = "forage-signature";
+/// What can be signed.
+pub const OVERLAY: &str = "overlay";
+pub const BASE_PACKAGE: &str = "base-package";
+pub const SERVICE_PACKAGE: &str = "service-package";
 
-/// `APP.ovl.sig`.
+/// Domain separation: a signature is good for its kind of artifact and nothing else.
+fn message(artifact: &str, digest: &str) -> Vec<u8> {
+    format!("forage signature v1\0{artifact}\0{digest}").into_bytes()
+}
+
+/// `FILE.sig`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OverlaySignature {
+pub struct Signature {
     pub kind: String,
     pub format: u32,
-    /// The overlay's digest (hex SHA-256 of its manifest).
-    pub overlay_digest: String,
+    /// `overlay`, `base-package` or `service-package`.
+    pub artifact: String,
+    /// The artifact's digest (hex SHA-256 of its manifest or package.json).
+    pub digest: String,
     /// The signer's Ed25519 public key, hex.
     pub signer: String,
-    /// Ed25519 over `CONTEXT || overlay_digest`, hex.
+    /// Ed25519 over the domain-separated artifact kind and digest, hex.
     pub signature: String,
 }
 
-impl OverlaySignature {
+impl Signature {
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let s: OverlaySignature = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let s: Signature = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if s.kind != SIGNATURE_KIND || s.format != 1 {
-            return Err(format!("{:?} format {} is not an overlay signature this forage reads", s.kind, s.format));
+            return Err(format!("{:?} format {} is not a signature this forage reads", s.kind, s.format));
         }
         Ok(s)
     }
 
-    /// Check the signature over `overlay_digest`, made by one of `allowed` (hex keys).
-    pub fn verify(&self, overlay_digest: &str, allowed: &[String]) -> Result<(), String> {
-        if self.overlay_digest != overlay_digest {
-            return Err(format!("the signature is for overlay {}, not this one", crate::short(&self.overlay_digest)));
+    /// Check the signature over `artifact` with `digest`, made by one of `allowed` (hex keys).
+    pub fn verify(&self, artifact: &str, digest: &str, allowed: &[String]) -> Result<(), String> {
+        if self.artifact != artifact || self.digest != digest {
+            return Err(format!("the signature is for {} {}, not this one", self.artifact, crate::short(&self.digest)));
         }
         if !allowed.iter().any(|a| a.eq_ignore_ascii_case(&self.signer)) {
             return Err(format!("signer {} is not one this cloudlet accepts", crate::short(&self.signer)));
         }
         let key = hex::decode(&self.signer).map_err(|_| "the signer is not a hex key".to_string())?;
         let sig = hex::decode(&self.signature).map_err(|_| "the signature is not hex".to_string())?;
-        let mut msg = CONTEXT.to_vec();
-        msg.extend_from_slice(overlay_digest.as_bytes());
-        UnparsedPublicKey::new(&ED25519, key).verify(&msg, &sig).map_err(|_| "the signature does not verify (tampered overlay or signature)".to_string())
+        UnparsedPublicKey::new(&ED25519, key).verify(&message(artifact, digest), &sig).map_err(|_| format!("the signature does not verify (tampered {artifact} or signature)"))
     }
 }
 
@@ -76,17 +84,31 @@ impl Signer {
         hex::encode(self.key.public_key().as_ref())
     }
 
-    pub fn sign(&self, overlay_digest: &str) -> OverlaySignature {
-        let mut msg = CONTEXT.to_vec();
-        msg.extend_from_slice(overlay_digest.as_bytes());
-        OverlaySignature {
+    pub fn sign(&self, artifact: &str, digest: &str) -> Signature {
+        Signature {
             kind: SIGNATURE_KIND.into(),
             format: 1,
-            overlay_digest: overlay_digest.into(),
+            artifact: artifact.into(),
+            digest: digest.into(),
             signer: self.public_hex(),
-            signature: hex::encode(self.key.sign(&msg).as_ref()),
+            signature: hex::encode(self.key.sign(&message(artifact, digest)).as_ref()),
         }
     }
+}
+
+/// Check `FILE.sig` of an artifact against the signers list at `signers` (nothing to do
+/// without a list). `digest` is the artifact's own digest, computed by the caller.
+pub fn check_detached(signers: &Path, artifact: &str, digest: &str, file: &Path) -> Result<(), String> {
+    let Some(allowed) = allowed_signers(signers).map_err(|e| e.to_string())? else { return Ok(()) };
+    let sig_path = std::path::PathBuf::from(format!("{}.sig", file.display()));
+    let bytes = std::fs::read(&sig_path).map_err(|_| format!("{} is not signed ({} missing), and this host accepts only its listed signers", file.display(), sig_path.display()))?;
+    Signature::parse(&bytes).and_then(|s| s.verify(artifact, digest, &allowed)).map_err(|e| format!("{}: {e}", sig_path.display()))
+}
+
+/// Write `FILE.sig` for an artifact (through a temporary name).
+pub fn write_detached(signer: &Signer, artifact: &str, digest: &str, file: &Path) -> Result<(), TrustError> {
+    let sig = signer.sign(artifact, digest);
+    write_file(&std::path::PathBuf::from(format!("{}.sig", file.display())), &serde_json::to_vec_pretty(&sig).expect("serializes"), false)
 }
 
 /// The signers a cloudlet accepts; `None` when it has no signers file (any overlay).
@@ -116,17 +138,21 @@ mod tests {
         let b = Signer::open_or_init(&dir.path().join("b.pk8")).unwrap();
         assert_eq!(Signer::open_or_init(&dir.path().join("a.pk8")).unwrap().public_hex(), a.public_hex(), "the key is kept");
         let digest = "ab".repeat(32);
-        let sig = a.sign(&digest);
-        let parsed = OverlaySignature::parse(&serde_json::to_vec(&sig).unwrap()).unwrap();
-        parsed.verify(&digest, &[a.public_hex()]).unwrap();
-        assert!(parsed.verify(&digest, &[b.public_hex()]).unwrap_err().contains("not one this cloudlet accepts"));
-        assert!(parsed.verify(&"cd".repeat(32), &[a.public_hex()]).unwrap_err().contains("not this one"));
+        let sig = a.sign(OVERLAY, &digest);
+        let parsed = Signature::parse(&serde_json::to_vec(&sig).unwrap()).unwrap();
+        parsed.verify(OVERLAY, &digest, &[a.public_hex()]).unwrap();
+        assert!(parsed.verify(OVERLAY, &digest, &[b.public_hex()]).unwrap_err().contains("not one this cloudlet accepts"));
+        assert!(parsed.verify(OVERLAY, &"cd".repeat(32), &[a.public_hex()]).unwrap_err().contains("not this one"));
+        assert!(parsed.verify(BASE_PACKAGE, &digest, &[a.public_hex()]).unwrap_err().contains("not this one"), "an overlay's signature is no package's");
+        let mut relabelled = parsed.clone();
+        relabelled.artifact = BASE_PACKAGE.into();
+        assert!(relabelled.verify(BASE_PACKAGE, &digest, &[a.public_hex()]).unwrap_err().contains("does not verify"));
         let mut forged = parsed.clone();
         forged.signer = b.public_hex();
-        assert!(forged.verify(&digest, &[b.public_hex()]).unwrap_err().contains("does not verify"));
+        assert!(forged.verify(OVERLAY, &digest, &[b.public_hex()]).unwrap_err().contains("does not verify"));
         let mut tampered = parsed;
         tampered.signature.replace_range(0..2, "00");
-        assert!(tampered.verify(&digest, &[a.public_hex()]).is_err());
+        assert!(tampered.verify(OVERLAY, &digest, &[a.public_hex()]).is_err());
 
         let list = dir.path().join("signers");
         assert_eq!(allowed_signers(&list).unwrap(), None);

@@ -111,6 +111,14 @@ async fn five_mechanisms_share_one_lifecycle() {
     // Export, import under another id, and a cut package refused with nothing left.
     let pkg = work.join("hs.fsvc");
     forage(&["service", "export", "prov-hs", "-o", &pkg.to_string_lossy()]);
+    // Exports are signed; a host with a signers list refuses a package of another signer.
+    let signers = data.root().join("trust").join("signers");
+    std::fs::write(&signers, format!("{} # someone else\n", "ab".repeat(32))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_forage")).arg("--data-dir").arg(data.root()).args(["service", "import", &pkg.to_string_lossy(), "--id", "prov-refused"]).output().unwrap();
+    assert!(!out.status.success(), "a package of an unlisted signer was imported");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not one this cloudlet accepts"), "{}", String::from_utf8_lossy(&out.stderr));
+    let me = forage(&["signer", "show"]);
+    std::fs::write(&signers, format!("{} # this host\n", me.trim())).unwrap();
     forage(&[
         "service",
         "import",
@@ -118,6 +126,7 @@ async fn five_mechanisms_share_one_lifecycle() {
         "--id",
         "prov-hs-copy",
     ]);
+    std::fs::remove_file(&signers).unwrap();
     let cut = work.join("cut.fsvc");
     let bytes = std::fs::read(&pkg).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

@@ -178,10 +178,10 @@ async fn synthesis_modes_cache_and_faults() {
     let _ = std::fs::remove_file(&sig_path);
     let err = forage_client::synthesize(&f.ovl, addr, &opts("unsigned", false)).await.err().expect("unsigned refused").to_string();
     assert!(err.contains("not signed"), "{err}");
-    std::fs::write(&sig_path, serde_json::to_vec(&stranger.sign(&digest)).unwrap()).unwrap();
+    std::fs::write(&sig_path, serde_json::to_vec(&stranger.sign(forage_trust::signing::OVERLAY, &digest)).unwrap()).unwrap();
     let err = forage_client::synthesize(&f.ovl, addr, &opts("stranger", false)).await.err().expect("stranger refused").to_string();
     assert!(err.contains("not one this cloudlet accepts"), "{err}");
-    std::fs::write(&sig_path, serde_json::to_vec(&builder.sign(&digest)).unwrap()).unwrap();
+    std::fs::write(&sig_path, serde_json::to_vec(&builder.sign(forage_trust::signing::OVERLAY, &digest)).unwrap()).unwrap();
     let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("signed", false)).await.expect("signed overlay");
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     session.close().await;

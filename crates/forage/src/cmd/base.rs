@@ -80,10 +80,13 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
         BaseCommand::Export { name, file } => {
             let b = BaseVm::open(data, &name)?;
             let t = Instant::now();
-            let size = tokio::task::spawn_blocking(move || package::export(&b, &file)).await??;
-            println!("base {name} exported: {} MiB in {:.1} s", size >> 20, t.elapsed().as_secs_f64());
+            let f2 = file.clone();
+            let size = tokio::task::spawn_blocking(move || package::export(&b, &f2)).await??;
+            super::pair::sign_package(data, forage_trust::signing::BASE_PACKAGE, &file)?;
+            println!("base {name} exported: {} MiB in {:.1} s (signed: {}.sig)", size >> 20, t.elapsed().as_secs_f64(), file.display());
         }
         BaseCommand::Import { file, name } => {
+            super::pair::check_package(data, forage_trust::signing::BASE_PACKAGE, &file)?;
             let data2 = data.clone();
             let b = tokio::task::spawn_blocking(move || package::import(&data2, &file, name.as_deref())).await??;
             println!("base {} imported, digest {} (checked)", b.manifest().name, b.digest());

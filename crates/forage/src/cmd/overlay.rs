@@ -134,12 +134,8 @@ pub fn sign_overlay(data: &DataDir, ovl: &Path) -> anyhow::Result<String> {
     let mut head = [0u8; forage_format::container::HEADER_LEN];
     std::io::Read::read_exact(&mut std::fs::File::open(ovl).with_context(|| format!("{}", ovl.display()))?, &mut head).with_context(|| format!("{}: header", ovl.display()))?;
     let header = forage_format::read_header(&head).with_context(|| format!("{}", ovl.display()))?;
-    let sig = signer.sign(&hex::encode(header.manifest_sha256));
-    let out = std::path::PathBuf::from(format!("{}.sig", ovl.display()));
-    let partial = out.with_extension("sig-partial");
-    std::fs::write(&partial, serde_json::to_vec_pretty(&sig)?).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &out).with_context(|| format!("writing {}", out.display()))?;
-    Ok(sig.signer)
+    forage_trust::signing::write_detached(&signer, forage_trust::signing::OVERLAY, &hex::encode(header.manifest_sha256), ovl)?;
+    Ok(signer.public_hex())
 }
 
 pub fn signing_key(data: &DataDir) -> std::path::PathBuf {

@@ -183,3 +183,21 @@ pub fn signer(data: &DataDir, cmd: SignerCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Sign a package just written (`FILE.sig`) with this host's key.
+pub fn sign_package(data: &DataDir, artifact: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let signer = forage_trust::signing::Signer::open_or_init(&super::overlay::signing_key(data))?;
+    let digest = forage_synth::package::package_digest(file)?;
+    forage_trust::signing::write_detached(&signer, artifact, &digest, file)?;
+    Ok(())
+}
+
+/// With a signers list, a package must carry a good signature of a listed signer.
+pub fn check_package(data: &DataDir, artifact: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let signers = data.root().join("trust").join("signers");
+    if !signers.exists() {
+        return Ok(());
+    }
+    let digest = forage_synth::package::package_digest(file)?;
+    forage_trust::signing::check_detached(&signers, artifact, &digest, file).map_err(|e| anyhow::anyhow!("refusing {}: {e}", file.display()))
+}

@@ -56,6 +56,7 @@ pub async fn run(data: &DataDir, cmd: ServiceCommand) -> anyhow::Result<()> {
             json,
             ..
         } => {
+            super::pair::check_package(data, forage_trust::signing::SERVICE_PACKAGE, &pkg)?;
             let svc = package::import(data, &repo, &pkg, id.as_deref())
                 .with_context(|| format!("importing {}", pkg.display()))?;
             report(&svc, json, "imported");
@@ -88,8 +89,9 @@ pub async fn run(data: &DataDir, cmd: ServiceCommand) -> anyhow::Result<()> {
             let svc = repo.open(&id)?;
             let size = package::export(&svc, &output)
                 .with_context(|| format!("exporting service {id}"))?;
+            super::pair::sign_package(data, forage_trust::signing::SERVICE_PACKAGE, &output)?;
             println!(
-                "service {id} exported to {} ({:.1} MiB)",
+                "service {id} exported to {} ({:.1} MiB, signed)",
                 output.display(),
                 size as f64 / (1 << 20) as f64
             );
