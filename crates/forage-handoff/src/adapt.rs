@@ -1,0 +1,301 @@
+//! Dynamic adaptation of the handoff pipeline (the VM handoff paper, section 6).
+//!
+//! An **operating mode** is one choice of delta encoding and compression. For each mode a
+//! lookup table, profiled offline on a reference workload, holds P (processing seconds per
+//! chunk, on one core) and R (output bytes / input bytes). P and R of the live handoff are
+//! workload-specific, but their ratios between modes are not, so every 100 ms the
+//! [`Adapter`] scales the table by what the current mode measures:
+//!
+//! ```text
+//! Scale_P = P_current / P_lookup(current)      Scale_R = R_current / R_lookup(current)
+//! P(M) = P_lookup(M) * Scale_P                 R(M) = R_lookup(M) * Scale_R
+//! Thru_processing(M) = cores / P(M)            (chunks/s)
+//! Thru_network(M)    = bandwidth / (chunk * R(M))
+//! Thru_system(M)     = min(Thru_processing(M), Thru_network(M))
+//! ```
+//!
+//! and picks the mode that maximizes `Thru_system`, keeping a mode at least
+//! [`MIN_HOLD`] (hysteresis) unless the current one is not in the table.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How often the adapter looks (the paper: 100 ms).
+pub const TICK: Duration = Duration::from_millis(100);
+/// The least time a mode is kept (the paper: 5 s).
+pub const MIN_HOLD: Duration = Duration::from_secs(5);
+
+/// Difference encoding against the chunk the destination already has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delta {
+    None,
+    Xor,
+    Bsdiff,
+}
+
+/// Compression of a segment (about 1 MiB of encoded chunks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "codec", content = "level", rename_all = "lowercase")]
+pub enum Codec {
+    None,
+    Zstd(i32),
+    Gzip(u32),
+    Bzip2(u32),
+    Lzma(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Mode {
+    pub delta: Delta,
+    pub codec: Codec,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = match self.delta {
+            Delta::None => "none",
+            Delta::Xor => "xor",
+            Delta::Bsdiff => "bsdiff",
+        };
+        match self.codec {
+            Codec::None => write!(f, "{d}+none"),
+            Codec::Zstd(l) => write!(f, "{d}+zstd{l}"),
+            Codec::Gzip(l) => write!(f, "{d}+gzip{l}"),
+            Codec::Bzip2(l) => write!(f, "{d}+bzip2{l}"),
+            Codec::Lzma(l) => write!(f, "{d}+lzma{l}"),
+        }
+    }
+}
+
+/// P and R of one mode on the reference workload.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Processing seconds per chunk on one core (delta + compression).
+    pub p: f64,
+    /// Output bytes per input byte.
+    pub r: f64,
+}
+
+/// The offline profile of every mode considered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LookupTable {
+    pub chunk_bytes: u64,
+    pub modes: Vec<(Mode, Profile)>,
+}
+
+impl LookupTable {
+    pub fn get(&self, m: &Mode) -> Option<Profile> {
+        self.modes.iter().find(|(k, _)| k == m).map(|(_, p)| *p)
+    }
+
+    /// The mode with the least processing (the paper's FASTEST_SPEED) and the one with
+    /// the smallest output (HIGHEST_COMPRESSION), the static modes handoff is compared to.
+    pub fn fastest(&self) -> Option<Mode> {
+        self.modes.iter().min_by(|a, b| a.1.p.total_cmp(&b.1.p)).map(|(m, _)| *m)
+    }
+
+    pub fn smallest(&self) -> Option<Mode> {
+        self.modes.iter().min_by(|a, b| a.1.r.total_cmp(&b.1.r)).map(|(m, _)| *m)
+    }
+}
+
+/// What the running handoff measured over the last tick.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// Seconds of processing per chunk per core, in the current mode.
+    pub p: f64,
+    /// Output/input ratio in the current mode.
+    pub r: f64,
+    /// Bytes per second acknowledged by the destination.
+    pub bandwidth: f64,
+    /// Cores the pipeline may use.
+    pub cores: f64,
+}
+
+/// A mode's predicted throughputs, in chunks per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    pub mode: Mode,
+    pub processing: f64,
+    pub network: f64,
+}
+
+impl Prediction {
+    pub fn system(&self) -> f64 {
+        self.processing.min(self.network)
+    }
+}
+
+/// Predict every mode's throughputs from what `current` measures.
+pub fn predict(table: &LookupTable, current: Mode, obs: &Observation) -> Vec<Prediction> {
+    let Some(base) = table.get(&current) else { return Vec::new() };
+    let scale_p = if base.p > 0.0 { obs.p / base.p } else { 1.0 };
+    let scale_r = if base.r > 0.0 { obs.r / base.r } else { 1.0 };
+    let chunk = table.chunk_bytes.max(1) as f64;
+    table
+        .modes
+        .iter()
+        .map(|(m, prof)| {
+            let p = (prof.p * scale_p).max(1e-12);
+            let r = (prof.r * scale_r).max(1e-12);
+            Prediction { mode: *m, processing: obs.cores / p, network: obs.bandwidth / (chunk * r) }
+        })
+        .collect()
+}
+
+/// A change of mode, for the trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Switch {
+    pub from: Mode,
+    pub to: Mode,
+    pub predicted_system: f64,
+    pub current_system: f64,
+}
+
+/// The adaptation loop's state: the current mode and since when.
+pub struct Adapter {
+    table: LookupTable,
+    current: Mode,
+    since: Instant,
+}
+
+impl Adapter {
+    pub fn new(table: LookupTable, start: Mode, now: Instant) -> Self {
+        Self { table, current: start, since: now }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.current
+    }
+
+    /// One tick: switch to the best predicted mode if the current one has been held
+    /// [`MIN_HOLD`] and another beats it.
+    pub fn tick(&mut self, obs: &Observation, now: Instant) -> Option<Switch> {
+        if now.duration_since(self.since) < MIN_HOLD {
+            return None;
+        }
+        let preds = predict(&self.table, self.current, obs);
+        let current = preds.iter().find(|p| p.mode == self.current)?.system();
+        let best = preds.iter().max_by(|a, b| a.system().total_cmp(&b.system()))?;
+        // Ties and noise-level gains keep the current mode.
+        if best.mode == self.current || best.system() <= current * 1.02 {
+            return None;
+        }
+        let switch = Switch { from: self.current, to: best.mode, predicted_system: best.system(), current_system: current };
+        self.current = best.mode;
+        self.since = now;
+        Some(switch)
+    }
+}
+
+/// Modes by name, for command lines (`xor+zstd3`, `bsdiff+lzma9`, `none+none`).
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    let (d, c) = s.split_once('+').ok_or_else(|| format!("mode {s:?}: DELTA+CODEC, e.g. xor+zstd3"))?;
+    let delta = match d {
+        "none" => Delta::None,
+        "xor" => Delta::Xor,
+        "bsdiff" => Delta::Bsdiff,
+        other => return Err(format!("unknown delta {other:?} (none, xor, bsdiff)")),
+    };
+    let level = |name: &str| -> Result<u32, String> { c[name.len()..].parse().map_err(|_| format!("codec {c:?}: {name}LEVEL")) };
+    let codec = if c == "none" {
+        Codec::None
+    } else if c.starts_with("zstd") {
+        Codec::Zstd(level("zstd")? as i32)
+    } else if c.starts_with("gzip") {
+        Codec::Gzip(level("gzip")?)
+    } else if c.starts_with("bzip2") {
+        Codec::Bzip2(level("bzip2")?)
+    } else if c.starts_with("lzma") {
+        Codec::Lzma(level("lzma")?)
+    } else {
+        return Err(format!("unknown codec {c:?} (none, zstdN, gzipN, bzip2N, lzmaN)"));
+    };
+    Ok(Mode { delta, codec })
+}
+
+/// Every mode `forage bench handoff` profiles: three deltas, and gzip, bzip2, LZMA at
+/// levels 1-9 as in the paper, plus zstd and no compression.
+pub fn all_modes() -> Vec<Mode> {
+    let mut out = BTreeMap::new();
+    for delta in [Delta::None, Delta::Xor, Delta::Bsdiff] {
+        let mut codecs = vec![Codec::None, Codec::Zstd(1), Codec::Zstd(3), Codec::Zstd(9), Codec::Zstd(19)];
+        for l in 1..=9 {
+            codecs.extend([Codec::Gzip(l), Codec::Bzip2(l), Codec::Lzma(l)]);
+        }
+        for codec in codecs {
+            let m = Mode { delta, codec };
+            out.insert(m, ());
+        }
+    }
+    out.into_keys().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(s: &str) -> Mode {
+        parse_mode(s).unwrap()
+    }
+
+    fn table() -> LookupTable {
+        LookupTable {
+            chunk_bytes: 4096,
+            modes: vec![
+                (m("none+none"), Profile { p: 1e-6, r: 1.0 }),
+                (m("xor+zstd1"), Profile { p: 10e-6, r: 0.30 }),
+                (m("xor+lzma9"), Profile { p: 200e-6, r: 0.15 }),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_best_mode_follows_the_bottleneck() {
+        let t = table();
+        let start = Instant::now();
+        // Slow link: compress hard.
+        let mut a = Adapter::new(t.clone(), m("none+none"), start);
+        let slow = Observation { p: 1e-6, r: 1.0, bandwidth: 5e6 / 8.0, cores: 1.0 };
+        assert_eq!(a.tick(&slow, start + Duration::from_secs(1)), None, "held for 5 s");
+        let s = a.tick(&slow, start + MIN_HOLD).expect("a switch");
+        assert_eq!(s.to, m("xor+lzma9"));
+        // Fast link: compressing hard is now the bottleneck; but not before 5 s.
+        let fast = Observation { p: 200e-6, r: 0.15, bandwidth: 1e9 / 8.0, cores: 1.0 };
+        assert_eq!(a.tick(&fast, start + MIN_HOLD + Duration::from_secs(1)), None);
+        let s = a.tick(&fast, start + MIN_HOLD * 2).expect("a switch");
+        assert_ne!(s.to, m("xor+lzma9"));
+        assert!(s.predicted_system > s.current_system);
+    }
+
+    #[test]
+    fn measured_ratios_scale_the_table() {
+        let t = table();
+        // The workload compresses twice as badly and processes 3x slower than the
+        // reference: every prediction moves by the same factors.
+        let obs = Observation { p: 30e-6, r: 0.60, bandwidth: 1e6, cores: 2.0 };
+        let p = predict(&t, m("xor+zstd1"), &obs);
+        let lz = p.iter().find(|x| x.mode == m("xor+lzma9")).unwrap();
+        assert!((lz.processing - 2.0 / (200e-6 * 3.0)).abs() < 1e-6);
+        assert!((lz.network - 1e6 / (4096.0 * 0.30)).abs() < 1e-6);
+        assert!(predict(&t, m("bsdiff+gzip9"), &obs).is_empty(), "a mode not in the table predicts nothing");
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for s in ["none+none", "xor+zstd3", "bsdiff+lzma9", "xor+gzip1", "none+bzip2"] {
+            match parse_mode(s) {
+                Ok(mode) => assert_eq!(mode.to_string(), s),
+                Err(e) => assert!(s == "none+bzip2" && e.contains("LEVEL"), "{s}: {e}"),
+            }
+        }
+        assert!(parse_mode("xor").is_err());
+        assert_eq!(all_modes().len(), 3 * (5 + 27));
+        assert_eq!(table().fastest(), Some(m("none+none")));
+        assert_eq!(table().smallest(), Some(m("xor+lzma9")));
+    }
+}
