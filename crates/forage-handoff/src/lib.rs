@@ -1,7 +1,13 @@
-//! forage-handoff: VM handoff between cloudlets (the VM handoff paper). So far the
-//! adaptation of its pipeline ([`adapt`]): operating modes, the offline lookup table, the
-//! per-tick prediction of each mode's throughput from what the running handoff measures,
-//! and the switching rule with hysteresis. The pipeline itself and the handoff protocol
-//! are not built yet (issue "VM handoff").
+//! forage-handoff: VM handoff between cloudlets (the VM handoff paper). So far:
+//! - [`adapt`]: operating modes, the offline lookup table, the per-tick prediction of each
+//!   mode's throughput from what the running handoff measures, and the switching rule
+//!   with hysteresis;
+//! - [`encode`]: the encoding stages of one mode (delta against the destination's chunk,
+//!   segment compression with zstd, gzip, bzip2 or LZMA) and the profiler that builds the
+//!   lookup table.
+//!
+//! The pipeline's threads, the handoff protocol and `forage handoff` are not built yet
+//! (issue "VM handoff").
 
 pub mod adapt;
+pub mod encode;
