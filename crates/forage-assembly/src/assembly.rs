@@ -74,13 +74,20 @@ struct Inner {
     arrived: Vec<bool>,
     fetched: Vec<bool>,
     blob_accessed: Vec<bool>,
-    written: [Vec<bool>; 2],
+    /// Per chunk, the write generation of its last change (0: never changed).
+    write_gen: [Vec<u64>; 2],
+    /// Generation of writes happening now; [`Assembly::mark`] starts a new one.
+    generation: u64,
     device_state: Option<PathBuf>,
     failed: Option<String>,
     stats: AssemblyStats,
     /// Profiling: chunks in the order the VM first read them.
     access_log: Option<AccessLog>,
 }
+
+/// A point in the history of the VM's writes (see [`Assembly::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WriteMark(pub u64);
 
 pub struct Assembly {
     manifest: Manifest,
@@ -160,14 +167,15 @@ impl Assembly {
             chunks[slot(c.space)][c.index as usize] = state;
         }
         let n = manifest.segments.len();
-        let written = [vec![false; chunks[0].len()], vec![false; chunks[1].len()]];
+        let write_gen = [vec![0u64; chunks[0].len()], vec![0u64; chunks[1].len()]];
         let stats = AssemblyStats { segments: n as u32, blobs: manifest.blobs.len() as u64, ..Default::default() };
         let inner = Inner {
             chunks,
             arrived: vec![false; n],
             fetched: vec![false; n],
             blob_accessed: vec![false; manifest.blobs.len()],
-            written,
+            write_gen,
+            generation: 1,
             device_state: None,
             failed: None,
             stats,
@@ -472,7 +480,8 @@ impl Assembly {
                 f.local.write_all_at(&chunk, i * CHUNK).map_err(io(&f.local_path))?;
             }
             inner.chunks[slot(space)][i as usize] = ChunkState::Local;
-            if !std::mem::replace(&mut inner.written[slot(space)][i as usize], true) {
+            let g = inner.generation;
+            if std::mem::replace(&mut inner.write_gen[slot(space)][i as usize], g) == 0 {
                 inner.stats.chunks_written += 1;
             }
         }
@@ -499,7 +508,8 @@ impl Assembly {
         let mut inner = self.lock();
         for i in first_whole..end_whole {
             inner.chunks[slot(space)][i as usize] = ChunkState::Zero;
-            if !std::mem::replace(&mut inner.written[slot(space)][i as usize], true) {
+            let g = inner.generation;
+            if std::mem::replace(&mut inner.write_gen[slot(space)][i as usize], g) == 0 {
                 inner.stats.chunks_written += 1;
             }
         }
@@ -508,7 +518,21 @@ impl Assembly {
 
     /// Chunks of `space` the VM has changed (written or punched) since the launch.
     pub fn written_chunks(&self, space: Space) -> Vec<u64> {
+        self.written_since(space, WriteMark(0))
+    }
+
+    /// Start a new round of change tracking (a handoff iteration): changes from now on are
+    /// after the returned mark.
+    pub fn mark(&self) -> WriteMark {
+        let mut inner = self.lock();
+        let m = WriteMark(inner.generation);
+        inner.generation += 1;
+        m
+    }
+
+    /// Chunks of `space` changed after `mark` (all changed ones for `WriteMark(0)`).
+    pub fn written_since(&self, space: Space, mark: WriteMark) -> Vec<u64> {
         let inner = self.lock();
-        inner.written[slot(space)].iter().enumerate().filter(|(_, &w)| w).map(|(i, _)| i as u64).collect()
+        inner.write_gen[slot(space)].iter().enumerate().filter(|(_, &g)| g > mark.0).map(|(i, _)| i as u64).collect()
     }
 }

@@ -12,7 +12,7 @@ mod fs;
 
 use std::path::PathBuf;
 
-pub use assembly::{Assembly, AssemblyStats, FetchFn};
+pub use assembly::{Assembly, AssemblyStats, FetchFn, WriteMark};
 pub use fs::{Mount, DISK_FILE, MEMORY_FILE};
 
 #[derive(Debug, thiserror::Error)]

@@ -131,6 +131,17 @@ fn writes_are_copy_on_write_and_win_over_late_segments() {
     assert_eq!(a.read(Space::Disk, 7 * C as u64, C as u64, WAIT).unwrap(), chunk(0));
     assert_eq!(std::fs::read(t.path().join("base-disk")).unwrap(), before, "the base is never written");
     assert_eq!(a.written_chunks(Space::Disk), vec![0, 5, 7]);
+    // Rounds of change tracking (handoff iterations): what changed after a mark.
+    let m1 = a.mark();
+    assert!(a.written_since(Space::Disk, m1).is_empty());
+    a.write(Space::Disk, 5 * C as u64, &chunk(0xAB), WAIT).unwrap();
+    a.write(Space::Disk, 6 * C as u64, &chunk(0x11), WAIT).unwrap();
+    let m2 = a.mark();
+    a.punch(Space::Disk, 0, C as u64, WAIT).unwrap();
+    assert_eq!(a.written_since(Space::Disk, m1), vec![0, 5, 6]);
+    assert_eq!(a.written_since(Space::Disk, m2), vec![0]);
+    assert_eq!(a.written_chunks(Space::Disk), vec![0, 5, 6, 7]);
+    assert!(a.written_since(Space::Memory, m1).is_empty());
 }
 
 #[test]
