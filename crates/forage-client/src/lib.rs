@@ -89,7 +89,13 @@ pub async fn connect(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, 
         let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(b);
     }
     let name = rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).expect("a valid name");
-    tokio_rustls::TlsConnector::from(credentials.clone()).connect(name, tcp).await.map_err(|e| ClientError::Tls { addr, detail: tls_detail(&e) })
+    let mut stream = tokio_rustls::TlsConnector::from(credentials.clone()).connect(name, tcp).await.map_err(|e| ClientError::Tls { addr, detail: tls_detail(&e) })?;
+    if send_buffer.is_some() {
+        // The TLS layer queues records too (64 KiB by default): keep that queue small as
+        // well, so that a fetched segment waits behind little bulk data.
+        stream.get_mut().1.set_buffer_limit(Some(16 << 10));
+    }
+    Ok(stream)
 }
 
 /// What a failed handshake means, in the operator's words.

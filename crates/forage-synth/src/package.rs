@@ -94,16 +94,9 @@ pub fn write_package(out: &Path, kind: &str, format: u32, key: &str, meta: serde
 /// On error `work` may hold partial files: the caller removes it.
 pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &dyn Fn(&str) -> bool, work: &Path) -> Result<serde_json::Value, SynthError> {
     let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
-    let f = File::open(file).map_err(|source| SynthError::Io { path: file.to_path_buf(), source })?;
-    let dec = zstd::stream::read::Decoder::new(f).map_err(|e| bad(e.to_string()))?;
-    let mut tar = tar::Archive::new(dec);
+    let mut tar = open_archive(file)?;
     let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
-    let first = entries.next().ok_or_else(|| bad("empty package".into()))?.map_err(|e| bad(e.to_string()))?;
-    if first.path().map(|p| p.as_os_str() != "package.json").unwrap_or(true) || first.size() > MAX_PACKAGE_JSON {
-        return Err(bad("package.json is not the first entry".into()));
-    }
-    let mut json = Vec::new();
-    first.take(MAX_PACKAGE_JSON).read_to_end(&mut json).map_err(|e| bad(e.to_string()))?;
+    let json = package_json(&mut entries, file)?;
     let (meta, listed) = parse_package_json(&json, kind, format, key).map_err(|e| bad(format!("package.json: {e}")))?;
     let mut seen: Vec<String> = Vec::new();
     for entry in entries {
@@ -139,18 +132,29 @@ pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &d
 /// The SHA-256 (hex) of a package's `package.json`, which lists every file's SHA-256:
 /// what a package's signature signs.
 pub fn package_digest(file: &Path) -> Result<String, SynthError> {
-    let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
+    let mut tar = open_archive(file)?;
+    let mut entries = tar.entries().map_err(|e| SynthError::BadFile { path: file.to_path_buf(), detail: e.to_string() })?;
+    Ok(hex::encode(Sha256::digest(package_json(&mut entries, file)?)))
+}
+
+type Archive = tar::Archive<zstd::stream::read::Decoder<'static, std::io::BufReader<File>>>;
+
+fn open_archive(file: &Path) -> Result<Archive, SynthError> {
     let f = File::open(file).map_err(|source| SynthError::Io { path: file.to_path_buf(), source })?;
-    let dec = zstd::stream::read::Decoder::new(f).map_err(|e| bad(e.to_string()))?;
-    let mut tar = tar::Archive::new(dec);
-    let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
+    let dec = zstd::stream::read::Decoder::new(f).map_err(|e| SynthError::BadFile { path: file.to_path_buf(), detail: e.to_string() })?;
+    Ok(tar::Archive::new(dec))
+}
+
+/// The first entry, which must be `package.json` (at most 1 MiB).
+fn package_json<R: Read>(entries: &mut tar::Entries<'_, R>, file: &Path) -> Result<Vec<u8>, SynthError> {
+    let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
     let first = entries.next().ok_or_else(|| bad("empty package".into()))?.map_err(|e| bad(e.to_string()))?;
     if first.path().map(|p| p.as_os_str() != "package.json").unwrap_or(true) || first.size() > MAX_PACKAGE_JSON {
         return Err(bad("package.json is not the first entry".into()));
     }
     let mut json = Vec::new();
     first.take(MAX_PACKAGE_JSON).read_to_end(&mut json).map_err(|e| bad(e.to_string()))?;
-    Ok(hex::encode(Sha256::digest(&json)))
+    Ok(json)
 }
 
 /// package.json of a package: exactly `kind`, `format`, `key` and `files` (untrusted).
