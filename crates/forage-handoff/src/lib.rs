@@ -4,10 +4,13 @@
 //!   with hysteresis;
 //! - [`encode`]: the encoding stages of one mode (delta against the destination's chunk,
 //!   segment compression with zstd, gzip, bzip2 or LZMA) and the profiler that builds the
-//!   lookup table.
+//!   lookup table;
+//! - [`segment`]: the wire format of about 1 MiB of modified chunks (dedup of zero and
+//!   unchanged chunks, delta, compression, checksum) and its checked decoder.
 //!
 //! The pipeline's threads, the handoff protocol and `forage handoff` are not built yet
 //! (issue "VM handoff").
 
 pub mod adapt;
 pub mod encode;
+pub mod segment;
