@@ -161,21 +161,28 @@ pub struct Adapter {
     table: LookupTable,
     current: Mode,
     since: Instant,
+    hold: Duration,
 }
 
 impl Adapter {
     pub fn new(table: LookupTable, start: Mode, now: Instant) -> Self {
-        Self { table, current: start, since: now }
+        Self { table, current: start, since: now, hold: MIN_HOLD }
+    }
+
+    /// Keep a mode at least `hold` instead of [`MIN_HOLD`] (tests, short handoffs).
+    pub fn with_hold(mut self, hold: Duration) -> Self {
+        self.hold = hold;
+        self
     }
 
     pub fn mode(&self) -> Mode {
         self.current
     }
 
-    /// One tick: switch to the best predicted mode if the current one has been held
-    /// [`MIN_HOLD`] and another beats it.
+    /// One tick: switch to the best predicted mode if the current one has been held long
+    /// enough ([`MIN_HOLD`] unless [`Adapter::with_hold`]) and another beats it.
     pub fn tick(&mut self, obs: &Observation, now: Instant) -> Option<Switch> {
-        if now.duration_since(self.since) < MIN_HOLD {
+        if now.duration_since(self.since) < self.hold {
             return None;
         }
         let preds = predict(&self.table, self.current, obs);

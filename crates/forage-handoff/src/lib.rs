@@ -6,11 +6,14 @@
 //!   segment compression with zstd, gzip, bzip2 or LZMA) and the profiler that builds the
 //!   lookup table;
 //! - [`segment`]: the wire format of about 1 MiB of modified chunks (dedup of zero and
-//!   unchanged chunks, delta, compression, checksum) and its checked decoder.
+//!   unchanged chunks, delta, compression, checksum) and its checked decoder;
+//! - [`pipeline`]: the threads (feeder, parallel encoders, in-order delivery, adaptation
+//!   every 100 ms with a trace), bounded channels throughout.
 //!
-//! The pipeline's threads, the handoff protocol and `forage handoff` are not built yet
-//! (issue "VM handoff").
+//! The handoff protocol, the QEMU migration orchestration and `forage handoff` are not
+//! built yet (issue "VM handoff").
 
 pub mod adapt;
 pub mod encode;
+pub mod pipeline;
 pub mod segment;

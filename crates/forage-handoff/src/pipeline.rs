@@ -1,0 +1,304 @@
+//! The handoff pipeline's threads (the paper's section 4.3): a feeder cuts the modified
+//! chunks into segments, worker threads encode them in parallel in the current operating
+//! mode, the caller's thread hands them to the transport in order, and an adaptation
+//! thread measures P, R and the acknowledged bandwidth every [`crate::adapt::TICK`] and
+//! switches modes ([`crate::adapt::Adapter`]). Every channel is bounded, so memory stays
+//! within `(2 * depth + workers)` segments whatever the VM's size.
+//!
+//! Each tick also writes a trace row (input, output and potential output throughput, the
+//! mode, switches): the paper's Figure 17.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::adapt::{Adapter, LookupTable, Mode, Observation};
+use crate::segment::{encode, ChunkId, Modified, CHUNK};
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub workers: usize,
+    /// Chunks per segment (256: 1 MiB).
+    pub segment_chunks: usize,
+    /// Segments queued between stages.
+    pub depth: usize,
+    pub start: Mode,
+    /// `None`: a static mode.
+    pub adapt: Option<LookupTable>,
+    /// How long a mode is kept at least (the paper: 5 s).
+    pub hold: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self { workers: 2, segment_chunks: 256, depth: 4, start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"), adapt: None, hold: crate::adapt::MIN_HOLD }
+    }
+}
+
+/// One tick of the trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceRow {
+    pub t_s: f64,
+    /// Modified state taken in, bytes/s.
+    pub input_bps: f64,
+    /// Bytes/s acknowledged by the destination.
+    pub output_bps: f64,
+    /// What processing could produce in the current mode, bytes/s of output.
+    pub potential_output_bps: f64,
+    pub mode: String,
+    /// The mode changed at this tick.
+    pub switched: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PipelineReport {
+    pub segments: u64,
+    pub chunks: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+    pub trace: Vec<TraceRow>,
+    pub switches: Vec<String>,
+}
+
+#[derive(Default)]
+struct Window {
+    chunks: u64,
+    input: u64,
+    output: u64,
+    busy_s: f64,
+}
+
+/// Put `ids` in a random order (levels the processing load: modified pages come in runs).
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    fastrand::Rng::with_seed(seed).shuffle(items);
+}
+
+/// Run `chunks` through the pipeline; `send` gets each segment's wire bytes in order and
+/// returns when the transport took them; `acked` counts bytes the destination confirmed.
+/// Stops at the first error of `send`.
+pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Send, mut send: impl FnMut(u64, Vec<u8>) -> std::io::Result<()>, acked: Arc<AtomicU64>) -> std::io::Result<PipelineReport> {
+    let start = Instant::now();
+    let mode = Arc::new(Mutex::new(config.start));
+    let window = Arc::new(Mutex::new(Window::default()));
+    let totals = Arc::new(Mutex::new(PipelineReport::default()));
+    let done = Arc::new(AtomicBool::new(false));
+    let (batch_tx, batch_rx) = sync_channel::<(u64, Vec<Modified>)>(config.depth);
+    let batch_rx = Arc::new(Mutex::new(batch_rx));
+    let (out_tx, out_rx) = sync_channel::<(u64, Vec<u8>)>(config.depth);
+    let trace = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    let result = std::thread::scope(|s| {
+        // Feeder.
+        let seg = config.segment_chunks.max(1);
+        s.spawn(move || {
+            let mut seq = 0;
+            let mut batch = Vec::with_capacity(seg);
+            for c in chunks {
+                batch.push(c);
+                if batch.len() == seg {
+                    if batch_tx.send((seq, std::mem::take(&mut batch))).is_err() {
+                        return;
+                    }
+                    seq += 1;
+                }
+            }
+            if !batch.is_empty() {
+                let _ = batch_tx.send((seq, batch));
+            }
+        });
+        // Workers. Only they hold the batch receiver: if they stop (the transport failed),
+        // the feeder's sends fail and it stops too.
+        let batch_rx = batch_rx;
+        for _ in 0..config.workers.max(1) {
+            let (rx, tx, mode, window) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone());
+            s.spawn(move || loop {
+                let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((seq, batch)) = next else { return };
+                let m = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                let (wire, st) = encode(m, &batch);
+                {
+                    let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+                    w.chunks += st.chunks;
+                    w.input += st.input_bytes;
+                    w.output += st.output_bytes;
+                    w.busy_s += st.seconds;
+                }
+                if tx.send((seq, wire)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(out_tx);
+        drop(batch_rx);
+        // Adaptation and trace.
+        {
+            let (mode, window, done, acked, trace, totals) = (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
+            let table = config.adapt.clone();
+            let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
+            s.spawn(move || {
+                let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
+                let mut last_acked = acked.load(Ordering::Relaxed);
+                let mut last = Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(crate::adapt::TICK);
+                    let now = Instant::now();
+                    let dt = now.duration_since(last).as_secs_f64().max(1e-6);
+                    last = now;
+                    let w = std::mem::take(&mut *window.lock().unwrap_or_else(|p| p.into_inner()));
+                    {
+                        let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                        t.chunks += w.chunks;
+                        t.input_bytes += w.input;
+                    }
+                    let a = acked.load(Ordering::Relaxed);
+                    let bandwidth = (a - last_acked) as f64 / dt;
+                    last_acked = a;
+                    let current = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut switched = false;
+                    if w.chunks > 0 {
+                        let obs = Observation { p: w.busy_s / w.chunks as f64, r: w.output as f64 / w.input.max(1) as f64, bandwidth: bandwidth.max(1.0), cores: workers };
+                        if let Some(sw) = adapter.as_mut().and_then(|ad| ad.tick(&obs, now)) {
+                            *mode.lock().unwrap_or_else(|p| p.into_inner()) = sw.to;
+                            trace.lock().unwrap_or_else(|p| p.into_inner()).1.push(format!("{:.1}s {} -> {} (predicted {:.0} vs {:.0} chunks/s)", start.elapsed().as_secs_f64(), sw.from, sw.to, sw.predicted_system, sw.current_system));
+                            switched = true;
+                        }
+                    }
+                    let potential = if w.chunks > 0 { workers / (w.busy_s / w.chunks as f64).max(1e-9) * CHUNK as f64 * (w.output as f64 / w.input.max(1) as f64) } else { 0.0 };
+                    trace.lock().unwrap_or_else(|p| p.into_inner()).0.push(TraceRow {
+                        t_s: start.elapsed().as_secs_f64(),
+                        input_bps: w.input as f64 / dt,
+                        output_bps: bandwidth,
+                        potential_output_bps: potential,
+                        mode: current.to_string(),
+                        switched,
+                    });
+                }
+            });
+        }
+        // In order to the transport.
+        let r = deliver(out_rx, &mut send, &totals);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    result?;
+    let mut report = std::mem::take(&mut *totals.lock().unwrap_or_else(|p| p.into_inner()));
+    let w = std::mem::take(&mut *window.lock().unwrap_or_else(|p| p.into_inner()));
+    report.chunks += w.chunks;
+    report.input_bytes += w.input;
+    let (rows, switches) = std::mem::take(&mut *trace.lock().unwrap_or_else(|p| p.into_inner()));
+    report.trace = rows;
+    report.switches = switches;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn deliver(out_rx: Receiver<(u64, Vec<u8>)>, send: &mut impl FnMut(u64, Vec<u8>) -> std::io::Result<()>, totals: &Mutex<PipelineReport>) -> std::io::Result<()> {
+    let mut pending = BTreeMap::new();
+    let mut next = 0u64;
+    for (seq, wire) in out_rx {
+        pending.insert(seq, wire);
+        while let Some(w) = pending.remove(&next) {
+            let len = w.len() as u64;
+            send(next, w)?;
+            let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+            t.segments += 1;
+            t.output_bytes += len;
+            next += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Chunk ids in a random order, for callers that list modified chunks first.
+pub fn shuffled_ids(mut ids: Vec<ChunkId>, seed: u64) -> Vec<ChunkId> {
+    shuffle(&mut ids, seed);
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapt::{parse_mode, Profile};
+    use crate::segment::{decode, Space};
+
+    fn modified(n: u64) -> Vec<Modified> {
+        (0..n)
+            .map(|i| {
+                let index = i % 700;
+                let base: Vec<u8> = (0..CHUNK).map(|j| ((j as u64 * 7 + index) % 253) as u8).collect();
+                let mut data = base.clone();
+                for k in 0..(i % 64) as usize {
+                    data[(k * 61 + i as usize) % CHUNK] = (k as u8).wrapping_mul(3);
+                }
+                Modified { chunk: ChunkId { space: Space::Memory, index }, data, base: Some(base) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segments_arrive_in_order_and_rebuild_the_state_over_a_slow_link() {
+        let chunks = modified(2000);
+        // The last version of each chunk is what the destination must end with.
+        let mut want = BTreeMap::new();
+        for c in &chunks {
+            want.insert(c.chunk, c.data.clone());
+        }
+        let bases: BTreeMap<ChunkId, Vec<u8>> = chunks.iter().map(|c| (c.chunk, c.base.clone().unwrap())).collect();
+        let table = LookupTable {
+            chunk_bytes: CHUNK as u64,
+            modes: vec![(parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }), (parse_mode("xor+zstd3").unwrap(), Profile { p: 20e-6, r: 0.05 })],
+        };
+        let config = PipelineConfig { workers: 2, segment_chunks: 64, depth: 2, start: parse_mode("none+none").unwrap(), adapt: Some(table), hold: Duration::from_millis(200) };
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut got = BTreeMap::new();
+        let mut seqs = Vec::new();
+        let a2 = acked.clone();
+        // A 4 MB/s link.
+        let send = |seq: u64, wire: Vec<u8>| {
+            std::thread::sleep(Duration::from_secs_f64(wire.len() as f64 / 4e6));
+            a2.fetch_add(wire.len() as u64, Ordering::Relaxed);
+            // Deltas are against the destination's base chunk, whatever arrived before.
+            let mut own = |id: ChunkId| bases.get(&id).cloned();
+            for (id, data) in decode(&wire, &mut own).unwrap() {
+                got.insert(id, data);
+            }
+            seqs.push(seq);
+            Ok(())
+        };
+        let report = run(&config, chunks.into_iter(), send, acked).unwrap();
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "in order");
+        assert!(got == want, "the destination ends with the last version of every chunk ({} of {} chunks differ)", want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(), want.len());
+        assert_eq!(report.chunks, 2000);
+        assert!(!report.switches.is_empty(), "the slow link made it compress: {:?}", report.trace);
+        assert!(report.trace.iter().any(|r| r.mode == "xor+zstd3"), "{:?}", report.switches);
+        assert!(report.output_bytes < report.input_bytes);
+    }
+
+    #[test]
+    fn a_failing_transport_stops_the_pipeline() {
+        let config = PipelineConfig { segment_chunks: 16, ..Default::default() };
+        let mut n = 0;
+        let r = run(&config, modified(500).into_iter(), |_, _| {
+            n += 1;
+            if n == 3 {
+                Err(std::io::Error::other("link cut"))
+            } else {
+                Ok(())
+            }
+        }, Arc::new(AtomicU64::new(0)));
+        assert_eq!(r.unwrap_err().to_string(), "link cut");
+    }
+
+    #[test]
+    fn shuffling_is_a_permutation() {
+        let ids: Vec<ChunkId> = (0..100).map(|i| ChunkId { space: Space::Disk, index: i }).collect();
+        let mut s = shuffled_ids(ids.clone(), 7);
+        assert_ne!(s, ids);
+        s.sort();
+        assert_eq!(s, ids);
+    }
+}
