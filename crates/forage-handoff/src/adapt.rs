@@ -63,10 +63,10 @@ impl fmt::Display for Mode {
         };
         match self.codec {
             Codec::None => write!(f, "{d}+none"),
-            Codec::Zstd(l) => write!(f, "{d}+zstd{l}"),
-            Codec::Gzip(l) => write!(f, "{d}+gzip{l}"),
-            Codec::Bzip2(l) => write!(f, "{d}+bzip2{l}"),
-            Codec::Lzma(l) => write!(f, "{d}+lzma{l}"),
+            Codec::Zstd(l) => write!(f, "{d}+zstd-{l}"),
+            Codec::Gzip(l) => write!(f, "{d}+gzip-{l}"),
+            Codec::Bzip2(l) => write!(f, "{d}+bzip2-{l}"),
+            Codec::Lzma(l) => write!(f, "{d}+lzma-{l}"),
         }
     }
 }
@@ -199,16 +199,17 @@ impl Adapter {
     }
 }
 
-/// Modes by name, for command lines (`xor+zstd3`, `bsdiff+lzma9`, `none+none`).
+/// Modes by name, for command lines (`xor+zstd-3`, `bsdiff+lzma-9`, `none+none`; the
+/// dash is optional).
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
-    let (d, c) = s.split_once('+').ok_or_else(|| format!("mode {s:?}: DELTA+CODEC, e.g. xor+zstd3"))?;
+    let (d, c) = s.split_once('+').ok_or_else(|| format!("mode {s:?}: DELTA+CODEC, e.g. xor+zstd-3"))?;
     let delta = match d {
         "none" => Delta::None,
         "xor" => Delta::Xor,
         "bsdiff" => Delta::Bsdiff,
         other => return Err(format!("unknown delta {other:?} (none, xor, bsdiff)")),
     };
-    let level = |name: &str| -> Result<u32, String> { c[name.len()..].parse().map_err(|_| format!("codec {c:?}: {name}LEVEL")) };
+    let level = |name: &str| -> Result<u32, String> { c[name.len()..].trim_start_matches('-').parse().map_err(|_| format!("codec {c:?}: {name}-LEVEL")) };
     let codec = if c == "none" {
         Codec::None
     } else if c.starts_with("zstd") {
@@ -294,12 +295,13 @@ mod tests {
 
     #[test]
     fn modes_parse_and_print() {
-        for s in ["none+none", "xor+zstd3", "bsdiff+lzma9", "xor+gzip1", "none+bzip2"] {
+        for s in ["none+none", "xor+zstd-3", "bsdiff+lzma-9", "xor+gzip-1", "none+bzip2-9", "none+bzip2"] {
             match parse_mode(s) {
                 Ok(mode) => assert_eq!(mode.to_string(), s),
                 Err(e) => assert!(s == "none+bzip2" && e.contains("LEVEL"), "{s}: {e}"),
             }
         }
+        assert_eq!(parse_mode("xor+zstd3").unwrap().to_string(), "xor+zstd-3", "the dash is optional");
         assert!(parse_mode("xor").is_err());
         assert_eq!(all_modes().len(), 3 * (5 + 27));
         assert_eq!(table().fastest(), Some(m("none+none")));

@@ -61,9 +61,12 @@ pub fn decompress(codec: Codec, data: &[u8], limit: usize) -> Result<Vec<u8>, St
     Ok(out)
 }
 
+/// A modified chunk and the destination's chunk at its place (if any).
+pub type SampleChunk = (Vec<u8>, Option<Vec<u8>>);
+
 /// Measure P (seconds per chunk, one core) and R (output/input) of each of `modes` on
 /// `chunks` (each with the destination's chunk at its place, if any).
-pub fn profile(modes: &[Mode], chunks: &[(Vec<u8>, Option<Vec<u8>>)], chunk_bytes: u64) -> LookupTable {
+pub fn profile(modes: &[Mode], chunks: &[SampleChunk], chunk_bytes: u64) -> LookupTable {
     let input: usize = chunks.iter().map(|(c, _)| c.len()).sum();
     let mut out = Vec::new();
     for &mode in modes {

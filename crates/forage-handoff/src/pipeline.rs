@@ -274,7 +274,7 @@ mod tests {
         assert!(got == want, "the destination ends with the last version of every chunk ({} of {} chunks differ)", want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(), want.len());
         assert_eq!(report.chunks, 2000);
         assert!(!report.switches.is_empty(), "the slow link made it compress: {:?}", report.trace);
-        assert!(report.trace.iter().any(|r| r.mode == "xor+zstd3"), "{:?}", report.switches);
+        assert!(report.trace.iter().any(|r| r.mode == "xor+zstd-3"), "{:?}", report.switches);
         assert!(report.output_bytes < report.input_bytes);
     }
 

@@ -519,6 +519,9 @@ pub enum BenchCommand {
     /// Application-ready time and payload of the five provisioning mechanisms over an
     /// emulated WAN (the tactical-cloudlet paper's Table I)
     Provision(BenchProvisionArgs),
+    /// The offline profile of VM handoff's operating modes (P and R of every delta and
+    /// codec on the bench app's modified memory): the lookup table adaptation scales
+    HandoffProfile(BenchHandoffProfileArgs),
     /// (internal) receive one connection's bytes and acknowledge them
     #[command(hide = true)]
     Sink {
@@ -553,6 +556,24 @@ pub struct BenchSynthesisArgs {
     /// Runs per mode (the median is reported)
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchHandoffProfileArgs {
+    /// Base VM to use (created as `bench` if absent)
+    #[arg(long, default_value = "bench")]
+    pub base: String,
+    /// Size of the bench app's data set
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub data_mib: u64,
+    /// Modified chunks profiled (spread evenly over all modified chunks)
+    #[arg(long, default_value_t = 512)]
+    pub chunks: usize,
+    /// Where to write the table [default: DATA/handoff-lookup.json]
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }

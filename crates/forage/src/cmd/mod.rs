@@ -2,6 +2,7 @@
 
 mod base;
 mod bench;
+mod bench_handoff;
 mod bench_provision;
 mod bench_synthesis;
 mod demo;
