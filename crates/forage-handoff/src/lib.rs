@@ -10,10 +10,15 @@
 //! - [`pipeline`]: the threads (feeder, parallel encoders, in-order delivery, adaptation
 //!   every 100 ms with a trace), bounded channels throughout.
 //!
-//! The handoff protocol, the QEMU migration orchestration and `forage handoff` are not
-//! built yet (issue "VM handoff").
+//! - [`migration`]: QEMU's outgoing migration stream split into guest RAM pages (which
+//!   become chunks) and the rest (rebuilt into the destination's incoming stream);
+//! - [`apply`]: the destination's side, segments applied in order onto its base.
+//!
+//! The protocol and the orchestration of QEMU live in `forage-cloudlet` (`handoff`).
 
 pub mod adapt;
+pub mod apply;
 pub mod encode;
+pub mod migration;
 pub mod pipeline;
 pub mod segment;

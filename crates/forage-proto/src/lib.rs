@@ -281,6 +281,63 @@ pub enum Message {
         message: String,
     },
     Bye,
+    /// Handoff (cloudlet to cloudlet, after a Hello without offers): the source offers a
+    /// running instance. The destination answers HandoffAccept or Error.
+    HandoffBegin(HandoffBegin),
+    HandoffAccept {
+        /// The destination holds the instance's base VM: chunks equal to the base are not
+        /// sent, others may be deltas against it. Without it every chunk is sent whole
+        /// and the source sends the boot files (HandoffFile) first.
+        has_base: bool,
+    },
+    /// A file the VM needs besides memory and disk (direct-boot kernel, initramfs), in
+    /// pieces of at most 16 MiB; only to a destination without the base.
+    HandoffFile {
+        name: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        last: bool,
+    },
+    /// One handoff segment (`forage-handoff` segment format), in sequence order.
+    HandoffSegment {
+        seq: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The destination applied segment `seq` (`bytes` on the wire): the source's
+    /// bandwidth measure.
+    HandoffAck { seq: u64, bytes: u64 },
+    /// Everything is sent: `segments` in all, and the VM's remaining state (a QEMU
+    /// migration stream without guest RAM, zstd-compressed). The destination resumes only
+    /// now, and only if every segment arrived and applied.
+    HandoffCommit {
+        segments: u64,
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+    /// The instance runs at the destination.
+    HandoffDone { endpoint: String, resumed_after_ms: u64 },
+    /// To the device: its instance moved to the cloudlet at `cloudlet`; its service now
+    /// answers at `endpoint`. The cloudlet then closes the session.
+    Moved { cloudlet: String, endpoint: String },
+}
+
+/// What a handoff's source tells the destination before any state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffBegin {
+    /// The instance's id at the source (for logs).
+    pub instance: String,
+    /// Names the base VM: the SHA-256 of its saved device state (unique per save, and
+    /// kept by package export and import).
+    pub base_state_sha256: String,
+    /// The base's description (`forage-vm` snapshot manifest, JSON): the hardware the
+    /// destination must start, and the sizes of memory and disk.
+    #[serde(with = "serde_bytes")]
+    pub vm: Vec<u8>,
+    /// Guest port relayed as the service, and other guest ports to forward.
+    pub service_port: Option<u16>,
+    pub extra_ports: Vec<u16>,
 }
 
 impl Message {
@@ -308,6 +365,14 @@ impl Message {
             Message::Apps { .. } => 19,
             Message::GetApp { .. } => 20,
             Message::AppFile { .. } => 21,
+            Message::HandoffBegin(_) => 22,
+            Message::HandoffAccept { .. } => 23,
+            Message::HandoffFile { .. } => 24,
+            Message::HandoffSegment { .. } => 25,
+            Message::HandoffAck { .. } => 26,
+            Message::HandoffCommit { .. } => 27,
+            Message::HandoffDone { .. } => 28,
+            Message::Moved { .. } => 29,
         }
     }
 
@@ -334,6 +399,14 @@ impl Message {
             Message::Apps { .. } => "Apps",
             Message::GetApp { .. } => "GetApp",
             Message::AppFile { .. } => "AppFile",
+            Message::HandoffBegin(_) => "HandoffBegin",
+            Message::HandoffAccept { .. } => "HandoffAccept",
+            Message::HandoffFile { .. } => "HandoffFile",
+            Message::HandoffSegment { .. } => "HandoffSegment",
+            Message::HandoffAck { .. } => "HandoffAck",
+            Message::HandoffCommit { .. } => "HandoffCommit",
+            Message::HandoffDone { .. } => "HandoffDone",
+            Message::Moved { .. } => "Moved",
         }
     }
 }
@@ -379,7 +452,7 @@ pub fn check_len(len: u32) -> Result<(), ProtoError> {
 /// Decode the body of a frame (kind byte + payload; untrusted bytes).
 pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
     let (&kind, payload) = body.split_first().ok_or(ProtoError::Empty)?;
-    if !(1..=21).contains(&kind) {
+    if !(1..=29).contains(&kind) {
         return Err(ProtoError::UnknownKind(kind));
     }
     let msg: Message = ciborium::from_reader(payload).map_err(|e| ProtoError::Payload { kind, detail: e.to_string() })?;
@@ -492,6 +565,14 @@ mod tests {
             Message::Apps { apps: vec![AppEntry { id: "a".into(), service: "s".into(), platform: "any".into(), file: "a.sh".into(), size: 3, sha256: "00".into() }] },
             Message::GetApp { id: "a".into() },
             Message::AppFile { id: "a".into(), file: "a.sh".into(), bytes: b"abc".to_vec() },
+            Message::HandoffBegin(HandoffBegin { instance: "7-1".into(), base_state_sha256: "ab".into(), vm: b"{}".to_vec(), service_port: Some(7000), extra_ports: vec![7001] }),
+            Message::HandoffAccept { has_base: true },
+            Message::HandoffFile { name: "kernel".into(), offset: 0, bytes: vec![1; 10], last: true },
+            Message::HandoffSegment { seq: 3, bytes: vec![9; 1000] },
+            Message::HandoffAck { seq: 3, bytes: 1000 },
+            Message::HandoffCommit { segments: 4, state: vec![0x28, 0xb5] },
+            Message::HandoffDone { endpoint: "10.0.0.2:4000".into(), resumed_after_ms: 300 },
+            Message::Moved { cloudlet: "10.0.0.2:7878".into(), endpoint: "10.0.0.2:4000".into() },
             Message::Bye,
         ]
     }
