@@ -35,7 +35,7 @@ use std::time::Instant;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use utoipa::OpenApi;
 
@@ -45,7 +45,7 @@ pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
     AppInfo, AppList, ServiceInfo, ServiceList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
     InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
-    SessionsQuery, StatusView,
+    SessionsQuery, StatusView, HandoffRequest, HandoffView,
 };
 
 /// What the API asks of the daemon. Calls are synchronous; the API runs them on a
@@ -66,6 +66,9 @@ pub trait Control: Send + Sync + 'static {
     fn apps(&self, platform: Option<&str>) -> Vec<AppInfo>;
     /// A client app's description and file contents; `None` if there is no such app.
     fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)>;
+    /// Moves running instance `id` to another cloudlet and waits for the outcome: the
+    /// instance runs there, or it failed to move and runs on here (the error says why).
+    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffView, String>;
 }
 
 /// What every route can reach.
@@ -138,6 +141,7 @@ impl ApiContext {
         routes::sessions,
         routes::instances,
         routes::stop_instance,
+        routes::handoff,
         routes::cache,
         routes::evict_cache,
         routes::metrics,
@@ -169,6 +173,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/sessions", get(routes::sessions))
         .route("/v1/instances", get(routes::instances))
         .route("/v1/instances/{id}", delete(routes::stop_instance))
+        .route("/v1/instances/{id}/handoff", post(routes::handoff))
         .route("/v1/cache", get(routes::cache))
         .route("/v1/cache/{digest}", delete(routes::evict_cache))
         .route("/metrics", get(routes::metrics))

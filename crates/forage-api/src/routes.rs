@@ -9,7 +9,7 @@ use axum::Json;
 use crate::error::ApiError;
 use crate::views::{
     AppInfo, AppList, AppsQuery, BaseList, ServiceList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
-    SessionList, SessionsQuery, StatusView,
+    SessionList, SessionsQuery, StatusView, HandoffRequest, HandoffView,
 };
 use crate::{metrics, ApiContext};
 
@@ -179,6 +179,53 @@ pub async fn stop_instance(
     let record = ctx.state.instance_stopped(&id)?;
     tracing::info!(instance = %id, "instance stopped through the API");
     Ok(Json(record.into()))
+}
+
+/// Moves a running instance to another cloudlet (VM handoff) and returns what the
+/// handoff did; the instance then runs there. On failure it runs on here.
+#[utoipa::path(
+    post, path = "/v1/instances/{id}/handoff", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    request_body = HandoffRequest,
+    responses(
+        (status = 200, description = "Moved", body = HandoffView),
+        (status = 400, description = "Not a destination address", body = ErrorBody),
+        (status = 401, description = "No valid bearer token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "The instance is not running", body = ErrorBody),
+        (status = 500, description = "The handoff failed; the instance runs on here", body = ErrorBody),
+    )
+)]
+pub async fn handoff(
+    Ctx(ctx): Ctx<ApiContext>,
+    Path(id): Path<String>,
+    body: Result<Json<HandoffRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<HandoffView> {
+    let Json(request) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if request.to.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::BadRequest(format!("destination {:?} is not HOST:PORT", request.to)));
+    }
+    let record = ctx.state.instance(&id)?.ok_or_else(|| ApiError::NotFound {
+        kind: "instance",
+        id: id.clone(),
+    })?;
+    if record.status != forage_state::InstanceStatus::Running {
+        return Err(ApiError::Conflict(format!(
+            "instance {id:?} is {}, not running",
+            record.status
+        )));
+    }
+    let control = ctx.control.clone();
+    let target = id.clone();
+    let view = blocking(move || control.handoff(&target, request))
+        .await?
+        .map_err(|message| ApiError::Control {
+            action: "hand off instance",
+            id: id.clone(),
+            message,
+        })?;
+    tracing::info!(instance = %id, to = %view.to, total_s = view.total_s, "instance handed off through the API");
+    Ok(Json(view))
 }
 
 /// The launch cache, least recently used first.

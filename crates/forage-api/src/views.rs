@@ -66,6 +66,8 @@ pub enum SessionMode {
     CloudletPush,
     OnDemand,
     AppVirtualization,
+    /// Moved here from another cloudlet (VM handoff).
+    Handoff,
 }
 
 /// A service VM held here (a baseline VM has no port).
@@ -229,6 +231,7 @@ impl From<forage_state::SessionMode> for SessionMode {
             forage_state::SessionMode::CloudletPush => SessionMode::CloudletPush,
             forage_state::SessionMode::OnDemand => SessionMode::OnDemand,
             forage_state::SessionMode::AppVirtualization => SessionMode::AppVirtualization,
+            forage_state::SessionMode::Handoff => SessionMode::Handoff,
         }
     }
 }
@@ -299,4 +302,50 @@ impl From<CacheEntry> for CacheEntryView {
             hits: e.hits,
         }
     }
+}
+
+/// Where to move an instance (VM handoff).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffRequest {
+    /// The destination cloudlet, `HOST:PORT` (paired with this one as a cloudlet).
+    #[schema(example = "10.77.0.2:7878")]
+    pub to: String,
+    /// A static operating mode such as `xor+zstd-1`; absent: adaptive.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// QEMU's downtime limit: iterations stop once the rest would take this long.
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// What a handoff did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffView {
+    pub instance: String,
+    pub to: String,
+    /// Where the service answers now.
+    pub endpoint: String,
+    /// The destination held the base VM.
+    pub has_base: bool,
+    pub total_s: f64,
+    /// From the VM's stop here to its resume there.
+    pub downtime_s: f64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Memory and disk that differ from the base VM, bytes.
+    pub modified_bytes: u64,
+    pub memory_pages: u64,
+    pub disk_chunks: u64,
+    pub segments: u64,
+    pub state_bytes: u64,
+    pub boot_file_bytes: u64,
+    /// QEMU's dirty-memory synchronisations (iterations).
+    pub qemu_rounds: u64,
+    /// The operating mode at the end.
+    pub mode: String,
+    /// Every mode switch of the adaptation.
+    pub switches: Vec<String>,
+    /// Every 100 ms: input, output and potential output throughput, mode.
+    #[schema(value_type = Vec<Object>)]
+    pub trace: Vec<serde_json::Value>,
 }

@@ -15,7 +15,7 @@ mod sender;
 
 pub use apps::{get_app, list_apps};
 pub use pairing::pair;
-pub use provision::{provision, ProvisionReport, Provisioned};
+pub use provision::{provision, Ended, ProvisionReport, Provisioned};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

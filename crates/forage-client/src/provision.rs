@@ -28,6 +28,16 @@ pub struct ProvisionReport {
     pub answer: Option<String>,
 }
 
+/// How a held instance ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The cloudlet handed it off: the service now answers at `endpoint`, on the cloudlet
+    /// at `cloudlet`.
+    Moved { cloudlet: String, endpoint: String },
+    /// It stopped (idle timeout, operator, error).
+    Stopped(ClientError),
+}
+
 /// An instance provisioned for this device: it runs until this is closed or dropped.
 pub struct Provisioned {
     stream: crate::CloudletStream,
@@ -41,20 +51,28 @@ impl Provisioned {
     }
 
     /// Wait until the cloudlet ends the instance (idle timeout, operator): its reason.
-    pub async fn ended(&mut self) -> ClientError {
+    /// A handoff ends it here too, with where the instance went.
+    pub async fn ended(&mut self) -> Ended {
         match read(&mut self.stream).await {
+            Ok(Message::Moved { cloudlet, endpoint }) => Ended::Moved { cloudlet, endpoint },
+            other => Ended::Stopped(Self::reason(self.addr, other)),
+        }
+    }
+
+    fn reason(addr: SocketAddr, got: Result<Message, forage_proto::ProtoError>) -> ClientError {
+        match got {
             Ok(Message::Error { code, message }) => ClientError::Refused {
-                addr: self.addr,
+                addr,
                 code,
                 message,
             },
             Ok(other) => ClientError::Sequence {
-                addr: self.addr,
+                addr,
                 expected: "Error",
                 got: other.name(),
             },
             Err(source) => ClientError::Proto {
-                addr: self.addr,
+                addr,
                 source,
             },
         }

@@ -24,6 +24,7 @@
 
 mod cache;
 mod early;
+mod handoff;
 mod pipe;
 mod pipelined;
 mod provision;
@@ -43,6 +44,7 @@ use forage_proto::ErrorCode;
 use tokio::sync::Notify;
 
 pub use cache::LaunchCache;
+pub use handoff::{HandoffError, HandoffOptions, HandoffReport};
 
 /// A device's connection: TLS 1.3, the device authenticated by its certificate (or not
 /// yet paired).
@@ -77,15 +79,47 @@ pub struct Cloudlet {
     pub(crate) shared: Mutex<HashMap<String, Arc<provision::SharedInstance>>>,
 }
 
-/// Asks a running instance to end, with the reason its device is given.
+/// Asks a running instance to end, with the reason its device is given; or, if it can
+/// move, to hand itself off to another cloudlet.
 pub(crate) struct Stop {
     notify: Notify,
     why: Mutex<Option<(ErrorCode, String)>>,
+    movable: std::sync::atomic::AtomicBool,
+    order: Mutex<Option<handoff::HandoffOrder>>,
+    ordered: Notify,
 }
 
 impl Stop {
     fn new() -> Self {
-        Self { notify: Notify::new(), why: Mutex::new(None) }
+        Self { notify: Notify::new(), why: Mutex::new(None), movable: Default::default(), order: Mutex::new(None), ordered: Notify::new() }
+    }
+
+    pub fn movable(&self) -> bool {
+        self.movable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The instance's life handles handoff orders (`handoff::live`).
+    pub fn set_movable(&self, on: bool) {
+        self.movable.store(on, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Leave a handoff order; false if one is pending already.
+    fn order(&self, order: handoff::HandoffOrder) -> bool {
+        let mut slot = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(order);
+        self.ordered.notify_one();
+        true
+    }
+
+    pub async fn ordered(&self) {
+        self.ordered.notified().await
+    }
+
+    pub fn take_order(&self) -> Option<handoff::HandoffOrder> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// The first reason wins.
@@ -159,6 +193,10 @@ impl Cloudlet {
         }
     }
 
+    fn instance_control(&self, id: &str) -> Option<Arc<Stop>> {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
     fn register(&self, id: &str) -> Arc<Stop> {
         let n = Arc::new(Stop::new());
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), n.clone());
@@ -202,7 +240,7 @@ pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::R
                     Ok(name) => tracing::info!(%peer, name, "paired"),
                     Err(e) => tracing::warn!(%peer, "pairing refused: {e}"),
                 },
-                Some((name, serial)) => match session(stream, &c, &name).await {
+                Some((name, serial)) => match session(stream, &c, &name, serial).await {
                     Ok(()) => tracing::info!(%peer, name, serial, "session ended"),
                     Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
                     Err(e) => tracing::warn!(%peer, name, "session failed: {e}"),

@@ -151,7 +151,8 @@ async fn finish(
     .await;
     let result = match served {
         Ok(Ending::Residue) => send_residue(stream, ctx, instance.vm, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ()),
-        Ok(Ending::Bye) => {
+        // Not movable: only Bye and Residue end its hold.
+        Ok(Ending::Bye | Ending::Moving | Ending::Moved) => {
             let _ = instance.vm.shutdown().await;
             Ok(())
         }

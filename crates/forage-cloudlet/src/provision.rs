@@ -199,10 +199,15 @@ async fn start_view(
 
 /// Stop the instance, then detach its view (off the async threads: unmounting waits).
 async fn finish(view: CowView, instance: Instance) {
+    finish_instance(instance).await;
+    let _ = tokio::task::spawn_blocking(move || drop(view)).await;
+}
+
+/// Stop the instance's service relay and VM.
+pub(crate) async fn finish_instance(instance: Instance) {
     let Instance { vm, proxy, .. } = instance;
     drop(proxy);
     let _ = vm.shutdown().await;
-    let _ = tokio::task::spawn_blocking(move || drop(view)).await;
 }
 
 async fn cached_vm(
@@ -266,7 +271,11 @@ async fn cached_vm(
             .insert(svc.id().to_string(), s.clone());
         s
     });
-    let result = ready_then_hold(stream, &instance).await;
+    // A shared instance has several devices: it does not move.
+    let result = match shared {
+        Some(_) => ready_then_hold(stream, &instance).await,
+        None => ready_then_live(stream, place, &instance, &view, Some(port), &[]).await,
+    };
     if let Some(shared) = shared {
         // The instance lives on while devices that joined it are still there.
         if shared.users.fetch_sub(1, Ordering::SeqCst) > 1 && result.is_ok() {
@@ -322,11 +331,30 @@ async fn provisioned(
         if let Some(p) = &instance.proxy {
             p.touch(); // idle from now on, not from the resume
         }
-        ready_then_hold(stream, &instance).await
+        ready_then_live(stream, place, &instance, &view, Some(port), &[AGENT_PORT]).await
     }
     .await;
     finish(view, instance).await;
     result.map(|_| Outcome { bytes: 0 })
+}
+
+/// Tell the device where its service is, then the life of a movable instance.
+async fn ready_then_live(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    instance: &Instance,
+    view: &CowView,
+    service_port: Option<u16>,
+    extra_ports: &[u16],
+) -> Result<Ending, SessionError> {
+    let ready = Message::Ready {
+        endpoint: instance.endpoint.clone(),
+        resumed_after_ms: instance.resumed_after_ms,
+    };
+    write(stream, &ready).await?;
+    instance.stop.set_movable(true);
+    let movable = crate::handoff::Movable { view, service_port, extra_ports };
+    crate::handoff::live(Some(stream), place, instance, movable).await
 }
 
 /// Tell the device where its service is, then the instance's life.

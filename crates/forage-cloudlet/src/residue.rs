@@ -26,6 +26,10 @@ use crate::session::{internal, refused, Ctx, SessionError};
 pub(crate) enum Ending {
     Bye,
     Residue,
+    /// A handoff was ordered (movable instances only).
+    Moving,
+    /// The instance moved to another cloudlet.
+    Moved,
 }
 
 /// What the instance started from.

@@ -66,10 +66,11 @@ pub(crate) struct Ctx<'a> {
 
 /// Run one session on `stream`. On any failure the device is told why (if it still
 /// listens), and nothing of the session is left: no VM, no files.
-pub async fn session(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, device: &str) -> Result<(), SessionError> {
+/// `serial` is the serial of the peer's certificate (what it was paired as).
+pub async fn session(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, device: &str, serial: u64) -> Result<(), SessionError> {
     let id = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
     let dir = cloudlet.data.work().join(format!("session-{id}"));
-    let result = run(&mut stream, cloudlet, &id, &dir, device).await;
+    let result = run(&mut stream, cloudlet, &id, &dir, device, serial).await;
     if let Err(e) = &result {
         let (code, message) = match e {
             SessionError::Refused { code, message } => (*code, message.clone()),
@@ -92,7 +93,7 @@ pub async fn session(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, devic
     result.map(|_| ())
 }
 
-async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, dir: &Path, identity: &str) -> Result<Outcome, SessionError> {
+async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, dir: &Path, identity: &str, serial: u64) -> Result<Outcome, SessionError> {
     // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
     let hello = match next(stream, cloudlet.peer_wait).await {
         Err(SessionError::Proto(ProtoError::Closed)) => return Err(SessionError::NoHello),
@@ -129,6 +130,16 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
                 }
                 // The device only looked at the app store.
                 Message::Bye => return Ok(Outcome { bytes: 0 }),
+                // Another cloudlet hands a running instance over.
+                Message::HandoffBegin(begin) => {
+                    let is_cloudlet = cloudlet.trust.issued().iter().any(|i| i.serial == serial && i.kind == forage_trust::PeerKind::Cloudlet);
+                    if !is_cloudlet {
+                        return Err(refused(ErrorCode::Unpaired, format!("{identity} is paired as a device: only cloudlets paired with `--as-cloudlet` may hand off VMs")));
+                    }
+                    std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+                    let place = Place { cloudlet, id, dir, started: Instant::now() };
+                    return crate::handoff::receive(stream, place, identity, begin).await;
+                }
                 other => return Err(SessionError::Sequence { expected: "Provision, ListApps or GetApp", got: other.name() }),
             }
         };
@@ -255,6 +266,11 @@ impl Instance {
 /// are the snapshot's own files (early start, copy-on-write views); otherwise they are
 /// copied into the session's run folder.
 pub(crate) async fn resume(place: Place<'_>, snap: &Snapshot, service_port: Option<u16>, extra_ports: &[u16], in_place: bool) -> Result<Instance, SessionError> {
+    resume_with(place, snap, service_port, extra_ports, in_place, RestoreOptions { copy_disks: !in_place, ..Default::default() }).await
+}
+
+/// [`resume`] with restore options (a handoff's state stream has no `x-ignore-shared`).
+pub(crate) async fn resume_with(place: Place<'_>, snap: &Snapshot, service_port: Option<u16>, extra_ports: &[u16], in_place: bool, opts: RestoreOptions) -> Result<Instance, SessionError> {
     let cloudlet = place.cloudlet;
     let run = place.dir.join("run");
     std::fs::create_dir_all(&run).map_err(internal)?;
@@ -270,7 +286,6 @@ pub(crate) async fn resume(place: Place<'_>, snap: &Snapshot, service_port: Opti
         spec.disks[0].path = snap.disk_paths()[0].clone();
     }
     let t = Instant::now();
-    let opts = RestoreOptions { copy_disks: !in_place, ..Default::default() };
     let vm = Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
     let resumed_after_ms = t.elapsed().as_millis() as u64;
     let stop = cloudlet.register(place.id);
@@ -310,6 +325,7 @@ pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), sto
                 Err(e) => return Err(e.into()),
             },
             _ = stop.notified() => return Err(stop.error()),
+            _ = stop.ordered(), if stop.movable() => return Ok(Ending::Moving),
         }
     }
 }

@@ -88,6 +88,14 @@ pub struct LookupTable {
 }
 
 impl LookupTable {
+    /// The table `forage bench handoff-profile` measured on the reference machine (2 cores,
+    /// the bench app's modified memory; `docs/handoff-segment.md`): used until a cloudlet
+    /// profiles its own (`DATA/handoff-lookup.json`). The adaptation scales it by what it
+    /// measures, so the absolute numbers matter less than the modes' relations.
+    pub fn reference() -> Self {
+        serde_json::from_str(include_str!("lookup-reference.json")).expect("the reference table parses")
+    }
+
     pub fn get(&self, m: &Mode) -> Option<Profile> {
         self.modes.iter().find(|(k, _)| k == m).map(|(_, p)| *p)
     }

@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::adapt::{Adapter, LookupTable, Mode, Observation};
 use crate::segment::{encode, ChunkId, Modified, CHUNK};
@@ -40,7 +40,7 @@ impl Default for PipelineConfig {
 }
 
 /// One tick of the trace.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TraceRow {
     pub t_s: f64,
     /// Modified state taken in, bytes/s.

@@ -84,6 +84,8 @@ pub enum ErrorCode {
     Unpaired,
     /// Pairing refused (wrong, used or expired code).
     Pairing,
+    /// A VM handoff failed (the instance keeps running at its source).
+    Handoff,
 }
 
 /// A client app in the cloudlet's app store.

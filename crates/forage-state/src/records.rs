@@ -77,6 +77,8 @@ text_enum!(
         OnDemand = "on_demand",
         /// A packed application deployed into a copy of a baseline VM.
         AppVirtualization = "app_virtualization",
+        /// A running instance moved here from another cloudlet (VM handoff).
+        Handoff = "handoff",
     }
 );
 

@@ -72,6 +72,27 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sessions_v2 RENAME TO sessions;
     CREATE INDEX sessions_started ON sessions (started_unix_ms);
     CREATE INDEX sessions_status ON sessions (status);",
+    // 2 -> 3: instances that arrived by VM handoff from another cloudlet.
+    "CREATE TABLE sessions_v3 (
+        id              TEXT PRIMARY KEY NOT NULL,
+        device          TEXT NOT NULL,
+        base_digest     TEXT NOT NULL,
+        overlay_digest  TEXT NOT NULL,
+        mode            TEXT NOT NULL CHECK (mode IN ('pipelined', 'early_start', 'cached',
+                            'cached_vm', 'cloudlet_push', 'on_demand', 'app_virtualization',
+                            'handoff')),
+        started_unix_ms INTEGER NOT NULL,
+        ended_unix_ms   INTEGER,
+        status          TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        error           TEXT,
+        bytes_received  INTEGER NOT NULL DEFAULT 0,
+        first_ready_ms  INTEGER
+    );
+    INSERT INTO sessions_v3 SELECT * FROM sessions;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v3 RENAME TO sessions;
+    CREATE INDEX sessions_started ON sessions (started_unix_ms);
+    CREATE INDEX sessions_status ON sessions (status);",
 ];
 
 /// Brings the file to [`SCHEMA_VERSION`], one transaction per step; refuses a newer file.

@@ -21,6 +21,8 @@ use crate::{DataDir, SynthError};
 pub struct CowView {
     pub assembly: Arc<Assembly>,
     pub snapshot: Snapshot,
+    /// The saved VM the view is of (its files are the view's unchanged chunks).
+    pub base: Snapshot,
     pub dir: PathBuf,
     mount: Option<Mount>,
 }
@@ -69,6 +71,7 @@ impl CowView {
         Ok(Self {
             assembly,
             snapshot,
+            base: saved.clone(),
             dir: dir.to_path_buf(),
             mount: Some(mount),
         })

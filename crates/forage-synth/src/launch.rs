@@ -86,6 +86,7 @@ pub async fn build(
     let opts_restore = RestoreOptions {
         copy_disks: false,
         evict_cache: false,
+        ..Default::default()
     };
     let start = Instant::now();
     let mut vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;

@@ -42,7 +42,7 @@ pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agen
         spec.memory_file = snap.memory_path();
         spec.disks[0].path = snap.disk_paths()[0].clone();
         let start = Instant::now();
-        let opts = RestoreOptions { copy_disks: false, evict_cache: false };
+        let opts = RestoreOptions { copy_disks: false, evict_cache: false, ..Default::default() };
         let vm = Vm::restore_with(snap, spec, accel, &run.join("qemu.log"), opts).await?;
         let line = app.probe.clone().unwrap_or_else(|| "\n".to_string());
         let answer = tokio::task::spawn_blocking(move || {

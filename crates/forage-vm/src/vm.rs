@@ -44,6 +44,10 @@ pub struct RestoreOptions {
     /// Drop the copied files from the host page cache before QEMU starts, so that what the
     /// guest touches can be seen afterwards (access profiling with `mincore`).
     pub evict_cache: bool,
+    /// The state stream was saved with `x-ignore-shared` (guest RAM is in the memory file,
+    /// not in the stream): the default. A handoff's stream announces every RAM block
+    /// without addresses instead, and carries the ROM blocks' pages.
+    pub ignore_shared: bool,
 }
 
 impl Default for RestoreOptions {
@@ -51,6 +55,7 @@ impl Default for RestoreOptions {
         Self {
             copy_disks: true,
             evict_cache: false,
+            ignore_shared: true,
         }
     }
 }
@@ -167,7 +172,7 @@ impl Vm {
                 }
             }
             let vm = Self::start(spec, accel, qemu_log, true).await?;
-            vm.load_state(&snapshot.state_path()).await?;
+            vm.load_state(&snapshot.state_path(), opts.ignore_shared).await?;
             vm.qmp.execute("cont", None).await.map_err(VmError::from)?;
             Ok(vm)
         }
@@ -180,8 +185,10 @@ impl Vm {
         result
     }
 
-    async fn load_state(&self, state: &Path) -> Result<(), RestoreError> {
-        self.set_ignore_shared().await?;
+    async fn load_state(&self, state: &Path, ignore_shared: bool) -> Result<(), RestoreError> {
+        if ignore_shared {
+            self.set_ignore_shared().await?;
+        }
         let uri = format!("exec:cat {}", shell_quote(state));
         self.qmp
             .execute("migrate-incoming", Some(json!({ "uri": uri })))

@@ -138,6 +138,9 @@ pub enum Command {
     /// Application virtualization: pack a program with its library closure, run it on a cloudlet
     #[command(subcommand)]
     App(AppCommand),
+    /// VM handoff: move a running instance of this cloudlet to another cloudlet (paired
+    /// with `forage pair --as-cloudlet`); its device is told the new endpoint
+    Handoff(HandoffArgs),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),
@@ -677,6 +680,29 @@ pub struct DemoArgs {
     pub app: Option<PathBuf>,
     #[command(flatten)]
     pub wait: WaitArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HandoffArgs {
+    /// The instance: its id, or the endpoint its device was given (see GET /v1/instances)
+    pub instance: String,
+    /// The destination cloudlet, HOST:PORT
+    #[arg(long)]
+    pub to: std::net::SocketAddr,
+    /// This cloudlet's HTTP management API (the daemon does the handoff)
+    #[arg(long, default_value = "127.0.0.1:7879")]
+    pub api: std::net::SocketAddr,
+    /// A static operating mode (e.g. `xor+zstd-1`, `none+lzma-9`) instead of adapting
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Stop iterating once the rest would take this long (QEMU's downtime limit)
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    pub downtime_ms: u64,
+    /// Write the adaptation's trace (every 100 ms) to this CSV file
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }

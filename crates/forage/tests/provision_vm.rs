@@ -431,11 +431,11 @@ async fn five_mechanisms_share_one_lifecycle() {
         .await
         .expect("the idle instance is ended")
     {
-        ClientError::Refused {
+        forage_client::Ended::Stopped(ClientError::Refused {
             code: ErrorCode::Idle,
             ..
-        } => {}
-        e => panic!("expected an idle stop, got {e}"),
+        }) => {}
+        e => panic!("expected an idle stop, got {e:?}"),
     }
     assert!(
         t.elapsed() >= Duration::from_secs(3),

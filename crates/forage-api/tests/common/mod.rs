@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use forage_api::{AppInfo, ApiContext, BaseInfo, Control, ServiceInfo};
+use forage_api::{AppInfo, ApiContext, BaseInfo, Control, HandoffRequest, HandoffView, ServiceInfo};
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
 
@@ -66,6 +66,31 @@ impl Control for FakeControl {
     }
     fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)> {
         (id == "hs-client").then(|| (self.apps(None).remove(0), b"hello".to_vec()))
+    }
+    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffView, String> {
+        self.calls.lock().unwrap().push(format!("handoff {id} {}", request.to));
+        if id.starts_with("stuck") {
+            return Err("the destination went silent".into());
+        }
+        Ok(HandoffView {
+            instance: id.into(),
+            to: request.to,
+            endpoint: "10.77.0.2:40000".into(),
+            has_base: true,
+            total_s: 12.5,
+            downtime_s: 1.5,
+            bytes: 5 << 20,
+            modified_bytes: 40 << 20,
+            memory_pages: 70000,
+            disk_chunks: 10,
+            segments: 30,
+            state_bytes: 100_000,
+            boot_file_bytes: 0,
+            qemu_rounds: 4,
+            mode: "xor+zstd-1".into(),
+            switches: vec![],
+            trace: vec![],
+        })
     }
 }
 

@@ -6,6 +6,7 @@ mod bench_handoff;
 mod bench_provision;
 mod bench_synthesis;
 mod demo;
+mod handoff;
 mod image;
 mod overlay;
 mod pair;
@@ -49,6 +50,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::App(c) => tactical::app(&data, c).await,
         Command::Pair(a) => pair::run(&data, a).await,
+        Command::Handoff(a) => handoff::run(&data, a).await,
         Command::Signer(c) => pair::signer(&data, c),
     }
 }

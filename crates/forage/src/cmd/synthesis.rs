@@ -47,6 +47,14 @@ impl forage_api::Control for DaemonControl {
         self.cloudlet.services.apps(platform).into_iter().map(|(s, a)| app_info(&s, &a)).collect()
     }
 
+    fn handoff(&self, id: &str, request: forage_api::HandoffRequest) -> Result<forage_api::HandoffView, String> {
+        let to = request.to.parse().map_err(|_| format!("destination {:?} is not HOST:PORT", request.to))?;
+        let options = forage_cloudlet::HandoffOptions { mode: request.mode, downtime_limit_ms: request.downtime_limit_ms.unwrap_or(2000) };
+        // The API calls this on a blocking thread of the daemon's runtime.
+        let report = tokio::runtime::Handle::current().block_on(self.cloudlet.handoff(id, to, options)).map_err(|e| e.to_string())?;
+        serde_json::to_value(&report).and_then(serde_json::from_value).map_err(|e| e.to_string())
+    }
+
     fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
         let (s, a) = self.cloudlet.services.app(id).ok()?;
         let bytes = std::fs::read(s.app_path(&a)).ok()?;

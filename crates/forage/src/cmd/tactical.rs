@@ -81,7 +81,14 @@ async fn provision_after(
         };
         match ended {
             None => session.close().await,
-            Some(e) => bail!("the cloudlet ended the instance: {e}"),
+            Some(forage_client::Ended::Moved { cloudlet, endpoint }) => {
+                if args.json {
+                    println!("{}", serde_json::json!({ "moved_to": cloudlet, "endpoint": endpoint }));
+                } else {
+                    println!("the instance moved to cloudlet {cloudlet}: the service answers at {endpoint}");
+                }
+            }
+            Some(forage_client::Ended::Stopped(e)) => bail!("the cloudlet ended the instance: {e}"),
         }
     } else {
         session.close().await;

@@ -1,0 +1,219 @@
+//! The destination side of a handoff: accept (with or without the base), rebuild the
+//! VM's memory and disk in a copy-on-write view of the base (or of an empty VM), and
+//! resume only after the commit, when every segment has arrived and applied. Until then
+//! nothing runs, and any failure removes the session folder with all it holds.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forage_assembly::Assembly;
+use forage_format::Space as FileSpace;
+use forage_handoff::apply::{Applier, ChunkStore};
+use forage_handoff::migration::MAX_RESIDUAL;
+use forage_handoff::segment::{ChunkId, Space, CHUNK};
+use forage_proto::asynchronous::write;
+use forage_proto::{ErrorCode, HandoffBegin, Message};
+use forage_state::{NewSession, SessionMode};
+use forage_synth::cow::CowView;
+use forage_vm::snapshot::{SnapshotManifest, StateRecord, MANIFEST_FILE};
+use forage_vm::{RestoreOptions, Snapshot};
+use sha2::Digest;
+
+use super::{live, Movable};
+use crate::session::{internal, next, refused, resume_with, Outcome, Place, SessionError};
+
+/// Largest VM accepted.
+const MAX_MEMORY: u64 = 64 << 30;
+const MAX_DISK: u64 = 2 << 40;
+/// Largest boot file (kernel, initramfs).
+const MAX_BOOT_FILE: u64 = 512 << 20;
+/// QEMU migration stream header: "QEVM", version 3.
+const STREAM_MAGIC: [u8; 8] = [0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3];
+
+fn bad(why: impl std::fmt::Display) -> SessionError {
+    refused(ErrorCode::Handoff, why.to_string())
+}
+
+/// Receive the instance `begin` offers, from the cloudlet `peer`, then keep it running.
+pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, peer: &str, begin: HandoffBegin) -> Result<Outcome, SessionError> {
+    let cloudlet = place.cloudlet;
+    let vm: SnapshotManifest = serde_json::from_slice(&begin.vm).map_err(|e| bad(format!("the VM description: {e}")))?;
+    forage_vm::spec::check_words(&vm.spec).map_err(|e| bad(format!("the VM description: {e}")))?;
+    if vm.disks.len() != 1 || vm.memory.size > MAX_MEMORY || vm.disks[0].size > MAX_DISK || vm.memory.size != vm.spec.memory_bytes() {
+        return Err(bad("the VM must have one disk of at most 2 TiB and at most 64 GiB of memory"));
+    }
+    tracing::info!(session = place.id, from = peer, instance = begin.instance, "handoff arriving");
+    let record = NewSession { id: place.id.into(), device: peer.into(), base_digest: begin.base_state_sha256.clone(), overlay_digest: begin.instance.clone(), mode: SessionMode::Handoff };
+    if let Err(e) = cloudlet.state.session_started(&record) {
+        tracing::warn!("session {} not recorded: {e}", place.id);
+    }
+    let want = (begin.base_state_sha256.clone(), vm.hardware_fingerprint.clone());
+    let services = cloudlet.services.list();
+    let base = tokio::task::spawn_blocking(move || services.into_iter().filter_map(|s| s.snapshot().ok()).find(|s| (&s.manifest().state.sha256, &s.manifest().hardware_fingerprint) == (&want.0, &want.1)))
+        .await
+        .expect("no panic");
+    let has_base = base.is_some();
+    write(stream, &Message::HandoffAccept { has_base }).await?;
+    let base = match base {
+        Some(b) => b,
+        None => empty_vm(stream, place, vm).await?,
+    };
+    let view_dir = place.dir.join("view");
+    let readahead = cloudlet.readahead;
+    let view = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || CowView::mount(&base, &view_dir, readahead)).await.expect("no panic").map_err(internal)?
+    };
+    let result = async {
+        let received = rebuild(stream, place, &view, &base, has_base).await?;
+        let opts = RestoreOptions { copy_disks: false, ignore_shared: false, ..Default::default() };
+        let instance = resume_with(place, &view.snapshot, begin.service_port, &begin.extra_ports, true, opts).await?;
+        let done = Message::HandoffDone { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms };
+        if let Err(e) = write(stream, &done).await {
+            // The source cannot know it moved: it runs on there. Stop this copy.
+            crate::provision::finish_instance(instance).await;
+            return Err(e.into());
+        }
+        tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running");
+        instance.stop.set_movable(true);
+        let life = live(None, place, &instance, Movable { view: &view, service_port: begin.service_port, extra_ports: &begin.extra_ports }).await;
+        crate::provision::finish_instance(instance).await;
+        life.map(|_| Outcome { bytes: received })
+    }
+    .await;
+    let _ = tokio::task::spawn_blocking(move || drop(view)).await;
+    result
+}
+
+/// Receive segments until the commit; write the final state. Returns the bytes received.
+async fn rebuild(stream: &mut crate::DeviceStream, place: Place<'_>, view: &CowView, base: &Snapshot, has_base: bool) -> Result<u64, SessionError> {
+    let files = if has_base {
+        let open = |p: &Path| File::open(p).map_err(|e| internal(format!("{}: {e}", p.display())));
+        Some((open(&base.memory_path())?, open(&base.disk_paths()[0])?))
+    } else {
+        None
+    };
+    let store = ViewStore { assembly: view.assembly.clone(), base: files };
+    let m = base.manifest();
+    let mut applier = Some(Applier::new(store, m.memory.size, m.disks[0].size));
+    let mut received = 0u64;
+    let t = Instant::now();
+    loop {
+        match next(stream, place.cloudlet.peer_wait).await? {
+            Message::HandoffSegment { seq, bytes } => {
+                let n = bytes.len() as u64;
+                received += n;
+                let mut a = applier.take().expect("the applier is back");
+                let (a, r) = tokio::task::spawn_blocking(move || {
+                    let r = a.apply(seq, &bytes);
+                    (a, r)
+                })
+                .await
+                .expect("no panic");
+                applier = Some(a);
+                r.map_err(|e| bad(format!("segment {seq}: {e}")))?;
+                write(stream, &Message::HandoffAck { seq, bytes: n }).await?;
+            }
+            Message::HandoffCommit { segments, state } => {
+                let applied = applier.as_ref().expect("the applier is back").applied;
+                if applied.segments != segments {
+                    return Err(bad(format!("the source sent {segments} segments, {} arrived", applied.segments)));
+                }
+                received += state.len() as u64;
+                let stream_bytes = unpack_state(&state)?;
+                std::fs::write(view.snapshot.state_path(), stream_bytes).map_err(|e| internal(format!("{}: {e}", view.snapshot.state_path().display())))?;
+                tracing::info!(session = place.id, segments, chunks = applied.chunks, written = applied.written, received, took_ms = t.elapsed().as_millis() as u64, "handoff state complete");
+                return Ok(received);
+            }
+            other => return Err(SessionError::Sequence { expected: "HandoffSegment or HandoffCommit", got: other.name() }),
+        }
+    }
+}
+
+/// The final state (untrusted): zstd, bounded, a QEMU stream.
+fn unpack_state(packed: &[u8]) -> Result<Vec<u8>, SessionError> {
+    let mut out = Vec::new();
+    zstd::stream::Decoder::new(packed)
+        .and_then(|d| d.take(MAX_RESIDUAL as u64 + 1).read_to_end(&mut out))
+        .map_err(|e| bad(format!("the VM's final state: {e}")))?;
+    if out.len() > MAX_RESIDUAL {
+        return Err(bad("the VM's final state is too large"));
+    }
+    if !out.starts_with(&STREAM_MAGIC) {
+        return Err(bad("the VM's final state is not a QEMU migration stream"));
+    }
+    Ok(out)
+}
+
+/// Without the base: an empty VM of the same hardware (sparse zero memory and disk),
+/// with the boot files the source sends.
+async fn empty_vm(stream: &mut crate::DeviceStream, place: Place<'_>, mut vm: SnapshotManifest) -> Result<Snapshot, SessionError> {
+    let dir = place.dir.join("empty-vm");
+    std::fs::create_dir_all(&dir).map_err(internal)?;
+    let io = |e: std::io::Error| internal(format!("{}: {e}", dir.display()));
+    if let Some(boot) = vm.spec.boot.as_mut() {
+        let (kernel, initrd) = (dir.join("kernel"), dir.join("initrd"));
+        let open = [File::create(&kernel).map_err(io)?, File::create(&initrd).map_err(io)?];
+        let mut sizes = [0u64; 2];
+        let mut done = [false; 2];
+        while !done.iter().all(|d| *d) {
+            let Message::HandoffFile { name, offset, bytes, last } = next(stream, place.cloudlet.peer_wait).await? else {
+                return Err(SessionError::Sequence { expected: "HandoffFile", got: "another message" });
+            };
+            let i = match name.as_str() {
+                "kernel" => 0,
+                "initrd" => 1,
+                other => return Err(bad(format!("boot file {other:?} is neither kernel nor initrd"))),
+            };
+            if done[i] || offset != sizes[i] || sizes[i] + bytes.len() as u64 > MAX_BOOT_FILE {
+                return Err(bad(format!("boot file {name}: piece at {offset} out of order or too large")));
+            }
+            open[i].write_all_at(&bytes, offset).map_err(io)?;
+            sizes[i] += bytes.len() as u64;
+            done[i] = last;
+        }
+        boot.kernel = kernel;
+        boot.initrd = initrd;
+    }
+    for rec in std::iter::once(&vm.memory).chain(&vm.disks) {
+        File::create(dir.join(&rec.file)).and_then(|f| f.set_len(rec.size)).map_err(io)?;
+    }
+    // A placeholder state: the real one arrives with the commit.
+    std::fs::write(dir.join(&vm.state.file), STREAM_MAGIC).map_err(io)?;
+    vm.state = StateRecord { file: vm.state.file.clone(), size: STREAM_MAGIC.len() as u64, sha256: hex::encode(sha2::Sha256::digest(STREAM_MAGIC)) };
+    std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&vm).expect("serializes")).map_err(io)?;
+    Snapshot::open(&dir).map_err(|e| bad(format!("the VM description: {e}")))
+}
+
+/// The view's files, and the base's for deltas.
+struct ViewStore {
+    assembly: Arc<Assembly>,
+    base: Option<(File, File)>,
+}
+
+const WRITE_WAIT: Duration = Duration::from_secs(10);
+
+fn file_space(space: Space) -> FileSpace {
+    match space {
+        Space::Memory => FileSpace::Memory,
+        Space::Disk => FileSpace::Disk,
+    }
+}
+
+impl ChunkStore for ViewStore {
+    fn base(&mut self, id: ChunkId) -> Option<Vec<u8>> {
+        let (memory, disk) = self.base.as_ref()?;
+        let file = if id.space == Space::Memory { memory } else { disk };
+        let mut buf = vec![0u8; CHUNK];
+        file.read_exact_at(&mut buf, id.index * CHUNK as u64).ok()?;
+        Some(buf)
+    }
+
+    fn write(&mut self, id: ChunkId, data: &[u8]) -> Result<(), String> {
+        self.assembly.write(file_space(id.space), id.index * CHUNK as u64, data, WRITE_WAIT).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,453 @@
+//! The source side of a handoff: QEMU's migration into a local socket, the stream split
+//! into chunks, the pipeline, the commit; and the recovery of the VM when anything fails.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forage_assembly::Assembly;
+use forage_format::Space as FileSpace;
+use forage_handoff::adapt::{parse_mode, LookupTable};
+use forage_handoff::migration::{split, Residual};
+use forage_handoff::pipeline::{run, shuffle, PipelineConfig};
+use forage_handoff::segment::{ChunkId, Modified, Space, CHUNK};
+use forage_proto::asynchronous::{read, write};
+use forage_proto::{HandoffBegin, Message, VERSION_MAX, VERSION_MIN};
+use forage_vm::{Snapshot, Vm};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{HandoffOrder, HandoffReport, Movable};
+use crate::session::{Instance, Place};
+use crate::Cloudlet;
+
+/// How long the destination may stay silent at a step (resume included).
+const PEER_WAIT: Duration = Duration::from_secs(60);
+/// Pages gathered before their order is randomized (4 MiB).
+const SHUFFLE_WINDOW: usize = 1024;
+/// Pieces of boot files.
+const FILE_PIECE: usize = 16 << 20;
+/// Waiting for the assembly (it never waits here: every chunk is local).
+const READ_WAIT: Duration = Duration::from_secs(10);
+
+fn wire(e: impl std::fmt::Display) -> String {
+    format!("the connection to the destination: {e}")
+}
+
+/// Move `instance` as `order` says. On error the VM still runs here.
+pub(super) async fn send(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, order: &HandoffOrder) -> Result<HandoffReport, String> {
+    let t0 = Instant::now();
+    let cloudlet = place.cloudlet;
+    let to = order.to;
+    let credentials = peer_credentials(cloudlet, to)?;
+    let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
+        .await
+        .map_err(|_| format!("cloudlet {to} did not answer in {PEER_WAIT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let base = &movable.view.base;
+    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: cloudlet.name.clone(), offers: Vec::new(), early_start: false, store_and_forward: false };
+    write(&mut stream, &hello).await.map_err(wire)?;
+    match next(&mut stream).await? {
+        Message::Welcome { .. } => {}
+        other => return Err(unexpected("Welcome", other)),
+    }
+    let begin = HandoffBegin {
+        instance: place.id.to_string(),
+        base_state_sha256: base.manifest().state.sha256.clone(),
+        vm: serde_json::to_vec(base.manifest()).expect("a manifest serializes"),
+        service_port: movable.service_port,
+        extra_ports: movable.extra_ports.to_vec(),
+    };
+    write(&mut stream, &Message::HandoffBegin(begin)).await.map_err(wire)?;
+    let has_base = match next(&mut stream).await? {
+        Message::HandoffAccept { has_base } => has_base,
+        other => return Err(unexpected("HandoffAccept", other)),
+    };
+    tracing::info!(instance = place.id, %to, has_base, "destination accepted the handoff");
+    let boot_file_bytes = if has_base { 0 } else { send_boot_files(&mut stream, base).await? };
+    // From here on QEMU is involved: whatever fails, the VM must go on running here.
+    let result = migrate(place, instance, movable, stream, has_base, order).await;
+    match result {
+        Ok(mut report) => {
+            report.total_s = t0.elapsed().as_secs_f64();
+            report.to = to.to_string();
+            report.boot_file_bytes = boot_file_bytes;
+            report.bytes += boot_file_bytes;
+            Ok(report)
+        }
+        Err(e) => {
+            recover(&instance.vm).await;
+            Err(e)
+        }
+    }
+}
+
+/// This cloudlet's credentials for the cloudlet at `to` (paired with `--as-cloudlet`).
+fn peer_credentials(cloudlet: &Cloudlet, to: SocketAddr) -> Result<Arc<rustls::ClientConfig>, String> {
+    let peer = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers()).for_cloudlet(to, None).map_err(|e| e.to_string())?;
+    if peer.expired() {
+        return Err(format!("the pairing with cloudlet {} expired: pair again (`forage pair --as-cloudlet`)", peer.record.cloudlet));
+    }
+    peer.client_config().map_err(|e| e.to_string())
+}
+
+async fn next(stream: &mut forage_client::CloudletStream) -> Result<Message, String> {
+    match tokio::time::timeout(PEER_WAIT, read(stream)).await {
+        Err(_) => Err(format!("the destination was silent for {PEER_WAIT:?}")),
+        Ok(Err(e)) => Err(wire(e)),
+        Ok(Ok(Message::Error { message, .. })) => Err(format!("the destination refused: {message}")),
+        Ok(Ok(m)) => Ok(m),
+    }
+}
+
+fn unexpected(expected: &str, got: Message) -> String {
+    format!("the destination sent {} where {expected} was due", got.name())
+}
+
+/// The direct-boot kernel and initramfs, for a destination that builds the VM from nothing.
+async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snapshot) -> Result<u64, String> {
+    let Some(boot) = &base.manifest().spec.boot else { return Ok(0) };
+    let mut total = 0;
+    for (name, path) in [("kernel", &boot.kernel), ("initrd", &boot.initrd)] {
+        let bytes = tokio::fs::read(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(FILE_PIECE).collect() };
+        let n = pieces.len();
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let m = Message::HandoffFile { name: name.into(), offset: (i * FILE_PIECE) as u64, bytes: piece.to_vec(), last: i + 1 == n };
+            write(stream, &m).await.map_err(wire)?;
+        }
+        total += bytes.len() as u64;
+    }
+    Ok(total)
+}
+
+async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, stream: forage_client::CloudletStream, has_base: bool, order: &HandoffOrder) -> Result<HandoffReport, String> {
+    let (mode, table) = match &order.options.mode {
+        Some(m) => (parse_mode(m)?, None),
+        None => {
+            let table = load_table(place.cloudlet);
+            (parse_mode("xor+zstd-1").expect("a mode"), Some(table))
+        }
+    };
+    let vm = &instance.vm;
+    let qmp = vm.qmp();
+    let qmp_err = |e: forage_vm::qmp::QmpError| format!("QEMU: {e}");
+    let sock = place.cloudlet.data.runtime_dir().join(format!("handoff-{}.sock", place.id));
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+    // A restored instance has x-ignore-shared on (its RAM came from a file): off, so that
+    // QEMU sends guest RAM, which is what we want to see.
+    qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] }))).await.map_err(qmp_err)?;
+    qmp.execute("migrate-set-parameters", Some(json!({ "downtime-limit": order.options.downtime_limit_ms, "max-bandwidth": 1u64 << 40 }))).await.map_err(qmp_err)?;
+    let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let watch = {
+        let mut events = qmp.events();
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            while let Ok(e) = events.recv().await {
+                if e.name == "STOP" {
+                    *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                }
+            }
+        })
+    };
+    let result = async {
+        qmp.execute("migrate", Some(json!({ "uri": format!("unix:{}", sock.display()) }))).await.map_err(qmp_err)?;
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
+            .await
+            .map_err(|_| "QEMU did not connect its migration stream".to_string())?
+            .map_err(|e| format!("migration socket: {e}"))?;
+        let conn = conn.into_std().map_err(|e| e.to_string())?;
+        conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream_state(place, instance, movable, stream, conn, has_base, mode, table, &stopped).await
+    }
+    .await;
+    watch.abort();
+    let _ = std::fs::remove_file(&sock);
+    result
+}
+
+fn load_table(cloudlet: &Cloudlet) -> LookupTable {
+    let path = cloudlet.data.root().join("handoff-lookup.json");
+    match std::fs::read(&path).ok().map(|b| serde_json::from_slice::<LookupTable>(&b)) {
+        Some(Ok(t)) if !t.modes.is_empty() => t,
+        Some(Err(e)) => {
+            tracing::warn!("{}: {e}; using the reference table", path.display());
+            LookupTable::reference()
+        }
+        _ => LookupTable::reference(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_state(
+    place: Place<'_>,
+    instance: &Instance,
+    movable: &Movable<'_>,
+    stream: forage_client::CloudletStream,
+    conn: std::os::unix::net::UnixStream,
+    has_base: bool,
+    mode: forage_handoff::adapt::Mode,
+    table: Option<LookupTable>,
+    stopped: &Mutex<Option<Instant>>,
+) -> Result<HandoffReport, String> {
+    let (mut rh, mut wh) = tokio::io::split(stream);
+    let (frames, mut frames_rx) = mpsc::channel::<Message>(2);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = frames_rx.recv().await {
+            write(&mut wh, &m).await?;
+        }
+        Ok::<_, forage_proto::ProtoError>(wh)
+    });
+    let acked = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                match read(&mut rh).await {
+                    Ok(Message::HandoffAck { bytes, .. }) => {
+                        acked.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Ok(Message::HandoffDone { endpoint, resumed_after_ms }) => return Ok((endpoint, resumed_after_ms)),
+                    Ok(Message::Error { message, .. }) => return Err(format!("the destination failed: {message}")),
+                    Ok(other) => return Err(unexpected("HandoffAck or HandoffDone", other)),
+                    Err(e) => return Err(wire(e)),
+                }
+            }
+        })
+    };
+    let base = &movable.view.base;
+    let feed = Feed {
+        assembly: movable.view.assembly.clone(),
+        base_memory: File::open(base.memory_path()).map_err(|e| format!("{}: {e}", base.memory_path().display()))?,
+        base_disk: File::open(&base.disk_paths()[0]).map_err(|e| format!("{}: {e}", base.disk_paths()[0].display()))?,
+        has_base,
+        modified: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
+        memory_pages: 0,
+        disk_chunks: 0,
+    };
+    let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(512);
+    let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
+    let config = PipelineConfig {
+        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        start: mode,
+        adapt: table,
+        ..Default::default()
+    };
+    let segments_out = frames.clone();
+    let pipeline = tokio::task::spawn_blocking(move || {
+        run(
+            &config,
+            chunk_rx.into_iter(),
+            |seq, bytes| segments_out.blocking_send(Message::HandoffSegment { seq, bytes }).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")),
+            acked,
+        )
+    });
+    let (fed, piped) = tokio::join!(feeder, pipeline);
+    let fed = fed.expect("no panic");
+    let piped = piped.expect("no panic");
+    let ((residual, feed), report) = match (fed, piped) {
+        (Ok(f), Ok(p)) => (f, p),
+        (fed, piped) => {
+            // The destination's own words, if it said why.
+            drop(frames);
+            let said = match tokio::time::timeout(Duration::from_secs(2), reader).await {
+                Ok(Ok(Err(e))) => Some(e),
+                _ => None,
+            };
+            return Err(said.or(fed.err()).or(piped.err().map(wire)).unwrap_or_else(|| "stopped".into()));
+        }
+    };
+    let (rounds, status) = migration_status(&instance.vm).await;
+    if status != "completed" {
+        return Err(format!("QEMU's migration ended {status}"));
+    }
+    let state = residual.to_stream().and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string()))?;
+    let state_bytes = state.len() as u64;
+    frames.send(Message::HandoffCommit { segments: report.segments, state }).await.map_err(|_| wire("closed"))?;
+    drop(frames);
+    let _ = writer.await;
+    let (endpoint, _resumed_ms) = match tokio::time::timeout(PEER_WAIT, reader).await {
+        Err(_) => return Err(format!("the destination did not resume the VM in {PEER_WAIT:?}")),
+        Ok(r) => r.expect("no panic")?,
+    };
+    let done = Instant::now();
+    let downtime_s = stopped.lock().unwrap_or_else(|p| p.into_inner()).map_or(0.0, |t| done.duration_since(t).as_secs_f64());
+    Ok(HandoffReport {
+        instance: place.id.to_string(),
+        to: String::new(),
+        endpoint,
+        has_base: feed.has_base,
+        total_s: 0.0,
+        downtime_s,
+        bytes: report.output_bytes + state_bytes,
+        modified_bytes: (feed.modified[0].count + feed.modified[1].count) * CHUNK as u64,
+        memory_pages: feed.memory_pages,
+        disk_chunks: feed.disk_chunks,
+        segments: report.segments,
+        state_bytes,
+        boot_file_bytes: 0,
+        qemu_rounds: rounds,
+        mode: report.trace.last().map(|t| t.mode.clone()).unwrap_or_else(|| mode.to_string()),
+        switches: report.switches,
+        trace: report.trace,
+    })
+}
+
+/// QEMU's `query-migrate`: dirty-sync count and status (waits for a final status).
+async fn migration_status(vm: &Vm) -> (u64, String) {
+    let mut last = (0, "unknown".to_string());
+    for _ in 0..100 {
+        if let Ok(v) = vm.qmp().execute("query-migrate", None).await {
+            let status = v["status"].as_str().unwrap_or("unknown").to_string();
+            last = (v["ram"]["dirty-sync-count"].as_u64().unwrap_or(0), status.clone());
+            if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+/// After a failed handoff: cancel QEMU's migration and run the VM again if QEMU had
+/// stopped it for the last round.
+async fn recover(vm: &Vm) {
+    let qmp = vm.qmp();
+    let _ = qmp.execute("migrate_cancel", None).await;
+    let (_, status) = migration_status(vm).await;
+    match vm.status().await.as_deref() {
+        Ok("postmigrate" | "paused" | "finish-migrate") => match qmp.execute("cont", None).await {
+            Ok(_) => tracing::info!(migration = status, "the VM runs again after the failed handoff"),
+            Err(e) => tracing::error!("the VM could not be resumed after the failed handoff: {e}"),
+        },
+        Ok(s) => tracing::info!(vm = s, migration = status, "the VM ran on during the failed handoff"),
+        Err(e) => tracing::error!("after the failed handoff: {e}"),
+    }
+}
+
+/// A bit per chunk: which chunks were seen modified.
+struct Bits {
+    words: Vec<u64>,
+    count: u64,
+}
+
+impl Bits {
+    fn new(bytes: u64) -> Self {
+        Self { words: vec![0; (bytes / CHUNK as u64).div_ceil(64) as usize], count: 0 }
+    }
+
+    fn set(&mut self, i: u64) {
+        if let Some(w) = self.words.get_mut((i / 64) as usize) {
+            let bit = 1 << (i % 64);
+            if *w & bit == 0 {
+                *w |= bit;
+                self.count += 1;
+            }
+        }
+    }
+}
+
+/// Turns the VM's changes into the pipeline's chunks: disk chunks written since launch,
+/// QEMU's RAM pages (window by window in random order), then the disk chunks written
+/// during the migration (the VM is stopped by then).
+struct Feed {
+    assembly: Arc<Assembly>,
+    base_memory: File,
+    base_disk: File,
+    has_base: bool,
+    modified: [Bits; 2],
+    memory_pages: u64,
+    disk_chunks: u64,
+}
+
+impl Feed {
+    fn run(mut self, conn: std::os::unix::net::UnixStream, out: std::sync::mpsc::SyncSender<Modified>) -> Result<(Residual, Feed), String> {
+        let gone = || "the pipeline stopped".to_string();
+        let mark = self.assembly.mark();
+        let mut disk = self.assembly.written_chunks(FileSpace::Disk);
+        shuffle(&mut disk, 1);
+        for i in disk {
+            let m = self.disk_chunk(i)?;
+            out.send(m).map_err(|_| gone())?;
+        }
+        let mut window: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SHUFFLE_WINDOW);
+        let mut at: HashMap<u64, usize> = HashMap::new();
+        let mut failed = None;
+        let mut seed = 2;
+        let residual = split(conn, forage_vm::spec::RAM_ID, |offset, page| {
+            let index = offset / CHUNK as u64;
+            let data = page.to_bytes().to_vec();
+            match at.get(&index) {
+                Some(&k) => window[k].1 = data, // a later round of the same page
+                None => {
+                    at.insert(index, window.len());
+                    window.push((index, data));
+                }
+            }
+            if window.len() >= SHUFFLE_WINDOW {
+                seed += 1;
+                if let Err(e) = self.flush(&mut window, &mut at, &out, seed) {
+                    failed = Some(e);
+                    return false;
+                }
+            }
+            true
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let residual = residual.map_err(|e| e.to_string())?;
+        self.flush(&mut window, &mut at, &out, 0)?;
+        // QEMU stopped the VM and flushed its disk before its stream's end.
+        for i in self.assembly.written_since(FileSpace::Disk, mark) {
+            let m = self.disk_chunk(i)?;
+            out.send(m).map_err(|_| gone())?;
+        }
+        Ok((residual, self))
+    }
+
+    fn flush(&mut self, window: &mut Vec<(u64, Vec<u8>)>, at: &mut HashMap<u64, usize>, out: &std::sync::mpsc::SyncSender<Modified>, seed: u64) -> Result<(), String> {
+        shuffle(window, seed);
+        at.clear();
+        for (index, data) in window.drain(..) {
+            self.memory_pages += 1;
+            let base = read_chunk(&self.base_memory, index)?;
+            let m = self.modified(Space::Memory, index, data, base);
+            out.send(m).map_err(|_| "the pipeline stopped".to_string())?;
+        }
+        Ok(())
+    }
+
+    fn disk_chunk(&mut self, index: u64) -> Result<Modified, String> {
+        self.disk_chunks += 1;
+        let off = index * CHUNK as u64;
+        let data = self.assembly.read(FileSpace::Disk, off, CHUNK as u64, READ_WAIT).map_err(|e| e.to_string())?;
+        let base = read_chunk(&self.base_disk, index)?;
+        Ok(self.modified(Space::Disk, index, data, base))
+    }
+
+    fn modified(&mut self, space: Space, index: u64, data: Vec<u8>, base: Vec<u8>) -> Modified {
+        if data != base {
+            self.modified[(space == Space::Disk) as usize].set(index);
+        }
+        Modified { chunk: ChunkId { space, index }, data, base: self.has_base.then_some(base) }
+    }
+}
+
+fn read_chunk(file: &File, index: u64) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0;
+    while got < CHUNK {
+        match file.read_at(&mut buf[got..], index * CHUNK as u64 + got as u64) {
+            Ok(0) => break, // past the end: zeros
+            Ok(n) => got += n,
+            Err(e) => return Err(format!("base VM: {e}")),
+        }
+    }
+    Ok(buf)
+}
