@@ -27,6 +27,9 @@ use crate::Cloudlet;
 
 /// How long the destination may stay silent at a step (resume included).
 const PEER_WAIT: Duration = Duration::from_secs(60);
+/// Longest the destination may leave sent segments unacknowledged (a cut link blocks
+/// writes forever otherwise).
+const ACK_WAIT: Duration = Duration::from_secs(20);
 /// Pages gathered before their order is randomized (4 MiB).
 const SHUFFLE_WINDOW: usize = 1024;
 /// Pieces of boot files.
@@ -197,12 +200,21 @@ async fn stream_state(
 ) -> Result<HandoffReport, String> {
     let (mut rh, mut wh) = tokio::io::split(stream);
     let (frames, mut frames_rx) = mpsc::channel::<Message>(2);
-    let writer = tokio::spawn(async move {
-        while let Some(m) = frames_rx.recv().await {
-            write(&mut wh, &m).await?;
-        }
-        Ok::<_, forage_proto::ProtoError>(wh)
-    });
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let written = written.clone();
+        tokio::spawn(async move {
+            while let Some(m) = frames_rx.recv().await {
+                let n = match &m {
+                    Message::HandoffSegment { bytes, .. } => bytes.len() as u64,
+                    _ => 0,
+                };
+                written.fetch_add(n, Ordering::Relaxed);
+                write(&mut wh, &m).await?;
+            }
+            Ok::<_, forage_proto::ProtoError>(wh)
+        })
+    };
     let acked = Arc::new(AtomicU64::new(0));
     let reader = {
         let acked = acked.clone();
@@ -227,6 +239,7 @@ async fn stream_state(
         base_disk: File::open(&base.disk_paths()[0]).map_err(|e| format!("{}: {e}", base.disk_paths()[0].display()))?,
         has_base,
         modified: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
+        sent: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
         memory_pages: 0,
         disk_chunks: 0,
     };
@@ -239,15 +252,28 @@ async fn stream_state(
         ..Default::default()
     };
     let segments_out = frames.clone();
+    let acked_by_peer = acked.clone();
     let pipeline = tokio::task::spawn_blocking(move || {
         run(
             &config,
             chunk_rx.into_iter(),
             |seq, bytes| segments_out.blocking_send(Message::HandoffSegment { seq, bytes }).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")),
-            acked,
+            acked_by_peer,
         )
     });
-    let (fed, piped) = tokio::join!(feeder, pipeline);
+    let joined = async { tokio::join!(feeder, pipeline) };
+    tokio::pin!(joined);
+    let (fed, piped) = tokio::select! {
+        r = &mut joined => r,
+        _ = stalled(&written, &acked) => {
+            // Closing the connection stops the pipeline, which stops the feeder, which
+            // closes QEMU's migration socket.
+            writer.abort();
+            reader.abort();
+            let _ = joined.await;
+            return Err(format!("the destination acknowledged nothing for {}s (link cut or destination gone)", ACK_WAIT.as_secs()));
+        }
+    };
     let fed = fed.expect("no panic");
     let piped = piped.expect("no panic");
     let ((residual, feed), report) = match (fed, piped) {
@@ -270,9 +296,10 @@ async fn stream_state(
     let state_bytes = state.len() as u64;
     frames.send(Message::HandoffCommit { segments: report.segments, state }).await.map_err(|_| wire("closed"))?;
     drop(frames);
-    let _ = writer.await;
-    let (endpoint, _resumed_ms) = match tokio::time::timeout(PEER_WAIT, reader).await {
-        Err(_) => return Err(format!("the destination did not resume the VM in {PEER_WAIT:?}")),
+    let resumed = tokio::time::timeout(PEER_WAIT, reader).await;
+    writer.abort();
+    let (endpoint, _resumed_ms) = match resumed {
+        Err(_) => return Err(format!("the destination did not resume the VM in {}s", PEER_WAIT.as_secs())),
         Ok(r) => r.expect("no panic")?,
     };
     let done = Instant::now();
@@ -296,6 +323,20 @@ async fn stream_state(
         switches: report.switches,
         trace: report.trace,
     })
+}
+
+/// Returns once segments have been written and none acknowledged for [`ACK_WAIT`].
+async fn stalled(written: &AtomicU64, acked: &AtomicU64) {
+    let mut last = (acked.load(Ordering::Relaxed), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let a = acked.load(Ordering::Relaxed);
+        if a != last.0 || written.load(Ordering::Relaxed) <= a {
+            last = (a, Instant::now());
+        } else if last.1.elapsed() > ACK_WAIT {
+            return;
+        }
+    }
 }
 
 /// QEMU's `query-migrate`: dirty-sync count and status (waits for a final status).
@@ -341,6 +382,10 @@ impl Bits {
         Self { words: vec![0; (bytes / CHUNK as u64).div_ceil(64) as usize], count: 0 }
     }
 
+    fn get(&self, i: u64) -> bool {
+        self.words.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
     fn set(&mut self, i: u64) {
         if let Some(w) = self.words.get_mut((i / 64) as usize) {
             let bit = 1 << (i % 64);
@@ -360,7 +405,12 @@ struct Feed {
     base_memory: File,
     base_disk: File,
     has_base: bool,
+    /// Chunks that differ from the base (what "modified state" counts).
     modified: [Bits; 2],
+    /// Chunks sent with content other than the destination's initial one (the base's, or
+    /// zeros without it). Until then the destination has the right bytes already: a
+    /// chunk equal to those is not sent at all.
+    sent: [Bits; 2],
     memory_pages: u64,
     disk_chunks: u64,
 }
@@ -372,8 +422,9 @@ impl Feed {
         let mut disk = self.assembly.written_chunks(FileSpace::Disk);
         shuffle(&mut disk, 1);
         for i in disk {
-            let m = self.disk_chunk(i)?;
-            out.send(m).map_err(|_| gone())?;
+            if let Some(m) = self.disk_chunk(i)? {
+                out.send(m).map_err(|_| gone())?;
+            }
         }
         let mut window: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SHUFFLE_WINDOW);
         let mut at: HashMap<u64, usize> = HashMap::new();
@@ -405,8 +456,9 @@ impl Feed {
         self.flush(&mut window, &mut at, &out, 0)?;
         // QEMU stopped the VM and flushed its disk before its stream's end.
         for i in self.assembly.written_since(FileSpace::Disk, mark) {
-            let m = self.disk_chunk(i)?;
-            out.send(m).map_err(|_| gone())?;
+            if let Some(m) = self.disk_chunk(i)? {
+                out.send(m).map_err(|_| gone())?;
+            }
         }
         Ok((residual, self))
     }
@@ -417,13 +469,14 @@ impl Feed {
         for (index, data) in window.drain(..) {
             self.memory_pages += 1;
             let base = read_chunk(&self.base_memory, index)?;
-            let m = self.modified(Space::Memory, index, data, base);
-            out.send(m).map_err(|_| "the pipeline stopped".to_string())?;
+            if let Some(m) = self.modified(Space::Memory, index, data, base) {
+                out.send(m).map_err(|_| "the pipeline stopped".to_string())?;
+            }
         }
         Ok(())
     }
 
-    fn disk_chunk(&mut self, index: u64) -> Result<Modified, String> {
+    fn disk_chunk(&mut self, index: u64) -> Result<Option<Modified>, String> {
         self.disk_chunks += 1;
         let off = index * CHUNK as u64;
         let data = self.assembly.read(FileSpace::Disk, off, CHUNK as u64, READ_WAIT).map_err(|e| e.to_string())?;
@@ -431,11 +484,18 @@ impl Feed {
         Ok(self.modified(Space::Disk, index, data, base))
     }
 
-    fn modified(&mut self, space: Space, index: u64, data: Vec<u8>, base: Vec<u8>) -> Modified {
+    /// The chunk to send, if the destination does not have these bytes already.
+    fn modified(&mut self, space: Space, index: u64, data: Vec<u8>, base: Vec<u8>) -> Option<Modified> {
+        let s = (space == Space::Disk) as usize;
         if data != base {
-            self.modified[(space == Space::Disk) as usize].set(index);
+            self.modified[s].set(index);
         }
-        Modified { chunk: ChunkId { space, index }, data, base: self.has_base.then_some(base) }
+        let initial = if self.has_base { data == base } else { forage_format::chunk::is_zero(&data) };
+        if initial && !self.sent[s].get(index) {
+            return None;
+        }
+        self.sent[s].set(index);
+        Some(Modified { chunk: ChunkId { space, index }, data, base: self.has_base.then_some(base) })
     }
 }
 
