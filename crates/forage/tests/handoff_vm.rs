@@ -1,0 +1,228 @@
+//! VM handoff with real guests between cloudlets (`forage serve`) in two network
+//! namespaces joined by a shaped veth pair. A device holds a cached-VM instance of a
+//! stateful service on cloudlet A; the service's request counter and working set must
+//! survive every move:
+//! 1. A -> B, B holding the same service VM (the fast path); the device is told the new
+//!    endpoint; A is left with nothing;
+//! 2. B -> C, C holding nothing (memory and disk sent whole, with the boot files);
+//! 3. a new instance on A, the link cut in the middle of its handoff: the handoff fails,
+//!    the VM runs on at A with its state, B removes its partial state; with the link
+//!    back, the retry moves it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use forage_wan::{Netns, WanLink};
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const EXE: &str = env!("CARGO_BIN_EXE_forage");
+
+fn forage_at(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(EXE).arg("--data-dir").arg(data).args(args).output().unwrap();
+    assert!(out.status.success(), "forage {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn forage_in(ns: &Netns, data: &Path, args: &[&str]) -> Output {
+    ns.command(EXE).arg("--data-dir").arg(data).args(args).output().unwrap()
+}
+
+/// One request line to `endpoint`, from inside `ns`.
+fn ask(ns: &Netns, endpoint: &str, line: &str) -> String {
+    let addr = endpoint.parse().unwrap();
+    let line = line.to_string();
+    ns.run(move || forage_agent::app::request_line(addr, &line, Duration::from_secs(60)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{endpoint}: {e}"))
+}
+
+fn serve(ns: &Netns, data: &Path, port: u16, api: u16, name: &str) -> Kill {
+    let log = std::fs::File::create(data.join("serve.log")).unwrap();
+    let child = ns
+        .command(EXE)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["serve", "--listen", &format!("{}:{port}", ns.addr), "--api", &format!("127.0.0.1:{api}"), "--no-advertise", "--name", name])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Kill(child)
+}
+
+/// A device holding a cached-VM instance: the endpoint, and the process (which prints
+/// where the instance went when it moves).
+fn offload(ns: &Netns, device: &Path, cloudlet: &str) -> (String, Kill, BufReader<std::process::ChildStdout>) {
+    let mut child = ns
+        .command(EXE)
+        .arg("--data-dir")
+        .arg(device)
+        .args(["offload", "--service", "ho-hs", "--cloudlet", cloudlet, "--hold", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("offload printed {line:?}: {e}"));
+    (v["endpoint"].as_str().unwrap().to_string(), Kill(child), out)
+}
+
+fn handoff(ns: &Netns, data: &Path, endpoint: &str, to: &str, api: u16) -> Result<serde_json::Value, String> {
+    let out = forage_in(ns, data, &["handoff", endpoint, "--to", to, "--api", &format!("127.0.0.1:{api}"), "--json"]);
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn session_dirs(data: &Path) -> usize {
+    std::fs::read_dir(data.join("work")).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count()).unwrap_or(0)
+}
+
+fn wait_no_sessions(data: &Path, within: Duration) {
+    let t = Instant::now();
+    while session_dirs(data) > 0 && t.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(session_dirs(data), 0, "session files left in {}", data.display());
+}
+
+fn pair_cloudlets(issuer: &Path, client: &Path, name: &str, addr: &str, work: &Path) {
+    let bundle = work.join(format!("{name}.json"));
+    forage_at(issuer, &["pair", "--bundle", &bundle.to_string_lossy(), "--name", name, "--as-cloudlet", "--addr", addr]);
+    forage_at(client, &["pair", "import", &bundle.to_string_lossy()]);
+}
+
+#[test]
+fn a_running_instance_moves_between_namespaced_cloudlets() {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    if skip_vm_tests() || !root {
+        eprintln!("skipped: needs QEMU and root (network namespaces)");
+        return;
+    }
+    // Cloudlet A: the test data dir (its image), a base and a service VM of hashsearch.
+    let data = data_dir();
+    image();
+    let a = data.root().to_path_buf();
+    let app_dir = forage_image::locate_guest_binary("apps/hashsearch").expect("make guest");
+    let _ = forage_synth::BaseVm::remove(&data, "hotest");
+    let _ = forage_service::Repository::new(&data).remove("ho-hs");
+    forage_at(&a, &["base", "create", "hotest", "--image", "tiny", "--settle-s", "3"]);
+    forage_at(&a, &["service", "create", "ho-hs", "--base", "hotest", "--app", &app_dir.to_string_lossy()]);
+    // B holds the same service VM (its package); C holds nothing at all.
+    let work: PathBuf = data.root().join("handoff-test");
+    let _ = std::fs::remove_dir_all(&work);
+    let (b, c, device) = (work.join("b"), work.join("c"), work.join("device"));
+    for d in [&b, &c, &device] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let pkg = work.join("ho-hs.fsvc");
+    forage_at(&a, &["service", "export", "ho-hs", "-o", &pkg.to_string_lossy()]);
+    std::fs::create_dir_all(b.join("images")).unwrap();
+    let copied = Command::new("cp").arg("-r").arg(data.images().join("tiny")).arg(b.join("images")).status().unwrap();
+    assert!(copied.success());
+    forage_at(&b, &["service", "import", &pkg.to_string_lossy(), "--id", "ho-hs"]);
+
+    let mut link = WanLink::create(50.0).expect("namespaces");
+    let (addr_a, addr_b, addr_c) = (format!("{}:7878", link.a.addr), format!("{}:7878", link.b.addr), format!("{}:7880", link.b.addr));
+    pair_cloudlets(&b, &a, "cloudlet-a", &addr_b, &work);
+    pair_cloudlets(&c, &b, "cloudlet-b", &addr_c, &work);
+    let dev_bundle = work.join("device.json");
+    forage_at(&a, &["pair", "--bundle", &dev_bundle.to_string_lossy(), "--name", "phone", "--addr", &addr_a]);
+    forage_at(&device, &["pair", "import", &dev_bundle.to_string_lossy()]);
+    let _daemons = [serve(&link.a, &a, 7878, 7879, "cloudlet-a"), serve(&link.b, &b, 7878, 7879, "cloudlet-b"), serve(&link.b, &c, 7880, 7881, "cloudlet-c")];
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 1. With the base: A -> B. The service's state comes along.
+    let (endpoint, mut dev, mut dev_out) = offload(&link.a, &device, &addr_a);
+    for i in 0..3 {
+        assert!(ask(&link.a, &endpoint, &format!("search move{i} 8")).starts_with("ok "));
+    }
+    assert!(ask(&link.a, &endpoint, "grow 8").starts_with("ok working="));
+    assert!(ask(&link.a, &endpoint, "churn 64").starts_with("ok hot="));
+    let before = ask(&link.a, &endpoint, "count");
+    let served = field(&before, "served");
+    let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("handoff A -> B: {e}"));
+    assert_eq!(r["has_base"], true, "{r}");
+    let at_b = r["endpoint"].as_str().unwrap().to_string();
+    assert!(at_b.starts_with(&link.b.addr.to_string()), "{r}");
+    assert!(r["modified_bytes"].as_u64().unwrap() >= 8 << 20, "the working set counts as modified: {r}");
+    assert!(r["bytes"].as_u64().unwrap() < r["modified_bytes"].as_u64().unwrap(), "dedup, delta and compression: {r}");
+    assert!(r["downtime_s"].as_f64().unwrap() > 0.0 && r["total_s"].as_f64().unwrap() >= r["downtime_s"].as_f64().unwrap(), "{r}");
+    // The device was told where its service went.
+    let mut line = String::new();
+    dev_out.read_line(&mut line).unwrap();
+    let moved: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("the device printed {line:?}: {e}"));
+    assert_eq!((moved["moved_to"].as_str(), moved["endpoint"].as_str()), (Some(&*addr_b), Some(&*at_b)));
+    assert!(dev.0.wait().unwrap().success());
+    let after = ask(&link.a, &at_b, "count");
+    assert_eq!(field(&after, "served"), served, "the counter moved: {before} -> {after}");
+    assert_eq!(field(&after, "working"), 8 << 20, "{after}");
+    assert!(ask(&link.a, &at_b, "search moved 8").contains(&format!("served={}", served + 1)));
+    // Nothing is left at A.
+    wait_no_sessions(&a, Duration::from_secs(20));
+
+    // 2. Without the base: B -> C (a second move of the same instance).
+    let r = handoff(&link.b, &b, &at_b, &addr_c, 7879).unwrap_or_else(|e| panic!("handoff B -> C: {e}"));
+    assert_eq!(r["has_base"], false, "{r}");
+    assert!(r["boot_file_bytes"].as_u64().unwrap() > 0, "{r}");
+    let at_c = r["endpoint"].as_str().unwrap().to_string();
+    let after = ask(&link.a, &at_c, "count");
+    assert_eq!(field(&after, "served"), served + 1, "{after}");
+    assert_eq!(field(&after, "working"), 8 << 20, "{after}");
+    wait_no_sessions(&b, Duration::from_secs(20));
+
+    // 3. The link cut in the middle of a handoff.
+    let (endpoint, _dev2, mut dev2_out) = offload(&link.a, &device, &addr_a);
+    assert!(ask(&link.a, &endpoint, "search cut 8").starts_with("ok "));
+    assert!(ask(&link.a, &endpoint, "grow 16").starts_with("ok "));
+    let before = ask(&link.a, &endpoint, "count");
+    link.set_rate(1.0).unwrap();
+    let attempt = {
+        let (ns_name, a, endpoint, addr_b) = (link.a.clone(), a.clone(), endpoint.clone(), addr_b.clone());
+        std::thread::spawn(move || handoff(&ns_name, &a, &endpoint, &addr_b, 7879))
+    };
+    // Cut once segments flow (B has a session folder with the rebuild under way).
+    let t = Instant::now();
+    while session_dirs(&b) == 0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let down = Command::new("ip").args(["-n", &link.a.name, "link", "set", "dev", &link.a.device, "down"]).status().unwrap();
+    assert!(down.success());
+    let failed = attempt.join().unwrap().expect_err("a handoff over a cut link fails");
+    assert!(failed.contains("handoff") && failed.contains("keeps running here"), "{failed}");
+    // The VM runs on at A with its state; B removed what it had received.
+    Command::new("ip").args(["-n", &link.a.name, "link", "set", "dev", &link.a.device, "up"]).status().unwrap();
+    link.set_rate(50.0).unwrap();
+    let still = ask(&link.a, &endpoint, "count");
+    assert_eq!(field(&still, "served"), field(&before, "served"), "{before} -> {still}");
+    assert!(ask(&link.a, &endpoint, "search still-here 8").starts_with("ok "));
+    wait_no_sessions(&b, Duration::from_secs(60));
+    // The retry moves it.
+    let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("retry: {e}"));
+    let at_b = r["endpoint"].as_str().unwrap().to_string();
+    let after = ask(&link.a, &at_b, "count");
+    assert_eq!(field(&after, "served"), field(&before, "served") + 1, "{after}");
+    assert_eq!(field(&after, "working"), 16 << 20, "{after}");
+    let mut line = String::new();
+    dev2_out.read_line(&mut line).unwrap();
+    assert!(line.contains(&at_b), "the device heard of the move: {line:?}");
+    wait_no_sessions(&a, Duration::from_secs(20));
+}
