@@ -185,6 +185,15 @@ impl Vm {
         result
     }
 
+    /// Start QEMU waiting for an incoming migration on `uri` (e.g. `unix:PATH`, `tcp:HOST:PORT`),
+    /// as plain QEMU live migration's destination. The VM stays paused once the
+    /// migration has arrived (`query-status` says `paused`); `cont` runs it.
+    pub async fn incoming(spec: VmSpec, accel: Accel, qemu_log: &Path, uri: &str) -> Result<Self, VmError> {
+        let vm = Self::start(spec, accel, qemu_log, true).await?;
+        vm.qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
+        Ok(vm)
+    }
+
     async fn load_state(&self, state: &Path, ignore_shared: bool) -> Result<(), RestoreError> {
         if ignore_shared {
             self.set_ignore_shared().await?;

@@ -522,6 +522,10 @@ pub enum BenchCommand {
     /// Application-ready time and payload of the five provisioning mechanisms over an
     /// emulated WAN (the tactical-cloudlet paper's Table I)
     Provision(BenchProvisionArgs),
+    /// VM handoff against QEMU's live migration over an emulated WAN (two cloudlets in two
+    /// network namespaces, tc tbf): total time, downtime and bytes for the adaptive run,
+    /// the best and worst static mode and QEMU; a trace of the adaptive run (CSV and SVG)
+    Handoff(BenchHandoffArgs),
     /// The offline profile of VM handoff's operating modes (P and R of every delta and
     /// codec on the bench app's modified memory): the lookup table adaptation scales
     HandoffProfile(BenchHandoffProfileArgs),
@@ -559,6 +563,36 @@ pub struct BenchSynthesisArgs {
     /// Runs per mode (the median is reported)
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchHandoffArgs {
+    /// Base VM of the bench service VM (created as `bench` if absent)
+    #[arg(long, default_value = "bench")]
+    pub base: String,
+    /// Link rates in Mbit/s (the paper: 5, 10, 25)
+    #[arg(long, default_values_t = vec![5.0, 10.0, 25.0])]
+    pub mbps: Vec<f64>,
+    /// The app's working set (records it keeps in memory): the modified state
+    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    pub working_mib: u64,
+    /// Part of the working set rewritten every 100 ms while the VM moves
+    #[arg(long, default_value_t = 512, value_name = "KIB")]
+    pub hot_kib: u64,
+    /// Static operating modes to run (best and worst are reported), comma-separated
+    #[arg(long, default_value = "none+none,none+zstd-1,xor+zstd-3,none+bzip2-9,bsdiff+lzma-9")]
+    pub modes: String,
+    /// QEMU's downtime limit, for forage and QEMU alike
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    pub downtime_ms: u64,
+    /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Where the traces go [default: DATA/bench/handoff]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }

@@ -27,7 +27,8 @@ pub async fn run(data: &DataDir, cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Overlay(a) => overlay(data, a).await,
         BenchCommand::Synthesis(a) => super::bench_synthesis::run(data, a).await,
         BenchCommand::Provision(a) => super::bench_provision::run(data, a).await,
-        BenchCommand::HandoffProfile(a) => super::bench_handoff::profile(data, a).await,
+        BenchCommand::Handoff(a) => super::bench_handoff::run(data, a).await,
+        BenchCommand::HandoffProfile(a) => super::bench_handoff_profile::profile(data, a).await,
         BenchCommand::Sink { listen } => super::bench_synthesis::sink(listen),
         BenchCommand::Blast { to, bytes } => super::bench_synthesis::blast(to, bytes),
     }

@@ -3,10 +3,12 @@
 mod base;
 mod bench;
 mod bench_handoff;
+mod bench_handoff_profile;
 mod bench_provision;
 mod bench_synthesis;
 mod demo;
 mod handoff;
+mod handoff_plot;
 mod image;
 mod overlay;
 mod pair;
