@@ -65,6 +65,13 @@ pub async fn run(data: &DataDir, args: BenchHandoffArgs) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
+    // The cloudlets' logs (every mode switch, every handoff's steps; why a run failed).
+    for side in ["source", "destination"] {
+        let _ = std::fs::copy(work.join(side).join("cloudlet.log"), out_dir.join(format!("{side}.log")));
+    }
+    if result.is_err() {
+        eprintln!("the cloudlets' logs: {}/{{source,destination}}.log", out_dir.display());
+    }
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -126,6 +133,7 @@ impl Rig {
                 .arg("--data-dir")
                 .arg(dir)
                 .args(["serve", "--listen", addr, "--api", &format!("127.0.0.1:{API}"), "--no-advertise", "--no-cache", "--name", name])
+                .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?)
                 .spawn()?;
@@ -208,7 +216,8 @@ impl Rig {
     fn ask(&self, side: char, endpoint: &str, line: &str) -> anyhow::Result<String> {
         let addr: SocketAddr = endpoint.parse()?;
         let line = line.to_string();
-        let answer = self.ns(side).run(move || forage_agent::app::request_line(addr, &line, Duration::from_secs(120)))??;
+        let what = line.clone();
+        let answer = self.ns(side).run(move || forage_agent::app::request_line(addr, &line, Duration::from_secs(120)))?.with_context(|| format!("asking the service at {endpoint} {what:?}"))?;
         if !answer.starts_with("ok") {
             bail!("the service at {endpoint} answered {answer:?}");
         }
