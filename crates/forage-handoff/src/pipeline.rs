@@ -8,7 +8,7 @@
 //! Each tick also writes a trace row (input, output and potential output throughput, the
 //! mode, switches): the paper's Figure 17.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,10 @@ impl Default for PipelineConfig {
     }
 }
 
-/// One tick of the trace.
+/// Ticks the measures are taken over (1 s).
+const SMOOTHING: usize = 10;
+
+/// One tick of the trace (throughputs over the last second).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TraceRow {
     pub t_s: f64,
@@ -156,6 +159,9 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
                 let mut last_acked = acked.load(Ordering::Relaxed);
                 let mut last = Instant::now();
+                // The last second of ticks: one 100 ms tick holds a segment or none, so
+                // measures over single ticks swing between 0 and several times the link.
+                let mut recent: VecDeque<(f64, Window, u64)> = VecDeque::with_capacity(SMOOTHING + 1);
                 while !done.load(Ordering::Relaxed) {
                     std::thread::sleep(crate::adapt::TICK);
                     let now = Instant::now();
@@ -168,22 +174,38 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
                         t.input_bytes += w.input;
                     }
                     let a = acked.load(Ordering::Relaxed);
-                    let bandwidth = (a - last_acked) as f64 / dt;
+                    recent.push_back((dt, w, a - last_acked));
                     last_acked = a;
+                    if recent.len() > SMOOTHING {
+                        recent.pop_front();
+                    }
+                    let span: f64 = recent.iter().map(|r| r.0).sum();
+                    let sum = recent.iter().fold(Window::default(), |mut s, (_, w, _)| {
+                        s.chunks += w.chunks;
+                        s.input += w.input;
+                        s.output += w.output;
+                        s.busy_s += w.busy_s;
+                        s
+                    });
+                    let bandwidth = recent.iter().map(|r| r.2).sum::<u64>() as f64 / span;
                     let current = *mode.lock().unwrap_or_else(|p| p.into_inner());
                     let mut switched = false;
-                    if w.chunks > 0 {
-                        let obs = Observation { p: w.busy_s / w.chunks as f64, r: w.output as f64 / w.input.max(1) as f64, bandwidth: bandwidth.max(1.0), cores: workers };
+                    let (p, r) = (sum.busy_s / sum.chunks.max(1) as f64, sum.output as f64 / sum.input.max(1) as f64);
+                    if sum.chunks > 0 && bandwidth > 0.0 {
+                        let obs = Observation { p, r, bandwidth, cores: workers };
                         if let Some(sw) = adapter.as_mut().and_then(|ad| ad.tick(&obs, now)) {
                             *mode.lock().unwrap_or_else(|p| p.into_inner()) = sw.to;
+                            tracing::info!(from = %sw.from, to = %sw.to, predicted = sw.predicted_system, current = sw.current_system, "handoff mode switch");
                             trace.lock().unwrap_or_else(|p| p.into_inner()).1.push(format!("{:.1}s {} -> {} (predicted {:.0} vs {:.0} chunks/s)", start.elapsed().as_secs_f64(), sw.from, sw.to, sw.predicted_system, sw.current_system));
                             switched = true;
+                            // Measures of the old mode say nothing of the new one.
+                            recent.clear();
                         }
                     }
-                    let potential = if w.chunks > 0 { workers / (w.busy_s / w.chunks as f64).max(1e-9) * CHUNK as f64 * (w.output as f64 / w.input.max(1) as f64) } else { 0.0 };
+                    let potential = if sum.chunks > 0 { workers / p.max(1e-9) * CHUNK as f64 * r } else { 0.0 };
                     trace.lock().unwrap_or_else(|p| p.into_inner()).0.push(TraceRow {
                         t_s: start.elapsed().as_secs_f64(),
-                        input_bps: w.input as f64 / dt,
+                        input_bps: sum.input as f64 / span,
                         output_bps: bandwidth,
                         potential_output_bps: potential,
                         mode: current.to_string(),

@@ -281,15 +281,24 @@ async fn stream_state(
         (f, p)
     };
     tokio::pin!(joined);
+    let mut reader = reader;
+    // On failure nothing waits for the feeder and the pipeline: closing the connection
+    // stops the pipeline, and the caller's `migrate_cancel` closes QEMU's stream, which
+    // stops the feeder.
     let (fed, piped) = tokio::select! {
         r = &mut joined => r,
         _ = stalled(&written, &acked) => {
-            // Closing the connection stops the pipeline, which stops the feeder, which
-            // closes QEMU's migration socket.
             writer.abort();
             reader.abort();
-            let _ = joined.await;
             return Err(format!("the destination acknowledged nothing for {}s (link cut or destination gone)", ACK_WAIT.as_secs()));
+        }
+        said = &mut reader => {
+            writer.abort();
+            return Err(match said {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => "the destination said it resumed the VM before the commit".into(),
+                Err(e) => format!("the destination's connection: {e}"),
+            });
         }
     };
     let fed = fed.expect("no panic");
@@ -368,6 +377,7 @@ const ITERATION_BANDWIDTH: u64 = 64 << 20;
 /// QEMU's rate while held: a page every few hundred milliseconds.
 const HELD_BANDWIDTH: u64 = 16 << 10;
 const QUEUE_HIGH: f64 = 1.0;
+const BANDWIDTH_WINDOW: Duration = Duration::from_secs(5);
 const QUEUE_LOW: f64 = 0.5;
 
 impl Steering<'_> {
@@ -384,19 +394,24 @@ impl Steering<'_> {
             let now = Instant::now();
             let acked = self.acked.load(Ordering::Relaxed);
             samples.push_back((now, acked));
-            while samples.len() > 2 && now.duration_since(samples[0].0) > Duration::from_secs(2) {
+            // Acknowledgements come a segment at a time: measure over seconds.
+            while samples.len() > 2 && now.duration_since(samples[0].0) > BANDWIDTH_WINDOW {
                 samples.pop_front();
             }
             let (t0, a0) = samples[0];
             let dt = now.duration_since(t0).as_secs_f64();
-            if dt < 0.5 || acked == a0 {
+            if dt < 1.0 || acked == a0 {
                 continue; // no bandwidth measured yet
             }
             let bandwidth = (acked - a0) as f64 / dt;
             let (input, output) = (self.progress.input_bytes.load(Ordering::Relaxed), self.progress.output_bytes.load(Ordering::Relaxed));
             let r = if input > 0 { output as f64 / input as f64 } else { 1.0 };
-            let queued = self.fed.load(Ordering::Relaxed).saturating_sub(input) as f64 * r + output.saturating_sub(acked) as f64;
-            let queued_s = queued / bandwidth;
+            // Encoded and not yet acknowledged: what the link has to carry before QEMU's
+            // next pages. (Chunks waiting to fill a segment are not counted: holding QEMU
+            // for them would starve the segment.)
+            let in_flight = output.saturating_sub(acked) as f64;
+            let queued = self.fed.load(Ordering::Relaxed).saturating_sub(input) as f64 * r + in_flight;
+            let queued_s = in_flight / bandwidth;
             let rounds = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
             let remaining = q["ram"]["remaining"].as_u64().unwrap_or(0) as f64 * r;
             let estimate = (queued + remaining) / bandwidth;
