@@ -31,20 +31,11 @@ pub struct PipelineConfig {
     pub adapt: Option<LookupTable>,
     /// How long a mode is kept at least (the paper: 5 s).
     pub hold: Duration,
-    /// Counters updated as segments are encoded, for whoever steers the iterations.
-    pub progress: Option<Arc<Progress>>,
-}
-
-/// What the encoders have done so far (bytes of modified state in, segment bytes out).
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub input_bytes: AtomicU64,
-    pub output_bytes: AtomicU64,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { workers: 2, segment_chunks: 256, depth: 4, start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"), adapt: None, hold: crate::adapt::MIN_HOLD, progress: None }
+        Self { workers: 2, segment_chunks: 256, depth: 4, start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"), adapt: None, hold: crate::adapt::MIN_HOLD }
     }
 }
 
@@ -126,16 +117,12 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
         // the feeder's sends fail and it stops too.
         let batch_rx = batch_rx;
         for _ in 0..config.workers.max(1) {
-            let (rx, tx, mode, window, progress) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone(), config.progress.clone());
+            let (rx, tx, mode, window) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone());
             s.spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((seq, batch)) = next else { return };
                 let m = *mode.lock().unwrap_or_else(|p| p.into_inner());
                 let (wire, st) = encode(m, &batch);
-                if let Some(p) = &progress {
-                    p.input_bytes.fetch_add(st.input_bytes, Ordering::Relaxed);
-                    p.output_bytes.fetch_add(st.output_bytes, Ordering::Relaxed);
-                }
                 {
                     let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
                     w.chunks += st.chunks;
@@ -287,7 +274,7 @@ mod tests {
             chunk_bytes: CHUNK as u64,
             modes: vec![(parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }), (parse_mode("xor+zstd3").unwrap(), Profile { p: 20e-6, r: 0.05 })],
         };
-        let config = PipelineConfig { workers: 2, segment_chunks: 64, depth: 2, start: parse_mode("none+none").unwrap(), adapt: Some(table), hold: Duration::from_millis(200), progress: None };
+        let config = PipelineConfig { workers: 2, segment_chunks: 64, depth: 2, start: parse_mode("none+none").unwrap(), adapt: Some(table), hold: Duration::from_millis(200) };
         let acked = Arc::new(AtomicU64::new(0));
         let mut got = BTreeMap::new();
         let mut seqs = Vec::new();

@@ -7,7 +7,9 @@
 //! 2. B -> C, C holding nothing (memory and disk sent whole, with the boot files);
 //! 3. a new instance on A, the link cut in the middle of its handoff: the handoff fails,
 //!    the VM runs on at A with its state, B removes its partial state; with the link
-//!    back, the retry moves it.
+//!    back, the retry moves it;
+//! 4. the destination killed in the middle of a handoff: the same, B's leftovers are
+//!    removed when it starts again.
 
 mod common;
 
@@ -146,7 +148,9 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let dev_bundle = work.join("device.json");
     forage_at(&a, &["pair", "--bundle", &dev_bundle.to_string_lossy(), "--name", "phone", "--addr", &addr_a]);
     forage_at(&device, &["pair", "import", &dev_bundle.to_string_lossy()]);
-    let _daemons = [serve(&link.a, &a, 7878, 7879, "cloudlet-a"), serve(&link.b, &b, 7878, 7879, "cloudlet-b"), serve(&link.b, &c, 7880, 7881, "cloudlet-c")];
+    let _daemon_a = serve(&link.a, &a, 7878, 7879, "cloudlet-a");
+    let mut daemon_b = serve(&link.b, &b, 7878, 7879, "cloudlet-b");
+    let _daemon_c = serve(&link.b, &c, 7880, 7881, "cloudlet-c");
     std::thread::sleep(Duration::from_secs(2));
 
     // 1. With the base: A -> B. The service's state comes along.
@@ -225,4 +229,35 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     dev2_out.read_line(&mut line).unwrap();
     assert!(line.contains(&at_b), "the device heard of the move: {line:?}");
     wait_no_sessions(&a, Duration::from_secs(20));
+
+    // 4. The destination killed in the middle of a handoff.
+    let (endpoint, _dev3, _dev3_out) = offload(&link.a, &device, &addr_a);
+    assert!(ask(&link.a, &endpoint, "grow 16").starts_with("ok "));
+    let before = ask(&link.a, &endpoint, "count");
+    link.set_rate(1.0).unwrap();
+    let attempt = {
+        let (ns, a, endpoint, addr_b) = (link.a.clone(), a.clone(), endpoint.clone(), addr_b.clone());
+        std::thread::spawn(move || handoff(&ns, &a, &endpoint, &addr_b, 7879))
+    };
+    let t = Instant::now();
+    while session_dirs(&b) == 0 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    drop(daemon_b);
+    let t = Instant::now();
+    let failed = attempt.join().unwrap().expect_err("a handoff to a destination that dies fails");
+    assert!(t.elapsed() < Duration::from_secs(30), "noticed at once, not by a timeout: {failed}");
+    assert!(failed.contains("keeps running here"), "{failed}");
+    link.set_rate(50.0).unwrap();
+    assert_eq!(field(&ask(&link.a, &endpoint, "count"), "served"), field(&before, "served"));
+    // B starts again: what the dead daemon left is removed; the retry works.
+    assert!(session_dirs(&b) > 0, "the killed destination left its partial state");
+    let _daemon_b = serve(&link.b, &b, 7878, 7879, "cloudlet-b");
+    std::thread::sleep(Duration::from_secs(2));
+    wait_no_sessions(&b, Duration::from_secs(10));
+    let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("retry after the destination's restart: {e}"));
+    let after = ask(&link.a, r["endpoint"].as_str().unwrap(), "count");
+    assert_eq!(field(&after, "served"), field(&before, "served"), "{after}");
+    assert_eq!(field(&after, "working"), 16 << 20, "{after}");
 }

@@ -146,13 +146,14 @@ async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, s
     // A restored instance has x-ignore-shared on (its RAM came from a file): off, so that
     // QEMU sends guest RAM, which is what we want to see.
     qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] }))).await.map_err(qmp_err)?;
-    // QEMU must not end the iterations by itself: its bandwidth estimate counts the pages
-    // we skip (read at memory speed) and the data we queue. It finishes once what is left
-    // is under bandwidth x downtime limit: the limit stays at 1 ms (its least; 0 would
-    // make it finish after its first pass, when it never re-syncs its dirty bitmap) and
-    // the bandwidth is capped, so that is a few pages, until `Steering` sets the real
-    // limit.
-    let iterating = json!({ "downtime-limit": 1, "max-bandwidth": ITERATION_BANDWIDTH });
+    // QEMU ends its iterations by itself, once what is left would take no longer than
+    // the downtime limit at its estimate of the bandwidth. That estimate counts the
+    // unchanged pages the feeder skips at memory speed, so QEMU stops the VM early and
+    // what is queued then is sent during the downtime. Holding QEMU's last round back
+    // (a 1 ms limit until forage's own estimate said the rest fits) made TCG guests lose
+    // writes in 2 runs of 6: pages changed after QEMU's last dirty sync were never sent
+    // and the guest at the destination crashed. Not found why; not done.
+    let iterating = json!({ "downtime-limit": order.options.downtime_limit_ms, "max-bandwidth": UNLIMITED });
     qmp.execute("migrate-set-parameters", Some(iterating)).await.map_err(qmp_err)?;
     let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
     let watch = {
@@ -174,7 +175,7 @@ async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, s
             .map_err(|e| format!("migration socket: {e}"))?;
         let conn = conn.into_std().map_err(|e| e.to_string())?;
         conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream_state(place, instance, movable, stream, conn, has_base, mode, table, &stopped, order.options.downtime_limit_ms).await
+        stream_state(place, instance, movable, stream, conn, has_base, mode, table, &stopped).await
     }
     .await;
     watch.abort();
@@ -205,7 +206,6 @@ async fn stream_state(
     mode: forage_handoff::adapt::Mode,
     table: Option<LookupTable>,
     stopped: &Mutex<Option<Instant>>,
-    downtime_limit_ms: u64,
 ) -> Result<HandoffReport, String> {
     let (mut rh, mut wh) = tokio::io::split(stream);
     let (frames, mut frames_rx) = mpsc::channel::<Message>(2);
@@ -251,17 +251,13 @@ async fn stream_state(
         sent: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
         memory_pages: 0,
         disk_chunks: 0,
-        fed: Arc::new(AtomicU64::new(0)),
     };
-    let fed = feed.fed.clone();
-    let progress = Arc::new(forage_handoff::pipeline::Progress::default());
     let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(128);
     let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
     let config = PipelineConfig {
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         start: mode,
         adapt: table,
-        progress: Some(progress.clone()),
         depth: 2,
         ..Default::default()
     };
@@ -275,11 +271,7 @@ async fn stream_state(
             acked_by_peer,
         )
     });
-    let steering = Steering { fed: &fed, progress: &progress, acked: &acked, limit: Duration::from_millis(downtime_limit_ms) };
-    let joined = async {
-        let (f, p, _) = tokio::join!(feeder, pipeline, steering.run(&instance.vm));
-        (f, p)
-    };
+    let joined = async { tokio::join!(feeder, pipeline) };
     tokio::pin!(joined);
     let mut reader = reader;
     // On failure nothing waits for the feeder and the pipeline: closing the connection
@@ -352,82 +344,8 @@ async fn stream_state(
     })
 }
 
-/// Paces QEMU and ends its iterations the way the paper does (section 6.4):
-/// - **flow**: QEMU is held (its rate cut to [`HELD_BANDWIDTH`]) while what is queued for
-///   the link would take more than [`QUEUE_HIGH`] to send, and let go below
-///   [`QUEUE_LOW`]: the link never idles, and if QEMU ends a round on its own (a round
-///   that dirtied almost nothing), little is left to send while the VM is stopped;
-/// - **last round**: once QEMU has made its first full pass and what is still to send
-///   (the queue and QEMU's remaining dirty memory, at the current output ratio) would take
-///   no longer than the downtime limit at the acknowledged bandwidth, QEMU gets that limit
-///   and finishes at the end of its round.
-struct Steering<'a> {
-    fed: &'a AtomicU64,
-    progress: &'a forage_handoff::pipeline::Progress,
-    acked: &'a AtomicU64,
-    limit: Duration,
-}
-
-/// Rounds after which QEMU is let finish whatever the estimate (a VM that dirties memory
-/// faster than the link carries it would iterate for ever).
-const MAX_ROUNDS: u64 = 30;
-/// QEMU's rate while it iterates: far above what a WAN carries even compressed, low
-/// enough that its "1 ms of bandwidth" is a few pages.
-const ITERATION_BANDWIDTH: u64 = 64 << 20;
-/// QEMU's rate while held: a page every few hundred milliseconds.
-const HELD_BANDWIDTH: u64 = 16 << 10;
-const QUEUE_HIGH: f64 = 1.0;
-const BANDWIDTH_WINDOW: Duration = Duration::from_secs(5);
-const QUEUE_LOW: f64 = 0.5;
-
-impl Steering<'_> {
-    async fn run(&self, vm: &Vm) {
-        let set = |params: serde_json::Value| async move { vm.qmp().execute("migrate-set-parameters", Some(params)).await.is_ok() };
-        let mut samples: std::collections::VecDeque<(Instant, u64)> = std::collections::VecDeque::new();
-        let mut held = false;
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let Ok(q) = vm.qmp().execute("query-migrate", None).await else { return };
-            if !matches!(q["status"].as_str(), Some("setup" | "active")) {
-                return;
-            }
-            let now = Instant::now();
-            let acked = self.acked.load(Ordering::Relaxed);
-            samples.push_back((now, acked));
-            // Acknowledgements come a segment at a time: measure over seconds.
-            while samples.len() > 2 && now.duration_since(samples[0].0) > BANDWIDTH_WINDOW {
-                samples.pop_front();
-            }
-            let (t0, a0) = samples[0];
-            let dt = now.duration_since(t0).as_secs_f64();
-            if dt < 1.0 || acked == a0 {
-                continue; // no bandwidth measured yet
-            }
-            let bandwidth = (acked - a0) as f64 / dt;
-            let (input, output) = (self.progress.input_bytes.load(Ordering::Relaxed), self.progress.output_bytes.load(Ordering::Relaxed));
-            let r = if input > 0 { output as f64 / input as f64 } else { 1.0 };
-            // Encoded and not yet acknowledged: what the link has to carry before QEMU's
-            // next pages. (Chunks waiting to fill a segment are not counted: holding QEMU
-            // for them would starve the segment.)
-            let in_flight = output.saturating_sub(acked) as f64;
-            let queued = self.fed.load(Ordering::Relaxed).saturating_sub(input) as f64 * r + in_flight;
-            let queued_s = in_flight / bandwidth;
-            let rounds = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-            let remaining = q["ram"]["remaining"].as_u64().unwrap_or(0) as f64 * r;
-            let estimate = (queued + remaining) / bandwidth;
-            if rounds >= 2 && (estimate <= self.limit.as_secs_f64() || rounds >= MAX_ROUNDS) {
-                tracing::info!(rounds, estimate_s = estimate, queued_bytes = queued as u64, bandwidth_bps = bandwidth as u64, "the rest fits in the downtime limit: last round");
-                set(json!({ "downtime-limit": self.limit.as_millis() as u64, "max-bandwidth": 1u64 << 40 })).await;
-                return;
-            }
-            if !held && queued_s > QUEUE_HIGH {
-                held = set(json!({ "max-bandwidth": HELD_BANDWIDTH })).await;
-            } else if held && queued_s < QUEUE_LOW {
-                held = !set(json!({ "max-bandwidth": ITERATION_BANDWIDTH })).await;
-            }
-        }
-    }
-}
+/// No limit (QEMU's `max-bandwidth`, bytes/s; its default is 32 MiB/s).
+const UNLIMITED: u64 = 1 << 40;
 
 /// Returns once segments have been written and none acknowledged for [`ACK_WAIT`].
 async fn stalled(written: &AtomicU64, acked: &AtomicU64) {
@@ -517,8 +435,6 @@ struct Feed {
     sent: [Bits; 2],
     memory_pages: u64,
     disk_chunks: u64,
-    /// Bytes of chunks handed to the pipeline.
-    fed: Arc<AtomicU64>,
 }
 
 impl Feed {
@@ -601,7 +517,6 @@ impl Feed {
             return None;
         }
         self.sent[s].set(index);
-        self.fed.fetch_add(CHUNK as u64, Ordering::Relaxed);
         Some(Modified { chunk: ChunkId { space, index }, data, base: self.has_base.then_some(base) })
     }
 }
