@@ -149,7 +149,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     forage_at(&a, &["pair", "--bundle", &dev_bundle.to_string_lossy(), "--name", "phone", "--addr", &addr_a]);
     forage_at(&device, &["pair", "import", &dev_bundle.to_string_lossy()]);
     let _daemon_a = serve(&link.a, &a, 7878, 7879, "cloudlet-a");
-    let mut daemon_b = serve(&link.b, &b, 7878, 7879, "cloudlet-b");
+    let daemon_b = serve(&link.b, &b, 7878, 7879, "cloudlet-b");
     let _daemon_c = serve(&link.b, &c, 7880, 7881, "cloudlet-c");
     std::thread::sleep(Duration::from_secs(2));
 
