@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 pub const TICK: Duration = Duration::from_millis(100);
 /// The least time a mode is kept (the paper: 5 s).
 pub const MIN_HOLD: Duration = Duration::from_secs(5);
+/// The first decision comes after this much measuring (the start mode is a guess: the
+/// hold is there against oscillation, not to keep a guess).
+pub const FIRST_DECISION: Duration = Duration::from_secs(1);
 
 /// Difference encoding against the chunk the destination already has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -170,11 +173,12 @@ pub struct Adapter {
     current: Mode,
     since: Instant,
     hold: Duration,
+    decided: bool,
 }
 
 impl Adapter {
     pub fn new(table: LookupTable, start: Mode, now: Instant) -> Self {
-        Self { table, current: start, since: now, hold: MIN_HOLD }
+        Self { table, current: start, since: now, hold: MIN_HOLD, decided: false }
     }
 
     /// Keep a mode at least `hold` instead of [`MIN_HOLD`] (tests, short handoffs).
@@ -190,9 +194,11 @@ impl Adapter {
     /// One tick: switch to the best predicted mode if the current one has been held long
     /// enough ([`MIN_HOLD`] unless [`Adapter::with_hold`]) and another beats it.
     pub fn tick(&mut self, obs: &Observation, now: Instant) -> Option<Switch> {
-        if now.duration_since(self.since) < self.hold {
+        let hold = if self.decided { self.hold } else { FIRST_DECISION.min(self.hold) };
+        if now.duration_since(self.since) < hold {
             return None;
         }
+        self.decided = true;
         let preds = predict(&self.table, self.current, obs);
         let current = preds.iter().find(|p| p.mode == self.current)?.system();
         let best = preds.iter().max_by(|a, b| a.system().total_cmp(&b.system()))?;
@@ -277,13 +283,14 @@ mod tests {
         // Slow link: compress hard.
         let mut a = Adapter::new(t.clone(), m("none+none"), start);
         let slow = Observation { p: 1e-6, r: 1.0, bandwidth: 5e6 / 8.0, cores: 1.0 };
-        assert_eq!(a.tick(&slow, start + Duration::from_secs(1)), None, "held for 5 s");
-        let s = a.tick(&slow, start + MIN_HOLD).expect("a switch");
+        assert_eq!(a.tick(&slow, start + Duration::from_millis(500)), None, "the first decision after a second");
+        let s = a.tick(&slow, start + FIRST_DECISION).expect("a switch");
         assert_eq!(s.to, m("xor+lzma9"));
+        let start = start + FIRST_DECISION;
         // Fast link: compressing hard is now the bottleneck; but not before 5 s.
         let fast = Observation { p: 200e-6, r: 0.15, bandwidth: 1e9 / 8.0, cores: 1.0 };
-        assert_eq!(a.tick(&fast, start + MIN_HOLD + Duration::from_secs(1)), None);
-        let s = a.tick(&fast, start + MIN_HOLD * 2).expect("a switch");
+        assert_eq!(a.tick(&fast, start + Duration::from_secs(1)), None);
+        let s = a.tick(&fast, start + MIN_HOLD).expect("a switch");
         assert_ne!(s.to, m("xor+lzma9"));
         assert!(s.predicted_system > s.current_system);
     }

@@ -3,9 +3,9 @@
 //! parses the stream page by page, and sends guest RAM and the disk chunks written since
 //! launch through the adaptive pipeline of `forage-handoff` (dedup against the base,
 //! delta, compression, in segments of about 1 MiB). QEMU's dirty tracking drives the
-//! iterations; the pipeline's backpressure makes QEMU's own bandwidth estimate the
-//! end-to-end one, so its `downtime-limit` (default 2 s) is the paper's "stop iterating
-//! when a round takes 2 s or less". The rest of the stream (ROM blocks, device state) is
+//! iterations and its `downtime-limit` (default 2 s) ends them; its bandwidth estimate
+//! counts the unchanged pages we skip, so it tends to stop the VM early (see
+//! `docs/handoff-protocol.md` for why forage does not hold it back). The rest of the stream (ROM blocks, device state) is
 //! sent last; the destination rebuilds the VM from its base (or from nothing) and resumes
 //! it only once everything has arrived and applied.
 //!
