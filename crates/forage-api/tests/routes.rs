@@ -3,7 +3,7 @@
 mod common;
 
 use axum::http::{Method, StatusCode};
-use common::{call, fixture};
+use common::{call, call_body, fixture};
 use forage_state::InstanceStatus;
 
 #[tokio::test]
@@ -152,6 +152,30 @@ async fn a_stop_the_daemon_refuses_leaves_the_instance_running() {
         fx.state.instance("stuck-1").unwrap().unwrap().status,
         InstanceStatus::Running
     );
+}
+
+#[tokio::test]
+async fn a_handoff_goes_through_the_daemon_and_says_what_it_did() {
+    let fx = fixture();
+    let post = |id: &'static str, body: &'static str| {
+        let router = fx.router.clone();
+        async move { call_body(&router, Method::POST, &format!("/v1/instances/{id}/handoff"), &[("content-type", "application/json")], body.as_bytes().to_vec()).await }
+    };
+    let a = post("vm-1", r#"{"to":"10.0.0.2:7878","mode":"xor+zstd-1"}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let v: forage_api::HandoffView = serde_json::from_value(a.json()).unwrap();
+    assert_eq!((v.to.as_str(), v.endpoint.as_str()), ("10.0.0.2:7878", "10.77.0.2:40000"));
+    // Refused before the daemon is asked: not an address, no such instance, not running.
+    assert_eq!(post("vm-1", r#"{"to":"cloudlet-b"}"#).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(post("vm-1", r#"{"where":"b"}"#).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(post("vm-404", r#"{"to":"10.0.0.2:7878"}"#).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(post("vm-old", r#"{"to":"10.0.0.2:7878"}"#).await.status, StatusCode::CONFLICT);
+    assert_eq!(*fx.control.calls.lock().unwrap(), ["handoff vm-1 10.0.0.2:7878"]);
+    // A handoff that fails: 500 naming why; the instance stays running.
+    let a = post("stuck-1", r#"{"to":"10.0.0.2:7878"}"#).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(a.json()["error"].as_str().unwrap().contains("went silent"), "{}", a.text());
+    assert_eq!(fx.state.instance("stuck-1").unwrap().unwrap().status, InstanceStatus::Running);
 }
 
 #[tokio::test]

@@ -193,11 +193,16 @@ pub async fn call(router: &Router, method: Method, uri: &str) -> Answer {
 
 /// [`call`] with request headers.
 pub async fn call_with(router: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Answer {
+    call_body(router, method, uri, headers, Vec::new()).await
+}
+
+/// [`call_with`] with a request body.
+pub async fn call_body(router: &Router, method: Method, uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Answer {
     let mut request = Request::builder().method(method).uri(uri);
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
-    let request = request.body(Body::empty()).unwrap();
+    let request = request.body(Body::from(body)).unwrap();
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
