@@ -157,16 +157,7 @@ pub async fn stop_instance(
     Ctx(ctx): Ctx<ApiContext>,
     Path(id): Path<String>,
 ) -> ApiResult<InstanceView> {
-    let record = ctx.state.instance(&id)?.ok_or_else(|| ApiError::NotFound {
-        kind: "instance",
-        id: id.clone(),
-    })?;
-    if record.status != forage_state::InstanceStatus::Running {
-        return Err(ApiError::Conflict(format!(
-            "instance {id:?} is {}, not running",
-            record.status
-        )));
-    }
+    running_instance(&ctx, &id)?;
     let control = ctx.control.clone();
     let target = id.clone();
     blocking(move || control.stop_instance(&target))
@@ -205,16 +196,7 @@ pub async fn handoff(
     if request.to.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::BadRequest(format!("destination {:?} is not HOST:PORT", request.to)));
     }
-    let record = ctx.state.instance(&id)?.ok_or_else(|| ApiError::NotFound {
-        kind: "instance",
-        id: id.clone(),
-    })?;
-    if record.status != forage_state::InstanceStatus::Running {
-        return Err(ApiError::Conflict(format!(
-            "instance {id:?} is {}, not running",
-            record.status
-        )));
-    }
+    running_instance(&ctx, &id)?;
     let control = ctx.control.clone();
     let target = id.clone();
     let view = blocking(move || control.handoff(&target, request))
@@ -226,6 +208,15 @@ pub async fn handoff(
         })?;
     tracing::info!(instance = %id, to = %view.to, total_s = view.total_s, "instance handed off through the API");
     Ok(Json(view))
+}
+
+/// The record of instance `id`: 404 if there is none, 409 if it is not running.
+fn running_instance(ctx: &ApiContext, id: &str) -> Result<forage_state::InstanceRecord, ApiError> {
+    let record = ctx.state.instance(id)?.ok_or_else(|| ApiError::NotFound { kind: "instance", id: id.to_string() })?;
+    if record.status != forage_state::InstanceStatus::Running {
+        return Err(ApiError::Conflict(format!("instance {id:?} is {}, not running", record.status)));
+    }
+    Ok(record)
 }
 
 /// The launch cache, least recently used first.
