@@ -175,7 +175,7 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
                         s
                     });
                     let bandwidth = recent.iter().map(|r| r.2).sum::<u64>() as f64 / span;
-                    let current = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut current = *mode.lock().unwrap_or_else(|p| p.into_inner());
                     let mut switched = false;
                     let (p, r) = (sum.busy_s / sum.chunks.max(1) as f64, sum.output as f64 / sum.input.max(1) as f64);
                     if sum.chunks > 0 && bandwidth > 0.0 {
@@ -185,6 +185,7 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
                             tracing::info!(from = %sw.from, to = %sw.to, predicted = sw.predicted_system, current = sw.current_system, "handoff mode switch");
                             trace.lock().unwrap_or_else(|p| p.into_inner()).1.push(format!("{:.1}s {} -> {} (predicted {:.0} vs {:.0} chunks/s)", start.elapsed().as_secs_f64(), sw.from, sw.to, sw.predicted_system, sw.current_system));
                             switched = true;
+                            current = sw.to; // the trace row names the mode switched to
                             // Measures of the old mode say nothing of the new one.
                             recent.clear();
                         }
