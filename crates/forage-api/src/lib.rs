@@ -26,6 +26,7 @@
 mod error;
 mod metrics;
 mod routes;
+pub mod token;
 mod views;
 
 use std::future::Future;

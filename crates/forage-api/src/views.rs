@@ -325,6 +325,9 @@ pub struct HandoffView {
     pub to: String,
     /// Where the service answers now.
     pub endpoint: String,
+    /// SHA-256 of the destination's CA: its service relay's certificate chains to it (the
+    /// instance's devices keep their token).
+    pub ca_sha256: String,
     /// The destination held the base VM.
     pub has_base: bool,
     pub total_s: f64,

@@ -12,9 +12,11 @@ mod apps;
 mod pairing;
 mod provision;
 mod sender;
+pub mod service;
 
 pub use apps::{get_app, list_apps};
 pub use pairing::pair;
+pub use forage_proto::ServiceEndpoint;
 pub use provision::{provision, Ended, ProvisionReport, Provisioned};
 
 use std::net::SocketAddr;
@@ -146,7 +148,10 @@ pub struct SynthesisReport {
     pub first_response_s: f64,
     /// Until the cloudlet had every segment applied.
     pub complete_s: f64,
+    /// The relay's address (what `service` says too).
     pub endpoint: String,
+    /// How this device reaches the service (its token included).
+    pub service: ServiceEndpoint,
     pub answer: String,
     /// At the first response (early start).
     pub usage: Option<OverlayUsage>,
@@ -267,7 +272,7 @@ pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOp
 /// device only reads its header and manifest (to offer its base and know its probe).
 pub async fn synthesize_url(url: &str, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
     let u = url.to_string();
-    let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&u))
+    let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&u, &forage_remote::FetchPolicy::any(), forage_format::manifest::MAX_MANIFEST_RAW))
         .await
         .expect("no panic")
         .map_err(|e| ClientError::Overlay { path: url.into(), detail: e.to_string() })?;
@@ -276,7 +281,7 @@ pub async fn synthesize_url(url: &str, cloudlet: SocketAddr, opts: &SynthesisOpt
     }
     let bytes = remote.prefix.len() as u64 + remote.manifest.segments.iter().map(|s| s.compressed_len).sum::<u64>();
     let u = url.to_string();
-    let signature = tokio::task::spawn_blocking(move || forage_remote::fetch_signature(&u)).await.expect("no panic").unwrap_or_default();
+    let signature = tokio::task::spawn_blocking(move || forage_remote::fetch_signature(&u, &forage_remote::FetchPolicy::any())).await.expect("no panic").unwrap_or_default();
     let ov = OverlayFile { path: url.into(), digest: remote.digest(), prefix: remote.prefix, manifest: remote.manifest, bytes, signature };
     run(ov, Some(url.to_string()), cloudlet, opts).await
 }
@@ -357,6 +362,7 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
         first_response_s: 0.0,
         complete_s: 0.0,
         endpoint: String::new(),
+        service: ServiceEndpoint::default(),
         answer: String::new(),
         usage: None,
         accessed_fraction: None,
@@ -364,8 +370,9 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     let mut complete = false;
     loop {
         match next_event(&mut session.events, cloudlet).await? {
-            (Message::Ready { endpoint, resumed_after_ms }, at) => {
-                report.endpoint = endpoint;
+            (Message::Ready { service, resumed_after_ms }, at) => {
+                report.endpoint = service.addr.clone();
+                report.service = service;
                 report.resume_s = resumed_after_ms as f64 / 1000.0;
                 report.ready_s = at.duration_since(start).as_secs_f64();
                 break;
@@ -378,7 +385,7 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     // First response, while the rest of the overlay may still be on its way.
     // The cloudlet may fail the session meanwhile (a corrupted segment): its reason wins.
     let line = opts.request.clone().or(probe).unwrap_or_else(|| "ping".into());
-    let answer = first_response(report.endpoint.clone(), line);
+    let answer = first_response(report.service.clone(), line);
     tokio::pin!(answer);
     let mut pending = Vec::new();
     report.answer = loop {
@@ -429,14 +436,15 @@ async fn next_event(events: &mut mpsc::UnboundedReceiver<(Message, Instant)>, ad
 }
 
 /// Send `line` to the service, retrying the connection while the guest's service comes up.
-pub(crate) async fn first_response(endpoint: String, line: String) -> Result<String, ClientError> {
-    let endpoint = endpoint.as_str();
-    let addr: SocketAddr = endpoint.parse().map_err(|_| ClientError::Service { endpoint: endpoint.into(), detail: "no usable endpoint".into() })?;
+pub(crate) async fn first_response(service: ServiceEndpoint, line: String) -> Result<String, ClientError> {
+    let endpoint = service.addr.clone();
     tokio::task::spawn_blocking(move || {
         let t = Instant::now();
         loop {
-            match forage_agent::app::request_line(addr, &line, Duration::from_secs(120)) {
+            match service::request_line(&service, &line, Duration::from_secs(120)) {
                 Ok(a) => return Ok(a),
+                // The relay is the cloudlet's and the token its own: retrying changes nothing.
+                Err(e @ (service::ServiceError::Tls { .. } | service::ServiceError::NoEndpoint | service::ServiceError::BadAddress(_) | service::ServiceError::BadFingerprint(_))) => return Err(e.to_string()),
                 Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(e.to_string()),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -444,5 +452,5 @@ pub(crate) async fn first_response(endpoint: String, line: String) -> Result<Str
     })
     .await
     .expect("request does not panic")
-    .map_err(|detail| ClientError::Service { endpoint: endpoint.into(), detail })
+    .map_err(|detail| ClientError::Service { endpoint, detail })
 }

@@ -4,7 +4,6 @@
 //! the device's pairings (`forage_trust::DeviceTrust`).
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use forage_proto::asynchronous::{read, write};
 use forage_proto::Message;
@@ -15,8 +14,9 @@ use tokio::net::TcpStream;
 use crate::ClientError;
 
 /// Pair with the cloudlet at `addr` using the code its operator showed; `name` names this
-/// device in the cloudlet's records; `kind` is `device` or `cloudlet`.
-pub async fn pair(addr: SocketAddr, code: &str, name: &str, kind: &str, valid: Duration, keep: &DeviceTrust) -> Result<PeerRecord, ClientError> {
+/// device in the cloudlet's records. What the credentials allow (a device's or a
+/// cloudlet's) and how long they last was chosen by the operator with the code.
+pub async fn pair(addr: SocketAddr, code: &str, name: &str, keep: &DeviceTrust) -> Result<PeerRecord, ClientError> {
     let refused = |message: String| ClientError::Refused { addr, code: forage_proto::ErrorCode::Pairing, message };
     let proto = |source| ClientError::Proto { addr, source };
     let (prefix, secret) = PairingCode::parse(code).map_err(|e| refused(e.to_string()))?;
@@ -25,7 +25,7 @@ pub async fn pair(addr: SocketAddr, code: &str, name: &str, kind: &str, valid: D
     let server = rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).expect("a valid name");
     let mut stream = tokio_rustls::TlsConnector::from(config).connect(server, tcp).await.map_err(|e| ClientError::Tls { addr, detail: e.to_string() })?;
     let (key, csr) = forage_trust::new_csr(name).map_err(|e| refused(e.to_string()))?;
-    let req = Message::PairRequest { secret, name: name.into(), kind: kind.into(), csr, valid_s: valid.as_secs() };
+    let req = Message::PairRequest { secret, name: name.into(), csr };
     write(&mut stream, &req).await.map_err(proto)?;
     match read(&mut stream).await.map_err(proto)? {
         Message::PairGranted { cloudlet, ca, cert, not_after_unix } => {

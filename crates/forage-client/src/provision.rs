@@ -24,16 +24,19 @@ pub struct ProvisionReport {
     pub ready_s: f64,
     /// Until the service's first answer arrived (application ready), if a request was given.
     pub first_response_s: Option<f64>,
+    /// The relay's address (what `service` says too).
     pub endpoint: String,
+    /// How this device reaches the service (its token included).
+    pub service: forage_proto::ServiceEndpoint,
     pub answer: Option<String>,
 }
 
 /// How a held instance ended.
 #[derive(Debug)]
 pub enum Ended {
-    /// The cloudlet handed it off: the service now answers at `endpoint`, on the cloudlet
+    /// The cloudlet handed it off: the service now answers at `service`, on the cloudlet
     /// at `cloudlet`.
-    Moved { cloudlet: String, endpoint: String },
+    Moved { cloudlet: String, service: forage_proto::ServiceEndpoint },
     /// It stopped (idle timeout, operator, error).
     Stopped(ClientError),
 }
@@ -54,7 +57,7 @@ impl Provisioned {
     /// A handoff ends it here too, with where the instance went.
     pub async fn ended(&mut self) -> Ended {
         match read(&mut self.stream).await {
-            Ok(Message::Moved { cloudlet, endpoint }) => Ended::Moved { cloudlet, endpoint },
+            Ok(Message::Moved { cloudlet, service }) => Ended::Moved { cloudlet, service },
             other => Ended::Stopped(Self::reason(self.addr, other)),
         }
     }
@@ -121,8 +124,8 @@ pub async fn provision(
         }
     };
     write(&mut stream, &provision).await.map_err(proto)?;
-    let endpoint = match read(&mut stream).await {
-        Ok(Message::Ready { endpoint, .. }) => endpoint,
+    let service = match read(&mut stream).await {
+        Ok(Message::Ready { service, .. }) => service,
         Ok(Message::Error { code, message }) => {
             return Err(ClientError::Refused {
                 addr,
@@ -148,7 +151,7 @@ pub async fn provision(
     let ready_s = start.elapsed().as_secs_f64();
     let (answer, first_response_s) = match line {
         Some(line) => (
-            Some(first_response(endpoint.clone(), line).await?),
+            Some(first_response(service.clone(), line).await?),
             Some(start.elapsed().as_secs_f64()),
         ),
         None => (None, None),
@@ -159,7 +162,8 @@ pub async fn provision(
         payload_bytes,
         ready_s,
         first_response_s,
-        endpoint,
+        endpoint: service.addr.clone(),
+        service,
         answer,
     };
     Ok((report, Provisioned { stream, addr }))

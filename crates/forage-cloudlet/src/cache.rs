@@ -167,7 +167,7 @@ fn allocated_bytes(dir: &Path) -> u64 {
 pub(crate) async fn run_cached(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
     let instance = resume(ctx.place(), &cached.snapshot, cached.service().map(|s| s.port), &[], false).await?;
     let served = async {
-        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
+        write(stream, &instance.ready()).await?;
         write(stream, &Message::Complete { segments: 0, bytes: 0, apply_ms: 0, decompress_ms: 0 }).await?;
         hold(stream, &instance.stop, no_usage).await
     }

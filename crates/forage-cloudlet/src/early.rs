@@ -196,7 +196,7 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
         forage_synth::apply::write_launch_snapshot(&launch, manifest, spec, &memory, &disk, &state_copy, cloudlet.accel).map_err(internal)?;
         let snap = Snapshot::open(&launch).map_err(internal)?;
         let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], true).await?;
-        let _ = ready_tx.send(Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms });
+        let _ = ready_tx.send(instance.ready());
         tracing::info!(session = %ctx.id, after_ms = start.elapsed().as_millis() as u64, stats = ?assembly.stats(), "early start: VM resumed");
         Ok::<Instance, SessionError>(instance)
     };

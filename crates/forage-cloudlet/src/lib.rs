@@ -25,6 +25,7 @@
 mod cache;
 mod early;
 mod handoff;
+mod limits;
 mod pipe;
 mod pipelined;
 mod provision;
@@ -33,7 +34,7 @@ mod residue;
 mod session;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use forage_proto::ErrorCode;
 use tokio::sync::Notify;
 
 pub use cache::LaunchCache;
+pub use limits::{raise_fd_limit, Limits};
 pub use handoff::{HandoffError, HandoffOptions, HandoffReport};
 
 /// A device's connection: TLS 1.3, the device authenticated by its certificate (or not
@@ -77,6 +79,15 @@ pub struct Cloudlet {
     instances: Mutex<HashMap<String, Arc<Stop>>>,
     /// Joinable cached-VM instances by service id.
     pub(crate) shared: Mutex<HashMap<String, Arc<provision::SharedInstance>>>,
+    /// Connections and sessions a peer, and all together, may hold.
+    pub limits: Limits,
+    /// Where overlays named by URL may be fetched from (https to public addresses only,
+    /// unless the operator lists networks).
+    pub fetch_policy: forage_remote::FetchPolicy,
+    /// Sessions open, per credential serial.
+    sessions: Arc<limits::Counter<u64>>,
+    /// Wrong pairing codes per source.
+    pairing_guard: forage_trust::PairingGuard,
 }
 
 /// Asks a running instance to end, with the reason its device is given; or, if it can
@@ -147,6 +158,8 @@ pub enum CloudletError {
     Record(#[from] forage_state::StateError),
     #[error("cloudlet identity: {0}")]
     Trust(#[from] forage_trust::TrustError),
+    #[error("cloudlet data directory: {0}")]
+    DataDir(#[from] forage_datadir::DataDirError),
 }
 
 impl Cloudlet {
@@ -154,6 +167,7 @@ impl Cloudlet {
     /// whose QEMU is gone are marked lost and their files removed (QEMU dies with the
     /// daemon: early-start instances depend on its FUSE server).
     pub fn open(name: String, data: DataDir, accel: Accel, service_addr: Ipv4Addr) -> Result<Self, CloudletError> {
+        data.ensure_root()?;
         let state = forage_state::State::open(data.cloudlet_state())?;
         for lost in state.recover_after_restart()? {
             tracing::warn!(instance = %lost.id, dir = %lost.dir.display(), "instance lost in a restart; removing its files");
@@ -179,7 +193,17 @@ impl Cloudlet {
             max_script_time: Duration::from_secs(600),
             instances: Mutex::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
+            sessions: limits::Counter::new(Limits::default().sessions, Limits::default().sessions_per_peer),
+            limits: Limits::default(),
+            fetch_policy: Default::default(),
+            pairing_guard: Default::default(),
         })
+    }
+
+    /// Enforce `limits` from now on (sessions already open keep their places).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.sessions = limits::Counter::new(limits.sessions, limits.sessions_per_peer);
+        self.limits = limits;
     }
 
     /// Ask the running instance of session `id` to stop; false if there is none.
@@ -208,14 +232,42 @@ impl Cloudlet {
     }
 }
 
-/// Accept devices until the listener fails; each connection is a TLS 1.3 handshake
-/// (the device's certificate checked against this cloudlet's CA, validity and CRL), then a
-/// session on its own task. One session's failure does not affect the others.
+/// Accept devices until the process ends; each connection is a TLS 1.3 handshake (the
+/// device's certificate checked against this cloudlet's CA, validity and CRL) within
+/// [`Limits::handshake`], then a session on its own task. Connections beyond the limits
+/// (in all, per source address) are closed at once; an `accept` error (out of file
+/// descriptors, say) is logged and accepting goes on. One session's failure does not
+/// affect the others.
 pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::Result<()> {
+    let fds = limits::raise_fd_limit();
+    let l = cloudlet.limits.clone();
+    tracing::debug!(fds, ?l, "accepting devices");
+    let connections = limits::Counter::new(l.connections, l.connections_per_source);
+    let mut warned = std::time::Instant::now() - Duration::from_secs(60);
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: transient; never the end of serving.
+                if warned.elapsed() > Duration::from_secs(10) {
+                    tracing::warn!("accepting a device connection failed (going on): {e}");
+                    warned = std::time::Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match connections.take(limits::source_key(peer.ip())) {
+            Ok(s) => s,
+            Err(full) => {
+                tracing::debug!(%peer, ?full, "connection refused: too many open");
+                drop(tcp);
+                continue;
+            }
+        };
         let c = cloudlet.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let config = match c.trust.server_config() {
                 Ok(cfg) => cfg,
                 Err(e) => {
@@ -223,56 +275,79 @@ pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::R
                     return;
                 }
             };
-            let stream = match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
-                Ok(s) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+            let stream = match tokio::time::timeout(c.limits.handshake, handshake).await {
+                Err(_) => {
+                    tracing::debug!(%peer, "refused: no TLS handshake within {:?}", c.limits.handshake);
+                    return;
+                }
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     tracing::debug!(%peer, "connection closed before TLS (a reachability probe)");
                     return;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(%peer, "refused: TLS handshake failed: {e}");
                     return;
                 }
             };
             let who = stream.get_ref().1.peer_certificates().and_then(|p| p.first()).and_then(forage_trust::peer_identity);
             match who {
-                None => match pair(stream, &c).await {
+                None => match pair(stream, peer, &c).await {
                     Ok(name) => tracing::info!(%peer, name, "paired"),
                     Err(e) => tracing::warn!(%peer, "pairing refused: {e}"),
                 },
-                Some((name, serial)) => match session(stream, &c, &name, serial).await {
-                    Ok(()) => tracing::info!(%peer, name, serial, "session ended"),
-                    Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
-                    Err(e) => tracing::warn!(%peer, name, "session failed: {e}"),
-                },
+                Some((name, serial)) => {
+                    let _session = match c.sessions.take(serial) {
+                        Ok(s) => s,
+                        Err(full) => {
+                            let why = match full {
+                                limits::Full::All(n) => format!("cloudlet {} runs its maximum of {n} sessions: try again later", c.name),
+                                limits::Full::This(n) => format!("{name} already has {n} sessions open on cloudlet {}", c.name),
+                            };
+                            tracing::warn!(%peer, name, "session refused: {why}");
+                            let mut stream = stream;
+                            let _ = forage_proto::asynchronous::write(&mut stream, &forage_proto::Message::Error { code: ErrorCode::Busy, message: why }).await;
+                            return;
+                        }
+                    };
+                    match session(stream, &c, &name, serial).await {
+                        Ok(()) => tracing::info!(%peer, name, serial, "session ended"),
+                        Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
+                        Err(e) => tracing::warn!(%peer, name, "session failed: {e}"),
+                    }
+                }
             }
         });
     }
 }
 
 /// A connection without a client certificate: it may pair (PairRequest with a code's
-/// secret), and do nothing else.
-async fn pair(mut stream: DeviceStream, cloudlet: &Cloudlet) -> Result<String, String> {
+/// secret), and do nothing else. What the credential grants comes from the code; a source
+/// that sent too many wrong codes is refused without its code being looked at.
+async fn pair(mut stream: DeviceStream, peer: SocketAddr, cloudlet: &Cloudlet) -> Result<String, String> {
     use forage_proto::asynchronous::{read, write};
     use forage_proto::Message;
     let refuse = |code: ErrorCode, message: String| Message::Error { code, message };
     let first = tokio::time::timeout(cloudlet.peer_wait, read(&mut stream)).await.map_err(|_| "silent".to_string())?.map_err(|e| e.to_string())?;
-    let Message::PairRequest { secret, name, kind, csr, valid_s } = first else {
+    let Message::PairRequest { secret, name, csr } = first else {
         let why = format!("this device is not paired with cloudlet {}: pair first (`forage pair --cloudlet ADDR --code CODE`)", cloudlet.name);
         let _ = write(&mut stream, &refuse(ErrorCode::Unpaired, why.clone())).await;
         return Err(format!("{} without credentials", first.name()));
     };
-    let kind = match kind.as_str() {
-        "cloudlet" => forage_trust::PeerKind::Cloudlet,
-        _ => forage_trust::PeerKind::Device,
-    };
-    let valid = Duration::from_secs(valid_s).min(forage_trust::MAX_VALIDITY);
-    let granted = cloudlet.trust.redeem(&secret).and_then(|()| cloudlet.trust.issue_for_csr(&csr, &name, kind, valid));
+    let granted = cloudlet
+        .pairing_guard
+        .check(peer.ip())
+        .and_then(|()| forage_trust::check_peer_name(&name).map(|_| ()))
+        .and_then(|()| {
+            cloudlet.trust.redeem(&secret).inspect_err(|_| cloudlet.pairing_guard.failed(peer.ip()))
+        })
+        .and_then(|grant| cloudlet.trust.issue_for_csr(&csr, &name, grant.kind, grant.valid()));
     match granted {
         Ok((cert, issued)) => {
             let m = Message::PairGranted { cloudlet: cloudlet.name.clone(), ca: cloudlet.trust.ca_der().to_vec(), cert: cert.to_vec(), not_after_unix: issued.not_after_unix };
             write(&mut stream, &m).await.map_err(|e| e.to_string())?;
-            Ok(name)
+            Ok(format!("{name} ({:?})", issued.kind))
         }
         Err(e) => {
             let _ = write(&mut stream, &refuse(ErrorCode::Pairing, e.to_string())).await;

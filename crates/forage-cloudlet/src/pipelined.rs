@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use forage_format::Manifest;
+use sha2::Digest;
 use forage_proto::asynchronous::write;
 use forage_proto::{ErrorCode, Message};
 use forage_vm::Snapshot;
@@ -99,7 +100,9 @@ async fn next_segment(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest:
     Ok(bytes)
 }
 
-/// Receive every segment into a file, then apply it: nothing overlaps.
+/// Receive every segment into a file, then apply it: nothing overlaps. Each segment is
+/// checked against the manifest's hash before it is written (the manifest, already
+/// checked, bounds the total).
 async fn store_and_forward(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
     use tokio::io::AsyncWriteExt;
     let start = Instant::now();
@@ -110,6 +113,9 @@ async fn store_and_forward(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, mani
     let mut bytes = 0u64;
     for i in 0..manifest.segments.len() {
         let data = next_segment(stream, ctx, &manifest, i).await?;
+        if hex::encode(sha2::Sha256::digest(&data)) != manifest.segments[i].sha256 {
+            return Err(refused(ErrorCode::BadOverlay, format!("segment {i} fails its checksum")));
+        }
         bytes += data.len() as u64;
         out.write_all(&data).await.map_err(internal)?;
     }
@@ -143,7 +149,7 @@ async fn finish(
     let snap = Snapshot::open(applied).map_err(internal)?;
     let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], false).await?;
     let served = async {
-        write(stream, &Message::Ready { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms }).await?;
+        write(stream, &instance.ready()).await?;
         let decompress_ms = decompress.as_millis() as u64;
         write(stream, &Message::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
         hold(stream, &instance.stop, no_usage).await

@@ -38,6 +38,8 @@ use crate::Stop;
 /// A cached-VM instance that later devices may join.
 pub(crate) struct SharedInstance {
     pub endpoint: String,
+    /// Devices that join are given the instance's token too.
+    pub service: forage_proto::ServiceEndpoint,
     users: AtomicUsize,
     released: Notify,
     stop: Arc<Stop>,
@@ -84,6 +86,9 @@ pub(crate) async fn run(
     };
     if let Err(e) = cloudlet.state.session_started(&record) {
         tracing::warn!("session {} not recorded: {e}", place.id);
+    }
+    if let Provision::Script { port: AGENT_PORT, .. } = &request {
+        return Err(refused(ErrorCode::Provision, format!("guest port {AGENT_PORT} is the guest agent's, never a service port")));
     }
     match request {
         Provision::CachedVm { service, join } => {
@@ -242,7 +247,7 @@ async fn cached_vm(
                 write(
                     stream,
                     &Message::Ready {
-                        endpoint: shared.endpoint.clone(),
+                        service: shared.service.clone(),
                         resumed_after_ms: 0,
                     },
                 )
@@ -260,6 +265,7 @@ async fn cached_vm(
     let shared = join.then(|| {
         let s = Arc::new(SharedInstance {
             endpoint: instance.endpoint.clone(),
+            service: instance.service.clone(),
             users: AtomicUsize::new(1),
             released: Notify::new(),
             stop: instance.stop.clone(),
@@ -347,11 +353,7 @@ async fn ready_then_live(
     service_port: Option<u16>,
     extra_ports: &[u16],
 ) -> Result<Ending, SessionError> {
-    let ready = Message::Ready {
-        endpoint: instance.endpoint.clone(),
-        resumed_after_ms: instance.resumed_after_ms,
-    };
-    write(stream, &ready).await?;
+    write(stream, &instance.ready()).await?;
     instance.stop.set_movable(true);
     let movable = crate::handoff::Movable { view, service_port, extra_ports };
     crate::handoff::live(Some(stream), place, instance, movable).await
@@ -362,11 +364,7 @@ async fn ready_then_hold(
     stream: &mut crate::DeviceStream,
     instance: &Instance,
 ) -> Result<Ending, SessionError> {
-    let ready = Message::Ready {
-        endpoint: instance.endpoint.clone(),
-        resumed_after_ms: instance.resumed_after_ms,
-    };
-    write(stream, &ready).await?;
+    write(stream, &instance.ready()).await?;
     hold(stream, &instance.stop, no_usage).await
 }
 

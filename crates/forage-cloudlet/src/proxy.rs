@@ -1,21 +1,29 @@
 //! The cloudlet's side of an instance's service port. Guest ports are forwarded by QEMU
 //! to loopback only (the guest agent's port included, which must never face devices); a
-//! [`ServiceProxy`] on the cloudlet's service address relays the service port and notes
-//! when bytes last went through, which is what the idle timeout measures.
+//! [`ServiceProxy`] on the cloudlet's service address relays the service port to the
+//! devices that hold the instance's token, inside TLS (`forage_proto::service`), and
+//! notes when bytes last went through, which is what the idle timeout measures.
+//! Connections that do not present the token are closed unheard and do not count as use.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use forage_proto::service::{parse_preamble, same_token, ServiceEndpoint, PREAMBLE_LEN, PREAMBLE_WAIT_S, TOKEN_BYTES};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::Stop;
 
+/// Connections one relay serves at once.
+const MAX_CONNECTIONS: usize = 256;
+
 pub(crate) struct ServiceProxy {
     pub addr: SocketAddr,
+    /// What the instance's devices are given: the relay's address, token and CA.
+    pub endpoint: ServiceEndpoint,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last byte relayed (or of the start).
     last: Arc<AtomicU64>,
@@ -23,23 +31,44 @@ pub(crate) struct ServiceProxy {
 }
 
 impl ServiceProxy {
-    /// Listen on `listen` (any free port) and relay every connection to `target`.
-    pub async fn start(listen: Ipv4Addr, target: SocketAddr) -> std::io::Result<Self> {
+    /// Listen on `listen` (any free port) and relay to `target` every connection that
+    /// completes a TLS handshake (`tls`: the cloudlet's relay configuration) and presents
+    /// the token within the preamble wait: `token`, or a new random one.
+    pub async fn start(listen: Ipv4Addr, target: SocketAddr, tls: Arc<rustls::ServerConfig>, ca_sha256: String, token: Option<[u8; TOKEN_BYTES]>) -> std::io::Result<Self> {
+        let token = match token {
+            Some(t) => t,
+            None => {
+                let mut t = [0u8; TOKEN_BYTES];
+                getrandom::fill(&mut t).map_err(|e| std::io::Error::other(format!("no randomness for the instance's token: {e}")))?;
+                t
+            }
+        };
         let listener = TcpListener::bind((listen, 0)).await?;
         let addr = listener.local_addr()?;
+        let endpoint = ServiceEndpoint { addr: addr.to_string(), token: hex::encode(token), ca_sha256 };
         let epoch = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
         let l = last.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let accept = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
                     a = listener.accept() => match a {
-                        Ok((client, _)) => {
-                            let l = l.clone();
+                        Ok((client, peer)) => {
+                            if conns.len() >= MAX_CONNECTIONS {
+                                tracing::debug!(%peer, "service relay {addr}: too many connections");
+                                continue;
+                            }
+                            let (l, acceptor) = (l.clone(), acceptor.clone());
                             conns.spawn(async move {
-                                if let Ok(guest) = TcpStream::connect(target).await {
-                                    relay(client, guest, epoch, l).await;
+                                match admit(client, &acceptor, &token).await {
+                                    Ok(device) => {
+                                        if let Ok(guest) = TcpStream::connect(target).await {
+                                            relay(device, guest, epoch, l).await;
+                                        }
+                                    }
+                                    Err(why) => tracing::debug!(%peer, "service relay {addr}: refused: {why}"),
                                 }
                             });
                         }
@@ -52,12 +81,7 @@ impl ServiceProxy {
                 }
             }
         });
-        Ok(Self {
-            addr,
-            epoch,
-            last,
-            tasks: vec![accept],
-        })
+        Ok(Self { addr, endpoint, epoch, last, tasks: vec![accept] })
     }
 
     /// Count from now (the instance is handed to its device).
@@ -98,19 +122,30 @@ impl Drop for ServiceProxy {
     }
 }
 
-async fn relay(client: TcpStream, guest: TcpStream, epoch: Instant, last: Arc<AtomicU64>) {
-    let (cr, cw) = client.into_split();
+/// The TLS handshake and the preamble, within the preamble wait: the device's stream if
+/// its token is the instance's.
+async fn admit(client: TcpStream, acceptor: &tokio_rustls::TlsAcceptor, token: &[u8; TOKEN_BYTES]) -> Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str> {
+    let checked = async {
+        let mut tls = acceptor.accept(client).await.map_err(|_| "TLS handshake failed")?;
+        let mut line = [0u8; PREAMBLE_LEN];
+        tls.read_exact(&mut line).await.map_err(|_| "closed before the preamble")?;
+        let theirs = parse_preamble(&line)?;
+        if !same_token(&theirs, token) {
+            return Err("wrong token");
+        }
+        Ok(tls)
+    };
+    tokio::time::timeout(Duration::from_secs(PREAMBLE_WAIT_S), checked).await.map_err(|_| "no preamble in time")?
+}
+
+async fn relay(device: impl AsyncRead + AsyncWrite + Unpin, guest: TcpStream, epoch: Instant, last: Arc<AtomicU64>) {
+    let (dr, dw) = tokio::io::split(device);
     let (gr, gw) = guest.into_split();
-    tokio::join!(pump(cr, gw, epoch, last.clone()), pump(gr, cw, epoch, last));
+    tokio::join!(pump(dr, gw, epoch, last.clone()), pump(gr, dw, epoch, last));
 }
 
 /// Copy one direction until EOF or an error, noting the time of every piece.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    epoch: Instant,
-    last: Arc<AtomicU64>,
-) {
+async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, epoch: Instant, last: Arc<AtomicU64>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf).await {
@@ -124,4 +159,67 @@ async fn pump(
         }
     }
     let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A guest service: echoes one line; counts the connections that reached it.
+    async fn echo() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let reached = Arc::new(AtomicUsize::new(0));
+        let r = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    if let Ok(n) = s.read(&mut buf).await {
+                        let _ = s.write_all(&buf[..n]).await;
+                    }
+                });
+            }
+        });
+        (addr, reached)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_token_reaches_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let trust = forage_trust::CloudletTrust::open_or_init(dir.path(), "c").unwrap();
+        let (target, reached) = echo().await;
+        let proxy = ServiceProxy::start(Ipv4Addr::LOCALHOST, target, trust.relay_server_config().unwrap(), trust.ca_fingerprint(), None).await.unwrap();
+        let good = proxy.endpoint.clone();
+        let ask = |ep: forage_proto::ServiceEndpoint| tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "hello", Duration::from_secs(15)));
+
+        // Plain TCP, as before the relay had TLS: nothing comes back, nothing reaches the guest.
+        let raw = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(proxy_addr(&good)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let _ = s.write_all(b"hello\n");
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            buf
+        });
+        assert!(!String::from_utf8_lossy(&raw.await.unwrap()).contains("hello"));
+        // TLS with a wrong token, and TLS with the right token but another CA expected.
+        let mut wrong = proxy.endpoint.clone();
+        wrong.token = "00".repeat(16);
+        assert!(matches!(ask(wrong).await.unwrap(), Err(forage_client::service::ServiceError::NoAnswer { .. })));
+        let mut other_ca = proxy.endpoint.clone();
+        other_ca.ca_sha256 = "ab".repeat(32);
+        assert!(matches!(ask(other_ca).await.unwrap(), Err(forage_client::service::ServiceError::Tls { .. })));
+        assert_eq!(reached.load(Ordering::SeqCst), 0, "a connection without the token reached the guest");
+        // The device that holds the token.
+        assert_eq!(ask(proxy.endpoint.clone()).await.unwrap().unwrap(), "hello");
+        assert_eq!(reached.load(Ordering::SeqCst), 1);
+    }
+
+    fn proxy_addr(ep: &forage_proto::ServiceEndpoint) -> SocketAddr {
+        ep.addr.parse().unwrap()
+    }
 }

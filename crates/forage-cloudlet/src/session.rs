@@ -2,7 +2,7 @@
 //! message sequence): Hello/Welcome and the manifest here, then the mode's own module.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -102,12 +102,24 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
     let Message::Hello { versions, device, offers, early_start, store_and_forward } = hello else {
         return Err(SessionError::Sequence { expected: "Hello", got: "another message" });
     };
-    // Records name the device by its certificate; what it calls itself comes after.
+    // Records name the device by its certificate; what it calls itself comes after (and
+    // reaches logs and records: plain, short).
+    if device.len() > 64 || device.chars().any(|c| c.is_control()) {
+        return Err(refused(ErrorCode::Protocol, "the device's name in Hello is over 64 bytes or holds control characters"));
+    }
+    if offers.len() > 16 {
+        return Err(refused(ErrorCode::Protocol, format!("{} overlays offered at once (at most 16)", offers.len())));
+    }
     let device = format!("{identity} ({device})");
     let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
     let held: Vec<BaseVm> = BaseVm::list(&cloudlet.data).into_iter().filter_map(|(_, b)| b.ok()).collect();
     let chosen = offers.iter().find_map(|o| held.iter().find(|b| b.digest() == o.base_digest).map(|b| (o, b)));
     let missing = offers.iter().filter(|o| !held.iter().any(|b| b.digest() == o.base_digest)).map(|o| o.base_digest.clone()).collect();
+    // The signature first: whether this cloudlet has an overlay's launch VM cached is not
+    // told (nor is the VM started) for an overlay it would refuse.
+    if let Some((offer, _)) = chosen {
+        check_signature(cloudlet, offer)?;
+    }
     let cached = chosen.and_then(|(o, _)| cloudlet.cache.lookup(&o.overlay_digest));
     write(
         stream,
@@ -150,7 +162,6 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
     let Some((offer, base)) = chosen else {
         return Err(refused(ErrorCode::NoBase, "none of the offered bases is held here"));
     };
-    check_signature(cloudlet, offer)?;
     let early_start = early_start && !store_and_forward;
     let mode = match (&cached, early_start) {
         (Some(_), _) => SessionMode::Cached,
@@ -168,14 +179,27 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
         return crate::cache::run_cached(stream, &ctx, snapshot).await;
     }
 
-    // Manifest (or where to fetch the overlay): check it before anything is written.
+    // Manifest (or where to fetch the overlay): check it before anything is written. Its
+    // size is capped by what an overlay of this base can hold.
+    let manifest_limit = forage_format::manifest::raw_limit_for(base.manifest().memory_size, base.manifest().disk_size);
     let (prefix, remote) = match next(stream, cloudlet.peer_wait).await? {
         Message::Manifest { bytes } => (bytes, None),
         Message::OverlayUrl { url } => {
-            let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url))
+            let policy = cloudlet.fetch_policy.clone();
+            let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url, &policy, manifest_limit))
                 .await
                 .expect("no panic")
-                .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+                .map_err(|e| {
+                    // The device learns that the fetch failed, not what the server (or the
+                    // network behind the cloudlet) said: that stays in the cloudlet's log.
+                    tracing::warn!(session = id, "overlay by URL: {e}");
+                    let why = match e {
+                        forage_remote::RemoteError::Refused { source, .. } => source.to_string(),
+                        forage_remote::RemoteError::Overlay { source, .. } => format!("the fetched overlay: {source}"),
+                        _ => "the overlay URL could not be fetched (the cloudlet's log says why)".into(),
+                    };
+                    refused(ErrorCode::BadOverlay, why)
+                })?;
             if !offer.overlay_digest.is_empty() && remote.digest() != offer.overlay_digest {
                 return Err(refused(ErrorCode::BadOverlay, format!("the overlay at {} is not the one offered (digest {})", remote.url, remote.digest())));
             }
@@ -183,7 +207,7 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
         }
         other => return Err(SessionError::Sequence { expected: "Manifest or OverlayUrl", got: other.name() }),
     };
-    let manifest = OverlayReader::open(&prefix[..]).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
+    let manifest = OverlayReader::open_limited(&prefix[..], manifest_limit).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
     // The manifest (whose hashes cover every segment) must be the one offered: the cache
     // entry and the signature are for that digest.
     if overlay_digest(&prefix) != offer.overlay_digest {
@@ -192,6 +216,10 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
     if manifest.base.digest != base.digest() {
         return Err(refused(ErrorCode::BadOverlay, "the manifest names another base than the one agreed"));
     }
+    if (manifest.memory_size, manifest.disk_size) != (base.manifest().memory_size, base.manifest().disk_size) {
+        return Err(refused(ErrorCode::BadOverlay, "the manifest's memory and disk sizes are not its base's"));
+    }
+    check_space(dir, &manifest, base)?;
     if let Some(parent) = &manifest.parent {
         return Err(refused(ErrorCode::BadOverlay, format!("this is a residue of overlay {parent}: merge it into its overlay first")));
     }
@@ -200,6 +228,24 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
         (false, Some(remote)) => crate::pipelined::run_remote(stream, &ctx, manifest, remote).await,
         (false, None) => crate::pipelined::run(stream, &ctx, manifest, prefix, !store_and_forward).await,
     }
+}
+
+/// Refuse a session whose files would not fit in the free space of the session folder's
+/// file system (with 64 MiB to spare): the overlay as sent, its chunks decompressed, and
+/// a launch VM the size of the base as allocated.
+fn check_space(dir: &Path, manifest: &forage_format::Manifest, base: &BaseVm) -> Result<(), SessionError> {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: PathBuf| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+    let raw: u64 = manifest.segments.iter().map(|s| s.raw_len).sum();
+    let needed = manifest.segments_bytes() + raw + allocated(base.memory_path()) + allocated(base.disk_path()) + (64 << 20);
+    let free = match rustix::fs::statvfs(dir.parent().unwrap_or(dir)) {
+        Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
+        Err(e) => return Err(internal(format!("free space of {}: {e}", dir.display()))),
+    };
+    if free < needed {
+        return Err(refused(ErrorCode::Busy, format!("not enough disk space on the cloudlet for this overlay: it needs {} MiB, {} MiB are free", needed >> 20, free >> 20)));
+    }
+    Ok(())
 }
 
 /// With a signers list (`DATA/trust/signers`), the offered overlay must carry a good
@@ -247,6 +293,8 @@ pub(crate) struct Instance {
     pub vm: Vm,
     /// The service proxy's address on the cloudlet's service address (empty without one).
     pub endpoint: String,
+    /// What its devices are given to reach the service (address, token, CA).
+    pub service: forage_proto::ServiceEndpoint,
     pub resumed_after_ms: u64,
     pub stop: std::sync::Arc<crate::Stop>,
     /// Every guest port's loopback forward (the agent's included, if asked for).
@@ -259,6 +307,11 @@ impl Instance {
     pub fn local(&self, guest_port: u16) -> Option<SocketAddr> {
         self.forwards.iter().find(|f| f.guest_port == guest_port).map(|f| SocketAddr::from((f.host_addr, f.host_port)))
     }
+
+    /// What tells a device its instance runs and how to reach its service.
+    pub fn ready(&self) -> Message {
+        Message::Ready { service: self.service.clone(), resumed_after_ms: self.resumed_after_ms }
+    }
 }
 
 /// Resume `snap` with its guest ports and `extra_ports` forwarded to loopback, and
@@ -266,12 +319,28 @@ impl Instance {
 /// are the snapshot's own files (early start, copy-on-write views); otherwise they are
 /// copied into the session's run folder.
 pub(crate) async fn resume(place: Place<'_>, snap: &Snapshot, service_port: Option<u16>, extra_ports: &[u16], in_place: bool) -> Result<Instance, SessionError> {
-    resume_with(place, snap, service_port, extra_ports, in_place, RestoreOptions { copy_disks: !in_place, ..Default::default() }).await
+    resume_with(place, snap, service_port, extra_ports, in_place, RestoreOptions { copy_disks: !in_place, ..Default::default() }, None).await
 }
 
-/// [`resume`] with restore options (a handoff's state stream has no `x-ignore-shared`).
-pub(crate) async fn resume_with(place: Place<'_>, snap: &Snapshot, service_port: Option<u16>, extra_ports: &[u16], in_place: bool, opts: RestoreOptions) -> Result<Instance, SessionError> {
+/// [`resume`] with restore options (a handoff's state stream has no `x-ignore-shared`)
+/// and the service token its devices already hold (a handoff), if any.
+pub(crate) async fn resume_with(
+    place: Place<'_>,
+    snap: &Snapshot,
+    service_port: Option<u16>,
+    extra_ports: &[u16],
+    in_place: bool,
+    opts: RestoreOptions,
+    token: Option<[u8; forage_proto::service::TOKEN_BYTES]>,
+) -> Result<Instance, SessionError> {
     let cloudlet = place.cloudlet;
+    // The guest agent runs anything as root in the guest: it never faces a device.
+    if service_port == Some(forage_agent::AGENT_PORT) {
+        return Err(refused(ErrorCode::Provision, format!("guest port {} is the guest agent's, never a service port", forage_agent::AGENT_PORT)));
+    }
+    if extra_ports.len() > 8 {
+        return Err(refused(ErrorCode::Provision, format!("{} extra guest ports asked for (at most 8)", extra_ports.len())));
+    }
     let run = place.dir.join("run");
     std::fs::create_dir_all(&run).map_err(internal)?;
     let mut guest_ports: Vec<u16> = snap.manifest().spec.nic.iter().flat_map(|n| n.forwards.iter().map(|f| f.guest_port)).collect();
@@ -279,7 +348,7 @@ pub(crate) async fn resume_with(place: Place<'_>, snap: &Snapshot, service_port:
     guest_ports.sort_unstable();
     guest_ports.dedup();
     let forwards = forage_image::loopback_forwards(guest_ports).map_err(internal)?;
-    let qmp = cloudlet.data.runtime_dir().join(format!("session-{}.qmp", place.id));
+    let qmp = cloudlet.data.runtime_dir().map_err(internal)?.join(format!("session-{}.qmp", place.id));
     let mut spec: VmSpec = snap.relocated_spec(&run, &qmp, Some(forwards.clone()));
     if in_place {
         spec.memory_file = snap.memory_path();
@@ -292,7 +361,8 @@ pub(crate) async fn resume_with(place: Place<'_>, snap: &Snapshot, service_port:
     let target = service_port.and_then(|p| forwards.iter().find(|f| f.guest_port == p)).map(|f| SocketAddr::from((f.host_addr, f.host_port)));
     let proxy = match target {
         Some(target) => {
-            let mut p = ServiceProxy::start(cloudlet.service_addr, target).await.map_err(|e| internal(format!("service proxy on {}: {e}", cloudlet.service_addr)))?;
+            let tls = cloudlet.trust.relay_server_config().map_err(internal)?;
+            let mut p = ServiceProxy::start(cloudlet.service_addr, target, tls, cloudlet.trust.ca_fingerprint(), token).await.map_err(|e| internal(format!("service proxy on {}: {e}", cloudlet.service_addr)))?;
             if let Some(t) = cloudlet.idle_timeout {
                 p.watch_idle(t, stop.clone());
             }
@@ -301,6 +371,7 @@ pub(crate) async fn resume_with(place: Place<'_>, snap: &Snapshot, service_port:
         None => None,
     };
     let endpoint = proxy.as_ref().map(|p| p.addr.to_string()).unwrap_or_default();
+    let service = proxy.as_ref().map(|p| p.endpoint.clone()).unwrap_or_default();
     let record = NewInstance { id: place.id.to_string(), session_id: place.id.to_string(), name: vm.spec().name.clone(), qemu_pid: vm.pid(), dir: place.dir.to_path_buf(), endpoint: endpoint.clone() };
     if let Err(e) = cloudlet.state.instance_started(&record) {
         tracing::warn!("instance {} not recorded: {e}", place.id);
@@ -308,7 +379,7 @@ pub(crate) async fn resume_with(place: Place<'_>, snap: &Snapshot, service_port:
     if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
         tracing::debug!("{e}");
     }
-    Ok(Instance { vm, endpoint, resumed_after_ms, stop, forwards, proxy })
+    Ok(Instance { vm, endpoint, service, resumed_after_ms, stop, forwards, proxy })
 }
 
 /// After Ready and Complete: the instance lives until the device says Bye (or asks for

@@ -34,6 +34,8 @@ pub enum DataDirError {
     },
     #[error("invalid name {name:?}: use letters, digits, '-', '_' and '.', not starting with '.'")]
     BadName { name: String },
+    #[error("{path} is not a private directory of this user ({detail}): QEMU's sockets carry guest memory; remove it or set XDG_RUNTIME_DIR")]
+    NotPrivate { path: PathBuf, detail: String },
 }
 
 /// The root of everything forage stores on this host.
@@ -129,15 +131,21 @@ impl DataDir {
         Ok(self.vms().join(checked_name(name)?))
     }
 
-    /// A short directory for unix sockets belonging to this data directory:
-    /// `$XDG_RUNTIME_DIR/forage/<hash of root>` or `/tmp/forage-<uid>/<hash of root>`.
-    pub fn runtime_dir(&self) -> PathBuf {
+    /// A short directory for unix sockets belonging to this data directory, created if
+    /// missing: `$XDG_RUNTIME_DIR/forage/<hash of root>` or `/tmp/forage-<uid>/<hash of
+    /// root>`. Both levels are mode 0700 and must be directories (not links) owned by this
+    /// user: QEMU streams guest memory through sockets here, and another user who made
+    /// `/tmp/forage-<uid>` first must not be able to read or replace them.
+    pub fn runtime_dir(&self) -> Result<PathBuf, DataDirError> {
         let base = match non_empty_env("XDG_RUNTIME_DIR") {
             Some(d) => PathBuf::from(d).join("forage"),
             None => std::env::temp_dir().join(format!("forage-{}", current_uid())),
         };
         let digest = Sha256::digest(self.root.as_os_str().as_encoded_bytes());
-        base.join(hex::encode(&digest[..6]))
+        let dir = base.join(hex::encode(&digest[..6]));
+        private_dir(&base)?;
+        private_dir(&dir)?;
+        Ok(dir)
     }
 
     /// Create `path` and its parents, naming it in the error.
@@ -146,6 +154,19 @@ impl DataDir {
             path: path.to_path_buf(),
             source,
         })
+    }
+
+    /// Create the root (mode 0700: overlays, guest memory, keys and the state database
+    /// live under it) or make an existing one private; returns it.
+    pub fn ensure_root(&self) -> Result<&Path, DataDirError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let create = |source| DataDirError::Create { path: self.root.clone(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(create)?;
+        let meta = std::fs::metadata(&self.root).map_err(create)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700)).map_err(create)?;
+        }
+        Ok(&self.root)
     }
 }
 
@@ -164,6 +185,29 @@ pub fn checked_name(name: &str) -> Result<&str, DataDirError> {
             name: name.to_string(),
         })
     }
+}
+
+/// Create `path` (one level) with mode 0700 if missing; then it must be a directory, not
+/// a link, owned by this user, with no access for group or others.
+fn private_dir(path: &Path) -> Result<(), DataDirError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(DataDirError::Create { path: path.to_path_buf(), source }),
+    }
+    let not_private = |detail: String| DataDirError::NotPrivate { path: path.to_path_buf(), detail };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| not_private(e.to_string()))?;
+    if !meta.file_type().is_dir() {
+        return Err(not_private("not a directory".into()));
+    }
+    if meta.uid() != current_uid() {
+        return Err(not_private(format!("owned by uid {}", meta.uid())));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| not_private(format!("mode {:o}, cannot change it: {e}", meta.permissions().mode() & 0o777)))?;
+    }
+    Ok(())
 }
 
 fn non_empty_env(key: &str) -> Option<String> {
@@ -198,11 +242,35 @@ mod tests {
     }
 
     #[test]
-    fn runtime_dir_is_short_and_stable() {
+    fn runtime_dir_is_short_stable_and_private() {
+        use std::os::unix::fs::PermissionsExt;
         let long = DataDir::at(format!("/tmp/{}", "x".repeat(200)));
-        let rt = long.runtime_dir();
+        let rt = long.runtime_dir().unwrap();
         assert!(rt.as_os_str().len() < 80, "{rt:?}");
-        assert_eq!(rt, long.runtime_dir());
-        assert_ne!(rt, DataDir::at("/other").runtime_dir());
+        assert_eq!(rt, long.runtime_dir().unwrap());
+        assert_ne!(rt, DataDir::at("/other").runtime_dir().unwrap());
+        for d in [&rt, rt.parent().unwrap()] {
+            assert_eq!(std::fs::metadata(d).unwrap().permissions().mode() & 0o777, 0o700, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn a_runtime_dir_that_is_not_ours_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(private_dir(&link), Err(DataDirError::NotPrivate { .. })), "a link in place of the directory");
+        let file = t.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(matches!(private_dir(&file), Err(DataDirError::NotPrivate { .. })));
+        // Someone else's directory (owned by nobody): only root can make one here.
+        if current_uid() == 0 {
+            let theirs = t.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            assert!(matches!(private_dir(&theirs), Err(DataDirError::NotPrivate { .. })));
+        }
     }
 }

@@ -108,7 +108,13 @@ pub struct OverlayReader<R> {
 
 impl<R: Read> OverlayReader<R> {
     /// Read and check the header and manifest.
-    pub fn open(mut r: R) -> Result<Self, FormatError> {
+    pub fn open(r: R) -> Result<Self, FormatError> {
+        Self::open_limited(r, MAX_MANIFEST_RAW)
+    }
+
+    /// [`Self::open`] with the manifest capped at `raw_limit` decompressed bytes (what the
+    /// base implies: [`crate::manifest::raw_limit_for`]).
+    pub fn open_limited(mut r: R, raw_limit: u64) -> Result<Self, FormatError> {
         let mut head = [0u8; HEADER_LEN];
         read_exact(&mut r, &mut head, "header")?;
         let header = read_header(&head)?;
@@ -122,7 +128,7 @@ impl<R: Read> OverlayReader<R> {
         if Sha256::digest(&body)[..] != header.manifest_sha256 {
             return Err(FormatError::corrupt("manifest fails its checksum"));
         }
-        let manifest = Manifest::decode(&body)?;
+        let manifest = Manifest::decode_limited(&body, raw_limit)?;
         if manifest.format != header.format {
             return Err(FormatError::corrupt(format!(
                 "header says format {} but the manifest says {}",

@@ -11,8 +11,19 @@ use crate::chunk::{ChunkEntry, Space, CHUNK_SIZE};
 use crate::codec::{DeltaCodec, SegmentCodec};
 use crate::{FormatError, FORMAT_VERSION, RESIDUE_FORMAT};
 
-/// Largest decompressed manifest accepted (about 10 million chunk entries).
-pub const MAX_MANIFEST_RAW: u64 = 256 << 20;
+/// Largest decompressed manifest accepted at all (about a million chunks, a few GB of
+/// modified state); a receiver that knows the base caps it lower ([`raw_limit_for`]).
+pub const MAX_MANIFEST_RAW: u64 = 64 << 20;
+/// Most a chunk can add to a decoded manifest: its chunk entry, a blob, a share of a
+/// segment, as CBOR with field names (about 120 bytes in practice).
+const MAX_RAW_PER_CHUNK: u64 = 192;
+
+/// The largest decompressed manifest an overlay of a VM with this much memory and disk
+/// can have: what a receiver holding the base accepts, before decoding anything.
+pub fn raw_limit_for(memory_size: u64, disk_size: u64) -> u64 {
+    let chunks = memory_size.div_ceil(CHUNK_SIZE as u64).saturating_add(disk_size.div_ceil(CHUNK_SIZE as u64));
+    chunks.saturating_mul(MAX_RAW_PER_CHUNK).saturating_add(1 << 20).min(MAX_MANIFEST_RAW)
+}
 /// Largest decompressed segment accepted.
 pub const MAX_SEGMENT_RAW: u64 = 16 << 20;
 
@@ -151,15 +162,19 @@ impl Manifest {
 
     /// Decode and check a manifest (untrusted bytes).
     pub fn decode(compressed: &[u8]) -> Result<Self, FormatError> {
+        Self::decode_limited(compressed, MAX_MANIFEST_RAW)
+    }
+
+    /// [`Self::decode`], refusing a manifest that decompresses to more than `limit`
+    /// bytes (see [`raw_limit_for`]) before it is parsed.
+    pub fn decode_limited(compressed: &[u8], limit: u64) -> Result<Self, FormatError> {
+        let limit = limit.min(MAX_MANIFEST_RAW);
         let mut raw = Vec::new();
         zstd::stream::read::Decoder::new(compressed)
-            .and_then(|d| d.take(MAX_MANIFEST_RAW + 1).read_to_end(&mut raw))
+            .and_then(|d| d.take(limit + 1).read_to_end(&mut raw))
             .map_err(|e| FormatError::corrupt(format!("manifest compression: {e}")))?;
-        if raw.len() as u64 > MAX_MANIFEST_RAW {
-            return Err(FormatError::TooLarge {
-                what: "manifest".into(),
-                limit: MAX_MANIFEST_RAW,
-            });
+        if raw.len() as u64 > limit {
+            return Err(FormatError::TooLarge { what: "manifest".into(), limit });
         }
         let m: Manifest = ciborium::from_reader(&raw[..]).map_err(|e| FormatError::corrupt(format!("manifest: {e}")))?;
         m.validate()?;
@@ -207,7 +222,21 @@ impl Manifest {
                 }
             }
         }
+        // What segments claim is bounded by the blobs they hold: a chunk segment is its
+        // blobs end to end, and compression does not grow data by more than a little.
+        let mut held = vec![0u64; self.segments.len()];
+        for b in &self.blobs {
+            if let Some(h) = held.get_mut(b.segment as usize) {
+                *h += b.len as u64;
+            }
+        }
         for (i, s) in self.segments.iter().enumerate() {
+            if s.kind == SegmentKind::Chunks && s.raw_len != held[i] {
+                return bad(format!("segment {i} claims {} bytes, its blobs are {}", s.raw_len, held[i]));
+            }
+            if s.compressed_len > s.raw_len + s.raw_len / 16 + 1024 {
+                return bad(format!("segment {i} claims {} compressed bytes for {} raw", s.compressed_len, s.raw_len));
+            }
             if s.raw_len > MAX_SEGMENT_RAW {
                 return Err(FormatError::TooLarge {
                     what: format!("segment {i}"),

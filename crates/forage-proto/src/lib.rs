@@ -20,7 +20,7 @@
 //!     C-->>D: Fetch {segment}   (a VM read needs a segment not yet here)
 //!     D->>C: Segment {index, bytes}   (fetched ones overtake the bulk stream)
 //!     D->>C: Segment ... in overlay order, until all are sent
-//!     C->>D: Ready {endpoint, resumed after ms}   (VM running; before Complete with early start)
+//!     C->>D: Ready {service endpoint + token, resumed after ms}   (VM running; before Complete with early start)
 //!     C->>D: Complete {segments, bytes}   (every segment applied)
 //!     D->>C: Checkpoint {label}   (optional, e.g. at the first response)
 //!     C->>D: Usage {blobs accessed, fetches}
@@ -29,16 +29,23 @@
 //!     Note over D,C: either side may send Error {code, message} and close
 //!     Note over D,C: other mechanisms: Hello without offers, Welcome, then
 //!     D->>C: Provision {cached VM | push | script | app package}
-//!     C->>D: Ready {endpoint}   (then the same Checkpoint/Bye lifecycle)
+//!     C->>D: Ready {service endpoint + token}   (then the same Checkpoint/Bye lifecycle)
 //! ```
 //!
 //! Documented in `docs/synthesis-protocol.md`.
 
+pub mod service;
+
 use serde::{Deserialize, Serialize};
 
-/// Versions this build speaks.
-pub const VERSION_MIN: u16 = 1;
-pub const VERSION_MAX: u16 = 1;
+pub use service::ServiceEndpoint;
+
+/// Versions this build speaks. Version 2: services are reached through the cloudlet's
+/// TLS relay with the instance's token ([`service`]); Ready, Moved and HandoffDone carry
+/// a [`ServiceEndpoint`] instead of a bare address; PairRequest no longer asks for a kind
+/// or lifetime.
+pub const VERSION_MIN: u16 = 2;
+pub const VERSION_MAX: u16 = 2;
 /// Largest frame (kind + payload): a segment is at most 32 MiB compressed.
 pub const MAX_FRAME: u32 = 33 << 20;
 
@@ -86,6 +93,8 @@ pub enum ErrorCode {
     Pairing,
     /// A VM handoff failed (the instance keeps running at its source).
     Handoff,
+    /// The cloudlet is at a limit (sessions in all or of this peer, disk space): later.
+    Busy,
 }
 
 /// A client app in the cloudlet's app store.
@@ -189,8 +198,9 @@ pub enum Message {
     Fetch {
         index: u32,
     },
+    /// The instance runs; its service answers at `service` (see [`service`]).
     Ready {
-        endpoint: String,
+        service: ServiceEndpoint,
         resumed_after_ms: u64,
     },
     Complete {
@@ -233,12 +243,10 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         secret: Vec<u8>,
         name: String,
-        /// `device`, or `cloudlet` (a peer for handoff).
-        kind: String,
         #[serde(with = "serde_bytes")]
         csr: Vec<u8>,
-        /// Lifetime asked for, seconds (the cloudlet may give less).
-        valid_s: u64,
+        // What the credential grants (device or cloudlet, lifetime) is fixed by the code
+        // the operator made; earlier devices sent `kind` and `valid_s` here, now ignored.
     },
     /// After a Hello without offers: the cloudlet's app store, for `platform` (and `any`),
     /// or all.
@@ -318,11 +326,11 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
     },
-    /// The instance runs at the destination.
-    HandoffDone { endpoint: String, resumed_after_ms: u64 },
+    /// The instance runs at the destination; its service answers at `service`.
+    HandoffDone { service: ServiceEndpoint, resumed_after_ms: u64 },
     /// To the device: its instance moved to the cloudlet at `cloudlet`; its service now
-    /// answers at `endpoint`. The cloudlet then closes the session.
-    Moved { cloudlet: String, endpoint: String },
+    /// answers at `service`. The cloudlet then closes the session.
+    Moved { cloudlet: String, service: ServiceEndpoint },
 }
 
 /// What a handoff's source tells the destination before any state.
@@ -340,6 +348,10 @@ pub struct HandoffBegin {
     /// Guest port relayed as the service, and other guest ports to forward.
     pub service_port: Option<u16>,
     pub extra_ports: Vec<u16>,
+    /// The instance's service token (hex), kept at the destination so that its devices
+    /// reach it there with what they hold.
+    #[serde(default)]
+    pub service_token: String,
 }
 
 impl Message {
@@ -538,7 +550,7 @@ mod tests {
     fn all() -> Vec<Message> {
         vec![
             Message::Hello {
-                versions: (1, 1),
+                versions: (2, 2),
                 device: "phone".into(),
                 offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99, overlay_digest: "cd".repeat(32), signature: b"{}".to_vec() }],
                 early_start: true,
@@ -553,7 +565,7 @@ mod tests {
             Message::Manifest { bytes: b"FORAGEOV".to_vec() },
             Message::Segment { index: 3, bytes: vec![7; 1000] },
             Message::Fetch { index: 9 },
-            Message::Ready { endpoint: "127.0.0.1:4000".into(), resumed_after_ms: 1500 },
+            Message::Ready { service: ServiceEndpoint { addr: "127.0.0.1:4000".into(), token: "00".repeat(16), ca_sha256: "ab".repeat(32) }, resumed_after_ms: 1500 },
             Message::Complete { segments: 10, bytes: 12345, apply_ms: 80, decompress_ms: 20 },
             Message::Error { code: ErrorCode::NoBase, message: "no base".into() },
             Message::Provision { request: Provision::CachedVm { service: "hashsearch".into(), join: true } },
@@ -561,7 +573,7 @@ mod tests {
             Message::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30, components: vec!["hashsearch".into()] } },
             Message::Provision { request: Provision::App { package: vec![0x28, 0xb5, 0x2f, 0xfd] } },
             Message::Error { code: ErrorCode::Idle, message: "idle".into() },
-            Message::PairRequest { secret: vec![1, 2, 3], name: "phone".into(), kind: "device".into(), csr: vec![0x30, 0x82], valid_s: 3600 },
+            Message::PairRequest { secret: vec![1, 2, 3], name: "phone".into(), csr: vec![0x30, 0x82] },
             Message::PairGranted { cloudlet: "c".into(), ca: vec![0x30], cert: vec![0x30], not_after_unix: 1 },
             Message::ListApps { platform: Some("linux-x86_64".into()) },
             Message::Apps { apps: vec![AppEntry { id: "a".into(), service: "s".into(), platform: "any".into(), file: "a.sh".into(), size: 3, sha256: "00".into() }] },
@@ -573,8 +585,8 @@ mod tests {
             Message::HandoffSegment { seq: 3, bytes: vec![9; 1000] },
             Message::HandoffAck { seq: 3, bytes: 1000 },
             Message::HandoffCommit { segments: 4, state: vec![0x28, 0xb5] },
-            Message::HandoffDone { endpoint: "10.0.0.2:4000".into(), resumed_after_ms: 300 },
-            Message::Moved { cloudlet: "10.0.0.2:7878".into(), endpoint: "10.0.0.2:4000".into() },
+            Message::HandoffDone { service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() }, resumed_after_ms: 300 },
+            Message::Moved { cloudlet: "10.0.0.2:7878".into(), service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() } },
             Message::Bye,
         ]
     }
@@ -622,8 +634,9 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(negotiate((1, 3)), Some(1));
-        assert_eq!(negotiate((2, 3)), None);
-        assert_eq!(negotiate((0, 1)), Some(1));
+        assert_eq!(negotiate((1, 3)), Some(2));
+        assert_eq!(negotiate((3, 4)), None);
+        assert_eq!(negotiate((0, 1)), None, "version 1 devices reach services without a token");
+        assert_eq!(negotiate((1, 2)), Some(2));
     }
 }

@@ -93,7 +93,7 @@ impl BaseVm {
         let result = async {
             let run = RunPaths {
                 dir: work.join("run"),
-                qmp_socket: data.runtime_dir().join(format!("base-{name}.qmp")),
+                qmp_socket: data.runtime_dir()?.join(format!("base-{name}.qmp")),
             };
             let ready = image
                 .boot(&format!("base-{name}"), &run, &[], accel, Duration::from_secs(180))

@@ -72,7 +72,7 @@ pub async fn build(
             .arg(base.disk_path())
             .arg(&layer),
     )?;
-    let qmp = data.runtime_dir().join(format!("launch-{}.qmp", std::process::id()));
+    let qmp = data.runtime_dir()?.join(format!("launch-{}.qmp", std::process::id()));
     let guest_ports = [forage_agent::AGENT_PORT, app.manifest().port];
     let forwards = forage_image::loopback_forwards(guest_ports).map_err(|source| SynthError::Io {
         path: "127.0.0.1".into(),

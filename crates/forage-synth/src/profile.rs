@@ -35,7 +35,7 @@ pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agen
     assembly.start_profiling();
     let result = async {
         let snap = &view.snapshot;
-        let qmp = data.runtime_dir().join(format!("profile-{}.qmp", std::process::id()));
+        let qmp = data.runtime_dir()?.join(format!("profile-{}.qmp", std::process::id()));
         let forwards = forage_image::loopback_forwards([forage_agent::AGENT_PORT, app.port]).map_err(io(Path::new("127.0.0.1")))?;
         let app_port = forwards[1].host_port;
         let mut spec = snap.relocated_spec(&run, &qmp, Some(forwards));

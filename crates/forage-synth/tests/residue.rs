@@ -3,12 +3,11 @@
 //! chunks aside) with its device state; wrong, lone or cut residues are refused and leave
 //! nothing behind; a merged overlay takes a residue of its own.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use forage_testkit::synthetic::*;
 use forage_datadir::DataDir;
 use forage_format::manifest::Service;
 use forage_format::{ChunkRef, Manifest, Order, Space, CHUNK_SIZE};

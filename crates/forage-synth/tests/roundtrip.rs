@@ -2,9 +2,8 @@
 //! round-trips bit-exactly, free chunks come back as zeros, bad overlays are refused and
 //! leave nothing behind.
 
-mod common;
 
-use common::*;
+use forage_testkit::synthetic::*;
 use forage_datadir::DataDir;
 use forage_format::{ChunkRef, DeltaCodec, SegmentCodec, Space, CHUNK_SIZE};
 use forage_synth::create::CreateOptions;

@@ -28,9 +28,9 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use code::PairingCode;
+pub use code::{Grant, PairingCode, PairingGuard, MAX_FAILURES as MAX_PAIRING_FAILURES};
 pub use device::{DeviceTrust, Peer, PeerRecord};
-pub use pairing::{new_csr, pairing_client_config, Bundle};
+pub use pairing::{new_csr, pairing_client_config, pinned_client_config, Bundle};
 
 /// The name in every cloudlet's server certificate; devices connect with it as SNI.
 pub const SERVER_NAME: &str = "forage-cloudlet";
@@ -61,6 +61,22 @@ pub enum TrustError {
     NoCredential(String),
     #[error("{0}")]
     NotPaired(String),
+    #[error("{name:?} cannot name a device or cloudlet: use 1 to 64 letters, digits, '-', '_' and '.', starting with a letter or digit")]
+    BadName { name: String },
+    #[error("the name {name} is held by credential serial {serial}, valid until its expiry: revoke it first (`forage pair revoke {serial}`) or choose another name")]
+    NameTaken { name: String, serial: u64 },
+}
+
+/// Names of devices and cloudlets go into certificates, records and log lines: plain.
+pub fn check_peer_name(name: &str) -> Result<&str, TrustError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(TrustError::BadName { name: name.to_string() })
+    }
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrustError + '_ {
@@ -75,18 +91,22 @@ pub(crate) fn offset(unix: u64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// Write `data` through a temporary name; `secret` files get mode 0600.
+/// Write `data` through a temporary file of its own (created with mode 0600, unique
+/// name, synced), renamed into place; files that are not `secret` then get mode 0644. An
+/// interrupted write leaves at worst a private temporary file, never a readable key.
 pub(crate) fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), TrustError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tmp = tempfile::Builder::new().prefix(".partial-").tempfile_in(dir).map_err(io(dir))?;
+    tmp.write_all(data).map_err(io(tmp.path()))?;
+    if !secret {
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(io(path))?;
     }
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 }).open(&tmp).map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    tmp.as_file().sync_all().map_err(io(path))?;
+    tmp.persist(path).map_err(|e| TrustError::Io { path: path.to_path_buf(), source: e.error })?;
+    Ok(())
 }
 
 pub(crate) fn read_pem_cert(path: &Path) -> Result<CertificateDer<'static>, TrustError> {
@@ -231,10 +251,17 @@ impl CloudletTrust {
     }
 
     /// Sign `public_key` (a CSR's or a fresh key's) as `name` for `valid`.
+    /// The name must be plain and not held by another credential that is still valid (so
+    /// that `pair revoke NAME` means one peer).
     fn sign(&self, mut params: CertificateParams, public_key: &impl rcgen::PublicKeyData, name: &str, kind: PeerKind, valid: Duration, via: &str) -> Result<(CertificateDer<'static>, Issued), TrustError> {
+        check_peer_name(name)?;
+        let valid = valid.min(MAX_VALIDITY);
         let mut all = self.issued();
-        let serial = all.iter().map(|i| i.serial).max().unwrap_or(1) + 1;
         let now = now_unix();
+        if let Some(held) = all.iter().find(|i| i.name == name && i.revoked_unix.is_none() && i.not_after_unix > now) {
+            return Err(TrustError::NameTaken { name: name.to_string(), serial: held.serial });
+        }
+        let serial = all.iter().map(|i| i.serial).max().unwrap_or(1) + 1;
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
         params.not_before = offset(now.saturating_sub(60));
         params.not_after = offset(now + valid.as_secs());
@@ -336,13 +363,24 @@ impl CloudletTrust {
         Ok(Arc::new(config))
     }
 
-    /// Create a pairing code, valid for [`CODE_TTL`], redeemable once.
-    pub fn new_code(&self) -> Result<PairingCode, TrustError> {
-        code::create(&self.dir, &self.ca_der)
+    /// TLS 1.3 for the service relays: the server certificate (with the CA), no client
+    /// certificates (a device proves it owns the instance with the instance's token).
+    pub fn relay_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TrustError> {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![self.server_der.clone(), self.ca_der.clone()], private_key(&self.server_key))?;
+        Ok(Arc::new(config))
     }
 
-    /// Redeem a code's secret (single use, before its expiry).
-    pub fn redeem(&self, secret: &[u8]) -> Result<(), TrustError> {
+    /// Create a pairing code, valid for [`CODE_TTL`], redeemable once, that grants what
+    /// `grant` says (the operator's choice; a pairing request cannot change it).
+    pub fn new_code(&self, grant: Grant) -> Result<PairingCode, TrustError> {
+        code::create(&self.dir, &self.ca_der, grant)
+    }
+
+    /// Redeem a code's secret (single use, before its expiry): what the code grants.
+    pub fn redeem(&self, secret: &[u8]) -> Result<Grant, TrustError> {
         code::redeem(&self.dir, secret)
     }
 }
@@ -454,20 +492,67 @@ mod tests {
     fn codes_are_single_use_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let cloudlet = CloudletTrust::open_or_init(dir.path(), "c1").unwrap();
-        let code = cloudlet.new_code().unwrap();
+        let grant = Grant::new(PeerKind::Cloudlet, Duration::from_secs(3600));
+        let code = cloudlet.new_code(grant).unwrap();
         assert_eq!(code.text.chars().filter(|c| c.is_ascii_alphanumeric()).count(), 23);
         let (fp, secret) = PairingCode::parse(&code.text.to_lowercase().replace('-', " ")).unwrap();
         assert_eq!(hex::encode(fp), cloudlet.ca_fingerprint()[..16]);
-        cloudlet.redeem(&secret).unwrap();
+        assert_eq!(cloudlet.redeem(&secret).unwrap(), grant, "the code grants what its maker chose");
         assert!(cloudlet.redeem(&secret).is_err(), "a code works once");
         assert!(PairingCode::parse("ABC").is_err());
-        // Too many wrong guesses void the pending codes.
-        let code = cloudlet.new_code().unwrap();
+        // Wrong guesses do not void the pending codes.
+        let code = cloudlet.new_code(Grant::default()).unwrap();
         let (_, secret) = PairingCode::parse(&code.text).unwrap();
-        for _ in 0..=code::MAX_FAILURES {
+        for _ in 0..=code::MAX_FAILURES * 3 {
             assert!(cloudlet.redeem(b"nope!!").is_err());
         }
-        assert!(cloudlet.redeem(&secret).is_err(), "guessing voided the code");
+        assert_eq!(cloudlet.redeem(&secret).unwrap().kind, PeerKind::Device);
+    }
+
+    #[test]
+    fn wrong_codes_are_limited_per_source() {
+        let guard = PairingGuard::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..code::MAX_FAILURES {
+            guard.check(a).unwrap();
+            guard.failed(a);
+        }
+        assert!(guard.check(a).is_err(), "a source that guessed too often is refused");
+        guard.check(b).expect("others are not affected");
+        // An IPv6 /64 counts as one source.
+        let (c, d): (std::net::IpAddr, std::net::IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
+        for _ in 0..code::MAX_FAILURES {
+            guard.failed(c);
+        }
+        assert!(guard.check(d).is_err());
+    }
+
+    #[test]
+    fn names_are_plain_and_held_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cloudlet = CloudletTrust::open_or_init(dir.path(), "c1").unwrap();
+        for bad in ["", "a b", "evil\u{1b}[2J", "-x", "a/b", &"x".repeat(65)] {
+            assert!(matches!(cloudlet.issue_bundle(bad, PeerKind::Device, DEFAULT_VALIDITY, None), Err(TrustError::BadName { .. })), "{bad:?} accepted");
+        }
+        cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None).unwrap();
+        assert!(matches!(cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None), Err(TrustError::NameTaken { .. })));
+        assert_eq!(cloudlet.revoke("phone").unwrap(), 1);
+        cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None).expect("a revoked name can be given again");
+    }
+
+    #[test]
+    fn key_files_are_private_whatever_happened_before() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A first start interrupted after writing the old shared temporary name.
+        std::fs::write(dir.path().join("ca.partial"), b"junk").unwrap();
+        std::fs::set_permissions(dir.path().join("ca.partial"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        CloudletTrust::open_or_init(dir.path(), "c1").unwrap();
+        for key in ["ca.key", "server.key"] {
+            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key} has mode {mode:o}");
+        }
+        assert!(!std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".partial-")), "no temporary file left");
     }
 
     #[test]

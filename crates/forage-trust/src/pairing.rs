@@ -53,7 +53,17 @@ pub fn new_csr(name: &str) -> Result<(KeyPair, Vec<u8>), TrustError> {
 /// TLS for a pairing connection: no client certificate; the server's chain must end in a
 /// CA whose SHA-256 starts with `ca_prefix` (from the code) and verify against it.
 pub fn pairing_client_config(ca_prefix: [u8; 8]) -> Result<Arc<rustls::ClientConfig>, TrustError> {
-    let verifier = Arc::new(CodeVerifier { ca_prefix, provider: provider() });
+    pinned_client_config(&ca_prefix)
+}
+
+/// TLS to a cloudlet known by (a prefix of) its CA certificate's SHA-256, without a client
+/// certificate: pairing (8 bytes, from the code) and a service relay (the whole 32 bytes,
+/// from Ready or Moved).
+pub fn pinned_client_config(ca_prefix: &[u8]) -> Result<Arc<rustls::ClientConfig>, TrustError> {
+    if ca_prefix.len() < 8 || ca_prefix.len() > 32 {
+        return Err(TrustError::Code(format!("a CA fingerprint of {} bytes", ca_prefix.len())));
+    }
+    let verifier = Arc::new(CodeVerifier { ca_prefix: ca_prefix.to_vec(), provider: provider() });
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -64,14 +74,14 @@ pub fn pairing_client_config(ca_prefix: [u8; 8]) -> Result<Arc<rustls::ClientCon
 
 #[derive(Debug)]
 struct CodeVerifier {
-    ca_prefix: [u8; 8],
+    ca_prefix: Vec<u8>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl ServerCertVerifier for CodeVerifier {
     fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], server_name: &ServerName<'_>, ocsp: &[u8], now: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
         let ca = intermediates.last().ok_or_else(|| rustls::Error::General("the cloudlet sent no CA certificate".into()))?;
-        if Sha256::digest(ca.as_ref())[..8] != self.ca_prefix {
+        if Sha256::digest(ca.as_ref())[..self.ca_prefix.len()] != self.ca_prefix[..] {
             return Err(rustls::Error::General("the cloudlet's certificate does not match the pairing code: this is not the cloudlet that showed it".into()));
         }
         let mut roots = rustls::RootCertStore::empty();

@@ -18,7 +18,7 @@ mod vm;
 use std::path::PathBuf;
 
 pub use accel::{Accel, AccelChoice};
-pub use snapshot::{Snapshot, SnapshotError};
+pub use snapshot::{HostCapacity, Snapshot, SnapshotError};
 pub use spec::{BalloonSpec, DirectBoot, DiskFormat, DiskSpec, NicSpec, PortForward, VmSpec};
 pub use vm::RestoreOptions;
 pub use vm::Vm;

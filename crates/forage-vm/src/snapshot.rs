@@ -38,6 +38,86 @@ pub struct SnapshotManifest {
     pub saved_at_unix: u64,
 }
 
+impl SnapshotManifest {
+    /// What can be checked without the files, e.g. of a description a peer sent: files
+    /// are plain names inside the folder, one record per disk of the spec, words QEMU
+    /// reads are plain, sizes agree.
+    pub fn check(&self) -> Result<(), String> {
+        for name in std::iter::once(&self.memory.file).chain(self.disks.iter().map(|d| &d.file)).chain([&self.state.file]) {
+            if !plain_file_name(name) {
+                return Err(format!("file name {name:?} is not a plain name inside the folder"));
+            }
+        }
+        crate::spec::check_words(&self.spec)?;
+        if self.spec.disks.len() != self.disks.len() {
+            return Err(format!("the spec has {} disks and the description {}", self.spec.disks.len(), self.disks.len()));
+        }
+        if self.spec.memory_mib.checked_mul(1 << 20).is_none() {
+            return Err(format!("{} MiB of memory is not a size", self.spec.memory_mib));
+        }
+        if self.memory.size != self.spec.memory_bytes() {
+            return Err(format!("memory file size {} does not match {} MiB of guest RAM", self.memory.size, self.spec.memory_mib));
+        }
+        Ok(())
+    }
+
+    /// A VM described by someone else (a peer cloudlet) must be hardware this host builds
+    /// itself (`allowed_machines`, QEMU's default CPU model) and fit what it allows:
+    /// vCPUs, memory, disk sizes, raw disks only (a qcow2 header names files QEMU would
+    /// open).
+    pub fn check_fits(&self, host: &HostCapacity, allowed_machines: &[&str]) -> Result<(), String> {
+        self.check()?;
+        let s = &self.spec;
+        if !allowed_machines.contains(&s.machine.as_str()) {
+            return Err(format!("machine type {:?} is not one this host runs ({})", s.machine, allowed_machines.join(", ")));
+        }
+        if let Some(cpu) = &s.cpu_model {
+            return Err(format!("CPU model {cpu:?}: this host only runs QEMU's default CPU model for VMs it did not build"));
+        }
+        if s.vcpus == 0 || s.vcpus > host.vcpus {
+            return Err(format!("{} vCPUs: this host allows 1 to {}", s.vcpus, host.vcpus));
+        }
+        if self.memory.size > host.memory_bytes {
+            return Err(format!("{} MiB of memory: this host allows at most {} MiB", self.memory.size >> 20, host.memory_bytes >> 20));
+        }
+        for (i, (d, rec)) in s.disks.iter().zip(&self.disks).enumerate() {
+            if d.format != crate::spec::DiskFormat::Raw {
+                return Err(format!("disk {i} is {:?}: only raw disks are taken from peers", d.format));
+            }
+            if rec.size > host.disk_bytes {
+                return Err(format!("disk {i} of {} MiB: this host allows at most {} MiB", rec.size >> 20, host.disk_bytes >> 20));
+            }
+        }
+        if let Some(b) = &s.boot {
+            if b.cmdline.len() > 4096 || b.cmdline.chars().any(|c| c.is_control()) {
+                return Err("the kernel command line is over 4 KiB or holds control characters".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one VM may take of this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+impl HostCapacity {
+    /// This host: its cores, half its memory (at most 64 GiB), and disks of up to 256 GiB.
+    pub fn detect() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .map(|kib| kib << 10)
+            .unwrap_or(4 << 30);
+        Self { vcpus: cores, memory_bytes: (total / 2).min(64 << 30), disk_bytes: 256 << 30 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRecord {
@@ -129,25 +209,7 @@ impl Snapshot {
             path: self.dir.join(MANIFEST_FILE),
             detail,
         };
-        // Files are named inside the folder, never elsewhere.
-        for name in std::iter::once(&m.memory.file).chain(m.disks.iter().map(|d| &d.file)).chain([&m.state.file]) {
-            if !plain_file_name(name) {
-                return Err(bad(format!("file name {name:?} is not a plain name inside the folder")));
-            }
-        }
-        crate::spec::check_words(&m.spec).map_err(bad)?;
-        if m.spec.memory_mib.checked_mul(1 << 20).is_none() {
-            return Err(bad(format!("{} MiB of memory is not a size", m.spec.memory_mib)));
-        }
-        if m.memory.size != m.spec.memory_bytes() {
-            return Err(SnapshotError::BadManifest {
-                path: self.dir.join(MANIFEST_FILE),
-                detail: format!(
-                    "memory file size {} does not match {} MiB of guest RAM",
-                    m.memory.size, m.spec.memory_mib
-                ),
-            });
-        }
+        m.check().map_err(bad)?;
         for rec in std::iter::once(&m.memory).chain(&m.disks) {
             check_size(&self.dir.join(&rec.file), rec.size)?;
         }

@@ -236,7 +236,10 @@ impl VmSpec {
 /// Words that go into QEMU option strings unescaped (machine type, CPU model) must be
 /// plain: a comma would add options.
 pub fn check_words(spec: &VmSpec) -> Result<(), String> {
-    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let plain = |s: &str| !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !plain(&spec.name) {
+        return Err(format!("VM name {:?} is not a plain name", spec.name));
+    }
     if !plain(&spec.machine) {
         return Err(format!("machine type {:?} is not a plain name", spec.machine));
     }

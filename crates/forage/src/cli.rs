@@ -326,11 +326,12 @@ pub struct PairArgs {
     /// (cloudlet, with --bundle) the address the device will reach the cloudlet at
     #[arg(long)]
     pub addr: Option<std::net::SocketAddr>,
-    /// The credentials are for a cloudlet (handoff), not a device
-    #[arg(long)]
+    /// (cloudlet) the code or bundle gives credentials of a cloudlet (handoff), not of a
+    /// device
+    #[arg(long, conflicts_with = "cloudlet")]
     pub as_cloudlet: bool,
-    /// Lifetime of the credentials
-    #[arg(long, default_value_t = 7)]
+    /// (cloudlet) lifetime of the credentials the code or bundle gives
+    #[arg(long, default_value_t = 7, conflicts_with = "cloudlet")]
     pub valid_days: u64,
     #[arg(long)]
     pub json: bool,

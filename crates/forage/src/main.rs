@@ -8,6 +8,9 @@ mod service;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // What forage writes (overlays, copies of guest memory and disks, keys, the state
+    // database) and the QEMU it starts are for this user alone.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = cli::Cli::parse();
     // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
     // fuser reports its own unmount failing after forage-assembly detached the mount

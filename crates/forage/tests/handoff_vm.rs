@@ -19,6 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use forage_client::ServiceEndpoint;
 use forage_wan::{Netns, WanLink};
 
 struct Kill(Child);
@@ -42,13 +43,18 @@ fn forage_in(ns: &Netns, data: &Path, args: &[&str]) -> Output {
     ns.command(EXE).arg("--data-dir").arg(data).args(args).output().unwrap()
 }
 
-/// One request line to `endpoint`, from inside `ns`.
-fn ask(ns: &Netns, endpoint: &str, line: &str) -> String {
-    let addr = endpoint.parse().unwrap();
-    let line = line.to_string();
-    ns.run(move || forage_agent::app::request_line(addr, &line, Duration::from_secs(60)))
+/// One request line to the service at `endpoint` (its relay, with the device's token),
+/// from inside `ns`.
+fn ask(ns: &Netns, endpoint: &ServiceEndpoint, line: &str) -> String {
+    let (ep, line) = (endpoint.clone(), line.to_string());
+    ns.run(move || forage_client::service::request_line(&ep, &line, Duration::from_secs(60)))
         .unwrap()
-        .unwrap_or_else(|e| panic!("{endpoint}: {e}"))
+        .unwrap_or_else(|e| panic!("{}: {e}", endpoint.addr))
+}
+
+/// Where a handoff report says the instance went: the device keeps its token.
+fn moved_to(report: &serde_json::Value, was: &ServiceEndpoint) -> ServiceEndpoint {
+    ServiceEndpoint { addr: report["endpoint"].as_str().unwrap().into(), token: was.token.clone(), ca_sha256: report["ca_sha256"].as_str().unwrap().into() }
 }
 
 fn serve(ns: &Netns, data: &Path, port: u16, api: u16, name: &str) -> Kill {
@@ -67,7 +73,7 @@ fn serve(ns: &Netns, data: &Path, port: u16, api: u16, name: &str) -> Kill {
 
 /// A device holding a cached-VM instance: the endpoint, and the process (which prints
 /// where the instance went when it moves).
-fn offload(ns: &Netns, device: &Path, cloudlet: &str) -> (String, Kill, BufReader<std::process::ChildStdout>) {
+fn offload(ns: &Netns, device: &Path, cloudlet: &str) -> (ServiceEndpoint, Kill, BufReader<std::process::ChildStdout>) {
     let mut child = ns
         .command(EXE)
         .arg("--data-dir")
@@ -81,11 +87,11 @@ fn offload(ns: &Netns, device: &Path, cloudlet: &str) -> (String, Kill, BufReade
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("offload printed {line:?}: {e}"));
-    (v["endpoint"].as_str().unwrap().to_string(), Kill(child), out)
+    (serde_json::from_value(v["service"].clone()).unwrap(), Kill(child), out)
 }
 
-fn handoff(ns: &Netns, data: &Path, endpoint: &str, to: &str, api: u16) -> Result<serde_json::Value, String> {
-    let out = forage_in(ns, data, &["handoff", endpoint, "--to", to, "--api", &format!("127.0.0.1:{api}"), "--json"]);
+fn handoff(ns: &Netns, data: &Path, endpoint: &ServiceEndpoint, to: &str, api: u16) -> Result<serde_json::Value, String> {
+    let out = forage_in(ns, data, &["handoff", &endpoint.addr, "--to", to, "--api", &format!("127.0.0.1:{api}"), "--json"]);
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap())
     } else {
@@ -146,6 +152,8 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     pair_cloudlets(&b, &a, "cloudlet-a", &addr_b, &work);
     pair_cloudlets(&c, &b, "cloudlet-b", &addr_c, &work);
     let dev_bundle = work.join("device.json");
+    // A (the test data folder) outlives a run, and a name is held by one credential.
+    let _ = Command::new(EXE).arg("--data-dir").arg(&a).args(["pair", "revoke", "phone"]).output();
     forage_at(&a, &["pair", "--bundle", &dev_bundle.to_string_lossy(), "--name", "phone", "--addr", &addr_a]);
     forage_at(&device, &["pair", "import", &dev_bundle.to_string_lossy()]);
     let _daemon_a = serve(&link.a, &a, 7878, 7879, "cloudlet-a");
@@ -164,8 +172,8 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let served = field(&before, "served");
     let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("handoff A -> B: {e}"));
     assert_eq!(r["has_base"], true, "{r}");
-    let at_b = r["endpoint"].as_str().unwrap().to_string();
-    assert!(at_b.starts_with(&link.b.addr.to_string()), "{r}");
+    let at_b = moved_to(&r, &endpoint);
+    assert!(at_b.addr.starts_with(&link.b.addr.to_string()), "{r}");
     assert!(r["modified_bytes"].as_u64().unwrap() >= 8 << 20, "the working set counts as modified: {r}");
     assert!(r["bytes"].as_u64().unwrap() < r["modified_bytes"].as_u64().unwrap(), "dedup, delta and compression: {r}");
     assert!(r["downtime_s"].as_f64().unwrap() > 0.0 && r["total_s"].as_f64().unwrap() >= r["downtime_s"].as_f64().unwrap(), "{r}");
@@ -173,7 +181,9 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let mut line = String::new();
     dev_out.read_line(&mut line).unwrap();
     let moved: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("the device printed {line:?}: {e}"));
-    assert_eq!((moved["moved_to"].as_str(), moved["endpoint"].as_str()), (Some(&*addr_b), Some(&*at_b)));
+    assert_eq!((moved["moved_to"].as_str(), moved["endpoint"].as_str()), (Some(&*addr_b), Some(&*at_b.addr)));
+    let told: ServiceEndpoint = serde_json::from_value(moved["service"].clone()).unwrap();
+    assert_eq!(told, at_b, "the device was given the new relay, its CA and its own token");
     assert!(dev.0.wait().unwrap().success());
     let after = ask(&link.a, &at_b, "count");
     assert_eq!(field(&after, "served"), served, "the counter moved: {before} -> {after}");
@@ -186,7 +196,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let r = handoff(&link.b, &b, &at_b, &addr_c, 7879).unwrap_or_else(|e| panic!("handoff B -> C: {e}"));
     assert_eq!(r["has_base"], false, "{r}");
     assert!(r["boot_file_bytes"].as_u64().unwrap() > 0, "{r}");
-    let at_c = r["endpoint"].as_str().unwrap().to_string();
+    let at_c = moved_to(&r, &at_b);
     let after = ask(&link.a, &at_c, "count");
     assert_eq!(field(&after, "served"), served + 1, "{after}");
     assert_eq!(field(&after, "working"), 8 << 20, "{after}");
@@ -221,13 +231,13 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     wait_no_sessions(&b, Duration::from_secs(60));
     // The retry moves it.
     let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("retry: {e}"));
-    let at_b = r["endpoint"].as_str().unwrap().to_string();
+    let at_b = moved_to(&r, &endpoint);
     let after = ask(&link.a, &at_b, "count");
     assert_eq!(field(&after, "served"), field(&before, "served") + 1, "{after}");
     assert_eq!(field(&after, "working"), 16 << 20, "{after}");
     let mut line = String::new();
     dev2_out.read_line(&mut line).unwrap();
-    assert!(line.contains(&at_b), "the device heard of the move: {line:?}");
+    assert!(line.contains(&at_b.addr), "the device heard of the move: {line:?}");
     wait_no_sessions(&a, Duration::from_secs(20));
 
     // 4. The destination killed in the middle of a handoff.
@@ -257,7 +267,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     std::thread::sleep(Duration::from_secs(2));
     wait_no_sessions(&b, Duration::from_secs(10));
     let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("retry after the destination's restart: {e}"));
-    let after = ask(&link.a, r["endpoint"].as_str().unwrap(), "count");
+    let after = ask(&link.a, &moved_to(&r, &endpoint), "count");
     assert_eq!(field(&after, "served"), field(&before, "served"), "{after}");
     assert_eq!(field(&after, "working"), 16 << 20, "{after}");
 }

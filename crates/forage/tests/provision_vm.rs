@@ -250,8 +250,9 @@ async fn five_mechanisms_share_one_lifecycle() {
     .expect("joined");
     assert_eq!(r1.endpoint, r2.endpoint);
     s1.close().await;
-    let again = forage_agent::app::request_line(
-        r2.endpoint.parse().unwrap(),
+    assert_eq!(r1.service, r2.service, "a device that joins is given the instance's token");
+    let again = forage_client::service::request_line(
+        &r2.service,
         "count",
         Duration::from_secs(30),
     )

@@ -206,13 +206,13 @@ async fn synthesis_modes_cache_and_faults() {
                     dev.send_segment(index).await;
                 }
             }
-            Message::Ready { endpoint, .. } => break endpoint,
+            Message::Ready { service, .. } => break service,
             other => panic!("unexpected {other:?}"),
         }
     };
     // Serve fetches while the service is asked for its first answer.
-    let ep: SocketAddr = endpoint.parse().unwrap();
-    let answer = tokio::task::spawn_blocking(move || forage_agent::app::request_line(ep, "search abc 8", Duration::from_secs(120)));
+    let ep = endpoint.clone();
+    let answer = tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "search abc 8", Duration::from_secs(120)));
     tokio::pin!(answer);
     let answer = loop {
         tokio::select! {
@@ -309,9 +309,9 @@ async fn synthesis_modes_cache_and_faults() {
     for early in [true, false] {
         let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("residue", early)).await.expect("synthesis");
         let served = field(&report.answer, "served");
-        let ep: SocketAddr = report.endpoint.parse().unwrap();
         for _ in 0..3 {
-            let a = tokio::task::spawn_blocking(move || forage_agent::app::request_line(ep, "search more 8", Duration::from_secs(60))).await.unwrap().unwrap();
+            let ep = report.service.clone();
+            let a = tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "search more 8", Duration::from_secs(60))).await.unwrap().unwrap();
             assert!(a.starts_with("ok "), "{a}");
         }
         let residue = f.work.join(format!("residue-{early}.ovl"));

@@ -43,8 +43,8 @@ async fn pairing_and_every_refusal() {
     let device = DeviceTrust::new(&dir.path().join("device"));
 
     // Pairing by code, then a session.
-    let code = c.trust.new_code().unwrap();
-    let rec = forage_client::pair(addr, &code.text, "phone", "device", Duration::from_secs(3600), &device).await.expect("pairing");
+    let code = c.trust.new_code(forage_trust::Grant::new(PeerKind::Device, Duration::from_secs(3600))).unwrap();
+    let rec = forage_client::pair(addr, &code.text, "phone", &device).await.expect("pairing");
     assert_eq!(rec.cloudlet, "trusty");
     let creds = device.for_cloudlet(addr, None).unwrap().client_config().unwrap();
     ask(addr, &creds).await.expect("a paired device gets a session");
@@ -55,7 +55,7 @@ async fn pairing_and_every_refusal() {
     // The same code again, and a wrong one: refused.
     let other = DeviceTrust::new(&dir.path().join("other"));
     for bad in [code.text.clone(), format!("{}AAAAAAAAAA", &code.text[..14])] {
-        match forage_client::pair(addr, &bad, "intruder", "device", Duration::from_secs(3600), &other).await {
+        match forage_client::pair(addr, &bad, "intruder", &other).await {
             Err(ClientError::Refused { code: ErrorCode::Pairing, message, .. }) => assert!(message.contains("code"), "{message}"),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("a used or wrong code paired"),

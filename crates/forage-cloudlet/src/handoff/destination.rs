@@ -26,9 +26,8 @@ use sha2::Digest;
 use super::{live, Movable};
 use crate::session::{internal, next, refused, resume_with, Outcome, Place, SessionError};
 
-/// Largest VM accepted.
-const MAX_MEMORY: u64 = 64 << 30;
-const MAX_DISK: u64 = 2 << 40;
+/// Machine types a peer's VM may have: those forage builds.
+const MACHINES: &[&str] = &["pc"];
 /// Largest boot file (kernel, initramfs).
 const MAX_BOOT_FILE: u64 = 512 << 20;
 /// QEMU migration stream header: "QEVM", version 3.
@@ -41,11 +40,17 @@ fn bad(why: impl std::fmt::Display) -> SessionError {
 /// Receive the instance `begin` offers, from the cloudlet `peer`, then keep it running.
 pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, peer: &str, begin: HandoffBegin) -> Result<Outcome, SessionError> {
     let cloudlet = place.cloudlet;
+    // Everything the peer describes is checked before anything is looked up or written:
+    // file names plain, hardware this cloudlet builds, sizes within its limits.
     let vm: SnapshotManifest = serde_json::from_slice(&begin.vm).map_err(|e| bad(format!("the VM description: {e}")))?;
-    forage_vm::spec::check_words(&vm.spec).map_err(|e| bad(format!("the VM description: {e}")))?;
-    if vm.disks.len() != 1 || vm.memory.size > MAX_MEMORY || vm.disks[0].size > MAX_DISK || vm.memory.size != vm.spec.memory_bytes() {
-        return Err(bad("the VM must have one disk of at most 2 TiB and at most 64 GiB of memory"));
+    vm.check_fits(&cloudlet.limits.vm, MACHINES).map_err(|e| bad(format!("the VM description: {e}")))?;
+    if vm.disks.len() != 1 {
+        return Err(bad("the VM must have exactly one disk"));
     }
+    let token = match begin.service_token.as_str() {
+        "" => None,
+        t => Some(hex::decode(t).ok().and_then(|b| <[u8; forage_proto::service::TOKEN_BYTES]>::try_from(b).ok()).ok_or_else(|| bad("the service token is not 32 hex digits"))?),
+    };
     tracing::info!(session = place.id, from = peer, instance = begin.instance, "handoff arriving");
     let record = NewSession { id: place.id.into(), device: peer.into(), base_digest: begin.base_state_sha256.clone(), overlay_digest: begin.instance.clone(), mode: SessionMode::Handoff };
     if let Err(e) = cloudlet.state.session_started(&record) {
@@ -71,8 +76,8 @@ pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, 
     let result = async {
         let received = rebuild(stream, place, &view, &base, has_base).await?;
         let opts = RestoreOptions { copy_disks: false, ignore_shared: false, ..Default::default() };
-        let instance = resume_with(place, &view.snapshot, begin.service_port, &begin.extra_ports, true, opts).await?;
-        let done = Message::HandoffDone { endpoint: instance.endpoint.clone(), resumed_after_ms: instance.resumed_after_ms };
+        let instance = resume_with(place, &view.snapshot, begin.service_port, &begin.extra_ports, true, opts, token).await?;
+        let done = Message::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
         if let Err(e) = write(stream, &done).await {
             // The source cannot know it moved: it runs on there. Stop this copy.
             crate::provision::finish_instance(instance).await;

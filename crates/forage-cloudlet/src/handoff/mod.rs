@@ -24,8 +24,8 @@
 //!     Note over S: QEMU stops the VM for its last round (downtime starts)
 //!     S->>D: HandoffCommit {segments, ROM + device state}
 //!     Note over D: every segment applied: resume
-//!     D->>S: HandoffDone {endpoint}
-//!     S-->>device: Moved {cloudlet, endpoint}
+//!     D->>S: HandoffDone {service endpoint, token, CA}
+//!     S-->>device: Moved {cloudlet, service endpoint, token, CA}
 //!     Note over S: the source VM and its files are removed
 //! ```
 //!
@@ -79,6 +79,11 @@ pub struct HandoffReport {
     pub to: String,
     /// Where the service answers now.
     pub endpoint: String,
+    /// SHA-256 of the destination's CA (its relay's certificate chains to it).
+    pub ca_sha256: String,
+    /// What the device is told to reach it (its token included): not for the operator.
+    #[serde(skip)]
+    pub service: forage_proto::ServiceEndpoint,
     pub has_base: bool,
     pub total_s: f64,
     /// From the VM's stop at the source to its resume at the destination.
@@ -167,7 +172,7 @@ pub(crate) async fn live(mut device: Option<&mut DeviceStream>, place: Place<'_>
             Ok(report) => {
                 tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
                 if let Some(stream) = device.as_deref_mut() {
-                    let moved = Message::Moved { cloudlet: order.to.to_string(), endpoint: report.endpoint.clone() };
+                    let moved = Message::Moved { cloudlet: order.to.to_string(), service: report.service.clone() };
                     let _ = write(stream, &moved).await;
                 }
                 let _ = order.reply.send(Ok(report));

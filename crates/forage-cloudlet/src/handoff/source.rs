@@ -65,6 +65,7 @@ pub(super) async fn send(place: Place<'_>, instance: &Instance, movable: &Movabl
         vm: serde_json::to_vec(base.manifest()).expect("a manifest serializes"),
         service_port: movable.service_port,
         extra_ports: movable.extra_ports.to_vec(),
+        service_token: instance.service.token.clone(),
     };
     write(&mut stream, &Message::HandoffBegin(begin)).await.map_err(wire)?;
     let has_base = match next(&mut stream).await? {
@@ -140,7 +141,7 @@ async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, s
     let vm = &instance.vm;
     let qmp = vm.qmp();
     let qmp_err = |e: forage_vm::qmp::QmpError| format!("QEMU: {e}");
-    let sock = place.cloudlet.data.runtime_dir().join(format!("handoff-{}.sock", place.id));
+    let sock = place.cloudlet.data.runtime_dir().map_err(|e| e.to_string())?.join(format!("handoff-{}.sock", place.id));
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
     // A restored instance has x-ignore-shared on (its RAM came from a file): off, so that
@@ -233,7 +234,7 @@ async fn stream_state(
                     Ok(Message::HandoffAck { bytes, .. }) => {
                         acked.fetch_add(bytes, Ordering::Relaxed);
                     }
-                    Ok(Message::HandoffDone { endpoint, resumed_after_ms }) => return Ok((endpoint, resumed_after_ms)),
+                    Ok(Message::HandoffDone { service, resumed_after_ms }) => return Ok((service, resumed_after_ms)),
                     Ok(Message::Error { message, .. }) => return Err(format!("the destination failed: {message}")),
                     Ok(other) => return Err(unexpected("HandoffAck or HandoffDone", other)),
                     Err(e) => return Err(wire(e)),
@@ -326,7 +327,9 @@ async fn stream_state(
     Ok(HandoffReport {
         instance: place.id.to_string(),
         to: String::new(),
-        endpoint,
+        endpoint: endpoint.addr.clone(),
+        ca_sha256: endpoint.ca_sha256.clone(),
+        service: endpoint,
         has_base: feed.has_base,
         total_s: 0.0,
         downtime_s,

@@ -22,6 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use forage_client::ServiceEndpoint;
 use forage_datadir::DataDir;
 use forage_wan::{Netns, WanLink};
 use serde_json::{json, Value};
@@ -191,7 +192,7 @@ impl Rig {
     }
 
     /// A device's instance at the source, its working set grown and churning.
-    fn instance(&self, args: &BenchHandoffArgs) -> anyhow::Result<(String, Guard, BufReader<std::process::ChildStdout>)> {
+    fn instance(&self, args: &BenchHandoffArgs) -> anyhow::Result<(ServiceEndpoint, Guard, BufReader<std::process::ChildStdout>)> {
         let mut child = self
             .ns('a')
             .command(&self.exe)
@@ -206,26 +207,25 @@ impl Rig {
         let mut line = String::new();
         out.read_line(&mut line)?;
         let v: Value = serde_json::from_str(&line).with_context(|| format!("the device printed {line:?}"))?;
-        let endpoint = v["endpoint"].as_str().context("no endpoint")?.to_string();
+        let endpoint: ServiceEndpoint = serde_json::from_value(v["service"].clone()).context("the device printed no service endpoint")?;
         self.ask('a', &endpoint, &format!("grow {}", args.working_mib))?;
         self.ask('a', &endpoint, &format!("churn {}", args.hot_kib))?;
         std::thread::sleep(Duration::from_secs(2));
         Ok((endpoint, guard, out))
     }
 
-    fn ask(&self, side: char, endpoint: &str, line: &str) -> anyhow::Result<String> {
-        let addr: SocketAddr = endpoint.parse()?;
-        let line = line.to_string();
+    fn ask(&self, side: char, endpoint: &ServiceEndpoint, line: &str) -> anyhow::Result<String> {
+        let (ep, line) = (endpoint.clone(), line.to_string());
         let what = line.clone();
-        let answer = self.ns(side).run(move || forage_agent::app::request_line(addr, &line, Duration::from_secs(120)))?.with_context(|| format!("asking the service at {endpoint} {what:?}"))?;
+        let answer = self.ns(side).run(move || forage_client::service::request_line(&ep, &line, Duration::from_secs(120)))?.with_context(|| format!("asking the service at {} {what:?}", endpoint.addr))?;
         if !answer.starts_with("ok") {
-            bail!("the service at {endpoint} answered {answer:?}");
+            bail!("the service at {} answered {answer:?}", endpoint.addr);
         }
         Ok(answer)
     }
 
     /// The service answers at `endpoint` with the whole working set.
-    fn check(&self, side: char, endpoint: &str, args: &BenchHandoffArgs) -> anyhow::Result<()> {
+    fn check(&self, side: char, endpoint: &ServiceEndpoint, args: &BenchHandoffArgs) -> anyhow::Result<()> {
         let count = self.ask(side, endpoint, "count")?;
         if !count.contains(&format!("working={}", args.working_mib << 20)) {
             bail!("after the move the service says {count:?}");
@@ -235,7 +235,7 @@ impl Rig {
 
     fn forage_run(&self, mode: Option<&str>, args: &BenchHandoffArgs) -> anyhow::Result<Value> {
         let (endpoint, mut device, _out) = self.instance(args)?;
-        let mut argv = vec!["handoff".to_string(), endpoint.clone(), "--to".into(), self.dst_addr.clone(), "--api".into(), format!("127.0.0.1:{API}"), "--json".into()];
+        let mut argv = vec!["handoff".to_string(), endpoint.addr.clone(), "--to".into(), self.dst_addr.clone(), "--api".into(), format!("127.0.0.1:{API}"), "--json".into()];
         if let Some(m) = mode {
             argv.extend(["--mode".into(), m.to_string()]);
         }
@@ -244,7 +244,8 @@ impl Rig {
             bail!("forage handoff ({}): {}", mode.unwrap_or("adaptive"), String::from_utf8_lossy(&out.stderr).trim());
         }
         let report: Value = serde_json::from_slice(&out.stdout)?;
-        let at = report["endpoint"].as_str().unwrap_or_default().to_string();
+        // The device keeps its token; the relay and its CA are the destination's.
+        let at = ServiceEndpoint { addr: report["endpoint"].as_str().unwrap_or_default().into(), token: endpoint.token.clone(), ca_sha256: report["ca_sha256"].as_str().unwrap_or_default().into() };
         // From the device's side of the link, as its client would.
         self.check('a', &at, args)?;
         let _ = device.0.wait();
@@ -273,12 +274,12 @@ impl Rig {
         let (endpoint, device, _out) = self.instance(args)?;
         let src_data = DataDir::at(self.src.clone());
         let token = std::fs::read_to_string(self.src.join("trust").join("api-token"))?.trim().to_string();
-        let ep = endpoint.clone();
+        let ep = endpoint.addr.clone();
         let id = self.ns('a').run(move || -> anyhow::Result<String> {
             let list: forage_api::InstanceList = ureq::get(&format!("http://127.0.0.1:{API}/v1/instances")).set("Authorization", &format!("Bearer {token}")).call()?.into_json()?;
             list.instances.into_iter().find(|i| i.endpoint == ep).map(|i| i.id).context("the instance is not listed")
         })??;
-        let ctl = src_data.runtime_dir().join(format!("session-{id}.ctl"));
+        let ctl = src_data.runtime_dir()?.join(format!("session-{id}.ctl"));
         let run = self.dst.join("qemu-live");
         let _ = std::fs::remove_dir_all(&run);
         std::fs::create_dir_all(&run)?;
@@ -298,7 +299,7 @@ async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Acce
     let snap = svc.snapshot()?;
     let port = svc.manifest().port.context("the bench service has a port")?;
     let forwards = forage_image::loopback_forwards([port])?;
-    let qmp_path = DataDir::at(dst.to_path_buf()).runtime_dir().join("bench-qemu-live.qmp");
+    let qmp_path = DataDir::at(dst.to_path_buf()).runtime_dir()?.join("bench-qemu-live.qmp");
     let mut spec = snap.relocated_spec(run, &qmp_path, Some(forwards.clone()));
     std::fs::File::create(&spec.memory_file)?.set_len(snap.manifest().memory.size)?;
     forage_vm::sparse::copy_sparse(&snap.disk_paths()[0], &spec.disks[0].path)?;

@@ -166,9 +166,13 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
     let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
     // Pairing, done here for the user on loopback: the cloudlet shows a one-time code, the
     // device types it; every connection after that is TLS 1.3 with both sides' certificates.
-    let code = cloudlet.trust.new_code()?;
+    // A name is held by one credential at a time: an earlier run's demo device goes first.
+    if cloudlet.trust.issued().iter().any(|i| i.name == "demo-device" && i.revoked_unix.is_none()) {
+        cloudlet.trust.revoke("demo-device")?;
+    }
+    let code = cloudlet.trust.new_code(forage_trust::Grant::default())?;
     let devices = forage_trust::DeviceTrust::new(&data.trust_peers());
-    let peer = forage_client::pair(addr, &code.text, "demo-device", "device", forage_trust::DEFAULT_VALIDITY, &devices).await.context("pairing the demo device")?;
+    let peer = forage_client::pair(addr, &code.text, "demo-device", &devices).await.context("pairing the demo device")?;
     say(format!("8. cloudlet demo-cloudlet listening on {addr} (TLS 1.3, mutual authentication), holding base demo-base; the device paired with code {} (credentials until {}) and synthesizes {} with early start:", code.text, super::pair::date(peer.not_after_unix), ovl.display()));
     let credentials = Some(super::pair::credentials(data, addr, Some(&peer.cloudlet))?);
     let mut reports = Vec::new();

@@ -16,7 +16,7 @@ pub async fn run(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
 }
 
 fn run_blocking(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
-    let (token, _) = super::synthesis::api_token(data)?;
+    let token = forage_api::token::read(&super::synthesis::api_token_path(data))?;
     let base = format!("http://{}", a.api);
     let auth = format!("Bearer {token}");
     let id = resolve(&base, &auth, &a.instance)?;

@@ -25,6 +25,7 @@ use crate::cli::{Cli, Command};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let data = DataDir::resolve(cli.data_dir.as_deref())?;
+    data.ensure_root()?;
     match cli.command {
         Command::Image(c) => image::run(&data, c).await,
         Command::Vm(c) => vm::run(&data, c).await,

@@ -23,7 +23,7 @@ const DEFAULT_CLOUDLET: &str = "cloudlet";
 pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
     let devices = DeviceTrust::new(&data.trust_peers());
     let valid = Duration::from_secs(args.valid_days.max(1) * 24 * 3600);
-    let kind = if args.as_cloudlet { "cloudlet" } else { "device" };
+    let kind = if args.as_cloudlet { PeerKind::Cloudlet } else { PeerKind::Device };
     match (args.command, args.cloudlet, args.bundle) {
         (Some(PairCommand::List { json: as_json }), _, _) => list(data, &devices, as_json || args.json),
         (Some(PairCommand::Revoke { who }), _, _) => {
@@ -46,7 +46,7 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
             let code = args.code.context("pairing with a cloudlet needs --code (shown by `forage pair` on the cloudlet)")?;
             let addr: SocketAddr = addr.parse().with_context(|| format!("--cloudlet {addr}: an address like 10.0.0.5:7878"))?;
             let name = args.name.unwrap_or_else(hostname);
-            let r = forage_client::pair(addr, &code, &name, kind, valid, &devices).await.with_context(|| format!("pairing with {addr}"))?;
+            let r = forage_client::pair(addr, &code, &name, &devices).await.with_context(|| format!("pairing with {addr}"))?;
             if args.json {
                 super::print_json(&r);
             } else {
@@ -56,7 +56,6 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
         }
         (None, None, Some(out)) => {
             let name = args.name.context("a bundle needs --name: who it is for")?;
-            let kind = if args.as_cloudlet { PeerKind::Cloudlet } else { PeerKind::Device };
             let addr = args.addr;
             let b = authority(data)?.issue_bundle(&name, kind, valid, addr)?;
             let partial = out.with_extension("partial");
@@ -67,12 +66,16 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
         }
         (None, None, None) => {
             let trust = authority(data)?;
-            let code = trust.new_code()?;
+            let code = trust.new_code(forage_trust::Grant::new(kind, valid))?;
+            let what = match kind {
+                PeerKind::Cloudlet => "a cloudlet's credentials (it may hand VMs off to this one)",
+                PeerKind::Device => "a device's credentials",
+            };
             if args.json {
-                super::print_json(&json!({"code": code.text, "expires_unix": code.expires_unix, "cloudlet_ca_sha256": trust.ca_fingerprint()}));
+                super::print_json(&json!({"code": code.text, "expires_unix": code.expires_unix, "cloudlet_ca_sha256": trust.ca_fingerprint(), "kind": kind, "valid_days": args.valid_days.max(1)}));
             } else {
                 println!("pairing code: {}", code.text);
-                println!("valid once, for 10 minutes; on the device: forage pair --cloudlet ADDR --code {}", code.text);
+                println!("grants {what} for {} days; valid once, for 10 minutes; on the other host: forage pair --cloudlet ADDR --code {}", args.valid_days.max(1), code.text);
             }
             Ok(())
         }

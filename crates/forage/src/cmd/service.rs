@@ -272,7 +272,7 @@ async fn cold_boot(
         let run = RunPaths {
             dir: staging.join("run"),
             qmp_socket: data
-                .runtime_dir()
+                .runtime_dir()?
                 .join(format!("import-{}.qmp", std::process::id())),
         };
         DataDir::ensure(&run.dir)?;

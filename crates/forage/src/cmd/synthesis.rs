@@ -62,23 +62,9 @@ impl forage_api::Control for DaemonControl {
     }
 }
 
-/// The API's bearer token, created (random, mode 0600) the first time.
-pub fn api_token(data: &DataDir) -> anyhow::Result<(String, std::path::PathBuf)> {
-    let path = data.root().join("trust").join("api-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
-            return Ok((t.trim().to_string(), path));
-        }
-    }
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut bytes = [0u8; 24];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).context("reading /dev/urandom")?;
-    let token = hex::encode(bytes);
-    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(token.as_bytes())?;
-    Ok((token, path))
+/// The API's bearer token file.
+pub fn api_token_path(data: &DataDir) -> std::path::PathBuf {
+    data.root().join("trust").join("api-token")
 }
 
 fn app_info(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_api::AppInfo {
@@ -103,7 +89,8 @@ pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std:
     if let Some(api) = api {
         let l = tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot serve the HTTP API on {api}"))?;
         let control = Arc::new(DaemonControl { cloudlet: cloudlet.clone() });
-        let (token, token_path) = api_token(data)?;
+        let token_path = api_token_path(data);
+        let token = forage_api::token::open_or_create(&token_path)?;
         let open_reads = api.ip().is_loopback();
         let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control).with_access(token, open_reads);
         eprintln!(

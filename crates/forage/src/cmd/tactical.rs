@@ -81,11 +81,11 @@ async fn provision_after(
         };
         match ended {
             None => session.close().await,
-            Some(forage_client::Ended::Moved { cloudlet, endpoint }) => {
+            Some(forage_client::Ended::Moved { cloudlet, service }) => {
                 if args.json {
-                    println!("{}", serde_json::json!({ "moved_to": cloudlet, "endpoint": endpoint }));
+                    println!("{}", serde_json::json!({ "moved_to": cloudlet, "endpoint": service.addr, "service": service }));
                 } else {
-                    println!("the instance moved to cloudlet {cloudlet}: the service answers at {endpoint}");
+                    println!("the instance moved to cloudlet {cloudlet}: the service answers at {}", service.addr);
                 }
             }
             Some(forage_client::Ended::Stopped(e)) => bail!("the cloudlet ended the instance: {e}"),

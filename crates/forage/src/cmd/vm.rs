@@ -55,7 +55,7 @@ impl VmPaths {
         Ok(Self {
             run: RunPaths {
                 dir: dir.join("run"),
-                qmp_socket: data.runtime_dir().join(format!("{name}.qmp")),
+                qmp_socket: data.runtime_dir()?.join(format!("{name}.qmp")),
             },
             snapshot: dir.join("snapshot"),
             record: dir.join("vm.json"),

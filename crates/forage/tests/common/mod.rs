@@ -59,7 +59,7 @@ pub fn run_paths(test: &str) -> RunPaths {
     std::fs::create_dir_all(&dir).unwrap();
     RunPaths {
         dir: dir.join("run"),
-        qmp_socket: data_dir().runtime_dir().join(format!("{test}.qmp")),
+        qmp_socket: data_dir().runtime_dir().unwrap().join(format!("{test}.qmp")),
     }
 }
 
@@ -179,6 +179,10 @@ static CREDENTIALS: OnceLock<std::sync::Arc<rustls::ClientConfig>> = OnceLock::n
 pub fn pair_with(cloudlet: &forage_cloudlet::Cloudlet, device: &str) -> std::sync::Arc<rustls::ClientConfig> {
     let dir = data_dir().root().join("test-device-trust").join(device);
     let _ = std::fs::remove_dir_all(&dir);
+    // The test data folder outlives a run: a name is held by one credential at a time.
+    if cloudlet.trust.issued().iter().any(|i| i.name == device && i.revoked_unix.is_none()) {
+        cloudlet.trust.revoke(device).unwrap();
+    }
     let bundle = cloudlet.trust.issue_bundle(device, forage_trust::PeerKind::Device, forage_trust::DEFAULT_VALIDITY, None).unwrap();
     let devices = forage_trust::DeviceTrust::new(&dir);
     devices.import_bundle(&serde_json::to_vec(&bundle).unwrap()).unwrap();

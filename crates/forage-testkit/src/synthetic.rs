@@ -1,7 +1,6 @@
 //! Synthetic VMs for tests (no QEMU): sparse memory and disk files, a fake device state,
 //! a forage-vm snapshot description, a base with its index, and a launch VM that exercises
 //! every chunk reference kind.
-#![allow(dead_code)]
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -80,6 +79,12 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
     Snapshot::open(dir).unwrap()
 }
 
+/// A synthetic snapshot folder at `dir` (empty memory and disk, a fake state), described.
+pub fn describe_snapshot_of(dir: &Path) -> Snapshot {
+    snapshot_dir(dir, b"QEVM\0\0\0\x03synthetic");
+    describe_snapshot(dir)
+}
+
 pub fn make_base(data: &DataDir, name: &str, salt: u64) -> BaseVm {
     let dir = data.base(name).unwrap();
     let (mem, disk) = snapshot_dir(&dir.join("snapshot"), b"QEVM\0\0\0\x03base-state");
@@ -138,4 +143,15 @@ pub fn assert_nothing_left(parent: &Path, out: &Path) {
     assert!(!out.exists(), "{} left behind", out.display());
     let leftovers: Vec<_> = std::fs::read_dir(parent).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains("partial")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A synthetic base named `name` in `data` and an overlay of the synthetic launch VM
+/// (written to `dir/NAME.ovl`): what a cloudlet and a device hold for synthesis, without
+/// QEMU (resuming it would fail; everything before the resume works).
+pub fn make_overlay(data: &DataDir, name: &str, dir: &Path) -> (BaseVm, PathBuf) {
+    let base = make_base(data, name, 0);
+    let launch = make_launch(&dir.join(format!("{name}-launch")));
+    let out = dir.join(format!("{name}.ovl"));
+    forage_synth::create::create(&base, &input(&launch), &opts(), &out).unwrap();
+    (base, out)
 }

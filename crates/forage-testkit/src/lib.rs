@@ -1,0 +1,8 @@
+//! forage-testkit: helpers the test suites of several crates share (a dev-dependency
+//! only, never linked into the product).
+//!
+//! - [`synthetic`]: VMs without QEMU (sparse memory and disk files, a fake device state, a
+//!   snapshot description), bases with their index, launch VMs that exercise every chunk
+//!   reference kind, overlays made from them.
+
+pub mod synthetic;
