@@ -579,7 +579,7 @@ mod tests {
             Message::Apps { apps: vec![AppEntry { id: "a".into(), service: "s".into(), platform: "any".into(), file: "a.sh".into(), size: 3, sha256: "00".into() }] },
             Message::GetApp { id: "a".into() },
             Message::AppFile { id: "a".into(), file: "a.sh".into(), bytes: b"abc".to_vec() },
-            Message::HandoffBegin(HandoffBegin { instance: "7-1".into(), base_state_sha256: "ab".into(), vm: b"{}".to_vec(), service_port: Some(7000), extra_ports: vec![7001] }),
+            Message::HandoffBegin(HandoffBegin { instance: "7-1".into(), base_state_sha256: "ab".into(), vm: b"{}".to_vec(), service_port: Some(7000), extra_ports: vec![7001], service_token: "00".repeat(16) }),
             Message::HandoffAccept { has_base: true },
             Message::HandoffFile { name: "kernel".into(), offset: 0, bytes: vec![1; 10], last: true },
             Message::HandoffSegment { seq: 3, bytes: vec![9; 1000] },

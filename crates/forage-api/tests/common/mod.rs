@@ -76,6 +76,7 @@ impl Control for FakeControl {
             instance: id.into(),
             to: request.to,
             endpoint: "10.77.0.2:40000".into(),
+            ca_sha256: "ab".repeat(32),
             has_base: true,
             total_s: 12.5,
             downtime_s: 1.5,
