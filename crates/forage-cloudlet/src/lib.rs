@@ -168,6 +168,8 @@ impl Cloudlet {
     /// daemon: early-start instances depend on its FUSE server).
     pub fn open(name: String, data: DataDir, accel: Accel, service_addr: Ipv4Addr) -> Result<Self, CloudletError> {
         data.ensure_root()?;
+        // QEMU's sockets go there: refuse now, not at the first instance, if it is not ours.
+        data.runtime_dir()?;
         let state = forage_state::State::open(data.cloudlet_state())?;
         for lost in state.recover_after_restart()? {
             tracing::warn!(instance = %lost.id, dir = %lost.dir.display(), "instance lost in a restart; removing its files");

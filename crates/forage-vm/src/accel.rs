@@ -91,3 +91,14 @@ mod tests {
         assert_eq!(detect_in(root.path()).accel, Accel::Kvm);
     }
 }
+
+/// [`detect`], with the one warning line an operator sees when it is not KVM (printed
+/// once per process).
+pub fn choose() -> Accel {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let choice = detect();
+    if let Some(why) = &choice.why_not_kvm {
+        WARNED.call_once(|| eprintln!("warning: using TCG software emulation (slow), not KVM: {why}"));
+    }
+    choice.accel
+}

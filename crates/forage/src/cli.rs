@@ -32,33 +32,15 @@ pub enum Command {
     #[command(subcommand)]
     Overlay(OverlayCommand),
     /// Run a cloudlet: accept devices and synthesize their overlays (early start, pipelined
-    /// or from the launch-VM cache), with an HTTP management API
+    /// or from the launch-VM cache), provision services, receive handoffs, with an HTTP
+    /// management API
     Serve {
-        /// Address devices connect to
-        #[arg(long, default_value = "127.0.0.1:7878")]
-        listen: std::net::SocketAddr,
-        /// Address service ports are forwarded on [default: the listen address]
-        #[arg(long)]
-        service_addr: Option<std::net::Ipv4Addr>,
-        /// Name announced to devices
-        #[arg(long, default_value = "cloudlet")]
-        name: String,
-        /// Address of the HTTP management API (status, sessions, instances, cache,
-        /// /metrics, /openapi.json); keep it on loopback or a management network
-        #[arg(long, default_value = "127.0.0.1:7879")]
-        api: std::net::SocketAddr,
-        /// Do not serve the HTTP API
-        #[arg(long)]
-        no_api: bool,
-        /// Do not keep launch VMs for later syntheses of the same overlay
-        #[arg(long)]
-        no_cache: bool,
-        /// Do not announce the cloudlet on the local network (mDNS, `_cloudlet._tcp`)
-        #[arg(long)]
-        no_advertise: bool,
-        /// Stop an instance whose service saw no traffic for this long (0: never)
-        #[arg(long, default_value_t = 600, value_name = "S")]
-        idle_timeout: u64,
+        /// Read the daemon's configuration from this TOML file (the flags' names, with
+        /// underscores) instead of the flags
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: forage_daemon::DaemonConfig,
     },
     /// List the cloudlets announcing themselves on the local network (mDNS `_cloudlet._tcp`)
     Discover {

@@ -32,10 +32,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
         Command::Bench(c) => bench::run(&data, c).await,
-        Command::Serve { listen, service_addr, name, api, no_api, no_cache, no_advertise, idle_timeout } => {
-            let idle = (idle_timeout > 0).then(|| std::time::Duration::from_secs(idle_timeout));
-            synthesis::serve(&data, listen, service_addr, name, (!no_api).then_some(api), !no_cache, !no_advertise, idle).await
-        }
+        Command::Serve { config, daemon } => synthesis::serve(&data, config.as_deref(), daemon).await,
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
             let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
@@ -60,11 +57,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The accelerator to use, with one warning line when it is TCG.
 pub fn accel() -> Accel {
-    let choice = forage_vm::accel::detect();
-    if let Some(why) = &choice.why_not_kvm {
-        eprintln!("warning: using TCG software emulation (slow), not KVM: {why}");
-    }
-    choice.accel
+    forage_vm::accel::choose()
 }
 
 /// Build the tiny image if needed, printing what happened.

@@ -1,151 +1,54 @@
 //! `forage serve` and `forage synthesize`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use forage_cloudlet::Cloudlet;
 use forage_datadir::DataDir;
-
-/// What the HTTP API may do to the daemon.
-struct DaemonControl {
-    cloudlet: Arc<Cloudlet>,
-}
-
-impl forage_api::Control for DaemonControl {
-    fn stop_instance(&self, id: &str) -> Result<(), String> {
-        match self.cloudlet.stop_instance(id) {
-            true => Ok(()),
-            false => Err(format!("instance {id} is not running in this daemon")),
-        }
-    }
-
-    fn bases(&self) -> Vec<forage_api::BaseInfo> {
-        forage_synth::BaseVm::list(&self.cloudlet.data)
-            .into_iter()
-            .filter_map(|(name, b)| b.ok().map(|b| (name, b)))
-            .map(|(name, b)| forage_api::BaseInfo { name, digest: b.digest().into(), memory_bytes: b.manifest().memory_size, disk_bytes: b.manifest().disk_size })
-            .collect()
-    }
-
-    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String> {
-        self.cloudlet.cache.evict(overlay_digest);
-        Ok(())
-    }
-
-    fn services(&self) -> Vec<forage_api::ServiceInfo> {
-        self.cloudlet.services.list().into_iter().map(|s| {
-            let m = s.manifest();
-            forage_api::ServiceInfo { id: m.id.clone(), os: m.os.clone(), port: m.port, description: m.description.clone(), client_apps: m.client_apps.iter().map(|a| a.id.clone()).collect() }
-        }).collect()
-    }
-
-    fn apps(&self, platform: Option<&str>) -> Vec<forage_api::AppInfo> {
-        self.cloudlet.services.apps(platform).into_iter().map(|(s, a)| app_info(&s, &a)).collect()
-    }
-
-    fn handoff(&self, id: &str, request: forage_api::HandoffRequest) -> Result<forage_api::HandoffView, String> {
-        let to = request.to.parse().map_err(|_| format!("destination {:?} is not HOST:PORT", request.to))?;
-        let options = forage_cloudlet::HandoffOptions { mode: request.mode, downtime_limit_ms: request.downtime_limit_ms.unwrap_or(2000) };
-        // The API calls this on a blocking thread of the daemon's runtime.
-        let report = tokio::runtime::Handle::current().block_on(self.cloudlet.handoff(id, to, options)).map_err(|e| e.to_string())?;
-        serde_json::to_value(&report).and_then(serde_json::from_value).map_err(|e| e.to_string())
-    }
-
-    fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
-        let (s, a) = self.cloudlet.services.app(id).ok()?;
-        let bytes = std::fs::read(s.app_path(&a)).ok()?;
-        Some((app_info(&s, &a), bytes))
-    }
-}
 
 /// The API's bearer token file.
 pub fn api_token_path(data: &DataDir) -> std::path::PathBuf {
-    data.root().join("trust").join("api-token")
+    forage_daemon::api_token_path(data)
 }
 
-fn app_info(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_api::AppInfo {
-    forage_api::AppInfo { id: a.id.clone(), service: s.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub async fn serve(data: &DataDir, listen: SocketAddr, service_addr: Option<std::net::Ipv4Addr>, name: String, api: Option<SocketAddr>, cache: bool, advertise: bool, idle_timeout: Option<Duration>) -> anyhow::Result<()> {
-    let service_addr = match (service_addr, listen.ip()) {
-        (Some(a), _) => a,
-        (None, IpAddr::V4(a)) if !a.is_unspecified() => a,
-        (None, _) => bail!("listening on {listen}: say which address services are forwarded on with --service-addr"),
+/// `forage serve`: the daemon, from the flags or a configuration file, until Ctrl-C or
+/// SIGTERM.
+pub async fn serve(data: &DataDir, config_file: Option<&Path>, flags: forage_daemon::DaemonConfig) -> anyhow::Result<()> {
+    let config = match config_file {
+        Some(path) => {
+            if flags != forage_daemon::DaemonConfig::default() {
+                bail!("give the daemon's settings either in {} or as flags, not both", path.display());
+            }
+            forage_daemon::DaemonConfig::read(path)?
+        }
+        None => flags,
     };
-    let accel = super::accel();
-    let mut cloudlet = Cloudlet::open(name, data.clone(), accel, service_addr)?;
-    cloudlet.idle_timeout = idle_timeout;
-    let cloudlet = Arc::new(cloudlet);
-    cloudlet.cache.set_enabled(cache);
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let daemon = forage_daemon::Daemon::start(data, &config).await?;
     let bases: Vec<String> = forage_synth::BaseVm::list(data).into_iter().filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))).collect();
-    eprintln!("cloudlet {} listening on {listen}; bases: {}", cloudlet.name, if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") });
-    if let Some(api) = api {
-        let l = tokio::net::TcpListener::bind(api).await.with_context(|| format!("cannot serve the HTTP API on {api}"))?;
-        let control = Arc::new(DaemonControl { cloudlet: cloudlet.clone() });
-        let token_path = api_token_path(data);
-        let token = forage_api::token::open_or_create(&token_path)?;
+    eprintln!("cloudlet {} listening on {}; bases: {}", daemon.cloudlet.name, daemon.listen, if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") });
+    if let Some((api, token_path)) = &daemon.api {
         let open_reads = api.ip().is_loopback();
-        let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control).with_access(token, open_reads);
         eprintln!(
             "HTTP API on http://{api}/v1/status (metrics on /metrics, OpenAPI on /openapi.json); {} need the bearer token in {}",
             if open_reads { "changes" } else { "all requests" },
             token_path.display()
         );
-        tokio::spawn(async move {
-            if let Err(e) = forage_api::serve(l, ctx, std::future::pending()).await {
-                tracing::error!("HTTP API stopped: {e}");
-            }
-        });
     }
-    let advertisement = move |c: &Cloudlet| forage_discovery::Advertisement {
-        name: c.name.clone(),
-        addr: SocketAddr::new(IpAddr::V4(service_addr), listen.port()),
-        http_port: api.map(|a| a.port()),
-        bases: forage_synth::BaseVm::list(&c.data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect(),
-        services: c.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
-        load: c.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
-        free_mem_mib: free_memory_mib(),
-        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+    if let Some(why) = &daemon.not_announced {
+        eprintln!("not announced on the local network: {why}");
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("cloudlet stopping");
     };
-    let advertiser = match advertise {
-        true => match forage_discovery::advertise(&advertisement(&cloudlet)) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("not announced on the local network: {e}");
-                None
-            }
-        },
-        false => None,
-    };
-    // Keep the TXT metadata current: load, bases and services change while serving.
-    if let Some(advertiser) = advertiser {
-        let c = cloudlet.clone();
-        tokio::spawn(async move {
-            let mut last = advertisement(&c);
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let now = tokio::task::block_in_place(|| advertisement(&c));
-                let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services) || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
-                if changed {
-                    if let Err(e) = advertiser.update(&now) {
-                        tracing::warn!("announcement not refreshed: {e}");
-                    }
-                    last = now;
-                }
-            }
-        });
-    }
-    tokio::select! {
-        r = forage_cloudlet::serve(listener, cloudlet) => r.context("accepting devices")?,
-        _ = tokio::signal::ctrl_c() => eprintln!("cloudlet stopping"),
-    }
+    daemon.run_until(shutdown).await.context("accepting devices")?;
     Ok(())
 }
 
@@ -246,14 +149,6 @@ pub fn print_report(r: &forage_client::SynthesisReport) {
         );
     }
     println!("  service at {} answered: {}", r.endpoint, r.answer);
-}
-
-fn free_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map(|kib| kib / 1024)
-        .unwrap_or(0)
 }
 
 /// `forage discover`.

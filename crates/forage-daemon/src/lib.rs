@@ -1,0 +1,148 @@
+//! forage-daemon: `forage serve`. One [`Daemon`] is a cloudlet accepting devices and peer
+//! cloudlets ([`forage_cloudlet::serve`]), its HTTP management API with the operator's
+//! bearer token ([`forage_api`]), and its announcement on the local network kept current
+//! ([`forage_discovery`]), configured by one [`DaemonConfig`].
+//!
+//! Under systemd (`contrib/forage.service`, `Type=notify`) the daemon says READY=1 once
+//! it accepts devices, and STOPPING=1 when it ends. Running instances outlive the daemon
+//! (`KillMode=process`): see `forage_cloudlet` for what is re-adopted at the next start.
+
+mod config;
+mod control;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use forage_cloudlet::Cloudlet;
+use forage_datadir::DataDir;
+
+pub use config::{ConfigError, DaemonConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening the cloudlet")]
+    Cloudlet(#[from] forage_cloudlet::CloudletError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the API token")]
+    Token(#[from] forage_api::token::TokenError),
+}
+
+/// A running daemon: what `forage serve` prints about, then waits on.
+pub struct Daemon {
+    pub cloudlet: Arc<Cloudlet>,
+    /// Where devices connect.
+    pub listen: SocketAddr,
+    /// Where the HTTP API answers, and the file with its token.
+    pub api: Option<(SocketAddr, PathBuf)>,
+    /// Why the cloudlet is not announced on the local network, if announcing failed.
+    pub not_announced: Option<String>,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The API's bearer token file in `data`.
+pub fn api_token_path(data: &DataDir) -> PathBuf {
+    data.root().join("trust").join("api-token")
+}
+
+impl Daemon {
+    /// Open the cloudlet in `data`, bind its listeners, start the API and the
+    /// announcement; devices are accepted from the moment this returns.
+    pub async fn start(data: &DataDir, config: &DaemonConfig) -> Result<Self, DaemonError> {
+        let service_addr = config.service_addr()?;
+        let accel = forage_vm::accel::choose();
+        let mut cloudlet = Cloudlet::open(config.name.clone(), data.clone(), accel, service_addr)?;
+        cloudlet.idle_timeout = config.idle_timeout();
+        cloudlet.set_limits(config.limits());
+        cloudlet.fetch_policy = config.fetch_policy();
+        let cloudlet = Arc::new(cloudlet);
+        cloudlet.cache.set_enabled(!config.no_cache);
+        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
+        let listen = listener.local_addr().unwrap_or(config.listen);
+        let api = match config.no_api {
+            true => None,
+            false => Some(start_api(data, config.api, &cloudlet, accel).await?),
+        };
+        let not_announced = match config.no_advertise {
+            true => None,
+            false => announce(&cloudlet, service_addr, listen.port(), api.as_ref().map(|a| a.0.port())).err(),
+        };
+        let serving = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        Ok(Self { cloudlet, listen, api, not_announced, serving })
+    }
+
+    /// Serve until `shutdown` resolves (or accepting fails for good).
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+        let result = tokio::select! {
+            r = self.serving => r.unwrap_or(Ok(())),
+            _ = shutdown => Ok(()),
+        };
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        result
+    }
+}
+
+async fn start_api(data: &DataDir, addr: SocketAddr, cloudlet: &Arc<Cloudlet>, accel: forage_vm::Accel) -> Result<(SocketAddr, PathBuf), DaemonError> {
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { addr, source })?;
+    let bound = l.local_addr().unwrap_or(addr);
+    let control = Arc::new(control::DaemonControl { cloudlet: cloudlet.clone() });
+    let token_path = api_token_path(data);
+    let token = forage_api::token::open_or_create(&token_path)?;
+    let open_reads = addr.ip().is_loopback();
+    let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control).with_access(token, open_reads);
+    tokio::spawn(async move {
+        if let Err(e) = forage_api::serve(l, ctx, std::future::pending()).await {
+            tracing::error!("HTTP API stopped: {e}");
+        }
+    });
+    Ok((bound, token_path))
+}
+
+/// Announce the cloudlet (`_cloudlet._tcp`) and keep its TXT record current: load,
+/// bases and services change while serving.
+fn announce(cloudlet: &Arc<Cloudlet>, service_addr: std::net::Ipv4Addr, port: u16, http_port: Option<u16>) -> Result<(), String> {
+    let advertisement = move |c: &Cloudlet| forage_discovery::Advertisement {
+        name: c.name.clone(),
+        addr: SocketAddr::new(IpAddr::V4(service_addr), port),
+        http_port,
+        bases: forage_synth::BaseVm::list(&c.data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect(),
+        services: c.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
+        load: c.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
+        free_mem_mib: free_memory_mib(),
+        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+    };
+    let advertiser = forage_discovery::advertise(&advertisement(cloudlet)).map_err(|e| e.to_string())?;
+    let c = cloudlet.clone();
+    tokio::spawn(async move {
+        let mut last = advertisement(&c);
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let now = tokio::task::block_in_place(|| advertisement(&c));
+            let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services) || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
+            if changed {
+                if let Err(e) = advertiser.update(&now) {
+                    tracing::warn!("announcement not refreshed: {e}");
+                }
+                last = now;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn free_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
