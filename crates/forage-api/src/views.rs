@@ -350,5 +350,5 @@ pub struct HandoffView {
     pub switches: Vec<String>,
     /// Every 100 ms: input, output and potential output throughput, mode.
     #[schema(value_type = Vec<Object>)]
-    pub trace: Vec<serde_json::Value>,
+    pub trace: Vec<forage_handoff::pipeline::TraceRow>,
 }

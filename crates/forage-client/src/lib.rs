@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use forage_format::container::HEADER_LEN;
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{Message, Offer, ProtoError, VERSION_MAX, VERSION_MIN};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -117,7 +117,7 @@ fn tls_detail(e: &std::io::Error) -> String {
 }
 
 /// What the VM used of the overlay before the first response (early start).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OverlayUsage {
     pub blobs_accessed: u64,
     pub blobs: u64,
@@ -126,8 +126,8 @@ pub struct OverlayUsage {
     pub segments: u32,
 }
 
-/// What a synthesis took, from the first byte sent.
-#[derive(Debug, Clone, Serialize)]
+/// What a synthesis took, from the first byte sent (`forage synthesize --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SynthesisReport {
     /// `baseline` (store and forward), `pipelined`, `early_start` or `cached`.
     pub mode: String,
@@ -157,6 +157,36 @@ pub struct SynthesisReport {
     pub usage: Option<OverlayUsage>,
     /// Fraction of the overlay's blobs the VM had read at its first response.
     pub accessed_fraction: Option<f64>,
+}
+
+impl std::fmt::Display for SynthesisReport {
+    /// The breakdown an operator reads (`forage synthesize`, the demo).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        writeln!(f, "synthesized on cloudlet {} ({} KiB overlay, {}):", r.cloudlet, r.overlay_bytes >> 10, r.mode.replace('_', " "))?;
+        if r.mode == "cached" {
+            writeln!(f, "  launch VM from the cloudlet's cache: nothing sent | resume {:.2} s | first response {:.2} s", r.resume_s, r.first_response_s)?;
+        } else {
+            writeln!(
+                f,
+                "  transfer {:.2} s | decompress {:.2} s | apply {:.2} s | resume {:.2} s | first response {:.2} s | all applied {:.2} s",
+                r.transfer_s, r.decompress_s, r.apply_s, r.resume_s, r.first_response_s, r.complete_s
+            )?;
+        }
+        if let Some(u) = &r.usage {
+            writeln!(
+                f,
+                "  at the first response the VM had read {} of {} overlay blobs ({:.0}%); {} segments fetched on demand, {} of {} there",
+                u.blobs_accessed,
+                u.blobs,
+                r.accessed_fraction.unwrap_or(0.0) * 100.0,
+                u.demand_fetches,
+                u.segments_arrived,
+                u.segments
+            )?;
+        }
+        write!(f, "  service at {} answered: {}", r.endpoint, r.answer)
+    }
 }
 
 /// An open session: the VM runs on the cloudlet until this is closed or dropped.

@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{first_response, ClientError};
 
-/// What a provisioning took, from the connection.
-#[derive(Debug, Clone, Serialize)]
+/// What a provisioning took, from the connection (`forage offload ... --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProvisionReport {
     /// `cached_vm`, `cloudlet_push`, `on_demand` or `app_virtualization`.
     pub mechanism: String,

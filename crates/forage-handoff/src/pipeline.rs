@@ -43,7 +43,7 @@ impl Default for PipelineConfig {
 const SMOOTHING: usize = 10;
 
 /// One tick of the trace (throughputs over the last second).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraceRow {
     pub t_s: f64,
     /// Modified state taken in, bytes/s.
@@ -55,6 +55,16 @@ pub struct TraceRow {
     pub mode: String,
     /// The mode changed at this tick.
     pub switched: bool,
+}
+
+/// The adaptation's trace as CSV (the VM handoff paper's Figure 17): t_s, input, output
+/// and potential output throughput (bytes/s), mode, switched.
+pub fn write_trace_csv(rows: &[TraceRow], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    writeln!(out, "t_s,input_bps,output_bps,potential_output_bps,mode,switched")?;
+    for r in rows {
+        writeln!(out, "{:.2},{:.0},{:.0},{:.0},{},{}", r.t_s, r.input_bps, r.output_bps, r.potential_output_bps, r.mode, r.switched)?;
+    }
+    out.flush()
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

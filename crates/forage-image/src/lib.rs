@@ -11,6 +11,8 @@
 //! (package files, agent digest, init script); a build whose recipe matches is a no-op.
 
 mod debs;
+mod ensure;
+pub mod vms;
 pub mod initramfs;
 pub mod modules;
 
@@ -23,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use initramfs::Entry;
+
+pub use ensure::ensure;
 
 pub const IMAGE_KIND: &str = "forage-guest-image";
 pub const IMAGE_FORMAT: u32 = 1;

@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod base;
+pub mod build;
 pub mod cow;
 pub mod create;
 pub mod ext4;

@@ -4,5 +4,8 @@
 //! - [`synthetic`]: VMs without QEMU (sparse memory and disk files, a fake device state, a
 //!   snapshot description), bases with their index, launch VMs that exercise every chunk
 //!   reference kind, overlays made from them.
+//! - [`wan`]: emulated WAN links (two network namespaces, a veth pair, `tc tbf`), for
+//!   tests and benches.
 
 pub mod synthetic;
+pub mod wan;

@@ -49,6 +49,12 @@ impl Peer {
     }
 }
 
+/// `YYYY-MM-DD HH:MM UTC`, for messages about credentials.
+pub fn date(unix: u64) -> String {
+    let t = crate::offset(unix);
+    format!("{:04}-{:02}-{:02} {:02}:{:02} UTC", t.year(), t.month() as u8, t.day(), t.hour(), t.minute())
+}
+
 /// A device's pairings: `DATA/trust/peers/`.
 pub struct DeviceTrust {
     dir: PathBuf,
@@ -57,6 +63,15 @@ pub struct DeviceTrust {
 impl DeviceTrust {
     pub fn new(dir: &Path) -> Self {
         Self { dir: dir.to_path_buf() }
+    }
+
+    /// TLS credentials for the cloudlet at `addr` (or named `name`), refused once expired.
+    pub fn credentials(&self, addr: SocketAddr, name: Option<&str>) -> Result<Arc<rustls::ClientConfig>, TrustError> {
+        let peer = self.for_cloudlet(addr, name)?;
+        if peer.expired() {
+            return Err(TrustError::NotPaired(format!("the pairing with cloudlet {} expired on {}: pair again", peer.record.cloudlet, date(peer.record.not_after_unix))));
+        }
+        peer.client_config()
     }
 
     pub fn peers(&self) -> Vec<Peer> {

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use code::{Grant, PairingCode, PairingGuard, MAX_FAILURES as MAX_PAIRING_FAILURES};
-pub use device::{DeviceTrust, Peer, PeerRecord};
+pub use device::{date, DeviceTrust, Peer, PeerRecord};
 pub use pairing::{new_csr, pairing_client_config, pinned_client_config, Bundle};
 
 /// The name in every cloudlet's server certificate; devices connect with it as SNI.

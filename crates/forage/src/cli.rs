@@ -129,12 +129,18 @@ pub enum Command {
     /// Pairing: on a cloudlet, show a one-time code (or write a bundle); on a device, pair
     /// with a cloudlet using its code. Every connection then uses these credentials.
     Pair(PairArgs),
-    /// Reproduce the papers' measurements on this machine
-    #[command(subcommand)]
-    Bench(BenchCommand),
-    /// The quickstart demo: build the tiny guest, boot it, install the sample service,
-    /// save, restore, and show that the guest carried on
-    Demo(DemoArgs),
+    /// Reproduce the papers' measurements on this machine (runs `forage-bench`)
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// The quickstart demo (runs `forage-bench demo`)
+    #[command(disable_help_flag = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -494,140 +500,6 @@ pub enum AppCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Overlay size against xdelta3+LZMA and zstd --patch-from (the paper's Figure 6),
-    /// creation and apply throughput, peak memory
-    Overlay(BenchOverlayArgs),
-    /// Synthesis over an emulated WAN (two network namespaces, tc tbf): baseline,
-    /// pipelined and early start; first-response times and the share of the overlay used
-    /// before the first response (the paper's Tables 3 and 4)
-    Synthesis(BenchSynthesisArgs),
-    /// Application-ready time and payload of the five provisioning mechanisms over an
-    /// emulated WAN (the tactical-cloudlet paper's Table I)
-    Provision(BenchProvisionArgs),
-    /// VM handoff against QEMU's live migration over an emulated WAN (two cloudlets in two
-    /// network namespaces, tc tbf): total time, downtime and bytes for the adaptive run,
-    /// the best and worst static mode and QEMU; a trace of the adaptive run (CSV and SVG)
-    Handoff(BenchHandoffArgs),
-    /// The offline profile of VM handoff's operating modes (P and R of every delta and
-    /// codec on the bench app's modified memory): the lookup table adaptation scales
-    HandoffProfile(BenchHandoffProfileArgs),
-    /// (internal) receive one connection's bytes and acknowledge them
-    #[command(hide = true)]
-    Sink {
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-    },
-    /// (internal) send N bytes and print the seconds until the sink acknowledged them
-    #[command(hide = true)]
-    Blast {
-        #[arg(long)]
-        to: std::net::SocketAddr,
-        #[arg(long)]
-        bytes: u64,
-    },
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchSynthesisArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Link rate in Mbit/s (the paper's WiFi: 38); repeat for several rates
-    #[arg(long, default_values_t = vec![38.0])]
-    pub mbps: Vec<f64>,
-    /// Size of the data set the bench app installs and preloads (its first response does
-    /// not touch it)
-    #[arg(long, default_value_t = 16, value_name = "MIB")]
-    pub data_mib: u64,
-    /// Segment size of the bench overlay before compression
-    #[arg(long, default_value_t = 256, value_name = "KIB")]
-    pub segment_kib: usize,
-    /// Runs per mode (the median is reported)
-    #[arg(long, default_value_t = 1)]
-    pub runs: usize,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchHandoffArgs {
-    /// Base VM of the bench service VM (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Link rates in Mbit/s (the paper: 5, 10, 25)
-    #[arg(long, default_values_t = vec![5.0, 10.0, 25.0])]
-    pub mbps: Vec<f64>,
-    /// The app's working set (records it keeps in memory): the modified state
-    #[arg(long, default_value_t = 32, value_name = "MIB")]
-    pub working_mib: u64,
-    /// Part of the working set rewritten every 100 ms while the VM moves
-    #[arg(long, default_value_t = 512, value_name = "KIB")]
-    pub hot_kib: u64,
-    /// Static operating modes to run (best and worst are reported), comma-separated
-    #[arg(long, default_value = "none+none,none+zstd-1,xor+zstd-3,none+bzip2-9,bsdiff+lzma-9")]
-    pub modes: String,
-    /// QEMU's downtime limit, for forage and QEMU alike
-    #[arg(long, default_value_t = 2000, value_name = "MS")]
-    pub downtime_ms: u64,
-    /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
-    #[arg(long)]
-    pub no_qemu: bool,
-    /// Where the traces go [default: DATA/bench/handoff]
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchHandoffProfileArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Size of the bench app's data set
-    #[arg(long, default_value_t = 16, value_name = "MIB")]
-    pub data_mib: u64,
-    /// Modified chunks profiled (spread evenly over all modified chunks)
-    #[arg(long, default_value_t = 512)]
-    pub chunks: usize,
-    /// Where to write the table [default: DATA/handoff-lookup.json]
-    #[arg(short, long)]
-    pub output: Option<PathBuf>,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchProvisionArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Link rate in Mbit/s
-    #[arg(long, default_value_t = 38.0)]
-    pub mbps: f64,
-    /// Runs per mechanism (the median is reported)
-    #[arg(long, default_value_t = 1)]
-    pub runs: usize,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchOverlayArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Size of the data set the bench app installs and preloads
-    #[arg(long, default_value_t = 16, value_name = "MIB")]
-    pub data_mib: u64,
-    #[command(flatten)]
-    pub reduce: ReduceArgs,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Boot a VM from an image and supervise it in the foreground (Ctrl-C stops it)
     Boot {
@@ -688,17 +560,6 @@ pub struct WaitArgs {
     /// How long to wait for the guest to be ready
     #[arg(long, default_value_t = 180, value_name = "SECONDS")]
     pub ready_timeout_s: u64,
-}
-
-#[derive(Args, Debug)]
-pub struct DemoArgs {
-    /// App folder to install (default: the sample hashsearch service built by `make guest`)
-    #[arg(long, value_name = "DIR")]
-    pub app: Option<PathBuf>,
-    #[command(flatten)]
-    pub wait: WaitArgs,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Args, Debug)]

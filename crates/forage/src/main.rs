@@ -3,7 +3,6 @@
 
 mod cli;
 mod cmd;
-mod service;
 
 use clap::Parser;
 

@@ -23,7 +23,7 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
     }
-    let link = forage_wan::WanLink::create(100.0).expect("namespaces");
+    let link = forage_testkit::wan::WanLink::create(100.0).expect("namespaces");
     let exe = env!("CARGO_BIN_EXE_forage");
     let data = tempfile::tempdir().unwrap();
     let mut cloudlets: Vec<Kill> = Vec::new();
@@ -95,7 +95,7 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
 
 /// `avahi-browse -rtp _cloudlet._tcp` in `ns`, against a private system bus and an
 /// avahi-daemon of its own there (nothing of the host's is used or changed).
-fn avahi_browse(ns: &forage_wan::Netns) -> Vec<String> {
+fn avahi_browse(ns: &forage_testkit::wan::Netns) -> Vec<String> {
     for tool in ["avahi-daemon", "avahi-browse", "dbus-daemon"] {
         assert!(Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(), "{tool} is missing: apt-get install avahi-daemon avahi-utils dbus (scripts/deps.sh does)");
     }

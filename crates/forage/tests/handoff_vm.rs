@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use forage_client::ServiceEndpoint;
-use forage_wan::{Netns, WanLink};
+use forage_testkit::wan::{Netns, WanLink};
 
 struct Kill(Child);
 

@@ -1,7 +1,6 @@
 //! `forage handoff`: ask this cloudlet's daemon (its HTTP API, with the operator's token)
 //! to move a running instance to another cloudlet, and print what the handoff did.
 
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -77,15 +76,8 @@ fn api_error(r: ureq::Response) -> String {
     }
 }
 
-/// The adaptation's trace as CSV: t_s, input, output and potential output throughput
-/// (bytes/s), mode, switched.
+/// The adaptation's trace as CSV.
 pub fn write_trace(path: &std::path::Path, view: &HandoffView) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}", path.display()))?);
-    writeln!(f, "t_s,input_bps,output_bps,potential_output_bps,mode,switched")?;
-    for row in &view.trace {
-        let n = |k: &str| row[k].as_f64().unwrap_or(0.0);
-        writeln!(f, "{:.2},{:.0},{:.0},{:.0},{},{}", n("t_s"), n("input_bps"), n("output_bps"), n("potential_output_bps"), row["mode"].as_str().unwrap_or(""), row["switched"].as_bool().unwrap_or(false))?;
-    }
-    f.flush()?;
-    Ok(())
+    forage_handoff::pipeline::write_trace_csv(&view.trace, &mut f).with_context(|| format!("{}", path.display()))
 }

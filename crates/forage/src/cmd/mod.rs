@@ -1,14 +1,7 @@
 //! Subcommand implementations.
 
 mod base;
-mod bench;
-mod bench_handoff;
-mod bench_handoff_profile;
-mod bench_provision;
-mod bench_synthesis;
-mod demo;
 mod handoff;
-mod handoff_plot;
 mod image;
 mod overlay;
 mod pair;
@@ -31,7 +24,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => vm::run(&data, c).await,
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
-        Command::Bench(c) => bench::run(&data, c).await,
+        Command::Bench { args } => bench(&cli.data_dir, None, args),
+        Command::Demo { args } => bench(&cli.data_dir, Some("demo"), args),
         Command::Serve { config, daemon } => synthesis::serve(&data, config.as_deref(), daemon).await,
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
@@ -40,7 +34,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, credentials, ..Default::default() };
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
-        Command::Demo(a) => demo::run(&data, a).await,
         Command::Service(c) => service::run(&data, c).await,
         Command::Offload { service, join, session } => tactical::provision(&data, forage_proto::Provision::CachedVm { service: service.clone(), join }, Some(&service), &session).await,
         Command::Apps(a) => tactical::apps(&data, a).await,
@@ -60,25 +53,19 @@ pub fn accel() -> Accel {
     forage_vm::accel::choose()
 }
 
-/// Build the tiny image if needed, printing what happened.
-pub fn ensure_image(data: &DataDir, name: &str, quiet: bool) -> anyhow::Result<forage_image::BuildOutcome> {
-    let agent = forage_image::locate_guest_binary("forage-agent")?;
-    let opts = forage_image::BuildOptions {
-        agent_binary: agent,
-        disk_mib: 64,
-        memory_mib: 256,
-        force: false,
-    };
-    let out = forage_image::build(data, name, &opts).with_context(|| format!("building image {name}"))?;
-    if !quiet {
-        eprintln!(
-            "image {name}: {} in {:.1} s ({})",
-            if out.cached { "cached" } else { "built" },
-            out.took.as_secs_f64(),
-            out.image.dir().display()
-        );
+/// `forage bench ...` and `forage demo` run `forage-bench` (beside this binary, else on
+/// PATH): the benches, their plotting and the demo are not part of the product binary.
+fn bench(data_dir: &Option<std::path::PathBuf>, first: Option<&str>, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("forage-bench"))).filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| "forage-bench".into());
+    let mut cmd = std::process::Command::new(&program);
+    if let Some(d) = data_dir {
+        cmd.arg("--data-dir").arg(d);
     }
-    Ok(out)
+    cmd.args(first).args(args);
+    let err = cmd.exec();
+    anyhow::bail!("cannot run {}: {err} (build it: `cargo build --release -p forage-bench`)", program.display())
 }
 
 /// Print `value` as one line of JSON.

@@ -4,11 +4,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use forage_agent::app::AppPackage;
 use forage_datadir::DataDir;
-use forage_format::{DeltaCodec, Manifest, OverlayReader, SegmentCodec};
-use forage_synth::create::{CreateOptions, LaunchInput};
-use forage_synth::launch::{self, LaunchOptions, LaunchVm};
+use forage_format::{Manifest, OverlayReader};
+use forage_synth::build::{BlobOrder, OverlayRequest};
+use forage_synth::create::CreateOptions;
 use forage_synth::BaseVm;
 use serde_json::json;
 
@@ -16,24 +15,13 @@ use crate::cli::{OverlayCommand, OverlayCreateArgs, ReduceArgs};
 
 impl ReduceArgs {
     pub fn create_options(&self) -> anyhow::Result<CreateOptions> {
-        let codec = match self.codec.as_str() {
-            "lzma" => SegmentCodec::Lzma { level: self.level.unwrap_or(6).clamp(0, 9) as u32 },
-            "zstd" => SegmentCodec::Zstd { level: self.level.unwrap_or(19).clamp(1, 22) },
-            "none" => SegmentCodec::None,
-            other => bail!("unknown codec {other}"),
-        };
-        let delta = match self.delta.as_str() {
-            "bsdiff" => Some(DeltaCodec::Bsdiff),
-            "xor" => Some(DeltaCodec::Xor),
-            _ => None,
-        };
+        let named = CreateOptions::named(&self.codec, self.level, &self.delta).map_err(anyhow::Error::msg)?;
         Ok(CreateOptions {
             dedup: !self.no_dedup,
             semantic_disk: !self.no_semantic_disk,
             semantic_memory: !self.no_semantic_memory,
-            delta,
-            codec,
             segment_bytes: self.segment_kib.clamp(4, 16 << 10) << 10,
+            ..named
         })
     }
 }
@@ -68,83 +56,35 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Build the launch VM for `app` on `base` in a scratch folder.
-pub async fn build_launch(data: &DataDir, base: &BaseVm, app: &AppPackage, opts: &LaunchOptions, work: &Path) -> anyhow::Result<LaunchVm> {
-    // Quiet detection: the command's entry already warned about TCG if it had to.
-    let accel = forage_vm::accel::detect().accel;
-    launch::build(data, base, app, accel, opts, work)
-        .await
-        .with_context(|| format!("building the launch VM of {} on base {}", app.manifest().name, base.manifest().name))
-}
-
-/// Build the launch VM, profile it (access order), write the overlay. Progress goes to
-/// stderr unless `quiet`; returns the report and the seconds spent on the launch VM.
-pub async fn build_overlay(data: &DataDir, args: &OverlayCreateArgs, quiet: bool) -> anyhow::Result<(forage_synth::create::CreateReport, f64)> {
-    let say = |s: &str| {
-        if !quiet {
-            eprintln!("{s}");
-        }
-    };
-    let base = BaseVm::open(data, &args.base)?;
-    let app = AppPackage::open(&args.app)?;
-    let opts = args.reduce.create_options()?;
-    let work = data.work().join(format!("overlay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    let result = async {
-        let t = Instant::now();
-        let lopts = LaunchOptions {
-            semantic_disk: opts.semantic_disk,
-            semantic_memory: opts.semantic_memory,
-            ..LaunchOptions::default()
+impl OverlayCreateArgs {
+    /// What `forage_synth::build` makes of these arguments.
+    pub fn request(&self) -> anyhow::Result<OverlayRequest> {
+        let order = match self.order.as_str() {
+            "access" => BlobOrder::Access,
+            "offset" => BlobOrder::Offset,
+            other => bail!("unknown order {other} (access or offset)"),
         };
-        say(&format!("launch VM: resuming base {}, installing {} ...", args.base, app.manifest().name));
-        let launch = build_launch(data, &base, &app, &lopts, &work).await?;
-        let profile = if args.order == "access" {
-            say("profiling a resume of the launch VM up to its first response ...");
-            Some(launch::profile_access(data, &launch.snapshot, &launch.app, forage_vm::accel::detect().accel, &work).await?)
-        } else {
-            None
-        };
-        let launch_s = t.elapsed().as_secs_f64();
-        let input = LaunchInput {
-            snapshot: &launch.snapshot,
-            written_disk_chunks: &launch.written_disk_chunks,
-            discarded_disk_chunks: &launch.discarded_disk_chunks,
-            service: Some(forage_format::manifest::Service {
-                name: launch.app.name.clone(),
-                port: launch.app.port,
-                probe: launch.app.probe.clone(),
-            }),
-            accessed: profile.as_ref().map(|p| (&p.memory[..], &p.disk[..])),
-        };
-        say("writing the overlay ...");
-        let report = forage_synth::create::create(&base, &input, &opts, &args.output)?;
-        sign_overlay(data, &args.output)?;
-        Ok::<_, anyhow::Error>((report, launch_s))
+        Ok(OverlayRequest { base: self.base.clone(), app: self.app.clone(), options: self.reduce.create_options()?, order, output: self.output.clone() })
     }
-    .await;
-    let _ = std::fs::remove_dir_all(&work);
-    result
 }
 
 /// Sign `ovl` with this host's signing key (created the first time): `OVL.sig` beside it.
 /// Returns the signer's public key.
 pub fn sign_overlay(data: &DataDir, ovl: &Path) -> anyhow::Result<String> {
-    let signer = forage_trust::signing::Signer::open_or_init(&signing_key(data))?;
-    let mut head = [0u8; forage_format::container::HEADER_LEN];
-    std::io::Read::read_exact(&mut std::fs::File::open(ovl).with_context(|| format!("{}", ovl.display()))?, &mut head).with_context(|| format!("{}: header", ovl.display()))?;
-    let header = forage_format::read_header(&head).with_context(|| format!("{}", ovl.display()))?;
-    forage_trust::signing::write_detached(&signer, forage_trust::signing::OVERLAY, &hex::encode(header.manifest_sha256), ovl)?;
-    Ok(signer.public_hex())
-}
-
-pub fn signing_key(data: &DataDir) -> std::path::PathBuf {
-    data.root().join("trust").join("signing.pk8")
+    Ok(forage_synth::build::sign_overlay(data, ovl)?)
 }
 
 async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
     super::accel(); // one warning line if this is TCG
-    let (report, launch_s) = build_overlay(data, &args, args.json).await?;
+    let quiet = args.json;
+    let built = forage_synth::build::build_overlay(data, &args.request()?, &|s| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    })
+    .await
+    .with_context(|| format!("building the overlay of {} on base {}", args.app.display(), args.base))?;
+    let (report, launch_s) = (built.report, built.launch.as_secs_f64());
     let s = &report.manifest.stats;
     let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
     if args.json {

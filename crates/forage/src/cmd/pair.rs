@@ -113,11 +113,7 @@ fn list(data: &DataDir, devices: &DeviceTrust, as_json: bool) -> anyhow::Result<
 
 /// This device's credentials for the cloudlet at `addr` (or named `name`).
 pub fn credentials(data: &DataDir, addr: SocketAddr, name: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let peer = DeviceTrust::new(&data.trust_peers()).for_cloudlet(addr, name)?;
-    if peer.expired() {
-        bail!("the pairing with cloudlet {} expired on {}: pair again", peer.record.cloudlet, date(peer.record.not_after_unix));
-    }
-    Ok(peer.client_config()?)
+    Ok(DeviceTrust::new(&data.trust_peers()).credentials(addr, name)?)
 }
 
 fn write_secret(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
@@ -134,8 +130,7 @@ fn now() -> u64 {
 
 /// `YYYY-MM-DD HH:MM UTC`.
 pub(super) fn date(unix: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(unix as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}-{:02} {:02}:{:02} UTC", t.year(), t.month() as u8, t.day(), t.hour(), t.minute())
+    forage_trust::date(unix)
 }
 
 fn hostname() -> String {
@@ -154,7 +149,7 @@ pub fn signer(data: &DataDir, cmd: SignerCommand) -> anyhow::Result<()> {
     };
     match cmd {
         SignerCommand::Show => {
-            let s = forage_trust::signing::Signer::open_or_init(&super::overlay::signing_key(data))?;
+            let s = forage_trust::signing::Signer::open_or_init(&forage_synth::build::signing_key(data))?;
             println!("{}", s.public_hex());
         }
         SignerCommand::Allow { key, note } => {
@@ -189,7 +184,7 @@ pub fn signer(data: &DataDir, cmd: SignerCommand) -> anyhow::Result<()> {
 
 /// Sign a package just written (`FILE.sig`) with this host's key.
 pub fn sign_package(data: &DataDir, artifact: &str, file: &std::path::Path) -> anyhow::Result<()> {
-    let signer = forage_trust::signing::Signer::open_or_init(&super::overlay::signing_key(data))?;
+    let signer = forage_trust::signing::Signer::open_or_init(&forage_synth::build::signing_key(data))?;
     let digest = forage_synth::package::package_digest(file)?;
     forage_trust::signing::write_detached(&signer, artifact, &digest, file)?;
     Ok(())

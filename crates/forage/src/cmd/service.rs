@@ -217,7 +217,7 @@ async fn create(
                 }
                 let opts = LaunchOptions::default();
                 let work = staging.join("work");
-                let launch = super::overlay::build_launch(data, &base, &app, &opts, &work).await?;
+                let launch = forage_synth::build::build_launch(data, &base, &app, &opts, &work).await?;
                 std::fs::rename(launch.snapshot.dir(), staging.join("snapshot"))?;
                 let _ = std::fs::remove_dir_all(&work);
                 (

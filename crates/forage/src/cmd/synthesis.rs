@@ -128,27 +128,7 @@ pub async fn synthesize_with_progress(
 }
 
 pub fn print_report(r: &forage_client::SynthesisReport) {
-    println!("synthesized on cloudlet {} ({} KiB overlay, {}):", r.cloudlet, r.overlay_bytes >> 10, r.mode.replace('_', " "));
-    if r.mode == "cached" {
-        println!("  launch VM from the cloudlet's cache: nothing sent | resume {:.2} s | first response {:.2} s", r.resume_s, r.first_response_s);
-    } else {
-        println!(
-            "  transfer {:.2} s | decompress {:.2} s | apply {:.2} s | resume {:.2} s | first response {:.2} s | all applied {:.2} s",
-            r.transfer_s, r.decompress_s, r.apply_s, r.resume_s, r.first_response_s, r.complete_s
-        );
-    }
-    if let Some(u) = &r.usage {
-        println!(
-            "  at the first response the VM had read {} of {} overlay blobs ({:.0}%); {} segments fetched on demand, {} of {} there",
-            u.blobs_accessed,
-            u.blobs,
-            r.accessed_fraction.unwrap_or(0.0) * 100.0,
-            u.demand_fetches,
-            u.segments_arrived,
-            u.segments
-        );
-    }
-    println!("  service at {} answered: {}", r.endpoint, r.answer);
+    println!("{r}");
 }
 
 /// `forage discover`.

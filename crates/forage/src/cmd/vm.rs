@@ -6,7 +6,7 @@
 //! ports), `run/` (live memory file, disk, serial and QEMU logs) and `snapshot/` (its save).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::cli::VmCommand;
+use forage_image::vms::VmPaths;
 
 /// `vm.json`. The state (running, saved, stopped) is not stored: it is read off the pid
 /// and the snapshot folder, so two forage processes never disagree about it.
@@ -41,32 +42,13 @@ pub struct AppForward {
     pub host_port: u16,
 }
 
-/// Where a VM's files are.
-pub struct VmPaths {
-    pub dir: PathBuf,
-    pub run: RunPaths,
-    pub snapshot: PathBuf,
-    pub record: PathBuf,
+/// How `forage vm` reads and writes a VM's record.
+trait Record {
+    fn load(&self) -> anyhow::Result<VmRecord>;
+    fn store(&self, r: &VmRecord) -> anyhow::Result<()>;
 }
 
-impl VmPaths {
-    pub fn new(data: &DataDir, name: &str) -> anyhow::Result<Self> {
-        let dir = data.vm(name)?;
-        Ok(Self {
-            run: RunPaths {
-                dir: dir.join("run"),
-                qmp_socket: data.runtime_dir()?.join(format!("{name}.qmp")),
-            },
-            snapshot: dir.join("snapshot"),
-            record: dir.join("vm.json"),
-            dir,
-        })
-    }
-
-    pub fn qemu_log(&self) -> PathBuf {
-        self.run.dir.join("qemu.log")
-    }
-
+impl Record for VmPaths {
     fn load(&self) -> anyhow::Result<VmRecord> {
         let text = std::fs::read(&self.record).with_context(|| format!("no VM at {}", self.dir.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("{} is unreadable", self.record.display()))
@@ -309,21 +291,7 @@ async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) ->
 
 /// Restore `snap` into a fresh `run` folder with newly chosen loopback ports.
 pub async fn restore_snapshot(snap: &Snapshot, name: &str, run: &RunPaths, accel: Accel) -> anyhow::Result<Vm> {
-    let guest_ports: Vec<u16> = snap
-        .manifest()
-        .spec
-        .nic
-        .as_ref()
-        .map(|n| n.forwards.iter().map(|f| f.guest_port).collect())
-        .unwrap_or_default();
-    let forwards = forage_image::loopback_forwards(guest_ports)?;
-    let _ = std::fs::remove_dir_all(&run.dir);
-    std::fs::create_dir_all(&run.dir).with_context(|| run.dir.display().to_string())?;
-    let mut spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(forwards));
-    spec.name = name.to_string();
-    Vm::restore(snap, spec, accel, &run.dir.join("qemu.log"))
-        .await
-        .with_context(|| format!("restoring VM {name} from {}", snap.dir().display()))
+    Ok(forage_image::vms::restore_fresh(snap, name, run, accel).await?)
 }
 
 async fn exec(data: &DataDir, name: &str, timeout_s: u64, command: &[String]) -> anyhow::Result<()> {

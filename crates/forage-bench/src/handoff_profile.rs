@@ -13,6 +13,7 @@ use forage_datadir::DataDir;
 use forage_handoff::adapt::{all_modes, LookupTable};
 
 use crate::cli::BenchHandoffProfileArgs;
+use crate::common::{bench_base, print_json};
 
 const CHUNK: usize = 4096;
 
@@ -22,14 +23,14 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
             eprintln!("{s}");
         }
     };
-    let base = super::bench::bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, &say).await?;
     let work = data.work().join(format!("bench-handoff-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app = forage_agent::app::AppPackage::open(&super::bench::bench_app(&work, args.data_mib)?)?;
+        let app = forage_agent::app::AppPackage::open(&crate::overlay::bench_app(&work, args.data_mib)?)?;
         say("building the bench app's launch VM (the reference workload) ...");
-        let launch = super::overlay::build_launch(data, &base, &app, &forage_synth::launch::LaunchOptions::default(), &work.join("launch")).await?;
+        let launch = forage_synth::build::build_launch(data, &base, &app, &forage_synth::launch::LaunchOptions::default(), &work.join("launch")).await?;
         let (new, old) = (launch.snapshot.memory_path(), base.memory_path());
         let n = args.chunks.max(1);
         let chunks = tokio::task::spawn_blocking(move || modified_sample(&new, &old, n)).await??;
@@ -39,7 +40,7 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
         let out = args.output.clone().unwrap_or_else(|| data.root().join("handoff-lookup.json"));
         std::fs::write(&out, serde_json::to_vec_pretty(&table)?).with_context(|| format!("writing {}", out.display()))?;
         if args.json {
-            super::print_json(&table);
+            print_json(&table);
         } else {
             print_table(&table);
             println!("profiled in {:.0} s; lookup table written to {}", t.elapsed().as_secs_f64(), out.display());

@@ -1,6 +1,6 @@
 //! `forage bench synthesis`: the paper's synthesis measurements (Tables 3 and 4) on an
 //! emulated WAN. The device and the cloudlet are separate forage processes in two network
-//! namespaces joined by a veth pair shaped with `tc tbf` (forage-wan); for every rate:
+//! namespaces joined by a veth pair shaped with `tc tbf` (forage_testkit::wan); for every rate:
 //! - transfer only: the overlay's bytes sent once over the same link (`bench blast` to
 //!   `bench sink`), the floor every mode is compared with;
 //! - baseline: the cloudlet receives the whole overlay, then applies it, then resumes;
@@ -17,17 +17,50 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use forage_client::SynthesisReport;
 use forage_datadir::DataDir;
-use serde_json::{json, Value};
+use forage_synth::build::{BlobOrder, OverlayRequest};
+use forage_synth::create::CreateOptions;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::BenchSynthesisArgs;
+use crate::common::{bench_base, forage_exe, print_json};
 
 const CLOUDLET_PORT: u16 = 7878;
 const SINK_PORT: u16 = 7999;
 const MODES: [(&str, &[&str]); 3] = [("baseline", &["--no-pipelining"]), ("pipelined", &["--no-early-start"]), ("early_start", &[])];
 
+/// One mode at one rate (the median run): a row of the table and of `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SynthesisRow {
+    pub mode: String,
+    pub mbps: f64,
+    pub runs: usize,
+    /// Until the last of: every segment applied, the VM ready.
+    pub total_s: f64,
+    pub first_response_s: f64,
+    pub resume_s: f64,
+    pub ready_s: f64,
+    pub transfer_s: f64,
+    pub apply_s: f64,
+    pub bytes: u64,
+    pub overlay_bytes: u64,
+    /// The same bytes sent once over the same link.
+    pub transfer_only_s: f64,
+    pub synthesis_vs_transfer: f64,
+    pub accessed_fraction: Option<f64>,
+    pub usage: Option<forage_client::OverlayUsage>,
+}
+
+/// What `forage-bench blast` prints.
+#[derive(Debug, Serialize, Deserialize)]
+struct Blasted {
+    seconds: f64,
+    bytes: u64,
+}
+
 /// A child process killed when dropped.
-pub(super) struct Guard(pub Child);
+pub struct Guard(pub Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -42,23 +75,17 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
             eprintln!("{s}");
         }
     };
-    let base = super::bench::bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, &say).await?;
     let work = data.work().join(format!("bench-synthesis-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app = super::bench::bench_app(&work, args.data_mib)?;
+        let app = crate::overlay::bench_app(&work, args.data_mib)?;
         let ovl = work.join("bench.ovl");
         say("building the bench app's launch VM and its overlay (access order) ...");
-        let create = crate::cli::OverlayCreateArgs {
-            base: args.base.clone(),
-            app,
-            output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: args.segment_kib },
-            order: "access".into(),
-            json: true,
-        };
-        super::overlay::build_overlay(data, &create, true).await?;
+        let options = CreateOptions { segment_bytes: args.segment_kib.clamp(4, 16 << 10) << 10, ..CreateOptions::default() };
+        let request = OverlayRequest { base: args.base.clone(), app, options, order: BlobOrder::Access, output: ovl.clone() };
+        forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
         let bytes = std::fs::metadata(&ovl)?.len();
         say(&format!("overlay: {} KiB against base {}", bytes >> 10, base.manifest().name));
         let mut rows = Vec::new();
@@ -66,7 +93,7 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
             rows.extend(at_rate(data, &ovl, bytes, mbps, args.runs.max(1), &say)?);
         }
         if args.json {
-            super::print_json(&rows);
+            print_json(&rows);
         } else {
             print_table(&rows);
         }
@@ -77,9 +104,9 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
     result
 }
 
-fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: &dyn Fn(&str)) -> anyhow::Result<Vec<Value>> {
-    let link = forage_wan::WanLink::create(mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
-    let exe = std::env::current_exe()?;
+fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: &dyn Fn(&str)) -> anyhow::Result<Vec<SynthesisRow>> {
+    let link = forage_testkit::wan::WanLink::create(mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
+    let (exe, me) = (forage_exe()?, std::env::current_exe()?);
     let root = data.root().to_path_buf();
     let (device, cloudlet) = (&link.a, &link.b);
     let cloudlet_addr = SocketAddr::from((cloudlet.addr, CLOUDLET_PORT));
@@ -87,14 +114,14 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
     // Transfer only: the floor.
     let mut transfer = Vec::new();
     for _ in 0..runs {
-        let _sink = Guard(cloudlet.command(&exe).args(["bench", "sink", "--listen", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string()]).spawn()?);
+        let _sink = Guard(cloudlet.command(&me).args(["sink", "--listen", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string()]).spawn()?);
         std::thread::sleep(Duration::from_millis(300));
-        let out = device.command(&exe).args(["bench", "blast", "--to", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(), "--bytes", &bytes.to_string()]).output()?;
+        let out = device.command(&me).args(["blast", "--to", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(), "--bytes", &bytes.to_string()]).output()?;
         if !out.status.success() {
             bail!("transfer-only run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let v: Value = serde_json::from_slice(&out.stdout).context("transfer-only output")?;
-        transfer.push(v["seconds"].as_f64().unwrap_or(0.0));
+        let v: Blasted = serde_json::from_slice(&out.stdout).context("transfer-only output")?;
+        transfer.push(v.seconds);
     }
     let transfer_only_s = median(&mut transfer);
     say(&format!("{mbps} Mbit/s: {bytes} bytes take {transfer_only_s:.2} s to transfer"));
@@ -123,23 +150,31 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
             if !out.status.success() {
                 bail!("{mode} synthesis (run {run}) failed: {}\ncloudlet log: {}", String::from_utf8_lossy(&out.stderr).trim(), log.display());
             }
-            let r: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("{mode} synthesis output"))?;
-            say(&format!("  {mode}: first response {:.2} s", r["first_response_s"].as_f64().unwrap_or(0.0)));
+            let r: SynthesisReport = serde_json::from_slice(&out.stdout).with_context(|| format!("{mode} synthesis output"))?;
+            say(&format!("  {mode}: first response {:.2} s", r.first_response_s));
             reports.push(r);
             std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
         }
-        reports.sort_by(|a, b| a["first_response_s"].as_f64().partial_cmp(&b["first_response_s"].as_f64()).expect("numbers"));
+        reports.sort_by(|a, b| a.first_response_s.total_cmp(&b.first_response_s));
         let r = &reports[reports.len() / 2];
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        let total_s = f("complete_s").max(f("ready_s"));
-        rows.push(json!({
-            "mode": mode, "mbps": mbps, "runs": runs,
-            "total_s": total_s, "first_response_s": f("first_response_s"), "resume_s": f("resume_s"),
-            "ready_s": f("ready_s"), "transfer_s": f("transfer_s"), "apply_s": f("apply_s"),
-            "bytes": r["bytes_sent"], "overlay_bytes": bytes, "transfer_only_s": transfer_only_s,
-            "synthesis_vs_transfer": total_s / transfer_only_s.max(1e-9),
-            "accessed_fraction": r["accessed_fraction"], "usage": r["usage"],
-        }));
+        let total_s = r.complete_s.max(r.ready_s);
+        rows.push(SynthesisRow {
+            mode: mode.into(),
+            mbps,
+            runs,
+            total_s,
+            first_response_s: r.first_response_s,
+            resume_s: r.resume_s,
+            ready_s: r.ready_s,
+            transfer_s: r.transfer_s,
+            apply_s: r.apply_s,
+            bytes: r.bytes_sent,
+            overlay_bytes: bytes,
+            transfer_only_s,
+            synthesis_vs_transfer: total_s / transfer_only_s.max(1e-9),
+            accessed_fraction: r.accessed_fraction,
+            usage: r.usage.clone(),
+        });
     }
     let _ = std::fs::remove_file(&log);
     Ok(rows)
@@ -147,8 +182,8 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
 
 /// Pair the bench's device with the bench's cloudlet at `addr` (they share a data
 /// directory): a bundle written and imported, as over USB.
-pub(super) fn pair_bench_device(data: &DataDir, addr: SocketAddr) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
+pub fn pair_bench_device(data: &DataDir, addr: SocketAddr) -> anyhow::Result<()> {
+    let exe = forage_exe()?;
     let bundle = data.work().join(format!("bench-device-{}.fpair", std::process::id()));
     let run = |args: &[&str]| -> anyhow::Result<()> {
         let out = std::process::Command::new(&exe).arg("--data-dir").arg(data.root()).args(args).output()?;
@@ -169,7 +204,7 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-pub(super) fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<()> {
+pub fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Result<()> {
     let t = Instant::now();
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -183,45 +218,36 @@ pub(super) fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyh
     }
 }
 
-fn print_table(rows: &[Value]) {
+fn print_table(rows: &[SynthesisRow]) {
     println!("VM synthesis over an emulated WAN (tc tbf), bench app, overlay in access order:");
     println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   accessed at 1st response", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer");
     for r in rows {
-        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        let accessed = match (r["accessed_fraction"].as_f64(), r["usage"]["demand_fetches"].as_u64()) {
-            (Some(a), Some(n)) => format!("{:.1}% ({n} fetched)", a * 100.0),
+        let accessed = match (r.accessed_fraction, &r.usage) {
+            (Some(a), Some(u)) => format!("{:.1}% ({} fetched)", a * 100.0, u.demand_fetches),
             _ => "-".into(),
         };
         println!(
             "  {:<12} {:>6} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10.2} {:>9.2}x  {}",
-            r["mode"].as_str().unwrap_or(""),
-            f("mbps"),
-            f("total_s"),
-            f("first_response_s"),
-            f("resume_s"),
-            r["bytes"],
-            f("transfer_only_s"),
-            f("synthesis_vs_transfer"),
-            accessed
+            r.mode, r.mbps, r.total_s, r.first_response_s, r.resume_s, r.bytes, r.transfer_only_s, r.synthesis_vs_transfer, accessed
         );
     }
-    for mbps in rows.iter().filter_map(|r| r["mbps"].as_f64()).fold(Vec::<f64>::new(), |mut v, m| {
-        if !v.contains(&m) {
-            v.push(m);
+    let mut rates: Vec<f64> = Vec::new();
+    for r in rows {
+        if !rates.contains(&r.mbps) {
+            rates.push(r.mbps);
         }
-        v
-    }) {
-        let get = |mode: &str| rows.iter().find(|r| r["mode"] == mode && r["mbps"].as_f64() == Some(mbps));
+    }
+    for mbps in rates {
+        let get = |mode: &str| rows.iter().find(|r| r.mode == mode && r.mbps == mbps);
         let (Some(p), Some(e)) = (get("pipelined"), get("early_start")) else { continue };
-        let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
-        let bound = 1.1 * f(p, "transfer_only_s") + f(p, "resume_s");
+        let bound = 1.1 * p.transfer_only_s + p.resume_s;
         println!(
             "  at {mbps} Mbit/s: pipelined total {:.2} s vs 1.1 x transfer + resume = {:.2} s ({}); early start first response {:.2} s = {:.0}% less than pipelined (target >= 40%)",
-            f(p, "total_s"),
+            p.total_s,
             bound,
-            if f(p, "total_s") <= bound { "met" } else { "missed" },
-            f(e, "first_response_s"),
-            100.0 * (1.0 - f(e, "first_response_s") / f(p, "first_response_s").max(1e-9))
+            if p.total_s <= bound { "met" } else { "missed" },
+            e.first_response_s,
+            100.0 * (1.0 - e.first_response_s / p.first_response_s.max(1e-9))
         );
     }
 }
@@ -251,6 +277,6 @@ pub fn blast(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
     s.shutdown(std::net::Shutdown::Write)?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
-    println!("{}", json!({ "seconds": start.elapsed().as_secs_f64(), "bytes": bytes }));
+    print_json(&Blasted { seconds: start.elapsed().as_secs_f64(), bytes });
     Ok(())
 }

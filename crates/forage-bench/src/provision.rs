@@ -23,11 +23,31 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use forage_client::{ProvisionReport, SynthesisReport};
 use forage_datadir::DataDir;
 use forage_service::Repository;
-use serde_json::{json, Value};
+use forage_synth::build::{BlobOrder, OverlayRequest};
+use forage_synth::create::CreateOptions;
+use serde::Serialize;
 
 use crate::cli::BenchProvisionArgs;
+use crate::common::{bench_base, forage_exe, print_json};
+use crate::synthesis::{pair_bench_device, wait_for_line, Guard};
+
+/// One mechanism (the median run): a row of the table and of `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProvisionRow {
+    pub mechanism: String,
+    pub mbps: f64,
+    pub runs: usize,
+    /// Bytes the device sent to provision.
+    pub payload_bytes: u64,
+    /// Until the service's first answer reached the device.
+    pub ready_s: f64,
+    /// Until the cloudlet said the instance is up.
+    pub cloudlet_ready_s: f64,
+    pub answer: Option<String>,
+}
 
 const CLOUDLET_PORT: u16 = 7878;
 const REQUEST: &str = "search bench 12";
@@ -53,15 +73,15 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
             eprintln!("{s}");
         }
     };
-    let base = super::bench::bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, &say).await?;
     let work = data
         .work()
         .join(format!("bench-provision-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app = super::bench::bench_app(&work, 0)?;
-        let exe = std::env::current_exe()?;
+        let app = crate::overlay::bench_app(&work, 0)?;
+        let exe = forage_exe()?;
         let forage = |args: &[&str]| -> anyhow::Result<()> {
             let out = std::process::Command::new(&exe).arg("--data-dir").arg(data.root()).args(args).stdout(Stdio::null()).output()?;
             if !out.status.success() {
@@ -88,22 +108,16 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
         std::fs::write(work.join("provision.sh"), SCRIPT)?;
         say("the app's overlay (access order) ...");
         let ovl = work.join("bench.ovl");
-        let create = crate::cli::OverlayCreateArgs {
-            base: args.base.clone(),
-            app: app.clone(),
-            output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: 256 },
-            order: "access".into(),
-            json: true,
-        };
-        super::overlay::build_overlay(data, &create, true).await?;
+        let options = CreateOptions { segment_bytes: 256 << 10, ..CreateOptions::default() };
+        let request = OverlayRequest { base: args.base.clone(), app: app.clone(), options, order: BlobOrder::Access, output: ovl.clone() };
+        forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
         let dynamic = forage_image::locate_guest_binary("apps/hashsearch-dynamic/hashsearch").context("the dynamically linked sample (built by `make guest`)")?;
         let bundle = work.join("hashsearch.fapp");
         let bytes = forage_service::appvirt::pack(&[dynamic.to_string_lossy().into_owned(), "8080".into()], "hashsearch", 8080, Some(REQUEST.into()), &[])?;
         std::fs::write(&bundle, bytes)?;
         let rows = measure(data, &work, &ovl, &bundle, base.manifest().name.as_str(), &args, &say)?;
         if args.json {
-            super::print_json(&rows);
+            print_json(&rows);
         } else {
             print_table(&rows, args.mbps);
         }
@@ -122,13 +136,13 @@ fn measure(
     _base: &str,
     args: &BenchProvisionArgs,
     say: &dyn Fn(&str),
-) -> anyhow::Result<Vec<Value>> {
-    let link = forage_wan::WanLink::create(args.mbps)
+) -> anyhow::Result<Vec<ProvisionRow>> {
+    let link = forage_testkit::wan::WanLink::create(args.mbps)
         .context("emulating the WAN link (needs root, iproute2 and tc)")?;
-    let exe = std::env::current_exe()?;
+    let exe = forage_exe()?;
     let (device, cloudlet) = (&link.a, &link.b);
     let addr = SocketAddr::from((cloudlet.addr, CLOUDLET_PORT)).to_string();
-    super::bench_synthesis::pair_bench_device(data, addr.parse()?)?;
+    pair_bench_device(data, addr.parse()?)?;
     let log = work.join("cloudlet.log");
     let mut serve = cloudlet.command(&exe);
     serve.arg("--data-dir").arg(data.root()).args([
@@ -141,13 +155,13 @@ fn measure(
         "--name",
         "bench-cloudlet",
     ]);
-    let _cloudlet = super::bench_synthesis::Guard(
+    let _cloudlet = Guard(
         serve
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?,
     );
-    super::bench_synthesis::wait_for_line(
+    wait_for_line(
         &log.to_path_buf(),
         "listening",
         Duration::from_secs(30),
@@ -243,53 +257,39 @@ fn measure(
                         .join(" | ")
                 );
             }
-            let r: Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("{mechanism} output"))?;
+            let output = || format!("{mechanism} output");
             let row = match mechanism {
                 "vm_synthesis" => {
-                    json!({"payload_bytes": r["overlay_bytes"], "ready_s": r["first_response_s"], "cloudlet_ready_s": r["ready_s"], "answer": r["answer"]})
+                    let r: SynthesisReport = serde_json::from_slice(&out.stdout).with_context(output)?;
+                    ProvisionRow { mechanism: mechanism.into(), mbps: args.mbps, runs: 0, payload_bytes: r.overlay_bytes, ready_s: r.first_response_s, cloudlet_ready_s: r.ready_s, answer: Some(r.answer) }
                 }
                 _ => {
-                    json!({"payload_bytes": r["payload_bytes"], "ready_s": r["first_response_s"], "cloudlet_ready_s": r["ready_s"], "answer": r["answer"]})
+                    let r: ProvisionReport = serde_json::from_slice(&out.stdout).with_context(output)?;
+                    let ready_s = r.first_response_s.context("the mechanism's report has no first response")?;
+                    ProvisionRow { mechanism: mechanism.into(), mbps: args.mbps, runs: 0, payload_bytes: r.payload_bytes, ready_s, cloudlet_ready_s: r.ready_s, answer: r.answer }
                 }
             };
-            say(&format!(
-                "  {mechanism}: ready {:.2} s (command {wall:.2} s), {} bytes sent",
-                row["ready_s"].as_f64().unwrap_or(0.0),
-                row["payload_bytes"]
-            ));
+            say(&format!("  {mechanism}: ready {:.2} s (command {wall:.2} s), {} bytes sent", row.ready_s, row.payload_bytes));
             runs.push(row);
             std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
         }
-        runs.sort_by(|a, b| {
-            a["ready_s"]
-                .as_f64()
-                .partial_cmp(&b["ready_s"].as_f64())
-                .expect("numbers")
-        });
-        let mut r = runs[runs.len() / 2].clone();
-        r["mechanism"] = mechanism.into();
-        r["mbps"] = args.mbps.into();
-        r["runs"] = runs.len().into();
+        runs.sort_by(|a, b| a.ready_s.total_cmp(&b.ready_s));
+        let n = runs.len();
+        let mut r = runs.swap_remove(n / 2);
+        r.runs = n;
         rows.push(r);
     }
     Ok(rows)
 }
 
-fn print_table(rows: &[Value], mbps: f64) {
+fn print_table(rows: &[ProvisionRow], mbps: f64) {
     println!("Provisioning mechanisms over an emulated WAN of {mbps} Mbit/s (tc tbf); the same hashsearch service, first request `{REQUEST}`:");
     println!(
         "  {:<20} {:>14} {:>10} {:>18}",
         "mechanism", "payload bytes", "ready s", "cloudlet ready s"
     );
     for r in rows {
-        println!(
-            "  {:<20} {:>14} {:>10.2} {:>18.2}",
-            r["mechanism"].as_str().unwrap_or(""),
-            r["payload_bytes"].as_u64().unwrap_or(0),
-            r["ready_s"].as_f64().unwrap_or(0.0),
-            r["cloudlet_ready_s"].as_f64().unwrap_or(0.0)
-        );
+        println!("  {:<20} {:>14} {:>10.2} {:>18.2}", r.mechanism, r.payload_bytes, r.ready_s, r.cloudlet_ready_s);
     }
     println!("  payload: bytes the device sent to provision (for cloudlet push, not counting its request for the client app); ready: until the service's first answer reached the device");
 }

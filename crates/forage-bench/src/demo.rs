@@ -1,4 +1,4 @@
-//! `forage demo`: the quickstart.
+//! `forage demo` (`forage-bench demo`): the quickstart.
 //!
 //! Part 1, the VM lifecycle: builds (or reuses) the tiny guest, boots it, installs the
 //! sample service through the guest agent, asks it for a result, saves the VM (memory
@@ -16,11 +16,31 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use forage_agent::app::AppPackage;
 use forage_datadir::DataDir;
-use serde_json::json;
+use forage_image::vms::VmPaths;
+use forage_synth::build::{BlobOrder, OverlayRequest};
+use forage_synth::create::CreateOptions;
+use serde::Serialize;
 
-use super::vm::{install, report_snapshot, restore_snapshot, VmPaths};
 use crate::cli::DemoArgs;
-use crate::service::{field, request};
+use crate::common::{accel as choose_accel, ensure_image, print_json};
+
+/// What part 1 measured (`--json`).
+#[derive(Debug, Serialize)]
+struct LifecycleReport {
+    accel: forage_vm::Accel,
+    boot_s: f64,
+    install_s: f64,
+    first_response_s: f64,
+    save_s: f64,
+    restore_s: f64,
+    restored_response_s: f64,
+    served_before: u64,
+    served_after: u64,
+    last_tick_before: u64,
+    first_tick_after: u64,
+    state_survived: bool,
+    state_bytes: u64,
+}
 
 const VM_NAME: &str = "demo";
 
@@ -33,7 +53,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     let image = {
         let data = data.clone();
         let json = args.json;
-        tokio::task::spawn_blocking(move || super::ensure_image(&data, forage_image::TINY, json)).await??.image
+        tokio::task::spawn_blocking(move || ensure_image(&data, forage_image::TINY, json)).await??.image
     };
     let app_dir = match &args.app {
         Some(d) => d.clone(),
@@ -42,7 +62,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     let app = AppPackage::open(&app_dir)?;
     let paths = VmPaths::new(data, VM_NAME)?;
     let _ = std::fs::remove_dir_all(&paths.dir);
-    let accel = super::accel();
+    let accel = choose_accel();
 
     // 1. Boot.
     let ready = image
@@ -53,7 +73,12 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
 
     // 2. Install the service and use it.
     let t = Instant::now();
-    install(ready.agent_port, app.clone()).await?;
+    let (agent, package) = (SocketAddr::from((Ipv4Addr::LOCALHOST, ready.agent_port)), app.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut agent = forage_agent::AgentClient::connect(agent, Duration::from_secs(60))?;
+        Ok(package.install(&mut agent)?)
+    })
+    .await??;
     let install_s = t.elapsed().as_secs_f64();
     let service = SocketAddr::from((Ipv4Addr::LOCALHOST, ready.ports[0]));
     let t = Instant::now();
@@ -70,16 +95,20 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     let snap = vm.save(&paths.snapshot).await.context("saving the demo VM")?;
     let save_s = t.elapsed().as_secs_f64();
     let last_tick_before = last_tick(&serial).context("no heartbeat before the save")?;
-    if !args.json {
-        print!("3. ");
-        report_snapshot(VM_NAME, &snap, t.elapsed(), false);
-        println!("   QEMU has exited; the guest's last heartbeat was forage-tick {last_tick_before}");
-    }
+    let m = snap.manifest();
+    let in_use = forage_vm::sparse::allocated_bytes(&snap.memory_path()).unwrap_or(0);
+    say(format!(
+        "3. VM {VM_NAME} saved in {save_s:.2} s to {}: memory {} MiB ({} MiB in use, rest holes), device state {} KiB\n   QEMU has exited; the guest's last heartbeat was forage-tick {last_tick_before}",
+        snap.dir().display(),
+        m.memory.size >> 20,
+        in_use >> 20,
+        m.state.size >> 10
+    ));
     drop(vm);
 
     // 4. Restore into a new QEMU.
     let t = Instant::now();
-    let vm = restore_snapshot(&snap, VM_NAME, &paths.run, accel).await?;
+    let vm = forage_image::vms::restore_fresh(&snap, VM_NAME, &paths.run, accel).await?;
     let restore_s = t.elapsed().as_secs_f64();
     let ports = vm.spec().nic.as_ref().map(|n| n.forwards.clone()).unwrap_or_default();
     let new_service = ports
@@ -102,14 +131,21 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     let tick_ok = first_tick_after > last_tick_before && first_tick_after <= last_tick_before + 2;
     vm.shutdown().await?;
     if args.json {
-        super::print_json(&json!({
-            "accel": accel, "boot_s": ready.boot_time.as_secs_f64(), "install_s": install_s,
-            "first_response_s": first_response_s, "save_s": save_s, "restore_s": restore_s,
-            "restored_response_s": restored_response_s, "served_before": served_before,
-            "served_after": served_after, "last_tick_before": last_tick_before,
-            "first_tick_after": first_tick_after, "state_survived": counter_ok && tick_ok,
-            "state_bytes": snap.manifest().state.size,
-        }));
+        print_json(&LifecycleReport {
+            accel,
+            boot_s: ready.boot_time.as_secs_f64(),
+            install_s,
+            first_response_s,
+            save_s,
+            restore_s,
+            restored_response_s,
+            served_before,
+            served_after,
+            last_tick_before,
+            first_tick_after,
+            state_survived: counter_ok && tick_ok,
+            state_bytes: snap.manifest().state.size,
+        });
     } else {
         println!("5. state survived: service counter {served_before} -> {served_after}, heartbeat forage-tick {last_tick_before} -> {first_tick_after} (a fresh boot would restart both at 1)");
         println!("\n   boot {:.2} s | save {save_s:.2} s | restore {restore_s:.2} s | first response after restore {restored_response_s:.2} s", ready.boot_time.as_secs_f64());
@@ -146,15 +182,8 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
     if !current {
         std::fs::create_dir_all(ovl.parent().expect("has a parent"))?;
         let t = Instant::now();
-        let args = crate::cli::OverlayCreateArgs {
-            base: "demo-base".into(),
-            app: app_dir(app)?,
-            output: ovl.clone(),
-            reduce: crate::cli::ReduceArgs { codec: "lzma".into(), level: None, delta: "bsdiff".into(), no_dedup: false, no_semantic_disk: false, no_semantic_memory: false, segment_kib: 1024 },
-            order: "access".into(),
-            json: true,
-        };
-        super::overlay::build_overlay(data, &args, true).await?;
+        let request = OverlayRequest { base: "demo-base".into(), app: app_dir(app)?, options: CreateOptions::default(), order: BlobOrder::Access, output: ovl.clone() };
+        forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
         say(format!("7. overlay of {} created in {:.1} s: {} KiB", app.manifest().name, t.elapsed().as_secs_f64(), std::fs::metadata(&ovl)?.len() >> 10));
     }
     let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet::open("demo-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST)?);
@@ -173,14 +202,12 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
     let code = cloudlet.trust.new_code(forage_trust::Grant::default())?;
     let devices = forage_trust::DeviceTrust::new(&data.trust_peers());
     let peer = forage_client::pair(addr, &code.text, "demo-device", &devices).await.context("pairing the demo device")?;
-    say(format!("8. cloudlet demo-cloudlet listening on {addr} (TLS 1.3, mutual authentication), holding base demo-base; the device paired with code {} (credentials until {}) and synthesizes {} with early start:", code.text, super::pair::date(peer.not_after_unix), ovl.display()));
-    let credentials = Some(super::pair::credentials(data, addr, Some(&peer.cloudlet))?);
+    say(format!("8. cloudlet demo-cloudlet listening on {addr} (TLS 1.3, mutual authentication), holding base demo-base; the device paired with code {} (credentials until {}) and synthesizes {} with early start:", code.text, forage_trust::date(peer.not_after_unix), ovl.display()));
+    let credentials = Some(devices.credentials(addr, Some(&peer.cloudlet))?);
     let mut reports = Vec::new();
     let opts = forage_client::SynthesisOptions { device: "demo-device".into(), early_start: true, credentials, ..Default::default() };
-    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts.clone(), !json).await.context("synthesizing the demo overlay")?;
-    if !json {
-        super::synthesis::print_report(&report);
-    }
+    let (report, session) = forage_client::synthesize(&ovl, addr, &opts).await.context("synthesizing the demo overlay")?;
+    say(report.to_string());
     reports.push(report);
     session.close().await;
     // The cloudlet keeps the launch VM: a second synthesis starts from its cache.
@@ -189,14 +216,12 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     say("9. the same overlay again: the cloudlet has its launch VM cached".into());
-    let (report, session) = super::synthesis::synthesize_with_progress(&ovl, addr, opts, !json).await.context("synthesizing from the cache")?;
-    if !json {
-        super::synthesis::print_report(&report);
-    }
+    let (report, session) = forage_client::synthesize(&ovl, addr, &opts).await.context("synthesizing from the cache")?;
+    say(report.to_string());
     reports.push(report);
     session.close().await;
     if json {
-        super::print_json(&reports);
+        print_json(&reports);
     }
     tokio::time::sleep(Duration::from_millis(300)).await; // let the cloudlet stop the instance
     server.abort();
@@ -207,12 +232,28 @@ fn app_dir(app: &AppPackage) -> anyhow::Result<std::path::PathBuf> {
     Ok(forage_image::locate_guest_binary(&format!("apps/{}", app.manifest().name))?)
 }
 
+/// One request line to the service at `addr`, retried while the guest's service comes up.
 async fn blocking_request(addr: SocketAddr, line: &'static str) -> anyhow::Result<String> {
-    let answer = tokio::task::spawn_blocking(move || request(addr, line, Duration::from_secs(60))).await??;
+    let answer = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        loop {
+            match forage_agent::app::request_line(addr, line, Duration::from_secs(120)) {
+                Ok(a) => return Ok(a),
+                Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(anyhow::Error::new(e).context(format!("service at {addr} did not answer"))),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await??;
     if !answer.starts_with("ok") {
         bail!("service at {addr} answered: {answer}");
     }
     Ok(answer)
+}
+
+/// The value of `key=` in an answer like `ok nonce=1 served=2`.
+fn field<'a>(answer: &'a str, key: &str) -> Option<&'a str> {
+    answer.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 /// The highest `forage-tick N` on the serial console.

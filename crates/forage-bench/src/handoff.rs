@@ -24,10 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use forage_client::ServiceEndpoint;
 use forage_datadir::DataDir;
-use forage_wan::{Netns, WanLink};
-use serde_json::{json, Value};
+use forage_api::HandoffView;
+use forage_testkit::wan::{Netns, WanLink};
+use serde::{Deserialize, Serialize};
 
-use super::bench_synthesis::{wait_for_line, Guard};
+use crate::common::{bench_base, forage_exe, print_json};
+use crate::synthesis::{wait_for_line, Guard};
 use crate::cli::BenchHandoffArgs;
 
 const SERVICE: &str = "bench-handoff";
@@ -35,6 +37,59 @@ const PORT: u16 = 7878;
 const API: u16 = 7879;
 /// Where QEMU's live migration enters the destination namespace.
 const MIGRATION_PORT: u16 = 7900;
+
+/// One approach at one rate: a row of the table and of `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandoffRow {
+    pub approach: String,
+    pub mbps: f64,
+    pub total_s: f64,
+    pub downtime_s: f64,
+    pub bytes: u64,
+    /// Memory and disk that differ from the base (forage's measure, the same workload).
+    pub modified_bytes: u64,
+    pub mode: String,
+    pub switches: Vec<String>,
+    pub qemu_rounds: u64,
+    pub disk_chunks: Option<u64>,
+}
+
+/// What one run measured, forage's or QEMU's.
+#[derive(Debug, Clone)]
+struct Run {
+    total_s: f64,
+    downtime_s: f64,
+    bytes: u64,
+    mode: String,
+    switches: Vec<String>,
+    qemu_rounds: u64,
+    disk_chunks: Option<u64>,
+}
+
+impl From<&HandoffView> for Run {
+    fn from(r: &HandoffView) -> Self {
+        Self { total_s: r.total_s, downtime_s: r.downtime_s, bytes: r.bytes, mode: r.mode.clone(), switches: r.switches.clone(), qemu_rounds: r.qemu_rounds, disk_chunks: Some(r.disk_chunks) }
+    }
+}
+
+/// What QEMU's `query-migrate` says of a completed migration (the fields the bench uses).
+#[derive(Debug, Deserialize)]
+struct MigrationInfo {
+    status: String,
+    #[serde(default)]
+    downtime: Option<u64>,
+    #[serde(default)]
+    ram: Option<MigrationRam>,
+    #[serde(rename = "error-desc", default)]
+    error_desc: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MigrationRam {
+    transferred: u64,
+    #[serde(rename = "dirty-sync-count")]
+    dirty_sync_count: u64,
+}
 
 pub async fn run(data: &DataDir, args: BenchHandoffArgs) -> anyhow::Result<()> {
     let say = |s: &str| {
@@ -45,7 +100,7 @@ pub async fn run(data: &DataDir, args: BenchHandoffArgs) -> anyhow::Result<()> {
     if args.mbps.is_empty() {
         bail!("give at least one --mbps");
     }
-    let base = super::bench::bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, &say).await?;
     let work = data.work().join(format!("bench-handoff-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -59,7 +114,7 @@ pub async fn run(data: &DataDir, args: BenchHandoffArgs) -> anyhow::Result<()> {
             rows.extend(tokio::task::block_in_place(|| rig.measure_rate(mbps, &args, &out_dir, &say))?);
         }
         if args.json {
-            super::print_json(&rows);
+            print_json(&rows);
         } else {
             print_table(&rows, &args);
         }
@@ -92,7 +147,7 @@ struct Rig {
 
 impl Rig {
     fn new(data: &DataDir, work: &Path, args: &BenchHandoffArgs) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
+        let exe = forage_exe()?;
         let forage = |dir: &Path, argv: &[&str]| -> anyhow::Result<String> {
             let out = Command::new(&exe).arg("--data-dir").arg(dir).args(argv).stdin(Stdio::null()).output()?;
             if !out.status.success() {
@@ -154,20 +209,22 @@ impl Rig {
         }
     }
 
-    fn measure_rate(&self, mbps: f64, args: &BenchHandoffArgs, out_dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Vec<Value>> {
+    fn measure_rate(&self, mbps: f64, args: &BenchHandoffArgs, out_dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Vec<HandoffRow>> {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).set_rate(mbps)?;
         say(&format!("at {mbps} Mbit/s:"));
-        let adaptive = self.forage_run(None, args)?;
+        let adaptive_report = self.forage_run(None, args)?;
+        let adaptive = Run::from(&adaptive_report);
         say(&format!("  forage adaptive: {}", summary(&adaptive)));
         let stem = out_dir.join(format!("handoff-trace-{mbps}mbps"));
         let csv = stem.with_extension("csv");
-        write_trace_csv(&csv, &adaptive)?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).with_context(|| format!("{}", csv.display()))?);
+        forage_handoff::pipeline::write_trace_csv(&adaptive_report.trace, &mut f).with_context(|| format!("{}", csv.display()))?;
         let svg = stem.with_extension("svg");
-        super::handoff_plot::plot(&svg, &adaptive, mbps)?;
+        crate::plot::plot(&svg, &adaptive_report, mbps)?;
         say(&format!("  trace: {} and {}", csv.display(), svg.display()));
         let mut statics = Vec::new();
         for mode in args.modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-            let r = self.forage_run(Some(mode), args)?;
+            let r = Run::from(&self.forage_run(Some(mode), args)?);
             say(&format!("  forage static {mode}: {}", summary(&r)));
             statics.push(r);
         }
@@ -178,15 +235,15 @@ impl Rig {
             say(&format!("  qemu live migration: {}", summary(&r)));
             Some(r)
         };
-        let modified = adaptive["modified_bytes"].clone();
-        let mut rows = vec![row("forage-adaptive", mbps, &adaptive, &modified)];
-        let by_total = |a: &&Value, b: &&Value| a["total_s"].as_f64().unwrap_or(f64::MAX).total_cmp(&b["total_s"].as_f64().unwrap_or(f64::MAX));
+        let modified = adaptive_report.modified_bytes;
+        let mut rows = vec![row("forage-adaptive", mbps, &adaptive, modified)];
+        let by_total = |a: &&Run, b: &&Run| a.total_s.total_cmp(&b.total_s);
         if let (Some(best), Some(worst)) = (statics.iter().min_by(by_total), statics.iter().max_by(by_total)) {
-            rows.push(row("forage-static-best", mbps, best, &modified));
-            rows.push(row("forage-static-worst", mbps, worst, &modified));
+            rows.push(row("forage-static-best", mbps, best, modified));
+            rows.push(row("forage-static-worst", mbps, worst, modified));
         }
         if let Some(q) = &qemu {
-            rows.push(row("qemu-live-migration", mbps, q, &modified));
+            rows.push(row("qemu-live-migration", mbps, q, modified));
         }
         Ok(rows)
     }
@@ -206,8 +263,8 @@ impl Rig {
         let guard = Guard(child);
         let mut line = String::new();
         out.read_line(&mut line)?;
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("the device printed {line:?}"))?;
-        let endpoint: ServiceEndpoint = serde_json::from_value(v["service"].clone()).context("the device printed no service endpoint")?;
+        let held: forage_client::ProvisionReport = serde_json::from_str(&line).with_context(|| format!("the device printed {line:?}"))?;
+        let endpoint = held.service;
         self.ask('a', &endpoint, &format!("grow {}", args.working_mib))?;
         self.ask('a', &endpoint, &format!("churn {}", args.hot_kib))?;
         std::thread::sleep(Duration::from_secs(2));
@@ -233,7 +290,7 @@ impl Rig {
         Ok(())
     }
 
-    fn forage_run(&self, mode: Option<&str>, args: &BenchHandoffArgs) -> anyhow::Result<Value> {
+    fn forage_run(&self, mode: Option<&str>, args: &BenchHandoffArgs) -> anyhow::Result<HandoffView> {
         let (endpoint, mut device, _out) = self.instance(args)?;
         let mut argv = vec!["handoff".to_string(), endpoint.addr.clone(), "--to".into(), self.dst_addr.clone(), "--api".into(), format!("127.0.0.1:{API}"), "--json".into()];
         if let Some(m) = mode {
@@ -243,9 +300,9 @@ impl Rig {
         if !out.status.success() {
             bail!("forage handoff ({}): {}", mode.unwrap_or("adaptive"), String::from_utf8_lossy(&out.stderr).trim());
         }
-        let report: Value = serde_json::from_slice(&out.stdout)?;
+        let report: HandoffView = serde_json::from_slice(&out.stdout).context("forage handoff's report")?;
         // The device keeps its token; the relay and its CA are the destination's.
-        let at = ServiceEndpoint { addr: report["endpoint"].as_str().unwrap_or_default().into(), token: endpoint.token.clone(), ca_sha256: report["ca_sha256"].as_str().unwrap_or_default().into() };
+        let at = ServiceEndpoint { addr: report.endpoint.clone(), token: endpoint.token.clone(), ca_sha256: report.ca_sha256.clone() };
         // From the device's side of the link, as its client would.
         self.check('a', &at, args)?;
         let _ = device.0.wait();
@@ -270,7 +327,7 @@ impl Rig {
     }
 
     /// QEMU's own live migration of an instance to a QEMU holding the base, over the link.
-    fn qemu_run(&self, args: &BenchHandoffArgs) -> anyhow::Result<Value> {
+    fn qemu_run(&self, args: &BenchHandoffArgs) -> anyhow::Result<Run> {
         let (endpoint, device, _out) = self.instance(args)?;
         let src_data = DataDir::at(self.src.clone());
         let token = std::fs::read_to_string(self.src.join("trust").join("api-token"))?.trim().to_string();
@@ -293,7 +350,7 @@ impl Rig {
 
 /// Start the destination QEMU (the service VM's hardware, its base disk, fresh RAM),
 /// relay the link's port to it, migrate the source over it, run the destination.
-async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Accel, ns_b: &Netns, args: &BenchHandoffArgs) -> anyhow::Result<Value> {
+async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Accel, ns_b: &Netns, args: &BenchHandoffArgs) -> anyhow::Result<Run> {
     use serde_json::json as j;
     let svc = forage_service::Repository::new(&DataDir::at(dst.to_path_buf())).open(SERVICE)?;
     let snap = svc.snapshot()?;
@@ -325,10 +382,10 @@ async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Acce
     let t0 = Instant::now();
     src.execute("migrate", Some(j!({ "uri": format!("tcp:{addr}") }))).await?;
     let info = loop {
-        let v = src.execute("query-migrate", None).await?;
-        match v["status"].as_str() {
-            Some("completed") => break v,
-            Some("failed" | "cancelled") => bail!("QEMU's migration {}: {}", v["status"], v["error-desc"]),
+        let v: MigrationInfo = serde_json::from_value(src.execute("query-migrate", None).await?).context("QEMU's query-migrate")?;
+        match v.status.as_str() {
+            "completed" => break v,
+            "failed" | "cancelled" => bail!("QEMU's migration {}: {}", v.status, v.error_desc.unwrap_or_default()),
             _ => {}
         }
         if t0.elapsed() > Duration::from_secs(3600) {
@@ -350,78 +407,48 @@ async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Acce
     if !count.contains(&format!("working={}", args.working_mib << 20)) {
         bail!("after QEMU's migration the service says {count:?}");
     }
-    Ok(json!({
-        "total_s": total_s,
-        "downtime_s": info["downtime"].as_f64().unwrap_or(0.0) / 1000.0,
-        "bytes": info["ram"]["transferred"],
-        "qemu_rounds": info["ram"]["dirty-sync-count"],
-        "mode": "qemu",
-    }))
+    let ram = info.ram.context("QEMU's completed migration reports no RAM figures")?;
+    Ok(Run { total_s, downtime_s: info.downtime.unwrap_or(0) as f64 / 1000.0, bytes: ram.transferred, mode: "qemu".into(), switches: Vec::new(), qemu_rounds: ram.dirty_sync_count, disk_chunks: None })
 }
 
-fn row(approach: &str, mbps: f64, r: &Value, modified: &Value) -> Value {
-    json!({
-        "approach": approach,
-        "mbps": mbps,
-        "total_s": r["total_s"],
-        "downtime_s": r["downtime_s"],
-        "bytes": r["bytes"],
-        "modified_bytes": modified,
-        "mode": r["mode"],
-        "switches": r["switches"],
-        "qemu_rounds": r["qemu_rounds"],
-        "disk_chunks": r["disk_chunks"],
-    })
+fn row(approach: &str, mbps: f64, r: &Run, modified_bytes: u64) -> HandoffRow {
+    HandoffRow {
+        approach: approach.into(),
+        mbps,
+        total_s: r.total_s,
+        downtime_s: r.downtime_s,
+        bytes: r.bytes,
+        modified_bytes,
+        mode: r.mode.clone(),
+        switches: r.switches.clone(),
+        qemu_rounds: r.qemu_rounds,
+        disk_chunks: r.disk_chunks,
+    }
 }
 
-fn summary(r: &Value) -> String {
-    format!(
-        "total {:.1} s, downtime {:.2} s, {:.1} MiB sent, mode {}",
-        r["total_s"].as_f64().unwrap_or(0.0),
-        r["downtime_s"].as_f64().unwrap_or(0.0),
-        r["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
-        r["mode"].as_str().unwrap_or("")
-    )
+fn summary(r: &Run) -> String {
+    format!("total {:.1} s, downtime {:.2} s, {:.1} MiB sent, mode {}", r.total_s, r.downtime_s, r.bytes as f64 / (1 << 20) as f64, r.mode)
 }
 
-fn write_trace_csv(path: &Path, report: &Value) -> anyhow::Result<()> {
-    let view: forage_api::HandoffView = serde_json::from_value(report.clone())?;
-    super::handoff::write_trace(path, &view)
-}
-
-fn print_table(rows: &[Value], args: &BenchHandoffArgs) {
+fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs) {
     println!(
         "VM handoff over an emulated WAN (tc tbf): hashsearch with a {} MiB working set, {} KiB of it rewritten every 100 ms; destination holds the base:",
         args.working_mib, args.hot_kib
     );
     println!("  {:<22} {:>6} {:>9} {:>11} {:>12} {:>14}  mode", "approach", "Mbit/s", "total s", "downtime s", "bytes", "modified bytes");
     for r in rows {
-        println!(
-            "  {:<22} {:>6} {:>9.1} {:>11.2} {:>12} {:>14}  {}",
-            r["approach"].as_str().unwrap_or(""),
-            r["mbps"],
-            r["total_s"].as_f64().unwrap_or(0.0),
-            r["downtime_s"].as_f64().unwrap_or(0.0),
-            r["bytes"].as_u64().unwrap_or(0),
-            r["modified_bytes"].as_u64().unwrap_or(0),
-            r["mode"].as_str().unwrap_or("")
-        );
+        println!("  {:<22} {:>6} {:>9.1} {:>11.2} {:>12} {:>14}  {}", r.approach, r.mbps, r.total_s, r.downtime_s, r.bytes, r.modified_bytes, r.mode);
     }
-    let mbps: Vec<f64> = args.mbps.clone();
-    for m in mbps {
-        let get = |a: &str| rows.iter().find(|r| r["approach"] == a && r["mbps"].as_f64() == Some(m));
-        let t = |r: Option<&Value>| r.and_then(|r| r["total_s"].as_f64());
-        if let (Some(ad), Some(q)) = (t(get("forage-adaptive")), t(get("qemu-live-migration"))) {
-            println!("  at {m} Mbit/s: forage {:.1}x faster than QEMU live migration (target >= 10x at 10 Mbit/s)", q / ad);
+    for &m in &args.mbps {
+        let get = |a: &str| rows.iter().find(|r| r.approach == a && r.mbps == m);
+        if let (Some(ad), Some(q)) = (get("forage-adaptive"), get("qemu-live-migration")) {
+            println!("  at {m} Mbit/s: forage {:.1}x faster than QEMU live migration (target >= 10x at 10 Mbit/s)", q.total_s / ad.total_s);
         }
-        if let (Some(ad), Some(best)) = (t(get("forage-adaptive")), t(get("forage-static-best"))) {
-            println!("  at {m} Mbit/s: adaptive {:+.0}% against the best static mode (target within 10%)", (ad / best - 1.0) * 100.0);
+        if let (Some(ad), Some(best)) = (get("forage-adaptive"), get("forage-static-best")) {
+            println!("  at {m} Mbit/s: adaptive {:+.0}% against the best static mode (target within 10%)", (ad.total_s / best.total_s - 1.0) * 100.0);
         }
-        if let Some(r) = get("forage-adaptive") {
-            let (b, md) = (r["bytes"].as_f64().unwrap_or(0.0), r["modified_bytes"].as_f64().unwrap_or(0.0));
-            if b > 0.0 {
-                println!("  at {m} Mbit/s: adaptive sent 1/{:.1} of the modified state (target <= 1/5)", md / b);
-            }
+        if let Some(r) = get("forage-adaptive").filter(|r| r.bytes > 0) {
+            println!("  at {m} Mbit/s: adaptive sent 1/{:.1} of the modified state (target <= 1/5)", r.modified_bytes as f64 / r.bytes as f64);
         }
     }
 }

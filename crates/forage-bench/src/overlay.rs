@@ -18,23 +18,37 @@ use forage_datadir::DataDir;
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{LaunchOptions, LaunchVm};
 use forage_synth::BaseVm;
+use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{BenchCommand, BenchOverlayArgs};
+use crate::cli::BenchOverlayArgs;
+use crate::common::{bench_base, print_json};
 
-pub async fn run(data: &DataDir, cmd: BenchCommand) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Overlay(a) => overlay(data, a).await,
-        BenchCommand::Synthesis(a) => super::bench_synthesis::run(data, a).await,
-        BenchCommand::Provision(a) => super::bench_provision::run(data, a).await,
-        BenchCommand::Handoff(a) => super::bench_handoff::run(data, a).await,
-        BenchCommand::HandoffProfile(a) => super::bench_handoff_profile::profile(data, a).await,
-        BenchCommand::Sink { listen } => super::bench_synthesis::sink(listen),
-        BenchCommand::Blast { to, bytes } => super::bench_synthesis::blast(to, bytes),
-    }
+/// The bench's row (`--json`), every size in bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct OverlayBenchRow {
+    pub baseline_bytes: u64,
+    pub zstd_patch_bytes: u64,
+    pub baseline_on_semantic_vm_bytes: u64,
+    pub data_set_lzma_bytes: u64,
+    pub dedup_bytes: u64,
+    pub semantic_bytes: u64,
+    pub combined_bytes: u64,
+    pub modified_bytes: u64,
+    pub modified_bytes_without_semantic_gap: u64,
+    pub create_mb_s: f64,
+    pub apply_mb_s: f64,
+    pub peak_rss_mb: f64,
+    pub combined_vs_baseline: f64,
+    pub combined_vs_zstd_patch: f64,
+    pub codec: String,
+    pub delta: String,
+    pub app_data_mib: u64,
+    pub refs: std::collections::BTreeMap<&'static str, u64>,
+    pub free_by_source: std::collections::BTreeMap<String, u64>,
 }
 
-async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
+pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
     for tool in ["xdelta3", "xz", "zstd", "tar", "qemu-img"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is needed by the bench: apt-get install xdelta3 xz-utils zstd tar qemu-utils");
@@ -53,10 +67,10 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
         let app_dir = bench_app(&work, args.data_mib)?;
         let app = AppPackage::open(&app_dir)?;
         say("launch VM with the semantic gap closed ...");
-        let on = super::overlay::build_launch(data, &base, &app, &LaunchOptions::default(), &work.join("on")).await?;
+        let on = forage_synth::build::build_launch(data, &base, &app, &LaunchOptions::default(), &work.join("on")).await?;
         say("launch VM without (no TRIM, no free page reporting) ...");
         let off_opts = LaunchOptions { semantic_disk: false, semantic_memory: false, ..LaunchOptions::default() };
-        let off = super::overlay::build_launch(data, &base, &app, &off_opts, &work.join("off")).await?;
+        let off = forage_synth::build::build_launch(data, &base, &app, &off_opts, &work.join("off")).await?;
 
         say("baseline: xdelta3 + LZMA of whole images ...");
         let baseline = delta_tool_bytes(&base, &off, &work, Tool::Xdelta3Lzma)?;
@@ -64,7 +78,7 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
         say("zstd --patch-from --long ...");
         let zstd_patch = delta_tool_bytes(&base, &off, &work, Tool::ZstdPatch)?;
 
-        let opts = args.reduce.create_options()?;
+        let opts = CreateOptions::named(&args.codec, args.level, &args.delta).map_err(anyhow::Error::msg)?;
         let variant = |dedup: bool, semantic: bool| CreateOptions { dedup, semantic_disk: semantic, semantic_memory: semantic, ..opts.clone() };
         say("forage: dedup only, semantic only, combined ...");
         let dedup = forage_synth::create::create(&base, &input(&off), &variant(true, false), &work.join("dedup.ovl"))?;
@@ -81,22 +95,29 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
         let peak_rss_mb = peak_rss_kib() as f64 / 1024.0;
         // The floor: the app's own data set, compressed alone as the segments are.
         let floor = forage_format::SegmentCodec::Lzma { level: 6 }.compress(&dataset(args.data_mib << 20)).len() as u64;
-        let row = json!({
-            "baseline_bytes": baseline, "zstd_patch_bytes": zstd_patch,
-            "baseline_on_semantic_vm_bytes": baseline_on, "data_set_lzma_bytes": floor,
-            "dedup_bytes": dedup.bytes, "semantic_bytes": semantic.bytes, "combined_bytes": combined.bytes,
-            "modified_bytes": modified, "modified_bytes_without_semantic_gap": modified_off,
-            "create_mb_s": modified as f64 / 1e6 / create_s.max(1e-6),
-            "apply_mb_s": modified as f64 / 1e6 / apply_s.max(1e-6),
-            "peak_rss_mb": peak_rss_mb,
-            "combined_vs_baseline": combined.bytes as f64 / baseline as f64,
-            "combined_vs_zstd_patch": combined.bytes as f64 / zstd_patch as f64,
-            "codec": opts.codec.name(), "delta": format!("{:?}", opts.delta),
-            "app_data_mib": args.data_mib, "refs": combined.manifest.ref_counts(),
-            "free_by_source": combined.manifest.stats.free_by_source,
-        });
+        let row = OverlayBenchRow {
+            baseline_bytes: baseline,
+            zstd_patch_bytes: zstd_patch,
+            baseline_on_semantic_vm_bytes: baseline_on,
+            data_set_lzma_bytes: floor,
+            dedup_bytes: dedup.bytes,
+            semantic_bytes: semantic.bytes,
+            combined_bytes: combined.bytes,
+            modified_bytes: modified,
+            modified_bytes_without_semantic_gap: modified_off,
+            create_mb_s: modified as f64 / 1e6 / create_s.max(1e-6),
+            apply_mb_s: modified as f64 / 1e6 / apply_s.max(1e-6),
+            peak_rss_mb,
+            combined_vs_baseline: combined.bytes as f64 / baseline as f64,
+            combined_vs_zstd_patch: combined.bytes as f64 / zstd_patch as f64,
+            codec: opts.codec.name().to_string(),
+            delta: format!("{:?}", opts.delta),
+            app_data_mib: args.data_mib,
+            refs: combined.manifest.ref_counts(),
+            free_by_source: combined.manifest.stats.free_by_source.clone(),
+        };
         if args.json {
-            super::print_json(&row);
+            print_json(&row);
         } else {
             print_table(&row);
         }
@@ -105,19 +126,6 @@ async fn overlay(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result
-}
-
-/// The bench's base VM, created from the tiny image when absent.
-pub(super) async fn bench_base(data: &DataDir, name: &str, say: &dyn Fn(&str)) -> anyhow::Result<BaseVm> {
-    if let Ok(b) = BaseVm::open(data, name) {
-        return Ok(b);
-    }
-    let image = {
-        let d = data.clone();
-        tokio::task::spawn_blocking(move || super::ensure_image(&d, forage_image::TINY, true)).await??.image
-    };
-    say(&format!("creating base {name} ..."));
-    Ok(BaseVm::create(data, name, &image, super::accel(), std::time::Duration::from_secs(5)).await?)
 }
 
 fn input(l: &LaunchVm) -> LaunchInput<'_> {
@@ -186,7 +194,7 @@ fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// The bench app: hashsearch shipped with a data set in a tarball that the install step
 /// unpacks and deletes, and that the service preloads into memory.
-pub(super) fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
+pub fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
     let sample = forage_image::locate_guest_binary("apps/hashsearch")?;
     let dir = work.join("app");
     let stage = work.join("payload");
@@ -232,28 +240,20 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn print_table(r: &serde_json::Value) {
-    let b = r["baseline_bytes"].as_u64().unwrap_or(1) as f64;
-    let row = |name: &str, key: &str| {
-        let v = r[key].as_u64().unwrap_or(0);
-        println!("  {name:<34} {:>12} bytes  {:>6.1}% of baseline", v, 100.0 * v as f64 / b);
-    };
-    println!("overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:", r["app_data_mib"], r["codec"].as_str().unwrap_or(""), r["delta"].as_str().unwrap_or(""));
-    row("baseline: xdelta3 + LZMA", "baseline_bytes");
-    row("zstd --patch-from --long -19", "zstd_patch_bytes");
-    row("forage, dedup only", "dedup_bytes");
-    row("forage, semantic gap only", "semantic_bytes");
-    row("forage, combined", "combined_bytes");
-    row("(xdelta3 + LZMA of the semantic-gap VM)", "baseline_on_semantic_vm_bytes");
-    row("(the app's data set alone, LZMA)", "data_set_lzma_bytes");
-    println!("  modified state: {} bytes ({} without closing the semantic gap)", r["modified_bytes"], r["modified_bytes_without_semantic_gap"]);
-    println!("  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)", r["combined_vs_baseline"].as_f64().unwrap_or(0.0), r["combined_vs_zstd_patch"].as_f64().unwrap_or(0.0));
-    println!(
-        "  create {:.1} MB/s, apply {:.1} MB/s of modified state (target >= 100), peak RSS {:.0} MB",
-        r["create_mb_s"].as_f64().unwrap_or(0.0),
-        r["apply_mb_s"].as_f64().unwrap_or(0.0),
-        r["peak_rss_mb"].as_f64().unwrap_or(0.0)
-    );
-    println!("  references: {}", r["refs"]);
-    println!("  free chunks by source: {}", r["free_by_source"]);
+fn print_table(r: &OverlayBenchRow) {
+    let b = r.baseline_bytes.max(1) as f64;
+    let row = |name: &str, v: u64| println!("  {name:<34} {:>12} bytes  {:>6.1}% of baseline", v, 100.0 * v as f64 / b);
+    println!("overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:", r.app_data_mib, r.codec, r.delta);
+    row("baseline: xdelta3 + LZMA", r.baseline_bytes);
+    row("zstd --patch-from --long -19", r.zstd_patch_bytes);
+    row("forage, dedup only", r.dedup_bytes);
+    row("forage, semantic gap only", r.semantic_bytes);
+    row("forage, combined", r.combined_bytes);
+    row("(xdelta3 + LZMA of the semantic-gap VM)", r.baseline_on_semantic_vm_bytes);
+    row("(the app's data set alone, LZMA)", r.data_set_lzma_bytes);
+    println!("  modified state: {} bytes ({} without closing the semantic gap)", r.modified_bytes, r.modified_bytes_without_semantic_gap);
+    println!("  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)", r.combined_vs_baseline, r.combined_vs_zstd_patch);
+    println!("  create {:.1} MB/s, apply {:.1} MB/s of modified state (target >= 100), peak RSS {:.0} MB", r.create_mb_s, r.apply_mb_s, r.peak_rss_mb);
+    println!("  references: {:?}", r.refs);
+    println!("  free chunks by source: {:?}", r.free_by_source);
 }

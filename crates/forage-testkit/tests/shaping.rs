@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use forage_wan::WanLink;
+use forage_testkit::wan::WanLink;
 
 const RECEIVER: &str = r#"
 import socket, sys

@@ -1,0 +1,54 @@
+//! forage-bench: the papers' measurements on this machine, each against its peers in the
+//! same run (`forage-bench overlay|synthesis|provision|handoff|handoff-profile`), and the
+//! quickstart demo (`forage-bench demo`). `forage bench ...` and `forage demo` run this
+//! binary; it is not part of the product binary.
+
+mod cli;
+mod common;
+mod demo;
+mod handoff;
+mod handoff_profile;
+mod overlay;
+mod plot;
+mod provision;
+mod synthesis;
+
+use clap::Parser;
+use forage_datadir::DataDir;
+
+use cli::{BenchCommand, Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let cli = Cli::parse();
+    let default = if cli.verbose { "debug,fuser=warn" } else { "warn,forage_image=info,fuser=off" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", common::chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data = DataDir::resolve(cli.data_dir.as_deref())?;
+    data.ensure_root()?;
+    match cli.command {
+        Command::Demo(a) => demo::run(&data, a).await,
+        Command::Bench(BenchCommand::Overlay(a)) => overlay::run(&data, a).await,
+        Command::Bench(BenchCommand::Synthesis(a)) => synthesis::run(&data, a).await,
+        Command::Bench(BenchCommand::Provision(a)) => provision::run(&data, a).await,
+        Command::Bench(BenchCommand::Handoff(a)) => handoff::run(&data, a).await,
+        Command::Bench(BenchCommand::HandoffProfile(a)) => handoff_profile::profile(&data, a).await,
+        Command::Bench(BenchCommand::Sink { listen }) => synthesis::sink(listen),
+        Command::Bench(BenchCommand::Blast { to, bytes }) => synthesis::blast(to, bytes),
+    }
+}
