@@ -16,7 +16,7 @@ deps:
 	bash scripts/deps.sh
 
 build:
-	cargo build --release --locked -p forage -p forage-bench
+	cargo build --release --locked -p forage -p forage-shim -p forage-bench
 
 # Static guest binaries (agent, sample app) for the initramfs and app packages.
 guest:

@@ -7,6 +7,55 @@ use forage_state::StateError;
 
 use crate::views::ErrorBody;
 
+/// Whose fault a refused or failed action of the daemon is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The thing named does not exist (404).
+    NotFound,
+    /// It exists, not in a state the action applies to: busy, not movable (409).
+    Conflict,
+    /// The request cannot be carried out as given (400).
+    BadRequest,
+    /// The daemon failed (500).
+    Internal,
+}
+
+/// An error of an action of the daemon ([`crate::Control`]), typed by the daemon: its
+/// fault, and the daemon's own error (shown as this error; its causes follow in the
+/// chain).
+#[derive(Debug)]
+pub struct ActionError {
+    pub fault: Fault,
+    pub error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl std::fmt::Display for ActionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for ActionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl ActionError {
+    pub fn new(fault: Fault, error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { fault, error: Box::new(error) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self.fault {
+            Fault::NotFound => StatusCode::NOT_FOUND,
+            Fault::Conflict => StatusCode::CONFLICT,
+            Fault::BadRequest => StatusCode::BAD_REQUEST,
+            Fault::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 /// Why a route failed; turned into `{"error": "..."}` with the matching status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -28,12 +77,13 @@ pub enum ApiError {
     /// The thing is not in a state the request can apply to (409).
     #[error("{0}")]
     Conflict(String),
-    /// The daemon refused or failed an action (500).
-    #[error("cannot {action} {id:?}: {message}")]
+    /// The daemon refused or failed an action: the status says whose fault it was.
+    #[error("cannot {action} {id:?}")]
     Control {
         action: &'static str,
         id: String,
-        message: String,
+        #[source]
+        source: ActionError,
     },
     /// A control call panicked (500).
     #[error("the daemon's control call did not finish")]
@@ -56,8 +106,8 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Control { .. }
-            | ApiError::Task(_)
+            ApiError::Control { source, .. } => source.status(),
+            ApiError::Task(_)
             | ApiError::State(_)
             | ApiError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

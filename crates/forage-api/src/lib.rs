@@ -23,6 +23,7 @@
 //! 5xx the cloudlet's). `docs/openapi.json` is this crate's [`openapi`] output, checked
 //! byte for byte by a test (`FORAGE_BLESS=1` rewrites it).
 
+pub mod client;
 mod error;
 mod metrics;
 mod routes;
@@ -40,13 +41,13 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use utoipa::OpenApi;
 
-pub use error::ApiError;
+pub use error::{ActionError, ApiError, Fault};
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
     AppInfo, AppList, ServiceInfo, ServiceList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
     InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
-    SessionsQuery, StatusView, HandoffRequest, HandoffView,
+    SessionsQuery, StatusView, HandoffRequest, HandoffReport,
 };
 
 /// What the API asks of the daemon. Calls are synchronous; the API runs them on a
@@ -55,12 +56,12 @@ pub trait Control: Send + Sync + 'static {
     /// Stops a running instance (its QEMU, its forwarding) and removes what it leaves.
     /// The API then records the stop with `State::instance_stopped`, which is idempotent,
     /// so the daemon may record it as well.
-    fn stop_instance(&self, id: &str) -> Result<(), String>;
+    fn stop_instance(&self, id: &str) -> Result<(), ActionError>;
     /// The base VMs held here.
     fn bases(&self) -> Vec<BaseInfo>;
     /// Removes a launch-cache entry's files, refusing if a running instance still uses
     /// them. The API then forgets the entry with `State::cache_remove`.
-    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String>;
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), ActionError>;
     /// The service VMs held here.
     fn services(&self) -> Vec<ServiceInfo>;
     /// The app store, for one device platform (and `any`) or all.
@@ -69,7 +70,7 @@ pub trait Control: Send + Sync + 'static {
     fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)>;
     /// Moves running instance `id` to another cloudlet and waits for the outcome: the
     /// instance runs there, or it failed to move and runs on here (the error says why).
-    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffView, String>;
+    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffReport, ActionError>;
 }
 
 /// What every route can reach.

@@ -9,7 +9,7 @@ use axum::Json;
 use crate::error::ApiError;
 use crate::views::{
     AppInfo, AppList, AppsQuery, BaseList, ServiceList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
-    SessionList, SessionsQuery, StatusView, HandoffRequest, HandoffView,
+    SessionList, SessionsQuery, StatusView, HandoffRequest, HandoffReport,
 };
 use crate::{metrics, ApiContext};
 
@@ -162,10 +162,10 @@ pub async fn stop_instance(
     let target = id.clone();
     blocking(move || control.stop_instance(&target))
         .await?
-        .map_err(|message| ApiError::Control {
+        .map_err(|source| ApiError::Control {
             action: "stop instance",
             id: id.clone(),
-            message,
+            source,
         })?;
     let record = ctx.state.instance_stopped(&id)?;
     tracing::info!(instance = %id, "instance stopped through the API");
@@ -179,11 +179,11 @@ pub async fn stop_instance(
     params(("id" = String, Path, description = "Instance id")),
     request_body = HandoffRequest,
     responses(
-        (status = 200, description = "Moved", body = HandoffView),
+        (status = 200, description = "Moved", body = HandoffReport),
         (status = 400, description = "Not a destination address", body = ErrorBody),
         (status = 401, description = "No valid bearer token", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
-        (status = 409, description = "The instance is not running", body = ErrorBody),
+        (status = 409, description = "The instance is not running, cannot move, or is moving already", body = ErrorBody),
         (status = 500, description = "The handoff failed; the instance runs on here", body = ErrorBody),
     )
 )]
@@ -191,7 +191,7 @@ pub async fn handoff(
     Ctx(ctx): Ctx<ApiContext>,
     Path(id): Path<String>,
     body: Result<Json<HandoffRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<HandoffView> {
+) -> ApiResult<HandoffReport> {
     let Json(request) = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     if request.to.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::BadRequest(format!("destination {:?} is not HOST:PORT", request.to)));
@@ -201,10 +201,10 @@ pub async fn handoff(
     let target = id.clone();
     let view = blocking(move || control.handoff(&target, request))
         .await?
-        .map_err(|message| ApiError::Control {
+        .map_err(|source| ApiError::Control {
             action: "hand off instance",
             id: id.clone(),
-            message,
+            source,
         })?;
     tracing::info!(instance = %id, to = %view.to, total_s = view.total_s, "instance handed off through the API");
     Ok(Json(view))
@@ -259,10 +259,10 @@ pub async fn evict_cache(
     let target = digest.clone();
     blocking(move || control.evict_cache(&target))
         .await?
-        .map_err(|message| ApiError::Control {
+        .map_err(|source| ApiError::Control {
             action: "evict cache entry",
             id: digest.clone(),
-            message,
+            source,
         })?;
     // Gone meanwhile (a concurrent eviction): the files are gone either way.
     let entry = ctx

@@ -90,20 +90,8 @@ pub struct ServiceList {
     pub services: Vec<ServiceInfo>,
 }
 
-/// A client app in the cloudlet's app store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct AppInfo {
-    #[schema(example = "hashsearch-client")]
-    pub id: String,
-    /// The service it uses.
-    pub service: String,
-    /// Device platform (`linux-x86_64`...) or `any`.
-    pub platform: String,
-    pub file: String,
-    pub size: u64,
-    /// SHA-256 of the file, hex.
-    pub sha256: String,
-}
+/// A client app in the cloudlet's app store: the device protocol's type.
+pub use forage_proto::AppInfo;
 
 /// The app store, filtered by platform if asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -320,7 +308,7 @@ pub struct HandoffRequest {
 
 /// What a handoff did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct HandoffView {
+pub struct HandoffReport {
     pub instance: String,
     pub to: String,
     /// Where the service answers now.

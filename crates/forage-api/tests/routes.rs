@@ -163,7 +163,7 @@ async fn a_handoff_goes_through_the_daemon_and_says_what_it_did() {
     };
     let a = post("vm-1", r#"{"to":"10.0.0.2:7878","mode":"xor+zstd-1"}"#).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
-    let v: forage_api::HandoffView = serde_json::from_value(a.json()).unwrap();
+    let v: forage_api::HandoffReport = serde_json::from_value(a.json()).unwrap();
     assert_eq!((v.to.as_str(), v.endpoint.as_str()), ("10.0.0.2:7878", "10.77.0.2:40000"));
     // Refused before the daemon is asked: not an address, no such instance, not running.
     assert_eq!(post("vm-1", r#"{"to":"cloudlet-b"}"#).await.status, StatusCode::BAD_REQUEST);
@@ -176,6 +176,14 @@ async fn a_handoff_goes_through_the_daemon_and_says_what_it_did() {
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(a.json()["error"].as_str().unwrap().contains("went silent"), "{}", a.text());
     assert_eq!(fx.state.instance("stuck-1").unwrap().unwrap().status, InstanceStatus::Running);
+    // The daemon's own refusals keep their status: a busy (or not movable) instance is
+    // the caller's conflict, not the cloudlet's failure.
+    fx.state
+        .instance_started(&forage_state::NewInstance { id: "busy-1".into(), session_id: "s-new".into(), name: "vm".into(), qemu_pid: 1, dir: "/tmp/x".into(), endpoint: "127.0.0.1:1".into() })
+        .unwrap();
+    let a = post("busy-1", r#"{"to":"10.0.0.2:7878"}"#).await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.text());
+    assert!(a.json()["error"].as_str().unwrap().contains("already being handed off"), "{}", a.text());
 }
 
 #[tokio::test]

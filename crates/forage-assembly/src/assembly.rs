@@ -41,7 +41,7 @@ enum ChunkState {
 pub type FetchFn = Box<dyn Fn(u32) + Send + Sync>;
 
 /// What the assembly has seen so far (for reports and the bench).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AssemblyStats {
     pub segments: u32,
     pub segments_arrived: u32,

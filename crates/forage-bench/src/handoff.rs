@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use forage_client::ServiceEndpoint;
 use forage_datadir::DataDir;
-use forage_api::HandoffView;
+use forage_api::client::ApiClient;
+use forage_api::HandoffReport;
 use forage_testkit::wan::{Netns, WanLink};
 use serde::{Deserialize, Serialize};
 
@@ -66,8 +67,8 @@ struct Run {
     disk_chunks: Option<u64>,
 }
 
-impl From<&HandoffView> for Run {
-    fn from(r: &HandoffView) -> Self {
+impl From<&HandoffReport> for Run {
+    fn from(r: &HandoffReport) -> Self {
         Self { total_s: r.total_s, downtime_s: r.downtime_s, bytes: r.bytes, mode: r.mode.clone(), switches: r.switches.clone(), qemu_rounds: r.qemu_rounds, disk_chunks: Some(r.disk_chunks) }
     }
 }
@@ -290,7 +291,7 @@ impl Rig {
         Ok(())
     }
 
-    fn forage_run(&self, mode: Option<&str>, args: &BenchHandoffArgs) -> anyhow::Result<HandoffView> {
+    fn forage_run(&self, mode: Option<&str>, args: &BenchHandoffArgs) -> anyhow::Result<HandoffReport> {
         let (endpoint, mut device, _out) = self.instance(args)?;
         let mut argv = vec!["handoff".to_string(), endpoint.addr.clone(), "--to".into(), self.dst_addr.clone(), "--api".into(), format!("127.0.0.1:{API}"), "--json".into()];
         if let Some(m) = mode {
@@ -300,7 +301,7 @@ impl Rig {
         if !out.status.success() {
             bail!("forage handoff ({}): {}", mode.unwrap_or("adaptive"), String::from_utf8_lossy(&out.stderr).trim());
         }
-        let report: HandoffView = serde_json::from_slice(&out.stdout).context("forage handoff's report")?;
+        let report: HandoffReport = serde_json::from_slice(&out.stdout).context("forage handoff's report")?;
         // The device keeps its token; the relay and its CA are the destination's.
         let at = ServiceEndpoint { addr: report.endpoint.clone(), token: endpoint.token.clone(), ca_sha256: report.ca_sha256.clone() };
         // From the device's side of the link, as its client would.
@@ -313,12 +314,11 @@ impl Rig {
     /// Stop every instance of one side's cloudlet (its API, with its token).
     fn stop_all(&self, side: char) -> anyhow::Result<()> {
         let dir = if side == 'a' { &self.src } else { &self.dst };
-        let token = std::fs::read_to_string(dir.join("trust").join("api-token"))?.trim().to_string();
+        let token = forage_api::token::read(&dir.join("trust").join("api-token"))?;
         self.ns(side).run(move || -> anyhow::Result<()> {
-            let base = format!("http://127.0.0.1:{API}");
-            let list: forage_api::InstanceList = ureq::get(&format!("{base}/v1/instances")).set("Authorization", &format!("Bearer {token}")).call()?.into_json()?;
-            for i in list.instances {
-                let _ = ureq::delete(&format!("{base}/v1/instances/{}", i.id)).set("Authorization", &format!("Bearer {token}")).call();
+            let api = ApiClient::new(([127, 0, 0, 1], API).into(), &token);
+            for i in api.instances(false)?.instances {
+                let _ = api.stop(&i.id);
             }
             Ok(())
         })??;
@@ -330,12 +330,9 @@ impl Rig {
     fn qemu_run(&self, args: &BenchHandoffArgs) -> anyhow::Result<Run> {
         let (endpoint, device, _out) = self.instance(args)?;
         let src_data = DataDir::at(self.src.clone());
-        let token = std::fs::read_to_string(self.src.join("trust").join("api-token"))?.trim().to_string();
+        let token = forage_api::token::read(&self.src.join("trust").join("api-token"))?;
         let ep = endpoint.addr.clone();
-        let id = self.ns('a').run(move || -> anyhow::Result<String> {
-            let list: forage_api::InstanceList = ureq::get(&format!("http://127.0.0.1:{API}/v1/instances")).set("Authorization", &format!("Bearer {token}")).call()?.into_json()?;
-            list.instances.into_iter().find(|i| i.endpoint == ep).map(|i| i.id).context("the instance is not listed")
-        })??;
+        let id = self.ns('a').run(move || ApiClient::new(([127, 0, 0, 1], API).into(), &token).instance_at(&ep))??;
         let ctl = src_data.runtime_dir()?.join(format!("session-{id}.ctl"));
         let run = self.dst.join("qemu-live");
         let _ = std::fs::remove_dir_all(&run);

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use forage_handoff::pipeline::TraceRow;
 
 /// Write `report`'s trace to `path` as SVG.
-pub fn plot(path: &Path, report: &forage_api::HandoffView, mbps: f64) -> anyhow::Result<()> {
+pub fn plot(path: &Path, report: &forage_api::HandoffReport, mbps: f64) -> anyhow::Result<()> {
     let rows = &report.trace;
     let mib = (1 << 20) as f64;
     let series = |f: fn(&TraceRow) -> f64| -> Vec<(f64, f64)> { rows.iter().map(|r| (r.t_s, f(r) / mib)).collect() };

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{AppEntry, Message, VERSION_MAX, VERSION_MIN};
+use forage_proto::{AppInfo, DeviceMessage as Message, VERSION_MAX, VERSION_MIN};
 use sha2::{Digest, Sha256};
 
 use crate::ClientError;
@@ -23,7 +23,7 @@ async fn open(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>) -> Resu
 }
 
 /// The client apps for `platform` (and `any`), or all.
-pub async fn list_apps(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, platform: Option<&str>) -> Result<Vec<AppEntry>, ClientError> {
+pub async fn list_apps(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, platform: Option<&str>) -> Result<Vec<AppInfo>, ClientError> {
     let proto = |source| ClientError::Proto { addr, source };
     let mut s = open(addr, credentials).await?;
     write(&mut s, &Message::ListApps { platform: platform.map(str::to_string) }).await.map_err(proto)?;
@@ -37,7 +37,7 @@ pub async fn list_apps(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>
 }
 
 /// One client app: its entry and its file, checked against the entry's size and SHA-256.
-pub async fn get_app(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, id: &str) -> Result<(AppEntry, Vec<u8>), ClientError> {
+pub async fn get_app(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, id: &str) -> Result<(AppInfo, Vec<u8>), ClientError> {
     let proto = |source| ClientError::Proto { addr, source };
     let entry = list_apps(addr, credentials, None).await?.into_iter().find(|a| a.id == id).ok_or_else(|| ClientError::Refused {
         addr,

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use forage_format::container::HEADER_LEN;
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{Message, Offer, ProtoError, VERSION_MAX, VERSION_MIN};
+use forage_proto::{DeviceMessage as Message, Offer, ProtoError, VERSION_MAX, VERSION_MIN};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use forage_proto::asynchronous::{read, write};
-use forage_proto::Message;
+use forage_proto::PairingMessage as Message;
 use forage_trust::{DeviceTrust, PairingCode, PeerRecord};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;

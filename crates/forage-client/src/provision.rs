@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
+use forage_proto::{DeviceMessage as Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
 use serde::{Deserialize, Serialize};
 
 use crate::{first_response, ClientError};

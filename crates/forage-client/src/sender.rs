@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use forage_format::Manifest;
 use forage_proto::asynchronous::write;
-use forage_proto::Message;
+use forage_proto::DeviceMessage as Message;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, oneshot};
 

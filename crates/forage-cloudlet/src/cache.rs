@@ -11,14 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use forage_format::manifest::Service;
 use forage_format::Manifest;
-use forage_proto::asynchronous::write;
-use forage_proto::Message;
 use forage_state::{NewCacheEntry, State};
 use forage_synth::BaseVm;
 use forage_vm::Snapshot;
 
-use crate::residue::{send_residue, Ending, LaunchRef};
-use crate::session::{hold, no_usage, refused, resume, Ctx, Outcome, SessionError};
 
 /// The overlay's manifest (zstd CBOR, as in the overlay): service, and the parent of
 /// residues made from this launch VM.
@@ -161,26 +157,4 @@ fn allocated_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-/// A session whose launch VM is cached: resume a copy of it.
-pub(crate) async fn run_cached(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
-    let instance = resume(ctx.place(), &cached.snapshot, cached.service().map(|s| s.port), &[], false).await?;
-    let served = async {
-        write(stream, &instance.ready()).await?;
-        write(stream, &Message::Complete { segments: 0, bytes: 0, apply_ms: 0, decompress_ms: 0 }).await?;
-        hold(stream, &instance.stop, no_usage).await
-    }
-    .await;
-    match served {
-        Ok(Ending::Residue) => {
-            let parent = cached.manifest.as_ref().ok_or_else(|| refused(forage_proto::ErrorCode::Internal, "this cache entry predates residues"))?;
-            send_residue(stream, ctx, instance.vm, parent, &cached.digest, LaunchRef::Files(&cached.snapshot)).await?;
-        }
-        other => {
-            let _ = instance.vm.shutdown().await;
-            other?;
-        }
-    }
-    Ok(Outcome { bytes: 0 })
 }

@@ -1,37 +1,26 @@
-//! forage-cloudlet: the cloudlet side of VM synthesis.
+//! forage-cloudlet: the cloudlet. It accepts TLS connections and routes each by who it is
+//! and what it says first (`forage_proto`):
+//! - no client certificate: pairing, nothing else ([`serve`]);
+//! - a paired device: a session of the device protocol ([`session`]): VM synthesis
+//!   (`synthesis`: cached, pipelined, early start, residue) or the other four
+//!   mechanisms of tactical cloudlets (`provision`) and the app store;
+//! - a cloudlet paired as one: the peer protocol ([`peer`]): VM handoff (`handoff`).
 //!
-//! [`serve`] accepts devices on TCP and runs one [`session`] per connection (the protocol
-//! is `forage-proto`'s, see `docs/synthesis-protocol.md`). A session picks a base it holds
-//! among the device's offers and then, by the device's choice and the cache:
-//! - **cached**: the overlay's launch VM is in the launch-VM cache: resume a copy of it;
-//! - **pipelined**: apply the overlay while its segments arrive (receive, verify,
-//!   decompress and apply run concurrently through a bounded pipe), then resume;
-//! - **early start**: resume as soon as the manifest and the device state are here, from
-//!   files assembled on demand over FUSE (`forage-assembly`); reads of chunks not yet here
-//!   fetch their segment out of order while the bulk stream goes on.
-//!
-//! A device that offers no overlay asks for one of the other four mechanisms of tactical
-//! cloudlets instead ([`provision`]): a cached service VM, a service behind a client app
-//! of the app store, an on-demand provisioning script, or a packed application. They all
-//! run as copy-on-write instances of VMs the cloudlet holds.
-//!
-//! Every instance, whatever the mechanism, resumes with its service port relayed on the
-//! cloudlet's service address and the device gets that endpoint. It lives until the
-//! device says Bye or goes away, an operator stops it, or its service sees no traffic for
-//! the idle timeout; then the VM is stopped and its files removed (a synthesized launch VM
-//! is kept in the cache).
-//! Sessions and instances are recorded in the daemon's SQLite state (`forage-state`).
+//! Every instance, whatever made it, lives in the `instance` layer (the bottom): its
+//! QEMU and its shim (view and service relay) outlive a restart of the daemon, which
+//! adopts them again when it serves ([`recover`]). Arrows point down only:
+//! `lib, session, peer -> synthesis, provision -> handoff -> instance, cache -> error`.
 
 mod cache;
-mod early;
+mod error;
 mod handoff;
+pub(crate) mod instance;
 mod limits;
-mod pipe;
-mod pipelined;
+mod peer;
 mod provision;
-mod proxy;
-mod residue;
+mod recover;
 mod session;
+mod synthesis;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -39,35 +28,38 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use forage_datadir::DataDir;
+use forage_proto::{ErrorCode, PairingMessage, PeerMessage, Protocol};
 use forage_vm::Accel;
 use tokio::net::{TcpListener, TcpStream};
-use forage_proto::ErrorCode;
-use tokio::sync::Notify;
 
 pub use cache::LaunchCache;
+pub use error::SessionError;
+pub use handoff::{HandoffError, HandoffFailure, HandoffOptions};
 pub use limits::{raise_fd_limit, Limits};
-pub use handoff::{HandoffError, HandoffOptions, HandoffReport};
+pub use peer::peer;
+pub use session::session;
 
-/// A device's connection: TLS 1.3, the device authenticated by its certificate (or not
-/// yet paired).
+use instance::Control;
+
+/// A peer's connection: TLS 1.3, the peer authenticated by its certificate (or not yet
+/// paired).
 pub type DeviceStream = tokio_rustls::server::TlsStream<TcpStream>;
-pub use session::{session, SessionError};
 
 /// What a cloudlet needs to serve sessions.
 pub struct Cloudlet {
     pub name: String,
     pub data: DataDir,
     pub accel: Accel,
-    /// Address service ports are forwarded on (what devices connect to).
+    /// Address service relays listen on (what devices connect to).
     pub service_addr: Ipv4Addr,
     pub state: forage_state::State,
     /// The cloudlet's authority: its certificates, pairing codes, issued credentials.
     pub trust: forage_trust::CloudletTrust,
     pub cache: Arc<LaunchCache>,
-    /// How long a device may stay silent while segments are still due (demand fetches
-    /// included).
+    /// How long a peer may stay silent while something is still due (segments, demand
+    /// fetches included).
     pub peer_wait: Duration,
-    /// Kernel readahead on early-start files: the granularity of demand fetching.
+    /// Kernel readahead on views' files: the granularity of demand fetching.
     pub readahead: u32,
     /// Service VMs, baseline VMs and the app store (the other provisioning mechanisms).
     pub services: forage_service::Repository,
@@ -75,8 +67,8 @@ pub struct Cloudlet {
     pub idle_timeout: Option<Duration>,
     /// Longest an on-demand provisioning script may ask for.
     pub max_script_time: Duration,
-    /// Running instances by session id: asked to stop one.
-    instances: Mutex<HashMap<String, Arc<Stop>>>,
+    /// Running instances by id: asked to stop or move.
+    instances: Mutex<HashMap<String, Arc<Control>>>,
     /// Joinable cached-VM instances by service id.
     pub(crate) shared: Mutex<HashMap<String, Arc<provision::SharedInstance>>>,
     /// Connections and sessions a peer, and all together, may hold.
@@ -90,93 +82,26 @@ pub struct Cloudlet {
     pairing_guard: forage_trust::PairingGuard,
 }
 
-/// Asks a running instance to end, with the reason its device is given; or, if it can
-/// move, to hand itself off to another cloudlet.
-pub(crate) struct Stop {
-    notify: Notify,
-    why: Mutex<Option<(ErrorCode, String)>>,
-    movable: std::sync::atomic::AtomicBool,
-    order: Mutex<Option<handoff::HandoffOrder>>,
-    ordered: Notify,
-}
-
-impl Stop {
-    fn new() -> Self {
-        Self { notify: Notify::new(), why: Mutex::new(None), movable: Default::default(), order: Mutex::new(None), ordered: Notify::new() }
-    }
-
-    pub fn movable(&self) -> bool {
-        self.movable.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// The instance's life handles handoff orders (`handoff::live`).
-    pub fn set_movable(&self, on: bool) {
-        self.movable.store(on, std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Leave a handoff order; false if one is pending already.
-    fn order(&self, order: handoff::HandoffOrder) -> bool {
-        let mut slot = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return false;
-        }
-        *slot = Some(order);
-        self.ordered.notify_one();
-        true
-    }
-
-    pub async fn ordered(&self) {
-        self.ordered.notified().await
-    }
-
-    pub fn take_order(&self) -> Option<handoff::HandoffOrder> {
-        self.order.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// The first reason wins.
-    pub fn request(&self, code: ErrorCode, why: impl Into<String>) {
-        self.why.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((code, why.into()));
-        self.notify.notify_one();
-    }
-
-    pub async fn notified(&self) {
-        self.notify.notified().await
-    }
-
-    pub fn error(&self) -> SessionError {
-        let (code, message) = self.why.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or((ErrorCode::Internal, "instance stopped".into()));
-        tracing::info!("instance stopped: {message}");
-        SessionError::Refused { code, message }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum CloudletError {
-    #[error("cloudlet state: {0}")]
+    #[error("cloudlet state")]
     State(#[from] forage_state::OpenError),
-    #[error("cloudlet state: {0}")]
+    #[error("cloudlet state")]
     Record(#[from] forage_state::StateError),
-    #[error("cloudlet identity: {0}")]
+    #[error("cloudlet identity")]
     Trust(#[from] forage_trust::TrustError),
-    #[error("cloudlet data directory: {0}")]
+    #[error("cloudlet data directory")]
     DataDir(#[from] forage_datadir::DataDirError),
 }
 
 impl Cloudlet {
-    /// Open the cloudlet's state in `data` and clean up after a previous run: instances
-    /// whose QEMU is gone are marked lost and their files removed (QEMU dies with the
-    /// daemon: early-start instances depend on its FUSE server).
+    /// Open the cloudlet's state in `data`. Instances a previous daemon left running are
+    /// settled when it serves ([`serve`] adopts those that can be, see `recover`).
     pub fn open(name: String, data: DataDir, accel: Accel, service_addr: Ipv4Addr) -> Result<Self, CloudletError> {
         data.ensure_root()?;
         // QEMU's sockets go there: refuse now, not at the first instance, if it is not ours.
         data.runtime_dir()?;
         let state = forage_state::State::open(data.cloudlet_state())?;
-        for lost in state.recover_after_restart()? {
-            tracing::warn!(instance = %lost.id, dir = %lost.dir.display(), "instance lost in a restart; removing its files");
-            session::unmount_session(&lost.dir);
-            let _ = std::fs::remove_dir_all(&lost.dir);
-        }
-        session::sweep_dead_sessions(&data.work());
         let cache = Arc::new(LaunchCache::new(data.launch_cache(), state.clone()));
         let services = forage_service::Repository::new(&data);
         let trust = forage_trust::CloudletTrust::open_or_init(&data.trust_cloudlet(), &name)?;
@@ -208,25 +133,29 @@ impl Cloudlet {
         self.limits = limits;
     }
 
-    /// Ask the running instance of session `id` to stop; false if there is none.
+    /// Ask the running instance `id` to stop; false if there is none.
     pub fn stop_instance(&self, id: &str) -> bool {
-        match self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            Some(s) => {
-                s.request(ErrorCode::Internal, "the cloudlet's operator stopped this instance");
+        match self.instance_control(id) {
+            Some(c) => {
+                c.request(ErrorCode::Internal, "the cloudlet's operator stopped this instance");
                 true
             }
             None => false,
         }
     }
 
-    fn instance_control(&self, id: &str) -> Option<Arc<Stop>> {
+    fn instance_control(&self, id: &str) -> Option<Arc<Control>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
-    fn register(&self, id: &str) -> Arc<Stop> {
-        let n = Arc::new(Stop::new());
-        self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), n.clone());
-        n
+    fn is_registered(&self, id: &str) -> bool {
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
+    }
+
+    fn register(&self, id: &str) -> Arc<Control> {
+        let c = Arc::new(Control::new());
+        self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), c.clone());
+        c
     }
 
     fn unregister(&self, id: &str) {
@@ -234,35 +163,37 @@ impl Cloudlet {
     }
 }
 
-/// Accept devices until the process ends; each connection is a TLS 1.3 handshake (the
-/// device's certificate checked against this cloudlet's CA, validity and CRL) within
-/// [`Limits::handshake`], then a session on its own task. Connections beyond the limits
-/// (in all, per source address) are closed at once; an `accept` error (out of file
-/// descriptors, say) is logged and accepting goes on. One session's failure does not
-/// affect the others.
+/// Adopt what a previous daemon left running, then accept connections until the process
+/// ends. Each is a TLS 1.3 handshake (the peer's certificate checked against this
+/// cloudlet's CA, validity and CRL) within [`Limits::handshake`], then, by who it is and
+/// its first message, pairing, a device session or a peer cloudlet's, on its own task.
+/// Connections beyond the limits (in all, per source address) are closed at once; an
+/// `accept` error (out of file descriptors, say) is logged and accepting goes on. One
+/// session's failure does not affect the others.
 pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::Result<()> {
     let fds = limits::raise_fd_limit();
+    recover::adopt_all(&cloudlet).await;
     let l = cloudlet.limits.clone();
     tracing::debug!(fds, ?l, "accepting devices");
     let connections = limits::Counter::new(l.connections, l.connections_per_source);
     let mut warned = std::time::Instant::now() - Duration::from_secs(60);
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let (tcp, peer_addr) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS, ECONNABORTED...: transient; never the end of serving.
                 if warned.elapsed() > Duration::from_secs(10) {
-                    tracing::warn!("accepting a device connection failed (going on): {e}");
+                    tracing::warn!("accepting a connection failed (going on): {e}");
                     warned = std::time::Instant::now();
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let slot = match connections.take(limits::source_key(peer.ip())) {
+        let slot = match connections.take(limits::source_key(peer_addr.ip())) {
             Ok(s) => s,
             Err(full) => {
-                tracing::debug!(%peer, ?full, "connection refused: too many open");
+                tracing::debug!(%peer_addr, ?full, "connection refused: too many open");
                 drop(tcp);
                 continue;
             }
@@ -270,72 +201,75 @@ pub async fn serve(listener: TcpListener, cloudlet: Arc<Cloudlet>) -> std::io::R
         let c = cloudlet.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let config = match c.trust.server_config() {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    tracing::error!("cannot serve TLS: {e}");
-                    return;
-                }
-            };
-            let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
-            let stream = match tokio::time::timeout(c.limits.handshake, handshake).await {
-                Err(_) => {
-                    tracing::debug!(%peer, "refused: no TLS handshake within {:?}", c.limits.handshake);
-                    return;
-                }
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    tracing::debug!(%peer, "connection closed before TLS (a reachability probe)");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, "refused: TLS handshake failed: {e}");
-                    return;
-                }
-            };
-            let who = stream.get_ref().1.peer_certificates().and_then(|p| p.first()).and_then(forage_trust::peer_identity);
-            match who {
-                None => match pair(stream, peer, &c).await {
-                    Ok(name) => tracing::info!(%peer, name, "paired"),
-                    Err(e) => tracing::warn!(%peer, "pairing refused: {e}"),
-                },
-                Some((name, serial)) => {
-                    let _session = match c.sessions.take(serial) {
-                        Ok(s) => s,
-                        Err(full) => {
-                            let why = match full {
-                                limits::Full::All(n) => format!("cloudlet {} runs its maximum of {n} sessions: try again later", c.name),
-                                limits::Full::This(n) => format!("{name} already has {n} sessions open on cloudlet {}", c.name),
-                            };
-                            tracing::warn!(%peer, name, "session refused: {why}");
-                            let mut stream = stream;
-                            let _ = forage_proto::asynchronous::write(&mut stream, &forage_proto::Message::Error { code: ErrorCode::Busy, message: why }).await;
-                            return;
-                        }
-                    };
-                    match session(stream, &c, &name, serial).await {
-                        Ok(()) => tracing::info!(%peer, name, serial, "session ended"),
-                        Err(SessionError::NoHello) => tracing::debug!(%peer, "connection closed before Hello"),
-                        Err(e) => tracing::warn!(%peer, name, "session failed: {e}"),
-                    }
-                }
-            }
+            connection(tcp, peer_addr, &c).await;
         });
+    }
+}
+
+/// One connection: TLS, then the protocol its peer speaks.
+async fn connection(tcp: TcpStream, peer_addr: SocketAddr, c: &Cloudlet) {
+    let config = match c.trust.server_config() {
+        Ok(cfg) => cfg,
+        Err(e) => return tracing::error!("cannot serve TLS: {e}"),
+    };
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let mut stream = match tokio::time::timeout(c.limits.handshake, handshake).await {
+        Err(_) => return tracing::debug!(%peer_addr, "refused: no TLS handshake within {:?}", c.limits.handshake),
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return tracing::debug!(%peer_addr, "connection closed before TLS (a reachability probe)"),
+        Ok(Err(e)) => return tracing::warn!(%peer_addr, "refused: TLS handshake failed: {e}"),
+    };
+    let who = stream.get_ref().1.peer_certificates().and_then(|p| p.first()).and_then(forage_trust::peer_identity);
+    let Some((name, serial)) = who else {
+        match pair(stream, peer_addr, c).await {
+            Ok(name) => tracing::info!(%peer_addr, name, "paired"),
+            Err(e) => tracing::warn!(%peer_addr, "pairing refused: {e}"),
+        }
+        return;
+    };
+    let _session = match c.sessions.take(serial) {
+        Ok(s) => s,
+        Err(full) => {
+            let why = match full {
+                limits::Full::All(n) => format!("cloudlet {} runs its maximum of {n} sessions: try again later", c.name),
+                limits::Full::This(n) => format!("{name} already has {n} sessions open on cloudlet {}", c.name),
+            };
+            tracing::warn!(%peer_addr, name, "session refused: {why}");
+            let _ = forage_proto::asynchronous::write(&mut stream, &forage_proto::DeviceMessage::Error { code: ErrorCode::Busy, message: why }).await;
+            return;
+        }
+    };
+    // The first frame says which protocol the peer speaks.
+    let first = match tokio::time::timeout(c.peer_wait, forage_proto::asynchronous::read_frame(&mut stream)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(_)) => return tracing::debug!(%peer_addr, "connection closed before its first message"),
+        Err(_) => return tracing::debug!(%peer_addr, "silent after the handshake"),
+    };
+    let result = match forage_proto::frame::kind_of(&first) {
+        Some(k) if PeerMessage::has_kind(k) => match forage_proto::decode::<PeerMessage>(&first) {
+            Ok(m) => peer(stream, c, &name, serial, m).await,
+            Err(e) => Err(e.into()),
+        },
+        _ => session::session_from(stream, c, &name, &first).await,
+    };
+    match result {
+        Ok(()) => tracing::info!(%peer_addr, name, serial, "session ended"),
+        Err(SessionError::NoHello) => tracing::debug!(%peer_addr, "connection closed before Hello"),
+        Err(e) => tracing::warn!(%peer_addr, name, "session failed: {e}"),
     }
 }
 
 /// A connection without a client certificate: it may pair (PairRequest with a code's
 /// secret), and do nothing else. What the credential grants comes from the code; a source
 /// that sent too many wrong codes is refused without its code being looked at.
-async fn pair(mut stream: DeviceStream, peer: SocketAddr, cloudlet: &Cloudlet) -> Result<String, String> {
-    use forage_proto::asynchronous::{read, write};
-    use forage_proto::Message;
-    let refuse = |code: ErrorCode, message: String| Message::Error { code, message };
-    let first = tokio::time::timeout(cloudlet.peer_wait, read(&mut stream)).await.map_err(|_| "silent".to_string())?.map_err(|e| e.to_string())?;
-    let Message::PairRequest { secret, name, csr } = first else {
+async fn pair(mut stream: DeviceStream, peer: SocketAddr, cloudlet: &Cloudlet) -> Result<String, PairError> {
+    use forage_proto::asynchronous::{read_frame, write};
+    let refuse = |code: ErrorCode, message: String| PairingMessage::Error { code, message };
+    let first = tokio::time::timeout(cloudlet.peer_wait, read_frame(&mut stream)).await.map_err(|_| PairError::Silent)?.map_err(PairError::Wire)?;
+    let Ok(PairingMessage::PairRequest { secret, name, csr }) = forage_proto::decode::<PairingMessage>(&first) else {
         let why = format!("this device is not paired with cloudlet {}: pair first (`forage pair --cloudlet ADDR --code CODE`)", cloudlet.name);
-        let _ = write(&mut stream, &refuse(ErrorCode::Unpaired, why.clone())).await;
-        return Err(format!("{} without credentials", first.name()));
+        let _ = write(&mut stream, &refuse(ErrorCode::Unpaired, why)).await;
+        return Err(PairError::Unpaired(forage_proto::frame::kind_of(&first).unwrap_or(0)));
     };
     let granted = cloudlet
         .pairing_guard
@@ -347,13 +281,26 @@ async fn pair(mut stream: DeviceStream, peer: SocketAddr, cloudlet: &Cloudlet) -
         .and_then(|grant| cloudlet.trust.issue_for_csr(&csr, &name, grant.kind, grant.valid()));
     match granted {
         Ok((cert, issued)) => {
-            let m = Message::PairGranted { cloudlet: cloudlet.name.clone(), ca: cloudlet.trust.ca_der().to_vec(), cert: cert.to_vec(), not_after_unix: issued.not_after_unix };
-            write(&mut stream, &m).await.map_err(|e| e.to_string())?;
+            let m = PairingMessage::PairGranted { cloudlet: cloudlet.name.clone(), ca: cloudlet.trust.ca_der().to_vec(), cert: cert.to_vec(), not_after_unix: issued.not_after_unix };
+            write(&mut stream, &m).await.map_err(PairError::Wire)?;
             Ok(format!("{name} ({:?})", issued.kind))
         }
         Err(e) => {
             let _ = write(&mut stream, &refuse(ErrorCode::Pairing, e.to_string())).await;
-            Err(e.to_string())
+            Err(PairError::Refused(e))
         }
     }
+}
+
+/// Why a pairing connection ended without credentials.
+#[derive(Debug, thiserror::Error)]
+enum PairError {
+    #[error("silent")]
+    Silent,
+    #[error("the connection")]
+    Wire(#[source] forage_proto::ProtoError),
+    #[error("message kind {0} without credentials")]
+    Unpaired(u8),
+    #[error("refused")]
+    Refused(#[source] forage_trust::TrustError),
 }

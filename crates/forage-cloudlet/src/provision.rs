@@ -22,18 +22,14 @@ use std::time::{Duration, Instant};
 use forage_agent::app::AppPackage;
 use forage_agent::{AgentClient, AGENT_PORT};
 use forage_proto::asynchronous::write;
-use forage_proto::{ErrorCode, Message, Provision};
+use forage_proto::{DeviceMessage, ErrorCode, Provision};
 use forage_service::appvirt::AppBundle;
 use forage_service::{ServiceError, ServiceVm};
 use forage_state::{NewSession, SessionMode};
-use forage_synth::cow::CowView;
 use tokio::sync::Notify;
 
-use crate::residue::Ending;
-use crate::session::{
-    hold, internal, no_usage, refused, resume, Instance, Outcome, Place, SessionError,
-};
-use crate::Stop;
+use crate::error::{internal, refused, SessionError};
+use crate::instance::{hold, no_usage, prepare, Control, Ending, Instance, Outcome, Place, Ports, Source};
 
 /// A cached-VM instance that later devices may join.
 pub(crate) struct SharedInstance {
@@ -42,7 +38,7 @@ pub(crate) struct SharedInstance {
     pub service: forage_proto::ServiceEndpoint,
     users: AtomicUsize,
     released: Notify,
-    stop: Arc<Stop>,
+    control: Arc<Control>,
 }
 
 /// Longest wait for a provisioned service to listen after its start.
@@ -179,40 +175,13 @@ pub(crate) async fn run(
     }
 }
 
-/// Start a copy-on-write instance of `snapshot`'s VM in the session folder.
-async fn start_view(
-    place: Place<'_>,
-    svc: &ServiceVm,
-    service_port: Option<u16>,
-    extra: &[u16],
-) -> Result<(CowView, Instance), SessionError> {
+/// Start a copy-on-write instance of the service VM `svc` (its shim serves the view).
+async fn start_view(place: Place<'_>, svc: &ServiceVm, service_port: Option<u16>, extra: &[u16]) -> Result<Instance, SessionError> {
     let saved = svc.snapshot().map_err(internal)?;
-    let view_dir = place.dir.join("view");
-    let readahead = place.cloudlet.readahead;
-    let view = tokio::task::spawn_blocking(move || CowView::mount(&saved, &view_dir, readahead))
-        .await
-        .expect("no panic")
-        .map_err(internal)?;
-    match resume(place, &view.snapshot, service_port, extra, true).await {
-        Ok(i) => Ok((view, i)),
-        Err(e) => {
-            let _ = tokio::task::spawn_blocking(move || drop(view)).await;
-            Err(e)
-        }
-    }
-}
-
-/// Stop the instance, then detach its view (off the async threads: unmounting waits).
-async fn finish(view: CowView, instance: Instance) {
-    finish_instance(instance).await;
-    let _ = tokio::task::spawn_blocking(move || drop(view)).await;
-}
-
-/// Stop the instance's service relay and VM.
-pub(crate) async fn finish_instance(instance: Instance) {
-    let Instance { vm, proxy, .. } = instance;
-    drop(proxy);
-    let _ = vm.shutdown().await;
+    let ports = Ports { service: service_port, extra, token: None };
+    let prepared = prepare(place, Source::View(&saved), &saved.manifest().spec, ports).await?;
+    let view = forage_vm::Snapshot::open(&prepared.view_snapshot().expect("a view")).map_err(internal)?;
+    prepared.resume(&view, false, true).await
 }
 
 async fn cached_vm(
@@ -246,13 +215,13 @@ async fn cached_vm(
             let result = async {
                 write(
                     stream,
-                    &Message::Ready {
+                    &DeviceMessage::Ready {
                         service: shared.service.clone(),
                         resumed_after_ms: 0,
                     },
                 )
                 .await?;
-                hold(stream, &shared.stop, no_usage).await
+                hold(stream, &shared.control, std::future::pending(), no_usage).await
             }
             .await;
             if shared.users.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -261,14 +230,14 @@ async fn cached_vm(
             return result.map(|_| Outcome { bytes: 0 });
         }
     }
-    let (view, instance) = start_view(place, svc, Some(port), &[]).await?;
+    let instance = start_view(place, svc, Some(port), &[]).await?;
     let shared = join.then(|| {
         let s = Arc::new(SharedInstance {
             endpoint: instance.endpoint.clone(),
             service: instance.service.clone(),
             users: AtomicUsize::new(1),
             released: Notify::new(),
-            stop: instance.stop.clone(),
+            control: instance.control.clone(),
         });
         cloudlet
             .shared
@@ -280,7 +249,7 @@ async fn cached_vm(
     // A shared instance has several devices: it does not move.
     let result = match shared {
         Some(_) => ready_then_hold(stream, &instance).await,
-        None => ready_then_live(stream, place, &instance, &view, Some(port), &[]).await,
+        None => ready_then_live(stream, place, &instance).await,
     };
     if let Some(shared) = shared {
         // The instance lives on while devices that joined it are still there.
@@ -291,7 +260,7 @@ async fn cached_vm(
             );
             tokio::select! {
                 _ = shared.released.notified() => {}
-                _ = instance.stop.notified() => {}
+                _ = instance.control.notified() => {}
             }
         }
         cloudlet
@@ -300,10 +269,10 @@ async fn cached_vm(
             .unwrap_or_else(|p| p.into_inner())
             .remove(svc.id());
         shared
-            .stop
+            .control
             .request(ErrorCode::Internal, "the shared instance ended");
     }
-    finish(view, instance).await;
+    instance.finish(cloudlet).await;
     result.map(|_: Ending| Outcome { bytes: 0 })
 }
 
@@ -316,7 +285,7 @@ async fn provisioned(
     port: u16,
     setup: impl FnOnce(&mut AgentClient) -> Result<(), String> + Send + 'static,
 ) -> Result<Outcome, SessionError> {
-    let (view, instance) = start_view(place, baseline, Some(port), &[AGENT_PORT]).await?;
+    let instance = start_view(place, baseline, Some(port), &[AGENT_PORT]).await?;
     let agent_addr: SocketAddr = instance.local(AGENT_PORT).expect("agent port forwarded");
     let result = async {
         let t = Instant::now();
@@ -327,36 +296,26 @@ async fn provisioned(
         });
         tokio::select! {
             r = setup => r.expect("no panic").map_err(|e| refused(ErrorCode::Provision, e))?,
-            _ = instance.stop.notified() => return Err(instance.stop.error()),
+            _ = instance.control.notified() => return Err(instance.control.error()),
         }
         tracing::info!(
             session = place.id,
             took_ms = t.elapsed().as_millis() as u64,
             "provisioned"
         );
-        if let Some(p) = &instance.proxy {
-            p.touch(); // idle from now on, not from the resume
-        }
-        ready_then_live(stream, place, &instance, &view, Some(port), &[AGENT_PORT]).await
+        instance.touch().await; // idle from now on, not from the resume
+        ready_then_live(stream, place, &instance).await
     }
     .await;
-    finish(view, instance).await;
+    instance.finish(place.cloudlet).await;
     result.map(|_| Outcome { bytes: 0 })
 }
 
 /// Tell the device where its service is, then the life of a movable instance.
-async fn ready_then_live(
-    stream: &mut crate::DeviceStream,
-    place: Place<'_>,
-    instance: &Instance,
-    view: &CowView,
-    service_port: Option<u16>,
-    extra_ports: &[u16],
-) -> Result<Ending, SessionError> {
+async fn ready_then_live(stream: &mut crate::DeviceStream, place: Place<'_>, instance: &Instance) -> Result<Ending, SessionError> {
     write(stream, &instance.ready()).await?;
-    instance.stop.set_movable(true);
-    let movable = crate::handoff::Movable { view, service_port, extra_ports };
-    crate::handoff::live(Some(stream), place, instance, movable).await
+    instance.control.set_movable(true);
+    crate::handoff::live(Some(stream), place, instance).await
 }
 
 /// Tell the device where its service is, then the instance's life.
@@ -365,7 +324,7 @@ async fn ready_then_hold(
     instance: &Instance,
 ) -> Result<Ending, SessionError> {
     write(stream, &instance.ready()).await?;
-    hold(stream, &instance.stop, no_usage).await
+    hold(stream, &instance.control, instance.gone(), no_usage).await
 }
 
 /// Copy the script into the guest and run it there with `limit`; then wait (in what is

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{ErrorCode, HandoffBegin, Message, Provision};
+use forage_proto::{DeviceMessage as Message, ErrorCode, HandoffBegin, PairingMessage, PeerMessage, Provision};
 use forage_trust::{Grant, PeerKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -48,11 +48,11 @@ async fn handoff_destination_refuses_what_it_would_not_build() {
         let mut m = good.clone();
         lie(&mut m);
         let mut s = forage_client::connect(rig.addr, &peer, None).await.unwrap();
-        hello(&mut s, vec![]).await;
+        assert!(matches!(peer_hello(&mut s).await, PeerMessage::PeerWelcome { .. }));
         let begin = HandoffBegin { instance: "i".into(), base_state_sha256: m.state.sha256.clone(), vm: serde_json::to_vec(&m).unwrap(), service_port: Some(8080), extra_ports: vec![], service_token: String::new() };
-        write(&mut s, &Message::HandoffBegin(begin)).await.unwrap();
-        match read(&mut s).await.unwrap() {
-            Message::Error { code: ErrorCode::Handoff, message } => assert!(message.contains("VM description"), "{what}: {message}"),
+        write(&mut s, &PeerMessage::HandoffBegin(begin)).await.unwrap();
+        match read::<PeerMessage>(&mut s).await.unwrap() {
+            PeerMessage::Error { code: ErrorCode::Handoff, message } => assert!(message.contains("VM description"), "{what}: {message}"),
             other => panic!("{what}: the destination answered {other:?}"),
         }
     }
@@ -81,8 +81,8 @@ async fn a_device_code_cannot_make_a_cloudlet() {
     ]);
     let mut s = pairing_connection(rig.addr, prefix, None).await;
     s.write_all(&frame(16, &payload)).await.unwrap();
-    let granted = read(&mut s).await.unwrap();
-    let Message::PairGranted { ca, cert, not_after_unix, .. } = granted else { panic!("{granted:?}") };
+    let granted = read::<PairingMessage>(&mut s).await.unwrap();
+    let PairingMessage::PairGranted { ca, cert, not_after_unix, .. } = granted else { panic!("{granted:?}") };
     let issued = rig.cloudlet.trust.issued().into_iter().find(|i| i.name == "sneaky").unwrap();
     assert_eq!(issued.kind, PeerKind::Device);
     assert!(not_after_unix <= now() + 3600 + 120, "the code's lifetime, not the request's");
@@ -91,11 +91,7 @@ async fn a_device_code_cannot_make_a_cloudlet() {
     keep.save("grant", None, &ca, &cert, &key.serialize_pem(), not_after_unix).unwrap();
     let creds = keep.for_cloudlet(rig.addr, Some("grant")).unwrap().client_config().unwrap();
     let mut s = forage_client::connect(rig.addr, &creds, None).await.unwrap();
-    hello(&mut s, vec![]).await;
-    let m = forage_testkit::synthetic::describe_snapshot_of(&rig.dir.path().join("vm")).manifest().clone();
-    let begin = HandoffBegin { instance: "i".into(), base_state_sha256: m.state.sha256.clone(), vm: serde_json::to_vec(&m).unwrap(), service_port: None, extra_ports: vec![], service_token: String::new() };
-    write(&mut s, &Message::HandoffBegin(begin)).await.unwrap();
-    assert!(matches!(read(&mut s).await.unwrap(), Message::Error { code: ErrorCode::Unpaired, .. }));
+    assert!(matches!(peer_hello(&mut s).await, PeerMessage::Error { code: ErrorCode::Unpaired, .. }), "a device may not open the peer protocol");
     rig.still_serves().await;
 }
 
@@ -186,7 +182,7 @@ async fn a_manifest_bomb_is_refused_early() {
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
     assert!(matches!(hello(&mut s, vec![offer]).await, Message::Welcome { chosen: Some(_), .. }));
     write(&mut s, &Message::Manifest { bytes: prefix }).await.unwrap();
-    match read(&mut s).await.unwrap() {
+    match read::<Message>(&mut s).await.unwrap() {
         Message::Error { code: ErrorCode::BadOverlay, message } => assert!(message.contains("over the limit"), "{message}"),
         other => panic!("{other:?}"),
     }
@@ -206,11 +202,11 @@ async fn the_disk_is_not_filled_by_a_device() {
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
     let hello_msg = Message::Hello { versions: (2, 2), device: "d".into(), offers: vec![offer_for(&ovl)], early_start: false, store_and_forward: true };
     write(&mut s, &hello_msg).await.unwrap();
-    assert!(matches!(read(&mut s).await.unwrap(), Message::Welcome { chosen: Some(_), .. }));
+    assert!(matches!(read::<Message>(&mut s).await.unwrap(), Message::Welcome { chosen: Some(_), .. }));
     write(&mut s, &Message::Manifest { bytes: prefix }).await.unwrap();
     let bad = vec![0x5a; manifest.segments[0].compressed_len as usize];
     write(&mut s, &Message::Segment { index: 0, bytes: bad }).await.unwrap();
-    match read(&mut s).await.unwrap() {
+    match read::<Message>(&mut s).await.unwrap() {
         Message::Error { code: ErrorCode::BadOverlay, message } => assert!(message.contains("checksum"), "{message}"),
         other => panic!("{other:?}"),
     }
@@ -228,7 +224,7 @@ async fn the_disk_is_not_filled_by_a_device() {
     hello(&mut s, vec![offer_for(&ovl)]).await;
     let prefix = std::fs::read(&ovl).unwrap()[..forage_format::container::HEADER_LEN + reader.header().manifest_len as usize].to_vec();
     write(&mut s, &Message::Manifest { bytes: prefix }).await.unwrap();
-    let answer = read(&mut s).await.unwrap();
+    let answer = read::<Message>(&mut s).await.unwrap();
     let _ = std::process::Command::new("umount").arg(&tiny).status();
     match answer {
         Message::Error { code: ErrorCode::Busy, message } => assert!(message.contains("MiB are free"), "{message}"),
@@ -246,17 +242,17 @@ async fn wrong_codes_lock_out_their_source_only() {
     let guesser: IpAddr = "127.0.0.1".parse().unwrap();
     for i in 0..forage_trust::MAX_PAIRING_FAILURES {
         let m = pair_from(rig.addr, prefix, guesser, b"wrong!".to_vec(), &format!("guess{i}")).await;
-        assert!(matches!(m, Message::Error { code: ErrorCode::Pairing, .. }), "{m:?}");
+        assert!(matches!(m, PairingMessage::Error { code: ErrorCode::Pairing, .. }), "{m:?}");
     }
     // The right code, from the guesser: refused unheard.
     let m = pair_from(rig.addr, prefix, guesser, secret.clone(), "late").await;
     match m {
-        Message::Error { code: ErrorCode::Pairing, message } => assert!(message.contains("too many"), "{message}"),
+        PairingMessage::Error { code: ErrorCode::Pairing, message } => assert!(message.contains("too many"), "{message}"),
         other => panic!("{other:?}"),
     }
     // From elsewhere: the code still works (nobody else's codes were voided).
     let m = pair_from(rig.addr, prefix, "127.0.0.2".parse().unwrap(), secret, "honest").await;
-    assert!(matches!(m, Message::PairGranted { .. }), "{m:?}");
+    assert!(matches!(m, PairingMessage::PairGranted { .. }), "{m:?}");
 }
 
 /// Finding 9: names are plain and held once; a device's self-description too.
@@ -267,14 +263,14 @@ async fn names_are_plain_and_held_once() {
         let code = rig.cloudlet.trust.new_code(Grant::default()).unwrap();
         let (prefix, secret) = forage_trust::PairingCode::parse(&code.text).unwrap();
         match pair_from(rig.addr, prefix, "127.0.0.1".parse().unwrap(), secret, name).await {
-            Message::Error { code: ErrorCode::Pairing, message } => assert!(message.contains(want), "{name:?}: {message}"),
+            PairingMessage::Error { code: ErrorCode::Pairing, message } => assert!(message.contains(want), "{name:?}: {message}"),
             other => panic!("{name:?}: {other:?}"),
         }
     }
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
     let h = Message::Hello { versions: (2, 2), device: "line\nbreak".into(), offers: vec![], early_start: false, store_and_forward: false };
     write(&mut s, &h).await.unwrap();
-    assert!(matches!(read(&mut s).await.unwrap(), Message::Error { code: ErrorCode::Protocol, .. }));
+    assert!(matches!(read::<Message>(&mut s).await.unwrap(), Message::Error { code: ErrorCode::Protocol, .. }));
     rig.still_serves().await;
 }
 

@@ -3,17 +3,18 @@
 
 use std::sync::Arc;
 
-use forage_cloudlet::Cloudlet;
+use forage_api::{ActionError, Fault};
+use forage_cloudlet::{Cloudlet, HandoffError};
 
 pub(crate) struct DaemonControl {
     pub cloudlet: Arc<Cloudlet>,
 }
 
 impl forage_api::Control for DaemonControl {
-    fn stop_instance(&self, id: &str) -> Result<(), String> {
+    fn stop_instance(&self, id: &str) -> Result<(), ActionError> {
         match self.cloudlet.stop_instance(id) {
             true => Ok(()),
-            false => Err(format!("instance {id} is not running in this daemon")),
+            false => Err(ActionError::new(Fault::Conflict, NotRunningHere(id.to_string()))),
         }
     }
 
@@ -25,7 +26,7 @@ impl forage_api::Control for DaemonControl {
             .collect()
     }
 
-    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String> {
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), ActionError> {
         self.cloudlet.cache.evict(overlay_digest);
         Ok(())
     }
@@ -43,24 +44,33 @@ impl forage_api::Control for DaemonControl {
     }
 
     fn apps(&self, platform: Option<&str>) -> Vec<forage_api::AppInfo> {
-        self.cloudlet.services.apps(platform).into_iter().map(|(s, a)| app_info(&s, &a)).collect()
+        self.cloudlet.services.apps(platform).into_iter().map(|(s, a)| s.app_info(&a)).collect()
     }
 
-    fn handoff(&self, id: &str, request: forage_api::HandoffRequest) -> Result<forage_api::HandoffView, String> {
-        let to = request.to.parse().map_err(|_| format!("destination {:?} is not HOST:PORT", request.to))?;
-        let options = forage_cloudlet::HandoffOptions { mode: request.mode, downtime_limit_ms: request.downtime_limit_ms.unwrap_or(2000) };
+    fn handoff(&self, id: &str, request: forage_api::HandoffRequest) -> Result<forage_api::HandoffReport, ActionError> {
+        let to = request.to.parse().map_err(|e| ActionError::new(Fault::BadRequest, e))?;
+        let defaults = forage_cloudlet::HandoffOptions::default();
+        let options = forage_cloudlet::HandoffOptions { mode: request.mode, downtime_limit_ms: request.downtime_limit_ms.unwrap_or(defaults.downtime_limit_ms) };
         // The API calls this on a blocking thread of the daemon's runtime.
-        let report = tokio::runtime::Handle::current().block_on(self.cloudlet.handoff(id, to, options)).map_err(|e| e.to_string())?;
-        serde_json::to_value(&report).and_then(serde_json::from_value).map_err(|e| e.to_string())
+        tokio::runtime::Handle::current().block_on(self.cloudlet.handoff(id, to, options)).map_err(|e| {
+            let fault = match &e {
+                HandoffError::NoInstance(_) => Fault::NotFound,
+                HandoffError::NotMovable(_) | HandoffError::Busy(_) => Fault::Conflict,
+                HandoffError::BadMode { .. } => Fault::BadRequest,
+                HandoffError::Failed { .. } | HandoffError::Ended(_) => Fault::Internal,
+            };
+            ActionError::new(fault, e)
+        })
     }
 
     fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
         let (s, a) = self.cloudlet.services.app(id).ok()?;
         let bytes = std::fs::read(s.app_path(&a)).ok()?;
-        Some((app_info(&s, &a), bytes))
+        Some((s.app_info(&a), bytes))
     }
 }
 
-fn app_info(s: &forage_service::ServiceVm, a: &forage_service::ClientApp) -> forage_api::AppInfo {
-    forage_api::AppInfo { id: a.id.clone(), service: s.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
-}
+/// A stop of an instance that this daemon does not run.
+#[derive(Debug, thiserror::Error)]
+#[error("instance {0} is not running in this daemon")]
+struct NotRunningHere(String);

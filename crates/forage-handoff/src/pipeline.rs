@@ -281,9 +281,12 @@ mod tests {
             want.insert(c.chunk, c.data.clone());
         }
         let bases: BTreeMap<ChunkId, Vec<u8>> = chunks.iter().map(|c| (c.chunk, c.base.clone().unwrap())).collect();
+        // The table's costs are relative: what a debug build under load measures for
+        // none+none scales them. Compressing costs twice as much per chunk here, so the
+        // 4 MB/s link stays the bottleneck whatever this machine's speed.
         let table = LookupTable {
             chunk_bytes: CHUNK as u64,
-            modes: vec![(parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }), (parse_mode("xor+zstd3").unwrap(), Profile { p: 20e-6, r: 0.05 })],
+            modes: vec![(parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }), (parse_mode("xor+zstd3").unwrap(), Profile { p: 2e-6, r: 0.05 })],
         };
         let config = PipelineConfig { workers: 2, segment_chunks: 64, depth: 2, start: parse_mode("none+none").unwrap(), adapt: Some(table), hold: Duration::from_millis(200) };
         let acked = Arc::new(AtomicU64::new(0));

@@ -174,6 +174,14 @@ pub struct ServiceVm {
 }
 
 impl ServiceVm {
+    /// What the app store says of client app `a` of this service (the device protocol and
+    /// the HTTP API share the type).
+    pub fn app_info(&self, a: &ClientApp) -> forage_proto::AppInfo {
+        forage_proto::AppInfo { id: a.id.clone(), service: self.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
+    }
+}
+
+impl ServiceVm {
     pub fn open(dir: &Path) -> Result<Self, ServiceError> {
         let path = dir.join(SERVICE_FILE);
         let json = std::fs::read(&path).map_err(io(&path))?;

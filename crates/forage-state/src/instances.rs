@@ -84,6 +84,17 @@ impl State {
         Ok(record)
     }
 
+    /// Marks a running instance "lost" (now): a restarted daemon could not adopt it.
+    pub fn instance_lost(&self, id: &str) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE instances SET status = ?2, stopped_unix_ms = ?3 WHERE id = ?1 AND status = ?4",
+                params![id, InstanceStatus::Lost, now_unix_ms(), InstanceStatus::Running],
+            )
+            .map_err(StateError::sql("lose instance"))?;
+        Ok(())
+    }
+
     /// One instance, if it exists.
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, StateError> {
         self.conn()

@@ -1,11 +1,14 @@
 //! forage-testkit: helpers the test suites of several crates share (a dev-dependency
 //! only, never linked into the product).
 //!
+//! - [`guest`]: the tiny guest image, booting it, asking its service, pairing a test
+//!   device with a cloudlet, checking what a cloudlet left behind;
 //! - [`synthetic`]: VMs without QEMU (sparse memory and disk files, a fake device state, a
 //!   snapshot description), bases with their index, launch VMs that exercise every chunk
 //!   reference kind, overlays made from them.
 //! - [`wan`]: emulated WAN links (two network namespaces, a veth pair, `tc tbf`), for
 //!   tests and benches.
 
+pub mod guest;
 pub mod synthetic;
 pub mod wan;

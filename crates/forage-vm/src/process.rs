@@ -76,6 +76,34 @@ impl QemuProcess {
         })
     }
 
+    /// Start QEMU so that it can outlive this process: a session of its own (no
+    /// terminal's signals), no death signal. Until [`QemuProcess::release`] it is killed
+    /// when dropped (a launch abandoned half-way leaves nothing running); afterwards only
+    /// [`QemuProcess::kill`] stops it. Must be called from within a tokio runtime.
+    pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<Self, VmError> {
+        use std::os::unix::process::CommandExt;
+        let io = |source| VmError::Io { path: log.to_path_buf(), source };
+        let out = File::options().create(true).append(true).open(log).map_err(io)?;
+        let err = out.try_clone().map_err(io)?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(std::io::Error::from));
+        }
+        let mut child = cmd.spawn().map_err(|source| VmError::Spawn { program: program.to_path_buf(), source })?;
+        let raw = child.id();
+        let pid = Pid::from_raw(raw as i32).expect("pid is positive");
+        let (tx, rx) = watch::channel(None);
+        // Reap it (while this process lives); its status goes to the watchers.
+        std::thread::spawn(move || {
+            let status = child.wait();
+            let _ = tx.send(status.ok());
+        });
+        tracing::debug!(pid = raw, program = %program.display(), "QEMU started, detached");
+        Ok(Self { pid, exit: rx, log: log.to_path_buf(), owned: true })
+    }
+
     /// Watch a QEMU started by another process (e.g. the `forage vm boot` that supervises
     /// it). Its exit is noticed by polling `/proc/PID`; the status is not known (reported
     /// as 0).
@@ -116,6 +144,12 @@ impl QemuProcess {
         r.ok().and_then(|s| *s)
     }
 
+    /// No longer kill it when dropped: it runs on after this process (see
+    /// [`QemuProcess::spawn_detached`]).
+    pub fn release(&mut self) {
+        self.owned = false;
+    }
+
     /// SIGKILL, if still running.
     pub fn kill(&self) {
         if self.exit_status().is_none() {
@@ -139,6 +173,12 @@ impl Drop for QemuProcess {
             self.kill();
         }
     }
+}
+
+/// Is process `pid` alive (running, not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    dir.exists() && !is_zombie(&dir)
 }
 
 fn is_zombie(proc_dir: &Path) -> bool {

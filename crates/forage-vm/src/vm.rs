@@ -48,6 +48,9 @@ pub struct RestoreOptions {
     /// not in the stream): the default. A handoff's stream announces every RAM block
     /// without addresses instead, and carries the ROM blocks' pages.
     pub ignore_shared: bool,
+    /// QEMU outlives this process (a cloudlet's instances outlive a restart of the
+    /// daemon): a session of its own, no death signal, not killed when the `Vm` drops.
+    pub detached: bool,
 }
 
 impl Default for RestoreOptions {
@@ -56,6 +59,7 @@ impl Default for RestoreOptions {
             copy_disks: true,
             evict_cache: false,
             ignore_shared: true,
+            detached: false,
         }
     }
 }
@@ -72,10 +76,10 @@ impl Vm {
     /// Start QEMU for `spec` and connect to its QMP socket. QEMU's own output goes to
     /// `qemu_log`. The guest is running when this returns.
     pub async fn boot(spec: VmSpec, accel: Accel, qemu_log: &Path) -> Result<Self, VmError> {
-        Self::start(spec, accel, qemu_log, false).await
+        Self::start(spec, accel, qemu_log, false, false).await
     }
 
-    async fn start(spec: VmSpec, accel: Accel, qemu_log: &Path, incoming: bool) -> Result<Self, VmError> {
+    async fn start(spec: VmSpec, accel: Accel, qemu_log: &Path, incoming: bool, detached: bool) -> Result<Self, VmError> {
         let program = qemu_binary()?;
         check_inputs(&spec)?;
         // A stale socket would let us talk to nobody; a stale serial log would show old output.
@@ -92,7 +96,10 @@ impl Vm {
         let _ = std::fs::remove_file(&spec.serial_log);
         let args = spec.qemu_args(accel, incoming);
         tracing::info!(vm = %spec.name, %accel, incoming, "starting QEMU");
-        let process = QemuProcess::spawn(&program, &args, qemu_log)?;
+        let process = match detached {
+            true => QemuProcess::spawn_detached(&program, &args, qemu_log)?,
+            false => QemuProcess::spawn(&program, &args, qemu_log)?,
+        };
         let qmp = tokio::select! {
             r = Qmp::connect(&spec.qmp_socket, QMP_WAIT) => r,
             _ = process.wait() => return Err(exited(&spec, &process)),
@@ -130,6 +137,19 @@ impl Vm {
             process,
             qmp,
         })
+    }
+
+    /// Take control again of a detached VM this program started before (a cloudlet
+    /// daemon after its restart), through the spec's own QMP socket. Dropping the result
+    /// leaves QEMU running; [`Vm::shutdown`] stops it.
+    pub async fn adopt(spec: VmSpec, accel: Accel, pid: u32, qemu_log: &Path) -> Result<Self, VmError> {
+        let process = QemuProcess::attach(pid, qemu_log).ok_or_else(|| VmError::Exited {
+            vm: spec.name.clone(),
+            status: format!("pid {pid} is gone"),
+            qemu_said: tail_lines(qemu_log, 5),
+        })?;
+        let qmp = Qmp::connect(&spec.qmp_socket, Duration::from_secs(5)).await?;
+        Ok(Self { spec, accel, process, qmp })
     }
 
     /// Restore a saved VM into `spec` (normally [`Snapshot::relocated_spec`]). Memory and
@@ -171,8 +191,12 @@ impl Vm {
                     }
                 }
             }
-            let vm = Self::start(spec, accel, qemu_log, true).await?;
-            vm.load_state(&snapshot.state_path(), opts.ignore_shared).await?;
+            let vm = Self::start(spec, accel, qemu_log, true, opts.detached).await?;
+            let loaded = vm.load_state(&snapshot.state_path(), opts.ignore_shared).await;
+            if loaded.is_err() {
+                vm.process.kill();
+            }
+            loaded?;
             vm.qmp.execute("cont", None).await.map_err(VmError::from)?;
             Ok(vm)
         }
@@ -189,7 +213,7 @@ impl Vm {
     /// as plain QEMU live migration's destination. The VM stays paused once the
     /// migration has arrived (`query-status` says `paused`); `cont` runs it.
     pub async fn incoming(spec: VmSpec, accel: Accel, qemu_log: &Path, uri: &str) -> Result<Self, VmError> {
-        let vm = Self::start(spec, accel, qemu_log, true).await?;
+        let vm = Self::start(spec, accel, qemu_log, true, false).await?;
         vm.qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await?;
         Ok(vm)
     }
@@ -254,6 +278,12 @@ impl Vm {
 
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Let a VM started with [`RestoreOptions::detached`] outlive this process: dropping
+    /// it no longer kills it (before this, an abandoned launch is killed).
+    pub fn release(&mut self) {
+        self.process.release();
     }
 
     pub fn qmp(&self) -> &Qmp {
@@ -404,9 +434,14 @@ impl Vm {
 
     /// Stop the VM at once (like pulling the plug; QEMU flushes its own block layer).
     pub async fn shutdown(self) -> Result<(), VmError> {
-        let _ = self.qmp.execute("stop", None).await;
-        let _ = self.qmp.execute("quit", None).await;
-        if tokio::time::timeout(Duration::from_secs(10), self.process.wait()).await.is_err() {
+        // A QEMU whose main loop is stuck (e.g. on a read its view cannot answer) does
+        // not answer QMP: it is killed after the same wait.
+        let asked = async {
+            let _ = self.qmp.execute("stop", None).await;
+            let _ = self.qmp.execute("quit", None).await;
+            self.process.wait().await
+        };
+        if tokio::time::timeout(Duration::from_secs(10), asked).await.is_err() {
             self.process.kill();
             self.process.wait().await;
         }

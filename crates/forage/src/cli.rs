@@ -123,6 +123,10 @@ pub enum Command {
     /// VM handoff: move a running instance of this cloudlet to another cloudlet (paired
     /// with `forage pair --as-cloudlet`); its device is told the new endpoint
     Handoff(HandoffArgs),
+    /// The instances this cloudlet's daemon runs (its HTTP API, with the operator's token)
+    Instances(InstancesArgs),
+    /// Stop an instance of this cloudlet (its id, or the endpoint its device was given)
+    Stop(StopArgs),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),
@@ -560,6 +564,29 @@ pub struct WaitArgs {
     /// How long to wait for the guest to be ready
     #[arg(long, default_value_t = 180, value_name = "SECONDS")]
     pub ready_timeout_s: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct InstancesArgs {
+    /// Stopped and lost instances too, not only running ones
+    #[arg(long)]
+    pub all: bool,
+    /// This cloudlet's HTTP management API
+    #[arg(long, default_value = "127.0.0.1:7879")]
+    pub api: std::net::SocketAddr,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// The instance: its id, or the endpoint its device was given
+    pub instance: String,
+    /// This cloudlet's HTTP management API
+    #[arg(long, default_value = "127.0.0.1:7879")]
+    pub api: std::net::SocketAddr,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

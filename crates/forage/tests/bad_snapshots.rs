@@ -1,11 +1,10 @@
 //! A saved VM that was truncated, corrupted, or belongs to other hardware is refused with an
 //! error naming the file, and no QEMU is left running.
 
-mod common;
 
 use std::path::Path;
 
-use common::*;
+use forage_testkit::guest::*;
 use forage_vm::{RestoreError, Snapshot, SnapshotError, Vm};
 
 fn copy_dir(from: &Path, to: &Path) {

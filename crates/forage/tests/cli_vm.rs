@@ -1,12 +1,11 @@
 //! The operator's flow with the real binary: `forage vm boot` supervises in one process,
 //! `forage vm save` acts from another, `forage vm restore` brings the VM back.
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::*;
+use forage_testkit::guest::*;
 
 fn forage(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_forage"));

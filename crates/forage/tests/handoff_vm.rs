@@ -9,16 +9,16 @@
 //!    the VM runs on at A with its state, B removes its partial state; with the link
 //!    back, the retry moves it;
 //! 4. the destination killed in the middle of a handoff: the same, B's leftovers are
-//!    removed when it starts again.
+//!    removed when it starts again; the instance B already ran (from 3) answers its device
+//!    all along, and B's restarted daemon lists it again.
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use forage_testkit::guest::*;
 use forage_client::ServiceEndpoint;
 use forage_testkit::wan::{Netns, WanLink};
 
@@ -104,11 +104,15 @@ fn session_dirs(data: &Path) -> usize {
 }
 
 fn wait_no_sessions(data: &Path, within: Duration) {
+    wait_sessions(data, 0, within)
+}
+
+fn wait_sessions(data: &Path, n: usize, within: Duration) {
     let t = Instant::now();
-    while session_dirs(data) > 0 && t.elapsed() < within {
+    while session_dirs(data) > n && t.elapsed() < within {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(session_dirs(data), 0, "session files left in {}", data.display());
+    assert_eq!(session_dirs(data), n, "session folders in {}", data.display());
 }
 
 fn pair_cloudlets(issuer: &Path, client: &Path, name: &str, addr: &str, work: &Path) {
@@ -135,6 +139,8 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     forage_at(&a, &["service", "create", "ho-hs", "--base", "hotest", "--app", &app_dir.to_string_lossy()]);
     // B holds the same service VM (its package); C holds nothing at all.
     let work: PathBuf = data.root().join("handoff-test");
+    // Instances outlive their daemons (by design): this test's must not outlive the test.
+    let _reaper = Reaper::new(&[work.clone(), data.work()]);
     let _ = std::fs::remove_dir_all(&work);
     let (b, c, device) = (work.join("b"), work.join("c"), work.join("device"));
     for d in [&b, &c, &device] {
@@ -261,11 +267,19 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert!(failed.contains("keeps running here"), "{failed}");
     link.set_rate(50.0).unwrap();
     assert_eq!(field(&ask(&link.a, &endpoint, "count"), "served"), field(&before, "served"));
-    // B starts again: what the dead daemon left is removed; the retry works.
-    assert!(session_dirs(&b) > 0, "the killed destination left its partial state");
+    // B's daemon is gone; the instance it ran answers its device.
+    let b_served = field(&ask(&link.a, &at_b, "count"), "served");
+    // B starts again: what the dead daemon left is removed, the instance it ran is
+    // adopted (listed, still answering); the retry works.
+    assert!(session_dirs(&b) > 1, "the killed destination left its partial state");
     let _daemon_b = serve(&link.b, &b, 7878, 7879, "cloudlet-b");
     std::thread::sleep(Duration::from_secs(2));
-    wait_no_sessions(&b, Duration::from_secs(10));
+    wait_sessions(&b, 1, Duration::from_secs(10));
+    let listed = forage_in(&link.b, &b, &["instances", "--api", "127.0.0.1:7879", "--json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: forage_api::InstanceList = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(listed.instances.iter().any(|i| i.endpoint == at_b.addr && i.status == forage_api::InstanceStatus::Running), "{listed:?}");
+    assert!(ask(&link.a, &at_b, "search after-restart 8").contains(&format!("served={}", b_served + 1)), "it kept its state across the restart");
     let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("retry after the destination's restart: {e}"));
     let after = ask(&link.a, &moved_to(&r, &endpoint), "count");
     assert_eq!(field(&after, "served"), field(&before, "served"), "{after}");

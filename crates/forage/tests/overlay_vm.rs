@@ -1,11 +1,10 @@
 //! VM overlays with real guests: base VM, launch VM with the sample app, overlay in access
 //! order, apply, bit-exact comparison with the launch VM, resume, and the app answers.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use forage_testkit::guest::*;
 use forage_format::{ChunkRef, Space, CHUNK_SIZE};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{self, LaunchOptions};

@@ -1,11 +1,10 @@
 //! Real guests under QEMU (TCG here): boot, save, kill, restore, and the guest carries on.
 
-mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
+use forage_testkit::guest::*;
 use forage_agent::AgentClient;
 use forage_vm::{Snapshot, Vm};
 

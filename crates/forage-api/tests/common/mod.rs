@@ -7,9 +7,21 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use forage_api::{AppInfo, ApiContext, BaseInfo, Control, HandoffRequest, HandoffView, ServiceInfo};
+use forage_api::{ActionError, AppInfo, ApiContext, BaseInfo, Control, Fault, HandoffReport, HandoffRequest, ServiceInfo};
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
+
+/// An error of the fake daemon.
+#[derive(Debug)]
+pub struct Fake(pub &'static str);
+
+impl std::fmt::Display for Fake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Fake {}
 
 /// Records what it was asked; refuses ids starting with "stuck" or "busy".
 #[derive(Default)]
@@ -18,10 +30,10 @@ pub struct FakeControl {
 }
 
 impl Control for FakeControl {
-    fn stop_instance(&self, id: &str) -> Result<(), String> {
+    fn stop_instance(&self, id: &str) -> Result<(), ActionError> {
         self.calls.lock().unwrap().push(format!("stop {id}"));
         if id.starts_with("stuck") {
-            return Err("QEMU did not exit".into());
+            return Err(ActionError::new(Fault::Internal, Fake("QEMU did not exit")));
         }
         Ok(())
     }
@@ -33,13 +45,13 @@ impl Control for FakeControl {
             disk_bytes: 1 << 30,
         }]
     }
-    fn evict_cache(&self, overlay_digest: &str) -> Result<(), String> {
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), ActionError> {
         self.calls
             .lock()
             .unwrap()
             .push(format!("evict {overlay_digest}"));
         if overlay_digest.starts_with("busy") {
-            return Err("in use by a running instance".into());
+            return Err(ActionError::new(Fault::Internal, Fake("in use by a running instance")));
         }
         Ok(())
     }
@@ -67,12 +79,15 @@ impl Control for FakeControl {
     fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)> {
         (id == "hs-client").then(|| (self.apps(None).remove(0), b"hello".to_vec()))
     }
-    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffView, String> {
+    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffReport, ActionError> {
         self.calls.lock().unwrap().push(format!("handoff {id} {}", request.to));
         if id.starts_with("stuck") {
-            return Err("the destination went silent".into());
+            return Err(ActionError::new(Fault::Internal, Fake("the destination went silent")));
         }
-        Ok(HandoffView {
+        if id.starts_with("busy") {
+            return Err(ActionError::new(Fault::Conflict, Fake("instance busy-1 is already being handed off")));
+        }
+        Ok(HandoffReport {
             instance: id.into(),
             to: request.to,
             endpoint: "10.77.0.2:40000".into(),

@@ -1,30 +1,31 @@
 //! The destination side of a handoff: accept (with or without the base), rebuild the
-//! VM's memory and disk in a copy-on-write view of the base (or of an empty VM), and
-//! resume only after the commit, when every segment has arrived and applied. Until then
-//! nothing runs, and any failure removes the session folder with all it holds.
+//! VM's memory and disk in a copy-on-write view of the base (or of an empty VM) served
+//! by the instance's shim, and resume only after the commit, when every segment has
+//! arrived and applied. Until then nothing runs, and any failure removes the session
+//! folder with all it holds.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use forage_assembly::Assembly;
 use forage_format::Space as FileSpace;
 use forage_handoff::apply::{Applier, ChunkStore};
 use forage_handoff::migration::MAX_RESIDUAL;
 use forage_handoff::segment::{ChunkId, Space, CHUNK};
 use forage_proto::asynchronous::write;
-use forage_proto::{ErrorCode, HandoffBegin, Message};
+use forage_proto::{ErrorCode, HandoffBegin, PeerMessage};
+use forage_shim::{ChunkBytes, ShimClient};
 use forage_state::{NewSession, SessionMode};
-use forage_synth::cow::CowView;
 use forage_vm::snapshot::{SnapshotManifest, StateRecord, MANIFEST_FILE};
-use forage_vm::{RestoreOptions, Snapshot};
+use forage_vm::Snapshot;
 use sha2::Digest;
 
-use super::{live, Movable};
-use crate::session::{internal, next, refused, resume_with, Outcome, Place, SessionError};
+use super::live;
+use crate::error::{internal, next, refused, SessionError};
+use crate::instance::{prepare, Outcome, Place, Ports, Source};
 
 /// Machine types a peer's VM may have: those forage builds.
 const MACHINES: &[&str] = &["pc"];
@@ -62,75 +63,81 @@ pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, 
         .await
         .expect("no panic");
     let has_base = base.is_some();
-    write(stream, &Message::HandoffAccept { has_base }).await?;
+    write(stream, &PeerMessage::HandoffAccept { has_base }).await?;
     let base = match base {
         Some(b) => b,
         None => empty_vm(stream, place, vm).await?,
     };
-    let view_dir = place.dir.join("view");
-    let readahead = cloudlet.readahead;
-    let view = {
-        let base = base.clone();
-        tokio::task::spawn_blocking(move || CowView::mount(&base, &view_dir, readahead)).await.expect("no panic").map_err(internal)?
-    };
-    let result = async {
-        let received = rebuild(stream, place, &view, &base, has_base).await?;
-        let opts = RestoreOptions { copy_disks: false, ignore_shared: false, ..Default::default() };
-        let instance = resume_with(place, &view.snapshot, begin.service_port, &begin.extra_ports, true, opts, token).await?;
-        let done = Message::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
-        if let Err(e) = write(stream, &done).await {
-            // The source cannot know it moved: it runs on there. Stop this copy.
-            crate::provision::finish_instance(instance).await;
-            return Err(e.into());
+    let ports = Ports { service: begin.service_port, extra: &begin.extra_ports, token };
+    let prepared = prepare(place, Source::View(&base), &base.manifest().spec, ports).await?;
+    let view = Snapshot::open(&prepared.view_snapshot().expect("a view")).map_err(internal)?;
+    let received = match rebuild(stream, place, prepared.shim(), &view, &base, has_base).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = prepared.shim().shutdown().await;
+            return Err(e);
         }
-        tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running");
-        instance.stop.set_movable(true);
-        let life = live(None, place, &instance, Movable { view: &view, service_port: begin.service_port, extra_ports: &begin.extra_ports }).await;
-        crate::provision::finish_instance(instance).await;
-        life.map(|_| Outcome { bytes: received })
+    };
+    let instance = prepared.resume(&view, false, false).await?;
+    let done = PeerMessage::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
+    if let Err(e) = write(stream, &done).await {
+        // The source cannot know it moved: it runs on there. Stop this copy.
+        instance.finish(cloudlet).await;
+        return Err(e.into());
     }
-    .await;
-    let _ = tokio::task::spawn_blocking(move || drop(view)).await;
-    result
+    tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running");
+    instance.control.set_movable(true);
+    let life = live(None, place, &instance).await;
+    instance.finish(cloudlet).await;
+    life.map(|_| Outcome { bytes: received })
 }
 
-/// Receive segments until the commit; write the final state. Returns the bytes received.
-async fn rebuild(stream: &mut crate::DeviceStream, place: Place<'_>, view: &CowView, base: &Snapshot, has_base: bool) -> Result<u64, SessionError> {
+/// Receive segments until the commit, writing what they carry into the view; write the
+/// final state. Returns the bytes received.
+async fn rebuild(stream: &mut crate::DeviceStream, place: Place<'_>, shim: Arc<ShimClient>, view: &Snapshot, base: &Snapshot, has_base: bool) -> Result<u64, SessionError> {
     let files = if has_base {
         let open = |p: &Path| File::open(p).map_err(|e| internal(format!("{}: {e}", p.display())));
         Some((open(&base.memory_path())?, open(&base.disk_paths()[0])?))
     } else {
         None
     };
-    let store = ViewStore { assembly: view.assembly.clone(), base: files };
+    let store = ViewStore { base: files, pending: Vec::new() };
     let m = base.manifest();
     let mut applier = Some(Applier::new(store, m.memory.size, m.disks[0].size));
     let mut received = 0u64;
     let t = Instant::now();
     loop {
-        match next(stream, place.cloudlet.peer_wait).await? {
-            Message::HandoffSegment { seq, bytes } => {
+        match next::<PeerMessage>(stream, place.cloudlet.peer_wait).await? {
+            PeerMessage::HandoffSegment { seq, bytes } => {
                 let n = bytes.len() as u64;
                 received += n;
                 let mut a = applier.take().expect("the applier is back");
-                let (a, r) = tokio::task::spawn_blocking(move || {
+                let (mut a, r) = tokio::task::spawn_blocking(move || {
                     let r = a.apply(seq, &bytes);
                     (a, r)
                 })
                 .await
                 .expect("no panic");
+                let writes = std::mem::take(&mut a.store().pending);
                 applier = Some(a);
                 r.map_err(|e| bad(format!("segment {seq}: {e}")))?;
-                write(stream, &Message::HandoffAck { seq, bytes: n }).await?;
+                // One call per space and segment, in order.
+                for space in [Space::Memory, Space::Disk] {
+                    let chunks: Vec<ChunkBytes> = writes.iter().filter(|(id, _)| id.space == space).map(|(id, data)| ChunkBytes { index: id.index, bytes: data.clone() }).collect();
+                    if !chunks.is_empty() {
+                        shim.write(file_space(space), chunks).await.map_err(internal)?;
+                    }
+                }
+                write(stream, &PeerMessage::HandoffAck { seq, bytes: n }).await?;
             }
-            Message::HandoffCommit { segments, state } => {
+            PeerMessage::HandoffCommit { segments, state } => {
                 let applied = applier.as_ref().expect("the applier is back").applied;
                 if applied.segments != segments {
                     return Err(bad(format!("the source sent {segments} segments, {} arrived", applied.segments)));
                 }
                 received += state.len() as u64;
                 let stream_bytes = unpack_state(&state)?;
-                std::fs::write(view.snapshot.state_path(), stream_bytes).map_err(|e| internal(format!("{}: {e}", view.snapshot.state_path().display())))?;
+                std::fs::write(view.state_path(), stream_bytes).map_err(|e| internal(format!("{}: {e}", view.state_path().display())))?;
                 tracing::info!(session = place.id, segments, chunks = applied.chunks, written = applied.written, received, took_ms = t.elapsed().as_millis() as u64, "handoff state complete");
                 return Ok(received);
             }
@@ -166,7 +173,7 @@ async fn empty_vm(stream: &mut crate::DeviceStream, place: Place<'_>, mut vm: Sn
         let mut sizes = [0u64; 2];
         let mut done = [false; 2];
         while !done.iter().all(|d| *d) {
-            let Message::HandoffFile { name, offset, bytes, last } = next(stream, place.cloudlet.peer_wait).await? else {
+            let PeerMessage::HandoffFile { name, offset, bytes, last } = next::<PeerMessage>(stream, place.cloudlet.peer_wait).await? else {
                 return Err(SessionError::Sequence { expected: "HandoffFile", got: "another message" });
             };
             let i = match name.as_str() {
@@ -194,13 +201,12 @@ async fn empty_vm(stream: &mut crate::DeviceStream, place: Place<'_>, mut vm: Sn
     Snapshot::open(&dir).map_err(|e| bad(format!("the VM description: {e}")))
 }
 
-/// The view's files, and the base's for deltas.
+/// The base's chunks (for deltas); what a segment writes is gathered and handed to the
+/// shim after the segment applied.
 struct ViewStore {
-    assembly: Arc<Assembly>,
     base: Option<(File, File)>,
+    pending: Vec<(ChunkId, Vec<u8>)>,
 }
-
-const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 fn file_space(space: Space) -> FileSpace {
     match space {
@@ -219,6 +225,7 @@ impl ChunkStore for ViewStore {
     }
 
     fn write(&mut self, id: ChunkId, data: &[u8]) -> Result<(), String> {
-        self.assembly.write(file_space(id.space), id.index * CHUNK as u64, data, WRITE_WAIT).map_err(|e| e.to_string())
+        self.pending.push((id, data.to_vec()));
+        Ok(())
     }
 }

@@ -5,24 +5,26 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forage_assembly::Assembly;
+use forage_api::HandoffReport;
 use forage_format::Space as FileSpace;
 use forage_handoff::adapt::{parse_mode, LookupTable};
 use forage_handoff::migration::{split, Residual};
 use forage_handoff::pipeline::{run, shuffle, PipelineConfig};
 use forage_handoff::segment::{ChunkId, Modified, Space, CHUNK};
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{HandoffBegin, Message, VERSION_MAX, VERSION_MIN};
+use forage_proto::{HandoffBegin, PeerMessage, ProtoError, ServiceEndpoint, VERSION_MAX, VERSION_MIN};
+use forage_shim::ShimClient;
 use forage_vm::{Snapshot, Vm};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::{HandoffOrder, HandoffReport, Movable};
-use crate::session::{Instance, Place};
+use crate::instance::control::MoveOrder;
+use crate::instance::{Instance, Place};
 use crate::Cloudlet;
 
 /// How long the destination may stay silent at a step (resume included).
@@ -35,54 +37,114 @@ const ACK_WAIT: Duration = Duration::from_secs(20);
 const SHUFFLE_WINDOW: usize = 256;
 /// Pieces of boot files.
 const FILE_PIECE: usize = 16 << 20;
-/// Waiting for the assembly (it never waits here: every chunk is local).
-const READ_WAIT: Duration = Duration::from_secs(10);
+/// Disk chunks read from the view at once.
+const READ_BATCH: usize = 256;
 
-fn wire(e: impl std::fmt::Display) -> String {
-    format!("the connection to the destination: {e}")
+/// Why a handoff failed (the instance runs on at the source).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffFailure {
+    #[error("the instance is not a copy-on-write instance of a saved VM")]
+    NotMovable,
+    #[error("this cloudlet is not paired with cloudlet {to} as a cloudlet (`forage pair --as-cloudlet` there, `forage pair import` here)")]
+    NotPaired {
+        to: SocketAddr,
+        #[source]
+        source: forage_trust::TrustError,
+    },
+    #[error("cloudlet {to} did not answer in {wait:?}")]
+    NoAnswer { to: SocketAddr, wait: Duration },
+    #[error("connecting to cloudlet {to}")]
+    Connect {
+        to: SocketAddr,
+        #[source]
+        source: forage_client::ClientError,
+    },
+    #[error("the connection to the destination")]
+    Wire(#[source] ProtoError),
+    #[error("the destination was silent for {0:?}")]
+    Silent(Duration),
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    #[error("the destination sent {got} where {expected} was due")]
+    Unexpected { expected: &'static str, got: &'static str },
+    #[error("the destination acknowledged nothing for {}s (link cut or destination gone)", ACK_WAIT.as_secs())]
+    Stalled,
+    #[error("the destination said it resumed the VM before the commit")]
+    EarlyDone,
+    #[error("the destination did not resume the VM in {}s", PEER_WAIT.as_secs())]
+    NotResumed,
+    #[error("QEMU")]
+    Qemu(#[source] forage_vm::qmp::QmpError),
+    #[error("QEMU did not connect its migration stream")]
+    NoStream,
+    #[error("QEMU's migration ended {0}")]
+    Migration(String),
+    #[error("QEMU's migration stream")]
+    Stream(#[source] forage_handoff::migration::SplitError),
+    #[error("the VM's remaining state: {0}")]
+    Residual(String),
+    #[error("the instance's view")]
+    View(#[source] forage_shim::ShimError),
+    #[error("the pipeline")]
+    Pipeline(#[source] std::io::Error),
+    #[error("the pipeline stopped")]
+    Stopped,
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Move `instance` as `order` says. On error the VM still runs here.
-pub(super) async fn send(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, order: &HandoffOrder) -> Result<HandoffReport, String> {
+type Failure = HandoffFailure;
+
+fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Failure {
+    let path = path.into();
+    move |source| Failure::Io { path, source }
+}
+
+/// Move `instance` as `order` says: the report, and what the instance's devices are told.
+/// On error the VM still runs here.
+pub(super) async fn send(place: Place<'_>, instance: &Instance, order: &MoveOrder) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let t0 = Instant::now();
     let cloudlet = place.cloudlet;
     let to = order.to;
-    let credentials = peer_credentials(cloudlet, to)?;
+    let base = instance.saved.as_ref().ok_or(Failure::NotMovable)?;
+    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers()).credentials(to, None).map_err(|source| Failure::NotPaired { to, source })?;
     let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
         .await
-        .map_err(|_| format!("cloudlet {to} did not answer in {PEER_WAIT:?}"))?
-        .map_err(|e| e.to_string())?;
-    let base = &movable.view.base;
-    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: cloudlet.name.clone(), offers: Vec::new(), early_start: false, store_and_forward: false };
-    write(&mut stream, &hello).await.map_err(wire)?;
+        .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
+        .map_err(|source| Failure::Connect { to, source })?;
+    write(&mut stream, &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() }).await.map_err(Failure::Wire)?;
     match next(&mut stream).await? {
-        Message::Welcome { .. } => {}
-        other => return Err(unexpected("Welcome", other)),
+        PeerMessage::PeerWelcome { .. } => {}
+        other => return Err(unexpected("PeerWelcome", &other)),
     }
     let begin = HandoffBegin {
         instance: place.id.to_string(),
         base_state_sha256: base.manifest().state.sha256.clone(),
         vm: serde_json::to_vec(base.manifest()).expect("a manifest serializes"),
-        service_port: movable.service_port,
-        extra_ports: movable.extra_ports.to_vec(),
+        service_port: instance.service_port,
+        extra_ports: instance.extra_ports.clone(),
         service_token: instance.service.token.clone(),
     };
-    write(&mut stream, &Message::HandoffBegin(begin)).await.map_err(wire)?;
+    write(&mut stream, &PeerMessage::HandoffBegin(begin)).await.map_err(Failure::Wire)?;
     let has_base = match next(&mut stream).await? {
-        Message::HandoffAccept { has_base } => has_base,
-        other => return Err(unexpected("HandoffAccept", other)),
+        PeerMessage::HandoffAccept { has_base } => has_base,
+        other => return Err(unexpected("HandoffAccept", &other)),
     };
     tracing::info!(instance = place.id, %to, has_base, "destination accepted the handoff");
     let boot_file_bytes = if has_base { 0 } else { send_boot_files(&mut stream, base).await? };
     // From here on QEMU is involved: whatever fails, the VM must go on running here.
-    let result = migrate(place, instance, movable, stream, has_base, order).await;
+    let result = migrate(place, instance, base, stream, has_base, order).await;
     match result {
-        Ok(mut report) => {
+        Ok((mut report, service)) => {
             report.total_s = t0.elapsed().as_secs_f64();
             report.to = to.to_string();
             report.boot_file_bytes = boot_file_bytes;
             report.bytes += boot_file_bytes;
-            Ok(report)
+            Ok((report, service))
         }
         Err(e) => {
             recover(&instance.vm).await;
@@ -91,62 +153,49 @@ pub(super) async fn send(place: Place<'_>, instance: &Instance, movable: &Movabl
     }
 }
 
-/// This cloudlet's credentials for the cloudlet at `to` (paired with `--as-cloudlet`).
-fn peer_credentials(cloudlet: &Cloudlet, to: SocketAddr) -> Result<Arc<rustls::ClientConfig>, String> {
-    let peer = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers()).for_cloudlet(to, None).map_err(|e| e.to_string())?;
-    if peer.expired() {
-        return Err(format!("the pairing with cloudlet {} expired: pair again (`forage pair --as-cloudlet`)", peer.record.cloudlet));
-    }
-    peer.client_config().map_err(|e| e.to_string())
-}
-
-async fn next(stream: &mut forage_client::CloudletStream) -> Result<Message, String> {
-    match tokio::time::timeout(PEER_WAIT, read(stream)).await {
-        Err(_) => Err(format!("the destination was silent for {PEER_WAIT:?}")),
-        Ok(Err(e)) => Err(wire(e)),
-        Ok(Ok(Message::Error { message, .. })) => Err(format!("the destination refused: {message}")),
+async fn next(stream: &mut forage_client::CloudletStream) -> Result<PeerMessage, Failure> {
+    match tokio::time::timeout(PEER_WAIT, read::<PeerMessage>(stream)).await {
+        Err(_) => Err(Failure::Silent(PEER_WAIT)),
+        Ok(Err(e)) => Err(Failure::Wire(e)),
+        Ok(Ok(PeerMessage::Error { message, .. })) => Err(Failure::Refused(message)),
         Ok(Ok(m)) => Ok(m),
     }
 }
 
-fn unexpected(expected: &str, got: Message) -> String {
-    format!("the destination sent {} where {expected} was due", got.name())
+fn unexpected(expected: &'static str, got: &PeerMessage) -> Failure {
+    Failure::Unexpected { expected, got: got.name() }
 }
 
 /// The direct-boot kernel and initramfs, for a destination that builds the VM from nothing.
-async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snapshot) -> Result<u64, String> {
+async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snapshot) -> Result<u64, Failure> {
     let Some(boot) = &base.manifest().spec.boot else { return Ok(0) };
     let mut total = 0;
     for (name, path) in [("kernel", &boot.kernel), ("initrd", &boot.initrd)] {
-        let bytes = tokio::fs::read(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = tokio::fs::read(path).await.map_err(io(path))?;
         let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(FILE_PIECE).collect() };
         let n = pieces.len();
         for (i, piece) in pieces.into_iter().enumerate() {
-            let m = Message::HandoffFile { name: name.into(), offset: (i * FILE_PIECE) as u64, bytes: piece.to_vec(), last: i + 1 == n };
-            write(stream, &m).await.map_err(wire)?;
+            let m = PeerMessage::HandoffFile { name: name.into(), offset: (i * FILE_PIECE) as u64, bytes: piece.to_vec(), last: i + 1 == n };
+            write(stream, &m).await.map_err(Failure::Wire)?;
         }
         total += bytes.len() as u64;
     }
     Ok(total)
 }
 
-async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, stream: forage_client::CloudletStream, has_base: bool, order: &HandoffOrder) -> Result<HandoffReport, String> {
+async fn migrate(place: Place<'_>, instance: &Instance, base: &Snapshot, stream: forage_client::CloudletStream, has_base: bool, order: &MoveOrder) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mode, table) = match &order.options.mode {
-        Some(m) => (parse_mode(m)?, None),
-        None => {
-            let table = load_table(place.cloudlet);
-            (parse_mode("xor+zstd-1").expect("a mode"), Some(table))
-        }
+        Some(m) => (parse_mode(m).map_err(Failure::Residual)?, None),
+        None => (parse_mode("xor+zstd-1").expect("a mode"), Some(load_table(place.cloudlet))),
     };
     let vm = &instance.vm;
     let qmp = vm.qmp();
-    let qmp_err = |e: forage_vm::qmp::QmpError| format!("QEMU: {e}");
-    let sock = place.cloudlet.data.runtime_dir().map_err(|e| e.to_string())?.join(format!("handoff-{}.sock", place.id));
+    let sock = place.cloudlet.data.runtime_dir().map_err(|e| Failure::Io { path: "runtime folder".into(), source: std::io::Error::other(e) })?.join(format!("handoff-{}.sock", place.id));
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(&sock))?;
     // A restored instance has x-ignore-shared on (its RAM came from a file): off, so that
     // QEMU sends guest RAM, which is what we want to see.
-    qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] }))).await.map_err(qmp_err)?;
+    qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] }))).await.map_err(Failure::Qemu)?;
     // QEMU ends its iterations by itself, once what is left would take no longer than
     // the downtime limit at its estimate of the bandwidth. That estimate counts the
     // unchanged pages the feeder skips at memory speed, so QEMU stops the VM early and
@@ -155,7 +204,7 @@ async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, s
     // writes in 2 runs of 6: pages changed after QEMU's last dirty sync were never sent
     // and the guest at the destination crashed. Not found why; not done.
     let iterating = json!({ "downtime-limit": order.options.downtime_limit_ms, "max-bandwidth": UNLIMITED });
-    qmp.execute("migrate-set-parameters", Some(iterating)).await.map_err(qmp_err)?;
+    qmp.execute("migrate-set-parameters", Some(iterating)).await.map_err(Failure::Qemu)?;
     let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
     let watch = {
         let mut events = qmp.events();
@@ -169,14 +218,11 @@ async fn migrate(place: Place<'_>, instance: &Instance, movable: &Movable<'_>, s
         })
     };
     let result = async {
-        qmp.execute("migrate", Some(json!({ "uri": format!("unix:{}", sock.display()) }))).await.map_err(qmp_err)?;
-        let (conn, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
-            .await
-            .map_err(|_| "QEMU did not connect its migration stream".to_string())?
-            .map_err(|e| format!("migration socket: {e}"))?;
-        let conn = conn.into_std().map_err(|e| e.to_string())?;
-        conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream_state(place, instance, movable, stream, conn, has_base, mode, table, &stopped).await
+        qmp.execute("migrate", Some(json!({ "uri": format!("unix:{}", sock.display()) }))).await.map_err(Failure::Qemu)?;
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept()).await.map_err(|_| Failure::NoStream)?.map_err(io(&sock))?;
+        let conn = conn.into_std().map_err(io(&sock))?;
+        conn.set_nonblocking(false).map_err(io(&sock))?;
+        stream_state(place, instance, base, stream, conn, has_base, mode, table, &stopped).await
     }
     .await;
     watch.abort();
@@ -200,29 +246,29 @@ fn load_table(cloudlet: &Cloudlet) -> LookupTable {
 async fn stream_state(
     place: Place<'_>,
     instance: &Instance,
-    movable: &Movable<'_>,
+    base: &Snapshot,
     stream: forage_client::CloudletStream,
     conn: std::os::unix::net::UnixStream,
     has_base: bool,
     mode: forage_handoff::adapt::Mode,
     table: Option<LookupTable>,
     stopped: &Mutex<Option<Instant>>,
-) -> Result<HandoffReport, String> {
+) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mut rh, mut wh) = tokio::io::split(stream);
-    let (frames, mut frames_rx) = mpsc::channel::<Message>(2);
+    let (frames, mut frames_rx) = mpsc::channel::<PeerMessage>(2);
     let written = Arc::new(AtomicU64::new(0));
     let writer = {
         let written = written.clone();
         tokio::spawn(async move {
             while let Some(m) = frames_rx.recv().await {
                 let n = match &m {
-                    Message::HandoffSegment { bytes, .. } => bytes.len() as u64,
+                    PeerMessage::HandoffSegment { bytes, .. } => bytes.len() as u64,
                     _ => 0,
                 };
                 written.fetch_add(n, Ordering::Relaxed);
                 write(&mut wh, &m).await?;
             }
-            Ok::<_, forage_proto::ProtoError>(wh)
+            Ok::<_, ProtoError>(wh)
         })
     };
     let acked = Arc::new(AtomicU64::new(0));
@@ -230,23 +276,23 @@ async fn stream_state(
         let acked = acked.clone();
         tokio::spawn(async move {
             loop {
-                match read(&mut rh).await {
-                    Ok(Message::HandoffAck { bytes, .. }) => {
+                match read::<PeerMessage>(&mut rh).await {
+                    Ok(PeerMessage::HandoffAck { bytes, .. }) => {
                         acked.fetch_add(bytes, Ordering::Relaxed);
                     }
-                    Ok(Message::HandoffDone { service, resumed_after_ms }) => return Ok((service, resumed_after_ms)),
-                    Ok(Message::Error { message, .. }) => return Err(format!("the destination failed: {message}")),
-                    Ok(other) => return Err(unexpected("HandoffAck or HandoffDone", other)),
-                    Err(e) => return Err(wire(e)),
+                    Ok(PeerMessage::HandoffDone { service, resumed_after_ms }) => return Ok((service, resumed_after_ms)),
+                    Ok(PeerMessage::Error { message, .. }) => return Err(Failure::Refused(message)),
+                    Ok(other) => return Err(unexpected("HandoffAck or HandoffDone", &other)),
+                    Err(e) => return Err(Failure::Wire(e)),
                 }
             }
         })
     };
-    let base = &movable.view.base;
     let feed = Feed {
-        assembly: movable.view.assembly.clone(),
-        base_memory: File::open(base.memory_path()).map_err(|e| format!("{}: {e}", base.memory_path().display()))?,
-        base_disk: File::open(&base.disk_paths()[0]).map_err(|e| format!("{}: {e}", base.disk_paths()[0].display()))?,
+        shim: instance.shim.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        base_memory: File::open(base.memory_path()).map_err(io(base.memory_path()))?,
+        base_disk: File::open(&base.disk_paths()[0]).map_err(io(&base.disk_paths()[0]))?,
         has_base,
         modified: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
         sent: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
@@ -255,20 +301,14 @@ async fn stream_state(
     };
     let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(128);
     let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
-    let config = PipelineConfig {
-        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        start: mode,
-        adapt: table,
-        depth: 2,
-        ..Default::default()
-    };
+    let config = PipelineConfig { workers: std::thread::available_parallelism().map_or(2, |n| n.get()), start: mode, adapt: table, depth: 2, ..Default::default() };
     let segments_out = frames.clone();
     let acked_by_peer = acked.clone();
     let pipeline = tokio::task::spawn_blocking(move || {
         run(
             &config,
             chunk_rx.into_iter(),
-            |seq, bytes| segments_out.blocking_send(Message::HandoffSegment { seq, bytes }).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")),
+            |seq, bytes| segments_out.blocking_send(PeerMessage::HandoffSegment { seq, bytes }).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")),
             acked_by_peer,
         )
     });
@@ -283,14 +323,14 @@ async fn stream_state(
         _ = stalled(&written, &acked) => {
             writer.abort();
             reader.abort();
-            return Err(format!("the destination acknowledged nothing for {}s (link cut or destination gone)", ACK_WAIT.as_secs()));
+            return Err(Failure::Stalled);
         }
         said = &mut reader => {
             writer.abort();
             return Err(match said {
                 Ok(Err(e)) => e,
-                Ok(Ok(_)) => "the destination said it resumed the VM before the commit".into(),
-                Err(e) => format!("the destination's connection: {e}"),
+                Ok(Ok(_)) => Failure::EarlyDone,
+                Err(e) => Failure::Wire(ProtoError::Io(std::io::Error::other(e))),
             });
         }
     };
@@ -305,31 +345,30 @@ async fn stream_state(
                 Ok(Ok(Err(e))) => Some(e),
                 _ => None,
             };
-            return Err(said.or(fed.err()).or(piped.err().map(wire)).unwrap_or_else(|| "stopped".into()));
+            return Err(said.or(fed.err()).or(piped.err().map(Failure::Pipeline)).unwrap_or(Failure::Stopped));
         }
     };
     let (rounds, status) = migration_status(&instance.vm).await;
     if status != "completed" {
-        return Err(format!("QEMU's migration ended {status}"));
+        return Err(Failure::Migration(status));
     }
-    let state = residual.to_stream().and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string()))?;
+    let state = residual.to_stream().and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string())).map_err(Failure::Residual)?;
     let state_bytes = state.len() as u64;
-    frames.send(Message::HandoffCommit { segments: report.segments, state }).await.map_err(|_| wire("closed"))?;
+    frames.send(PeerMessage::HandoffCommit { segments: report.segments, state }).await.map_err(|_| Failure::Stopped)?;
     drop(frames);
     let resumed = tokio::time::timeout(PEER_WAIT, reader).await;
     writer.abort();
-    let (endpoint, _resumed_ms) = match resumed {
-        Err(_) => return Err(format!("the destination did not resume the VM in {}s", PEER_WAIT.as_secs())),
+    let (service, _resumed_ms) = match resumed {
+        Err(_) => return Err(Failure::NotResumed),
         Ok(r) => r.expect("no panic")?,
     };
     let done = Instant::now();
     let downtime_s = stopped.lock().unwrap_or_else(|p| p.into_inner()).map_or(0.0, |t| done.duration_since(t).as_secs_f64());
-    Ok(HandoffReport {
+    let report = HandoffReport {
         instance: place.id.to_string(),
         to: String::new(),
-        endpoint: endpoint.addr.clone(),
-        ca_sha256: endpoint.ca_sha256.clone(),
-        service: endpoint,
+        endpoint: service.addr.clone(),
+        ca_sha256: service.ca_sha256.clone(),
         has_base: feed.has_base,
         total_s: 0.0,
         downtime_s,
@@ -344,7 +383,8 @@ async fn stream_state(
         mode: report.trace.last().map(|t| t.mode.clone()).unwrap_or_else(|| mode.to_string()),
         switches: report.switches,
         trace: report.trace,
-    })
+    };
+    Ok((report, service))
 }
 
 /// No limit (QEMU's `max-bandwidth`, bytes/s; its default is 32 MiB/s).
@@ -426,7 +466,9 @@ impl Bits {
 /// QEMU's RAM pages (window by window in random order), then the disk chunks written
 /// during the migration (the VM is stopped by then).
 struct Feed {
-    assembly: Arc<Assembly>,
+    /// The instance's view (its shim knows what the VM wrote).
+    shim: Arc<ShimClient>,
+    runtime: tokio::runtime::Handle,
     base_memory: File,
     base_disk: File,
     has_base: bool,
@@ -441,16 +483,11 @@ struct Feed {
 }
 
 impl Feed {
-    fn run(mut self, conn: std::os::unix::net::UnixStream, out: std::sync::mpsc::SyncSender<Modified>) -> Result<(Residual, Feed), String> {
-        let gone = || "the pipeline stopped".to_string();
-        let mark = self.assembly.mark();
-        let mut disk = self.assembly.written_chunks(FileSpace::Disk);
+    fn run(mut self, conn: std::os::unix::net::UnixStream, out: std::sync::mpsc::SyncSender<Modified>) -> Result<(Residual, Feed), Failure> {
+        let mark = self.runtime.block_on(self.shim.mark()).map_err(Failure::View)?;
+        let mut disk = self.runtime.block_on(self.shim.written_chunks(FileSpace::Disk)).map_err(Failure::View)?;
         shuffle(&mut disk, 1);
-        for i in disk {
-            if let Some(m) = self.disk_chunk(i)? {
-                out.send(m).map_err(|_| gone())?;
-            }
-        }
+        self.disk_chunks(&disk, &out)?;
         let mut window: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SHUFFLE_WINDOW);
         let mut at: HashMap<u64, usize> = HashMap::new();
         let mut failed = None;
@@ -477,36 +514,40 @@ impl Feed {
         if let Some(e) = failed {
             return Err(e);
         }
-        let residual = residual.map_err(|e| e.to_string())?;
+        let residual = residual.map_err(Failure::Stream)?;
         self.flush(&mut window, &mut at, &out, 0)?;
         // QEMU stopped the VM and flushed its disk before its stream's end.
-        for i in self.assembly.written_since(FileSpace::Disk, mark) {
-            if let Some(m) = self.disk_chunk(i)? {
-                out.send(m).map_err(|_| gone())?;
-            }
-        }
+        let late = self.runtime.block_on(self.shim.written_since(FileSpace::Disk, mark)).map_err(Failure::View)?;
+        self.disk_chunks(&late, &out)?;
         Ok((residual, self))
     }
 
-    fn flush(&mut self, window: &mut Vec<(u64, Vec<u8>)>, at: &mut HashMap<u64, usize>, out: &std::sync::mpsc::SyncSender<Modified>, seed: u64) -> Result<(), String> {
+    /// Disk chunks `indices` of the view, read in batches.
+    fn disk_chunks(&mut self, indices: &[u64], out: &std::sync::mpsc::SyncSender<Modified>) -> Result<(), Failure> {
+        for batch in indices.chunks(READ_BATCH) {
+            let chunks = self.runtime.block_on(self.shim.read(FileSpace::Disk, batch.to_vec())).map_err(Failure::View)?;
+            for c in chunks {
+                self.disk_chunks += 1;
+                let base = read_chunk(&self.base_disk, c.index)?;
+                if let Some(m) = self.modified(Space::Disk, c.index, c.bytes, base) {
+                    out.send(m).map_err(|_| Failure::Stopped)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, window: &mut Vec<(u64, Vec<u8>)>, at: &mut HashMap<u64, usize>, out: &std::sync::mpsc::SyncSender<Modified>, seed: u64) -> Result<(), Failure> {
         shuffle(window, seed);
         at.clear();
         for (index, data) in window.drain(..) {
             self.memory_pages += 1;
             let base = read_chunk(&self.base_memory, index)?;
             if let Some(m) = self.modified(Space::Memory, index, data, base) {
-                out.send(m).map_err(|_| "the pipeline stopped".to_string())?;
+                out.send(m).map_err(|_| Failure::Stopped)?;
             }
         }
         Ok(())
-    }
-
-    fn disk_chunk(&mut self, index: u64) -> Result<Option<Modified>, String> {
-        self.disk_chunks += 1;
-        let off = index * CHUNK as u64;
-        let data = self.assembly.read(FileSpace::Disk, off, CHUNK as u64, READ_WAIT).map_err(|e| e.to_string())?;
-        let base = read_chunk(&self.base_disk, index)?;
-        Ok(self.modified(Space::Disk, index, data, base))
     }
 
     /// The chunk to send, if the destination does not have these bytes already.
@@ -524,14 +565,14 @@ impl Feed {
     }
 }
 
-fn read_chunk(file: &File, index: u64) -> Result<Vec<u8>, String> {
+fn read_chunk(file: &File, index: u64) -> Result<Vec<u8>, Failure> {
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0;
     while got < CHUNK {
         match file.read_at(&mut buf[got..], index * CHUNK as u64 + got as u64) {
             Ok(0) => break, // past the end: zeros
             Ok(n) => got += n,
-            Err(e) => return Err(format!("base VM: {e}")),
+            Err(source) => return Err(Failure::Io { path: "the base VM".into(), source }),
         }
     }
     Ok(buf)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use forage_cloudlet::Cloudlet;
 use forage_datadir::DataDir;
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{ErrorCode, Message, Offer, Provision};
+use forage_proto::{DeviceMessage as Message, ErrorCode, Offer, PairingMessage, PeerMessage, Provision};
 use forage_trust::PeerKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -62,7 +62,7 @@ impl Rig {
         let mut s = tls_from(self.addr, ip, self.device.clone()).await;
         hello(&mut s, vec![]).await;
         write(&mut s, &Message::Provision { request: unknown_service() }).await.unwrap();
-        assert!(matches!(read(&mut s).await.unwrap(), Message::Error { code: ErrorCode::NotFound, .. }));
+        assert!(matches!(read::<Message>(&mut s).await.unwrap(), Message::Error { code: ErrorCode::NotFound, .. }));
     }
 
     /// Every path under the test's folder but outside the data folder.
@@ -117,11 +117,17 @@ pub async fn pairing_connection(addr: SocketAddr, prefix: [u8; 8], src: Option<I
 }
 
 /// Pair as `name` with `secret` from source address `ip`: the cloudlet's answer.
-pub async fn pair_from(addr: SocketAddr, prefix: [u8; 8], ip: IpAddr, secret: Vec<u8>, name: &str) -> Message {
+pub async fn pair_from(addr: SocketAddr, prefix: [u8; 8], ip: IpAddr, secret: Vec<u8>, name: &str) -> PairingMessage {
     let (_, csr) = forage_trust::new_csr("x").unwrap();
     let mut s = pairing_connection(addr, prefix, Some(ip)).await;
-    write(&mut s, &Message::PairRequest { secret, name: name.into(), csr }).await.unwrap();
+    write(&mut s, &PairingMessage::PairRequest { secret, name: name.into(), csr }).await.unwrap();
     read(&mut s).await.unwrap()
+}
+
+/// A peer cloudlet's opening (PeerHello): the cloudlet's answer.
+pub async fn peer_hello(s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin)) -> PeerMessage {
+    write(s, &PeerMessage::PeerHello { versions: (2, 2), cloudlet: "peer".into() }).await.unwrap();
+    read(s).await.unwrap()
 }
 
 /// CBOR of a map with text keys.
@@ -164,7 +170,7 @@ pub async fn url_refusal(rig: &Rig, offer: &Offer, url: &str) -> String {
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
     assert!(matches!(hello(&mut s, vec![offer.clone()]).await, Message::Welcome { chosen: Some(_), .. }));
     write(&mut s, &Message::OverlayUrl { url: url.into() }).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(30), read(&mut s)).await.unwrap().unwrap() {
+    match tokio::time::timeout(Duration::from_secs(30), read::<Message>(&mut s)).await.unwrap().unwrap() {
         Message::Error { code: ErrorCode::BadOverlay, message } => message,
         other => panic!("{url}: {other:?}"),
     }

@@ -1,33 +1,70 @@
-//! `forage handoff`: ask this cloudlet's daemon (its HTTP API, with the operator's token)
-//! to move a running instance to another cloudlet, and print what the handoff did.
+//! The instance commands, through this cloudlet's daemon (its HTTP API, with the
+//! operator's token): `forage handoff` moves a running instance to another cloudlet and
+//! prints what the handoff did; `forage instances` lists them; `forage stop` ends one.
 
-use std::time::Duration;
-
-use anyhow::{bail, Context};
-use forage_api::{HandoffRequest, HandoffView, InstanceList};
+use anyhow::Context;
+use forage_api::client::ApiClient;
+use forage_api::{HandoffReport, HandoffRequest};
 use forage_datadir::DataDir;
 
-use crate::cli::HandoffArgs;
+use crate::cli::{HandoffArgs, InstancesArgs, StopArgs};
 
 pub async fn run(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
     let data = data.clone();
     tokio::task::spawn_blocking(move || run_blocking(&data, a)).await?
 }
 
-fn run_blocking(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
+fn client(data: &DataDir, api: std::net::SocketAddr) -> anyhow::Result<ApiClient> {
     let token = forage_api::token::read(&super::synthesis::api_token_path(data))?;
-    let base = format!("http://{}", a.api);
-    let auth = format!("Bearer {token}");
-    let id = resolve(&base, &auth, &a.instance)?;
+    Ok(ApiClient::new(api, &token))
+}
+
+/// An instance id, or the endpoint of one.
+fn instance_id(api: &ApiClient, instance: &str) -> anyhow::Result<String> {
+    Ok(match instance.contains(':') {
+        true => api.instance_at(instance)?,
+        false => instance.to_string(),
+    })
+}
+
+pub async fn instances(data: &DataDir, a: InstancesArgs) -> anyhow::Result<()> {
+    let api = client(data, a.api)?;
+    let list = tokio::task::spawn_blocking(move || api.instances(a.all)).await??;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.instances.is_empty() {
+        println!("no {}instances", if a.all { "" } else { "running " });
+    }
+    for i in &list.instances {
+        println!("{:<16} {:<9} {:<24} {} (QEMU {})", i.id, format!("{:?}", i.status).to_lowercase(), i.endpoint, i.name, i.qemu_pid);
+    }
+    Ok(())
+}
+
+pub async fn stop(data: &DataDir, a: StopArgs) -> anyhow::Result<()> {
+    let api = client(data, a.api)?;
+    let view = tokio::task::spawn_blocking(move || {
+        let id = instance_id(&api, &a.instance)?;
+        anyhow::Ok(api.stop(&id)?)
+    })
+    .await??;
+    match a.json {
+        true => println!("{}", serde_json::to_string_pretty(&view)?),
+        false => println!("stopped {} ({})", view.id, view.name),
+    }
+    Ok(())
+}
+
+fn run_blocking(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
+    let api = client(data, a.api)?;
+    let id = instance_id(&api, &a.instance)?;
     if !a.json {
         eprintln!("handing off instance {id} to {}...", a.to);
     }
     let request = HandoffRequest { to: a.to.to_string(), mode: a.mode.clone(), downtime_limit_ms: Some(a.downtime_ms) };
-    let view: HandoffView = match ureq::post(&format!("{base}/v1/instances/{id}/handoff")).set("Authorization", &auth).timeout(Duration::from_secs(3600)).send_json(&request) {
-        Ok(r) => r.into_json().context("the daemon's answer")?,
-        Err(ureq::Error::Status(_, r)) => bail!("{}", api_error(r)),
-        Err(e) => bail!("the cloudlet's API at {}: {e}", a.api),
-    };
+    let view = api.handoff(&id, &request)?;
     if let Some(path) = &a.trace {
         write_trace(path, &view)?;
     }
@@ -55,29 +92,8 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
-/// An instance id, or the endpoint of one.
-fn resolve(base: &str, auth: &str, instance: &str) -> anyhow::Result<String> {
-    if !instance.contains(':') {
-        return Ok(instance.to_string());
-    }
-    let list: InstanceList = match ureq::get(&format!("{base}/v1/instances")).set("Authorization", auth).call() {
-        Ok(r) => r.into_json()?,
-        Err(ureq::Error::Status(_, r)) => bail!("{}", api_error(r)),
-        Err(e) => bail!("the cloudlet's API at {base}: {e}"),
-    };
-    list.instances.into_iter().find(|i| i.endpoint == instance).map(|i| i.id).with_context(|| format!("no running instance has endpoint {instance}"))
-}
-
-fn api_error(r: ureq::Response) -> String {
-    let status = r.status();
-    match r.into_json::<forage_api::ErrorBody>() {
-        Ok(b) => b.error,
-        Err(_) => format!("the API answered {status}"),
-    }
-}
-
 /// The adaptation's trace as CSV.
-pub fn write_trace(path: &std::path::Path, view: &HandoffView) -> anyhow::Result<()> {
+pub fn write_trace(path: &std::path::Path, view: &HandoffReport) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}", path.display()))?);
     forage_handoff::pipeline::write_trace_csv(&view.trace, &mut f).with_context(|| format!("{}", path.display()))
 }

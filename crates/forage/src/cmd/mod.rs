@@ -44,6 +44,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(c) => tactical::app(&data, c).await,
         Command::Pair(a) => pair::run(&data, a).await,
         Command::Handoff(a) => handoff::run(&data, a).await,
+        Command::Instances(a) => handoff::instances(&data, a).await,
+        Command::Stop(a) => handoff::stop(&data, a).await,
         Command::Signer(c) => pair::signer(&data, c),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use forage_client::ClientError;
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{ErrorCode, Message, Provision};
+use forage_proto::{DeviceMessage as Message, ErrorCode, Provision};
 use forage_trust::{DeviceTrust, PeerKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -68,7 +68,7 @@ async fn pairing_and_every_refusal() {
     let anon = forage_trust::pairing_client_config(prefix).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut s = tokio_rustls::TlsConnector::from(anon).connect(rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).unwrap(), tcp).await.unwrap();
-    write(&mut s, &Message::Hello { versions: (1, 1), device: "anon".into(), offers: vec![], early_start: false, store_and_forward: false }).await.unwrap();
+    write(&mut s, &Message::Hello { versions: (2, 2), device: "anon".into(), offers: vec![], early_start: false, store_and_forward: false }).await.unwrap();
     match read(&mut s).await.unwrap() {
         Message::Error { code: ErrorCode::Unpaired, message } => assert!(message.contains("not paired"), "{message}"),
         m => panic!("unexpected {m:?}"),

@@ -5,20 +5,19 @@
 //! forever, a package with a missing library or for another OS, unknown service, OS or
 //! component, a cloudlet that is gone, an idle instance. After each, nothing is left.
 
-mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use forage_testkit::guest::*;
 use forage_client::{provision, ClientError};
 use forage_proto::{ErrorCode, Provision};
 use forage_service::appvirt::AppBundle;
 
 fn forage(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_forage"))
+    let out = Command::new(forage_exe())
         .arg("--data-dir")
         .arg(data_dir().root())
         .args(args)
@@ -60,6 +59,9 @@ async fn five_mechanisms_share_one_lifecycle() {
     }
     let data = data_dir();
     image();
+    logs();
+    // A failed assertion must not leave the instances it started running.
+    let _reaper = Reaper::new(&[data_dir().work()]);
     let app_dir = forage_image::locate_guest_binary("apps/hashsearch").expect("make guest");
     let work = data.work().join("provision-test");
     let _ = std::fs::remove_dir_all(&work);
@@ -114,7 +116,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     // Exports are signed; a host with a signers list refuses a package of another signer.
     let signers = data.root().join("trust").join("signers");
     std::fs::write(&signers, format!("{} # someone else\n", "ab".repeat(32))).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_forage")).arg("--data-dir").arg(data.root()).args(["service", "import", &pkg.to_string_lossy(), "--id", "prov-refused"]).output().unwrap();
+    let out = Command::new(forage_exe()).arg("--data-dir").arg(data.root()).args(["service", "import", &pkg.to_string_lossy(), "--id", "prov-refused"]).output().unwrap();
     assert!(!out.status.success(), "a package of an unlisted signer was imported");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not one this cloudlet accepts"), "{}", String::from_utf8_lossy(&out.stderr));
     let me = forage(&["signer", "show"]);
@@ -130,7 +132,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     let cut = work.join("cut.fsvc");
     let bytes = std::fs::read(&pkg).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_forage"))
+    let out = Command::new(forage_exe())
         .arg("--data-dir")
         .arg(data.root())
         .args([

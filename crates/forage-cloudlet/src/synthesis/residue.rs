@@ -5,48 +5,45 @@
 //! The instance is saved (device state; QEMU exits, which flushes its memory writes),
 //! the changed chunks are found, and `forage_synth::residue` writes the residue, which is
 //! then sent in order as Residue pieces of at most 1 MiB.
-//! Changed chunks: with early start, exactly the chunks the VM wrote through the FUSE
-//! mount (the assembly records them); otherwise by comparing the instance's files with
+//! Changed chunks: with early start, exactly the chunks the VM wrote through its view
+//! (the shim's assembly records them); otherwise by comparing the instance's files with
 //! the launch VM's, chunk by chunk, streaming.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use forage_assembly::Assembly;
 use forage_format::{Manifest, Space, CHUNK_SIZE};
 use forage_proto::asynchronous::write;
-use forage_proto::{ErrorCode, Message};
-use forage_vm::{Snapshot, Vm};
+use forage_proto::{DeviceMessage, ErrorCode};
+use forage_vm::Snapshot;
 
-use crate::session::{internal, refused, Ctx, SessionError};
-
-/// How the session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ending {
-    Bye,
-    Residue,
-    /// A handoff was ordered (movable instances only).
-    Moving,
-    /// The instance moved to another cloudlet.
-    Moved,
-}
+use super::Ctx;
+use crate::error::{internal, refused, SessionError};
+use crate::instance::Instance;
 
 /// What the instance started from.
 pub(crate) enum LaunchRef<'a> {
     /// A launch VM on disk (pipelined, cached).
     Files(&'a Snapshot),
-    /// The early-start assembly: it knows what the VM wrote.
-    Assembly(&'a Assembly),
+    /// The early-start view: its shim knows what the VM wrote.
+    View,
 }
 
 const PIECE: usize = 1 << 20;
 
-pub(crate) async fn send_residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, mut vm: Vm, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
+/// Save the instance (QEMU exits), write its residue and send it; the instance ends.
+pub(crate) async fn send_residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, mut instance: Instance, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
+    let result = residue(stream, ctx, &mut instance, parent, parent_digest, launch).await;
+    instance.finish(ctx.cloudlet).await;
+    result
+}
+
+async fn residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, live: &mut Instance, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
     let instance_dir = ctx.dir.join("instance");
-    let instance = vm.save(&instance_dir).await.map_err(internal)?;
+    let instance = live.vm.save(&instance_dir).await.map_err(internal)?;
     let (memory, disk) = match launch {
-        LaunchRef::Assembly(a) => (a.written_chunks(Space::Memory), a.written_chunks(Space::Disk)),
+        LaunchRef::View => (live.shim.written_chunks(Space::Memory).await.map_err(internal)?, live.shim.written_chunks(Space::Disk).await.map_err(internal)?),
         LaunchRef::Files(launch) => {
             let pairs = [(launch.memory_path(), instance.memory_path()), (launch.disk_paths()[0].clone(), instance.disk_paths()[0].clone())];
             let [m, d] = pairs.map(|(a, b)| tokio::task::spawn_blocking(move || changed_chunks(&a, &b)));
@@ -71,7 +68,7 @@ pub(crate) async fn send_residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>
         let n = read_full(&mut file, &mut buf).map_err(internal)?;
         buf.truncate(n);
         let last = offset + n as u64 >= total;
-        write(stream, &Message::Residue { offset, bytes: buf, last }).await?;
+        write(stream, &DeviceMessage::Residue { offset, bytes: buf, last }).await?;
         offset += n as u64;
         if last {
             return Ok(total);

@@ -1,69 +1,61 @@
-//! The cloudlet's side of an instance's service port. Guest ports are forwarded by QEMU
-//! to loopback only (the guest agent's port included, which must never face devices); a
-//! [`ServiceProxy`] on the cloudlet's service address relays the service port to the
-//! devices that hold the instance's token, inside TLS (`forage_proto::service`), and
-//! notes when bytes last went through, which is what the idle timeout measures.
-//! Connections that do not present the token are closed unheard and do not count as use.
+//! An instance's service relay. Guest ports are forwarded by QEMU to loopback only (the
+//! guest agent's port included, which must never face devices); the relay listens on the
+//! cloudlet's service address and passes to the guest's service port the connections of
+//! devices that hold the instance's token, inside TLS (`forage_proto::service`). It notes
+//! when bytes last went through: what the idle timeout measures. Connections that do not
+//! present the token are closed unheard and do not count as use.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forage_proto::service::{parse_preamble, same_token, ServiceEndpoint, PREAMBLE_LEN, PREAMBLE_WAIT_S, TOKEN_BYTES};
+use forage_proto::service::{parse_preamble, same_token, PREAMBLE_LEN, PREAMBLE_WAIT_S, TOKEN_BYTES};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::Stop;
-
 /// Connections one relay serves at once.
 const MAX_CONNECTIONS: usize = 256;
 
-pub(crate) struct ServiceProxy {
+pub struct Relay {
     pub addr: SocketAddr,
-    /// What the instance's devices are given: the relay's address, token and CA.
-    pub endpoint: ServiceEndpoint,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last byte relayed (or of the start).
     last: Arc<AtomicU64>,
-    tasks: Vec<JoinHandle<()>>,
+    admitted: Arc<AtomicU64>,
+    task: JoinHandle<()>,
 }
 
-impl ServiceProxy {
-    /// Listen on `listen` (any free port) and relay to `target` every connection that
-    /// completes a TLS handshake (`tls`: the cloudlet's relay configuration) and presents
-    /// the token within the preamble wait: `token`, or a new random one.
-    pub async fn start(listen: Ipv4Addr, target: SocketAddr, tls: Arc<rustls::ServerConfig>, ca_sha256: String, token: Option<[u8; TOKEN_BYTES]>) -> std::io::Result<Self> {
-        let token = match token {
-            Some(t) => t,
-            None => {
-                let mut t = [0u8; TOKEN_BYTES];
-                getrandom::fill(&mut t).map_err(|e| std::io::Error::other(format!("no randomness for the instance's token: {e}")))?;
-                t
-            }
-        };
-        let listener = TcpListener::bind((listen, 0)).await?;
+impl Relay {
+    /// Listen on `listen` (port 0: any free one) and relay to `target` every connection
+    /// that completes a TLS handshake (`tls`: the cloudlet's relay configuration) and
+    /// presents `token` within the preamble wait.
+    pub async fn start(listen: SocketAddr, target: SocketAddr, tls: Arc<rustls::ServerConfig>, token: [u8; TOKEN_BYTES]) -> std::io::Result<Self> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(listen)?;
+        let listener: TcpListener = socket.listen(128)?;
         let addr = listener.local_addr()?;
-        let endpoint = ServiceEndpoint { addr: addr.to_string(), token: hex::encode(token), ca_sha256 };
         let epoch = Instant::now();
-        let last = Arc::new(AtomicU64::new(0));
-        let l = last.clone();
+        let (last, admitted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (l, a) = (last.clone(), admitted.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let accept = tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
-                    a = listener.accept() => match a {
+                    accepted = listener.accept() => match accepted {
                         Ok((client, peer)) => {
                             if conns.len() >= MAX_CONNECTIONS {
                                 tracing::debug!(%peer, "service relay {addr}: too many connections");
                                 continue;
                             }
-                            let (l, acceptor) = (l.clone(), acceptor.clone());
+                            let (l, a, acceptor) = (l.clone(), a.clone(), acceptor.clone());
                             conns.spawn(async move {
                                 match admit(client, &acceptor, &token).await {
                                     Ok(device) => {
+                                        a.fetch_add(1, Ordering::Relaxed);
                                         if let Ok(guest) = TcpStream::connect(target).await {
                                             relay(device, guest, epoch, l).await;
                                         }
@@ -73,7 +65,7 @@ impl ServiceProxy {
                             });
                         }
                         Err(e) => {
-                            tracing::warn!("service proxy {addr}: {e}");
+                            tracing::warn!("service relay {addr}: {e}");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     },
@@ -81,44 +73,28 @@ impl ServiceProxy {
                 }
             }
         });
-        Ok(Self { addr, endpoint, epoch, last, tasks: vec![accept] })
+        Ok(Self { addr, epoch, last, admitted, task })
     }
 
-    /// Count from now (the instance is handed to its device).
+    /// Count idleness from now.
     pub fn touch(&self) {
-        self.last
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Ask `stop` to end the instance once no byte went through for `timeout`.
-    pub fn watch_idle(&mut self, timeout: Duration, stop: Arc<Stop>) {
-        let (epoch, last) = (self.epoch, self.last.clone());
-        self.tasks.push(tokio::spawn(async move {
-            loop {
-                let idle = epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if idle >= timeout {
-                    stop.request(
-                        forage_proto::ErrorCode::Idle,
-                        format!(
-                            "the instance was idle for {}s (no traffic to its service)",
-                            timeout.as_secs()
-                        ),
-                    );
-                    return;
-                }
-                tokio::time::sleep((timeout - idle).max(Duration::from_millis(200))).await;
-            }
-        }));
+    /// Milliseconds since a byte last went through (or since the start or a touch).
+    pub fn idle_ms(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Connections admitted (token presented), in all.
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for ServiceProxy {
+impl Drop for Relay {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -192,8 +168,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let trust = forage_trust::CloudletTrust::open_or_init(dir.path(), "c").unwrap();
         let (target, reached) = echo().await;
-        let proxy = ServiceProxy::start(Ipv4Addr::LOCALHOST, target, trust.relay_server_config().unwrap(), trust.ca_fingerprint(), None).await.unwrap();
-        let good = proxy.endpoint.clone();
+        let mut token = [0u8; TOKEN_BYTES];
+        token[3] = 7;
+        let relay = Relay::start("127.0.0.1:0".parse().unwrap(), target, trust.relay_server_config().unwrap(), token).await.unwrap();
+        let endpoint = forage_proto::ServiceEndpoint { addr: relay.addr.to_string(), token: hex::encode(token), ca_sha256: trust.ca_fingerprint() };
+        let good = endpoint.clone();
         let ask = |ep: forage_proto::ServiceEndpoint| tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "hello", Duration::from_secs(15)));
 
         // Plain TCP, as before the relay had TLS: nothing comes back, nothing reaches the guest.
@@ -207,16 +186,17 @@ mod tests {
         });
         assert!(!String::from_utf8_lossy(&raw.await.unwrap()).contains("hello"));
         // TLS with a wrong token, and TLS with the right token but another CA expected.
-        let mut wrong = proxy.endpoint.clone();
+        let mut wrong = endpoint.clone();
         wrong.token = "00".repeat(16);
         assert!(matches!(ask(wrong).await.unwrap(), Err(forage_client::service::ServiceError::NoAnswer { .. })));
-        let mut other_ca = proxy.endpoint.clone();
+        let mut other_ca = endpoint.clone();
         other_ca.ca_sha256 = "ab".repeat(32);
         assert!(matches!(ask(other_ca).await.unwrap(), Err(forage_client::service::ServiceError::Tls { .. })));
         assert_eq!(reached.load(Ordering::SeqCst), 0, "a connection without the token reached the guest");
         // The device that holds the token.
-        assert_eq!(ask(proxy.endpoint.clone()).await.unwrap().unwrap(), "hello");
+        assert_eq!(ask(endpoint.clone()).await.unwrap().unwrap(), "hello");
         assert_eq!(reached.load(Ordering::SeqCst), 1);
+        assert_eq!(relay.admitted(), 1);
     }
 
     fn proxy_addr(ep: &forage_proto::ServiceEndpoint) -> SocketAddr {

@@ -8,14 +8,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use forage_format::Manifest;
-use sha2::Digest;
 use forage_proto::asynchronous::write;
-use forage_proto::{ErrorCode, Message};
+use forage_proto::{DeviceMessage, ErrorCode};
 use forage_vm::Snapshot;
+use sha2::Digest;
 
-use crate::pipe::SegmentPipe;
-use crate::residue::{send_residue, Ending, LaunchRef};
-use crate::session::{hold, internal, next, no_usage, overlay_digest, refused, resume, Ctx, Outcome, SessionError};
+use super::pipe::SegmentPipe;
+use super::residue::{send_residue, LaunchRef};
+use super::{overlay_digest, Ctx};
+use crate::error::{internal, next, refused, SessionError};
+use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
 
 pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, pipelined: bool) -> Result<Outcome, SessionError> {
     if !pipelined {
@@ -91,7 +93,7 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
 
 /// Segment `i`, which must come next and be of the manifest's size.
 async fn next_segment(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: &Manifest, i: usize) -> Result<Vec<u8>, SessionError> {
-    let Message::Segment { index, bytes } = next(stream, ctx.cloudlet.peer_wait).await? else {
+    let DeviceMessage::Segment { index, bytes } = next::<DeviceMessage>(stream, ctx.cloudlet.peer_wait).await? else {
         return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
     };
     if index as usize != i || bytes.len() as u64 != manifest.segments[i].compressed_len {
@@ -147,23 +149,25 @@ async fn finish(
     decompress: std::time::Duration,
 ) -> Result<Outcome, SessionError> {
     let snap = Snapshot::open(applied).map_err(internal)?;
-    let instance = resume(ctx.place(), &snap, manifest.service.as_ref().map(|s| s.port), &[], false).await?;
+    let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
+    let prepared = prepare(ctx.place(), Source::Copies, &snap.manifest().spec, ports).await?;
+    let instance = prepared.resume(&snap, true, true).await?;
     let served = async {
         write(stream, &instance.ready()).await?;
         let decompress_ms = decompress.as_millis() as u64;
-        write(stream, &Message::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
-        hold(stream, &instance.stop, no_usage).await
+        write(stream, &DeviceMessage::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
+        hold(stream, &instance.control, instance.gone(), no_usage).await
     }
     .await;
     let result = match served {
-        Ok(Ending::Residue) => send_residue(stream, ctx, instance.vm, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ()),
+        Ok(Ending::Residue) => send_residue(stream, ctx, instance, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ()),
         // Not movable: only Bye and Residue end its hold.
         Ok(Ending::Bye | Ending::Moving | Ending::Moved) => {
-            let _ = instance.vm.shutdown().await;
+            instance.finish(ctx.cloudlet).await;
             Ok(())
         }
         Err(e) => {
-            let _ = instance.vm.shutdown().await;
+            instance.finish(ctx.cloudlet).await;
             Err(e)
         }
     };

@@ -1,10 +1,10 @@
-//! Shared by the integration tests: one tiny image per test binary, built from Debian
-//! packages into `target/tmp/forage-test-data` (cached across runs), and helpers to boot it.
+//! Real guests for the integration tests: the tiny image, built from Debian packages
+//! into `target/tmp/forage-test-data` (shared by every test binary, cached across runs),
+//! helpers to boot it, ask its service, pair with a cloudlet, and check that a cloudlet
+//! left nothing behind.
 //!
 //! Set `FORAGE_SKIP_VM_TESTS=1` for a quick run without QEMU: the VM tests then return
 //! early and say so.
-
-#![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -24,8 +24,34 @@ pub fn skip_vm_tests() -> bool {
     skip
 }
 
+/// `target/`: test binaries run from `target/PROFILE/deps/`.
+fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.ancestors().nth(3).expect("target/PROFILE/deps/BIN").to_path_buf()
+}
+
+/// The test data folder, shared by every test binary.
 pub fn data_dir() -> DataDir {
-    DataDir::at(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("forage-test-data"))
+    DataDir::at(target_dir().join("tmp").join("forage-test-data"))
+}
+
+/// The `forage` binary of this build (`target/PROFILE/forage`).
+pub fn forage_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let p = exe.ancestors().nth(2).expect("target/PROFILE").join("forage");
+    assert!(p.is_file(), "{} is missing: build it (`cargo build -p forage`, or run the workspace's tests)", p.display());
+    p
+}
+
+/// The cloudlet's log on the test's output when `RUST_LOG` is set (e.g.
+/// `RUST_LOG=forage_cloudlet=debug cargo test ... -- --nocapture`).
+pub fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    }
 }
 
 /// The tiny image, built once per test binary.
@@ -122,6 +148,46 @@ pub async fn wait_ticks(serial: &Path, n: usize) -> Vec<u64> {
     }
 }
 
+/// Kills, when dropped (the test passed or panicked), every QEMU and instance shim whose
+/// command line mentions one of its folders: instances outlive their daemon by design, a
+/// test's must not outlive the test.
+pub struct Reaper(Vec<PathBuf>);
+
+impl Reaper {
+    pub fn new(folders: &[PathBuf]) -> Self {
+        Self(folders.to_vec())
+    }
+
+    fn pids(&self, program: &str) -> Vec<i32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).into_owned();
+                let ours = cmd.contains(program) && self.0.iter().any(|f| cmd.contains(&*f.to_string_lossy()));
+                ours.then_some(pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // QEMU first (killed), then its shim (terminated: it unmounts its view).
+        for (program, signal) in [("qemu-system", rustix::process::Signal::Kill), ("forage-shim", rustix::process::Signal::Term)] {
+            for pid in self.pids(program) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, signal);
+                }
+            }
+        }
+        let t = Instant::now();
+        while !self.pids("forage-shim").is_empty() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Is any QEMU process running whose command line mentions `needle`?
 pub fn qemu_running_with(needle: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -164,7 +230,7 @@ pub async fn assert_cleaned_up(data: &DataDir) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
-    assert_no_qemu_with("session-").await;
+    assert_no_qemu_with(&data.work().to_string_lossy()).await;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
         !mounts.contains(&data.work().to_string_lossy().to_string()),

@@ -3,17 +3,16 @@
 //! launch-VM cache, concurrent sessions, and the faults: corrupted segment, unknown base,
 //! a device that hangs up mid-stream, a device that stops answering demand fetches.
 
-mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use forage_testkit::guest::*;
 use forage_client::{OverlayFile, SynthesisOptions};
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{ErrorCode, Message, Offer};
+use forage_proto::{DeviceMessage as Message, ErrorCode, Offer};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{self, LaunchOptions};
 use forage_synth::BaseVm;
@@ -39,7 +38,7 @@ impl RawDevice {
             overlay_digest: ov.digest.clone(),
             signature: ov.signature.clone(),
         };
-        write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: true, store_and_forward: false }).await.unwrap();
+        write(&mut stream, &Message::Hello { versions: (2, 2), device: "raw".into(), offers: vec![offer], early_start: true, store_and_forward: false }).await.unwrap();
         let welcome = read(&mut stream).await.unwrap();
         (Self { stream, ov }, welcome)
     }
@@ -149,8 +148,14 @@ async fn synthesis_modes_cache_and_faults() {
     }
     let f = fixture().await;
     let accel = forage_vm::accel::detect().accel;
+    logs();
+    // A failed assertion must not leave the instances it started running.
+    let _reaper = Reaper::new(&[data_dir().work()]);
     let mut c = forage_cloudlet::Cloudlet::open("test-cloudlet".into(), f.data.clone(), accel, std::net::Ipv4Addr::LOCALHOST).expect("cloudlet");
     c.peer_wait = Duration::from_secs(5);
+    // The overlay-by-URL cases fetch from a plain-HTTP server on loopback, which the
+    // default policy refuses (see tests/hostile.rs): allowed here explicitly.
+    c.fetch_policy = forage_remote::FetchPolicy { allow_http: true, allow: vec!["127.0.0.1/32".parse().unwrap()], any: false };
     let cloudlet = Arc::new(c);
     pair_with(&cloudlet, "synthesis-tester");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -367,8 +372,8 @@ async fn synthesis_modes_cache_and_faults() {
             let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
             let ov = OverlayFile::open(&f.ovl).await.unwrap();
             let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone(), signature: Vec::new() };
-            write(&mut stream, &Message::Hello { versions: (1, 1), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();
-            read(&mut stream).await.unwrap();
+            write(&mut stream, &Message::Hello { versions: (2, 2), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();
+            read::<Message>(&mut stream).await.unwrap();
             dev = RawDevice { stream, ov };
         }
         dev.send_manifest().await;

@@ -1,0 +1,47 @@
+//! A peer cloudlet's connection (the peer protocol, `forage_proto::peer`): PeerHello and
+//! PeerWelcome, then a handoff the peer offers. Only a certificate this cloudlet issued
+//! `--as-cloudlet` may speak it.
+
+use std::time::Instant;
+
+use forage_proto::asynchronous::write;
+use forage_proto::{negotiate, ErrorCode, PeerMessage, ProtoError, VERSION_MAX, VERSION_MIN};
+
+use crate::error::{internal, next, refused, SessionError};
+use crate::instance::Place;
+use crate::Cloudlet;
+
+/// Serve one peer cloudlet (`name` and `serial` from its certificate); its first frame
+/// (already read) is `first`.
+pub async fn peer(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, name: &str, serial: u64, first: PeerMessage) -> Result<(), SessionError> {
+    let id = cloudlet.new_session_id();
+    let dir = cloudlet.data.work().join(format!("session-{id}"));
+    let result = run(&mut stream, cloudlet, &id, &dir, name, serial, first).await;
+    if let Err(e) = &result {
+        let (code, message) = e.code_and_message();
+        let _ = write(&mut stream, &PeerMessage::Error { code, message }).await;
+    }
+    cloudlet.end_session(&id, &dir, &result);
+    result.map(|_| ())
+}
+
+async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, dir: &std::path::Path, name: &str, serial: u64, first: PeerMessage) -> Result<crate::instance::Outcome, SessionError> {
+    let PeerMessage::PeerHello { versions, cloudlet: theirs } = first else {
+        return Err(SessionError::Sequence { expected: "PeerHello", got: first.name() });
+    };
+    let is_cloudlet = cloudlet.trust.issued().iter().any(|i| i.serial == serial && i.kind == forage_trust::PeerKind::Cloudlet && i.revoked_unix.is_none());
+    if !is_cloudlet {
+        return Err(refused(ErrorCode::Unpaired, format!("{name} is paired as a device: only cloudlets paired with `--as-cloudlet` may hand off VMs")));
+    }
+    let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("peer speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
+    write(stream, &PeerMessage::PeerWelcome { version, cloudlet: cloudlet.name.clone() }).await?;
+    let begin = match next::<PeerMessage>(stream, cloudlet.peer_wait).await {
+        Ok(PeerMessage::HandoffBegin(b)) => b,
+        Ok(other) => return Err(SessionError::Sequence { expected: "HandoffBegin", got: other.name() }),
+        Err(SessionError::Proto(ProtoError::Closed)) => return Ok(crate::instance::Outcome { bytes: 0 }),
+        Err(e) => return Err(e),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+    let place = Place { cloudlet, id, dir, started: Instant::now() };
+    crate::handoff::receive(stream, place, &format!("{name} ({theirs})"), begin).await
+}

@@ -1,0 +1,113 @@
+//! The peer protocol: cloudlet to cloudlet, over TLS 1.3 with the source's cloudlet
+//! credentials (paired `--as-cloudlet` with the destination). It carries VM handoff.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source cloudlet
+//!     participant D as destination cloudlet
+//!     S->>D: PeerHello {versions, cloudlet}
+//!     D->>S: PeerWelcome {version, cloudlet} | Error {unpaired: not paired as a cloudlet}
+//!     S->>D: HandoffBegin {base's state digest, VM description, ports, service token}
+//!     D->>S: HandoffAccept {has_base} | Error
+//!     S->>D: HandoffFile {kernel, initrd}...   (only without the base)
+//!     Note over S: QEMU migrates into a local socket; the VM runs meanwhile
+//!     S->>D: HandoffSegment {seq, bytes}...   (disk chunks, RAM rounds)
+//!     D->>S: HandoffAck {seq, bytes}...   (bandwidth for the adaptation)
+//!     Note over S: QEMU stops the VM for its last round (downtime starts)
+//!     S->>D: HandoffCommit {segments, ROM + device state}
+//!     Note over D: every segment applied: resume
+//!     D->>S: HandoffDone {service endpoint}
+//! ```
+//!
+//! Documented in `docs/handoff-protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ErrorCode, ServiceEndpoint};
+
+/// What a handoff's source tells the destination before any state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffBegin {
+    /// The instance's id at the source (for logs).
+    pub instance: String,
+    /// Names the base VM: the SHA-256 of its saved device state (unique per save, and
+    /// kept by package export and import).
+    pub base_state_sha256: String,
+    /// The base's description (`forage-vm` snapshot manifest, JSON): the hardware the
+    /// destination must start, and the sizes of memory and disk.
+    #[serde(with = "serde_bytes")]
+    pub vm: Vec<u8>,
+    /// Guest port relayed as the service, and other guest ports to forward.
+    pub service_port: Option<u16>,
+    pub extra_ports: Vec<u16>,
+    /// The instance's service token (hex), kept at the destination so that its devices
+    /// reach it there with what they hold.
+    #[serde(default)]
+    pub service_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "m", rename_all = "snake_case")]
+pub enum PeerMessage {
+    PeerHello {
+        versions: (u16, u16),
+        /// The source cloudlet's name (its certificate names it too).
+        cloudlet: String,
+    },
+    PeerWelcome {
+        version: u16,
+        cloudlet: String,
+    },
+    /// The source offers a running instance. The destination answers HandoffAccept or
+    /// Error.
+    HandoffBegin(HandoffBegin),
+    HandoffAccept {
+        /// The destination holds the instance's base VM: chunks equal to the base are not
+        /// sent, others may be deltas against it. Without it every chunk is sent whole
+        /// and the source sends the boot files (HandoffFile) first.
+        has_base: bool,
+    },
+    /// A file the VM needs besides memory and disk (direct-boot kernel, initramfs), in
+    /// pieces of at most 16 MiB; only to a destination without the base.
+    HandoffFile {
+        name: String,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        last: bool,
+    },
+    /// One handoff segment (`forage-handoff` segment format), in sequence order.
+    HandoffSegment {
+        seq: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The destination applied segment `seq` (`bytes` on the wire): the source's
+    /// bandwidth measure.
+    HandoffAck {
+        seq: u64,
+        bytes: u64,
+    },
+    /// Everything is sent: `segments` in all, and the VM's remaining state (a QEMU
+    /// migration stream without guest RAM, zstd-compressed). The destination resumes only
+    /// now, and only if every segment arrived and applied.
+    HandoffCommit {
+        segments: u64,
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+    /// The instance runs at the destination; its service answers at `service`.
+    HandoffDone {
+        service: ServiceEndpoint,
+        resumed_after_ms: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+crate::protocol_kinds!(PeerMessage, "peer",
+    PeerHello = 30, PeerWelcome = 31, HandoffBegin = 22, HandoffAccept = 23, HandoffFile = 24,
+    HandoffSegment = 25, HandoffAck = 26, HandoffCommit = 27, HandoffDone = 28, Error = 8,
+);
