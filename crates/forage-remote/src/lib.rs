@@ -21,7 +21,7 @@ use forage_format::container::HEADER_LEN;
 use forage_format::manifest::MAX_MANIFEST_RAW;
 use forage_format::{Manifest, OverlayReader};
 
-pub use policy::{FetchPolicy, PolicyError};
+pub use policy::{FetchPolicy, PolicyError, UrlTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {

@@ -37,6 +37,13 @@ pub enum PolicyError {
     NotAUrl,
 }
 
+/// A URL's scheme and `host:port`, before resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlTarget {
+    pub https: bool,
+    pub netloc: String,
+}
+
 impl FetchPolicy {
     /// Fetch anything (the device fetching for its own user).
     pub fn any() -> Self {
@@ -48,10 +55,17 @@ impl FetchPolicy {
         if self.any {
             return Ok(());
         }
+        let target = self.target(url)?;
+        self.resolve(&target.netloc, target.https).map(|_| ())
+    }
+
+    /// Where `url` points, as this policy reads it (no resolution): its scheme must be
+    /// allowed and it must name a host. Pure, so the fuzzer can run it.
+    pub fn target(&self, url: &str) -> Result<UrlTarget, PolicyError> {
         let (scheme, rest) = url.split_once("://").ok_or(PolicyError::NotAUrl)?;
         let https = match scheme.to_ascii_lowercase().as_str() {
             "https" => true,
-            "http" if self.allow_http => false,
+            "http" if self.allow_http || self.any => false,
             _ => return Err(PolicyError::Scheme),
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
@@ -65,7 +79,7 @@ impl FetchPolicy {
             None => hostport.contains(':'),
         };
         let netloc = if has_port { hostport.to_string() } else { format!("{hostport}:{}", if https { 443 } else { 80 }) };
-        self.resolve(&netloc, https).map(|_| ())
+        Ok(UrlTarget { https, netloc })
     }
 
     /// May a connection go to `ip` (for a URL of `scheme`)?
