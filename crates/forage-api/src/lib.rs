@@ -24,14 +24,15 @@
 //! byte for byte by a test (`FORAGE_BLESS=1` rewrites it).
 
 pub mod client;
+mod context;
 mod error;
 mod metrics;
+mod openapi;
 mod routes;
 pub mod token;
 mod views;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::Request;
@@ -39,9 +40,10 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use utoipa::OpenApi;
 
+pub use context::{Access, ApiContext, Control};
 pub use error::{ActionError, ApiError, Fault};
+pub use openapi::openapi;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
@@ -49,120 +51,6 @@ pub use views::{
     InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
     SessionsQuery, StatusView, HandoffRequest, HandoffReport,
 };
-
-/// What the API asks of the daemon. Calls are synchronous; the API runs them on a
-/// blocking thread.
-pub trait Control: Send + Sync + 'static {
-    /// Stops a running instance (its QEMU, its forwarding) and removes what it leaves.
-    /// The API then records the stop with `State::instance_stopped`, which is idempotent,
-    /// so the daemon may record it as well.
-    fn stop_instance(&self, id: &str) -> Result<(), ActionError>;
-    /// The base VMs held here.
-    fn bases(&self) -> Vec<BaseInfo>;
-    /// Removes a launch-cache entry's files, refusing if a running instance still uses
-    /// them. The API then forgets the entry with `State::cache_remove`.
-    fn evict_cache(&self, overlay_digest: &str) -> Result<(), ActionError>;
-    /// The service VMs held here.
-    fn services(&self) -> Vec<ServiceInfo>;
-    /// The app store, for one device platform (and `any`) or all.
-    fn apps(&self, platform: Option<&str>) -> Vec<AppInfo>;
-    /// A client app's description and file contents; `None` if there is no such app.
-    fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)>;
-    /// Moves running instance `id` to another cloudlet and waits for the outcome: the
-    /// instance runs there, or it failed to move and runs on here (the error says why).
-    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffReport, ActionError>;
-}
-
-/// What every route can reach.
-#[derive(Clone)]
-pub struct ApiContext {
-    pub state: forage_state::State,
-    /// The cloudlet's name.
-    pub name: String,
-    /// The daemon's version.
-    pub version: String,
-    /// "kvm" or "tcg".
-    pub accel: String,
-    /// When the daemon started, for uptime.
-    pub started: Instant,
-    pub control: Arc<dyn Control>,
-    pub access: Access,
-}
-
-/// Who may call the API.
-#[derive(Clone, Debug, Default)]
-pub struct Access {
-    /// The bearer token; `None` lets everyone do everything (tests only).
-    pub token: Option<String>,
-    /// Reads (GET) without the token: only when the API listens on loopback.
-    pub open_reads: bool,
-}
-
-impl ApiContext {
-    /// Require `token` for changes, and for reads unless `open_reads`.
-    pub fn with_access(mut self, token: String, open_reads: bool) -> Self {
-        self.access = Access { token: Some(token), open_reads };
-        self
-    }
-
-    /// A context whose uptime counts from now.
-    pub fn new(
-        state: forage_state::State,
-        name: impl Into<String>,
-        version: impl Into<String>,
-        accel: impl Into<String>,
-        control: Arc<dyn Control>,
-    ) -> ApiContext {
-        ApiContext {
-            state,
-            name: name.into(),
-            version: version.into(),
-            accel: accel.into(),
-            started: Instant::now(),
-            control,
-            access: Access::default(),
-        }
-    }
-}
-
-/// The OpenAPI description, generated from the route handlers and body types.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "forage cloudlet API",
-        version = "1.0.0",
-        description = "Management API of a forage cloudlet: status, base VMs, synthesis \
-                       sessions, launch VMs, launch cache, service VMs, app store, metrics."
-    ),
-    paths(
-        routes::status,
-        routes::bases,
-        routes::services,
-        routes::apps,
-        routes::app_file,
-        routes::sessions,
-        routes::instances,
-        routes::stop_instance,
-        routes::handoff,
-        routes::cache,
-        routes::evict_cache,
-        routes::metrics,
-        routes::openapi_json,
-    ),
-    tags(
-        (name = "cloudlet", description = "The cloudlet itself"),
-        (name = "sessions", description = "Synthesis sessions"),
-        (name = "instances", description = "Launch VMs"),
-        (name = "cache", description = "The launch cache"),
-        (name = "apps", description = "The app store: client apps for the services held here"),
-    )
-)]
-struct ApiDoc;
-
-/// This API's OpenAPI 3 document (the one `GET /openapi.json` serves).
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
-}
 
 /// The API's routes over `ctx`.
 pub fn router(ctx: ApiContext) -> Router {
@@ -179,7 +67,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/cache", get(routes::cache))
         .route("/v1/cache/{digest}", delete(routes::evict_cache))
         .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(routes::openapi_json))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
         .layer(middleware::from_fn_with_state(ctx.access.clone(), check_access))

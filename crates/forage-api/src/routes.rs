@@ -11,7 +11,8 @@ use crate::views::{
     AppInfo, AppList, AppsQuery, BaseList, ServiceList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
     SessionList, SessionsQuery, StatusView, HandoffRequest, HandoffReport,
 };
-use crate::{metrics, ApiContext};
+use crate::context::ApiContext;
+use crate::metrics;
 
 /// Sessions listed when the query gives no limit.
 pub const DEFAULT_SESSION_LIMIT: u32 = 50;
@@ -290,15 +291,6 @@ pub async fn metrics(Ctx(ctx): Ctx<ApiContext>) -> Result<impl IntoResponse, Api
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 
-/// This API's OpenAPI 3 document.
-#[utoipa::path(
-    get, path = "/openapi.json", tag = "cloudlet",
-    responses((status = 200, description = "The OpenAPI document", body = Object))
-)]
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(crate::openapi())
-}
-
 /// Answers a path no route has.
 pub async fn no_route(uri: Uri) -> ApiError {
     ApiError::NoRoute(uri.path().to_string())
@@ -312,7 +304,7 @@ pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-/// Runs a [`Control`](crate::Control) call off the async threads: stopping a VM may wait
+/// Runs a [`Control`](crate::context::Control) call off the async threads: stopping a VM may wait
 /// for QEMU to exit.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,

@@ -29,17 +29,7 @@ use forage_state::{NewSession, SessionMode};
 use tokio::sync::Notify;
 
 use crate::error::{internal, refused, SessionError};
-use crate::instance::{hold, no_usage, prepare, Control, Ending, Instance, Outcome, Place, Ports, Source};
-
-/// A cached-VM instance that later devices may join.
-pub(crate) struct SharedInstance {
-    pub endpoint: String,
-    /// Devices that join are given the instance's token too.
-    pub service: forage_proto::ServiceEndpoint,
-    users: AtomicUsize,
-    released: Notify,
-    control: Arc<Control>,
-}
+use crate::instance::{hold, no_usage, prepare, Ending, Instance, Outcome, Place, Ports, SharedInstance, Source};
 
 /// Longest wait for a provisioned service to listen after its start.
 const SERVICE_WAIT: Duration = Duration::from_secs(60);

@@ -25,38 +25,12 @@ pub mod chunk;
 pub mod codec;
 pub mod container;
 pub mod manifest;
+mod error;
+mod version;
 
 pub use chunk::{ChunkEntry, ChunkRef, Space, CHUNK_SIZE};
 pub use codec::{DeltaCodec, SegmentCodec};
 pub use container::{read_header, Header, OverlayReader, SegmentData, HEADER_LEN, MAGIC};
 pub use manifest::{Blob, BlobEncoding, Manifest, Order, Segment, SegmentKind, Stats};
-
-/// Newest overlay format this crate understands; readers accept this and older.
-pub const FORMAT_VERSION: u32 = 2;
-/// Format written for plain overlays (a launch VM against its base).
-pub const OVERLAY_FORMAT: u32 = 1;
-/// Format written for residues (an instance's changes since launch; `parent` is set).
-pub const RESIDUE_FORMAT: u32 = 2;
-
-/// Errors reading or checking overlay bytes. Every message says what is wrong and where.
-#[derive(Debug, thiserror::Error)]
-pub enum FormatError {
-    #[error("not a forage overlay (bad magic)")]
-    BadMagic,
-    #[error("overlay format {found} is newer than this forage understands ({FORMAT_VERSION})")]
-    NewerFormat { found: u32 },
-    #[error("overlay is truncated: {what}")]
-    Truncated { what: String },
-    #[error("overlay is corrupted: {what}")]
-    Corrupt { what: String },
-    #[error("overlay {what} is over the limit of {limit} bytes")]
-    TooLarge { what: String, limit: u64 },
-    #[error("I/O error reading the overlay")]
-    Io(#[from] std::io::Error),
-}
-
-impl FormatError {
-    pub fn corrupt(what: impl Into<String>) -> Self {
-        Self::Corrupt { what: what.into() }
-    }
-}
+pub use error::{FormatError};
+pub use version::{FORMAT_VERSION, OVERLAY_FORMAT, RESIDUE_FORMAT};

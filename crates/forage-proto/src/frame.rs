@@ -150,3 +150,36 @@ pub mod asynchronous {
         decode(&read_frame(r).await?)
     }
 }
+
+/// `impl Protocol` for a message enum from its variants' kind numbers.
+#[macro_export]
+macro_rules! protocol_kinds {
+    ($ty:ty, $name:literal, $($variant:ident = $kind:literal),+ $(,)?) => {
+        impl $ty {
+            /// The frame's kind byte.
+            pub fn kind(&self) -> u8 {
+                match self {
+                    $(Self::$variant { .. } => $kind,)+
+                }
+            }
+            /// The message's name, for errors and logs.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant { .. } => stringify!($variant),)+
+                }
+            }
+        }
+        impl $crate::frame::Protocol for $ty {
+            const NAME: &'static str = $name;
+            fn kind(&self) -> u8 {
+                <$ty>::kind(self)
+            }
+            fn name(&self) -> &'static str {
+                <$ty>::name(self)
+            }
+            fn has_kind(kind: u8) -> bool {
+                matches!(kind, $($kind)|+)
+            }
+        }
+    };
+}

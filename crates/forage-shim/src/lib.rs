@@ -10,35 +10,11 @@
 //! - [`server::run`]: the shim (`forage-shim DIR/shim.json`).
 
 mod client;
+mod error;
 pub mod protocol;
 pub mod relay;
 pub mod server;
 
-use std::path::PathBuf;
-
 pub use client::{shim_exe, ShimClient};
+pub use error::ShimError;
 pub use protocol::{ChunkBytes, RelaySpec, ShimHello, ShimSpec, ShimStatus, ViewSpec};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ShimError {
-    #[error("forage-shim was not found beside this program or on PATH (set FORAGE_SHIM)")]
-    NotFound,
-    #[error("the shim did not start (its log {log}): {detail}")]
-    Start { log: PathBuf, detail: String },
-    #[error("the shim's description: {0}")]
-    Spec(String),
-    #[error("the shim's view: {0}")]
-    View(String),
-    #[error("the shim broke the protocol: {0}")]
-    Protocol(String),
-    #[error("the shim is gone")]
-    Gone,
-    #[error("{0}")]
-    Failed(String),
-    #[error("{path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}

@@ -23,7 +23,7 @@ use forage_vm::snapshot::{SnapshotManifest, StateRecord, MANIFEST_FILE};
 use forage_vm::Snapshot;
 use sha2::Digest;
 
-use super::live;
+use super::live::live;
 use crate::error::{internal, next, refused, SessionError};
 use crate::instance::{prepare, Outcome, Place, Ports, Source};
 

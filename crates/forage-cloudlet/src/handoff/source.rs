@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,62 +39,7 @@ const FILE_PIECE: usize = 16 << 20;
 /// Disk chunks read from the view at once.
 const READ_BATCH: usize = 256;
 
-/// Why a handoff failed (the instance runs on at the source).
-#[derive(Debug, thiserror::Error)]
-pub enum HandoffFailure {
-    #[error("the instance is not a copy-on-write instance of a saved VM")]
-    NotMovable,
-    #[error("this cloudlet is not paired with cloudlet {to} as a cloudlet (`forage pair --as-cloudlet` there, `forage pair import` here)")]
-    NotPaired {
-        to: SocketAddr,
-        #[source]
-        source: forage_trust::TrustError,
-    },
-    #[error("cloudlet {to} did not answer in {wait:?}")]
-    NoAnswer { to: SocketAddr, wait: Duration },
-    #[error("connecting to cloudlet {to}")]
-    Connect {
-        to: SocketAddr,
-        #[source]
-        source: forage_client::ClientError,
-    },
-    #[error("the connection to the destination")]
-    Wire(#[source] ProtoError),
-    #[error("the destination was silent for {0:?}")]
-    Silent(Duration),
-    #[error("the destination refused: {0}")]
-    Refused(String),
-    #[error("the destination sent {got} where {expected} was due")]
-    Unexpected { expected: &'static str, got: &'static str },
-    #[error("the destination acknowledged nothing for {}s (link cut or destination gone)", ACK_WAIT.as_secs())]
-    Stalled,
-    #[error("the destination said it resumed the VM before the commit")]
-    EarlyDone,
-    #[error("the destination did not resume the VM in {}s", PEER_WAIT.as_secs())]
-    NotResumed,
-    #[error("QEMU")]
-    Qemu(#[source] forage_vm::qmp::QmpError),
-    #[error("QEMU did not connect its migration stream")]
-    NoStream,
-    #[error("QEMU's migration ended {0}")]
-    Migration(String),
-    #[error("QEMU's migration stream")]
-    Stream(#[source] forage_handoff::migration::SplitError),
-    #[error("the VM's remaining state: {0}")]
-    Residual(String),
-    #[error("the instance's view")]
-    View(#[source] forage_shim::ShimError),
-    #[error("the pipeline")]
-    Pipeline(#[source] std::io::Error),
-    #[error("the pipeline stopped")]
-    Stopped,
-    #[error("{path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+use super::order::HandoffFailure;
 
 type Failure = HandoffFailure;
 
@@ -323,7 +267,7 @@ async fn stream_state(
         _ = stalled(&written, &acked) => {
             writer.abort();
             reader.abort();
-            return Err(Failure::Stalled);
+            return Err(Failure::Stalled(ACK_WAIT));
         }
         said = &mut reader => {
             writer.abort();
@@ -359,7 +303,7 @@ async fn stream_state(
     let resumed = tokio::time::timeout(PEER_WAIT, reader).await;
     writer.abort();
     let (service, _resumed_ms) = match resumed {
-        Err(_) => return Err(Failure::NotResumed),
+        Err(_) => return Err(Failure::NotResumed(PEER_WAIT)),
         Ok(r) => r.expect("no panic")?,
     };
     let done = Instant::now();

@@ -16,6 +16,7 @@
 
 pub(crate) mod control;
 mod record;
+mod shared;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use crate::error::{internal, refused, SessionError};
 use crate::Cloudlet;
 pub(crate) use control::Control;
 pub(crate) use record::InstanceFile;
+pub(crate) use shared::SharedInstance;
 
 /// How an instance's life ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,13 +286,31 @@ impl Instance {
 
     /// Record it (the state database, and `instance.json` for a daemon that adopts it).
     fn record(&self, place: Place<'_>) {
-        let file = InstanceFile::of(self);
+        let file = self.file();
         if let Err(e) = file.write(place.dir) {
             tracing::warn!(instance = place.id, "{e}: it will not survive a restart of the daemon");
         }
         let record = NewInstance { id: place.id.to_string(), session_id: place.id.to_string(), name: self.vm.spec().name.clone(), qemu_pid: self.vm.pid(), dir: place.dir.to_path_buf(), endpoint: self.endpoint.clone() };
         if let Err(e) = place.cloudlet.state.instance_started(&record) {
             tracing::warn!("instance {} not recorded: {e}", place.id);
+        }
+    }
+
+    /// What a later daemon needs to adopt this instance.
+    fn file(&self) -> InstanceFile {
+        let i = self;
+        InstanceFile {
+            format: record::FORMAT,
+            id: i.id.clone(),
+            qemu_pid: i.vm.pid(),
+            spec: i.vm.spec().clone(),
+            accel: i.vm.accel(),
+            shim: i.shim.control().to_path_buf(),
+            service: i.service.clone(),
+            service_port: i.service_port,
+            extra_ports: i.extra_ports.clone(),
+            forwards: i.forwards.clone(),
+            saved: i.saved.as_ref().map(|s| s.dir().to_path_buf()),
         }
     }
 

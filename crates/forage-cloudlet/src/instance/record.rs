@@ -7,10 +7,8 @@ use forage_proto::ServiceEndpoint;
 use forage_vm::{PortForward, VmSpec};
 use serde::{Deserialize, Serialize};
 
-use super::Instance;
-
 pub(crate) const INSTANCE_FILE: &str = "instance.json";
-const FORMAT: u32 = 1;
+pub(super) const FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,22 +30,6 @@ pub(crate) struct InstanceFile {
 }
 
 impl InstanceFile {
-    pub fn of(i: &Instance) -> Self {
-        Self {
-            format: FORMAT,
-            id: i.id.clone(),
-            qemu_pid: i.vm.pid(),
-            spec: i.vm.spec().clone(),
-            accel: i.vm.accel(),
-            shim: i.shim.control().to_path_buf(),
-            service: i.service.clone(),
-            service_port: i.service_port,
-            extra_ports: i.extra_ports.clone(),
-            forwards: i.forwards.clone(),
-            saved: i.saved.as_ref().map(|s| s.dir().to_path_buf()),
-        }
-    }
-
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join(format!("{INSTANCE_FILE}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializes"))?;

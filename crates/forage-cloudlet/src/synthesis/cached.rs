@@ -4,7 +4,7 @@ use forage_proto::asynchronous::write;
 use forage_proto::{DeviceMessage, ErrorCode};
 
 use super::residue::{send_residue, LaunchRef};
-use super::Ctx;
+use super::context::Ctx;
 use crate::cache::CachedLaunch;
 use crate::error::{refused, SessionError};
 use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};

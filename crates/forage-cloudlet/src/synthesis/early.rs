@@ -33,7 +33,7 @@ use forage_vm::Snapshot;
 use tokio::sync::mpsc;
 
 use super::residue::{send_residue, LaunchRef};
-use super::{overlay_digest, Ctx};
+use super::context::{overlay_digest, Ctx};
 use crate::error::{internal, refused, SessionError};
 use crate::instance::{prepare, Ending, Instance, Outcome, Ports, Source};
 

@@ -11,13 +11,13 @@
 //! At the end a device may ask for the instance's residue ([`residue`]).
 
 pub(crate) mod cached;
+mod context;
 mod early;
 mod pipe;
 mod pipelined;
 pub(crate) mod residue;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use forage_format::OverlayReader;
 use forage_proto::{DeviceMessage, ErrorCode, Offer};
@@ -25,23 +25,10 @@ use forage_synth::BaseVm;
 
 use crate::cache::CachedLaunch;
 use crate::error::{internal, next, refused, SessionError};
-use crate::instance::{Outcome, Place};
+use crate::instance::Outcome;
 use crate::Cloudlet;
 
-/// A synthesis session: where its instance lives and the base it applies to.
-pub(crate) struct Ctx<'a> {
-    pub cloudlet: &'a Cloudlet,
-    pub id: String,
-    pub dir: PathBuf,
-    pub base: BaseVm,
-    pub started: Instant,
-}
-
-impl Ctx<'_> {
-    pub fn place(&self) -> Place<'_> {
-        Place { cloudlet: self.cloudlet, id: &self.id, dir: &self.dir, started: self.started }
-    }
-}
+pub(crate) use context::{overlay_digest, Ctx};
 
 /// How the device asked for it.
 #[derive(Debug, Clone, Copy)]
@@ -141,10 +128,4 @@ pub(crate) fn check_signature(cloudlet: &Cloudlet, offer: &Offer) -> Result<(), 
     sig.verify(forage_trust::signing::OVERLAY, &offer.overlay_digest, &allowed).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: {e}")))?;
     tracing::info!(overlay = short, signer = forage_trust::short(&sig.signer), "signature verified");
     Ok(())
-}
-
-/// The digest naming an overlay: SHA-256 of its manifest, as its header records it
-/// (checked against the manifest by `OverlayReader::open`).
-pub(crate) fn overlay_digest(prefix: &[u8]) -> String {
-    hex::encode(&prefix[24..56])
 }

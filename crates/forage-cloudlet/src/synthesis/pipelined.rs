@@ -15,7 +15,7 @@ use sha2::Digest;
 
 use super::pipe::SegmentPipe;
 use super::residue::{send_residue, LaunchRef};
-use super::{overlay_digest, Ctx};
+use super::context::{overlay_digest, Ctx};
 use crate::error::{internal, next, refused, SessionError};
 use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
 

@@ -18,7 +18,7 @@ use forage_proto::asynchronous::write;
 use forage_proto::{DeviceMessage, ErrorCode};
 use forage_vm::Snapshot;
 
-use super::Ctx;
+use super::context::Ctx;
 use crate::error::{internal, refused, SessionError};
 use crate::instance::Instance;
 

@@ -1,0 +1,82 @@
+//! What every route reaches: the daemon's state, its [`Control`] and who may call.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::ActionError;
+use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, ServiceInfo};
+
+/// What the API asks of the daemon. Calls are synchronous; the API runs them on a
+/// blocking thread.
+pub trait Control: Send + Sync + 'static {
+    /// Stops a running instance (its QEMU, its forwarding) and removes what it leaves.
+    /// The API then records the stop with `State::instance_stopped`, which is idempotent,
+    /// so the daemon may record it as well.
+    fn stop_instance(&self, id: &str) -> Result<(), ActionError>;
+    /// The base VMs held here.
+    fn bases(&self) -> Vec<BaseInfo>;
+    /// Removes a launch-cache entry's files, refusing if a running instance still uses
+    /// them. The API then forgets the entry with `State::cache_remove`.
+    fn evict_cache(&self, overlay_digest: &str) -> Result<(), ActionError>;
+    /// The service VMs held here.
+    fn services(&self) -> Vec<ServiceInfo>;
+    /// The app store, for one device platform (and `any`) or all.
+    fn apps(&self, platform: Option<&str>) -> Vec<AppInfo>;
+    /// A client app's description and file contents; `None` if there is no such app.
+    fn app_file(&self, id: &str) -> Option<(AppInfo, Vec<u8>)>;
+    /// Moves running instance `id` to another cloudlet and waits for the outcome: the
+    /// instance runs there, or it failed to move and runs on here (the error says why).
+    fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffReport, ActionError>;
+}
+
+/// What every route can reach.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub state: forage_state::State,
+    /// The cloudlet's name.
+    pub name: String,
+    /// The daemon's version.
+    pub version: String,
+    /// "kvm" or "tcg".
+    pub accel: String,
+    /// When the daemon started, for uptime.
+    pub started: Instant,
+    pub control: Arc<dyn Control>,
+    pub access: Access,
+}
+
+/// Who may call the API.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The bearer token; `None` lets everyone do everything (tests only).
+    pub token: Option<String>,
+    /// Reads (GET) without the token: only when the API listens on loopback.
+    pub open_reads: bool,
+}
+
+impl ApiContext {
+    /// Require `token` for changes, and for reads unless `open_reads`.
+    pub fn with_access(mut self, token: String, open_reads: bool) -> Self {
+        self.access = Access { token: Some(token), open_reads };
+        self
+    }
+
+    /// A context whose uptime counts from now.
+    pub fn new(
+        state: forage_state::State,
+        name: impl Into<String>,
+        version: impl Into<String>,
+        accel: impl Into<String>,
+        control: Arc<dyn Control>,
+    ) -> ApiContext {
+        ApiContext {
+            state,
+            name: name.into(),
+            version: version.into(),
+            accel: accel.into(),
+            started: Instant::now(),
+            control,
+            access: Access::default(),
+        }
+    }
+}
