@@ -193,6 +193,7 @@ impl GuestImage {
             balloon: Some(BalloonSpec {
                 free_page_reporting: true,
             }),
+            guest_agent: None,
             serial_log: run.dir.join("serial.log"),
             qmp_socket: run.qmp_socket.clone(),
             control_socket: Some(run.qmp_socket.with_extension("ctl")),
