@@ -159,17 +159,18 @@ pub enum Command {
 pub enum ImageCommand {
     /// Build a guest image from Debian packages (cached: a rerun with the same recipe is a no-op)
     Build {
-        /// Image recipe (only `tiny` so far)
+        /// Image recipe: `tiny` (busybox initramfs, data disk) or `debian-12` (Debian
+        /// bookworm with systemd on its disk, built with mmdebstrap)
         name: String,
         /// Rebuild even if cached
         #[arg(long)]
         force: bool,
-        /// Size of the ext4 data disk
-        #[arg(long, default_value_t = 64, value_name = "MIB")]
-        disk_mib: u64,
-        /// Guest RAM
-        #[arg(long, default_value_t = 256, value_name = "MIB")]
-        memory_mib: u64,
+        /// Size of the ext4 disk (default: tiny 64, debian-12 4096)
+        #[arg(long, value_name = "MIB")]
+        disk_mib: Option<u64>,
+        /// Guest RAM (default: tiny 256, debian-12 1024)
+        #[arg(long, value_name = "MIB")]
+        memory_mib: Option<u64>,
         #[arg(long)]
         json: bool,
     },

@@ -66,15 +66,10 @@ pub fn accel() -> Accel {
     choice.accel
 }
 
-/// Build the tiny image if needed, printing what happened.
+/// Build an image with its recipe's sizes if needed, printing what happened.
 pub fn ensure_image(data: &DataDir, name: &str, quiet: bool) -> anyhow::Result<forage_image::BuildOutcome> {
     let agent = forage_image::locate_guest_binary("forage-agent")?;
-    let opts = forage_image::BuildOptions {
-        agent_binary: agent,
-        disk_mib: 64,
-        memory_mib: 256,
-        force: false,
-    };
+    let opts = forage_image::BuildOptions::new(agent);
     let out = forage_image::build(data, name, &opts).with_context(|| format!("building image {name}"))?;
     if !quiet {
         eprintln!(
