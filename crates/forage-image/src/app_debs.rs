@@ -8,7 +8,7 @@
 //!   apt-get -s / --download-only install DEBS, against that status (crate::apt),
 //!   .debs kept in DATA/cache/apt/archives
 //!   | put /var/cache/forage-debs/*.deb ------------>|
-//!   | exec: apt-get install --no-download ./*.deb ->|  offline: every .deb is local
+//!   | exec: apt-get install DIR/*.deb ------------>|  offline: every .deb is local
 //!   | exec: rm -r /var/cache/forage-debs; apt-get clean   (no garbage in the overlay)
 //!   | exec: dpkg-query: every requested package installed
 //! ```
@@ -108,9 +108,12 @@ pub fn install_debs(data: &DataDir, agent: &mut AgentClient, app: &AppPackage) -
             let base = file.file_name().and_then(|f| f.to_str()).unwrap_or_default();
             agent.put_file(file, &format!("{GUEST_DEB_DIR}/{base}")).map_err(agent_err)?;
         }
+        // Every package comes from a local file: the guest has no package lists (and no
+        // network), so apt has nothing to download from. (Not --no-download: with local
+        // files, apt 2.6 then fails with "Pathname to install is not absolute".)
         let script = format!(
-            "cd {GUEST_DEB_DIR} && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-             --no-download -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confold ./*.deb"
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+             -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confold {GUEST_DEB_DIR}/*.deb"
         );
         let installed = agent.exec(&["sh", "-c", &script], INSTALL_TIMEOUT);
         // Whatever happened: no .debs or apt caches left behind in the guest.

@@ -53,7 +53,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
 
     // 2. Install the service and use it.
     let t = Instant::now();
-    install(ready.agent_port, app.clone()).await?;
+    install(data, ready.agent_port, app.clone()).await?;
     let install_s = t.elapsed().as_secs_f64();
     let service = SocketAddr::from((Ipv4Addr::LOCALHOST, ready.ports[0]));
     let t = Instant::now();

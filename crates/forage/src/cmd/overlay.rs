@@ -99,6 +99,16 @@ pub async fn build_overlay(data: &DataDir, args: &OverlayCreateArgs, quiet: bool
         };
         say(&format!("launch VM: resuming base {}, installing {} ...", args.base, app.manifest().name));
         let launch = build_launch(data, &base, &app, &lopts, &work).await?;
+        if let Some(debs) = &launch.debs {
+            say(&format!(
+                "  {} Debian packages for {} installed offline ({} MiB of .debs, guest disk +{} MiB) in {:.1} s",
+                debs.installed.len(),
+                debs.requested.join(" "),
+                debs.download_bytes >> 20,
+                debs.disk_growth_bytes.max(0) >> 20,
+                debs.took.as_secs_f64()
+            ));
+        }
         let profile = if args.order == "access" {
             say("profiling a resume of the launch VM up to its first response ...");
             Some(launch::profile_access(data, &launch.snapshot, &launch.app, forage_vm::accel::detect().accel, &work).await?)
