@@ -58,6 +58,9 @@ pub struct ImageManifest {
     /// The guest runs qemu-ga on a virtio-serial channel (VMs get a `GuestAgentSpec`).
     #[serde(default)]
     pub guest_agent: bool,
+    /// VMs get a virtio-rng device (entropy from the host).
+    #[serde(default)]
+    pub virtio_rng: bool,
     /// Debian packages installed in the guest (`name=version`), for Debian images.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,

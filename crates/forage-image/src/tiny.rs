@@ -61,6 +61,7 @@ pub(crate) fn build(data: &DataDir, opts: &BuildOptions, agent: &[u8], agent_sha
         ready_marker: READY_MARKER.into(),
         agent_port: AGENT_PORT,
         guest_agent: false,
+        virtio_rng: false,
         packages: Vec::new(),
     });
     match result {

@@ -42,6 +42,11 @@ pub struct VmSpec {
     /// QEMU on a unix socket (see [`crate::qga`]). Absent from older specs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<GuestAgentSpec>,
+    /// A virtio-rng device fed from the host's `/dev/urandom`: without it a guest under
+    /// TCG has almost no entropy, and anything that waits for the kernel's random pool
+    /// (systemd-networkd, Python's `os.urandom`) stalls for seconds. Absent from older specs.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub virtio_rng: bool,
     /// Where the guest's serial console is written.
     pub serial_log: PathBuf,
     /// QMP unix socket of the process that supervises QEMU (at most 107 bytes of path).
@@ -132,6 +137,10 @@ fn yes() -> bool {
     true
 }
 
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
 impl VmSpec {
     /// The full QEMU argument list (without the program name).
     /// `incoming` adds `-S -incoming defer` for a restore.
@@ -215,6 +224,10 @@ impl VmSpec {
                 format!("virtserialport,bus=vserial0.0,chardev=qga0,id=qga0port,name={QGA_CHANNEL}"),
             );
         }
+        if self.virtio_rng {
+            a.pair("-object", "rng-random,id=rng0,filename=/dev/urandom");
+            a.pair("-device", "virtio-rng-pci,rng=rng0,id=rng0dev");
+        }
         let mut serial = OsString::from("file,id=serial0,path=");
         serial.push(escape_commas(self.serial_log.as_os_str()));
         a.pair("-chardev", serial);
@@ -255,6 +268,9 @@ impl VmSpec {
         // snapshot saved before it existed) stay what they were.
         if self.guest_agent.is_some() {
             hw["guest_agent"] = serde_json::Value::Bool(true);
+        }
+        if self.virtio_rng {
+            hw["virtio_rng"] = serde_json::Value::Bool(true);
         }
         hex::encode(Sha256::digest(hw.to_string().as_bytes()))
     }
@@ -347,6 +363,7 @@ mod tests {
                 free_page_reporting: true,
             }),
             guest_agent: None,
+            virtio_rng: false,
             serial_log: "/d/serial.log".into(),
             qmp_socket: "/r/qmp.sock".into(),
             control_socket: Some("/r/ctl.sock".into()),
@@ -398,9 +415,14 @@ mod tests {
         assert!(with.contains("-device virtio-serial-pci,id=vserial0"));
         assert!(with.contains("virtserialport,bus=vserial0.0,chardev=qga0,id=qga0port,name=org.qemu.guest_agent.0"));
         assert_ne!(spec.hardware_fingerprint(), fingerprint_without, "the channel is guest-visible hardware");
+        let with_channel = spec.hardware_fingerprint();
+        spec.virtio_rng = true;
+        let rng = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(rng.contains("-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0"), "{rng}");
+        assert_ne!(spec.hardware_fingerprint(), with_channel);
         // A spec without the field (older snapshot.json) still reads, and writes no field.
         let v = serde_json::to_value(sample()).unwrap();
-        assert!(v.get("guest_agent").is_none());
+        assert!(v.get("guest_agent").is_none() && v.get("virtio_rng").is_none());
     }
 
     #[test]

@@ -135,6 +135,7 @@ async fn missing_kernel_is_named_before_qemu_starts() {
         nic: None,
         balloon: None,
         guest_agent: None,
+        virtio_rng: false,
         serial_log: run.dir.join("serial.log"),
         qmp_socket: run.qmp_socket.clone(),
         control_socket: None,

@@ -57,6 +57,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         nic: None,
         balloon: None,
         guest_agent: None,
+        virtio_rng: false,
         serial_log: dir.join("serial.log"),
         qmp_socket: dir.join("q.sock"),
         control_socket: None,
