@@ -186,6 +186,7 @@ pub enum BaseCommand {
     /// Boot an image, let it settle, save it, and index its chunks
     Create {
         name: String,
+        /// Guest image: `tiny` or `debian-12` (built with `forage image build`)
         #[arg(long, default_value = "tiny")]
         image: String,
         /// Seconds to let the guest settle before the save
@@ -650,6 +651,7 @@ pub enum VmCommand {
     /// Boot a VM from an image and supervise it in the foreground (Ctrl-C stops it)
     Boot {
         name: String,
+        /// Guest image: `tiny` or `debian-12` (apps naming Debian packages need debian-12)
         #[arg(long, default_value = "tiny")]
         image: String,
         /// Install this app folder (with app.json) once the guest is ready, and forward its port
