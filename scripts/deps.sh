@@ -113,6 +113,10 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v cpio >/dev/null || need+=(cpio)
 [ -x /bin/busybox ] || need+=(busybox-static)
+# The debian-12 guest image is built by mmdebstrap from deb.debian.org, checked against
+# Debian's archive keys.
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
 command -v cc >/dev/null || need+=(gcc)

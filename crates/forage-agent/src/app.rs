@@ -5,7 +5,12 @@
 //! { "format": 1, "name": "hashsearch", "port": 8080, "start": ["./hashsearch", "8080"] }
 //! ```
 //! Optional `"install": ["./setup.sh"]` runs once, in the app folder, before the start;
-//! optional `"probe": "count"` is a request line whose answer shows the service works.
+//! optional `"probe": "count"` is a request line whose answer shows the service works, and
+//! `"probe_expect": "ok "` what that answer must contain to count as correct.
+//! Optional `"debs": ["tesseract-ocr"]` names Debian packages the app needs: the host
+//! resolves and downloads them against the guest's own package status and installs them
+//! offline before the app (`forage_image::app_debs`); [`AppPackage::install`] itself only
+//! checks that they are there.
 //! Files land in `/data/apps/NAME/`; a generated `start` script there runs the `start`
 //! command (the guest's init starts it again at every cold boot); output goes to `log`.
 
@@ -35,6 +40,32 @@ pub struct AppManifest {
     /// A request line whose one-line answer shows the service works (first response).
     #[serde(default)]
     pub probe: Option<String>,
+    /// What the answer to `probe` must contain for the service to count as working
+    /// correctly (without it, any answer does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_expect: Option<String>,
+    /// Debian packages to install in the guest before the app (names as Debian spells
+    /// them: `[a-z0-9][a-z0-9+.-]+`, no versions, no paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub debs: Vec<String>,
+}
+
+impl AppManifest {
+    /// Whether `answer` (to [`probe`](Self::probe)) shows the service working correctly.
+    pub fn probe_answer_ok(&self, answer: &str) -> bool {
+        self.probe_expect.as_deref().is_none_or(|want| answer.contains(want))
+    }
+}
+
+/// Whether `name` is a Debian package name (Debian Policy 5.6.1: lower-case letters,
+/// digits, `+`, `-`, `.`; at least two characters, starting with a letter or digit). Such
+/// a name is safe on a command line and in a file name.
+pub fn is_debian_package_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() >= 2
+        && b.len() <= 128
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+.-".contains(&c))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +77,12 @@ pub enum AppError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("app {app} needs the Debian packages {missing:?}, not installed in the guest ({detail}): forage installs them from the host when it installs the app into a Debian guest (forage vm boot --app, forage overlay create)")]
+    DebsMissing {
+        app: String,
+        missing: Vec<String>,
+        detail: String,
     },
     #[error("installing {app}")]
     Agent {
@@ -84,6 +121,11 @@ impl AppPackage {
         if manifest.start.is_empty() {
             return Err(bad("start command is empty".into()));
         }
+        if let Some(deb) = manifest.debs.iter().find(|d| !is_debian_package_name(d)) {
+            return Err(bad(format!(
+                "{deb:?} in debs is not a Debian package name (lower-case letters, digits, '+', '-', '.')"
+            )));
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -118,10 +160,12 @@ impl AppPackage {
         Ok(out)
     }
 
-    /// Copy the app into the guest, run its install step, and start it.
+    /// Copy the app into the guest, run its install step, and start it. The app's Debian
+    /// packages must already be installed (`forage_image::app_debs` does that).
     pub fn install(&self, agent: &mut AgentClient) -> Result<(), AppError> {
         let name = self.manifest.name.clone();
         let err = |source| AppError::Agent { app: name.clone(), source };
+        self.check_debs_installed(agent)?;
         let gdir = self.guest_dir();
         for rel in self.files()? {
             agent
@@ -144,6 +188,42 @@ impl AppPackage {
         // Make the files durable before anyone saves the VM.
         agent.exec_ok(&["sync"], Duration::from_secs(60)).map_err(err)?;
         Ok(())
+    }
+}
+
+impl AppPackage {
+    /// Refuse to install an app whose Debian packages are not in the guest.
+    fn check_debs_installed(&self, agent: &mut AgentClient) -> Result<(), AppError> {
+        let debs = &self.manifest.debs;
+        if debs.is_empty() {
+            return Ok(());
+        }
+        let mut argv = vec!["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n"];
+        argv.extend(debs.iter().map(String::as_str));
+        let missing_all = |detail: String| AppError::DebsMissing {
+            app: self.manifest.name.clone(),
+            missing: debs.clone(),
+            detail,
+        };
+        let out = match agent.exec(&argv, Duration::from_secs(60)) {
+            Ok(out) => out,
+            Err(AgentError::Refused { message, .. }) => return Err(missing_all(format!("the guest has no dpkg: {message}"))),
+            Err(source) => return Err(AppError::Agent { app: self.manifest.name.clone(), source }),
+        };
+        let installed: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_suffix(" installed"))
+            .collect();
+        let missing: Vec<String> = debs.iter().filter(|d| !installed.contains(&d.as_str())).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(AppError::DebsMissing {
+            app: self.manifest.name.clone(),
+            missing,
+            detail: "dpkg-query does not list them as installed".into(),
+        })
     }
 }
 
@@ -190,7 +270,27 @@ mod tests {
         assert!(AppPackage::open(&dir).is_err());
         write(serde_json::json!({"format":1,"name":"a","port":80,"start":[]}));
         assert!(AppPackage::open(&dir).is_err());
+        write(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"debs":["tesseract-ocr","libstdc++6","python3.11"]}));
+        assert_eq!(AppPackage::open(&dir).unwrap().manifest().debs.len(), 3);
+        for bad in ["../etc", "-oDir=/", "Foo", "a", "tesseract-ocr=5.3", "x y", "pkg;rm", "pkg/x", "pkg:amd64", ""] {
+            write(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"debs":[bad]}));
+            let err = AppPackage::open(&dir).unwrap_err().to_string();
+            assert!(err.contains("not a Debian package name"), "{bad:?}: {err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn probe_expectation() {
+        let mut m: AppManifest = serde_json::from_value(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"probe":"ocr x"})).unwrap();
+        assert!(m.probe_answer_ok("anything"));
+        m.probe_expect = Some("words=HELLO".into());
+        assert!(m.probe_answer_ok("ok words=HELLO,WORLD"));
+        assert!(!m.probe_answer_ok("error no text"));
+        // Written back, an app without the new fields looks as before.
+        let plain: AppManifest = serde_json::from_value(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"]})).unwrap();
+        let v = serde_json::to_value(&plain).unwrap();
+        assert!(v.get("debs").is_none() && v.get("probe_expect").is_none());
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn main() {
     };
     let started = Instant::now();
     eprintln!("forage-agent: listening on port {port}");
+    notify_systemd_ready();
     for conn in listener.incoming().flatten() {
         thread::spawn(move || {
             if let Err(e) = serve(conn, started) {
@@ -33,6 +34,31 @@ fn main() {
             }
         });
     }
+}
+
+/// Under systemd (`Type=notify`), say that the agent listens: units ordered after it (the
+/// ready marker) then start only once the host can reach it. The variable is removed so
+/// that programs the agent spawns do not inherit it.
+fn notify_systemd_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(b"READY=1", &addr)
+        } else {
+            sock.send_to(b"READY=1", &path)
+        }
+    });
+    if let Err(e) = sent {
+        eprintln!("forage-agent: cannot notify systemd: {e}");
+    }
+    // Called from main before any thread is started.
+    std::env::remove_var("NOTIFY_SOCKET");
 }
 
 fn serve(conn: TcpStream, started: Instant) -> std::io::Result<()> {

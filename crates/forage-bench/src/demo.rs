@@ -73,10 +73,11 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
 
     // 2. Install the service and use it.
     let t = Instant::now();
-    let (agent, package) = (SocketAddr::from((Ipv4Addr::LOCALHOST, ready.agent_port)), app.clone());
+    let (agent, package, d) = (SocketAddr::from((Ipv4Addr::LOCALHOST, ready.agent_port)), app.clone(), data.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut agent = forage_agent::AgentClient::connect(agent, Duration::from_secs(60))?;
-        Ok(package.install(&mut agent)?)
+        forage_image::app_debs::install_app(&d, &mut agent, &package)?;
+        Ok(())
     })
     .await??;
     let install_s = t.elapsed().as_secs_f64();

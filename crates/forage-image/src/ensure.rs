@@ -6,6 +6,6 @@ use forage_datadir::DataDir;
 /// Image `name` with the defaults of its recipe (the guest agent from `make guest`),
 /// built if missing or out of date.
 pub fn ensure(data: &DataDir, name: &str) -> Result<BuildOutcome, ImageError> {
-    let opts = BuildOptions { agent_binary: locate_guest_binary("forage-agent")?, disk_mib: 64, memory_mib: 256, force: false };
+    let opts = BuildOptions::new(locate_guest_binary("forage-agent")?);
     build(data, name, &opts)
 }

@@ -58,6 +58,16 @@ pub async fn build_overlay(data: &DataDir, req: &OverlayRequest, progress: &(dyn
         let lopts = LaunchOptions { semantic_disk: req.options.semantic_disk, semantic_memory: req.options.semantic_memory, ..LaunchOptions::default() };
         progress(&format!("launch VM: resuming base {}, installing {} ...", req.base, app.manifest().name));
         let launch = build_launch(data, &base, &app, &lopts, &work).await?;
+        if let Some(debs) = &launch.debs {
+            progress(&format!(
+                "  {} Debian packages for {} installed offline ({} MiB of .debs, guest disk +{} MiB) in {:.1} s",
+                debs.installed.len(),
+                debs.requested.join(" "),
+                debs.download_bytes >> 20,
+                debs.disk_growth_bytes.max(0) >> 20,
+                debs.took.as_secs_f64()
+            ));
+        }
         let profile = match req.order {
             BlobOrder::Access => {
                 progress("profiling a resume of the launch VM up to its first response ...");

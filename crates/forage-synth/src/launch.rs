@@ -3,10 +3,16 @@
 //! the read-only base disk, so every write of the VM is recorded in the layer; memory is
 //! compared with the base after the save.
 //!
+//! The app's Debian packages, if it names any, are resolved and downloaded on the host and
+//! installed offline in the guest first (`forage_image::app_debs`).
+//!
 //! Semantic gap, both switchable: disk: `fstrim` in the guest (discards become zero
 //! clusters in the layer), and a freeze/thaw so the on-disk ext4 bitmaps are current for
 //! introspection; memory: the guest's free page reporting (virtio-balloon) punches freed
-//! pages out of the memory file; switched off, the balloon driver is unloaded first.
+//! pages out of the memory file; switched off, the balloon driver is unloaded first. A
+//! guest with qemu-ga (debian-12) is trimmed, frozen and thawed through it
+//! (`guest-fstrim`, `guest-fsfreeze-*`: every mounted file system); the tiny guest through
+//! the forage agent (`fstrim`, `fsfreeze` on `/data`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,6 +23,8 @@ use forage_agent::app::AppPackage;
 use forage_agent::AgentClient;
 use forage_datadir::DataDir;
 use forage_format::CHUNK_SIZE;
+use forage_image::app_debs::{self, DebsInstalled};
+use forage_vm::qga::GuestAgent;
 use forage_vm::{Accel, DiskFormat, RestoreOptions, Snapshot, Vm};
 
 use crate::base::BaseVm;
@@ -52,6 +60,8 @@ pub struct LaunchVm {
     pub discarded_disk_chunks: Vec<u64>,
     pub app: forage_agent::app::AppManifest,
     pub install_time: Duration,
+    /// The app's Debian packages installed in the guest, if it names any.
+    pub debs: Option<DebsInstalled>,
 }
 
 /// Build a launch VM from `base` and `app` in `work` (created; the caller removes it).
@@ -92,9 +102,12 @@ pub async fn build(
     let mut vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;
 
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
+    let qga_socket = vm.spec().guest_agent.as_ref().map(|g| g.socket.clone());
     let app2 = app.clone();
+    let data2 = data.clone();
+    let trim_with_agent = opts.semantic_disk && qga_socket.is_none();
     let (semantic_disk, semantic_memory, ready) = (opts.semantic_disk, opts.semantic_memory, opts.app_ready);
-    tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
+    let debs = tokio::task::spawn_blocking(move || -> Result<Option<DebsInstalled>, SynthError> {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
         let t = Duration::from_secs(60);
         if !semantic_memory {
@@ -102,18 +115,27 @@ pub async fn build(
             agent.exec_ok(&["rmmod", "virtio_balloon"], t)?;
         }
         if !semantic_disk {
-            // The image mounts /data with online discard; without it deleted blocks keep theirs.
-            agent.exec_ok(&["mount", "-o", "remount,nodiscard", "/data"], t)?;
+            // The image mounts its disk with online discard; without it deleted blocks
+            // keep theirs. The disk is /data (tiny) or / (debian-12).
+            let remount = "m=/data; grep -q ' /data ' /proc/mounts || m=/; mount -o remount,nodiscard $m";
+            agent.exec_ok(&["sh", "-c", remount], t)?;
         }
-        app2.install(&mut agent)?;
+        let debs = app_debs::install_app(&data2, &mut agent, &app2)?;
         wait_for_service(&mut agent, app2.manifest(), app_port, ready)?;
-        if semantic_disk {
+        if trim_with_agent {
             agent.exec_ok(&["fstrim", "/data"], t)?;
         }
-        Ok(())
+        Ok(debs)
     })
     .await
     .expect("launch steps do not panic")?;
+    let mut qga = match &qga_socket {
+        Some(socket) => Some(GuestAgent::connect(socket, Duration::from_secs(60)).await?),
+        None => None,
+    };
+    if let (true, Some(ga)) = (opts.semantic_disk, qga.as_mut()) {
+        ga.fstrim(None).await?;
+    }
     if opts.semantic_memory {
         settle_reporting(&vm.spec().memory_file, opts.settle).await;
     }
@@ -122,13 +144,20 @@ pub async fn build(
     // a block the app allocates and writes back in the few milliseconds between the thaw
     // and the QMP stop has its bitmap update only in the journal, and would be dropped as
     // free. Keeping the file system frozen across the stop (thawed after resume) closes it.
-    tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
-        let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
-        agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], Duration::from_secs(60))?;
-        Ok(())
-    })
-    .await
-    .expect("flush does not panic")?;
+    match qga.as_mut() {
+        Some(ga) => {
+            ga.fsfreeze_freeze().await?;
+            ga.fsfreeze_thaw().await?;
+        }
+        None => tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
+            let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
+            agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], Duration::from_secs(60))?;
+            Ok(())
+        })
+        .await
+        .expect("flush does not panic")?,
+    }
+    drop(qga);
     let install_time = start.elapsed();
     let mut snapshot = vm.save(&work.join("snapshot")).await?;
     drop(vm);
@@ -145,11 +174,12 @@ pub async fn build(
         discarded_disk_chunks: discarded,
         app: app.manifest().clone(),
         install_time,
+        debs,
     })
 }
 
-/// Until the service answers: its probe through the forwarded port, or else a TCP connect
-/// from inside the guest.
+/// Until the service answers: its probe through the forwarded port (the answer must be
+/// what `probe_expect` says, if the app says), or else a TCP connect from inside the guest.
 fn wait_for_service(
     agent: &mut AgentClient,
     app: &forage_agent::app::AppManifest,
@@ -157,15 +187,30 @@ fn wait_for_service(
     wait: Duration,
 ) -> Result<(), SynthError> {
     let start = Instant::now();
+    let mut last_answer = None;
     while start.elapsed() < wait {
         let up = match &app.probe {
-            Some(line) => probe(SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)), line).is_ok(),
+            Some(line) => match probe(SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)), line) {
+                Ok(answer) if app.probe_answer_ok(&answer) => true,
+                Ok(answer) => {
+                    last_answer = Some(answer);
+                    false
+                }
+                Err(_) => false,
+            },
             None => agent.listening(app.port).unwrap_or(false),
         };
         if up {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if let (Some(answer), Some(expected)) = (last_answer, &app.probe_expect) {
+        return Err(SynthError::AppWrongAnswer {
+            app: app.name.clone(),
+            answer,
+            expected: expected.clone(),
+        });
     }
     Err(SynthError::AppNotReady {
         app: app.name.clone(),

@@ -57,6 +57,13 @@ pub enum SynthError {
     Tool { tool: String, detail: String },
     #[error("the application {app} did not answer on guest port {port} of the launch VM within {waited:?}")]
     AppNotReady { app: String, port: u16, waited: std::time::Duration },
+    #[error("the application {app} answers its probe wrongly: {answer:?} does not contain {expected:?}")]
+    AppWrongAnswer { app: String, answer: String, expected: String },
+    // Boxed: both are large, and SynthError travels in every Result of the crates above.
+    #[error(transparent)]
+    AppInstall(Box<forage_image::app_debs::AppInstallError>),
+    #[error("the launch VM's QEMU guest agent")]
+    GuestAgent(#[source] Box<forage_vm::qga::QgaError>),
     #[error(transparent)]
     Agent(#[from] forage_agent::AgentError),
     #[error(transparent)]
@@ -79,6 +86,18 @@ pub enum SynthError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<forage_image::app_debs::AppInstallError> for SynthError {
+    fn from(e: forage_image::app_debs::AppInstallError) -> Self {
+        Self::AppInstall(Box::new(e))
+    }
+}
+
+impl From<forage_vm::qga::QgaError> for SynthError {
+    fn from(e: forage_vm::qga::QgaError) -> Self {
+        Self::GuestAgent(Box::new(e))
+    }
 }
 
 /// Run a command, turning failure into an error carrying its stderr.

@@ -59,13 +59,9 @@ pub fn image() -> GuestImage {
     static IMAGE: OnceLock<GuestImage> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let opts = forage_image::BuildOptions {
-                agent_binary: forage_image::locate_guest_binary("forage-agent")
-                    .expect("run `make guest` first"),
-                disk_mib: 64,
-                memory_mib: 256,
-                force: false,
-            };
+            let opts = forage_image::BuildOptions::new(
+                forage_image::locate_guest_binary("forage-agent").expect("run `make guest` first"),
+            );
             forage_image::build(&data_dir(), forage_image::TINY, &opts)
                 .expect("image builds")
                 .image

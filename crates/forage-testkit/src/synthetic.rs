@@ -55,6 +55,8 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         disks: vec![DiskSpec { path: dir.join("disk0.raw"), format: forage_vm::DiskFormat::Raw, read_only: false, discard: true }],
         nic: None,
         balloon: None,
+        guest_agent: None,
+        virtio_rng: false,
         serial_log: dir.join("serial.log"),
         qmp_socket: dir.join("q.sock"),
         control_socket: None,

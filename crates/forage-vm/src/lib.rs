@@ -6,9 +6,12 @@
 //! - [`Vm`]: boot, pause, resume, save to a [`Snapshot`] (raw memory file + small device
 //!   state), restore, shutdown; QEMU supervised by [`process::QemuProcess`].
 //! - [`qmp::Qmp`]: the asynchronous QMP client underneath.
+//! - [`qga::GuestAgent`]: a typed client of the QEMU guest agent (qemu-ga) over the VM's
+//!   virtio-serial channel ([`GuestAgentSpec`]).
 
 pub mod accel;
 pub mod process;
+pub mod qga;
 pub mod qmp;
 pub mod snapshot;
 pub mod sparse;
@@ -19,7 +22,7 @@ use std::path::PathBuf;
 
 pub use accel::{Accel, AccelChoice};
 pub use snapshot::{HostCapacity, Snapshot, SnapshotError};
-pub use spec::{BalloonSpec, DirectBoot, DiskFormat, DiskSpec, NicSpec, PortForward, VmSpec};
+pub use spec::{BalloonSpec, DirectBoot, DiskFormat, DiskSpec, GuestAgentSpec, NicSpec, PortForward, VmSpec};
 pub use vm::RestoreOptions;
 pub use vm::Vm;
 

@@ -253,7 +253,8 @@ impl Snapshot {
     }
 
     /// The saved VM's spec moved to a new run: memory and disks in `run_dir`, the given
-    /// QMP socket, and host ports re-chosen by the caller (`forwards`, same guest ports).
+    /// QMP socket (the control and guest-agent sockets beside it: `.ctl`, `.qga`), and
+    /// host ports re-chosen by the caller (`forwards`, same guest ports).
     pub fn relocated_spec(&self, run_dir: &Path, qmp_socket: &Path, forwards: Option<Vec<PortForward>>) -> VmSpec {
         let mut spec = self.manifest.spec.clone();
         spec.memory_file = run_dir.join(MEMORY_FILE);
@@ -263,6 +264,9 @@ impl Snapshot {
         spec.serial_log = run_dir.join("serial.log");
         spec.qmp_socket = qmp_socket.to_path_buf();
         spec.control_socket = Some(qmp_socket.with_extension("ctl"));
+        if let Some(ga) = spec.guest_agent.as_mut() {
+            ga.socket = qmp_socket.with_extension("qga");
+        }
         if let (Some(nic), Some(fw)) = (spec.nic.as_mut(), forwards) {
             nic.forwards = fw;
         }

@@ -38,6 +38,15 @@ pub struct VmSpec {
     pub nic: Option<NicSpec>,
     #[serde(default)]
     pub balloon: Option<BalloonSpec>,
+    /// A virtio-serial channel to the QEMU guest agent (`qemu-ga`) in the guest, served by
+    /// QEMU on a unix socket (see [`crate::qga`]). Absent from older specs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<GuestAgentSpec>,
+    /// A virtio-rng device fed from the host's `/dev/urandom`: without it a guest under
+    /// TCG has almost no entropy, and anything that waits for the kernel's random pool
+    /// (systemd-networkd, Python's `os.urandom`) stalls for seconds. Absent from older specs.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub virtio_rng: bool,
     /// Where the guest's serial console is written.
     pub serial_log: PathBuf,
     /// QMP unix socket of the process that supervises QEMU (at most 107 bytes of path).
@@ -112,8 +121,24 @@ pub struct BalloonSpec {
     pub free_page_reporting: bool,
 }
 
+/// The QEMU guest agent's channel: a `virtserialport` named [`QGA_CHANNEL`] on a
+/// `virtio-serial-pci` controller, its host end a unix socket QEMU listens on (one client
+/// at a time, at most 107 bytes of path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestAgentSpec {
+    pub socket: PathBuf,
+}
+
+/// The port name qemu-ga looks for (`/dev/virtio-ports/org.qemu.guest_agent.0`).
+pub const QGA_CHANNEL: &str = "org.qemu.guest_agent.0";
+
 fn yes() -> bool {
     true
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 impl VmSpec {
@@ -189,6 +214,20 @@ impl VmSpec {
                 ),
             );
         }
+        if let Some(ga) = &self.guest_agent {
+            let mut chardev = OsString::from("socket,id=qga0,server=on,wait=off,path=");
+            chardev.push(escape_commas(ga.socket.as_os_str()));
+            a.pair("-chardev", chardev);
+            a.pair("-device", "virtio-serial-pci,id=vserial0");
+            a.pair(
+                "-device",
+                format!("virtserialport,bus=vserial0.0,chardev=qga0,id=qga0port,name={QGA_CHANNEL}"),
+            );
+        }
+        if self.virtio_rng {
+            a.pair("-object", "rng-random,id=rng0,filename=/dev/urandom");
+            a.pair("-device", "virtio-rng-pci,rng=rng0,id=rng0dev");
+        }
         let mut serial = OsString::from("file,id=serial0,path=");
         serial.push(escape_commas(self.serial_log.as_os_str()));
         a.pair("-chardev", serial);
@@ -214,7 +253,7 @@ impl VmSpec {
     /// A saved state only restores into a VM with the same hardware fingerprint; file
     /// paths and host port numbers do not count.
     pub fn hardware_fingerprint(&self) -> String {
-        let hw = serde_json::json!({
+        let mut hw = serde_json::json!({
             "machine": self.machine,
             "cpu": self.cpu_model,
             "vcpus": self.vcpus,
@@ -225,6 +264,14 @@ impl VmSpec {
             "nic": self.nic.is_some(),
             "balloon": self.balloon.map(|b| b.free_page_reporting),
         });
+        // Only when present, so that the fingerprints of VMs without the channel (every
+        // snapshot saved before it existed) stay what they were.
+        if self.guest_agent.is_some() {
+            hw["guest_agent"] = serde_json::Value::Bool(true);
+        }
+        if self.virtio_rng {
+            hw["virtio_rng"] = serde_json::Value::Bool(true);
+        }
         hex::encode(Sha256::digest(hw.to_string().as_bytes()))
     }
 
@@ -318,6 +365,8 @@ mod tests {
             balloon: Some(BalloonSpec {
                 free_page_reporting: true,
             }),
+            guest_agent: None,
+            virtio_rng: false,
             serial_log: "/d/serial.log".into(),
             qmp_socket: "/r/qmp.sock".into(),
             control_socket: Some("/r/ctl.sock".into()),
@@ -355,6 +404,39 @@ mod tests {
         let mut c = sample();
         c.memory_mib = 512;
         assert_ne!(a.hardware_fingerprint(), c.hardware_fingerprint());
+    }
+
+    #[test]
+    fn guest_agent_channel_is_a_virtio_serial_port_on_a_socket() {
+        let mut spec = sample();
+        let without = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(!without.contains("virtio-serial"));
+        let fingerprint_without = spec.hardware_fingerprint();
+        spec.guest_agent = Some(GuestAgentSpec { socket: "/r/q,ga.sock".into() });
+        let with = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(with.contains("-chardev socket,id=qga0,server=on,wait=off,path=/r/q,,ga.sock"), "{with}");
+        assert!(with.contains("-device virtio-serial-pci,id=vserial0"));
+        assert!(with.contains("virtserialport,bus=vserial0.0,chardev=qga0,id=qga0port,name=org.qemu.guest_agent.0"));
+        assert_ne!(spec.hardware_fingerprint(), fingerprint_without, "the channel is guest-visible hardware");
+        let with_channel = spec.hardware_fingerprint();
+        spec.virtio_rng = true;
+        let rng = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(rng.contains("-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0"), "{rng}");
+        assert_ne!(spec.hardware_fingerprint(), with_channel);
+        // A spec without the field (older snapshot.json) still reads, and writes no field.
+        let v = serde_json::to_value(sample()).unwrap();
+        assert!(v.get("guest_agent").is_none() && v.get("virtio_rng").is_none());
+    }
+
+    #[test]
+    fn fingerprint_without_guest_agent_is_unchanged() {
+        // The fingerprint of a VM without the channel is that of forage before the channel
+        // existed: snapshots saved then still restore.
+        let hw = serde_json::json!({
+            "machine": "pc", "cpu": null, "vcpus": 1, "memory_mib": 256,
+            "direct_boot": "console=ttyS0", "disks": [[false, true]], "nic": true, "balloon": true,
+        });
+        assert_eq!(sample().hardware_fingerprint(), hex::encode(Sha256::digest(hw.to_string().as_bytes())));
     }
 
     #[test]

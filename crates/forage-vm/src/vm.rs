@@ -84,8 +84,8 @@ impl Vm {
         check_inputs(&spec)?;
         // A stale socket would let us talk to nobody; a stale serial log would show old output.
         let _ = std::fs::remove_file(&spec.qmp_socket);
-        if let Some(ctl) = &spec.control_socket {
-            let _ = std::fs::remove_file(ctl);
+        for socket in spec.control_socket.iter().chain(spec.guest_agent.as_ref().map(|g| &g.socket)) {
+            let _ = std::fs::remove_file(socket);
         }
         if let Some(dir) = spec.qmp_socket.parent() {
             std::fs::create_dir_all(dir).map_err(|source| VmError::Io {
@@ -477,7 +477,10 @@ fn check_inputs(spec: &VmSpec) -> Result<(), VmError> {
     if let Some(missing) = needed.into_iter().find(|p| !p.exists()) {
         return Err(VmError::MissingInput { path: missing.clone() });
     }
-    for socket in std::iter::once(&spec.qmp_socket).chain(&spec.control_socket) {
+    let sockets = std::iter::once(&spec.qmp_socket)
+        .chain(&spec.control_socket)
+        .chain(spec.guest_agent.as_ref().map(|g| &g.socket));
+    for socket in sockets {
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(VmError::SocketPathTooLong { path: socket.clone() });
         }

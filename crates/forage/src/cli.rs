@@ -151,17 +151,18 @@ pub enum Command {
 pub enum ImageCommand {
     /// Build a guest image from Debian packages (cached: a rerun with the same recipe is a no-op)
     Build {
-        /// Image recipe (only `tiny` so far)
+        /// Image recipe: `tiny` (busybox initramfs, data disk) or `debian-12` (Debian
+        /// bookworm with systemd on its disk, built with mmdebstrap)
         name: String,
         /// Rebuild even if cached
         #[arg(long)]
         force: bool,
-        /// Size of the ext4 data disk
-        #[arg(long, default_value_t = 64, value_name = "MIB")]
-        disk_mib: u64,
-        /// Guest RAM
-        #[arg(long, default_value_t = 256, value_name = "MIB")]
-        memory_mib: u64,
+        /// Size of the ext4 disk (default: tiny 64, debian-12 4096)
+        #[arg(long, value_name = "MIB")]
+        disk_mib: Option<u64>,
+        /// Guest RAM (default: tiny 256, debian-12 1024)
+        #[arg(long, value_name = "MIB")]
+        memory_mib: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -177,6 +178,7 @@ pub enum BaseCommand {
     /// Boot an image, let it settle, save it, and index its chunks
     Create {
         name: String,
+        /// Guest image: `tiny` or `debian-12` (built with `forage image build`)
         #[arg(long, default_value = "tiny")]
         image: String,
         /// Seconds to let the guest settle before the save
@@ -508,6 +510,7 @@ pub enum VmCommand {
     /// Boot a VM from an image and supervise it in the foreground (Ctrl-C stops it)
     Boot {
         name: String,
+        /// Guest image: `tiny` or `debian-12` (apps naming Debian packages need debian-12)
         #[arg(long, default_value = "tiny")]
         image: String,
         /// Install this app folder (with app.json) once the guest is ready, and forward its port

@@ -133,6 +133,8 @@ async fn missing_kernel_is_named_before_qemu_starts() {
         disks: vec![],
         nic: None,
         balloon: None,
+        guest_agent: None,
+        virtio_rng: false,
         serial_log: run.dir.join("serial.log"),
         qmp_socket: run.qmp_socket.clone(),
         control_socket: None,

@@ -116,7 +116,7 @@ async fn boot(data: &DataDir, name: &str, image: &str, app: Option<&Path>, ready
     let app_fwd = match app {
         Some(app) => {
             let t = Instant::now();
-            install(ready.agent_port, app.clone()).await?;
+            install(data, ready.agent_port, app.clone()).await?;
             if !json {
                 eprintln!("app {} installed and started in {:.1} s", app.manifest().name, t.elapsed().as_secs_f64());
             }
@@ -142,12 +142,23 @@ async fn boot(data: &DataDir, name: &str, image: &str, app: Option<&Path>, ready
     supervise(ready.vm, name, &paths, json).await
 }
 
-/// Install an app through the guest agent at `agent_port`.
-pub async fn install(agent_port: u16, app: AppPackage) -> anyhow::Result<()> {
+/// Install an app through the guest agent at `agent_port`, its Debian packages first
+/// (resolved and downloaded on this host, installed offline in the guest).
+pub async fn install(data: &DataDir, agent_port: u16, app: AppPackage) -> anyhow::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
+    let data = data.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut agent = AgentClient::connect(addr, Duration::from_secs(60))?;
-        app.install(&mut agent)?;
+        if let Some(debs) = forage_image::app_debs::install_app(&data, &mut agent, &app)? {
+            eprintln!(
+                "{} Debian packages for {} installed offline ({} MiB of .debs, guest disk +{} MiB) in {:.1} s",
+                debs.installed.len(),
+                debs.requested.join(" "),
+                debs.download_bytes >> 20,
+                debs.disk_growth_bytes.max(0) >> 20,
+                debs.took.as_secs_f64()
+            );
+        }
         Ok(())
     })
     .await?

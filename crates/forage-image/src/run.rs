@@ -1,0 +1,208 @@
+//! A built image, and VMs booted from it: the VM spec of a fresh run (a sparse copy of the
+//! image's disk, loopback port forwards, the qemu-ga channel when the image has one), and
+//! a boot that waits for the ready marker on the serial console.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use forage_datadir::DataDir;
+use forage_vm::{BalloonSpec, DirectBoot, DiskSpec, GuestAgentSpec, NicSpec, PortForward, VmSpec};
+
+use crate::manifest::ImageManifest;
+use crate::ImageError;
+
+/// A built guest image.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    dir: PathBuf,
+    manifest: ImageManifest,
+}
+
+/// Where one run of an image keeps its files. The guest-agent socket (when the image has
+/// qemu-ga) is the QMP socket's path with the extension `qga`.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    pub dir: PathBuf,
+    pub qmp_socket: PathBuf,
+}
+
+impl RunPaths {
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.qmp_socket.with_extension("qga")
+    }
+}
+
+impl GuestImage {
+    /// Open a built image by name.
+    pub fn open(data: &DataDir, name: &str) -> Result<Self, ImageError> {
+        let dir = data.image(name)?;
+        Self::open_dir(&dir).map_err(|e| match e {
+            ImageError::Io { .. } => ImageError::NotBuilt {
+                name: name.to_string(),
+                dir: dir.clone(),
+            },
+            e => e,
+        })
+    }
+
+    /// Open the image in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join("image.json");
+        let text = std::fs::read(&path).map_err(|source| ImageError::Io { path: path.clone(), source })?;
+        let manifest = ImageManifest::parse(&path, &text)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &ImageManifest {
+        &self.manifest
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join(&self.manifest.disk)
+    }
+
+    /// A VM spec that boots this image in `run`, with a fresh copy of the disk (made here,
+    /// holes kept) and the given extra guest ports forwarded to loopback. Returns the spec
+    /// and the host port of the agent, then of each extra port.
+    pub fn fresh_run(&self, name: &str, run: &RunPaths, guest_ports: &[u16]) -> Result<(VmSpec, Vec<u16>), ImageError> {
+        std::fs::create_dir_all(&run.dir).map_err(|source| ImageError::Io {
+            path: run.dir.clone(),
+            source,
+        })?;
+        let disk = run.dir.join("disk0.raw");
+        forage_vm::sparse::copy_sparse(&self.disk(), &disk).map_err(|source| ImageError::Io {
+            path: disk.clone(),
+            source,
+        })?;
+        let forwards = loopback_forwards(std::iter::once(self.manifest.agent_port).chain(guest_ports.iter().copied()))
+            .map_err(|source| ImageError::Io {
+                path: "127.0.0.1".into(),
+                source,
+            })?;
+        let host_ports = forwards.iter().map(|f| f.host_port).collect();
+        let spec = VmSpec {
+            name: name.to_string(),
+            machine: "pc".into(),
+            cpu_model: None,
+            vcpus: 1,
+            memory_mib: self.manifest.memory_mib,
+            memory_file: run.dir.join(forage_vm::snapshot::MEMORY_FILE),
+            boot: Some(DirectBoot {
+                kernel: self.dir.join(&self.manifest.kernel),
+                initrd: self.dir.join(&self.manifest.initrd),
+                cmdline: self.manifest.cmdline.clone(),
+            }),
+            disks: vec![DiskSpec {
+                path: disk,
+                format: forage_vm::DiskFormat::Raw,
+                read_only: false,
+                discard: true,
+            }],
+            nic: Some(NicSpec { forwards }),
+            balloon: Some(BalloonSpec {
+                free_page_reporting: true,
+            }),
+            guest_agent: self.manifest.guest_agent.then(|| GuestAgentSpec {
+                socket: run.guest_agent_socket(),
+            }),
+            virtio_rng: self.manifest.virtio_rng,
+            serial_log: run.dir.join("serial.log"),
+            qmp_socket: run.qmp_socket.clone(),
+            control_socket: Some(run.qmp_socket.with_extension("ctl")),
+        };
+        // The memory file must not exist yet: QEMU creates it at the configured size.
+        let _ = std::fs::remove_file(&spec.memory_file);
+        Ok((spec, host_ports))
+    }
+}
+
+/// Forwards from free loopback ports to the given guest ports. The kernel picks each free
+/// port; QEMU binds it moments later.
+pub fn loopback_forwards(guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
+    forwards_on(std::net::Ipv4Addr::LOCALHOST, guest_ports)
+}
+
+/// Forwards from free ports of `host_addr` to the given guest ports.
+pub fn forwards_on(host_addr: std::net::Ipv4Addr, guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    for guest_port in guest_ports {
+        let l = std::net::TcpListener::bind((host_addr, 0))?;
+        out.push(PortForward {
+            host_addr,
+            host_port: l.local_addr()?.port(),
+            guest_port,
+        });
+        held.push(l); // keep bound until all are chosen, so none repeats
+    }
+    Ok(out)
+}
+
+/// A booted guest, ready on its serial console, with loopback ports for its agent and
+/// any extra guest ports.
+pub struct ReadyGuest {
+    pub vm: forage_vm::Vm,
+    pub agent_port: u16,
+    /// Host ports, in the order of the requested guest ports.
+    pub ports: Vec<u16>,
+    /// From QEMU start to the ready marker.
+    pub boot_time: Duration,
+}
+
+impl GuestImage {
+    /// Boot this image in `run` and wait for its ready marker (`timeout`). On timeout the
+    /// error carries the serial console's last lines and QEMU is killed.
+    pub async fn boot(
+        &self,
+        name: &str,
+        run: &RunPaths,
+        guest_ports: &[u16],
+        accel: forage_vm::Accel,
+        timeout: Duration,
+    ) -> Result<ReadyGuest, BootError> {
+        self.boot_from(name, run, None, guest_ports, accel, timeout).await
+    }
+
+    /// [`boot`](Self::boot) with `disk` (raw, used in place) as the disk instead of a copy
+    /// of the image's: a cold boot of a disk brought from elsewhere.
+    pub async fn boot_from(
+        &self,
+        name: &str,
+        run: &RunPaths,
+        disk: Option<&Path>,
+        guest_ports: &[u16],
+        accel: forage_vm::Accel,
+        timeout: Duration,
+    ) -> Result<ReadyGuest, BootError> {
+        let start = Instant::now();
+        let (mut spec, mut ports) = self.fresh_run(name, run, guest_ports)?;
+        if let Some(disk) = disk {
+            let _ = std::fs::remove_file(&spec.disks[0].path);
+            spec.disks[0].path = disk.to_path_buf();
+        }
+        let vm = forage_vm::Vm::boot(spec, accel, &run.dir.join("qemu.log")).await?;
+        vm.wait_for_serial(&self.manifest.ready_marker, timeout).await?;
+        let agent_port = ports.remove(0);
+        Ok(ReadyGuest {
+            vm,
+            agent_port,
+            ports,
+            boot_time: start.elapsed(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Vm(#[from] forage_vm::VmError),
+}
