@@ -100,7 +100,12 @@ fn serve(conn: TcpStream, served: &AtomicU64) -> std::io::Result<()> {
 fn answer(line: &str, served: &AtomicU64) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
-        ["count"] => format!("ok served={} preloaded={} working={}", served.load(Ordering::SeqCst), PRELOADED.load(Ordering::SeqCst), working_bytes()),
+        ["count"] => format!(
+            "ok served={} preloaded={} working={}",
+            served.load(Ordering::SeqCst),
+            PRELOADED.load(Ordering::SeqCst),
+            working_bytes()
+        ),
         ["grow", mib] => match mib.parse::<usize>() {
             Ok(n) if working_bytes() as usize / BLOCK + n <= MAX_WORKING_MIB => format!("ok working={}", grow(n)),
             _ => format!("error the working set is at most {MAX_WORKING_MIB} MiB"),
@@ -120,11 +125,7 @@ fn answer(line: &str, served: &AtomicU64) -> String {
                 let start = Instant::now();
                 let (nonce, hash) = search(text.as_bytes(), bits);
                 let n = served.fetch_add(1, Ordering::SeqCst) + 1;
-                format!(
-                    "ok nonce={nonce} hash={} served={n} ms={}",
-                    hex::encode(hash),
-                    start.elapsed().as_millis()
-                )
+                format!("ok nonce={nonce} hash={} served={n} ms={}", hex::encode(hash), start.elapsed().as_millis())
             }
             _ => format!("error bits must be a number from 0 to {MAX_BITS}"),
         },

@@ -79,11 +79,7 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error("app {app} needs the Debian packages {missing:?}, not installed in the guest ({detail}): forage installs them from the host when it installs the app into a Debian guest (forage vm boot --app, forage overlay create)")]
-    DebsMissing {
-        app: String,
-        missing: Vec<String>,
-        detail: String,
-    },
+    DebsMissing { app: String, missing: Vec<String>, detail: String },
     #[error("installing {app}")]
     Agent {
         app: String,
@@ -102,19 +98,15 @@ pub struct AppPackage {
 impl AppPackage {
     pub fn open(dir: &Path) -> Result<Self, AppError> {
         let path = dir.join(APP_MANIFEST);
-        let text = std::fs::read(&path).map_err(|source| AppError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let bad = |detail: String| AppError::Manifest {
-            path: path.clone(),
-            detail,
-        };
+        let text = std::fs::read(&path).map_err(|source| AppError::Io { path: path.clone(), source })?;
+        let bad = |detail: String| AppError::Manifest { path: path.clone(), detail };
         let manifest: AppManifest = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if manifest.format != APP_FORMAT {
             return Err(bad(format!("app format {} is not {APP_FORMAT}", manifest.format)));
         }
-        let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !s.starts_with('.');
+        let plain = |s: &str| {
+            !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !s.starts_with('.')
+        };
         if !plain(&manifest.name) {
             return Err(bad(format!("app name {:?} must be letters, digits, '-', '_', '.'", manifest.name)));
         }
@@ -126,10 +118,7 @@ impl AppPackage {
                 "{deb:?} in debs is not a Debian package name (lower-case letters, digits, '+', '-', '.')"
             )));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-        })
+        Ok(Self { dir: dir.to_path_buf(), manifest })
     }
 
     pub fn manifest(&self) -> &AppManifest {
@@ -168,23 +157,15 @@ impl AppPackage {
         self.check_debs_installed(agent)?;
         let gdir = self.guest_dir();
         for rel in self.files()? {
-            agent
-                .put_file(&self.dir.join(&rel), &format!("{gdir}/{}", rel.display()))
-                .map_err(err)?;
+            agent.put_file(&self.dir.join(&rel), &format!("{gdir}/{}", rel.display())).map_err(err)?;
         }
         if let Some(install) = &self.manifest.install {
             let script = format!("cd {} && {}", sh_quote(&gdir), sh_join(install));
-            agent
-                .exec_ok(&["sh", "-c", &script], Duration::from_secs(300))
-                .map_err(err)?;
+            agent.exec_ok(&["sh", "-c", &script], Duration::from_secs(300)).map_err(err)?;
         }
         let start = format!("#!/bin/sh\ncd {} && exec {}\n", sh_quote(&gdir), sh_join(&self.manifest.start));
-        agent
-            .put_bytes(start.as_bytes(), &format!("{gdir}/start"), 0o755)
-            .map_err(err)?;
-        agent
-            .spawn(&[&format!("{gdir}/start")], &format!("{gdir}/log"))
-            .map_err(err)?;
+        agent.put_bytes(start.as_bytes(), &format!("{gdir}/start"), 0o755).map_err(err)?;
+        agent.spawn(&[&format!("{gdir}/start")], &format!("{gdir}/log")).map_err(err)?;
         // Make the files durable before anyone saves the VM.
         agent.exec_ok(&["sync"], Duration::from_secs(60)).map_err(err)?;
         Ok(())
@@ -200,21 +181,16 @@ impl AppPackage {
         }
         let mut argv = vec!["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\\n"];
         argv.extend(debs.iter().map(String::as_str));
-        let missing_all = |detail: String| AppError::DebsMissing {
-            app: self.manifest.name.clone(),
-            missing: debs.clone(),
-            detail,
-        };
+        let missing_all =
+            |detail: String| AppError::DebsMissing { app: self.manifest.name.clone(), missing: debs.clone(), detail };
         let out = match agent.exec(&argv, Duration::from_secs(60)) {
             Ok(out) => out,
-            Err(AgentError::Refused { message, .. }) => return Err(missing_all(format!("the guest has no dpkg: {message}"))),
+            Err(AgentError::Refused { message, .. }) => {
+                return Err(missing_all(format!("the guest has no dpkg: {message}")))
+            }
             Err(source) => return Err(AppError::Agent { app: self.manifest.name.clone(), source }),
         };
-        let installed: Vec<&str> = out
-            .stdout
-            .lines()
-            .filter_map(|l| l.strip_suffix(" installed"))
-            .collect();
+        let installed: Vec<&str> = out.stdout.lines().filter_map(|l| l.strip_suffix(" installed")).collect();
         let missing: Vec<String> = debs.iter().filter(|d| !installed.contains(&d.as_str())).cloned().collect();
         if missing.is_empty() {
             return Ok(());
@@ -270,7 +246,9 @@ mod tests {
         assert!(AppPackage::open(&dir).is_err());
         write(serde_json::json!({"format":1,"name":"a","port":80,"start":[]}));
         assert!(AppPackage::open(&dir).is_err());
-        write(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"debs":["tesseract-ocr","libstdc++6","python3.11"]}));
+        write(
+            serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"debs":["tesseract-ocr","libstdc++6","python3.11"]}),
+        );
         assert_eq!(AppPackage::open(&dir).unwrap().manifest().debs.len(), 3);
         for bad in ["../etc", "-oDir=/", "Foo", "a", "tesseract-ocr=5.3", "x y", "pkg;rm", "pkg/x", "pkg:amd64", ""] {
             write(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"debs":[bad]}));
@@ -282,13 +260,17 @@ mod tests {
 
     #[test]
     fn probe_expectation() {
-        let mut m: AppManifest = serde_json::from_value(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"probe":"ocr x"})).unwrap();
+        let mut m: AppManifest = serde_json::from_value(
+            serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"],"probe":"ocr x"}),
+        )
+        .unwrap();
         assert!(m.probe_answer_ok("anything"));
         m.probe_expect = Some("words=HELLO".into());
         assert!(m.probe_answer_ok("ok words=HELLO,WORLD"));
         assert!(!m.probe_answer_ok("error no text"));
         // Written back, an app without the new fields looks as before.
-        let plain: AppManifest = serde_json::from_value(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"]})).unwrap();
+        let plain: AppManifest =
+            serde_json::from_value(serde_json::json!({"format":1,"name":"a","port":80,"start":["./a"]})).unwrap();
         let v = serde_json::to_value(&plain).unwrap();
         assert!(v.get("debs").is_none() && v.get("probe_expect").is_none());
     }

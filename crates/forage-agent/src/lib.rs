@@ -80,11 +80,7 @@ pub struct Response {
 
 impl Response {
     pub fn failure(msg: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            error: Some(msg.into()),
-            ..Self::default()
-        }
+        Self { ok: false, error: Some(msg.into()), ..Self::default() }
     }
 }
 
@@ -95,10 +91,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     }
     let req: Request = serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))?;
     if req.v != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {} not supported (agent speaks {PROTOCOL_VERSION})",
-            req.v
-        ));
+        return Err(format!("protocol version {} not supported (agent speaks {PROTOCOL_VERSION})", req.v));
     }
     Ok(req)
 }
@@ -114,11 +107,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("guest agent at {addr} refused {op}: {message}")]
-    Refused {
-        addr: SocketAddr,
-        op: &'static str,
-        message: String,
-    },
+    Refused { addr: SocketAddr, op: &'static str, message: String },
     #[error("guest agent at {addr} sent an unreadable answer: {detail}")]
     Protocol { addr: SocketAddr, detail: String },
     #[error("cannot read {path}")]
@@ -128,12 +117,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("`{command}` failed in the guest at {addr} with code {code}: {stderr}")]
-    CommandFailed {
-        addr: SocketAddr,
-        command: String,
-        code: i32,
-        stderr: String,
-    },
+    CommandFailed { addr: SocketAddr, command: String, code: i32, stderr: String },
 }
 
 /// Output of a command run in the guest.
@@ -161,12 +145,7 @@ impl AgentClient {
             match Self::try_connect(addr) {
                 Ok(c) => return Ok(c),
                 Err(_) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(200)),
-                Err(_) => {
-                    return Err(AgentError::Unreachable {
-                        addr,
-                        waited: start.elapsed(),
-                    })
-                }
+                Err(_) => return Err(AgentError::Unreachable { addr, waited: start.elapsed() }),
             }
         }
     }
@@ -176,11 +155,7 @@ impl AgentClient {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
-        let mut client = Self {
-            addr,
-            reader: BufReader::new(stream),
-            writer,
-        };
+        let mut client = Self { addr, reader: BufReader::new(stream), writer };
         client.ping()?;
         // Long enough for big puts; exec sets its own from the command's timeout.
         client.reader.get_ref().set_read_timeout(Some(Duration::from_secs(600))).map_err(io)?;
@@ -194,30 +169,20 @@ impl AgentClient {
     /// Copy a local file into the guest at `guest_path` (parents are created).
     pub fn put_file(&mut self, local: &Path, guest_path: &str) -> Result<(), AgentError> {
         use std::os::unix::fs::PermissionsExt;
-        let local_err = |source| AgentError::Local {
-            path: local.display().to_string(),
-            source,
-        };
+        let local_err = |source| AgentError::Local { path: local.display().to_string(), source };
         let data = std::fs::read(local).map_err(local_err)?;
         let mode = std::fs::metadata(local).map_err(local_err)?.permissions().mode() & 0o7777;
         self.put_bytes(&data, guest_path, mode)
     }
 
     pub fn put_bytes(&mut self, data: &[u8], guest_path: &str, mode: u32) -> Result<(), AgentError> {
-        let op = Op::Put {
-            path: guest_path.to_string(),
-            mode,
-            size: data.len() as u64,
-        };
+        let op = Op::Put { path: guest_path.to_string(), mode, size: data.len() as u64 };
         self.call(op, "put", data).map(|_| ())
     }
 
     /// Run a command in the guest and wait for it (at most `timeout`).
     pub fn exec(&mut self, argv: &[&str], timeout: Duration) -> Result<ExecOutput, AgentError> {
-        let op = Op::Exec {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_s: timeout.as_secs().max(1),
-        };
+        let op = Op::Exec { argv: argv.iter().map(|s| s.to_string()).collect(), timeout_s: timeout.as_secs().max(1) };
         // The agent answers by the command's timeout; a silent guest must not hang us.
         let wait = timeout.max(Duration::from_secs(1)) + Duration::from_secs(30);
         let _ = self.reader.get_ref().set_read_timeout(Some(wait));
@@ -259,46 +224,27 @@ impl AgentClient {
 
     /// Start a long-running program in the guest, detached, its output going to `log`.
     pub fn spawn(&mut self, argv: &[&str], log: &str) -> Result<u32, AgentError> {
-        let op = Op::Spawn {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            log: log.to_string(),
-        };
+        let op = Op::Spawn { argv: argv.iter().map(|s| s.to_string()).collect(), log: log.to_string() };
         Ok(self.call(op, "spawn", &[])?.pid.unwrap_or(0))
     }
 
     fn call(&mut self, op: Op, name: &'static str, payload: &[u8]) -> Result<Response, AgentError> {
         let addr = self.addr;
         let io = |source| AgentError::Io { addr, source };
-        let mut line = serde_json::to_vec(&Request {
-            v: PROTOCOL_VERSION,
-            op,
-        })
-        .expect("requests serialize");
+        let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op }).expect("requests serialize");
         line.push(b'\n');
         self.writer.write_all(&line).map_err(io)?;
         self.writer.write_all(payload).map_err(io)?;
         self.writer.flush().map_err(io)?;
         let mut answer = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_OUTPUT as u64 * 8)
-            .read_until(b'\n', &mut answer)
-            .map_err(io)?;
+        let n = (&mut self.reader).take(MAX_OUTPUT as u64 * 8).read_until(b'\n', &mut answer).map_err(io)?;
         if n == 0 {
-            return Err(AgentError::Protocol {
-                addr,
-                detail: "connection closed".into(),
-            });
+            return Err(AgentError::Protocol { addr, detail: "connection closed".into() });
         }
-        let resp: Response = serde_json::from_slice(&answer).map_err(|e| AgentError::Protocol {
-            addr,
-            detail: e.to_string(),
-        })?;
+        let resp: Response =
+            serde_json::from_slice(&answer).map_err(|e| AgentError::Protocol { addr, detail: e.to_string() })?;
         if !resp.ok {
-            return Err(AgentError::Refused {
-                addr,
-                op: name,
-                message: resp.error.unwrap_or_default(),
-            });
+            return Err(AgentError::Refused { addr, op: name, message: resp.error.unwrap_or_default() });
         }
         Ok(resp)
     }
@@ -329,19 +275,9 @@ mod tests {
     fn requests_round_trip() {
         let reqs = [
             Op::Ping,
-            Op::Put {
-                path: "/data/x".into(),
-                mode: 0o755,
-                size: 3,
-            },
-            Op::Exec {
-                argv: vec!["sh".into(), "-c".into(), "true".into()],
-                timeout_s: 5,
-            },
-            Op::Spawn {
-                argv: vec!["/bin/app".into()],
-                log: "/data/app.log".into(),
-            },
+            Op::Put { path: "/data/x".into(), mode: 0o755, size: 3 },
+            Op::Exec { argv: vec!["sh".into(), "-c".into(), "true".into()], timeout_s: 5 },
+            Op::Spawn { argv: vec!["/bin/app".into()], log: "/data/app.log".into() },
         ];
         for op in reqs {
             let req = Request { v: 1, op };

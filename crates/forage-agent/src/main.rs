@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 use forage_agent::{parse_request, Op, Response, AGENT_PORT, MAX_LINE, MAX_OUTPUT, MAX_PUT, PROTOCOL_VERSION};
 
 fn main() {
-    let port = std::env::args()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(AGENT_PORT);
+    let port = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(AGENT_PORT);
     let listener = match TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
         Err(e) => {
@@ -105,10 +102,7 @@ fn serve(conn: TcpStream, started: Instant) -> std::io::Result<()> {
 }
 
 fn ok() -> Response {
-    Response {
-        ok: true,
-        ..Response::default()
-    }
+    Response { ok: true, ..Response::default() }
 }
 
 fn write_response(w: &mut TcpStream, r: &Response) -> std::io::Result<()> {
@@ -279,11 +273,7 @@ fn spawn(argv: &[String], log: &str) -> Response {
                 let mut child = child;
                 let _ = child.wait();
             });
-            Response {
-                ok: true,
-                pid: Some(pid),
-                ..Response::default()
-            }
+            Response { ok: true, pid: Some(pid), ..Response::default() }
         }
         Err(e) => Response::failure(format!("cannot start {prog}: {e}")),
     }

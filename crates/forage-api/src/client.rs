@@ -60,11 +60,21 @@ impl ApiClient {
     /// `POST /v1/instances/{id}/handoff`: waits (up to an hour) until the instance moved
     /// or failed to.
     pub fn handoff(&self, id: &str, request: &HandoffRequest) -> Result<HandoffReport, ClientError> {
-        self.answer(ureq::post(&format!("{}/v1/instances/{id}/handoff", self.base)).set("Authorization", &self.auth).timeout(Duration::from_secs(3600)).send_json(request))
+        self.answer(
+            ureq::post(&format!("{}/v1/instances/{id}/handoff", self.base))
+                .set("Authorization", &self.auth)
+                .timeout(Duration::from_secs(3600))
+                .send_json(request),
+        )
     }
 
     /// The id of the running instance whose service relay is `endpoint`.
     pub fn instance_at(&self, endpoint: &str) -> Result<String, ClientError> {
-        self.instances(false)?.instances.into_iter().find(|i| i.endpoint == endpoint).map(|i| i.id).ok_or_else(|| ClientError::NoEndpoint(endpoint.into()))
+        self.instances(false)?
+            .instances
+            .into_iter()
+            .find(|i| i.endpoint == endpoint)
+            .map(|i| i.id)
+            .ok_or_else(|| ClientError::NoEndpoint(endpoint.into()))
     }
 }

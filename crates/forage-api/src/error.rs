@@ -107,9 +107,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Control { source, .. } => source.status(),
-            ApiError::Task(_)
-            | ApiError::State(_)
-            | ApiError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Task(_) | ApiError::State(_) | ApiError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -43,13 +43,13 @@ use axum::Router;
 
 pub use context::{Access, ApiContext, Control};
 pub use error::{ActionError, ApiError, Fault};
-pub use openapi::openapi;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
-    AppInfo, AppList, ServiceInfo, ServiceList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceStatus,
-    InstanceView, InstancesQuery, SessionList, SessionMode, SessionStatus, SessionView,
-    SessionsQuery, StatusView, HandoffRequest, HandoffReport,
+    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReport, HandoffRequest,
+    InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList, SessionMode,
+    SessionStatus, SessionView, SessionsQuery, StatusView,
 };
 
 /// The API's routes over `ctx`.
@@ -84,28 +84,39 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, cloudlet = %ctx.name, "management API listening");
     }
-    axum::serve(listener, router(ctx))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(ctx)).with_graceful_shutdown(shutdown).await
 }
 
 /// Refuse what the caller's token does not allow (see [`Access`]).
-async fn check_access(axum::extract::State(access): axum::extract::State<Access>, request: Request, next: Next) -> Response {
+async fn check_access(
+    axum::extract::State(access): axum::extract::State<Access>,
+    request: Request,
+    next: Next,
+) -> Response {
     use axum::response::IntoResponse;
     let Some(token) = &access.token else { return next.run(request).await };
     let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
     if read && access.open_reads {
         return next.run(request).await;
     }
-    let given = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     // Compared in constant time: the token is a secret.
-    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
     if ok {
         return next.run(request).await;
     }
     tracing::warn!(method = %request.method(), path = %request.uri().path(), "API request refused: no valid token");
     let what = if read { "reading this API from another host" } else { "changing state" };
-    error::ApiError::Unauthorized(format!("{what} needs `Authorization: Bearer TOKEN` (the token is in the cloudlet's DATA/trust/api-token)")).into_response()
+    error::ApiError::Unauthorized(format!(
+        "{what} needs `Authorization: Bearer TOKEN` (the token is in the cloudlet's DATA/trust/api-token)"
+    ))
+    .into_response()
 }
 
 /// One debug line per request: method, path, status, time taken.

@@ -33,9 +33,7 @@ pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Err
 
     let sessions = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
     for status in SessionStatus::ALL {
-        sessions
-            .get_or_create(&vec![("status", status.as_str())])
-            .inc_by(totals.sessions(*status));
+        sessions.get_or_create(&vec![("status", status.as_str())]).inc_by(totals.sessions(*status));
     }
     registry.register("sessions", "Synthesis sessions by status", sessions);
 
@@ -44,21 +42,9 @@ pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Err
         g.set(i64::try_from(v).unwrap_or(i64::MAX));
         g
     };
-    registry.register(
-        "instances_running",
-        "Launch VMs running",
-        gauge(totals.instances_running),
-    );
-    registry.register(
-        "cache_entries",
-        "Launch cache entries",
-        gauge(totals.cache_entries),
-    );
-    registry.register(
-        "cache_bytes",
-        "Bytes held by the launch cache",
-        gauge(totals.cache_bytes),
-    );
+    registry.register("instances_running", "Launch VMs running", gauge(totals.instances_running));
+    registry.register("cache_entries", "Launch cache entries", gauge(totals.cache_entries));
+    registry.register("cache_bytes", "Bytes held by the launch cache", gauge(totals.cache_bytes));
     let hits = Counter::<u64>::default();
     hits.inc_by(totals.cache_hits);
     registry.register("cache_hits", "Launches served from the launch cache", hits);
@@ -99,10 +85,7 @@ mod tests {
             "# TYPE forage_sessions counter",
             "# EOF",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "no line {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
     }
 }

@@ -6,13 +6,13 @@ use axum::http::{header, Method, Uri};
 use axum::response::IntoResponse;
 use axum::Json;
 
-use crate::error::ApiError;
-use crate::views::{
-    AppInfo, AppList, AppsQuery, BaseList, ServiceList, CacheEntryView, CacheList, ErrorBody, InstanceList, InstanceView, InstancesQuery,
-    SessionList, SessionsQuery, StatusView, HandoffRequest, HandoffReport,
-};
 use crate::context::ApiContext;
+use crate::error::ApiError;
 use crate::metrics;
+use crate::views::{
+    AppInfo, AppList, AppsQuery, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReport, HandoffRequest,
+    InstanceList, InstanceView, InstancesQuery, ServiceList, SessionList, SessionsQuery, StatusView,
+};
 
 /// Sessions listed when the query gives no limit.
 pub const DEFAULT_SESSION_LIMIT: u32 = 50;
@@ -88,10 +88,15 @@ pub async fn apps(Ctx(ctx): Ctx<ApiContext>, query: Result<Query<AppsQuery>, Que
 pub async fn app_file(Ctx(ctx): Ctx<ApiContext>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let control = ctx.control.clone();
     let wanted = id.clone();
-    let (info, bytes): (AppInfo, Vec<u8>) = blocking(move || control.app_file(&wanted)).await?.ok_or(ApiError::NotFound { kind: "app", id })?;
+    let (info, bytes): (AppInfo, Vec<u8>) =
+        blocking(move || control.app_file(&wanted)).await?.ok_or(ApiError::NotFound { kind: "app", id })?;
     let disposition = format!("attachment; filename=\"{}\"", info.file);
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_DISPOSITION, disposition), (header::HeaderName::from_static("x-forage-sha256"), info.sha256)],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::HeaderName::from_static("x-forage-sha256"), info.sha256),
+        ],
         bytes,
     ))
 }
@@ -112,14 +117,10 @@ pub async fn sessions(
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_SESSION_LIMIT);
     if !(1..=MAX_SESSION_LIMIT).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_SESSION_LIMIT}, not {limit}"
-        )));
+        return Err(ApiError::BadRequest(format!("limit must be 1 to {MAX_SESSION_LIMIT}, not {limit}")));
     }
     let sessions = ctx.state.list_sessions(limit as usize)?;
-    Ok(Json(SessionList {
-        sessions: sessions.into_iter().map(Into::into).collect(),
-    }))
+    Ok(Json(SessionList { sessions: sessions.into_iter().map(Into::into).collect() }))
 }
 
 /// Launch VMs, newest first: running ones, or all with `all=true`.
@@ -137,9 +138,7 @@ pub async fn instances(
 ) -> ApiResult<InstanceList> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let instances = ctx.state.list_instances(!query.all.unwrap_or(false))?;
-    Ok(Json(InstanceList {
-        instances: instances.into_iter().map(Into::into).collect(),
-    }))
+    Ok(Json(InstanceList { instances: instances.into_iter().map(Into::into).collect() }))
 }
 
 /// Stops a running instance and returns it, now "stopped".
@@ -154,20 +153,15 @@ pub async fn instances(
         (status = 500, description = "The daemon could not stop it", body = ErrorBody),
     )
 )]
-pub async fn stop_instance(
-    Ctx(ctx): Ctx<ApiContext>,
-    Path(id): Path<String>,
-) -> ApiResult<InstanceView> {
+pub async fn stop_instance(Ctx(ctx): Ctx<ApiContext>, Path(id): Path<String>) -> ApiResult<InstanceView> {
     running_instance(&ctx, &id)?;
     let control = ctx.control.clone();
     let target = id.clone();
-    blocking(move || control.stop_instance(&target))
-        .await?
-        .map_err(|source| ApiError::Control {
-            action: "stop instance",
-            id: id.clone(),
-            source,
-        })?;
+    blocking(move || control.stop_instance(&target)).await?.map_err(|source| ApiError::Control {
+        action: "stop instance",
+        id: id.clone(),
+        source,
+    })?;
     let record = ctx.state.instance_stopped(&id)?;
     tracing::info!(instance = %id, "instance stopped through the API");
     Ok(Json(record.into()))
@@ -200,13 +194,11 @@ pub async fn handoff(
     running_instance(&ctx, &id)?;
     let control = ctx.control.clone();
     let target = id.clone();
-    let view = blocking(move || control.handoff(&target, request))
-        .await?
-        .map_err(|source| ApiError::Control {
-            action: "hand off instance",
-            id: id.clone(),
-            source,
-        })?;
+    let view = blocking(move || control.handoff(&target, request)).await?.map_err(|source| ApiError::Control {
+        action: "hand off instance",
+        id: id.clone(),
+        source,
+    })?;
     tracing::info!(instance = %id, to = %view.to, total_s = view.total_s, "instance handed off through the API");
     Ok(Json(view))
 }
@@ -230,9 +222,7 @@ fn running_instance(ctx: &ApiContext, id: &str) -> Result<forage_state::Instance
 )]
 pub async fn cache(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<CacheList> {
     let entries = ctx.state.cache_list()?;
-    Ok(Json(CacheList {
-        entries: entries.into_iter().map(Into::into).collect(),
-    }))
+    Ok(Json(CacheList { entries: entries.into_iter().map(Into::into).collect() }))
 }
 
 /// Evicts a launch-cache entry (the daemon removes its files) and returns it.
@@ -246,33 +236,22 @@ pub async fn cache(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<CacheList> {
         (status = 500, description = "The daemon could not evict it", body = ErrorBody),
     )
 )]
-pub async fn evict_cache(
-    Ctx(ctx): Ctx<ApiContext>,
-    Path(digest): Path<String>,
-) -> ApiResult<CacheEntryView> {
+pub async fn evict_cache(Ctx(ctx): Ctx<ApiContext>, Path(digest): Path<String>) -> ApiResult<CacheEntryView> {
     if ctx.state.cache_entry(&digest)?.is_none() {
-        return Err(ApiError::NotFound {
-            kind: "cache entry",
-            id: digest,
-        });
+        return Err(ApiError::NotFound { kind: "cache entry", id: digest });
     }
     let control = ctx.control.clone();
     let target = digest.clone();
-    blocking(move || control.evict_cache(&target))
-        .await?
-        .map_err(|source| ApiError::Control {
-            action: "evict cache entry",
-            id: digest.clone(),
-            source,
-        })?;
+    blocking(move || control.evict_cache(&target)).await?.map_err(|source| ApiError::Control {
+        action: "evict cache entry",
+        id: digest.clone(),
+        source,
+    })?;
     // Gone meanwhile (a concurrent eviction): the files are gone either way.
     let entry = ctx
         .state
         .cache_remove(&digest)?
-        .ok_or_else(|| ApiError::NotFound {
-            kind: "cache entry",
-            id: digest.clone(),
-        })?;
+        .ok_or_else(|| ApiError::NotFound { kind: "cache entry", id: digest.clone() })?;
     tracing::info!(overlay = %digest, "cache entry evicted through the API");
     Ok(Json(entry.into()))
 }
@@ -298,16 +277,11 @@ pub async fn no_route(uri: Uri) -> ApiError {
 
 /// Answers a known path asked with the wrong method.
 pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    ApiError::MethodNotAllowed {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-    }
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
 }
 
 /// Runs a [`Control`](crate::context::Control) call off the async threads: stopping a VM may wait
 /// for QEMU to exit.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     Ok(tokio::task::spawn_blocking(f).await?)
 }

@@ -44,7 +44,9 @@ pub fn open_or_create(path: &Path) -> Result<String, TokenError> {
     match read(path) {
         Ok(t) => return Ok(t),
         Err(TokenError::Missing { .. }) => {}
-        Err(TokenError::Invalid { .. }) => tracing::warn!("{} held no valid API token (an interrupted write?): making a new one", path.display()),
+        Err(TokenError::Invalid { .. }) => {
+            tracing::warn!("{} held no valid API token (an interrupted write?): making a new one", path.display())
+        }
         Err(e) => return Err(e),
     }
     let io = |source| TokenError::Io { path: path.into(), source };

@@ -26,12 +26,8 @@ fn docs_openapi_json_is_the_generated_document() {
         eprintln!("rewrote {}", path.display());
         return;
     }
-    let have = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read {} ({e}): FORAGE_BLESS=1 writes it",
-            path.display()
-        )
-    });
+    let have = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {} ({e}): FORAGE_BLESS=1 writes it", path.display()));
     if have != want {
         let line = have
             .lines()
@@ -86,26 +82,26 @@ async fn every_documented_operation_answers_as_documented() {
         let uri = concrete(&template);
         let answer = if method == Method::POST {
             // The one POST: a handoff, whose body says where to.
-            call_body(&fx.router, method.clone(), &uri, &[("content-type", "application/json")], br#"{"to":"10.0.0.2:7878"}"#.to_vec()).await
+            call_body(
+                &fx.router,
+                method.clone(),
+                &uri,
+                &[("content-type", "application/json")],
+                br#"{"to":"10.0.0.2:7878"}"#.to_vec(),
+            )
+            .await
         } else {
             call(&fx.router, method.clone(), &uri).await
         };
         let id = format!("{method} {template}");
         assert_eq!(answer.status, StatusCode::OK, "{id}: {}", answer.text());
-        assert!(
-            op.responses.responses.contains_key("200"),
-            "{id} answers 200, which the document does not list"
-        );
+        assert!(op.responses.responses.contains_key("200"), "{id} answers 200, which the document does not list");
         let want_type = match template.as_str() {
             "/metrics" => "application/openmetrics-text",
             "/v1/apps/{id}" => "application/octet-stream",
             _ => "application/json",
         };
-        assert!(
-            answer.content_type().starts_with(want_type),
-            "{id}: content type {:?}",
-            answer.content_type()
-        );
+        assert!(answer.content_type().starts_with(want_type), "{id}: content type {:?}", answer.content_type());
         if want_type == "application/json" {
             answer.json();
         }
@@ -137,46 +133,18 @@ async fn every_documented_operation_answers_as_documented() {
 async fn openapi_route_serves_the_generated_document() {
     let fx = fixture();
     let answer = call(&fx.router, Method::GET, "/openapi.json").await;
-    assert_eq!(
-        answer.json(),
-        serde_json::to_value(forage_api::openapi()).unwrap()
-    );
+    assert_eq!(answer.json(), serde_json::to_value(forage_api::openapi()).unwrap());
 }
 
 /// Every error status a route answers with is one its document lists.
 #[tokio::test]
 async fn error_answers_are_documented() {
     let cases = [
-        (
-            Method::DELETE,
-            "/v1/instances/{id}",
-            "/v1/instances/no-such-vm",
-            404,
-        ),
-        (
-            Method::DELETE,
-            "/v1/instances/{id}",
-            "/v1/instances/vm-old",
-            409,
-        ),
-        (
-            Method::DELETE,
-            "/v1/instances/{id}",
-            "/v1/instances/stuck-1",
-            500,
-        ),
-        (
-            Method::DELETE,
-            "/v1/cache/{digest}",
-            "/v1/cache/no-such-digest",
-            404,
-        ),
-        (
-            Method::DELETE,
-            "/v1/cache/{digest}",
-            "/v1/cache/busy-1",
-            500,
-        ),
+        (Method::DELETE, "/v1/instances/{id}", "/v1/instances/no-such-vm", 404),
+        (Method::DELETE, "/v1/instances/{id}", "/v1/instances/vm-old", 409),
+        (Method::DELETE, "/v1/instances/{id}", "/v1/instances/stuck-1", 500),
+        (Method::DELETE, "/v1/cache/{digest}", "/v1/cache/no-such-digest", 404),
+        (Method::DELETE, "/v1/cache/{digest}", "/v1/cache/busy-1", 500),
         (Method::GET, "/v1/sessions", "/v1/sessions?limit=0", 400),
         (Method::GET, "/v1/instances", "/v1/instances?all=maybe", 400),
     ];
@@ -184,12 +152,7 @@ async fn error_answers_are_documented() {
     for (method, template, uri, status) in cases {
         let fx = fixture();
         let answer = call(&fx.router, method.clone(), uri).await;
-        assert_eq!(
-            answer.status.as_u16(),
-            status,
-            "{method} {uri}: {}",
-            answer.text()
-        );
+        assert_eq!(answer.status.as_u16(), status, "{method} {uri}: {}", answer.text());
         let (_, _, op) = ops
             .iter()
             .find(|(m, t, _)| *m == method && t == template)
@@ -198,10 +161,7 @@ async fn error_answers_are_documented() {
             op.responses.responses.contains_key(&status.to_string()),
             "{method} {uri} answered {status}, which the document does not list"
         );
-        let error = answer.json()["error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let error = answer.json()["error"].as_str().unwrap_or_default().to_string();
         assert!(!error.is_empty(), "{method} {uri}: no error message");
     }
 }

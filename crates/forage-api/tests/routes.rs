@@ -34,9 +34,11 @@ async fn bases_come_from_the_daemon() {
 #[tokio::test]
 async fn the_app_store_lists_and_serves_client_apps() {
     let fx = fixture();
-    let v: forage_api::ServiceList = serde_json::from_value(call(&fx.router, Method::GET, "/v1/services").await.json()).unwrap();
+    let v: forage_api::ServiceList =
+        serde_json::from_value(call(&fx.router, Method::GET, "/v1/services").await.json()).unwrap();
     assert_eq!(v.services[0].client_apps, ["hs-client"]);
-    let apps: forage_api::AppList = serde_json::from_value(call(&fx.router, Method::GET, "/v1/apps?platform=linux-x86_64").await.json()).unwrap();
+    let apps: forage_api::AppList =
+        serde_json::from_value(call(&fx.router, Method::GET, "/v1/apps?platform=linux-x86_64").await.json()).unwrap();
     assert_eq!(apps.apps[0].id, "hs-client");
     let file = call(&fx.router, Method::GET, "/v1/apps/hs-client").await;
     assert_eq!(file.text(), "hello");
@@ -54,25 +56,15 @@ async fn sessions_are_listed_newest_first_up_to_the_limit() {
     let old = &all.sessions[1];
     assert_eq!(old.status, forage_api::SessionStatus::Done);
     assert_eq!(old.mode, forage_api::SessionMode::Pipelined);
-    assert_eq!(
-        (old.first_ready_ms, old.bytes_received),
-        (Some(410), 985_000)
-    );
+    assert_eq!((old.first_ready_ms, old.bytes_received), (Some(410), 985_000));
 
-    let one = call(&fx.router, Method::GET, "/v1/sessions?limit=1")
-        .await
-        .json();
+    let one = call(&fx.router, Method::GET, "/v1/sessions?limit=1").await.json();
     assert_eq!(one["sessions"].as_array().unwrap().len(), 1);
     assert_eq!(one["sessions"][0]["id"], "s-new");
     assert_eq!(one["sessions"][0]["status"], "running");
 
     for bad in ["0", "1001", "abc", "-1"] {
-        let a = call(
-            &fx.router,
-            Method::GET,
-            &format!("/v1/sessions?limit={bad}"),
-        )
-        .await;
+        let a = call(&fx.router, Method::GET, &format!("/v1/sessions?limit={bad}")).await;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "limit={bad}");
         assert!(a.json()["error"].is_string(), "limit={bad}: {}", a.text());
     }
@@ -82,24 +74,16 @@ async fn sessions_are_listed_newest_first_up_to_the_limit() {
 async fn instances_are_running_ones_unless_all() {
     let fx = fixture();
     let ids = |v: serde_json::Value| -> Vec<String> {
-        let mut ids: Vec<String> = v["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].as_str().unwrap().to_string())
-            .collect();
+        let mut ids: Vec<String> =
+            v["instances"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
         ids.sort();
         ids
     };
     let running = call(&fx.router, Method::GET, "/v1/instances").await.json();
     assert_eq!(ids(running), ["stuck-1", "vm-1"]);
-    let explicit = call(&fx.router, Method::GET, "/v1/instances?all=false")
-        .await
-        .json();
+    let explicit = call(&fx.router, Method::GET, "/v1/instances?all=false").await.json();
     assert_eq!(ids(explicit), ["stuck-1", "vm-1"]);
-    let all = call(&fx.router, Method::GET, "/v1/instances?all=true")
-        .await
-        .json();
+    let all = call(&fx.router, Method::GET, "/v1/instances?all=true").await.json();
     assert_eq!(ids(all), ["stuck-1", "vm-1", "vm-old"]);
 }
 
@@ -112,18 +96,12 @@ async fn deleting_an_instance_stops_it_through_the_daemon() {
     assert_eq!(v.status, forage_api::InstanceStatus::Stopped);
     assert!(v.stopped_unix_ms.is_some());
     assert_eq!(*fx.control.calls.lock().unwrap(), ["stop vm-1"]);
-    assert_eq!(
-        fx.state.instance("vm-1").unwrap().unwrap().status,
-        InstanceStatus::Stopped
-    );
+    assert_eq!(fx.state.instance("vm-1").unwrap().unwrap().status, InstanceStatus::Stopped);
 
     // Again: it is no longer running, and the daemon is not asked twice.
     let again = call(&fx.router, Method::DELETE, "/v1/instances/vm-1").await;
     assert_eq!(again.status, StatusCode::CONFLICT);
-    assert_eq!(
-        again.json()["error"],
-        "instance \"vm-1\" is stopped, not running"
-    );
+    assert_eq!(again.json()["error"], "instance \"vm-1\" is stopped, not running");
     assert_eq!(fx.control.calls.lock().unwrap().len(), 1);
 }
 
@@ -133,10 +111,7 @@ async fn deleting_an_unknown_instance_is_404() {
     let a = call(&fx.router, Method::DELETE, "/v1/instances/vm-404").await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.json()["error"], "no instance with id \"vm-404\"");
-    assert!(
-        fx.control.calls.lock().unwrap().is_empty(),
-        "the daemon was not asked"
-    );
+    assert!(fx.control.calls.lock().unwrap().is_empty(), "the daemon was not asked");
 }
 
 #[tokio::test]
@@ -144,14 +119,8 @@ async fn a_stop_the_daemon_refuses_leaves_the_instance_running() {
     let fx = fixture();
     let a = call(&fx.router, Method::DELETE, "/v1/instances/stuck-1").await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(
-        a.json()["error"],
-        "cannot stop instance \"stuck-1\": QEMU did not exit"
-    );
-    assert_eq!(
-        fx.state.instance("stuck-1").unwrap().unwrap().status,
-        InstanceStatus::Running
-    );
+    assert_eq!(a.json()["error"], "cannot stop instance \"stuck-1\": QEMU did not exit");
+    assert_eq!(fx.state.instance("stuck-1").unwrap().unwrap().status, InstanceStatus::Running);
 }
 
 #[tokio::test]
@@ -159,7 +128,16 @@ async fn a_handoff_goes_through_the_daemon_and_says_what_it_did() {
     let fx = fixture();
     let post = |id: &'static str, body: &'static str| {
         let router = fx.router.clone();
-        async move { call_body(&router, Method::POST, &format!("/v1/instances/{id}/handoff"), &[("content-type", "application/json")], body.as_bytes().to_vec()).await }
+        async move {
+            call_body(
+                &router,
+                Method::POST,
+                &format!("/v1/instances/{id}/handoff"),
+                &[("content-type", "application/json")],
+                body.as_bytes().to_vec(),
+            )
+            .await
+        }
     };
     let a = post("vm-1", r#"{"to":"10.0.0.2:7878","mode":"xor+zstd-1"}"#).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text());
@@ -179,7 +157,14 @@ async fn a_handoff_goes_through_the_daemon_and_says_what_it_did() {
     // The daemon's own refusals keep their status: a busy (or not movable) instance is
     // the caller's conflict, not the cloudlet's failure.
     fx.state
-        .instance_started(&forage_state::NewInstance { id: "busy-1".into(), session_id: "s-new".into(), name: "vm".into(), qemu_pid: 1, dir: "/tmp/x".into(), endpoint: "127.0.0.1:1".into() })
+        .instance_started(&forage_state::NewInstance {
+            id: "busy-1".into(),
+            session_id: "s-new".into(),
+            name: "vm".into(),
+            qemu_pid: 1,
+            dir: "/tmp/x".into(),
+            endpoint: "127.0.0.1:1".into(),
+        })
         .unwrap();
     let a = post("busy-1", r#"{"to":"10.0.0.2:7878"}"#).await;
     assert_eq!(a.status, StatusCode::CONFLICT, "{}", a.text());
@@ -191,11 +176,7 @@ async fn cache_is_listed_and_evicted_through_the_daemon() {
     let fx = fixture();
     let list: forage_api::CacheList =
         serde_json::from_value(call(&fx.router, Method::GET, "/v1/cache").await.json()).unwrap();
-    let d1 = list
-        .entries
-        .iter()
-        .find(|e| e.overlay_digest == "d1")
-        .unwrap();
+    let d1 = list.entries.iter().find(|e| e.overlay_digest == "d1").unwrap();
     assert_eq!((d1.hits, d1.bytes), (1, 1000));
     assert_eq!(list.entries.len(), 2);
 
@@ -210,10 +191,7 @@ async fn cache_is_listed_and_evicted_through_the_daemon() {
 
     let busy = call(&fx.router, Method::DELETE, "/v1/cache/busy-1").await;
     assert_eq!(busy.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(
-        fx.state.cache_entry("busy-1").unwrap().is_some(),
-        "a refused eviction keeps the entry"
-    );
+    assert!(fx.state.cache_entry("busy-1").unwrap().is_some(), "a refused eviction keeps the entry");
 }
 
 #[tokio::test]
@@ -234,19 +212,12 @@ async fn metrics_follow_the_state() {
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("forage_uptime_seconds ")),
-        "{text}"
-    );
+    assert!(text.lines().any(|l| l.starts_with("forage_uptime_seconds ")), "{text}");
 
     // A stop through the API shows on the next scrape.
     call(&fx.router, Method::DELETE, "/v1/instances/vm-1").await;
     let text = call(&fx.router, Method::GET, "/metrics").await.text();
-    assert!(
-        text.lines().any(|l| l == "forage_instances_running 1"),
-        "{text}"
-    );
+    assert!(text.lines().any(|l| l == "forage_instances_running 1"), "{text}");
 }
 
 #[tokio::test]
@@ -263,20 +234,30 @@ async fn unknown_routes_and_methods_answer_json_errors() {
 #[tokio::test]
 async fn changes_need_the_token_and_reads_off_loopback_too() {
     let fx = fixture();
-    let ctx = forage_api::ApiContext::new(fx.state.clone(), "c", "1", "tcg", fx.control.clone()).with_access("s3cret".into(), true);
+    let ctx = forage_api::ApiContext::new(fx.state.clone(), "c", "1", "tcg", fx.control.clone())
+        .with_access("s3cret".into(), true);
     let router = forage_api::router(ctx);
     assert_eq!(call(&router, Method::GET, "/v1/status").await.status, StatusCode::OK, "reads are open on loopback");
     let refused = call(&router, Method::DELETE, "/v1/instances/vm-1").await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     assert!(refused.text().contains("Bearer"), "{}", refused.text());
     assert!(fx.control.calls.lock().unwrap().is_empty(), "nothing was done");
-    let ok = common::call_with(&router, Method::DELETE, "/v1/instances/vm-1", &[("authorization", "Bearer s3cret")]).await;
+    let ok =
+        common::call_with(&router, Method::DELETE, "/v1/instances/vm-1", &[("authorization", "Bearer s3cret")]).await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
     let wrong = common::call_with(&router, Method::DELETE, "/v1/cache/d1", &[("authorization", "Bearer s3cre7")]).await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
 
-    let ctx = forage_api::ApiContext::new(fx.state.clone(), "c", "1", "tcg", fx.control.clone()).with_access("s3cret".into(), false);
+    let ctx = forage_api::ApiContext::new(fx.state.clone(), "c", "1", "tcg", fx.control.clone())
+        .with_access("s3cret".into(), false);
     let router = forage_api::router(ctx);
-    assert_eq!(call(&router, Method::GET, "/v1/status").await.status, StatusCode::UNAUTHORIZED, "reads need it off loopback");
-    assert_eq!(common::call_with(&router, Method::GET, "/v1/status", &[("authorization", "Bearer s3cret")]).await.status, StatusCode::OK);
+    assert_eq!(
+        call(&router, Method::GET, "/v1/status").await.status,
+        StatusCode::UNAUTHORIZED,
+        "reads need it off loopback"
+    );
+    assert_eq!(
+        common::call_with(&router, Method::GET, "/v1/status", &[("authorization", "Bearer s3cret")]).await.status,
+        StatusCode::OK
+    );
 }

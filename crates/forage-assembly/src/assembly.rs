@@ -127,19 +127,33 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 impl Assembly {
     /// Start assembling the launch VM described by `manifest` (already validated) over
     /// the base's memory and disk files. `work` receives the local files; it must exist.
-    pub fn new(manifest: Manifest, base_memory: &Path, base_disk: &Path, work: &Path, fetch: FetchFn) -> Result<Self, AssemblyError> {
+    pub fn new(
+        manifest: Manifest,
+        base_memory: &Path,
+        base_disk: &Path,
+        work: &Path,
+        fetch: FetchFn,
+    ) -> Result<Self, AssemblyError> {
         if let Some(parent) = &manifest.parent {
             // A residue only makes sense on top of its parent overlay's launch VM.
             return Err(AssemblyError::Overlay(format!("this is a residue of overlay {parent}: merge it first")));
         }
         let open_space = |base: &Path, name: &str, size: u64| -> Result<SpaceFiles, AssemblyError> {
             let local_path = work.join(name);
-            let local = OpenOptions::new().read(true).write(true).create_new(true).open(&local_path).map_err(io(&local_path))?;
+            let local = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&local_path)
+                .map_err(io(&local_path))?;
             local.set_len(size).map_err(io(&local_path))?;
             let base_file = File::open(base).map_err(io(base))?;
             let have = base_file.metadata().map_err(io(base))?.len();
             if have != size {
-                return Err(AssemblyError::Mismatch(format!("{} is {have} bytes, the overlay expects {size}", base.display())));
+                return Err(AssemblyError::Mismatch(format!(
+                    "{} is {have} bytes, the overlay expects {size}",
+                    base.display()
+                )));
             }
             Ok(SpaceFiles { base: base_file, local, local_path, size })
         };
@@ -181,7 +195,15 @@ impl Assembly {
             stats,
             access_log: None,
         };
-        Ok(Self { manifest, files, positions, work: work.to_path_buf(), fetch, inner: Mutex::new(inner), changed: Condvar::new() })
+        Ok(Self {
+            manifest,
+            files,
+            positions,
+            work: work.to_path_buf(),
+            fetch,
+            inner: Mutex::new(inner),
+            changed: Condvar::new(),
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -207,7 +229,8 @@ impl Assembly {
         if self.lock().arrived[index as usize] {
             return Ok(false);
         }
-        let data = forage_format::container::open_segment(index as usize, seg, compressed).map_err(|e| AssemblyError::Overlay(e.to_string()))?;
+        let data = forage_format::container::open_segment(index as usize, seg, compressed)
+            .map_err(|e| AssemblyError::Overlay(e.to_string()))?;
         if seg.kind == SegmentKind::DeviceState {
             if index == self.manifest.device_state.segment {
                 use sha2::Digest;
@@ -367,7 +390,13 @@ impl Assembly {
 
     /// Wait until the range's chunks are all there (or the assembly failed). Returns the
     /// guard so the caller acts on a consistent state.
-    fn wait_for(&self, space: Space, off: u64, len: u64, wait: Duration) -> Result<MutexGuard<'_, Inner>, AssemblyError> {
+    fn wait_for(
+        &self,
+        space: Space,
+        off: u64,
+        len: u64,
+        wait: Duration,
+    ) -> Result<MutexGuard<'_, Inner>, AssemblyError> {
         let mut inner = self.lock();
         let started = Instant::now();
         let mut waited = false;

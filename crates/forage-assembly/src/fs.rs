@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forage_format::Space;
-use fuser::{FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request};
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyWrite, Request,
+};
 
 use crate::{Assembly, AssemblyError};
 
@@ -148,7 +151,17 @@ impl Filesystem for AssemblyFs {
         }
     }
 
-    fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, flags: i32, _lock: Option<u64>, reply: ReplyData) {
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyData,
+    ) {
         let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         let (off, len) = (offset as u64, size as u64);
         tracing::trace!(space = space.name(), off, len, "read");
@@ -177,7 +190,18 @@ impl Filesystem for AssemblyFs {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn write(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, data: &[u8], _wf: u32, _flags: i32, _lock: Option<u64>, reply: ReplyWrite) {
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _wf: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyWrite,
+    ) {
         let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         let off = offset as u64;
         let answer = move |a: &Assembly, data: &[u8], reply: ReplyWrite| match a.write(space, off, data, READ_WAIT) {
@@ -195,7 +219,16 @@ impl Filesystem for AssemblyFs {
         }
     }
 
-    fn fallocate(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let Some(space) = space_of(ino) else { return reply.error(libc::EISDIR) };
         if mode == 0 {
             return reply.ok(); // allocation: the files are always "allocated"
@@ -223,7 +256,12 @@ impl Filesystem for AssemblyFs {
         if ino != ROOT {
             return reply.error(libc::ENOTDIR);
         }
-        let entries = [(ROOT, FileType::Directory, "."), (ROOT, FileType::Directory, ".."), (MEMORY_INO, FileType::RegularFile, MEMORY_FILE), (DISK_INO, FileType::RegularFile, DISK_FILE)];
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+            (MEMORY_INO, FileType::RegularFile, MEMORY_FILE),
+            (DISK_INO, FileType::RegularFile, DISK_FILE),
+        ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as i64, *kind, name) {
                 break;
@@ -243,9 +281,22 @@ impl Mount {
     /// Mount `assembly` on the (existing, empty) folder `dir`. `readahead` bounds how much
     /// the kernel asks for around a read: the granularity of demand fetching.
     pub fn new(assembly: Arc<Assembly>, dir: &Path, readahead: u32) -> Result<Self, AssemblyError> {
-        let fs = AssemblyFs { assembly, declined: Default::default(), readahead, uid: rustix::process::getuid().as_raw(), gid: rustix::process::getgid().as_raw() };
-        let options = [MountOption::FSName("forage-assembly".into()), MountOption::AllowOther, MountOption::NoExec, MountOption::NoSuid, MountOption::NoDev];
-        let session = fuser::spawn_mount2(fs, dir, &options).map_err(|source| AssemblyError::Mount { path: dir.to_path_buf(), source })?;
+        let fs = AssemblyFs {
+            assembly,
+            declined: Default::default(),
+            readahead,
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+        };
+        let options = [
+            MountOption::FSName("forage-assembly".into()),
+            MountOption::AllowOther,
+            MountOption::NoExec,
+            MountOption::NoSuid,
+            MountOption::NoDev,
+        ];
+        let session = fuser::spawn_mount2(fs, dir, &options)
+            .map_err(|source| AssemblyError::Mount { path: dir.to_path_buf(), source })?;
         Ok(Self { session: Some(session), dir: dir.to_path_buf() })
     }
 

@@ -8,10 +8,9 @@
 //! files and never touch the base.
 
 mod assembly;
-mod fs;
 mod error;
-
+mod fs;
 
 pub use assembly::{Assembly, AssemblyStats, FetchFn, WriteMark};
+pub use error::AssemblyError;
 pub use fs::{Mount, DISK_FILE, MEMORY_FILE};
-pub use error::{AssemblyError};

@@ -21,7 +21,13 @@ fn chunk(fill: u8) -> Vec<u8> {
 fn segment(kind: SegmentKind, raw: &[u8]) -> (Segment, Vec<u8>) {
     let codec = SegmentCodec::Zstd { level: 3 };
     let bytes = codec.compress(raw);
-    let seg = Segment { kind, codec, compressed_len: bytes.len() as u64, raw_len: raw.len() as u64, sha256: hex::encode(sha2::Sha256::digest(&bytes)) };
+    let seg = Segment {
+        kind,
+        codec,
+        compressed_len: bytes.len() as u64,
+        raw_len: raw.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+    };
     (seg, bytes)
 }
 
@@ -57,7 +63,11 @@ fn fixture(dir: &Path) -> (Manifest, Vec<Vec<u8>>) {
         ],
         segments: vec![s0, s1, s2],
         order: Order::Offset,
-        device_state: DeviceState { segment: 0, size: state.len() as u64, sha256: hex::encode(sha2::Sha256::digest(&state)) },
+        device_state: DeviceState {
+            segment: 0,
+            size: state.len() as u64,
+            sha256: hex::encode(sha2::Sha256::digest(&state)),
+        },
         vm: serde_json::Value::Null,
         service: None,
         stats: Stats::default(),

@@ -184,4 +184,3 @@ pub struct DemoArgs {
     #[arg(long)]
     pub json: bool,
 }
-

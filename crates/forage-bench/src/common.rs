@@ -32,7 +32,12 @@ pub fn accel() -> forage_vm::Accel {
 pub fn ensure_image(data: &DataDir, name: &str, quiet: bool) -> anyhow::Result<forage_image::BuildOutcome> {
     let out = forage_image::ensure(data, name).with_context(|| format!("building image {name}"))?;
     if !quiet {
-        eprintln!("image {name}: {} in {:.1} s ({})", if out.cached { "cached" } else { "built" }, out.took.as_secs_f64(), out.image.dir().display());
+        eprintln!(
+            "image {name}: {} in {:.1} s ({})",
+            if out.cached { "cached" } else { "built" },
+            out.took.as_secs_f64(),
+            out.image.dir().display()
+        );
     }
     Ok(out)
 }

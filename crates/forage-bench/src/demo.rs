@@ -69,7 +69,10 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
         .boot(VM_NAME, &paths.run, &[app.manifest().port], accel, Duration::from_secs(args.wait.ready_timeout_s))
         .await
         .context("booting the demo VM")?;
-    say(format!("1. booted the tiny guest ({accel}) in {:.2} s: ready marker on its serial console", ready.boot_time.as_secs_f64()));
+    say(format!(
+        "1. booted the tiny guest ({accel}) in {:.2} s: ready marker on its serial console",
+        ready.boot_time.as_secs_f64()
+    ));
 
     // 2. Install the service and use it.
     let t = Instant::now();
@@ -158,7 +161,13 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// Part 2: base, overlay, cloudlet, synthesis, first response.
-async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &AppPackage, accel: forage_vm::Accel, json: bool) -> anyhow::Result<()> {
+async fn cloudlet_part(
+    data: &DataDir,
+    image: &forage_image::GuestImage,
+    app: &AppPackage,
+    accel: forage_vm::Accel,
+    json: bool,
+) -> anyhow::Result<()> {
     use forage_synth::BaseVm;
     let say = |s: String| {
         if !json {
@@ -171,7 +180,11 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
         Err(_) => {
             let t = Instant::now();
             let b = BaseVm::create(data, "demo-base", image, accel, Duration::from_secs(3)).await?;
-            say(format!("6. base VM demo-base created in {:.1} s (digest {})", t.elapsed().as_secs_f64(), forage_synth::package::short(b.digest())));
+            say(format!(
+                "6. base VM demo-base created in {:.1} s (digest {})",
+                t.elapsed().as_secs_f64(),
+                forage_synth::package::short(b.digest())
+            ));
             b
         }
     };
@@ -183,11 +196,27 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
     if !current {
         std::fs::create_dir_all(ovl.parent().expect("has a parent"))?;
         let t = Instant::now();
-        let request = OverlayRequest { base: "demo-base".into(), app: app_dir(app)?, options: CreateOptions::default(), order: BlobOrder::Access, output: ovl.clone() };
+        let request = OverlayRequest {
+            base: "demo-base".into(),
+            app: app_dir(app)?,
+            options: CreateOptions::default(),
+            order: BlobOrder::Access,
+            output: ovl.clone(),
+        };
         forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
-        say(format!("7. overlay of {} created in {:.1} s: {} KiB", app.manifest().name, t.elapsed().as_secs_f64(), std::fs::metadata(&ovl)?.len() >> 10));
+        say(format!(
+            "7. overlay of {} created in {:.1} s: {} KiB",
+            app.manifest().name,
+            t.elapsed().as_secs_f64(),
+            std::fs::metadata(&ovl)?.len() >> 10
+        ));
     }
-    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet::open("demo-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST)?);
+    let cloudlet = std::sync::Arc::new(forage_cloudlet::Cloudlet::open(
+        "demo-cloudlet".into(),
+        data.clone(),
+        accel,
+        Ipv4Addr::LOCALHOST,
+    )?);
     // Start from an empty launch-VM cache so that the first synthesis shows early start.
     let digest = forage_client::OverlayFile::open(&ovl).await?.digest;
     cloudlet.cache.evict(&digest);
@@ -202,12 +231,19 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
     }
     let code = cloudlet.trust.new_code(forage_trust::Grant::default())?;
     let devices = forage_trust::DeviceTrust::new(&data.trust_peers());
-    let peer = forage_client::pair(addr, &code.text, "demo-device", &devices).await.context("pairing the demo device")?;
+    let peer =
+        forage_client::pair(addr, &code.text, "demo-device", &devices).await.context("pairing the demo device")?;
     say(format!("8. cloudlet demo-cloudlet listening on {addr} (TLS 1.3, mutual authentication), holding base demo-base; the device paired with code {} (credentials until {}) and synthesizes {} with early start:", code.text, forage_trust::date(peer.not_after_unix), ovl.display()));
     let credentials = Some(devices.credentials(addr, Some(&peer.cloudlet))?);
     let mut reports = Vec::new();
-    let opts = forage_client::SynthesisOptions { device: "demo-device".into(), early_start: true, credentials, ..Default::default() };
-    let (report, session) = forage_client::synthesize(&ovl, addr, &opts).await.context("synthesizing the demo overlay")?;
+    let opts = forage_client::SynthesisOptions {
+        device: "demo-device".into(),
+        early_start: true,
+        credentials,
+        ..Default::default()
+    };
+    let (report, session) =
+        forage_client::synthesize(&ovl, addr, &opts).await.context("synthesizing the demo overlay")?;
     say(report.to_string());
     reports.push(report);
     session.close().await;
@@ -217,7 +253,8 @@ async fn cloudlet_part(data: &DataDir, image: &forage_image::GuestImage, app: &A
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     say("9. the same overlay again: the cloudlet has its launch VM cached".into());
-    let (report, session) = forage_client::synthesize(&ovl, addr, &opts).await.context("synthesizing from the cache")?;
+    let (report, session) =
+        forage_client::synthesize(&ovl, addr, &opts).await.context("synthesizing from the cache")?;
     say(report.to_string());
     reports.push(report);
     session.close().await;
@@ -240,7 +277,9 @@ async fn blocking_request(addr: SocketAddr, line: &'static str) -> anyhow::Resul
         loop {
             match forage_agent::app::request_line(addr, line, Duration::from_secs(120)) {
                 Ok(a) => return Ok(a),
-                Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(anyhow::Error::new(e).context(format!("service at {addr} did not answer"))),
+                Err(e) if t.elapsed() > Duration::from_secs(60) => {
+                    return Err(anyhow::Error::new(e).context(format!("service at {addr} did not answer")))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
@@ -268,7 +307,8 @@ async fn wait_for_tick(serial: &Path, n: u64, wait: Duration) -> anyhow::Result<
     let start = Instant::now();
     loop {
         let text = std::fs::read_to_string(serial).unwrap_or_default();
-        let ticks: Vec<u64> = text.lines().filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok()).collect();
+        let ticks: Vec<u64> =
+            text.lines().filter_map(|l| l.trim().strip_prefix("forage-tick ")?.parse().ok()).collect();
         if ticks.len() as u64 >= n {
             return Ok(ticks[0]);
         }

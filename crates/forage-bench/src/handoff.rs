@@ -22,16 +22,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use forage_client::ServiceEndpoint;
-use forage_datadir::DataDir;
 use forage_api::client::ApiClient;
 use forage_api::HandoffReport;
+use forage_client::ServiceEndpoint;
+use forage_datadir::DataDir;
 use forage_testkit::wan::{Netns, WanLink};
 use serde::{Deserialize, Serialize};
 
+use crate::cli::BenchHandoffArgs;
 use crate::common::{bench_base, forage_exe, print_json};
 use crate::synthesis::{wait_for_line, Guard};
-use crate::cli::BenchHandoffArgs;
 
 const SERVICE: &str = "bench-handoff";
 const PORT: u16 = 7878;
@@ -69,7 +69,15 @@ struct Run {
 
 impl From<&HandoffReport> for Run {
     fn from(r: &HandoffReport) -> Self {
-        Self { total_s: r.total_s, downtime_s: r.downtime_s, bytes: r.bytes, mode: r.mode.clone(), switches: r.switches.clone(), qemu_rounds: r.qemu_rounds, disk_chunks: Some(r.disk_chunks) }
+        Self {
+            total_s: r.total_s,
+            downtime_s: r.downtime_s,
+            bytes: r.bytes,
+            mode: r.mode.clone(),
+            switches: r.switches.clone(),
+            qemu_rounds: r.qemu_rounds,
+            disk_chunks: Some(r.disk_chunks),
+        }
     }
 }
 
@@ -178,18 +186,57 @@ impl Rig {
         let link = WanLink::create(args.mbps[0]).context("emulating the WAN link (needs root, iproute2 and tc)")?;
         let (src_addr, dst_addr) = (format!("{}:{PORT}", link.a.addr), format!("{}:{PORT}", link.b.addr));
         let bundle = |name: &str| work.join(format!("{name}.fpair")).to_string_lossy().into_owned();
-        forage(&dst, &["pair", "--bundle", &bundle("source"), "--name", "bench-source", "--as-cloudlet", "--addr", &dst_addr, "--valid-days", "1"])?;
+        forage(
+            &dst,
+            &[
+                "pair",
+                "--bundle",
+                &bundle("source"),
+                "--name",
+                "bench-source",
+                "--as-cloudlet",
+                "--addr",
+                &dst_addr,
+                "--valid-days",
+                "1",
+            ],
+        )?;
         forage(&src, &["pair", "import", &bundle("source")])?;
-        forage(&src, &["pair", "--bundle", &bundle("device"), "--name", "bench-device", "--addr", &src_addr, "--valid-days", "1"])?;
+        forage(
+            &src,
+            &[
+                "pair",
+                "--bundle",
+                &bundle("device"),
+                "--name",
+                "bench-device",
+                "--addr",
+                &src_addr,
+                "--valid-days",
+                "1",
+            ],
+        )?;
         forage(&device, &["pair", "import", &bundle("device")])?;
         let mut daemons = Vec::new();
-        for (ns, dir, addr, name) in [(&link.a, &src, &src_addr, "bench-source"), (&link.b, &dst, &dst_addr, "bench-destination")] {
+        for (ns, dir, addr, name) in
+            [(&link.a, &src, &src_addr, "bench-source"), (&link.b, &dst, &dst_addr, "bench-destination")]
+        {
             let log = dir.join("cloudlet.log");
             let child = ns
                 .command(&exe)
                 .arg("--data-dir")
                 .arg(dir)
-                .args(["serve", "--listen", addr, "--api", &format!("127.0.0.1:{API}"), "--no-advertise", "--no-cache", "--name", name])
+                .args([
+                    "serve",
+                    "--listen",
+                    addr,
+                    "--api",
+                    &format!("127.0.0.1:{API}"),
+                    "--no-advertise",
+                    "--no-cache",
+                    "--name",
+                    name,
+                ])
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?)
@@ -198,7 +245,17 @@ impl Rig {
             wait_for_line(&log, "listening", Duration::from_secs(30))?;
         }
         let accel = forage_vm::accel::detect().accel;
-        Ok(Self { exe, link: std::sync::Mutex::new(link), src, dst, device, src_addr, dst_addr, accel, _daemons: daemons })
+        Ok(Self {
+            exe,
+            link: std::sync::Mutex::new(link),
+            src,
+            dst,
+            device,
+            src_addr,
+            dst_addr,
+            accel,
+            _daemons: daemons,
+        })
     }
 
     fn ns(&self, side: char) -> Netns {
@@ -210,7 +267,13 @@ impl Rig {
         }
     }
 
-    fn measure_rate(&self, mbps: f64, args: &BenchHandoffArgs, out_dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Vec<HandoffRow>> {
+    fn measure_rate(
+        &self,
+        mbps: f64,
+        args: &BenchHandoffArgs,
+        out_dir: &Path,
+        say: &dyn Fn(&str),
+    ) -> anyhow::Result<Vec<HandoffRow>> {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).set_rate(mbps)?;
         say(&format!("at {mbps} Mbit/s:"));
         let adaptive_report = self.forage_run(None, args)?;
@@ -219,7 +282,8 @@ impl Rig {
         let stem = out_dir.join(format!("handoff-trace-{mbps}mbps"));
         let csv = stem.with_extension("csv");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).with_context(|| format!("{}", csv.display()))?);
-        forage_handoff::pipeline::write_trace_csv(&adaptive_report.trace, &mut f).with_context(|| format!("{}", csv.display()))?;
+        forage_handoff::pipeline::write_trace_csv(&adaptive_report.trace, &mut f)
+            .with_context(|| format!("{}", csv.display()))?;
         let svg = stem.with_extension("svg");
         crate::plot::plot(&svg, &adaptive_report, mbps)?;
         say(&format!("  trace: {} and {}", csv.display(), svg.display()));
@@ -250,7 +314,10 @@ impl Rig {
     }
 
     /// A device's instance at the source, its working set grown and churning.
-    fn instance(&self, args: &BenchHandoffArgs) -> anyhow::Result<(ServiceEndpoint, Guard, BufReader<std::process::ChildStdout>)> {
+    fn instance(
+        &self,
+        args: &BenchHandoffArgs,
+    ) -> anyhow::Result<(ServiceEndpoint, Guard, BufReader<std::process::ChildStdout>)> {
         let mut child = self
             .ns('a')
             .command(&self.exe)
@@ -264,7 +331,8 @@ impl Rig {
         let guard = Guard(child);
         let mut line = String::new();
         out.read_line(&mut line)?;
-        let held: forage_client::ProvisionReport = serde_json::from_str(&line).with_context(|| format!("the device printed {line:?}"))?;
+        let held: forage_client::ProvisionReport =
+            serde_json::from_str(&line).with_context(|| format!("the device printed {line:?}"))?;
         let endpoint = held.service;
         self.ask('a', &endpoint, &format!("grow {}", args.working_mib))?;
         self.ask('a', &endpoint, &format!("churn {}", args.hot_kib))?;
@@ -275,7 +343,10 @@ impl Rig {
     fn ask(&self, side: char, endpoint: &ServiceEndpoint, line: &str) -> anyhow::Result<String> {
         let (ep, line) = (endpoint.clone(), line.to_string());
         let what = line.clone();
-        let answer = self.ns(side).run(move || forage_client::service::request_line(&ep, &line, Duration::from_secs(120)))?.with_context(|| format!("asking the service at {} {what:?}", endpoint.addr))?;
+        let answer = self
+            .ns(side)
+            .run(move || forage_client::service::request_line(&ep, &line, Duration::from_secs(120)))?
+            .with_context(|| format!("asking the service at {} {what:?}", endpoint.addr))?;
         if !answer.starts_with("ok") {
             bail!("the service at {} answered {answer:?}", endpoint.addr);
         }
@@ -293,7 +364,15 @@ impl Rig {
 
     fn forage_run(&self, mode: Option<&str>, args: &BenchHandoffArgs) -> anyhow::Result<HandoffReport> {
         let (endpoint, mut device, _out) = self.instance(args)?;
-        let mut argv = vec!["handoff".to_string(), endpoint.addr.clone(), "--to".into(), self.dst_addr.clone(), "--api".into(), format!("127.0.0.1:{API}"), "--json".into()];
+        let mut argv = vec![
+            "handoff".to_string(),
+            endpoint.addr.clone(),
+            "--to".into(),
+            self.dst_addr.clone(),
+            "--api".into(),
+            format!("127.0.0.1:{API}"),
+            "--json".into(),
+        ];
         if let Some(m) = mode {
             argv.extend(["--mode".into(), m.to_string()]);
         }
@@ -303,7 +382,11 @@ impl Rig {
         }
         let report: HandoffReport = serde_json::from_slice(&out.stdout).context("forage handoff's report")?;
         // The device keeps its token; the relay and its CA are the destination's.
-        let at = ServiceEndpoint { addr: report.endpoint.clone(), token: endpoint.token.clone(), ca_sha256: report.ca_sha256.clone() };
+        let at = ServiceEndpoint {
+            addr: report.endpoint.clone(),
+            token: endpoint.token.clone(),
+            ca_sha256: report.ca_sha256.clone(),
+        };
         // From the device's side of the link, as its client would.
         self.check('a', &at, args)?;
         let _ = device.0.wait();
@@ -347,7 +430,14 @@ impl Rig {
 
 /// Start the destination QEMU (the service VM's hardware, its base disk, fresh RAM),
 /// relay the link's port to it, migrate the source over it, run the destination.
-async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Accel, ns_b: &Netns, args: &BenchHandoffArgs) -> anyhow::Result<Run> {
+async fn qemu_migrate(
+    dst: &Path,
+    run: &Path,
+    ctl: &Path,
+    accel: forage_vm::Accel,
+    ns_b: &Netns,
+    args: &BenchHandoffArgs,
+) -> anyhow::Result<Run> {
     use serde_json::json as j;
     let svc = forage_service::Repository::new(&DataDir::at(dst.to_path_buf())).open(SERVICE)?;
     let snap = svc.snapshot()?;
@@ -374,12 +464,21 @@ async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Acce
         }
     });
     let src = forage_vm::qmp::Qmp::connect(ctl, Duration::from_secs(10)).await?;
-    src.execute("migrate-set-capabilities", Some(j!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] }))).await?;
-    src.execute("migrate-set-parameters", Some(j!({ "downtime-limit": args.downtime_ms, "max-bandwidth": 1u64 << 40 }))).await?;
+    src.execute(
+        "migrate-set-capabilities",
+        Some(j!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] })),
+    )
+    .await?;
+    src.execute(
+        "migrate-set-parameters",
+        Some(j!({ "downtime-limit": args.downtime_ms, "max-bandwidth": 1u64 << 40 })),
+    )
+    .await?;
     let t0 = Instant::now();
     src.execute("migrate", Some(j!({ "uri": format!("tcp:{addr}") }))).await?;
     let info = loop {
-        let v: MigrationInfo = serde_json::from_value(src.execute("query-migrate", None).await?).context("QEMU's query-migrate")?;
+        let v: MigrationInfo =
+            serde_json::from_value(src.execute("query-migrate", None).await?).context("QEMU's query-migrate")?;
         match v.status.as_str() {
             "completed" => break v,
             "failed" | "cancelled" => bail!("QEMU's migration {}: {}", v.status, v.error_desc.unwrap_or_default()),
@@ -405,7 +504,15 @@ async fn qemu_migrate(dst: &Path, run: &Path, ctl: &Path, accel: forage_vm::Acce
         bail!("after QEMU's migration the service says {count:?}");
     }
     let ram = info.ram.context("QEMU's completed migration reports no RAM figures")?;
-    Ok(Run { total_s, downtime_s: info.downtime.unwrap_or(0) as f64 / 1000.0, bytes: ram.transferred, mode: "qemu".into(), switches: Vec::new(), qemu_rounds: ram.dirty_sync_count, disk_chunks: None })
+    Ok(Run {
+        total_s,
+        downtime_s: info.downtime.unwrap_or(0) as f64 / 1000.0,
+        bytes: ram.transferred,
+        mode: "qemu".into(),
+        switches: Vec::new(),
+        qemu_rounds: ram.dirty_sync_count,
+        disk_chunks: None,
+    })
 }
 
 fn row(approach: &str, mbps: f64, r: &Run, modified_bytes: u64) -> HandoffRow {
@@ -424,7 +531,13 @@ fn row(approach: &str, mbps: f64, r: &Run, modified_bytes: u64) -> HandoffRow {
 }
 
 fn summary(r: &Run) -> String {
-    format!("total {:.1} s, downtime {:.2} s, {:.1} MiB sent, mode {}", r.total_s, r.downtime_s, r.bytes as f64 / (1 << 20) as f64, r.mode)
+    format!(
+        "total {:.1} s, downtime {:.2} s, {:.1} MiB sent, mode {}",
+        r.total_s,
+        r.downtime_s,
+        r.bytes as f64 / (1 << 20) as f64,
+        r.mode
+    )
 }
 
 fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs) {
@@ -432,20 +545,35 @@ fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs) {
         "VM handoff over an emulated WAN (tc tbf): hashsearch with a {} MiB working set, {} KiB of it rewritten every 100 ms; destination holds the base:",
         args.working_mib, args.hot_kib
     );
-    println!("  {:<22} {:>6} {:>9} {:>11} {:>12} {:>14}  mode", "approach", "Mbit/s", "total s", "downtime s", "bytes", "modified bytes");
+    println!(
+        "  {:<22} {:>6} {:>9} {:>11} {:>12} {:>14}  mode",
+        "approach", "Mbit/s", "total s", "downtime s", "bytes", "modified bytes"
+    );
     for r in rows {
-        println!("  {:<22} {:>6} {:>9.1} {:>11.2} {:>12} {:>14}  {}", r.approach, r.mbps, r.total_s, r.downtime_s, r.bytes, r.modified_bytes, r.mode);
+        println!(
+            "  {:<22} {:>6} {:>9.1} {:>11.2} {:>12} {:>14}  {}",
+            r.approach, r.mbps, r.total_s, r.downtime_s, r.bytes, r.modified_bytes, r.mode
+        );
     }
     for &m in &args.mbps {
         let get = |a: &str| rows.iter().find(|r| r.approach == a && r.mbps == m);
         if let (Some(ad), Some(q)) = (get("forage-adaptive"), get("qemu-live-migration")) {
-            println!("  at {m} Mbit/s: forage {:.1}x faster than QEMU live migration (target >= 10x at 10 Mbit/s)", q.total_s / ad.total_s);
+            println!(
+                "  at {m} Mbit/s: forage {:.1}x faster than QEMU live migration (target >= 10x at 10 Mbit/s)",
+                q.total_s / ad.total_s
+            );
         }
         if let (Some(ad), Some(best)) = (get("forage-adaptive"), get("forage-static-best")) {
-            println!("  at {m} Mbit/s: adaptive {:+.0}% against the best static mode (target within 10%)", (ad.total_s / best.total_s - 1.0) * 100.0);
+            println!(
+                "  at {m} Mbit/s: adaptive {:+.0}% against the best static mode (target within 10%)",
+                (ad.total_s / best.total_s - 1.0) * 100.0
+            );
         }
         if let Some(r) = get("forage-adaptive").filter(|r| r.bytes > 0) {
-            println!("  at {m} Mbit/s: adaptive sent 1/{:.1} of the modified state (target <= 1/5)", r.modified_bytes as f64 / r.bytes as f64);
+            println!(
+                "  at {m} Mbit/s: adaptive sent 1/{:.1} of the modified state (target <= 1/5)",
+                r.modified_bytes as f64 / r.bytes as f64
+            );
         }
     }
 }

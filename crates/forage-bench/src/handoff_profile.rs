@@ -30,15 +30,25 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
     let result = async {
         let app = forage_agent::app::AppPackage::open(&crate::overlay::bench_app(&work, args.data_mib)?)?;
         say("building the bench app's launch VM (the reference workload) ...");
-        let launch = forage_synth::build::build_launch(data, &base, &app, &forage_synth::launch::LaunchOptions::default(), &work.join("launch")).await?;
+        let launch = forage_synth::build::build_launch(
+            data,
+            &base,
+            &app,
+            &forage_synth::launch::LaunchOptions::default(),
+            &work.join("launch"),
+        )
+        .await?;
         let (new, old) = (launch.snapshot.memory_path(), base.memory_path());
         let n = args.chunks.max(1);
         let chunks = tokio::task::spawn_blocking(move || modified_sample(&new, &old, n)).await??;
         say(&format!("profiling {} operating modes on {} modified memory chunks ...", all_modes().len(), chunks.len()));
         let t = Instant::now();
-        let table = tokio::task::spawn_blocking(move || forage_handoff::encode::profile(&all_modes(), &chunks, CHUNK as u64)).await?;
+        let table =
+            tokio::task::spawn_blocking(move || forage_handoff::encode::profile(&all_modes(), &chunks, CHUNK as u64))
+                .await?;
         let out = args.output.clone().unwrap_or_else(|| data.root().join("handoff-lookup.json"));
-        std::fs::write(&out, serde_json::to_vec_pretty(&table)?).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(&out, serde_json::to_vec_pretty(&table)?)
+            .with_context(|| format!("writing {}", out.display()))?;
         if args.json {
             print_json(&table);
         } else {
@@ -53,8 +63,15 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
 }
 
 /// Up to `n` chunks of `new` that differ from `old`, spread evenly, each with its base.
-fn modified_sample(new: &std::path::Path, old: &std::path::Path, n: usize) -> anyhow::Result<Vec<forage_handoff::encode::SampleChunk>> {
-    let (a, b) = (File::open(new).with_context(|| format!("{}", new.display()))?, File::open(old).with_context(|| format!("{}", old.display()))?);
+fn modified_sample(
+    new: &std::path::Path,
+    old: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<Vec<forage_handoff::encode::SampleChunk>> {
+    let (a, b) = (
+        File::open(new).with_context(|| format!("{}", new.display()))?,
+        File::open(old).with_context(|| format!("{}", old.display()))?,
+    );
     let size = a.metadata()?.len();
     let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut modified = Vec::new();
@@ -80,7 +97,14 @@ fn print_table(t: &LookupTable) {
     rows.sort_by(|a, b| a.1.r.total_cmp(&b.1.r));
     println!("  {:<16} {:>12} {:>8} {:>16} {:>16}", "mode", "P us/chunk", "R", "1 core chunks/s", "10 Mbit/s chunks/s");
     for (m, p) in rows {
-        println!("  {:<16} {:>12.1} {:>8.3} {:>16.0} {:>16.0}", m.to_string(), p.p * 1e6, p.r, 1.0 / p.p.max(1e-12), 10e6 / 8.0 / (CHUNK as f64 * p.r.max(1e-9)));
+        println!(
+            "  {:<16} {:>12.1} {:>8.3} {:>16.0} {:>16.0}",
+            m.to_string(),
+            p.p * 1e6,
+            p.r,
+            1.0 / p.p.max(1e-12),
+            10e6 / 8.0 / (CHUNK as f64 * p.r.max(1e-9))
+        );
     }
     if let (Some(f), Some(s)) = (t.fastest(), t.smallest()) {
         println!("  fastest: {f}; smallest output: {s}");

@@ -67,7 +67,8 @@ pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
         let app_dir = bench_app(&work, args.data_mib)?;
         let app = AppPackage::open(&app_dir)?;
         say("launch VM with the semantic gap closed ...");
-        let on = forage_synth::build::build_launch(data, &base, &app, &LaunchOptions::default(), &work.join("on")).await?;
+        let on =
+            forage_synth::build::build_launch(data, &base, &app, &LaunchOptions::default(), &work.join("on")).await?;
         say("launch VM without (no TRIM, no free page reporting) ...");
         let off_opts = LaunchOptions { semantic_disk: false, semantic_memory: false, ..LaunchOptions::default() };
         let off = forage_synth::build::build_launch(data, &base, &app, &off_opts, &work.join("off")).await?;
@@ -79,12 +80,19 @@ pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
         let zstd_patch = delta_tool_bytes(&base, &off, &work, Tool::ZstdPatch)?;
 
         let opts = CreateOptions::named(&args.codec, args.level, &args.delta).map_err(anyhow::Error::msg)?;
-        let variant = |dedup: bool, semantic: bool| CreateOptions { dedup, semantic_disk: semantic, semantic_memory: semantic, ..opts.clone() };
+        let variant = |dedup: bool, semantic: bool| CreateOptions {
+            dedup,
+            semantic_disk: semantic,
+            semantic_memory: semantic,
+            ..opts.clone()
+        };
         say("forage: dedup only, semantic only, combined ...");
         let dedup = forage_synth::create::create(&base, &input(&off), &variant(true, false), &work.join("dedup.ovl"))?;
-        let semantic = forage_synth::create::create(&base, &input(&on), &variant(false, true), &work.join("semantic.ovl"))?;
+        let semantic =
+            forage_synth::create::create(&base, &input(&on), &variant(false, true), &work.join("semantic.ovl"))?;
         let t = Instant::now();
-        let combined = forage_synth::create::create(&base, &input(&on), &variant(true, true), &work.join("combined.ovl"))?;
+        let combined =
+            forage_synth::create::create(&base, &input(&on), &variant(true, true), &work.join("combined.ovl"))?;
         let create_s = t.elapsed().as_secs_f64();
         let modified = combined.manifest.stats.modified_bytes;
         let modified_off = off_modified(&base, &off)?;
@@ -140,7 +148,14 @@ fn input(l: &LaunchVm) -> LaunchInput<'_> {
 
 /// Modified bytes of a launch VM as forage counts them, without dropping anything.
 fn off_modified(base: &BaseVm, l: &LaunchVm) -> anyhow::Result<u64> {
-    let o = CreateOptions { dedup: false, semantic_disk: false, semantic_memory: false, codec: forage_format::SegmentCodec::None, delta: None, ..CreateOptions::default() };
+    let o = CreateOptions {
+        dedup: false,
+        semantic_disk: false,
+        semantic_memory: false,
+        codec: forage_format::SegmentCodec::None,
+        delta: None,
+        ..CreateOptions::default()
+    };
     let p = std::env::temp_dir().join(format!("forage-bench-count-{}.ovl", std::process::id()));
     let r = forage_synth::create::create(base, &input(l), &o, &p)?;
     let _ = std::fs::remove_file(&p);
@@ -155,14 +170,23 @@ enum Tool {
 
 /// Bytes of whole-image deltas of disk and memory made by an external tool.
 fn delta_tool_bytes(base: &BaseVm, l: &LaunchVm, work: &Path, tool: Tool) -> anyhow::Result<u64> {
-    let pairs = [(base.disk_path(), l.snapshot.disk_paths()[0].clone(), "disk"), (base.memory_path(), l.snapshot.memory_path(), "memory")];
+    let pairs = [
+        (base.disk_path(), l.snapshot.disk_paths()[0].clone(), "disk"),
+        (base.memory_path(), l.snapshot.memory_path(), "memory"),
+    ];
     let mut total = 0;
     for (src, target, name) in pairs {
         let out = work.join(format!("{name}.delta"));
         let status = match tool {
             Tool::Xdelta3Lzma => {
                 let vc = work.join(format!("{name}.vcdiff"));
-                run_tool(Command::new("xdelta3").args(["-e", "-9", "-f", "-S", "none", "-B", "536870912", "-s"]).arg(&src).arg(&target).arg(&vc))?;
+                run_tool(
+                    Command::new("xdelta3")
+                        .args(["-e", "-9", "-f", "-S", "none", "-B", "536870912", "-s"])
+                        .arg(&src)
+                        .arg(&target)
+                        .arg(&vc),
+                )?;
                 let st = run_tool(Command::new("xz").args(["-6", "-k", "-f", "-T1"]).arg(&vc));
                 std::fs::rename(vc.with_extension("vcdiff.xz"), &out).ok();
                 let _ = std::fs::remove_file(&vc);
@@ -218,7 +242,25 @@ pub fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
 
 /// A deterministic data set that compresses like text (about 3:1).
 fn dataset(len: u64) -> Vec<u8> {
-    const WORDS: &[&str] = &["cloudlet", "overlay", "synthesis", "handoff", "edge", "vm", "base", "chunk", "segment", "delta", "mobile", "offload", "latency", "fluid", "object", "speech", "face"];
+    const WORDS: &[&str] = &[
+        "cloudlet",
+        "overlay",
+        "synthesis",
+        "handoff",
+        "edge",
+        "vm",
+        "base",
+        "chunk",
+        "segment",
+        "delta",
+        "mobile",
+        "offload",
+        "latency",
+        "fluid",
+        "object",
+        "speech",
+        "face",
+    ];
     let mut out = Vec::with_capacity(len as usize);
     let mut x: u64 = 0x2545F4914F6CDD1D;
     while (out.len() as u64) < len {
@@ -243,7 +285,10 @@ fn peak_rss_kib() -> u64 {
 fn print_table(r: &OverlayBenchRow) {
     let b = r.baseline_bytes.max(1) as f64;
     let row = |name: &str, v: u64| println!("  {name:<34} {:>12} bytes  {:>6.1}% of baseline", v, 100.0 * v as f64 / b);
-    println!("overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:", r.app_data_mib, r.codec, r.delta);
+    println!(
+        "overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:",
+        r.app_data_mib, r.codec, r.delta
+    );
     row("baseline: xdelta3 + LZMA", r.baseline_bytes);
     row("zstd --patch-from --long -19", r.zstd_patch_bytes);
     row("forage, dedup only", r.dedup_bytes);
@@ -251,9 +296,18 @@ fn print_table(r: &OverlayBenchRow) {
     row("forage, combined", r.combined_bytes);
     row("(xdelta3 + LZMA of the semantic-gap VM)", r.baseline_on_semantic_vm_bytes);
     row("(the app's data set alone, LZMA)", r.data_set_lzma_bytes);
-    println!("  modified state: {} bytes ({} without closing the semantic gap)", r.modified_bytes, r.modified_bytes_without_semantic_gap);
-    println!("  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)", r.combined_vs_baseline, r.combined_vs_zstd_patch);
-    println!("  create {:.1} MB/s, apply {:.1} MB/s of modified state (target >= 100), peak RSS {:.0} MB", r.create_mb_s, r.apply_mb_s, r.peak_rss_mb);
+    println!(
+        "  modified state: {} bytes ({} without closing the semantic gap)",
+        r.modified_bytes, r.modified_bytes_without_semantic_gap
+    );
+    println!(
+        "  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)",
+        r.combined_vs_baseline, r.combined_vs_zstd_patch
+    );
+    println!(
+        "  create {:.1} MB/s, apply {:.1} MB/s of modified state (target >= 100), peak RSS {:.0} MB",
+        r.create_mb_s, r.apply_mb_s, r.peak_rss_mb
+    );
     println!("  references: {:?}", r.refs);
     println!("  free chunks by source: {:?}", r.free_by_source);
 }

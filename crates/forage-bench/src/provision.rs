@@ -74,9 +74,7 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
         }
     };
     let base = bench_base(data, &args.base, &say).await?;
-    let work = data
-        .work()
-        .join(format!("bench-provision-{}", std::process::id()));
+    let work = data.work().join(format!("bench-provision-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
@@ -155,17 +153,8 @@ fn measure(
         "--name",
         "bench-cloudlet",
     ]);
-    let _cloudlet = Guard(
-        serve
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
-    wait_for_line(
-        &log.to_path_buf(),
-        "listening",
-        Duration::from_secs(30),
-    )?;
+    let _cloudlet = Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
+    wait_for_line(&log.to_path_buf(), "listening", Duration::from_secs(30))?;
     let (ovl_s, bundle_s, script_s, dl) = (
         ovl.to_string_lossy().into_owned(),
         bundle.to_string_lossy().into_owned(),
@@ -173,48 +162,10 @@ fn measure(
         work.join("dl").to_string_lossy().into_owned(),
     );
     let mechanisms: Vec<(&str, Vec<&str>)> = vec![
-        (
-            "vm_synthesis",
-            vec!["synthesize", &ovl_s, "--cloudlet", &addr],
-        ),
-        (
-            "app_virtualization",
-            vec![
-                "app",
-                "run",
-                &bundle_s,
-                "--cloudlet",
-                &addr,
-                "--request",
-                REQUEST,
-            ],
-        ),
-        (
-            "cached_vm",
-            vec![
-                "offload",
-                "--service",
-                SERVICE,
-                "--cloudlet",
-                &addr,
-                "--request",
-                REQUEST,
-            ],
-        ),
-        (
-            "cloudlet_push",
-            vec![
-                "apps",
-                "get",
-                CLIENT_APP,
-                "-o",
-                &dl,
-                "--cloudlet",
-                &addr,
-                "--request",
-                REQUEST,
-            ],
-        ),
+        ("vm_synthesis", vec!["synthesize", &ovl_s, "--cloudlet", &addr]),
+        ("app_virtualization", vec!["app", "run", &bundle_s, "--cloudlet", &addr, "--request", REQUEST]),
+        ("cached_vm", vec!["offload", "--service", SERVICE, "--cloudlet", &addr, "--request", REQUEST]),
+        ("cloudlet_push", vec!["apps", "get", CLIENT_APP, "-o", &dl, "--cloudlet", &addr, "--request", REQUEST]),
         (
             "on_demand",
             vec![
@@ -236,13 +187,7 @@ fn measure(
         let mut runs = Vec::new();
         for run in 0..args.runs.max(1) {
             let t = std::time::Instant::now();
-            let out = device
-                .command(&exe)
-                .arg("--data-dir")
-                .arg(data.root())
-                .args(&argv)
-                .arg("--json")
-                .output()?;
+            let out = device.command(&exe).arg("--data-dir").arg(data.root()).args(&argv).arg("--json").output()?;
             let wall = t.elapsed().as_secs_f64();
             if !out.status.success() {
                 bail!(
@@ -261,15 +206,34 @@ fn measure(
             let row = match mechanism {
                 "vm_synthesis" => {
                     let r: SynthesisReport = serde_json::from_slice(&out.stdout).with_context(output)?;
-                    ProvisionRow { mechanism: mechanism.into(), mbps: args.mbps, runs: 0, payload_bytes: r.overlay_bytes, ready_s: r.first_response_s, cloudlet_ready_s: r.ready_s, answer: Some(r.answer) }
+                    ProvisionRow {
+                        mechanism: mechanism.into(),
+                        mbps: args.mbps,
+                        runs: 0,
+                        payload_bytes: r.overlay_bytes,
+                        ready_s: r.first_response_s,
+                        cloudlet_ready_s: r.ready_s,
+                        answer: Some(r.answer),
+                    }
                 }
                 _ => {
                     let r: ProvisionReport = serde_json::from_slice(&out.stdout).with_context(output)?;
                     let ready_s = r.first_response_s.context("the mechanism's report has no first response")?;
-                    ProvisionRow { mechanism: mechanism.into(), mbps: args.mbps, runs: 0, payload_bytes: r.payload_bytes, ready_s, cloudlet_ready_s: r.ready_s, answer: r.answer }
+                    ProvisionRow {
+                        mechanism: mechanism.into(),
+                        mbps: args.mbps,
+                        runs: 0,
+                        payload_bytes: r.payload_bytes,
+                        ready_s,
+                        cloudlet_ready_s: r.ready_s,
+                        answer: r.answer,
+                    }
                 }
             };
-            say(&format!("  {mechanism}: ready {:.2} s (command {wall:.2} s), {} bytes sent", row.ready_s, row.payload_bytes));
+            say(&format!(
+                "  {mechanism}: ready {:.2} s (command {wall:.2} s), {} bytes sent",
+                row.ready_s, row.payload_bytes
+            ));
             runs.push(row);
             std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
         }
@@ -284,10 +248,7 @@ fn measure(
 
 fn print_table(rows: &[ProvisionRow], mbps: f64) {
     println!("Provisioning mechanisms over an emulated WAN of {mbps} Mbit/s (tc tbf); the same hashsearch service, first request `{REQUEST}`:");
-    println!(
-        "  {:<20} {:>14} {:>10} {:>18}",
-        "mechanism", "payload bytes", "ready s", "cloudlet ready s"
-    );
+    println!("  {:<20} {:>14} {:>10} {:>18}", "mechanism", "payload bytes", "ready s", "cloudlet ready s");
     for r in rows {
         println!("  {:<20} {:>14} {:>10.2} {:>18.2}", r.mechanism, r.payload_bytes, r.ready_s, r.cloudlet_ready_s);
     }

@@ -28,7 +28,8 @@ use crate::common::{bench_base, forage_exe, print_json};
 
 const CLOUDLET_PORT: u16 = 7878;
 const SINK_PORT: u16 = 7999;
-const MODES: [(&str, &[&str]); 3] = [("baseline", &["--no-pipelining"]), ("pipelined", &["--no-early-start"]), ("early_start", &[])];
+const MODES: [(&str, &[&str]); 3] =
+    [("baseline", &["--no-pipelining"]), ("pipelined", &["--no-early-start"]), ("early_start", &[])];
 
 /// One mode at one rate (the median run): a row of the table and of `--json`.
 #[derive(Debug, Clone, Serialize)]
@@ -83,8 +84,10 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
         let app = crate::overlay::bench_app(&work, args.data_mib)?;
         let ovl = work.join("bench.ovl");
         say("building the bench app's launch VM and its overlay (access order) ...");
-        let options = CreateOptions { segment_bytes: args.segment_kib.clamp(4, 16 << 10) << 10, ..CreateOptions::default() };
-        let request = OverlayRequest { base: args.base.clone(), app, options, order: BlobOrder::Access, output: ovl.clone() };
+        let options =
+            CreateOptions { segment_bytes: args.segment_kib.clamp(4, 16 << 10) << 10, ..CreateOptions::default() };
+        let request =
+            OverlayRequest { base: args.base.clone(), app, options, order: BlobOrder::Access, output: ovl.clone() };
         forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
         let bytes = std::fs::metadata(&ovl)?.len();
         say(&format!("overlay: {} KiB against base {}", bytes >> 10, base.manifest().name));
@@ -104,8 +107,16 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
     result
 }
 
-fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: &dyn Fn(&str)) -> anyhow::Result<Vec<SynthesisRow>> {
-    let link = forage_testkit::wan::WanLink::create(mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
+fn at_rate(
+    data: &DataDir,
+    ovl: &Path,
+    bytes: u64,
+    mbps: f64,
+    runs: usize,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Vec<SynthesisRow>> {
+    let link =
+        forage_testkit::wan::WanLink::create(mbps).context("emulating the WAN link (needs root, iproute2 and tc)")?;
     let (exe, me) = (forage_exe()?, std::env::current_exe()?);
     let root = data.root().to_path_buf();
     let (device, cloudlet) = (&link.a, &link.b);
@@ -114,9 +125,23 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
     // Transfer only: the floor.
     let mut transfer = Vec::new();
     for _ in 0..runs {
-        let _sink = Guard(cloudlet.command(&me).args(["sink", "--listen", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string()]).spawn()?);
+        let _sink = Guard(
+            cloudlet
+                .command(&me)
+                .args(["sink", "--listen", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string()])
+                .spawn()?,
+        );
         std::thread::sleep(Duration::from_millis(300));
-        let out = device.command(&me).args(["blast", "--to", &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(), "--bytes", &bytes.to_string()]).output()?;
+        let out = device
+            .command(&me)
+            .args([
+                "blast",
+                "--to",
+                &SocketAddr::from((cloudlet.addr, SINK_PORT)).to_string(),
+                "--bytes",
+                &bytes.to_string(),
+            ])
+            .output()?;
         if !out.status.success() {
             bail!("transfer-only run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
@@ -130,7 +155,15 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
     // The cloudlet, in its namespace, without a cache (every run synthesizes for real).
     let log = data.work().join(format!("bench-cloudlet-{}.log", std::process::id()));
     let mut serve = cloudlet.command(&exe);
-    serve.arg("--data-dir").arg(&root).args(["serve", "--listen", &cloudlet_addr.to_string(), "--no-api", "--no-cache", "--name", "bench-cloudlet"]);
+    serve.arg("--data-dir").arg(&root).args([
+        "serve",
+        "--listen",
+        &cloudlet_addr.to_string(),
+        "--no-api",
+        "--no-cache",
+        "--name",
+        "bench-cloudlet",
+    ]);
     let _cloudlet = Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
     wait_for_line(&log, "listening", Duration::from_secs(30))?;
 
@@ -148,9 +181,14 @@ fn at_rate(data: &DataDir, ovl: &Path, bytes: u64, mbps: f64, runs: usize, say: 
                 .args(flags)
                 .output()?;
             if !out.status.success() {
-                bail!("{mode} synthesis (run {run}) failed: {}\ncloudlet log: {}", String::from_utf8_lossy(&out.stderr).trim(), log.display());
+                bail!(
+                    "{mode} synthesis (run {run}) failed: {}\ncloudlet log: {}",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    log.display()
+                );
             }
-            let r: SynthesisReport = serde_json::from_slice(&out.stdout).with_context(|| format!("{mode} synthesis output"))?;
+            let r: SynthesisReport =
+                serde_json::from_slice(&out.stdout).with_context(|| format!("{mode} synthesis output"))?;
             say(&format!("  {mode}: first response {:.2} s", r.first_response_s));
             reports.push(r);
             std::thread::sleep(Duration::from_millis(500)); // the cloudlet stops the instance
@@ -220,7 +258,10 @@ pub fn wait_for_line(log: &PathBuf, needle: &str, wait: Duration) -> anyhow::Res
 
 fn print_table(rows: &[SynthesisRow]) {
     println!("VM synthesis over an emulated WAN (tc tbf), bench app, overlay in access order:");
-    println!("  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   accessed at 1st response", "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer");
+    println!(
+        "  {:<12} {:>6} {:>10} {:>10} {:>8} {:>10} {:>10} {:>9}   accessed at 1st response",
+        "mode", "Mbit/s", "total s", "first s", "resume s", "bytes", "xfer-only", "synth/xfer"
+    );
     for r in rows {
         let accessed = match (r.accessed_fraction, &r.usage) {
             (Some(a), Some(u)) => format!("{:.1}% ({} fetched)", a * 100.0, u.demand_fetches),
@@ -228,7 +269,15 @@ fn print_table(rows: &[SynthesisRow]) {
         };
         println!(
             "  {:<12} {:>6} {:>10.2} {:>10.2} {:>8.2} {:>10} {:>10.2} {:>9.2}x  {}",
-            r.mode, r.mbps, r.total_s, r.first_response_s, r.resume_s, r.bytes, r.transfer_only_s, r.synthesis_vs_transfer, accessed
+            r.mode,
+            r.mbps,
+            r.total_s,
+            r.first_response_s,
+            r.resume_s,
+            r.bytes,
+            r.transfer_only_s,
+            r.synthesis_vs_transfer,
+            accessed
         );
     }
     let mut rates: Vec<f64> = Vec::new();

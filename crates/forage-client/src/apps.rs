@@ -13,7 +13,13 @@ use crate::ClientError;
 async fn open(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>) -> Result<crate::CloudletStream, ClientError> {
     let proto = |source| ClientError::Proto { addr, source };
     let mut stream = crate::connect(addr, credentials, None).await?;
-    let hello = Message::Hello { versions: (VERSION_MIN, VERSION_MAX), device: "app-store".into(), offers: Vec::new(), early_start: false, store_and_forward: false };
+    let hello = Message::Hello {
+        versions: (VERSION_MIN, VERSION_MAX),
+        device: "app-store".into(),
+        offers: Vec::new(),
+        early_start: false,
+        store_and_forward: false,
+    };
     write(&mut stream, &hello).await.map_err(proto)?;
     match read(&mut stream).await.map_err(proto)? {
         Message::Welcome { .. } => Ok(stream),
@@ -23,7 +29,11 @@ async fn open(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>) -> Resu
 }
 
 /// The client apps for `platform` (and `any`), or all.
-pub async fn list_apps(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, platform: Option<&str>) -> Result<Vec<AppInfo>, ClientError> {
+pub async fn list_apps(
+    addr: SocketAddr,
+    credentials: &Arc<rustls::ClientConfig>,
+    platform: Option<&str>,
+) -> Result<Vec<AppInfo>, ClientError> {
     let proto = |source| ClientError::Proto { addr, source };
     let mut s = open(addr, credentials).await?;
     write(&mut s, &Message::ListApps { platform: platform.map(str::to_string) }).await.map_err(proto)?;
@@ -37,12 +47,18 @@ pub async fn list_apps(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>
 }
 
 /// One client app: its entry and its file, checked against the entry's size and SHA-256.
-pub async fn get_app(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, id: &str) -> Result<(AppInfo, Vec<u8>), ClientError> {
+pub async fn get_app(
+    addr: SocketAddr,
+    credentials: &Arc<rustls::ClientConfig>,
+    id: &str,
+) -> Result<(AppInfo, Vec<u8>), ClientError> {
     let proto = |source| ClientError::Proto { addr, source };
-    let entry = list_apps(addr, credentials, None).await?.into_iter().find(|a| a.id == id).ok_or_else(|| ClientError::Refused {
-        addr,
-        code: forage_proto::ErrorCode::NotFound,
-        message: format!("no client app {id} in the app store (see `forage apps --all`)"),
+    let entry = list_apps(addr, credentials, None).await?.into_iter().find(|a| a.id == id).ok_or_else(|| {
+        ClientError::Refused {
+            addr,
+            code: forage_proto::ErrorCode::NotFound,
+            message: format!("no client app {id} in the app store (see `forage apps --all`)"),
+        }
     })?;
     let mut s = open(addr, credentials).await?;
     write(&mut s, &Message::GetApp { id: id.into() }).await.map_err(proto)?;
@@ -53,7 +69,11 @@ pub async fn get_app(addr: SocketAddr, credentials: &Arc<rustls::ClientConfig>, 
     };
     let _ = write(&mut s, &Message::Bye).await;
     if bytes.len() as u64 != entry.size || hex::encode(Sha256::digest(&bytes)) != entry.sha256 {
-        return Err(ClientError::Refused { addr, code: forage_proto::ErrorCode::Protocol, message: format!("app {id} arrived damaged ({} bytes, listed {})", bytes.len(), entry.size) });
+        return Err(ClientError::Refused {
+            addr,
+            code: forage_proto::ErrorCode::Protocol,
+            message: format!("app {id} arrived damaged ({} bytes, listed {})", bytes.len(), entry.size),
+        });
     }
     Ok((entry, bytes))
 }

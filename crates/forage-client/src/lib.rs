@@ -9,21 +9,21 @@
 //! The session (and the VM on the cloudlet) lives until [`Session::close`] or drop.
 
 mod apps;
+mod connect;
+mod error;
 mod pairing;
 mod provision;
 mod sender;
 pub mod service;
-mod error;
-mod connect;
 mod synthesis;
 
 pub use apps::{get_app, list_apps};
-pub use pairing::pair;
-pub use forage_proto::ServiceEndpoint;
-pub use provision::{provision, Ended, ProvisionReport, Provisioned};
-pub use error::{ClientError};
 pub use connect::{connect, CloudletStream};
+pub use error::ClientError;
+pub use forage_proto::ServiceEndpoint;
+pub use pairing::pair;
+pub use provision::{provision, Ended, ProvisionReport, Provisioned};
 pub(crate) use synthesis::first_response;
-pub use synthesis::{synthesize, synthesize_url, OverlayFile, OverlayUsage, Session, SynthesisOptions, SynthesisReport};
-
-
+pub use synthesis::{
+    synthesize, synthesize_url, OverlayFile, OverlayUsage, Session, SynthesisOptions, SynthesisReport,
+};

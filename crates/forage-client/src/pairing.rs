@@ -23,7 +23,10 @@ pub async fn pair(addr: SocketAddr, code: &str, name: &str, keep: &DeviceTrust) 
     let config = forage_trust::pairing_client_config(prefix).map_err(|e| refused(e.to_string()))?;
     let tcp = TcpStream::connect(addr).await.map_err(|e| proto(e.into()))?;
     let server = rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).expect("a valid name");
-    let mut stream = tokio_rustls::TlsConnector::from(config).connect(server, tcp).await.map_err(|e| ClientError::Tls { addr, detail: e.to_string() })?;
+    let mut stream = tokio_rustls::TlsConnector::from(config)
+        .connect(server, tcp)
+        .await
+        .map_err(|e| ClientError::Tls { addr, detail: e.to_string() })?;
     let (key, csr) = forage_trust::new_csr(name).map_err(|e| refused(e.to_string()))?;
     let req = Message::PairRequest { secret, name: name.into(), csr };
     write(&mut stream, &req).await.map_err(proto)?;
@@ -33,7 +36,8 @@ pub async fn pair(addr: SocketAddr, code: &str, name: &str, keep: &DeviceTrust) 
             if Sha256::digest(&ca)[..8] != prefix {
                 return Err(refused("the cloudlet granted credentials under another CA than the code names".into()));
             }
-            keep.save(&cloudlet, Some(addr.to_string()), &ca, &cert, &key.serialize_pem(), not_after_unix).map_err(|e| refused(e.to_string()))
+            keep.save(&cloudlet, Some(addr.to_string()), &ca, &cert, &key.serialize_pem(), not_after_unix)
+                .map_err(|e| refused(e.to_string()))
         }
         Message::Error { code, message } => Err(ClientError::Refused { addr, code, message }),
         other => Err(ClientError::Sequence { addr, expected: "PairGranted", got: other.name() }),

@@ -64,20 +64,9 @@ impl Provisioned {
 
     fn reason(addr: SocketAddr, got: Result<Message, forage_proto::ProtoError>) -> ClientError {
         match got {
-            Ok(Message::Error { code, message }) => ClientError::Refused {
-                addr,
-                code,
-                message,
-            },
-            Ok(other) => ClientError::Sequence {
-                addr,
-                expected: "Error",
-                got: other.name(),
-            },
-            Err(source) => ClientError::Proto {
-                addr,
-                source,
-            },
+            Ok(Message::Error { code, message }) => ClientError::Refused { addr, code, message },
+            Ok(other) => ClientError::Sequence { addr, expected: "Error", got: other.name() },
+            Err(source) => ClientError::Proto { addr, source },
         }
     }
 }
@@ -103,57 +92,24 @@ pub async fn provision(
         store_and_forward: false,
     };
     let provision = Message::Provision { request };
-    let payload_bytes =
-        (forage_proto::encode(&hello).len() + forage_proto::encode(&provision).len()) as u64;
+    let payload_bytes = (forage_proto::encode(&hello).len() + forage_proto::encode(&provision).len()) as u64;
     write(&mut stream, &hello).await.map_err(proto)?;
     let cloudlet = match read(&mut stream).await.map_err(proto)? {
         Message::Welcome { cloudlet, .. } => cloudlet,
-        Message::Error { code, message } => {
-            return Err(ClientError::Refused {
-                addr,
-                code,
-                message,
-            })
-        }
-        other => {
-            return Err(ClientError::Sequence {
-                addr,
-                expected: "Welcome",
-                got: other.name(),
-            })
-        }
+        Message::Error { code, message } => return Err(ClientError::Refused { addr, code, message }),
+        other => return Err(ClientError::Sequence { addr, expected: "Welcome", got: other.name() }),
     };
     write(&mut stream, &provision).await.map_err(proto)?;
     let service = match read(&mut stream).await {
         Ok(Message::Ready { service, .. }) => service,
-        Ok(Message::Error { code, message }) => {
-            return Err(ClientError::Refused {
-                addr,
-                code,
-                message,
-            })
-        }
-        Ok(other) => {
-            return Err(ClientError::Sequence {
-                addr,
-                expected: "Ready",
-                got: other.name(),
-            })
-        }
-        Err(ProtoError::Closed) => {
-            return Err(ClientError::Closed {
-                addr,
-                what: "the instance was ready",
-            })
-        }
+        Ok(Message::Error { code, message }) => return Err(ClientError::Refused { addr, code, message }),
+        Ok(other) => return Err(ClientError::Sequence { addr, expected: "Ready", got: other.name() }),
+        Err(ProtoError::Closed) => return Err(ClientError::Closed { addr, what: "the instance was ready" }),
         Err(e) => return Err(proto(e)),
     };
     let ready_s = start.elapsed().as_secs_f64();
     let (answer, first_response_s) = match line {
-        Some(line) => (
-            Some(first_response(service.clone(), line).await?),
-            Some(start.elapsed().as_secs_f64()),
-        ),
+        Some(line) => (Some(first_response(service.clone(), line).await?), Some(start.elapsed().as_secs_f64())),
         None => (None, None),
     };
     let report = ProvisionReport {

@@ -59,8 +59,17 @@ pub(crate) async fn run(
         // Control first, then fetched segments, then the next bulk segment.
         let msg = if let Ok(m) = control.try_recv() {
             m
-        } else if let Some(i) = std::iter::from_fn(|| fetches.try_recv().ok()).find(|&i| (i as usize) < n && !sent[i as usize]) {
-            match read_segment(file.as_mut().expect("segments to send come from the file"), i as usize, offsets[i as usize], plan.manifest.segments[i as usize].compressed_len).await {
+        } else if let Some(i) =
+            std::iter::from_fn(|| fetches.try_recv().ok()).find(|&i| (i as usize) < n && !sent[i as usize])
+        {
+            match read_segment(
+                file.as_mut().expect("segments to send come from the file"),
+                i as usize,
+                offsets[i as usize],
+                plan.manifest.segments[i as usize].compressed_len,
+            )
+            .await
+            {
                 Ok(m) => m,
                 Err(e) => return tracing::warn!("reading segment {i}: {e}"),
             }
@@ -70,7 +79,14 @@ pub(crate) async fn run(
             if sent[i] {
                 continue;
             }
-            match read_segment(file.as_mut().expect("segments to send come from the file"), i, offsets[i], plan.manifest.segments[i].compressed_len).await {
+            match read_segment(
+                file.as_mut().expect("segments to send come from the file"),
+                i,
+                offsets[i],
+                plan.manifest.segments[i].compressed_len,
+            )
+            .await
+            {
                 Ok(m) => m,
                 Err(e) => return tracing::warn!("reading segment {i}: {e}"),
             }

@@ -37,8 +37,12 @@ fn tls_config(ep: &ServiceEndpoint) -> Result<(SocketAddr, Arc<rustls::ClientCon
         return Err(ServiceError::NoEndpoint);
     }
     let addr: SocketAddr = ep.addr.parse().map_err(|_| ServiceError::BadAddress(ep.addr.clone()))?;
-    let ca = hex::decode(&ep.ca_sha256).ok().filter(|c| c.len() == 32).ok_or_else(|| ServiceError::BadFingerprint(ep.ca_sha256.clone()))?;
-    let config = forage_trust::pinned_client_config(&ca).map_err(|e| ServiceError::Tls { addr, detail: e.to_string() })?;
+    let ca = hex::decode(&ep.ca_sha256)
+        .ok()
+        .filter(|c| c.len() == 32)
+        .ok_or_else(|| ServiceError::BadFingerprint(ep.ca_sha256.clone()))?;
+    let config =
+        forage_trust::pinned_client_config(&ca).map_err(|e| ServiceError::Tls { addr, detail: e.to_string() })?;
     Ok((addr, config))
 }
 
@@ -51,11 +55,14 @@ pub fn connect(ep: &ServiceEndpoint, timeout: Duration) -> Result<ServiceStream,
     tcp.set_read_timeout(Some(timeout)).map_err(io)?;
     tcp.set_write_timeout(Some(timeout)).map_err(io)?;
     let name = rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).expect("a valid name");
-    let conn = rustls::ClientConnection::new(config, name).map_err(|e| ServiceError::Tls { addr, detail: e.to_string() })?;
+    let conn =
+        rustls::ClientConnection::new(config, name).map_err(|e| ServiceError::Tls { addr, detail: e.to_string() })?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    s.write_all(ep.preamble().as_bytes()).map_err(|e| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(t) => ServiceError::Tls { addr, detail: t.to_string() },
-        None => io(e),
+    s.write_all(ep.preamble().as_bytes()).map_err(|e| {
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t) => ServiceError::Tls { addr, detail: t.to_string() },
+            None => io(e),
+        }
     })?;
     Ok(s)
 }
@@ -65,12 +72,16 @@ pub fn connect(ep: &ServiceEndpoint, timeout: Duration) -> Result<ServiceStream,
 pub fn request_line(ep: &ServiceEndpoint, line: &str, timeout: Duration) -> Result<String, ServiceError> {
     let mut s = connect(ep, timeout)?;
     let addr = s.sock.peer_addr().unwrap_or_else(|_| ep.addr.parse().expect("checked"));
-    s.write_all(format!("{line}\n").as_bytes()).and_then(|()| s.flush()).map_err(|source| ServiceError::Io { addr, source })?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .and_then(|()| s.flush())
+        .map_err(|source| ServiceError::Io { addr, source })?;
     let mut answer = String::new();
     match BufReader::new(s).read_line(&mut answer) {
         Ok(_) if answer.is_empty() => Err(ServiceError::NoAnswer { addr }),
         Ok(_) => Ok(answer.trim_end().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset => Err(ServiceError::NoAnswer { addr }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof || e.kind() == std::io::ErrorKind::ConnectionReset => {
+            Err(ServiceError::NoAnswer { addr })
+        }
         Err(source) => Err(ServiceError::Io { addr, source }),
     }
 }

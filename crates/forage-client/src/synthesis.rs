@@ -85,9 +85,19 @@ impl std::fmt::Display for SynthesisReport {
     /// The breakdown an operator reads (`forage synthesize`, the demo).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let r = self;
-        writeln!(f, "synthesized on cloudlet {} ({} KiB overlay, {}):", r.cloudlet, r.overlay_bytes >> 10, r.mode.replace('_', " "))?;
+        writeln!(
+            f,
+            "synthesized on cloudlet {} ({} KiB overlay, {}):",
+            r.cloudlet,
+            r.overlay_bytes >> 10,
+            r.mode.replace('_', " ")
+        )?;
         if r.mode == "cached" {
-            writeln!(f, "  launch VM from the cloudlet's cache: nothing sent | resume {:.2} s | first response {:.2} s", r.resume_s, r.first_response_s)?;
+            writeln!(
+                f,
+                "  launch VM from the cloudlet's cache: nothing sent | resume {:.2} s | first response {:.2} s",
+                r.resume_s, r.first_response_s
+            )?;
         } else {
             writeln!(
                 f,
@@ -140,7 +150,11 @@ impl Session {
                 match next_event(&mut self.events, self.addr).await? {
                     (Message::Residue { offset, bytes, last }, _) => {
                         if offset != written {
-                            return Err(ClientError::Sequence { addr: self.addr, expected: "the next residue piece", got: "a piece out of order" });
+                            return Err(ClientError::Sequence {
+                                addr: self.addr,
+                                expected: "the next residue piece",
+                                got: "a piece out of order",
+                            });
                         }
                         tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await.map_err(|e| bad(e.to_string()))?;
                         written += bytes.len() as u64;
@@ -149,7 +163,9 @@ impl Session {
                         }
                     }
                     (Message::Usage { .. } | Message::Complete { .. }, _) => {}
-                    (other, _) => return Err(ClientError::Sequence { addr: self.addr, expected: "Residue", got: other.name() }),
+                    (other, _) => {
+                        return Err(ClientError::Sequence { addr: self.addr, expected: "Residue", got: other.name() })
+                    }
                 }
             }
             tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| bad(e.to_string()))?;
@@ -157,7 +173,8 @@ impl Session {
             let p = partial.clone();
             tokio::task::spawn_blocking(move || -> Result<(), String> {
                 let f = std::fs::File::open(&p).map_err(|e| e.to_string())?;
-                let mut r = forage_format::OverlayReader::open(std::io::BufReader::new(f)).map_err(|e| e.to_string())?;
+                let mut r =
+                    forage_format::OverlayReader::open(std::io::BufReader::new(f)).map_err(|e| e.to_string())?;
                 while r.next_segment().map_err(|e| e.to_string())?.is_some() {}
                 r.finish().map_err(|e| e.to_string())
             })
@@ -201,12 +218,22 @@ impl OverlayFile {
         let mut manifest_bytes = vec![0u8; header.manifest_len as usize];
         file.read_exact(&mut manifest_bytes).await.map_err(|e| bad(format!("manifest: {e}")))?;
         prefix.extend_from_slice(&manifest_bytes);
-        let manifest = forage_format::OverlayReader::open(&prefix[..]).map_err(|e| bad(e.to_string()))?.manifest().clone();
+        let manifest =
+            forage_format::OverlayReader::open(&prefix[..]).map_err(|e| bad(e.to_string()))?.manifest().clone();
         if let Some(parent) = &manifest.parent {
-            return Err(bad(format!("this is a residue of overlay {parent}: merge it into that overlay first (forage overlay merge)")));
+            return Err(bad(format!(
+                "this is a residue of overlay {parent}: merge it into that overlay first (forage overlay merge)"
+            )));
         }
         let signature = tokio::fs::read(format!("{}.sig", path.display())).await.unwrap_or_default();
-        Ok(Self { path: path.to_path_buf(), prefix, manifest, bytes, digest: hex_digest(&header.manifest_sha256), signature })
+        Ok(Self {
+            path: path.to_path_buf(),
+            prefix,
+            manifest,
+            bytes,
+            digest: hex_digest(&header.manifest_sha256),
+            signature,
+        })
     }
 }
 
@@ -215,30 +242,63 @@ fn hex_digest(b: &[u8]) -> String {
 }
 
 /// Synthesize the overlay in file `overlay` on `cloudlet`.
-pub async fn synthesize(overlay: &Path, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
+pub async fn synthesize(
+    overlay: &Path,
+    cloudlet: SocketAddr,
+    opts: &SynthesisOptions,
+) -> Result<(SynthesisReport, Session), ClientError> {
     let ov = OverlayFile::open(overlay).await?;
     run(ov, None, cloudlet, opts).await
 }
 
 /// Synthesize the overlay at `url`: the cloudlet fetches it itself (range requests), the
 /// device only reads its header and manifest (to offer its base and know its probe).
-pub async fn synthesize_url(url: &str, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
+pub async fn synthesize_url(
+    url: &str,
+    cloudlet: SocketAddr,
+    opts: &SynthesisOptions,
+) -> Result<(SynthesisReport, Session), ClientError> {
     let u = url.to_string();
-    let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&u, &forage_remote::FetchPolicy::any(), forage_format::manifest::MAX_MANIFEST_RAW))
-        .await
-        .expect("no panic")
-        .map_err(|e| ClientError::Overlay { path: url.into(), detail: e.to_string() })?;
+    let remote = tokio::task::spawn_blocking(move || {
+        forage_remote::RemoteOverlay::open(
+            &u,
+            &forage_remote::FetchPolicy::any(),
+            forage_format::manifest::MAX_MANIFEST_RAW,
+        )
+    })
+    .await
+    .expect("no panic")
+    .map_err(|e| ClientError::Overlay { path: url.into(), detail: e.to_string() })?;
     if let Some(parent) = &remote.manifest.parent {
-        return Err(ClientError::Overlay { path: url.into(), detail: format!("this is a residue of overlay {parent}: merge it into that overlay first") });
+        return Err(ClientError::Overlay {
+            path: url.into(),
+            detail: format!("this is a residue of overlay {parent}: merge it into that overlay first"),
+        });
     }
     let bytes = remote.prefix.len() as u64 + remote.manifest.segments.iter().map(|s| s.compressed_len).sum::<u64>();
     let u = url.to_string();
-    let signature = tokio::task::spawn_blocking(move || forage_remote::fetch_signature(&u, &forage_remote::FetchPolicy::any())).await.expect("no panic").unwrap_or_default();
-    let ov = OverlayFile { path: url.into(), digest: remote.digest(), prefix: remote.prefix, manifest: remote.manifest, bytes, signature };
+    let signature =
+        tokio::task::spawn_blocking(move || forage_remote::fetch_signature(&u, &forage_remote::FetchPolicy::any()))
+            .await
+            .expect("no panic")
+            .unwrap_or_default();
+    let ov = OverlayFile {
+        path: url.into(),
+        digest: remote.digest(),
+        prefix: remote.prefix,
+        manifest: remote.manifest,
+        bytes,
+        signature,
+    };
     run(ov, Some(url.to_string()), cloudlet, opts).await
 }
 
-async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &SynthesisOptions) -> Result<(SynthesisReport, Session), ClientError> {
+async fn run(
+    ov: OverlayFile,
+    url: Option<String>,
+    cloudlet: SocketAddr,
+    opts: &SynthesisOptions,
+) -> Result<(SynthesisReport, Session), ClientError> {
     let proto = |source| ClientError::Proto { addr: cloudlet, source };
     let probe = ov.manifest.service.as_ref().and_then(|s| s.probe.clone());
 
@@ -247,7 +307,13 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     // A small send buffer keeps fetched segments from queueing behind much bulk data.
     let send_buffer = (opts.early_start && !opts.store_and_forward).then_some(128 << 10);
     let mut stream = connect(cloudlet, credentials, send_buffer).await?;
-    let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: ov.prefix.len() as u64, overlay_bytes: ov.bytes, overlay_digest: ov.digest.clone(), signature: ov.signature.clone() };
+    let offer = Offer {
+        base_digest: ov.manifest.base.digest.clone(),
+        manifest_bytes: ov.prefix.len() as u64,
+        overlay_bytes: ov.bytes,
+        overlay_digest: ov.digest.clone(),
+        signature: ov.signature.clone(),
+    };
     let early_start = opts.early_start && !opts.store_and_forward;
     let hello = Message::Hello {
         versions: (VERSION_MIN, VERSION_MAX),
@@ -297,7 +363,13 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     });
     let (control, control_rx) = mpsc::unbounded_channel::<Message>();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let plan = sender::Plan { overlay: ov.path.clone(), prefix_len: ov.prefix.len() as u64, manifest: ov.manifest.clone(), skip_all: cached || url.is_some(), sent: opts.sent.clone() };
+    let plan = sender::Plan {
+        overlay: ov.path.clone(),
+        prefix_len: ov.prefix.len() as u64,
+        manifest: ov.manifest.clone(),
+        skip_all: cached || url.is_some(),
+        sent: opts.sent.clone(),
+    };
     let sender = tokio::spawn(sender::run(plan, wr, fetch_rx, control_rx, done_tx, start));
     let mut session = Session { control, sender, events, addr: cloudlet };
 
@@ -365,11 +437,15 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
             (Message::Usage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments, .. }, _) => {
                 usage_seen = true;
                 if mode == "early_start" {
-                    report.accessed_fraction = Some(if blobs == 0 { 0.0 } else { blobs_accessed as f64 / blobs as f64 });
-                    report.usage = Some(OverlayUsage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments });
+                    report.accessed_fraction =
+                        Some(if blobs == 0 { 0.0 } else { blobs_accessed as f64 / blobs as f64 });
+                    report.usage =
+                        Some(OverlayUsage { blobs_accessed, blobs, demand_fetches, segments_arrived, segments });
                 }
             }
-            (other, _) => return Err(ClientError::Sequence { addr: cloudlet, expected: "Complete or Usage", got: other.name() }),
+            (other, _) => {
+                return Err(ClientError::Sequence { addr: cloudlet, expected: "Complete or Usage", got: other.name() })
+            }
         }
     }
     if let Ok((transfer_s, bytes)) = done_rx.await {
@@ -379,7 +455,10 @@ async fn run(ov: OverlayFile, url: Option<String>, cloudlet: SocketAddr, opts: &
     Ok((report, session))
 }
 
-async fn next_event(events: &mut mpsc::UnboundedReceiver<(Message, Instant)>, addr: SocketAddr) -> Result<(Message, Instant), ClientError> {
+async fn next_event(
+    events: &mut mpsc::UnboundedReceiver<(Message, Instant)>,
+    addr: SocketAddr,
+) -> Result<(Message, Instant), ClientError> {
     match events.recv().await {
         Some((Message::Error { code, message }, _)) => Err(ClientError::Refused { addr, code, message }),
         Some(e) => Ok(e),
@@ -396,7 +475,12 @@ pub(crate) async fn first_response(service: ServiceEndpoint, line: String) -> Re
             match service::request_line(&service, &line, Duration::from_secs(120)) {
                 Ok(a) => return Ok(a),
                 // The relay is the cloudlet's and the token its own: retrying changes nothing.
-                Err(e @ (service::ServiceError::Tls { .. } | service::ServiceError::NoEndpoint | service::ServiceError::BadAddress(_) | service::ServiceError::BadFingerprint(_))) => return Err(e.to_string()),
+                Err(
+                    e @ (service::ServiceError::Tls { .. }
+                    | service::ServiceError::NoEndpoint
+                    | service::ServiceError::BadAddress(_)
+                    | service::ServiceError::BadFingerprint(_)),
+                ) => return Err(e.to_string()),
                 Err(e) if t.elapsed() > Duration::from_secs(60) => return Err(e.to_string()),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }

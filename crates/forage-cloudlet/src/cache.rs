@@ -15,7 +15,6 @@ use forage_state::{NewCacheEntry, State};
 use forage_synth::BaseVm;
 use forage_vm::Snapshot;
 
-
 /// The overlay's manifest (zstd CBOR, as in the overlay): service, and the parent of
 /// residues made from this launch VM.
 const MANIFEST_FILE: &str = "overlay-manifest.zst";
@@ -89,14 +88,23 @@ impl LaunchCache {
 
     /// Keep the finished launch VM folder `launch` (moved, not copied).
     pub fn store_dir(&self, digest: &str, base: &BaseVm, launch: &Path, manifest: &Manifest) {
-        if let Err(e) = self.try_store(digest, base, manifest, |snapshot| std::fs::rename(launch, snapshot).map_err(|e| e.to_string())) {
+        if let Err(e) = self
+            .try_store(digest, base, manifest, |snapshot| std::fs::rename(launch, snapshot).map_err(|e| e.to_string()))
+        {
             tracing::warn!("launch VM {digest} not cached: {e}");
         }
     }
 
     /// Build the launch VM from a complete overlay file (an early-start session's copy of
     /// what arrived) in the background, then keep it; the overlay file is removed.
-    pub fn store_overlay(self: &std::sync::Arc<Self>, digest: String, base: BaseVm, overlay: PathBuf, manifest: Manifest, accel: forage_vm::Accel) {
+    pub fn store_overlay(
+        self: &std::sync::Arc<Self>,
+        digest: String,
+        base: BaseVm,
+        overlay: PathBuf,
+        manifest: Manifest,
+        accel: forage_vm::Accel,
+    ) {
         let cache = self.clone();
         tokio::task::spawn_blocking(move || {
             let result = cache.try_store(&digest, &base, &manifest, |snapshot| {
@@ -109,7 +117,13 @@ impl LaunchCache {
         });
     }
 
-    fn try_store(&self, digest: &str, base: &BaseVm, manifest: &Manifest, build: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), String> {
+    fn try_store(
+        &self,
+        digest: &str,
+        base: &BaseVm,
+        manifest: &Manifest,
+        build: impl FnOnce(&Path) -> Result<(), String>,
+    ) -> Result<(), String> {
         if !self.enabled() {
             return Ok(());
         }
@@ -130,7 +144,12 @@ impl LaunchCache {
         }
         let bytes = allocated_bytes(&target);
         self.state
-            .cache_put(&NewCacheEntry { overlay_digest: digest.into(), base_digest: base.digest().into(), dir: target, bytes })
+            .cache_put(&NewCacheEntry {
+                overlay_digest: digest.into(),
+                base_digest: base.digest().into(),
+                dir: target,
+                bytes,
+            })
             .map_err(|e| e.to_string())?;
         tracing::info!(digest, bytes, "launch VM cached");
         self.trim();

@@ -41,7 +41,10 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> SessionError {
 }
 
 /// The next message of protocol `P`, or a timeout after `wait`.
-pub(crate) async fn next<P: Protocol>(stream: &mut (impl AsyncRead + Unpin), wait: Duration) -> Result<P, SessionError> {
+pub(crate) async fn next<P: Protocol>(
+    stream: &mut (impl AsyncRead + Unpin),
+    wait: Duration,
+) -> Result<P, SessionError> {
     match tokio::time::timeout(wait, read::<P>(stream)).await {
         Ok(m) => Ok(m?),
         Err(_) => Err(SessionError::Timeout(wait)),

@@ -12,6 +12,7 @@
 //! `lib, session, peer -> synthesis, provision -> handoff -> instance, cache -> error`.
 
 mod cache;
+mod cloudlet;
 mod error;
 mod handoff;
 pub(crate) mod instance;
@@ -21,7 +22,6 @@ mod provision;
 mod recover;
 mod session;
 mod synthesis;
-mod cloudlet;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,13 +31,12 @@ use forage_proto::{ErrorCode, PairingMessage, PeerMessage, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use cache::LaunchCache;
+pub use cloudlet::{Cloudlet, CloudletError, DeviceStream};
 pub use error::SessionError;
 pub use handoff::{HandoffError, HandoffFailure, HandoffOptions};
 pub use limits::{raise_fd_limit, Limits};
 pub use peer::peer;
 pub use session::session;
-pub use cloudlet::{Cloudlet, CloudletError, DeviceStream};
-
 
 /// Adopt what a previous daemon left running, then accept connections until the process
 /// ends. Each is a TLS 1.3 handshake (the peer's certificate checked against this
@@ -92,7 +91,9 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, c: &Cloudlet) {
     let mut stream = match tokio::time::timeout(c.limits.handshake, handshake).await {
         Err(_) => return tracing::debug!(%peer_addr, "refused: no TLS handshake within {:?}", c.limits.handshake),
         Ok(Ok(s)) => s,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return tracing::debug!(%peer_addr, "connection closed before TLS (a reachability probe)"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return tracing::debug!(%peer_addr, "connection closed before TLS (a reachability probe)")
+        }
         Ok(Err(e)) => return tracing::warn!(%peer_addr, "refused: TLS handshake failed: {e}"),
     };
     let who = stream.get_ref().1.peer_certificates().and_then(|p| p.first()).and_then(forage_trust::peer_identity);
@@ -107,11 +108,17 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, c: &Cloudlet) {
         Ok(s) => s,
         Err(full) => {
             let why = match full {
-                limits::Full::All(n) => format!("cloudlet {} runs its maximum of {n} sessions: try again later", c.name),
+                limits::Full::All(n) => {
+                    format!("cloudlet {} runs its maximum of {n} sessions: try again later", c.name)
+                }
                 limits::Full::This(n) => format!("{name} already has {n} sessions open on cloudlet {}", c.name),
             };
             tracing::warn!(%peer_addr, name, "session refused: {why}");
-            let _ = forage_proto::asynchronous::write(&mut stream, &forage_proto::DeviceMessage::Error { code: ErrorCode::Busy, message: why }).await;
+            let _ = forage_proto::asynchronous::write(
+                &mut stream,
+                &forage_proto::DeviceMessage::Error { code: ErrorCode::Busy, message: why },
+            )
+            .await;
             return;
         }
     };
@@ -141,9 +148,15 @@ async fn connection(tcp: TcpStream, peer_addr: SocketAddr, c: &Cloudlet) {
 async fn pair(mut stream: DeviceStream, peer: SocketAddr, cloudlet: &Cloudlet) -> Result<String, PairError> {
     use forage_proto::asynchronous::{read_frame, write};
     let refuse = |code: ErrorCode, message: String| PairingMessage::Error { code, message };
-    let first = tokio::time::timeout(cloudlet.peer_wait, read_frame(&mut stream)).await.map_err(|_| PairError::Silent)?.map_err(PairError::Wire)?;
+    let first = tokio::time::timeout(cloudlet.peer_wait, read_frame(&mut stream))
+        .await
+        .map_err(|_| PairError::Silent)?
+        .map_err(PairError::Wire)?;
     let Ok(PairingMessage::PairRequest { secret, name, csr }) = forage_proto::decode::<PairingMessage>(&first) else {
-        let why = format!("this device is not paired with cloudlet {}: pair first (`forage pair --cloudlet ADDR --code CODE`)", cloudlet.name);
+        let why = format!(
+            "this device is not paired with cloudlet {}: pair first (`forage pair --cloudlet ADDR --code CODE`)",
+            cloudlet.name
+        );
         let _ = write(&mut stream, &refuse(ErrorCode::Unpaired, why)).await;
         return Err(PairError::Unpaired(forage_proto::frame::kind_of(&first).unwrap_or(0)));
     };
@@ -151,13 +164,16 @@ async fn pair(mut stream: DeviceStream, peer: SocketAddr, cloudlet: &Cloudlet) -
         .pairing_guard
         .check(peer.ip())
         .and_then(|()| forage_trust::check_peer_name(&name).map(|_| ()))
-        .and_then(|()| {
-            cloudlet.trust.redeem(&secret).inspect_err(|_| cloudlet.pairing_guard.failed(peer.ip()))
-        })
+        .and_then(|()| cloudlet.trust.redeem(&secret).inspect_err(|_| cloudlet.pairing_guard.failed(peer.ip())))
         .and_then(|grant| cloudlet.trust.issue_for_csr(&csr, &name, grant.kind, grant.valid()));
     match granted {
         Ok((cert, issued)) => {
-            let m = PairingMessage::PairGranted { cloudlet: cloudlet.name.clone(), ca: cloudlet.trust.ca_der().to_vec(), cert: cert.to_vec(), not_after_unix: issued.not_after_unix };
+            let m = PairingMessage::PairGranted {
+                cloudlet: cloudlet.name.clone(),
+                ca: cloudlet.trust.ca_der().to_vec(),
+                cert: cert.to_vec(),
+                not_after_unix: issued.not_after_unix,
+            };
             write(&mut stream, &m).await.map_err(PairError::Wire)?;
             Ok(format!("{name} ({:?})", issued.kind))
         }

@@ -28,7 +28,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { connections: 512, connections_per_source: 32, handshake: Duration::from_secs(10), sessions: 64, sessions_per_peer: 8, vm: forage_vm::HostCapacity::detect() }
+        Self {
+            connections: 512,
+            connections_per_source: 32,
+            handshake: Duration::from_secs(10),
+            sessions: 64,
+            sessions_per_peer: 8,
+            vm: forage_vm::HostCapacity::detect(),
+        }
     }
 }
 
@@ -114,7 +121,7 @@ pub fn raise_fd_limit() -> u64 {
     if let Some(hard) = l.maximum {
         if l.current.is_none_or(|c| c < hard) {
             l.current = Some(hard);
-            if let Err(e) = setrlimit(Resource::Nofile, l.clone()) {
+            if let Err(e) = setrlimit(Resource::Nofile, l) {
                 tracing::warn!("cannot raise the open-file limit to {hard}: {e}");
             }
         }

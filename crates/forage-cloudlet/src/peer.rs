@@ -13,7 +13,13 @@ use crate::Cloudlet;
 
 /// Serve one peer cloudlet (`name` and `serial` from its certificate); its first frame
 /// (already read) is `first`.
-pub async fn peer(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, name: &str, serial: u64, first: PeerMessage) -> Result<(), SessionError> {
+pub async fn peer(
+    mut stream: crate::DeviceStream,
+    cloudlet: &Cloudlet,
+    name: &str,
+    serial: u64,
+    first: PeerMessage,
+) -> Result<(), SessionError> {
     let id = cloudlet.new_session_id();
     let dir = cloudlet.data.work().join(format!("session-{id}"));
     let result = run(&mut stream, cloudlet, &id, &dir, name, serial, first).await;
@@ -25,15 +31,32 @@ pub async fn peer(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, name: &s
     result.map(|_| ())
 }
 
-async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, dir: &std::path::Path, name: &str, serial: u64, first: PeerMessage) -> Result<crate::instance::Outcome, SessionError> {
+async fn run(
+    stream: &mut crate::DeviceStream,
+    cloudlet: &Cloudlet,
+    id: &str,
+    dir: &std::path::Path,
+    name: &str,
+    serial: u64,
+    first: PeerMessage,
+) -> Result<crate::instance::Outcome, SessionError> {
     let PeerMessage::PeerHello { versions, cloudlet: theirs } = first else {
         return Err(SessionError::Sequence { expected: "PeerHello", got: first.name() });
     };
-    let is_cloudlet = cloudlet.trust.issued().iter().any(|i| i.serial == serial && i.kind == forage_trust::PeerKind::Cloudlet && i.revoked_unix.is_none());
+    let is_cloudlet = cloudlet
+        .trust
+        .issued()
+        .iter()
+        .any(|i| i.serial == serial && i.kind == forage_trust::PeerKind::Cloudlet && i.revoked_unix.is_none());
     if !is_cloudlet {
-        return Err(refused(ErrorCode::Unpaired, format!("{name} is paired as a device: only cloudlets paired with `--as-cloudlet` may hand off VMs")));
+        return Err(refused(
+            ErrorCode::Unpaired,
+            format!("{name} is paired as a device: only cloudlets paired with `--as-cloudlet` may hand off VMs"),
+        ));
     }
-    let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("peer speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
+    let version = negotiate(versions).ok_or_else(|| {
+        refused(ErrorCode::Version, format!("peer speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}"))
+    })?;
     write(stream, &PeerMessage::PeerWelcome { version, cloudlet: cloudlet.name.clone() }).await?;
     let begin = match next::<PeerMessage>(stream, cloudlet.peer_wait).await {
         Ok(PeerMessage::HandoffBegin(b)) => b,

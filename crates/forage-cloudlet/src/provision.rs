@@ -51,12 +51,7 @@ pub(crate) async fn run(
         Provision::Script { .. } => SessionMode::OnDemand,
         Provision::App { .. } => SessionMode::AppVirtualization,
     };
-    tracing::info!(
-        session = place.id,
-        device,
-        mechanism = request.mechanism(),
-        "provisioning session"
-    );
+    tracing::info!(session = place.id, device, mechanism = request.mechanism(), "provisioning session");
     let what = match &request {
         Provision::CachedVm { service, .. } => service.clone(),
         Provision::Push { app } => app.clone(),
@@ -74,7 +69,10 @@ pub(crate) async fn run(
         tracing::warn!("session {} not recorded: {e}", place.id);
     }
     if let Provision::Script { port: AGENT_PORT, .. } = &request {
-        return Err(refused(ErrorCode::Provision, format!("guest port {AGENT_PORT} is the guest agent's, never a service port")));
+        return Err(refused(
+            ErrorCode::Provision,
+            format!("guest port {AGENT_PORT} is the guest agent's, never a service port"),
+        ));
     }
     match request {
         Provision::CachedVm { service, join } => {
@@ -85,13 +83,7 @@ pub(crate) async fn run(
             let (svc, _) = cloudlet.services.app(&app).map_err(not_found)?;
             cached_vm(stream, place, &svc, false).await
         }
-        Provision::Script {
-            os,
-            port,
-            script,
-            timeout_s,
-            components,
-        } => {
+        Provision::Script { os, port, script, timeout_s, components } => {
             let limit = Duration::from_secs(timeout_s as u64);
             if limit > cloudlet.max_script_time || timeout_s == 0 {
                 return Err(refused(
@@ -121,8 +113,7 @@ pub(crate) async fn run(
             provisioned(stream, place, &baseline, port, setup).await
         }
         Provision::App { package } => {
-            let bundle = AppBundle::open(&package)
-                .map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
+            let bundle = AppBundle::open(&package).map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
             let baseline = match cloudlet.services.baseline(&bundle.manifest.os) {
                 Ok(b) => b,
                 Err(_) => {
@@ -138,26 +129,18 @@ pub(crate) async fn run(
                         format!(
                             "the app was packed on {} and this cloudlet has VMs of {} only",
                             bundle.manifest.os,
-                            if held.is_empty() {
-                                "no OS".into()
-                            } else {
-                                held.join(", ")
-                            }
+                            if held.is_empty() { "no OS".into() } else { held.join(", ") }
                         ),
                     ));
                 }
             };
-            bundle
-                .check_os(&baseline.manifest().os)
-                .map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
+            bundle.check_os(&baseline.manifest().os).map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
             let app_dir = place.dir.join("app");
             bundle.unpack_as_app(&app_dir).map_err(internal)?;
-            let app = AppPackage::open(&app_dir)
-                .map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
+            let app = AppPackage::open(&app_dir).map_err(|e| refused(ErrorCode::Provision, e.to_string()))?;
             let port = bundle.manifest.port;
             let setup = move |agent: &mut AgentClient| {
-                app.install(agent)
-                    .map_err(|e| format!("deploying the app: {e}"))?;
+                app.install(agent).map_err(|e| format!("deploying the app: {e}"))?;
                 wait_listening(agent, port, SERVICE_WAIT)
             };
             provisioned(stream, place, &baseline, port, setup).await
@@ -166,7 +149,12 @@ pub(crate) async fn run(
 }
 
 /// Start a copy-on-write instance of the service VM `svc` (its shim serves the view).
-async fn start_view(place: Place<'_>, svc: &ServiceVm, service_port: Option<u16>, extra: &[u16]) -> Result<Instance, SessionError> {
+async fn start_view(
+    place: Place<'_>,
+    svc: &ServiceVm,
+    service_port: Option<u16>,
+    extra: &[u16],
+) -> Result<Instance, SessionError> {
     let saved = svc.snapshot().map_err(internal)?;
     let ports = Ports { service: service_port, extra, token: None };
     let prepared = prepare(place, Source::View(&saved), &saved.manifest().spec, ports).await?;
@@ -181,19 +169,12 @@ async fn cached_vm(
     join: bool,
 ) -> Result<Outcome, SessionError> {
     let cloudlet = place.cloudlet;
-    let port = svc.manifest().port.ok_or_else(|| {
-        refused(
-            ErrorCode::NotFound,
-            format!("{} is a baseline VM without a service", svc.id()),
-        )
-    })?;
+    let port = svc
+        .manifest()
+        .port
+        .ok_or_else(|| refused(ErrorCode::NotFound, format!("{} is a baseline VM without a service", svc.id())))?;
     if join {
-        let existing = cloudlet
-            .shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(svc.id())
-            .cloned();
+        let existing = cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).get(svc.id()).cloned();
         if let Some(shared) = existing {
             shared.users.fetch_add(1, Ordering::SeqCst);
             tracing::info!(
@@ -203,14 +184,7 @@ async fn cached_vm(
                 "joining the running instance"
             );
             let result = async {
-                write(
-                    stream,
-                    &DeviceMessage::Ready {
-                        service: shared.service.clone(),
-                        resumed_after_ms: 0,
-                    },
-                )
-                .await?;
+                write(stream, &DeviceMessage::Ready { service: shared.service.clone(), resumed_after_ms: 0 }).await?;
                 hold(stream, &shared.control, std::future::pending(), no_usage).await
             }
             .await;
@@ -229,11 +203,7 @@ async fn cached_vm(
             released: Notify::new(),
             control: instance.control.clone(),
         });
-        cloudlet
-            .shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(svc.id().to_string(), s.clone());
+        cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).insert(svc.id().to_string(), s.clone());
         s
     });
     // A shared instance has several devices: it does not move.
@@ -244,23 +214,14 @@ async fn cached_vm(
     if let Some(shared) = shared {
         // The instance lives on while devices that joined it are still there.
         if shared.users.fetch_sub(1, Ordering::SeqCst) > 1 && result.is_ok() {
-            tracing::info!(
-                session = place.id,
-                "devices still use the shared instance: keeping it"
-            );
+            tracing::info!(session = place.id, "devices still use the shared instance: keeping it");
             tokio::select! {
                 _ = shared.released.notified() => {}
                 _ = instance.control.notified() => {}
             }
         }
-        cloudlet
-            .shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(svc.id());
-        shared
-            .control
-            .request(ErrorCode::Internal, "the shared instance ended");
+        cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).remove(svc.id());
+        shared.control.request(ErrorCode::Internal, "the shared instance ended");
     }
     instance.finish(cloudlet).await;
     result.map(|_: Ending| Outcome { bytes: 0 })
@@ -280,19 +241,15 @@ async fn provisioned(
     let result = async {
         let t = Instant::now();
         let setup = tokio::task::spawn_blocking(move || {
-            let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(30))
-                .map_err(|e| format!("guest agent: {e}"))?;
+            let mut agent =
+                AgentClient::connect(agent_addr, Duration::from_secs(30)).map_err(|e| format!("guest agent: {e}"))?;
             setup(&mut agent)
         });
         tokio::select! {
             r = setup => r.expect("no panic").map_err(|e| refused(ErrorCode::Provision, e))?,
             _ = instance.control.notified() => return Err(instance.control.error()),
         }
-        tracing::info!(
-            session = place.id,
-            took_ms = t.elapsed().as_millis() as u64,
-            "provisioned"
-        );
+        tracing::info!(session = place.id, took_ms = t.elapsed().as_millis() as u64, "provisioned");
         instance.touch().await; // idle from now on, not from the resume
         ready_then_live(stream, place, &instance).await
     }
@@ -302,65 +259,39 @@ async fn provisioned(
 }
 
 /// Tell the device where its service is, then the life of a movable instance.
-async fn ready_then_live(stream: &mut crate::DeviceStream, place: Place<'_>, instance: &Instance) -> Result<Ending, SessionError> {
+async fn ready_then_live(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    instance: &Instance,
+) -> Result<Ending, SessionError> {
     write(stream, &instance.ready()).await?;
     instance.control.set_movable(true);
     crate::handoff::live(Some(stream), place, instance).await
 }
 
 /// Tell the device where its service is, then the instance's life.
-async fn ready_then_hold(
-    stream: &mut crate::DeviceStream,
-    instance: &Instance,
-) -> Result<Ending, SessionError> {
+async fn ready_then_hold(stream: &mut crate::DeviceStream, instance: &Instance) -> Result<Ending, SessionError> {
     write(stream, &instance.ready()).await?;
     hold(stream, &instance.control, instance.gone(), no_usage).await
 }
 
 /// Copy the script into the guest and run it there with `limit`; then wait (in what is
 /// left of the limit, at least 5 s) until something listens on `port`.
-fn run_script(
-    agent: &mut AgentClient,
-    script: &[u8],
-    limit: Duration,
-    port: u16,
-) -> Result<(), String> {
+fn run_script(agent: &mut AgentClient, script: &[u8], limit: Duration, port: u16) -> Result<(), String> {
     let t = Instant::now();
     agent
         .put_bytes(script, "/tmp/forage-provision.sh", 0o755)
         .map_err(|e| format!("copying the script into the guest: {e}"))?;
-    let out = agent
-        .exec(&["sh", "/tmp/forage-provision.sh"], limit)
-        .map_err(|e| format!("running the script: {e}"))?;
+    let out = agent.exec(&["sh", "/tmp/forage-provision.sh"], limit).map_err(|e| format!("running the script: {e}"))?;
     if out.timed_out {
-        return Err(format!(
-            "the provisioning script ran over its time limit of {}s and was killed",
-            limit.as_secs()
-        ));
+        return Err(format!("the provisioning script ran over its time limit of {}s and was killed", limit.as_secs()));
     }
     if out.code != 0 {
-        let tail: String = out
-            .stderr
-            .lines()
-            .rev()
-            .take(3)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join(" | ");
-        return Err(format!(
-            "the provisioning script exited with {}: {tail}",
-            out.code
-        ));
+        let tail: String =
+            out.stderr.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ");
+        return Err(format!("the provisioning script exited with {}: {tail}", out.code));
     }
-    wait_listening(
-        agent,
-        port,
-        limit
-            .saturating_sub(t.elapsed())
-            .max(Duration::from_secs(5)),
-    )
+    wait_listening(agent, port, limit.saturating_sub(t.elapsed()).max(Duration::from_secs(5)))
 }
 
 /// Until a TCP connect to `port` inside the guest succeeds.
@@ -372,8 +303,5 @@ fn wait_listening(agent: &mut AgentClient, port: u16, wait: Duration) -> Result<
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!(
-        "nothing listens on guest port {port} after {}s",
-        wait.as_secs()
-    ))
+    Err(format!("nothing listens on guest port {port} after {}s", wait.as_secs()))
 }

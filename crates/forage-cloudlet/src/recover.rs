@@ -47,7 +47,8 @@ async fn adopt(cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Instance, St
     }
     let shim = ShimClient::connect(&file.shim).await.map_err(|e| format!("its shim: {e}"))?;
     let log = dir.join("run").join("qemu.log");
-    let vm = Vm::adopt(file.spec.clone(), file.accel, file.qemu_pid, &log).await.map_err(|e| format!("its QEMU: {e}"))?;
+    let vm =
+        Vm::adopt(file.spec.clone(), file.accel, file.qemu_pid, &log).await.map_err(|e| format!("its QEMU: {e}"))?;
     let saved = match &file.saved {
         Some(d) => Some(Snapshot::open(d).map_err(|e| format!("its saved VM: {e}"))?),
         None => None,
@@ -72,7 +73,9 @@ async fn life(cloudlet: Arc<Cloudlet>, instance: Instance, dir: std::path::PathB
 async fn settle_lost(cloudlet: &Cloudlet, id: &str, dir: &Path) {
     if let Ok(file) = InstanceFile::read(dir) {
         if let Ok(shim) = ShimClient::connect(&file.shim).await {
-            if let Some(pid) = rustix::process::Pid::from_raw(file.qemu_pid as i32).filter(|_| forage_vm::process::alive(file.qemu_pid)) {
+            if let Some(pid) = rustix::process::Pid::from_raw(file.qemu_pid as i32)
+                .filter(|_| forage_vm::process::alive(file.qemu_pid))
+            {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::Kill);
             }
             let _ = shim.shutdown().await;
@@ -90,11 +93,17 @@ async fn settle_lost(cloudlet: &Cloudlet, id: &str, dir: &Path) {
 /// Session folders of daemons that are gone (crashed or killed) that no running instance
 /// uses: their mounts and files.
 pub(crate) fn sweep_dead_sessions(cloudlet: &Cloudlet) {
-    let in_use: Vec<std::path::PathBuf> = cloudlet.state.list_instances(true).map(|v| v.into_iter().map(|i| i.dir).collect()).unwrap_or_default();
+    let in_use: Vec<std::path::PathBuf> =
+        cloudlet.state.list_instances(true).map(|v| v.into_iter().map(|i| i.dir).collect()).unwrap_or_default();
     for entry in std::fs::read_dir(cloudlet.data.work()).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("session-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() && !in_use.contains(&entry.path()) {
+        let Some(pid) =
+            name.strip_prefix("session-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() && !in_use.contains(&entry.path())
+        {
             tracing::info!("removing {} left by a daemon that is gone", entry.path().display());
             unmount_session(&entry.path());
             let _ = std::fs::remove_dir_all(entry.path());

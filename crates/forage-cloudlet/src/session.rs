@@ -24,11 +24,21 @@ pub async fn session(stream: crate::DeviceStream, cloudlet: &Cloudlet, device: &
 }
 
 /// [`session`], whose first frame (its Hello) was read already.
-pub(crate) async fn session_from(stream: crate::DeviceStream, cloudlet: &Cloudlet, device: &str, first: &[u8]) -> Result<(), SessionError> {
+pub(crate) async fn session_from(
+    stream: crate::DeviceStream,
+    cloudlet: &Cloudlet,
+    device: &str,
+    first: &[u8],
+) -> Result<(), SessionError> {
     session_with(stream, cloudlet, device, Some(first)).await
 }
 
-async fn session_with(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, device: &str, first: Option<&[u8]>) -> Result<(), SessionError> {
+async fn session_with(
+    mut stream: crate::DeviceStream,
+    cloudlet: &Cloudlet,
+    device: &str,
+    first: Option<&[u8]>,
+) -> Result<(), SessionError> {
     let id = cloudlet.new_session_id();
     let dir = cloudlet.data.work().join(format!("session-{id}"));
     let result = run(&mut stream, cloudlet, &id, &dir, device, first).await;
@@ -40,7 +50,14 @@ async fn session_with(mut stream: crate::DeviceStream, cloudlet: &Cloudlet, devi
     result.map(|_| ())
 }
 
-async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, dir: &Path, identity: &str, first: Option<&[u8]>) -> Result<Outcome, SessionError> {
+async fn run(
+    stream: &mut crate::DeviceStream,
+    cloudlet: &Cloudlet,
+    id: &str,
+    dir: &Path,
+    identity: &str,
+    first: Option<&[u8]>,
+) -> Result<Outcome, SessionError> {
     // Hello -> Welcome: pick a base we hold, and see whether the launch VM is cached.
     let hello = match first {
         Some(f) => forage_proto::decode::<DeviceMessage>(f)?,
@@ -55,23 +72,38 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
     // Records name the device by its certificate; what it calls itself comes after (and
     // reaches logs and records: plain, short).
     if device.len() > 64 || device.chars().any(|c| c.is_control()) {
-        return Err(refused(ErrorCode::Protocol, "the device's name in Hello is over 64 bytes or holds control characters"));
+        return Err(refused(
+            ErrorCode::Protocol,
+            "the device's name in Hello is over 64 bytes or holds control characters",
+        ));
     }
     if offers.len() > 16 {
         return Err(refused(ErrorCode::Protocol, format!("{} overlays offered at once (at most 16)", offers.len())));
     }
     let device = format!("{identity} ({device})");
-    let version = negotiate(versions).ok_or_else(|| refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}")))?;
+    let version = negotiate(versions).ok_or_else(|| {
+        refused(ErrorCode::Version, format!("device speaks {versions:?}, cloudlet {VERSION_MIN}..={VERSION_MAX}"))
+    })?;
     let held: Vec<BaseVm> = BaseVm::list(&cloudlet.data).into_iter().filter_map(|(_, b)| b.ok()).collect();
     let chosen = offers.iter().find_map(|o| held.iter().find(|b| b.digest() == o.base_digest).map(|b| (o, b)));
-    let missing = offers.iter().filter(|o| !held.iter().any(|b| b.digest() == o.base_digest)).map(|o| o.base_digest.clone()).collect();
+    let missing = offers
+        .iter()
+        .filter(|o| !held.iter().any(|b| b.digest() == o.base_digest))
+        .map(|o| o.base_digest.clone())
+        .collect();
     // The signature first: whether this cloudlet has an overlay's launch VM cached is not
     // told (nor is the VM started) for an overlay it would refuse.
     if let Some((offer, _)) = chosen {
         synthesis::check_signature(cloudlet, offer)?;
     }
     let cached = chosen.and_then(|(o, _)| cloudlet.cache.lookup(&o.overlay_digest));
-    let welcome = DeviceMessage::Welcome { version, cloudlet: cloudlet.name.clone(), chosen: chosen.map(|(_, b)| b.digest().to_string()), missing, cached: cached.is_some() };
+    let welcome = DeviceMessage::Welcome {
+        version,
+        cloudlet: cloudlet.name.clone(),
+        chosen: chosen.map(|(_, b)| b.digest().to_string()),
+        missing,
+        cached: cached.is_some(),
+    };
     write(stream, &welcome).await?;
     if offers.is_empty() {
         // No overlay: the app store, then one of the other provisioning mechanisms.
@@ -79,17 +111,21 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
             match next::<DeviceMessage>(stream, cloudlet.peer_wait).await? {
                 DeviceMessage::Provision { request } => break request,
                 DeviceMessage::ListApps { platform } => {
-                    let apps = cloudlet.services.apps(platform.as_deref()).into_iter().map(|(s, a)| s.app_info(&a)).collect();
+                    let apps =
+                        cloudlet.services.apps(platform.as_deref()).into_iter().map(|(s, a)| s.app_info(&a)).collect();
                     write(stream, &DeviceMessage::Apps { apps }).await?;
                 }
                 DeviceMessage::GetApp { id } => {
-                    let (svc, app) = cloudlet.services.app(&id).map_err(|e| refused(ErrorCode::NotFound, e.to_string()))?;
+                    let (svc, app) =
+                        cloudlet.services.app(&id).map_err(|e| refused(ErrorCode::NotFound, e.to_string()))?;
                     let bytes = tokio::fs::read(svc.app_path(&app)).await.map_err(internal)?;
                     write(stream, &DeviceMessage::AppFile { id, file: app.file.clone(), bytes }).await?;
                 }
                 // The device only looked at the app store.
                 DeviceMessage::Bye => return Ok(Outcome { bytes: 0 }),
-                other => return Err(SessionError::Sequence { expected: "Provision, ListApps or GetApp", got: other.name() }),
+                other => {
+                    return Err(SessionError::Sequence { expected: "Provision, ListApps or GetApp", got: other.name() })
+                }
             }
         };
         std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
@@ -106,7 +142,13 @@ async fn run(stream: &mut crate::DeviceStream, cloudlet: &Cloudlet, id: &str, di
         (None, false) => SessionMode::Pipelined,
     };
     tracing::info!(session = id, device, base = %base.manifest().name, mode = mode.as_str(), "synthesis session");
-    let record = NewSession { id: id.into(), device: device.clone(), base_digest: base.digest().into(), overlay_digest: offer.overlay_digest.clone(), mode };
+    let record = NewSession {
+        id: id.into(),
+        device: device.clone(),
+        base_digest: base.digest().into(),
+        overlay_digest: offer.overlay_digest.clone(),
+        mode,
+    };
     if let Err(e) = cloudlet.state.session_started(&record) {
         tracing::warn!("session {id} not recorded: {e}");
     }

@@ -12,7 +12,11 @@ use common::*;
 async fn accepting_survives_running_out_of_descriptors() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let rig = Rig::new("fds", |c| {
-        c.set_limits(forage_cloudlet::Limits { connections_per_source: 10_000, connections: 10_000, ..Default::default() });
+        c.set_limits(forage_cloudlet::Limits {
+            connections_per_source: 10_000,
+            connections: 10_000,
+            ..Default::default()
+        });
     })
     .await;
     rig.still_serves().await;

@@ -25,20 +25,29 @@ async fn handoff_destination_refuses_what_it_would_not_build() {
     let good = forage_testkit::synthetic::describe_snapshot_of(&rig.dir.path().join("peer-vm")).manifest().clone();
     let before = rig.outside_data();
     type Lie<'a> = Box<dyn Fn(&mut forage_vm::snapshot::SnapshotManifest) + 'a>;
-    let lies: Vec<(&str, Lie)> = vec![
-        ("an absolute memory file", Box::new(|m: &mut forage_vm::snapshot::SnapshotManifest| m.memory.file = victim.to_string_lossy().into())),
+    let lies: Vec<(&str, Lie<'_>)> = vec![
+        (
+            "an absolute memory file",
+            Box::new(|m: &mut forage_vm::snapshot::SnapshotManifest| m.memory.file = victim.to_string_lossy().into()),
+        ),
         ("a disk file that climbs out", Box::new(|m| m.disks[0].file = "../../../victim".into())),
-        ("a second disk only in the spec", Box::new(|m| {
-            let mut d = m.spec.disks[0].clone();
-            d.path = "/etc/shadow".into();
-            m.spec.disks.push(d);
-        })),
+        (
+            "a second disk only in the spec",
+            Box::new(|m| {
+                let mut d = m.spec.disks[0].clone();
+                d.path = "/etc/shadow".into();
+                m.spec.disks.push(d);
+            }),
+        ),
         ("a qcow2 disk", Box::new(|m| m.spec.disks[0].format = forage_vm::DiskFormat::Qcow2)),
         ("4096 vCPUs", Box::new(|m| m.spec.vcpus = 4096)),
-        ("a terabyte of memory", Box::new(|m| {
-            m.spec.memory_mib = 1 << 20;
-            m.memory.size = 1 << 40;
-        })),
+        (
+            "a terabyte of memory",
+            Box::new(|m| {
+                m.spec.memory_mib = 1 << 20;
+                m.memory.size = 1 << 40;
+            }),
+        ),
         ("a 2 TiB disk", Box::new(|m| m.disks[0].size = 2 << 40)),
         ("another machine type", Box::new(|m| m.spec.machine = "microvm".into())),
         ("a CPU model", Box::new(|m| m.spec.cpu_model = Some("host".into()))),
@@ -49,10 +58,19 @@ async fn handoff_destination_refuses_what_it_would_not_build() {
         lie(&mut m);
         let mut s = forage_client::connect(rig.addr, &peer, None).await.unwrap();
         assert!(matches!(peer_hello(&mut s).await, PeerMessage::PeerWelcome { .. }));
-        let begin = HandoffBegin { instance: "i".into(), base_state_sha256: m.state.sha256.clone(), vm: serde_json::to_vec(&m).unwrap(), service_port: Some(8080), extra_ports: vec![], service_token: String::new() };
+        let begin = HandoffBegin {
+            instance: "i".into(),
+            base_state_sha256: m.state.sha256.clone(),
+            vm: serde_json::to_vec(&m).unwrap(),
+            service_port: Some(8080),
+            extra_ports: vec![],
+            service_token: String::new(),
+        };
         write(&mut s, &PeerMessage::HandoffBegin(begin)).await.unwrap();
         match read::<PeerMessage>(&mut s).await.unwrap() {
-            PeerMessage::Error { code: ErrorCode::Handoff, message } => assert!(message.contains("VM description"), "{what}: {message}"),
+            PeerMessage::Error { code: ErrorCode::Handoff, message } => {
+                assert!(message.contains("VM description"), "{what}: {message}")
+            }
             other => panic!("{what}: the destination answered {other:?}"),
         }
     }
@@ -91,7 +109,10 @@ async fn a_device_code_cannot_make_a_cloudlet() {
     keep.save("grant", None, &ca, &cert, &key.serialize_pem(), not_after_unix).unwrap();
     let creds = keep.for_cloudlet(rig.addr, Some("grant")).unwrap().client_config().unwrap();
     let mut s = forage_client::connect(rig.addr, &creds, None).await.unwrap();
-    assert!(matches!(peer_hello(&mut s).await, PeerMessage::Error { code: ErrorCode::Unpaired, .. }), "a device may not open the peer protocol");
+    assert!(
+        matches!(peer_hello(&mut s).await, PeerMessage::Error { code: ErrorCode::Unpaired, .. }),
+        "a device may not open the peer protocol"
+    );
     rig.still_serves().await;
 }
 
@@ -100,7 +121,11 @@ async fn a_device_code_cannot_make_a_cloudlet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_do_not_starve_the_cloudlet() {
     let rig = Rig::new("flood", |c| {
-        c.set_limits(forage_cloudlet::Limits { connections_per_source: 8, handshake: Duration::from_secs(1), ..Default::default() });
+        c.set_limits(forage_cloudlet::Limits {
+            connections_per_source: 8,
+            handshake: Duration::from_secs(1),
+            ..Default::default()
+        });
     })
     .await;
     let mut idle = Vec::new();
@@ -122,7 +147,10 @@ async fn idle_connections_do_not_starve_the_cloudlet() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for s in idle.iter_mut() {
         let mut b = [0u8; 1];
-        assert!(matches!(tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await, Ok(Ok(0) | Err(_))), "an idle connection is still open");
+        assert!(
+            matches!(tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await, Ok(Ok(0) | Err(_))),
+            "an idle connection is still open"
+        );
     }
     rig.still_serves().await;
 }
@@ -131,9 +159,17 @@ async fn idle_connections_do_not_starve_the_cloudlet() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_port_is_never_a_service() {
     let rig = Rig::new("agent", |_| {}).await;
-    let script = Provision::Script { os: "linux-x86_64".into(), port: forage_agent::AGENT_PORT, script: b"true".to_vec(), timeout_s: 10, components: vec![] };
+    let script = Provision::Script {
+        os: "linux-x86_64".into(),
+        port: forage_agent::AGENT_PORT,
+        script: b"true".to_vec(),
+        timeout_s: 10,
+        components: vec![],
+    };
     match forage_client::provision(rig.addr, &rig.device, "t", script, None).await {
-        Err(forage_client::ClientError::Refused { code: ErrorCode::Provision, message, .. }) => assert!(message.contains("guest agent"), "{message}"),
+        Err(forage_client::ClientError::Refused { code: ErrorCode::Provision, message, .. }) => {
+            assert!(message.contains("guest agent"), "{message}")
+        }
         other => panic!("{:?}", other.map(|r| r.0)),
     }
     rig.still_serves().await;
@@ -147,7 +183,12 @@ async fn overlay_urls_cannot_reach_inside() {
     let rig = Rig::new("ssrf", |_| {}).await;
     let (_, ovl) = forage_testkit::synthetic::make_overlay(&rig.data, "ssrf-base", rig.dir.path());
     let offer = offer_for(&ovl);
-    for url in [format!("http://127.0.0.1:{}/x.ovl", server.port), format!("https://127.0.0.1:{}/x.ovl", server.port), format!("https://169.254.169.254/latest"), "file:///etc/passwd".to_string()] {
+    for url in [
+        format!("http://127.0.0.1:{}/x.ovl", server.port),
+        format!("https://127.0.0.1:{}/x.ovl", server.port),
+        "https://169.254.169.254/latest".to_string(),
+        "file:///etc/passwd".to_string(),
+    ] {
         let message = url_refusal(&rig, &offer, &url).await;
         assert!(message.contains("https") || message.contains("not allowed"), "{url}: {message}");
     }
@@ -155,7 +196,8 @@ async fn overlay_urls_cannot_reach_inside() {
     // An operator who lists loopback and allows http: still no redirects, and nothing of
     // what the server answered comes back.
     let rig = Rig::new("ssrf-listed", |c| {
-        c.fetch_policy = forage_remote::FetchPolicy { allow_http: true, allow: vec!["127.0.0.1/32".parse().unwrap()], any: false };
+        c.fetch_policy =
+            forage_remote::FetchPolicy { allow_http: true, allow: vec!["127.0.0.1/32".parse().unwrap()], any: false };
     })
     .await;
     forage_testkit::synthetic::make_overlay(&rig.data, "ssrf-base", rig.dir.path());
@@ -183,7 +225,9 @@ async fn a_manifest_bomb_is_refused_early() {
     assert!(matches!(hello(&mut s, vec![offer]).await, Message::Welcome { chosen: Some(_), .. }));
     write(&mut s, &Message::Manifest { bytes: prefix }).await.unwrap();
     match read::<Message>(&mut s).await.unwrap() {
-        Message::Error { code: ErrorCode::BadOverlay, message } => assert!(message.contains("over the limit"), "{message}"),
+        Message::Error { code: ErrorCode::BadOverlay, message } => {
+            assert!(message.contains("over the limit"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
     assert!(t.elapsed() < Duration::from_secs(5));
@@ -198,9 +242,17 @@ async fn the_disk_is_not_filled_by_a_device() {
     let (_, ovl) = forage_testkit::synthetic::make_overlay(&rig.data, "fill-base", rig.dir.path());
     let reader = forage_format::OverlayReader::open(std::fs::File::open(&ovl).unwrap()).unwrap();
     let manifest = reader.manifest().clone();
-    let prefix = std::fs::read(&ovl).unwrap()[..forage_format::container::HEADER_LEN + reader.header().manifest_len as usize].to_vec();
+    let prefix = std::fs::read(&ovl).unwrap()
+        [..forage_format::container::HEADER_LEN + reader.header().manifest_len as usize]
+        .to_vec();
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
-    let hello_msg = Message::Hello { versions: (2, 2), device: "d".into(), offers: vec![offer_for(&ovl)], early_start: false, store_and_forward: true };
+    let hello_msg = Message::Hello {
+        versions: (2, 2),
+        device: "d".into(),
+        offers: vec![offer_for(&ovl)],
+        early_start: false,
+        store_and_forward: true,
+    };
     write(&mut s, &hello_msg).await.unwrap();
     assert!(matches!(read::<Message>(&mut s).await.unwrap(), Message::Welcome { chosen: Some(_), .. }));
     write(&mut s, &Message::Manifest { bytes: prefix }).await.unwrap();
@@ -215,14 +267,20 @@ async fn the_disk_is_not_filled_by_a_device() {
     // A work folder on a small file system: refused with what it needs and what is free.
     let tiny = rig.data.work();
     std::fs::create_dir_all(&tiny).unwrap();
-    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]).arg(&tiny).status().is_ok_and(|s| s.success());
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&tiny)
+        .status()
+        .is_ok_and(|s| s.success());
     if !mounted {
         eprintln!("skipped the free-space part: cannot mount a tmpfs (needs root)");
         return;
     }
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
     hello(&mut s, vec![offer_for(&ovl)]).await;
-    let prefix = std::fs::read(&ovl).unwrap()[..forage_format::container::HEADER_LEN + reader.header().manifest_len as usize].to_vec();
+    let prefix = std::fs::read(&ovl).unwrap()
+        [..forage_format::container::HEADER_LEN + reader.header().manifest_len as usize]
+        .to_vec();
     write(&mut s, &Message::Manifest { bytes: prefix }).await.unwrap();
     let answer = read::<Message>(&mut s).await.unwrap();
     let _ = std::process::Command::new("umount").arg(&tiny).status();
@@ -247,7 +305,9 @@ async fn wrong_codes_lock_out_their_source_only() {
     // The right code, from the guesser: refused unheard.
     let m = pair_from(rig.addr, prefix, guesser, secret.clone(), "late").await;
     match m {
-        PairingMessage::Error { code: ErrorCode::Pairing, message } => assert!(message.contains("too many"), "{message}"),
+        PairingMessage::Error { code: ErrorCode::Pairing, message } => {
+            assert!(message.contains("too many"), "{message}")
+        }
         other => panic!("{other:?}"),
     }
     // From elsewhere: the code still works (nobody else's codes were voided).
@@ -263,12 +323,20 @@ async fn names_are_plain_and_held_once() {
         let code = rig.cloudlet.trust.new_code(Grant::default()).unwrap();
         let (prefix, secret) = forage_trust::PairingCode::parse(&code.text).unwrap();
         match pair_from(rig.addr, prefix, "127.0.0.1".parse().unwrap(), secret, name).await {
-            PairingMessage::Error { code: ErrorCode::Pairing, message } => assert!(message.contains(want), "{name:?}: {message}"),
+            PairingMessage::Error { code: ErrorCode::Pairing, message } => {
+                assert!(message.contains(want), "{name:?}: {message}")
+            }
             other => panic!("{name:?}: {other:?}"),
         }
     }
     let mut s = forage_client::connect(rig.addr, &rig.device, None).await.unwrap();
-    let h = Message::Hello { versions: (2, 2), device: "line\nbreak".into(), offers: vec![], early_start: false, store_and_forward: false };
+    let h = Message::Hello {
+        versions: (2, 2),
+        device: "line\nbreak".into(),
+        offers: vec![],
+        early_start: false,
+        store_and_forward: false,
+    };
     write(&mut s, &h).await.unwrap();
     assert!(matches!(read::<Message>(&mut s).await.unwrap(), Message::Error { code: ErrorCode::Protocol, .. }));
     rig.still_serves().await;

@@ -5,30 +5,19 @@
 //! forever, a package with a missing library or for another OS, unknown service, OS or
 //! component, a cloudlet that is gone, an idle instance. After each, nothing is left.
 
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forage_testkit::guest::*;
 use forage_client::{provision, ClientError};
 use forage_proto::{ErrorCode, Provision};
 use forage_service::appvirt::AppBundle;
+use forage_testkit::guest::*;
 
 fn forage(args: &[&str]) -> String {
-    let out = Command::new(forage_exe())
-        .arg("--data-dir")
-        .arg(data_dir().root())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "forage {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(forage_exe()).arg("--data-dir").arg(data_dir().root()).args(args).output().unwrap();
+    assert!(out.status.success(), "forage {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -67,15 +56,7 @@ async fn five_mechanisms_share_one_lifecycle() {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let _ = forage_synth::BaseVm::remove(&data, "provtest");
-    forage(&[
-        "base",
-        "create",
-        "provtest",
-        "--image",
-        "tiny",
-        "--settle-s",
-        "3",
-    ]);
+    forage(&["base", "create", "provtest", "--image", "tiny", "--settle-s", "3"]);
     for id in ["prov-hs", "prov-baseline", "prov-cold", "prov-hs-copy"] {
         let _ = forage_service::Repository::new(&data).remove(id);
     }
@@ -95,39 +76,30 @@ async fn five_mechanisms_share_one_lifecycle() {
         &format!("prov-hs-client=any:{}", client.display()),
     ]);
     forage(&["service", "create", "prov-baseline", "--base", "provtest"]);
-    forage(&[
-        "service",
-        "component",
-        "hs",
-        &app_dir.join("hashsearch").to_string_lossy(),
-    ]);
-    let list: serde_json::Value =
-        serde_json::from_str(&forage(&["service", "list", "--json"])).unwrap();
-    assert!(
-        list.as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["id"] == "prov-baseline" && s["baseline"] == true),
-        "{list}"
-    );
+    forage(&["service", "component", "hs", &app_dir.join("hashsearch").to_string_lossy()]);
+    let list: serde_json::Value = serde_json::from_str(&forage(&["service", "list", "--json"])).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|s| s["id"] == "prov-baseline" && s["baseline"] == true), "{list}");
     // Export, import under another id, and a cut package refused with nothing left.
     let pkg = work.join("hs.fsvc");
     forage(&["service", "export", "prov-hs", "-o", &pkg.to_string_lossy()]);
     // Exports are signed; a host with a signers list refuses a package of another signer.
     let signers = data.root().join("trust").join("signers");
     std::fs::write(&signers, format!("{} # someone else\n", "ab".repeat(32))).unwrap();
-    let out = Command::new(forage_exe()).arg("--data-dir").arg(data.root()).args(["service", "import", &pkg.to_string_lossy(), "--id", "prov-refused"]).output().unwrap();
+    let out = Command::new(forage_exe())
+        .arg("--data-dir")
+        .arg(data.root())
+        .args(["service", "import", &pkg.to_string_lossy(), "--id", "prov-refused"])
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "a package of an unlisted signer was imported");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not one this cloudlet accepts"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not one this cloudlet accepts"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let me = forage(&["signer", "show"]);
     std::fs::write(&signers, format!("{} # this host\n", me.trim())).unwrap();
-    forage(&[
-        "service",
-        "import",
-        &pkg.to_string_lossy(),
-        "--id",
-        "prov-hs-copy",
-    ]);
+    forage(&["service", "import", &pkg.to_string_lossy(), "--id", "prov-hs-copy"]);
     std::fs::remove_file(&signers).unwrap();
     let cut = work.join("cut.fsvc");
     let bytes = std::fs::read(&pkg).unwrap();
@@ -135,34 +107,16 @@ async fn five_mechanisms_share_one_lifecycle() {
     let out = Command::new(forage_exe())
         .arg("--data-dir")
         .arg(data.root())
-        .args([
-            "service",
-            "import",
-            &cut.to_string_lossy(),
-            "--id",
-            "prov-cut",
-        ])
+        .args(["service", "import", &cut.to_string_lossy(), "--id", "prov-cut"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cut.fsvc"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(forage_service::Repository::new(&data)
-        .open("prov-cut")
-        .is_err());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cut.fsvc"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(forage_service::Repository::new(&data).open("prov-cut").is_err());
     // Cold boot: the service's disk as a qcow2, booted with the image's kernel.
     let repo = forage_service::Repository::new(&data);
     let disk = work.join("hs.qcow2");
-    let svc_disk = repo
-        .open("prov-hs")
-        .unwrap()
-        .snapshot()
-        .unwrap()
-        .disk_paths()[0]
-        .clone();
+    let svc_disk = repo.open("prov-hs").unwrap().snapshot().unwrap().disk_paths()[0].clone();
     assert!(Command::new("qemu-img")
         .args(["convert", "-q", "-O", "qcow2"])
         .arg(&svc_disk)
@@ -184,13 +138,8 @@ async fn five_mechanisms_share_one_lifecycle() {
     ]);
 
     let accel = forage_vm::accel::detect().accel;
-    let mut c = forage_cloudlet::Cloudlet::open(
-        "prov-cloudlet".into(),
-        data.clone(),
-        accel,
-        Ipv4Addr::LOCALHOST,
-    )
-    .expect("cloudlet");
+    let mut c = forage_cloudlet::Cloudlet::open("prov-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST)
+        .expect("cloudlet");
     c.idle_timeout = Some(Duration::from_secs(4));
     let cloudlet = Arc::new(c);
     pair_with(&cloudlet, "provision-tester");
@@ -205,11 +154,11 @@ async fn five_mechanisms_share_one_lifecycle() {
     let before: Vec<_> = svc_files.iter().map(|p| mtime(p)).collect();
 
     // Cached VM: every instance starts from the service VM's state.
-    let (r, s) = provision(addr, credentials(), "t",
-        Provision::CachedVm {
-            service: "prov-hs".into(),
-            join: false,
-        },
+    let (r, s) = provision(
+        addr,
+        credentials(),
+        "t",
+        Provision::CachedVm { service: "prov-hs".into(), join: false },
         line("search a 8"),
     )
     .await
@@ -217,35 +166,32 @@ async fn five_mechanisms_share_one_lifecycle() {
     assert!(r.answer.as_deref().unwrap().contains("served=2"), "{r:?}");
     assert!(r.payload_bytes < 1024, "{r:?}");
     s.close().await;
-    let (r, s) = provision(addr, credentials(), "t",
-        Provision::CachedVm {
-            service: "prov-hs".into(),
-            join: false,
-        },
+    let (r, s) = provision(
+        addr,
+        credentials(),
+        "t",
+        Provision::CachedVm { service: "prov-hs".into(), join: false },
         line("count"),
     )
     .await
     .expect("cached VM again");
-    assert!(
-        r.answer.as_deref().unwrap().contains("served=1"),
-        "a fresh instance starts from the saved state: {r:?}"
-    );
+    assert!(r.answer.as_deref().unwrap().contains("served=1"), "a fresh instance starts from the saved state: {r:?}");
     // Join: a second device gets the same instance.
     s.close().await;
-    let (r1, s1) = provision(addr, credentials(), "t",
-        Provision::CachedVm {
-            service: "prov-hs".into(),
-            join: true,
-        },
+    let (r1, s1) = provision(
+        addr,
+        credentials(),
+        "t",
+        Provision::CachedVm { service: "prov-hs".into(), join: true },
         line("count"),
     )
     .await
     .expect("shared");
-    let (r2, s2) = provision(addr, credentials(), "t",
-        Provision::CachedVm {
-            service: "prov-hs".into(),
-            join: true,
-        },
+    let (r2, s2) = provision(
+        addr,
+        credentials(),
+        "t",
+        Provision::CachedVm { service: "prov-hs".into(), join: true },
         line("search b 8"),
     )
     .await
@@ -253,36 +199,25 @@ async fn five_mechanisms_share_one_lifecycle() {
     assert_eq!(r1.endpoint, r2.endpoint);
     s1.close().await;
     assert_eq!(r1.service, r2.service, "a device that joins is given the instance's token");
-    let again = forage_client::service::request_line(
-        &r2.service,
-        "count",
-        Duration::from_secs(30),
-    )
-    .expect("the instance lives on while a device that joined holds it");
+    let again = forage_client::service::request_line(&r2.service, "count", Duration::from_secs(30))
+        .expect("the instance lives on while a device that joined holds it");
     assert!(again.contains("served=2"), "{again}");
     s2.close().await;
     assert_cleaned_up(&data).await;
-    assert_eq!(
-        svc_files.iter().map(|p| mtime(p)).collect::<Vec<_>>(),
-        before,
-        "the service VM's files were written"
-    );
+    assert_eq!(svc_files.iter().map(|p| mtime(p)).collect::<Vec<_>>(), before, "the service VM's files were written");
 
     // The imported ones.
     for id in ["prov-hs-copy", "prov-cold"] {
-        let (r, s) = provision(addr, credentials(), "t",
-            Provision::CachedVm {
-                service: id.into(),
-                join: false,
-            },
+        let (r, s) = provision(
+            addr,
+            credentials(),
+            "t",
+            Provision::CachedVm { service: id.into(), join: false },
             line("search c 8"),
         )
         .await
         .unwrap_or_else(|e| panic!("{id}: {e}"));
-        assert!(
-            r.answer.as_deref().unwrap().starts_with("ok "),
-            "{id}: {r:?}"
-        );
+        assert!(r.answer.as_deref().unwrap().starts_with("ok "), "{id}: {r:?}");
         s.close().await;
     }
 
@@ -294,14 +229,10 @@ async fn five_mechanisms_share_one_lifecycle() {
     assert_eq!(file, std::fs::read(&client).unwrap());
     assert_eq!(entry.file, "hs-client.sh");
     assert!(forage_client::get_app(addr, credentials(), "no-such-app").await.is_err());
-    let (r, s) = provision(addr, credentials(), "t",
-        Provision::Push {
-            app: "prov-hs-client".into(),
-        },
-        line("search d 8"),
-    )
-    .await
-    .expect("push");
+    let (r, s) =
+        provision(addr, credentials(), "t", Provision::Push { app: "prov-hs-client".into() }, line("search d 8"))
+            .await
+            .expect("push");
     assert!(r.answer.as_deref().unwrap().starts_with("ok "), "{r:?}");
     s.close().await;
 
@@ -313,31 +244,18 @@ async fn five_mechanisms_share_one_lifecycle() {
         timeout_s: 60,
         components: vec!["hs".into()],
     };
-    let (r, s) = provision(addr, credentials(), "t", script, line("search e 8"))
-        .await
-        .expect("on-demand");
+    let (r, s) = provision(addr, credentials(), "t", script, line("search e 8")).await.expect("on-demand");
     assert!(r.answer.as_deref().unwrap().starts_with("ok "), "{r:?}");
     s.close().await;
 
     // Application virtualization: the dynamically linked build with its closure.
-    let dynamic = forage_image::locate_guest_binary("apps/hashsearch-dynamic/hashsearch")
-        .expect("make guest");
-    let package = forage_service::appvirt::pack(
-        &[dynamic.to_string_lossy().into_owned(), "8080".into()],
-        "hs",
-        8080,
-        None,
-        &[],
-    )
-    .expect("pack");
-    let (r, s) = provision(addr, credentials(), "t",
-        Provision::App {
-            package: package.clone(),
-        },
-        line("search f 8"),
-    )
-    .await
-    .expect("app virtualization");
+    let dynamic = forage_image::locate_guest_binary("apps/hashsearch-dynamic/hashsearch").expect("make guest");
+    let package =
+        forage_service::appvirt::pack(&[dynamic.to_string_lossy().into_owned(), "8080".into()], "hs", 8080, None, &[])
+            .expect("pack");
+    let (r, s) = provision(addr, credentials(), "t", Provision::App { package: package.clone() }, line("search f 8"))
+        .await
+        .expect("app virtualization");
     assert!(r.answer.as_deref().unwrap().starts_with("ok "), "{r:?}");
     assert!(r.payload_bytes > 100_000, "the package travels: {r:?}");
     s.close().await;
@@ -355,52 +273,19 @@ async fn five_mechanisms_share_one_lifecycle() {
     assert_eq!(code, ErrorCode::Provision);
     assert!(msg.contains("time limit"), "{msg}");
     let bundle = AppBundle::open(&package).unwrap();
-    let mut no_libc = AppBundle {
-        manifest: bundle.manifest.clone(),
-        files: bundle.files.clone(),
-    };
-    let i = no_libc
-        .manifest
-        .files
-        .iter()
-        .position(|f| f.path.ends_with("libc.so.6"))
-        .unwrap();
+    let mut no_libc = AppBundle { manifest: bundle.manifest.clone(), files: bundle.files.clone() };
+    let i = no_libc.manifest.files.iter().position(|f| f.path.ends_with("libc.so.6")).unwrap();
     no_libc.manifest.files.remove(i);
     no_libc.files.remove(i);
-    let (code, msg) = refuse(
-        addr,
-        Provision::App {
-            package: no_libc.to_bytes().unwrap(),
-        },
-    )
-    .await;
+    let (code, msg) = refuse(addr, Provision::App { package: no_libc.to_bytes().unwrap() }).await;
     assert_eq!(code, ErrorCode::Provision);
     assert!(msg.contains("libc.so.6"), "{msg}");
-    let mut windows = AppBundle {
-        manifest: bundle.manifest.clone(),
-        files: bundle.files.clone(),
-    };
+    let mut windows = AppBundle { manifest: bundle.manifest.clone(), files: bundle.files.clone() };
     windows.manifest.os = "windows-x86_64".into();
-    let (code, msg) = refuse(
-        addr,
-        Provision::App {
-            package: windows.to_bytes().unwrap(),
-        },
-    )
-    .await;
+    let (code, msg) = refuse(addr, Provision::App { package: windows.to_bytes().unwrap() }).await;
     assert_eq!(code, ErrorCode::Provision);
-    assert!(
-        msg.contains("windows-x86_64") && msg.contains(forage_image::GUEST_OS),
-        "{msg}"
-    );
-    let (code, msg) = refuse(
-        addr,
-        Provision::CachedVm {
-            service: "no-such-service".into(),
-            join: false,
-        },
-    )
-    .await;
+    assert!(msg.contains("windows-x86_64") && msg.contains(forage_image::GUEST_OS), "{msg}");
+    let (code, msg) = refuse(addr, Provision::CachedVm { service: "no-such-service".into(), join: false }).await;
     assert_eq!(code, ErrorCode::NotFound);
     assert!(msg.contains("no-such-service"), "{msg}");
     let other_os = Provision::Script {
@@ -420,30 +305,16 @@ async fn five_mechanisms_share_one_lifecycle() {
     };
     assert_eq!(refuse(addr, no_component).await.0, ErrorCode::NotFound);
     // Idle: nobody uses the service for the idle timeout; the device is told.
-    let (_, mut s) = provision(addr, credentials(), "t",
-        Provision::CachedVm {
-            service: "prov-hs".into(),
-            join: false,
-        },
-        None,
-    )
-    .await
-    .expect("cached VM");
+    let (_, mut s) =
+        provision(addr, credentials(), "t", Provision::CachedVm { service: "prov-hs".into(), join: false }, None)
+            .await
+            .expect("cached VM");
     let t = Instant::now();
-    match tokio::time::timeout(Duration::from_secs(30), s.ended())
-        .await
-        .expect("the idle instance is ended")
-    {
-        forage_client::Ended::Stopped(ClientError::Refused {
-            code: ErrorCode::Idle,
-            ..
-        }) => {}
+    match tokio::time::timeout(Duration::from_secs(30), s.ended()).await.expect("the idle instance is ended") {
+        forage_client::Ended::Stopped(ClientError::Refused { code: ErrorCode::Idle, .. }) => {}
         e => panic!("expected an idle stop, got {e:?}"),
     }
-    assert!(
-        t.elapsed() >= Duration::from_secs(3),
-        "stopped before its idle timeout"
-    );
+    assert!(t.elapsed() >= Duration::from_secs(3), "stopped before its idle timeout");
     assert_cleaned_up(&data).await;
 
     // A cloudlet that is gone between discovery and provisioning.
@@ -453,14 +324,8 @@ async fn five_mechanisms_share_one_lifecycle() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    match provision(gone, credentials(), "t",
-        Provision::CachedVm {
-            service: "prov-hs".into(),
-            join: false,
-        },
-        None,
-    )
-    .await
+    match provision(gone, credentials(), "t", Provision::CachedVm { service: "prov-hs".into(), join: false }, None)
+        .await
     {
         Err(ClientError::Proto { addr, .. }) => assert_eq!(addr, gone),
         Err(e) => panic!("{e}"),

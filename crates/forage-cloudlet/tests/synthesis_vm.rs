@@ -3,22 +3,26 @@
 //! launch-VM cache, concurrent sessions, and the faults: corrupted segment, unknown base,
 //! a device that hangs up mid-stream, a device that stops answering demand fetches.
 
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forage_testkit::guest::*;
 use forage_client::{OverlayFile, SynthesisOptions};
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{DeviceMessage as Message, ErrorCode, Offer};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{self, LaunchOptions};
 use forage_synth::BaseVm;
+use forage_testkit::guest::*;
 
 fn opts(device: &str, early_start: bool) -> SynthesisOptions {
-    SynthesisOptions { device: device.into(), early_start, credentials: Some(credentials().clone()), ..Default::default() }
+    SynthesisOptions {
+        device: device.into(),
+        early_start,
+        credentials: Some(credentials().clone()),
+        ..Default::default()
+    }
 }
 
 /// A hand-driven device speaking the protocol, to control what is sent when.
@@ -38,7 +42,18 @@ impl RawDevice {
             overlay_digest: ov.digest.clone(),
             signature: ov.signature.clone(),
         };
-        write(&mut stream, &Message::Hello { versions: (2, 2), device: "raw".into(), offers: vec![offer], early_start: true, store_and_forward: false }).await.unwrap();
+        write(
+            &mut stream,
+            &Message::Hello {
+                versions: (2, 2),
+                device: "raw".into(),
+                offers: vec![offer],
+                early_start: true,
+                store_and_forward: false,
+            },
+        )
+        .await
+        .unwrap();
         let welcome = read(&mut stream).await.unwrap();
         (Self { stream, ov }, welcome)
     }
@@ -100,12 +115,15 @@ fn serve_conn(mut c: std::net::TcpStream, path: &Path, ranges: bool) {
             Some(rg) => {
                 let (a, b) = rg.split_once('-').unwrap();
                 let a: usize = a.parse().unwrap();
-                let b: usize = if b.is_empty() { data.len() - 1 } else { b.parse::<usize>().unwrap().min(data.len() - 1) };
+                let b: usize =
+                    if b.is_empty() { data.len() - 1 } else { b.parse::<usize>().unwrap().min(data.len() - 1) };
                 ("206 Partial Content", data[a..=b].to_vec())
             }
             None => ("200 OK", data),
         };
-        if write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", body.len()).is_err() || c.write_all(&body).is_err() {
+        if write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", body.len()).is_err()
+            || c.write_all(&body).is_err()
+        {
             return;
         }
     }
@@ -126,12 +144,17 @@ async fn fixture() -> Fixture {
     let work = data.work().join("synthesis-test");
     let _ = std::fs::remove_dir_all(&work);
     let lv = launch::build(&data, &base, &app, accel, &LaunchOptions::default(), &work).await.expect("launch VM");
-    let profile = launch::profile_access(&data, &lv.snapshot, &lv.app, accel, &work).await.expect("profiling");
+    let profile =
+        forage_synth::profile::profile_access(&data, &lv.snapshot, &lv.app, accel, &work).await.expect("profiling");
     let input = LaunchInput {
         snapshot: &lv.snapshot,
         written_disk_chunks: &lv.written_disk_chunks,
         discarded_disk_chunks: &lv.discarded_disk_chunks,
-        service: Some(forage_format::manifest::Service { name: "hashsearch".into(), port: app.manifest().port, probe: app.manifest().probe.clone() }),
+        service: Some(forage_format::manifest::Service {
+            name: "hashsearch".into(),
+            port: app.manifest().port,
+            probe: app.manifest().probe.clone(),
+        }),
         accessed: Some((&profile.memory, &profile.disk)),
     };
     let ovl = work.join("svc.ovl");
@@ -151,11 +174,14 @@ async fn synthesis_modes_cache_and_faults() {
     logs();
     // A failed assertion must not leave the instances it started running.
     let _reaper = Reaper::new(&[data_dir().work()]);
-    let mut c = forage_cloudlet::Cloudlet::open("test-cloudlet".into(), f.data.clone(), accel, std::net::Ipv4Addr::LOCALHOST).expect("cloudlet");
+    let mut c =
+        forage_cloudlet::Cloudlet::open("test-cloudlet".into(), f.data.clone(), accel, std::net::Ipv4Addr::LOCALHOST)
+            .expect("cloudlet");
     c.peer_wait = Duration::from_secs(5);
     // The overlay-by-URL cases fetch from a plain-HTTP server on loopback, which the
     // default policy refuses (see tests/hostile.rs): allowed here explicitly.
-    c.fetch_policy = forage_remote::FetchPolicy { allow_http: true, allow: vec!["127.0.0.1/32".parse().unwrap()], any: false };
+    c.fetch_policy =
+        forage_remote::FetchPolicy { allow_http: true, allow: vec!["127.0.0.1/32".parse().unwrap()], any: false };
     let cloudlet = Arc::new(c);
     pair_with(&cloudlet, "synthesis-tester");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -166,7 +192,8 @@ async fn synthesis_modes_cache_and_faults() {
     cloudlet.cache.set_enabled(false);
 
     // Pipelined.
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("pipelined", false)).await.expect("pipelined synthesis");
+    let (report, session) =
+        forage_client::synthesize(&f.ovl, addr, &opts("pipelined", false)).await.expect("pipelined synthesis");
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     assert_eq!(report.mode, "pipelined");
     assert!(report.first_response_s >= report.ready_s && report.ready_s > 0.0, "{report:?}");
@@ -181,13 +208,24 @@ async fn synthesis_modes_cache_and_faults() {
     std::fs::write(&signers, format!("{} # builder\n", builder.public_hex())).unwrap();
     let sig_path = format!("{}.sig", f.ovl.display());
     let _ = std::fs::remove_file(&sig_path);
-    let err = forage_client::synthesize(&f.ovl, addr, &opts("unsigned", false)).await.err().expect("unsigned refused").to_string();
+    let err = forage_client::synthesize(&f.ovl, addr, &opts("unsigned", false))
+        .await
+        .err()
+        .expect("unsigned refused")
+        .to_string();
     assert!(err.contains("not signed"), "{err}");
-    std::fs::write(&sig_path, serde_json::to_vec(&stranger.sign(forage_trust::signing::OVERLAY, &digest)).unwrap()).unwrap();
-    let err = forage_client::synthesize(&f.ovl, addr, &opts("stranger", false)).await.err().expect("stranger refused").to_string();
+    std::fs::write(&sig_path, serde_json::to_vec(&stranger.sign(forage_trust::signing::OVERLAY, &digest)).unwrap())
+        .unwrap();
+    let err = forage_client::synthesize(&f.ovl, addr, &opts("stranger", false))
+        .await
+        .err()
+        .expect("stranger refused")
+        .to_string();
     assert!(err.contains("not one this cloudlet accepts"), "{err}");
-    std::fs::write(&sig_path, serde_json::to_vec(&builder.sign(forage_trust::signing::OVERLAY, &digest)).unwrap()).unwrap();
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("signed", false)).await.expect("signed overlay");
+    std::fs::write(&sig_path, serde_json::to_vec(&builder.sign(forage_trust::signing::OVERLAY, &digest)).unwrap())
+        .unwrap();
+    let (report, session) =
+        forage_client::synthesize(&f.ovl, addr, &opts("signed", false)).await.expect("signed overlay");
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     session.close().await;
     std::fs::remove_file(&signers).unwrap();
@@ -205,7 +243,11 @@ async fn synthesis_modes_cache_and_faults() {
     let n = dev.ov.manifest.segments.len() as u32;
     let mut fetched = std::collections::BTreeSet::new();
     let endpoint = loop {
-        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream)).await.expect("cloudlet answers").unwrap() {
+        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream))
+            .await
+            .expect("cloudlet answers")
+            .unwrap()
+        {
             Message::Fetch { index } => {
                 if index != state_seg && fetched.insert(index) {
                     dev.send_segment(index).await;
@@ -217,7 +259,9 @@ async fn synthesis_modes_cache_and_faults() {
     };
     // Serve fetches while the service is asked for its first answer.
     let ep = endpoint.clone();
-    let answer = tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "search abc 8", Duration::from_secs(120)));
+    let answer = tokio::task::spawn_blocking(move || {
+        forage_client::service::request_line(&ep, "search abc 8", Duration::from_secs(120))
+    });
     tokio::pin!(answer);
     let answer = loop {
         tokio::select! {
@@ -280,7 +324,8 @@ async fn synthesis_modes_cache_and_faults() {
     while cloudlet.cache.lookup(&digest).is_none() && t.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("again", true)).await.expect("cached synthesis");
+    let (report, session) =
+        forage_client::synthesize(&f.ovl, addr, &opts("again", true)).await.expect("cached synthesis");
     assert_eq!((report.mode.as_str(), report.bytes_sent), ("cached", 0));
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     session.close().await;
@@ -291,7 +336,9 @@ async fn synthesis_modes_cache_and_faults() {
     let runs: Vec<_> = (0..4)
         .map(|i| {
             let ovl = f.ovl.clone();
-            tokio::spawn(async move { forage_client::synthesize(&ovl, addr, &opts(&format!("device-{i}"), true)).await })
+            tokio::spawn(
+                async move { forage_client::synthesize(&ovl, addr, &opts(&format!("device-{i}"), true)).await },
+            )
         })
         .collect();
     let mut sessions = Vec::new();
@@ -312,23 +359,42 @@ async fn synthesis_modes_cache_and_faults() {
     // Residue: the instance's changes come back as a residue; merged into the overlay, the
     // next synthesis starts where the last one ended (the service's counter carries on).
     for early in [true, false] {
-        let (report, session) = forage_client::synthesize(&f.ovl, addr, &opts("residue", early)).await.expect("synthesis");
+        let (report, session) =
+            forage_client::synthesize(&f.ovl, addr, &opts("residue", early)).await.expect("synthesis");
         let served = field(&report.answer, "served");
         for _ in 0..3 {
             let ep = report.service.clone();
-            let a = tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "search more 8", Duration::from_secs(60))).await.unwrap().unwrap();
+            let a = tokio::task::spawn_blocking(move || {
+                forage_client::service::request_line(&ep, "search more 8", Duration::from_secs(60))
+            })
+            .await
+            .unwrap()
+            .unwrap();
             assert!(a.starts_with("ok "), "{a}");
         }
         let residue = f.work.join(format!("residue-{early}.ovl"));
         let bytes = session.close_with_residue(&residue).await.expect("residue");
         assert!(bytes > 0 && std::fs::metadata(&residue).unwrap().len() == bytes);
-        let err = forage_client::synthesize(&residue, addr, &opts("residue-alone", true)).await.err().expect("a residue alone is refused").to_string();
+        let err = forage_client::synthesize(&residue, addr, &opts("residue-alone", true))
+            .await
+            .err()
+            .expect("a residue alone is refused")
+            .to_string();
         assert!(err.contains("residue"), "{err}");
         let merged = f.work.join(format!("merged-{early}.ovl"));
         let base = BaseVm::open(&f.data, "syntest").unwrap();
-        forage_synth::residue::merge(&base, &f.ovl, &residue, &CreateOptions::default(), &merged, accel).expect("merge");
-        let (report, session) = forage_client::synthesize(&merged, addr, &opts("merged", true)).await.expect("synthesis of the merged overlay");
-        assert_eq!(field(&report.answer, "served"), served + 4, "the counter carried on: {} then {}", served, report.answer);
+        forage_synth::residue::merge(&base, &f.ovl, &residue, &CreateOptions::default(), &merged, accel)
+            .expect("merge");
+        let (report, session) = forage_client::synthesize(&merged, addr, &opts("merged", true))
+            .await
+            .expect("synthesis of the merged overlay");
+        assert_eq!(
+            field(&report.answer, "served"),
+            served + 4,
+            "the counter carried on: {} then {}",
+            served,
+            report.answer
+        );
         session.close().await;
     }
     assert_cleaned_up(&f.data).await;
@@ -337,13 +403,18 @@ async fn synthesis_modes_cache_and_faults() {
     let ranged = serve_file(f.ovl.clone(), true);
     for early in [true, false] {
         let url = format!("http://{ranged}/svc.ovl");
-        let (report, session) = forage_client::synthesize_url(&url, addr, &opts("by-url", early)).await.expect("synthesis by URL");
+        let (report, session) =
+            forage_client::synthesize_url(&url, addr, &opts("by-url", early)).await.expect("synthesis by URL");
         assert!(report.answer.starts_with("ok "), "{}", report.answer);
         assert_eq!(report.bytes_sent, 0, "the device sent no segment");
         session.close().await;
     }
     let plain = serve_file(f.ovl.clone(), false);
-    let err = forage_client::synthesize_url(&format!("http://{plain}/svc.ovl"), addr, &opts("no-ranges", true)).await.err().expect("refused").to_string();
+    let err = forage_client::synthesize_url(&format!("http://{plain}/svc.ovl"), addr, &opts("no-ranges", true))
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("does not serve byte ranges"), "{err}");
     assert_cleaned_up(&f.data).await;
 
@@ -354,14 +425,18 @@ async fn synthesis_modes_cache_and_faults() {
     let bad = f.work.join("bad.ovl");
     std::fs::write(&bad, &bytes).unwrap();
     for early in [true, false] {
-        let err = forage_client::synthesize(&bad, addr, &opts("corrupt", early)).await.err().expect("refused").to_string();
+        let err =
+            forage_client::synthesize(&bad, addr, &opts("corrupt", early)).await.err().expect("refused").to_string();
         assert!(err.contains("checksum"), "{err}");
     }
     assert_cleaned_up(&f.data).await;
 
     // A base the cloudlet does not hold: Welcome names it missing.
     let (_dev, welcome) = RawDevice::start(addr, &f.ovl, Some(&"ab".repeat(32))).await;
-    assert!(matches!(&welcome, Message::Welcome { chosen: None, missing, .. } if missing == &vec!["ab".repeat(32)]), "{welcome:?}");
+    assert!(
+        matches!(&welcome, Message::Welcome { chosen: None, missing, .. } if missing == &vec!["ab".repeat(32)]),
+        "{welcome:?}"
+    );
 
     // A device that hangs up mid-stream (pipelined and early start).
     for early in [false, true] {
@@ -371,8 +446,25 @@ async fn synthesis_modes_cache_and_faults() {
             drop(dev);
             let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
             let ov = OverlayFile::open(&f.ovl).await.unwrap();
-            let offer = Offer { base_digest: ov.manifest.base.digest.clone(), manifest_bytes: 0, overlay_bytes: 0, overlay_digest: ov.digest.clone(), signature: Vec::new() };
-            write(&mut stream, &Message::Hello { versions: (2, 2), device: "raw".into(), offers: vec![offer], early_start: false, store_and_forward: false }).await.unwrap();
+            let offer = Offer {
+                base_digest: ov.manifest.base.digest.clone(),
+                manifest_bytes: 0,
+                overlay_bytes: 0,
+                overlay_digest: ov.digest.clone(),
+                signature: Vec::new(),
+            };
+            write(
+                &mut stream,
+                &Message::Hello {
+                    versions: (2, 2),
+                    device: "raw".into(),
+                    offers: vec![offer],
+                    early_start: false,
+                    store_and_forward: false,
+                },
+            )
+            .await
+            .unwrap();
             read::<Message>(&mut stream).await.unwrap();
             dev = RawDevice { stream, ov };
         }
@@ -390,7 +482,11 @@ async fn synthesis_modes_cache_and_faults() {
     dev.send_segment(state_seg).await;
     let t = Instant::now();
     let err = loop {
-        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream)).await.expect("the cloudlet gives up").unwrap() {
+        match tokio::time::timeout(Duration::from_secs(60), read(&mut dev.stream))
+            .await
+            .expect("the cloudlet gives up")
+            .unwrap()
+        {
             Message::Error { code, message } => break (code, message),
             Message::Fetch { .. } | Message::Ready { .. } => {}
             other => panic!("unexpected {other:?}"),

@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn cloudlet(dir: &std::path::Path, name: &str) -> (Arc<forage_cloudlet::Cloudlet>, SocketAddr) {
     let data = forage_datadir::DataDir::at(dir.join(name));
-    let c = Arc::new(forage_cloudlet::Cloudlet::open(name.into(), data, forage_vm::Accel::Tcg, Ipv4Addr::LOCALHOST).unwrap());
+    let c = Arc::new(
+        forage_cloudlet::Cloudlet::open(name.into(), data, forage_vm::Accel::Tcg, Ipv4Addr::LOCALHOST).unwrap(),
+    );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(forage_cloudlet::serve(l, c.clone()));
@@ -25,7 +27,9 @@ async fn cloudlet(dir: &std::path::Path, name: &str) -> (Arc<forage_cloudlet::Cl
 /// Ask for something that needs a session: an unknown service (NotFound proves the
 /// session got past the handshake).
 async fn ask(addr: SocketAddr, creds: &Arc<rustls::ClientConfig>) -> Result<(), ClientError> {
-    match forage_client::provision(addr, creds, "t", Provision::CachedVm { service: "none".into(), join: false }, None).await {
+    match forage_client::provision(addr, creds, "t", Provision::CachedVm { service: "none".into(), join: false }, None)
+        .await
+    {
         Err(ClientError::Refused { code: ErrorCode::NotFound, .. }) => Ok(()),
         Err(e) => Err(e),
         Ok(_) => panic!("an unknown service was provisioned"),
@@ -56,7 +60,9 @@ async fn pairing_and_every_refusal() {
     let other = DeviceTrust::new(&dir.path().join("other"));
     for bad in [code.text.clone(), format!("{}AAAAAAAAAA", &code.text[..14])] {
         match forage_client::pair(addr, &bad, "intruder", &other).await {
-            Err(ClientError::Refused { code: ErrorCode::Pairing, message, .. }) => assert!(message.contains("code"), "{message}"),
+            Err(ClientError::Refused { code: ErrorCode::Pairing, message, .. }) => {
+                assert!(message.contains("code"), "{message}")
+            }
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("a used or wrong code paired"),
         }
@@ -67,8 +73,22 @@ async fn pairing_and_every_refusal() {
     let prefix: [u8; 8] = hex::decode(&c.trust.ca_fingerprint()[..16]).unwrap().try_into().unwrap();
     let anon = forage_trust::pairing_client_config(prefix).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(anon).connect(rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).unwrap(), tcp).await.unwrap();
-    write(&mut s, &Message::Hello { versions: (2, 2), device: "anon".into(), offers: vec![], early_start: false, store_and_forward: false }).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(anon)
+        .connect(rustls::pki_types::ServerName::try_from(forage_trust::SERVER_NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    write(
+        &mut s,
+        &Message::Hello {
+            versions: (2, 2),
+            device: "anon".into(),
+            offers: vec![],
+            early_start: false,
+            store_and_forward: false,
+        },
+    )
+    .await
+    .unwrap();
     match read(&mut s).await.unwrap() {
         Message::Error { code: ErrorCode::Unpaired, message } => assert!(message.contains("not paired"), "{message}"),
         m => panic!("unexpected {m:?}"),

@@ -148,7 +148,8 @@ mod tests {
     fn a_file_fills_the_same_type_and_unknown_keys_are_refused() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("serve.toml");
-        std::fs::write(&p, "listen = \"10.0.0.5:7878\"\nname = \"field-1\"\nfetch_allow = [\"10.0.0.0/24\"]\n").unwrap();
+        std::fs::write(&p, "listen = \"10.0.0.5:7878\"\nname = \"field-1\"\nfetch_allow = [\"10.0.0.0/24\"]\n")
+            .unwrap();
         let c = DaemonConfig::read(&p).unwrap();
         assert_eq!(c.name, "field-1");
         assert_eq!(c.service_addr().unwrap(), "10.0.0.5".parse::<Ipv4Addr>().unwrap());

@@ -22,7 +22,12 @@ impl forage_api::Control for DaemonControl {
         forage_synth::BaseVm::list(&self.cloudlet.data)
             .into_iter()
             .filter_map(|(name, b)| b.ok().map(|b| (name, b)))
-            .map(|(name, b)| forage_api::BaseInfo { name, digest: b.digest().into(), memory_bytes: b.manifest().memory_size, disk_bytes: b.manifest().disk_size })
+            .map(|(name, b)| forage_api::BaseInfo {
+                name,
+                digest: b.digest().into(),
+                memory_bytes: b.manifest().memory_size,
+                disk_bytes: b.manifest().disk_size,
+            })
             .collect()
     }
 
@@ -38,7 +43,13 @@ impl forage_api::Control for DaemonControl {
             .into_iter()
             .map(|s| {
                 let m = s.manifest();
-                forage_api::ServiceInfo { id: m.id.clone(), os: m.os.clone(), port: m.port, description: m.description.clone(), client_apps: m.client_apps.iter().map(|a| a.id.clone()).collect() }
+                forage_api::ServiceInfo {
+                    id: m.id.clone(),
+                    os: m.os.clone(),
+                    port: m.port,
+                    description: m.description.clone(),
+                    client_apps: m.client_apps.iter().map(|a| a.id.clone()).collect(),
+                }
             })
             .collect()
     }
@@ -50,7 +61,10 @@ impl forage_api::Control for DaemonControl {
     fn handoff(&self, id: &str, request: forage_api::HandoffRequest) -> Result<forage_api::HandoffReport, ActionError> {
         let to = request.to.parse().map_err(|e| ActionError::new(Fault::BadRequest, e))?;
         let defaults = forage_cloudlet::HandoffOptions::default();
-        let options = forage_cloudlet::HandoffOptions { mode: request.mode, downtime_limit_ms: request.downtime_limit_ms.unwrap_or(defaults.downtime_limit_ms) };
+        let options = forage_cloudlet::HandoffOptions {
+            mode: request.mode,
+            downtime_limit_ms: request.downtime_limit_ms.unwrap_or(defaults.downtime_limit_ms),
+        };
         // The API calls this on a blocking thread of the daemon's runtime.
         tokio::runtime::Handle::current().block_on(self.cloudlet.handoff(id, to, options)).map_err(|e| {
             let fault = match &e {

@@ -65,7 +65,9 @@ impl Daemon {
         cloudlet.fetch_policy = config.fetch_policy();
         let cloudlet = Arc::new(cloudlet);
         cloudlet.cache.set_enabled(!config.no_cache);
-        let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
         let listen = listener.local_addr().unwrap_or(config.listen);
         let api = match config.no_api {
             true => None,
@@ -91,14 +93,26 @@ impl Daemon {
     }
 }
 
-async fn start_api(data: &DataDir, addr: SocketAddr, cloudlet: &Arc<Cloudlet>, accel: forage_vm::Accel) -> Result<(SocketAddr, PathBuf), DaemonError> {
+async fn start_api(
+    data: &DataDir,
+    addr: SocketAddr,
+    cloudlet: &Arc<Cloudlet>,
+    accel: forage_vm::Accel,
+) -> Result<(SocketAddr, PathBuf), DaemonError> {
     let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { addr, source })?;
     let bound = l.local_addr().unwrap_or(addr);
     let control = Arc::new(control::DaemonControl { cloudlet: cloudlet.clone() });
     let token_path = api_token_path(data);
     let token = forage_api::token::open_or_create(&token_path)?;
     let open_reads = addr.ip().is_loopback();
-    let ctx = forage_api::ApiContext::new(cloudlet.state.clone(), cloudlet.name.clone(), env!("CARGO_PKG_VERSION"), accel.to_string(), control).with_access(token, open_reads);
+    let ctx = forage_api::ApiContext::new(
+        cloudlet.state.clone(),
+        cloudlet.name.clone(),
+        env!("CARGO_PKG_VERSION"),
+        accel.to_string(),
+        control,
+    )
+    .with_access(token, open_reads);
     tokio::spawn(async move {
         if let Err(e) = forage_api::serve(l, ctx, std::future::pending()).await {
             tracing::error!("HTTP API stopped: {e}");
@@ -109,13 +123,27 @@ async fn start_api(data: &DataDir, addr: SocketAddr, cloudlet: &Arc<Cloudlet>, a
 
 /// Announce the cloudlet (`_cloudlet._tcp`) and keep its TXT record current: load,
 /// bases and services change while serving.
-fn announce(cloudlet: &Arc<Cloudlet>, service_addr: std::net::Ipv4Addr, port: u16, http_port: Option<u16>) -> Result<(), String> {
+fn announce(
+    cloudlet: &Arc<Cloudlet>,
+    service_addr: std::net::Ipv4Addr,
+    port: u16,
+    http_port: Option<u16>,
+) -> Result<(), String> {
     let advertisement = move |c: &Cloudlet| forage_discovery::Advertisement {
         name: c.name.clone(),
         addr: SocketAddr::new(IpAddr::V4(service_addr), port),
         http_port,
-        bases: forage_synth::BaseVm::list(&c.data).into_iter().filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string())).collect(),
-        services: c.services.list().into_iter().filter(|s| !s.manifest().is_baseline()).map(|s| s.id().to_string()).collect(),
+        bases: forage_synth::BaseVm::list(&c.data)
+            .into_iter()
+            .filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string()))
+            .collect(),
+        services: c
+            .services
+            .list()
+            .into_iter()
+            .filter(|s| !s.manifest().is_baseline())
+            .map(|s| s.id().to_string())
+            .collect(),
         load: c.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
         free_mem_mib: free_memory_mib(),
         cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
@@ -127,7 +155,8 @@ fn announce(cloudlet: &Arc<Cloudlet>, service_addr: std::net::Ipv4Addr, port: u1
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let now = tokio::task::block_in_place(|| advertisement(&c));
-            let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services) || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
+            let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services)
+                || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
             if changed {
                 if let Err(e) = advertiser.update(&now) {
                     tracing::warn!("announcement not refreshed: {e}");
@@ -142,7 +171,11 @@ fn announce(cloudlet: &Arc<Cloudlet>, service_addr: std::net::Ipv4Addr, port: u1
 fn free_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kib| kib / 1024)
         .unwrap_or(0)
 }

@@ -150,10 +150,7 @@ impl DataDir {
 
     /// Create `path` and its parents, naming it in the error.
     pub fn ensure(path: &Path) -> Result<(), DataDirError> {
-        std::fs::create_dir_all(path).map_err(|source| DataDirError::Create {
-            path: path.to_path_buf(),
-            source,
-        })
+        std::fs::create_dir_all(path).map_err(|source| DataDirError::Create { path: path.to_path_buf(), source })
     }
 
     /// Create the root (mode 0700: overlays, guest memory, keys and the state database
@@ -175,15 +172,11 @@ pub fn checked_name(name: &str) -> Result<&str, DataDirError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(name)
     } else {
-        Err(DataDirError::BadName {
-            name: name.to_string(),
-        })
+        Err(DataDirError::BadName { name: name.to_string() })
     }
 }
 
@@ -205,7 +198,8 @@ fn private_dir(path: &Path) -> Result<(), DataDirError> {
         return Err(not_private(format!("owned by uid {}", meta.uid())));
     }
     if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| not_private(format!("mode {:o}, cannot change it: {e}", meta.permissions().mode() & 0o777)))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| not_private(format!("mode {:o}, cannot change it: {e}", meta.permissions().mode() & 0o777)))?;
     }
     Ok(())
 }

@@ -68,7 +68,12 @@ impl Advertisement {
 
     fn from_info(info: &ResolvedService) -> Option<Self> {
         let name = info.get_fullname().strip_suffix(&format!(".{SERVICE_TYPE}"))?.to_string();
-        let ip = info.get_addresses().iter().find(|a| a.is_ipv4()).or_else(|| info.get_addresses().iter().next())?.to_ip_addr();
+        let ip = info
+            .get_addresses()
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| info.get_addresses().iter().next())?
+            .to_ip_addr();
         let val = |k: &str| info.get_property_val_str(k).unwrap_or_default().to_string();
         let list = |k: &str| val(k).split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
         Some(Self {
@@ -217,7 +222,13 @@ mod tests {
 
     #[test]
     fn selection_prefers_the_base_then_load_then_rtt() {
-        let all = vec![found("far", &["aaaaaaaaaaaa"], 0, Some(50.0)), found("busy", &["aaaaaaaaaaaa"], 8, Some(1.0)), found("idle", &["aaaaaaaaaaaa"], 0, Some(1.0)), found("other", &["bbbbbbbbbbbb"], 0, Some(0.5)), found("gone", &["aaaaaaaaaaaa"], 0, None)];
+        let all = vec![
+            found("far", &["aaaaaaaaaaaa"], 0, Some(50.0)),
+            found("busy", &["aaaaaaaaaaaa"], 8, Some(1.0)),
+            found("idle", &["aaaaaaaaaaaa"], 0, Some(1.0)),
+            found("other", &["bbbbbbbbbbbb"], 0, Some(0.5)),
+            found("gone", &["aaaaaaaaaaaa"], 0, None),
+        ];
         let need = Need { base: Some("aaaaaaaaaaaa1234".into()), service: None };
         assert_eq!(select(&all, &need, &default_utility).unwrap().ad.name, "idle");
         let custom = |f: &Found, _: &Need| f.rtt_ms.map(|r| -r);
@@ -228,7 +239,8 @@ mod tests {
     #[test]
     fn txt_round_trip() {
         let ad = found("c1", &["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 3, None).ad;
-        let info = ServiceInfo::new(SERVICE_TYPE, &ad.name, "c1.local.", ad.addr.ip(), ad.addr.port(), ad.properties()).unwrap();
+        let info = ServiceInfo::new(SERVICE_TYPE, &ad.name, "c1.local.", ad.addr.ip(), ad.addr.port(), ad.properties())
+            .unwrap();
         assert_eq!(Advertisement::from_info(&info.as_resolved_service()).unwrap(), ad);
     }
 }

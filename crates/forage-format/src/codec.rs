@@ -11,9 +11,13 @@ use crate::{FormatError, CHUNK_SIZE};
 #[serde(tag = "codec", rename_all = "lowercase")]
 pub enum SegmentCodec {
     None,
-    Zstd { level: i32 },
+    Zstd {
+        level: i32,
+    },
     /// xz container around LZMA2, as the paper's LZMA.
-    Lzma { level: u32 },
+    Lzma {
+        level: u32,
+    },
 }
 
 impl SegmentCodec {
@@ -45,8 +49,9 @@ impl SegmentCodec {
         let limit = expected as u64 + 1;
         let r = match self {
             SegmentCodec::None => data.take(limit).read_to_end(&mut out),
-            SegmentCodec::Zstd { .. } => zstd::stream::read::Decoder::new(data)
-                .and_then(|d| d.take(limit).read_to_end(&mut out)),
+            SegmentCodec::Zstd { .. } => {
+                zstd::stream::read::Decoder::new(data).and_then(|d| d.take(limit).read_to_end(&mut out))
+            }
             SegmentCodec::Lzma { .. } => liblzma::read::XzDecoder::new(data).take(limit).read_to_end(&mut out),
         };
         r.map_err(|e| FormatError::corrupt(format!("{} stream: {e}", self.name())))?;
@@ -106,7 +111,10 @@ impl DeltaCodec {
             }
         };
         if out.len() != CHUNK_SIZE {
-            return Err(FormatError::corrupt(format!("delta rebuilds {} bytes, not a {CHUNK_SIZE}-byte chunk", out.len())));
+            return Err(FormatError::corrupt(format!(
+                "delta rebuilds {} bytes, not a {CHUNK_SIZE}-byte chunk",
+                out.len()
+            )));
         }
         Ok(out)
     }

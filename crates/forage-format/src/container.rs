@@ -58,16 +58,9 @@ pub fn read_header(bytes: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
     }
     let manifest_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     if manifest_len > MAX_MANIFEST_RAW {
-        return Err(FormatError::TooLarge {
-            what: "manifest".into(),
-            limit: MAX_MANIFEST_RAW,
-        });
+        return Err(FormatError::TooLarge { what: "manifest".into(), limit: MAX_MANIFEST_RAW });
     }
-    Ok(Header {
-        format,
-        manifest_len,
-        manifest_sha256: bytes[24..56].try_into().expect("32 bytes"),
-    })
+    Ok(Header { format, manifest_len, manifest_sha256: bytes[24..56].try_into().expect("32 bytes") })
 }
 
 /// Check and decompress one segment's bytes as they arrived.
@@ -135,13 +128,7 @@ impl<R: Read> OverlayReader<R> {
                 header.format, manifest.format
             )));
         }
-        Ok(Self {
-            r,
-            header,
-            manifest,
-            next: 0,
-            buf: Vec::new(),
-        })
+        Ok(Self { r, header, manifest, next: 0, buf: Vec::new() })
     }
 
     pub fn manifest(&self) -> &Manifest {

@@ -24,13 +24,13 @@
 pub mod chunk;
 pub mod codec;
 pub mod container;
-pub mod manifest;
 mod error;
+pub mod manifest;
 mod version;
 
 pub use chunk::{ChunkEntry, ChunkRef, Space, CHUNK_SIZE};
 pub use codec::{DeltaCodec, SegmentCodec};
 pub use container::{read_header, Header, OverlayReader, SegmentData, HEADER_LEN, MAGIC};
+pub use error::FormatError;
 pub use manifest::{Blob, BlobEncoding, Manifest, Order, Segment, SegmentKind, Stats};
-pub use error::{FormatError};
 pub use version::{FORMAT_VERSION, OVERLAY_FORMAT, RESIDUE_FORMAT};

@@ -176,7 +176,8 @@ impl Manifest {
         if raw.len() as u64 > limit {
             return Err(FormatError::TooLarge { what: "manifest".into(), limit });
         }
-        let m: Manifest = ciborium::from_reader(&raw[..]).map_err(|e| FormatError::corrupt(format!("manifest: {e}")))?;
+        let m: Manifest =
+            ciborium::from_reader(&raw[..]).map_err(|e| FormatError::corrupt(format!("manifest: {e}")))?;
         m.validate()?;
         Ok(m)
     }
@@ -190,8 +191,12 @@ impl Manifest {
         match (self.format, &self.parent) {
             (0, _) => return bad("format 0".into()),
             (RESIDUE_FORMAT, None) => return bad("a residue (format 2) without its parent overlay's digest".into()),
-            (RESIDUE_FORMAT, Some(p)) if !is_digest(p) => return bad("parent overlay digest is not 64 lowercase hex digits".into()),
-            (f, Some(_)) if f != RESIDUE_FORMAT => return bad(format!("format {f} overlay names a parent overlay (only residues, format 2, do)")),
+            (RESIDUE_FORMAT, Some(p)) if !is_digest(p) => {
+                return bad("parent overlay digest is not 64 lowercase hex digits".into())
+            }
+            (f, Some(_)) if f != RESIDUE_FORMAT => {
+                return bad(format!("format {f} overlay names a parent overlay (only residues, format 2, do)"))
+            }
             _ => {}
         }
         if self.chunk_size as usize != CHUNK_SIZE {
@@ -211,8 +216,12 @@ impl Manifest {
             }
             last = Some((c.space, c.index));
             match c.reference {
-                crate::ChunkRef::BaseDisk(i) if i >= chunks_in(Space::Disk) => return bad(format!("base disk chunk {i} is past the end")),
-                crate::ChunkRef::BaseMemory(i) if i >= chunks_in(Space::Memory) => return bad(format!("base memory chunk {i} is past the end")),
+                crate::ChunkRef::BaseDisk(i) if i >= chunks_in(Space::Disk) => {
+                    return bad(format!("base disk chunk {i} is past the end"))
+                }
+                crate::ChunkRef::BaseMemory(i) if i >= chunks_in(Space::Memory) => {
+                    return bad(format!("base memory chunk {i} is past the end"))
+                }
                 r => {
                     if let Some(b) = r.blob() {
                         if b as usize >= self.blobs.len() {
@@ -238,10 +247,7 @@ impl Manifest {
                 return bad(format!("segment {i} claims {} compressed bytes for {} raw", s.compressed_len, s.raw_len));
             }
             if s.raw_len > MAX_SEGMENT_RAW {
-                return Err(FormatError::TooLarge {
-                    what: format!("segment {i}"),
-                    limit: MAX_SEGMENT_RAW,
-                });
+                return Err(FormatError::TooLarge { what: format!("segment {i}"), limit: MAX_SEGMENT_RAW });
             }
             if s.compressed_len > MAX_SEGMENT_RAW * 2 {
                 return Err(FormatError::TooLarge {
@@ -258,7 +264,9 @@ impl Manifest {
                 return bad(format!("blob {i} lies outside segment {}", b.segment));
             }
             match b.encoding {
-                BlobEncoding::Raw if b.len as usize != CHUNK_SIZE => return bad(format!("raw blob {i} is {} bytes", b.len)),
+                BlobEncoding::Raw if b.len as usize != CHUNK_SIZE => {
+                    return bad(format!("raw blob {i} is {} bytes", b.len))
+                }
                 BlobEncoding::Delta { space, index, .. } if index >= chunks_in(space) => {
                     return bad(format!("blob {i} deltas against a chunk past the end"))
                 }
@@ -306,10 +314,7 @@ pub(crate) mod tests {
     pub fn sample() -> Manifest {
         Manifest {
             format: crate::OVERLAY_FORMAT,
-            base: BaseRef {
-                digest: "ab".repeat(32),
-                name: "b".into(),
-            },
+            base: BaseRef { digest: "ab".repeat(32), name: "b".into() },
             parent: None,
             disk_size: 64 << 20,
             memory_size: 256 << 20,
@@ -322,8 +327,20 @@ pub(crate) mod tests {
             ],
             blobs: vec![Blob { segment: 0, offset: 0, len: CHUNK_SIZE as u32, encoding: BlobEncoding::Raw }],
             segments: vec![
-                Segment { kind: SegmentKind::Chunks, codec: SegmentCodec::Zstd { level: 3 }, compressed_len: 10, raw_len: CHUNK_SIZE as u64, sha256: String::new() },
-                Segment { kind: SegmentKind::DeviceState, codec: SegmentCodec::None, compressed_len: 4, raw_len: 4, sha256: String::new() },
+                Segment {
+                    kind: SegmentKind::Chunks,
+                    codec: SegmentCodec::Zstd { level: 3 },
+                    compressed_len: 10,
+                    raw_len: CHUNK_SIZE as u64,
+                    sha256: String::new(),
+                },
+                Segment {
+                    kind: SegmentKind::DeviceState,
+                    codec: SegmentCodec::None,
+                    compressed_len: 4,
+                    raw_len: 4,
+                    sha256: String::new(),
+                },
             ],
             order: Order::Offset,
             device_state: DeviceState { segment: 1, size: 4, sha256: String::new() },

@@ -206,7 +206,8 @@ impl Adapter {
         if best.mode == self.current || best.system() <= current * 1.02 {
             return None;
         }
-        let switch = Switch { from: self.current, to: best.mode, predicted_system: best.system(), current_system: current };
+        let switch =
+            Switch { from: self.current, to: best.mode, predicted_system: best.system(), current_system: current };
         self.current = best.mode;
         self.since = now;
         Some(switch)
@@ -223,7 +224,9 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
         "bsdiff" => Delta::Bsdiff,
         other => return Err(format!("unknown delta {other:?} (none, xor, bsdiff)")),
     };
-    let level = |name: &str| -> Result<u32, String> { c[name.len()..].trim_start_matches('-').parse().map_err(|_| format!("codec {c:?}: {name}-LEVEL")) };
+    let level = |name: &str| -> Result<u32, String> {
+        c[name.len()..].trim_start_matches('-').parse().map_err(|_| format!("codec {c:?}: {name}-LEVEL"))
+    };
     let codec = if c == "none" {
         Codec::None
     } else if c.starts_with("zstd") {

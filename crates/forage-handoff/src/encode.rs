@@ -37,7 +37,9 @@ pub fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
         }
         Codec::Bzip2(l) => {
             let mut out = Vec::new();
-            bzip2::read::BzEncoder::new(data, bzip2::Compression::new(l.clamp(1, 9))).read_to_end(&mut out).expect("in memory");
+            bzip2::read::BzEncoder::new(data, bzip2::Compression::new(l.clamp(1, 9)))
+                .read_to_end(&mut out)
+                .expect("in memory");
             out
         }
     }
@@ -125,7 +127,8 @@ mod tests {
 
     #[test]
     fn profiles_rank_modes_as_expected() {
-        let modes: Vec<Mode> = ["none+none", "xor+zstd3", "xor+lzma9", "none+gzip1"].iter().map(|m| parse_mode(m).unwrap()).collect();
+        let modes: Vec<Mode> =
+            ["none+none", "xor+zstd3", "xor+lzma9", "none+gzip1"].iter().map(|m| parse_mode(m).unwrap()).collect();
         let t = profile(&modes, &sample(), 4096);
         let get = |s: &str| t.get(&parse_mode(s).unwrap()).unwrap();
         assert!((get("none+none").r - 1.0).abs() < 1e-9);

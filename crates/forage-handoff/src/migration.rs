@@ -66,7 +66,8 @@ pub fn split<R: Read>(r: R, ram_block: &str, mut page: impl FnMut(u64, Page) -> 
     let mut parser = Parser::new(r);
     let mut rest = Residual::default();
     loop {
-        let event = parser.next_event().map_err(|e| SplitError::Stream { offset: e.offset(), detail: e.to_string() })?;
+        let event =
+            parser.next_event().map_err(|e| SplitError::Stream { offset: e.offset(), detail: e.to_string() })?;
         let Some(event) = event else {
             return Err(SplitError::Stream { offset: parser.offset(), detail: "ended before EOF".into() });
         };
@@ -81,7 +82,10 @@ pub fn split<R: Read>(r: R, ram_block: &str, mut page: impl FnMut(u64, Page) -> 
             }
             Event::Ram { block, offset, page: p } if &*block == ram_block => {
                 if !page(offset, p) {
-                    return Err(SplitError::Stream { offset: parser.offset(), detail: "the handoff stopped reading".into() });
+                    return Err(SplitError::Stream {
+                        offset: parser.offset(),
+                        detail: "the handoff stopped reading".into(),
+                    });
                 }
             }
             Event::Ram { block, offset, page: p } => {
@@ -90,7 +94,10 @@ pub fn split<R: Read>(r: R, ram_block: &str, mut page: impl FnMut(u64, Page) -> 
                 }
             }
             Event::Command { cmd, .. } => {
-                return Err(SplitError::Stream { offset: parser.offset(), detail: format!("command {cmd} in a precopy stream (postcopy is not used by handoff)") });
+                return Err(SplitError::Stream {
+                    offset: parser.offset(),
+                    detail: format!("command {cmd} in a precopy stream (postcopy is not used by handoff)"),
+                });
             }
             Event::DeviceSection { raw, vmdesc, .. } => {
                 rest.bytes += raw.len();

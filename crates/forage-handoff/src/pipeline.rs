@@ -35,7 +35,14 @@ pub struct PipelineConfig {
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { workers: 2, segment_chunks: 256, depth: 4, start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"), adapt: None, hold: crate::adapt::MIN_HOLD }
+        Self {
+            workers: 2,
+            segment_chunks: 256,
+            depth: 4,
+            start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"),
+            adapt: None,
+            hold: crate::adapt::MIN_HOLD,
+        }
     }
 }
 
@@ -62,7 +69,11 @@ pub struct TraceRow {
 pub fn write_trace_csv(rows: &[TraceRow], out: &mut impl std::io::Write) -> std::io::Result<()> {
     writeln!(out, "t_s,input_bps,output_bps,potential_output_bps,mode,switched")?;
     for r in rows {
-        writeln!(out, "{:.2},{:.0},{:.0},{:.0},{},{}", r.t_s, r.input_bps, r.output_bps, r.potential_output_bps, r.mode, r.switched)?;
+        writeln!(
+            out,
+            "{:.2},{:.0},{:.0},{:.0},{},{}",
+            r.t_s, r.input_bps, r.output_bps, r.potential_output_bps, r.mode, r.switched
+        )?;
     }
     out.flush()
 }
@@ -94,7 +105,12 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
 /// Run `chunks` through the pipeline; `send` gets each segment's wire bytes in order and
 /// returns when the transport took them; `acked` counts bytes the destination confirmed.
 /// Stops at the first error of `send`.
-pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Send, mut send: impl FnMut(u64, Vec<u8>) -> std::io::Result<()>, acked: Arc<AtomicU64>) -> std::io::Result<PipelineReport> {
+pub fn run(
+    config: &PipelineConfig,
+    chunks: impl Iterator<Item = Modified> + Send,
+    mut send: impl FnMut(u64, Vec<u8>) -> std::io::Result<()>,
+    acked: Arc<AtomicU64>,
+) -> std::io::Result<PipelineReport> {
     let start = Instant::now();
     let mode = Arc::new(Mutex::new(config.start));
     let window = Arc::new(Mutex::new(Window::default()));
@@ -149,7 +165,8 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
         drop(batch_rx);
         // Adaptation and trace.
         {
-            let (mode, window, done, acked, trace, totals) = (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
+            let (mode, window, done, acked, trace, totals) =
+                (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
             let table = config.adapt.clone();
             let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
             s.spawn(move || {
@@ -229,7 +246,11 @@ pub fn run(config: &PipelineConfig, chunks: impl Iterator<Item = Modified> + Sen
     Ok(report)
 }
 
-fn deliver(out_rx: Receiver<(u64, Vec<u8>)>, send: &mut impl FnMut(u64, Vec<u8>) -> std::io::Result<()>, totals: &Mutex<PipelineReport>) -> std::io::Result<()> {
+fn deliver(
+    out_rx: Receiver<(u64, Vec<u8>)>,
+    send: &mut impl FnMut(u64, Vec<u8>) -> std::io::Result<()>,
+    totals: &Mutex<PipelineReport>,
+) -> std::io::Result<()> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     for (seq, wire) in out_rx {
@@ -286,9 +307,19 @@ mod tests {
         // 4 MB/s link stays the bottleneck whatever this machine's speed.
         let table = LookupTable {
             chunk_bytes: CHUNK as u64,
-            modes: vec![(parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }), (parse_mode("xor+zstd3").unwrap(), Profile { p: 2e-6, r: 0.05 })],
+            modes: vec![
+                (parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }),
+                (parse_mode("xor+zstd3").unwrap(), Profile { p: 2e-6, r: 0.05 }),
+            ],
         };
-        let config = PipelineConfig { workers: 2, segment_chunks: 64, depth: 2, start: parse_mode("none+none").unwrap(), adapt: Some(table), hold: Duration::from_millis(200) };
+        let config = PipelineConfig {
+            workers: 2,
+            segment_chunks: 64,
+            depth: 2,
+            start: parse_mode("none+none").unwrap(),
+            adapt: Some(table),
+            hold: Duration::from_millis(200),
+        };
         let acked = Arc::new(AtomicU64::new(0));
         let mut got = BTreeMap::new();
         let mut seqs = Vec::new();
@@ -307,7 +338,12 @@ mod tests {
         };
         let report = run(&config, chunks.into_iter(), send, acked).unwrap();
         assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "in order");
-        assert!(got == want, "the destination ends with the last version of every chunk ({} of {} chunks differ)", want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(), want.len());
+        assert!(
+            got == want,
+            "the destination ends with the last version of every chunk ({} of {} chunks differ)",
+            want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(),
+            want.len()
+        );
         assert_eq!(report.chunks, 2000);
         assert!(!report.switches.is_empty(), "the slow link made it compress: {:?}", report.trace);
         assert!(report.trace.iter().any(|r| r.mode == "xor+zstd-3"), "{:?}", report.switches);
@@ -318,14 +354,19 @@ mod tests {
     fn a_failing_transport_stops_the_pipeline() {
         let config = PipelineConfig { segment_chunks: 16, ..Default::default() };
         let mut n = 0;
-        let r = run(&config, modified(500).into_iter(), |_, _| {
-            n += 1;
-            if n == 3 {
-                Err(std::io::Error::other("link cut"))
-            } else {
-                Ok(())
-            }
-        }, Arc::new(AtomicU64::new(0)));
+        let r = run(
+            &config,
+            modified(500).into_iter(),
+            |_, _| {
+                n += 1;
+                if n == 3 {
+                    Err(std::io::Error::other("link cut"))
+                } else {
+                    Ok(())
+                }
+            },
+            Arc::new(AtomicU64::new(0)),
+        );
         assert_eq!(r.unwrap_err().to_string(), "link cut");
     }
 

@@ -116,13 +116,21 @@ pub fn encode(mode: Mode, chunks: &[Modified]) -> (Vec<u8>, EncodeStats) {
     let wire = Wire { format: SEGMENT_FORMAT, mode, entries, sha256, payload };
     let mut out = Vec::new();
     ciborium::into_writer(&wire, &mut out).expect("segments encode");
-    let stats = EncodeStats { chunks: chunks.len() as u64, input_bytes: (chunks.len() * CHUNK) as u64, output_bytes: out.len() as u64, seconds: t.elapsed().as_secs_f64() };
+    let stats = EncodeStats {
+        chunks: chunks.len() as u64,
+        input_bytes: (chunks.len() * CHUNK) as u64,
+        output_bytes: out.len() as u64,
+        seconds: t.elapsed().as_secs_f64(),
+    };
     (out, stats)
 }
 
 /// Rebuild the chunks of a segment (untrusted bytes). `own` gives the destination's chunk
 /// at a place (its base, or what an earlier segment put there).
-pub fn decode(bytes: &[u8], own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>) -> Result<Vec<(ChunkId, Vec<u8>)>, String> {
+pub fn decode(
+    bytes: &[u8],
+    own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>,
+) -> Result<Vec<(ChunkId, Vec<u8>)>, String> {
     let wire: Wire = ciborium::from_reader(bytes).map_err(|e| format!("segment: {e}"))?;
     if wire.format != SEGMENT_FORMAT {
         return Err(format!("segment format {} is not {SEGMENT_FORMAT}", wire.format));
@@ -146,7 +154,11 @@ pub fn decode(bytes: &[u8], own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>) -> 
     for e in &wire.entries {
         let bytes = &raw[at..at + e.len as usize];
         at += e.len as usize;
-        let need_own = |own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>| own(e.chunk).ok_or_else(|| format!("{:?} chunk {} refers to a chunk the destination does not have", e.chunk.space, e.chunk.index));
+        let need_own = |own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>| {
+            own(e.chunk).ok_or_else(|| {
+                format!("{:?} chunk {} refers to a chunk the destination does not have", e.chunk.space, e.chunk.index)
+            })
+        };
         let data = match e.kind {
             Kind::Zero => vec![0u8; CHUNK],
             Kind::Base => need_own(own)?,
@@ -180,7 +192,11 @@ mod tests {
                         d
                     }
                 };
-                Modified { chunk: ChunkId { space: if i % 2 == 0 { Space::Memory } else { Space::Disk }, index: i }, data, base: Some(base) }
+                Modified {
+                    chunk: ChunkId { space: if i % 2 == 0 { Space::Memory } else { Space::Disk }, index: i },
+                    data,
+                    base: Some(base),
+                }
             })
             .collect()
     }

@@ -48,12 +48,7 @@ pub enum AppDebsError {
     #[error("app {app}: the guest's package status is unreadable: {detail}")]
     BadStatus { app: String, detail: String },
     #[error("app {app}: installing {count} Debian packages in the guest failed (apt-get exit {code}); it ended with:\n{last_lines}")]
-    Install {
-        app: String,
-        count: usize,
-        code: i32,
-        last_lines: String,
-    },
+    Install { app: String, count: usize, code: i32, last_lines: String },
     #[error("app {app}: after the installation, dpkg does not list {missing:?} as installed in the guest")]
     NotInstalled { app: String, missing: Vec<String> },
 }
@@ -82,14 +77,22 @@ pub enum AppInstallError {
 
 /// Install `app` through `agent`: its Debian packages first (when it names any), then its
 /// files and service ([`AppPackage::install`]).
-pub fn install_app(data: &DataDir, agent: &mut AgentClient, app: &AppPackage) -> Result<Option<DebsInstalled>, AppInstallError> {
+pub fn install_app(
+    data: &DataDir,
+    agent: &mut AgentClient,
+    app: &AppPackage,
+) -> Result<Option<DebsInstalled>, AppInstallError> {
     let debs = install_debs(data, agent, app)?;
     app.install(agent)?;
     Ok(debs)
 }
 
 /// Install the Debian packages `app` names, if any, into the guest behind `agent`.
-pub fn install_debs(data: &DataDir, agent: &mut AgentClient, app: &AppPackage) -> Result<Option<DebsInstalled>, AppDebsError> {
+pub fn install_debs(
+    data: &DataDir,
+    agent: &mut AgentClient,
+    app: &AppPackage,
+) -> Result<Option<DebsInstalled>, AppDebsError> {
     let m = app.manifest();
     if m.debs.is_empty() {
         return Ok(None);
@@ -99,9 +102,8 @@ pub fn install_debs(data: &DataDir, agent: &mut AgentClient, app: &AppPackage) -
     let agent_err = |source| AppDebsError::Agent { app: name.clone(), source };
     let facts = GuestFacts::read(agent, &name, &m.debs)?;
     let apt = GuestApt::new(data);
-    let downloaded = apt
-        .download(&facts.status, &m.debs)
-        .map_err(|source| AppDebsError::Apt { app: name.clone(), source })?;
+    let downloaded =
+        apt.download(&facts.status, &m.debs).map_err(|source| AppDebsError::Apt { app: name.clone(), source })?;
     if !downloaded.files.is_empty() {
         tracing::info!(app = %name, packages = downloaded.files.len(), bytes = downloaded.bytes, "installing Debian packages in the guest");
         for file in &downloaded.files {
@@ -117,7 +119,8 @@ pub fn install_debs(data: &DataDir, agent: &mut AgentClient, app: &AppPackage) -
         );
         let installed = agent.exec(&["sh", "-c", &script], INSTALL_TIMEOUT);
         // Whatever happened: no .debs or apt caches left behind in the guest.
-        let cleaned = agent.exec_ok(&["sh", "-c", &format!("rm -rf {GUEST_DEB_DIR} && apt-get clean")], Duration::from_secs(300));
+        let cleaned =
+            agent.exec_ok(&["sh", "-c", &format!("rm -rf {GUEST_DEB_DIR} && apt-get clean")], Duration::from_secs(300));
         let out = installed.map_err(agent_err)?;
         if out.code != 0 || out.timed_out {
             return Err(AppDebsError::Install {
@@ -157,10 +160,7 @@ impl GuestFacts {
                       echo \"arch=$(dpkg --print-architecture 2>/dev/null)\"";
         let out = agent.exec_ok(&["sh", "-c", script], Duration::from_secs(60)).map_err(agent_err)?;
         let value = |key: &str| {
-            out.stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
-                .unwrap_or_default()
+            out.stdout.lines().find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string())).unwrap_or_default()
         };
         let (os, arch) = (value("os="), value("arch="));
         let wanted = format!("debian {}", crate::debian::SUITE);

@@ -75,9 +75,7 @@ pub struct GuestApt {
 
 impl GuestApt {
     pub fn new(data: &DataDir) -> Self {
-        Self {
-            root: data.root().join("cache").join("apt"),
-        }
+        Self { root: data.root().join("cache").join("apt") }
     }
 
     pub fn archives(&self) -> PathBuf {
@@ -149,7 +147,10 @@ impl GuestApt {
         };
         entries
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with("_Packages") || e.file_name().to_string_lossy().contains("_Packages."))
+            .filter(|e| {
+                e.file_name().to_string_lossy().ends_with("_Packages")
+                    || e.file_name().to_string_lossy().contains("_Packages.")
+            })
             .filter_map(|e| e.metadata().ok()?.modified().ok())
             .any(|t| SystemTime::now().duration_since(t).unwrap_or_default() < max_age)
     }
@@ -170,10 +171,7 @@ impl GuestApt {
                 tracing::warn!(apt_said = %said, "apt-get update failed; using the package lists at hand");
                 return Ok(());
             }
-            return Err(AptError::Update {
-                sources: self.sources(),
-                apt_said: said,
-            });
+            return Err(AptError::Update { sources: self.sources(), apt_said: said });
         }
         Ok(())
     }
@@ -212,27 +210,17 @@ impl GuestApt {
             if let Some(package) = unknown_package(&out) {
                 return Err(AptError::UnknownPackage { package });
             }
-            return Err(AptError::Unresolvable {
-                packages: names,
-                apt_said: apt_errors(&out),
-            });
+            return Err(AptError::Unresolvable { packages: names, apt_said: apt_errors(&out) });
         }
         let planned = parse_simulation(&String::from_utf8_lossy(&out.stdout));
         if planned.is_empty() {
-            return Ok(DownloadedDebs {
-                planned,
-                files: Vec::new(),
-                bytes: 0,
-            });
+            return Ok(DownloadedDebs { planned, files: Vec::new(), bytes: 0 });
         }
         let mut download = install.clone();
         download.insert(1, "--download-only");
         let out = self.apt_get(status, &download)?;
         if !out.status.success() {
-            return Err(AptError::Download {
-                packages: names,
-                apt_said: apt_errors(&out),
-            });
+            return Err(AptError::Download { packages: names, apt_said: apt_errors(&out) });
         }
         let archives = self.archives();
         let mut files = Vec::new();
@@ -241,12 +229,7 @@ impl GuestApt {
             let file = archives.join(p.file_name());
             match std::fs::metadata(&file) {
                 Ok(m) => bytes += m.len(),
-                Err(_) => {
-                    return Err(AptError::NotDownloaded {
-                        file: p.file_name(),
-                        dir: archives,
-                    })
-                }
+                Err(_) => return Err(AptError::NotDownloaded { file: p.file_name(), dir: archives }),
             }
             files.push(file);
         }
@@ -266,7 +249,8 @@ pub fn parse_simulation(stdout: &str) -> Vec<PlannedDeb> {
             let version = paren.split_whitespace().next()?.to_string();
             let arch = paren[paren.rfind('[')? + 1..].split(']').next()?.to_string();
             let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+.-:~_".contains(c));
-            (forage_agent::app::is_debian_package_name(&package) && plain(&version) && plain(&arch)).then_some(PlannedDeb { package, version, arch })
+            (forage_agent::app::is_debian_package_name(&package) && plain(&version) && plain(&arch))
+                .then_some(PlannedDeb { package, version, arch })
         })
         .collect()
 }
@@ -308,7 +292,10 @@ mod tests {
             Inst evil/../x (1 Debian [amd64])\n";
         let p = parse_simulation(out);
         assert_eq!(p.len(), 3, "{p:?}");
-        assert_eq!(p[0], PlannedDeb { package: "libc6".into(), version: "2.36-9+deb12u13".into(), arch: "amd64".into() });
+        assert_eq!(
+            p[0],
+            PlannedDeb { package: "libc6".into(), version: "2.36-9+deb12u13".into(), arch: "amd64".into() }
+        );
         assert_eq!(p[1].file_name(), "tesseract-ocr-eng_1%3a4.1.0-2_all.deb");
         assert_eq!(p[2].package, "libstdc++6");
     }
@@ -317,7 +304,9 @@ mod tests {
     fn every_apt_path_is_ours_but_the_status() {
         let apt = GuestApt { root: "/d/cache/apt".into() };
         let opts = apt.options(Path::new("/d/cache/apt/run-1/status")).join(" ");
-        for key in ["SourceList", "SourceParts", "PreferencesParts", "Lists", "Cache::Archives", "Dir::Log", "extended_states"] {
+        for key in
+            ["SourceList", "SourceParts", "PreferencesParts", "Lists", "Cache::Archives", "Dir::Log", "extended_states"]
+        {
             let v = opts.split(' ').find(|o| o.contains(key)).unwrap();
             assert!(v.contains("=/d/cache/apt"), "{v}");
         }

@@ -81,11 +81,7 @@ struct GuestFile {
 
 macro_rules! guest_file {
     ($path:literal, $mode:literal) => {
-        GuestFile {
-            path: $path,
-            mode: $mode,
-            text: include_str!(concat!("../guest/debian-12/overlay/", $path)),
-        }
+        GuestFile { path: $path, mode: $mode, text: include_str!(concat!("../guest/debian-12/overlay/", $path)) }
     };
 }
 
@@ -106,7 +102,12 @@ const OVERLAY: &[GuestFile] = &[
 /// Where the forage agent goes in the guest.
 const AGENT_PATH: &str = "usr/local/sbin/forage-agent";
 
-pub(crate) fn build(data: &DataDir, opts: &BuildOptions, agent: &[u8], agent_sha256: String) -> Result<BuildOutcome, ImageError> {
+pub(crate) fn build(
+    data: &DataDir,
+    opts: &BuildOptions,
+    agent: &[u8],
+    agent_sha256: String,
+) -> Result<BuildOutcome, ImageError> {
     let start = Instant::now();
     let disk_mib = opts.disk_mib.unwrap_or(DEFAULT_DISK_MIB);
     let memory_mib = opts.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
@@ -197,7 +198,13 @@ fn check_root() -> Result<(), ImageError> {
 
 /// Build the tree with mmdebstrap, take the boot files out, make the disk. Returns the
 /// kernel package (`name=version`) and every installed package.
-fn assemble(data: &DataDir, work: &Path, log: &Path, agent: &[u8], disk_mib: u64) -> Result<(String, Vec<String>), ImageError> {
+fn assemble(
+    data: &DataDir,
+    work: &Path,
+    log: &Path,
+    agent: &[u8],
+    disk_mib: u64,
+) -> Result<(String, Vec<String>), ImageError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ImageError::Io { path, source }
@@ -247,7 +254,8 @@ fn assemble(data: &DataDir, work: &Path, log: &Path, agent: &[u8], disk_mib: u64
     // mmdebstrap empties the machine id (for reproducible trees); an image with none
     // would get a new one at every boot. One per image build.
     let machine_id = tree.join("etc/machine-id");
-    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(io(Path::new("/proc/sys/kernel/random/uuid")))?;
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map_err(io(Path::new("/proc/sys/kernel/random/uuid")))?;
     std::fs::write(&machine_id, format!("{}\n", uuid.trim().replace('-', ""))).map_err(io(&machine_id))?;
     let made = crate::make_ext4(&work.join("disk.raw"), &tree, "forage-root", disk_mib);
     remove_tree(&tree);
@@ -257,10 +265,7 @@ fn assemble(data: &DataDir, work: &Path, log: &Path, agent: &[u8], disk_mib: u64
 }
 
 fn not_in_tree(what: &str) -> ImageError {
-    ImageError::NotInPackage {
-        what: what.to_string(),
-        package: format!("{NAME} tree built by mmdebstrap"),
-    }
+    ImageError::NotInPackage { what: what.to_string(), package: format!("{NAME} tree built by mmdebstrap") }
 }
 
 fn run_mmdebstrap(recipe: &Path, overlay: &Path, debs: &Path, tree: &Path, log: &Path) -> Result<(), ImageError> {
@@ -280,24 +285,15 @@ fn run_mmdebstrap(recipe: &Path, overlay: &Path, debs: &Path, tree: &Path, log: 
         .arg(SUITE)
         .arg(tree)
         .args(APT_SOURCES);
-    let log_file = std::fs::File::create(log).map_err(|source| ImageError::Io {
-        path: log.to_path_buf(),
-        source,
-    })?;
-    let log_err = log_file.try_clone().map_err(|source| ImageError::Io {
-        path: log.to_path_buf(),
-        source,
-    })?;
+    let log_file = std::fs::File::create(log).map_err(|source| ImageError::Io { path: log.to_path_buf(), source })?;
+    let log_err = log_file.try_clone().map_err(|source| ImageError::Io { path: log.to_path_buf(), source })?;
     tracing::info!(tree = %tree.display(), "mmdebstrap");
     let status = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log_file)
         .stderr(log_err)
         .status()
-        .map_err(|e| ImageError::Tool {
-            tool: "mmdebstrap",
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| ImageError::Tool { tool: "mmdebstrap", detail: e.to_string() })?;
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(12).collect();
@@ -314,9 +310,7 @@ pub fn installed_packages(status: &str) -> Vec<String> {
     let mut out = Vec::new();
     for para in status.split("\n\n") {
         let field = |name: &str| {
-            para.lines()
-                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
-                .map(str::trim)
+            para.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(str::trim)
         };
         if let (Some(p), Some(v), Some(s)) = (field("Package"), field("Version"), field("Status")) {
             if s.ends_with(" installed") {

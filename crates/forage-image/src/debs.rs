@@ -34,10 +34,7 @@ pub fn resolve_meta(meta: &str, prefix: &str, cache: &Path) -> Result<String, Im
         let name = file.split('_').next().unwrap_or_default().to_string();
         return Ok(name);
     }
-    Err(ImageError::PackageUnknown {
-        package: meta.to_string(),
-        hint: "run `apt-get update` first".to_string(),
-    })
+    Err(ImageError::PackageUnknown { package: meta.to_string(), hint: "run `apt-get update` first".to_string() })
 }
 
 /// Fetch `package` into `cache` (unless a `.deb` of it is there) and unpack it under
@@ -53,15 +50,9 @@ pub fn fetch_and_unpack(package: &str, cache: &Path, extract: &Path) -> Result<U
                 .args(["download", "-q", package])
                 .current_dir(cache)
                 .output()
-                .map_err(|e| ImageError::Tool {
-                    tool: "apt-get",
-                    detail: e.to_string(),
-                })?;
+                .map_err(|e| ImageError::Tool { tool: "apt-get", detail: e.to_string() })?;
             if !out.status.success() {
-                return Err(ImageError::Download {
-                    package: package.to_string(),
-                    apt_said: last_line(&out.stderr),
-                });
+                return Err(ImageError::Download { package: package.to_string(), apt_said: last_line(&out.stderr) });
             }
             cached(cache, &format!("{package}_"))?.ok_or_else(|| ImageError::Download {
                 package: package.to_string(),
@@ -80,20 +71,11 @@ pub fn fetch_and_unpack(package: &str, cache: &Path, extract: &Path) -> Result<U
             .arg(cache.join(&file))
             .arg(&root)
             .output()
-            .map_err(|e| ImageError::Tool {
-                tool: "dpkg-deb",
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| ImageError::Tool { tool: "dpkg-deb", detail: e.to_string() })?;
         if !out.status.success() {
-            return Err(ImageError::Unpack {
-                file: cache.join(&file),
-                detail: last_line(&out.stderr),
-            });
+            return Err(ImageError::Unpack { file: cache.join(&file), detail: last_line(&out.stderr) });
         }
-        std::fs::write(&done, b"").map_err(|source| ImageError::Io {
-            path: done.clone(),
-            source,
-        })?;
+        std::fs::write(&done, b"").map_err(|source| ImageError::Io { path: done.clone(), source })?;
     }
     Ok(UnpackedDeb { file, root })
 }
@@ -114,17 +96,10 @@ fn cached(cache: &Path, prefix: &str) -> Result<Option<String>, ImageError> {
 }
 
 fn mkdir(p: &Path) -> Result<(), ImageError> {
-    std::fs::create_dir_all(p).map_err(|source| ImageError::Io {
-        path: p.to_path_buf(),
-        source,
-    })
+    std::fs::create_dir_all(p).map_err(|source| ImageError::Io { path: p.to_path_buf(), source })
 }
 
 fn last_line(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty() && !l.starts_with("W:"))
-        .unwrap_or("")
-        .to_string()
+    text.lines().rev().find(|l| !l.trim().is_empty() && !l.starts_with("W:")).unwrap_or("").to_string()
 }

@@ -17,10 +17,7 @@ pub enum Entry<'a> {
 
 /// Write `entries` (parents before children) as a newc archive owned by root.
 pub fn write(out: &Path, entries: &[Entry<'_>]) -> Result<(), ImageError> {
-    let io = |source| ImageError::Io {
-        path: out.to_path_buf(),
-        source,
-    };
+    let io = |source| ImageError::Io { path: out.to_path_buf(), source };
     let mut w = BufWriter::new(File::create(out).map_err(io)?);
     for (ino, e) in entries.iter().enumerate() {
         let (name, mode, data, rdev): (&str, u32, &[u8], Option<(u32, u32)>) = match e {

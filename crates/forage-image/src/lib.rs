@@ -17,246 +17,26 @@
 
 pub mod app_debs;
 pub mod apt;
-mod debs;
+mod build;
 pub mod debian;
+mod debs;
 mod ensure;
-pub mod vms;
+mod error;
+mod guest;
 pub mod initramfs;
 pub mod manifest;
 pub mod modules;
+mod recipe;
 mod run;
 pub mod tiny;
-
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use forage_datadir::DataDir;
-use sha2::{Digest, Sha256};
+pub mod vms;
 
 pub use manifest::{ImageManifest, ManifestError, RootFs, IMAGE_FORMAT, IMAGE_KIND};
 pub use run::{forwards_on, loopback_forwards, BootError, GuestImage, ReadyGuest, RunPaths};
 
+pub use build::{build, DEBIAN_12, RECIPES, TINY};
 pub use ensure::ensure;
-
-/// Printed on the serial console once the agent runs.
-pub const READY_MARKER: &str = "FORAGE-READY";
-/// Guest port of the agent (see `forage-agent`).
-pub const AGENT_PORT: u16 = forage_agent::AGENT_PORT;
-/// The busybox image.
-pub const TINY: &str = tiny::NAME;
-/// The Debian 12 (bookworm) image.
-pub const DEBIAN_12: &str = debian::NAME;
-/// Every recipe `forage image build` knows.
-pub const RECIPES: &[&str] = &[TINY, DEBIAN_12];
-/// The operating system forage guest images run (Linux on x86-64): what service VMs and
-/// packed applications name to be matched.
-pub const GUEST_OS: &str = "linux-x86_64";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    #[error("guest image {name} is not built in {dir}: run `forage image build {name}`")]
-    NotBuilt { name: String, dir: PathBuf },
-    #[error("unknown image recipe {name:?}: the recipes are {}", RECIPES.join(", "))]
-    UnknownRecipe { name: String },
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    #[error("apt knows no package {package}: {hint}")]
-    PackageUnknown { package: String, hint: String },
-    #[error("apt-get download {package} failed: {apt_said}")]
-    Download { package: String, apt_said: String },
-    #[error("cannot unpack {file}: {detail}")]
-    Unpack { file: PathBuf, detail: String },
-    #[error("{tool} is needed to build guest images: {detail} (install it with apt-get, or run scripts/deps.sh)")]
-    Tool { tool: &'static str, detail: String },
-    #[error("mmdebstrap failed (its whole output is in {log}); it ended with:\n{tail}")]
-    Mmdebstrap { log: PathBuf, tail: String },
-    #[error("{what} not found in the unpacked {package} package")]
-    NotInPackage { what: String, package: String },
-    #[error("kernel module {module} is needed but not in the kernel package")]
-    ModuleMissing { module: String },
-    #[error("{path}: not a readable kernel module: {detail}")]
-    BadModule { path: PathBuf, detail: String },
-    #[error("the guest binary {name} was not found (looked in {looked}); build it with `make guest`")]
-    GuestBinaryMissing { name: String, looked: String },
-    #[error("{path} cannot run in the guest: {detail}")]
-    NotStatic { path: PathBuf, detail: String },
-    #[error("{what} is too large for the initramfs")]
-    TooLarge { what: String },
-    #[error("mkfs.ext4 failed on {path}: {detail}")]
-    Mkfs { path: PathBuf, detail: String },
-    #[error(transparent)]
-    DataDir(#[from] forage_datadir::DataDirError),
-    #[error("{path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// How to build an image.
-#[derive(Debug, Clone)]
-pub struct BuildOptions {
-    /// The static guest agent binary (see [`locate_guest_binary`]).
-    pub agent_binary: PathBuf,
-    /// Size of the disk; `None`: the recipe's (tiny 64 MiB, debian-12 4 GiB).
-    pub disk_mib: Option<u64>,
-    /// Guest RAM; `None`: the recipe's (tiny 256 MiB, debian-12 1 GiB).
-    pub memory_mib: Option<u64>,
-    /// Rebuild even if the recipe matches the cached image.
-    pub force: bool,
-}
-
-impl BuildOptions {
-    /// The recipe's sizes and the given agent.
-    pub fn new(agent_binary: PathBuf) -> Self {
-        Self {
-            agent_binary,
-            disk_mib: None,
-            memory_mib: None,
-            force: false,
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct BuildOutcome {
-    pub image: GuestImage,
-    pub cached: bool,
-    pub took: Duration,
-}
-
-/// Build (or find cached) the image `name`.
-pub fn build(data: &DataDir, name: &str, opts: &BuildOptions) -> Result<BuildOutcome, ImageError> {
-    if !RECIPES.contains(&name) {
-        return Err(ImageError::UnknownRecipe { name: name.to_string() });
-    }
-    let agent = std::fs::read(&opts.agent_binary).map_err(|source| ImageError::Io {
-        path: opts.agent_binary.clone(),
-        source,
-    })?;
-    let agent_sha256 = hex::encode(Sha256::digest(&agent));
-    match name {
-        tiny::NAME => tiny::build(data, opts, &agent, agent_sha256),
-        _ => debian::build(data, opts, &agent, agent_sha256),
-    }
-}
-
-/// The cached image `name` if its recipe digest is `recipe` (and no rebuild is forced).
-fn cached(data: &DataDir, name: &str, recipe: &str, opts: &BuildOptions, start: Instant) -> Option<BuildOutcome> {
-    if opts.force {
-        return None;
-    }
-    let image = GuestImage::open(data, name).ok()?;
-    (image.manifest().recipe_digest == recipe).then(|| BuildOutcome {
-        image,
-        cached: true,
-        took: start.elapsed(),
-    })
-}
-
-/// A fresh folder to build image `name` in.
-fn partial_dir(data: &DataDir, name: &str) -> Result<PathBuf, ImageError> {
-    let work = data.images().join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    DataDir::ensure(&work)?;
-    Ok(work)
-}
-
-/// Write `image.json` into the finished `work` folder and move it into place.
-fn finish(data: &DataDir, work: &Path, manifest: ImageManifest, start: Instant) -> Result<BuildOutcome, ImageError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { path, source }
-    };
-    let final_dir = data.image(&manifest.name)?;
-    let mpath = work.join("image.json");
-    std::fs::write(&mpath, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(&mpath))?;
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(work, &final_dir).map_err(io(&final_dir))?;
-    Ok(BuildOutcome {
-        image: GuestImage::open(data, &manifest.name)?,
-        cached: false,
-        took: start.elapsed(),
-    })
-}
-
-/// The first entry of `dir` whose name starts with `prefix`.
-fn find_prefixed(dir: &Path, prefix: &str) -> Result<Option<PathBuf>, ImageError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ImageError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut found: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
-        .collect();
-    found.sort();
-    Ok(found.pop())
-}
-
-/// An ext4 file system of `mib` MiB in `path` (sparse), holding the tree `from`. 4 KiB
-/// blocks, so that file data lines up with 4 KiB chunks and guest pages (mkfs would pick
-/// 1 KiB blocks for a small disk, and no file page would ever match a disk chunk).
-fn make_ext4(path: &Path, from: &Path, label: &str, mib: u64) -> Result<(), ImageError> {
-    let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", label, "-b", "4096", "-E", "root_owner=0:0,nodiscard", "-d"])
-        .arg(from)
-        .arg(path)
-        .arg(format!("{mib}M"))
-        .output()
-        .map_err(|e| ImageError::Tool {
-            tool: "mkfs.ext4 (e2fsprogs)",
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::Mkfs {
-            path: path.to_path_buf(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// The agent must run without a dynamic loader (the tiny initramfs has none): refuse
-/// binaries that need one.
-fn check_static(path: &Path, data: &[u8]) -> Result<(), ImageError> {
-    use object::Object;
-    let file = object::File::parse(data).map_err(|e| ImageError::NotStatic {
-        path: path.to_path_buf(),
-        detail: format!("not an ELF executable: {e}"),
-    })?;
-    if file.section_by_name(".interp").is_some() {
-        return Err(ImageError::NotStatic {
-            path: path.to_path_buf(),
-            detail: "it is dynamically linked (build it with `make guest`)".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Find a static guest binary (or app folder) built by `make guest`: `$FORAGE_GUEST_DIR`,
-/// then `../guest` and `../../guest` from the running executable (cargo's target layout:
-/// `target/release/forage` and `target/debug/deps/<test>` both find `target/guest/`), then
-/// `../lib/forage/guest` (an installed layout). Never the executable's own folder: cargo
-/// puts dynamically linked builds of the same binaries there.
-pub fn locate_guest_binary(name: &str) -> Result<PathBuf, ImageError> {
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("FORAGE_GUEST_DIR").filter(|d| !d.is_empty()) {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        dirs.push(exe_dir.join("../guest"));
-        dirs.push(exe_dir.join("../../guest"));
-        dirs.push(exe_dir.join("../lib/forage/guest"));
-    }
-    dirs.iter()
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
-        .ok_or_else(|| ImageError::GuestBinaryMissing {
-            name: name.to_string(),
-            looked: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
-        })
-}
-
+pub use error::ImageError;
+pub use guest::{AGENT_PORT, GUEST_OS, READY_MARKER};
+pub(crate) use recipe::{cached, check_static, find_prefixed, finish, make_ext4, partial_dir};
+pub use recipe::{locate_guest_binary, BuildOptions, BuildOutcome};

@@ -85,20 +85,14 @@ pub enum ManifestError {
 impl ImageManifest {
     /// Parse `image.json` text read from `path` (named in errors).
     pub fn parse(path: &Path, text: &[u8]) -> Result<Self, ManifestError> {
-        let bad = |detail: String| ManifestError::Bad {
-            path: path.to_path_buf(),
-            detail,
-        };
+        let bad = |detail: String| ManifestError::Bad { path: path.to_path_buf(), detail };
         let raw: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
         if raw["kind"] != IMAGE_KIND {
             return Err(bad(format!("kind is {}, expected {IMAGE_KIND}", raw["kind"])));
         }
         let found = raw["format"].as_u64().ok_or_else(|| bad("no format number".into()))?;
         if found > IMAGE_FORMAT as u64 {
-            return Err(ManifestError::Newer {
-                path: path.to_path_buf(),
-                found,
-            });
+            return Err(ManifestError::Newer { path: path.to_path_buf(), found });
         }
         let m: ImageManifest = serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
         for file in [&m.kernel, &m.initrd, &m.disk] {
@@ -128,7 +122,10 @@ mod tests {
     #[test]
     fn format_1_reads_as_tiny() {
         let m = ImageManifest::parse(Path::new("image.json"), v1().to_string().as_bytes()).unwrap();
-        assert_eq!((m.root, m.disk_mount.as_str(), m.guest_agent, m.os.as_str()), (RootFs::Initramfs, "/data", false, "busybox"));
+        assert_eq!(
+            (m.root, m.disk_mount.as_str(), m.guest_agent, m.os.as_str()),
+            (RootFs::Initramfs, "/data", false, "busybox")
+        );
         assert!(m.busybox_package.unwrap().starts_with("busybox-static"));
     }
 
@@ -149,6 +146,9 @@ mod tests {
         assert!(ImageManifest::parse(Path::new("i"), v.to_string().as_bytes()).is_err());
         let mut v = v1();
         v["kernel"] = "../../etc/passwd".into();
-        assert!(ImageManifest::parse(Path::new("i"), v.to_string().as_bytes()).unwrap_err().to_string().contains("plain name"));
+        assert!(ImageManifest::parse(Path::new("i"), v.to_string().as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("plain name"));
     }
 }

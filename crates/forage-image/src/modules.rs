@@ -44,10 +44,7 @@ fn visit(
     for dep in depends(path)? {
         visit(&dep, index, builtin, seen, order, depth + 1)?;
     }
-    order.push(Module {
-        name: name.to_string(),
-        path: path.clone(),
-    });
+    order.push(Module { name: name.to_string(), path: path.clone() });
     Ok(())
 }
 
@@ -85,18 +82,10 @@ fn builtin(dir: &Path) -> HashSet<String> {
 
 /// The `depends=` entry of a module's `.modinfo` section.
 pub fn depends(ko: &Path) -> Result<Vec<String>, ImageError> {
-    let bad = |detail: String| ImageError::BadModule {
-        path: ko.to_path_buf(),
-        detail,
-    };
-    let data = std::fs::read(ko).map_err(|source| ImageError::Io {
-        path: ko.to_path_buf(),
-        source,
-    })?;
+    let bad = |detail: String| ImageError::BadModule { path: ko.to_path_buf(), detail };
+    let data = std::fs::read(ko).map_err(|source| ImageError::Io { path: ko.to_path_buf(), source })?;
     let file = object::File::parse(&*data).map_err(|e| bad(e.to_string()))?;
-    let section = file
-        .section_by_name(".modinfo")
-        .ok_or_else(|| bad("no .modinfo section".into()))?;
+    let section = file.section_by_name(".modinfo").ok_or_else(|| bad("no .modinfo section".into()))?;
     let info = section.data().map_err(|e| bad(e.to_string()))?;
     Ok(parse_depends(info))
 }

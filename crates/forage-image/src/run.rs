@@ -37,10 +37,7 @@ impl GuestImage {
     pub fn open(data: &DataDir, name: &str) -> Result<Self, ImageError> {
         let dir = data.image(name)?;
         Self::open_dir(&dir).map_err(|e| match e {
-            ImageError::Io { .. } => ImageError::NotBuilt {
-                name: name.to_string(),
-                dir: dir.clone(),
-            },
+            ImageError::Io { .. } => ImageError::NotBuilt { name: name.to_string(), dir: dir.clone() },
             e => e,
         })
     }
@@ -50,10 +47,7 @@ impl GuestImage {
         let path = dir.join("image.json");
         let text = std::fs::read(&path).map_err(|source| ImageError::Io { path: path.clone(), source })?;
         let manifest = ImageManifest::parse(&path, &text)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-        })
+        Ok(Self { dir: dir.to_path_buf(), manifest })
     }
 
     pub fn dir(&self) -> &Path {
@@ -72,20 +66,12 @@ impl GuestImage {
     /// holes kept) and the given extra guest ports forwarded to loopback. Returns the spec
     /// and the host port of the agent, then of each extra port.
     pub fn fresh_run(&self, name: &str, run: &RunPaths, guest_ports: &[u16]) -> Result<(VmSpec, Vec<u16>), ImageError> {
-        std::fs::create_dir_all(&run.dir).map_err(|source| ImageError::Io {
-            path: run.dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&run.dir).map_err(|source| ImageError::Io { path: run.dir.clone(), source })?;
         let disk = run.dir.join("disk0.raw");
-        forage_vm::sparse::copy_sparse(&self.disk(), &disk).map_err(|source| ImageError::Io {
-            path: disk.clone(),
-            source,
-        })?;
+        forage_vm::sparse::copy_sparse(&self.disk(), &disk)
+            .map_err(|source| ImageError::Io { path: disk.clone(), source })?;
         let forwards = loopback_forwards(std::iter::once(self.manifest.agent_port).chain(guest_ports.iter().copied()))
-            .map_err(|source| ImageError::Io {
-                path: "127.0.0.1".into(),
-                source,
-            })?;
+            .map_err(|source| ImageError::Io { path: "127.0.0.1".into(), source })?;
         let host_ports = forwards.iter().map(|f| f.host_port).collect();
         let spec = VmSpec {
             name: name.to_string(),
@@ -99,19 +85,10 @@ impl GuestImage {
                 initrd: self.dir.join(&self.manifest.initrd),
                 cmdline: self.manifest.cmdline.clone(),
             }),
-            disks: vec![DiskSpec {
-                path: disk,
-                format: forage_vm::DiskFormat::Raw,
-                read_only: false,
-                discard: true,
-            }],
+            disks: vec![DiskSpec { path: disk, format: forage_vm::DiskFormat::Raw, read_only: false, discard: true }],
             nic: Some(NicSpec { forwards }),
-            balloon: Some(BalloonSpec {
-                free_page_reporting: true,
-            }),
-            guest_agent: self.manifest.guest_agent.then(|| GuestAgentSpec {
-                socket: run.guest_agent_socket(),
-            }),
+            balloon: Some(BalloonSpec { free_page_reporting: true }),
+            guest_agent: self.manifest.guest_agent.then(|| GuestAgentSpec { socket: run.guest_agent_socket() }),
             virtio_rng: self.manifest.virtio_rng,
             serial_log: run.dir.join("serial.log"),
             qmp_socket: run.qmp_socket.clone(),
@@ -130,16 +107,15 @@ pub fn loopback_forwards(guest_ports: impl IntoIterator<Item = u16>) -> std::io:
 }
 
 /// Forwards from free ports of `host_addr` to the given guest ports.
-pub fn forwards_on(host_addr: std::net::Ipv4Addr, guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
+pub fn forwards_on(
+    host_addr: std::net::Ipv4Addr,
+    guest_ports: impl IntoIterator<Item = u16>,
+) -> std::io::Result<Vec<PortForward>> {
     let mut held = Vec::new();
     let mut out = Vec::new();
     for guest_port in guest_ports {
         let l = std::net::TcpListener::bind((host_addr, 0))?;
-        out.push(PortForward {
-            host_addr,
-            host_port: l.local_addr()?.port(),
-            guest_port,
-        });
+        out.push(PortForward { host_addr, host_port: l.local_addr()?.port(), guest_port });
         held.push(l); // keep bound until all are chosen, so none repeats
     }
     Ok(out)
@@ -190,12 +166,7 @@ impl GuestImage {
         let vm = forage_vm::Vm::boot(spec, accel, &run.dir.join("qemu.log")).await?;
         vm.wait_for_serial(&self.manifest.ready_marker, timeout).await?;
         let agent_port = ports.remove(0);
-        Ok(ReadyGuest {
-            vm,
-            agent_port,
-            ports,
-            boot_time: start.elapsed(),
-        })
+        Ok(ReadyGuest { vm, agent_port, ports, boot_time: start.elapsed() })
     }
 }
 

@@ -26,7 +26,12 @@ const BUSYBOX: &str = "busybox-static";
 const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "virtio_balloon"];
 const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off 8250.nr_uarts=1";
 
-pub(crate) fn build(data: &DataDir, opts: &BuildOptions, agent: &[u8], agent_sha256: String) -> Result<BuildOutcome, ImageError> {
+pub(crate) fn build(
+    data: &DataDir,
+    opts: &BuildOptions,
+    agent: &[u8],
+    agent_sha256: String,
+) -> Result<BuildOutcome, ImageError> {
     let start = Instant::now();
     let disk_mib = opts.disk_mib.unwrap_or(DEFAULT_DISK_MIB);
     let memory_mib = opts.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
@@ -40,30 +45,31 @@ pub(crate) fn build(data: &DataDir, opts: &BuildOptions, agent: &[u8], agent_sha
     let busybox_deb = debs::fetch_and_unpack(BUSYBOX, &data.deb_cache(), &data.extract_cache())?;
 
     let work = crate::partial_dir(data, NAME)?;
-    let result = assemble(&work, &kernel_deb, &busybox_deb, agent, disk_mib).map(|(kernel_file, modules)| ImageManifest {
-        kind: IMAGE_KIND.into(),
-        format: IMAGE_FORMAT,
-        name: NAME.into(),
-        recipe_digest: recipe,
-        os: "busybox".into(),
-        root: RootFs::Initramfs,
-        kernel_package: kernel_deb.file.clone(),
-        busybox_package: Some(busybox_deb.file.clone()),
-        agent_sha256,
-        modules,
-        kernel: kernel_file,
-        initrd: "initrd.img".into(),
-        disk: "disk.raw".into(),
-        disk_mib,
-        disk_mount: "/data".into(),
-        cmdline: KERNEL_CMDLINE.into(),
-        memory_mib,
-        ready_marker: READY_MARKER.into(),
-        agent_port: AGENT_PORT,
-        guest_agent: false,
-        virtio_rng: false,
-        packages: Vec::new(),
-    });
+    let result =
+        assemble(&work, &kernel_deb, &busybox_deb, agent, disk_mib).map(|(kernel_file, modules)| ImageManifest {
+            kind: IMAGE_KIND.into(),
+            format: IMAGE_FORMAT,
+            name: NAME.into(),
+            recipe_digest: recipe,
+            os: "busybox".into(),
+            root: RootFs::Initramfs,
+            kernel_package: kernel_deb.file.clone(),
+            busybox_package: Some(busybox_deb.file.clone()),
+            agent_sha256,
+            modules,
+            kernel: kernel_file,
+            initrd: "initrd.img".into(),
+            disk: "disk.raw".into(),
+            disk_mib,
+            disk_mount: "/data".into(),
+            cmdline: KERNEL_CMDLINE.into(),
+            memory_mib,
+            ready_marker: READY_MARKER.into(),
+            agent_port: AGENT_PORT,
+            guest_agent: false,
+            virtio_rng: false,
+            packages: Vec::new(),
+        });
     match result {
         Ok(manifest) => crate::finish(data, &work, manifest, start),
         Err(e) => {

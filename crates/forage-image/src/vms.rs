@@ -57,11 +57,21 @@ pub async fn restore_fresh(snap: &Snapshot, name: &str, run: &RunPaths, accel: A
         let path = path.to_path_buf();
         move |source| RestoreRunError::Io { path, source }
     };
-    let guest_ports: Vec<u16> = snap.manifest().spec.nic.as_ref().map(|n| n.forwards.iter().map(|f| f.guest_port).collect()).unwrap_or_default();
+    let guest_ports: Vec<u16> = snap
+        .manifest()
+        .spec
+        .nic
+        .as_ref()
+        .map(|n| n.forwards.iter().map(|f| f.guest_port).collect())
+        .unwrap_or_default();
     let forwards = crate::loopback_forwards(guest_ports).map_err(io(std::path::Path::new("127.0.0.1")))?;
     let _ = std::fs::remove_dir_all(&run.dir);
     std::fs::create_dir_all(&run.dir).map_err(io(&run.dir))?;
     let mut spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(forwards));
     spec.name = name.to_string();
-    Vm::restore(snap, spec, accel, &run.dir.join("qemu.log")).await.map_err(|source| RestoreRunError::Restore { name: name.into(), dir: snap.dir().to_path_buf(), source })
+    Vm::restore(snap, spec, accel, &run.dir.join("qemu.log")).await.map_err(|source| RestoreRunError::Restore {
+        name: name.into(),
+        dir: snap.dir().to_path_buf(),
+        source,
+    })
 }

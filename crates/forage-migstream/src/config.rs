@@ -59,10 +59,7 @@ impl Configuration {
             expected: "a UTF-8 machine name",
             found: "non-UTF-8 bytes".into(),
         })?;
-        let mut cfg = Configuration {
-            machine,
-            ..Default::default()
-        };
+        let mut cfg = Configuration { machine, ..Default::default() };
         while inp.peek("configuration subsection or next section")? == Some(section::SUBSECTION) {
             inp.u8("subsection marker")?;
             let name_at = inp.pos();
@@ -112,10 +109,7 @@ impl Configuration {
     pub(crate) fn write<W: Write>(&self, w: &mut W) -> Result<(), WriteError> {
         let name = self.machine.as_bytes();
         if name.len() > MAX_MACHINE_NAME as usize {
-            return Err(WriteError::Invalid(format!(
-                "machine name of {} bytes",
-                name.len()
-            )));
+            return Err(WriteError::Invalid(format!("machine name of {} bytes", name.len())));
         }
         w.write_all(&[section::CONFIGURATION])?;
         w.write_all(&(name.len() as u32).to_be_bytes())?;
@@ -148,8 +142,8 @@ fn write_sub<W: Write>(w: &mut W, name: &str) -> Result<(), WriteError> {
 
 /// A `u8` length and the bytes of `name`.
 pub(crate) fn write_name<W: Write>(w: &mut W, name: &str) -> Result<(), WriteError> {
-    let len = u8::try_from(name.len())
-        .map_err(|_| WriteError::Invalid(format!("name {name:?} is longer than 255 bytes")))?;
+    let len =
+        u8::try_from(name.len()).map_err(|_| WriteError::Invalid(format!("name {name:?} is longer than 255 bytes")))?;
     w.write_all(&[len])?;
     w.write_all(name.as_bytes())?;
     Ok(())

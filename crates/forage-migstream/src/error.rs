@@ -18,11 +18,7 @@ pub enum ParseError {
     #[error("truncated migration stream at offset {offset}: expected {what}")]
     Truncated { offset: u64, what: &'static str },
     #[error("malformed migration stream at offset {offset}: expected {expected}, found {found}")]
-    Malformed {
-        offset: u64,
-        expected: &'static str,
-        found: String,
-    },
+    Malformed { offset: u64, expected: &'static str, found: String },
     #[error("unsupported migration stream feature at offset {offset}: {what}")]
     Unsupported { offset: u64, what: String },
     #[error("device state starting at offset {offset} exceeds the limit of {limit} bytes")]

@@ -57,11 +57,7 @@ impl Default for RamSection {
     /// The values of QEMU 7.2's RAM section in a `pc` machine: section id 2
     /// is typical but any id unused by device sections works.
     fn default() -> Self {
-        RamSection {
-            section_id: 2,
-            instance: 0,
-            version: 4,
-        }
+        RamSection { section_id: 2, instance: 0, version: 4 }
     }
 }
 
@@ -71,26 +67,15 @@ pub enum Event {
     /// The CONFIGURATION section (absent from streams of old machine types).
     Configuration(Configuration),
     /// The RAM blocks of the source, from MEM_SIZE in RAM's START section.
-    RamBlocks {
-        section: RamSection,
-        blocks: Vec<RamBlock>,
-    },
+    RamBlocks { section: RamSection, blocks: Vec<RamBlock> },
     /// One page. A later page with the same (block, offset) replaces an earlier one
     /// (dirty rounds): last wins.
-    Ram {
-        block: Arc<str>,
-        offset: u64,
-        page: Page,
-    },
+    Ram { block: Arc<str>, offset: u64, page: Page },
     /// A COMMAND section (length-prefixed, passed through).
     Command { cmd: u16, data: Vec<u8> },
     /// Everything after RAM's END section up to the EOF byte: the FULL device sections,
     /// opaque. `vmdesc` is the JSON of the trailing VMDESCRIPTION, if any.
-    DeviceSection {
-        offset: u64,
-        raw: Vec<u8>,
-        vmdesc: Option<Vec<u8>>,
-    },
+    DeviceSection { offset: u64, raw: Vec<u8>, vmdesc: Option<Vec<u8>> },
     /// The EOF byte; nothing follows.
     Eof,
 }

@@ -12,10 +12,7 @@ pub(crate) struct Input<R> {
 
 impl<R: Read> Input<R> {
     pub(crate) fn new(r: R) -> Self {
-        Input {
-            r: BufReader::with_capacity(64 * 1024, r),
-            pos: 0,
-        }
+        Input { r: BufReader::with_capacity(64 * 1024, r), pos: 0 }
     }
 
     /// Offset of the next byte to be read.
@@ -30,14 +27,8 @@ impl<R: Read> Input<R> {
                 self.pos += buf.len() as u64;
                 Ok(())
             }
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                Err(ParseError::Truncated { offset, what })
-            }
-            Err(source) => Err(ParseError::Io {
-                offset,
-                what,
-                source,
-            }),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(ParseError::Truncated { offset, what }),
+            Err(source) => Err(ParseError::Io { offset, what, source }),
         }
     }
 
@@ -89,13 +80,7 @@ impl<R: Read> Input<R> {
             match self.r.fill_buf() {
                 Ok(buf) => return Ok(buf.first().copied()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(ParseError::Io {
-                        offset: self.pos,
-                        what,
-                        source,
-                    })
-                }
+                Err(source) => return Err(ParseError::Io { offset: self.pos, what, source }),
             }
         }
     }
@@ -104,14 +89,11 @@ impl<R: Read> Input<R> {
     pub(crate) fn rest(&mut self, limit: usize, what: &'static str) -> Result<Vec<u8>, ParseError> {
         let offset = self.pos;
         let mut v = Vec::new();
-        let n = (&mut self.r)
-            .take(limit as u64 + 1)
-            .read_to_end(&mut v)
-            .map_err(|source| ParseError::Io {
-                offset,
-                what,
-                source,
-            })?;
+        let n = (&mut self.r).take(limit as u64 + 1).read_to_end(&mut v).map_err(|source| ParseError::Io {
+            offset,
+            what,
+            source,
+        })?;
         if n > limit {
             return Err(ParseError::TooLarge { offset, limit });
         }

@@ -33,13 +33,14 @@ mod error;
 mod event;
 mod input;
 mod parser;
-mod writer;
 mod wire;
-
+mod writer;
 
 pub use config::Configuration;
 pub use error::{ParseError, WriteError};
-pub use parser::Parser;
-pub use writer::StreamWriter;
 pub use event::{Event, Page, RamBlock, RamSection};
-pub use wire::{section, ram_flag, CMD_PACKAGED, DEFAULT_MAX_DEVICE_BYTES, FILE_MAGIC, FILE_VERSION, PAGE_SIZE, RAM_IDSTR};
+pub use parser::Parser;
+pub use wire::{
+    ram_flag, section, CMD_PACKAGED, DEFAULT_MAX_DEVICE_BYTES, FILE_MAGIC, FILE_VERSION, PAGE_SIZE, RAM_IDSTR,
+};
+pub use writer::StreamWriter;

@@ -128,10 +128,7 @@ impl<R: Read> Parser<R> {
         }
         let version = self.inp.be32("file version 3 (be32)")?;
         if version != FILE_VERSION {
-            return Err(ParseError::Unsupported {
-                offset: 4,
-                what: format!("file version {version}, expected 3"),
-            });
+            return Err(ParseError::Unsupported { offset: 4, what: format!("file version {version}, expected 3") });
         }
         self.state = State::Sections;
         if self.inp.peek("configuration or first section")? == Some(section::CONFIGURATION) {
@@ -176,11 +173,7 @@ impl<R: Read> Parser<R> {
                         found: "a second one".into(),
                     });
                 }
-                self.ram = Some(RamSection {
-                    section_id: id,
-                    instance,
-                    version,
-                });
+                self.ram = Some(RamSection { section_id: id, instance, version });
                 self.state = State::InRam { end: false };
                 Ok(None)
             }
@@ -206,19 +199,14 @@ impl<R: Read> Parser<R> {
                         })
                     }
                 }
-                self.state = State::InRam {
-                    end: ty == section::END,
-                };
+                self.state = State::InRam { end: ty == section::END };
                 Ok(None)
             }
             section::COMMAND => {
                 let cmd = self.inp.be16("command number (be16)")?;
                 let len = self.inp.be16("command length (be16)")?;
                 if cmd == CMD_PACKAGED {
-                    return Err(ParseError::Unsupported {
-                        offset: at,
-                        what: "postcopy PACKAGED command".into(),
-                    });
+                    return Err(ParseError::Unsupported { offset: at, what: "postcopy PACKAGED command".into() });
                 }
                 let data = self.inp.bytes(len as usize, "command data")?;
                 trace!(cmd, len, "migration command");
@@ -233,9 +221,7 @@ impl<R: Read> Parser<R> {
                     });
                 }
                 // No RAM at all: the tail is just EOF [+ VMDESCRIPTION].
-                let rest = self
-                    .inp
-                    .rest(self.max_device_bytes, "VMDESCRIPTION after EOF")?;
+                let rest = self.inp.rest(self.max_device_bytes, "VMDESCRIPTION after EOF")?;
                 let mut tail = vec![section::EOF];
                 tail.extend_from_slice(&rest);
                 self.split_tail(at, tail).map(Some)
@@ -281,10 +267,7 @@ impl<R: Read> Parser<R> {
                     return Err(ParseError::Malformed {
                         offset: at,
                         expected: "a page offset inside the block's used_length",
-                        found: format!(
-                            "offset {addr:#x} in {:?} of {:#x} bytes",
-                            b.name, b.used_length
-                        ),
+                        found: format!("offset {addr:#x} in {:?} of {:#x} bytes", b.name, b.used_length),
                     });
                 }
                 let name = b.name.clone();
@@ -295,11 +278,7 @@ impl<R: Read> Parser<R> {
                     self.inp.exact(&mut d[..], "4096 bytes of page data")?;
                     Page::Data(d)
                 };
-                Ok(Some(Event::Ram {
-                    block: name,
-                    offset: addr,
-                    page,
-                }))
+                Ok(Some(Event::Ram { block: name, offset: addr, page }))
             }
             ram_flag::EOS => {
                 self.footer()?;
@@ -324,23 +303,17 @@ impl<R: Read> Parser<R> {
         }
         let name_at = self.inp.pos();
         let name = self.inp.name("RAM block name")?;
-        let idx = self
-            .blocks
-            .iter()
-            .position(|b| *b.name == *name)
-            .ok_or_else(|| ParseError::Malformed {
-                offset: name_at,
-                expected: "a RAM block announced by MEM_SIZE",
-                found: format!("{name:?}"),
-            })?;
+        let idx = self.blocks.iter().position(|b| *b.name == *name).ok_or_else(|| ParseError::Malformed {
+            offset: name_at,
+            expected: "a RAM block announced by MEM_SIZE",
+            found: format!("{name:?}"),
+        })?;
         self.current = Some(idx);
         Ok(idx)
     }
 
     fn mem_size(&mut self, at: u64, total: u64) -> Result<Event, ParseError> {
-        let Some(section) = self.ram else {
-            unreachable!("InRam implies a RAM section")
-        };
+        let Some(section) = self.ram else { unreachable!("InRam implies a RAM section") };
         if !self.blocks.is_empty() {
             return Err(ParseError::Malformed {
                 offset: at,
@@ -348,24 +321,14 @@ impl<R: Read> Parser<R> {
                 found: "a second one".into(),
             });
         }
-        let ignore_shared = self
-            .config
-            .as_ref()
-            .is_some_and(Configuration::ignore_shared);
+        let ignore_shared = self.config.as_ref().is_some_and(Configuration::ignore_shared);
         let mut left = total;
         while left > 0 {
             let block_at = self.inp.pos();
             let name = self.inp.name("RAM block name in MEM_SIZE")?;
             let used_length = self.inp.be64("RAM block used_length (be64)")?;
-            let addr = if ignore_shared {
-                Some(self.inp.be64("RAM block address (be64)")?)
-            } else {
-                None
-            };
-            if used_length == 0
-                || used_length > left
-                || self.blocks.iter().any(|b| *b.name == *name)
-            {
+            let addr = if ignore_shared { Some(self.inp.be64("RAM block address (be64)")?) } else { None };
+            if used_length == 0 || used_length > left || self.blocks.iter().any(|b| *b.name == *name) {
                 return Err(ParseError::Malformed {
                     offset: block_at,
                     expected: "a new RAM block whose length fits in the MEM_SIZE total",
@@ -373,17 +336,10 @@ impl<R: Read> Parser<R> {
                 });
             }
             left -= used_length;
-            self.blocks.push(RamBlock {
-                name: Arc::from(name),
-                used_length,
-                addr,
-            });
+            self.blocks.push(RamBlock { name: Arc::from(name), used_length, addr });
         }
         debug!(blocks = self.blocks.len(), total, "RAM blocks");
-        Ok(Event::RamBlocks {
-            section,
-            blocks: self.blocks.clone(),
-        })
+        Ok(Event::RamBlocks { section, blocks: self.blocks.clone() })
     }
 
     /// The optional section footer: 0x7e + be32 id of the current RAM section.
@@ -419,10 +375,7 @@ impl<R: Read> Parser<R> {
             None if tail.last() == Some(&section::EOF) => (tail.len() - 1, None),
             None => {
                 return Err(if tail.is_empty() {
-                    ParseError::Truncated {
-                        offset: at,
-                        what: "device sections and EOF (0x00)",
-                    }
+                    ParseError::Truncated { offset: at, what: "device sections and EOF (0x00)" }
                 } else {
                     ParseError::Malformed {
                         offset: at + tail.len() as u64 - 1,
@@ -435,25 +388,14 @@ impl<R: Read> Parser<R> {
         if eof > 0 && tail[0] != section::FULL {
             return Err(ParseError::Unsupported {
                 offset: at,
-                what: format!(
-                    "section type {:#04x} after RAM's END, expected FULL (0x04)",
-                    tail[0]
-                ),
+                what: format!("section type {:#04x} after RAM's END, expected FULL (0x04)", tail[0]),
             });
         }
         let mut raw = tail;
         raw.truncate(eof);
-        debug!(
-            bytes = raw.len(),
-            vmdesc = vmdesc.as_ref().map(Vec::len),
-            "device state"
-        );
+        debug!(bytes = raw.len(), vmdesc = vmdesc.as_ref().map(Vec::len), "device state");
         self.state = State::Eof;
-        Ok(Event::DeviceSection {
-            offset: at,
-            raw,
-            vmdesc,
-        })
+        Ok(Event::DeviceSection { offset: at, raw, vmdesc })
     }
 }
 
@@ -471,8 +413,7 @@ fn find_vmdesc(tail: &[u8]) -> Option<usize> {
     (0..tail.len().saturating_sub(6)).rev().find(|&p| {
         tail[p] == section::EOF
             && tail[p + 1] == section::VMDESCRIPTION
-            && u32::from_be_bytes(tail[p + 2..p + 6].try_into().unwrap()) as usize
-                == tail.len() - p - 6
+            && u32::from_be_bytes(tail[p + 2..p + 6].try_into().unwrap()) as usize == tail.len() - p - 6
             && tail.get(p + 6) == Some(&b'{')
     })
 }

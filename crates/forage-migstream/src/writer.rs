@@ -16,8 +16,8 @@ use std::io::Write;
 
 use crate::config::write_name;
 use crate::{
-    ram_flag, section, Configuration, Page, RamBlock, RamSection, WriteError, FILE_MAGIC,
-    FILE_VERSION, PAGE_SIZE, RAM_IDSTR,
+    ram_flag, section, Configuration, Page, RamBlock, RamSection, WriteError, FILE_MAGIC, FILE_VERSION, PAGE_SIZE,
+    RAM_IDSTR,
 };
 
 /// Writes a QEMU 7.2 migration stream.
@@ -72,16 +72,14 @@ impl<W: Write> StreamWriter<W> {
                     b.name
                 )));
             }
-            total = total
-                .checked_add(b.used_length)
-                .ok_or_else(|| WriteError::Invalid("RAM total overflows".into()))?;
+            total =
+                total.checked_add(b.used_length).ok_or_else(|| WriteError::Invalid("RAM total overflows".into()))?;
         }
         self.section_header(section::START, sec.section_id)?;
         write_name(&mut self.w, RAM_IDSTR)?;
         self.w.write_all(&sec.instance.to_be_bytes())?;
         self.w.write_all(&sec.version.to_be_bytes())?;
-        self.w
-            .write_all(&(total | ram_flag::MEM_SIZE).to_be_bytes())?;
+        self.w.write_all(&(total | ram_flag::MEM_SIZE).to_be_bytes())?;
         for b in blocks {
             write_name(&mut self.w, &b.name)?;
             self.w.write_all(&b.used_length.to_be_bytes())?;
@@ -96,9 +94,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes one page, opening a PART section if none is open.
     pub fn page(&mut self, block: &str, offset: u64, page: &Page) -> Result<(), WriteError> {
-        let sec = self
-            .ram
-            .ok_or_else(|| WriteError::Invalid("page before RAM blocks".into()))?;
+        let sec = self.ram.ok_or_else(|| WriteError::Invalid("page before RAM blocks".into()))?;
         let idx = self
             .blocks
             .iter()
@@ -118,11 +114,7 @@ impl<W: Write> StreamWriter<W> {
             Page::Zero(_) => ram_flag::ZERO,
             Page::Data(_) => ram_flag::PAGE,
         };
-        let cont = if self.last == Some(idx) {
-            ram_flag::CONTINUE
-        } else {
-            0
-        };
+        let cont = if self.last == Some(idx) { ram_flag::CONTINUE } else { 0 };
         self.w.write_all(&(offset | kind | cont).to_be_bytes())?;
         if cont == 0 {
             write_name(&mut self.w, block)?;
@@ -160,13 +152,9 @@ impl<W: Write> StreamWriter<W> {
     /// [`crate::Event::DeviceSection`]), EOF and the optional VMDESCRIPTION, flushes and
     /// returns the writer.
     pub fn finish(mut self, devices: &[u8], vmdesc: Option<&[u8]>) -> Result<W, WriteError> {
-        let sec = self
-            .ram
-            .ok_or_else(|| WriteError::Invalid("no RAM blocks written".into()))?;
+        let sec = self.ram.ok_or_else(|| WriteError::Invalid("no RAM blocks written".into()))?;
         if devices.first().is_some_and(|&b| b != section::FULL) {
-            return Err(WriteError::Invalid(
-                "device state does not start with a FULL section".into(),
-            ));
+            return Err(WriteError::Invalid("device state does not start with a FULL section".into()));
         }
         self.end_part()?;
         self.section_header(section::END, sec.section_id)?;
@@ -174,8 +162,7 @@ impl<W: Write> StreamWriter<W> {
         self.w.write_all(devices)?;
         self.w.write_all(&[section::EOF])?;
         if let Some(d) = vmdesc {
-            let len = u32::try_from(d.len())
-                .map_err(|_| WriteError::Invalid("VMDESCRIPTION over 4 GiB".into()))?;
+            let len = u32::try_from(d.len()).map_err(|_| WriteError::Invalid("VMDESCRIPTION over 4 GiB".into()))?;
             self.w.write_all(&[section::VMDESCRIPTION])?;
             self.w.write_all(&len.to_be_bytes())?;
             self.w.write_all(d)?;

@@ -45,17 +45,7 @@ impl Drop for Qemu {
 fn spawn(dir: &Path, name: &str, extra: &[&str]) -> Qemu {
     let sock = dir.join(format!("{name}.qmp"));
     let child = Command::new(QEMU)
-        .args([
-            "-machine",
-            "pc",
-            "-accel",
-            "tcg",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
+        .args(["-machine", "pc", "-accel", "tcg", "-m", "64", "-nodefaults", "-display", "none"])
         .args(["-S", "-qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .args(extra)
@@ -84,10 +74,7 @@ struct Qmp {
 impl Qmp {
     fn new(s: UnixStream) -> Self {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-        };
+        let mut q = Qmp { w: s.try_clone().unwrap(), r: BufReader::new(s) };
         let greeting = q.read();
         assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
         q
@@ -155,11 +142,7 @@ fn parse(path: &Path) -> Parsed {
         match ev.unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
             Event::Configuration(c) => p.config = Some(c),
             Event::RamBlocks { section, blocks } => (p.section, p.blocks) = (section, blocks),
-            Event::Ram {
-                block,
-                offset,
-                page,
-            } => {
+            Event::Ram { block, offset, page } => {
                 p.page_events += 1;
                 p.pages.insert((block.to_string(), offset), page);
             }
@@ -172,10 +155,7 @@ fn parse(path: &Path) -> Parsed {
 }
 
 fn tmpdir() -> PathBuf {
-    let d = tempfile::Builder::new()
-        .prefix("migstream")
-        .tempdir()
-        .unwrap();
+    let d = tempfile::Builder::new().prefix("migstream").tempdir().unwrap();
     d.keep()
 }
 
@@ -206,35 +186,17 @@ fn parse_and_rebuild_real_qemu_stream() {
     for b in &p.blocks {
         eprintln!("  block {:?}: {:#x} bytes", b.name, b.used_length);
     }
-    assert!(p
-        .config
-        .as_ref()
-        .is_some_and(|c| c.machine.starts_with("pc-i440fx")));
-    let ram = p
-        .blocks
-        .iter()
-        .find(|b| &*b.name == "pc.ram")
-        .expect("pc.ram block");
+    assert!(p.config.as_ref().is_some_and(|c| c.machine.starts_with("pc-i440fx")));
+    let ram = p.blocks.iter().find(|b| &*b.name == "pc.ram").expect("pc.ram block");
     assert_eq!(ram.used_length, 64 << 20);
     for off in (0..ram.used_length).step_by(PAGE_SIZE) {
-        assert!(
-            p.pages.contains_key(&("pc.ram".to_string(), off)),
-            "pc.ram page {off:#x} missing"
-        );
+        assert!(p.pages.contains_key(&("pc.ram".to_string(), off)), "pc.ram page {off:#x} missing");
     }
     // Every block is complete in a precopy stream.
-    let want: u64 = p
-        .blocks
-        .iter()
-        .map(|b| b.used_length / PAGE_SIZE as u64)
-        .sum();
+    let want: u64 = p.blocks.iter().map(|b| b.used_length / PAGE_SIZE as u64).sum();
     assert_eq!(p.pages.len() as u64, want);
     assert!(p.eof, "stream ends with EOF");
-    assert_eq!(
-        p.devices.first(),
-        Some(&0x04),
-        "device tail starts with a FULL section"
-    );
+    assert_eq!(p.devices.first(), Some(&0x04), "device tail starts with a FULL section");
     let desc: Value = serde_json::from_slice(p.vmdesc.as_ref().expect("VMDESCRIPTION")).unwrap();
     assert!(desc.get("devices").is_some(), "vmdesc JSON has devices");
     // The tail as QEMU wrote it: devices, EOF, VMDESCRIPTION.

@@ -3,16 +3,11 @@
 use std::sync::Arc;
 
 use forage_migstream::{
-    ram_flag, Configuration, Event, Page, ParseError, Parser, RamBlock, RamSection, StreamWriter,
-    PAGE_SIZE,
+    ram_flag, Configuration, Event, Page, ParseError, Parser, RamBlock, RamSection, StreamWriter, PAGE_SIZE,
 };
 
 fn block(name: &str, pages: u64) -> RamBlock {
-    RamBlock {
-        name: Arc::from(name),
-        used_length: pages * PAGE_SIZE as u64,
-        addr: None,
-    }
+    RamBlock { name: Arc::from(name), used_length: pages * PAGE_SIZE as u64, addr: None }
 }
 
 fn data(seed: u8) -> Page {
@@ -23,69 +18,34 @@ fn data(seed: u8) -> Page {
     Page::Data(d)
 }
 
-const DEVICES: &[u8] =
-    b"\x04\x00\x00\x00\x03\x05timer\x00\x00\x00\x00\x00\x00\x00\x02opaque\x7e\x00\x00\x00\x03";
+const DEVICES: &[u8] = b"\x04\x00\x00\x00\x03\x05timer\x00\x00\x00\x00\x00\x00\x00\x02opaque\x7e\x00\x00\x00\x03";
 const VMDESC: &[u8] = br#"{"page_size":4096,"devices":[]}"#;
 
 fn config() -> Configuration {
-    Configuration {
-        machine: "pc-i440fx-7.2".into(),
-        target_page_bits: None,
-        capabilities: vec![],
-        uuid: Some([7; 16]),
-    }
+    Configuration { machine: "pc-i440fx-7.2".into(), target_page_bits: None, capabilities: vec![], uuid: Some([7; 16]) }
 }
 
 /// A stream with two rounds, CONTINUE across sections, a rewritten page and a command.
 fn sample() -> (Vec<u8>, Vec<Event>) {
     let blocks = vec![block("pc.ram", 4), block("pc.bios", 2)];
-    let sec = RamSection {
-        section_id: 9,
-        instance: 0,
-        version: 4,
-    };
-    let pages = [
-        ("pc.ram", 0, data(1)),
-        ("pc.ram", 4096, Page::Zero(0)),
-        ("pc.bios", 4096, data(2)),
-    ];
+    let sec = RamSection { section_id: 9, instance: 0, version: 4 };
+    let pages = [("pc.ram", 0, data(1)), ("pc.ram", 4096, Page::Zero(0)), ("pc.bios", 4096, data(2))];
     let round2 = [("pc.bios", 0, Page::Zero(0xaa)), ("pc.ram", 0, data(3))];
     let mut w = StreamWriter::new(Vec::new(), Some(&config())).unwrap();
     w.ram_blocks(sec, &blocks).unwrap();
-    let mut events = vec![
-        Event::Configuration(config()),
-        Event::RamBlocks {
-            section: sec,
-            blocks,
-        },
-    ];
+    let mut events = vec![Event::Configuration(config()), Event::RamBlocks { section: sec, blocks }];
     for (b, o, p) in &pages {
         w.page(b, *o, p).unwrap();
-        events.push(Event::Ram {
-            block: Arc::from(*b),
-            offset: *o,
-            page: p.clone(),
-        });
+        events.push(Event::Ram { block: Arc::from(*b), offset: *o, page: p.clone() });
     }
     w.command(2, &[0, 0, 0, 1]).unwrap();
-    events.push(Event::Command {
-        cmd: 2,
-        data: vec![0, 0, 0, 1],
-    });
+    events.push(Event::Command { cmd: 2, data: vec![0, 0, 0, 1] });
     for (b, o, p) in &round2 {
         w.page(b, *o, p).unwrap();
-        events.push(Event::Ram {
-            block: Arc::from(*b),
-            offset: *o,
-            page: p.clone(),
-        });
+        events.push(Event::Ram { block: Arc::from(*b), offset: *o, page: p.clone() });
     }
     let bytes = w.finish(DEVICES, Some(VMDESC)).unwrap();
-    events.push(Event::DeviceSection {
-        offset: 0,
-        raw: DEVICES.to_vec(),
-        vmdesc: Some(VMDESC.to_vec()),
-    });
+    events.push(Event::DeviceSection { offset: 0, raw: DEVICES.to_vec(), vmdesc: Some(VMDESC.to_vec()) });
     events.push(Event::Eof);
     (bytes, events)
 }
@@ -94,11 +54,7 @@ fn parse_all(bytes: &[u8]) -> Result<Vec<Event>, ParseError> {
     let mut out = Vec::new();
     for ev in Parser::new(bytes) {
         out.push(match ev? {
-            Event::DeviceSection { raw, vmdesc, .. } => Event::DeviceSection {
-                offset: 0,
-                raw,
-                vmdesc,
-            },
+            Event::DeviceSection { raw, vmdesc, .. } => Event::DeviceSection { offset: 0, raw, vmdesc },
             e => e,
         });
     }
@@ -115,14 +71,8 @@ fn round_trip_events_and_bytes() {
     for ev in parse_all(&bytes).unwrap() {
         match ev {
             Event::Configuration(c) => w = Some(StreamWriter::new(Vec::new(), Some(&c)).unwrap()),
-            Event::RamBlocks { section, blocks } => {
-                w.as_mut().unwrap().ram_blocks(section, &blocks).unwrap()
-            }
-            Event::Ram {
-                block,
-                offset,
-                page,
-            } => w.as_mut().unwrap().page(&block, offset, &page).unwrap(),
+            Event::RamBlocks { section, blocks } => w.as_mut().unwrap().ram_blocks(section, &blocks).unwrap(),
+            Event::Ram { block, offset, page } => w.as_mut().unwrap().page(&block, offset, &page).unwrap(),
             Event::Command { cmd, data } => {
                 rounds += 1;
                 w.as_mut().unwrap().command(cmd, &data).unwrap()
@@ -150,35 +100,20 @@ fn continue_carries_across_sections() {
     let rec = (4096 | ram_flag::ZERO | ram_flag::CONTINUE).to_be_bytes();
     assert!(bytes.windows(8).any(|w| w == rec));
     let evs = parse_all(&bytes).unwrap();
-    assert!(evs.contains(&Event::Ram {
-        block: Arc::from("pc.ram"),
-        offset: 4096,
-        page: Page::Zero(0)
-    }));
+    assert!(evs.contains(&Event::Ram { block: Arc::from("pc.ram"), offset: 4096, page: Page::Zero(0) }));
     assert_eq!(evs.last(), Some(&Event::Eof));
 }
 
 #[test]
 fn ignore_shared_blocks_carry_addresses() {
-    let cfg = Configuration {
-        capabilities: vec!["x-ignore-shared".into()],
-        ..config()
-    };
-    let b = RamBlock {
-        addr: Some(0x1_0000_0000),
-        ..block("pc.ram", 1)
-    };
+    let cfg = Configuration { capabilities: vec!["x-ignore-shared".into()], ..config() };
+    let b = RamBlock { addr: Some(0x1_0000_0000), ..block("pc.ram", 1) };
     let mut w = StreamWriter::new(Vec::new(), Some(&cfg)).unwrap();
-    assert!(w
-        .ram_blocks(RamSection::default(), &[block("pc.ram", 1)])
-        .is_err());
-    w.ram_blocks(RamSection::default(), std::slice::from_ref(&b))
-        .unwrap();
+    assert!(w.ram_blocks(RamSection::default(), &[block("pc.ram", 1)]).is_err());
+    w.ram_blocks(RamSection::default(), std::slice::from_ref(&b)).unwrap();
     let bytes = w.finish(&[], None).unwrap();
     let evs = parse_all(&bytes).unwrap();
-    assert!(
-        matches!(&evs[1], Event::RamBlocks { blocks, .. } if blocks == std::slice::from_ref(&b))
-    );
+    assert!(matches!(&evs[1], Event::RamBlocks { blocks, .. } if blocks == std::slice::from_ref(&b)));
 }
 
 #[test]
@@ -188,10 +123,7 @@ fn every_truncation_is_an_error_with_an_offset() {
     // tail unless the EOF byte is lost; every other cut must fail.
     for cut in 0..bytes.len() {
         match parse_all(&bytes[..cut]) {
-            Err(e) => assert!(
-                e.offset() <= cut as u64,
-                "cut {cut}: {e} names offset past the end"
-            ),
+            Err(e) => assert!(e.offset() <= cut as u64, "cut {cut}: {e} names offset past the end"),
             Ok(evs) => {
                 // Accepted only when the prefix happens to end like a complete tail.
                 assert_eq!(evs.last(), Some(&Event::Eof), "cut {cut}");
@@ -208,15 +140,7 @@ fn err(bytes: &[u8]) -> ParseError {
 /// Header, no configuration, START "ram" id 1 with one 2-page block "b".
 fn prefix() -> Vec<u8> {
     let mut w = StreamWriter::new(Vec::new(), None).unwrap();
-    w.ram_blocks(
-        RamSection {
-            section_id: 1,
-            instance: 0,
-            version: 4,
-        },
-        &[block("b", 2)],
-    )
-    .unwrap();
+    w.ram_blocks(RamSection { section_id: 1, instance: 0, version: 4 }, &[block("b", 2)]).unwrap();
     let mut v = w.finish(&[], None).unwrap();
     // Drop END (1 + 4 + 8 + 5 bytes) and EOF: keep header + START.
     v.truncate(v.len() - 19);
@@ -235,29 +159,16 @@ fn malformed_inputs_name_offset_and_expectation() {
     assert!(matches!(e, ParseError::Malformed { offset: 0, .. }), "{e}");
     assert!(e.to_string().contains("magic"));
 
-    let xbzrle = part(
-        prefix(),
-        &(ram_flag::XBZRLE | ram_flag::CONTINUE).to_be_bytes(),
-    );
+    let xbzrle = part(prefix(), &(ram_flag::XBZRLE | ram_flag::CONTINUE).to_be_bytes());
     let e = err(&xbzrle);
-    assert!(
-        matches!(e, ParseError::Unsupported { .. }) && e.to_string().contains("XBZRLE"),
-        "{e}"
-    );
+    assert!(matches!(e, ParseError::Unsupported { .. }) && e.to_string().contains("XBZRLE"), "{e}");
     assert_eq!(e.offset(), prefix().len() as u64 + 5);
 
     let compress = part(prefix(), &(ram_flag::COMPRESS_PAGE).to_be_bytes());
     assert!(err(&compress).to_string().contains("compressed page"));
 
-    let cont = part(
-        prefix(),
-        &(ram_flag::ZERO | ram_flag::CONTINUE).to_be_bytes(),
-    );
-    assert!(
-        err(&cont).to_string().contains("CONTINUE"),
-        "{}",
-        err(&cont)
-    );
+    let cont = part(prefix(), &(ram_flag::ZERO | ram_flag::CONTINUE).to_be_bytes());
+    assert!(err(&cont).to_string().contains("CONTINUE"), "{}", err(&cont));
 
     let mut rec = (ram_flag::ZERO).to_be_bytes().to_vec();
     rec.extend_from_slice(b"\x01x\x00");
@@ -266,9 +177,7 @@ fn malformed_inputs_name_offset_and_expectation() {
 
     let mut rec = (0x2000 | ram_flag::ZERO).to_be_bytes().to_vec();
     rec.extend_from_slice(b"\x01b\x00");
-    assert!(err(&part(prefix(), &rec))
-        .to_string()
-        .contains("used_length"));
+    assert!(err(&part(prefix(), &rec)).to_string().contains("used_length"));
 
     let mut v = prefix();
     v.extend_from_slice(b"\x01\0\0\0\x05\x05block\0\0\0\0\0\0\0\x01");
@@ -296,8 +205,7 @@ fn malformed_inputs_name_offset_and_expectation() {
 fn writer_refuses_inconsistent_input() {
     let mut w = StreamWriter::new(Vec::new(), None).unwrap();
     assert!(w.page("pc.ram", 0, &Page::Zero(0)).is_err());
-    w.ram_blocks(RamSection::default(), &[block("pc.ram", 1)])
-        .unwrap();
+    w.ram_blocks(RamSection::default(), &[block("pc.ram", 1)]).unwrap();
     assert!(w.page("pc.ram", 4096, &Page::Zero(0)).is_err());
     assert!(w.page("pc.ram", 1, &Page::Zero(0)).is_err());
     assert!(w.page("other", 0, &Page::Zero(0)).is_err());

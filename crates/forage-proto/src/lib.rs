@@ -22,7 +22,7 @@ pub mod service;
 
 pub use device::{AppInfo, DeviceMessage, Offer, Provision};
 pub use error::ErrorCode;
-pub use frame::{asynchronous, blocking, decode, encode, Protocol, ProtoError, MAX_FRAME};
+pub use frame::{asynchronous, blocking, decode, encode, ProtoError, Protocol, MAX_FRAME};
 pub use pairing::PairingMessage;
 pub use peer::{HandoffBegin, PeerMessage};
 pub use service::ServiceEndpoint;
@@ -49,32 +49,78 @@ mod tests {
             DeviceMessage::Hello {
                 versions: (2, 2),
                 device: "phone".into(),
-                offers: vec![Offer { base_digest: "ab".repeat(32), manifest_bytes: 10, overlay_bytes: 99, overlay_digest: "cd".repeat(32), signature: b"{}".to_vec() }],
+                offers: vec![Offer {
+                    base_digest: "ab".repeat(32),
+                    manifest_bytes: 10,
+                    overlay_bytes: 99,
+                    overlay_digest: "cd".repeat(32),
+                    signature: b"{}".to_vec(),
+                }],
                 early_start: true,
                 store_and_forward: false,
             },
-            DeviceMessage::Welcome { version: 1, cloudlet: "c".into(), chosen: Some("ab".into()), missing: vec![], cached: true },
+            DeviceMessage::Welcome {
+                version: 1,
+                cloudlet: "c".into(),
+                chosen: Some("ab".into()),
+                missing: vec![],
+                cached: true,
+            },
             DeviceMessage::Checkpoint { label: "first-response".into() },
             DeviceMessage::WantResidue,
             DeviceMessage::OverlayUrl { url: "https://example.org/app.ovl".into() },
             DeviceMessage::Residue { offset: 4096, bytes: vec![1; 100], last: true },
-            DeviceMessage::Usage { label: "first-response".into(), blobs_accessed: 3, blobs: 10, demand_fetches: 2, segments_arrived: 4, segments: 9 },
+            DeviceMessage::Usage {
+                label: "first-response".into(),
+                blobs_accessed: 3,
+                blobs: 10,
+                demand_fetches: 2,
+                segments_arrived: 4,
+                segments: 9,
+            },
             DeviceMessage::Manifest { bytes: b"FORAGEOV".to_vec() },
             DeviceMessage::Segment { index: 3, bytes: vec![7; 1000] },
             DeviceMessage::Fetch { index: 9 },
-            DeviceMessage::Ready { service: ServiceEndpoint { addr: "127.0.0.1:4000".into(), token: "00".repeat(16), ca_sha256: "ab".repeat(32) }, resumed_after_ms: 1500 },
+            DeviceMessage::Ready {
+                service: ServiceEndpoint {
+                    addr: "127.0.0.1:4000".into(),
+                    token: "00".repeat(16),
+                    ca_sha256: "ab".repeat(32),
+                },
+                resumed_after_ms: 1500,
+            },
             DeviceMessage::Complete { segments: 10, bytes: 12345, apply_ms: 80, decompress_ms: 20 },
             DeviceMessage::Error { code: ErrorCode::NoBase, message: "no base".into() },
             DeviceMessage::Provision { request: Provision::CachedVm { service: "hashsearch".into(), join: true } },
             DeviceMessage::Provision { request: Provision::Push { app: "hashsearch-client".into() } },
-            DeviceMessage::Provision { request: Provision::Script { os: "linux-x86_64".into(), port: 8080, script: b"echo hi".to_vec(), timeout_s: 30, components: vec!["hashsearch".into()] } },
+            DeviceMessage::Provision {
+                request: Provision::Script {
+                    os: "linux-x86_64".into(),
+                    port: 8080,
+                    script: b"echo hi".to_vec(),
+                    timeout_s: 30,
+                    components: vec!["hashsearch".into()],
+                },
+            },
             DeviceMessage::Provision { request: Provision::App { package: vec![0x28, 0xb5, 0x2f, 0xfd] } },
             DeviceMessage::Error { code: ErrorCode::Idle, message: "idle".into() },
             DeviceMessage::ListApps { platform: Some("linux-x86_64".into()) },
-            DeviceMessage::Apps { apps: vec![AppInfo { id: "a".into(), service: "s".into(), platform: "any".into(), file: "a.sh".into(), size: 3, sha256: "00".into() }] },
+            DeviceMessage::Apps {
+                apps: vec![AppInfo {
+                    id: "a".into(),
+                    service: "s".into(),
+                    platform: "any".into(),
+                    file: "a.sh".into(),
+                    size: 3,
+                    sha256: "00".into(),
+                }],
+            },
             DeviceMessage::GetApp { id: "a".into() },
             DeviceMessage::AppFile { id: "a".into(), file: "a.sh".into(), bytes: b"abc".to_vec() },
-            DeviceMessage::Moved { cloudlet: "10.0.0.2:7878".into(), service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() } },
+            DeviceMessage::Moved {
+                cloudlet: "10.0.0.2:7878".into(),
+                service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() },
+            },
             DeviceMessage::Bye,
         ]
     }
@@ -91,13 +137,23 @@ mod tests {
         vec![
             PeerMessage::PeerHello { versions: (2, 2), cloudlet: "a".into() },
             PeerMessage::PeerWelcome { version: 2, cloudlet: "b".into() },
-            PeerMessage::HandoffBegin(HandoffBegin { instance: "7-1".into(), base_state_sha256: "ab".into(), vm: b"{}".to_vec(), service_port: Some(7000), extra_ports: vec![7001], service_token: "00".repeat(16) }),
+            PeerMessage::HandoffBegin(HandoffBegin {
+                instance: "7-1".into(),
+                base_state_sha256: "ab".into(),
+                vm: b"{}".to_vec(),
+                service_port: Some(7000),
+                extra_ports: vec![7001],
+                service_token: "00".repeat(16),
+            }),
             PeerMessage::HandoffAccept { has_base: true },
             PeerMessage::HandoffFile { name: "kernel".into(), offset: 0, bytes: vec![1; 10], last: true },
             PeerMessage::HandoffSegment { seq: 3, bytes: vec![9; 1000] },
             PeerMessage::HandoffAck { seq: 3, bytes: 1000 },
             PeerMessage::HandoffCommit { segments: 4, state: vec![0x28, 0xb5] },
-            PeerMessage::HandoffDone { service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() }, resumed_after_ms: 300 },
+            PeerMessage::HandoffDone {
+                service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() },
+                resumed_after_ms: 300,
+            },
             PeerMessage::Error { code: ErrorCode::Handoff, message: "no".into() },
         ]
     }
@@ -137,7 +193,10 @@ mod tests {
         assert!(matches!(decode::<DeviceMessage>(&pair[4..]), Err(ProtoError::UnknownKind { .. })));
         // Kinds are unique across protocols, but for Error.
         for k in 0..=255u8 {
-            let n = [DeviceMessage::has_kind(k), PairingMessage::has_kind(k), PeerMessage::has_kind(k)].iter().filter(|x| **x).count();
+            let n = [DeviceMessage::has_kind(k), PairingMessage::has_kind(k), PeerMessage::has_kind(k)]
+                .iter()
+                .filter(|x| **x)
+                .count();
             assert!(n <= 1 || k == 8, "kind {k} is in {n} protocols");
         }
     }

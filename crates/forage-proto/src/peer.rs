@@ -107,7 +107,17 @@ pub enum PeerMessage {
     },
 }
 
-crate::protocol_kinds!(PeerMessage, "peer",
-    PeerHello = 30, PeerWelcome = 31, HandoffBegin = 22, HandoffAccept = 23, HandoffFile = 24,
-    HandoffSegment = 25, HandoffAck = 26, HandoffCommit = 27, HandoffDone = 28, Error = 8,
+crate::protocol_kinds!(
+    PeerMessage,
+    "peer",
+    PeerHello = 30,
+    PeerWelcome = 31,
+    HandoffBegin = 22,
+    HandoffAccept = 23,
+    HandoffFile = 24,
+    HandoffSegment = 25,
+    HandoffAck = 26,
+    HandoffCommit = 27,
+    HandoffDone = 28,
+    Error = 8,
 );

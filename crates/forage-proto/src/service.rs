@@ -69,7 +69,11 @@ mod tests {
 
     #[test]
     fn preambles_parse_and_nothing_else_does() {
-        let ep = ServiceEndpoint { addr: "127.0.0.1:1".into(), token: "00112233445566778899aabbccddeeff".into(), ca_sha256: String::new() };
+        let ep = ServiceEndpoint {
+            addr: "127.0.0.1:1".into(),
+            token: "00112233445566778899aabbccddeeff".into(),
+            ca_sha256: String::new(),
+        };
         let line = ep.preamble();
         assert_eq!(line.len(), PREAMBLE_LEN);
         let t = parse_preamble(line.as_bytes()).unwrap();
@@ -79,7 +83,14 @@ mod tests {
         let mut other = t;
         other[7] ^= 1;
         assert!(!same_token(&t, &other));
-        for bad in ["", "GET / HTTP/1.1\r\n", "FORAGE-SERVICE 2 xyz\n", "FORAGE-SERVICE 2 00112233445566778899aabbccddeeff", "FORAGE-SERVICE 1 00112233445566778899aabbccddeeff\n", "FORAGE-SERVICE 2 00112233445566778899aabbccddeefg\n"] {
+        for bad in [
+            "",
+            "GET / HTTP/1.1\r\n",
+            "FORAGE-SERVICE 2 xyz\n",
+            "FORAGE-SERVICE 2 00112233445566778899aabbccddeeff",
+            "FORAGE-SERVICE 1 00112233445566778899aabbccddeeff\n",
+            "FORAGE-SERVICE 2 00112233445566778899aabbccddeefg\n",
+        ] {
             assert!(parse_preamble(bad.as_bytes()).is_err(), "{bad:?}");
         }
     }

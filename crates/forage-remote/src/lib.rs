@@ -63,7 +63,9 @@ struct PolicyResolver {
 
 impl ureq::Resolver for PolicyResolver {
     fn resolve(&self, netloc: &str) -> std::io::Result<Vec<SocketAddr>> {
-        self.policy.resolve(netloc, self.https).map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))
+        self.policy
+            .resolve(netloc, self.https)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))
     }
 }
 
@@ -82,7 +84,9 @@ fn agent(url: &str, policy: &FetchPolicy) -> Result<ureq::Agent, RemoteError> {
 /// What went wrong with a request, without anything the server sent.
 fn http_detail(e: ureq::Error) -> String {
     match e {
-        ureq::Error::Status(code, _) if (300..400).contains(&code) => format!("redirected ({code}): redirects are not followed"),
+        ureq::Error::Status(code, _) if (300..400).contains(&code) => {
+            format!("redirected ({code}): redirects are not followed")
+        }
         ureq::Error::Status(code, _) => format!("HTTP status {code}"),
         ureq::Error::Transport(t) => match t.kind() {
             ureq::ErrorKind::Dns => "the host does not resolve to an allowed address".into(),
@@ -115,7 +119,10 @@ fn read_range(agent: &ureq::Agent, url: &str, start: u64, len: u64) -> Result<Ve
         return Err(RemoteError::NoRanges { url: url.into(), status: resp.status() });
     }
     let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
-    resp.into_reader().take(len + 1).read_to_end(&mut out).map_err(|e| http(format!("reading the body: {}", e.kind())))?;
+    resp.into_reader()
+        .take(len + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| http(format!("reading the body: {}", e.kind())))?;
     if out.len() as u64 != len {
         return Err(http(format!("asked for {len} bytes at {start}, got {}", out.len())));
     }
@@ -152,7 +159,10 @@ impl RemoteOverlay {
 
     /// Segment `i`'s bytes as stored (checked later, against the manifest).
     pub fn segment(&self, i: usize) -> Result<Vec<u8>, RemoteError> {
-        let s = self.manifest.segments.get(i).ok_or_else(|| RemoteError::Http { url: self.url.clone(), detail: format!("segment {i} does not exist") })?;
+        let s = self.manifest.segments.get(i).ok_or_else(|| RemoteError::Http {
+            url: self.url.clone(),
+            detail: format!("segment {i} does not exist"),
+        })?;
         read_range(&self.agent, &self.url, self.offsets[i], s.compressed_len)
     }
 }
@@ -162,7 +172,12 @@ impl RemoteOverlay {
     /// synthesis applies it while it downloads).
     pub fn segments_stream(&self) -> Result<Box<dyn Read + Send>, RemoteError> {
         let http = |detail: String| RemoteError::Http { url: self.url.clone(), detail };
-        let resp = self.agent.get(&self.url).set("Range", &format!("bytes={}-", self.prefix.len())).call().map_err(|e| http(http_detail(e)))?;
+        let resp = self
+            .agent
+            .get(&self.url)
+            .set("Range", &format!("bytes={}-", self.prefix.len()))
+            .call()
+            .map_err(|e| http(http_detail(e)))?;
         if resp.status() != 206 {
             return Err(RemoteError::NoRanges { url: self.url.clone(), status: resp.status() });
         }

@@ -78,7 +78,8 @@ impl FetchPolicy {
             Some(close) => hostport[close..].contains(':'),
             None => hostport.contains(':'),
         };
-        let netloc = if has_port { hostport.to_string() } else { format!("{hostport}:{}", if https { 443 } else { 80 }) };
+        let netloc =
+            if has_port { hostport.to_string() } else { format!("{hostport}:{}", if https { 443 } else { 80 }) };
         Ok(UrlTarget { https, netloc })
     }
 
@@ -153,10 +154,29 @@ mod tests {
         assert_eq!(p.check_url("http://example.org/a.ovl"), Err(PolicyError::Scheme));
         assert_eq!(p.check_url("file:///etc/passwd"), Err(PolicyError::Scheme));
         assert_eq!(p.check_url("https:///x"), Err(PolicyError::NotAUrl));
-        for inside in ["https://127.0.0.1/a.ovl", "https://user@127.0.0.1:8443/a", "https://[::1]:443/a", "https://169.254.169.254/latest", "https://10.0.0.1"] {
+        for inside in [
+            "https://127.0.0.1/a.ovl",
+            "https://user@127.0.0.1:8443/a",
+            "https://[::1]:443/a",
+            "https://169.254.169.254/latest",
+            "https://10.0.0.1",
+        ] {
             assert_eq!(p.check_url(inside), Err(PolicyError::Address), "{inside}");
         }
-        for bad in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "224.0.0.1"] {
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
+        ] {
             assert!(!p.allows(bad.parse().unwrap(), true), "{bad} allowed");
         }
         assert!(p.allows("93.184.216.34".parse().unwrap(), true));

@@ -15,6 +15,7 @@
 //! temporary name and renamed into place, so a half-written service is never listed.
 
 pub mod appvirt;
+pub mod create;
 pub mod package;
 
 use std::path::{Path, PathBuf};
@@ -91,26 +92,16 @@ impl ServiceManifest {
             return Err(format!("kind {:?} is not {SERVICE_KIND}", m.kind));
         }
         if m.format == 0 || m.format > SERVICE_FORMAT {
-            return Err(format!(
-                "service format {} is not one this forage reads (1..={SERVICE_FORMAT})",
-                m.format
-            ));
+            return Err(format!("service format {} is not one this forage reads (1..={SERVICE_FORMAT})", m.format));
         }
-        for (what, name) in
-            std::iter::once(("service id", &m.id)).chain(std::iter::once(("os", &m.os)))
-        {
+        for (what, name) in std::iter::once(("service id", &m.id)).chain(std::iter::once(("os", &m.os))) {
             if !plain(name) {
-                return Err(format!(
-                    "{what} {name:?} must be letters, digits, '-', '_', '.'"
-                ));
+                return Err(format!("{what} {name:?} must be letters, digits, '-', '_', '.'"));
             }
         }
         for a in &m.client_apps {
             if !plain(&a.id) || !plain(&a.file) || !plain(&a.platform) {
-                return Err(format!(
-                    "client app {:?}: id, file and platform must be plain names",
-                    a.id
-                ));
+                return Err(format!("client app {:?}: id, file and platform must be plain names", a.id));
             }
         }
         Ok(m)
@@ -122,8 +113,7 @@ pub fn plain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && !s.starts_with('.')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// The platform of this machine, as client apps name it.
@@ -137,7 +127,9 @@ pub enum ServiceError {
     NotFound { id: String },
     #[error("no client app {id} in the app store (see `forage apps`)")]
     NoApp { id: String },
-    #[error("no baseline VM for OS {os} on this cloudlet (create one: `forage service create baseline-{os} --base NAME`)")]
+    #[error(
+        "no baseline VM for OS {os} on this cloudlet (create one: `forage service create baseline-{os} --base NAME`)"
+    )]
     NoBaseline { os: String },
     #[error("no server code component {name} on this cloudlet (see `forage service component`)")]
     NoComponent { name: String },
@@ -160,10 +152,7 @@ pub enum ServiceError {
 }
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError + '_ {
-    move |source| ServiceError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ServiceError::Io { path: path.to_path_buf(), source }
 }
 
 /// A service VM in the repository.
@@ -173,11 +162,47 @@ pub struct ServiceVm {
     manifest: ServiceManifest,
 }
 
+/// What `forage service list --json` prints of a service VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub id: String,
+    pub os: String,
+    /// Guest port of its service; none for a baseline VM.
+    pub port: Option<u16>,
+    pub baseline: bool,
+    pub description: String,
+    pub source: String,
+    /// Its client apps, as `ID (PLATFORM)`.
+    pub client_apps: Vec<String>,
+    pub dir: PathBuf,
+}
+
 impl ServiceVm {
+    pub fn summary(&self) -> ServiceSummary {
+        let m = &self.manifest;
+        ServiceSummary {
+            id: m.id.clone(),
+            os: m.os.clone(),
+            port: m.port,
+            baseline: m.is_baseline(),
+            description: m.description.clone(),
+            source: m.source.clone(),
+            client_apps: m.client_apps.iter().map(|a| format!("{} ({})", a.id, a.platform)).collect(),
+            dir: self.dir.clone(),
+        }
+    }
+
     /// What the app store says of client app `a` of this service (the device protocol and
     /// the HTTP API share the type).
     pub fn app_info(&self, a: &ClientApp) -> forage_proto::AppInfo {
-        forage_proto::AppInfo { id: a.id.clone(), service: self.id().to_string(), platform: a.platform.clone(), file: a.file.clone(), size: a.size, sha256: a.sha256.clone() }
+        forage_proto::AppInfo {
+            id: a.id.clone(),
+            service: self.id().to_string(),
+            platform: a.platform.clone(),
+            file: a.file.clone(),
+            size: a.size,
+            sha256: a.sha256.clone(),
+        }
     }
 }
 
@@ -185,12 +210,8 @@ impl ServiceVm {
     pub fn open(dir: &Path) -> Result<Self, ServiceError> {
         let path = dir.join(SERVICE_FILE);
         let json = std::fs::read(&path).map_err(io(&path))?;
-        let manifest =
-            ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad { path, detail })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-        })
+        let manifest = ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad { path, detail })?;
+        Ok(Self { dir: dir.to_path_buf(), manifest })
     }
 
     pub fn manifest(&self) -> &ServiceManifest {
@@ -226,9 +247,7 @@ pub struct Repository {
 
 impl Repository {
     pub fn new(data: &DataDir) -> Self {
-        Self {
-            root: data.services(),
-        }
+        Self { root: data.services() }
     }
 
     pub fn root(&self) -> &Path {
@@ -268,9 +287,7 @@ impl Repository {
     pub fn remove(&self, id: &str) -> Result<(), ServiceError> {
         let s = self.open(id)?;
         // Rename first so that a half-removed folder is never listed.
-        let gone = self
-            .root
-            .join(format!(".{id}.removing-{}", std::process::id()));
+        let gone = self.root.join(format!(".{id}.removing-{}", std::process::id()));
         std::fs::rename(s.dir(), &gone).map_err(io(s.dir()))?;
         std::fs::remove_dir_all(&gone).map_err(io(&gone))
     }
@@ -278,16 +295,9 @@ impl Repository {
     /// Server code components on-demand provisioning scripts may ask for: a file or a
     /// folder under `DATA/components/NAME` (beside the service folders).
     pub fn component(&self, name: &str) -> Result<PathBuf, ServiceError> {
-        let path = self
-            .root
-            .parent()
-            .unwrap_or(&self.root)
-            .join("components")
-            .join(name);
+        let path = self.root.parent().unwrap_or(&self.root).join("components").join(name);
         if !plain(name) || !path.exists() {
-            return Err(ServiceError::NoComponent {
-                name: name.to_string(),
-            });
+            return Err(ServiceError::NoComponent { name: name.to_string() });
         }
         Ok(path)
     }
@@ -339,17 +349,12 @@ impl Repository {
     }
 
     pub fn app(&self, id: &str) -> Result<(ServiceVm, ClientApp), ServiceError> {
-        self.apps(None)
-            .into_iter()
-            .find(|(_, a)| a.id == id)
-            .ok_or_else(|| ServiceError::NoApp { id: id.to_string() })
+        self.apps(None).into_iter().find(|(_, a)| a.id == id).ok_or_else(|| ServiceError::NoApp { id: id.to_string() })
     }
 
     /// A fresh staging folder for a service being built or imported.
     pub fn staging(&self, id: &str) -> Result<PathBuf, ServiceError> {
-        let dir = self
-            .root
-            .join(format!(".{id}.staging-{}", std::process::id()));
+        let dir = self.root.join(format!(".{id}.staging-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         DataDir::ensure(&dir)?;
         Ok(dir)
@@ -373,10 +378,7 @@ impl Repository {
                 });
             }
             if final_dir.exists() {
-                return Err(ServiceError::Exists {
-                    id: manifest.id.clone(),
-                    path: final_dir,
-                });
+                return Err(ServiceError::Exists { id: manifest.id.clone(), path: final_dir });
             }
             Snapshot::open(&staging.join("snapshot"))?;
             let taken: Vec<String> = self.apps(None).into_iter().map(|(_, a)| a.id).collect();
@@ -393,14 +395,10 @@ impl Repository {
                         detail: format!("client app id {id:?} is taken or not a plain name"),
                     });
                 }
-                let name = file
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .filter(|n| plain(n))
-                    .ok_or_else(|| ServiceError::Bad {
-                        path: file.clone(),
-                        detail: "not a plain file name".into(),
-                    })?;
+                let name =
+                    file.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| plain(n)).ok_or_else(
+                        || ServiceError::Bad { path: file.clone(), detail: "not a plain file name".into() },
+                    )?;
                 let target = app_dir.join(&name);
                 std::fs::copy(file, &target).map_err(io(file))?;
                 let (size, sha256) = file_digest(&target)?;
@@ -413,10 +411,8 @@ impl Repository {
                 });
             }
             let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-            ServiceManifest::parse(&json).map_err(|detail| ServiceError::Bad {
-                path: staging.join(SERVICE_FILE),
-                detail,
-            })?;
+            ServiceManifest::parse(&json)
+                .map_err(|detail| ServiceError::Bad { path: staging.join(SERVICE_FILE), detail })?;
             std::fs::write(staging.join(SERVICE_FILE), json).map_err(io(staging))?;
             std::fs::rename(staging, &final_dir).map_err(io(&final_dir))?;
             ServiceVm::open(&final_dir)
@@ -431,19 +427,12 @@ impl Repository {
 /// Files under `path` (itself if a file), as (path, path relative to `path`).
 pub fn files_under(path: &Path) -> Vec<(PathBuf, PathBuf)> {
     if path.is_file() {
-        return vec![(
-            path.to_path_buf(),
-            PathBuf::from(path.file_name().unwrap_or_default()),
-        )];
+        return vec![(path.to_path_buf(), PathBuf::from(path.file_name().unwrap_or_default()))];
     }
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        for e in std::fs::read_dir(path.join(&rel))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for e in std::fs::read_dir(path.join(&rel)).into_iter().flatten().flatten() {
             let r = rel.join(e.file_name());
             if e.path().is_dir() {
                 stack.push(r);
@@ -479,10 +468,7 @@ pub fn file_digest(path: &Path) -> Result<(u64, String), ServiceError> {
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -501,16 +487,11 @@ mod tests {
         for (field, value) in [("id", "../x"), ("os", "a b"), ("kind", "other")] {
             let mut m = manifest();
             m[field] = value.into();
-            assert!(
-                ServiceManifest::parse(m.to_string().as_bytes()).is_err(),
-                "{field}={value} accepted"
-            );
+            assert!(ServiceManifest::parse(m.to_string().as_bytes()).is_err(), "{field}={value} accepted");
         }
         let mut m = manifest();
         m["format"] = 2.into();
-        assert!(ServiceManifest::parse(m.to_string().as_bytes())
-            .unwrap_err()
-            .contains("format 2"));
+        assert!(ServiceManifest::parse(m.to_string().as_bytes()).unwrap_err().contains("format 2"));
         let mut m = manifest();
         m["client_apps"][0]["file"] = "../../etc/passwd".into();
         assert!(ServiceManifest::parse(m.to_string().as_bytes()).is_err());

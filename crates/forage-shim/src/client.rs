@@ -49,7 +49,8 @@ impl ShimClient {
             move |source| ShimError::Io { path, source }
         };
         std::fs::create_dir_all(&spec.dir).map_err(io(&spec.dir))?;
-        std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).expect("a spec serializes")).map_err(io(&spec_path))?;
+        std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).expect("a spec serializes"))
+            .map_err(io(&spec_path))?;
         let log_path = spec.dir.join("shim.log");
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
         let err = log.try_clone().map_err(io(&log_path))?;
@@ -71,7 +72,10 @@ impl ShimClient {
                 Ok(c) => return Ok(c),
                 Err(e) if t.elapsed() > Duration::from_secs(30) || !forage_vm::process::alive(pid) => {
                     let tail = forage_vm::process::tail_lines(&log_path, 5);
-                    return Err(ShimError::Start { log: log_path, detail: if tail.is_empty() { e.to_string() } else { tail } });
+                    return Err(ShimError::Start {
+                        log: log_path,
+                        detail: if tail.is_empty() { e.to_string() } else { tail },
+                    });
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
@@ -80,7 +84,9 @@ impl ShimClient {
 
     /// Connect to the shim serving on `control` (started by this daemon or an earlier one).
     pub async fn connect(control: &Path) -> Result<Self, ShimError> {
-        let stream = UnixStream::connect(control).await.map_err(|source| ShimError::Io { path: control.to_path_buf(), source })?;
+        let stream = UnixStream::connect(control)
+            .await
+            .map_err(|source| ShimError::Io { path: control.to_path_buf(), source })?;
         let (mut rd, mut wr) = stream.into_split();
         let hello = match tokio::time::timeout(Duration::from_secs(10), read::<ShimMessage>(&mut rd)).await {
             Ok(Ok(ShimMessage::Hello(h))) => h,

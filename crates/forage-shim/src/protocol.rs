@@ -107,21 +107,38 @@ pub enum ShimCall {
         bytes: Vec<u8>,
     },
     /// Fail the view: every waiting read fails, with `why`.
-    Fail { why: String },
+    Fail {
+        why: String,
+    },
     Status,
     /// Chunks of `space` the VM wrote since the view started.
-    WrittenChunks { space: Space },
+    WrittenChunks {
+        space: Space,
+    },
     /// Start a new generation of writes: what is written from now on is "since" it.
     Mark,
-    WrittenSince { space: Space, mark: u64 },
+    WrittenSince {
+        space: Space,
+        mark: u64,
+    },
     /// Write chunks into the view (a handoff's destination rebuilding the VM).
-    Write { space: Space, chunks: Vec<ChunkBytes> },
+    Write {
+        space: Space,
+        chunks: Vec<ChunkBytes>,
+    },
     /// Read chunks of the view (a handoff's source).
-    Read { space: Space, indices: Vec<u64> },
+    Read {
+        space: Space,
+        indices: Vec<u64>,
+    },
     /// Wait (at most `timeout_ms`) for the overlay's device state: its file.
-    WaitDeviceState { timeout_ms: u64 },
+    WaitDeviceState {
+        timeout_ms: u64,
+    },
     /// The instance's QEMU: the shim ends when it is gone.
-    WatchQemu { pid: u32 },
+    WatchQemu {
+        pid: u32,
+    },
     /// Count the relay's idleness from now (the instance was handed to its device).
     TouchRelay,
     /// Unmount, close the relay, exit.
@@ -146,23 +163,44 @@ pub enum ShimReply {
     Done,
     /// `AddSegment` of a segment that was already there.
     Repeated,
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
     Status(ShimStatus),
-    Chunks { indices: Vec<u64> },
-    Mark { generation: u64 },
-    Data { chunks: Vec<ChunkBytes> },
-    DeviceState { path: PathBuf },
+    Chunks {
+        indices: Vec<u64>,
+    },
+    Mark {
+        generation: u64,
+    },
+    Data {
+        chunks: Vec<ChunkBytes>,
+    },
+    DeviceState {
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "m", rename_all = "snake_case")]
 pub enum ShimMessage {
     Hello(ShimHello),
-    Call { id: u64, call: ShimCall },
-    Reply { id: u64, reply: ShimReply },
+    Call {
+        id: u64,
+        call: ShimCall,
+    },
+    Reply {
+        id: u64,
+        reply: ShimReply,
+    },
     /// Early start: a read of the VM needs this segment (ask the device for it now).
-    Fetch { segment: u32 },
-    Error { code: ErrorCode, message: String },
+    Fetch {
+        segment: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 forage_proto::protocol_kinds!(ShimMessage, "shim", Hello = 64, Call = 65, Reply = 66, Fetch = 67, Error = 8);
@@ -173,13 +211,24 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let hello = ShimMessage::Hello(ShimHello { format: 1, instance: "i".into(), pid: 3, memory: Some("/m".into()), disk: None, relay: Some("127.0.0.1:4".into()), ca_sha256: None });
+        let hello = ShimMessage::Hello(ShimHello {
+            format: 1,
+            instance: "i".into(),
+            pid: 3,
+            memory: Some("/m".into()),
+            disk: None,
+            relay: Some("127.0.0.1:4".into()),
+            ca_sha256: None,
+        });
         let f = forage_proto::encode(&hello);
         assert_eq!(forage_proto::decode::<ShimMessage>(&f[4..]).unwrap(), hello);
         let r = ShimMessage::Reply { id: 1, reply: ShimReply::Status(ShimStatus::default()) };
         let f = forage_proto::encode(&r);
         assert_eq!(forage_proto::decode::<ShimMessage>(&f[4..]).unwrap(), r);
-        let c = ShimMessage::Call { id: 2, call: ShimCall::Write { space: Space::Disk, chunks: vec![ChunkBytes { index: 1, bytes: vec![1, 2] }] } };
+        let c = ShimMessage::Call {
+            id: 2,
+            call: ShimCall::Write { space: Space::Disk, chunks: vec![ChunkBytes { index: 1, bytes: vec![1, 2] }] },
+        };
         let f = forage_proto::encode(&c);
         assert_eq!(forage_proto::decode::<ShimMessage>(&f[4..]).unwrap(), c);
     }

@@ -31,7 +31,12 @@ impl Relay {
     /// Listen on `listen` (port 0: any free one) and relay to `target` every connection
     /// that completes a TLS handshake (`tls`: the cloudlet's relay configuration) and
     /// presents `token` within the preamble wait.
-    pub async fn start(listen: SocketAddr, target: SocketAddr, tls: Arc<rustls::ServerConfig>, token: [u8; TOKEN_BYTES]) -> std::io::Result<Self> {
+    pub async fn start(
+        listen: SocketAddr,
+        target: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        token: [u8; TOKEN_BYTES],
+    ) -> std::io::Result<Self> {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         socket.bind(listen)?;
@@ -100,7 +105,11 @@ impl Drop for Relay {
 
 /// The TLS handshake and the preamble, within the preamble wait: the device's stream if
 /// its token is the instance's.
-async fn admit(client: TcpStream, acceptor: &tokio_rustls::TlsAcceptor, token: &[u8; TOKEN_BYTES]) -> Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str> {
+async fn admit(
+    client: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    token: &[u8; TOKEN_BYTES],
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str> {
     let checked = async {
         let mut tls = acceptor.accept(client).await.map_err(|_| "TLS handshake failed")?;
         let mut line = [0u8; PREAMBLE_LEN];
@@ -170,10 +179,20 @@ mod tests {
         let (target, reached) = echo().await;
         let mut token = [0u8; TOKEN_BYTES];
         token[3] = 7;
-        let relay = Relay::start("127.0.0.1:0".parse().unwrap(), target, trust.relay_server_config().unwrap(), token).await.unwrap();
-        let endpoint = forage_proto::ServiceEndpoint { addr: relay.addr.to_string(), token: hex::encode(token), ca_sha256: trust.ca_fingerprint() };
+        let relay = Relay::start("127.0.0.1:0".parse().unwrap(), target, trust.relay_server_config().unwrap(), token)
+            .await
+            .unwrap();
+        let endpoint = forage_proto::ServiceEndpoint {
+            addr: relay.addr.to_string(),
+            token: hex::encode(token),
+            ca_sha256: trust.ca_fingerprint(),
+        };
         let good = endpoint.clone();
-        let ask = |ep: forage_proto::ServiceEndpoint| tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "hello", Duration::from_secs(15)));
+        let ask = |ep: forage_proto::ServiceEndpoint| {
+            tokio::task::spawn_blocking(move || {
+                forage_client::service::request_line(&ep, "hello", Duration::from_secs(15))
+            })
+        };
 
         // Plain TCP, as before the relay had TLS: nothing comes back, nothing reaches the guest.
         let raw = tokio::task::spawn_blocking(move || {

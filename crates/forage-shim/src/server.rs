@@ -16,7 +16,9 @@ use forage_synth::cow::CowView;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::protocol::{ChunkBytes, RelaySpec, ShimCall, ShimHello, ShimMessage, ShimReply, ShimSpec, ShimStatus, ViewSpec, SHIM_FORMAT};
+use crate::protocol::{
+    ChunkBytes, RelaySpec, ShimCall, ShimHello, ShimMessage, ShimReply, ShimSpec, ShimStatus, ViewSpec, SHIM_FORMAT,
+};
 use crate::relay::Relay;
 use crate::ShimError;
 
@@ -25,7 +27,7 @@ const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// The view the shim serves.
 enum View {
-    Cow(CowView),
+    Cow(Box<CowView>),
     Overlay { assembly: Arc<Assembly>, mount: Option<Mount> },
 }
 
@@ -78,16 +80,37 @@ pub async fn run(spec: ShimSpec) -> Result<(), ShimError> {
         _ => (None, None),
     };
     let ca_sha256 = match &spec.relay {
-        Some(r) => Some(forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet").map_err(|e| ShimError::Spec(e.to_string()))?.ca_fingerprint()),
+        Some(r) => Some(
+            forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet")
+                .map_err(|e| ShimError::Spec(e.to_string()))?
+                .ca_fingerprint(),
+        ),
         None => None,
     };
-    let hello = ShimHello { format: SHIM_FORMAT, instance: spec.instance.clone(), pid: std::process::id(), memory, disk, relay: relay.as_ref().map(|r| r.addr.to_string()), ca_sha256 };
+    let hello = ShimHello {
+        format: SHIM_FORMAT,
+        instance: spec.instance.clone(),
+        pid: std::process::id(),
+        memory,
+        disk,
+        relay: relay.as_ref().map(|r| r.addr.to_string()),
+        ca_sha256,
+    };
     let _ = std::fs::remove_file(&spec.control);
-    let listener = UnixListener::bind(&spec.control).map_err(|source| ShimError::Io { path: spec.control.clone(), source })?;
+    let listener =
+        UnixListener::bind(&spec.control).map_err(|source| ShimError::Io { path: spec.control.clone(), source })?;
     let _ = std::fs::set_permissions(&spec.control, std::fs::Permissions::from_mode(0o600));
-    let shim = Arc::new(Shim { spec, view, relay, hello, fetches: tokio::sync::Mutex::new(fetch_rx), qemu: std::sync::Mutex::new(None) });
+    let shim = Arc::new(Shim {
+        spec,
+        view,
+        relay,
+        hello,
+        fetches: tokio::sync::Mutex::new(fetch_rx),
+        qemu: std::sync::Mutex::new(None),
+    });
     tracing::info!(instance = shim.spec.instance, "shim serving");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|source| ShimError::Io { path: "SIGTERM".into(), source })?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| ShimError::Io { path: "SIGTERM".into(), source })?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -125,11 +148,15 @@ fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -
     match v {
         ViewSpec::Cow { saved, readahead } => {
             let snap = forage_vm::Snapshot::open(saved).map_err(|e| ShimError::View(e.to_string()))?;
-            Ok(View::Cow(CowView::mount(&snap, &spec.dir.join("view"), *readahead).map_err(|e| ShimError::View(e.to_string()))?))
+            Ok(View::Cow(Box::new(
+                CowView::mount(&snap, &spec.dir.join("view"), *readahead)
+                    .map_err(|e| ShimError::View(e.to_string()))?,
+            )))
         }
         ViewSpec::Overlay { manifest, base_memory, base_disk, readahead } => {
             let bytes = std::fs::read(manifest).map_err(|source| ShimError::Io { path: manifest.clone(), source })?;
-            let manifest = Manifest::decode(&bytes).map_err(|e| ShimError::View(format!("{}: {e}", manifest.display())))?;
+            let manifest =
+                Manifest::decode(&bytes).map_err(|e| ShimError::View(format!("{}: {e}", manifest.display())))?;
             let (work, mnt) = (spec.dir.join("assembly"), spec.dir.join("mnt"));
             for d in [&work, &mnt] {
                 std::fs::create_dir_all(d).map_err(|source| ShimError::Io { path: d.clone(), source })?;
@@ -137,7 +164,10 @@ fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -
             let fetch = Box::new(move |s: u32| {
                 let _ = fetch.send(s);
             });
-            let assembly = Arc::new(Assembly::new(manifest, base_memory, base_disk, &work, fetch).map_err(|e| ShimError::View(e.to_string()))?);
+            let assembly = Arc::new(
+                Assembly::new(manifest, base_memory, base_disk, &work, fetch)
+                    .map_err(|e| ShimError::View(e.to_string()))?,
+            );
             let mount = Mount::new(assembly.clone(), &mnt, *readahead).map_err(|e| ShimError::View(e.to_string()))?;
             Ok(View::Overlay { assembly, mount: Some(mount) })
         }
@@ -145,11 +175,17 @@ fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -
 }
 
 async fn start_relay(r: &RelaySpec) -> Result<Relay, ShimError> {
-    let token: [u8; TOKEN_BYTES] = hex::decode(&r.token).ok().and_then(|t| t.try_into().ok()).ok_or_else(|| ShimError::Spec("the relay's token is not 32 hex digits".into()))?;
-    let trust = forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet").map_err(|e| ShimError::Spec(e.to_string()))?;
+    let token: [u8; TOKEN_BYTES] = hex::decode(&r.token)
+        .ok()
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| ShimError::Spec("the relay's token is not 32 hex digits".into()))?;
+    let trust =
+        forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet").map_err(|e| ShimError::Spec(e.to_string()))?;
     let tls = trust.relay_server_config().map_err(|e| ShimError::Spec(e.to_string()))?;
     let listen = std::net::SocketAddr::from((r.listen, r.port));
-    Relay::start(listen, r.target, tls, token).await.map_err(|source| ShimError::Io { path: PathBuf::from(listen.to_string()), source })
+    Relay::start(listen, r.target, tls, token)
+        .await
+        .map_err(|source| ShimError::Io { path: PathBuf::from(listen.to_string()), source })
 }
 
 enum Ending {
@@ -194,7 +230,13 @@ impl Shim {
             Some(v) => (v.assembly().is_complete(), v.assembly().failure(), v.assembly().stats()),
             None => (true, None, Default::default()),
         };
-        ShimStatus { complete, failure, stats, relay_idle_ms: self.relay.as_ref().map(|r| r.idle_ms()), relay_connections: self.relay.as_ref().map_or(0, |r| r.admitted()) }
+        ShimStatus {
+            complete,
+            failure,
+            stats,
+            relay_idle_ms: self.relay.as_ref().map(|r| r.idle_ms()),
+            relay_connections: self.relay.as_ref().map_or(0, |r| r.admitted()),
+        }
     }
 
     fn assembly(&self) -> Result<&Arc<Assembly>, String> {
@@ -217,13 +259,18 @@ impl Shim {
                 Ok(ShimReply::Done)
             }
             ShimCall::Status => Ok(ShimReply::Status(self.status())),
-            ShimCall::WrittenChunks { space } => Ok(ShimReply::Chunks { indices: self.assembly()?.written_chunks(space) }),
+            ShimCall::WrittenChunks { space } => {
+                Ok(ShimReply::Chunks { indices: self.assembly()?.written_chunks(space) })
+            }
             ShimCall::Mark => Ok(ShimReply::Mark { generation: self.assembly()?.mark().0 }),
-            ShimCall::WrittenSince { space, mark } => Ok(ShimReply::Chunks { indices: self.assembly()?.written_since(space, forage_assembly::WriteMark(mark)) }),
+            ShimCall::WrittenSince { space, mark } => Ok(ShimReply::Chunks {
+                indices: self.assembly()?.written_since(space, forage_assembly::WriteMark(mark)),
+            }),
             ShimCall::Write { space, chunks } => {
                 let a = self.assembly()?;
                 for c in chunks {
-                    a.write(space, c.index * forage_format::CHUNK_SIZE as u64, &c.bytes, READ_WAIT).map_err(|e| e.to_string())?;
+                    a.write(space, c.index * forage_format::CHUNK_SIZE as u64, &c.bytes, READ_WAIT)
+                        .map_err(|e| e.to_string())?;
                 }
                 Ok(ShimReply::Done)
             }
@@ -231,12 +278,25 @@ impl Shim {
                 let a = self.assembly()?;
                 let chunks = indices
                     .into_iter()
-                    .map(|index| a.read(space, index * forage_format::CHUNK_SIZE as u64, forage_format::CHUNK_SIZE as u64, READ_WAIT).map(|bytes| ChunkBytes { index, bytes }))
+                    .map(|index| {
+                        a.read(
+                            space,
+                            index * forage_format::CHUNK_SIZE as u64,
+                            forage_format::CHUNK_SIZE as u64,
+                            READ_WAIT,
+                        )
+                        .map(|bytes| ChunkBytes { index, bytes })
+                    })
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
                 Ok(ShimReply::Data { chunks })
             }
-            ShimCall::WaitDeviceState { timeout_ms } => Ok(ShimReply::DeviceState { path: self.assembly()?.wait_device_state(Duration::from_millis(timeout_ms)).map_err(|e| e.to_string())? }),
+            ShimCall::WaitDeviceState { timeout_ms } => Ok(ShimReply::DeviceState {
+                path: self
+                    .assembly()?
+                    .wait_device_state(Duration::from_millis(timeout_ms))
+                    .map_err(|e| e.to_string())?,
+            }),
             ShimCall::WatchQemu { pid } => {
                 *self.qemu.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
                 Ok(ShimReply::Done)
@@ -282,7 +342,10 @@ async fn serve(shim: &Arc<Shim>, conn: UnixStream) -> Result<Ending, ProtoError>
             let (id, call) = match read::<ShimMessage>(&mut rd).await {
                 Ok(ShimMessage::Call { id, call }) => (id, call),
                 Ok(other) => {
-                    let _ = out_tx.send(ShimMessage::Error { code: ErrorCode::Protocol, message: format!("{} is not a call", forage_proto::Protocol::name(&other)) });
+                    let _ = out_tx.send(ShimMessage::Error {
+                        code: ErrorCode::Protocol,
+                        message: format!("{} is not a call", forage_proto::Protocol::name(&other)),
+                    });
                     continue;
                 }
                 Err(ProtoError::Closed) => return Ok(Ending::Disconnected),

@@ -60,7 +60,17 @@ async fn a_shim_outlives_its_daemon() {
     let mark = shim.mark().await.unwrap();
     let endpoint = forage_proto::ServiceEndpoint { addr: relay.clone(), token, ca_sha256: ca };
     let ep = endpoint.clone();
-    assert_eq!(tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "hello", Duration::from_secs(10))).await.unwrap().unwrap(), "hello");
+    assert_eq!(
+        tokio::task::spawn_blocking(move || forage_client::service::request_line(
+            &ep,
+            "hello",
+            Duration::from_secs(10)
+        ))
+        .await
+        .unwrap()
+        .unwrap(),
+        "hello"
+    );
 
     // The instance's process (a stand-in for QEMU): a shim with no process to serve
     // would end with its daemon.
@@ -73,14 +83,27 @@ async fn a_shim_outlives_its_daemon() {
     std::fs::File::open(&memory).unwrap().read_exact_at(&mut c, 5 * CHUNK_SIZE as u64).unwrap();
     assert_eq!(c, vec![7; CHUNK_SIZE], "the view is still served");
     let ep = endpoint.clone();
-    assert_eq!(tokio::task::spawn_blocking(move || forage_client::service::request_line(&ep, "again", Duration::from_secs(10))).await.unwrap().unwrap(), "again");
+    assert_eq!(
+        tokio::task::spawn_blocking(move || forage_client::service::request_line(
+            &ep,
+            "again",
+            Duration::from_secs(10)
+        ))
+        .await
+        .unwrap()
+        .unwrap(),
+        "again"
+    );
 
     // A new daemon adopts it: same files, same relay, same history.
     let shim = ShimClient::connect(&spec.control).await.expect("the shim is still there");
     assert_eq!(shim.hello.relay.as_deref(), Some(relay.as_str()));
     assert!(shim.written_since(Space::Memory, mark).await.unwrap().is_empty());
     let data = shim.read(Space::Memory, vec![3, 5]).await.unwrap();
-    assert_eq!((data[0].bytes.clone(), data[1].bytes.clone()), (forage_testkit::synthetic::pattern(3), vec![7; CHUNK_SIZE]));
+    assert_eq!(
+        (data[0].bytes.clone(), data[1].bytes.clone()),
+        (forage_testkit::synthetic::pattern(3), vec![7; CHUNK_SIZE])
+    );
     let status = shim.status().await.unwrap();
     assert_eq!(status.relay_connections, 2);
     shim.shutdown().await.unwrap();
@@ -99,7 +122,14 @@ async fn a_shim_without_a_vm_ends_with_its_daemon() {
     std::env::set_var("FORAGE_SHIM", env!("CARGO_BIN_EXE_forage-shim"));
     let t = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(t.path().join("instance")).unwrap();
-    let spec = ShimSpec { format: 1, instance: "test-2".into(), dir: t.path().join("instance"), control: t.path().join("ctl.sock"), view: None, relay: None };
+    let spec = ShimSpec {
+        format: 1,
+        instance: "test-2".into(),
+        dir: t.path().join("instance"),
+        control: t.path().join("ctl.sock"),
+        view: None,
+        relay: None,
+    };
     let shim = ShimClient::spawn(&spec).await.expect("the shim starts");
     let pid = shim.hello.pid;
     drop(shim);

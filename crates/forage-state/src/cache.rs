@@ -5,8 +5,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use crate::records::{path_text, CacheEntry, NewCacheEntry};
 use crate::{now_unix_ms, State, StateError};
 
-const COLUMNS: &str =
-    "overlay_digest, base_digest, dir, bytes, created_unix_ms, last_used_unix_ms, hits";
+const COLUMNS: &str = "overlay_digest, base_digest, dir, bytes, created_unix_ms, last_used_unix_ms, hits";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<CacheEntry> {
     Ok(CacheEntry {
@@ -75,15 +74,10 @@ impl State {
     pub fn cache_list(&self) -> Result<Vec<CacheEntry>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM launch_cache ORDER BY last_used_unix_ms, overlay_digest"
-            ))
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM launch_cache ORDER BY last_used_unix_ms, overlay_digest"))
             .map_err(StateError::sql("list cache entries"))?;
-        let rows = stmt
-            .query_map([], from_row)
-            .map_err(StateError::sql("list cache entries"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(StateError::sql("list cache entries"))
+        let rows = stmt.query_map([], from_row).map_err(StateError::sql("list cache entries"))?;
+        rows.collect::<Result<_, _>>().map_err(StateError::sql("list cache entries"))
     }
 
     /// Forgets an entry and returns it (the caller removes its directory), or `None` if

@@ -21,11 +21,7 @@ pub enum OpenError {
         "state file {path} has schema version {found}, newer than this forage supports \
          ({supported}): upgrade forage or use another data directory"
     )]
-    NewerSchema {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    NewerSchema { path: PathBuf, found: u32, supported: u32 },
     #[error("cannot migrate state file {path} from schema version {from} to {to}")]
     Migrate {
         path: PathBuf,
@@ -60,16 +56,10 @@ impl StateError {
     }
 
     /// Wraps the error of an insert: a primary-key clash becomes [`StateError::Duplicate`].
-    pub(crate) fn insert(
-        op: &'static str,
-        kind: &'static str,
-        id: &str,
-    ) -> impl FnOnce(rusqlite::Error) -> StateError {
+    pub(crate) fn insert(op: &'static str, kind: &'static str, id: &str) -> impl FnOnce(rusqlite::Error) -> StateError {
         let id = id.to_string();
         move |source| match &source {
-            rusqlite::Error::SqliteFailure(e, _)
-                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
-            {
+            rusqlite::Error::SqliteFailure(e, _) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
                 StateError::Duplicate { kind, id }
             }
             _ => StateError::Sql { op, source },

@@ -66,18 +66,10 @@ impl State {
             .execute(
                 "UPDATE instances SET status = ?2, stopped_unix_ms = ?3 \
                  WHERE id = ?1 AND status = ?4",
-                params![
-                    id,
-                    InstanceStatus::Stopped,
-                    now_unix_ms(),
-                    InstanceStatus::Running
-                ],
+                params![id, InstanceStatus::Stopped, now_unix_ms(), InstanceStatus::Running],
             )
             .map_err(StateError::sql("stop instance"))?;
-        let record = self.instance(id)?.ok_or_else(|| StateError::NotFound {
-            kind: "instance",
-            id: id.to_string(),
-        })?;
+        let record = self.instance(id)?.ok_or_else(|| StateError::NotFound { kind: "instance", id: id.to_string() })?;
         if n > 0 {
             tracing::debug!(instance = %id, "instance stopped");
         }
@@ -98,11 +90,7 @@ impl State {
     /// One instance, if it exists.
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRecord>, StateError> {
         self.conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM instances WHERE id = ?1"),
-                [id],
-                from_row,
-            )
+            .query_row(&format!("SELECT {COLUMNS} FROM instances WHERE id = ?1"), [id], from_row)
             .optional()
             .map_err(StateError::sql("read instance"))
     }
@@ -119,8 +107,7 @@ impl State {
         let rows = stmt
             .query_map(params![running_only, InstanceStatus::Running], from_row)
             .map_err(StateError::sql("list instances"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(StateError::sql("list instances"))
+        rows.collect::<Result<_, _>>().map_err(StateError::sql("list instances"))
     }
 
     /// Settles what a previous daemon left running, with [`qemu_alive`] as the test of
@@ -133,25 +120,17 @@ impl State {
     /// instance whose pid fails `alive` becomes "lost" (returned, for the caller to remove
     /// its directory); every "running" session becomes "failed" with the error
     /// "daemon restarted". Instances whose QEMU is alive stay "running".
-    pub fn recover_after_restart_with(
-        &self,
-        alive: impl Fn(u32) -> bool,
-    ) -> Result<Vec<InstanceRecord>, StateError> {
+    pub fn recover_after_restart_with(&self, alive: impl Fn(u32) -> bool) -> Result<Vec<InstanceRecord>, StateError> {
         let mut conn = self.conn();
-        let tx = conn
-            .transaction()
-            .map_err(StateError::sql("recover after restart"))?;
+        let tx = conn.transaction().map_err(StateError::sql("recover after restart"))?;
         let running: Vec<InstanceRecord> = {
             let mut stmt = tx
-                .prepare(&format!(
-                    "SELECT {COLUMNS} FROM instances WHERE status = ?1"
-                ))
+                .prepare(&format!("SELECT {COLUMNS} FROM instances WHERE status = ?1"))
                 .map_err(StateError::sql("recover after restart"))?;
             let rows = stmt
                 .query_map([InstanceStatus::Running], from_row)
                 .map_err(StateError::sql("recover after restart"))?;
-            rows.collect::<Result<_, _>>()
-                .map_err(StateError::sql("recover after restart"))?
+            rows.collect::<Result<_, _>>().map_err(StateError::sql("recover after restart"))?
         };
         let now = now_unix_ms();
         let mut lost = Vec::new();
@@ -173,21 +152,12 @@ impl State {
         let failed = tx
             .execute(
                 "UPDATE sessions SET status = ?1, ended_unix_ms = ?2, error = ?3 WHERE status = ?4",
-                params![
-                    SessionStatus::Failed,
-                    now,
-                    RESTARTED,
-                    SessionStatus::Running
-                ],
+                params![SessionStatus::Failed, now, RESTARTED, SessionStatus::Running],
             )
             .map_err(StateError::sql("recover after restart"))?;
-        tx.commit()
-            .map_err(StateError::sql("recover after restart"))?;
+        tx.commit().map_err(StateError::sql("recover after restart"))?;
         if failed > 0 {
-            tracing::warn!(
-                sessions = failed,
-                "sessions cut short by the restart marked failed"
-            );
+            tracing::warn!(sessions = failed, "sessions cut short by the restart marked failed");
         }
         Ok(lost)
     }

@@ -25,21 +25,19 @@
 //! their directories) and unfinished sessions become "failed".
 
 mod cache;
+mod error;
 mod instances;
 mod records;
 mod schema;
 mod sessions;
-mod error;
 mod store;
 
-
-
+pub use error::{OpenError, StateError};
 pub use instances::qemu_alive;
 pub use records::{
-    CacheEntry, InstanceRecord, InstanceStatus, NewCacheEntry, NewInstance, NewSession,
-    SessionMode, SessionRecord, SessionStatus, Totals,
+    CacheEntry, InstanceRecord, InstanceStatus, NewCacheEntry, NewInstance, NewSession, SessionMode, SessionRecord,
+    SessionStatus, Totals,
 };
 pub use schema::SCHEMA_VERSION;
-pub use error::{OpenError, StateError};
-pub use store::State;
 pub(crate) use store::now_unix_ms;
+pub use store::State;

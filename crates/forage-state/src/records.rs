@@ -209,12 +209,6 @@ impl Totals {
 
 /// A path as stored: SQLite TEXT holds UTF-8 only, and a lossy path could name another
 /// directory (which the caller may later remove), so a non-UTF-8 path is refused.
-pub(crate) fn path_text<'a>(
-    field: &'static str,
-    path: &'a std::path::Path,
-) -> Result<&'a str, crate::StateError> {
-    path.to_str().ok_or_else(|| crate::StateError::NotUtf8 {
-        field,
-        path: path.to_path_buf(),
-    })
+pub(crate) fn path_text<'a>(field: &'static str, path: &'a std::path::Path) -> Result<&'a str, crate::StateError> {
+    path.to_str().ok_or_else(|| crate::StateError::NotUtf8 { field, path: path.to_path_buf() })
 }

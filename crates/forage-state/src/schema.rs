@@ -99,26 +99,14 @@ const MIGRATIONS: &[&str] = &[
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OpenError> {
     let found: u32 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|source| OpenError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| OpenError::Open { path: path.to_path_buf(), source })?;
     if found > SCHEMA_VERSION {
-        return Err(OpenError::NewerSchema {
-            path: path.to_path_buf(),
-            found,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(OpenError::NewerSchema { path: path.to_path_buf(), found, supported: SCHEMA_VERSION });
     }
     for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let from = from as u32;
         let to = from + 1;
-        let err = |source| OpenError::Migrate {
-            path: path.to_path_buf(),
-            from,
-            to,
-            source,
-        };
+        let err = |source| OpenError::Migrate { path: path.to_path_buf(), from, to, source };
         let tx = conn.transaction().map_err(err)?;
         tx.execute_batch(sql).map_err(err)?;
         tx.pragma_update(None, "user_version", to).map_err(err)?;

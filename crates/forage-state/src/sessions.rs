@@ -31,15 +31,7 @@ impl State {
             .execute(
                 "INSERT INTO sessions (id, device, base_digest, overlay_digest, mode, \
                  started_unix_ms, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    s.id,
-                    s.device,
-                    s.base_digest,
-                    s.overlay_digest,
-                    s.mode,
-                    now_unix_ms(),
-                    SessionStatus::Running
-                ],
+                params![s.id, s.device, s.base_digest, s.overlay_digest, s.mode, now_unix_ms(), SessionStatus::Running],
             )
             .map_err(StateError::insert("add session", "session", &s.id))?;
         tracing::debug!(session = %s.id, device = %s.device, mode = %s.mode, "session started");
@@ -50,10 +42,7 @@ impl State {
     pub fn session_ready(&self, id: &str, first_ready_ms: u64) -> Result<(), StateError> {
         let n = self
             .conn()
-            .execute(
-                "UPDATE sessions SET first_ready_ms = ?2 WHERE id = ?1",
-                params![id, first_ready_ms],
-            )
+            .execute("UPDATE sessions SET first_ready_ms = ?2 WHERE id = ?1", params![id, first_ready_ms])
             .map_err(StateError::sql("mark session ready"))?;
         found(n, "session", id)?;
         tracing::debug!(session = %id, first_ready_ms, "session ready");
@@ -87,11 +76,7 @@ impl State {
     /// One session, if it exists.
     pub fn session(&self, id: &str) -> Result<Option<SessionRecord>, StateError> {
         self.conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),
-                [id],
-                from_row,
-            )
+            .query_row(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"), [id], from_row)
             .optional()
             .map_err(StateError::sql("read session"))
     }
@@ -106,21 +91,15 @@ impl State {
             ))
             .map_err(StateError::sql("list sessions"))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt
-            .query_map([limit], from_row)
-            .map_err(StateError::sql("list sessions"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(StateError::sql("list sessions"))
+        let rows = stmt.query_map([limit], from_row).map_err(StateError::sql("list sessions"))?;
+        rows.collect::<Result<_, _>>().map_err(StateError::sql("list sessions"))
     }
 }
 
 /// `n` rows changed: none means there was no such record.
 pub(crate) fn found(n: usize, kind: &'static str, id: &str) -> Result<(), StateError> {
     if n == 0 {
-        return Err(StateError::NotFound {
-            kind,
-            id: id.to_string(),
-        });
+        return Err(StateError::NotFound { kind, id: id.to_string() });
     }
     Ok(())
 }

@@ -5,15 +5,11 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{cache, instance, session};
-use forage_state::{
-    InstanceStatus, OpenError, SessionMode, SessionStatus, State, StateError, Totals,
-    SCHEMA_VERSION,
-};
+use forage_state::{InstanceStatus, OpenError, SessionMode, SessionStatus, State, StateError, Totals, SCHEMA_VERSION};
 
 fn journal_mode(path: &Path) -> String {
     let conn = rusqlite::Connection::open(path).unwrap();
-    conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .unwrap()
+    conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap()
 }
 
 #[test]
@@ -22,17 +18,11 @@ fn state_survives_closing_and_reopening() {
     let path = dir.path().join("nested/state.db");
     {
         let state = State::open(&path).unwrap();
-        state
-            .session_started(&session("s1", SessionMode::Pipelined))
-            .unwrap();
+        state.session_started(&session("s1", SessionMode::Pipelined)).unwrap();
         state.session_ready("s1", 412).unwrap();
         state.session_ended("s1", Ok(985_000)).unwrap();
-        state
-            .session_started(&session("s2", SessionMode::Cached))
-            .unwrap();
-        state
-            .session_ended("s2", Err("base digest mismatch"))
-            .unwrap();
+        state.session_started(&session("s2", SessionMode::Cached)).unwrap();
+        state.session_ended("s2", Err("base digest mismatch")).unwrap();
         state.instance_started(&instance("i1", "s1", 4242)).unwrap();
         state.cache_put(&cache("d1", 1 << 20)).unwrap();
     }
@@ -40,11 +30,7 @@ fn state_survives_closing_and_reopening() {
 
     let state = State::open(&path).unwrap();
     let sessions = state.list_sessions(10).unwrap();
-    assert_eq!(
-        sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
-        ["s2", "s1"],
-        "newest first"
-    );
+    assert_eq!(sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s2", "s1"], "newest first");
     let s1 = state.session("s1").unwrap().unwrap();
     assert_eq!(s1.status, SessionStatus::Done);
     assert_eq!(s1.mode, SessionMode::Pipelined);
@@ -69,43 +55,12 @@ fn state_survives_closing_and_reopening() {
 fn unknown_and_duplicate_ids_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let state = State::open(dir.path().join("state.db")).unwrap();
-    assert!(matches!(
-        state.session_ready("nope", 1),
-        Err(StateError::NotFound {
-            kind: "session",
-            ..
-        })
-    ));
-    assert!(matches!(
-        state.session_ended("nope", Ok(1)),
-        Err(StateError::NotFound {
-            kind: "session",
-            ..
-        })
-    ));
-    assert!(matches!(
-        state.instance_stopped("nope"),
-        Err(StateError::NotFound {
-            kind: "instance",
-            ..
-        })
-    ));
-    state
-        .session_started(&session("s1", SessionMode::Pipelined))
-        .unwrap();
-    let err = state
-        .session_started(&session("s1", SessionMode::Pipelined))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StateError::Duplicate {
-                kind: "session",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(state.session_ready("nope", 1), Err(StateError::NotFound { kind: "session", .. })));
+    assert!(matches!(state.session_ended("nope", Ok(1)), Err(StateError::NotFound { kind: "session", .. })));
+    assert!(matches!(state.instance_stopped("nope"), Err(StateError::NotFound { kind: "instance", .. })));
+    state.session_started(&session("s1", SessionMode::Pipelined)).unwrap();
+    let err = state.session_started(&session("s1", SessionMode::Pipelined)).unwrap_err();
+    assert!(matches!(err, StateError::Duplicate { kind: "session", .. }), "{err:?}");
     assert_eq!(err.to_string(), r#"state: session "s1" already exists"#);
 }
 
@@ -120,10 +75,7 @@ fn instance_stop_is_recorded_once() {
     let again = state.instance_stopped("i1").unwrap();
     assert_eq!(again.stopped_unix_ms, first.stopped_unix_ms);
     let running = state.list_instances(true).unwrap();
-    assert_eq!(
-        running.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
-        ["i2"]
-    );
+    assert_eq!(running.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["i2"]);
     assert_eq!(state.list_instances(false).unwrap().len(), 2);
 }
 
@@ -147,17 +99,9 @@ fn cache_hits_are_counted() {
     assert_eq!(state.cache_entry("d2").unwrap().unwrap().hits, 0);
 
     let totals = state.totals().unwrap();
-    assert_eq!(
-        (totals.cache_entries, totals.cache_bytes, totals.cache_hits),
-        (2, 150, 2)
-    );
+    assert_eq!((totals.cache_entries, totals.cache_bytes, totals.cache_hits), (2, 150, 2));
     // Least recently used first: d2 was never used after d1's hits.
-    let order: Vec<_> = state
-        .cache_list()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.overlay_digest)
-        .collect();
+    let order: Vec<_> = state.cache_list().unwrap().into_iter().map(|e| e.overlay_digest).collect();
     assert_eq!(order, ["d2", "d1"]);
 
     // Replacing an entry starts its count again; removing returns it once.
@@ -173,15 +117,8 @@ fn totals_count_by_status() {
     let dir = tempfile::tempdir().unwrap();
     let state = State::open(dir.path().join("state.db")).unwrap();
     assert_eq!(state.totals().unwrap(), Totals::default());
-    for (id, end) in [
-        ("a", None),
-        ("b", Some(Ok(1))),
-        ("c", Some(Err("x"))),
-        ("d", Some(Ok(2))),
-    ] {
-        state
-            .session_started(&session(id, SessionMode::EarlyStart))
-            .unwrap();
+    for (id, end) in [("a", None), ("b", Some(Ok(1))), ("c", Some(Err("x"))), ("d", Some(Ok(2)))] {
+        state.session_started(&session(id, SessionMode::EarlyStart)).unwrap();
         if let Some(outcome) = end {
             state.session_ended(id, outcome).unwrap();
         }
@@ -190,14 +127,7 @@ fn totals_count_by_status() {
     state.instance_started(&instance("i2", "a", 2)).unwrap();
     state.instance_stopped("i2").unwrap();
     let t = state.totals().unwrap();
-    assert_eq!(
-        (
-            t.sessions(SessionStatus::Running),
-            t.sessions_done,
-            t.sessions_failed
-        ),
-        (1, 2, 1)
-    );
+    assert_eq!((t.sessions(SessionStatus::Running), t.sessions_done, t.sessions_failed), (1, 2, 1));
     assert_eq!(t.instances_running, 1);
 }
 
@@ -216,9 +146,7 @@ fn clones_share_one_state_across_threads() {
             let state = state.clone();
             std::thread::spawn(move || {
                 for n in 0..25 {
-                    state
-                        .session_started(&session(&format!("t{t}-{n}"), SessionMode::Pipelined))
-                        .unwrap();
+                    state.session_started(&session(&format!("t{t}-{n}"), SessionMode::Pipelined)).unwrap();
                 }
             })
         })
@@ -235,28 +163,20 @@ fn a_newer_schema_is_refused_and_left_alone() {
     let path = dir.path().join("state.db");
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-            .unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
     }
     let err = State::open(&path).unwrap_err();
     match &err {
-        OpenError::NewerSchema {
-            found, supported, ..
-        } => {
+        OpenError::NewerSchema { found, supported, .. } => {
             assert_eq!((*found, *supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
         }
         other => panic!("expected NewerSchema, got {other:?}"),
     }
     let message = err.to_string();
     assert!(message.contains(&path.display().to_string()), "{message}");
-    assert!(
-        message.contains("newer than this forage supports"),
-        "{message}"
-    );
+    assert!(message.contains("newer than this forage supports"), "{message}");
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let version: u32 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, SCHEMA_VERSION + 1);
 }
 
@@ -267,9 +187,7 @@ fn a_fresh_file_gets_the_current_schema_version() {
     drop(State::open(&path).unwrap());
     drop(State::open(&path).unwrap()); // reopening must not migrate again
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let version: u32 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, SCHEMA_VERSION);
     let tables: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forage_format::{BlobEncoding, ChunkRef, Manifest, OverlayReader, SegmentKind, Space, CHUNK_SIZE};
-use forage_vm::snapshot::{FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE};
+use forage_vm::snapshot::{
+    FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE,
+};
 use forage_vm::{Accel, Snapshot, VmSpec};
 use rustix::fs::FallocateFlags;
 use sha2::{Digest, Sha256};
@@ -49,7 +51,10 @@ pub fn apply(path: &Path, base: &BaseVm, out: &Path, accel: Accel) -> Result<(Sn
     };
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
     let (Some(name), false) = (name, occupied) else {
-        return Err(SynthError::Exists { what: "something (give a new folder for the launch VM)".into(), path: out.to_path_buf() });
+        return Err(SynthError::Exists {
+            what: "something (give a new folder for the launch VM)".into(),
+            path: out.to_path_buf(),
+        });
     };
     let file = File::open(path).map_err(|source| SynthError::Io { path: path.to_path_buf(), source })?;
     let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
@@ -70,7 +75,13 @@ pub fn apply(path: &Path, base: &BaseVm, out: &Path, accel: Accel) -> Result<(Sn
 }
 
 /// Apply from any reader (a file, or bytes arriving over the network) into `dir`.
-pub fn apply_into(reader: impl std::io::Read, path: &Path, base: &BaseVm, dir: &Path, accel: Accel) -> Result<ApplyReport, SynthError> {
+pub fn apply_into(
+    reader: impl std::io::Read,
+    path: &Path,
+    base: &BaseVm,
+    dir: &Path,
+    accel: Accel,
+) -> Result<ApplyReport, SynthError> {
     let start = Instant::now();
     let ov = |source| SynthError::Overlay { path: path.to_path_buf(), source };
     let io = |p: &Path| {
@@ -136,14 +147,23 @@ pub(crate) struct Written {
 /// disk; any previous content of those chunks is replaced) and its device state as
 /// `dir/state`, streaming its segments; then check that nothing follows. The base and
 /// sizes must have been checked.
-pub(crate) fn write_chunks<R: std::io::Read>(mut r: OverlayReader<R>, path: &Path, base: &BaseVm, outs: &[File; 2], dir: &Path) -> Result<Written, SynthError> {
+pub(crate) fn write_chunks<R: std::io::Read>(
+    mut r: OverlayReader<R>,
+    path: &Path,
+    base: &BaseVm,
+    outs: &[File; 2],
+    dir: &Path,
+) -> Result<Written, SynthError> {
     let ov = |source| SynthError::Overlay { path: path.to_path_buf(), source };
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }
     };
     let m = r.manifest().clone();
-    let bases = [File::open(base.memory_path()).map_err(io(&base.memory_path()))?, File::open(base.disk_path()).map_err(io(&base.disk_path()))?];
+    let bases = [
+        File::open(base.memory_path()).map_err(io(&base.memory_path()))?,
+        File::open(base.disk_path()).map_err(io(&base.disk_path()))?,
+    ];
 
     // Chunks that need no segment; blob positions for the rest.
     let mut positions: Vec<Vec<(Space, u64)>> = vec![Vec::new(); m.blobs.len()];
@@ -155,8 +175,13 @@ pub(crate) fn write_chunks<R: std::io::Read>(mut r: OverlayReader<R>, path: &Pat
         match c.reference {
             ChunkRef::Zero | ChunkRef::Free => {
                 free_chunks += (c.reference == ChunkRef::Free) as u64;
-                rustix::fs::fallocate(out, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, CHUNK_SIZE as u64)
-                    .map_err(|e| SynthError::Io { path: dir.to_path_buf(), source: e.into() })?;
+                rustix::fs::fallocate(
+                    out,
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                    off,
+                    CHUNK_SIZE as u64,
+                )
+                .map_err(|e| SynthError::Io { path: dir.to_path_buf(), source: e.into() })?;
             }
             ChunkRef::BaseDisk(i) | ChunkRef::BaseMemory(i) => {
                 let from = if matches!(c.reference, ChunkRef::BaseDisk(_)) { &bases[1] } else { &bases[0] };
@@ -240,7 +265,15 @@ pub fn launch_spec(m: &forage_format::Manifest, base: &BaseVm, path: &Path) -> R
 /// Describe a rebuilt launch VM as a forage-vm snapshot in `dir`: memory and disk may be
 /// anywhere (absolute paths are kept, e.g. files of an early-start assembly), the device
 /// state is `state`.
-pub fn write_launch_snapshot(dir: &Path, m: &forage_format::Manifest, mut spec: VmSpec, memory: &Path, disk: &Path, state: &Path, accel: Accel) -> Result<(), SynthError> {
+pub fn write_launch_snapshot(
+    dir: &Path,
+    m: &forage_format::Manifest,
+    mut spec: VmSpec,
+    memory: &Path,
+    disk: &Path,
+    state: &Path,
+    accel: Accel,
+) -> Result<(), SynthError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| SynthError::Io { path: p, source }

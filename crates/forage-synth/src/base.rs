@@ -49,10 +49,8 @@ impl BaseVm {
     fn open_dir(dir: &Path) -> Result<Self, SynthError> {
         let path = dir.join("base.json");
         let text = std::fs::read(&path).map_err(|source| SynthError::Io { path: path.clone(), source })?;
-        let manifest: BaseManifest = serde_json::from_slice(&text).map_err(|e| SynthError::BadFile {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
+        let manifest: BaseManifest = serde_json::from_slice(&text)
+            .map_err(|e| SynthError::BadFile { path: path.clone(), detail: e.to_string() })?;
         if manifest.kind != BASE_KIND || manifest.format > BASE_FORMAT {
             return Err(SynthError::BadFile {
                 path,
@@ -60,11 +58,7 @@ impl BaseVm {
             });
         }
         let snapshot = Snapshot::open(&dir.join("snapshot"))?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-            snapshot,
-        })
+        Ok(Self { dir: dir.to_path_buf(), manifest, snapshot })
     }
 
     /// All bases in the data directory (broken ones as errors).
@@ -83,7 +77,13 @@ impl BaseVm {
     }
 
     /// Boot `image`, let it settle (free pages get reported and punched out), save it, index it.
-    pub async fn create(data: &DataDir, name: &str, image: &GuestImage, accel: Accel, settle: Duration) -> Result<Self, SynthError> {
+    pub async fn create(
+        data: &DataDir,
+        name: &str,
+        image: &GuestImage,
+        accel: Accel,
+        settle: Duration,
+    ) -> Result<Self, SynthError> {
         let final_dir = data.base(name)?;
         if final_dir.exists() {
             return Err(SynthError::Exists { what: format!("base {name}"), path: final_dir });
@@ -91,13 +91,9 @@ impl BaseVm {
         let work = data.bases().join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         let result = async {
-            let run = RunPaths {
-                dir: work.join("run"),
-                qmp_socket: data.runtime_dir()?.join(format!("base-{name}.qmp")),
-            };
-            let ready = image
-                .boot(&format!("base-{name}"), &run, &[], accel, Duration::from_secs(180))
-                .await?;
+            let run =
+                RunPaths { dir: work.join("run"), qmp_socket: data.runtime_dir()?.join(format!("base-{name}.qmp")) };
+            let ready = image.boot(&format!("base-{name}"), &run, &[], accel, Duration::from_secs(180)).await?;
             tokio::time::sleep(settle).await;
             let mut vm = ready.vm;
             let snapshot = vm.save(&work.join("snapshot")).await?;

@@ -43,19 +43,33 @@ pub struct OverlayBuild {
 }
 
 /// Build the launch VM of `app` on `base` in the scratch folder `work`.
-pub async fn build_launch(data: &DataDir, base: &BaseVm, app: &AppPackage, opts: &LaunchOptions, work: &Path) -> Result<LaunchVm, SynthError> {
+pub async fn build_launch(
+    data: &DataDir,
+    base: &BaseVm,
+    app: &AppPackage,
+    opts: &LaunchOptions,
+    work: &Path,
+) -> Result<LaunchVm, SynthError> {
     launch::build(data, base, app, forage_vm::accel::detect().accel, opts, work).await
 }
 
 /// Launch VM, profile (access order), overlay, signature; `progress` hears each step.
-pub async fn build_overlay(data: &DataDir, req: &OverlayRequest, progress: &(dyn Fn(&str) + Sync)) -> Result<OverlayBuild, SynthError> {
+pub async fn build_overlay(
+    data: &DataDir,
+    req: &OverlayRequest,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<OverlayBuild, SynthError> {
     let base = BaseVm::open(data, &req.base)?;
     let app = AppPackage::open(&req.app)?;
     let work = data.work().join(format!("overlay-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let result = async {
         let t = Instant::now();
-        let lopts = LaunchOptions { semantic_disk: req.options.semantic_disk, semantic_memory: req.options.semantic_memory, ..LaunchOptions::default() };
+        let lopts = LaunchOptions {
+            semantic_disk: req.options.semantic_disk,
+            semantic_memory: req.options.semantic_memory,
+            ..LaunchOptions::default()
+        };
         progress(&format!("launch VM: resuming base {}, installing {} ...", req.base, app.manifest().name));
         let launch = build_launch(data, &base, &app, &lopts, &work).await?;
         if let Some(debs) = &launch.debs {
@@ -71,7 +85,16 @@ pub async fn build_overlay(data: &DataDir, req: &OverlayRequest, progress: &(dyn
         let profile = match req.order {
             BlobOrder::Access => {
                 progress("profiling a resume of the launch VM up to its first response ...");
-                Some(launch::profile_access(data, &launch.snapshot, &launch.app, forage_vm::accel::detect().accel, &work).await?)
+                Some(
+                    crate::profile::profile_access(
+                        data,
+                        &launch.snapshot,
+                        &launch.app,
+                        forage_vm::accel::detect().accel,
+                        &work,
+                    )
+                    .await?,
+                )
             }
             BlobOrder::Offset => None,
         };
@@ -80,7 +103,11 @@ pub async fn build_overlay(data: &DataDir, req: &OverlayRequest, progress: &(dyn
             snapshot: &launch.snapshot,
             written_disk_chunks: &launch.written_disk_chunks,
             discarded_disk_chunks: &launch.discarded_disk_chunks,
-            service: Some(Service { name: launch.app.name.clone(), port: launch.app.port, probe: launch.app.probe.clone() }),
+            service: Some(Service {
+                name: launch.app.name.clone(),
+                port: launch.app.port,
+                probe: launch.app.probe.clone(),
+            }),
             accessed: profile.as_ref().map(|p| (&p.memory[..], &p.disk[..])),
         };
         progress("writing the overlay ...");
@@ -98,15 +125,44 @@ pub fn signing_key(data: &DataDir) -> PathBuf {
     data.root().join("trust").join("signing.pk8")
 }
 
+/// Sign a base or service package just written (`FILE.sig`) with this host's key.
+pub fn sign_package(data: &DataDir, artifact: &str, file: &Path) -> Result<(), SynthError> {
+    let signature = |source| SynthError::Signature { path: file.to_path_buf(), source };
+    let signer = forage_trust::signing::Signer::open_or_init(&signing_key(data)).map_err(signature)?;
+    let digest = crate::package::package_digest(file)?;
+    forage_trust::signing::write_detached(&signer, artifact, &digest, file).map_err(signature)
+}
+
+/// With a signers list (`DATA/trust/signers`), a package must carry a good signature of
+/// a listed signer; without one, any package is accepted.
+pub fn check_package(data: &DataDir, artifact: &str, file: &Path) -> Result<(), SynthError> {
+    let signers = data.root().join("trust").join("signers");
+    if !signers.exists() {
+        return Ok(());
+    }
+    let digest = crate::package::package_digest(file)?;
+    forage_trust::signing::check_detached(&signers, artifact, &digest, file)
+        .map_err(|detail| SynthError::Unsigned { path: file.to_path_buf(), detail })
+}
+
 /// Sign the overlay `ovl` with this host's key: `OVL.sig` beside it. Returns the signer's
 /// public key.
 pub fn sign_overlay(data: &DataDir, ovl: &Path) -> Result<String, SynthError> {
     let bad = |detail: String| SynthError::BadFile { path: ovl.to_path_buf(), detail };
-    let signer = forage_trust::signing::Signer::open_or_init(&signing_key(data)).map_err(|e| bad(format!("signing key: {e}")))?;
+    let signer = forage_trust::signing::Signer::open_or_init(&signing_key(data))
+        .map_err(|e| bad(format!("signing key: {e}")))?;
     let mut head = [0u8; forage_format::container::HEADER_LEN];
     let mut f = std::fs::File::open(ovl).map_err(|source| SynthError::Io { path: ovl.to_path_buf(), source })?;
-    std::io::Read::read_exact(&mut f, &mut head).map_err(|source| SynthError::Io { path: ovl.to_path_buf(), source })?;
-    let header = forage_format::read_header(&head).map_err(|source| SynthError::Overlay { path: ovl.to_path_buf(), source })?;
-    forage_trust::signing::write_detached(&signer, forage_trust::signing::OVERLAY, &hex::encode(header.manifest_sha256), ovl).map_err(|e| bad(format!("signature: {e}")))?;
+    std::io::Read::read_exact(&mut f, &mut head)
+        .map_err(|source| SynthError::Io { path: ovl.to_path_buf(), source })?;
+    let header =
+        forage_format::read_header(&head).map_err(|source| SynthError::Overlay { path: ovl.to_path_buf(), source })?;
+    forage_trust::signing::write_detached(
+        &signer,
+        forage_trust::signing::OVERLAY,
+        &hex::encode(header.manifest_sha256),
+        ovl,
+    )
+    .map_err(|e| bad(format!("signature: {e}")))?;
     Ok(signer.public_hex())
 }

@@ -35,10 +35,8 @@ impl CowView {
         for d in [&files, &mnt, &snap_dir] {
             DataDir::ensure(d)?;
         }
-        let bad = |p: &Path, e: &dyn std::fmt::Display| SynthError::BadFile {
-            path: p.to_path_buf(),
-            detail: e.to_string(),
-        };
+        let bad =
+            |p: &Path, e: &dyn std::fmt::Display| SynthError::BadFile { path: p.to_path_buf(), detail: e.to_string() };
         let assembly = Arc::new(
             Assembly::new(
                 identity_manifest(saved),
@@ -51,30 +49,15 @@ impl CowView {
         );
         let mount = Mount::new(assembly.clone(), &mnt, readahead).map_err(|e| bad(&mnt, &e))?;
         let m = saved.manifest();
-        let io = |source| SynthError::Io {
-            path: snap_dir.clone(),
-            source,
-        };
-        for (name, target) in [
-            (&m.memory.file, mount.memory_path()),
-            (&m.disks[0].file, mount.disk_path()),
-        ] {
+        let io = |source| SynthError::Io { path: snap_dir.clone(), source };
+        for (name, target) in [(&m.memory.file, mount.memory_path()), (&m.disks[0].file, mount.disk_path())] {
             std::os::unix::fs::symlink(&target, snap_dir.join(name)).map_err(io)?;
         }
-        for name in [
-            &m.state.file,
-            &forage_vm::snapshot::MANIFEST_FILE.to_string(),
-        ] {
+        for name in [&m.state.file, &forage_vm::snapshot::MANIFEST_FILE.to_string()] {
             std::fs::copy(saved.dir().join(name), snap_dir.join(name)).map_err(io)?;
         }
         let snapshot = Snapshot::open(&snap_dir)?;
-        Ok(Self {
-            assembly,
-            snapshot,
-            base: saved.clone(),
-            dir: dir.to_path_buf(),
-            mount: Some(mount),
-        })
+        Ok(Self { assembly, snapshot, base: saved.clone(), dir: dir.to_path_buf(), mount: Some(mount) })
     }
 
     /// Bytes the instance has written so far (its own copy-on-write data).
@@ -100,10 +83,7 @@ pub(crate) fn identity_manifest(saved: &Snapshot) -> Manifest {
     let m = saved.manifest();
     Manifest {
         format: forage_format::OVERLAY_FORMAT,
-        base: BaseRef {
-            digest: String::new(),
-            name: "saved VM".into(),
-        },
+        base: BaseRef { digest: String::new(), name: "saved VM".into() },
         parent: None,
         disk_size: m.disks[0].size,
         memory_size: m.memory.size,
@@ -112,11 +92,7 @@ pub(crate) fn identity_manifest(saved: &Snapshot) -> Manifest {
         blobs: Vec::new(),
         segments: Vec::new(),
         order: Order::Offset,
-        device_state: DeviceState {
-            segment: 0,
-            size: 0,
-            sha256: String::new(),
-        },
+        device_state: DeviceState { segment: 0, size: 0, sha256: String::new() },
         vm: serde_json::Value::Null,
         service: None,
         stats: Stats::default(),

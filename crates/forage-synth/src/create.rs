@@ -12,59 +12,16 @@
 //! buffer. Chunk data streams from the files.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use forage_format::manifest::Service;
-use forage_format::{DeltaCodec, Manifest, SegmentCodec, Space, OVERLAY_FORMAT};
+use forage_format::{Space, OVERLAY_FORMAT};
 use forage_vm::Snapshot;
 
 use crate::base::BaseVm;
+pub use crate::options::{CreateOptions, CreateReport};
 use crate::pack::{self, changed_chunks, differing, io_err, mark_ext4_free, mark_reported_free, FreeMap, Head, Source};
 use crate::SynthError;
-
-#[derive(Debug, Clone)]
-pub struct CreateOptions {
-    pub dedup: bool,
-    pub semantic_disk: bool,
-    pub semantic_memory: bool,
-    pub delta: Option<DeltaCodec>,
-    pub codec: SegmentCodec,
-    pub segment_bytes: usize,
-}
-
-impl CreateOptions {
-    /// From the names an operator types: segment codec `lzma` (level 0-9, default 6),
-    /// `zstd` (1-22, default 19) or `none`; delta `bsdiff`, `xor` or `none`. The rest as
-    /// [`Default`].
-    pub fn named(codec: &str, level: Option<i32>, delta: &str) -> Result<Self, String> {
-        let codec = match codec {
-            "lzma" => SegmentCodec::Lzma { level: level.unwrap_or(6).clamp(0, 9) as u32 },
-            "zstd" => SegmentCodec::Zstd { level: level.unwrap_or(19).clamp(1, 22) },
-            "none" => SegmentCodec::None,
-            other => return Err(format!("unknown segment codec {other:?} (lzma, zstd or none)")),
-        };
-        let delta = match delta {
-            "bsdiff" => Some(DeltaCodec::Bsdiff),
-            "xor" => Some(DeltaCodec::Xor),
-            "none" => None,
-            other => return Err(format!("unknown delta {other:?} (bsdiff, xor or none)")),
-        };
-        Ok(Self { codec, delta, ..Self::default() })
-    }
-}
-
-impl Default for CreateOptions {
-    fn default() -> Self {
-        Self {
-            dedup: true,
-            semantic_disk: true,
-            semantic_memory: true,
-            delta: Some(DeltaCodec::Bsdiff),
-            codec: SegmentCodec::Lzma { level: 6 },
-            segment_bytes: 1 << 20,
-        }
-    }
-}
 
 /// The launch VM as overlay creation needs it.
 pub struct LaunchInput<'a> {
@@ -78,16 +35,14 @@ pub struct LaunchInput<'a> {
     pub accessed: Option<(&'a [u64], &'a [u64])>,
 }
 
-#[derive(Debug, Clone)]
-pub struct CreateReport {
-    pub manifest: Manifest,
-    pub bytes: u64,
-    pub took: Duration,
-}
-
 /// Create the overlay of `launch` against `base` at `out` (written as `out.partial` and
 /// renamed when complete).
-pub fn create(base: &BaseVm, launch: &LaunchInput, opts: &CreateOptions, out: &Path) -> Result<CreateReport, SynthError> {
+pub fn create(
+    base: &BaseVm,
+    launch: &LaunchInput<'_>,
+    opts: &CreateOptions,
+    out: &Path,
+) -> Result<CreateReport, SynthError> {
     let start = Instant::now();
     let snap = launch.snapshot;
     let (l_mem, l_disk) = (snap.memory_path(), snap.disk_paths()[0].clone());
@@ -105,7 +60,8 @@ pub fn create(base: &BaseVm, launch: &LaunchInput, opts: &CreateOptions, out: &P
     let modified_memory = changed_chunks(&l_mem, &b_mem).map_err(io_err(&l_mem))?;
     // The layer lists what the VM wrote or discarded; a chunk rewritten with what the base
     // has (e.g. free space trimmed that was never used) is not a modification.
-    let mut modified_disk: Vec<u64> = launch.written_disk_chunks.iter().chain(launch.discarded_disk_chunks).copied().collect();
+    let mut modified_disk: Vec<u64> =
+        launch.written_disk_chunks.iter().chain(launch.discarded_disk_chunks).copied().collect();
     modified_disk.sort_unstable();
     modified_disk.dedup();
     let modified_disk = differing(&l_disk, &b_disk, &modified_disk).map_err(io_err(&l_disk))?;

@@ -57,7 +57,10 @@ pub fn free_chunks_in(
     let first_data_block = u32_at(&sb, 0x14) as u64;
     let per_group = u32_at(&sb, 0x20) as u64;
     let desc_size = if is64 { u16_at(&sb, 0xFE) as u64 } else { 32 };
-    if per_group == 0 || per_group > block_size * 8 || blocks > dev_len / block_size + 1 || first_data_block >= blocks
+    if per_group == 0
+        || per_group > block_size * 8
+        || blocks > dev_len / block_size + 1
+        || first_data_block >= blocks
         || !(32..=1024).contains(&desc_size)
     {
         return Ok(None);

@@ -84,20 +84,14 @@ pub async fn build(
     )?;
     let qmp = data.runtime_dir()?.join(format!("launch-{}.qmp", std::process::id()));
     let guest_ports = [forage_agent::AGENT_PORT, app.manifest().port];
-    let forwards = forage_image::loopback_forwards(guest_ports).map_err(|source| SynthError::Io {
-        path: "127.0.0.1".into(),
-        source,
-    })?;
+    let forwards = forage_image::loopback_forwards(guest_ports)
+        .map_err(|source| SynthError::Io { path: "127.0.0.1".into(), source })?;
     let (agent_port, app_port) = (forwards[0].host_port, forwards[1].host_port);
     let mut spec = base.snapshot().relocated_spec(&run, &qmp, Some(forwards));
     spec.name = format!("launch-{}", app.manifest().name);
     spec.disks[0].path = layer.clone();
     spec.disks[0].format = DiskFormat::Qcow2;
-    let opts_restore = RestoreOptions {
-        copy_disks: false,
-        evict_cache: false,
-        ..Default::default()
-    };
+    let opts_restore = RestoreOptions { copy_disks: false, evict_cache: false, ..Default::default() };
     let start = Instant::now();
     let mut vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;
 
@@ -151,7 +145,10 @@ pub async fn build(
         }
         None => tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
             let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
-            agent.exec_ok(&["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"], Duration::from_secs(60))?;
+            agent.exec_ok(
+                &["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"],
+                Duration::from_secs(60),
+            )?;
             Ok(())
         })
         .await
@@ -165,7 +162,9 @@ pub async fn build(
     let saved_layer = snapshot.disk_paths()[0].clone();
     let (written, discarded) = layer_chunks(&saved_layer)?;
     let flat = work.join("disk0.raw");
-    run_tool(Command::new("qemu-img").args(["convert", "-q", "-f", "qcow2", "-O", "raw"]).arg(&saved_layer).arg(&flat))?;
+    run_tool(
+        Command::new("qemu-img").args(["convert", "-q", "-f", "qcow2", "-O", "raw"]).arg(&saved_layer).arg(&flat),
+    )?;
     snapshot.replace_disk_with_raw(0, &flat)?;
     let _ = std::fs::remove_dir_all(&run);
     Ok(LaunchVm {
@@ -206,17 +205,9 @@ fn wait_for_service(
         std::thread::sleep(Duration::from_millis(200));
     }
     if let (Some(answer), Some(expected)) = (last_answer, &app.probe_expect) {
-        return Err(SynthError::AppWrongAnswer {
-            app: app.name.clone(),
-            answer,
-            expected: expected.clone(),
-        });
+        return Err(SynthError::AppWrongAnswer { app: app.name.clone(), answer, expected: expected.clone() });
     }
-    Err(SynthError::AppNotReady {
-        app: app.name.clone(),
-        port: app.port,
-        waited: wait,
-    })
+    Err(SynthError::AppNotReady { app: app.name.clone(), port: app.port, waited: wait })
 }
 
 /// Send one request line and read one answer line.
@@ -246,10 +237,8 @@ async fn settle_reporting(memory: &Path, max: Duration) {
 /// Chunks written and chunks discarded in a qcow2 layer (`qemu-img map`, depth 0).
 fn layer_chunks(layer: &PathBuf) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
     let out = run_tool(Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(layer))?;
-    let ranges: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).map_err(|e| SynthError::Tool {
-        tool: "qemu-img map".into(),
-        detail: e.to_string(),
-    })?;
+    let ranges: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| SynthError::Tool { tool: "qemu-img map".into(), detail: e.to_string() })?;
     let mut written = Vec::new();
     let mut discarded = Vec::new();
     for r in ranges {
@@ -265,25 +254,4 @@ fn layer_chunks(layer: &PathBuf) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
     written.sort_unstable();
     discarded.sort_unstable();
     Ok((written, discarded))
-}
-
-/// Chunks of the launch VM's memory and disk read by a resume up to the service's first
-/// response, in first-read order (see [`crate::profile`]).
-pub async fn profile_access(
-    data: &DataDir,
-    launch: &Snapshot,
-    app: &forage_agent::app::AppManifest,
-    accel: Accel,
-    work: &Path,
-) -> Result<AccessProfile, SynthError> {
-    crate::profile::profile_access(data, launch, app, accel, work).await
-}
-
-/// What a profiling resume touched.
-#[derive(Debug, Clone, Default)]
-pub struct AccessProfile {
-    pub memory: Vec<u64>,
-    pub disk: Vec<u64>,
-    pub first_response: Duration,
-    pub answer: String,
 }

@@ -21,12 +21,15 @@ use std::time::{Instant, SystemTime};
 use forage_format::chunk::is_zero;
 use forage_format::codec::packed_size;
 use forage_format::manifest::{BaseRef, DeviceState, Service};
-use forage_format::{Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, Segment, SegmentCodec, SegmentKind, Space, Stats, CHUNK_SIZE};
+use forage_format::{
+    Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, Segment, SegmentCodec, SegmentKind, Space, Stats,
+    CHUNK_SIZE,
+};
 use sha2::{Digest, Sha256};
 
 use crate::base::BaseVm;
-use crate::create::{CreateOptions, CreateReport};
 use crate::index::{for_each_chunk, sha256};
+use crate::options::{CreateOptions, CreateReport};
 use crate::SynthError;
 
 /// Where free chunks were found, by the semantic gap (`trim`, `ext4`, `reported`, ...).
@@ -69,7 +72,14 @@ pub(crate) fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
 }
 
 /// Classify the chunks `memory` and `disk` (sorted, each once) of `src` against `base`.
-pub(crate) fn classify(base: &BaseVm, src: &Source, memory: &[u64], disk: &[u64], free: &FreeMap, opts: &CreateOptions) -> Result<Classified, SynthError> {
+pub(crate) fn classify(
+    base: &BaseVm,
+    src: &Source<'_>,
+    memory: &[u64],
+    disk: &[u64],
+    free: &FreeMap,
+    opts: &CreateOptions,
+) -> Result<Classified, SynthError> {
     let index = if opts.dedup { Some(base.index()?) } else { None };
     let files = [File::open(src.memory).map_err(io_err(src.memory))?, File::open(src.disk).map_err(io_err(src.disk))?];
     let mut seen: HashMap<[u8; 32], (u32, Space)> = HashMap::new();
@@ -128,7 +138,8 @@ pub(crate) fn blob_order(c: &Classified, accessed: Option<(&[u64], &[u64])>) -> 
     let Some((mem, disk)) = accessed else {
         return ((0..n).collect(), Order::Offset);
     };
-    let touched: HashSet<(Space, u64)> = mem.iter().map(|&i| (Space::Memory, i)).chain(disk.iter().map(|&i| (Space::Disk, i))).collect();
+    let touched: HashSet<(Space, u64)> =
+        mem.iter().map(|&i| (Space::Memory, i)).chain(disk.iter().map(|&i| (Space::Disk, i))).collect();
     let mut first = Vec::new();
     let mut first_set = HashSet::new();
     for ch in &c.chunks {
@@ -147,7 +158,17 @@ pub(crate) fn blob_order(c: &Classified, accessed: Option<(&[u64], &[u64])>) -> 
 
 /// Encode, pack and write the overlay at `out` (via `out.partial`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write(base: &BaseVm, src: &Source, c: Classified, order_ids: Vec<u32>, order: Order, head: Head, opts: &CreateOptions, out: &Path, start: Instant) -> Result<CreateReport, SynthError> {
+pub(crate) fn write(
+    base: &BaseVm,
+    src: &Source<'_>,
+    c: Classified,
+    order_ids: Vec<u32>,
+    order: Order,
+    head: Head,
+    opts: &CreateOptions,
+    out: &Path,
+    start: Instant,
+) -> Result<CreateReport, SynthError> {
     let partial = out.with_extension("partial");
     let seg_tmp = out.with_extension("segments.partial");
     let result = write_partial(base, src, c, order_ids, order, head, opts, out, &partial, &seg_tmp);
@@ -167,7 +188,7 @@ pub(crate) fn write(base: &BaseVm, src: &Source, c: Classified, order_ids: Vec<u
 #[allow(clippy::too_many_arguments)]
 fn write_partial(
     base: &BaseVm,
-    src: &Source,
+    src: &Source<'_>,
     c: Classified,
     order_ids: Vec<u32>,
     order: Order,
@@ -181,12 +202,10 @@ fn write_partial(
     let mut seg_file = BufWriter::new(File::create(seg_tmp).map_err(io_err(seg_tmp))?);
     let mut segments = Vec::new();
     let state = std::fs::read(src.state).map_err(io_err(src.state))?;
-    push_segment(&mut seg_file, &mut segments, SegmentKind::DeviceState, opts.codec, &state).map_err(io_err(seg_tmp))?;
-    let device_state = DeviceState {
-        segment: 0,
-        size: state.len() as u64,
-        sha256: hex::encode(Sha256::digest(&state)),
-    };
+    push_segment(&mut seg_file, &mut segments, SegmentKind::DeviceState, opts.codec, &state)
+        .map_err(io_err(seg_tmp))?;
+    let device_state =
+        DeviceState { segment: 0, size: state.len() as u64, sha256: hex::encode(Sha256::digest(&state)) };
     drop(state);
     let (b_mem, b_disk) = (base.memory_path(), base.disk_path());
     let files = [File::open(src.memory).map_err(io_err(src.memory))?, File::open(src.disk).map_err(io_err(src.disk))?];
@@ -215,21 +234,19 @@ fn write_partial(
             BlobEncoding::Raw => stats.blobs_raw += 1,
             BlobEncoding::Delta { .. } => stats.blobs_delta += 1,
         }
-        blobs[id as usize] = Blob {
-            segment: segments.len() as u32,
-            offset: seg_buf.len() as u32,
-            len: payload.len() as u32,
-            encoding,
-        };
+        blobs[id as usize] =
+            Blob { segment: segments.len() as u32, offset: seg_buf.len() as u32, len: payload.len() as u32, encoding };
         seg_buf.extend_from_slice(&payload);
         stats.delta_bytes += payload.len() as u64;
         if seg_buf.len() >= opts.segment_bytes {
-            push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf).map_err(io_err(seg_tmp))?;
+            push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf)
+                .map_err(io_err(seg_tmp))?;
             seg_buf.clear();
         }
     }
     if !seg_buf.is_empty() {
-        push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf).map_err(io_err(seg_tmp))?;
+        push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf)
+            .map_err(io_err(seg_tmp))?;
     }
     seg_file.flush().map_err(io_err(seg_tmp))?;
     drop(seg_file);
@@ -238,10 +255,7 @@ fn write_partial(
     stats.compressed_bytes = segments.iter().filter(|s| s.kind == SegmentKind::Chunks).map(|s| s.compressed_len).sum();
     let manifest = Manifest {
         format: head.format,
-        base: BaseRef {
-            digest: base.digest().to_string(),
-            name: base.manifest().name.clone(),
-        },
+        base: BaseRef { digest: base.digest().to_string(), name: base.manifest().name.clone() },
         parent: head.parent,
         disk_size: head.disk_size,
         memory_size: head.memory_size,
@@ -261,11 +275,20 @@ fn write_partial(
     let mut w = BufWriter::new(File::create(partial).map_err(io_err(partial))?);
     let mut segs = File::open(seg_tmp).map_err(io_err(seg_tmp))?;
     let bytes = forage_format::container::write_overlay(&mut w, &manifest, &mut segs).map_err(io_err(partial))?;
-    w.into_inner().map_err(|e| SynthError::Io { path: partial.clone(), source: e.into_error() })?.sync_all().map_err(io_err(partial))?;
+    w.into_inner()
+        .map_err(|e| SynthError::Io { path: partial.clone(), source: e.into_error() })?
+        .sync_all()
+        .map_err(io_err(partial))?;
     Ok((manifest, bytes))
 }
 
-fn push_segment(out: &mut impl Write, segments: &mut Vec<Segment>, kind: SegmentKind, codec: SegmentCodec, raw: &[u8]) -> std::io::Result<()> {
+fn push_segment(
+    out: &mut impl Write,
+    segments: &mut Vec<Segment>,
+    kind: SegmentKind,
+    codec: SegmentCodec,
+    raw: &[u8],
+) -> std::io::Result<()> {
     let compressed = codec.compress(raw);
     out.write_all(&compressed)?;
     segments.push(Segment {
@@ -340,7 +363,12 @@ pub(crate) fn differing(a: &Path, b: &Path, candidates: &[u64]) -> std::io::Resu
 
 /// Semantic gap, memory: those of `candidates` that are wholly holes in the memory file
 /// (pages the guest reported free, punched out) are free, `reported`.
-pub(crate) fn mark_reported_free(memory: &Path, size: u64, candidates: &[u64], free: &mut FreeMap) -> Result<(), SynthError> {
+pub(crate) fn mark_reported_free(
+    memory: &Path,
+    size: u64,
+    candidates: &[u64],
+    free: &mut FreeMap,
+) -> Result<(), SynthError> {
     let f = File::open(memory).map_err(io_err(memory))?;
     let holes = hole_chunks(&f, size).map_err(io_err(memory))?;
     for &i in candidates {

@@ -42,7 +42,14 @@ pub fn snapshot_files(snap: &Snapshot) -> Vec<(String, PathBuf)> {
 /// Write a package to `out` (through `out.partial`, renamed when complete): a zstd tar
 /// whose first entry `package.json` is `{"kind", "format", <key>: meta, "files": [...]}`
 /// and then `files` (entry name, local path) in order. Returns the package's size.
-pub fn write_package(out: &Path, kind: &str, format: u32, key: &str, meta: serde_json::Value, files: &[(String, PathBuf)]) -> Result<u64, SynthError> {
+pub fn write_package(
+    out: &Path,
+    kind: &str,
+    format: u32,
+    key: &str,
+    meta: serde_json::Value,
+    files: &[(String, PathBuf)],
+) -> Result<u64, SynthError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SynthError::Io { path, source }
@@ -92,7 +99,14 @@ pub fn write_package(out: &Path, kind: &str, format: u32, key: &str, meta: serde
 /// exist): every entry must be allowed, listed once, of its listed size and checksum, and
 /// every listed file present; holes are recreated. Returns the `key` part of package.json.
 /// On error `work` may hold partial files: the caller removes it.
-pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &dyn Fn(&str) -> bool, work: &Path) -> Result<serde_json::Value, SynthError> {
+pub fn read_package(
+    file: &Path,
+    kind: &str,
+    format: u32,
+    key: &str,
+    allowed: &dyn Fn(&str) -> bool,
+    work: &Path,
+) -> Result<serde_json::Value, SynthError> {
     let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
     let mut tar = open_archive(file)?;
     let mut entries = tar.entries().map_err(|e| bad(e.to_string()))?;
@@ -117,7 +131,8 @@ pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &d
         if let Some(dir) = target.parent() {
             DataDir::ensure(dir)?;
         }
-        let (size, sha) = write_sparse((&mut entry).take(listed.size), &target).map_err(|e| bad(format!("{ename}: {e}")))?;
+        let (size, sha) =
+            write_sparse((&mut entry).take(listed.size), &target).map_err(|e| bad(format!("{ename}: {e}")))?;
         if size != listed.size || sha != listed.sha256 {
             return Err(bad(format!("{ename} does not match its checksum (corrupted)")));
         }
@@ -133,7 +148,8 @@ pub fn read_package(file: &Path, kind: &str, format: u32, key: &str, allowed: &d
 /// what a package's signature signs.
 pub fn package_digest(file: &Path) -> Result<String, SynthError> {
     let mut tar = open_archive(file)?;
-    let mut entries = tar.entries().map_err(|e| SynthError::BadFile { path: file.to_path_buf(), detail: e.to_string() })?;
+    let mut entries =
+        tar.entries().map_err(|e| SynthError::BadFile { path: file.to_path_buf(), detail: e.to_string() })?;
     Ok(hex::encode(Sha256::digest(package_json(&mut entries, file)?)))
 }
 
@@ -141,7 +157,8 @@ type Archive = tar::Archive<zstd::stream::read::Decoder<'static, std::io::BufRea
 
 fn open_archive(file: &Path) -> Result<Archive, SynthError> {
     let f = File::open(file).map_err(|source| SynthError::Io { path: file.to_path_buf(), source })?;
-    let dec = zstd::stream::read::Decoder::new(f).map_err(|e| SynthError::BadFile { path: file.to_path_buf(), detail: e.to_string() })?;
+    let dec = zstd::stream::read::Decoder::new(f)
+        .map_err(|e| SynthError::BadFile { path: file.to_path_buf(), detail: e.to_string() })?;
     Ok(tar::Archive::new(dec))
 }
 
@@ -158,7 +175,12 @@ fn package_json<R: Read>(entries: &mut tar::Entries<'_, R>, file: &Path) -> Resu
 }
 
 /// package.json of a package: exactly `kind`, `format`, `key` and `files` (untrusted).
-pub fn parse_package_json(json: &[u8], kind: &str, format: u32, key: &str) -> Result<(serde_json::Value, Vec<PackageFile>), String> {
+pub fn parse_package_json(
+    json: &[u8],
+    kind: &str,
+    format: u32,
+    key: &str,
+) -> Result<(serde_json::Value, Vec<PackageFile>), String> {
     let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
     let got_kind = v.remove("kind").and_then(|k| k.as_str().map(str::to_string)).unwrap_or_default();
     let got_format = v.remove("format").and_then(|f| f.as_u64()).unwrap_or(0);
@@ -166,7 +188,8 @@ pub fn parse_package_json(json: &[u8], kind: &str, format: u32, key: &str) -> Re
         return Err(format!("{got_kind:?} format {got_format} is not a {kind} this forage reads"));
     }
     let meta = v.remove(key).ok_or_else(|| format!("no {key:?}"))?;
-    let files: Vec<PackageFile> = serde_json::from_value(v.remove("files").ok_or("no \"files\"")?).map_err(|e| e.to_string())?;
+    let files: Vec<PackageFile> =
+        serde_json::from_value(v.remove("files").ok_or("no \"files\"")?).map_err(|e| e.to_string())?;
     if let Some(extra) = v.keys().next() {
         return Err(format!("unknown field {extra:?}"));
     }
@@ -196,11 +219,18 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
         let mut snapshot = Snapshot::open(&work.join("snapshot"))?;
         // The creator's image paths mean nothing here: boot from the local image of that name.
         if let Ok(image) = forage_image::GuestImage::open(data, &base.image) {
-            snapshot.set_direct_boot(image.dir().join(&image.manifest().kernel), image.dir().join(&image.manifest().initrd))?;
+            snapshot.set_direct_boot(
+                image.dir().join(&image.manifest().kernel),
+                image.dir().join(&image.manifest().initrd),
+            )?;
         }
         let manifest = crate::base::finish(&work, &name, &base.image, &snapshot)?;
         if manifest.digest != base.digest {
-            return Err(bad(format!("contents give digest {}, the package claims {}", short(&manifest.digest), short(&base.digest))));
+            return Err(bad(format!(
+                "contents give digest {}, the package claims {}",
+                short(&manifest.digest),
+                short(&base.digest)
+            )));
         }
         std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io { path: final_dir, source })?;
         Ok(name)

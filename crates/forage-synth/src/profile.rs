@@ -18,14 +18,19 @@ use forage_format::Space;
 use forage_vm::{Accel, RestoreOptions, Snapshot, Vm};
 
 use crate::cow::CowView;
-use crate::launch::AccessProfile;
 use crate::SynthError;
 
 fn io(p: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
     move |source| SynthError::Io { path: p.to_path_buf(), source }
 }
 
-pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agent::app::AppManifest, accel: Accel, work: &Path) -> Result<AccessProfile, SynthError> {
+pub async fn profile_access(
+    data: &DataDir,
+    launch: &Snapshot,
+    app: &forage_agent::app::AppManifest,
+    accel: Accel,
+    work: &Path,
+) -> Result<AccessProfile, SynthError> {
     let dir = work.join("profile");
     let _ = std::fs::remove_dir_all(&dir);
     let run = dir.join("run");
@@ -36,7 +41,8 @@ pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agen
     let result = async {
         let snap = &view.snapshot;
         let qmp = data.runtime_dir()?.join(format!("profile-{}.qmp", std::process::id()));
-        let forwards = forage_image::loopback_forwards([forage_agent::AGENT_PORT, app.port]).map_err(io(Path::new("127.0.0.1")))?;
+        let forwards = forage_image::loopback_forwards([forage_agent::AGENT_PORT, app.port])
+            .map_err(io(Path::new("127.0.0.1")))?;
         let app_port = forwards[1].host_port;
         let mut spec = snap.relocated_spec(&run, &qmp, Some(forwards));
         spec.memory_file = snap.memory_path();
@@ -63,11 +69,25 @@ pub async fn profile_access(data: &DataDir, launch: &Snapshot, app: &forage_agen
         vm.shutdown().await?;
         let answer = answer?;
         let pick = |space: Space| log.iter().filter(|(s, _)| *s == space).map(|(_, i)| *i).collect::<Vec<u64>>();
-        tracing::info!(memory = pick(Space::Memory).len(), disk = pick(Space::Disk).len(), ?first_response, "access profile");
+        tracing::info!(
+            memory = pick(Space::Memory).len(),
+            disk = pick(Space::Disk).len(),
+            ?first_response,
+            "access profile"
+        );
         Ok(AccessProfile { memory: pick(Space::Memory), disk: pick(Space::Disk), first_response, answer })
     }
     .await;
     drop(view);
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// What a profiling resume touched.
+#[derive(Debug, Clone, Default)]
+pub struct AccessProfile {
+    pub memory: Vec<u64>,
+    pub disk: Vec<u64>,
+    pub first_response: Duration,
+    pub answer: String,
 }

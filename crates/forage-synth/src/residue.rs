@@ -20,7 +20,9 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use forage_format::{ChunkRef, Header, Manifest, Order, OverlayReader, Space, CHUNK_SIZE, OVERLAY_FORMAT, RESIDUE_FORMAT};
+use forage_format::{
+    ChunkRef, Header, Manifest, Order, OverlayReader, Space, CHUNK_SIZE, OVERLAY_FORMAT, RESIDUE_FORMAT,
+};
 use forage_vm::snapshot::{MEMORY_FILE, STATE_FILE};
 use forage_vm::{Accel, Snapshot};
 
@@ -72,7 +74,11 @@ pub fn create_residue(
     let (i_mem, i_disk) = (instance.memory_path(), instance.disk_paths()[0].clone());
     let mem_size = std::fs::metadata(&i_mem).map_err(io_err(&i_mem))?.len();
     let disk_size = std::fs::metadata(&i_disk).map_err(io_err(&i_disk))?.len();
-    if mem_size != base.manifest().memory_size || disk_size != base.manifest().disk_size || mem_size != parent.memory_size || disk_size != parent.disk_size {
+    if mem_size != base.manifest().memory_size
+        || disk_size != base.manifest().disk_size
+        || mem_size != parent.memory_size
+        || disk_size != parent.disk_size
+    {
         return Err(bad("instance memory or disk size differs from its base's".into()));
     }
     let list = |space: Space, given: &[u64], size: u64| -> Result<Vec<u64>, SynthError> {
@@ -80,7 +86,9 @@ pub fn create_residue(
         v.sort_unstable();
         v.dedup();
         match v.last() {
-            Some(&last) if last >= size.div_ceil(CHUNK_SIZE as u64) => Err(bad(format!("changed {} chunk {last} is past the end", space.name()))),
+            Some(&last) if last >= size.div_ceil(CHUNK_SIZE as u64) => {
+                Err(bad(format!("changed {} chunk {last} is past the end", space.name())))
+            }
             _ => Ok(v),
         }
     };
@@ -114,7 +122,14 @@ pub fn create_residue(
 /// parent's chunks overridden by the residue's, the residue's device state, the parent's
 /// `vm` and `service`; access order is kept for the parent's profiled blobs. Chunks free in
 /// either stay free (source [`INHERITED_FREE`]) unless that space's semantic gap is off.
-pub fn merge(base: &BaseVm, parent: &Path, residue: &Path, opts: &CreateOptions, out: &Path, accel: Accel) -> Result<CreateReport, SynthError> {
+pub fn merge(
+    base: &BaseVm,
+    parent: &Path,
+    residue: &Path,
+    opts: &CreateOptions,
+    out: &Path,
+    accel: Accel,
+) -> Result<CreateReport, SynthError> {
     let start = Instant::now();
     let (p_header, p) = read_prefix(parent)?;
     let (_, r) = read_prefix(residue)?;
@@ -165,7 +180,8 @@ pub fn merge(base: &BaseVm, parent: &Path, residue: &Path, opts: &CreateOptions,
     let (mem, disk, state) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"), dir.join(STATE_FILE));
     let outs = [open_rw(&mem)?, open_rw(&disk)?];
     let file = File::open(residue).map_err(io_err(residue))?;
-    let reader = OverlayReader::open(BufReader::with_capacity(1 << 20, file)).map_err(|source| SynthError::Overlay { path: residue.to_path_buf(), source })?;
+    let reader = OverlayReader::open(BufReader::with_capacity(1 << 20, file))
+        .map_err(|source| SynthError::Overlay { path: residue.to_path_buf(), source })?;
     write_chunks(reader, residue, base, &outs, dir)?;
     drop(outs);
 
@@ -174,7 +190,9 @@ pub fn merge(base: &BaseVm, parent: &Path, residue: &Path, opts: &CreateOptions,
     let memory = differing(&mem, &base.memory_path(), &in_space(Space::Memory)).map_err(io_err(&mem))?;
     let disk_chunks = differing(&disk, &base.disk_path(), &in_space(Space::Disk)).map_err(io_err(&disk))?;
     let mut free = FreeMap::new();
-    for (space, list, on) in [(Space::Memory, &memory, opts.semantic_memory), (Space::Disk, &disk_chunks, opts.semantic_disk)] {
+    for (space, list, on) in
+        [(Space::Memory, &memory, opts.semantic_memory), (Space::Disk, &disk_chunks, opts.semantic_disk)]
+    {
         for &i in list.iter().filter(|_| on) {
             if effective.get(&(space, i)) == Some(&true) {
                 free.insert((space, i), INHERITED_FREE);
@@ -194,7 +212,8 @@ pub fn merge(base: &BaseVm, parent: &Path, residue: &Path, opts: &CreateOptions,
 /// Header and manifest of the overlay file at `path` (segments are not read).
 pub fn read_prefix(path: &Path) -> Result<(Header, Manifest), SynthError> {
     let file = File::open(path).map_err(io_err(path))?;
-    let r = OverlayReader::open(BufReader::new(file)).map_err(|source| SynthError::Overlay { path: path.to_path_buf(), source })?;
+    let r = OverlayReader::open(BufReader::new(file))
+        .map_err(|source| SynthError::Overlay { path: path.to_path_buf(), source })?;
     Ok((r.header().clone(), r.manifest().clone()))
 }
 
@@ -224,10 +243,10 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(out: &Path) -> Result<Self, SynthError> {
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| SynthError::BadFile {
-            path: out.to_path_buf(),
-            detail: "is not a file name".into(),
-        })?;
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| SynthError::BadFile { path: out.to_path_buf(), detail: "is not a file name".into() })?;
         let dir = out.with_file_name(format!(".{name}.merge-{}.partial", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Self(dir))

@@ -3,17 +3,16 @@
 //! chunks aside) with its device state; wrong, lone or cut residues are refused and leave
 //! nothing behind; a merged overlay takes a residue of its own.
 
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use forage_testkit::synthetic::*;
 use forage_datadir::DataDir;
 use forage_format::manifest::Service;
 use forage_format::{ChunkRef, Manifest, Order, Space, CHUNK_SIZE};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::residue::{create_residue, merge, read_prefix, INHERITED_FREE};
 use forage_synth::{BaseVm, SynthError};
+use forage_testkit::synthetic::*;
 use forage_vm::{Accel, Snapshot};
 
 struct Fixture {
@@ -64,7 +63,11 @@ fn chunk_set(m: &Manifest) -> BTreeSet<(Space, u64)> {
 }
 
 fn reference(m: &Manifest, space: Space, index: u64) -> ChunkRef {
-    m.chunks.iter().find(|c| c.space == space && c.index == index).unwrap_or_else(|| panic!("{space:?} {index} not listed")).reference
+    m.chunks
+        .iter()
+        .find(|c| c.space == space && c.index == index)
+        .unwrap_or_else(|| panic!("{space:?} {index} not listed"))
+        .reference
 }
 
 /// Apply `ovl` and compare with `want`: every chunk equal except the overlay's free chunks
@@ -73,7 +76,8 @@ fn assert_rebuilds(base: &BaseVm, ovl: &Path, want: &Snapshot, scratch: &Path) {
     let m = digest(ovl).1;
     let _ = std::fs::remove_dir_all(scratch);
     let (got, _) = forage_synth::apply::apply(ovl, base, scratch, Accel::Tcg).unwrap();
-    let free: BTreeSet<(Space, u64)> = m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
+    let free: BTreeSet<(Space, u64)> =
+        m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
     for (space, g, w) in [
         (Space::Memory, got.memory_path(), want.memory_path()),
         (Space::Disk, got.disk_paths()[0].clone(), want.disk_paths()[0].clone()),
@@ -94,15 +98,16 @@ fn assert_rebuilds(base: &BaseVm, ovl: &Path, want: &Snapshot, scratch: &Path) {
 
 /// The first instance: changes of every reference kind, a freed page, repeats in the lists.
 fn first_instance(f: &Fixture) -> (Snapshot, Vec<u64>, Vec<u64>) {
-    let inst = instance(&f.base, &f.parent, &f.tmp.path().join("instance"), b"QEVM\0\0\0\x03instance-state", |mem, disk| {
-        put(mem, 12, &pattern(600)); // was a blob -> new
-        put(mem, 20, &pattern(601)); // was base (zero) -> new
-        put(mem, 13, &vec![0u8; CHUNK_SIZE]); // was same_space -> zero
-        put(mem, 40, &pattern(201)); // = base disk 1
-        punch(mem, 2); // the guest freed it (reported) -> free
-        put(disk, 5, &pattern(602)); // was cross_space -> new
-        put(disk, 10, &pattern(102)); // = base memory 2
-    });
+    let inst =
+        instance(&f.base, &f.parent, &f.tmp.path().join("instance"), b"QEVM\0\0\0\x03instance-state", |mem, disk| {
+            put(mem, 12, &pattern(600)); // was a blob -> new
+            put(mem, 20, &pattern(601)); // was base (zero) -> new
+            put(mem, 13, &vec![0u8; CHUNK_SIZE]); // was same_space -> zero
+            put(mem, 40, &pattern(201)); // = base disk 1
+            punch(mem, 2); // the guest freed it (reported) -> free
+            put(disk, 5, &pattern(602)); // was cross_space -> new
+            put(disk, 10, &pattern(102)); // = base memory 2
+        });
     (inst, vec![20, 12, 13, 40, 2, 12], vec![10, 5])
 }
 
@@ -120,7 +125,8 @@ fn residue_carries_only_the_changes_and_merges_back_exactly() {
     assert_eq!(r.format, 2);
     assert_eq!(read_all(&residue)[8], 2);
     assert_eq!(r.parent.as_deref(), Some(&p_digest[..]));
-    let want: BTreeSet<(Space, u64)> = [2, 12, 13, 20, 40].map(|i| (Space::Memory, i)).into_iter().chain([5, 10].map(|i| (Space::Disk, i))).collect();
+    let want: BTreeSet<(Space, u64)> =
+        [2, 12, 13, 20, 40].map(|i| (Space::Memory, i)).into_iter().chain([5, 10].map(|i| (Space::Disk, i))).collect();
     assert_eq!(chunk_set(&r), want);
     assert_eq!(reference(&r, Space::Memory, 2), ChunkRef::Free);
     assert_eq!(reference(&r, Space::Memory, 13), ChunkRef::Zero);
@@ -140,7 +146,11 @@ fn residue_carries_only_the_changes_and_merges_back_exactly() {
     assert_eq!((m.format, m.parent.as_ref()), (1, None));
     assert_eq!(read_all(&merged)[8], 1);
     assert_eq!((&m.service, &m.vm), (&p.service, &p.vm));
-    assert!(matches!(m.order, Order::Access { accessed_blobs, profiled_chunks } if accessed_blobs > 0 && profiled_chunks == 3), "{:?}", m.order);
+    assert!(
+        matches!(m.order, Order::Access { accessed_blobs, profiled_chunks } if accessed_blobs > 0 && profiled_chunks == 3),
+        "{:?}",
+        m.order
+    );
     // Parent's entries, residue's overriding.
     assert_eq!(reference(&m, Space::Memory, 2), ChunkRef::Free);
     assert!(!chunk_set(&m).contains(&(Space::Memory, 13)), "zero again, as in the base: not a modification");
@@ -166,12 +176,13 @@ fn a_merged_overlay_takes_a_residue_of_its_own() {
 
     // A second session, from the merged overlay.
     let (m_digest, m) = digest(&merged);
-    let inst2 = instance(&f.base, &merged, &f.tmp.path().join("instance2"), b"QEVM\0\0\0\x03second-state", |mem, disk| {
-        put(mem, 12, &pattern(700));
-        put(mem, 2, &pattern(702)); // was free: used again
-        put(disk, 7, &pattern(701));
-        put(disk, 5, &vec![0u8; CHUNK_SIZE]);
-    });
+    let inst2 =
+        instance(&f.base, &merged, &f.tmp.path().join("instance2"), b"QEVM\0\0\0\x03second-state", |mem, disk| {
+            put(mem, 12, &pattern(700));
+            put(mem, 2, &pattern(702)); // was free: used again
+            put(disk, 7, &pattern(701));
+            put(disk, 5, &vec![0u8; CHUNK_SIZE]);
+        });
     let residue2 = f.tmp.path().join("residue2.ovl");
     let r2 = create_residue(&f.base, &m, &m_digest, &inst2, &[2, 12], &[5, 7], &opts(), &residue2).unwrap().manifest;
     assert_eq!(r2.parent.as_deref(), Some(&m_digest[..]));
@@ -200,10 +211,14 @@ fn wrong_lone_and_cut_residues_are_refused_and_leave_nothing() {
 
     // Another overlay of the same launch VM is not the parent.
     let other = f.tmp.path().join("other.ovl");
-    forage_synth::create::create(&f.base, &input(&f.launch), &CreateOptions { dedup: false, ..opts() }, &other).unwrap();
+    forage_synth::create::create(&f.base, &input(&f.launch), &CreateOptions { dedup: false, ..opts() }, &other)
+        .unwrap();
     let err = merge(&f.base, &other, &residue, &opts(), &out, Accel::Tcg).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, SynthError::NotParent { .. }) && msg.contains("other.ovl") && msg.contains("residue.ovl"), "{msg}");
+    assert!(
+        matches!(err, SynthError::NotParent { .. }) && msg.contains("other.ovl") && msg.contains("residue.ovl"),
+        "{msg}"
+    );
     assert_nothing_left(&outs, &out);
 
     // Swapped arguments: the "parent" is a residue; the "residue" is a plain overlay.
@@ -232,7 +247,10 @@ fn wrong_lone_and_cut_residues_are_refused_and_leave_nothing() {
     let lone = outs.join("lone");
     let err = forage_synth::apply::apply(&residue, &f.base, &lone, Accel::Tcg).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, SynthError::Residue { .. }) && msg.contains("merge it first") && msg.contains(&p_digest[..12]), "{msg}");
+    assert!(
+        matches!(err, SynthError::Residue { .. }) && msg.contains("merge it first") && msg.contains(&p_digest[..12]),
+        "{msg}"
+    );
     assert_nothing_left(&outs, &lone);
 
     // Cut short: refused once the parent is materialized; the scratch folder goes too.

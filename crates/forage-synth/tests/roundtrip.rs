@@ -2,12 +2,11 @@
 //! round-trips bit-exactly, free chunks come back as zeros, bad overlays are refused and
 //! leave nothing behind.
 
-
-use forage_testkit::synthetic::*;
 use forage_datadir::DataDir;
 use forage_format::{ChunkRef, DeltaCodec, SegmentCodec, Space, CHUNK_SIZE};
 use forage_synth::create::CreateOptions;
 use forage_synth::{BaseVm, SynthError};
+use forage_testkit::synthetic::*;
 use forage_vm::Accel;
 
 #[test]
@@ -22,10 +21,20 @@ fn every_reference_kind_round_trips() {
         (None, SegmentCodec::None),
     ] {
         let out = tmp.path().join("o.ovl");
-        let report = forage_synth::create::create(&base, &input(&launch), &CreateOptions { delta, codec, ..opts() }, &out).unwrap();
+        let report =
+            forage_synth::create::create(&base, &input(&launch), &CreateOptions { delta, codec, ..opts() }, &out)
+                .unwrap();
         let m = &report.manifest;
         let kinds = m.ref_counts();
-        for (k, n) in [("zero", 1), ("free", 2), ("base_disk", 1), ("base_memory", 1), ("new", 3), ("same_space", 1), ("cross_space", 1)] {
+        for (k, n) in [
+            ("zero", 1),
+            ("free", 2),
+            ("base_disk", 1),
+            ("base_memory", 1),
+            ("new", 3),
+            ("same_space", 1),
+            ("cross_space", 1),
+        ] {
             assert_eq!(kinds.get(k).copied().unwrap_or(0), n, "{k} with {delta:?}: {kinds:?}");
         }
         assert_eq!(m.stats.free_by_source["reported"], 1);
@@ -38,7 +47,8 @@ fn every_reference_kind_round_trips() {
         let applied = tmp.path().join("applied");
         let _ = std::fs::remove_dir_all(&applied);
         let (snap, _) = forage_synth::apply::apply(&out, &base, &applied, Accel::Tcg).unwrap();
-        let free: Vec<(Space, u64)> = m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
+        let free: Vec<(Space, u64)> =
+            m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
         for (space, got, want) in [
             (Space::Memory, snap.memory_path(), launch.snap.memory_path()),
             (Space::Disk, snap.disk_paths()[0].clone(), launch.snap.disk_paths()[0].clone()),
@@ -96,9 +106,34 @@ fn bad_overlays_are_refused_and_leave_nothing() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated in a segment", bytes[..bytes.len() - 10].to_vec(), "truncated"),
         ("truncated in the manifest", bytes[..80].to_vec(), "truncated"),
-        ("newer format", { let mut b = bytes.clone(); b[8] = 7; b }, "newer"),
-        ("flipped byte in the last segment", { let mut b = bytes.clone(); let n = b.len(); b[n - 20] ^= 1; b }, "checksum"),
-        ("flipped byte in the manifest", { let mut b = bytes.clone(); b[70] ^= 1; b }, "checksum"),
+        (
+            "newer format",
+            {
+                let mut b = bytes.clone();
+                b[8] = 7;
+                b
+            },
+            "newer",
+        ),
+        (
+            "flipped byte in the last segment",
+            {
+                let mut b = bytes.clone();
+                let n = b.len();
+                b[n - 20] ^= 1;
+                b
+            },
+            "checksum",
+        ),
+        (
+            "flipped byte in the manifest",
+            {
+                let mut b = bytes.clone();
+                b[70] ^= 1;
+                b
+            },
+            "checksum",
+        ),
         ("not an overlay", b"hello".repeat(20), "magic"),
         ("trailing bytes", [bytes.clone(), b"x".to_vec()].concat(), "after the last segment"),
     ];

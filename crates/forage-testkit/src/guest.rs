@@ -42,7 +42,11 @@ pub fn data_dir() -> DataDir {
 pub fn forage_exe() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     let p = exe.ancestors().nth(2).expect("target/PROFILE").join("forage");
-    assert!(p.is_file(), "{} is missing: build it (`cargo build -p forage`, or run the workspace's tests)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: build it (`cargo build -p forage`, or run the workspace's tests)",
+        p.display()
+    );
     p
 }
 
@@ -50,7 +54,10 @@ pub fn forage_exe() -> PathBuf {
 /// `RUST_LOG=forage_cloudlet=debug cargo test ... -- --nocapture`).
 pub fn logs() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -62,9 +69,7 @@ pub fn image() -> GuestImage {
             let opts = forage_image::BuildOptions::new(
                 forage_image::locate_guest_binary("forage-agent").expect("run `make guest` first"),
             );
-            forage_image::build(&data_dir(), forage_image::TINY, &opts)
-                .expect("image builds")
-                .image
+            forage_image::build(&data_dir(), forage_image::TINY, &opts).expect("image builds").image
         })
         .clone()
 }
@@ -79,19 +84,13 @@ pub fn run_paths(test: &str) -> RunPaths {
     let dir = data_dir().vms().join(test);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    RunPaths {
-        dir: dir.join("run"),
-        qmp_socket: data_dir().runtime_dir().unwrap().join(format!("{test}.qmp")),
-    }
+    RunPaths { dir: dir.join("run"), qmp_socket: data_dir().runtime_dir().unwrap().join(format!("{test}.qmp")) }
 }
 
 pub async fn boot(test: &str, guest_ports: &[u16]) -> (ReadyGuest, RunPaths) {
     let run = run_paths(test);
     let accel = forage_vm::accel::detect().accel;
-    let g = image()
-        .boot(test, &run, guest_ports, accel, READY)
-        .await
-        .expect("guest boots");
+    let g = image().boot(test, &run, guest_ports, accel, READY).await.expect("guest boots");
     (g, run)
 }
 
@@ -135,11 +134,7 @@ pub async fn wait_ticks(serial: &Path, n: usize) -> Vec<u64> {
         if t.len() >= n {
             return t;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no heartbeat on {}",
-            serial.display()
-        );
+        assert!(start.elapsed() < Duration::from_secs(60), "no heartbeat on {}", serial.display());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -170,7 +165,9 @@ impl Reaper {
 impl Drop for Reaper {
     fn drop(&mut self) {
         // QEMU first (killed), then its shim (terminated: it unmounts its view).
-        for (program, signal) in [("qemu-system", rustix::process::Signal::Kill), ("forage-shim", rustix::process::Signal::Term)] {
+        for (program, signal) in
+            [("qemu-system", rustix::process::Signal::Kill), ("forage-shim", rustix::process::Signal::Term)]
+        {
             for pid in self.pids(program) {
                 if let Some(pid) = rustix::process::Pid::from_raw(pid) {
                     let _ = rustix::process::kill_process(pid, signal);
@@ -189,10 +186,7 @@ pub fn qemu_running_with(needle: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
         let cmd = String::from_utf8_lossy(&cmd);
         !zombie && cmd.contains("qemu-system") && cmd.contains(needle)
     })
@@ -211,11 +205,7 @@ pub async fn assert_no_qemu_with(needle: &str) {
 
 fn session_dirs(data: &DataDir) -> usize {
     std::fs::read_dir(data.work())
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("session-"))
-                .count()
-        })
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count())
         .unwrap_or(0)
 }
 
@@ -228,10 +218,7 @@ pub async fn assert_cleaned_up(data: &DataDir) {
     assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
     assert_no_qemu_with(&data.work().to_string_lossy()).await;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(&data.work().to_string_lossy().to_string()),
-        "a FUSE mount is left: {mounts}"
-    );
+    assert!(!mounts.contains(&data.work().to_string_lossy().to_string()), "a FUSE mount is left: {mounts}");
 }
 
 static CREDENTIALS: OnceLock<std::sync::Arc<rustls::ClientConfig>> = OnceLock::new();
@@ -245,10 +232,14 @@ pub fn pair_with(cloudlet: &forage_cloudlet::Cloudlet, device: &str) -> std::syn
     if cloudlet.trust.issued().iter().any(|i| i.name == device && i.revoked_unix.is_none()) {
         cloudlet.trust.revoke(device).unwrap();
     }
-    let bundle = cloudlet.trust.issue_bundle(device, forage_trust::PeerKind::Device, forage_trust::DEFAULT_VALIDITY, None).unwrap();
+    let bundle = cloudlet
+        .trust
+        .issue_bundle(device, forage_trust::PeerKind::Device, forage_trust::DEFAULT_VALIDITY, None)
+        .unwrap();
     let devices = forage_trust::DeviceTrust::new(&dir);
     devices.import_bundle(&serde_json::to_vec(&bundle).unwrap()).unwrap();
-    let config = devices.for_cloudlet("127.0.0.1:1".parse().unwrap(), Some(&cloudlet.name)).unwrap().client_config().unwrap();
+    let config =
+        devices.for_cloudlet("127.0.0.1:1".parse().unwrap(), Some(&cloudlet.name)).unwrap().client_config().unwrap();
     let _ = CREDENTIALS.set(config.clone());
     config
 }

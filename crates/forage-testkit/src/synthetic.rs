@@ -52,7 +52,12 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         memory_mib: (MEM_CHUNKS * CHUNK_SIZE as u64) >> 20,
         memory_file: dir.join("memory.raw"),
         boot: None,
-        disks: vec![DiskSpec { path: dir.join("disk0.raw"), format: forage_vm::DiskFormat::Raw, read_only: false, discard: true }],
+        disks: vec![DiskSpec {
+            path: dir.join("disk0.raw"),
+            format: forage_vm::DiskFormat::Raw,
+            read_only: false,
+            discard: true,
+        }],
         nic: None,
         balloon: None,
         guest_agent: None,
@@ -69,7 +74,10 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         spec,
         accel: Accel::Tcg,
         memory: FileRecord { file: "memory.raw".into(), size: MEM_CHUNKS * CHUNK_SIZE as u64 },
-        disks: vec![FileRecord { file: "disk0.raw".into(), size: std::fs::metadata(dir.join("disk0.raw")).unwrap().len() }],
+        disks: vec![FileRecord {
+            file: "disk0.raw".into(),
+            size: std::fs::metadata(dir.join("disk0.raw")).unwrap().len(),
+        }],
         state: StateRecord {
             file: "state".into(),
             size: std::fs::metadata(&state).unwrap().len(),
@@ -110,7 +118,7 @@ pub fn make_launch(dir: &Path) -> Launch {
     let (mem, disk) = snapshot_dir(dir, b"QEVM\0\0\0\x03launch-state");
     // Start from the base contents that stay.
     put(&mem, 0, &vec![0u8; CHUNK_SIZE]); // base had data: now zero (allocated) -> zero
-    // mem 1: base had data, launch has a hole -> free (reported)
+                                          // mem 1: base had data, launch has a hole -> free (reported)
     put(&mem, 2, &{
         let mut c = pattern(102);
         c[100..110].copy_from_slice(b"0123456789");
@@ -121,15 +129,21 @@ pub fn make_launch(dir: &Path) -> Launch {
     put(&mem, 12, &pattern(300)); // new
     put(&mem, 13, &pattern(300)); // same_space
     put(&disk, 0, &pattern(200)); // unchanged
-    // disk 1: base had data, discarded -> free (trim)
+                                  // disk 1: base had data, discarded -> free (trim)
     put(&disk, 5, &pattern(300)); // cross_space
     put(&disk, 6, &pattern(301)); // new, raw
-    // disk 8: written with what the base has (zeros): not a modification
+                                  // disk 8: written with what the base has (zeros): not a modification
     Launch { snap: describe_snapshot(dir), written: vec![0, 5, 6, 8], discarded: vec![1] }
 }
 
 pub fn input(l: &Launch) -> LaunchInput<'_> {
-    LaunchInput { snapshot: &l.snap, written_disk_chunks: &l.written, discarded_disk_chunks: &l.discarded, service: None, accessed: None }
+    LaunchInput {
+        snapshot: &l.snap,
+        written_disk_chunks: &l.written,
+        discarded_disk_chunks: &l.discarded,
+        service: None,
+        accessed: None,
+    }
 }
 
 pub fn opts() -> CreateOptions {
@@ -143,7 +157,12 @@ pub fn read_all(p: &Path) -> Vec<u8> {
 /// Nothing at `out`, and nothing half-written (`*partial*`) in `parent`.
 pub fn assert_nothing_left(parent: &Path, out: &Path) {
     assert!(!out.exists(), "{} left behind", out.display());
-    let leftovers: Vec<_> = std::fs::read_dir(parent).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains("partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains("partial"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 

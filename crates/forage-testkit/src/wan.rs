@@ -44,7 +44,10 @@ impl Netns {
         std::thread::scope(|s| {
             s.spawn(move || {
                 use std::os::fd::AsFd;
-                rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))?;
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
                 Ok(f())
             })
             .join()
@@ -73,11 +76,7 @@ impl WanLink {
             addr: Ipv4Addr::new(10, 213, 0, last),
             device: format!("{id}{s}"),
         };
-        let link = Self {
-            a: side("a", 1),
-            b: side("b", 2),
-            rate_mbps,
-        };
+        let link = Self { a: side("a", 1), b: side("b", 2), rate_mbps };
         // From here on, Drop cleans up whatever was made.
         for ns in [&link.a, &link.b] {
             run(Command::new("ip").args(["netns", "add", &ns.name]))?;
@@ -85,10 +84,20 @@ impl WanLink {
         run(Command::new("ip").args(["link", "add", &link.a.device, "type", "veth", "peer", "name", &link.b.device]))?;
         for ns in [&link.a, &link.b] {
             run(Command::new("ip").args(["link", "set", &ns.device, "netns", &ns.name]))?;
-            run(Command::new("ip").args(["-n", &ns.name, "addr", "add", &format!("{}/30", ns.addr), "dev", &ns.device]))?;
+            run(Command::new("ip").args([
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{}/30", ns.addr),
+                "dev",
+                &ns.device,
+            ]))?;
             run(Command::new("ip").args(["-n", &ns.name, "link", "set", &ns.device, "up"]))?;
             run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-            run(Command::new("tc").args(["-n", &ns.name, "qdisc", "add", "dev", &ns.device, "root"]).args(tbf(rate_mbps)))?;
+            run(Command::new("tc")
+                .args(["-n", &ns.name, "qdisc", "add", "dev", &ns.device, "root"])
+                .args(tbf(rate_mbps)))?;
         }
         Ok(link)
     }
@@ -101,7 +110,9 @@ impl WanLink {
     pub fn set_rate(&mut self, rate_mbps: f64) -> Result<(), WanError> {
         check_rate(rate_mbps)?;
         for ns in [&self.a, &self.b] {
-            run(Command::new("tc").args(["-n", &ns.name, "qdisc", "change", "dev", &ns.device, "root"]).args(tbf(rate_mbps)))?;
+            run(Command::new("tc")
+                .args(["-n", &ns.name, "qdisc", "change", "dev", &ns.device, "root"])
+                .args(tbf(rate_mbps)))?;
         }
         self.rate_mbps = rate_mbps;
         Ok(())

@@ -10,9 +10,9 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 
 use crate::certs::{fingerprint, pem_cert, private_key, provider, read_key, read_pem_cert};
 use crate::code::{self, Grant, PairingCode};
-use crate::pairing::{self, Bundle};
 use crate::error::TrustError;
 use crate::files::{io, now_unix, offset, write_file};
+use crate::pairing::{self, Bundle};
 use crate::peer::{check_peer_name, Issued, PeerKind, MAX_VALIDITY, SERVER_NAME};
 
 /// A cloudlet's authority: `DATA/trust/cloudlet/`.
@@ -47,7 +47,8 @@ impl CloudletTrust {
             let mut p = CertificateParams::new(Vec::<String>::new())?;
             p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
             p.distinguished_name.push(DnType::CommonName, format!("forage cloudlet {name}"));
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            p.key_usages =
+                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
             p.not_before = offset(now_unix().saturating_sub(3600));
             p.not_after = offset(now_unix() + 20 * 365 * 24 * 3600);
             let cert = p.self_signed(&key)?;
@@ -104,7 +105,15 @@ impl CloudletTrust {
     /// Sign `public_key` (a CSR's or a fresh key's) as `name` for `valid`.
     /// The name must be plain and not held by another credential that is still valid (so
     /// that `pair revoke NAME` means one peer).
-    fn sign(&self, mut params: CertificateParams, public_key: &impl rcgen::PublicKeyData, name: &str, kind: PeerKind, valid: Duration, via: &str) -> Result<(CertificateDer<'static>, Issued), TrustError> {
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+        name: &str,
+        kind: PeerKind,
+        valid: Duration,
+        via: &str,
+    ) -> Result<(CertificateDer<'static>, Issued), TrustError> {
         check_peer_name(name)?;
         let valid = valid.min(MAX_VALIDITY);
         let mut all = self.issued();
@@ -122,7 +131,15 @@ impl CloudletTrust {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         params.subject_alt_names = Vec::new();
         let cert = params.signed_by(public_key, &self.ca, &self.ca_key)?;
-        let issued = Issued { serial, name: name.to_string(), kind, issued_unix: now, not_after_unix: now + valid.as_secs(), via: via.to_string(), revoked_unix: None };
+        let issued = Issued {
+            serial,
+            name: name.to_string(),
+            kind,
+            issued_unix: now,
+            not_after_unix: now + valid.as_secs(),
+            via: via.to_string(),
+            revoked_unix: None,
+        };
         all.push(issued.clone());
         self.save_issued(&all)?;
         tracing::info!(name, serial, via, "credential issued");
@@ -130,13 +147,25 @@ impl CloudletTrust {
     }
 
     /// Issue a certificate for a certificate signing request (pairing by code).
-    pub fn issue_for_csr(&self, csr_der: &[u8], name: &str, kind: PeerKind, valid: Duration) -> Result<(CertificateDer<'static>, Issued), TrustError> {
+    pub fn issue_for_csr(
+        &self,
+        csr_der: &[u8],
+        name: &str,
+        kind: PeerKind,
+        valid: Duration,
+    ) -> Result<(CertificateDer<'static>, Issued), TrustError> {
         let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())?;
         self.sign(csr.params, &csr.public_key, name, kind, valid, "code")
     }
 
     /// A pairing bundle: a fresh key and its certificate, for carrying over USB.
-    pub fn issue_bundle(&self, name: &str, kind: PeerKind, valid: Duration, addr: Option<std::net::SocketAddr>) -> Result<Bundle, TrustError> {
+    pub fn issue_bundle(
+        &self,
+        name: &str,
+        kind: PeerKind,
+        valid: Duration,
+        addr: Option<std::net::SocketAddr>,
+    ) -> Result<Bundle, TrustError> {
         let key = KeyPair::generate()?;
         let (cert, issued) = self.sign(CertificateParams::default(), &key, name, kind, valid, "bundle")?;
         Ok(Bundle {
@@ -180,7 +209,12 @@ impl CloudletTrust {
             issuing_distribution_point: None,
             revoked_certs: serials
                 .iter()
-                .map(|s| rcgen::RevokedCertParams { serial_number: rcgen::SerialNumber::from(*s), revocation_time: offset(now), reason_code: None, invalidity_date: None })
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: offset(now),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
                 .collect(),
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };

@@ -63,10 +63,16 @@ impl PairingCode {
     /// Split a typed code into the CA fingerprint prefix and the secret (case, spaces and
     /// dashes do not matter).
     pub fn parse(text: &str) -> Result<([u8; FP_LEN], Vec<u8>), TrustError> {
-        let clean: String = text.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
-        let bytes = data_encoding::BASE32_NOPAD.decode(clean.as_bytes()).map_err(|_| TrustError::Code("not a pairing code (23 letters and digits, as `forage pair` shows)".into()))?;
+        let clean: String =
+            text.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect();
+        let bytes = data_encoding::BASE32_NOPAD.decode(clean.as_bytes()).map_err(|_| {
+            TrustError::Code("not a pairing code (23 letters and digits, as `forage pair` shows)".into())
+        })?;
         if bytes.len() != FP_LEN + SECRET_LEN {
-            return Err(TrustError::Code(format!("a pairing code has {} characters", (FP_LEN + SECRET_LEN) * 8 / 5 + 1)));
+            return Err(TrustError::Code(format!(
+                "a pairing code has {} characters",
+                (FP_LEN + SECRET_LEN) * 8 / 5 + 1
+            )));
         }
         let mut fp = [0u8; FP_LEN];
         fp.copy_from_slice(&bytes[..FP_LEN]);
@@ -94,7 +100,12 @@ struct PendingCode {
 fn with_pending<T>(dir: &Path, f: impl FnOnce(&mut Pending) -> Result<T, TrustError>) -> Result<T, TrustError> {
     std::fs::create_dir_all(dir).map_err(crate::io(dir))?;
     let lock_path = dir.join("codes.lock");
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(crate::io(&lock_path))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(crate::io(&lock_path))?;
     lock.lock().map_err(crate::io(&lock_path))?;
     let path = dir.join("codes.json");
     let mut p: Pending = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
@@ -110,7 +121,13 @@ pub(crate) fn create(dir: &Path, ca_der: &[u8], grant: Grant) -> Result<PairingC
     getrandom::fill(&mut secret).map_err(|e| TrustError::Code(format!("no randomness: {e}")))?;
     let mut raw = Sha256::digest(ca_der)[..FP_LEN].to_vec();
     raw.extend_from_slice(&secret);
-    let text = data_encoding::BASE32_NOPAD.encode(&raw).as_bytes().chunks(5).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-");
+    let text = data_encoding::BASE32_NOPAD
+        .encode(&raw)
+        .as_bytes()
+        .chunks(5)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("-");
     let expires_unix = now_unix() + CODE_TTL.as_secs();
     with_pending(dir, |p| {
         p.codes.push(PendingCode { secret_sha256: hex::encode(Sha256::digest(secret)), expires_unix, grant });

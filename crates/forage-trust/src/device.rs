@@ -69,7 +69,11 @@ impl DeviceTrust {
     pub fn credentials(&self, addr: SocketAddr, name: Option<&str>) -> Result<Arc<rustls::ClientConfig>, TrustError> {
         let peer = self.for_cloudlet(addr, name)?;
         if peer.expired() {
-            return Err(TrustError::NotPaired(format!("the pairing with cloudlet {} expired on {}: pair again", peer.record.cloudlet, date(peer.record.not_after_unix))));
+            return Err(TrustError::NotPaired(format!(
+                "the pairing with cloudlet {} expired on {}: pair again",
+                peer.record.cloudlet,
+                date(peer.record.not_after_unix)
+            )));
         }
         peer.client_config()
     }
@@ -80,7 +84,8 @@ impl DeviceTrust {
             .flatten()
             .flatten()
             .filter_map(|e| {
-                let record: PeerRecord = serde_json::from_slice(&std::fs::read(e.path().join("peer.json")).ok()?).ok()?;
+                let record: PeerRecord =
+                    serde_json::from_slice(&std::fs::read(e.path().join("peer.json")).ok()?).ok()?;
                 Some(Peer { record, dir: e.path() })
             })
             .collect();
@@ -94,7 +99,9 @@ impl DeviceTrust {
         let mut peers = self.peers();
         let pick = peers
             .iter()
-            .position(|p| p.record.addr.as_deref() == Some(&addr.to_string()) || name.is_some_and(|n| p.record.cloudlet == n))
+            .position(|p| {
+                p.record.addr.as_deref() == Some(&addr.to_string()) || name.is_some_and(|n| p.record.cloudlet == n)
+            })
             .or((peers.len() == 1).then_some(0));
         match pick {
             Some(i) => Ok(peers.swap_remove(i)),
@@ -106,15 +113,32 @@ impl DeviceTrust {
     }
 
     /// Keep a pairing (replacing an earlier one with the same cloudlet).
-    pub fn save(&self, cloudlet: &str, addr: Option<String>, ca: &[u8], cert: &[u8], key_pem: &str, not_after_unix: u64) -> Result<PeerRecord, TrustError> {
-        if !cloudlet.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || cloudlet.is_empty() || cloudlet.starts_with('.') {
+    pub fn save(
+        &self,
+        cloudlet: &str,
+        addr: Option<String>,
+        ca: &[u8],
+        cert: &[u8],
+        key_pem: &str,
+        not_after_unix: u64,
+    ) -> Result<PeerRecord, TrustError> {
+        if !cloudlet.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || cloudlet.is_empty()
+            || cloudlet.starts_with('.')
+        {
             return Err(TrustError::Code(format!("cloudlet name {cloudlet:?} is not a plain name")));
         }
         let dir = self.dir.join(cloudlet);
         write_file(&dir.join("ca.pem"), pem_cert(ca).as_bytes(), false)?;
         write_file(&dir.join("cert.pem"), pem_cert(cert).as_bytes(), false)?;
         write_file(&dir.join("key.pem"), key_pem.as_bytes(), true)?;
-        let record = PeerRecord { cloudlet: cloudlet.to_string(), addr, ca_fingerprint: fingerprint(ca), not_after_unix, paired_unix: now_unix() };
+        let record = PeerRecord {
+            cloudlet: cloudlet.to_string(),
+            addr,
+            ca_fingerprint: fingerprint(ca),
+            not_after_unix,
+            paired_unix: now_unix(),
+        };
         write_file(&dir.join("peer.json"), &serde_json::to_vec_pretty(&record).expect("serializes"), false)?;
         Ok(record)
     }
@@ -123,7 +147,9 @@ impl DeviceTrust {
     pub fn import_bundle(&self, bytes: &[u8]) -> Result<PeerRecord, TrustError> {
         let b = Bundle::parse(bytes)?;
         let der = |pem_text: &str, what: &str| -> Result<Vec<u8>, TrustError> {
-            Ok(pem::parse(pem_text).map_err(|e| TrustError::Code(format!("pairing bundle: {what}: {e}")))?.into_contents())
+            Ok(pem::parse(pem_text)
+                .map_err(|e| TrustError::Code(format!("pairing bundle: {what}: {e}")))?
+                .into_contents())
         };
         let (ca, cert) = (der(&b.ca_pem, "ca_pem")?, der(&b.cert_pem, "cert_pem")?);
         rcgen::KeyPair::from_pem(&b.key_pem).map_err(|e| TrustError::Code(format!("pairing bundle: key_pem: {e}")))?;

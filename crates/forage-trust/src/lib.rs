@@ -14,26 +14,24 @@
 //! Files are PEM and JSON; private keys are written with mode 0600. `docs/security.md`
 //! has the threat model.
 
-mod code;
-mod device;
-mod pairing;
-pub mod signing;
-mod error;
-mod files;
 mod certs;
 mod cloudlet;
+mod code;
+mod device;
+mod error;
+mod files;
+mod pairing;
 mod peer;
+pub mod signing;
 
-
-
-pub use code::{Grant, PairingCode, PairingGuard, MAX_FAILURES as MAX_PAIRING_FAILURES};
-pub use device::{date, DeviceTrust, Peer, PeerRecord};
-pub use pairing::{new_csr, pairing_client_config, pinned_client_config, Bundle};
-pub use error::{TrustError};
 pub use certs::{fingerprint, short};
 pub(crate) use certs::{pem_cert, private_key, provider, read_key, read_pem_cert};
+pub use cloudlet::{peer_identity, CloudletTrust};
+pub use code::{Grant, PairingCode, PairingGuard, MAX_FAILURES as MAX_PAIRING_FAILURES};
+pub use device::{date, DeviceTrust, Peer, PeerRecord};
+pub use error::TrustError;
 pub(crate) use files::{io, now_unix, offset, write_file};
-pub use cloudlet::{CloudletTrust, peer_identity};
+pub use pairing::{new_csr, pairing_client_config, pinned_client_config, Bundle};
 pub use peer::{check_peer_name, Issued, PeerKind, CODE_TTL, DEFAULT_VALIDITY, MAX_VALIDITY, SERVER_NAME};
 
 #[cfg(test)]
@@ -46,7 +44,10 @@ mod tests {
     use super::*;
 
     /// Run a TLS handshake in memory; the server's view of the client on success.
-    fn handshake(client: Arc<rustls::ClientConfig>, server: Arc<rustls::ServerConfig>) -> Result<Option<(String, u64)>, String> {
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> Result<Option<(String, u64)>, String> {
         let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
         let mut c = rustls::ClientConnection::new(client, name).unwrap();
         let mut s = rustls::ServerConnection::new(server).unwrap();
@@ -79,7 +80,9 @@ mod tests {
     fn paired(cloudlet: &CloudletTrust, device: &DeviceTrust, name: &str, valid: Duration) -> Peer {
         let (key, csr) = pairing::new_csr(name).unwrap();
         let (cert, issued) = cloudlet.issue_for_csr(&csr, name, PeerKind::Device, valid).unwrap();
-        device.save(&cloudlet.name, None, cloudlet.ca_der(), &cert, &key.serialize_pem(), issued.not_after_unix).unwrap();
+        device
+            .save(&cloudlet.name, None, cloudlet.ca_der(), &cert, &key.serialize_pem(), issued.not_after_unix)
+            .unwrap();
         device.for_cloudlet("127.0.0.1:1".parse().unwrap(), Some(&cloudlet.name)).unwrap()
     }
 
@@ -128,10 +131,12 @@ mod tests {
         }
 
         // A client with no certificate gets through the handshake, unidentified.
-        let anon = pairing::pairing_client_config(Sha256::digest(cloudlet.ca_der().as_ref())[..8].try_into().unwrap()).unwrap();
+        let anon = pairing::pairing_client_config(Sha256::digest(cloudlet.ca_der().as_ref())[..8].try_into().unwrap())
+            .unwrap();
         assert_eq!(handshake(anon, cloudlet.server_config().unwrap()).unwrap(), None);
         // ... but not if the code names another cloudlet's CA.
-        let wrong = pairing::pairing_client_config(Sha256::digest(other.ca_der().as_ref())[..8].try_into().unwrap()).unwrap();
+        let wrong =
+            pairing::pairing_client_config(Sha256::digest(other.ca_der().as_ref())[..8].try_into().unwrap()).unwrap();
         let e = handshake(wrong, cloudlet.server_config().unwrap()).unwrap_err();
         assert!(e.contains("does not match the pairing code"), "{e}");
     }
@@ -168,7 +173,8 @@ mod tests {
         assert!(guard.check(a).is_err(), "a source that guessed too often is refused");
         guard.check(b).expect("others are not affected");
         // An IPv6 /64 counts as one source.
-        let (c, d): (std::net::IpAddr, std::net::IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
+        let (c, d): (std::net::IpAddr, std::net::IpAddr) =
+            ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap());
         for _ in 0..code::MAX_FAILURES {
             guard.failed(c);
         }
@@ -180,12 +186,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cloudlet = CloudletTrust::open_or_init(dir.path(), "c1").unwrap();
         for bad in ["", "a b", "evil\u{1b}[2J", "-x", "a/b", &"x".repeat(65)] {
-            assert!(matches!(cloudlet.issue_bundle(bad, PeerKind::Device, DEFAULT_VALIDITY, None), Err(TrustError::BadName { .. })), "{bad:?} accepted");
+            assert!(
+                matches!(
+                    cloudlet.issue_bundle(bad, PeerKind::Device, DEFAULT_VALIDITY, None),
+                    Err(TrustError::BadName { .. })
+                ),
+                "{bad:?} accepted"
+            );
         }
         cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None).unwrap();
-        assert!(matches!(cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None), Err(TrustError::NameTaken { .. })));
+        assert!(matches!(
+            cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None),
+            Err(TrustError::NameTaken { .. })
+        ));
         assert_eq!(cloudlet.revoke("phone").unwrap(), 1);
-        cloudlet.issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None).expect("a revoked name can be given again");
+        cloudlet
+            .issue_bundle("phone", PeerKind::Device, DEFAULT_VALIDITY, None)
+            .expect("a revoked name can be given again");
     }
 
     #[test]
@@ -200,14 +217,22 @@ mod tests {
             let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{key} has mode {mode:o}");
         }
-        assert!(!std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".partial-")), "no temporary file left");
+        assert!(
+            !std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".partial-")),
+            "no temporary file left"
+        );
     }
 
     #[test]
     fn bundles_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let cloudlet = CloudletTrust::open_or_init(&dir.path().join("c"), "c1").unwrap();
-        let b = cloudlet.issue_bundle("usb-phone", PeerKind::Device, DEFAULT_VALIDITY, Some("127.0.0.1:7878".parse().unwrap())).unwrap();
+        let b = cloudlet
+            .issue_bundle("usb-phone", PeerKind::Device, DEFAULT_VALIDITY, Some("127.0.0.1:7878".parse().unwrap()))
+            .unwrap();
         let device = DeviceTrust::new(&dir.path().join("d"));
         let rec = device.import_bundle(&serde_json::to_vec(&b).unwrap()).unwrap();
         assert_eq!(rec.cloudlet, "c1");

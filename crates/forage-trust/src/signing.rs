@@ -60,7 +60,9 @@ impl Signature {
         }
         let key = hex::decode(&self.signer).map_err(|_| "the signer is not a hex key".to_string())?;
         let sig = hex::decode(&self.signature).map_err(|_| "the signature is not hex".to_string())?;
-        UnparsedPublicKey::new(&ED25519, key).verify(&message(artifact, digest), &sig).map_err(|_| format!("the signature does not verify (tampered {artifact} or signature)"))
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(&message(artifact, digest), &sig)
+            .map_err(|_| format!("the signature does not verify (tampered {artifact} or signature)"))
     }
 }
 
@@ -72,11 +74,13 @@ pub struct Signer {
 impl Signer {
     pub fn open_or_init(path: &Path) -> Result<Self, TrustError> {
         if !path.exists() {
-            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).map_err(|_| TrustError::Code("cannot generate a signing key".into()))?;
+            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .map_err(|_| TrustError::Code("cannot generate a signing key".into()))?;
             write_file(path, pkcs8.as_ref(), true)?;
         }
         let bytes = std::fs::read(path).map_err(io(path))?;
-        let key = Ed25519KeyPair::from_pkcs8(&bytes).map_err(|e| TrustError::Bad { path: path.to_path_buf(), detail: e.to_string() })?;
+        let key = Ed25519KeyPair::from_pkcs8(&bytes)
+            .map_err(|e| TrustError::Bad { path: path.to_path_buf(), detail: e.to_string() })?;
         Ok(Self { key })
     }
 
@@ -101,14 +105,26 @@ impl Signer {
 pub fn check_detached(signers: &Path, artifact: &str, digest: &str, file: &Path) -> Result<(), String> {
     let Some(allowed) = allowed_signers(signers).map_err(|e| e.to_string())? else { return Ok(()) };
     let sig_path = std::path::PathBuf::from(format!("{}.sig", file.display()));
-    let bytes = std::fs::read(&sig_path).map_err(|_| format!("{} is not signed ({} missing), and this host accepts only its listed signers", file.display(), sig_path.display()))?;
-    Signature::parse(&bytes).and_then(|s| s.verify(artifact, digest, &allowed)).map_err(|e| format!("{}: {e}", sig_path.display()))
+    let bytes = std::fs::read(&sig_path).map_err(|_| {
+        format!(
+            "{} is not signed ({} missing), and this host accepts only its listed signers",
+            file.display(),
+            sig_path.display()
+        )
+    })?;
+    Signature::parse(&bytes)
+        .and_then(|s| s.verify(artifact, digest, &allowed))
+        .map_err(|e| format!("{}: {e}", sig_path.display()))
 }
 
 /// Write `FILE.sig` for an artifact (through a temporary name).
 pub fn write_detached(signer: &Signer, artifact: &str, digest: &str, file: &Path) -> Result<(), TrustError> {
     let sig = signer.sign(artifact, digest);
-    write_file(&std::path::PathBuf::from(format!("{}.sig", file.display())), &serde_json::to_vec_pretty(&sig).expect("serializes"), false)
+    write_file(
+        &std::path::PathBuf::from(format!("{}.sig", file.display())),
+        &serde_json::to_vec_pretty(&sig).expect("serializes"),
+        false,
+    )
 }
 
 /// The signers a cloudlet accepts; `None` when it has no signers file (any overlay).
@@ -118,10 +134,18 @@ pub fn allowed_signers(path: &Path) -> Result<Option<Vec<String>>, TrustError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(TrustError::Io { path: path.to_path_buf(), source: e }),
     };
-    let keys: Vec<String> = text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(|l| l.split_whitespace().next().unwrap_or("").to_lowercase()).collect();
+    let keys: Vec<String> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_lowercase())
+        .collect();
     for k in &keys {
         if k.len() != 64 || hex::decode(k).is_err() {
-            return Err(TrustError::Bad { path: path.to_path_buf(), detail: format!("{k:?} is not an Ed25519 public key in hex (64 digits)") });
+            return Err(TrustError::Bad {
+                path: path.to_path_buf(),
+                detail: format!("{k:?} is not an Ed25519 public key in hex (64 digits)"),
+            });
         }
     }
     Ok(Some(keys))
@@ -136,14 +160,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Signer::open_or_init(&dir.path().join("a.pk8")).unwrap();
         let b = Signer::open_or_init(&dir.path().join("b.pk8")).unwrap();
-        assert_eq!(Signer::open_or_init(&dir.path().join("a.pk8")).unwrap().public_hex(), a.public_hex(), "the key is kept");
+        assert_eq!(
+            Signer::open_or_init(&dir.path().join("a.pk8")).unwrap().public_hex(),
+            a.public_hex(),
+            "the key is kept"
+        );
         let digest = "ab".repeat(32);
         let sig = a.sign(OVERLAY, &digest);
         let parsed = Signature::parse(&serde_json::to_vec(&sig).unwrap()).unwrap();
         parsed.verify(OVERLAY, &digest, &[a.public_hex()]).unwrap();
-        assert!(parsed.verify(OVERLAY, &digest, &[b.public_hex()]).unwrap_err().contains("not one this cloudlet accepts"));
+        assert!(parsed
+            .verify(OVERLAY, &digest, &[b.public_hex()])
+            .unwrap_err()
+            .contains("not one this cloudlet accepts"));
         assert!(parsed.verify(OVERLAY, &"cd".repeat(32), &[a.public_hex()]).unwrap_err().contains("not this one"));
-        assert!(parsed.verify(BASE_PACKAGE, &digest, &[a.public_hex()]).unwrap_err().contains("not this one"), "an overlay's signature is no package's");
+        assert!(
+            parsed.verify(BASE_PACKAGE, &digest, &[a.public_hex()]).unwrap_err().contains("not this one"),
+            "an overlay's signature is no package's"
+        );
         let mut relabelled = parsed.clone();
         relabelled.artifact = BASE_PACKAGE.into();
         assert!(relabelled.verify(BASE_PACKAGE, &digest, &[a.public_hex()]).unwrap_err().contains("does not verify"));

@@ -37,12 +37,7 @@ pub struct AccelChoice {
 pub fn detect() -> AccelChoice {
     match std::env::var("FORAGE_ACCEL").as_deref() {
         Ok("kvm") => return AccelChoice { accel: Accel::Kvm, why_not_kvm: None },
-        Ok("tcg") => {
-            return AccelChoice {
-                accel: Accel::Tcg,
-                why_not_kvm: Some("FORAGE_ACCEL=tcg".into()),
-            }
-        }
+        Ok("tcg") => return AccelChoice { accel: Accel::Tcg, why_not_kvm: Some("FORAGE_ACCEL=tcg".into()) },
         _ => {}
     }
     detect_in(Path::new("/"))
@@ -60,10 +55,18 @@ pub fn detect_in(root: &Path) -> AccelChoice {
     } else {
         None
     };
-    AccelChoice {
-        accel: if why.is_none() { Accel::Kvm } else { Accel::Tcg },
-        why_not_kvm: why,
+    AccelChoice { accel: if why.is_none() { Accel::Kvm } else { Accel::Tcg }, why_not_kvm: why }
+}
+
+/// [`detect`], with the one warning line an operator sees when it is not KVM (printed
+/// once per process).
+pub fn choose() -> Accel {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let choice = detect();
+    if let Some(why) = &choice.why_not_kvm {
+        WARNED.call_once(|| eprintln!("warning: using TCG software emulation (slow), not KVM: {why}"));
     }
+    choice.accel
 }
 
 #[cfg(test)]
@@ -90,15 +93,4 @@ mod tests {
         std::fs::remove_dir(root.path().join("sys/module/kvm_pvm")).unwrap();
         assert_eq!(detect_in(root.path()).accel, Accel::Kvm);
     }
-}
-
-/// [`detect`], with the one warning line an operator sees when it is not KVM (printed
-/// once per process).
-pub fn choose() -> Accel {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    let choice = detect();
-    if let Some(why) = &choice.why_not_kvm {
-        WARNED.call_once(|| eprintln!("warning: using TCG software emulation (slow), not KVM: {why}"));
-    }
-    choice.accel
 }

@@ -37,29 +37,18 @@ impl QemuProcess {
     /// Start QEMU with stdout and stderr appended to `log`. Must be called from within a
     /// tokio runtime; QEMU gets SIGKILL when this process dies.
     pub fn spawn(program: &Path, args: &[OsString], log: &Path) -> Result<Self, VmError> {
-        let io = |source| VmError::Io {
-            path: log.to_path_buf(),
-            source,
-        };
+        let io = |source| VmError::Io { path: log.to_path_buf(), source };
         let out = File::options().create(true).append(true).open(log).map_err(io)?;
         let err = out.try_clone().map_err(io)?;
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
         // SAFETY: the closure only makes one async-signal-safe syscall (prctl).
         unsafe {
             cmd.pre_exec(|| {
-                rustix::process::set_parent_process_death_signal(Some(Signal::Kill))
-                    .map_err(std::io::Error::from)
+                rustix::process::set_parent_process_death_signal(Some(Signal::Kill)).map_err(std::io::Error::from)
             });
         }
-        let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
-            program: program.to_path_buf(),
-            source,
-        })?;
+        let mut child = cmd.spawn().map_err(|source| VmError::Spawn { program: program.to_path_buf(), source })?;
         let raw = child.id().expect("a just-spawned child has a pid");
         let pid = Pid::from_raw(raw as i32).expect("pid is positive");
         let (tx, rx) = watch::channel(None);
@@ -68,12 +57,7 @@ impl QemuProcess {
             let _ = tx.send(status.ok());
         });
         tracing::debug!(pid = raw, program = %program.display(), "QEMU started");
-        Ok(Self {
-            pid,
-            exit: rx,
-            log: log.to_path_buf(),
-            owned: true,
-        })
+        Ok(Self { pid, exit: rx, log: log.to_path_buf(), owned: true })
     }
 
     /// Start QEMU so that it can outlive this process: a session of its own (no
@@ -120,12 +104,7 @@ impl QemuProcess {
             }
             let _ = tx.send(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
         });
-        Some(Self {
-            pid,
-            exit: rx,
-            log: log.to_path_buf(),
-            owned: false,
-        })
+        Some(Self { pid, exit: rx, log: log.to_path_buf(), owned: false })
     }
 
     pub fn pid(&self) -> u32 {

@@ -44,12 +44,10 @@ pub enum QgaError {
         #[source]
         source: std::io::Error,
     },
-    #[error("guest agent on {path} did not answer {command} within {waited:?} (is qemu-guest-agent running in the guest?)")]
-    NoAnswer {
-        path: PathBuf,
-        command: String,
-        waited: Duration,
-    },
+    #[error(
+        "guest agent on {path} did not answer {command} within {waited:?} (is qemu-guest-agent running in the guest?)"
+    )]
+    NoAnswer { path: PathBuf, command: String, waited: Duration },
     #[error("guest agent socket {path}: connection lost")]
     Disconnected {
         path: PathBuf,
@@ -57,24 +55,11 @@ pub enum QgaError {
         source: std::io::Error,
     },
     #[error("guest agent on {path} sent an unreadable answer to {command}: {detail}")]
-    Protocol {
-        path: PathBuf,
-        command: String,
-        detail: String,
-    },
+    Protocol { path: PathBuf, command: String, detail: String },
     #[error("the guest agent on {path} refused {command}: {class}: {desc}")]
-    Command {
-        path: PathBuf,
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { path: PathBuf, command: String, class: String, desc: String },
     #[error("`{command}` in the guest (via {path}) did not finish within {waited:?}")]
-    ExecTimeout {
-        path: PathBuf,
-        command: String,
-        waited: Duration,
-    },
+    ExecTimeout { path: PathBuf, command: String, waited: Duration },
 }
 
 /// `guest-fsfreeze-status`.
@@ -166,10 +151,7 @@ impl GuestAgent {
             match UnixStream::connect(socket).await {
                 Ok(s) => break s,
                 Err(source) if start.elapsed() >= wait => {
-                    return Err(QgaError::Connect {
-                        path: socket.to_path_buf(),
-                        source,
-                    })
+                    return Err(QgaError::Connect { path: socket.to_path_buf(), source })
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -222,7 +204,12 @@ impl GuestAgent {
     }
 
     /// Run one command and return its `return` value, waiting at most `wait`.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>, wait: Duration) -> Result<Value, QgaError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        wait: Duration,
+    ) -> Result<Value, QgaError> {
         if self.needs_sync {
             self.sync(Duration::from_secs(10)).await?;
         }
@@ -237,11 +224,7 @@ impl GuestAgent {
             Ok(r) => r?,
             Err(_) => {
                 self.needs_sync = true;
-                return Err(QgaError::NoAnswer {
-                    path: self.path.clone(),
-                    command: command.to_string(),
-                    waited: wait,
-                });
+                return Err(QgaError::NoAnswer { path: self.path.clone(), command: command.to_string(), waited: wait });
             }
         };
         if let Some(r) = answer.get("return") {
@@ -259,7 +242,12 @@ impl GuestAgent {
         Err(self.protocol(command, format!("neither return nor error: {answer}")))
     }
 
-    async fn typed<T: DeserializeOwned>(&mut self, command: &str, arguments: Option<Value>, wait: Duration) -> Result<T, QgaError> {
+    async fn typed<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        wait: Duration,
+    ) -> Result<T, QgaError> {
         let v = self.execute(command, arguments, wait).await?;
         serde_json::from_value(v).map_err(|e| self.protocol(command, e.to_string()))
     }
@@ -338,14 +326,12 @@ impl GuestAgent {
 
     /// Read a whole file of the guest (`guest-file-open`, `-read` in 1 MiB pieces, `-close`).
     pub async fn read_file(&mut self, guest_path: &str) -> Result<Vec<u8>, QgaError> {
-        let handle: i64 = self
-            .typed("guest-file-open", Some(json!({ "path": guest_path, "mode": "r" })), COMMAND_WAIT)
-            .await?;
+        let handle: i64 =
+            self.typed("guest-file-open", Some(json!({ "path": guest_path, "mode": "r" })), COMMAND_WAIT).await?;
         let mut out = Vec::new();
         let result = loop {
-            let piece: Result<FileRead, _> = self
-                .typed("guest-file-read", Some(json!({ "handle": handle, "count": 1 << 20 })), COMMAND_WAIT)
-                .await;
+            let piece: Result<FileRead, _> =
+                self.typed("guest-file-read", Some(json!({ "handle": handle, "count": 1 << 20 })), COMMAND_WAIT).await;
             match piece {
                 Ok(p) => match base64::engine::general_purpose::STANDARD.decode(&p.buf_b64) {
                     Ok(bytes) => {
@@ -371,10 +357,7 @@ impl GuestAgent {
             self.writer.flush().await
         }
         .await;
-        r.map_err(|source| QgaError::Disconnected {
-            path: self.path.clone(),
-            source,
-        })
+        r.map_err(|source| QgaError::Disconnected { path: self.path.clone(), source })
     }
 
     /// The next JSON object from the agent; 0xFF delimiters and blank lines are skipped.
@@ -386,10 +369,7 @@ impl GuestAgent {
                 .take(MAX_ANSWER)
                 .read_until(b'\n', &mut line)
                 .await
-                .map_err(|source| QgaError::Disconnected {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(|source| QgaError::Disconnected { path: self.path.clone(), source })?;
             if n == 0 {
                 return Err(QgaError::Disconnected {
                     path: self.path.clone(),
@@ -407,11 +387,7 @@ impl GuestAgent {
     }
 
     fn protocol(&self, command: &str, detail: String) -> QgaError {
-        QgaError::Protocol {
-            path: self.path.clone(),
-            command: command.to_string(),
-            detail,
-        }
+        QgaError::Protocol { path: self.path.clone(), command: command.to_string(), detail }
     }
 }
 
@@ -468,7 +444,9 @@ mod tests {
                 "guest-file-open" => json!({"return": 5}),
                 "guest-file-read" => json!({"return": {"count": 2, "buf-b64": "aGk=", "eof": true}}),
                 "guest-file-close" => json!({"return": {}}),
-                other => json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}}),
+                other => {
+                    json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}})
+                }
             };
             w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
         }

@@ -28,22 +28,13 @@ use tokio::sync::{broadcast, oneshot};
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum QmpError {
     #[error("QMP socket {path} did not accept a connection within {waited:?}: {reason}")]
-    Connect {
-        path: PathBuf,
-        waited: Duration,
-        reason: String,
-    },
+    Connect { path: PathBuf, waited: Duration, reason: String },
     #[error("QMP socket {path}: QEMU closed the connection")]
     Disconnected { path: PathBuf },
     #[error("QMP socket {path}: {detail}")]
     Protocol { path: PathBuf, detail: String },
     #[error("QEMU ({socket}) refused {command}: {class}: {desc}")]
-    Command {
-        socket: PathBuf,
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { socket: PathBuf, command: String, class: String, desc: String },
 }
 
 /// An asynchronous event sent by QEMU.
@@ -99,10 +90,7 @@ impl Qmp {
                 path: path.to_path_buf(),
                 detail: format!("no greeting within {GREETING_WAIT:?} (another client holds the socket?)"),
             })?
-            .map_err(|e| QmpError::Protocol {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| QmpError::Protocol { path: path.to_path_buf(), detail: e.to_string() })?;
         match greeting.as_deref().map(serde_json::from_str::<Value>) {
             Some(Ok(v)) if v.get("QMP").is_some() => {}
             other => {
@@ -150,21 +138,16 @@ impl Qmp {
         }
         match rx.await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
-                socket: self.path.clone(),
-                command: command.to_string(),
-                class,
-                desc,
-            }),
+            Ok(Err(QmpError::Command { class, desc, .. })) => {
+                Err(QmpError::Command { socket: self.path.clone(), command: command.to_string(), class, desc })
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(self.disconnected()),
         }
     }
 
     fn disconnected(&self) -> QmpError {
-        QmpError::Disconnected {
-            path: self.path.clone(),
-        }
+        QmpError::Disconnected { path: self.path.clone() }
     }
 }
 
@@ -181,10 +164,8 @@ async fn read_loop(
         };
         if let Some(name) = v.get("event").and_then(Value::as_str) {
             tracing::debug!(event = name, data = %v["data"], "QMP event");
-            let _ = events.send(QmpEvent {
-                name: name.to_string(),
-                data: v.get("data").cloned().unwrap_or(Value::Null),
-            });
+            let _ =
+                events.send(QmpEvent { name: name.to_string(), data: v.get("data").cloned().unwrap_or(Value::Null) });
             continue;
         }
         let Some(id) = v.get("id").and_then(Value::as_u64) else {
@@ -262,10 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_socket_times_out_with_its_path() {
-        let err = Qmp::connect(Path::new("/nonexistent/q.sock"), Duration::from_millis(100))
-            .await
-            .err()
-            .unwrap();
+        let err = Qmp::connect(Path::new("/nonexistent/q.sock"), Duration::from_millis(100)).await.err().unwrap();
         assert!(err.to_string().contains("/nonexistent/q.sock"));
     }
 }

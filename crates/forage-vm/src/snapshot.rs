@@ -43,20 +43,29 @@ impl SnapshotManifest {
     /// are plain names inside the folder, one record per disk of the spec, words QEMU
     /// reads are plain, sizes agree.
     pub fn check(&self) -> Result<(), String> {
-        for name in std::iter::once(&self.memory.file).chain(self.disks.iter().map(|d| &d.file)).chain([&self.state.file]) {
+        for name in
+            std::iter::once(&self.memory.file).chain(self.disks.iter().map(|d| &d.file)).chain([&self.state.file])
+        {
             if !plain_file_name(name) {
                 return Err(format!("file name {name:?} is not a plain name inside the folder"));
             }
         }
         crate::spec::check_words(&self.spec)?;
         if self.spec.disks.len() != self.disks.len() {
-            return Err(format!("the spec has {} disks and the description {}", self.spec.disks.len(), self.disks.len()));
+            return Err(format!(
+                "the spec has {} disks and the description {}",
+                self.spec.disks.len(),
+                self.disks.len()
+            ));
         }
         if self.spec.memory_mib.checked_mul(1 << 20).is_none() {
             return Err(format!("{} MiB of memory is not a size", self.spec.memory_mib));
         }
         if self.memory.size != self.spec.memory_bytes() {
-            return Err(format!("memory file size {} does not match {} MiB of guest RAM", self.memory.size, self.spec.memory_mib));
+            return Err(format!(
+                "memory file size {} does not match {} MiB of guest RAM",
+                self.memory.size, self.spec.memory_mib
+            ));
         }
         Ok(())
     }
@@ -69,23 +78,37 @@ impl SnapshotManifest {
         self.check()?;
         let s = &self.spec;
         if !allowed_machines.contains(&s.machine.as_str()) {
-            return Err(format!("machine type {:?} is not one this host runs ({})", s.machine, allowed_machines.join(", ")));
+            return Err(format!(
+                "machine type {:?} is not one this host runs ({})",
+                s.machine,
+                allowed_machines.join(", ")
+            ));
         }
         if let Some(cpu) = &s.cpu_model {
-            return Err(format!("CPU model {cpu:?}: this host only runs QEMU's default CPU model for VMs it did not build"));
+            return Err(format!(
+                "CPU model {cpu:?}: this host only runs QEMU's default CPU model for VMs it did not build"
+            ));
         }
         if s.vcpus == 0 || s.vcpus > host.vcpus {
             return Err(format!("{} vCPUs: this host allows 1 to {}", s.vcpus, host.vcpus));
         }
         if self.memory.size > host.memory_bytes {
-            return Err(format!("{} MiB of memory: this host allows at most {} MiB", self.memory.size >> 20, host.memory_bytes >> 20));
+            return Err(format!(
+                "{} MiB of memory: this host allows at most {} MiB",
+                self.memory.size >> 20,
+                host.memory_bytes >> 20
+            ));
         }
         for (i, (d, rec)) in s.disks.iter().zip(&self.disks).enumerate() {
             if d.format != crate::spec::DiskFormat::Raw {
                 return Err(format!("disk {i} is {:?}: only raw disks are taken from peers", d.format));
             }
             if rec.size > host.disk_bytes {
-                return Err(format!("disk {i} of {} MiB: this host allows at most {} MiB", rec.size >> 20, host.disk_bytes >> 20));
+                return Err(format!(
+                    "disk {i} of {} MiB: this host allows at most {} MiB",
+                    rec.size >> 20,
+                    host.disk_bytes >> 20
+                ));
             }
         }
         if let Some(b) = &s.boot {
@@ -111,7 +134,11 @@ impl HostCapacity {
         let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
         let total = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
             .map(|kib| kib << 10)
             .unwrap_or(4 << 30);
         Self { vcpus: cores, memory_bytes: (total / 2).min(64 << 30), disk_bytes: 256 << 30 }
@@ -150,11 +177,7 @@ pub enum SnapshotError {
     #[error("{path}: checksum does not match the snapshot (corrupted or from another VM)")]
     StateChecksum { path: PathBuf },
     #[error("{dir}: saved VM hardware ({saved}) differs from the VM to restore into ({wanted})")]
-    HardwareMismatch {
-        dir: PathBuf,
-        saved: String,
-        wanted: String,
-    },
+    HardwareMismatch { dir: PathBuf, saved: String, wanted: String },
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -182,10 +205,7 @@ impl Snapshot {
             }
             Err(source) => return Err(SnapshotError::Io { path: mpath, source }),
         };
-        let bad = |detail: String| SnapshotError::BadManifest {
-            path: mpath.clone(),
-            detail,
-        };
+        let bad = |detail: String| SnapshotError::BadManifest { path: mpath.clone(), detail };
         let raw: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
         if raw["kind"] != SNAPSHOT_KIND {
             return Err(bad(format!("kind is {}, expected {SNAPSHOT_KIND}", raw["kind"])));
@@ -195,30 +215,21 @@ impl Snapshot {
             return Err(SnapshotError::NewerFormat { path: mpath, found });
         }
         let manifest: SnapshotManifest = serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
-        let snap = Self {
-            dir: dir.to_path_buf(),
-            manifest,
-        };
+        let snap = Self { dir: dir.to_path_buf(), manifest };
         snap.check_files()?;
         Ok(snap)
     }
 
     fn check_files(&self) -> Result<(), SnapshotError> {
         let m = &self.manifest;
-        let bad = |detail: String| SnapshotError::BadManifest {
-            path: self.dir.join(MANIFEST_FILE),
-            detail,
-        };
+        let bad = |detail: String| SnapshotError::BadManifest { path: self.dir.join(MANIFEST_FILE), detail };
         m.check().map_err(bad)?;
         for rec in std::iter::once(&m.memory).chain(&m.disks) {
             check_size(&self.dir.join(&rec.file), rec.size)?;
         }
         let state = self.state_path();
         check_size(&state, m.state.size)?;
-        let io = |source| SnapshotError::Io {
-            path: state.clone(),
-            source,
-        };
+        let io = |source| SnapshotError::Io { path: state.clone(), source };
         let mut file = std::fs::File::open(&state).map_err(io)?;
         let mut head = [0u8; 8];
         if file.read_exact(&mut head).is_err() || head != QEMU_STREAM_MAGIC {
@@ -330,26 +341,14 @@ fn plain_file_name(name: &str) -> bool {
 }
 
 fn describe(spec: &VmSpec) -> String {
-    format!(
-        "{} {} vCPU {} MiB, {} disk(s)",
-        spec.machine,
-        spec.vcpus,
-        spec.memory_mib,
-        spec.disks.len()
-    )
+    format!("{} {} vCPU {} MiB, {} disk(s)", spec.machine, spec.vcpus, spec.memory_mib, spec.disks.len())
 }
 
 fn check_size(path: &Path, expected: u64) -> Result<(), SnapshotError> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() == expected => Ok(()),
-        Ok(m) => Err(SnapshotError::WrongSize {
-            path: path.to_path_buf(),
-            found: m.len(),
-            expected,
-        }),
-        Err(_) => Err(SnapshotError::FileMissing {
-            path: path.to_path_buf(),
-        }),
+        Ok(m) => Err(SnapshotError::WrongSize { path: path.to_path_buf(), found: m.len(), expected }),
+        Err(_) => Err(SnapshotError::FileMissing { path: path.to_path_buf() }),
     }
 }
 

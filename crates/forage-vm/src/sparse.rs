@@ -87,13 +87,15 @@ pub fn resident_pages(path: &Path) -> io::Result<Vec<bool>> {
 }
 
 unsafe fn libc_mincore(addr: *mut std::ffi::c_void, len: usize, vec: &mut [u8]) -> io::Result<()> {
-    extern "C" {
-        fn mincore(addr: *mut std::ffi::c_void, length: usize, vec: *mut u8) -> i32;
+    unsafe {
+        extern "C" {
+            fn mincore(addr: *mut std::ffi::c_void, length: usize, vec: *mut u8) -> i32;
+        }
+        if mincore(addr, len, vec.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
-    if mincore(addr, len, vec.as_mut_ptr()) != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Bytes of `path` that are allocated (not holes).

@@ -154,19 +154,14 @@ impl VmSpec {
         // QEMU's `exec:` migration URI.
         a.pair("-sandbox", "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny");
         a.pair("-display", "none");
-        a.pair(
-            "-machine",
-            format!("{},accel={},memory-backend={RAM_ID}", self.machine, accel),
-        );
+        a.pair("-machine", format!("{},accel={},memory-backend={RAM_ID}", self.machine, accel));
         if let Some(cpu) = &self.cpu_model {
             a.pair("-cpu", cpu);
         }
         a.pair("-smp", self.vcpus.to_string());
         a.pair("-m", format!("{}M", self.memory_mib));
-        let mut ram = OsString::from(format!(
-            "memory-backend-file,id={RAM_ID},size={}M,share=on,mem-path=",
-            self.memory_mib
-        ));
+        let mut ram =
+            OsString::from(format!("memory-backend-file,id={RAM_ID},size={}M,share=on,mem-path=", self.memory_mib));
         ram.push(escape_commas(self.memory_file.as_os_str()));
         a.pair("-object", ram);
         if let Some(boot) = &self.boot {
@@ -190,10 +185,7 @@ impl VmSpec {
                     on_off(disk.read_only)
                 ),
             );
-            a.pair(
-                "-device",
-                format!("virtio-blk-pci,drive=disk{i},id=vd{i},discard={}", on_off(disk.discard)),
-            );
+            a.pair("-device", format!("virtio-blk-pci,drive=disk{i},id=vd{i},discard={}", on_off(disk.discard)));
         }
         if let Some(nic) = &self.nic {
             // restrict=on: the guest reaches nothing (not the host's other ports, not other
@@ -208,10 +200,7 @@ impl VmSpec {
         if let Some(b) = &self.balloon {
             a.pair(
                 "-device",
-                format!(
-                    "virtio-balloon-pci,id=balloon0,free-page-reporting={}",
-                    on_off(b.free_page_reporting)
-                ),
+                format!("virtio-balloon-pci,id=balloon0,free-page-reporting={}", on_off(b.free_page_reporting)),
             );
         }
         if let Some(ga) = &self.guest_agent {
@@ -219,10 +208,7 @@ impl VmSpec {
             chardev.push(escape_commas(ga.socket.as_os_str()));
             a.pair("-chardev", chardev);
             a.pair("-device", "virtio-serial-pci,id=vserial0");
-            a.pair(
-                "-device",
-                format!("virtserialport,bus=vserial0.0,chardev=qga0,id=qga0port,name={QGA_CHANNEL}"),
-            );
+            a.pair("-device", format!("virtserialport,bus=vserial0.0,chardev=qga0,id=qga0port,name={QGA_CHANNEL}"));
         }
         if self.virtio_rng {
             a.pair("-object", "rng-random,id=rng0,filename=/dev/urandom");
@@ -283,7 +269,8 @@ impl VmSpec {
 /// Words that go into QEMU option strings unescaped (machine type, CPU model) must be
 /// plain: a comma would add options.
 pub fn check_words(spec: &VmSpec) -> Result<(), String> {
-    let plain = |s: &str| !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let plain =
+        |s: &str| !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !plain(&spec.name) {
         return Err(format!("VM name {:?} is not a plain name", spec.name));
     }
@@ -356,15 +343,9 @@ mod tests {
                 discard: true,
             }],
             nic: Some(NicSpec {
-                forwards: vec![PortForward {
-                    host_addr: Ipv4Addr::LOCALHOST,
-                    host_port: 40000,
-                    guest_port: 8080,
-                }],
+                forwards: vec![PortForward { host_addr: Ipv4Addr::LOCALHOST, host_port: 40000, guest_port: 8080 }],
             }),
-            balloon: Some(BalloonSpec {
-                free_page_reporting: true,
-            }),
+            balloon: Some(BalloonSpec { free_page_reporting: true }),
             guest_agent: None,
             virtio_rng: false,
             serial_log: "/d/serial.log".into(),
@@ -421,7 +402,10 @@ mod tests {
         let with_channel = spec.hardware_fingerprint();
         spec.virtio_rng = true;
         let rng = joined(&spec.qemu_args(Accel::Tcg, false));
-        assert!(rng.contains("-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0"), "{rng}");
+        assert!(
+            rng.contains("-object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0"),
+            "{rng}"
+        );
         assert_ne!(spec.hardware_fingerprint(), with_channel);
         // A spec without the field (older snapshot.json) still reads, and writes no field.
         let v = serde_json::to_value(sample()).unwrap();

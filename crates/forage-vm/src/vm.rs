@@ -23,11 +23,11 @@ use crate::accel::Accel;
 use crate::process::{qemu_binary, tail_lines, QemuProcess};
 use crate::qmp::Qmp;
 use crate::snapshot::{
-    sha256_file, FileRecord, Snapshot, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE,
-    SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE,
+    sha256_file, FileRecord, Snapshot, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT,
+    SNAPSHOT_KIND, STATE_FILE,
 };
-use crate::spec::VmSpec;
 use crate::sparse::copy_sparse;
+use crate::spec::VmSpec;
 use crate::{RestoreError, SaveError, VmError};
 
 const QMP_WAIT: Duration = Duration::from_secs(15);
@@ -55,12 +55,7 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        Self {
-            copy_disks: true,
-            evict_cache: false,
-            ignore_shared: true,
-            detached: false,
-        }
+        Self { copy_disks: true, evict_cache: false, ignore_shared: true, detached: false }
     }
 }
 
@@ -79,7 +74,13 @@ impl Vm {
         Self::start(spec, accel, qemu_log, false, false).await
     }
 
-    async fn start(spec: VmSpec, accel: Accel, qemu_log: &Path, incoming: bool, detached: bool) -> Result<Self, VmError> {
+    async fn start(
+        spec: VmSpec,
+        accel: Accel,
+        qemu_log: &Path,
+        incoming: bool,
+        detached: bool,
+    ) -> Result<Self, VmError> {
         let program = qemu_binary()?;
         check_inputs(&spec)?;
         // A stale socket would let us talk to nobody; a stale serial log would show old output.
@@ -88,10 +89,7 @@ impl Vm {
             let _ = std::fs::remove_file(socket);
         }
         if let Some(dir) = spec.qmp_socket.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| VmError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| VmError::Io { path: dir.to_path_buf(), source })?;
         }
         let _ = std::fs::remove_file(&spec.serial_log);
         let args = spec.qemu_args(accel, incoming);
@@ -113,12 +111,7 @@ impl Vm {
                 return Err(e.into());
             }
         };
-        Ok(Self {
-            spec,
-            accel,
-            process,
-            qmp,
-        })
+        Ok(Self { spec, accel, process, qmp })
     }
 
     /// Take control of a VM that another process started and supervises, through the
@@ -131,12 +124,7 @@ impl Vm {
         })?;
         let socket = spec.control_socket.clone().ok_or_else(|| VmError::NoControlSocket { vm: spec.name.clone() })?;
         let qmp = Qmp::connect(&socket, Duration::from_secs(2)).await?;
-        Ok(Self {
-            spec,
-            accel,
-            process,
-            qmp,
-        })
+        Ok(Self { spec, accel, process, qmp })
     }
 
     /// Take control again of a detached VM this program started before (a cloudlet
@@ -155,7 +143,12 @@ impl Vm {
     /// Restore a saved VM into `spec` (normally [`Snapshot::relocated_spec`]). Memory and
     /// disks are copied from the snapshot, so the snapshot stays as it was. On any error
     /// QEMU is killed and the copies removed.
-    pub async fn restore(snapshot: &Snapshot, spec: VmSpec, accel: Accel, qemu_log: &Path) -> Result<Self, RestoreError> {
+    pub async fn restore(
+        snapshot: &Snapshot,
+        spec: VmSpec,
+        accel: Accel,
+        qemu_log: &Path,
+    ) -> Result<Self, RestoreError> {
         Self::restore_with(snapshot, spec, accel, qemu_log, RestoreOptions::default()).await
     }
 
@@ -180,11 +173,7 @@ impl Vm {
             for (from, to) in sources.zip(targets) {
                 if from != to {
                     copies.push(to.clone());
-                    let copy_err = |source| RestoreError::Copy {
-                        from: from.clone(),
-                        to: to.clone(),
-                        source,
-                    };
+                    let copy_err = |source| RestoreError::Copy { from: from.clone(), to: to.clone(), source };
                     copy_sparse(&from, &to).map_err(copy_err)?;
                     if opts.evict_cache {
                         crate::sparse::evict_from_page_cache(&to).map_err(copy_err)?;
@@ -223,10 +212,7 @@ impl Vm {
             self.set_ignore_shared().await?;
         }
         let uri = format!("exec:cat {}", shell_quote(state));
-        self.qmp
-            .execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await
-            .map_err(VmError::from)?;
+        self.qmp.execute("migrate-incoming", Some(json!({ "uri": uri }))).await.map_err(VmError::from)?;
         let start = Instant::now();
         loop {
             if self.process.exit_status().is_some() {
@@ -337,10 +323,7 @@ impl Vm {
         if dir.join(MANIFEST_FILE).exists() {
             return Err(SaveError::Exists { dir: dir.to_path_buf() });
         }
-        std::fs::create_dir_all(dir).map_err(|source| SaveError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| SaveError::Io { path: dir.to_path_buf(), source })?;
         let partial = dir.join(format!("{STATE_FILE}.partial"));
         let was_running = self.status().await? == "running";
         self.qmp.execute("stop", None).await.map_err(VmError::from)?;
@@ -363,10 +346,7 @@ impl Vm {
     async fn write_state(&self, partial: &Path) -> Result<(), SaveError> {
         self.set_ignore_shared().await?;
         let uri = format!("exec:cat > {}", shell_quote(partial));
-        self.qmp
-            .execute("migrate", Some(json!({ "uri": uri })))
-            .await
-            .map_err(VmError::from)?;
+        self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await.map_err(VmError::from)?;
         let start = Instant::now();
         loop {
             let info = self.qmp.execute("query-migrate", None).await.map_err(VmError::from)?;
@@ -410,20 +390,14 @@ impl Vm {
             spec: self.spec.clone(),
             hardware_fingerprint: self.spec.hardware_fingerprint(),
             accel: self.accel,
-            memory: FileRecord {
-                file: MEMORY_FILE.to_string(),
-                size: memory,
-            },
+            memory: FileRecord { file: MEMORY_FILE.to_string(), size: memory },
             disks,
             state: StateRecord {
                 file: STATE_FILE.to_string(),
                 size: std::fs::metadata(&state).map_err(io(&state))?.len(),
                 sha256: sha256_file(&state).map_err(io(&state))?,
             },
-            saved_at_unix: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            saved_at_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         };
         let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
         let text = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");

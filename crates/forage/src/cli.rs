@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "forage", version, about = "Cloudlets provisioned just in time: VM synthesis, VM handoff, tactical cloudlets")]
+#[command(
+    name = "forage",
+    version,
+    about = "Cloudlets provisioned just in time: VM synthesis, VM handoff, tactical cloudlets"
+)]
 pub struct Cli {
     /// Where forage keeps images, VMs and caches [default: $FORAGE_HOME, else $XDG_DATA_HOME/forage]
     #[arg(long, global = true, value_name = "DIR")]

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cmd;
+mod output;
 
 use clap::Parser;
 
@@ -16,9 +17,7 @@ fn main() -> std::process::ExitCode {
     // lazily (on purpose): not worth a line.
     let default = if cli.verbose { "debug,fuser=warn" } else { "warn,forage_image=info,fuser=off" };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()

@@ -1,7 +1,6 @@
 //! A saved VM that was truncated, corrupted, or belongs to other hardware is refused with an
 //! error naming the file, and no QEMU is left running.
 
-
 use std::path::Path;
 
 use forage_testkit::guest::*;
@@ -113,10 +112,7 @@ fn missing_image_says_how_to_build_it() {
 #[tokio::test]
 async fn missing_kernel_is_named_before_qemu_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let run = forage_image::RunPaths {
-        dir: dir.path().to_path_buf(),
-        qmp_socket: dir.path().join("q.sock"),
-    };
+    let run = forage_image::RunPaths { dir: dir.path().to_path_buf(), qmp_socket: dir.path().join("q.sock") };
     // A spec from a fake image folder whose kernel does not exist.
     let spec = forage_vm::VmSpec {
         name: "nokernel".into(),

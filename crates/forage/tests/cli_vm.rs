@@ -1,7 +1,6 @@
 //! The operator's flow with the real binary: `forage vm boot` supervises in one process,
 //! `forage vm save` acts from another, `forage vm restore` brings the VM back.
 
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -42,7 +41,8 @@ fn boot_save_restore_stop_from_the_command_line() {
     let app = forage_image::locate_guest_binary("apps/hashsearch").unwrap();
     let _ = forage(&["vm", "rm", "cli"]).output();
 
-    let (mut boot, ev, mut boot_out) = start_supervised(&["vm", "boot", "cli", "--app", app.to_str().unwrap(), "--json"]);
+    let (mut boot, ev, mut boot_out) =
+        start_supervised(&["vm", "boot", "cli", "--app", app.to_str().unwrap(), "--json"]);
     assert_eq!(ev["event"], "running", "{ev}");
     assert_eq!(field(&request(port_of(&ev["service"]), "search cli 8"), "served"), 1);
 

@@ -5,15 +5,13 @@
 //! Slow under TCG (minutes): the image is built once into the shared test data dir and
 //! cached there; `FORAGE_SKIP_VM_TESTS=1` skips both tests.
 
-
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use forage_testkit::guest::*;
 use forage_agent::AgentClient;
 use forage_image::GuestImage;
+use forage_testkit::guest::*;
 use forage_vm::qga::{FreezeStatus, GuestAgent};
 use forage_vm::{Snapshot, Vm};
 
@@ -24,9 +22,14 @@ fn debian_image() -> GuestImage {
         .get_or_init(|| {
             let agent = forage_image::locate_guest_binary("forage-agent").expect("run `make guest` first");
             let t = Instant::now();
-            let out = forage_image::build(&data_dir(), forage_image::DEBIAN_12, &forage_image::BuildOptions::new(agent))
-                .expect("debian-12 builds");
-            eprintln!("debian-12 image {} in {:.1} s", if out.cached { "cached" } else { "built" }, t.elapsed().as_secs_f64());
+            let out =
+                forage_image::build(&data_dir(), forage_image::DEBIAN_12, &forage_image::BuildOptions::new(agent))
+                    .expect("debian-12 builds");
+            eprintln!(
+                "debian-12 image {} in {:.1} s",
+                if out.cached { "cached" } else { "built" },
+                t.elapsed().as_secs_f64()
+            );
             out.image
         })
         .clone()
@@ -50,7 +53,8 @@ async fn debian_guest_boots_saves_restores_and_carries_on() {
     let port = app.manifest().port;
     let run = run_paths("debian-lifecycle");
     let accel = forage_vm::accel::detect().accel;
-    let guest = image.boot("debian-lifecycle", &run, &[port], accel, READY).await.expect("debian-12 boots to its ready marker");
+    let guest =
+        image.boot("debian-lifecycle", &run, &[port], accel, READY).await.expect("debian-12 boots to its ready marker");
     eprintln!("debian-12 ready in {:.1} s", guest.boot_time.as_secs_f64());
 
     // qemu-ga answers on its virtio-serial channel.
@@ -58,7 +62,14 @@ async fn debian_guest_boots_saves_restores_and_carries_on() {
     let mut ga = GuestAgent::connect(&qga_socket, Duration::from_secs(120)).await.expect("qemu-ga answers");
     ga.ping().await.unwrap();
     assert_eq!(ga.fsfreeze_status().await.unwrap(), FreezeStatus::Thawed);
-    let out = ga.run("/bin/sh", &["-c", ". /etc/os-release; echo $VERSION_CODENAME; systemctl is-system-running"], Duration::from_secs(60)).await.unwrap();
+    let out = ga
+        .run(
+            "/bin/sh",
+            &["-c", ". /etc/os-release; echo $VERSION_CODENAME; systemctl is-system-running"],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.starts_with("bookworm\n"), "{text}");
     assert!(text.contains("running"), "systemd is not settled: {text}");
@@ -75,9 +86,13 @@ async fn debian_guest_boots_saves_restores_and_carries_on() {
     tokio::task::spawn_blocking(move || {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60)).unwrap();
         app2.install(&mut agent).unwrap();
-        let apt = agent.exec(&["sh", "-c", "apt-config dump | grep -c . && cat /etc/apt/sources.list"], Duration::from_secs(60)).unwrap();
+        let apt = agent
+            .exec(&["sh", "-c", "apt-config dump | grep -c . && cat /etc/apt/sources.list"], Duration::from_secs(60))
+            .unwrap();
         assert!(apt.stdout.contains("deb http://deb.debian.org/debian bookworm main"), "{}", apt.stdout);
-        let order = agent.exec(&["cat", "/sys/module/page_reporting/parameters/page_reporting_order"], Duration::from_secs(10)).unwrap();
+        let order = agent
+            .exec(&["cat", "/sys/module/page_reporting/parameters/page_reporting_order"], Duration::from_secs(10))
+            .unwrap();
         assert_eq!(order.stdout.trim(), "0", "free pages are reported from 4 KiB");
     })
     .await
@@ -106,14 +121,17 @@ async fn debian_guest_boots_saves_restores_and_carries_on() {
     let spec = snap.relocated_spec(&rrun.dir, &rrun.qmp_socket, Some(fw.clone()));
     assert_eq!(spec.guest_agent.as_ref().unwrap().socket, rrun.guest_agent_socket());
     let t = Instant::now();
-    let vm2 = Vm::restore(&Snapshot::open(&snap_dir).unwrap(), spec, accel, &rrun.dir.join("qemu.log")).await.expect("restore works");
+    let vm2 = Vm::restore(&Snapshot::open(&snap_dir).unwrap(), spec, accel, &rrun.dir.join("qemu.log"))
+        .await
+        .expect("restore works");
     let again = request(fw[1].host_port, "search debian-2 12");
     eprintln!("restored; first answer after {:.2} s", t.elapsed().as_secs_f64());
     assert_eq!(field(&again, "served"), 2, "{again}");
     let after = wait_ticks(&vm2.spec().serial_log, 1).await;
     assert!(after[0] > last_before && after[0] <= last_before + 3, "tick {last_before} -> {}", after[0]);
     // qemu-ga is reachable through the restored VM's own socket (a new connection syncs).
-    let mut ga = GuestAgent::connect(&rrun.guest_agent_socket(), Duration::from_secs(60)).await.expect("qemu-ga after restore");
+    let mut ga =
+        GuestAgent::connect(&rrun.guest_agent_socket(), Duration::from_secs(60)).await.expect("qemu-ga after restore");
     ga.ping().await.unwrap();
     drop(ga);
     vm2.shutdown().await.unwrap();
@@ -134,16 +152,15 @@ async fn launch_vm_of_an_app_from_debian_packages_answers_offline() {
     let name = "debian-launch-test";
     let _ = forage_synth::BaseVm::remove(&data, name);
     let accel = forage_vm::accel::detect().accel;
-    let base = forage_synth::BaseVm::create(&data, name, &image, accel, Duration::from_secs(3)).await.expect("base of debian-12");
+    let base = forage_synth::BaseVm::create(&data, name, &image, accel, Duration::from_secs(3))
+        .await
+        .expect("base of debian-12");
     eprintln!("base created after {:.1} s", t0.elapsed().as_secs_f64());
 
     // The guest has no network (restricted user networking): the packages come from the host.
     let work = data.work().join("debian-launch-test");
     let _ = std::fs::remove_dir_all(&work);
-    let opts = forage_synth::launch::LaunchOptions {
-        app_ready: Duration::from_secs(300),
-        ..Default::default()
-    };
+    let opts = forage_synth::launch::LaunchOptions { app_ready: Duration::from_secs(300), ..Default::default() };
     let launch = forage_synth::launch::build(&data, &base, &app, accel, &opts, &work).await.expect("launch VM builds");
     let debs = launch.debs.as_ref().expect("the app's packages were installed");
     assert!(debs.installed.iter().any(|p| p.starts_with("tesseract-ocr=")), "{:?}", debs.installed);
@@ -157,7 +174,10 @@ async fn launch_vm_of_an_app_from_debian_packages_answers_offline() {
     );
     // A second resolution for the same guest finds everything in the host's cache.
     let archives = forage_image::apt::GuestApt::new(&data).archives();
-    assert!(std::fs::read_dir(&archives).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("tesseract-ocr_")));
+    assert!(std::fs::read_dir(&archives)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("tesseract-ocr_")));
 
     // Resume the launch VM: its service answers the request with the image's words.
     let snap = launch.snapshot.clone();
@@ -176,7 +196,12 @@ async fn launch_vm_of_an_app_from_debian_packages_answers_offline() {
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, fw[0].host_port));
     tokio::task::spawn_blocking(move || {
         let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60)).unwrap();
-        let left = agent.exec(&["sh", "-c", "ls /var/cache/forage-debs /var/cache/apt/archives/*.deb 2>/dev/null | wc -l"], Duration::from_secs(30)).unwrap();
+        let left = agent
+            .exec(
+                &["sh", "-c", "ls /var/cache/forage-debs /var/cache/apt/archives/*.deb 2>/dev/null | wc -l"],
+                Duration::from_secs(30),
+            )
+            .unwrap();
         assert_eq!(left.stdout.trim(), "0");
     })
     .await

@@ -18,7 +18,8 @@ impl Drop for Kill {
 
 #[test]
 fn two_cloudlets_in_two_namespaces_are_discovered() {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
     if !root || Command::new("ip").arg("-V").output().is_err() {
         eprintln!("skipped: needs root and iproute2 for network namespaces");
         return;
@@ -53,7 +54,8 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
     }
 
     // Garbage on the mDNS port, multicast and unicast, from the other namespace.
-    let targets = [std::net::SocketAddr::from(([224, 0, 0, 251], 5353)), std::net::SocketAddr::from((link.a.addr, 5353))];
+    let targets =
+        [std::net::SocketAddr::from(([224, 0, 0, 251], 5353)), std::net::SocketAddr::from((link.a.addr, 5353))];
     link.b
         .run(|| {
             let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -86,7 +88,10 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
     // avahi-browse sees both announcements.
     let lines = avahi_browse(&link.a);
     for (name, ns) in [("cloudlet-a", &link.a), ("cloudlet-b", &link.b)] {
-        let line = lines.iter().find(|l| l.starts_with("=;") && l.split(';').nth(3) == Some(name)).unwrap_or_else(|| panic!("avahi-browse did not resolve {name}: {lines:?}"));
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("=;") && l.split(';').nth(3) == Some(name))
+            .unwrap_or_else(|| panic!("avahi-browse did not resolve {name}: {lines:?}"));
         let f: Vec<&str> = line.split(';').collect();
         assert_eq!((f[7], f[8]), (&*ns.addr.to_string(), "7878"), "{line}");
         assert!(f[9].contains("\"txtvers=1\"") && f[9].contains("\"api=1-1\""), "{line}");
@@ -97,20 +102,33 @@ fn two_cloudlets_in_two_namespaces_are_discovered() {
 /// avahi-daemon of its own there (nothing of the host's is used or changed).
 fn avahi_browse(ns: &forage_testkit::wan::Netns) -> Vec<String> {
     for tool in ["avahi-daemon", "avahi-browse", "dbus-daemon"] {
-        assert!(Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(), "{tool} is missing: apt-get install avahi-daemon avahi-utils dbus (scripts/deps.sh does)");
+        assert!(
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success(),
+            "{tool} is missing: apt-get install avahi-daemon avahi-utils dbus (scripts/deps.sh does)"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let bus = dir.path().join("bus");
     let conf = std::fs::read_to_string("/usr/share/dbus-1/system.conf").unwrap();
     let conf = conf
-        .replace("<listen>unix:path=/run/dbus/system_bus_socket</listen>", &format!("<listen>unix:path={}</listen>", bus.display()))
+        .replace(
+            "<listen>unix:path=/run/dbus/system_bus_socket</listen>",
+            &format!("<listen>unix:path={}</listen>", bus.display()),
+        )
         .replace("<pidfile>/run/dbus/pid</pidfile>", "")
         .replace("<user>messagebus</user>", "")
         .replace("<includedir>system.d</includedir>", "<includedir>/usr/share/dbus-1/system.d</includedir>");
     std::fs::write(dir.path().join("bus.conf"), conf).unwrap();
     std::fs::write(dir.path().join("avahi.conf"), "[server]\nuse-ipv4=yes\nuse-ipv6=no\nenable-dbus=yes\n[publish]\ndisable-publishing=yes\n[wide-area]\nenable-wide-area=no\n").unwrap();
     let address = format!("unix:path={}", bus.display());
-    let _dbus = Kill(Command::new("dbus-daemon").arg(format!("--config-file={}", dir.path().join("bus.conf").display())).arg("--nofork").stdout(Stdio::null()).spawn().unwrap());
+    let _dbus = Kill(
+        Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", dir.path().join("bus.conf").display()))
+            .arg("--nofork")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..50 {
         if bus.exists() {
             break;
@@ -130,7 +148,12 @@ fn avahi_browse(ns: &forage_testkit::wan::Netns) -> Vec<String> {
     let mut lines = Vec::new();
     for _ in 0..10 {
         std::thread::sleep(Duration::from_secs(1));
-        let out = ns.command("avahi-browse").args(["-rtp", "_cloudlet._tcp"]).env("DBUS_SYSTEM_BUS_ADDRESS", &address).output().unwrap();
+        let out = ns
+            .command("avahi-browse")
+            .args(["-rtp", "_cloudlet._tcp"])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
+            .output()
+            .unwrap();
         lines = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
         if lines.iter().filter(|l| l.starts_with("=;")).count() >= 2 {
             break;

@@ -12,14 +12,13 @@
 //!    removed when it starts again; the instance B already ran (from 3) answers its device
 //!    all along, and B's restarted daemon lists it again.
 
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use forage_testkit::guest::*;
 use forage_client::ServiceEndpoint;
+use forage_testkit::guest::*;
 use forage_testkit::wan::{Netns, WanLink};
 
 struct Kill(Child);
@@ -54,7 +53,11 @@ fn ask(ns: &Netns, endpoint: &ServiceEndpoint, line: &str) -> String {
 
 /// Where a handoff report says the instance went: the device keeps its token.
 fn moved_to(report: &serde_json::Value, was: &ServiceEndpoint) -> ServiceEndpoint {
-    ServiceEndpoint { addr: report["endpoint"].as_str().unwrap().into(), token: was.token.clone(), ca_sha256: report["ca_sha256"].as_str().unwrap().into() }
+    ServiceEndpoint {
+        addr: report["endpoint"].as_str().unwrap().into(),
+        token: was.token.clone(),
+        ca_sha256: report["ca_sha256"].as_str().unwrap().into(),
+    }
 }
 
 fn serve(ns: &Netns, data: &Path, port: u16, api: u16, name: &str) -> Kill {
@@ -63,7 +66,16 @@ fn serve(ns: &Netns, data: &Path, port: u16, api: u16, name: &str) -> Kill {
         .command(EXE)
         .arg("--data-dir")
         .arg(data)
-        .args(["serve", "--listen", &format!("{}:{port}", ns.addr), "--api", &format!("127.0.0.1:{api}"), "--no-advertise", "--name", name])
+        .args([
+            "serve",
+            "--listen",
+            &format!("{}:{port}", ns.addr),
+            "--api",
+            &format!("127.0.0.1:{api}"),
+            "--no-advertise",
+            "--name",
+            name,
+        ])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -90,8 +102,15 @@ fn offload(ns: &Netns, device: &Path, cloudlet: &str) -> (ServiceEndpoint, Kill,
     (serde_json::from_value(v["service"].clone()).unwrap(), Kill(child), out)
 }
 
-fn handoff(ns: &Netns, data: &Path, endpoint: &ServiceEndpoint, to: &str, api: u16) -> Result<serde_json::Value, String> {
-    let out = forage_in(ns, data, &["handoff", &endpoint.addr, "--to", to, "--api", &format!("127.0.0.1:{api}"), "--json"]);
+fn handoff(
+    ns: &Netns,
+    data: &Path,
+    endpoint: &ServiceEndpoint,
+    to: &str,
+    api: u16,
+) -> Result<serde_json::Value, String> {
+    let out =
+        forage_in(ns, data, &["handoff", &endpoint.addr, "--to", to, "--api", &format!("127.0.0.1:{api}"), "--json"]);
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap())
     } else {
@@ -100,7 +119,9 @@ fn handoff(ns: &Netns, data: &Path, endpoint: &ServiceEndpoint, to: &str, api: u
 }
 
 fn session_dirs(data: &Path) -> usize {
-    std::fs::read_dir(data.join("work")).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count()).unwrap_or(0)
+    std::fs::read_dir(data.join("work"))
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count())
+        .unwrap_or(0)
 }
 
 fn wait_no_sessions(data: &Path, within: Duration) {
@@ -117,13 +138,17 @@ fn wait_sessions(data: &Path, n: usize, within: Duration) {
 
 fn pair_cloudlets(issuer: &Path, client: &Path, name: &str, addr: &str, work: &Path) {
     let bundle = work.join(format!("{name}.json"));
-    forage_at(issuer, &["pair", "--bundle", &bundle.to_string_lossy(), "--name", name, "--as-cloudlet", "--addr", addr]);
+    forage_at(
+        issuer,
+        &["pair", "--bundle", &bundle.to_string_lossy(), "--name", name, "--as-cloudlet", "--addr", addr],
+    );
     forage_at(client, &["pair", "import", &bundle.to_string_lossy()]);
 }
 
 #[test]
 fn a_running_instance_moves_between_namespaced_cloudlets() {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
     if skip_vm_tests() || !root {
         eprintln!("skipped: needs QEMU and root (network namespaces)");
         return;
@@ -154,7 +179,8 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     forage_at(&b, &["service", "import", &pkg.to_string_lossy(), "--id", "ho-hs"]);
 
     let mut link = WanLink::create(50.0).expect("namespaces");
-    let (addr_a, addr_b, addr_c) = (format!("{}:7878", link.a.addr), format!("{}:7878", link.b.addr), format!("{}:7880", link.b.addr));
+    let (addr_a, addr_b, addr_c) =
+        (format!("{}:7878", link.a.addr), format!("{}:7878", link.b.addr), format!("{}:7880", link.b.addr));
     pair_cloudlets(&b, &a, "cloudlet-a", &addr_b, &work);
     pair_cloudlets(&c, &b, "cloudlet-b", &addr_c, &work);
     let dev_bundle = work.join("device.json");
@@ -182,11 +208,15 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert!(at_b.addr.starts_with(&link.b.addr.to_string()), "{r}");
     assert!(r["modified_bytes"].as_u64().unwrap() >= 8 << 20, "the working set counts as modified: {r}");
     assert!(r["bytes"].as_u64().unwrap() < r["modified_bytes"].as_u64().unwrap(), "dedup, delta and compression: {r}");
-    assert!(r["downtime_s"].as_f64().unwrap() > 0.0 && r["total_s"].as_f64().unwrap() >= r["downtime_s"].as_f64().unwrap(), "{r}");
+    assert!(
+        r["downtime_s"].as_f64().unwrap() > 0.0 && r["total_s"].as_f64().unwrap() >= r["downtime_s"].as_f64().unwrap(),
+        "{r}"
+    );
     // The device was told where its service went.
     let mut line = String::new();
     dev_out.read_line(&mut line).unwrap();
-    let moved: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("the device printed {line:?}: {e}"));
+    let moved: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("the device printed {line:?}: {e}"));
     assert_eq!((moved["moved_to"].as_str(), moved["endpoint"].as_str()), (Some(&*addr_b), Some(&*at_b.addr)));
     let told: ServiceEndpoint = serde_json::from_value(moved["service"].clone()).unwrap();
     assert_eq!(told, at_b, "the device was given the new relay, its CA and its own token");
@@ -224,7 +254,8 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let down = Command::new("ip").args(["-n", &link.a.name, "link", "set", "dev", &link.a.device, "down"]).status().unwrap();
+    let down =
+        Command::new("ip").args(["-n", &link.a.name, "link", "set", "dev", &link.a.device, "down"]).status().unwrap();
     assert!(down.success());
     let failed = attempt.join().unwrap().expect_err("a handoff over a cut link fails");
     assert!(failed.contains("handoff") && failed.contains("keeps running here"), "{failed}");
@@ -278,9 +309,16 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let listed = forage_in(&link.b, &b, &["instances", "--api", "127.0.0.1:7879", "--json"]);
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     let listed: forage_api::InstanceList = serde_json::from_slice(&listed.stdout).unwrap();
-    assert!(listed.instances.iter().any(|i| i.endpoint == at_b.addr && i.status == forage_api::InstanceStatus::Running), "{listed:?}");
-    assert!(ask(&link.a, &at_b, "search after-restart 8").contains(&format!("served={}", b_served + 1)), "it kept its state across the restart");
-    let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879).unwrap_or_else(|e| panic!("retry after the destination's restart: {e}"));
+    assert!(
+        listed.instances.iter().any(|i| i.endpoint == at_b.addr && i.status == forage_api::InstanceStatus::Running),
+        "{listed:?}"
+    );
+    assert!(
+        ask(&link.a, &at_b, "search after-restart 8").contains(&format!("served={}", b_served + 1)),
+        "it kept its state across the restart"
+    );
+    let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879)
+        .unwrap_or_else(|e| panic!("retry after the destination's restart: {e}"));
     let after = ask(&link.a, &moved_to(&r, &endpoint), "count");
     assert_eq!(field(&after, "served"), field(&before, "served"), "{after}");
     assert_eq!(field(&after, "working"), 16 << 20, "{after}");

@@ -1,14 +1,13 @@
 //! VM overlays with real guests: base VM, launch VM with the sample app, overlay in access
 //! order, apply, bit-exact comparison with the launch VM, resume, and the app answers.
 
-
 use std::time::Duration;
 
-use forage_testkit::guest::*;
 use forage_format::{ChunkRef, Space, CHUNK_SIZE};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{self, LaunchOptions};
 use forage_synth::BaseVm;
+use forage_testkit::guest::*;
 use forage_vm::Vm;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +26,8 @@ async fn overlay_create_apply_resume() {
     let _ = std::fs::remove_dir_all(&work);
     let lv = launch::build(&data, &base, &app, accel, &LaunchOptions::default(), &work).await.expect("launch VM");
     assert!(!lv.written_disk_chunks.is_empty(), "installing the app wrote to the disk");
-    let profile = launch::profile_access(&data, &lv.snapshot, &lv.app, accel, &work).await.expect("profiling");
+    let profile =
+        forage_synth::profile::profile_access(&data, &lv.snapshot, &lv.app, accel, &work).await.expect("profiling");
     assert!(profile.answer.starts_with("ok "), "{}", profile.answer);
     assert!(!profile.memory.is_empty());
 
@@ -41,7 +41,12 @@ async fn overlay_create_apply_resume() {
     let ovl = work.join("app.ovl");
     let report = forage_synth::create::create(&base, &input, &CreateOptions::default(), &ovl).expect("overlay");
     let m = &report.manifest;
-    assert!(report.bytes < m.stats.modified_bytes / 2, "overlay {} vs modified {}", report.bytes, m.stats.modified_bytes);
+    assert!(
+        report.bytes < m.stats.modified_bytes / 2,
+        "overlay {} vs modified {}",
+        report.bytes,
+        m.stats.modified_bytes
+    );
     assert!(m.stats.modified_memory_chunks > 0 && m.stats.modified_disk_chunks > 0);
     assert!(matches!(m.order, forage_format::Order::Access { .. }));
 

@@ -1,11 +1,10 @@
 //! Real guests under QEMU (TCG here): boot, save, kill, restore, and the guest carries on.
 
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use forage_testkit::guest::*;
 use forage_agent::AgentClient;
+use forage_testkit::guest::*;
 use forage_vm::{Snapshot, Vm};
 
 /// Restore `snap` into a new run folder with fresh loopback ports; returns the VM and the
@@ -13,7 +12,8 @@ use forage_vm::{Snapshot, Vm};
 async fn restore(snap: &Snapshot, test: &str, guest_port: u16) -> (Vm, u16) {
     let run = run_paths(test);
     std::fs::create_dir_all(&run.dir).unwrap();
-    let guest_ports: Vec<u16> = snap.manifest().spec.nic.as_ref().unwrap().forwards.iter().map(|f| f.guest_port).collect();
+    let guest_ports: Vec<u16> =
+        snap.manifest().spec.nic.as_ref().unwrap().forwards.iter().map(|f| f.guest_port).collect();
     let fw = forage_image::loopback_forwards(guest_ports).unwrap();
     let spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(fw.clone()));
     let accel = forage_vm::accel::detect().accel;

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
-use forage_api::{ActionError, AppInfo, ApiContext, BaseInfo, Control, Fault, HandoffReport, HandoffRequest, ServiceInfo};
+use forage_api::{
+    ActionError, ApiContext, AppInfo, BaseInfo, Control, Fault, HandoffReport, HandoffRequest, ServiceInfo,
+};
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
 
@@ -46,10 +48,7 @@ impl Control for FakeControl {
         }]
     }
     fn evict_cache(&self, overlay_digest: &str) -> Result<(), ActionError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("evict {overlay_digest}"));
+        self.calls.lock().unwrap().push(format!("evict {overlay_digest}"));
         if overlay_digest.starts_with("busy") {
             return Err(ActionError::new(Fault::Internal, Fake("in use by a running instance")));
         }
@@ -162,19 +161,8 @@ pub fn fixture() -> Fixture {
     }
     state.cache_get("d1").unwrap();
     let control = Arc::new(FakeControl::default());
-    let ctx = ApiContext::new(
-        state.clone(),
-        "test-cloudlet",
-        "9.9.9",
-        "tcg",
-        control.clone(),
-    );
-    Fixture {
-        router: forage_api::router(ctx),
-        state,
-        control,
-        _dir: dir,
-    }
+    let ctx = ApiContext::new(state.clone(), "test-cloudlet", "9.9.9", "tcg", control.clone());
+    Fixture { router: forage_api::router(ctx), state, control, _dir: dir }
 }
 
 pub struct Answer {
@@ -185,21 +173,14 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8(self.body.clone()).unwrap()
     }
     pub fn content_type(&self) -> &str {
-        self.headers
-            .get("content-type")
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or("")
+        self.headers.get("content-type").map(|v| v.to_str().unwrap()).unwrap_or("")
     }
 }
 
@@ -222,13 +203,6 @@ pub async fn call_body(router: &Router, method: Method, uri: &str, headers: &[(&
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
-    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap()
-        .to_vec();
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap().to_vec();
+    Answer { status, headers, body }
 }

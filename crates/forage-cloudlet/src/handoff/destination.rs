@@ -39,29 +39,51 @@ fn bad(why: impl std::fmt::Display) -> SessionError {
 }
 
 /// Receive the instance `begin` offers, from the cloudlet `peer`, then keep it running.
-pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, peer: &str, begin: HandoffBegin) -> Result<Outcome, SessionError> {
+pub(crate) async fn receive(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    peer: &str,
+    begin: HandoffBegin,
+) -> Result<Outcome, SessionError> {
     let cloudlet = place.cloudlet;
     // Everything the peer describes is checked before anything is looked up or written:
     // file names plain, hardware this cloudlet builds, sizes within its limits.
-    let vm: SnapshotManifest = serde_json::from_slice(&begin.vm).map_err(|e| bad(format!("the VM description: {e}")))?;
+    let vm: SnapshotManifest =
+        serde_json::from_slice(&begin.vm).map_err(|e| bad(format!("the VM description: {e}")))?;
     vm.check_fits(&cloudlet.limits.vm, MACHINES).map_err(|e| bad(format!("the VM description: {e}")))?;
     if vm.disks.len() != 1 {
         return Err(bad("the VM must have exactly one disk"));
     }
     let token = match begin.service_token.as_str() {
         "" => None,
-        t => Some(hex::decode(t).ok().and_then(|b| <[u8; forage_proto::service::TOKEN_BYTES]>::try_from(b).ok()).ok_or_else(|| bad("the service token is not 32 hex digits"))?),
+        t => Some(
+            hex::decode(t)
+                .ok()
+                .and_then(|b| <[u8; forage_proto::service::TOKEN_BYTES]>::try_from(b).ok())
+                .ok_or_else(|| bad("the service token is not 32 hex digits"))?,
+        ),
     };
     tracing::info!(session = place.id, from = peer, instance = begin.instance, "handoff arriving");
-    let record = NewSession { id: place.id.into(), device: peer.into(), base_digest: begin.base_state_sha256.clone(), overlay_digest: begin.instance.clone(), mode: SessionMode::Handoff };
+    let record = NewSession {
+        id: place.id.into(),
+        device: peer.into(),
+        base_digest: begin.base_state_sha256.clone(),
+        overlay_digest: begin.instance.clone(),
+        mode: SessionMode::Handoff,
+    };
     if let Err(e) = cloudlet.state.session_started(&record) {
         tracing::warn!("session {} not recorded: {e}", place.id);
     }
     let want = (begin.base_state_sha256.clone(), vm.hardware_fingerprint.clone());
     let services = cloudlet.services.list();
-    let base = tokio::task::spawn_blocking(move || services.into_iter().filter_map(|s| s.snapshot().ok()).find(|s| (&s.manifest().state.sha256, &s.manifest().hardware_fingerprint) == (&want.0, &want.1)))
-        .await
-        .expect("no panic");
+    let base = tokio::task::spawn_blocking(move || {
+        services
+            .into_iter()
+            .filter_map(|s| s.snapshot().ok())
+            .find(|s| (&s.manifest().state.sha256, &s.manifest().hardware_fingerprint) == (&want.0, &want.1))
+    })
+    .await
+    .expect("no panic");
     let has_base = base.is_some();
     write(stream, &PeerMessage::HandoffAccept { has_base }).await?;
     let base = match base {
@@ -79,7 +101,8 @@ pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, 
         }
     };
     let instance = prepared.resume(&view, false, false).await?;
-    let done = PeerMessage::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
+    let done =
+        PeerMessage::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
     if let Err(e) = write(stream, &done).await {
         // The source cannot know it moved: it runs on there. Stop this copy.
         instance.finish(cloudlet).await;
@@ -94,7 +117,14 @@ pub(crate) async fn receive(stream: &mut crate::DeviceStream, place: Place<'_>, 
 
 /// Receive segments until the commit, writing what they carry into the view; write the
 /// final state. Returns the bytes received.
-async fn rebuild(stream: &mut crate::DeviceStream, place: Place<'_>, shim: Arc<ShimClient>, view: &Snapshot, base: &Snapshot, has_base: bool) -> Result<u64, SessionError> {
+async fn rebuild(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    shim: Arc<ShimClient>,
+    view: &Snapshot,
+    base: &Snapshot,
+    has_base: bool,
+) -> Result<u64, SessionError> {
     let files = if has_base {
         let open = |p: &Path| File::open(p).map_err(|e| internal(format!("{}: {e}", p.display())));
         Some((open(&base.memory_path())?, open(&base.disk_paths()[0])?))
@@ -123,7 +153,11 @@ async fn rebuild(stream: &mut crate::DeviceStream, place: Place<'_>, shim: Arc<S
                 r.map_err(|e| bad(format!("segment {seq}: {e}")))?;
                 // One call per space and segment, in order.
                 for space in [Space::Memory, Space::Disk] {
-                    let chunks: Vec<ChunkBytes> = writes.iter().filter(|(id, _)| id.space == space).map(|(id, data)| ChunkBytes { index: id.index, bytes: data.clone() }).collect();
+                    let chunks: Vec<ChunkBytes> = writes
+                        .iter()
+                        .filter(|(id, _)| id.space == space)
+                        .map(|(id, data)| ChunkBytes { index: id.index, bytes: data.clone() })
+                        .collect();
                     if !chunks.is_empty() {
                         shim.write(file_space(space), chunks).await.map_err(internal)?;
                     }
@@ -137,11 +171,22 @@ async fn rebuild(stream: &mut crate::DeviceStream, place: Place<'_>, shim: Arc<S
                 }
                 received += state.len() as u64;
                 let stream_bytes = unpack_state(&state)?;
-                std::fs::write(view.state_path(), stream_bytes).map_err(|e| internal(format!("{}: {e}", view.state_path().display())))?;
-                tracing::info!(session = place.id, segments, chunks = applied.chunks, written = applied.written, received, took_ms = t.elapsed().as_millis() as u64, "handoff state complete");
+                std::fs::write(view.state_path(), stream_bytes)
+                    .map_err(|e| internal(format!("{}: {e}", view.state_path().display())))?;
+                tracing::info!(
+                    session = place.id,
+                    segments,
+                    chunks = applied.chunks,
+                    written = applied.written,
+                    received,
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "handoff state complete"
+                );
                 return Ok(received);
             }
-            other => return Err(SessionError::Sequence { expected: "HandoffSegment or HandoffCommit", got: other.name() }),
+            other => {
+                return Err(SessionError::Sequence { expected: "HandoffSegment or HandoffCommit", got: other.name() })
+            }
         }
     }
 }
@@ -163,7 +208,11 @@ fn unpack_state(packed: &[u8]) -> Result<Vec<u8>, SessionError> {
 
 /// Without the base: an empty VM of the same hardware (sparse zero memory and disk),
 /// with the boot files the source sends.
-async fn empty_vm(stream: &mut crate::DeviceStream, place: Place<'_>, mut vm: SnapshotManifest) -> Result<Snapshot, SessionError> {
+async fn empty_vm(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    mut vm: SnapshotManifest,
+) -> Result<Snapshot, SessionError> {
     let dir = place.dir.join("empty-vm");
     std::fs::create_dir_all(&dir).map_err(internal)?;
     let io = |e: std::io::Error| internal(format!("{}: {e}", dir.display()));
@@ -173,7 +222,9 @@ async fn empty_vm(stream: &mut crate::DeviceStream, place: Place<'_>, mut vm: Sn
         let mut sizes = [0u64; 2];
         let mut done = [false; 2];
         while !done.iter().all(|d| *d) {
-            let PeerMessage::HandoffFile { name, offset, bytes, last } = next::<PeerMessage>(stream, place.cloudlet.peer_wait).await? else {
+            let PeerMessage::HandoffFile { name, offset, bytes, last } =
+                next::<PeerMessage>(stream, place.cloudlet.peer_wait).await?
+            else {
                 return Err(SessionError::Sequence { expected: "HandoffFile", got: "another message" });
             };
             let i = match name.as_str() {
@@ -196,7 +247,11 @@ async fn empty_vm(stream: &mut crate::DeviceStream, place: Place<'_>, mut vm: Sn
     }
     // A placeholder state: the real one arrives with the commit.
     std::fs::write(dir.join(&vm.state.file), STREAM_MAGIC).map_err(io)?;
-    vm.state = StateRecord { file: vm.state.file.clone(), size: STREAM_MAGIC.len() as u64, sha256: hex::encode(sha2::Sha256::digest(STREAM_MAGIC)) };
+    vm.state = StateRecord {
+        file: vm.state.file.clone(),
+        size: STREAM_MAGIC.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(STREAM_MAGIC)),
+    };
     std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&vm).expect("serializes")).map_err(io)?;
     Snapshot::open(&dir).map_err(|e| bad(format!("the VM description: {e}")))
 }

@@ -12,7 +12,11 @@ use crate::DeviceStream;
 /// The life of a movable instance: as `hold` (with its device, if it has one), and
 /// handoffs when ordered. A handoff that fails leaves the instance running and its life
 /// goes on; one that succeeds tells the device where its service went and ends it.
-pub(crate) async fn live(mut device: Option<&mut DeviceStream>, place: Place<'_>, instance: &Instance) -> Result<Ending, SessionError> {
+pub(crate) async fn live(
+    mut device: Option<&mut DeviceStream>,
+    place: Place<'_>,
+    instance: &Instance,
+) -> Result<Ending, SessionError> {
     let control = &instance.control;
     loop {
         let ending = match device.as_deref_mut() {

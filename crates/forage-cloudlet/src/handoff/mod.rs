@@ -36,7 +36,12 @@ pub use order::{HandoffError, HandoffFailure, HandoffOptions};
 impl Cloudlet {
     /// Move instance `id` to the cloudlet at `to` (paired with this one as a cloudlet).
     /// Returns when the instance runs there, or has failed to move and runs on here.
-    pub async fn handoff(&self, id: &str, to: SocketAddr, options: HandoffOptions) -> Result<HandoffReport, HandoffError> {
+    pub async fn handoff(
+        &self,
+        id: &str,
+        to: SocketAddr,
+        options: HandoffOptions,
+    ) -> Result<HandoffReport, HandoffError> {
         if let Some(m) = &options.mode {
             forage_handoff::adapt::parse_mode(m).map_err(|detail| HandoffError::BadMode { mode: m.clone(), detail })?;
         }

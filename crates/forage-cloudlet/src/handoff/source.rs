@@ -50,17 +50,28 @@ fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Failure {
 
 /// Move `instance` as `order` says: the report, and what the instance's devices are told.
 /// On error the VM still runs here.
-pub(super) async fn send(place: Place<'_>, instance: &Instance, order: &MoveOrder) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
+pub(super) async fn send(
+    place: Place<'_>,
+    instance: &Instance,
+    order: &MoveOrder,
+) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let t0 = Instant::now();
     let cloudlet = place.cloudlet;
     let to = order.to;
     let base = instance.saved.as_ref().ok_or(Failure::NotMovable)?;
-    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers()).credentials(to, None).map_err(|source| Failure::NotPaired { to, source })?;
+    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
+        .credentials(to, None)
+        .map_err(|source| Failure::NotPaired { to, source })?;
     let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
         .await
         .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
         .map_err(|source| Failure::Connect { to, source })?;
-    write(&mut stream, &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() }).await.map_err(Failure::Wire)?;
+    write(
+        &mut stream,
+        &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() },
+    )
+    .await
+    .map_err(Failure::Wire)?;
     match next(&mut stream).await? {
         PeerMessage::PeerWelcome { .. } => {}
         other => return Err(unexpected("PeerWelcome", &other)),
@@ -119,7 +130,12 @@ async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snap
         let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(FILE_PIECE).collect() };
         let n = pieces.len();
         for (i, piece) in pieces.into_iter().enumerate() {
-            let m = PeerMessage::HandoffFile { name: name.into(), offset: (i * FILE_PIECE) as u64, bytes: piece.to_vec(), last: i + 1 == n };
+            let m = PeerMessage::HandoffFile {
+                name: name.into(),
+                offset: (i * FILE_PIECE) as u64,
+                bytes: piece.to_vec(),
+                last: i + 1 == n,
+            };
             write(stream, &m).await.map_err(Failure::Wire)?;
         }
         total += bytes.len() as u64;
@@ -127,19 +143,36 @@ async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snap
     Ok(total)
 }
 
-async fn migrate(place: Place<'_>, instance: &Instance, base: &Snapshot, stream: forage_client::CloudletStream, has_base: bool, order: &MoveOrder) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
+async fn migrate(
+    place: Place<'_>,
+    instance: &Instance,
+    base: &Snapshot,
+    stream: forage_client::CloudletStream,
+    has_base: bool,
+    order: &MoveOrder,
+) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mode, table) = match &order.options.mode {
         Some(m) => (parse_mode(m).map_err(Failure::Residual)?, None),
         None => (parse_mode("xor+zstd-1").expect("a mode"), Some(load_table(place.cloudlet))),
     };
     let vm = &instance.vm;
     let qmp = vm.qmp();
-    let sock = place.cloudlet.data.runtime_dir().map_err(|e| Failure::Io { path: "runtime folder".into(), source: std::io::Error::other(e) })?.join(format!("handoff-{}.sock", place.id));
+    let sock = place
+        .cloudlet
+        .data
+        .runtime_dir()
+        .map_err(|e| Failure::Io { path: "runtime folder".into(), source: std::io::Error::other(e) })?
+        .join(format!("handoff-{}.sock", place.id));
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock).map_err(io(&sock))?;
     // A restored instance has x-ignore-shared on (its RAM came from a file): off, so that
     // QEMU sends guest RAM, which is what we want to see.
-    qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] }))).await.map_err(Failure::Qemu)?;
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] })),
+    )
+    .await
+    .map_err(Failure::Qemu)?;
     // QEMU ends its iterations by itself, once what is left would take no longer than
     // the downtime limit at its estimate of the bandwidth. That estimate counts the
     // unchanged pages the feeder skips at memory speed, so QEMU stops the VM early and
@@ -162,8 +195,13 @@ async fn migrate(place: Place<'_>, instance: &Instance, base: &Snapshot, stream:
         })
     };
     let result = async {
-        qmp.execute("migrate", Some(json!({ "uri": format!("unix:{}", sock.display()) }))).await.map_err(Failure::Qemu)?;
-        let (conn, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept()).await.map_err(|_| Failure::NoStream)?.map_err(io(&sock))?;
+        qmp.execute("migrate", Some(json!({ "uri": format!("unix:{}", sock.display()) })))
+            .await
+            .map_err(Failure::Qemu)?;
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
+            .await
+            .map_err(|_| Failure::NoStream)?
+            .map_err(io(&sock))?;
         let conn = conn.into_std().map_err(io(&sock))?;
         conn.set_nonblocking(false).map_err(io(&sock))?;
         stream_state(place, instance, base, stream, conn, has_base, mode, table, &stopped).await
@@ -224,7 +262,9 @@ async fn stream_state(
                     Ok(PeerMessage::HandoffAck { bytes, .. }) => {
                         acked.fetch_add(bytes, Ordering::Relaxed);
                     }
-                    Ok(PeerMessage::HandoffDone { service, resumed_after_ms }) => return Ok((service, resumed_after_ms)),
+                    Ok(PeerMessage::HandoffDone { service, resumed_after_ms }) => {
+                        return Ok((service, resumed_after_ms))
+                    }
                     Ok(PeerMessage::Error { message, .. }) => return Err(Failure::Refused(message)),
                     Ok(other) => return Err(unexpected("HandoffAck or HandoffDone", &other)),
                     Err(e) => return Err(Failure::Wire(e)),
@@ -245,14 +285,24 @@ async fn stream_state(
     };
     let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(128);
     let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
-    let config = PipelineConfig { workers: std::thread::available_parallelism().map_or(2, |n| n.get()), start: mode, adapt: table, depth: 2, ..Default::default() };
+    let config = PipelineConfig {
+        workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        start: mode,
+        adapt: table,
+        depth: 2,
+        ..Default::default()
+    };
     let segments_out = frames.clone();
     let acked_by_peer = acked.clone();
     let pipeline = tokio::task::spawn_blocking(move || {
         run(
             &config,
             chunk_rx.into_iter(),
-            |seq, bytes| segments_out.blocking_send(PeerMessage::HandoffSegment { seq, bytes }).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")),
+            |seq, bytes| {
+                segments_out.blocking_send(PeerMessage::HandoffSegment { seq, bytes }).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")
+                })
+            },
             acked_by_peer,
         )
     });
@@ -296,7 +346,10 @@ async fn stream_state(
     if status != "completed" {
         return Err(Failure::Migration(status));
     }
-    let state = residual.to_stream().and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string())).map_err(Failure::Residual)?;
+    let state = residual
+        .to_stream()
+        .and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string()))
+        .map_err(Failure::Residual)?;
     let state_bytes = state.len() as u64;
     frames.send(PeerMessage::HandoffCommit { segments: report.segments, state }).await.map_err(|_| Failure::Stopped)?;
     drop(frames);
@@ -307,7 +360,8 @@ async fn stream_state(
         Ok(r) => r.expect("no panic")?,
     };
     let done = Instant::now();
-    let downtime_s = stopped.lock().unwrap_or_else(|p| p.into_inner()).map_or(0.0, |t| done.duration_since(t).as_secs_f64());
+    let downtime_s =
+        stopped.lock().unwrap_or_else(|p| p.into_inner()).map_or(0.0, |t| done.duration_since(t).as_secs_f64());
     let report = HandoffReport {
         instance: place.id.to_string(),
         to: String::new(),
@@ -427,7 +481,11 @@ struct Feed {
 }
 
 impl Feed {
-    fn run(mut self, conn: std::os::unix::net::UnixStream, out: std::sync::mpsc::SyncSender<Modified>) -> Result<(Residual, Feed), Failure> {
+    fn run(
+        mut self,
+        conn: std::os::unix::net::UnixStream,
+        out: std::sync::mpsc::SyncSender<Modified>,
+    ) -> Result<(Residual, Feed), Failure> {
         let mark = self.runtime.block_on(self.shim.mark()).map_err(Failure::View)?;
         let mut disk = self.runtime.block_on(self.shim.written_chunks(FileSpace::Disk)).map_err(Failure::View)?;
         shuffle(&mut disk, 1);
@@ -469,7 +527,8 @@ impl Feed {
     /// Disk chunks `indices` of the view, read in batches.
     fn disk_chunks(&mut self, indices: &[u64], out: &std::sync::mpsc::SyncSender<Modified>) -> Result<(), Failure> {
         for batch in indices.chunks(READ_BATCH) {
-            let chunks = self.runtime.block_on(self.shim.read(FileSpace::Disk, batch.to_vec())).map_err(Failure::View)?;
+            let chunks =
+                self.runtime.block_on(self.shim.read(FileSpace::Disk, batch.to_vec())).map_err(Failure::View)?;
             for c in chunks {
                 self.disk_chunks += 1;
                 let base = read_chunk(&self.base_disk, c.index)?;
@@ -481,7 +540,13 @@ impl Feed {
         Ok(())
     }
 
-    fn flush(&mut self, window: &mut Vec<(u64, Vec<u8>)>, at: &mut HashMap<u64, usize>, out: &std::sync::mpsc::SyncSender<Modified>, seed: u64) -> Result<(), Failure> {
+    fn flush(
+        &mut self,
+        window: &mut Vec<(u64, Vec<u8>)>,
+        at: &mut HashMap<u64, usize>,
+        out: &std::sync::mpsc::SyncSender<Modified>,
+        seed: u64,
+    ) -> Result<(), Failure> {
         shuffle(window, seed);
         at.clear();
         for (index, data) in window.drain(..) {

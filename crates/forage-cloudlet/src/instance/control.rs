@@ -26,7 +26,13 @@ pub(crate) struct Control {
 
 impl Control {
     pub fn new() -> Self {
-        Self { notify: Notify::new(), why: Mutex::new(None), movable: Default::default(), order: Mutex::new(None), ordered: Notify::new() }
+        Self {
+            notify: Notify::new(),
+            why: Mutex::new(None),
+            movable: Default::default(),
+            order: Mutex::new(None),
+            ordered: Notify::new(),
+        }
     }
 
     pub fn movable(&self) -> bool {
@@ -69,7 +75,12 @@ impl Control {
 
     /// Why the instance was asked to end.
     pub fn error(&self) -> SessionError {
-        let (code, message) = self.why.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or((ErrorCode::Internal, "instance stopped".into()));
+        let (code, message) = self
+            .why
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or((ErrorCode::Internal, "instance stopped".into()));
         tracing::info!("instance stopped: {message}");
         SessionError::Refused { code, message }
     }

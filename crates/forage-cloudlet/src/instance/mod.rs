@@ -128,14 +128,25 @@ fn guest_ports(spec: &VmSpec, ports: &Ports<'_>) -> Vec<u16> {
 
 /// Choose the instance's ports and start its shim (its view and relay). `spec` is the
 /// VM's description (its forwarded guest ports count).
-pub(crate) async fn prepare<'a>(place: Place<'a>, source: Source<'_>, spec: &VmSpec, ports: Ports<'_>) -> Result<Prepared<'a>, SessionError> {
+pub(crate) async fn prepare<'a>(
+    place: Place<'a>,
+    source: Source<'_>,
+    spec: &VmSpec,
+    ports: Ports<'_>,
+) -> Result<Prepared<'a>, SessionError> {
     let cloudlet = place.cloudlet;
     // The guest agent runs anything as root in the guest: it never faces a device.
     if ports.service == Some(forage_agent::AGENT_PORT) {
-        return Err(refused(ErrorCode::Provision, format!("guest port {} is the guest agent's, never a service port", forage_agent::AGENT_PORT)));
+        return Err(refused(
+            ErrorCode::Provision,
+            format!("guest port {} is the guest agent's, never a service port", forage_agent::AGENT_PORT),
+        ));
     }
     if ports.extra.len() > 8 {
-        return Err(refused(ErrorCode::Provision, format!("{} extra guest ports asked for (at most 8)", ports.extra.len())));
+        return Err(refused(
+            ErrorCode::Provision,
+            format!("{} extra guest ports asked for (at most 8)", ports.extra.len()),
+        ));
     }
     let forwards = forage_image::loopback_forwards(guest_ports(spec, &ports)).map_err(internal)?;
     let token = match ports.token {
@@ -155,7 +166,10 @@ pub(crate) async fn prepare<'a>(place: Place<'a>, source: Source<'_>, spec: &VmS
     });
     let (view, saved) = match source {
         Source::Copies => (None, None),
-        Source::View(saved) => (Some(ViewSpec::Cow { saved: saved.dir().to_path_buf(), readahead: cloudlet.readahead }), Some(saved.dir().to_path_buf())),
+        Source::View(saved) => (
+            Some(ViewSpec::Cow { saved: saved.dir().to_path_buf(), readahead: cloudlet.readahead }),
+            Some(saved.dir().to_path_buf()),
+        ),
         Source::Overlay { manifest, base_memory, base_disk } => {
             let file = place.dir.join("overlay-manifest.zst");
             std::fs::write(&file, manifest.encode()).map_err(|e| internal(format!("{}: {e}", file.display())))?;
@@ -163,13 +177,30 @@ pub(crate) async fn prepare<'a>(place: Place<'a>, source: Source<'_>, spec: &VmS
         }
     };
     let control = cloudlet.data.runtime_dir().map_err(internal)?.join(format!("shim-{}.sock", place.id));
-    let spec = ShimSpec { format: forage_shim::protocol::SHIM_FORMAT, instance: place.id.to_string(), dir: place.dir.to_path_buf(), control, view, relay };
+    let spec = ShimSpec {
+        format: forage_shim::protocol::SHIM_FORMAT,
+        instance: place.id.to_string(),
+        dir: place.dir.to_path_buf(),
+        control,
+        view,
+        relay,
+    };
     let shim = ShimClient::spawn(&spec).await.map_err(internal)?;
     let service = match (&shim.hello.relay, &shim.hello.ca_sha256) {
-        (Some(addr), Some(ca)) => ServiceEndpoint { addr: addr.clone(), token: hex::encode(token), ca_sha256: ca.clone() },
+        (Some(addr), Some(ca)) => {
+            ServiceEndpoint { addr: addr.clone(), token: hex::encode(token), ca_sha256: ca.clone() }
+        }
         _ => ServiceEndpoint::default(),
     };
-    Ok(Prepared { place, shim: Arc::new(shim), forwards, service_port: ports.service, extra_ports: ports.extra.to_vec(), saved, service })
+    Ok(Prepared {
+        place,
+        shim: Arc::new(shim),
+        forwards,
+        service_port: ports.service,
+        extra_ports: ports.extra.to_vec(),
+        saved,
+        service,
+    })
 }
 
 impl<'a> Prepared<'a> {
@@ -200,7 +231,8 @@ impl<'a> Prepared<'a> {
             }
             let opts = RestoreOptions { copy_disks: copies, ignore_shared, detached: true, ..Default::default() };
             let t = Instant::now();
-            let vm = Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
+            let vm =
+                Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
             Ok::<_, SessionError>((vm, t.elapsed().as_millis() as u64))
         }
         .await;
@@ -221,7 +253,8 @@ impl<'a> Prepared<'a> {
             Some(dir) => Some(Snapshot::open(&dir).map_err(internal)?),
             None => None,
         };
-        let instance = Instance::new(place, vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports, saved);
+        let instance =
+            Instance::new(place, vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports, saved);
         instance.record(place);
         if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
             tracing::debug!("{e}");
@@ -265,7 +298,13 @@ impl Instance {
     }
 
     /// An instance a previous daemon started (see `recover`).
-    pub(crate) fn adopted(place: Place<'_>, vm: Vm, shim: Arc<ShimClient>, file: InstanceFile, saved: Option<Snapshot>) -> Self {
+    pub(crate) fn adopted(
+        place: Place<'_>,
+        vm: Vm,
+        shim: Arc<ShimClient>,
+        file: InstanceFile,
+        saved: Option<Snapshot>,
+    ) -> Self {
         Self::new(place, vm, shim, file.service, 0, file.forwards, file.service_port, file.extra_ports, saved)
     }
 
@@ -290,7 +329,14 @@ impl Instance {
         if let Err(e) = file.write(place.dir) {
             tracing::warn!(instance = place.id, "{e}: it will not survive a restart of the daemon");
         }
-        let record = NewInstance { id: place.id.to_string(), session_id: place.id.to_string(), name: self.vm.spec().name.clone(), qemu_pid: self.vm.pid(), dir: place.dir.to_path_buf(), endpoint: self.endpoint.clone() };
+        let record = NewInstance {
+            id: place.id.to_string(),
+            session_id: place.id.to_string(),
+            name: self.vm.spec().name.clone(),
+            qemu_pid: self.vm.pid(),
+            dir: place.dir.to_path_buf(),
+            endpoint: self.endpoint.clone(),
+        };
         if let Err(e) = place.cloudlet.state.instance_started(&record) {
             tracing::warn!("instance {} not recorded: {e}", place.id);
         }
@@ -334,7 +380,10 @@ async fn watch_idle(shim: Arc<ShimClient>, timeout: Duration, control: Arc<Contr
             Err(_) => return,
         };
         if idle >= timeout {
-            control.request(ErrorCode::Idle, format!("the instance was idle for {}s (no traffic to its service)", timeout.as_secs()));
+            control.request(
+                ErrorCode::Idle,
+                format!("the instance was idle for {}s (no traffic to its service)", timeout.as_secs()),
+            );
             return;
         }
         tokio::time::sleep((timeout - idle).clamp(Duration::from_millis(200), Duration::from_secs(5))).await;
@@ -344,7 +393,12 @@ async fn watch_idle(shim: Arc<ShimClient>, timeout: Duration, control: Arc<Contr
 /// After Ready (and Complete): the instance lives until the device says Bye (or asks for
 /// its residue) or goes away, or the instance is asked to stop (operator, idle timeout,
 /// its shim or QEMU gone). Checkpoints are answered with `usage`.
-pub(crate) async fn hold(stream: &mut (impl AsyncRead + AsyncWrite + Unpin), control: &Control, gone: impl std::future::Future<Output = ()>, usage: impl Fn(String) -> DeviceMessage) -> Result<Ending, SessionError> {
+pub(crate) async fn hold(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    control: &Control,
+    gone: impl std::future::Future<Output = ()>,
+    usage: impl Fn(String) -> DeviceMessage,
+) -> Result<Ending, SessionError> {
     tokio::pin!(gone);
     loop {
         tokio::select! {
@@ -386,8 +440,10 @@ pub(crate) fn unmount_session(dir: &Path) {
 /// Detach a FUSE mount left behind (a crash, or a VM that kept its files open).
 pub(crate) fn unmount_stale(mnt: &Path) {
     // No `exists()` check: a mount whose server died fails every stat (ENOTCONN).
-    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&*mnt.to_string_lossy())));
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&*mnt.to_string_lossy())));
     if mounted {
-        let _ = std::process::Command::new("fusermount3").arg("-uzq").arg(mnt).stderr(std::process::Stdio::null()).status();
+        let _ =
+            std::process::Command::new("fusermount3").arg("-uzq").arg(mnt).stderr(std::process::Stdio::null()).status();
     }
 }

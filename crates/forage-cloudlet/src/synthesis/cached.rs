@@ -3,13 +3,17 @@
 use forage_proto::asynchronous::write;
 use forage_proto::{DeviceMessage, ErrorCode};
 
-use super::residue::{send_residue, LaunchRef};
 use super::context::Ctx;
+use super::residue::{send_residue, LaunchRef};
 use crate::cache::CachedLaunch;
 use crate::error::{refused, SessionError};
 use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
 
-pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, cached: CachedLaunch) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    cached: CachedLaunch,
+) -> Result<Outcome, SessionError> {
     let ports = Ports { service: cached.service().map(|s| s.port), ..Default::default() };
     let prepared = prepare(ctx.place(), Source::Copies, &cached.snapshot.manifest().spec, ports).await?;
     let instance = prepared.resume(&cached.snapshot, true, true).await?;
@@ -21,7 +25,10 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, cached:
     .await;
     match served {
         Ok(Ending::Residue) => {
-            let parent = cached.manifest.as_ref().ok_or_else(|| refused(ErrorCode::Internal, "this cache entry predates residues"))?;
+            let parent = cached
+                .manifest
+                .as_ref()
+                .ok_or_else(|| refused(ErrorCode::Internal, "this cache entry predates residues"))?;
             send_residue(stream, ctx, instance, parent, &cached.digest, LaunchRef::Files(&cached.snapshot)).await?;
         }
         other => {

@@ -32,8 +32,8 @@ use forage_shim::ShimClient;
 use forage_vm::Snapshot;
 use tokio::sync::mpsc;
 
-use super::residue::{send_residue, LaunchRef};
 use super::context::{overlay_digest, Ctx};
+use super::residue::{send_residue, LaunchRef};
 use crate::error::{internal, refused, SessionError};
 use crate::instance::{prepare, Ending, Instance, Outcome, Ports, Source};
 
@@ -62,17 +62,32 @@ impl OverlayCopy {
 
 async fn usage(shim: &ShimClient, label: String) -> DeviceMessage {
     let s = shim.status().await.map(|s| s.stats).unwrap_or_default();
-    DeviceMessage::Usage { label, blobs_accessed: s.blobs_accessed, blobs: s.blobs, demand_fetches: s.demand_fetches, segments_arrived: s.segments_arrived, segments: s.segments }
+    DeviceMessage::Usage {
+        label,
+        blobs_accessed: s.blobs_accessed,
+        blobs: s.blobs,
+        demand_fetches: s.demand_fetches,
+        segments_arrived: s.segments_arrived,
+        segments: s.segments,
+    }
 }
 
-pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, remote: Option<Arc<RemoteOverlay>>) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    manifest: Manifest,
+    prefix: Vec<u8>,
+    remote: Option<Arc<RemoteOverlay>>,
+) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let cloudlet = ctx.cloudlet;
     let digest = overlay_digest(&prefix);
     let copy = OverlayCopy::create(ctx.dir.join("overlay"), &prefix, &manifest).map_err(internal)?;
-    let spec = forage_synth::apply::launch_spec(&manifest, &ctx.base, &PathBuf::from("from the device")).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+    let spec = forage_synth::apply::launch_spec(&manifest, &ctx.base, &PathBuf::from("from the device"))
+        .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
     let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
-    let source = Source::Overlay { manifest: &manifest, base_memory: ctx.base.memory_path(), base_disk: ctx.base.disk_path() };
+    let source =
+        Source::Overlay { manifest: &manifest, base_memory: ctx.base.memory_path(), base_disk: ctx.base.disk_path() };
     let prepared = prepare(ctx.place(), source, &spec, ports).await?;
     let shim = prepared.shim();
     let fetch_rx = shim.take_fetches().expect("a new shim's fetches");
@@ -110,8 +125,16 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
                 if let Err(e) = shim.add_segment(index, data.clone()).await {
                     return Err(e.to_string());
                 }
-                let (file, at, path) = (copy.file.try_clone().map_err(|e| e.to_string())?, copy.offsets[index as usize], copy.path.clone());
-                tokio::task::spawn_blocking(move || file.write_all_at(&data, at).map_err(|e| format!("{}: {e}", path.display()))).await.expect("no panic")?;
+                let (file, at, path) = (
+                    copy.file.try_clone().map_err(|e| e.to_string())?,
+                    copy.offsets[index as usize],
+                    copy.path.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    file.write_all_at(&data, at).map_err(|e| format!("{}: {e}", path.display()))
+                })
+                .await
+                .expect("no panic")?;
             }
             Ok::<(), String>(())
         }
@@ -139,14 +162,24 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
                 };
                 match m {
                     Ok(DeviceMessage::Segment { .. }) if !device_sends => {
-                        return Err(refused(ErrorCode::Protocol, "segments sent for an overlay the cloudlet fetches itself"));
+                        return Err(refused(
+                            ErrorCode::Protocol,
+                            "segments sent for an overlay the cloudlet fetches itself",
+                        ));
                     }
                     Ok(DeviceMessage::Segment { index, bytes: data }) => {
                         let Some(seg) = manifest.segments.get(index as usize) else {
                             return Err(refused(ErrorCode::Protocol, format!("segment {index} does not exist")));
                         };
                         if data.len() as u64 != seg.compressed_len {
-                            return Err(refused(ErrorCode::Protocol, format!("segment {index} has {} bytes, the manifest says {}", data.len(), seg.compressed_len)));
+                            return Err(refused(
+                                ErrorCode::Protocol,
+                                format!(
+                                    "segment {index} has {} bytes, the manifest says {}",
+                                    data.len(),
+                                    seg.compressed_len
+                                ),
+                            ));
                         }
                         if !std::mem::replace(&mut got[index as usize], true) {
                             count += 1;
@@ -162,8 +195,18 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
                     }
                     Ok(DeviceMessage::Bye) | Err(ProtoError::Closed) if count == n => return Ok((bytes, Ending::Bye)),
                     Ok(DeviceMessage::WantResidue) if count == n => return Ok((bytes, Ending::Residue)),
-                    Err(ProtoError::Closed) => return Err(refused(ErrorCode::Protocol, format!("device hung up with {count} of {n} segments sent"))),
-                    Ok(other) => return Err(SessionError::Sequence { expected: "Segment, Checkpoint or Bye", got: other.name() }),
+                    Err(ProtoError::Closed) => {
+                        return Err(refused(
+                            ErrorCode::Protocol,
+                            format!("device hung up with {count} of {n} segments sent"),
+                        ))
+                    }
+                    Ok(other) => {
+                        return Err(SessionError::Sequence {
+                            expected: "Segment, Checkpoint or Bye",
+                            got: other.name(),
+                        })
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -174,17 +217,32 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
     let launcher = {
         let (shim, manifest) = (shim.clone(), &manifest);
         async move {
-            let state = shim.wait_device_state(Duration::from_secs(3600)).await.map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
+            let state = shim
+                .wait_device_state(Duration::from_secs(3600))
+                .await
+                .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
             let launch = ctx.dir.join("launch");
             std::fs::create_dir_all(&launch).map_err(internal)?;
             // The snapshot names its files inside its folder: links to the mount's files.
             let (memory, disk) = (launch.join(forage_assembly::MEMORY_FILE), launch.join(forage_assembly::DISK_FILE));
-            let (mounted_memory, mounted_disk) = (shim.hello.memory.clone().ok_or_else(|| internal("the shim serves no view"))?, shim.hello.disk.clone().ok_or_else(|| internal("the shim serves no view"))?);
+            let (mounted_memory, mounted_disk) = (
+                shim.hello.memory.clone().ok_or_else(|| internal("the shim serves no view"))?,
+                shim.hello.disk.clone().ok_or_else(|| internal("the shim serves no view"))?,
+            );
             std::os::unix::fs::symlink(mounted_memory, &memory).map_err(internal)?;
             std::os::unix::fs::symlink(mounted_disk, &disk).map_err(internal)?;
             let state_copy = launch.join(forage_vm::snapshot::STATE_FILE);
             std::fs::copy(&state, &state_copy).map_err(internal)?;
-            forage_synth::apply::write_launch_snapshot(&launch, manifest, spec, &memory, &disk, &state_copy, cloudlet.accel).map_err(internal)?;
+            forage_synth::apply::write_launch_snapshot(
+                &launch,
+                manifest,
+                spec,
+                &memory,
+                &disk,
+                &state_copy,
+                cloudlet.accel,
+            )
+            .map_err(internal)?;
             let snap = Snapshot::open(&launch).map_err(internal)?;
             let instance = prepared.resume(&snap, false, true).await?;
             let _ = ready_tx.send(instance.ready());
@@ -212,7 +270,9 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
         let complete = async {
             loop {
                 match shim.status().await {
-                    Ok(s) if s.failure.is_some() => return Err(refused(ErrorCode::BadOverlay, s.failure.unwrap_or_default())),
+                    Ok(s) if s.failure.is_some() => {
+                        return Err(refused(ErrorCode::BadOverlay, s.failure.unwrap_or_default()))
+                    }
                     Ok(s) if s.complete => return Ok(s.stats),
                     Ok(_) => {}
                     Err(e) => return Err(internal(e)),
@@ -285,7 +345,9 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
     }
     if complete {
         let kept = ctx.cloudlet.data.launch_cache().join(format!(".overlay-{}", ctx.id));
-        if std::fs::create_dir_all(ctx.cloudlet.data.launch_cache()).is_ok() && std::fs::rename(ctx.dir.join("overlay"), &kept).is_ok() {
+        if std::fs::create_dir_all(ctx.cloudlet.data.launch_cache()).is_ok()
+            && std::fs::rename(ctx.dir.join("overlay"), &kept).is_ok()
+        {
             cloudlet.cache.store_overlay(digest.clone(), ctx.base.clone(), kept, manifest.clone(), cloudlet.accel);
         }
     }
@@ -295,7 +357,12 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
 /// Overlay by URL: the cloudlet fetches segments itself, demand fetches first, then the
 /// bulk in overlay order, one range request each. A failure fails the view (and with it
 /// the session).
-async fn fetch_from_url(remote: Arc<RemoteOverlay>, mut fetches: mpsc::UnboundedReceiver<u32>, segments: mpsc::Sender<(u32, Vec<u8>)>, shim: Arc<ShimClient>) {
+async fn fetch_from_url(
+    remote: Arc<RemoteOverlay>,
+    mut fetches: mpsc::UnboundedReceiver<u32>,
+    segments: mpsc::Sender<(u32, Vec<u8>)>,
+    shim: Arc<ShimClient>,
+) {
     let n = remote.manifest.segments.len();
     let mut done = vec![false; n];
     let mut next_bulk = 0;

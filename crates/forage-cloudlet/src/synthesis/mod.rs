@@ -39,7 +39,13 @@ pub(crate) struct Asked {
 
 /// After Welcome: the launch VM from the cache, or the manifest (or the overlay's URL),
 /// its checks, and the mode the device asked for.
-pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, offer: &Offer, cached: Option<CachedLaunch>, asked: Asked) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    offer: &Offer,
+    cached: Option<CachedLaunch>,
+    asked: Asked,
+) -> Result<Outcome, SessionError> {
     if let Some(launch) = cached {
         return cached::run(stream, ctx, launch).await;
     }
@@ -52,28 +58,37 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, offer: 
         DeviceMessage::Manifest { bytes } => (bytes, None),
         DeviceMessage::OverlayUrl { url } => {
             let policy = cloudlet.fetch_policy.clone();
-            let remote = tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url, &policy, manifest_limit))
-                .await
-                .expect("no panic")
-                .map_err(|e| {
-                    // The device learns that the fetch failed, not what the server (or the
-                    // network behind the cloudlet) said: that stays in the cloudlet's log.
-                    tracing::warn!(session = ctx.id, "overlay by URL: {e}");
-                    let why = match e {
-                        forage_remote::RemoteError::Refused { source, .. } => source.to_string(),
-                        forage_remote::RemoteError::Overlay { source, .. } => format!("the fetched overlay: {source}"),
-                        _ => "the overlay URL could not be fetched (the cloudlet's log says why)".into(),
-                    };
-                    refused(ErrorCode::BadOverlay, why)
-                })?;
+            let remote =
+                tokio::task::spawn_blocking(move || forage_remote::RemoteOverlay::open(&url, &policy, manifest_limit))
+                    .await
+                    .expect("no panic")
+                    .map_err(|e| {
+                        // The device learns that the fetch failed, not what the server (or the
+                        // network behind the cloudlet) said: that stays in the cloudlet's log.
+                        tracing::warn!(session = ctx.id, "overlay by URL: {e}");
+                        let why = match e {
+                            forage_remote::RemoteError::Refused { source, .. } => source.to_string(),
+                            forage_remote::RemoteError::Overlay { source, .. } => {
+                                format!("the fetched overlay: {source}")
+                            }
+                            _ => "the overlay URL could not be fetched (the cloudlet's log says why)".into(),
+                        };
+                        refused(ErrorCode::BadOverlay, why)
+                    })?;
             if !offer.overlay_digest.is_empty() && remote.digest() != offer.overlay_digest {
-                return Err(refused(ErrorCode::BadOverlay, format!("the overlay at {} is not the one offered (digest {})", remote.url, remote.digest())));
+                return Err(refused(
+                    ErrorCode::BadOverlay,
+                    format!("the overlay at {} is not the one offered (digest {})", remote.url, remote.digest()),
+                ));
             }
             (remote.prefix.clone(), Some(std::sync::Arc::new(remote)))
         }
         other => return Err(SessionError::Sequence { expected: "Manifest or OverlayUrl", got: other.name() }),
     };
-    let manifest = OverlayReader::open_limited(&prefix[..], manifest_limit).map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?.manifest().clone();
+    let manifest = OverlayReader::open_limited(&prefix[..], manifest_limit)
+        .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?
+        .manifest()
+        .clone();
     // The manifest (whose hashes cover every segment) must be the one offered: the cache
     // entry and the signature are for that digest.
     if overlay_digest(&prefix) != offer.overlay_digest {
@@ -87,7 +102,10 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, offer: 
     }
     check_space(&ctx.dir, &manifest, base)?;
     if let Some(parent) = &manifest.parent {
-        return Err(refused(ErrorCode::BadOverlay, format!("this is a residue of overlay {parent}: merge it into its overlay first")));
+        return Err(refused(
+            ErrorCode::BadOverlay,
+            format!("this is a residue of overlay {parent}: merge it into its overlay first"),
+        ));
     }
     let early_start = asked.early_start && !asked.store_and_forward;
     match (early_start, remote) {
@@ -104,13 +122,21 @@ fn check_space(dir: &Path, manifest: &forage_format::Manifest, base: &BaseVm) ->
     use std::os::unix::fs::MetadataExt;
     let allocated = |p: PathBuf| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
     let raw: u64 = manifest.segments.iter().map(|s| s.raw_len).sum();
-    let needed = manifest.segments_bytes() + raw + allocated(base.memory_path()) + allocated(base.disk_path()) + (64 << 20);
+    let needed =
+        manifest.segments_bytes() + raw + allocated(base.memory_path()) + allocated(base.disk_path()) + (64 << 20);
     let free = match rustix::fs::statvfs(dir.parent().unwrap_or(dir)) {
         Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
         Err(e) => return Err(internal(format!("free space of {}: {e}", dir.display()))),
     };
     if free < needed {
-        return Err(refused(ErrorCode::Busy, format!("not enough disk space on the cloudlet for this overlay: it needs {} MiB, {} MiB are free", needed >> 20, free >> 20)));
+        return Err(refused(
+            ErrorCode::Busy,
+            format!(
+                "not enough disk space on the cloudlet for this overlay: it needs {} MiB, {} MiB are free",
+                needed >> 20,
+                free >> 20
+            ),
+        ));
     }
     Ok(())
 }
@@ -122,10 +148,17 @@ pub(crate) fn check_signature(cloudlet: &Cloudlet, offer: &Offer) -> Result<(), 
     let Some(allowed) = forage_trust::signing::allowed_signers(&path).map_err(internal)? else { return Ok(()) };
     let short = forage_trust::short(&offer.overlay_digest);
     if offer.signature.is_empty() {
-        return Err(refused(ErrorCode::BadOverlay, format!("overlay {short} is not signed, and this cloudlet accepts only overlays signed by its listed signers")));
+        return Err(refused(
+            ErrorCode::BadOverlay,
+            format!(
+                "overlay {short} is not signed, and this cloudlet accepts only overlays signed by its listed signers"
+            ),
+        ));
     }
-    let sig = forage_trust::signing::Signature::parse(&offer.signature).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: signature: {e}")))?;
-    sig.verify(forage_trust::signing::OVERLAY, &offer.overlay_digest, &allowed).map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: {e}")))?;
+    let sig = forage_trust::signing::Signature::parse(&offer.signature)
+        .map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: signature: {e}")))?;
+    sig.verify(forage_trust::signing::OVERLAY, &offer.overlay_digest, &allowed)
+        .map_err(|e| refused(ErrorCode::BadOverlay, format!("overlay {short}: {e}")))?;
     tracing::info!(overlay = short, signer = forage_trust::short(&sig.signer), "signature verified");
     Ok(())
 }

@@ -13,13 +13,19 @@ use forage_proto::{DeviceMessage, ErrorCode};
 use forage_vm::Snapshot;
 use sha2::Digest;
 
+use super::context::{overlay_digest, Ctx};
 use super::pipe::SegmentPipe;
 use super::residue::{send_residue, LaunchRef};
-use super::context::{overlay_digest, Ctx};
 use crate::error::{internal, next, refused, SessionError};
 use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
 
-pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>, pipelined: bool) -> Result<Outcome, SessionError> {
+pub(crate) async fn run(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    manifest: Manifest,
+    prefix: Vec<u8>,
+    pipelined: bool,
+) -> Result<Outcome, SessionError> {
     if !pipelined {
         return store_and_forward(stream, ctx, manifest, prefix).await;
     }
@@ -57,7 +63,12 @@ pub(crate) async fn run(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifes
 }
 
 /// The overlay fetched from its URL by the cloudlet: applied while it downloads.
-pub(crate) async fn run_remote(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, remote: std::sync::Arc<forage_remote::RemoteOverlay>) -> Result<Outcome, SessionError> {
+pub(crate) async fn run_remote(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    manifest: Manifest,
+    remote: std::sync::Arc<forage_remote::RemoteOverlay>,
+) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let digest = overlay_digest(&remote.prefix);
     let applied = ctx.dir.join("launch");
@@ -67,7 +78,8 @@ pub(crate) async fn run_remote(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, 
         let counted = CountingReader { inner: std::io::Cursor::new(remote.prefix.clone()).chain(body), bytes: 0 };
         let label = PathBuf::from(&remote.url);
         let mut reader = counted;
-        let report = forage_synth::apply::apply_into(&mut reader, &label, &base, &applied2, accel).map_err(|e| e.to_string())?;
+        let report =
+            forage_synth::apply::apply_into(&mut reader, &label, &base, &applied2, accel).map_err(|e| e.to_string())?;
         Ok::<_, String>((report, reader.bytes.saturating_sub(remote.prefix.len() as u64)))
     })
     .await
@@ -92,12 +104,20 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
 }
 
 /// Segment `i`, which must come next and be of the manifest's size.
-async fn next_segment(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: &Manifest, i: usize) -> Result<Vec<u8>, SessionError> {
+async fn next_segment(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    manifest: &Manifest,
+    i: usize,
+) -> Result<Vec<u8>, SessionError> {
     let DeviceMessage::Segment { index, bytes } = next::<DeviceMessage>(stream, ctx.cloudlet.peer_wait).await? else {
         return Err(SessionError::Sequence { expected: "Segment", got: "another message" });
     };
     if index as usize != i || bytes.len() as u64 != manifest.segments[i].compressed_len {
-        return Err(refused(ErrorCode::Protocol, format!("segment {index} out of order or of the wrong size (expected {i})")));
+        return Err(refused(
+            ErrorCode::Protocol,
+            format!("segment {index} out of order or of the wrong size (expected {i})"),
+        ));
     }
     Ok(bytes)
 }
@@ -105,7 +125,12 @@ async fn next_segment(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest:
 /// Receive every segment into a file, then apply it: nothing overlaps. Each segment is
 /// checked against the manifest's hash before it is written (the manifest, already
 /// checked, bounds the total).
-async fn store_and_forward(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, manifest: Manifest, prefix: Vec<u8>) -> Result<Outcome, SessionError> {
+async fn store_and_forward(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    manifest: Manifest,
+    prefix: Vec<u8>,
+) -> Result<Outcome, SessionError> {
     use tokio::io::AsyncWriteExt;
     let start = Instant::now();
     let digest = overlay_digest(&prefix);
@@ -155,12 +180,18 @@ async fn finish(
     let served = async {
         write(stream, &instance.ready()).await?;
         let decompress_ms = decompress.as_millis() as u64;
-        write(stream, &DeviceMessage::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms }).await?;
+        write(
+            stream,
+            &DeviceMessage::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms },
+        )
+        .await?;
         hold(stream, &instance.control, instance.gone(), no_usage).await
     }
     .await;
     let result = match served {
-        Ok(Ending::Residue) => send_residue(stream, ctx, instance, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ()),
+        Ok(Ending::Residue) => {
+            send_residue(stream, ctx, instance, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ())
+        }
         // Not movable: only Bye and Residue end its hold.
         Ok(Ending::Bye | Ending::Moving | Ending::Moved) => {
             instance.finish(ctx.cloudlet).await;

@@ -33,19 +33,39 @@ pub(crate) enum LaunchRef<'a> {
 const PIECE: usize = 1 << 20;
 
 /// Save the instance (QEMU exits), write its residue and send it; the instance ends.
-pub(crate) async fn send_residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, mut instance: Instance, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
+pub(crate) async fn send_residue(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    mut instance: Instance,
+    parent: &Manifest,
+    parent_digest: &str,
+    launch: LaunchRef<'_>,
+) -> Result<u64, SessionError> {
     let result = residue(stream, ctx, &mut instance, parent, parent_digest, launch).await;
     instance.finish(ctx.cloudlet).await;
     result
 }
 
-async fn residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, live: &mut Instance, parent: &Manifest, parent_digest: &str, launch: LaunchRef<'_>) -> Result<u64, SessionError> {
+async fn residue(
+    stream: &mut crate::DeviceStream,
+    ctx: &Ctx<'_>,
+    live: &mut Instance,
+    parent: &Manifest,
+    parent_digest: &str,
+    launch: LaunchRef<'_>,
+) -> Result<u64, SessionError> {
     let instance_dir = ctx.dir.join("instance");
     let instance = live.vm.save(&instance_dir).await.map_err(internal)?;
     let (memory, disk) = match launch {
-        LaunchRef::View => (live.shim.written_chunks(Space::Memory).await.map_err(internal)?, live.shim.written_chunks(Space::Disk).await.map_err(internal)?),
+        LaunchRef::View => (
+            live.shim.written_chunks(Space::Memory).await.map_err(internal)?,
+            live.shim.written_chunks(Space::Disk).await.map_err(internal)?,
+        ),
         LaunchRef::Files(launch) => {
-            let pairs = [(launch.memory_path(), instance.memory_path()), (launch.disk_paths()[0].clone(), instance.disk_paths()[0].clone())];
+            let pairs = [
+                (launch.memory_path(), instance.memory_path()),
+                (launch.disk_paths()[0].clone(), instance.disk_paths()[0].clone()),
+            ];
             let [m, d] = pairs.map(|(a, b)| tokio::task::spawn_blocking(move || changed_chunks(&a, &b)));
             (m.await.expect("no panic").map_err(internal)?, d.await.expect("no panic").map_err(internal)?)
         }
@@ -54,7 +74,16 @@ async fn residue(stream: &mut crate::DeviceStream, ctx: &Ctx<'_>, live: &mut Ins
     let out = ctx.dir.join("residue.ovl");
     let (base, parent, digest, out2) = (ctx.base.clone(), parent.clone(), parent_digest.to_string(), out.clone());
     tokio::task::spawn_blocking(move || {
-        forage_synth::residue::create_residue(&base, &parent, &digest, &instance, &memory, &disk, &forage_synth::create::CreateOptions::default(), &out2)
+        forage_synth::residue::create_residue(
+            &base,
+            &parent,
+            &digest,
+            &instance,
+            &memory,
+            &disk,
+            &forage_synth::create::CreateOptions::default(),
+            &out2,
+        )
     })
     .await
     .expect("no panic")

@@ -30,7 +30,8 @@ impl Rig {
     pub async fn new(name: &str, tweak: impl FnOnce(&mut Cloudlet)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::at(dir.path().join("data"));
-        let mut c = Cloudlet::open(name.into(), data.clone(), forage_vm::Accel::Tcg, std::net::Ipv4Addr::LOCALHOST).unwrap();
+        let mut c =
+            Cloudlet::open(name.into(), data.clone(), forage_vm::Accel::Tcg, std::net::Ipv4Addr::LOCALHOST).unwrap();
         tweak(&mut c);
         let cloudlet = Arc::new(c);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -97,13 +98,18 @@ pub fn unknown_service() -> Provision {
 
 /// Hello (version 2) with `offers`; the cloudlet's answer.
 pub async fn hello(s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin), offers: Vec<Offer>) -> Message {
-    let h = Message::Hello { versions: (2, 2), device: "d".into(), offers, early_start: false, store_and_forward: false };
+    let h =
+        Message::Hello { versions: (2, 2), device: "d".into(), offers, early_start: false, store_and_forward: false };
     write(s, &h).await.unwrap();
     read(s).await.unwrap()
 }
 
 /// TLS to the cloudlet from source address `ip`.
-pub async fn tls_from(addr: SocketAddr, ip: IpAddr, config: Arc<rustls::ClientConfig>) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+pub async fn tls_from(
+    addr: SocketAddr,
+    ip: IpAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(ip, 0)).unwrap();
     let tcp = sock.connect(addr).await.unwrap();
@@ -112,8 +118,13 @@ pub async fn tls_from(addr: SocketAddr, ip: IpAddr, config: Arc<rustls::ClientCo
 }
 
 /// A pairing connection (no client certificate), from `src` if given.
-pub async fn pairing_connection(addr: SocketAddr, prefix: [u8; 8], src: Option<IpAddr>) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    tls_from(addr, src.unwrap_or("127.0.0.1".parse().unwrap()), forage_trust::pairing_client_config(prefix).unwrap()).await
+pub async fn pairing_connection(
+    addr: SocketAddr,
+    prefix: [u8; 8],
+    src: Option<IpAddr>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_from(addr, src.unwrap_or("127.0.0.1".parse().unwrap()), forage_trust::pairing_client_config(prefix).unwrap())
+        .await
 }
 
 /// Pair as `name` with `secret` from source address `ip`: the cloudlet's answer.
@@ -150,7 +161,13 @@ pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
 pub fn offer_for(ovl: &Path) -> Offer {
     let r = forage_format::OverlayReader::open(std::fs::File::open(ovl).unwrap()).unwrap();
     let bytes = std::fs::metadata(ovl).unwrap().len();
-    Offer { base_digest: r.manifest().base.digest.clone(), manifest_bytes: (forage_format::container::HEADER_LEN as u64) + r.header().manifest_len, overlay_bytes: bytes, overlay_digest: r.header().digest(), signature: vec![] }
+    Offer {
+        base_digest: r.manifest().base.digest.clone(),
+        manifest_bytes: (forage_format::container::HEADER_LEN as u64) + r.header().manifest_len,
+        overlay_bytes: bytes,
+        overlay_digest: r.header().digest(),
+        signature: vec![],
+    }
 }
 
 /// An overlay prefix (header + manifest) around `body` as the manifest bytes.
@@ -180,7 +197,9 @@ pub async fn url_refusal(rig: &Rig, offer: &Offer, url: &str) -> String {
 pub async fn wait_no_sessions(data: &DataDir) {
     let t = Instant::now();
     loop {
-        let n = std::fs::read_dir(data.work()).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count()).unwrap_or(0);
+        let n = std::fs::read_dir(data.work())
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("session-")).count())
+            .unwrap_or(0);
         if n == 0 {
             return;
         }

@@ -41,12 +41,7 @@ pub struct Sleeper(Child);
 
 impl Sleeper {
     pub fn spawn() -> Sleeper {
-        Sleeper(
-            Command::new("sleep")
-                .arg("60")
-                .spawn()
-                .expect("spawn sleep"),
-        )
+        Sleeper(Command::new("sleep").arg("60").spawn().expect("spawn sleep"))
     }
     pub fn pid(&self) -> u32 {
         self.0.id()
@@ -70,7 +65,5 @@ pub fn dead_pid() -> u32 {
 
 /// A stand-in for [`qemu_alive`] that takes `sleep` for the VM.
 pub fn sleep_alive(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.starts_with(b"sleep\0"))
-        .unwrap_or(false)
+    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| c.starts_with(b"sleep\0")).unwrap_or(false)
 }

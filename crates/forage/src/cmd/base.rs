@@ -27,11 +27,11 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
             if !json {
                 eprintln!("creating base {name} from image {image}: boot, settle {settle_s} s, save, index ...");
             }
-            let base = BaseVm::create(data, &name, &img, super::accel(), Duration::from_secs(settle_s))
+            let base = BaseVm::create(data, &name, &img, forage_vm::accel::choose(), Duration::from_secs(settle_s))
                 .await
                 .with_context(|| format!("creating base {name}"))?;
             if json {
-                super::print_json(&describe(&base));
+                crate::output::print_json(&describe(&base));
             } else {
                 println!("base {name} created in {:.1} s, digest {}", t.elapsed().as_secs_f64(), base.digest());
             }
@@ -45,7 +45,7 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
                 })
                 .collect();
             if json {
-                super::print_json(&rows);
+                crate::output::print_json(&rows);
             } else if rows.is_empty() {
                 println!("no base VMs (create one: forage base create NAME --image tiny)");
             } else {
@@ -68,7 +68,7 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
             let b = BaseVm::open(data, &name)?;
             let d = describe(&b);
             if json {
-                super::print_json(&d);
+                crate::output::print_json(&d);
             } else {
                 println!("{}", serde_json::to_string_pretty(&d)?);
             }
@@ -82,11 +82,16 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
             let t = Instant::now();
             let f2 = file.clone();
             let size = tokio::task::spawn_blocking(move || package::export(&b, &f2)).await??;
-            super::pair::sign_package(data, forage_trust::signing::BASE_PACKAGE, &file)?;
-            println!("base {name} exported: {} MiB in {:.1} s (signed: {}.sig)", size >> 20, t.elapsed().as_secs_f64(), file.display());
+            forage_synth::build::sign_package(data, forage_trust::signing::BASE_PACKAGE, &file)?;
+            println!(
+                "base {name} exported: {} MiB in {:.1} s (signed: {}.sig)",
+                size >> 20,
+                t.elapsed().as_secs_f64(),
+                file.display()
+            );
         }
         BaseCommand::Import { file, name } => {
-            super::pair::check_package(data, forage_trust::signing::BASE_PACKAGE, &file)?;
+            forage_synth::build::check_package(data, forage_trust::signing::BASE_PACKAGE, &file)?;
             let data2 = data.clone();
             let b = tokio::task::spawn_blocking(move || package::import(&data2, &file, name.as_deref())).await??;
             println!("base {} imported, digest {} (checked)", b.manifest().name, b.digest());

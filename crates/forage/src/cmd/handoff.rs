@@ -15,7 +15,7 @@ pub async fn run(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
 }
 
 fn client(data: &DataDir, api: std::net::SocketAddr) -> anyhow::Result<ApiClient> {
-    let token = forage_api::token::read(&super::synthesis::api_token_path(data))?;
+    let token = forage_api::token::read(&forage_daemon::api_token_path(data))?;
     Ok(ApiClient::new(api, &token))
 }
 
@@ -38,7 +38,14 @@ pub async fn instances(data: &DataDir, a: InstancesArgs) -> anyhow::Result<()> {
         println!("no {}instances", if a.all { "" } else { "running " });
     }
     for i in &list.instances {
-        println!("{:<16} {:<9} {:<24} {} (QEMU {})", i.id, format!("{:?}", i.status).to_lowercase(), i.endpoint, i.name, i.qemu_pid);
+        println!(
+            "{:<16} {:<9} {:<24} {} (QEMU {})",
+            i.id,
+            format!("{:?}", i.status).to_lowercase(),
+            i.endpoint,
+            i.name,
+            i.qemu_pid
+        );
     }
     Ok(())
 }
@@ -84,7 +91,11 @@ fn run_blocking(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
         view.qemu_rounds,
         if view.has_base { "held" } else { "did not hold" },
     );
-    println!("  mode at the end {}; switches: {}", view.mode, if view.switches.is_empty() { "none".into() } else { view.switches.join("; ") });
+    println!(
+        "  mode at the end {}; switches: {}",
+        view.mode,
+        if view.switches.is_empty() { "none".into() } else { view.switches.join("; ") }
+    );
     Ok(())
 }
 

@@ -8,20 +8,9 @@ use crate::cli::ImageCommand;
 
 pub async fn run(data: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
-        ImageCommand::Build {
-            name,
-            force,
-            disk_mib,
-            memory_mib,
-            json,
-        } => {
+        ImageCommand::Build { name, force, disk_mib, memory_mib, json } => {
             let agent = forage_image::locate_guest_binary("forage-agent")?;
-            let opts = forage_image::BuildOptions {
-                agent_binary: agent,
-                disk_mib,
-                memory_mib,
-                force,
-            };
+            let opts = forage_image::BuildOptions { agent_binary: agent, disk_mib, memory_mib, force };
             if !json {
                 eprintln!("building image {name} in {} ...", data.root().display());
             }
@@ -30,7 +19,7 @@ pub async fn run(data: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
             let m = out.image.manifest();
             let allocated = forage_vm::sparse::allocated_bytes(&out.image.disk()).unwrap_or(0);
             if json {
-                super::print_json(&json!({
+                crate::output::print_json(&json!({
                     "name": m.name, "dir": out.image.dir(), "cached": out.cached,
                     "seconds": out.took.as_secs_f64(), "os": m.os, "root": m.root,
                     "kernel_package": m.kernel_package, "busybox_package": m.busybox_package,
@@ -80,7 +69,7 @@ pub async fn run(data: &DataDir, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             }
             if json {
-                super::print_json(&rows);
+                crate::output::print_json(&rows);
             } else if rows.is_empty() {
                 println!("no images in {} (build one: forage image build tiny, or debian-12)", data.images().display());
             } else {

@@ -6,13 +6,12 @@ mod image;
 mod overlay;
 mod pair;
 mod service;
-mod tactical;
 mod synthesis;
+mod tactical;
 mod vm;
 
 use anyhow::Context;
 use forage_datadir::DataDir;
-use forage_vm::Accel;
 
 use crate::cli::{Cli, Command};
 
@@ -31,15 +30,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
             let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
             let credentials = Some(pair::credentials(&data, cloudlet, None)?);
-            let opts = forage_client::SynthesisOptions { device: "forage-cli".into(), early_start: !no_early_start, store_and_forward: no_pipelining, credentials, ..Default::default() };
+            let opts = forage_client::SynthesisOptions {
+                device: "forage-cli".into(),
+                early_start: !no_early_start,
+                store_and_forward: no_pipelining,
+                credentials,
+                ..Default::default()
+            };
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
         Command::Service(c) => service::run(&data, c).await,
-        Command::Offload { service, join, session } => tactical::provision(&data, forage_proto::Provision::CachedVm { service: service.clone(), join }, Some(&service), &session).await,
+        Command::Offload { service, join, session } => {
+            tactical::provision(
+                &data,
+                forage_proto::Provision::CachedVm { service: service.clone(), join },
+                Some(&service),
+                &session,
+            )
+            .await
+        }
         Command::Apps(a) => tactical::apps(&data, a).await,
         Command::Provision { script, port, os, timeout, components, session } => {
             let bytes = std::fs::read(&script).with_context(|| format!("reading {}", script.display()))?;
-            tactical::provision(&data, forage_proto::Provision::Script { os, port, script: bytes, timeout_s: timeout, components }, None, &session).await
+            tactical::provision(
+                &data,
+                forage_proto::Provision::Script { os, port, script: bytes, timeout_s: timeout, components },
+                None,
+                &session,
+            )
+            .await
         }
         Command::App(c) => tactical::app(&data, c).await,
         Command::Pair(a) => pair::run(&data, a).await,
@@ -50,16 +69,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The accelerator to use, with one warning line when it is TCG.
-pub fn accel() -> Accel {
-    forage_vm::accel::choose()
-}
-
 /// `forage bench ...` and `forage demo` run `forage-bench` (beside this binary, else on
 /// PATH): the benches, their plotting and the demo are not part of the product binary.
-fn bench(data_dir: &Option<std::path::PathBuf>, first: Option<&str>, args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+fn bench(
+    data_dir: &Option<std::path::PathBuf>,
+    first: Option<&str>,
+    args: Vec<std::ffi::OsString>,
+) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("forage-bench"))).filter(|p| p.is_file());
+    let beside =
+        std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("forage-bench"))).filter(|p| p.is_file());
     let program = beside.unwrap_or_else(|| "forage-bench".into());
     let mut cmd = std::process::Command::new(&program);
     if let Some(d) = data_dir {
@@ -68,9 +87,4 @@ fn bench(data_dir: &Option<std::path::PathBuf>, first: Option<&str>, args: Vec<s
     cmd.args(first).args(args);
     let err = cmd.exec();
     anyhow::bail!("cannot run {}: {err} (build it: `cargo build --release -p forage-bench`)", program.display())
-}
-
-/// Print `value` as one line of JSON.
-pub fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(value).expect("serializable"));
 }

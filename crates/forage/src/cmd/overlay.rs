@@ -36,15 +36,20 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
             println!("{} signed by {signer} (written to {}.sig)", file.display(), file.display());
             Ok(())
         }
-        OverlayCommand::Merge { parent, residue, output, base, reduce, json } => merge(data, &parent, &residue, &output, base.as_deref(), &reduce, json).await,
+        OverlayCommand::Merge { parent, residue, output, base, reduce, json } => {
+            merge(data, &parent, &residue, &output, base.as_deref(), &reduce, json).await
+        }
         OverlayCommand::Apply { file, base, out, json } => {
             let b = BaseVm::open(data, &base)?;
             let accel = forage_vm::accel::detect().accel;
             let f2 = file.clone();
-            let (snap, report) = tokio::task::spawn_blocking(move || forage_synth::apply::apply(&f2, &b, &out, accel)).await??;
+            let (snap, report) =
+                tokio::task::spawn_blocking(move || forage_synth::apply::apply(&f2, &b, &out, accel)).await??;
             let mbps = report.rebuilt_bytes as f64 / 1e6 / (report.took - report.base_copy).as_secs_f64().max(1e-6);
             if json {
-                super::print_json(&json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks}));
+                crate::output::print_json(
+                    &json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks}),
+                );
             } else {
                 println!(
                     "applied {} to base {base} in {:.2} s ({:.2} s copying the base, then {:.0} MB/s of modified state over {} segments) -> {}\nresume it: forage vm restore NAME --from {}",
@@ -64,7 +69,13 @@ impl OverlayCreateArgs {
             "offset" => BlobOrder::Offset,
             other => bail!("unknown order {other} (access or offset)"),
         };
-        Ok(OverlayRequest { base: self.base.clone(), app: self.app.clone(), options: self.reduce.create_options()?, order, output: self.output.clone() })
+        Ok(OverlayRequest {
+            base: self.base.clone(),
+            app: self.app.clone(),
+            options: self.reduce.create_options()?,
+            order,
+            output: self.output.clone(),
+        })
     }
 }
 
@@ -75,7 +86,7 @@ pub fn sign_overlay(data: &DataDir, ovl: &Path) -> anyhow::Result<String> {
 }
 
 async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
-    super::accel(); // one warning line if this is TCG
+    forage_vm::accel::choose(); // one warning line if this is TCG
     let quiet = args.json;
     let built = forage_synth::build::build_overlay(data, &args.request()?, &|s| {
         if !quiet {
@@ -88,7 +99,9 @@ async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
     let s = &report.manifest.stats;
     let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);
     if args.json {
-        super::print_json(&json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}));
+        crate::output::print_json(
+            &json!({"file": args.output, "bytes": report.bytes, "modified_bytes": s.modified_bytes, "launch_s": launch_s, "create_s": report.took.as_secs_f64(), "create_mb_s": mbps, "refs": report.manifest.ref_counts()}),
+        );
     } else {
         println!(
             "overlay {}: {} KiB for {} MiB of modified state ({:.1}%), created in {:.1} s ({mbps:.1} MB/s) after {launch_s:.1} s building the launch VM",
@@ -122,16 +135,27 @@ fn base_for(data: &DataDir, parent: &Path, name: Option<&str>) -> anyhow::Result
         })
 }
 
-async fn merge(data: &DataDir, parent: &Path, residue: &Path, output: &Path, base: Option<&str>, reduce: &ReduceArgs, json: bool) -> anyhow::Result<()> {
+async fn merge(
+    data: &DataDir,
+    parent: &Path,
+    residue: &Path,
+    output: &Path,
+    base: Option<&str>,
+    reduce: &ReduceArgs,
+    json: bool,
+) -> anyhow::Result<()> {
     let b = base_for(data, parent, base)?;
     let opts = reduce.create_options()?;
     let accel = forage_vm::accel::detect().accel;
     let (p, r, o) = (parent.to_path_buf(), residue.to_path_buf(), output.to_path_buf());
     let base_name = b.manifest().name.clone();
-    let report = tokio::task::spawn_blocking(move || forage_synth::residue::merge(&b, &p, &r, &opts, &o, accel)).await??;
+    let report =
+        tokio::task::spawn_blocking(move || forage_synth::residue::merge(&b, &p, &r, &opts, &o, accel)).await??;
     let m = &report.manifest;
     if json {
-        super::print_json(&json!({"file": output, "parent": parent, "residue": residue, "base": base_name, "bytes": report.bytes, "seconds": report.took.as_secs_f64(), "modified_bytes": m.stats.modified_bytes, "refs": m.ref_counts()}));
+        crate::output::print_json(
+            &json!({"file": output, "parent": parent, "residue": residue, "base": base_name, "bytes": report.bytes, "seconds": report.took.as_secs_f64(), "modified_bytes": m.stats.modified_bytes, "refs": m.ref_counts()}),
+        );
     } else {
         println!(
             "merged residue {} into {} -> {}: {} KiB for {} MiB of modified state, in {:.1} s on base {base_name}",
@@ -170,7 +194,7 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
     let size = std::fs::metadata(file)?.len();
     let d = describe(r.manifest(), size);
     if json {
-        super::print_json(&d);
+        crate::output::print_json(&d);
         return Ok(());
     }
     let m = r.manifest();
@@ -179,12 +203,24 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
     println!("{what} {} (format {}), {} KiB", file.display(), m.format, size >> 10);
     println!("  base      {} ({})", m.base.digest, m.base.name);
     if let Some(parent) = &m.parent {
-        println!("  parent    {parent} (changes since that overlay's launch VM: `forage overlay merge PARENT {}`)", file.display());
+        println!(
+            "  parent    {parent} (changes since that overlay's launch VM: `forage overlay merge PARENT {}`)",
+            file.display()
+        );
     }
-    println!("  {}  {} memory + {} disk chunks = {} MiB", if m.is_residue() { "changed " } else { "modified" }, s.modified_memory_chunks, s.modified_disk_chunks, s.modified_bytes >> 20);
+    println!(
+        "  {}  {} memory + {} disk chunks = {} MiB",
+        if m.is_residue() { "changed " } else { "modified" },
+        s.modified_memory_chunks,
+        s.modified_disk_chunks,
+        s.modified_bytes >> 20
+    );
     println!("  refs      {}", m.ref_counts().iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     if !s.free_by_source.is_empty() {
-        println!("  free      {}", s.free_by_source.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+        println!(
+            "  free      {}",
+            s.free_by_source.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        );
     }
     println!("  blobs     {} ({} raw, {} delta)", m.blobs.len(), s.blobs_raw, s.blobs_delta);
     println!(
@@ -208,7 +244,9 @@ fn verify(file: &Path, json: bool) -> anyhow::Result<()> {
     }
     r.finish().with_context(|| format!("overlay {}", file.display()))?;
     if json {
-        super::print_json(&json!({"file": file, "ok": true, "segments": n, "seconds": t.elapsed().as_secs_f64()}));
+        crate::output::print_json(
+            &json!({"file": file, "ok": true, "segments": n, "seconds": t.elapsed().as_secs_f64()}),
+        );
     } else {
         println!("overlay {} is intact: manifest and {n} segments check out", file.display());
     }

@@ -43,14 +43,22 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
             Ok(())
         }
         (None, Some(addr), _) => {
-            let code = args.code.context("pairing with a cloudlet needs --code (shown by `forage pair` on the cloudlet)")?;
-            let addr: SocketAddr = addr.parse().with_context(|| format!("--cloudlet {addr}: an address like 10.0.0.5:7878"))?;
+            let code =
+                args.code.context("pairing with a cloudlet needs --code (shown by `forage pair` on the cloudlet)")?;
+            let addr: SocketAddr =
+                addr.parse().with_context(|| format!("--cloudlet {addr}: an address like 10.0.0.5:7878"))?;
             let name = args.name.unwrap_or_else(hostname);
-            let r = forage_client::pair(addr, &code, &name, &devices).await.with_context(|| format!("pairing with {addr}"))?;
+            let r = forage_client::pair(addr, &code, &name, &devices)
+                .await
+                .with_context(|| format!("pairing with {addr}"))?;
             if args.json {
-                super::print_json(&r);
+                crate::output::print_json(&r);
             } else {
-                println!("paired with cloudlet {} at {addr} as {name} (credentials valid until {})", r.cloudlet, date(r.not_after_unix));
+                println!(
+                    "paired with cloudlet {} at {addr} as {name} (credentials valid until {})",
+                    r.cloudlet,
+                    date(r.not_after_unix)
+                );
             }
             Ok(())
         }
@@ -61,7 +69,12 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
             let partial = out.with_extension("partial");
             write_secret(&partial, &serde_json::to_vec_pretty(&b)?)?;
             std::fs::rename(&partial, &out).with_context(|| format!("writing {}", out.display()))?;
-            println!("credentials for {name} written to {} (valid until {}); on the device: forage pair import {}", out.display(), date(b.not_after_unix), out.display());
+            println!(
+                "credentials for {name} written to {} (valid until {}); on the device: forage pair import {}",
+                out.display(),
+                date(b.not_after_unix),
+                out.display()
+            );
             Ok(())
         }
         (None, None, None) => {
@@ -72,7 +85,9 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
                 PeerKind::Device => "a device's credentials",
             };
             if args.json {
-                super::print_json(&json!({"code": code.text, "expires_unix": code.expires_unix, "cloudlet_ca_sha256": trust.ca_fingerprint(), "kind": kind, "valid_days": args.valid_days.max(1)}));
+                crate::output::print_json(
+                    &json!({"code": code.text, "expires_unix": code.expires_unix, "cloudlet_ca_sha256": trust.ca_fingerprint(), "kind": kind, "valid_days": args.valid_days.max(1)}),
+                );
             } else {
                 println!("pairing code: {}", code.text);
                 println!("grants {what} for {} days; valid once, for 10 minutes; on the other host: forage pair --cloudlet ADDR --code {}", args.valid_days.max(1), code.text);
@@ -90,7 +105,7 @@ fn list(data: &DataDir, devices: &DeviceTrust, as_json: bool) -> anyhow::Result<
     let issued = if data.trust_cloudlet().join("ca.pem").exists() { authority(data)?.issued() } else { Vec::new() };
     let peers: Vec<_> = devices.peers().into_iter().map(|p| p.record).collect();
     if as_json {
-        super::print_json(&json!({"issued": issued, "paired_with": peers}));
+        crate::output::print_json(&json!({"issued": issued, "paired_with": peers}));
         return Ok(());
     }
     if issued.is_empty() && peers.is_empty() {
@@ -105,7 +120,11 @@ fn list(data: &DataDir, devices: &DeviceTrust, as_json: bool) -> anyhow::Result<
         println!("issued  {:<20} {:?} serial {:<4} via {:<6} {state}", i.name, i.kind, i.serial, i.via);
     }
     for p in &peers {
-        let state = if p.not_after_unix <= now() { "expired".into() } else { format!("valid until {}", date(p.not_after_unix)) };
+        let state = if p.not_after_unix <= now() {
+            "expired".into()
+        } else {
+            format!("valid until {}", date(p.not_after_unix))
+        };
         println!("paired  {:<20} {:<22} {state}", p.cloudlet, p.addr.as_deref().unwrap_or("-"));
     }
     Ok(())
@@ -119,7 +138,13 @@ pub fn credentials(data: &DataDir, addr: SocketAddr, name: Option<&str>) -> anyh
 fn write_secret(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(data)?;
     Ok(())
 }
@@ -134,7 +159,11 @@ pub(super) fn date(unix: u64) -> String {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "device".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "device".into())
 }
 
 /// `forage signer`: the signing key of this host, and the signers file of a cloudlet.
@@ -162,13 +191,24 @@ pub fn signer(data: &DataDir, cmd: SignerCommand) -> anyhow::Result<()> {
                 text.push_str(&format!("{key} # {note}\n"));
                 write(text)?;
             }
-            println!("overlays signed by {} are accepted; overlays of other signers and unsigned ones are refused", forage_trust::short(&key));
+            println!(
+                "overlays signed by {} are accepted; overlays of other signers and unsigned ones are refused",
+                forage_trust::short(&key)
+            );
         }
         SignerCommand::Remove { key } => {
             let key = key.trim().to_lowercase();
-            let text: String = read().lines().filter(|l| l.split_whitespace().next() != Some(key.as_str())).map(|l| format!("{l}\n")).collect();
+            let text: String = read()
+                .lines()
+                .filter(|l| l.split_whitespace().next() != Some(key.as_str()))
+                .map(|l| format!("{l}\n"))
+                .collect();
             write(text)?;
-            println!("signer {} removed (an empty list still refuses every overlay: delete {} to accept any)", forage_trust::short(&key), list.display());
+            println!(
+                "signer {} removed (an empty list still refuses every overlay: delete {} to accept any)",
+                forage_trust::short(&key),
+                list.display()
+            );
         }
         SignerCommand::List => match forage_trust::signing::allowed_signers(&list)? {
             None => println!("no signers list: any overlay of a paired device is accepted ({} absent)", list.display()),
@@ -180,22 +220,4 @@ pub fn signer(data: &DataDir, cmd: SignerCommand) -> anyhow::Result<()> {
         },
     }
     Ok(())
-}
-
-/// Sign a package just written (`FILE.sig`) with this host's key.
-pub fn sign_package(data: &DataDir, artifact: &str, file: &std::path::Path) -> anyhow::Result<()> {
-    let signer = forage_trust::signing::Signer::open_or_init(&forage_synth::build::signing_key(data))?;
-    let digest = forage_synth::package::package_digest(file)?;
-    forage_trust::signing::write_detached(&signer, artifact, &digest, file)?;
-    Ok(())
-}
-
-/// With a signers list, a package must carry a good signature of a listed signer.
-pub fn check_package(data: &DataDir, artifact: &str, file: &std::path::Path) -> anyhow::Result<()> {
-    let signers = data.root().join("trust").join("signers");
-    if !signers.exists() {
-        return Ok(());
-    }
-    let digest = forage_synth::package::package_digest(file)?;
-    forage_trust::signing::check_detached(&signers, artifact, &digest, file).map_err(|e| anyhow::anyhow!("refusing {}: {e}", file.display()))
 }

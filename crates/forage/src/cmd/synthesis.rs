@@ -9,14 +9,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use forage_datadir::DataDir;
 
-/// The API's bearer token file.
-pub fn api_token_path(data: &DataDir) -> std::path::PathBuf {
-    forage_daemon::api_token_path(data)
-}
-
 /// `forage serve`: the daemon, from the flags or a configuration file, until Ctrl-C or
 /// SIGTERM.
-pub async fn serve(data: &DataDir, config_file: Option<&Path>, flags: forage_daemon::DaemonConfig) -> anyhow::Result<()> {
+pub async fn serve(
+    data: &DataDir,
+    config_file: Option<&Path>,
+    flags: forage_daemon::DaemonConfig,
+) -> anyhow::Result<()> {
     let config = match config_file {
         Some(path) => {
             if flags != forage_daemon::DaemonConfig::default() {
@@ -27,8 +26,16 @@ pub async fn serve(data: &DataDir, config_file: Option<&Path>, flags: forage_dae
         None => flags,
     };
     let daemon = forage_daemon::Daemon::start(data, &config).await?;
-    let bases: Vec<String> = forage_synth::BaseVm::list(data).into_iter().filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest())))).collect();
-    eprintln!("cloudlet {} listening on {}; bases: {}", daemon.cloudlet.name, daemon.listen, if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") });
+    let bases: Vec<String> = forage_synth::BaseVm::list(data)
+        .into_iter()
+        .filter_map(|(n, b)| b.ok().map(|b| format!("{n} ({})", forage_synth::package::short(b.digest()))))
+        .collect();
+    eprintln!(
+        "cloudlet {} listening on {}; bases: {}",
+        daemon.cloudlet.name,
+        daemon.listen,
+        if bases.is_empty() { "none (forage base create ...)".into() } else { bases.join(", ") }
+    );
     if let Some((api, token_path)) = &daemon.api {
         let open_reads = api.ip().is_loopback();
         eprintln!(
@@ -41,7 +48,8 @@ pub async fn serve(data: &DataDir, config_file: Option<&Path>, flags: forage_dae
         eprintln!("not announced on the local network: {why}");
     }
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -71,7 +79,7 @@ pub async fn synthesize(
     opts.request = request;
     let (report, session) = synthesize_with_progress(file, cloudlet, opts, !json).await?;
     if json {
-        super::print_json(&report);
+        crate::output::print_json(&report);
     } else {
         print_report(&report);
     }
@@ -82,7 +90,13 @@ pub async fn synthesize(
     match residue {
         Some(out) => {
             let bytes = session.close_with_residue(out).await?;
-            eprintln!("residue: {} ({} KiB); fold it in with: forage overlay merge {} {} -o NEW.ovl", out.display(), bytes >> 10, file.display(), out.display());
+            eprintln!(
+                "residue: {} ({} KiB); fold it in with: forage overlay merge {} {} -o NEW.ovl",
+                out.display(),
+                bytes >> 10,
+                file.display(),
+                out.display()
+            );
         }
         None => session.close().await,
     }
@@ -107,7 +121,11 @@ pub async fn synthesize_with_progress(
     if !progress {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}").expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     bar.set_message("sending overlay");
     let ticker = {
         let (bar, sent) = (bar.clone(), sent.clone());
@@ -136,7 +154,7 @@ pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
     let wait = Duration::from_secs_f64(timeout.clamp(0.1, 600.0));
     let found = tokio::task::spawn_blocking(move || forage_discovery::discover(wait)).await??;
     if json {
-        super::print_json(&found);
+        crate::output::print_json(&found);
         return Ok(());
     }
     if found.is_empty() {
@@ -171,9 +189,14 @@ pub async fn resolve_cloudlet(arg: &str, overlay: &Path) -> anyhow::Result<Socke
         None => Some(forage_client::OverlayFile::open(overlay).await?.manifest.base.digest),
     };
     let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2))).await??;
-    let need = forage_discovery::Need { base: base.map(|d| forage_synth::package::short(&d).to_string()), service: None };
-    let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility)
-        .with_context(|| format!("--cloudlet auto: none of the {} cloudlets that answered holds the overlay's base and is reachable", found.len()))?;
+    let need =
+        forage_discovery::Need { base: base.map(|d| forage_synth::package::short(&d).to_string()), service: None };
+    let best = forage_discovery::select(&found, &need, &forage_discovery::default_utility).with_context(|| {
+        format!(
+            "--cloudlet auto: none of the {} cloudlets that answered holds the overlay's base and is reachable",
+            found.len()
+        )
+    })?;
     eprintln!("cloudlet auto: {} at {} (of {} found)", best.ad.name, best.ad.addr, found.len());
     Ok(best.ad.addr)
 }

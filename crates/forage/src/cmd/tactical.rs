@@ -16,35 +16,24 @@ use crate::cli::{AppCommand, AppsArgs, AppsCommand, SessionArgs};
 /// `--cloudlet ADDR|auto`; with `auto` and a service, only cloudlets holding it qualify.
 pub async fn resolve(arg: &str, service: Option<&str>) -> anyhow::Result<SocketAddr> {
     if arg != "auto" {
-        return arg
-            .parse()
-            .with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
+        return arg.parse().with_context(|| format!("--cloudlet {arg}: an address like 127.0.0.1:7878, or auto"));
     }
-    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2)))
-        .await??;
-    let need = forage_discovery::Need {
-        base: None,
-        service: service.map(str::to_string),
-    };
+    let found = tokio::task::spawn_blocking(|| forage_discovery::discover(Duration::from_secs(2))).await??;
+    let need = forage_discovery::Need { base: None, service: service.map(str::to_string) };
     let utility = |f: &forage_discovery::Found, n: &forage_discovery::Need| {
-        if n.service
-            .as_ref()
-            .is_some_and(|s| !f.ad.services.contains(s))
-        {
+        if n.service.as_ref().is_some_and(|s| !f.ad.services.contains(s)) {
             return None;
         }
         forage_discovery::default_utility(f, n)
     };
     let best = forage_discovery::select(&found, &need, &utility).with_context(|| match service {
-        Some(s) => format!("--cloudlet auto: none of the {} cloudlets that answered holds service {s} and is reachable", found.len()),
+        Some(s) => format!(
+            "--cloudlet auto: none of the {} cloudlets that answered holds service {s} and is reachable",
+            found.len()
+        ),
         None => format!("--cloudlet auto: none of the {} cloudlets that answered is reachable", found.len()),
     })?;
-    eprintln!(
-        "cloudlet auto: {} at {} (of {} found)",
-        best.ad.name,
-        best.ad.addr,
-        found.len()
-    );
+    eprintln!("cloudlet auto: {} at {} (of {} found)", best.ad.name, best.ad.addr, found.len());
     Ok(best.ad.addr)
 }
 
@@ -68,10 +57,15 @@ async fn provision_after(
 ) -> anyhow::Result<()> {
     let addr = resolve(&args.cloudlet, service).await?;
     let mechanism = request.mechanism();
-    let (report, mut session) =
-        forage_client::provision(addr, &super::pair::credentials(data, addr, None)?, "forage-cli", request, args.request.clone())
-            .await
-            .with_context(|| format!("{mechanism} on cloudlet {addr}"))?;
+    let (report, mut session) = forage_client::provision(
+        addr,
+        &forage_trust::DeviceTrust::new(&data.trust_peers()).credentials(addr, None)?,
+        "forage-cli",
+        request,
+        args.request.clone(),
+    )
+    .await
+    .with_context(|| format!("{mechanism} on cloudlet {addr}"))?;
     print_report(&report, args.json, download_s);
     if args.hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
@@ -83,7 +77,10 @@ async fn provision_after(
             None => session.close().await,
             Some(forage_client::Ended::Moved { cloudlet, service }) => {
                 if args.json {
-                    println!("{}", serde_json::json!({ "moved_to": cloudlet, "endpoint": service.addr, "service": service }));
+                    println!(
+                        "{}",
+                        serde_json::json!({ "moved_to": cloudlet, "endpoint": service.addr, "service": service })
+                    );
                 } else {
                     println!("the instance moved to cloudlet {cloudlet}: the service answers at {}", service.addr);
                 }
@@ -100,7 +97,7 @@ fn print_report(r: &ProvisionReport, json: bool, download_s: Option<f64>) {
     if json {
         let mut v = serde_json::to_value(r).expect("report serializes");
         v["app_download_s"] = download_s.into();
-        super::print_json(&v);
+        crate::output::print_json(&v);
         return;
     }
     if let Some(d) = download_s {
@@ -117,13 +114,15 @@ fn print_report(r: &ProvisionReport, json: bool, download_s: Option<f64>) {
 
 pub async fn apps(data: &forage_datadir::DataDir, args: AppsArgs) -> anyhow::Result<()> {
     let addr = resolve(&args.cloudlet, None).await?;
-    let credentials = super::pair::credentials(data, addr, None)?;
+    let credentials = forage_trust::DeviceTrust::new(&data.trust_peers()).credentials(addr, None)?;
     let platform = forage_service::this_platform();
     match args.command {
         None => {
-            let apps = forage_client::list_apps(addr, &credentials, (!args.all).then_some(platform.as_str())).await.with_context(|| format!("app store of {addr}"))?;
+            let apps = forage_client::list_apps(addr, &credentials, (!args.all).then_some(platform.as_str()))
+                .await
+                .with_context(|| format!("app store of {addr}"))?;
             if args.json {
-                super::print_json(&apps.iter().map(|a| serde_json::json!({"id": a.id, "service": a.service, "platform": a.platform, "file": a.file, "size": a.size, "sha256": a.sha256})).collect::<Vec<_>>());
+                crate::output::print_json(&apps.iter().map(|a| serde_json::json!({"id": a.id, "service": a.service, "platform": a.platform, "file": a.file, "size": a.size, "sha256": a.sha256})).collect::<Vec<_>>());
             } else if apps.is_empty() {
                 println!("no client apps for {} at {addr}", if args.all { "any platform" } else { &platform });
             } else {
@@ -134,7 +133,8 @@ pub async fn apps(data: &forage_datadir::DataDir, args: AppsArgs) -> anyhow::Res
         }
         Some(AppsCommand::Get { id, output, no_start, request, hold }) => {
             let t = std::time::Instant::now();
-            let (info, bytes) = forage_client::get_app(addr, &credentials, &id).await.with_context(|| format!("getting app {id}"))?;
+            let (info, bytes) =
+                forage_client::get_app(addr, &credentials, &id).await.with_context(|| format!("getting app {id}"))?;
             if !forage_service::plain(&info.file) {
                 bail!("the app store names a file {:?} that is not a plain name", info.file);
             }
@@ -145,11 +145,25 @@ pub async fn apps(data: &forage_datadir::DataDir, args: AppsArgs) -> anyhow::Res
             std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))?;
             let download_s = t.elapsed().as_secs_f64();
             if !args.json {
-                println!("app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}", info.id, info.platform, path.display(), info.size, info.service);
+                println!(
+                    "app {} for {} saved to {} ({} bytes, sha256 checked); its service is {}",
+                    info.id,
+                    info.platform,
+                    path.display(),
+                    info.size,
+                    info.service
+                );
             }
             if !no_start {
                 let session = SessionArgs { cloudlet: addr.to_string(), request, hold, json: args.json };
-                return provision_after(data, Provision::Push { app: id }, Some(&info.service), &session, Some(download_s)).await;
+                return provision_after(
+                    data,
+                    Provision::Push { app: id },
+                    Some(&info.service),
+                    &session,
+                    Some(download_s),
+                )
+                .await;
             }
         }
     }
@@ -158,33 +172,16 @@ pub async fn apps(data: &forage_datadir::DataDir, args: AppsArgs) -> anyhow::Res
 
 pub async fn app(data: &forage_datadir::DataDir, cmd: AppCommand) -> anyhow::Result<()> {
     match cmd {
-        AppCommand::Pack {
-            command,
-            name,
-            port,
-            probe,
-            data,
-            output,
-        } => {
+        AppCommand::Pack { command, name, port, probe, data, output } => {
             let name = name.unwrap_or_else(|| {
-                Path::new(&command[0])
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
+                Path::new(&command[0]).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
             });
             let bytes = appvirt::pack(&command, &name, port, probe, &data)?;
             let b = appvirt::AppBundle::open(&bytes).context("checking the bundle just packed")?;
             let partial = output.with_extension("partial");
-            std::fs::write(&partial, &bytes)
-                .with_context(|| format!("writing {}", partial.display()))?;
-            std::fs::rename(&partial, &output)
-                .with_context(|| format!("writing {}", output.display()))?;
-            let libs = b
-                .manifest
-                .files
-                .iter()
-                .filter(|f| f.path.contains(".so"))
-                .count();
+            std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, &output).with_context(|| format!("writing {}", output.display()))?;
+            let libs = b.manifest.files.iter().filter(|f| f.path.contains(".so")).count();
             println!(
                 "packed {name} for {}: {} files ({libs} libraries), {} KiB -> {}",
                 b.manifest.os,
@@ -195,8 +192,7 @@ pub async fn app(data: &forage_datadir::DataDir, cmd: AppCommand) -> anyhow::Res
             Ok(())
         }
         AppCommand::Run { bundle, session } => {
-            let package =
-                std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
+            let package = std::fs::read(&bundle).with_context(|| format!("reading {}", bundle.display()))?;
             appvirt::AppBundle::open(&package).with_context(|| format!("{}", bundle.display()))?;
             provision(data, Provision::App { package }, None, &session).await
         }

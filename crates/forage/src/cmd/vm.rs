@@ -82,7 +82,9 @@ fn state(paths: &VmPaths, r: &VmRecord) -> &'static str {
 
 pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
     match cmd {
-        VmCommand::Boot { name, image, app, wait, json } => boot(data, &name, &image, app.as_deref(), wait.ready_timeout_s, json).await,
+        VmCommand::Boot { name, image, app, wait, json } => {
+            boot(data, &name, &image, app.as_deref(), wait.ready_timeout_s, json).await
+        }
         VmCommand::Save { name, force, json } => save(data, &name, force, json).await,
         VmCommand::Restore { name, from, json } => restore(data, &name, from.as_deref(), json).await,
         VmCommand::Pause { name } => attached(data, &name).await?.pause().await.map_err(Into::into),
@@ -94,7 +96,14 @@ pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn boot(data: &DataDir, name: &str, image: &str, app: Option<&Path>, ready_s: u64, json: bool) -> anyhow::Result<()> {
+async fn boot(
+    data: &DataDir,
+    name: &str,
+    image: &str,
+    app: Option<&Path>,
+    ready_s: u64,
+    json: bool,
+) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
     if let Ok(r) = paths.load() {
         if qemu_alive(r.pid) {
@@ -105,7 +114,7 @@ async fn boot(data: &DataDir, name: &str, image: &str, app: Option<&Path>, ready
     let app = app.map(AppPackage::open).transpose()?;
     let guest_ports: Vec<u16> = app.iter().map(|a| a.manifest().port).collect();
     let _ = std::fs::remove_dir_all(&paths.run.dir);
-    let accel = super::accel();
+    let accel = forage_vm::accel::choose();
     let ready = image
         .boot(name, &paths.run, &guest_ports, accel, Duration::from_secs(ready_s))
         .await
@@ -167,7 +176,7 @@ pub async fn install(data: &DataDir, agent_port: u16, app: AppPackage) -> anyhow
 fn announce(r: &VmRecord, took: Duration, json: bool) {
     let service = r.app.as_ref().map(|a| format!("127.0.0.1:{}", a.host_port));
     if json {
-        super::print_json(&json!({
+        crate::output::print_json(&json!({
             "event": "running", "name": r.name, "pid": r.pid, "accel": r.accel,
             "seconds": took.as_secs_f64(), "agent": format!("127.0.0.1:{}", r.agent_port),
             "service": service, "serial_log": r.spec.serial_log,
@@ -195,7 +204,7 @@ async fn supervise(vm: Vm, name: &str, paths: &VmPaths, json: bool) -> anyhow::R
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t >= since);
             if json {
-                super::print_json(&json!({"event": "exited", "name": name, "saved": saved}));
+                crate::output::print_json(&json!({"event": "exited", "name": name, "saved": saved}));
             } else if saved {
                 println!("VM {name} was saved to {} and has exited", paths.snapshot.display());
             } else {
@@ -243,7 +252,7 @@ pub fn report_snapshot(name: &str, snap: &Snapshot, took: Duration, json: bool) 
     let m = snap.manifest();
     let mem_alloc = forage_vm::sparse::allocated_bytes(&snap.memory_path()).unwrap_or(0);
     if json {
-        super::print_json(&json!({
+        crate::output::print_json(&json!({
             "event": "saved", "name": name, "dir": snap.dir(), "seconds": took.as_secs_f64(),
             "memory_bytes": m.memory.size, "memory_allocated_bytes": mem_alloc, "state_bytes": m.state.size,
         }));
@@ -268,12 +277,20 @@ async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) ->
             // A VM new to this data directory: describe it from the snapshot.
             std::fs::create_dir_all(&paths.dir).with_context(|| paths.dir.display().to_string())?;
             let spec = snap.manifest().spec.clone();
-            let app = spec.nic.as_ref().and_then(|n| n.forwards.iter().find(|f| f.guest_port != forage_agent::AGENT_PORT)).map(|f| AppForward {
-                name: "service".into(),
-                guest_port: f.guest_port,
-                host_port: 0,
-            });
-            VmRecord { name: name.to_string(), image: "snapshot".into(), accel: snap.manifest().accel, pid: None, spec, agent_port: 0, app }
+            let app = spec
+                .nic
+                .as_ref()
+                .and_then(|n| n.forwards.iter().find(|f| f.guest_port != forage_agent::AGENT_PORT))
+                .map(|f| AppForward { name: "service".into(), guest_port: f.guest_port, host_port: 0 });
+            VmRecord {
+                name: name.to_string(),
+                image: "snapshot".into(),
+                accel: snap.manifest().accel,
+                pid: None,
+                spec,
+                agent_port: 0,
+                app,
+            }
         }
         (Err(e), None) => return Err(e),
     };
@@ -281,7 +298,7 @@ async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) ->
         bail!("VM {name} is running (pid {}); save or stop it first", record.pid.unwrap_or(0));
     }
     let t = Instant::now();
-    let vm = restore_snapshot(&snap, name, &paths.run, super::accel()).await?;
+    let vm = restore_snapshot(&snap, name, &paths.run, forage_vm::accel::choose()).await?;
     let took = t.elapsed();
     // New host ports, same guest ports.
     let fwd = vm.spec().nic.as_ref().map(|n| n.forwards.clone()).unwrap_or_default();
@@ -346,12 +363,18 @@ fn list(data: &DataDir, json: bool) -> anyhow::Result<()> {
         }
     }
     if json {
-        super::print_json(&rows);
+        crate::output::print_json(&rows);
     } else if rows.is_empty() {
         println!("no VMs (boot one: forage vm boot NAME)");
     } else {
         for r in rows {
-            println!("{:<16} {:<8} image {}  service {}", r["name"].as_str().unwrap_or(""), r["state"].as_str().unwrap_or(""), r["image"].as_str().unwrap_or(""), r["service"].as_str().unwrap_or("-"));
+            println!(
+                "{:<16} {:<8} image {}  service {}",
+                r["name"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+                r["image"].as_str().unwrap_or(""),
+                r["service"].as_str().unwrap_or("-")
+            );
         }
     }
     Ok(())
