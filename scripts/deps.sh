@@ -129,6 +129,12 @@ command -v xz >/dev/null || need+=(xz-utils)
 # against a private bus and daemon of its own: nothing is started system-wide).
 command -v avahi-browse >/dev/null || need+=(avahi-daemon avahi-utils)
 command -v dbus-daemon >/dev/null || need+=(dbus)
+# The web UI's browser tests drive Debian's Chromium, headless, through its WebDriver
+# (chromedriver, the same version: chromium-driver depends on its chromium); a font, so
+# that their screenshots show text.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+[ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
 # shellcheck disable=SC2207
 need=($(printf '%s\n' "${need[@]}" | sort -u))
 apt_install "${need[@]}"
