@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! sessions      id, device, base_digest, overlay_digest, mode, started/ended, status,
-//!               error, bytes_received, first_ready_ms
+//!               error, bytes_received, first_ready_ms, received_ms, applied_ms,
+//!               decompress_ms, resume_ms, first_response_ms (the first-response breakdown)
 //! instances     id, session_id, name, qemu_pid, dir, endpoint, started/stopped, status
 //! launch_cache  overlay_digest (key), base_digest, dir, bytes, created, last_used, hits
 //! ```
@@ -36,7 +37,7 @@ pub use error::{OpenError, StateError};
 pub use instances::qemu_alive;
 pub use records::{
     CacheEntry, InstanceRecord, InstanceStatus, NewCacheEntry, NewInstance, NewSession, SessionMode, SessionRecord,
-    SessionStatus, Totals,
+    SessionStatus, SessionTimings, Timing, Totals,
 };
 pub use schema::SCHEMA_VERSION;
 pub(crate) use store::now_unix_ms;

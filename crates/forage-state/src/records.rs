@@ -129,6 +129,36 @@ pub struct SessionRecord {
     pub bytes_received: u64,
     /// From the session's start to its VM being ready, when it got there.
     pub first_ready_ms: Option<u64>,
+    /// The rest of its first-response breakdown.
+    pub timings: SessionTimings,
+}
+
+/// Where a session's time went, as the cloudlet saw it: each known once it happened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionTimings {
+    /// From the start to the last segment received (synthesis; none for a cached launch).
+    pub received_ms: Option<u64>,
+    /// From the start to every segment applied.
+    pub applied_ms: Option<u64>,
+    /// Time spent checking and decompressing segments (store and forward, pipelined).
+    pub decompress_ms: Option<u64>,
+    /// What resuming the VM took (it ended when the VM was ready).
+    pub resume_ms: Option<u64>,
+    /// From the start to the device's first answer from the service (its checkpoint).
+    pub first_response_ms: Option<u64>,
+}
+
+/// One moment of a session's breakdown, recorded when it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// The last segment arrived, this long after the start.
+    Received(u64),
+    /// Every segment applied, this long after the start; of which decompressing.
+    Applied { at_ms: u64, decompress_ms: Option<u64> },
+    /// Resuming the VM took this long.
+    Resumed(u64),
+    /// The device had its first answer this long after the start.
+    FirstResponse(u64),
 }
 
 /// A launch VM as the caller starts it; the state stamps its start time.

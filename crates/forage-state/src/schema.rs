@@ -93,6 +93,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sessions_v3 RENAME TO sessions;
     CREATE INDEX sessions_started ON sessions (started_unix_ms);
     CREATE INDEX sessions_status ON sessions (status);",
+    // 3 -> 4: where a session's time went, as the cloudlet saw it (the first-response
+    // breakdown): milliseconds from the session's start, or durations.
+    "ALTER TABLE sessions ADD COLUMN received_ms INTEGER;
+    ALTER TABLE sessions ADD COLUMN applied_ms INTEGER;
+    ALTER TABLE sessions ADD COLUMN decompress_ms INTEGER;
+    ALTER TABLE sessions ADD COLUMN resume_ms INTEGER;
+    ALTER TABLE sessions ADD COLUMN first_response_ms INTEGER;",
 ];
 
 /// Brings the file to [`SCHEMA_VERSION`], one transaction per step; refuses a newer file.

@@ -2,11 +2,12 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use crate::records::{NewSession, SessionRecord, SessionStatus};
+use crate::records::{NewSession, SessionRecord, SessionStatus, SessionTimings, Timing};
 use crate::{now_unix_ms, State, StateError};
 
 const COLUMNS: &str = "id, device, base_digest, overlay_digest, mode, started_unix_ms, \
-                       ended_unix_ms, status, error, bytes_received, first_ready_ms";
+                       ended_unix_ms, status, error, bytes_received, first_ready_ms, \
+                       received_ms, applied_ms, decompress_ms, resume_ms, first_response_ms";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<SessionRecord> {
     Ok(SessionRecord {
@@ -21,6 +22,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<SessionRecord> {
         error: r.get(8)?,
         bytes_received: r.get(9)?,
         first_ready_ms: r.get(10)?,
+        timings: SessionTimings {
+            received_ms: r.get(11)?,
+            applied_ms: r.get(12)?,
+            decompress_ms: r.get(13)?,
+            resume_ms: r.get(14)?,
+            first_response_ms: r.get(15)?,
+        },
     })
 }
 
@@ -46,6 +54,28 @@ impl State {
             .map_err(StateError::sql("mark session ready"))?;
         found(n, "session", id)?;
         tracing::debug!(session = %id, first_ready_ms, "session ready");
+        Ok(())
+    }
+
+    /// Records one moment of the session's first-response breakdown (the first
+    /// first-response checkpoint counts; later ones are the device's own business).
+    pub fn session_timing(&self, id: &str, timing: Timing) -> Result<(), StateError> {
+        let conn = self.conn();
+        let n = match timing {
+            Timing::Received(ms) => conn.execute("UPDATE sessions SET received_ms = ?2 WHERE id = ?1", params![id, ms]),
+            Timing::Applied { at_ms, decompress_ms } => conn.execute(
+                "UPDATE sessions SET applied_ms = ?2, decompress_ms = ?3 WHERE id = ?1",
+                params![id, at_ms, decompress_ms],
+            ),
+            Timing::Resumed(ms) => conn.execute("UPDATE sessions SET resume_ms = ?2 WHERE id = ?1", params![id, ms]),
+            Timing::FirstResponse(ms) => conn.execute(
+                "UPDATE sessions SET first_response_ms = COALESCE(first_response_ms, ?2) WHERE id = ?1",
+                params![id, ms],
+            ),
+        }
+        .map_err(StateError::sql("record session timing"))?;
+        found(n, "session", id)?;
+        tracing::debug!(session = %id, ?timing, "session timing");
         Ok(())
     }
 

@@ -49,6 +49,12 @@ impl State {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A number that grows with every row this state (any clone) inserted, changed or
+    /// deleted: a live view reads the tables again only when it moved.
+    pub fn generation(&self) -> u64 {
+        self.conn().total_changes()
+    }
+
     /// Counters for metrics and the status route.
     pub fn totals(&self) -> Result<Totals, StateError> {
         let conn = self.conn();

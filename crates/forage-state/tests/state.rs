@@ -5,7 +5,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{cache, instance, session};
-use forage_state::{InstanceStatus, OpenError, SessionMode, SessionStatus, State, StateError, Totals, SCHEMA_VERSION};
+use forage_state::{
+    InstanceStatus, OpenError, SessionMode, SessionStatus, SessionTimings, State, StateError, Timing, Totals,
+    SCHEMA_VERSION,
+};
 
 fn journal_mode(path: &Path) -> String {
     let conn = rusqlite::Connection::open(path).unwrap();
@@ -214,4 +217,37 @@ fn every_session_mode_is_recorded_and_old_files_are_migrated() {
         state.session_started(&session(&format!("s{i}"), *mode)).unwrap_or_else(|e| panic!("{mode}: {e}"));
     }
     assert_eq!(state.list_sessions(100).unwrap().len(), SessionMode::ALL.len() + 1);
+}
+
+#[test]
+fn a_sessions_breakdown_is_recorded_and_every_change_moves_the_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(dir.path().join("state.db")).unwrap();
+    let g0 = state.generation();
+    state.session_started(&session("s1", SessionMode::EarlyStart)).unwrap();
+    let g1 = state.generation();
+    assert!(g1 > g0, "an insert moves it");
+    state.session_timing("s1", Timing::Resumed(80)).unwrap();
+    state.session_ready("s1", 110).unwrap();
+    state.session_timing("s1", Timing::FirstResponse(320)).unwrap();
+    state.session_timing("s1", Timing::FirstResponse(900)).unwrap();
+    state.session_timing("s1", Timing::Received(450)).unwrap();
+    state.session_timing("s1", Timing::Applied { at_ms: 480, decompress_ms: None }).unwrap();
+    assert!(state.generation() > g1, "updates move it");
+    let g2 = state.generation();
+    state.list_sessions(10).unwrap();
+    assert_eq!(state.generation(), g2, "reads do not");
+    let s1 = state.session("s1").unwrap().unwrap();
+    assert_eq!(
+        s1.timings,
+        SessionTimings {
+            received_ms: Some(450),
+            applied_ms: Some(480),
+            decompress_ms: None,
+            resume_ms: Some(80),
+            first_response_ms: Some(320),
+        },
+        "the first first-response checkpoint counts"
+    );
+    assert!(matches!(state.session_timing("nope", Timing::Resumed(1)), Err(StateError::NotFound { .. })));
 }
