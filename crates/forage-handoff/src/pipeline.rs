@@ -19,6 +19,16 @@ use serde::{Deserialize, Serialize};
 use crate::adapt::{Adapter, LookupTable, Mode, Observation};
 use crate::segment::{encode, ChunkId, Modified, CHUNK};
 
+/// Gets every trace row as soon as it is made (a live chart of the handoff).
+#[derive(Clone)]
+pub struct TraceSink(pub Arc<dyn Fn(&TraceRow) + Send + Sync>);
+
+impl std::fmt::Debug for TraceSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TraceSink")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     pub workers: usize,
@@ -31,6 +41,8 @@ pub struct PipelineConfig {
     pub adapt: Option<LookupTable>,
     /// How long a mode is kept at least (the paper: 5 s).
     pub hold: Duration,
+    /// Told every trace row as it is made.
+    pub on_trace: Option<TraceSink>,
 }
 
 impl Default for PipelineConfig {
@@ -42,6 +54,7 @@ impl Default for PipelineConfig {
             start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"),
             adapt: None,
             hold: crate::adapt::MIN_HOLD,
+            on_trace: None,
         }
     }
 }
@@ -169,6 +182,7 @@ pub fn run(
                 (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
             let table = config.adapt.clone();
             let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
+            let on_trace = config.on_trace.clone();
             s.spawn(move || {
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
                 let mut last_acked = acked.load(Ordering::Relaxed);
@@ -218,14 +232,18 @@ pub fn run(
                         }
                     }
                     let potential = if sum.chunks > 0 { workers / p.max(1e-9) * CHUNK as f64 * r } else { 0.0 };
-                    trace.lock().unwrap_or_else(|p| p.into_inner()).0.push(TraceRow {
+                    let row = TraceRow {
                         t_s: start.elapsed().as_secs_f64(),
                         input_bps: sum.input as f64 / span,
                         output_bps: bandwidth,
                         potential_output_bps: potential,
                         mode: current.to_string(),
                         switched,
-                    });
+                    };
+                    if let Some(sink) = &on_trace {
+                        (sink.0)(&row);
+                    }
+                    trace.lock().unwrap_or_else(|p| p.into_inner()).0.push(row);
                 }
             });
         }
@@ -305,6 +323,8 @@ mod tests {
         // The table's costs are relative: what a debug build under load measures for
         // none+none scales them. Compressing costs twice as much per chunk here, so the
         // 4 MB/s link stays the bottleneck whatever this machine's speed.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let live = seen.clone();
         let table = LookupTable {
             chunk_bytes: CHUNK as u64,
             modes: vec![
@@ -319,6 +339,7 @@ mod tests {
             start: parse_mode("none+none").unwrap(),
             adapt: Some(table),
             hold: Duration::from_millis(200),
+            on_trace: Some(TraceSink(Arc::new(move |r: &TraceRow| live.lock().unwrap().push(r.clone())))),
         };
         let acked = Arc::new(AtomicU64::new(0));
         let mut got = BTreeMap::new();
@@ -348,6 +369,7 @@ mod tests {
         assert!(!report.switches.is_empty(), "the slow link made it compress: {:?}", report.trace);
         assert!(report.trace.iter().any(|r| r.mode == "xor+zstd-3"), "{:?}", report.switches);
         assert!(report.output_bytes < report.input_bytes);
+        assert_eq!(*seen.lock().unwrap(), report.trace, "the sink saw every row as it was made");
     }
 
     #[test]
