@@ -155,6 +155,12 @@ pub struct ShimStatus {
     pub relay_idle_ms: Option<u64>,
     /// Connections the relay admitted, in all.
     pub relay_connections: u64,
+    /// Bytes the relay carried to the guest's service, in all (an older shim: 0).
+    #[serde(default)]
+    pub relay_bytes_to_guest: u64,
+    /// Bytes the relay carried back from it, in all.
+    #[serde(default)]
+    pub relay_bytes_from_guest: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,8 +2,9 @@
 //! guest agent's port included, which must never face devices); the relay listens on the
 //! cloudlet's service address and passes to the guest's service port the connections of
 //! devices that hold the instance's token, inside TLS (`forage_proto::service`). It notes
-//! when bytes last went through: what the idle timeout measures. Connections that do not
-//! present the token are closed unheard and do not count as use.
+//! when bytes last went through (what the idle timeout measures) and how many went each
+//! way. Connections that do not present the token are closed unheard and do not count as
+//! use.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,15 @@ pub struct Relay {
     /// Milliseconds since `epoch` of the last byte relayed (or of the start).
     last: Arc<AtomicU64>,
     admitted: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
     task: JoinHandle<()>,
+}
+
+/// Bytes relayed each way, in all.
+#[derive(Debug, Default)]
+struct Traffic {
+    to_guest: AtomicU64,
+    from_guest: AtomicU64,
 }
 
 impl Relay {
@@ -44,7 +53,8 @@ impl Relay {
         let addr = listener.local_addr()?;
         let epoch = Instant::now();
         let (last, admitted) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (l, a) = (last.clone(), admitted.clone());
+        let traffic = Arc::new(Traffic::default());
+        let (l, a, t) = (last.clone(), admitted.clone(), traffic.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
@@ -56,13 +66,13 @@ impl Relay {
                                 tracing::debug!(%peer, "service relay {addr}: too many connections");
                                 continue;
                             }
-                            let (l, a, acceptor) = (l.clone(), a.clone(), acceptor.clone());
+                            let (l, a, t, acceptor) = (l.clone(), a.clone(), t.clone(), acceptor.clone());
                             conns.spawn(async move {
                                 match admit(client, &acceptor, &token).await {
                                     Ok(device) => {
                                         a.fetch_add(1, Ordering::Relaxed);
                                         if let Ok(guest) = TcpStream::connect(target).await {
-                                            relay(device, guest, epoch, l).await;
+                                            relay(device, guest, epoch, l, t).await;
                                         }
                                     }
                                     Err(why) => tracing::debug!(%peer, "service relay {addr}: refused: {why}"),
@@ -78,7 +88,7 @@ impl Relay {
                 }
             }
         });
-        Ok(Self { addr, epoch, last, admitted, task })
+        Ok(Self { addr, epoch, last, admitted, traffic, task })
     }
 
     /// Count idleness from now.
@@ -94,6 +104,11 @@ impl Relay {
     /// Connections admitted (token presented), in all.
     pub fn admitted(&self) -> u64 {
         self.admitted.load(Ordering::Relaxed)
+    }
+
+    /// Bytes relayed to the guest's service and from it, in all.
+    pub fn traffic(&self) -> (u64, u64) {
+        (self.traffic.to_guest.load(Ordering::Relaxed), self.traffic.from_guest.load(Ordering::Relaxed))
     }
 }
 
@@ -123,20 +138,33 @@ async fn admit(
     tokio::time::timeout(Duration::from_secs(PREAMBLE_WAIT_S), checked).await.map_err(|_| "no preamble in time")?
 }
 
-async fn relay(device: impl AsyncRead + AsyncWrite + Unpin, guest: TcpStream, epoch: Instant, last: Arc<AtomicU64>) {
+async fn relay(
+    device: impl AsyncRead + AsyncWrite + Unpin,
+    guest: TcpStream,
+    epoch: Instant,
+    last: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
+) {
     let (dr, dw) = tokio::io::split(device);
     let (gr, gw) = guest.into_split();
-    tokio::join!(pump(dr, gw, epoch, last.clone()), pump(gr, dw, epoch, last));
+    tokio::join!(pump(dr, gw, epoch, &last, &traffic.to_guest), pump(gr, dw, epoch, &last, &traffic.from_guest));
 }
 
-/// Copy one direction until EOF or an error, noting the time of every piece.
-async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, epoch: Instant, last: Arc<AtomicU64>) {
+/// Copy one direction until EOF or an error, noting the time and size of every piece.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    epoch: Instant,
+    last: &AtomicU64,
+    bytes: &AtomicU64,
+) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
                 if to.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
@@ -212,10 +240,17 @@ mod tests {
         other_ca.ca_sha256 = "ab".repeat(32);
         assert!(matches!(ask(other_ca).await.unwrap(), Err(forage_client::service::ServiceError::Tls { .. })));
         assert_eq!(reached.load(Ordering::SeqCst), 0, "a connection without the token reached the guest");
+        assert_eq!(relay.traffic(), (0, 0), "refused connections carry nothing");
         // The device that holds the token.
         assert_eq!(ask(endpoint.clone()).await.unwrap().unwrap(), "hello");
         assert_eq!(reached.load(Ordering::SeqCst), 1);
         assert_eq!(relay.admitted(), 1);
+        // "hello\n" each way (the line the device sent, echoed).
+        let t = Instant::now();
+        while relay.traffic() != (6, 6) && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(relay.traffic(), (6, 6));
     }
 
     fn proxy_addr(ep: &forage_proto::ServiceEndpoint) -> SocketAddr {

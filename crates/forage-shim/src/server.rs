@@ -236,6 +236,8 @@ impl Shim {
             stats,
             relay_idle_ms: self.relay.as_ref().map(|r| r.idle_ms()),
             relay_connections: self.relay.as_ref().map_or(0, |r| r.admitted()),
+            relay_bytes_to_guest: self.relay.as_ref().map_or(0, |r| r.traffic().0),
+            relay_bytes_from_guest: self.relay.as_ref().map_or(0, |r| r.traffic().1),
         }
     }
 
