@@ -23,6 +23,7 @@ mod files;
 mod pairing;
 mod peer;
 pub mod signing;
+mod uri;
 
 pub use certs::{fingerprint, short};
 pub(crate) use certs::{pem_cert, private_key, provider, read_key, read_pem_cert};
@@ -33,6 +34,7 @@ pub use error::TrustError;
 pub(crate) use files::{io, now_unix, offset, write_file};
 pub use pairing::{new_csr, pairing_client_config, pinned_client_config, Bundle};
 pub use peer::{check_peer_name, Issued, PeerKind, CODE_TTL, DEFAULT_VALIDITY, MAX_VALIDITY, SERVER_NAME};
+pub use uri::PairingUri;
 
 #[cfg(test)]
 mod tests {

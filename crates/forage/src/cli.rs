@@ -312,6 +312,10 @@ pub struct PairArgs {
     /// (device) the cloudlet to pair with
     #[arg(long, requires = "code")]
     pub cloudlet: Option<String>,
+    /// (device) what the cloudlet's pairing QR code says (its web UI shows one):
+    /// forage://pair?cloudlet=ADDR&name=NAME&code=CODE, instead of --cloudlet and --code
+    #[arg(long, conflicts_with_all = ["cloudlet", "code", "bundle"])]
+    pub uri: Option<String>,
     /// (device) the code `forage pair` showed on the cloudlet
     #[arg(long)]
     pub code: Option<String>,

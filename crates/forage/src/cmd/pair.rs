@@ -24,6 +24,11 @@ pub async fn run(data: &DataDir, args: PairArgs) -> anyhow::Result<()> {
     let devices = DeviceTrust::new(&data.trust_peers());
     let valid = Duration::from_secs(args.valid_days.max(1) * 24 * 3600);
     let kind = if args.as_cloudlet { PeerKind::Cloudlet } else { PeerKind::Device };
+    let mut args = args;
+    if let Some(uri) = args.uri.take() {
+        let uri: forage_trust::PairingUri = uri.parse()?;
+        (args.cloudlet, args.code) = (Some(uri.cloudlet.to_string()), Some(uri.code));
+    }
     match (args.command, args.cloudlet, args.bundle) {
         (Some(PairCommand::List { json: as_json }), _, _) => list(data, &devices, as_json || args.json),
         (Some(PairCommand::Revoke { who }), _, _) => {
