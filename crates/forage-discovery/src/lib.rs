@@ -34,6 +34,8 @@ pub enum DiscoveryError {
     Mdns(#[from] mdns_sd::Error),
     #[error("no cloudlet answered within {0:?}")]
     NoneFound(Duration),
+    #[error("cannot start the thread that watches the network")]
+    Thread(#[source] std::io::Error),
 }
 
 /// What a cloudlet says about itself.
@@ -164,6 +166,67 @@ fn rtt(addr: SocketAddr) -> Option<f64> {
     let t = Instant::now();
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     Some(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// A cloudlet a [`Watcher`] has seen, and when it last heard from it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Seen {
+    #[serde(flatten)]
+    pub found: Found,
+    pub last_seen: std::time::SystemTime,
+}
+
+/// Browses without end (the operator's view of the network): every cloudlet that
+/// announces itself, kept current, and forgotten when it withdraws its announcement.
+pub struct Watcher {
+    daemon: ServiceDaemon,
+    seen: std::sync::Arc<std::sync::Mutex<HashMap<String, Seen>>>,
+}
+
+/// Start watching the local network for cloudlets.
+pub fn watch() -> Result<Watcher, DiscoveryError> {
+    let daemon = ServiceDaemon::new()?;
+    let events = daemon.browse(SERVICE_TYPE)?;
+    let seen: std::sync::Arc<std::sync::Mutex<HashMap<String, Seen>>> = Default::default();
+    let map = seen.clone();
+    // Ends when the daemon shuts down (the channel closes).
+    std::thread::Builder::new()
+        .name("cloudlet-watch".into())
+        .spawn(move || {
+            while let Ok(event) = events.recv() {
+                match event {
+                    ServiceEvent::ServiceResolved(info) => {
+                        let Some(ad) = Advertisement::from_info(&info) else { continue };
+                        let found = Found { rtt_ms: rtt(ad.addr), ad };
+                        let entry = Seen { found, last_seen: std::time::SystemTime::now() };
+                        map.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.found.ad.name.clone(), entry);
+                    }
+                    ServiceEvent::ServiceRemoved(_, fullname) => {
+                        if let Some(name) = fullname.strip_suffix(&format!(".{SERVICE_TYPE}")) {
+                            map.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .map_err(DiscoveryError::Thread)?;
+    Ok(Watcher { daemon, seen })
+}
+
+impl Watcher {
+    /// Every cloudlet seen and not withdrawn, by name.
+    pub fn seen(&self) -> Vec<Seen> {
+        let mut all: Vec<Seen> = self.seen.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        all.sort_by(|a, b| a.found.ad.name.cmp(&b.found.ad.name));
+        all
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.daemon.shutdown();
+    }
 }
 
 /// What the device wants; the utility function scores a cloudlet for it.
