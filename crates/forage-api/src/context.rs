@@ -5,6 +5,10 @@ use std::time::Instant;
 
 use crate::error::ActionError;
 use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, ServiceInfo};
+use crate::views_live::{
+    CloudletList, CredentialView, HandoffEvent, HandoffView, InstanceUsage, PairingCodeRequest, PairingCodeView,
+};
+use crate::websession::WebSessions;
 
 /// What the API asks of the daemon. Calls are synchronous; the API runs them on a
 /// blocking thread.
@@ -27,6 +31,27 @@ pub trait Control: Send + Sync + 'static {
     /// Moves running instance `id` to another cloudlet and waits for the outcome: the
     /// instance runs there, or it failed to move and runs on here (the error says why).
     fn handoff(&self, id: &str, request: HandoffRequest) -> Result<HandoffReport, ActionError>;
+    /// What running instance `id`'s service relay carried; `None` if it does not run
+    /// here or has no service.
+    fn instance_usage(&self, id: &str) -> Option<InstanceUsage>;
+    /// Handoffs sent from here: running, and the last few that ended, newest first.
+    fn handoffs(&self) -> Vec<HandoffView>;
+    /// Hear every handoff's start, trace point and end from now on.
+    fn watch_handoffs(&self) -> tokio::sync::broadcast::Receiver<HandoffEvent>;
+    /// Makes a one-time pairing code. `reached_at` is the address the operator's browser
+    /// reached the API at: where a phone on the same network may reach the cloudlet when
+    /// it listens on every address.
+    fn pairing_code(
+        &self,
+        request: &PairingCodeRequest,
+        reached_at: Option<std::net::IpAddr>,
+    ) -> Result<PairingCodeView, ActionError>;
+    /// Credentials this cloudlet issued, newest first.
+    fn credentials(&self) -> Vec<CredentialView>;
+    /// Revokes every credential named `who` (or with serial `who`).
+    fn revoke(&self, who: &str) -> Result<(), ActionError>;
+    /// Cloudlets seen announcing themselves on the local network.
+    fn cloudlets(&self) -> CloudletList;
 }
 
 /// What every route can reach.
@@ -43,6 +68,8 @@ pub struct ApiContext {
     pub started: Instant,
     pub control: Arc<dyn Control>,
     pub access: Access,
+    /// Live feeds open now (`GET /v1/events`).
+    pub feeds: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Who may call the API.
@@ -52,12 +79,14 @@ pub struct Access {
     pub token: Option<String>,
     /// Reads (GET) without the token: only when the API listens on loopback.
     pub open_reads: bool,
+    /// The web UI's sign-ins (session cookies and their CSRF tokens).
+    pub sessions: Arc<WebSessions>,
 }
 
 impl ApiContext {
     /// Require `token` for changes, and for reads unless `open_reads`.
     pub fn with_access(mut self, token: String, open_reads: bool) -> Self {
-        self.access = Access { token: Some(token), open_reads };
+        self.access = Access { token: Some(token), open_reads, sessions: self.access.sessions.clone() };
         self
     }
 
@@ -77,6 +106,7 @@ impl ApiContext {
             started: Instant::now(),
             control,
             access: Access::default(),
+            feeds: Default::default(),
         }
     }
 }

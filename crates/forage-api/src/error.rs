@@ -74,6 +74,13 @@ pub enum ApiError {
     /// No valid token for a route that needs one (401).
     #[error("{0}")]
     Unauthorized(String),
+    /// Signed in, but the request does not prove it comes from the signed-in page (a
+    /// missing or wrong CSRF token, another origin) (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Too many of something at once; try later (503).
+    #[error("{0}")]
+    Busy(String),
     /// The thing is not in a state the request can apply to (409).
     #[error("{0}")]
     Conflict(String),
@@ -91,6 +98,9 @@ pub enum ApiError {
     /// The state file failed (500).
     #[error(transparent)]
     State(#[from] StateError),
+    /// No randomness for a session cookie (500).
+    #[error("cannot sign in")]
+    NoRandomness(#[from] crate::websession::NoRandomness),
     /// Building the metrics text failed (500).
     #[error("cannot encode metrics")]
     Metrics(#[from] std::fmt::Error),
@@ -106,8 +116,12 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Control { source, .. } => source.status(),
-            ApiError::Task(_) | ApiError::State(_) | ApiError::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Task(_) | ApiError::State(_) | ApiError::Metrics(_) | ApiError::NoRandomness(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }

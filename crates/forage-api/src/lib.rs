@@ -3,19 +3,29 @@
 //!
 //! ```text
 //! GET    /v1/status           name, version, accel, uptime, counts
+//! GET    /v1/host             the machine: load, memory, cores
 //! GET    /v1/bases            base VMs held here                    (Control::bases)
-//! GET    /v1/sessions?limit=N synthesis sessions, newest first
-//! GET    /v1/instances?all=B  launch VMs (running only unless all=true)
+//! GET    /v1/sessions?limit=N sessions, newest first, with their first-response breakdown
+//! GET    /v1/instances?all=B  launch VMs (running only unless all=true), traffic
 //! DELETE /v1/instances/{id}   stop one                              (Control::stop_instance)
+//! POST   /v1/instances/{id}/handoff  move one                       (Control::handoff)
+//! GET    /v1/handoffs         handoffs running (trace so far) and the last that ended
 //! GET    /v1/cache            launch cache, least recently used first
 //! DELETE /v1/cache/{digest}   evict one                             (Control::evict_cache)
+//! POST   /v1/pairing/codes    a one-time pairing code and its QR code
+//! GET    /v1/pairing/credentials, DELETE .../{who}   issued credentials, revoke
+//! GET    /v1/cloudlets        cloudlets seen on the network (mDNS)
+//! GET|POST /v1/signin, POST /v1/signout   the web UI's session cookie and CSRF token
+//! GET    /v1/events           the live feed (server-sent events)
+//! GET    /, /ui/*             the web UI (built in)
 //! GET    /metrics             OpenMetrics text
 //! GET    /openapi.json        the document generated from this crate
 //! ```
 //!
-//! Access ([`Access`]): with a token set (the daemon always sets one), every request that
-//! changes state needs `Authorization: Bearer TOKEN`; reads need it too unless the API
-//! listens on loopback only.
+//! Access ([`Access`], `access`): with a token set (the daemon always sets one), every
+//! request that changes state needs `Authorization: Bearer TOKEN`, or a browser's
+//! session cookie with its CSRF token; reads need one of them too unless the API listens
+//! on loopback only. The UI's page and files are open.
 //!
 //! Reads come from [`forage_state::State`]; actions go to the daemon through the
 //! [`Control`] trait, and the API records their outcome in the state. Every error answers
@@ -23,14 +33,22 @@
 //! 5xx the cloudlet's). `docs/openapi.json` is this crate's [`openapi`] output, checked
 //! byte for byte by a test (`FORAGE_BLESS=1` rewrites it).
 
+mod access;
+mod assets;
 pub mod client;
 mod context;
 mod error;
+mod feed;
+mod host;
 mod metrics;
 mod openapi;
+pub mod qr;
 mod routes;
+mod routes_live;
 pub mod token;
 mod views;
+mod views_live;
+pub mod websession;
 
 use std::future::Future;
 use std::time::Instant;
@@ -41,21 +59,30 @@ use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::Router;
 
+pub use access::Caller;
+pub use assets::total_bytes as ui_bytes;
 pub use context::{Access, ApiContext, Control};
 pub use error::{ActionError, ApiError, Fault};
+pub use feed::MAX_FEEDS;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
     AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReport, HandoffRequest,
     InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList, SessionMode,
-    SessionStatus, SessionView, SessionsQuery, StatusView,
+    SessionStatus, SessionTimings, SessionView, SessionsQuery, StatusView,
+};
+pub use views_live::{
+    CloudletList, CredentialList, CredentialView, FeedEvent, HandoffEvent, HandoffList, HandoffStatus, HandoffTick,
+    HandoffView, HostView, InstanceUsage, PairingCodeRequest, PairingCodeView, PeerKindView, SeenCloudlet,
+    SignInRequest, SignInState,
 };
 
-/// The API's routes over `ctx`.
+/// The API's routes over `ctx`, and the web UI's page and files.
 pub fn router(ctx: ApiContext) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/status", get(routes::status))
+        .route("/v1/host", get(routes_live::host))
         .route("/v1/bases", get(routes::bases))
         .route("/v1/services", get(routes::services))
         .route("/v1/apps", get(routes::apps))
@@ -64,13 +91,26 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/instances", get(routes::instances))
         .route("/v1/instances/{id}", delete(routes::stop_instance))
         .route("/v1/instances/{id}/handoff", post(routes::handoff))
+        .route("/v1/handoffs", get(routes_live::handoffs))
         .route("/v1/cache", get(routes::cache))
         .route("/v1/cache/{digest}", delete(routes::evict_cache))
+        .route("/v1/pairing/codes", post(routes_live::pairing_code))
+        .route("/v1/pairing/credentials", get(routes_live::credentials))
+        .route("/v1/pairing/credentials/{who}", delete(routes_live::revoke))
+        .route("/v1/cloudlets", get(routes_live::cloudlets))
+        .route("/v1/signin", get(routes_live::signin_state).post(routes_live::signin))
+        .route("/v1/signout", post(routes_live::signout))
+        .route("/v1/events", get(feed::events))
         .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/openapi.json", get(openapi::openapi_json));
+    for path in assets::paths() {
+        router = router.route(path, get(assets::file));
+    }
+    router
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
-        .layer(middleware::from_fn_with_state(ctx.access.clone(), check_access))
+        .layer(middleware::from_fn_with_state(ctx.access.clone(), access::check_access))
+        .layer(middleware::from_fn(assets::security_headers))
         .layer(middleware::from_fn(log_request))
         .with_state(ctx)
 }
@@ -85,38 +125,6 @@ pub async fn serve(
         tracing::info!(%addr, cloudlet = %ctx.name, "management API listening");
     }
     axum::serve(listener, router(ctx)).with_graceful_shutdown(shutdown).await
-}
-
-/// Refuse what the caller's token does not allow (see [`Access`]).
-async fn check_access(
-    axum::extract::State(access): axum::extract::State<Access>,
-    request: Request,
-    next: Next,
-) -> Response {
-    use axum::response::IntoResponse;
-    let Some(token) = &access.token else { return next.run(request).await };
-    let read = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
-    if read && access.open_reads {
-        return next.run(request).await;
-    }
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Compared in constant time: the token is a secret.
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    });
-    if ok {
-        return next.run(request).await;
-    }
-    tracing::warn!(method = %request.method(), path = %request.uri().path(), "API request refused: no valid token");
-    let what = if read { "reading this API from another host" } else { "changing state" };
-    error::ApiError::Unauthorized(format!(
-        "{what} needs `Authorization: Bearer TOKEN` (the token is in the cloudlet's DATA/trust/api-token)"
-    ))
-    .into_response()
 }
 
 /// One debug line per request: method, path, status, time taken.

@@ -13,7 +13,8 @@ use crate::routes;
         title = "forage cloudlet API",
         version = "1.0.0",
         description = "Management API of a forage cloudlet: status, base VMs, synthesis \
-                       sessions, launch VMs, launch cache, service VMs, app store, metrics."
+                       sessions, launch VMs, handoffs, launch cache, service VMs, app store, pairing, \
+                       cloudlets on the network, the web UI's sign-in and live feed, metrics."
     ),
     paths(
         routes::status,
@@ -29,13 +30,26 @@ use crate::routes;
         routes::evict_cache,
         routes::metrics,
         openapi_json,
+        crate::routes_live::host,
+        crate::routes_live::handoffs,
+        crate::routes_live::pairing_code,
+        crate::routes_live::credentials,
+        crate::routes_live::revoke,
+        crate::routes_live::cloudlets,
+        crate::routes_live::signin_state,
+        crate::routes_live::signin,
+        crate::routes_live::signout,
+        crate::feed::events,
     ),
+    components(schemas(crate::views_live::FeedEvent)),
     tags(
         (name = "cloudlet", description = "The cloudlet itself"),
         (name = "sessions", description = "Synthesis sessions"),
         (name = "instances", description = "Launch VMs"),
         (name = "cache", description = "The launch cache"),
         (name = "apps", description = "The app store: client apps for the services held here"),
+        (name = "pairing", description = "Pairing codes and the credentials they gave"),
+        (name = "web", description = "The web UI: signing in, the live feed"),
     )
 )]
 struct ApiDoc;

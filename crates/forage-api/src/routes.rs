@@ -30,8 +30,13 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
     )
 )]
 pub async fn status(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<StatusView> {
+    Ok(Json(status_view(&ctx)?))
+}
+
+/// The cloudlet at a glance, now.
+pub(crate) fn status_view(ctx: &ApiContext) -> Result<StatusView, ApiError> {
     let totals = ctx.state.totals()?;
-    Ok(Json(StatusView {
+    Ok(StatusView {
         name: ctx.name.clone(),
         version: ctx.version.clone(),
         accel: ctx.accel.clone(),
@@ -39,7 +44,7 @@ pub async fn status(Ctx(ctx): Ctx<ApiContext>) -> ApiResult<StatusView> {
         sessions_running: totals.sessions_running,
         instances_running: totals.instances_running,
         cache_entries: totals.cache_entries,
-    }))
+    })
 }
 
 /// The base VMs this cloudlet holds.
@@ -137,8 +142,29 @@ pub async fn instances(
     query: Result<Query<InstancesQuery>, QueryRejection>,
 ) -> ApiResult<InstanceList> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let instances = ctx.state.list_instances(!query.all.unwrap_or(false))?;
-    Ok(Json(InstanceList { instances: instances.into_iter().map(Into::into).collect() }))
+    Ok(Json(instance_list(&ctx, query.all.unwrap_or(false)).await?))
+}
+
+/// Instances (running ones, or all), each with how it was provisioned and for which
+/// device (its session's), and its relay's traffic while it runs.
+pub(crate) async fn instance_list(ctx: &ApiContext, all: bool) -> Result<InstanceList, ApiError> {
+    let records = ctx.state.list_instances(!all)?;
+    let mut views: Vec<InstanceView> = Vec::with_capacity(records.len());
+    for r in records {
+        let session = ctx.state.session(&r.session_id)?;
+        let running = r.status == forage_state::InstanceStatus::Running;
+        let mut v = InstanceView::from(r);
+        if let Some(s) = session {
+            v.mechanism = Some(s.mode.into());
+            v.device = Some(s.device);
+        }
+        if running {
+            let (control, id) = (ctx.control.clone(), v.id.clone());
+            v.usage = blocking(move || control.instance_usage(&id)).await?;
+        }
+        views.push(v);
+    }
+    Ok(InstanceList { instances: views })
 }
 
 /// Stops a running instance and returns it, now "stopped".
@@ -282,6 +308,6 @@ pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 
 /// Runs a [`Control`](crate::context::Control) call off the async threads: stopping a VM may wait
 /// for QEMU to exit.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
     Ok(tokio::task::spawn_blocking(f).await?)
 }

@@ -9,6 +9,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use forage_state::{CacheEntry, InstanceRecord, SessionRecord};
 
+use crate::views_live::InstanceUsage;
+
 /// An error: every non-2xx answer carries this body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -142,6 +144,25 @@ pub struct SessionView {
     pub bytes_received: u64,
     /// From the session's start to its VM being ready.
     pub first_ready_ms: Option<u64>,
+    /// The rest of its first-response breakdown, as the cloudlet saw it.
+    #[serde(default)]
+    pub timings: SessionTimings,
+}
+
+/// Where a session's time went (milliseconds from its start, or durations); each known
+/// once it happened, and only for the mechanisms that have it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionTimings {
+    /// The last segment of the overlay arrived.
+    pub received_ms: Option<u64>,
+    /// Every segment was applied.
+    pub applied_ms: Option<u64>,
+    /// Time spent checking and decompressing segments (a duration).
+    pub decompress_ms: Option<u64>,
+    /// What resuming the VM took (a duration, ending at `first_ready_ms`).
+    pub resume_ms: Option<u64>,
+    /// The device had its first answer from the service.
+    pub first_response_ms: Option<u64>,
 }
 
 /// Sessions, newest first.
@@ -164,6 +185,15 @@ pub struct InstanceView {
     pub started_unix_ms: i64,
     pub stopped_unix_ms: Option<i64>,
     pub status: InstanceStatus,
+    /// How it was provisioned (its session's mode), when its session is known.
+    #[serde(default)]
+    pub mechanism: Option<SessionMode>,
+    /// The device (credential name) it was started for, when its session is known.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Its relay's traffic and idleness (running instances with a service).
+    #[serde(default)]
+    pub usage: Option<InstanceUsage>,
 }
 
 /// Instances, newest first.
@@ -258,6 +288,13 @@ impl From<SessionRecord> for SessionView {
             error: r.error,
             bytes_received: r.bytes_received,
             first_ready_ms: r.first_ready_ms,
+            timings: SessionTimings {
+                received_ms: r.timings.received_ms,
+                applied_ms: r.timings.applied_ms,
+                decompress_ms: r.timings.decompress_ms,
+                resume_ms: r.timings.resume_ms,
+                first_response_ms: r.timings.first_response_ms,
+            },
         }
     }
 }
@@ -274,6 +311,9 @@ impl From<InstanceRecord> for InstanceView {
             started_unix_ms: r.started_unix_ms,
             stopped_unix_ms: r.stopped_unix_ms,
             status: r.status.into(),
+            mechanism: None,
+            device: None,
+            usage: None,
         }
     }
 }

@@ -112,6 +112,17 @@ pub async fn provision(
         Some(line) => (Some(first_response(service.clone(), line).await?), Some(start.elapsed().as_secs_f64())),
         None => (None, None),
     };
+    if answer.is_some() {
+        // The cloudlet notes when the service first answered (its sessions' breakdown).
+        let checkpoint = Message::Checkpoint { label: forage_proto::device::FIRST_RESPONSE.into() };
+        write(&mut stream, &checkpoint).await.map_err(proto)?;
+        match read(&mut stream).await {
+            Ok(Message::Usage { .. }) => {}
+            Ok(Message::Error { code, message }) => return Err(ClientError::Refused { addr, code, message }),
+            Ok(other) => return Err(ClientError::Sequence { addr, expected: "Usage", got: other.name() }),
+            Err(e) => return Err(proto(e)),
+        }
+    }
     let report = ProvisionReport {
         mechanism,
         cloudlet,

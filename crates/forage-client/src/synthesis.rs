@@ -419,7 +419,7 @@ async fn run(
         }
     };
     report.first_response_s = start.elapsed().as_secs_f64();
-    let _ = session.control.send(Message::Checkpoint { label: "first-response".into() });
+    let _ = session.control.send(Message::Checkpoint { label: forage_proto::device::FIRST_RESPONSE.into() });
     let mut usage_seen = false;
     let mut pending = pending.into_iter();
     while !(complete && usage_seen) {

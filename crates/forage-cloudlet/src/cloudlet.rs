@@ -54,6 +54,8 @@ pub struct Cloudlet {
     pub(crate) sessions: Arc<limits::Counter<u64>>,
     /// Wrong pairing codes per source.
     pub(crate) pairing_guard: forage_trust::PairingGuard,
+    /// Handoffs sent from here, as they run (and the last few that ended).
+    pub handoffs: Arc<crate::handoff::HandoffBoard>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,7 @@ impl Cloudlet {
             limits: Limits::default(),
             fetch_policy: Default::default(),
             pairing_guard: Default::default(),
+            handoffs: Default::default(),
         })
     }
 
@@ -118,6 +121,19 @@ impl Cloudlet {
         }
     }
 
+    /// What running instance `id`'s service relay carried, and how long it has been
+    /// idle; `None` if it does not run here or has no service.
+    pub async fn instance_usage(&self, id: &str) -> Option<forage_api::InstanceUsage> {
+        let control = self.instance_control(id)?;
+        let s = control.shim().status().await.ok()?;
+        Some(forage_api::InstanceUsage {
+            idle_ms: s.relay_idle_ms?,
+            connections: s.relay_connections,
+            bytes_to_guest: s.relay_bytes_to_guest,
+            bytes_from_guest: s.relay_bytes_from_guest,
+        })
+    }
+
     pub(crate) fn instance_control(&self, id: &str) -> Option<Arc<Control>> {
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
@@ -126,8 +142,8 @@ impl Cloudlet {
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
     }
 
-    pub(crate) fn register(&self, id: &str) -> Arc<Control> {
-        let c = Arc::new(Control::new());
+    pub(crate) fn register(&self, id: &str, shim: Arc<forage_shim::ShimClient>) -> Arc<Control> {
+        let c = Arc::new(Control::new(shim));
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), c.clone());
         c
     }

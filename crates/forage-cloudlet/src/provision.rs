@@ -29,7 +29,7 @@ use forage_state::{NewSession, SessionMode};
 use tokio::sync::Notify;
 
 use crate::error::{internal, refused, SessionError};
-use crate::instance::{hold, no_usage, prepare, Ending, Instance, Outcome, Place, Ports, SharedInstance, Source};
+use crate::instance::{checkpoints, hold, prepare, Ending, Instance, Outcome, Place, Ports, SharedInstance, Source};
 
 /// Longest wait for a provisioned service to listen after its start.
 const SERVICE_WAIT: Duration = Duration::from_secs(60);
@@ -185,7 +185,7 @@ async fn cached_vm(
             );
             let result = async {
                 write(stream, &DeviceMessage::Ready { service: shared.service.clone(), resumed_after_ms: 0 }).await?;
-                hold(stream, &shared.control, std::future::pending(), no_usage).await
+                hold(stream, &shared.control, std::future::pending(), checkpoints(place)).await
             }
             .await;
             if shared.users.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -208,7 +208,7 @@ async fn cached_vm(
     });
     // A shared instance has several devices: it does not move.
     let result = match shared {
-        Some(_) => ready_then_hold(stream, &instance).await,
+        Some(_) => ready_then_hold(stream, place, &instance).await,
         None => ready_then_live(stream, place, &instance).await,
     };
     if let Some(shared) = shared {
@@ -270,9 +270,13 @@ async fn ready_then_live(
 }
 
 /// Tell the device where its service is, then the instance's life.
-async fn ready_then_hold(stream: &mut crate::DeviceStream, instance: &Instance) -> Result<Ending, SessionError> {
+async fn ready_then_hold(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    instance: &Instance,
+) -> Result<Ending, SessionError> {
     write(stream, &instance.ready()).await?;
-    hold(stream, &instance.control, instance.gone(), no_usage).await
+    hold(stream, &instance.control, instance.gone(), checkpoints(place)).await
 }
 
 /// Copy the script into the guest and run it there with `limit`; then wait (in what is

@@ -1,13 +1,34 @@
 //! What the HTTP API may ask of the daemon ([`forage_api::Control`]), answered by the
 //! cloudlet.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
-use forage_api::{ActionError, Fault};
+use forage_api::{
+    ActionError, CloudletList, CredentialView, Fault, HandoffEvent, HandoffView, InstanceUsage, PairingCodeRequest,
+    PairingCodeView, PeerKindView, SeenCloudlet,
+};
 use forage_cloudlet::{Cloudlet, HandoffError};
+use forage_trust::{Grant, PairingUri, PeerKind, TrustError};
 
 pub(crate) struct DaemonControl {
     pub cloudlet: Arc<Cloudlet>,
+    /// Where devices connect (what a pairing QR code names).
+    pub listen: SocketAddr,
+    /// Cloudlets announcing themselves on the network; none without mDNS.
+    pub watcher: Option<forage_discovery::Watcher>,
+}
+
+fn ms(unix_s: u64) -> i64 {
+    unix_s as i64 * 1000
+}
+
+fn kind_view(kind: PeerKind) -> PeerKindView {
+    match kind {
+        PeerKind::Device => PeerKindView::Device,
+        PeerKind::Cloudlet => PeerKindView::Cloudlet,
+    }
 }
 
 impl forage_api::Control for DaemonControl {
@@ -77,12 +98,119 @@ impl forage_api::Control for DaemonControl {
         })
     }
 
+    fn instance_usage(&self, id: &str) -> Option<InstanceUsage> {
+        // The API calls this on a blocking thread of the daemon's runtime.
+        tokio::runtime::Handle::current().block_on(self.cloudlet.instance_usage(id))
+    }
+
+    fn handoffs(&self) -> Vec<HandoffView> {
+        self.cloudlet.handoffs.list()
+    }
+
+    fn watch_handoffs(&self) -> tokio::sync::broadcast::Receiver<HandoffEvent> {
+        self.cloudlet.handoffs.subscribe()
+    }
+
+    fn pairing_code(
+        &self,
+        request: &PairingCodeRequest,
+        reached_at: Option<IpAddr>,
+    ) -> Result<PairingCodeView, ActionError> {
+        let kind = match request.kind.unwrap_or(PeerKindView::Device) {
+            PeerKindView::Device => PeerKind::Device,
+            PeerKindView::Cloudlet => PeerKind::Cloudlet,
+        };
+        let days = request.valid_days.unwrap_or(7).clamp(1, 365);
+        let code = self
+            .cloudlet
+            .trust
+            .new_code(Grant::new(kind, Duration::from_secs(u64::from(days) * 24 * 3600)))
+            .map_err(|e| ActionError::new(Fault::Internal, e))?;
+        // Listening on every address: the phone is told the one the operator's browser used.
+        let ip = match (self.listen.ip().is_unspecified(), reached_at) {
+            (true, Some(ip)) => ip,
+            _ => self.listen.ip(),
+        };
+        let uri = PairingUri {
+            cloudlet: SocketAddr::new(ip, self.listen.port()),
+            name: self.cloudlet.name.clone(),
+            code: code.text.clone(),
+        }
+        .to_string();
+        let qr_svg = forage_api::qr::svg(&uri).map_err(|e| ActionError::new(Fault::Internal, QrFailed(e)))?;
+        Ok(PairingCodeView {
+            code: code.text,
+            uri,
+            qr_svg,
+            expires_unix_ms: ms(code.expires_unix),
+            kind: kind_view(kind),
+            valid_days: days,
+        })
+    }
+
+    fn credentials(&self) -> Vec<CredentialView> {
+        let mut all: Vec<CredentialView> = self
+            .cloudlet
+            .trust
+            .issued()
+            .into_iter()
+            .map(|i| CredentialView {
+                serial: i.serial,
+                name: i.name,
+                kind: kind_view(i.kind),
+                via: i.via,
+                issued_unix_ms: ms(i.issued_unix),
+                not_after_unix_ms: ms(i.not_after_unix),
+                revoked_unix_ms: i.revoked_unix.map(ms),
+            })
+            .collect();
+        all.sort_by(|a, b| b.serial.cmp(&a.serial));
+        all
+    }
+
+    fn revoke(&self, who: &str) -> Result<(), ActionError> {
+        self.cloudlet.trust.revoke(who).map(|_| ()).map_err(|e| {
+            let fault = match e {
+                TrustError::NoCredential(_) => Fault::NotFound,
+                _ => Fault::Internal,
+            };
+            ActionError::new(fault, e)
+        })
+    }
+
+    fn cloudlets(&self) -> CloudletList {
+        let Some(watcher) = &self.watcher else { return CloudletList { browsing: false, cloudlets: Vec::new() } };
+        let cloudlets = watcher
+            .seen()
+            .into_iter()
+            .map(|s| SeenCloudlet {
+                this: s.found.ad.name == self.cloudlet.name,
+                name: s.found.ad.name,
+                addr: s.found.ad.addr.to_string(),
+                http_port: s.found.ad.http_port,
+                bases: s.found.ad.bases,
+                services: s.found.ad.services,
+                load: s.found.ad.load,
+                free_mem_mib: s.found.ad.free_mem_mib,
+                cores: s.found.ad.cores,
+                rtt_ms: s.found.rtt_ms,
+                last_seen_unix_ms: s.last_seen.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            })
+            .collect();
+        CloudletList { browsing: true, cloudlets }
+    }
+
     fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
         let (s, a) = self.cloudlet.services.app(id).ok()?;
         let bytes = std::fs::read(s.app_path(&a)).ok()?;
         Some((s.app_info(&a), bytes))
     }
 }
+
+/// A QR code that could not be made of a pairing URI.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw the pairing QR code: {0}")]
+struct QrFailed(qrcode::types::QrError);
 
 /// A stop of an instance that this daemon does not run.
 #[derive(Debug, thiserror::Error)]

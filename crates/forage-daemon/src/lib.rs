@@ -69,9 +69,16 @@ impl Daemon {
             .await
             .map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
         let listen = listener.local_addr().unwrap_or(config.listen);
+        // Browsing for other cloudlets goes with announcing this one (mDNS on or off).
+        let watcher = match config.no_advertise {
+            true => None,
+            false => forage_discovery::watch()
+                .inspect_err(|e| tracing::warn!("not watching the network for cloudlets: {e}"))
+                .ok(),
+        };
         let api = match config.no_api {
             true => None,
-            false => Some(start_api(data, config.api, &cloudlet, accel).await?),
+            false => Some(start_api(data, config.api, &cloudlet, accel, listen, watcher).await?),
         };
         let not_announced = match config.no_advertise {
             true => None,
@@ -98,10 +105,12 @@ async fn start_api(
     addr: SocketAddr,
     cloudlet: &Arc<Cloudlet>,
     accel: forage_vm::Accel,
+    listen: SocketAddr,
+    watcher: Option<forage_discovery::Watcher>,
 ) -> Result<(SocketAddr, PathBuf), DaemonError> {
     let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { addr, source })?;
     let bound = l.local_addr().unwrap_or(addr);
-    let control = Arc::new(control::DaemonControl { cloudlet: cloudlet.clone() });
+    let control = Arc::new(control::DaemonControl { cloudlet: cloudlet.clone(), listen, watcher });
     let token_path = api_token_path(data);
     let token = forage_api::token::open_or_create(&token_path)?;
     let open_reads = addr.ip().is_loopback();

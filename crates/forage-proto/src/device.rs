@@ -33,6 +33,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ErrorCode, ServiceEndpoint};
 
+/// The label of the Checkpoint a device sends once its service first answered: the
+/// cloudlet records when it came (the session's first-response breakdown).
+pub const FIRST_RESPONSE: &str = "first-response";
+
 /// An overlay the device can send.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offer {

@@ -6,7 +6,7 @@ use forage_proto::DeviceMessage;
 use super::order::HandoffError;
 use super::source;
 use crate::error::SessionError;
-use crate::instance::{hold, no_usage, Ending, Instance, Place};
+use crate::instance::{checkpoints, hold, Ending, Instance, Place};
 use crate::DeviceStream;
 
 /// The life of a movable instance: as `hold` (with its device, if it has one), and
@@ -20,7 +20,7 @@ pub(crate) async fn live(
     let control = &instance.control;
     loop {
         let ending = match device.as_deref_mut() {
-            Some(stream) => hold(stream, control, instance.gone(), no_usage).await?,
+            Some(stream) => hold(stream, control, instance.gone(), checkpoints(place)).await?,
             None => tokio::select! {
                 _ = control.notified() => return Err(control.error()),
                 _ = control.ordered() => Ending::Moving,
@@ -30,9 +30,14 @@ pub(crate) async fn live(
         if ending != Ending::Moving {
             return Ok(ending);
         }
-        let Some(order) = control.take_order() else { continue };
+        let Some(mut order) = control.take_order() else { continue };
         tracing::info!(instance = place.id, to = %order.to, "handoff starts");
-        match source::send(place, instance, &order).await {
+        let board = &place.cloudlet.handoffs;
+        let hid = board.start(place.id, order.to, order.options.mode.clone());
+        order.sink = Some(board.sink(&hid));
+        let sent = source::send(place, instance, &order).await;
+        board.end(&hid, sent.as_ref().map(|(report, _)| report).map_err(|e| e.to_string()));
+        match sent {
             Ok((report, service)) => {
                 tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
                 if let Some(stream) = device.as_deref_mut() {

@@ -16,6 +16,7 @@
 //! cancels the migration and its VM runs on (`cont` if QEMU had stopped it); the
 //! destination's session folder, with every partial file, is removed.
 
+mod board;
 mod destination;
 mod live;
 mod order;
@@ -29,6 +30,7 @@ use tokio::sync::oneshot;
 use crate::instance::control::MoveOrder;
 use crate::Cloudlet;
 
+pub use board::HandoffBoard;
 pub(crate) use destination::receive;
 pub(crate) use live::live;
 pub use order::{HandoffError, HandoffFailure, HandoffOptions};
@@ -50,7 +52,7 @@ impl Cloudlet {
             return Err(HandoffError::NotMovable(id.into()));
         }
         let (reply, answer) = oneshot::channel();
-        if control.order(MoveOrder { to, options, reply }).is_err() {
+        if control.order(MoveOrder { to, options, reply, sink: None }).is_err() {
             return Err(HandoffError::Busy(id.into()));
         }
         answer.await.map_err(|_| HandoffError::Ended(id.into()))?

@@ -204,7 +204,8 @@ async fn migrate(
             .map_err(io(&sock))?;
         let conn = conn.into_std().map_err(io(&sock))?;
         conn.set_nonblocking(false).map_err(io(&sock))?;
-        stream_state(place, instance, base, stream, conn, has_base, mode, table, &stopped).await
+        let sink = order.sink.clone();
+        stream_state(place, instance, base, stream, conn, has_base, mode, table, sink, &stopped).await
     }
     .await;
     watch.abort();
@@ -234,6 +235,7 @@ async fn stream_state(
     has_base: bool,
     mode: forage_handoff::adapt::Mode,
     table: Option<LookupTable>,
+    sink: Option<forage_handoff::pipeline::TraceSink>,
     stopped: &Mutex<Option<Instant>>,
 ) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mut rh, mut wh) = tokio::io::split(stream);
@@ -290,6 +292,7 @@ async fn stream_state(
         start: mode,
         adapt: table,
         depth: 2,
+        on_trace: sink,
         ..Default::default()
     };
     let segments_out = frames.clone();

@@ -2,7 +2,7 @@
 //! reason its device is given), or order it to hand itself off.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use forage_proto::ErrorCode;
 use tokio::sync::{oneshot, Notify};
@@ -14,9 +14,13 @@ pub(crate) struct MoveOrder {
     pub to: std::net::SocketAddr,
     pub options: crate::handoff::HandoffOptions,
     pub reply: oneshot::Sender<Result<forage_api::HandoffReport, crate::handoff::HandoffError>>,
+    /// Where the pipeline's trace goes while it runs (the cloudlet's handoff board).
+    pub sink: Option<forage_handoff::pipeline::TraceSink>,
 }
 
 pub(crate) struct Control {
+    /// The instance's shim: its relay knows the service's traffic.
+    shim: Arc<forage_shim::ShimClient>,
     notify: Notify,
     why: Mutex<Option<(ErrorCode, String)>>,
     movable: AtomicBool,
@@ -25,14 +29,19 @@ pub(crate) struct Control {
 }
 
 impl Control {
-    pub fn new() -> Self {
+    pub fn new(shim: Arc<forage_shim::ShimClient>) -> Self {
         Self {
+            shim,
             notify: Notify::new(),
             why: Mutex::new(None),
             movable: Default::default(),
             order: Mutex::new(None),
             ordered: Notify::new(),
         }
+    }
+
+    pub fn shim(&self) -> &Arc<forage_shim::ShimClient> {
+        &self.shim
     }
 
     pub fn movable(&self) -> bool {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{DeviceMessage, ErrorCode, ProtoError, ServiceEndpoint};
 use forage_shim::{RelaySpec, ShimClient, ShimSpec, ViewSpec};
-use forage_state::NewInstance;
+use forage_state::{NewInstance, Timing};
 use forage_vm::{PortForward, RestoreOptions, Snapshot, Vm, VmSpec};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -59,6 +59,28 @@ pub(crate) struct Place<'a> {
     pub id: &'a str,
     pub dir: &'a Path,
     pub started: Instant,
+}
+
+impl Place<'_> {
+    /// Milliseconds since the session started.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Record a moment of the session's first-response breakdown (the operator's view;
+    /// a failure to record is only logged).
+    pub fn timing(&self, timing: Timing) {
+        if let Err(e) = self.cloudlet.state.session_timing(self.id, timing) {
+            tracing::debug!(session = self.id, "{e}");
+        }
+    }
+
+    /// A device's Checkpoint: its first answer from the service counts for the breakdown.
+    pub fn checkpoint(&self, label: &str) {
+        if label == forage_proto::device::FIRST_RESPONSE {
+            self.timing(Timing::FirstResponse(self.elapsed_ms()));
+        }
+    }
 }
 
 /// What an instance's memory and disk are.
@@ -256,6 +278,7 @@ impl<'a> Prepared<'a> {
         let instance =
             Instance::new(place, vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports, saved);
         instance.record(place);
+        place.timing(Timing::Resumed(resumed_after_ms));
         if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
             tracing::debug!("{e}");
         }
@@ -276,7 +299,7 @@ impl Instance {
         extra_ports: Vec<u16>,
         saved: Option<Snapshot>,
     ) -> Self {
-        let control = place.cloudlet.register(place.id);
+        let control = place.cloudlet.register(place.id, shim.clone());
         let idle = match (place.cloudlet.idle_timeout, service.addr.is_empty()) {
             (Some(t), false) => Some(tokio::spawn(watch_idle(shim.clone(), t, control.clone()))),
             _ => None,
@@ -426,8 +449,17 @@ impl Instance {
     }
 }
 
-pub(crate) fn no_usage(label: String) -> DeviceMessage {
+fn no_usage(label: String) -> DeviceMessage {
     DeviceMessage::Usage { label, blobs_accessed: 0, blobs: 0, demand_fetches: 0, segments_arrived: 0, segments: 0 }
+}
+
+/// Checkpoints of an instance without an overlay to report on: answered with no usage,
+/// and noted for the session's breakdown.
+pub(crate) fn checkpoints<'a>(place: Place<'a>) -> impl Fn(String) -> DeviceMessage + 'a {
+    move |label| {
+        place.checkpoint(&label);
+        no_usage(label)
+    }
 }
 
 /// Detach the FUSE mounts a session folder may hold: the early-start assembly's, and a

@@ -7,7 +7,7 @@ use super::context::Ctx;
 use super::residue::{send_residue, LaunchRef};
 use crate::cache::CachedLaunch;
 use crate::error::{refused, SessionError};
-use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
+use crate::instance::{checkpoints, hold, prepare, Ending, Outcome, Ports, Source};
 
 pub(crate) async fn run(
     stream: &mut crate::DeviceStream,
@@ -20,7 +20,7 @@ pub(crate) async fn run(
     let served = async {
         write(stream, &instance.ready()).await?;
         write(stream, &DeviceMessage::Complete { segments: 0, bytes: 0, apply_ms: 0, decompress_ms: 0 }).await?;
-        hold(stream, &instance.control, instance.gone(), no_usage).await
+        hold(stream, &instance.control, instance.gone(), checkpoints(ctx.place())).await
     }
     .await;
     match served {

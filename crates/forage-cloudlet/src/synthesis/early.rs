@@ -29,6 +29,7 @@ use forage_proto::asynchronous::{read, write};
 use forage_proto::{DeviceMessage, ErrorCode, ProtoError};
 use forage_remote::RemoteOverlay;
 use forage_shim::ShimClient;
+use forage_state::Timing;
 use forage_vm::Snapshot;
 use tokio::sync::mpsc;
 
@@ -184,6 +185,9 @@ pub(crate) async fn run(
                         if !std::mem::replace(&mut got[index as usize], true) {
                             count += 1;
                             bytes += data.len() as u64;
+                            if count == n {
+                                ctx.place().timing(Timing::Received(ctx.place().elapsed_ms()));
+                            }
                             if seg_tx.send((index, data)).await.is_err() {
                                 // The feeder stopped: its error is reported instead.
                                 return Err(refused(ErrorCode::BadOverlay, "segment rejected"));
@@ -191,6 +195,7 @@ pub(crate) async fn run(
                         }
                     }
                     Ok(DeviceMessage::Checkpoint { label }) => {
+                        ctx.place().checkpoint(&label);
                         let _ = out_tx.send(usage(&shim, label).await);
                     }
                     Ok(DeviceMessage::Bye) | Err(ProtoError::Closed) if count == n => return Ok((bytes, Ending::Bye)),
@@ -291,6 +296,7 @@ pub(crate) async fn run(
                         Err(e) => break Err(e),
                     };
                     sent_complete = true;
+                    ctx.place().timing(Timing::Applied { at_ms: ctx.place().elapsed_ms(), decompress_ms: None });
                     let apply_ms = start.elapsed().as_millis() as u64;
                     let _ = out_tx.send(DeviceMessage::Complete { segments: s.segments, bytes: s.bytes_arrived, apply_ms, decompress_ms: 0 });
                     tracing::info!(session = %ctx.id, apply_ms, stats = ?s, "early start: every segment applied");

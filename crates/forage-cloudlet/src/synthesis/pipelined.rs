@@ -10,6 +10,7 @@ use std::time::Instant;
 use forage_format::Manifest;
 use forage_proto::asynchronous::write;
 use forage_proto::{DeviceMessage, ErrorCode};
+use forage_state::Timing;
 use forage_vm::Snapshot;
 use sha2::Digest;
 
@@ -17,7 +18,7 @@ use super::context::{overlay_digest, Ctx};
 use super::pipe::SegmentPipe;
 use super::residue::{send_residue, LaunchRef};
 use crate::error::{internal, next, refused, SessionError};
-use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
+use crate::instance::{checkpoints, hold, prepare, Ending, Outcome, Ports, Source};
 
 pub(crate) async fn run(
     stream: &mut crate::DeviceStream,
@@ -48,6 +49,7 @@ pub(crate) async fn run(
                 break; // the apply thread stopped: its error is reported below
             }
         }
+        ctx.place().timing(Timing::Received(ctx.place().elapsed_ms()));
         Ok::<_, SessionError>(bytes)
     }
     .await;
@@ -146,6 +148,7 @@ async fn store_and_forward(
         bytes += data.len() as u64;
         out.write_all(&data).await.map_err(internal)?;
     }
+    ctx.place().timing(Timing::Received(ctx.place().elapsed_ms()));
     out.flush().await.map_err(internal)?;
     drop(out);
     let applied = ctx.dir.join("launch");
@@ -173,6 +176,8 @@ async fn finish(
     apply_ms: u64,
     decompress: std::time::Duration,
 ) -> Result<Outcome, SessionError> {
+    let decompress_ms = Some(decompress.as_millis() as u64);
+    ctx.place().timing(Timing::Applied { at_ms: ctx.place().elapsed_ms(), decompress_ms });
     let snap = Snapshot::open(applied).map_err(internal)?;
     let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
     let prepared = prepare(ctx.place(), Source::Copies, &snap.manifest().spec, ports).await?;
@@ -185,7 +190,7 @@ async fn finish(
             &DeviceMessage::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms },
         )
         .await?;
-        hold(stream, &instance.control, instance.gone(), no_usage).await
+        hold(stream, &instance.control, instance.gone(), checkpoints(ctx.place())).await
     }
     .await;
     let result = match served {

@@ -1,0 +1,180 @@
+//! The handoffs this cloudlet sends, as they run: each one's trace grows every 100 ms
+//! (the pipeline's [`TraceSink`]) and watchers (the operator's live chart) hear every
+//! point and every start and end. The last few that ended are kept for a look afterwards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use forage_api::{HandoffEvent, HandoffReport, HandoffStatus, HandoffTick, HandoffView};
+use forage_handoff::pipeline::{TraceRow, TraceSink};
+use tokio::sync::broadcast;
+
+/// Handoffs that ended, kept for a look.
+const KEEP_ENDED: usize = 8;
+/// Events a slow watcher may fall behind by before it misses some (it then reads the
+/// whole list again).
+const BACKLOG: usize = 1024;
+
+pub struct HandoffBoard {
+    handoffs: Mutex<Vec<HandoffView>>,
+    events: broadcast::Sender<HandoffEvent>,
+    next: AtomicU64,
+}
+
+impl Default for HandoffBoard {
+    fn default() -> Self {
+        Self { handoffs: Mutex::new(Vec::new()), events: broadcast::channel(BACKLOG).0, next: AtomicU64::new(1) }
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl HandoffBoard {
+    /// Every handoff running, then the last ones that ended, newest first.
+    pub fn list(&self) -> Vec<HandoffView> {
+        let mut all = self.lock().clone();
+        all.sort_by(|a, b| b.started_unix_ms.cmp(&a.started_unix_ms).then_with(|| b.id.cmp(&a.id)));
+        all
+    }
+
+    /// Hear every start, point and end from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<HandoffEvent> {
+        self.events.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandoffView>> {
+        self.handoffs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A handoff of `instance` to `to` starts: its id.
+    pub(crate) fn start(&self, instance: &str, to: std::net::SocketAddr, mode: Option<String>) -> String {
+        let id = format!("h{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let view = HandoffView {
+            id: id.clone(),
+            instance: instance.to_string(),
+            to: to.to_string(),
+            mode,
+            started_unix_ms: now_unix_ms(),
+            ended_unix_ms: None,
+            status: HandoffStatus::Running,
+            error: None,
+            trace: Vec::new(),
+            total_s: None,
+            downtime_s: None,
+            bytes: None,
+            modified_bytes: None,
+        };
+        {
+            let mut all = self.lock();
+            all.push(view.clone());
+            // Forget the oldest that ended beyond the few kept.
+            let ended = all.iter().filter(|h| h.status != HandoffStatus::Running).count();
+            if ended > KEEP_ENDED {
+                if let Some(oldest) = all
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, h)| h.status != HandoffStatus::Running)
+                    .min_by_key(|(_, h)| h.started_unix_ms)
+                    .map(|(i, _)| i)
+                {
+                    all.remove(oldest);
+                }
+            }
+        }
+        let _ = self.events.send(HandoffEvent::Changed(view));
+        id
+    }
+
+    /// Where the pipeline's trace rows of handoff `id` go.
+    pub(crate) fn sink(self: &Arc<Self>, id: &str) -> TraceSink {
+        let (board, id) = (self.clone(), id.to_string());
+        TraceSink(Arc::new(move |row: &TraceRow| board.tick(&id, row.clone())))
+    }
+
+    fn tick(&self, id: &str, row: TraceRow) {
+        if let Some(h) = self.lock().iter_mut().find(|h| h.id == id) {
+            h.trace.push(row.clone());
+        }
+        let _ = self.events.send(HandoffEvent::Tick(HandoffTick { id: id.to_string(), row }));
+    }
+
+    /// Handoff `id` ended: moved (with its report), or not (why).
+    pub(crate) fn end(&self, id: &str, outcome: Result<&HandoffReport, String>) {
+        let view = {
+            let mut all = self.lock();
+            let Some(h) = all.iter_mut().find(|h| h.id == id) else { return };
+            h.ended_unix_ms = Some(now_unix_ms());
+            match outcome {
+                Ok(r) => {
+                    h.status = HandoffStatus::Done;
+                    h.total_s = Some(r.total_s);
+                    h.downtime_s = Some(r.downtime_s);
+                    h.bytes = Some(r.bytes);
+                    h.modified_bytes = Some(r.modified_bytes);
+                    // The report's trace is the whole one (rows made after the last one
+                    // a watcher heard included).
+                    h.trace = r.trace.clone();
+                }
+                Err(why) => {
+                    h.status = HandoffStatus::Failed;
+                    h.error = Some(why);
+                }
+            }
+            h.clone()
+        };
+        let _ = self.events.send(HandoffEvent::Changed(view));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(t: f64) -> TraceRow {
+        TraceRow {
+            t_s: t,
+            input_bps: 1e6,
+            output_bps: 5e5,
+            potential_output_bps: 8e5,
+            mode: "xor+zstd-1".into(),
+            switched: false,
+        }
+    }
+
+    #[test]
+    fn watchers_hear_the_start_every_point_and_the_end() {
+        let board = Arc::new(HandoffBoard::default());
+        let mut rx = board.subscribe();
+        let id = board.start("i1", "10.0.0.2:7878".parse().unwrap(), None);
+        let sink = board.sink(&id);
+        (sink.0)(&row(0.1));
+        (sink.0)(&row(0.2));
+        assert_eq!(board.list()[0].trace.len(), 2, "the list has the points so far");
+        board.end(&id, Err("link cut".into()));
+        let mut heard = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            heard.push(e);
+        }
+        assert!(matches!(&heard[0], HandoffEvent::Changed(h) if h.status == HandoffStatus::Running));
+        assert!(matches!(&heard[1], HandoffEvent::Tick(t) if t.id == id && t.row.t_s == 0.1));
+        assert!(matches!(&heard[2], HandoffEvent::Tick(t) if t.row.t_s == 0.2));
+        assert!(
+            matches!(&heard[3], HandoffEvent::Changed(h) if h.status == HandoffStatus::Failed && h.error.as_deref() == Some("link cut"))
+        );
+    }
+
+    #[test]
+    fn only_the_last_few_ended_are_kept() {
+        let board = HandoffBoard::default();
+        let running = board.start("busy", "10.0.0.2:7878".parse().unwrap(), None);
+        for i in 0..KEEP_ENDED + 3 {
+            let id = board.start(&format!("i{i}"), "10.0.0.2:7878".parse().unwrap(), None);
+            board.end(&id, Err("no".into()));
+        }
+        let all = board.list();
+        assert!(all.iter().any(|h| h.id == running), "a running one is never forgotten");
+        assert!(all.iter().filter(|h| h.status != HandoffStatus::Running).count() <= KEEP_ENDED + 1);
+    }
+}
