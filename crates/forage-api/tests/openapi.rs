@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use axum::http::{Method, StatusCode};
-use common::{call, call_body, fixture};
+use common::{call, call_body, call_with, fixture};
 use utoipa::openapi::path::Operation;
 
 fn docs_file() -> PathBuf {
@@ -69,7 +69,7 @@ fn operations() -> Vec<(Method, String, Operation)> {
 fn concrete(template: &str) -> String {
     match template {
         "/v1/apps/{id}" => "/v1/apps/hs-client".into(),
-        _ => template.replace("{id}", "vm-1").replace("{digest}", "d1"),
+        _ => template.replace("{id}", "vm-1").replace("{digest}", "d1").replace("{who}", "phone"),
     }
 }
 
@@ -80,18 +80,33 @@ async fn every_documented_operation_answers_as_documented() {
         // A fresh state for each: DELETEs change it.
         let fx = fixture();
         let uri = concrete(&template);
-        let answer = if method == Method::POST {
-            // The one POST: a handoff, whose body says where to.
-            call_body(
-                &fx.router,
-                method.clone(),
-                &uri,
-                &[("content-type", "application/json")],
-                br#"{"to":"10.0.0.2:7878"}"#.to_vec(),
-            )
-            .await
-        } else {
-            call(&fx.router, method.clone(), &uri).await
+        let json = ("content-type", "application/json");
+        let answer = match (&method, template.as_str()) {
+            (&Method::GET, "/v1/events") => {
+                // A stream that does not end: its head only.
+                use tower::ServiceExt;
+                let request = axum::http::Request::get(&uri).body(axum::body::Body::empty()).unwrap();
+                let response = fx.router.clone().oneshot(request).await.unwrap();
+                common::Answer { status: response.status(), headers: response.headers().clone(), body: Vec::new() }
+            }
+            (&Method::POST, "/v1/signout") => {
+                let signed =
+                    call_body(&fx.router, Method::POST, "/v1/signin", &[json], br#"{"token":"t"}"#.to_vec()).await;
+                let cookie =
+                    signed.headers.get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
+                let state: forage_api::SignInState = serde_json::from_slice(&signed.body).unwrap();
+                let csrf = state.csrf_token.unwrap();
+                call_with(&fx.router, method.clone(), &uri, &[("cookie", &cookie), ("x-csrf-token", &csrf)]).await
+            }
+            (&Method::POST, _) => {
+                let body: &[u8] = match template.as_str() {
+                    "/v1/instances/{id}/handoff" => br#"{"to":"10.0.0.2:7878"}"#,
+                    "/v1/signin" => br#"{"token":"t"}"#,
+                    _ => b"{}",
+                };
+                call_body(&fx.router, method.clone(), &uri, &[json], body.to_vec()).await
+            }
+            _ => call(&fx.router, method.clone(), &uri).await,
         };
         let id = format!("{method} {template}");
         assert_eq!(answer.status, StatusCode::OK, "{id}: {}", answer.text());
@@ -99,6 +114,7 @@ async fn every_documented_operation_answers_as_documented() {
         let want_type = match template.as_str() {
             "/metrics" => "application/openmetrics-text",
             "/v1/apps/{id}" => "application/octet-stream",
+            "/v1/events" => "text/event-stream",
             _ => "application/json",
         };
         assert!(answer.content_type().starts_with(want_type), "{id}: content type {:?}", answer.content_type());
@@ -113,17 +129,27 @@ async fn every_documented_operation_answers_as_documented() {
         [
             "DELETE /v1/cache/{digest}",
             "DELETE /v1/instances/{id}",
+            "DELETE /v1/pairing/credentials/{who}",
             "GET /metrics",
             "GET /openapi.json",
             "GET /v1/apps",
             "GET /v1/apps/{id}",
             "GET /v1/bases",
             "GET /v1/cache",
+            "GET /v1/cloudlets",
+            "GET /v1/events",
+            "GET /v1/handoffs",
+            "GET /v1/host",
             "GET /v1/instances",
+            "GET /v1/pairing/credentials",
             "GET /v1/services",
             "GET /v1/sessions",
+            "GET /v1/signin",
             "GET /v1/status",
             "POST /v1/instances/{id}/handoff",
+            "POST /v1/pairing/codes",
+            "POST /v1/signin",
+            "POST /v1/signout",
         ],
         "the document's operations changed: update this test and docs/http-api.md"
     );
@@ -147,11 +173,14 @@ async fn error_answers_are_documented() {
         (Method::DELETE, "/v1/cache/{digest}", "/v1/cache/busy-1", 500),
         (Method::GET, "/v1/sessions", "/v1/sessions?limit=0", 400),
         (Method::GET, "/v1/instances", "/v1/instances?all=maybe", 400),
+        (Method::DELETE, "/v1/pairing/credentials/{who}", "/v1/pairing/credentials/nobody", 404),
+        (Method::GET, "/v1/events", "/v1/events", 400),
     ];
     let ops = operations();
     for (method, template, uri, status) in cases {
         let fx = fixture();
-        let answer = call(&fx.router, method.clone(), uri).await;
+        // The feed's 400: a Last-Event-ID it never sends.
+        let answer = call_with(&fx.router, method.clone(), uri, &[("last-event-id", "x")]).await;
         assert_eq!(answer.status.as_u16(), status, "{method} {uri}: {}", answer.text());
         let (_, _, op) = ops
             .iter()

@@ -8,7 +8,9 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use forage_api::{
-    ActionError, ApiContext, AppInfo, BaseInfo, Control, Fault, HandoffReport, HandoffRequest, ServiceInfo,
+    ActionError, ApiContext, AppInfo, BaseInfo, CloudletList, Control, CredentialView, Fault, HandoffEvent,
+    HandoffReport, HandoffRequest, HandoffView, InstanceUsage, PairingCodeRequest, PairingCodeView, PeerKindView,
+    ServiceInfo,
 };
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
@@ -25,10 +27,32 @@ impl std::fmt::Display for Fake {
 
 impl std::error::Error for Fake {}
 
-/// Records what it was asked; refuses ids starting with "stuck" or "busy".
-#[derive(Default)]
+/// Records what it was asked; refuses ids starting with "stuck" or "busy". Its handoff
+/// board is whatever a test puts there (`handoffs`, `events`).
 pub struct FakeControl {
     pub calls: Mutex<Vec<String>>,
+    pub handoffs: Mutex<Vec<HandoffView>>,
+    pub events: tokio::sync::broadcast::Sender<HandoffEvent>,
+    pub credentials: Mutex<Vec<CredentialView>>,
+}
+
+impl Default for FakeControl {
+    fn default() -> Self {
+        Self {
+            calls: Mutex::default(),
+            handoffs: Mutex::default(),
+            events: tokio::sync::broadcast::channel(64).0,
+            credentials: Mutex::new(vec![CredentialView {
+                serial: 2,
+                name: "phone".into(),
+                kind: PeerKindView::Device,
+                via: "code".into(),
+                issued_unix_ms: 1_767_225_600_000,
+                not_after_unix_ms: 1_767_830_400_000,
+                revoked_unix_ms: None,
+            }]),
+        }
+    }
 }
 
 impl Control for FakeControl {
@@ -106,6 +130,52 @@ impl Control for FakeControl {
             switches: vec![],
             trace: vec![],
         })
+    }
+    fn instance_usage(&self, id: &str) -> Option<InstanceUsage> {
+        (id == "vm-1").then_some(InstanceUsage {
+            idle_ms: 1500,
+            connections: 2,
+            bytes_to_guest: 40,
+            bytes_from_guest: 90,
+        })
+    }
+    fn handoffs(&self) -> Vec<HandoffView> {
+        self.handoffs.lock().unwrap().clone()
+    }
+    fn watch_handoffs(&self) -> tokio::sync::broadcast::Receiver<HandoffEvent> {
+        self.events.subscribe()
+    }
+    fn pairing_code(
+        &self,
+        request: &PairingCodeRequest,
+        reached_at: Option<std::net::IpAddr>,
+    ) -> Result<PairingCodeView, ActionError> {
+        self.calls.lock().unwrap().push(format!("pairing code {request:?} {reached_at:?}"));
+        let code = "POOZX-BTV6V-HPU3D-QWLCO-FRI".to_string();
+        let uri = format!("forage://pair?cloudlet=10.0.0.5:7878&name=test-cloudlet&code={code}");
+        Ok(PairingCodeView {
+            qr_svg: forage_api::qr::svg(&uri).unwrap(),
+            code,
+            uri,
+            expires_unix_ms: 1_767_226_200_000,
+            kind: request.kind.unwrap_or(PeerKindView::Device),
+            valid_days: request.valid_days.unwrap_or(7),
+        })
+    }
+    fn credentials(&self) -> Vec<CredentialView> {
+        self.credentials.lock().unwrap().clone()
+    }
+    fn revoke(&self, who: &str) -> Result<(), ActionError> {
+        self.calls.lock().unwrap().push(format!("revoke {who}"));
+        let mut all = self.credentials.lock().unwrap();
+        let Some(c) = all.iter_mut().find(|c| c.name == who || c.serial.to_string() == who) else {
+            return Err(ActionError::new(Fault::NotFound, Fake("no credential of that name")));
+        };
+        c.revoked_unix_ms = Some(1_767_226_000_000);
+        Ok(())
+    }
+    fn cloudlets(&self) -> CloudletList {
+        CloudletList { browsing: false, cloudlets: vec![] }
     }
 }
 
