@@ -336,6 +336,12 @@ fn the_cloudlet_manager_in_chromium() {
         assert!(running.iter().filter(|&&n| n > 0).count() >= 3, "points arrived while it ran: {seen:?}");
         assert_eq!(seen.last().unwrap().0, "done", "{seen:?}");
         assert!(seen.last().unwrap().1 >= *running.iter().max().unwrap());
+        // The chart says done when the handoff's outcome is known; A's record of the
+        // instance ends just after.
+        let t = Instant::now();
+        while instances(api_a, false).instances.iter().any(|i| i.id == id) && t.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         assert!(instances(api_a, false).instances.iter().all(|i| i.id != id), "gone from A");
         // B names what it received itself; it ran nothing before.
         let at_b = instances(api_b, false).instances;
@@ -346,7 +352,10 @@ fn the_cloudlet_manager_in_chromium() {
         assert!(bars >= 2, "first-response bars: {bars}");
         web.until("return S.cloudlets.cloudlets.some(c => c.name === 'cloudlet-b')", Duration::from_secs(30)).await;
 
-        // 6. Every view at 1280x800 and at 800 px wide.
+        // 6. Every view at 1280x800 and at 800 px wide, with an instance running.
+        let (endpoint, _tablet_phone) = offload(&link.a, &device, &addr_a);
+        let id = instances(api_a, false).instances.into_iter().find(|i| i.endpoint == endpoint.addr).unwrap().id;
+        web.wait_for(&format!("tr[data-instance-id='{id}']"), Duration::from_secs(10)).await;
         let mut shots = Vec::new();
         for (w, h) in [(1280, 800), (800, 1100)] {
             web.viewport(w, h).await;

@@ -139,6 +139,7 @@ impl Browser {
     pub async fn screenshot(&self, view: &str, key: char, out: &Path) -> PathBuf {
         self.client.find(Locator::Css("body")).await.unwrap().send_keys(&key.to_string()).await.unwrap();
         self.until(&format!("return !document.querySelector('#view-{view}').hidden"), Duration::from_secs(5)).await;
+        self.js::<()>("window.scrollTo(0, 0)").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let png = self.client.screenshot().await.unwrap();
         let size: String = self.js("return window.innerWidth + 'x' + window.innerHeight").await;
