@@ -164,7 +164,7 @@ impl forage_api::Control for DaemonControl {
                 revoked_unix_ms: i.revoked_unix.map(ms),
             })
             .collect();
-        all.sort_by(|a, b| b.serial.cmp(&a.serial));
+        all.sort_by_key(|c| std::cmp::Reverse(c.serial));
         all
     }
 
