@@ -10,7 +10,9 @@
 //!    back, the retry moves it;
 //! 4. the destination killed in the middle of a handoff: the same, B's leftovers are
 //!    removed when it starts again; the instance B already ran (from 3) answers its device
-//!    all along, and B's restarted daemon lists it again.
+//!    all along, and B's restarted daemon lists it again;
+//! 5. synthesized instances move too (early start and pipelined): A -> B (B holds the base
+//!    VM) -> C (holds nothing), their state carried on, the device told each time.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -49,6 +51,35 @@ fn ask(ns: &Netns, endpoint: &ServiceEndpoint, line: &str) -> String {
     ns.run(move || forage_client::service::request_line(&ep, &line, Duration::from_secs(60)))
         .unwrap()
         .unwrap_or_else(|e| panic!("{}: {e}", endpoint.addr))
+}
+
+/// A device holding a synthesized instance: the endpoint, the process and its output.
+fn synthesize(
+    ns: &Netns,
+    device: &Path,
+    ovl: &Path,
+    cloudlet: &str,
+    early: bool,
+) -> (ServiceEndpoint, Kill, BufReader<std::process::ChildStdout>) {
+    let mut cmd = ns.command(EXE);
+    cmd.arg("--data-dir").arg(device).arg("synthesize").arg(ovl).args(["--cloudlet", cloudlet, "--hold", "--json"]);
+    if !early {
+        cmd.arg("--no-early-start");
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let report: forage_client::SynthesisReport =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("synthesize printed {line:?}: {e}"));
+    (report.service, Kill(child), out)
+}
+
+/// The device's line saying where its instance went.
+fn heard_move(out: &mut BufReader<std::process::ChildStdout>) -> forage_client::MovedNotice {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("the device printed {line:?}: {e}"))
 }
 
 /// Where a handoff report says the instance went: the device keeps its token.
@@ -322,4 +353,47 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let after = ask(&link.a, &moved_to(&r, &endpoint), "count");
     assert_eq!(field(&after, "served"), field(&before, "served"), "{after}");
     assert_eq!(field(&after, "working"), 16 << 20, "{after}");
+
+    // 5. Synthesized instances: the overlay of the same app on the base A holds; B gets
+    //    the base VM, C has nothing.
+    let ovl = work.join("ho.ovl");
+    forage_at(
+        &a,
+        &[
+            "overlay",
+            "create",
+            "--base",
+            "hotest",
+            "--app",
+            &app_dir.to_string_lossy(),
+            "--order",
+            "offset",
+            "-o",
+            &ovl.to_string_lossy(),
+        ],
+    );
+    let base_pkg = work.join("hotest.fbase");
+    forage_at(&a, &["base", "export", "hotest", &base_pkg.to_string_lossy()]);
+    forage_at(&b, &["base", "import", &base_pkg.to_string_lossy()]);
+    for early in [true, false] {
+        let (endpoint, _dev, mut out) = synthesize(&link.a, &device, &ovl, &addr_a, early);
+        assert!(ask(&link.a, &endpoint, &format!("search synth-{early} 8")).starts_with("ok "));
+        assert!(ask(&link.a, &endpoint, "grow 4").starts_with("ok "));
+        let before = field(&ask(&link.a, &endpoint, "count"), "served");
+        let r = handoff(&link.a, &a, &endpoint, &addr_b, 7879)
+            .unwrap_or_else(|e| panic!("synthesized (early {early}) A -> B: {e}"));
+        assert_eq!(r["has_base"], true, "B holds the base VM: {r}");
+        let at_b = moved_to(&r, &endpoint);
+        assert_eq!(heard_move(&mut out).endpoint, at_b.addr, "the device heard of the move");
+        assert_eq!(field(&ask(&link.a, &at_b, "count"), "served"), before, "early {early}: the counter moved");
+        let r = handoff(&link.b, &b, &at_b, &addr_c, 7879)
+            .unwrap_or_else(|e| panic!("synthesized (early {early}) B -> C: {e}"));
+        assert_eq!(r["has_base"], false, "{r}");
+        let at_c = moved_to(&r, &at_b);
+        let after = ask(&link.a, &at_c, "count");
+        assert_eq!(field(&after, "served"), before, "early {early}: {after}");
+        assert_eq!(field(&after, "working"), 4 << 20, "early {early}: {after}");
+        assert!(ask(&link.a, &at_c, "search moved-twice 8").contains(&format!("served={}", before + 1)));
+        wait_no_sessions(&a, Duration::from_secs(20));
+    }
 }

@@ -25,7 +25,7 @@ use sha2::Digest;
 
 use super::live::live;
 use crate::error::{internal, next, refused, SessionError};
-use crate::instance::{prepare, Outcome, Place, Ports, Source};
+use crate::instance::{prepare, Lineage, Outcome, Place, Ports, Source};
 
 /// Machine types a peer's VM may have: those forage builds.
 const MACHINES: &[&str] = &["pc"];
@@ -75,11 +75,16 @@ pub(crate) async fn receive(
         tracing::warn!("session {} not recorded: {e}", place.id);
     }
     let want = (begin.base_state_sha256.clone(), vm.hardware_fingerprint.clone());
-    let services = cloudlet.services.list();
+    // The saved VM the instance comes from: a service VM, or a base VM (a synthesized
+    // instance's), if this cloudlet holds it.
+    let (services, data) = (cloudlet.services.list(), cloudlet.data.clone());
     let base = tokio::task::spawn_blocking(move || {
+        let bases =
+            forage_synth::BaseVm::list(&data).into_iter().filter_map(|(_, b)| b.ok()).map(|b| b.snapshot().clone());
         services
             .into_iter()
             .filter_map(|s| s.snapshot().ok())
+            .chain(bases)
             .find(|s| (&s.manifest().state.sha256, &s.manifest().hardware_fingerprint) == (&want.0, &want.1))
     })
     .await
@@ -91,7 +96,8 @@ pub(crate) async fn receive(
         None => empty_vm(stream, place, vm).await?,
     };
     let ports = Ports { service: begin.service_port, extra: &begin.extra_ports, token };
-    let prepared = prepare(place, Source::View(&base), &base.manifest().spec, ports).await?;
+    let source = Source::View { of: &base, lineage: Lineage::of(&base) };
+    let prepared = prepare(place, source, &base.manifest().spec, ports).await?;
     let view = Snapshot::open(&prepared.view_snapshot().expect("a view")).map_err(internal)?;
     let received = match rebuild(stream, place, prepared.shim(), &view, &base, has_base).await {
         Ok(r) => r,
@@ -100,7 +106,9 @@ pub(crate) async fn receive(
             return Err(e);
         }
     };
-    let instance = prepared.resume(&view, false, false).await?;
+    // The snapshot as opened before the rebuild wrote its final state (its description
+    // still names the base's).
+    let instance = prepared.resume(Some(&view), false).await?;
     let done =
         PeerMessage::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
     if let Err(e) = write(stream, &done).await {

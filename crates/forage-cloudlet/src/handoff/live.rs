@@ -30,22 +30,30 @@ pub(crate) async fn live(
         if ending != Ending::Moving {
             return Ok(ending);
         }
-        let Some(order) = control.take_order() else { continue };
-        tracing::info!(instance = place.id, to = %order.to, "handoff starts");
-        match source::send(place, instance, &order).await {
-            Ok((report, service)) => {
-                tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
-                if let Some(stream) = device.as_deref_mut() {
-                    let moved = DeviceMessage::Moved { cloudlet: order.to.to_string(), service };
-                    let _ = write(stream, &moved).await;
-                }
-                let _ = order.reply.send(Ok(report));
-                return Ok(Ending::Moved);
-            }
-            Err(cause) => {
-                tracing::warn!(instance = place.id, to = %order.to, "handoff failed, the instance runs on here: {cause}");
-                let _ = order.reply.send(Err(HandoffError::Failed { instance: place.id.into(), to: order.to, cause }));
-            }
+        let Some(moved) = carry_out(place, instance).await else { continue };
+        if let Some(stream) = device.as_deref_mut() {
+            let _ = write(stream, &moved).await;
+        }
+        return Ok(Ending::Moved);
+    }
+}
+
+/// Carry out the move order the instance was given, if any: the message that tells its
+/// device where it went when it moved; none when it did not (it runs on here, and the
+/// order's caller has heard why).
+pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Option<DeviceMessage> {
+    let order = instance.control.take_order()?;
+    tracing::info!(instance = place.id, to = %order.to, "handoff starts");
+    match source::send(place, instance, &order).await {
+        Ok((report, service)) => {
+            tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
+            let _ = order.reply.send(Ok(report));
+            Some(DeviceMessage::Moved { cloudlet: order.to.to_string(), service })
+        }
+        Err(cause) => {
+            tracing::warn!(instance = place.id, to = %order.to, "handoff failed, the instance runs on here: {cause}");
+            let _ = order.reply.send(Err(HandoffError::Failed { instance: place.id.into(), to: order.to, cause }));
+            None
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::instance::control::MoveOrder;
 use crate::Cloudlet;
 
 pub(crate) use destination::receive;
-pub(crate) use live::live;
+pub(crate) use live::{carry_out, live};
 pub use order::{HandoffError, HandoffFailure, HandoffOptions};
 
 impl Cloudlet {

@@ -27,7 +27,7 @@ impl Default for HandoffOptions {
 pub enum HandoffError {
     #[error("no running instance {0} on this cloudlet")]
     NoInstance(String),
-    #[error("instance {0} cannot be handed off: only copy-on-write instances of service VMs move (cached VM, push, on-demand, app, handed-off), not synthesized or shared ones")]
+    #[error("instance {0} cannot be handed off now: an early-start instance moves once its overlay has all arrived, a shared (joined) one not at all")]
     NotMovable(String),
     #[error("instance {0} is already being handed off")]
     Busy(String),
@@ -47,8 +47,14 @@ pub enum HandoffError {
 /// Why a handoff failed (the instance runs on at the source).
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffFailure {
-    #[error("the instance is not a copy-on-write instance of a saved VM")]
+    #[error("the instance does not say what it was made from (an instance adopted from an older record)")]
     NotMovable,
+    #[error("the saved VM the instance was made from, {}", path.display())]
+    Lineage {
+        path: PathBuf,
+        #[source]
+        source: Box<forage_vm::SnapshotError>,
+    },
     #[error("this cloudlet is not paired with cloudlet {to} as a cloudlet (`forage pair --as-cloudlet` there, `forage pair import` here)")]
     NotPaired {
         to: SocketAddr,

@@ -58,7 +58,9 @@ pub(super) async fn send(
     let t0 = Instant::now();
     let cloudlet = place.cloudlet;
     let to = order.to;
-    let base = instance.saved.as_ref().ok_or(Failure::NotMovable)?;
+    let lineage = instance.lineage.as_ref().ok_or(Failure::NotMovable)?;
+    let base = &Snapshot::open(&lineage.base)
+        .map_err(|source| Failure::Lineage { path: lineage.base.clone(), source: Box::new(source) })?;
     let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
         .credentials(to, None)
         .map_err(|source| Failure::NotPaired { to, source })?;
@@ -274,6 +276,7 @@ async fn stream_state(
     };
     let feed = Feed {
         shim: instance.shim.clone(),
+        disk_changed: instance.lineage.as_ref().map(|l| l.disk_changed.clone()).unwrap_or_default(),
         runtime: tokio::runtime::Handle::current(),
         base_memory: File::open(base.memory_path()).map_err(io(base.memory_path()))?,
         base_disk: File::open(&base.disk_paths()[0]).map_err(io(&base.disk_paths()[0]))?,
@@ -466,6 +469,8 @@ impl Bits {
 struct Feed {
     /// The instance's view (its shim knows what the VM wrote).
     shim: Arc<ShimClient>,
+    /// Disk chunks that differed from the base before the VM ran.
+    disk_changed: Vec<u64>,
     runtime: tokio::runtime::Handle,
     base_memory: File,
     base_disk: File,
@@ -487,7 +492,11 @@ impl Feed {
         out: std::sync::mpsc::SyncSender<Modified>,
     ) -> Result<(Residual, Feed), Failure> {
         let mark = self.runtime.block_on(self.shim.mark()).map_err(Failure::View)?;
+        // What the VM wrote, and what differed from the base before it ran (an overlay's).
         let mut disk = self.runtime.block_on(self.shim.written_chunks(FileSpace::Disk)).map_err(Failure::View)?;
+        disk.extend_from_slice(&self.disk_changed);
+        disk.sort_unstable();
+        disk.dedup();
         shuffle(&mut disk, 1);
         self.disk_chunks(&disk, &out)?;
         let mut window: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SHUFFLE_WINDOW);
