@@ -71,7 +71,9 @@ impl forage_api::Control for DaemonControl {
                 HandoffError::NoInstance(_) => Fault::NotFound,
                 HandoffError::NotMovable(_) | HandoffError::Busy(_) => Fault::Conflict,
                 HandoffError::BadMode { .. } => Fault::BadRequest,
-                HandoffError::Failed { .. } | HandoffError::Ended(_) => Fault::Internal,
+                HandoffError::Failed { .. } | HandoffError::Unresolved { .. } | HandoffError::Ended(_) => {
+                    Fault::Internal
+                }
             };
             ActionError::new(fault, e)
         })

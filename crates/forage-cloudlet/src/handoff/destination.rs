@@ -42,6 +42,7 @@ fn bad(why: impl std::fmt::Display) -> SessionError {
 pub(crate) async fn receive(
     stream: &mut crate::DeviceStream,
     place: Place<'_>,
+    from: &str,
     peer: &str,
     begin: HandoffBegin,
 ) -> Result<Outcome, SessionError> {
@@ -51,6 +52,7 @@ pub(crate) async fn receive(
     let vm: SnapshotManifest =
         serde_json::from_slice(&begin.vm).map_err(|e| bad(format!("the VM description: {e}")))?;
     vm.check_fits(&cloudlet.limits.vm, MACHINES).map_err(|e| bad(format!("the VM description: {e}")))?;
+    forage_trust::check_peer_name(&begin.instance).map_err(|e| bad(format!("the instance's id: {e}")))?;
     if vm.disks.len() != 1 {
         return Err(bad("the VM must have exactly one disk"));
     }
@@ -108,15 +110,34 @@ pub(crate) async fn receive(
     };
     // The snapshot as opened before the rebuild wrote its final state (its description
     // still names the base's).
+    if crate::faults::injected("handoff-commit-lost") {
+        tracing::warn!(session = place.id, "fault injected: the commit is dropped");
+        let _ = prepared.shim().shutdown().await;
+        return Err(bad("fault injected: handoff-commit-lost"));
+    }
+    // Everything is here: from now on this copy runs, whatever becomes of the link; a
+    // source that does not hear HandoffDone asks (HandoffQuery) and learns it.
+    if let Err(e) = crate::handoff::arrival::note(place.dir, from, &begin.instance) {
+        let _ = prepared.shim().shutdown().await;
+        return Err(internal(format!("{}: {e}", place.dir.display())));
+    }
     let instance = prepared.resume(Some(&view), false).await?;
     let done =
         PeerMessage::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
-    if let Err(e) = write(stream, &done).await {
-        // The source cannot know it moved: it runs on there. Stop this copy.
-        instance.finish(cloudlet).await;
-        return Err(e.into());
+    let answered = match crate::faults::injected("handoff-done-lost") {
+        true => {
+            let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+            Err(forage_proto::ProtoError::Closed)
+        }
+        false => write(stream, &done).await,
+    };
+    match answered {
+        Ok(()) => tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running"),
+        Err(e) => tracing::warn!(
+            session = place.id,
+            "handed-off instance running; the source did not hear it ({e}): it will ask"
+        ),
     }
-    tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running");
     instance.control.set_movable(true);
     let life = live(None, place, &instance).await;
     instance.finish(cloudlet).await;

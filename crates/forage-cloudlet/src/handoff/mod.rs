@@ -16,6 +16,7 @@
 //! cancels the migration and its VM runs on (`cont` if QEMU had stopped it); the
 //! destination's session folder, with every partial file, is removed.
 
+mod arrival;
 mod destination;
 mod live;
 mod order;
@@ -29,8 +30,9 @@ use tokio::sync::oneshot;
 use crate::instance::control::MoveOrder;
 use crate::Cloudlet;
 
+pub(crate) use arrival::{fate, Fate};
 pub(crate) use destination::receive;
-pub(crate) use live::{carry_out, live};
+pub(crate) use live::{carry_out, live, Carried};
 pub use order::{HandoffError, HandoffFailure, HandoffOptions};
 
 impl Cloudlet {

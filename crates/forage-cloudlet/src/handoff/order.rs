@@ -33,6 +33,15 @@ pub enum HandoffError {
     Busy(String),
     #[error("operating mode {mode:?}: {detail}")]
     BadMode { mode: String, detail: String },
+    #[error(
+        "handoff of {instance} to {to}: the destination did not say whether it runs the instance; it was stopped here"
+    )]
+    Unresolved {
+        instance: String,
+        to: SocketAddr,
+        #[source]
+        cause: HandoffFailure,
+    },
     #[error("handoff of {instance} to {to} failed (the instance keeps running here)")]
     Failed {
         instance: String,
@@ -83,6 +92,10 @@ pub enum HandoffFailure {
     EarlyDone,
     #[error("the destination did not resume the VM in {}s", .0.as_secs())]
     NotResumed(Duration),
+    #[error("the destination never resumed the VM: {0}")]
+    NotThere(String),
+    #[error("cloudlet {to} did not say in {}s whether it runs the VM after its commit: the VM was stopped here, at most one copy runs", waited.as_secs())]
+    Unresolved { to: SocketAddr, waited: Duration },
     #[error("QEMU")]
     Qemu(#[source] forage_vm::qmp::QmpError),
     #[error("QEMU did not connect its migration stream")]
@@ -105,4 +118,12 @@ pub enum HandoffFailure {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl HandoffFailure {
+    /// Whether the VM may (and does) run on at the source: not once the source has sent
+    /// its commit and never heard whether the destination resumed it.
+    pub fn vm_runs_here(&self) -> bool {
+        !matches!(self, HandoffFailure::Unresolved { .. })
+    }
 }

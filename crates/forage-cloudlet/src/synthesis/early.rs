@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use super::context::{overlay_digest, Ctx};
 use super::residue::send_residue;
 use crate::error::{internal, refused, SessionError};
-use crate::handoff::carry_out;
+use crate::handoff::{carry_out, Carried};
 use crate::instance::{prepare, Ending, Instance, Lineage, Outcome, Ports, Source};
 
 /// The overlay as it arrives, each segment written at its place: a complete copy feeds
@@ -307,9 +307,13 @@ pub(crate) async fn run(
                 }
                 _ = instance.control.notified() => break Err(instance.control.error()),
                 _ = instance.control.ordered(), if sent_complete => {
-                    if let Some(moved) = carry_out(ctx.place(), &instance).await {
-                        let _ = out_tx.send(moved);
-                        break Ok((arrived, Ending::Moved));
+                    match carry_out(ctx.place(), &instance).await {
+                        Carried::Moved(moved) => {
+                            let _ = out_tx.send(moved);
+                            break Ok((arrived, Ending::Moved));
+                        }
+                        Carried::Stayed => {}
+                        Carried::Stopped(e) => break Err(e),
                     }
                 }
                 _ = instance.gone() => {
