@@ -24,7 +24,8 @@ pub async fn peer(
     let id = cloudlet.new_session_id();
     let dir = cloudlet.data.work().join(format!("session-{id}"));
     let result = run(&mut stream, cloudlet, &id, &dir, name, serial, first).await;
-    if let Err(e) = &result {
+    // A peer that is gone (or a stream this side closed) hears nothing more.
+    if let Some(e) = result.as_ref().err().filter(|e| !matches!(e, SessionError::Proto(ProtoError::Closed))) {
         let (code, message) = e.code_and_message();
         let _ = write(&mut stream, &PeerMessage::Error { code, message }).await;
     }

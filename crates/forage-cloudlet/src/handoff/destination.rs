@@ -113,7 +113,8 @@ pub(crate) async fn receive(
     if crate::faults::injected("handoff-commit-lost") {
         tracing::warn!(session = place.id, "fault injected: the commit is dropped");
         let _ = prepared.shim().shutdown().await;
-        return Err(bad("fault injected: handoff-commit-lost"));
+        let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+        return Err(SessionError::Proto(forage_proto::ProtoError::Closed));
     }
     // Everything is here: from now on this copy runs, whatever becomes of the link; a
     // source that does not hear HandoffDone asks (HandoffQuery) and learns it.
