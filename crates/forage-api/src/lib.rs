@@ -47,9 +47,9 @@ pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
-    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReport, HandoffRequest,
-    InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList, SessionMode,
-    SessionStatus, SessionView, SessionsQuery, StatusView,
+    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReason, HandoffReport,
+    HandoffRequest, InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList,
+    SessionMode, SessionStatus, SessionView, SessionsQuery, StatusView,
 };
 
 /// The API's routes over `ctx`.

@@ -59,7 +59,7 @@ pub(crate) enum Carried {
 /// Carry out the move order the instance was given, if any.
 pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Carried {
     let Some(order) = instance.control.take_order() else { return Carried::Stayed };
-    tracing::info!(instance = place.id, to = %order.to, "handoff starts");
+    tracing::info!(instance = place.id, to = %order.to, reason = %order.options.reason, "handoff starts");
     match source::send(place, instance, &order).await {
         Ok((report, service)) => {
             tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");

@@ -14,11 +14,13 @@ pub struct HandoffOptions {
     pub mode: Option<String>,
     /// QEMU's `downtime-limit`: iterations stop once the rest would take this long.
     pub downtime_limit_ms: u64,
+    /// Why it moves: logged with the handoff.
+    pub reason: forage_api::HandoffReason,
 }
 
 impl Default for HandoffOptions {
     fn default() -> Self {
-        Self { mode: None, downtime_limit_ms: 2000 }
+        Self { mode: None, downtime_limit_ms: 2000, reason: forage_api::HandoffReason::Operator }
     }
 }
 
