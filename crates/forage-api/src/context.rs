@@ -4,10 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::ActionError;
-use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, ServiceInfo};
-use crate::views_live::{
-    CloudletList, CredentialView, HandoffEvent, HandoffView, InstanceUsage, PairingCodeRequest, PairingCodeView,
-};
+use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, InstanceUsage, ServiceInfo};
+use crate::views_live::{CloudletList, CredentialView, HandoffEvent, HandoffView, PairingCodeRequest, PairingCodeView};
 use crate::websession::WebSessions;
 
 /// What the API asks of the daemon. Calls are synchronous; the API runs them on a

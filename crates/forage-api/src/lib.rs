@@ -68,14 +68,13 @@ pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
-    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReport, HandoffRequest,
-    InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList, SessionMode,
-    SessionStatus, SessionTimings, SessionView, SessionsQuery, StatusView,
+    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReason, HandoffReport,
+    HandoffRequest, InstanceList, InstanceStatus, InstanceUsage, InstanceView, InstancesQuery, ServiceInfo,
+    ServiceList, SessionList, SessionMode, SessionStatus, SessionTimings, SessionView, SessionsQuery, StatusView,
 };
 pub use views_live::{
     CloudletList, CredentialList, CredentialView, FeedEvent, HandoffEvent, HandoffList, HandoffStatus, HandoffTick,
-    HandoffView, HostView, InstanceUsage, PairingCodeRequest, PairingCodeView, PeerKindView, SeenCloudlet,
-    SignInRequest, SignInState,
+    HandoffView, HostView, PairingCodeRequest, PairingCodeView, PeerKindView, SeenCloudlet, SignInRequest, SignInState,
 };
 
 /// The API's routes over `ctx`, and the web UI's page and files.

@@ -9,8 +9,6 @@ use utoipa::{IntoParams, ToSchema};
 
 use forage_state::{CacheEntry, InstanceRecord, SessionRecord};
 
-use crate::views_live::InstanceUsage;
-
 /// An error: every non-2xx answer carries this body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -196,6 +194,17 @@ pub struct InstanceView {
     pub usage: Option<InstanceUsage>,
 }
 
+/// What an instance's service relay carried: what the idle timeout measures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceUsage {
+    /// Milliseconds since the relay last carried a byte (or since the device got it).
+    pub idle_ms: u64,
+    /// Device connections admitted (with the instance's token), in all.
+    pub connections: u64,
+    pub bytes_to_guest: u64,
+    pub bytes_from_guest: u64,
+}
+
 /// Instances, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceList {
@@ -344,6 +353,35 @@ pub struct HandoffRequest {
     /// QEMU's downtime limit: iterations stop once the rest would take this long.
     #[serde(default)]
     pub downtime_limit_ms: Option<u64>,
+    /// Why the instance moves (logged with the handoff); absent: `operator`.
+    #[serde(default)]
+    pub reason: HandoffReason,
+}
+
+/// Why an instance moves: who or what started its handoff.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoffReason {
+    /// An operator asked for this one instance (`forage handoff`).
+    #[default]
+    Operator,
+    /// An operator drains the cloudlet (`forage drain`): every instance moves.
+    Drain,
+    /// The cloudlet's load policy: the host is under pressure (`--move-when-*-above`).
+    Load,
+    /// The instance's device asked it to follow it to another cloudlet.
+    Device,
+}
+
+impl std::fmt::Display for HandoffReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HandoffReason::Operator => "operator",
+            HandoffReason::Drain => "drain",
+            HandoffReason::Load => "load",
+            HandoffReason::Device => "device",
+        })
+    }
 }
 
 /// What a handoff did.

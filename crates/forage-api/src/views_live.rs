@@ -25,17 +25,6 @@ pub struct HostView {
     pub host_uptime_s: u64,
 }
 
-/// What an instance's service relay carried: what the idle timeout measures.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct InstanceUsage {
-    /// Milliseconds since the relay last carried a byte (or since the device got it).
-    pub idle_ms: u64,
-    /// Device connections admitted (with the instance's token), in all.
-    pub connections: u64,
-    pub bytes_to_guest: u64,
-    pub bytes_from_guest: u64,
-}
-
 /// Where a handoff is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -10,6 +10,7 @@ use forage_proto::asynchronous::{read, write};
 use forage_proto::{DeviceMessage as Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
 use serde::{Deserialize, Serialize};
 
+use crate::held::Ended;
 use crate::{first_response, ClientError};
 
 /// What a provisioning took, from the connection (`forage offload ... --json`).
@@ -29,16 +30,6 @@ pub struct ProvisionReport {
     /// How this device reaches the service (its token included).
     pub service: forage_proto::ServiceEndpoint,
     pub answer: Option<String>,
-}
-
-/// How a held instance ended.
-#[derive(Debug)]
-pub enum Ended {
-    /// The cloudlet handed it off: the service now answers at `service`, on the cloudlet
-    /// at `cloudlet`.
-    Moved { cloudlet: String, service: forage_proto::ServiceEndpoint },
-    /// It stopped (idle timeout, operator, error).
-    Stopped(ClientError),
 }
 
 /// An instance provisioned for this device: it runs until this is closed or dropped.

@@ -130,6 +130,35 @@ pub struct Session {
 }
 
 impl Session {
+    /// Wait until the cloudlet ends the instance (idle timeout, operator, error), or hands
+    /// it off (where it went). Progress messages are passed over.
+    pub async fn ended(&mut self) -> crate::held::Ended {
+        loop {
+            match self.events.recv().await {
+                Some((Message::Moved { cloudlet, service }, _)) => {
+                    return crate::held::Ended::Moved { cloudlet, service }
+                }
+                Some((Message::Usage { .. } | Message::Complete { .. }, _)) => {}
+                Some((Message::Error { code, message }, _)) => {
+                    return crate::held::Ended::Stopped(ClientError::Refused { addr: self.addr, code, message })
+                }
+                Some((other, _)) => {
+                    return crate::held::Ended::Stopped(ClientError::Sequence {
+                        addr: self.addr,
+                        expected: "Moved or Error",
+                        got: other.name(),
+                    })
+                }
+                None => {
+                    return crate::held::Ended::Stopped(ClientError::Proto {
+                        addr: self.addr,
+                        source: forage_proto::ProtoError::Closed,
+                    })
+                }
+            }
+        }
+    }
+
     pub async fn close(self) {
         let _ = self.control.send(Message::Bye);
         drop(self.control);

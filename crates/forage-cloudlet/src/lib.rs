@@ -14,6 +14,7 @@
 mod cache;
 mod cloudlet;
 mod error;
+mod faults;
 mod handoff;
 pub(crate) mod instance;
 mod limits;

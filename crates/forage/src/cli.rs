@@ -131,6 +131,9 @@ pub enum Command {
     Instances(InstancesArgs),
     /// Stop an instance of this cloudlet (its id, or the endpoint its device was given)
     Stop(StopArgs),
+    /// Move every running instance of this cloudlet to another one (e.g. before
+    /// maintenance), one after the other; each device is told where its instance went
+    Drain(DrainArgs),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),
@@ -594,6 +597,18 @@ pub struct StopArgs {
     /// The instance: its id, or the endpoint its device was given
     pub instance: String,
     /// This cloudlet's HTTP management API
+    #[arg(long, default_value = "127.0.0.1:7879")]
+    pub api: std::net::SocketAddr,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The destination cloudlet, HOST:PORT (paired with this one as a cloudlet)
+    #[arg(long)]
+    pub to: std::net::SocketAddr,
+    /// This cloudlet's HTTP management API (the daemon does the handoffs)
     #[arg(long, default_value = "127.0.0.1:7879")]
     pub api: std::net::SocketAddr,
     #[arg(long)]

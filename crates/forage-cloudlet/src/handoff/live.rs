@@ -5,7 +5,9 @@ use forage_proto::DeviceMessage;
 
 use super::order::HandoffError;
 use super::source;
-use crate::error::SessionError;
+use forage_proto::ErrorCode;
+
+use crate::error::{refused, SessionError};
 use crate::instance::{checkpoints, hold, Ending, Instance, Place};
 use crate::DeviceStream;
 
@@ -30,27 +32,56 @@ pub(crate) async fn live(
         if ending != Ending::Moving {
             return Ok(ending);
         }
-        let Some(mut order) = control.take_order() else { continue };
-        tracing::info!(instance = place.id, to = %order.to, "handoff starts");
-        let board = &place.cloudlet.handoffs;
-        let hid = board.start(place.id, order.to, order.options.mode.clone());
-        order.sink = Some(board.sink(&hid));
-        let sent = source::send(place, instance, &order).await;
-        board.end(&hid, sent.as_ref().map(|(report, _)| report).map_err(|e| e.to_string()));
-        match sent {
-            Ok((report, service)) => {
-                tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
+        match carry_out(place, instance).await {
+            Carried::Moved(moved) => {
                 if let Some(stream) = device.as_deref_mut() {
-                    let moved = DeviceMessage::Moved { cloudlet: order.to.to_string(), service };
                     let _ = write(stream, &moved).await;
                 }
-                let _ = order.reply.send(Ok(report));
                 return Ok(Ending::Moved);
             }
-            Err(cause) => {
-                tracing::warn!(instance = place.id, to = %order.to, "handoff failed, the instance runs on here: {cause}");
-                let _ = order.reply.send(Err(HandoffError::Failed { instance: place.id.into(), to: order.to, cause }));
-            }
+            Carried::Stayed => continue,
+            Carried::Stopped(e) => return Err(e),
+        }
+    }
+}
+
+/// What became of a move order.
+pub(crate) enum Carried {
+    /// The instance runs at the destination: this tells its device where.
+    Moved(DeviceMessage),
+    /// It runs on here (no order, or the handoff failed; the order's caller heard why).
+    Stayed,
+    /// Its VM was stopped here without knowing whether the destination runs it (the link
+    /// failed after the commit and the destination never answered): the instance ends.
+    Stopped(SessionError),
+}
+
+/// Carry out the move order the instance was given, if any.
+pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Carried {
+    let Some(mut order) = instance.control.take_order() else { return Carried::Stayed };
+    tracing::info!(instance = place.id, to = %order.to, reason = %order.options.reason, "handoff starts");
+    // The operator's view: the handoff and its trace as it runs (the web UI's chart).
+    let board = &place.cloudlet.handoffs;
+    let hid = board.start(place.id, order.to, order.options.mode.clone());
+    order.sink = Some(board.sink(&hid));
+    let sent = source::send(place, instance, &order).await;
+    board.end(&hid, sent.as_ref().map(|(report, _)| report).map_err(|e| e.to_string()));
+    match sent {
+        Ok((report, service)) => {
+            tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
+            let _ = order.reply.send(Ok(report));
+            Carried::Moved(DeviceMessage::Moved { cloudlet: order.to.to_string(), service })
+        }
+        Err(cause) if cause.vm_runs_here() => {
+            tracing::warn!(instance = place.id, to = %order.to, "handoff failed, the instance runs on here: {cause}");
+            let _ = order.reply.send(Err(HandoffError::Failed { instance: place.id.into(), to: order.to, cause }));
+            Carried::Stayed
+        }
+        Err(cause) => {
+            tracing::error!(instance = place.id, to = %order.to, "handoff unresolved, the instance is stopped here: {cause}");
+            let stopped = refused(ErrorCode::Handoff, cause.to_string());
+            let _ = order.reply.send(Err(HandoffError::Unresolved { instance: place.id.into(), to: order.to, cause }));
+            Carried::Stopped(stopped)
         }
     }
 }

@@ -16,6 +16,7 @@
 //! cancels the migration and its VM runs on (`cont` if QEMU had stopped it); the
 //! destination's session folder, with every partial file, is removed.
 
+mod arrival;
 mod board;
 mod destination;
 mod live;
@@ -30,9 +31,10 @@ use tokio::sync::oneshot;
 use crate::instance::control::MoveOrder;
 use crate::Cloudlet;
 
+pub(crate) use arrival::{fate, Fate};
 pub use board::HandoffBoard;
 pub(crate) use destination::receive;
-pub(crate) use live::live;
+pub(crate) use live::{carry_out, live, Carried};
 pub use order::{HandoffError, HandoffFailure, HandoffOptions};
 
 impl Cloudlet {

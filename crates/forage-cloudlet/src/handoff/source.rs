@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,9 @@ use crate::Cloudlet;
 
 /// How long the destination may stay silent at a step (resume included).
 const PEER_WAIT: Duration = Duration::from_secs(60);
+/// How long a source asks a silent destination whether it resumed the VM, and how often.
+const RESOLVE_FOR: Duration = Duration::from_secs(300);
+const RESOLVE_EVERY: Duration = Duration::from_secs(3);
 /// Longest the destination may leave sent segments unacknowledged (a cut link blocks
 /// writes forever otherwise).
 const ACK_WAIT: Duration = Duration::from_secs(20);
@@ -58,24 +62,10 @@ pub(super) async fn send(
     let t0 = Instant::now();
     let cloudlet = place.cloudlet;
     let to = order.to;
-    let base = instance.saved.as_ref().ok_or(Failure::NotMovable)?;
-    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
-        .credentials(to, None)
-        .map_err(|source| Failure::NotPaired { to, source })?;
-    let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
-        .await
-        .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
-        .map_err(|source| Failure::Connect { to, source })?;
-    write(
-        &mut stream,
-        &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() },
-    )
-    .await
-    .map_err(Failure::Wire)?;
-    match next(&mut stream).await? {
-        PeerMessage::PeerWelcome { .. } => {}
-        other => return Err(unexpected("PeerWelcome", &other)),
-    }
+    let lineage = instance.lineage.as_ref().ok_or(Failure::NotMovable)?;
+    let base = &Snapshot::open(&lineage.base)
+        .map_err(|source| Failure::Lineage { path: lineage.base.clone(), source: Box::new(source) })?;
+    let mut stream = connect_peer(cloudlet, to).await?;
     let begin = HandoffBegin {
         instance: place.id.to_string(),
         base_state_sha256: base.manifest().state.sha256.clone(),
@@ -101,10 +91,68 @@ pub(super) async fn send(
             report.bytes += boot_file_bytes;
             Ok((report, service))
         }
-        Err(e) => {
+        Err(e) if e.vm_runs_here() => {
             recover(&instance.vm).await;
             Err(e)
         }
+        // Asked and not answered: the VM stays stopped (at most one copy runs).
+        Err(e) => Err(e),
+    }
+}
+
+/// A connection to the cloudlet `to` in the peer protocol (PeerHello answered).
+async fn connect_peer(cloudlet: &Cloudlet, to: SocketAddr) -> Result<forage_client::CloudletStream, Failure> {
+    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
+        .credentials(to, None)
+        .map_err(|source| Failure::NotPaired { to, source })?;
+    let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
+        .await
+        .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
+        .map_err(|source| Failure::Connect { to, source })?;
+    write(
+        &mut stream,
+        &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() },
+    )
+    .await
+    .map_err(Failure::Wire)?;
+    match next(&mut stream).await? {
+        PeerMessage::PeerWelcome { .. } => Ok(stream),
+        other => Err(unexpected("PeerWelcome", &other)),
+    }
+}
+
+/// After a commit whose answer did not come: ask the destination, on new connections,
+/// whether it runs the instance, until it says (or [`RESOLVE_FOR`] has passed). The VM
+/// stays stopped here meanwhile: at most one copy runs.
+async fn resolve(cloudlet: &Cloudlet, to: SocketAddr, instance: &str) -> Result<ServiceEndpoint, Failure> {
+    let t = Instant::now();
+    loop {
+        let asked = async {
+            let mut stream = connect_peer(cloudlet, to).await?;
+            write(&mut stream, &PeerMessage::HandoffQuery { instance: instance.to_string() })
+                .await
+                .map_err(Failure::Wire)?;
+            match tokio::time::timeout(PEER_WAIT, read::<PeerMessage>(&mut stream)).await {
+                Err(_) => Err(Failure::Silent(PEER_WAIT)),
+                Ok(r) => r.map_err(Failure::Wire),
+            }
+        };
+        match asked.await {
+            Ok(PeerMessage::HandoffDone { service, .. }) => {
+                tracing::info!(instance, %to, "the destination runs the instance (asked after the commit)");
+                return Ok(service);
+            }
+            Ok(PeerMessage::Error { code: forage_proto::ErrorCode::NotFound, message }) => {
+                tracing::info!(instance, %to, "the destination never resumed the instance: {message}");
+                return Err(Failure::NotThere(message));
+            }
+            Ok(other) => tracing::info!(instance, %to, "asked after the commit: {}", other.name()),
+            Err(e) => tracing::info!(instance, %to, "asking after the commit: {e}"),
+        }
+        if t.elapsed() > RESOLVE_FOR {
+            return Err(Failure::Unresolved { to, waited: t.elapsed() });
+        }
+        tokio::time::sleep(RESOLVE_EVERY).await;
     }
 }
 
@@ -205,7 +253,7 @@ async fn migrate(
         let conn = conn.into_std().map_err(io(&sock))?;
         conn.set_nonblocking(false).map_err(io(&sock))?;
         let sink = order.sink.clone();
-        stream_state(place, instance, base, stream, conn, has_base, mode, table, sink, &stopped).await
+        stream_state(place, instance, base, stream, conn, has_base, mode, table, sink, &stopped, order.to).await
     }
     .await;
     watch.abort();
@@ -237,6 +285,7 @@ async fn stream_state(
     table: Option<LookupTable>,
     sink: Option<forage_handoff::pipeline::TraceSink>,
     stopped: &Mutex<Option<Instant>>,
+    to: SocketAddr,
 ) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mut rh, mut wh) = tokio::io::split(stream);
     let (frames, mut frames_rx) = mpsc::channel::<PeerMessage>(2);
@@ -276,6 +325,7 @@ async fn stream_state(
     };
     let feed = Feed {
         shim: instance.shim.clone(),
+        disk_changed: instance.lineage.as_ref().map(|l| l.disk_changed.clone()).unwrap_or_default(),
         runtime: tokio::runtime::Handle::current(),
         base_memory: File::open(base.memory_path()).map_err(io(base.memory_path()))?,
         base_disk: File::open(&base.disk_paths()[0]).map_err(io(&base.disk_paths()[0]))?,
@@ -358,9 +408,21 @@ async fn stream_state(
     drop(frames);
     let resumed = tokio::time::timeout(PEER_WAIT, reader).await;
     writer.abort();
-    let (service, _resumed_ms) = match resumed {
-        Err(_) => return Err(Failure::NotResumed(PEER_WAIT)),
-        Ok(r) => r.expect("no panic")?,
+    let service = match resumed {
+        Ok(Ok(Ok((service, _resumed_ms)))) => service,
+        // The destination said it failed: it does not run the VM.
+        Ok(Ok(Err(Failure::Refused(why)))) => return Err(Failure::Refused(why)),
+        // No answer: it may run the VM, or not. Ask it.
+        other => {
+            let why = match other {
+                Err(_) => format!("no answer in {}s", PEER_WAIT.as_secs()),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(Err(e))) => e.to_string(),
+                Ok(Ok(Ok(_))) => unreachable!("handled above"),
+            };
+            tracing::warn!(instance = place.id, "no answer to the commit ({why}): asking the destination");
+            resolve(place.cloudlet, to, place.id).await?
+        }
     };
     let done = Instant::now();
     let downtime_s =
@@ -469,6 +531,8 @@ impl Bits {
 struct Feed {
     /// The instance's view (its shim knows what the VM wrote).
     shim: Arc<ShimClient>,
+    /// Disk chunks that differed from the base before the VM ran.
+    disk_changed: Vec<u64>,
     runtime: tokio::runtime::Handle,
     base_memory: File,
     base_disk: File,
@@ -490,7 +554,11 @@ impl Feed {
         out: std::sync::mpsc::SyncSender<Modified>,
     ) -> Result<(Residual, Feed), Failure> {
         let mark = self.runtime.block_on(self.shim.mark()).map_err(Failure::View)?;
+        // What the VM wrote, and what differed from the base before it ran (an overlay's).
         let mut disk = self.runtime.block_on(self.shim.written_chunks(FileSpace::Disk)).map_err(Failure::View)?;
+        disk.extend_from_slice(&self.disk_changed);
+        disk.sort_unstable();
+        disk.dedup();
         shuffle(&mut disk, 1);
         self.disk_chunks(&disk, &out)?;
         let mut window: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SHUFFLE_WINDOW);

@@ -75,17 +75,7 @@ async fn provision_after(
         };
         match ended {
             None => session.close().await,
-            Some(forage_client::Ended::Moved { cloudlet, service }) => {
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "moved_to": cloudlet, "endpoint": service.addr, "service": service })
-                    );
-                } else {
-                    println!("the instance moved to cloudlet {cloudlet}: the service answers at {}", service.addr);
-                }
-            }
-            Some(forage_client::Ended::Stopped(e)) => bail!("the cloudlet ended the instance: {e}"),
+            Some(ended) => super::synthesis::report_end(ended, args.json)?,
         }
     } else {
         session.close().await;
