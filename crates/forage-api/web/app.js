@@ -369,7 +369,7 @@ function renderNetwork() {
     const host = x.addr.replace(/:\d+$/, "");
     return el("tr", { "data-cloudlet": x.name },
       el("td", {}, el("strong", {}, x.name), x.this ? " (this one)" : ""),
-      el("td", { class: "mono" }, x.addr, x.http_port ? [" ", el("a", { href: `http://${host}:${x.http_port}/` }, "manager")] : ""),
+      el("td", { class: "mono" }, x.addr, x.http_port ? [" ", el("a", { href: `http://${host}:${x.http_port}/`, title: "its manager: reachable when its API listens on the network (serve --api ADDR)" }, "manager")] : ""),
       el("td", { class: "mono" }, x.bases.join(", ") || "–"), el("td", {}, x.services.join(", ") || "–"),
       el("td", { class: "num" }, `${x.load} on ${x.cores} cores`), el("td", { class: "num" }, bytes(x.free_mem_mib * 1048576)),
       el("td", { class: "num" }, x.rtt_ms != null ? `${x.rtt_ms.toFixed(1)} ms` : "no answer"), el("td", {}, when(x.last_seen_unix_ms)));
