@@ -11,11 +11,12 @@ function svgEl(tag, attrs, text) {
   return e;
 }
 
-// A round step above `v` for an axis: 1, 2 or 5 times a power of ten.
+// A round top for an axis above `v`: 1, 2, 4, 6 or 8 times a power of ten (each splits
+// into four or five round steps), so a chart is not mostly empty.
 function niceMax(v) {
   if (!(v > 0)) return 1;
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
+  for (const m of [1, 2, 4, 6, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 
