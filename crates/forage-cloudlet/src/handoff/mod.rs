@@ -20,6 +20,7 @@ mod arrival;
 mod destination;
 mod live;
 mod order;
+mod sampling;
 mod source;
 
 use std::net::SocketAddr;
