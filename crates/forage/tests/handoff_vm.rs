@@ -446,16 +446,9 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
 
     // 6. At most one copy when the last word is lost. B resumes the VM but its
     //    HandoffDone never reaches A: A asks, learns that it runs at B, and stops its own.
+    let serve_b = |env: &[(&str, &str)], args: &[&str]| serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", env, args);
     drop(daemon_b);
-    let daemon_b = serve_with(
-        &link.b,
-        &b,
-        7878,
-        7879,
-        "cloudlet-b",
-        &[("FORAGE_FAULTS", "handoff-done-lost")],
-        &["--no-advertise"],
-    );
+    let daemon_b = serve_b(&[("FORAGE_FAULTS", "handoff-done-lost")], &["--no-advertise"]);
     std::thread::sleep(Duration::from_secs(2));
     let (endpoint, _dev4, mut dev4_out) = offload(&link.a, &device, &addr_a);
     assert!(ask(&link.a, &endpoint, "grow 4").starts_with("ok "));
@@ -473,15 +466,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert!(gone.is_err(), "A's copy must be gone: {gone:?}");
     // B drops the commit: A asks, learns that it runs nowhere else, and resumes its own.
     drop(daemon_b);
-    let daemon_b = serve_with(
-        &link.b,
-        &b,
-        7878,
-        7879,
-        "cloudlet-b",
-        &[("FORAGE_FAULTS", "handoff-commit-lost")],
-        &["--no-advertise"],
-    );
+    let daemon_b = serve_b(&[("FORAGE_FAULTS", "handoff-commit-lost")], &["--no-advertise"]);
     std::thread::sleep(Duration::from_secs(2));
     let at_b_before = session_dirs(&b);
     let (endpoint, _dev5, _dev5_out) = offload(&link.a, &device, &addr_a);
@@ -501,7 +486,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     pair_cloudlets(&a, &b, "cloudlet-b", &addr_a, &work);
     let daemon_a = serve_with(&link.a, &a, 7878, 7879, "cloudlet-a", &probe_env, &["--no-advertise"]);
     drop(daemon_b);
-    let daemon_b = serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", &probe_env, &["--no-advertise"]);
+    let daemon_b = serve_b(&probe_env, &["--no-advertise"]);
     std::thread::sleep(Duration::from_secs(2));
     let (mut at, _dev7, _dev7_out) = offload(&link.a, &device, &addr_a);
     assert!(ask(&link.a, &at, "grow 8").starts_with("ok "));
@@ -531,7 +516,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
 
     // 8. Drain: every instance of A moves to B (B as it normally runs, announcing itself).
     drop(daemon_b);
-    let _daemon_b = serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", &[], &[]);
+    let _daemon_b = serve_b(&[], &[]);
     std::thread::sleep(Duration::from_secs(2));
     let out = forage_in(&link.a, &a, &["drain", "--to", &addr_b, "--api", "127.0.0.1:7879", "--json"]);
     assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
