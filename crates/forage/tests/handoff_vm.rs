@@ -15,8 +15,11 @@
 //!    VM) -> C (holds nothing), their state carried on, the device told each time;
 //! 6. the last word lost (debug builds inject it): B resumes but its HandoffDone is lost
 //!    (A asks, the VM runs at B only), or B drops the commit (A asks, resumes its own copy);
-//! 7. `forage drain` moves every instance of A to B;
-//! 8. the load policy: A under (configured) memory pressure moves a new instance to B,
+//! 7. no lost write: 20 handoffs A -> B -> A ... of a guest that keeps writing its
+//!    memory; each time the destination's memory and disk before it resumes equal the
+//!    source's once stopped, page by page (the debug build's FORAGE_HANDOFF_PROBE);
+//! 8. `forage drain` moves every instance of A to B;
+//! 9. the load policy: A under (configured) memory pressure moves a new instance to B,
 //!    which announces room over mDNS.
 
 use std::io::{BufRead, BufReader};
@@ -97,15 +100,16 @@ fn moved_to(report: &serde_json::Value, was: &ServiceEndpoint) -> ServiceEndpoin
 }
 
 fn serve(ns: &Netns, data: &Path, port: u16, api: u16, name: &str) -> Kill {
-    serve_with(ns, data, port, api, name, "", &["--no-advertise"])
+    serve_with(ns, data, port, api, name, &[], &["--no-advertise"])
 }
 
-/// A daemon with the debug build's injected `faults` (FORAGE_FAULTS) and more `args`.
-fn serve_with(ns: &Netns, data: &Path, port: u16, api: u16, name: &str, faults: &str, args: &[&str]) -> Kill {
+/// A daemon with more `args` and `env` (the debug build's FORAGE_FAULTS and
+/// FORAGE_HANDOFF_PROBE).
+fn serve_with(ns: &Netns, data: &Path, port: u16, api: u16, name: &str, env: &[(&str, &str)], args: &[&str]) -> Kill {
     let log = std::fs::File::options().create(true).append(true).open(data.join("serve.log")).unwrap();
     let child = ns
         .command(EXE)
-        .env("FORAGE_FAULTS", faults)
+        .envs(env.iter().copied())
         .arg("--data-dir")
         .arg(data)
         .args([
@@ -157,6 +161,38 @@ fn handoff(
         Ok(serde_json::from_slice(&out.stdout).unwrap())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The 4 KiB pages in which two files differ (a length difference counts as a page).
+fn differing_pages(a: &Path, b: &Path) -> Vec<u64> {
+    use std::io::Read;
+    let open = |p: &Path| {
+        BufReader::with_capacity(1 << 20, std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+    };
+    let (mut fa, mut fb) = (open(a), open(b));
+    let (mut pa, mut pb) = ([0u8; 4096], [0u8; 4096]);
+    let mut differ = Vec::new();
+    for page in 0.. {
+        let (na, nb) = (read_page(&mut fa, &mut pa), read_page(&mut fb, &mut pb));
+        if na == 0 && nb == 0 {
+            break;
+        }
+        if na != nb || pa[..na] != pb[..nb] {
+            differ.push(page);
+        }
+    }
+    return differ;
+
+    fn read_page(f: &mut impl Read, page: &mut [u8; 4096]) -> usize {
+        let mut n = 0;
+        while n < page.len() {
+            match f.read(&mut page[n..]).unwrap() {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
     }
 }
 
@@ -410,8 +446,9 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
 
     // 6. At most one copy when the last word is lost. B resumes the VM but its
     //    HandoffDone never reaches A: A asks, learns that it runs at B, and stops its own.
+    let serve_b = |env: &[(&str, &str)], args: &[&str]| serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", env, args);
     drop(daemon_b);
-    let daemon_b = serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", "handoff-done-lost", &["--no-advertise"]);
+    let daemon_b = serve_b(&[("FORAGE_FAULTS", "handoff-done-lost")], &["--no-advertise"]);
     std::thread::sleep(Duration::from_secs(2));
     let (endpoint, _dev4, mut dev4_out) = offload(&link.a, &device, &addr_a);
     assert!(ask(&link.a, &endpoint, "grow 4").starts_with("ok "));
@@ -429,7 +466,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert!(gone.is_err(), "A's copy must be gone: {gone:?}");
     // B drops the commit: A asks, learns that it runs nowhere else, and resumes its own.
     drop(daemon_b);
-    let daemon_b = serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", "handoff-commit-lost", &["--no-advertise"]);
+    let daemon_b = serve_b(&[("FORAGE_FAULTS", "handoff-commit-lost")], &["--no-advertise"]);
     std::thread::sleep(Duration::from_secs(2));
     let at_b_before = session_dirs(&b);
     let (endpoint, _dev5, _dev5_out) = offload(&link.a, &device, &addr_a);
@@ -440,9 +477,46 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert_eq!(field(&ask(&link.a, &endpoint, "count"), "served"), before, "A's copy runs on with its state");
     wait_sessions(&b, at_b_before, Duration::from_secs(30));
 
-    // 7. Drain: every instance of A moves to B (B as it normally runs, announcing itself).
+    // 7. No lost write: 20 handoffs A -> B -> A ... of an instance whose guest rewrites
+    //    1 MiB of its memory every 100 ms; each time, the memory and disk the destination
+    //    rebuilt equal, page by page, the source's once QEMU stopped the VM for good.
+    let probe = work.join("probe");
+    let probe_env = [("FORAGE_HANDOFF_PROBE", probe.to_str().unwrap())];
+    drop(daemon_a);
+    pair_cloudlets(&a, &b, "cloudlet-b", &addr_a, &work);
+    let daemon_a = serve_with(&link.a, &a, 7878, 7879, "cloudlet-a", &probe_env, &["--no-advertise"]);
     drop(daemon_b);
-    let _daemon_b = serve_with(&link.b, &b, 7878, 7879, "cloudlet-b", "", &[]);
+    let daemon_b = serve_b(&probe_env, &["--no-advertise"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let (mut at, _dev7, _dev7_out) = offload(&link.a, &device, &addr_a);
+    assert!(ask(&link.a, &at, "grow 8").starts_with("ok "));
+    assert!(ask(&link.a, &at, "churn 1024").starts_with("ok hot="));
+    for run in 0..20 {
+        let (ns, data, to) = if run % 2 == 0 { (&link.a, &a, &addr_b) } else { (&link.b, &b, &addr_a) };
+        let r = handoff(ns, data, &at, to, 7879).unwrap_or_else(|e| panic!("run {run}: {e}"));
+        let id = r["instance"].as_str().unwrap();
+        for what in ["memory", "disk"] {
+            let side = |s: &str| probe.join(format!("{id}.{s}.{what}"));
+            let differ = differing_pages(&side("source"), &side("destination"));
+            assert!(
+                differ.is_empty(),
+                "run {run}: {} {what} pages differ, first {:?}: {r}",
+                differ.len(),
+                &differ[..8.min(differ.len())]
+            );
+            let _ = std::fs::remove_file(side("source"));
+            let _ = std::fs::remove_file(side("destination"));
+        }
+        at = moved_to(&r, &at);
+        assert!(ask(&link.a, &at, "count").starts_with("ok "), "run {run}: the moved instance answers");
+    }
+    eprintln!("20 handoffs under writes: memory and disk equal page by page every time");
+    let stopped = forage_in(&link.a, &a, &["stop", &at.addr, "--api", "127.0.0.1:7879"]);
+    assert!(stopped.status.success(), "{}", String::from_utf8_lossy(&stopped.stderr));
+
+    // 8. Drain: every instance of A moves to B (B as it normally runs, announcing itself).
+    drop(daemon_b);
+    let _daemon_b = serve_b(&[], &[]);
     std::thread::sleep(Duration::from_secs(2));
     let out = forage_in(&link.a, &a, &["drain", "--to", &addr_b, "--api", "127.0.0.1:7879", "--json"]);
     assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
@@ -452,7 +526,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert_eq!(field(&ask(&link.a, &at_b, "count"), "served"), before, "drained with its state");
     wait_no_sessions(&a, Duration::from_secs(20));
 
-    // 8. The load policy: A, restarted with a memory threshold its host exceeds, moves a
+    // 9. The load policy: A, restarted with a memory threshold its host exceeds, moves a
     //    new instance to B, which announces room (mDNS) and is paired; its device hears.
     drop(daemon_a);
     let _daemon_a = serve_with(
@@ -461,7 +535,7 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
         7878,
         7879,
         "cloudlet-a",
-        "",
+        &[],
         &["--move-when-memory-above", "0", "--move-check-s", "1"],
     );
     std::thread::sleep(Duration::from_secs(1));

@@ -110,6 +110,7 @@ pub(crate) async fn receive(
     };
     // The snapshot as opened before the rebuild wrote its final state (its description
     // still names the base's).
+    crate::faults::probe_handoff(&begin.instance, "destination", &view.memory_path(), &view.disk_paths()[0]).await;
     if crate::faults::injected("handoff-commit-lost") {
         tracing::warn!(session = place.id, "fault injected: the commit is dropped");
         let _ = prepared.shim().shutdown().await;

@@ -21,6 +21,7 @@ mod board;
 mod destination;
 mod live;
 mod order;
+mod sampling;
 mod source;
 
 use std::net::SocketAddr;

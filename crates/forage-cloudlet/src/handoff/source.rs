@@ -203,6 +203,9 @@ async fn migrate(
         Some(m) => (parse_mode(m).map_err(Failure::Residual)?, None),
         None => (parse_mode("xor+zstd-1").expect("a mode"), Some(load_table(place.cloudlet))),
     };
+    let adapt_later = table
+        .as_ref()
+        .map(|t| super::sampling::start(instance.vm.spec().memory_file.clone(), base.memory_path(), has_base, t, mode));
     let vm = &instance.vm;
     let qmp = vm.qmp();
     let sock = place
@@ -253,7 +256,8 @@ async fn migrate(
         let conn = conn.into_std().map_err(io(&sock))?;
         conn.set_nonblocking(false).map_err(io(&sock))?;
         let sink = order.sink.clone();
-        stream_state(place, instance, base, stream, conn, has_base, mode, table, sink, &stopped, order.to).await
+        let adapt = (table, adapt_later);
+        stream_state(place, instance, base, stream, conn, has_base, mode, adapt, sink, &stopped, order.to).await
     }
     .await;
     watch.abort();
@@ -282,7 +286,7 @@ async fn stream_state(
     conn: std::os::unix::net::UnixStream,
     has_base: bool,
     mode: forage_handoff::adapt::Mode,
-    table: Option<LookupTable>,
+    (table, adapt_later): (Option<LookupTable>, Option<Arc<std::sync::OnceLock<LookupTable>>>),
     sink: Option<forage_handoff::pipeline::TraceSink>,
     stopped: &Mutex<Option<Instant>>,
     to: SocketAddr,
@@ -341,6 +345,7 @@ async fn stream_state(
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         start: mode,
         adapt: table,
+        adapt_later,
         depth: 2,
         on_trace: sink,
         ..Default::default()
@@ -399,6 +404,8 @@ async fn stream_state(
     if status != "completed" {
         return Err(Failure::Migration(status));
     }
+    let spec = instance.vm.spec();
+    crate::faults::probe_handoff(place.id, "source", &spec.memory_file, &spec.disks[0].path).await;
     let state = residual
         .to_stream()
         .and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string()))
