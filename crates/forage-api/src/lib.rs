@@ -42,7 +42,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 
 pub use context::{Access, ApiContext, Control};
-pub use error::{ActionError, ApiError, Fault};
+pub use error::{one_line, ActionError, ApiError, Fault};
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};

@@ -39,7 +39,11 @@ pub(crate) async fn live(
                 }
                 return Ok(Ending::Moved);
             }
-            Carried::Stayed => continue,
+            Carried::Stayed => {
+                if let (Some(stream), Some(message)) = (device.as_deref_mut(), control.not_followed()) {
+                    write(stream, &DeviceMessage::NotFollowed { message }).await?;
+                }
+            }
             Carried::Stopped(e) => return Err(e),
         }
     }
