@@ -62,7 +62,7 @@ use axum::Router;
 pub use access::Caller;
 pub use assets::total_bytes as ui_bytes;
 pub use context::{Access, ApiContext, Control};
-pub use error::{ActionError, ApiError, Fault};
+pub use error::{one_line, ActionError, ApiError, Fault};
 pub use feed::MAX_FEEDS;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;

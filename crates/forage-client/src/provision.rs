@@ -47,9 +47,39 @@ impl Provisioned {
     /// Wait until the cloudlet ends the instance (idle timeout, operator): its reason.
     /// A handoff ends it here too, with where the instance went.
     pub async fn ended(&mut self) -> Ended {
-        match read(&mut self.stream).await {
-            Ok(Message::Moved { cloudlet, service }) => Ended::Moved { cloudlet, service },
-            other => Ended::Stopped(Self::reason(self.addr, other)),
+        self.ended_following(&mut tokio::sync::mpsc::unbounded_channel().1).await
+    }
+
+    /// [`Provisioned::ended`], asking the instance to follow the device to each cloudlet
+    /// (`HOST:PORT`) that `follow` names meanwhile; a refusal (NotFollowed) is logged and
+    /// the instance stays.
+    pub async fn ended_following(&mut self, follow: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Ended {
+        let addr = self.addr;
+        let (mut rd, mut wr) = tokio::io::split(&mut self.stream);
+        // One read for the whole wait: a frame is never cut by a Follow being written.
+        let reading = async {
+            loop {
+                match read(&mut rd).await {
+                    Ok(Message::NotFollowed { message }) => {
+                        tracing::warn!("the instance did not follow: {message}")
+                    }
+                    other => return other,
+                }
+            }
+        };
+        tokio::pin!(reading);
+        loop {
+            tokio::select! {
+                m = &mut reading => return match m {
+                    Ok(Message::Moved { cloudlet, service }) => Ended::Moved { cloudlet, service },
+                    other => Ended::Stopped(Self::reason(addr, other)),
+                },
+                Some(to) = follow.recv() => {
+                    if let Err(e) = write(&mut wr, &Message::Follow { to }).await {
+                        return Ended::Stopped(ClientError::Proto { addr, source: e });
+                    }
+                }
+            }
         }
     }
 

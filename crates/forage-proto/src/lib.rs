@@ -121,6 +121,8 @@ mod tests {
                 cloudlet: "10.0.0.2:7878".into(),
                 service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() },
             },
+            DeviceMessage::Follow { to: "10.0.0.2:7878".into() },
+            DeviceMessage::NotFollowed { message: "not paired".into() },
             DeviceMessage::Bye,
         ]
     }

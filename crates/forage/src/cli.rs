@@ -63,7 +63,8 @@ pub enum Command {
         /// (holds the overlay's base; fewest instances per core; shortest round trip)
         #[arg(long, default_value = "127.0.0.1:7878")]
         cloudlet: String,
-        /// Keep the instance until Ctrl-C (otherwise it is released after the first response)
+        /// Keep the instance until Ctrl-C (otherwise it is released after the first
+        /// response); meanwhile a line `follow HOST:PORT` on stdin asks it to move there
         #[arg(long)]
         hold: bool,
         /// Wait for the whole overlay before resuming (pipelined synthesis only)
@@ -384,7 +385,8 @@ pub struct SessionArgs {
     /// Send this line to the service once it is up and print its answer
     #[arg(long, value_name = "LINE")]
     pub request: Option<String>,
-    /// Keep the instance until Ctrl-C (otherwise it is released after the first answer)
+    /// Keep the instance until Ctrl-C (otherwise it is released after the first answer);
+    /// meanwhile a line `follow HOST:PORT` on stdin asks it to move there
     #[arg(long)]
     pub hold: bool,
     #[arg(long)]

@@ -19,10 +19,11 @@
 //!    memory; each time the destination's memory and disk before it resumes equal the
 //!    source's once stopped, page by page (the debug build's FORAGE_HANDOFF_PROBE);
 //! 8. `forage drain` moves every instance of A to B;
-//! 9. the load policy: A under (configured) memory pressure moves a new instance to B,
-//!    which announces room over mDNS.
+//! 9. device-initiated: the device asks its instance to follow it to B;
+//! 10. the load policy: A under (configured) memory pressure moves a new instance to B,
+//!     which announces room over mDNS.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -137,6 +138,7 @@ fn offload(ns: &Netns, device: &Path, cloudlet: &str) -> (ServiceEndpoint, Kill,
         .arg("--data-dir")
         .arg(device)
         .args(["offload", "--service", "ho-hs", "--cloudlet", cloudlet, "--hold", "--json"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -483,6 +485,8 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     let probe = work.join("probe");
     let probe_env = [("FORAGE_HANDOFF_PROBE", probe.to_str().unwrap())];
     drop(daemon_a);
+    // A (the test data folder) outlives a run, and a name is held by one credential.
+    let _ = Command::new(EXE).arg("--data-dir").arg(&a).args(["pair", "revoke", "cloudlet-b"]).output();
     pair_cloudlets(&a, &b, "cloudlet-b", &addr_a, &work);
     let daemon_a = serve_with(&link.a, &a, 7878, 7879, "cloudlet-a", &probe_env, &["--no-advertise"]);
     drop(daemon_b);
@@ -526,7 +530,25 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert_eq!(field(&ask(&link.a, &at_b, "count"), "served"), before, "drained with its state");
     wait_no_sessions(&a, Duration::from_secs(20));
 
-    // 9. The load policy: A, restarted with a memory threshold its host exceeds, moves a
+    // 9. Device-initiated: the device asks its instance to follow it to B (`follow
+    //    HOST:PORT` on the held command's stdin); a request it cannot carry out is
+    //    refused and the instance stays.
+    let (endpoint, mut dev8, mut dev8_out) = offload(&link.a, &device, &addr_a);
+    assert!(ask(&link.a, &endpoint, "grow 4").starts_with("ok "));
+    let before = field(&ask(&link.a, &endpoint, "count"), "served");
+    let stdin = dev8.0.stdin.as_mut().unwrap();
+    stdin.write_all(b"follow nowhere\n").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(field(&ask(&link.a, &endpoint, "count"), "served"), before, "a bad Follow changes nothing");
+    stdin.write_all(format!("follow {addr_b}\n").as_bytes()).unwrap();
+    let moved = heard_move(&mut dev8_out);
+    assert_eq!(moved.moved_to, addr_b, "{moved:?}");
+    assert_eq!(field(&ask(&link.a, &moved.service, "count"), "served"), before, "it followed with its state");
+    wait_no_sessions(&a, Duration::from_secs(20));
+    let log = std::fs::read_to_string(a.join("serve.log")).unwrap();
+    assert!(log.contains("reason=device"), "A logs why it moved");
+
+    // 10. The load policy: A, restarted with a memory threshold its host exceeds, moves a
     //    new instance to B, which announces room (mDNS) and is paired; its device hears.
     drop(daemon_a);
     let _daemon_a = serve_with(

@@ -39,7 +39,11 @@ pub(crate) async fn live(
                 }
                 return Ok(Ending::Moved);
             }
-            Carried::Stayed => continue,
+            Carried::Stayed => {
+                if let (Some(stream), Some(message)) = (device.as_deref_mut(), control.not_followed()) {
+                    write(stream, &DeviceMessage::NotFollowed { message }).await?;
+                }
+            }
             Carried::Stopped(e) => return Err(e),
         }
     }
@@ -65,7 +69,7 @@ pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Carried 
     let hid = board.start(place.id, order.to, order.options.mode.clone());
     order.sink = Some(board.sink(&hid));
     let sent = source::send(place, instance, &order).await;
-    board.end(&hid, sent.as_ref().map(|(report, _)| report).map_err(|e| e.to_string()));
+    board.end(&hid, sent.as_ref().map(|(report, _)| report).map_err(|e| forage_api::one_line(e)));
     match sent {
         Ok((report, service)) => {
             tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");

@@ -469,7 +469,11 @@ pub(crate) async fn hold(
                 Ok(DeviceMessage::Bye) | Err(ProtoError::Closed) => return Ok(Ending::Bye),
                 Ok(DeviceMessage::WantResidue) => return Ok(Ending::Residue),
                 Ok(DeviceMessage::Checkpoint { label }) => write(stream, &usage(label)).await?,
-                Ok(other) => return Err(SessionError::Sequence { expected: "Bye, WantResidue or Checkpoint", got: other.name() }),
+                // Its device asks it to move (a move order: the next turn carries it out).
+                Ok(DeviceMessage::Follow { to }) => if let Err(message) = control.follow(&to) {
+                    write(stream, &DeviceMessage::NotFollowed { message }).await?
+                },
+                Ok(other) => return Err(SessionError::Sequence { expected: "Bye, WantResidue, Checkpoint or Follow", got: other.name() }),
                 Err(e) => return Err(e.into()),
             },
             _ = control.notified() => return Err(control.error()),

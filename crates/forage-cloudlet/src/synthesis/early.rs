@@ -105,6 +105,9 @@ pub(crate) async fn run(
     };
     let (mut rd, mut wr) = tokio::io::split(&mut *stream);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<DeviceMessage>();
+    // Follow requests go from the receiver to the instance's life (the instance is not
+    // there yet when the receiver starts).
+    let (follow_tx, mut follow_rx) = mpsc::unbounded_channel::<String>();
     let writer = async {
         loop {
             let device_fetch = async {
@@ -202,6 +205,9 @@ pub(crate) async fn run(
                     Ok(DeviceMessage::Checkpoint { label }) => {
                         ctx.place().checkpoint(&label);
                         let _ = out_tx.send(usage(&shim, label).await);
+                    }
+                    Ok(DeviceMessage::Follow { to }) => {
+                        let _ = follow_tx.send(to);
                     }
                     Ok(DeviceMessage::Bye) | Err(ProtoError::Closed) if count == n => return Ok((bytes, Ending::Bye)),
                     Ok(DeviceMessage::WantResidue) if count == n => return Ok((bytes, Ending::Residue)),
@@ -318,8 +324,17 @@ pub(crate) async fn run(
                             let _ = out_tx.send(moved);
                             break Ok((arrived, Ending::Moved));
                         }
-                        Carried::Stayed => {}
+                        Carried::Stayed => {
+                            if let Some(message) = instance.control.not_followed() {
+                                let _ = out_tx.send(DeviceMessage::NotFollowed { message });
+                            }
+                        }
                         Carried::Stopped(e) => break Err(e),
+                    }
+                }
+                Some(to) = follow_rx.recv() => {
+                    if let Err(message) = instance.control.follow(&to) {
+                        let _ = out_tx.send(DeviceMessage::NotFollowed { message });
                     }
                 }
                 _ = instance.gone() => {

@@ -69,9 +69,10 @@ async fn provision_after(
     print_report(&report, args.json, download_s);
     if args.hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
+        let mut follows = super::synthesis::follow_commands();
         let ended = tokio::select! {
             _ = tokio::signal::ctrl_c() => None,
-            e = session.ended() => Some(e),
+            e = session.ended_following(&mut follows) => Some(e),
         };
         match ended {
             None => session.close().await,
