@@ -18,6 +18,7 @@
 
 mod arrival;
 mod destination;
+mod feed;
 mod live;
 mod order;
 mod sampling;
