@@ -19,6 +19,7 @@
 mod arrival;
 mod board;
 mod destination;
+mod feed;
 mod live;
 mod order;
 mod sampling;
