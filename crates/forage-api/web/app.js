@@ -19,6 +19,8 @@ function el(tag, attrs, ...kids) {
     if (v === undefined || v === null || v === false) continue;
     if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else if (k === "class") e.className = v;
+    // Through the CSSOM: the policy (style-src 'self') drops style attributes.
+    else if (k === "style") Object.assign(e.style, v);
     else e.setAttribute(k, v === true ? "" : v);
   }
   for (const k of kids.flat()) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
@@ -204,7 +206,7 @@ function renderOverview() {
     const used = h.memory_total_bytes - h.memory_available_bytes;
     const meter = (label, frac, text) => el("div", { class: "meter" }, el("span", {}, label),
       el("div", { class: "bar", role: "meter", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": Math.round(frac * 100), "aria-label": label },
-        el("span", { style: `width:${Math.min(100, frac * 100).toFixed(0)}%` })), el("span", {}, text));
+        el("span", { style: { width: `${Math.min(100, frac * 100).toFixed(0)}%` } })), el("span", {}, text));
     $("#ov-load").replaceChildren(
       ...h.load.map((l, i) => meter(`load ${[1, 5, 15][i]} min`, l / h.cores, l.toFixed(2))),
       meter("memory", used / Math.max(1, h.memory_total_bytes), `${bytes(used)} of ${bytes(h.memory_total_bytes)}`));

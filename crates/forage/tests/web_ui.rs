@@ -362,6 +362,15 @@ fn the_cloudlet_manager_in_chromium() {
                 shots.push(web.screenshot(view, key, &out).await);
             }
         }
+        // The meters are as full as they say (the policy drops inline style attributes).
+        web.client.find(Locator::Css("body")).await.unwrap().send_keys("1").await.unwrap();
+        let meters: Vec<(f64, f64)> = web
+            .js("return [...document.querySelectorAll('#ov-load .bar')].map(b =>
+                   [b.firstChild.getBoundingClientRect().width / b.getBoundingClientRect().width * 100,
+                    Number(b.getAttribute('aria-valuenow'))])")
+            .await;
+        assert_eq!(meters.len(), 4, "load 1, 5, 15 min and memory");
+        assert!(meters.iter().all(|(drawn, said)| (drawn - said.min(100.0)).abs() < 2.0), "{meters:?}");
         let wide: bool = web.js("return document.documentElement.scrollWidth <= window.innerWidth").await;
         assert!(wide, "nothing wider than 800 px but the tables' own scrolling");
         for s in &shots {
