@@ -61,8 +61,11 @@ impl DataDir {
         Ok(Self { root })
     }
 
+    /// The data folder at `root`, made absolute (QEMU resolves a relative backing file
+    /// against the overlay's own folder, and VMs outlive the working directory).
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        let root = root.into();
+        Self { root: std::path::absolute(&root).unwrap_or(root) }
     }
 
     pub fn root(&self) -> &Path {
