@@ -103,6 +103,7 @@ pub async fn build_overlay(
             snapshot: &launch.snapshot,
             written_disk_chunks: &launch.written_disk_chunks,
             discarded_disk_chunks: &launch.discarded_disk_chunks,
+            checkpoint: launch.checkpoint,
             service: Some(Service {
                 name: launch.app.name.clone(),
                 port: launch.app.port,
@@ -112,6 +113,7 @@ pub async fn build_overlay(
         };
         progress("writing the overlay ...");
         let report = crate::create::create(&base, &input, &req.options, &req.output)?;
+        progress(&format!("  {}", report.fs));
         let signer = sign_overlay(data, &req.output)?;
         Ok(OverlayBuild { report, launch: launch_time, signer })
     }
