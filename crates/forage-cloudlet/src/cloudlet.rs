@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use forage_datadir::DataDir;
 use forage_proto::ErrorCode;
+use forage_vm::cpu::{CpuProbeError, HostCpu};
 use forage_vm::Accel;
 use tokio::net::TcpStream;
 
@@ -54,6 +55,8 @@ pub struct Cloudlet {
     pub(crate) sessions: Arc<limits::Counter<u64>>,
     /// Wrong pairing codes per source.
     pub(crate) pairing_guard: forage_trust::PairingGuard,
+    /// The CPU models this host's QEMU gives under `accel` (asked at the first offer).
+    pub(crate) host_cpu: std::sync::OnceLock<Result<HostCpu, Arc<CpuProbeError>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,7 @@ impl Cloudlet {
             limits: Limits::default(),
             fetch_policy: Default::default(),
             pairing_guard: Default::default(),
+            host_cpu: Default::default(),
         })
     }
 

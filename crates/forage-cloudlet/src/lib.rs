@@ -13,6 +13,7 @@
 
 mod cache;
 mod cloudlet;
+mod cpu;
 mod error;
 mod handoff;
 pub(crate) mod instance;
