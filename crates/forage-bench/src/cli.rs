@@ -52,6 +52,9 @@ pub enum BenchCommand {
     /// The offline profile of VM handoff's operating modes (P and R of every delta and
     /// codec on the bench app's modified memory): the lookup table adaptation scales
     HandoffProfile(BenchHandoffProfileArgs),
+    /// (internal) one overlay of a kept launch VM, printed as JSON
+    #[command(hide = true)]
+    OverlayCreate(OverlayCreateArgs),
     /// (internal) receive one connection's bytes and acknowledge them
     #[command(hide = true)]
     Sink {
@@ -155,10 +158,17 @@ pub struct BenchProvisionArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchOverlayArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Size of the data set the bench app installs and preloads
+    /// Guest image of the base: tiny (the bench app) or debian-12 (name the apps)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// App to measure (repeat): a sample app built by `make guest` (ocr, vision) or an
+    /// app folder [tiny: the bench app]
+    #[arg(long)]
+    pub app: Vec<String>,
+    /// Base VM to use (created if absent) [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Size of the data set the bench app installs and preloads (tiny)
     #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub data_mib: u64,
     /// Segment compression (lzma, zstd or none)
@@ -170,8 +180,57 @@ pub struct BenchOverlayArgs {
     /// Per-chunk delta (bsdiff, xor or none)
     #[arg(long, default_value = "bsdiff")]
     pub delta: String,
+    /// Build the launch VMs again (they are kept in DATA/bench/launch between runs)
+    #[arg(long)]
+    pub fresh: bool,
+    /// Drop the guest's page cache, dentries and inodes before the launch VMs' save
+    #[arg(long)]
+    pub drop_caches: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+/// (internal) one overlay of a kept launch VM, made in its own process so that its time
+/// and peak memory are its own.
+#[derive(Args, Debug, Clone)]
+pub struct OverlayCreateArgs {
+    /// The kept launch VM's folder (DATA/bench/launch/KEY)
+    #[arg(long)]
+    pub launch: PathBuf,
+    #[arg(long)]
+    pub base: String,
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub no_dedup: bool,
+    #[arg(long)]
+    pub no_semantic: bool,
+    #[arg(long, default_value = "lzma")]
+    pub codec: String,
+    #[arg(long)]
+    pub level: Option<i32>,
+    #[arg(long, default_value = "bsdiff")]
+    pub delta: String,
+}
+
+impl OverlayCreateArgs {
+    /// The command line that asks for these (after the binary and global options).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> =
+            vec!["overlay-create".into(), "--launch".into(), self.launch.clone().into()];
+        a.extend(["--base".into(), self.base.clone().into(), "--output".into(), self.output.clone().into()]);
+        a.extend(["--codec".into(), self.codec.clone().into(), "--delta".into(), self.delta.clone().into()]);
+        if let Some(l) = self.level {
+            a.extend(["--level".into(), l.to_string().into()]);
+        }
+        if self.no_dedup {
+            a.push("--no-dedup".into());
+        }
+        if self.no_semantic {
+            a.push("--no-semantic".into());
+        }
+        a
+    }
 }
 
 #[derive(Args, Debug)]

@@ -23,7 +23,7 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
             eprintln!("{s}");
         }
     };
-    let base = bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, forage_image::TINY, &say).await?;
     let work = data.work().join(format!("bench-handoff-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

@@ -76,7 +76,7 @@ pub async fn run(data: &DataDir, args: BenchSynthesisArgs) -> anyhow::Result<()>
             eprintln!("{s}");
         }
     };
-    let base = bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, forage_image::TINY, &say).await?;
     let work = data.work().join(format!("bench-synthesis-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
