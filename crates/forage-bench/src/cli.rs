@@ -73,9 +73,17 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchSynthesisArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
+    /// Guest image of the base: tiny (the bench app) or debian-12 (name the apps)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// App to measure (repeat): a sample app built by `make guest` (ocr, vision) or an
+    /// app folder [tiny: the bench app]; debian-12 apps reuse the launch VMs kept by
+    /// `bench overlay`
+    #[arg(long)]
+    pub app: Vec<String>,
+    /// Base VM to use (created if absent) [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
     /// Link rate in Mbit/s (the paper's WiFi: 38); repeat for several rates
     #[arg(long, default_values_t = vec![38.0])]
     pub mbps: Vec<f64>,

@@ -72,3 +72,10 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Measured> {
     }
     Ok(Measured { stdout, usage })
 }
+
+/// Peak resident memory so far of a running process (VmHWM), in MB.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim();
+    kib.parse::<f64>().ok().map(|k| k / 1024.0)
+}
