@@ -194,6 +194,10 @@ pub struct BenchOverlayArgs {
     /// Drop the guest's page cache, dentries and inodes before the launch VMs' save
     #[arg(long)]
     pub drop_caches: bool,
+    /// Also the largest overlay of each app (no semantic gap, no compression) created,
+    /// applied and synthesized on loopback: each forage process's peak RSS (target <= 256 MB)
+    #[arg(long)]
+    pub big: bool,
     #[arg(long)]
     pub json: bool,
 }

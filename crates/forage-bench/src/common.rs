@@ -78,7 +78,7 @@ pub fn bench_apps(image: &str, named: &[String], work: &Path, data_mib: u64) -> 
             image == forage_image::TINY,
             "name the apps to run on image {image} (--app ocr --app vision: the sample apps `make guest` builds)"
         );
-        return Ok(vec![crate::overlay::bench_app(work, data_mib)?]);
+        return Ok(vec![crate::bench_app::bench_app(work, data_mib)?]);
     }
     named
         .iter()

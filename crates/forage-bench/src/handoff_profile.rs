@@ -28,7 +28,7 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app = forage_agent::app::AppPackage::open(&crate::overlay::bench_app(&work, args.data_mib)?)?;
+        let app = forage_agent::app::AppPackage::open(&crate::bench_app::bench_app(&work, args.data_mib)?)?;
         say("building the bench app's launch VM (the reference workload) ...");
         let launch = forage_synth::build::build_launch(
             data,

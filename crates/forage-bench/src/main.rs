@@ -3,6 +3,8 @@
 //! quickstart demo (`forage-bench demo`). `forage bench ...` and `forage demo` run this
 //! binary; it is not part of the product binary.
 
+mod bench_app;
+mod big;
 mod cli;
 mod common;
 mod demo;

@@ -13,14 +13,13 @@
 //! the tiny image the bench app (hashsearch with a data set it unpacks from a tarball,
 //! deletes, and preloads, as the paper's apps downloaded and deleted their packages).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
 use forage_datadir::DataDir;
 use forage_synth::BaseVm;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::cli::{BenchOverlayArgs, OverlayCreateArgs};
 use crate::common::{bench_base, forage_exe, print_json};
@@ -72,6 +71,8 @@ pub struct OverlayBenchRow {
     pub combined_vs_zstd_patch: f64,
     pub codec: String,
     pub delta: String,
+    /// `--big`: memory at scale.
+    pub big: Option<crate::big::BigRow>,
 }
 
 pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
@@ -194,6 +195,7 @@ async fn one_app(
     let _ = std::fs::remove_dir_all(&applied);
     let _ = std::fs::remove_file(&combined_ovl);
 
+    let big = if args.big { Some(crate::big::measure(data, base_name, &off, work, say)?) } else { None };
     let combined = forage.iter().find(|v| v.name == "combined").expect("measured").overlay.clone();
     let without = forage.iter().find(|v| v.name == "dedup only").expect("measured").overlay.modified_bytes;
     Ok(OverlayBenchRow {
@@ -212,6 +214,7 @@ async fn one_app(
         modified_bytes_without_semantic_gap: without,
         codec: args.codec.clone(),
         delta: args.delta.clone(),
+        big,
     })
 }
 
@@ -322,70 +325,26 @@ fn print_row(r: &OverlayBenchRow) {
         println!("  combined: references {:?}; free chunks by source {:?}", c.overlay.refs, c.overlay.free_by_source);
         println!("  combined: {}", c.overlay.fs);
     }
-}
-
-/// The bench app: hashsearch shipped with a data set in a tarball that the install step
-/// unpacks and deletes, and that the service preloads into memory.
-pub fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
-    let sample = forage_image::locate_guest_binary("apps/hashsearch")?;
-    let dir = work.join("app");
-    let stage = work.join("payload");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::create_dir_all(&stage)?;
-    std::fs::copy(sample.join("hashsearch"), dir.join("hashsearch"))?;
-    std::fs::write(stage.join("data.bin"), dataset(data_mib << 20))?;
-    let ok = Command::new("tar")
-        .arg("czf")
-        .arg(dir.join("payload.tar.gz"))
-        .arg("-C")
-        .arg(&stage)
-        .arg("data.bin")
-        .status()
-        .context("running tar")?;
-    anyhow::ensure!(ok.success(), "tar failed");
-    std::fs::write(
-        dir.join("app.json"),
-        json!({
-            "format": 1, "name": "hashsearch-bench", "port": 8080,
-            "install": ["sh", "-c", "tar xzf payload.tar.gz && rm payload.tar.gz"],
-            "start": ["./hashsearch", "8080", "--preload", "data.bin"],
-            "probe": "search bench 12",
-        })
-        .to_string(),
-    )?;
-    Ok(dir)
-}
-
-/// A deterministic data set that compresses like text (about 3:1).
-fn dataset(len: u64) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "cloudlet",
-        "overlay",
-        "synthesis",
-        "handoff",
-        "edge",
-        "vm",
-        "base",
-        "chunk",
-        "segment",
-        "delta",
-        "mobile",
-        "offload",
-        "latency",
-        "fluid",
-        "object",
-        "speech",
-        "face",
-    ];
-    let mut out = Vec::with_capacity(len as usize);
-    let mut x: u64 = 0x2545F4914F6CDD1D;
-    while (out.len() as u64) < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
-        out.extend_from_slice(format!(" {} ", x % 10_000).as_bytes());
+    if let Some(b) = &r.big {
+        let cloudlet: Vec<String> = b
+            .synthesis
+            .iter()
+            .map(|s| {
+                let peaks: Vec<String> = s.cloudlet_peak_rss_mb.iter().map(|(n, m)| format!("{n} {m:.0}")).collect();
+                format!("{}: device {:.0}, cloudlet {}", s.mode, s.device.peak_rss_mb, peaks.join(", "))
+            })
+            .collect();
+        println!(
+            "  big overlay ({:.0} MiB, no semantic gap, no compression), peak RSS MB: create {:.0} ({:.0} s, {:.1} cores), apply {:.0} ({:.0} s); synthesis {}; worst {:.0} (target <= 256: {})",
+            mib(b.overlay_bytes),
+            b.create.peak_rss_mb,
+            b.create.wall_s,
+            b.create.cores(),
+            b.apply.peak_rss_mb,
+            b.apply.wall_s,
+            cloudlet.join("; "),
+            b.worst_mb(),
+            mark(b.worst_mb() <= 256.0)
+        );
     }
-    out.truncate(len as usize);
-    out
 }
