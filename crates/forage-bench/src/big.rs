@@ -1,4 +1,4 @@
-//! `forage bench overlay --big`: memory at the papers' scale. The largest overlay a kept
+//! `forage bench memory` (and `bench overlay --big`): memory at the papers' scale. The largest overlay a kept
 //! launch VM gives (no semantic gap, no compression: every modified chunk's bytes, less
 //! deduplication) is created, applied, and synthesized by a cloudlet on this host
 //! (loopback, pipelined and early start), each in its own forage process whose peak RSS
@@ -18,8 +18,9 @@ use forage_datadir::DataDir;
 use forage_synth::launch::LaunchVm;
 use serde::Serialize;
 
-use crate::cli::OverlayCreateArgs;
-use crate::common::forage_exe;
+use crate::cli::{BenchMemoryArgs, OverlayCreateArgs};
+use crate::common::{bench_apps, bench_base, default_base, forage_exe, print_json};
+use crate::launch_cache::{self, Variant};
 use crate::measure::{self, Usage};
 use crate::synthesis::{pair_bench_device, wait_for_line, Guard};
 
@@ -56,6 +57,63 @@ impl BigRow {
     }
 }
 
+/// `forage bench memory`: [`measure`] for every app, from the launch VMs built without
+/// the semantic gap (kept with `bench overlay`'s).
+pub async fn run(data: &DataDir, args: BenchMemoryArgs) -> anyhow::Result<()> {
+    let say = |s: &str| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    let base_name = args.base.clone().unwrap_or_else(|| default_base(&args.image));
+    let base = bench_base(data, &base_name, &args.image, &say).await?;
+    let work = data.work().join(format!("bench-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = async {
+        for app in bench_apps(&args.image, &args.app, &work, args.data_mib)? {
+            let off = Variant { semantic: false, drop_caches: false };
+            let launch = launch_cache::launch_vm(data, &base, &app, off, args.fresh, &say).await?;
+            let row = measure(data, &base_name, &launch, &work, &say)?;
+            if args.json {
+                print_json(&row);
+            } else {
+                println!("memory at scale, image {} + app {}:", args.image, launch.app.name);
+                print(&row);
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// The row as a line of the table.
+pub fn print(b: &BigRow) {
+    let mark = |ok: bool| if ok { "met" } else { "missed" };
+    let cloudlet: Vec<String> = b
+        .synthesis
+        .iter()
+        .map(|s| {
+            let peaks: Vec<String> = s.cloudlet_peak_rss_mb.iter().map(|(n, m)| format!("{n} {m:.0}")).collect();
+            format!("{}: device {:.0}, cloudlet {}", s.mode, s.device.peak_rss_mb, peaks.join(", "))
+        })
+        .collect();
+    println!(
+        "  big overlay ({:.0} MiB, no semantic gap, no compression), peak RSS MB: create {:.0} ({:.0} s, {:.1} cores), apply {:.0} ({:.0} s); synthesis {}; worst {:.0} (target <= 256: {})",
+        b.overlay_bytes as f64 / (1u64 << 20) as f64,
+        b.create.peak_rss_mb,
+        b.create.wall_s,
+        b.create.cores(),
+        b.apply.peak_rss_mb,
+        b.apply.wall_s,
+        cloudlet.join("; "),
+        b.worst_mb(),
+        mark(b.worst_mb() <= 256.0)
+    );
+}
+
 /// Create, apply and synthesize the big overlay of `launch` (built without the semantic
 /// gap) against `base_name`, in `work`.
 pub fn measure(
@@ -67,7 +125,7 @@ pub fn measure(
 ) -> anyhow::Result<BigRow> {
     let ovl = work.join("big.ovl");
     let create = OverlayCreateArgs {
-        launch: crate::launch_cache::dir_of(launch),
+        launch: launch_cache::dir_of(launch),
         base: base_name.to_string(),
         output: ovl.clone(),
         no_dedup: false,

@@ -52,6 +52,9 @@ pub enum BenchCommand {
     /// The offline profile of VM handoff's operating modes (P and R of every delta and
     /// codec on the bench app's modified memory): the lookup table adaptation scales
     HandoffProfile(BenchHandoffProfileArgs),
+    /// Peak RSS of every forage process creating, applying and synthesizing (on loopback)
+    /// the largest overlay of each app: no semantic gap, no compression (target <= 256 MB)
+    Memory(BenchMemoryArgs),
     /// (internal) one overlay of a kept launch VM, printed as JSON
     #[command(hide = true)]
     OverlayCreate(OverlayCreateArgs),
@@ -198,6 +201,28 @@ pub struct BenchOverlayArgs {
     /// applied and synthesized on loopback: each forage process's peak RSS (target <= 256 MB)
     #[arg(long)]
     pub big: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchMemoryArgs {
+    /// Guest image of the base: tiny (the bench app) or debian-12 (name the apps)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// App to measure (repeat): a sample app built by `make guest` (ocr, vision) or an
+    /// app folder [tiny: the bench app]
+    #[arg(long)]
+    pub app: Vec<String>,
+    /// Base VM to use (created if absent) [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Size of the data set the bench app installs and preloads (tiny)
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub data_mib: u64,
+    /// Build the launch VMs again (they are kept in DATA/bench/launch between runs)
+    #[arg(long)]
+    pub fresh: bool,
     #[arg(long)]
     pub json: bool,
 }

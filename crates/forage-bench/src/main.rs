@@ -53,6 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Provision(a)) => provision::run(&data, a).await,
         Command::Bench(BenchCommand::Handoff(a)) => handoff::run(&data, a).await,
         Command::Bench(BenchCommand::HandoffProfile(a)) => handoff_profile::profile(&data, a).await,
+        Command::Bench(BenchCommand::Memory(a)) => big::run(&data, a).await,
         Command::Bench(BenchCommand::OverlayCreate(a)) => overlay::create_one(&data, a),
         Command::Bench(BenchCommand::Sink { listen }) => synthesis::sink(listen),
         Command::Bench(BenchCommand::Blast { to, bytes }) => synthesis::blast(to, bytes),

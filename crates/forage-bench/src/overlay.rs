@@ -326,25 +326,6 @@ fn print_row(r: &OverlayBenchRow) {
         println!("  combined: {}", c.overlay.fs);
     }
     if let Some(b) = &r.big {
-        let cloudlet: Vec<String> = b
-            .synthesis
-            .iter()
-            .map(|s| {
-                let peaks: Vec<String> = s.cloudlet_peak_rss_mb.iter().map(|(n, m)| format!("{n} {m:.0}")).collect();
-                format!("{}: device {:.0}, cloudlet {}", s.mode, s.device.peak_rss_mb, peaks.join(", "))
-            })
-            .collect();
-        println!(
-            "  big overlay ({:.0} MiB, no semantic gap, no compression), peak RSS MB: create {:.0} ({:.0} s, {:.1} cores), apply {:.0} ({:.0} s); synthesis {}; worst {:.0} (target <= 256: {})",
-            mib(b.overlay_bytes),
-            b.create.peak_rss_mb,
-            b.create.wall_s,
-            b.create.cores(),
-            b.apply.peak_rss_mb,
-            b.apply.wall_s,
-            cloudlet.join("; "),
-            b.worst_mb(),
-            mark(b.worst_mb() <= 256.0)
-        );
+        crate::big::print(b);
     }
 }

@@ -281,6 +281,9 @@ pub fn pair_bench_device(data: &DataDir, addr: SocketAddr) -> anyhow::Result<()>
         Ok(())
     };
     let path = bundle.to_string_lossy().into_owned();
+    // A credential of that name from an earlier rate or run: revoked (none is no error),
+    // since a name is held until its credential expires.
+    let _ = run(&["pair", "revoke", "bench-device"]);
     run(&["pair", "--bundle", &path, "--name", "bench-device", "--addr", &addr.to_string(), "--valid-days", "1"])?;
     let imported = run(&["pair", "import", &path]);
     let _ = std::fs::remove_file(&bundle);
