@@ -242,6 +242,10 @@ pub struct OverlayCreateArgs {
     pub no_dedup: bool,
     #[arg(long)]
     pub no_semantic: bool,
+    /// Record the app's service (name, port, probe) in the overlay, so that it can be
+    /// synthesized and answer
+    #[arg(long)]
+    pub service: bool,
     #[arg(long, default_value = "lzma")]
     pub codec: String,
     #[arg(long)]
@@ -265,6 +269,9 @@ impl OverlayCreateArgs {
         }
         if self.no_semantic {
             a.push("--no-semantic".into());
+        }
+        if self.service {
+            a.push("--service".into());
         }
         a
     }

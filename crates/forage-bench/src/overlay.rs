@@ -159,6 +159,7 @@ async fn one_app(
             output: out.clone(),
             no_dedup: !dedup,
             no_semantic: !semantic,
+            service: false,
             codec: args.codec.clone(),
             level: args.level,
             delta: args.delta.clone(),
@@ -228,7 +229,13 @@ pub fn create_one(data: &DataDir, a: OverlayCreateArgs) -> anyhow::Result<()> {
     opts.dedup = !a.no_dedup;
     opts.semantic_disk = !a.no_semantic;
     opts.semantic_memory = !a.no_semantic;
-    let r = forage_synth::create::create(&base, &launch_cache::input(&launch), &opts, &a.output)?;
+    let mut input = launch_cache::input(&launch);
+    if a.service {
+        let app = &launch.app;
+        input.service =
+            Some(forage_format::manifest::Service { name: app.name.clone(), port: app.port, probe: app.probe.clone() });
+    }
+    let r = forage_synth::create::create(&base, &input, &opts, &a.output)?;
     let m = &r.manifest;
     let split = forage_synth::create::bytes_by_space(m);
     let manifest_bytes = r.bytes - m.segments_bytes();
