@@ -116,13 +116,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         // The whole chain: a state error's cause is the SQLite message.
-        let mut error = self.to_string();
-        let mut source = std::error::Error::source(&self);
-        while let Some(cause) = source {
-            error.push_str(": ");
-            error.push_str(&cause.to_string());
-            source = cause.source();
-        }
+        let error = one_line(&self);
         if status.is_server_error() {
             tracing::error!(%status, %error, "api request failed");
         } else {
@@ -130,4 +124,16 @@ impl IntoResponse for ApiError {
         }
         (status, Json(ErrorBody { error })).into_response()
     }
+}
+
+/// An error and its causes on one line (`a: b: c`), as the API and devices are told.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
 }

@@ -42,14 +42,14 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 
 pub use context::{Access, ApiContext, Control};
-pub use error::{ActionError, ApiError, Fault};
+pub use error::{one_line, ActionError, ApiError, Fault};
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
 pub use views::{
-    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReport, HandoffRequest,
-    InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList, SessionMode,
-    SessionStatus, SessionView, SessionsQuery, StatusView,
+    AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReason, HandoffReport,
+    HandoffRequest, InstanceList, InstanceStatus, InstanceView, InstancesQuery, ServiceInfo, ServiceList, SessionList,
+    SessionMode, SessionStatus, SessionView, SessionsQuery, StatusView,
 };
 
 /// The API's routes over `ctx`.

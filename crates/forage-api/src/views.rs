@@ -304,6 +304,35 @@ pub struct HandoffRequest {
     /// QEMU's downtime limit: iterations stop once the rest would take this long.
     #[serde(default)]
     pub downtime_limit_ms: Option<u64>,
+    /// Why the instance moves (logged with the handoff); absent: `operator`.
+    #[serde(default)]
+    pub reason: HandoffReason,
+}
+
+/// Why an instance moves: who or what started its handoff.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoffReason {
+    /// An operator asked for this one instance (`forage handoff`).
+    #[default]
+    Operator,
+    /// An operator drains the cloudlet (`forage drain`): every instance moves.
+    Drain,
+    /// The cloudlet's load policy: the host is under pressure (`--move-when-*-above`).
+    Load,
+    /// The instance's device asked it to follow it to another cloudlet.
+    Device,
+}
+
+impl std::fmt::Display for HandoffReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HandoffReason::Operator => "operator",
+            HandoffReason::Drain => "drain",
+            HandoffReason::Load => "load",
+            HandoffReason::Device => "device",
+        })
+    }
 }
 
 /// What a handoff did.

@@ -565,7 +565,7 @@ fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs) {
         }
         if let (Some(ad), Some(best)) = (get("forage-adaptive"), get("forage-static-best")) {
             println!(
-                "  at {m} Mbit/s: adaptive {:+.0}% against the best static mode (target within 10%)",
+                "  at {m} Mbit/s: adaptive {:+.0}% against the best static mode (target within 5%)",
                 (ad.total_s / best.total_s - 1.0) * 100.0
             );
         }

@@ -11,6 +11,7 @@
 mod apps;
 mod connect;
 mod error;
+mod held;
 mod pairing;
 mod provision;
 mod sender;
@@ -21,8 +22,9 @@ pub use apps::{get_app, list_apps};
 pub use connect::{connect, CloudletStream};
 pub use error::ClientError;
 pub use forage_proto::ServiceEndpoint;
+pub use held::{Ended, MovedNotice};
 pub use pairing::pair;
-pub use provision::{provision, Ended, ProvisionReport, Provisioned};
+pub use provision::{provision, ProvisionReport, Provisioned};
 pub(crate) use synthesis::first_response;
 pub use synthesis::{
     synthesize, synthesize_url, OverlayFile, OverlayUsage, Session, SynthesisOptions, SynthesisReport,

@@ -10,6 +10,7 @@ use forage_proto::asynchronous::{read, write};
 use forage_proto::{DeviceMessage as Message, ProtoError, Provision, VERSION_MAX, VERSION_MIN};
 use serde::{Deserialize, Serialize};
 
+use crate::held::Ended;
 use crate::{first_response, ClientError};
 
 /// What a provisioning took, from the connection (`forage offload ... --json`).
@@ -31,16 +32,6 @@ pub struct ProvisionReport {
     pub answer: Option<String>,
 }
 
-/// How a held instance ended.
-#[derive(Debug)]
-pub enum Ended {
-    /// The cloudlet handed it off: the service now answers at `service`, on the cloudlet
-    /// at `cloudlet`.
-    Moved { cloudlet: String, service: forage_proto::ServiceEndpoint },
-    /// It stopped (idle timeout, operator, error).
-    Stopped(ClientError),
-}
-
 /// An instance provisioned for this device: it runs until this is closed or dropped.
 pub struct Provisioned {
     stream: crate::CloudletStream,
@@ -56,9 +47,39 @@ impl Provisioned {
     /// Wait until the cloudlet ends the instance (idle timeout, operator): its reason.
     /// A handoff ends it here too, with where the instance went.
     pub async fn ended(&mut self) -> Ended {
-        match read(&mut self.stream).await {
-            Ok(Message::Moved { cloudlet, service }) => Ended::Moved { cloudlet, service },
-            other => Ended::Stopped(Self::reason(self.addr, other)),
+        self.ended_following(&mut tokio::sync::mpsc::unbounded_channel().1).await
+    }
+
+    /// [`Provisioned::ended`], asking the instance to follow the device to each cloudlet
+    /// (`HOST:PORT`) that `follow` names meanwhile; a refusal (NotFollowed) is logged and
+    /// the instance stays.
+    pub async fn ended_following(&mut self, follow: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Ended {
+        let addr = self.addr;
+        let (mut rd, mut wr) = tokio::io::split(&mut self.stream);
+        // One read for the whole wait: a frame is never cut by a Follow being written.
+        let reading = async {
+            loop {
+                match read(&mut rd).await {
+                    Ok(Message::NotFollowed { message }) => {
+                        tracing::warn!("the instance did not follow: {message}")
+                    }
+                    other => return other,
+                }
+            }
+        };
+        tokio::pin!(reading);
+        loop {
+            tokio::select! {
+                m = &mut reading => return match m {
+                    Ok(Message::Moved { cloudlet, service }) => Ended::Moved { cloudlet, service },
+                    other => Ended::Stopped(Self::reason(addr, other)),
+                },
+                Some(to) = follow.recv() => {
+                    if let Err(e) = write(&mut wr, &Message::Follow { to }).await {
+                        return Ended::Stopped(ClientError::Proto { addr, source: e });
+                    }
+                }
+            }
         }
     }
 

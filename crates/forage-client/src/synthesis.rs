@@ -130,6 +130,50 @@ pub struct Session {
 }
 
 impl Session {
+    /// Wait until the cloudlet ends the instance (idle timeout, operator, error), or hands
+    /// it off (where it went). Progress messages are passed over.
+    pub async fn ended(&mut self) -> crate::held::Ended {
+        self.ended_following(&mut mpsc::unbounded_channel().1).await
+    }
+
+    /// [`Session::ended`], asking the instance to follow the device to each cloudlet
+    /// (`HOST:PORT`) that `follow` names meanwhile; a refusal (NotFollowed) is logged and
+    /// the instance stays.
+    pub async fn ended_following(&mut self, follow: &mut mpsc::UnboundedReceiver<String>) -> crate::held::Ended {
+        loop {
+            let event = tokio::select! {
+                e = self.events.recv() => e,
+                Some(to) = follow.recv() => {
+                    let _ = self.control.send(Message::Follow { to });
+                    continue;
+                }
+            };
+            match event {
+                Some((Message::NotFollowed { message }, _)) => tracing::warn!("the instance did not follow: {message}"),
+                Some((Message::Moved { cloudlet, service }, _)) => {
+                    return crate::held::Ended::Moved { cloudlet, service }
+                }
+                Some((Message::Usage { .. } | Message::Complete { .. }, _)) => {}
+                Some((Message::Error { code, message }, _)) => {
+                    return crate::held::Ended::Stopped(ClientError::Refused { addr: self.addr, code, message })
+                }
+                Some((other, _)) => {
+                    return crate::held::Ended::Stopped(ClientError::Sequence {
+                        addr: self.addr,
+                        expected: "Moved or Error",
+                        got: other.name(),
+                    })
+                }
+                None => {
+                    return crate::held::Ended::Stopped(ClientError::Proto {
+                        addr: self.addr,
+                        source: forage_proto::ProtoError::Closed,
+                    })
+                }
+            }
+        }
+    }
+
     pub async fn close(self) {
         let _ = self.control.send(Message::Bye);
         drop(self.control);

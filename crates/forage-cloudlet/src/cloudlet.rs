@@ -126,6 +126,11 @@ impl Cloudlet {
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
+    /// Whether instance `id` runs in this daemon and can move now.
+    pub fn movable(&self, id: &str) -> bool {
+        self.instance_control(id).is_some_and(|c| c.movable())
+    }
+
     pub(crate) fn is_registered(&self, id: &str) -> bool {
         self.instances.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
     }

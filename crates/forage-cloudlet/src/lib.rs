@@ -15,6 +15,7 @@ mod cache;
 mod cloudlet;
 mod cpu;
 mod error;
+mod faults;
 mod handoff;
 pub(crate) mod instance;
 mod limits;

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,20 +97,7 @@ impl<K: Eq + Hash + Clone> Drop for Slot<K> {
     }
 }
 
-/// An IPv4 address, or the /64 of an IPv6 one: what one source can easily vary.
-pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
-        v4 => v4,
-    }
-}
+pub(crate) use forage_trust::source_key;
 
 /// Raise this process's open-file limit to its hard limit (each connection, QEMU socket
 /// and FUSE mount is a descriptor); returns the new soft limit.
@@ -131,6 +117,8 @@ pub fn raise_fd_limit() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     #[test]

@@ -8,6 +8,7 @@ use forage_proto::asynchronous::write;
 use forage_proto::{negotiate, ErrorCode, PeerMessage, ProtoError, VERSION_MAX, VERSION_MIN};
 
 use crate::error::{internal, next, refused, SessionError};
+use crate::handoff::Fate;
 use crate::instance::Place;
 use crate::Cloudlet;
 
@@ -23,7 +24,8 @@ pub async fn peer(
     let id = cloudlet.new_session_id();
     let dir = cloudlet.data.work().join(format!("session-{id}"));
     let result = run(&mut stream, cloudlet, &id, &dir, name, serial, first).await;
-    if let Err(e) = &result {
+    // A peer that is gone (or a stream this side closed) hears nothing more.
+    if let Some(e) = result.as_ref().err().filter(|e| !matches!(e, SessionError::Proto(ProtoError::Closed))) {
         let (code, message) = e.code_and_message();
         let _ = write(&mut stream, &PeerMessage::Error { code, message }).await;
     }
@@ -60,11 +62,41 @@ async fn run(
     write(stream, &PeerMessage::PeerWelcome { version, cloudlet: cloudlet.name.clone() }).await?;
     let begin = match next::<PeerMessage>(stream, cloudlet.peer_wait).await {
         Ok(PeerMessage::HandoffBegin(b)) => b,
-        Ok(other) => return Err(SessionError::Sequence { expected: "HandoffBegin", got: other.name() }),
+        Ok(PeerMessage::HandoffQuery { instance }) => {
+            answer_query(stream, cloudlet, name, &instance).await?;
+            return Ok(crate::instance::Outcome { bytes: 0 });
+        }
+        Ok(other) => {
+            return Err(SessionError::Sequence { expected: "HandoffBegin or HandoffQuery", got: other.name() })
+        }
         Err(SessionError::Proto(ProtoError::Closed)) => return Ok(crate::instance::Outcome { bytes: 0 }),
         Err(e) => return Err(e),
     };
     std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
     let place = Place { cloudlet, id, dir, started: Instant::now() };
-    crate::handoff::receive(stream, place, &format!("{name} ({theirs})"), begin).await
+    crate::handoff::receive(stream, place, name, &format!("{name} ({theirs})"), begin).await
+}
+
+/// Tell a source that did not hear the outcome of its commit what became of its instance.
+async fn answer_query(
+    stream: &mut crate::DeviceStream,
+    cloudlet: &Cloudlet,
+    from: &str,
+    instance: &str,
+) -> Result<(), SessionError> {
+    forage_trust::check_peer_name(instance).map_err(|e| refused(ErrorCode::Protocol, format!("instance id: {e}")))?;
+    let answer = match crate::handoff::fate(cloudlet, from, instance) {
+        Fate::Running(service) => PeerMessage::HandoffDone { service, resumed_after_ms: 0 },
+        Fate::Resuming => PeerMessage::Error {
+            code: ErrorCode::Busy,
+            message: format!("instance {instance} of {from} is being resumed here: ask again"),
+        },
+        Fate::Unknown => PeerMessage::Error {
+            code: ErrorCode::NotFound,
+            message: format!("no instance {instance} of {from} runs here"),
+        },
+    };
+    tracing::info!(from, instance, answer = answer.name(), "handoff query");
+    write(stream, &answer).await?;
+    Ok(())
 }

@@ -29,7 +29,9 @@ use forage_state::{NewSession, SessionMode};
 use tokio::sync::Notify;
 
 use crate::error::{internal, refused, SessionError};
-use crate::instance::{hold, no_usage, prepare, Ending, Instance, Outcome, Place, Ports, SharedInstance, Source};
+use crate::instance::{
+    hold, no_usage, prepare, Ending, Instance, Lineage, Outcome, Place, Ports, SharedInstance, Source,
+};
 
 /// Longest wait for a provisioned service to listen after its start.
 const SERVICE_WAIT: Duration = Duration::from_secs(60);
@@ -157,9 +159,9 @@ async fn start_view(
 ) -> Result<Instance, SessionError> {
     let saved = svc.snapshot().map_err(internal)?;
     let ports = Ports { service: service_port, extra, token: None };
-    let prepared = prepare(place, Source::View(&saved), &saved.manifest().spec, ports).await?;
-    let view = forage_vm::Snapshot::open(&prepared.view_snapshot().expect("a view")).map_err(internal)?;
-    prepared.resume(&view, false, true).await
+    let source = Source::View { of: &saved, lineage: Lineage::of(&saved) };
+    let prepared = prepare(place, source, &saved.manifest().spec, ports).await?;
+    prepared.resume(None, true).await
 }
 
 async fn cached_vm(

@@ -49,18 +49,17 @@ async fn adopt(cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Instance, St
     let log = dir.join("run").join("qemu.log");
     let vm =
         Vm::adopt(file.spec.clone(), file.accel, file.qemu_pid, &log).await.map_err(|e| format!("its QEMU: {e}"))?;
-    let saved = match &file.saved {
-        Some(d) => Some(Snapshot::open(d).map_err(|e| format!("its saved VM: {e}"))?),
-        None => None,
-    };
+    if let Some(d) = &file.saved {
+        Snapshot::open(d).map_err(|e| format!("its saved VM: {e}"))?;
+    }
     let place = Place { cloudlet, id, dir, started: Instant::now() };
-    Ok(Instance::adopted(place, vm, Arc::new(shim), file, saved))
+    Ok(Instance::adopted(place, vm, Arc::new(shim), file))
 }
 
 /// An adopted instance's life, then its end.
 async fn life(cloudlet: Arc<Cloudlet>, instance: Instance, dir: std::path::PathBuf) {
     let place = Place { cloudlet: &cloudlet, id: &instance.id.clone(), dir: &dir, started: Instant::now() };
-    instance.control.set_movable(instance.saved.is_some());
+    instance.control.set_movable(instance.lineage.is_some());
     let ended = crate::handoff::live(None, place, &instance).await;
     tracing::info!(instance = place.id, "adopted instance ends: {:?}", ended.as_ref().err());
     instance.finish(&cloudlet).await;

@@ -9,6 +9,7 @@
 //! idle_timeout_s = 600
 //! fetch_allow = ["10.0.0.0/24"]   # overlay servers on the LAN
 //! fetch_allow_http = true
+//! move_when_memory_above = 0.9   # load policy: shed instances to paired cloudlets
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -63,6 +64,16 @@ pub struct DaemonConfig {
     /// Sessions at once of one device or cloudlet
     #[arg(long, default_value_t = 8)]
     pub max_sessions_per_peer: usize,
+    /// Load policy: while more than this fraction of the host's memory is in use (0..1),
+    /// hand instances off to a paired cloudlet announcing room for them
+    #[arg(long, value_name = "FRACTION")]
+    pub move_when_memory_above: Option<f64>,
+    /// Load policy: the same while the 1-minute load average per core is above this
+    #[arg(long, value_name = "LOAD")]
+    pub move_when_load_above: Option<f64>,
+    /// Load policy: how often the host's pressure is read
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    pub move_check_s: u64,
 }
 
 impl Default for DaemonConfig {
@@ -83,6 +94,9 @@ impl Default for DaemonConfig {
             max_connections_per_source: l.connections_per_source,
             max_sessions: l.sessions,
             max_sessions_per_peer: l.sessions_per_peer,
+            move_when_memory_above: None,
+            move_when_load_above: None,
+            move_check_s: 10,
         }
     }
 }
@@ -133,6 +147,14 @@ impl DaemonConfig {
 
     pub fn fetch_policy(&self) -> forage_remote::FetchPolicy {
         forage_remote::FetchPolicy { allow_http: self.fetch_allow_http, allow: self.fetch_allow.clone(), any: false }
+    }
+
+    pub fn load_policy(&self) -> crate::balance::LoadPolicy {
+        crate::balance::LoadPolicy {
+            memory_above: self.move_when_memory_above,
+            load_above: self.move_when_load_above,
+            check_every: std::time::Duration::from_secs(self.move_check_s.max(1)),
+        }
     }
 
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {

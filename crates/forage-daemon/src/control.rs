@@ -64,6 +64,7 @@ impl forage_api::Control for DaemonControl {
         let options = forage_cloudlet::HandoffOptions {
             mode: request.mode,
             downtime_limit_ms: request.downtime_limit_ms.unwrap_or(defaults.downtime_limit_ms),
+            reason: request.reason,
         };
         // The API calls this on a blocking thread of the daemon's runtime.
         tokio::runtime::Handle::current().block_on(self.cloudlet.handoff(id, to, options)).map_err(|e| {
@@ -71,7 +72,9 @@ impl forage_api::Control for DaemonControl {
                 HandoffError::NoInstance(_) => Fault::NotFound,
                 HandoffError::NotMovable(_) | HandoffError::Busy(_) => Fault::Conflict,
                 HandoffError::BadMode { .. } => Fault::BadRequest,
-                HandoffError::Failed { .. } | HandoffError::Ended(_) => Fault::Internal,
+                HandoffError::Failed { .. } | HandoffError::Unresolved { .. } | HandoffError::Ended(_) => {
+                    Fault::Internal
+                }
             };
             ActionError::new(fault, e)
         })

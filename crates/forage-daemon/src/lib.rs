@@ -1,12 +1,15 @@
 //! forage-daemon: `forage serve`. One [`Daemon`] is a cloudlet accepting devices and peer
 //! cloudlets ([`forage_cloudlet::serve`]), its HTTP management API with the operator's
 //! bearer token ([`forage_api`]), and its announcement on the local network kept current
-//! ([`forage_discovery`]), configured by one [`DaemonConfig`].
+//! ([`forage_discovery`]), configured by one [`DaemonConfig`]; with a load policy
+//! (`--move-when-memory-above`, `--move-when-load-above`) it sheds instances to paired
+//! cloudlets that announce room ([`balance`]).
 //!
 //! Under systemd (`contrib/forage.service`, `Type=notify`) the daemon says READY=1 once
 //! it accepts devices, and STOPPING=1 when it ends. Running instances outlive the daemon
 //! (`KillMode=process`): see `forage_cloudlet` for what is re-adopted at the next start.
 
+mod balance;
 mod config;
 mod control;
 
@@ -18,6 +21,7 @@ use std::time::Duration;
 use forage_cloudlet::Cloudlet;
 use forage_datadir::DataDir;
 
+pub use balance::{LoadPolicy, Pressure};
 pub use config::{ConfigError, DaemonConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +82,7 @@ impl Daemon {
             false => announce(&cloudlet, service_addr, listen.port(), api.as_ref().map(|a| a.0.port())).err(),
         };
         let serving = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
+        balance::start(cloudlet.clone(), config.load_policy());
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         Ok(Self { cloudlet, listen, api, not_announced, serving })
     }

@@ -191,6 +191,11 @@ impl Adapter {
         self.current
     }
 
+    /// Predict from `table` from now on (one measured on the VM's own data).
+    pub fn set_table(&mut self, table: LookupTable) {
+        self.table = table;
+    }
+
     /// One tick: switch to the best predicted mode if the current one has been held long
     /// enough ([`MIN_HOLD`] unless [`Adapter::with_hold`]) and another beats it.
     pub fn tick(&mut self, obs: &Observation, now: Instant) -> Option<Switch> {

@@ -7,6 +7,8 @@
 //!   lookup table;
 //! - [`segment`]: the wire format of about 1 MiB of modified chunks (dedup of zero and
 //!   unchanged chunks, delta, compression, checksum) and its checked decoder;
+//! - [`sample`]: the adaptation's table measured on the VM's own data as a handoff starts
+//!   (a sample of its modified chunks through each candidate mode, in parallel);
 //! - [`pipeline`]: the threads (feeder, parallel encoders, in-order delivery, adaptation
 //!   every 100 ms with a trace), bounded channels throughout.
 //!
@@ -21,4 +23,5 @@ pub mod apply;
 pub mod encode;
 pub mod migration;
 pub mod pipeline;
+pub mod sample;
 pub mod segment;

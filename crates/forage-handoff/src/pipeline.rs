@@ -29,6 +29,10 @@ pub struct PipelineConfig {
     pub start: Mode,
     /// `None`: a static mode.
     pub adapt: Option<LookupTable>,
+    /// A better table that may arrive while the pipeline runs (measured on the VM's own
+    /// data, [`crate::sample`]): the adaptation takes it at its next tick, if it holds
+    /// the current mode.
+    pub adapt_later: Option<Arc<std::sync::OnceLock<LookupTable>>>,
     /// How long a mode is kept at least (the paper: 5 s).
     pub hold: Duration,
 }
@@ -41,6 +45,7 @@ impl Default for PipelineConfig {
             depth: 4,
             start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"),
             adapt: None,
+            adapt_later: None,
             hold: crate::adapt::MIN_HOLD,
         }
     }
@@ -168,6 +173,7 @@ pub fn run(
             let (mode, window, done, acked, trace, totals) =
                 (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
             let table = config.adapt.clone();
+            let mut later = config.adapt_later.clone();
             let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
             s.spawn(move || {
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
@@ -203,6 +209,13 @@ pub fn run(
                     });
                     let bandwidth = recent.iter().map(|r| r.2).sum::<u64>() as f64 / span;
                     let mut current = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                    if let (Some(ad), Some(t)) = (adapter.as_mut(), later.as_ref().and_then(|l| l.get())) {
+                        match t.get(&current) {
+                            Some(_) => ad.set_table(t.clone()),
+                            None => tracing::info!(mode = %current, "the measured table lacks the current mode: not taken"),
+                        }
+                        later = None;
+                    }
                     let mut switched = false;
                     let (p, r) = (sum.busy_s / sum.chunks.max(1) as f64, sum.output as f64 / sum.input.max(1) as f64);
                     if sum.chunks > 0 && bandwidth > 0.0 {
@@ -305,19 +318,24 @@ mod tests {
         // The table's costs are relative: what a debug build under load measures for
         // none+none scales them. Compressing costs twice as much per chunk here, so the
         // 4 MB/s link stays the bottleneck whatever this machine's speed.
-        let table = LookupTable {
+        let table = |xor_r| LookupTable {
             chunk_bytes: CHUNK as u64,
             modes: vec![
                 (parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }),
-                (parse_mode("xor+zstd3").unwrap(), Profile { p: 2e-6, r: 0.05 }),
+                (parse_mode("xor+zstd3").unwrap(), Profile { p: 2e-6, r: xor_r }),
             ],
         };
+        // The table it starts with (from elsewhere) says compressing buys nothing; the
+        // one measured on this data, which arrives while it runs, says it does.
+        let measured = Arc::new(std::sync::OnceLock::new());
+        measured.set(table(0.05)).unwrap();
         let config = PipelineConfig {
             workers: 2,
             segment_chunks: 64,
             depth: 2,
             start: parse_mode("none+none").unwrap(),
-            adapt: Some(table),
+            adapt: Some(table(1.0)),
+            adapt_later: Some(measured),
             hold: Duration::from_millis(200),
         };
         let acked = Arc::new(AtomicU64::new(0));
@@ -345,7 +363,11 @@ mod tests {
             want.len()
         );
         assert_eq!(report.chunks, 2000);
-        assert!(!report.switches.is_empty(), "the slow link made it compress: {:?}", report.trace);
+        assert!(
+            !report.switches.is_empty(),
+            "the slow link and the measured table made it compress: {:?}",
+            report.trace
+        );
         assert!(report.trace.iter().any(|r| r.mode == "xor+zstd-3"), "{:?}", report.switches);
         assert!(report.output_bytes < report.input_bytes);
     }

@@ -67,6 +67,20 @@ pub struct DebsInstalled {
     pub took: Duration,
 }
 
+impl std::fmt::Display for DebsInstalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} Debian packages for {} installed offline ({} MiB of .debs, guest disk +{} MiB) in {:.1} s",
+            self.installed.len(),
+            self.requested.join(" "),
+            self.download_bytes >> 20,
+            self.disk_growth_bytes.max(0) >> 20,
+            self.took.as_secs_f64()
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppInstallError {
     #[error(transparent)]

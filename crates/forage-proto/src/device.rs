@@ -19,6 +19,7 @@
 //!     C->>D: Usage {blobs accessed, fetches}
 //!     D->>C: Bye | WantResidue
 //!     C->>D: Residue {offset, bytes, last}...   (after WantResidue: the instance's changes)
+//!     D-->>C: Follow {to}   (move my instance there; NotFollowed {why} if it stays)
 //!     C-->>D: Moved {cloudlet, service}   (the instance was handed off elsewhere)
 //!     Note over D,C: either side may send Error {code, message} and close
 //!     Note over D,C: other mechanisms: Hello without offers, Welcome, then
@@ -231,6 +232,17 @@ pub enum DeviceMessage {
         cloudlet: String,
         service: ServiceEndpoint,
     },
+    /// From the device, on a held session: move my instance to the cloudlet at `to`
+    /// (`HOST:PORT`, paired with this one as a cloudlet), e.g. one closer to me. Moved
+    /// follows, or NotFollowed.
+    Follow {
+        to: String,
+    },
+    /// To the device: its instance did not follow it and runs on here; why. The session
+    /// goes on.
+    NotFollowed {
+        message: String,
+    },
 }
 
 crate::protocol_kinds!(
@@ -256,4 +268,6 @@ crate::protocol_kinds!(
     GetApp = 20,
     AppFile = 21,
     Moved = 29,
+    Follow = 33,
+    NotFollowed = 34,
 );

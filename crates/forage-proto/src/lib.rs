@@ -121,6 +121,8 @@ mod tests {
                 cloudlet: "10.0.0.2:7878".into(),
                 service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() },
             },
+            DeviceMessage::Follow { to: "10.0.0.2:7878".into() },
+            DeviceMessage::NotFollowed { message: "not paired".into() },
             DeviceMessage::Bye,
         ]
     }
@@ -150,6 +152,7 @@ mod tests {
             PeerMessage::HandoffSegment { seq: 3, bytes: vec![9; 1000] },
             PeerMessage::HandoffAck { seq: 3, bytes: 1000 },
             PeerMessage::HandoffCommit { segments: 4, state: vec![0x28, 0xb5] },
+            PeerMessage::HandoffQuery { instance: "7-1".into() },
             PeerMessage::HandoffDone {
                 service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() },
                 resumed_after_ms: 300,

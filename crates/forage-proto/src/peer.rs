@@ -19,6 +19,22 @@
 //!     D->>S: HandoffDone {service endpoint}
 //! ```
 //!
+//! At most one copy of the VM runs. Once the source has sent its commit it never resumes
+//! the VM unless the destination says it did not: if the link fails before HandoffDone,
+//! the source asks on a new connection until it knows (for up to 5 minutes; after that
+//! it stops its copy):
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     S->>D: PeerHello
+//!     D->>S: PeerWelcome
+//!     S->>D: HandoffQuery {instance}
+//!     D->>S: HandoffDone {service} | Error {busy: ask again} | Error {not_found}
+//! ```
+//!
+//! The destination resumes the VM once the commit has arrived and applied, whether or
+//! not it can tell the source.
+//!
 //! Documented in `docs/handoff-protocol.md`.
 
 use serde::{Deserialize, Serialize};
@@ -96,6 +112,14 @@ pub enum PeerMessage {
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
     },
+    /// After a commit whose outcome it did not hear (the link failed), the source asks on a
+    /// new connection whether the destination runs the instance it sent (`instance`, the
+    /// id HandoffBegin gave). Answers: HandoffDone (it runs there: the source stops its
+    /// copy), Error{busy} (it is being resumed: ask again), Error{not_found} (it never
+    /// resumed it: the source may run it again).
+    HandoffQuery {
+        instance: String,
+    },
     /// The instance runs at the destination; its service answers at `service`.
     HandoffDone {
         service: ServiceEndpoint,
@@ -119,5 +143,6 @@ crate::protocol_kinds!(
     HandoffAck = 26,
     HandoffCommit = 27,
     HandoffDone = 28,
+    HandoffQuery = 32,
     Error = 8,
 );

@@ -73,14 +73,7 @@ pub async fn build_overlay(
         progress(&format!("launch VM: resuming base {}, installing {} ...", req.base, app.manifest().name));
         let launch = build_launch(data, &base, &app, &lopts, &work).await?;
         if let Some(debs) = &launch.debs {
-            progress(&format!(
-                "  {} Debian packages for {} installed offline ({} MiB of .debs, guest disk +{} MiB) in {:.1} s",
-                debs.installed.len(),
-                debs.requested.join(" "),
-                debs.download_bytes >> 20,
-                debs.disk_growth_bytes.max(0) >> 20,
-                debs.took.as_secs_f64()
-            ));
+            progress(&format!("  {debs}"));
         }
         let (report, signer) =
             overlay_of_launch(data, &base, &launch, &req.options, req.order, &req.output, &work, progress).await?;

@@ -145,6 +145,22 @@ pub(crate) fn redeem(dir: &Path, secret: &[u8]) -> Result<Grant, TrustError> {
     })
 }
 
+/// An IPv4 address, or the /64 of an IPv6 one: what one source can easily vary (the unit
+/// of per-source limits).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// Wrong pairing codes counted per source (an IPv4 address, or an IPv6 /64), in memory:
 /// a source that got [`MAX_FAILURES`] wrong within [`FAILURE_WINDOW`] is refused without
 /// its code being looked at, until the window has passed. Others are not affected.
@@ -155,17 +171,7 @@ pub struct PairingGuard {
 
 impl PairingGuard {
     fn key(source: IpAddr) -> IpAddr {
-        match source {
-            IpAddr::V4(_) => source,
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let mut o = v6.octets();
-                    o[8..].fill(0);
-                    IpAddr::V6(o.into())
-                }
-            },
-        }
+        source_key(source)
     }
 
     /// May `source` try a code now?

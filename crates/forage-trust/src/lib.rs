@@ -27,7 +27,7 @@ pub mod signing;
 pub use certs::{fingerprint, short};
 pub(crate) use certs::{pem_cert, private_key, provider, read_key, read_pem_cert};
 pub use cloudlet::{peer_identity, CloudletTrust};
-pub use code::{Grant, PairingCode, PairingGuard, MAX_FAILURES as MAX_PAIRING_FAILURES};
+pub use code::{source_key, Grant, PairingCode, PairingGuard, MAX_FAILURES as MAX_PAIRING_FAILURES};
 pub use device::{date, DeviceTrust, Peer, PeerRecord};
 pub use error::TrustError;
 pub(crate) use files::{io, now_unix, offset, write_file};

@@ -63,7 +63,8 @@ pub enum Command {
         /// (holds the overlay's base; fewest instances per core; shortest round trip)
         #[arg(long, default_value = "127.0.0.1:7878")]
         cloudlet: String,
-        /// Keep the instance until Ctrl-C (otherwise it is released after the first response)
+        /// Keep the instance until Ctrl-C (otherwise it is released after the first
+        /// response); meanwhile a line `follow HOST:PORT` on stdin asks it to move there
         #[arg(long)]
         hold: bool,
         /// Wait for the whole overlay before resuming (pipelined synthesis only)
@@ -131,6 +132,9 @@ pub enum Command {
     Instances(InstancesArgs),
     /// Stop an instance of this cloudlet (its id, or the endpoint its device was given)
     Stop(StopArgs),
+    /// Move every running instance of this cloudlet to another one (e.g. before
+    /// maintenance), one after the other; each device is told where its instance went
+    Drain(DrainArgs),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),
@@ -377,7 +381,8 @@ pub struct SessionArgs {
     /// Send this line to the service once it is up and print its answer
     #[arg(long, value_name = "LINE")]
     pub request: Option<String>,
-    /// Keep the instance until Ctrl-C (otherwise it is released after the first answer)
+    /// Keep the instance until Ctrl-C (otherwise it is released after the first answer);
+    /// meanwhile a line `follow HOST:PORT` on stdin asks it to move there
     #[arg(long)]
     pub hold: bool,
     #[arg(long)]
@@ -590,6 +595,18 @@ pub struct StopArgs {
     /// The instance: its id, or the endpoint its device was given
     pub instance: String,
     /// This cloudlet's HTTP management API
+    #[arg(long, default_value = "127.0.0.1:7879")]
+    pub api: std::net::SocketAddr,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The destination cloudlet, HOST:PORT (paired with this one as a cloudlet)
+    #[arg(long)]
+    pub to: std::net::SocketAddr,
+    /// This cloudlet's HTTP management API (the daemon does the handoffs)
     #[arg(long, default_value = "127.0.0.1:7879")]
     pub api: std::net::SocketAddr,
     #[arg(long)]

@@ -15,10 +15,16 @@ fn main() -> std::process::ExitCode {
     // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
     // fuser reports its own unmount failing after forage-assembly detached the mount
     // lazily (on purpose): not worth a line.
-    let default = if cli.verbose { "debug,fuser=warn" } else { "warn,forage_image=info,fuser=off" };
+    // A daemon's log is its record (what moved where, and why): info by default.
+    let default = match (cli.verbose, matches!(cli.command, cli::Command::Serve { .. })) {
+        (true, _) => "debug,fuser=warn",
+        (false, true) => "info,fuser=off,mdns_sd=warn",
+        (false, false) => "warn,forage_image=info,fuser=off",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();

@@ -25,7 +25,7 @@ use sha2::Digest;
 
 use super::live::live;
 use crate::error::{internal, next, refused, SessionError};
-use crate::instance::{prepare, Outcome, Place, Ports, Source};
+use crate::instance::{prepare, Lineage, Outcome, Place, Ports, Source};
 
 /// Machine types a peer's VM may have: those forage builds.
 const MACHINES: &[&str] = &["pc"];
@@ -42,6 +42,7 @@ fn bad(why: impl std::fmt::Display) -> SessionError {
 pub(crate) async fn receive(
     stream: &mut crate::DeviceStream,
     place: Place<'_>,
+    from: &str,
     peer: &str,
     begin: HandoffBegin,
 ) -> Result<Outcome, SessionError> {
@@ -51,6 +52,7 @@ pub(crate) async fn receive(
     let vm: SnapshotManifest =
         serde_json::from_slice(&begin.vm).map_err(|e| bad(format!("the VM description: {e}")))?;
     vm.check_fits(&cloudlet.limits.vm, MACHINES).map_err(|e| bad(format!("the VM description: {e}")))?;
+    forage_trust::check_peer_name(&begin.instance).map_err(|e| bad(format!("the instance's id: {e}")))?;
     if vm.disks.len() != 1 {
         return Err(bad("the VM must have exactly one disk"));
     }
@@ -75,11 +77,16 @@ pub(crate) async fn receive(
         tracing::warn!("session {} not recorded: {e}", place.id);
     }
     let want = (begin.base_state_sha256.clone(), vm.hardware_fingerprint.clone());
-    let services = cloudlet.services.list();
+    // The saved VM the instance comes from: a service VM, or a base VM (a synthesized
+    // instance's), if this cloudlet holds it.
+    let (services, data) = (cloudlet.services.list(), cloudlet.data.clone());
     let base = tokio::task::spawn_blocking(move || {
+        let bases =
+            forage_synth::BaseVm::list(&data).into_iter().filter_map(|(_, b)| b.ok()).map(|b| b.snapshot().clone());
         services
             .into_iter()
             .filter_map(|s| s.snapshot().ok())
+            .chain(bases)
             .find(|s| (&s.manifest().state.sha256, &s.manifest().hardware_fingerprint) == (&want.0, &want.1))
     })
     .await
@@ -91,7 +98,8 @@ pub(crate) async fn receive(
         None => empty_vm(stream, place, vm).await?,
     };
     let ports = Ports { service: begin.service_port, extra: &begin.extra_ports, token };
-    let prepared = prepare(place, Source::View(&base), &base.manifest().spec, ports).await?;
+    let source = Source::View { of: &base, lineage: Lineage::of(&base) };
+    let prepared = prepare(place, source, &base.manifest().spec, ports).await?;
     let view = Snapshot::open(&prepared.view_snapshot().expect("a view")).map_err(internal)?;
     let received = match rebuild(stream, place, prepared.shim(), &view, &base, has_base).await {
         Ok(r) => r,
@@ -100,15 +108,38 @@ pub(crate) async fn receive(
             return Err(e);
         }
     };
-    let instance = prepared.resume(&view, false, false).await?;
+    // The snapshot as opened before the rebuild wrote its final state (its description
+    // still names the base's).
+    crate::faults::probe_handoff(&begin.instance, "destination", &view.memory_path(), &view.disk_paths()[0]).await;
+    if crate::faults::injected("handoff-commit-lost") {
+        tracing::warn!(session = place.id, "fault injected: the commit is dropped");
+        let _ = prepared.shim().shutdown().await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+        return Err(SessionError::Proto(forage_proto::ProtoError::Closed));
+    }
+    // Everything is here: from now on this copy runs, whatever becomes of the link; a
+    // source that does not hear HandoffDone asks (HandoffQuery) and learns it.
+    if let Err(e) = crate::handoff::arrival::note(place.dir, from, &begin.instance) {
+        let _ = prepared.shim().shutdown().await;
+        return Err(internal(format!("{}: {e}", place.dir.display())));
+    }
+    let instance = prepared.resume(Some(&view), false).await?;
     let done =
         PeerMessage::HandoffDone { service: instance.service.clone(), resumed_after_ms: instance.resumed_after_ms };
-    if let Err(e) = write(stream, &done).await {
-        // The source cannot know it moved: it runs on there. Stop this copy.
-        instance.finish(cloudlet).await;
-        return Err(e.into());
+    let answered = match crate::faults::injected("handoff-done-lost") {
+        true => {
+            let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+            Err(forage_proto::ProtoError::Closed)
+        }
+        false => write(stream, &done).await,
+    };
+    match answered {
+        Ok(()) => tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running"),
+        Err(e) => tracing::warn!(
+            session = place.id,
+            "handed-off instance running; the source did not hear it ({e}): it will ask"
+        ),
     }
-    tracing::info!(session = place.id, endpoint = instance.endpoint, "handed-off instance running");
     instance.control.set_movable(true);
     let life = live(None, place, &instance).await;
     instance.finish(cloudlet).await;

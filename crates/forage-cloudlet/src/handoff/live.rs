@@ -5,7 +5,9 @@ use forage_proto::DeviceMessage;
 
 use super::order::HandoffError;
 use super::source;
-use crate::error::SessionError;
+use forage_proto::ErrorCode;
+
+use crate::error::{refused, SessionError};
 use crate::instance::{hold, no_usage, Ending, Instance, Place};
 use crate::DeviceStream;
 
@@ -30,22 +32,54 @@ pub(crate) async fn live(
         if ending != Ending::Moving {
             return Ok(ending);
         }
-        let Some(order) = control.take_order() else { continue };
-        tracing::info!(instance = place.id, to = %order.to, "handoff starts");
-        match source::send(place, instance, &order).await {
-            Ok((report, service)) => {
-                tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
+        match carry_out(place, instance).await {
+            Carried::Moved(moved) => {
                 if let Some(stream) = device.as_deref_mut() {
-                    let moved = DeviceMessage::Moved { cloudlet: order.to.to_string(), service };
                     let _ = write(stream, &moved).await;
                 }
-                let _ = order.reply.send(Ok(report));
                 return Ok(Ending::Moved);
             }
-            Err(cause) => {
-                tracing::warn!(instance = place.id, to = %order.to, "handoff failed, the instance runs on here: {cause}");
-                let _ = order.reply.send(Err(HandoffError::Failed { instance: place.id.into(), to: order.to, cause }));
+            Carried::Stayed => {
+                if let (Some(stream), Some(message)) = (device.as_deref_mut(), control.not_followed()) {
+                    write(stream, &DeviceMessage::NotFollowed { message }).await?;
+                }
             }
+            Carried::Stopped(e) => return Err(e),
+        }
+    }
+}
+
+/// What became of a move order.
+pub(crate) enum Carried {
+    /// The instance runs at the destination: this tells its device where.
+    Moved(DeviceMessage),
+    /// It runs on here (no order, or the handoff failed; the order's caller heard why).
+    Stayed,
+    /// Its VM was stopped here without knowing whether the destination runs it (the link
+    /// failed after the commit and the destination never answered): the instance ends.
+    Stopped(SessionError),
+}
+
+/// Carry out the move order the instance was given, if any.
+pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Carried {
+    let Some(order) = instance.control.take_order() else { return Carried::Stayed };
+    tracing::info!(instance = place.id, to = %order.to, reason = %order.options.reason, "handoff starts");
+    match source::send(place, instance, &order).await {
+        Ok((report, service)) => {
+            tracing::info!(instance = place.id, to = %order.to, total_s = report.total_s, downtime_s = report.downtime_s, bytes = report.bytes, "handoff done");
+            let _ = order.reply.send(Ok(report));
+            Carried::Moved(DeviceMessage::Moved { cloudlet: order.to.to_string(), service })
+        }
+        Err(cause) if cause.vm_runs_here() => {
+            tracing::warn!(instance = place.id, to = %order.to, "handoff failed, the instance runs on here: {cause}");
+            let _ = order.reply.send(Err(HandoffError::Failed { instance: place.id.into(), to: order.to, cause }));
+            Carried::Stayed
+        }
+        Err(cause) => {
+            tracing::error!(instance = place.id, to = %order.to, "handoff unresolved, the instance is stopped here: {cause}");
+            let stopped = refused(ErrorCode::Handoff, cause.to_string());
+            let _ = order.reply.send(Err(HandoffError::Unresolved { instance: place.id.into(), to: order.to, cause }));
+            Carried::Stopped(stopped)
         }
     }
 }

@@ -16,9 +16,12 @@
 //! cancels the migration and its VM runs on (`cont` if QEMU had stopped it); the
 //! destination's session folder, with every partial file, is removed.
 
+mod arrival;
 mod destination;
+mod feed;
 mod live;
 mod order;
+mod sampling;
 mod source;
 
 use std::net::SocketAddr;
@@ -29,8 +32,9 @@ use tokio::sync::oneshot;
 use crate::instance::control::MoveOrder;
 use crate::Cloudlet;
 
+pub(crate) use arrival::{fate, Fate};
 pub(crate) use destination::receive;
-pub(crate) use live::live;
+pub(crate) use live::{carry_out, live, Carried};
 pub use order::{HandoffError, HandoffFailure, HandoffOptions};
 
 impl Cloudlet {

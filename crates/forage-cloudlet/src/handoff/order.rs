@@ -14,11 +14,13 @@ pub struct HandoffOptions {
     pub mode: Option<String>,
     /// QEMU's `downtime-limit`: iterations stop once the rest would take this long.
     pub downtime_limit_ms: u64,
+    /// Why it moves: logged with the handoff.
+    pub reason: forage_api::HandoffReason,
 }
 
 impl Default for HandoffOptions {
     fn default() -> Self {
-        Self { mode: None, downtime_limit_ms: 2000 }
+        Self { mode: None, downtime_limit_ms: 2000, reason: forage_api::HandoffReason::Operator }
     }
 }
 
@@ -27,12 +29,21 @@ impl Default for HandoffOptions {
 pub enum HandoffError {
     #[error("no running instance {0} on this cloudlet")]
     NoInstance(String),
-    #[error("instance {0} cannot be handed off: only copy-on-write instances of service VMs move (cached VM, push, on-demand, app, handed-off), not synthesized or shared ones")]
+    #[error("instance {0} cannot be handed off now: an early-start instance moves once its overlay has all arrived, a shared (joined) one not at all")]
     NotMovable(String),
     #[error("instance {0} is already being handed off")]
     Busy(String),
     #[error("operating mode {mode:?}: {detail}")]
     BadMode { mode: String, detail: String },
+    #[error(
+        "handoff of {instance} to {to}: the destination did not say whether it runs the instance; it was stopped here"
+    )]
+    Unresolved {
+        instance: String,
+        to: SocketAddr,
+        #[source]
+        cause: HandoffFailure,
+    },
     #[error("handoff of {instance} to {to} failed (the instance keeps running here)")]
     Failed {
         instance: String,
@@ -47,8 +58,14 @@ pub enum HandoffError {
 /// Why a handoff failed (the instance runs on at the source).
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffFailure {
-    #[error("the instance is not a copy-on-write instance of a saved VM")]
+    #[error("the instance does not say what it was made from (an instance adopted from an older record)")]
     NotMovable,
+    #[error("the saved VM the instance was made from, {}", path.display())]
+    Lineage {
+        path: PathBuf,
+        #[source]
+        source: Box<forage_vm::SnapshotError>,
+    },
     #[error("this cloudlet is not paired with cloudlet {to} as a cloudlet (`forage pair --as-cloudlet` there, `forage pair import` here)")]
     NotPaired {
         to: SocketAddr,
@@ -77,6 +94,10 @@ pub enum HandoffFailure {
     EarlyDone,
     #[error("the destination did not resume the VM in {}s", .0.as_secs())]
     NotResumed(Duration),
+    #[error("the destination never resumed the VM: {0}")]
+    NotThere(String),
+    #[error("cloudlet {to} did not say in {}s whether it runs the VM after its commit: the VM was stopped here, at most one copy runs", waited.as_secs())]
+    Unresolved { to: SocketAddr, waited: Duration },
     #[error("QEMU")]
     Qemu(#[source] forage_vm::qmp::QmpError),
     #[error("QEMU did not connect its migration stream")]
@@ -99,4 +120,12 @@ pub enum HandoffFailure {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl HandoffFailure {
+    /// Whether the VM may (and does) run on at the source: not once the source has sent
+    /// its commit and never heard whether the destination resumed it.
+    pub fn vm_runs_here(&self) -> bool {
+        !matches!(self, HandoffFailure::Unresolved { .. })
+    }
 }

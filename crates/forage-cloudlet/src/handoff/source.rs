@@ -1,23 +1,19 @@
 //! The source side of a handoff: QEMU's migration into a local socket, the stream split
 //! into chunks, the pipeline, the commit; and the recovery of the VM when anything fails.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forage_api::HandoffReport;
-use forage_format::Space as FileSpace;
 use forage_handoff::adapt::{parse_mode, LookupTable};
-use forage_handoff::migration::{split, Residual};
-use forage_handoff::pipeline::{run, shuffle, PipelineConfig};
-use forage_handoff::segment::{ChunkId, Modified, Space, CHUNK};
+use forage_handoff::pipeline::{run, PipelineConfig};
+use forage_handoff::segment::{Modified, CHUNK};
 use forage_proto::asynchronous::{read, write};
 use forage_proto::{HandoffBegin, PeerMessage, ProtoError, ServiceEndpoint, VERSION_MAX, VERSION_MIN};
-use forage_shim::ShimClient;
 use forage_vm::{Snapshot, Vm};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -28,17 +24,16 @@ use crate::Cloudlet;
 
 /// How long the destination may stay silent at a step (resume included).
 const PEER_WAIT: Duration = Duration::from_secs(60);
+/// How long a source asks a silent destination whether it resumed the VM, and how often.
+const RESOLVE_FOR: Duration = Duration::from_secs(300);
+const RESOLVE_EVERY: Duration = Duration::from_secs(3);
 /// Longest the destination may leave sent segments unacknowledged (a cut link blocks
 /// writes forever otherwise).
 const ACK_WAIT: Duration = Duration::from_secs(20);
-/// Pages gathered before their order is randomized (1 MiB). Everything queued between
-/// QEMU and the link is sent during the downtime if QEMU stops the VM early: keep it small.
-const SHUFFLE_WINDOW: usize = 256;
 /// Pieces of boot files.
 const FILE_PIECE: usize = 16 << 20;
-/// Disk chunks read from the view at once.
-const READ_BATCH: usize = 256;
 
+use super::feed::{Bits, Feed};
 use super::order::HandoffFailure;
 
 type Failure = HandoffFailure;
@@ -58,24 +53,10 @@ pub(super) async fn send(
     let t0 = Instant::now();
     let cloudlet = place.cloudlet;
     let to = order.to;
-    let base = instance.saved.as_ref().ok_or(Failure::NotMovable)?;
-    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
-        .credentials(to, None)
-        .map_err(|source| Failure::NotPaired { to, source })?;
-    let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
-        .await
-        .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
-        .map_err(|source| Failure::Connect { to, source })?;
-    write(
-        &mut stream,
-        &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() },
-    )
-    .await
-    .map_err(Failure::Wire)?;
-    match next(&mut stream).await? {
-        PeerMessage::PeerWelcome { .. } => {}
-        other => return Err(unexpected("PeerWelcome", &other)),
-    }
+    let lineage = instance.lineage.as_ref().ok_or(Failure::NotMovable)?;
+    let base = &Snapshot::open(&lineage.base)
+        .map_err(|source| Failure::Lineage { path: lineage.base.clone(), source: Box::new(source) })?;
+    let mut stream = connect_peer(cloudlet, to).await?;
     let begin = HandoffBegin {
         instance: place.id.to_string(),
         base_state_sha256: base.manifest().state.sha256.clone(),
@@ -101,10 +82,68 @@ pub(super) async fn send(
             report.bytes += boot_file_bytes;
             Ok((report, service))
         }
-        Err(e) => {
+        Err(e) if e.vm_runs_here() => {
             recover(&instance.vm).await;
             Err(e)
         }
+        // Asked and not answered: the VM stays stopped (at most one copy runs).
+        Err(e) => Err(e),
+    }
+}
+
+/// A connection to the cloudlet `to` in the peer protocol (PeerHello answered).
+async fn connect_peer(cloudlet: &Cloudlet, to: SocketAddr) -> Result<forage_client::CloudletStream, Failure> {
+    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
+        .credentials(to, None)
+        .map_err(|source| Failure::NotPaired { to, source })?;
+    let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
+        .await
+        .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
+        .map_err(|source| Failure::Connect { to, source })?;
+    write(
+        &mut stream,
+        &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() },
+    )
+    .await
+    .map_err(Failure::Wire)?;
+    match next(&mut stream).await? {
+        PeerMessage::PeerWelcome { .. } => Ok(stream),
+        other => Err(unexpected("PeerWelcome", &other)),
+    }
+}
+
+/// After a commit whose answer did not come: ask the destination, on new connections,
+/// whether it runs the instance, until it says (or [`RESOLVE_FOR`] has passed). The VM
+/// stays stopped here meanwhile: at most one copy runs.
+async fn resolve(cloudlet: &Cloudlet, to: SocketAddr, instance: &str) -> Result<ServiceEndpoint, Failure> {
+    let t = Instant::now();
+    loop {
+        let asked = async {
+            let mut stream = connect_peer(cloudlet, to).await?;
+            write(&mut stream, &PeerMessage::HandoffQuery { instance: instance.to_string() })
+                .await
+                .map_err(Failure::Wire)?;
+            match tokio::time::timeout(PEER_WAIT, read::<PeerMessage>(&mut stream)).await {
+                Err(_) => Err(Failure::Silent(PEER_WAIT)),
+                Ok(r) => r.map_err(Failure::Wire),
+            }
+        };
+        match asked.await {
+            Ok(PeerMessage::HandoffDone { service, .. }) => {
+                tracing::info!(instance, %to, "the destination runs the instance (asked after the commit)");
+                return Ok(service);
+            }
+            Ok(PeerMessage::Error { code: forage_proto::ErrorCode::NotFound, message }) => {
+                tracing::info!(instance, %to, "the destination never resumed the instance: {message}");
+                return Err(Failure::NotThere(message));
+            }
+            Ok(other) => tracing::info!(instance, %to, "asked after the commit: {}", other.name()),
+            Err(e) => tracing::info!(instance, %to, "asking after the commit: {e}"),
+        }
+        if t.elapsed() > RESOLVE_FOR {
+            return Err(Failure::Unresolved { to, waited: t.elapsed() });
+        }
+        tokio::time::sleep(RESOLVE_EVERY).await;
     }
 }
 
@@ -155,6 +194,9 @@ async fn migrate(
         Some(m) => (parse_mode(m).map_err(Failure::Residual)?, None),
         None => (parse_mode("xor+zstd-1").expect("a mode"), Some(load_table(place.cloudlet))),
     };
+    let adapt_later = table
+        .as_ref()
+        .map(|t| super::sampling::start(instance.vm.spec().memory_file.clone(), base.memory_path(), has_base, t, mode));
     let vm = &instance.vm;
     let qmp = vm.qmp();
     let sock = place
@@ -204,7 +246,8 @@ async fn migrate(
             .map_err(io(&sock))?;
         let conn = conn.into_std().map_err(io(&sock))?;
         conn.set_nonblocking(false).map_err(io(&sock))?;
-        stream_state(place, instance, base, stream, conn, has_base, mode, table, &stopped).await
+        stream_state(place, instance, base, stream, conn, has_base, mode, (table, adapt_later), &stopped, order.to)
+            .await
     }
     .await;
     watch.abort();
@@ -233,8 +276,9 @@ async fn stream_state(
     conn: std::os::unix::net::UnixStream,
     has_base: bool,
     mode: forage_handoff::adapt::Mode,
-    table: Option<LookupTable>,
+    (table, adapt_later): (Option<LookupTable>, Option<Arc<std::sync::OnceLock<LookupTable>>>),
     stopped: &Mutex<Option<Instant>>,
+    to: SocketAddr,
 ) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mut rh, mut wh) = tokio::io::split(stream);
     let (frames, mut frames_rx) = mpsc::channel::<PeerMessage>(2);
@@ -274,6 +318,7 @@ async fn stream_state(
     };
     let feed = Feed {
         shim: instance.shim.clone(),
+        disk_changed: instance.lineage.as_ref().map(|l| l.disk_changed.clone()).unwrap_or_default(),
         runtime: tokio::runtime::Handle::current(),
         base_memory: File::open(base.memory_path()).map_err(io(base.memory_path()))?,
         base_disk: File::open(&base.disk_paths()[0]).map_err(io(&base.disk_paths()[0]))?,
@@ -289,6 +334,7 @@ async fn stream_state(
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         start: mode,
         adapt: table,
+        adapt_later,
         depth: 2,
         ..Default::default()
     };
@@ -346,6 +392,8 @@ async fn stream_state(
     if status != "completed" {
         return Err(Failure::Migration(status));
     }
+    let spec = instance.vm.spec();
+    crate::faults::probe_handoff(place.id, "source", &spec.memory_file, &spec.disks[0].path).await;
     let state = residual
         .to_stream()
         .and_then(|s| zstd::encode_all(&s[..], 3).map_err(|e| e.to_string()))
@@ -355,9 +403,21 @@ async fn stream_state(
     drop(frames);
     let resumed = tokio::time::timeout(PEER_WAIT, reader).await;
     writer.abort();
-    let (service, _resumed_ms) = match resumed {
-        Err(_) => return Err(Failure::NotResumed(PEER_WAIT)),
-        Ok(r) => r.expect("no panic")?,
+    let service = match resumed {
+        Ok(Ok(Ok((service, _resumed_ms)))) => service,
+        // The destination said it failed: it does not run the VM.
+        Ok(Ok(Err(Failure::Refused(why)))) => return Err(Failure::Refused(why)),
+        // No answer: it may run the VM, or not. Ask it.
+        other => {
+            let why = match other {
+                Err(_) => format!("no answer in {}s", PEER_WAIT.as_secs()),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(Err(e))) => e.to_string(),
+                Ok(Ok(Ok(_))) => unreachable!("handled above"),
+            };
+            tracing::warn!(instance = place.id, "no answer to the commit ({why}): asking the destination");
+            resolve(place.cloudlet, to, place.id).await?
+        }
     };
     let done = Instant::now();
     let downtime_s =
@@ -432,157 +492,4 @@ async fn recover(vm: &Vm) {
         Ok(s) => tracing::info!(vm = s, migration = status, "the VM ran on during the failed handoff"),
         Err(e) => tracing::error!("after the failed handoff: {e}"),
     }
-}
-
-/// A bit per chunk: which chunks were seen modified.
-struct Bits {
-    words: Vec<u64>,
-    count: u64,
-}
-
-impl Bits {
-    fn new(bytes: u64) -> Self {
-        Self { words: vec![0; (bytes / CHUNK as u64).div_ceil(64) as usize], count: 0 }
-    }
-
-    fn get(&self, i: u64) -> bool {
-        self.words.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
-    }
-
-    fn set(&mut self, i: u64) {
-        if let Some(w) = self.words.get_mut((i / 64) as usize) {
-            let bit = 1 << (i % 64);
-            if *w & bit == 0 {
-                *w |= bit;
-                self.count += 1;
-            }
-        }
-    }
-}
-
-/// Turns the VM's changes into the pipeline's chunks: disk chunks written since launch,
-/// QEMU's RAM pages (window by window in random order), then the disk chunks written
-/// during the migration (the VM is stopped by then).
-struct Feed {
-    /// The instance's view (its shim knows what the VM wrote).
-    shim: Arc<ShimClient>,
-    runtime: tokio::runtime::Handle,
-    base_memory: File,
-    base_disk: File,
-    has_base: bool,
-    /// Chunks that differ from the base (what "modified state" counts).
-    modified: [Bits; 2],
-    /// Chunks sent with content other than the destination's initial one (the base's, or
-    /// zeros without it). Until then the destination has the right bytes already: a
-    /// chunk equal to those is not sent at all.
-    sent: [Bits; 2],
-    memory_pages: u64,
-    disk_chunks: u64,
-}
-
-impl Feed {
-    fn run(
-        mut self,
-        conn: std::os::unix::net::UnixStream,
-        out: std::sync::mpsc::SyncSender<Modified>,
-    ) -> Result<(Residual, Feed), Failure> {
-        let mark = self.runtime.block_on(self.shim.mark()).map_err(Failure::View)?;
-        let mut disk = self.runtime.block_on(self.shim.written_chunks(FileSpace::Disk)).map_err(Failure::View)?;
-        shuffle(&mut disk, 1);
-        self.disk_chunks(&disk, &out)?;
-        let mut window: Vec<(u64, Vec<u8>)> = Vec::with_capacity(SHUFFLE_WINDOW);
-        let mut at: HashMap<u64, usize> = HashMap::new();
-        let mut failed = None;
-        let mut seed = 2;
-        let residual = split(conn, forage_vm::spec::RAM_ID, |offset, page| {
-            let index = offset / CHUNK as u64;
-            let data = page.to_bytes().to_vec();
-            match at.get(&index) {
-                Some(&k) => window[k].1 = data, // a later round of the same page
-                None => {
-                    at.insert(index, window.len());
-                    window.push((index, data));
-                }
-            }
-            if window.len() >= SHUFFLE_WINDOW {
-                seed += 1;
-                if let Err(e) = self.flush(&mut window, &mut at, &out, seed) {
-                    failed = Some(e);
-                    return false;
-                }
-            }
-            true
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let residual = residual.map_err(Failure::Stream)?;
-        self.flush(&mut window, &mut at, &out, 0)?;
-        // QEMU stopped the VM and flushed its disk before its stream's end.
-        let late = self.runtime.block_on(self.shim.written_since(FileSpace::Disk, mark)).map_err(Failure::View)?;
-        self.disk_chunks(&late, &out)?;
-        Ok((residual, self))
-    }
-
-    /// Disk chunks `indices` of the view, read in batches.
-    fn disk_chunks(&mut self, indices: &[u64], out: &std::sync::mpsc::SyncSender<Modified>) -> Result<(), Failure> {
-        for batch in indices.chunks(READ_BATCH) {
-            let chunks =
-                self.runtime.block_on(self.shim.read(FileSpace::Disk, batch.to_vec())).map_err(Failure::View)?;
-            for c in chunks {
-                self.disk_chunks += 1;
-                let base = read_chunk(&self.base_disk, c.index)?;
-                if let Some(m) = self.modified(Space::Disk, c.index, c.bytes, base) {
-                    out.send(m).map_err(|_| Failure::Stopped)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn flush(
-        &mut self,
-        window: &mut Vec<(u64, Vec<u8>)>,
-        at: &mut HashMap<u64, usize>,
-        out: &std::sync::mpsc::SyncSender<Modified>,
-        seed: u64,
-    ) -> Result<(), Failure> {
-        shuffle(window, seed);
-        at.clear();
-        for (index, data) in window.drain(..) {
-            self.memory_pages += 1;
-            let base = read_chunk(&self.base_memory, index)?;
-            if let Some(m) = self.modified(Space::Memory, index, data, base) {
-                out.send(m).map_err(|_| Failure::Stopped)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The chunk to send, if the destination does not have these bytes already.
-    fn modified(&mut self, space: Space, index: u64, data: Vec<u8>, base: Vec<u8>) -> Option<Modified> {
-        let s = (space == Space::Disk) as usize;
-        if data != base {
-            self.modified[s].set(index);
-        }
-        let initial = if self.has_base { data == base } else { forage_format::chunk::is_zero(&data) };
-        if initial && !self.sent[s].get(index) {
-            return None;
-        }
-        self.sent[s].set(index);
-        Some(Modified { chunk: ChunkId { space, index }, data, base: self.has_base.then_some(base) })
-    }
-}
-
-fn read_chunk(file: &File, index: u64) -> Result<Vec<u8>, Failure> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut got = 0;
-    while got < CHUNK {
-        match file.read_at(&mut buf[got..], index * CHUNK as u64 + got as u64) {
-            Ok(0) => break, // past the end: zeros
-            Ok(n) => got += n,
-            Err(source) => return Err(Failure::Io { path: "the base VM".into(), source }),
-        }
-    }
-    Ok(buf)
 }

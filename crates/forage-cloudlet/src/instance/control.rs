@@ -13,7 +13,7 @@ use crate::error::SessionError;
 pub(crate) struct MoveOrder {
     pub to: std::net::SocketAddr,
     pub options: crate::handoff::HandoffOptions,
-    pub reply: oneshot::Sender<Result<forage_api::HandoffReport, crate::handoff::HandoffError>>,
+    pub reply: oneshot::Sender<HandoffOutcome>,
 }
 
 pub(crate) struct Control {
@@ -22,7 +22,11 @@ pub(crate) struct Control {
     movable: AtomicBool,
     order: Mutex<Option<MoveOrder>>,
     ordered: Notify,
+    /// The outcome of the handoff the instance's device asked for (Follow), if pending.
+    follow: Mutex<Option<oneshot::Receiver<HandoffOutcome>>>,
 }
+
+type HandoffOutcome = Result<forage_api::HandoffReport, crate::handoff::HandoffError>;
 
 impl Control {
     pub fn new() -> Self {
@@ -32,6 +36,7 @@ impl Control {
             movable: Default::default(),
             order: Mutex::new(None),
             ordered: Notify::new(),
+            follow: Mutex::new(None),
         }
     }
 
@@ -57,6 +62,33 @@ impl Control {
 
     pub async fn ordered(&self) {
         self.ordered.notified().await
+    }
+
+    /// The instance's device asks it to follow it to the cloudlet at `to`: a move order
+    /// (reason `device`). Err: why not, for the device (NotFollowed).
+    pub fn follow(&self, to: &str) -> Result<(), String> {
+        let to: std::net::SocketAddr = to.parse().map_err(|_| format!("{to:?} is not HOST:PORT"))?;
+        if !self.movable() {
+            return Err("this instance cannot move yet (its overlay is still arriving)".into());
+        }
+        let (reply, answer) = oneshot::channel();
+        let options =
+            crate::handoff::HandoffOptions { reason: forage_api::HandoffReason::Device, ..Default::default() };
+        self.order(MoveOrder { to, options, reply })
+            .map_err(|_| "a handoff of this instance is under way".to_string())?;
+        tracing::info!(%to, "the device asks its instance to follow it");
+        *self.follow.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
+        Ok(())
+    }
+
+    /// After a move order was carried out and the instance stayed: why, if its device
+    /// asked for the move (what NotFollowed tells it).
+    pub fn not_followed(&self) -> Option<String> {
+        let mut answer = self.follow.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        match answer.try_recv() {
+            Ok(Err(e)) => Some(forage_api::one_line(&e)),
+            _ => None,
+        }
     }
 
     pub fn take_order(&self) -> Option<MoveOrder> {

@@ -61,17 +61,39 @@ pub(crate) struct Place<'a> {
     pub started: Instant,
 }
 
-/// What an instance's memory and disk are.
+/// What an instance's memory and disk are. Either way a view, whose shim tracks what
+/// the VM writes: nothing is copied and what it is a view of is never written.
 pub(crate) enum Source<'a> {
-    /// Copies of a saved VM's files, in the instance's folder (pipelined synthesis, the
-    /// launch cache).
-    Copies,
-    /// A copy-on-write view of a saved VM (cached VM, provisioning, handoff): nothing is
-    /// copied and the saved VM is never written.
-    View(&'a Snapshot),
+    /// A copy-on-write view of a saved VM (a service VM, a launch VM, a handoff's
+    /// rebuilt VM).
+    View { of: &'a Snapshot, lineage: Lineage },
     /// The launch VM of an overlay, assembled while its segments arrive (early start):
     /// the manifest as encoded in the overlay, and the base's files.
-    Overlay { manifest: &'a forage_format::Manifest, base_memory: PathBuf, base_disk: PathBuf },
+    Overlay { manifest: &'a forage_format::Manifest, base_memory: PathBuf, base_disk: PathBuf, lineage: Lineage },
+}
+
+/// What a handoff compares an instance with: a saved VM another cloudlet may hold (the
+/// service VM or base VM the instance comes from), and the disk chunks that already
+/// differed from it when the VM first resumed (an overlay's). Memory needs no list: all
+/// of it passes through QEMU's migration stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Lineage {
+    pub base: PathBuf,
+    pub disk_changed: Vec<u64>,
+}
+
+impl Lineage {
+    /// An instance of `saved` as it is.
+    pub fn of(saved: &Snapshot) -> Self {
+        Self { base: saved.dir().to_path_buf(), disk_changed: Vec::new() }
+    }
+
+    /// An instance of an overlay's launch VM on `base`.
+    pub fn overlay(base: &forage_synth::BaseVm, manifest: &forage_format::Manifest) -> Self {
+        let disk_changed =
+            manifest.chunks.iter().filter(|c| c.space == forage_format::Space::Disk).map(|c| c.index).collect();
+        Self { base: base.snapshot().dir().to_path_buf(), disk_changed }
+    }
 }
 
 /// The ports an instance needs.
@@ -92,8 +114,9 @@ pub(crate) struct Prepared<'a> {
     forwards: Vec<PortForward>,
     service_port: Option<u16>,
     extra_ports: Vec<u16>,
-    /// The saved VM a view is of (what a handoff compares against).
-    saved: Option<PathBuf>,
+    /// A copy-on-write view of a saved VM (not an overlay being assembled).
+    cow: bool,
+    lineage: Lineage,
     pub service: ServiceEndpoint,
 }
 
@@ -112,8 +135,9 @@ pub(crate) struct Instance {
     pub forwards: Vec<PortForward>,
     pub service_port: Option<u16>,
     pub extra_ports: Vec<u16>,
-    /// The saved VM of a copy-on-write instance (it can move: see `handoff`).
-    pub saved: Option<Snapshot>,
+    /// What a handoff compares it with (none: it cannot move, e.g. adopted from a
+    /// record that did not say).
+    pub lineage: Option<Lineage>,
     idle: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -164,16 +188,18 @@ pub(crate) async fn prepare<'a>(
         token: hex::encode(token),
         trust: cloudlet.data.trust_cloudlet(),
     });
-    let (view, saved) = match source {
-        Source::Copies => (None, None),
-        Source::View(saved) => (
-            Some(ViewSpec::Cow { saved: saved.dir().to_path_buf(), readahead: cloudlet.readahead }),
-            Some(saved.dir().to_path_buf()),
-        ),
-        Source::Overlay { manifest, base_memory, base_disk } => {
+    let (view, cow, lineage) = match source {
+        Source::View { of, lineage } => {
+            (ViewSpec::Cow { saved: of.dir().to_path_buf(), readahead: cloudlet.readahead }, true, lineage)
+        }
+        Source::Overlay { manifest, base_memory, base_disk, lineage } => {
             let file = place.dir.join("overlay-manifest.zst");
             std::fs::write(&file, manifest.encode()).map_err(|e| internal(format!("{}: {e}", file.display())))?;
-            (Some(ViewSpec::Overlay { manifest: file, base_memory, base_disk, readahead: cloudlet.readahead }), None)
+            (
+                ViewSpec::Overlay { manifest: file, base_memory, base_disk, readahead: cloudlet.readahead },
+                false,
+                lineage,
+            )
         }
     };
     let control = cloudlet.data.runtime_dir().map_err(internal)?.join(format!("shim-{}.sock", place.id));
@@ -182,7 +208,7 @@ pub(crate) async fn prepare<'a>(
         instance: place.id.to_string(),
         dir: place.dir.to_path_buf(),
         control,
-        view,
+        view: Some(view),
         relay,
     };
     let shim = ShimClient::spawn(&spec).await.map_err(internal)?;
@@ -198,7 +224,8 @@ pub(crate) async fn prepare<'a>(
         forwards,
         service_port: ports.service,
         extra_ports: ports.extra.to_vec(),
-        saved,
+        cow,
+        lineage,
         service,
     })
 }
@@ -211,25 +238,37 @@ impl<'a> Prepared<'a> {
 
     /// The view's snapshot folder (a copy-on-write view: its files are the mount's).
     pub fn view_snapshot(&self) -> Option<PathBuf> {
-        self.saved.as_ref().map(|_| self.place.dir.join("view").join("snapshot"))
+        self.cow.then(|| self.place.dir.join("view").join("snapshot"))
     }
 
-    /// Restore `snap` (its files in place: a view, or the overlay's launch folder; or
-    /// copied into the instance's folder with `copies`), register the instance and record
-    /// it. On failure the shim is shut down.
-    pub async fn resume(self, snap: &Snapshot, copies: bool, ignore_shared: bool) -> Result<Instance, SessionError> {
-        let Prepared { place, shim, forwards, service_port, extra_ports, saved, service } = self;
+    /// Restore the view's snapshot (a copy-on-write view's; for an overlay being
+    /// assembled, `snap` names the mount's files), register the instance and record it.
+    /// On failure the shim is shut down.
+    pub async fn resume(self, snap: Option<&Snapshot>, ignore_shared: bool) -> Result<Instance, SessionError> {
+        let own = match (self.view_snapshot(), snap) {
+            (_, Some(_)) => None,
+            (Some(dir), None) => Some(Snapshot::open(&dir).map_err(internal)),
+            (None, None) => Some(Err(internal("an overlay's instance needs its launch snapshot"))),
+        };
+        let own = match own {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                let _ = self.shim.shutdown().await;
+                return Err(e);
+            }
+            None => None,
+        };
+        let snap = snap.or(own.as_ref()).expect("one of them");
+        let Prepared { place, shim, forwards, service_port, extra_ports, lineage, service, .. } = self;
         let cloudlet = place.cloudlet;
         let result = async {
             let run = place.dir.join("run");
             std::fs::create_dir_all(&run).map_err(internal)?;
             let qmp = cloudlet.data.runtime_dir().map_err(internal)?.join(format!("session-{}.qmp", place.id));
             let mut spec: VmSpec = snap.relocated_spec(&run, &qmp, Some(forwards.clone()));
-            if !copies {
-                spec.memory_file = snap.memory_path();
-                spec.disks[0].path = snap.disk_paths()[0].clone();
-            }
-            let opts = RestoreOptions { copy_disks: copies, ignore_shared, detached: true, ..Default::default() };
+            spec.memory_file = snap.memory_path();
+            spec.disks[0].path = snap.disk_paths()[0].clone();
+            let opts = RestoreOptions { copy_disks: false, ignore_shared, detached: true, ..Default::default() };
             let t = Instant::now();
             let vm =
                 Vm::restore_with(snap, spec, cloudlet.accel, &run.join("qemu.log"), opts).await.map_err(internal)?;
@@ -249,12 +288,17 @@ impl<'a> Prepared<'a> {
         // From here on the instance is the daemon's to end (or to adopt after a restart):
         // dropping it (the daemon exiting) leaves it running.
         vm.release();
-        let saved = match saved {
-            Some(dir) => Some(Snapshot::open(&dir).map_err(internal)?),
-            None => None,
-        };
-        let instance =
-            Instance::new(place, vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports, saved);
+        let instance = Instance::new(
+            place,
+            vm,
+            shim,
+            service,
+            resumed_after_ms,
+            forwards,
+            service_port,
+            extra_ports,
+            Some(lineage),
+        );
         instance.record(place);
         if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
             tracing::debug!("{e}");
@@ -274,7 +318,7 @@ impl Instance {
         forwards: Vec<PortForward>,
         service_port: Option<u16>,
         extra_ports: Vec<u16>,
-        saved: Option<Snapshot>,
+        lineage: Option<Lineage>,
     ) -> Self {
         let control = place.cloudlet.register(place.id);
         let idle = match (place.cloudlet.idle_timeout, service.addr.is_empty()) {
@@ -292,20 +336,15 @@ impl Instance {
             forwards,
             service_port,
             extra_ports,
-            saved,
+            lineage,
             idle,
         }
     }
 
     /// An instance a previous daemon started (see `recover`).
-    pub(crate) fn adopted(
-        place: Place<'_>,
-        vm: Vm,
-        shim: Arc<ShimClient>,
-        file: InstanceFile,
-        saved: Option<Snapshot>,
-    ) -> Self {
-        Self::new(place, vm, shim, file.service, 0, file.forwards, file.service_port, file.extra_ports, saved)
+    pub(crate) fn adopted(place: Place<'_>, vm: Vm, shim: Arc<ShimClient>, file: InstanceFile) -> Self {
+        let lineage = file.saved.clone().map(|base| Lineage { base, disk_changed: file.disk_changed() });
+        Self::new(place, vm, shim, file.service, 0, file.forwards, file.service_port, file.extra_ports, lineage)
     }
 
     /// The loopback address of guest port `guest_port`.
@@ -356,7 +395,8 @@ impl Instance {
             service_port: i.service_port,
             extra_ports: i.extra_ports.clone(),
             forwards: i.forwards.clone(),
-            saved: i.saved.as_ref().map(|s| s.dir().to_path_buf()),
+            saved: i.lineage.as_ref().map(|l| l.base.clone()),
+            disk_changed: i.lineage.as_ref().map(|l| record::ranges(&l.disk_changed)).unwrap_or_default(),
         }
     }
 
@@ -406,7 +446,11 @@ pub(crate) async fn hold(
                 Ok(DeviceMessage::Bye) | Err(ProtoError::Closed) => return Ok(Ending::Bye),
                 Ok(DeviceMessage::WantResidue) => return Ok(Ending::Residue),
                 Ok(DeviceMessage::Checkpoint { label }) => write(stream, &usage(label)).await?,
-                Ok(other) => return Err(SessionError::Sequence { expected: "Bye, WantResidue or Checkpoint", got: other.name() }),
+                // Its device asks it to move (a move order: the next turn carries it out).
+                Ok(DeviceMessage::Follow { to }) => if let Err(message) = control.follow(&to) {
+                    write(stream, &DeviceMessage::NotFollowed { message }).await?
+                },
+                Ok(other) => return Err(SessionError::Sequence { expected: "Bye, WantResidue, Checkpoint or Follow", got: other.name() }),
                 Err(e) => return Err(e.into()),
             },
             _ = control.notified() => return Err(control.error()),

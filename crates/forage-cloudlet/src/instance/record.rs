@@ -25,11 +25,32 @@ pub(crate) struct InstanceFile {
     pub service_port: Option<u16>,
     pub extra_ports: Vec<u16>,
     pub forwards: Vec<PortForward>,
-    /// The saved VM of a copy-on-write instance (it can move).
+    /// The saved VM a handoff compares the instance with (see `Lineage`).
     pub saved: Option<PathBuf>,
+    /// Disk chunks that differed from it when the VM first resumed, as [first, count]
+    /// ranges.
+    #[serde(default)]
+    pub disk_changed: Vec<[u64; 2]>,
+}
+
+/// Sorted indices as [first, count] ranges.
+pub(crate) fn ranges(indices: &[u64]) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for &i in indices {
+        match out.last_mut() {
+            Some([first, count]) if *first + *count == i => *count += 1,
+            _ => out.push([i, 1]),
+        }
+    }
+    out
 }
 
 impl InstanceFile {
+    /// The disk chunks of [`InstanceFile::disk_changed`], one by one.
+    pub fn disk_changed(&self) -> Vec<u64> {
+        self.disk_changed.iter().flat_map(|&[first, count]| first..first.saturating_add(count.min(1 << 32))).collect()
+    }
+
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join(format!("{INSTANCE_FILE}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializes"))?;

@@ -33,9 +33,10 @@ use forage_vm::Snapshot;
 use tokio::sync::mpsc;
 
 use super::context::{overlay_digest, Ctx};
-use super::residue::{send_residue, LaunchRef};
+use super::residue::send_residue;
 use crate::error::{internal, refused, SessionError};
-use crate::instance::{prepare, Ending, Instance, Outcome, Ports, Source};
+use crate::handoff::{carry_out, Carried};
+use crate::instance::{prepare, Ending, Instance, Lineage, Outcome, Ports, Source};
 
 /// The overlay as it arrives, each segment written at its place: a complete copy feeds
 /// the launch-VM cache.
@@ -86,8 +87,12 @@ pub(crate) async fn run(
     let spec = forage_synth::apply::launch_spec(&manifest, &ctx.base, &PathBuf::from("from the device"))
         .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
     let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
-    let source =
-        Source::Overlay { manifest: &manifest, base_memory: ctx.base.memory_path(), base_disk: ctx.base.disk_path() };
+    let source = Source::Overlay {
+        manifest: &manifest,
+        base_memory: ctx.base.memory_path(),
+        base_disk: ctx.base.disk_path(),
+        lineage: Lineage::overlay(&ctx.base, &manifest),
+    };
     let prepared = prepare(ctx.place(), source, &spec, ports).await?;
     let shim = prepared.shim();
     let fetch_rx = shim.take_fetches().expect("a new shim's fetches");
@@ -99,6 +104,9 @@ pub(crate) async fn run(
     };
     let (mut rd, mut wr) = tokio::io::split(&mut *stream);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<DeviceMessage>();
+    // Follow requests go from the receiver to the instance's life (the instance is not
+    // there yet when the receiver starts).
+    let (follow_tx, mut follow_rx) = mpsc::unbounded_channel::<String>();
     let writer = async {
         loop {
             let device_fetch = async {
@@ -193,6 +201,9 @@ pub(crate) async fn run(
                     Ok(DeviceMessage::Checkpoint { label }) => {
                         let _ = out_tx.send(usage(&shim, label).await);
                     }
+                    Ok(DeviceMessage::Follow { to }) => {
+                        let _ = follow_tx.send(to);
+                    }
                     Ok(DeviceMessage::Bye) | Err(ProtoError::Closed) if count == n => return Ok((bytes, Ending::Bye)),
                     Ok(DeviceMessage::WantResidue) if count == n => return Ok((bytes, Ending::Residue)),
                     Err(ProtoError::Closed) => {
@@ -244,7 +255,7 @@ pub(crate) async fn run(
             )
             .map_err(internal)?;
             let snap = Snapshot::open(&launch).map_err(internal)?;
-            let instance = prepared.resume(&snap, false, true).await?;
+            let instance = prepared.resume(Some(&snap), true).await?;
             let _ = ready_tx.send(instance.ready());
             tracing::info!(session = %ctx.id, after_ms = start.elapsed().as_millis() as u64, "early start: VM resumed");
             Ok::<Instance, SessionError>(instance)
@@ -282,6 +293,7 @@ pub(crate) async fn run(
         };
         tokio::pin!(complete);
         let mut sent_complete = false;
+        let mut arrived = 0;
         let result = loop {
             tokio::select! {
                 r = &mut receiver => break r,
@@ -291,11 +303,34 @@ pub(crate) async fn run(
                         Err(e) => break Err(e),
                     };
                     sent_complete = true;
+                    arrived = s.bytes_arrived;
+                    // Everything is here: the instance no longer needs its device's
+                    // segments, and may move.
+                    instance.control.set_movable(true);
                     let apply_ms = start.elapsed().as_millis() as u64;
                     let _ = out_tx.send(DeviceMessage::Complete { segments: s.segments, bytes: s.bytes_arrived, apply_ms, decompress_ms: 0 });
                     tracing::info!(session = %ctx.id, apply_ms, stats = ?s, "early start: every segment applied");
                 }
                 _ = instance.control.notified() => break Err(instance.control.error()),
+                _ = instance.control.ordered(), if sent_complete => {
+                    match carry_out(ctx.place(), &instance).await {
+                        Carried::Moved(moved) => {
+                            let _ = out_tx.send(moved);
+                            break Ok((arrived, Ending::Moved));
+                        }
+                        Carried::Stayed => {
+                            if let Some(message) = instance.control.not_followed() {
+                                let _ = out_tx.send(DeviceMessage::NotFollowed { message });
+                            }
+                        }
+                        Carried::Stopped(e) => break Err(e),
+                    }
+                }
+                Some(to) = follow_rx.recv() => {
+                    if let Err(message) = instance.control.follow(&to) {
+                        let _ = out_tx.send(DeviceMessage::NotFollowed { message });
+                    }
+                }
                 _ = instance.gone() => {
                     // A view that failed (a corrupt segment) stops the VM: say why.
                     break Err(match shim.status().await {
@@ -329,7 +364,7 @@ pub(crate) async fn run(
     match (instance, &result) {
         // The VM's writes reach the view when QEMU exits: save it, then diff.
         (Some(i), Ok((_, Ending::Residue))) => {
-            if let Err(e) = send_residue(stream, ctx, i, &manifest, &digest, LaunchRef::View).await {
+            if let Err(e) = send_residue(stream, ctx, i, &manifest, &digest).await {
                 result = Err(e);
             }
         }

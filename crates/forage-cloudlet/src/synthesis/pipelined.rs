@@ -15,9 +15,10 @@ use sha2::Digest;
 
 use super::context::{overlay_digest, Ctx};
 use super::pipe::SegmentPipe;
-use super::residue::{send_residue, LaunchRef};
+use super::residue::send_residue;
 use crate::error::{internal, next, refused, SessionError};
-use crate::instance::{hold, no_usage, prepare, Ending, Outcome, Ports, Source};
+use crate::handoff::live;
+use crate::instance::{prepare, Ending, Lineage, Outcome, Ports, Source};
 
 pub(crate) async fn run(
     stream: &mut crate::DeviceStream,
@@ -175,8 +176,12 @@ async fn finish(
 ) -> Result<Outcome, SessionError> {
     let snap = Snapshot::open(applied).map_err(internal)?;
     let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
-    let prepared = prepare(ctx.place(), Source::Copies, &snap.manifest().spec, ports).await?;
-    let instance = prepared.resume(&snap, true, true).await?;
+    // A copy-on-write view of the launch VM: it stays as applied (for the cache), and the
+    // shim tracks what the VM writes (residue, handoff).
+    let source = Source::View { of: &snap, lineage: Lineage::overlay(&ctx.base, manifest) };
+    let prepared = prepare(ctx.place(), source, &snap.manifest().spec, ports).await?;
+    let instance = prepared.resume(None, true).await?;
+    instance.control.set_movable(true);
     let served = async {
         write(stream, &instance.ready()).await?;
         let decompress_ms = decompress.as_millis() as u64;
@@ -185,14 +190,11 @@ async fn finish(
             &DeviceMessage::Complete { segments: manifest.segments.len() as u32, bytes, apply_ms, decompress_ms },
         )
         .await?;
-        hold(stream, &instance.control, instance.gone(), no_usage).await
+        live(Some(stream), ctx.place(), &instance).await
     }
     .await;
     let result = match served {
-        Ok(Ending::Residue) => {
-            send_residue(stream, ctx, instance, manifest, digest, LaunchRef::Files(&snap)).await.map(|_| ())
-        }
-        // Not movable: only Bye and Residue end its hold.
+        Ok(Ending::Residue) => send_residue(stream, ctx, instance, manifest, digest).await.map(|_| ()),
         Ok(Ending::Bye | Ending::Moving | Ending::Moved) => {
             instance.finish(ctx.cloudlet).await;
             Ok(())
@@ -202,7 +204,7 @@ async fn finish(
             Err(e)
         }
     };
-    // The VM ran from copies: the launch VM goes to the cache as it is.
+    // The VM ran on a view: the launch VM goes to the cache as it was applied.
     ctx.cloudlet.cache.store_dir(digest, &ctx.base, applied, manifest);
     result.map(|_| Outcome { bytes })
 }

@@ -1,13 +1,14 @@
 //! The instance commands, through this cloudlet's daemon (its HTTP API, with the
 //! operator's token): `forage handoff` moves a running instance to another cloudlet and
-//! prints what the handoff did; `forage instances` lists them; `forage stop` ends one.
+//! prints what the handoff did; `forage drain` moves them all; `forage instances` lists
+//! them; `forage stop` ends one.
 
 use anyhow::Context;
 use forage_api::client::ApiClient;
-use forage_api::{HandoffReport, HandoffRequest};
+use forage_api::{HandoffReason, HandoffReport, HandoffRequest};
 use forage_datadir::DataDir;
 
-use crate::cli::{HandoffArgs, InstancesArgs, StopArgs};
+use crate::cli::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
 
 pub async fn run(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
     let data = data.clone();
@@ -64,13 +65,75 @@ pub async fn stop(data: &DataDir, a: StopArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `forage drain --json` prints.
+#[derive(Debug, serde::Serialize)]
+struct Drained {
+    moved: Vec<HandoffReport>,
+    failed: Vec<NotDrained>,
+}
+
+/// An instance that did not move (it runs on here, unless the error says otherwise).
+#[derive(Debug, serde::Serialize)]
+struct NotDrained {
+    instance: String,
+    error: String,
+}
+
+pub async fn drain(data: &DataDir, a: DrainArgs) -> anyhow::Result<()> {
+    let api = client(data, a.api)?;
+    let drained = tokio::task::spawn_blocking(move || -> anyhow::Result<Drained> {
+        let list = api.instances(false)?;
+        let mut drained = Drained { moved: Vec::new(), failed: Vec::new() };
+        if !a.json {
+            eprintln!("draining {} instance(s) to {}...", list.instances.len(), a.to);
+        }
+        for i in &list.instances {
+            let request = HandoffRequest {
+                to: a.to.to_string(),
+                mode: None,
+                downtime_limit_ms: None,
+                reason: HandoffReason::Drain,
+            };
+            match api.handoff(&i.id, &request) {
+                Ok(view) => {
+                    if !a.json {
+                        println!("moved {} ({}) to {}: it answers at {}", i.id, i.name, view.to, view.endpoint);
+                    }
+                    drained.moved.push(view);
+                }
+                Err(e) => {
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    if !a.json {
+                        println!("did not move {} ({}): {error}", i.id, i.name);
+                    }
+                    drained.failed.push(NotDrained { instance: i.id.clone(), error });
+                }
+            }
+        }
+        Ok(drained)
+    })
+    .await??;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&drained)?);
+    }
+    match drained.failed.len() {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} instance(s) did not move"),
+    }
+}
+
 fn run_blocking(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
     let api = client(data, a.api)?;
     let id = instance_id(&api, &a.instance)?;
     if !a.json {
         eprintln!("handing off instance {id} to {}...", a.to);
     }
-    let request = HandoffRequest { to: a.to.to_string(), mode: a.mode.clone(), downtime_limit_ms: Some(a.downtime_ms) };
+    let request = HandoffRequest {
+        to: a.to.to_string(),
+        mode: a.mode.clone(),
+        downtime_limit_ms: Some(a.downtime_ms),
+        reason: HandoffReason::Operator,
+    };
     let view = api.handoff(&id, &request)?;
     if let Some(path) = &a.trace {
         write_trace(path, &view)?;

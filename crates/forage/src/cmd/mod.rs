@@ -65,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Handoff(a) => handoff::run(&data, a).await,
         Command::Instances(a) => handoff::instances(&data, a).await,
         Command::Stop(a) => handoff::stop(&data, a).await,
+        Command::Drain(a) => handoff::drain(&data, a).await,
         Command::Signer(c) => pair::signer(&data, c),
     }
 }

@@ -85,8 +85,52 @@ pub async fn synthesize(
     }
     if hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
-        tokio::signal::ctrl_c().await?;
+        let mut session = session;
+        let mut follows = follow_commands();
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            ended = session.ended_following(&mut follows) => return report_end(ended, json),
+        }
+        return finish(session, file, residue).await;
     }
+    finish(session, file, residue).await
+}
+
+/// While an instance is held, lines on stdin `follow HOST:PORT` ask it to follow the
+/// device to that cloudlet (as a device does that found a closer one).
+pub fn follow_commands() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["follow", to] => {
+                    if tx.send(to.to_string()).is_err() {
+                        break;
+                    }
+                }
+                [] => {}
+                _ => eprintln!("unknown command {line:?}: say `follow HOST:PORT`"),
+            }
+        }
+    });
+    rx
+}
+
+/// How a held instance ended: where it moved (printed), or why it stopped (an error).
+pub fn report_end(ended: forage_client::Ended, json: bool) -> anyhow::Result<()> {
+    match (ended.moved(), ended) {
+        (Some(notice), _) if json => crate::output::print_json(&notice),
+        (Some(notice), _) => {
+            println!("the instance moved to cloudlet {}: the service answers at {}", notice.moved_to, notice.endpoint)
+        }
+        (None, forage_client::Ended::Stopped(e)) => anyhow::bail!("the cloudlet ended the instance: {e}"),
+        (None, forage_client::Ended::Moved { .. }) => unreachable!("a move has its notice"),
+    }
+    Ok(())
+}
+
+async fn finish(session: forage_client::Session, file: &Path, residue: Option<&Path>) -> anyhow::Result<()> {
     match residue {
         Some(out) => {
             let bytes = session.close_with_residue(out).await?;

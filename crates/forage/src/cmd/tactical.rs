@@ -69,23 +69,14 @@ async fn provision_after(
     print_report(&report, args.json, download_s);
     if args.hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
+        let mut follows = super::synthesis::follow_commands();
         let ended = tokio::select! {
             _ = tokio::signal::ctrl_c() => None,
-            e = session.ended() => Some(e),
+            e = session.ended_following(&mut follows) => Some(e),
         };
         match ended {
             None => session.close().await,
-            Some(forage_client::Ended::Moved { cloudlet, service }) => {
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "moved_to": cloudlet, "endpoint": service.addr, "service": service })
-                    );
-                } else {
-                    println!("the instance moved to cloudlet {cloudlet}: the service answers at {}", service.addr);
-                }
-            }
-            Some(forage_client::Ended::Stopped(e)) => bail!("the cloudlet ended the instance: {e}"),
+            Some(ended) => super::synthesis::report_end(ended, args.json)?,
         }
     } else {
         session.close().await;

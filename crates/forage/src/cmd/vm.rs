@@ -159,14 +159,7 @@ pub async fn install(data: &DataDir, agent_port: u16, app: AppPackage) -> anyhow
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut agent = AgentClient::connect(addr, Duration::from_secs(60))?;
         if let Some(debs) = forage_image::app_debs::install_app(&data, &mut agent, &app)? {
-            eprintln!(
-                "{} Debian packages for {} installed offline ({} MiB of .debs, guest disk +{} MiB) in {:.1} s",
-                debs.installed.len(),
-                debs.requested.join(" "),
-                debs.download_bytes >> 20,
-                debs.disk_growth_bytes.max(0) >> 20,
-                debs.took.as_secs_f64()
-            );
+            eprintln!("{debs}");
         }
         Ok(())
     })

@@ -1,0 +1,100 @@
+//! The adaptation's table measured on the moving VM's own memory as the handoff starts
+//! (`forage_handoff::sample`): up to [`SAMPLE_CHUNKS`] guest pages that differ from the
+//! base, found by probing pages spread over the memory file, each with the destination's
+//! page at its place, go through the candidate modes in parallel, while the migration
+//! already runs on the table it had (the cloudlet's profile or the reference); the
+//! adaptation takes the measured table at its next tick. A VM that changed too little to
+//! sample keeps the table it had.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use forage_handoff::adapt::{LookupTable, Mode};
+use forage_handoff::encode::SampleChunk;
+use forage_handoff::segment::CHUNK;
+
+/// Modified pages in a sample (256 KiB).
+pub const SAMPLE_CHUNKS: usize = 64;
+/// Pages looked at, at most, to find them.
+const PROBES: u64 = 8192;
+/// Fewer modified pages than this: no sample.
+const ENOUGH: usize = 16;
+/// Time the modes may take, all together.
+const BUDGET: Duration = Duration::from_millis(800);
+
+/// Start measuring `table`'s frontier (and `current`, the mode the pipeline starts in) on
+/// `memory` (the running VM's RAM file) against `base_memory`, in the background; the
+/// pipeline takes the result when it is there. Nothing arrives when the VM changed too
+/// little or reading fails (the log says why): the pipeline keeps `table`.
+pub(super) fn start(
+    memory: PathBuf,
+    base_memory: PathBuf,
+    has_base: bool,
+    table: &LookupTable,
+    current: Mode,
+) -> Arc<OnceLock<LookupTable>> {
+    let slot = Arc::new(OnceLock::new());
+    let mut modes = forage_handoff::sample::frontier(table);
+    if !modes.contains(&current) {
+        modes.insert(0, current);
+    }
+    let filled = slot.clone();
+    tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let sample = match sample(&memory, &base_memory, has_base) {
+            Ok(s) if s.len() >= ENOUGH => s,
+            Ok(s) => return tracing::info!("{} modified pages found: too few to sample, the table stays", s.len()),
+            Err(e) => return tracing::warn!("sampling {}: {e}; the table stays", memory.display()),
+        };
+        let found_ms = t.elapsed().as_millis() as u64;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let measured = forage_handoff::sample::measure(&modes, &sample, CHUNK as u64, cores, BUDGET);
+        tracing::info!(
+            found_ms,
+            ms = t.elapsed().as_millis() as u64,
+            "adaptation table from the VM's own data: {} of {} candidate modes measured on {} of its pages",
+            measured.modes.len(),
+            modes.len(),
+            sample.len()
+        );
+        if !measured.modes.is_empty() {
+            let _ = filled.set(measured);
+        }
+    });
+    slot
+}
+
+/// Pages of `memory` that differ from `base_memory` (and are not zero), each with the
+/// destination's page at its place: the base's, or none (zeros) without the base.
+fn sample(memory: &Path, base_memory: &Path, has_base: bool) -> std::io::Result<Vec<SampleChunk>> {
+    let (mem, base) = (File::open(memory)?, File::open(base_memory)?);
+    let pages = mem.metadata()?.len() / CHUNK as u64;
+    if pages == 0 {
+        return Ok(Vec::new());
+    }
+    // A stride coprime with the page count visits pages spread over the whole file.
+    let stride = [7919u64, 104_729, 1_299_709].into_iter().find(|s| !pages.is_multiple_of(*s)).unwrap_or(1);
+    let mut out = Vec::new();
+    let (mut page, mut at_base) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    for i in 0..PROBES.min(pages) {
+        let index = (i * stride) % pages;
+        mem.read_exact_at(&mut page, index * CHUNK as u64)?;
+        if page.iter().all(|&b| b == 0) {
+            continue;
+        }
+        at_base.fill(0);
+        if has_base {
+            let _ = base.read_at(&mut at_base, index * CHUNK as u64)?;
+        }
+        if page != at_base {
+            out.push((page.clone(), has_base.then(|| at_base.clone())));
+            if out.len() == SAMPLE_CHUNKS {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}

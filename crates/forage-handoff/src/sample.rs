@@ -1,0 +1,110 @@
+//! Adaptation on the VM's own data. As a handoff starts, a sample of the VM's modified
+//! chunks goes through each candidate mode, in parallel threads, and the P and R measured
+//! there become the lookup table the [`crate::adapt::Adapter`] scales. A table profiled on
+//! another workload only knows how modes relate on *that* data: on hashsearch the
+//! reference table chose bsdiff, which bought nothing there and cost 10-18% of the time.
+//!
+//! The candidates are the modes on the given table's Pareto frontier (no other mode is
+//! both faster and smaller), about a dozen of its 96, so that the sample stays short; a
+//! time budget bounds it further (modes not measured in time are left out).
+
+use std::time::{Duration, Instant};
+
+use crate::adapt::{LookupTable, Mode};
+use crate::encode::{profile, SampleChunk};
+
+/// The modes of `table` that no other mode beats on both P and R, fastest first.
+pub fn frontier(table: &LookupTable) -> Vec<Mode> {
+    let mut modes = table.modes.clone();
+    modes.sort_by(|a, b| a.1.p.total_cmp(&b.1.p).then(a.1.r.total_cmp(&b.1.r)));
+    let mut best_r = f64::INFINITY;
+    let mut out = Vec::new();
+    for (m, prof) in modes {
+        if prof.r < best_r {
+            best_r = prof.r;
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// P and R of each of `modes` on `chunks`, measured by `threads` threads at once (each
+/// mode on one thread, so P stays per core); modes not started within `budget` are left
+/// out. The table keeps `modes`' order.
+pub fn measure(
+    modes: &[Mode],
+    chunks: &[SampleChunk],
+    chunk_bytes: u64,
+    threads: usize,
+    budget: Duration,
+) -> LookupTable {
+    let t0 = Instant::now();
+    let threads = threads.clamp(1, modes.len().max(1));
+    let measured: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|k| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for (i, m) in modes.iter().enumerate().skip(k).step_by(threads) {
+                        if t0.elapsed() > budget {
+                            break;
+                        }
+                        out.extend(profile(&[*m], chunks, chunk_bytes).modes.into_iter().map(|mp| (i, mp)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    let mut measured = measured;
+    measured.sort_by_key(|(i, _)| *i);
+    LookupTable { chunk_bytes, modes: measured.into_iter().map(|(_, mp)| mp).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapt::{parse_mode, Profile};
+
+    fn m(s: &str) -> Mode {
+        parse_mode(s).unwrap()
+    }
+
+    #[test]
+    fn the_frontier_drops_modes_that_are_slower_and_larger() {
+        let table = LookupTable {
+            chunk_bytes: 4096,
+            modes: vec![
+                (m("none+none"), Profile { p: 1e-6, r: 1.0 }),
+                (m("xor+zstd1"), Profile { p: 1e-5, r: 0.3 }),
+                (m("bsdiff+zstd1"), Profile { p: 5e-5, r: 0.35 }),
+                (m("xor+lzma9"), Profile { p: 1e-3, r: 0.2 }),
+            ],
+        };
+        assert_eq!(frontier(&table), vec![m("none+none"), m("xor+zstd1"), m("xor+lzma9")]);
+        let n = frontier(&LookupTable::reference()).len();
+        assert!((2..30).contains(&n), "a short list of the 96: {n}");
+    }
+
+    #[test]
+    fn a_sample_measures_each_mode_on_its_own_data() {
+        // Chunks a few bytes away from their base: xor makes them nearly all zeros.
+        let chunks: Vec<SampleChunk> = (0..32u32)
+            .map(|i| {
+                let base: Vec<u8> = (0..4096u32).map(|j| ((j * 31 + i * 7) % 253) as u8).collect();
+                let mut new = base.clone();
+                new[(i as usize * 97) % 4096] ^= 0x5a;
+                (new, Some(base))
+            })
+            .collect();
+        let modes = [m("none+none"), m("none+zstd1"), m("xor+zstd1")];
+        let t = measure(&modes, &chunks, 4096, 2, Duration::from_secs(60));
+        assert_eq!(t.modes.iter().map(|(m, _)| *m).collect::<Vec<_>>(), modes.to_vec(), "every mode, in order");
+        let r = |s: &str| t.get(&m(s)).unwrap().r;
+        assert!(r("xor+zstd1") < r("none+zstd1") / 4.0, "{t:?}");
+        assert!((r("none+none") - 1.0).abs() < 1e-9);
+        let none = measure(&modes, &chunks, 4096, 2, Duration::ZERO);
+        assert!(none.modes.len() <= 2, "the budget is kept: {none:?}");
+    }
+}
