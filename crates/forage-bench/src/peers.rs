@@ -51,12 +51,12 @@ type Feed<'a> = &'a mut dyn FnMut(&mut dyn Write) -> anyhow::Result<()>;
 /// Bytes a command writes to its stdout (fed from `feed`, if given), and its success.
 fn count_output(cmd: &mut Command, feed: Option<Feed<'_>>) -> anyhow::Result<u64> {
     let program = format!("{:?}", cmd.get_program());
-    let mut child = cmd
-        .stdin(if feed.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
+    // Fed: a pipe; otherwise the caller's stdin (another process's output for xz).
+    if feed.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("running {program}"))?;
     let mut out = child.stdout.take().expect("piped");
     let counter = std::thread::spawn(move || -> std::io::Result<u64> {
         let mut buf = vec![0u8; 1 << 16];
@@ -79,7 +79,7 @@ fn count_output(cmd: &mut Command, feed: Option<Feed<'_>>) -> anyhow::Result<u64
     let o = child.wait_with_output()?;
     let n = counter.join().map_err(|_| anyhow::anyhow!("counting {program}'s output"))??;
     if !o.status.success() {
-        bail!("{program} failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+        bail!("{program} failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
     }
     fed?;
     Ok(n)
@@ -99,7 +99,7 @@ fn xdelta3_xz(src: &Path, target: &Path) -> anyhow::Result<u64> {
     let n = count_output(Command::new("nice").args(["-n", "5", "xz", "-6", "-T1", "-c"]).stdin(vcdiff), None);
     let st = xd.wait_with_output()?;
     if !st.status.success() {
-        bail!("xdelta3 failed: {}", String::from_utf8_lossy(&st.stderr).trim());
+        bail!("xdelta3 failed ({}): {}", st.status, String::from_utf8_lossy(&st.stderr).trim());
     }
     n
 }
@@ -120,6 +120,7 @@ pub fn zstd_patch(base: &BaseVm, l: &LaunchVm, scratch: &Path) -> anyhow::Result
         count_output(
             Command::new("nice")
                 .args(["-n", "5", "zstd", "-19", "--long=31", "-T1", "-q", "-c"])
+                .stdin(Stdio::null())
                 .arg(format!("--patch-from={}", src.display()))
                 .arg(target),
             None,
