@@ -58,6 +58,15 @@ pub enum BenchCommand {
     /// (internal) one overlay of a kept launch VM, printed as JSON
     #[command(hide = true)]
     OverlayCreate(OverlayCreateArgs),
+    /// (internal) the oracle of a kept launch VM (as `bench overlay` computes it), as JSON
+    #[command(hide = true)]
+    OverlayOracle {
+        /// The kept launch VM's folder (DATA/bench/launch/KEY)
+        #[arg(long)]
+        launch: PathBuf,
+        #[arg(long)]
+        base: String,
+    },
     /// (internal) receive one connection's bytes and acknowledge them
     #[command(hide = true)]
     Sink {

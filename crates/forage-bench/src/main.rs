@@ -55,6 +55,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Handoff(a)) => handoff::run(&data, a).await,
         Command::Bench(BenchCommand::HandoffProfile(a)) => handoff_profile::profile(&data, a).await,
         Command::Bench(BenchCommand::Memory(a)) => big::run(&data, a).await,
+        Command::Bench(BenchCommand::OverlayOracle { launch, base }) => {
+            let base = forage_synth::BaseVm::open(&data, &base)?;
+            common::print_json(&peers::oracle(&base, &launch_cache::reopen(&launch)?)?);
+            Ok(())
+        }
         Command::Bench(BenchCommand::OverlayCreate(a)) => overlay::create_one(&data, a),
         Command::Bench(BenchCommand::Sink { listen }) => synthesis::sink(listen),
         Command::Bench(BenchCommand::Blast { to, bytes }) => synthesis::blast(to, bytes),
