@@ -1,5 +1,8 @@
-//! ext4 free-block introspection over a guest disk (untrusted): the input is the device.
+//! ext4 introspection over a guest disk (untrusted): the input is the device. Both ways of
+//! trusting it (a freeze seen by QEMU, or an image that shows itself clean) are run.
 #![no_main]
+use forage_synth::ext4::{introspect_in, Checkpoint};
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
         let start = usize::try_from(off).map_err(std::io::Error::other)?;
@@ -8,5 +11,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         buf.copy_from_slice(src);
         Ok(())
     };
-    let _ = forage_synth::ext4::free_chunks_in(&read, data.len() as u64, 4096);
+    let _ = introspect_in(&read, data.len() as u64, 4096, Checkpoint::Unknown);
+    let _ = introspect_in(&read, data.len() as u64, 4096, Checkpoint::Frozen { chunks_written_after: 1 });
 });

@@ -52,6 +52,21 @@ pub enum BenchCommand {
     /// The offline profile of VM handoff's operating modes (P and R of every delta and
     /// codec on the bench app's modified memory): the lookup table adaptation scales
     HandoffProfile(BenchHandoffProfileArgs),
+    /// Peak RSS of every forage process creating, applying and synthesizing (on loopback)
+    /// the largest overlay of each app: no semantic gap, no compression (target <= 256 MB)
+    Memory(BenchMemoryArgs),
+    /// (internal) one overlay of a kept launch VM, printed as JSON
+    #[command(hide = true)]
+    OverlayCreate(OverlayCreateArgs),
+    /// (internal) the oracle of a kept launch VM (as `bench overlay` computes it), as JSON
+    #[command(hide = true)]
+    OverlayOracle {
+        /// The kept launch VM's folder (DATA/bench/launch/KEY)
+        #[arg(long)]
+        launch: PathBuf,
+        #[arg(long)]
+        base: String,
+    },
     /// (internal) receive one connection's bytes and acknowledge them
     #[command(hide = true)]
     Sink {
@@ -70,9 +85,17 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchSynthesisArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
+    /// Guest image of the base: tiny (the bench app) or debian-12 (name the apps)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// App to measure (repeat): a sample app built by `make guest` (ocr, vision) or an
+    /// app folder [tiny: the bench app]; debian-12 apps reuse the launch VMs kept by
+    /// `bench overlay`
+    #[arg(long)]
+    pub app: Vec<String>,
+    /// Base VM to use (created if absent) [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
     /// Link rate in Mbit/s (the paper's WiFi: 38); repeat for several rates
     #[arg(long, default_values_t = vec![38.0])]
     pub mbps: Vec<f64>,
@@ -155,10 +178,17 @@ pub struct BenchProvisionArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchOverlayArgs {
-    /// Base VM to use (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Size of the data set the bench app installs and preloads
+    /// Guest image of the base: tiny (the bench app) or debian-12 (name the apps)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// App to measure (repeat): a sample app built by `make guest` (ocr, vision) or an
+    /// app folder [tiny: the bench app]
+    #[arg(long)]
+    pub app: Vec<String>,
+    /// Base VM to use (created if absent) [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Size of the data set the bench app installs and preloads (tiny)
     #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub data_mib: u64,
     /// Segment compression (lzma, zstd or none)
@@ -170,8 +200,90 @@ pub struct BenchOverlayArgs {
     /// Per-chunk delta (bsdiff, xor or none)
     #[arg(long, default_value = "bsdiff")]
     pub delta: String,
+    /// Build the launch VMs again (they are kept in DATA/bench/launch between runs)
+    #[arg(long)]
+    pub fresh: bool,
+    /// Drop the guest's page cache, dentries and inodes before the launch VMs' save
+    #[arg(long)]
+    pub drop_caches: bool,
+    /// Also the largest overlay of each app (no semantic gap, no compression) created,
+    /// applied and synthesized on loopback: each forage process's peak RSS (target <= 256 MB)
+    #[arg(long)]
+    pub big: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchMemoryArgs {
+    /// Guest image of the base: tiny (the bench app) or debian-12 (name the apps)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// App to measure (repeat): a sample app built by `make guest` (ocr, vision) or an
+    /// app folder [tiny: the bench app]
+    #[arg(long)]
+    pub app: Vec<String>,
+    /// Base VM to use (created if absent) [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Size of the data set the bench app installs and preloads (tiny)
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub data_mib: u64,
+    /// Build the launch VMs again (they are kept in DATA/bench/launch between runs)
+    #[arg(long)]
+    pub fresh: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// (internal) one overlay of a kept launch VM, made in its own process so that its time
+/// and peak memory are its own.
+#[derive(Args, Debug, Clone)]
+pub struct OverlayCreateArgs {
+    /// The kept launch VM's folder (DATA/bench/launch/KEY)
+    #[arg(long)]
+    pub launch: PathBuf,
+    #[arg(long)]
+    pub base: String,
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub no_dedup: bool,
+    #[arg(long)]
+    pub no_semantic: bool,
+    /// Record the app's service (name, port, probe) in the overlay, so that it can be
+    /// synthesized and answer
+    #[arg(long)]
+    pub service: bool,
+    #[arg(long, default_value = "lzma")]
+    pub codec: String,
+    #[arg(long)]
+    pub level: Option<i32>,
+    #[arg(long, default_value = "bsdiff")]
+    pub delta: String,
+}
+
+impl OverlayCreateArgs {
+    /// The command line that asks for these (after the binary and global options).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> =
+            vec!["overlay-create".into(), "--launch".into(), self.launch.clone().into()];
+        a.extend(["--base".into(), self.base.clone().into(), "--output".into(), self.output.clone().into()]);
+        a.extend(["--codec".into(), self.codec.clone().into(), "--delta".into(), self.delta.clone().into()]);
+        if let Some(l) = self.level {
+            a.extend(["--level".into(), l.to_string().into()]);
+        }
+        if self.no_dedup {
+            a.push("--no-dedup".into());
+        }
+        if self.no_semantic {
+            a.push("--no-semantic".into());
+        }
+        if self.service {
+            a.push("--service".into());
+        }
+        a
+    }
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,6 @@
 //! What every bench needs: the bench base and app, the forage binary it drives, JSON lines.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use forage_datadir::DataDir;
@@ -42,17 +42,57 @@ pub fn ensure_image(data: &DataDir, name: &str, quiet: bool) -> anyhow::Result<f
     Ok(out)
 }
 
-/// The bench's base VM, created from the tiny image when absent.
-pub async fn bench_base(data: &DataDir, name: &str, say: &dyn Fn(&str)) -> anyhow::Result<BaseVm> {
+/// The bench's base VM, created from `image` when absent.
+pub async fn bench_base(data: &DataDir, name: &str, image: &str, say: &dyn Fn(&str)) -> anyhow::Result<BaseVm> {
     if let Ok(b) = BaseVm::open(data, name) {
+        anyhow::ensure!(
+            b.manifest().image == image,
+            "base {name} is of image {}, not {image}: name another with --base",
+            b.manifest().image
+        );
         return Ok(b);
     }
-    let image = {
-        let d = data.clone();
-        tokio::task::spawn_blocking(move || ensure_image(&d, forage_image::TINY, true)).await??.image
+    let img = {
+        let (d, i) = (data.clone(), image.to_string());
+        tokio::task::spawn_blocking(move || ensure_image(&d, &i, true)).await??.image
     };
-    say(&format!("creating base {name} ..."));
-    Ok(BaseVm::create(data, name, &image, accel(), std::time::Duration::from_secs(5)).await?)
+    say(&format!("creating base {name} of image {image} ..."));
+    Ok(BaseVm::create(data, name, &img, accel(), std::time::Duration::from_secs(5)).await?)
+}
+
+/// The base the benches use for `image` unless told otherwise.
+pub fn default_base(image: &str) -> String {
+    if image == forage_image::TINY {
+        "bench".into()
+    } else {
+        format!("bench-{image}")
+    }
+}
+
+/// The app folders a bench runs: those named (a folder, or a sample app built by `make
+/// guest` into target/guest/apps), else on the tiny image the bench app (hashsearch with
+/// a data set of `data_mib`, written into `work`).
+pub fn bench_apps(image: &str, named: &[String], work: &Path, data_mib: u64) -> anyhow::Result<Vec<PathBuf>> {
+    if named.is_empty() {
+        anyhow::ensure!(
+            image == forage_image::TINY,
+            "name the apps to run on image {image} (--app ocr --app vision: the sample apps `make guest` builds)"
+        );
+        return Ok(vec![crate::bench_app::bench_app(work, data_mib)?]);
+    }
+    named
+        .iter()
+        .map(|a| {
+            let p = Path::new(a);
+            if p.join("app.json").is_file() {
+                Ok(p.to_path_buf())
+            } else {
+                forage_image::locate_guest_binary(&format!("apps/{a}")).with_context(|| {
+                    format!("app {a}: not a folder with an app.json, nor a sample app (run `make guest`)")
+                })
+            }
+        })
+        .collect()
 }
 
 /// The `forage` binary the benches drive (daemons, devices): beside this one.

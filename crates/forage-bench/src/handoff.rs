@@ -109,7 +109,7 @@ pub async fn run(data: &DataDir, args: BenchHandoffArgs) -> anyhow::Result<()> {
     if args.mbps.is_empty() {
         bail!("give at least one --mbps");
     }
-    let base = bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, forage_image::TINY, &say).await?;
     let work = data.work().join(format!("bench-handoff-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

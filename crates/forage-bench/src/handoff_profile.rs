@@ -23,12 +23,12 @@ pub async fn profile(data: &DataDir, args: BenchHandoffProfileArgs) -> anyhow::R
             eprintln!("{s}");
         }
     };
-    let base = bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, forage_image::TINY, &say).await?;
     let work = data.work().join(format!("bench-handoff-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app = forage_agent::app::AppPackage::open(&crate::overlay::bench_app(&work, args.data_mib)?)?;
+        let app = forage_agent::app::AppPackage::open(&crate::bench_app::bench_app(&work, args.data_mib)?)?;
         say("building the bench app's launch VM (the reference workload) ...");
         let launch = forage_synth::build::build_launch(
             data,

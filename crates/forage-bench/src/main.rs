@@ -3,12 +3,17 @@
 //! quickstart demo (`forage-bench demo`). `forage bench ...` and `forage demo` run this
 //! binary; it is not part of the product binary.
 
+mod bench_app;
+mod big;
 mod cli;
 mod common;
 mod demo;
 mod handoff;
 mod handoff_profile;
+mod launch_cache;
+mod measure;
 mod overlay;
+mod peers;
 mod plot;
 mod provision;
 mod synthesis;
@@ -49,6 +54,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Provision(a)) => provision::run(&data, a).await,
         Command::Bench(BenchCommand::Handoff(a)) => handoff::run(&data, a).await,
         Command::Bench(BenchCommand::HandoffProfile(a)) => handoff_profile::profile(&data, a).await,
+        Command::Bench(BenchCommand::Memory(a)) => big::run(&data, a).await,
+        Command::Bench(BenchCommand::OverlayOracle { launch, base }) => {
+            let base = forage_synth::BaseVm::open(&data, &base)?;
+            common::print_json(&peers::oracle(&base, &launch_cache::reopen(&launch)?)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::OverlayCreate(a)) => overlay::create_one(&data, a),
         Command::Bench(BenchCommand::Sink { listen }) => synthesis::sink(listen),
         Command::Bench(BenchCommand::Blast { to, bytes }) => synthesis::blast(to, bytes),
     }

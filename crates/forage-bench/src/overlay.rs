@@ -1,55 +1,82 @@
-//! `forage bench overlay`: the paper's Figure 6 on this machine, with its baseline run for
-//! real. One base VM; a bench app that ships its data set as a tarball, unpacks it, deletes
-//! the tarball and preloads the data (as the paper's apps downloaded and deleted their
-//! install packages); two launch VMs from it: one with the semantic gap closed (fstrim,
-//! free page reporting), one without. Then:
-//! - baseline: `xdelta3` of the whole disk and memory images (launch without semantic gap),
-//!   then LZMA (`xz -6`), as the paper;
-//! - `zstd --patch-from --long -19` of the same;
-//! - forage with dedup only, semantic gap only, both combined.
+//! `forage bench overlay`: the paper's Figure 6 on this machine, with its peers run for
+//! real in the same run, per app:
+//! - baseline: `xdelta3` of the whole disk and memory images | `xz -6` (the paper's),
+//!   `zstd --patch-from --long -19`, both of the launch VM built without the semantic gap
+//!   (no TRIM, no free page reporting), as the paper's baseline;
+//! - the oracle (`peers::oracle`): changed chunks, deduplicated, ext4 free blocks out, one
+//!   `xz -6` stream, of the launch VM with the semantic gap closed;
+//! - forage with dedup only, the semantic gap only, and both, each created by its own
+//!   process (`forage-bench overlay-create`) so its time, CPU and peak RSS are its own;
+//!   then `forage overlay apply` of the combined overlay, measured the same way.
+//!
+//! Apps: the debian-12 sample apps (`--image debian-12 --app ocr --app vision`), or on
+//! the tiny image the bench app (hashsearch with a data set it unpacks from a tarball,
+//! deletes, and preloads, as the paper's apps downloaded and deleted their packages).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
-use forage_agent::app::AppPackage;
 use forage_datadir::DataDir;
-use forage_synth::create::{CreateOptions, LaunchInput};
-use forage_synth::launch::{LaunchOptions, LaunchVm};
 use forage_synth::BaseVm;
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
-use crate::cli::BenchOverlayArgs;
-use crate::common::{bench_base, print_json};
+use crate::cli::{BenchOverlayArgs, OverlayCreateArgs};
+use crate::common::{bench_base, forage_exe, print_json};
+use crate::launch_cache::{self, Variant};
+use crate::measure::{self, Usage};
+use crate::peers::{self, Oracle, Sized};
 
-/// The bench's row (`--json`), every size in bytes.
+/// One forage overlay as its creating process reports it (`overlay-create --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedOverlay {
+    pub bytes: u64,
+    /// Of `bytes`, chunk segments apportioned by their memory and disk payload, and the
+    /// rest (header, manifest, device state).
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub other_bytes: u64,
+    pub manifest_bytes: u64,
+    pub modified_bytes: u64,
+    pub segments: u64,
+    pub refs: std::collections::BTreeMap<String, u64>,
+    pub free_by_source: std::collections::BTreeMap<String, u64>,
+    /// What ext4 introspection did (one line).
+    pub fs: String,
+}
+
+/// A forage variant in the table: what it made and what making it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantRow {
+    pub name: String,
+    pub overlay: CreatedOverlay,
+    pub create: Usage,
+}
+
+/// The bench's row for one app (`--json`), sizes in bytes.
 #[derive(Debug, Clone, Serialize)]
 pub struct OverlayBenchRow {
-    pub baseline_bytes: u64,
-    pub zstd_patch_bytes: u64,
-    pub baseline_on_semantic_vm_bytes: u64,
-    pub data_set_lzma_bytes: u64,
-    pub dedup_bytes: u64,
-    pub semantic_bytes: u64,
-    pub combined_bytes: u64,
+    pub image: String,
+    pub app: String,
+    pub debs: Option<usize>,
+    pub baseline: Sized,
+    pub zstd_patch: Sized,
+    pub oracle: Oracle,
+    pub forage: Vec<VariantRow>,
+    pub apply: Usage,
     pub modified_bytes: u64,
     pub modified_bytes_without_semantic_gap: u64,
-    pub create_mb_s: f64,
-    pub apply_mb_s: f64,
-    pub peak_rss_mb: f64,
+    pub combined_vs_oracle: f64,
     pub combined_vs_baseline: f64,
     pub combined_vs_zstd_patch: f64,
     pub codec: String,
     pub delta: String,
-    pub app_data_mib: u64,
-    pub refs: std::collections::BTreeMap<&'static str, u64>,
-    pub free_by_source: std::collections::BTreeMap<String, u64>,
+    /// `--big`: memory at scale.
+    pub big: Option<crate::big::BigRow>,
 }
 
 pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
-    for tool in ["xdelta3", "xz", "zstd", "tar", "qemu-img"] {
+    for tool in ["xdelta3", "xz", "zstd", "tar", "qemu-img", "nice"] {
         if Command::new(tool).arg("--version").output().is_err() {
             bail!("{tool} is needed by the bench: apt-get install xdelta3 xz-utils zstd tar qemu-utils");
         }
@@ -59,75 +86,22 @@ pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
             eprintln!("{s}");
         }
     };
-    let base = bench_base(data, &args.base, &say).await?;
+    let base_name = args.base.clone().unwrap_or_else(|| crate::common::default_base(&args.image));
+    let base = bench_base(data, &base_name, &args.image, &say).await?;
     let work = data.work().join(format!("bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app_dir = bench_app(&work, args.data_mib)?;
-        let app = AppPackage::open(&app_dir)?;
-        say("launch VM with the semantic gap closed ...");
-        let on =
-            forage_synth::build::build_launch(data, &base, &app, &LaunchOptions::default(), &work.join("on")).await?;
-        say("launch VM without (no TRIM, no free page reporting) ...");
-        let off_opts = LaunchOptions { semantic_disk: false, semantic_memory: false, ..LaunchOptions::default() };
-        let off = forage_synth::build::build_launch(data, &base, &app, &off_opts, &work.join("off")).await?;
-
-        say("baseline: xdelta3 + LZMA of whole images ...");
-        let baseline = delta_tool_bytes(&base, &off, &work, Tool::Xdelta3Lzma)?;
-        let baseline_on = delta_tool_bytes(&base, &on, &work, Tool::Xdelta3Lzma)?;
-        say("zstd --patch-from --long ...");
-        let zstd_patch = delta_tool_bytes(&base, &off, &work, Tool::ZstdPatch)?;
-
-        let opts = CreateOptions::named(&args.codec, args.level, &args.delta).map_err(anyhow::Error::msg)?;
-        let variant = |dedup: bool, semantic: bool| CreateOptions {
-            dedup,
-            semantic_disk: semantic,
-            semantic_memory: semantic,
-            ..opts.clone()
-        };
-        say("forage: dedup only, semantic only, combined ...");
-        let dedup = forage_synth::create::create(&base, &input(&off), &variant(true, false), &work.join("dedup.ovl"))?;
-        let semantic =
-            forage_synth::create::create(&base, &input(&on), &variant(false, true), &work.join("semantic.ovl"))?;
-        let t = Instant::now();
-        let combined =
-            forage_synth::create::create(&base, &input(&on), &variant(true, true), &work.join("combined.ovl"))?;
-        let create_s = t.elapsed().as_secs_f64();
-        let modified = combined.manifest.stats.modified_bytes;
-        let modified_off = off_modified(&base, &off)?;
-
-        let accel = forage_vm::accel::detect().accel;
-        let (_, applied) = forage_synth::apply::apply(&work.join("combined.ovl"), &base, &work.join("applied"), accel)?;
-        let apply_s = (applied.took - applied.base_copy).as_secs_f64();
-        let peak_rss_mb = peak_rss_kib() as f64 / 1024.0;
-        // The floor: the app's own data set, compressed alone as the segments are.
-        let floor = forage_format::SegmentCodec::Lzma { level: 6 }.compress(&dataset(args.data_mib << 20)).len() as u64;
-        let row = OverlayBenchRow {
-            baseline_bytes: baseline,
-            zstd_patch_bytes: zstd_patch,
-            baseline_on_semantic_vm_bytes: baseline_on,
-            data_set_lzma_bytes: floor,
-            dedup_bytes: dedup.bytes,
-            semantic_bytes: semantic.bytes,
-            combined_bytes: combined.bytes,
-            modified_bytes: modified,
-            modified_bytes_without_semantic_gap: modified_off,
-            create_mb_s: modified as f64 / 1e6 / create_s.max(1e-6),
-            apply_mb_s: modified as f64 / 1e6 / apply_s.max(1e-6),
-            peak_rss_mb,
-            combined_vs_baseline: combined.bytes as f64 / baseline as f64,
-            combined_vs_zstd_patch: combined.bytes as f64 / zstd_patch as f64,
-            codec: opts.codec.name().to_string(),
-            delta: format!("{:?}", opts.delta),
-            app_data_mib: args.data_mib,
-            refs: combined.manifest.ref_counts(),
-            free_by_source: combined.manifest.stats.free_by_source.clone(),
-        };
-        if args.json {
-            print_json(&row);
-        } else {
-            print_table(&row);
+        let apps = crate::common::bench_apps(&args.image, &args.app, &work, args.data_mib)?;
+        let mut rows = Vec::new();
+        for app in &apps {
+            let row = one_app(data, &base, &base_name, app, &args, &work, &say).await?;
+            if args.json {
+                print_json(&row);
+            } else {
+                print_row(&row);
+            }
+            rows.push(row);
         }
         Ok::<_, anyhow::Error>(())
     }
@@ -136,178 +110,229 @@ pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
     result
 }
 
-fn input(l: &LaunchVm) -> LaunchInput<'_> {
-    LaunchInput {
-        snapshot: &l.snapshot,
-        written_disk_chunks: &l.written_disk_chunks,
-        discarded_disk_chunks: &l.discarded_disk_chunks,
-        service: None,
-        accessed: None,
-    }
-}
+async fn one_app(
+    data: &DataDir,
+    base: &BaseVm,
+    base_name: &str,
+    app_dir: &Path,
+    args: &BenchOverlayArgs,
+    work: &Path,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<OverlayBenchRow> {
+    let on_v = Variant { semantic: true, drop_caches: args.drop_caches };
+    let off_v = Variant { semantic: false, drop_caches: args.drop_caches };
+    let on = launch_cache::launch_vm(data, base, app_dir, on_v, args.fresh, say).await?;
+    let off = launch_cache::launch_vm(data, base, app_dir, off_v, args.fresh, say).await?;
+    let app = on.app.name.clone();
 
-/// Modified bytes of a launch VM as forage counts them, without dropping anything.
-fn off_modified(base: &BaseVm, l: &LaunchVm) -> anyhow::Result<u64> {
-    let o = CreateOptions {
-        dedup: false,
-        semantic_disk: false,
-        semantic_memory: false,
-        codec: forage_format::SegmentCodec::None,
-        delta: None,
-        ..CreateOptions::default()
-    };
-    let p = std::env::temp_dir().join(format!("forage-bench-count-{}.ovl", std::process::id()));
-    let r = forage_synth::create::create(base, &input(l), &o, &p)?;
-    let _ = std::fs::remove_file(&p);
-    Ok(r.manifest.stats.modified_bytes)
-}
+    say(&format!("{app}: baseline (xdelta3 | xz -6), zstd --patch-from and the oracle, side by side ..."));
+    let scratch = work.join(format!("{app}-zstd"));
+    let (baseline, zstd_patch, oracle) = std::thread::scope(|s| {
+        let b = s.spawn(|| peers::baseline(base, &off));
+        let z = s.spawn(|| peers::zstd_patch(base, &off, &scratch));
+        let o = s.spawn(|| peers::oracle(base, &on));
+        let panicked = |_| anyhow::anyhow!("a peer's thread panicked");
+        let b = b.join().map_err(panicked)?;
+        let z = z.join().map_err(panicked)?;
+        let o = o.join().map_err(panicked)?;
+        Ok::<_, anyhow::Error>((b?, z?, o?))
+    })?;
+    say(&format!(
+        "  baseline {} bytes ({:.0} s), zstd {} bytes ({:.0} s), oracle {} bytes ({:.0} s)",
+        baseline.total(),
+        baseline.seconds,
+        zstd_patch.total(),
+        zstd_patch.seconds,
+        oracle.bytes,
+        oracle.seconds
+    ));
 
-#[derive(Clone, Copy)]
-enum Tool {
-    Xdelta3Lzma,
-    ZstdPatch,
-}
-
-/// Bytes of whole-image deltas of disk and memory made by an external tool.
-fn delta_tool_bytes(base: &BaseVm, l: &LaunchVm, work: &Path, tool: Tool) -> anyhow::Result<u64> {
-    let pairs = [
-        (base.disk_path(), l.snapshot.disk_paths()[0].clone(), "disk"),
-        (base.memory_path(), l.snapshot.memory_path(), "memory"),
-    ];
-    let mut total = 0;
-    for (src, target, name) in pairs {
-        let out = work.join(format!("{name}.delta"));
-        let status = match tool {
-            Tool::Xdelta3Lzma => {
-                let vc = work.join(format!("{name}.vcdiff"));
-                run_tool(
-                    Command::new("xdelta3")
-                        .args(["-e", "-9", "-f", "-S", "none", "-B", "536870912", "-s"])
-                        .arg(&src)
-                        .arg(&target)
-                        .arg(&vc),
-                )?;
-                let st = run_tool(Command::new("xz").args(["-6", "-k", "-f", "-T1"]).arg(&vc));
-                std::fs::rename(vc.with_extension("vcdiff.xz"), &out).ok();
-                let _ = std::fs::remove_file(&vc);
-                st
-            }
-            Tool::ZstdPatch => run_tool(
-                Command::new("zstd")
-                    .args(["-19", "--long=30", "-q", "-f", "-T1"])
-                    .arg(format!("--patch-from={}", src.display()))
-                    .arg(&target)
-                    .arg("-o")
-                    .arg(&out),
-            ),
+    let variants =
+        [("dedup only", &off, true, false), ("semantic gap only", &on, false, true), ("combined", &on, true, true)];
+    let mut forage = Vec::new();
+    for (name, launch, dedup, semantic) in variants {
+        say(&format!("{app}: forage, {name} ..."));
+        let out = work.join(format!("{app}-{}.ovl", name.replace(' ', "-")));
+        let create = OverlayCreateArgs {
+            launch: launch_cache::dir_of(launch),
+            base: base_name.to_string(),
+            output: out.clone(),
+            no_dedup: !dedup,
+            no_semantic: !semantic,
+            service: false,
+            codec: args.codec.clone(),
+            level: args.level,
+            delta: args.delta.clone(),
         };
-        status?;
-        total += std::fs::metadata(&out).with_context(|| out.display().to_string())?.len();
-        let _ = std::fs::remove_file(&out);
+        let m = measure::run(
+            Command::new(std::env::current_exe()?).arg("--data-dir").arg(data.root()).args(create.to_args()),
+        )?;
+        let overlay: CreatedOverlay = serde_json::from_slice(&m.stdout).context("overlay-create's report")?;
+        say(&format!(
+            "  {} bytes in {:.0} s ({:.1} cores), peak RSS {:.0} MB; {}",
+            overlay.bytes,
+            m.usage.wall_s,
+            m.usage.cores(),
+            m.usage.peak_rss_mb,
+            overlay.fs
+        ));
+        forage.push(VariantRow { name: name.to_string(), overlay, create: m.usage });
+        if name != "combined" {
+            let _ = std::fs::remove_file(&out);
+        }
     }
-    Ok(total)
+    say(&format!("{app}: forage overlay apply of the combined overlay ..."));
+    let applied = work.join(format!("{app}-applied"));
+    let combined_ovl = work.join(format!("{app}-combined.ovl"));
+    let m = measure::run(
+        Command::new(forage_exe()?)
+            .arg("--data-dir")
+            .arg(data.root())
+            .args(["overlay", "apply", "--json", "--base", base_name, "--out"])
+            .arg(&applied)
+            .arg(&combined_ovl),
+    )?;
+    let apply = m.usage;
+    let _ = std::fs::remove_dir_all(&applied);
+    let _ = std::fs::remove_file(&combined_ovl);
+
+    let big = if args.big { Some(crate::big::measure(data, base_name, &off, work, say)?) } else { None };
+    let combined = forage.iter().find(|v| v.name == "combined").expect("measured").overlay.clone();
+    let without = forage.iter().find(|v| v.name == "dedup only").expect("measured").overlay.modified_bytes;
+    Ok(OverlayBenchRow {
+        image: args.image.clone(),
+        app,
+        debs: on.debs.as_ref().map(|d| d.installed.len()),
+        combined_vs_oracle: combined.bytes as f64 / oracle.bytes.max(1) as f64,
+        combined_vs_baseline: combined.bytes as f64 / baseline.total().max(1) as f64,
+        combined_vs_zstd_patch: combined.bytes as f64 / zstd_patch.total().max(1) as f64,
+        baseline,
+        zstd_patch,
+        oracle,
+        forage,
+        apply,
+        modified_bytes: combined.modified_bytes,
+        modified_bytes_without_semantic_gap: without,
+        codec: args.codec.clone(),
+        delta: args.delta.clone(),
+        big,
+    })
 }
 
-fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr).trim());
+/// `forage-bench overlay-create`: one overlay of a kept launch VM, in its own process;
+/// prints a [`CreatedOverlay`].
+pub fn create_one(data: &DataDir, a: OverlayCreateArgs) -> anyhow::Result<()> {
+    let base = BaseVm::open(data, &a.base)?;
+    let launch = launch_cache::reopen(&a.launch)?;
+    let mut opts =
+        forage_synth::create::CreateOptions::named(&a.codec, a.level, &a.delta).map_err(anyhow::Error::msg)?;
+    opts.dedup = !a.no_dedup;
+    opts.semantic_disk = !a.no_semantic;
+    opts.semantic_memory = !a.no_semantic;
+    let mut input = launch_cache::input(&launch);
+    if a.service {
+        let app = &launch.app;
+        input.service =
+            Some(forage_format::manifest::Service { name: app.name.clone(), port: app.port, probe: app.probe.clone() });
     }
+    let r = forage_synth::create::create(&base, &input, &opts, &a.output)?;
+    let m = &r.manifest;
+    let split = forage_synth::create::bytes_by_space(m);
+    let manifest_bytes = r.bytes - m.segments_bytes();
+    let report = CreatedOverlay {
+        bytes: r.bytes,
+        memory_bytes: split.memory,
+        disk_bytes: split.disk,
+        other_bytes: r.bytes - split.memory - split.disk,
+        manifest_bytes,
+        modified_bytes: m.stats.modified_bytes,
+        segments: m.segments.len() as u64,
+        refs: m.ref_counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        free_by_source: m.stats.free_by_source.clone(),
+        fs: r.fs.to_string(),
+    };
+    print_json(&report);
     Ok(())
 }
 
-/// The bench app: hashsearch shipped with a data set in a tarball that the install step
-/// unpacks and deletes, and that the service preloads into memory.
-pub fn bench_app(work: &Path, data_mib: u64) -> anyhow::Result<PathBuf> {
-    let sample = forage_image::locate_guest_binary("apps/hashsearch")?;
-    let dir = work.join("app");
-    let stage = work.join("payload");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::create_dir_all(&stage)?;
-    std::fs::copy(sample.join("hashsearch"), dir.join("hashsearch"))?;
-    std::fs::write(stage.join("data.bin"), dataset(data_mib << 20))?;
-    run_tool(Command::new("tar").arg("czf").arg(dir.join("payload.tar.gz")).arg("-C").arg(&stage).arg("data.bin"))?;
-    std::fs::write(
-        dir.join("app.json"),
-        json!({
-            "format": 1, "name": "hashsearch-bench", "port": 8080,
-            "install": ["sh", "-c", "tar xzf payload.tar.gz && rm payload.tar.gz"],
-            "start": ["./hashsearch", "8080", "--preload", "data.bin"],
-            "probe": "search bench 12",
-        })
-        .to_string(),
-    )?;
-    Ok(dir)
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
 }
 
-/// A deterministic data set that compresses like text (about 3:1).
-fn dataset(len: u64) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "cloudlet",
-        "overlay",
-        "synthesis",
-        "handoff",
-        "edge",
-        "vm",
-        "base",
-        "chunk",
-        "segment",
-        "delta",
-        "mobile",
-        "offload",
-        "latency",
-        "fluid",
-        "object",
-        "speech",
-        "face",
-    ];
-    let mut out = Vec::with_capacity(len as usize);
-    let mut x: u64 = 0x2545F4914F6CDD1D;
-    while (out.len() as u64) < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
-        out.extend_from_slice(format!(" {} ", x % 10_000).as_bytes());
+fn print_row(r: &OverlayBenchRow) {
+    let base = r.baseline.total().max(1) as f64;
+    println!(
+        "overlay size (Figure 6), image {} + app {}{}: modified state {:.0} MiB ({:.0} MiB without the semantic gap); segments {}, delta {}",
+        r.image,
+        r.app,
+        r.debs.map(|n| format!(" ({n} Debian packages)")).unwrap_or_default(),
+        mib(r.modified_bytes),
+        mib(r.modified_bytes_without_semantic_gap),
+        r.codec,
+        r.delta
+    );
+    println!(
+        "  {:<36} {:>11} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>8}",
+        "approach", "bytes", "memory", "disk", "other", "%base", "create s", "cores", "RSS MB"
+    );
+    let line = |name: &str, total: u64, mem: Option<u64>, disk: Option<u64>, other: Option<u64>, u: Option<Usage>| {
+        let f = |v: Option<u64>| v.map(|v| format!("{:.1}M", mib(v))).unwrap_or_else(|| "-".into());
+        let (t, c, rss) = match u {
+            Some(u) => (format!("{:.0}", u.wall_s), format!("{:.1}", u.cores()), format!("{:.0}", u.peak_rss_mb)),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "  {name:<36} {total:>11} {:>9} {:>9} {:>9} {:>6.1}% {t:>8} {c:>6} {rss:>8}",
+            f(mem),
+            f(disk),
+            f(other),
+            100.0 * total as f64 / base
+        );
+    };
+    line("baseline: xdelta3 | xz -6", r.baseline.total(), Some(r.baseline.memory), Some(r.baseline.disk), None, None);
+    line(
+        "zstd --patch-from --long -19",
+        r.zstd_patch.total(),
+        Some(r.zstd_patch.memory),
+        Some(r.zstd_patch.disk),
+        None,
+        None,
+    );
+    line("oracle: dedup, ext4 free out, one xz -6", r.oracle.bytes, None, None, None, None);
+    for v in &r.forage {
+        let o = &v.overlay;
+        line(
+            &format!("forage, {}", v.name),
+            o.bytes,
+            Some(o.memory_bytes),
+            Some(o.disk_bytes),
+            Some(o.other_bytes),
+            Some(v.create),
+        );
     }
-    out.truncate(len as usize);
-    out
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
-        .unwrap_or(0)
-}
-
-fn print_table(r: &OverlayBenchRow) {
-    let b = r.baseline_bytes.max(1) as f64;
-    let row = |name: &str, v: u64| println!("  {name:<34} {:>12} bytes  {:>6.1}% of baseline", v, 100.0 * v as f64 / b);
+    let mark = |ok: bool| if ok { "met" } else { "missed" };
     println!(
-        "overlay size (Figure 6), bench app with a {} MiB data set, {} segments, delta {}:",
-        r.app_data_mib, r.codec, r.delta
-    );
-    row("baseline: xdelta3 + LZMA", r.baseline_bytes);
-    row("zstd --patch-from --long -19", r.zstd_patch_bytes);
-    row("forage, dedup only", r.dedup_bytes);
-    row("forage, semantic gap only", r.semantic_bytes);
-    row("forage, combined", r.combined_bytes);
-    row("(xdelta3 + LZMA of the semantic-gap VM)", r.baseline_on_semantic_vm_bytes);
-    row("(the app's data set alone, LZMA)", r.data_set_lzma_bytes);
-    println!(
-        "  modified state: {} bytes ({} without closing the semantic gap)",
-        r.modified_bytes, r.modified_bytes_without_semantic_gap
+        "  combined / oracle {:.3} (target <= 0.9: {}); / baseline {:.3} (<= 0.40: {}); / zstd --patch-from {:.3} (<= 0.60: {})",
+        r.combined_vs_oracle,
+        mark(r.combined_vs_oracle <= 0.9),
+        r.combined_vs_baseline,
+        mark(r.combined_vs_baseline <= 0.4),
+        r.combined_vs_zstd_patch,
+        mark(r.combined_vs_zstd_patch <= 0.6)
     );
     println!(
-        "  combined / baseline {:.3} (target <= 0.20); combined / zstd-patch {:.3} (target < 1)",
-        r.combined_vs_baseline, r.combined_vs_zstd_patch
+        "  oracle: {} memory + {} disk unique chunks, {} modified chunks dropped as ext4 free; {:.0} s",
+        r.oracle.memory_chunks, r.oracle.disk_chunks, r.oracle.ext4_free_chunks, r.oracle.seconds
     );
     println!(
-        "  create {:.1} MB/s, apply {:.1} MB/s of modified state (target >= 100), peak RSS {:.0} MB",
-        r.create_mb_s, r.apply_mb_s, r.peak_rss_mb
+        "  apply (forage overlay apply, combined): {:.1} s, peak RSS {:.0} MB; peers took baseline {:.0} s, zstd {:.0} s",
+        r.apply.wall_s, r.apply.peak_rss_mb, r.baseline.seconds, r.zstd_patch.seconds
     );
-    println!("  references: {:?}", r.refs);
-    println!("  free chunks by source: {:?}", r.free_by_source);
+    if let Some(c) = r.forage.iter().find(|v| v.name == "combined") {
+        println!("  combined: references {:?}; free chunks by source {:?}", c.overlay.refs, c.overlay.free_by_source);
+        println!("  combined: {}", c.overlay.fs);
+    }
+    if let Some(b) = &r.big {
+        crate::big::print(b);
+    }
 }

@@ -73,12 +73,12 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
             eprintln!("{s}");
         }
     };
-    let base = bench_base(data, &args.base, &say).await?;
+    let base = bench_base(data, &args.base, forage_image::TINY, &say).await?;
     let work = data.work().join(format!("bench-provision-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let result = async {
-        let app = crate::overlay::bench_app(&work, 0)?;
+        let app = crate::bench_app::bench_app(&work, 0)?;
         let exe = forage_exe()?;
         let forage = |args: &[&str]| -> anyhow::Result<()> {
             let out = std::process::Command::new(&exe).arg("--data-dir").arg(data.root()).args(args).stdout(Stdio::null()).output()?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use forage_datadir::DataDir;
 use forage_proto::ErrorCode;
+use forage_vm::cpu::{CpuProbeError, HostCpu};
 use forage_vm::Accel;
 use tokio::net::TcpStream;
 
@@ -56,6 +57,8 @@ pub struct Cloudlet {
     pub(crate) pairing_guard: forage_trust::PairingGuard,
     /// Handoffs sent from here, as they run (and the last few that ended).
     pub handoffs: Arc<crate::handoff::HandoffBoard>,
+    /// The CPU models this host's QEMU gives under `accel` (asked at the first offer).
+    pub(crate) host_cpu: std::sync::OnceLock<Result<HostCpu, Arc<CpuProbeError>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,7 @@ impl Cloudlet {
             fetch_policy: Default::default(),
             pairing_guard: Default::default(),
             handoffs: Default::default(),
+            host_cpu: Default::default(),
         })
     }
 

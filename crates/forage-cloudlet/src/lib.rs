@@ -13,6 +13,7 @@
 
 mod cache;
 mod cloudlet;
+mod cpu;
 mod error;
 mod faults;
 mod handoff;

@@ -93,8 +93,9 @@ async fn run(
         .collect();
     // The signature first: whether this cloudlet has an overlay's launch VM cached is not
     // told (nor is the VM started) for an overlay it would refuse.
-    if let Some((offer, _)) = chosen {
+    if let Some((offer, base)) = chosen {
         synthesis::check_signature(cloudlet, offer)?;
+        crate::cpu::check_base(cloudlet, base)?;
     }
     let cached = chosen.and_then(|(o, _)| cloudlet.cache.lookup(&o.overlay_digest));
     let welcome = DeviceMessage::Welcome {

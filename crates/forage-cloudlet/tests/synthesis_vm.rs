@@ -150,6 +150,7 @@ async fn fixture() -> Fixture {
         snapshot: &lv.snapshot,
         written_disk_chunks: &lv.written_disk_chunks,
         discarded_disk_chunks: &lv.discarded_disk_chunks,
+        checkpoint: lv.checkpoint,
         service: Some(forage_format::manifest::Service {
             name: "hashsearch".into(),
             port: app.manifest().port,

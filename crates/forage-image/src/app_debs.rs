@@ -54,7 +54,7 @@ pub enum AppDebsError {
 }
 
 /// What an installation did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DebsInstalled {
     /// The packages the app asked for.
     pub requested: Vec<String>,

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forage_format::{BlobEncoding, ChunkRef, Manifest, OverlayReader, SegmentKind, Space, CHUNK_SIZE};
+use forage_vm::cpu::CpuNeeds;
 use forage_vm::snapshot::{
     FileRecord, SnapshotManifest, StateRecord, MANIFEST_FILE, MEMORY_FILE, SNAPSHOT_FORMAT, SNAPSHOT_KIND, STATE_FILE,
 };
@@ -237,6 +238,20 @@ pub(crate) fn write_chunks<R: std::io::Read>(
         return Err(ov(forage_format::FormatError::corrupt("no device state segment")));
     }
     Ok(Written { manifest: m, segments, free_chunks, decompress })
+}
+
+/// What an overlay's `vm` records: the launch VM's spec and the accelerator it was saved
+/// under.
+#[derive(serde::Deserialize)]
+struct LaunchRecord {
+    spec: VmSpec,
+    accel: Accel,
+}
+
+/// The CPU model and accelerator the overlay's launch VM needs (from its `vm` record).
+pub fn cpu_needs(m: &Manifest) -> Result<CpuNeeds, serde_json::Error> {
+    let r: LaunchRecord = serde_json::from_value(m.vm.clone())?;
+    Ok(CpuNeeds::of(&r.spec, r.accel))
 }
 
 /// The launch VM's spec: the base's hardware (its boot files are this host's), with the

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use forage_datadir::DataDir;
 use forage_image::{GuestImage, RunPaths};
+use forage_vm::cpu::CpuNeeds;
 use forage_vm::{Accel, Snapshot};
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,9 @@ use crate::index::ChunkIndex;
 use crate::SynthError;
 
 pub const BASE_KIND: &str = "forage-base";
-pub const BASE_FORMAT: u32 = 1;
+/// 2: `cpu` recorded. Format 1 bases (without it) are read, their needs taken from the
+/// snapshot's description.
+pub const BASE_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +31,9 @@ pub struct BaseManifest {
     pub memory_size: u64,
     pub disk_size: u64,
     pub indexed_chunks: u64,
+    /// The CPU model and accelerator VMs of this base (and its overlays) need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuNeeds>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +64,13 @@ impl BaseVm {
             });
         }
         let snapshot = Snapshot::open(&dir.join("snapshot"))?;
+        let m = snapshot.manifest();
+        if manifest.cpu.as_ref().is_some_and(|c| *c != CpuNeeds::of(&m.spec, m.accel)) {
+            return Err(SynthError::BadFile {
+                path,
+                detail: "its CPU record differs from its snapshot's CPU model and accelerator".into(),
+            });
+        }
         Ok(Self { dir: dir.to_path_buf(), manifest, snapshot })
     }
 
@@ -127,6 +140,15 @@ impl BaseVm {
         &self.snapshot
     }
 
+    /// The CPU model and accelerator this base's VMs need (a format 1 base's, from its
+    /// snapshot: the same facts).
+    pub fn cpu_needs(&self) -> CpuNeeds {
+        self.manifest.cpu.clone().unwrap_or_else(|| {
+            let m = self.snapshot.manifest();
+            CpuNeeds::of(&m.spec, m.accel)
+        })
+    }
+
     pub fn memory_path(&self) -> PathBuf {
         self.snapshot.memory_path()
     }
@@ -173,6 +195,7 @@ pub fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Resul
         memory_size: m.memory.size,
         disk_size: m.disks[0].size,
         indexed_chunks: index.len() as u64,
+        cpu: Some(CpuNeeds::of(&m.spec, m.accel)),
     };
     let p = dir.join("base.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(p.clone()))?;

@@ -75,42 +75,55 @@ pub async fn build_overlay(
         if let Some(debs) = &launch.debs {
             progress(&format!("  {debs}"));
         }
-        let profile = match req.order {
-            BlobOrder::Access => {
-                progress("profiling a resume of the launch VM up to its first response ...");
-                Some(
-                    crate::profile::profile_access(
-                        data,
-                        &launch.snapshot,
-                        &launch.app,
-                        forage_vm::accel::detect().accel,
-                        &work,
-                    )
-                    .await?,
-                )
-            }
-            BlobOrder::Offset => None,
-        };
-        let launch_time = t.elapsed();
-        let input = LaunchInput {
-            snapshot: &launch.snapshot,
-            written_disk_chunks: &launch.written_disk_chunks,
-            discarded_disk_chunks: &launch.discarded_disk_chunks,
-            service: Some(Service {
-                name: launch.app.name.clone(),
-                port: launch.app.port,
-                probe: launch.app.probe.clone(),
-            }),
-            accessed: profile.as_ref().map(|p| (&p.memory[..], &p.disk[..])),
-        };
-        progress("writing the overlay ...");
-        let report = crate::create::create(&base, &input, &req.options, &req.output)?;
-        let signer = sign_overlay(data, &req.output)?;
+        let (report, signer) =
+            overlay_of_launch(data, &base, &launch, &req.options, req.order, &req.output, &work, progress).await?;
+        // The launch VM and the profiling resume: all but the overlay's writing.
+        let launch_time = t.elapsed().saturating_sub(report.took);
         Ok(OverlayBuild { report, launch: launch_time, signer })
     }
     .await;
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// The overlay of a launch VM already built: profile its first response (in `order`
+/// `Access`; scratch in `work`), write the overlay at `output` and sign it.
+#[allow(clippy::too_many_arguments)]
+pub async fn overlay_of_launch(
+    data: &DataDir,
+    base: &BaseVm,
+    launch: &LaunchVm,
+    options: &CreateOptions,
+    order: BlobOrder,
+    output: &Path,
+    work: &Path,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(CreateReport, String), SynthError> {
+    let profile = match order {
+        BlobOrder::Access => {
+            progress("profiling a resume of the launch VM up to its first response ...");
+            let accel = forage_vm::accel::detect().accel;
+            Some(crate::profile::profile_access(data, &launch.snapshot, &launch.app, accel, work).await?)
+        }
+        BlobOrder::Offset => None,
+    };
+    let input = LaunchInput {
+        snapshot: &launch.snapshot,
+        written_disk_chunks: &launch.written_disk_chunks,
+        discarded_disk_chunks: &launch.discarded_disk_chunks,
+        checkpoint: launch.checkpoint,
+        service: Some(Service {
+            name: launch.app.name.clone(),
+            port: launch.app.port,
+            probe: launch.app.probe.clone(),
+        }),
+        accessed: profile.as_ref().map(|p| (&p.memory[..], &p.disk[..])),
+    };
+    progress("writing the overlay ...");
+    let report = crate::create::create(base, &input, options, output)?;
+    progress(&format!("  {}", report.fs));
+    let signer = sign_overlay(data, output)?;
+    Ok((report, signer))
 }
 
 /// This host's signing key (made the first time it is needed).

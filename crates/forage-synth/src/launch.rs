@@ -28,6 +28,7 @@ use forage_vm::qga::GuestAgent;
 use forage_vm::{Accel, DiskFormat, RestoreOptions, Snapshot, Vm};
 
 use crate::base::BaseVm;
+use crate::ext4::Checkpoint;
 use crate::{run_tool, SynthError};
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct LaunchOptions {
     /// Longest wait for free page reporting to settle.
     pub settle: Duration,
     pub app_ready: Duration,
+    /// Drop the guest's clean page cache, dentries and inodes before the save.
+    pub drop_caches: bool,
 }
 
 impl Default for LaunchOptions {
@@ -46,6 +49,7 @@ impl Default for LaunchOptions {
             semantic_memory: true,
             settle: Duration::from_secs(10),
             app_ready: Duration::from_secs(120),
+            drop_caches: false,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct LaunchVm {
     pub install_time: Duration,
     /// The app's Debian packages installed in the guest, if it names any.
     pub debs: Option<DebsInstalled>,
+    /// What is known of the disk's file system at the save (for ext4 introspection).
+    pub checkpoint: Checkpoint,
 }
 
 /// Build a launch VM from `base` and `app` in `work` (created; the caller removes it).
@@ -76,10 +82,13 @@ pub async fn build(
     let run = work.join("run");
     DataDir::ensure(&run)?;
     let layer = run.join("disk0.qcow2");
+    // qemu-img resolves a relative backing file against the layer's folder: name it absolutely.
+    let backing =
+        std::fs::canonicalize(base.disk_path()).map_err(|source| SynthError::Io { path: base.disk_path(), source })?;
     run_tool(
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-F", "raw", "-b"])
-            .arg(base.disk_path())
+            .arg(&backing)
             .arg(&layer),
     )?;
     let qmp = data.runtime_dir()?.join(format!("launch-{}.qmp", std::process::id()));
@@ -133,27 +142,23 @@ pub async fn build(
     if opts.semantic_memory {
         settle_reporting(&vm.spec().memory_file, opts.settle).await;
     }
-    // Last step before the save: flush the file system completely so its on-disk bitmaps
-    // are current (ext4 introspection reads them); the save follows at once. Residual risk:
-    // a block the app allocates and writes back in the few milliseconds between the thaw
-    // and the QMP stop has its bitmap update only in the journal, and would be dropped as
-    // free. Keeping the file system frozen across the stop (thawed after resume) closes it.
-    match qga.as_mut() {
-        Some(ga) => {
-            ga.fsfreeze_freeze().await?;
-            ga.fsfreeze_thaw().await?;
-        }
-        None => tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
+    if opts.drop_caches {
+        tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
             let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
-            agent.exec_ok(
-                &["sh", "-c", "sync && fsfreeze --freeze /data && fsfreeze --unfreeze /data"],
-                Duration::from_secs(60),
-            )?;
+            agent.exec_ok(&["sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches"], Duration::from_secs(120))?;
             Ok(())
         })
         .await
-        .expect("flush does not panic")?,
+        .expect("drop caches does not panic")?;
+        if opts.semantic_memory {
+            settle_reporting(&vm.spec().memory_file, opts.settle).await;
+        }
     }
+    // Last step before the save: freeze the file system (its on-disk state complete, the
+    // journal checkpointed), let QEMU record disk writes from then on, thaw, stop the VM.
+    // The save follows; ext4 introspection trusts the bitmaps only if nothing but the
+    // thaw's superblock reached the disk after the freeze (`ext4::Checkpoint`).
+    let checkpoint = freeze_thaw_stop(&vm, qga.as_mut(), agent_addr).await?;
     drop(qga);
     let install_time = start.elapsed();
     let mut snapshot = vm.save(&work.join("snapshot")).await?;
@@ -169,12 +174,62 @@ pub async fn build(
     let _ = std::fs::remove_dir_all(&run);
     Ok(LaunchVm {
         snapshot: Snapshot::open(&work.join("snapshot"))?,
+        checkpoint,
         written_disk_chunks: written,
         discarded_disk_chunks: discarded,
         app: app.manifest().clone(),
         install_time,
         debs,
     })
+}
+
+/// Freeze the disk's file system, start QEMU's dirty bitmap on the disk, thaw, stop the VM
+/// and count the chunks written since the freeze; a few attempts when more than the
+/// thaw's own superblock write got through (the guest runs between the thaw and the stop).
+async fn freeze_thaw_stop(
+    vm: &Vm,
+    mut qga: Option<&mut GuestAgent>,
+    agent_addr: SocketAddr,
+) -> Result<Checkpoint, SynthError> {
+    const ATTEMPTS: usize = 3;
+    const BITMAP: &str = "forage-freeze";
+    let node = forage_vm::dirty::disk_node(0);
+    let agent = |cmd: &'static [&'static str]| async move {
+        tokio::task::spawn_blocking(move || -> Result<(), SynthError> {
+            let mut agent = AgentClient::connect(agent_addr, Duration::from_secs(60))?;
+            agent.exec_ok(cmd, Duration::from_secs(120))?;
+            Ok(())
+        })
+        .await
+        .expect("agent call does not panic")
+    };
+    let mut written = u64::MAX;
+    for attempt in 1..=ATTEMPTS {
+        match qga.as_deref_mut() {
+            Some(ga) => {
+                ga.fsfreeze_freeze().await?;
+            }
+            None => agent(&["sh", "-c", "sync && fsfreeze --freeze /data"]).await?,
+        }
+        let started = vm.dirty_bitmap_start(&node, BITMAP, CHUNK_SIZE as u32).await;
+        match qga.as_deref_mut() {
+            Some(ga) => {
+                ga.fsfreeze_thaw().await?;
+            }
+            None => agent(&["fsfreeze", "--unfreeze", "/data"]).await?,
+        }
+        started?;
+        vm.pause().await?;
+        written = vm.dirty_bitmap_units(&node, BITMAP).await?;
+        vm.dirty_bitmap_stop(&node, BITMAP).await?;
+        if written <= 1 || attempt == ATTEMPTS {
+            break;
+        }
+        tracing::info!(written, attempt, "disk written between the freeze and the stop; again");
+        vm.resume().await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(Checkpoint::Frozen { chunks_written_after: written })
 }
 
 /// Until the service answers: its probe through the forwarded port (the answer must be

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use forage_format::{DeltaCodec, Manifest, SegmentCodec};
 
+use crate::ext4::NotCheckpointed;
+
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
     pub dedup: bool,
@@ -54,4 +56,33 @@ pub struct CreateReport {
     pub manifest: Manifest,
     pub bytes: u64,
     pub took: Duration,
+    /// What the disk's semantic gap made of its file system.
+    pub fs: FsIntrospection,
+}
+
+/// What ext4 introspection did for the disk's semantic gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsIntrospection {
+    /// The disk's semantic gap is off.
+    Off,
+    /// The disk holds no ext file system forage reads: nothing dropped by introspection.
+    NotExt4,
+    /// Not known to be checkpointed: nothing dropped by introspection, and why.
+    Skipped(NotCheckpointed),
+    /// Modified chunks found free in the bitmaps, and in the empty journal.
+    Used { free_chunks: u64, journal_chunks: u64 },
+}
+
+impl std::fmt::Display for FsIntrospection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsIntrospection::Off => f.write_str("ext4 introspection off (no disk semantic gap)"),
+            FsIntrospection::NotExt4 => f.write_str("ext4 introspection: no ext file system on the disk"),
+            FsIntrospection::Skipped(why) => write!(f, "ext4 introspection skipped, nothing dropped as free: {why}"),
+            FsIntrospection::Used { free_chunks, journal_chunks } => write!(
+                f,
+                "ext4 introspection (file system checkpointed): {free_chunks} modified chunks free, {journal_chunks} in the empty journal"
+            ),
+        }
+    }
 }

@@ -25,11 +25,13 @@ use forage_format::{
     Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, Segment, SegmentCodec, SegmentKind, Space, Stats,
     CHUNK_SIZE,
 };
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::base::BaseVm;
+use crate::ext4::{Checkpoint, Introspection};
 use crate::index::{for_each_chunk, sha256};
-use crate::options::{CreateOptions, CreateReport};
+use crate::options::{CreateOptions, CreateReport, FsIntrospection};
 use crate::SynthError;
 
 /// Where free chunks were found, by the semantic gap (`trim`, `ext4`, `reported`, ...).
@@ -176,7 +178,7 @@ pub(crate) fn write(
     match result {
         Ok((manifest, bytes)) => {
             std::fs::rename(&partial, out).map_err(io_err(out))?;
-            Ok(CreateReport { manifest, bytes, took: start.elapsed() })
+            Ok(CreateReport { manifest, bytes, took: start.elapsed(), fs: FsIntrospection::Off })
         }
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
@@ -211,42 +213,48 @@ fn write_partial(
     let files = [File::open(src.memory).map_err(io_err(src.memory))?, File::open(src.disk).map_err(io_err(src.disk))?];
     let base_files = [File::open(&b_mem).map_err(io_err(&b_mem))?, File::open(&b_disk).map_err(io_err(&b_disk))?];
     let mut blobs = vec![Blob { segment: 0, offset: 0, len: 0, encoding: BlobEncoding::Raw }; pending.len()];
-    let mut seg_buf: Vec<u8> = Vec::with_capacity(opts.segment_bytes + CHUNK_SIZE);
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    let mut base_buf = vec![0u8; CHUNK_SIZE];
-    for id in order_ids {
+    // Blobs are encoded (read, delta) and segments compressed on every core, a batch at a
+    // time: a batch is a few segments' worth of blobs, so memory stays a few segments.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let batch = (2 * cores * opts.segment_bytes / CHUNK_SIZE).max(1);
+    let encode = |id: u32| -> Result<(Vec<u8>, BlobEncoding), SynthError> {
         let p = &pending[id as usize];
         let si = slot(p.space);
+        let mut buf = vec![0u8; CHUNK_SIZE];
         read_chunk(&files[si], p.index, &mut buf).map_err(io_err(src.label))?;
-        let (payload, encoding) = match opts.delta {
-            Some(codec) => {
-                read_chunk(&base_files[si], p.index, &mut base_buf).map_err(io_err(base.dir()))?;
-                let d = codec.encode(&base_buf, &buf);
-                if packed_size(&d) < packed_size(&buf) {
-                    (d, BlobEncoding::Delta { codec, space: p.space, index: p.index })
-                } else {
-                    (buf.clone(), BlobEncoding::Raw)
-                }
+        let Some(codec) = opts.delta else { return Ok((buf, BlobEncoding::Raw)) };
+        let mut base_buf = vec![0u8; CHUNK_SIZE];
+        read_chunk(&base_files[si], p.index, &mut base_buf).map_err(io_err(base.dir()))?;
+        let d = codec.encode(&base_buf, &buf);
+        Ok(if packed_size(&d) < packed_size(&buf) {
+            (d, BlobEncoding::Delta { codec, space: p.space, index: p.index })
+        } else {
+            (buf, BlobEncoding::Raw)
+        })
+    };
+    let mut seg_buf: Vec<u8> = Vec::with_capacity(opts.segment_bytes + CHUNK_SIZE);
+    let mut full: Vec<Vec<u8>> = Vec::new();
+    let mut ids = order_ids.into_iter().peekable();
+    while ids.peek().is_some() {
+        let todo: Vec<u32> = ids.by_ref().take(batch).collect();
+        let encoded: Vec<(Vec<u8>, BlobEncoding)> = todo.par_iter().map(|&id| encode(id)).collect::<Result<_, _>>()?;
+        for (&id, (payload, encoding)) in todo.iter().zip(encoded) {
+            match encoding {
+                BlobEncoding::Raw => stats.blobs_raw += 1,
+                BlobEncoding::Delta { .. } => stats.blobs_delta += 1,
             }
-            None => (buf.clone(), BlobEncoding::Raw),
-        };
-        match encoding {
-            BlobEncoding::Raw => stats.blobs_raw += 1,
-            BlobEncoding::Delta { .. } => stats.blobs_delta += 1,
+            let segment = (segments.len() + full.len()) as u32;
+            blobs[id as usize] = Blob { segment, offset: seg_buf.len() as u32, len: payload.len() as u32, encoding };
+            seg_buf.extend_from_slice(&payload);
+            stats.delta_bytes += payload.len() as u64;
+            if seg_buf.len() >= opts.segment_bytes {
+                full.push(std::mem::replace(&mut seg_buf, Vec::with_capacity(opts.segment_bytes + CHUNK_SIZE)));
+            }
         }
-        blobs[id as usize] =
-            Blob { segment: segments.len() as u32, offset: seg_buf.len() as u32, len: payload.len() as u32, encoding };
-        seg_buf.extend_from_slice(&payload);
-        stats.delta_bytes += payload.len() as u64;
-        if seg_buf.len() >= opts.segment_bytes {
-            push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf)
-                .map_err(io_err(seg_tmp))?;
-            seg_buf.clear();
+        if ids.peek().is_none() && !seg_buf.is_empty() {
+            full.push(std::mem::take(&mut seg_buf));
         }
-    }
-    if !seg_buf.is_empty() {
-        push_segment(&mut seg_file, &mut segments, SegmentKind::Chunks, opts.codec, &seg_buf)
-            .map_err(io_err(seg_tmp))?;
+        push_segments(&mut seg_file, &mut segments, opts.codec, &mut full).map_err(io_err(seg_tmp))?;
     }
     seg_file.flush().map_err(io_err(seg_tmp))?;
     drop(seg_file);
@@ -280,6 +288,28 @@ fn write_partial(
         .sync_all()
         .map_err(io_err(partial))?;
     Ok((manifest, bytes))
+}
+
+/// Compress the chunk segments `raw` (in parallel), append them to `out` in order, and
+/// empty `raw`.
+fn push_segments(
+    out: &mut impl Write,
+    segments: &mut Vec<Segment>,
+    codec: SegmentCodec,
+    raw: &mut Vec<Vec<u8>>,
+) -> std::io::Result<()> {
+    let compressed: Vec<Vec<u8>> = raw.par_iter().map(|r| codec.compress(r)).collect();
+    for (r, c) in raw.drain(..).zip(compressed) {
+        out.write_all(&c)?;
+        segments.push(Segment {
+            kind: SegmentKind::Chunks,
+            codec,
+            compressed_len: c.len() as u64,
+            raw_len: r.len() as u64,
+            sha256: hex::encode(Sha256::digest(&c)),
+        });
+    }
+    Ok(())
 }
 
 fn push_segment(
@@ -380,16 +410,34 @@ pub(crate) fn mark_reported_free(
 }
 
 /// Semantic gap, disk: those of `candidates` in blocks the disk's ext4 file system has
-/// free are free, `ext4` (unless already known free otherwise).
-pub(crate) fn mark_ext4_free(disk: &Path, candidates: &[u64], free: &mut FreeMap) -> Result<(), SynthError> {
-    if let Some(fs_free) = crate::ext4::free_chunks(disk, CHUNK_SIZE as u64).map_err(io_err(disk))? {
-        for &i in candidates {
-            if fs_free.get(i as usize).copied().unwrap_or(false) {
-                free.entry((Space::Disk, i)).or_insert("ext4");
-            }
+/// free are free, `ext4`, and those in its empty journal `journal` (unless already known
+/// free otherwise) - only when the file system is known checkpointed (`checkpoint`).
+pub(crate) fn mark_ext4_free(
+    disk: &Path,
+    candidates: &[u64],
+    checkpoint: Checkpoint,
+    free: &mut FreeMap,
+) -> Result<FsIntrospection, SynthError> {
+    let found = crate::ext4::introspect(disk, CHUNK_SIZE as u64, checkpoint).map_err(io_err(disk))?;
+    let fs = match found {
+        Introspection::NotExt4 => return Ok(FsIntrospection::NotExt4),
+        Introspection::Skipped(why) => {
+            tracing::warn!("ext4 introspection skipped: {why}");
+            return Ok(FsIntrospection::Skipped(why));
+        }
+        Introspection::Known(fs) => fs,
+    };
+    let (mut free_chunks, mut journal_chunks) = (0, 0);
+    for &i in candidates {
+        if fs.is_free(i) {
+            free.entry((Space::Disk, i)).or_insert("ext4");
+            free_chunks += 1;
+        } else if fs.is_dead_journal(i) {
+            free.entry((Space::Disk, i)).or_insert("journal");
+            journal_chunks += 1;
         }
     }
-    Ok(())
+    Ok(FsIntrospection::Used { free_chunks, journal_chunks })
 }
 
 /// Chunks that are wholly holes in `f`.

@@ -28,7 +28,8 @@ use forage_vm::{Accel, Snapshot};
 
 use crate::apply::{apply_into, check_base, write_chunks};
 use crate::base::BaseVm;
-use crate::create::{CreateOptions, CreateReport};
+use crate::create::{CreateOptions, CreateReport, FsIntrospection};
+use crate::ext4::Checkpoint;
 use crate::pack::{self, differing, io_err, mark_ext4_free, mark_reported_free, FreeMap, Head, Source};
 use crate::package::short;
 use crate::SynthError;
@@ -99,8 +100,11 @@ pub fn create_residue(
     if opts.semantic_memory {
         mark_reported_free(&i_mem, mem_size, &memory, &mut free)?;
     }
+    // The instance was saved running, its file system mounted and not frozen: only an
+    // image that shows itself checkpointed is introspected.
+    let mut fs = FsIntrospection::Off;
     if opts.semantic_disk {
-        mark_ext4_free(&i_disk, &disk, &mut free)?;
+        fs = mark_ext4_free(&i_disk, &disk, Checkpoint::Unknown, &mut free)?;
     }
     let state = instance.state_path();
     let src = Source { memory: &i_mem, disk: &i_disk, state: &state, label: instance.dir() };
@@ -114,7 +118,8 @@ pub fn create_residue(
         vm: parent.vm.clone(),
         service: parent.service.clone(),
     };
-    pack::write(base, &src, classified, order_ids, order, head, opts, out, start)
+    let report = pack::write(base, &src, classified, order_ids, order, head, opts, out, start)?;
+    Ok(CreateReport { fs, ..report })
 }
 
 /// Fold `residue` into `parent` (the overlay it was made from): write at `out` an ordinary

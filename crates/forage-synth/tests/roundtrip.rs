@@ -5,6 +5,7 @@
 use forage_datadir::DataDir;
 use forage_format::{ChunkRef, DeltaCodec, SegmentCodec, Space, CHUNK_SIZE};
 use forage_synth::create::CreateOptions;
+use forage_synth::ext4::{Checkpoint, Introspection};
 use forage_synth::{BaseVm, SynthError};
 use forage_testkit::synthetic::*;
 use forage_vm::Accel;
@@ -184,7 +185,8 @@ fn base_packages_round_trip_and_refuse_tampering() {
 fn ext4_free_blocks_are_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let data = DataDir::at(tmp.path());
-    // A base whose disk is a real 4 MiB ext4 with one small file.
+    // A base whose disk is a real 16 MiB ext4 with one small file (the smallest size that
+    // mkfs gives a journal: without one a clean image cannot be told from a mounted one).
     let content = tmp.path().join("content");
     std::fs::create_dir_all(&content).unwrap();
     std::fs::write(content.join("f"), pattern(7)).unwrap();
@@ -193,13 +195,14 @@ fn ext4_free_blocks_are_dropped() {
         .args(["-q", "-F", "-b", "4096", "-E", "nodiscard", "-d"])
         .arg(&content)
         .arg(&fs)
-        .arg("4M")
+        .arg("16M")
         .status()
         .expect("mkfs.ext4 (e2fsprogs, installed by scripts/deps.sh) is needed by this test");
     assert!(ok.success());
-    let free = forage_synth::ext4::free_chunks(&fs, CHUNK_SIZE as u64).unwrap().unwrap();
-    let garbage_at = (free.len() - 10) as u64; // near the end: free
-    assert!(free[garbage_at as usize]);
+    let found = forage_synth::ext4::introspect(&fs, CHUNK_SIZE as u64, Checkpoint::Unknown).unwrap();
+    let Introspection::Known(free) = found else { panic!("a clean ext4 image is introspected: {found:?}") };
+    let garbage_at = (16 << 20) / CHUNK_SIZE as u64 - 10; // near the end: free
+    assert!(free.is_free(garbage_at));
 
     let bdir = data.base("e").unwrap().join("snapshot");
     snapshot_dir(&bdir, b"QEVM\0\0\0\x03base-state");

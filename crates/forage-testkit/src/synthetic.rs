@@ -141,6 +141,8 @@ pub fn input(l: &Launch) -> LaunchInput<'_> {
         snapshot: &l.snap,
         written_disk_chunks: &l.written,
         discarded_disk_chunks: &l.discarded,
+        // Synthetic disks are written by the test, never mounted: they show themselves.
+        checkpoint: forage_synth::ext4::Checkpoint::Unknown,
         service: None,
         accessed: None,
     }

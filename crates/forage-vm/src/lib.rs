@@ -6,10 +6,16 @@
 //! - [`Vm`]: boot, pause, resume, save to a [`Snapshot`] (raw memory file + small device
 //!   state), restore, shutdown; QEMU supervised by [`process::QemuProcess`].
 //! - [`qmp::Qmp`]: the asynchronous QMP client underneath.
+//! - [`cpu`]: the CPU model and accelerator a saved VM needs, and whether this host's
+//!   QEMU can provide them.
+//! - [`dirty`]: which parts of a running VM's disk were written since a point (a QEMU
+//!   dirty bitmap).
 //! - [`qga::GuestAgent`]: a typed client of the QEMU guest agent (qemu-ga) over the VM's
 //!   virtio-serial channel ([`GuestAgentSpec`]).
 
 pub mod accel;
+pub mod cpu;
+pub mod dirty;
 mod error;
 pub mod process;
 pub mod qga;

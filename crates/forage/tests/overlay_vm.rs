@@ -35,6 +35,7 @@ async fn overlay_create_apply_resume() {
         snapshot: &lv.snapshot,
         written_disk_chunks: &lv.written_disk_chunks,
         discarded_disk_chunks: &lv.discarded_disk_chunks,
+        checkpoint: lv.checkpoint,
         service: None,
         accessed: Some((&profile.memory, &profile.disk)),
     };

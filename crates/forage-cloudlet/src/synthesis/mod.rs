@@ -100,6 +100,7 @@ pub(crate) async fn run(
     if (manifest.memory_size, manifest.disk_size) != (base.manifest().memory_size, base.manifest().disk_size) {
         return Err(refused(ErrorCode::BadOverlay, "the manifest's memory and disk sizes are not its base's"));
     }
+    crate::cpu::check_overlay(cloudlet, &manifest)?;
     check_space(&ctx.dir, &manifest, base)?;
     if let Some(parent) = &manifest.parent {
         return Err(refused(
