@@ -5,7 +5,7 @@
 //! (`1 - MemAvailable/MemTotal`, /proc/meminfo) and the 1-minute load average per core
 //! (/proc/loadavg). While a configured threshold is exceeded it browses
 //! `_cloudlet._tcp` (mDNS, 2 s) and keeps the announcements of cloudlets that this one is
-//! paired with *as their client* (it holds credentials for their address or name) and
+//! paired with *as their client* (it holds credentials recorded with their address) and
 //! whose TXT `mem` leaves room for the instance's QEMU (its resident memory) plus
 //! [`HEADROOM_MIB`]. It moves the newest running instance to the one with the most free
 //! memory, logs the move with its reason, and waits [`COOLDOWN`] before the next, so the
@@ -111,9 +111,10 @@ async fn shed_one(cloudlet: &Arc<Cloudlet>, why: &str) -> bool {
         Err(_) => return false,
     };
     let peers = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers()).peers();
+    // Paired with that very address (the handoff uses only such a pairing).
     let paired = |f: &Found| {
         let addr = f.ad.addr.to_string();
-        peers.iter().any(|p| p.record.addr.as_deref() == Some(&addr) || p.record.cloudlet == f.ad.name)
+        peers.iter().any(|p| p.record.addr.as_deref() == Some(&addr))
     };
     let Some(to) = choose(&found, &cloudlet.name, need_mib, paired) else {
         tracing::info!(why, need_mib, "load policy: no paired cloudlet announces room for the newest instance");

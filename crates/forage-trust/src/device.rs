@@ -67,7 +67,23 @@ impl DeviceTrust {
 
     /// TLS credentials for the cloudlet at `addr` (or named `name`), refused once expired.
     pub fn credentials(&self, addr: SocketAddr, name: Option<&str>) -> Result<Arc<rustls::ClientConfig>, TrustError> {
-        let peer = self.for_cloudlet(addr, name)?;
+        Self::usable(self.for_cloudlet(addr, name)?)
+    }
+
+    /// TLS credentials only for a pairing recorded with exactly `addr` (no fallback to the
+    /// only pairing): for connections whose address came from someone else (a device
+    /// asking its instance to follow it, an announcement).
+    pub fn credentials_at(&self, addr: SocketAddr) -> Result<Arc<rustls::ClientConfig>, TrustError> {
+        let want = addr.to_string();
+        let peer = self.peers().into_iter().find(|p| p.record.addr.as_deref() == Some(&want)).ok_or_else(|| {
+            TrustError::NotPaired(format!(
+                "no pairing recorded with the address {addr} (`forage pair ... --addr {addr}`)"
+            ))
+        })?;
+        Self::usable(peer)
+    }
+
+    fn usable(peer: Peer) -> Result<Arc<rustls::ClientConfig>, TrustError> {
         if peer.expired() {
             return Err(TrustError::NotPaired(format!(
                 "the pairing with cloudlet {} expired on {}: pair again",

@@ -537,8 +537,10 @@ fn a_running_instance_moves_between_namespaced_cloudlets() {
     assert!(ask(&link.a, &endpoint, "grow 4").starts_with("ok "));
     let before = field(&ask(&link.a, &endpoint, "count"), "served");
     let stdin = dev8.0.stdin.as_mut().unwrap();
-    stdin.write_all(b"follow nowhere\n").unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // Not an address; an address A holds no pairing for (B's SSH port): neither is tried
+    // with another cloudlet's credentials.
+    stdin.write_all(format!("follow nowhere\nfollow {}:22\n", link.b.addr).as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(field(&ask(&link.a, &endpoint, "count"), "served"), before, "a bad Follow changes nothing");
     stdin.write_all(format!("follow {addr_b}\n").as_bytes()).unwrap();
     let moved = heard_move(&mut dev8_out);

@@ -93,8 +93,10 @@ pub(super) async fn send(
 
 /// A connection to the cloudlet `to` in the peer protocol (PeerHello answered).
 async fn connect_peer(cloudlet: &Cloudlet, to: SocketAddr) -> Result<forage_client::CloudletStream, Failure> {
+    // Only a pairing recorded with this very address: the address may come from a device
+    // (Follow) or an announcement, and must not borrow another cloudlet's credentials.
     let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
-        .credentials(to, None)
+        .credentials_at(to)
         .map_err(|source| Failure::NotPaired { to, source })?;
     let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
         .await
