@@ -342,7 +342,7 @@ impl From<CacheEntry> for CacheEntryView {
 }
 
 /// Where to move an instance (VM handoff).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffRequest {
     /// The destination cloudlet, `HOST:PORT` (paired with this one as a cloudlet).
     #[schema(example = "10.77.0.2:7878")]

@@ -36,3 +36,24 @@ impl Ended {
         }
     }
 }
+
+/// While an instance is held, lines `follow HOST:PORT` read from `input` (a device's
+/// stdin) ask it to follow the device to that cloudlet; other lines are refused on stderr.
+pub fn follow_requests(input: impl std::io::BufRead + Send + 'static) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in input.lines() {
+            let Ok(line) = line else { break };
+            match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["follow", to] => {
+                    if tx.send(to.to_string()).is_err() {
+                        break;
+                    }
+                }
+                [] => {}
+                _ => eprintln!("unknown command {line:?}: say `follow HOST:PORT`"),
+            }
+        }
+    });
+    rx
+}

@@ -22,7 +22,7 @@ pub use apps::{get_app, list_apps};
 pub use connect::{connect, CloudletStream};
 pub use error::ClientError;
 pub use forage_proto::ServiceEndpoint;
-pub use held::{Ended, MovedNotice};
+pub use held::{follow_requests, Ended, MovedNotice};
 pub use pairing::pair;
 pub use provision::{provision, ProvisionReport, Provisioned};
 pub(crate) use synthesis::first_response;

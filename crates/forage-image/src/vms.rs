@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use forage_datadir::{DataDir, DataDirError};
-use forage_vm::{Accel, Snapshot, Vm};
+use forage_vm::{Accel, Snapshot, Vm, VmSpec};
+use serde::{Deserialize, Serialize};
 
 use crate::RunPaths;
 
@@ -31,6 +32,68 @@ impl VmPaths {
     pub fn qemu_log(&self) -> PathBuf {
         self.run.dir.join("qemu.log")
     }
+
+    /// The VM's record (`vm.json`).
+    pub fn load(&self) -> Result<VmRecord, VmRecordError> {
+        let text =
+            std::fs::read(&self.record).map_err(|source| VmRecordError::Missing { dir: self.dir.clone(), source })?;
+        serde_json::from_slice(&text).map_err(|source| VmRecordError::Unreadable { path: self.record.clone(), source })
+    }
+
+    /// Write the record whole (a rename), never half.
+    pub fn store(&self, r: &VmRecord) -> Result<(), VmRecordError> {
+        let tmp = self.record.with_extension("json.tmp");
+        let io = |path: &PathBuf| {
+            let path = path.clone();
+            move |source| VmRecordError::Write { path, source }
+        };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("a record serializes")).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &self.record).map_err(io(&self.record))
+    }
+}
+
+/// `vm.json`. The state (running, saved, stopped) is not stored: it is read off the pid
+/// and the snapshot folder, so two forage processes never disagree about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub image: String,
+    pub accel: Accel,
+    pub pid: Option<u32>,
+    pub spec: VmSpec,
+    pub agent_port: u16,
+    #[serde(default)]
+    pub app: Option<AppForward>,
+}
+
+/// The app a VM serves, and where its port is forwarded on the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppForward {
+    pub name: String,
+    pub guest_port: u16,
+    pub host_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmRecordError {
+    #[error("no VM at {dir}")]
+    Missing {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is unreadable")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -88,12 +88,7 @@ pub async fn drain(data: &DataDir, a: DrainArgs) -> anyhow::Result<()> {
             eprintln!("draining {} instance(s) to {}...", list.instances.len(), a.to);
         }
         for i in &list.instances {
-            let request = HandoffRequest {
-                to: a.to.to_string(),
-                mode: None,
-                downtime_limit_ms: None,
-                reason: HandoffReason::Drain,
-            };
+            let request = HandoffRequest { to: a.to.to_string(), reason: HandoffReason::Drain, ..Default::default() };
             match api.handoff(&i.id, &request) {
                 Ok(view) => {
                     if !a.json {

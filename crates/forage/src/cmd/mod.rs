@@ -29,7 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
         Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
             let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
-            let credentials = Some(pair::credentials(&data, cloudlet, None)?);
+            let credentials = Some(forage_trust::DeviceTrust::new(&data.trust_peers()).credentials(cloudlet, None)?);
             let opts = forage_client::SynthesisOptions {
                 device: "forage-cli".into(),
                 early_start: !no_early_start,

@@ -7,11 +7,11 @@
 //! `forage pair list | forget CLOUDLET`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use forage_datadir::DataDir;
+use forage_trust::date;
 use forage_trust::{CloudletTrust, DeviceTrust, PeerKind};
 use serde_json::json;
 
@@ -136,10 +136,6 @@ fn list(data: &DataDir, devices: &DeviceTrust, as_json: bool) -> anyhow::Result<
 }
 
 /// This device's credentials for the cloudlet at `addr` (or named `name`).
-pub fn credentials(data: &DataDir, addr: SocketAddr, name: Option<&str>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    Ok(DeviceTrust::new(&data.trust_peers()).credentials(addr, name)?)
-}
-
 fn write_secret(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -156,11 +152,6 @@ fn write_secret(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// `YYYY-MM-DD HH:MM UTC`.
-pub(super) fn date(unix: u64) -> String {
-    forage_trust::date(unix)
 }
 
 fn hostname() -> String {

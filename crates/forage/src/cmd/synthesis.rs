@@ -81,12 +81,12 @@ pub async fn synthesize(
     if json {
         crate::output::print_json(&report);
     } else {
-        print_report(&report);
+        println!("{report}");
     }
     if hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
         let mut session = session;
-        let mut follows = follow_commands();
+        let mut follows = forage_client::follow_requests(std::io::BufReader::new(std::io::stdin()));
         tokio::select! {
             r = tokio::signal::ctrl_c() => r?,
             ended = session.ended_following(&mut follows) => return report_end(ended, json),
@@ -94,27 +94,6 @@ pub async fn synthesize(
         return finish(session, file, residue).await;
     }
     finish(session, file, residue).await
-}
-
-/// While an instance is held, lines on stdin `follow HOST:PORT` ask it to follow the
-/// device to that cloudlet (as a device does that found a closer one).
-pub fn follow_commands() -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { break };
-            match line.split_whitespace().collect::<Vec<_>>()[..] {
-                ["follow", to] => {
-                    if tx.send(to.to_string()).is_err() {
-                        break;
-                    }
-                }
-                [] => {}
-                _ => eprintln!("unknown command {line:?}: say `follow HOST:PORT`"),
-            }
-        }
-    });
-    rx
 }
 
 /// How a held instance ended: where it moved (printed), or why it stopped (an error).
@@ -188,11 +167,6 @@ pub async fn synthesize_with_progress(
     bar.finish_and_clear();
     Ok(result?)
 }
-
-pub fn print_report(r: &forage_client::SynthesisReport) {
-    println!("{r}");
-}
-
 /// `forage discover`.
 pub async fn discover(timeout: f64, json: bool) -> anyhow::Result<()> {
     let wait = Duration::from_secs_f64(timeout.clamp(0.1, 600.0));

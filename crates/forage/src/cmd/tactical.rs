@@ -69,7 +69,7 @@ async fn provision_after(
     print_report(&report, args.json, download_s);
     if args.hold {
         eprintln!("instance held at {}; Ctrl-C releases it", report.endpoint);
-        let mut follows = super::synthesis::follow_commands();
+        let mut follows = forage_client::follow_requests(std::io::BufReader::new(std::io::stdin()));
         let ended = tokio::select! {
             _ = tokio::signal::ctrl_c() => None,
             e = session.ended_following(&mut follows) => Some(e),

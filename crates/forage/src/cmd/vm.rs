@@ -14,52 +14,11 @@ use forage_agent::app::AppPackage;
 use forage_agent::AgentClient;
 use forage_datadir::DataDir;
 use forage_image::{GuestImage, RunPaths};
-use forage_vm::{Accel, Snapshot, Vm, VmSpec};
-use serde::{Deserialize, Serialize};
+use forage_vm::{Accel, Snapshot, Vm};
 use serde_json::json;
 
 use crate::cli::VmCommand;
-use forage_image::vms::VmPaths;
-
-/// `vm.json`. The state (running, saved, stopped) is not stored: it is read off the pid
-/// and the snapshot folder, so two forage processes never disagree about it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmRecord {
-    pub name: String,
-    pub image: String,
-    pub accel: Accel,
-    pub pid: Option<u32>,
-    pub spec: VmSpec,
-    pub agent_port: u16,
-    #[serde(default)]
-    pub app: Option<AppForward>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppForward {
-    pub name: String,
-    pub guest_port: u16,
-    pub host_port: u16,
-}
-
-/// How `forage vm` reads and writes a VM's record.
-trait Record {
-    fn load(&self) -> anyhow::Result<VmRecord>;
-    fn store(&self, r: &VmRecord) -> anyhow::Result<()>;
-}
-
-impl Record for VmPaths {
-    fn load(&self) -> anyhow::Result<VmRecord> {
-        let text = std::fs::read(&self.record).with_context(|| format!("no VM at {}", self.dir.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("{} is unreadable", self.record.display()))
-    }
-
-    fn store(&self, r: &VmRecord) -> anyhow::Result<()> {
-        let tmp = self.record.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r)?).with_context(|| tmp.display().to_string())?;
-        std::fs::rename(&tmp, &self.record).with_context(|| self.record.display().to_string())
-    }
-}
+use forage_image::vms::{AppForward, VmPaths, VmRecord};
 
 /// Is `pid` a live QEMU?
 pub fn qemu_alive(pid: Option<u32>) -> bool {
@@ -285,7 +244,7 @@ async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) ->
                 app,
             }
         }
-        (Err(e), None) => return Err(e),
+        (Err(e), None) => return Err(e.into()),
     };
     if qemu_alive(record.pid) {
         bail!("VM {name} is running (pid {}); save or stop it first", record.pid.unwrap_or(0));
