@@ -115,11 +115,20 @@ pub struct BenchSynthesisArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchHandoffArgs {
-    /// Base VM of the bench service VM (created as `bench` if absent)
-    #[arg(long, default_value = "bench")]
-    pub base: String,
-    /// Link rates in Mbit/s (the paper: 5, 10, 25)
-    #[arg(long, default_values_t = vec![5.0, 10.0, 25.0])]
+    /// Guest image of the base: tiny (hashsearch, whose working set grows and churns) or
+    /// debian-12 (with --app)
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// A sample app (ocr, vision) as the service instead of hashsearch: its probe is
+    /// asked before the move and must answer right after it
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Base VM of the bench service VM [default: bench, or bench-IMAGE]
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Link rates in Mbit/s (the paper: 5, 10, 25) [default: 5, 10, 25 unless
+    /// --changing-link is given]
+    #[arg(long)]
     pub mbps: Vec<f64>,
     /// The app's working set (records it keeps in memory): the modified state
     #[arg(long, default_value_t = 32, value_name = "MIB")]
@@ -131,11 +140,15 @@ pub struct BenchHandoffArgs {
     #[arg(long, default_value = "none+none,none+zstd-1,xor+zstd-3,none+bzip2-9,bsdiff+lzma-9")]
     pub modes: String,
     /// QEMU's downtime limit, for forage and QEMU alike
-    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub downtime_ms: u64,
     /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
     #[arg(long)]
     pub no_qemu: bool,
+    /// Also run every approach on a link whose rate changes during each handoff (the
+    /// paper's Figure 18: 5 -> 35 -> 5 Mbit/s), as SECONDS:MBPS steps from the start
+    #[arg(long, value_name = "S:MBPS,...", num_args = 0..=1, default_missing_value = "0:5,4:35,8:5")]
+    pub changing_link: Option<String>,
     /// Where the traces go [default: DATA/bench/handoff]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,

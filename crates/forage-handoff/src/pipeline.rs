@@ -47,6 +47,15 @@ pub struct PipelineConfig {
     pub hold: Duration,
     /// Told every trace row as it is made.
     pub on_trace: Option<TraceSink>,
+    /// Counters updated as segments are encoded, for whoever steers QEMU's iterations.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// What the encoders have done so far (bytes of modified state in, segment bytes out).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub input_bytes: AtomicU64,
+    pub output_bytes: AtomicU64,
 }
 
 impl Default for PipelineConfig {
@@ -60,6 +69,7 @@ impl Default for PipelineConfig {
             adapt_later: None,
             hold: crate::adapt::MIN_HOLD,
             on_trace: None,
+            progress: None,
         }
     }
 }
@@ -162,11 +172,16 @@ pub fn run(
         let batch_rx = batch_rx;
         for _ in 0..config.workers.max(1) {
             let (rx, tx, mode, window) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone());
+            let progress = config.progress.clone();
             s.spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((seq, batch)) = next else { return };
                 let m = *mode.lock().unwrap_or_else(|p| p.into_inner());
                 let (wire, st) = encode(m, &batch);
+                if let Some(p) = &progress {
+                    p.input_bytes.fetch_add(st.input_bytes, Ordering::Relaxed);
+                    p.output_bytes.fetch_add(st.output_bytes, Ordering::Relaxed);
+                }
                 {
                     let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
                     w.chunks += st.chunks;

@@ -79,6 +79,7 @@ impl GuestImage {
             cpu_model: None,
             vcpus: 1,
             memory_mib: self.manifest.memory_mib,
+            memory_tail_kib: forage_vm::spec::RAM_TAIL_KIB,
             memory_file: run.dir.join(forage_vm::snapshot::MEMORY_FILE),
             boot: Some(DirectBoot {
                 kernel: self.dir.join(&self.manifest.kernel),

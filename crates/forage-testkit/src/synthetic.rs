@@ -50,6 +50,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         cpu_model: None,
         vcpus: 1,
         memory_mib: (MEM_CHUNKS * CHUNK_SIZE as u64) >> 20,
+        memory_tail_kib: 0,
         memory_file: dir.join("memory.raw"),
         boot: None,
         disks: vec![DiskSpec {

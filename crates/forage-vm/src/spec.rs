@@ -16,6 +16,25 @@ use crate::accel::Accel;
 /// The RAMBlock id of guest memory; both sides of a save/restore must use it.
 pub const RAM_ID: &str = "ram0";
 
+/// KiB of RAM every new VM gets past its size in MiB, so that its RAM is not a whole
+/// number of 256 KiB.
+///
+/// Why: QEMU 7.2 (Debian's 7.2.22 too) loses guest writes under TCG when a migration
+/// re-syncs its dirty bitmap while the VM runs. `cpu_physical_memory_sync_dirty_bitmap`
+/// (include/exec/ram_addr.h) takes a fast path for a RAM block whose start and length are
+/// whole 64-page words: it swaps the dirty words to zero but does not re-arm the TCG TLB
+/// entries (`tlb_reset_dirty_range_all`), so a page the guest had written before the
+/// sync is written again through a TLB entry that no longer marks it dirty, and that
+/// write never reaches the destination. QEMU 9.0 fixed it (commit 03bfc2188f, "physmem:
+/// Fix migration dirty bitmap coherency with TCG memory access"). With a length that is
+/// not a whole word, QEMU 7.2 takes the slow path, page by page
+/// (`cpu_physical_memory_test_and_clear_dirty`), which re-arms the TLB. 8 KiB is the
+/// least `-m` accepts; the guest sees 8 KiB more RAM.
+pub const RAM_TAIL_KIB: u64 = 8;
+
+/// The alignment of the RAM length that sends QEMU 7.2 down the fast path: 64 pages.
+const DIRTY_FAST_PATH_ALIGN: u64 = 64 * 4096;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
@@ -28,6 +47,9 @@ pub struct VmSpec {
     pub cpu_model: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// KiB of guest RAM past `memory_mib` (new VMs: [`RAM_TAIL_KIB`]; 0 in older specs).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_tail_kib: u64,
     /// The file that holds guest RAM.
     pub memory_file: PathBuf,
     #[serde(default)]
@@ -137,6 +159,10 @@ fn yes() -> bool {
     true
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn is_false(b: &bool) -> bool {
     !b
 }
@@ -159,9 +185,9 @@ impl VmSpec {
             a.pair("-cpu", cpu);
         }
         a.pair("-smp", self.vcpus.to_string());
-        a.pair("-m", format!("{}M", self.memory_mib));
-        let mut ram =
-            OsString::from(format!("memory-backend-file,id={RAM_ID},size={}M,share=on,mem-path=", self.memory_mib));
+        let kib = self.memory_bytes() >> 10;
+        a.pair("-m", format!("{kib}k"));
+        let mut ram = OsString::from(format!("memory-backend-file,id={RAM_ID},size={kib}K,share=on,mem-path="));
         ram.push(escape_commas(self.memory_file.as_os_str()));
         a.pair("-object", ram);
         if let Some(boot) = &self.boot {
@@ -258,11 +284,22 @@ impl VmSpec {
         if self.virtio_rng {
             hw["virtio_rng"] = serde_json::Value::Bool(true);
         }
+        if self.memory_tail_kib != 0 {
+            hw["memory_tail_kib"] = self.memory_tail_kib.into();
+        }
         hex::encode(Sha256::digest(hw.to_string().as_bytes()))
     }
 
+    /// Guest RAM in bytes: `memory_mib` MiB and the tail.
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_mib.saturating_mul(1024 * 1024)
+        self.memory_mib.saturating_mul(1024 * 1024).saturating_add(self.memory_tail_kib.saturating_mul(1024))
+    }
+
+    /// Whether QEMU 7.2 tracks every guest write to this VM's RAM across its migration
+    /// rounds (see [`RAM_TAIL_KIB`]): always with KVM; under TCG only when the RAM is
+    /// not a whole number of 256 KiB.
+    pub fn dirty_tracking_exact(&self, accel: Accel) -> bool {
+        accel == Accel::Kvm || self.memory_bytes() % DIRTY_FAST_PATH_ALIGN != 0
     }
 }
 
@@ -330,6 +367,7 @@ mod tests {
             cpu_model: None,
             vcpus: 1,
             memory_mib: 256,
+            memory_tail_kib: 0,
             memory_file: "/d/mem,ory.raw".into(),
             boot: Some(DirectBoot {
                 kernel: "/i/vmlinuz".into(),
@@ -359,10 +397,25 @@ mod tests {
     }
 
     #[test]
+    fn ram_tail_keeps_tcg_dirty_tracking_exact() {
+        let mut spec = sample();
+        assert!(!spec.dirty_tracking_exact(Accel::Tcg), "256 MiB is whole 256 KiB words");
+        assert!(spec.dirty_tracking_exact(Accel::Kvm));
+        let fingerprint = spec.hardware_fingerprint();
+        spec.memory_tail_kib = RAM_TAIL_KIB;
+        assert_eq!(spec.memory_bytes(), (256 << 20) + 8192);
+        assert!(spec.dirty_tracking_exact(Accel::Tcg));
+        assert_ne!(spec.hardware_fingerprint(), fingerprint, "the guest sees the tail");
+        let s = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(s.contains("-m 262152k"), "{s}");
+        assert!(s.contains("size=262152K,share=on"), "{s}");
+    }
+
+    #[test]
     fn command_line_has_file_backed_ram_and_devices() {
         let s = joined(&sample().qemu_args(Accel::Tcg, false));
         assert!(s.contains("-machine pc,accel=tcg,memory-backend=ram0"));
-        assert!(s.contains("memory-backend-file,id=ram0,size=256M,share=on,mem-path=/d/mem,,ory.raw"));
+        assert!(s.contains("memory-backend-file,id=ram0,size=262144K,share=on,mem-path=/d/mem,,ory.raw"));
         assert!(s.contains("virtio-blk-pci,drive=disk0,id=vd0,discard=on"));
         assert!(s.contains("discard=unmap"));
         assert!(s.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));

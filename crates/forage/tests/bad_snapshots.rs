@@ -120,6 +120,7 @@ async fn missing_kernel_is_named_before_qemu_starts() {
         cpu_model: None,
         vcpus: 1,
         memory_mib: 64,
+        memory_tail_kib: forage_vm::spec::RAM_TAIL_KIB,
         memory_file: run.dir.join("memory.raw"),
         boot: Some(forage_vm::DirectBoot {
             kernel: dir.path().join("vmlinuz"),

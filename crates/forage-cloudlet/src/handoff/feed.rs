@@ -67,6 +67,8 @@ pub(super) struct Feed {
     pub(super) sent: [Bits; 2],
     pub(super) memory_pages: u64,
     pub(super) disk_chunks: u64,
+    /// Bytes of chunks handed to the pipeline (for the steering).
+    pub(super) fed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Feed {
@@ -163,6 +165,7 @@ impl Feed {
             return None;
         }
         self.sent[s].set(index);
+        self.fed.fetch_add(CHUNK as u64, std::sync::atomic::Ordering::Relaxed);
         Some(Modified { chunk: ChunkId { space, index }, data, base: self.has_base.then_some(base) })
     }
 }

@@ -3,9 +3,9 @@
 //! parses the stream page by page, and sends guest RAM and the disk chunks written since
 //! launch through the adaptive pipeline of `forage-handoff` (dedup against the base,
 //! delta, compression, in segments of about 1 MiB). QEMU's dirty tracking drives the
-//! iterations and its `downtime-limit` (default 2 s) ends them; its bandwidth estimate
-//! counts the unchanged pages we skip, so it tends to stop the VM early (see
-//! `docs/handoff-protocol.md` for why forage does not hold it back). The rest of the
+//! iterations; forage holds QEMU's last round back until what is left fits the downtime
+//! limit (`steering`, where QEMU tracks every write: see `forage_vm::spec::RAM_TAIL_KIB`
+//! for the QEMU 7.2 TCG bug that decides it). The rest of the
 //! stream (ROM blocks, device state) is sent last; the destination rebuilds the VM from
 //! its base (or from nothing) and resumes it only once everything has arrived and applied.
 //!
@@ -24,6 +24,7 @@ mod live;
 mod order;
 mod sampling;
 mod source;
+mod steering;
 
 use std::net::SocketAddr;
 

@@ -20,7 +20,7 @@ pub struct HandoffOptions {
 
 impl Default for HandoffOptions {
     fn default() -> Self {
-        Self { mode: None, downtime_limit_ms: 2000, reason: forage_api::HandoffReason::Operator }
+        Self { mode: None, downtime_limit_ms: 1000, reason: forage_api::HandoffReason::Operator }
     }
 }
 

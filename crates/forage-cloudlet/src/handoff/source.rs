@@ -217,14 +217,21 @@ async fn migrate(
     )
     .await
     .map_err(Failure::Qemu)?;
-    // QEMU ends its iterations by itself, once what is left would take no longer than
-    // the downtime limit at its estimate of the bandwidth. That estimate counts the
-    // unchanged pages the feeder skips at memory speed, so QEMU stops the VM early and
-    // what is queued then is sent during the downtime. Holding QEMU's last round back
-    // (a 1 ms limit until forage's own estimate said the rest fits) made TCG guests lose
-    // writes in 2 runs of 6: pages changed after QEMU's last dirty sync were never sent
-    // and the guest at the destination crashed. Not found why; not done.
-    let iterating = json!({ "downtime-limit": order.options.downtime_limit_ms, "max-bandwidth": UNLIMITED });
+    // Where QEMU tracks every write across its rounds, forage ends the iterations
+    // (`steering`); elsewhere QEMU does, at its downtime limit, and tends to stop the VM
+    // after its first pass.
+    let steer = vm.spec().dirty_tracking_exact(vm.accel());
+    let iterating = if steer {
+        super::steering::iterating()
+    } else {
+        json!({ "downtime-limit": order.options.downtime_limit_ms, "max-bandwidth": UNLIMITED })
+    };
+    if !steer {
+        tracing::info!(
+            instance = place.id,
+            "QEMU ends the iterations itself: this VM's RAM takes QEMU 7.2's fast dirty sync, which loses writes under TCG when steered"
+        );
+    }
     qmp.execute("migrate-set-parameters", Some(iterating)).await.map_err(Failure::Qemu)?;
     let stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
     let watch = {
@@ -250,7 +257,8 @@ async fn migrate(
         conn.set_nonblocking(false).map_err(io(&sock))?;
         let sink = order.sink.clone();
         let adapt = (table, adapt_later);
-        stream_state(place, instance, base, stream, conn, has_base, mode, adapt, sink, &stopped, order.to).await
+        let steer = steer.then(|| Duration::from_millis(order.options.downtime_limit_ms));
+        stream_state(place, instance, base, stream, conn, has_base, mode, adapt, sink, &stopped, order.to, steer).await
     }
     .await;
     watch.abort();
@@ -283,6 +291,7 @@ async fn stream_state(
     sink: Option<forage_handoff::pipeline::TraceSink>,
     stopped: &Mutex<Option<Instant>>,
     to: SocketAddr,
+    steer: Option<Duration>,
 ) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mut rh, mut wh) = tokio::io::split(stream);
     let (frames, mut frames_rx) = mpsc::channel::<PeerMessage>(2);
@@ -331,7 +340,10 @@ async fn stream_state(
         sent: [Bits::new(base.manifest().memory.size), Bits::new(base.manifest().disks[0].size)],
         memory_pages: 0,
         disk_chunks: 0,
+        fed: Arc::new(AtomicU64::new(0)),
     };
+    let fed = feed.fed.clone();
+    let progress = Arc::new(forage_handoff::pipeline::Progress::default());
     let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(128);
     let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
     let config = PipelineConfig {
@@ -341,6 +353,7 @@ async fn stream_state(
         adapt_later,
         depth: 2,
         on_trace: sink,
+        progress: Some(progress.clone()),
         ..Default::default()
     };
     let segments_out = frames.clone();
@@ -357,7 +370,16 @@ async fn stream_state(
             acked_by_peer,
         )
     });
-    let joined = async { tokio::join!(feeder, pipeline) };
+    let steering = async {
+        if let Some(limit) = steer {
+            let s = super::steering::Steering { fed: &fed, progress: &progress, acked: &acked, limit };
+            s.run(&instance.vm).await;
+        }
+    };
+    let joined = async {
+        let (f, p, ()) = tokio::join!(feeder, pipeline, steering);
+        (f, p)
+    };
     tokio::pin!(joined);
     let mut reader = reader;
     // On failure nothing waits for the feeder and the pipeline: closing the connection

@@ -53,7 +53,7 @@ pub struct HandoffArgs {
     #[arg(long)]
     pub mode: Option<String>,
     /// Stop iterating once the rest would take this long (QEMU's downtime limit)
-    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub downtime_ms: u64,
     /// Write the adaptation's trace (every 100 ms) to this CSV file
     #[arg(long, value_name = "FILE")]

@@ -1,0 +1,124 @@
+//! Steering QEMU's iterations so that the VM runs while its state moves and stops only
+//! for a last round that fits the downtime limit (the paper's section 6.4).
+//!
+//! Left alone, QEMU ends its iterations once what is left would take no longer than the
+//! downtime limit at its own bandwidth estimate, and that estimate counts the unchanged
+//! pages the feeder skips at memory speed: QEMU stops the VM after its first pass and
+//! everything queued toward the link is sent while the VM is stopped. So, while it
+//! iterates, QEMU gets a 1 ms limit (its least; 0 would make it finish after its first
+//! pass) and a capped rate, and forage decides:
+//! - **flow**: QEMU is held (its rate cut to [`HELD_BANDWIDTH`]) while what is queued
+//!   for the link would take more than [`QUEUE_HIGH`] to send, and let go below
+//!   [`QUEUE_LOW`];
+//! - **last round**: once QEMU has made its first full pass and what is still to send
+//!   (the queue and QEMU's remaining dirty memory at the current output ratio) would take
+//!   no longer than the downtime limit (less [`RESUME_ALLOWANCE`] for the destination's
+//!   resume) at the acknowledged bandwidth, QEMU gets that limit and finishes at the end
+//!   of its round.
+//!
+//! Only where QEMU tracks every write across rounds ([`VmSpec::dirty_tracking_exact`]):
+//! under TCG, QEMU 7.2 loses writes made after a dirty sync unless the VM's RAM length
+//! takes its slow path (see [`forage_vm::spec::RAM_TAIL_KIB`]). Elsewhere (VMs made
+//! before the tail) QEMU ends its iterations itself.
+//!
+//! [`VmSpec::dirty_tracking_exact`]: forage_vm::VmSpec::dirty_tracking_exact
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use forage_handoff::pipeline::Progress;
+use forage_vm::Vm;
+use serde_json::json;
+
+/// Rounds after which QEMU is let finish whatever the estimate (a VM that dirties memory
+/// faster than the link carries it would iterate for ever).
+const MAX_ROUNDS: u64 = 30;
+/// QEMU's rate while it iterates: far above what a WAN carries even compressed, low
+/// enough that its "1 ms of bandwidth" is a few pages.
+const ITERATION_BANDWIDTH: u64 = 64 << 20;
+/// QEMU's rate while held: a page every few hundred milliseconds.
+const HELD_BANDWIDTH: u64 = 16 << 10;
+/// Seconds of queue above which QEMU is held, and below which it is let go.
+const QUEUE_HIGH: f64 = 1.0;
+const QUEUE_LOW: f64 = 0.5;
+/// What of the downtime limit the destination needs once everything arrived: apply the
+/// last segments, load the device state into its QEMU, resume, answer (0.2-0.4 s under
+/// TCG here). The rest of the limit is what the link may still carry.
+const RESUME_ALLOWANCE: f64 = 0.4;
+/// Acknowledgements come a segment at a time: the bandwidth is measured over seconds.
+const BANDWIDTH_WINDOW: Duration = Duration::from_secs(5);
+
+/// QEMU's migration parameters while forage steers: the least downtime limit, a capped
+/// rate.
+pub(super) fn iterating() -> serde_json::Value {
+    json!({ "downtime-limit": 1, "max-bandwidth": ITERATION_BANDWIDTH })
+}
+
+pub(super) struct Steering<'a> {
+    /// Bytes of chunks handed to the pipeline.
+    pub(super) fed: &'a AtomicU64,
+    pub(super) progress: &'a Progress,
+    /// Segment bytes the destination acknowledged.
+    pub(super) acked: &'a AtomicU64,
+    pub(super) limit: Duration,
+}
+
+impl Steering<'_> {
+    /// Runs until QEMU has its last round (or its migration is over).
+    pub(super) async fn run(&self, vm: &Vm) {
+        let set = |params: serde_json::Value| async move {
+            vm.qmp().execute("migrate-set-parameters", Some(params)).await.is_ok()
+        };
+        let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut held = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Ok(q) = vm.qmp().execute("query-migrate", None).await else { return };
+            if !matches!(q["status"].as_str(), Some("setup" | "active")) {
+                return;
+            }
+            let now = Instant::now();
+            let acked = self.acked.load(Ordering::Relaxed);
+            samples.push_back((now, acked));
+            while samples.len() > 2 && now.duration_since(samples[0].0) > BANDWIDTH_WINDOW {
+                samples.pop_front();
+            }
+            let (t0, a0) = samples[0];
+            let dt = now.duration_since(t0).as_secs_f64();
+            if dt < 1.0 || acked == a0 {
+                continue; // no bandwidth measured yet
+            }
+            let bandwidth = (acked - a0) as f64 / dt;
+            let input = self.progress.input_bytes.load(Ordering::Relaxed);
+            let output = self.progress.output_bytes.load(Ordering::Relaxed);
+            let ratio = if input > 0 { output as f64 / input as f64 } else { 1.0 };
+            // Encoded and not yet acknowledged: what the link carries before QEMU's next
+            // pages. (Chunks waiting to fill a segment are not counted for holding:
+            // holding QEMU for them would starve the segment.)
+            let in_flight = output.saturating_sub(acked) as f64;
+            let queued = self.fed.load(Ordering::Relaxed).saturating_sub(input) as f64 * ratio + in_flight;
+            let rounds = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+            let remaining = q["ram"]["remaining"].as_u64().unwrap_or(0) as f64 * ratio;
+            let estimate = (queued + remaining) / bandwidth;
+            let budget = (self.limit.as_secs_f64() - RESUME_ALLOWANCE).max(0.1);
+            if rounds >= 2 && (estimate <= budget || rounds >= MAX_ROUNDS) {
+                tracing::info!(
+                    rounds,
+                    estimate_s = estimate,
+                    queued_bytes = queued as u64,
+                    bandwidth_bps = bandwidth as u64,
+                    "the rest fits in the downtime limit: last round"
+                );
+                set(json!({ "downtime-limit": self.limit.as_millis() as u64, "max-bandwidth": 1u64 << 40 })).await;
+                return;
+            }
+            let queued_s = in_flight / bandwidth;
+            if !held && queued_s > QUEUE_HIGH {
+                held = set(json!({ "max-bandwidth": HELD_BANDWIDTH })).await;
+            } else if held && queued_s < QUEUE_LOW {
+                held = !set(json!({ "max-bandwidth": ITERATION_BANDWIDTH })).await;
+            }
+        }
+    }
+}
