@@ -365,13 +365,12 @@ impl Rig {
     /// The service answers at `endpoint`: with the whole working set (hashsearch), or
     /// its probe's right answer (an app).
     fn check(&self, side: char, endpoint: &ServiceEndpoint, args: &BenchHandoffArgs) -> anyhow::Result<()> {
-        let (line, ok) = self.workload.check_request(args);
-        let (ep, l) = (endpoint.clone(), line.clone());
+        let (ep, l) = (endpoint.clone(), self.workload.check_line());
         let answer = self
             .ns(side)
             .run(move || forage_client::service::request_line(&ep, &l, Duration::from_secs(300)))?
             .with_context(|| format!("asking the service at {}", endpoint.addr))?;
-        if !ok(&answer) {
+        if !self.workload.answer_ok(args, &answer) {
             bail!("the service at {} answered {answer:?}", endpoint.addr);
         }
         Ok(())
@@ -487,14 +486,22 @@ impl Workload {
         Ok(forage_image::locate_guest_binary(&format!("apps/{}", self.name()))?)
     }
 
-    /// The request that checks the service, and what its answer must be.
-    pub(crate) fn check_request(&self, args: &BenchHandoffArgs) -> (String, Box<dyn Fn(&str) -> bool + '_>) {
+    /// The request that checks the service.
+    pub(crate) fn check_line(&self) -> String {
+        match self {
+            Workload::Hashsearch => "count".into(),
+            Workload::App(m) => m.probe.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Whether `answer` (to [`Self::check_line`]) is right: the whole working set, or the
+    /// app's expected answer.
+    pub(crate) fn answer_ok(&self, args: &BenchHandoffArgs, answer: &str) -> bool {
         match self {
             Workload::Hashsearch => {
-                let want = format!("working={}", args.working_mib << 20);
-                ("count".into(), Box::new(move |a: &str| a.starts_with("ok") && a.contains(&want)))
+                answer.starts_with("ok") && answer.contains(&format!("working={}", args.working_mib << 20))
             }
-            Workload::App(m) => (m.probe.clone().unwrap_or_default(), Box::new(move |a: &str| m.probe_answer_ok(a))),
+            Workload::App(m) => m.probe_answer_ok(answer),
         }
     }
 }

@@ -69,6 +69,7 @@ struct BlockJob {
 /// Start the destination QEMU (the service VM's hardware, fresh RAM, the base disk or an
 /// empty one), relay the link's ports to it, migrate the source over them, run the
 /// destination and check the service's working set.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn qemu_migrate(
     dst: &Path,
     run: &Path,
@@ -161,10 +162,9 @@ pub(crate) async fn qemu_migrate(
     let total_s = t0.elapsed().as_secs_f64();
     let after_completion = completed.elapsed().as_secs_f64();
     let local = SocketAddr::from((forwards[0].host_addr, forwards[0].host_port));
-    let (line, ok) = workload.check_request(args);
-    let answer = forage_agent::app::request_line(local, &line, Duration::from_secs(300))?;
+    let answer = forage_agent::app::request_line(local, &workload.check_line(), Duration::from_secs(300))?;
     let _ = vm.shutdown().await;
-    if !ok(&answer) {
+    if !workload.answer_ok(args, &answer) {
         bail!("after QEMU's migration the service says {answer:?}");
     }
     let ram = info.ram.context("QEMU's completed migration reports no RAM figures")?;

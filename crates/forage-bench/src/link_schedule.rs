@@ -33,10 +33,10 @@ impl Link {
             }
             steps.push((at, mbps));
         }
-        match steps.first() {
-            Some(&(at, _)) if at == 0.0 => Ok(Link::Schedule(steps)),
-            _ => bail!("--changing-link: the first step is at 0 s"),
+        if steps.first().map(|&(at, _)| at) != Some(0.0) {
+            bail!("--changing-link: the first step is at 0 s");
         }
+        Ok(Link::Schedule(steps))
     }
 
     pub fn first_mbps(&self) -> f64 {

@@ -364,6 +364,7 @@ mod tests {
         // one measured on this data, which arrives while it runs, says it does.
         let measured = Arc::new(std::sync::OnceLock::new());
         measured.set(table(0.05)).unwrap();
+        let progress = Arc::new(Progress::default());
         let config = PipelineConfig {
             workers: 2,
             segment_chunks: 64,
@@ -373,6 +374,7 @@ mod tests {
             adapt_later: Some(measured),
             hold: Duration::from_millis(200),
             on_trace: Some(TraceSink(Arc::new(move |r: &TraceRow| live.lock().unwrap().push(r.clone())))),
+            progress: Some(progress.clone()),
         };
         let acked = Arc::new(AtomicU64::new(0));
         let mut got = BTreeMap::new();
@@ -407,6 +409,8 @@ mod tests {
         assert!(report.trace.iter().any(|r| r.mode == "xor+zstd-3"), "{:?}", report.switches);
         assert!(report.output_bytes < report.input_bytes);
         assert_eq!(*seen.lock().unwrap(), report.trace, "the sink saw every row as it was made");
+        assert_eq!(progress.input_bytes.load(Ordering::Relaxed), report.input_bytes, "the steering's counters");
+        assert_eq!(progress.output_bytes.load(Ordering::Relaxed), report.output_bytes);
     }
 
     #[test]

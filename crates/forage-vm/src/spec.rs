@@ -299,7 +299,7 @@ impl VmSpec {
     /// rounds (see [`RAM_TAIL_KIB`]): always with KVM; under TCG only when the RAM is
     /// not a whole number of 256 KiB.
     pub fn dirty_tracking_exact(&self, accel: Accel) -> bool {
-        accel == Accel::Kvm || self.memory_bytes() % DIRTY_FAST_PATH_ALIGN != 0
+        accel == Accel::Kvm || !self.memory_bytes().is_multiple_of(DIRTY_FAST_PATH_ALIGN)
     }
 }
 
