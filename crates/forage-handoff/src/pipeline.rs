@@ -132,10 +132,11 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
 
 /// Run `chunks` through the pipeline; `send` gets each segment's wire bytes in order and
 /// returns when the transport took them; `acked` counts bytes the destination confirmed.
-/// Stops at the first error of `send`.
+/// A `None` among the chunks sends the chunks gathered so far as a segment of their own
+/// (the source has gone quiet). Stops at the first error of `send`.
 pub fn run(
     config: &PipelineConfig,
-    chunks: impl Iterator<Item = Modified> + Send,
+    chunks: impl Iterator<Item = Option<Modified>> + Send,
     mut send: impl FnMut(u64, Vec<u8>) -> std::io::Result<()>,
     acked: Arc<AtomicU64>,
 ) -> std::io::Result<PipelineReport> {
@@ -155,8 +156,16 @@ pub fn run(
             let mut seq = 0;
             let mut batch = Vec::with_capacity(seg);
             for c in chunks {
-                batch.push(c);
-                if batch.len() == seg {
+                // `None`: nothing came for a while; what waits goes now (a short segment)
+                // rather than sit in the queue while its source is held back.
+                let full = match c {
+                    Some(c) => {
+                        batch.push(c);
+                        batch.len() == seg
+                    }
+                    None => !batch.is_empty(),
+                };
+                if full {
                     if batch_tx.send((seq, std::mem::take(&mut batch))).is_err() {
                         return;
                     }
@@ -392,7 +401,10 @@ mod tests {
             seqs.push(seq);
             Ok(())
         };
-        let report = run(&config, chunks.into_iter(), send, acked).unwrap();
+        // A pause in the middle: the chunks before it leave as a short segment.
+        let mut paused: Vec<Option<Modified>> = chunks.into_iter().map(Some).collect();
+        paused.insert(650, None);
+        let report = run(&config, paused.into_iter(), send, acked).unwrap();
         assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "in order");
         assert!(
             got == want,
@@ -401,6 +413,7 @@ mod tests {
             want.len()
         );
         assert_eq!(report.chunks, 2000);
+        assert_eq!(report.segments, 33, "10 of 64 chunks, a short one of 10, 21 of 64, the last 6");
         assert!(
             !report.switches.is_empty(),
             "the slow link and the measured table made it compress: {:?}",
@@ -419,7 +432,7 @@ mod tests {
         let mut n = 0;
         let r = run(
             &config,
-            modified(500).into_iter(),
+            modified(500).into_iter().map(Some),
             |_, _| {
                 n += 1;
                 if n == 3 {

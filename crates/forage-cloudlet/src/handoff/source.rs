@@ -344,7 +344,7 @@ async fn stream_state(
     };
     let fed = feed.fed.clone();
     let progress = Arc::new(forage_handoff::pipeline::Progress::default());
-    let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(128);
+    let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(64);
     let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
     let config = PipelineConfig {
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -361,7 +361,7 @@ async fn stream_state(
     let pipeline = tokio::task::spawn_blocking(move || {
         run(
             &config,
-            chunk_rx.into_iter(),
+            quiet_marks(chunk_rx),
             |seq, bytes| {
                 segments_out.blocking_send(PeerMessage::HandoffSegment { seq, bytes }).map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the connection to the destination closed")
@@ -471,6 +471,18 @@ async fn stream_state(
     };
     Ok((report, service))
 }
+
+/// The feeder's chunks, with a `None` whenever none came for [`QUIET`]: the pipeline
+/// then sends what it gathered instead of waiting for a full segment (QEMU may be held).
+fn quiet_marks(rx: std::sync::mpsc::Receiver<Modified>) -> impl Iterator<Item = Option<Modified>> {
+    std::iter::from_fn(move || match rx.recv_timeout(QUIET) {
+        Ok(m) => Some(Some(m)),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Some(None),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+    })
+}
+
+const QUIET: Duration = Duration::from_millis(50);
 
 /// No limit (QEMU's `max-bandwidth`, bytes/s; its default is 32 MiB/s).
 const UNLIMITED: u64 = 1 << 40;

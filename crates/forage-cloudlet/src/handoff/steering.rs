@@ -9,7 +9,8 @@
 //! pass) and a capped rate, and forage decides:
 //! - **flow**: QEMU is held (its rate cut to [`HELD_BANDWIDTH`]) while what is queued
 //!   for the link would take more than [`QUEUE_HIGH`] to send, and let go below
-//!   [`QUEUE_LOW`];
+//!   [`QUEUE_LOW`]: QEMU also ends the iterations by itself whenever a dirty sync finds
+//!   nothing (an idle moment of the guest), and what is queued then is downtime;
 //! - **last round**: once QEMU has made its first full pass and what is still to send
 //!   (the queue and QEMU's remaining dirty memory at the current output ratio) would take
 //!   no longer than the downtime limit (less [`RESUME_ALLOWANCE`] for the destination's
@@ -39,9 +40,11 @@ const MAX_ROUNDS: u64 = 30;
 const ITERATION_BANDWIDTH: u64 = 64 << 20;
 /// QEMU's rate while held: a page every few hundred milliseconds.
 const HELD_BANDWIDTH: u64 = 16 << 10;
-/// Seconds of queue above which QEMU is held, and below which it is let go.
-const QUEUE_HIGH: f64 = 1.0;
-const QUEUE_LOW: f64 = 0.5;
+/// Seconds of queue (gathered, encoded and unacknowledged) above which QEMU is held, and
+/// below which it is let go: whatever is queued when QEMU stops the VM is downtime, and
+/// QEMU may stop it at any sync that finds no page dirty (its pending size 0).
+const QUEUE_HIGH: f64 = 0.3;
+const QUEUE_LOW: f64 = 0.15;
 /// What of the downtime limit the destination needs once everything arrived: apply the
 /// last segments, load the device state into its QEMU, resume, answer (0.2-0.4 s under
 /// TCG here). The rest of the limit is what the link may still carry.
@@ -93,9 +96,9 @@ impl Steering<'_> {
             let input = self.progress.input_bytes.load(Ordering::Relaxed);
             let output = self.progress.output_bytes.load(Ordering::Relaxed);
             let ratio = if input > 0 { output as f64 / input as f64 } else { 1.0 };
-            // Encoded and not yet acknowledged: what the link carries before QEMU's next
-            // pages. (Chunks waiting to fill a segment are not counted for holding:
-            // holding QEMU for them would starve the segment.)
+            // Gathered or encoded and not yet acknowledged: what the link carries before
+            // QEMU's next pages. (While QEMU is held, a partial segment leaves once the
+            // feeder is quiet: holding cannot starve it.)
             let in_flight = output.saturating_sub(acked) as f64;
             let queued = self.fed.load(Ordering::Relaxed).saturating_sub(input) as f64 * ratio + in_flight;
             let rounds = q["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
@@ -113,7 +116,7 @@ impl Steering<'_> {
                 set(json!({ "downtime-limit": self.limit.as_millis() as u64, "max-bandwidth": 1u64 << 40 })).await;
                 return;
             }
-            let queued_s = in_flight / bandwidth;
+            let queued_s = queued / bandwidth;
             if !held && queued_s > QUEUE_HIGH {
                 held = set(json!({ "max-bandwidth": HELD_BANDWIDTH })).await;
             } else if held && queued_s < QUEUE_LOW {
