@@ -351,7 +351,9 @@ async fn stream_state(
         start: mode,
         adapt: table,
         adapt_later,
-        depth: 2,
+        // Short queues: what is gathered when QEMU stops the VM is downtime.
+        segment_chunks: 128,
+        depth: 1,
         on_trace: sink,
         progress: Some(progress.clone()),
         ..Default::default()
