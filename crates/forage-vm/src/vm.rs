@@ -343,7 +343,7 @@ impl Vm {
         self.collect_snapshot(dir, &partial)
     }
 
-    async fn write_state(&self, partial: &Path) -> Result<(), SaveError> {
+    pub(crate) async fn write_state(&self, partial: &Path) -> Result<(), SaveError> {
         self.set_ignore_shared().await?;
         let uri = format!("exec:cat > {}", shell_quote(partial));
         self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await.map_err(VmError::from)?;

@@ -555,6 +555,24 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Import a VM saved by plain QEMU (`migrate "exec:cat > FILE"`) or by `virsh save`,
+    /// with its disk, as VM NAME's save (then `forage vm restore NAME`)
+    Import {
+        name: String,
+        /// The saved VM: a QEMU migration stream, or a `virsh save` file
+        saved: PathBuf,
+        /// Its disk (raw or qcow2)
+        #[arg(long)]
+        disk: PathBuf,
+        /// Guest image whose hardware (devices, kernel command line) the VM was saved with
+        #[arg(long, default_value = "tiny")]
+        image: String,
+        /// Guest port of the VM's service, forwarded to the host when it is restored
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause a running VM's vCPUs
     Pause { name: String },
     /// Resume a paused VM

@@ -9,6 +9,7 @@ mod service;
 mod synthesis;
 mod tactical;
 mod vm;
+mod vm_import;
 
 use anyhow::Context;
 use forage_datadir::DataDir;

@@ -46,6 +46,9 @@ pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::Save { name, force, json } => save(data, &name, force, json).await,
         VmCommand::Restore { name, from, json } => restore(data, &name, from.as_deref(), json).await,
+        VmCommand::Import { name, saved, disk, image, port, json } => {
+            super::vm_import::import(data, &name, &saved, &disk, &image, port, json).await
+        }
         VmCommand::Pause { name } => attached(data, &name).await?.pause().await.map_err(Into::into),
         VmCommand::Resume { name } => attached(data, &name).await?.resume().await.map_err(Into::into),
         VmCommand::Stop { name } => attached(data, &name).await?.shutdown().await.map_err(Into::into),
