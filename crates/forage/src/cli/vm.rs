@@ -33,8 +33,12 @@ pub enum VmCommand {
     Restore {
         name: String,
         /// Restore this snapshot folder (e.g. `forage overlay apply --out DIR`) as VM NAME
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "base")]
         from: Option<PathBuf>,
+        /// Resume base B as VM NAME, its disk a qcow2 layer over the base's that records
+        /// the VM's writes (a launch VM prepared by hand: `forage overlay create --from-vm`)
+        #[arg(long, value_name = "B")]
+        base: Option<String>,
         #[arg(long)]
         json: bool,
     },
