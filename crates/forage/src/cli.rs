@@ -275,8 +275,18 @@ pub struct OverlayCreateArgs {
     #[arg(long)]
     pub base: String,
     /// App folder (app.json + files) to install in the launch VM
-    #[arg(long, value_name = "DIR")]
-    pub app: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "from_vm")]
+    pub app: Option<PathBuf>,
+    /// Instead of --app: the saved VM NAME is the launch VM (`forage vm restore NAME
+    /// --base B`, changed by hand, `forage vm save NAME`; or `forage vm import`)
+    #[arg(long, value_name = "NAME", conflicts_with = "app")]
+    pub from_vm: Option<String>,
+    /// With --from-vm: the guest port of the VM's service [default: the VM's app port]
+    #[arg(long, requires = "from_vm")]
+    pub port: Option<u16>,
+    /// With --from-vm: a request line whose answer shows the service works
+    #[arg(long, requires = "from_vm")]
+    pub probe: Option<String>,
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
     #[command(flatten)]

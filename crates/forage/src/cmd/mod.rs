@@ -4,6 +4,7 @@ mod base;
 mod handoff;
 mod image;
 mod overlay;
+mod overlay_from_vm;
 mod pair;
 mod service;
 mod synthesis;
