@@ -194,6 +194,10 @@ pub enum BaseCommand {
         /// Guest image: `tiny` or `debian-12` (built with `forage image build`)
         #[arg(long, default_value = "tiny")]
         image: String,
+        /// Instead of booting the image: the saved VM NAME becomes the base (an imported
+        /// VM, or one prepared by hand and saved)
+        #[arg(long, value_name = "VM")]
+        from_vm: Option<String>,
         /// Seconds to let the guest settle before the save
         #[arg(long, default_value_t = 5)]
         settle_s: u64,

@@ -144,6 +144,13 @@ fn plain_qemu_and_virsh_saves_import_and_resume() {
     assert!(!out.status.success() && err.contains("byte 0: not a saved VM"), "{err}");
     assert!(!vms.join("imp-foreign").exists());
 
+    // The imported VM becomes a base (indexed, its own copy).
+    let _ = forage_synth::BaseVm::remove(&data_dir(), "imp-base");
+    let b = json_out(&forage(&["base", "create", "imp-base", "--from-vm", "imp", "--json"]).output().unwrap());
+    assert_eq!(b["image"], "vm:imp");
+    assert!(b["indexed_chunks"].as_u64().unwrap() > 1000, "{b}");
+    forage_synth::BaseVm::remove(&data_dir(), "imp-base").unwrap();
+
     for n in ["imp", "imp-virsh"] {
         assert!(forage(&["vm", "rm", n]).status().unwrap().success());
     }

@@ -71,6 +71,7 @@ pub fn convert<R: Read>(
         let w = writer.as_mut().expect("writer until the device tail");
         match ev {
             Event::Configuration(c) => {
+                let at = 8; // the section follows the 8-byte header
                 if c.ignore_shared() {
                     return Err(refuse(at, "saved with x-ignore-shared: guest RAM is not inside the stream".into()));
                 }
