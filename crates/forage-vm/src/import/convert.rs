@@ -20,8 +20,8 @@ use std::path::Path;
 
 use forage_migstream::{Event, Page, Parser, StreamWriter, PAGE_SIZE};
 
+use super::error::ImportError;
 use super::reference::{device_list, DeviceId, Reference};
-use super::ImportError;
 use crate::spec::RAM_ID;
 
 /// RAMBlock names that hold guest RAM: QEMU's default (`-m`) and forage's backend.

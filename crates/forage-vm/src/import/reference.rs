@@ -12,7 +12,7 @@ use crate::accel::Accel;
 use crate::spec::VmSpec;
 use crate::vm::Vm;
 
-use super::ImportError;
+use super::error::ImportError;
 
 /// A device section's identity: QEMU's idstr and instance id.
 pub type DeviceId = (String, u32);

@@ -36,7 +36,7 @@ pub async fn create(data: &DataDir, vm: &str, args: &OverlayCreateArgs) -> anyho
     })
     .await?
     .with_context(|| format!("making the overlay of VM {vm} on base {}", args.base))?;
-    let signer = super::overlay::sign_overlay(data, &args.output)?;
+    let signer = forage_synth::build::sign_overlay(data, &args.output)?;
     let s = &report.manifest.stats;
     if args.json {
         crate::output::print_json(&json!({
