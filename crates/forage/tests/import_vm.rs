@@ -30,6 +30,21 @@ fn plain_qemu_save(dir: &Path, saved: &Path) -> (String, std::path::PathBuf) {
     let img = image();
     let run = RunPaths { dir: dir.join("plain"), qmp_socket: dir.join("plain.qmp") };
     let (spec, ports) = img.fresh_run("plain", &run, &[]).unwrap();
+    let mut qemu = spawn_plain(&spec, &[]);
+    let start = Instant::now();
+    while !std::fs::read_to_string(&spec.serial_log).unwrap_or_default().contains(&img.manifest().ready_marker) {
+        assert!(start.elapsed() < READY, "plain QEMU guest not ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let boot_id = agent_run(ports[0], &["cat", "/proc/sys/kernel/random/boot_id"]);
+    agent_run(ports[0], &["sh", "-c", "echo carried-on > /import-marker"]);
+    migrate_and_quit(&spec.qmp_socket, saved);
+    qemu.wait().unwrap();
+    (boot_id, spec.disks[0].path.clone())
+}
+
+/// QEMU started with the spec's devices (and `extra` arguments), RAM as plain `-m`.
+fn spawn_plain(spec: &forage_vm::VmSpec, extra: &[&str]) -> std::process::Child {
     let accel = forage_vm::accel::choose();
     let args: Vec<String> = spec.qemu_args(accel, false).iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let mut plain = Vec::new();
@@ -45,22 +60,20 @@ fn plain_qemu_save(dir: &Path, saved: &Path) -> (String, std::path::PathBuf) {
         }
     }
     assert!(!plain.iter().any(|a| a.contains("memory-backend")), "{plain:?}");
-    let mut qemu = Command::new(forage_vm::process::qemu_binary().unwrap())
+    Command::new(forage_vm::process::qemu_binary().unwrap())
         .args(&plain)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&spec.serial_log).unwrap_or_default().contains(&img.manifest().ready_marker) {
-        assert!(start.elapsed() < READY, "plain QEMU guest not ready");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let boot_id = agent_run(ports[0], &["cat", "/proc/sys/kernel/random/boot_id"]);
-    agent_run(ports[0], &["sh", "-c", "echo carried-on > /import-marker"]);
+        .unwrap()
+}
+
+/// `stop`, `migrate "exec:cat > SAVED"` until completed, `quit`.
+fn migrate_and_quit(qmp_socket: &Path, saved: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let qmp = forage_vm::qmp::Qmp::connect(&spec.qmp_socket, Duration::from_secs(10)).await.unwrap();
+        let qmp = forage_vm::qmp::Qmp::connect(qmp_socket, Duration::from_secs(10)).await.unwrap();
         qmp.execute("stop", None).await.unwrap();
         let uri = format!("exec:cat > {}", saved.display());
         qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))).await.unwrap();
@@ -74,8 +87,6 @@ fn plain_qemu_save(dir: &Path, saved: &Path) -> (String, std::path::PathBuf) {
         }
         let _ = qmp.execute("quit", None).await;
     });
-    qemu.wait().unwrap();
-    (boot_id, spec.disks[0].path.clone())
 }
 
 fn json_out(out: &std::process::Output) -> serde_json::Value {
@@ -154,4 +165,32 @@ fn plain_qemu_and_virsh_saves_import_and_resume() {
     for n in ["imp", "imp-virsh"] {
         assert!(forage(&["vm", "rm", n]).status().unwrap().success());
     }
+}
+
+/// A VM with a device the target does not have (a virtio-rng), saved before it ever ran
+/// (`-S`: no boot needed), is refused naming that device and the byte of its section.
+#[test]
+fn a_save_of_other_hardware_is_refused_with_the_device_and_offset() {
+    if skip_vm_tests() {
+        return;
+    }
+    let img = image();
+    let tmp = tempfile::tempdir_in(data_dir().root()).unwrap();
+    let run = RunPaths { dir: tmp.path().join("other"), qmp_socket: tmp.path().join("other.qmp") };
+    let (spec, _) = img.fresh_run("other", &run, &[]).unwrap();
+    assert!(!spec.virtio_rng, "the tiny image has no virtio-rng");
+    let mut qemu = spawn_plain(&spec, &["-S", "-device", "virtio-rng-pci,id=extra-rng"]);
+    let saved = tmp.path().join("other.qemu");
+    migrate_and_quit(&spec.qmp_socket, &saved);
+    qemu.wait().unwrap();
+    let _ = forage(&["vm", "rm", "imp-other"]).output();
+    let (s, d) = (saved.to_str().unwrap(), spec.disks[0].path.to_str().unwrap());
+    let out = forage(&["vm", "import", "imp-other", s, "--disk", d]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("virtio-rng") && err.contains("is not one the target VM offers"), "{err}");
+    let offset: u64 = err.split("byte ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
+    let bytes = std::fs::read(&saved).unwrap();
+    assert_eq!(bytes[offset as usize], 0x04, "the offset is that of the device's FULL section: {err}");
+    assert!(!data_dir().vms().join("imp-other").exists());
 }
