@@ -116,7 +116,7 @@ pub enum RestoreRunError {
 /// Restore `snap` as VM `name` into a fresh `run` folder, its guest ports forwarded to
 /// newly chosen loopback ports.
 pub async fn restore_fresh(snap: &Snapshot, name: &str, run: &RunPaths, accel: Accel) -> Result<Vm, RestoreRunError> {
-    restore_in(snap, name, run, accel, None).await
+    restore_in(snap, name, run, accel, None, None).await
 }
 
 /// [`restore_fresh`] with the disk a qcow2 layer over `backing` (the snapshot's own raw
@@ -129,7 +129,20 @@ pub async fn restore_layered(
     accel: Accel,
     backing: &std::path::Path,
 ) -> Result<Vm, RestoreRunError> {
-    restore_in(snap, name, run, accel, Some(backing)).await
+    restore_in(snap, name, run, accel, Some(backing), None).await
+}
+
+/// [`restore_layered`] with the serial console also on the unix socket `console` (an
+/// operator's terminal: `forage overlay create --interactive`).
+pub async fn restore_layered_with_console(
+    snap: &Snapshot,
+    name: &str,
+    run: &RunPaths,
+    accel: Accel,
+    backing: &std::path::Path,
+    console: &std::path::Path,
+) -> Result<Vm, RestoreRunError> {
+    restore_in(snap, name, run, accel, Some(backing), Some(console)).await
 }
 
 async fn restore_in(
@@ -138,6 +151,7 @@ async fn restore_in(
     run: &RunPaths,
     accel: Accel,
     backing: Option<&std::path::Path>,
+    console: Option<&std::path::Path>,
 ) -> Result<Vm, RestoreRunError> {
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
@@ -155,6 +169,7 @@ async fn restore_in(
     std::fs::create_dir_all(&run.dir).map_err(io(&run.dir))?;
     let mut spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(forwards));
     spec.name = name.to_string();
+    spec.serial_socket = console.map(|c| c.to_path_buf());
     let mut opts = forage_vm::RestoreOptions::default();
     if let Some(backing) = backing {
         // qemu-img resolves a relative backing file against the layer's folder.
