@@ -279,17 +279,22 @@ pub struct OverlayCreateArgs {
     #[arg(long)]
     pub base: String,
     /// App folder (app.json + files) to install in the launch VM
-    #[arg(long, value_name = "DIR", required_unless_present = "from_vm")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["from_vm", "interactive"])]
     pub app: Option<PathBuf>,
     /// Instead of --app: the saved VM NAME is the launch VM (`forage vm restore NAME
     /// --base B`, changed by hand, `forage vm save NAME`; or `forage vm import`)
     #[arg(long, value_name = "NAME", conflicts_with = "app")]
     pub from_vm: Option<String>,
-    /// With --from-vm: the guest port of the VM's service [default: the VM's app port]
-    #[arg(long, requires = "from_vm")]
+    /// Instead of --app: resume the base with its serial console on this terminal; the
+    /// overlay is made when the session ends (Ctrl-] or end of input)
+    #[arg(long, conflicts_with_all = ["app", "from_vm"])]
+    pub interactive: bool,
+    /// With --from-vm or --interactive: the guest port of the VM's service [default: the
+    /// VM's app port]
+    #[arg(long)]
     pub port: Option<u16>,
-    /// With --from-vm: a request line whose answer shows the service works
-    #[arg(long, requires = "from_vm")]
+    /// With --from-vm or --interactive: a request line whose answer shows the service works
+    #[arg(long)]
     pub probe: Option<String>,
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,

@@ -1,7 +1,8 @@
 //! A launch VM prepared by hand: `forage vm restore lv --base B` (disk on a qcow2 layer
 //! over the base's), the app installed through the guest, `forage vm save lv`, then
 //! `forage overlay create --base B --from-vm lv`; the overlay synthesizes on a cloudlet
-//! and its service answers.
+//! and its service answers. Then `--interactive` on the same base: its serial console on
+//! the terminal, the overlay made when the session ends.
 
 use std::io::BufRead;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -103,6 +104,32 @@ async fn overlay_from_a_hand_made_launch_vm_synthesizes_and_answers() {
     assert!(report.answer.starts_with("ok "), "{}", report.answer);
     session.close().await;
     server.abort();
+
+    // --interactive: the base's serial console on the terminal (here a pipe); the end of
+    // input ends the session, and the overlay is made of what the VM became.
+    let iovl = data.work().join("interactive.ovl");
+    let mut session =
+        forage(&["overlay", "create", "--base", "fromvm", "--interactive", "-o", iovl.to_str().unwrap(), "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let stdin = session.stdin.take().unwrap();
+    let mut console = std::io::BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("forage-tick") {
+        line.clear();
+        assert!(console.read_line(&mut line).unwrap() > 0, "the console ended before the guest spoke");
+    }
+    drop(stdin); // end of the session
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut console, &mut rest).unwrap();
+    assert!(session.wait().unwrap().success());
+    let made: serde_json::Value = serde_json::from_str(rest.lines().last().unwrap()).unwrap();
+    assert!(made["disk_tracking"].as_str().unwrap().contains("qcow2 layer"), "{made}");
+    assert!(made["modified_memory_chunks"].as_u64().unwrap() > 0, "the guest ran: {made}");
+    assert!(iovl.exists());
+    let _ = std::fs::remove_file(&iovl);
 
     assert!(forage(&["vm", "rm", "handmade"]).status().unwrap().success());
     BaseVm::remove(&data, "fromvm").unwrap();

@@ -5,6 +5,7 @@ mod handoff;
 mod image;
 mod overlay;
 mod overlay_from_vm;
+mod overlay_interactive;
 mod pair;
 mod service;
 mod synthesis;

@@ -86,6 +86,9 @@ pub fn sign_overlay(data: &DataDir, ovl: &Path) -> anyhow::Result<String> {
 }
 
 async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
+    if args.interactive {
+        return super::overlay_interactive::create(data, &args).await;
+    }
     if let Some(vm) = &args.from_vm {
         return super::overlay_from_vm::create(data, vm, &args).await;
     }
