@@ -92,6 +92,7 @@ impl GuestImage {
             guest_agent: self.manifest.guest_agent.then(|| GuestAgentSpec { socket: run.guest_agent_socket() }),
             virtio_rng: self.manifest.virtio_rng,
             serial_log: run.dir.join("serial.log"),
+            serial_socket: None,
             qmp_socket: run.qmp_socket.clone(),
             control_socket: Some(run.qmp_socket.with_extension("ctl")),
         };

@@ -116,6 +116,43 @@ pub enum RestoreRunError {
 /// Restore `snap` as VM `name` into a fresh `run` folder, its guest ports forwarded to
 /// newly chosen loopback ports.
 pub async fn restore_fresh(snap: &Snapshot, name: &str, run: &RunPaths, accel: Accel) -> Result<Vm, RestoreRunError> {
+    restore_in(snap, name, run, accel, None, None).await
+}
+
+/// [`restore_fresh`] with the disk a qcow2 layer over `backing` (the snapshot's own raw
+/// disk, left untouched, e.g. a base's): the layer records what the VM writes, so an
+/// overlay made from its save knows the changed chunks without comparing them all.
+pub async fn restore_layered(
+    snap: &Snapshot,
+    name: &str,
+    run: &RunPaths,
+    accel: Accel,
+    backing: &std::path::Path,
+) -> Result<Vm, RestoreRunError> {
+    restore_in(snap, name, run, accel, Some(backing), None).await
+}
+
+/// [`restore_layered`] with the serial console also on the unix socket `console` (an
+/// operator's terminal: `forage overlay create --interactive`).
+pub async fn restore_layered_with_console(
+    snap: &Snapshot,
+    name: &str,
+    run: &RunPaths,
+    accel: Accel,
+    backing: &std::path::Path,
+    console: &std::path::Path,
+) -> Result<Vm, RestoreRunError> {
+    restore_in(snap, name, run, accel, Some(backing), Some(console)).await
+}
+
+async fn restore_in(
+    snap: &Snapshot,
+    name: &str,
+    run: &RunPaths,
+    accel: Accel,
+    backing: Option<&std::path::Path>,
+    console: Option<&std::path::Path>,
+) -> Result<Vm, RestoreRunError> {
     let io = |path: &std::path::Path| {
         let path = path.to_path_buf();
         move |source| RestoreRunError::Io { path, source }
@@ -132,9 +169,27 @@ pub async fn restore_fresh(snap: &Snapshot, name: &str, run: &RunPaths, accel: A
     std::fs::create_dir_all(&run.dir).map_err(io(&run.dir))?;
     let mut spec = snap.relocated_spec(&run.dir, &run.qmp_socket, Some(forwards));
     spec.name = name.to_string();
-    Vm::restore(snap, spec, accel, &run.dir.join("qemu.log")).await.map_err(|source| RestoreRunError::Restore {
-        name: name.into(),
-        dir: snap.dir().to_path_buf(),
-        source,
-    })
+    spec.serial_socket = console.map(|c| c.to_path_buf());
+    let mut opts = forage_vm::RestoreOptions::default();
+    if let Some(backing) = backing {
+        // qemu-img resolves a relative backing file against the layer's folder.
+        let backing = std::fs::canonicalize(backing).map_err(io(backing))?;
+        let layer = run.dir.join("disk0.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-F", "raw", "-b"])
+            .arg(&backing)
+            .arg(&layer)
+            .output()
+            .map_err(io(std::path::Path::new("qemu-img")))?;
+        if !out.status.success() {
+            let detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(RestoreRunError::Io { path: layer, source: std::io::Error::other(detail) });
+        }
+        spec.disks[0].path = layer;
+        spec.disks[0].format = forage_vm::DiskFormat::Qcow2;
+        opts.copy_disks = false;
+    }
+    Vm::restore_with(snap, spec, accel, &run.dir.join("qemu.log"), opts)
+        .await
+        .map_err(|source| RestoreRunError::Restore { name: name.into(), dir: snap.dir().to_path_buf(), source })
 }

@@ -124,6 +124,52 @@ impl BaseVm {
         Self::open(data, name)
     }
 
+    /// A saved VM (imported, or prepared by hand) becomes base `name`: its snapshot copied
+    /// (holes kept; a qcow2 layer flattened to raw, so the base names no other file) and
+    /// indexed. `label` is recorded as the base's image.
+    pub fn from_saved(data: &DataDir, name: &str, label: &str, saved: &Snapshot) -> Result<Self, SynthError> {
+        let final_dir = data.base(name)?;
+        if final_dir.exists() {
+            return Err(SynthError::Exists { what: format!("base {name}"), path: final_dir });
+        }
+        let work = data.bases().join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let result = (|| {
+            let dir = work.join("snapshot");
+            let io = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| SynthError::Io { path, source }
+            };
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let mut files = vec![saved.memory_path(), saved.state_path()];
+            files.extend(saved.disk_paths());
+            files.push(saved.dir().join(forage_vm::snapshot::MANIFEST_FILE));
+            for from in &files {
+                let to = dir.join(from.file_name().expect("a file"));
+                forage_vm::sparse::copy_sparse(from, &to).map_err(io(from))?;
+            }
+            let mut snapshot = Snapshot::open(&dir)?;
+            if snapshot.manifest().spec.disks.first().is_some_and(|d| d.format == forage_vm::DiskFormat::Qcow2) {
+                let layer = snapshot.disk_paths()[0].clone();
+                let flat = work.join("disk0.raw");
+                crate::run_tool(
+                    std::process::Command::new("qemu-img")
+                        .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+                        .arg(&layer)
+                        .arg(&flat),
+                )?;
+                snapshot.replace_disk_with_raw(0, &flat)?;
+            }
+            finish(&work, name, label, &Snapshot::open(&dir)?)
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e);
+        }
+        std::fs::rename(&work, &final_dir).map_err(|source| SynthError::Io { path: final_dir.clone(), source })?;
+        Self::open(data, name)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -15,7 +15,7 @@
 //! the forage agent (`fstrim`, `fsfreeze` on `/data`).
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -290,7 +290,7 @@ async fn settle_reporting(memory: &Path, max: Duration) {
 }
 
 /// Chunks written and chunks discarded in a qcow2 layer (`qemu-img map`, depth 0).
-fn layer_chunks(layer: &PathBuf) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
+pub(crate) fn layer_chunks(layer: &Path) -> Result<(Vec<u64>, Vec<u64>), SynthError> {
     let out = run_tool(Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2"]).arg(layer))?;
     let ranges: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
         .map_err(|e| SynthError::Tool { tool: "qemu-img map".into(), detail: e.to_string() })?;

@@ -17,6 +17,7 @@ mod pack;
 pub mod package;
 pub mod profile;
 pub mod residue;
+pub mod saved;
 
 pub(crate) use forage_datadir::DataDir;
 

@@ -64,6 +64,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         guest_agent: None,
         virtio_rng: false,
         serial_log: dir.join("serial.log"),
+        serial_socket: None,
         qmp_socket: dir.join("q.sock"),
         control_socket: None,
     };

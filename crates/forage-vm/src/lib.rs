@@ -17,6 +17,7 @@ pub mod accel;
 pub mod cpu;
 pub mod dirty;
 mod error;
+pub mod import;
 pub mod process;
 pub mod qga;
 pub mod qmp;

@@ -273,6 +273,7 @@ impl Snapshot {
             disk.path = run_dir.join(format!("disk{i}.raw"));
         }
         spec.serial_log = run_dir.join("serial.log");
+        spec.serial_socket = None;
         spec.qmp_socket = qmp_socket.to_path_buf();
         spec.control_socket = Some(qmp_socket.with_extension("ctl"));
         if let Some(ga) = spec.guest_agent.as_mut() {

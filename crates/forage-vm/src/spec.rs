@@ -71,6 +71,11 @@ pub struct VmSpec {
     pub virtio_rng: bool,
     /// Where the guest's serial console is written.
     pub serial_log: PathBuf,
+    /// Also offer the serial console on this unix socket (QEMU listens; one client at a
+    /// time), for an operator's terminal; the log is still written. Not guest-visible:
+    /// outside the hardware fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_socket: Option<PathBuf>,
     /// QMP unix socket of the process that supervises QEMU (at most 107 bytes of path).
     pub qmp_socket: PathBuf,
     /// A second QMP socket for other processes (`forage vm save` from another terminal):
@@ -240,7 +245,15 @@ impl VmSpec {
             a.pair("-object", "rng-random,id=rng0,filename=/dev/urandom");
             a.pair("-device", "virtio-rng-pci,rng=rng0,id=rng0dev");
         }
-        let mut serial = OsString::from("file,id=serial0,path=");
+        let mut serial = match &self.serial_socket {
+            Some(sock) => {
+                let mut c = OsString::from("socket,id=serial0,server=on,wait=off,path=");
+                c.push(escape_commas(sock.as_os_str()));
+                c.push(",logfile=");
+                c
+            }
+            None => OsString::from("file,id=serial0,path="),
+        };
         serial.push(escape_commas(self.serial_log.as_os_str()));
         a.pair("-chardev", serial);
         a.pair("-serial", "chardev:serial0");
@@ -387,6 +400,7 @@ mod tests {
             guest_agent: None,
             virtio_rng: false,
             serial_log: "/d/serial.log".into(),
+            serial_socket: None,
             qmp_socket: "/r/qmp.sock".into(),
             control_socket: Some("/r/ctl.sock".into()),
         }
@@ -474,6 +488,20 @@ mod tests {
             "direct_boot": "console=ttyS0", "disks": [[false, true]], "nic": true, "balloon": true,
         });
         assert_eq!(sample().hardware_fingerprint(), hex::encode(Sha256::digest(hw.to_string().as_bytes())));
+    }
+
+    #[test]
+    fn serial_console_on_a_socket_keeps_the_log_and_the_fingerprint() {
+        let mut spec = sample();
+        let before = spec.hardware_fingerprint();
+        spec.serial_socket = Some("/r/con,sole".into());
+        let s = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(
+            s.contains("-chardev socket,id=serial0,server=on,wait=off,path=/r/con,,sole,logfile=/d/serial.log"),
+            "{s}"
+        );
+        assert_eq!(spec.hardware_fingerprint(), before, "the console's host end is not guest-visible");
+        assert!(serde_json::to_value(sample()).unwrap().get("serial_socket").is_none());
     }
 
     #[test]

@@ -85,7 +85,8 @@ impl Vm {
         check_inputs(&spec)?;
         // A stale socket would let us talk to nobody; a stale serial log would show old output.
         let _ = std::fs::remove_file(&spec.qmp_socket);
-        for socket in spec.control_socket.iter().chain(spec.guest_agent.as_ref().map(|g| &g.socket)) {
+        let sockets = spec.control_socket.iter().chain(spec.guest_agent.as_ref().map(|g| &g.socket));
+        for socket in sockets.chain(spec.serial_socket.iter()) {
             let _ = std::fs::remove_file(socket);
         }
         if let Some(dir) = spec.qmp_socket.parent() {
@@ -343,7 +344,7 @@ impl Vm {
         self.collect_snapshot(dir, &partial)
     }
 
-    async fn write_state(&self, partial: &Path) -> Result<(), SaveError> {
+    pub(crate) async fn write_state(&self, partial: &Path) -> Result<(), SaveError> {
         self.set_ignore_shared().await?;
         let uri = format!("exec:cat > {}", shell_quote(partial));
         self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await.map_err(VmError::from)?;

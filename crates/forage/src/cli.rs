@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod instances;
+mod vm;
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
+pub use vm::VmCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -192,6 +194,10 @@ pub enum BaseCommand {
         /// Guest image: `tiny` or `debian-12` (built with `forage image build`)
         #[arg(long, default_value = "tiny")]
         image: String,
+        /// Instead of booting the image: the saved VM NAME becomes the base (an imported
+        /// VM, or one prepared by hand and saved)
+        #[arg(long, value_name = "VM")]
+        from_vm: Option<String>,
         /// Seconds to let the guest settle before the save
         #[arg(long, default_value_t = 5)]
         settle_s: u64,
@@ -273,8 +279,23 @@ pub struct OverlayCreateArgs {
     #[arg(long)]
     pub base: String,
     /// App folder (app.json + files) to install in the launch VM
-    #[arg(long, value_name = "DIR")]
-    pub app: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["from_vm", "interactive"])]
+    pub app: Option<PathBuf>,
+    /// Instead of --app: the saved VM NAME is the launch VM (`forage vm restore NAME
+    /// --base B`, changed by hand, `forage vm save NAME`; or `forage vm import`)
+    #[arg(long, value_name = "NAME", conflicts_with = "app")]
+    pub from_vm: Option<String>,
+    /// Instead of --app: resume the base with its serial console on this terminal; the
+    /// overlay is made when the session ends (Ctrl-] or end of input)
+    #[arg(long, conflicts_with_all = ["app", "from_vm"])]
+    pub interactive: bool,
+    /// With --from-vm or --interactive: the guest port of the VM's service [default: the
+    /// VM's app port]
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// With --from-vm or --interactive: a request line whose answer shows the service works
+    #[arg(long)]
+    pub probe: Option<String>,
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
     #[command(flatten)]
@@ -519,68 +540,4 @@ pub enum AppCommand {
         #[command(flatten)]
         session: SessionArgs,
     },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum VmCommand {
-    /// Boot a VM from an image and supervise it in the foreground (Ctrl-C stops it)
-    Boot {
-        name: String,
-        /// Guest image: `tiny` or `debian-12` (apps naming Debian packages need debian-12)
-        #[arg(long, default_value = "tiny")]
-        image: String,
-        /// Install this app folder (with app.json) once the guest is ready, and forward its port
-        #[arg(long, value_name = "DIR")]
-        app: Option<PathBuf>,
-        #[command(flatten)]
-        wait: WaitArgs,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Save a running VM (from another terminal): memory file + device state, then QEMU exits
-    Save {
-        name: String,
-        /// Replace an earlier save of this VM
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Restore a saved VM and supervise it in the foreground; the save is kept
-    Restore {
-        name: String,
-        /// Restore this snapshot folder (e.g. `forage overlay apply --out DIR`) as VM NAME
-        #[arg(long, value_name = "DIR")]
-        from: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Pause a running VM's vCPUs
-    Pause { name: String },
-    /// Resume a paused VM
-    Resume { name: String },
-    /// Stop a running VM at once
-    Stop { name: String },
-    /// Run a command in the guest through its agent
-    Exec {
-        name: String,
-        #[arg(long, default_value_t = 60)]
-        timeout_s: u64,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-    /// List VMs and their state
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove a VM that is not running, with its save
-    Rm { name: String },
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct WaitArgs {
-    /// How long to wait for the guest to be ready
-    #[arg(long, default_value_t = 180, value_name = "SECONDS")]
-    pub ready_timeout_s: u64,
 }

@@ -21,7 +21,23 @@ fn describe(b: &BaseVm) -> serde_json::Value {
 
 pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
     match cmd {
-        BaseCommand::Create { name, image, settle_s, json } => {
+        BaseCommand::Create { name, from_vm: Some(vm), json, .. } => {
+            let paths = forage_image::vms::VmPaths::new(data, &vm)?;
+            let snap = forage_vm::Snapshot::open(&paths.snapshot).with_context(|| format!("VM {vm} has no save"))?;
+            let t = Instant::now();
+            let base = BaseVm::from_saved(data, &name, &format!("vm:{vm}"), &snap)
+                .with_context(|| format!("making VM {vm}'s save base {name}"))?;
+            if json {
+                crate::output::print_json(&describe(&base));
+            } else {
+                println!(
+                    "base {name} made from VM {vm} in {:.1} s, digest {}",
+                    t.elapsed().as_secs_f64(),
+                    base.digest()
+                );
+            }
+        }
+        BaseCommand::Create { name, image, settle_s, json, .. } => {
             let img = GuestImage::open(data, &image)?;
             let t = Instant::now();
             if !json {

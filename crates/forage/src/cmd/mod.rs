@@ -4,11 +4,14 @@ mod base;
 mod handoff;
 mod image;
 mod overlay;
+mod overlay_from_vm;
+mod overlay_interactive;
 mod pair;
 mod service;
 mod synthesis;
 mod tactical;
 mod vm;
+mod vm_import;
 
 use anyhow::Context;
 use forage_datadir::DataDir;

@@ -71,7 +71,7 @@ impl OverlayCreateArgs {
         };
         Ok(OverlayRequest {
             base: self.base.clone(),
-            app: self.app.clone(),
+            app: self.app.clone().context("--app or --from-vm is required")?,
             options: self.reduce.create_options()?,
             order,
             output: self.output.clone(),
@@ -86,6 +86,12 @@ pub fn sign_overlay(data: &DataDir, ovl: &Path) -> anyhow::Result<String> {
 }
 
 async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
+    if args.interactive {
+        return super::overlay_interactive::create(data, &args).await;
+    }
+    if let Some(vm) = &args.from_vm {
+        return super::overlay_from_vm::create(data, vm, &args).await;
+    }
     forage_vm::accel::choose(); // one warning line if this is TCG
     let quiet = args.json;
     let built = forage_synth::build::build_overlay(data, &args.request()?, &|s| {
@@ -94,7 +100,13 @@ async fn create(data: &DataDir, args: OverlayCreateArgs) -> anyhow::Result<()> {
         }
     })
     .await
-    .with_context(|| format!("building the overlay of {} on base {}", args.app.display(), args.base))?;
+    .with_context(|| {
+        format!(
+            "building the overlay of {} on base {}",
+            args.app.as_deref().unwrap_or(Path::new("")).display(),
+            args.base
+        )
+    })?;
     let (report, launch_s) = (built.report, built.launch.as_secs_f64());
     let s = &report.manifest.stats;
     let mbps = s.modified_bytes as f64 / 1e6 / report.took.as_secs_f64().max(1e-6);

@@ -45,7 +45,12 @@ pub async fn run(data: &DataDir, cmd: VmCommand) -> anyhow::Result<()> {
             boot(data, &name, &image, app.as_deref(), wait.ready_timeout_s, json).await
         }
         VmCommand::Save { name, force, json } => save(data, &name, force, json).await,
-        VmCommand::Restore { name, from, json } => restore(data, &name, from.as_deref(), json).await,
+        VmCommand::Restore { name, from, base, json } => {
+            restore(data, &name, from.as_deref(), base.as_deref(), json).await
+        }
+        VmCommand::Import { name, saved, disk, image, port, json } => {
+            super::vm_import::import(data, &name, &saved, &disk, &image, port, json).await
+        }
         VmCommand::Pause { name } => attached(data, &name).await?.pause().await.map_err(Into::into),
         VmCommand::Resume { name } => attached(data, &name).await?.resume().await.map_err(Into::into),
         VmCommand::Stop { name } => attached(data, &name).await?.shutdown().await.map_err(Into::into),
@@ -220,9 +225,20 @@ pub fn report_snapshot(name: &str, snap: &Snapshot, took: Duration, json: bool) 
     }
 }
 
-async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) -> anyhow::Result<()> {
+async fn restore(
+    data: &DataDir,
+    name: &str,
+    from: Option<&Path>,
+    base: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
-    let snap = Snapshot::open(from.unwrap_or(&paths.snapshot))?;
+    let base = base.map(|b| forage_synth::BaseVm::open(data, b)).transpose()?;
+    let snap = match &base {
+        Some(b) => b.snapshot().clone(),
+        None => Snapshot::open(from.unwrap_or(&paths.snapshot))?,
+    };
+    let from = base.as_ref().map(|b| b.snapshot().dir()).or(from);
     let mut record = match (paths.load(), from) {
         (Ok(r), _) => r,
         (Err(_), Some(_)) => {
@@ -250,7 +266,14 @@ async fn restore(data: &DataDir, name: &str, from: Option<&Path>, json: bool) ->
         bail!("VM {name} is running (pid {}); save or stop it first", record.pid.unwrap_or(0));
     }
     let t = Instant::now();
-    let vm = restore_snapshot(&snap, name, &paths.run, forage_vm::accel::choose()).await?;
+    let accel = forage_vm::accel::choose();
+    let vm = match &base {
+        Some(b) => {
+            record.image = format!("base:{}", b.manifest().name);
+            forage_image::vms::restore_layered(&snap, name, &paths.run, accel, &b.disk_path()).await?
+        }
+        None => restore_snapshot(&snap, name, &paths.run, accel).await?,
+    };
     let took = t.elapsed();
     // New host ports, same guest ports.
     let fwd = vm.spec().nic.as_ref().map(|n| n.forwards.clone()).unwrap_or_default();
