@@ -28,10 +28,12 @@ pub async fn import(
     let guest_ports: Vec<u16> = port.into_iter().collect();
     let (mut target, _) = image.fresh_run(name, &paths.run, &guest_ports)?;
     let _ = std::fs::remove_file(&target.disks[0].path); // the image's disk: not this VM's
-    if ram % (1 << 20) != 0 {
-        bail!("{}: guest RAM of {ram} bytes is not a whole number of MiB", saved.display());
+    if !ram.is_multiple_of(8192) {
+        bail!("{}: guest RAM of {ram} bytes is not a whole number of 8 KiB (QEMU's -m)", saved.display());
     }
+    // QEMU's own saves have whole MiB; forage's have a tail (forage_vm::spec::RAM_TAIL_KIB).
     target.memory_mib = ram >> 20;
+    target.memory_tail_kib = (ram % (1 << 20)) >> 10;
     let accel = forage_vm::accel::choose();
     let req = ImportRequest {
         saved: saved.to_path_buf(),
