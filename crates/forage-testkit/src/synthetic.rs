@@ -49,6 +49,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         machine: "pc".into(),
         cpu_model: None,
         vcpus: 1,
+        max_vcpus: None,
         memory_mib: (MEM_CHUNKS * CHUNK_SIZE as u64) >> 20,
         memory_file: dir.join("memory.raw"),
         boot: None,

@@ -27,6 +27,10 @@ pub struct VmSpec {
     #[serde(default)]
     pub cpu_model: Option<String>,
     pub vcpus: u32,
+    /// vCPUs that may be hot-plugged later (`-smp VCPUS,maxcpus=N`): a docked substrate
+    /// runs on one and grows on activation. Absent from older specs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     pub memory_mib: u64,
     /// The file that holds guest RAM.
     pub memory_file: PathBuf,
@@ -158,7 +162,10 @@ impl VmSpec {
         if let Some(cpu) = &self.cpu_model {
             a.pair("-cpu", cpu);
         }
-        a.pair("-smp", self.vcpus.to_string());
+        match self.max_vcpus {
+            Some(max) => a.pair("-smp", format!("{},maxcpus={max}", self.vcpus)),
+            None => a.pair("-smp", self.vcpus.to_string()),
+        }
         a.pair("-m", format!("{}M", self.memory_mib));
         let mut ram =
             OsString::from(format!("memory-backend-file,id={RAM_ID},size={}M,share=on,mem-path=", self.memory_mib));
@@ -258,6 +265,9 @@ impl VmSpec {
         if self.virtio_rng {
             hw["virtio_rng"] = serde_json::Value::Bool(true);
         }
+        if let Some(max) = self.max_vcpus {
+            hw["max_vcpus"] = max.into();
+        }
         hex::encode(Sha256::digest(hw.to_string().as_bytes()))
     }
 
@@ -329,6 +339,7 @@ mod tests {
             machine: "pc".into(),
             cpu_model: None,
             vcpus: 1,
+            max_vcpus: None,
             memory_mib: 256,
             memory_file: "/d/mem,ory.raw".into(),
             boot: Some(DirectBoot {
