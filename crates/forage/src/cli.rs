@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod instances;
+mod substrate;
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
+pub use substrate::SubstrateCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,6 +92,10 @@ pub enum Command {
     /// Service VMs held by this cloudlet (cached-VM offload, app store, baseline VMs per OS)
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// VM substrates: docked, shrunk VMs in a memory-budgeted pool, activated on request,
+    /// multicast to other hosts
+    #[command(subcommand)]
+    Substrate(SubstrateCommand),
     /// Cached VM: start a transient copy-on-write instance of a service VM the cloudlet
     /// holds and print its endpoint
     Offload {
