@@ -32,6 +32,9 @@ pub struct Channel {
     pub interface: String,
     /// Even port: udpcast uses it and the next one.
     pub portbase: u16,
+    /// Unicast to a single receiver (udpcast's point-to-point mode), the peer that
+    /// multicast is measured against.
+    pub unicast: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +115,9 @@ pub async fn push(
         .args(["--ttl", "1", "--nokbd"])
         .args(["--min-receivers", &receivers.max(1).to_string()])
         .args(["--max-wait", &wait.as_secs().max(1).to_string()]);
+    if ch.unicast {
+        cmd.arg("--pointopoint");
+    }
     run("udp-sender", cmd, wait + Duration::from_secs(600)).await?;
     Ok(PushReport { name: name.into(), bytes, receivers, seconds: start.elapsed().as_secs_f64() })
 }

@@ -1,15 +1,13 @@
 //! The substrate file: a round trip keeps every byte and every hole; any damage is refused
 //! with one line before a sink sees a byte it would have to undo.
 
-mod common;
-
 use forage_substrate::format::{self, DecodeError, ToFiles};
 use forage_testkit::synthetic;
 
 #[test]
 fn round_trip_keeps_data_and_holes_and_damage_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    let (file, m) = common::synthetic_substrate(t.path(), "s1", 20);
+    let (file, m) = synthetic::substrate(t.path(), "s1", 20);
     let mem = &m.sections[0];
     assert_eq!((mem.name.as_str(), mem.extents, mem.data_bytes), ("memory", 20, 20 * 4096));
     assert_eq!(format::verify(&file).unwrap().name, "s1");

@@ -78,6 +78,9 @@ pub enum SubstrateCommand {
         /// Seconds to wait for the receivers
         #[arg(long, default_value_t = 30)]
         wait: u64,
+        /// Unicast to the one receiver instead (udpcast's point-to-point mode)
+        #[arg(long)]
+        unicast: bool,
         #[arg(long)]
         json: bool,
     },

@@ -107,8 +107,11 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
             println!("pool budget: {mib} MiB");
             Ok(())
         }
-        SubstrateCommand::Push { name, receivers, interface, portbase, wait, json } => {
-            let ch = Channel { interface, portbase };
+        SubstrateCommand::Push { name, receivers, interface, portbase, wait, unicast, json } => {
+            if unicast && receivers != 1 {
+                bail!("--unicast sends to exactly one receiver");
+            }
+            let ch = Channel { interface, portbase, unicast };
             let r = forage_substrate::push(&pool, &name, receivers, &ch, Duration::from_secs(wait)).await?;
             if json {
                 print_json(&r);
@@ -124,7 +127,7 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
             Ok(())
         }
         SubstrateCommand::Receive { interface, portbase, wait, json } => {
-            let ch = Channel { interface, portbase };
+            let ch = Channel { interface, portbase, unicast: false };
             let (_, r) = forage_substrate::receive(&pool, &ch, Duration::from_secs(wait)).await?;
             if json {
                 print_json(&r);
