@@ -6,8 +6,8 @@
 //! 4. The base disk is decoded once per substrate (read-only); the activation gets a qcow2
 //!    copy-on-write layer over it, its own memory file and device state in its run folder.
 //! 5. QEMU restores the VM with a NIC whose forwards are fresh loopback ports, then the
-//!    VM grows: vCPUs hot-plugged (and onlined in the guest through the agent, which is
-//!    the first response), balloon deflated to the requested memory.
+//!    VM grows: vCPUs hot-plugged (and onlined in the guest through the agent, once its
+//!    ping, the first response, has come back), balloon deflated to the requested memory.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -85,10 +85,9 @@ pub struct ActivationReport {
     pub verify_seconds: f64,
     pub decode_seconds: f64,
     pub restore_seconds: f64,
-    /// From the start of the activation to the guest's first answer (the agent onlining
-    /// the plugged vCPUs).
+    /// From the start of the activation to the guest's first answer (the agent's ping).
     pub first_response_seconds: f64,
-    /// Until the balloon has given the guest its memory.
+    /// Until the vCPUs are online and the balloon has given the guest its memory.
     pub total_seconds: f64,
     pub agent_port: u16,
     pub service_port: Option<(u16, u16)>,
@@ -141,7 +140,11 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     // Verified: now write. Base disks once per substrate, memory and state per activation.
     let t = Instant::now();
     let base_dir = pool.disks_dir(&name)?;
-    let bases = ensure_base_disks(&file, &manifest, &base_dir)?;
+    // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
+    let bases = ensure_base_disks(&file, &manifest, &base_dir)?
+        .into_iter()
+        .map(|b| std::fs::canonicalize(&b).map_err(io(&b)))
+        .collect::<Result<Vec<_>, _>>()?;
     let snap_dir = req.run.dir.join("substrate");
     let _ = std::fs::remove_dir_all(&req.run.dir);
     std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
@@ -200,12 +203,14 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
          sleep 0.05; i=$((i+1)); done; for c in /sys/devices/system/cpu/cpu[0-9]*; do \
          [ -f $c/online ] && [ $(cat $c/online) = 0 ] && echo 1 > $c/online; done; nproc"
     );
-    let out = with_agent(agent_port, Duration::from_secs(30), move |a| {
-        a.exec_ok(&["sh", "-c", &online], Duration::from_secs(30))
+    // The agent's ping (inside the connect) is the first response; onlining the vCPUs
+    // follows on the same connection.
+    let (first_response_seconds, out) = with_agent(agent_port, Duration::from_secs(30), move |a| {
+        let first = start.elapsed().as_secs_f64();
+        Ok((first, a.exec_ok(&["sh", "-c", &online], Duration::from_secs(30))?))
     })
     .await
     .map_err(ActivateError::Agent)?;
-    let first_response_seconds = start.elapsed().as_secs_f64();
     let guest_vcpus = out.stdout.trim().parse().unwrap_or(0);
     vm.set_balloon(target, Duration::from_secs(60)).await.map_err(ActivateError::Expand)?;
     let total_seconds = start.elapsed().as_secs_f64();
