@@ -164,6 +164,22 @@ async fn measure(
         None,
     ));
     rows.push(row(
+        "first activation (decodes the base disk)",
+        activations[0].first_response_seconds,
+        "s",
+        None,
+        "",
+        None,
+    ));
+    rows.push(row(
+        &format!("activation grown to {} vCPUs, {} MiB", cores, image.manifest().memory_mib),
+        act.total_seconds,
+        "s",
+        None,
+        &format!("guest sees {} vCPUs, MemTotal {} MiB", act.guest_vcpus, act.guest_mem_total_bytes >> 20),
+        None,
+    ));
+    rows.push(row(
         "  of which verify / decode / restore",
         act.verify_seconds + act.decode_seconds + act.restore_seconds,
         "s",

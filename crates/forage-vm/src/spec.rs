@@ -435,6 +435,16 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_to_plug_later_are_hardware() {
+        let mut spec = sample();
+        let before = spec.hardware_fingerprint();
+        spec.max_vcpus = Some(4);
+        assert!(joined(&spec.qemu_args(Accel::Tcg, false)).contains("-smp 1,maxcpus=4"));
+        assert_ne!(spec.hardware_fingerprint(), before, "a restore needs the same hot-plug slots");
+        assert!(serde_json::to_value(sample()).unwrap().get("max_vcpus").is_none());
+    }
+
+    #[test]
     fn spec_json_refuses_unknown_fields() {
         let mut v = serde_json::to_value(sample()).unwrap();
         assert_eq!(serde_json::from_value::<VmSpec>(v.clone()).unwrap(), sample());
