@@ -3,8 +3,9 @@
 //! 1. The pool hands over the substrate file (read back into memory if it was spilled).
 //! 2. The whole file is verified (structure, caps, checksum) before anything is written.
 //! 3. This host's image of the substrate's name and recipe gives kernel and initramfs.
-//! 4. The base disk is decoded once per substrate (read-only); the activation gets a qcow2
-//!    copy-on-write layer over it, its own memory file and device state in its run folder.
+//! 4. The base disk is decoded once per substrate (read-only): this host's image disk with
+//!    the substrate's differences written over it; the activation gets a qcow2
+//!    copy-on-write layer over that, its own memory file and device state in its run folder.
 //! 5. QEMU restores the VM with a NIC whose forwards are fresh loopback ports, then the
 //!    VM grows: vCPUs hot-plugged (and onlined in the guest through the agent, once its
 //!    ping, the first response, has come back), balloon deflated to the requested memory.
@@ -141,7 +142,7 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let t = Instant::now();
     let base_dir = pool.disks_dir(&name)?;
     // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
-    let bases = ensure_base_disks(&file, &manifest, &base_dir)?
+    let bases = ensure_base_disks(&file, &manifest, &base_dir, &image.disk())?
         .into_iter()
         .map(|b| std::fs::canonicalize(&b).map_err(io(&b)))
         .collect::<Result<Vec<_>, _>>()?;
@@ -240,7 +241,12 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
 
 /// The substrate's disks decoded into `dir` (once: later activations find them), made
 /// read-only: they are the backing files of every activation's copy-on-write layer.
-fn ensure_base_disks(file: &Path, m: &SubstrateManifest, dir: &Path) -> Result<Vec<PathBuf>, ActivateError> {
+fn ensure_base_disks(
+    file: &Path,
+    m: &SubstrateManifest,
+    dir: &Path,
+    image_disk: &Path,
+) -> Result<Vec<PathBuf>, ActivateError> {
     let paths: Vec<PathBuf> = (0..m.snapshot.disks.len()).map(|i| dir.join(format!("disk{i}.raw"))).collect();
     if paths.iter().all(|p| p.is_file()) {
         return Ok(paths);
@@ -250,7 +256,8 @@ fn ensure_base_disks(file: &Path, m: &SubstrateManifest, dir: &Path) -> Result<V
     std::fs::create_dir_all(&partial).map_err(io(&partial))?;
     let targets = (0..paths.len()).map(|i| (format!("disk{i}"), partial.join(format!("disk{i}.raw")))).collect();
     let f = std::fs::File::open(file).map_err(io(file))?;
-    format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut ToFiles::new(targets))
+    let mut sink = ToFiles::new(targets).with_base("disk0", image_disk.to_path_buf());
+    format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut sink)
         .map_err(|source| ActivateError::Refused { name: m.name.clone(), source })?;
     for i in 0..paths.len() {
         let p = partial.join(format!("disk{i}.raw"));

@@ -207,11 +207,13 @@ async fn dock_in(
         snapshot: snap.manifest().clone(),
         sections: Vec::new(),
     };
-    let mut inputs = vec![SectionInput { name: "memory".into(), path: snap.memory_path() }];
+    // The disk started as a copy of the image's: only what differs is kept.
+    let mut inputs = vec![SectionInput { name: "memory".into(), path: snap.memory_path(), base: None }];
     for (i, p) in snap.disk_paths().into_iter().enumerate() {
-        inputs.push(SectionInput { name: format!("disk{i}"), path: p });
+        let base = (i == 0).then(|| req.image.disk());
+        inputs.push(SectionInput { name: format!("disk{i}"), path: p, base });
     }
-    inputs.push(SectionInput { name: "state".into(), path: snap.state_path() });
+    inputs.push(SectionInput { name: "state".into(), path: snap.state_path(), base: None });
     let compressed = format::encode(staging, &mut manifest, &inputs, work)
         .map_err(|source| DockError::Encode { path: staging.to_path_buf(), source })?;
     let encode_seconds = t.elapsed().as_secs_f64();

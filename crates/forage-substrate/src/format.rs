@@ -75,6 +75,15 @@ pub struct SectionRecord {
     pub extents: u64,
     /// Bytes of the section in the substrate file.
     pub encoded_bytes: u64,
+    /// What no extent covers is the guest image's disk (this host's image of the
+    /// manifest's name and recipe), not zero: the disk is kept as a copy-on-write
+    /// difference against the image. Disk sections only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub over_image: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,14 +130,22 @@ impl Sink for Discard {
 }
 
 /// Writes each wanted section to a (sparse) file: `targets` maps section names to paths.
+/// A section kept over the guest image's disk starts as a copy of that disk (`bases`).
 pub struct ToFiles {
     pub targets: Vec<(String, PathBuf)>,
+    bases: Vec<(String, PathBuf)>,
     current: Option<File>,
 }
 
 impl ToFiles {
     pub fn new(targets: Vec<(String, PathBuf)>) -> Self {
-        Self { targets, current: None }
+        Self { targets, bases: Vec::new(), current: None }
+    }
+
+    /// The image file section `name` is a difference against.
+    pub fn with_base(mut self, name: &str, path: PathBuf) -> Self {
+        self.bases.push((name.to_string(), path));
+        self
     }
 }
 
@@ -136,9 +153,21 @@ impl Sink for ToFiles {
     fn begin(&mut self, s: &SectionRecord) -> io::Result<()> {
         self.current = None;
         if let Some((_, path)) = self.targets.iter().find(|(n, _)| *n == s.name) {
-            let f = File::create(path)?;
-            f.set_len(s.raw_size)?;
-            self.current = Some(f);
+            if s.over_image {
+                let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+                let (_, base) = self.bases.iter().find(|(n, _)| *n == s.name).ok_or_else(|| {
+                    invalid(format!("section {} is kept over the guest image's disk, which is not at hand", s.name))
+                })?;
+                if std::fs::metadata(base)?.len() != s.raw_size {
+                    return Err(invalid(format!("{}: not the size of section {}", base.display(), s.name)));
+                }
+                forage_vm::sparse::copy_sparse(base, path)?;
+                self.current = Some(std::fs::OpenOptions::new().write(true).open(path)?);
+            } else {
+                let f = File::create(path)?;
+                f.set_len(s.raw_size)?;
+                self.current = Some(f);
+            }
         }
         Ok(())
     }
@@ -284,6 +313,9 @@ pub fn check_manifest(m: &SubstrateManifest) -> Result<(), String> {
                 s.name, s.raw_size
             ));
         }
+        if s.over_image && !name.starts_with("disk") {
+            return Err(format!("section {name} cannot be kept over the image's disk"));
+        }
         let max_extents = s.raw_size / PAGE as u64 + 1;
         if s.extents > max_extents || s.data_bytes > s.raw_size {
             return Err(format!("section {name} claims {} extents, {} data bytes", s.extents, s.data_bytes));
@@ -308,10 +340,12 @@ pub fn plain_name(s: &str) -> bool {
 }
 
 /// One section to encode: a file, read for its data ranges (holes and zero pages are left
-/// out).
+/// out), or, with `base` (the guest image's disk it started as a copy of), only the pages
+/// that differ from `base`.
 pub struct SectionInput {
     pub name: String,
     pub path: PathBuf,
+    pub base: Option<PathBuf>,
 }
 
 /// Write a substrate to `out`: the sections are compressed into `work` first (their sizes
@@ -322,7 +356,7 @@ pub fn encode(out: &Path, manifest: &mut SubstrateManifest, inputs: &[SectionInp
     manifest.sections.clear();
     for input in inputs {
         let part = work.join(format!("{}.section", input.name));
-        let rec = encode_section(&input.name, &input.path, &part)?;
+        let rec = encode_section(&input.name, &input.path, input.base.as_deref(), &part)?;
         manifest.sections.push(rec);
         parts.push(part);
     }
@@ -361,27 +395,74 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-fn encode_section(name: &str, path: &Path, part: &Path) -> io::Result<SectionRecord> {
+/// The data ranges of `a` and `b` merged (sorted, non-overlapping).
+fn union(mut a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    a.extend(b);
+    a.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in a {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+fn encode_section(name: &str, path: &Path, base: Option<&Path>, part: &Path) -> io::Result<SectionRecord> {
     let src = File::open(path)?;
     let len = src.metadata()?.len();
+    let base = match base {
+        Some(b) => {
+            let f = File::open(b)?;
+            if f.metadata()?.len() != len {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} differs in size", b.display())));
+            }
+            Some(f)
+        }
+        None => None,
+    };
     let mut out = io::BufWriter::new(File::create(part)?);
-    let mut rec = SectionRecord { name: name.into(), raw_size: len, data_bytes: 0, extents: 0, encoded_bytes: 0 };
+    let mut rec = SectionRecord {
+        name: name.into(),
+        raw_size: len,
+        data_bytes: 0,
+        extents: 0,
+        encoded_bytes: 0,
+        over_image: base.is_some(),
+    };
+    let mut ranges = forage_vm::sparse::data_ranges(&src, len)?;
+    if let Some(b) = &base {
+        ranges = union(ranges, forage_vm::sparse::data_ranges(b, len)?);
+    }
     let mut buf = vec![0u8; MAX_EXTENT as usize];
-    for (start, end) in forage_vm::sparse::data_ranges(&src, len)? {
+    let mut old = vec![0u8; if base.is_some() { MAX_EXTENT as usize } else { 0 }];
+    for (start, end) in ranges {
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], off)?;
-            // Runs of non-zero pages become extents.
+            if let Some(b) = &base {
+                b.read_exact_at(&mut old[..n], off)?;
+            }
+            // Runs of pages that matter become extents: non-zero ones, or those that
+            // differ from the base.
+            let keep = |i: usize| {
+                let end = (i + PAGE).min(n);
+                match &base {
+                    Some(_) => buf[i..end] != old[i..end],
+                    None => buf[i..end].iter().any(|&b| b != 0),
+                }
+            };
             let mut i = 0;
             while i < n {
                 let page_end = |i: usize| (i + PAGE).min(n);
-                if buf[i..page_end(i)].iter().all(|&b| b == 0) {
+                if !keep(i) {
                     i = page_end(i);
                     continue;
                 }
                 let run_start = i;
-                while i < n && buf[i..page_end(i)].iter().any(|&b| b != 0) {
+                while i < n && keep(i) {
                     i = page_end(i);
                 }
                 let comp = zstd::bulk::compress(&buf[run_start..i], 3)?;

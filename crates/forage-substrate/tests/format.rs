@@ -43,3 +43,39 @@ fn round_trip_keeps_data_and_holes_and_damage_is_refused() {
     assert!(matches!(format::decode(&newer[..], &mut format::Discard), Err(DecodeError::NewerFormat(9))));
     assert_eq!(synthetic::MEM_CHUNKS * 4096, mem.raw_size);
 }
+
+#[test]
+fn a_disk_kept_over_the_image_holds_only_its_differences() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, mut m) = synthetic::substrate(t.path(), "s2", 2);
+    let snap = t.path().join("s2-snapshot");
+    // The image's disk, and the VM's: one page changed, one zeroed (discarded), one new.
+    let image = t.path().join("image-disk.raw");
+    std::fs::copy(snap.join("disk0.raw"), &image).unwrap();
+    for i in 0..8 {
+        synthetic::put(&image, i, &synthetic::pattern(500 + i));
+    }
+    let disk = snap.join("disk0.raw");
+    std::fs::copy(&image, &disk).unwrap();
+    synthetic::put(&disk, 2, &synthetic::pattern(77));
+    synthetic::put(&disk, 5, &[0u8; 4096]);
+    synthetic::put(&disk, 20, &synthetic::pattern(78));
+    let inputs = [
+        format::SectionInput { name: "memory".into(), path: snap.join("memory.raw"), base: None },
+        format::SectionInput { name: "disk0".into(), path: disk.clone(), base: Some(image.clone()) },
+        format::SectionInput { name: "state".into(), path: snap.join("state"), base: None },
+    ];
+    let file = t.path().join("s2.substrate");
+    format::encode(&file, &mut m, &inputs, t.path()).unwrap();
+    let d = &m.sections[1];
+    assert!(d.over_image && d.data_bytes == 3 * 4096, "only the three pages that differ: {d:?}");
+
+    let out = t.path().join("decoded.raw");
+    let targets = || vec![("disk0".to_string(), out.clone())];
+    let sink = ToFiles::new(targets()).with_base("disk0", image.clone());
+    format::decode(std::fs::File::open(&file).unwrap(), &mut { sink }).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+    // Without the image at hand it is refused, not decoded against zeros.
+    let e = format::decode(std::fs::File::open(&file).unwrap(), &mut ToFiles::new(targets())).unwrap_err();
+    assert!(e.to_string().contains("reading") || matches!(e, DecodeError::Io(_)), "{e}");
+}

@@ -204,9 +204,9 @@ pub fn substrate(dir: &Path, name: &str, pages: u64) -> (PathBuf, forage_substra
         sections: Vec::new(),
     };
     let inputs = [
-        SectionInput { name: "memory".into(), path: mem },
-        SectionInput { name: "disk0".into(), path: snap.disk_paths()[0].clone() },
-        SectionInput { name: "state".into(), path: snap.state_path() },
+        SectionInput { name: "memory".into(), path: mem, base: None },
+        SectionInput { name: "disk0".into(), path: snap.disk_paths()[0].clone(), base: None },
+        SectionInput { name: "state".into(), path: snap.state_path(), base: None },
     ];
     let out = dir.join(format!("{name}.substrate"));
     format::encode(&out, &mut m, &inputs, dir).unwrap();
