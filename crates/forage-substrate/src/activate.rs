@@ -265,8 +265,15 @@ fn ensure_base_disks(
         perm.set_readonly(true);
         std::fs::set_permissions(&p, perm).map_err(io(&p))?;
     }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&partial, dir).map_err(io(dir))?;
+    // The folder only ever appears whole (a rename). If another activation got there
+    // first (a rename onto a non-empty folder fails), its copy is used and ours dropped:
+    // VMs may already run on it.
+    if let Err(e) = std::fs::rename(&partial, dir) {
+        let _ = std::fs::remove_dir_all(&partial);
+        if !paths.iter().all(|p| p.is_file()) {
+            return Err(io(dir)(e));
+        }
+    }
     Ok(paths)
 }
 
