@@ -125,6 +125,8 @@ command -v cc >/dev/null || need+=(gcc)
 command -v xdelta3 >/dev/null || need+=(xdelta3)
 command -v zstd >/dev/null || need+=(zstd)
 command -v xz >/dev/null || need+=(xz-utils)
+# Substrates go to many cloudlets at once by UDP multicast with loss recovery: udpcast.
+command -v udp-sender >/dev/null || need+=(udpcast)
 # The discovery test checks the announcement with the standard tools (avahi-browse,
 # against a private bus and daemon of its own: nothing is started system-wide).
 command -v avahi-browse >/dev/null || need+=(avahi-daemon avahi-utils)

@@ -55,6 +55,10 @@ pub enum BenchCommand {
     /// Peak RSS of every forage process creating, applying and synthesizing (on loopback)
     /// the largest overlay of each app: no semantic gap, no compression (target <= 256 MB)
     Memory(BenchMemoryArgs),
+    /// VM substrates: activation to the first response against a cold boot and a
+    /// cached-VM resume, dock time, compressed size and density, multicast to 4 hosts
+    /// against 1 and against sequential unicast (network namespaces on one bridge)
+    Substrate(BenchSubstrateArgs),
     /// (internal) one overlay of a kept launch VM, printed as JSON
     #[command(hide = true)]
     OverlayCreate(OverlayCreateArgs),
@@ -81,6 +85,20 @@ pub enum BenchCommand {
         #[arg(long)]
         bytes: u64,
     },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchSubstrateArgs {
+    /// Guest image to dock
+    #[arg(long, default_value = "tiny")]
+    pub image: String,
+    /// Skip the multicast rows (they need root for the network namespaces)
+    #[arg(long)]
+    pub no_multicast: bool,
+    #[arg(long, default_value_t = 180, value_name = "SECONDS")]
+    pub ready_timeout_s: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -18,6 +18,7 @@ mod overlay;
 mod peers;
 mod plot;
 mod provision;
+mod substrate;
 mod synthesis;
 
 use clap::Parser;
@@ -57,6 +58,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Handoff(a)) => handoff::run(&data, a).await,
         Command::Bench(BenchCommand::HandoffProfile(a)) => handoff_profile::profile(&data, a).await,
         Command::Bench(BenchCommand::Memory(a)) => big::run(&data, a).await,
+        Command::Bench(BenchCommand::Substrate(a)) => substrate::run(&data, a).await,
         Command::Bench(BenchCommand::OverlayOracle { launch, base }) => {
             let base = forage_synth::BaseVm::open(&data, &base)?;
             common::print_json(&peers::oracle(&base, &launch_cache::reopen(&launch)?)?);

@@ -78,6 +78,7 @@ impl GuestImage {
             machine: "pc".into(),
             cpu_model: None,
             vcpus: 1,
+            max_vcpus: None,
             memory_mib: self.manifest.memory_mib,
             memory_tail_kib: forage_vm::spec::RAM_TAIL_KIB,
             memory_file: run.dir.join(forage_vm::snapshot::MEMORY_FILE),

@@ -8,7 +8,9 @@
 //!   reference kind, overlays made from them.
 //! - [`wan`]: emulated WAN links (two network namespaces, a veth pair, `tc tbf`), for
 //!   tests and benches.
+//! - [`lan`]: hosts (network namespaces) on one bridge, one of them lossy, for multicast.
 
 pub mod guest;
+pub mod lan;
 pub mod synthetic;
 pub mod wan;

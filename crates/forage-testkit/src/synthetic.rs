@@ -49,6 +49,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         machine: "pc".into(),
         cpu_model: None,
         vcpus: 1,
+        max_vcpus: None,
         memory_mib: (MEM_CHUNKS * CHUNK_SIZE as u64) >> 20,
         memory_tail_kib: 0,
         memory_file: dir.join("memory.raw"),
@@ -179,4 +180,37 @@ pub fn make_overlay(data: &DataDir, name: &str, dir: &Path) -> (BaseVm, PathBuf)
     let out = dir.join(format!("{name}.ovl"));
     forage_synth::create::create(&base, &input(&launch), &opts(), &out).unwrap();
     (base, out)
+}
+
+/// A substrate file `dir/NAME.substrate` made from a synthetic snapshot (no QEMU): its
+/// memory holds `pages` incompressible 4 KiB pages, each followed by a hole, its disk one.
+pub fn substrate(dir: &Path, name: &str, pages: u64) -> (PathBuf, forage_substrate::SubstrateManifest) {
+    use forage_substrate::format::{self, SectionInput};
+    let snap = describe_snapshot_of(&dir.join(format!("{name}-snapshot")));
+    let mem = snap.memory_path();
+    for i in 0..pages.min(MEM_CHUNKS / 2) {
+        put(&mem, i * 2, &pattern(i));
+    }
+    put(&snap.disk_paths()[0], 3, &pattern(999));
+    let mut m = forage_substrate::SubstrateManifest {
+        kind: format::KIND.into(),
+        format: format::FORMAT,
+        name: name.into(),
+        source: "synthetic".into(),
+        image: "tiny".into(),
+        image_recipe: "none".into(),
+        service_port: None,
+        docked_memory_bytes: 1 << 20,
+        docked_at_unix: 0,
+        snapshot: snap.manifest().clone(),
+        sections: Vec::new(),
+    };
+    let inputs = [
+        SectionInput { name: "memory".into(), path: mem, base: None },
+        SectionInput { name: "disk0".into(), path: snap.disk_paths()[0].clone(), base: None },
+        SectionInput { name: "state".into(), path: snap.state_path(), base: None },
+    ];
+    let out = dir.join(format!("{name}.substrate"));
+    format::encode(&out, &mut m, &inputs, dir).unwrap();
+    (out, m)
 }

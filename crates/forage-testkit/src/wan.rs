@@ -137,7 +137,7 @@ fn check_rate(mbps: f64) -> Result<(), WanError> {
 }
 
 /// tbf arguments: the burst must hold at least one timer tick of traffic.
-fn tbf(mbps: f64) -> Vec<String> {
+pub(crate) fn tbf(mbps: f64) -> Vec<String> {
     let kbit = (mbps * 1000.0).round() as u64;
     let burst = (kbit * 1000 / 8 / 100).max(32 * 1024);
     // A 50 ms queue, as a WiFi access point or a WAN router holds: a longer one (tc's
@@ -148,7 +148,7 @@ fn tbf(mbps: f64) -> Vec<String> {
         .collect()
 }
 
-fn run(cmd: &mut Command) -> Result<(), WanError> {
+pub(crate) fn run(cmd: &mut Command) -> Result<(), WanError> {
     let text = format!("{:?}", cmd).replace('"', "");
     let out = cmd.output().map_err(|e| WanError::Command { command: text.clone(), detail: e.to_string() })?;
     if !out.status.success() {

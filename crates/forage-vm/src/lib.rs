@@ -10,6 +10,7 @@
 //!   QEMU can provide them.
 //! - [`dirty`]: which parts of a running VM's disk were written since a point (a QEMU
 //!   dirty bitmap).
+//! - [`Vm::plug_vcpus`], [`Vm::set_balloon`]: grow or shrink a running VM .
 //! - [`qga::GuestAgent`]: a typed client of the QEMU guest agent (qemu-ga) over the VM's
 //!   virtio-serial channel ([`GuestAgentSpec`]).
 
@@ -21,6 +22,7 @@ pub mod import;
 pub mod process;
 pub mod qga;
 pub mod qmp;
+mod resize;
 pub mod snapshot;
 pub mod sparse;
 pub mod spec;

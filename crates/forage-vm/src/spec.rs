@@ -46,6 +46,10 @@ pub struct VmSpec {
     #[serde(default)]
     pub cpu_model: Option<String>,
     pub vcpus: u32,
+    /// vCPUs that may be hot-plugged later (`-smp VCPUS,maxcpus=N`): a docked substrate
+    /// runs on one and grows on activation. Absent from older specs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
     pub memory_mib: u64,
     /// KiB of guest RAM past `memory_mib` (new VMs: [`RAM_TAIL_KIB`]; 0 in older specs).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -189,7 +193,10 @@ impl VmSpec {
         if let Some(cpu) = &self.cpu_model {
             a.pair("-cpu", cpu);
         }
-        a.pair("-smp", self.vcpus.to_string());
+        match self.max_vcpus {
+            Some(max) => a.pair("-smp", format!("{},maxcpus={max}", self.vcpus)),
+            None => a.pair("-smp", self.vcpus.to_string()),
+        }
         let kib = self.memory_bytes() >> 10;
         a.pair("-m", format!("{kib}k"));
         let mut ram = OsString::from(format!("memory-backend-file,id={RAM_ID},size={kib}K,share=on,mem-path="));
@@ -300,6 +307,9 @@ impl VmSpec {
         if self.memory_tail_kib != 0 {
             hw["memory_tail_kib"] = self.memory_tail_kib.into();
         }
+        if let Some(max) = self.max_vcpus {
+            hw["max_vcpus"] = max.into();
+        }
         hex::encode(Sha256::digest(hw.to_string().as_bytes()))
     }
 
@@ -379,6 +389,7 @@ mod tests {
             machine: "pc".into(),
             cpu_model: None,
             vcpus: 1,
+            max_vcpus: None,
             memory_mib: 256,
             memory_tail_kib: 0,
             memory_file: "/d/mem,ory.raw".into(),
@@ -502,6 +513,16 @@ mod tests {
         );
         assert_eq!(spec.hardware_fingerprint(), before, "the console's host end is not guest-visible");
         assert!(serde_json::to_value(sample()).unwrap().get("serial_socket").is_none());
+    }
+
+    #[test]
+    fn vcpus_to_plug_later_are_hardware() {
+        let mut spec = sample();
+        let before = spec.hardware_fingerprint();
+        spec.max_vcpus = Some(4);
+        assert!(joined(&spec.qemu_args(Accel::Tcg, false)).contains("-smp 1,maxcpus=4"));
+        assert_ne!(spec.hardware_fingerprint(), before, "a restore needs the same hot-plug slots");
+        assert!(serde_json::to_value(sample()).unwrap().get("max_vcpus").is_none());
     }
 
     #[test]

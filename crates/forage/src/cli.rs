@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod instances;
+mod substrate;
 mod vm;
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
+pub use substrate::SubstrateCommand;
 pub use vm::VmCommand;
 
 #[derive(Parser, Debug)]
@@ -92,6 +94,10 @@ pub enum Command {
     /// Service VMs held by this cloudlet (cached-VM offload, app store, baseline VMs per OS)
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// VM substrates: docked, shrunk VMs in a memory-budgeted pool, activated on request,
+    /// multicast to other hosts
+    #[command(subcommand)]
+    Substrate(SubstrateCommand),
     /// Cached VM: start a transient copy-on-write instance of a service VM the cloudlet
     /// holds and print its endpoint
     Offload {

@@ -119,6 +119,7 @@ async fn missing_kernel_is_named_before_qemu_starts() {
         machine: "pc".into(),
         cpu_model: None,
         vcpus: 1,
+        max_vcpus: None,
         memory_mib: 64,
         memory_tail_kib: forage_vm::spec::RAM_TAIL_KIB,
         memory_file: run.dir.join("memory.raw"),

@@ -8,6 +8,7 @@ mod overlay_from_vm;
 mod overlay_interactive;
 mod pair;
 mod service;
+mod substrate;
 mod synthesis;
 mod tactical;
 mod vm;
@@ -43,6 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
         }
         Command::Service(c) => service::run(&data, c).await,
+        Command::Substrate(c) => substrate::run(&data, c).await,
         Command::Offload { service, join, session } => {
             tactical::provision(
                 &data,

@@ -130,7 +130,7 @@ pub async fn install(data: &DataDir, agent_port: u16, app: AppPackage) -> anyhow
     .await?
 }
 
-fn announce(r: &VmRecord, took: Duration, json: bool) {
+pub(crate) fn announce(r: &VmRecord, took: Duration, json: bool) {
     let service = r.app.as_ref().map(|a| format!("127.0.0.1:{}", a.host_port));
     if json {
         crate::output::print_json(&json!({
@@ -150,7 +150,7 @@ fn announce(r: &VmRecord, took: Duration, json: bool) {
 
 /// Wait in the foreground until QEMU exits (e.g. after `forage vm save`) or we are told
 /// to stop (Ctrl-C, SIGTERM), in which case the VM is stopped.
-async fn supervise(vm: Vm, name: &str, paths: &VmPaths, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn supervise(vm: Vm, name: &str, paths: &VmPaths, json: bool) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let since = std::time::SystemTime::now();
     tokio::select! {

@@ -1,0 +1,482 @@
+//! The substrate file, format 1 (reference: `docs/substrates.md`).
+//!
+//! ```text
+//! "FORAGESB" | u32 LE format | u32 LE 0 | u64 LE manifest length
+//! manifest (JSON, SubstrateManifest)
+//! section "memory" | section "disk0" ... | section "state"   (order and sizes in the manifest)
+//! sha256 of every byte above (32 bytes), then end of file
+//! ```
+//! A section is a run of extents, each `u64 LE offset | u32 LE raw length | u32 LE
+//! compressed length | zstd bytes`, in ascending, non-overlapping order. What no extent
+//! covers is zero (a hole in the file it is written to): the balloon and free page
+//! reporting leave most of a docked VM's memory file as holes, and only its data is kept.
+//!
+//! Reading is streaming and checks everything a file claims against caps and against the
+//! manifest before allocating for it; [`verify`] reads a whole file without writing
+//! anything, so a corrupted substrate is refused before anything runs.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use forage_vm::snapshot::SnapshotManifest;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const MAGIC: &[u8; 8] = b"FORAGESB";
+pub const KIND: &str = "forage-substrate";
+/// Format written by this forage.
+pub const FORMAT: u32 = 1;
+pub const HEADER_LEN: usize = 24;
+/// Caps on what a file may claim.
+pub const MAX_MANIFEST: u64 = 1 << 20;
+pub const MAX_EXTENT: u32 = 1 << 20;
+pub const MAX_MEMORY: u64 = 64 << 30;
+pub const MAX_DISK: u64 = 256 << 30;
+pub const MAX_STATE: u64 = 64 << 20;
+const PAGE: usize = 4096;
+const EXTENT_HEADER: u64 = 16;
+
+/// What a substrate is: the docked VM's snapshot description (hardware, sizes, device
+/// state checksum), where it came from, and its sections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstrateManifest {
+    pub kind: String,
+    pub format: u32,
+    /// Substrate name: letters, digits, '-', '_', '.'.
+    pub name: String,
+    /// What was docked (`image:tiny`, `image:tiny+app:hashsearch`).
+    pub source: String,
+    /// The guest image whose kernel and initramfs it runs; activation uses this host's
+    /// image of that name and refuses one built from another recipe.
+    pub image: String,
+    pub image_recipe: String,
+    /// The guest's service port besides the agent's, if it serves one.
+    #[serde(default)]
+    pub service_port: Option<u16>,
+    /// Guest memory the balloon left when it was docked.
+    pub docked_memory_bytes: u64,
+    pub docked_at_unix: u64,
+    pub snapshot: SnapshotManifest,
+    pub sections: Vec<SectionRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SectionRecord {
+    /// `memory`, `disk0`, ..., `state`.
+    pub name: String,
+    /// Size of the file it stands for.
+    pub raw_size: u64,
+    /// Bytes of data in extents (the rest is holes).
+    pub data_bytes: u64,
+    pub extents: u64,
+    /// Bytes of the section in the substrate file.
+    pub encoded_bytes: u64,
+    /// What no extent covers is the guest image's disk (this host's image of the
+    /// manifest's name and recipe), not zero: the disk is kept as a copy-on-write
+    /// difference against the image. Disk sections only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub over_image: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a substrate (bad magic)")]
+    NotASubstrate,
+    #[error("substrate format {0} is newer than this forage understands ({FORMAT})")]
+    NewerFormat(u32),
+    #[error("truncated: {0}")]
+    Truncated(&'static str),
+    #[error("bad manifest: {0}")]
+    Manifest(String),
+    #[error("corrupted {section}: {detail}")]
+    Corrupt { section: String, detail: String },
+    #[error("checksum does not match: corrupted in storage or transfer")]
+    Checksum,
+    #[error("bytes after the end of the substrate")]
+    Trailing,
+    #[error("reading the substrate")]
+    Io(#[source] io::Error),
+}
+
+/// Where decoded sections go.
+pub trait Sink {
+    /// `section` is about to be written; `raw_size` is its file's size.
+    fn begin(&mut self, section: &SectionRecord) -> io::Result<()>;
+    fn extent(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn end(&mut self) -> io::Result<()>;
+}
+
+/// Checks only.
+pub struct Discard;
+
+impl Sink for Discard {
+    fn begin(&mut self, _: &SectionRecord) -> io::Result<()> {
+        Ok(())
+    }
+    fn extent(&mut self, _: u64, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes each wanted section to a (sparse) file: `targets` maps section names to paths.
+/// A section kept over the guest image's disk starts as a copy of that disk (`bases`).
+pub struct ToFiles {
+    pub targets: Vec<(String, PathBuf)>,
+    bases: Vec<(String, PathBuf)>,
+    current: Option<File>,
+}
+
+impl ToFiles {
+    pub fn new(targets: Vec<(String, PathBuf)>) -> Self {
+        Self { targets, bases: Vec::new(), current: None }
+    }
+
+    /// The image file section `name` is a difference against.
+    pub fn with_base(mut self, name: &str, path: PathBuf) -> Self {
+        self.bases.push((name.to_string(), path));
+        self
+    }
+}
+
+impl Sink for ToFiles {
+    fn begin(&mut self, s: &SectionRecord) -> io::Result<()> {
+        self.current = None;
+        if let Some((_, path)) = self.targets.iter().find(|(n, _)| *n == s.name) {
+            if s.over_image {
+                let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+                let (_, base) = self.bases.iter().find(|(n, _)| *n == s.name).ok_or_else(|| {
+                    invalid(format!("section {} is kept over the guest image's disk, which is not at hand", s.name))
+                })?;
+                if std::fs::metadata(base)?.len() != s.raw_size {
+                    return Err(invalid(format!("{}: not the size of section {}", base.display(), s.name)));
+                }
+                forage_vm::sparse::copy_sparse(base, path)?;
+                self.current = Some(std::fs::OpenOptions::new().write(true).open(path)?);
+            } else {
+                let f = File::create(path)?;
+                f.set_len(s.raw_size)?;
+                self.current = Some(f);
+            }
+        }
+        Ok(())
+    }
+    fn extent(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        match &self.current {
+            Some(f) => f.write_all_at(data, offset),
+            None => Ok(()),
+        }
+    }
+    fn end(&mut self) -> io::Result<()> {
+        self.current = None;
+        Ok(())
+    }
+}
+
+/// A reader that hashes what it reads.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Hashing<R> {
+    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
+        self.inner.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => DecodeError::Truncated(what),
+            _ => DecodeError::Io(e),
+        })?;
+        self.hash.update(&*buf);
+        Ok(())
+    }
+}
+
+/// Read a whole substrate from `r`, checking it, and hand its sections to `sink`. The
+/// manifest is returned only when everything, checksum included, checked out; a sink
+/// that writes files must therefore be used only after a [`verify`].
+pub fn decode(r: impl Read, sink: &mut dyn Sink) -> Result<SubstrateManifest, DecodeError> {
+    let mut r = Hashing { inner: r, hash: Sha256::new() };
+    let mut head = [0u8; HEADER_LEN];
+    r.exact(&mut head, "header")?;
+    if &head[..8] != MAGIC {
+        return Err(DecodeError::NotASubstrate);
+    }
+    let format = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if format > FORMAT || format == 0 {
+        return Err(DecodeError::NewerFormat(format));
+    }
+    let mlen = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
+    if mlen > MAX_MANIFEST {
+        return Err(DecodeError::Manifest(format!("{mlen} bytes, over the cap of {MAX_MANIFEST}")));
+    }
+    let mut mbytes = vec![0u8; mlen as usize];
+    r.exact(&mut mbytes, "manifest")?;
+    let manifest: SubstrateManifest =
+        serde_json::from_slice(&mbytes).map_err(|e| DecodeError::Manifest(e.to_string()))?;
+    check_manifest(&manifest).map_err(DecodeError::Manifest)?;
+    for s in &manifest.sections {
+        sink.begin(s).map_err(DecodeError::Io)?;
+        read_section(&mut r, s, sink)?;
+        sink.end().map_err(DecodeError::Io)?;
+    }
+    let computed = r.hash.clone().finalize();
+    let mut stored = [0u8; 32];
+    r.inner.read_exact(&mut stored).map_err(|_| DecodeError::Truncated("checksum"))?;
+    if computed.as_slice() != stored {
+        return Err(DecodeError::Checksum);
+    }
+    let mut extra = [0u8; 1];
+    match r.inner.read(&mut extra) {
+        Ok(0) => Ok(manifest),
+        Ok(_) => Err(DecodeError::Trailing),
+        Err(e) => Err(DecodeError::Io(e)),
+    }
+}
+
+/// Read and check a whole substrate file, writing nothing.
+pub fn verify(path: &Path) -> Result<SubstrateManifest, DecodeError> {
+    let f = File::open(path).map_err(DecodeError::Io)?;
+    decode(io::BufReader::with_capacity(1 << 20, f), &mut Discard)
+}
+
+fn read_section(r: &mut Hashing<impl Read>, s: &SectionRecord, sink: &mut dyn Sink) -> Result<(), DecodeError> {
+    let bad = |detail: String| DecodeError::Corrupt { section: s.name.clone(), detail };
+    let (mut consumed, mut data, mut next_free) = (0u64, 0u64, 0u64);
+    let mut comp = Vec::new();
+    for _ in 0..s.extents {
+        let mut h = [0u8; EXTENT_HEADER as usize];
+        r.exact(&mut h, "extent header")?;
+        let offset = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+        let raw = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        let clen = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+        if raw == 0 || raw > MAX_EXTENT {
+            return Err(bad(format!("extent of {raw} bytes (1 to {MAX_EXTENT})")));
+        }
+        let inside = matches!(offset.checked_add(raw as u64), Some(e) if e <= s.raw_size);
+        if offset < next_free || !inside {
+            return Err(bad(format!("extent at {offset} (+{raw}) overlaps or lies outside {}", s.raw_size)));
+        }
+        if clen as usize > zstd::zstd_safe::compress_bound(raw as usize) {
+            return Err(bad(format!("{clen} compressed bytes for {raw}")));
+        }
+        consumed += EXTENT_HEADER + clen as u64;
+        if consumed > s.encoded_bytes {
+            return Err(bad("longer than the manifest says".into()));
+        }
+        comp.resize(clen as usize, 0);
+        r.exact(&mut comp, "extent")?;
+        let plain = zstd::bulk::decompress(&comp, raw as usize).map_err(|e| bad(format!("zstd: {e}")))?;
+        if plain.len() != raw as usize {
+            return Err(bad(format!("extent decompresses to {} bytes, not {raw}", plain.len())));
+        }
+        sink.extent(offset, &plain).map_err(DecodeError::Io)?;
+        next_free = offset + raw as u64;
+        data += raw as u64;
+    }
+    if consumed != s.encoded_bytes || data != s.data_bytes {
+        return Err(bad("sizes differ from the manifest".into()));
+    }
+    Ok(())
+}
+
+/// What can be checked of a manifest alone.
+pub fn check_manifest(m: &SubstrateManifest) -> Result<(), String> {
+    if m.kind != KIND {
+        return Err(format!("kind {:?}, expected {KIND}", m.kind));
+    }
+    if !plain_name(&m.name) || !plain_name(&m.image) {
+        return Err(format!("name {:?} or image {:?} is not a plain name", m.name, m.image));
+    }
+    m.snapshot.check()?;
+    let snap = &m.snapshot;
+    let mut expected: Vec<(String, u64, u64)> = vec![("memory".into(), snap.memory.size, MAX_MEMORY)];
+    for (i, d) in snap.disks.iter().enumerate() {
+        expected.push((format!("disk{i}"), d.size, MAX_DISK));
+    }
+    expected.push(("state".into(), snap.state.size, MAX_STATE));
+    if m.sections.len() != expected.len() {
+        return Err(format!("{} sections, the VM needs {}", m.sections.len(), expected.len()));
+    }
+    for (s, (name, size, cap)) in m.sections.iter().zip(&expected) {
+        if &s.name != name || s.raw_size != *size || *size > *cap {
+            return Err(format!(
+                "section {:?} of {} bytes where {name} of {size} (at most {cap}) belongs",
+                s.name, s.raw_size
+            ));
+        }
+        if s.over_image && !name.starts_with("disk") {
+            return Err(format!("section {name} cannot be kept over the image's disk"));
+        }
+        let max_extents = s.raw_size / PAGE as u64 + 1;
+        if s.extents > max_extents || s.data_bytes > s.raw_size {
+            return Err(format!("section {name} claims {} extents, {} data bytes", s.extents, s.data_bytes));
+        }
+        let bound = zstd::zstd_safe::compress_bound(MAX_EXTENT as usize) as u64 + EXTENT_HEADER;
+        if s.encoded_bytes > s.extents.saturating_mul(bound) {
+            return Err(format!("section {name} claims {} encoded bytes", s.encoded_bytes));
+        }
+    }
+    if m.docked_memory_bytes > snap.memory.size {
+        return Err("docked memory is larger than the VM's memory".into());
+    }
+    Ok(())
+}
+
+pub fn plain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// One section to encode: a file, read for its data ranges (holes and zero pages are left
+/// out), or, with `base` (the guest image's disk it started as a copy of), only the pages
+/// that differ from `base`.
+pub struct SectionInput {
+    pub name: String,
+    pub path: PathBuf,
+    pub base: Option<PathBuf>,
+}
+
+/// Write a substrate to `out`: the sections are compressed into `work` first (their sizes
+/// go into the manifest, which comes first), then copied after the manifest. `manifest`'s
+/// `sections` is filled in. Returns the file's size.
+pub fn encode(out: &Path, manifest: &mut SubstrateManifest, inputs: &[SectionInput], work: &Path) -> io::Result<u64> {
+    let mut parts = Vec::new();
+    manifest.sections.clear();
+    for input in inputs {
+        let part = work.join(format!("{}.section", input.name));
+        let rec = encode_section(&input.name, &input.path, input.base.as_deref(), &part)?;
+        manifest.sections.push(rec);
+        parts.push(part);
+    }
+    let mbytes = serde_json::to_vec(manifest).map_err(io::Error::other)?;
+    let mut w = HashingWriter { inner: io::BufWriter::new(File::create(out)?), hash: Sha256::new() };
+    w.write_all(MAGIC)?;
+    w.write_all(&FORMAT.to_le_bytes())?;
+    w.write_all(&0u32.to_le_bytes())?;
+    w.write_all(&(mbytes.len() as u64).to_le_bytes())?;
+    w.write_all(&mbytes)?;
+    for part in &parts {
+        io::copy(&mut File::open(part)?, &mut w)?;
+        let _ = std::fs::remove_file(part);
+    }
+    let digest = w.hash.finalize();
+    let mut inner = w.inner;
+    inner.write_all(&digest)?;
+    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The data ranges of `a` and `b` merged (sorted, non-overlapping).
+fn union(mut a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    a.extend(b);
+    a.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in a {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+fn encode_section(name: &str, path: &Path, base: Option<&Path>, part: &Path) -> io::Result<SectionRecord> {
+    let src = File::open(path)?;
+    let len = src.metadata()?.len();
+    let base = match base {
+        Some(b) => {
+            let f = File::open(b)?;
+            if f.metadata()?.len() != len {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} differs in size", b.display())));
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    let mut out = io::BufWriter::new(File::create(part)?);
+    let mut rec = SectionRecord {
+        name: name.into(),
+        raw_size: len,
+        data_bytes: 0,
+        extents: 0,
+        encoded_bytes: 0,
+        over_image: base.is_some(),
+    };
+    let mut ranges = forage_vm::sparse::data_ranges(&src, len)?;
+    if let Some(b) = &base {
+        ranges = union(ranges, forage_vm::sparse::data_ranges(b, len)?);
+    }
+    let mut buf = vec![0u8; MAX_EXTENT as usize];
+    let mut old = vec![0u8; if base.is_some() { MAX_EXTENT as usize } else { 0 }];
+    for (start, end) in ranges {
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], off)?;
+            if let Some(b) = &base {
+                b.read_exact_at(&mut old[..n], off)?;
+            }
+            // Runs of pages that matter become extents: non-zero ones, or those that
+            // differ from the base.
+            let keep = |i: usize| {
+                let end = (i + PAGE).min(n);
+                match &base {
+                    Some(_) => buf[i..end] != old[i..end],
+                    None => buf[i..end].iter().any(|&b| b != 0),
+                }
+            };
+            let mut i = 0;
+            while i < n {
+                let page_end = |i: usize| (i + PAGE).min(n);
+                if !keep(i) {
+                    i = page_end(i);
+                    continue;
+                }
+                let run_start = i;
+                while i < n && keep(i) {
+                    i = page_end(i);
+                }
+                let comp = zstd::bulk::compress(&buf[run_start..i], 3)?;
+                out.write_all(&(off + run_start as u64).to_le_bytes())?;
+                out.write_all(&((i - run_start) as u32).to_le_bytes())?;
+                out.write_all(&(comp.len() as u32).to_le_bytes())?;
+                out.write_all(&comp)?;
+                rec.extents += 1;
+                rec.data_bytes += (i - run_start) as u64;
+                rec.encoded_bytes += EXTENT_HEADER + comp.len() as u64;
+            }
+            off += n as u64;
+        }
+    }
+    out.flush()?;
+    Ok(rec)
+}

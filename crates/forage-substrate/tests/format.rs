@@ -1,0 +1,81 @@
+//! The substrate file: a round trip keeps every byte and every hole; any damage is refused
+//! with one line before a sink sees a byte it would have to undo.
+
+use forage_substrate::format::{self, DecodeError, ToFiles};
+use forage_testkit::synthetic;
+
+#[test]
+fn round_trip_keeps_data_and_holes_and_damage_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (file, m) = synthetic::substrate(t.path(), "s1", 20);
+    let mem = &m.sections[0];
+    assert_eq!((mem.name.as_str(), mem.extents, mem.data_bytes), ("memory", 20, 20 * 4096));
+    assert_eq!(format::verify(&file).unwrap().name, "s1");
+
+    let out = t.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let targets = vec![("memory".into(), out.join("memory.raw")), ("disk0".into(), out.join("disk0.raw"))];
+    format::decode(std::fs::File::open(&file).unwrap(), &mut ToFiles::new(targets)).unwrap();
+    let src = t.path().join("s1-snapshot");
+    for f in ["memory.raw", "disk0.raw"] {
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(src.join(f)).unwrap(), "{f}");
+    }
+    let holes = forage_vm::sparse::allocated_bytes(&out.join("memory.raw")).unwrap();
+    assert!(holes <= 24 * 4096, "only data is written: {holes} bytes allocated");
+
+    let bytes = std::fs::read(&file).unwrap();
+    // A flipped byte anywhere (manifest, extent, checksum) is refused.
+    for at in [10, 40, bytes.len() / 2, bytes.len() - 40, bytes.len() - 1] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x55;
+        let e = format::decode(&bad[..], &mut format::Discard).unwrap_err();
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+    // Truncated at every kind of boundary, or with bytes after the end.
+    for len in [0, 7, 23, 100, bytes.len() - 33, bytes.len() - 1] {
+        assert!(format::decode(&bytes[..len], &mut format::Discard).is_err(), "truncated at {len}");
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(format::decode(&longer[..], &mut format::Discard), Err(DecodeError::Trailing)));
+    let mut newer = bytes.clone();
+    newer[8] = 9;
+    assert!(matches!(format::decode(&newer[..], &mut format::Discard), Err(DecodeError::NewerFormat(9))));
+    assert_eq!(synthetic::MEM_CHUNKS * 4096, mem.raw_size);
+}
+
+#[test]
+fn a_disk_kept_over_the_image_holds_only_its_differences() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, mut m) = synthetic::substrate(t.path(), "s2", 2);
+    let snap = t.path().join("s2-snapshot");
+    // The image's disk, and the VM's: one page changed, one zeroed (discarded), one new.
+    let image = t.path().join("image-disk.raw");
+    std::fs::copy(snap.join("disk0.raw"), &image).unwrap();
+    for i in 0..8 {
+        synthetic::put(&image, i, &synthetic::pattern(500 + i));
+    }
+    let disk = snap.join("disk0.raw");
+    std::fs::copy(&image, &disk).unwrap();
+    synthetic::put(&disk, 2, &synthetic::pattern(77));
+    synthetic::put(&disk, 5, &[0u8; 4096]);
+    synthetic::put(&disk, 20, &synthetic::pattern(78));
+    let inputs = [
+        format::SectionInput { name: "memory".into(), path: snap.join("memory.raw"), base: None },
+        format::SectionInput { name: "disk0".into(), path: disk.clone(), base: Some(image.clone()) },
+        format::SectionInput { name: "state".into(), path: snap.join("state"), base: None },
+    ];
+    let file = t.path().join("s2.substrate");
+    format::encode(&file, &mut m, &inputs, t.path()).unwrap();
+    let d = &m.sections[1];
+    assert!(d.over_image && d.data_bytes == 3 * 4096, "only the three pages that differ: {d:?}");
+
+    let out = t.path().join("decoded.raw");
+    let targets = || vec![("disk0".to_string(), out.clone())];
+    let sink = ToFiles::new(targets()).with_base("disk0", image.clone());
+    format::decode(std::fs::File::open(&file).unwrap(), &mut { sink }).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+    // Without the image at hand it is refused, not decoded against zeros.
+    let e = format::decode(std::fs::File::open(&file).unwrap(), &mut ToFiles::new(targets())).unwrap_err();
+    assert!(e.to_string().contains("reading") || matches!(e, DecodeError::Io(_)), "{e}");
+}

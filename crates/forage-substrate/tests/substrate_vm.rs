@@ -1,0 +1,107 @@
+//! A tiny-guest substrate, for real: docked (one vCPU, ballooned down), spilled out of a
+//! small pool and read back, activated twice at different sizes (each guest sees what it
+//! asked for, neither sees the other's writes), and a corrupted copy refused before any
+//! file or QEMU exists for it.
+
+use std::time::Duration;
+
+use forage_image::RunPaths;
+use forage_substrate::{ActivateError, ActivateRequest, DockRequest, Pool, Tier};
+use forage_testkit::guest;
+
+fn run(test: &str) -> RunPaths {
+    guest::run_paths(test)
+}
+
+async fn sh(port: u16, script: &str) -> String {
+    let script = script.to_string();
+    forage_substrate::dock::with_agent(port, Duration::from_secs(30), move |a| {
+        a.exec_ok(&["sh", "-c", &script], Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .stdout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dock_spill_activate_twice_and_refuse_corruption() {
+    if guest::skip_vm_tests() {
+        return;
+    }
+    let data = guest::data_dir();
+    let image = guest::image();
+    let root = data.root().join("substrate-test");
+    let mem = std::path::PathBuf::from(format!("/dev/shm/forage-substrate-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let pool = Pool::at(root.clone(), mem.clone()).unwrap();
+    let accel = forage_vm::accel::detect().accel;
+
+    let req = DockRequest {
+        name: "tiny-sub".into(),
+        image: image.clone(),
+        app: None,
+        max_vcpus: 2,
+        max_memory_mib: 256,
+        accel,
+        ready_timeout: guest::READY,
+    };
+    let d = forage_substrate::dock(&data, &pool, req).await.expect("docks");
+    eprintln!("{d:?}");
+    assert!(d.docked_memory_bytes < d.memory_bytes / 2, "the balloon shrank the guest: {d:?}");
+    assert!(d.memory_data_bytes < d.memory_bytes / 2, "the memory file keeps only used pages: {d:?}");
+    assert!(d.compressed_bytes < d.raw_bytes / 4, "{d:?}");
+    assert_eq!(pool.entry("tiny-sub").unwrap().tier, Tier::Memory);
+
+    // A budget smaller than the substrate spills it; activation reads it back.
+    assert_eq!(pool.set_budget(1 << 20).unwrap(), ["tiny-sub"]);
+    assert_eq!(pool.entry("tiny-sub").unwrap().tier, Tier::Disk);
+    pool.set_budget(1 << 30).unwrap();
+
+    let activate = |vm: &str, vcpus, memory_mib| ActivateRequest {
+        substrate: "tiny-sub".into(),
+        vcpus,
+        memory_mib,
+        accel,
+        run: run(vm),
+        vm_name: vm.into(),
+    };
+    let a = forage_substrate::activate(&data, &pool, activate("sub-a", 2, 200)).await.expect("activates");
+    eprintln!("{:?}", a.report);
+    assert!(a.report.reloaded_from_disk);
+    assert_eq!(pool.entry("tiny-sub").unwrap().tier, Tier::Memory);
+    let b = forage_substrate::activate(&data, &pool, activate("sub-b", 1, 128)).await.expect("activates again");
+    eprintln!("{:?}", b.report);
+    for (x, vcpus, mib) in [(&a, 2, 200u64), (&b, 1, 128)] {
+        let port = x.report.agent_port;
+        assert_eq!(sh(port, "nproc").await.trim(), vcpus.to_string(), "online vCPUs");
+        let total = forage_substrate::dock::meminfo(&sh(port, "cat /proc/meminfo").await).0 >> 20;
+        assert!(total <= mib && total + 48 >= mib, "MemTotal {total} MiB for {mib} MiB asked");
+    }
+    // Independent: memory (tmpfs) and disk (copy-on-write layer) writes stay in one VM.
+    sh(a.report.agent_port, "echo a > /tmp/mark && echo a > /data/mark && sync").await;
+    assert_eq!(sh(b.report.agent_port, "cat /tmp/mark /data/mark 2>/dev/null; echo end").await.trim(), "end");
+    a.vm.shutdown().await.unwrap();
+    assert_eq!(sh(b.report.agent_port, "echo alive").await.trim(), "alive", "b runs on alone");
+    b.vm.shutdown().await.unwrap();
+
+    // A corrupted substrate is refused before anything is written or started.
+    let good = pool.entry("tiny-sub").unwrap().path;
+    let mut bytes = std::fs::read(&good).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let staged = pool.staging("tiny-bad").unwrap();
+    std::fs::write(&staged, &bytes).unwrap();
+    pool.insert("tiny-bad", &staged).unwrap();
+    let bad_run = run("sub-bad");
+    let _ = std::fs::remove_dir_all(&bad_run.dir);
+    let mut req = activate("sub-bad", 1, 128);
+    req.substrate = "tiny-bad".into();
+    let e = forage_substrate::activate(&data, &pool, req).await.err().expect("refused");
+    assert!(matches!(e, ActivateError::Refused { .. }), "{e}");
+    assert!(!bad_run.dir.exists(), "nothing written for a refused substrate");
+    assert!(!pool.disks_dir("tiny-bad").unwrap().exists());
+    guest::assert_no_qemu_with("sub-bad").await;
+
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&mem);
+}

@@ -1,0 +1,99 @@
+//! `forage substrate ...`: dock VMs into substrates, keep them in a memory-budgeted pool,
+//! activate them, multicast them to other hosts.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum SubstrateCommand {
+    /// Boot a guest image (a base), optionally install an app (a service), shrink it to
+    /// one vCPU and the memory it uses, and save it as substrate NAME in the pool
+    Dock {
+        name: String,
+        /// The guest image to dock (`forage image build NAME`)
+        #[arg(long = "from", value_name = "IMAGE", default_value = "tiny")]
+        image: String,
+        /// An app folder to install first: the substrate is then that service
+        #[arg(long, value_name = "DIR")]
+        app: Option<PathBuf>,
+        /// vCPUs an activation may ask for [default: this host's cores]
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        /// Memory an activation may ask for, MiB [default: the image's]
+        #[arg(long, value_name = "MIB")]
+        max_memory: Option<u64>,
+        #[arg(long, default_value_t = 180, value_name = "S")]
+        ready_timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM from substrate NAME with the given size; it then runs as `forage vm`
+    /// VM --as (stop it with Ctrl-C or `forage vm stop`)
+    Activate {
+        name: String,
+        /// The VM's name [default: NAME-N, the first free]
+        #[arg(long = "as", value_name = "VM")]
+        vm: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Guest memory, MiB [default: all the substrate was docked for]
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Print the report and stop the VM instead of keeping it in the foreground
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The substrates in the pool and where they are (memory or spilled to disk)
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// A substrate's description (verified whole)
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a substrate (and its base disk)
+    Rm { name: String },
+    /// Set the pool's memory budget; least recently used substrates spill to disk
+    Budget {
+        #[arg(value_name = "MIB")]
+        mib: u64,
+    },
+    /// Multicast substrate NAME (UDP, TTL 1, udpcast) to hosts running `forage substrate
+    /// receive` on the same link; returns when all have it
+    Push {
+        name: String,
+        /// How many receivers to wait for
+        #[arg(long, default_value_t = 1)]
+        receivers: usize,
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        #[arg(long, default_value_t = forage_substrate::push::DEFAULT_PORTBASE)]
+        portbase: u16,
+        /// Seconds to wait for the receivers
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+        /// Unicast to the one receiver instead (udpcast's point-to-point mode)
+        #[arg(long)]
+        unicast: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive one multicast substrate, verify it, and add it to this host's pool
+    Receive {
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        #[arg(long, default_value_t = forage_substrate::push::DEFAULT_PORTBASE)]
+        portbase: u16,
+        /// Seconds to wait for the whole substrate
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}

@@ -1,0 +1,226 @@
+//! `forage substrate ...`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use forage_agent::app::AppPackage;
+use forage_datadir::DataDir;
+use forage_image::vms::{AppForward, VmPaths, VmRecord};
+use forage_image::GuestImage;
+use forage_substrate::{format, ActivateRequest, Channel, DockRequest, Pool};
+use serde_json::json;
+
+use super::vm::{announce, qemu_alive, supervise};
+use crate::cli::SubstrateCommand;
+use crate::output::print_json;
+
+pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
+    let pool = Pool::open(data)?;
+    match cmd {
+        SubstrateCommand::Dock { name, image, app, max_vcpus, max_memory, ready_timeout, json } => {
+            let image = GuestImage::open(data, &image)?;
+            let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+            let req = DockRequest {
+                name,
+                max_memory_mib: max_memory.unwrap_or(image.manifest().memory_mib),
+                image,
+                app: app.as_deref().map(AppPackage::open).transpose()?,
+                max_vcpus: max_vcpus.unwrap_or(cores),
+                accel: forage_vm::accel::choose(),
+                ready_timeout: Duration::from_secs(ready_timeout),
+            };
+            let r = forage_substrate::dock(data, &pool, req).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "substrate {} docked in {:.2} s (shrink {:.2}, save {:.2}, encode {:.2}; boot before it {:.1} s)",
+                    r.name, r.dock_seconds, r.shrink_seconds, r.save_seconds, r.encode_seconds, r.boot_seconds
+                );
+                println!(
+                    "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
+                    r.memory_bytes >> 20,
+                    r.docked_memory_bytes >> 20,
+                    r.memory_data_bytes >> 20,
+                    r.compressed_bytes as f64 / 1048576.0,
+                    r.raw_bytes as f64 / 1048576.0
+                );
+                spilled(&r.spilled);
+            }
+            Ok(())
+        }
+        SubstrateCommand::Activate { name, vm, vcpus, memory, once, json } => {
+            activate(data, &pool, &name, vm, vcpus, memory, once, json).await
+        }
+        SubstrateCommand::List { json } => {
+            let s = pool.summary()?;
+            if json {
+                print_json(&s);
+                return Ok(());
+            }
+            println!(
+                "pool: {:.1} of {:.1} MiB in memory ({}), {:.1} MiB spilled to disk",
+                s.memory_bytes as f64 / 1048576.0,
+                s.budget_bytes as f64 / 1048576.0,
+                s.memory_dir.display(),
+                s.disk_bytes as f64 / 1048576.0
+            );
+            for e in &s.substrates {
+                println!("{:<24} {:>9.1} MiB  {:?}", e.name, e.bytes as f64 / 1048576.0, e.tier);
+            }
+            Ok(())
+        }
+        SubstrateCommand::Info { name, json } => {
+            let e = pool.entry(&name)?;
+            let m = format::verify(&e.path).with_context(|| format!("substrate {name} is refused"))?;
+            if json {
+                print_json(&json!({ "pool": e, "manifest": m }));
+            } else {
+                let spec = &m.snapshot.spec;
+                println!("substrate {} ({:?}, {:.1} MiB): {}", m.name, e.tier, e.bytes as f64 / 1048576.0, m.source);
+                println!(
+                    "image {}; up to {} vCPUs and {} MiB; docked with {} MiB",
+                    m.image,
+                    spec.max_vcpus.unwrap_or(spec.vcpus),
+                    spec.memory_mib,
+                    m.docked_memory_bytes >> 20
+                );
+                for s in &m.sections {
+                    println!(
+                        "  {:<8} {:>10} bytes, {:>10} of data in {:>6} extents, {:>10} encoded",
+                        s.name, s.raw_size, s.data_bytes, s.extents, s.encoded_bytes
+                    );
+                }
+            }
+            Ok(())
+        }
+        SubstrateCommand::Rm { name } => {
+            if let Some(vm) = running_activation(data, &name) {
+                bail!("VM {vm} runs on substrate {name}'s disk; stop it first: forage vm stop {vm}");
+            }
+            pool.remove(&name)?;
+            println!("substrate {name} removed");
+            Ok(())
+        }
+        SubstrateCommand::Budget { mib } => {
+            spilled(&pool.set_budget(mib << 20)?);
+            println!("pool budget: {mib} MiB");
+            Ok(())
+        }
+        SubstrateCommand::Push { name, receivers, interface, portbase, wait, unicast, json } => {
+            if unicast && receivers != 1 {
+                bail!("--unicast sends to exactly one receiver");
+            }
+            let ch = Channel { interface, portbase, unicast };
+            let r = forage_substrate::push(&pool, &name, receivers, &ch, Duration::from_secs(wait)).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "substrate {} ({:.1} MiB) multicast to {} receivers in {:.2} s",
+                    r.name,
+                    r.bytes as f64 / 1048576.0,
+                    r.receivers,
+                    r.seconds
+                );
+            }
+            Ok(())
+        }
+        SubstrateCommand::Receive { interface, portbase, wait, json } => {
+            let ch = Channel { interface, portbase, unicast: false };
+            let (_, r) = forage_substrate::receive(&pool, &ch, Duration::from_secs(wait)).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("substrate {} received and verified ({} bytes, sha256 {})", r.name, r.bytes, r.sha256);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn spilled(names: &[String]) {
+    if !names.is_empty() {
+        eprintln!("spilled to disk (over the pool's memory budget): {}", names.join(", "));
+    }
+}
+
+/// A running `forage vm` activated from substrate `name`.
+fn running_activation(data: &DataDir, name: &str) -> Option<String> {
+    let prefix = format!("substrate:{name}");
+    std::fs::read_dir(data.vms()).ok()?.flatten().find_map(|e| {
+        let vm = e.file_name().to_string_lossy().into_owned();
+        let r = VmPaths::new(data, &vm).ok()?.load().ok()?;
+        (r.image == prefix && qemu_alive(r.pid)).then_some(vm)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn activate(
+    data: &DataDir,
+    pool: &Pool,
+    name: &str,
+    vm: Option<String>,
+    vcpus: u32,
+    memory: Option<u64>,
+    once: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let vm_name = match vm {
+        Some(v) => v,
+        None => (1..)
+            .map(|i| format!("{name}-{i}"))
+            .find(|v| VmPaths::new(data, v).map(|p| !p.record.exists()).unwrap_or(false))
+            .expect("a free name"),
+    };
+    let paths = VmPaths::new(data, &vm_name)?;
+    if let Ok(r) = paths.load() {
+        if qemu_alive(r.pid) {
+            bail!("VM {vm_name} is already running (pid {})", r.pid.unwrap_or(0));
+        }
+    }
+    let memory_mib = match memory {
+        Some(m) => m,
+        None => format::verify(&pool.entry(name)?.path)?.snapshot.spec.memory_mib,
+    };
+    let req = ActivateRequest {
+        substrate: name.to_string(),
+        vcpus,
+        memory_mib,
+        accel: forage_vm::accel::choose(),
+        run: paths.run.clone(),
+        vm_name: vm_name.clone(),
+    };
+    let a = forage_substrate::activate(data, pool, req).await?;
+    let r = &a.report;
+    let record = VmRecord {
+        name: vm_name.clone(),
+        image: format!("substrate:{name}"),
+        accel: a.vm.accel(),
+        pid: Some(a.vm.pid()),
+        spec: a.vm.spec().clone(),
+        agent_port: r.agent_port,
+        app: r.service_port.map(|(guest_port, host_port)| AppForward { name: "service".into(), guest_port, host_port }),
+    };
+    paths.store(&record)?;
+    if json {
+        print_json(&json!({ "event": "activated", "report": r }));
+    } else {
+        println!(
+            "substrate {name} activated as VM {vm_name}: first response in {:.2} s (verify {:.2}, decode {:.2}, restore {:.2}), grown in {:.2} s{}",
+            r.first_response_seconds,
+            r.verify_seconds,
+            r.decode_seconds,
+            r.restore_seconds,
+            r.total_seconds,
+            if r.reloaded_from_disk { " (read back from disk)" } else { "" }
+        );
+        println!("the guest sees {} vCPUs and {} MiB (MemTotal)", r.guest_vcpus, r.guest_mem_total_bytes >> 20);
+    }
+    if once {
+        a.vm.shutdown().await?;
+        return Ok(());
+    }
+    announce(&record, Duration::from_secs_f64(r.total_seconds), json);
+    supervise(a.vm, &vm_name, &paths, json).await
+}
