@@ -34,6 +34,7 @@ use serde::Serialize;
 use crate::cli::BenchHandoffArgs;
 use crate::common::{bench_base, forage_exe, print_json};
 use crate::handoff_qemu::qemu_migrate;
+pub(crate) use crate::handoff_workload::Workload;
 use crate::link_schedule::{Link, Shaping};
 use crate::synthesis::{wait_for_line, Guard};
 
@@ -453,56 +454,6 @@ impl Rig {
         drop(device); // the source instance ends with its device
         let _ = std::fs::remove_dir_all(&run);
         result
-    }
-}
-
-/// What runs in the instance that moves.
-pub(crate) enum Workload {
-    /// hashsearch: a working set that grows to `--working-mib`, its hot part rewritten.
-    Hashsearch,
-    /// A sample app: its request and expected answer.
-    App(forage_agent::app::AppManifest),
-}
-
-impl Workload {
-    fn of(args: &BenchHandoffArgs) -> anyhow::Result<Self> {
-        let Some(name) = &args.app else { return Ok(Workload::Hashsearch) };
-        let dir = forage_image::locate_guest_binary(&format!("apps/{name}"))?;
-        let m = forage_agent::app::AppPackage::open(&dir)?.manifest().clone();
-        if m.probe.is_none() {
-            bail!("app {name} has no probe request to check it after the move");
-        }
-        Ok(Workload::App(m))
-    }
-
-    fn name(&self) -> &str {
-        match self {
-            Workload::Hashsearch => "hashsearch",
-            Workload::App(m) => &m.name,
-        }
-    }
-
-    fn app_dir(&self) -> anyhow::Result<PathBuf> {
-        Ok(forage_image::locate_guest_binary(&format!("apps/{}", self.name()))?)
-    }
-
-    /// The request that checks the service.
-    pub(crate) fn check_line(&self) -> String {
-        match self {
-            Workload::Hashsearch => "count".into(),
-            Workload::App(m) => m.probe.clone().unwrap_or_default(),
-        }
-    }
-
-    /// Whether `answer` (to [`Self::check_line`]) is right: the whole working set, or the
-    /// app's expected answer.
-    pub(crate) fn answer_ok(&self, args: &BenchHandoffArgs, answer: &str) -> bool {
-        match self {
-            Workload::Hashsearch => {
-                answer.starts_with("ok") && answer.contains(&format!("working={}", args.working_mib << 20))
-            }
-            Workload::App(m) => m.probe_answer_ok(answer),
-        }
     }
 }
 

@@ -11,6 +11,7 @@ mod demo;
 mod handoff;
 mod handoff_profile;
 mod handoff_qemu;
+mod handoff_workload;
 mod launch_cache;
 mod link_schedule;
 mod measure;

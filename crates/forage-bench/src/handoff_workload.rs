@@ -1,0 +1,58 @@
+//! What runs in the instance `forage bench handoff` moves: hashsearch growing and
+//! churning a working set, or a sample app answering its probe before and after.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use crate::cli::BenchHandoffArgs;
+
+/// What runs in the instance that moves.
+pub(crate) enum Workload {
+    /// hashsearch: a working set that grows to `--working-mib`, its hot part rewritten.
+    Hashsearch,
+    /// A sample app: its request and expected answer.
+    App(forage_agent::app::AppManifest),
+}
+
+impl Workload {
+    pub(crate) fn of(args: &BenchHandoffArgs) -> anyhow::Result<Self> {
+        let Some(name) = &args.app else { return Ok(Workload::Hashsearch) };
+        let dir = forage_image::locate_guest_binary(&format!("apps/{name}"))?;
+        let m = forage_agent::app::AppPackage::open(&dir)?.manifest().clone();
+        if m.probe.is_none() {
+            bail!("app {name} has no probe request to check it after the move");
+        }
+        Ok(Workload::App(m))
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Workload::Hashsearch => "hashsearch",
+            Workload::App(m) => &m.name,
+        }
+    }
+
+    pub(crate) fn app_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(forage_image::locate_guest_binary(&format!("apps/{}", self.name()))?)
+    }
+
+    /// The request that checks the service.
+    pub(crate) fn check_line(&self) -> String {
+        match self {
+            Workload::Hashsearch => "count".into(),
+            Workload::App(m) => m.probe.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Whether `answer` (to [`Self::check_line`]) is right: the whole working set, or the
+    /// app's expected answer.
+    pub(crate) fn answer_ok(&self, args: &BenchHandoffArgs, answer: &str) -> bool {
+        match self {
+            Workload::Hashsearch => {
+                answer.starts_with("ok") && answer.contains(&format!("working={}", args.working_mib << 20))
+            }
+            Workload::App(m) => m.probe_answer_ok(answer),
+        }
+    }
+}
