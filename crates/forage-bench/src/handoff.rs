@@ -118,15 +118,20 @@ pub async fn run(data: &DataDir, args: BenchHandoffArgs) -> anyhow::Result<()> {
             links.push(Link::parse(s)?);
         }
         let mut rows = Vec::new();
+        let mut failed = None;
         for link in &links {
-            rows.extend(tokio::task::block_in_place(|| rig.measure_link(link, &args, &out_dir, &say))?);
+            if let Err(e) = tokio::task::block_in_place(|| rig.measure_link(link, &args, &out_dir, &say, &mut rows)) {
+                // What was measured is still printed.
+                failed = Some(e);
+                break;
+            }
         }
         if args.json {
             print_json(&rows);
         } else {
             print_table(&rows, &args, &links, &rig.workload);
         }
-        Ok::<_, anyhow::Error>(())
+        failed.map_or(Ok(()), Err)
     }
     .await;
     // The cloudlets' logs (every mode switch, every handoff's steps; why a run failed).
@@ -281,7 +286,8 @@ impl Rig {
         args: &BenchHandoffArgs,
         out_dir: &Path,
         say: &dyn Fn(&str),
-    ) -> anyhow::Result<Vec<HandoffRow>> {
+        rows: &mut Vec<HandoffRow>,
+    ) -> anyhow::Result<()> {
         let label = link.label();
         say(&format!("at {label} Mbit/s:"));
         let adaptive_report = self.forage_run(None, args, link)?;
@@ -296,7 +302,7 @@ impl Rig {
         crate::plot::plot(&svg, &adaptive_report, link.first_mbps())?;
         say(&format!("  trace: {} and {}", csv.display(), svg.display()));
         let modified = adaptive_report.modified_bytes;
-        let mut rows = vec![row("forage-adaptive", link, &adaptive, modified)];
+        rows.push(row("forage-adaptive", link, &adaptive, modified));
         for mode in args.modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
             let r = Run::from(&self.forage_run(Some(mode), args, link)?);
             say(&format!("  forage static {mode}: {}", summary(&r)));
@@ -310,7 +316,7 @@ impl Rig {
             say(&format!("  qemu live migration + NBD drive-mirror of the disk: {}", summary(&d)));
             rows.push(row("qemu-copy-storage", link, &d, modified));
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// The link at its rate, or following its schedule from now until the guard drops.
