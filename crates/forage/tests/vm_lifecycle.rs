@@ -71,7 +71,7 @@ async fn boot_save_restore_guest_carries_on() {
     assert!(vm.wait_exit().await.is_some(), "QEMU exited after save");
     let last_before = *ticks(&serial).last().unwrap();
     let m = snap.manifest();
-    assert_eq!(m.memory.size, 256 << 20);
+    assert_eq!(m.memory.size, (256 << 20) + forage_vm::spec::RAM_TAIL_KIB * 1024);
     assert!(m.state.size < 4 << 20, "device state is {} bytes", m.state.size);
     drop(vm);
     assert_no_qemu_with(run.qmp_socket.to_str().unwrap()).await;
