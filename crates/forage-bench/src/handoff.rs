@@ -34,14 +34,13 @@ use serde::Serialize;
 use crate::cli::BenchHandoffArgs;
 use crate::common::{bench_base, forage_exe, print_json};
 use crate::handoff_qemu::qemu_migrate;
-pub(crate) use crate::handoff_workload::Workload;
+pub(crate) use crate::handoff_workload::{Run, Workload, SERVICE};
 use crate::link_schedule::{Link, Shaping};
 use crate::synthesis::{wait_for_line, Guard};
 
 /// Row names of the static modes: this and the mode.
 const STATIC: &str = "forage-static:";
 
-pub(crate) const SERVICE: &str = "bench-handoff";
 const PORT: u16 = 7878;
 const API: u16 = 7879;
 
@@ -61,18 +60,6 @@ pub struct HandoffRow {
     pub switches: Vec<String>,
     pub qemu_rounds: u64,
     pub disk_chunks: Option<u64>,
-}
-
-/// What one run measured, forage's or QEMU's.
-#[derive(Debug, Clone)]
-pub(crate) struct Run {
-    pub(crate) total_s: f64,
-    pub(crate) downtime_s: f64,
-    pub(crate) bytes: u64,
-    pub(crate) mode: String,
-    pub(crate) switches: Vec<String>,
-    pub(crate) qemu_rounds: u64,
-    pub(crate) disk_chunks: Option<u64>,
 }
 
 impl From<&HandoffReport> for Run {

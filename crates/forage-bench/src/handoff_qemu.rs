@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json as j;
 
 use crate::cli::BenchHandoffArgs;
-use crate::handoff::{Run, Workload, SERVICE};
+use crate::handoff_workload::{Run, Workload, SERVICE};
 
 /// Where QEMU's live migration enters the destination namespace, and its NBD server.
 const MIGRATION_PORT: u16 = 7900;

@@ -1,11 +1,27 @@
-//! What runs in the instance `forage bench handoff` moves: hashsearch growing and
-//! churning a working set, or a sample app answering its probe before and after.
+//! What runs in the instance `forage bench handoff` moves (hashsearch growing and
+//! churning a working set, or a sample app answering its probe before and after), and
+//! what one run of it measured.
 
 use std::path::PathBuf;
 
 use anyhow::bail;
 
 use crate::cli::BenchHandoffArgs;
+
+/// The bench service VM's name on both cloudlets.
+pub(crate) const SERVICE: &str = "bench-handoff";
+
+/// What one run measured, forage's or QEMU's.
+#[derive(Debug, Clone)]
+pub(crate) struct Run {
+    pub(crate) total_s: f64,
+    pub(crate) downtime_s: f64,
+    pub(crate) bytes: u64,
+    pub(crate) mode: String,
+    pub(crate) switches: Vec<String>,
+    pub(crate) qemu_rounds: u64,
+    pub(crate) disk_chunks: Option<u64>,
+}
 
 /// What runs in the instance that moves.
 pub(crate) enum Workload {
