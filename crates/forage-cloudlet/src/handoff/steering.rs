@@ -74,7 +74,13 @@ impl Steering<'_> {
     /// Runs until QEMU has its last round (or its migration is over).
     pub(super) async fn run(&self, vm: &Vm) {
         let set = |params: serde_json::Value| async move {
-            vm.qmp().execute("migrate-set-parameters", Some(params)).await.is_ok()
+            match vm.qmp().execute("migrate-set-parameters", Some(params)).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "steering QEMU's migration: migrate-set-parameters failed");
+                    false
+                }
+            }
         };
         let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut held = false;
