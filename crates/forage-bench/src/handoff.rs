@@ -233,6 +233,10 @@ impl Rig {
                     &format!("127.0.0.1:{API}"),
                     "--no-advertise",
                     "--no-cache",
+                    // The bench's instances serve the bench's workload, not a device
+                    // through the relay: the idle timeout would stop them mid-table.
+                    "--idle-timeout",
+                    "0",
                     "--name",
                     name,
                 ])
