@@ -104,7 +104,13 @@ pub fn encode(mode: Mode, chunks: &[Modified]) -> (Vec<u8>, EncodeStats) {
         } else {
             match (mode.delta, &c.base) {
                 (Delta::Xor, Some(b)) => (Kind::Xor, DeltaCodec::Xor.encode(b, &c.data)),
-                (Delta::Bsdiff, Some(b)) => (Kind::Bsdiff, DeltaCodec::Bsdiff.encode(b, &c.data)),
+                (Delta::Bsdiff, Some(b)) => match DeltaCodec::Bsdiff.encode(b, &c.data) {
+                    // A chunk unlike its base gives a patch larger than the chunk (one
+                    // control triple per short match): sending it raw is smaller, and
+                    // keeps every entry within what decoders accept.
+                    patch if patch.len() >= CHUNK => (Kind::Raw, c.data.clone()),
+                    patch => (Kind::Bsdiff, patch),
+                },
                 _ => (Kind::Raw, c.data.clone()),
             }
         };
@@ -217,6 +223,21 @@ mod tests {
                 assert!(stats.output_bytes < stats.input_bytes / 20, "{m}: {stats:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_unlike_its_base_goes_raw_in_bsdiff_mode() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut noise = || (0..CHUNK).map(|_| rng.u8(..)).collect::<Vec<u8>>();
+        let cs: Vec<Modified> = (0..8)
+            .map(|i| Modified { chunk: ChunkId { space: Space::Memory, index: i }, data: noise(), base: Some(noise()) })
+            .collect();
+        let (wire, _) = encode(parse_mode("bsdiff+lzma6").unwrap(), &cs);
+        let sent: Wire = ciborium::from_reader(&wire[..]).unwrap();
+        assert!(sent.entries.iter().all(|e| e.kind == Kind::Raw && e.len as usize == CHUNK), "{:?}", sent.entries);
+        let mut own = |id: ChunkId| cs.iter().find(|c| c.chunk == id).and_then(|c| c.base.clone());
+        let back = decode(&wire, &mut own).unwrap();
+        assert!(back.iter().zip(&cs).all(|((id, data), c)| *id == c.chunk && *data == c.data));
     }
 
     #[test]
