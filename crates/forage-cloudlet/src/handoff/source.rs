@@ -372,23 +372,31 @@ async fn stream_state(
             acked_by_peer,
         )
     });
+    // Steering that ends well leaves the rest to the feeder and the pipeline; one that
+    // fails ends the handoff (the caller's `migrate_cancel`).
     let steering = async {
         if let Some(limit) = steer {
             let s = super::steering::Steering { fed: &fed, progress: &progress, acked: &acked, limit };
-            s.run(&instance.vm).await;
+            if let Err(e) = s.run(&instance.vm).await {
+                return e;
+            }
         }
+        std::future::pending().await
     };
-    let joined = async {
-        let (f, p, ()) = tokio::join!(feeder, pipeline, steering);
-        (f, p)
-    };
+    let joined = async { tokio::join!(feeder, pipeline) };
     tokio::pin!(joined);
+    tokio::pin!(steering);
     let mut reader = reader;
     // On failure nothing waits for the feeder and the pipeline: closing the connection
     // stops the pipeline, and the caller's `migrate_cancel` closes QEMU's stream, which
     // stops the feeder.
     let (fed, piped) = tokio::select! {
         r = &mut joined => r,
+        e = &mut steering => {
+            writer.abort();
+            reader.abort();
+            return Err(Failure::Qemu(e));
+        }
         _ = stalled(&written, &acked) => {
             writer.abort();
             reader.abort();

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use forage_handoff::pipeline::Progress;
+use forage_vm::qmp::QmpError;
 use forage_vm::Vm;
 use serde_json::json;
 
@@ -71,24 +72,22 @@ pub(super) struct Steering<'a> {
 }
 
 impl Steering<'_> {
-    /// Runs until QEMU has its last round (or its migration is over).
-    pub(super) async fn run(&self, vm: &Vm) {
+    /// Runs until QEMU has its last round (or its migration is over). An error means QEMU
+    /// refused its last round's limit: left at 1 ms, it would iterate until the handoff
+    /// stalls, so the caller cancels the migration at once (the VM runs on here).
+    pub(super) async fn run(&self, vm: &Vm) -> Result<(), QmpError> {
         let set = |params: serde_json::Value| async move {
-            match vm.qmp().execute("migrate-set-parameters", Some(params)).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "steering QEMU's migration: migrate-set-parameters failed");
-                    false
-                }
-            }
+            vm.qmp().execute("migrate-set-parameters", Some(params)).await.map(|_| ()).inspect_err(|e| {
+                tracing::warn!(error = %e, "steering QEMU's migration: migrate-set-parameters failed");
+            })
         };
         let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut held = false;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let Ok(q) = vm.qmp().execute("query-migrate", None).await else { return };
+            let Ok(q) = vm.qmp().execute("query-migrate", None).await else { return Ok(()) };
             if !matches!(q["status"].as_str(), Some("setup" | "active")) {
-                return;
+                return Ok(());
             }
             let now = Instant::now();
             let acked = self.acked.load(Ordering::Relaxed);
@@ -121,14 +120,19 @@ impl Steering<'_> {
                     bandwidth_bps = bandwidth as u64,
                     "the rest fits in the downtime limit: last round"
                 );
-                set(json!({ "downtime-limit": self.limit.as_millis() as u64, "max-bandwidth": 1u64 << 40 })).await;
-                return;
+                let last = json!({ "downtime-limit": self.limit.as_millis() as u64, "max-bandwidth": 1u64 << 40 });
+                // QMP answers one command at a time: a second try covers a passing hitch.
+                if set(last.clone()).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    set(last).await?;
+                }
+                return Ok(());
             }
             let queued_s = in_flight / bandwidth;
             if !held && queued_s > QUEUE_HIGH {
-                held = set(json!({ "max-bandwidth": HELD_BANDWIDTH })).await;
+                held = set(json!({ "max-bandwidth": HELD_BANDWIDTH })).await.is_ok();
             } else if held && queued_s < QUEUE_LOW {
-                held = !set(json!({ "max-bandwidth": ITERATION_BANDWIDTH })).await;
+                held = set(json!({ "max-bandwidth": ITERATION_BANDWIDTH })).await.is_err();
             }
         }
     }
