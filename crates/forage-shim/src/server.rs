@@ -81,9 +81,7 @@ pub async fn run(spec: ShimSpec) -> Result<(), ShimError> {
     };
     let ca_sha256 = match &spec.relay {
         Some(r) => Some(
-            forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet")
-                .map_err(|e| ShimError::Spec(e.to_string()))?
-                .ca_fingerprint(),
+            forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet").map_err(ShimError::Trust)?.ca_fingerprint(),
         ),
         None => None,
     };
@@ -147,16 +145,15 @@ pub async fn run(spec: ShimSpec) -> Result<(), ShimError> {
 fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -> Result<View, ShimError> {
     match v {
         ViewSpec::Cow { saved, readahead } => {
-            let snap = forage_vm::Snapshot::open(saved).map_err(|e| ShimError::View(e.to_string()))?;
+            let snap = forage_vm::Snapshot::open(saved).map_err(ShimError::Snapshot)?;
             Ok(View::Cow(Box::new(
-                CowView::mount(&snap, &spec.dir.join("view"), *readahead)
-                    .map_err(|e| ShimError::View(e.to_string()))?,
+                CowView::mount(&snap, &spec.dir.join("view"), *readahead).map_err(ShimError::CowView)?,
             )))
         }
         ViewSpec::Overlay { manifest, base_memory, base_disk, readahead } => {
             let bytes = std::fs::read(manifest).map_err(|source| ShimError::Io { path: manifest.clone(), source })?;
             let manifest =
-                Manifest::decode(&bytes).map_err(|e| ShimError::View(format!("{}: {e}", manifest.display())))?;
+                Manifest::decode(&bytes).map_err(|source| ShimError::Manifest { path: manifest.clone(), source })?;
             let (work, mnt) = (spec.dir.join("assembly"), spec.dir.join("mnt"));
             for d in [&work, &mnt] {
                 std::fs::create_dir_all(d).map_err(|source| ShimError::Io { path: d.clone(), source })?;
@@ -164,11 +161,9 @@ fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -
             let fetch = Box::new(move |s: u32| {
                 let _ = fetch.send(s);
             });
-            let assembly = Arc::new(
-                Assembly::new(manifest, base_memory, base_disk, &work, fetch)
-                    .map_err(|e| ShimError::View(e.to_string()))?,
-            );
-            let mount = Mount::new(assembly.clone(), &mnt, *readahead).map_err(|e| ShimError::View(e.to_string()))?;
+            let assembly =
+                Arc::new(Assembly::new(manifest, base_memory, base_disk, &work, fetch).map_err(ShimError::Assembly)?);
+            let mount = Mount::new(assembly.clone(), &mnt, *readahead).map_err(ShimError::Assembly)?;
             Ok(View::Overlay { assembly, mount: Some(mount) })
         }
     }
@@ -179,9 +174,8 @@ async fn start_relay(r: &RelaySpec) -> Result<Relay, ShimError> {
         .ok()
         .and_then(|t| t.try_into().ok())
         .ok_or_else(|| ShimError::Spec("the relay's token is not 32 hex digits".into()))?;
-    let trust =
-        forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet").map_err(|e| ShimError::Spec(e.to_string()))?;
-    let tls = trust.relay_server_config().map_err(|e| ShimError::Spec(e.to_string()))?;
+    let trust = forage_trust::CloudletTrust::open_or_init(&r.trust, "cloudlet").map_err(ShimError::Trust)?;
+    let tls = trust.relay_server_config().map_err(ShimError::Trust)?;
     let listen = std::net::SocketAddr::from((r.listen, r.port));
     Relay::start(listen, r.target, tls, token)
         .await

@@ -30,7 +30,14 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(forage_shim::server::run(spec)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // The daemon shows this line as why the shim did not start: every cause.
+            let mut line = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                line.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("error: {line}");
             std::process::ExitCode::FAILURE
         }
     }
