@@ -2,8 +2,9 @@
 //! QEMU and shim outlive it, see `instance`) are adopted again: listed, stoppable, idle
 //! timed, movable; their device sessions ended with the old daemon, so they live until an
 //! operator stops them, the idle timeout, or a handoff. Those whose QEMU or shim is gone
-//! are stopped, their folders removed, and recorded lost. Session folders of dead
-//! daemons that no instance uses are removed.
+//! are stopped, their folders removed, and recorded lost; the sessions the previous
+//! daemon was serving are recorded failed. Session folders of dead daemons that no
+//! instance uses are removed.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +18,16 @@ use crate::Cloudlet;
 
 /// Adopt or settle every instance the state says is running.
 pub(crate) async fn adopt_all(cloudlet: &Arc<Cloudlet>) {
+    // The previous daemon's device sessions ended with it ("failed: daemon restarted"),
+    // and instances whose QEMU is gone are recorded lost; their remains go below.
+    match cloudlet.state.recover_after_restart() {
+        Ok(lost) => {
+            for rec in lost {
+                settle_lost(cloudlet, &rec.id, &rec.dir).await;
+            }
+        }
+        Err(e) => tracing::error!("cannot settle the sessions and instances of the previous daemon: {e}"),
+    }
     let running = match cloudlet.state.list_instances(true) {
         Ok(r) => r,
         Err(e) => return tracing::error!("cannot list the instances of the previous daemon: {e}"),
