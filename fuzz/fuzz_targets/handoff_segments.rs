@@ -13,7 +13,7 @@ impl ChunkStore for Store {
     fn base(&mut self, id: ChunkId) -> Option<Vec<u8>> {
         (id.index % 2 == 0).then(|| vec![7u8; CHUNK])
     }
-    fn write(&mut self, _: ChunkId, data: &[u8]) -> Result<(), String> {
+    fn write(&mut self, _: ChunkId, data: &[u8]) -> std::io::Result<()> {
         assert_eq!(data.len(), CHUNK, "the applier writes whole chunks only");
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! base (or nothing, without the base) and write its chunks into the VM being rebuilt.
 //! Segments apply in sequence order; a later round's chunk overwrites an earlier one.
 
+use crate::error::ApplyError;
 use crate::segment::{decode, ChunkId, Space, CHUNK};
 
 /// Where the destination's chunks live.
@@ -9,7 +10,7 @@ pub trait ChunkStore {
     /// The base VM's chunk at `id`, if the destination holds the base.
     fn base(&mut self, id: ChunkId) -> Option<Vec<u8>>;
     /// Put the rebuilt chunk at `id`.
-    fn write(&mut self, id: ChunkId, data: &[u8]) -> Result<(), String>;
+    fn write(&mut self, id: ChunkId, data: &[u8]) -> std::io::Result<()>;
 }
 
 /// Totals of what was applied.
@@ -48,18 +49,18 @@ impl<S: ChunkStore> Applier<S> {
     }
 
     /// Apply segment `seq` (untrusted bytes). Segments must come in order from 0.
-    pub fn apply(&mut self, seq: u64, bytes: &[u8]) -> Result<(), String> {
+    pub fn apply(&mut self, seq: u64, bytes: &[u8]) -> Result<(), ApplyError> {
         if seq != self.next {
-            return Err(format!("segment {seq} arrived where {} was due", self.next));
+            return Err(ApplyError::OutOfOrder { seq, due: self.next });
         }
         let limits = self.limits;
         let store = &mut self.store;
         let mut own = |id: ChunkId| if id.index < limits[slot(id.space)] { store.base(id) } else { None };
-        let chunks = decode(bytes, &mut own)?;
+        let chunks = decode(bytes, &mut own).map_err(|source| ApplyError::Segment { seq, source })?;
         for (id, data) in chunks {
             let s = slot(id.space);
             if id.index >= self.limits[s] {
-                return Err(format!("{:?} chunk {} is outside the VM ({} chunks)", id.space, id.index, self.limits[s]));
+                return Err(ApplyError::Outside { seq, space: id.space, index: id.index, limit: self.limits[s] });
             }
             let (word, bit) = ((id.index / 64) as usize, 1u64 << (id.index % 64));
             let already = self.written[s][word] & bit != 0;
@@ -71,7 +72,12 @@ impl<S: ChunkStore> Applier<S> {
                 }
             };
             if !unchanged {
-                self.store.write(id, &data)?;
+                self.store.write(id, &data).map_err(|source| ApplyError::Write {
+                    seq,
+                    space: id.space,
+                    index: id.index,
+                    source,
+                })?;
                 self.written[s][word] |= bit;
                 self.applied.written += 1;
             }
@@ -106,10 +112,15 @@ mod tests {
         fn base(&mut self, id: ChunkId) -> Option<Vec<u8>> {
             self.has_base.then(|| self.base.get(&id).cloned().unwrap_or_else(|| vec![0; CHUNK]))
         }
-        fn write(&mut self, id: ChunkId, data: &[u8]) -> Result<(), String> {
+        fn write(&mut self, id: ChunkId, data: &[u8]) -> std::io::Result<()> {
             self.now.insert(id, data.to_vec());
             Ok(())
         }
+    }
+
+    /// The error's whole chain, as a peer is told it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        std::iter::successors(Some(e), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
     }
 
     fn id(space: Space, index: u64) -> ChunkId {
@@ -136,9 +147,9 @@ mod tests {
         assert_eq!(a.store().now[&id(Space::Memory, 2)], vec![0; CHUNK]);
         assert_eq!(a.store().now[&id(Space::Disk, 0)], vec![3; CHUNK]);
         // Out of order and out of range are refused.
-        assert!(a.apply(5, &encode(mode, &second).0).is_err());
+        assert!(matches!(a.apply(5, &encode(mode, &second).0), Err(ApplyError::OutOfOrder { seq: 5, due: 2 })));
         let far = [Modified { chunk: id(Space::Disk, 8), data: vec![1; CHUNK], base: None }];
-        assert!(a.apply(2, &encode(mode, &far).0).unwrap_err().contains("outside"));
+        assert!(matches!(a.apply(2, &encode(mode, &far).0), Err(ApplyError::Outside { index: 8, limit: 8, .. })));
     }
 
     #[test]
@@ -146,7 +157,9 @@ mod tests {
         let mut a = Applier::new(Mem::default(), 8 * CHUNK as u64, 0);
         let mode = parse_mode("xor+none").unwrap();
         let c = [Modified { chunk: id(Space::Memory, 0), data: vec![1; CHUNK], base: Some(vec![2; CHUNK]) }];
-        assert!(a.apply(0, &encode(mode, &c).0).unwrap_err().contains("does not have"));
+        let refused = a.apply(0, &encode(mode, &c).0).unwrap_err();
+        assert!(matches!(&refused, ApplyError::Segment { source: crate::error::SegmentError::NoBase { .. }, .. }));
+        assert!(chain(&refused).contains("does not have"), "the cause is kept: {refused:?}");
         let mut a = Applier::new(Mem::default(), 8 * CHUNK as u64, 0);
         let c = [Modified { chunk: id(Space::Memory, 0), data: vec![1; CHUNK], base: None }];
         a.apply(0, &encode(mode, &c).0).unwrap();

@@ -10,6 +10,7 @@ use std::time::Instant;
 use forage_format::codec::{DeltaCodec, SegmentCodec};
 
 use crate::adapt::{Codec, Delta, LookupTable, Mode, Profile};
+use crate::error::PayloadError;
 
 /// Bytes of encoded chunks compressed together (the paper's ~1 MiB segments).
 pub const SEGMENT_BYTES: usize = 1 << 20;
@@ -46,7 +47,7 @@ pub fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
 }
 
 /// Decompress one segment (untrusted bytes: at most `limit` bytes out).
-pub fn decompress(codec: Codec, data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+pub fn decompress(codec: Codec, data: &[u8], limit: usize) -> Result<Vec<u8>, PayloadError> {
     let mut out = Vec::new();
     let lim = limit as u64 + 1;
     let r = match codec {
@@ -56,9 +57,9 @@ pub fn decompress(codec: Codec, data: &[u8], limit: usize) -> Result<Vec<u8>, St
         Codec::Gzip(_) => flate2::read::GzDecoder::new(data).take(lim).read_to_end(&mut out),
         Codec::Bzip2(_) => bzip2::read::BzDecoder::new(data).take(lim).read_to_end(&mut out),
     };
-    r.map_err(|e| format!("{codec:?} stream: {e}"))?;
+    r.map_err(PayloadError::Stream)?;
     if out.len() > limit {
-        return Err(format!("{codec:?} stream holds more than {limit} bytes"));
+        return Err(PayloadError::TooLarge(limit));
     }
     Ok(out)
 }

@@ -21,6 +21,7 @@
 pub mod adapt;
 pub mod apply;
 pub mod encode;
+pub mod error;
 pub mod migration;
 pub mod pipeline;
 pub mod sample;

@@ -22,6 +22,7 @@ use sha2::Digest;
 
 use crate::adapt::{Delta, Mode};
 use crate::encode::{compress, decompress};
+use crate::error::SegmentError;
 
 pub const SEGMENT_FORMAT: u32 = 1;
 /// Chunk size of handoff: a guest page and a disk block.
@@ -136,44 +137,44 @@ pub fn encode(mode: Mode, chunks: &[Modified]) -> (Vec<u8>, EncodeStats) {
 pub fn decode(
     bytes: &[u8],
     own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>,
-) -> Result<Vec<(ChunkId, Vec<u8>)>, String> {
-    let wire: Wire = ciborium::from_reader(bytes).map_err(|e| format!("segment: {e}"))?;
+) -> Result<Vec<(ChunkId, Vec<u8>)>, SegmentError> {
+    let wire: Wire = ciborium::from_reader(bytes).map_err(SegmentError::Cbor)?;
     if wire.format != SEGMENT_FORMAT {
-        return Err(format!("segment format {} is not {SEGMENT_FORMAT}", wire.format));
+        return Err(SegmentError::Format(wire.format));
     }
     if wire.entries.len() > MAX_ENTRIES {
-        return Err(format!("segment of {} chunks, over {MAX_ENTRIES}", wire.entries.len()));
+        return Err(SegmentError::TooManyEntries(wire.entries.len()));
     }
     let total: usize = wire.entries.iter().map(|e| e.len as usize).sum();
     if wire.entries.iter().any(|e| e.len as usize > 2 * CHUNK + 1024) {
-        return Err("an entry is larger than a chunk's worst-case encoding".into());
+        return Err(SegmentError::EntryTooLarge);
     }
-    let raw = decompress(wire.mode.codec, &wire.payload, total)?;
+    let raw =
+        decompress(wire.mode.codec, &wire.payload, total).map_err(|e| SegmentError::Payload(wire.mode.codec, e))?;
     if raw.len() != total {
-        return Err(format!("payload holds {} bytes, the entries {total}", raw.len()));
+        return Err(SegmentError::PayloadSize { got: raw.len(), want: total });
     }
     if sha2::Sha256::digest(&raw)[..] != wire.sha256[..] {
-        return Err("segment payload does not match its SHA-256 (damaged)".into());
+        return Err(SegmentError::Damaged);
     }
     let mut out = Vec::with_capacity(wire.entries.len());
     let mut at = 0usize;
     for e in &wire.entries {
         let bytes = &raw[at..at + e.len as usize];
         at += e.len as usize;
-        let need_own = |own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>| {
-            own(e.chunk).ok_or_else(|| {
-                format!("{:?} chunk {} refers to a chunk the destination does not have", e.chunk.space, e.chunk.index)
-            })
-        };
+        let (space, index) = (e.chunk.space, e.chunk.index);
+        let need_own =
+            |own: &mut dyn FnMut(ChunkId) -> Option<Vec<u8>>| own(e.chunk).ok_or(SegmentError::NoBase { space, index });
+        let delta = |source| SegmentError::Delta { space, index, source };
         let data = match e.kind {
             Kind::Zero => vec![0u8; CHUNK],
             Kind::Base => need_own(own)?,
             Kind::Raw => bytes.to_vec(),
-            Kind::Xor => DeltaCodec::Xor.decode(&need_own(own)?, bytes).map_err(|err| err.to_string())?,
-            Kind::Bsdiff => DeltaCodec::Bsdiff.decode(&need_own(own)?, bytes).map_err(|err| err.to_string())?,
+            Kind::Xor => DeltaCodec::Xor.decode(&need_own(own)?, bytes).map_err(delta)?,
+            Kind::Bsdiff => DeltaCodec::Bsdiff.decode(&need_own(own)?, bytes).map_err(delta)?,
         };
         if data.len() != CHUNK {
-            return Err(format!("{:?} chunk {} rebuilt to {} bytes", e.chunk.space, e.chunk.index, data.len()));
+            return Err(SegmentError::Rebuilt { space, index, len: data.len() });
         }
         out.push((e.chunk, data));
     }
@@ -248,7 +249,7 @@ mod tests {
         assert!(decode(&wire[..wire.len() - 10], &mut own).is_err());
         // A destination without the base cannot rebuild deltas: a clear error.
         let mut none = |_: ChunkId| None;
-        assert!(decode(&wire, &mut none).unwrap_err().contains("does not have"));
+        assert!(matches!(decode(&wire, &mut none), Err(SegmentError::NoBase { .. })));
         let mut flipped = wire.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 0xff;

@@ -33,3 +33,16 @@ pub enum ErrorCode {
     /// The cloudlet is at a limit (sessions in all or of this peer, disk space): later.
     Busy,
 }
+
+/// An error and every cause under it, as the one line an Error message carries to a peer
+/// (the wire keeps text; the typed error stays on the side that had it).
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}

@@ -21,7 +21,7 @@ pub mod peer;
 pub mod service;
 
 pub use device::{AppInfo, DeviceMessage, Offer, Provision};
-pub use error::ErrorCode;
+pub use error::{one_line, ErrorCode};
 pub use frame::{asynchronous, blocking, decode, encode, ProtoError, Protocol, MAX_FRAME};
 pub use pairing::PairingMessage;
 pub use peer::{HandoffBegin, PeerMessage};

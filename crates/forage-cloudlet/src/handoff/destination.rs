@@ -181,7 +181,7 @@ async fn rebuild(
                 .expect("no panic");
                 let writes = std::mem::take(&mut a.store().pending);
                 applier = Some(a);
-                r.map_err(|e| bad(format!("segment {seq}: {e}")))?;
+                r.map_err(|e| bad(forage_proto::one_line(&e)))?;
                 // One call per space and segment, in order.
                 for space in [Space::Memory, Space::Disk] {
                     let chunks: Vec<ChunkBytes> = writes
@@ -310,7 +310,7 @@ impl ChunkStore for ViewStore {
         Some(buf)
     }
 
-    fn write(&mut self, id: ChunkId, data: &[u8]) -> Result<(), String> {
+    fn write(&mut self, id: ChunkId, data: &[u8]) -> std::io::Result<()> {
         self.pending.push((id, data.to_vec()));
         Ok(())
     }

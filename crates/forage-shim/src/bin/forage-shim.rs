@@ -31,13 +31,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The daemon shows this line as why the shim did not start: every cause.
-            let mut line = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                line.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
-            eprintln!("error: {line}");
+            eprintln!("error: {}", forage_proto::one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
