@@ -23,5 +23,5 @@ pub mod push;
 pub use activate::{activate, ActivateError, ActivateRequest, Activated, ActivationReport};
 pub use dock::{dock, DockError, DockReport, DockRequest};
 pub use format::{DecodeError, SubstrateManifest};
-pub use pool::{Pool, PoolEntry, PoolError, PoolSummary, Tier};
+pub use pool::{DescribeError, Pool, PoolEntry, PoolError, PoolSummary, Tier};
 pub use push::{push, receive, Channel, PushError, PushReport, ReceiveReport};
