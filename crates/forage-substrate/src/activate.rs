@@ -1,11 +1,15 @@
 //! Activation: a substrate becomes a running VM of the requested size.
 //!
 //! 1. The pool hands over the substrate file (read back into memory if it was spilled).
-//! 2. The whole file is verified (structure, caps, checksum) before anything is written.
-//! 3. This host's image of the substrate's name and recipe gives kernel and initramfs.
-//! 4. The base disk is decoded once per substrate (read-only): this host's image disk with
-//!    the substrate's differences written over it; the activation gets a qcow2
-//!    copy-on-write layer over that, its own memory file and device state in its run folder.
+//! 2. Its manifest is read and checked (caps, the request against the docked VM's
+//!    limits); this host's image of the substrate's name and recipe gives kernel and
+//!    initramfs.
+//! 3. One pass over the file verifies it whole (structure, caps, every zstd frame, the
+//!    checksum) while decoding it: memory and device state into the activation's folder,
+//!    the base disk (once per substrate: this host's image disk with the substrate's
+//!    differences written over it, read-only) into a partial folder. If the file does not
+//!    check out, both are removed before QEMU starts: a corrupted substrate runs nothing.
+//! 4. The activation gets a qcow2 copy-on-write layer over the base disk.
 //! 5. QEMU restores the VM with a NIC whose forwards are fresh loopback ports, then the
 //!    VM grows: vCPUs hot-plugged (and onlined in the guest through the agent, once its
 //!    ping, the first response, has come back), balloon deflated to the requested memory.
@@ -83,7 +87,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ActivateError {
 pub struct ActivationReport {
     pub substrate: String,
     pub vm: String,
-    pub verify_seconds: f64,
+    /// The file from the pool (read back if it was spilled), its manifest, the image and
+    /// the request checked.
+    pub manifest_seconds: f64,
+    /// The one pass that verifies the whole file while decoding it.
     pub decode_seconds: f64,
     pub restore_seconds: f64,
     /// From the start of the activation to the guest's first answer (the agent's ping).
@@ -110,8 +117,8 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let reloaded = pool.entry(&name)?.tier == crate::pool::Tier::Disk;
     let (file, _) = pool.get(&name)?;
     let refused = |source| ActivateError::Refused { name: name.clone(), source };
-    let manifest = format::verify(&file).map_err(refused)?;
-    let verify_seconds = start.elapsed().as_secs_f64();
+    // Header and manifest only: the whole file is verified by the decode below.
+    let manifest = format::read_manifest(&file).map_err(refused)?;
     let snap = &manifest.snapshot;
     let max_vcpus = snap.spec.max_vcpus.unwrap_or(snap.spec.vcpus);
     if req.vcpus == 0 || req.vcpus > max_vcpus {
@@ -138,24 +145,26 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         });
     }
 
-    // Verified: now write. Base disks once per substrate, memory and state per activation.
+    // One pass over the file verifies it and decodes it: memory and device state into the
+    // activation's folder, the base disks (once per substrate) into a partial folder. Only
+    // when the checksum at the end matched do they become real; otherwise both are removed
+    // and nothing has run.
+    let manifest_seconds = start.elapsed().as_secs_f64();
     let t = Instant::now();
     let base_dir = pool.disks_dir(&name)?;
-    // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
-    let bases = ensure_base_disks(&file, &manifest, &base_dir, &image.disk())?
-        .into_iter()
-        .map(|b| std::fs::canonicalize(&b).map_err(io(&b)))
-        .collect::<Result<Vec<_>, _>>()?;
     let snap_dir = req.run.dir.join("substrate");
     let _ = std::fs::remove_dir_all(&req.run.dir);
     std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
-    let mut targets = vec![
-        ("memory".to_string(), snap_dir.join(&snap.memory.file)),
-        ("state".to_string(), snap_dir.join(&snap.state.file)),
-    ];
-    targets.retain(|(_, p)| p.parent() == Some(snap_dir.as_path()));
-    let f = std::fs::File::open(&file).map_err(io(&file))?;
-    format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut ToFiles::new(targets)).map_err(refused)?;
+    let decoded = decode_once(&file, &manifest, &snap_dir, &base_dir, &image.disk(), &req.vm_name);
+    let bases = match decoded {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&req.run.dir);
+            return Err(e);
+        }
+    };
+    // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
+    let bases = bases.iter().map(|b| std::fs::canonicalize(b).map_err(io(b))).collect::<Result<Vec<_>, _>>()?;
     for (rec, base) in snap.disks.iter().zip(&bases) {
         std::os::unix::fs::symlink(base, snap_dir.join(&rec.file)).map_err(io(&snap_dir))?;
     }
@@ -191,7 +200,13 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     // Grow. Plugging and ballooning are requests the guest acts on; the agent onlines the
     // vCPUs once the guest has them.
     vm.plug_vcpus(req.vcpus).await.map_err(ActivateError::Expand)?;
-    let target = req.memory_mib << 20;
+    // All of it means the RAM tail too (`forage_vm::spec::RAM_TAIL_KIB`): the balloon
+    // then keeps nothing.
+    let target = if req.memory_mib == manifest.snapshot.spec.memory_mib {
+        manifest.snapshot.spec.memory_bytes()
+    } else {
+        req.memory_mib << 20
+    };
     vm.qmp()
         .execute("balloon", Some(serde_json::json!({ "value": target })))
         .await
@@ -225,7 +240,7 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let report = ActivationReport {
         substrate: name,
         vm: req.vm_name,
-        verify_seconds,
+        manifest_seconds,
         decode_seconds,
         restore_seconds,
         first_response_seconds,
@@ -239,26 +254,51 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     Ok(Activated { vm, manifest, report })
 }
 
-/// The substrate's disks decoded into `dir` (once: later activations find them), made
-/// read-only: they are the backing files of every activation's copy-on-write layer.
-fn ensure_base_disks(
+/// Decode the substrate `file` (whose manifest `m` was read from it) in one pass that
+/// verifies it: memory and device state into `snap_dir`, and, unless an earlier activation
+/// left them in `base_dir`, the disks (over this host's `image_disk`) into a partial folder
+/// that becomes `base_dir` only once the whole file checked out. On failure the partial
+/// folder is removed; the caller removes `snap_dir`. Returns the base disks, read-only:
+/// the backing files of every activation's copy-on-write layer.
+fn decode_once(
     file: &Path,
     m: &SubstrateManifest,
-    dir: &Path,
+    snap_dir: &Path,
+    base_dir: &Path,
     image_disk: &Path,
+    tag: &str,
 ) -> Result<Vec<PathBuf>, ActivateError> {
-    let paths: Vec<PathBuf> = (0..m.snapshot.disks.len()).map(|i| dir.join(format!("disk{i}.raw"))).collect();
-    if paths.iter().all(|p| p.is_file()) {
-        return Ok(paths);
+    let refused = |source| ActivateError::Refused { name: m.name.clone(), source };
+    let paths: Vec<PathBuf> = (0..m.snapshot.disks.len()).map(|i| base_dir.join(format!("disk{i}.raw"))).collect();
+    let mut targets = vec![
+        ("memory".to_string(), snap_dir.join(&m.snapshot.memory.file)),
+        ("state".to_string(), snap_dir.join(&m.snapshot.state.file)),
+    ];
+    targets.retain(|(_, p)| p.parent() == Some(snap_dir));
+    let partial = base_dir.with_extension(format!("partial-{}-{tag}", std::process::id()));
+    let need_bases = !paths.iter().all(|p| p.is_file());
+    if need_bases {
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+        targets.extend((0..paths.len()).map(|i| (format!("disk{i}"), partial.join(format!("disk{i}.raw")))));
     }
-    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let targets = (0..paths.len()).map(|i| (format!("disk{i}"), partial.join(format!("disk{i}.raw")))).collect();
     let f = std::fs::File::open(file).map_err(io(file))?;
     let mut sink = ToFiles::new(targets).with_base("disk0", image_disk.to_path_buf());
-    format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut sink)
-        .map_err(|source| ActivateError::Refused { name: m.name.clone(), source })?;
+    let decoded = format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut sink);
+    let decoded = match decoded {
+        // The file may have been replaced since its manifest was read: then it is not the
+        // substrate the request was checked against.
+        Ok(d) if serde_json::to_value(&d).ok() == serde_json::to_value(m).ok() => Ok(()),
+        Ok(_) => Err(refused(DecodeError::Manifest("the file changed while it was activated".into()))),
+        Err(e) => Err(refused(e)),
+    };
+    if let Err(e) = decoded {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    if !need_bases {
+        return Ok(paths);
+    }
     for i in 0..paths.len() {
         let p = partial.join(format!("disk{i}.raw"));
         let mut perm = std::fs::metadata(&p).map_err(io(&p))?.permissions();
@@ -268,10 +308,10 @@ fn ensure_base_disks(
     // The folder only ever appears whole (a rename). If another activation got there
     // first (a rename onto a non-empty folder fails), its copy is used and ours dropped:
     // VMs may already run on it.
-    if let Err(e) = std::fs::rename(&partial, dir) {
+    if let Err(e) = std::fs::rename(&partial, base_dir) {
         let _ = std::fs::remove_dir_all(&partial);
         if !paths.iter().all(|p| p.is_file()) {
-            return Err(io(dir)(e));
+            return Err(io(base_dir)(e));
         }
     }
     Ok(paths)
