@@ -165,7 +165,8 @@ impl Pool {
         self.root.join("spill").join(format!("{name}.{EXT}"))
     }
 
-    /// Where a substrate's decoded base disks live.
+    /// A substrate's decoded folder: base disks, memory and device state
+    /// ([`crate::decoded`]).
     pub fn disks_dir(&self, name: &str) -> Result<PathBuf, PoolError> {
         Self::check(name)?;
         Ok(self.root.join("disks").join(name))
