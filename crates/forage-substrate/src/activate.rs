@@ -211,7 +211,7 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     // still runs on its docked size; growing follows.
     let agent_port = forwards.iter().find(|f| f.guest_port == forage_agent::AGENT_PORT).map(|f| f.host_port);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port.unwrap_or(0)));
-    let mut agent = tokio::task::spawn_blocking(move || AgentClient::connect(addr, Duration::from_secs(30)))
+    let mut agent = tokio::task::spawn_blocking(move || first_answer(addr, Duration::from_secs(30)))
         .await
         .expect("the agent's connect does not panic")
         .map_err(ActivateError::Agent)?;
@@ -268,6 +268,20 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         reloaded_from_disk: reloaded,
     };
     Ok(Activated { vm, manifest, report })
+}
+
+/// The guest agent at `addr`, connected and answering a ping, tried every 10 ms for up
+/// to `wait` ([`AgentClient::connect`] waits 200 ms between tries, which a first try a
+/// moment before the resumed guest answers would add to the first response).
+fn first_answer(addr: SocketAddr, wait: Duration) -> Result<AgentClient, AgentError> {
+    let start = Instant::now();
+    loop {
+        match AgentClient::connect(addr, Duration::ZERO) {
+            Ok(c) => return Ok(c),
+            Err(_) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => return Err(AgentError::Unreachable { addr, waited: start.elapsed() }),
+        }
+    }
 }
 
 fn cow_layer(base: &Path, layer: &Path) -> Result<(), ActivateError> {
