@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::ActionError;
+use crate::substrates::{SubstrateInfo, SubstrateList};
 use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, InstanceUsage, ServiceInfo};
 use crate::views_live::{CloudletList, CredentialView, HandoffEvent, HandoffView, PairingCodeRequest, PairingCodeView};
 use crate::websession::WebSessions;
@@ -50,6 +51,10 @@ pub trait Control: Send + Sync + 'static {
     fn revoke(&self, who: &str) -> Result<(), ActionError>;
     /// Cloudlets seen announcing themselves on the local network.
     fn cloudlets(&self) -> CloudletList;
+    /// The substrate pool: budget, totals, each substrate's place.
+    fn substrates(&self) -> Result<SubstrateList, ActionError>;
+    /// One substrate, described from its manifest.
+    fn substrate(&self, name: &str) -> Result<SubstrateInfo, ActionError>;
 }
 
 /// What every route can reach.

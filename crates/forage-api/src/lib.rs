@@ -15,6 +15,8 @@
 //! POST   /v1/pairing/codes    a one-time pairing code and its QR code
 //! GET    /v1/pairing/credentials, DELETE .../{who}   issued credentials, revoke
 //! GET    /v1/cloudlets        cloudlets seen on the network (mDNS)
+//! GET    /v1/substrates       the substrate pool: budget, memory and spilled bytes
+//! GET    /v1/substrates/{name}  one substrate from its manifest    (Control::substrate)
 //! GET|POST /v1/signin, POST /v1/signout   the web UI's session cookie and CSRF token
 //! GET    /v1/events           the live feed (server-sent events)
 //! GET    /, /ui/*             the web UI (built in)
@@ -45,6 +47,7 @@ mod openapi;
 pub mod qr;
 mod routes;
 mod routes_live;
+mod substrates;
 pub mod token;
 mod views;
 mod views_live;
@@ -67,6 +70,7 @@ pub use feed::MAX_FEEDS;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
+pub use substrates::{SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView};
 pub use views::{
     AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReason, HandoffReport,
     HandoffRequest, InstanceList, InstanceStatus, InstanceUsage, InstanceView, InstancesQuery, ServiceInfo,
@@ -97,6 +101,8 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/pairing/credentials", get(routes_live::credentials))
         .route("/v1/pairing/credentials/{who}", delete(routes_live::revoke))
         .route("/v1/cloudlets", get(routes_live::cloudlets))
+        .route("/v1/substrates", get(substrates::substrates))
+        .route("/v1/substrates/{name}", get(substrates::substrate))
         .route("/v1/signin", get(routes_live::signin_state).post(routes_live::signin))
         .route("/v1/signout", post(routes_live::signout))
         .route("/v1/events", get(feed::events))

@@ -12,12 +12,18 @@
 //! forage_cache_bytes                                     gauge
 //! forage_cache_hits_total                                counter
 //! forage_uptime_seconds                                  gauge
+//! forage_substrates{tier="memory|disk"}                  gauge   (substrates in the pool)
+//! forage_substrate_bytes{tier="memory|disk"}             gauge   (their files' bytes)
+//! forage_substrate_budget_bytes                          gauge   (the pool's memory budget)
 //! ```
+//! The substrate pool is read from its folders on each scrape as well.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use forage_state::{SessionStatus, Totals};
+
+use crate::substrates::{SubstrateList, SubstrateTier};
 use prometheus_client::encoding::text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,8 +33,13 @@ use prometheus_client::registry::Registry;
 /// The content type of the metrics text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The metrics text for `totals` and the daemon's uptime.
-pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Error> {
+/// The metrics text for `totals`, the substrate pool (left out if it could not be read)
+/// and the daemon's uptime.
+pub fn encode(
+    totals: &Totals,
+    substrates: Option<&SubstrateList>,
+    uptime: Duration,
+) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("forage");
 
     let sessions = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
@@ -48,6 +59,20 @@ pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Err
     let hits = Counter::<u64>::default();
     hits.inc_by(totals.cache_hits);
     registry.register("cache_hits", "Launches served from the launch cache", hits);
+    if let Some(pool) = substrates {
+        let count = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        let bytes = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        for (tier, label, total) in
+            [(SubstrateTier::Memory, "memory", pool.memory_bytes), (SubstrateTier::Disk, "disk", pool.disk_bytes)]
+        {
+            let n = pool.substrates.iter().filter(|s| s.tier == tier).count();
+            count.get_or_create(&vec![("tier", label)]).set(i64::try_from(n).unwrap_or(i64::MAX));
+            bytes.get_or_create(&vec![("tier", label)]).set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        registry.register("substrates", "Substrates in the pool, in host memory or spilled to disk", count);
+        registry.register("substrate_bytes", "Bytes of substrate files in host memory or spilled to disk", bytes);
+        registry.register("substrate_budget_bytes", "Host memory the substrate pool may use", gauge(pool.budget_bytes));
+    }
     let up = Gauge::<f64, AtomicU64>::default();
     up.set(uptime.as_secs_f64());
     registry.register("uptime_seconds", "Seconds since the daemon started", up);
@@ -72,7 +97,20 @@ mod tests {
             cache_bytes: 5_000,
             cache_hits: 6,
         };
-        let text = encode(&totals, Duration::from_millis(12_500)).unwrap();
+        let pool = SubstrateList {
+            budget_bytes: 1 << 30,
+            memory_bytes: 300,
+            disk_bytes: 50,
+            substrates: [
+                ("a", 100, SubstrateTier::Memory),
+                ("b", 200, SubstrateTier::Memory),
+                ("c", 50, SubstrateTier::Disk),
+            ]
+            .into_iter()
+            .map(|(n, b, tier)| crate::SubstrateView { name: n.into(), bytes: b, tier, last_used_unix_ms: 0 })
+            .collect(),
+        };
+        let text = encode(&totals, Some(&pool), Duration::from_millis(12_500)).unwrap();
         for line in [
             "forage_sessions_total{status=\"running\"} 1",
             "forage_sessions_total{status=\"done\"} 7",
@@ -82,10 +120,17 @@ mod tests {
             "forage_cache_bytes 5000",
             "forage_cache_hits_total 6",
             "forage_uptime_seconds 12.5",
+            "forage_substrates{tier=\"memory\"} 2",
+            "forage_substrates{tier=\"disk\"} 1",
+            "forage_substrate_bytes{tier=\"memory\"} 300",
+            "forage_substrate_bytes{tier=\"disk\"} 50",
+            "forage_substrate_budget_bytes 1073741824",
             "# TYPE forage_sessions counter",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
+        let without = encode(&totals, None, Duration::ZERO).unwrap();
+        assert!(!without.contains("substrate"), "an unreadable pool is left out:\n{without}");
     }
 }

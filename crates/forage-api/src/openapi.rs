@@ -14,7 +14,7 @@ use crate::routes;
         version = "1.0.0",
         description = "Management API of a forage cloudlet: status, base VMs, synthesis \
                        sessions, launch VMs, handoffs, launch cache, service VMs, app store, pairing, \
-                       cloudlets on the network, the web UI's sign-in and live feed, metrics."
+                       cloudlets on the network, substrates, the web UI's sign-in and live feed, metrics."
     ),
     paths(
         routes::status,
@@ -40,6 +40,8 @@ use crate::routes;
         crate::routes_live::signin,
         crate::routes_live::signout,
         crate::feed::events,
+        crate::substrates::substrates,
+        crate::substrates::substrate,
     ),
     components(schemas(crate::views_live::FeedEvent)),
     tags(
@@ -50,6 +52,7 @@ use crate::routes;
         (name = "apps", description = "The app store: client apps for the services held here"),
         (name = "pairing", description = "Pairing codes and the credentials they gave"),
         (name = "web", description = "The web UI: signing in, the live feed"),
+        (name = "substrates", description = "VM substrates: docked VMs in a memory-budgeted pool"),
     )
 )]
 struct ApiDoc;

@@ -292,7 +292,16 @@ pub async fn evict_cache(Ctx(ctx): Ctx<ApiContext>, Path(digest): Path<String>) 
 )]
 pub async fn metrics(Ctx(ctx): Ctx<ApiContext>) -> Result<impl IntoResponse, ApiError> {
     let totals = ctx.state.totals()?;
-    let text = metrics::encode(&totals, ctx.started.elapsed())?;
+    let control = ctx.control.clone();
+    // An unreadable pool leaves its metrics out rather than every other metric.
+    let substrates = match blocking(move || control.substrates()).await? {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %crate::one_line(&e), "substrate metrics left out");
+            None
+        }
+    };
+    let text = metrics::encode(&totals, substrates.as_ref(), ctx.started.elapsed())?;
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 

@@ -69,7 +69,11 @@ fn operations() -> Vec<(Method, String, Operation)> {
 fn concrete(template: &str) -> String {
     match template {
         "/v1/apps/{id}" => "/v1/apps/hs-client".into(),
-        _ => template.replace("{id}", "vm-1").replace("{digest}", "d1").replace("{who}", "phone"),
+        _ => template
+            .replace("{id}", "vm-1")
+            .replace("{digest}", "d1")
+            .replace("{who}", "phone")
+            .replace("{name}", "web"),
     }
 }
 
@@ -146,6 +150,8 @@ async fn every_documented_operation_answers_as_documented() {
             "GET /v1/sessions",
             "GET /v1/signin",
             "GET /v1/status",
+            "GET /v1/substrates",
+            "GET /v1/substrates/{name}",
             "POST /v1/instances/{id}/handoff",
             "POST /v1/pairing/codes",
             "POST /v1/signin",

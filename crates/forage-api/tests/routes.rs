@@ -47,6 +47,30 @@ async fn the_app_store_lists_and_serves_client_apps() {
 }
 
 #[tokio::test]
+async fn substrates_are_listed_described_and_counted_in_metrics() {
+    let fx = fixture();
+    let list: forage_api::SubstrateList =
+        serde_json::from_value(call(&fx.router, Method::GET, "/v1/substrates").await.json()).unwrap();
+    assert_eq!((list.substrates.len(), list.disk_bytes), (2, 30 << 20));
+    let web = call(&fx.router, Method::GET, "/v1/substrates/web").await.json();
+    assert_eq!((web["name"].as_str(), web["tier"].as_str()), (Some("web"), Some("memory")), "{web}");
+    let info: forage_api::SubstrateInfo = serde_json::from_value(web).unwrap();
+    assert_eq!((info.max_vcpus, info.sections[0].name.as_str()), (2, "memory"));
+    let missing = call(&fx.router, Method::GET, "/v1/substrates/nope").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(missing.json()["error"].as_str().unwrap().contains("no substrate"), "{}", missing.text());
+    let text = call(&fx.router, Method::GET, "/metrics").await.text();
+    for line in [
+        "forage_substrates{tier=\"memory\"} 1",
+        "forage_substrates{tier=\"disk\"} 1",
+        "forage_substrate_bytes{tier=\"disk\"} 31457280",
+        "forage_substrate_budget_bytes 1073741824",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+}
+
+#[tokio::test]
 async fn sessions_are_listed_newest_first_up_to_the_limit() {
     let fx = fixture();
     let all: forage_api::SessionList =

@@ -125,8 +125,8 @@ async fn measure(
         ready_timeout: Duration::from_secs(a.ready_timeout_s),
     };
     let d = forage_substrate::dock(data, pool, req).await?;
-    // The first activation decodes the substrate's base disk (once per substrate); the
-    // next ones find it.
+    // The first activation verifies and decodes the substrate (once per substrate); the
+    // next ones copy its memory and device state from the decoded folder.
     let mut activations = Vec::new();
     for i in 0..2 {
         say("activate ...");
@@ -147,28 +147,35 @@ async fn measure(
     let budget = 8u64 << 30;
     let fit = budget / d.compressed_bytes.max(1);
     let mib = |b: u64| b as f64 / 1048576.0;
+    // The targets: 0.3 s for a tiny guest, 1 s for Debian; dock and size for Debian.
+    let img = image.manifest().name.clone();
+    let debian = img.starts_with("debian");
+    let limit = if debian { 1.0 } else { 0.3 };
+    let first = format!("activation -> first response ({img})");
     rows.push(row(
-        "activation -> first response (tiny)",
+        &first,
         activation,
         "s",
         Some(("cold boot", cold)),
-        "<= 0.3 s",
-        Some(activation <= 0.3),
+        &format!("<= {limit} s"),
+        Some(activation <= limit),
     ));
+    rows.push(row(&first, activation, "s", Some(("cached-VM resume", cached)), "", None));
     rows.push(row(
-        "activation -> first response (tiny)",
-        activation,
-        "s",
-        Some(("cached-VM resume", cached)),
-        "",
-        None,
-    ));
-    rows.push(row(
-        "first activation (decodes the base disk)",
+        "first activation (verifies and decodes the substrate)",
         activations[0].first_response_seconds,
         "s",
         None,
         "",
+        None,
+    ));
+    let a0 = &activations[0];
+    rows.push(row(
+        "  of which manifest / verify+decode / restore",
+        a0.manifest_seconds + a0.decode_seconds + a0.restore_seconds,
+        "s",
+        None,
+        &format!("{:.3} / {:.3} / {:.3}", a0.manifest_seconds, a0.decode_seconds, a0.restore_seconds),
         None,
     ));
     rows.push(row(
@@ -180,19 +187,27 @@ async fn measure(
         None,
     ));
     rows.push(row(
-        "  of which verify / decode / restore",
-        act.verify_seconds + act.decode_seconds + act.restore_seconds,
+        "  of which manifest / copy from the decoded folder / restore",
+        act.manifest_seconds + act.decode_seconds + act.restore_seconds,
         "s",
         None,
-        &format!("{:.3} / {:.3} / {:.3}", act.verify_seconds, act.decode_seconds, act.restore_seconds),
+        &format!("{:.3} / {:.3} / {:.3}", act.manifest_seconds, act.decode_seconds, act.restore_seconds),
         None,
     ));
     rows.push(row(
-        &format!("dock ({} MiB tiny VM)", d.memory_bytes >> 20),
+        &format!("dock ({} MiB {img} VM)", d.memory_bytes >> 20),
         d.dock_seconds,
         "s",
         None,
-        "<= 1 s for 1 GiB Debian (not measured)",
+        if debian { "<= 1 s (1 GiB Debian)" } else { "<= 1 s for 1 GiB Debian (--image debian-12)" },
+        debian.then_some(d.dock_seconds <= 1.0),
+    ));
+    rows.push(row(
+        "  of which shrink / save / encode",
+        d.dock_seconds,
+        "s",
+        None,
+        &format!("{:.3} / {:.3} / {:.3}", d.shrink_seconds, d.save_seconds, d.encode_seconds),
         None,
     ));
     rows.push(row(
@@ -200,8 +215,8 @@ async fn measure(
         mib(d.compressed_bytes),
         "MiB",
         Some(("raw", mib(d.raw_bytes))),
-        "<= 16 MiB for Debian (not measured)",
-        None,
+        if debian { "<= 16 MiB" } else { "<= 16 MiB for Debian (--image debian-12)" },
+        debian.then_some(d.compressed_bytes <= 16 << 20),
     ));
     rows.push(row("substrates in 8 GiB (computed from its size)", fit as f64, "", None, ">= 200", Some(fit >= 200)));
     if !a.no_multicast {

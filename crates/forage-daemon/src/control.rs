@@ -181,6 +181,14 @@ impl forage_api::Control for DaemonControl {
         })
     }
 
+    fn substrates(&self) -> Result<forage_api::SubstrateList, ActionError> {
+        crate::substrates::list(&self.cloudlet.data)
+    }
+
+    fn substrate(&self, name: &str) -> Result<forage_api::SubstrateInfo, ActionError> {
+        crate::substrates::describe(&self.cloudlet.data, name)
+    }
+
     fn cloudlets(&self) -> CloudletList {
         let Some(watcher) = &self.watcher else { return CloudletList { browsing: false, cloudlets: Vec::new() } };
         let cloudlets = watcher

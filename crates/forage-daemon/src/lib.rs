@@ -12,6 +12,7 @@
 mod balance;
 mod config;
 mod control;
+mod substrates;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -112,6 +112,7 @@ pub(crate) fn build(
     let disk_mib = opts.disk_mib.unwrap_or(DEFAULT_DISK_MIB);
     let memory_mib = opts.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
     crate::check_static(&opts.agent_binary, agent)?;
+    check_notifies(&opts.agent_binary, agent)?;
     let recipe = recipe_digest(&agent_sha256, disk_mib, memory_mib);
     if let Some(cached) = crate::cached(data, NAME, &recipe, opts, start) {
         return Ok(cached);
@@ -156,6 +157,21 @@ pub(crate) fn build(
         packages,
     };
     crate::finish(data, &work, manifest, start)
+}
+
+/// The agent's unit is `Type=notify`: an agent built before it told systemd that it
+/// listens (it reads `NOTIFY_SOCKET`) leaves the unit activating until systemd's start
+/// timeout kills it, and the ready marker, which waits for the agent, never comes.
+fn check_notifies(path: &Path, agent: &[u8]) -> Result<(), ImageError> {
+    const NOTIFY: &[u8] = b"NOTIFY_SOCKET";
+    if agent.windows(NOTIFY.len()).any(|w| w == NOTIFY) {
+        return Ok(());
+    }
+    Err(ImageError::StaleGuestBinary {
+        path: path.to_path_buf(),
+        recipe: NAME,
+        detail: "it does not tell systemd when it listens (NOTIFY_SOCKET), so the guest never gets ready",
+    })
 }
 
 fn recipe_digest(agent_sha256: &str, disk_mib: u64, memory_mib: u64) -> String {
@@ -386,6 +402,14 @@ mod tests {
                       Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
                       Package: apt\nStatus: install ok installed\nPriority: required\nVersion: 2.6.1\nDescription: x\n y\n";
         assert_eq!(installed_packages(status), ["apt=2.6.1", "libc6=2.36-9+deb12u13"]);
+    }
+
+    #[test]
+    fn an_agent_that_does_not_notify_systemd_is_refused() {
+        let p = Path::new("target/guest/forage-agent");
+        assert!(check_notifies(p, b"\x7fELF ... NOTIFY_SOCKET ...").is_ok());
+        let e = check_notifies(p, b"\x7fELF ... READY ...").unwrap_err();
+        assert!(e.to_string().contains("make guest") && !e.to_string().contains('\n'), "{e}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum ImageError {
     GuestBinaryMissing { name: String, looked: String },
     #[error("{path} cannot run in the guest: {detail}")]
     NotStatic { path: PathBuf, detail: String },
+    #[error("{path} is older than the {recipe} recipe: {detail}; rebuild it with `make guest`")]
+    StaleGuestBinary { path: PathBuf, recipe: &'static str, detail: &'static str },
     #[error("{what} is too large for the initramfs")]
     TooLarge { what: String },
     #[error("mkfs.ext4 failed on {path}: {detail}")]

@@ -1,26 +1,33 @@
 //! Activation: a substrate becomes a running VM of the requested size.
 //!
 //! 1. The pool hands over the substrate file (read back into memory if it was spilled).
-//! 2. The whole file is verified (structure, caps, checksum) before anything is written.
-//! 3. This host's image of the substrate's name and recipe gives kernel and initramfs.
-//! 4. The base disk is decoded once per substrate (read-only): this host's image disk with
-//!    the substrate's differences written over it; the activation gets a qcow2
-//!    copy-on-write layer over that, its own memory file and device state in its run folder.
-//! 5. QEMU restores the VM with a NIC whose forwards are fresh loopback ports, then the
-//!    VM grows: vCPUs hot-plugged (and onlined in the guest through the agent, once its
-//!    ping, the first response, has come back), balloon deflated to the requested memory.
+//! 2. Its manifest is read and checked (caps, the request against the docked VM's
+//!    limits); this host's image of the substrate's name and recipe gives kernel and
+//!    initramfs.
+//! 3. The substrate is decoded once ([`crate::decoded`]): the first activation's one pass
+//!    over the file verifies it whole (structure, caps, every zstd frame, the checksum)
+//!    while decoding base disks, memory and device state into a partial folder, which
+//!    becomes the substrate's decoded folder only if the file checked out (else it is
+//!    removed before QEMU starts: a corrupted substrate runs nothing). Each activation
+//!    copies memory and device state from there into its own folder.
+//! 4. The activation gets a qcow2 copy-on-write layer over the base disk.
+//! 5. QEMU restores the VM with a NIC whose forwards are fresh loopback ports; the guest
+//!    agent's answer to a ping is the first response. Then the VM grows: vCPUs
+//!    hot-plugged (and onlined in the guest through the agent), balloon deflated to the
+//!    requested memory.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use forage_agent::AgentError;
+use forage_agent::{AgentClient, AgentError};
 use forage_datadir::DataDir;
 use forage_image::{GuestImage, RunPaths};
 use forage_vm::{Accel, DiskFormat, RestoreOptions, Snapshot, Vm};
 use serde::Serialize;
 
 use crate::dock::{meminfo, with_agent};
-use crate::format::{self, DecodeError, SubstrateManifest, ToFiles};
+use crate::format::{self, plain_name, DecodeError, SubstrateManifest};
 use crate::pool::{Pool, PoolError};
 
 pub struct ActivateRequest {
@@ -74,7 +81,7 @@ pub enum ActivateError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ActivateError {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ActivateError {
     let path = path.to_path_buf();
     move |source| ActivateError::Io { path, source }
 }
@@ -83,8 +90,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ActivateError {
 pub struct ActivationReport {
     pub substrate: String,
     pub vm: String,
-    pub verify_seconds: f64,
+    /// The file from the pool (read back if it was spilled), its manifest, the image and
+    /// the request checked.
+    pub manifest_seconds: f64,
+    /// The first activation of a substrate: the one pass that verifies the whole file while
+    /// decoding it; every activation: memory and device state copied into its folder.
     pub decode_seconds: f64,
+    /// This activation decoded the substrate (the first one since it entered the pool).
+    pub decoded_now: bool,
     pub restore_seconds: f64,
     /// From the start of the activation to the guest's first answer (the agent's ping).
     pub first_response_seconds: f64,
@@ -110,8 +123,8 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let reloaded = pool.entry(&name)?.tier == crate::pool::Tier::Disk;
     let (file, _) = pool.get(&name)?;
     let refused = |source| ActivateError::Refused { name: name.clone(), source };
-    let manifest = format::verify(&file).map_err(refused)?;
-    let verify_seconds = start.elapsed().as_secs_f64();
+    // Header and manifest only: the whole file is verified by the decode below.
+    let manifest = format::read_manifest(&file).map_err(refused)?;
     let snap = &manifest.snapshot;
     let max_vcpus = snap.spec.max_vcpus.unwrap_or(snap.spec.vcpus);
     if req.vcpus == 0 || req.vcpus > max_vcpus {
@@ -138,24 +151,30 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         });
     }
 
-    // Verified: now write. Base disks once per substrate, memory and state per activation.
+    // Decoded once per substrate (`crate::decoded`): the first activation's one pass over
+    // the file verifies and decodes it into a folder that only appears whole; every
+    // activation copies memory and device state from there into its own folder.
+    let manifest_seconds = start.elapsed().as_secs_f64();
     let t = Instant::now();
-    let base_dir = pool.disks_dir(&name)?;
-    // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
-    let bases = ensure_base_disks(&file, &manifest, &base_dir, &image.disk())?
-        .into_iter()
-        .map(|b| std::fs::canonicalize(&b).map_err(io(&b)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let decoded_dir = pool.disks_dir(&name)?;
     let snap_dir = req.run.dir.join("substrate");
     let _ = std::fs::remove_dir_all(&req.run.dir);
+    let own_files = [&snap.memory.file, &snap.state.file].iter().all(|f| plain_name(f));
+    if !own_files {
+        return Err(ActivateError::Refused {
+            name,
+            source: DecodeError::Manifest("the snapshot's memory and state files are not plain names".into()),
+        });
+    }
+    let d = crate::decoded::ensure(&file, &manifest, &decoded_dir, &image.disk(), &req.vm_name)?;
     std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
-    let mut targets = vec![
-        ("memory".to_string(), snap_dir.join(&snap.memory.file)),
-        ("state".to_string(), snap_dir.join(&snap.state.file)),
-    ];
-    targets.retain(|(_, p)| p.parent() == Some(snap_dir.as_path()));
-    let f = std::fs::File::open(&file).map_err(io(&file))?;
-    format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut ToFiles::new(targets)).map_err(refused)?;
+    for (from, to) in [(&d.memory, &snap.memory.file), (&d.state, &snap.state.file)] {
+        let to = snap_dir.join(to);
+        crate::decoded::copy_data(from, &to).map_err(io(&to))?;
+    }
+    let (bases, decoded_now) = (d.disks, d.fresh);
+    // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
+    let bases = bases.iter().map(|b| std::fs::canonicalize(b).map_err(io(b))).collect::<Result<Vec<_>, _>>()?;
     for (rec, base) in snap.disks.iter().zip(&bases) {
         std::os::unix::fs::symlink(base, snap_dir.join(&rec.file)).map_err(io(&snap_dir))?;
     }
@@ -188,30 +207,41 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         .map_err(|source| ActivateError::Restore { name: name.clone(), source })?;
     let restore_seconds = t.elapsed().as_secs_f64();
 
+    // The first response: the guest agent answers its ping (inside the connect). The VM
+    // still runs on its docked size; growing follows.
+    let agent_port = forwards.iter().find(|f| f.guest_port == forage_agent::AGENT_PORT).map(|f| f.host_port);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port.unwrap_or(0)));
+    let mut agent = tokio::task::spawn_blocking(move || first_answer(addr, Duration::from_secs(30)))
+        .await
+        .expect("the agent's connect does not panic")
+        .map_err(ActivateError::Agent)?;
+    let first_response_seconds = start.elapsed().as_secs_f64();
+
     // Grow. Plugging and ballooning are requests the guest acts on; the agent onlines the
     // vCPUs once the guest has them.
     vm.plug_vcpus(req.vcpus).await.map_err(ActivateError::Expand)?;
-    let target = req.memory_mib << 20;
+    // All of it means the RAM tail too (`forage_vm::spec::RAM_TAIL_KIB`): the balloon
+    // then keeps nothing.
+    let target = if req.memory_mib == manifest.snapshot.spec.memory_mib {
+        manifest.snapshot.spec.memory_bytes()
+    } else {
+        req.memory_mib << 20
+    };
     vm.qmp()
         .execute("balloon", Some(serde_json::json!({ "value": target })))
         .await
         .map_err(|e| ActivateError::Expand(forage_vm::VmError::from(e)))?;
-    let agent_port = forwards.iter().find(|f| f.guest_port == forage_agent::AGENT_PORT).map(|f| f.host_port);
-    let agent_port = agent_port.unwrap_or(0);
     let want = req.vcpus;
     let online = format!(
         "i=0; while [ $(ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l) -lt {want} ] && [ $i -lt 200 ]; do \
          sleep 0.05; i=$((i+1)); done; for c in /sys/devices/system/cpu/cpu[0-9]*; do \
          [ -f $c/online ] && [ $(cat $c/online) = 0 ] && echo 1 > $c/online; done; nproc"
     );
-    // The agent's ping (inside the connect) is the first response; onlining the vCPUs
-    // follows on the same connection.
-    let (first_response_seconds, out) = with_agent(agent_port, Duration::from_secs(30), move |a| {
-        let first = start.elapsed().as_secs_f64();
-        Ok((first, a.exec_ok(&["sh", "-c", &online], Duration::from_secs(30))?))
-    })
-    .await
-    .map_err(ActivateError::Agent)?;
+    let out = tokio::task::spawn_blocking(move || agent.exec_ok(&["sh", "-c", &online], Duration::from_secs(30)))
+        .await
+        .expect("the agent session does not panic")
+        .map_err(ActivateError::Agent)?;
+    let agent_port = addr.port();
     let guest_vcpus = out.stdout.trim().parse().unwrap_or(0);
     vm.set_balloon(target, Duration::from_secs(60)).await.map_err(ActivateError::Expand)?;
     let total_seconds = start.elapsed().as_secs_f64();
@@ -225,8 +255,9 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let report = ActivationReport {
         substrate: name,
         vm: req.vm_name,
-        verify_seconds,
+        manifest_seconds,
         decode_seconds,
+        decoded_now,
         restore_seconds,
         first_response_seconds,
         total_seconds,
@@ -239,42 +270,18 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     Ok(Activated { vm, manifest, report })
 }
 
-/// The substrate's disks decoded into `dir` (once: later activations find them), made
-/// read-only: they are the backing files of every activation's copy-on-write layer.
-fn ensure_base_disks(
-    file: &Path,
-    m: &SubstrateManifest,
-    dir: &Path,
-    image_disk: &Path,
-) -> Result<Vec<PathBuf>, ActivateError> {
-    let paths: Vec<PathBuf> = (0..m.snapshot.disks.len()).map(|i| dir.join(format!("disk{i}.raw"))).collect();
-    if paths.iter().all(|p| p.is_file()) {
-        return Ok(paths);
-    }
-    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-    let targets = (0..paths.len()).map(|i| (format!("disk{i}"), partial.join(format!("disk{i}.raw")))).collect();
-    let f = std::fs::File::open(file).map_err(io(file))?;
-    let mut sink = ToFiles::new(targets).with_base("disk0", image_disk.to_path_buf());
-    format::decode(std::io::BufReader::with_capacity(1 << 20, f), &mut sink)
-        .map_err(|source| ActivateError::Refused { name: m.name.clone(), source })?;
-    for i in 0..paths.len() {
-        let p = partial.join(format!("disk{i}.raw"));
-        let mut perm = std::fs::metadata(&p).map_err(io(&p))?.permissions();
-        perm.set_readonly(true);
-        std::fs::set_permissions(&p, perm).map_err(io(&p))?;
-    }
-    // The folder only ever appears whole (a rename). If another activation got there
-    // first (a rename onto a non-empty folder fails), its copy is used and ours dropped:
-    // VMs may already run on it.
-    if let Err(e) = std::fs::rename(&partial, dir) {
-        let _ = std::fs::remove_dir_all(&partial);
-        if !paths.iter().all(|p| p.is_file()) {
-            return Err(io(dir)(e));
+/// The guest agent at `addr`, connected and answering a ping, tried every 10 ms for up
+/// to `wait` ([`AgentClient::connect`] waits 200 ms between tries, which a first try a
+/// moment before the resumed guest answers would add to the first response).
+fn first_answer(addr: SocketAddr, wait: Duration) -> Result<AgentClient, AgentError> {
+    let start = Instant::now();
+    loop {
+        match AgentClient::connect(addr, Duration::ZERO) {
+            Ok(c) => return Ok(c),
+            Err(_) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => return Err(AgentError::Unreachable { addr, waited: start.elapsed() }),
         }
     }
-    Ok(paths)
 }
 
 fn cow_layer(base: &Path, layer: &Path) -> Result<(), ActivateError> {

@@ -202,9 +202,40 @@ impl<R: Read> Hashing<R> {
 
 /// Read a whole substrate from `r`, checking it, and hand its sections to `sink`. The
 /// manifest is returned only when everything, checksum included, checked out; a sink
-/// that writes files must therefore be used only after a [`verify`].
+/// that writes files must therefore write where nothing runs and discard what it wrote
+/// when this fails (activation decodes into folders it removes), or follow a [`verify`].
 pub fn decode(r: impl Read, sink: &mut dyn Sink) -> Result<SubstrateManifest, DecodeError> {
     let mut r = Hashing { inner: r, hash: Sha256::new() };
+    let manifest = read_head(&mut r)?;
+    for s in &manifest.sections {
+        sink.begin(s).map_err(DecodeError::Io)?;
+        read_section(&mut r, s, sink)?;
+        sink.end().map_err(DecodeError::Io)?;
+    }
+    let computed = r.hash.clone().finalize();
+    let mut stored = [0u8; 32];
+    r.inner.read_exact(&mut stored).map_err(|_| DecodeError::Truncated("checksum"))?;
+    if computed.as_slice() != stored {
+        return Err(DecodeError::Checksum);
+    }
+    let mut extra = [0u8; 1];
+    match r.inner.read(&mut extra) {
+        Ok(0) => Ok(manifest),
+        Ok(_) => Err(DecodeError::Trailing),
+        Err(e) => Err(DecodeError::Io(e)),
+    }
+}
+
+/// The manifest of the substrate file at `path` (header and manifest read and checked; the
+/// sections and the checksum are not): what an activation needs to know before it decodes,
+/// which is where the whole file is verified.
+pub fn read_manifest(path: &Path) -> Result<SubstrateManifest, DecodeError> {
+    let f = File::open(path).map_err(DecodeError::Io)?;
+    let mut r = Hashing { inner: io::BufReader::new(f), hash: Sha256::new() };
+    read_head(&mut r)
+}
+
+fn read_head(r: &mut Hashing<impl Read>) -> Result<SubstrateManifest, DecodeError> {
     let mut head = [0u8; HEADER_LEN];
     r.exact(&mut head, "header")?;
     if &head[..8] != MAGIC {
@@ -223,23 +254,7 @@ pub fn decode(r: impl Read, sink: &mut dyn Sink) -> Result<SubstrateManifest, De
     let manifest: SubstrateManifest =
         serde_json::from_slice(&mbytes).map_err(|e| DecodeError::Manifest(e.to_string()))?;
     check_manifest(&manifest).map_err(DecodeError::Manifest)?;
-    for s in &manifest.sections {
-        sink.begin(s).map_err(DecodeError::Io)?;
-        read_section(&mut r, s, sink)?;
-        sink.end().map_err(DecodeError::Io)?;
-    }
-    let computed = r.hash.clone().finalize();
-    let mut stored = [0u8; 32];
-    r.inner.read_exact(&mut stored).map_err(|_| DecodeError::Truncated("checksum"))?;
-    if computed.as_slice() != stored {
-        return Err(DecodeError::Checksum);
-    }
-    let mut extra = [0u8; 1];
-    match r.inner.read(&mut extra) {
-        Ok(0) => Ok(manifest),
-        Ok(_) => Err(DecodeError::Trailing),
-        Err(e) => Err(DecodeError::Io(e)),
-    }
+    Ok(manifest)
 }
 
 /// Read and check a whole substrate file, writing nothing.

@@ -15,6 +15,7 @@
 //!   at each receiver before it enters that host's pool.
 
 pub mod activate;
+pub mod decoded;
 pub mod dock;
 pub mod format;
 pub mod pool;
@@ -23,5 +24,5 @@ pub mod push;
 pub use activate::{activate, ActivateError, ActivateRequest, Activated, ActivationReport};
 pub use dock::{dock, DockError, DockReport, DockRequest};
 pub use format::{DecodeError, SubstrateManifest};
-pub use pool::{Pool, PoolEntry, PoolError, PoolSummary, Tier};
+pub use pool::{DescribeError, Pool, PoolEntry, PoolError, PoolSummary, Tier};
 pub use push::{push, receive, Channel, PushError, PushReport, ReceiveReport};

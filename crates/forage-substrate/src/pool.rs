@@ -56,6 +56,19 @@ struct Index {
     last_used_ms: BTreeMap<String, u64>,
 }
 
+/// Why a substrate could not be described ([`Pool::describe`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DescribeError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("substrate {name} has an unreadable manifest")]
+    Manifest {
+        name: String,
+        #[source]
+        source: crate::format::DecodeError,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
@@ -152,7 +165,8 @@ impl Pool {
         self.root.join("spill").join(format!("{name}.{EXT}"))
     }
 
-    /// Where a substrate's decoded base disks live.
+    /// A substrate's decoded folder: base disks, memory and device state
+    /// ([`crate::decoded`]).
     pub fn disks_dir(&self, name: &str) -> Result<PathBuf, PoolError> {
         Self::check(name)?;
         Ok(self.root.join("disks").join(name))
@@ -267,6 +281,16 @@ impl Pool {
     pub fn entry(&self, name: &str) -> Result<PoolEntry, PoolError> {
         Self::check(name)?;
         self.summary()?.substrates.into_iter().find(|e| e.name == name).ok_or_else(|| PoolError::NotFound(name.into()))
+    }
+
+    /// Substrate `name` and its manifest (header and manifest read, not the whole file:
+    /// that is verified when it enters the pool and when it is activated). Unlike
+    /// [`get`](Self::get), it neither reads a spilled substrate back nor counts as a use.
+    pub fn describe(&self, name: &str) -> Result<(PoolEntry, crate::SubstrateManifest), DescribeError> {
+        let entry = self.entry(name)?;
+        let manifest = crate::format::read_manifest(&entry.path)
+            .map_err(|source| DescribeError::Manifest { name: name.into(), source })?;
+        Ok((entry, manifest))
     }
 
     pub fn summary(&self) -> Result<PoolSummary, PoolError> {

@@ -11,6 +11,11 @@ fn round_trip_keeps_data_and_holes_and_damage_is_refused() {
     let mem = &m.sections[0];
     assert_eq!((mem.name.as_str(), mem.extents, mem.data_bytes), ("memory", 20, 20 * 4096));
     assert_eq!(format::verify(&file).unwrap().name, "s1");
+    // A seed for the fuzz target (docs/fuzzing.md): a whole, valid substrate.
+    if let Some(seeds) = std::env::var_os("FORAGE_FUZZ_SEEDS") {
+        std::fs::create_dir_all(&seeds).unwrap();
+        std::fs::copy(&file, std::path::Path::new(&seeds).join("synthetic.substrate")).unwrap();
+    }
 
     let out = t.path().join("out");
     std::fs::create_dir_all(&out).unwrap();

@@ -100,6 +100,10 @@ async fn dock_spill_activate_twice_and_refuse_corruption() {
     assert!(matches!(e, ActivateError::Refused { .. }), "{e}");
     assert!(!bad_run.dir.exists(), "nothing written for a refused substrate");
     assert!(!pool.disks_dir("tiny-bad").unwrap().exists());
+    // The one pass that verifies also decodes: its partial folders are gone too.
+    let disks = pool.disks_dir("tiny-bad").unwrap().parent().unwrap().to_path_buf();
+    let left: Vec<_> = std::fs::read_dir(&disks).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().contains("tiny-bad")), "left behind: {left:?}");
     guest::assert_no_qemu_with("sub-bad").await;
 
     let _ = std::fs::remove_dir_all(&root);

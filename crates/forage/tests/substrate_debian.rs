@@ -10,7 +10,6 @@ use forage_substrate::{ActivateRequest, DockRequest, Pool};
 use forage_testkit::guest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet passed: the debian-12 image built in this worktree's test data never printed its ready marker within 600 s (ticks did come); the same dock and activations passed by hand with /work/main's cached image (docs/substrates.md)"]
 async fn debian_service_substrate_activates_twice_at_the_sizes_asked() {
     if guest::skip_vm_tests() {
         return;

@@ -10,7 +10,7 @@ use axum::Router;
 use forage_api::{
     ActionError, ApiContext, AppInfo, BaseInfo, CloudletList, Control, CredentialView, Fault, HandoffEvent,
     HandoffReport, HandoffRequest, HandoffView, InstanceUsage, PairingCodeRequest, PairingCodeView, PeerKindView,
-    ServiceInfo,
+    ServiceInfo, SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView,
 };
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
@@ -176,6 +176,35 @@ impl Control for FakeControl {
     }
     fn cloudlets(&self) -> CloudletList {
         CloudletList { browsing: false, cloudlets: vec![] }
+    }
+    fn substrates(&self) -> Result<SubstrateList, ActionError> {
+        let view = |name: &str, bytes, tier| SubstrateView { name: name.into(), bytes, tier, last_used_unix_ms: 7 };
+        Ok(SubstrateList {
+            budget_bytes: 1 << 30,
+            memory_bytes: 16 << 20,
+            disk_bytes: 30 << 20,
+            substrates: vec![view("web", 16 << 20, SubstrateTier::Memory), view("deb", 30 << 20, SubstrateTier::Disk)],
+        })
+    }
+    fn substrate(&self, name: &str) -> Result<SubstrateInfo, ActionError> {
+        let pool = self.substrates()?.substrates.into_iter().find(|s| s.name == name);
+        let pool = pool.ok_or_else(|| ActionError::new(Fault::NotFound, Fake("no substrate of that name")))?;
+        Ok(SubstrateInfo {
+            pool,
+            source: "image:tiny+app:hashsearch".into(),
+            image: "tiny".into(),
+            service_port: Some(8080),
+            max_vcpus: 2,
+            max_memory_mib: 256,
+            docked_memory_bytes: 89 << 20,
+            docked_at_unix: 1_767_225_600,
+            sections: vec![SubstrateSection {
+                name: "memory".into(),
+                raw_bytes: 256 << 20,
+                data_bytes: 58 << 20,
+                encoded_bytes: 16 << 20,
+            }],
+        })
     }
 }
 

@@ -207,9 +207,10 @@ async fn activate(
         print_json(&json!({ "event": "activated", "report": r }));
     } else {
         println!(
-            "substrate {name} activated as VM {vm_name}: first response in {:.2} s (verify {:.2}, decode {:.2}, restore {:.2}), grown in {:.2} s{}",
+            "substrate {name} activated as VM {vm_name}: first response in {:.2} s (manifest {:.2}, {} {:.2}, restore {:.2}), grown in {:.2} s{}",
             r.first_response_seconds,
-            r.verify_seconds,
+            r.manifest_seconds,
+            if r.decoded_now { "verify+decode" } else { "copy" },
             r.decode_seconds,
             r.restore_seconds,
             r.total_seconds,
