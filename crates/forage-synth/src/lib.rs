@@ -8,6 +8,8 @@ pub mod base;
 pub mod build;
 pub mod cow;
 pub mod create;
+pub mod disk_base;
+pub mod disk_image;
 mod error;
 pub mod ext4;
 pub mod index;
