@@ -16,7 +16,8 @@ use crate::SynthError;
 
 pub const BASE_KIND: &str = "forage-base";
 /// 2: `cpu` recorded. Format 1 bases (without it) are read, their needs taken from the
-/// snapshot's description. 3: `disk_introspection` (written only when off).
+/// snapshot's description. 3: `disk_introspection` off (a base whose manifest has it on
+/// is written as format 2, which older forage reads).
 pub const BASE_FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -253,7 +254,7 @@ pub fn finish(
     index.save(&ipath).map_err(io(ipath.clone()))?;
     let manifest = BaseManifest {
         kind: BASE_KIND.into(),
-        format: BASE_FORMAT,
+        format: if disk_introspection { 2 } else { BASE_FORMAT },
         name: name.into(),
         digest,
         image: image.into(),
@@ -267,4 +268,24 @@ pub fn finish(
     let p = dir.join("base.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(p.clone()))?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn introspection_is_on_unless_recorded_off() {
+        let m = serde_json::json!({
+            "kind": BASE_KIND, "format": 2, "name": "b", "digest": "d", "image": "tiny",
+            "created_unix": 1, "memory_size": 4096, "disk_size": 4096, "indexed_chunks": 1,
+        });
+        let mut base: BaseManifest = serde_json::from_value(m).unwrap();
+        assert!(base.disk_introspection, "bases written before the field existed");
+        assert!(serde_json::to_value(&base).unwrap().get("disk_introspection").is_none());
+        base.disk_introspection = false;
+        let v = serde_json::to_value(&base).unwrap();
+        assert_eq!(v["disk_introspection"], false);
+        assert!(!serde_json::from_value::<BaseManifest>(v).unwrap().disk_introspection);
+    }
 }

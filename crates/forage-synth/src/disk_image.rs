@@ -65,33 +65,10 @@ pub fn check(path: &Path, claimed: Option<InputFormat>, max_bytes: u64) -> Resul
     let mut f = std::fs::File::open(path).map_err(io)?;
     let n = read_up_to(&mut f, &mut head).map_err(io)?;
     head.truncate(n);
-    let is_qcow2 = head.starts_with(QCOW2_MAGIC);
-    if let Some((_, _, name)) = OTHER_FORMATS.iter().find(|(off, m, _)| head.get(*off..*off + m.len()) == Some(*m)) {
-        if claimed != Some(InputFormat::Raw) || head.starts_with(b"# Disk DescriptorFile") {
-            return Err(DiskBaseError::OtherFormat { path: path.to_path_buf(), found: name });
-        }
-    }
-    let format = match (claimed, is_qcow2) {
-        (Some(InputFormat::Raw), true) => {
-            return Err(DiskBaseError::NotAsClaimed {
-                path: path.to_path_buf(),
-                claimed: "raw",
-                found: "a qcow2 image (pass --format qcow2)".into(),
-            })
-        }
-        (Some(InputFormat::Qcow2), false) => {
-            return Err(DiskBaseError::NotAsClaimed {
-                path: path.to_path_buf(),
-                claimed: "qcow2",
-                found: "no qcow2 header (QFI\\xfb)".into(),
-            })
-        }
-        (_, true) => InputFormat::Qcow2,
-        (_, false) => InputFormat::Raw,
-    };
-    let virtual_size = match format {
-        InputFormat::Raw => meta.len(),
-        InputFormat::Qcow2 => qcow2_size(path, &head)?,
+    let (format, header_size) = sniff(path, &head, claimed)?;
+    let virtual_size = match header_size {
+        None => meta.len(),
+        Some(size) => qcow2_info_agrees(path, size)?,
     };
     if virtual_size == 0 || !virtual_size.is_multiple_of(512) {
         return Err(DiskBaseError::BadSize { path: path.to_path_buf(), size: virtual_size });
@@ -121,26 +98,55 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// The qcow2 header (QEMU's docs/interop/qcow2.txt): version at 4, backing file offset
-/// at 8 and size at 16, virtual size at 24, incompatible features at 72 (version 3; bit 2:
-/// external data file). Then `qemu-img info` must agree on the size.
-fn qcow2_size(path: &Path, head: &[u8]) -> Result<u64, DiskBaseError> {
-    let bad =
-        |detail: String| DiskBaseError::NotAsClaimed { path: path.to_path_buf(), claimed: "qcow2", found: detail };
-    if head.len() < 104 {
-        return Err(bad("a qcow2 header cut short".into()));
+/// The format of a disk image from its first bytes (up to 512), as `claimed` or, with
+/// nothing claimed, by its magic; for a qcow2, the virtual size its header says. Pure: the
+/// fuzz target `disk_header` runs it on any bytes.
+///
+/// The qcow2 header (QEMU's docs/interop/qcow2.txt): version at 4, backing file offset at
+/// 8 and size at 16, virtual size at 24, incompatible features at 72 (version 3; bit 2:
+/// an external data file).
+pub fn sniff(
+    path: &Path,
+    head: &[u8],
+    claimed: Option<InputFormat>,
+) -> Result<(InputFormat, Option<u64>), DiskBaseError> {
+    let is_qcow2 = head.starts_with(QCOW2_MAGIC);
+    if let Some((_, _, name)) = OTHER_FORMATS.iter().find(|(off, m, _)| head.get(*off..*off + m.len()) == Some(*m)) {
+        if claimed != Some(InputFormat::Raw) || head.starts_with(b"# Disk DescriptorFile") {
+            return Err(DiskBaseError::OtherFormat { path: path.to_path_buf(), found: name });
+        }
     }
-    let version = be32(head, 4);
-    if !(2..=3).contains(&version) {
-        return Err(bad(format!("qcow2 version {version} (2 or 3 expected)")));
+    let bad = |claimed: &'static str, found: String| DiskBaseError::NotAsClaimed {
+        path: path.to_path_buf(),
+        claimed,
+        found,
+    };
+    match (claimed, is_qcow2) {
+        (Some(InputFormat::Raw), true) => Err(bad("raw", "a qcow2 image (pass --format qcow2)".into())),
+        (Some(InputFormat::Qcow2), false) => Err(bad("qcow2", "no qcow2 header (QFI\\xfb)".into())),
+        (_, false) => Ok((InputFormat::Raw, None)),
+        (_, true) => {
+            if head.len() < 104 {
+                return Err(bad("qcow2", "a qcow2 header cut short".into()));
+            }
+            let version = be32(head, 4);
+            if !(2..=3).contains(&version) {
+                return Err(bad("qcow2", format!("qcow2 version {version} (2 or 3 expected)")));
+            }
+            if be64(head, 8) != 0 || be32(head, 16) != 0 {
+                return Err(DiskBaseError::NamesHostFile { path: path.to_path_buf(), what: "a backing file" });
+            }
+            if version == 3 && be64(head, 72) & 0x4 != 0 {
+                return Err(DiskBaseError::NamesHostFile { path: path.to_path_buf(), what: "an external data file" });
+            }
+            Ok((InputFormat::Qcow2, Some(be64(head, 24))))
+        }
     }
-    if be64(head, 8) != 0 || be32(head, 16) != 0 {
-        return Err(DiskBaseError::NamesHostFile { path: path.to_path_buf(), what: "a backing file" });
-    }
-    if version == 3 && be64(head, 72) & 0x4 != 0 {
-        return Err(DiskBaseError::NamesHostFile { path: path.to_path_buf(), what: "an external data file" });
-    }
-    let size = be64(head, 24);
+}
+
+/// `qemu-img info` must read the qcow2, name no other file, and agree on its size.
+fn qcow2_info_agrees(path: &Path, size: u64) -> Result<u64, DiskBaseError> {
+    let bad = |detail: String| DiskBaseError::NotAsClaimed { path: path.to_path_buf(), claimed: "qcow2", found: detail };
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "qcow2"])
         .arg(path)
