@@ -58,8 +58,9 @@ pub struct DiskBaseRequest {
 /// What qemu-ga did before the save.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestAgentUse {
-    /// File systems trimmed (`paths`) and frozen then thawed.
-    Used { trimmed: Vec<String>, frozen: u32 },
+    /// File systems trimmed (`paths`) and frozen then thawed; what `cloud-init status`
+    /// said (e.g. `status: done`, or `status: error` when a module failed).
+    Used { trimmed: Vec<String>, frozen: u32, cloud_init: String },
     /// No qemu-ga answered on its channel (`waited`).
     Absent { waited: Duration },
 }
@@ -67,9 +68,9 @@ pub enum GuestAgentUse {
 impl std::fmt::Display for GuestAgentUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GuestAgentUse::Used { trimmed, frozen } => write!(
+            GuestAgentUse::Used { trimmed, frozen, cloud_init } => write!(
                 f,
-                "qemu-guest-agent: trimmed {} and froze/thawed {frozen} file system(s) before the save",
+                "qemu-guest-agent: trimmed {} and froze/thawed {frozen} file system(s) before the save; cloud-init says {cloud_init:?}",
                 if trimmed.is_empty() { "nothing".to_string() } else { trimmed.join(", ") }
             ),
             GuestAgentUse::Absent { waited } => write!(
@@ -321,9 +322,15 @@ async fn checkpoint(socket: &Path) -> Result<GuestAgentUse, DiskBaseError> {
         }
         Err(e) => return Err(DiskBaseError::GuestAgent(e)),
     };
+    // cloud-init's own verdict on the first boot (a module that failed, e.g. a user name
+    // taken by a group, shows as `status: error`); the base is made either way.
+    let cloud_init = match ga.run("cloud-init", &["status"], Duration::from_secs(120)).await {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().replace('\n', "; "),
+        Err(e) => format!("(cloud-init status did not run: {e})"),
+    };
     let trimmed = ga.fstrim(None).await.map_err(DiskBaseError::GuestAgent)?;
     let frozen = ga.fsfreeze_freeze().await.map_err(DiskBaseError::GuestAgent)?;
     ga.fsfreeze_thaw().await.map_err(DiskBaseError::GuestAgent)?;
     let trimmed = trimmed.into_iter().filter(|p| p.error.is_none()).map(|p| p.path).collect();
-    Ok(GuestAgentUse::Used { trimmed, frozen })
+    Ok(GuestAgentUse::Used { trimmed, frozen, cloud_init })
 }

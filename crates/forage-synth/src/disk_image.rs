@@ -116,11 +116,8 @@ pub fn sniff(
             return Err(DiskBaseError::OtherFormat { path: path.to_path_buf(), found: name });
         }
     }
-    let bad = |claimed: &'static str, found: String| DiskBaseError::NotAsClaimed {
-        path: path.to_path_buf(),
-        claimed,
-        found,
-    };
+    let bad =
+        |claimed: &'static str, found: String| DiskBaseError::NotAsClaimed { path: path.to_path_buf(), claimed, found };
     match (claimed, is_qcow2) {
         (Some(InputFormat::Raw), true) => Err(bad("raw", "a qcow2 image (pass --format qcow2)".into())),
         (Some(InputFormat::Qcow2), false) => Err(bad("qcow2", "no qcow2 header (QFI\\xfb)".into())),
@@ -146,7 +143,8 @@ pub fn sniff(
 
 /// `qemu-img info` must read the qcow2, name no other file, and agree on its size.
 fn qcow2_info_agrees(path: &Path, size: u64) -> Result<u64, DiskBaseError> {
-    let bad = |detail: String| DiskBaseError::NotAsClaimed { path: path.to_path_buf(), claimed: "qcow2", found: detail };
+    let bad =
+        |detail: String| DiskBaseError::NotAsClaimed { path: path.to_path_buf(), claimed: "qcow2", found: detail };
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "qcow2"])
         .arg(path)

@@ -136,7 +136,7 @@ async fn debian_disk_image_becomes_a_base_and_an_overlay_source() {
     let st = Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status().unwrap();
     assert!(st.success());
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBhvkOmCvyUOcS27TbbzVn3oRc5mX/OVmu1R7Lz4Y1k test@forage";
-    let key_file = data.work().join("operator.pub");
+    let key_file = data.work().join("admin.pub");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
     let t = Instant::now();
     let made = forage(&[
@@ -149,6 +149,8 @@ async fn debian_disk_image_becomes_a_base_and_an_overlay_source() {
         "qcow2",
         "--ssh-key",
         key_file.to_str().unwrap(),
+        "--memory-mib",
+        "512",
         "--json",
     ])
     .output()
@@ -159,6 +161,7 @@ async fn debian_disk_image_becomes_a_base_and_an_overlay_source() {
     eprintln!("base from the disk image in {:.0} s: {made}", t.elapsed().as_secs_f64());
     assert_eq!((made["input_format"].as_str(), made["guest_agent"].as_bool()), (Some("qcow2"), Some(true)), "{made}");
     assert_eq!(made["disk_introspection"], true);
+    assert!(made["guest_agent_said"].as_str().unwrap().contains("cloud-init says \"status: done\""), "{made}");
     let base = BaseVm::open(&data, "diskb").unwrap();
     let spec = &base.snapshot().manifest().spec;
     assert!(spec.boot.is_none(), "booted by its own bootloader");
@@ -175,11 +178,11 @@ async fn debian_disk_image_becomes_a_base_and_an_overlay_source() {
     let socket = record.spec.guest_agent.clone().expect("the qemu-ga channel").socket;
     let mut ga = GuestAgent::connect(&socket, Duration::from_secs(60)).await.expect("qemu-ga answers");
     let who = ga
-        .run("/bin/sh", &["-c", "id -un operator && cat /home/operator/.ssh/authorized_keys"], Duration::from_secs(60))
+        .run("/bin/sh", &["-c", "id -un admin && cat /home/admin/.ssh/authorized_keys"], Duration::from_secs(60))
         .await
         .unwrap();
     let who = String::from_utf8_lossy(&who.stdout).to_string();
-    assert!(who.starts_with("operator\n") && who.contains(key), "cloud-init's user and key: {who}");
+    assert!(who.starts_with("admin\n") && who.contains(key), "cloud-init's user and key: {who}");
     let state = format!("changed-by-hand-{}", std::process::id());
     let changed = ga.run("/bin/sh", &["-c", CHANGE, "change", &state], Duration::from_secs(180)).await.unwrap();
     let said = String::from_utf8_lossy(&changed.stdout).to_string();

@@ -32,7 +32,7 @@ pub struct DiskBaseArgs {
     #[arg(long, requires = "kernel", allow_hyphen_values = true)]
     pub append: Option<String>,
     /// The user cloud-init creates (sudo, no password)
-    #[arg(long, default_value = "operator", requires = "disk")]
+    #[arg(long, default_value = "admin", requires = "disk")]
     pub user: String,
     /// An SSH public key file for that user
     #[arg(long, value_name = "FILE", requires = "disk")]
