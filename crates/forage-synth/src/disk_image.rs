@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::disk_base::DiskBaseError;
+use crate::disk_error::DiskBaseError;
 
 /// Largest virtual disk taken by default (64 GiB); `--max-disk-gib` raises it.
 pub const DEFAULT_MAX_DISK_BYTES: u64 = 64 << 30;

@@ -9,6 +9,7 @@ pub mod build;
 pub mod cow;
 pub mod create;
 pub mod disk_base;
+mod disk_error;
 pub mod disk_image;
 mod error;
 pub mod ext4;
