@@ -39,9 +39,10 @@ set -eu
 root=$1
 echo 'LABEL=root / ext4 defaults,discard,errors=remount-ro 0 1' > "$root/etc/fstab"
 echo debian > "$root/etc/hostname"
-# cloud-init looks for NoCloud seeds only (no network metadata services to wait for).
+# cloud-init looks for NoCloud seeds only (no network metadata services to wait for), and
+# sets the locale C.UTF-8 (its default, en_US.UTF-8, needs the locales package).
 mkdir -p "$root/etc/cloud/cloud.cfg.d"
-echo 'datasource_list: [ NoCloud, None ]' > "$root/etc/cloud/cloud.cfg.d/90-datasources.cfg"
+printf 'datasource_list: [ NoCloud, None ]\nlocale: C.UTF-8\n' > "$root/etc/cloud/cloud.cfg.d/90-disk-image.cfg"
 chroot "$root" systemctl enable --quiet systemd-networkd.service
 chroot "$root" systemctl mask --quiet apt-daily.timer apt-daily-upgrade.timer man-db.timer \
   e2scrub_all.timer systemd-networkd-wait-online.service
