@@ -92,7 +92,9 @@ fn hostile_disks_are_refused(data: &DataDir) {
 }
 
 /// What the operator changes by hand: a file, and a service on port 8080 that answers
-/// any line with `ok ` and the file (Python comes with cloud-init). The guest's network
+/// any line with `ok ` and the file (Python comes with cloud-init), synced to the disk as
+/// an operator would before saving (else it may still be only in the page cache, which the
+/// memory carries: the service would answer all the same). The guest's network
 /// is checked (cloud-init's DHCP), set by hand if it is missing.
 const CHANGE: &str = r#"set -e
 echo "$1" > /srv/hello
@@ -106,6 +108,7 @@ socketserver.TCPServer.allow_reuse_address = True
 socketserver.TCPServer(("0.0.0.0", 8080), H).serve_forever()
 PY
 systemd-run --unit=hello python3 /usr/local/bin/hello-server
+sync
 if ! ip -4 addr | grep -q 10.0.2.15; then
   dev=$(ls /sys/class/net | grep -v '^lo$' | head -n1)
   ip link set "$dev" up && ip addr add 10.0.2.15/24 dev "$dev"
