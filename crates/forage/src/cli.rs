@@ -210,7 +210,7 @@ pub enum BaseCommand {
         #[arg(long, default_value_t = 5)]
         settle_s: u64,
         #[command(flatten)]
-        disk: DiskBaseArgs,
+        disk: Box<DiskBaseArgs>,
         #[arg(long)]
         json: bool,
     },
