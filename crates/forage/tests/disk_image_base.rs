@@ -8,9 +8,11 @@
 //! answers with the changed file. Hostile disk files are refused first, each in one line
 //! with nothing left behind.
 //!
-//! Slow under TCG (one Debian boot with cloud-init, about 3 minutes here; the image build
-//! adds about 2 minutes the first time, its .debs then cached): run with `--ignored`.
-//! `FORAGE_SKIP_VM_TESTS=1` skips it.
+//! Slow under TCG (one Debian boot with cloud-init: the base in 2 to 2.5 minutes here, the
+//! whole test about 4 minutes; the image build adds about 100 s the first time, its .debs
+//! then cached): run with `--ignored`, after `cargo build -p forage-shim` (the cloudlet
+//! starts the shim binary; the workspace's tests build it). `FORAGE_SKIP_VM_TESTS=1`
+//! skips it.
 
 use std::io::BufRead;
 use std::net::Ipv4Addr;
