@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::cli::BaseCommand;
 
-pub(crate) fn describe(b: &BaseVm) -> serde_json::Value {
+fn describe(b: &BaseVm) -> serde_json::Value {
     let m = b.manifest();
     json!({
         "name": m.name, "digest": m.digest, "image": m.image, "memory_bytes": m.memory_size,

@@ -60,13 +60,17 @@ pub async fn create(data: &DataDir, name: &str, args: &DiskBaseArgs, json: bool)
         .with_context(|| format!("making base {name} of {}", disk.display()))?;
     let b = &report.base;
     if json {
-        let mut d = super::base::describe(b);
-        d["input_format"] = report.input.format.name().into();
-        d["boot_s"] = report.boot_time.as_secs_f64().into();
-        d["seconds"] = report.took.as_secs_f64().into();
-        d["guest_agent"] = json!(matches!(report.guest_agent, GuestAgentUse::Used { .. }));
-        d["guest_agent_said"] = report.guest_agent.to_string().into();
-        crate::output::print_json(&d);
+        // The fields of `forage base info --json`, and how the disk became the base.
+        let m = b.manifest();
+        crate::output::print_json(&json!({
+            "name": m.name, "digest": m.digest, "image": m.image, "memory_bytes": m.memory_size,
+            "disk_bytes": m.disk_size, "indexed_chunks": m.indexed_chunks, "created_unix": m.created_unix,
+            "dir": b.dir(), "disk_introspection": m.disk_introspection,
+            "input_format": report.input.format.name(), "boot_s": report.boot_time.as_secs_f64(),
+            "seconds": report.took.as_secs_f64(),
+            "guest_agent": matches!(report.guest_agent, GuestAgentUse::Used { .. }),
+            "guest_agent_said": report.guest_agent.to_string(),
+        }));
     } else {
         println!("{}", report.guest_agent);
         println!(
