@@ -137,6 +137,14 @@ command -v dbus-daemon >/dev/null || need+=(dbus)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 [ -d /usr/share/fonts/truetype/dejavu ] || need+=(fonts-dejavu-core)
+# Disk images as bases: the cloud-init NoCloud seed is an ISO 9660 image labelled cidata
+# (genisoimage, as cloud-localds makes it); the disk-image test partitions a disk (sfdisk,
+# fdisk package) and puts GRUB for BIOS boot into it (grub-pc-bin: the i386-pc images and
+# modules, grub-common: grub-mkimage; nothing touches the host's own boot).
+command -v genisoimage >/dev/null || need+=(genisoimage)
+command -v sfdisk >/dev/null || need+=(fdisk)
+[ -f /usr/lib/grub/i386-pc/boot.img ] || need+=(grub-pc-bin)
+command -v grub-mkimage >/dev/null || need+=(grub-common)
 # shellcheck disable=SC2207
 need=($(printf '%s\n' "${need[@]}" | sort -u))
 apt_install "${need[@]}"

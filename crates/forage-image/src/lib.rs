@@ -18,6 +18,7 @@
 pub mod app_debs;
 pub mod apt;
 mod build;
+pub mod cloud_seed;
 pub mod debian;
 mod debs;
 mod ensure;

@@ -16,8 +16,9 @@ use crate::SynthError;
 
 pub const BASE_KIND: &str = "forage-base";
 /// 2: `cpu` recorded. Format 1 bases (without it) are read, their needs taken from the
-/// snapshot's description.
-pub const BASE_FORMAT: u32 = 2;
+/// snapshot's description. 3: `disk_introspection` off (a base whose manifest has it on
+/// is written as format 2, which older forage reads).
+pub const BASE_FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +35,20 @@ pub struct BaseManifest {
     /// The CPU model and accelerator VMs of this base (and its overlays) need.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuNeeds>,
+    /// Whether overlays of this base may read the ext4 structures of their disks (the
+    /// semantic gap). Off for a base made from a foreign disk whose guest has no
+    /// qemu-guest-agent: nothing can freeze its file systems, and stale bitmaps could
+    /// drop live data.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub disk_introspection: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug, Clone)]
@@ -112,7 +127,7 @@ impl BaseVm {
             let snapshot = vm.save(&work.join("snapshot")).await?;
             drop(vm);
             let _ = std::fs::remove_dir_all(&run.dir);
-            let index = finish(&work, name, &image.manifest().name, &snapshot)?;
+            let index = finish(&work, name, &image.manifest().name, &snapshot, true)?;
             Ok::<_, SynthError>(index)
         }
         .await;
@@ -160,7 +175,7 @@ impl BaseVm {
                 )?;
                 snapshot.replace_disk_with_raw(0, &flat)?;
             }
-            finish(&work, name, label, &Snapshot::open(&dir)?)
+            finish(&work, name, label, &Snapshot::open(&dir)?, true)
         })();
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&work);
@@ -218,7 +233,13 @@ impl BaseVm {
 }
 
 /// Index a saved base in `dir` (its `snapshot/`) and write its `base.json`.
-pub fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Result<BaseManifest, SynthError> {
+pub fn finish(
+    dir: &Path,
+    name: &str,
+    image: &str,
+    snapshot: &Snapshot,
+    disk_introspection: bool,
+) -> Result<BaseManifest, SynthError> {
     let m = snapshot.manifest();
     if m.disks.len() != 1 {
         return Err(SynthError::BadFile {
@@ -233,7 +254,7 @@ pub fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Resul
     index.save(&ipath).map_err(io(ipath.clone()))?;
     let manifest = BaseManifest {
         kind: BASE_KIND.into(),
-        format: BASE_FORMAT,
+        format: if disk_introspection { 2 } else { BASE_FORMAT },
         name: name.into(),
         digest,
         image: image.into(),
@@ -242,8 +263,29 @@ pub fn finish(dir: &Path, name: &str, image: &str, snapshot: &Snapshot) -> Resul
         disk_size: m.disks[0].size,
         indexed_chunks: index.len() as u64,
         cpu: Some(CpuNeeds::of(&m.spec, m.accel)),
+        disk_introspection,
     };
     let p = dir.join("base.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&manifest).expect("serializes")).map_err(io(p.clone()))?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn introspection_is_on_unless_recorded_off() {
+        let m = serde_json::json!({
+            "kind": BASE_KIND, "format": 2, "name": "b", "digest": "d", "image": "tiny",
+            "created_unix": 1, "memory_size": 4096, "disk_size": 4096, "indexed_chunks": 1,
+        });
+        let mut base: BaseManifest = serde_json::from_value(m).unwrap();
+        assert!(base.disk_introspection, "bases written before the field existed");
+        assert!(serde_json::to_value(&base).unwrap().get("disk_introspection").is_none());
+        base.disk_introspection = false;
+        let v = serde_json::to_value(&base).unwrap();
+        assert_eq!(v["disk_introspection"], false);
+        assert!(!serde_json::from_value::<BaseManifest>(v).unwrap().disk_introspection);
+    }
 }

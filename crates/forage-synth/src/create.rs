@@ -86,7 +86,11 @@ pub fn create(
         for &i in launch.discarded_disk_chunks {
             free.insert((Space::Disk, i), "trim");
         }
-        fs = mark_ext4_free(&l_disk, &modified_disk, launch.checkpoint, &mut free)?;
+        if base.manifest().disk_introspection {
+            fs = mark_ext4_free(&l_disk, &modified_disk, launch.checkpoint, &mut free)?;
+        } else {
+            fs = FsIntrospection::NoGuestAgent;
+        }
     }
 
     let state = snap.state_path();

@@ -69,6 +69,8 @@ pub enum FsIntrospection {
     NotExt4,
     /// Not known to be checkpointed: nothing dropped by introspection, and why.
     Skipped(NotCheckpointed),
+    /// Off for the base: a foreign guest without qemu-guest-agent (nothing freezes it).
+    NoGuestAgent,
     /// Modified chunks found free in the bitmaps, and in the empty journal.
     Used { free_chunks: u64, journal_chunks: u64 },
 }
@@ -78,6 +80,9 @@ impl std::fmt::Display for FsIntrospection {
         match self {
             FsIntrospection::Off => f.write_str("ext4 introspection off (no disk semantic gap)"),
             FsIntrospection::NotExt4 => f.write_str("ext4 introspection: no ext file system on the disk"),
+            FsIntrospection::NoGuestAgent => {
+                f.write_str("ext4 introspection off for this base (its guest has no qemu-guest-agent to freeze it)")
+            }
             FsIntrospection::Skipped(why) => write!(f, "ext4 introspection skipped, nothing dropped as free: {why}"),
             FsIntrospection::Used { free_chunks, journal_chunks } => write!(
                 f,

@@ -224,7 +224,7 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
                 image.dir().join(&image.manifest().initrd),
             )?;
         }
-        let manifest = crate::base::finish(&work, &name, &base.image, &snapshot)?;
+        let manifest = crate::base::finish(&work, &name, &base.image, &snapshot, base.disk_introspection)?;
         if manifest.digest != base.digest {
             return Err(bad(format!(
                 "contents give digest {}, the package claims {}",

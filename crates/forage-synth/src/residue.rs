@@ -103,7 +103,9 @@ pub fn create_residue(
     // The instance was saved running, its file system mounted and not frozen: only an
     // image that shows itself checkpointed is introspected.
     let mut fs = FsIntrospection::Off;
-    if opts.semantic_disk {
+    if opts.semantic_disk && !base.manifest().disk_introspection {
+        fs = FsIntrospection::NoGuestAgent;
+    } else if opts.semantic_disk {
         fs = mark_ext4_free(&i_disk, &disk, Checkpoint::Unknown, &mut free)?;
     }
     let state = instance.state_path();

@@ -208,7 +208,7 @@ fn ext4_free_blocks_are_dropped() {
     snapshot_dir(&bdir, b"QEVM\0\0\0\x03base-state");
     std::fs::copy(&fs, bdir.join("disk0.raw")).unwrap();
     let snap = describe_snapshot(&bdir);
-    forage_synth::base::finish(bdir.parent().unwrap(), "e", "synthetic", &snap).unwrap();
+    forage_synth::base::finish(bdir.parent().unwrap(), "e", "synthetic", &snap, true).unwrap();
     let base = BaseVm::open(&data, "e").unwrap();
 
     // The launch VM left garbage in a block the file system has free (a deleted file).

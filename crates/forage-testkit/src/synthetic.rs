@@ -64,6 +64,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         balloon: None,
         guest_agent: None,
         virtio_rng: false,
+        cdrom: None,
         serial_log: dir.join("serial.log"),
         serial_socket: None,
         qmp_socket: dir.join("q.sock"),
@@ -107,7 +108,7 @@ pub fn make_base(data: &DataDir, name: &str, salt: u64) -> BaseVm {
     put(&disk, 0, &pattern(200));
     put(&disk, 1, &pattern(201));
     let snap = describe_snapshot(&dir.join("snapshot"));
-    forage_synth::base::finish(&dir, name, "synthetic", &snap).unwrap();
+    forage_synth::base::finish(&dir, name, "synthetic", &snap, true).unwrap();
     BaseVm::open(data, name).unwrap()
 }
 

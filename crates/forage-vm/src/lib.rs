@@ -31,6 +31,8 @@ mod vm;
 pub use accel::{Accel, AccelChoice};
 pub use error::{RestoreError, SaveError, VmError};
 pub use snapshot::{HostCapacity, Snapshot, SnapshotError};
-pub use spec::{BalloonSpec, DirectBoot, DiskFormat, DiskSpec, GuestAgentSpec, NicSpec, PortForward, VmSpec};
+pub use spec::{
+    BalloonSpec, CdromSpec, DirectBoot, DiskFormat, DiskSpec, GuestAgentSpec, NicSpec, PortForward, VmSpec,
+};
 pub use vm::RestoreOptions;
 pub use vm::Vm;

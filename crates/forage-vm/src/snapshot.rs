@@ -111,6 +111,9 @@ impl SnapshotManifest {
                 ));
             }
         }
+        if s.cdrom.as_ref().is_some_and(|cd| cd.medium.is_some()) {
+            return Err("the CD drive holds a medium (a host file): saved VMs have an empty drive".into());
+        }
         if let Some(b) = &s.boot {
             if b.cmdline.len() > 4096 || b.cmdline.chars().any(|c| c.is_control()) {
                 return Err("the kernel command line is over 4 KiB or holds control characters".into());
@@ -274,6 +277,9 @@ impl Snapshot {
         }
         spec.serial_log = run_dir.join("serial.log");
         spec.serial_socket = None;
+        if let Some(cd) = spec.cdrom.as_mut() {
+            cd.medium = None;
+        }
         spec.qmp_socket = qmp_socket.to_path_buf();
         spec.control_socket = Some(qmp_socket.with_extension("ctl"));
         if let Some(ga) = spec.guest_agent.as_mut() {

@@ -73,6 +73,11 @@ pub struct VmSpec {
     /// (systemd-networkd, Python's `os.urandom`) stalls for seconds. Absent from older specs.
     #[serde(default, skip_serializing_if = "is_false")]
     pub virtio_rng: bool,
+    /// An IDE CD drive (`ide-cd` on the `pc` machine's secondary channel), e.g. for a
+    /// cloud-init NoCloud seed at first boot; ejected before a save, so saved VMs have an
+    /// empty drive. Absent from older specs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdrom: Option<CdromSpec>,
     /// Where the guest's serial console is written.
     pub serial_log: PathBuf,
     /// Also offer the serial console on this unix socket (QEMU listens; one client at a
@@ -160,6 +165,17 @@ pub struct BalloonSpec {
 pub struct GuestAgentSpec {
     pub socket: PathBuf,
 }
+
+/// A CD drive and its medium (an ISO image, read-only), if one is inserted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdromSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub medium: Option<PathBuf>,
+}
+
+/// The qdev id of the CD drive (QMP `eject` names it).
+pub const CDROM_ID: &str = "cd0";
 
 /// The port name qemu-ga looks for (`/dev/virtio-ports/org.qemu.guest_agent.0`).
 pub const QGA_CHANNEL: &str = "org.qemu.guest_agent.0";
@@ -252,6 +268,17 @@ impl VmSpec {
             a.pair("-object", "rng-random,id=rng0,filename=/dev/urandom");
             a.pair("-device", "virtio-rng-pci,rng=rng0,id=rng0dev");
         }
+        if let Some(cd) = &self.cdrom {
+            let mut device = format!("ide-cd,bus=ide.1,unit=0,id={CDROM_ID}");
+            if let Some(medium) = &cd.medium {
+                let mut file = OsString::from("driver=file,node-name=cd0-file,read-only=on,filename=");
+                file.push(escape_commas(medium.as_os_str()));
+                a.pair("-blockdev", file);
+                a.pair("-blockdev", "driver=raw,node-name=cd0-medium,file=cd0-file,read-only=on");
+                device.push_str(",drive=cd0-medium");
+            }
+            a.pair("-device", device);
+        }
         let mut serial = match &self.serial_socket {
             Some(sock) => {
                 let mut c = OsString::from("socket,id=serial0,server=on,wait=off,path=");
@@ -303,6 +330,10 @@ impl VmSpec {
         }
         if self.virtio_rng {
             hw["virtio_rng"] = serde_json::Value::Bool(true);
+        }
+        // The drive is hardware; its medium is not (it is ejected before a save).
+        if self.cdrom.is_some() {
+            hw["cdrom"] = serde_json::Value::Bool(true);
         }
         if self.memory_tail_kib != 0 {
             hw["memory_tail_kib"] = self.memory_tail_kib.into();
@@ -410,6 +441,7 @@ mod tests {
             balloon: Some(BalloonSpec { free_page_reporting: true }),
             guest_agent: None,
             virtio_rng: false,
+            cdrom: None,
             serial_log: "/d/serial.log".into(),
             serial_socket: None,
             qmp_socket: "/r/qmp.sock".into(),
@@ -513,6 +545,21 @@ mod tests {
         );
         assert_eq!(spec.hardware_fingerprint(), before, "the console's host end is not guest-visible");
         assert!(serde_json::to_value(sample()).unwrap().get("serial_socket").is_none());
+    }
+
+    #[test]
+    fn cd_drive_is_hardware_its_medium_is_not() {
+        let mut spec = sample();
+        let before = spec.hardware_fingerprint();
+        spec.cdrom = Some(CdromSpec { medium: Some("/r/se,ed.iso".into()) });
+        let with = spec.hardware_fingerprint();
+        assert_ne!(with, before);
+        let s = joined(&spec.qemu_args(Accel::Tcg, false));
+        assert!(s.contains("filename=/r/se,,ed.iso -blockdev driver=raw,node-name=cd0-medium"), "{s}");
+        assert!(s.contains("-device ide-cd,bus=ide.1,unit=0,id=cd0,drive=cd0-medium"), "{s}");
+        spec.cdrom = Some(CdromSpec { medium: None });
+        assert_eq!(spec.hardware_fingerprint(), with);
+        assert!(!joined(&spec.qemu_args(Accel::Tcg, false)).contains("cd0-file"));
     }
 
     #[test]

@@ -293,6 +293,19 @@ impl Vm {
         Ok(())
     }
 
+    /// Take the medium out of the CD drive (QMP `eject`, forced: a guest may hold the tray
+    /// locked), so that the spec a save records has an empty drive and names no host file.
+    pub async fn eject_cdrom(&mut self) -> Result<(), VmError> {
+        let Some(cd) = self.spec.cdrom.as_mut() else { return Ok(()) };
+        if cd.medium.is_none() {
+            return Ok(());
+        }
+        let args = json!({"id": crate::spec::CDROM_ID, "force": true});
+        self.qmp.execute("eject", Some(args)).await?;
+        cd.medium = None;
+        Ok(())
+    }
+
     /// Wait until the guest's serial console shows `marker`. On timeout (or if QEMU
     /// exits) the error carries the serial log's last lines, and QEMU is left to the caller.
     pub async fn wait_for_serial(&self, marker: &str, timeout: Duration) -> Result<Duration, VmError> {

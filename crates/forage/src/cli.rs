@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+mod base_disk;
 mod instances;
 mod substrate;
 mod vm;
+pub use base_disk::{DiskBaseArgs, DiskFormatArg};
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
 pub use substrate::SubstrateCommand;
 pub use vm::VmCommand;
@@ -207,6 +209,8 @@ pub enum BaseCommand {
         /// Seconds to let the guest settle before the save
         #[arg(long, default_value_t = 5)]
         settle_s: u64,
+        #[command(flatten)]
+        disk: Box<DiskBaseArgs>,
         #[arg(long)]
         json: bool,
     },

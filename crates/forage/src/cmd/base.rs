@@ -15,12 +15,15 @@ fn describe(b: &BaseVm) -> serde_json::Value {
     json!({
         "name": m.name, "digest": m.digest, "image": m.image, "memory_bytes": m.memory_size,
         "disk_bytes": m.disk_size, "indexed_chunks": m.indexed_chunks, "created_unix": m.created_unix,
-        "dir": b.dir(),
+        "dir": b.dir(), "disk_introspection": m.disk_introspection,
     })
 }
 
 pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
     match cmd {
+        BaseCommand::Create { name, disk, json, .. } if disk.disk.is_some() => {
+            super::base_disk::create(data, &name, &disk, json).await?;
+        }
         BaseCommand::Create { name, from_vm: Some(vm), json, .. } => {
             let paths = forage_image::vms::VmPaths::new(data, &vm)?;
             let snap = forage_vm::Snapshot::open(&paths.snapshot).with_context(|| format!("VM {vm} has no save"))?;

@@ -1,6 +1,7 @@
 //! Subcommand implementations.
 
 mod base;
+mod base_disk;
 mod handoff;
 mod image;
 mod overlay;
