@@ -50,6 +50,12 @@ pub trait Control: Send + Sync + 'static {
     fn revoke(&self, who: &str) -> Result<(), ActionError>;
     /// Cloudlets seen announcing themselves on the local network.
     fn cloudlets(&self) -> CloudletList;
+    /// The cluster as this node last read it; `None` when not in a cluster.
+    fn cluster(&self) -> Option<forage_cluster::ClusterStatus>;
+    /// The best live node of the cluster for a device's request (read from etcd now):
+    /// NotFound when not in a cluster, Unavailable without etcd quorum, Conflict when no
+    /// node can serve it.
+    fn place(&self, request: &forage_cluster::PlacementRequest) -> Result<forage_cluster::Placement, ActionError>;
 }
 
 /// What every route can reach.

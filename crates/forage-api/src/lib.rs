@@ -15,6 +15,8 @@
 //! POST   /v1/pairing/codes    a one-time pairing code and its QR code
 //! GET    /v1/pairing/credentials, DELETE .../{who}   issued credentials, revoke
 //! GET    /v1/cloudlets        cloudlets seen on the network (mDNS)
+//! GET    /v1/cluster          the cluster's nodes and instances (forage serve --cluster)
+//! POST   /v1/cluster/placements  the best node for a device's request (Control::place)
 //! GET|POST /v1/signin, POST /v1/signout   the web UI's session cookie and CSRF token
 //! GET    /v1/events           the live feed (server-sent events)
 //! GET    /, /ui/*             the web UI (built in)
@@ -44,6 +46,7 @@ mod metrics;
 mod openapi;
 pub mod qr;
 mod routes;
+mod routes_cluster;
 mod routes_live;
 pub mod token;
 mod views;
@@ -97,6 +100,8 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/pairing/credentials", get(routes_live::credentials))
         .route("/v1/pairing/credentials/{who}", delete(routes_live::revoke))
         .route("/v1/cloudlets", get(routes_live::cloudlets))
+        .route("/v1/cluster", get(routes_cluster::cluster))
+        .route("/v1/cluster/placements", post(routes_cluster::place))
         .route("/v1/signin", get(routes_live::signin_state).post(routes_live::signin))
         .route("/v1/signout", post(routes_live::signout))
         .route("/v1/events", get(feed::events))

@@ -12,6 +12,9 @@
 //! forage_cache_bytes                                     gauge
 //! forage_cache_hits_total                                counter
 //! forage_uptime_seconds                                  gauge
+//! forage_cluster_nodes                                   gauge (with --cluster: live nodes)
+//! forage_cluster_quorum                                  gauge (1: the last heartbeat reached etcd)
+//! forage_cluster_instances{phase="Running|Lost"}         gauge
 //! ```
 
 use std::sync::atomic::AtomicU64;
@@ -28,7 +31,11 @@ use prometheus_client::registry::Registry;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The metrics text for `totals` and the daemon's uptime.
-pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Error> {
+pub fn encode(
+    totals: &Totals,
+    uptime: Duration,
+    cluster: Option<&forage_cluster::ClusterStatus>,
+) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("forage");
 
     let sessions = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
@@ -52,6 +59,19 @@ pub fn encode(totals: &Totals, uptime: Duration) -> Result<String, std::fmt::Err
     up.set(uptime.as_secs_f64());
     registry.register("uptime_seconds", "Seconds since the daemon started", up);
 
+    if let Some(c) = cluster {
+        registry.register("cluster_nodes", "Live nodes of the cluster", gauge(c.nodes.len() as u64));
+        registry.register("cluster_quorum", "1 when the last heartbeat reached etcd", gauge(u64::from(c.quorum)));
+        let phases = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        for (phase, name) in
+            [(forage_cluster::InstancePhase::Running, "Running"), (forage_cluster::InstancePhase::Lost, "Lost")]
+        {
+            let n = c.instances.iter().filter(|i| i.status.phase == phase).count();
+            phases.get_or_create(&vec![("phase", name)]).set(n as i64);
+        }
+        registry.register("cluster_instances", "Instances of the cluster's nodes by phase", phases);
+    }
+
     let mut out = String::new();
     text::encode(&mut out, &registry)?;
     Ok(out)
@@ -72,7 +92,7 @@ mod tests {
             cache_bytes: 5_000,
             cache_hits: 6,
         };
-        let text = encode(&totals, Duration::from_millis(12_500)).unwrap();
+        let text = encode(&totals, Duration::from_millis(12_500), None).unwrap();
         for line in [
             "forage_sessions_total{status=\"running\"} 1",
             "forage_sessions_total{status=\"done\"} 7",

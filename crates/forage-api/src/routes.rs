@@ -292,7 +292,8 @@ pub async fn evict_cache(Ctx(ctx): Ctx<ApiContext>, Path(digest): Path<String>) 
 )]
 pub async fn metrics(Ctx(ctx): Ctx<ApiContext>) -> Result<impl IntoResponse, ApiError> {
     let totals = ctx.state.totals()?;
-    let text = metrics::encode(&totals, ctx.started.elapsed())?;
+    let cluster = ctx.control.cluster();
+    let text = metrics::encode(&totals, ctx.started.elapsed(), cluster.as_ref())?;
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 

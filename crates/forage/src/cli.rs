@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+mod cluster;
 mod instances;
 mod substrate;
 mod vm;
+pub use cluster::ClusterCommand;
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
 pub use substrate::SubstrateCommand;
 pub use vm::VmCommand;
@@ -146,6 +148,9 @@ pub enum Command {
     /// Move every running instance of this cloudlet to another one (e.g. before
     /// maintenance), one after the other; each device is told where its instance went
     Drain(DrainArgs),
+    /// A cloudlet of many hosts coordinated through etcd (`forage serve --cluster URLS`)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),

@@ -1,6 +1,7 @@
 //! Subcommand implementations.
 
 mod base;
+mod cluster;
 mod handoff;
 mod image;
 mod overlay;
@@ -71,6 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Instances(a) => handoff::instances(&data, a).await,
         Command::Stop(a) => handoff::stop(&data, a).await,
         Command::Drain(a) => handoff::drain(&data, a).await,
+        Command::Cluster(c) => cluster::run(&data, c).await,
         Command::Signer(c) => pair::signer(&data, c),
     }
 }
