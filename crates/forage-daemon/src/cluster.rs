@@ -9,6 +9,7 @@ use std::sync::Arc;
 use forage_cloudlet::Cloudlet;
 use forage_cluster::{
     ClusterConfig, HoldsThenLeastLoaded, JoinError, LocalInstance, LocalView, Member, NodeSpec, NodeStatus,
+    PlacementRequest,
 };
 
 /// Join the cluster at `config` as `cloudlet.name`, reachable by devices at `device_addr`,
@@ -27,6 +28,21 @@ pub async fn join(
     let first = tokio::task::block_in_place(&view);
     let member = Member::join(config, &cloudlet.name, first, Box::new(HoldsThenLeastLoaded)).await?;
     member.run(view);
+    let placer = member.clone();
+    let _ = cloudlet.placer.set(Arc::new(move |base: String, overlay: String| {
+        let m = placer.clone();
+        Box::pin(async move {
+            let request = PlacementRequest { base_digest: Some(base), overlay_digest: Some(overlay), service: None };
+            match m.place(&request).await {
+                Ok(p) if p.node != m.name() => Some(p.device_addr),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::info!("cluster: no node to redirect the device to: {}", forage_cluster::chain(&e));
+                    None
+                }
+            }
+        })
+    }));
     Ok(member)
 }
 

@@ -40,6 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 early_start: !no_early_start,
                 store_and_forward: no_pipelining,
                 credentials,
+                pairings: Some(data.trust_peers()),
                 ..Default::default()
             };
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
