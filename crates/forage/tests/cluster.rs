@@ -9,7 +9,11 @@
 //! 5. a second etcd member killed (no quorum): placement refuses with a clear error (503),
 //!    the nodes keep running and say so in `forage cluster status`.
 //!
-//! No VM is booted here (the VM part of the cluster is in `cluster_vm.rs`).
+//!
+//! With real guests (the tiny image; two boots to build a base and an overlay):
+//! 6. a device's synthesis reaching node A, which lacks the base, is redirected by A to
+//!    node B, which holds it, and served there;
+//! 7. node B killed: its instance is reported Lost by A within B's lease.
 
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
@@ -62,6 +66,21 @@ fn etcd_member(ns: &Netns, i: usize, lan: &Lan, dir: &Path) -> Kill {
         .spawn()
         .expect("etcd (scripts/deps.sh installs etcd-server)");
     Kill(child)
+}
+
+/// Three etcd members on hosts 0..3 of `lan`, healthy; their client URLs.
+fn etcd_cluster(lan: &Lan, dir: &Path) -> (Vec<Kill>, String) {
+    let etcd: Vec<Kill> = (0..3).map(|i| etcd_member(&lan.hosts[i], i, lan, dir)).collect();
+    let urls: Vec<String> = lan.hosts.iter().take(3).map(|h| format!("http://{}:2379", h.addr)).collect();
+    let urls = urls.join(",");
+    // The members elect a leader.
+    let started = Instant::now();
+    let healthy = || lan.hosts[0].command("etcdctl").args(["--endpoints", &urls, "endpoint", "health"]).output();
+    while !healthy().unwrap().status.success() {
+        assert!(started.elapsed() < Duration::from_secs(30), "etcd did not become healthy: see {}", dir.display());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    (etcd, urls)
 }
 
 fn node(ns: &Netns, data: &Path, name: &str, urls: &str) -> Kill {
@@ -127,22 +146,7 @@ fn nodes_in_namespaces_share_one_cluster_through_etcd() {
     }
     let lan = Lan::create(3).expect("namespaces");
     let t = tempfile::tempdir().unwrap();
-    let mut etcd: Vec<Kill> = (0..3).map(|i| etcd_member(&lan.hosts[i], i, &lan, t.path())).collect();
-    let urls: Vec<String> = lan.hosts.iter().map(|h| format!("http://{}:2379", h.addr)).collect();
-    let urls = urls.join(",");
-    // The members elect a leader.
-    let started = Instant::now();
-    while !lan.hosts[0]
-        .command("etcdctl")
-        .args(["--endpoints", &urls, "endpoint", "health"])
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(started.elapsed() < Duration::from_secs(30), "etcd did not become healthy: see {}", t.path().display());
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (mut etcd, urls) = etcd_cluster(&lan, t.path());
     let data: Vec<_> = (0..3).map(|i| t.path().join(format!("node{i}"))).collect();
     let mut nodes: Vec<Kill> = (0..3).map(|i| node(&lan.hosts[i], &data[i], &format!("n{i}"), &urls)).collect();
     let (a, ns_a) = (&data[0], &lan.hosts[0]);
@@ -222,6 +226,120 @@ fn nodes_in_namespaces_share_one_cluster_through_etcd() {
     for (i, n) in nodes.iter_mut().enumerate().filter(|(i, _)| *i != 1) {
         assert!(n.0.try_wait().unwrap().is_none(), "node n{i} stopped without quorum");
     }
+    drop(nodes);
+    drop(etcd);
+}
+
+/// `forage` with `args` on the data folder `data`, which must succeed: its stdout.
+fn forage_at(data: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(EXE).arg("--data-dir").arg(data).args(args).output().unwrap();
+    assert!(out.status.success(), "forage {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() {
+    use forage_testkit::guest::*;
+    if skip_vm_tests() || !root() {
+        eprintln!("skipped: needs QEMU and root (network namespaces)");
+        return;
+    }
+    // The base and the overlay, built in the test data folder (two boots of the tiny image).
+    let data = data_dir();
+    image();
+    let builder = data.root().to_path_buf();
+    let app_dir = forage_image::locate_guest_binary("apps/hashsearch").expect("make guest");
+    let _ = forage_synth::BaseVm::remove(&data, "cltest");
+    forage_at(&builder, &["base", "create", "cltest", "--image", "tiny", "--settle-s", "3"]);
+    let work = data.root().join("cluster-test");
+    let _reaper = Reaper::new(&[work.clone()]);
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let ovl = work.join("cl.ovl");
+    let app = app_dir.to_string_lossy();
+    forage_at(&builder, &["overlay", "create", "--base", "cltest", "--app", &app, "-o", &ovl.to_string_lossy()]);
+    let base_pkg = work.join("cltest.fbase");
+    forage_at(&builder, &["base", "export", "cltest", &base_pkg.to_string_lossy()]);
+
+    // Hosts 0..3: an etcd member and a node each; host 3: the device. Only n1 holds the base.
+    let lan = Lan::create(4).expect("namespaces");
+    let (etcd, urls) = etcd_cluster(&lan, &work);
+    let dirs: Vec<_> = (0..3).map(|i| work.join(format!("n{i}"))).collect();
+    let device = work.join("device");
+    for d in dirs.iter().chain([&device]) {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::create_dir_all(dirs[1].join("images")).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(data.images().join("tiny"))
+        .arg(dirs[1].join("images"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    forage_at(&dirs[1], &["base", "import", &base_pkg.to_string_lossy()]);
+    // The device is paired with the node it reaches and the node that serves it.
+    for i in [0, 1] {
+        let bundle = work.join(format!("device-n{i}.json"));
+        let addr = format!("{}:7878", lan.hosts[i].addr);
+        forage_at(&dirs[i], &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "phone", "--addr", &addr]);
+        forage_at(&device, &["pair", "import", &bundle.to_string_lossy()]);
+    }
+    let mut nodes: Vec<Kill> = (0..3).map(|i| node(&lan.hosts[i], &dirs[i], &format!("n{i}"), &urls)).collect();
+    let (a, ns_a) = (&dirs[0], &lan.hosts[0]);
+    until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3);
+
+    // 6. The device reaches n0; n1 serves it.
+    let addr_a = format!("{}:7878", lan.hosts[0].addr);
+    let dev_ns = &lan.hosts[3];
+    let started = Instant::now();
+    let mut child = dev_ns
+        .command(EXE)
+        .arg("--data-dir")
+        .arg(&device)
+        .arg("synthesize")
+        .arg(&ovl)
+        .args(["--cloudlet", &addr_a, "--hold", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(work.join("device.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let mut device_process = Kill(child);
+    let report: forage_client::SynthesisReport = serde_json::from_str(&line).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(work.join("device.log")).unwrap_or_default();
+        panic!("synthesize printed {line:?}: {e}; {log}")
+    });
+    eprintln!("synthesis through n0 served by {} in {:?} ({})", report.cloudlet, started.elapsed(), report.mode);
+    assert_eq!(report.cloudlet, "n1", "{report:?}");
+    assert!(report.service.addr.starts_with(&format!("{}:", lan.hosts[1].addr)), "{:?}", report.service);
+    let ep = report.service.clone();
+    let answer = dev_ns
+        .run(move || forage_client::service::request_line(&ep, "search cluster 8", Duration::from_secs(60)))
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("ok "), "{answer}");
+    let log = std::fs::read_to_string(a.join("serve.log")).unwrap();
+    assert!(log.contains("redirected"), "n0 says it redirected the device: {log}");
+    until(ns_a, a, Duration::from_secs(10), "n1's instance listed", |s| {
+        s.instances.iter().any(|i| i.spec.node == "n1" && i.status.phase == forage_cluster::InstancePhase::Running)
+    });
+
+    // 7. n1 killed: its instance is reported lost within its lease.
+    nodes[1].kill();
+    let killed = Instant::now();
+    until(ns_a, a, Duration::from_secs(LEASE_S * 3), "n1's instance lost", |s| {
+        s.instances.iter().any(|i| {
+            i.spec.node == "n1"
+                && i.status.phase == forage_cluster::InstancePhase::Lost
+                && i.status.reason.as_deref() == Some("node n1's lease expired")
+        })
+    });
+    let lost = killed.elapsed();
+    eprintln!("node n1 killed: its instance reported lost after {lost:?} (lease {LEASE_S} s)");
+    assert!(lost <= Duration::from_secs(2 * LEASE_S), "lost after {lost:?}");
+    device_process.kill();
     drop(nodes);
     drop(etcd);
 }
