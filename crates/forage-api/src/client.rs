@@ -73,6 +73,13 @@ impl ApiClient {
         self.answer(ureq::get(&format!("{}/v1/cluster", self.base)).set("Authorization", &self.auth).call())
     }
 
+    /// `POST /v1/cluster/nodes/{node}/drain`.
+    pub fn drain_node(&self, node: &str) -> Result<forage_cluster::ClusterStatus, ClientError> {
+        self.answer(
+            ureq::post(&format!("{}/v1/cluster/nodes/{node}/drain", self.base)).set("Authorization", &self.auth).call(),
+        )
+    }
+
     /// `POST /v1/cluster/placements`.
     pub fn place(&self, request: &forage_cluster::PlacementRequest) -> Result<forage_cluster::Placement, ClientError> {
         self.answer(

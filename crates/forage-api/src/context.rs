@@ -56,6 +56,8 @@ pub trait Control: Send + Sync + 'static {
     /// NotFound when not in a cluster, Unavailable without etcd quorum, Conflict when no
     /// node can serve it.
     fn place(&self, request: &forage_cluster::PlacementRequest) -> Result<forage_cluster::Placement, ActionError>;
+    /// Asks live node `node` of the cluster to hand all its instances off to the others.
+    fn drain_node(&self, node: &str) -> Result<(), ActionError>;
 }
 
 /// What every route can reach.

@@ -38,6 +38,7 @@ use crate::routes;
         crate::routes_live::cloudlets,
         crate::routes_cluster::cluster,
         crate::routes_cluster::place,
+        crate::routes_cluster::drain,
         crate::routes_live::signin_state,
         crate::routes_live::signin,
         crate::routes_live::signout,

@@ -2,7 +2,7 @@
 //! device's request on its best node (`docs/cluster.md`).
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State as Ctx;
+use axum::extract::{Path, State as Ctx};
 use axum::Json;
 use forage_cluster::{ClusterStatus, Placement, PlacementRequest};
 
@@ -47,4 +47,27 @@ pub async fn place(
     let control = ctx.control.clone();
     let placed = blocking(move || control.place(&request)).await?;
     placed.map(Json).map_err(|source| ApiError::Control { action: "place", id: "the request".into(), source })
+}
+
+/// Asks a live node to hand every instance off to the other nodes (the VM handoff, one
+/// after the other); it takes no new placements meanwhile. Answers the cluster as this
+/// node last read it; follow the drain in `GET /v1/cluster` (`draining`).
+#[utoipa::path(
+    post, path = "/v1/cluster/nodes/{node}/drain", tag = "cluster",
+    params(("node" = String, Path, description = "The node's name")),
+    responses(
+        (status = 200, description = "The drain is asked for", body = ClusterStatus),
+        (status = 404, description = "Not in a cluster, or no such live node", body = ErrorBody),
+        (status = 503, description = "etcd has no quorum", body = ErrorBody),
+    )
+)]
+pub async fn drain(Ctx(ctx): Ctx<ApiContext>, Path(node): Path<String>) -> ApiResult<ClusterStatus> {
+    let control = ctx.control.clone();
+    let target = node.clone();
+    blocking(move || control.drain_node(&target)).await?.map_err(|source| ApiError::Control {
+        action: "drain",
+        id: node,
+        source,
+    })?;
+    ctx.control.cluster().map(Json).ok_or(ApiError::NotInCluster)
 }

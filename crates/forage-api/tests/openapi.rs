@@ -69,7 +69,9 @@ fn operations() -> Vec<(Method, String, Operation)> {
 fn concrete(template: &str) -> String {
     match template {
         "/v1/apps/{id}" => "/v1/apps/hs-client".into(),
-        _ => template.replace("{id}", "vm-1").replace("{digest}", "d1").replace("{who}", "phone"),
+        _ => {
+            template.replace("{id}", "vm-1").replace("{digest}", "d1").replace("{who}", "phone").replace("{node}", "n1")
+        }
     }
 }
 
@@ -147,6 +149,7 @@ async fn every_documented_operation_answers_as_documented() {
             "GET /v1/sessions",
             "GET /v1/signin",
             "GET /v1/status",
+            "POST /v1/cluster/nodes/{node}/drain",
             "POST /v1/cluster/placements",
             "POST /v1/instances/{id}/handoff",
             "POST /v1/pairing/codes",

@@ -18,6 +18,8 @@ pub mod placement;
 pub mod resources;
 
 pub use etcd::{Etcd, EtcdError};
-pub use member::{chain, ClusterConfig, ClusterStatus, JoinError, LocalInstance, LocalView, Member, PlacementError};
+pub use member::{
+    chain, ClusterConfig, ClusterStatus, DrainError, JoinError, LocalInstance, LocalView, Member, PlacementError,
+};
 pub use placement::{HoldsThenLeastLoaded, PlaceError, Placement, PlacementRequest, Utility};
 pub use resources::{ClusterInstance, InstancePhase, Node, NodeSpec, NodeStatus};

@@ -81,6 +81,10 @@ pub struct ClusterStatus {
     pub read_unix_ms: u64,
     /// Objects read from etcd and refused (too large, malformed), in all.
     pub refused_objects: u64,
+    /// Nodes asked to drain (`forage node drain`): they hand their instances off to the
+    /// others and take no new placements.
+    #[serde(default)]
+    pub draining: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +98,18 @@ pub enum JoinError {
     #[error("joining cluster {cluster} as {node}")]
     Etcd {
         cluster: String,
+        node: String,
+        #[source]
+        source: EtcdError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("node {0:?} is not a live node of the cluster")]
+    NoSuchNode(String),
+    #[error("cannot ask node {node} to drain")]
+    Etcd {
         node: String,
         #[source]
         source: EtcdError,
@@ -133,6 +149,9 @@ impl Member {
     fn instance_key(&self, node: &str, id: &str) -> String {
         format!("{}instances/{node}/{id}", self.prefix())
     }
+    fn drain_key(&self, node: &str) -> String {
+        format!("{}drains/{node}", self.prefix())
+    }
 
     /// Register `name` under a new lease with `view`, placing by `utility`.
     pub async fn join(
@@ -161,6 +180,7 @@ impl Member {
             instances: vec![],
             read_unix_ms: 0,
             refused_objects: 0,
+            draining: vec![],
         };
         let member = Arc::new(Self {
             etcd: Etcd::new(config.endpoints.clone()),
@@ -307,7 +327,15 @@ impl Member {
             }
             instances.push(i);
         }
+        let mut draining: Vec<String> = Vec::new();
+        for kv in self.etcd.range_prefix(&format!("{}drains/", self.prefix())).await? {
+            match kv.key.rsplit('/').next() {
+                Some(name) if plain_name(name) && kv.value.len() <= 64 => draining.push(name.to_string()),
+                _ => refused += 1,
+            }
+        }
         let mut seen = self.seen.lock().expect("seen lock");
+        seen.draining = draining;
         if !seen.quorum {
             tracing::info!("cluster {}: in touch with etcd, {} nodes live", self.config.cluster, nodes.len());
         }
@@ -325,10 +353,45 @@ impl Member {
         self.seen.lock().expect("seen lock").clone()
     }
 
-    /// The best live node for `request`, read from etcd now.
+    /// Ask live node `node` to hand all its instances off to the others; it takes no new
+    /// placements until it is done.
+    pub async fn request_drain(&self, node: &str) -> Result<(), DrainError> {
+        let etcd = |source| DrainError::Etcd { node: node.into(), source };
+        let (nodes, _) = self.read_nodes().await.map_err(etcd)?;
+        if !nodes.iter().any(|n| n.name() == node) {
+            return Err(DrainError::NoSuchNode(node.chars().take(63).collect()));
+        }
+        self.etcd.put(&self.drain_key(node), self.name.as_bytes(), 0).await.map_err(etcd)
+    }
+
+    /// Whether this node was asked to drain (as of the last heartbeat).
+    pub fn drain_requested(&self) -> bool {
+        let seen = self.seen.lock().expect("seen lock");
+        seen.draining.iter().any(|n| n == &self.name)
+    }
+
+    /// This node has no instance left: the drain is over.
+    pub async fn drain_done(&self) -> Result<(), EtcdError> {
+        self.etcd.delete(&self.drain_key(&self.name)).await
+    }
+
+    /// The best live node for `request`, read from etcd now; nodes being drained and
+    /// `except` (e.g. the node being drained itself) are left out.
+    pub async fn place_except(&self, request: &PlacementRequest, except: &str) -> Result<Placement, PlacementError> {
+        self.place_among(request, except).await
+    }
+
+    /// The best live node for `request`, read from etcd now (nodes being drained left out).
     pub async fn place(&self, request: &PlacementRequest) -> Result<Placement, PlacementError> {
+        self.place_among(request, "").await
+    }
+
+    async fn place_among(&self, request: &PlacementRequest, except: &str) -> Result<Placement, PlacementError> {
         let t0 = Instant::now();
-        let (nodes, _) = self.read_nodes().await.map_err(PlacementError::NoQuorum)?;
+        let (mut nodes, _) = self.read_nodes().await.map_err(PlacementError::NoQuorum)?;
+        let drains =
+            self.etcd.range_prefix(&format!("{}drains/", self.prefix())).await.map_err(PlacementError::NoQuorum)?;
+        nodes.retain(|n| n.name() != except && !drains.iter().any(|kv| kv.key == self.drain_key(n.name())));
         let (node, score, able) =
             choose(&nodes, request, self.utility.as_ref()).map_err(PlacementError::Unplaceable)?;
         Ok(Placement {

@@ -1,6 +1,6 @@
 //! Membership against a real etcd (Debian's etcd-server, one member on loopback started
 //! by the test): two nodes join, see each other, place a request on the one holding the
-//! base; one stops renewing and is gone within its lease, its instance marked lost; a
+//! base; a node asked to drain sees it and takes no placement; one stops renewing and is gone within its lease, its instance marked lost; a
 //! hostile object in the cluster's keys is refused and counted, and changes nothing.
 
 use std::net::TcpListener;
@@ -81,6 +81,21 @@ async fn nodes_join_place_and_are_lost_with_their_lease() {
     assert_eq!((p.node.as_str(), p.device_addr.port(), p.considered, p.able), ("b", 2, 2, 1));
     let e = a.place(&PlacementRequest { service: Some("nowhere".into()), ..Default::default() }).await.unwrap_err();
     assert!(matches!(e, PlacementError::Unplaceable(PlaceError::NoneAble { .. })), "{e}");
+
+    // b asked to drain: it sees it, and takes no new placement until done.
+    a.request_drain("b").await.unwrap();
+    assert!(matches!(a.request_drain("nobody").await, Err(DrainError::NoSuchNode(_))));
+    b.heartbeat(view(2, &[&base], &["i1"])).await.unwrap();
+    assert!(b.drain_requested() && !a.drain_requested());
+    let e = a.place(&PlacementRequest { base_digest: Some(base.clone()), ..Default::default() }).await.unwrap_err();
+    assert!(matches!(e, PlacementError::Unplaceable(_)), "the only holder drains: {e}");
+    b.drain_done().await.unwrap();
+    b.heartbeat(view(2, &[&base], &["i1"])).await.unwrap();
+    assert!(!b.drain_requested());
+    assert_eq!(
+        a.place(&PlacementRequest { base_digest: Some(base.clone()), ..Default::default() }).await.unwrap().node,
+        "b"
+    );
 
     // A hostile object among the nodes is refused and counted; the view stays whole.
     let etcd = Etcd::new(vec![url.clone()]);

@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use forage_cloudlet::Cloudlet;
 use forage_cluster::{
@@ -26,8 +27,10 @@ pub async fn join(
         move || local_view(&c, device_addr)
     };
     let first = tokio::task::block_in_place(&view);
+    let every = Duration::from_secs(config.lease_ttl_s.max(3) / 3);
     let member = Member::join(config, &cloudlet.name, first, Box::new(HoldsThenLeastLoaded)).await?;
     member.run(view);
+    drain_when_asked(member.clone(), cloudlet.clone(), every);
     let placer = member.clone();
     let _ = cloudlet.placer.set(Arc::new(move |base: String, overlay: String| {
         let m = placer.clone();
@@ -93,4 +96,50 @@ pub fn local_view(c: &Cloudlet, device_addr: SocketAddr) -> LocalView {
             .map(|i| LocalInstance { id: i.id, name: i.name, endpoint: i.endpoint })
             .collect(),
     }
+}
+
+/// While this node is asked to drain (`forage node drain`), hand each running instance
+/// off (the VM handoff) to the best other node not being drained; the drain ends when
+/// none is left.
+fn drain_when_asked(member: Arc<Member>, cloudlet: Arc<Cloudlet>, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if !member.drain_requested() {
+                continue;
+            }
+            let instances = cloudlet.state.list_instances(true).unwrap_or_default();
+            let mut left = 0;
+            for i in instances {
+                if !cloudlet.movable(&i.id) {
+                    left += 1;
+                    continue;
+                }
+                let to = match member.place_except(&PlacementRequest::default(), member.name()).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(instance = i.id, "drain: no node to move it to: {}", forage_cluster::chain(&e));
+                        left += 1;
+                        continue;
+                    }
+                };
+                tracing::info!(instance = i.id, to = to.node, "drain: moving an instance");
+                let options =
+                    forage_cloudlet::HandoffOptions { reason: forage_api::HandoffReason::Drain, ..Default::default() };
+                match cloudlet.handoff(&i.id, to.device_addr, options).await {
+                    Ok(r) => tracing::info!(instance = i.id, to = to.node, endpoint = r.endpoint, "drain: moved"),
+                    Err(e) => {
+                        tracing::warn!(instance = i.id, to = to.node, "drain: did not move: {e}");
+                        left += 1;
+                    }
+                }
+            }
+            if left == 0 {
+                match member.drain_done().await {
+                    Ok(()) => tracing::info!("drain: no instance left on this node"),
+                    Err(e) => tracing::warn!("drain: done, not recorded: {}", forage_cluster::chain(&e)),
+                }
+            }
+        }
+    });
 }

@@ -221,6 +221,18 @@ impl forage_api::Control for DaemonControl {
         })
     }
 
+    fn drain_node(&self, node: &str) -> Result<(), ActionError> {
+        let Some(member) = &self.cluster else { return Err(ActionError::new(Fault::NotFound, NotInCluster)) };
+        let asked = tokio::runtime::Handle::current().block_on(member.request_drain(node));
+        asked.map_err(|e| {
+            let fault = match &e {
+                forage_cluster::DrainError::NoSuchNode(_) => Fault::NotFound,
+                forage_cluster::DrainError::Etcd { .. } => Fault::Unavailable,
+            };
+            ActionError::new(fault, e)
+        })
+    }
+
     fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
         let (s, a) = self.cloudlet.services.app(id).ok()?;
         let bytes = std::fs::read(s.app_path(&a)).ok()?;

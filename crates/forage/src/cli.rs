@@ -8,7 +8,7 @@ mod cluster;
 mod instances;
 mod substrate;
 mod vm;
-pub use cluster::ClusterCommand;
+pub use cluster::{ClusterCommand, NodeCommand};
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
 pub use substrate::SubstrateCommand;
 pub use vm::VmCommand;
@@ -151,6 +151,9 @@ pub enum Command {
     /// A cloudlet of many hosts coordinated through etcd (`forage serve --cluster URLS`)
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// One node of the cluster
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),

@@ -189,7 +189,11 @@ impl Control for FakeControl {
             instances: vec![],
             read_unix_ms: 1_767_226_000_000,
             refused_objects: 0,
+            draining: vec![],
         })
+    }
+    fn drain_node(&self, _node: &str) -> Result<(), forage_api::ActionError> {
+        Ok(())
     }
     fn place(
         &self,

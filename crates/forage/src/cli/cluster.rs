@@ -31,3 +31,19 @@ pub enum ClusterCommand {
         json: bool,
     },
 }
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Hand every instance of node NODE off to the other nodes of the cluster (the VM
+    /// handoff, one after the other), and wait until it has none
+    Drain {
+        /// The node's name (see `forage cluster status`)
+        node: String,
+        /// This node's HTTP management API (any node of the cluster)
+        #[arg(long, default_value = "127.0.0.1:7879")]
+        api: std::net::SocketAddr,
+        /// Give up waiting after this long (the drain goes on)
+        #[arg(long, default_value_t = 3600, value_name = "S")]
+        wait_s: u64,
+    },
+}

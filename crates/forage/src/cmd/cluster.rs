@@ -2,7 +2,7 @@
 
 use forage_datadir::DataDir;
 
-use crate::cli::ClusterCommand;
+use crate::cli::{ClusterCommand, NodeCommand};
 
 pub async fn run(data: &DataDir, c: ClusterCommand) -> anyhow::Result<()> {
     match c {
@@ -60,4 +60,27 @@ pub async fn run(data: &DataDir, c: ClusterCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+pub async fn node(data: &DataDir, c: NodeCommand) -> anyhow::Result<()> {
+    let NodeCommand::Drain { node, api, wait_s } = c;
+    let api = super::handoff::client(data, api)?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        api.drain_node(&node)?;
+        eprintln!("node {node} is draining: its instances move to the other nodes...");
+        let started = std::time::Instant::now();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let s = api.cluster()?;
+            let running = s.instances.iter().filter(|i| i.spec.node == node).count();
+            if !s.draining.contains(&node) && running == 0 {
+                println!("node {node} drained in {:.1} s", started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            if started.elapsed().as_secs() > wait_s {
+                anyhow::bail!("node {node} still holds {running} instance(s) after {wait_s} s (the drain goes on)");
+            }
+        }
+    })
+    .await?
 }

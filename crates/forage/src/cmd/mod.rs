@@ -74,6 +74,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stop(a) => handoff::stop(&data, a).await,
         Command::Drain(a) => handoff::drain(&data, a).await,
         Command::Cluster(c) => cluster::run(&data, c).await,
+        Command::Node(c) => cluster::node(&data, c).await,
         Command::Signer(c) => pair::signer(&data, c),
     }
 }
