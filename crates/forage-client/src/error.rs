@@ -24,7 +24,7 @@ pub enum ClientError {
         addr: SocketAddr,
         to: SocketAddr,
         #[source]
-        source: forage_trust::TrustError,
+        source: Box<forage_trust::TrustError>,
     },
     #[error("cloudlet {addr} redirected to {to:?}, not an address")]
     BadRedirect { addr: SocketAddr, to: String },

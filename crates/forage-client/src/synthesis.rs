@@ -311,8 +311,11 @@ async fn follow(
     match run(ov, url.clone(), cloudlet, opts).await {
         Err(ClientError::Redirected { addr, to }) if opts.pairings.is_some() => {
             let trust = forage_trust::DeviceTrust::new(opts.pairings.as_deref().expect("checked"));
-            let credentials =
-                trust.credentials_at(to).map_err(|source| ClientError::RedirectUnpaired { addr, to, source })?;
+            let credentials = trust.credentials_at(to).map_err(|e| ClientError::RedirectUnpaired {
+                addr,
+                to,
+                source: Box::new(e),
+            })?;
             tracing::info!(%addr, %to, "redirected to the node of the cluster holding the base");
             let opts = SynthesisOptions { credentials: Some(credentials), pairings: None, ..opts.clone() };
             run(again, url, to, &opts).await

@@ -278,16 +278,17 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
         .unwrap();
     assert!(copied.success());
     forage_at(&dirs[1], &["base", "import", &base_pkg.to_string_lossy()]);
-    // The device is paired with the node it reaches and the node that serves it.
+    let mut nodes: Vec<Kill> = (0..3).map(|i| node(&lan.hosts[i], &dirs[i], &format!("n{i}"), &urls)).collect();
+    let (a, ns_a) = (&dirs[0], &lan.hosts[0]);
+    until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3);
+    // The device is paired with the node it reaches and the node that serves it (once
+    // they run: each node's credentials name it).
     for i in [0, 1] {
         let bundle = work.join(format!("device-n{i}.json"));
         let addr = format!("{}:7878", lan.hosts[i].addr);
         forage_at(&dirs[i], &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "phone", "--addr", &addr]);
         forage_at(&device, &["pair", "import", &bundle.to_string_lossy()]);
     }
-    let mut nodes: Vec<Kill> = (0..3).map(|i| node(&lan.hosts[i], &dirs[i], &format!("n{i}"), &urls)).collect();
-    let (a, ns_a) = (&dirs[0], &lan.hosts[0]);
-    until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3);
 
     // 6. The device reaches n0; n1 serves it.
     let addr_a = format!("{}:7878", lan.hosts[0].addr);
