@@ -252,7 +252,7 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     let _ = forage_synth::BaseVm::remove(&data, "cltest");
     forage_at(&builder, &["base", "create", "cltest", "--image", "tiny", "--settle-s", "3"]);
     let work = data.root().join("cluster-test");
-    let _reaper = Reaper::new(&[work.clone()]);
+    let _reaper = Reaper::new(std::slice::from_ref(&work));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let ovl = work.join("cl.ovl");
