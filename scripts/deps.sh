@@ -149,6 +149,33 @@ command -v grub-mkimage >/dev/null || need+=(grub-common)
 need=($(printf '%s\n' "${need[@]}" | sort -u))
 apt_install "${need[@]}"
 
+# --- etcd ------------------------------------------------------------------------------
+# A cloudlet of many hosts (docs/cluster.md) keeps membership and placement in etcd,
+# Debian's etcd-server 3.4. The tests start their own members in network namespaces:
+# the package's system service must not run or be enabled. A policy-rc.d that refuses
+# every start keeps the postinst from starting it (removed again after), and the unit is
+# disabled (symlinks only: works without a running systemd).
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ -z "${FORAGE_DEPS_DRY_RUN:-}" ] && [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  rc=0
+  (apt_install etcd-server etcd-client) || rc=$?
+  [ $own_policy = 0 ] || rm -f "$policy"
+  [ $rc = 0 ] || exit $rc
+  if [ -z "${FORAGE_DEPS_DRY_RUN:-}" ]; then
+    if command -v systemctl >/dev/null; then
+      systemctl disable etcd.service >/dev/null 2>&1 || true
+      systemctl stop etcd.service >/dev/null 2>&1 || true
+    fi
+    command -v etcd >/dev/null || fail "etcd still missing after installing etcd-server: check 'apt-cache policy etcd-server'"
+  fi
+fi
+
 # `forage image build` resolves the guest kernel package with apt-cache: make sure apt
 # has package lists (a fresh container may have none).
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then

@@ -68,6 +68,27 @@ impl ApiClient {
         )
     }
 
+    /// `GET /v1/cluster`.
+    pub fn cluster(&self) -> Result<forage_cluster::ClusterStatus, ClientError> {
+        self.answer(ureq::get(&format!("{}/v1/cluster", self.base)).set("Authorization", &self.auth).call())
+    }
+
+    /// `POST /v1/cluster/nodes/{node}/drain`.
+    pub fn drain_node(&self, node: &str) -> Result<forage_cluster::ClusterStatus, ClientError> {
+        self.answer(
+            ureq::post(&format!("{}/v1/cluster/nodes/{node}/drain", self.base)).set("Authorization", &self.auth).call(),
+        )
+    }
+
+    /// `POST /v1/cluster/placements`.
+    pub fn place(&self, request: &forage_cluster::PlacementRequest) -> Result<forage_cluster::Placement, ClientError> {
+        self.answer(
+            ureq::post(&format!("{}/v1/cluster/placements", self.base))
+                .set("Authorization", &self.auth)
+                .send_json(request),
+        )
+    }
+
     /// The id of the running instance whose service relay is `endpoint`.
     pub fn instance_at(&self, endpoint: &str) -> Result<String, ClientError> {
         self.instances(false)?

@@ -55,6 +55,14 @@ pub trait Control: Send + Sync + 'static {
     fn substrates(&self) -> Result<SubstrateList, ActionError>;
     /// One substrate, described from its manifest.
     fn substrate(&self, name: &str) -> Result<SubstrateInfo, ActionError>;
+    /// The cluster as this node last read it; `None` when not in a cluster.
+    fn cluster(&self) -> Option<forage_cluster::ClusterStatus>;
+    /// The best live node of the cluster for a device's request (read from etcd now):
+    /// NotFound when not in a cluster, Unavailable without etcd quorum, Conflict when no
+    /// node can serve it.
+    fn place(&self, request: &forage_cluster::PlacementRequest) -> Result<forage_cluster::Placement, ActionError>;
+    /// Asks live node `node` of the cluster to hand all its instances off to the others.
+    fn drain_node(&self, node: &str) -> Result<(), ActionError>;
 }
 
 /// What every route can reach.

@@ -18,6 +18,8 @@ pub enum Fault {
     BadRequest,
     /// The daemon failed (500).
     Internal,
+    /// Something the daemon needs is out of reach now (etcd without quorum); try later (503).
+    Unavailable,
 }
 
 /// An error of an action of the daemon ([`crate::Control`]), typed by the daemon: its
@@ -52,6 +54,7 @@ impl ActionError {
             Fault::Conflict => StatusCode::CONFLICT,
             Fault::BadRequest => StatusCode::BAD_REQUEST,
             Fault::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Fault::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -92,6 +95,9 @@ pub enum ApiError {
         #[source]
         source: ActionError,
     },
+    /// The cloudlet was not started with `--cluster` (404).
+    #[error("this cloudlet is not in a cluster (forage serve --cluster URLS)")]
+    NotInCluster,
     /// A control call panicked (500).
     #[error("the daemon's control call did not finish")]
     Task(#[from] tokio::task::JoinError),
@@ -111,7 +117,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound { .. } | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound { .. } | ApiError::NoRoute(_) | ApiError::NotInCluster => StatusCode::NOT_FOUND,
             ApiError::State(StateError::NotFound { .. }) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

@@ -17,6 +17,9 @@
 //! GET    /v1/cloudlets        cloudlets seen on the network (mDNS)
 //! GET    /v1/substrates       the substrate pool: budget, memory and spilled bytes
 //! GET    /v1/substrates/{name}  one substrate from its manifest    (Control::substrate)
+//! GET    /v1/cluster          the cluster's nodes and instances (forage serve --cluster)
+//! POST   /v1/cluster/placements  the best node for a device's request (Control::place)
+//! POST   /v1/cluster/nodes/{node}/drain  hand a node's instances off to the others
 //! GET|POST /v1/signin, POST /v1/signout   the web UI's session cookie and CSRF token
 //! GET    /v1/events           the live feed (server-sent events)
 //! GET    /, /ui/*             the web UI (built in)
@@ -46,6 +49,7 @@ mod metrics;
 mod openapi;
 pub mod qr;
 mod routes;
+mod routes_cluster;
 mod routes_live;
 mod substrates;
 pub mod token;
@@ -103,6 +107,9 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/cloudlets", get(routes_live::cloudlets))
         .route("/v1/substrates", get(substrates::substrates))
         .route("/v1/substrates/{name}", get(substrates::substrate))
+        .route("/v1/cluster", get(routes_cluster::cluster))
+        .route("/v1/cluster/placements", post(routes_cluster::place))
+        .route("/v1/cluster/nodes/{node}/drain", post(routes_cluster::drain))
         .route("/v1/signin", get(routes_live::signin_state).post(routes_live::signin))
         .route("/v1/signout", post(routes_live::signout))
         .route("/v1/events", get(feed::events))

@@ -15,6 +15,9 @@
 //! forage_substrates{tier="memory|disk"}                  gauge   (substrates in the pool)
 //! forage_substrate_bytes{tier="memory|disk"}             gauge   (their files' bytes)
 //! forage_substrate_budget_bytes                          gauge   (the pool's memory budget)
+//! forage_cluster_nodes                                   gauge (with --cluster: live nodes)
+//! forage_cluster_quorum                                  gauge (1: the last heartbeat reached etcd)
+//! forage_cluster_instances{phase="Running|Lost"}         gauge
 //! ```
 //! The substrate pool is read from its folders on each scrape as well.
 
@@ -33,12 +36,13 @@ use prometheus_client::registry::Registry;
 /// The content type of the metrics text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The metrics text for `totals`, the substrate pool (left out if it could not be read)
-/// and the daemon's uptime.
+/// The metrics text for `totals`, the substrate pool (left out if it could not be read),
+/// the daemon's uptime and, with `--cluster`, the cluster.
 pub fn encode(
     totals: &Totals,
     substrates: Option<&SubstrateList>,
     uptime: Duration,
+    cluster: Option<&forage_cluster::ClusterStatus>,
 ) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("forage");
 
@@ -77,6 +81,19 @@ pub fn encode(
     up.set(uptime.as_secs_f64());
     registry.register("uptime_seconds", "Seconds since the daemon started", up);
 
+    if let Some(c) = cluster {
+        registry.register("cluster_nodes", "Live nodes of the cluster", gauge(c.nodes.len() as u64));
+        registry.register("cluster_quorum", "1 when the last heartbeat reached etcd", gauge(u64::from(c.quorum)));
+        let phases = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        for (phase, name) in
+            [(forage_cluster::InstancePhase::Running, "Running"), (forage_cluster::InstancePhase::Lost, "Lost")]
+        {
+            let n = c.instances.iter().filter(|i| i.status.phase == phase).count();
+            phases.get_or_create(&vec![("phase", name)]).set(n as i64);
+        }
+        registry.register("cluster_instances", "Instances of the cluster's nodes by phase", phases);
+    }
+
     let mut out = String::new();
     text::encode(&mut out, &registry)?;
     Ok(out)
@@ -110,7 +127,7 @@ mod tests {
             .map(|(n, b, tier)| crate::SubstrateView { name: n.into(), bytes: b, tier, last_used_unix_ms: 0 })
             .collect(),
         };
-        let text = encode(&totals, Some(&pool), Duration::from_millis(12_500)).unwrap();
+        let text = encode(&totals, Some(&pool), Duration::from_millis(12_500), None).unwrap();
         for line in [
             "forage_sessions_total{status=\"running\"} 1",
             "forage_sessions_total{status=\"done\"} 7",
@@ -130,7 +147,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
-        let without = encode(&totals, None, Duration::ZERO).unwrap();
+        let without = encode(&totals, None, Duration::ZERO, None).unwrap();
         assert!(!without.contains("substrate"), "an unreadable pool is left out:\n{without}");
     }
 }

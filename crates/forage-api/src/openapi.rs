@@ -14,7 +14,7 @@ use crate::routes;
         version = "1.0.0",
         description = "Management API of a forage cloudlet: status, base VMs, synthesis \
                        sessions, launch VMs, handoffs, launch cache, service VMs, app store, pairing, \
-                       cloudlets on the network, substrates, the web UI's sign-in and live feed, metrics."
+                       cloudlets on the network, substrates, the cluster and placement, the web UI's sign-in and live feed, metrics."
     ),
     paths(
         routes::status,
@@ -36,6 +36,9 @@ use crate::routes;
         crate::routes_live::credentials,
         crate::routes_live::revoke,
         crate::routes_live::cloudlets,
+        crate::routes_cluster::cluster,
+        crate::routes_cluster::place,
+        crate::routes_cluster::drain,
         crate::routes_live::signin_state,
         crate::routes_live::signin,
         crate::routes_live::signout,
@@ -46,6 +49,7 @@ use crate::routes;
     components(schemas(crate::views_live::FeedEvent)),
     tags(
         (name = "cloudlet", description = "The cloudlet itself"),
+        (name = "cluster", description = "A cloudlet of many hosts coordinated through etcd"),
         (name = "sessions", description = "Synthesis sessions"),
         (name = "instances", description = "Launch VMs"),
         (name = "cache", description = "The launch cache"),

@@ -301,7 +301,8 @@ pub async fn metrics(Ctx(ctx): Ctx<ApiContext>) -> Result<impl IntoResponse, Api
             None
         }
     };
-    let text = metrics::encode(&totals, substrates.as_ref(), ctx.started.elapsed())?;
+    let cluster = ctx.control.cluster();
+    let text = metrics::encode(&totals, substrates.as_ref(), ctx.started.elapsed(), cluster.as_ref())?;
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 

@@ -73,7 +73,8 @@ fn concrete(template: &str) -> String {
             .replace("{id}", "vm-1")
             .replace("{digest}", "d1")
             .replace("{who}", "phone")
-            .replace("{name}", "web"),
+            .replace("{name}", "web")
+            .replace("{node}", "n1"),
     }
 }
 
@@ -141,6 +142,7 @@ async fn every_documented_operation_answers_as_documented() {
             "GET /v1/bases",
             "GET /v1/cache",
             "GET /v1/cloudlets",
+            "GET /v1/cluster",
             "GET /v1/events",
             "GET /v1/handoffs",
             "GET /v1/host",
@@ -152,6 +154,8 @@ async fn every_documented_operation_answers_as_documented() {
             "GET /v1/status",
             "GET /v1/substrates",
             "GET /v1/substrates/{name}",
+            "POST /v1/cluster/nodes/{node}/drain",
+            "POST /v1/cluster/placements",
             "POST /v1/instances/{id}/handoff",
             "POST /v1/pairing/codes",
             "POST /v1/signin",

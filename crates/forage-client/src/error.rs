@@ -17,6 +17,17 @@ pub enum ClientError {
     },
     #[error("cloudlet {addr} refused: {code:?}: {message}")]
     Refused { addr: SocketAddr, code: forage_proto::ErrorCode, message: String },
+    #[error("cloudlet {addr} holds none of the overlay's bases; node {to} of its cluster does")]
+    Redirected { addr: SocketAddr, to: SocketAddr },
+    #[error("cloudlet {addr} redirected to {to}, a node this device is not paired with")]
+    RedirectUnpaired {
+        addr: SocketAddr,
+        to: SocketAddr,
+        #[source]
+        source: Box<forage_trust::TrustError>,
+    },
+    #[error("cloudlet {addr} redirected to {to:?}, not an address")]
+    BadRedirect { addr: SocketAddr, to: String },
     #[error("cloudlet {addr} holds none of the overlay's bases (missing {missing:?})")]
     NoBase { addr: SocketAddr, missing: Vec<String> },
     #[error("cloudlet {addr} sent {got} where {expected} was due")]

@@ -36,6 +36,10 @@ pub struct SynthesisOptions {
     /// This device's credentials for the cloudlet (`forage-trust`: TLS 1.3 with its
     /// certificate); required.
     pub credentials: Option<Arc<rustls::ClientConfig>>,
+    /// This device's pairings (`DATA/trust/peers`): a redirect to another node of the
+    /// cloudlet's cluster is followed once, with the pairing recorded for that node's
+    /// address. Without it a redirect is an error.
+    pub pairings: Option<std::path::PathBuf>,
 }
 
 /// What the VM used of the overlay before the first response (early start).
@@ -239,6 +243,7 @@ impl Session {
 }
 
 /// The overlay's header and manifest, read from its file.
+#[derive(Clone)]
 pub struct OverlayFile {
     pub path: PathBuf,
     pub prefix: Vec<u8>,
@@ -292,7 +297,31 @@ pub async fn synthesize(
     opts: &SynthesisOptions,
 ) -> Result<(SynthesisReport, Session), ClientError> {
     let ov = OverlayFile::open(overlay).await?;
-    run(ov, None, cloudlet, opts).await
+    follow(ov, None, cloudlet, opts).await
+}
+
+/// [`run`], following one redirect to another node of the cloudlet's cluster.
+async fn follow(
+    ov: OverlayFile,
+    url: Option<String>,
+    cloudlet: SocketAddr,
+    opts: &SynthesisOptions,
+) -> Result<(SynthesisReport, Session), ClientError> {
+    let again = ov.clone();
+    match run(ov, url.clone(), cloudlet, opts).await {
+        Err(ClientError::Redirected { addr, to }) if opts.pairings.is_some() => {
+            let trust = forage_trust::DeviceTrust::new(opts.pairings.as_deref().expect("checked"));
+            let credentials = trust.credentials_at(to).map_err(|e| ClientError::RedirectUnpaired {
+                addr,
+                to,
+                source: Box::new(e),
+            })?;
+            tracing::info!(%addr, %to, "redirected to the node of the cluster holding the base");
+            let opts = SynthesisOptions { credentials: Some(credentials), pairings: None, ..opts.clone() };
+            run(again, url, to, &opts).await
+        }
+        other => other,
+    }
 }
 
 /// Synthesize the overlay at `url`: the cloudlet fetches it itself (range requests), the
@@ -334,7 +363,7 @@ pub async fn synthesize_url(
         bytes,
         signature,
     };
-    run(ov, Some(url.to_string()), cloudlet, opts).await
+    follow(ov, Some(url.to_string()), cloudlet, opts).await
 }
 
 async fn run(
@@ -369,6 +398,12 @@ async fn run(
     write(&mut stream, &hello).await.map_err(proto)?;
     let (name, cached) = match read(&mut stream).await.map_err(proto)? {
         Message::Welcome { chosen: Some(_), cloudlet: name, cached, .. } => (name, cached),
+        Message::Welcome { chosen: None, redirect: Some(to), .. } => {
+            let to = to
+                .parse()
+                .map_err(|_| ClientError::BadRedirect { addr: cloudlet, to: to.chars().take(80).collect() })?;
+            return Err(ClientError::Redirected { addr: cloudlet, to });
+        }
         Message::Welcome { chosen: None, missing, .. } => return Err(ClientError::NoBase { addr: cloudlet, missing }),
         Message::Error { code, message } => return Err(ClientError::Refused { addr: cloudlet, code, message }),
         other => return Err(ClientError::Sequence { addr: cloudlet, expected: "Welcome", got: other.name() }),

@@ -59,7 +59,18 @@ pub struct Cloudlet {
     pub handoffs: Arc<crate::handoff::HandoffBoard>,
     /// The CPU models this host's QEMU gives under `accel` (asked at the first offer).
     pub(crate) host_cpu: std::sync::OnceLock<Result<HostCpu, Arc<CpuProbeError>>>,
+    /// In a cluster (`forage serve --cluster`): where a device offering a base this node
+    /// lacks is redirected (`docs/cluster.md`).
+    pub placer: std::sync::OnceLock<Placer>,
 }
+
+/// Given an offer's base digest and overlay digest, the device address of another node of
+/// this cloudlet's cluster that should serve it; `None` to answer as a lone cloudlet.
+pub type Placer = Arc<
+    dyn Fn(String, String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<std::net::SocketAddr>> + Send>>
+        + Send
+        + Sync,
+>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudletError {
@@ -104,6 +115,7 @@ impl Cloudlet {
             fetch_policy: Default::default(),
             pairing_guard: Default::default(),
             handoffs: Default::default(),
+            placer: Default::default(),
             host_cpu: Default::default(),
         })
     }

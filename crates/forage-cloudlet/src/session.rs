@@ -98,12 +98,21 @@ async fn run(
         crate::cpu::check_base(cloudlet, base)?;
     }
     let cached = chosen.and_then(|(o, _)| cloudlet.cache.lookup(&o.overlay_digest));
+    // In a cluster, an offer no base here serves goes to the node holding its base.
+    let redirect = match (chosen, offers.first(), cloudlet.placer.get()) {
+        (None, Some(o), Some(place)) => place(o.base_digest.clone(), o.overlay_digest.clone()).await,
+        _ => None,
+    };
+    if let Some(to) = redirect {
+        tracing::info!(%device, %to, "cluster: the device's base is held by another node: redirected");
+    }
     let welcome = DeviceMessage::Welcome {
         version,
         cloudlet: cloudlet.name.clone(),
         chosen: chosen.map(|(_, b)| b.digest().to_string()),
         missing,
         cached: cached.is_some(),
+        redirect: redirect.map(|a| a.to_string()),
     };
     write(stream, &welcome).await?;
     if offers.is_empty() {

@@ -74,6 +74,15 @@ pub struct DaemonConfig {
     /// Load policy: how often the host's pressure is read
     #[arg(long, default_value_t = 10, value_name = "S")]
     pub move_check_s: u64,
+    /// Join a cloudlet of many hosts: etcd client URLs (http://HOST:PORT, comma-separated)
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub cluster: Vec<String>,
+    /// The cluster's name (its keys' prefix in etcd)
+    #[arg(long, default_value = "forage")]
+    pub cluster_name: String,
+    /// Seconds the node stays listed after it stops renewing its lease
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    pub cluster_lease_s: u64,
 }
 
 impl Default for DaemonConfig {
@@ -97,6 +106,9 @@ impl Default for DaemonConfig {
             move_when_memory_above: None,
             move_when_load_above: None,
             move_check_s: 10,
+            cluster: Vec::new(),
+            cluster_name: "forage".into(),
+            cluster_lease_s: 10,
         }
     }
 }
@@ -155,6 +167,15 @@ impl DaemonConfig {
             load_above: self.move_when_load_above,
             check_every: std::time::Duration::from_secs(self.move_check_s.max(1)),
         }
+    }
+
+    /// How to join the cluster, if `--cluster` was given.
+    pub fn cluster(&self) -> Option<forage_cluster::ClusterConfig> {
+        (!self.cluster.is_empty()).then(|| forage_cluster::ClusterConfig {
+            endpoints: self.cluster.clone(),
+            cluster: self.cluster_name.clone(),
+            lease_ttl_s: self.cluster_lease_s.max(2),
+        })
     }
 
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {

@@ -18,6 +18,8 @@ pub(crate) struct DaemonControl {
     pub listen: SocketAddr,
     /// Cloudlets announcing themselves on the network; none without mDNS.
     pub watcher: Option<forage_discovery::Watcher>,
+    /// This node's membership, with `--cluster`.
+    pub cluster: Option<Arc<forage_cluster::Member>>,
 }
 
 fn ms(unix_s: u64) -> i64 {
@@ -211,12 +213,45 @@ impl forage_api::Control for DaemonControl {
         CloudletList { browsing: true, cloudlets }
     }
 
+    fn cluster(&self) -> Option<forage_cluster::ClusterStatus> {
+        self.cluster.as_ref().map(|m| m.status())
+    }
+
+    fn place(&self, request: &forage_cluster::PlacementRequest) -> Result<forage_cluster::Placement, ActionError> {
+        let Some(member) = &self.cluster else { return Err(ActionError::new(Fault::NotFound, NotInCluster)) };
+        let placed = tokio::runtime::Handle::current().block_on(member.place(request));
+        placed.map_err(|e| {
+            let fault = match &e {
+                forage_cluster::PlacementError::NoQuorum(_) => Fault::Unavailable,
+                forage_cluster::PlacementError::Unplaceable(_) => Fault::Conflict,
+            };
+            ActionError::new(fault, e)
+        })
+    }
+
+    fn drain_node(&self, node: &str) -> Result<(), ActionError> {
+        let Some(member) = &self.cluster else { return Err(ActionError::new(Fault::NotFound, NotInCluster)) };
+        let asked = tokio::runtime::Handle::current().block_on(member.request_drain(node));
+        asked.map_err(|e| {
+            let fault = match &e {
+                forage_cluster::DrainError::NoSuchNode(_) => Fault::NotFound,
+                forage_cluster::DrainError::Etcd { .. } => Fault::Unavailable,
+            };
+            ActionError::new(fault, e)
+        })
+    }
+
     fn app_file(&self, id: &str) -> Option<(forage_api::AppInfo, Vec<u8>)> {
         let (s, a) = self.cloudlet.services.app(id).ok()?;
         let bytes = std::fs::read(s.app_path(&a)).ok()?;
         Some((s.app_info(&a), bytes))
     }
 }
+
+/// A placement asked of a daemon started without `--cluster`.
+#[derive(Debug, thiserror::Error)]
+#[error("this cloudlet is not in a cluster (forage serve --cluster URLS)")]
+pub struct NotInCluster;
 
 /// A QR code that could not be made of a pairing URI.
 #[derive(Debug, thiserror::Error)]

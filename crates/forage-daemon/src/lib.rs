@@ -10,6 +10,7 @@
 //! (`KillMode=process`): see `forage_cloudlet` for what is re-adopted at the next start.
 
 mod balance;
+mod cluster;
 mod config;
 mod control;
 mod substrates;
@@ -39,6 +40,8 @@ pub enum DaemonError {
     },
     #[error("the API token")]
     Token(#[from] forage_api::token::TokenError),
+    #[error("joining the cluster")]
+    Cluster(#[from] forage_cluster::JoinError),
 }
 
 /// A running daemon: what `forage serve` prints about, then waits on.
@@ -50,6 +53,8 @@ pub struct Daemon {
     pub api: Option<(SocketAddr, PathBuf)>,
     /// Why the cloudlet is not announced on the local network, if announcing failed.
     pub not_announced: Option<String>,
+    /// This node's membership, with `--cluster`.
+    pub cluster: Option<Arc<forage_cluster::Member>>,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -81,9 +86,13 @@ impl Daemon {
                 .inspect_err(|e| tracing::warn!("not watching the network for cloudlets: {e}"))
                 .ok(),
         };
+        let member = match config.cluster() {
+            Some(c) => Some(cluster::join(c, &cloudlet, service_addr, listen).await?),
+            None => None,
+        };
         let api = match config.no_api {
             true => None,
-            false => Some(start_api(data, config.api, &cloudlet, accel, listen, watcher).await?),
+            false => Some(start_api(data, config.api, &cloudlet, accel, listen, watcher, member.clone()).await?),
         };
         let not_announced = match config.no_advertise {
             true => None,
@@ -92,7 +101,7 @@ impl Daemon {
         let serving = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
         balance::start(cloudlet.clone(), config.load_policy());
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        Ok(Self { cloudlet, listen, api, not_announced, serving })
+        Ok(Self { cloudlet, listen, api, not_announced, cluster: member, serving })
     }
 
     /// Serve until `shutdown` resolves (or accepting fails for good).
@@ -102,6 +111,12 @@ impl Daemon {
             _ = shutdown => Ok(()),
         };
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        // A clean stop leaves the cluster at once rather than when the lease expires.
+        if let Some(m) = &self.cluster {
+            if let Err(e) = m.leave().await {
+                tracing::warn!("leaving the cluster: {}", forage_cluster::chain(&e));
+            }
+        }
         result
     }
 }
@@ -113,10 +128,11 @@ async fn start_api(
     accel: forage_vm::Accel,
     listen: SocketAddr,
     watcher: Option<forage_discovery::Watcher>,
+    cluster: Option<Arc<forage_cluster::Member>>,
 ) -> Result<(SocketAddr, PathBuf), DaemonError> {
     let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen { addr, source })?;
     let bound = l.local_addr().unwrap_or(addr);
-    let control = Arc::new(control::DaemonControl { cloudlet: cloudlet.clone(), listen, watcher });
+    let control = Arc::new(control::DaemonControl { cloudlet: cloudlet.clone(), listen, watcher, cluster });
     let token_path = api_token_path(data);
     let token = forage_api::token::open_or_create(&token_path)?;
     let open_reads = addr.ip().is_loopback();

@@ -6,7 +6,8 @@
 //!     participant D as device
 //!     participant C as cloudlet
 //!     D->>C: Hello {versions 2..=2, device, offers: [base digest, sizes]...}
-//!     C->>D: Welcome {version, chosen base, cached} | Welcome {no base, missing digests}
+//!     C->>D: Welcome {version, chosen base, cached} | Welcome {no base, missing digests[, redirect]}
+//!     Note over D,C: redirect: another node of the cloudlet's cluster holds the base; connect there
 //!     Note over D,C: cached: the launch VM is in the cloudlet's cache, skip to Ready
 //!     D->>C: Manifest {overlay header + manifest bytes} | OverlayUrl {url}
 //!     Note over C: checks it; with early start, resumes the VM now
@@ -144,6 +145,10 @@ pub enum DeviceMessage {
         /// segments, wait for Ready.
         #[serde(default)]
         cached: bool,
+        /// With no base chosen: the node of this cloudlet's cluster that holds the
+        /// offered base (`HOST:PORT`); the device connects there instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        redirect: Option<String>,
     },
     Manifest {
         #[serde(with = "serde_bytes")]

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 mod base_disk;
+mod cluster;
 mod instances;
 mod substrate;
 mod vm;
 pub use base_disk::{DiskBaseArgs, DiskFormatArg};
+pub use cluster::{ClusterCommand, NodeCommand};
 pub use instances::{DrainArgs, HandoffArgs, InstancesArgs, StopArgs};
 pub use substrate::SubstrateCommand;
 pub use vm::VmCommand;
@@ -148,6 +150,12 @@ pub enum Command {
     /// Move every running instance of this cloudlet to another one (e.g. before
     /// maintenance), one after the other; each device is told where its instance went
     Drain(DrainArgs),
+    /// A cloudlet of many hosts coordinated through etcd (`forage serve --cluster URLS`)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// One node of the cluster
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Overlay signers: this host's signing key, and the keys a cloudlet accepts
     #[command(subcommand)]
     Signer(SignerCommand),

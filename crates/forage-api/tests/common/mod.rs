@@ -206,6 +206,38 @@ impl Control for FakeControl {
             }],
         })
     }
+    fn cluster(&self) -> Option<forage_cluster::ClusterStatus> {
+        Some(forage_cluster::ClusterStatus {
+            cluster: "c".into(),
+            node: "n1".into(),
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            lease_ttl_s: 10,
+            quorum: true,
+            error: None,
+            nodes: vec![],
+            instances: vec![],
+            read_unix_ms: 1_767_226_000_000,
+            refused_objects: 0,
+            draining: vec![],
+        })
+    }
+    fn drain_node(&self, _node: &str) -> Result<(), forage_api::ActionError> {
+        Ok(())
+    }
+    fn place(
+        &self,
+        _request: &forage_cluster::PlacementRequest,
+    ) -> Result<forage_cluster::Placement, forage_api::ActionError> {
+        Ok(forage_cluster::Placement {
+            node: "n2".into(),
+            device_addr: "10.0.0.2:7878".parse().unwrap(),
+            score: 11.0,
+            utility: "holds-then-least-loaded".into(),
+            considered: 2,
+            able: 1,
+            place_ms: 1.5,
+        })
+    }
 }
 
 pub struct Fixture {

@@ -15,7 +15,7 @@ pub async fn run(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || run_blocking(&data, a)).await?
 }
 
-fn client(data: &DataDir, api: std::net::SocketAddr) -> anyhow::Result<ApiClient> {
+pub(super) fn client(data: &DataDir, api: std::net::SocketAddr) -> anyhow::Result<ApiClient> {
     let token = forage_api::token::read(&forage_daemon::api_token_path(data))?;
     Ok(ApiClient::new(api, &token))
 }

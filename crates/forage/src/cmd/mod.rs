@@ -2,6 +2,7 @@
 
 mod base;
 mod base_disk;
+mod cluster;
 mod handoff;
 mod image;
 mod overlay;
@@ -40,6 +41,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 early_start: !no_early_start,
                 store_and_forward: no_pipelining,
                 credentials,
+                pairings: Some(data.trust_peers()),
                 ..Default::default()
             };
             synthesis::synthesize(&file, cloudlet, hold, opts, request.as_deref(), residue.as_deref(), json).await
@@ -72,6 +74,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Instances(a) => handoff::instances(&data, a).await,
         Command::Stop(a) => handoff::stop(&data, a).await,
         Command::Drain(a) => handoff::drain(&data, a).await,
+        Command::Cluster(c) => cluster::run(&data, c).await,
+        Command::Node(c) => cluster::node(&data, c).await,
         Command::Signer(c) => pair::signer(&data, c),
     }
 }

@@ -44,6 +44,16 @@ pub async fn serve(
             token_path.display()
         );
     }
+    if let Some(m) = &daemon.cluster {
+        let s = m.status();
+        eprintln!(
+            "joined cluster {} as node {}: {} nodes live (etcd {})",
+            s.cluster,
+            s.node,
+            s.nodes.len(),
+            s.endpoints.join(",")
+        );
+    }
     if let Some(why) = &daemon.not_announced {
         eprintln!("not announced on the local network: {why}");
     }

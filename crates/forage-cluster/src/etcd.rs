@@ -1,0 +1,325 @@
+//! A small client of etcd's v3 JSON gateway (`/v3/kv/range`, `/v3/kv/put`, `/v3/kv/txn`,
+//! `/v3/lease/grant`, `/v3/lease/keepalive`, `/v3/lease/revoke`; keys and values base64,
+//! 64-bit numbers as JSON strings), over the hyper client the workspace already builds.
+//!
+//! Every call goes to the endpoint that answered last and, when it cannot be reached,
+//! times out or answers 5xx, to the next: losing one member of three changes nothing.
+//! When no endpoint answers within [`Etcd::timeout`] each, the call fails with
+//! [`EtcdError::Unavailable`]: that is how a lost quorum shows (a member without quorum
+//! cannot serve a linearizable read or a write).
+//!
+//! Answers are untrusted bytes: a body over [`MAX_ANSWER_BYTES`] is refused unread, and
+//! at most [`MAX_KEYS`] keys are asked for in one range.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The largest answer read from etcd.
+pub const MAX_ANSWER_BYTES: usize = 8 << 20;
+/// The most keys one range asks for.
+pub const MAX_KEYS: u64 = 10_000;
+
+/// Why one attempt at one endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("{endpoint}: not reachable")]
+    Transport {
+        endpoint: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("{endpoint}: no answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("{endpoint}: answer unreadable or over {MAX_ANSWER_BYTES} bytes")]
+    Body { endpoint: String },
+    #[error("{endpoint}: answered {status}: {message}")]
+    Status { endpoint: String, status: u16, message: String },
+    #[error("{endpoint}: answer not the expected JSON")]
+    Json {
+        endpoint: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl AttemptError {
+    /// Whether another endpoint may do better (transport, time, the server's fault).
+    fn try_next(&self) -> bool {
+        match self {
+            AttemptError::Status { status, .. } => *status >= 500,
+            AttemptError::Json { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+/// Why a call to etcd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd unavailable (no quorum or no member reachable among {endpoints})")]
+    Unavailable {
+        endpoints: String,
+        #[source]
+        last: AttemptError,
+    },
+    #[error("etcd refused the request")]
+    Refused(#[source] AttemptError),
+    #[error("etcd answered a value that is not base64")]
+    Base64(#[source] base64::DecodeError),
+    #[error("lease {0} is gone (expired or revoked)")]
+    LeaseGone(i64),
+}
+
+/// One key and its value as etcd holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+/// An etcd cluster at some client URLs (`http://HOST:PORT`).
+pub struct Etcd {
+    endpoints: Vec<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// Per endpoint and call.
+    pub timeout: Duration,
+    preferred: AtomicUsize,
+}
+
+#[derive(Deserialize)]
+struct Num(#[serde(deserialize_with = "int64")] i64);
+
+/// etcd's gateway writes int64 as a JSON string (and omits zeros).
+fn int64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    match Value::deserialize(d)? {
+        Value::String(s) => s.parse().map_err(serde::de::Error::custom),
+        Value::Number(n) => n.as_i64().ok_or_else(|| serde::de::Error::custom("not an int64")),
+        _ => Err(serde::de::Error::custom("not an int64")),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct RawKv {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default)]
+    mod_revision: Option<Num>,
+    #[serde(default)]
+    lease: Option<Num>,
+}
+
+#[derive(Deserialize)]
+struct RangeAnswer {
+    #[serde(default)]
+    kvs: Vec<RawKv>,
+}
+
+#[derive(Deserialize)]
+struct LeaseAnswer {
+    #[serde(rename = "ID", default)]
+    id: Option<Num>,
+    #[serde(rename = "TTL", default)]
+    ttl: Option<Num>,
+}
+
+#[derive(Deserialize)]
+struct KeepAliveAnswer {
+    #[serde(default)]
+    result: Option<LeaseAnswer>,
+}
+
+#[derive(Deserialize)]
+struct TxnAnswer {
+    #[serde(default)]
+    succeeded: bool,
+}
+
+#[derive(Deserialize)]
+struct Ignored {}
+
+fn b64(s: &[u8]) -> String {
+    B64.encode(s)
+}
+
+/// The end of the range of keys that start with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Etcd {
+    /// A client of the members at `endpoints` (none contacted yet).
+    pub fn new(endpoints: Vec<String>) -> Self {
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        Self { endpoints, client, timeout: Duration::from_secs(2), preferred: AtomicUsize::new(0) }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    async fn attempt<T: DeserializeOwned>(&self, endpoint: &str, path: &str, body: &Value) -> Result<T, AttemptError> {
+        let endpoint_owned = || endpoint.to_string();
+        let request = hyper::Request::post(format!("{endpoint}{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("a well-formed request");
+        let exchange = async {
+            let answer = self
+                .client
+                .request(request)
+                .await
+                .map_err(|source| AttemptError::Transport { endpoint: endpoint_owned(), source })?;
+            let status = answer.status().as_u16();
+            let bytes = Limited::new(answer.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|_| AttemptError::Body { endpoint: endpoint_owned() })?
+                .to_bytes();
+            Ok::<_, AttemptError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| AttemptError::Timeout { endpoint: endpoint_owned(), timeout: self.timeout })??;
+        if status != 200 {
+            #[derive(Deserialize)]
+            struct Failure {
+                #[serde(default)]
+                error: String,
+                #[serde(default)]
+                message: String,
+            }
+            let message = serde_json::from_slice::<Failure>(&bytes)
+                .map(|f| if f.message.is_empty() { f.error } else { f.message })
+                .unwrap_or_else(|_| "no error body".into());
+            let message: String = message.chars().take(300).collect();
+            return Err(AttemptError::Status { endpoint: endpoint_owned(), status, message });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| AttemptError::Json { endpoint: endpoint_owned(), source })
+    }
+
+    /// `path` with `body` at the preferred endpoint, then the others.
+    async fn call<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T, EtcdError> {
+        let n = self.endpoints.len().max(1);
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in 0..self.endpoints.len() {
+            let at = (first + i) % n;
+            match self.attempt(&self.endpoints[at], path, &body).await {
+                Ok(v) => {
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if e.try_next() => last = Some(e),
+                Err(e) => return Err(EtcdError::Refused(e)),
+            }
+        }
+        let last = last.unwrap_or(AttemptError::Timeout { endpoint: "(no endpoint)".into(), timeout: self.timeout });
+        Err(EtcdError::Unavailable { endpoints: self.endpoints.join(","), last })
+    }
+
+    /// Every key starting with `prefix` (at most [`MAX_KEYS`]), read linearizably.
+    pub async fn range_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, EtcdError> {
+        let body = json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)), "limit": MAX_KEYS});
+        let answer: RangeAnswer = self.call("/v3/kv/range", body).await?;
+        answer
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                let key = B64.decode(kv.key).map_err(EtcdError::Base64)?;
+                Ok(KeyValue {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    value: B64.decode(kv.value).map_err(EtcdError::Base64)?,
+                    mod_revision: kv.mod_revision.map_or(0, |n| n.0),
+                    lease: kv.lease.map_or(0, |n| n.0),
+                })
+            })
+            .collect()
+    }
+
+    /// Write `key` (attached to `lease`, or to none with 0).
+    pub async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<(), EtcdError> {
+        let mut body = json!({"key": b64(key.as_bytes()), "value": b64(value)});
+        if lease != 0 {
+            body["lease"] = json!(lease.to_string());
+        }
+        let _: Ignored = self.call("/v3/kv/put", body).await?;
+        Ok(())
+    }
+
+    /// Write `key` only if it was last written at `mod_revision` (a transaction);
+    /// whether it was written.
+    pub async fn put_if_unchanged(&self, key: &str, value: &[u8], mod_revision: i64) -> Result<bool, EtcdError> {
+        let k = b64(key.as_bytes());
+        let body = json!({
+            "compare": [{"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": mod_revision.to_string()}],
+            "success": [{"request_put": {"key": k, "value": b64(value)}}],
+        });
+        let answer: TxnAnswer = self.call("/v3/kv/txn", body).await?;
+        Ok(answer.succeeded)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), EtcdError> {
+        let _: Ignored = self.call("/v3/kv/deleterange", json!({"key": b64(key.as_bytes())})).await?;
+        Ok(())
+    }
+
+    /// A new lease of `ttl_s` seconds: its id.
+    pub async fn lease_grant(&self, ttl_s: u64) -> Result<i64, EtcdError> {
+        let answer: LeaseAnswer = self.call("/v3/lease/grant", json!({"TTL": ttl_s.to_string()})).await?;
+        answer.id.map(|n| n.0).filter(|&id| id != 0).ok_or(EtcdError::LeaseGone(0))
+    }
+
+    /// Renew `lease`: the seconds it has left.
+    pub async fn lease_keepalive(&self, lease: i64) -> Result<i64, EtcdError> {
+        let answer: KeepAliveAnswer = self.call("/v3/lease/keepalive", json!({"ID": lease.to_string()})).await?;
+        match answer.result.and_then(|r| r.ttl).map(|n| n.0) {
+            Some(ttl) if ttl > 0 => Ok(ttl),
+            _ => Err(EtcdError::LeaseGone(lease)),
+        }
+    }
+
+    /// End `lease` now: its keys go with it.
+    pub async fn lease_revoke(&self, lease: i64) -> Result<(), EtcdError> {
+        let _: Ignored = self.call("/v3/lease/revoke", json!({"ID": lease.to_string()})).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_where_its_last_byte_grows() {
+        assert_eq!(prefix_end("/a/"), b"/a0");
+        assert_eq!(prefix_end(""), vec![0]);
+    }
+
+    #[test]
+    fn int64_comes_as_a_string_or_a_number() {
+        let a: LeaseAnswer = serde_json::from_str(r#"{"ID":"7587","TTL":10}"#).unwrap();
+        assert_eq!((a.id.unwrap().0, a.ttl.unwrap().0), (7587, 10));
+        assert!(serde_json::from_str::<LeaseAnswer>(r#"{"ID":"x"}"#).is_err());
+    }
+}

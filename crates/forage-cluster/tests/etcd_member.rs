@@ -1,0 +1,137 @@
+//! Membership against a real etcd (Debian's etcd-server, one member on loopback started
+//! by the test): two nodes join, see each other, place a request on the one holding the
+//! base; a node asked to drain sees it and takes no placement; one stops renewing and is gone within its lease, its instance marked lost; a
+//! hostile object in the cluster's keys is refused and counted, and changes nothing.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forage_cluster::*;
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn etcd(dir: &std::path::Path) -> (Kill, String) {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new("etcd")
+        .args(["--name", "t0", "--data-dir"])
+        .arg(dir)
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args(["--initial-cluster", &format!("t0=http://127.0.0.1:{peer}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd (scripts/deps.sh installs etcd-server)");
+    (Kill(child), url)
+}
+
+fn view(port: u16, bases: &[&str], instances: &[&str]) -> LocalView {
+    LocalView {
+        spec: NodeSpec { device_addr: format!("127.0.0.1:{port}").parse().unwrap(), cores: 2, memory_mib: 4096 },
+        status: NodeStatus { bases: bases.iter().map(|s| s.to_string()).collect(), ..Default::default() },
+        instances: instances
+            .iter()
+            .map(|id| LocalInstance { id: id.to_string(), name: "svc".into(), endpoint: "127.0.0.1:9".into() })
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_place_and_are_lost_with_their_lease() {
+    let t = tempfile::tempdir().unwrap();
+    let (_etcd, url) = etcd(&t.path().join("etcd"));
+    let config = ClusterConfig { endpoints: vec![url.clone()], cluster: "t".into(), lease_ttl_s: 2 };
+    let base = "d".repeat(64);
+    // etcd takes a moment to elect itself.
+    let started = Instant::now();
+    let a = loop {
+        match Member::join(config.clone(), "a", view(1, &[], &[]), Box::new(HoldsThenLeastLoaded)).await {
+            Ok(m) => break m,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{}", chain(&e)),
+        }
+    };
+    let b =
+        Member::join(config.clone(), "b", view(2, &[&base], &["i1"]), Box::new(HoldsThenLeastLoaded)).await.unwrap();
+    a.heartbeat(view(1, &[], &[])).await.unwrap();
+    let s = a.status();
+    assert!(s.quorum);
+    assert_eq!(s.nodes.iter().map(|n| n.name()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(s.nodes[0].metadata.generation, 1);
+    assert_eq!(s.instances.len(), 1);
+    assert_eq!(s.instances[0].status.phase, InstancePhase::Running);
+
+    let p = a.place(&PlacementRequest { base_digest: Some(base.clone()), ..Default::default() }).await.unwrap();
+    assert_eq!((p.node.as_str(), p.device_addr.port(), p.considered, p.able), ("b", 2, 2, 1));
+    let e = a.place(&PlacementRequest { service: Some("nowhere".into()), ..Default::default() }).await.unwrap_err();
+    assert!(matches!(e, PlacementError::Unplaceable(PlaceError::NoneAble { .. })), "{e}");
+
+    // b asked to drain: it sees it, and takes no new placement until done.
+    a.request_drain("b").await.unwrap();
+    assert!(matches!(a.request_drain("nobody").await, Err(DrainError::NoSuchNode(_))));
+    b.heartbeat(view(2, &[&base], &["i1"])).await.unwrap();
+    assert!(b.drain_requested() && !a.drain_requested());
+    let e = a.place(&PlacementRequest { base_digest: Some(base.clone()), ..Default::default() }).await.unwrap_err();
+    assert!(matches!(e, PlacementError::Unplaceable(_)), "the only holder drains: {e}");
+    b.drain_done().await.unwrap();
+    b.heartbeat(view(2, &[&base], &["i1"])).await.unwrap();
+    assert!(!b.drain_requested());
+    assert_eq!(
+        a.place(&PlacementRequest { base_digest: Some(base.clone()), ..Default::default() }).await.unwrap().node,
+        "b"
+    );
+
+    // A hostile object among the nodes is refused and counted; the view stays whole.
+    let etcd = Etcd::new(vec![url.clone()]);
+    etcd.put("/forage/v1/t/nodes/evil", &vec![b'['; 70_000], 0).await.unwrap();
+    a.heartbeat(view(1, &[], &[])).await.unwrap();
+    assert_eq!(a.status().nodes.len(), 2);
+    assert!(a.status().refused_objects >= 1);
+    etcd.delete("/forage/v1/t/nodes/evil").await.unwrap();
+
+    // b stops renewing: gone within its lease, its instance lost.
+    drop(b);
+    let stopped = Instant::now();
+    loop {
+        a.heartbeat(view(1, &[], &[])).await.unwrap();
+        let s = a.status();
+        if s.nodes.len() == 1 {
+            let i = &s.instances[0];
+            assert_eq!(i.status.phase, InstancePhase::Lost, "{i:?}");
+            assert!(i.status.reason.as_deref().unwrap().contains("node b"));
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(5), "b still listed {:?} after it stopped", stopped.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gone_after = stopped.elapsed();
+    assert!(gone_after <= Duration::from_secs(4), "lease 2 s, seen gone after {gone_after:?}");
+
+    // A clean stop leaves at once.
+    let c = Member::join(config.clone(), "c", view(3, &[], &[]), Box::new(HoldsThenLeastLoaded)).await.unwrap();
+    c.leave().await.unwrap();
+    a.heartbeat(view(1, &[], &[])).await.unwrap();
+    assert_eq!(a.status().nodes.len(), 1);
+
+    // etcd gone: heartbeats and placement fail with a clear error.
+    drop(_etcd);
+    let e = a.place(&PlacementRequest::default()).await.unwrap_err();
+    assert!(matches!(e, PlacementError::NoQuorum(EtcdError::Unavailable { .. })), "{}", chain(&e));
+    assert!(chain(&e).contains("no quorum"), "{}", chain(&e));
+}

@@ -1,0 +1,145 @@
+//! `forage serve --cluster URLS`: this daemon as one node of a cloudlet of many hosts
+//! ([`forage_cluster`], `docs/cluster.md`). What the node publishes at each heartbeat is
+//! read here from the cloudlet: its size and load, the bases, service VMs, cached launch
+//! VMs and substrates it holds, its running instances.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forage_cloudlet::Cloudlet;
+use forage_cluster::{
+    ClusterConfig, HoldsThenLeastLoaded, JoinError, LocalInstance, LocalView, Member, NodeSpec, NodeStatus,
+    PlacementRequest,
+};
+
+/// Join the cluster at `config` as `cloudlet.name`, reachable by devices at `device_addr`,
+/// and keep the node's record current.
+pub async fn join(
+    config: ClusterConfig,
+    cloudlet: &Arc<Cloudlet>,
+    service_addr: Ipv4Addr,
+    listen: SocketAddr,
+) -> Result<Arc<Member>, JoinError> {
+    let device_addr = SocketAddr::new(IpAddr::V4(service_addr), listen.port());
+    let view = {
+        let c = cloudlet.clone();
+        move || local_view(&c, device_addr)
+    };
+    let first = tokio::task::block_in_place(&view);
+    let every = Duration::from_secs(config.lease_ttl_s.max(3) / 3);
+    let member = Member::join(config, &cloudlet.name, first, Box::new(HoldsThenLeastLoaded)).await?;
+    member.run(view);
+    drain_when_asked(member.clone(), cloudlet.clone(), every);
+    let placer = member.clone();
+    let _ = cloudlet.placer.set(Arc::new(move |base: String, overlay: String| {
+        let m = placer.clone();
+        Box::pin(async move {
+            let request = PlacementRequest { base_digest: Some(base), overlay_digest: Some(overlay), service: None };
+            match m.place(&request).await {
+                Ok(p) if p.node != m.name() => Some(p.device_addr),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::info!("cluster: no node to redirect the device to: {}", forage_cluster::chain(&e));
+                    None
+                }
+            }
+        })
+    }));
+    Ok(member)
+}
+
+fn meminfo_mib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+/// What this node holds and runs, now.
+pub fn local_view(c: &Cloudlet, device_addr: SocketAddr) -> LocalView {
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let load = crate::balance::Pressure::now().map(|p| p.load_per_core).unwrap_or(0.0);
+    let instances = c.state.list_instances(true).unwrap_or_default();
+    let substrates_dir = c.data.root().join("substrates");
+    let substrates = match substrates_dir.is_dir() {
+        true => forage_substrate::Pool::open(&c.data)
+            .and_then(|p| p.summary())
+            .map(|s| s.substrates.into_iter().map(|e| e.name).collect())
+            .unwrap_or_default(),
+        false => Vec::new(),
+    };
+    LocalView {
+        spec: NodeSpec { device_addr, cores, memory_mib: meminfo_mib("MemTotal:") },
+        status: NodeStatus {
+            free_memory_mib: meminfo_mib("MemAvailable:"),
+            load_per_core: load,
+            instances_running: instances.len() as u32,
+            bases: forage_synth::BaseVm::list(&c.data)
+                .into_iter()
+                .filter_map(|(_, b)| b.ok().map(|b| b.digest().to_string()))
+                .collect(),
+            services: c
+                .services
+                .list()
+                .into_iter()
+                .filter(|s| !s.manifest().is_baseline())
+                .map(|s| s.id().to_string())
+                .collect(),
+            cached_launch_vms: c.state.cache_list().unwrap_or_default().into_iter().map(|e| e.overlay_digest).collect(),
+            substrates,
+            heartbeat_unix_ms: 0,
+        },
+        instances: instances
+            .into_iter()
+            .map(|i| LocalInstance { id: i.id, name: i.name, endpoint: i.endpoint })
+            .collect(),
+    }
+}
+
+/// While this node is asked to drain (`forage node drain`), hand each running instance
+/// off (the VM handoff) to the best other node not being drained; the drain ends when
+/// none is left.
+fn drain_when_asked(member: Arc<Member>, cloudlet: Arc<Cloudlet>, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if !member.drain_requested() {
+                continue;
+            }
+            let instances = cloudlet.state.list_instances(true).unwrap_or_default();
+            let mut left = 0;
+            for i in instances {
+                if !cloudlet.movable(&i.id) {
+                    left += 1;
+                    continue;
+                }
+                let to = match member.place_except(&PlacementRequest::default(), member.name()).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(instance = i.id, "drain: no node to move it to: {}", forage_cluster::chain(&e));
+                        left += 1;
+                        continue;
+                    }
+                };
+                tracing::info!(instance = i.id, to = to.node, "drain: moving an instance");
+                let options =
+                    forage_cloudlet::HandoffOptions { reason: forage_api::HandoffReason::Drain, ..Default::default() };
+                match cloudlet.handoff(&i.id, to.device_addr, options).await {
+                    Ok(r) => tracing::info!(instance = i.id, to = to.node, endpoint = r.endpoint, "drain: moved"),
+                    Err(e) => {
+                        tracing::warn!(instance = i.id, to = to.node, "drain: did not move: {e}");
+                        left += 1;
+                    }
+                }
+            }
+            if left == 0 {
+                match member.drain_done().await {
+                    Ok(()) => tracing::info!("drain: no instance left on this node"),
+                    Err(e) => tracing::warn!("drain: done, not recorded: {}", forage_cluster::chain(&e)),
+                }
+            }
+        }
+    });
+}
