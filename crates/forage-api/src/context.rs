@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::ActionError;
-use crate::substrates::{SubstrateInfo, SubstrateList};
+use crate::substrate_views::{SubstrateInfo, SubstrateList};
 use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, InstanceUsage, ServiceInfo};
 use crate::views_live::{CloudletList, CredentialView, HandoffEvent, HandoffView, PairingCodeRequest, PairingCodeView};
 use crate::websession::WebSessions;

@@ -51,6 +51,7 @@ pub mod qr;
 mod routes;
 mod routes_cluster;
 mod routes_live;
+mod substrate_views;
 mod substrates;
 pub mod token;
 mod views;
@@ -74,7 +75,7 @@ pub use feed::MAX_FEEDS;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
-pub use substrates::{SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView};
+pub use substrate_views::{SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView};
 pub use views::{
     AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReason, HandoffReport,
     HandoffRequest, InstanceList, InstanceStatus, InstanceUsage, InstanceView, InstancesQuery, ServiceInfo,

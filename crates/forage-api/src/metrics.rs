@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use forage_state::{SessionStatus, Totals};
 
-use crate::substrates::{SubstrateList, SubstrateTier};
+use crate::substrate_views::{SubstrateList, SubstrateTier};
 use prometheus_client::encoding::text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -2,8 +2,30 @@
 //! base (or nothing, without the base) and write its chunks into the VM being rebuilt.
 //! Segments apply in sequence order; a later round's chunk overwrites an earlier one.
 
-use crate::error::ApplyError;
-use crate::segment::{decode, ChunkId, Space, CHUNK};
+use crate::segment::{decode, ChunkId, SegmentError, Space, CHUNK};
+
+/// A segment the destination cannot apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("segment {seq} arrived where {due} was due")]
+    OutOfOrder { seq: u64, due: u64 },
+    #[error("segment {seq}")]
+    Segment {
+        seq: u64,
+        #[source]
+        source: SegmentError,
+    },
+    #[error("segment {seq}: {space:?} chunk {index} is outside the VM ({limit} chunks)")]
+    Outside { seq: u64, space: Space, index: u64, limit: u64 },
+    #[error("segment {seq}: writing {space:?} chunk {index}")]
+    Write {
+        seq: u64,
+        space: Space,
+        index: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Where the destination's chunks live.
 pub trait ChunkStore {
@@ -158,7 +180,7 @@ mod tests {
         let mode = parse_mode("xor+none").unwrap();
         let c = [Modified { chunk: id(Space::Memory, 0), data: vec![1; CHUNK], base: Some(vec![2; CHUNK]) }];
         let refused = a.apply(0, &encode(mode, &c).0).unwrap_err();
-        assert!(matches!(&refused, ApplyError::Segment { source: crate::error::SegmentError::NoBase { .. }, .. }));
+        assert!(matches!(&refused, ApplyError::Segment { source: SegmentError::NoBase { .. }, .. }));
         assert!(chain(&refused).contains("does not have"), "the cause is kept: {refused:?}");
         let mut a = Applier::new(Mem::default(), 8 * CHUNK as u64, 0);
         let c = [Modified { chunk: id(Space::Memory, 0), data: vec![1; CHUNK], base: None }];

@@ -10,7 +10,15 @@ use std::time::Instant;
 use forage_format::codec::{DeltaCodec, SegmentCodec};
 
 use crate::adapt::{Codec, Delta, LookupTable, Mode, Profile};
-use crate::error::PayloadError;
+
+/// A compressed payload that does not decompress within its limit.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("the stream")]
+    Stream(#[source] std::io::Error),
+    #[error("the stream holds more than {0} bytes")]
+    TooLarge(usize),
+}
 
 /// Bytes of encoded chunks compressed together (the paper's ~1 MiB segments).
 pub const SEGMENT_BYTES: usize = 1 << 20;

@@ -21,7 +21,6 @@
 pub mod adapt;
 pub mod apply;
 pub mod encode;
-pub mod error;
 pub mod migration;
 pub mod pipeline;
 pub mod sample;

@@ -21,14 +21,43 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::adapt::{Delta, Mode};
-use crate::encode::{compress, decompress};
-use crate::error::SegmentError;
+use crate::encode::{compress, decompress, PayloadError};
 
 pub const SEGMENT_FORMAT: u32 = 1;
 /// Chunk size of handoff: a guest page and a disk block.
 pub const CHUNK: usize = 4096;
 /// The most chunks one segment may carry (decoders refuse more).
 pub const MAX_ENTRIES: usize = 4096;
+
+/// A segment's bytes that cannot be rebuilt into chunks.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("not a segment (CBOR)")]
+    Cbor(#[source] ciborium::de::Error<std::io::Error>),
+    #[error("segment format {0} is not {SEGMENT_FORMAT}")]
+    Format(u32),
+    #[error("segment of {0} chunks, over {MAX_ENTRIES}")]
+    TooManyEntries(usize),
+    #[error("an entry is larger than a chunk's worst-case encoding")]
+    EntryTooLarge,
+    #[error("its {0:?} payload")]
+    Payload(crate::adapt::Codec, #[source] PayloadError),
+    #[error("payload holds {got} bytes, the entries {want}")]
+    PayloadSize { got: usize, want: usize },
+    #[error("segment payload does not match its SHA-256 (damaged)")]
+    Damaged,
+    #[error("{space:?} chunk {index} refers to a chunk the destination does not have")]
+    NoBase { space: Space, index: u64 },
+    #[error("{space:?} chunk {index}: its delta")]
+    Delta {
+        space: Space,
+        index: u64,
+        #[source]
+        source: forage_format::FormatError,
+    },
+    #[error("{space:?} chunk {index} rebuilt to {len} bytes")]
+    Rebuilt { space: Space, index: u64, len: usize },
+}
 
 /// Guest memory or disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -17,7 +17,7 @@
 //!    requested memory.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use forage_agent::{AgentClient, AgentError};
@@ -26,9 +26,11 @@ use forage_image::{GuestImage, RunPaths};
 use forage_vm::{Accel, DiskFormat, RestoreOptions, Snapshot, Vm};
 use serde::Serialize;
 
+use crate::activate_error::io;
+pub use crate::activate_error::ActivateError;
 use crate::dock::{meminfo, with_agent};
 use crate::format::{self, plain_name, DecodeError, SubstrateManifest};
-use crate::pool::{Pool, PoolError};
+use crate::pool::Pool;
 
 pub struct ActivateRequest {
     pub substrate: String,
@@ -38,52 +40,6 @@ pub struct ActivateRequest {
     /// The VM's run folder and QMP socket.
     pub run: RunPaths,
     pub vm_name: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    #[error("substrate {name} is refused: {source}")]
-    Refused {
-        name: String,
-        #[source]
-        source: DecodeError,
-    },
-    #[error("substrate {name} was docked for {what}")]
-    TooBig { name: String, what: String },
-    #[error("substrate {name} runs image {image} of recipe {wanted}; this host's is {found}")]
-    ImageMismatch { name: String, image: String, wanted: String, found: String },
-    #[error("substrate {name} needs guest image {image}")]
-    Image {
-        name: String,
-        image: String,
-        #[source]
-        source: forage_image::ImageError,
-    },
-    #[error("qemu-img could not make the copy-on-write disk {path}: {detail}")]
-    CowDisk { path: PathBuf, detail: String },
-    #[error("restoring substrate {name}")]
-    Restore {
-        name: String,
-        #[source]
-        source: forage_vm::RestoreError,
-    },
-    #[error("growing the activated VM")]
-    Expand(#[source] forage_vm::VmError),
-    #[error("the activated VM's guest agent")]
-    Agent(#[source] AgentError),
-    #[error("{path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ActivateError {
-    let path = path.to_path_buf();
-    move |source| ActivateError::Io { path, source }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::activate::{io, ActivateError};
+use crate::activate_error::{io, ActivateError};
 use crate::format::{self, DecodeError, SubstrateManifest, ToFiles};
 
 /// File names inside the decoded folder.

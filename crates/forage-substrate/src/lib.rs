@@ -15,6 +15,7 @@
 //!   at each receiver before it enters that host's pool.
 
 pub mod activate;
+mod activate_error;
 pub mod decoded;
 pub mod dock;
 pub mod format;
