@@ -76,17 +76,8 @@ pub fn local_view(c: &Cloudlet, device_addr: SocketAddr) -> LocalView {
             free_memory_mib: meminfo_mib("MemAvailable:"),
             load_per_core: load,
             instances_running: instances.len() as u32,
-            bases: forage_synth::BaseVm::list(&c.data)
-                .into_iter()
-                .filter_map(|(_, b)| b.ok().map(|b| b.digest().to_string()))
-                .collect(),
-            services: c
-                .services
-                .list()
-                .into_iter()
-                .filter(|s| !s.manifest().is_baseline())
-                .map(|s| s.id().to_string())
-                .collect(),
+            bases: crate::holdings::base_digests(c),
+            services: crate::holdings::service_ids(c),
             cached_launch_vms: c.state.cache_list().unwrap_or_default().into_iter().map(|e| e.overlay_digest).collect(),
             substrates,
             heartbeat_unix_ms: 0,

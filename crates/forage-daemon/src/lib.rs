@@ -13,6 +13,7 @@ mod balance;
 mod cluster;
 mod config;
 mod control;
+mod holdings;
 mod substrates;
 
 use std::net::{IpAddr, SocketAddr};
@@ -164,17 +165,8 @@ fn announce(
         name: c.name.clone(),
         addr: SocketAddr::new(IpAddr::V4(service_addr), port),
         http_port,
-        bases: forage_synth::BaseVm::list(&c.data)
-            .into_iter()
-            .filter_map(|(_, b)| b.ok().map(|b| forage_synth::package::short(b.digest()).to_string()))
-            .collect(),
-        services: c
-            .services
-            .list()
-            .into_iter()
-            .filter(|s| !s.manifest().is_baseline())
-            .map(|s| s.id().to_string())
-            .collect(),
+        bases: holdings::base_digests(c).iter().map(|d| forage_synth::package::short(d).to_string()).collect(),
+        services: holdings::service_ids(c),
         load: c.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
         free_mem_mib: free_memory_mib(),
         cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
