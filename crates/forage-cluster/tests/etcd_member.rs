@@ -17,12 +17,15 @@ impl Drop for Kill {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Two distinct free ports (both held while the second is chosen, so they differ).
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 fn etcd(dir: &std::path::Path) -> (Kill, String) {
-    let (client, peer) = (free_port(), free_port());
+    let (client, peer) = free_ports();
     let url = format!("http://127.0.0.1:{client}");
     let child = Command::new("etcd")
         .args(["--name", "t0", "--data-dir"])

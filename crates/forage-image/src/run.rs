@@ -104,25 +104,102 @@ impl GuestImage {
     }
 }
 
-/// Forwards from free loopback ports to the given guest ports. The kernel picks each free
-/// port; QEMU binds it moments later.
+/// Forwards from free loopback ports to the given guest ports; QEMU binds them moments
+/// later (see [`forwards_on`] for how they are chosen).
 pub fn loopback_forwards(guest_ports: impl IntoIterator<Item = u16>) -> std::io::Result<Vec<PortForward>> {
     forwards_on(std::net::Ipv4Addr::LOCALHOST, guest_ports)
 }
 
 /// Forwards from free ports of `host_addr` to the given guest ports.
+///
+/// The ports come from below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), starting at a random place. Between our
+/// choosing a port and QEMU binding it the port is free; a port from the ephemeral range
+/// could be taken in that window by any outgoing connection on the host (CI saw
+/// "Could not set up host forwarding rule" that way), one below it only by another
+/// listener that chose it on purpose.
 pub fn forwards_on(
     host_addr: std::net::Ipv4Addr,
     guest_ports: impl IntoIterator<Item = u16>,
 ) -> std::io::Result<Vec<PortForward>> {
     let mut held = Vec::new();
     let mut out = Vec::new();
+    let mut candidates = ForwardPorts::new();
     for guest_port in guest_ports {
-        let l = std::net::TcpListener::bind((host_addr, 0))?;
+        let l = candidates.bind_next(host_addr)?;
         out.push(PortForward { host_addr, host_port: l.local_addr()?.port(), guest_port });
         held.push(l); // keep bound until all are chosen, so none repeats
     }
     Ok(out)
+}
+
+/// Lowest port handed to forwards; below it live well-known services.
+const FORWARD_PORT_FLOOR: u16 = 20_000;
+
+/// Walks the ports between [`FORWARD_PORT_FLOOR`] and the ephemeral range from a random
+/// start; falls back to a kernel-chosen port when that span is small or used up.
+struct ForwardPorts {
+    span: Option<(u16, u16)>,
+    next: u32,
+    tried: u32,
+}
+
+impl ForwardPorts {
+    fn new() -> Self {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse::<u16>().ok()));
+        let span = match ephemeral_low {
+            Some(low) if low > FORWARD_PORT_FLOOR + 1000 => Some((FORWARD_PORT_FLOOR, low)),
+            _ => None,
+        };
+        let start = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            h.finish() as u32
+        };
+        ForwardPorts { span, next: start, tried: 0 }
+    }
+
+    fn bind_next(&mut self, host_addr: std::net::Ipv4Addr) -> std::io::Result<std::net::TcpListener> {
+        if let Some((low, high)) = self.span {
+            let width = u32::from(high - low);
+            while self.tried < width.min(2000) {
+                let port = low + (self.next % width) as u16;
+                self.next = self.next.wrapping_add(1);
+                self.tried += 1;
+                if let Ok(l) = std::net::TcpListener::bind((host_addr, port)) {
+                    return Ok(l);
+                }
+            }
+        }
+        std::net::TcpListener::bind((host_addr, 0))
+    }
+}
+
+#[cfg(test)]
+mod forward_port_tests {
+    use super::*;
+
+    #[test]
+    fn forwards_get_distinct_ports_below_the_ephemeral_range() {
+        let fw = loopback_forwards([1, 2, 3, 4]).unwrap();
+        let mut ports: Vec<u16> = fw.iter().map(|f| f.host_port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 4, "{fw:?}");
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if low > FORWARD_PORT_FLOOR + 1000 {
+            assert!(ports.iter().all(|&p| (FORWARD_PORT_FLOOR..low).contains(&p)), "{ports:?} vs {low}");
+        }
+    }
 }
 
 /// A booted guest, ready on its serial console, with loopback ports for its agent and
