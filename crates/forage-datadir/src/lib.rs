@@ -45,7 +45,9 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Resolve the data directory from an explicit path or the environment.
+    /// Resolve the data directory from an explicit path or the environment, made absolute
+    /// like [`DataDir::at`] (a FUSE view's symlinks and QEMU's backing files are resolved
+    /// from other folders than the working one).
     pub fn resolve(explicit: Option<&Path>) -> Result<Self, DataDirError> {
         let root = if let Some(p) = explicit {
             p.to_path_buf()
@@ -58,7 +60,7 @@ impl DataDir {
         } else {
             return Err(DataDirError::NoHome);
         };
-        Ok(Self { root })
+        Ok(Self::at(root))
     }
 
     /// The data folder at `root`, made absolute (QEMU resolves a relative backing file
@@ -228,6 +230,13 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "../x", "sp ace", &"x".repeat(65)] {
             assert!(checked_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_relative_data_dir_is_made_absolute() {
+        let d = DataDir::resolve(Some(Path::new("target/x"))).unwrap();
+        assert!(d.root().is_absolute(), "{:?}", d.root());
+        assert!(d.root().ends_with("target/x"));
     }
 
     #[test]
