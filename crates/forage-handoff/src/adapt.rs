@@ -174,11 +174,13 @@ pub struct Adapter {
     since: Instant,
     hold: Duration,
     decided: bool,
+    /// The table changed since the last decision: decide without holding.
+    fresh_table: bool,
 }
 
 impl Adapter {
     pub fn new(table: LookupTable, start: Mode, now: Instant) -> Self {
-        Self { table, current: start, since: now, hold: MIN_HOLD, decided: false }
+        Self { table, current: start, since: now, hold: MIN_HOLD, decided: false, fresh_table: false }
     }
 
     /// Keep a mode at least `hold` instead of [`MIN_HOLD`] (tests, short handoffs).
@@ -191,19 +193,29 @@ impl Adapter {
         self.current
     }
 
-    /// Predict from `table` from now on (one measured on the VM's own data).
+    /// Predict from `table` from now on (one measured on the VM's own data). A mode chosen
+    /// on the old table was a guess from other data: the next tick may replace it at once
+    /// instead of holding it [`MIN_HOLD`] (the Debian app's handoffs spent 5 s in
+    /// bsdiff+bzip2-9, picked from the reference table 0.2 s before their own arrived).
     pub fn set_table(&mut self, table: LookupTable) {
         self.table = table;
+        self.decided = false;
+        self.fresh_table = true;
     }
 
     /// One tick: switch to the best predicted mode if the current one has been held long
     /// enough ([`MIN_HOLD`] unless [`Adapter::with_hold`]) and another beats it.
     pub fn tick(&mut self, obs: &Observation, now: Instant) -> Option<Switch> {
-        let hold = if self.decided { self.hold } else { FIRST_DECISION.min(self.hold) };
+        let hold = match (self.fresh_table, self.decided) {
+            (true, _) => Duration::ZERO,
+            (false, true) => self.hold,
+            (false, false) => FIRST_DECISION.min(self.hold),
+        };
         if now.duration_since(self.since) < hold {
             return None;
         }
         self.decided = true;
+        self.fresh_table = false;
         let preds = predict(&self.table, self.current, obs);
         let current = preds.iter().find(|p| p.mode == self.current)?.system();
         let best = preds.iter().max_by(|a, b| a.system().total_cmp(&b.system()))?;
@@ -301,6 +313,28 @@ mod tests {
         let s = a.tick(&fast, start + MIN_HOLD).expect("a switch");
         assert_ne!(s.to, m("xor+lzma9"));
         assert!(s.predicted_system > s.current_system);
+    }
+
+    #[test]
+    fn a_table_from_the_vms_own_data_replaces_a_guess_at_once() {
+        let start = Instant::now();
+        let mut a = Adapter::new(table(), m("none+none"), start);
+        let slow = Observation { p: 1e-6, r: 1.0, bandwidth: 5e6 / 8.0, cores: 1.0 };
+        assert_eq!(a.tick(&slow, start + FIRST_DECISION).unwrap().to, m("xor+lzma9"), "the guess");
+        // The VM's own data says LZMA buys nothing over zstd here and costs far more.
+        let own = LookupTable {
+            chunk_bytes: 4096,
+            modes: vec![
+                (m("none+none"), Profile { p: 1e-6, r: 1.0 }),
+                (m("xor+zstd1"), Profile { p: 10e-6, r: 0.30 }),
+                (m("xor+lzma9"), Profile { p: 4000e-6, r: 0.29 }),
+            ],
+        };
+        a.set_table(own);
+        let lz = Observation { p: 4000e-6, r: 0.29, bandwidth: 5e6 / 8.0, cores: 1.0 };
+        let s = a.tick(&lz, start + FIRST_DECISION + Duration::from_millis(200)).expect("no hold on a guess");
+        assert_eq!(s.to, m("xor+zstd1"));
+        assert_eq!(a.tick(&slow, start + Duration::from_secs(3)), None, "then the hold again");
     }
 
     #[test]

@@ -74,6 +74,10 @@ impl Default for PipelineConfig {
     }
 }
 
+/// How long the adaptation waits for the table measured on the VM's own data before it
+/// decides on the reference table alone.
+const OWN_TABLE_WAIT: Duration = Duration::from_secs(3);
+
 /// Ticks the measures are taken over (1 s).
 const SMOOTHING: usize = 10;
 
@@ -256,7 +260,10 @@ pub fn run(
                     }
                     let mut switched = false;
                     let (p, r) = (sum.busy_s / sum.chunks.max(1) as f64, sum.output as f64 / sum.input.max(1) as f64);
-                    if sum.chunks > 0 && bandwidth > 0.0 {
+                    // While the VM's own table is being measured (about a second), the
+                    // reference table would only guess.
+                    let own_table_pending = later.is_some() && start.elapsed() < OWN_TABLE_WAIT;
+                    if sum.chunks > 0 && bandwidth > 0.0 && !own_table_pending {
                         let obs = Observation { p, r, bandwidth, cores: workers };
                         if let Some(sw) = adapter.as_mut().and_then(|ad| ad.tick(&obs, now)) {
                             *mode.lock().unwrap_or_else(|p| p.into_inner()) = sw.to;
