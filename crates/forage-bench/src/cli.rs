@@ -237,6 +237,15 @@ pub struct BenchOverlayArgs {
     /// Drop the guest's page cache, dentries and inodes before the launch VMs' save
     #[arg(long)]
     pub drop_caches: bool,
+    /// Instead of an app on a forage image: a disk image as the base (`forage base create
+    /// --disk`; the Debian disk of scripts/debian-disk-image.sh unless --disk names one)
+    /// and a launch VM changed by hand through qemu-guest-agent and saved, as `forage
+    /// overlay create --from-vm` takes it [base: bench-disk]
+    #[arg(long, conflicts_with_all = ["image", "app", "big", "drop_caches"])]
+    pub disk_image: bool,
+    /// The disk image of --disk-image (raw, or qcow2 named *.qcow2) [default: built]
+    #[arg(long, value_name = "FILE", requires = "disk_image")]
+    pub disk: Option<PathBuf>,
     /// Also the largest overlay of each app (no semantic gap, no compression) created,
     /// applied and synthesized on loopback: each forage process's peak RSS (target <= 256 MB)
     #[arg(long)]

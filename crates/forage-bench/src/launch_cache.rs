@@ -93,6 +93,12 @@ pub async fn launch_vm(
             d.took.as_secs_f64()
         ));
     }
+    keep(l, &partial, &dir)
+}
+
+/// Keep `l`, whose snapshot is in `partial/snapshot`: its record written beside, the
+/// folder renamed to `dir` (a kept launch VM is complete or absent), and reopened there.
+pub fn keep(l: LaunchVm, partial: &Path, dir: &Path) -> anyhow::Result<LaunchVm> {
     let record = Record {
         written_disk_chunks: l.written_disk_chunks,
         discarded_disk_chunks: l.discarded_disk_chunks,
@@ -102,8 +108,15 @@ pub async fn launch_vm(
         debs: l.debs,
     };
     std::fs::write(partial.join(RECORD), serde_json::to_vec(&record)?)?;
-    std::fs::rename(&partial, &dir)?;
-    open(&dir)
+    std::fs::rename(partial, dir)?;
+    open(dir)
+}
+
+/// Where kept launch VMs are: `DATA/bench/launch/`.
+pub fn root(data: &DataDir) -> anyhow::Result<PathBuf> {
+    let root = data.root().join("bench").join("launch");
+    std::fs::create_dir_all(&root)?;
+    Ok(root)
 }
 
 fn folder(data: &DataDir, base: &BaseVm, app_dir: &Path, app: &AppPackage, v: Variant) -> anyhow::Result<PathBuf> {
@@ -115,9 +128,7 @@ fn folder(data: &DataDir, base: &BaseVm, app_dir: &Path, app: &AppPackage, v: Va
         &hex::encode(Sha256::digest(&manifest))[..8],
         v.tag()
     );
-    let root = data.root().join("bench").join("launch");
-    std::fs::create_dir_all(&root)?;
-    Ok(root.join(key))
+    Ok(root(data)?.join(key))
 }
 
 fn open(dir: &Path) -> anyhow::Result<LaunchVm> {

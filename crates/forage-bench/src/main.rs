@@ -16,6 +16,7 @@ mod launch_cache;
 mod link_schedule;
 mod measure;
 mod overlay;
+mod overlay_disk;
 mod peers;
 mod plot;
 mod provision;

@@ -9,6 +9,9 @@
 //!   process (`forage-bench overlay-create`) so its time, CPU and peak RSS are its own;
 //!   then `forage overlay apply` of the combined overlay, measured the same way.
 //!
+//! `--disk-image`: instead of an app, a disk image as the base and a launch VM changed
+//! by hand (`overlay_disk`).
+//!
 //! Apps: the debian-12 sample apps (`--image debian-12 --app ocr --app vision`), or on
 //! the tiny image the bench app (hashsearch with a data set it unpacks from a tarball,
 //! deletes, and preloads, as the paper's apps downloaded and deleted their packages).
@@ -18,6 +21,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use forage_datadir::DataDir;
+use forage_synth::launch::LaunchVm;
 use forage_synth::BaseVm;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +61,8 @@ pub struct VariantRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct OverlayBenchRow {
     pub image: String,
+    /// How the launch VM was made.
+    pub launch_vm: String,
     pub app: String,
     pub debs: Option<usize>,
     pub baseline: Sized,
@@ -86,11 +92,12 @@ pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
             eprintln!("{s}");
         }
     };
+    if args.disk_image {
+        return run_disk_image(data, &args, &say).await;
+    }
     let base_name = args.base.clone().unwrap_or_else(|| crate::common::default_base(&args.image));
     let base = bench_base(data, &base_name, &args.image, &say).await?;
-    let work = data.work().join(format!("bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
+    let work = scratch(data)?;
     let result = async {
         let apps = crate::common::bench_apps(&args.image, &args.app, &work, args.data_mib)?;
         let mut rows = Vec::new();
@@ -110,6 +117,42 @@ pub async fn run(data: &DataDir, args: BenchOverlayArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The bench's scratch folder, new.
+fn scratch(data: &DataDir) -> anyhow::Result<std::path::PathBuf> {
+    let work = data.work().join(format!("bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    Ok(work)
+}
+
+/// `--disk-image`: a disk image as the base, a launch VM changed by hand
+/// (`overlay_disk`), the same rows.
+async fn run_disk_image(data: &DataDir, args: &BenchOverlayArgs, say: &dyn Fn(&str)) -> anyhow::Result<()> {
+    let base_name = args.base.clone().unwrap_or_else(|| "bench-disk".into());
+    let base = tokio::task::block_in_place(|| crate::overlay_disk::disk_base(data, &base_name, args, say))?;
+    let launch = crate::overlay_disk::hand_made_launch(data, &base, &base_name, args.fresh, say).await?;
+    let work = scratch(data)?;
+    let what = Compared {
+        image: format!("disk image ({})", base.manifest().image),
+        launch_vm: "changed by hand through qemu-guest-agent, saved, as --from-vm takes it".into(),
+    };
+    let row = compare(data, &base, &base_name, what, &launch, &launch, args, &work, say).await;
+    let _ = std::fs::remove_dir_all(&work);
+    let row = row?;
+    if args.json {
+        print_json(&row);
+    } else {
+        print_row(&row);
+    }
+    Ok(())
+}
+
+/// What the row is of.
+struct Compared {
+    image: String,
+    launch_vm: String,
+}
+
 async fn one_app(
     data: &DataDir,
     base: &BaseVm,
@@ -123,14 +166,35 @@ async fn one_app(
     let off_v = Variant { semantic: false, drop_caches: args.drop_caches };
     let on = launch_cache::launch_vm(data, base, app_dir, on_v, args.fresh, say).await?;
     let off = launch_cache::launch_vm(data, base, app_dir, off_v, args.fresh, say).await?;
+    let what = Compared {
+        image: args.image.clone(),
+        launch_vm: "built from the app folder (semantic gap closed, and not for the baseline)".into(),
+    };
+    compare(data, base, base_name, what, &on, &off, args, work, say).await
+}
+
+/// The rows of one launch VM: `on` built with the semantic gap closed, `off` without
+/// (the baseline's and the dedup-only variant's), both the same VM when nothing closed it.
+#[allow(clippy::too_many_arguments)]
+async fn compare(
+    data: &DataDir,
+    base: &BaseVm,
+    base_name: &str,
+    what: Compared,
+    on: &LaunchVm,
+    off: &LaunchVm,
+    args: &BenchOverlayArgs,
+    work: &Path,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<OverlayBenchRow> {
     let app = on.app.name.clone();
 
     say(&format!("{app}: baseline (xdelta3 | xz -6), zstd --patch-from and the oracle, side by side ..."));
     let scratch = work.join(format!("{app}-zstd"));
     let (baseline, zstd_patch, oracle) = std::thread::scope(|s| {
-        let b = s.spawn(|| peers::baseline(base, &off));
-        let z = s.spawn(|| peers::zstd_patch(base, &off, &scratch));
-        let o = s.spawn(|| peers::oracle(base, &on));
+        let b = s.spawn(|| peers::baseline(base, off));
+        let z = s.spawn(|| peers::zstd_patch(base, off, &scratch));
+        let o = s.spawn(|| peers::oracle(base, on));
         let panicked = |_| anyhow::anyhow!("a peer's thread panicked");
         let b = b.join().map_err(panicked)?;
         let z = z.join().map_err(panicked)?;
@@ -148,7 +212,7 @@ async fn one_app(
     ));
 
     let variants =
-        [("dedup only", &off, true, false), ("semantic gap only", &on, false, true), ("combined", &on, true, true)];
+        [("dedup only", off, true, false), ("semantic gap only", on, false, true), ("combined", on, true, true)];
     let mut forage = Vec::new();
     for (name, launch, dedup, semantic) in variants {
         say(&format!("{app}: forage, {name} ..."));
@@ -196,11 +260,12 @@ async fn one_app(
     let _ = std::fs::remove_dir_all(&applied);
     let _ = std::fs::remove_file(&combined_ovl);
 
-    let big = if args.big { Some(crate::big::measure(data, base_name, &off, work, say)?) } else { None };
+    let big = if args.big { Some(crate::big::measure(data, base_name, off, work, say)?) } else { None };
     let combined = forage.iter().find(|v| v.name == "combined").expect("measured").overlay.clone();
     let without = forage.iter().find(|v| v.name == "dedup only").expect("measured").overlay.modified_bytes;
     Ok(OverlayBenchRow {
-        image: args.image.clone(),
+        image: what.image,
+        launch_vm: what.launch_vm,
         app,
         debs: on.debs.as_ref().map(|d| d.installed.len()),
         combined_vs_oracle: combined.bytes as f64 / oracle.bytes.max(1) as f64,
@@ -271,6 +336,7 @@ fn print_row(r: &OverlayBenchRow) {
         r.codec,
         r.delta
     );
+    println!("  launch VM: {}", r.launch_vm);
     println!(
         "  {:<36} {:>11} {:>9} {:>9} {:>9} {:>7} {:>8} {:>6} {:>8}",
         "approach", "bytes", "memory", "disk", "other", "%base", "create s", "cores", "RSS MB"

@@ -1,7 +1,7 @@
 //! What forage's overlays are measured against, computed in the same run:
 //! - the paper's baseline: `xdelta3` of the whole disk and memory images against the
 //!   base's, then `xz -6` (LZMA);
-//! - `zstd --patch-from --long -19`, the disk cut into pieces of at most 2 GiB (zstd
+//! - `zstd --patch-from --long -19`, the disk cut into pieces of at most 1 GiB (zstd
 //!   refuses larger references);
 //! - the oracle: the launch VM's changed 4 KiB chunks, SHA-256 deduplicated against the
 //!   base and among themselves (memory against disk), zero chunks and ext4 free blocks
@@ -28,8 +28,10 @@ use sha2::{Digest, Sha256};
 
 use crate::launch_cache::input;
 
-/// Largest reference `zstd --patch-from` takes here.
-const ZSTD_PIECE: u64 = 2 << 30;
+/// Largest piece given to `zstd --patch-from`: the reference and the target must both fit
+/// in the `--long=31` window (2 GiB). With 2 GiB pieces, the target's matches in the
+/// reference lay up to 4 GiB back: a 2 GiB disk image's data was compressed as if new.
+const ZSTD_PIECE: u64 = 1 << 30;
 
 /// Bytes of a delta, per part of the VM.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -112,7 +114,7 @@ pub fn baseline(base: &BaseVm, l: &LaunchVm) -> anyhow::Result<Sized> {
     Ok(Sized { memory, disk, seconds: t.elapsed().as_secs_f64() })
 }
 
-/// `zstd --patch-from --long -19` of a launch VM, the disk in pieces of at most 2 GiB
+/// `zstd --patch-from --long -19` of a launch VM, the disk in pieces of at most 1 GiB
 /// (written sparsely to `scratch`, removed after).
 pub fn zstd_patch(base: &BaseVm, l: &LaunchVm, scratch: &Path) -> anyhow::Result<Sized> {
     let t = Instant::now();

@@ -105,6 +105,19 @@ impl FsChunks {
     pub fn journal_chunks(&self) -> u64 {
         self.journal.count()
     }
+
+    /// The same chunks of a file system that starts at chunk `first` of a device of
+    /// `total` chunks.
+    fn moved(self, first: u64, total: u64) -> FsChunks {
+        let shift = |b: &Bits| {
+            let mut out = Bits::new(total);
+            for i in (0..b.len).filter(|&i| b.get(i)) {
+                out.set(first.saturating_add(i)); // past `total`: dropped by `set`
+            }
+            out
+        };
+        FsChunks { free: shift(&self.free), journal: shift(&self.journal), ..self }
+    }
 }
 
 /// A plain bit set (one bit per chunk or block).
@@ -148,10 +161,45 @@ impl Bits {
 }
 
 /// Introspect the ext file system on `disk` (a raw image) in `chunk_size` chunks.
+/// A disk that does not start with one: the file system of its first Linux partition
+/// that holds one (`crate::partition`), starting on a chunk boundary.
 pub fn introspect(disk: &Path, chunk_size: u64, checkpoint: Checkpoint) -> std::io::Result<Introspection> {
     let f = File::open(disk)?;
     let dev_len = f.metadata()?.len();
-    introspect_in(&|off, buf| f.read_exact_at(buf, off), dev_len, chunk_size, checkpoint)
+    introspect_disk(&|off, buf| f.read_exact_at(buf, off), dev_len, chunk_size, checkpoint)
+}
+
+/// [`introspect`] over any reader of the device's bytes (fuzzed): the device as one file
+/// system, else its partitions'.
+pub fn introspect_disk(
+    read: ReadAt<'_>,
+    dev_len: u64,
+    chunk_size: u64,
+    checkpoint: Checkpoint,
+) -> std::io::Result<Introspection> {
+    let whole = introspect_in(read, dev_len, chunk_size, checkpoint)?;
+    if !matches!(whole, Introspection::NotExt4) || chunk_size == 0 {
+        return Ok(whole);
+    }
+    for p in crate::partition::linux_partitions(read, dev_len) {
+        if p.start % chunk_size != 0 {
+            continue; // its blocks would straddle chunks: no claims
+        }
+        let inside = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            match off.checked_add(buf.len() as u64) {
+                Some(end) if end <= p.len => read(p.start + off, buf),
+                _ => Err(std::io::Error::other("past the end of the partition")),
+            }
+        };
+        match introspect_in(&inside, p.len, chunk_size, checkpoint)? {
+            Introspection::NotExt4 => continue,
+            Introspection::Known(fs) => {
+                return Ok(Introspection::Known(fs.moved(p.start / chunk_size, dev_len.div_ceil(chunk_size))))
+            }
+            skipped => return Ok(skipped),
+        }
+    }
+    Ok(Introspection::NotExt4)
 }
 
 /// Fields of the superblock this reader uses.

@@ -18,6 +18,7 @@ pub mod launch;
 mod options;
 mod pack;
 pub mod package;
+pub mod partition;
 pub mod profile;
 pub mod residue;
 pub mod saved;

@@ -59,37 +59,61 @@ pub fn overlay_of_saved_vm(
             base.manifest().name
         )));
     }
-    if m.disks.len() != 1 {
-        return Err(bad(format!("a launch VM has one disk, this one has {}", m.disks.len())));
-    }
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work).map_err(|source| SynthError::Io { path: work.to_path_buf(), source })?;
     let r = (|| {
-        let (flat_snapshot, written, discarded, tracking) = match m.spec.disks[0].format {
-            DiskFormat::Qcow2 => {
-                let layer = snapshot.disk_paths()[0].clone();
-                let (written, discarded) = crate::launch::layer_chunks(&layer)?;
-                let tracking = DiskTracking::Layer { written: written.len(), discarded: discarded.len() };
-                (flat_copy(snapshot, &layer, work)?, written, discarded, tracking)
-            }
-            DiskFormat::Raw => {
-                let chunks = m.disks[0].size.div_ceil(CHUNK_SIZE as u64);
-                (snapshot.clone(), (0..chunks).collect(), Vec::new(), DiskTracking::EveryChunk { chunks })
-            }
-        };
+        let flat = flatten_saved_vm(snapshot, work)?;
         let input = LaunchInput {
-            snapshot: &flat_snapshot,
-            written_disk_chunks: &written,
-            discarded_disk_chunks: &discarded,
+            snapshot: &flat.snapshot,
+            written_disk_chunks: &flat.written,
+            discarded_disk_chunks: &flat.discarded,
             service,
             accessed: None,
             checkpoint: Checkpoint::Unknown,
         };
         let report = crate::create::create(base, &input, opts, out)?;
-        Ok((report, tracking))
+        Ok((report, flat.tracking))
     })();
     let _ = std::fs::remove_dir_all(work);
     r
+}
+
+/// A saved VM as overlay creation takes it.
+#[derive(Debug)]
+pub struct FlatSavedVm {
+    /// With a raw disk: a copy in `work` (the qcow2 layer flattened), or the VM's own save.
+    pub snapshot: Snapshot,
+    /// Disk chunks to compare with the base's (sorted), and chunks discarded.
+    pub written: Vec<u64>,
+    pub discarded: Vec<u64>,
+    pub tracking: DiskTracking,
+}
+
+/// The saved VM `snapshot` with a raw disk and its disk's changes: a qcow2 layer is
+/// flattened into `work/snapshot/` (which must exist and be empty; the VM's save is left
+/// as it is) and says which chunks were written; a raw disk is the save itself, every
+/// chunk to compare.
+pub fn flatten_saved_vm(snapshot: &Snapshot, work: &Path) -> Result<FlatSavedVm, SynthError> {
+    let m = snapshot.manifest();
+    if m.disks.len() != 1 || m.spec.disks.len() != 1 {
+        return Err(SynthError::BadFile {
+            path: snapshot.dir().to_path_buf(),
+            detail: format!("a launch VM has one disk, this one has {}", m.disks.len()),
+        });
+    }
+    Ok(match m.spec.disks[0].format {
+        DiskFormat::Qcow2 => {
+            let layer = snapshot.disk_paths()[0].clone();
+            let (written, discarded) = crate::launch::layer_chunks(&layer)?;
+            let tracking = DiskTracking::Layer { written: written.len(), discarded: discarded.len() };
+            FlatSavedVm { snapshot: flat_copy(snapshot, &layer, work)?, written, discarded, tracking }
+        }
+        DiskFormat::Raw => {
+            let chunks = m.disks[0].size.div_ceil(CHUNK_SIZE as u64);
+            let tracking = DiskTracking::EveryChunk { chunks };
+            FlatSavedVm { snapshot: snapshot.clone(), written: (0..chunks).collect(), discarded: Vec::new(), tracking }
+        }
+    })
 }
 
 /// A copy of `snapshot` in `work` with its qcow2 layer flattened to a raw disk (the VM's

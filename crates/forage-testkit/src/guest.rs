@@ -248,3 +248,26 @@ pub fn pair_with(cloudlet: &forage_cloudlet::Cloudlet, device: &str) -> std::syn
 pub fn credentials() -> &'static std::sync::Arc<rustls::ClientConfig> {
     CREDENTIALS.get().expect("pair_with first")
 }
+
+/// Synthesize `overlay` on a cloudlet of `data` served in this process (named `cloudlet`,
+/// with a device `device` paired to it, as over USB) and return its service's first
+/// answer. Every QEMU and shim the cloudlet started under `data`'s work folder is killed
+/// before this returns.
+pub async fn synthesize_in_process(data: &DataDir, cloudlet: &str, device: &str, overlay: &Path) -> String {
+    let accel = forage_vm::accel::detect().accel;
+    let _reaper = Reaper::new(&[data.work()]);
+    let cloudlet = std::sync::Arc::new(
+        forage_cloudlet::Cloudlet::open(cloudlet.into(), data.clone(), accel, Ipv4Addr::LOCALHOST)
+            .expect("the cloudlet opens"),
+    );
+    let credentials = pair_with(&cloudlet, device);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    let addr = listener.local_addr().expect("bound");
+    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
+    let opts =
+        forage_client::SynthesisOptions { device: device.into(), credentials: Some(credentials), ..Default::default() };
+    let (report, session) = forage_client::synthesize(overlay, addr, &opts).await.expect("synthesis");
+    session.close().await;
+    server.abort();
+    report.answer
+}

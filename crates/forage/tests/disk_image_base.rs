@@ -8,17 +8,15 @@
 //! answers with the changed file. Hostile disk files are refused first, each in one line
 //! with nothing left behind.
 //!
-//! Slow under TCG (one Debian boot with cloud-init: the base in 2 to 2.5 minutes here, the
-//! whole test about 4 minutes; the image build adds about 100 s the first time, its .debs
-//! then cached): run with `--ignored`, after `cargo build -p forage-shim` (the cloudlet
-//! starts the shim binary; the workspace's tests build it). `FORAGE_SKIP_VM_TESTS=1`
-//! skips it.
+//! In the default suite; the slowest VM test under TCG (one Debian boot with cloud-init:
+//! the base in 2 to 2.5 minutes here; the whole test 206 s from an empty test data
+//! folder, 66 s of which built the disk, downloading its .debs into the folder's cache). The
+//! cloudlet starts the shim binary: `cargo build -p forage-shim` first when running this
+//! test alone (the workspace's tests build it). `FORAGE_SKIP_VM_TESTS=1` skips it.
 
 use std::io::BufRead;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forage_datadir::DataDir;
@@ -123,7 +121,6 @@ exit 1
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow under TCG (~5 min with the image cached): cargo test -p forage --test disk_image_base -- --ignored"]
 async fn debian_disk_image_becomes_a_base_and_an_overlay_source() {
     if skip_vm_tests() {
         return;
@@ -208,24 +205,8 @@ async fn debian_disk_image_becomes_a_base_and_an_overlay_source() {
     assert!(made["modified_disk_chunks"].as_u64().unwrap() > 0, "the change wrote the disk: {made}");
 
     // Synthesized on a cloudlet: the service answers with the changed file.
-    let accel = forage_vm::accel::detect().accel;
-    let _reaper = Reaper::new(&[data.work()]);
-    let cloudlet = Arc::new(
-        forage_cloudlet::Cloudlet::open("disk-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST).unwrap(),
-    );
-    pair_with(&cloudlet, "disk-tester");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
-    let opts = forage_client::SynthesisOptions {
-        device: "disk-tester".into(),
-        credentials: Some(credentials().clone()),
-        ..Default::default()
-    };
-    let (report, session) = forage_client::synthesize(&ovl, addr, &opts).await.expect("synthesis");
-    assert_eq!(report.answer, format!("ok {state}"));
-    session.close().await;
-    server.abort();
+    let answer = synthesize_in_process(&data, "disk-cloudlet", "disk-tester", &ovl).await;
+    assert_eq!(answer, format!("ok {state}"));
 
     assert!(forage(&["vm", "rm", "dv"]).status().unwrap().success());
     BaseVm::remove(&data, "diskb").unwrap();

@@ -7,7 +7,6 @@
 use std::io::BufRead;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use forage_agent::AgentClient;
@@ -87,23 +86,8 @@ async fn overlay_from_a_hand_made_launch_vm_synthesizes_and_answers() {
     assert!(made["modified_disk_chunks"].as_u64().unwrap() > 0, "installing wrote the disk: {made}");
     assert!(made["bytes"].as_u64().unwrap() < made["modified_bytes"].as_u64().unwrap(), "{made}");
 
-    let _reaper = Reaper::new(&[data.work()]);
-    let cloudlet = Arc::new(
-        forage_cloudlet::Cloudlet::open("fromvm-cloudlet".into(), data.clone(), accel, Ipv4Addr::LOCALHOST).unwrap(),
-    );
-    pair_with(&cloudlet, "fromvm-tester");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
-    let opts = forage_client::SynthesisOptions {
-        device: "fromvm-tester".into(),
-        credentials: Some(credentials().clone()),
-        ..Default::default()
-    };
-    let (report, session) = forage_client::synthesize(&ovl, addr, &opts).await.expect("synthesis");
-    assert!(report.answer.starts_with("ok "), "{}", report.answer);
-    session.close().await;
-    server.abort();
+    let answer = synthesize_in_process(&data, "fromvm-cloudlet", "fromvm-tester", &ovl).await;
+    assert!(answer.starts_with("ok "), "{answer}");
 
     // --interactive: the base's serial console on the terminal (here a pipe); the end of
     // input ends the session, and the overlay is made of what the VM became.
