@@ -195,7 +195,8 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         .map_err(ActivateError::Agent)?;
     let first_response_seconds = start.elapsed().as_secs_f64();
 
-    // A public substrate becomes a machine of its own before anything else runs on it.
+    // A public substrate becomes a machine of its own before the activation hands it over
+    // (its service already runs: what it read of the old identity it keeps).
     let (renewed, agent) = match manifest.public {
         true => {
             let (renewed, agent) = tokio::task::spawn_blocking(move || {

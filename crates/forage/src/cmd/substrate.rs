@@ -108,6 +108,18 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                     spec.memory_mib,
                     m.docked_memory_bytes >> 20
                 );
+                match &m.nic {
+                    Some(n) => println!(
+                        "no NIC (activation plugs one in on PCI slot {:#x} for guest ports {:?}){}",
+                        n.pci_slot,
+                        n.guest_ports,
+                        if m.public { "; public: activations renew the guest's identity" } else { "" }
+                    ),
+                    None => println!(
+                        "its NIC stays (activation gives it new forwards){}",
+                        if m.public { "; public: activations renew the guest's identity" } else { "" }
+                    ),
+                }
                 for s in &m.sections {
                     println!(
                         "  {:<8} {:>10} bytes, {:>10} of data in {:>6} extents, {:>10} encoded",
@@ -286,6 +298,12 @@ async fn activate(
             if r.reloaded_from_disk { " (read back from disk)" } else { "" }
         );
         println!("the guest sees {} vCPUs and {} MiB (MemTotal)", r.guest_vcpus, r.guest_mem_total_bytes >> 20);
+        if r.nic_plugged {
+            println!("a NIC was plugged in with this VM's forwards in {:.3} s", r.plug_seconds);
+        }
+        if !r.renewed.is_empty() {
+            println!("public substrate: the guest renewed {}", r.renewed.join(", "));
+        }
     }
     if once {
         a.vm.shutdown().await?;
