@@ -120,6 +120,7 @@ async fn measure(
         image: image.clone(),
         source: DockSource::Boot { app: None, max_vcpus: cores, max_memory_mib: image.manifest().memory_mib },
         public: false,
+        detach_nic: false,
         accel,
         ready_timeout: Duration::from_secs(a.ready_timeout_s),
     };

@@ -30,8 +30,8 @@ if echo "$name" > /proc/sys/kernel/hostname; then
   fi
   renewed="hostname"
 fi
-if [ -f /etc/machine-id ] && tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id.new \
-    && mv /etc/machine-id.new /etc/machine-id; then
+# In place, not renamed over: systemd may have bind-mounted /run/machine-id there.
+if [ -f /etc/machine-id ] && tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id; then
   renewed="$renewed machine-id"
 fi
 if ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 && command -v ssh-keygen >/dev/null \

@@ -43,6 +43,7 @@ async fn dock_spill_activate_twice_and_refuse_corruption() {
         image: image.clone(),
         source: DockSource::Boot { app: None, max_vcpus: 2, max_memory_mib: 256 },
         public: false,
+        detach_nic: true,
         accel,
         ready_timeout: guest::READY,
     };
@@ -153,6 +154,7 @@ async fn dock_a_saved_vm_public() {
             label: "service:tiny-saved".into(),
         },
         public: true,
+        detach_nic: true,
         accel,
         ready_timeout: guest::READY,
     };

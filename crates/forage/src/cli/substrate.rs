@@ -30,6 +30,10 @@ pub enum SubstrateCommand {
         /// machine-id, SSH host keys)
         #[arg(long)]
         public: bool,
+        /// Unplug the NIC before the save; activation plugs one in with its forwards
+        /// (images only: the tiny guest brings it up, Debian guests do not yet)
+        #[arg(long)]
+        detach_nic: bool,
         #[arg(long, default_value_t = 180, value_name = "S")]
         ready_timeout: u64,
         #[arg(long)]

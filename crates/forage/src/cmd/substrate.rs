@@ -17,7 +17,7 @@ use crate::output::print_json;
 pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
     let pool = Pool::open(data)?;
     match cmd {
-        SubstrateCommand::Dock { name, from, app, max_vcpus, max_memory, public, ready_timeout, json } => {
+        SubstrateCommand::Dock { name, from, app, max_vcpus, max_memory, public, detach_nic, ready_timeout, json } => {
             let (image, source) = match dock_from(data, &from)? {
                 From::Image(image) => {
                     let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
@@ -40,6 +40,7 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                 image,
                 source,
                 public,
+                detach_nic,
                 accel: forage_vm::accel::choose(),
                 ready_timeout: Duration::from_secs(ready_timeout),
             };
@@ -58,7 +59,7 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                     r.boot_seconds
                 );
                 if !r.nic_detached {
-                    println!("its NIC stays (a saved VM's NIC sits on an automatic PCI slot); activation gives it new forwards");
+                    println!("its NIC stays; activation gives it new forwards");
                 }
                 println!(
                     "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
