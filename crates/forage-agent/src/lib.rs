@@ -151,9 +151,18 @@ impl AgentClient {
     }
 
     fn try_connect(addr: SocketAddr) -> Result<Self, AgentError> {
+        Self::try_connect_within(addr, Duration::from_secs(5))
+    }
+
+    /// One try: connect and ping, the answer awaited for up to `answer`. With QEMU's
+    /// user-mode network a connection to a forwarded port is accepted on the host at
+    /// once, whether the guest is there or not; a guest whose NIC is not up yet leaves
+    /// the ping unanswered until the network stack's retransmission (seconds), so a
+    /// caller waiting for a guest that is about to answer tries again with short waits.
+    pub fn try_connect_within(addr: SocketAddr, answer: Duration) -> Result<Self, AgentError> {
         let io = |source| AgentError::Io { addr, source };
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(io)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
+        stream.set_read_timeout(Some(answer)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let mut client = Self { addr, reader: BufReader::new(stream), writer };
         client.ping()?;

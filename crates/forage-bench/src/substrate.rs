@@ -13,7 +13,7 @@ use anyhow::Context;
 use forage_agent::AgentClient;
 use forage_datadir::DataDir;
 use forage_image::{GuestImage, RunPaths};
-use forage_substrate::{ActivateRequest, DockRequest, Pool};
+use forage_substrate::{ActivateRequest, DockRequest, DockSource, Pool};
 use serde::Serialize;
 
 use crate::cli::BenchSubstrateArgs;
@@ -118,9 +118,9 @@ async fn measure(
     let req = DockRequest {
         name: "bench".into(),
         image: image.clone(),
-        app: None,
-        max_vcpus: cores,
-        max_memory_mib: image.manifest().memory_mib,
+        source: DockSource::Boot { app: None, max_vcpus: cores, max_memory_mib: image.manifest().memory_mib },
+        public: false,
+        detach_nic: false,
         accel,
         ready_timeout: Duration::from_secs(a.ready_timeout_s),
     };

@@ -16,7 +16,25 @@ done
 # After virtio_balloon: registering reporting resets the order.
 echo 0 > /sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null
 ip link set lo up
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+net_up() {
+  ip link set eth0 up && { ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2; true; } 2>/dev/null
+}
+net_up
+# A VM booted to be docked as a substrate (kernel argument forage.nichotplug=1) loses its
+# NIC at dock, and activation plugs in a new one: a new eth0 (another ifindex) gets the
+# same configuration. This guest has no udev and the kernel no uevent helper, so a watch:
+# every 20 ms, shell built-ins but for the sleep. Other VMs run without it.
+case " $(cat /proc/cmdline) " in
+*" forage.nichotplug=1 "*)
+  (idx=; [ -e /sys/class/net/eth0/ifindex ] && read idx < /sys/class/net/eth0/ifindex
+   while true; do
+     sleep 0.02
+     [ -e /sys/class/net/eth0/ifindex ] || continue
+     read now < /sys/class/net/eth0/ifindex
+     [ "$now" = "$idx" ] || { net_up && idx=$now; }
+   done) &
+  ;;
+esac
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 mount -t ext4 -o discard /dev/vda /data || echo "forage-init: no data disk on /dev/vda"

@@ -88,7 +88,7 @@ impl GuestImage {
                 cmdline: self.manifest.cmdline.clone(),
             }),
             disks: vec![DiskSpec { path: disk, format: forage_vm::DiskFormat::Raw, read_only: false, discard: true }],
-            nic: Some(NicSpec { forwards }),
+            nic: Some(NicSpec { forwards, pci_slot: None }),
             balloon: Some(BalloonSpec { free_page_reporting: true }),
             guest_agent: self.manifest.guest_agent.then(|| GuestAgentSpec { socket: run.guest_agent_socket() }),
             virtio_rng: self.manifest.virtio_rng,

@@ -11,10 +11,14 @@
 //!    removed before QEMU starts: a corrupted substrate runs nothing). Each activation
 //!    copies memory and device state from there into its own folder.
 //! 4. The activation gets a qcow2 copy-on-write layer over the base disk.
-//! 5. QEMU restores the VM with a NIC whose forwards are fresh loopback ports; the guest
-//!    agent's answer to a ping is the first response. Then the VM grows: vCPUs
-//!    hot-plugged (and onlined in the guest through the agent), balloon deflated to the
-//!    requested memory.
+//! 5. QEMU restores the VM; a substrate docked without its NIC gets one plugged in
+//!    (`netdev_add` with fresh loopback forwards, `device_add`), which the guest brings
+//!    up on its own (a substrate that kept its NIC gets the fresh forwards on the
+//!    restore's command line). The guest agent's answer to a ping, through that NIC, is
+//!    the first response.
+//! 6. A public substrate's guest renews its identity ([`crate::generalize`]).
+//! 7. The VM grows: vCPUs hot-plugged (and onlined in the guest through the agent),
+//!    balloon deflated to the requested memory.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -23,7 +27,7 @@ use std::time::{Duration, Instant};
 use forage_agent::{AgentClient, AgentError};
 use forage_datadir::DataDir;
 use forage_image::{GuestImage, RunPaths};
-use forage_vm::{Accel, DiskFormat, RestoreOptions, Snapshot, Vm};
+use forage_vm::{Accel, DiskFormat, NicSpec, RestoreOptions, Snapshot, Vm};
 use serde::Serialize;
 
 use crate::activate_error::io;
@@ -55,6 +59,11 @@ pub struct ActivationReport {
     /// This activation decoded the substrate (the first one since it entered the pool).
     pub decoded_now: bool,
     pub restore_seconds: f64,
+    /// Plugging in a NIC with this activation's forwards (a substrate docked without one).
+    pub plug_seconds: f64,
+    pub nic_plugged: bool,
+    /// What a public substrate's guest renewed (`hostname`, `machine-id`, `ssh-host-keys`).
+    pub renewed: Vec<String>,
     /// From the start of the activation to the guest's first answer (the agent's ping).
     pub first_response_seconds: f64,
     /// Until the vCPUs are online and the balloon has given the guest its memory.
@@ -138,8 +147,12 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         .map_err(io(&snap_dir))?;
     let snapshot = Snapshot::open(&snap_dir)
         .map_err(|e| ActivateError::Restore { name: name.clone(), source: forage_vm::RestoreError::from(e) })?;
-    let guest_ports: Vec<u16> =
-        snap.spec.nic.as_ref().map(|n| n.forwards.iter().map(|f| f.guest_port).collect()).unwrap_or_default();
+    // A NIC detached at dock is plugged in after the restore; a NIC the docked VM kept
+    // gets fresh forwards on the restore's command line.
+    let guest_ports: Vec<u16> = match &manifest.nic {
+        Some(n) => n.guest_ports.clone(),
+        None => snap.spec.nic.as_ref().map(|n| n.forwards.iter().map(|f| f.guest_port).collect()).unwrap_or_default(),
+    };
     let forwards = forage_image::loopback_forwards(guest_ports).map_err(io(Path::new("127.0.0.1")))?;
     let mut spec = snapshot.relocated_spec(&req.run.dir, &req.run.qmp_socket, Some(forwards.clone()));
     spec.name = req.vm_name.clone();
@@ -158,10 +171,19 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
 
     let t = Instant::now();
     let opts = RestoreOptions { copy_disks: false, ..RestoreOptions::default() };
-    let vm = Vm::restore_with(&snapshot, spec, req.accel, &req.run.dir.join("qemu.log"), opts)
+    let mut vm = Vm::restore_with(&snapshot, spec, req.accel, &req.run.dir.join("qemu.log"), opts)
         .await
         .map_err(|source| ActivateError::Restore { name: name.clone(), source })?;
     let restore_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    if let Some(n) = &manifest.nic {
+        let nic = NicSpec { forwards: forwards.clone(), pci_slot: Some(n.pci_slot) };
+        if let Err(e) = vm.plug_nic(nic).await {
+            let _ = vm.shutdown().await;
+            return Err(ActivateError::PlugNic(e));
+        }
+    }
+    let plug_seconds = t.elapsed().as_secs_f64();
 
     // The first response: the guest agent answers its ping (inside the connect). The VM
     // still runs on its docked size; growing follows.
@@ -172,6 +194,22 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         .expect("the agent's connect does not panic")
         .map_err(ActivateError::Agent)?;
     let first_response_seconds = start.elapsed().as_secs_f64();
+
+    // A public substrate becomes a machine of its own before the activation hands it over
+    // (its service already runs: what it read of the old identity it keeps).
+    let (renewed, agent) = match manifest.public {
+        true => {
+            let (renewed, agent) = tokio::task::spawn_blocking(move || {
+                let out = crate::generalize::renew(&mut agent);
+                (out, agent)
+            })
+            .await
+            .expect("the agent session does not panic");
+            (renewed.map_err(ActivateError::Agent)?, agent)
+        }
+        false => (Vec::new(), agent),
+    };
+    let mut agent = agent;
 
     // Grow. Plugging and ballooning are requests the guest acts on; the agent onlines the
     // vCPUs once the guest has them.
@@ -215,7 +253,10 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         decode_seconds,
         decoded_now,
         restore_seconds,
+        plug_seconds,
+        nic_plugged: manifest.nic.is_some(),
         first_response_seconds,
+        renewed,
         total_seconds,
         agent_port,
         service_port,
@@ -228,14 +269,22 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
 
 /// The guest agent at `addr`, connected and answering a ping, tried every 10 ms for up
 /// to `wait` ([`AgentClient::connect`] waits 200 ms between tries, which a first try a
-/// moment before the resumed guest answers would add to the first response).
+/// moment before the resumed guest answers would add to the first response). Each try
+/// waits 50 ms for the ping's answer (after 2 s, longer with every try, up to 2 s, for a
+/// guest that is slow rather than absent): a connection made before the guest brought
+/// its newly plugged NIC up is only retransmitted seconds later, a new one is sent at
+/// once.
 fn first_answer(addr: SocketAddr, wait: Duration) -> Result<AgentClient, AgentError> {
     let start = Instant::now();
+    let mut answer = Duration::from_millis(50);
     loop {
-        match AgentClient::connect(addr, Duration::ZERO) {
+        match AgentClient::try_connect_within(addr, answer) {
             Ok(c) => return Ok(c),
             Err(_) if start.elapsed() < wait => std::thread::sleep(Duration::from_millis(10)),
             Err(_) => return Err(AgentError::Unreachable { addr, waited: start.elapsed() }),
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            answer = (answer * 2).min(Duration::from_secs(2));
         }
     }
 }

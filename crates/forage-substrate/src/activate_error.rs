@@ -37,6 +37,8 @@ pub enum ActivateError {
         #[source]
         source: forage_vm::RestoreError,
     },
+    #[error("plugging a NIC into the activated VM")]
+    PlugNic(#[source] forage_vm::VmError),
     #[error("growing the activated VM")]
     Expand(#[source] forage_vm::VmError),
     #[error("the activated VM's guest agent")]

@@ -26,8 +26,11 @@ use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"FORAGESB";
 pub const KIND: &str = "forage-substrate";
-/// Format written by this forage.
-pub const FORMAT: u32 = 1;
+/// Format written by this forage. 2 added the manifest's `nic` and `public` (both
+/// optional: a format 1 file reads as one without them).
+pub const FORMAT: u32 = 2;
+/// Guest ports a detached NIC may forward.
+pub const MAX_NIC_PORTS: usize = 16;
 pub const HEADER_LEN: usize = 24;
 /// Caps on what a file may claim.
 pub const MAX_MANIFEST: u64 = 1 << 20;
@@ -61,6 +64,22 @@ pub struct SubstrateManifest {
     pub docked_at_unix: u64,
     pub snapshot: SnapshotManifest,
     pub sections: Vec<SectionRecord>,
+    /// The NIC unplugged at dock (the snapshot's VM has none): activation plugs one in
+    /// on this PCI slot with fresh host ports for these guest ports. Format 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<DetachedNic>,
+    /// A public substrate: each activation renews the guest's identity (host name,
+    /// machine-id, SSH host keys). Format 2.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub public: bool,
+}
+
+/// What a docked VM's NIC was, for activation to plug one back in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachedNic {
+    pub pci_slot: u8,
+    pub guest_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +332,18 @@ pub fn check_manifest(m: &SubstrateManifest) -> Result<(), String> {
     }
     m.snapshot.check()?;
     let snap = &m.snapshot;
+    if let Some(nic) = &m.nic {
+        if snap.spec.nic.is_some() {
+            return Err("a detached NIC and a NIC in the docked VM".into());
+        }
+        if nic.guest_ports.len() > MAX_NIC_PORTS || !(1..32).contains(&nic.pci_slot) {
+            return Err(format!(
+                "detached NIC on PCI slot {} with {} ports (slots 1 to 31, at most {MAX_NIC_PORTS} ports)",
+                nic.pci_slot,
+                nic.guest_ports.len()
+            ));
+        }
+    }
     let mut expected: Vec<(String, u64, u64)> = vec![("memory".into(), snap.memory.size, MAX_MEMORY)];
     for (i, d) in snap.disks.iter().enumerate() {
         expected.push((format!("disk{i}"), d.size, MAX_DISK));

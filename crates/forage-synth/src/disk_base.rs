@@ -179,7 +179,7 @@ async fn build(
         memory_file: run.join(forage_vm::snapshot::MEMORY_FILE),
         boot,
         disks: vec![DiskSpec { path: disk, format: forage_vm::DiskFormat::Raw, read_only: false, discard: true }],
-        nic: Some(NicSpec { forwards }),
+        nic: Some(NicSpec { forwards, pci_slot: None }),
         balloon: Some(BalloonSpec { free_page_reporting: true }),
         guest_agent: Some(GuestAgentSpec { socket: qmp_socket.with_extension("qga") }),
         virtio_rng: true,

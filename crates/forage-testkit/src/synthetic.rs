@@ -205,6 +205,8 @@ pub fn substrate(dir: &Path, name: &str, pages: u64) -> (PathBuf, forage_substra
         docked_at_unix: 0,
         snapshot: snap.manifest().clone(),
         sections: Vec::new(),
+        nic: None,
+        public: false,
     };
     let inputs = [
         SectionInput { name: "memory".into(), path: mem, base: None },

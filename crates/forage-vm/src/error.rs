@@ -20,6 +20,8 @@ pub enum VmError {
     MissingInput { path: PathBuf },
     #[error("VM {vm}: {detail}")]
     BadSpec { vm: String, detail: String },
+    #[error("VM {vm}: {detail}")]
+    Hotplug { vm: String, detail: String },
     #[error("VM {vm} has no control socket: it cannot be driven from another process")]
     NoControlSocket { vm: String },
     #[error("QMP socket path {path} is longer than 107 bytes")]

@@ -10,7 +10,8 @@
 //!   QEMU can provide them.
 //! - [`dirty`]: which parts of a running VM's disk were written since a point (a QEMU
 //!   dirty bitmap).
-//! - [`Vm::plug_vcpus`], [`Vm::set_balloon`]: grow or shrink a running VM .
+//! - [`Vm::plug_vcpus`], [`Vm::set_balloon`]: grow or shrink a running VM;
+//!   [`Vm::unplug_nic`], [`Vm::plug_nic`]: take its NIC away and give it one back.
 //! - [`qga::GuestAgent`]: a typed client of the QEMU guest agent (qemu-ga) over the VM's
 //!   virtio-serial channel ([`GuestAgentSpec`]).
 
@@ -19,6 +20,7 @@ pub mod cpu;
 pub mod dirty;
 mod error;
 pub mod import;
+mod nic;
 pub mod process;
 pub mod qga;
 pub mod qmp;

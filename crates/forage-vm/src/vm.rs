@@ -259,6 +259,11 @@ impl Vm {
         &self.spec
     }
 
+    /// For the hardware changes made while it runs (the NIC unplugged or plugged).
+    pub(crate) fn spec_mut(&mut self) -> &mut VmSpec {
+        &mut self.spec
+    }
+
     pub fn accel(&self) -> Accel {
         self.accel
     }

@@ -7,22 +7,33 @@ use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum SubstrateCommand {
-    /// Boot a guest image (a base), optionally install an app (a service), shrink it to
-    /// one vCPU and the memory it uses, and save it as substrate NAME in the pool
+    /// Run a VM (boot a guest image, optionally installing an app; or restore a service
+    /// VM of the repository or a base VM), shrink it to one vCPU and the memory it uses,
+    /// and save it as substrate NAME in the pool
     Dock {
         name: String,
-        /// The guest image to dock (`forage image build NAME`)
-        #[arg(long = "from", value_name = "IMAGE", default_value = "tiny")]
-        image: String,
-        /// An app folder to install first: the substrate is then that service
+        /// What to dock: `image:NAME` (`forage image build NAME`), `service:ID` (`forage
+        /// service list`), `base:NAME` (`forage base list`); a plain name is the first of
+        /// these that exists
+        #[arg(long = "from", value_name = "IMAGE|SERVICE|BASE", default_value = "tiny")]
+        from: String,
+        /// An app folder to install first (images only): the substrate is then that service
         #[arg(long, value_name = "DIR")]
         app: Option<PathBuf>,
-        /// vCPUs an activation may ask for [default: this host's cores]
+        /// vCPUs an activation may ask for (images only) [default: this host's cores]
         #[arg(long)]
         max_vcpus: Option<u32>,
-        /// Memory an activation may ask for, MiB [default: the image's]
+        /// Memory an activation may ask for, MiB (images only) [default: the image's]
         #[arg(long, value_name = "MIB")]
         max_memory: Option<u64>,
+        /// A public substrate: each activation renews the guest's identity (host name,
+        /// machine-id, SSH host keys)
+        #[arg(long)]
+        public: bool,
+        /// Unplug the NIC before the save; activation plugs one in with its forwards
+        /// (images only: the tiny guest brings it up, Debian guests do not yet)
+        #[arg(long)]
+        detach_nic: bool,
         #[arg(long, default_value_t = 180, value_name = "S")]
         ready_timeout: u64,
         #[arg(long)]

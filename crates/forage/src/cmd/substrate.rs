@@ -7,7 +7,7 @@ use forage_agent::app::AppPackage;
 use forage_datadir::DataDir;
 use forage_image::vms::{AppForward, VmPaths, VmRecord};
 use forage_image::GuestImage;
-use forage_substrate::{format, ActivateRequest, Channel, DockRequest, Pool};
+use forage_substrate::{format, ActivateRequest, Channel, DockRequest, DockSource, Pool};
 use serde_json::json;
 
 use super::vm::{announce, qemu_alive, supervise};
@@ -17,15 +17,30 @@ use crate::output::print_json;
 pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
     let pool = Pool::open(data)?;
     match cmd {
-        SubstrateCommand::Dock { name, image, app, max_vcpus, max_memory, ready_timeout, json } => {
-            let image = GuestImage::open(data, &image)?;
-            let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        SubstrateCommand::Dock { name, from, app, max_vcpus, max_memory, public, detach_nic, ready_timeout, json } => {
+            let (image, source) = match dock_from(data, &from)? {
+                From::Image(image) => {
+                    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+                    let source = DockSource::Boot {
+                        app: app.as_deref().map(AppPackage::open).transpose()?,
+                        max_vcpus: max_vcpus.unwrap_or(cores),
+                        max_memory_mib: max_memory.unwrap_or(image.manifest().memory_mib),
+                    };
+                    (image, source)
+                }
+                From::Saved(image, source) => {
+                    if app.is_some() || max_vcpus.is_some() || max_memory.is_some() {
+                        bail!("--app, --max-vcpus and --max-memory go with an image; {from} is docked as it was saved");
+                    }
+                    (image, source)
+                }
+            };
             let req = DockRequest {
                 name,
-                max_memory_mib: max_memory.unwrap_or(image.manifest().memory_mib),
                 image,
-                app: app.as_deref().map(AppPackage::open).transpose()?,
-                max_vcpus: max_vcpus.unwrap_or(cores),
+                source,
+                public,
+                detach_nic,
                 accel: forage_vm::accel::choose(),
                 ready_timeout: Duration::from_secs(ready_timeout),
             };
@@ -34,9 +49,18 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                 print_json(&r);
             } else {
                 println!(
-                    "substrate {} docked in {:.2} s (shrink {:.2}, save {:.2}, encode {:.2}; boot before it {:.1} s)",
-                    r.name, r.dock_seconds, r.shrink_seconds, r.save_seconds, r.encode_seconds, r.boot_seconds
+                    "substrate {} docked in {:.2} s (shrink {:.2}, NIC {:.2}, save {:.2}, encode {:.2}; boot before it {:.1} s)",
+                    r.name,
+                    r.dock_seconds,
+                    r.shrink_seconds,
+                    r.unplug_seconds,
+                    r.save_seconds,
+                    r.encode_seconds,
+                    r.boot_seconds
                 );
+                if !r.nic_detached {
+                    println!("its NIC stays; activation gives it new forwards");
+                }
                 println!(
                     "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
                     r.memory_bytes >> 20,
@@ -85,6 +109,18 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                     spec.memory_mib,
                     m.docked_memory_bytes >> 20
                 );
+                match &m.nic {
+                    Some(n) => println!(
+                        "no NIC (activation plugs one in on PCI slot {:#x} for guest ports {:?}){}",
+                        n.pci_slot,
+                        n.guest_ports,
+                        if m.public { "; public: activations renew the guest's identity" } else { "" }
+                    ),
+                    None => println!(
+                        "its NIC stays (activation gives it new forwards){}",
+                        if m.public { "; public: activations renew the guest's identity" } else { "" }
+                    ),
+                }
                 for s in &m.sections {
                     println!(
                         "  {:<8} {:>10} bytes, {:>10} of data in {:>6} extents, {:>10} encoded",
@@ -136,6 +172,52 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+enum From {
+    Image(GuestImage),
+    /// A saved VM and the image whose kernel it boots.
+    Saved(GuestImage, DockSource),
+}
+
+/// What `--from` names: `image:NAME`, `service:ID`, `base:NAME`, or a plain name, the first
+/// of these that exists.
+fn dock_from(data: &DataDir, from: &str) -> anyhow::Result<From> {
+    let (kind, name) = match from.split_once(':') {
+        Some((k, n)) => (Some(k), n),
+        None => (None, from),
+    };
+    let service = || -> anyhow::Result<From> {
+        let svc = forage_service::Repository::new(data).open(name)?;
+        let m = svc.manifest();
+        let source = DockSource::Saved {
+            snapshot: Box::new(svc.snapshot()?),
+            service_port: m.port,
+            label: format!("service:{}", m.id),
+        };
+        Ok(From::Saved(GuestImage::open(data, &m.image)?, source))
+    };
+    let base = || -> anyhow::Result<From> {
+        let b = forage_synth::BaseVm::open(data, name)?;
+        let source = DockSource::Saved {
+            snapshot: Box::new(b.snapshot().clone()),
+            service_port: None,
+            label: format!("base:{}", b.manifest().name),
+        };
+        Ok(From::Saved(GuestImage::open(data, &b.manifest().image)?, source))
+    };
+    match kind {
+        Some("image") => Ok(From::Image(GuestImage::open(data, name)?)),
+        Some("service") => service(),
+        Some("base") => base(),
+        Some(k) => bail!("--from {from}: {k} is not image, service or base"),
+        None => match GuestImage::open(data, name) {
+            Ok(image) => Ok(From::Image(image)),
+            Err(image_err) => service()
+                .or_else(|_| base())
+                .map_err(|_| anyhow::anyhow!("no image, service or base VM named {name} (as an image: {image_err})")),
+        },
     }
 }
 
@@ -217,6 +299,12 @@ async fn activate(
             if r.reloaded_from_disk { " (read back from disk)" } else { "" }
         );
         println!("the guest sees {} vCPUs and {} MiB (MemTotal)", r.guest_vcpus, r.guest_mem_total_bytes >> 20);
+        if r.nic_plugged {
+            println!("a NIC was plugged in with this VM's forwards in {:.3} s", r.plug_seconds);
+        }
+        if !r.renewed.is_empty() {
+            println!("public substrate: the guest renewed {}", r.renewed.join(", "));
+        }
     }
     if once {
         a.vm.shutdown().await?;
