@@ -54,8 +54,8 @@ pub async fn join(
 /// The cluster's record of the instance whose service answers at `endpoint`: a running
 /// one first (an endpoint of a lost instance may be reused by a later one).
 pub fn whereabouts(view: &forage_cluster::ClusterStatus, endpoint: &str) -> Option<forage_proto::Whereabouts> {
-    let at = view.instances.iter().filter(|i| i.status.endpoint == endpoint);
-    let i = at.clone().find(|i| i.status.phase == InstancePhase::Running).or_else(|| at.last())?;
+    let mut at = view.instances.iter().filter(|i| i.status.endpoint == endpoint);
+    let i = at.clone().find(|i| i.status.phase == InstancePhase::Running).or_else(|| at.next_back())?;
     let lost = match i.status.phase {
         InstancePhase::Running => None,
         InstancePhase::Lost => Some(i.status.reason.clone().unwrap_or_else(|| "its node is gone".into())),
