@@ -287,10 +287,10 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3);
     // The device is paired with every node (once they run: each node's credentials name
     // it): it reaches n0, is served by n1, asks after its instance wherever it goes.
-    for i in 0..3 {
+    for (i, dir) in dirs.iter().enumerate() {
         let bundle = work.join(format!("device-n{i}.json"));
         let addr = format!("{}:7878", lan.hosts[i].addr);
-        forage_at(&dirs[i], &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "phone", "--addr", &addr]);
+        forage_at(dir, &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "phone", "--addr", &addr]);
         forage_at(&device, &["pair", "import", &bundle.to_string_lossy()]);
     }
     // n1 is paired as a cloudlet with n0 and n2 (each issues n1 a credential for its
