@@ -59,6 +59,10 @@ pub enum BenchCommand {
     /// cached-VM resume, dock time, compressed size and density, multicast to 4 hosts
     /// against 1 and against sequential unicast (network namespaces on one bridge)
     Substrate(BenchSubstrateArgs),
+    /// A cloudlet of many hosts: 3 etcd members and 3 `forage serve --cluster` nodes on
+    /// loopback, concurrent placement requests spread over the nodes; where they went and
+    /// the time to place each (median, p95)
+    Cluster(BenchClusterArgs),
     /// (internal) one overlay of a kept launch VM, printed as JSON
     #[command(hide = true)]
     OverlayCreate(OverlayCreateArgs),
@@ -85,6 +89,19 @@ pub enum BenchCommand {
         #[arg(long)]
         bytes: u64,
     },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchClusterArgs {
+    /// Placement requests sent at once, round-robin over the nodes' APIs
+    #[arg(long, default_value_t = 20)]
+    pub requests: usize,
+    /// A base VM of this data folder: its package is imported into nodes n1 and n2 only,
+    /// and every other request asks for it
+    #[arg(long)]
+    pub base: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

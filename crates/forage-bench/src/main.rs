@@ -1,11 +1,12 @@
 //! forage-bench: the papers' measurements on this machine, each against its peers in the
-//! same run (`forage-bench overlay|synthesis|provision|handoff|handoff-profile`), and the
+//! same run (`forage-bench overlay|synthesis|provision|handoff|handoff-profile|cluster`), and the
 //! quickstart demo (`forage-bench demo`). `forage bench ...` and `forage demo` run this
 //! binary; it is not part of the product binary.
 
 mod bench_app;
 mod big;
 mod cli;
+mod cluster;
 mod common;
 mod demo;
 mod handoff;
@@ -61,6 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::HandoffProfile(a)) => handoff_profile::profile(&data, a).await,
         Command::Bench(BenchCommand::Memory(a)) => big::run(&data, a).await,
         Command::Bench(BenchCommand::Substrate(a)) => substrate::run(&data, a).await,
+        Command::Bench(BenchCommand::Cluster(a)) => cluster::run(&data, a).await,
         Command::Bench(BenchCommand::OverlayOracle { launch, base }) => {
             let base = forage_synth::BaseVm::open(&data, &base)?;
             common::print_json(&peers::oracle(&base, &launch_cache::reopen(&launch)?)?);

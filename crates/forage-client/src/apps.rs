@@ -1,11 +1,12 @@
 //! The cloudlet's app store over the paired channel: Hello without offers, then ListApps
-//! or GetApp, then Bye.
+//! or GetApp, then Bye. The same opening serves WhereIs (a device asking a node of a
+//! cluster after its instance).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{AppInfo, DeviceMessage as Message, VERSION_MAX, VERSION_MIN};
+use forage_proto::{AppInfo, DeviceMessage as Message, Whereabouts, VERSION_MAX, VERSION_MIN};
 use sha2::{Digest, Sha256};
 
 use crate::ClientError;
@@ -76,4 +77,23 @@ pub async fn get_app(
         });
     }
     Ok((entry, bytes))
+}
+
+/// Where the cluster of the cloudlet at `addr` says the instance whose service answered
+/// at `endpoint` is: running on a node, or lost with its node (`docs/cluster.md`).
+pub async fn where_is(
+    addr: SocketAddr,
+    credentials: &Arc<rustls::ClientConfig>,
+    endpoint: &str,
+) -> Result<Whereabouts, ClientError> {
+    let proto = |source| ClientError::Proto { addr, source };
+    let mut s = open(addr, credentials).await?;
+    write(&mut s, &Message::WhereIs { endpoint: endpoint.into() }).await.map_err(proto)?;
+    let w = match read(&mut s).await.map_err(proto)? {
+        Message::Whereabouts(w) if w.endpoint == endpoint => w,
+        Message::Error { code, message } => return Err(ClientError::Refused { addr, code, message }),
+        other => return Err(ClientError::Sequence { addr, expected: "Whereabouts", got: other.name() }),
+    };
+    let _ = write(&mut s, &Message::Bye).await;
+    Ok(w)
 }

@@ -62,6 +62,9 @@ pub struct Cloudlet {
     /// In a cluster (`forage serve --cluster`): where a device offering a base this node
     /// lacks is redirected (`docs/cluster.md`).
     pub placer: std::sync::OnceLock<Placer>,
+    /// In a cluster: the cluster's record of the instance whose service answers at an
+    /// endpoint, for a device asking after it (WhereIs).
+    pub locator: std::sync::OnceLock<Locator>,
 }
 
 /// Given an offer's base digest and overlay digest, the device address of another node of
@@ -71,6 +74,10 @@ pub type Placer = Arc<
         + Send
         + Sync,
 >;
+
+/// Given a service endpoint (`HOST:PORT`), where the cluster says its instance is (the
+/// last view read from etcd); `None` if no instance of the cluster answers there.
+pub type Locator = Arc<dyn Fn(&str) -> Option<forage_proto::Whereabouts> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudletError {
@@ -116,6 +123,7 @@ impl Cloudlet {
             pairing_guard: Default::default(),
             handoffs: Default::default(),
             placer: Default::default(),
+            locator: Default::default(),
             host_cpu: Default::default(),
         })
     }

@@ -131,10 +131,14 @@ async fn run(
                     let bytes = tokio::fs::read(svc.app_path(&app)).await.map_err(internal)?;
                     write(stream, &DeviceMessage::AppFile { id, file: app.file.clone(), bytes }).await?;
                 }
-                // The device only looked at the app store.
+                DeviceMessage::WhereIs { endpoint } => {
+                    write(stream, &where_is(cloudlet, &endpoint)?).await?;
+                }
+                // The device only looked at the app store, or asked after its instance.
                 DeviceMessage::Bye => return Ok(Outcome { bytes: 0 }),
                 other => {
-                    return Err(SessionError::Sequence { expected: "Provision, ListApps or GetApp", got: other.name() })
+                    let expected = "Provision, ListApps, GetApp or WhereIs";
+                    return Err(SessionError::Sequence { expected, got: other.name() });
                 }
             }
         };
@@ -190,5 +194,19 @@ impl Cloudlet {
         }
         unmount_session(dir);
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The answer to a device's WhereIs: the cluster's record of the instance at `endpoint`.
+fn where_is(cloudlet: &Cloudlet, endpoint: &str) -> Result<DeviceMessage, SessionError> {
+    if endpoint.len() > 64 || endpoint.parse::<std::net::SocketAddr>().is_err() {
+        return Err(refused(ErrorCode::Protocol, "WhereIs: the endpoint is not HOST:PORT"));
+    }
+    let Some(locate) = cloudlet.locator.get() else {
+        return Err(refused(ErrorCode::NotFound, "this cloudlet is not in a cluster: it knows only its own instances"));
+    };
+    match locate(endpoint) {
+        Some(w) => Ok(DeviceMessage::Whereabouts(w)),
+        None => Err(refused(ErrorCode::NotFound, format!("no instance of this cluster answers at {endpoint}"))),
     }
 }

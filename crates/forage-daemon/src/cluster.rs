@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use forage_cloudlet::Cloudlet;
 use forage_cluster::{
-    ClusterConfig, HoldsThenLeastLoaded, JoinError, LocalInstance, LocalView, Member, NodeSpec, NodeStatus,
-    PlacementRequest,
+    ClusterConfig, HoldsThenLeastLoaded, InstancePhase, JoinError, LocalInstance, LocalView, Member, NodeSpec,
+    NodeStatus, PlacementRequest,
 };
 
 /// Join the cluster at `config` as `cloudlet.name`, reachable by devices at `device_addr`,
@@ -46,7 +46,21 @@ pub async fn join(
             }
         })
     }));
+    let locator = member.clone();
+    let _ = cloudlet.locator.set(Arc::new(move |endpoint: &str| whereabouts(&locator.status(), endpoint)));
     Ok(member)
+}
+
+/// The cluster's record of the instance whose service answers at `endpoint`: a running
+/// one first (an endpoint of a lost instance may be reused by a later one).
+pub fn whereabouts(view: &forage_cluster::ClusterStatus, endpoint: &str) -> Option<forage_proto::Whereabouts> {
+    let mut at = view.instances.iter().filter(|i| i.status.endpoint == endpoint);
+    let i = at.clone().find(|i| i.status.phase == InstancePhase::Running).or_else(|| at.next_back())?;
+    let lost = match i.status.phase {
+        InstancePhase::Running => None,
+        InstancePhase::Lost => Some(i.status.reason.clone().unwrap_or_else(|| "its node is gone".into())),
+    };
+    Some(forage_proto::Whereabouts { endpoint: endpoint.into(), node: i.spec.node.clone(), lost })
 }
 
 fn meminfo_mib(field: &str) -> u64 {

@@ -25,6 +25,8 @@
 //!     Note over D,C: either side may send Error {code, message} and close
 //!     Note over D,C: other mechanisms: Hello without offers, Welcome, then
 //!     D->>C: ListApps | GetApp   (the app store, any number of times)
+//!     D->>C: WhereIs {endpoint}   (in a cluster: where is my instance?)
+//!     C->>D: Whereabouts {node, lost: none | why}   (or Error {not_found})
 //!     D->>C: Provision {cached VM | push | script | app package}
 //!     C->>D: Ready {service endpoint + token}   (then the same Checkpoint/Bye lifecycle)
 //! ```
@@ -252,6 +254,36 @@ pub enum DeviceMessage {
     NotFollowed {
         message: String,
     },
+    /// After a Hello without offers, to any node of a cluster: where is the instance whose
+    /// service the device reached at `endpoint` (`HOST:PORT`, from Ready or Moved)? A
+    /// device whose instance stopped answering asks this. Whereabouts follows, or
+    /// `Error {not_found}`. A cloudlet older than this message answers `Error {protocol}`.
+    WhereIs {
+        endpoint: String,
+    },
+    /// Answer to WhereIs: the cluster's record of the instance.
+    Whereabouts(Whereabouts),
+}
+
+/// Where an instance is, as the cluster recorded it (`docs/cluster.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whereabouts {
+    /// The service endpoint asked about.
+    pub endpoint: String,
+    /// The node that runs (or ran) it.
+    pub node: String,
+    /// Set when the instance is lost: why (e.g. "node n1's lease expired").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+}
+
+impl std::fmt::Display for Whereabouts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.lost {
+            Some(why) => write!(f, "instance lost: node {} gone ({why})", self.node),
+            None => write!(f, "instance at {} runs on node {}", self.endpoint, self.node),
+        }
+    }
 }
 
 crate::protocol_kinds!(
@@ -279,4 +311,6 @@ crate::protocol_kinds!(
     Moved = 29,
     Follow = 33,
     NotFollowed = 34,
+    WhereIs = 35,
+    Whereabouts = 36,
 );

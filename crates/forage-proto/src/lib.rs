@@ -20,7 +20,7 @@ pub mod pairing;
 pub mod peer;
 pub mod service;
 
-pub use device::{AppInfo, DeviceMessage, Offer, Provision};
+pub use device::{AppInfo, DeviceMessage, Offer, Provision, Whereabouts};
 pub use error::{one_line, ErrorCode};
 pub use frame::{asynchronous, blocking, decode, encode, ProtoError, Protocol, MAX_FRAME};
 pub use pairing::PairingMessage;
@@ -132,6 +132,12 @@ mod tests {
             },
             DeviceMessage::Follow { to: "10.0.0.2:7878".into() },
             DeviceMessage::NotFollowed { message: "not paired".into() },
+            DeviceMessage::WhereIs { endpoint: "10.0.0.2:40123".into() },
+            DeviceMessage::Whereabouts(Whereabouts {
+                endpoint: "10.0.0.2:40123".into(),
+                node: "n1".into(),
+                lost: Some("node n1's lease expired".into()),
+            }),
             DeviceMessage::Bye,
         ]
     }

@@ -13,7 +13,11 @@
 //! With real guests (the tiny image; two boots to build a base and an overlay):
 //! 6. a device's synthesis reaching node A, which lacks the base, is redirected by A to
 //!    node B, which holds it, and served there;
-//! 7. node B killed: its instance is reported Lost by A within B's lease.
+//! 7. node B drained (`forage node drain`): its running instance is handed off (the VM
+//!    handoff, mutual TLS with the cloudlet pairing) to another node, the device is told
+//!    where it went and the service's request counter moved with it;
+//! 8. the node now holding it killed: its instance is reported Lost within its lease, and
+//!    the device asking a surviving node after it (WhereIs) is told it is lost.
 
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
@@ -281,13 +285,24 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     let mut nodes: Vec<Kill> = (0..3).map(|i| node(&lan.hosts[i], &dirs[i], &format!("n{i}"), &urls)).collect();
     let (a, ns_a) = (&dirs[0], &lan.hosts[0]);
     until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3);
-    // The device is paired with the node it reaches and the node that serves it (once
-    // they run: each node's credentials name it).
-    for i in [0, 1] {
+    // The device is paired with every node (once they run: each node's credentials name
+    // it): it reaches n0, is served by n1, asks after its instance wherever it goes.
+    for (i, dir) in dirs.iter().enumerate() {
         let bundle = work.join(format!("device-n{i}.json"));
         let addr = format!("{}:7878", lan.hosts[i].addr);
-        forage_at(&dirs[i], &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "phone", "--addr", &addr]);
+        forage_at(dir, &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "phone", "--addr", &addr]);
         forage_at(&device, &["pair", "import", &bundle.to_string_lossy()]);
+    }
+    // n1 is paired as a cloudlet with n0 and n2 (each issues n1 a credential for its
+    // address): the handoffs of a drain of n1 use them.
+    for i in [0, 2] {
+        let bundle = work.join(format!("n1-for-n{i}.json"));
+        let addr = format!("{}:7878", lan.hosts[i].addr);
+        forage_at(
+            &dirs[i],
+            &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "n1", "--as-cloudlet", "--addr", &addr],
+        );
+        forage_at(&dirs[1], &["pair", "import", &bundle.to_string_lossy()]);
     }
 
     // 6. The device reaches n0; n1 serves it.
@@ -306,7 +321,8 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let mut device_out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut device_out, &mut line).unwrap();
     let mut device_process = Kill(child);
     let report: forage_client::SynthesisReport = serde_json::from_str(&line).unwrap_or_else(|e| {
         let log = std::fs::read_to_string(work.join("device.log")).unwrap_or_default();
@@ -327,19 +343,79 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
         s.instances.iter().any(|i| i.spec.node == "n1" && i.status.phase == forage_cluster::InstancePhase::Running)
     });
 
-    // 7. n1 killed: its instance is reported lost within its lease.
-    nodes[1].kill();
+    // 7. n1 drained: the instance moves to another node with its state; the device is told.
+    let ep = report.service.clone();
+    let before = dev_ns
+        .run(move || forage_client::service::request_line(&ep, "count", Duration::from_secs(60)))
+        .unwrap()
+        .unwrap();
+    let served = field(&before, "served");
+    let started = Instant::now();
+    let out = forage_in(ns_a, a, &["node", "drain", "n1", "--wait-s", "300"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.starts_with("node n1 drained in "),
+        "forage node drain n1: {said}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dirs[1].join("serve.log")).unwrap_or_default()
+    );
+    let drained = started.elapsed();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut device_out, &mut line).unwrap();
+    let moved: forage_client::MovedNotice =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("the device printed {line:?}: {e}"));
+    let to = (0..3).find(|&i| moved.moved_to == format!("{}:7878", lan.hosts[i].addr));
+    let to = to.unwrap_or_else(|| panic!("moved to {moved:?}, not a node"));
+    assert_ne!(to, 1, "{moved:?}");
+    let holder = format!("n{to}");
+    until(ns_a, a, Duration::from_secs(10), "the instance listed on its new node only", |s| {
+        let held: Vec<_> = s.instances.iter().map(|i| (i.spec.node.as_str(), i.status.phase)).collect();
+        held == [(holder.as_str(), forage_cluster::InstancePhase::Running)] && !s.draining.iter().any(|n| n == "n1")
+    });
+    let ep = moved.service.clone();
+    let after = dev_ns
+        .run(move || forage_client::service::request_line(&ep, "count", Duration::from_secs(60)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(field(&after, "served"), served, "the counter moved: {before} -> {after}");
+    let where_at = |i: usize| {
+        let node = format!("{}:7878", lan.hosts[i].addr);
+        let out = forage_in(dev_ns, &device, &["cluster", "where", &moved.service.addr, "--cloudlet", &node]);
+        assert!(out.status.success(), "forage cluster where: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(where_at(0), format!("instance at {} runs on node {holder}", moved.service.addr));
+    let ep = moved.service.clone();
+    let again = dev_ns
+        .run(move || forage_client::service::request_line(&ep, "search drained 8", Duration::from_secs(60)))
+        .unwrap()
+        .unwrap();
+    assert!(again.contains(&format!("served={}", served + 1)), "{again}");
+    eprintln!("node n1 drained in {drained:?}: its instance runs on {holder}, counter {served} kept");
+
+    // 8. The node holding it killed: its instance is reported lost within its lease, seen
+    //    from a node that stays.
+    let (watch, ns_watch) = match to {
+        0 => (&dirs[2], &lan.hosts[2]),
+        _ => (&dirs[0], &lan.hosts[0]),
+    };
+    nodes[to].kill();
     let killed = Instant::now();
-    until(ns_a, a, Duration::from_secs(LEASE_S * 3), "n1's instance lost", |s| {
+    let reason = format!("node {holder}'s lease expired");
+    until(ns_watch, watch, Duration::from_secs(LEASE_S * 3), "the instance lost", |s| {
         s.instances.iter().any(|i| {
-            i.spec.node == "n1"
+            i.spec.node == holder
                 && i.status.phase == forage_cluster::InstancePhase::Lost
-                && i.status.reason.as_deref() == Some("node n1's lease expired")
+                && i.status.reason.as_deref() == Some(reason.as_str())
         })
     });
     let lost = killed.elapsed();
-    eprintln!("node n1 killed: its instance reported lost after {lost:?} (lease {LEASE_S} s)");
+    eprintln!("node {holder} killed: its instance reported lost after {lost:?} (lease {LEASE_S} s)");
     assert!(lost <= Duration::from_secs(2 * LEASE_S), "lost after {lost:?}");
+    // The device asking after it (WhereIs, device protocol) hears that it is lost.
+    let told = where_at(if to == 0 { 2 } else { 0 });
+    assert_eq!(told, format!("instance lost: node {holder} gone ({reason})"));
+    eprintln!("the device asking after its instance was told: {told}");
     device_process.kill();
     drop(nodes);
     drop(etcd);

@@ -13,6 +13,18 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// As a device (with its pairing, over the device protocol): ask a node of the cluster
+    /// where the instance whose service answered at ENDPOINT is, e.g. once it stopped
+    /// answering ("instance lost: node n1 gone (...)")
+    Where {
+        /// The service endpoint (`HOST:PORT`) from Ready or Moved
+        endpoint: String,
+        /// A node of the cluster this device is paired with
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        cloudlet: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
     /// Where a device's request would be placed now (the best live node)
     Place {
         /// The base VM's digest the overlay applies to

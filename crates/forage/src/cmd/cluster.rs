@@ -1,4 +1,4 @@
-//! `forage cluster status|place`.
+//! `forage cluster status|place|where`, `forage node drain`.
 
 use forage_datadir::DataDir;
 
@@ -6,6 +6,15 @@ use crate::cli::{ClusterCommand, NodeCommand};
 
 pub async fn run(data: &DataDir, c: ClusterCommand) -> anyhow::Result<()> {
     match c {
+        ClusterCommand::Where { endpoint, cloudlet, json } => {
+            let credentials = forage_trust::DeviceTrust::new(&data.trust_peers()).credentials(cloudlet, None)?;
+            let w = forage_client::where_is(cloudlet, &credentials, &endpoint).await?;
+            match json {
+                true => println!("{}", serde_json::to_string(&w)?),
+                false => println!("{w}"),
+            }
+            Ok(())
+        }
         ClusterCommand::Status { api, json } => {
             let api = super::handoff::client(data, api)?;
             let s = tokio::task::spawn_blocking(move || api.cluster()).await??;
