@@ -36,8 +36,7 @@ const JBD2_MAGIC: u32 = 0xC03B_3998;
 /// Most extent-tree nodes read for the journal inode (a journal has a handful).
 const MAX_EXTENT_NODES: usize = 4096;
 
-/// Reads `buf.len()` bytes of the device at an offset.
-pub type ReadAt<'a> = &'a dyn Fn(u64, &mut [u8]) -> std::io::Result<()>;
+pub use crate::partition::ReadAt;
 
 /// Why the on-disk state may be trusted: what the caller knows of how the image was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

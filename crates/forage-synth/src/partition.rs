@@ -11,7 +11,8 @@
 //! the GPT's CRCs and backup header (a table the guest wrote is no more trusted for a
 //! good CRC: the guest could write that too).
 
-use crate::ext4::ReadAt;
+/// Reads `buf.len()` bytes of the device at an offset (shared with [`crate::ext4`]).
+pub type ReadAt<'a> = &'a dyn Fn(u64, &mut [u8]) -> std::io::Result<()>;
 
 /// Bytes per sector of the tables' addresses.
 pub const SECTOR: u64 = 512;
