@@ -198,24 +198,29 @@ fn at_rate(
     say(&format!("{mbps} Mbit/s: {bytes} bytes take {transfer_only_s:.2} s to transfer"));
 
     pair_bench_device(data, cloudlet_addr)?;
-    // The cloudlet, in its namespace, without a cache (every run synthesizes for real).
+    // The cloudlet, in its namespace, without a cache (every run synthesizes for real),
+    // one process per mode: its peak RSS is then that mode's alone (VmHWM only grows).
     let log = data.work().join(format!("bench-cloudlet-{}.log", std::process::id()));
-    let mut serve = cloudlet.command(&exe);
-    serve.arg("--data-dir").arg(&root).args([
-        "serve",
-        "--listen",
-        &cloudlet_addr.to_string(),
-        "--no-api",
-        "--no-cache",
-        "--name",
-        "bench-cloudlet",
-    ]);
-    let cloudlet_proc = Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
+    let start_cloudlet = || -> anyhow::Result<Guard> {
+        let mut serve = cloudlet.command(&exe);
+        serve.arg("--data-dir").arg(&root).args([
+            "serve",
+            "--listen",
+            &cloudlet_addr.to_string(),
+            "--no-api",
+            "--no-cache",
+            "--name",
+            "bench-cloudlet",
+        ]);
+        let proc = Guard(serve.stdout(Stdio::null()).stderr(std::fs::File::create(&log)?).spawn()?);
+        wait_for_line(&log, "listening", Duration::from_secs(30))?;
+        Ok(proc)
+    };
     let mut device_rss = 0f64;
-    wait_for_line(&log, "listening", Duration::from_secs(30))?;
 
     let mut rows = Vec::new();
     for (mode, flags) in MODES {
+        let cloudlet_proc = start_cloudlet()?;
         let mut reports = Vec::new();
         for run in 0..runs {
             let out = crate::measure::run(
@@ -262,8 +267,8 @@ fn at_rate(
             device_peak_rss_mb: device_rss,
             cloudlet_peak_rss_mb: crate::measure::peak_rss_mb(cloudlet_proc.0.id()),
         });
+        drop(cloudlet_proc);
     }
-    drop(cloudlet_proc);
     let _ = std::fs::remove_file(&log);
     Ok(rows)
 }

@@ -56,6 +56,9 @@ impl ShimClient {
         let err = log.try_clone().map_err(io(&log_path))?;
         let mut cmd = std::process::Command::new(&exe);
         cmd.arg(&spec_path).stdin(std::process::Stdio::null()).stdout(log).stderr(err);
+        // One malloc arena, as the daemon (forage's main): the shim answers every FUSE
+        // request on a new thread, and glibc's per-thread arenas would keep what each freed.
+        cmd.env("MALLOC_ARENA_MAX", "1");
         // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(std::io::Error::from));

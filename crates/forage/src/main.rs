@@ -11,6 +11,7 @@ fn main() -> std::process::ExitCode {
     // What forage writes (overlays, copies of guest memory and disks, keys, the state
     // database) and the QEMU it starts are for this user alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    bound_malloc_arenas();
     let cli = cli::Cli::parse();
     // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
     // fuser reports its own unmount failing after forage-assembly detached the mount
@@ -35,6 +36,19 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", chain(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// One malloc arena. glibc gives new threads their own arena (up to 8 per core)
+/// and keeps what is freed in each: a daemon whose sessions run on ever new threads
+/// (tokio's blocking pool, FUSE answers) held more after every session. Measured on the
+/// vision overlay's synthesis, three sessions in one cloudlet process: peak RSS 119, 217,
+/// 256 MB at 38 Mbit/s; with one arena (MALLOC_ARENA_MAX=1) 116, 116, 148 MB at 200 Mbit/s (`forage-bench synthesis --image debian-12`).
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
