@@ -220,6 +220,8 @@ pub fn run(
             s.spawn(move || {
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
                 let mut last_acked = acked.load(Ordering::Relaxed);
+                // Output encoded so far, against `acked`: what waits for the link.
+                let mut encoded = last_acked;
                 let mut last = Instant::now();
                 // The last second of ticks: one 100 ms tick holds a segment or none, so
                 // measures over single ticks swing between 0 and several times the link.
@@ -236,6 +238,7 @@ pub fn run(
                         t.input_bytes += w.input;
                     }
                     let a = acked.load(Ordering::Relaxed);
+                    encoded += w.output;
                     recent.push_back((dt, w, a - last_acked));
                     last_acked = a;
                     if recent.len() > SMOOTHING {
@@ -249,7 +252,9 @@ pub fn run(
                         s.busy_s += w.busy_s;
                         s
                     });
-                    let bandwidth = recent.iter().map(|r| r.2).sum::<u64>() as f64 / span;
+                    let acked_bps = recent.iter().map(|r| r.2).sum::<u64>() as f64 / span;
+                    let queued = encoded.saturating_sub(a);
+                    let bandwidth = crate::adapt::link_capacity(acked_bps, queued);
                     let mut current = *mode.lock().unwrap_or_else(|p| p.into_inner());
                     if let (Some(ad), Some(t)) = (adapter.as_mut(), later.as_ref().and_then(|l| l.get())) {
                         match t.get(&current) {
@@ -279,7 +284,7 @@ pub fn run(
                     let row = TraceRow {
                         t_s: start.elapsed().as_secs_f64(),
                         input_bps: sum.input as f64 / span,
-                        output_bps: bandwidth,
+                        output_bps: acked_bps,
                         potential_output_bps: potential,
                         mode: current.to_string(),
                         switched,
