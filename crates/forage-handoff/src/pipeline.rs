@@ -220,10 +220,15 @@ pub fn run(
             s.spawn(move || {
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
                 let mut last_acked = acked.load(Ordering::Relaxed);
+                // Output encoded so far, against `acked`: what waits for the link.
+                let mut encoded = last_acked;
                 let mut last = Instant::now();
                 // The last second of ticks: one 100 ms tick holds a segment or none, so
                 // measures over single ticks swing between 0 and several times the link.
                 let mut recent: VecDeque<(f64, Window, u64)> = VecDeque::with_capacity(SMOOTHING + 1);
+                // Since when the measures hold acknowledged traffic in the current mode:
+                // the first acknowledgement, then each switch.
+                let mut measuring_since: Option<Instant> = None;
                 while !done.load(Ordering::Relaxed) {
                     std::thread::sleep(crate::adapt::TICK);
                     let now = Instant::now();
@@ -236,6 +241,11 @@ pub fn run(
                         t.input_bytes += w.input;
                     }
                     let a = acked.load(Ordering::Relaxed);
+                    if a > last_acked && measuring_since.is_none() {
+                        // The tick's acknowledgements came during it: measure from its start.
+                        measuring_since = Some(now - Duration::from_secs_f64(dt));
+                    }
+                    encoded += w.output;
                     recent.push_back((dt, w, a - last_acked));
                     last_acked = a;
                     if recent.len() > SMOOTHING {
@@ -249,7 +259,16 @@ pub fn run(
                         s.busy_s += w.busy_s;
                         s
                     });
-                    let bandwidth = recent.iter().map(|r| r.2).sum::<u64>() as f64 / span;
+                    // The last half second, if faster: the link is at least that fast
+                    // (the connection's start, a link that sped up, drags the average).
+                    let rate = |ticks: &mut dyn Iterator<Item = &(f64, Window, u64)>| {
+                        let (t, b) = ticks.fold((0.0, 0u64), |(t, b), r| (t + r.0, b + r.2));
+                        b as f64 / t.max(1e-6)
+                    };
+                    let acked_bps = rate(&mut recent.iter()).max(rate(&mut recent.iter().rev().take(SMOOTHING / 2)));
+                    let queued = encoded.saturating_sub(a);
+                    let bandwidth = crate::adapt::link_capacity(acked_bps, queued);
+                    let probing = !crate::adapt::link_saturated(acked_bps, queued);
                     let mut current = *mode.lock().unwrap_or_else(|p| p.into_inner());
                     if let (Some(ad), Some(t)) = (adapter.as_mut(), later.as_ref().and_then(|l| l.get())) {
                         match t.get(&current) {
@@ -264,7 +283,8 @@ pub fn run(
                     // reference table would only guess.
                     let own_table_pending = later.is_some() && start.elapsed() < OWN_TABLE_WAIT;
                     if sum.chunks > 0 && bandwidth > 0.0 && !own_table_pending {
-                        let obs = Observation { p, r, bandwidth, cores: workers };
+                        let measured = measuring_since.map_or(Duration::ZERO, |t| now.duration_since(t));
+                        let obs = Observation { p, r, bandwidth, cores: workers, measured, probing };
                         if let Some(sw) = adapter.as_mut().and_then(|ad| ad.tick(&obs, now)) {
                             *mode.lock().unwrap_or_else(|p| p.into_inner()) = sw.to;
                             tracing::info!(from = %sw.from, to = %sw.to, predicted = sw.predicted_system, current = sw.current_system, "handoff mode switch");
@@ -273,13 +293,14 @@ pub fn run(
                             current = sw.to; // the trace row names the mode switched to
                             // Measures of the old mode say nothing of the new one.
                             recent.clear();
+                            measuring_since = Some(now);
                         }
                     }
                     let potential = if sum.chunks > 0 { workers / p.max(1e-9) * CHUNK as f64 * r } else { 0.0 };
                     let row = TraceRow {
                         t_s: start.elapsed().as_secs_f64(),
                         input_bps: sum.input as f64 / span,
-                        output_bps: bandwidth,
+                        output_bps: acked_bps,
                         potential_output_bps: potential,
                         mode: current.to_string(),
                         switched,
