@@ -121,10 +121,7 @@ impl Cloudlet {
             shared: Mutex::new(HashMap::new()),
             sessions: limits::Counter::new(Limits::default().sessions, Limits::default().sessions_per_peer),
             limits: Limits::default(),
-            activations: limits::Counter::new(
-                crate::substrate::ACTIVATIONS_AT_ONCE,
-                crate::substrate::ACTIVATIONS_AT_ONCE,
-            ),
+            activations: limits::Counter::new(limits::ACTIVATIONS_AT_ONCE, limits::ACTIVATIONS_AT_ONCE),
             fetch_policy: Default::default(),
             pairing_guard: Default::default(),
             handoffs: Default::default(),

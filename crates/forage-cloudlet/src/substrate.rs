@@ -25,10 +25,7 @@ use forage_substrate::{ActivateError, ActivateRequest, Pool, PoolError};
 
 use crate::error::{refused, SessionError};
 use crate::instance::{new_token, Instance, Place, Running};
-
-/// Activations at once on one cloudlet (each decodes and copies guest memory, and QEMU
-/// restores it: CPU and disk bound); more are answered `busy`.
-pub(crate) const ACTIVATIONS_AT_ONCE: usize = 2;
+use crate::limits::ACTIVATIONS_AT_ONCE;
 
 /// Host memory an activation leaves free: a request that would eat into it is `busy`.
 const MEMORY_RESERVE_MIB: u64 = 256;
