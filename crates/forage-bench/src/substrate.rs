@@ -137,6 +137,7 @@ async fn measure(
             accel,
             run: run_paths(data, &format!("activated{i}"))?,
             vm_name: format!("bench-substrate-{i}"),
+            detached: false,
         };
         let act = forage_substrate::activate(data, pool, req).await?;
         act.vm.shutdown().await?;

@@ -24,7 +24,7 @@ pub use error::ClientError;
 pub use forage_proto::ServiceEndpoint;
 pub use held::{follow_requests, Ended, MovedNotice};
 pub use pairing::pair;
-pub use provision::{provision, ProvisionReport, Provisioned};
+pub use provision::{provision, Ask, ProvisionReport, Provisioned};
 pub(crate) use synthesis::first_response;
 pub use synthesis::{
     synthesize, synthesize_url, OverlayFile, OverlayUsage, Session, SynthesisOptions, SynthesisReport,

@@ -1,7 +1,7 @@
-//! The device's side of the four other provisioning mechanisms: Hello without offers,
-//! Welcome, Provision, then Ready with the endpoint (or Error), the first request to the
-//! service, and a session that keeps the instance alive until [`Provisioned::close`]
-//! (or drop, or the cloudlet's idle timeout).
+//! The device's side of the four other provisioning mechanisms and of a substrate's
+//! activation: Hello without offers, Welcome, Provision (or Activate), then Ready with the
+//! endpoint (or Error), the first request to the service, and a session that keeps the
+//! instance alive until [`Provisioned::close`] (or drop, or the cloudlet's idle timeout).
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -13,10 +13,42 @@ use serde::{Deserialize, Serialize};
 use crate::held::Ended;
 use crate::{first_response, ClientError};
 
+/// What a device asks a cloudlet for without an overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    /// One of the four other mechanisms of tactical cloudlets.
+    Provision(Provision),
+    /// A VM substrate of the cloudlet's pool, activated with `vcpus` and `memory_mib`.
+    Activate { substrate: String, vcpus: u32, memory_mib: u64 },
+}
+
+impl Ask {
+    /// The mechanism's name in reports (`substrate` for an activation).
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            Ask::Provision(p) => p.mechanism(),
+            Ask::Activate { .. } => "substrate",
+        }
+    }
+
+    fn message(self) -> Message {
+        match self {
+            Ask::Provision(request) => Message::Provision { request },
+            Ask::Activate { substrate, vcpus, memory_mib } => Message::Activate { substrate, vcpus, memory_mib },
+        }
+    }
+}
+
+impl From<Provision> for Ask {
+    fn from(p: Provision) -> Self {
+        Ask::Provision(p)
+    }
+}
+
 /// What a provisioning took, from the connection (`forage offload ... --json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProvisionReport {
-    /// `cached_vm`, `cloudlet_push`, `on_demand` or `app_virtualization`.
+    /// `cached_vm`, `cloudlet_push`, `on_demand`, `app_virtualization` or `substrate`.
     pub mechanism: String,
     pub cloudlet: String,
     /// Bytes the device sent to provision (its Hello and Provision frames).
@@ -92,15 +124,17 @@ impl Provisioned {
     }
 }
 
-/// Ask the cloudlet at `addr` for `request`; with `line`, send it to the service and wait
-/// for its answer (the application is ready when it answers).
+/// Ask the cloudlet at `addr` for `request` (a [`Provision`] or an [`Ask`]); with `line`,
+/// send it to the service and wait for its answer (the application is ready when it
+/// answers).
 pub async fn provision(
     addr: SocketAddr,
     credentials: &std::sync::Arc<rustls::ClientConfig>,
     device: &str,
-    request: Provision,
+    request: impl Into<Ask>,
     line: Option<String>,
 ) -> Result<(ProvisionReport, Provisioned), ClientError> {
+    let request: Ask = request.into();
     let proto = |source: ProtoError| ClientError::Proto { addr, source };
     let start = Instant::now();
     let mut stream = crate::connect(addr, credentials, None).await?;
@@ -112,7 +146,7 @@ pub async fn provision(
         early_start: false,
         store_and_forward: false,
     };
-    let provision = Message::Provision { request };
+    let provision = request.message();
     let payload_bytes = (forage_proto::encode(&hello).len() + forage_proto::encode(&provision).len()) as u64;
     write(&mut stream, &hello).await.map_err(proto)?;
     let cloudlet = match read(&mut stream).await.map_err(proto)? {

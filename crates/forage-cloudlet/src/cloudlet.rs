@@ -53,6 +53,8 @@ pub struct Cloudlet {
     pub fetch_policy: forage_remote::FetchPolicy,
     /// Sessions open, per credential serial.
     pub(crate) sessions: Arc<limits::Counter<u64>>,
+    /// Substrate activations under way (`substrate`).
+    pub(crate) activations: Arc<limits::Counter<()>>,
     /// Wrong pairing codes per source.
     pub(crate) pairing_guard: forage_trust::PairingGuard,
     /// Handoffs sent from here, as they run (and the last few that ended).
@@ -119,6 +121,7 @@ impl Cloudlet {
             shared: Mutex::new(HashMap::new()),
             sessions: limits::Counter::new(Limits::default().sessions, Limits::default().sessions_per_peer),
             limits: Limits::default(),
+            activations: limits::Counter::new(limits::ACTIVATIONS_AT_ONCE, limits::ACTIVATIONS_AT_ONCE),
             fetch_policy: Default::default(),
             pairing_guard: Default::default(),
             handoffs: Default::default(),

@@ -9,7 +9,7 @@
 //! Every instance, whatever made it, lives in the `instance` layer (the bottom): its
 //! QEMU and its shim (view and service relay) outlive a restart of the daemon, which
 //! adopts them again when it serves ([`recover`]). Arrows point down only:
-//! `lib, session, peer -> synthesis, provision -> handoff -> instance, cache -> error`.
+//! `lib, session, peer -> synthesis, provision -> handoff, substrate -> instance, cache -> error`.
 
 mod cache;
 mod cloudlet;
@@ -23,6 +23,7 @@ mod peer;
 mod provision;
 mod recover;
 mod session;
+mod substrate;
 mod synthesis;
 
 use std::net::SocketAddr;

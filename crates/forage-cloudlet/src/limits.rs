@@ -8,6 +8,10 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Substrate activations at once on one cloudlet (each decodes and copies guest memory,
+/// and QEMU restores it: CPU and disk bound); more are answered `busy` (`substrate`).
+pub(crate) const ACTIVATIONS_AT_ONCE: usize = 2;
+
 /// The limits a cloudlet enforces (defaults fit a small edge server).
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -12,6 +12,10 @@
 //! - **application virtualization**: the packed application is checked (closure, OS),
 //!   copied into a view of the baseline VM of its OS and started through its own loader.
 //!
+//! A cached VM (and a push) starts from a substrate docked from the service when the
+//! pool holds one (`substrate`), and a device may ask for a substrate by name
+//! ([`activate`]).
+//!
 //! Any failure stops the VM and removes the view; the device gets an Error naming why.
 
 use std::net::SocketAddr;
@@ -164,6 +168,82 @@ async fn start_view(
     prepared.resume(None, true).await
 }
 
+/// An instance of service `svc`: activated from the substrate docked from it, if the
+/// pool holds one, else (or if that activation fails) a copy-on-write view of the service
+/// VM. The log says which path it took.
+async fn start_service(place: Place<'_>, svc: &ServiceVm, port: u16) -> Result<Instance, SessionError> {
+    let pool = forage_substrate::Pool::open(&place.cloudlet.data);
+    let docked = pool.ok().and_then(|p| crate::substrate::of_service(&p, svc.id()));
+    if let Some(wanted) = docked {
+        let t = Instant::now();
+        match crate::substrate::start(place, &wanted).await {
+            Ok(i) => {
+                tracing::info!(
+                    session = place.id,
+                    service = svc.id(),
+                    substrate = wanted.substrate,
+                    path = "substrate",
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "service started from its substrate"
+                );
+                return Ok(i);
+            }
+            Err(e) => tracing::warn!(
+                session = place.id,
+                service = svc.id(),
+                substrate = wanted.substrate,
+                "the service's substrate did not activate ({}): starting a view of the service VM",
+                forage_proto::one_line(&e)
+            ),
+        }
+    }
+    let t = Instant::now();
+    let instance = start_view(place, svc, Some(port), &[]).await?;
+    tracing::info!(
+        session = place.id,
+        service = svc.id(),
+        path = "copy-on-write view",
+        took_ms = t.elapsed().as_millis() as u64,
+        "service started from its service VM"
+    );
+    Ok(instance)
+}
+
+/// A device's Activate: the substrate it named, at the size it asked for, as its
+/// instance; Ready, then the instance's life (it does not move: see `substrate`).
+pub(crate) async fn activate(
+    stream: &mut crate::DeviceStream,
+    place: Place<'_>,
+    device: &str,
+    wanted: crate::substrate::Wanted,
+) -> Result<Outcome, SessionError> {
+    let cloudlet = place.cloudlet;
+    tracing::info!(
+        session = place.id,
+        device,
+        substrate = %wanted.substrate.chars().take(64).collect::<String>(),
+        vcpus = wanted.vcpus,
+        memory_mib = wanted.memory_mib,
+        "substrate activation session"
+    );
+    // Recorded with the cached-VM mechanism (a service VM held here, started another
+    // way); what it started from names the substrate.
+    let record = NewSession {
+        id: place.id.into(),
+        device: device.into(),
+        base_digest: String::new(),
+        overlay_digest: format!("substrate:{}", wanted.substrate.chars().take(64).collect::<String>()),
+        mode: SessionMode::CachedVm,
+    };
+    if let Err(e) = cloudlet.state.session_started(&record) {
+        tracing::warn!("session {} not recorded: {e}", place.id);
+    }
+    let instance = crate::substrate::start(place, &wanted).await?;
+    let result = ready_then_hold(stream, place, &instance).await;
+    instance.finish(cloudlet).await;
+    result.map(|_| Outcome { bytes: 0 })
+}
+
 async fn cached_vm(
     stream: &mut crate::DeviceStream,
     place: Place<'_>,
@@ -196,7 +276,7 @@ async fn cached_vm(
             return result.map(|_| Outcome { bytes: 0 });
         }
     }
-    let instance = start_view(place, svc, Some(port), &[]).await?;
+    let instance = start_service(place, svc, port).await?;
     let shared = join.then(|| {
         let s = Arc::new(SharedInstance {
             endpoint: instance.endpoint.clone(),
@@ -208,10 +288,11 @@ async fn cached_vm(
         cloudlet.shared.lock().unwrap_or_else(|p| p.into_inner()).insert(svc.id().to_string(), s.clone());
         s
     });
-    // A shared instance has several devices: it does not move.
-    let result = match shared {
-        Some(_) => ready_then_hold(stream, place, &instance).await,
-        None => ready_then_live(stream, place, &instance).await,
+    // A shared instance has several devices: it does not move; nor does one without a
+    // saved VM to compare it with (a substrate's).
+    let result = match (&shared, &instance.lineage) {
+        (None, Some(_)) => ready_then_live(stream, place, &instance).await,
+        _ => ready_then_hold(stream, place, &instance).await,
     };
     if let Some(shared) = shared {
         // The instance lives on while devices that joined it are still there.

@@ -1,6 +1,7 @@
 //! A device's session (the device protocol, `forage_proto::device`): Hello and Welcome
 //! here, then VM synthesis (`synthesis`) for an overlay offered, or without one the app
-//! store and one of the other four provisioning mechanisms (`provision`). Sessions and
+//! store and one of the other four provisioning mechanisms (`provision`), or the
+//! activation of a VM substrate (`substrate`). Sessions and
 //! instances are recorded in the daemon's state (`forage-state`).
 
 use std::path::Path;
@@ -134,10 +135,16 @@ async fn run(
                 DeviceMessage::WhereIs { endpoint } => {
                     write(stream, &where_is(cloudlet, &endpoint)?).await?;
                 }
+                DeviceMessage::Activate { substrate, vcpus, memory_mib } => {
+                    std::fs::create_dir_all(dir).map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+                    let place = Place { cloudlet, id, dir, started: Instant::now() };
+                    let wanted = crate::substrate::Wanted { substrate, vcpus, memory_mib };
+                    return crate::provision::activate(stream, place, &device, wanted).await;
+                }
                 // The device only looked at the app store, or asked after its instance.
                 DeviceMessage::Bye => return Ok(Outcome { bytes: 0 }),
                 other => {
-                    let expected = "Provision, ListApps, GetApp or WhereIs";
+                    let expected = "Provision, Activate, ListApps, GetApp or WhereIs";
                     return Err(SessionError::Sequence { expected, got: other.name() });
                 }
             }

@@ -29,6 +29,8 @@
 //!     C->>D: Whereabouts {node, lost: none | why}   (or Error {not_found})
 //!     D->>C: Provision {cached VM | push | script | app package}
 //!     C->>D: Ready {service endpoint + token}   (then the same Checkpoint/Bye lifecycle)
+//!     D->>C: Activate {substrate, vcpus, memory MiB}   (instead of Provision, kind 37)
+//!     C->>D: Ready {service endpoint + token} | Error {not_found | provision | busy}
 //! ```
 //!
 //! Documented in `docs/synthesis-protocol.md` and `docs/tactical-cloudlets.md`.
@@ -263,6 +265,18 @@ pub enum DeviceMessage {
     },
     /// Answer to WhereIs: the cluster's record of the instance.
     Whereabouts(Whereabouts),
+    /// After a Hello without offers, instead of Provision: activate the VM substrate
+    /// `substrate` of this cloudlet's pool (`docs/substrates.md`) with `vcpus` and
+    /// `memory_mib`, at most what it was docked for and what the cloudlet lets one VM
+    /// have. Ready follows (then the instance's usual life), or `Error {not_found}` (no
+    /// such substrate), `{provision}` (more than it or the host allows, no service),
+    /// `{busy}` (the host lacks the memory now, or activates too many at once). A cloudlet
+    /// older than this message answers `Error {protocol}`.
+    Activate {
+        substrate: String,
+        vcpus: u32,
+        memory_mib: u64,
+    },
 }
 
 /// Where an instance is, as the cluster recorded it (`docs/cluster.md`).
@@ -313,4 +327,5 @@ crate::protocol_kinds!(
     NotFollowed = 34,
     WhereIs = 35,
     Whereabouts = 36,
+    Activate = 37,
 );

@@ -138,6 +138,7 @@ mod tests {
                 node: "n1".into(),
                 lost: Some("node n1's lease expired".into()),
             }),
+            DeviceMessage::Activate { substrate: "web".into(), vcpus: 2, memory_mib: 200 },
             DeviceMessage::Bye,
         ]
     }

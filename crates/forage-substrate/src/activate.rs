@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use forage_agent::{AgentClient, AgentError};
 use forage_datadir::DataDir;
 use forage_image::{GuestImage, RunPaths};
-use forage_vm::{Accel, DiskFormat, NicSpec, RestoreOptions, Snapshot, Vm};
+use forage_vm::{Accel, DiskFormat, NicSpec, PortForward, RestoreOptions, Snapshot, Vm};
 use serde::Serialize;
 
 use crate::activate_error::io;
@@ -44,6 +44,10 @@ pub struct ActivateRequest {
     /// The VM's run folder and QMP socket.
     pub run: RunPaths,
     pub vm_name: String,
+    /// QEMU outlives this process (a cloudlet's instance, which outlives a restart of the
+    /// daemon; see `forage_vm::RestoreOptions::detached`). Either way a failed activation
+    /// stops the VM it started.
+    pub detached: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +84,8 @@ pub struct Activated {
     pub vm: Vm,
     pub manifest: SubstrateManifest,
     pub report: ActivationReport,
+    /// Every guest port's loopback forward (the agent's and the service's).
+    pub forwards: Vec<PortForward>,
 }
 
 pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Result<Activated, ActivateError> {
@@ -170,18 +176,46 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let decode_seconds = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let opts = RestoreOptions { copy_disks: false, ..RestoreOptions::default() };
+    let opts = RestoreOptions { copy_disks: false, detached: req.detached, ..RestoreOptions::default() };
     let mut vm = Vm::restore_with(&snapshot, spec, req.accel, &req.run.dir.join("qemu.log"), opts)
         .await
         .map_err(|source| ActivateError::Restore { name: name.clone(), source })?;
     let restore_seconds = t.elapsed().as_secs_f64();
+    let before = Before { start, reloaded, manifest_seconds, decode_seconds, decoded_now, restore_seconds };
+    // From here on the VM runs: a failure stops it (a detached QEMU would outlive us).
+    match grow(&mut vm, &manifest, &forwards, req, before).await {
+        Ok(report) => Ok(Activated { vm, manifest, report, forwards }),
+        Err(e) => {
+            let _ = vm.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+/// What the activation measured before the VM ran.
+struct Before {
+    start: Instant,
+    reloaded: bool,
+    manifest_seconds: f64,
+    decode_seconds: f64,
+    decoded_now: bool,
+    restore_seconds: f64,
+}
+
+/// The restored VM gets its NIC (if docked without), answers, renews its identity (if
+/// public) and grows to the request.
+async fn grow(
+    vm: &mut Vm,
+    manifest: &SubstrateManifest,
+    forwards: &[PortForward],
+    req: ActivateRequest,
+    before: Before,
+) -> Result<ActivationReport, ActivateError> {
+    let Before { start, reloaded, manifest_seconds, decode_seconds, decoded_now, restore_seconds } = before;
     let t = Instant::now();
     if let Some(n) = &manifest.nic {
-        let nic = NicSpec { forwards: forwards.clone(), pci_slot: Some(n.pci_slot) };
-        if let Err(e) = vm.plug_nic(nic).await {
-            let _ = vm.shutdown().await;
-            return Err(ActivateError::PlugNic(e));
-        }
+        let nic = NicSpec { forwards: forwards.to_vec(), pci_slot: Some(n.pci_slot) };
+        vm.plug_nic(nic).await.map_err(ActivateError::PlugNic)?;
     }
     let plug_seconds = t.elapsed().as_secs_f64();
 
@@ -246,8 +280,8 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     .map_err(ActivateError::Agent)?;
     let service_port =
         manifest.service_port.and_then(|g| forwards.iter().find(|f| f.guest_port == g).map(|f| (g, f.host_port)));
-    let report = ActivationReport {
-        substrate: name,
+    Ok(ActivationReport {
+        substrate: req.substrate,
         vm: req.vm_name,
         manifest_seconds,
         decode_seconds,
@@ -263,8 +297,7 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         guest_vcpus,
         guest_mem_total_bytes: meminfo(&mem.stdout).0,
         reloaded_from_disk: reloaded,
-    };
-    Ok(Activated { vm, manifest, report })
+    })
 }
 
 /// The guest agent at `addr`, connected and answering a ping, tried every 10 ms for up

@@ -69,6 +69,7 @@ async fn dock_spill_activate_twice_and_refuse_corruption() {
         accel,
         run: run(vm),
         vm_name: vm.into(),
+        detached: false,
     };
     let a = forage_substrate::activate(&data, &pool, activate("sub-a", 2, 200)).await.expect("activates");
     eprintln!("{:?}", a.report);
@@ -170,6 +171,7 @@ async fn dock_a_saved_vm_public() {
         accel,
         run: run("sub-saved-a"),
         vm_name: "sub-saved-a".into(),
+        detached: false,
     };
     let a = forage_substrate::activate(&data, &pool, req).await.expect("activates");
     eprintln!("{:?}", a.report);

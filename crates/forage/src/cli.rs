@@ -103,14 +103,24 @@ pub enum Command {
     #[command(subcommand)]
     Substrate(SubstrateCommand),
     /// Cached VM: start a transient copy-on-write instance of a service VM the cloudlet
-    /// holds and print its endpoint
+    /// holds (or an activation of a substrate docked from it) and print its endpoint;
+    /// with --substrate, activate that VM substrate of the cloudlet's pool instead
     Offload {
         /// Service id (see `forage service list` on the cloudlet, or GET /v1/services)
-        #[arg(long)]
-        service: String,
+        #[arg(long, required_unless_present = "substrate", conflicts_with = "substrate")]
+        service: Option<String>,
         /// Share a running instance of the service if there is one
-        #[arg(long)]
+        #[arg(long, requires = "service")]
         join: bool,
+        /// A substrate of the cloudlet's pool (GET /v1/substrates) to activate
+        #[arg(long)]
+        substrate: Option<String>,
+        /// vCPUs the activated substrate gets
+        #[arg(long, default_value_t = 1, requires = "substrate")]
+        vcpus: u32,
+        /// Memory (MiB) the activated substrate gets (at most what it was docked for)
+        #[arg(long, requires = "substrate", required_unless_present = "service")]
+        memory: Option<u64>,
         #[command(flatten)]
         session: SessionArgs,
     },

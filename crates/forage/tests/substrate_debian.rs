@@ -51,6 +51,7 @@ async fn debian_service_substrate_activates_twice_at_the_sizes_asked() {
             accel,
             run: guest::run_paths(vm),
             vm_name: vm.into(),
+            detached: false,
         };
         let a = forage_substrate::activate(&data, &pool, req).await.expect("activates");
         eprintln!("{:?}", a.report);

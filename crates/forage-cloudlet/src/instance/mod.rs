@@ -172,6 +172,13 @@ fn guest_ports(spec: &VmSpec, ports: &Ports<'_>) -> Vec<u16> {
     p
 }
 
+/// A new instance's service token: its devices' secret for the relay.
+pub(crate) fn new_token() -> Result<[u8; forage_proto::service::TOKEN_BYTES], SessionError> {
+    let mut t = [0u8; forage_proto::service::TOKEN_BYTES];
+    getrandom::fill(&mut t).map_err(|e| internal(format!("no randomness for the instance's token: {e}")))?;
+    Ok(t)
+}
+
 /// Choose the instance's ports and start its shim (its view and relay). `spec` is the
 /// VM's description (its forwarded guest ports count).
 pub(crate) async fn prepare<'a>(
@@ -197,11 +204,7 @@ pub(crate) async fn prepare<'a>(
     let forwards = forage_image::loopback_forwards(guest_ports(spec, &ports)).map_err(internal)?;
     let token = match ports.token {
         Some(t) => t,
-        None => {
-            let mut t = [0u8; forage_proto::service::TOKEN_BYTES];
-            getrandom::fill(&mut t).map_err(|e| internal(format!("no randomness for the instance's token: {e}")))?;
-            t
-        }
+        None => new_token()?,
     };
     let relay = ports.service.and_then(|p| forwards.iter().find(|f| f.guest_port == p)).map(|f| RelaySpec {
         listen: cloudlet.service_addr,
@@ -297,36 +300,49 @@ impl<'a> Prepared<'a> {
             Ok::<_, SessionError>((vm, t.elapsed().as_millis() as u64))
         }
         .await;
-        let (mut vm, resumed_after_ms) = match result {
+        let (vm, resumed_after_ms) = match result {
             Ok(r) => r,
             Err(e) => {
                 let _ = shim.shutdown().await;
                 return Err(e);
             }
         };
+        let run = Running { vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports };
+        Ok(Instance::running(place, run, Some(lineage)).await)
+    }
+}
+
+/// A QEMU started detached and its shim, about to become an instance.
+pub(crate) struct Running {
+    pub vm: Vm,
+    pub shim: Arc<ShimClient>,
+    pub service: ServiceEndpoint,
+    pub resumed_after_ms: u64,
+    pub forwards: Vec<PortForward>,
+    pub service_port: Option<u16>,
+    pub extra_ports: Vec<u16>,
+}
+
+impl Instance {
+    /// A VM that runs (restored detached) becomes an instance: its shim watches QEMU, it
+    /// is registered, recorded (for the operator and for a daemon that adopts it) and its
+    /// session marked ready. `lineage: None`: it cannot move.
+    pub(crate) async fn running(place: Place<'_>, run: Running, lineage: Option<Lineage>) -> Instance {
+        let Running { mut vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports } = run;
         if let Err(e) = shim.watch_qemu(vm.pid()).await {
             tracing::warn!(instance = place.id, "the shim does not watch QEMU: {e}");
         }
         // From here on the instance is the daemon's to end (or to adopt after a restart):
         // dropping it (the daemon exiting) leaves it running.
         vm.release();
-        let instance = Instance::new(
-            place,
-            vm,
-            shim,
-            service,
-            resumed_after_ms,
-            forwards,
-            service_port,
-            extra_ports,
-            Some(lineage),
-        );
+        let instance =
+            Instance::new(place, vm, shim, service, resumed_after_ms, forwards, service_port, extra_ports, lineage);
         instance.record(place);
         place.timing(Timing::Resumed(resumed_after_ms));
-        if let Err(e) = cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
+        if let Err(e) = place.cloudlet.state.session_ready(place.id, place.started.elapsed().as_millis() as u64) {
             tracing::debug!("{e}");
         }
-        Ok(instance)
+        instance
     }
 }
 

@@ -48,15 +48,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Service(c) => service::run(&data, c).await,
         Command::Substrate(c) => substrate::run(&data, c).await,
-        Command::Offload { service, join, session } => {
-            tactical::provision(
-                &data,
-                forage_proto::Provision::CachedVm { service: service.clone(), join },
-                Some(&service),
-                &session,
-            )
-            .await
-        }
+        Command::Offload { service, join, substrate, vcpus, memory, session } => match (service, substrate) {
+            (Some(service), _) => {
+                tactical::provision(
+                    &data,
+                    forage_proto::Provision::CachedVm { service: service.clone(), join },
+                    Some(&service),
+                    &session,
+                )
+                .await
+            }
+            (None, Some(substrate)) => {
+                let memory_mib = memory.context("--substrate needs --memory MIB")?;
+                let ask = forage_client::Ask::Activate { substrate, vcpus, memory_mib };
+                tactical::provision(&data, ask, None, &session).await
+            }
+            (None, None) => anyhow::bail!("forage offload needs --service ID or --substrate NAME"),
+        },
         Command::Apps(a) => tactical::apps(&data, a).await,
         Command::Provision { script, port, os, timeout, components, session } => {
             let bytes = std::fs::read(&script).with_context(|| format!("reading {}", script.display()))?;

@@ -272,6 +272,7 @@ async fn activate(
         accel: forage_vm::accel::choose(),
         run: paths.run.clone(),
         vm_name: vm_name.clone(),
+        detached: false,
     };
     let a = forage_substrate::activate(data, pool, req).await?;
     let r = &a.report;

@@ -40,7 +40,7 @@ pub async fn resolve(arg: &str, service: Option<&str>) -> anyhow::Result<SocketA
 /// Provision `request` on the cloudlet and hold it as `args` say.
 pub async fn provision(
     data: &forage_datadir::DataDir,
-    request: Provision,
+    request: impl Into<forage_client::Ask>,
     service: Option<&str>,
     args: &SessionArgs,
 ) -> anyhow::Result<()> {
@@ -50,12 +50,13 @@ pub async fn provision(
 /// [`provision`], after the device spent `download_s` getting the client app (push).
 async fn provision_after(
     data: &forage_datadir::DataDir,
-    request: Provision,
+    request: impl Into<forage_client::Ask>,
     service: Option<&str>,
     args: &SessionArgs,
     download_s: Option<f64>,
 ) -> anyhow::Result<()> {
     let addr = resolve(&args.cloudlet, service).await?;
+    let request: forage_client::Ask = request.into();
     let mechanism = request.mechanism();
     let (report, mut session) = forage_client::provision(
         addr,
