@@ -97,9 +97,17 @@ pub struct BenchClusterArgs {
     #[arg(long, default_value_t = 20)]
     pub requests: usize,
     /// A base VM of this data folder: its package is imported into nodes n1 and n2 only,
-    /// and every other request asks for it
+    /// and every other request asks for it (with --overlay: into all three nodes)
     #[arg(long)]
     pub base: Option<String>,
+    /// Real requests: each is placed (with a reservation) and then synthesizes this
+    /// overlay of --base on the chosen node, asks its service once and holds it until
+    /// all have answered; then every instance is stopped
+    #[arg(long, requires = "base", value_name = "FILE")]
+    pub overlay: Option<std::path::PathBuf>,
+    /// The service request each real request sends once its instance runs
+    #[arg(long, default_value = "search cluster 8")]
+    pub request_line: String,
     #[arg(long)]
     pub json: bool,
 }

@@ -7,10 +7,15 @@
 //! per node), the time to place each as the client saw it (HTTP included) and as the
 //! node measured it (its linearizable etcd read and the ranking), median and p95.
 //!
-//! Placement only chooses a node: it starts nothing and reserves nothing, so requests
-//! that arrive together on equal nodes go to the same least-loaded one; with
-//! `--base NAME` half of the requests ask for that base VM, which only nodes n1 and n2
-//! hold (its package imported there), and placement must send them there.
+//! Each placement reserves room on the node it chose (an etcd transaction,
+//! `forage_cluster::reservation`), so requests that arrive together spread over equal
+//! nodes; here nothing starts, so the reservations are released only when they expire.
+//! With `--base NAME` half of the requests ask for that base VM, which only nodes n1 and
+//! n2 hold (its package imported there), and placement must send them there.
+//!
+//! With `--base NAME --overlay FILE` the requests are real: the base is imported into
+//! all three nodes and each request synthesizes the overlay on the node it was placed on
+//! ([`crate::cluster_requests`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +49,14 @@ pub struct ClusterBench {
     pub place_ms: Quantiles,
     /// Node side: the `place_ms` each answer carries (etcd read and ranking).
     pub node_place_ms: Quantiles,
+    /// Reservations lost to concurrent placements, in all (each: read again, chose again).
+    pub conflicts: u32,
+    /// Real requests (`--overlay`): from the start, placement included, to the service's
+    /// first answer; and VMs still listed once every session was closed (30 s allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_response_ms: Option<Quantiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_running: Option<usize>,
     /// Requests refused (with the first refusal's words).
     pub failed: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,6 +71,8 @@ pub struct NodeShare {
     pub placed: usize,
     /// Of which requests for the base VM.
     pub base_placed: usize,
+    /// Real requests: how many the node answered (its synthesis report names it).
+    pub served: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -129,13 +144,19 @@ fn api_addr(i: usize) -> std::net::SocketAddr {
     ([127, 0, 0, 1], NODE_PORT + 1 + 10 * i as u16).into()
 }
 
+fn device_addr(i: usize) -> std::net::SocketAddr {
+    ([127, 0, 0, 1], NODE_PORT + 10 * i as u16).into()
+}
+
 fn start_node(exe: &Path, data: &Path, i: usize, urls: &str) -> anyhow::Result<Kill> {
     let log = std::fs::File::create(data.join("serve.log"))?;
     let child = Command::new(exe)
         .arg("--data-dir")
         .arg(data)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", NODE_PORT + 10 * i as u16)])
+        .args(["serve", "--listen", &device_addr(i).to_string()])
         .args(["--api", &api_addr(i).to_string(), "--name", &format!("n{i}"), "--no-advertise"])
+        // One device sends every request: all of them may land on one node.
+        .args(["--max-sessions-per-peer", "64"])
         .args(["--cluster", urls, "--cluster-lease-s", "6"])
         .stdout(Stdio::null())
         .stderr(log)
@@ -167,20 +188,21 @@ fn ready_client(data: &Path, i: usize, want_bases: usize) -> anyhow::Result<ApiC
     }
 }
 
-/// Export base `name` of the bench's data folder into `work`, for the nodes to import.
-fn base_package(exe: &Path, data: &DataDir, name: &str, work: &Path) -> anyhow::Result<(PathBuf, String)> {
+/// Export base `name` of the bench's data folder into `work`, for the nodes to import:
+/// the package, the base's digest and its guest image's name.
+fn base_package(exe: &Path, data: &DataDir, name: &str, work: &Path) -> anyhow::Result<(PathBuf, String, String)> {
     let base = forage_synth::BaseVm::open(data, name).with_context(|| format!("base {name} (--base)"))?;
     let digest = base.manifest().digest.clone();
+    let image = base.manifest().image.clone();
     let pkg = work.join("base.fbase");
     let out = Command::new(exe).arg("--data-dir").arg(data.root()).args(["base", "export", name]).arg(&pkg).output()?;
     anyhow::ensure!(out.status.success(), "forage base export {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok((pkg, digest))
+    Ok((pkg, digest, image))
 }
 
 pub async fn run(data: &DataDir, a: BenchClusterArgs) -> anyhow::Result<()> {
-    let data = data.clone();
-    let report = tokio::task::spawn_blocking(move || measure(&data, &a).map(|r| (r, a.json))).await??;
-    let (report, json) = report;
+    let json = a.json;
+    let report = measure(data, &a).await?;
     if json {
         crate::common::print_json(&report);
     } else {
@@ -189,7 +211,7 @@ pub async fn run(data: &DataDir, a: BenchClusterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(data: &DataDir, a: &BenchClusterArgs) -> anyhow::Result<ClusterBench> {
+async fn measure(data: &DataDir, a: &BenchClusterArgs) -> anyhow::Result<ClusterBench> {
     let exe = crate::common::forage_exe()?;
     let work = tempfile_dir(data)?;
     let (etcd, urls) = etcd_members(&work)?;
@@ -198,22 +220,41 @@ fn measure(data: &DataDir, a: &BenchClusterArgs) -> anyhow::Result<ClusterBench>
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
+    let real = a.overlay.is_some();
     if let Some(name) = &a.base {
-        let (pkg, d) = base_package(&exe, data, name, &work)?;
-        for dir in &dirs[1..] {
-            let out = Command::new(&exe).arg("--data-dir").arg(dir).args(["base", "import"]).arg(&pkg).output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "forage base import: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        let (pkg, d, image) = base_package(&exe, data, name, &work)?;
+        // Placement only: n1 and n2 hold the base; real requests: all three.
+        for dir in &dirs[if real { 0 } else { 1 }..] {
+            crate::cluster_requests::install_base(&exe, data, &image, &pkg, dir)?;
         }
         digest = Some(d);
     }
     let nodes: Vec<Kill> = (0..NODES).map(|i| start_node(&exe, &dirs[i], i, &urls)).collect::<Result<_, _>>()?;
-    let want_bases = if digest.is_some() { NODES - 1 } else { 0 };
-    let clients: Vec<Arc<ApiClient>> =
-        (0..NODES).map(|i| ready_client(&dirs[i], i, want_bases).map(Arc::new)).collect::<Result<_, _>>()?;
+    let want_bases = match (&digest, real) {
+        (None, _) => 0,
+        (Some(_), false) => NODES - 1,
+        (Some(_), true) => NODES,
+    };
+    let clients: Vec<Arc<ApiClient>> = {
+        let dirs = dirs.clone();
+        tokio::task::spawn_blocking(move || {
+            (0..NODES).map(|i| ready_client(&dirs[i], i, want_bases).map(Arc::new)).collect::<Result<Vec<_>, _>>()
+        })
+        .await??
+    };
+    if let (Some(overlay), Some(digest)) = (&a.overlay, &digest) {
+        let device = work.join("device");
+        let addrs: Vec<_> = (0..NODES).map(device_addr).collect();
+        crate::cluster_requests::pair_device(&exe, &dirs, &addrs, &device)?;
+        let mut served =
+            crate::cluster_requests::send(&clients, &device, overlay, digest, &a.request_line, a.requests).await?;
+        let report = real_report(a, &served);
+        let left = crate::cluster_requests::stop_all(&mut served, &clients, Duration::from_secs(30)).await;
+        stop_nodes(nodes);
+        drop(etcd);
+        let _ = std::fs::remove_dir_all(&work);
+        return Ok(ClusterBench { left_running: Some(left), ..report });
+    }
 
     let barrier = Arc::new(Barrier::new(a.requests));
     let threads: Vec<_> = (0..a.requests)
@@ -221,6 +262,7 @@ fn measure(data: &DataDir, a: &BenchClusterArgs) -> anyhow::Result<ClusterBench>
             let (api, barrier) = (clients[k % NODES].clone(), barrier.clone());
             let for_base = digest.is_some() && k % 2 == 1;
             let request = PlacementRequest { base_digest: digest.clone().filter(|_| for_base), ..Default::default() };
+            let request = PlacementRequest { reserve: true, ..request };
             std::thread::spawn(move || {
                 barrier.wait();
                 let started = Instant::now();
@@ -244,7 +286,12 @@ fn measure(data: &DataDir, a: &BenchClusterArgs) -> anyhow::Result<ClusterBench>
         .map(|i| {
             let node = format!("n{i}");
             let mine = answers.iter().filter(|(_, p, _)| p.node == node);
-            NodeShare { placed: mine.clone().count(), base_placed: mine.filter(|(b, _, _)| *b).count(), node }
+            NodeShare {
+                placed: mine.clone().count(),
+                base_placed: mine.filter(|(b, _, _)| *b).count(),
+                served: 0,
+                node,
+            }
         })
         .collect();
     drop(nodes);
@@ -258,6 +305,9 @@ fn measure(data: &DataDir, a: &BenchClusterArgs) -> anyhow::Result<ClusterBench>
         spread,
         place_ms: Quantiles::of(answers.iter().map(|(_, _, ms)| *ms).collect()),
         node_place_ms: Quantiles::of(answers.iter().map(|(_, p, _)| p.place_ms).collect()),
+        conflicts: answers.iter().map(|(_, p, _)| p.conflicts).sum(),
+        first_response_ms: None,
+        left_running: None,
         failed,
         first_error,
         build: if cfg!(debug_assertions) { "debug" } else { "release" }.into(),
@@ -273,22 +323,89 @@ fn tempfile_dir(data: &DataDir) -> anyhow::Result<PathBuf> {
 }
 
 fn print_table(r: &ClusterBench) {
+    let what = match r.first_response_ms {
+        Some(_) => "real requests (placement with a reservation, then synthesis on the node chosen)",
+        None => "placement requests (each with a reservation)",
+    };
     println!(
-        "cluster: {} etcd members, {} nodes on loopback, {} concurrent placement requests ({} for a base only n1 and n2 hold), {} build",
+        "cluster: {} etcd members, {} nodes on loopback, {} concurrent {what} ({} for the base), {} build",
         r.etcd_members, r.nodes, r.requests, r.base_requests, r.build
     );
-    println!("| node | placed | of which base requests |");
-    println!("|---|---:|---:|");
-    for s in &r.spread {
-        println!("| {} | {} | {} |", s.node, s.placed, s.base_placed);
+    match r.first_response_ms {
+        Some(_) => {
+            println!("| node | placed | served |");
+            println!("|---|---:|---:|");
+            for s in &r.spread {
+                println!("| {} | {} | {} |", s.node, s.placed, s.served);
+            }
+        }
+        None => {
+            println!("| node | placed | of which base requests |");
+            println!("|---|---:|---:|");
+            for s in &r.spread {
+                println!("| {} | {} | {} |", s.node, s.placed, s.base_placed);
+            }
+        }
     }
     println!();
-    println!("| time to place (ms) | median | p95 | max |");
+    println!("| time (ms) | median | p95 | max |");
     println!("|---|---:|---:|---:|");
     let (c, n) = (r.place_ms, r.node_place_ms);
-    println!("| device side (HTTP + node) | {:.1} | {:.1} | {:.1} |", c.median, c.p95, c.max);
-    println!("| node side (etcd read + ranking) | {:.1} | {:.1} | {:.1} |", n.median, n.p95, n.max);
+    println!("| to place, device side (HTTP + node) | {:.1} | {:.1} | {:.1} |", c.median, c.p95, c.max);
+    println!("| to place, node side (etcd reads + reservation) | {:.1} | {:.1} | {:.1} |", n.median, n.p95, n.max);
+    if let Some(f) = r.first_response_ms {
+        println!("| to first response (placement included) | {:.1} | {:.1} | {:.1} |", f.median, f.p95, f.max);
+    }
+    println!();
+    println!("reservations lost to concurrent placements (read again, chose again): {}", r.conflicts);
+    if let Some(left) = r.left_running {
+        println!("instances still running once every session was closed: {left}");
+    }
     if r.failed > 0 {
-        println!("{} request(s) refused: {}", r.failed, r.first_error.as_deref().unwrap_or(""));
+        println!("{} request(s) failed: {}", r.failed, r.first_error.as_deref().unwrap_or(""));
+    }
+}
+
+/// The report of real requests (`--overlay`), before the VMs are stopped.
+fn real_report(a: &BenchClusterArgs, served: &[anyhow::Result<crate::cluster_requests::Served>]) -> ClusterBench {
+    let ok: Vec<_> = served.iter().filter_map(|s| s.as_ref().ok()).collect();
+    let spread = (0..NODES)
+        .map(|i| {
+            let node = format!("n{i}");
+            let placed = ok.iter().filter(|s| s.placement.node == node).count();
+            let served = ok.iter().filter(|s| s.served_by == node).count();
+            NodeShare { placed, base_placed: placed, served, node }
+        })
+        .collect();
+    let first_error = served.iter().find_map(|s| s.as_ref().err()).map(|e| format!("{e:#}"));
+    ClusterBench {
+        etcd_members: NODES,
+        nodes: NODES,
+        requests: a.requests,
+        base_requests: a.requests,
+        spread,
+        place_ms: Quantiles::of(ok.iter().map(|s| s.place_ms).collect()),
+        node_place_ms: Quantiles::of(ok.iter().map(|s| s.placement.place_ms).collect()),
+        conflicts: ok.iter().map(|s| s.placement.conflicts).sum(),
+        first_response_ms: Some(Quantiles::of(ok.iter().map(|s| s.first_response_ms).collect())),
+        left_running: None,
+        failed: served.len() - ok.len(),
+        first_error,
+        build: if cfg!(debug_assertions) { "debug" } else { "release" }.into(),
+    }
+}
+
+/// SIGTERM each node (it stops what it runs), SIGKILL after 20 s.
+fn stop_nodes(nodes: Vec<Kill>) {
+    for n in &nodes {
+        // SAFETY: kill(2) on a child process this bench started and has not reaped.
+        unsafe { libc::kill(n.0.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let started = Instant::now();
+    for mut n in nodes {
+        while started.elapsed() < Duration::from_secs(20) && matches!(n.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(n);
     }
 }

@@ -7,6 +7,7 @@ mod bench_app;
 mod big;
 mod cli;
 mod cluster;
+mod cluster_requests;
 mod common;
 mod demo;
 mod handoff;

@@ -122,7 +122,7 @@ struct RawKv {
     lease: Option<Num>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RangeAnswer {
     #[serde(default)]
     kvs: Vec<RawKv>,
@@ -148,6 +148,26 @@ struct TxnAnswer {
     succeeded: bool,
 }
 
+#[derive(Deserialize, Default)]
+struct Header {
+    #[serde(default)]
+    revision: Option<Num>,
+}
+
+#[derive(Deserialize)]
+struct RangesAnswer {
+    #[serde(default)]
+    header: Header,
+    #[serde(default)]
+    responses: Vec<RangeResponse>,
+}
+
+#[derive(Deserialize)]
+struct RangeResponse {
+    #[serde(default)]
+    response_range: Option<RangeAnswer>,
+}
+
 #[derive(Deserialize)]
 struct Ignored {}
 
@@ -165,6 +185,20 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+fn decode_kvs(kvs: Vec<RawKv>) -> Result<Vec<KeyValue>, EtcdError> {
+    kvs.into_iter()
+        .map(|kv| {
+            let key = B64.decode(kv.key).map_err(EtcdError::Base64)?;
+            Ok(KeyValue {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                value: B64.decode(kv.value).map_err(EtcdError::Base64)?,
+                mod_revision: kv.mod_revision.map_or(0, |n| n.0),
+                lease: kv.lease.map_or(0, |n| n.0),
+            })
+        })
+        .collect()
 }
 
 impl Etcd {
@@ -242,19 +276,74 @@ impl Etcd {
     pub async fn range_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, EtcdError> {
         let body = json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)), "limit": MAX_KEYS});
         let answer: RangeAnswer = self.call("/v3/kv/range", body).await?;
-        answer
-            .kvs
-            .into_iter()
-            .map(|kv| {
-                let key = B64.decode(kv.key).map_err(EtcdError::Base64)?;
-                Ok(KeyValue {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    value: B64.decode(kv.value).map_err(EtcdError::Base64)?,
-                    mod_revision: kv.mod_revision.map_or(0, |n| n.0),
-                    lease: kv.lease.map_or(0, |n| n.0),
-                })
+        decode_kvs(answer.kvs)
+    }
+
+    /// Every key under each of `prefixes`, read in one transaction: all at the same
+    /// revision, which is returned with them.
+    pub async fn ranges_at_once(&self, prefixes: &[String]) -> Result<(i64, Vec<Vec<KeyValue>>), EtcdError> {
+        let ranges: Vec<Value> = prefixes
+            .iter()
+            .map(|p| {
+                json!({"request_range": {"key": b64(p.as_bytes()), "range_end": b64(&prefix_end(p)), "limit": MAX_KEYS}})
             })
-            .collect()
+            .collect();
+        let answer: RangesAnswer = self.call("/v3/kv/txn", json!({"success": ranges})).await?;
+        let revision = answer.header.revision.map_or(0, |n| n.0);
+        let mut out = Vec::with_capacity(prefixes.len());
+        for r in answer.responses.into_iter().take(prefixes.len()) {
+            out.push(decode_kvs(r.response_range.map(|r| r.kvs).unwrap_or_default())?);
+        }
+        out.resize(prefixes.len(), Vec::new());
+        Ok((revision, out))
+    }
+
+    /// Create `key` (attached to `lease`) only if no key under `prefix` and not `exact`
+    /// was written after `revision`, and `exact` exists: an optimistic lock on what a
+    /// decision read at `revision`. Whether it was written.
+    pub async fn put_if_untouched_since(
+        &self,
+        prefix: &str,
+        exact: &str,
+        revision: i64,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<bool, EtcdError> {
+        let after = (revision + 1).to_string();
+        let mut put = json!({"key": b64(key.as_bytes()), "value": b64(value)});
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let body = json!({
+            "compare": [
+                {"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)),
+                 "target": "MOD", "result": "LESS", "mod_revision": after},
+                {"key": b64(exact.as_bytes()), "target": "MOD", "result": "LESS", "mod_revision": after},
+                {"key": b64(exact.as_bytes()), "target": "VERSION", "result": "GREATER", "version": "0"},
+            ],
+            "success": [{"request_put": put}],
+        });
+        let answer: TxnAnswer = self.call("/v3/kv/txn", body).await?;
+        Ok(answer.succeeded)
+    }
+
+    /// Write `key` (attached to `lease`) and delete `deletes`, in one transaction.
+    pub async fn put_and_delete(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+        deletes: &[String],
+    ) -> Result<(), EtcdError> {
+        let mut put = json!({"key": b64(key.as_bytes()), "value": b64(value)});
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let mut ops = vec![json!({"request_put": put})];
+        ops.extend(deletes.iter().map(|k| json!({"request_delete_range": {"key": b64(k.as_bytes())}})));
+        let _: Ignored = self.call("/v3/kv/txn", json!({"success": ops})).await?;
+        Ok(())
     }
 
     /// Write `key` (attached to `lease`, or to none with 0).

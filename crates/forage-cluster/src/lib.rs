@@ -15,11 +15,14 @@
 pub mod etcd;
 pub mod member;
 pub mod placement;
+pub mod reservation;
 pub mod resources;
 
 pub use etcd::{Etcd, EtcdError};
 pub use member::{
     chain, ClusterConfig, ClusterStatus, DrainError, JoinError, LocalInstance, LocalView, Member, PlacementError,
+    RESERVE_TRIES,
 };
 pub use placement::{HoldsThenLeastLoaded, PlaceError, Placement, PlacementRequest, Utility};
+pub use reservation::{Reservation, RESERVATION_TTL_MS, RESERVED_MIB};
 pub use resources::{ClusterInstance, InstancePhase, Node, NodeSpec, NodeStatus};

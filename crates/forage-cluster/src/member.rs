@@ -13,7 +13,8 @@
 //!         N->>E: kv/range nodes/, instances/
 //!         N->>E: kv/txn {instance of a node without a key: MOD equal -> put Lost}
 //!     end
-//!     Note over N,E: a device's request: kv/range nodes/ (linearizable), choose, redirect
+//!     Note over N,E: a device's request: kv/txn {range nodes/, drains/, reservations/}, choose
+//!     N->>E: kv/txn {unchanged since the read: put reservations/TARGET/ID (lease)}, redirect
 //!     N->>E: lease/revoke (at a clean stop: the node leaves at once)
 //! ```
 //!
@@ -21,8 +22,11 @@
 //! the next heartbeat of any other node marks its instances Lost, once (a transaction on
 //! the instance's revision). Without quorum every call fails: the heartbeat records the
 //! error (instances keep running: nothing here touches them), placement refuses.
+//! Reservations, and how a node's heartbeat releases those on it: [`crate::reservation`].
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::etcd::{Etcd, EtcdError};
 use crate::placement::{choose, PlaceError, Placement, PlacementRequest, Utility};
+use crate::reservation::{project, to_release, Reservation};
 use crate::resources::{decode, plain_name, ClusterInstance, InstancePhase, Node, NodeSpec, NodeStatus};
 
 /// How a node joins.
@@ -49,6 +54,9 @@ pub struct LocalView {
     pub spec: NodeSpec,
     pub status: NodeStatus,
     pub instances: Vec<LocalInstance>,
+    /// Sessions that failed here since the node started (a counter): each releases a
+    /// reservation, as each instance that appears does.
+    pub sessions_failed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,7 +130,12 @@ pub enum PlacementError {
     NoQuorum(#[source] EtcdError),
     #[error("no placement")]
     Unplaceable(#[source] PlaceError),
+    #[error("no placement: {tries} reservations in a row lost to concurrent placements")]
+    Contended { tries: u32 },
 }
+
+/// How many times a placement reads again after losing its reservation to another.
+pub const RESERVE_TRIES: u32 = 64;
 
 pub struct Member {
     etcd: Etcd,
@@ -133,6 +146,11 @@ pub struct Member {
     spec: Mutex<(u64, Option<NodeSpec>)>,
     seen: Mutex<ClusterStatus>,
     utility: Box<dyn Utility>,
+    /// Instance ids and the failed-session count at the last heartbeat (what is new
+    /// since then releases reservations).
+    arrivals: Mutex<Option<(HashSet<String>, u64)>>,
+    /// Numbers this node's reservation ids.
+    reservations_made: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -151,6 +169,9 @@ impl Member {
     }
     fn drain_key(&self, node: &str) -> String {
         format!("{}drains/{node}", self.prefix())
+    }
+    fn reservations_of(&self, node: &str) -> String {
+        format!("{}reservations/{node}/", self.prefix())
     }
 
     /// Register `name` under a new lease with `view`, placing by `utility`.
@@ -190,6 +211,8 @@ impl Member {
             spec: Mutex::new((0, None)),
             seen: Mutex::new(seen),
             utility,
+            arrivals: Mutex::new(None),
+            reservations_made: AtomicU64::new(0),
         });
         let joined = async {
             let lease = member.etcd.lease_grant(member.config.lease_ttl_s).await?;
@@ -253,7 +276,29 @@ impl Member {
         status.heartbeat_unix_ms = now_ms();
         let node = Node::new(&self.name, generation, view.spec, status);
         let bytes = serde_json::to_vec(&node).expect("a node serializes");
-        self.etcd.put(&self.node_key(&self.name), &bytes, lease).await?;
+        // What arrived since the last heartbeat releases reservations on this node, in
+        // the transaction that publishes the record counting it.
+        let ids: HashSet<String> = view.instances.iter().map(|i| i.id.clone()).collect();
+        let arrivals = match &*self.arrivals.lock().expect("arrivals lock") {
+            Some((before, failed)) => {
+                ids.difference(before).count() + view.sessions_failed.saturating_sub(*failed) as usize
+            }
+            None => 0,
+        };
+        let mut mine = Vec::new();
+        for kv in self.etcd.range_prefix(&self.reservations_of(&self.name)).await? {
+            match decode::<Reservation>(&kv.key, &kv.value) {
+                Ok(r) => mine.push((kv.key, r)),
+                // Not a reservation: not counted by placement either; cleared here.
+                Err(_) => mine.push((kv.key, Reservation::new("refused", &self.name, "", 0))),
+            }
+        }
+        let release = to_release(&mine, arrivals, now_ms());
+        self.etcd.put_and_delete(&self.node_key(&self.name), &bytes, lease, &release).await?;
+        *self.arrivals.lock().expect("arrivals lock") = Some((ids, view.sessions_failed));
+        if !release.is_empty() {
+            tracing::debug!(released = release.len(), arrivals, "cluster: reservations released");
+        }
         self.publish_instances(&view.instances).await?;
         self.read_and_mark_lost().await
     }
@@ -280,9 +325,13 @@ impl Member {
     }
 
     async fn read_nodes(&self) -> Result<(Vec<Node>, u64), EtcdError> {
+        Ok(self.decode_nodes(self.etcd.range_prefix(&format!("{}nodes/", self.prefix())).await?))
+    }
+
+    fn decode_nodes(&self, kvs: Vec<crate::etcd::KeyValue>) -> (Vec<Node>, u64) {
         let mut refused = 0;
         let mut nodes = Vec::new();
-        for kv in self.etcd.range_prefix(&format!("{}nodes/", self.prefix())).await? {
+        for kv in kvs {
             match decode::<Node>(&kv.key, &kv.value) {
                 Ok(n) if kv.key.ends_with(&format!("/{}", n.name())) => nodes.push(n),
                 Ok(_) => refused += 1,
@@ -293,7 +342,7 @@ impl Member {
             }
         }
         nodes.sort_by(|a, b| a.name().cmp(b.name()));
-        Ok((nodes, refused))
+        (nodes, refused)
     }
 
     async fn read_and_mark_lost(&self) -> Result<(), EtcdError> {
@@ -388,21 +437,66 @@ impl Member {
 
     async fn place_among(&self, request: &PlacementRequest, except: &str) -> Result<Placement, PlacementError> {
         let t0 = Instant::now();
-        let (mut nodes, _) = self.read_nodes().await.map_err(PlacementError::NoQuorum)?;
-        let drains =
-            self.etcd.range_prefix(&format!("{}drains/", self.prefix())).await.map_err(PlacementError::NoQuorum)?;
-        nodes.retain(|n| n.name() != except && !drains.iter().any(|kv| kv.key == self.drain_key(n.name())));
-        let (node, score, able) =
-            choose(&nodes, request, self.utility.as_ref()).map_err(PlacementError::Unplaceable)?;
-        Ok(Placement {
-            node: node.name().into(),
-            device_addr: node.spec.device_addr,
-            score,
-            utility: self.utility.name().into(),
-            considered: nodes.len() as u32,
-            able,
-            place_ms: t0.elapsed().as_secs_f64() * 1000.0,
-        })
+        let mut conflicts = 0;
+        loop {
+            let prefixes = ["nodes/", "drains/", "reservations/"].map(|p| format!("{}{p}", self.prefix()));
+            let (revision, mut read) = self.etcd.ranges_at_once(&prefixes).await.map_err(PlacementError::NoQuorum)?;
+            let held = std::mem::take(&mut read[2]);
+            let drains = std::mem::take(&mut read[1]);
+            let (mut nodes, _) = self.decode_nodes(std::mem::take(&mut read[0]));
+            nodes.retain(|n| n.name() != except && !drains.iter().any(|kv| kv.key == self.drain_key(n.name())));
+            // A reservation counts only at its own key (its node's prefix and its name).
+            let reservations: Vec<Reservation> = held
+                .iter()
+                .filter_map(|kv| {
+                    let r = decode::<Reservation>(&kv.key, &kv.value).ok()?;
+                    let at = kv.key.strip_prefix(&self.reservations_of(&r.spec.node));
+                    (at == Some(r.metadata.name.as_str())).then_some(r)
+                })
+                .collect();
+            let now = now_ms();
+            project(&mut nodes, &reservations, now);
+            let (node, score, able) =
+                choose(&nodes, request, self.utility.as_ref()).map_err(PlacementError::Unplaceable)?;
+            let mut placement = Placement {
+                node: node.name().into(),
+                device_addr: node.spec.device_addr,
+                score,
+                utility: self.utility.name().into(),
+                considered: nodes.len() as u32,
+                able,
+                place_ms: 0.0,
+                reservation: None,
+                conflicts,
+            };
+            if request.reserve {
+                let n = self.reservations_made.fetch_add(1, Ordering::Relaxed);
+                let id = format!("{now:013}-{}-{n}", self.name);
+                let r = Reservation::new(&id, node.name(), &self.name, now);
+                let key = format!("{}{id}", self.reservations_of(node.name()));
+                let lease = *self.lease.lock().expect("lease lock");
+                let value = serde_json::to_vec(&r).expect("serializes");
+                let (watched, node_key) = (self.reservations_of(node.name()), self.node_key(node.name()));
+                let taken = self
+                    .etcd
+                    .put_if_untouched_since(&watched, &node_key, revision, &key, &value, lease)
+                    .await
+                    .map_err(PlacementError::NoQuorum)?;
+                if !taken {
+                    conflicts += 1;
+                    if conflicts >= RESERVE_TRIES {
+                        return Err(PlacementError::Contended { tries: conflicts });
+                    }
+                    // Apart a little, so that racing placers do not meet again at once.
+                    let jitter = (now_ms() ^ (n * 7919)) % 5 + 1;
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    continue;
+                }
+                placement.reservation = Some(id);
+            }
+            placement.place_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            return Ok(placement);
+        }
     }
 
     /// Leave now (a clean stop): the node's key goes with its lease.

@@ -25,6 +25,10 @@ pub struct PlacementRequest {
     /// A service VM (offload, cached VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// Reserve room on the chosen node (a request about to go there, as in the device
+    /// protocol's redirect) rather than only ask where it would go.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reserve: bool,
 }
 
 /// Where a request goes.
@@ -44,6 +48,13 @@ pub struct Placement {
     pub able: u32,
     /// From the request's arrival to the answer, etcd read included.
     pub place_ms: f64,
+    /// The reservation taken on the node (`reserve`), released by the node's heartbeat
+    /// once the instance started or the session failed there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
+    /// Reservations lost to concurrent placements (each: read again, chose again).
+    #[serde(default)]
+    pub conflicts: u32,
 }
 
 /// How good a node is for a request: higher is better, `None` if it cannot serve it.
@@ -54,7 +65,9 @@ pub trait Utility: Send + Sync {
 
 /// Holding what the request needs first (cached launch VM 4, service VM 2, base 1: a
 /// request for a base no node holds cannot be placed), then the least load: free memory
-/// and idle cores break ties within a rank.
+/// and idle cores break ties within a rank. A node with less than
+/// [`RESERVED_MIB`](crate::reservation::RESERVED_MIB) free (reservations deducted) cannot
+/// serve it.
 pub struct HoldsThenLeastLoaded;
 
 impl Utility for HoldsThenLeastLoaded {
@@ -74,6 +87,9 @@ impl Utility for HoldsThenLeastLoaded {
             (false, None, Some(false)) => return None,
             (false, None, None) => 0.0,
         };
+        if n.status.free_memory_mib < crate::reservation::RESERVED_MIB {
+            return None;
+        }
         // Load in [0, 1): 1 - idle share, weighted with memory use.
         let s = &n.status;
         let busy = (s.load_per_core.max(0.0) / (1.0 + s.load_per_core.max(0.0))) * 0.5

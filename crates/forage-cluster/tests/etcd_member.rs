@@ -44,11 +44,16 @@ fn etcd(dir: &std::path::Path) -> (Kill, String) {
 fn view(port: u16, bases: &[&str], instances: &[&str]) -> LocalView {
     LocalView {
         spec: NodeSpec { device_addr: format!("127.0.0.1:{port}").parse().unwrap(), cores: 2, memory_mib: 4096 },
-        status: NodeStatus { bases: bases.iter().map(|s| s.to_string()).collect(), ..Default::default() },
+        status: NodeStatus {
+            bases: bases.iter().map(|s| s.to_string()).collect(),
+            free_memory_mib: 2048,
+            ..Default::default()
+        },
         instances: instances
             .iter()
             .map(|id| LocalInstance { id: id.to_string(), name: "svc".into(), endpoint: "127.0.0.1:9".into() })
             .collect(),
+        sessions_failed: 0,
     }
 }
 
@@ -137,4 +142,73 @@ async fn nodes_join_place_and_are_lost_with_their_lease() {
     let e = a.place(&PlacementRequest::default()).await.unwrap_err();
     assert!(matches!(e, PlacementError::NoQuorum(EtcdError::Unavailable { .. })), "{}", chain(&e));
     assert!(chain(&e).contains("no quorum"), "{}", chain(&e));
+}
+
+async fn joined(config: &ClusterConfig, name: &str, v: LocalView) -> std::sync::Arc<Member> {
+    let started = Instant::now();
+    loop {
+        match Member::join(config.clone(), name, v.clone(), Box::new(HoldsThenLeastLoaded)).await {
+            Ok(m) => return m,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{}", chain(&e)),
+        }
+    }
+}
+
+/// Placements racing from two nodes: each takes a reservation in a transaction, so the
+/// twenty spread over the three equal nodes (none sees a stale load), and the last slot
+/// of a node goes to one placer only; a node's heartbeat releases one reservation per
+/// instance that appeared on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_placements_reserve_and_spread() {
+    let t = tempfile::tempdir().unwrap();
+    let (_etcd, url) = etcd(&t.path().join("etcd"));
+    let config = ClusterConfig { endpoints: vec![url.clone()], cluster: "r".into(), lease_ttl_s: 30 };
+    let a = joined(&config, "a", view(1, &[], &[])).await;
+    let b = joined(&config, "b", view(2, &[], &[])).await;
+    let c = joined(&config, "c", view(3, &[], &[])).await;
+    let reserve = PlacementRequest { reserve: true, ..Default::default() };
+    let tasks: Vec<_> = (0..20)
+        .map(|k| {
+            let (m, r) = (if k % 2 == 0 { a.clone() } else { b.clone() }, reserve.clone());
+            tokio::spawn(async move { m.place(&r).await })
+        })
+        .collect();
+    let mut placed = Vec::new();
+    for t in tasks {
+        placed.push(t.await.unwrap().unwrap_or_else(|e| panic!("{}", chain(&e))));
+    }
+    let on = |n: &str| placed.iter().filter(|p| p.node == n).count();
+    let spread = (on("a"), on("b"), on("c"));
+    eprintln!("spread {spread:?}, conflicts {}", placed.iter().map(|p| p.conflicts).sum::<u32>());
+    assert_eq!(spread.0 + spread.1 + spread.2, 20);
+    assert!([spread.0, spread.1, spread.2].iter().all(|&n| (6..=7).contains(&n)), "{spread:?}");
+    assert!(placed.iter().all(|p| p.reservation.is_some()));
+    let etcd = Etcd::new(vec![url.clone()]);
+    assert_eq!(etcd.range_prefix("/forage/v1/r/reservations/").await.unwrap().len(), 20);
+    // An asked (not reserved) placement takes nothing.
+    let asked = a.place(&PlacementRequest::default()).await.unwrap();
+    assert!(asked.reservation.is_none());
+    assert_eq!(etcd.range_prefix("/forage/v1/r/reservations/").await.unwrap().len(), 20);
+
+    // Three instances appear on c: its heartbeat releases three of its reservations.
+    let on_c = on("c");
+    c.heartbeat(view(3, &[], &["i1", "i2", "i3"])).await.unwrap();
+    let left = etcd.range_prefix("/forage/v1/r/reservations/c/").await.unwrap().len();
+    assert_eq!(left, on_c - 3);
+
+    // The last slot: d has room for one instance; two placers race for it.
+    let mut tight = view(4, &["f".repeat(64).as_str()], &[]);
+    tight.status.free_memory_mib = RESERVED_MIB;
+    let d = joined(&config, "d", tight).await;
+    let for_d = PlacementRequest { base_digest: Some("f".repeat(64)), reserve: true, ..Default::default() };
+    let (x, y) = tokio::join!(a.place(&for_d), b.place(&for_d));
+    let won = [&x, &y].iter().filter(|r| r.as_ref().is_ok_and(|p| p.node == "d")).count();
+    assert_eq!(won, 1, "{x:?} {y:?}");
+    let lost = if x.is_ok() { y } else { x };
+    assert!(matches!(lost, Err(PlacementError::Unplaceable(PlaceError::NoneAble { .. }))), "{lost:?}");
+    drop(d);
 }

@@ -35,7 +35,13 @@ pub async fn join(
     let _ = cloudlet.placer.set(Arc::new(move |base: String, overlay: String| {
         let m = placer.clone();
         Box::pin(async move {
-            let request = PlacementRequest { base_digest: Some(base), overlay_digest: Some(overlay), service: None };
+            // The device is about to go there: room is reserved for it.
+            let request = PlacementRequest {
+                base_digest: Some(base),
+                overlay_digest: Some(overlay),
+                service: None,
+                reserve: true,
+            };
             match m.place(&request).await {
                 Ok(p) if p.node != m.name() => Some(p.device_addr),
                 Ok(_) => None,
@@ -100,6 +106,7 @@ pub fn local_view(c: &Cloudlet, device_addr: SocketAddr) -> LocalView {
             .into_iter()
             .map(|i| LocalInstance { id: i.id, name: i.name, endpoint: i.endpoint })
             .collect(),
+        sessions_failed: c.state.totals().map(|t| t.sessions_failed).unwrap_or(0),
     }
 }
 
@@ -120,7 +127,8 @@ fn drain_when_asked(member: Arc<Member>, cloudlet: Arc<Cloudlet>, every: Duratio
                     left += 1;
                     continue;
                 }
-                let to = match member.place_except(&PlacementRequest::default(), member.name()).await {
+                let request = PlacementRequest { reserve: true, ..Default::default() };
+                let to = match member.place_except(&request, member.name()).await {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!(instance = i.id, "drain: no node to move it to: {}", forage_cluster::chain(&e));

@@ -223,6 +223,7 @@ impl forage_api::Control for DaemonControl {
         placed.map_err(|e| {
             let fault = match &e {
                 forage_cluster::PlacementError::NoQuorum(_) => Fault::Unavailable,
+                forage_cluster::PlacementError::Contended { .. } => Fault::Unavailable,
                 forage_cluster::PlacementError::Unplaceable(_) => Fault::Conflict,
             };
             ActionError::new(fault, e)

@@ -236,6 +236,8 @@ impl Control for FakeControl {
             considered: 2,
             able: 1,
             place_ms: 1.5,
+            reservation: None,
+            conflicts: 0,
         })
     }
 }

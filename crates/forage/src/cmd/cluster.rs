@@ -56,7 +56,13 @@ pub async fn run(data: &DataDir, c: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Place { base, overlay, service, api, json } => {
             let api = super::handoff::client(data, api)?;
-            let request = forage_cluster::PlacementRequest { base_digest: base, overlay_digest: overlay, service };
+            // Where a request would go now: asked, not reserved.
+            let request = forage_cluster::PlacementRequest {
+                base_digest: base,
+                overlay_digest: overlay,
+                service,
+                reserve: false,
+            };
             let p = tokio::task::spawn_blocking(move || api.place(&request)).await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
