@@ -78,6 +78,10 @@ pub enum Command {
         /// response); meanwhile a line `follow HOST:PORT` on stdin asks it to move there
         #[arg(long)]
         hold: bool,
+        /// Resume the launch VM before the overlay is all here, fetching what it touches
+        /// first (the default; the flag only says so)
+        #[arg(long, conflicts_with_all = ["no_early_start", "no_pipelining"])]
+        early_start: bool,
         /// Wait for the whole overlay before resuming (pipelined synthesis only)
         #[arg(long)]
         no_early_start: bool,

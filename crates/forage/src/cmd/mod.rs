@@ -33,7 +33,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { args } => bench(&cli.data_dir, Some("demo"), args),
         Command::Serve { config, daemon } => synthesis::serve(&data, config.as_deref(), daemon).await,
         Command::Discover { timeout, json } => synthesis::discover(timeout, json).await,
-        Command::Synthesize { file, cloudlet, hold, no_early_start, no_pipelining, request, residue, json } => {
+        Command::Synthesize {
+            file,
+            cloudlet,
+            hold,
+            early_start: _,
+            no_early_start,
+            no_pipelining,
+            request,
+            residue,
+            json,
+        } => {
             let cloudlet = synthesis::resolve_cloudlet(&cloudlet, &file).await?;
             let credentials = Some(forage_trust::DeviceTrust::new(&data.trust_peers()).credentials(cloudlet, None)?);
             let opts = forage_client::SynthesisOptions {
