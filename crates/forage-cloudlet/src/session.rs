@@ -199,9 +199,35 @@ impl Cloudlet {
         if let Err(e) = recorded {
             tracing::debug!("session {id} not recorded: {e}");
         }
-        unmount_session(dir);
-        let _ = std::fs::remove_dir_all(dir);
+        remove_session_dir(dir);
     }
+}
+
+/// Remove a finished session's folder. A process of the session may still be letting go
+/// of it (a shim that outlived its 5 s shutdown wait unmounts and exits later): then the
+/// removal is retried for 30 s on a thread of its own, and a folder still there is logged.
+fn remove_session_dir(dir: &Path) {
+    unmount_session(dir);
+    let first = match std::fs::remove_dir_all(dir) {
+        Ok(()) => return,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => e,
+    };
+    tracing::info!("removing {}: {first}; retried while the session's processes exit", dir.display());
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let mut last = first;
+        for _ in 0..60 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            unmount_session(&dir);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) => last = e,
+            }
+        }
+        tracing::warn!("the session folder {} is left: {last}", dir.display());
+    });
 }
 
 /// The answer to a device's WhereIs: the cluster's record of the instance at `endpoint`.

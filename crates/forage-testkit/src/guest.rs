@@ -209,13 +209,54 @@ fn session_dirs(data: &DataDir) -> usize {
         .unwrap_or(0)
 }
 
+/// Run `script` with `sh -c` in the guest whose agent answers behind `port`: its stdout
+/// (panics if it fails: a test helper).
+pub async fn guest_sh(port: u16, script: &str) -> String {
+    let script = script.to_string();
+    forage_substrate::dock::with_agent(port, Duration::from_secs(30), move |a| {
+        a.exec_ok(&["sh", "-c", &script], Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .stdout
+}
+
+/// What is left in a cloudlet's session folders (two levels), and the end of their shim
+/// logs: to tell which session and which process kept them.
+fn leftovers(data: &DataDir) -> String {
+    let mut out = String::new();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for e in std::fs::read_dir(data.work()).into_iter().flatten().flatten() {
+        if !e.file_name().to_string_lossy().starts_with("session-") {
+            continue;
+        }
+        let dir = e.path();
+        out += &format!("\n{}:", dir.display());
+        for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let inner: Vec<String> = std::fs::read_dir(f.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|g| g.file_name().to_string_lossy().into_owned())
+                .collect();
+            out += &format!("\n  {} {:?}", f.file_name().to_string_lossy(), inner);
+        }
+        let mounted: Vec<&str> = mounts.lines().filter(|l| l.contains(&*dir.to_string_lossy())).collect();
+        out += &format!("\n  mounts: {mounted:?}");
+        out += &format!("\n  shim.log: {}", forage_vm::process::tail_lines(&dir.join("shim.log"), 8));
+    }
+    out
+}
+
 /// A cloudlet's sessions left nothing behind: no session folder, QEMU or FUSE mount.
 pub async fn assert_cleaned_up(data: &DataDir) {
     let t = Instant::now();
     while session_dirs(data) > 0 && t.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(session_dirs(data), 0, "session files left on the cloudlet");
+    if session_dirs(data) > 0 {
+        panic!("session files left on the cloudlet: {}", leftovers(data));
+    }
     assert_no_qemu_with(&data.work().to_string_lossy()).await;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains(&data.work().to_string_lossy().to_string()), "a FUSE mount is left: {mounts}");
