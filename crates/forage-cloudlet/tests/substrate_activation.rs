@@ -8,7 +8,6 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use forage_client::{provision, Ask, ClientError};
 use forage_proto::ErrorCode;
@@ -24,16 +23,6 @@ async fn refused(addr: std::net::SocketAddr, substrate: &str, vcpus: u32, memory
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok((r, _)) => panic!("expected a refusal, got {r:?}"),
     }
-}
-
-async fn sh(port: u16, script: &str) -> String {
-    let script = script.to_string();
-    forage_substrate::dock::with_agent(port, Duration::from_secs(30), move |a| {
-        a.exec_ok(&["sh", "-c", &script], Duration::from_secs(30))
-    })
-    .await
-    .unwrap()
-    .stdout
 }
 
 /// What a refusal must leave as it was.
@@ -118,8 +107,8 @@ async fn a_device_activates_a_substrate_and_bad_requests_change_nothing() {
         .find(|f| f["guest_port"] == forage_agent::AGENT_PORT)
         .and_then(|f| f["host_port"].as_u64())
         .expect("the agent's forward") as u16;
-    assert_eq!(sh(agent, "nproc").await.trim(), "2", "online vCPUs in the guest");
-    let total = forage_substrate::dock::meminfo(&sh(agent, "cat /proc/meminfo").await).0 >> 20;
+    assert_eq!(guest_sh(agent, "nproc").await.trim(), "2", "online vCPUs in the guest");
+    let total = forage_substrate::dock::meminfo(&guest_sh(agent, "cat /proc/meminfo").await).0 >> 20;
     assert!(total <= 200 && total + 48 >= 200, "MemTotal {total} MiB in the guest for 200 MiB asked");
     session.close().await;
     assert_cleaned_up(&data).await;

@@ -5,24 +5,12 @@
 //! exists for it. A saved VM docked as it was saved, public: its activation renews the
 //! guest's host name.
 
-use std::time::Duration;
-
 use forage_image::RunPaths;
 use forage_substrate::{ActivateError, ActivateRequest, DockRequest, DockSource, Pool, Tier};
 use forage_testkit::guest;
 
 fn run(test: &str) -> RunPaths {
     guest::run_paths(test)
-}
-
-async fn sh(port: u16, script: &str) -> String {
-    let script = script.to_string();
-    forage_substrate::dock::with_agent(port, Duration::from_secs(30), move |a| {
-        a.exec_ok(&["sh", "-c", &script], Duration::from_secs(30))
-    })
-    .await
-    .unwrap()
-    .stdout
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,17 +69,20 @@ async fn dock_spill_activate_twice_and_refuse_corruption() {
         let port = x.report.agent_port;
         assert!(x.report.nic_plugged);
         // The agent answers through the NIC plugged in on the substrate's slot (0x10).
-        let nic = sh(port, "readlink -f /sys/class/net/eth0/device").await;
+        let nic = guest::guest_sh(port, "readlink -f /sys/class/net/eth0/device").await;
         assert!(nic.contains("/0000:00:10.0/"), "eth0 is {nic}");
-        assert_eq!(sh(port, "nproc").await.trim(), vcpus.to_string(), "online vCPUs");
-        let total = forage_substrate::dock::meminfo(&sh(port, "cat /proc/meminfo").await).0 >> 20;
+        assert_eq!(guest::guest_sh(port, "nproc").await.trim(), vcpus.to_string(), "online vCPUs");
+        let total = forage_substrate::dock::meminfo(&guest::guest_sh(port, "cat /proc/meminfo").await).0 >> 20;
         assert!(total <= mib && total + 48 >= mib, "MemTotal {total} MiB for {mib} MiB asked");
     }
     // Independent: memory (tmpfs) and disk (copy-on-write layer) writes stay in one VM.
-    sh(a.report.agent_port, "echo a > /tmp/mark && echo a > /data/mark && sync").await;
-    assert_eq!(sh(b.report.agent_port, "cat /tmp/mark /data/mark 2>/dev/null; echo end").await.trim(), "end");
+    guest::guest_sh(a.report.agent_port, "echo a > /tmp/mark && echo a > /data/mark && sync").await;
+    assert_eq!(
+        guest::guest_sh(b.report.agent_port, "cat /tmp/mark /data/mark 2>/dev/null; echo end").await.trim(),
+        "end"
+    );
     a.vm.shutdown().await.unwrap();
-    assert_eq!(sh(b.report.agent_port, "echo alive").await.trim(), "alive", "b runs on alone");
+    assert_eq!(guest::guest_sh(b.report.agent_port, "echo alive").await.trim(), "alive", "b runs on alone");
     b.vm.shutdown().await.unwrap();
 
     // A corrupted substrate is refused before anything is written or started.
@@ -142,7 +133,7 @@ async fn dock_a_saved_vm_public() {
     let (spec, ports) = image.fresh_run("sub-saved", &saved_run, &[]).unwrap();
     let mut vm = forage_vm::Vm::boot(spec, accel, &saved_run.dir.join("qemu.log")).await.unwrap();
     vm.wait_for_serial(&image.manifest().ready_marker, guest::READY).await.unwrap();
-    sh(ports[0], "echo saved > /tmp/mark; cat /proc/sys/kernel/hostname > /tmp/name").await;
+    guest::guest_sh(ports[0], "echo saved > /tmp/mark; cat /proc/sys/kernel/hostname > /tmp/name").await;
     let snapshot = vm.save(&saved_run.dir.join("snapshot")).await.unwrap();
     vm.shutdown().await.unwrap();
 
@@ -177,8 +168,9 @@ async fn dock_a_saved_vm_public() {
     eprintln!("{:?}", a.report);
     assert_eq!(a.report.renewed, ["hostname"], "the tiny guest has a host name, no machine-id or SSH keys");
     let port = a.report.agent_port;
-    assert_eq!(sh(port, "cat /tmp/mark").await.trim(), "saved");
-    let (old, new) = (sh(port, "cat /tmp/name").await, sh(port, "cat /proc/sys/kernel/hostname").await);
+    assert_eq!(guest::guest_sh(port, "cat /tmp/mark").await.trim(), "saved");
+    let (old, new) =
+        (guest::guest_sh(port, "cat /tmp/name").await, guest::guest_sh(port, "cat /proc/sys/kernel/hostname").await);
     assert!(new.starts_with("forage-") && new != old, "host name {old:?} renewed to {new:?}");
     a.vm.shutdown().await.unwrap();
 
