@@ -68,6 +68,8 @@ pub enum SessionMode {
     AppVirtualization,
     /// Moved here from another cloudlet (VM handoff).
     Handoff,
+    /// Activated from a docked VM substrate.
+    Substrate,
 }
 
 /// A service VM held here (a baseline VM has no port).
@@ -259,6 +261,7 @@ impl From<forage_state::SessionMode> for SessionMode {
             forage_state::SessionMode::OnDemand => SessionMode::OnDemand,
             forage_state::SessionMode::AppVirtualization => SessionMode::AppVirtualization,
             forage_state::SessionMode::Handoff => SessionMode::Handoff,
+            forage_state::SessionMode::Substrate => SessionMode::Substrate,
         }
     }
 }

@@ -226,14 +226,13 @@ pub(crate) async fn activate(
         memory_mib = wanted.memory_mib,
         "substrate activation session"
     );
-    // Recorded with the cached-VM mechanism (a service VM held here, started another
-    // way); what it started from names the substrate.
+    // What it started from (the overlay field of the record) names the substrate.
     let record = NewSession {
         id: place.id.into(),
         device: device.into(),
         base_digest: String::new(),
         overlay_digest: format!("substrate:{}", wanted.substrate.chars().take(64).collect::<String>()),
-        mode: SessionMode::CachedVm,
+        mode: SessionMode::Substrate,
     };
     if let Err(e) = cloudlet.state.session_started(&record) {
         tracing::warn!("session {} not recorded: {e}", place.id);

@@ -79,6 +79,8 @@ text_enum!(
         AppVirtualization = "app_virtualization",
         /// A running instance moved here from another cloudlet (VM handoff).
         Handoff = "handoff",
+        /// A docked VM substrate activated for the device (resumed and expanded).
+        Substrate = "substrate",
     }
 );
 

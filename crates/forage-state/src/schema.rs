@@ -100,6 +100,38 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sessions ADD COLUMN decompress_ms INTEGER;
     ALTER TABLE sessions ADD COLUMN resume_ms INTEGER;
     ALTER TABLE sessions ADD COLUMN first_response_ms INTEGER;",
+    // 4 -> 5: instances activated from a VM substrate, a mode of their own. The table is
+    // rebuilt for the CHECK, its columns named (version 4 added five at the end).
+    "CREATE TABLE sessions_v5 (
+        id                TEXT PRIMARY KEY NOT NULL,
+        device            TEXT NOT NULL,
+        base_digest       TEXT NOT NULL,
+        overlay_digest    TEXT NOT NULL,
+        mode              TEXT NOT NULL CHECK (mode IN ('pipelined', 'early_start', 'cached',
+                              'cached_vm', 'cloudlet_push', 'on_demand', 'app_virtualization',
+                              'handoff', 'substrate')),
+        started_unix_ms   INTEGER NOT NULL,
+        ended_unix_ms     INTEGER,
+        status            TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+        error             TEXT,
+        bytes_received    INTEGER NOT NULL DEFAULT 0,
+        first_ready_ms    INTEGER,
+        received_ms       INTEGER,
+        applied_ms        INTEGER,
+        decompress_ms     INTEGER,
+        resume_ms         INTEGER,
+        first_response_ms INTEGER
+    );
+    INSERT INTO sessions_v5 (id, device, base_digest, overlay_digest, mode, started_unix_ms,
+            ended_unix_ms, status, error, bytes_received, first_ready_ms, received_ms,
+            applied_ms, decompress_ms, resume_ms, first_response_ms)
+        SELECT id, device, base_digest, overlay_digest, mode, started_unix_ms, ended_unix_ms,
+            status, error, bytes_received, first_ready_ms, received_ms, applied_ms,
+            decompress_ms, resume_ms, first_response_ms FROM sessions;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v5 RENAME TO sessions;
+    CREATE INDEX sessions_started ON sessions (started_unix_ms);
+    CREATE INDEX sessions_status ON sessions (status);",
 ];
 
 /// Brings the file to [`SCHEMA_VERSION`], one transaction per step; refuses a newer file.

@@ -219,6 +219,7 @@ impl Control for FakeControl {
             read_unix_ms: 1_767_226_000_000,
             refused_objects: 0,
             draining: vec![],
+            announcer: Some("n1".into()),
         })
     }
     fn drain_node(&self, _node: &str) -> Result<(), forage_api::ActionError> {
