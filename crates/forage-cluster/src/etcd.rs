@@ -169,6 +169,14 @@ struct RangeResponse {
 }
 
 #[derive(Deserialize)]
+struct CreateOrReadAnswer {
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<RangeResponse>,
+}
+
+#[derive(Deserialize)]
 struct Ignored {}
 
 fn b64(s: &[u8]) -> String {
@@ -344,6 +352,33 @@ impl Etcd {
         ops.extend(deletes.iter().map(|k| json!({"request_delete_range": {"key": b64(k.as_bytes())}})));
         let _: Ignored = self.call("/v3/kv/txn", json!({"success": ops})).await?;
         Ok(())
+    }
+
+    /// Create `key` (attached to `lease`) if no one holds it, in one transaction that
+    /// otherwise reads it: the key as it now is, whoever wrote it.
+    pub async fn create_or_read(&self, key: &str, value: &[u8], lease: i64) -> Result<KeyValue, EtcdError> {
+        let k = b64(key.as_bytes());
+        let mut put = json!({"key": k, "value": b64(value)});
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let body = json!({
+            "compare": [{"key": k, "target": "VERSION", "result": "EQUAL", "version": "0"}],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": k}}],
+        });
+        let answer: CreateOrReadAnswer = self.call("/v3/kv/txn", body).await?;
+        if answer.succeeded {
+            return Ok(KeyValue { key: key.into(), value: value.to_vec(), mod_revision: 0, lease });
+        }
+        let kvs = answer.responses.into_iter().next().and_then(|r| r.response_range).map(|r| r.kvs);
+        // Held a moment ago and gone since (its lease expired): no one holds it now.
+        Ok(decode_kvs(kvs.unwrap_or_default())?.into_iter().next().unwrap_or(KeyValue {
+            key: key.into(),
+            value: Vec::new(),
+            mod_revision: 0,
+            lease: 0,
+        }))
     }
 
     /// Write `key` (attached to `lease`, or to none with 0).

@@ -93,6 +93,10 @@ pub struct ClusterStatus {
     /// others and take no new placements.
     #[serde(default)]
     pub draining: Vec<String>,
+    /// The node that announces the cluster on the local network (mDNS), one at a time:
+    /// the first to claim it, until its lease ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announcer: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +174,9 @@ impl Member {
     fn drain_key(&self, node: &str) -> String {
         format!("{}drains/{node}", self.prefix())
     }
+    fn announcer_key(&self) -> String {
+        format!("{}announcer", self.prefix())
+    }
     fn reservations_of(&self, node: &str) -> String {
         format!("{}reservations/{node}/", self.prefix())
     }
@@ -202,6 +209,7 @@ impl Member {
             read_unix_ms: 0,
             refused_objects: 0,
             draining: vec![],
+            announcer: None,
         };
         let member = Arc::new(Self {
             etcd: Etcd::new(config.endpoints.clone()),
@@ -300,7 +308,28 @@ impl Member {
             tracing::debug!(released = release.len(), arrivals, "cluster: reservations released");
         }
         self.publish_instances(&view.instances).await?;
+        self.claim_announcement(lease).await?;
         self.read_and_mark_lost().await
+    }
+
+    /// Claim the cluster's one announcement on the local network, or learn who holds it.
+    /// The claim lives under the holder's lease: a node that stops renewing (or leaves)
+    /// hands it to the next node whose heartbeat claims it.
+    async fn claim_announcement(&self, lease: i64) -> Result<(), EtcdError> {
+        let kv = self.etcd.create_or_read(&self.announcer_key(), self.name.as_bytes(), lease).await?;
+        let holder = std::str::from_utf8(&kv.value).ok().filter(|n| plain_name(n)).map(str::to_string);
+        let mut seen = self.seen.lock().expect("seen lock");
+        if holder != seen.announcer {
+            tracing::info!(cluster = self.config.cluster, announcer = ?holder, "cluster: the announcing node");
+        }
+        seen.announcer = holder;
+        Ok(())
+    }
+
+    /// Whether this node is the one announcing the cluster (and in touch with etcd).
+    pub fn announces(&self) -> bool {
+        let seen = self.seen.lock().expect("seen lock");
+        seen.quorum && seen.announcer.as_deref() == Some(&self.name)
     }
 
     async fn publish_instances(&self, local: &[LocalInstance]) -> Result<(), EtcdError> {

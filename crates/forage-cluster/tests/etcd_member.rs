@@ -212,3 +212,31 @@ async fn concurrent_placements_reserve_and_spread() {
     assert!(matches!(lost, Err(PlacementError::Unplaceable(PlaceError::NoneAble { .. }))), "{lost:?}");
     drop(d);
 }
+
+/// The cluster's one announcement: the first node to claim it holds it while its lease
+/// lives; after it leaves, the next heartbeat of another node takes it over, and never
+/// two at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_announces_the_cluster_and_another_takes_over() {
+    let t = tempfile::tempdir().unwrap();
+    let (_etcd, url) = etcd(&t.path().join("etcd"));
+    let config = ClusterConfig { endpoints: vec![url.clone()], cluster: "m".into(), lease_ttl_s: 30 };
+    let a = joined(&config, "a", view(1, &[], &[])).await;
+    let b = joined(&config, "b", view(2, &[], &[])).await;
+    let c = joined(&config, "c", view(3, &[], &[])).await;
+    for (m, port) in [(&a, 1), (&b, 2), (&c, 3)] {
+        m.heartbeat(view(port, &[], &[])).await.unwrap();
+    }
+    let announcing = |ms: &[&std::sync::Arc<Member>]| ms.iter().filter(|m| m.announces()).count();
+    assert_eq!(announcing(&[&a, &b, &c]), 1, "exactly one node announces");
+    assert!(a.announces(), "the first to join claimed it");
+    assert_eq!(b.status().announcer.as_deref(), Some("a"), "the others know who");
+
+    // a leaves: its claim goes with its lease, and the next heartbeat takes it over.
+    a.leave().await.unwrap();
+    b.heartbeat(view(2, &[], &[])).await.unwrap();
+    c.heartbeat(view(3, &[], &[])).await.unwrap();
+    assert_eq!(announcing(&[&b, &c]), 1, "one node announces again");
+    assert!(b.announces(), "b's heartbeat came first");
+    assert_eq!(c.status().announcer.as_deref(), Some("b"));
+}

@@ -9,6 +9,7 @@
 //! it accepts devices, and STOPPING=1 when it ends. Running instances outlive the daemon
 //! (`KillMode=process`): see `forage_cloudlet` for what is re-adopted at the next start.
 
+mod announce;
 mod balance;
 mod cluster;
 mod config;
@@ -19,7 +20,6 @@ mod substrates;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use forage_cloudlet::Cloudlet;
 use forage_datadir::DataDir;
@@ -95,9 +95,14 @@ impl Daemon {
             true => None,
             false => Some(start_api(data, config.api, &cloudlet, accel, listen, watcher, member.clone()).await?),
         };
-        let not_announced = match config.no_advertise {
-            true => None,
-            false => announce(&cloudlet, service_addr, listen.port(), api.as_ref().map(|a| a.0.port())).err(),
+        let http_port = api.as_ref().map(|a| a.0.port());
+        let not_announced = match (config.no_advertise, &member) {
+            (true, _) => None,
+            (false, None) => announce::cloudlet(&cloudlet, service_addr, listen.port(), http_port).err(),
+            (false, Some(m)) => {
+                announce::cluster(m.clone(), SocketAddr::new(IpAddr::V4(service_addr), listen.port()), http_port);
+                None
+            }
         };
         let serving = tokio::spawn(forage_cloudlet::serve(listener, cloudlet.clone()));
         balance::start(cloudlet.clone(), config.load_policy());
@@ -153,45 +158,7 @@ async fn start_api(
     Ok((bound, token_path))
 }
 
-/// Announce the cloudlet (`_cloudlet._tcp`) and keep its TXT record current: load,
-/// bases and services change while serving.
-fn announce(
-    cloudlet: &Arc<Cloudlet>,
-    service_addr: std::net::Ipv4Addr,
-    port: u16,
-    http_port: Option<u16>,
-) -> Result<(), String> {
-    let advertisement = move |c: &Cloudlet| forage_discovery::Advertisement {
-        name: c.name.clone(),
-        addr: SocketAddr::new(IpAddr::V4(service_addr), port),
-        http_port,
-        bases: holdings::base_digests(c).iter().map(|d| forage_synth::package::short(d).to_string()).collect(),
-        services: holdings::service_ids(c),
-        load: c.state.list_instances(true).map(|v| v.len() as u32).unwrap_or(0),
-        free_mem_mib: free_memory_mib(),
-        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
-    };
-    let advertiser = forage_discovery::advertise(&advertisement(cloudlet)).map_err(|e| e.to_string())?;
-    let c = cloudlet.clone();
-    tokio::spawn(async move {
-        let mut last = advertisement(&c);
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let now = tokio::task::block_in_place(|| advertisement(&c));
-            let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services)
-                || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
-            if changed {
-                if let Err(e) = advertiser.update(&now) {
-                    tracing::warn!("announcement not refreshed: {e}");
-                }
-                last = now;
-            }
-        }
-    });
-    Ok(())
-}
-
-fn free_memory_mib() -> u64 {
+pub(crate) fn free_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
