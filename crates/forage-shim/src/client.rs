@@ -14,7 +14,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::protocol::{ChunkBytes, ShimCall, ShimHello, ShimMessage, ShimReply, ShimSpec, ShimStatus, SPEC_FILE};
 use crate::ShimError;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ShimReply>>>>;
+/// Calls waiting for their reply; `None` once the connection is gone (a call made after
+/// that is answered Gone at once, not left waiting: the check and the insert are under
+/// one lock, as the reader's clearing is).
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<ShimReply>>>>>;
 
 /// A connection to one instance's shim.
 pub struct ShimClient {
@@ -100,14 +103,19 @@ impl ShimClient {
         let (calls, mut call_rx) = mpsc::unbounded_channel::<(ShimCall, oneshot::Sender<ShimReply>)>();
         let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
         let (closed_tx, closed) = watch::channel(false);
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let p = pending.clone();
         tokio::spawn(async move {
             let mut next = 0u64;
             while let Some((call, reply)) = call_rx.recv().await {
                 next += 1;
-                p.lock().unwrap_or_else(|e| e.into_inner()).insert(next, reply);
+                match p.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    Some(waiting) => waiting.insert(next, reply),
+                    None => break, // the shim is gone: `reply` dropped, the caller hears Gone
+                };
                 if write(&mut wr, &ShimMessage::Call { id: next, call }).await.is_err() {
+                    // The shim is gone: this call and every later one hear Gone.
+                    *p.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     break;
                 }
             }
@@ -116,7 +124,8 @@ impl ShimClient {
             loop {
                 match read::<ShimMessage>(&mut rd).await {
                     Ok(ShimMessage::Reply { id, reply }) => {
-                        if let Some(tx) = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+                        let tx = pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|w| w.remove(&id));
+                        if let Some(tx) = tx {
                             let _ = tx.send(reply);
                         }
                     }
@@ -128,8 +137,9 @@ impl ShimClient {
                     Err(_) => break,
                 }
             }
-            // Every call still waiting learns that the shim is gone (its sender drops).
-            pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            // Every call still waiting, and every later one, learns that the shim is gone
+            // (its sender drops).
+            *pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let _ = closed_tx.send(true);
         });
         Ok(Self { hello, control: control.to_path_buf(), calls, fetches: Mutex::new(Some(fetch_rx)), closed })
