@@ -35,6 +35,8 @@ pub enum QmpError {
     Protocol { path: PathBuf, detail: String },
     #[error("QEMU ({socket}) refused {command}: {class}: {desc}")]
     Command { socket: PathBuf, command: String, class: String, desc: String },
+    #[error("QMP socket {path}: QEMU did not answer {command} within {waited:?} (its main loop is stuck)")]
+    NoAnswer { path: PathBuf, command: String, waited: Duration },
 }
 
 /// An asynchronous event sent by QEMU.
@@ -46,7 +48,14 @@ pub struct QmpEvent {
 
 const GREETING_WAIT: Duration = Duration::from_secs(5);
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>;
+/// Every command forage sends answers at once (migrations run in the background and are
+/// polled): a QEMU silent this long is stuck, and the caller hears so instead of waiting
+/// for ever.
+const ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// Commands waiting for their answer; `None` once the connection is gone (a command sent
+/// after that fails at once: the check and the insert are under one lock).
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Value, QmpError>>>>>>;
 
 pub struct Qmp {
     path: PathBuf,
@@ -82,16 +91,17 @@ impl Qmp {
             }
         };
         let (read, write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        let mut lines = BufReader::new(read);
         // QEMU greets one client at a time; others wait silently in the backlog.
-        let greeting = tokio::time::timeout(GREETING_WAIT, lines.next_line())
+        let mut greeting = Vec::new();
+        let n = tokio::time::timeout(GREETING_WAIT, lines.read_until(b'\n', &mut greeting))
             .await
             .map_err(|_| QmpError::Protocol {
                 path: path.to_path_buf(),
                 detail: format!("no greeting within {GREETING_WAIT:?} (another client holds the socket?)"),
             })?
             .map_err(|e| QmpError::Protocol { path: path.to_path_buf(), detail: e.to_string() })?;
-        match greeting.as_deref().map(serde_json::from_str::<Value>) {
+        match (n > 0).then(|| serde_json::from_str::<Value>(&String::from_utf8_lossy(&greeting))) {
             Some(Ok(v)) if v.get("QMP").is_some() => {}
             other => {
                 return Err(QmpError::Protocol {
@@ -100,7 +110,7 @@ impl Qmp {
                 })
             }
         }
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (events, _) = broadcast::channel(256);
         let reader = tokio::spawn(read_loop(lines, pending.clone(), events.clone(), path.to_path_buf()));
         let qmp = Self {
@@ -128,15 +138,30 @@ impl Qmp {
             msg["arguments"] = args;
         }
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending map").insert(id, tx);
+        match self.pending.lock().expect("pending map").as_mut() {
+            Some(waiting) => waiting.insert(id, tx),
+            None => return Err(self.disconnected()),
+        };
+        let forget = || self.pending.lock().expect("pending map").as_mut().map(|w| w.remove(&id));
         let mut line = msg.to_string();
         line.push('\n');
         let sent = self.writer.lock().await.write_all(line.as_bytes()).await;
         if sent.is_err() {
-            self.pending.lock().expect("pending map").remove(&id);
+            forget();
             return Err(self.disconnected());
         }
-        match rx.await {
+        let answer = match tokio::time::timeout(ANSWER_WAIT, rx).await {
+            Ok(a) => a,
+            Err(_) => {
+                forget();
+                return Err(QmpError::NoAnswer {
+                    path: self.path.clone(),
+                    command: command.to_string(),
+                    waited: ANSWER_WAIT,
+                });
+            }
+        };
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(QmpError::Command { class, desc, .. })) => {
                 Err(QmpError::Command { socket: self.path.clone(), command: command.to_string(), class, desc })
@@ -152,12 +177,21 @@ impl Qmp {
 }
 
 async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut lines: BufReader<tokio::net::unix::OwnedReadHalf>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
     path: PathBuf,
 ) {
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match lines.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        // QEMU may quote bytes that are not UTF-8 (a file name, a guest's string): such a
+        // line is read with replacement characters, never the end of the connection.
+        let line = String::from_utf8_lossy(&buf);
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
             tracing::warn!(socket = %path.display(), %line, "unreadable QMP message");
             continue;
@@ -171,7 +205,7 @@ async fn read_loop(
         let Some(id) = v.get("id").and_then(Value::as_u64) else {
             continue;
         };
-        let Some(tx) = pending.lock().expect("pending map").remove(&id) else {
+        let Some(tx) = pending.lock().expect("pending map").as_mut().and_then(|w| w.remove(&id)) else {
             continue;
         };
         let result = if let Some(r) = v.get("return") {
@@ -188,7 +222,8 @@ async fn read_loop(
         let _ = tx.send(result);
     }
     // Connection gone: fail whatever still waits.
-    for (_, tx) in pending.lock().expect("pending map").drain() {
+    let waiting = pending.lock().expect("pending map").take();
+    for (_, tx) in waiting.into_iter().flatten() {
         let _ = tx.send(Err(QmpError::Disconnected { path: path.clone() }));
     }
 }
