@@ -271,16 +271,40 @@ pub(crate) async fn run(
     // meanwhile; the writer and the feeder run until everything else is done.
     let session = async {
         tokio::pin!(receiver);
+        // A view that fails while the VM is being resumed (a corrupt segment) ends the
+        // launch with its reason: a QEMU whose reads of the view fail may never answer
+        // (dropping the launcher kills it).
+        let view_failed = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match shim.status().await {
+                    Ok(s) if s.failure.is_some() => {
+                        return refused(ErrorCode::BadOverlay, s.failure.unwrap_or_default())
+                    }
+                    Ok(_) => {}
+                    Err(e) => return internal(e),
+                }
+            }
+        };
         let launched = tokio::select! {
             r = &mut receiver => Err(match r {
                 Ok(_) => refused(ErrorCode::Protocol, "device said Bye before the VM was ready"),
                 Err(e) => e,
             }),
             l = launcher => l,
+            e = view_failed => Err(e),
         };
         let instance = match launched {
             Ok(i) => i,
-            Err(e) => return (None, Err(e)),
+            // A launch that failed on a failed view (QEMU could not read it): the view's
+            // reason is the one to tell.
+            Err(e) => {
+                let e = match shim.status().await {
+                    Ok(s) if s.failure.is_some() => refused(ErrorCode::BadOverlay, s.failure.unwrap_or_default()),
+                    _ => e,
+                };
+                return (None, Err(e));
+            }
         };
         // Complete once every segment is applied; the receiver goes on until Bye.
         let complete = async {
