@@ -188,6 +188,15 @@ pub struct BenchHandoffArgs {
     /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
     #[arg(long)]
     pub no_qemu: bool,
+    /// Cancel QEMU's migration if it has not completed after this long, and report that
+    /// it did not converge (a VM that dirties memory faster than the link carries never
+    /// fits QEMU's downtime limit)
+    #[arg(long, default_value_t = 900, value_name = "S")]
+    pub qemu_give_up_s: u64,
+    /// Give QEMU's migration the auto-converge capability (it throttles the guest's vCPUs
+    /// until the rest fits, as libvirt's `migrate --auto-converge`)
+    #[arg(long)]
+    pub qemu_auto_converge: bool,
     /// Also run every approach on a link whose rate changes during each handoff (the
     /// paper's Figure 18: 5 -> 35 -> 5 Mbit/s), as SECONDS:MBPS steps from the start
     #[arg(long, value_name = "S:MBPS,...", num_args = 0..=1, default_missing_value = "0:5,4:35,8:5")]

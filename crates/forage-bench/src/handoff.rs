@@ -60,6 +60,9 @@ pub struct HandoffRow {
     pub switches: Vec<String>,
     pub qemu_rounds: u64,
     pub disk_chunks: Option<u64>,
+    /// False for a QEMU migration cancelled after `--qemu-give-up-s` (total is then the
+    /// time it was given, downtime 0: the VM never stopped).
+    pub converged: bool,
 }
 
 impl From<&HandoffReport> for Run {
@@ -72,6 +75,7 @@ impl From<&HandoffReport> for Run {
             switches: r.switches.clone(),
             qemu_rounds: r.qemu_rounds,
             disk_chunks: Some(r.disk_chunks),
+            converged: true,
         }
     }
 }
@@ -467,6 +471,7 @@ fn row(approach: &str, link: &Link, r: &Run, modified_bytes: u64) -> HandoffRow 
         switches: r.switches.clone(),
         qemu_rounds: r.qemu_rounds,
         disk_chunks: r.disk_chunks,
+        converged: r.converged,
     }
 }
 
@@ -496,9 +501,13 @@ fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs, links: &[Link], wor
         "approach", "link Mbit/s", "total s", "downtime s", "bytes", "modified bytes"
     );
     for r in rows {
+        let total = match r.converged {
+            true => format!("{:.1}", r.total_s),
+            false => format!(">{:.0}", r.total_s),
+        };
         println!(
-            "  {:<32} {:>12} {:>9.1} {:>11.2} {:>12} {:>14}  {}",
-            r.approach, r.link, r.total_s, r.downtime_s, r.bytes, r.modified_bytes, r.mode
+            "  {:<32} {:>12} {:>9} {:>11.2} {:>12} {:>14}  {}",
+            r.approach, r.link, total, r.downtime_s, r.bytes, r.modified_bytes, r.mode
         );
     }
     let met = |ok: bool| if ok { "met" } else { "missed" };
@@ -510,6 +519,13 @@ fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs, links: &[Link], wor
         let best = statics.iter().copied().min_by(|a, b| a.total_s.total_cmp(&b.total_s));
         let Some(ad) = get("forage-adaptive") else { continue };
         for q in ["qemu-live-migration", "qemu-copy-storage"].iter().filter_map(|a| get(a)) {
+            if !q.converged {
+                println!(
+                    "  at {l}: {} did not converge in {:.0} s ({} QEMU rounds, {} bytes sent); forage moved it in {:.1} s",
+                    q.approach, q.total_s, q.qemu_rounds, q.bytes, ad.total_s
+                );
+                continue;
+            }
             println!(
                 "  at {l}: forage {:.1}x faster than {} (target >= 10x at 10 Mbit/s)",
                 q.total_s / ad.total_s,

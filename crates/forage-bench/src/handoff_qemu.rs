@@ -121,7 +121,10 @@ pub(crate) async fn qemu_migrate(
     }
     src.execute(
         "migrate-set-capabilities",
-        Some(j!({ "capabilities": [{ "capability": "x-ignore-shared", "state": false }] })),
+        Some(j!({ "capabilities": [
+            { "capability": "x-ignore-shared", "state": false },
+            { "capability": "auto-converge", "state": args.qemu_auto_converge },
+        ] })),
     )
     .await?;
     src.execute(
@@ -130,6 +133,13 @@ pub(crate) async fn qemu_migrate(
     )
     .await?;
     src.execute("migrate", Some(j!({ "uri": format!("tcp:{migration_addr}") }))).await?;
+    let mode = match (copy_storage, args.qemu_auto_converge) {
+        (false, false) => "qemu",
+        (true, false) => "qemu+nbd-mirror",
+        (false, true) => "qemu+auto-converge",
+        (true, true) => "qemu+nbd-mirror+auto-converge",
+    };
+    let give_up = Duration::from_secs(args.qemu_give_up_s);
     let info = loop {
         let v: MigrationInfo =
             serde_json::from_value(src.execute("query-migrate", None).await?).context("QEMU's query-migrate")?;
@@ -138,8 +148,8 @@ pub(crate) async fn qemu_migrate(
             "failed" | "cancelled" => bail!("QEMU's migration {}: {}", v.status, v.error_desc.unwrap_or_default()),
             _ => {}
         }
-        if t0.elapsed() > Duration::from_secs(3600) {
-            bail!("QEMU's migration did not finish in an hour");
+        if t0.elapsed() > give_up {
+            return gave_up(&src, vm, &carried, t0, copy_storage, mode).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -172,10 +182,53 @@ pub(crate) async fn qemu_migrate(
         total_s,
         downtime_s: info.downtime.unwrap_or(0) as f64 / 1000.0 + after_completion,
         bytes: carried.load(Ordering::Relaxed),
-        mode: if copy_storage { "qemu+nbd-mirror" } else { "qemu" }.into(),
+        mode: mode.into(),
         switches: Vec::new(),
         qemu_rounds: ram.dirty_sync_count,
         disk_chunks: None,
+        converged: true,
+    })
+}
+
+/// QEMU's migration did not converge in the time given: cancelled (the source VM runs
+/// on, as it did throughout: no downtime), the destination stopped, and reported so.
+async fn gave_up(
+    src: &Qmp,
+    vm: forage_vm::Vm,
+    carried: &AtomicU64,
+    t0: Instant,
+    copy_storage: bool,
+    mode: &str,
+) -> anyhow::Result<Run> {
+    let total_s = t0.elapsed().as_secs_f64();
+    let last: MigrationInfo =
+        serde_json::from_value(src.execute("query-migrate", None).await?).context("QEMU's query-migrate")?;
+    src.execute("migrate_cancel", None).await?;
+    let cancelled = Instant::now();
+    loop {
+        let v: MigrationInfo =
+            serde_json::from_value(src.execute("query-migrate", None).await?).context("QEMU's query-migrate")?;
+        if v.status != "cancelling" && v.status != "active" {
+            break;
+        }
+        if cancelled.elapsed() > Duration::from_secs(60) {
+            bail!("QEMU's migration was given up and did not cancel in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if copy_storage {
+        let _ = src.execute("block-job-cancel", Some(j!({ "device": MIRROR_JOB, "force": true }))).await;
+    }
+    let _ = vm.shutdown().await;
+    Ok(Run {
+        total_s,
+        downtime_s: 0.0,
+        bytes: carried.load(Ordering::Relaxed),
+        mode: format!("{mode}: did not converge"),
+        switches: Vec::new(),
+        qemu_rounds: last.ram.map_or(0, |r| r.dirty_sync_count),
+        disk_chunks: None,
+        converged: false,
     })
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct Run {
     pub(crate) switches: Vec<String>,
     pub(crate) qemu_rounds: u64,
     pub(crate) disk_chunks: Option<u64>,
+    /// Whether the move completed (QEMU's migration may be given up: `--qemu-give-up-s`).
+    pub(crate) converged: bool,
 }
 
 /// What runs in the instance that moves.
