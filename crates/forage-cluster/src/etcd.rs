@@ -10,16 +10,25 @@
 //!
 //! Answers are untrusted bytes: a body over [`MAX_ANSWER_BYTES`] is refused unread, and
 //! at most [`MAX_KEYS`] keys are asked for in one range.
+//!
+//! `https://` endpoints are reached over TLS (rustls) when [`EtcdTls`] names the CA that
+//! signed the members' certificates, and a client certificate if etcd asks for one
+//! (`--client-cert-auth`); `http://` ones in plain text.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -78,6 +87,17 @@ pub enum EtcdError {
     Base64(#[source] base64::DecodeError),
     #[error("lease {0} is gone (expired or revoked)")]
     LeaseGone(i64),
+    #[error("etcd TLS: cannot read the {what} in {path}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("etcd TLS: {0}")]
+    TlsSettings(&'static str),
+    #[error("etcd TLS: the certificates are not usable")]
+    Tls(#[source] rustls::Error),
 }
 
 /// One key and its value as etcd holds it.
@@ -89,10 +109,54 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
-/// An etcd cluster at some client URLs (`http://HOST:PORT`).
+/// How to reach `https://` members: the CA that signed their certificates, and this
+/// node's certificate and key when etcd checks clients (`--client-cert-auth`). PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    fn client_config(tls: Option<&EtcdTls>) -> Result<rustls::ClientConfig, EtcdError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let file = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EtcdError::TlsFile { what, path, source }
+        };
+        if let Some(t) = tls {
+            for cert in CertificateDer::pem_file_iter(&t.ca).map_err(file("CA certificates", &t.ca))? {
+                roots.add(cert.map_err(file("CA certificates", &t.ca))?).map_err(EtcdError::Tls)?;
+            }
+            if roots.is_empty() {
+                return Err(EtcdError::TlsSettings("the CA file holds no certificate"));
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(EtcdError::Tls)?
+            .with_root_certificates(roots);
+        match tls.map(|t| (&t.cert, &t.key)) {
+            Some((Some(cert), Some(key))) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .map_err(file("certificate", cert))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(file("certificate", cert))?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(file("private key", key))?;
+                builder.with_client_auth_cert(chain, key).map_err(EtcdError::Tls)
+            }
+            Some((None, None)) | None => Ok(builder.with_no_client_auth()),
+            Some(_) => Err(EtcdError::TlsSettings("a client certificate needs its key, and a key its certificate")),
+        }
+    }
+}
+
+/// An etcd cluster at some client URLs (`http://HOST:PORT`, or `https://` with [`EtcdTls`]).
 pub struct Etcd {
     endpoints: Vec<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Per endpoint and call.
     pub timeout: Duration,
     preferred: AtomicUsize,
@@ -210,10 +274,21 @@ fn decode_kvs(kvs: Vec<RawKv>) -> Result<Vec<KeyValue>, EtcdError> {
 }
 
 impl Etcd {
-    /// A client of the members at `endpoints` (none contacted yet).
+    /// A client of the members at `endpoints` (none contacted yet), in plain text (an
+    /// `https://` endpoint then fails: no CA is trusted).
     pub fn new(endpoints: Vec<String>) -> Self {
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        Self { endpoints, client, timeout: Duration::from_secs(2), preferred: AtomicUsize::new(0) }
+        Self::with_tls(endpoints, None).expect("TLS settings without files are valid")
+    }
+
+    /// A client of the members at `endpoints`, `https://` ones checked against `tls`.
+    pub fn with_tls(endpoints: Vec<String>, tls: Option<&EtcdTls>) -> Result<Self, EtcdError> {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(EtcdTls::client_config(tls)?)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Ok(Self { endpoints, client, timeout: Duration::from_secs(2), preferred: AtomicUsize::new(0) })
     }
 
     pub fn endpoints(&self) -> &[String] {

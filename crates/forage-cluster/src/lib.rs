@@ -18,7 +18,7 @@ pub mod placement;
 pub mod reservation;
 pub mod resources;
 
-pub use etcd::{Etcd, EtcdError};
+pub use etcd::{Etcd, EtcdError, EtcdTls};
 pub use member::{
     chain, ClusterConfig, ClusterStatus, DrainError, JoinError, LocalInstance, LocalView, Member, PlacementError,
     RESERVE_TRIES,

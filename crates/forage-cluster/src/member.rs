@@ -38,14 +38,16 @@ use crate::reservation::{project, to_release, Reservation};
 use crate::resources::{decode, plain_name, ClusterInstance, InstancePhase, Node, NodeSpec, NodeStatus};
 
 /// How a node joins.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClusterConfig {
-    /// etcd client URLs (`http://HOST:PORT`).
+    /// etcd client URLs (`http://HOST:PORT`, or `https://` with `tls`).
     pub endpoints: Vec<String>,
     /// The cluster's name: the keys' prefix is `/forage/v1/CLUSTER/`.
     pub cluster: String,
     /// Seconds a node stays listed after its last renewal.
     pub lease_ttl_s: u64,
+    /// How to reach `https://` members.
+    pub tls: Option<crate::etcd::EtcdTls>,
 }
 
 /// What the node publishes, read afresh for each heartbeat.
@@ -211,8 +213,13 @@ impl Member {
             draining: vec![],
             announcer: None,
         };
+        let etcd = Etcd::with_tls(config.endpoints.clone(), config.tls.as_ref()).map_err(|source| JoinError::Etcd {
+            cluster: config.cluster.clone(),
+            node: name.into(),
+            source,
+        })?;
         let member = Arc::new(Self {
-            etcd: Etcd::new(config.endpoints.clone()),
+            etcd,
             config,
             name: name.into(),
             lease: Mutex::new(0),

@@ -61,7 +61,8 @@ fn view(port: u16, bases: &[&str], instances: &[&str]) -> LocalView {
 async fn nodes_join_place_and_are_lost_with_their_lease() {
     let t = tempfile::tempdir().unwrap();
     let (_etcd, url) = etcd(&t.path().join("etcd"));
-    let config = ClusterConfig { endpoints: vec![url.clone()], cluster: "t".into(), lease_ttl_s: 2 };
+    let config =
+        ClusterConfig { endpoints: vec![url.clone()], cluster: "t".into(), lease_ttl_s: 2, ..Default::default() };
     let base = "d".repeat(64);
     // etcd takes a moment to elect itself.
     let started = Instant::now();
@@ -166,7 +167,8 @@ async fn joined(config: &ClusterConfig, name: &str, v: LocalView) -> std::sync::
 async fn concurrent_placements_reserve_and_spread() {
     let t = tempfile::tempdir().unwrap();
     let (_etcd, url) = etcd(&t.path().join("etcd"));
-    let config = ClusterConfig { endpoints: vec![url.clone()], cluster: "r".into(), lease_ttl_s: 30 };
+    let config =
+        ClusterConfig { endpoints: vec![url.clone()], cluster: "r".into(), lease_ttl_s: 30, ..Default::default() };
     let a = joined(&config, "a", view(1, &[], &[])).await;
     let b = joined(&config, "b", view(2, &[], &[])).await;
     let c = joined(&config, "c", view(3, &[], &[])).await;
@@ -220,7 +222,8 @@ async fn concurrent_placements_reserve_and_spread() {
 async fn one_node_announces_the_cluster_and_another_takes_over() {
     let t = tempfile::tempdir().unwrap();
     let (_etcd, url) = etcd(&t.path().join("etcd"));
-    let config = ClusterConfig { endpoints: vec![url.clone()], cluster: "m".into(), lease_ttl_s: 30 };
+    let config =
+        ClusterConfig { endpoints: vec![url.clone()], cluster: "m".into(), lease_ttl_s: 30, ..Default::default() };
     let a = joined(&config, "a", view(1, &[], &[])).await;
     let b = joined(&config, "b", view(2, &[], &[])).await;
     let c = joined(&config, "c", view(3, &[], &[])).await;
@@ -239,4 +242,77 @@ async fn one_node_announces_the_cluster_and_another_takes_over() {
     assert_eq!(announcing(&[&b, &c]), 1, "one node announces again");
     assert!(b.announces(), "b's heartbeat came first");
     assert_eq!(c.status().announcer.as_deref(), Some("b"));
+}
+
+/// PEM files of a CA, an etcd server certificate for 127.0.0.1 (server and client use:
+/// etcd's JSON gateway dials the member with it) and a node's client certificate.
+fn tls_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test etcd CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf = |name: &str, usages: Vec<ExtendedKeyUsagePurpose>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = usages;
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    leaf("server", vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]);
+    leaf("node", vec![ExtendedKeyUsagePurpose::ClientAuth]);
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    (dir.join("ca.pem"), dir.join("node.pem"), dir.join("node.key"))
+}
+
+/// etcd with TLS and client certificates (`--client-cert-auth`): a node with the CA and
+/// its certificate joins and announces; without its certificate, or trusting no CA, it
+/// is refused with a clear error; an unreadable CA file is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_etcd_over_tls_with_its_certificate_only() {
+    let t = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(t.path());
+    let (client, peer) = free_ports();
+    let url = format!("https://127.0.0.1:{client}");
+    let _etcd = Kill(
+        Command::new("etcd")
+            .args(["--name", "t0", "--data-dir"])
+            .arg(t.path().join("etcd"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("t0=http://127.0.0.1:{peer}")])
+            .arg("--cert-file")
+            .arg(t.path().join("server.pem"))
+            .arg("--key-file")
+            .arg(t.path().join("server.key"))
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--client-cert-auth")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (scripts/deps.sh installs etcd-server)"),
+    );
+    let tls = EtcdTls { ca: ca.clone(), cert: Some(cert), key: Some(key) };
+    let config =
+        ClusterConfig { endpoints: vec![url.clone()], cluster: "s".into(), lease_ttl_s: 30, tls: Some(tls.clone()) };
+    let a = joined(&config, "a", view(1, &[], &[])).await;
+    assert!(a.status().quorum && a.announces(), "{:?}", a.status());
+
+    // Without its certificate, or trusting no CA: refused, and the error says where.
+    let no_cert = Etcd::with_tls(vec![url.clone()], Some(&EtcdTls { ca: ca.clone(), cert: None, key: None })).unwrap();
+    let e = no_cert.range_prefix("/forage/").await.unwrap_err();
+    assert!(chain(&e).contains(&url), "{}", chain(&e));
+    let plain = Etcd::new(vec![url.clone()]);
+    assert!(plain.range_prefix("/forage/").await.is_err());
+
+    // An unreadable CA file is named.
+    let bad =
+        ClusterConfig { tls: Some(EtcdTls { ca: t.path().join("missing.pem"), ..tls.clone() }), ..config.clone() };
+    let e = Member::join(bad, "b", view(2, &[], &[]), Box::new(HoldsThenLeastLoaded)).await.err().unwrap();
+    assert!(chain(&e).contains("missing.pem"), "{}", chain(&e));
 }

@@ -74,9 +74,19 @@ pub struct DaemonConfig {
     /// Load policy: how often the host's pressure is read
     #[arg(long, default_value_t = 10, value_name = "S")]
     pub move_check_s: u64,
-    /// Join a cloudlet of many hosts: etcd client URLs (http://HOST:PORT, comma-separated)
+    /// Join a cloudlet of many hosts: etcd client URLs (http://HOST:PORT, or https://
+    /// with --etcd-ca; comma-separated)
     #[arg(long, value_name = "URLS", value_delimiter = ',')]
     pub cluster: Vec<String>,
+    /// The CA (PEM) that signed the etcd members' certificates, for https:// URLs
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This node's certificate (PEM) for etcd's --client-cert-auth (with --etcd-key)
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key (PEM) of --etcd-cert
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// The cluster's name (its keys' prefix in etcd)
     #[arg(long, default_value = "forage")]
     pub cluster_name: String,
@@ -107,6 +117,9 @@ impl Default for DaemonConfig {
             move_when_load_above: None,
             move_check_s: 10,
             cluster: Vec::new(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
             cluster_name: "forage".into(),
             cluster_lease_s: 10,
         }
@@ -175,6 +188,11 @@ impl DaemonConfig {
             endpoints: self.cluster.clone(),
             cluster: self.cluster_name.clone(),
             lease_ttl_s: self.cluster_lease_s.max(2),
+            tls: self.etcd_ca.as_ref().map(|ca| forage_cluster::EtcdTls {
+                ca: ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            }),
         })
     }
 
