@@ -137,12 +137,25 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
             source: DecodeError::Manifest("the snapshot's memory and state files are not plain names".into()),
         });
     }
-    let d = crate::decoded::ensure(&file, &manifest, &decoded_dir, &image.disk(), &req.vm_name)?;
-    std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
-    for (from, to) in [(&d.memory, &snap.memory.file), (&d.state, &snap.state.file)] {
-        let to = snap_dir.join(to);
-        crate::decoded::copy_data(from, &to).map_err(io(&to))?;
-    }
+    // The decode (first activation) and the copies read and write the whole memory: on a
+    // thread of the blocking pool, not the session's.
+    let d = {
+        let (file, m, dir, disk, vm) =
+            (file.clone(), manifest.clone(), decoded_dir.clone(), image.disk(), req.vm_name.clone());
+        let files = [snap.memory.file.clone(), snap.state.file.clone()];
+        let snap_dir = snap_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let d = crate::decoded::ensure(&file, &m, &dir, &disk, &vm)?;
+            std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
+            for (from, to) in [(&d.memory, &files[0]), (&d.state, &files[1])] {
+                let to = snap_dir.join(to);
+                crate::decoded::copy_data(from, &to).map_err(io(&to))?;
+            }
+            Ok::<_, ActivateError>(d)
+        })
+        .await
+        .expect("the decode does not panic")?
+    };
     let (bases, decoded_now) = (d.disks, d.fresh);
     // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
     let bases = bases.iter().map(|b| std::fs::canonicalize(b).map_err(io(b))).collect::<Result<Vec<_>, _>>()?;
