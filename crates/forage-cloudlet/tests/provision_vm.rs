@@ -206,6 +206,30 @@ async fn five_mechanisms_share_one_lifecycle() {
     assert_cleaned_up(&data).await;
     assert_eq!(svc_files.iter().map(|p| mtime(p)).collect::<Vec<_>>(), before, "the service VM's files were written");
 
+    // With a substrate docked from the service in the pool, a cached VM starts from it
+    // (the pool marks it used); without it, from the view.
+    let _ = forage_substrate::Pool::open(&data).unwrap().remove("prov-hs-sub");
+    forage(&["substrate", "dock", "prov-hs-sub", "--from", "service:prov-hs"]);
+    let used = || {
+        let s = forage_substrate::Pool::open(&data).unwrap().summary().unwrap();
+        s.substrates.iter().find(|e| e.name == "prov-hs-sub").map(|e| e.last_used_unix_ms)
+    };
+    let docked = used().expect("docked into the pool");
+    let (r, s) = provision(
+        addr,
+        credentials(),
+        "t",
+        Provision::CachedVm { service: "prov-hs".into(), join: false },
+        line("search s 8"),
+    )
+    .await
+    .expect("cached VM from the service's substrate");
+    assert!(r.answer.as_deref().unwrap().starts_with("ok "), "the service answers: {r:?}");
+    assert!(used().unwrap() > docked, "the substrate was activated (marked used)");
+    s.close().await;
+    assert_cleaned_up(&data).await;
+    forage(&["substrate", "rm", "prov-hs-sub"]);
+
     // The imported ones.
     for id in ["prov-hs-copy", "prov-cold"] {
         let (r, s) = provision(
