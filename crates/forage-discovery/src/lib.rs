@@ -24,7 +24,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use mdns_sd::{ResolvedService, ServiceDaemon, ServiceEvent, ServiceInfo};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const SERVICE_TYPE: &str = "_cloudlet._tcp.local.";
 
@@ -39,7 +39,7 @@ pub enum DiscoveryError {
 }
 
 /// What a cloudlet says about itself.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Advertisement {
     pub name: String,
     /// Where the synthesis protocol listens.
@@ -131,7 +131,7 @@ impl Drop for Advertiser {
 }
 
 /// A cloudlet that answered, with the round-trip time of a TCP connect to it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Found {
     #[serde(flatten)]
     pub ad: Advertisement,

@@ -95,7 +95,7 @@ fn node(ns: &Netns, data: &Path, name: &str, urls: &str) -> Kill {
         .arg("--data-dir")
         .arg(data)
         .args(["serve", "--listen", &format!("{}:7878", ns.addr), "--api", "127.0.0.1:7879", "--name", name])
-        .args(["--no-advertise", "--cluster", urls, "--cluster-lease-s", &LEASE_S.to_string()])
+        .args(["--cluster", urls, "--cluster-lease-s", &LEASE_S.to_string()])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -284,7 +284,28 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     forage_at(&dirs[1], &["base", "import", &base_pkg.to_string_lossy()]);
     let mut nodes: Vec<Kill> = (0..3).map(|i| node(&lan.hosts[i], &dirs[i], &format!("n{i}"), &urls)).collect();
     let (a, ns_a) = (&dirs[0], &lan.hosts[0]);
-    until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3);
+    until(ns_a, a, Duration::from_secs(20), "three nodes", |s| s.nodes.len() == 3 && s.announcer.is_some());
+
+    // The device browsing the LAN (mDNS) sees one cloudlet: the cluster, at the address
+    // of the node that holds the announcement, with the base that only n1 holds.
+    let announcer = status(ns_a, a).announcer.expect("an announcer");
+    let at = (0..3).find(|&i| format!("n{i}") == announcer).expect("a node");
+    let started = Instant::now();
+    let found = loop {
+        let out = forage_in(&lan.hosts[3], &device, &["discover", "--json", "--timeout", "3"]);
+        assert!(out.status.success(), "forage discover: {}", String::from_utf8_lossy(&out.stderr));
+        let found: Vec<forage_discovery::Found> = serde_json::from_slice(&out.stdout).unwrap();
+        if !found.is_empty() || started.elapsed() > Duration::from_secs(20) {
+            break found;
+        }
+    };
+    let seen: Vec<(String, String)> = found.iter().map(|f| (f.ad.name.clone(), f.ad.addr.to_string())).collect();
+    assert_eq!(seen, [("forage".to_string(), format!("{}:7878", lan.hosts[at].addr))], "one announcement");
+    let short =
+        forage_synth::package::short(&forage_synth::BaseVm::open(&data, "cltest").unwrap().digest().to_string())
+            .to_string();
+    assert!(found[0].ad.bases.contains(&short), "the cluster's bases: {:?}", found[0].ad.bases);
+    eprintln!("the device found one cloudlet over mDNS: the cluster, announced by {announcer}");
     // The device is paired with every node (once they run: each node's credentials name
     // it): it reaches n0, is served by n1, asks after its instance wherever it goes.
     for (i, dir) in dirs.iter().enumerate() {
