@@ -16,7 +16,7 @@ use forage_cloudlet::Cloudlet;
 use forage_cluster::Member;
 use forage_discovery::{Advertisement, Advertiser};
 
-use crate::{free_memory_mib, holdings};
+use crate::holdings;
 
 /// Announce the cloudlet (`_cloudlet._tcp`) and keep its TXT record current: load,
 /// bases and services change while serving.
@@ -122,4 +122,16 @@ pub(crate) fn cluster(member: Arc<Member>, addr: SocketAddr, http_port: Option<u
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
+}
+
+fn free_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
 }

@@ -301,9 +301,7 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     };
     let seen: Vec<(String, String)> = found.iter().map(|f| (f.ad.name.clone(), f.ad.addr.to_string())).collect();
     assert_eq!(seen, [("forage".to_string(), format!("{}:7878", lan.hosts[at].addr))], "one announcement");
-    let short =
-        forage_synth::package::short(&forage_synth::BaseVm::open(&data, "cltest").unwrap().digest().to_string())
-            .to_string();
+    let short = forage_synth::package::short(forage_synth::BaseVm::open(&data, "cltest").unwrap().digest()).to_string();
     assert!(found[0].ad.bases.contains(&short), "the cluster's bases: {:?}", found[0].ad.bases);
     eprintln!("the device found one cloudlet over mDNS: the cluster, announced by {announcer}");
     // The device is paired with every node (once they run: each node's credentials name
