@@ -43,9 +43,7 @@ pub(crate) fn cloudlet(
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let now = tokio::task::block_in_place(|| advertisement(&c));
-            let changed = (now.load, &now.bases, &now.services) != (last.load, &last.bases, &last.services)
-                || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
-            if changed {
+            if worth_refreshing(&now, &last) {
                 if let Err(e) = advertiser.update(&now) {
                     tracing::warn!("announcement not refreshed: {e}");
                 }
@@ -54,6 +52,13 @@ pub(crate) fn cloudlet(
         }
     });
     Ok(())
+}
+
+/// Whether the announcement changed enough to be sent again: what is held, the load or
+/// the cores, or the free memory by more than 256 MiB.
+fn worth_refreshing(now: &Advertisement, last: &Advertisement) -> bool {
+    (now.load, &now.bases, &now.services, now.cores) != (last.load, &last.bases, &last.services, last.cores)
+        || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256
 }
 
 /// What the cluster holds, as one announcement at `addr` (this node's device address).
@@ -100,10 +105,7 @@ pub(crate) fn cluster(member: Arc<Member>, addr: SocketAddr, http_port: Option<u
                 }
                 (true, Some((a, last))) => {
                     let now = cluster_advertisement(&member, addr, http_port);
-                    let changed = (now.load, &now.bases, &now.services, now.cores)
-                        != (last.load, &last.bases, &last.services, last.cores)
-                        || now.free_mem_mib.abs_diff(last.free_mem_mib) > 256;
-                    if changed {
+                    if worth_refreshing(&now, &last) {
                         if let Err(e) = tokio::task::block_in_place(|| a.update(&now)) {
                             tracing::warn!("announcement not refreshed: {e}");
                         }
