@@ -96,12 +96,8 @@ pub enum DockError {
     Unplug(#[source] forage_vm::VmError),
     #[error("saving the shrunk VM")]
     Save(#[source] forage_vm::SaveError),
-    #[error("writing the substrate to {path}")]
-    Encode {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("writing the substrate")]
+    Encode(#[source] crate::format::EncodeError),
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -380,7 +376,7 @@ async fn shrink_save_encode(
     }
     inputs.push(SectionInput { name: "state".into(), path: snap.state_path(), base: None });
     let compressed = format::encode(staging, &mut manifest, &inputs, work)
-        .map_err(|source| DockError::Encode { path: staging.to_path_buf(), source })?;
+        .map_err(DockError::Encode)?;
     let encode_seconds = t.elapsed().as_secs_f64();
     let raw_bytes = manifest.sections.iter().map(|s| s.raw_size).sum();
     let memory_data_bytes = manifest.sections[0].data_bytes;

@@ -394,26 +394,59 @@ pub struct SectionInput {
     pub base: Option<PathBuf>,
 }
 
+/// What went wrong writing a substrate, naming the file that was being read or written
+/// (a full disk shows as the folder it filled: the section files in `work`, or `out`).
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("compressing section {section} of {input} into {part}")]
+    Section {
+        section: String,
+        input: PathBuf,
+        part: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Write a substrate to `out`: the sections are compressed into `work` first (their sizes
 /// go into the manifest, which comes first), then copied after the manifest. `manifest`'s
 /// `sections` is filled in. Returns the file's size.
-pub fn encode(out: &Path, manifest: &mut SubstrateManifest, inputs: &[SectionInput], work: &Path) -> io::Result<u64> {
+pub fn encode(
+    out: &Path,
+    manifest: &mut SubstrateManifest,
+    inputs: &[SectionInput],
+    work: &Path,
+) -> Result<u64, EncodeError> {
     let mut parts = Vec::new();
     manifest.sections.clear();
     for input in inputs {
         let part = work.join(format!("{}.section", input.name));
-        let rec = encode_section(&input.name, &input.path, input.base.as_deref(), &part)?;
+        let rec = encode_section(&input.name, &input.path, input.base.as_deref(), &part).map_err(|source| {
+            EncodeError::Section { section: input.name.clone(), input: input.path.clone(), part: part.clone(), source }
+        })?;
         manifest.sections.push(rec);
         parts.push(part);
     }
-    let mbytes = serde_json::to_vec(manifest).map_err(io::Error::other)?;
+    let write = |source| EncodeError::Write { path: out.to_path_buf(), source };
+    let mbytes = serde_json::to_vec(manifest).map_err(|e| write(io::Error::other(e)))?;
+    let file = write_substrate(out, &mbytes, &parts).map_err(write)?;
+    Ok(file)
+}
+
+fn write_substrate(out: &Path, mbytes: &[u8], parts: &[PathBuf]) -> io::Result<u64> {
     let mut w = HashingWriter { inner: io::BufWriter::new(File::create(out)?), hash: Sha256::new() };
     w.write_all(MAGIC)?;
     w.write_all(&FORMAT.to_le_bytes())?;
     w.write_all(&0u32.to_le_bytes())?;
     w.write_all(&(mbytes.len() as u64).to_le_bytes())?;
-    w.write_all(&mbytes)?;
-    for part in &parts {
+    w.write_all(mbytes)?;
+    for part in parts {
         io::copy(&mut File::open(part)?, &mut w)?;
         let _ = std::fs::remove_file(part);
     }
