@@ -11,4 +11,12 @@ cargo fmt --all --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
+# The VM tests write guest images, disks and substrates under target/: a full disk shows
+# up as a test failing with "No space left on device", so say up front how much room
+# there is.
+free_gib=$(( $(df --output=avail -k . | tail -1) / 1048576 ))
+echo "disk: ${free_gib} GiB free under $(pwd); /dev/shm: $(df --output=avail -h /dev/shm | tail -1 | tr -d ' ') free" >&2
+if (( free_gib < 20 )); then
+    echo "warning: the VM tests need about 20 GiB of free disk; they may fail for lack of room" >&2
+fi
 cargo test --workspace --locked "$@"
