@@ -11,6 +11,7 @@
 //! adopts them again when it serves ([`recover`]). Arrows point down only:
 //! `lib, session, peer -> synthesis, provision -> handoff, substrate -> instance, cache -> error`.
 
+pub mod base_transfer;
 mod cache;
 mod cloudlet;
 mod cpu;
@@ -20,6 +21,7 @@ mod handoff;
 pub(crate) mod instance;
 mod limits;
 mod peer;
+pub mod peer_link;
 mod provision;
 mod recover;
 mod session;

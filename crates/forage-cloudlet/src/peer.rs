@@ -1,5 +1,5 @@
 //! A peer cloudlet's connection (the peer protocol, `forage_proto::peer`): PeerHello and
-//! PeerWelcome, then a handoff the peer offers. Only a certificate this cloudlet issued
+//! PeerWelcome, then a handoff the peer offers, or a base VM it asks for. Only a certificate this cloudlet issued
 //! `--as-cloudlet` may speak it.
 
 use std::time::Instant;
@@ -66,8 +66,15 @@ async fn run(
             answer_query(stream, cloudlet, name, &instance).await?;
             return Ok(crate::instance::Outcome { bytes: 0 });
         }
+        Ok(PeerMessage::BaseWanted { base }) => {
+            let bytes = crate::base_transfer::serve_base(stream, &cloudlet.data, id, name, &base).await?;
+            return Ok(crate::instance::Outcome { bytes });
+        }
         Ok(other) => {
-            return Err(SessionError::Sequence { expected: "HandoffBegin or HandoffQuery", got: other.name() })
+            return Err(SessionError::Sequence {
+                expected: "HandoffBegin, HandoffQuery or BaseWanted",
+                got: other.name(),
+            })
         }
         Err(SessionError::Proto(ProtoError::Closed)) => return Ok(crate::instance::Outcome { bytes: 0 }),
         Err(e) => return Err(e),

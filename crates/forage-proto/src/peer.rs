@@ -35,6 +35,22 @@
 //! The destination resumes the VM once the commit has arrived and applied, whether or
 //! not it can tell the source.
 //!
+//! A cloudlet that lacks a base VM another cloudlet holds asks for it (a node of a
+//! cluster filling in a base, `forage base fetch`); the package is the one
+//! `forage base export` writes, checked whole by the asker before it imports it:
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant A as asking cloudlet
+//!     participant H as holding cloudlet
+//!     A->>H: PeerHello
+//!     H->>A: PeerWelcome
+//!     A->>H: BaseWanted {base}
+//!     H->>A: BaseOffer {base, package_bytes} | Error {not_found}
+//!     H->>A: BasePiece {bytes}...   (at most 1 MiB each, package_bytes in all)
+//!     H->>A: BaseEnd {sha256 of the package, the holder's signature of it}
+//! ```
+//!
 //! Documented in `docs/handoff-protocol.md`.
 
 use serde::{Deserialize, Serialize};
@@ -125,11 +141,36 @@ pub enum PeerMessage {
         service: ServiceEndpoint,
         resumed_after_ms: u64,
     },
+    /// A cloudlet that lacks base VM `base` asks for its package (in place of
+    /// HandoffBegin). Answers: BaseOffer, then the package, or Error.
+    BaseWanted {
+        base: String,
+    },
+    /// Base `base`'s package follows: `package_bytes` in BasePiece frames, then BaseEnd.
+    BaseOffer {
+        base: String,
+        package_bytes: u64,
+    },
+    /// The next piece of the package, at most [`BASE_PIECE`] bytes.
+    BasePiece {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The whole package was sent: its SHA-256 (hex), and the holder's detached
+    /// signature of it (`FILE.sig`, JSON), which an asker with a signers list checks.
+    BaseEnd {
+        sha256: String,
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
     Error {
         code: ErrorCode,
         message: String,
     },
 }
+
+/// The largest BasePiece.
+pub const BASE_PIECE: usize = 1 << 20;
 
 crate::protocol_kinds!(
     PeerMessage,
@@ -144,5 +185,9 @@ crate::protocol_kinds!(
     HandoffCommit = 27,
     HandoffDone = 28,
     HandoffQuery = 32,
+    BaseWanted = 38,
+    BaseOffer = 39,
+    BasePiece = 40,
+    BaseEnd = 41,
     Error = 8,
 );

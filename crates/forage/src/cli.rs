@@ -258,6 +258,16 @@ pub enum BaseCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Fetch a base VM from a peer cloudlet that holds it (e.g. another node of the
+    /// cluster), paired with it as a cloudlet; checked whole before it is imported
+    Fetch {
+        name: String,
+        /// The peer cloudlet's address, as paired (`forage pair import` of its bundle)
+        #[arg(long)]
+        from: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -17,7 +17,9 @@
 //!    handoff, mutual TLS with the cloudlet pairing) to another node, the device is told
 //!    where it went and the service's request counter moved with it;
 //! 8. the node now holding it killed: its instance is reported Lost within its lease, and
-//!    the device asking a surviving node after it (WhereIs) is told it is lost.
+//!    the device asking a surviving node after it (WhereIs) is told it is lost;
+//! 9. the surviving node without the base fetches it from node B (`forage base fetch`,
+//!    the peer protocol) and the cluster sees it hold the base.
 
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
@@ -435,6 +437,27 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     let told = where_at(if to == 0 { 2 } else { 0 });
     assert_eq!(told, format!("instance lost: node {holder} gone ({reason})"));
     eprintln!("the device asking after its instance was told: {told}");
+
+    // 9. The node that stays, which lacks the base, fetches it from n1 (peer protocol,
+    //    paired with n1 as a cloudlet) and the cluster sees it hold the base.
+    let stays = if to == 0 { 2 } else { 0 };
+    let bundle = work.join(format!("n{stays}-for-n1.json"));
+    let addr_n1 = format!("{}:7878", lan.hosts[1].addr);
+    let name = format!("n{stays}");
+    forage_at(
+        &dirs[1],
+        &["pair", "--bundle", &bundle.to_string_lossy(), "--name", &name, "--as-cloudlet", "--addr", &addr_n1],
+    );
+    forage_at(watch, &["pair", "import", &bundle.to_string_lossy()]);
+    let out = forage_in(ns_watch, watch, &["base", "fetch", "cltest", "--from", &addr_n1, "--json"]);
+    assert!(out.status.success(), "forage base fetch: {}", String::from_utf8_lossy(&out.stderr));
+    let fetched: forage_cloudlet::base_transfer::BaseFetchReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched.digest, forage_synth::BaseVm::open(&data, "cltest").unwrap().digest());
+    let digest = fetched.digest.clone();
+    until(ns_watch, watch, Duration::from_secs(LEASE_S * 2), "the fetched base published", |s| {
+        s.nodes.iter().any(|n| n.metadata.name == name && n.holds_base(&digest))
+    });
+    eprintln!("{name} fetched base cltest from n1: {} KiB in {:.1} s", fetched.package_bytes >> 10, fetched.seconds);
     device_process.kill();
     drop(nodes);
     drop(etcd);

@@ -66,20 +66,8 @@ pub enum HandoffFailure {
         #[source]
         source: Box<forage_vm::SnapshotError>,
     },
-    #[error("this cloudlet is not paired with cloudlet {to} as a cloudlet (`forage pair --as-cloudlet` there, `forage pair import` here)")]
-    NotPaired {
-        to: SocketAddr,
-        #[source]
-        source: forage_trust::TrustError,
-    },
-    #[error("cloudlet {to} did not answer in {wait:?}")]
-    NoAnswer { to: SocketAddr, wait: Duration },
-    #[error("connecting to cloudlet {to}")]
-    Connect {
-        to: SocketAddr,
-        #[source]
-        source: forage_client::ClientError,
-    },
+    #[error(transparent)]
+    Link(crate::peer_link::PeerLinkError),
     #[error("the connection to the destination")]
     Wire(#[source] ProtoError),
     #[error("the destination was silent for {0:?}")]

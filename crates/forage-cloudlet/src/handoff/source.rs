@@ -13,7 +13,7 @@ use forage_handoff::adapt::{parse_mode, LookupTable};
 use forage_handoff::pipeline::{run, PipelineConfig};
 use forage_handoff::segment::{Modified, CHUNK};
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{HandoffBegin, PeerMessage, ProtoError, ServiceEndpoint, VERSION_MAX, VERSION_MIN};
+use forage_proto::{HandoffBegin, PeerMessage, ProtoError, ServiceEndpoint};
 use forage_vm::{Snapshot, Vm};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -22,8 +22,8 @@ use crate::instance::control::MoveOrder;
 use crate::instance::{Instance, Place};
 use crate::Cloudlet;
 
-/// How long the destination may stay silent at a step (resume included).
-const PEER_WAIT: Duration = Duration::from_secs(60);
+/// How long the destination may stay silent at a step (resume included): PEER_WAIT.
+use crate::peer_link::PEER_WAIT;
 /// How long a source asks a silent destination whether it resumed the VM, and how often.
 const RESOLVE_FOR: Duration = Duration::from_secs(300);
 const RESOLVE_EVERY: Duration = Duration::from_secs(3);
@@ -93,25 +93,7 @@ pub(super) async fn send(
 
 /// A connection to the cloudlet `to` in the peer protocol (PeerHello answered).
 async fn connect_peer(cloudlet: &Cloudlet, to: SocketAddr) -> Result<forage_client::CloudletStream, Failure> {
-    // Only a pairing recorded with this very address: the address may come from a device
-    // (Follow) or an announcement, and must not borrow another cloudlet's credentials.
-    let credentials = forage_trust::DeviceTrust::new(&cloudlet.data.trust_peers())
-        .credentials_at(to)
-        .map_err(|source| Failure::NotPaired { to, source })?;
-    let mut stream = tokio::time::timeout(PEER_WAIT, forage_client::connect(to, &credentials, None))
-        .await
-        .map_err(|_| Failure::NoAnswer { to, wait: PEER_WAIT })?
-        .map_err(|source| Failure::Connect { to, source })?;
-    write(
-        &mut stream,
-        &PeerMessage::PeerHello { versions: (VERSION_MIN, VERSION_MAX), cloudlet: cloudlet.name.clone() },
-    )
-    .await
-    .map_err(Failure::Wire)?;
-    match next(&mut stream).await? {
-        PeerMessage::PeerWelcome { .. } => Ok(stream),
-        other => Err(unexpected("PeerWelcome", &other)),
-    }
+    crate::peer_link::connect(&cloudlet.data, &cloudlet.name, to).await.map_err(Failure::Link)
 }
 
 /// After a commit whose answer did not come: ask the destination, on new connections,

@@ -115,6 +115,25 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
             let b = tokio::task::spawn_blocking(move || package::import(&data2, &file, name.as_deref())).await??;
             println!("base {} imported, digest {} (checked)", b.manifest().name, b.digest());
         }
+        BaseCommand::Fetch { name, from, json } => {
+            if !json {
+                eprintln!("fetching base {name} from cloudlet {from}...");
+            }
+            let me = super::pair::hostname();
+            let r = forage_cloudlet::base_transfer::fetch_base(data, &me, from, &name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "base {} fetched from cloudlet {}: {} MiB in {:.1} s, digest {} (checked)",
+                    r.base,
+                    r.from,
+                    r.package_bytes >> 20,
+                    r.seconds,
+                    r.digest
+                );
+            }
+        }
     }
     Ok(())
 }
