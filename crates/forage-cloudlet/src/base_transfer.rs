@@ -85,15 +85,25 @@ impl BaseFetchError {
     }
 }
 
-/// Fetch base `base` from the paired cloudlet at `from` (this cloudlet is `me`) and import it.
+/// Whether `base` names a base by its digest (64 hex digits: the cluster knows bases so).
+pub fn is_digest(base: &str) -> bool {
+    base.len() == 64 && base.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Fetch base `base` (a name, or a digest: it arrives under the holder's name for it)
+/// from the paired cloudlet at `from` (this cloudlet is `me`) and import it.
 pub async fn fetch_base(
     data: &DataDir,
     me: &str,
     from: SocketAddr,
     base: &str,
 ) -> Result<BaseFetchReport, BaseFetchError> {
-    let dir = data.base(base).map_err(|_| BaseFetchError::BadName(base.to_string()))?;
-    if dir.exists() {
+    let held = |digest: &str| BaseVm::list(data).into_iter().any(|(_, b)| b.is_ok_and(|b| b.digest() == digest));
+    if is_digest(base) {
+        if held(base) {
+            return Err(BaseFetchError::Exists(base.to_string()));
+        }
+    } else if data.base(base).map_err(|_| BaseFetchError::BadName(base.to_string()))?.exists() {
         return Err(BaseFetchError::Exists(base.to_string()));
     }
     let t = Instant::now();
@@ -101,21 +111,30 @@ pub async fn fetch_base(
     write(&mut stream, &PeerMessage::BaseWanted { base: base.to_string() })
         .await
         .map_err(|source| BaseFetchError::Link(PeerLinkError::Wire { to: from, source }))?;
-    let file = data.bases().join(format!(".fetch-{base}-{}.pkg", std::process::id()));
+    let short = &base[..base.len().min(16)];
+    let file = data.bases().join(format!(".fetch-{short}-{}.pkg", std::process::id()));
     let sig = PathBuf::from(format!("{}.sig", file.display()));
     let got = async {
-        let claimed = receive(&mut stream, from, base, &file, room(data)?).await?;
+        let (claimed, name) = receive(&mut stream, from, base, &file, room(data)?).await?;
+        if data.base(&name).map_err(|_| BaseFetchError::BadName(name.clone()))?.exists() {
+            return Err(BaseFetchError::Exists(name));
+        }
         let data2 = data.clone();
-        let (f2, b2) = (file.clone(), base.to_string());
+        let (f2, n2) = (file.clone(), name.clone());
         let imported = tokio::task::spawn_blocking(move || {
             forage_synth::build::check_package(&data2, forage_trust::signing::BASE_PACKAGE, &f2)?;
-            forage_synth::package::import(&data2, &f2, Some(&b2))
+            forage_synth::package::import(&data2, &f2, Some(&n2))
         })
         .await
         .map_err(|e| BaseFetchError::Io { path: file.clone(), source: std::io::Error::other(e) })?
-        .map_err(|e| BaseFetchError::Import { base: base.to_string(), from, source: Box::new(e) })?;
+        .map_err(|e| BaseFetchError::Import { base: name.clone(), from, source: Box::new(e) })?;
+        if is_digest(base) && !imported.digest().eq_ignore_ascii_case(base) {
+            // A good base, but not the one asked for: it does not stay.
+            let _ = BaseVm::remove(data, &name);
+            return Err(BaseFetchError::WrongBase { from, wanted: base.into(), got: imported.digest().into() });
+        }
         Ok(BaseFetchReport {
-            base: base.to_string(),
+            base: name,
             from,
             package_bytes: claimed,
             digest: imported.digest().to_string(),
@@ -144,17 +163,20 @@ fn room(data: &DataDir) -> Result<(u64, &'static str), BaseFetchError> {
 }
 
 /// Receive BaseOffer, the pieces and BaseEnd into `file` (and its signature into
-/// `FILE.sig`). Returns the package's size. `limit`: the largest package taken.
+/// `FILE.sig`). Returns the package's size and the base's name (the one asked for, or
+/// the holder's name for the digest asked for). `limit`: the largest package taken.
 async fn receive(
     stream: &mut (impl AsyncRead + Unpin),
     from: SocketAddr,
     base: &str,
     file: &Path,
     (limit, why): (u64, &'static str),
-) -> Result<u64, BaseFetchError> {
+) -> Result<(u64, String), BaseFetchError> {
     let link = BaseFetchError::Link;
-    let claimed = match peer_link::next(stream, from).await.map_err(link)? {
-        PeerMessage::BaseOffer { base: got, package_bytes } if got == base => package_bytes,
+    let (claimed, name) = match peer_link::next(stream, from).await.map_err(link)? {
+        PeerMessage::BaseOffer { base: got, package_bytes } if got == base || (is_digest(base) && plain(&got)) => {
+            (package_bytes, got)
+        }
         PeerMessage::BaseOffer { base: got, .. } => {
             return Err(BaseFetchError::WrongBase { from, wanted: base.into(), got })
         }
@@ -193,7 +215,7 @@ async fn receive(
                     let sig = PathBuf::from(format!("{}.sig", file.display()));
                     std::fs::write(&sig, &signature).map_err(|source| BaseFetchError::Io { path: sig, source })?;
                 }
-                return Ok(claimed);
+                return Ok((claimed, name));
             }
             other => {
                 return Err(link(PeerLinkError::Unexpected {
@@ -206,7 +228,14 @@ async fn receive(
     }
 }
 
-/// Serve a peer cloudlet's BaseWanted: export the base (signed by this host), send it,
+fn plain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Serve a peer cloudlet's BaseWanted (a base's name or digest): export the base (signed by this host), send it,
 /// remove the export.
 pub(crate) async fn serve_base(
     stream: &mut (impl AsyncWrite + Unpin),
@@ -215,7 +244,13 @@ pub(crate) async fn serve_base(
     peer: &str,
     base: &str,
 ) -> Result<u64, SessionError> {
-    let b = BaseVm::open(data, base).map_err(|e| match e {
+    let by_digest =
+        || BaseVm::list(data).into_iter().find_map(|(_, b)| b.ok().filter(|b| b.digest().eq_ignore_ascii_case(base)));
+    let b = match is_digest(base).then(by_digest).flatten() {
+        Some(b) => Ok(b),
+        None => BaseVm::open(data, base),
+    };
+    let b = b.map_err(|e| match e {
         SynthError::NoBase { .. } => refused(ErrorCode::NotFound, format!("no base VM named {base} here")),
         SynthError::DataDir(_) => refused(ErrorCode::Protocol, format!("{base:?} is not a base name")),
         e => internal(e),
@@ -224,6 +259,7 @@ pub(crate) async fn serve_base(
     std::fs::create_dir_all(&work).map_err(|e| internal(format!("{}: {e}", work.display())))?;
     let file = work.join(format!("base-export-{session}.pkg"));
     let sig = PathBuf::from(format!("{}.sig", file.display()));
+    let b_name = b.manifest().name.clone();
     let sent = async {
         let (data2, f2) = (data.clone(), file.clone());
         let bytes = tokio::task::spawn_blocking(move || {
@@ -235,7 +271,8 @@ pub(crate) async fn serve_base(
         .map_err(internal)?
         .map_err(|e| internal(format!("exporting base {base}: {}", forage_proto::one_line(&e))))?;
         let t = Instant::now();
-        write(stream, &PeerMessage::BaseOffer { base: base.to_string(), package_bytes: bytes }).await?;
+        let name = b_name.clone();
+        write(stream, &PeerMessage::BaseOffer { base: name, package_bytes: bytes }).await?;
         let mut f = tokio::fs::File::open(&file).await.map_err(|e| internal(format!("{}: {e}", file.display())))?;
         let mut hash = Sha256::new();
         let mut piece = vec![0u8; BASE_PIECE];
@@ -266,7 +303,7 @@ mod tests {
 
     /// Receive what a (hostile) holder sends as `msgs` into a fresh folder; returns the
     /// result and what is left in the folder.
-    async fn from_holder(msgs: Vec<PeerMessage>, limit: u64) -> (Result<u64, BaseFetchError>, Vec<PathBuf>) {
+    async fn from_holder(msgs: Vec<PeerMessage>, limit: u64) -> (Result<(u64, String), BaseFetchError>, Vec<PathBuf>) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join(".fetch-b.pkg");
         let (mut ours, mut theirs) = tokio::io::duplex(4 << 20);
@@ -297,7 +334,7 @@ mod tests {
     async fn a_good_package_is_received_whole() {
         let piece = PeerMessage::BasePiece { bytes: b"package".to_vec() };
         let (got, left) = from_holder(vec![offer(7), piece, end(b"package")], 100).await;
-        assert_eq!(got.unwrap(), 7);
+        assert_eq!(got.unwrap(), (7, "b".to_string()));
         assert_eq!(left.len(), 1);
     }
 

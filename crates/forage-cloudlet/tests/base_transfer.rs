@@ -1,5 +1,5 @@
 //! A base VM from one cloudlet to another over the peer protocol (BaseWanted): the base
-//! arrives with its digest, a second fetch is refused, an unknown or badly named base
+//! arrives with its digest, asked by name or by digest, a second fetch is refused, an unknown or badly named base
 //! leaves nothing behind, and an unpaired address is refused before anything is sent.
 
 mod common;
@@ -46,6 +46,15 @@ async fn a_base_travels_between_paired_cloudlets() {
 
     let again = fetch_base(&asker.data, "asker", holder.addr, "b1").await;
     assert!(matches!(again, Err(BaseFetchError::Exists(_))), "{again:?}");
+    let again = fetch_base(&asker.data, "asker", holder.addr, held.digest()).await;
+    assert!(matches!(again, Err(BaseFetchError::Exists(_))), "by digest: {again:?}");
+
+    // By digest (as a node of a cluster knows a base): it arrives under the holder's name.
+    BaseVm::remove(&asker.data, "b1").unwrap();
+    let report = fetch_base(&asker.data, "asker", holder.addr, held.digest()).await.expect("by digest");
+    assert_eq!((report.base.as_str(), report.digest.as_str()), ("b1", held.digest()));
+    let unknown = fetch_base(&asker.data, "asker", holder.addr, &"e".repeat(64)).await.unwrap_err();
+    assert!(unknown.not_found(), "{unknown}");
 
     let unknown = fetch_base(&asker.data, "asker", holder.addr, "nope").await.unwrap_err();
     assert!(unknown.not_found(), "{unknown}");

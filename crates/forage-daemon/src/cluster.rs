@@ -1,10 +1,13 @@
 //! `forage serve --cluster URLS`: this daemon as one node of a cloudlet of many hosts
 //! ([`forage_cluster`], `docs/cluster.md`). What the node publishes at each heartbeat is
 //! read here from the cloudlet: its size and load, the bases, service VMs, cached launch
-//! VMs and substrates it holds, its running instances.
+//! VMs and substrates it holds, its running instances. A node that redirects a device
+//! to another node for a base it lacks fetches that base from there in the background
+//! (when it is paired with that node as a cloudlet), so that it can serve the next one.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use forage_cloudlet::Cloudlet;
@@ -32,18 +35,24 @@ pub async fn join(
     member.run(view);
     drain_when_asked(member.clone(), cloudlet.clone(), every);
     let placer = member.clone();
+    let weak = Arc::downgrade(cloudlet);
+    let fetching: Arc<Mutex<HashSet<String>>> = Arc::default();
     let _ = cloudlet.placer.set(Arc::new(move |base: String, overlay: String| {
         let m = placer.clone();
+        let (weak, fetching) = (weak.clone(), fetching.clone());
         Box::pin(async move {
             // The device is about to go there: room is reserved for it.
             let request = PlacementRequest {
-                base_digest: Some(base),
+                base_digest: Some(base.clone()),
                 overlay_digest: Some(overlay),
                 service: None,
                 reserve: true,
             };
             match m.place(&request).await {
-                Ok(p) if p.node != m.name() => Some(p.device_addr),
+                Ok(p) if p.node != m.name() => {
+                    fetch_base_later(&weak, &fetching, base, p.device_addr, p.node);
+                    Some(p.device_addr)
+                }
                 Ok(_) => None,
                 Err(e) => {
                     tracing::info!("cluster: no node to redirect the device to: {}", forage_cluster::chain(&e));
@@ -55,6 +64,39 @@ pub async fn join(
     let locator = member.clone();
     let _ = cloudlet.locator.set(Arc::new(move |endpoint: &str| whereabouts(&locator.status(), endpoint)));
     Ok(member)
+}
+
+/// Fetch base `digest` from node `node` (at `from`) in the background, unless a fetch of
+/// it is under way; logged either way (a node not paired with `node` as a cloudlet is
+/// refused at once and serves by redirect, as before).
+fn fetch_base_later(
+    cloudlet: &Weak<Cloudlet>,
+    fetching: &Arc<Mutex<HashSet<String>>>,
+    digest: String,
+    from: SocketAddr,
+    node: String,
+) {
+    // The digest comes from a device: only a well-formed one names a base to fetch.
+    let Some(c) = cloudlet.upgrade().filter(|_| forage_cloudlet::base_transfer::is_digest(&digest)) else { return };
+    if !fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone()) {
+        return;
+    }
+    let fetching = fetching.clone();
+    tokio::spawn(async move {
+        match forage_cloudlet::base_transfer::fetch_base(&c.data, &c.name, from, &digest).await {
+            Ok(r) => tracing::info!(
+                base = r.base,
+                node,
+                bytes = r.package_bytes,
+                seconds = r.seconds,
+                "cluster: fetched the base this node lacked from the node holding it"
+            ),
+            Err(e) => {
+                tracing::info!(node, "cluster: base {} not fetched: {}", &digest[..16], forage_cluster::chain(&e))
+            }
+        }
+        fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&digest);
+    });
 }
 
 /// The cluster's record of the instance whose service answers at `endpoint`: a running

@@ -12,14 +12,14 @@
 //!
 //! With real guests (the tiny image; two boots to build a base and an overlay):
 //! 6. a device's synthesis reaching node A, which lacks the base, is redirected by A to
-//!    node B, which holds it, and served there;
+//!    node B, which holds it, and served there; A fetches the base from B meanwhile (it
+//!    is paired with B as a cloudlet), and node C fetches it by hand (`forage base
+//!    fetch`), both over the peer protocol; the cluster sees them hold it;
 //! 7. node B drained (`forage node drain`): its running instance is handed off (the VM
 //!    handoff, mutual TLS with the cloudlet pairing) to another node, the device is told
 //!    where it went and the service's request counter moved with it;
 //! 8. the node now holding it killed: its instance is reported Lost within its lease, and
-//!    the device asking a surviving node after it (WhereIs) is told it is lost;
-//! 9. the surviving node without the base fetches it from node B (`forage base fetch`,
-//!    the peer protocol) and the cluster sees it hold the base.
+//!    the device asking a surviving node after it (WhereIs) is told it is lost.
 
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
@@ -325,8 +325,16 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
         );
         forage_at(&dirs[1], &["pair", "import", &bundle.to_string_lossy()]);
     }
+    // n0 is paired as a cloudlet with n1: redirecting a device there, it fetches the base.
+    let addr_n1 = format!("{}:7878", lan.hosts[1].addr);
+    let bundle = work.join("n0-for-n1.json");
+    forage_at(
+        &dirs[1],
+        &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "n0", "--as-cloudlet", "--addr", &addr_n1],
+    );
+    forage_at(&dirs[0], &["pair", "import", &bundle.to_string_lossy()]);
 
-    // 6. The device reaches n0; n1 serves it.
+    // 6. The device reaches n0; n1 serves it; n0 fetches the base from n1 meanwhile.
     let addr_a = format!("{}:7878", lan.hosts[0].addr);
     let dev_ns = &lan.hosts[3];
     let started = Instant::now();
@@ -363,6 +371,33 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     until(ns_a, a, Duration::from_secs(10), "n1's instance listed", |s| {
         s.instances.iter().any(|i| i.spec.node == "n1" && i.status.phase == forage_cluster::InstancePhase::Running)
     });
+    let digest = forage_synth::BaseVm::open(&data, "cltest").unwrap().digest().to_string();
+    let took = until(ns_a, a, Duration::from_secs(240), "n0 holds the base it fetched", |s| {
+        s.nodes.iter().any(|n| n.metadata.name == "n0" && n.holds_base(&digest))
+    });
+    let log = std::fs::read_to_string(a.join("serve.log")).unwrap();
+    assert!(log.contains("fetched the base this node lacked"), "n0 says it fetched the base: {log}");
+    eprintln!("n0 fetched base cltest from n1 after the redirect, published {took:?} after the instance");
+    // n2, which lacks it too, fetches it by hand (`forage base fetch`, paired with n1 as a
+    // cloudlet); the cluster sees it hold the base.
+    let bundle = work.join("n2-for-n1.json");
+    forage_at(
+        &dirs[1],
+        &["pair", "--bundle", &bundle.to_string_lossy(), "--name", "n2", "--as-cloudlet", "--addr", &addr_n1],
+    );
+    forage_at(&dirs[2], &["pair", "import", &bundle.to_string_lossy()]);
+    let out = forage_in(&lan.hosts[2], &dirs[2], &["base", "fetch", "cltest", "--from", &addr_n1, "--json"]);
+    assert!(out.status.success(), "forage base fetch: {}", String::from_utf8_lossy(&out.stderr));
+    let fetched: forage_cloudlet::base_transfer::BaseFetchReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched.digest, digest);
+    until(ns_a, a, Duration::from_secs(LEASE_S * 2), "n2's fetched base published", |s| {
+        s.nodes.iter().any(|n| n.metadata.name == "n2" && n.holds_base(&digest))
+    });
+    eprintln!(
+        "n2 fetched base cltest from n1 by hand: {} KiB in {:.1} s",
+        fetched.package_bytes >> 10,
+        fetched.seconds
+    );
 
     // 7. n1 drained: the instance moves to another node with its state; the device is told.
     let ep = report.service.clone();
@@ -438,26 +473,6 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     assert_eq!(told, format!("instance lost: node {holder} gone ({reason})"));
     eprintln!("the device asking after its instance was told: {told}");
 
-    // 9. The node that stays, which lacks the base, fetches it from n1 (peer protocol,
-    //    paired with n1 as a cloudlet) and the cluster sees it hold the base.
-    let stays = if to == 0 { 2 } else { 0 };
-    let bundle = work.join(format!("n{stays}-for-n1.json"));
-    let addr_n1 = format!("{}:7878", lan.hosts[1].addr);
-    let name = format!("n{stays}");
-    forage_at(
-        &dirs[1],
-        &["pair", "--bundle", &bundle.to_string_lossy(), "--name", &name, "--as-cloudlet", "--addr", &addr_n1],
-    );
-    forage_at(watch, &["pair", "import", &bundle.to_string_lossy()]);
-    let out = forage_in(ns_watch, watch, &["base", "fetch", "cltest", "--from", &addr_n1, "--json"]);
-    assert!(out.status.success(), "forage base fetch: {}", String::from_utf8_lossy(&out.stderr));
-    let fetched: forage_cloudlet::base_transfer::BaseFetchReport = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(fetched.digest, forage_synth::BaseVm::open(&data, "cltest").unwrap().digest());
-    let digest = fetched.digest.clone();
-    until(ns_watch, watch, Duration::from_secs(LEASE_S * 2), "the fetched base published", |s| {
-        s.nodes.iter().any(|n| n.metadata.name == name && n.holds_base(&digest))
-    });
-    eprintln!("{name} fetched base cltest from n1: {} KiB in {:.1} s", fetched.package_bytes >> 10, fetched.seconds);
     device_process.kill();
     drop(nodes);
     drop(etcd);
