@@ -97,3 +97,44 @@ pub async fn where_is(
     let _ = write(&mut s, &Message::Bye).await;
     Ok(w)
 }
+
+/// After a held instance's session broke: ask every cloudlet this device is paired with
+/// (`pairings`, each at the address it was paired at) where the instance whose service
+/// answered at `endpoint` is, every `every` until one says it is lost or `patience` has
+/// passed (a node that died is marked lost only when its lease expires). Returns the
+/// cloudlet that answered and its last answer; `None` when no cloudlet knows it (a
+/// cloudlet alone, not in a cluster, answers `not_found`).
+pub async fn ask_after(
+    pairings: &std::path::Path,
+    endpoint: &str,
+    every: std::time::Duration,
+    patience: std::time::Duration,
+) -> Option<(SocketAddr, Whereabouts)> {
+    let started = std::time::Instant::now();
+    let peers: Vec<(SocketAddr, Arc<rustls::ClientConfig>)> = forage_trust::DeviceTrust::new(pairings)
+        .peers()
+        .into_iter()
+        .filter_map(|p| Some((p.record.addr.as_deref()?.parse().ok()?, p.client_config().ok()?)))
+        .collect();
+    let mut last = None;
+    loop {
+        for (addr, credentials) in &peers {
+            let asked = tokio::time::timeout(
+                every.max(std::time::Duration::from_secs(2)),
+                where_is(*addr, credentials, endpoint),
+            );
+            if let Ok(Ok(w)) = asked.await {
+                let lost = w.lost.is_some();
+                last = Some((*addr, w));
+                if lost {
+                    return last;
+                }
+                break;
+            }
+        }
+        if last.is_none() || started.elapsed() >= patience {
+            return last;
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -18,7 +18,7 @@ mod sender;
 pub mod service;
 mod synthesis;
 
-pub use apps::{get_app, list_apps, where_is};
+pub use apps::{ask_after, get_app, list_apps, where_is};
 pub use connect::{connect, CloudletStream};
 pub use error::ClientError;
 pub use forage_proto::ServiceEndpoint;

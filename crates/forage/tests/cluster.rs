@@ -458,6 +458,20 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     nodes[to].kill();
     let killed = Instant::now();
     let reason = format!("node {holder}'s lease expired");
+    // The device, its instance gone quiet, asks the cloudlets it is paired with until one
+    // says the instance is lost (what `--hold` does when its session breaks).
+    let (pairings, endpoint) = (forage_datadir::DataDir::at(device.clone()).trust_peers(), moved.service.addr.clone());
+    let asking = std::thread::spawn({
+        let ns = lan.hosts[3].clone();
+        move || {
+            ns.run(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let every = Duration::from_millis(500);
+                rt.block_on(forage_client::ask_after(&pairings, &endpoint, every, Duration::from_secs(60)))
+            })
+            .unwrap()
+        }
+    });
     until(ns_watch, watch, Duration::from_secs(LEASE_S * 3), "the instance lost", |s| {
         s.instances.iter().any(|i| {
             i.spec.node == holder
@@ -469,6 +483,10 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     eprintln!("node {holder} killed: its instance reported lost after {lost:?} (lease {LEASE_S} s)");
     assert!(lost <= Duration::from_secs(2 * LEASE_S), "lost after {lost:?}");
     // The device asking after it (WhereIs, device protocol) hears that it is lost.
+    let (_, answer) = asking.join().unwrap().expect("a paired node answers");
+    let asked = killed.elapsed();
+    assert_eq!(answer.lost.as_deref(), Some(reason.as_str()), "{answer:?}");
+    eprintln!("the device asking by itself heard {answer} after {asked:?}");
     let told = where_at(if to == 0 { 2 } else { 0 });
     assert_eq!(told, format!("instance lost: node {holder} gone ({reason})"));
     eprintln!("the device asking after its instance was told: {told}");

@@ -87,6 +87,7 @@ pub async fn synthesize(
         None => None,
     };
     opts.request = request;
+    let pairings = opts.pairings.clone();
     let (report, session) = synthesize_with_progress(file, cloudlet, opts, !json).await?;
     if json {
         crate::output::print_json(&report);
@@ -99,7 +100,10 @@ pub async fn synthesize(
         let mut follows = forage_client::follow_requests(std::io::BufReader::new(std::io::stdin()));
         tokio::select! {
             r = tokio::signal::ctrl_c() => r?,
-            ended = session.ended_following(&mut follows) => return report_end(ended, json),
+            ended = session.ended_following(&mut follows) => {
+                let asked = pairings.as_deref().map(|p| (p, report.service.addr.as_str()));
+                return report_end(ended, json, asked).await;
+            }
         }
         return finish(session, file, residue).await;
     }
@@ -107,13 +111,32 @@ pub async fn synthesize(
 }
 
 /// How a held instance ended: where it moved (printed), or why it stopped (an error).
-pub fn report_end(ended: forage_client::Ended, json: bool) -> anyhow::Result<()> {
+/// With `asked` (the device's pairings and the service's endpoint), a session that broke
+/// is followed by asking the cloudlets this device is paired with where the instance is
+/// (in a cluster, a node that died has its instances marked lost when its lease expires):
+/// their answer is printed (`--json`: the Whereabouts) before the error.
+pub async fn report_end(
+    ended: forage_client::Ended,
+    json: bool,
+    asked: Option<(&std::path::Path, &str)>,
+) -> anyhow::Result<()> {
     match (ended.moved(), ended) {
         (Some(notice), _) if json => crate::output::print_json(&notice),
         (Some(notice), _) => {
             println!("the instance moved to cloudlet {}: the service answers at {}", notice.moved_to, notice.endpoint)
         }
-        (None, forage_client::Ended::Stopped(e)) => anyhow::bail!("the cloudlet ended the instance: {e}"),
+        (None, forage_client::Ended::Stopped(e)) => {
+            if let Some((pairings, endpoint)) = asked {
+                eprintln!("the session ended ({e}); asking the paired cloudlets where the instance is...");
+                let every = std::time::Duration::from_secs(2);
+                match forage_client::ask_after(pairings, endpoint, every, std::time::Duration::from_secs(60)).await {
+                    Some((_, w)) if json => crate::output::print_json(&w),
+                    Some((at, w)) => println!("cloudlet {at}: {w}"),
+                    None => eprintln!("no paired cloudlet knows the instance (not in a cluster)"),
+                }
+            }
+            anyhow::bail!("the cloudlet ended the instance: {e}")
+        }
         (None, forage_client::Ended::Moved { .. }) => unreachable!("a move has its notice"),
     }
     Ok(())

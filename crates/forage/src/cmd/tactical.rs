@@ -77,7 +77,10 @@ async fn provision_after(
         };
         match ended {
             None => session.close().await,
-            Some(ended) => super::synthesis::report_end(ended, args.json)?,
+            Some(ended) => {
+                let pairings = data.trust_peers();
+                super::synthesis::report_end(ended, args.json, Some((&pairings, report.service.addr.as_str()))).await?
+            }
         }
     } else {
         session.close().await;
