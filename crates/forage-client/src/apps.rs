@@ -103,7 +103,8 @@ pub async fn where_is(
 /// answered at `endpoint` is, every `every` until one says it is lost or `patience` has
 /// passed (a node that died is marked lost only when its lease expires). Returns the
 /// cloudlet that answered and its last answer; `None` when no cloudlet knows it (a
-/// cloudlet alone, not in a cluster, answers `not_found`).
+/// cloudlet alone, not in a cluster, answers `not_found`; so does a cluster once the
+/// instance ended in good order).
 pub async fn ask_after(
     pairings: &std::path::Path,
     endpoint: &str,
@@ -116,23 +117,27 @@ pub async fn ask_after(
         .into_iter()
         .filter_map(|p| Some((p.record.addr.as_deref()?.parse().ok()?, p.client_config().ok()?)))
         .collect();
-    let mut last = None;
+    let every = every.max(std::time::Duration::from_millis(100));
+    let mut last;
     loop {
+        let mut answered = None;
         for (addr, credentials) in &peers {
             let asked = tokio::time::timeout(
                 every.max(std::time::Duration::from_secs(2)),
                 where_is(*addr, credentials, endpoint),
             );
             if let Ok(Ok(w)) = asked.await {
-                let lost = w.lost.is_some();
-                last = Some((*addr, w));
-                if lost {
-                    return last;
-                }
+                answered = Some((*addr, w));
                 break;
             }
         }
-        if last.is_none() || started.elapsed() >= patience {
+        match answered {
+            Some((_, ref w)) if w.lost.is_some() => return answered,
+            // No cloudlet knows it (any more): it ended, it was not lost.
+            None => return None,
+            Some(_) => last = answered,
+        }
+        if started.elapsed() >= patience {
             return last;
         }
         tokio::time::sleep(every).await;

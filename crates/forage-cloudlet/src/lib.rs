@@ -11,7 +11,6 @@
 //! adopts them again when it serves ([`recover`]). Arrows point down only:
 //! `lib, session, peer -> synthesis, provision -> handoff, substrate -> instance, cache -> error`.
 
-pub mod base_transfer;
 mod cache;
 mod cloudlet;
 mod cpu;
@@ -20,6 +19,7 @@ mod faults;
 mod handoff;
 pub(crate) mod instance;
 mod limits;
+pub mod package_transfer;
 mod peer;
 pub mod peer_link;
 mod provision;

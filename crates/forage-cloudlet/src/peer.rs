@@ -1,5 +1,5 @@
 //! A peer cloudlet's connection (the peer protocol, `forage_proto::peer`): PeerHello and
-//! PeerWelcome, then a handoff the peer offers, or a base VM it asks for. Only a certificate this cloudlet issued
+//! PeerWelcome, then a handoff the peer offers, or a base or service VM it asks for. Only a certificate this cloudlet issued
 //! `--as-cloudlet` may speak it.
 
 use std::time::Instant;
@@ -66,13 +66,13 @@ async fn run(
             answer_query(stream, cloudlet, name, &instance).await?;
             return Ok(crate::instance::Outcome { bytes: 0 });
         }
-        Ok(PeerMessage::BaseWanted { base }) => {
-            let bytes = crate::base_transfer::serve_base(stream, &cloudlet.data, id, name, &base).await?;
+        Ok(PeerMessage::PackageWanted { what, name: wanted }) => {
+            let bytes = crate::package_transfer::serve(stream, &cloudlet.data, dir, name, what, &wanted).await?;
             return Ok(crate::instance::Outcome { bytes });
         }
         Ok(other) => {
             return Err(SessionError::Sequence {
-                expected: "HandoffBegin, HandoffQuery or BaseWanted",
+                expected: "HandoffBegin, HandoffQuery or PackageWanted",
                 got: other.name(),
             })
         }

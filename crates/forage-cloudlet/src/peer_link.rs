@@ -64,8 +64,17 @@ pub async fn connect(data: &DataDir, me: &str, to: SocketAddr) -> Result<forage_
 
 /// The peer's next message within [`PEER_WAIT`]; its Error as [`PeerLinkError::Refused`].
 pub async fn next(stream: &mut (impl AsyncRead + Unpin), to: SocketAddr) -> Result<PeerMessage, PeerLinkError> {
-    match tokio::time::timeout(PEER_WAIT, read::<PeerMessage>(stream)).await {
-        Err(_) => Err(PeerLinkError::NoAnswer { to, wait: PEER_WAIT }),
+    next_within(stream, to, PEER_WAIT).await
+}
+
+/// [`next`] within `wait`.
+pub async fn next_within(
+    stream: &mut (impl AsyncRead + Unpin),
+    to: SocketAddr,
+    wait: Duration,
+) -> Result<PeerMessage, PeerLinkError> {
+    match tokio::time::timeout(wait, read::<PeerMessage>(stream)).await {
+        Err(_) => Err(PeerLinkError::NoAnswer { to, wait }),
         Ok(Err(source)) => Err(PeerLinkError::Wire { to, source }),
         Ok(Ok(PeerMessage::Error { code, message })) => Err(PeerLinkError::Refused { to, code, message }),
         Ok(Ok(m)) => Ok(m),

@@ -5,10 +5,10 @@
 //! to another node for a base it lacks fetches that base from there in the background
 //! (when it is paired with that node as a cloudlet), so that it can serve the next one.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forage_cloudlet::Cloudlet;
 use forage_cluster::{
@@ -36,7 +36,7 @@ pub async fn join(
     drain_when_asked(member.clone(), cloudlet.clone(), every);
     let placer = member.clone();
     let weak = Arc::downgrade(cloudlet);
-    let fetching: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let fetching: Arc<Mutex<Fetching>> = Arc::default();
     let _ = cloudlet.placer.set(Arc::new(move |base: String, overlay: String| {
         let m = placer.clone();
         let (weak, fetching) = (weak.clone(), fetching.clone());
@@ -66,36 +66,56 @@ pub async fn join(
     Ok(member)
 }
 
-/// Fetch base `digest` from node `node` (at `from`) in the background, unless a fetch of
-/// it is under way; logged either way (a node not paired with `node` as a cloudlet is
-/// refused at once and serves by redirect, as before).
+/// The node's base fetches: one at a time (each unpacks into the bases folder and takes
+/// disk and a core), and a base whose fetch failed is not asked for again for
+/// [`RETRY_AFTER`].
+#[derive(Default)]
+struct Fetching {
+    running: Option<String>,
+    failed: HashMap<String, Instant>,
+}
+
+const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Fetch base `digest` from node `node` (at `from`) in the background, unless a fetch is
+/// under way or this one failed lately; logged either way (a node not paired with `node`
+/// as a cloudlet is refused at once and serves by redirect, as before).
 fn fetch_base_later(
     cloudlet: &Weak<Cloudlet>,
-    fetching: &Arc<Mutex<HashSet<String>>>,
+    fetching: &Arc<Mutex<Fetching>>,
     digest: String,
     from: SocketAddr,
     node: String,
 ) {
     // The digest comes from a device: only a well-formed one names a base to fetch.
-    let Some(c) = cloudlet.upgrade().filter(|_| forage_cloudlet::base_transfer::is_digest(&digest)) else { return };
-    if !fetching.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.clone()) {
-        return;
+    let Some(c) = cloudlet.upgrade().filter(|_| forage_cloudlet::package_transfer::is_digest(&digest)) else { return };
+    {
+        let mut f = fetching.lock().unwrap_or_else(|p| p.into_inner());
+        f.failed.retain(|_, at| at.elapsed() < RETRY_AFTER);
+        if f.running.is_some() || f.failed.contains_key(&digest) {
+            return;
+        }
+        f.running = Some(digest.clone());
     }
     let fetching = fetching.clone();
     tokio::spawn(async move {
-        match forage_cloudlet::base_transfer::fetch_base(&c.data, &c.name, from, &digest).await {
+        let base = forage_proto::PackageKind::Base;
+        let fetched = forage_cloudlet::package_transfer::fetch(&c.data, &c.name, from, base, &digest).await;
+        let mut f = fetching.lock().unwrap_or_else(|p| p.into_inner());
+        f.running = None;
+        match fetched {
             Ok(r) => tracing::info!(
-                base = r.base,
+                base = r.name,
                 node,
                 bytes = r.package_bytes,
                 seconds = r.seconds,
                 "cluster: fetched the base this node lacked from the node holding it"
             ),
             Err(e) => {
-                tracing::info!(node, "cluster: base {} not fetched: {}", &digest[..16], forage_cluster::chain(&e))
+                tracing::info!(node, "cluster: base {} not fetched: {}", &digest[..16], forage_cluster::chain(&e));
+                f.failed.insert(digest, Instant::now());
             }
         }
-        fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(&digest);
     });
 }
 

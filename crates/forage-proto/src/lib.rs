@@ -24,7 +24,7 @@ pub use device::{AppInfo, DeviceMessage, Offer, Provision, Whereabouts};
 pub use error::{one_line, ErrorCode};
 pub use frame::{asynchronous, blocking, decode, encode, ProtoError, Protocol, MAX_FRAME};
 pub use pairing::PairingMessage;
-pub use peer::{HandoffBegin, PeerMessage, BASE_PIECE};
+pub use peer::{HandoffBegin, PackageKind, PeerMessage, PACKAGE_PIECE};
 pub use service::ServiceEndpoint;
 
 /// Versions this build speaks. Version 2: services are reached through the cloudlet's
@@ -169,10 +169,11 @@ mod tests {
             PeerMessage::HandoffAck { seq: 3, bytes: 1000 },
             PeerMessage::HandoffCommit { segments: 4, state: vec![0x28, 0xb5] },
             PeerMessage::HandoffQuery { instance: "7-1".into() },
-            PeerMessage::BaseWanted { base: "debian".into() },
-            PeerMessage::BaseOffer { base: "debian".into(), package_bytes: 1 << 30 },
-            PeerMessage::BasePiece { bytes: vec![7; 100] },
-            PeerMessage::BaseEnd { sha256: "ab".into(), signature: b"{}".to_vec() },
+            PeerMessage::PackageWanted { what: PackageKind::Base, name: "debian".into() },
+            PeerMessage::PackageWanted { what: PackageKind::Service, name: "ocr".into() },
+            PeerMessage::PackageOffer { name: "debian".into(), package_bytes: 1 << 30 },
+            PeerMessage::PackagePiece { bytes: vec![7; 100] },
+            PeerMessage::PackageEnd { sha256: "ab".into(), signature: b"{}".to_vec() },
             PeerMessage::HandoffDone {
                 service: ServiceEndpoint { addr: "10.0.0.2:4000".into(), ..Default::default() },
                 resumed_after_ms: 300,

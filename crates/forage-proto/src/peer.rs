@@ -35,9 +35,10 @@
 //! The destination resumes the VM once the commit has arrived and applied, whether or
 //! not it can tell the source.
 //!
-//! A cloudlet that lacks a base VM another cloudlet holds asks for it (a node of a
-//! cluster filling in a base, `forage base fetch`); the package is the one
-//! `forage base export` writes, checked whole by the asker before it imports it:
+//! A cloudlet that lacks a base VM or a service VM another cloudlet holds asks for it (a
+//! node of a cluster filling in a base, `forage base fetch`, `forage service fetch`); the
+//! package is the one `forage base|service export` writes, checked whole by the asker
+//! before it imports it:
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -45,10 +46,10 @@
 //!     participant H as holding cloudlet
 //!     A->>H: PeerHello
 //!     H->>A: PeerWelcome
-//!     A->>H: BaseWanted {base}
-//!     H->>A: BaseOffer {base, package_bytes} | Error {not_found}
-//!     H->>A: BasePiece {bytes}...   (at most 1 MiB each, package_bytes in all)
-//!     H->>A: BaseEnd {sha256 of the package, the holder's signature of it}
+//!     A->>H: PackageWanted {what: base|service, name}
+//!     H->>A: PackageOffer {name, package_bytes} | Error {not_found}
+//!     H->>A: PackagePiece {bytes}...   (at most 1 MiB each, package_bytes in all)
+//!     H->>A: PackageEnd {sha256 of the package, the holder's signature of it}
 //! ```
 //!
 //! Documented in `docs/handoff-protocol.md`.
@@ -141,24 +142,27 @@ pub enum PeerMessage {
         service: ServiceEndpoint,
         resumed_after_ms: u64,
     },
-    /// A cloudlet that lacks base VM `base` asks for its package (in place of
-    /// HandoffBegin). Answers: BaseOffer, then the package, or Error.
-    BaseWanted {
-        base: String,
+    /// A cloudlet that lacks a base VM or a service VM asks for its package (in place of
+    /// HandoffBegin): `name` is a base's name or digest (64 hex digits), or a service's
+    /// id. Answers: PackageOffer, then the package, or Error.
+    PackageWanted {
+        what: PackageKind,
+        name: String,
     },
-    /// Base `base`'s package follows: `package_bytes` in BasePiece frames, then BaseEnd.
-    BaseOffer {
-        base: String,
+    /// The package of `name` (the holder's name for what was asked) follows:
+    /// `package_bytes` in PackagePiece frames, then PackageEnd.
+    PackageOffer {
+        name: String,
         package_bytes: u64,
     },
-    /// The next piece of the package, at most [`BASE_PIECE`] bytes.
-    BasePiece {
+    /// The next piece of the package, at most [`PACKAGE_PIECE`] bytes.
+    PackagePiece {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// The whole package was sent: its SHA-256 (hex), and the holder's detached
     /// signature of it (`FILE.sig`, JSON), which an asker with a signers list checks.
-    BaseEnd {
+    PackageEnd {
         sha256: String,
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
@@ -169,8 +173,26 @@ pub enum PeerMessage {
     },
 }
 
-/// The largest BasePiece.
-pub const BASE_PIECE: usize = 1 << 20;
+/// The largest PackagePiece.
+pub const PACKAGE_PIECE: usize = 1 << 20;
+
+/// What a PackageWanted asks for: the package `forage base export` or `forage service
+/// export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackageKind {
+    Base,
+    Service,
+}
+
+impl PackageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageKind::Base => "base",
+            PackageKind::Service => "service",
+        }
+    }
+}
 
 crate::protocol_kinds!(
     PeerMessage,
@@ -185,9 +207,9 @@ crate::protocol_kinds!(
     HandoffCommit = 27,
     HandoffDone = 28,
     HandoffQuery = 32,
-    BaseWanted = 38,
-    BaseOffer = 39,
-    BasePiece = 40,
-    BaseEnd = 41,
+    PackageWanted = 38,
+    PackageOffer = 39,
+    PackagePiece = 40,
+    PackageEnd = 41,
     Error = 8,
 );

@@ -204,6 +204,17 @@ pub fn export(base: &BaseVm, out: &Path) -> Result<u64, SynthError> {
 
 /// Import a package into the data directory under the name it carries (or `rename`).
 pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseVm, SynthError> {
+    import_expecting(data, file, rename, None)
+}
+
+/// [`import`], refusing (before the base is moved into place) a base whose digest is not
+/// `expect`: a base fetched by digest from a peer.
+pub fn import_expecting(
+    data: &DataDir,
+    file: &Path,
+    rename: Option<&str>,
+    expect: Option<&str>,
+) -> Result<BaseVm, SynthError> {
     let bad = |detail: String| SynthError::BadFile { path: file.to_path_buf(), detail };
     let work = data.bases().join(format!(".import-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -225,6 +236,13 @@ pub fn import(data: &DataDir, file: &Path, rename: Option<&str>) -> Result<BaseV
             )?;
         }
         let manifest = crate::base::finish(&work, &name, &base.image, &snapshot, base.disk_introspection)?;
+        if let Some(want) = expect.filter(|w| !w.eq_ignore_ascii_case(&manifest.digest)) {
+            return Err(bad(format!(
+                "contents give digest {}, {} was asked for",
+                short(&manifest.digest),
+                short(want)
+            )));
+        }
         if manifest.digest != base.digest {
             return Err(bad(format!(
                 "contents give digest {}, the package claims {}",

@@ -503,6 +503,16 @@ pub enum ServiceCommand {
         json: bool,
     },
     /// Write a service VM as a versioned package
+    /// Fetch a service VM from a peer cloudlet that holds it (paired with it as a
+    /// cloudlet); checked whole before it is imported
+    Fetch {
+        id: String,
+        /// The peer cloudlet's address, as paired
+        #[arg(long)]
+        from: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
     Export {
         id: String,
         #[arg(short, long)]

@@ -388,8 +388,8 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     forage_at(&dirs[2], &["pair", "import", &bundle.to_string_lossy()]);
     let out = forage_in(&lan.hosts[2], &dirs[2], &["base", "fetch", "cltest", "--from", &addr_n1, "--json"]);
     assert!(out.status.success(), "forage base fetch: {}", String::from_utf8_lossy(&out.stderr));
-    let fetched: forage_cloudlet::base_transfer::BaseFetchReport = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(fetched.digest, digest);
+    let fetched: forage_cloudlet::package_transfer::PackageFetchReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched.base_digest.as_deref(), Some(digest.as_str()));
     until(ns_a, a, Duration::from_secs(LEASE_S * 2), "n2's fetched base published", |s| {
         s.nodes.iter().any(|n| n.metadata.name == "n2" && n.holds_base(&digest))
     });

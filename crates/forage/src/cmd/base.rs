@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use forage_datadir::DataDir;
 use forage_image::GuestImage;
+use forage_proto::PackageKind;
 use forage_synth::{package, BaseVm};
 use serde_json::json;
 
@@ -115,25 +116,36 @@ pub async fn run(data: &DataDir, cmd: BaseCommand) -> anyhow::Result<()> {
             let b = tokio::task::spawn_blocking(move || package::import(&data2, &file, name.as_deref())).await??;
             println!("base {} imported, digest {} (checked)", b.manifest().name, b.digest());
         }
-        BaseCommand::Fetch { name, from, json } => {
-            if !json {
-                eprintln!("fetching base {name} from cloudlet {from}...");
-            }
-            let me = super::pair::hostname();
-            let r = forage_cloudlet::base_transfer::fetch_base(data, &me, from, &name).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "base {} fetched from cloudlet {}: {} MiB in {:.1} s, digest {} (checked)",
-                    r.base,
-                    r.from,
-                    r.package_bytes >> 20,
-                    r.seconds,
-                    r.digest
-                );
-            }
-        }
+        BaseCommand::Fetch { name, from, json } => fetch(data, PackageKind::Base, &name, from, json).await?,
+    }
+    Ok(())
+}
+
+/// `forage base|service fetch NAME --from ADDR`: from a peer cloudlet, over the peer protocol.
+pub(super) async fn fetch(
+    data: &DataDir,
+    what: PackageKind,
+    name: &str,
+    from: std::net::SocketAddr,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !json {
+        eprintln!("fetching {} {name} from cloudlet {from}...", what.as_str());
+    }
+    let me = super::pair::hostname();
+    let r = forage_cloudlet::package_transfer::fetch(data, &me, from, what, name).await?;
+    if json {
+        crate::output::print_json(&r);
+    } else {
+        println!(
+            "{} {} fetched from cloudlet {}: {} MiB in {:.1} s (checked{})",
+            what.as_str(),
+            r.name,
+            r.from,
+            r.package_bytes >> 20,
+            r.seconds,
+            r.base_digest.as_deref().map(|d| format!(", digest {d}")).unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -48,6 +48,9 @@ pub async fn run(data: &DataDir, cmd: ServiceCommand) -> anyhow::Result<()> {
         ServiceCommand::Import { .. } => {
             bail!("give a service package, or --disk with --id and --port")
         }
+        ServiceCommand::Fetch { id, from, json } => {
+            super::base::fetch(data, forage_proto::PackageKind::Service, &id, from, json).await?
+        }
         ServiceCommand::Export { id, output } => {
             let svc = repo.open(&id)?;
             let size = package::export(&svc, &output).with_context(|| format!("exporting service {id}"))?;

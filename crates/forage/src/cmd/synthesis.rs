@@ -126,14 +126,24 @@ pub async fn report_end(
             println!("the instance moved to cloudlet {}: the service answers at {}", notice.moved_to, notice.endpoint)
         }
         (None, forage_client::Ended::Stopped(e)) => {
-            if let Some((pairings, endpoint)) = asked {
-                eprintln!("the session ended ({e}); asking the paired cloudlets where the instance is...");
+            // Only a session that broke (not one the cloudlet ended saying why) is asked after.
+            let broke = matches!(e, forage_client::ClientError::Proto { .. });
+            if let Some((pairings, endpoint)) = asked.filter(|_| broke) {
+                eprintln!(
+                    "the session broke ({e}); asking the paired cloudlets where the instance is (Ctrl-C stops)..."
+                );
                 let every = std::time::Duration::from_secs(2);
-                match forage_client::ask_after(pairings, endpoint, every, std::time::Duration::from_secs(60)).await {
+                let ask = forage_client::ask_after(pairings, endpoint, every, std::time::Duration::from_secs(60));
+                let answer = tokio::select! {
+                    a = ask => a,
+                    _ = tokio::signal::ctrl_c() => None,
+                };
+                match answer {
                     Some((_, w)) if json => crate::output::print_json(&w),
                     Some((at, w)) => println!("cloudlet {at}: {w}"),
-                    None => eprintln!("no paired cloudlet knows the instance (not in a cluster)"),
+                    None => eprintln!("no paired cloudlet knows the instance (not in a cluster, or it ended)"),
                 }
+                anyhow::bail!("the session with the cloudlet broke: {e}")
             }
             anyhow::bail!("the cloudlet ended the instance: {e}")
         }
