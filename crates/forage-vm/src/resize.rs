@@ -25,7 +25,7 @@ impl Vm {
         }
         let slots = self.qmp().execute("query-hotpluggable-cpus", None).await?;
         let slots = slots.as_array().cloned().unwrap_or_default();
-        let present = slots.iter().filter(|s| s.get("qom-path").is_some()).count() as u32;
+        let present = present(&slots);
         let mut plugged = 0;
         // QEMU lists slots from the highest id down; plug the lowest free ones first.
         for slot in slots.iter().rev().filter(|s| s.get("qom-path").is_none()) {
@@ -45,6 +45,49 @@ impl Vm {
             plugged += 1;
         }
         Ok(plugged)
+    }
+
+    /// vCPUs the VM has now: those it started with and those plugged since (its spec
+    /// says only the first).
+    pub async fn vcpus_present(&self) -> Result<u32, VmError> {
+        let slots = self.qmp().execute("query-hotpluggable-cpus", None).await?;
+        Ok(present(slots.as_array().map(Vec::as_slice).unwrap_or_default()))
+    }
+
+    /// Unplug every vCPU plugged since the start (the guest lets each go: ACPI eject) and
+    /// wait up to `wait` until they are gone, so that the VM has the vCPUs its spec says
+    /// again: what a save must restore into (a restore with more vCPUs would also give
+    /// its virtio-blk more queues, and its saved PCI config would not load).
+    pub async fn unplug_vcpus(&self, wait: Duration) -> Result<(), VmError> {
+        let slots = self.qmp().execute("query-hotpluggable-cpus", None).await?;
+        let plugged: Vec<String> = slots
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s.get("qom-path")?.as_str()?.strip_prefix("/machine/peripheral/").map(str::to_string))
+            .collect();
+        for id in &plugged {
+            self.qmp().execute("device_del", Some(json!({ "id": id }))).await?;
+        }
+        let start = Instant::now();
+        loop {
+            let now = self.vcpus_present().await?;
+            if now <= self.spec().vcpus {
+                return Ok(());
+            }
+            if start.elapsed() > wait {
+                return Err(VmError::BadSpec {
+                    vm: self.spec().name.clone(),
+                    detail: format!(
+                        "{now} vCPUs still present {}s after unplugging {} (the guest did not let them go)",
+                        wait.as_secs(),
+                        plugged.join(", ")
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Ask the balloon for a guest memory size of `target` bytes (inflate to shrink,
@@ -76,4 +119,9 @@ impl Vm {
         let info = self.qmp().execute("query-balloon", None).await?;
         Ok(info.get("actual").and_then(Value::as_u64).unwrap_or(0))
     }
+}
+
+/// Slots of `query-hotpluggable-cpus` with a vCPU in them.
+fn present(slots: &[Value]) -> u32 {
+    slots.iter().filter(|s| s.get("qom-path").is_some()).count() as u32
 }
