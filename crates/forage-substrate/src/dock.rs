@@ -375,8 +375,7 @@ async fn shrink_save_encode(
         inputs.push(SectionInput { name: format!("disk{i}"), path: p, base });
     }
     inputs.push(SectionInput { name: "state".into(), path: snap.state_path(), base: None });
-    let compressed = format::encode(staging, &mut manifest, &inputs, work)
-        .map_err(DockError::Encode)?;
+    let compressed = format::encode(staging, &mut manifest, &inputs, work).map_err(DockError::Encode)?;
     let encode_seconds = t.elapsed().as_secs_f64();
     let raw_bytes = manifest.sections.iter().map(|s| s.raw_size).sum();
     let memory_data_bytes = manifest.sections[0].data_bytes;
