@@ -27,7 +27,7 @@ async fn broken_saves_are_refused() {
         return;
     }
     let (guest, run) = boot("badsnap", &[]).await;
-    let mut vm = guest.vm;
+    let vm = guest.vm;
     let good = run.dir.parent().unwrap().join("good");
     vm.save(&good).await.unwrap();
     drop(vm);
