@@ -124,4 +124,26 @@ mod tests {
         assert_eq!(describe(&data, "../x").unwrap_err().fault, Fault::BadRequest);
         let _ = std::fs::remove_dir_all(Pool::open(&data).unwrap().memory_dir());
     }
+
+    #[test]
+    fn docking_refusals_are_the_callers_fault_and_change_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::at(t.path().join("data"));
+        let addr = std::net::Ipv4Addr::LOCALHOST;
+        let cloudlet = Cloudlet::open("dock-t".into(), data.clone(), forage_vm::Accel::Tcg, addr).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _in = rt.enter();
+        let ask = |name: &str| {
+            let request = InstanceDockRequest { name: name.into(), public: false };
+            dock_instance(&cloudlet, "no-such-instance", &request).unwrap_err()
+        };
+        let bad = ask("../x");
+        assert_eq!(bad.fault, Fault::BadRequest, "{bad}");
+        let missing = ask("fine-name");
+        assert_eq!(missing.fault, Fault::NotFound, "{missing}");
+        assert!(missing.to_string().contains("no running instance no-such-instance"), "{missing}");
+        let pool = Pool::open(&data).unwrap();
+        assert!(pool.summary().unwrap().substrates.is_empty());
+        let _ = std::fs::remove_dir_all(pool.memory_dir());
+    }
 }
