@@ -164,6 +164,13 @@ impl Control {
         self.notify.notify_one();
     }
 
+    /// The instance has ended for this reason (a dock saved its VM): it replaces one asked
+    /// for before (an idle timeout that fired while the dock ran).
+    pub fn ended(&self, code: ErrorCode, why: impl Into<String>) {
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, why.into()));
+        self.notify.notify_one();
+    }
+
     pub async fn notified(&self) {
         self.notify.notified().await
     }

@@ -176,8 +176,9 @@ pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Docked {
         Err(e) => tracing::warn!(instance = place.id, "docking failed: {}", forage_api::one_line(e)),
     }
     let _ = order.reply.send(docked);
-    // Devices that joined it hear it too.
-    instance.control.request(ErrorCode::Internal, why);
+    // Devices that joined it hear it too; whatever else was asked meanwhile (an idle
+    // timeout), this is why it ended.
+    instance.control.ended(ErrorCode::Internal, why);
     Docked::Ended(instance.control.error())
 }
 
