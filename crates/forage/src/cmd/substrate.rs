@@ -15,12 +15,21 @@ use crate::cli::SubstrateCommand;
 use crate::output::print_json;
 
 pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
+    // An instance is docked by the daemon, into the daemon's pool: nothing here is opened.
+    if let SubstrateCommand::Dock { name, from, api, app, max_vcpus, max_memory, public, detach_nic, json, .. } = &cmd {
+        if let Some(id) = from.strip_prefix("instance:") {
+            if app.is_some() || max_vcpus.is_some() || max_memory.is_some() || *detach_nic {
+                bail!("--app, --max-vcpus, --max-memory and --detach-nic go with an image; an instance is docked as it runs");
+            }
+            return dock_instance(data, *api, id, name.clone(), *public, *json).await;
+        }
+    }
     let pool = Pool::open(data)?;
     match cmd {
         SubstrateCommand::Dock {
             name,
             from,
-            api,
+            api: _,
             app,
             max_vcpus,
             max_memory,
@@ -29,12 +38,6 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
             ready_timeout,
             json,
         } => {
-            if let Some(id) = from.strip_prefix("instance:") {
-                if app.is_some() || max_vcpus.is_some() || max_memory.is_some() || detach_nic {
-                    bail!("--app, --max-vcpus, --max-memory and --detach-nic go with an image; an instance is docked as it runs");
-                }
-                return dock_instance(data, api, id, name, public, json).await;
-            }
             let (image, source) = match dock_from(data, &from)? {
                 From::Image(image) => {
                     let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
