@@ -54,42 +54,6 @@ impl Vm {
         Ok(present(slots.as_array().map(Vec::as_slice).unwrap_or_default()))
     }
 
-    /// Unplug every vCPU plugged since the start (the guest lets each go: ACPI eject) and
-    /// wait up to `wait` until they are gone, so that the VM has the vCPUs its spec says
-    /// again: what a save must restore into (a restore with more vCPUs would also give
-    /// its virtio-blk more queues, and its saved PCI config would not load).
-    pub async fn unplug_vcpus(&self, wait: Duration) -> Result<(), VmError> {
-        let slots = self.qmp().execute("query-hotpluggable-cpus", None).await?;
-        let plugged: Vec<String> = slots
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|s| s.get("qom-path")?.as_str()?.strip_prefix("/machine/peripheral/").map(str::to_string))
-            .collect();
-        for id in &plugged {
-            self.qmp().execute("device_del", Some(json!({ "id": id }))).await?;
-        }
-        let start = Instant::now();
-        loop {
-            let now = self.vcpus_present().await?;
-            if now <= self.spec().vcpus {
-                return Ok(());
-            }
-            if start.elapsed() > wait {
-                return Err(VmError::BadSpec {
-                    vm: self.spec().name.clone(),
-                    detail: format!(
-                        "{now} vCPUs still present {}s after unplugging {} (the guest did not let them go)",
-                        wait.as_secs(),
-                        plugged.join(", ")
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     /// Ask the balloon for a guest memory size of `target` bytes (inflate to shrink,
     /// deflate to grow) and wait up to `wait` until the guest's driver has moved it, or it
     /// stops moving. Returns the size the guest ended with.

@@ -73,6 +73,12 @@ pub struct VmSpec {
     /// (systemd-networkd, Python's `os.urandom`) stalls for seconds. Absent from older specs.
     #[serde(default, skip_serializing_if = "is_false")]
     pub virtio_rng: bool,
+    /// Queues of each virtio-blk device (`num-queues`); `None` keeps QEMU's default, one
+    /// per vCPU the VM starts with. A VM saved with vCPUs plugged in after its start
+    /// restores with them all, and keeps the queues it started with (its saved PCI
+    /// configuration says how many MSI-X vectors it has). Absent from older specs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtio_blk_queues: Option<u32>,
     /// An IDE CD drive (`ide-cd` on the `pc` machine's secondary channel), e.g. for a
     /// cloud-init NoCloud seed at first boot; ejected before a save, so saved VMs have an
     /// empty drive. Absent from older specs.
@@ -254,7 +260,11 @@ impl VmSpec {
                     on_off(disk.read_only)
                 ),
             );
-            a.pair("-device", format!("virtio-blk-pci,drive=disk{i},id=vd{i},discard={}", on_off(disk.discard)));
+            let queues = self.virtio_blk_queues.map(|q| format!(",num-queues={q}")).unwrap_or_default();
+            a.pair(
+                "-device",
+                format!("virtio-blk-pci,drive=disk{i},id=vd{i},discard={}{queues}", on_off(disk.discard)),
+            );
         }
         if let Some(nic) = &self.nic {
             a.pair("-netdev", nic.netdev());
@@ -342,6 +352,9 @@ impl VmSpec {
         }
         if self.virtio_rng {
             hw["virtio_rng"] = serde_json::Value::Bool(true);
+        }
+        if let Some(q) = self.virtio_blk_queues {
+            hw["virtio_blk_queues"] = q.into();
         }
         // The drive is hardware; its medium is not (it is ejected before a save).
         if self.cdrom.is_some() {
@@ -454,6 +467,7 @@ mod tests {
             balloon: Some(BalloonSpec { free_page_reporting: true }),
             guest_agent: None,
             virtio_rng: false,
+            virtio_blk_queues: None,
             cdrom: None,
             serial_log: "/d/serial.log".into(),
             serial_socket: None,

@@ -133,6 +133,7 @@ async fn missing_kernel_is_named_before_qemu_starts() {
         balloon: None,
         guest_agent: None,
         virtio_rng: false,
+        virtio_blk_queues: None,
         cdrom: None,
         serial_log: run.dir.join("serial.log"),
         serial_socket: None,

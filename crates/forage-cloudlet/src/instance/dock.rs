@@ -10,8 +10,8 @@
 //!        and its holder takes dock orders, no handoff ordered or under way
 //!     -> DockOrder in the instance's Control -> hold() returns Ending::Docking
 //!     -> carry_out: the VM saved into the session folder as a residue's is (QEMU exits:
-//!        the instance ends here; before it, vCPUs plugged since its start are unplugged,
-//!        so that it restores as it started) -> a qcow2 disk flattened to raw
+//!        the instance ends here) -> vCPUs plugged in since its start written into the
+//!        saved spec (it restores with them) -> a qcow2 disk flattened to raw
 //!        -> forage_substrate::dock(DockSource::Saved), as
 //!        a service's saved VM is docked -> the instance recorded stopped, its device
 //!        told why (as for an operator's stop), the API answered with the dock's report
@@ -80,17 +80,18 @@ pub enum DockInstanceError {
     },
     #[error("instance {id} boots no kernel directly: it has no guest image to dock with")]
     NoKernel { id: String },
-    #[error("unplugging the vCPUs plugged into instance {id} since its start")]
+    #[error("asking instance {id}'s QEMU how many vCPUs it has")]
     Vcpus {
         id: String,
         #[source]
         source: forage_vm::VmError,
     },
-    #[error("saving instance {id}")]
+    #[error("saving instance {id} (the end of QEMU's log: {qemu_said:?})")]
     Save {
         id: String,
+        qemu_said: String,
         #[source]
-        source: forage_vm::SaveError,
+        source: Box<forage_vm::SaveError>,
     },
     #[error("the saved instance {id}")]
     Saved {
@@ -182,10 +183,12 @@ pub(crate) async fn carry_out(place: Place<'_>, instance: &Instance) -> Docked {
     Docked::Ended(instance.control.error())
 }
 
-/// What the saved instance is docked with: its snapshot and the image it boots.
+/// What the saved instance is docked with: its snapshot, the image it boots and the
+/// vCPUs it had.
 struct Saved {
     snapshot: Snapshot,
     image: GuestImage,
+    vcpus: u32,
 }
 
 /// The image whose kernel the VM boots (what a dock restores it with).
@@ -213,13 +216,11 @@ fn image_of(data: &forage_datadir::DataDir, id: &str, spec: &VmSpec) -> Result<G
 async fn save(place: Place<'_>, instance: &Instance) -> Result<Saved, DockInstanceError> {
     let id = place.id.to_string();
     let image = image_of(&place.cloudlet.data, &id, instance.vm.spec())?;
-    // Down to the vCPUs it started with (an activation plugs more in): the saved VM
-    // restores with those.
-    instance
-        .vm
-        .unplug_vcpus(Duration::from_secs(30))
-        .await
-        .map_err(|source| DockInstanceError::Vcpus { id: id.clone(), source })?;
+    // An activation plugs vCPUs in, which the VM's spec does not say: the saved VM
+    // restores with them all. (Unplugging them instead crashed QEMU 7.2 under TCG in the
+    // save that followed, in 5 of 16 runs: glibc's "corrupted size vs. prev_size".)
+    let vcpus =
+        instance.vm.vcpus_present().await.map_err(|source| DockInstanceError::Vcpus { id: id.clone(), source })?;
     let dir = place.dir.join("docked");
     let _ = std::fs::remove_dir_all(&dir);
     // The shim ends when QEMU does, and with it the view the save copies memory and disk
@@ -228,20 +229,24 @@ async fn save(place: Place<'_>, instance: &Instance) -> Result<Saved, DockInstan
         tracing::warn!(instance = place.id, "the shim still watches QEMU (an older shim?): {e}");
     }
     match instance.vm.save(&dir).await {
-        Ok(snapshot) => Ok(Saved { snapshot, image }),
+        Ok(snapshot) => Ok(Saved { snapshot, image, vcpus }),
         Err(source) => {
             // The VM runs on (Vm::save resumes it when its state could not be written).
             let _ = instance.shim.watch_qemu(instance.vm.pid()).await;
             let _ = std::fs::remove_dir_all(&dir);
-            Err(DockInstanceError::Save { id, source })
+            let qemu_said = instance.vm.qemu_log_tail(3);
+            Err(DockInstanceError::Save { id, qemu_said, source: Box::new(source) })
         }
     }
 }
 
-/// The saved VM as a dock takes it: raw disks.
+/// The saved VM as a dock takes it: the vCPUs it had in its spec, raw disks.
 async fn raw_disks(id: &str, saved: &mut Saved) -> Result<(), DockInstanceError> {
     let saved_err = |source| DockInstanceError::Saved { id: id.into(), source };
     let snapshot = &mut saved.snapshot;
+    if saved.vcpus > snapshot.manifest().spec.vcpus {
+        snapshot.set_vcpus(saved.vcpus).map_err(saved_err)?;
+    }
     // An activated substrate's disk is a qcow2 layer over the pool's base: docking keeps
     // raw disks (the substrate keeps their difference from the image's).
     let layers: Vec<(usize, PathBuf)> = snapshot
