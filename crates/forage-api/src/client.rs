@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::{ErrorBody, HandoffReport, HandoffRequest, InstanceList, InstanceView};
+use crate::{
+    ErrorBody, HandoffReport, HandoffRequest, InstanceDockReport, InstanceDockRequest, InstanceList, InstanceView,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -62,6 +64,17 @@ impl ApiClient {
     pub fn handoff(&self, id: &str, request: &HandoffRequest) -> Result<HandoffReport, ClientError> {
         self.answer(
             ureq::post(&format!("{}/v1/instances/{id}/handoff", self.base))
+                .set("Authorization", &self.auth)
+                .timeout(Duration::from_secs(3600))
+                .send_json(request),
+        )
+    }
+
+    /// `POST /v1/instances/{id}/dock`: waits (up to an hour) until the instance is
+    /// docked (and has ended) or failed to be.
+    pub fn dock(&self, id: &str, request: &InstanceDockRequest) -> Result<InstanceDockReport, ClientError> {
+        self.answer(
+            ureq::post(&format!("{}/v1/instances/{id}/dock", self.base))
                 .set("Authorization", &self.auth)
                 .timeout(Duration::from_secs(3600))
                 .send_json(request),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::ActionError;
-use crate::substrate_views::{SubstrateInfo, SubstrateList};
+use crate::substrate_views::{InstanceDockReport, InstanceDockRequest, SubstrateInfo, SubstrateList};
 use crate::views::{AppInfo, BaseInfo, HandoffReport, HandoffRequest, InstanceUsage, ServiceInfo};
 use crate::views_live::{CloudletList, CredentialView, HandoffEvent, HandoffView, PairingCodeRequest, PairingCodeView};
 use crate::websession::WebSessions;
@@ -55,6 +55,12 @@ pub trait Control: Send + Sync + 'static {
     fn substrates(&self) -> Result<SubstrateList, ActionError>;
     /// One substrate, described from its manifest.
     fn substrate(&self, name: &str) -> Result<SubstrateInfo, ActionError>;
+    /// Docks running instance `id` as a substrate and waits for the outcome: the
+    /// instance ends (its device is told why) once its VM is saved, docked or not. The
+    /// API then records the stop with `State::instance_stopped`, which is idempotent.
+    /// BadRequest: not a substrate name; NotFound: no such instance; Conflict: not
+    /// running here, a handoff or dock of it under way, or the substrate exists.
+    fn dock_instance(&self, id: &str, request: &InstanceDockRequest) -> Result<InstanceDockReport, ActionError>;
     /// The cluster as this node last read it; `None` when not in a cluster.
     fn cluster(&self) -> Option<forage_cluster::ClusterStatus>;
     /// The best live node of the cluster for a device's request (read from etcd now):

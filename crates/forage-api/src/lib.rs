@@ -9,6 +9,7 @@
 //! GET    /v1/instances?all=B  launch VMs (running only unless all=true), traffic
 //! DELETE /v1/instances/{id}   stop one                              (Control::stop_instance)
 //! POST   /v1/instances/{id}/handoff  move one                       (Control::handoff)
+//! POST   /v1/instances/{id}/dock     dock one as a substrate; it ends  (Control::dock_instance)
 //! GET    /v1/handoffs         handoffs running (trace so far) and the last that ended
 //! GET    /v1/cache            launch cache, least recently used first
 //! DELETE /v1/cache/{digest}   evict one                             (Control::evict_cache)
@@ -75,7 +76,10 @@ pub use feed::MAX_FEEDS;
 pub use metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub use openapi::openapi;
 pub use routes::{DEFAULT_SESSION_LIMIT, MAX_SESSION_LIMIT};
-pub use substrate_views::{SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView};
+pub use substrate_views::{
+    InstanceDockReport, InstanceDockRequest, SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier,
+    SubstrateView,
+};
 pub use views::{
     AppInfo, AppList, BaseInfo, BaseList, CacheEntryView, CacheList, ErrorBody, HandoffReason, HandoffReport,
     HandoffRequest, InstanceList, InstanceStatus, InstanceUsage, InstanceView, InstancesQuery, ServiceInfo,
@@ -99,6 +103,7 @@ pub fn router(ctx: ApiContext) -> Router {
         .route("/v1/instances", get(routes::instances))
         .route("/v1/instances/{id}", delete(routes::stop_instance))
         .route("/v1/instances/{id}/handoff", post(routes::handoff))
+        .route("/v1/instances/{id}/dock", post(substrates::dock_instance))
         .route("/v1/handoffs", get(routes_live::handoffs))
         .route("/v1/cache", get(routes::cache))
         .route("/v1/cache/{digest}", delete(routes::evict_cache))

@@ -45,6 +45,7 @@ use crate::routes;
         crate::feed::events,
         crate::substrates::substrates,
         crate::substrates::substrate,
+        crate::substrates::dock_instance,
     ),
     components(schemas(crate::views_live::FeedEvent)),
     tags(

@@ -230,7 +230,7 @@ pub async fn handoff(
 }
 
 /// The record of instance `id`: 404 if there is none, 409 if it is not running.
-fn running_instance(ctx: &ApiContext, id: &str) -> Result<forage_state::InstanceRecord, ApiError> {
+pub(crate) fn running_instance(ctx: &ApiContext, id: &str) -> Result<forage_state::InstanceRecord, ApiError> {
     let record = ctx.state.instance(id)?.ok_or_else(|| ApiError::NotFound { kind: "instance", id: id.to_string() })?;
     if record.status != forage_state::InstanceStatus::Running {
         return Err(ApiError::Conflict(format!("instance {id:?} is {}, not running", record.status)));

@@ -67,3 +67,41 @@ pub struct SubstrateInfo {
     pub docked_at_unix: u64,
     pub sections: Vec<SubstrateSection>,
 }
+
+/// What `POST /v1/instances/{id}/dock` asks: dock the running instance as substrate
+/// `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceDockRequest {
+    /// The substrate's name (1 to 64 letters, digits, `-`, `_`, `.`; not in the pool yet).
+    #[schema(example = "web-docked")]
+    pub name: String,
+    /// A public substrate: each activation renews the guest's identity (host name,
+    /// machine-id, SSH host keys).
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// What docking an instance did. The instance has ended (its device was told why); the
+/// substrate is in the pool, and what runs from it later is a new VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceDockReport {
+    pub instance: String,
+    #[schema(example = "web-docked")]
+    pub substrate: String,
+    /// Restoring the saved instance as the VM to dock (after its save, not counted).
+    pub restore_seconds: f64,
+    /// Shrink + NIC + save + encode: the dock itself.
+    pub dock_seconds: f64,
+    pub shrink_seconds: f64,
+    pub encode_seconds: f64,
+    /// Guest memory before and after the shrink, and the memory data kept.
+    pub memory_bytes: u64,
+    pub docked_memory_bytes: u64,
+    pub memory_data_bytes: u64,
+    /// The substrate's file, and the files it stands for.
+    pub compressed_bytes: u64,
+    pub raw_bytes: u64,
+    /// Substrates spilled to disk to keep the pool within its memory budget.
+    pub spilled: Vec<String>,
+}

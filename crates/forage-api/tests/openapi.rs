@@ -106,6 +106,7 @@ async fn every_documented_operation_answers_as_documented() {
             (&Method::POST, _) => {
                 let body: &[u8] = match template.as_str() {
                     "/v1/instances/{id}/handoff" => br#"{"to":"10.0.0.2:7878"}"#,
+                    "/v1/instances/{id}/dock" => br#"{"name":"web-docked"}"#,
                     "/v1/signin" => br#"{"token":"t"}"#,
                     _ => b"{}",
                 };
@@ -156,6 +157,7 @@ async fn every_documented_operation_answers_as_documented() {
             "GET /v1/substrates/{name}",
             "POST /v1/cluster/nodes/{node}/drain",
             "POST /v1/cluster/placements",
+            "POST /v1/instances/{id}/dock",
             "POST /v1/instances/{id}/handoff",
             "POST /v1/pairing/codes",
             "POST /v1/signin",

@@ -71,6 +71,43 @@ async fn substrates_are_listed_described_and_counted_in_metrics() {
 }
 
 #[tokio::test]
+async fn docking_an_instance_ends_it_and_refusals_keep_their_status() {
+    let fx = fixture();
+    let post = |id: &'static str, body: &'static str| {
+        let router = fx.router.clone();
+        async move {
+            let path = format!("/v1/instances/{id}/dock");
+            call_body(&router, Method::POST, &path, &[("content-type", "application/json")], body.as_bytes().to_vec())
+                .await
+        }
+    };
+    // Refused before the daemon is asked: no body, unknown fields, no such instance, not running.
+    assert_eq!(post("vm-1", r#"{"public":true}"#).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(post("vm-1", r#"{"name":"a","size":1}"#).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(post("vm-404", r#"{"name":"a"}"#).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(post("vm-old", r#"{"name":"a"}"#).await.status, StatusCode::CONFLICT);
+    assert!(fx.control.calls.lock().unwrap().is_empty());
+    // The daemon's refusals keep their status, and the instance runs on.
+    let a = post("vm-1", r#"{"name":"../x"}"#).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text());
+    let a = post("stuck-1", r#"{"name":"a"}"#).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(a.json()["error"].as_str().unwrap().contains("did not answer"), "{}", a.text());
+    assert_eq!(fx.state.instance("vm-1").unwrap().unwrap().status, InstanceStatus::Running);
+    // Docked: the report, and the instance has left the running ones.
+    let a = post("vm-1", r#"{"name":"web-docked","public":true}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    let r: forage_api::InstanceDockReport = serde_json::from_value(a.json()).unwrap();
+    assert_eq!((r.instance.as_str(), r.substrate.as_str()), ("vm-1", "web-docked"));
+    assert_ne!(fx.state.instance("vm-1").unwrap().unwrap().status, InstanceStatus::Running);
+    assert_eq!(post("vm-1", r#"{"name":"again"}"#).await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        *fx.control.calls.lock().unwrap(),
+        ["dock vm-1 as ../x", "dock stuck-1 as a", "dock vm-1 as web-docked"]
+    );
+}
+
+#[tokio::test]
 async fn sessions_are_listed_newest_first_up_to_the_limit() {
     let fx = fixture();
     let all: forage_api::SessionList =

@@ -94,7 +94,7 @@ pub async fn run(data: &DataDir, args: DemoArgs) -> anyhow::Result<()> {
     // 3. Let the heartbeat tick, then save.
     let serial = ready.vm.spec().serial_log.clone();
     wait_for_tick(&serial, 3, Duration::from_secs(60)).await?;
-    let mut vm = ready.vm;
+    let vm = ready.vm;
     let t = Instant::now();
     let snap = vm.save(&paths.snapshot).await.context("saving the demo VM")?;
     let save_s = t.elapsed().as_secs_f64();

@@ -100,7 +100,7 @@ async fn measure(
     say("cold boot ...");
     let run = run_paths(data, "cold")?;
     let t = Instant::now();
-    let mut g = image.boot("bench-cold", &run, &[], accel, Duration::from_secs(a.ready_timeout_s)).await?;
+    let g = image.boot("bench-cold", &run, &[], accel, Duration::from_secs(a.ready_timeout_s)).await?;
     first_response(g.agent_port).await?;
     let cold = t.elapsed().as_secs_f64();
     let snap = g.vm.save(&run.dir.join("snapshot")).await?;

@@ -266,7 +266,7 @@ async fn cached_vm(
             );
             let result = async {
                 write(stream, &DeviceMessage::Ready { service: shared.service.clone(), resumed_after_ms: 0 }).await?;
-                hold(stream, &shared.control, std::future::pending(), checkpoints(place)).await
+                hold(stream, &shared.control, std::future::pending(), checkpoints(place), false).await
             }
             .await;
             if shared.users.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -351,14 +351,26 @@ async fn ready_then_live(
     crate::handoff::live(Some(stream), place, instance).await
 }
 
-/// Tell the device where its service is, then the instance's life.
+/// Tell the device where its service is, then the instance's life (docked when ordered:
+/// a dock that fails before the save leaves it running).
 async fn ready_then_hold(
     stream: &mut crate::DeviceStream,
     place: Place<'_>,
     instance: &Instance,
 ) -> Result<Ending, SessionError> {
     write(stream, &instance.ready()).await?;
-    hold(stream, &instance.control, instance.gone(), checkpoints(place)).await
+    instance.control.set_dockable(true);
+    let held = loop {
+        match hold(stream, &instance.control, instance.gone(), checkpoints(place), true).await {
+            Ok(Ending::Docking) => match crate::instance::dock::carry_out(place, instance).await {
+                crate::instance::dock::Docked::Stayed => continue,
+                crate::instance::dock::Docked::Ended(e) => break Err(e),
+            },
+            other => break other,
+        }
+    };
+    instance.control.set_dockable(false);
+    held
 }
 
 /// Copy the script into the guest and run it there with `limit`; then wait (in what is

@@ -1,6 +1,7 @@
 //! The tactical-cloudlet mechanisms with real guests, against a cloudlet on loopback:
 //! the service VM repository from the CLI (create, baseline, component, export/import,
-//! cold-boot import of a disk), then cached VM (fresh state per instance, join), cloudlet
+//! cold-boot import of a disk), then cached VM (fresh state per instance, one docked into
+//! a substrate while it runs and activated from it, join), cloudlet
 //! push, on-demand script and packed application, and the faults: a script that loops
 //! forever, a package with a missing library or for another OS, unknown service, OS or
 //! component, a cloudlet that is gone, an idle instance. After each, nothing is left.
@@ -176,8 +177,39 @@ async fn five_mechanisms_share_one_lifecycle() {
     .await
     .expect("cached VM again");
     assert!(r.answer.as_deref().unwrap().contains("served=1"), "a fresh instance starts from the saved state: {r:?}");
-    // Join: a second device gets the same instance.
+    // Dock this running instance (on a copy-on-write view of the service VM): it ends,
+    // its device hears why, and an activation of the substrate goes on from its state (a
+    // search counted: a fresh instance's count says 1, the docked one's 2).
+    let searched = forage_client::service::request_line(&r.service, "search d 8", Duration::from_secs(30)).unwrap();
+    assert!(searched.contains("served=2"), "{searched}");
+    let mut s = s;
+    let pool = forage_substrate::Pool::open(&data).unwrap();
+    let _ = pool.remove("prov-hs-inst");
+    let running = cloudlet.state.list_instances(true).unwrap();
+    let id = running.iter().find(|i| i.endpoint == r.endpoint).expect("the instance's record").id.clone();
+    let (docked, ended) = tokio::join!(cloudlet.dock_instance(&id, "prov-hs-inst", false), s.ended());
+    eprintln!("{:?}", docked.expect("the cached VM's instance docks"));
+    match ended {
+        forage_client::Ended::Stopped(ClientError::Refused { message, .. }) => {
+            assert!(message.contains("docked this instance as substrate prov-hs-inst"), "{message}")
+        }
+        other => panic!("the device should hear its instance was docked, got {other:?}"),
+    }
+    assert!(cloudlet.state.list_instances(true).unwrap().iter().all(|i| i.id != id), "still listed");
+    let spec =
+        forage_substrate::format::read_manifest(&pool.entry("prov-hs-inst").unwrap().path).unwrap().snapshot.spec;
+    let ask = forage_client::Ask::Activate {
+        substrate: "prov-hs-inst".into(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+    };
+    let (r, s) = provision(addr, credentials(), "t", ask, line("count")).await.expect("the docked instance activates");
+    assert!(r.answer.as_deref().unwrap().contains("served=2"), "the docked instance's state goes on: {r:?}");
     s.close().await;
+    assert_cleaned_up(&data).await;
+    forage(&["substrate", "rm", "prov-hs-inst"]);
+
+    // Join: a second device gets the same instance.
     let (r1, s1) = provision(
         addr,
         credentials(),

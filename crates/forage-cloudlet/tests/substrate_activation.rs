@@ -5,6 +5,10 @@
 //! the pool, the work folder and the processes as they were; then an activation at
 //! 2 vCPUs / 200 MiB whose service answers through the cloudlet's relay and whose guest
 //! (asked through its agent, not the activation's report) sees 2 vCPUs and about 200 MiB.
+//! That running instance is then docked into a substrate of its own (what
+//! `POST /v1/instances/{id}/dock` asks of the cloudlet), after refusals that leave it
+//! running: it leaves the instance list, its device is told why, and an activation of the
+//! new substrate answers with what the instance had written to its memory and its disk.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -15,6 +19,8 @@ use forage_substrate::{DockRequest, DockSource, Pool};
 use forage_testkit::guest::*;
 
 const NAME: &str = "act-hs";
+/// The substrate the running instance is docked into.
+const DOCKED: &str = "act-hs-docked";
 
 async fn refused(addr: std::net::SocketAddr, substrate: &str, vcpus: u32, memory_mib: u64) -> (ErrorCode, String) {
     let ask = Ask::Activate { substrate: substrate.into(), vcpus, memory_mib };
@@ -42,6 +48,7 @@ async fn a_device_activates_a_substrate_and_bad_requests_change_nothing() {
     let _reaper = Reaper::new(&[data.work()]);
     let pool = Pool::open(&data).unwrap();
     let _ = pool.remove(NAME);
+    let _ = pool.remove(DOCKED);
     let accel = forage_vm::accel::detect().accel;
     let req = DockRequest {
         name: NAME.into(),
@@ -98,20 +105,70 @@ async fn a_device_activates_a_substrate_and_bad_requests_change_nothing() {
     let running = cloudlet.state.list_instances(true).unwrap();
     let mine: Vec<_> = running.iter().filter(|i| i.name.starts_with("substrate-")).collect();
     assert_eq!(mine.len(), 1, "{running:?}");
-    let file: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(mine[0].dir.join("instance.json")).unwrap()).unwrap();
-    let agent = file["forwards"]
+    let agent = agent_port(&mine[0].dir);
+    assert_eq!(guest_sh(agent, "nproc").await.trim(), "2", "online vCPUs in the guest");
+    let total = forage_substrate::dock::meminfo(&guest_sh(agent, "cat /proc/meminfo").await).0 >> 20;
+    assert!(total <= 200 && total + 48 >= 200, "MemTotal {total} MiB in the guest for 200 MiB asked");
+
+    // Dock the running instance. What it wrote, in memory (/tmp) and on its disk (/data),
+    // must be in what runs from the substrate.
+    let marks = "echo in-memory > /tmp/dock-mark && echo on-disk > /data/dock-mark && sync";
+    guest_sh(agent, marks).await;
+    let id = mine[0].id.clone();
+    let before = pool_state(&pool);
+    for (name, instance, says) in [
+        ("../x", id.as_str(), "not a substrate name"),
+        (NAME, id.as_str(), "exists already"),
+        (DOCKED, "no-such-instance", "no running instance"),
+    ] {
+        let e = cloudlet.dock_instance(instance, name, false).await.expect_err("refused");
+        assert!(e.to_string().contains(says), "{name} {instance}: {e} should say {says:?}");
+    }
+    assert_eq!(pool_state(&pool), before, "a refused dock changed the pool");
+    assert_eq!(guest_sh(agent, "cat /tmp/dock-mark").await.trim(), "in-memory", "the instance runs on");
+    let mut session = session;
+    let (docked, ended) = tokio::join!(cloudlet.dock_instance(&id, DOCKED, false), session.ended());
+    let docked = docked.expect("the running instance docks");
+    eprintln!("{docked:?}");
+    match ended {
+        forage_client::Ended::Stopped(ClientError::Refused { message, .. }) => {
+            assert!(message.contains(&format!("docked this instance as substrate {DOCKED}")), "{message}")
+        }
+        other => panic!("the device should hear its instance was docked, got {other:?}"),
+    }
+    let running = cloudlet.state.list_instances(true).unwrap();
+    assert!(running.iter().all(|i| i.id != id), "the docked instance is still listed: {running:?}");
+    assert_cleaned_up(&data).await;
+    let m = forage_substrate::format::read_manifest(&pool.entry(DOCKED).unwrap().path).unwrap();
+    let service_port = forage_substrate::format::read_manifest(&pool.entry(NAME).unwrap().path).unwrap().service_port;
+    assert_eq!((m.source.as_str(), m.service_port), (format!("instance:{id}").as_str(), service_port));
+
+    // A device activates it: a new instance, its service answers, the marks are there.
+    let ask = Ask::Activate { substrate: DOCKED.into(), vcpus: 2, memory_mib: 200 };
+    let (r, session) =
+        provision(addr, credentials(), "t", ask, Some("search a 8".into())).await.expect("the docked one activates");
+    assert!(r.answer.as_deref().unwrap_or("").starts_with("ok "), "{r:?}");
+    let running = cloudlet.state.list_instances(true).unwrap();
+    let mine: Vec<_> = running.iter().filter(|i| i.name.starts_with("substrate-")).collect();
+    assert_eq!(mine.len(), 1, "{running:?}");
+    assert_ne!(mine[0].id, id, "a new instance");
+    let agent = agent_port(&mine[0].dir);
+    assert_eq!(guest_sh(agent, "cat /tmp/dock-mark /data/dock-mark").await, "in-memory\non-disk\n");
+    session.close().await;
+    assert_cleaned_up(&data).await;
+    server.abort();
+    let _ = pool.remove(NAME);
+    let _ = pool.remove(DOCKED);
+}
+
+/// The host port of the guest agent's forward of the instance in `dir`.
+fn agent_port(dir: &std::path::Path) -> u16 {
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("instance.json")).unwrap()).unwrap();
+    file["forwards"]
         .as_array()
         .unwrap()
         .iter()
         .find(|f| f["guest_port"] == forage_agent::AGENT_PORT)
         .and_then(|f| f["host_port"].as_u64())
-        .expect("the agent's forward") as u16;
-    assert_eq!(guest_sh(agent, "nproc").await.trim(), "2", "online vCPUs in the guest");
-    let total = forage_substrate::dock::meminfo(&guest_sh(agent, "cat /proc/meminfo").await).0 >> 20;
-    assert!(total <= 200 && total + 48 >= 200, "MemTotal {total} MiB in the guest for 200 MiB asked");
-    session.close().await;
-    assert_cleaned_up(&data).await;
-    server.abort();
-    let _ = pool.remove(NAME);
+        .expect("the agent's forward") as u16
 }

@@ -191,6 +191,14 @@ impl forage_api::Control for DaemonControl {
         crate::substrates::describe(&self.cloudlet.data, name)
     }
 
+    fn dock_instance(
+        &self,
+        id: &str,
+        request: &forage_api::InstanceDockRequest,
+    ) -> Result<forage_api::InstanceDockReport, ActionError> {
+        crate::substrates::dock_instance(&self.cloudlet, id, request)
+    }
+
     fn cloudlets(&self) -> CloudletList {
         let Some(watcher) = &self.watcher else { return CloudletList { browsing: false, cloudlets: Vec::new() } };
         let cloudlets = watcher

@@ -1,7 +1,12 @@
 //! The substrate pool of the cloudlet's data folder as the API shows it
-//! (`GET /v1/substrates`, `/metrics`): the same pool `forage substrate` manages.
+//! (`GET /v1/substrates`, `/metrics`): the same pool `forage substrate` manages; and an
+//! instance docked into it (`POST /v1/instances/{id}/dock`).
 
-use forage_api::{ActionError, Fault, SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView};
+use forage_api::{
+    ActionError, Fault, InstanceDockReport, InstanceDockRequest, SubstrateInfo, SubstrateList, SubstrateSection,
+    SubstrateTier, SubstrateView,
+};
+use forage_cloudlet::{Cloudlet, DockInstanceError};
 use forage_datadir::DataDir;
 use forage_substrate::{DescribeError, Pool, PoolEntry, PoolError, Tier};
 
@@ -60,6 +65,51 @@ pub(crate) fn describe(data: &DataDir, name: &str) -> Result<SubstrateInfo, Acti
     })
 }
 
+/// Whose fault it is that an instance was not docked.
+fn dock_fault(e: &DockInstanceError) -> Fault {
+    match e {
+        DockInstanceError::BadName(_) => Fault::BadRequest,
+        DockInstanceError::NoInstance(_) => Fault::NotFound,
+        DockInstanceError::Exists(_)
+        | DockInstanceError::NotDockable(_)
+        | DockInstanceError::HandoffUnderWay(_)
+        | DockInstanceError::Busy(_) => Fault::Conflict,
+        DockInstanceError::Pool(_)
+        | DockInstanceError::NoImage { .. }
+        | DockInstanceError::NoKernel { .. }
+        | DockInstanceError::Vcpus { .. }
+        | DockInstanceError::Save { .. }
+        | DockInstanceError::Saved { .. }
+        | DockInstanceError::Flatten { .. }
+        | DockInstanceError::Dock { .. }
+        | DockInstanceError::Ended(_) => Fault::Internal,
+    }
+}
+
+/// Dock running instance `id` (called on a blocking thread of the daemon's runtime).
+pub(crate) fn dock_instance(
+    cloudlet: &Cloudlet,
+    id: &str,
+    request: &InstanceDockRequest,
+) -> Result<InstanceDockReport, ActionError> {
+    let docked = tokio::runtime::Handle::current().block_on(cloudlet.dock_instance(id, &request.name, request.public));
+    let r = docked.map_err(|e| ActionError::new(dock_fault(&e), e))?;
+    Ok(InstanceDockReport {
+        instance: id.into(),
+        substrate: r.name,
+        restore_seconds: r.boot_seconds,
+        dock_seconds: r.dock_seconds,
+        shrink_seconds: r.shrink_seconds,
+        encode_seconds: r.encode_seconds,
+        memory_bytes: r.memory_bytes,
+        docked_memory_bytes: r.docked_memory_bytes,
+        memory_data_bytes: r.memory_data_bytes,
+        compressed_bytes: r.compressed_bytes,
+        raw_bytes: r.raw_bytes,
+        spilled: r.spilled,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +123,27 @@ mod tests {
         assert_eq!(describe(&data, "nope").unwrap_err().fault, Fault::NotFound);
         assert_eq!(describe(&data, "../x").unwrap_err().fault, Fault::BadRequest);
         let _ = std::fs::remove_dir_all(Pool::open(&data).unwrap().memory_dir());
+    }
+
+    #[test]
+    fn docking_refusals_are_the_callers_fault_and_change_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let data = DataDir::at(t.path().join("data"));
+        let addr = std::net::Ipv4Addr::LOCALHOST;
+        let cloudlet = Cloudlet::open("dock-t".into(), data.clone(), forage_vm::Accel::Tcg, addr).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _in = rt.enter();
+        let ask = |name: &str| {
+            let request = InstanceDockRequest { name: name.into(), public: false };
+            dock_instance(&cloudlet, "no-such-instance", &request).unwrap_err()
+        };
+        let bad = ask("../x");
+        assert_eq!(bad.fault, Fault::BadRequest, "{bad}");
+        let missing = ask("fine-name");
+        assert_eq!(missing.fault, Fault::NotFound, "{missing}");
+        assert!(missing.to_string().contains("no running instance no-such-instance"), "{missing}");
+        let pool = Pool::open(&data).unwrap();
+        assert!(pool.summary().unwrap().substrates.is_empty());
+        let _ = std::fs::remove_dir_all(pool.memory_dir());
     }
 }

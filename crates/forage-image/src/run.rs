@@ -92,6 +92,7 @@ impl GuestImage {
             balloon: Some(BalloonSpec { free_page_reporting: true }),
             guest_agent: self.manifest.guest_agent.then(|| GuestAgentSpec { socket: run.guest_agent_socket() }),
             virtio_rng: self.manifest.virtio_rng,
+            virtio_blk_queues: None,
             cdrom: None,
             serial_log: run.dir.join("serial.log"),
             serial_socket: None,

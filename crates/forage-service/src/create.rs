@@ -165,7 +165,7 @@ pub async fn import_disk(
         })
         .await
         .expect("no panic")?;
-        let mut vm = guest.vm;
+        let vm = guest.vm;
         vm.save(&staging.join("snapshot")).await.map_err(CreateError::Save)?;
         drop(vm);
         let _ = std::fs::remove_dir_all(&run.dir);

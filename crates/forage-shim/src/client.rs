@@ -241,6 +241,11 @@ impl ShimClient {
         self.done(ShimCall::WatchQemu { pid }).await
     }
 
+    /// Keep serving after QEMU exits (a save whose files are read through the view).
+    pub async fn unwatch_qemu(&self) -> Result<(), ShimError> {
+        self.done(ShimCall::UnwatchQemu).await
+    }
+
     pub async fn touch_relay(&self) -> Result<(), ShimError> {
         self.done(ShimCall::TouchRelay).await
     }

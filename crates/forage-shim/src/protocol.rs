@@ -139,6 +139,9 @@ pub enum ShimCall {
     WatchQemu {
         pid: u32,
     },
+    /// Stop watching QEMU: the daemon is about to save the VM (QEMU exits) and reads the
+    /// saved files through the view afterwards; it shuts the shim down itself.
+    UnwatchQemu,
     /// Count the relay's idleness from now (the instance was handed to its device).
     TouchRelay,
     /// Unmount, close the relay, exit.

@@ -297,6 +297,10 @@ impl Shim {
                 *self.qemu.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
                 Ok(ShimReply::Done)
             }
+            ShimCall::UnwatchQemu => {
+                *self.qemu.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(ShimReply::Done)
+            }
             ShimCall::TouchRelay => {
                 if let Some(r) = &self.relay {
                     r.touch();

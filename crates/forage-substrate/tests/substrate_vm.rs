@@ -131,7 +131,7 @@ async fn dock_a_saved_vm_public() {
     let saved_run = run("sub-saved");
     let _ = std::fs::remove_dir_all(&saved_run.dir);
     let (spec, ports) = image.fresh_run("sub-saved", &saved_run, &[]).unwrap();
-    let mut vm = forage_vm::Vm::boot(spec, accel, &saved_run.dir.join("qemu.log")).await.unwrap();
+    let vm = forage_vm::Vm::boot(spec, accel, &saved_run.dir.join("qemu.log")).await.unwrap();
     vm.wait_for_serial(&image.manifest().ready_marker, guest::READY).await.unwrap();
     guest::guest_sh(ports[0], "echo saved > /tmp/mark; cat /proc/sys/kernel/hostname > /tmp/name").await;
     let snapshot = vm.save(&saved_run.dir.join("snapshot")).await.unwrap();

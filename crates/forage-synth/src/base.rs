@@ -123,7 +123,7 @@ impl BaseVm {
                 RunPaths { dir: work.join("run"), qmp_socket: data.runtime_dir()?.join(format!("base-{name}.qmp")) };
             let ready = image.boot(&format!("base-{name}"), &run, &[], accel, Duration::from_secs(180)).await?;
             tokio::time::sleep(settle).await;
-            let mut vm = ready.vm;
+            let vm = ready.vm;
             let snapshot = vm.save(&work.join("snapshot")).await?;
             drop(vm);
             let _ = std::fs::remove_dir_all(&run.dir);

@@ -183,6 +183,7 @@ async fn build(
         balloon: Some(BalloonSpec { free_page_reporting: true }),
         guest_agent: Some(GuestAgentSpec { socket: qmp_socket.with_extension("qga") }),
         virtio_rng: true,
+        virtio_blk_queues: None,
         cdrom: Some(CdromSpec { medium: Some(iso) }),
         serial_log: run.join("serial.log"),
         serial_socket: None,

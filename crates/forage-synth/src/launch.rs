@@ -102,7 +102,7 @@ pub async fn build(
     spec.disks[0].format = DiskFormat::Qcow2;
     let opts_restore = RestoreOptions { copy_disks: false, evict_cache: false, ..Default::default() };
     let start = Instant::now();
-    let mut vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;
+    let vm = Vm::restore_with(base.snapshot(), spec, accel, &run.join("qemu.log"), opts_restore).await?;
 
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
     let qga_socket = vm.spec().guest_agent.as_ref().map(|g| g.socket.clone());

@@ -64,6 +64,7 @@ pub fn describe_snapshot(dir: &Path) -> Snapshot {
         balloon: None,
         guest_agent: None,
         virtio_rng: false,
+        virtio_blk_queues: None,
         cdrom: None,
         serial_log: dir.join("serial.log"),
         serial_socket: None,

@@ -25,7 +25,7 @@ impl Vm {
         }
         let slots = self.qmp().execute("query-hotpluggable-cpus", None).await?;
         let slots = slots.as_array().cloned().unwrap_or_default();
-        let present = slots.iter().filter(|s| s.get("qom-path").is_some()).count() as u32;
+        let present = present(&slots);
         let mut plugged = 0;
         // QEMU lists slots from the highest id down; plug the lowest free ones first.
         for slot in slots.iter().rev().filter(|s| s.get("qom-path").is_none()) {
@@ -45,6 +45,13 @@ impl Vm {
             plugged += 1;
         }
         Ok(plugged)
+    }
+
+    /// vCPUs the VM has now: those it started with and those plugged since (its spec
+    /// says only the first).
+    pub async fn vcpus_present(&self) -> Result<u32, VmError> {
+        let slots = self.qmp().execute("query-hotpluggable-cpus", None).await?;
+        Ok(present(slots.as_array().map(Vec::as_slice).unwrap_or_default()))
     }
 
     /// Ask the balloon for a guest memory size of `target` bytes (inflate to shrink,
@@ -76,4 +83,9 @@ impl Vm {
         let info = self.qmp().execute("query-balloon", None).await?;
         Ok(info.get("actual").and_then(Value::as_u64).unwrap_or(0))
     }
+}
+
+/// Slots of `query-hotpluggable-cpus` with a vCPU in them.
+fn present(slots: &[Value]) -> u32 {
+    slots.iter().filter(|s| s.get("qom-path").is_some()).count() as u32
 }

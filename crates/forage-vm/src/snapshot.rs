@@ -312,6 +312,18 @@ impl Snapshot {
         self.write_manifest()
     }
 
+    /// The saved VM had `vcpus` (some plugged in after its start, which its spec does
+    /// not say): a restore starts it with them all (`-smp VCPUS,maxcpus=...`), so that
+    /// each vCPU's saved state has a vCPU to go to, and its virtio-blk devices keep the
+    /// queues they started with. The description is rewritten.
+    pub fn set_vcpus(&mut self, vcpus: u32) -> Result<(), SnapshotError> {
+        let spec = &mut self.manifest.spec;
+        spec.virtio_blk_queues.get_or_insert(spec.vcpus);
+        spec.vcpus = vcpus;
+        self.manifest.hardware_fingerprint = spec.hardware_fingerprint();
+        self.write_manifest()
+    }
+
     /// Boot files of the saved VM (direct kernel boot), e.g. the local copy of its image.
     pub fn set_direct_boot(&mut self, kernel: PathBuf, initrd: PathBuf) -> Result<(), SnapshotError> {
         if let Some(boot) = self.manifest.spec.boot.as_mut() {

@@ -338,7 +338,7 @@ impl Vm {
     /// Suspend the VM to `dir`: afterwards QEMU has exited and `dir` holds a snapshot.
     /// If anything fails before QEMU quits, the partial state is removed and the VM
     /// resumes, untouched.
-    pub async fn save(&mut self, dir: &Path) -> Result<Snapshot, SaveError> {
+    pub async fn save(&self, dir: &Path) -> Result<Snapshot, SaveError> {
         if dir.join(MANIFEST_FILE).exists() {
             return Err(SaveError::Exists { dir: dir.to_path_buf() });
         }

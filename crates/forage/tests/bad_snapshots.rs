@@ -27,7 +27,7 @@ async fn broken_saves_are_refused() {
         return;
     }
     let (guest, run) = boot("badsnap", &[]).await;
-    let mut vm = guest.vm;
+    let vm = guest.vm;
     let good = run.dir.parent().unwrap().join("good");
     vm.save(&good).await.unwrap();
     drop(vm);
@@ -133,6 +133,7 @@ async fn missing_kernel_is_named_before_qemu_starts() {
         balloon: None,
         guest_agent: None,
         virtio_rng: false,
+        virtio_blk_queues: None,
         cdrom: None,
         serial_log: run.dir.join("serial.log"),
         serial_socket: None,

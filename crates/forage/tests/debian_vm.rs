@@ -103,7 +103,7 @@ async fn debian_guest_boots_saves_restores_and_carries_on() {
     wait_ticks(&serial, 2).await;
 
     // Save, then restore into a new QEMU: the service's counter and the heartbeat go on.
-    let mut vm = guest.vm;
+    let vm = guest.vm;
     let snap_dir = run.dir.parent().unwrap().join("snapshot");
     let snap = vm.save(&snap_dir).await.expect("save works");
     let last_before = *ticks(&serial).last().unwrap();

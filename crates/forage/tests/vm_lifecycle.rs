@@ -65,7 +65,7 @@ async fn boot_save_restore_guest_carries_on() {
     wait_ticks(&serial, 2).await;
 
     // Save: QEMU exits, memory stays in the file, device state is small.
-    let mut vm = guest.vm;
+    let vm = guest.vm;
     let snap_dir = run.dir.parent().unwrap().join("snapshot");
     let snap = vm.save(&snap_dir).await.expect("save works");
     assert!(vm.wait_exit().await.is_some(), "QEMU exited after save");

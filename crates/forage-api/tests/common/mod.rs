@@ -9,8 +9,9 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use forage_api::{
     ActionError, ApiContext, AppInfo, BaseInfo, CloudletList, Control, CredentialView, Fault, HandoffEvent,
-    HandoffReport, HandoffRequest, HandoffView, InstanceUsage, PairingCodeRequest, PairingCodeView, PeerKindView,
-    ServiceInfo, SubstrateInfo, SubstrateList, SubstrateSection, SubstrateTier, SubstrateView,
+    HandoffReport, HandoffRequest, HandoffView, InstanceDockReport, InstanceDockRequest, InstanceUsage,
+    PairingCodeRequest, PairingCodeView, PeerKindView, ServiceInfo, SubstrateInfo, SubstrateList, SubstrateSection,
+    SubstrateTier, SubstrateView,
 };
 use forage_state::{NewCacheEntry, NewInstance, NewSession, SessionMode, State};
 use tower::ServiceExt;
@@ -184,6 +185,32 @@ impl Control for FakeControl {
             memory_bytes: 16 << 20,
             disk_bytes: 30 << 20,
             substrates: vec![view("web", 16 << 20, SubstrateTier::Memory), view("deb", 30 << 20, SubstrateTier::Disk)],
+        })
+    }
+    fn dock_instance(&self, id: &str, request: &InstanceDockRequest) -> Result<InstanceDockReport, ActionError> {
+        self.calls.lock().unwrap().push(format!("dock {id} as {}", request.name));
+        if request.name.contains('/') {
+            return Err(ActionError::new(Fault::BadRequest, Fake("not a substrate name")));
+        }
+        if id.starts_with("busy") {
+            return Err(ActionError::new(Fault::Conflict, Fake("instance busy-1 is being handed off")));
+        }
+        if id.starts_with("stuck") {
+            return Err(ActionError::new(Fault::Internal, Fake("the guest agent did not answer")));
+        }
+        Ok(InstanceDockReport {
+            instance: id.into(),
+            substrate: request.name.clone(),
+            restore_seconds: 1.5,
+            dock_seconds: 2.0,
+            shrink_seconds: 1.0,
+            encode_seconds: 0.5,
+            memory_bytes: 256 << 20,
+            docked_memory_bytes: 60 << 20,
+            memory_data_bytes: 40 << 20,
+            compressed_bytes: 9 << 20,
+            raw_bytes: 300 << 20,
+            spilled: Vec::new(),
         })
     }
     fn substrate(&self, name: &str) -> Result<SubstrateInfo, ActionError> {

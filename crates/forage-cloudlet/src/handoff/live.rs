@@ -8,13 +8,26 @@ use super::source;
 use forage_proto::ErrorCode;
 
 use crate::error::{refused, SessionError};
+use crate::instance::dock::{self, Docked};
 use crate::instance::{checkpoints, hold, Ending, Instance, Place};
 use crate::DeviceStream;
 
 /// The life of a movable instance: as `hold` (with its device, if it has one), and
-/// handoffs when ordered. A handoff that fails leaves the instance running and its life
-/// goes on; one that succeeds tells the device where its service went and ends it.
+/// handoffs and docks when ordered. A handoff that fails leaves the instance running and
+/// its life goes on; one that succeeds tells the device where its service went and ends
+/// it. A dock ends it once its VM is saved (`instance::dock`).
 pub(crate) async fn live(
+    device: Option<&mut DeviceStream>,
+    place: Place<'_>,
+    instance: &Instance,
+) -> Result<Ending, SessionError> {
+    instance.control.set_dockable(true);
+    let lived = live_docking(device, place, instance).await;
+    instance.control.set_dockable(false);
+    lived
+}
+
+async fn live_docking(
     mut device: Option<&mut DeviceStream>,
     place: Place<'_>,
     instance: &Instance,
@@ -22,15 +35,21 @@ pub(crate) async fn live(
     let control = &instance.control;
     loop {
         let ending = match device.as_deref_mut() {
-            Some(stream) => hold(stream, control, instance.gone(), checkpoints(place)).await?,
+            Some(stream) => hold(stream, control, instance.gone(), checkpoints(place), true).await?,
             None => tokio::select! {
                 _ = control.notified() => return Err(control.error()),
                 _ = control.ordered() => Ending::Moving,
+                _ = control.dock_ordered() => Ending::Docking,
                 _ = instance.gone() => return Err(crate::error::refused(forage_proto::ErrorCode::Internal, "the instance's VM stopped")),
             },
         };
-        if ending != Ending::Moving {
-            return Ok(ending);
+        match ending {
+            Ending::Moving => {}
+            Ending::Docking => match dock::carry_out(place, instance).await {
+                Docked::Stayed => continue,
+                Docked::Ended(e) => return Err(e),
+            },
+            other => return Ok(other),
         }
         match carry_out(place, instance).await {
             Carried::Moved(moved) => {

@@ -1,5 +1,7 @@
 //! How the rest of the cloudlet reaches a running instance: ask it to stop (with the
-//! reason its device is given), or order it to hand itself off.
+//! reason its device is given), order it to hand itself off, or to dock itself into a
+//! substrate (`super::dock`). One order at a time: a dock under way refuses a move order
+//! and the other way round.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,12 @@ pub(crate) struct Control {
     ordered: Notify,
     /// The outcome of the handoff the instance's device asked for (Follow), if pending.
     follow: Mutex<Option<oneshot::Receiver<HandoffOutcome>>>,
+    /// The instance's life takes dock orders (its holder carries them out).
+    dockable: AtomicBool,
+    /// A dock order given and not yet carried out (or being carried out).
+    docking: AtomicBool,
+    dock: Mutex<Option<super::dock::DockOrder>>,
+    dock_ordered: Notify,
 }
 
 type HandoffOutcome = Result<forage_api::HandoffReport, crate::handoff::HandoffError>;
@@ -42,6 +50,10 @@ impl Control {
             order: Mutex::new(None),
             ordered: Notify::new(),
             follow: Mutex::new(None),
+            dockable: Default::default(),
+            docking: Default::default(),
+            dock: Mutex::new(None),
+            dock_ordered: Notify::new(),
         }
     }
 
@@ -58,10 +70,10 @@ impl Control {
         self.movable.store(on, Ordering::SeqCst)
     }
 
-    /// Leave a move order; given back if one is pending already.
+    /// Leave a move order; given back if one is pending already (or a dock is).
     pub fn order(&self, order: MoveOrder) -> Result<(), MoveOrder> {
         let mut slot = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
+        if slot.is_some() || self.docking.load(Ordering::SeqCst) {
             return Err(order);
         }
         *slot = Some(order);
@@ -104,9 +116,58 @@ impl Control {
         self.order.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    pub fn dockable(&self) -> bool {
+        self.dockable.load(Ordering::SeqCst)
+    }
+
+    /// The instance's life takes dock orders from now on (its holder carries them out).
+    pub fn set_dockable(&self, on: bool) {
+        self.dockable.store(on, Ordering::SeqCst)
+    }
+
+    /// Leave a dock order for the instance's life to carry out.
+    pub fn order_dock(&self, order: super::dock::DockOrder) -> Result<(), super::dock::DockRefusal> {
+        use super::dock::DockRefusal;
+        // Under the move order's lock: a move order and a dock order exclude each other.
+        let moving = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.dockable() {
+            return Err(DockRefusal::NotDockable);
+        }
+        if moving.is_some() {
+            return Err(DockRefusal::Moving);
+        }
+        if self.docking.swap(true, Ordering::SeqCst) {
+            return Err(DockRefusal::Docking);
+        }
+        *self.dock.lock().unwrap_or_else(|p| p.into_inner()) = Some(order);
+        self.dock_ordered.notify_one();
+        Ok(())
+    }
+
+    pub async fn dock_ordered(&self) {
+        self.dock_ordered.notified().await
+    }
+
+    pub fn take_dock(&self) -> Option<super::dock::DockOrder> {
+        self.dock.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// A dock order was carried out and the instance runs on (it failed before the save):
+    /// other orders may come.
+    pub fn dock_failed(&self) {
+        self.docking.store(false, Ordering::SeqCst)
+    }
+
     /// Ask the instance to end; the first reason wins.
     pub fn request(&self, code: ErrorCode, why: impl Into<String>) {
         self.why.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((code, why.into()));
+        self.notify.notify_one();
+    }
+
+    /// The instance has ended for this reason (a dock saved its VM): it replaces one asked
+    /// for before (an idle timeout that fired while the dock ran).
+    pub fn ended(&self, code: ErrorCode, why: impl Into<String>) {
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = Some((code, why.into()));
         self.notify.notify_one();
     }
 

@@ -15,6 +15,7 @@
 //! ```
 
 pub(crate) mod control;
+pub(crate) mod dock;
 mod record;
 mod shared;
 
@@ -45,6 +46,8 @@ pub(crate) enum Ending {
     Moving,
     /// The instance moved to another cloudlet.
     Moved,
+    /// A dock order was given (`dock`): the instance's holder carries it out.
+    Docking,
 }
 
 /// What a session hands back for the records.
@@ -471,12 +474,14 @@ async fn watch_idle(shim: Arc<ShimClient>, timeout: Duration, control: Arc<Contr
 
 /// After Ready (and Complete): the instance lives until the device says Bye (or asks for
 /// its residue) or goes away, or the instance is asked to stop (operator, idle timeout,
-/// its shim or QEMU gone). Checkpoints are answered with `usage`.
+/// its shim or QEMU gone), to move, or (`docks`: the instance's own holder, not a device
+/// that joined it) to dock. Checkpoints are answered with `usage`.
 pub(crate) async fn hold(
     stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     control: &Control,
     gone: impl std::future::Future<Output = ()>,
     usage: impl Fn(String) -> DeviceMessage,
+    docks: bool,
 ) -> Result<Ending, SessionError> {
     tokio::pin!(gone);
     loop {
@@ -494,6 +499,7 @@ pub(crate) async fn hold(
             },
             _ = control.notified() => return Err(control.error()),
             _ = control.ordered(), if control.movable() => return Ok(Ending::Moving),
+            _ = control.dock_ordered(), if docks => return Ok(Ending::Docking),
             _ = &mut gone => return Err(refused(ErrorCode::Internal, "the instance's VM stopped")),
         }
     }

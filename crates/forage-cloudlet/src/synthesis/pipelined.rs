@@ -200,7 +200,7 @@ async fn finish(
     .await;
     let result = match served {
         Ok(Ending::Residue) => send_residue(stream, ctx, instance, manifest, digest).await.map(|_| ()),
-        Ok(Ending::Bye | Ending::Moving | Ending::Moved) => {
+        Ok(Ending::Bye | Ending::Moving | Ending::Moved | Ending::Docking) => {
             instance.finish(ctx.cloudlet).await;
             Ok(())
         }

@@ -9,14 +9,20 @@ use clap::Subcommand;
 pub enum SubstrateCommand {
     /// Run a VM (boot a guest image, optionally installing an app; or restore a service
     /// VM of the repository or a base VM), shrink it to one vCPU and the memory it uses,
-    /// and save it as substrate NAME in the pool
+    /// and save it as substrate NAME in the pool. `--from instance:ID` docks a running
+    /// instance of this cloudlet's daemon instead, through its API: the instance ends
     Dock {
         name: String,
         /// What to dock: `image:NAME` (`forage image build NAME`), `service:ID` (`forage
         /// service list`), `base:NAME` (`forage base list`); a plain name is the first of
-        /// these that exists
-        #[arg(long = "from", value_name = "IMAGE|SERVICE|BASE", default_value = "tiny")]
+        /// these that exists. `instance:ID` (`forage instances`): a running instance of
+        /// the daemon, docked by the daemon (`--api`); docking ends it, its device is told
+        /// why, and what runs from the substrate later is a new VM
+        #[arg(long = "from", value_name = "IMAGE|SERVICE|BASE|instance:ID", default_value = "tiny")]
         from: String,
+        /// The daemon's HTTP management API (`--from instance:ID` only)
+        #[arg(long, default_value = "127.0.0.1:7879")]
+        api: std::net::SocketAddr,
         /// An app folder to install first (images only): the substrate is then that service
         #[arg(long, value_name = "DIR")]
         app: Option<PathBuf>,

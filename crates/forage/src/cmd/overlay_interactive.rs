@@ -33,8 +33,7 @@ pub async fn create(data: &DataDir, args: &OverlayCreateArgs) -> anyhow::Result<
     let result = async {
         let accel = forage_vm::accel::choose();
         let (snap, disk) = (base.snapshot().clone(), base.disk_path());
-        let mut vm =
-            forage_image::vms::restore_layered_with_console(&snap, &name, &run, accel, &disk, &console).await?;
+        let vm = forage_image::vms::restore_layered_with_console(&snap, &name, &run, accel, &disk, &console).await?;
         eprintln!(
             "base {} resumed as {name}; its serial console follows. End the session with Ctrl-] \
              (or the end of input): the VM is then saved and its overlay made.",

@@ -15,9 +15,29 @@ use crate::cli::SubstrateCommand;
 use crate::output::print_json;
 
 pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
+    // An instance is docked by the daemon, into the daemon's pool: nothing here is opened.
+    if let SubstrateCommand::Dock { name, from, api, app, max_vcpus, max_memory, public, detach_nic, json, .. } = &cmd {
+        if let Some(id) = from.strip_prefix("instance:") {
+            if app.is_some() || max_vcpus.is_some() || max_memory.is_some() || *detach_nic {
+                bail!("--app, --max-vcpus, --max-memory and --detach-nic go with an image; an instance is docked as it runs");
+            }
+            return dock_instance(data, *api, id, name.clone(), *public, *json).await;
+        }
+    }
     let pool = Pool::open(data)?;
     match cmd {
-        SubstrateCommand::Dock { name, from, app, max_vcpus, max_memory, public, detach_nic, ready_timeout, json } => {
+        SubstrateCommand::Dock {
+            name,
+            from,
+            api: _,
+            app,
+            max_vcpus,
+            max_memory,
+            public,
+            detach_nic,
+            ready_timeout,
+            json,
+        } => {
             let (image, source) = match dock_from(data, &from)? {
                 From::Image(image) => {
                     let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
@@ -175,6 +195,40 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `--from instance:ID`: the daemon docks its running instance (`POST
+/// /v1/instances/{id}/dock`); the instance ends.
+async fn dock_instance(
+    data: &DataDir,
+    api: std::net::SocketAddr,
+    id: &str,
+    name: String,
+    public: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = super::handoff::client(data, api)?;
+    let id = id.to_string();
+    let request = forage_api::InstanceDockRequest { name, public };
+    let r = tokio::task::spawn_blocking(move || client.dock(&id, &request)).await??;
+    if json {
+        print_json(&r);
+        return Ok(());
+    }
+    println!(
+        "instance {} docked as substrate {} in {:.2} s (shrink {:.2}, encode {:.2}; restore of the saved instance before it {:.1} s); the instance has ended",
+        r.instance, r.substrate, r.dock_seconds, r.shrink_seconds, r.encode_seconds, r.restore_seconds
+    );
+    println!(
+        "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
+        r.memory_bytes >> 20,
+        r.docked_memory_bytes >> 20,
+        r.memory_data_bytes >> 20,
+        r.compressed_bytes as f64 / 1048576.0,
+        r.raw_bytes as f64 / 1048576.0
+    );
+    spilled(&r.spilled);
+    Ok(())
+}
+
 enum From {
     Image(GuestImage),
     /// A saved VM and the image whose kernel it boots.
@@ -211,7 +265,7 @@ fn dock_from(data: &DataDir, from: &str) -> anyhow::Result<From> {
         Some("image") => Ok(From::Image(GuestImage::open(data, name)?)),
         Some("service") => service(),
         Some("base") => base(),
-        Some(k) => bail!("--from {from}: {k} is not image, service or base"),
+        Some(k) => bail!("--from {from}: {k} is not image, service, base or instance"),
         None => match GuestImage::open(data, name) {
             Ok(image) => Ok(From::Image(image)),
             Err(image_err) => service()

@@ -185,7 +185,7 @@ async fn attached(data: &DataDir, name: &str) -> anyhow::Result<Vm> {
 
 async fn save(data: &DataDir, name: &str, force: bool, json: bool) -> anyhow::Result<()> {
     let paths = VmPaths::new(data, name)?;
-    let mut vm = attached(data, name).await?;
+    let vm = attached(data, name).await?;
     let had_save = paths.snapshot.join(forage_vm::snapshot::MANIFEST_FILE).exists();
     if had_save && !force {
         bail!("VM {name} already has a save at {}: pass --force to replace it", paths.snapshot.display());
