@@ -39,7 +39,7 @@ pub use cache::LaunchCache;
 pub use cloudlet::{Cloudlet, CloudletError, DeviceStream};
 pub use error::SessionError;
 pub use handoff::{HandoffError, HandoffFailure, HandoffOptions};
-pub use instance::dock::DockInstanceError;
+pub use instance::dock_order::DockInstanceError;
 pub use limits::{raise_fd_limit, Limits};
 pub use peer::peer;
 pub use session::session;

@@ -34,7 +34,7 @@ pub(crate) struct Control {
     dockable: AtomicBool,
     /// A dock order given and not yet carried out (or being carried out).
     docking: AtomicBool,
-    dock: Mutex<Option<super::dock::DockOrder>>,
+    dock: Mutex<Option<super::dock_order::DockOrder>>,
     dock_ordered: Notify,
 }
 
@@ -126,8 +126,8 @@ impl Control {
     }
 
     /// Leave a dock order for the instance's life to carry out.
-    pub fn order_dock(&self, order: super::dock::DockOrder) -> Result<(), super::dock::DockRefusal> {
-        use super::dock::DockRefusal;
+    pub fn order_dock(&self, order: super::dock_order::DockOrder) -> Result<(), super::dock_order::DockRefusal> {
+        use super::dock_order::DockRefusal;
         // Under the move order's lock: a move order and a dock order exclude each other.
         let moving = self.order.lock().unwrap_or_else(|p| p.into_inner());
         if !self.dockable() {
@@ -148,7 +148,7 @@ impl Control {
         self.dock_ordered.notified().await
     }
 
-    pub fn take_dock(&self) -> Option<super::dock::DockOrder> {
+    pub fn take_dock(&self) -> Option<super::dock_order::DockOrder> {
         self.dock.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 

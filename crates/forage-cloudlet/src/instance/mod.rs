@@ -16,6 +16,7 @@
 
 pub(crate) mod control;
 pub(crate) mod dock;
+pub(crate) mod dock_order;
 mod record;
 mod shared;
 

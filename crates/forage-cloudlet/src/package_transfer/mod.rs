@@ -11,6 +11,7 @@
 //! up to four times larger) in the free space of the data folder, with [`SPARE`] to
 //! spare; it must arrive at [`MIN_RATE`] at least. The holder's side is [`serve`].
 
+mod names;
 mod serve;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use crate::peer_link::{self, PeerLinkError};
 
+pub use names::is_digest;
+use names::plain;
 pub(crate) use serve::serve;
 
 /// The largest package this host takes from a peer.
@@ -107,19 +110,6 @@ impl PackageFetchError {
     pub fn not_found(&self) -> bool {
         matches!(self, Self::Link(PeerLinkError::Refused { code: ErrorCode::NotFound, .. }))
     }
-}
-
-/// Whether `base` names a base by its digest (64 hex digits: the cluster knows bases so).
-pub fn is_digest(base: &str) -> bool {
-    base.len() == 64 && base.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// A plain name: what may become a folder name here.
-fn plain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Whether this cloudlet holds `what` named `name` (a base also by digest).

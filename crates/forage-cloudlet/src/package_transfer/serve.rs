@@ -13,7 +13,7 @@ use forage_synth::{BaseVm, SynthError};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 
-use super::is_digest;
+use super::names::is_digest;
 use crate::error::{internal, refused, SessionError};
 use crate::peer_link::PEER_WAIT;
 

@@ -27,7 +27,7 @@ async fn from_holder(
             }
         }
     });
-    let by_digest = super::is_digest(name);
+    let by_digest = super::names::is_digest(name);
     let accept = |n: &str| match n {
         "held" => Err(PackageFetchError::Exists { what: PackageKind::Base, name: n.into() }),
         _ => Ok(()),
