@@ -364,11 +364,20 @@ fn the_cloudlet_manager_in_chromium() {
         }
         // The meters are as full as they say (the policy drops inline style attributes).
         web.client.find(Locator::Css("body")).await.unwrap().send_keys("1").await.unwrap();
-        let meters: Vec<(f64, f64)> = web
-            .js("return [...document.querySelectorAll('#ov-load .bar')].map(b =>
-                   [b.firstChild.getBoundingClientRect().width / b.getBoundingClientRect().width * 100,
-                    Number(b.getAttribute('aria-valuenow'))])")
-            .await;
+        // Once the overview is laid out (a bar not yet drawn has no width: -1).
+        let mut meters: Vec<(f64, f64)> = Vec::new();
+        for _ in 0..100 {
+            meters = web
+                .js("return [...document.querySelectorAll('#ov-load .bar')].map(b => {
+                       const w = b.getBoundingClientRect().width;
+                       return [w > 0 ? b.firstChild.getBoundingClientRect().width / w * 100 : -1,
+                               Number(b.getAttribute('aria-valuenow'))]; })")
+                .await;
+            if meters.len() == 4 && meters.iter().all(|(drawn, _)| *drawn >= 0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(meters.len(), 4, "load 1, 5, 15 min and memory");
         assert!(meters.iter().all(|(drawn, said)| (drawn - said.min(100.0)).abs() < 2.0), "{meters:?}");
         let wide: bool = web.js("return document.documentElement.scrollWidth <= window.innerWidth").await;
