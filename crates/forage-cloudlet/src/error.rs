@@ -19,6 +19,14 @@ pub enum SessionError {
     Timeout(Duration),
     #[error("{code:?}: {message}")]
     Refused { code: ErrorCode, message: String },
+    #[error("serving a package to a peer cloudlet")]
+    Serve(#[source] Box<ServeError>),
+}
+
+impl From<ServeError> for SessionError {
+    fn from(e: ServeError) -> Self {
+        SessionError::Serve(Box::new(e))
+    }
 }
 
 impl SessionError {
@@ -27,9 +35,46 @@ impl SessionError {
         match self {
             SessionError::Refused { code, message } => (*code, message.clone()),
             SessionError::Timeout(_) => (ErrorCode::Timeout, self.to_string()),
+            SessionError::Serve(e) if matches!(**e, ServeError::PeerStalled(_)) => (ErrorCode::Timeout, e.to_string()),
+            SessionError::Serve(e) => (ErrorCode::Internal, forage_proto::one_line(&**e)),
             other => (ErrorCode::Protocol, other.to_string()),
         }
     }
+}
+
+/// What went wrong on the holder's side once the package was found (the peer is told
+/// `internal`, or `timeout` when it stopped taking pieces).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("opening {what} {name}")]
+    Open {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("exporting {what} {name}")]
+    Export {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: forage_service::ServiceError,
+    },
+    #[error("the export of {what} {name} did not finish")]
+    ExportTask {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the peer took nothing for {}s", .0.as_secs())]
+    PeerStalled(std::time::Duration),
 }
 
 pub(crate) fn refused(code: ErrorCode, message: impl Into<String>) -> SessionError {

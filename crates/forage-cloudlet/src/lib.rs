@@ -37,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use cache::LaunchCache;
 pub use cloudlet::{Cloudlet, CloudletError, DeviceStream};
-pub use error::SessionError;
+pub use error::{ServeError, SessionError};
 pub use handoff::{HandoffError, HandoffFailure, HandoffOptions};
 pub use instance::dock_order::DockInstanceError;
 pub use limits::{raise_fd_limit, Limits};

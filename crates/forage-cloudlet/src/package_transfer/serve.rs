@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 
 use super::names::is_digest;
-use crate::error::{internal, refused, SessionError};
+use crate::error::{refused, ServeError, SessionError};
 use crate::peer_link::PEER_WAIT;
 
 /// What is sent (one value per transfer, so its size does not matter).
@@ -40,14 +40,14 @@ fn find(data: &DataDir, what: PackageKind, name: &str) -> Result<Held, SessionEr
             BaseVm::open(data, name).map(Held::Base).map_err(|e| match e {
                 SynthError::NoBase { .. } => missing(),
                 SynthError::DataDir(_) => bad(),
-                e => internal(forage_proto::one_line(&e)),
+                e => ServeError::Open { what: what.as_str(), name: name.to_string(), source: Box::new(e) }.into(),
             })
         }
         PackageKind::Service if !forage_service::plain(name) => Err(bad()),
         PackageKind::Service => {
             forage_service::Repository::new(data).open(name).map(Held::Service).map_err(|e| match e {
                 forage_service::ServiceError::NotFound { .. } => missing(),
-                e => internal(forage_proto::one_line(&e)),
+                e => ServeError::Open { what: what.as_str(), name: name.to_string(), source: Box::new(e) }.into(),
             })
         }
     }
@@ -64,7 +64,8 @@ pub(crate) async fn serve(
     name: &str,
 ) -> Result<u64, SessionError> {
     let held = find(data, what, name)?;
-    std::fs::create_dir_all(session_dir).map_err(|e| internal(format!("{}: {e}", session_dir.display())))?;
+    std::fs::create_dir_all(session_dir)
+        .map_err(|source| ServeError::Io { path: session_dir.to_path_buf(), source })?;
     let file = session_dir.join("package.pkg");
     let sig = PathBuf::from(format!("{}.sig", file.display()));
     let sent = async {
@@ -81,12 +82,18 @@ pub(crate) async fn serve(
                 Ok((n, s.id().to_string()))
             }
         });
-        let (bytes, here) = exported.await.map_err(internal)?.map_err(|e: forage_service::ServiceError| {
-            internal(format!("exporting {} {name}: {}", what.as_str(), forage_proto::one_line(&e)))
-        })?;
+        let (what_s, name_s) = (what.as_str(), name.to_string());
+        let (bytes, here) = exported
+            .await
+            .map_err(|source| ServeError::ExportTask { what: what_s, name: name_s.clone(), source })?
+            .map_err(|source: forage_service::ServiceError| ServeError::Export {
+                what: what_s,
+                name: name_s,
+                source,
+            })?;
         let t = Instant::now();
         send(stream, &PeerMessage::PackageOffer { name: here, package_bytes: bytes }).await?;
-        let failed = |e: std::io::Error| internal(format!("{}: {e}", file.display()));
+        let failed = |source| ServeError::Io { path: file.clone(), source };
         let mut f = tokio::fs::File::open(&file).await.map_err(failed)?;
         let mut hash = Sha256::new();
         let mut piece = vec![0u8; PACKAGE_PIECE];
@@ -114,6 +121,6 @@ pub(crate) async fn serve(
 async fn send(stream: &mut (impl AsyncWrite + Unpin), m: &PeerMessage) -> Result<(), SessionError> {
     match tokio::time::timeout(PEER_WAIT, write(stream, m)).await {
         Ok(r) => Ok(r?),
-        Err(_) => Err(internal(format!("the peer took nothing for {}s", PEER_WAIT.as_secs()))),
+        Err(_) => Err(ServeError::PeerStalled(PEER_WAIT).into()),
     }
 }

@@ -16,10 +16,16 @@ use crate::output::print_json;
 
 pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
     // An instance is docked by the daemon, into the daemon's pool: nothing here is opened.
-    if let SubstrateCommand::Dock { name, from, api, app, max_vcpus, max_memory, public, detach_nic, json, .. } = &cmd {
+    if let SubstrateCommand::Dock {
+        name, from, api, app, max_vcpus, max_memory, public, detach_nic, level, json, ..
+    } = &cmd
+    {
         if let Some(id) = from.strip_prefix("instance:") {
-            if app.is_some() || max_vcpus.is_some() || max_memory.is_some() || *detach_nic {
-                bail!("--app, --max-vcpus, --max-memory and --detach-nic go with an image; an instance is docked as it runs");
+            let other_level = *level != forage_substrate::format::DEFAULT_LEVEL;
+            if app.is_some() || max_vcpus.is_some() || max_memory.is_some() || *detach_nic || other_level {
+                bail!(
+                    "--app, --max-vcpus, --max-memory, --detach-nic and --level go with an image; an instance is docked as it runs"
+                );
             }
             return dock_instance(data, *api, id, name.clone(), *public, *json).await;
         }
@@ -35,6 +41,7 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
             max_memory,
             public,
             detach_nic,
+            level,
             ready_timeout,
             json,
         } => {
@@ -61,6 +68,7 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                 source,
                 public,
                 detach_nic,
+                zstd_level: level,
                 accel: forage_vm::accel::choose(),
                 ready_timeout: Duration::from_secs(ready_timeout),
             };
@@ -81,13 +89,12 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                 if !r.nic_detached {
                     println!("its NIC stays; activation gives it new forwards");
                 }
-                println!(
-                    "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
-                    r.memory_bytes >> 20,
-                    r.docked_memory_bytes >> 20,
-                    r.memory_data_bytes >> 20,
-                    r.compressed_bytes as f64 / 1048576.0,
-                    r.raw_bytes as f64 / 1048576.0
+                print_sizes(
+                    r.memory_bytes,
+                    r.docked_memory_bytes,
+                    r.memory_data_bytes,
+                    r.compressed_bytes,
+                    r.raw_bytes,
                 );
                 spilled(&r.spilled);
             }
@@ -141,9 +148,14 @@ pub async fn run(data: &DataDir, cmd: SubstrateCommand) -> anyhow::Result<()> {
                         if m.public { "; public: activations renew the guest's identity" } else { "" }
                     ),
                 }
+                let records = if m.format >= 3 { "windows" } else { "extents" };
                 for s in &m.sections {
+                    let refs = match s.image_pages {
+                        0 => String::new(),
+                        n => format!(" + {n} pages kept as the image's disk blocks"),
+                    };
                     println!(
-                        "  {:<8} {:>10} bytes, {:>10} of data in {:>6} extents, {:>10} encoded",
+                        "  {:<8} {:>10} bytes, {:>10} of data in {:>6} {records}, {:>10} encoded{refs}",
                         s.name, s.raw_size, s.data_bytes, s.extents, s.encoded_bytes
                     );
                 }
@@ -217,16 +229,21 @@ async fn dock_instance(
         "instance {} docked as substrate {} in {:.2} s (shrink {:.2}, encode {:.2}; restore of the saved instance before it {:.1} s); the instance has ended",
         r.instance, r.substrate, r.dock_seconds, r.shrink_seconds, r.encode_seconds, r.restore_seconds
     );
-    println!(
-        "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
-        r.memory_bytes >> 20,
-        r.docked_memory_bytes >> 20,
-        r.memory_data_bytes >> 20,
-        r.compressed_bytes as f64 / 1048576.0,
-        r.raw_bytes as f64 / 1048576.0
-    );
+    print_sizes(r.memory_bytes, r.docked_memory_bytes, r.memory_data_bytes, r.compressed_bytes, r.raw_bytes);
     spilled(&r.spilled);
     Ok(())
+}
+
+/// A dock's sizes, the same line for a dock and an instance's dock.
+fn print_sizes(memory: u64, docked: u64, data: u64, compressed: u64, raw: u64) {
+    println!(
+        "memory {} MiB -> {} MiB in the guest, {} MiB of data; substrate {:.1} MiB compressed ({:.1} MiB raw)",
+        memory >> 20,
+        docked >> 20,
+        data >> 20,
+        compressed as f64 / 1048576.0,
+        raw as f64 / 1048576.0
+    );
 }
 
 enum From {
