@@ -56,6 +56,7 @@ async fn a_device_activates_a_substrate_and_bad_requests_change_nothing() {
         source: DockSource::Boot { app: Some(sample_app()), max_vcpus: 2, max_memory_mib: 256 },
         public: false,
         detach_nic: false,
+        zstd_level: forage_substrate::format::DEFAULT_LEVEL,
         accel,
         ready_timeout: READY,
     };

@@ -41,6 +41,8 @@ pub struct DockRequest {
     /// plugged NIC up; a Debian guest did not within 30 s in the one try
     /// (`docs/substrates.md`), so it is asked for, not the default.
     pub detach_nic: bool,
+    /// zstd level of the substrate ([`crate::format::DEFAULT_LEVEL`] unless asked).
+    pub zstd_level: i32,
     pub accel: Accel,
     pub ready_timeout: Duration,
 }
@@ -375,7 +377,8 @@ async fn shrink_save_encode(
         inputs.push(SectionInput { name: format!("disk{i}"), path: p, base });
     }
     inputs.push(SectionInput { name: "state".into(), path: snap.state_path(), base: None });
-    let compressed = format::encode(staging, &mut manifest, &inputs, work).map_err(DockError::Encode)?;
+    let compressed =
+        format::encode(staging, &mut manifest, &inputs, work, req.zstd_level).map_err(DockError::Encode)?;
     let encode_seconds = t.elapsed().as_secs_f64();
     let raw_bytes = manifest.sections.iter().map(|s| s.raw_size).sum();
     let memory_data_bytes = manifest.sections[0].data_bytes;

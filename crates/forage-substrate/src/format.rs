@@ -1,4 +1,5 @@
-//! The substrate file, format 1 (reference: `docs/substrates.md`).
+//! The substrate file, format 3 (reference: `docs/substrates.md`); formats 1 and 2 are
+//! read too.
 //!
 //! ```text
 //! "FORAGESB" | u32 LE format | u32 LE 0 | u64 LE manifest length
@@ -6,10 +7,11 @@
 //! section "memory" | section "disk0" ... | section "state"   (order and sizes in the manifest)
 //! sha256 of every byte above (32 bytes), then end of file
 //! ```
-//! A section is a run of extents, each `u64 LE offset | u32 LE raw length | u32 LE
-//! compressed length | zstd bytes`, in ascending, non-overlapping order. What no extent
-//! covers is zero (a hole in the file it is written to): the balloon and free page
-//! reporting leave most of a docked VM's memory file as holes, and only its data is kept.
+//! A section is a run of 1 MiB windows of pages ([`crate::section`], format 3; formats 1
+//! and 2: of extents, each `u64 LE offset | u32 LE raw length | u32 LE compressed length
+//! | zstd bytes`), in ascending, non-overlapping order. What no window stores is zero (a
+//! hole in the file it is written to): the balloon and free page reporting leave most of a
+//! docked VM's memory file as holes, and only its data is kept.
 //!
 //! Reading is streaming and checks everything a file claims against caps and against the
 //! manifest before allocating for it; [`verify`] reads a whole file without writing
@@ -27,8 +29,13 @@ use sha2::{Digest, Sha256};
 pub const MAGIC: &[u8; 8] = b"FORAGESB";
 pub const KIND: &str = "forage-substrate";
 /// Format written by this forage. 2 added the manifest's `nic` and `public` (both
-/// optional: a format 1 file reads as one without them).
-pub const FORMAT: u32 = 2;
+/// optional: a format 1 file reads as one without them); 3 stores windows of pages
+/// instead of runs, and memory pages as references to the image's disk blocks
+/// ([`crate::section`]).
+pub const FORMAT: u32 = 3;
+/// zstd level a dock compresses at unless told otherwise (19 is about a fifth smaller
+/// for a Debian guest and takes tens of seconds).
+pub const DEFAULT_LEVEL: i32 = 3;
 /// Guest ports a detached NIC may forward.
 pub const MAX_NIC_PORTS: usize = 16;
 pub const HEADER_LEN: usize = 24;
@@ -94,6 +101,10 @@ pub struct SectionRecord {
     pub extents: u64,
     /// Bytes of the section in the substrate file.
     pub encoded_bytes: u64,
+    /// Memory pages stored as references to blocks of the guest image's disk (format 3,
+    /// the memory section of a substrate whose disk0 is kept over the image).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image_pages: u64,
     /// What no extent covers is the guest image's disk (this host's image of the
     /// manifest's name and recipe), not zero: the disk is kept as a copy-on-write
     /// difference against the image. Disk sections only.
@@ -103,6 +114,10 @@ pub struct SectionRecord {
 
 fn is_false(b: &bool) -> bool {
     !b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +145,11 @@ pub trait Sink {
     /// `section` is about to be written; `raw_size` is its file's size.
     fn begin(&mut self, section: &SectionRecord) -> io::Result<()>;
     fn extent(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// The page at `offset` is the guest image's disk block at `image_offset`, whose
+    /// SHA-256 begins with `sum` (format 3 memory sections; see [`crate::section`]).
+    fn image_block(&mut self, _offset: u64, _image_offset: u64, _sum: &[u8; 8]) -> io::Result<()> {
+        Ok(())
+    }
     fn end(&mut self) -> io::Result<()>;
 }
 
@@ -154,11 +174,13 @@ pub struct ToFiles {
     pub targets: Vec<(String, PathBuf)>,
     bases: Vec<(String, PathBuf)>,
     current: Option<File>,
+    /// The image's disk (disk0's base), opened at the first image block.
+    image: Option<File>,
 }
 
 impl ToFiles {
     pub fn new(targets: Vec<(String, PathBuf)>) -> Self {
-        Self { targets, bases: Vec::new(), current: None }
+        Self { targets, bases: Vec::new(), current: None, image: None }
     }
 
     /// The image file section `name` is a difference against.
@@ -196,6 +218,30 @@ impl Sink for ToFiles {
             None => Ok(()),
         }
     }
+    fn image_block(&mut self, offset: u64, image_offset: u64, sum: &[u8; 8]) -> io::Result<()> {
+        let Some(f) = &self.current else { return Ok(()) };
+        if self.image.is_none() {
+            let (_, base) = self.bases.iter().find(|(n, _)| n == "disk0").ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "memory refers to the guest image's disk, which is not at hand",
+                )
+            })?;
+            self.image = Some(File::open(base)?);
+        }
+        let mut block = vec![0u8; PAGE];
+        self.image.as_ref().expect("opened").read_exact_at(&mut block, image_offset)?;
+        if Sha256::digest(&block)[..8] != sum[..] {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the guest image's disk block at {image_offset} is not the one the substrate was docked with \
+                     (memory page at {offset}): this host's image differs"
+                ),
+            ));
+        }
+        f.write_all_at(&block, offset)
+    }
     fn end(&mut self) -> io::Result<()> {
         self.current = None;
         Ok(())
@@ -203,13 +249,13 @@ impl Sink for ToFiles {
 }
 
 /// A reader that hashes what it reads.
-struct Hashing<R> {
+pub(crate) struct Hashing<R> {
     inner: R,
     hash: Sha256,
 }
 
 impl<R: Read> Hashing<R> {
-    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
+    pub(crate) fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
         self.inner.read_exact(buf).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => DecodeError::Truncated(what),
             _ => DecodeError::Io(e),
@@ -225,10 +271,15 @@ impl<R: Read> Hashing<R> {
 /// when this fails (activation decodes into folders it removes), or follow a [`verify`].
 pub fn decode(r: impl Read, sink: &mut dyn Sink) -> Result<SubstrateManifest, DecodeError> {
     let mut r = Hashing { inner: r, hash: Sha256::new() };
-    let manifest = read_head(&mut r)?;
+    let (manifest, format) = read_head(&mut r)?;
+    // Memory may refer to the image's disk when disk0 is kept over it.
+    let image_len = manifest.sections.iter().find(|s| s.name == "disk0" && s.over_image).map(|s| s.raw_size);
     for s in &manifest.sections {
         sink.begin(s).map_err(DecodeError::Io)?;
-        read_section(&mut r, s, sink)?;
+        match format {
+            1 | 2 => read_section(&mut r, s, sink)?,
+            _ => crate::section::read_section(&mut r, s, image_len.filter(|_| s.name == "memory"), sink)?,
+        }
         sink.end().map_err(DecodeError::Io)?;
     }
     let computed = r.hash.clone().finalize();
@@ -251,10 +302,11 @@ pub fn decode(r: impl Read, sink: &mut dyn Sink) -> Result<SubstrateManifest, De
 pub fn read_manifest(path: &Path) -> Result<SubstrateManifest, DecodeError> {
     let f = File::open(path).map_err(DecodeError::Io)?;
     let mut r = Hashing { inner: io::BufReader::new(f), hash: Sha256::new() };
-    read_head(&mut r)
+    read_head(&mut r).map(|(m, _)| m)
 }
 
-fn read_head(r: &mut Hashing<impl Read>) -> Result<SubstrateManifest, DecodeError> {
+/// The manifest and the header's format.
+fn read_head(r: &mut Hashing<impl Read>) -> Result<(SubstrateManifest, u32), DecodeError> {
     let mut head = [0u8; HEADER_LEN];
     r.exact(&mut head, "header")?;
     if &head[..8] != MAGIC {
@@ -273,7 +325,10 @@ fn read_head(r: &mut Hashing<impl Read>) -> Result<SubstrateManifest, DecodeErro
     let manifest: SubstrateManifest =
         serde_json::from_slice(&mbytes).map_err(|e| DecodeError::Manifest(e.to_string()))?;
     check_manifest(&manifest).map_err(DecodeError::Manifest)?;
-    Ok(manifest)
+    if format < 3 && manifest.sections.iter().any(|s| s.image_pages > 0) {
+        return Err(DecodeError::Manifest(format!("format {format} has no image blocks")));
+    }
+    Ok((manifest, format))
 }
 
 /// Read and check a whole substrate file, writing nothing.
@@ -362,11 +417,16 @@ pub fn check_manifest(m: &SubstrateManifest) -> Result<(), String> {
         if s.over_image && !name.starts_with("disk") {
             return Err(format!("section {name} cannot be kept over the image's disk"));
         }
+        let over_image = m.sections.iter().any(|d| d.name == "disk0" && d.over_image);
+        if s.image_pages > 0 && (name != "memory" || !over_image || s.image_pages > s.raw_size / PAGE as u64) {
+            return Err(format!("section {name} claims {} image blocks", s.image_pages));
+        }
         let max_extents = s.raw_size / PAGE as u64 + 1;
         if s.extents > max_extents || s.data_bytes > s.raw_size {
             return Err(format!("section {name} claims {} extents, {} data bytes", s.extents, s.data_bytes));
         }
-        let bound = zstd::zstd_safe::compress_bound(MAX_EXTENT as usize) as u64 + EXTENT_HEADER;
+        let bound = (zstd::zstd_safe::compress_bound(MAX_EXTENT as usize) as u64 + EXTENT_HEADER)
+            .max(crate::section::max_record_bytes());
         if s.encoded_bytes > s.extents.saturating_mul(bound) {
             return Err(format!("section {name} claims {} encoded bytes", s.encoded_bytes));
         }
@@ -412,50 +472,88 @@ pub enum EncodeError {
         #[source]
         source: io::Error,
     },
+    #[error("reading the compressed section {part} back into {out}")]
+    ReadPart {
+        part: PathBuf,
+        out: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("encoding the substrate's manifest")]
+    Manifest(#[source] serde_json::Error),
+    #[error("indexing the blocks of the guest image's disk {image}")]
+    Index {
+        image: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Write a substrate to `out`: the sections are compressed into `work` first (their sizes
 /// go into the manifest, which comes first), then copied after the manifest. `manifest`'s
 /// `sections` is filled in. Returns the file's size.
+/// Sections are compressed at zstd `level` (1 to 19; [`DEFAULT_LEVEL`]); memory pages equal
+/// to a block of the image's disk that disk0 is kept over are stored as references.
 pub fn encode(
     out: &Path,
     manifest: &mut SubstrateManifest,
     inputs: &[SectionInput],
     work: &Path,
+    level: i32,
 ) -> Result<u64, EncodeError> {
     let mut parts = Vec::new();
     manifest.sections.clear();
+    let image = match inputs.iter().find(|i| i.name == "disk0").and_then(|i| i.base.as_ref()) {
+        Some(disk) => Some(
+            crate::section::ImageBlocks::build(disk)
+                .map_err(|source| EncodeError::Index { image: disk.clone(), source })?,
+        ),
+        None => None,
+    };
     for input in inputs {
         let part = work.join(format!("{}.section", input.name));
-        let rec = encode_section(&input.name, &input.path, input.base.as_deref(), &part).map_err(|source| {
-            EncodeError::Section { section: input.name.clone(), input: input.path.clone(), part: part.clone(), source }
+        let refs = image.as_ref().filter(|_| input.name == "memory");
+        let rec = crate::section::encode_section(&input.name, &input.path, input.base.as_deref(), refs, level, &part)
+            .map_err(|source| EncodeError::Section {
+            section: input.name.clone(),
+            input: input.path.clone(),
+            part: part.clone(),
+            source,
         })?;
         manifest.sections.push(rec);
         parts.push(part);
     }
-    let write = |source| EncodeError::Write { path: out.to_path_buf(), source };
-    let mbytes = serde_json::to_vec(manifest).map_err(|e| write(io::Error::other(e)))?;
-    let file = write_substrate(out, &mbytes, &parts).map_err(write)?;
-    Ok(file)
+    let mbytes = serde_json::to_vec(manifest).map_err(EncodeError::Manifest)?;
+    write_substrate(out, &mbytes, &parts)
 }
 
-fn write_substrate(out: &Path, mbytes: &[u8], parts: &[PathBuf]) -> io::Result<u64> {
-    let mut w = HashingWriter { inner: io::BufWriter::new(File::create(out)?), hash: Sha256::new() };
-    w.write_all(MAGIC)?;
-    w.write_all(&FORMAT.to_le_bytes())?;
-    w.write_all(&0u32.to_le_bytes())?;
-    w.write_all(&(mbytes.len() as u64).to_le_bytes())?;
-    w.write_all(mbytes)?;
+fn write_substrate(out: &Path, mbytes: &[u8], parts: &[PathBuf]) -> Result<u64, EncodeError> {
+    let write = |source| EncodeError::Write { path: out.to_path_buf(), source };
+    let mut w = HashingWriter { inner: io::BufWriter::new(File::create(out).map_err(write)?), hash: Sha256::new() };
+    let head = [MAGIC.as_slice(), &FORMAT.to_le_bytes(), &0u32.to_le_bytes(), &(mbytes.len() as u64).to_le_bytes()];
+    for bytes in head.into_iter().chain([mbytes]) {
+        w.write_all(bytes).map_err(write)?;
+    }
     for part in parts {
-        io::copy(&mut File::open(part)?, &mut w)?;
+        let read_part = |source| EncodeError::ReadPart { part: part.clone(), out: out.to_path_buf(), source };
+        let mut f = File::open(part).map_err(read_part)?;
+        // io::copy fails on either side: name the side that failed.
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(read_part)?;
+            if n == 0 {
+                break;
+            }
+            w.write_all(&buf[..n]).map_err(write)?;
+        }
         let _ = std::fs::remove_file(part);
     }
     let digest = w.hash.finalize();
     let mut inner = w.inner;
-    inner.write_all(&digest)?;
-    let file = inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    Ok(file.metadata()?.len())
+    inner.write_all(&digest).map_err(write)?;
+    let file = inner.into_inner().map_err(|e| write(e.into_error()))?;
+    file.sync_all().map_err(write)?;
+    file.metadata().map(|m| m.len()).map_err(write)
 }
 
 struct HashingWriter<W> {
@@ -475,7 +573,7 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// The data ranges of `a` and `b` merged (sorted, non-overlapping).
-fn union(mut a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+pub(crate) fn union(mut a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     a.extend(b);
     a.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -486,76 +584,4 @@ fn union(mut a: Vec<(u64, u64)>, b: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
         }
     }
     out
-}
-
-fn encode_section(name: &str, path: &Path, base: Option<&Path>, part: &Path) -> io::Result<SectionRecord> {
-    let src = File::open(path)?;
-    let len = src.metadata()?.len();
-    let base = match base {
-        Some(b) => {
-            let f = File::open(b)?;
-            if f.metadata()?.len() != len {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} differs in size", b.display())));
-            }
-            Some(f)
-        }
-        None => None,
-    };
-    let mut out = io::BufWriter::new(File::create(part)?);
-    let mut rec = SectionRecord {
-        name: name.into(),
-        raw_size: len,
-        data_bytes: 0,
-        extents: 0,
-        encoded_bytes: 0,
-        over_image: base.is_some(),
-    };
-    let mut ranges = forage_vm::sparse::data_ranges(&src, len)?;
-    if let Some(b) = &base {
-        ranges = union(ranges, forage_vm::sparse::data_ranges(b, len)?);
-    }
-    let mut buf = vec![0u8; MAX_EXTENT as usize];
-    let mut old = vec![0u8; if base.is_some() { MAX_EXTENT as usize } else { 0 }];
-    for (start, end) in ranges {
-        let mut off = start;
-        while off < end {
-            let n = ((end - off) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], off)?;
-            if let Some(b) = &base {
-                b.read_exact_at(&mut old[..n], off)?;
-            }
-            // Runs of pages that matter become extents: non-zero ones, or those that
-            // differ from the base.
-            let keep = |i: usize| {
-                let end = (i + PAGE).min(n);
-                match &base {
-                    Some(_) => buf[i..end] != old[i..end],
-                    None => buf[i..end].iter().any(|&b| b != 0),
-                }
-            };
-            let mut i = 0;
-            while i < n {
-                let page_end = |i: usize| (i + PAGE).min(n);
-                if !keep(i) {
-                    i = page_end(i);
-                    continue;
-                }
-                let run_start = i;
-                while i < n && keep(i) {
-                    i = page_end(i);
-                }
-                let comp = zstd::bulk::compress(&buf[run_start..i], 3)?;
-                out.write_all(&(off + run_start as u64).to_le_bytes())?;
-                out.write_all(&((i - run_start) as u32).to_le_bytes())?;
-                out.write_all(&(comp.len() as u32).to_le_bytes())?;
-                out.write_all(&comp)?;
-                rec.extents += 1;
-                rec.data_bytes += (i - run_start) as u64;
-                rec.encoded_bytes += EXTENT_HEADER + comp.len() as u64;
-            }
-            off += n as u64;
-        }
-    }
-    out.flush()?;
-    Ok(rec)
 }

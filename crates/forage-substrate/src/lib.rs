@@ -24,6 +24,7 @@ pub mod format;
 pub mod generalize;
 pub mod pool;
 pub mod push;
+pub mod section;
 
 pub use activate::{activate, ActivateError, ActivateRequest, Activated, ActivationReport};
 pub use dock::{dock, DockError, DockReport, DockRequest, DockSource};

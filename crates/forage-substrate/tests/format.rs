@@ -9,7 +9,8 @@ fn round_trip_keeps_data_and_holes_and_damage_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let (file, m) = synthetic::substrate(t.path(), "s1", 20);
     let mem = &m.sections[0];
-    assert_eq!((mem.name.as_str(), mem.extents, mem.data_bytes), ("memory", 20, 20 * 4096));
+    // 20 pages, each followed by a hole, in one 1 MiB window (format 3).
+    assert_eq!((mem.name.as_str(), mem.extents, mem.data_bytes), ("memory", 1, 20 * 4096));
     assert_eq!(format::verify(&file).unwrap().name, "s1");
     // A seed for the fuzz target (docs/fuzzing.md): a whole, valid substrate.
     if let Some(seeds) = std::env::var_os("FORAGE_FUZZ_SEEDS") {
@@ -71,7 +72,7 @@ fn a_disk_kept_over_the_image_holds_only_its_differences() {
         format::SectionInput { name: "state".into(), path: snap.join("state"), base: None },
     ];
     let file = t.path().join("s2.substrate");
-    format::encode(&file, &mut m, &inputs, t.path()).unwrap();
+    format::encode(&file, &mut m, &inputs, t.path(), format::DEFAULT_LEVEL).unwrap();
     let d = &m.sections[1];
     assert!(d.over_image && d.data_bytes == 3 * 4096, "only the three pages that differ: {d:?}");
 
@@ -83,4 +84,51 @@ fn a_disk_kept_over_the_image_holds_only_its_differences() {
     // Without the image at hand it is refused, not decoded against zeros.
     let e = format::decode(std::fs::File::open(&file).unwrap(), &mut ToFiles::new(targets())).unwrap_err();
     assert!(e.to_string().contains("reading") || matches!(e, DecodeError::Io(_)), "{e}");
+}
+
+#[test]
+fn memory_equal_to_the_images_disk_is_kept_as_references_checked_on_decode() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, mut m) = synthetic::substrate(t.path(), "s3", 4);
+    let snap = t.path().join("s3-snapshot");
+    let image = t.path().join("image-disk.raw");
+    std::fs::copy(snap.join("disk0.raw"), &image).unwrap();
+    // Memory pages 0 and 2 hold patterns 0 and 1 (`synthetic::substrate`); the image's disk
+    // holds pattern 1 at block 7: that page becomes a reference, the other stays data.
+    synthetic::put(&image, 7, &synthetic::pattern(1));
+    let disk = snap.join("disk0.raw");
+    std::fs::copy(&image, &disk).unwrap();
+    let inputs = [
+        format::SectionInput { name: "memory".into(), path: snap.join("memory.raw"), base: None },
+        format::SectionInput { name: "disk0".into(), path: disk.clone(), base: Some(image.clone()) },
+        format::SectionInput { name: "state".into(), path: snap.join("state"), base: None },
+    ];
+    let file = t.path().join("s3.substrate");
+    format::encode(&file, &mut m, &inputs, t.path(), format::DEFAULT_LEVEL).unwrap();
+    let mem = &m.sections[0];
+    assert_eq!((mem.image_pages, mem.data_bytes), (1, 3 * 4096), "{mem:?}");
+    assert_eq!(format::verify(&file).unwrap().sections, m.sections);
+
+    let out = t.path().join("memory.out");
+    let targets = || vec![("memory".to_string(), out.clone())];
+    let sink = ToFiles::new(targets()).with_base("disk0", image.clone());
+    format::decode(std::fs::File::open(&file).unwrap(), &mut { sink }).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(snap.join("memory.raw")).unwrap());
+    // Another image (the block differs) is refused with one line naming it.
+    synthetic::put(&image, 7, &synthetic::pattern(2));
+    let sink = ToFiles::new(targets()).with_base("disk0", image.clone());
+    let e = format::decode(std::fs::File::open(&file).unwrap(), &mut { sink }).unwrap_err();
+    let line = one_line(&e);
+    assert!(line.contains("image differs") && !line.contains('\n'), "{line}");
+}
+
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }

@@ -32,6 +32,7 @@ async fn dock_spill_activate_twice_and_refuse_corruption() {
         source: DockSource::Boot { app: None, max_vcpus: 2, max_memory_mib: 256 },
         public: false,
         detach_nic: true,
+        zstd_level: forage_substrate::format::DEFAULT_LEVEL,
         accel,
         ready_timeout: guest::READY,
     };
@@ -147,6 +148,7 @@ async fn dock_a_saved_vm_public() {
         },
         public: true,
         detach_nic: true,
+        zstd_level: forage_substrate::format::DEFAULT_LEVEL,
         accel,
         ready_timeout: guest::READY,
     };

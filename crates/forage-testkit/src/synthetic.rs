@@ -215,6 +215,6 @@ pub fn substrate(dir: &Path, name: &str, pages: u64) -> (PathBuf, forage_substra
         SectionInput { name: "state".into(), path: snap.state_path(), base: None },
     ];
     let out = dir.join(format!("{name}.substrate"));
-    format::encode(&out, &mut m, &inputs, dir).unwrap();
+    format::encode(&out, &mut m, &inputs, dir, format::DEFAULT_LEVEL).unwrap();
     (out, m)
 }

@@ -33,6 +33,7 @@ async fn debian_service_substrate_activates_twice_at_the_sizes_asked() {
         source: DockSource::Boot { app: Some(app), max_vcpus: 2, max_memory_mib: 1024 },
         public: true,
         detach_nic: false,
+        zstd_level: forage_substrate::format::DEFAULT_LEVEL,
         accel,
         ready_timeout: Duration::from_secs(600),
     };

@@ -236,6 +236,7 @@ async fn dock_saved(
         public: order.public,
         // Its NIC stays, on whatever PCI slot it has; an activation gives it new forwards.
         detach_nic: false,
+        zstd_level: forage_substrate::format::DEFAULT_LEVEL,
         accel: cloudlet.accel,
         ready_timeout: READY,
     };
