@@ -24,6 +24,7 @@ pub mod format;
 pub mod generalize;
 pub mod pool;
 pub mod push;
+mod record;
 pub mod section;
 
 pub use activate::{activate, ActivateError, ActivateRequest, Activated, ActivationReport};

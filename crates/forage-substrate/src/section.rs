@@ -29,7 +29,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::format::{DecodeError, SectionRecord, Sink};
+use crate::record::{DecodeError, Hashing, SectionRecord, Sink};
 
 /// Pages per window and the window's size.
 pub const WINDOW: u64 = 1 << 20;
@@ -195,7 +195,7 @@ pub fn encode_section(
     };
     let mut ranges = forage_vm::sparse::data_ranges(&src, len)?;
     if let Some(b) = &base {
-        ranges = crate::format::union(ranges, forage_vm::sparse::data_ranges(b, len)?);
+        ranges = crate::record::union(ranges, forage_vm::sparse::data_ranges(b, len)?);
     }
     let mut windows: Vec<u64> = Vec::new();
     for (start, end) in ranges.into_iter().filter(|(s, e)| e > s) {
@@ -234,7 +234,7 @@ pub fn encode_section(
 /// section's record and caps. `image_len`: the size of the guest image's disk a memory
 /// section may refer to (`None`: references are refused).
 pub(crate) fn read_section(
-    r: &mut crate::format::Hashing<impl Read>,
+    r: &mut Hashing<impl Read>,
     s: &SectionRecord,
     image_len: Option<u64>,
     sink: &mut dyn Sink,
