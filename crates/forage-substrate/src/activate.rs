@@ -142,23 +142,41 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let d = {
         let (file, m, dir, disk, vm) =
             (file.clone(), manifest.clone(), decoded_dir.clone(), image.disk(), req.vm_name.clone());
-        let files = [snap.memory.file.clone(), snap.state.file.clone()];
         let snap_dir = snap_dir.clone();
         tokio::task::spawn_blocking(move || {
             let d = crate::decoded::ensure(&file, &m, &dir, &disk, &vm)?;
             std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
-            for (from, to) in [(&d.memory, &files[0]), (&d.state, &files[1])] {
-                let to = snap_dir.join(to);
-                crate::decoded::copy_data(from, &to).map_err(io(&to))?;
-            }
             Ok::<_, ActivateError>(d)
         })
         .await
         .expect("the decode does not panic")?
     };
-    let (bases, decoded_now) = (d.disks, d.fresh);
+    let decoded_now = d.fresh;
     // Absolute: a symlink and a qcow2 backing file name are read relative to their folder.
-    let bases = bases.iter().map(|b| std::fs::canonicalize(b).map_err(io(b))).collect::<Result<Vec<_>, _>>()?;
+    let bases = d.disks.iter().map(|b| std::fs::canonicalize(b).map_err(io(b))).collect::<Result<Vec<_>, _>>()?;
+    // qemu-img makes each disk's copy-on-write layer while memory and device state are
+    // copied.
+    let mut layers = Vec::new();
+    for (i, base) in bases.iter().enumerate() {
+        let layer = req.run.dir.join(format!("disk{i}.qcow2"));
+        layers.push((cow_layer(base, &layer)?, layer));
+    }
+    {
+        let files = [snap.memory.file.clone(), snap.state.file.clone()];
+        let (memory, state, snap_dir) = (d.memory.clone(), d.state.clone(), snap_dir.clone());
+        tokio::task::spawn_blocking(move || {
+            for (from, to) in [(&memory, &files[0]), (&state, &files[1])] {
+                let to = snap_dir.join(to);
+                crate::decoded::copy_data(from, &to).map_err(io(&to))?;
+            }
+            Ok::<_, ActivateError>(())
+        })
+        .await
+        .expect("the copy does not panic")?;
+    }
+    for (child, layer) in &mut layers {
+        cow_layer_made(child, layer).await?;
+    }
     for (rec, base) in snap.disks.iter().zip(&bases) {
         std::os::unix::fs::symlink(base, snap_dir.join(&rec.file)).map_err(io(&snap_dir))?;
     }
@@ -180,9 +198,7 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         boot.kernel = image.dir().join(&image.manifest().kernel);
         boot.initrd = image.dir().join(&image.manifest().initrd);
     }
-    for (i, (disk, base)) in spec.disks.iter_mut().zip(&bases).enumerate() {
-        let layer = req.run.dir.join(format!("disk{i}.qcow2"));
-        cow_layer(base, &layer)?;
+    for (disk, (_, layer)) in spec.disks.iter_mut().zip(layers) {
         disk.path = layer;
         disk.format = DiskFormat::Qcow2;
     }
@@ -335,18 +351,27 @@ fn first_answer(addr: SocketAddr, wait: Duration) -> Result<AgentClient, AgentEr
     }
 }
 
-fn cow_layer(base: &Path, layer: &Path) -> Result<(), ActivateError> {
-    let out = std::process::Command::new("qemu-img")
+/// Start qemu-img making a qcow2 layer over `base` ([`cow_layer_made`] waits for it).
+fn cow_layer(base: &Path, layer: &Path) -> Result<tokio::process::Child, ActivateError> {
+    tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(layer)
-        .output()
-        .map_err(io(layer))?;
-    if !out.status.success() {
-        return Err(ActivateError::CowDisk {
-            path: layer.to_path_buf(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io(layer))
+}
+
+async fn cow_layer_made(child: &mut tokio::process::Child, layer: &Path) -> Result<(), ActivateError> {
+    let status = child.wait().await.map_err(io(layer))?;
+    if !status.success() {
+        let mut said = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut said).await;
+        }
+        return Err(ActivateError::CowDisk { path: layer.to_path_buf(), detail: said.trim().to_string() });
     }
     Ok(())
 }

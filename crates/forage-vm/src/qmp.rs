@@ -87,6 +87,11 @@ impl Qmp {
                         reason: e.to_string(),
                     })
                 }
+                // QEMU opens its socket some 50 ms after it starts: a restore waits for it,
+                // so look often at first.
+                Err(_) if start.elapsed() < Duration::from_secs(1) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
