@@ -108,6 +108,15 @@ fn memory_equal_to_the_images_disk_is_kept_as_references_checked_on_decode() {
     let mem = &m.sections[0];
     assert_eq!((mem.image_pages, mem.data_bytes), (1, 3 * 4096), "{mem:?}");
     assert_eq!(format::verify(&file).unwrap().sections, m.sections);
+    // A seed for the fuzz target (docs/fuzzing.md), in the form whose checksum the target
+    // appends (an odd first byte, the file without its checksum): format 3 windows and an
+    // image block, under the fuzzer's 64 KiB length limit.
+    if let Some(seeds) = std::env::var_os("FORAGE_FUZZ_SEEDS") {
+        let bytes = std::fs::read(&file).unwrap();
+        let seed = [&[1u8][..], &bytes[..bytes.len() - 32]].concat();
+        std::fs::create_dir_all(&seeds).unwrap();
+        std::fs::write(std::path::Path::new(&seeds).join("image-blocks.substrate"), seed).unwrap();
+    }
 
     let out = t.path().join("memory.out");
     let targets = || vec![("memory".to_string(), out.clone())];
