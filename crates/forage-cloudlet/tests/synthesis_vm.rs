@@ -333,6 +333,56 @@ async fn synthesis_modes_cache_and_faults() {
     cloudlet.cache.evict(&digest);
     cloudlet.cache.set_enabled(false);
 
+    // An early-start instance docks once its overlay has arrived (until then its holder
+    // refuses the order), its device hears why it ended, and the substrate activates with
+    // the instance's state (the service's request counter goes on).
+    let (report, mut session) =
+        forage_client::synthesize(&f.ovl, addr, &opts("dock", true)).await.expect("early start");
+    assert_eq!(report.mode, "early_start");
+    let id =
+        cloudlet.state.list_instances(true).unwrap().into_iter().find(|i| i.endpoint == report.endpoint).unwrap().id;
+    let pool = forage_substrate::Pool::open(&f.data).unwrap();
+    let _ = pool.remove("syn-early");
+    let t = Instant::now();
+    let docked = loop {
+        match cloudlet.dock_instance(&id, "syn-early", false).await {
+            Err(forage_cloudlet::DockInstanceError::NotDockable(_)) if t.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            d => break d,
+        }
+    };
+    let ended = session.ended().await;
+    eprintln!("{:?}", docked.expect("the early-start instance docks once its overlay is complete"));
+    match ended {
+        forage_client::Ended::Stopped(e) => {
+            assert!(e.to_string().contains("docked this instance as substrate syn-early"), "{e}")
+        }
+        other => panic!("the device should hear its instance was docked, got {other:?}"),
+    }
+    let run = forage_testkit::guest::run_paths("syn-early-act");
+    let req = forage_substrate::ActivateRequest {
+        substrate: "syn-early".into(),
+        vcpus: 1,
+        memory_mib: forage_substrate::format::read_manifest(&pool.entry("syn-early").unwrap().path)
+            .unwrap()
+            .snapshot
+            .spec
+            .memory_mib,
+        accel: forage_vm::accel::detect().accel,
+        run,
+        vm_name: "syn-early-act".into(),
+        detached: false,
+    };
+    let act = forage_substrate::activate(&f.data, &pool, req).await.expect("the docked instance activates");
+    let port = act.report.service_port.expect("the service's forward").1;
+    let answer = tokio::task::spawn_blocking(move || forage_testkit::guest::request(port, "search d 8")).await.unwrap();
+    // The synthesis's own requests were counted before the dock: a fresh VM would say 1.
+    let served: u32 = answer.split("served=").nth(1).and_then(|v| v.split(' ').next()?.parse().ok()).unwrap_or(0);
+    assert!(served >= 2, "the docked instance's state goes on: {answer}");
+    act.vm.shutdown().await.unwrap();
+    pool.remove("syn-early").unwrap();
+
     // Four devices at once with early start (the full client), each with its own instance.
     let runs: Vec<_> = (0..4)
         .map(|i| {

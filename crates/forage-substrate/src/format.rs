@@ -163,6 +163,16 @@ impl Sink for ToFiles {
             })?;
             self.image = Some(File::open(base)?);
         }
+        // Refused as another image, not as a short read, when this host's is smaller.
+        let image_len = self.image.as_ref().expect("opened").metadata()?.len();
+        if image_offset.checked_add(PAGE as u64).is_none_or(|end| end > image_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the guest image's disk has no block at {image_offset} (memory page at {offset}): this host's image differs"
+                ),
+            ));
+        }
         let mut block = vec![0u8; PAGE];
         self.image.as_ref().expect("opened").read_exact_at(&mut block, image_offset)?;
         if Sha256::digest(&block)[..8] != sum[..] {
@@ -195,7 +205,8 @@ pub fn decode(r: impl Read, sink: &mut dyn Sink) -> Result<SubstrateManifest, De
         sink.begin(s).map_err(DecodeError::Io)?;
         match format {
             1 | 2 => read_section(&mut r, s, sink)?,
-            _ => crate::section::read_section(&mut r, s, image_len.filter(|_| s.name == "memory"), sink)?,
+            3 => crate::section::read_section(&mut r, s, image_len.filter(|_| s.name == "memory"), sink)?,
+            other => return Err(DecodeError::NewerFormat(other)),
         }
         sink.end().map_err(DecodeError::Io)?;
     }

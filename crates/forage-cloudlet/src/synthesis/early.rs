@@ -337,6 +337,7 @@ pub(crate) async fn run(
                     // Everything is here: the instance no longer needs its device's
                     // segments, and may move.
                     instance.control.set_movable(true);
+                    instance.control.set_dockable(true);
                     let apply_ms = start.elapsed().as_millis() as u64;
                     let _ = out_tx.send(DeviceMessage::Complete { segments: s.segments, bytes: s.bytes_arrived, apply_ms, decompress_ms: 0 });
                     tracing::info!(session = %ctx.id, apply_ms, stats = ?s, "early start: every segment applied");
@@ -356,6 +357,14 @@ pub(crate) async fn run(
                         Carried::Stopped(e) => break Err(e),
                     }
                 }
+                _ = instance.control.dock_ordered(), if sent_complete => {
+                    // Docked like any running instance (`instance::dock`): its VM is
+                    // saved out of the view, whose segments have all arrived.
+                    match crate::instance::dock::carry_out(ctx.place(), &instance).await {
+                        crate::instance::dock::Docked::Stayed => {}
+                        crate::instance::dock::Docked::Ended(e) => break Err(e),
+                    }
+                }
                 Some(to) = follow_rx.recv() => {
                     if let Err(message) = instance.control.follow(&to) {
                         let _ = out_tx.send(DeviceMessage::NotFollowed { message });
@@ -370,6 +379,7 @@ pub(crate) async fn run(
                 }
             }
         };
+        instance.control.set_dockable(false);
         drop(out_tx);
         (Some(instance), result)
     };
