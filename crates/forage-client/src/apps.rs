@@ -104,7 +104,9 @@ pub async fn where_is(
 /// passed (a node that died is marked lost only when its lease expires). Returns the
 /// cloudlet that answered and its last answer; `None` when no cloudlet knows it (a
 /// cloudlet alone, not in a cluster, answers `not_found`; so does a cluster once the
-/// instance ended in good order).
+/// instance ended in good order) or none answered within `patience`. A round in which no
+/// cloudlet could be reached (a busy host, a node restarting) is not an answer: the
+/// device asks again.
 pub async fn ask_after(
     pairings: &std::path::Path,
     endpoint: &str,
@@ -118,24 +120,31 @@ pub async fn ask_after(
         .filter_map(|p| Some((p.record.addr.as_deref()?.parse().ok()?, p.client_config().ok()?)))
         .collect();
     let every = every.max(std::time::Duration::from_millis(100));
-    let mut last;
+    let mut last = None;
     loop {
-        let mut answered = None;
+        let (mut answered, mut unknown) = (None, false);
         for (addr, credentials) in &peers {
             let asked = tokio::time::timeout(
-                every.max(std::time::Duration::from_secs(2)),
+                every.max(std::time::Duration::from_secs(5)),
                 where_is(*addr, credentials, endpoint),
             );
-            if let Ok(Ok(w)) = asked.await {
-                answered = Some((*addr, w));
-                break;
+            match asked.await {
+                Ok(Ok(w)) => {
+                    answered = Some((*addr, w));
+                    break;
+                }
+                Ok(Err(ClientError::Refused { code: forage_proto::ErrorCode::NotFound, .. })) => unknown = true,
+                Ok(Err(e)) => tracing::debug!("asking {addr} where {endpoint} is: {e}"),
+                Err(_) => tracing::debug!("asking {addr} where {endpoint} is: no answer in time"),
             }
         }
         match answered {
             Some((_, ref w)) if w.lost.is_some() => return answered,
-            // No cloudlet knows it (any more): it ended, it was not lost.
-            None => return None,
             Some(_) => last = answered,
+            // No cloudlet knows it (any more): it ended, it was not lost.
+            None if unknown => return None,
+            // None could be reached this round: ask again.
+            None => {}
         }
         if started.elapsed() >= patience {
             return last;

@@ -483,7 +483,14 @@ fn a_device_reaching_a_node_without_the_base_is_served_by_the_node_holding_it() 
     eprintln!("node {holder} killed: its instance reported lost after {lost:?} (lease {LEASE_S} s)");
     assert!(lost <= Duration::from_secs(2 * LEASE_S), "lost after {lost:?}");
     // The device asking after it (WhereIs, device protocol) hears that it is lost.
-    let (_, answer) = asking.join().unwrap().expect("a paired node answers");
+    let (_, answer) = asking.join().unwrap().unwrap_or_else(|| {
+        let logs: Vec<String> = (0..3)
+            .filter(|&i| i != to)
+            .map(|i| std::fs::read_to_string(dirs[i].join("serve.log")).unwrap_or_default())
+            .map(|log| log.lines().rev().take(30).collect::<Vec<_>>().join("\n"))
+            .collect();
+        panic!("no paired node answered where the instance is; the live nodes' logs (last lines first):\n{logs:#?}")
+    });
     let asked = killed.elapsed();
     assert_eq!(answer.lost.as_deref(), Some(reason.as_str()), "{answer:?}");
     eprintln!("the device asking by itself heard {answer} after {asked:?}");
