@@ -130,6 +130,9 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
     let decoded_dir = pool.disks_dir(&name)?;
     let snap_dir = req.run.dir.join("substrate");
     let _ = std::fs::remove_dir_all(&req.run.dir);
+    // From here the VM's folder is this activation's: a failure leaves none of it behind
+    // (until the VM runs, dropped with this; then removed once the VM is stopped).
+    let scratch = RemovedUnlessKept(Some(req.run.dir.clone()));
     let own_files = [&snap.memory.file, &snap.state.file].iter().all(|f| plain_name(f));
     if !own_files {
         return Err(ActivateError::Refused {
@@ -210,13 +213,33 @@ pub async fn activate(data: &DataDir, pool: &Pool, req: ActivateRequest) -> Resu
         .await
         .map_err(|source| ActivateError::Restore { name: name.clone(), source })?;
     let restore_seconds = t.elapsed().as_secs_f64();
+    scratch.keep();
+    let run_dir = req.run.dir.clone();
     let before = Before { start, reloaded, manifest_seconds, decode_seconds, decoded_now, restore_seconds };
     // From here on the VM runs: a failure stops it (a detached QEMU would outlive us).
     match grow(&mut vm, &manifest, &forwards, req, before).await {
         Ok(report) => Ok(Activated { vm, manifest, report, forwards }),
         Err(e) => {
             let _ = vm.shutdown().await;
+            let _ = std::fs::remove_dir_all(run_dir);
             Err(e)
+        }
+    }
+}
+
+/// A folder removed when this is dropped, unless kept.
+struct RemovedUnlessKept(Option<std::path::PathBuf>);
+
+impl RemovedUnlessKept {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemovedUnlessKept {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

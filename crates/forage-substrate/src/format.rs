@@ -252,10 +252,7 @@ fn read_head(r: &mut Hashing<impl Read>) -> Result<(SubstrateManifest, u32), Dec
     r.exact(&mut mbytes, "manifest")?;
     let manifest: SubstrateManifest =
         serde_json::from_slice(&mbytes).map_err(|e| DecodeError::Manifest(e.to_string()))?;
-    check_manifest(&manifest).map_err(DecodeError::Manifest)?;
-    if format < 3 && manifest.sections.iter().any(|s| s.image_pages > 0) {
-        return Err(DecodeError::Manifest(format!("format {format} has no image blocks")));
-    }
+    check_manifest(&manifest, format).map_err(DecodeError::Manifest)?;
     Ok((manifest, format))
 }
 
@@ -305,8 +302,8 @@ fn read_section(r: &mut Hashing<impl Read>, s: &SectionRecord, sink: &mut dyn Si
     Ok(())
 }
 
-/// What can be checked of a manifest alone.
-pub fn check_manifest(m: &SubstrateManifest) -> Result<(), String> {
+/// What can be checked of a manifest alone, written in file format `format`.
+pub fn check_manifest(m: &SubstrateManifest, format: u32) -> Result<(), String> {
     if m.kind != KIND {
         return Err(format!("kind {:?}, expected {KIND}", m.kind));
     }
@@ -346,15 +343,26 @@ pub fn check_manifest(m: &SubstrateManifest) -> Result<(), String> {
             return Err(format!("section {name} cannot be kept over the image's disk"));
         }
         let over_image = m.sections.iter().any(|d| d.name == "disk0" && d.over_image);
-        if s.image_pages > 0 && (name != "memory" || !over_image || s.image_pages > s.raw_size / PAGE as u64) {
-            return Err(format!("section {name} claims {} image blocks", s.image_pages));
+        let image_pages_allowed = format >= 3 && name == "memory" && over_image;
+        if s.image_pages > 0 && (!image_pages_allowed || s.image_pages > s.raw_size / PAGE as u64) {
+            return Err(format!("section {name} claims {} image blocks (format {format})", s.image_pages));
         }
-        let max_extents = s.raw_size / PAGE as u64 + 1;
-        if s.extents > max_extents || s.data_bytes > s.raw_size {
-            return Err(format!("section {name} claims {} extents, {} data bytes", s.extents, s.data_bytes));
+        // Format 3 writes one record per 1 MiB window at most; earlier formats, extents of
+        // whole pages. Pages held as image blocks are not data bytes.
+        let (max_extents, bound) = match format {
+            3.. => (s.raw_size.div_ceil(crate::section::WINDOW), crate::section::max_record_bytes()),
+            _ => (
+                s.raw_size / PAGE as u64 + 1,
+                zstd::zstd_safe::compress_bound(MAX_EXTENT as usize) as u64 + EXTENT_HEADER,
+            ),
+        };
+        let held = s.image_pages.checked_mul(PAGE as u64).and_then(|b| b.checked_add(s.data_bytes));
+        if s.extents > max_extents || !matches!(held, Some(h) if h <= s.raw_size) {
+            return Err(format!(
+                "section {name} claims {} extents, {} data bytes, {} image blocks",
+                s.extents, s.data_bytes, s.image_pages
+            ));
         }
-        let bound = (zstd::zstd_safe::compress_bound(MAX_EXTENT as usize) as u64 + EXTENT_HEADER)
-            .max(crate::section::max_record_bytes());
         if s.encoded_bytes > s.extents.saturating_mul(bound) {
             return Err(format!("section {name} claims {} encoded bytes", s.encoded_bytes));
         }

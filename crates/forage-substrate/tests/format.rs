@@ -127,17 +127,41 @@ fn memory_equal_to_the_images_disk_is_kept_as_references_checked_on_decode() {
     synthetic::put(&image, 7, &synthetic::pattern(2));
     let sink = ToFiles::new(targets()).with_base("disk0", image.clone());
     let e = format::decode(std::fs::File::open(&file).unwrap(), &mut { sink }).unwrap_err();
-    let line = one_line(&e);
+    let line = forage_proto::one_line(&e);
     assert!(line.contains("image differs") && !line.contains('\n'), "{line}");
 }
 
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
+#[test]
+fn a_manifest_claiming_more_than_its_sections_hold_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, m) = synthetic::substrate(t.path(), "s4", 3);
+    format::check_manifest(&m, format::FORMAT).unwrap();
+    let mem = m.sections[0].raw_size;
+    type Claim = fn(&mut format::SectionRecord, u64);
+    let claims: [(&str, Claim); 4] = [
+        // One record per 1 MiB window at most.
+        ("extents", |s, raw| s.extents = raw.div_ceil(1 << 20) + 1),
+        ("data bytes", |s, raw| s.data_bytes = raw + 1),
+        ("image blocks without an image", |s, _| s.image_pages = 1),
+        ("encoded bytes", |s, _| s.encoded_bytes = s.extents * (2 << 20)),
+    ];
+    for (what, claim) in claims {
+        let mut bad = m.clone();
+        claim(&mut bad.sections[0], mem);
+        let e = format::check_manifest(&bad, format::FORMAT).expect_err(what);
+        assert!(e.contains("section memory") && !e.contains('\n'), "{what}: {e}");
     }
-    line
+    // Image blocks: in format 3 only, in memory only, over an image's disk only.
+    let mut over = m.clone();
+    over.sections[1].over_image = true;
+    over.sections[0].image_pages = 1;
+    over.sections[0].data_bytes -= 4096;
+    format::check_manifest(&over, 3).unwrap();
+    assert!(format::check_manifest(&over, 2).is_err());
+    let mut full = over.clone();
+    full.sections[0].data_bytes = mem;
+    assert!(format::check_manifest(&full, 3).unwrap_err().contains("1 image blocks"));
+    let mut state = over.clone();
+    state.sections[2].image_pages = 1;
+    assert!(format::check_manifest(&state, 3).unwrap_err().contains("section state"));
 }
