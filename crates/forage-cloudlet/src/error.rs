@@ -46,12 +46,17 @@ impl SessionError {
 /// `internal`, or `timeout` when it stopped taking pieces).
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("opening {what} {name}")]
-    Open {
-        what: &'static str,
+    #[error("opening base {name}")]
+    OpenBase {
         name: String,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: Box<forage_synth::SynthError>,
+    },
+    #[error("opening service {name}")]
+    OpenService {
+        name: String,
+        #[source]
+        source: forage_service::ServiceError,
     },
     #[error("exporting {what} {name}")]
     Export {

@@ -40,14 +40,14 @@ fn find(data: &DataDir, what: PackageKind, name: &str) -> Result<Held, SessionEr
             BaseVm::open(data, name).map(Held::Base).map_err(|e| match e {
                 SynthError::NoBase { .. } => missing(),
                 SynthError::DataDir(_) => bad(),
-                e => ServeError::Open { what: what.as_str(), name: name.to_string(), source: Box::new(e) }.into(),
+                e => ServeError::OpenBase { name: name.to_string(), source: Box::new(e) }.into(),
             })
         }
         PackageKind::Service if !forage_service::plain(name) => Err(bad()),
         PackageKind::Service => {
             forage_service::Repository::new(data).open(name).map(Held::Service).map_err(|e| match e {
                 forage_service::ServiceError::NotFound { .. } => missing(),
-                e => ServeError::Open { what: what.as_str(), name: name.to_string(), source: Box::new(e) }.into(),
+                e => ServeError::OpenService { name: name.to_string(), source: e }.into(),
             })
         }
     }
