@@ -124,7 +124,8 @@ pub struct DockReport {
     pub encode_seconds: f64,
     pub memory_bytes: u64,
     pub docked_memory_bytes: u64,
-    /// Bytes of guest memory kept in the substrate (non-zero pages after the shrink).
+    /// Bytes of guest memory kept in the substrate (non-zero pages after the shrink), as
+    /// data or as references to the image's disk blocks.
     pub memory_data_bytes: u64,
     pub raw_bytes: u64,
     pub compressed_bytes: u64,
@@ -160,8 +161,10 @@ pub async fn dock(data: &DataDir, pool: &Pool, req: DockRequest) -> Result<DockR
     let work = data.work().join(format!("substrate-{}-{}", req.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|source| DockError::Io { path: work.clone(), source })?;
-    let result = dock_in(data, pool, &req, &work, &staging).await;
+    let memory = pool.dock_memory(&req.name)?;
+    let result = dock_in(data, pool, &req, &work, &memory, &staging).await;
     let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_file(&memory);
     if result.is_err() {
         let _ = std::fs::remove_file(&staging);
     }
@@ -173,6 +176,7 @@ async fn dock_in(
     pool: &Pool,
     req: &DockRequest,
     work: &Path,
+    memory: &Path,
     staging: &Path,
 ) -> Result<DockReport, DockError> {
     let qmp_socket = data
@@ -183,7 +187,7 @@ async fn dock_in(
     let boot_start = Instant::now();
     let (vm, agent_port, service_port, source) = match &req.source {
         DockSource::Boot { app, max_vcpus, max_memory_mib } => {
-            let (vm, agent_port) = boot(data, req, app.as_ref(), *max_vcpus, *max_memory_mib, &run).await?;
+            let (vm, agent_port) = boot(data, req, app.as_ref(), *max_vcpus, *max_memory_mib, &run, memory).await?;
             let source = match app {
                 Some(a) => format!("image:{}+app:{}", req.image.manifest().name, a.manifest().name),
                 None => format!("image:{}", req.image.manifest().name),
@@ -191,7 +195,7 @@ async fn dock_in(
             (vm, agent_port, app.as_ref().map(|a| a.manifest().port), source)
         }
         DockSource::Saved { snapshot, service_port, label } => {
-            let (vm, agent_port) = restore_saved(req, snapshot, label, &run).await?;
+            let (vm, agent_port) = restore_saved(req, snapshot, label, &run, memory).await?;
             (vm, agent_port, *service_port, label.clone())
         }
     };
@@ -208,6 +212,7 @@ async fn boot(
     max_vcpus: u32,
     max_memory_mib: u64,
     run: &RunPaths,
+    memory: &Path,
 ) -> Result<(Vm, u16), DockError> {
     let service_port = app.map(|a| a.manifest().port);
     let (mut spec, ports) = req
@@ -216,6 +221,7 @@ async fn boot(
         .map_err(|e| DockError::Boot(forage_image::BootError::Image(e)))?;
     spec.max_vcpus = Some(max_vcpus.max(1));
     spec.memory_mib = max_memory_mib;
+    spec.memory_file = memory.to_path_buf();
     // On a fixed slot, so that the dock can unplug it and a restore without it keeps
     // every other device where it was.
     if let Some(nic) = spec.nic.as_mut() {
@@ -254,6 +260,7 @@ async fn restore_saved(
     snapshot: &Snapshot,
     label: &str,
     run: &RunPaths,
+    memory: &Path,
 ) -> Result<(Vm, u16), DockError> {
     let saved = &snapshot.manifest().spec;
     if saved.disks.iter().any(|d| d.format != forage_vm::DiskFormat::Raw) {
@@ -276,6 +283,7 @@ async fn restore_saved(
     std::fs::create_dir_all(&run.dir).map_err(|source| DockError::Io { path: run.dir.clone(), source })?;
     let mut spec = snapshot.relocated_spec(&run.dir, &run.qmp_socket, Some(forwards));
     spec.name = req.name.clone();
+    spec.memory_file = memory.to_path_buf();
     if let Some(boot) = spec.boot.as_mut() {
         boot.kernel = req.image.dir().join(&req.image.manifest().kernel);
         boot.initrd = req.image.dir().join(&req.image.manifest().initrd);
@@ -309,27 +317,25 @@ async fn shrink_save_encode(
     })
     .await
     .map_err(DockError::Agent)?;
+    let caches_seconds = t.elapsed().as_secs_f64();
     let (total, available) = meminfo(&out.stdout);
     let ram = vm.spec().memory_bytes();
     // What the kernel keeps for itself (RAM minus MemTotal) + what is in use + headroom.
     let target = (ram.saturating_sub(total) + total.saturating_sub(available) + DOCK_HEADROOM).min(ram);
     let target = target.div_ceil(1 << 20) << 20;
-    // Free page reporting punches what the guest just freed out of the memory file a
-    // couple of seconds later: wait until the file stops shrinking.
-    let mem_file = vm.spec().memory_file.clone();
-    let mut last = forage_vm::sparse::allocated_bytes(&mem_file).unwrap_or(0);
-    for _ in 0..16 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = forage_vm::sparse::allocated_bytes(&mem_file).unwrap_or(0);
-        if now + (1 << 20) >= last && now <= last {
-            break;
-        }
-        last = now;
-    }
-    // The guest zeroes the pages it gives the balloon (init_on_alloc): they are zero pages
-    // in the file, which the encoder leaves out.
+    // No wait for free page reporting (it reports 2 s after pages are freed): the balloon
+    // takes the pages the dropped caches freed; the guest zeroes the pages it gives the
+    // balloon (init_on_alloc) and QEMU punches them out: zero pages, which the encoder
+    // leaves out.
     let docked = vm.set_balloon(target, Duration::from_secs(60)).await.map_err(DockError::Shrink)?;
     let shrink_seconds = t.elapsed().as_secs_f64();
+    tracing::info!(
+        caches = caches_seconds,
+        balloon = shrink_seconds - caches_seconds,
+        balloon_mib = ram.saturating_sub(target) >> 20,
+        "dock {}: shrink (seconds)",
+        req.name
+    );
 
     // No NIC in the substrate: the guest lets it go, activation plugs in a new one. A
     // saved VM's NIC on an automatic PCI slot stays (a restore without it would move the
@@ -381,7 +387,8 @@ async fn shrink_save_encode(
         format::encode(staging, &mut manifest, &inputs, work, req.zstd_level).map_err(DockError::Encode)?;
     let encode_seconds = t.elapsed().as_secs_f64();
     let raw_bytes = manifest.sections.iter().map(|s| s.raw_size).sum();
-    let memory_data_bytes = manifest.sections[0].data_bytes;
+    let memory = &manifest.sections[0];
+    let memory_data_bytes = memory.data_bytes + memory.image_pages * format::PAGE as u64;
     let spilled = pool.insert(&req.name, staging)?;
     Ok(DockReport {
         name: req.name.clone(),

@@ -26,7 +26,7 @@ use forage_vm::snapshot::SnapshotManifest;
 use serde::{Deserialize, Serialize};
 
 use crate::record::{is_false, Hashing};
-pub use crate::record::{DecodeError, SectionRecord, Sink, FORMAT};
+pub use crate::record::{DecodeError, SectionRecord, Sink, FORMAT, PAGE};
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"FORAGESB";
@@ -43,7 +43,6 @@ pub const MAX_EXTENT: u32 = 1 << 20;
 pub const MAX_MEMORY: u64 = 64 << 30;
 pub const MAX_DISK: u64 = 256 << 30;
 pub const MAX_STATE: u64 = 64 << 20;
-const PAGE: usize = 4096;
 const EXTENT_HEADER: u64 = 16;
 
 /// What a substrate is: the docked VM's snapshot description (hardware, sizes, device

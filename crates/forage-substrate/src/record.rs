@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 /// ([`crate::section`]).
 pub const FORMAT: u32 = 3;
 
+/// A guest page, and a block of the image's disk a memory page may refer to.
+pub const PAGE: usize = 4096;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SectionRecord {

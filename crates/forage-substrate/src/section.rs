@@ -29,11 +29,10 @@ use std::path::Path;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::record::{DecodeError, Hashing, SectionRecord, Sink};
+use crate::record::{DecodeError, Hashing, SectionRecord, Sink, PAGE};
 
 /// Pages per window and the window's size.
 pub const WINDOW: u64 = 1 << 20;
-const PAGE: usize = 4096;
 const PAGES: usize = (WINDOW as usize) / PAGE;
 const NOT_STORED: u8 = 0;
 const DATA: u8 = 1;
