@@ -24,6 +24,10 @@ use crate::pool::{Pool, PoolError};
 /// the agent's buffers); the balloon takes the rest.
 pub const DOCK_HEADROOM: u64 = 24 << 20;
 
+/// How long after pages are freed the guest's free page reporting reports them (Linux's
+/// `PAGE_REPORTING_DELAY`, 2 s), with a margin.
+const REPORTING_DELAY: Duration = Duration::from_millis(2200);
+
 /// The kernel argument of VMs booted to be docked: their guest brings up a NIC plugged in
 /// later (the tiny guest's init watches for one only with it).
 pub const NIC_HOTPLUG_ARG: &str = "forage.nichotplug=1";
@@ -323,15 +327,30 @@ async fn shrink_save_encode(
     // What the kernel keeps for itself (RAM minus MemTotal) + what is in use + headroom.
     let target = (ram.saturating_sub(total) + total.saturating_sub(available) + DOCK_HEADROOM).min(ram);
     let target = target.div_ceil(1 << 20) << 20;
-    // No wait for free page reporting (it reports 2 s after pages are freed): the balloon
-    // takes the pages the dropped caches freed; the guest zeroes the pages it gives the
-    // balloon (init_on_alloc) and QEMU punches them out: zero pages, which the encoder
-    // leaves out.
+    // The balloon takes most of what the dropped caches freed: the guest zeroes the pages
+    // it gives the balloon (init_on_alloc) and QEMU punches them out of the memory file.
+    let caches_dropped = Instant::now();
     let docked = vm.set_balloon(target, Duration::from_secs(60)).await.map_err(DockError::Shrink)?;
+    let balloon_seconds = caches_dropped.elapsed().as_secs_f64();
+    // The free pages left beside the balloon still hold what the caches held until free
+    // page reporting punches them, about 2 s after they were freed (the kernel's delay):
+    // wait for that, then until the file stops shrinking.
+    let mem_file = vm.spec().memory_file.clone();
+    tokio::time::sleep(REPORTING_DELAY.saturating_sub(caches_dropped.elapsed())).await;
+    let mut last = forage_vm::sparse::allocated_bytes(&mem_file).unwrap_or(0);
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = forage_vm::sparse::allocated_bytes(&mem_file).unwrap_or(0);
+        if now + (1 << 20) >= last && now <= last {
+            break;
+        }
+        last = now;
+    }
     let shrink_seconds = t.elapsed().as_secs_f64();
     tracing::info!(
         caches = caches_seconds,
-        balloon = shrink_seconds - caches_seconds,
+        balloon = balloon_seconds,
+        reporting = shrink_seconds - caches_seconds - balloon_seconds,
         balloon_mib = ram.saturating_sub(target) >> 20,
         "dock {}: shrink (seconds)",
         req.name
