@@ -7,6 +7,11 @@
 //! `DATA/substrates/disks/NAME/` (a substrate's base disk, decoded on first activation:
 //! the read-only backing file of every activation's copy-on-write disk). A substrate is in
 //! exactly one of MEM and spill; its file is written under a temporary name and renamed.
+//!
+//! Temporary files (a substrate being docked, received, copied, reloaded or spilled; a
+//! docking VM's memory) are hidden and end in the writer's process id: `.WHAT.PID`.
+//! Opening a pool removes those whose process is gone (a dock or a receive killed
+//! half-way), so that what they held in host memory comes back.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -122,7 +127,36 @@ impl Pool {
         for d in [root.join("spill"), root.join("disks"), memory.clone()] {
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
-        Ok(Self { root, memory })
+        let pool = Self { root, memory };
+        pool.sweep();
+        Ok(pool)
+    }
+
+    /// A hidden temporary file of this process in `dir`: `.WHAT.PID`.
+    fn temp(dir: &Path, what: &str) -> PathBuf {
+        dir.join(format!(".{what}.{}", std::process::id()))
+    }
+
+    /// A temporary file of this process in the memory tier (e.g. a substrate being
+    /// received): swept once this process is gone.
+    pub fn temp_file(&self, what: &str) -> PathBuf {
+        Self::temp(&self.memory, what)
+    }
+
+    /// Remove temporary files whose writer is gone. Best effort: a file that cannot be
+    /// removed stays for the next open.
+    fn sweep(&self) {
+        for dir in [&self.memory, &self.root.join("spill")] {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            for e in entries.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = temp_owner(&file) {
+                    if !process_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+                        tracing::info!(file = %e.path().display(), pid, "removed a pool file its process left behind");
+                    }
+                }
+            }
+        }
     }
 
     pub fn memory_dir(&self) -> &Path {
@@ -179,7 +213,7 @@ impl Pool {
         if self.find(name).is_some() {
             return Err(PoolError::Exists(name.into()));
         }
-        Ok(self.memory.join(format!(".{name}.{EXT}.{}", std::process::id())))
+        Ok(Self::temp(&self.memory, &format!("{name}.{EXT}")))
     }
 
     /// Where a VM being docked as substrate `name` keeps its guest memory: in host memory
@@ -189,7 +223,7 @@ impl Pool {
     /// save moves its used pages to the data folder.
     pub fn dock_memory(&self, name: &str) -> Result<PathBuf, PoolError> {
         Self::check(name)?;
-        Ok(self.memory.join(format!(".dock-{name}.{}.memory", std::process::id())))
+        Ok(Self::temp(&self.memory, &format!("dock-{name}.memory")))
     }
 
     fn find(&self, name: &str) -> Option<(PathBuf, Tier)> {
@@ -223,7 +257,7 @@ impl Pool {
         let target = self.in_memory(name);
         if std::fs::rename(file, &target).is_err() {
             // Another file system: copy, then rename within the tier.
-            let tmp = self.memory.join(format!(".{name}.{EXT}.copy"));
+            let tmp = Self::temp(&self.memory, &format!("{name}.{EXT}.copy"));
             std::fs::copy(file, &tmp).map_err(io(file))?;
             std::fs::rename(&tmp, &target).map_err(io(&target))?;
             let _ = std::fs::remove_file(file);
@@ -241,7 +275,7 @@ impl Pool {
             Tier::Memory => path,
             Tier::Disk => {
                 let target = self.in_memory(name);
-                let tmp = self.memory.join(format!(".{name}.{EXT}.reload"));
+                let tmp = Self::temp(&self.memory, &format!("{name}.{EXT}.reload"));
                 std::fs::copy(&path, &tmp).map_err(io(&path))?;
                 std::fs::rename(&tmp, &target).map_err(io(&target))?;
                 std::fs::remove_file(&path).map_err(io(&path))?;
@@ -278,7 +312,7 @@ impl Pool {
                 continue;
             }
             let target = self.spilled(&e.name);
-            let tmp = target.with_extension("spilling");
+            let tmp = Self::temp(&self.root.join("spill"), &format!("{}.{EXT}.spilling", e.name));
             std::fs::copy(&e.path, &tmp).map_err(io(&e.path))?;
             std::fs::rename(&tmp, &target).map_err(io(&target))?;
             std::fs::remove_file(&e.path).map_err(io(&e.path))?;
@@ -345,6 +379,17 @@ impl Pool {
     }
 }
 
+/// The process id a temporary pool file ends in (`.WHAT.PID`), if it is one.
+fn temp_owner(file: &str) -> Option<u32> {
+    let rest = file.strip_prefix('.')?;
+    let (_, pid) = rest.rsplit_once('.')?;
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() || !Path::new("/proc/self").exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +424,29 @@ mod tests {
         assert!(matches!(pool.get("b"), Err(PoolError::NotFound(_))));
         assert!(matches!(pool.staging("../x"), Err(PoolError::BadName(_))));
         assert!(matches!(pool.staging("a"), Err(PoolError::Exists(_))));
+    }
+
+    #[test]
+    fn opening_removes_what_a_dead_process_left_and_keeps_the_living() {
+        let t = tempfile::tempdir().unwrap();
+        let pool = Pool::at(t.path().join("data"), t.path().join("mem")).unwrap();
+        // A pid above Linux's highest (2^22) names no process.
+        let dead = [
+            pool.memory_dir().join(".dock-a.memory.99999999"),
+            pool.memory_dir().join(".a.substrate.99999999"),
+            t.path().join("data/spill/.a.substrate.spilling.99999999"),
+        ];
+        let living = [pool.dock_memory("b").unwrap(), pool.staging("b").unwrap(), pool.temp_file("receiving")];
+        let kept = [pool.memory_dir().join(".notes"), pool.memory_dir().join("a.substrate.123")];
+        for f in dead.iter().chain(&living).chain(&kept) {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let _again = Pool::at(t.path().join("data"), t.path().join("mem")).unwrap();
+        for f in &dead {
+            assert!(!f.exists(), "{} removed", f.display());
+        }
+        for f in living.iter().chain(&kept) {
+            assert!(f.exists(), "{} kept", f.display());
+        }
     }
 }

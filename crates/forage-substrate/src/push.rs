@@ -129,7 +129,7 @@ pub async fn receive(
     ch: &Channel,
     wait: Duration,
 ) -> Result<(SubstrateManifest, ReceiveReport), PushError> {
-    let partial = pool.memory_dir().join(format!(".receiving-{}", std::process::id()));
+    let partial = pool.temp_file("receiving");
     let start = Instant::now();
     let mut cmd = tokio::process::Command::new("udp-receiver");
     cmd.arg("--file")
