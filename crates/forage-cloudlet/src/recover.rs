@@ -49,6 +49,9 @@ pub(crate) async fn adopt_all(cloudlet: &Arc<Cloudlet>) {
         }
     }
     sweep_dead_sessions(cloudlet);
+    for dir in cloudlet.data.sweep_scratch() {
+        tracing::info!("removed {}: scratch of a process that is gone", dir.display());
+    }
 }
 
 async fn adopt(cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Instance, String> {

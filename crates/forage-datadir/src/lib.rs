@@ -118,6 +118,29 @@ impl DataDir {
         self.root.join("work")
     }
 
+    /// Remove the scratch folders of processes that are gone (a `forage overlay create`,
+    /// `substrate dock` or bench killed half-way): the entries of `work/` whose name ends
+    /// in `-PID` for a PID with no process. Cloudlet sessions (`session-PID-N`) are not
+    /// touched: a restarted daemon adopts their instances or settles them itself. Best
+    /// effort; returns what was removed.
+    pub fn sweep_scratch(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for e in std::fs::read_dir(self.work()).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("session-") || !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Some(pid) = name.rsplit_once('-').and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
+            let gone = pid != std::process::id()
+                && Path::new("/proc/self").exists()
+                && !Path::new("/proc").join(pid.to_string()).exists();
+            if gone && std::fs::remove_dir_all(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+        removed
+    }
+
     /// The cloudlet's cache of launch VMs, one snapshot folder per overlay digest.
     pub fn launch_cache(&self) -> PathBuf {
         self.root.join("cache").join("launch")
@@ -230,6 +253,31 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "../x", "sp ace", &"x".repeat(65)] {
             assert!(checked_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn scratch_of_dead_processes_is_swept_and_the_rest_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let d = DataDir::at(t.path());
+        // A pid above Linux's highest (2^22) names no process.
+        let dead = ["overlay-99999999", "substrate-a-b-99999999"];
+        let kept = [
+            format!("overlay-{}", std::process::id()),
+            "session-99999999-1".to_string(),
+            "notes".to_string(),
+            "x-1".to_string(),
+        ];
+        for n in dead.iter().map(|s| s.to_string()).chain(kept.iter().cloned()) {
+            std::fs::create_dir_all(d.work().join(n).join("run")).unwrap();
+        }
+        std::fs::write(d.work().join("bench-99999999.log"), b"").unwrap();
+        let mut removed = d.sweep_scratch();
+        removed.sort();
+        assert_eq!(removed, dead.map(|n| d.work().join(n)));
+        for n in &kept {
+            assert!(d.work().join(n).exists(), "{n} kept");
+        }
+        assert!(d.work().join("bench-99999999.log").exists(), "files are not scratch folders");
     }
 
     #[test]
