@@ -115,8 +115,7 @@ pub(crate) fn sweep_dead_sessions(cloudlet: &Cloudlet) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() && !in_use.contains(&entry.path())
-        {
+        if forage_datadir::process_gone(pid) && !in_use.contains(&entry.path()) {
             tracing::info!("removing {} left by a daemon that is gone", entry.path().display());
             unmount_session(&entry.path());
             let _ = std::fs::remove_dir_all(entry.path());

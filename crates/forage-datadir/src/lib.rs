@@ -131,10 +131,7 @@ impl DataDir {
                 continue;
             }
             let Some(pid) = name.rsplit_once('-').and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
-            let gone = pid != std::process::id()
-                && Path::new("/proc/self").exists()
-                && !Path::new("/proc").join(pid.to_string()).exists();
-            if gone && std::fs::remove_dir_all(e.path()).is_ok() {
+            if process_gone(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
                 removed.push(e.path());
             }
         }
@@ -193,6 +190,12 @@ impl DataDir {
         }
         Ok(&self.root)
     }
+}
+
+/// No process `pid` runs on this host (the writer of a file named after it is gone).
+/// Never for this process, and never where `/proc` cannot tell.
+pub fn process_gone(pid: u32) -> bool {
+    pid != std::process::id() && Path::new("/proc/self").exists() && !Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// Names of images and VMs become folder names: keep them plain.

@@ -151,7 +151,7 @@ impl Pool {
             for e in entries.flatten() {
                 let file = e.file_name().to_string_lossy().into_owned();
                 if let Some(pid) = temp_owner(&file) {
-                    if !process_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+                    if forage_datadir::process_gone(pid) && std::fs::remove_file(e.path()).is_ok() {
                         tracing::info!(file = %e.path().display(), pid, "removed a pool file its process left behind");
                     }
                 }
@@ -384,10 +384,6 @@ fn temp_owner(file: &str) -> Option<u32> {
     let rest = file.strip_prefix('.')?;
     let (_, pid) = rest.rsplit_once('.')?;
     pid.parse().ok()
-}
-
-fn process_alive(pid: u32) -> bool {
-    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() || !Path::new("/proc/self").exists()
 }
 
 #[cfg(test)]
