@@ -188,6 +188,10 @@ pub struct BenchHandoffArgs {
     /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
     #[arg(long)]
     pub no_qemu: bool,
+    /// Skip the uncounted first handoff (the first between two new cloudlets is slower:
+    /// the base is read cold and the imports' writes are still being flushed)
+    #[arg(long)]
+    pub no_warm_up: bool,
     /// Cancel QEMU's migration if it has not completed after this long, and report that
     /// it did not converge (a VM that dirties memory faster than the link carries never
     /// fits QEMU's downtime limit)
