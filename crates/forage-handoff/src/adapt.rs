@@ -282,6 +282,25 @@ impl Adapter {
         }
         self.fresh_table = false;
         let preds = predict(&self.table, self.current, obs);
+        self.choose(&preds, now, obs.probing)
+    }
+
+    /// Decide before this handoff has measured anything, on the table alone and a link
+    /// `bandwidth` (bytes/s) known from before: what the link to this destination carried
+    /// at most in the last handoff to it, kept as Linux's `tcp_metrics` keeps a
+    /// route's window. Only a table measured on the VM's own data is worth it (its P and
+    /// R are taken as they are), so this follows [`Adapter::set_table`]. A stale prior
+    /// costs one hold: the ticks after it correct the choice on what this link carries.
+    pub fn decide_on_prior(&mut self, bandwidth: f64, cores: f64, now: Instant) -> Option<Switch> {
+        let own = self.table.get(&self.current)?;
+        let obs = Observation { p: own.p, r: own.r, bandwidth, cores, measured: Duration::ZERO, probing: false };
+        self.fresh_table = false;
+        let preds = predict(&self.table, self.current, &obs);
+        self.choose(&preds, now, false)
+    }
+
+    /// Switch to the best of `preds` if it beats the current mode by [`SWITCH_GAIN`].
+    fn choose(&mut self, preds: &[Prediction], now: Instant, probing: bool) -> Option<Switch> {
         let current = preds.iter().find(|p| p.mode == self.current)?.system();
         let best = preds.iter().max_by(|a, b| a.system().total_cmp(&b.system()))?;
         // Ties and gains within the model's error keep the current mode.
@@ -292,7 +311,7 @@ impl Adapter {
             Switch { from: self.current, to: best.mode, predicted_system: best.system(), current_system: current };
         self.current = best.mode;
         self.since = now;
-        self.probed = obs.probing;
+        self.probed = probing;
         Some(switch)
     }
 }
@@ -461,6 +480,30 @@ mod tests {
         let s = a.tick(&lz(MIN_MEASURE), at + MIN_MEASURE).expect("no hold on a guess");
         assert_eq!(s.to, m("xor+zstd1"));
         assert_eq!(a.tick(&slow, at + 2 * SECOND), None, "then the hold again");
+    }
+
+    #[test]
+    fn a_known_link_decides_before_any_measure_and_the_ticks_correct_a_stale_one() {
+        let start = Instant::now();
+        // The VM's own table says lzma9 keeps up with a 5 Mbit/s link and outputs half.
+        let mut a = Adapter::new(table(), m("xor+zstd1"), start);
+        a.set_table(table());
+        let arrived = start + Duration::from_millis(300);
+        let s = a.decide_on_prior(5e6 / 8.0, 1.0, arrived).expect("a switch on the prior alone");
+        assert_eq!(s.to, m("xor+lzma9"));
+        // On a link the encoder cannot keep up with, the prior keeps the fast mode.
+        let mut fast = Adapter::new(table(), m("xor+zstd1"), start);
+        assert_eq!(fast.decide_on_prior(2e8, 1.0, arrived), None);
+        // The prior was stale (the link is fast now): once a hold of measures says so,
+        // the ticks move on.
+        let lz = table().get(&m("xor+lzma9")).unwrap();
+        let fast_link = Observation { p: lz.p, r: lz.r, bandwidth: 1e9, cores: 1.0, measured: SECOND, probing: false };
+        assert_eq!(a.tick(&fast_link, start + Duration::from_millis(800)), None, "held");
+        let back = a.tick(&fast_link, start + 2 * SECOND).expect("corrected");
+        assert_ne!(back.to, m("xor+lzma9"));
+        // A mode the table lacks: no decision.
+        let mut lost = Adapter::new(table(), m("bsdiff+gzip9"), start);
+        assert_eq!(lost.decide_on_prior(5e6 / 8.0, 1.0, start), None);
     }
 
     #[test]

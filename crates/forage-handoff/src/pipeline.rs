@@ -43,6 +43,14 @@ pub struct PipelineConfig {
     /// data, [`crate::sample`]): the adaptation takes it at its next tick, if it holds
     /// the current mode.
     pub adapt_later: Option<Arc<std::sync::OnceLock<LookupTable>>>,
+    /// What the link to this destination carried at most in the last handoff to it
+    /// (bytes/s): with the table measured on the VM's own data, the first decision is
+    /// made when that table arrives instead of after a second of this link's measures.
+    pub link_prior: Option<f64>,
+    /// Encode only [`PACE_AHEAD`] of the link ahead of what the destination acknowledged
+    /// (the transport acknowledges): a segment encoded early sits in the socket's buffer
+    /// in the mode of its time, and a switch applies only to what is encoded after it.
+    pub pace: bool,
     /// How long a mode is kept at least (the paper: 5 s).
     pub hold: Duration,
     /// Told every trace row as it is made.
@@ -67,6 +75,8 @@ impl Default for PipelineConfig {
             start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"),
             adapt: None,
             adapt_later: None,
+            link_prior: None,
+            pace: false,
             hold: crate::adapt::MIN_HOLD,
             on_trace: None,
             progress: None,
@@ -77,6 +87,13 @@ impl Default for PipelineConfig {
 /// How long the adaptation waits for the table measured on the VM's own data before it
 /// decides on the reference table alone.
 const OWN_TABLE_WAIT: Duration = Duration::from_secs(3);
+
+/// With [`PipelineConfig::pace`], output encoded and not yet acknowledged is kept under
+/// this much of the link's rate (the larger of the last second's and the known one) ...
+pub const PACE_AHEAD: Duration = Duration::from_millis(500);
+/// ... or this many bytes, whichever is more (the link's rate is not known yet; a
+/// round trip's worth of a fast link).
+pub const PACE_FLOOR: u64 = 256 << 10;
 
 /// Ticks the measures are taken over (1 s).
 const SMOOTHING: usize = 10;
@@ -119,6 +136,11 @@ pub struct PipelineReport {
     pub seconds: f64,
     pub trace: Vec<TraceRow>,
     pub switches: Vec<String>,
+    /// The most the link carried over a full second in which output waited for it
+    /// (bytes/s): the next handoff to the same destination's [`PipelineConfig::link_prior`].
+    /// The most, not the last: the last seconds hold the VM's stop and the final segments'
+    /// acknowledgements, a third of the link's rate in the bench (25 Mbit/s measured as 7).
+    pub link_bps: Option<f64>,
 }
 
 #[derive(Default)]
@@ -153,6 +175,12 @@ pub fn run(
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let (out_tx, out_rx) = sync_channel::<(u64, Vec<u8>)>(config.depth);
     let trace = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    // Output handed to the transport so far, and how far ahead of the acknowledgements
+    // it may be when a segment's encoding starts. Handed over, not encoded: the segments
+    // go in order, and one encoded out of order would wait for one held back by the pace.
+    let delivered = Arc::new(AtomicU64::new(0));
+    let pace_floor = config.link_prior.map_or(PACE_FLOOR, |b| PACE_FLOOR.max((b * PACE_AHEAD.as_secs_f64()) as u64));
+    let ahead = Arc::new(AtomicU64::new(if config.pace { pace_floor } else { u64::MAX }));
     let result = std::thread::scope(|s| {
         // Feeder.
         let seg = config.segment_chunks.max(1);
@@ -185,10 +213,19 @@ pub fn run(
         let batch_rx = batch_rx;
         for _ in 0..config.workers.max(1) {
             let (rx, tx, mode, window) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone());
+            let (delivered, ahead, acked, done) = (delivered.clone(), ahead.clone(), acked.clone(), done.clone());
             let progress = config.progress.clone();
             s.spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((seq, batch)) = next else { return };
+                // Paced: wait until the link has taken most of what was encoded, then
+                // encode in the mode of that moment.
+                while delivered.load(Ordering::Relaxed).saturating_sub(acked.load(Ordering::Relaxed))
+                    > ahead.load(Ordering::Relaxed)
+                    && !done.load(Ordering::Relaxed)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let m = *mode.lock().unwrap_or_else(|p| p.into_inner());
                 let (wire, st) = encode(m, &batch);
                 if let Some(p) = &progress {
@@ -213,9 +250,11 @@ pub fn run(
         {
             let (mode, window, done, acked, trace, totals) =
                 (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
+            let (ahead, pace) = (ahead.clone(), config.pace);
             let table = config.adapt.clone();
             let mut later = config.adapt_later.clone();
             let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
+            let link_prior = config.link_prior.filter(|b| *b > 0.0);
             let on_trace = config.on_trace.clone();
             s.spawn(move || {
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
@@ -269,10 +308,27 @@ pub fn run(
                     let queued = encoded.saturating_sub(a);
                     let bandwidth = crate::adapt::link_capacity(acked_bps, queued);
                     let probing = !crate::adapt::link_saturated(acked_bps, queued);
+                    if pace {
+                        let by_rate = (acked_bps * PACE_AHEAD.as_secs_f64()) as u64;
+                        ahead.store(pace_floor.max(by_rate), Ordering::Relaxed);
+                    }
+                    if !probing && recent.len() == SMOOTHING {
+                        let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                        t.link_bps = Some(t.link_bps.map_or(acked_bps, |b| b.max(acked_bps)));
+                    }
+                    let measured = measuring_since.map_or(Duration::ZERO, |t| now.duration_since(t));
                     let mut current = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut decided = None;
                     if let (Some(ad), Some(t)) = (adapter.as_mut(), later.as_ref().and_then(|l| l.get())) {
                         match t.get(&current) {
-                            Some(_) => ad.set_table(t.clone()),
+                            Some(_) => {
+                                ad.set_table(t.clone());
+                                // The link is known from before: no need to wait for its measures.
+                                if let Some(prior) = link_prior.filter(|_| measured < crate::adapt::MIN_MEASURE) {
+                                    decided = ad.decide_on_prior(prior, workers, now);
+                                    tracing::info!(link_bps = prior, switch = decided.is_some(), "the first decision on the link's last known rate");
+                                }
+                            }
                             None => tracing::info!(mode = %current, "the measured table lacks the current mode: not taken"),
                         }
                         later = None;
@@ -282,19 +338,19 @@ pub fn run(
                     // While the VM's own table is being measured (about a second), the
                     // reference table would only guess.
                     let own_table_pending = later.is_some() && start.elapsed() < OWN_TABLE_WAIT;
-                    if sum.chunks > 0 && bandwidth > 0.0 && !own_table_pending {
-                        let measured = measuring_since.map_or(Duration::ZERO, |t| now.duration_since(t));
+                    if decided.is_none() && sum.chunks > 0 && bandwidth > 0.0 && !own_table_pending {
                         let obs = Observation { p, r, bandwidth, cores: workers, measured, probing };
-                        if let Some(sw) = adapter.as_mut().and_then(|ad| ad.tick(&obs, now)) {
-                            *mode.lock().unwrap_or_else(|p| p.into_inner()) = sw.to;
-                            tracing::info!(from = %sw.from, to = %sw.to, predicted = sw.predicted_system, current = sw.current_system, "handoff mode switch");
-                            trace.lock().unwrap_or_else(|p| p.into_inner()).1.push(format!("{:.1}s {} -> {} (predicted {:.0} vs {:.0} chunks/s)", start.elapsed().as_secs_f64(), sw.from, sw.to, sw.predicted_system, sw.current_system));
-                            switched = true;
-                            current = sw.to; // the trace row names the mode switched to
-                            // Measures of the old mode say nothing of the new one.
-                            recent.clear();
-                            measuring_since = Some(now);
-                        }
+                        decided = adapter.as_mut().and_then(|ad| ad.tick(&obs, now));
+                    }
+                    if let Some(sw) = decided {
+                        *mode.lock().unwrap_or_else(|p| p.into_inner()) = sw.to;
+                        tracing::info!(from = %sw.from, to = %sw.to, predicted = sw.predicted_system, current = sw.current_system, "handoff mode switch");
+                        trace.lock().unwrap_or_else(|p| p.into_inner()).1.push(format!("{:.1}s {} -> {} (predicted {:.0} vs {:.0} chunks/s)", start.elapsed().as_secs_f64(), sw.from, sw.to, sw.predicted_system, sw.current_system));
+                        switched = true;
+                        current = sw.to; // the trace row names the mode switched to
+                        // Measures of the old mode say nothing of the new one.
+                        recent.clear();
+                        measuring_since = Some(now);
                     }
                     let potential = if sum.chunks > 0 { workers / p.max(1e-9) * CHUNK as f64 * r } else { 0.0 };
                     let row = TraceRow {
@@ -313,7 +369,7 @@ pub fn run(
             });
         }
         // In order to the transport.
-        let r = deliver(out_rx, &mut send, &totals);
+        let r = deliver(out_rx, &mut send, &totals, &delivered);
         done.store(true, Ordering::Relaxed);
         r
     });
@@ -333,6 +389,7 @@ fn deliver(
     out_rx: Receiver<(u64, Vec<u8>)>,
     send: &mut impl FnMut(u64, Vec<u8>) -> std::io::Result<()>,
     totals: &Mutex<PipelineReport>,
+    delivered: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
@@ -341,6 +398,7 @@ fn deliver(
         while let Some(w) = pending.remove(&next) {
             let len = w.len() as u64;
             send(next, w)?;
+            delivered.fetch_add(len, Ordering::Relaxed);
             let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
             t.segments += 1;
             t.output_bytes += len;
@@ -357,129 +415,5 @@ pub fn shuffled_ids(mut ids: Vec<ChunkId>, seed: u64) -> Vec<ChunkId> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::adapt::{parse_mode, Profile};
-    use crate::segment::{decode, Space};
-
-    fn modified(n: u64) -> Vec<Modified> {
-        (0..n)
-            .map(|i| {
-                let index = i % 700;
-                let base: Vec<u8> = (0..CHUNK).map(|j| ((j as u64 * 7 + index) % 253) as u8).collect();
-                let mut data = base.clone();
-                for k in 0..(i % 64) as usize {
-                    data[(k * 61 + i as usize) % CHUNK] = (k as u8).wrapping_mul(3);
-                }
-                Modified { chunk: ChunkId { space: Space::Memory, index }, data, base: Some(base) }
-            })
-            .collect()
-    }
-
-    #[test]
-    fn segments_arrive_in_order_and_rebuild_the_state_over_a_slow_link() {
-        let chunks = modified(2000);
-        // The last version of each chunk is what the destination must end with.
-        let mut want = BTreeMap::new();
-        for c in &chunks {
-            want.insert(c.chunk, c.data.clone());
-        }
-        let bases: BTreeMap<ChunkId, Vec<u8>> = chunks.iter().map(|c| (c.chunk, c.base.clone().unwrap())).collect();
-        // The table's costs are relative: what a debug build under load measures for
-        // none+none scales them. Compressing costs twice as much per chunk here, so the
-        // 4 MB/s link stays the bottleneck whatever this machine's speed.
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let live = seen.clone();
-        let table = |xor_r| LookupTable {
-            chunk_bytes: CHUNK as u64,
-            modes: vec![
-                (parse_mode("none+none").unwrap(), Profile { p: 1e-6, r: 1.0 }),
-                (parse_mode("xor+zstd3").unwrap(), Profile { p: 2e-6, r: xor_r }),
-            ],
-        };
-        // The table it starts with (from elsewhere) says compressing buys nothing; the
-        // one measured on this data, which arrives while it runs, says it does.
-        let measured = Arc::new(std::sync::OnceLock::new());
-        measured.set(table(0.05)).unwrap();
-        let progress = Arc::new(Progress::default());
-        let config = PipelineConfig {
-            workers: 2,
-            segment_chunks: 64,
-            depth: 2,
-            start: parse_mode("none+none").unwrap(),
-            adapt: Some(table(1.0)),
-            adapt_later: Some(measured),
-            hold: Duration::from_millis(200),
-            on_trace: Some(TraceSink(Arc::new(move |r: &TraceRow| live.lock().unwrap().push(r.clone())))),
-            progress: Some(progress.clone()),
-        };
-        let acked = Arc::new(AtomicU64::new(0));
-        let mut got = BTreeMap::new();
-        let mut seqs = Vec::new();
-        let a2 = acked.clone();
-        // A 4 MB/s link.
-        let send = |seq: u64, wire: Vec<u8>| {
-            std::thread::sleep(Duration::from_secs_f64(wire.len() as f64 / 4e6));
-            a2.fetch_add(wire.len() as u64, Ordering::Relaxed);
-            // Deltas are against the destination's base chunk, whatever arrived before.
-            let mut own = |id: ChunkId| bases.get(&id).cloned();
-            for (id, data) in decode(&wire, &mut own).unwrap() {
-                got.insert(id, data);
-            }
-            seqs.push(seq);
-            Ok(())
-        };
-        // A pause in the middle: the chunks before it leave as a short segment.
-        let mut paused: Vec<Option<Modified>> = chunks.into_iter().map(Some).collect();
-        paused.insert(650, None);
-        let report = run(&config, paused.into_iter(), send, acked).unwrap();
-        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "in order");
-        assert!(
-            got == want,
-            "the destination ends with the last version of every chunk ({} of {} chunks differ)",
-            want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(),
-            want.len()
-        );
-        assert_eq!(report.chunks, 2000);
-        assert_eq!(report.segments, 33, "10 of 64 chunks, a short one of 10, 21 of 64, the last 6");
-        assert!(
-            !report.switches.is_empty(),
-            "the slow link and the measured table made it compress: {:?}",
-            report.trace
-        );
-        assert!(report.trace.iter().any(|r| r.mode == "xor+zstd-3"), "{:?}", report.switches);
-        assert!(report.output_bytes < report.input_bytes);
-        assert_eq!(*seen.lock().unwrap(), report.trace, "the sink saw every row as it was made");
-        assert_eq!(progress.input_bytes.load(Ordering::Relaxed), report.input_bytes, "the steering's counters");
-        assert_eq!(progress.output_bytes.load(Ordering::Relaxed), report.output_bytes);
-    }
-
-    #[test]
-    fn a_failing_transport_stops_the_pipeline() {
-        let config = PipelineConfig { segment_chunks: 16, ..Default::default() };
-        let mut n = 0;
-        let r = run(
-            &config,
-            modified(500).into_iter().map(Some),
-            |_, _| {
-                n += 1;
-                if n == 3 {
-                    Err(std::io::Error::other("link cut"))
-                } else {
-                    Ok(())
-                }
-            },
-            Arc::new(AtomicU64::new(0)),
-        );
-        assert_eq!(r.unwrap_err().to_string(), "link cut");
-    }
-
-    #[test]
-    fn shuffling_is_a_permutation() {
-        let ids: Vec<ChunkId> = (0..100).map(|i| ChunkId { space: Space::Disk, index: i }).collect();
-        let mut s = shuffled_ids(ids.clone(), 7);
-        assert_ne!(s, ids);
-        s.sort();
-        assert_eq!(s, ids);
-    }
-}
+#[path = "pipeline_tests.rs"]
+mod tests;

@@ -2,6 +2,8 @@
 //! (the pipeline's [`TraceSink`]) and watchers (the operator's live chart) hear every
 //! point and every start and end. The last few that ended are kept for a look afterwards.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,11 +21,20 @@ pub struct HandoffBoard {
     handoffs: Mutex<Vec<HandoffView>>,
     events: broadcast::Sender<HandoffEvent>,
     next: AtomicU64,
+    /// What the link to each destination carried at most in the last handoff to it
+    /// (bytes/s), in memory only: the next handoff there makes its first choice of mode
+    /// on it (`forage_handoff::pipeline::PipelineConfig::link_prior`).
+    links: Mutex<HashMap<SocketAddr, f64>>,
 }
 
 impl Default for HandoffBoard {
     fn default() -> Self {
-        Self { handoffs: Mutex::new(Vec::new()), events: broadcast::channel(BACKLOG).0, next: AtomicU64::new(1) }
+        Self {
+            handoffs: Mutex::new(Vec::new()),
+            events: broadcast::channel(BACKLOG).0,
+            next: AtomicU64::new(1),
+            links: Mutex::default(),
+        }
     }
 }
 
@@ -42,6 +53,17 @@ impl HandoffBoard {
     /// Hear every start, point and end from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<HandoffEvent> {
         self.events.subscribe()
+    }
+
+    /// What the link to `to` carried at most in the last handoff there, bytes/s.
+    pub(crate) fn link_rate(&self, to: SocketAddr) -> Option<f64> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).copied()
+    }
+
+    pub(crate) fn remember_link_rate(&self, to: SocketAddr, bytes_per_s: f64) {
+        if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
+            self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(to, bytes_per_s);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandoffView>> {

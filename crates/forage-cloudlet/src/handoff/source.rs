@@ -166,8 +166,10 @@ async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snap
     Ok(total)
 }
 
-/// The adaptive run's mode until its first decision (a second or more in): cheap on
-/// every core and never far from the smallest when the link is fast. No delta: against
+/// The adaptive run's mode until its first decision: when the table measured on the VM's
+/// own pages arrives (under a second in) if the link to the destination is known from the
+/// last handoff there, else after a second of this link's measures. Cheap on every core
+/// and never far from the smallest when the link is fast. No delta: against
 /// the base, xor made the Debian app's pages larger (xor+zstd-3 sent 11.1 MB where
 /// none+zstd-1 sent 7.1 MB at 25 Mbit/s), and the first decision had to undo it.
 const START_MODE: &str = "none+zstd-1";
@@ -344,6 +346,8 @@ async fn stream_state(
         depth: 1,
         on_trace: sink,
         progress: Some(progress.clone()),
+        link_prior: place.cloudlet.handoffs.link_rate(to),
+        pace: true,
         ..Default::default()
     };
     let segments_out = frames.clone();
@@ -402,7 +406,12 @@ async fn stream_state(
     let fed = fed.expect("no panic");
     let piped = piped.expect("no panic");
     let ((residual, feed), report) = match (fed, piped) {
-        (Ok(f), Ok(p)) => (f, p),
+        (Ok(f), Ok(p)) => {
+            if let Some(bps) = p.link_bps {
+                place.cloudlet.handoffs.remember_link_rate(to, bps);
+            }
+            (f, p)
+        }
         (fed, piped) => {
             // The destination's own words, if it said why.
             drop(frames);

@@ -49,7 +49,9 @@ const HELD_BANDWIDTH: u64 = 16 << 10;
 /// it at any sync that finds no page dirty (its pending size 0). Chunks gathered and not
 /// yet encoded are not counted: in a mode bound by the CPU they are the encoders' work,
 /// and holding QEMU for them starved the link (totals +30% to +180% at 5 Mbit/s); the
-/// pipeline's own queues are kept short instead.
+/// pipeline's own queues are kept short instead. The pipeline is paced too (it encodes
+/// half a second of the link ahead, `PipelineConfig::pace`), so QEMU is mostly held by
+/// its own socket: the feeder stops reading while the pipeline's short queues are full.
 const QUEUE_HIGH: f64 = 0.5;
 const QUEUE_LOW: f64 = 0.25;
 /// What of the downtime limit the destination needs once everything arrived: apply the
