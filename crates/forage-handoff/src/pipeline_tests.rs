@@ -93,6 +93,19 @@ fn segments_arrive_in_order_and_rebuild_the_state_over_a_slow_link() {
     assert_eq!(progress.output_bytes.load(Ordering::Relaxed), report.output_bytes);
 }
 
+/// `chunks` of [`modified`] through the pipeline over a link of `bytes_per_s` that
+/// acknowledges each segment once it has carried it.
+fn over_link(config: &PipelineConfig, chunks: u64, bytes_per_s: f64) -> PipelineReport {
+    let acked = Arc::new(AtomicU64::new(0));
+    let a2 = acked.clone();
+    let send = |_, wire: Vec<u8>| {
+        std::thread::sleep(Duration::from_secs_f64(wire.len() as f64 / bytes_per_s));
+        a2.fetch_add(wire.len() as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    run(config, modified(chunks).into_iter().map(Some), send, acked).unwrap()
+}
+
 #[test]
 fn a_link_known_from_before_decides_at_the_first_tick() {
     let table = LookupTable {
@@ -111,14 +124,7 @@ fn a_link_known_from_before_decides_at_the_first_tick() {
         link_prior: Some(4e6),
         ..Default::default()
     };
-    let acked = Arc::new(AtomicU64::new(0));
-    let a2 = acked.clone();
-    let send = |_, wire: Vec<u8>| {
-        std::thread::sleep(Duration::from_secs_f64(wire.len() as f64 / 4e6));
-        a2.fetch_add(wire.len() as u64, Ordering::Relaxed);
-        Ok(())
-    };
-    let report = run(&config, modified(1000).into_iter().map(Some), send, acked).unwrap();
+    let report = over_link(&config, 1000, 4e6);
     let first = report.trace.first().expect("a trace");
     assert!(first.switched && first.mode == "xor+zstd-3", "not on the first tick: {:?}", report.trace);
 }
@@ -126,15 +132,8 @@ fn a_link_known_from_before_decides_at_the_first_tick() {
 #[test]
 fn the_link_is_measured_while_output_waits_for_it() {
     let config = PipelineConfig { start: parse_mode("none+none").unwrap(), ..Default::default() };
-    let acked = Arc::new(AtomicU64::new(0));
-    let a2 = acked.clone();
     // 8 MB over a 4 MB/s link: two seconds with segments queued.
-    let send = |_, wire: Vec<u8>| {
-        std::thread::sleep(Duration::from_secs_f64(wire.len() as f64 / 4e6));
-        a2.fetch_add(wire.len() as u64, Ordering::Relaxed);
-        Ok(())
-    };
-    let report = run(&config, modified(2000).into_iter().map(Some), send, acked).unwrap();
+    let report = over_link(&config, 2000, 4e6);
     let link = report.link_bps.expect("the link was measured while output waited for it");
     assert!((2e6..6e6).contains(&link), "{link}");
 }
