@@ -88,7 +88,8 @@ impl Default for PipelineConfig {
 /// decides on the reference table alone.
 const OWN_TABLE_WAIT: Duration = Duration::from_secs(3);
 
-/// With [`PipelineConfig::pace`], output encoded and not yet acknowledged is kept under
+/// With [`PipelineConfig::pace`], a segment's encoding starts only while the output
+/// handed to the transport and not yet acknowledged is under
 /// this much of the link's rate (the larger of the last second's and the known one) ...
 pub const PACE_AHEAD: Duration = Duration::from_millis(500);
 /// ... or this many bytes, whichever is more (the link's rate is not known yet; a
@@ -218,8 +219,8 @@ pub fn run(
             s.spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok((seq, batch)) = next else { return };
-                // Paced: wait until the link has taken most of what was encoded, then
-                // encode in the mode of that moment.
+                // Paced: wait until the link has taken most of what was handed to it,
+                // then encode in the mode of that moment.
                 while delivered.load(Ordering::Relaxed).saturating_sub(acked.load(Ordering::Relaxed))
                     > ahead.load(Ordering::Relaxed)
                     && !done.load(Ordering::Relaxed)
