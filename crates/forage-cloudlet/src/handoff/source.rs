@@ -302,12 +302,15 @@ async fn stream_state(
     };
     let acked = Arc::new(AtomicU64::new(0));
     let reader = {
-        let acked = acked.clone();
+        let (acked, written) = (acked.clone(), written.clone());
         tokio::spawn(async move {
             loop {
                 match read::<PeerMessage>(&mut rh).await {
                     Ok(PeerMessage::HandoffAck { bytes, .. }) => {
-                        acked.fetch_add(bytes, Ordering::Relaxed);
+                        // No more than was sent: the acknowledged rate sets the pace, the
+                        // adaptation's link and the rate remembered for the next handoff.
+                        let unacked = written.load(Ordering::Relaxed).saturating_sub(acked.load(Ordering::Relaxed));
+                        acked.fetch_add(bytes.min(unacked), Ordering::Relaxed);
                     }
                     Ok(PeerMessage::HandoffDone { service, resumed_after_ms }) => {
                         return Ok((service, resumed_after_ms))
