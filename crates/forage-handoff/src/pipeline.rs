@@ -96,6 +96,11 @@ pub const PACE_AHEAD: Duration = Duration::from_millis(500);
 /// round trip's worth of a fast link).
 pub const PACE_FLOOR: u64 = 256 << 10;
 
+/// A paced worker that has seen no acknowledgement for this long encodes anyway: its
+/// segment then meets the transport, which says whether the destination is gone (waiting
+/// on, it would leave the pipeline's threads waiting for ever after a cut link).
+pub const PACE_STALL: Duration = Duration::from_secs(2);
+
 /// Ticks the measures are taken over (1 s).
 const SMOOTHING: usize = 10;
 
@@ -221,10 +226,19 @@ pub fn run(
                 let Ok((seq, batch)) = next else { return };
                 // Paced: wait until the link has taken most of what was handed to it,
                 // then encode in the mode of that moment.
-                while delivered.load(Ordering::Relaxed).saturating_sub(acked.load(Ordering::Relaxed))
-                    > ahead.load(Ordering::Relaxed)
-                    && !done.load(Ordering::Relaxed)
-                {
+                let (mut seen, mut since) = (acked.load(Ordering::Relaxed), Instant::now());
+                loop {
+                    let a = acked.load(Ordering::Relaxed);
+                    if a != seen {
+                        (seen, since) = (a, Instant::now());
+                    }
+                    let ahead_now = delivered.load(Ordering::Relaxed).saturating_sub(a);
+                    if ahead_now <= ahead.load(Ordering::Relaxed)
+                        || done.load(Ordering::Relaxed)
+                        || since.elapsed() >= PACE_STALL
+                    {
+                        break;
+                    }
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 let m = *mode.lock().unwrap_or_else(|p| p.into_inner());

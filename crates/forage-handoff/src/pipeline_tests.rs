@@ -184,6 +184,35 @@ fn paced_encoding_stays_half_a_second_ahead_of_the_acknowledgements() {
 }
 
 #[test]
+fn a_paced_pipeline_ends_when_the_destination_vanishes() {
+    // The destination acknowledges nothing and the connection fails at the tenth segment,
+    // past the pace's 256 KiB (four segments) and what the queues hold: the paced workers
+    // must not wait for acknowledgements for ever (without PACE_STALL this test hangs).
+    let config = PipelineConfig {
+        start: parse_mode("none+none").unwrap(),
+        segment_chunks: 16,
+        pace: true,
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        let send = |_, _: Vec<u8>| {
+            n += 1;
+            if n >= 10 {
+                Err(std::io::Error::other("connection closed"))
+            } else {
+                Ok(())
+            }
+        };
+        let _ =
+            tx.send(run(&config, modified(300).into_iter().map(Some), send, Arc::new(AtomicU64::new(0))).map(|_| ()));
+    });
+    let ended = rx.recv_timeout(Duration::from_secs(10)).expect("the pipeline ended");
+    assert_eq!(ended.unwrap_err().to_string(), "connection closed");
+}
+
+#[test]
 fn a_failing_transport_stops_the_pipeline() {
     let config = PipelineConfig { segment_chunks: 16, ..Default::default() };
     let mut n = 0;
