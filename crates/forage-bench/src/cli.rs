@@ -188,6 +188,11 @@ pub struct BenchHandoffArgs {
     /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
     #[arg(long)]
     pub no_qemu: bool,
+    /// Run every forage mode this many times per link, interleaved (adaptive, each static
+    /// mode, then again), and report each mode's median run with the spread: single runs
+    /// of the same mode differ by up to a second under TCG
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub repeat: u32,
     /// Skip the uncounted first handoff (the first between two new cloudlets is slower:
     /// the base is read cold and the imports' writes are still being flushed)
     #[arg(long)]

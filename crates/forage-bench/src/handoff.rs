@@ -29,41 +29,18 @@ use forage_api::HandoffReport;
 use forage_client::ServiceEndpoint;
 use forage_datadir::DataDir;
 use forage_testkit::wan::{Netns, WanLink};
-use serde::Serialize;
 
 use crate::cli::BenchHandoffArgs;
 use crate::common::{bench_base, forage_exe, print_json};
 use crate::handoff_qemu::qemu_migrate;
+pub use crate::handoff_table::HandoffRow;
+use crate::handoff_table::{median_index, print_table, row, summary, STATIC};
 pub(crate) use crate::handoff_workload::{Run, Workload, SERVICE};
 use crate::link_schedule::{Link, Shaping};
 use crate::synthesis::{wait_for_line, Guard};
 
-/// Row names of the static modes: this and the mode.
-const STATIC: &str = "forage-static:";
-
 const PORT: u16 = 7878;
 const API: u16 = 7879;
-
-/// One approach at one rate: a row of the table and of `--json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct HandoffRow {
-    pub approach: String,
-    /// The link: its rate in Mbit/s, or its schedule (`0:5,4:35,8:5`).
-    pub link: String,
-    pub mbps: f64,
-    pub total_s: f64,
-    pub downtime_s: f64,
-    pub bytes: u64,
-    /// Memory and disk that differ from the base (forage's measure, the same workload).
-    pub modified_bytes: u64,
-    pub mode: String,
-    pub switches: Vec<String>,
-    pub qemu_rounds: u64,
-    pub disk_chunks: Option<u64>,
-    /// False for a QEMU migration cancelled after `--qemu-give-up-s` (total is then the
-    /// time it was given, downtime 0: the VM never stopped).
-    pub converged: bool,
-}
 
 impl From<&HandoffReport> for Run {
     fn from(r: &HandoffReport) -> Self {
@@ -288,31 +265,46 @@ impl Rig {
     ) -> anyhow::Result<()> {
         let label = link.label();
         say(&format!("at {label} Mbit/s:"));
-        let adaptive_report = self.forage_run(None, args, link)?;
-        let adaptive = Run::from(&adaptive_report);
-        say(&format!("  forage adaptive: {}", summary(&adaptive)));
+        let statics: Vec<&str> = args.modes.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        let modes: Vec<Option<&str>> = std::iter::once(None).chain(statics.iter().copied().map(Some)).collect();
+        // Interleaved rounds, so that a slow spell of the machine falls on every mode.
+        let mut runs: Vec<Vec<HandoffReport>> = vec![Vec::new(); modes.len()];
+        for round in 0..args.repeat {
+            for (mode, runs) in modes.iter().zip(runs.iter_mut()) {
+                let report = self.forage_run(*mode, args, link)?;
+                let of = if args.repeat > 1 { format!(" ({}/{})", round + 1, args.repeat) } else { String::new() };
+                say(&format!(
+                    "  forage {}{of}: {}",
+                    mode.map_or("adaptive".into(), |m| format!("static {m}")),
+                    summary(&Run::from(&report))
+                ));
+                runs.push(report);
+            }
+        }
+        let mut runs = runs.into_iter().map(|r| (r.iter().map(Run::from).collect::<Vec<Run>>(), r));
+        let Some((adaptive, adaptive_reports)) = runs.next() else { return Ok(()) };
+        let Some(median) = median_index(&adaptive) else { return Ok(()) };
+        let adaptive_report = &adaptive_reports[median];
         let stem = out_dir.join(format!("handoff-trace-{}mbps", label.replace([':', ','], "-")));
         let csv = stem.with_extension("csv");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).with_context(|| format!("{}", csv.display()))?);
         forage_handoff::pipeline::write_trace_csv(&adaptive_report.trace, &mut f)
             .with_context(|| format!("{}", csv.display()))?;
         let svg = stem.with_extension("svg");
-        crate::plot::plot(&svg, &adaptive_report, link.first_mbps())?;
-        say(&format!("  trace: {} and {}", csv.display(), svg.display()));
+        crate::plot::plot(&svg, adaptive_report, link.first_mbps())?;
+        say(&format!("  trace of the adaptive mode's median run: {} and {}", csv.display(), svg.display()));
         let modified = adaptive_report.modified_bytes;
         rows.push(row("forage-adaptive", link, &adaptive, modified));
-        for mode in args.modes.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-            let r = Run::from(&self.forage_run(Some(mode), args, link)?);
-            say(&format!("  forage static {mode}: {}", summary(&r)));
-            rows.push(row(&format!("{STATIC}{mode}"), link, &r, modified));
+        for (mode, (mode_runs, _)) in statics.iter().zip(runs) {
+            rows.push(row(&format!("{STATIC}{mode}"), link, &mode_runs, modified));
         }
         if !args.no_qemu {
             let r = self.qemu_run(args, false, link)?;
             say(&format!("  qemu live migration (disk already there): {}", summary(&r)));
-            rows.push(row("qemu-live-migration", link, &r, modified));
+            rows.push(row("qemu-live-migration", link, std::slice::from_ref(&r), modified));
             let d = self.qemu_run(args, true, link)?;
             say(&format!("  qemu live migration + NBD drive-mirror of the disk: {}", summary(&d)));
-            rows.push(row("qemu-copy-storage", link, &d, modified));
+            rows.push(row("qemu-copy-storage", link, std::slice::from_ref(&d), modified));
         }
         Ok(())
     }
@@ -472,112 +464,5 @@ impl Rig {
         drop(device); // the source instance ends with its device
         let _ = std::fs::remove_dir_all(&run);
         result
-    }
-}
-
-fn row(approach: &str, link: &Link, r: &Run, modified_bytes: u64) -> HandoffRow {
-    HandoffRow {
-        approach: approach.into(),
-        link: link.label(),
-        mbps: link.first_mbps(),
-        total_s: r.total_s,
-        downtime_s: r.downtime_s,
-        bytes: r.bytes,
-        modified_bytes,
-        mode: r.mode.clone(),
-        switches: r.switches.clone(),
-        qemu_rounds: r.qemu_rounds,
-        disk_chunks: r.disk_chunks,
-        converged: r.converged,
-    }
-}
-
-fn summary(r: &Run) -> String {
-    format!(
-        "total {:.1} s, downtime {:.2} s, {:.1} MiB sent, mode {}",
-        r.total_s,
-        r.downtime_s,
-        r.bytes as f64 / (1 << 20) as f64,
-        r.mode
-    )
-}
-
-fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs, links: &[Link], workload: &Workload) {
-    match workload {
-        Workload::Hashsearch => println!(
-            "VM handoff over an emulated WAN (tc tbf): hashsearch on {} with a {} MiB working set, {} KiB of it rewritten every 100 ms; destination holds the base:",
-            args.image, args.working_mib, args.hot_kib
-        ),
-        Workload::App(m) => println!(
-            "VM handoff over an emulated WAN (tc tbf): {} on {} (its probe answered before and after the move); destination holds the base:",
-            m.name, args.image
-        ),
-    }
-    println!(
-        "  {:<32} {:>12} {:>9} {:>11} {:>12} {:>14}  mode",
-        "approach", "link Mbit/s", "total s", "downtime s", "bytes", "modified bytes"
-    );
-    for r in rows {
-        let total = match r.converged {
-            true => format!("{:.1}", r.total_s),
-            false => format!(">{:.0}", r.total_s),
-        };
-        println!(
-            "  {:<32} {:>12} {:>9} {:>11.2} {:>12} {:>14}  {}",
-            r.approach, r.link, total, r.downtime_s, r.bytes, r.modified_bytes, r.mode
-        );
-    }
-    let met = |ok: bool| if ok { "met" } else { "missed" };
-    for link in links {
-        let l = link.label();
-        let at: Vec<&HandoffRow> = rows.iter().filter(|r| r.link == l).collect();
-        let get = |a: &str| at.iter().copied().find(|r| r.approach == a);
-        let statics: Vec<&HandoffRow> = at.iter().copied().filter(|r| r.approach.starts_with(STATIC)).collect();
-        let best = statics.iter().copied().min_by(|a, b| a.total_s.total_cmp(&b.total_s));
-        let Some(ad) = get("forage-adaptive") else { continue };
-        for q in ["qemu-live-migration", "qemu-copy-storage"].iter().filter_map(|a| get(a)) {
-            if !q.converged {
-                println!(
-                    "  at {l}: {} did not converge in {:.0} s ({} QEMU rounds, {} bytes sent); forage moved it in {:.1} s",
-                    q.approach, q.total_s, q.qemu_rounds, q.bytes, ad.total_s
-                );
-                continue;
-            }
-            println!(
-                "  at {l}: forage {:.1}x faster than {} (target >= 10x at 10 Mbit/s)",
-                q.total_s / ad.total_s,
-                q.approach
-            );
-        }
-        if let Some(best) = best {
-            let ratio = ad.total_s / best.total_s;
-            match link {
-                Link::Fixed(_) => println!(
-                    "  at {l}: adaptive {:+.0}% against the best static mode ({}): target within 5%: {}",
-                    (ratio - 1.0) * 100.0,
-                    best.approach.trim_start_matches(STATIC),
-                    met(ratio <= 1.05)
-                ),
-                Link::Schedule(_) => println!(
-                    "  at {l}: adaptive {:+.0}% against the best static mode ({}): target faster than every static mode: {}",
-                    (ratio - 1.0) * 100.0,
-                    best.approach.trim_start_matches(STATIC),
-                    met(ratio < 1.0)
-                ),
-            }
-        }
-        if matches!(link, Link::Fixed(m) if *m == 10.0) {
-            println!(
-                "  at {l}: adaptive downtime {:.2} s: target <= 1 s: {}",
-                ad.downtime_s,
-                met(ad.downtime_s <= 1.0)
-            );
-        }
-        if ad.bytes > 0 {
-            println!(
-                "  at {l}: adaptive sent 1/{:.1} of the modified state (target <= 1/5)",
-                ad.modified_bytes as f64 / ad.bytes as f64
-            );
-        }
     }
 }

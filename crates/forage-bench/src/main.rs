@@ -13,6 +13,7 @@ mod demo;
 mod handoff;
 mod handoff_profile;
 mod handoff_qemu;
+mod handoff_table;
 mod handoff_workload;
 mod launch_cache;
 mod link_schedule;
