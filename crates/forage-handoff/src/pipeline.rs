@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapt::{Adapter, LookupTable, Mode, Observation};
+use crate::adapt::{link_capacity, Adapter, LookupTable, Mode, Observation, Prior};
 use crate::segment::{encode, ChunkId, Modified, CHUNK};
 
 /// Gets every trace row as soon as it is made (a live chart of the handoff).
@@ -43,10 +43,11 @@ pub struct PipelineConfig {
     /// data, [`crate::sample`]): the adaptation takes it at its next tick, if it holds
     /// the current mode.
     pub adapt_later: Option<Arc<std::sync::OnceLock<LookupTable>>>,
-    /// What the link to this destination carried at most in the last handoff to it
-    /// (bytes/s): with the table measured on the VM's own data, the first decision is
-    /// made when that table arrives instead of after a second of this link's measures.
-    pub link_prior: Option<f64>,
+    /// What the last handoff to this destination learned (the most its link carried, how
+    /// loaded the cores were): with the table measured on the VM's own data, the first
+    /// decision is made when that table arrives instead of after a second of this link's
+    /// measures, and no probe goes above the link's known rate ([`link_capacity`]).
+    pub prior: Option<Prior>,
     /// Encode only [`PACE_AHEAD`] of the link ahead of what the destination acknowledged
     /// (the transport acknowledges): a segment encoded early sits in the socket's buffer
     /// in the mode of its time, and a switch applies only to what is encoded after it.
@@ -75,7 +76,7 @@ impl Default for PipelineConfig {
             start: crate::adapt::parse_mode("xor+zstd3").expect("a mode"),
             adapt: None,
             adapt_later: None,
-            link_prior: None,
+            prior: None,
             pace: false,
             hold: crate::adapt::MIN_HOLD,
             on_trace: None,
@@ -147,7 +148,15 @@ pub struct PipelineReport {
     /// The most, not the last: the last seconds hold the VM's stop and the final segments'
     /// acknowledgements, a third of the link's rate in the bench (25 Mbit/s measured as 7).
     pub link_bps: Option<f64>,
+    /// The encoders' processing time over what the VM's own table predicted for the same
+    /// chunks in the same modes, once that table was in use (at least [`CPU_SCALE_CHUNKS`]
+    /// chunks): the next handoff's [`Prior::cpu_scale`].
+    pub cpu_scale: Option<f64>,
 }
+
+/// Chunks encoded after the VM's own table arrived that [`PipelineReport::cpu_scale`]
+/// needs (4 MiB).
+pub const CPU_SCALE_CHUNKS: u64 = 1024;
 
 #[derive(Default)]
 struct Window {
@@ -185,7 +194,8 @@ pub fn run(
     // it may be when a segment's encoding starts. Handed over, not encoded: the segments
     // go in order, and one encoded out of order would wait for one held back by the pace.
     let delivered = Arc::new(AtomicU64::new(0));
-    let pace_floor = config.link_prior.map_or(PACE_FLOOR, |b| PACE_FLOOR.max((b * PACE_AHEAD.as_secs_f64()) as u64));
+    let pace_floor =
+        config.prior.map_or(PACE_FLOOR, |p| PACE_FLOOR.max((p.link_bps * PACE_AHEAD.as_secs_f64()) as u64));
     let ahead = Arc::new(AtomicU64::new(if config.pace { pace_floor } else { u64::MAX }));
     let result = std::thread::scope(|s| {
         // Feeder.
@@ -269,7 +279,7 @@ pub fn run(
             let table = config.adapt.clone();
             let mut later = config.adapt_later.clone();
             let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
-            let link_prior = config.link_prior.filter(|b| *b > 0.0);
+            let prior = config.prior.filter(|p| p.link_bps > 0.0);
             let on_trace = config.on_trace.clone();
             s.spawn(move || {
                 let mut adapter = table.clone().map(|t| Adapter::new(t, start_mode, Instant::now()).with_hold(hold));
@@ -283,6 +293,10 @@ pub fn run(
                 // Since when the measures hold acknowledged traffic in the current mode:
                 // the first acknowledgement, then each switch.
                 let mut measuring_since: Option<Instant> = None;
+                // The VM's own table once in use, and against it the encoders' time and
+                // what the table predicted for the same chunks.
+                let mut own: Option<LookupTable> = None;
+                let (mut busy_s, mut predicted_s, mut own_chunks) = (0.0, 0.0, 0u64);
                 while !done.load(Ordering::Relaxed) {
                     std::thread::sleep(crate::adapt::TICK);
                     let now = Instant::now();
@@ -295,6 +309,15 @@ pub fn run(
                         t.input_bytes += w.input;
                     }
                     let a = acked.load(Ordering::Relaxed);
+                    let encoded_in = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(prof) = own.as_ref().and_then(|t| t.get(&encoded_in)).filter(|_| w.chunks > 0) {
+                        busy_s += w.busy_s;
+                        predicted_s += w.chunks as f64 * prof.p;
+                        own_chunks += w.chunks;
+                        if own_chunks >= CPU_SCALE_CHUNKS && predicted_s > 0.0 {
+                            totals.lock().unwrap_or_else(|p| p.into_inner()).cpu_scale = Some(busy_s / predicted_s);
+                        }
+                    }
                     if a > last_acked && measuring_since.is_none() {
                         // The tick's acknowledgements came during it: measure from its start.
                         measuring_since = Some(now - Duration::from_secs_f64(dt));
@@ -321,15 +344,20 @@ pub fn run(
                     };
                     let acked_bps = rate(&mut recent.iter()).max(rate(&mut recent.iter().rev().take(SMOOTHING / 2)));
                     let queued = encoded.saturating_sub(a);
-                    let bandwidth = crate::adapt::link_capacity(acked_bps, queued);
                     let probing = !crate::adapt::link_saturated(acked_bps, queued);
-                    if pace {
-                        let by_rate = (acked_bps * PACE_AHEAD.as_secs_f64()) as u64;
-                        ahead.store(pace_floor.max(by_rate), Ordering::Relaxed);
-                    }
                     if !probing && recent.len() == SMOOTHING {
                         let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                         t.link_bps = Some(t.link_bps.map_or(acked_bps, |b| b.max(acked_bps)));
+                    }
+                    let seen = totals.lock().unwrap_or_else(|p| p.into_inner()).link_bps;
+                    let known = match (seen, prior) {
+                        (Some(b), Some(p)) => Some(b.max(p.link_bps)),
+                        (b, p) => b.or(p.map(|p| p.link_bps)),
+                    };
+                    let bandwidth = link_capacity(acked_bps, queued, known);
+                    if pace {
+                        let by_rate = (acked_bps * PACE_AHEAD.as_secs_f64()) as u64;
+                        ahead.store(pace_floor.max(by_rate), Ordering::Relaxed);
                     }
                     let measured = measuring_since.map_or(Duration::ZERO, |t| now.duration_since(t));
                     let mut current = *mode.lock().unwrap_or_else(|p| p.into_inner());
@@ -338,10 +366,11 @@ pub fn run(
                         match t.get(&current) {
                             Some(_) => {
                                 ad.set_table(t.clone());
+                                own = Some(t.clone());
                                 // The link is known from before: no need to wait for its measures.
-                                if let Some(prior) = link_prior.filter(|_| measured < crate::adapt::MIN_MEASURE) {
+                                if let Some(prior) = prior.filter(|_| measured < crate::adapt::MIN_MEASURE) {
                                     decided = ad.decide_on_prior(prior, workers, now);
-                                    tracing::info!(link_bps = prior, switch = decided.is_some(), "the first decision on the link's last known rate");
+                                    tracing::info!(link_bps = prior.link_bps, cpu_scale = prior.cpu_scale, switch = decided.is_some(), "the first decision on what the last handoff there learned");
                                 }
                             }
                             None => tracing::info!(mode = %current, "the measured table lacks the current mode: not taken"),

@@ -50,7 +50,7 @@ fn segments_arrive_in_order_and_rebuild_the_state_over_a_slow_link() {
         start: parse_mode("none+none").unwrap(),
         adapt: Some(table(1.0)),
         adapt_later: Some(measured),
-        link_prior: None,
+        prior: None,
         pace: false,
         hold: Duration::from_millis(200),
         on_trace: Some(TraceSink(Arc::new(move |r: &TraceRow| live.lock().unwrap().push(r.clone())))),
@@ -121,12 +121,35 @@ fn a_link_known_from_before_decides_at_the_first_tick() {
         start: parse_mode("none+none").unwrap(),
         adapt: Some(table),
         adapt_later: Some(measured),
-        link_prior: Some(4e6),
+        prior: Some(Prior { link_bps: 4e6, cpu_scale: 1.0 }),
         ..Default::default()
     };
     let report = over_link(&config, 1000, 4e6);
     let first = report.trace.first().expect("a trace");
     assert!(first.switched && first.mode == "xor+zstd-3", "not on the first tick: {:?}", report.trace);
+}
+
+#[test]
+fn the_encoders_time_is_measured_against_the_vms_own_table() {
+    // A table that says none+none takes a nanosecond a chunk: no encoder is that fast.
+    let table = LookupTable {
+        chunk_bytes: CHUNK as u64,
+        modes: vec![(parse_mode("none+none").unwrap(), Profile { p: 1e-9, r: 1.0 })],
+    };
+    let measured = Arc::new(std::sync::OnceLock::new());
+    measured.set(table.clone()).unwrap();
+    let config = PipelineConfig {
+        start: parse_mode("none+none").unwrap(),
+        adapt: Some(table),
+        adapt_later: Some(measured),
+        ..Default::default()
+    };
+    let report = over_link(&config, 4 * CPU_SCALE_CHUNKS, 8e6);
+    let scale = report.cpu_scale.expect("measured once the table was in use");
+    assert!(scale > 1.0, "slower than the table said: {scale}");
+    // Static: no table, nothing to measure against.
+    let fixed = PipelineConfig { start: parse_mode("none+none").unwrap(), ..Default::default() };
+    assert_eq!(over_link(&fixed, 2 * CPU_SCALE_CHUNKS, 8e6).cpu_scale, None);
 }
 
 #[test]

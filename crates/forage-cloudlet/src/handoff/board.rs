@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use forage_api::{HandoffEvent, HandoffReport, HandoffStatus, HandoffTick, HandoffView};
+use forage_handoff::adapt::Prior;
 use forage_handoff::pipeline::{TraceRow, TraceSink};
 use tokio::sync::broadcast;
 
@@ -21,10 +22,11 @@ pub struct HandoffBoard {
     handoffs: Mutex<Vec<HandoffView>>,
     events: broadcast::Sender<HandoffEvent>,
     next: AtomicU64,
-    /// What the link to each destination carried at most in the last handoff to it
-    /// (bytes/s), in memory only: the next handoff there makes its first choice of mode
-    /// on it (`forage_handoff::pipeline::PipelineConfig::link_prior`).
-    links: Mutex<HashMap<SocketAddr, f64>>,
+    /// What the last handoffs to each destination learned (the most its link carried,
+    /// how much slower the encoders ran than the VM's own table said), in memory only: the
+    /// next handoff there makes its first choice of mode on it
+    /// (`forage_handoff::pipeline::PipelineConfig::prior`).
+    links: Mutex<HashMap<SocketAddr, Prior>>,
 }
 
 impl Default for HandoffBoard {
@@ -55,15 +57,21 @@ impl HandoffBoard {
         self.events.subscribe()
     }
 
-    /// What the link to `to` carried at most in the last handoff there, bytes/s.
-    pub(crate) fn link_rate(&self, to: SocketAddr) -> Option<f64> {
+    /// What the last handoffs to `to` learned.
+    pub(crate) fn prior(&self, to: SocketAddr) -> Option<Prior> {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).copied()
     }
 
-    pub(crate) fn remember_link_rate(&self, to: SocketAddr, bytes_per_s: f64) {
-        if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
-            self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(to, bytes_per_s);
-        }
+    /// Keep what a handoff to `to` measured: the link's rate (bytes/s) replaces the last
+    /// one; the encoders' scale replaces the last one only if this handoff measured it (a
+    /// static mode does not).
+    pub(crate) fn remember(&self, to: SocketAddr, link_bps: Option<f64>, cpu_scale: Option<f64>) {
+        let ok = |v: &f64| v.is_finite() && *v > 0.0;
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let last = links.get(&to).copied();
+        let Some(link_bps) = link_bps.filter(ok).or(last.map(|p| p.link_bps)) else { return };
+        let cpu_scale = cpu_scale.filter(ok).or(last.map(|p| p.cpu_scale)).unwrap_or(1.0);
+        links.insert(to, Prior { link_bps, cpu_scale });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandoffView>> {

@@ -349,7 +349,7 @@ async fn stream_state(
         depth: 1,
         on_trace: sink,
         progress: Some(progress.clone()),
-        link_prior: place.cloudlet.handoffs.link_rate(to),
+        prior: place.cloudlet.handoffs.prior(to),
         pace: true,
         ..Default::default()
     };
@@ -410,9 +410,7 @@ async fn stream_state(
     let piped = piped.expect("no panic");
     let ((residual, feed), report) = match (fed, piped) {
         (Ok(f), Ok(p)) => {
-            if let Some(bps) = p.link_bps {
-                place.cloudlet.handoffs.remember_link_rate(to, bps);
-            }
+            place.cloudlet.handoffs.remember(to, p.link_bps, p.cpu_scale);
             (f, p)
         }
         (fed, piped) => {
