@@ -43,7 +43,7 @@ pub struct PipelineConfig {
     /// data, [`crate::sample`]): the adaptation takes it at its next tick, if it holds
     /// the current mode.
     pub adapt_later: Option<Arc<std::sync::OnceLock<LookupTable>>>,
-    /// What the last handoff to this destination learned (the most its link carried, how
+    /// What the last handoff to this destination learned (what its link carried, how
     /// loaded the cores were): with the table measured on the VM's own data, the first
     /// decision is made when that table arrives instead of after a second of this link's
     /// measures, and no probe goes above the link's known rate ([`link_capacity`]).
@@ -102,6 +102,10 @@ pub const PACE_FLOOR: u64 = 256 << 10;
 /// on, it would leave the pipeline's threads waiting for ever after a cut link).
 pub const PACE_STALL: Duration = Duration::from_secs(2);
 
+/// Saturated seconds (ticks) [`PipelineReport::link_bps`] is the median of: the last
+/// minute's.
+pub const LINK_SECONDS: usize = 600;
+
 /// Ticks the measures are taken over (1 s).
 const SMOOTHING: usize = 10;
 
@@ -143,10 +147,13 @@ pub struct PipelineReport {
     pub seconds: f64,
     pub trace: Vec<TraceRow>,
     pub switches: Vec<String>,
-    /// The most the link carried over a full second in which output waited for it
-    /// (bytes/s): the next handoff to the same destination's [`PipelineConfig::link_prior`].
-    /// The most, not the last: the last seconds hold the VM's stop and the final segments'
-    /// acknowledgements, a third of the link's rate in the bench (25 Mbit/s measured as 7).
+    /// What the link carried over a second in which output waited for it, the median of
+    /// those seconds (the last [`LINK_SECONDS`] of them), bytes/s: the next handoff to the
+    /// same destination's [`Prior::link_bps`]. Not the last second: it holds the VM's stop
+    /// and the final acknowledgements, a third of the link's rate in the bench (25 Mbit/s
+    /// measured as 7). Not the most: acknowledgements come in bursts (a segment is
+    /// acknowledged once applied), and the most of a handoff's seconds at 5 Mbit/s was
+    /// twice the link.
     pub link_bps: Option<f64>,
     /// The encoders' processing time over what the VM's own table predicted for the same
     /// chunks in the same modes, once that table was in use (at least [`CPU_SCALE_CHUNKS`]
@@ -293,6 +300,8 @@ pub fn run(
                 // Since when the measures hold acknowledged traffic in the current mode:
                 // the first acknowledgement, then each switch.
                 let mut measuring_since: Option<Instant> = None;
+                // What the link carried over each full second in which output waited for it.
+                let mut saturated: VecDeque<f64> = VecDeque::with_capacity(LINK_SECONDS + 1);
                 // The VM's own table once in use, and against it the encoders' time and
                 // what the table predicted for the same chunks.
                 let mut own: Option<LookupTable> = None;
@@ -346,8 +355,13 @@ pub fn run(
                     let queued = encoded.saturating_sub(a);
                     let probing = !crate::adapt::link_saturated(acked_bps, queued);
                     if !probing && recent.len() == SMOOTHING {
-                        let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
-                        t.link_bps = Some(t.link_bps.map_or(acked_bps, |b| b.max(acked_bps)));
+                        saturated.push_back(rate(&mut recent.iter()));
+                        if saturated.len() > LINK_SECONDS {
+                            saturated.pop_front();
+                        }
+                        let mut sorted: Vec<f64> = saturated.iter().copied().collect();
+                        sorted.sort_by(f64::total_cmp);
+                        totals.lock().unwrap_or_else(|p| p.into_inner()).link_bps = Some(sorted[sorted.len() / 2]);
                     }
                     let seen = totals.lock().unwrap_or_else(|p| p.into_inner()).link_bps;
                     let known = match (seen, prior) {

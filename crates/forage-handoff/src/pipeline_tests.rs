@@ -162,6 +162,29 @@ fn the_link_is_measured_while_output_waits_for_it() {
 }
 
 #[test]
+fn acknowledgements_in_bursts_do_not_inflate_the_links_rate() {
+    // A destination that acknowledges twelve segments at once (it applies them in a
+    // batch): single half seconds see twice the link.
+    let link = 4e6;
+    let config = PipelineConfig { start: parse_mode("none+none").unwrap(), segment_chunks: 64, ..Default::default() };
+    let acked = Arc::new(AtomicU64::new(0));
+    let (a2, mut pending, mut n) = (acked.clone(), 0u64, 0u32);
+    let send = |_, wire: Vec<u8>| {
+        std::thread::sleep(Duration::from_secs_f64(wire.len() as f64 / link));
+        pending += wire.len() as u64;
+        n += 1;
+        if n % 12 == 0 {
+            a2.fetch_add(std::mem::take(&mut pending), Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    let report = run(&config, modified(4000).into_iter().map(Some), send, acked).unwrap();
+    let measured = report.link_bps.expect("measured");
+    // The median second holds one batch (0.78 of the link); the most half second, two.
+    assert!((0.5 * link..1.3 * link).contains(&measured), "{measured} for a link of {link}");
+}
+
+#[test]
 fn paced_encoding_stays_half_a_second_ahead_of_the_acknowledgements() {
     // The transport takes every segment at once (a socket's buffer) and a link thread
     // acknowledges them at 400 KB/s: unpaced, the encoders run through everything.

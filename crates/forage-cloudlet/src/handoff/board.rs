@@ -22,7 +22,7 @@ pub struct HandoffBoard {
     handoffs: Mutex<Vec<HandoffView>>,
     events: broadcast::Sender<HandoffEvent>,
     next: AtomicU64,
-    /// What the last handoffs to each destination learned (the most its link carried,
+    /// What the last handoffs to each destination learned (what its link carried,
     /// how much slower the encoders ran than the VM's own table said), in memory only: the
     /// next handoff there makes its first choice of mode on it
     /// (`forage_handoff::pipeline::PipelineConfig::prior`).
