@@ -417,6 +417,12 @@ pub struct HandoffReport {
     pub mode: String,
     /// Every mode switch of the adaptation.
     pub switches: Vec<String>,
+    /// What the last handoffs to this destination taught this one's first decision (the
+    /// link's rate, bytes/s; how much slower than the VM's own table the encoders ran);
+    /// absent for the first handoff there.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub prior: Option<forage_handoff::adapt::Prior>,
     /// Every 100 ms: input, output and potential output throughput, mode.
     #[schema(value_type = Vec<Object>)]
     pub trace: Vec<forage_handoff::pipeline::TraceRow>,

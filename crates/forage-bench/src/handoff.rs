@@ -273,8 +273,15 @@ impl Rig {
             for (mode, runs) in modes.iter().zip(runs.iter_mut()) {
                 let report = self.forage_run(*mode, args, link)?;
                 let of = if args.repeat > 1 { format!(" ({}/{})", round + 1, args.repeat) } else { String::new() };
+                // What the first decision of an adaptive run was made on.
+                let prior = match (mode, report.prior) {
+                    (None, Some(p)) => {
+                        format!(" (prior: link {:.2} MB/s, encoders x{:.2})", p.link_bps / 1e6, p.cpu_scale)
+                    }
+                    _ => String::new(),
+                };
                 say(&format!(
-                    "  forage {}{of}: {}",
+                    "  forage {}{of}: {}{prior}",
                     mode.map_or("adaptive".into(), |m| format!("static {m}")),
                     summary(&Run::from(&report))
                 ));

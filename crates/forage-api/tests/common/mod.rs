@@ -129,6 +129,7 @@ impl Control for FakeControl {
             qemu_rounds: 4,
             mode: "xor+zstd-1".into(),
             switches: vec![],
+            prior: None,
             trace: vec![],
         })
     }

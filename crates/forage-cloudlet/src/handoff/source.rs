@@ -339,6 +339,7 @@ async fn stream_state(
     let progress = Arc::new(forage_handoff::pipeline::Progress::default());
     let (chunk_tx, chunk_rx) = std::sync::mpsc::sync_channel::<Modified>(64);
     let feeder = tokio::task::spawn_blocking(move || feed.run(conn, chunk_tx));
+    let prior = place.cloudlet.handoffs.prior(to);
     let config = PipelineConfig {
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         start: mode,
@@ -349,7 +350,7 @@ async fn stream_state(
         depth: 1,
         on_trace: sink,
         progress: Some(progress.clone()),
-        prior: place.cloudlet.handoffs.prior(to),
+        prior,
         pace: true,
         ..Default::default()
     };
@@ -475,6 +476,7 @@ async fn stream_state(
         qemu_rounds: rounds,
         mode: report.trace.last().map(|t| t.mode.clone()).unwrap_or_else(|| mode.to_string()),
         switches: report.switches,
+        prior,
         trace: report.trace,
     };
     Ok((report, service))
