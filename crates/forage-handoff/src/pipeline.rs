@@ -147,7 +147,8 @@ pub struct PipelineReport {
     pub seconds: f64,
     pub trace: Vec<TraceRow>,
     pub switches: Vec<String>,
-    /// What the link carried over a second in which output waited for it, the median of
+    /// What the link carried over a second in which output waited for it (at least
+    /// [`PACE_FLOOR`] of it), the median of
     /// those seconds (the last [`LINK_SECONDS`] of them), bytes/s: the next handoff to the
     /// same destination's [`Prior::link_bps`]. Not the last second: it holds the VM's stop
     /// and the final acknowledgements, a third of the link's rate in the bench (25 Mbit/s
@@ -354,7 +355,11 @@ pub fn run(
                     let acked_bps = rate(&mut recent.iter()).max(rate(&mut recent.iter().rev().take(SMOOTHING / 2)));
                     let queued = encoded.saturating_sub(a);
                     let probing = !crate::adapt::link_saturated(acked_bps, queued);
-                    if !probing && recent.len() == SMOOTHING {
+                    // A slow encoder's segments in flight (two workers' worth) are not a
+                    // queue: bsdiff+lzma-9's 0.3 MB/s were remembered as a 25 Mbit/s link's
+                    // rate. A paced pipeline that waits for the link keeps at least
+                    // PACE_FLOOR handed over.
+                    if !probing && recent.len() == SMOOTHING && queued >= PACE_FLOOR {
                         saturated.push_back(rate(&mut recent.iter()));
                         if saturated.len() > LINK_SECONDS {
                             saturated.pop_front();

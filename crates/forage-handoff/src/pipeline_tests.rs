@@ -185,6 +185,23 @@ fn acknowledgements_in_bursts_do_not_inflate_the_links_rate() {
 }
 
 #[test]
+fn a_slow_encoders_segments_in_flight_are_not_taken_for_the_link() {
+    // LZMA's small segments over a transport that takes 100 ms a segment, whatever its
+    // size: the link idles between segments and never carries more than the encoders give.
+    let config = PipelineConfig { start: parse_mode("none+lzma9").unwrap(), ..Default::default() };
+    let acked = Arc::new(AtomicU64::new(0));
+    let a2 = acked.clone();
+    let send = |_, wire: Vec<u8>| {
+        std::thread::sleep(Duration::from_millis(100));
+        a2.fetch_add(wire.len() as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    let report = run(&config, modified(3000).into_iter().map(Some), send, acked).unwrap();
+    assert!(report.seconds > 1.0, "long enough for a second of measures: {report:?}");
+    assert_eq!(report.link_bps, None, "no second in which output waited for the link");
+}
+
+#[test]
 fn paced_encoding_stays_half_a_second_ahead_of_the_acknowledgements() {
     // The transport takes every segment at once (a socket's buffer) and a link thread
     // acknowledges them at 400 KB/s: unpaced, the encoders run through everything.
