@@ -165,8 +165,8 @@ pub const CAPACITY_PROBE: f64 = 2.0;
 pub const KNOWN_LINK_SPREAD: f64 = 1.10;
 
 /// The link bandwidth the model uses, from the acknowledged rate, the output waiting and
-/// the rate the link is `known` to carry (bytes/s: the median of this handoff's saturated
-/// seconds, or of the last one's to the same destination, whichever is higher).
+/// the most the link is `known` to have carried (bytes/s: over a saturated second of this
+/// handoff or of the last one to the same destination).
 ///
 /// The acknowledged rate is the link's capacity only while output queues for it. When the
 /// encoder is the bottleneck the link idles and the acknowledged rate is the encoder's
@@ -231,8 +231,7 @@ pub fn predict(table: &LookupTable, current: Mode, obs: &Observation) -> Vec<Pre
 /// there ([`Adapter::decide_on_prior`]). In memory only.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Prior {
-    /// What the link carried over a second in which output waited for it (the median of
-    /// those seconds), bytes/s.
+    /// The most the link carried over a second in which output waited for it, bytes/s.
     pub link_bps: f64,
     /// How much longer the encoders took live than the VM's own table said for the same
     /// chunks in the same modes (the guest, QEMU and the other encoders share the cores);
