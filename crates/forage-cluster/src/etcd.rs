@@ -4,9 +4,13 @@
 //!
 //! Every call goes to the endpoint that answered last and, when it cannot be reached,
 //! times out or answers 5xx, to the next: losing one member of three changes nothing.
-//! When no endpoint answers within [`Etcd::timeout`] each, the call fails with
-//! [`EtcdError::Unavailable`]: that is how a lost quorum shows (a member without quorum
-//! cannot serve a linearizable read or a write).
+//! When the member that went was the leader, the others cannot serve a linearizable read
+//! or a write until they have elected a new one (etcd's election timeout is 1 s by
+//! default, more on a loaded host): so while some member is up but could not serve
+//! (it timed out or answered 5xx), the call asks every endpoint again, 200 ms apart,
+//! until [`Etcd::election_wait`] has passed since it began. When no endpoint answers by
+//! then, or none could even be connected to, the call fails with
+//! [`EtcdError::Unavailable`]: that is how a lost quorum shows.
 //!
 //! Answers are untrusted bytes: a body over [`MAX_ANSWER_BYTES`] is refused unread, and
 //! at most [`MAX_KEYS`] keys are asked for in one range.
@@ -37,6 +41,10 @@ use serde_json::{json, Value};
 pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 /// The most keys one range asks for.
 pub const MAX_KEYS: u64 = 10_000;
+/// How long a call goes on asking members that are up but cannot serve (an election).
+pub const ELECTION_WAIT: Duration = Duration::from_secs(5);
+/// The pause between two rounds of asking every endpoint.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
 
 /// Why one attempt at one endpoint failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +77,11 @@ impl AttemptError {
             AttemptError::Json { .. } => false,
             _ => true,
         }
+    }
+
+    /// Whether a member is there but could not serve: it may once a leader is elected.
+    fn member_up(&self) -> bool {
+        !matches!(self, AttemptError::Transport { .. })
     }
 }
 
@@ -157,8 +170,10 @@ impl EtcdTls {
 pub struct Etcd {
     endpoints: Vec<String>,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    /// Per endpoint and call.
+    /// Per endpoint and attempt.
     pub timeout: Duration,
+    /// How long a call asks again while a member is up but cannot serve ([`ELECTION_WAIT`]).
+    pub election_wait: Duration,
     preferred: AtomicUsize,
 }
 
@@ -288,7 +303,13 @@ impl Etcd {
             .enable_http1()
             .build();
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-        Ok(Self { endpoints, client, timeout: Duration::from_secs(2), preferred: AtomicUsize::new(0) })
+        Ok(Self {
+            endpoints,
+            client,
+            timeout: Duration::from_secs(2),
+            election_wait: ELECTION_WAIT,
+            preferred: AtomicUsize::new(0),
+        })
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -335,24 +356,36 @@ impl Etcd {
         serde_json::from_slice(&bytes).map_err(|source| AttemptError::Json { endpoint: endpoint_owned(), source })
     }
 
-    /// `path` with `body` at the preferred endpoint, then the others.
+    /// `path` with `body` at the preferred endpoint, then the others; again, while a
+    /// member is up but cannot serve, until [`Etcd::election_wait`] has passed.
     async fn call<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T, EtcdError> {
+        let began = tokio::time::Instant::now();
         let n = self.endpoints.len().max(1);
-        let first = self.preferred.load(Ordering::Relaxed) % n;
-        let mut last = None;
-        for i in 0..self.endpoints.len() {
-            let at = (first + i) % n;
-            match self.attempt(&self.endpoints[at], path, &body).await {
-                Ok(v) => {
-                    self.preferred.store(at, Ordering::Relaxed);
-                    return Ok(v);
+        loop {
+            let first = self.preferred.load(Ordering::Relaxed) % n;
+            let (mut last, mut up) = (None, false);
+            for i in 0..self.endpoints.len() {
+                let at = (first + i) % n;
+                match self.attempt(&self.endpoints[at], path, &body).await {
+                    Ok(v) => {
+                        self.preferred.store(at, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(e) if e.try_next() => {
+                        up |= e.member_up();
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(EtcdError::Refused(e)),
                 }
-                Err(e) if e.try_next() => last = Some(e),
-                Err(e) => return Err(EtcdError::Refused(e)),
             }
+            if !up || began.elapsed() + ROUND_PAUSE >= self.election_wait {
+                let last =
+                    last.unwrap_or(AttemptError::Timeout { endpoint: "(no endpoint)".into(), timeout: self.timeout });
+                return Err(EtcdError::Unavailable { endpoints: self.endpoints.join(","), last });
+            }
+            tracing::debug!(path, "no etcd member could serve; asking again (an election may be under way)");
+            tokio::time::sleep(ROUND_PAUSE).await;
         }
-        let last = last.unwrap_or(AttemptError::Timeout { endpoint: "(no endpoint)".into(), timeout: self.timeout });
-        Err(EtcdError::Unavailable { endpoints: self.endpoints.join(","), last })
     }
 
     /// Every key starting with `prefix` (at most [`MAX_KEYS`]), read linearizably.
