@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use forage_api::{HandoffEvent, HandoffReport, HandoffStatus, HandoffTick, HandoffView};
-use forage_handoff::adapt::Prior;
+use forage_handoff::adapt::{Mode, Prior};
 use forage_handoff::pipeline::{TraceRow, TraceSink};
 use tokio::sync::broadcast;
 
@@ -23,10 +23,18 @@ pub struct HandoffBoard {
     events: broadcast::Sender<HandoffEvent>,
     next: AtomicU64,
     /// What the last handoffs to each destination learned (what its link carried,
-    /// how much slower the encoders ran than the VM's own table said), in memory only: the
-    /// next handoff there makes its first choice of mode on it
+    /// how much slower the encoders ran than the VM's own table said, the mode the last
+    /// adaptive one ended in), in memory only: the next adaptive handoff there starts in
+    /// that mode and makes its first choice on the rest
     /// (`forage_handoff::pipeline::PipelineConfig::prior`).
-    links: Mutex<HashMap<SocketAddr, Prior>>,
+    links: Mutex<HashMap<SocketAddr, Learned>>,
+}
+
+/// What the handoffs to one destination learned.
+#[derive(Debug, Clone, Copy, Default)]
+struct Learned {
+    prior: Option<Prior>,
+    ended_in: Option<Mode>,
 }
 
 impl Default for HandoffBoard {
@@ -59,19 +67,32 @@ impl HandoffBoard {
 
     /// What the last handoffs to `to` learned.
     pub(crate) fn prior(&self, to: SocketAddr) -> Option<Prior> {
-        self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).copied()
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).and_then(|l| l.prior)
+    }
+
+    /// The mode the last adaptive handoff to `to` ended in.
+    pub(crate) fn ended_in(&self, to: SocketAddr) -> Option<Mode> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).and_then(|l| l.ended_in)
     }
 
     /// Keep what a handoff to `to` measured: the link's rate (bytes/s) replaces the last
-    /// one; the encoders' scale replaces the last one only if this handoff measured it (a
-    /// static mode does not).
-    pub(crate) fn remember(&self, to: SocketAddr, link_bps: Option<f64>, cpu_scale: Option<f64>) {
+    /// one; the encoders' scale and the mode it ended in replace the last ones only if
+    /// this handoff adapted (a static mode measures no scale and chose nothing).
+    pub(crate) fn remember(
+        &self,
+        to: SocketAddr,
+        link_bps: Option<f64>,
+        cpu_scale: Option<f64>,
+        ended_in: Option<Mode>,
+    ) {
         let ok = |v: &f64| v.is_finite() && *v > 0.0;
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        let last = links.get(&to).copied();
-        let Some(link_bps) = link_bps.filter(ok).or(last.map(|p| p.link_bps)) else { return };
-        let cpu_scale = cpu_scale.filter(ok).or(last.map(|p| p.cpu_scale)).unwrap_or(1.0);
-        links.insert(to, Prior { link_bps, cpu_scale });
+        let last = links.get(&to).copied().unwrap_or_default();
+        let prior = link_bps.filter(ok).or(last.prior.map(|p| p.link_bps)).map(|link_bps| Prior {
+            link_bps,
+            cpu_scale: cpu_scale.filter(ok).or(last.prior.map(|p| p.cpu_scale)).unwrap_or(1.0),
+        });
+        links.insert(to, Learned { prior, ended_in: ended_in.or(last.ended_in) });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandoffView>> {
@@ -206,5 +227,26 @@ mod tests {
         let all = board.list();
         assert!(all.iter().any(|h| h.id == running), "a running one is never forgotten");
         assert!(all.iter().filter(|h| h.status != HandoffStatus::Running).count() <= KEEP_ENDED + 1);
+    }
+
+    #[test]
+    fn a_destination_remembers_its_link_and_where_the_last_adaptive_handoff_ended() {
+        let board = HandoffBoard::default();
+        let (to, other): (SocketAddr, SocketAddr) =
+            ("10.0.0.2:7878".parse().unwrap(), "10.0.0.3:7878".parse().unwrap());
+        let bzip2 = forage_handoff::adapt::parse_mode("none+bzip2-9").unwrap();
+        assert_eq!((board.prior(to), board.ended_in(to)), (None, None));
+        // An adaptive handoff that measured no link still leaves its mode.
+        board.remember(to, None, None, Some(bzip2));
+        assert_eq!((board.prior(to), board.ended_in(to)), (None, Some(bzip2)));
+        board.remember(to, Some(3e6), Some(1.5), None);
+        assert_eq!(board.prior(to), Some(Prior { link_bps: 3e6, cpu_scale: 1.5 }));
+        // A static one: a new link rate; the scale and the mode stay.
+        board.remember(to, Some(1e6), None, None);
+        assert_eq!(board.prior(to), Some(Prior { link_bps: 1e6, cpu_scale: 1.5 }));
+        assert_eq!(board.ended_in(to), Some(bzip2));
+        assert_eq!((board.prior(other), board.ended_in(other)), (None, None), "per destination");
+        board.remember(to, Some(f64::NAN), Some(-1.0), None);
+        assert_eq!(board.prior(to), Some(Prior { link_bps: 1e6, cpu_scale: 1.5 }), "nonsense is not kept");
     }
 }

@@ -17,7 +17,7 @@ use forage_handoff::adapt::{LookupTable, Mode};
 use forage_handoff::encode::SampleChunk;
 use forage_handoff::segment::CHUNK;
 
-/// Modified pages in a sample (256 KiB: two runs, half a segment of the pipeline).
+/// Modified pages in a sample (256 KiB: four runs, half a segment of the pipeline).
 pub const SAMPLE_CHUNKS: usize = 64;
 /// Places looked at, at most, to find them.
 const PROBES: u64 = 8192;
@@ -25,8 +25,11 @@ const PROBES: u64 = 8192;
 /// (QEMU streams a 1 MiB window in address order), and what a compressor finds across
 /// neighbours is what a delta of each page against the base cannot. Pages scattered one
 /// by one over the memory made bsdiff look 3-5% smaller than none+bzip2-9 on
-/// hashsearch; on the wire it was larger, and the adaptive run lost 11-15% to it.
-const RUN: u64 = 32;
+/// hashsearch; on the wire it was larger, and the adaptive run lost 11-15% to it. Two
+/// runs of 32 were too few places: on the Debian app at 25 Mbit/s, three adaptive runs'
+/// first decisions went to bsdiff+bzip2-9, none+bzip2-9 and bsdiff+bzip2-8, and the
+/// bsdiff ones were undone a second later.
+const RUN: u64 = 16;
 /// Fewer modified pages than this: no sample.
 const ENOUGH: usize = 16;
 /// Time the modes may take, all together.

@@ -166,12 +166,15 @@ async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snap
     Ok(total)
 }
 
-/// The adaptive run's mode until its first decision: when the table measured on the VM's
-/// own pages arrives (under a second in) if the link to the destination is known from the
-/// last handoff there, else after a second of this link's measures. Cheap on every core
-/// and never far from the smallest when the link is fast. No delta: against
-/// the base, xor made the Debian app's pages larger (xor+zstd-3 sent 11.1 MB where
-/// none+zstd-1 sent 7.1 MB at 25 Mbit/s), and the first decision had to undo it.
+/// The adaptive run's mode until its first decision (when the table measured on the VM's
+/// own pages arrives, under a second in, if the link to the destination is known from the
+/// last handoff there, else after a second of this link's measures), when no adaptive
+/// handoff to that destination ended before: then it starts in the mode that one ended
+/// in (on hashsearch at 10 Mbit/s, the first 0.3 s in none+zstd-1 sent 170 KB more than
+/// none+bzip2-9, where the last one had ended). Cheap on every core and never far from the
+/// smallest when the link is fast. No delta: against the base, xor made the Debian app's
+/// pages larger (xor+zstd-3 sent 11.1 MB where none+zstd-1 sent 7.1 MB at 25 Mbit/s), and
+/// the first decision had to undo it.
 const START_MODE: &str = "none+zstd-1";
 
 async fn migrate(
@@ -184,7 +187,10 @@ async fn migrate(
 ) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
     let (mode, table) = match &order.options.mode {
         Some(m) => (parse_mode(m).map_err(Failure::Residual)?, None),
-        None => (parse_mode(START_MODE).expect("a mode"), Some(load_table(place.cloudlet))),
+        None => {
+            let start = place.cloudlet.handoffs.ended_in(order.to);
+            (start.unwrap_or_else(|| parse_mode(START_MODE).expect("a mode")), Some(load_table(place.cloudlet)))
+        }
     };
     let adapt_later = table
         .as_ref()
@@ -283,6 +289,7 @@ async fn stream_state(
     to: SocketAddr,
     steer: Option<Duration>,
 ) -> Result<(HandoffReport, ServiceEndpoint), Failure> {
+    let adapting = table.is_some();
     let (mut rh, mut wh) = tokio::io::split(stream);
     let (frames, mut frames_rx) = mpsc::channel::<PeerMessage>(2);
     let written = Arc::new(AtomicU64::new(0));
@@ -411,7 +418,8 @@ async fn stream_state(
     let piped = piped.expect("no panic");
     let ((residual, feed), report) = match (fed, piped) {
         (Ok(f), Ok(p)) => {
-            place.cloudlet.handoffs.remember(to, p.link_bps, p.cpu_scale);
+            let ended_in = adapting.then(|| p.trace.last().and_then(|t| parse_mode(&t.mode).ok())).flatten();
+            place.cloudlet.handoffs.remember(to, p.link_bps, p.cpu_scale, ended_in);
             (f, p)
         }
         (fed, piped) => {
