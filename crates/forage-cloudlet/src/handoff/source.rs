@@ -168,11 +168,11 @@ async fn send_boot_files(stream: &mut forage_client::CloudletStream, base: &Snap
 
 /// The adaptive run's mode until its first decision (when the table measured on the VM's
 /// own pages arrives, under a second in, if the link to the destination is known from the
-/// last handoff there, else after a second of this link's measures), when no adaptive
-/// handoff to that destination ended before: then it starts in the mode that one ended
-/// in (on hashsearch at 10 Mbit/s, the first 0.3 s in none+zstd-1 sent 170 KB more than
-/// none+bzip2-9, where the last one had ended). Cheap on every core and never far from the
-/// smallest when the link is fast. No delta: against the base, xor made the Debian app's
+/// last handoff there, else after a second of this link's measures), for the first
+/// adaptive handoff to a destination. Later ones start in the mode the last one there
+/// ended in (on hashsearch at 10 Mbit/s, the first 0.3 s in none+zstd-1 sent 170 KB more
+/// than none+bzip2-9, where the last one had ended). Cheap on every core and never far
+/// from the smallest when the link is fast. No delta: against the base, xor made the Debian app's
 /// pages larger (xor+zstd-3 sent 11.1 MB where none+zstd-1 sent 7.1 MB at 25 Mbit/s), and
 /// the first decision had to undo it.
 const START_MODE: &str = "none+zstd-1";
