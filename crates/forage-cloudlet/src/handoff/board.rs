@@ -6,14 +6,18 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use forage_api::{HandoffEvent, HandoffReport, HandoffStatus, HandoffTick, HandoffView};
-use forage_handoff::adapt::{Mode, Prior};
+use forage_handoff::adapt::{LookupTable, Mode, Prior};
 use forage_handoff::pipeline::{TraceRow, TraceSink};
 use tokio::sync::broadcast;
 
 /// Handoffs that ended, kept for a look.
 const KEEP_ENDED: usize = 8;
+/// How long the table one handoff measured on its VM's pages stands in for a new sample
+/// of the same app's pages to the same destination ([`HandoffBoard::own_table`]).
+pub(crate) const OWN_TABLE_FOR: Duration = Duration::from_secs(600);
 /// Events a slow watcher may fall behind by before it misses some (it then reads the
 /// whole list again).
 const BACKLOG: usize = 1024;
@@ -26,15 +30,27 @@ pub struct HandoffBoard {
     /// how much slower the encoders ran than the VM's own table said, the mode the last
     /// adaptive one ended in), in memory only: the next adaptive handoff there starts in
     /// that mode and makes its first choice on the rest
-    /// (`forage_handoff::pipeline::PipelineConfig::prior`).
+    /// (`forage_handoff::pipeline::PipelineConfig::prior`), and the table the last sample
+    /// measured.
     links: Mutex<HashMap<SocketAddr, Learned>>,
 }
 
 /// What the handoffs to one destination learned.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Learned {
     prior: Option<Prior>,
     ended_in: Option<Mode>,
+    own_table: Option<OwnTable>,
+}
+
+/// A table measured on a moving VM's own pages (`super::sampling`), for the next
+/// handoffs of the same app.
+#[derive(Debug, Clone)]
+struct OwnTable {
+    /// What the VM runs: its base and its name (`launch-APP` for an app's instances).
+    app: String,
+    table: LookupTable,
+    measured: Instant,
 }
 
 impl Default for HandoffBoard {
@@ -75,6 +91,23 @@ impl HandoffBoard {
         self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).and_then(|l| l.ended_in)
     }
 
+    /// The table the last sample of `app`'s pages measured, for a handoff of it to `to`,
+    /// if it was measured less than [`OWN_TABLE_FOR`] ago, and how long ago: the sample
+    /// takes 0.3-0.5 s of every core while the encoders need them.
+    pub(crate) fn own_table(&self, to: SocketAddr, app: &str) -> Option<(LookupTable, Duration)> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let own = links.get(&to)?.own_table.as_ref().filter(|t| t.app == app)?;
+        let age = own.measured.elapsed();
+        (age < OWN_TABLE_FOR).then(|| (own.table.clone(), age))
+    }
+
+    /// Keep the table a sample of `app`'s pages just measured for a handoff to `to`.
+    pub(crate) fn remember_table(&self, to: SocketAddr, app: &str, table: LookupTable) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.entry(to).or_default().own_table =
+            Some(OwnTable { app: app.to_string(), table, measured: Instant::now() });
+    }
+
     /// Keep what a handoff to `to` measured: the link's rate (bytes/s) replaces the last
     /// one; the encoders' scale and the mode it ended in replace the last ones only if
     /// this handoff adapted (a static mode measures no scale and chose nothing).
@@ -87,12 +120,12 @@ impl HandoffBoard {
     ) {
         let ok = |v: &f64| v.is_finite() && *v > 0.0;
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        let last = links.get(&to).copied().unwrap_or_default();
+        let last = links.get(&to).cloned().unwrap_or_default();
         let prior = link_bps.filter(ok).or(last.prior.map(|p| p.link_bps)).map(|link_bps| Prior {
             link_bps,
             cpu_scale: cpu_scale.filter(ok).or(last.prior.map(|p| p.cpu_scale)).unwrap_or(1.0),
         });
-        links.insert(to, Learned { prior, ended_in: ended_in.or(last.ended_in) });
+        links.insert(to, Learned { prior, ended_in: ended_in.or(last.ended_in), own_table: last.own_table });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandoffView>> {
@@ -248,5 +281,23 @@ mod tests {
         assert_eq!((board.prior(other), board.ended_in(other)), (None, None), "per destination");
         board.remember(to, Some(f64::NAN), Some(-1.0), None);
         assert_eq!(board.prior(to), Some(Prior { link_bps: 1e6, cpu_scale: 1.5 }), "nonsense is not kept");
+    }
+
+    #[test]
+    fn a_measured_table_stands_for_the_same_app_to_the_same_destination() {
+        let board = HandoffBoard::default();
+        let (to, other): (SocketAddr, SocketAddr) =
+            ("10.0.0.2:7878".parse().unwrap(), "10.0.0.3:7878".parse().unwrap());
+        let table = LookupTable::reference();
+        assert!(board.own_table(to, "base/launch-ocr").is_none());
+        board.remember_table(to, "base/launch-ocr", table.clone());
+        board.remember(to, Some(3e6), Some(1.2), None);
+        let (kept, age) = board.own_table(to, "base/launch-ocr").expect("kept, and kept by remember");
+        assert_eq!(kept.modes.len(), table.modes.len());
+        assert!(age < OWN_TABLE_FOR);
+        assert!(board.own_table(to, "base/launch-vision").is_none(), "another app samples its own");
+        assert!(board.own_table(other, "base/launch-ocr").is_none(), "per destination");
+        board.remember_table(to, "base/launch-vision", table);
+        assert!(board.own_table(to, "base/launch-ocr").is_none(), "the last app's table only");
     }
 }

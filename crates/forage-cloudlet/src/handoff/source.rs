@@ -192,9 +192,30 @@ async fn migrate(
             (start.unwrap_or_else(|| parse_mode(START_MODE).expect("a mode")), Some(load_table(place.cloudlet)))
         }
     };
-    let adapt_later = table
+    // The app's pages were sampled on the way to this destination a moment ago: the
+    // table measured then stands (the sample would take 0.3-0.5 s of every core while the
+    // encoders need them); else a sample runs beside the migration's start.
+    let app = format!("{}/{}", base.dir().display(), instance.vm.spec().name);
+    let known = table
         .as_ref()
-        .map(|t| super::sampling::start(instance.vm.spec().memory_file.clone(), base.memory_path(), has_base, t, mode));
+        .and_then(|_| place.cloudlet.handoffs.own_table(order.to, &app))
+        .filter(|(t, _)| t.get(&mode).is_some());
+    let (adapt_later, sampled) = match (&table, known) {
+        (None, _) => (None, None),
+        (Some(_), Some((own, age))) => {
+            tracing::info!(
+                instance = place.id,
+                age_s = age.as_secs(),
+                "adaptation table from this app's pages as the last handoff here measured them: no sample"
+            );
+            (Some(Arc::new(std::sync::OnceLock::from(own))), None)
+        }
+        (Some(t), None) => {
+            let slot =
+                super::sampling::start(instance.vm.spec().memory_file.clone(), base.memory_path(), has_base, t, mode);
+            (Some(slot.clone()), Some(slot))
+        }
+    };
     let vm = &instance.vm;
     let qmp = vm.qmp();
     let sock = place
@@ -259,6 +280,9 @@ async fn migrate(
     .await;
     watch.abort();
     let _ = std::fs::remove_file(&sock);
+    if let (Ok(_), Some(own)) = (&result, sampled.as_ref().and_then(|s| s.get())) {
+        place.cloudlet.handoffs.remember_table(order.to, &app, own.clone());
+    }
     result
 }
 
