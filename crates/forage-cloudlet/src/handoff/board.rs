@@ -18,6 +18,9 @@ const KEEP_ENDED: usize = 8;
 /// How long the table one handoff measured on its VM's pages stands in for a new sample
 /// of the same app's pages to the same destination ([`HandoffBoard::own_table`]).
 pub(crate) const OWN_TABLE_FOR: Duration = Duration::from_secs(600);
+/// Destinations remembered at most; past it the one heard of longest ago is forgotten
+/// (a device may ask its instance to follow it anywhere).
+const KEEP_DESTINATIONS: usize = 256;
 /// Events a slow watcher may fall behind by before it misses some (it then reads the
 /// whole list again).
 const BACKLOG: usize = 1024;
@@ -41,6 +44,8 @@ struct Learned {
     prior: Option<Prior>,
     ended_in: Option<Mode>,
     own_table: Option<OwnTable>,
+    /// When a handoff there last ended.
+    ended: Option<Instant>,
 }
 
 /// A table measured on a moving VM's own pages (`super::sampling`), for the next
@@ -64,6 +69,17 @@ impl Default for HandoffBoard {
     }
 }
 
+/// Keep what a handoff to `to` learned, forgetting the destination heard of longest ago
+/// past [`KEEP_DESTINATIONS`].
+fn keep(links: &mut HashMap<SocketAddr, Learned>, to: SocketAddr, learned: Learned) {
+    links.insert(to, Learned { ended: Some(Instant::now()), ..learned });
+    if links.len() > KEEP_DESTINATIONS {
+        if let Some(oldest) = links.iter().min_by_key(|(_, l)| l.ended).map(|(a, _)| *a) {
+            links.remove(&oldest);
+        }
+    }
+}
+
 fn now_unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -83,19 +99,19 @@ impl HandoffBoard {
 
     /// What the last handoffs to `to` learned.
     pub(crate) fn prior(&self, to: SocketAddr) -> Option<Prior> {
-        self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).and_then(|l| l.prior)
+        self.links().get(&to).and_then(|l| l.prior)
     }
 
     /// The mode the last adaptive handoff to `to` ended in.
     pub(crate) fn ended_in(&self, to: SocketAddr) -> Option<Mode> {
-        self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&to).and_then(|l| l.ended_in)
+        self.links().get(&to).and_then(|l| l.ended_in)
     }
 
     /// The table the last sample of `app`'s pages measured, for a handoff of it to `to`,
     /// if it was measured less than [`OWN_TABLE_FOR`] ago, and how long ago: the sample
     /// takes 0.3-0.5 s of every core while the encoders need them.
     pub(crate) fn own_table(&self, to: SocketAddr, app: &str) -> Option<(LookupTable, Duration)> {
-        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let links = self.links();
         let own = links.get(&to)?.own_table.as_ref().filter(|t| t.app == app)?;
         let age = own.measured.elapsed();
         (age < OWN_TABLE_FOR).then(|| (own.table.clone(), age))
@@ -103,9 +119,10 @@ impl HandoffBoard {
 
     /// Keep the table a sample of `app`'s pages just measured for a handoff to `to`.
     pub(crate) fn remember_table(&self, to: SocketAddr, app: &str, table: LookupTable) {
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links.entry(to).or_default().own_table =
-            Some(OwnTable { app: app.to_string(), table, measured: Instant::now() });
+        let mut links = self.links();
+        let last = links.get(&to).cloned().unwrap_or_default();
+        let own_table = Some(OwnTable { app: app.to_string(), table, measured: Instant::now() });
+        keep(&mut links, to, Learned { own_table, ..last });
     }
 
     /// Keep what a handoff to `to` measured: the link's rate (bytes/s) replaces the last
@@ -119,13 +136,17 @@ impl HandoffBoard {
         ended_in: Option<Mode>,
     ) {
         let ok = |v: &f64| v.is_finite() && *v > 0.0;
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut links = self.links();
         let last = links.get(&to).cloned().unwrap_or_default();
         let prior = link_bps.filter(ok).or(last.prior.map(|p| p.link_bps)).map(|link_bps| Prior {
             link_bps,
             cpu_scale: cpu_scale.filter(ok).or(last.prior.map(|p| p.cpu_scale)).unwrap_or(1.0),
         });
-        links.insert(to, Learned { prior, ended_in: ended_in.or(last.ended_in), own_table: last.own_table });
+        keep(&mut links, to, Learned { prior, ended_in: ended_in.or(last.ended_in), ..last });
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Learned>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HandoffView>> {
@@ -299,5 +320,16 @@ mod tests {
         assert!(board.own_table(other, "base/launch-ocr").is_none(), "per destination");
         board.remember_table(to, "base/launch-vision", table);
         assert!(board.own_table(to, "base/launch-ocr").is_none(), "the last app's table only");
+    }
+
+    #[test]
+    fn destinations_beyond_the_few_kept_forget_the_oldest() {
+        let board = HandoffBoard::default();
+        let at = |i: usize| -> SocketAddr { format!("10.0.{}.{}:7878", i / 250, i % 250 + 1).parse().unwrap() };
+        for i in 0..KEEP_DESTINATIONS + 10 {
+            board.remember(at(i), Some(1e6), None, None);
+        }
+        assert_eq!(board.links().len(), KEEP_DESTINATIONS);
+        assert!(board.prior(at(KEEP_DESTINATIONS + 9)).is_some(), "the newest is kept");
     }
 }
