@@ -199,3 +199,44 @@ fn modes_parse_and_print() {
     assert_eq!(table().fastest(), Some(m("none+none")));
     assert_eq!(table().smallest(), Some(m("xor+lzma9")));
 }
+
+#[test]
+fn the_first_switch_needs_a_smaller_gain_than_the_next() {
+    // A link-bound handoff: bzip2 9 is predicted 7% faster than zstd 1 (7% smaller).
+    let close = LookupTable {
+        chunk_bytes: 4096,
+        modes: vec![
+            (m("none+zstd1"), Profile { p: 5e-6, r: 0.270 }),
+            (m("none+bzip29"), Profile { p: 50e-6, r: 0.252 }),
+        ],
+    };
+    let start = Instant::now();
+    let link = prior(1.25e6, 1.0);
+    let mut a = Adapter::new(close.clone(), m("none+zstd1"), start);
+    a.set_table(close.clone());
+    let first = a.decide_on_prior(link, 2.0, start).expect("the start mode is left for 7%");
+    assert_eq!(first.to, m("none+bzip29"));
+    // Back to zstd 1 only for 10%: 7% the other way (a table that says so) keeps bzip2.
+    let flipped = LookupTable {
+        chunk_bytes: 4096,
+        modes: vec![
+            (m("none+zstd1"), Profile { p: 5e-6, r: 0.252 }),
+            (m("none+bzip29"), Profile { p: 50e-6, r: 0.270 }),
+        ],
+    };
+    a.set_table(flipped.clone());
+    let bz = flipped.get(&m("none+bzip29")).unwrap();
+    let later = Observation { p: bz.p, r: bz.r, bandwidth: 1.25e6, cores: 2.0, measured: 2 * SECOND, probing: false };
+    assert_eq!(a.tick(&later, start + 10 * SECOND), None, "a switch made holds against 7%");
+    // A start mode within 5% of the best is kept.
+    let tight = LookupTable {
+        chunk_bytes: 4096,
+        modes: vec![
+            (m("none+zstd1"), Profile { p: 5e-6, r: 0.262 }),
+            (m("none+bzip29"), Profile { p: 50e-6, r: 0.252 }),
+        ],
+    };
+    let mut kept = Adapter::new(tight.clone(), m("none+zstd1"), start);
+    kept.set_table(tight);
+    assert_eq!(kept.decide_on_prior(link, 2.0, start), None, "4% is within the model's error");
+}
