@@ -9,7 +9,9 @@
 //! name) to the same destination, within `board::OWN_TABLE_FOR` (10 min), takes the table
 //! measured here and samples nothing (`HandoffBoard::own_table`): the sample takes
 //! 0.3-0.5 s of every core while the encoders need them, which cost the Debian app +19%
-//! against the static winner at 25 Mbit/s (medians of 3; -5% without it).
+//! against the static winner at 25 Mbit/s (medians of 3; -5% without it at 25 Mbit/s
+//! alone, +5-8% in the whole benches after). The price: one draw of pages decides every
+//! handoff of the app for those 10 minutes (docs/handoff-bench.md, steps 8-9).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
