@@ -5,8 +5,11 @@
 //! reference table chose bsdiff, which bought nothing there and cost 10-18% of the time.
 //!
 //! The candidates are the modes on the given table's Pareto frontier (no other mode is
-//! both faster and smaller), about a dozen of its 96, so that the sample stays short; a
-//! time budget bounds it further (modes not measured in time are left out).
+//! both faster and smaller), cut to the fastest and the smallest level of each delta and
+//! codec ([`candidates`]): 8 of the reference table's 96. The levels between differ by a
+//! few per cent, and measuring all of them (16 modes) left a sample of only 256 KiB in
+//! the same time, too small to rank modes that differ by 5-10% (see [`candidates`]). A
+//! time budget bounds the sample further (modes not measured in time are left out).
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,28 @@ pub fn frontier(table: &LookupTable) -> Vec<Mode> {
         }
     }
     out
+}
+
+/// The modes of `table`'s [`frontier`] that are the fastest or the smallest of their
+/// delta and codec, fastest first: none+bzip2-1 and none+bzip2-9, not the seven levels
+/// between. bzip2's levels differ only in block size (100-900 KB), which a sample smaller
+/// than a segment cannot tell apart: on 256 KiB, bzip2-3 to bzip2-9 give the same bytes,
+/// while a pipeline segment (1 MiB) gives bzip2-9 its 900 KB blocks. Measuring the eight
+/// levels on 256 KiB cost what two levels cost on a whole segment, and ranked
+/// none+bzip2-9 under 5% ahead of none+zstd-1 on the Debian app where on the wire it sent
+/// 9-10% less (docs/handoff-bench.md, step 10).
+pub fn candidates(table: &LookupTable) -> Vec<Mode> {
+    let front = frontier(table);
+    let kind = |m: &Mode| (m.delta, std::mem::discriminant(&m.codec));
+    front
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| {
+            let same = |n: &&Mode| kind(n) == kind(m);
+            front.iter().position(|n| same(&n)) == Some(*i) || front.iter().rposition(|n| same(&n)) == Some(*i)
+        })
+        .map(|(_, m)| *m)
+        .collect()
 }
 
 /// P and R of each of `modes` on `chunks`, measured by `threads` threads at once (each
@@ -85,6 +110,32 @@ mod tests {
         assert_eq!(frontier(&table), vec![m("none+none"), m("xor+zstd1"), m("xor+lzma9")]);
         let n = frontier(&LookupTable::reference()).len();
         assert!((2..30).contains(&n), "a short list of the 96: {n}");
+    }
+
+    #[test]
+    fn candidates_keep_the_fastest_and_the_smallest_level_of_each_codec() {
+        let table = LookupTable {
+            chunk_bytes: 4096,
+            modes: vec![
+                (m("none+zstd1"), Profile { p: 1e-5, r: 0.30 }),
+                (m("none+bzip2-1"), Profile { p: 1.7e-4, r: 0.22 }),
+                (m("none+bzip2-4"), Profile { p: 1.8e-4, r: 0.21 }),
+                (m("none+bzip2-6"), Profile { p: 1.85e-4, r: 0.205 }),
+                (m("none+bzip2-9"), Profile { p: 1.9e-4, r: 0.20 }),
+                (m("bsdiff+bzip2-9"), Profile { p: 4.8e-4, r: 0.19 }),
+                (m("none+lzma9"), Profile { p: 2e-3, r: 0.25 }),
+            ],
+        };
+        assert_eq!(
+            candidates(&table),
+            vec![m("none+zstd1"), m("none+bzip2-1"), m("none+bzip2-9"), m("bsdiff+bzip2-9")],
+            "bzip2's middle levels and lzma (off the frontier) are left out"
+        );
+        let reference = LookupTable::reference();
+        let (all, cut) = (frontier(&reference), candidates(&reference));
+        assert!(cut.len() < all.len() && cut.len() >= 4, "{cut:?} of {all:?}");
+        assert_eq!(cut.first(), all.first(), "the fastest stays");
+        assert_eq!(cut.last(), all.last(), "the smallest stays");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The adaptation's table measured on the moving VM's own memory as the handoff starts
-//! (`forage_handoff::sample`): up to [`SAMPLE_CHUNKS`] guest pages that differ from the
-//! base, found by probing places spread over the memory file and taking runs of
-//! neighbouring pages there (as a segment holds them), each with the destination's
-//! page at its place, go through the candidate modes in parallel, while the migration
+//! (`forage_handoff::sample`): up to [`SAMPLE_CHUNKS`] guest pages (a segment's worth)
+//! that differ from the base, found by probing places spread over the memory file and
+//! taking runs of neighbouring pages there (as a segment holds them), each with the
+//! destination's page at its place, go through the candidate modes in parallel (the
+//! fastest and smallest level of each codec on the table's frontier), while the migration
 //! already runs on the table it had (the cloudlet's profile or the reference); the
 //! adaptation takes the measured table at its next tick. A VM that changed too little to
 //! sample keeps the table it had. A later handoff of the same app (its base and its VM's
@@ -11,7 +12,8 @@
 //! 0.3-0.5 s of every core while the encoders need them, which cost the Debian app +19%
 //! against the static winner at 25 Mbit/s (medians of 3; -5% without it at 25 Mbit/s
 //! alone, +5-8% in the whole benches after). The price: one draw of pages decides every
-//! handoff of the app for those 10 minutes (docs/handoff-bench.md, steps 8-9).
+//! handoff of the app for those 10 minutes (docs/handoff-bench.md, steps 8-10), so the
+//! draw is a whole segment's worth.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -23,8 +25,13 @@ use forage_handoff::adapt::{LookupTable, Mode};
 use forage_handoff::encode::SampleChunk;
 use forage_handoff::segment::CHUNK;
 
-/// Modified pages in a sample (256 KiB: four runs, half a segment of the pipeline).
-pub const SAMPLE_CHUNKS: usize = 64;
+/// Modified pages in a sample: 1 MiB in sixteen runs, one segment of the pipeline, so
+/// that each codec compresses what it will on the wire (bzip2-9's 900 KB blocks, zstd's
+/// window). 64 pages (256 KiB) through every frontier mode were too few to rank modes
+/// that differ by 5-10%: every Debian adaptive run kept none+zstd-1, which sent 9-10%
+/// more than none+bzip2-9 (docs/handoff-bench.md, step 10). Fewer modes
+/// ([`forage_handoff::sample::candidates`]) keep the sample's time about what it was.
+pub const SAMPLE_CHUNKS: usize = forage_handoff::encode::SEGMENT_BYTES / CHUNK;
 /// Places looked at, at most, to find them.
 const PROBES: u64 = 8192;
 /// Pages read from a place found modified: a segment holds runs of neighbouring pages
@@ -41,7 +48,7 @@ const ENOUGH: usize = 16;
 /// Time the modes may take, all together.
 const BUDGET: Duration = Duration::from_millis(800);
 
-/// Start measuring `table`'s frontier (and `current`, the mode the pipeline starts in) on
+/// Start measuring `table`'s candidate modes (and `current`, the mode the pipeline starts in) on
 /// `memory` (the running VM's RAM file) against `base_memory`, in the background; the
 /// pipeline takes the result when it is there. Nothing arrives when the VM changed too
 /// little or reading fails (the log says why): the pipeline keeps `table`.
@@ -53,7 +60,7 @@ pub(super) fn start(
     current: Mode,
 ) -> Arc<OnceLock<LookupTable>> {
     let slot = Arc::new(OnceLock::new());
-    let mut modes = forage_handoff::sample::frontier(table);
+    let mut modes = forage_handoff::sample::candidates(table);
     if !modes.contains(&current) {
         modes.insert(0, current);
     }
