@@ -172,6 +172,9 @@ fn the_cloudlet_manager_in_chromium() {
         let page = "http://127.0.0.1:7879/";
         web.client.goto(page).await.unwrap();
         web.wait_for("#live-dot.live", Duration::from_secs(20)).await;
+        // The feed is open before its first message: the caller's rights come in "hello",
+        // before the first "status".
+        web.until("return S.status !== null", Duration::from_secs(10)).await;
 
         // 1. Read-only on loopback; the first load's weight.
         assert_eq!(web.client.find(Locator::Css("#who-text")).await.unwrap().text().await.unwrap(), "read-only");
