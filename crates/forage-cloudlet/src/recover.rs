@@ -49,9 +49,7 @@ pub(crate) async fn adopt_all(cloudlet: &Arc<Cloudlet>) {
         }
     }
     sweep_dead_sessions(cloudlet);
-    for dir in cloudlet.data.sweep_scratch() {
-        tracing::info!("removed {}: scratch of a process that is gone", dir.display());
-    }
+    cloudlet.data.sweep_scratch();
 }
 
 async fn adopt(cloudlet: &Cloudlet, id: &str, dir: &Path) -> Result<Instance, String> {

@@ -122,7 +122,7 @@ impl DataDir {
     /// `substrate dock` or bench killed half-way): the entries of `work/` whose name ends
     /// in `-PID` for a PID with no process. Cloudlet sessions (`session-PID-N`) are not
     /// touched: a restarted daemon adopts their instances or settles them itself. Best
-    /// effort; returns what was removed.
+    /// effort; logs and returns what was removed.
     pub fn sweep_scratch(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         for e in std::fs::read_dir(self.work()).into_iter().flatten().flatten() {
@@ -132,6 +132,7 @@ impl DataDir {
             }
             let Some(pid) = name.rsplit_once('-').and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
             if process_gone(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+                tracing::info!("removed {}: scratch of a process that is gone", e.path().display());
                 removed.push(e.path());
             }
         }

@@ -162,9 +162,7 @@ pub fn meminfo(text: &str) -> (u64, u64) {
 
 pub async fn dock(data: &DataDir, pool: &Pool, req: DockRequest) -> Result<DockReport, DockError> {
     let staging = pool.staging(&req.name)?;
-    for dir in data.sweep_scratch() {
-        tracing::info!("removed {}: scratch of a process that is gone", dir.display());
-    }
+    data.sweep_scratch();
     let work = data.work().join(format!("substrate-{}-{}", req.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|source| DockError::Io { path: work.clone(), source })?;
