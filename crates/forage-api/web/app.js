@@ -91,7 +91,8 @@ let feed = null;
 function connect() {
   if (feed) feed.close();
   feed = new EventSource("/v1/events");
-  feed.onopen = () => setLive(true);
+  // Live once the feed's hello arrived (who this is, what they may change), not when the
+  // stream opened: controls read S.canChange, which only the hello sets.
   feed.onerror = () => {
     setLive(false);
     if (feed.readyState === EventSource.CLOSED) {
@@ -117,7 +118,9 @@ function setLive(on) {
 
 function receive(kind, d) {
   switch (kind) {
-    case "hello": S.csrf = d.csrf_token; S.canChange = d.can_change; S.signedIn = !!d.csrf_token; renderWho(); renderAll(); break;
+    case "hello":
+      S.csrf = d.csrf_token; S.canChange = d.can_change; S.signedIn = !!d.csrf_token;
+      renderWho(); renderAll(); setLive(true); break;
     case "status": S.status = d; $("#cloudlet-name").textContent = d.name; document.title = `${d.name} · forage`; renderOverview(); break;
     case "host": S.host = d; renderOverview(); break;
     case "bases": S.bases = d.bases; renderOverview(); break;
