@@ -156,6 +156,15 @@ pub struct BenchSynthesisArgs {
     pub json: bool,
 }
 
+/// One of QEMU's own migrations, the handoff bench's peers.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuApproach {
+    /// RAM and devices to a destination that has the base disk
+    Live,
+    /// The disk too, by NBD and drive-mirror, to a destination with an empty disk
+    CopyStorage,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchHandoffArgs {
     /// Guest image of the base: tiny (hashsearch, whose working set grows and churns) or
@@ -188,6 +197,11 @@ pub struct BenchHandoffArgs {
     /// Skip QEMU's live migration (it takes minutes at 5 Mbit/s)
     #[arg(long)]
     pub no_qemu: bool,
+    /// Which of QEMU's migrations run, comma-separated: `live` (the destination has the
+    /// base disk), `copy-storage` (QEMU moves the disk too, as libvirt's
+    /// `--copy-storage-all`)
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "live,copy-storage")]
+    pub qemu: Vec<QemuApproach>,
     /// Run every forage mode this many times per link, interleaved (adaptive, each static
     /// mode, then again), and report each mode's median run with the spread: single runs
     /// of the same mode differ by up to a second under TCG

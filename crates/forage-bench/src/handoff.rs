@@ -30,7 +30,7 @@ use forage_client::ServiceEndpoint;
 use forage_datadir::DataDir;
 use forage_testkit::wan::{Netns, WanLink};
 
-use crate::cli::BenchHandoffArgs;
+use crate::cli::{BenchHandoffArgs, QemuApproach};
 use crate::common::{bench_base, forage_exe, print_json};
 use crate::handoff_qemu::qemu_migrate;
 pub use crate::handoff_table::HandoffRow;
@@ -305,10 +305,12 @@ impl Rig {
         for (mode, (mode_runs, _)) in statics.iter().zip(runs) {
             rows.push(row(&format!("{STATIC}{mode}"), link, &mode_runs, modified));
         }
-        if !args.no_qemu {
+        if !args.no_qemu && args.qemu.contains(&QemuApproach::Live) {
             let r = self.qemu_run(args, false, link)?;
             say(&format!("  qemu live migration (disk already there): {}", summary(&r)));
             rows.push(row("qemu-live-migration", link, std::slice::from_ref(&r), modified));
+        }
+        if !args.no_qemu && args.qemu.contains(&QemuApproach::CopyStorage) {
             let d = self.qemu_run(args, true, link)?;
             say(&format!("  qemu live migration + NBD drive-mirror of the disk: {}", summary(&d)));
             rows.push(row("qemu-copy-storage", link, std::slice::from_ref(&d), modified));
