@@ -127,10 +127,14 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 impl Assembly {
     /// Start assembling the launch VM described by `manifest` (already validated) over
     /// the base's memory and disk files. `work` receives the local files; it must exist.
+    /// An overlay naming blocks of Debian packages (format 3) needs their volume
+    /// (`packages`): those chunks are copied into the local files here, before anything
+    /// reads them (they are on this host: no segment brings them).
     pub fn new(
         manifest: Manifest,
         base_memory: &Path,
         base_disk: &Path,
+        packages: Option<&Path>,
         work: &Path,
         fetch: FetchFn,
     ) -> Result<Self, AssemblyError> {
@@ -166,12 +170,29 @@ impl Assembly {
             let n = files[slot(space)].size.div_ceil(CHUNK);
             chunks[slot(space)] = (0..n).map(|i| ChunkState::Base(space, i)).collect();
         }
+        let volume = match (&manifest.packages, packages) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(File::open(p).map_err(io(p))?),
+            (Some(_), None) => {
+                return Err(AssemblyError::Mismatch(
+                    "the overlay names Debian packages and no package volume was given".into(),
+                ))
+            }
+        };
+        let mut block = vec![0u8; CHUNK as usize];
         let mut positions = vec![Vec::new(); manifest.blobs.len()];
         for c in &manifest.chunks {
             let state = match c.reference {
                 ChunkRef::Zero | ChunkRef::Free => ChunkState::Zero,
                 ChunkRef::BaseDisk(i) => ChunkState::Base(Space::Disk, i),
                 ChunkRef::BaseMemory(i) => ChunkState::Base(Space::Memory, i),
+                ChunkRef::Package(i) => {
+                    let (volume, p) = (volume.as_ref().expect("checked above"), packages.expect("checked above"));
+                    read_full(volume, &mut block, i * CHUNK).map_err(io(p))?;
+                    let local = &files[slot(c.space)];
+                    local.local.write_all_at(&block, c.index * CHUNK).map_err(io(&local.local_path))?;
+                    ChunkState::Local
+                }
                 r => {
                     let b = r.blob().expect("blob reference");
                     positions[b as usize].push((c.space, c.index));

@@ -73,6 +73,7 @@ fn fixture(dir: &Path) -> (Manifest, Vec<Vec<u8>>) {
         stats: Stats::default(),
         created_unix: 0,
         creator: String::new(),
+        packages: None,
     };
     m.validate().unwrap();
     (m, vec![b0, b1, b2])
@@ -85,7 +86,7 @@ fn assembly(dir: &Path) -> (Arc<Assembly>, Vec<Vec<u8>>, mpsc::Receiver<u32>) {
     let work = dir.join("work");
     std::fs::create_dir(&work).unwrap();
     let fetch = Box::new(move |s: u32| tx.lock().unwrap().send(s).unwrap());
-    let a = Assembly::new(m, &dir.join("base-memory"), &dir.join("base-disk"), &work, fetch).unwrap();
+    let a = Assembly::new(m, &dir.join("base-memory"), &dir.join("base-disk"), None, &work, fetch).unwrap();
     (Arc::new(a), segs, rx)
 }
 

@@ -13,6 +13,7 @@
 //!   vms/NAME/            VMs run with `forage vm`: vm.json, run/ (live files), snapshot/
 //!   cache/launch/DIGEST/ the cloudlet's launch-VM cache, one snapshot per overlay
 //!   cloudlet/state.db    the cloudlet daemon's state (SQLite)
+//!   packages/            Debian packages overlays may name: debs/SHA256.deb, volumes/
 //! ```
 //!
 //! Unix sockets (QMP) do not live here: their path length is limited to 107 bytes, so they
@@ -111,6 +112,12 @@ impl DataDir {
     /// This host's pairings with cloudlets (as a device, or as a cloudlet for handoff).
     pub fn trust_peers(&self) -> PathBuf {
         self.root.join("trust").join("peers")
+    }
+
+    /// Debian packages that overlays of format 3 name blocks of, and the volumes made of
+    /// them (`forage packages`).
+    pub fn packages(&self) -> PathBuf {
+        self.root.join("packages")
     }
 
     /// Scratch space for work in progress (launch VMs, profiling runs).

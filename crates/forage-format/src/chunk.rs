@@ -41,6 +41,9 @@ pub enum ChunkRef {
     SameSpace(u32),
     /// A duplicate of blob N first seen in the other space, memory <-> disk (rule 5).
     CrossSpace(u32),
+    /// Equal to block N of the overlay's package volume (format 3: the regular files of
+    /// the Debian packages it lists, in 4 KiB blocks).
+    Package(u64),
 }
 
 impl ChunkRef {
@@ -61,6 +64,7 @@ impl ChunkRef {
             ChunkRef::New(_) => "new",
             ChunkRef::SameSpace(_) => "same_space",
             ChunkRef::CrossSpace(_) => "cross_space",
+            ChunkRef::Package(_) => "package",
         }
     }
 }

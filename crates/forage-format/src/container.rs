@@ -244,8 +244,8 @@ mod tests {
             assert!(res.is_err(), "flip at {pos} accepted");
         }
         let mut newer = file.clone();
-        newer[8] = 3;
-        assert!(matches!(OverlayReader::open(&newer[..]), Err(FormatError::NewerFormat { found: 3 })));
+        newer[8] = 4;
+        assert!(matches!(OverlayReader::open(&newer[..]), Err(FormatError::NewerFormat { found: 4 })));
         // A format-1 manifest behind a format-2 (residue) header, and the reverse.
         let mut mixed = file.clone();
         mixed[8] = 2;

@@ -1,4 +1,5 @@
-//! forage-format: the VM overlay format, versions 1 (overlays) and 2 (residues). Pure: no
+//! forage-format: the VM overlay format, versions 1 (overlays), 2 (residues) and 3
+//! (overlays naming blocks of Debian packages the cloudlet holds). Pure: no
 //! QEMU, no file policy.
 //!
 //! An overlay turns a base VM (which the cloudlet has) into a launch VM (base + installed,
@@ -20,6 +21,12 @@
 //! VM, as chunk references against the same base. Its manifest names the overlay it
 //! continues (`parent`, that overlay's [`Header::digest`]) and it is written as format 2,
 //! so a reader that predates residues refuses it instead of applying it as an overlay.
+//!
+//! An overlay of format 3 also lists Debian packages ([`PackageSet`]: name, version,
+//! SHA-256 of each .deb): the regular files of their data archives, in archive order, each
+//! cut in 4 KiB blocks (the last one zero-padded), make a *package volume* that the
+//! cloudlet rebuilds from its own copies of those .debs; a chunk equal to block N of that
+//! volume is [`ChunkRef::Package`]`(N)` and travels as nothing but that reference.
 
 pub mod chunk;
 pub mod codec;
@@ -32,5 +39,5 @@ pub use chunk::{ChunkEntry, ChunkRef, Space, CHUNK_SIZE};
 pub use codec::{DeltaCodec, SegmentCodec};
 pub use container::{read_header, Header, OverlayReader, SegmentData, HEADER_LEN, MAGIC};
 pub use error::FormatError;
-pub use manifest::{Blob, BlobEncoding, Manifest, Order, Segment, SegmentKind, Stats};
-pub use version::{FORMAT_VERSION, OVERLAY_FORMAT, RESIDUE_FORMAT};
+pub use manifest::{Blob, BlobEncoding, DebRef, Manifest, Order, PackageSet, Segment, SegmentKind, Stats};
+pub use version::{FORMAT_VERSION, OVERLAY_FORMAT, PACKAGES_FORMAT, RESIDUE_FORMAT};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkEntry, Space, CHUNK_SIZE};
 use crate::codec::{DeltaCodec, SegmentCodec};
-use crate::{FormatError, FORMAT_VERSION, RESIDUE_FORMAT};
+use crate::{FormatError, FORMAT_VERSION, PACKAGES_FORMAT, RESIDUE_FORMAT};
 
 /// Largest decompressed manifest accepted at all (about a million chunks, a few GB of
 /// modified state); a receiver that knows the base caps it lower ([`raw_limit_for`]).
@@ -57,6 +57,67 @@ pub struct Manifest {
     pub created_unix: u64,
     #[serde(default)]
     pub creator: String,
+    /// Format 3 only: the Debian packages whose blocks [`ChunkRef::Package`] names. Not
+    /// written when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<PackageSet>,
+}
+
+/// Most .debs one overlay may list (a desktop install is a few thousand).
+pub const MAX_DEBS: usize = 20_000;
+
+/// The Debian packages of a format-3 overlay, in volume order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageSet {
+    pub debs: Vec<DebRef>,
+    /// 4 KiB blocks in the volume they make (what the cloudlet must find when it rebuilds it).
+    pub blocks: u64,
+}
+
+/// One .deb, named by its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebRef {
+    pub package: String,
+    pub version: String,
+    pub architecture: String,
+    /// SHA-256 of the .deb file (what Debian's signed package index lists too).
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl PackageSet {
+    /// The volume's name: SHA-256 over a version line and the .debs' digests, in order.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"forage-package-volume 1\n");
+        for d in &self.debs {
+            h.update(d.sha256.as_bytes());
+            h.update(b"\n");
+        }
+        hex::encode(h.finalize())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.debs.is_empty() || self.debs.len() > MAX_DEBS {
+            return Err(format!("{} Debian packages listed (1 to {MAX_DEBS})", self.debs.len()));
+        }
+        // Names as Debian allows them (policy 5.6.1, 5.6.12); they are only ever shown.
+        let plain = |s: &str, extra: &str| {
+            !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+        };
+        for d in &self.debs {
+            if !plain(&d.package, "+-.") || !plain(&d.version, "+-.~:") || !plain(&d.architecture, "-") {
+                return Err(
+                    "a Debian package's name, version or architecture has characters Debian does not allow".into()
+                );
+            }
+            if !is_digest(&d.sha256) {
+                return Err(format!("package {}: its SHA-256 is not 64 lowercase hex digits", d.package));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +260,13 @@ impl Manifest {
             }
             _ => {}
         }
+        match (self.format, &self.packages) {
+            (PACKAGES_FORMAT, None) => return bad("a format 3 overlay without its Debian packages".into()),
+            (PACKAGES_FORMAT, Some(p)) => p.validate().or_else(bad)?,
+            (f, Some(_)) => return bad(format!("format {f} overlay lists Debian packages (only format 3 does)")),
+            _ => {}
+        }
+        let volume_blocks = self.packages.as_ref().map_or(0, |p| p.blocks);
         if self.chunk_size as usize != CHUNK_SIZE {
             return bad(format!("chunk size {} (only {CHUNK_SIZE} is supported)", self.chunk_size));
         }
@@ -221,6 +289,9 @@ impl Manifest {
                 }
                 crate::ChunkRef::BaseMemory(i) if i >= chunks_in(Space::Memory) => {
                     return bad(format!("base memory chunk {i} is past the end"))
+                }
+                crate::ChunkRef::Package(i) if i >= volume_blocks => {
+                    return bad(format!("package block {i} is past the end of the package volume"))
                 }
                 r => {
                     if let Some(b) = r.blob() {
@@ -349,7 +420,51 @@ pub(crate) mod tests {
             stats: Stats::default(),
             created_unix: 1,
             creator: "test".into(),
+            packages: None,
         }
+    }
+
+    fn with_packages() -> Manifest {
+        let mut m = sample();
+        m.format = crate::PACKAGES_FORMAT;
+        m.packages = Some(PackageSet {
+            debs: vec![DebRef {
+                package: "libfoo1".into(),
+                version: "1:2.3-4+deb12u1".into(),
+                architecture: "amd64".into(),
+                sha256: "cd".repeat(32),
+                size: 1000,
+            }],
+            blocks: 10,
+        });
+        m.chunks.push(ChunkEntry { space: Space::Memory, index: 4, reference: ChunkRef::Package(9) });
+        m
+    }
+
+    #[test]
+    fn packages_round_trip_and_are_checked() {
+        let m = with_packages();
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert_eq!(m.ref_counts()["package"], 1);
+        assert_eq!(m.packages.as_ref().unwrap().digest().len(), 64);
+        let cases: Vec<(&str, Edit)> = vec![
+            ("past the end of the package volume", Box::new(|m| m.chunks[4].reference = ChunkRef::Package(10))),
+            ("without its Debian packages", Box::new(|m| m.packages = None)),
+            ("only format 3", Box::new(|m| m.format = crate::OVERLAY_FORMAT)),
+            ("does not allow", Box::new(|m| m.packages.as_mut().unwrap().debs[0].package = "../x".into())),
+            ("SHA-256", Box::new(|m| m.packages.as_mut().unwrap().debs[0].sha256 = "x".into())),
+            ("0 Debian packages", Box::new(|m| m.packages.as_mut().unwrap().debs.clear())),
+        ];
+        for (want, edit) in cases {
+            let mut m = with_packages();
+            edit(&mut m);
+            let err = Manifest::decode(&m.encode()).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // A format-1 overlay does not carry the field at all.
+        let mut v = Vec::new();
+        ciborium::into_writer(&sample(), &mut v).unwrap();
+        assert!(!v.windows(8).any(|w| w == b"packages"));
     }
 
     #[test]

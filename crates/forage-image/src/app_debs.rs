@@ -62,6 +62,10 @@ pub struct DebsInstalled {
     pub installed: Vec<String>,
     /// Size of the .deb files copied into the guest.
     pub download_bytes: u64,
+    /// The .deb files on this host (DATA/cache/apt/archives), in the order installed:
+    /// what an overlay naming the packages' files lists (`forage overlay create --packages`).
+    #[serde(default)]
+    pub files: Vec<std::path::PathBuf>,
     /// Growth of the guest's used disk space (`df /`), after `apt-get clean`.
     pub disk_growth_bytes: i64,
     pub took: Duration,
@@ -155,6 +159,7 @@ pub fn install_debs(
         requested: m.debs.clone(),
         installed: downloaded.planned.iter().map(|p| format!("{}={}", p.package, p.version)).collect(),
         download_bytes: downloaded.bytes,
+        files: downloaded.files.clone(),
         disk_growth_bytes: used_after as i64 - facts.disk_used as i64,
         took: start.elapsed(),
     }))

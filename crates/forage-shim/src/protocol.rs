@@ -55,8 +55,16 @@ pub enum ViewSpec {
     /// snapshot folder is `DIR/view/snapshot`.
     Cow { saved: PathBuf, readahead: u32 },
     /// The launch VM of an overlay, assembled while its segments arrive (early start):
-    /// the manifest (encoded as in the overlay) and the base's files.
-    Overlay { manifest: PathBuf, base_memory: PathBuf, base_disk: PathBuf, readahead: u32 },
+    /// the manifest (encoded as in the overlay) and the base's files; for an overlay
+    /// naming Debian packages (format 3), their volume.
+    Overlay {
+        manifest: PathBuf,
+        base_memory: PathBuf,
+        base_disk: PathBuf,
+        readahead: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        packages: Option<PathBuf>,
+    },
 }
 
 /// The instance's service relay (`forage_proto::service`).

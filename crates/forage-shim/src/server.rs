@@ -150,7 +150,7 @@ fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -
                 CowView::mount(&snap, &spec.dir.join("view"), *readahead).map_err(ShimError::CowView)?,
             )))
         }
-        ViewSpec::Overlay { manifest, base_memory, base_disk, readahead } => {
+        ViewSpec::Overlay { manifest, base_memory, base_disk, readahead, packages } => {
             let bytes = std::fs::read(manifest).map_err(|source| ShimError::Io { path: manifest.clone(), source })?;
             let manifest =
                 Manifest::decode(&bytes).map_err(|source| ShimError::Manifest { path: manifest.clone(), source })?;
@@ -161,8 +161,10 @@ fn open_view(spec: &ShimSpec, v: &ViewSpec, fetch: mpsc::UnboundedSender<u32>) -
             let fetch = Box::new(move |s: u32| {
                 let _ = fetch.send(s);
             });
-            let assembly =
-                Arc::new(Assembly::new(manifest, base_memory, base_disk, &work, fetch).map_err(ShimError::Assembly)?);
+            let assembly = Arc::new(
+                Assembly::new(manifest, base_memory, base_disk, packages.as_deref(), &work, fetch)
+                    .map_err(ShimError::Assembly)?,
+            );
             let mount = Mount::new(assembly.clone(), &mnt, *readahead).map_err(ShimError::Assembly)?;
             Ok(View::Overlay { assembly, mount: Some(mount) })
         }

@@ -5,6 +5,10 @@
 //! as `.NAME.partial-PID` and renamed into place only when every segment checked out, so a
 //! truncated or corrupted overlay leaves nothing that looks complete.
 //!
+//! An overlay naming blocks of Debian packages (format 3) reads them from the package
+//! volume of the data folder holding the base ([`BaseVm::packages`]), built from its .debs
+//! the first time; without the .debs it is refused before anything is written.
+//!
 //! A residue (`Manifest::parent` set) is refused here: it only makes sense on top of its
 //! parent's launch VM; `residue::merge` folds it into its parent overlay.
 
@@ -165,6 +169,14 @@ pub(crate) fn write_chunks<R: std::io::Read>(
         File::open(base.memory_path()).map_err(io(&base.memory_path()))?,
         File::open(base.disk_path()).map_err(io(&base.disk_path()))?,
     ];
+    // Format 3: the package volume its chunks name, built here from this host's .debs.
+    let volume = match &m.packages {
+        Some(set) => {
+            let p = base.packages().volume(set)?;
+            Some(File::open(&p).map_err(io(&p))?)
+        }
+        None => None,
+    };
 
     // Chunks that need no segment; blob positions for the rest.
     let mut positions: Vec<Vec<(Space, u64)>> = vec![Vec::new(); m.blobs.len()];
@@ -187,6 +199,12 @@ pub(crate) fn write_chunks<R: std::io::Read>(
             ChunkRef::BaseDisk(i) | ChunkRef::BaseMemory(i) => {
                 let from = if matches!(c.reference, ChunkRef::BaseDisk(_)) { &bases[1] } else { &bases[0] };
                 read_chunk(from, i, &mut buf).map_err(io(base.dir()))?;
+                out.write_all_at(&buf, off).map_err(io(dir))?;
+            }
+            ChunkRef::Package(i) => {
+                // The manifest was validated: a Package reference comes with its packages.
+                let volume = volume.as_ref().expect("format 3 lists its packages");
+                read_chunk(volume, i, &mut buf).map_err(io(dir))?;
                 out.write_all_at(&buf, off).map_err(io(dir))?;
             }
             r => positions[r.blob().expect("blob ref") as usize].push((c.space, c.index)),

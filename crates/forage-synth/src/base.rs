@@ -218,6 +218,13 @@ impl BaseVm {
         self.snapshot.disk_paths()[0].clone()
     }
 
+    /// The Debian packages overlays on this base may name: those of the data folder the
+    /// base is in (DATA/packages beside DATA/bases/NAME).
+    pub fn packages(&self) -> crate::deb_volume::PackageStore {
+        let data = self.dir.parent().and_then(Path::parent).unwrap_or(&self.dir);
+        crate::deb_volume::PackageStore::open(&crate::DataDir::at(data))
+    }
+
     pub fn index(&self) -> Result<ChunkIndex, SynthError> {
         let p = self.dir.join("index.bin");
         ChunkIndex::load(&p).map_err(|source| SynthError::Io { path: p, source })

@@ -30,6 +30,9 @@ pub struct OverlayRequest {
     pub options: CreateOptions,
     pub order: BlobOrder,
     pub output: PathBuf,
+    /// Name the chunks that hold files of the app's Debian packages instead of carrying
+    /// them (overlay format 3; a cloudlet needs the packages: `forage packages add`).
+    pub packages: bool,
 }
 
 /// What building took.
@@ -75,8 +78,19 @@ pub async fn build_overlay(
         if let Some(debs) = &launch.debs {
             progress(&format!("  {debs}"));
         }
+        let mut options = req.options.clone();
+        if req.packages {
+            let index = crate::deb_volume::index_installed(data, &app.manifest().name, launch.debs.as_ref())?;
+            progress(&format!(
+                "  {} Debian packages indexed ({} blocks of files), kept in {}",
+                index.set.debs.len(),
+                index.set.blocks,
+                data.packages().display()
+            ));
+            options.packages = Some(std::sync::Arc::new(index));
+        }
         let (report, signer) =
-            overlay_of_launch(data, &base, &launch, &req.options, req.order, &req.output, &work, progress).await?;
+            overlay_of_launch(data, &base, &launch, &options, req.order, &req.output, &work, progress).await?;
         // The launch VM and the profiling resume: all but the overlay's writing.
         let launch_time = t.elapsed().saturating_sub(report.took);
         Ok(OverlayBuild { report, launch: launch_time, signer })

@@ -42,6 +42,7 @@ impl CowView {
                 identity_manifest(saved),
                 &saved.memory_path(),
                 &saved.disk_paths()[0],
+                None,
                 &files,
                 Box::new(|_| {}),
             )
@@ -98,5 +99,6 @@ pub(crate) fn identity_manifest(saved: &Snapshot) -> Manifest {
         stats: Stats::default(),
         created_unix: 0,
         creator: String::new(),
+        packages: None,
     }
 }

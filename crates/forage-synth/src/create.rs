@@ -95,7 +95,8 @@ pub fn create(
 
     let state = snap.state_path();
     let src = Source { memory: &l_mem, disk: &l_disk, state: &state, label: snap.dir() };
-    let classified = pack::classify(base, &src, &modified_memory, &modified_disk, &free, opts)?;
+    let classified =
+        pack::classify(base, &src, &modified_memory, &modified_disk, &free, opts, opts.packages.as_deref())?;
     let (order_ids, order) = pack::blob_order(&classified, launch.accessed);
     let head = Head {
         format: OVERLAY_FORMAT,

@@ -32,6 +32,10 @@ pub enum SynthError {
     Residue { path: PathBuf, parent: String },
     #[error("residue {residue} continues overlay {wanted}, but {parent} is overlay {have}: give the overlay the residue was made from")]
     NotParent { residue: PathBuf, parent: PathBuf, wanted: String, have: String },
+    #[error("this host lacks {count} of the {of} Debian packages the overlay names ({some}): add them with `forage packages add FILE.deb...`")]
+    MissingPackages { count: usize, of: usize, some: String },
+    #[error("app {app} installed no Debian packages in its launch VM (\"debs\" in its app.json): an overlay cannot name their files")]
+    NoPackages { app: String },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error("the application {app} did not answer on guest port {port} of the launch VM within {waited:?}")]

@@ -15,6 +15,9 @@ pub struct CreateOptions {
     pub delta: Option<DeltaCodec>,
     pub codec: SegmentCodec,
     pub segment_bytes: usize,
+    /// Name chunks equal to blocks of these Debian packages instead of carrying them
+    /// (overlay format 3; the cloudlet needs the packages). Overlays only.
+    pub packages: Option<std::sync::Arc<crate::deb_volume::PackageIndex>>,
 }
 
 impl CreateOptions {
@@ -47,6 +50,7 @@ impl Default for CreateOptions {
             delta: Some(DeltaCodec::Bsdiff),
             codec: SegmentCodec::Lzma { level: 6 },
             segment_bytes: 1 << 20,
+            packages: None,
         }
     }
 }

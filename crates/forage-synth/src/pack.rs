@@ -22,13 +22,14 @@ use forage_format::chunk::is_zero;
 use forage_format::codec::packed_size;
 use forage_format::manifest::{BaseRef, DeviceState, Service};
 use forage_format::{
-    Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, Segment, SegmentCodec, SegmentKind, Space, Stats,
-    CHUNK_SIZE,
+    Blob, BlobEncoding, ChunkEntry, ChunkRef, Manifest, Order, PackageSet, Segment, SegmentCodec, SegmentKind, Space,
+    Stats, CHUNK_SIZE, PACKAGES_FORMAT,
 };
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::base::BaseVm;
+use crate::deb_volume::PackageIndex;
 use crate::ext4::{Checkpoint, Introspection};
 use crate::index::{for_each_chunk, sha256};
 use crate::options::{CreateOptions, CreateReport, FsIntrospection};
@@ -66,6 +67,8 @@ pub(crate) struct Classified {
     pub chunks: Vec<ChunkEntry>,
     pending: Vec<PendingBlob>,
     pub stats: Stats,
+    /// The Debian packages that chunks were found in (overlay format 3), if any was.
+    packages: Option<PackageSet>,
 }
 
 pub(crate) fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
@@ -73,7 +76,8 @@ pub(crate) fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> SynthError {
     move |source| SynthError::Io { path: p, source }
 }
 
-/// Classify the chunks `memory` and `disk` (sorted, each once) of `src` against `base`.
+/// Classify the chunks `memory` and `disk` (sorted, each once) of `src` against `base`
+/// and, after the base, the blocks of `packages`.
 pub(crate) fn classify(
     base: &BaseVm,
     src: &Source<'_>,
@@ -81,7 +85,9 @@ pub(crate) fn classify(
     disk: &[u64],
     free: &FreeMap,
     opts: &CreateOptions,
+    packages: Option<&PackageIndex>,
 ) -> Result<Classified, SynthError> {
+    let packages = packages.filter(|_| opts.dedup);
     let index = if opts.dedup { Some(base.index()?) } else { None };
     let files = [File::open(src.memory).map_err(io_err(src.memory))?, File::open(src.disk).map_err(io_err(src.disk))?];
     let mut seen: HashMap<[u8; 32], (u32, Space)> = HashMap::new();
@@ -111,10 +117,11 @@ pub(crate) fn classify(
                     match index.as_ref().and_then(|ix| ix.lookup(&hash)) {
                         Some((Space::Disk, b)) => ChunkRef::BaseDisk(b),
                         Some((Space::Memory, b)) => ChunkRef::BaseMemory(b),
-                        None => match seen.get(&hash) {
-                            Some(&(blob, first)) if first == space => ChunkRef::SameSpace(blob),
-                            Some(&(blob, _)) => ChunkRef::CrossSpace(blob),
-                            None => {
+                        None => match (packages.and_then(|p| p.lookup(&hash)), seen.get(&hash)) {
+                            (Some(block), _) => ChunkRef::Package(block),
+                            (None, Some(&(blob, first))) if first == space => ChunkRef::SameSpace(blob),
+                            (None, Some(&(blob, _))) => ChunkRef::CrossSpace(blob),
+                            (None, None) => {
                                 let id = pending.len() as u32;
                                 seen.insert(hash, (id, space));
                                 pending.push(PendingBlob { space, index: i });
@@ -130,7 +137,8 @@ pub(crate) fn classify(
     }
     // Classified memory first (its copies are canonical); stored sorted by (space, index).
     chunks.sort_unstable_by_key(|c| (c.space, c.index));
-    Ok(Classified { chunks, pending, stats })
+    let packages = packages.filter(|_| stats.refs.contains_key("package")).map(|p| p.set.clone());
+    Ok(Classified { chunks, pending, stats, packages })
 }
 
 /// Blob order: blobs of chunks in `accessed` (memory, disk) first, then the rest; without
@@ -200,7 +208,7 @@ fn write_partial(
     partial: &PathBuf,
     seg_tmp: &PathBuf,
 ) -> Result<(Manifest, u64), SynthError> {
-    let Classified { chunks, pending, mut stats } = c;
+    let Classified { chunks, pending, mut stats, packages } = c;
     let mut seg_file = BufWriter::new(File::create(seg_tmp).map_err(io_err(seg_tmp))?);
     let mut segments = Vec::new();
     let state = std::fs::read(src.state).map_err(io_err(src.state))?;
@@ -262,7 +270,7 @@ fn write_partial(
     stats.dedup_bytes = pending.len() as u64 * CHUNK_SIZE as u64;
     stats.compressed_bytes = segments.iter().filter(|s| s.kind == SegmentKind::Chunks).map(|s| s.compressed_len).sum();
     let manifest = Manifest {
-        format: head.format,
+        format: if packages.is_some() { PACKAGES_FORMAT } else { head.format },
         base: BaseRef { digest: base.digest().to_string(), name: base.manifest().name.clone() },
         parent: head.parent,
         disk_size: head.disk_size,
@@ -278,6 +286,7 @@ fn write_partial(
         stats,
         created_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         creator: format!("forage {}", env!("CARGO_PKG_VERSION")),
+        packages,
     };
     manifest.validate().map_err(|source| SynthError::Overlay { path: out.to_path_buf(), source })?;
     let mut w = BufWriter::new(File::create(partial).map_err(io_err(partial))?);

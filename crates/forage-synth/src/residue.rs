@@ -110,7 +110,7 @@ pub fn create_residue(
     }
     let state = instance.state_path();
     let src = Source { memory: &i_mem, disk: &i_disk, state: &state, label: instance.dir() };
-    let classified = pack::classify(base, &src, &memory, &disk, &free, opts)?;
+    let classified = pack::classify(base, &src, &memory, &disk, &free, opts, None)?;
     let (order_ids, order) = pack::blob_order(&classified, None);
     let head = Head {
         format: RESIDUE_FORMAT,
@@ -208,7 +208,7 @@ pub fn merge(
     }
     drop(effective);
     let src = Source { memory: &mem, disk: &disk, state: &state, label: dir };
-    let classified = pack::classify(base, &src, &memory, &disk_chunks, &free, opts)?;
+    let classified = pack::classify(base, &src, &memory, &disk_chunks, &free, opts, opts.packages.as_deref())?;
     let (order_ids, mut order) = pack::blob_order(&classified, accessed.as_ref().map(|(m, d)| (&m[..], &d[..])));
     if let Order::Access { profiled_chunks, .. } = &mut order {
         *profiled_chunks = profiled;

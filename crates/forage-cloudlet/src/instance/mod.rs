@@ -95,7 +95,14 @@ pub(crate) enum Source<'a> {
     View { of: &'a Snapshot, lineage: Lineage },
     /// The launch VM of an overlay, assembled while its segments arrive (early start):
     /// the manifest as encoded in the overlay, and the base's files.
-    Overlay { manifest: &'a forage_format::Manifest, base_memory: PathBuf, base_disk: PathBuf, lineage: Lineage },
+    Overlay {
+        manifest: &'a forage_format::Manifest,
+        base_memory: PathBuf,
+        base_disk: PathBuf,
+        /// The package volume of an overlay naming Debian packages (format 3).
+        packages: Option<PathBuf>,
+        lineage: Lineage,
+    },
 }
 
 /// What a handoff compares an instance with: a saved VM another cloudlet may hold (the
@@ -221,11 +228,11 @@ pub(crate) async fn prepare<'a>(
         Source::View { of, lineage } => {
             (ViewSpec::Cow { saved: of.dir().to_path_buf(), readahead: cloudlet.readahead }, true, lineage)
         }
-        Source::Overlay { manifest, base_memory, base_disk, lineage } => {
+        Source::Overlay { manifest, base_memory, base_disk, packages, lineage } => {
             let file = place.dir.join("overlay-manifest.zst");
             std::fs::write(&file, manifest.encode()).map_err(|e| internal(format!("{}: {e}", file.display())))?;
             (
-                ViewSpec::Overlay { manifest: file, base_memory, base_disk, readahead: cloudlet.readahead },
+                ViewSpec::Overlay { manifest: file, base_memory, base_disk, readahead: cloudlet.readahead, packages },
                 false,
                 lineage,
             )

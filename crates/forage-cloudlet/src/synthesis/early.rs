@@ -88,10 +88,16 @@ pub(crate) async fn run(
     let spec = forage_synth::apply::launch_spec(&manifest, &ctx.base, &PathBuf::from("from the device"))
         .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
     let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
+    // Built before the transfer began (`super::check_packages`): here it is only found.
+    let packages = match &manifest.packages {
+        Some(set) => Some(ctx.base.packages().volume(set).map_err(|e| refused(ErrorCode::NotFound, e.to_string()))?),
+        None => None,
+    };
     let source = Source::Overlay {
         manifest: &manifest,
         base_memory: ctx.base.memory_path(),
         base_disk: ctx.base.disk_path(),
+        packages,
         lineage: Lineage::overlay(&ctx.base, &manifest),
     };
     let prepared = prepare(ctx.place(), source, &spec, ports).await?;

@@ -102,6 +102,7 @@ pub(crate) async fn run(
     }
     crate::cpu::check_overlay(cloudlet, &manifest)?;
     check_space(&ctx.dir, &manifest, base)?;
+    check_packages(&manifest, base).await?;
     if let Some(parent) = &manifest.parent {
         return Err(refused(
             ErrorCode::BadOverlay,
@@ -113,6 +114,19 @@ pub(crate) async fn run(
         (true, remote) => early::run(stream, ctx, manifest, prefix, remote).await,
         (false, Some(remote)) => pipelined::run_remote(stream, ctx, manifest, remote).await,
         (false, None) => pipelined::run(stream, ctx, manifest, prefix, !asked.store_and_forward).await,
+    }
+}
+
+/// An overlay naming Debian packages (format 3) needs them on this cloudlet: their volume
+/// is found or built from its .debs now, before any segment is transferred, and the
+/// session refused (not found) if a .deb is missing.
+async fn check_packages(manifest: &forage_format::Manifest, base: &BaseVm) -> Result<(), SessionError> {
+    let Some(set) = manifest.packages.clone() else { return Ok(()) };
+    let store = base.packages();
+    match tokio::task::spawn_blocking(move || store.volume(&set)).await.expect("no panic") {
+        Ok(_) => Ok(()),
+        Err(e @ forage_synth::SynthError::MissingPackages { .. }) => Err(refused(ErrorCode::NotFound, e.to_string())),
+        Err(e) => Err(internal(format!("the overlay's package volume: {e}"))),
     }
 }
 
