@@ -202,6 +202,7 @@ async fn cloudlet_part(
             options: CreateOptions::default(),
             order: BlobOrder::Access,
             output: ovl.clone(),
+            packages: false,
         };
         forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
         say(format!(

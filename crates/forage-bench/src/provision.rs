@@ -107,7 +107,7 @@ pub async fn run(data: &DataDir, args: BenchProvisionArgs) -> anyhow::Result<()>
         say("the app's overlay (access order) ...");
         let ovl = work.join("bench.ovl");
         let options = CreateOptions { segment_bytes: 256 << 10, ..CreateOptions::default() };
-        let request = OverlayRequest { base: args.base.clone(), app: app.clone(), options, order: BlobOrder::Access, output: ovl.clone() };
+        let request = OverlayRequest { base: args.base.clone(), app: app.clone(), options, order: BlobOrder::Access, output: ovl.clone(), packages: false };
         forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
         let dynamic = forage_image::locate_guest_binary("apps/hashsearch-dynamic/hashsearch").context("the dynamically linked sample (built by `make guest`)")?;
         let bundle = work.join("hashsearch.fapp");

@@ -138,6 +138,7 @@ async fn overlay(
             options: options.clone(),
             order: BlobOrder::Access,
             output: ovl.clone(),
+            packages: false,
         };
         forage_synth::build::build_overlay(data, &request, &|_| {}).await?;
     } else {

@@ -8,6 +8,7 @@ mod image;
 mod overlay;
 mod overlay_from_vm;
 mod overlay_interactive;
+mod packages;
 mod pair;
 mod service;
 mod substrate;
@@ -29,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => vm::run(&data, c).await,
         Command::Base(c) => base::run(&data, c).await,
         Command::Overlay(c) => overlay::run(&data, c).await,
+        Command::Packages(c) => packages::run(&data, c),
         Command::Bench { args } => bench(&cli.data_dir, None, args),
         Command::Demo { args } => bench(&cli.data_dir, Some("demo"), args),
         Command::Serve { config, daemon } => synthesis::serve(&data, config.as_deref(), daemon).await,

@@ -75,6 +75,7 @@ impl OverlayCreateArgs {
             options: self.reduce.create_options()?,
             order,
             output: self.output.clone(),
+            packages: self.packages,
         })
     }
 }
@@ -198,6 +199,7 @@ pub fn describe(m: &Manifest, file_bytes: u64) -> serde_json::Value {
         "stages": {"modified_bytes": s.modified_bytes, "dedup_bytes": s.dedup_bytes, "delta_bytes": s.delta_bytes, "compressed_bytes": s.compressed_bytes},
         "segments": m.segments.len(), "codec": m.segments.first().map(|s| s.codec.name()),
         "order": m.order, "service": m.service, "created_unix": m.created_unix, "creator": m.creator,
+        "packages": m.packages,
     })
 }
 
@@ -228,6 +230,14 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
         s.modified_bytes >> 20
     );
     println!("  refs      {}", m.ref_counts().iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    if let Some(p) = &m.packages {
+        println!(
+            "  packages  {} Debian packages, {} blocks of files (`forage packages check {}`)",
+            p.debs.len(),
+            p.blocks,
+            file.display()
+        );
+    }
     if !s.free_by_source.is_empty() {
         println!(
             "  free      {}",
