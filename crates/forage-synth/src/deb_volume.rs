@@ -272,7 +272,10 @@ impl PackageStore {
             });
         }
         DataDir::ensure(&dir)?;
-        let tmp = dir.join(format!(".{}.partial-{}", set.digest(), std::process::id()));
+        // Sessions of one daemon may build the same volume at once: each its own file.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{}.partial-{}-{n}", set.digest(), std::process::id()));
         let built = self.write_volume(set, &tmp);
         match built {
             Ok(()) => std::fs::rename(&tmp, &path).map_err(|source| SynthError::Io { path: path.clone(), source })?,
