@@ -134,6 +134,7 @@ pub fn measure(
         codec: "none".into(),
         level: None,
         delta: "none".into(),
+        packages: false,
     };
     say("big overlay: no semantic gap, no dedup, no compression ...");
     let me = std::env::current_exe()?;

@@ -358,6 +358,9 @@ pub struct OverlayCreateArgs {
     pub level: Option<i32>,
     #[arg(long, default_value = "bsdiff")]
     pub delta: String,
+    /// Name the chunks that hold files of the launch VM's Debian packages (format 3)
+    #[arg(long)]
+    pub packages: bool,
 }
 
 impl OverlayCreateArgs {
@@ -375,6 +378,9 @@ impl OverlayCreateArgs {
         }
         if self.no_semantic {
             a.push("--no-semantic".into());
+        }
+        if self.packages {
+            a.push("--packages".into());
         }
         if self.service {
             a.push("--service".into());

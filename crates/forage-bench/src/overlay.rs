@@ -49,6 +49,9 @@ pub struct CreatedOverlay {
     pub fs: String,
 }
 
+/// The variant whose overlay names the files of the app's Debian packages (format 3).
+const WITH_PACKAGES: &str = "combined + Debian packages";
+
 /// A forage variant in the table: what it made and what making it cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct VariantRow {
@@ -75,6 +78,11 @@ pub struct OverlayBenchRow {
     pub combined_vs_oracle: f64,
     pub combined_vs_baseline: f64,
     pub combined_vs_zstd_patch: f64,
+    /// The combined overlay naming the files of the app's Debian packages (format 3: the
+    /// cloudlet holds the .debs), against the oracle; apps with Debian packages only.
+    pub with_packages_vs_oracle: Option<f64>,
+    /// `forage overlay apply` of that overlay (its package volume built first, if new).
+    pub apply_packages: Option<Usage>,
     pub codec: String,
     pub delta: String,
     /// `--big`: memory at scale.
@@ -211,10 +219,16 @@ async fn compare(
         oracle.seconds
     ));
 
-    let variants =
-        [("dedup only", off, true, false), ("semantic gap only", on, false, true), ("combined", on, true, true)];
+    let mut variants = vec![
+        ("dedup only", off, true, false, false),
+        ("semantic gap only", on, false, true, false),
+        ("combined", on, true, true, false),
+    ];
+    if on.debs.as_ref().is_some_and(|d| !d.files.is_empty()) {
+        variants.push((WITH_PACKAGES, on, true, true, true));
+    }
     let mut forage = Vec::new();
-    for (name, launch, dedup, semantic) in variants {
+    for (name, launch, dedup, semantic, packages) in variants {
         say(&format!("{app}: forage, {name} ..."));
         let out = work.join(format!("{app}-{}.ovl", name.replace(' ', "-")));
         let create = OverlayCreateArgs {
@@ -227,6 +241,7 @@ async fn compare(
             codec: args.codec.clone(),
             level: args.level,
             delta: args.delta.clone(),
+            packages,
         };
         let m = measure::run(
             Command::new(std::env::current_exe()?).arg("--data-dir").arg(data.root()).args(create.to_args()),
@@ -241,27 +256,32 @@ async fn compare(
             overlay.fs
         ));
         forage.push(VariantRow { name: name.to_string(), overlay, create: m.usage });
-        if name != "combined" {
-            let _ = std::fs::remove_file(&out);
-        }
     }
-    say(&format!("{app}: forage overlay apply of the combined overlay ..."));
-    let applied = work.join(format!("{app}-applied"));
-    let combined_ovl = work.join(format!("{app}-combined.ovl"));
-    let m = measure::run(
-        Command::new(forage_exe()?)
-            .arg("--data-dir")
-            .arg(data.root())
-            .args(["overlay", "apply", "--json", "--base", base_name, "--out"])
-            .arg(&applied)
-            .arg(&combined_ovl),
-    )?;
-    let apply = m.usage;
-    let _ = std::fs::remove_dir_all(&applied);
-    let _ = std::fs::remove_file(&combined_ovl);
+    let mut applies = Vec::new();
+    for name in ["combined", WITH_PACKAGES].into_iter().filter(|n| forage.iter().any(|v| v.name == *n)) {
+        say(&format!("{app}: forage overlay apply of the {name} overlay ..."));
+        let applied = work.join(format!("{app}-applied"));
+        let ovl = work.join(format!("{app}-{}.ovl", name.replace(' ', "-")));
+        let m = measure::run(
+            Command::new(forage_exe()?)
+                .arg("--data-dir")
+                .arg(data.root())
+                .args(["overlay", "apply", "--json", "--base", base_name, "--out"])
+                .arg(&applied)
+                .arg(&ovl),
+        )?;
+        applies.push(m.usage);
+        let _ = std::fs::remove_dir_all(&applied);
+    }
+    for v in &forage {
+        let _ = std::fs::remove_file(work.join(format!("{app}-{}.ovl", v.name.replace(' ', "-"))));
+    }
+    let apply = applies[0];
+    let apply_packages = applies.get(1).copied();
 
     let big = if args.big { Some(crate::big::measure(data, base_name, off, work, say)?) } else { None };
     let combined = forage.iter().find(|v| v.name == "combined").expect("measured").overlay.clone();
+    let with_packages = forage.iter().find(|v| v.name == WITH_PACKAGES).map(|v| v.overlay.bytes);
     let without = forage.iter().find(|v| v.name == "dedup only").expect("measured").overlay.modified_bytes;
     Ok(OverlayBenchRow {
         image: what.image,
@@ -271,6 +291,8 @@ async fn compare(
         combined_vs_oracle: combined.bytes as f64 / oracle.bytes.max(1) as f64,
         combined_vs_baseline: combined.bytes as f64 / baseline.total().max(1) as f64,
         combined_vs_zstd_patch: combined.bytes as f64 / zstd_patch.total().max(1) as f64,
+        with_packages_vs_oracle: with_packages.map(|b| b as f64 / oracle.bytes.max(1) as f64),
+        apply_packages,
         baseline,
         zstd_patch,
         oracle,
@@ -294,6 +316,10 @@ pub fn create_one(data: &DataDir, a: OverlayCreateArgs) -> anyhow::Result<()> {
     opts.dedup = !a.no_dedup;
     opts.semantic_disk = !a.no_semantic;
     opts.semantic_memory = !a.no_semantic;
+    if a.packages {
+        let index = forage_synth::deb_volume::index_installed(data, &launch.app.name, launch.debs.as_ref())?;
+        opts.packages = Some(std::sync::Arc::new(index));
+    }
     let mut input = launch_cache::input(&launch);
     if a.service {
         let app = &launch.app;
@@ -377,6 +403,15 @@ fn print_row(r: &OverlayBenchRow) {
         );
     }
     let mark = |ok: bool| if ok { "met" } else { "missed" };
+    if let (Some(ratio), Some(u)) = (r.with_packages_vs_oracle, r.apply_packages) {
+        println!(
+            "  {WITH_PACKAGES} / oracle {ratio:.3} (target <= 0.9: {}): the overlay names blocks of the {} .debs the cloudlet holds (DATA/packages), which the oracle counts; its apply {:.1} s, peak RSS {:.0} MB",
+            mark(ratio <= 0.9),
+            r.debs.unwrap_or(0),
+            u.wall_s,
+            u.peak_rss_mb
+        );
+    }
     println!(
         "  combined / oracle {:.3} (target <= 0.9: {}); / baseline {:.3} (<= 0.40: {}); / zstd --patch-from {:.3} (<= 0.60: {})",
         r.combined_vs_oracle,
