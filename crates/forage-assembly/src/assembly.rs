@@ -172,7 +172,18 @@ impl Assembly {
         }
         let volume = match (&manifest.packages, packages) {
             (None, _) => None,
-            (Some(_), Some(p)) => Some(File::open(p).map_err(io(p))?),
+            (Some(set), Some(p)) => {
+                let f = File::open(p).map_err(io(p))?;
+                let have = f.metadata().map_err(io(p))?.len();
+                if Some(have) != set.blocks.checked_mul(CHUNK) {
+                    return Err(AssemblyError::Mismatch(format!(
+                        "{} is {have} bytes, the overlay's package volume is {} blocks",
+                        p.display(),
+                        set.blocks
+                    )));
+                }
+                Some(f)
+            }
             (Some(_), None) => {
                 return Err(AssemblyError::Mismatch(
                     "the overlay names Debian packages and no package volume was given".into(),

@@ -3,7 +3,6 @@
 //! launch-VM cache, concurrent sessions, and the faults: corrupted segment, unknown base,
 //! a device that hangs up mid-stream, a device that stops answering demand fetches.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +15,9 @@ use forage_synth::launch::{self, LaunchOptions};
 use forage_synth::BaseVm;
 use forage_testkit::guest::*;
 
+mod synthesis_device;
+use synthesis_device::{serve_file, RawDevice};
+
 fn opts(device: &str, early_start: bool) -> SynthesisOptions {
     SynthesisOptions {
         device: device.into(),
@@ -25,114 +27,45 @@ fn opts(device: &str, early_start: bool) -> SynthesisOptions {
     }
 }
 
-/// A hand-driven device speaking the protocol, to control what is sent when.
-struct RawDevice {
-    stream: forage_client::CloudletStream,
-    ov: OverlayFile,
-}
-
-impl RawDevice {
-    async fn start(addr: SocketAddr, ovl: &Path, base_digest: Option<&str>) -> (Self, Message) {
-        let ov = OverlayFile::open(ovl).await.unwrap();
-        let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
-        let offer = Offer {
-            base_digest: base_digest.unwrap_or(&ov.manifest.base.digest).into(),
-            manifest_bytes: ov.prefix.len() as u64,
-            overlay_bytes: ov.bytes,
-            overlay_digest: ov.digest.clone(),
-            signature: ov.signature.clone(),
-        };
-        write(
-            &mut stream,
-            &Message::Hello {
-                versions: (2, 2),
-                device: "raw".into(),
-                offers: vec![offer],
-                early_start: true,
-                store_and_forward: false,
-            },
-        )
-        .await
-        .unwrap();
-        let welcome = read(&mut stream).await.unwrap();
-        (Self { stream, ov }, welcome)
-    }
-
-    async fn send_manifest(&mut self) {
-        write(&mut self.stream, &Message::Manifest { bytes: self.ov.prefix.clone() }).await.unwrap();
-    }
-
-    fn segment(&self, i: u32) -> Message {
-        use std::os::unix::fs::FileExt;
-        let mut at = self.ov.prefix.len() as u64;
-        for s in &self.ov.manifest.segments[..i as usize] {
-            at += s.compressed_len;
-        }
-        let mut data = vec![0u8; self.ov.manifest.segments[i as usize].compressed_len as usize];
-        std::fs::File::open(&self.ov.path).unwrap().read_exact_at(&mut data, at).unwrap();
-        Message::Segment { index: i, bytes: data }
-    }
-
-    async fn send_segment(&mut self, i: u32) {
-        let m = self.segment(i);
-        write(&mut self.stream, &m).await.unwrap();
-    }
-}
-
-/// A minimal HTTP/1.1 server of one file, with byte ranges or without.
-fn serve_file(path: PathBuf, ranges: bool) -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in l.incoming().flatten() {
-            let p = path.clone();
-            std::thread::spawn(move || serve_conn(conn, &p, ranges));
-        }
-    });
-    addr
-}
-
-fn serve_conn(mut c: std::net::TcpStream, path: &Path, ranges: bool) {
-    use std::io::{BufRead, BufReader, Write};
-    let mut r = BufReader::new(c.try_clone().unwrap());
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut range = None;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                range = Some(v.trim().to_string());
-            }
-        }
-        let data = std::fs::read(path).unwrap();
-        let (status, body) = match range.filter(|_| ranges) {
-            Some(rg) => {
-                let (a, b) = rg.split_once('-').unwrap();
-                let a: usize = a.parse().unwrap();
-                let b: usize =
-                    if b.is_empty() { data.len() - 1 } else { b.parse::<usize>().unwrap().min(data.len() - 1) };
-                ("206 Partial Content", data[a..=b].to_vec())
-            }
-            None => ("200 OK", data),
-        };
-        if write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n", body.len()).is_err()
-            || c.write_all(&body).is_err()
-        {
-            return;
-        }
-    }
-}
-
 struct Fixture {
     data: forage_datadir::DataDir,
     ovl: PathBuf,
+    /// The same launch VM, its app's files named as blocks of `deb` (format 3).
+    pkg_ovl: PathBuf,
+    deb: PathBuf,
     work: PathBuf,
+}
+
+/// Remove `deb` from the data folder's package store (which other tests share).
+fn forget_deb(data: &forage_datadir::DataDir, deb: &Path) {
+    let sha = forage_synth::deb_volume::deb_ref(deb).unwrap().sha256;
+    let _ = std::fs::remove_file(data.packages().join("debs").join(format!("{sha}.deb")));
+}
+
+/// A Debian package holding the app's files (as a packaged app would be).
+fn app_deb(work: &Path, app: &forage_agent::app::AppPackage) -> PathBuf {
+    let dir = forage_image::locate_guest_binary("apps/hashsearch").expect("run `make guest` first");
+    let root = work.join("deb-root");
+    let share = root.join("usr/share/forage-test-hashsearch");
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        "Package: forage-test-hashsearch\nVersion: 1.0\nArchitecture: amd64\nMaintainer: forage <forage@example.org>\nDescription: test\n",
+    )
+    .unwrap();
+    for f in app.files().unwrap() {
+        std::fs::copy(dir.join(&f), share.join(f.file_name().unwrap())).unwrap();
+    }
+    let deb = work.join("forage-test-hashsearch_1.0_amd64.deb");
+    let out = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dpkg-deb: {}", String::from_utf8_lossy(&out.stderr));
+    deb
 }
 
 async fn fixture() -> Fixture {
@@ -162,7 +95,14 @@ async fn fixture() -> Fixture {
     // Small segments, so that the VM's first reads need only some of them.
     let create = CreateOptions { segment_bytes: 256 << 10, ..Default::default() };
     forage_synth::create::create(&base, &input, &create, &ovl).expect("overlay");
-    Fixture { data, ovl, work }
+    let deb = app_deb(&work, &app);
+    forget_deb(&data, &deb);
+    let index = forage_synth::deb_volume::PackageIndex::build(std::slice::from_ref(&deb)).expect("package index");
+    let pkg_ovl = work.join("svc-pkg.ovl");
+    let create = CreateOptions { packages: Some(Arc::new(index)), ..create };
+    let m = forage_synth::create::create(&base, &input, &create, &pkg_ovl).expect("format-3 overlay").manifest;
+    assert!(m.ref_counts().get("package").is_some_and(|&n| n > 0), "{:?}", m.ref_counts());
+    Fixture { data, ovl, pkg_ovl, deb, work }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,6 +388,26 @@ async fn synthesis_modes_cache_and_faults() {
         );
         session.close().await;
     }
+    assert_cleaned_up(&f.data).await;
+
+    // An overlay naming its app's files as blocks of a Debian package (format 3): refused
+    // before any transfer while the cloudlet lacks the .deb; once it holds it, synthesized
+    // with early start and pipelined.
+    let err = forage_client::synthesize(&f.pkg_ovl, addr, &opts("packages-missing", true))
+        .await
+        .err()
+        .expect("refused without the .deb")
+        .to_string();
+    assert!(err.contains("forage-test-hashsearch=1.0"), "{err}");
+    forage_synth::deb_volume::PackageStore::open(&f.data).add(&f.deb).unwrap();
+    for early in [true, false] {
+        let (report, session) = forage_client::synthesize(&f.pkg_ovl, addr, &opts("packages", early))
+            .await
+            .expect("synthesis of a format-3 overlay");
+        assert!(report.answer.starts_with("ok "), "{}", report.answer);
+        session.close().await;
+    }
+    forget_deb(&f.data, &f.deb);
     assert_cleaned_up(&f.data).await;
 
     // Overlay by URL: the cloudlet fetches it itself with range requests.

@@ -65,6 +65,8 @@ pub struct Manifest {
 
 /// Most .debs one overlay may list (a desktop install is a few thousand).
 pub const MAX_DEBS: usize = 20_000;
+/// Largest package volume an overlay may name: 64 GiB of files, in 4 KiB blocks.
+pub const MAX_VOLUME_BLOCKS: u64 = 1 << 24;
 
 /// The Debian packages of a format-3 overlay, in volume order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +74,8 @@ pub struct PackageSet {
     pub debs: Vec<DebRef>,
     /// 4 KiB blocks in the volume they make (what the cloudlet must find when it rebuilds it).
     pub blocks: u64,
+    /// SHA-256 of the whole volume, checked when the cloudlet rebuilds it.
+    pub volume_sha256: String,
 }
 
 /// One .deb, named by its content.
@@ -95,6 +99,7 @@ impl PackageSet {
             h.update(d.sha256.as_bytes());
             h.update(b"\n");
         }
+        h.update(self.volume_sha256.as_bytes());
         hex::encode(h.finalize())
     }
 
@@ -102,6 +107,13 @@ impl PackageSet {
         if self.debs.is_empty() || self.debs.len() > MAX_DEBS {
             return Err(format!("{} Debian packages listed (1 to {MAX_DEBS})", self.debs.len()));
         }
+        if self.blocks == 0 || self.blocks > MAX_VOLUME_BLOCKS {
+            return Err(format!("a package volume of {} blocks (1 to {MAX_VOLUME_BLOCKS})", self.blocks));
+        }
+        if !is_digest(&self.volume_sha256) {
+            return Err("the package volume's SHA-256 is not 64 lowercase hex digits".into());
+        }
+        let mut seen = std::collections::HashSet::new();
         // Names as Debian allows them (policy 5.6.1, 5.6.12); they are only ever shown.
         let plain = |s: &str, extra: &str| {
             !s.is_empty() && s.len() <= 200 && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
@@ -114,6 +126,9 @@ impl PackageSet {
             }
             if !is_digest(&d.sha256) {
                 return Err(format!("package {}: its SHA-256 is not 64 lowercase hex digits", d.package));
+            }
+            if !seen.insert(&d.sha256) {
+                return Err(format!("package {}={} is listed twice", d.package, d.version));
             }
         }
         Ok(())
@@ -436,6 +451,7 @@ pub(crate) mod tests {
                 size: 1000,
             }],
             blocks: 10,
+            volume_sha256: "ef".repeat(32),
         });
         m.chunks.push(ChunkEntry { space: Space::Memory, index: 4, reference: ChunkRef::Package(9) });
         m
@@ -454,6 +470,14 @@ pub(crate) mod tests {
             ("does not allow", Box::new(|m| m.packages.as_mut().unwrap().debs[0].package = "../x".into())),
             ("SHA-256", Box::new(|m| m.packages.as_mut().unwrap().debs[0].sha256 = "x".into())),
             ("0 Debian packages", Box::new(|m| m.packages.as_mut().unwrap().debs.clear())),
+            (
+                "listed twice",
+                Box::new(|m| {
+                    let p = m.packages.as_mut().unwrap();
+                    p.debs.push(p.debs[0].clone())
+                }),
+            ),
+            ("blocks (1 to", Box::new(|m| m.packages.as_mut().unwrap().blocks = u64::MAX)),
         ];
         for (want, edit) in cases {
             let mut m = with_packages();

@@ -7,7 +7,8 @@
 //!
 //! An overlay naming blocks of Debian packages (format 3) reads them from the package
 //! volume of the data folder holding the base ([`BaseVm::packages`]), built from its .debs
-//! the first time; without the .debs it is refused before anything is written.
+//! the first time; without the .debs it is refused before anything is written (the
+//! volume is found right after the manifest is read, before the base is copied).
 //!
 //! A residue (`Manifest::parent` set) is refused here: it only makes sense on top of its
 //! parent's launch VM; `residue::merge` folds it into its parent overlay.
@@ -99,13 +100,14 @@ pub fn apply_into(
     }
     check_base(r.manifest(), path, base)?;
     let spec = launch_spec(r.manifest(), base, path)?;
+    let volume = package_volume(r.manifest(), base)?;
     crate::DataDir::ensure(dir)?;
     let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
     forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;
     forage_vm::sparse::copy_sparse(&base.disk_path(), &disk_out).map_err(io(&disk_out))?;
     let base_copy = start.elapsed();
     let outs = [open_rw(&mem_out)?, open_rw(&disk_out)?];
-    let written = write_chunks(r, path, base, &outs, dir)?;
+    let written = write_chunks(r, path, base, volume.as_ref(), &outs, dir)?;
     for f in &outs {
         f.sync_all().map_err(io(dir))?;
     }
@@ -140,6 +142,14 @@ pub(crate) fn check_base(m: &Manifest, path: &Path, base: &BaseVm) -> Result<(),
     Ok(())
 }
 
+/// Format 3: the package volume the overlay's chunks name, found or built here from this
+/// host's .debs, open; before anything is written.
+pub(crate) fn package_volume(m: &Manifest, base: &BaseVm) -> Result<Option<File>, SynthError> {
+    let Some(set) = &m.packages else { return Ok(None) };
+    let p = base.packages().volume(set)?;
+    File::open(&p).map(Some).map_err(|source| SynthError::Io { path: p, source })
+}
+
 /// What [`write_chunks`] did.
 pub(crate) struct Written {
     pub manifest: Manifest,
@@ -151,11 +161,12 @@ pub(crate) struct Written {
 /// Write the chunks of the overlay (or residue) being read by `r` into `outs` (memory,
 /// disk; any previous content of those chunks is replaced) and its device state as
 /// `dir/state`, streaming its segments; then check that nothing follows. The base and
-/// sizes must have been checked.
+/// sizes must have been checked; `volume` is the package volume of a format-3 overlay.
 pub(crate) fn write_chunks<R: std::io::Read>(
     mut r: OverlayReader<R>,
     path: &Path,
     base: &BaseVm,
+    volume: Option<&File>,
     outs: &[File; 2],
     dir: &Path,
 ) -> Result<Written, SynthError> {
@@ -169,13 +180,15 @@ pub(crate) fn write_chunks<R: std::io::Read>(
         File::open(base.memory_path()).map_err(io(&base.memory_path()))?,
         File::open(base.disk_path()).map_err(io(&base.disk_path()))?,
     ];
-    // Format 3: the package volume its chunks name, built here from this host's .debs.
-    let volume = match &m.packages {
-        Some(set) => {
-            let p = base.packages().volume(set)?;
-            Some(File::open(&p).map_err(io(&p))?)
+    let volume = match (&m.packages, volume) {
+        (None, _) => None,
+        (Some(_), Some(v)) => Some(v),
+        (Some(_), None) => {
+            return Err(SynthError::BadFile {
+                path: path.to_path_buf(),
+                detail: "names Debian packages (format 3)".into(),
+            })
         }
-        None => None,
     };
 
     // Chunks that need no segment; blob positions for the rest.
@@ -203,7 +216,7 @@ pub(crate) fn write_chunks<R: std::io::Read>(
             }
             ChunkRef::Package(i) => {
                 // The manifest was validated: a Package reference comes with its packages.
-                let volume = volume.as_ref().expect("format 3 lists its packages");
+                let volume = volume.expect("format 3 lists its packages");
                 read_chunk(volume, i, &mut buf).map_err(io(dir))?;
                 out.write_all_at(&buf, off).map_err(io(dir))?;
             }

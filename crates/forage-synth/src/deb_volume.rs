@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use forage_format::chunk::is_zero;
+use forage_format::manifest::MAX_VOLUME_BLOCKS;
 use forage_format::{DebRef, PackageSet, CHUNK_SIZE};
 use forage_image::app_debs::DebsInstalled;
 use sha2::{Digest, Sha256};
@@ -46,23 +47,32 @@ impl std::fmt::Debug for PackageIndex {
 
 impl PackageIndex {
     /// Index the volume of `debs` (files on this host), in this order.
+    /// A .deb given twice is taken once.
     pub fn build(debs: &[PathBuf]) -> Result<Self, SynthError> {
-        let mut refs = Vec::with_capacity(debs.len());
+        let mut refs: Vec<DebRef> = Vec::with_capacity(debs.len());
+        let mut files = Vec::with_capacity(debs.len());
         for d in debs {
-            refs.push(deb_ref(d)?);
+            let r = deb_ref(d)?;
+            if !refs.iter().any(|x| x.sha256 == r.sha256) {
+                refs.push(r);
+                files.push(d);
+            }
         }
         let mut blocks = HashMap::new();
         let mut n = 0u64;
-        for d in debs {
-            for_each_block(d, u64::MAX, &mut |block| {
+        let mut volume = Sha256::new();
+        for d in files {
+            for_each_block(d, MAX_VOLUME_BLOCKS - n, &mut |block| {
                 if !is_zero(block) {
                     blocks.entry(sha256(block)).or_insert(n);
                 }
+                volume.update(block);
                 n += 1;
                 Ok(())
             })?;
         }
-        Ok(Self { set: PackageSet { debs: refs, blocks: n }, blocks })
+        let set = PackageSet { debs: refs, blocks: n, volume_sha256: hex::encode(volume.finalize()) };
+        Ok(Self { set, blocks })
     }
 
     /// The volume block holding exactly `hash`'s content, if any.
@@ -170,6 +180,10 @@ fn for_each_block(
                 }
             }
         }
+        // The archive ends at its first zero record: read dpkg-deb's padding too, or it
+        // may fail writing it to a closed pipe.
+        std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
+            .map_err(|e| bad(format!("its data archive: {e}")))?;
         Ok(())
     })();
     if result.is_err() {
@@ -185,6 +199,12 @@ fn for_each_block(
         });
     }
     Ok(count)
+}
+
+/// A number for this process's scratch files, unique among its threads.
+fn next_build() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The cloudlet's Debian packages and the volumes made of them (DATA/packages).
@@ -211,19 +231,22 @@ impl PackageStore {
         }
         let dir = self.root.join("debs");
         DataDir::ensure(&dir)?;
-        let tmp = dir.join(format!(".{}.partial-{}", r.sha256, std::process::id()));
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| SynthError::Io { path: p, source }
-        };
-        std::fs::copy(path, &tmp).map_err(io(&tmp))?;
-        // What was copied is what was checked.
-        if file_sha256(&tmp)?.0 != r.sha256 {
+        let tmp = dir.join(format!(".{}.partial-{}-{}", r.sha256, std::process::id(), next_build()));
+        let copied = (|| {
+            std::fs::copy(path, &tmp).map_err(|source| SynthError::Io { path: tmp.clone(), source })?;
+            // What was copied is what was checked.
+            if file_sha256(&tmp)?.0 != r.sha256 {
+                return Err(SynthError::BadFile {
+                    path: path.to_path_buf(),
+                    detail: "changed while it was copied".into(),
+                });
+            }
+            std::fs::rename(&tmp, &dest).map_err(|source| SynthError::Io { path: dest.clone(), source })
+        })();
+        if copied.is_err() {
             let _ = std::fs::remove_file(&tmp);
-            return Err(SynthError::BadFile { path: path.to_path_buf(), detail: "changed while it was copied".into() });
         }
-        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        Ok(r)
+        copied.map(|()| r)
     }
 
     /// The .debs this store holds, by name.
@@ -250,12 +273,21 @@ impl PackageStore {
         set.debs.iter().filter(|d| !self.deb_path(&d.sha256).is_file()).collect()
     }
 
+    fn volume_path(&self, set: &PackageSet) -> PathBuf {
+        self.root.join("volumes").join(format!("{}.raw", set.digest()))
+    }
+
+    /// The volume of `set` is built (and as long as it says).
+    pub fn has_volume(&self, set: &PackageSet) -> bool {
+        let want = set.blocks.checked_mul(CHUNK_SIZE as u64);
+        std::fs::metadata(self.volume_path(set)).is_ok_and(|m| Some(m.len()) == want)
+    }
+
     /// The volume of `set`, built from the store's .debs if it is not there yet.
     pub fn volume(&self, set: &PackageSet) -> Result<PathBuf, SynthError> {
         let dir = self.root.join("volumes");
-        let path = dir.join(format!("{}.raw", set.digest()));
-        let want = set.blocks * CHUNK_SIZE as u64;
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == want) {
+        let path = self.volume_path(set);
+        if self.has_volume(set) {
             return Ok(path);
         }
         let missing = self.missing(set);
@@ -273,37 +305,34 @@ impl PackageStore {
         }
         DataDir::ensure(&dir)?;
         // Sessions of one daemon may build the same volume at once: each its own file.
-        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = dir.join(format!(".{}.partial-{}-{n}", set.digest(), std::process::id()));
-        let built = self.write_volume(set, &tmp);
-        match built {
-            Ok(()) => std::fs::rename(&tmp, &path).map_err(|source| SynthError::Io { path: path.clone(), source })?,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
+        let tmp = dir.join(format!(".{}.partial-{}-{}", set.digest(), std::process::id(), next_build()));
+        let built = self.write_volume(set, &tmp).and_then(|()| {
+            std::fs::rename(&tmp, &path).map_err(|source| SynthError::Io { path: path.clone(), source })
+        });
+        if built.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        Ok(path)
+        built.map(|()| path)
     }
 
     fn write_volume(&self, set: &PackageSet, tmp: &Path) -> Result<(), SynthError> {
         let io = |source| SynthError::Io { path: tmp.to_path_buf(), source };
         let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp).map_err(io)?);
         let mut n = 0u64;
+        let mut volume = Sha256::new();
         for d in &set.debs {
             let deb = self.deb_path(&d.sha256);
             // The store's file is named by its content when added; check it still is.
             if file_sha256(&deb)?.0 != d.sha256 {
                 return Err(SynthError::BadFile { path: deb, detail: "no longer matches its SHA-256".into() });
             }
-            n += for_each_block(&deb, set.blocks - n, &mut |block| out.write_all(block).map_err(io))?;
+            n += for_each_block(&deb, set.blocks.saturating_sub(n), &mut |block| {
+                volume.update(block);
+                out.write_all(block).map_err(io)
+            })?;
         }
-        if n != set.blocks {
-            return Err(SynthError::BadFile {
-                path: tmp.to_path_buf(),
-                detail: format!("the packages make {n} blocks, the overlay says {}", set.blocks),
-            });
+        if n != set.blocks || hex::encode(volume.finalize()) != set.volume_sha256 {
+            return Err(SynthError::VolumeMismatch { blocks: n, claimed: set.blocks });
         }
         let f = out.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)

@@ -36,6 +36,8 @@ pub enum SynthError {
     MissingPackages { count: usize, of: usize, some: String },
     #[error("app {app} installed no Debian packages in its launch VM (\"debs\" in its app.json): an overlay cannot name their files")]
     NoPackages { app: String },
+    #[error("the overlay's package volume does not match what its .debs make here ({blocks} blocks, it says {claimed}, or another SHA-256)")]
+    VolumeMismatch { blocks: u64, claimed: u64 },
     #[error("{tool} failed: {detail}")]
     Tool { tool: String, detail: String },
     #[error("the application {app} did not answer on guest port {port} of the launch VM within {waited:?}")]

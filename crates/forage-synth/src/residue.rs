@@ -189,7 +189,8 @@ pub fn merge(
     let file = File::open(residue).map_err(io_err(residue))?;
     let reader = OverlayReader::open(BufReader::with_capacity(1 << 20, file))
         .map_err(|source| SynthError::Overlay { path: residue.to_path_buf(), source })?;
-    write_chunks(reader, residue, base, &outs, dir)?;
+    // A residue names no packages (format 2).
+    write_chunks(reader, residue, base, None, &outs, dir)?;
     drop(outs);
 
     // Chunks of the union that now equal the base need no entry.

@@ -119,6 +119,16 @@ fn a_deb_changed_in_the_store_is_refused() {
     let store = PackageStore::open(&data);
     let r = store.add(&deb).unwrap();
     let set = PackageIndex::build(std::slice::from_ref(&deb)).unwrap().set;
+    // A volume other than the one its .debs make (another SHA-256, or length) is refused.
+    for edit in [
+        |s: &mut forage_format::PackageSet| s.volume_sha256 = "00".repeat(32),
+        |s: &mut forage_format::PackageSet| s.blocks += 1,
+    ] {
+        let mut other = set.clone();
+        edit(&mut other);
+        assert!(matches!(store.volume(&other), Err(SynthError::VolumeMismatch { .. })));
+    }
+    assert!(std::fs::read_dir(data.packages().join("volumes")).unwrap().next().is_none(), "nothing half-written");
     // The store's copy, tampered with after it was added.
     let held = data.packages().join("debs").join(format!("{}.deb", r.sha256));
     let mut bytes = std::fs::read(&held).unwrap();

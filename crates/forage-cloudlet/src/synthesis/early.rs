@@ -80,6 +80,7 @@ pub(crate) async fn run(
     manifest: Manifest,
     prefix: Vec<u8>,
     remote: Option<Arc<RemoteOverlay>>,
+    packages: Option<PathBuf>,
 ) -> Result<Outcome, SessionError> {
     let start = Instant::now();
     let cloudlet = ctx.cloudlet;
@@ -88,11 +89,6 @@ pub(crate) async fn run(
     let spec = forage_synth::apply::launch_spec(&manifest, &ctx.base, &PathBuf::from("from the device"))
         .map_err(|e| refused(ErrorCode::BadOverlay, e.to_string()))?;
     let ports = Ports { service: manifest.service.as_ref().map(|s| s.port), ..Default::default() };
-    // Built before the transfer began (`super::check_packages`): here it is only found.
-    let packages = match &manifest.packages {
-        Some(set) => Some(ctx.base.packages().volume(set).map_err(|e| refused(ErrorCode::NotFound, e.to_string()))?),
-        None => None,
-    };
     let source = Source::Overlay {
         manifest: &manifest,
         base_memory: ctx.base.memory_path(),

@@ -102,7 +102,7 @@ pub(crate) async fn run(
     }
     crate::cpu::check_overlay(cloudlet, &manifest)?;
     check_space(&ctx.dir, &manifest, base)?;
-    check_packages(&manifest, base).await?;
+    let packages = check_packages(&manifest, base).await?;
     if let Some(parent) = &manifest.parent {
         return Err(refused(
             ErrorCode::BadOverlay,
@@ -111,21 +111,24 @@ pub(crate) async fn run(
     }
     let early_start = asked.early_start && !asked.store_and_forward;
     match (early_start, remote) {
-        (true, remote) => early::run(stream, ctx, manifest, prefix, remote).await,
+        (true, remote) => early::run(stream, ctx, manifest, prefix, remote, packages).await,
         (false, Some(remote)) => pipelined::run_remote(stream, ctx, manifest, remote).await,
         (false, None) => pipelined::run(stream, ctx, manifest, prefix, !asked.store_and_forward).await,
     }
 }
 
 /// An overlay naming Debian packages (format 3) needs them on this cloudlet: their volume
-/// is found or built from its .debs now, before any segment is transferred, and the
-/// session refused (not found) if a .deb is missing.
-async fn check_packages(manifest: &forage_format::Manifest, base: &BaseVm) -> Result<(), SessionError> {
-    let Some(set) = manifest.packages.clone() else { return Ok(()) };
+/// is found or built from its .debs now, before any segment is transferred: the session
+/// is refused if a .deb is missing (not found) or the .debs do not make the volume the
+/// overlay describes (bad overlay). Returns the volume's path.
+async fn check_packages(manifest: &forage_format::Manifest, base: &BaseVm) -> Result<Option<PathBuf>, SessionError> {
+    use forage_synth::SynthError;
+    let Some(set) = manifest.packages.clone() else { return Ok(None) };
     let store = base.packages();
     match tokio::task::spawn_blocking(move || store.volume(&set)).await.expect("no panic") {
-        Ok(_) => Ok(()),
-        Err(e @ forage_synth::SynthError::MissingPackages { .. }) => Err(refused(ErrorCode::NotFound, e.to_string())),
+        Ok(p) => Ok(Some(p)),
+        Err(e @ SynthError::MissingPackages { .. }) => Err(refused(ErrorCode::NotFound, e.to_string())),
+        Err(e @ SynthError::VolumeMismatch { .. }) => Err(refused(ErrorCode::BadOverlay, e.to_string())),
         Err(e) => Err(internal(format!("the overlay's package volume: {e}"))),
     }
 }
@@ -137,8 +140,17 @@ fn check_space(dir: &Path, manifest: &forage_format::Manifest, base: &BaseVm) ->
     use std::os::unix::fs::MetadataExt;
     let allocated = |p: PathBuf| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
     let raw: u64 = manifest.segments.iter().map(|s| s.raw_len).sum();
-    let needed =
-        manifest.segments_bytes() + raw + allocated(base.memory_path()) + allocated(base.disk_path()) + (64 << 20);
+    // A package volume still to build (format 3).
+    let volume = match &manifest.packages {
+        Some(p) if !base.packages().has_volume(p) => p.blocks * forage_format::CHUNK_SIZE as u64,
+        _ => 0,
+    };
+    let needed = manifest.segments_bytes()
+        + raw
+        + allocated(base.memory_path())
+        + allocated(base.disk_path())
+        + volume
+        + (64 << 20);
     let free = match rustix::fs::statvfs(dir.parent().unwrap_or(dir)) {
         Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
         Err(e) => return Err(internal(format!("free space of {}: {e}", dir.display()))),
