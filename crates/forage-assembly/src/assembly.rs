@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use forage_format::{BlobEncoding, ChunkRef, Manifest, SegmentKind, Space, CHUNK_SIZE};
 
+pub use crate::stats::AssemblyStats;
+use crate::volume::open_volume;
 use crate::AssemblyError;
 
 const CHUNK: u64 = CHUNK_SIZE as u64;
@@ -39,25 +41,6 @@ enum ChunkState {
 
 /// Requests an out-of-order segment from whoever feeds the assembly.
 pub type FetchFn = Box<dyn Fn(u32) + Send + Sync>;
-
-/// What the assembly has seen so far (for reports and the bench).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct AssemblyStats {
-    pub segments: u32,
-    pub segments_arrived: u32,
-    /// Segments asked for out of order because a read needed them.
-    pub demand_fetches: u32,
-    /// Compressed bytes of the segments that arrived.
-    pub bytes_arrived: u64,
-    /// Blobs of the overlay whose chunks the VM has read (or overwritten partly).
-    pub blobs_accessed: u64,
-    pub blobs: u64,
-    /// Reads that had to wait for a segment, and how long they waited in total.
-    pub reads_waited: u64,
-    pub wait_ms: u64,
-    /// Chunks the VM wrote (its changes against the launch VM).
-    pub chunks_written: u64,
-}
 
 struct SpaceFiles {
     base: File,
@@ -170,26 +153,7 @@ impl Assembly {
             let n = files[slot(space)].size.div_ceil(CHUNK);
             chunks[slot(space)] = (0..n).map(|i| ChunkState::Base(space, i)).collect();
         }
-        let volume = match (&manifest.packages, packages) {
-            (None, _) => None,
-            (Some(set), Some(p)) => {
-                let f = File::open(p).map_err(io(p))?;
-                let have = f.metadata().map_err(io(p))?.len();
-                if Some(have) != set.blocks.checked_mul(CHUNK) {
-                    return Err(AssemblyError::Mismatch(format!(
-                        "{} is {have} bytes, the overlay's package volume is {} blocks",
-                        p.display(),
-                        set.blocks
-                    )));
-                }
-                Some(f)
-            }
-            (Some(_), None) => {
-                return Err(AssemblyError::Mismatch(
-                    "the overlay names Debian packages and no package volume was given".into(),
-                ))
-            }
-        };
+        let volume = open_volume(&manifest, packages)?;
         let mut block = vec![0u8; CHUNK as usize];
         let mut positions = vec![Vec::new(); manifest.blobs.len()];
         for c in &manifest.chunks {

@@ -10,6 +10,8 @@
 mod assembly;
 mod error;
 mod fs;
+mod stats;
+mod volume;
 
 pub use assembly::{Assembly, AssemblyStats, FetchFn, WriteMark};
 pub use error::AssemblyError;

@@ -83,19 +83,7 @@ fn package_blocks_travel_as_references_and_apply_bit_exact() {
     store.add(&deb).unwrap();
     assert_eq!(store.list().unwrap().len(), 1);
     let (snap, _) = forage_synth::apply::apply(&out, &base, &applied, Accel::Tcg).unwrap();
-    let free: Vec<(Space, u64)> =
-        m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
-    for (space, got, want) in [
-        (Space::Memory, snap.memory_path(), launch.snap.memory_path()),
-        (Space::Disk, snap.disk_paths()[0].clone(), launch.snap.disk_paths()[0].clone()),
-    ] {
-        let (got, want) = (read_all(&got), read_all(&want));
-        for (i, (g, w)) in got.chunks(C).zip(want.chunks(C)).enumerate() {
-            if !free.contains(&(space, i as u64)) {
-                assert_eq!(g, w, "{space:?} chunk {i} differs");
-            }
-        }
-    }
+    assert_rebuilt(&snap, &launch, &m);
 
     // Early start: the assembly serves package chunks at once, with no segment.
     let set = m.packages.clone().unwrap();

@@ -157,6 +157,28 @@ pub fn opts() -> CreateOptions {
     CreateOptions { codec: SegmentCodec::Zstd { level: 3 }, ..CreateOptions::default() }
 }
 
+/// `snap` (an applied overlay described by `m`) holds the launch VM's memory and disk:
+/// every chunk equal, but the free ones, which are zero.
+pub fn assert_rebuilt(snap: &Snapshot, launch: &Launch, m: &forage_format::Manifest) {
+    use forage_format::{ChunkRef, Space};
+    let free: Vec<(Space, u64)> =
+        m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
+    for (space, got, want) in [
+        (Space::Memory, snap.memory_path(), launch.snap.memory_path()),
+        (Space::Disk, snap.disk_paths()[0].clone(), launch.snap.disk_paths()[0].clone()),
+    ] {
+        let (got, want) = (read_all(&got), read_all(&want));
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.chunks(CHUNK_SIZE).zip(want.chunks(CHUNK_SIZE)).enumerate() {
+            if free.contains(&(space, i as u64)) {
+                assert!(g.iter().all(|b| *b == 0), "free {space:?} chunk {i} not zero");
+            } else {
+                assert_eq!(g, w, "{space:?} chunk {i} differs");
+            }
+        }
+    }
+}
+
 pub fn read_all(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
