@@ -36,6 +36,8 @@ use crate::SynthError;
 #[derive(Debug, Clone)]
 pub struct ApplyReport {
     pub took: Duration,
+    /// Of which finding or building the package volume (format 3; zero otherwise).
+    pub package_volume: Duration,
     /// Of which copying the base's files (synthesis with early start does not copy).
     pub base_copy: Duration,
     /// Bytes of launch VM state rebuilt (modified chunks x 4 KiB).
@@ -101,11 +103,12 @@ pub fn apply_into(
     check_base(r.manifest(), path, base)?;
     let spec = launch_spec(r.manifest(), base, path)?;
     let volume = package_volume(r.manifest(), base)?;
+    let package_volume = start.elapsed();
     crate::DataDir::ensure(dir)?;
     let (mem_out, disk_out) = (dir.join(MEMORY_FILE), dir.join("disk0.raw"));
     forage_vm::sparse::copy_sparse(&base.memory_path(), &mem_out).map_err(io(&mem_out))?;
     forage_vm::sparse::copy_sparse(&base.disk_path(), &disk_out).map_err(io(&disk_out))?;
-    let base_copy = start.elapsed();
+    let base_copy = start.elapsed() - package_volume;
     let outs = [open_rw(&mem_out)?, open_rw(&disk_out)?];
     let written = write_chunks(r, path, base, volume.as_ref(), &outs, dir)?;
     for f in &outs {
@@ -117,6 +120,7 @@ pub fn apply_into(
     write_launch_snapshot(dir, m, spec, &mem_out, &disk_out, &state, accel)?;
     Ok(ApplyReport {
         took: start.elapsed(),
+        package_volume,
         base_copy,
         rebuilt_bytes: m.chunks.len() as u64 * CHUNK_SIZE as u64,
         segments: written.segments,

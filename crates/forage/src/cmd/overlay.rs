@@ -45,14 +45,19 @@ pub async fn run(data: &DataDir, cmd: OverlayCommand) -> anyhow::Result<()> {
             let f2 = file.clone();
             let (snap, report) =
                 tokio::task::spawn_blocking(move || forage_synth::apply::apply(&f2, &b, &out, accel)).await??;
-            let mbps = report.rebuilt_bytes as f64 / 1e6 / (report.took - report.base_copy).as_secs_f64().max(1e-6);
+            let rest = report.took.saturating_sub(report.base_copy + report.package_volume);
+            let mbps = report.rebuilt_bytes as f64 / 1e6 / rest.as_secs_f64().max(1e-6);
             if json {
                 crate::output::print_json(
-                    &json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks}),
+                    &json!({"out": snap.dir(), "seconds": report.took.as_secs_f64(), "rebuilt_bytes": report.rebuilt_bytes, "apply_mb_s": mbps, "segments": report.segments, "free_chunks": report.free_chunks, "package_volume_seconds": report.package_volume.as_secs_f64()}),
                 );
             } else {
+                let volume = match report.package_volume.as_secs_f64() {
+                    s if s >= 0.01 => format!("{s:.2} s finding or building the package volume, "),
+                    _ => String::new(),
+                };
                 println!(
-                    "applied {} to base {base} in {:.2} s ({:.2} s copying the base, then {:.0} MB/s of modified state over {} segments) -> {}\nresume it: forage vm restore NAME --from {}",
+                    "applied {} to base {base} in {:.2} s ({volume}{:.2} s copying the base, then {:.0} MB/s of modified state over {} segments) -> {}\nresume it: forage vm restore NAME --from {}",
                     file.display(), report.took.as_secs_f64(), report.base_copy.as_secs_f64(), mbps, report.segments, snap.dir().display(), snap.dir().display()
                 );
             }
