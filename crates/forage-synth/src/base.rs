@@ -222,7 +222,7 @@ impl BaseVm {
     /// base is in (DATA/packages beside DATA/bases/NAME).
     pub fn packages(&self) -> crate::deb_volume::PackageStore {
         let data = self.dir.parent().and_then(Path::parent).unwrap_or(&self.dir);
-        crate::deb_volume::PackageStore::open(&crate::DataDir::at(data))
+        crate::deb_volume::PackageStore::open(&forage_datadir::DataDir::at(data))
     }
 
     pub fn index(&self) -> Result<ChunkIndex, SynthError> {

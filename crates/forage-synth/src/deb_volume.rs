@@ -24,6 +24,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use forage_datadir::DataDir;
 use forage_format::chunk::is_zero;
 use forage_format::manifest::MAX_VOLUME_BLOCKS;
 use forage_format::{DebRef, PackageSet, CHUNK_SIZE};
@@ -31,7 +32,7 @@ use forage_image::app_debs::DebsInstalled;
 use sha2::{Digest, Sha256};
 
 use crate::index::sha256;
-use crate::{run_tool, DataDir, SynthError};
+use crate::{run_tool, SynthError};
 
 /// The blocks of a package volume by content: what overlay creation looks chunks up in.
 pub struct PackageIndex {
