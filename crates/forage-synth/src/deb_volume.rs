@@ -116,21 +116,11 @@ pub fn deb_ref(path: &Path) -> Result<DebRef, SynthError> {
     Ok(DebRef { package, version, architecture, sha256, size })
 }
 
+/// SHA-256 (hex) and size of a file.
 fn file_sha256(path: &Path) -> Result<(String, u64), SynthError> {
     let io = |source| SynthError::Io { path: path.to_path_buf(), source };
-    let mut f = File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((hex::encode(h.finalize()), size))
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    Ok((forage_vm::snapshot::sha256_file(path).map_err(io)?, size))
 }
 
 /// Call `each` with every block of `deb`'s volume part, in order; refuse more than `most`.
@@ -140,6 +130,7 @@ fn for_each_block(
     each: &mut dyn FnMut(&[u8]) -> Result<(), SynthError>,
 ) -> Result<u64, SynthError> {
     let bad = |detail: String| SynthError::BadFile { path: deb.to_path_buf(), detail };
+    let io = |source| SynthError::Io { path: deb.to_path_buf(), source };
     let mut child = Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(deb)
@@ -151,17 +142,17 @@ fn for_each_block(
     let mut count = 0u64;
     let result = (|| -> Result<(), SynthError> {
         let mut archive = tar::Archive::new(stdout);
-        let entries = archive.entries().map_err(|e| bad(format!("its data archive: {e}")))?;
+        let entries = archive.entries().map_err(io)?;
         let mut block = vec![0u8; CHUNK_SIZE];
         for entry in entries {
-            let mut entry = entry.map_err(|e| bad(format!("its data archive: {e}")))?;
+            let mut entry = entry.map_err(io)?;
             if !entry.header().entry_type().is_file() {
                 continue;
             }
             loop {
                 let mut got = 0;
                 while got < CHUNK_SIZE {
-                    let n = entry.read(&mut block[got..]).map_err(|e| bad(format!("its data archive: {e}")))?;
+                    let n = entry.read(&mut block[got..]).map_err(io)?;
                     if n == 0 {
                         break;
                     }
@@ -183,8 +174,7 @@ fn for_each_block(
         }
         // The archive ends at its first zero record: read dpkg-deb's padding too, or it
         // may fail writing it to a closed pipe.
-        std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
-            .map_err(|e| bad(format!("its data archive: {e}")))?;
+        std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(io)?;
         Ok(())
     })();
     if result.is_err() {
