@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use forage_client::{OverlayFile, SynthesisOptions};
 use forage_proto::asynchronous::{read, write};
-use forage_proto::{DeviceMessage as Message, ErrorCode, Offer};
+use forage_proto::{DeviceMessage as Message, ErrorCode};
 use forage_synth::create::{CreateOptions, LaunchInput};
 use forage_synth::launch::{self, LaunchOptions};
 use forage_synth::BaseVm;
@@ -451,34 +451,7 @@ async fn synthesis_modes_cache_and_faults() {
 
     // A device that hangs up mid-stream (pipelined and early start).
     for early in [false, true] {
-        let (mut dev, _) = RawDevice::start(addr, &f.ovl, None).await;
-        if !early {
-            // Re-say Hello without early start: a fresh connection.
-            drop(dev);
-            let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
-            let ov = OverlayFile::open(&f.ovl).await.unwrap();
-            let offer = Offer {
-                base_digest: ov.manifest.base.digest.clone(),
-                manifest_bytes: 0,
-                overlay_bytes: 0,
-                overlay_digest: ov.digest.clone(),
-                signature: Vec::new(),
-            };
-            write(
-                &mut stream,
-                &Message::Hello {
-                    versions: (2, 2),
-                    device: "raw".into(),
-                    offers: vec![offer],
-                    early_start: false,
-                    store_and_forward: false,
-                },
-            )
-            .await
-            .unwrap();
-            read::<Message>(&mut stream).await.unwrap();
-            dev = RawDevice { stream, ov };
-        }
+        let (mut dev, _) = RawDevice::start_with(addr, &f.ovl, None, early).await;
         dev.send_manifest().await;
         dev.send_segment(0).await;
         dev.send_segment(1).await;

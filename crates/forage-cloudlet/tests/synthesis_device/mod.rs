@@ -16,7 +16,17 @@ pub struct RawDevice {
 }
 
 impl RawDevice {
+    /// Hello with early start, offering `ovl` (for `base_digest`, or its own base).
     pub async fn start(addr: SocketAddr, ovl: &Path, base_digest: Option<&str>) -> (Self, Message) {
+        Self::start_with(addr, ovl, base_digest, true).await
+    }
+
+    pub async fn start_with(
+        addr: SocketAddr,
+        ovl: &Path,
+        base_digest: Option<&str>,
+        early_start: bool,
+    ) -> (Self, Message) {
         let ov = OverlayFile::open(ovl).await.unwrap();
         let mut stream = forage_client::connect(addr, credentials(), None).await.unwrap();
         let offer = Offer {
@@ -32,7 +42,7 @@ impl RawDevice {
                 versions: (2, 2),
                 device: "raw".into(),
                 offers: vec![offer],
-                early_start: true,
+                early_start,
                 store_and_forward: false,
             },
         )
