@@ -198,6 +198,11 @@ pub fn run(
     // it may be when a segment's encoding starts. Handed over, not encoded: the segments
     // go in order, and one encoded out of order would wait for one held back by the pace.
     let delivered = Arc::new(AtomicU64::new(0));
+    // Output encoded so far (handed over or waiting for an earlier segment), and the
+    // sequence number the transport waits for: under load the delivering thread may lag,
+    // and a gate on `delivered` alone lets a worker encode segment after segment past it.
+    let encoded_out = Arc::new(AtomicU64::new(0));
+    let next_seq = Arc::new(AtomicU64::new(0));
     let pace_floor =
         config.prior.map_or(PACE_FLOOR, |p| PACE_FLOOR.max((p.link_bps * PACE_AHEAD.as_secs_f64()) as u64));
     let ahead = Arc::new(AtomicU64::new(if config.pace { pace_floor } else { u64::MAX }));
@@ -234,6 +239,7 @@ pub fn run(
         for _ in 0..config.workers.max(1) {
             let (rx, tx, mode, window) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone());
             let (delivered, ahead, acked, done) = (delivered.clone(), ahead.clone(), acked.clone(), done.clone());
+            let (encoded_out, next_seq) = (encoded_out.clone(), next_seq.clone());
             let progress = config.progress.clone();
             s.spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -246,11 +252,14 @@ pub fn run(
                     if a != seen {
                         (seen, since) = (a, Instant::now());
                     }
-                    let ahead_now = delivered.load(Ordering::Relaxed).saturating_sub(a);
-                    if ahead_now <= ahead.load(Ordering::Relaxed)
-                        || done.load(Ordering::Relaxed)
-                        || since.elapsed() >= PACE_STALL
-                    {
+                    // What was encoded counts; the segment the transport waits for is
+                    // held back only by what was handed over (else it would wait for
+                    // later segments that wait for it).
+                    let limit = ahead.load(Ordering::Relaxed);
+                    let ahead_now = encoded_out.load(Ordering::Relaxed).saturating_sub(a);
+                    let head = seq == next_seq.load(Ordering::Relaxed)
+                        && delivered.load(Ordering::Relaxed).saturating_sub(a) <= limit;
+                    if ahead_now <= limit || head || done.load(Ordering::Relaxed) || since.elapsed() >= PACE_STALL {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -268,6 +277,7 @@ pub fn run(
                     w.output += st.output_bytes;
                     w.busy_s += st.seconds;
                 }
+                encoded_out.fetch_add(wire.len() as u64, Ordering::Relaxed);
                 if tx.send((seq, wire)).is_err() {
                     return;
                 }
@@ -421,7 +431,7 @@ pub fn run(
             });
         }
         // In order to the transport.
-        let r = deliver(out_rx, &mut send, &totals, &delivered);
+        let r = deliver(out_rx, &mut send, &totals, &delivered, &next_seq);
         done.store(true, Ordering::Relaxed);
         r
     });
@@ -442,6 +452,7 @@ fn deliver(
     send: &mut impl FnMut(u64, Vec<u8>) -> std::io::Result<()>,
     totals: &Mutex<PipelineReport>,
     delivered: &AtomicU64,
+    next_seq: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
@@ -455,6 +466,7 @@ fn deliver(
             t.segments += 1;
             t.output_bytes += len;
             next += 1;
+            next_seq.store(next, Ordering::Relaxed);
         }
     }
     Ok(())
