@@ -1,6 +1,7 @@
 //! The debian-12 guest (Debian bookworm from Debian's packages, systemd, qemu-ga) under
 //! QEMU (TCG here): it boots, is saved and restored with its state carried on; a launch VM
-//! of an app made of Debian packages is built offline and its service answers correctly.
+//! of an app made of Debian packages is built offline, its overlay applies bit-exactly
+//! (the chunks it declares free aside), and the applied VM's service answers correctly.
 //!
 //! Slow under TCG (minutes): the image is built once into the shared test data dir and
 //! cached there; `FORAGE_SKIP_VM_TESTS=1` skips both tests.
@@ -10,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use forage_agent::AgentClient;
+use forage_format::{ChunkRef, Space, CHUNK_SIZE};
 use forage_image::GuestImage;
 use forage_testkit::guest::*;
 use forage_vm::qga::{FreezeStatus, GuestAgent};
@@ -33,6 +35,37 @@ fn debian_image() -> GuestImage {
             out.image
         })
         .clone()
+}
+
+/// Chunks of `got` unequal to `want`'s, but those `skip` names, read a MiB at a time (a
+/// Debian VM's memory and disk are GiBs).
+fn differing_chunks(got: &std::path::Path, want: &std::path::Path, skip: impl Fn(u64) -> bool) -> usize {
+    use std::io::Read;
+    let (mut g, mut w) = (std::fs::File::open(got).unwrap(), std::fs::File::open(want).unwrap());
+    assert_eq!(g.metadata().unwrap().len(), w.metadata().unwrap().len(), "{got:?} and {want:?}: sizes");
+    let (mut gb, mut wb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let (mut index, mut differ) = (0u64, 0);
+    let fill = |f: &mut std::fs::File, buf: &mut [u8]| {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]).unwrap() {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
+    };
+    loop {
+        let n = fill(&mut g, &mut gb);
+        if n == 0 {
+            return differ;
+        }
+        assert_eq!(fill(&mut w, &mut wb[..n]), n);
+        for (a, b) in gb[..n].chunks(CHUNK_SIZE).zip(wb[..n].chunks(CHUNK_SIZE)) {
+            differ += usize::from(a != b && !skip(index));
+            index += 1;
+        }
+    }
 }
 
 fn guest_app(name: &str) -> forage_agent::app::AppPackage {
@@ -179,8 +212,46 @@ async fn launch_vm_of_an_app_from_debian_packages_answers_offline() {
         .flatten()
         .any(|e| e.file_name().to_string_lossy().starts_with("tesseract-ocr_")));
 
-    // Resume the launch VM: its service answers the request with the image's words.
-    let snap = launch.snapshot.clone();
+    // Its overlay (semantic gap on the checkpointed ext4, dedup; zstd -1 and no delta to
+    // keep a debug build quick) applies to a launch VM equal to this one, chunk for chunk,
+    // but for the chunks the overlay declared free.
+    let input = forage_synth::create::LaunchInput {
+        snapshot: &launch.snapshot,
+        written_disk_chunks: &launch.written_disk_chunks,
+        discarded_disk_chunks: &launch.discarded_disk_chunks,
+        checkpoint: launch.checkpoint,
+        service: None,
+        accessed: None,
+    };
+    let create = forage_synth::create::CreateOptions {
+        codec: forage_format::SegmentCodec::Zstd { level: 1 },
+        delta: None,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let ovl = work.join("ocr.ovl");
+    let report = forage_synth::create::create(&base, &input, &create, &ovl).expect("overlay of the Debian app");
+    let m = &report.manifest;
+    let free: std::collections::HashSet<(Space, u64)> =
+        m.chunks.iter().filter(|c| c.reference == ChunkRef::Free).map(|c| (c.space, c.index)).collect();
+    assert!(m.chunks.iter().any(|c| c.reference == ChunkRef::Free), "the semantic gap dropped free ext4 blocks");
+    eprintln!(
+        "overlay {} MiB of {} MiB modified ({} free chunks) in {:.1} s",
+        report.bytes >> 20,
+        m.stats.modified_bytes >> 20,
+        free.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let (snap, _) = forage_synth::apply::apply(&ovl, &base, &work.join("applied"), accel).expect("the overlay applies");
+    for (space, got, want) in [
+        (Space::Memory, snap.memory_path(), launch.snapshot.memory_path()),
+        (Space::Disk, snap.disk_paths()[0].clone(), launch.snapshot.disk_paths()[0].clone()),
+    ] {
+        let differ = differing_chunks(&got, &want, |i| free.contains(&(space, i)));
+        assert_eq!(differ, 0, "{space:?}: {differ} chunks differ from the launch VM");
+    }
+
+    // Resume the applied launch VM: its service answers the request with the image's words.
     let run = run_paths("debian-launch-r");
     std::fs::create_dir_all(&run.dir).unwrap();
     let fw = forage_image::loopback_forwards([forage_image::AGENT_PORT, app.manifest().port]).unwrap();
