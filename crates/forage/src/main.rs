@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
     // database) and the QEMU it starts are for this user alone.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     bound_malloc_arenas();
+    quiet_when_stdout_closes();
     let cli = cli::Cli::parse();
     // Progress of long work (package downloads) at info; details with -v or RUST_LOG.
     // fuser reports its own unmount failing after forage-assembly detached the mount
@@ -37,6 +38,23 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `forage ... | head`: once the reader is gone, `println!` panics ("failed printing to
+/// stdout: Broken pipe"). End as a shell tool ended by SIGPIPE does instead: no message,
+/// status 141 (128 + SIGPIPE). SIGPIPE itself stays ignored (Rust's default), so a peer
+/// that hangs up a socket is still an error forage reports.
+fn quiet_when_stdout_closes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if message.is_some_and(|m| m.starts_with("failed printing to stdout") && m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
 }
 
 /// One malloc arena. glibc gives new threads their own arena (up to 8 per core)
