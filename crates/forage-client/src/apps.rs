@@ -98,15 +98,21 @@ pub async fn where_is(
     Ok(w)
 }
 
+/// How long every cloudlet reached must say it does not know an instance before
+/// [`ask_after`] believes them. A node's view of the cluster is what it read at its last
+/// heartbeat (a third of its lease), later on a loaded host: in CI a node asked right
+/// after the holder died had not yet read the record the holder published seconds before.
+pub const UNKNOWN_SETTLE: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// After a held instance's session broke: ask every cloudlet this device is paired with
 /// (`pairings`, each at the address it was paired at) where the instance whose service
 /// answered at `endpoint` is, every `every` until one says it is lost or `patience` has
 /// passed (a node that died is marked lost only when its lease expires). Returns the
 /// cloudlet that answered and its last answer; `None` when no cloudlet knows it (a
 /// cloudlet alone, not in a cluster, answers `not_found`; so does a cluster once the
-/// instance ended in good order) or none answered within `patience`. A round in which no
-/// cloudlet could be reached (a busy host, a node restarting) is not an answer: the
-/// device asks again.
+/// instance ended in good order, for [`UNKNOWN_SETTLE`]) or none answered within
+/// `patience`. A round in which no cloudlet could be reached (a busy host, a node
+/// restarting) is not an answer: the device asks again.
 pub async fn ask_after(
     pairings: &std::path::Path,
     endpoint: &str,
@@ -121,6 +127,7 @@ pub async fn ask_after(
         .collect();
     let every = every.max(std::time::Duration::from_millis(100));
     let mut last = None;
+    let mut unknown_since: Option<std::time::Instant> = None;
     loop {
         let (mut answered, mut unknown) = (None, false);
         for (addr, credentials) in &peers {
@@ -138,12 +145,20 @@ pub async fn ask_after(
                 Err(_) => tracing::debug!("asking {addr} where {endpoint} is: no answer in time"),
             }
         }
+        if answered.is_some() {
+            unknown_since = None;
+        }
         match answered {
             Some((_, ref w)) if w.lost.is_some() => return answered,
             Some(_) => last = answered,
-            // No cloudlet knows it (any more): it ended, it was not lost.
-            None if unknown => return None,
-            // None could be reached this round: ask again.
+            // No cloudlet knows it (any more), and for long enough not to be a view that
+            // lags: it ended, it was not lost.
+            None if unknown
+                && unknown_since.get_or_insert_with(std::time::Instant::now).elapsed() >= UNKNOWN_SETTLE =>
+            {
+                return None
+            }
+            // None could be reached this round, or those reached may lag: ask again.
             None => {}
         }
         if started.elapsed() >= patience {
