@@ -195,8 +195,9 @@ pub fn run(
     let (out_tx, out_rx) = sync_channel::<(u64, Vec<u8>)>(config.depth);
     let trace = Arc::new(Mutex::new((Vec::new(), Vec::new())));
     // Output handed to the transport so far, and how far ahead of the acknowledgements
-    // it may be when a segment's encoding starts. Handed over, not encoded: the segments
-    // go in order, and one encoded out of order would wait for one held back by the pace.
+    // output may be when a segment's encoding starts. The segment the transport waits for
+    // is gated on what was handed over (the segments go in order: gated on what was
+    // encoded, it could wait for later ones that wait for it); the others on `encoded_out`.
     let delivered = Arc::new(AtomicU64::new(0));
     // Output encoded so far (handed over or waiting for an earlier segment), and the
     // sequence number the transport waits for: under load the delivering thread may lag,
