@@ -426,4 +426,19 @@ pub struct HandoffReport {
     /// Every 100 ms: input, output and potential output throughput, mode.
     #[schema(value_type = Vec<Object>)]
     pub trace: Vec<forage_handoff::pipeline::TraceRow>,
+    /// When QEMU stopped the VM for its last round, seconds on the trace's clock (the
+    /// stream's start): the ticks before it moved state while the VM ran.
+    #[serde(default)]
+    pub stopped_at_s: Option<f64>,
+}
+
+impl HandoffReport {
+    /// Where the stream's time went while the VM ran, and in its last round (from the
+    /// stop to the end of the stream; the downtime also holds the commit and the resume).
+    pub fn time_account(&self) -> (forage_handoff::account::TimeAccount, forage_handoff::account::TimeAccount) {
+        use forage_handoff::account::TimeAccount;
+        let end = self.trace.last().map_or(0.0, |r| r.t_s);
+        let stop = self.stopped_at_s.unwrap_or(end);
+        (TimeAccount::of(&self.trace, f64::NEG_INFINITY, stop), TimeAccount::of(&self.trace, stop, f64::INFINITY))
+    }
 }

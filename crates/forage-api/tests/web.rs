@@ -319,7 +319,7 @@ async fn the_feed_starts_with_the_whole_state_then_sends_handoff_points_as_they_
         output_bps: 5e5,
         potential_output_bps: 2e6,
         mode: "xor+zstd-1".into(),
-        switched: false,
+        ..Default::default()
     };
     fx.control.events.send(HandoffEvent::Tick(HandoffTick { id: "h1".into(), row: row.clone() })).unwrap();
     let mut tail = String::new();

@@ -191,6 +191,7 @@ pub(crate) async fn qemu_migrate(
         qemu_rounds: ram.dirty_sync_count,
         disk_chunks: None,
         converged: true,
+        time: None,
     })
 }
 
@@ -233,6 +234,7 @@ async fn gave_up(
         qemu_rounds: last.ram.map_or(0, |r| r.dirty_sync_count),
         disk_chunks: None,
         converged: false,
+        time: None,
     })
 }
 

@@ -2,6 +2,7 @@
 //! and link, the median of `--repeat` runs with their spread, and the targets of issue #17
 //! marked met or missed.
 
+use forage_handoff::account::TimeAccount;
 use serde::Serialize;
 
 use crate::cli::BenchHandoffArgs;
@@ -33,6 +34,44 @@ pub struct HandoffRow {
     /// Every run's total, in the order run (`--repeat`); the row's other fields are the
     /// median run's.
     pub runs_total_s: Vec<f64>,
+    /// Where the median run's time went (forage's rows).
+    pub time: Option<TimeSplit>,
+}
+
+/// Where a forage run's time went: the stream while the VM ran and in its last round,
+/// each by what held it up ([`forage_handoff::account`]), and the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimeSplit {
+    pub running: TimeAccount,
+    /// From the VM's stop to the stream's end; the downtime holds it.
+    pub last_round: TimeAccount,
+    /// The rest of the downtime: the commit (QEMU's device state) and the resume there.
+    pub commit_and_resume_s: f64,
+    /// Neither the stream while the VM ran nor the downtime: connecting, starting QEMU's
+    /// migration, the sample of modes on the VM's pages (when it delays the stream).
+    pub other_s: f64,
+}
+
+impl TimeSplit {
+    pub(crate) fn of(r: &forage_api::HandoffReport) -> Self {
+        let (running, last_round) = r.time_account();
+        Self {
+            running,
+            last_round,
+            commit_and_resume_s: (r.downtime_s - last_round.total_s()).max(0.0),
+            other_s: (r.total_s - running.total_s() - r.downtime_s).max(0.0),
+        }
+    }
+}
+
+impl std::fmt::Display for TimeSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VM running {}; stopped: last round {}, commit and resume {:.1} s; other {:.1} s",
+            self.running, self.last_round, self.commit_and_resume_s, self.other_s
+        )
+    }
 }
 
 /// The run with the median total (the lower of the two middle ones for an even count).
@@ -60,6 +99,7 @@ pub(crate) fn row(approach: &str, link: &Link, runs: &[Run], modified_bytes: u64
         disk_chunks: r.disk_chunks,
         converged: r.converged,
         runs_total_s: runs.iter().map(|r| r.total_s).collect(),
+        time: r.time,
     }
 }
 
@@ -105,6 +145,11 @@ pub(crate) fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs, links: &
         );
     }
     let met = |ok: bool| if ok { "met" } else { "missed" };
+    if rows.iter().any(|r| r.time.is_some()) {
+        println!(
+            "  where the time goes, in 100 ms ticks of the stream: link = something sent and not yet acknowledged; encoders = nothing in flight while they worked; waiting for pages = nothing to encode or send (QEMU held between iterations, or no new dirty pages yet)"
+        );
+    }
     for link in links {
         let l = link.label();
         let at: Vec<&HandoffRow> = rows.iter().filter(|r| r.link == l).collect();
@@ -143,6 +188,17 @@ pub(crate) fn print_table(rows: &[HandoffRow], args: &BenchHandoffArgs, links: &
                 ),
             }
         }
+        // Where the time goes: the adaptive run's, and the best static mode's beside it.
+        for r in std::iter::once(ad).chain(best) {
+            if let Some(t) = r.time {
+                println!(
+                    "  at {l}: {} {:.1} s, downtime {:.2} s: {t}",
+                    r.approach.trim_start_matches("forage-"),
+                    r.total_s,
+                    r.downtime_s
+                );
+            }
+        }
         if matches!(link, Link::Fixed(m) if *m == 10.0) {
             println!(
                 "  at {l}: adaptive downtime {:.2} s: target <= 1 s: {}",
@@ -173,6 +229,7 @@ mod tests {
             qemu_rounds: 0,
             disk_chunks: None,
             converged: true,
+            time: None,
         }
     }
 

@@ -23,6 +23,8 @@ pub(crate) struct Run {
     pub(crate) disk_chunks: Option<u64>,
     /// Whether the move completed (QEMU's migration may be given up: `--qemu-give-up-s`).
     pub(crate) converged: bool,
+    /// Where a forage run's time went (QEMU's runs: none).
+    pub(crate) time: Option<crate::handoff_table::TimeSplit>,
 }
 
 /// What runs in the instance that moves.

@@ -16,8 +16,12 @@
 //!   become chunks) and the rest (rebuilt into the destination's incoming stream);
 //! - [`apply`]: the destination's side, segments applied in order onto its base.
 //!
+//! - [`account`]: where a handoff's time went (link, encoders, waiting for QEMU's pages),
+//!   read from its trace.
+//!
 //! The protocol and the orchestration of QEMU live in `forage-cloudlet` (`handoff`).
 
+pub mod account;
 pub mod adapt;
 pub mod apply;
 pub mod encode;

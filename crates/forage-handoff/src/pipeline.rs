@@ -106,7 +106,7 @@ pub const PACE_STALL: Duration = Duration::from_secs(2);
 const SMOOTHING: usize = 10;
 
 /// One tick of the trace (throughputs over the last second).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TraceRow {
     pub t_s: f64,
     /// Modified state taken in, bytes/s.
@@ -118,17 +118,35 @@ pub struct TraceRow {
     pub mode: String,
     /// The mode changed at this tick.
     pub switched: bool,
+    /// Bytes acknowledged since the start (exact, where the throughputs are over a second).
+    #[serde(default)]
+    pub acked_bytes: u64,
+    /// Output encoded and not yet acknowledged at the tick, bytes.
+    #[serde(default)]
+    pub in_flight_bytes: u64,
+    /// An encoder worked during the tick.
+    #[serde(default)]
+    pub encoding: bool,
 }
 
 /// The adaptation's trace as CSV (the VM handoff paper's Figure 17): t_s, input, output
-/// and potential output throughput (bytes/s), mode, switched.
+/// and potential output throughput (bytes/s), mode, switched; then what
+/// [`crate::account`] reads: bytes acknowledged so far, bytes in flight, encoding.
 pub fn write_trace_csv(rows: &[TraceRow], out: &mut impl std::io::Write) -> std::io::Result<()> {
-    writeln!(out, "t_s,input_bps,output_bps,potential_output_bps,mode,switched")?;
+    writeln!(out, "t_s,input_bps,output_bps,potential_output_bps,mode,switched,acked_bytes,in_flight_bytes,encoding")?;
     for r in rows {
         writeln!(
             out,
-            "{:.2},{:.0},{:.0},{:.0},{},{}",
-            r.t_s, r.input_bps, r.output_bps, r.potential_output_bps, r.mode, r.switched
+            "{:.2},{:.0},{:.0},{:.0},{},{},{},{},{}",
+            r.t_s,
+            r.input_bps,
+            r.output_bps,
+            r.potential_output_bps,
+            r.mode,
+            r.switched,
+            r.acked_bytes,
+            r.in_flight_bytes,
+            r.encoding
         )?;
     }
     out.flush()
@@ -203,6 +221,8 @@ pub fn run(
     // sequence number the transport waits for: under load the delivering thread may lag,
     // and a gate on `delivered` alone lets a worker encode segment after segment past it.
     let encoded_out = Arc::new(AtomicU64::new(0));
+    // Encoders at work now (the trace's `encoding`).
+    let encoding = Arc::new(AtomicU64::new(0));
     let next_seq = Arc::new(AtomicU64::new(0));
     let pace_floor =
         config.prior.map_or(PACE_FLOOR, |p| PACE_FLOOR.max((p.link_bps * PACE_AHEAD.as_secs_f64()) as u64));
@@ -240,7 +260,7 @@ pub fn run(
         for _ in 0..config.workers.max(1) {
             let (rx, tx, mode, window) = (batch_rx.clone(), out_tx.clone(), mode.clone(), window.clone());
             let (delivered, ahead, acked, done) = (delivered.clone(), ahead.clone(), acked.clone(), done.clone());
-            let (encoded_out, next_seq) = (encoded_out.clone(), next_seq.clone());
+            let (encoded_out, next_seq, encoding) = (encoded_out.clone(), next_seq.clone(), encoding.clone());
             let progress = config.progress.clone();
             s.spawn(move || loop {
                 let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -266,7 +286,9 @@ pub fn run(
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 let m = *mode.lock().unwrap_or_else(|p| p.into_inner());
+                encoding.fetch_add(1, Ordering::Relaxed);
                 let (wire, st) = encode(m, &batch);
+                encoding.fetch_sub(1, Ordering::Relaxed);
                 if let Some(p) = &progress {
                     p.input_bytes.fetch_add(st.input_bytes, Ordering::Relaxed);
                     p.output_bytes.fetch_add(st.output_bytes, Ordering::Relaxed);
@@ -290,7 +312,7 @@ pub fn run(
         {
             let (mode, window, done, acked, trace, totals) =
                 (mode.clone(), window.clone(), done.clone(), acked.clone(), trace.clone(), totals.clone());
-            let (ahead, pace) = (ahead.clone(), config.pace);
+            let (ahead, pace, encoding) = (ahead.clone(), config.pace, encoding.clone());
             let table = config.adapt.clone();
             let mut later = config.adapt_later.clone();
             let (workers, hold, start_mode) = (config.workers.max(1) as f64, config.hold, config.start);
@@ -301,6 +323,7 @@ pub fn run(
                 let mut last_acked = acked.load(Ordering::Relaxed);
                 // Output encoded so far, against `acked`: what waits for the link.
                 let mut encoded = last_acked;
+                let acked_at_start = last_acked;
                 let mut last = Instant::now();
                 // The last second of ticks: one 100 ms tick holds a segment or none, so
                 // measures over single ticks swing between 0 and several times the link.
@@ -338,6 +361,7 @@ pub fn run(
                         measuring_since = Some(now - Duration::from_secs_f64(dt));
                     }
                     encoded += w.output;
+                    let encoded_in_tick = w.busy_s > 0.0 || encoding.load(Ordering::Relaxed) > 0;
                     recent.push_back((dt, w, a - last_acked));
                     last_acked = a;
                     if recent.len() > SMOOTHING {
@@ -423,6 +447,9 @@ pub fn run(
                         potential_output_bps: potential,
                         mode: current.to_string(),
                         switched,
+                        acked_bytes: a.saturating_sub(acked_at_start),
+                        in_flight_bytes: queued,
+                        encoding: encoded_in_tick,
                     };
                     if let Some(sink) = &on_trace {
                         (sink.0)(&row);

@@ -131,6 +131,7 @@ impl Control for FakeControl {
             switches: vec![],
             prior: None,
             trace: vec![],
+            stopped_at_s: None,
         })
     }
     fn instance_usage(&self, id: &str) -> Option<InstanceUsage> {

@@ -244,7 +244,7 @@ mod tests {
             output_bps: 5e5,
             potential_output_bps: 8e5,
             mode: "xor+zstd-1".into(),
-            switched: false,
+            ..Default::default()
         }
     }
 

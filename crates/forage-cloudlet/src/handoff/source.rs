@@ -387,6 +387,8 @@ async fn stream_state(
     };
     let segments_out = frames.clone();
     let acked_by_peer = acked.clone();
+    // The trace's clock (the pipeline starts its own within microseconds).
+    let stream_start = Instant::now();
     let pipeline = tokio::task::spawn_blocking(move || {
         run(
             &config,
@@ -488,8 +490,8 @@ async fn stream_state(
         }
     };
     let done = Instant::now();
-    let downtime_s =
-        stopped.lock().unwrap_or_else(|p| p.into_inner()).map_or(0.0, |t| done.duration_since(t).as_secs_f64());
+    let stopped_at = *stopped.lock().unwrap_or_else(|p| p.into_inner());
+    let downtime_s = stopped_at.map_or(0.0, |t| done.duration_since(t).as_secs_f64());
     let report = HandoffReport {
         instance: place.id.to_string(),
         to: String::new(),
@@ -510,6 +512,7 @@ async fn stream_state(
         switches: report.switches,
         prior,
         trace: report.trace,
+        stopped_at_s: stopped_at.map(|t| t.saturating_duration_since(stream_start).as_secs_f64()),
     };
     Ok((report, service))
 }
