@@ -154,6 +154,8 @@ fn run_blocking(data: &DataDir, a: HandoffArgs) -> anyhow::Result<()> {
         view.mode,
         if view.switches.is_empty() { "none".into() } else { view.switches.join("; ") }
     );
+    let (running, last_round) = view.time_account();
+    println!("  where the time went: while the VM ran {running}; its last round {last_round}");
     Ok(())
 }
 
