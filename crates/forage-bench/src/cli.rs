@@ -189,7 +189,7 @@ pub struct BenchHandoffArgs {
     #[arg(long, default_value_t = 512, value_name = "KIB")]
     pub hot_kib: u64,
     /// Static operating modes to run (best and worst are reported), comma-separated
-    #[arg(long, default_value = "none+none,none+zstd-1,xor+zstd-3,none+bzip2-9,bsdiff+lzma-9")]
+    #[arg(long, default_value = "none+none,none+zstd-1,xor+zstd-3,none+bzip2-9,none+lzma-1,bsdiff+lzma-9")]
     pub modes: String,
     /// QEMU's downtime limit, for forage and QEMU alike
     #[arg(long, default_value_t = 1000, value_name = "MS")]

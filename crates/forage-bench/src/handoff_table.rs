@@ -45,8 +45,9 @@ pub struct TimeSplit {
     pub running: TimeAccount,
     /// From the VM's stop to the stream's end; the downtime holds it.
     pub last_round: TimeAccount,
-    /// The rest of the downtime: the commit (QEMU's device state) and the resume there.
-    pub commit_and_resume_s: f64,
+    /// The rest of the downtime: what was still in flight when the stream ended, the
+    /// commit (QEMU's device state) and the resume there.
+    pub to_resume_s: f64,
     /// Neither the stream while the VM ran nor the downtime: connecting, starting QEMU's
     /// migration, the sample of modes on the VM's pages (when it delays the stream).
     pub other_s: f64,
@@ -58,7 +59,7 @@ impl TimeSplit {
         Self {
             running,
             last_round,
-            commit_and_resume_s: (r.downtime_s - last_round.total_s()).max(0.0),
+            to_resume_s: (r.downtime_s - last_round.total_s()).max(0.0),
             other_s: (r.total_s - running.total_s() - r.downtime_s).max(0.0),
         }
     }
@@ -68,8 +69,8 @@ impl std::fmt::Display for TimeSplit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "VM running {}; stopped: last round {}, commit and resume {:.1} s; other {:.1} s",
-            self.running, self.last_round, self.commit_and_resume_s, self.other_s
+            "VM running {}; stopped: last round {}, then {:.1} s to the resume (the segments in flight, the commit, the resume); other {:.1} s",
+            self.running, self.last_round, self.to_resume_s, self.other_s
         )
     }
 }

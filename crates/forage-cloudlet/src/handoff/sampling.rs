@@ -3,7 +3,9 @@
 //! that differ from the base, found by probing places spread over the memory file and
 //! taking runs of neighbouring pages there (as a segment holds them), each with the
 //! destination's page at its place, go through the candidate modes in parallel (the
-//! fastest and smallest level of each codec on the table's frontier), while the migration
+//! fastest and smallest level of each codec on the table's frontier, and the fastest
+//! level of each codec off it: LZMA, off the reference table's frontier, is the smallest
+//! and fast enough on a Debian guest's memory), while the migration
 //! already runs on the table it had (the cloudlet's profile or the reference); the
 //! adaptation takes the measured table at its next tick. A VM that changed too little to
 //! sample keeps the table it had. A later handoff of the same app (its base and its VM's
