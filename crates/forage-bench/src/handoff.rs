@@ -53,7 +53,7 @@ impl From<&HandoffReport> for Run {
             qemu_rounds: r.qemu_rounds,
             disk_chunks: Some(r.disk_chunks),
             converged: true,
-            time: Some(crate::handoff_table::TimeSplit::of(r)),
+            time: Some(crate::handoff_workload::TimeSplit::of(r)),
         }
     }
 }

@@ -2,11 +2,10 @@
 //! and link, the median of `--repeat` runs with their spread, and the targets of issue #17
 //! marked met or missed.
 
-use forage_handoff::account::TimeAccount;
 use serde::Serialize;
 
 use crate::cli::BenchHandoffArgs;
-use crate::handoff_workload::{Run, Workload};
+use crate::handoff_workload::{Run, TimeSplit, Workload};
 use crate::link_schedule::Link;
 
 /// Row names of the static modes: this and the mode.
@@ -36,43 +35,6 @@ pub struct HandoffRow {
     pub runs_total_s: Vec<f64>,
     /// Where the median run's time went (forage's rows).
     pub time: Option<TimeSplit>,
-}
-
-/// Where a forage run's time went: the stream while the VM ran and in its last round,
-/// each by what held it up ([`forage_handoff::account`]), and the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct TimeSplit {
-    pub running: TimeAccount,
-    /// From the VM's stop to the stream's end; the downtime holds it.
-    pub last_round: TimeAccount,
-    /// The rest of the downtime: what was still in flight when the stream ended, the
-    /// commit (QEMU's device state) and the resume there.
-    pub to_resume_s: f64,
-    /// Neither the stream while the VM ran nor the downtime: connecting, starting QEMU's
-    /// migration, the sample of modes on the VM's pages (when it delays the stream).
-    pub other_s: f64,
-}
-
-impl TimeSplit {
-    pub(crate) fn of(r: &forage_api::HandoffReport) -> Self {
-        let (running, last_round) = r.time_account();
-        Self {
-            running,
-            last_round,
-            to_resume_s: (r.downtime_s - last_round.total_s()).max(0.0),
-            other_s: (r.total_s - running.total_s() - r.downtime_s).max(0.0),
-        }
-    }
-}
-
-impl std::fmt::Display for TimeSplit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "VM running {}; stopped: last round {}, then {:.1} s to the resume (the segments in flight, the commit, the resume); other {:.1} s",
-            self.running, self.last_round, self.to_resume_s, self.other_s
-        )
-    }
 }
 
 /// The run with the median total (the lower of the two middle ones for an even count).

@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
+use forage_handoff::account::TimeAccount;
+use serde::Serialize;
 
 use crate::cli::BenchHandoffArgs;
 
@@ -24,7 +26,44 @@ pub(crate) struct Run {
     /// Whether the move completed (QEMU's migration may be given up: `--qemu-give-up-s`).
     pub(crate) converged: bool,
     /// Where a forage run's time went (QEMU's runs: none).
-    pub(crate) time: Option<crate::handoff_table::TimeSplit>,
+    pub(crate) time: Option<TimeSplit>,
+}
+
+/// Where a forage run's time went: the stream while the VM ran and in its last round,
+/// each by what held it up ([`forage_handoff::account`]), and the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimeSplit {
+    pub running: TimeAccount,
+    /// From the VM's stop to the stream's end; the downtime holds it.
+    pub last_round: TimeAccount,
+    /// The rest of the downtime: what was still in flight when the stream ended, the
+    /// commit (QEMU's device state) and the resume there.
+    pub to_resume_s: f64,
+    /// Neither the stream while the VM ran nor the downtime: connecting, starting QEMU's
+    /// migration, the sample of modes on the VM's pages (when it delays the stream).
+    pub other_s: f64,
+}
+
+impl TimeSplit {
+    pub(crate) fn of(r: &forage_api::HandoffReport) -> Self {
+        let (running, last_round) = r.time_account();
+        Self {
+            running,
+            last_round,
+            to_resume_s: (r.downtime_s - last_round.total_s()).max(0.0),
+            other_s: (r.total_s - running.total_s() - r.downtime_s).max(0.0),
+        }
+    }
+}
+
+impl std::fmt::Display for TimeSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VM running {}; stopped: last round {}, then {:.1} s to the resume (the segments in flight, the commit, the resume); other {:.1} s",
+            self.running, self.last_round, self.to_resume_s, self.other_s
+        )
+    }
 }
 
 /// What runs in the instance that moves.
